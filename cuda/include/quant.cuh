@@ -1,0 +1,104 @@
+// KV-entry formats of SPEC.md section 5 on the device; mirrors rust/core/src/quant.rs bit for bit.
+// Scales: smallest 2^e with max(amax, 1e-4) <= qmax * 2^e. Values: exact scaling by 2^-e, then
+// round-to-nearest-even on the FP8 e4m3 / FP4 e2m1 grid, saturating.
+#pragma once
+#include <stdint.h>
+
+namespace dsv4 {
+
+constexpr int PAGE_ROWS = 64;
+constexpr int ENTRY_DIM = 512;
+constexpr int NOPE_DIM = 448;
+constexpr int ROPE_DIM = 64;
+constexpr int FP8_BLOCK = 64;
+constexpr int INDEX_DIM = 128;
+constexpr int FP4_BLOCK = 32;
+constexpr float FP8_MAX = 448.0f;
+constexpr float FP4_MAX = 6.0f;
+constexpr float AMAX_FLOOR = 1e-4f;
+constexpr float HADAMARD_SCALE = 0.08838835f;
+
+// Byte layout of a cache family: a page holds PAGE_ROWS rows of data, then their scales.
+struct RowFormat {
+  int data_bytes;
+  int scale_bytes;
+  __host__ __device__ constexpr long long page_bytes() const {
+    return (long long)PAGE_ROWS * (data_bytes + scale_bytes);
+  }
+  __host__ __device__ constexpr long long data_offset(long long row) const {
+    return (row / PAGE_ROWS) * page_bytes() + (row % PAGE_ROWS) * data_bytes;
+  }
+  __host__ __device__ constexpr long long scale_offset(long long row) const {
+    return (row / PAGE_ROWS) * page_bytes() + (long long)PAGE_ROWS * data_bytes +
+           (row % PAGE_ROWS) * scale_bytes;
+  }
+};
+__device__ constexpr RowFormat MAIN_ENTRY{NOPE_DIM + 2 * ROPE_DIM, 8};
+__device__ constexpr RowFormat INDEX_KEY_FP4{INDEX_DIM / 2, 4};
+__device__ constexpr RowFormat INDEX_KEY_FP8{INDEX_DIM, 4};
+
+__device__ __forceinline__ float exp2i(int e) { return __int_as_float((e + 127) << 23); }
+
+__device__ __forceinline__ int ue8m0_exponent(float amax, float qmax) {
+  double a = (double)fmaxf(amax, AMAX_FLOOR), q = (double)qmax;
+  int e = (int)ceil(log2(a / q));
+  while (q * ldexp(1.0, e) < a) ++e;
+  while (q * ldexp(1.0, e - 1) >= a) --e;
+  return e;
+}
+
+__device__ __forceinline__ unsigned minifloat_code(float a, int man, int bias) {
+  int min_e = 1 - bias;
+  int bits_e = (int)((__float_as_uint(a) >> 23) & 0xFF) - 127;
+  int e = max(bits_e, min_e);
+  unsigned q = (unsigned)__float2int_rn(a * exp2i(man - e));
+  return ((unsigned)(e - min_e) << man) + q;
+}
+
+__device__ __forceinline__ float minifloat_value(unsigned code, int man, int bias) {
+  int exp = (int)(code >> man);
+  unsigned m = code & ((1u << man) - 1);
+  if (exp == 0) return (float)m * exp2i(1 - bias - man);
+  return (1.0f + (float)m / (float)(1 << man)) * exp2i(exp - bias);
+}
+
+__device__ __forceinline__ uint8_t fp8_encode(float x, int e) {
+  float a = fminf(fabsf(x) * exp2i(-e), FP8_MAX);
+  return (uint8_t)((signbit(x) ? 0x80u : 0u) | minifloat_code(a, 3, 7));
+}
+
+__device__ __forceinline__ float fp8_decode(uint8_t b) {
+  float v = minifloat_value(b & 0x7Fu, 3, 7);
+  return (b & 0x80u) ? -v : v;
+}
+
+__device__ __forceinline__ uint8_t fp4_encode(float x, int e) {
+  float a = fminf(fabsf(x) * exp2i(-e), FP4_MAX);
+  return (uint8_t)((signbit(x) ? 0x8u : 0u) | minifloat_code(a, 1, 1));
+}
+
+__device__ __forceinline__ float fp4_decode(uint8_t nibble) {
+  float v = minifloat_value(nibble & 0x7u, 1, 1);
+  return (nibble & 0x8u) ? -v : v;
+}
+
+__device__ __forceinline__ uint16_t bf16_from_f32(float x) {
+  uint32_t b = __float_as_uint(x);
+  return (uint16_t)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+}
+
+__device__ __forceinline__ float bf16_to_f32(uint16_t b) { return __uint_as_float((uint32_t)b << 16); }
+
+// Loads element i of a row given as float32 (is_bf16 == 0) or bfloat16 bits.
+__device__ __forceinline__ float load_value(const void* base, long long i, int is_bf16) {
+  return is_bf16 ? bf16_to_f32(((const uint16_t*)base)[i]) : ((const float*)base)[i];
+}
+
+// Max of |v| over `width` consecutive lanes (width a power of two dividing 32).
+__device__ __forceinline__ float group_amax(float v, int width) {
+  v = fabsf(v);
+  for (int off = width / 2; off > 0; off /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+  return v;
+}
+
+}  // namespace dsv4

@@ -1,0 +1,154 @@
+// KV-entry quantization kernels: write entries / indexer keys into paged caches, read them back,
+// and the Hadamard-128 transform. Formats: cuda/include/quant.cuh (SPEC.md section 5).
+// Row ids outside [0, num_rows) are skipped on write and read back as zeros: the kernels never
+// touch memory outside the cache, whatever the indices.
+#include "quant.cuh"
+
+using namespace dsv4;
+
+// One 64-thread block per entry; thread t owns values [8t, 8t + 8): t < 56 are the seven FP8
+// blocks (8 threads each), t >= 56 the BF16 RoPE part.
+extern "C" __global__ void __launch_bounds__(64) dsv4_kv_write(
+    const void* __restrict__ x, int x_bf16, long long n, const long long* __restrict__ slots,
+    uint8_t* __restrict__ cache, long long num_rows) {
+  long long i = blockIdx.x;
+  int t = threadIdx.x;
+  if (i >= n) return;
+  long long slot = slots[i];
+  if (slot < 0 || slot >= num_rows) return;
+  const void* row = (const char*)x + i * ENTRY_DIM * (x_bf16 ? 2 : 4);
+  float v[8];
+#pragma unroll
+  for (int k = 0; k < 8; ++k) v[k] = load_value(row, 8 * t + k, x_bf16);
+  uint8_t* data = cache + MAIN_ENTRY.data_offset(slot);
+  if (t < NOPE_DIM / 8) {
+    float m = 0.f;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) m = fmaxf(m, fabsf(v[k]));
+    m = group_amax(m, 8);
+    int e = ue8m0_exponent(m, FP8_MAX);
+    uint8_t q[8];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) q[k] = fp8_encode(v[k], e);
+    *(uint2*)(data + 8 * t) = *(uint2*)q;
+    if (t % 8 == 0) cache[MAIN_ENTRY.scale_offset(slot) + t / 8] = (uint8_t)(e + 127);
+  } else {
+    uint16_t h[8];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) h[k] = bf16_from_f32(v[k]);
+    *(uint4*)(data + NOPE_DIM + 16 * (t - NOPE_DIM / 8)) = *(uint4*)h;
+    if (t == NOPE_DIM / 8) cache[MAIN_ENTRY.scale_offset(slot) + 7] = 0;
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(64) dsv4_kv_read(
+    const uint8_t* __restrict__ cache, long long num_rows, const long long* __restrict__ rows,
+    long long m, float* __restrict__ out) {
+  long long i = blockIdx.x;
+  int t = threadIdx.x;
+  if (i >= m) return;
+  long long row = rows[i];
+  float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  if (row >= 0 && row < num_rows) {
+    const uint8_t* data = cache + MAIN_ENTRY.data_offset(row);
+    if (t < NOPE_DIM / 8) {
+      uint2 raw = *(const uint2*)(data + 8 * t);
+      const uint8_t* q = (const uint8_t*)&raw;
+      float s = exp2i((int)cache[MAIN_ENTRY.scale_offset(row) + t / 8] - 127);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) v[k] = fp8_decode(q[k]) * s;
+    } else {
+      uint4 raw = *(const uint4*)(data + NOPE_DIM + 16 * (t - NOPE_DIM / 8));
+      const uint16_t* h = (const uint16_t*)&raw;
+#pragma unroll
+      for (int k = 0; k < 8; ++k) v[k] = bf16_to_f32(h[k]);
+    }
+  }
+  float4* o = (float4*)(out + i * ENTRY_DIM + 8 * t);
+  o[0] = make_float4(v[0], v[1], v[2], v[3]);
+  o[1] = make_float4(v[4], v[5], v[6], v[7]);
+}
+
+// One warp per key; lane l owns values [4l, 4l + 4). fmt 0: FP4 (68 B), fmt 1: FP8 (132 B).
+extern "C" __global__ void __launch_bounds__(32) dsv4_index_key_write(
+    const void* __restrict__ x, int x_bf16, long long n, const long long* __restrict__ slots,
+    uint8_t* __restrict__ cache, long long num_rows, int fmt) {
+  long long i = blockIdx.x;
+  int l = threadIdx.x;
+  if (i >= n) return;
+  long long slot = slots[i];
+  if (slot < 0 || slot >= num_rows) return;
+  const void* row = (const char*)x + i * INDEX_DIM * (x_bf16 ? 2 : 4);
+  float v[4], m = 0.f;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    v[k] = load_value(row, 4 * l + k, x_bf16);
+    m = fmaxf(m, fabsf(v[k]));
+  }
+  if (fmt == 0) {
+    m = group_amax(m, FP4_BLOCK / 4);
+    int e = ue8m0_exponent(m, FP4_MAX);
+    uint8_t* data = cache + INDEX_KEY_FP4.data_offset(slot);
+    data[2 * l] = fp4_encode(v[0], e) | (fp4_encode(v[1], e) << 4);
+    data[2 * l + 1] = fp4_encode(v[2], e) | (fp4_encode(v[3], e) << 4);
+    if (l % 8 == 0) cache[INDEX_KEY_FP4.scale_offset(slot) + l / 8] = (uint8_t)(e + 127);
+  } else {
+    m = group_amax(m, 32);
+    int e = ue8m0_exponent(m, FP8_MAX);
+    uint8_t* data = cache + INDEX_KEY_FP8.data_offset(slot);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) data[4 * l + k] = fp8_encode(v[k], e);
+    if (l == 0) *(float*)(cache + INDEX_KEY_FP8.scale_offset(slot)) = exp2i(e);
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(32) dsv4_index_key_read(
+    const uint8_t* __restrict__ cache, long long num_rows, const long long* __restrict__ rows,
+    long long m, float* __restrict__ out, int fmt) {
+  long long i = blockIdx.x;
+  int l = threadIdx.x;
+  if (i >= m) return;
+  long long row = rows[i];
+  float v[4] = {0.f, 0.f, 0.f, 0.f};
+  if (row >= 0 && row < num_rows) {
+    if (fmt == 0) {
+      const uint8_t* data = cache + INDEX_KEY_FP4.data_offset(row);
+      float s = exp2i((int)cache[INDEX_KEY_FP4.scale_offset(row) + l / 8] - 127);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) v[k] = fp4_decode((data[2 * l + k / 2] >> (4 * (k % 2))) & 0xF) * s;
+    } else {
+      const uint8_t* data = cache + INDEX_KEY_FP8.data_offset(row);
+      float s = *(const float*)(cache + INDEX_KEY_FP8.scale_offset(row));
+#pragma unroll
+      for (int k = 0; k < 4; ++k) v[k] = fp8_decode(data[4 * l + k]) * s;
+    }
+  }
+  *(float4*)(out + i * INDEX_DIM + 4 * l) = make_float4(v[0], v[1], v[2], v[3]);
+}
+
+// One warp per 128-vector. Same butterflies as rust/core/src/quant.rs::hadamard128, so the
+// results are bit-identical: stages h = 1, 2 inside a lane, h = 4..64 across lanes.
+extern "C" __global__ void __launch_bounds__(32) dsv4_hadamard128(
+    const void* __restrict__ x, int x_bf16, long long n, float* __restrict__ out) {
+  long long i = blockIdx.x;
+  int l = threadIdx.x;
+  if (i >= n) return;
+  const void* row = (const char*)x + i * INDEX_DIM * (x_bf16 ? 2 : 4);
+  float v[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) v[k] = load_value(row, 4 * l + k, x_bf16);
+  float a0 = v[0] + v[1], b0 = v[0] - v[1], a1 = v[2] + v[3], b1 = v[2] - v[3];
+  v[0] = a0 + a1; v[2] = a0 - a1; v[1] = b0 + b1; v[3] = b0 - b1;
+  for (int h = 4; h < INDEX_DIM; h *= 2) {
+    int mask = h / 4;
+    bool upper = (l & mask) != 0;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      float other = __shfl_xor_sync(0xffffffffu, v[k], mask);
+      v[k] = upper ? other - v[k] : v[k] + other;
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < 4; ++k) v[k] *= HADAMARD_SCALE;
+  *(float4*)(out + i * INDEX_DIM + 4 * l) = make_float4(v[0], v[1], v[2], v[3]);
+}

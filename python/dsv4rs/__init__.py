@@ -1,0 +1,13 @@
+"""dsv4rs: DeepSeek-V4's long-context attention machinery in Rust and CUDA.
+
+Importing the package loads the Rust extension but never touches CUDA; GPU kernels are loaded on
+first use. Public modules:
+
+- :mod:`dsv4rs.ops`: the ops (KV-entry quantization, Hadamard-128, ...), CPU and CUDA.
+- :mod:`dsv4rs.reference`: the float64 pure-torch reference of every op (SPEC.md sections 2-5).
+- :mod:`dsv4rs.cli`: the ``dsv4rs`` command.
+"""
+
+from dsv4rs._core import CacheStateError, CudaError, OutOfPagesError, __version__
+
+__all__ = ["CacheStateError", "CudaError", "OutOfPagesError", "__version__"]

@@ -1,0 +1,224 @@
+//! CUDA through the driver API, loaded at run time (no cudart is linked, so the library loads on
+//! machines without a GPU). Kernels come from the fatbins build.rs embedded; modules are loaded
+//! into each device's primary context (the one PyTorch uses) on first use, and launches go to
+//! the raw stream handle the caller passes.
+
+pub mod quant;
+
+use std::collections::HashMap;
+use std::ffi::{c_void, CStr, CString};
+use std::sync::Mutex;
+
+use cudarc::driver::sys;
+
+use crate::error::{Error, Result};
+
+/// The embedded fatbins (`FATBINS`) and the GPU targets they carry (`TARGETS`).
+pub mod kernels {
+    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+}
+
+fn check(res: sys::CUresult, call: &str) -> Result<()> {
+    if res == sys::CUresult::CUDA_SUCCESS {
+        return Ok(());
+    }
+    let mut msg: *const std::ffi::c_char = std::ptr::null();
+    // SAFETY: cuGetErrorString writes a pointer to a static string or leaves it null.
+    unsafe { sys::cuGetErrorString(res, &mut msg) };
+    let text = if msg.is_null() {
+        format!("{res:?}")
+    } else {
+        // SAFETY: non-null results of cuGetErrorString are NUL-terminated static strings.
+        unsafe { CStr::from_ptr(msg) }.to_string_lossy().into_owned()
+    };
+    Err(Error::Cuda { call: call.to_string(), msg: text })
+}
+
+/// Loads libcuda and initializes it, once. Errors say why no GPU can be used.
+fn init() -> Result<()> {
+    static INIT: Mutex<Option<Result<()>>> = Mutex::new(None);
+    let mut done = INIT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(r) = done.as_ref() {
+        return r.clone();
+    }
+    // SAFETY: probing for the library has no preconditions; cuInit is called once.
+    let r = if unsafe { sys::is_culib_present() } {
+        check(unsafe { sys::cuInit(0) }, "cuInit").map_err(|e| Error::NoDevice(e.to_string()))
+    } else {
+        Err(Error::NoDevice("the CUDA driver library (libcuda.so) was not found".to_string()))
+    };
+    *done = Some(r.clone());
+    r
+}
+
+/// The CUDA driver's version (e.g. 13000 for 13.0).
+pub fn driver_version() -> Result<i32> {
+    init()?;
+    let mut v = 0;
+    check(unsafe { sys::cuDriverGetVersion(&mut v) }, "cuDriverGetVersion")?;
+    Ok(v)
+}
+
+/// What `dsv4rs info` shows about a GPU.
+#[derive(Debug, Clone)]
+pub struct DeviceInfo {
+    pub index: i32,
+    pub name: String,
+    pub compute_capability: (i32, i32),
+    pub multiprocessors: i32,
+}
+
+/// The GPUs the driver sees (empty list when it sees none).
+pub fn devices() -> Result<Vec<DeviceInfo>> {
+    init()?;
+    let mut count = 0;
+    check(unsafe { sys::cuDeviceGetCount(&mut count) }, "cuDeviceGetCount")?;
+    (0..count)
+        .map(|index| {
+            let dev = device(index)?;
+            let mut name = [0 as std::ffi::c_char; 256];
+            check(unsafe { sys::cuDeviceGetName(name.as_mut_ptr(), 256, dev) }, "cuDeviceGetName")?;
+            let attr = |a| -> Result<i32> {
+                let mut v = 0;
+                check(unsafe { sys::cuDeviceGetAttribute(&mut v, a, dev) }, "cuDeviceGetAttribute")?;
+                Ok(v)
+            };
+            use sys::CUdevice_attribute::*;
+            Ok(DeviceInfo {
+                index,
+                // SAFETY: cuDeviceGetName wrote a NUL-terminated string into the buffer.
+                name: unsafe { CStr::from_ptr(name.as_ptr()) }.to_string_lossy().into_owned(),
+                compute_capability: (
+                    attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
+                    attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
+                ),
+                multiprocessors: attr(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
+            })
+        })
+        .collect()
+}
+
+fn device(index: i32) -> Result<sys::CUdevice> {
+    let mut dev = 0;
+    check(unsafe { sys::cuDeviceGet(&mut dev, index) }, "cuDeviceGet")
+        .map_err(|_| Error::NoDevice(format!("there is no CUDA device {index}")))?;
+    Ok(dev)
+}
+
+/// A device's primary context and the modules loaded into it.
+struct Loaded {
+    ctx: sys::CUcontext,
+    modules: HashMap<&'static str, sys::CUmodule>,
+    functions: HashMap<String, sys::CUfunction>,
+}
+
+// SAFETY: driver handles are process-wide and usable from any thread; access is serialized by
+// the mutex below.
+unsafe impl Send for Loaded {}
+
+static LOADED: Mutex<Vec<(i32, Loaded)>> = Mutex::new(Vec::new());
+
+/// Runs `f` with the device's primary context current on this thread, restoring the previous one.
+fn with_context<T>(ctx: sys::CUcontext, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    check(unsafe { sys::cuCtxPushCurrent_v2(ctx) }, "cuCtxPushCurrent")?;
+    let r = f();
+    let mut prev = std::ptr::null_mut();
+    check(unsafe { sys::cuCtxPopCurrent_v2(&mut prev) }, "cuCtxPopCurrent")?;
+    r
+}
+
+/// Looks up (loading modules on first use) a kernel by name on a device.
+fn function(index: i32, name: &str) -> Result<(sys::CUcontext, sys::CUfunction)> {
+    if kernels::FATBINS.is_empty() {
+        return Err(Error::NoKernels);
+    }
+    init()?;
+    let mut loaded = LOADED.lock().unwrap_or_else(|e| e.into_inner());
+    let pos = match loaded.iter().position(|(i, _)| *i == index) {
+        Some(p) => p,
+        None => {
+            let dev = device(index)?;
+            let mut ctx = std::ptr::null_mut();
+            check(unsafe { sys::cuDevicePrimaryCtxRetain(&mut ctx, dev) }, "cuDevicePrimaryCtxRetain")?;
+            let mut modules = HashMap::new();
+            with_context(ctx, || {
+                for (module, image) in kernels::FATBINS {
+                    let mut m = std::ptr::null_mut();
+                    // SAFETY: `image` is a complete fatbin, 64-byte aligned, alive for 'static.
+                    check(
+                        unsafe { sys::cuModuleLoadData(&mut m, image.as_ptr() as *const c_void) },
+                        &format!("cuModuleLoadData({module}): no kernel image for this GPU?"),
+                    )?;
+                    modules.insert(*module, m);
+                }
+                Ok(())
+            })?;
+            loaded.push((index, Loaded { ctx, modules, functions: HashMap::new() }));
+            loaded.len() - 1
+        }
+    };
+    let l = &mut loaded[pos].1;
+    if let Some(f) = l.functions.get(name) {
+        return Ok((l.ctx, *f));
+    }
+    let cname = CString::new(name).expect("kernel names have no NUL");
+    for m in l.modules.values() {
+        let mut f = std::ptr::null_mut();
+        if unsafe { sys::cuModuleGetFunction(&mut f, *m, cname.as_ptr()) } == sys::CUresult::CUDA_SUCCESS {
+            l.functions.insert(name.to_string(), f);
+            return Ok((l.ctx, f));
+        }
+    }
+    Err(Error::Cuda { call: "cuModuleGetFunction".into(), msg: format!("kernel {name} is not in this build") })
+}
+
+/// Loads every module on `index` now, so that later launches can be captured in a CUDA graph.
+pub fn warm_up(index: i32) -> Result<()> {
+    function(index, "dsv4_hadamard128").map(|_| ())
+}
+
+/// A kernel launch: grid, block, dynamic shared memory and the raw `CUstream` handle.
+pub struct Launch {
+    pub grid: (u32, u32, u32),
+    pub block: (u32, u32, u32),
+    pub shared_bytes: u32,
+    pub stream: usize,
+}
+
+/// Launches kernel `name` on device `index`.
+///
+/// # Safety
+/// `args` must point at values whose types and order match the kernel's parameters, and every
+/// device pointer among them must address memory of the sizes the kernel assumes.
+pub unsafe fn launch(index: i32, name: &str, cfg: &Launch, args: &mut [*mut c_void]) -> Result<()> {
+    if cfg.grid.0 == 0 || cfg.grid.1 == 0 || cfg.grid.2 == 0 {
+        return Ok(());
+    }
+    let (ctx, f) = function(index, name)?;
+    with_context(ctx, || {
+        check(
+            sys::cuLaunchKernel(
+                f,
+                cfg.grid.0,
+                cfg.grid.1,
+                cfg.grid.2,
+                cfg.block.0,
+                cfg.block.1,
+                cfg.block.2,
+                cfg.shared_bytes,
+                cfg.stream as sys::CUstream,
+                args.as_mut_ptr(),
+                std::ptr::null_mut(),
+            ),
+            name,
+        )
+    })
+}
+
+/// Builds the `void**` argument array of a launch from local variables.
+#[macro_export]
+macro_rules! kernel_args {
+    ($($a:expr),* $(,)?) => {
+        [$(std::ptr::addr_of!($a) as *mut std::ffi::c_void),*]
+    };
+}

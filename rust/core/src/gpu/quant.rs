@@ -1,0 +1,78 @@
+//! Launchers of cuda/quant.cu. Shapes and dtypes are checked by the callers in `crate::kv`.
+
+use super::{launch, Launch};
+use crate::error::Result;
+use crate::kernel_args;
+use crate::tensor::{DType, TensorRef};
+
+fn rows_launch(n: usize, threads: u32, stream: usize) -> Launch {
+    Launch { grid: (n as u32, 1, 1), block: (threads, 1, 1), shared_bytes: 0, stream }
+}
+
+fn is_bf16(x: &TensorRef) -> i32 {
+    (x.dtype == DType::BF16) as i32
+}
+
+fn grid_rows(arg: &TensorRef) -> Result<usize> {
+    let n = arg.dim(0);
+    if n > i32::MAX as usize {
+        return Err(crate::Error::value(arg.name, "more than 2^31 - 1 rows in one launch"));
+    }
+    Ok(n)
+}
+
+/// # Safety
+/// Tensors satisfy `TensorRef`'s contract on device `dev`; `stream` belongs to that device.
+pub unsafe fn kv_write(dev: i32, stream: usize, cache: &TensorRef, rows: usize, slots: &TensorRef, x: &TensorRef) -> Result<()> {
+    let n = grid_rows(x)?;
+    let (xp, bf, nn, sp, cp, nr) = (x.ptr as u64, is_bf16(x), n as i64, slots.ptr as u64, cache.ptr as u64, rows as i64);
+    launch(dev, "dsv4_kv_write", &rows_launch(n, 64, stream), &mut kernel_args!(xp, bf, nn, sp, cp, nr))
+}
+
+/// # Safety
+/// As [`kv_write`].
+pub unsafe fn kv_read(dev: i32, stream: usize, cache: &TensorRef, rows: usize, ids: &TensorRef, out: &TensorRef) -> Result<()> {
+    let m = grid_rows(out)?;
+    let (cp, nr, ip, mm, op) = (cache.ptr as u64, rows as i64, ids.ptr as u64, m as i64, out.ptr as u64);
+    launch(dev, "dsv4_kv_read", &rows_launch(m, 64, stream), &mut kernel_args!(cp, nr, ip, mm, op))
+}
+
+/// # Safety
+/// As [`kv_write`].
+pub unsafe fn index_key_write(
+    dev: i32,
+    stream: usize,
+    cache: &TensorRef,
+    rows: usize,
+    slots: &TensorRef,
+    x: &TensorRef,
+    fmt: i32,
+) -> Result<()> {
+    let n = grid_rows(x)?;
+    let (xp, bf, nn, sp, cp, nr) = (x.ptr as u64, is_bf16(x), n as i64, slots.ptr as u64, cache.ptr as u64, rows as i64);
+    launch(dev, "dsv4_index_key_write", &rows_launch(n, 32, stream), &mut kernel_args!(xp, bf, nn, sp, cp, nr, fmt))
+}
+
+/// # Safety
+/// As [`kv_write`].
+pub unsafe fn index_key_read(
+    dev: i32,
+    stream: usize,
+    cache: &TensorRef,
+    rows: usize,
+    ids: &TensorRef,
+    out: &TensorRef,
+    fmt: i32,
+) -> Result<()> {
+    let m = grid_rows(out)?;
+    let (cp, nr, ip, mm, op) = (cache.ptr as u64, rows as i64, ids.ptr as u64, m as i64, out.ptr as u64);
+    launch(dev, "dsv4_index_key_read", &rows_launch(m, 32, stream), &mut kernel_args!(cp, nr, ip, mm, op, fmt))
+}
+
+/// # Safety
+/// As [`kv_write`].
+pub unsafe fn hadamard128(dev: i32, stream: usize, x: &TensorRef, out: &TensorRef) -> Result<()> {
+    let n = grid_rows(x)?;
+    let (xp, bf, nn, op) = (x.ptr as u64, is_bf16(x), n as i64, out.ptr as u64);
+    launch(dev, "dsv4_hadamard128", &rows_launch(n, 32, stream), &mut kernel_args!(xp, bf, nn, op))
+}

@@ -1,0 +1,307 @@
+//! Writing entries into paged caches and reading them back, on the CPU or the GPU
+//! (SPEC.md section 5). The byte formats live in [`crate::quant`].
+//!
+//! A cache is a `uint8` tensor `[num_pages, page_bytes]`; row `r` is row `r % 64` of page
+//! `r / 64`. Row ids (`slots` on write, `rows` on read) are int64; `-1` means "no row": skipped
+//! on write, zeros on read. On the CPU any other id outside the cache is an error; the GPU
+//! kernels cannot raise without synchronizing, so they treat such ids as `-1` (they never touch
+//! memory outside the cache).
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::gpu;
+use crate::quant::{self, RowFormat, INDEX_KEY_FP4, INDEX_KEY_FP8, MAIN_ENTRY};
+use crate::tensor::{same_device, DType, Device, TensorRef};
+
+/// Storage format of indexer keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IndexKeyFormat {
+    /// 64 B of FP4 e2m1 + 4 UE8M0 scales = 68 B.
+    Fp4,
+    /// 128 B of FP8 e4m3 + one fp32 scale = 132 B.
+    Fp8,
+}
+
+impl IndexKeyFormat {
+    pub fn parse(arg: &str, s: &str) -> Result<Self> {
+        match s {
+            "fp4" => Ok(IndexKeyFormat::Fp4),
+            "fp8" => Ok(IndexKeyFormat::Fp8),
+            _ => Err(Error::value(arg, format!("expected \"fp4\" or \"fp8\", got {s:?}"))),
+        }
+    }
+    pub fn row_format(self) -> RowFormat {
+        match self {
+            IndexKeyFormat::Fp4 => INDEX_KEY_FP4,
+            IndexKeyFormat::Fp8 => INDEX_KEY_FP8,
+        }
+    }
+    fn code(self) -> i32 {
+        match self {
+            IndexKeyFormat::Fp4 => 0,
+            IndexKeyFormat::Fp8 => 1,
+        }
+    }
+    fn encode(self) -> fn(&[f32], &mut [u8], &mut [u8]) {
+        match self {
+            IndexKeyFormat::Fp4 => quant::encode_index_key_fp4,
+            IndexKeyFormat::Fp8 => quant::encode_index_key_fp8,
+        }
+    }
+    fn decode(self) -> fn(&[u8], &[u8], &mut [f32]) {
+        match self {
+            IndexKeyFormat::Fp4 => quant::decode_index_key_fp4,
+            IndexKeyFormat::Fp8 => quant::decode_index_key_fp8,
+        }
+    }
+}
+
+/// Checks a cache tensor against its format and returns its number of rows.
+pub fn cache_rows(cache: &TensorRef, fmt: RowFormat) -> Result<usize> {
+    cache.expect_dtype(&[DType::U8])?;
+    cache.expect_shape(&[None, Some(fmt.page_bytes())]).map_err(|_| {
+        Error::value(
+            cache.name,
+            format!(
+                "expected a {} cache of shape [num_pages, {}], got {:?}",
+                fmt.name,
+                fmt.page_bytes(),
+                cache.shape
+            ),
+        )
+    })?;
+    if cache.ptr % 16 != 0 {
+        return Err(Error::value(cache.name, "cache data must be 16-byte aligned"));
+    }
+    Ok(cache.dim(0) * quant::PAGE_ROWS)
+}
+
+/// Checks `[n, dim]` float32/bfloat16 values and returns `n`.
+fn check_values(x: &TensorRef, dim: usize) -> Result<usize> {
+    x.expect_dtype(&[DType::F32, DType::BF16])?;
+    x.expect_shape(&[None, Some(dim)])?;
+    Ok(x.dim(0))
+}
+
+fn check_ids(ids: &TensorRef, n: usize) -> Result<()> {
+    ids.expect_dtype(&[DType::I64])?;
+    ids.expect_shape(&[Some(n)])
+}
+
+/// Host values as f32 rows, checked to be finite.
+///
+/// # Safety
+/// `x` satisfies [`TensorRef`]'s contract.
+unsafe fn host_values(x: &TensorRef) -> Result<Vec<f32>> {
+    let v: Vec<f32> = match x.dtype {
+        DType::BF16 => x.host::<u16>(&[DType::BF16])?.iter().map(|b| quant::bf16_to_f32(*b)).collect(),
+        _ => x.host::<f32>(&[DType::F32])?.to_vec(),
+    };
+    if let Some(i) = v.iter().position(|f| !f.is_finite()) {
+        return Err(Error::value(x.name, format!("contains a non-finite value ({}) at flat index {i}", v[i])));
+    }
+    Ok(v)
+}
+
+/// Host row ids, checked to be -1 or inside `[0, rows)`.
+///
+/// # Safety
+/// `ids` satisfies [`TensorRef`]'s contract.
+unsafe fn host_ids(ids: &TensorRef, rows: usize) -> Result<&[i64]> {
+    let v = ids.host::<i64>(&[DType::I64])?;
+    if let Some(i) = v.iter().position(|r| *r < -1 || *r >= rows as i64) {
+        return Err(Error::index(
+            ids.name,
+            format!("row id {} at position {i} is outside [-1, {rows}) (the cache holds {rows} rows)", v[i]),
+        ));
+    }
+    Ok(v)
+}
+
+/// Quantizes rows of `x` and writes them into `cache` at `slots`.
+///
+/// # Safety
+/// Every tensor satisfies [`TensorRef`]'s contract; `cache` is not aliased by the others.
+unsafe fn write_rows(
+    cache: &TensorRef,
+    slots: &TensorRef,
+    x: &TensorRef,
+    fmt: RowFormat,
+    encode: fn(&[f32], &mut [u8], &mut [u8]),
+) -> Result<()> {
+    let rows = cache_rows(cache, fmt)?;
+    let n = check_values(x, fmt.dim)?;
+    check_ids(slots, n)?;
+    let values = host_values(x)?;
+    let ids = host_ids(slots, rows)?;
+    if let Some(dup) = first_duplicate(ids) {
+        return Err(Error::value(slots.name, format!("slot {dup} appears more than once")));
+    }
+    let encoded: Vec<Vec<u8>> = values
+        .par_chunks(fmt.dim)
+        .map(|row| {
+            let mut buf = vec![0u8; fmt.row_bytes()];
+            let (data, scales) = buf.split_at_mut(fmt.data_bytes);
+            encode(row, data, scales);
+            buf
+        })
+        .collect();
+    let bytes = cache.host_mut::<u8>(&[DType::U8])?;
+    for (slot, buf) in ids.iter().zip(&encoded) {
+        if *slot >= 0 {
+            let (d, s) = fmt.offsets(*slot as usize);
+            bytes[d..d + fmt.data_bytes].copy_from_slice(&buf[..fmt.data_bytes]);
+            bytes[s..s + fmt.scale_bytes].copy_from_slice(&buf[fmt.data_bytes..]);
+        }
+    }
+    Ok(())
+}
+
+fn first_duplicate(ids: &[i64]) -> Option<i64> {
+    let mut seen: Vec<i64> = ids.iter().copied().filter(|r| *r >= 0).collect();
+    seen.sort_unstable();
+    seen.windows(2).find(|w| w[0] == w[1]).map(|w| w[0])
+}
+
+/// Dequantizes cache rows `rows` into `out` (`[m, dim]` float32).
+///
+/// # Safety
+/// Every tensor satisfies [`TensorRef`]'s contract; `out` is not aliased by the others.
+unsafe fn read_rows(
+    cache: &TensorRef,
+    rows: &TensorRef,
+    out: &TensorRef,
+    fmt: RowFormat,
+    decode: fn(&[u8], &[u8], &mut [f32]),
+) -> Result<()> {
+    let n_rows = cache_rows(cache, fmt)?;
+    out.expect_dtype(&[DType::F32])?;
+    out.expect_shape(&[None, Some(fmt.dim)])?;
+    check_ids(rows, out.dim(0))?;
+    let ids = host_ids(rows, n_rows)?;
+    let bytes = cache.host::<u8>(&[DType::U8])?;
+    let dst = out.host_mut::<f32>(&[DType::F32])?;
+    dst.par_chunks_mut(fmt.dim).zip(ids.par_iter()).for_each(|(o, row)| {
+        if *row < 0 {
+            o.fill(0.0);
+        } else {
+            let (d, s) = fmt.offsets(*row as usize);
+            decode(&bytes[d..d + fmt.data_bytes], &bytes[s..s + fmt.scale_bytes], o);
+        }
+    });
+    Ok(())
+}
+
+fn gpu_index(device: Device) -> Option<i32> {
+    match device {
+        Device::Cuda(i) => Some(i),
+        Device::Cpu => None,
+    }
+}
+
+/// Quantizes KV entries `x` (`[n, 512]` float32/bfloat16) into the 584-byte FP8 layout and
+/// writes them at rows `slots` (`[n]` int64, -1 skipped) of `cache`. Duplicate slots are an
+/// error on the CPU; on the GPU the last writer is unspecified.
+///
+/// # Safety
+/// Every tensor satisfies [`TensorRef`]'s contract; `stream` is a valid `CUstream` of the
+/// tensors' device (or 0) when they live on a GPU.
+pub unsafe fn kv_write(cache: &TensorRef, slots: &TensorRef, x: &TensorRef, stream: usize) -> Result<()> {
+    match gpu_index(same_device(&[cache, slots, x])?) {
+        None => write_rows(cache, slots, x, MAIN_ENTRY, quant::encode_main_entry),
+        Some(dev) => {
+            let rows = cache_rows(cache, MAIN_ENTRY)?;
+            let n = check_values(x, MAIN_ENTRY.dim)?;
+            check_ids(slots, n)?;
+            gpu::quant::kv_write(dev, stream, cache, rows, slots, x)
+        }
+    }
+}
+
+/// Reads and dequantizes rows `rows` (`[m]` int64, -1 gives zeros) of a 584-byte cache into
+/// `out` (`[m, 512]` float32).
+///
+/// # Safety
+/// As [`kv_write`].
+pub unsafe fn kv_read(cache: &TensorRef, rows: &TensorRef, out: &TensorRef, stream: usize) -> Result<()> {
+    match gpu_index(same_device(&[cache, rows, out])?) {
+        None => read_rows(cache, rows, out, MAIN_ENTRY, quant::decode_main_entry),
+        Some(dev) => {
+            let n_rows = cache_rows(cache, MAIN_ENTRY)?;
+            out.expect_dtype(&[DType::F32])?;
+            out.expect_shape(&[None, Some(MAIN_ENTRY.dim)])?;
+            check_ids(rows, out.dim(0))?;
+            gpu::quant::kv_read(dev, stream, cache, n_rows, rows, out)
+        }
+    }
+}
+
+/// Quantizes indexer keys `x` (`[n, 128]`) into `fmt` and writes them at `slots`.
+///
+/// # Safety
+/// As [`kv_write`].
+pub unsafe fn index_key_write(
+    cache: &TensorRef,
+    slots: &TensorRef,
+    x: &TensorRef,
+    fmt: IndexKeyFormat,
+    stream: usize,
+) -> Result<()> {
+    let rf = fmt.row_format();
+    match gpu_index(same_device(&[cache, slots, x])?) {
+        None => write_rows(cache, slots, x, rf, fmt.encode()),
+        Some(dev) => {
+            let rows = cache_rows(cache, rf)?;
+            let n = check_values(x, rf.dim)?;
+            check_ids(slots, n)?;
+            gpu::quant::index_key_write(dev, stream, cache, rows, slots, x, fmt.code())
+        }
+    }
+}
+
+/// Reads and dequantizes indexer keys at `rows` into `out` (`[m, 128]` float32).
+///
+/// # Safety
+/// As [`kv_write`].
+pub unsafe fn index_key_read(
+    cache: &TensorRef,
+    rows: &TensorRef,
+    out: &TensorRef,
+    fmt: IndexKeyFormat,
+    stream: usize,
+) -> Result<()> {
+    let rf = fmt.row_format();
+    match gpu_index(same_device(&[cache, rows, out])?) {
+        None => read_rows(cache, rows, out, rf, fmt.decode()),
+        Some(dev) => {
+            let n_rows = cache_rows(cache, rf)?;
+            out.expect_dtype(&[DType::F32])?;
+            out.expect_shape(&[None, Some(rf.dim)])?;
+            check_ids(rows, out.dim(0))?;
+            gpu::quant::index_key_read(dev, stream, cache, n_rows, rows, out, fmt.code())
+        }
+    }
+}
+
+/// Normalized Hadamard-128 transform of the rows of `x` (`[n, 128]`) into `out` (float32).
+///
+/// # Safety
+/// As [`kv_write`].
+pub unsafe fn hadamard128(x: &TensorRef, out: &TensorRef, stream: usize) -> Result<()> {
+    let n = check_values(x, quant::INDEX_DIM)?;
+    out.expect_dtype(&[DType::F32])?;
+    out.expect_shape(&[Some(n), Some(quant::INDEX_DIM)])?;
+    match gpu_index(same_device(&[x, out])?) {
+        None => {
+            let values = host_values(x)?;
+            let dst = out.host_mut::<f32>(&[DType::F32])?;
+            dst.par_chunks_mut(quant::INDEX_DIM).zip(values.par_chunks(quant::INDEX_DIM)).for_each(|(o, v)| {
+                o.copy_from_slice(v);
+                quant::hadamard128(o);
+            });
+            Ok(())
+        }
+        Some(dev) => gpu::quant::hadamard128(dev, stream, x, out),
+    }
+}

@@ -1,0 +1,178 @@
+//! A borrowed view of a caller-owned, contiguous tensor (torch, numpy or any DLPack producer),
+//! with the checks every op runs on its arguments.
+
+use crate::error::{Error, Result};
+
+/// Element types the ops accept or produce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    F64,
+    BF16,
+    F16,
+    U8,
+    I32,
+    I64,
+}
+
+impl DType {
+    /// Parses torch's dtype names (`str(t.dtype)` without the `torch.` prefix).
+    pub fn parse(name: &str) -> Option<DType> {
+        Some(match name {
+            "float32" | "float" => DType::F32,
+            "float64" | "double" => DType::F64,
+            "bfloat16" => DType::BF16,
+            "float16" | "half" => DType::F16,
+            "uint8" => DType::U8,
+            "int32" | "int" => DType::I32,
+            "int64" | "long" => DType::I64,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "float32",
+            DType::F64 => "float64",
+            DType::BF16 => "bfloat16",
+            DType::F16 => "float16",
+            DType::U8 => "uint8",
+            DType::I32 => "int32",
+            DType::I64 => "int64",
+        }
+    }
+
+    pub fn size(self) -> usize {
+        match self {
+            DType::U8 => 1,
+            DType::BF16 | DType::F16 => 2,
+            DType::F32 | DType::I32 => 4,
+            DType::F64 | DType::I64 => 8,
+        }
+    }
+}
+
+/// Where a tensor lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda(i32),
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+/// A contiguous tensor owned by the caller. `name` is the argument name used in errors.
+///
+/// SAFETY contract (upheld by the binding that builds it): `ptr` addresses `numel() *
+/// dtype.size()` bytes of live memory on `device`, laid out row-major and contiguous, that stay
+/// valid and are not resized for as long as the `TensorRef` is used.
+#[derive(Debug, Clone)]
+pub struct TensorRef {
+    pub name: &'static str,
+    pub ptr: usize,
+    pub shape: Vec<usize>,
+    pub dtype: DType,
+    pub device: Device,
+}
+
+impl TensorRef {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn dim(&self, i: usize) -> usize {
+        self.shape[i]
+    }
+
+    pub fn expect_dtype(&self, allowed: &[DType]) -> Result<DType> {
+        if allowed.contains(&self.dtype) {
+            return Ok(self.dtype);
+        }
+        let names: Vec<&str> = allowed.iter().map(|d| d.name()).collect();
+        Err(Error::dtype(
+            self.name,
+            format!("expected dtype {}, got {}", names.join(" or "), self.dtype.name()),
+        ))
+    }
+
+    /// Checks the shape against a pattern; `None` accepts any extent.
+    pub fn expect_shape(&self, pattern: &[Option<usize>]) -> Result<()> {
+        let ok = self.shape.len() == pattern.len()
+            && self.shape.iter().zip(pattern).all(|(s, p)| p.is_none_or(|p| p == *s));
+        if ok {
+            return Ok(());
+        }
+        let want: Vec<String> =
+            pattern.iter().map(|p| p.map_or("*".to_string(), |v| v.to_string())).collect();
+        Err(Error::value(
+            self.name,
+            format!("expected shape [{}], got {:?}", want.join(", "), self.shape),
+        ))
+    }
+
+    pub fn expect_device(&self, device: Device) -> Result<()> {
+        if self.device == device {
+            return Ok(());
+        }
+        Err(Error::value(self.name, format!("expected a tensor on {device}, got one on {}", self.device)))
+    }
+
+    fn check_host<T>(&self, dtypes: &[DType]) -> Result<()> {
+        self.expect_device(Device::Cpu)?;
+        debug_assert!(dtypes.iter().all(|d| d.size() == std::mem::size_of::<T>()));
+        self.expect_dtype(dtypes)?;
+        if self.ptr == 0 && self.numel() > 0 {
+            return Err(Error::value(self.name, "null data pointer"));
+        }
+        if self.ptr % std::mem::align_of::<T>() != 0 {
+            return Err(Error::value(self.name, "data pointer is not aligned to its element size"));
+        }
+        Ok(())
+    }
+
+    /// Borrows a host tensor as a slice of `T`, whose size must match one of `dtypes`.
+    ///
+    /// # Safety
+    /// The struct's contract, and no live mutable borrow of the same memory.
+    pub unsafe fn host<T>(&self, dtypes: &[DType]) -> Result<&[T]> {
+        self.check_host::<T>(dtypes)?;
+        if self.numel() == 0 {
+            return Ok(&[]);
+        }
+        Ok(std::slice::from_raw_parts(self.ptr as *const T, self.numel()))
+    }
+
+    /// Borrows a host tensor mutably.
+    ///
+    /// # Safety
+    /// The struct's contract, and no other live borrow of the same memory.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn host_mut<T>(&self, dtypes: &[DType]) -> Result<&mut [T]> {
+        self.check_host::<T>(dtypes)?;
+        if self.numel() == 0 {
+            return Ok(&mut []);
+        }
+        Ok(std::slice::from_raw_parts_mut(self.ptr as *mut T, self.numel()))
+    }
+}
+
+/// Checks that all tensors share one device and returns it.
+pub fn same_device(tensors: &[&TensorRef]) -> Result<Device> {
+    let first = tensors[0].device;
+    for t in &tensors[1..] {
+        if t.device != first {
+            return Err(Error::value(
+                t.name,
+                format!("is on {} but {} is on {first}; all tensors must share a device", t.device, tensors[0].name),
+            ));
+        }
+    }
+    Ok(first)
+}

@@ -1,0 +1,47 @@
+//! Build and device facts for `dsv4rs info`.
+
+use dsv4rs_core::gpu;
+use dsv4rs_core::quant;
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::errors::run;
+
+/// Version, embedded kernel modules and their GPU targets, and the cache byte formats.
+#[pyfunction]
+pub fn build_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("version", env!("CARGO_PKG_VERSION"))?;
+    let modules: Vec<(&str, usize)> = gpu::kernels::FATBINS.iter().map(|(n, b)| (*n, b.len())).collect();
+    d.set_item("kernel_modules", modules)?;
+    d.set_item("gpu_targets", gpu::kernels::TARGETS.to_vec())?;
+    d.set_item("page_rows", quant::PAGE_ROWS)?;
+    d.set_item("main_entry_bytes", quant::MAIN_ENTRY.row_bytes())?;
+    d.set_item("index_key_fp4_bytes", quant::INDEX_KEY_FP4.row_bytes())?;
+    d.set_item("index_key_fp8_bytes", quant::INDEX_KEY_FP8.row_bytes())?;
+    Ok(d)
+}
+
+/// `(driver_version, [(index, name, (major, minor), multiprocessors)])`; raises CudaError when no
+/// driver can be loaded.
+#[pyfunction]
+pub fn cuda_devices(py: Python<'_>) -> PyResult<(i32, Vec<(i32, String, (i32, i32), i32)>)> {
+    run(py, || {
+        let v = gpu::driver_version()?;
+        let devs = gpu::devices()?;
+        Ok((v, devs.into_iter().map(|d| (d.index, d.name, d.compute_capability, d.multiprocessors)).collect()))
+    })
+}
+
+/// Loads the kernel modules on a device now (do this before capturing a CUDA graph).
+#[pyfunction]
+pub fn warm_up(py: Python<'_>, device: i32) -> PyResult<()> {
+    run(py, || gpu::warm_up(device))
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(build_info, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_devices, m)?)?;
+    m.add_function(wrap_pyfunction!(warm_up, m)?)?;
+    Ok(())
+}

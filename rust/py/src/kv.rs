@@ -1,0 +1,53 @@
+//! Bindings of `dsv4rs_core::kv`: writing and reading paged cache rows, Hadamard-128.
+
+use dsv4rs_core::kv::{self, IndexKeyFormat};
+use pyo3::prelude::*;
+
+use crate::errors::run;
+use crate::tensor::{tref, Spec};
+
+#[pyfunction]
+pub fn kv_write(py: Python<'_>, cache: Spec, slots: Spec, x: Spec, stream: usize) -> PyResult<()> {
+    let (c, s, x) = (tref("cache", cache)?, tref("slots", slots)?, tref("entries", x)?);
+    // SAFETY: TensorRefs built from live tensors (see tensor.rs); cache is written in place only.
+    run(py, || unsafe { kv::kv_write(&c, &s, &x, stream) })
+}
+
+#[pyfunction]
+pub fn kv_read(py: Python<'_>, cache: Spec, rows: Spec, out: Spec, stream: usize) -> PyResult<()> {
+    let (c, r, o) = (tref("cache", cache)?, tref("rows", rows)?, tref("out", out)?);
+    // SAFETY: as kv_write; `out` is a fresh tensor.
+    run(py, || unsafe { kv::kv_read(&c, &r, &o, stream) })
+}
+
+#[pyfunction]
+pub fn index_key_write(py: Python<'_>, cache: Spec, slots: Spec, x: Spec, fmt: &str, stream: usize) -> PyResult<()> {
+    let fmt = IndexKeyFormat::parse("fmt", fmt).map_err(crate::errors::to_py)?;
+    let (c, s, x) = (tref("cache", cache)?, tref("slots", slots)?, tref("keys", x)?);
+    // SAFETY: as kv_write.
+    run(py, || unsafe { kv::index_key_write(&c, &s, &x, fmt, stream) })
+}
+
+#[pyfunction]
+pub fn index_key_read(py: Python<'_>, cache: Spec, rows: Spec, out: Spec, fmt: &str, stream: usize) -> PyResult<()> {
+    let fmt = IndexKeyFormat::parse("fmt", fmt).map_err(crate::errors::to_py)?;
+    let (c, r, o) = (tref("cache", cache)?, tref("rows", rows)?, tref("out", out)?);
+    // SAFETY: as kv_read.
+    run(py, || unsafe { kv::index_key_read(&c, &r, &o, fmt, stream) })
+}
+
+#[pyfunction]
+pub fn hadamard128(py: Python<'_>, x: Spec, out: Spec, stream: usize) -> PyResult<()> {
+    let (x, o) = (tref("x", x)?, tref("out", out)?);
+    // SAFETY: as kv_read.
+    run(py, || unsafe { kv::hadamard128(&x, &o, stream) })
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(kv_write, m)?)?;
+    m.add_function(wrap_pyfunction!(kv_read, m)?)?;
+    m.add_function(wrap_pyfunction!(index_key_write, m)?)?;
+    m.add_function(wrap_pyfunction!(index_key_read, m)?)?;
+    m.add_function(wrap_pyfunction!(hadamard128, m)?)?;
+    Ok(())
+}
