@@ -1,0 +1,27 @@
+"""Shared test setup: the `gpu` marker skips when no CUDA GPU is usable, and a seeded generator."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def gpu_available() -> bool:
+    return torch.cuda.is_available() and torch.cuda.device_count() > 0
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if gpu_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def gen(request: pytest.FixtureRequest) -> torch.Generator:
+    """A CPU generator seeded from the test's name: fresh inputs per test, reproducible runs."""
+    g = torch.Generator()
+    g.manual_seed(hash(request.node.nodeid) % (2**31))
+    return g
