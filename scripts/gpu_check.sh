@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Builds the abi3 wheel here and, on a machine with a CUDA GPU, installs it and runs the GPU
+# tests and the GPU benchmark, printing a short table last.
+#
+#   scripts/gpu_check.sh build   # here: build dist/dsv4rs-*.whl (all GPU targets)
+#   scripts/gpu_check.sh run     # on the GPU machine, from the repository root, with dist/
+#
+# `run` installs the wheel with --no-deps into a private folder (the GPU machine has no network
+# and brings its own torch), runs `pytest -m gpu`, then benches/gpu_bench.py.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+case "${1:-}" in
+build)
+    build_venv="${DSV4RS_BUILD_VENV:-$HOME/.cache/dsv4rs/build-venv}"
+    if [ ! -x "$build_venv/bin/nvcc-ok" ]; then
+        python3 -m venv "$build_venv"
+        "$build_venv/bin/pip" install -q maturin==1.16.0 nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 \
+            nvidia-cuda-crt==13.0.88 nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85
+        touch "$build_venv/bin/nvcc-ok"
+    fi
+    rm -rf dist
+    PYO3_PYTHON="$build_venv/bin/python" "$build_venv/bin/maturin" build --release --out dist \
+        -i "$build_venv/bin/python"
+    ls -l dist
+    ;;
+run)
+    wheel=$(ls dist/dsv4rs-*.whl | head -n 1)
+    site="${TMPDIR:-/tmp}/dsv4rs-site"
+    rm -rf "$site"
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" "$wheel"
+    export PYTHONPATH="$site" PYTHONUNBUFFERED=1
+    python3 -c "import dsv4rs, sys; print('dsv4rs', dsv4rs.__version__, 'on Python', sys.version.split()[0])"
+    python3 -m dsv4rs.cli info
+    # Run the tests against the installed wheel, not the source tree's python/ folder.
+    python3 -m pytest -q -m gpu -p no:cacheprovider --rootdir=. -c pyproject.toml tests "${@:2}"
+    python3 benches/gpu_bench.py --quick
+    ;;
+*)
+    echo "usage: $0 build|run" >&2
+    exit 2
+    ;;
+esac
