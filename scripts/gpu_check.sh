@@ -12,16 +12,9 @@ cd "$(dirname "$0")/.."
 
 case "${1:-}" in
 build)
-    build_venv="${DSV4RS_BUILD_VENV:-$HOME/.cache/dsv4rs/build-venv}"
-    if [ ! -x "$build_venv/bin/nvcc-ok" ]; then
-        python3 -m venv "$build_venv"
-        "$build_venv/bin/pip" install -q maturin==1.16.0 nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 \
-            nvidia-cuda-crt==13.0.88 nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85
-        touch "$build_venv/bin/nvcc-ok"
-    fi
-    rm -rf dist
-    PYO3_PYTHON="$build_venv/bin/python" "$build_venv/bin/maturin" build --release --out dist \
-        -i "$build_venv/bin/python"
+    source scripts/env.sh
+    build_wheel
+    rm -rf dist && mkdir -p dist && cp "$DIST"/dsv4rs-*.whl dist/
     ls -l dist
     ;;
 run)
