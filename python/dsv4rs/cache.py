@@ -46,6 +46,7 @@ released, until the pool reallocates them (least recently released first).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -270,10 +271,13 @@ class KVCacheManager:
         All or nothing: when a pool is short, :class:`dsv4rs.OutOfPagesError` says which, and
         nothing changed. An unknown or released sequence raises :class:`dsv4rs.CacheStateError`.
         """
-        slots, copies = self._core.append(_ids(seq_ids), [_ids(t) for t in tokens])
+        buf, slot_counts, copy_counts = self._core.append(_ids(seq_ids), [_ids(t) for t in tokens])
+        flat = _tensor(buf, torch.int64, (-1,))
+        bounds = itertools.accumulate([*slot_counts, *(2 * c for c in copy_counts)], initial=0)
+        parts = [flat[a:b] for a, b in itertools.pairwise(bounds)]
         return AppendResult(
-            copies={f: _tensor(c, torch.int64, (-1, 2)) for f, c in zip(FAMILIES, copies)},
-            slots={f: _tensor(s, torch.int64, (-1,)) for f, s in zip(FAMILIES, slots)},
+            copies={f: p.view(-1, 2) for f, p in zip(FAMILIES, parts[4:])},
+            slots=dict(zip(FAMILIES, parts[:4])),
         )
 
     def fork(self, seq_id: int) -> int:

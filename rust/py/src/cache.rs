@@ -14,9 +14,6 @@ use pyo3::types::PyByteArray;
 use crate::errors::run;
 use crate::tensor::{tref, Spec};
 
-/// One array per family, in `Family::ALL` order.
-type Arrays<'py> = Vec<Bound<'py, PyByteArray>>;
-
 /// `(window, csa_main, csa_index, hca, state)` bytes.
 type FootprintTuple = (u64, u64, u64, u64, u64);
 
@@ -147,14 +144,16 @@ impl PyCacheManager {
         run(py, || Ok(self.lock()?.sequence_ids()))
     }
 
-    /// `(slots, copies)`: per family, int64 slot bytes and int64 `(src, dst)` pair bytes.
+    /// `(bytes, slot_counts, copy_counts)`: one int64 array holding every family's slots, then
+    /// every family's `(src, dst)` copy pairs (one buffer: wrapping each array as its own tensor
+    /// would cost more than the append itself).
     fn append<'py>(
         &self,
         py: Python<'py>,
         seq_ids: Vec<SeqId>,
         tokens: Vec<Vec<u32>>,
-    ) -> PyResult<(Arrays<'py>, Arrays<'py>)> {
-        let appended = run(py, || {
+    ) -> PyResult<(Bound<'py, PyByteArray>, [usize; 4], [usize; 4])> {
+        let (flat, slot_counts, copy_counts) = run(py, || {
             if seq_ids.len() != tokens.len() {
                 return Err(Error::value(
                     "tokens",
@@ -162,15 +161,12 @@ impl PyCacheManager {
                 ));
             }
             let batch: Vec<(SeqId, &[u32])> = seq_ids.iter().copied().zip(tokens.iter().map(Vec::as_slice)).collect();
-            self.lock()?.append(&batch)
+            let a = self.lock()?.append(&batch)?;
+            let mut flat: Vec<i64> = a.slots.concat();
+            flat.extend(a.copies.iter().flatten().flat_map(|(src, dst)| [*src as i64, *dst as i64]));
+            Ok((flat, a.slots.each_ref().map(Vec::len), a.copies.each_ref().map(Vec::len)))
         })?;
-        let slots = appended.slots.iter().map(|s| byte_array(py, s)).collect();
-        let copies = appended
-            .copies
-            .iter()
-            .map(|c| byte_array(py, &c.iter().flat_map(|(s, d)| [*s as i64, *d as i64]).collect::<Vec<_>>()))
-            .collect();
-        Ok((slots, copies))
+        Ok((byte_array(py, &flat), slot_counts, copy_counts))
     }
 
     /// `(int32 bytes, width)` of the padded page tables.
