@@ -146,8 +146,9 @@ impl CacheLayout {
     /// does so at every layer: layer `l`'s rows of the last `window - 1` tokens depend on layer
     /// `l - 1`'s rows of the `window - 1` tokens before each of them, and so on down to the token
     /// embeddings. Exact rows at every layer therefore need `(window - 1)` tokens per layer of
-    /// depth (the MTP layer counts as one). The CSA compressor state needs the last 4 tokens of
-    /// its layer, which the same bound covers once the window is at least 5 tokens.
+    /// depth (the MTP layer counts as one). The last layer's own rows need `window - 1` tokens,
+    /// or 4 if more: the CSA compressor state holds the last 4 tokens of its layer. (HCA state
+    /// needs none: a cached prefix ends on a 128-token boundary.)
     pub fn rebuild_tokens(&self) -> usize {
         (self.window - 1) * (self.num_layers() - 1) + (self.window - 1).max(CSA_RATIO)
     }
