@@ -4,6 +4,7 @@ Importing the package loads the Rust extension but never touches CUDA; GPU kerne
 first use. Public modules:
 
 - :mod:`dsv4rs.ops`: the ops (KV-entry quantization, Hadamard-128, ...), CPU and CUDA.
+- :mod:`dsv4rs.cache`: the paged KV-cache allocator and byte accounting (SPEC.md section 5).
 - :mod:`dsv4rs.reference`: the float64 pure-torch reference of every op (SPEC.md sections 2-5).
 - :mod:`dsv4rs.cli`: the ``dsv4rs`` command.
 """

@@ -2,6 +2,7 @@
 //! dsv4rs-core. Each module below binds one part of the core; Python-facing docs live in
 //! python/dsv4rs/_core.pyi.
 
+mod cache;
 mod errors;
 mod info;
 mod kv;
@@ -13,6 +14,7 @@ use pyo3::prelude::*;
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     errors::register(m)?;
+    cache::register(m)?;
     info::register(m)?;
     kv::register(m)?;
     Ok(())
