@@ -5,6 +5,7 @@
 mod errors;
 mod info;
 mod kv;
+mod ops;
 mod tensor;
 
 use pyo3::prelude::*;
@@ -15,5 +16,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
     info::register(m)?;
     kv::register(m)?;
+    ops::register(m)?;
     Ok(())
 }
