@@ -42,7 +42,8 @@ impl TopK {
     /// [`threshold`](Self::threshold).
     #[inline]
     pub fn push(&mut self, score: f32, index: u32) {
-        self.buf.push(Scored { score, index });
+        // `+ 0.0` turns -0.0 into 0.0: ReLU gives both, and they must tie.
+        self.buf.push(Scored { score: score + 0.0, index });
         if self.buf.len() == self.buf.capacity() {
             self.compact();
         }
@@ -91,6 +92,16 @@ mod tests {
             want.truncate(k);
             assert_eq!(top.into_sorted(), want, "k = {k}");
         }
+    }
+
+    #[test]
+    fn signed_zeros_tie() {
+        let mut top = TopK::new(2);
+        for (i, s) in [-1.0, 0.0, -0.0, 0.0].iter().enumerate() {
+            top.push(*s, i as u32);
+        }
+        let idx: Vec<u32> = top.into_sorted().iter().map(|s| s.index).collect();
+        assert_eq!(idx, [1, 2]);
     }
 
     #[test]
