@@ -66,27 +66,71 @@ struct Candidate<'a> {
 /// Lanes `start .. start + n` of `s` (`n <= 16`), zero-padded.
 #[inline(always)]
 fn load_lanes(s: &[f32], start: usize, n: usize) -> F32x16 {
+    if n == LANES {
+        return F32x16::load(&s[start..]);
+    }
     let mut v = [0f32; LANES];
     v[..n].copy_from_slice(&s[start..start + n]);
     F32x16(v)
 }
 
+/// Channels `c0 .. c0 + n` of a candidate's logits, `score + ape`.
+#[inline(always)]
+fn logit(c: &Candidate, c0: usize, n: usize) -> F32x16 {
+    load_lanes(c.score, c0, n) + load_lanes(c.ape, c0, n)
+}
+
+/// Per-channel running values of [`pool`], `D` rounded up to whole vectors.
+struct PoolScratch {
+    max: Vec<f32>,
+    den: Vec<f32>,
+    num: Vec<f32>,
+}
+
+impl PoolScratch {
+    fn new(d: usize) -> Self {
+        let n = d.next_multiple_of(LANES);
+        PoolScratch { max: vec![0.0; n], den: vec![0.0; n], num: vec![0.0; n] }
+    }
+}
+
+/// Candidates whose rows [`pool`] walks side by side: enough concurrent memory streams to
+/// hide DRAM latency, few enough for the hardware prefetchers to follow.
+const STREAMS: usize = 8;
+
 multiversion! {
-    /// Per channel, the softmax over the candidates' logits `score + ape` weighting their values.
-    fn pool(cands: &[Candidate], out: &mut [f32]) {
-        for c0 in (0..out.len()).step_by(LANES) {
-            let n = LANES.min(out.len() - c0);
-            let logit = |c: &Candidate| load_lanes(c.score, c0, n) + load_lanes(c.ape, c0, n);
-            let m = cands.iter().fold(F32x16::splat(f32::NEG_INFINITY), |m, c| m.max(logit(c)));
-            let (mut num, mut den) = (F32x16::splat(0.0), F32x16::splat(0.0));
-            for c in cands {
-                let w = (logit(c) - m).exp();
-                den = den + w;
-                num = w.mul_add(load_lanes(c.kv, c0, n), num);
+    /// Per channel, the softmax over the candidates' logits `score + ape` weighting their values,
+    /// in two passes (max, then sums). Candidates go in groups of [`STREAMS`], a group 16
+    /// channels at a time; per-channel running values live in `s`. Each channel sums its
+    /// candidates in list order.
+    fn pool(cands: &[Candidate], out: &mut [f32], s: &mut PoolScratch) {
+        let d = out.len();
+        s.max.fill(f32::NEG_INFINITY);
+        for group in cands.chunks(STREAMS) {
+            for c0 in (0..d).step_by(LANES) {
+                let n = LANES.min(d - c0);
+                let m = group.iter().fold(F32x16::load(&s.max[c0..]), |m, c| m.max(logit(c, c0, n)));
+                m.store(&mut s.max[c0..]);
             }
-            for (i, o) in out[c0..c0 + n].iter_mut().enumerate() {
-                *o = num.0[i] / den.0[i];
+        }
+        s.den.fill(0.0);
+        s.num.fill(0.0);
+        for group in cands.chunks(STREAMS) {
+            for c0 in (0..d).step_by(LANES) {
+                let n = LANES.min(d - c0);
+                let m = F32x16::load(&s.max[c0..]);
+                let (mut den, mut num) = (F32x16::load(&s.den[c0..]), F32x16::load(&s.num[c0..]));
+                for c in group {
+                    let w = (logit(c, c0, n) - m).exp();
+                    den = den + w;
+                    num = w.mul_add(load_lanes(c.kv, c0, n), num);
+                }
+                den.store(&mut s.den[c0..]);
+                num.store(&mut s.num[c0..]);
             }
+        }
+        for ((o, a), b) in out.iter_mut().zip(&s.num).zip(&s.den) {
+            *o = a / b;
         }
     }
 }
@@ -247,7 +291,7 @@ pub unsafe fn compress(
             cands.extend((r * i.saturating_sub(1)..r * i).map(|j| tokens.candidate(j, 0)));
         }
         cands.extend((r * i..r * i + r).map(|j| tokens.candidate(j, coff - 1)));
-        pool(&cands, entry);
+        pool(&cands, entry, &mut PoolScratch::new(d));
         if entry.iter().any(|v| !v.is_finite()) {
             return Err(Error::value(
                 kv.name,

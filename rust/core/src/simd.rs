@@ -43,8 +43,9 @@ impl F32x16 {
         F32x16(r)
     }
 
+    /// Lane-wise `f(self, o)`.
     #[inline(always)]
-    fn zip(self, o: Self, f: impl Fn(f32, f32) -> f32) -> Self {
+    pub fn zip(self, o: Self, f: impl Fn(f32, f32) -> f32) -> Self {
         let mut r = self.0;
         for (v, w) in r.iter_mut().zip(o.0) {
             *v = f(*v, w);
@@ -110,25 +111,28 @@ impl Mul for F32x16 {
 
 /// `e^x` in f32 without a libm call, so that loops over it vectorize: Cody-Waite reduction
 /// `x = n ln2 + r`, a degree-6 polynomial for `e^r` (Cephes' `expf`, about 1 ulp), then `2^n`
-/// through the exponent bits. Below -87 (where `e^x` leaves the normal range) it returns 0, so
-/// `exp(-inf) = 0` as softmax needs; NaN stays NaN.
+/// through the exponent bits. `n` is rounded by adding 1.5 * 2^23, which leaves it in the low
+/// mantissa bits: no float-to-int conversion, which would keep the loop scalar. Below -87
+/// (where `e^x` leaves the normal range) it returns 0, so `exp(-inf) = 0` as softmax needs; NaN
+/// stays NaN.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
+    const ROUND: f32 = 12_582_912.0;
     let xc = x.clamp(-87.0, 88.0);
-    let n = (xc * LOG2E).round_ties_even();
+    let t = xc.mul_add(LOG2E, ROUND);
+    let n = t - ROUND;
     let r = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, xc));
     let mut p = 1.987_569_1e-4f32;
     for c in [1.398_2e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1] {
         p = p.mul_add(r, c);
     }
     let er = (p * r).mul_add(r, r) + 1.0;
-    let y = er * f32::from_bits(((n as i32 + 127) as u32) << 23);
-    if x < -87.0 {
-        0.0
-    } else if x > 88.0 {
+    let y = er * f32::from_bits(t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23);
+    let y = if x < -87.0 { 0.0 } else { y };
+    if x > 88.0 {
         f32::INFINITY
     } else {
         y
