@@ -18,7 +18,7 @@ use crate::tile::{dots, head_groups, padded_heads, transpose_query, with_head_ve
 
 const D: usize = ENTRY_DIM;
 /// Candidate rows decoded at a time (a multiple of [`ROWS`]).
-const ROW_TILE: usize = 32;
+const ROW_TILE: usize = 64;
 /// Output dims of one register block of the value product.
 const DIMS: usize = 4;
 /// Fewest candidates worth a job of their own.
