@@ -295,7 +295,9 @@ def compress(
 
     Returns:
         ``float32 [E, D]``: entries ``start_pos // ratio ..``, one for each position ``p`` of
-        the call with ``(p + 1) % ratio == 0``. Scores may hold ``-inf`` (a token without a
+        the call with ``(p + 1) % ratio == 0``, pooled, RMS-normalized (in float32, without
+        the bf16 cast SPEC.md puts before the norm, as ``reference.compressor_prefill``),
+        rotated and quantized. Scores may hold ``-inf`` (a token without a
         vote); other non-finite inputs raise before the state changes.
     """
     ratio = _positive("ratio", ratio)

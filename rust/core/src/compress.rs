@@ -135,7 +135,8 @@ multiversion! {
     }
 }
 
-/// RMSNorm with `weight`, RoPE at `pos`, then `quant`, in place on one entry.
+/// RMSNorm with `weight` (without the bf16 cast SPEC.md puts before it, as the reference),
+/// then the rotation `rot` and `quant`, in place on one entry.
 fn finish(x: &mut [f32], weight: &[f32], rot: &Rotation, eps: f32, quant: Quant) {
     let ms = x.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>() / x.len() as f64;
     let r = 1.0 / (ms + eps as f64).sqrt();

@@ -55,17 +55,20 @@ impl<'a> Floats<'a> {
     }
 }
 
+/// A packed format's row decoder: `(data, scales, out)`.
+type Decoder = fn(&[u8], &[u8], &mut [f32]);
+
 /// How a cache stores its rows.
 #[derive(Clone, Copy)]
 enum Storage<'a> {
     /// A packed quantized layout, with its decoder.
-    Packed { bytes: &'a [u8], fmt: RowFormat, decode: fn(&[u8], &[u8], &mut [f32]) },
+    Packed { bytes: &'a [u8], fmt: RowFormat, decode: Decoder },
     /// Plain rows `[pages, 64, dim]`.
     Plain(Floats<'a>),
 }
 
 /// The packed layouts, each with its decoder.
-const PACKED: [(RowFormat, fn(&[u8], &[u8], &mut [f32])); 3] = [
+const PACKED: [(RowFormat, Decoder); 3] = [
     (MAIN_ENTRY, quant::decode_main_entry),
     (INDEX_KEY_FP4, quant::decode_index_key_fp4),
     (INDEX_KEY_FP8, quant::decode_index_key_fp8),

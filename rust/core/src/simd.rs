@@ -57,8 +57,8 @@ impl F32x16 {
     #[inline(always)]
     pub fn mul_add(self, a: Self, b: Self) -> Self {
         let mut r = self.0;
-        for i in 0..LANES {
-            r[i] = r[i].mul_add(a.0[i], b.0[i]);
+        for ((x, y), z) in r.iter_mut().zip(a.0).zip(b.0) {
+            *x = x.mul_add(y, z);
         }
         F32x16(r)
     }
@@ -126,7 +126,7 @@ pub fn exp(x: f32) -> f32 {
     let n = t - ROUND;
     let r = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, xc));
     let mut p = 1.987_569_1e-4f32;
-    for c in [1.398_2e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1] {
+    for c in [1.398_2e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
         p = p.mul_add(r, c);
     }
     let er = (p * r).mul_add(r, r) + 1.0;
