@@ -175,3 +175,277 @@ def warm_up(device: torch.device | str | int = "cuda") -> None:
     if dev.type != "cuda":
         raise ValueError(f"device: expected a CUDA device, got {dev}")
     _core.warm_up(dev.index if dev.index is not None else torch.cuda.current_device())
+
+
+# Attention ops (SPEC.md sections 2-4). CPU kernels; tensors on other devices are refused with a
+# ValueError naming the argument.
+
+Quant = Literal["none", "fp8", "fp4"]
+ENTRY_SCALE = 512**-0.5
+"""Default attention logit scale, ``head_dim ** -0.5``."""
+
+
+def _ndim(name: str, t: torch.Tensor, n: int) -> None:
+    """The checks Python needs before it can size an output; the kernels check the rest."""
+    if t.dim() != n:
+        raise ValueError(f"{name}: expected a {n}-d tensor, got shape {list(t.shape)}")
+
+
+def _positive(name: str, v: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
+    if v < 1:
+        raise ValueError(f"{name}: must be >= 1, got {v}")
+    return v
+
+
+@torch.library.custom_op("dsv4rs::rope", mutates_args=())
+def _rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, inverse: bool) -> torch.Tensor:
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    _core.rope(spec("x", x), spec("positions", positions), spec("inv_freq", inv_freq), spec("out", out), inverse)
+    return out
+
+
+@_rope.register_fake
+def _(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, inverse: bool) -> torch.Tensor:
+    return x.new_empty(x.shape, dtype=torch.float32)
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """RoPE (SPEC.md section 2) on the last ``2 * len(inv_freq)`` dims of ``x``, interleaved pairs.
+
+    Args:
+        x: ``float32``/``bfloat16 [T, ..., D]``.
+        positions: ``int64 [T]``, the position of each row of dim 0.
+        inv_freq: ``float32``/``float64 [R/2]`` inverse frequencies (``reference.rope_inv_freq``),
+            ``R <= D``.
+        inverse: rotate by ``-position`` (undoes the rotation).
+
+    Returns:
+        ``float32``, the shape of ``x``. Angles and their sines and cosines are computed in
+        float64 (positions reach 2^20).
+    """
+    return _rope(as_tensor("x", x), as_tensor("positions", positions), as_tensor("inv_freq", inv_freq), inverse)
+
+
+def compressor_state(ratio: int, dim: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty decode state of a compressor (SPEC.md section 3): ``(kv_state, score_state)``, both
+    ``float32 [coff * ratio, coff * dim]`` (``coff`` = 2 for ratio 4, else 1), kv zeros and
+    scores ``-inf``. :func:`compress` advances it in place."""
+    ratio, dim = _positive("ratio", ratio), _positive("dim", dim)
+    coff = 2 if ratio == 4 else 1
+    shape = (coff * ratio, coff * dim)
+    return (
+        torch.zeros(shape, dtype=torch.float32, device=device),
+        torch.full(shape, float("-inf"), dtype=torch.float32, device=device),
+    )
+
+
+def _entries_completed(start_pos: int, tokens: int, ratio: int) -> int:
+    return (start_pos + tokens) // ratio - start_pos // ratio
+
+
+@torch.library.custom_op("dsv4rs::compress", mutates_args=("kv_state", "score_state"))
+def _compress(
+    kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, norm_weight: torch.Tensor, inv_freq: torch.Tensor,
+    kv_state: torch.Tensor, score_state: torch.Tensor, start_pos: int, ratio: int, eps: float, quant: str,
+) -> torch.Tensor:
+    n = _entries_completed(start_pos, kv.shape[0], ratio)
+    out = torch.empty((n, norm_weight.shape[0]), dtype=torch.float32, device=kv.device)
+    _core.compress(
+        spec("kv", kv), spec("score", score), spec("ape", ape), spec("norm_weight", norm_weight),
+        spec("inv_freq", inv_freq), spec("kv_state", kv_state), spec("score_state", score_state), spec("out", out),
+        start_pos, ratio, eps, quant,
+    )
+    return out
+
+
+@_compress.register_fake
+def _(
+    kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, norm_weight: torch.Tensor, inv_freq: torch.Tensor,
+    kv_state: torch.Tensor, score_state: torch.Tensor, start_pos: int, ratio: int, eps: float, quant: str,
+) -> torch.Tensor:
+    n = _entries_completed(start_pos, kv.shape[0], ratio)
+    return kv.new_empty((n, norm_weight.shape[0]), dtype=torch.float32)
+
+
+def compress(
+    kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, norm_weight: torch.Tensor, inv_freq: torch.Tensor,
+    kv_state: torch.Tensor, score_state: torch.Tensor, start_pos: int, ratio: int, eps: float = 1e-6,
+    quant: Quant = "none",
+) -> torch.Tensor:
+    """Feeds tokens ``start_pos .. start_pos + S - 1`` to a compressor (SPEC.md section 3) and
+    returns the entries they complete. One form serves prefill (all tokens at once) and decode
+    (one token a call): any split of a sequence into calls gives the same entries, bit for bit.
+
+    Args:
+        kv, score: ``float32 [S, coff * D]``, the projections ``W_kv x`` and ``W_gate x``
+            (``coff`` = 2 for ratio 4, whose entries overlap, else 1).
+        ape: ``float32 [ratio, coff * D]`` positional bias of the logits.
+        norm_weight: ``float32 [D]`` RMSNorm weight.
+        inv_freq: ``float32``/``float64 [R/2]``, RoPE on the last ``R`` dims at position
+            ``ratio * i`` for entry ``i``.
+        kv_state, score_state: the sequence's state from :func:`compressor_state`, advanced in
+            place; ``start_pos`` must be the number of tokens it has seen.
+        start_pos: position of the first token.
+        ratio: compression ratio (4: CSA, 128: HCA; any ``>= 1``).
+        eps: RMSNorm epsilon.
+        quant: ``"none"``; ``"fp8"``, the round trip through the 584-byte cache entry (D = 512);
+            or ``"fp4"``, Hadamard-128 then the FP4 indexer-key round trip (D = 128).
+
+    Returns:
+        ``float32 [E, D]``: entries ``start_pos // ratio ..``, one for each position ``p`` of
+        the call with ``(p + 1) % ratio == 0``, pooled, RMS-normalized (in float32, without
+        the bf16 cast SPEC.md puts before the norm, as ``reference.compressor_prefill``),
+        rotated and quantized. Scores may hold ``-inf`` (a token without a
+        vote); other non-finite inputs raise before the state changes.
+    """
+    ratio = _positive("ratio", ratio)
+    if isinstance(start_pos, bool) or not isinstance(start_pos, int) or start_pos < 0:
+        raise ValueError(f"start_pos: expected an int >= 0, got {start_pos!r}")
+    if quant not in ("none", "fp8", "fp4"):
+        raise ValueError(f'quant: expected "none", "fp8" or "fp4", got {quant!r}')
+    args = [as_tensor(n, t) for n, t in (("kv", kv), ("score", score), ("ape", ape), ("norm_weight", norm_weight),
+                                         ("inv_freq", inv_freq), ("kv_state", kv_state), ("score_state", score_state))]
+    _ndim("kv", args[0], 2)
+    _ndim("norm_weight", args[3], 1)
+    if args[5].data_ptr() == args[6].data_ptr() and args[5].numel() > 0:
+        raise ValueError("kv_state, score_state: must be distinct tensors")
+    return _compress(*args, start_pos, ratio, float(eps), quant)
+
+
+@torch.library.custom_op("dsv4rs::indexer_topk", mutates_args=())
+def _indexer_topk(
+    q: torch.Tensor, weights: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Tensor,
+    seq_ids: torch.Tensor, visible: torch.Tensor, k: int, physical: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    indices = torch.empty((q.shape[0], k), dtype=torch.int32, device=q.device)
+    scores = torch.empty((q.shape[0], k), dtype=torch.float32, device=q.device)
+    _core.indexer_topk(
+        spec("q", q), spec("weights", weights), spec("key_cache", key_cache), spec("block_table", block_table),
+        spec("seq_ids", seq_ids), spec("visible", visible), spec("indices", indices), spec("scores", scores),
+        k, physical,
+    )
+    return indices, scores
+
+
+@_indexer_topk.register_fake
+def _(
+    q: torch.Tensor, weights: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Tensor,
+    seq_ids: torch.Tensor, visible: torch.Tensor, k: int, physical: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return q.new_empty((q.shape[0], k), dtype=torch.int32), q.new_empty((q.shape[0], k), dtype=torch.float32)
+
+
+def indexer_topk(
+    q: torch.Tensor, weights: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Tensor,
+    seq_ids: torch.Tensor, visible: torch.Tensor, k: int, return_scores: bool = False, physical: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The Lightning Indexer's selection (SPEC.md section 4), fused: scores
+    ``I_ts = sum_h w_th ReLU(q_th . k_s)`` are computed a key tile at a time and never stored for
+    all keys; memory is ``O(T * k)`` whatever the context.
+
+    Args:
+        q: ``float32``/``bfloat16 [T, H, 128]`` indexer queries (any ``H >= 1``).
+        weights: ``float32 [T, H]`` head weights ``w_t``.
+        key_cache: paged indexer keys, 64 rows a page: ``uint8 [P, 64 * 68]`` (FP4, see
+            :func:`new_index_key_cache`), ``uint8 [P, 64 * 132]`` (FP8), or plain
+            ``bfloat16``/``float32 [P, 64, 128]``.
+        block_table: ``int32 [B, max_pages]``: key ``s`` of sequence ``b`` is row ``s % 64`` of
+            page ``block_table[b, s // 64]``.
+        seq_ids: ``int32``/``int64 [T]``, the sequence of each query.
+        visible: ``int32``/``int64 [T]``, how many keys of its sequence each query sees
+            (at most ``max_pages * 64``).
+        k: keys to select.
+        return_scores: also return the selected scores.
+        physical: return cache rows (``page * 64 + offset``) instead of key numbers.
+
+    Returns:
+        ``int32 [T, k]``: the top ``min(k, visible[t])`` keys by score, descending, ties to the
+        lower key, then ``-1``; with ``return_scores``, also ``float32 [T, k]`` (``-inf``
+        padding).
+    """
+    k = _positive("k", k)
+    q = as_tensor("q", q)
+    _ndim("q", q, 3)
+    indices, scores = _indexer_topk(
+        q, as_tensor("weights", weights), as_tensor("key_cache", key_cache), as_tensor("block_table", block_table),
+        as_tensor("seq_ids", seq_ids), as_tensor("visible", visible), k, physical,
+    )
+    return (indices, scores) if return_scores else indices
+
+
+@torch.library.custom_op("dsv4rs::sparse_attention", mutates_args=())
+def _sparse_attention(
+    q: torch.Tensor, cache: torch.Tensor, indices: torch.Tensor, sink: torch.Tensor, scale: float,
+    lengths: torch.Tensor | None, extra_cache: torch.Tensor | None, extra_indices: torch.Tensor | None,
+    extra_lengths: torch.Tensor | None, derotate_positions: torch.Tensor | None,
+    derotate_inv_freq: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+    opt = lambda name, t: None if t is None else spec(name, t)  # noqa: E731
+    _core.sparse_attention(
+        spec("q", q), spec("cache", cache), spec("indices", indices), opt("lengths", lengths),
+        opt("extra_cache", extra_cache), opt("extra_indices", extra_indices), opt("extra_lengths", extra_lengths),
+        spec("sink", sink), scale, opt("derotate positions", derotate_positions),
+        opt("derotate inv_freq", derotate_inv_freq), spec("out", out), spec("lse", lse),
+    )
+    return out, lse
+
+
+@_sparse_attention.register_fake
+def _(
+    q: torch.Tensor, cache: torch.Tensor, indices: torch.Tensor, sink: torch.Tensor, scale: float,
+    lengths: torch.Tensor | None, extra_cache: torch.Tensor | None, extra_indices: torch.Tensor | None,
+    extra_lengths: torch.Tensor | None, derotate_positions: torch.Tensor | None,
+    derotate_inv_freq: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return q.new_empty(q.shape, dtype=torch.float32), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+def sparse_attention(
+    q: torch.Tensor, cache: torch.Tensor, indices: torch.Tensor, sink: torch.Tensor, scale: float | None = None,
+    lengths: torch.Tensor | None = None, extra_cache: torch.Tensor | None = None,
+    extra_indices: torch.Tensor | None = None, extra_lengths: torch.Tensor | None = None,
+    derotate: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention with a sink over per-query candidate rows (SPEC.md section 2), K = V = the row.
+
+    ``out_th = sum_j exp(z_hj) e_j / (sum_j exp(z_hj) + exp(sink_h))`` with
+    ``z_hj = scale * q_th . e_j``, one softmax over the valid candidates of both lists. Rows are
+    decoded once per query and shared by all heads; the softmax is computed online.
+
+    Args:
+        q: ``float32``/``bfloat16 [T, H, 512]`` (any ``H >= 1``).
+        cache: the rows: ``uint8 [P, 37376]`` (584-byte FP8 entries, :func:`new_kv_cache`) or
+            plain ``bfloat16``/``float32 [P, 64, 512]``.
+        indices: ``int32``/``int64 [T, K]`` cache rows (``page * 64 + offset``), ``-1`` masked;
+            a repeated row counts each time; other rows outside the cache raise IndexError.
+        sink: ``float32 [H]``, unscaled.
+        scale: logit scale, default ``512 ** -0.5``.
+        lengths: ``int32 [T]``: only the first ``lengths[t]`` columns of ``indices`` count.
+        extra_cache, extra_indices, extra_lengths: a second candidate list in its own cache
+            (e.g. the sliding window beside the compressed rows), joining the same softmax.
+        derotate: ``(positions int64 [T], inv_freq)``: inverse RoPE of each head's output at
+            the query position (the last ``2 * len(inv_freq)`` dims).
+
+    Returns:
+        ``(out float32 [T, H, 512], lse float32 [T, H])``: ``lse`` is the log-sum-exp of the
+        candidates' logits without the sink; a query without candidates gets ``-inf`` and a zero
+        output.
+    """
+    q = as_tensor("q", q)
+    _ndim("q", q, 3)
+    if (extra_cache is None) != (extra_indices is None):
+        raise ValueError("extra_cache, extra_indices: give both or neither")
+    if extra_lengths is not None and extra_indices is None:
+        raise ValueError("extra_lengths: needs extra_cache and extra_indices")
+    opt = lambda name, t: None if t is None else as_tensor(name, t)  # noqa: E731
+    positions, inv_freq = (None, None) if derotate is None else derotate
+    return _sparse_attention(
+        q, as_tensor("cache", cache), as_tensor("indices", indices), as_tensor("sink", sink),
+        ENTRY_SCALE if scale is None else float(scale), opt("lengths", lengths), opt("extra_cache", extra_cache),
+        opt("extra_indices", extra_indices), opt("extra_lengths", extra_lengths), opt("positions", positions),
+        opt("inv_freq", inv_freq),
+    )

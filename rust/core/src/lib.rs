@@ -4,14 +4,25 @@
 //! - [`cache`]: the paged KV-cache allocator: pools, page tables, prefix reuse, byte accounting.
 //! - [`kv`]: writing entries into paged caches and reading them back, on the CPU or the GPU.
 //! - [`gpu`]: the CUDA driver (loaded at run time), the embedded kernels and their launchers.
+//! - [`rope`], [`compress`], [`indexer`], [`attention`]: the attention ops on the CPU
+//!   (SPEC.md sections 2-4), built on [`rows`] (reading inputs and caches as f32 rows), [`simd`]
+//!   (vector kernels for the CPU's widest unit) and [`topk`] (running exact top-k selection).
 //! - [`tensor`]: borrowed views of caller-owned tensors and the argument checks of every op.
 //! - [`error`]: the one error type every public function returns.
 
+pub mod attention;
 pub mod cache;
+pub mod compress;
 pub mod error;
 pub mod gpu;
+pub mod indexer;
 pub mod kv;
 pub mod quant;
+pub mod rope;
+pub mod rows;
+pub mod simd;
 pub mod tensor;
+pub mod tile;
+pub mod topk;
 
 pub use error::{Error, Result};

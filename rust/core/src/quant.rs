@@ -6,6 +6,8 @@
 //! round-to-nearest-even; the CUDA kernels (cuda/include/quant.cuh) and reference.py follow the
 //! same rules and produce the same bytes.
 
+use crate::simd::multiversion;
+
 /// Rows per cache page, for every cache family.
 pub const PAGE_ROWS: usize = 64;
 /// Width of one KV entry (K = V).
@@ -157,12 +159,36 @@ pub fn encode_main_entry(x: &[f32], data: &mut [u8], scales: &mut [u8]) {
     }
 }
 
-pub fn decode_main_entry(data: &[u8], scales: &[u8], out: &mut [f32]) {
-    for i in 0..NOPE_DIM {
-        out[i] = fp8_decode(data[i]) * exp2i(scales[i / FP8_BLOCK] as i32 - 127);
-    }
-    for i in 0..ROPE_DIM {
-        out[NOPE_DIM + i] = bf16_to_f32(u16::from_le_bytes([data[NOPE_DIM + 2 * i], data[NOPE_DIM + 2 * i + 1]]));
+/// Value of an FP8 e4m3 byte by bit arithmetic: the same value as [`fp8_decode`] (0x7F reads
+/// as 480), but branch-free so that row decoders vectorize.
+#[inline(always)]
+fn fp8_value(b: u8) -> f32 {
+    let (e, m, sign) = ((b as u32 >> 3) & 0xF, b as u32 & 7, (b as u32 & 0x80) << 24);
+    let normal = f32::from_bits(((e + 120) << 23) | (m << 20));
+    let v = if e == 0 { m as f32 * exp2i(-9) } else { normal };
+    f32::from_bits(v.to_bits() | sign)
+}
+
+/// Value of an FP4 e2m1 nibble by bit arithmetic, as [`fp8_value`] for [`fp4_decode`].
+#[inline(always)]
+fn fp4_value(n: u8) -> f32 {
+    let (e, m, sign) = ((n as u32 >> 1) & 3, n as u32 & 1, (n as u32 & 8) << 28);
+    let normal = f32::from_bits(((e + 126) << 23) | (m << 22));
+    let v = if e == 0 { m as f32 * 0.5 } else { normal };
+    f32::from_bits(v.to_bits() | sign)
+}
+
+multiversion! {
+    pub fn decode_main_entry(data: &[u8], scales: &[u8], out: &mut [f32]) {
+        for (b, (o, d)) in out[..NOPE_DIM].chunks_exact_mut(FP8_BLOCK).zip(data.chunks_exact(FP8_BLOCK)).enumerate() {
+            let s = exp2i(scales[b] as i32 - 127);
+            for (o, d) in o.iter_mut().zip(d) {
+                *o = fp8_value(*d) * s;
+            }
+        }
+        for (o, h) in out[NOPE_DIM..ENTRY_DIM].iter_mut().zip(data[NOPE_DIM..].chunks_exact(2)) {
+            *o = bf16_to_f32(u16::from_le_bytes([h[0], h[1]]));
+        }
     }
 }
 
@@ -176,10 +202,15 @@ pub fn encode_index_key_fp4(x: &[f32], data: &mut [u8], scales: &mut [u8]) {
     }
 }
 
-pub fn decode_index_key_fp4(data: &[u8], scales: &[u8], out: &mut [f32]) {
-    for (i, o) in out.iter_mut().enumerate() {
-        let nibble = (data[i / 2] >> (4 * (i % 2))) & 0xF;
-        *o = fp4_decode(nibble) * exp2i(scales[i / FP4_BLOCK] as i32 - 127);
+multiversion! {
+    pub fn decode_index_key_fp4(data: &[u8], scales: &[u8], out: &mut [f32]) {
+        for (b, (o, d)) in out.chunks_exact_mut(FP4_BLOCK).zip(data.chunks_exact(FP4_BLOCK / 2)).enumerate() {
+            let s = exp2i(scales[b] as i32 - 127);
+            for (pair, byte) in o.chunks_exact_mut(2).zip(d) {
+                pair[0] = fp4_value(byte & 0xF) * s;
+                pair[1] = fp4_value(byte >> 4) * s;
+            }
+        }
     }
 }
 
@@ -191,10 +222,12 @@ pub fn encode_index_key_fp8(x: &[f32], data: &mut [u8], scales: &mut [u8]) {
     scales.copy_from_slice(&exp2i(e).to_le_bytes());
 }
 
-pub fn decode_index_key_fp8(data: &[u8], scales: &[u8], out: &mut [f32]) {
-    let s = f32::from_le_bytes([scales[0], scales[1], scales[2], scales[3]]);
-    for (o, d) in out.iter_mut().zip(data) {
-        *o = fp8_decode(*d) * s;
+multiversion! {
+    pub fn decode_index_key_fp8(data: &[u8], scales: &[u8], out: &mut [f32]) {
+        let s = f32::from_le_bytes([scales[0], scales[1], scales[2], scales[3]]);
+        for (o, d) in out.iter_mut().zip(data) {
+            *o = fp8_value(*d) * s;
+        }
     }
 }
 
@@ -285,6 +318,29 @@ mod tests {
         }
         for i in NOPE_DIM..ENTRY_DIM {
             assert!((out[i] - x[i]).abs() <= x[i].abs() / 256.0);
+        }
+    }
+
+    #[test]
+    fn row_decoders_match_the_per_value_decoders() {
+        for b in 0..=255u8 {
+            assert_eq!(fp8_value(b).to_bits(), fp8_decode(b).to_bits(), "fp8 {b:#x}");
+        }
+        for n in 0..16u8 {
+            assert_eq!(fp4_value(n).to_bits(), fp4_decode(n).to_bits(), "fp4 {n:#x}");
+        }
+        let data: Vec<u8> = (0..576).map(|i| (i * 37 % 256) as u8).collect();
+        let scales = [120u8, 127, 130, 1, 200, 127, 126, 0];
+        let mut out = [0f32; ENTRY_DIM];
+        decode_main_entry(&data, &scales, &mut out);
+        for i in 0..NOPE_DIM {
+            assert_eq!(out[i], fp8_decode(data[i]) * exp2i(scales[i / FP8_BLOCK] as i32 - 127));
+        }
+        let mut key = [0f32; INDEX_DIM];
+        decode_index_key_fp4(&data[..64], &scales[..4], &mut key);
+        for i in 0..INDEX_DIM {
+            let nibble = (data[i / 2] >> (4 * (i % 2))) & 0xF;
+            assert_eq!(key[i], fp4_decode(nibble) * exp2i(scales[i / FP4_BLOCK] as i32 - 127));
         }
     }
 

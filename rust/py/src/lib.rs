@@ -6,6 +6,7 @@ mod cache;
 mod errors;
 mod info;
 mod kv;
+mod ops;
 mod tensor;
 
 use pyo3::prelude::*;
@@ -17,5 +18,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     cache::register(m)?;
     info::register(m)?;
     kv::register(m)?;
+    ops::register(m)?;
     Ok(())
 }

@@ -1,0 +1,339 @@
+//! The compressor (SPEC.md section 3) in one form for prefill and decode.
+//!
+//! A call consumes the tokens at positions `start .. start + S` and returns the entries they
+//! complete. Entry `i` pools, per channel, with one softmax, the tokens of its own block and (in
+//! the overlapping form, ratio 4) of the previous block. Every candidate is read where it lives:
+//! this call's input, or the decode state left by earlier calls, which holds the tokens of blocks
+//! not pooled yet in the layout `reference.compressor_step` keeps (logits stored as
+//! `score + ape`). The arithmetic per candidate is the same wherever it comes from, so any split
+//! of a sequence into calls gives bit-identical entries.
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::quant::{self, ENTRY_DIM, INDEX_DIM, INDEX_KEY_FP4, MAIN_ENTRY};
+use crate::rope::{inv_freq_values, Rotation};
+use crate::simd::{multiversion, F32x16, LANES};
+use crate::tensor::{DType, Device, TensorRef};
+
+/// What an entry goes through after RMSNorm and RoPE: nothing, the main-entry FP8 round trip
+/// (D = 512), or Hadamard-128 then the FP4 indexer-key round trip (D = 128).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quant {
+    None,
+    Fp8,
+    Fp4,
+}
+
+impl Quant {
+    pub fn parse(arg: &str, s: &str) -> Result<Self> {
+        match s {
+            "none" => Ok(Quant::None),
+            "fp8" => Ok(Quant::Fp8),
+            "fp4" => Ok(Quant::Fp4),
+            _ => Err(Error::value(arg, format!("expected \"none\", \"fp8\" or \"fp4\", got {s:?}"))),
+        }
+    }
+
+    fn dim(self) -> Option<usize> {
+        match self {
+            Quant::None => None,
+            Quant::Fp8 => Some(ENTRY_DIM),
+            Quant::Fp4 => Some(INDEX_DIM),
+        }
+    }
+}
+
+/// Scalars of a compressor call.
+#[derive(Debug, Clone, Copy)]
+pub struct Config {
+    /// Position of the first token of the call.
+    pub start: usize,
+    pub ratio: usize,
+    pub eps: f32,
+    pub quant: Quant,
+}
+
+/// One pooling candidate: a token's values and logits over the `D` channels of the entry it
+/// feeds, and the `ape` row added to its logits (zeros for state rows, which hold the sum).
+#[derive(Clone, Copy)]
+struct Candidate<'a> {
+    kv: &'a [f32],
+    score: &'a [f32],
+    ape: &'a [f32],
+}
+
+/// Lanes `start .. start + n` of `s` (`n <= 16`), zero-padded.
+#[inline(always)]
+fn load_lanes(s: &[f32], start: usize, n: usize) -> F32x16 {
+    if n == LANES {
+        return F32x16::load(&s[start..]);
+    }
+    let mut v = [0f32; LANES];
+    v[..n].copy_from_slice(&s[start..start + n]);
+    F32x16(v)
+}
+
+/// Channels `c0 .. c0 + n` of a candidate's logits, `score + ape`.
+#[inline(always)]
+fn logit(c: &Candidate, c0: usize, n: usize) -> F32x16 {
+    load_lanes(c.score, c0, n) + load_lanes(c.ape, c0, n)
+}
+
+/// Per-channel running values of [`pool`], `D` rounded up to whole vectors.
+struct PoolScratch {
+    max: Vec<f32>,
+    den: Vec<f32>,
+    num: Vec<f32>,
+}
+
+impl PoolScratch {
+    fn new(d: usize) -> Self {
+        let n = d.next_multiple_of(LANES);
+        PoolScratch { max: vec![0.0; n], den: vec![0.0; n], num: vec![0.0; n] }
+    }
+}
+
+/// Candidates whose rows [`pool`] walks side by side: enough concurrent memory streams to
+/// hide DRAM latency, few enough for the hardware prefetchers to follow.
+const STREAMS: usize = 8;
+
+multiversion! {
+    /// Per channel, the softmax over the candidates' logits `score + ape` weighting their values,
+    /// in two passes (max, then sums). Candidates go in groups of [`STREAMS`], a group 16
+    /// channels at a time; per-channel running values live in `s`. Each channel sums its
+    /// candidates in list order.
+    fn pool(cands: &[Candidate], out: &mut [f32], s: &mut PoolScratch) {
+        let d = out.len();
+        s.max.fill(f32::NEG_INFINITY);
+        for group in cands.chunks(STREAMS) {
+            for c0 in (0..d).step_by(LANES) {
+                let n = LANES.min(d - c0);
+                let m = group.iter().fold(F32x16::load(&s.max[c0..]), |m, c| m.max(logit(c, c0, n)));
+                m.store(&mut s.max[c0..]);
+            }
+        }
+        s.den.fill(0.0);
+        s.num.fill(0.0);
+        for group in cands.chunks(STREAMS) {
+            for c0 in (0..d).step_by(LANES) {
+                let n = LANES.min(d - c0);
+                let m = F32x16::load(&s.max[c0..]);
+                let (mut den, mut num) = (F32x16::load(&s.den[c0..]), F32x16::load(&s.num[c0..]));
+                for c in group {
+                    let w = (logit(c, c0, n) - m).exp();
+                    den = den + w;
+                    num = w.mul_add(load_lanes(c.kv, c0, n), num);
+                }
+                den.store(&mut s.den[c0..]);
+                num.store(&mut s.num[c0..]);
+            }
+        }
+        for ((o, a), b) in out.iter_mut().zip(&s.num).zip(&s.den) {
+            *o = a / b;
+        }
+    }
+}
+
+/// RMSNorm with `weight` (without the bf16 cast SPEC.md puts before it, as the reference),
+/// then the rotation `rot` and `quant`, in place on one entry.
+fn finish(x: &mut [f32], weight: &[f32], rot: &Rotation, eps: f32, quant: Quant) {
+    let ms = x.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>() / x.len() as f64;
+    let r = 1.0 / (ms + eps as f64).sqrt();
+    for (v, w) in x.iter_mut().zip(weight) {
+        *v = (*v as f64 * r * *w as f64) as f32;
+    }
+    rot.apply(x);
+    let mut buf = [0u8; MAIN_ENTRY.data_bytes + MAIN_ENTRY.scale_bytes];
+    match quant {
+        Quant::None => {}
+        Quant::Fp8 => {
+            let (data, scales) = buf.split_at_mut(MAIN_ENTRY.data_bytes);
+            quant::encode_main_entry(x, data, scales);
+            quant::decode_main_entry(data, scales, x);
+        }
+        Quant::Fp4 => {
+            quant::hadamard128(x);
+            let (data, rest) = buf.split_at_mut(INDEX_KEY_FP4.data_bytes);
+            let scales = &mut rest[..INDEX_KEY_FP4.scale_bytes];
+            quant::encode_index_key_fp4(x, data, scales);
+            quant::decode_index_key_fp4(data, scales, x);
+        }
+    }
+}
+
+/// A borrowed float32 host tensor, checked for shape.
+///
+/// # Safety
+/// `t` satisfies [`TensorRef`]'s contract and is not written while borrowed.
+unsafe fn floats<'a>(t: &'a TensorRef, shape: &[Option<usize>]) -> Result<&'a [f32]> {
+    t.expect_device(Device::Cpu)?;
+    t.expect_dtype(&[DType::F32])?;
+    t.expect_shape(shape)?;
+    t.host::<f32>(&[DType::F32])
+}
+
+/// The tokens a call can see, by position: this call's input from `start` on; before that the
+/// state, where the block of the last entry completed before this call has been shifted down to
+/// slots `0..r` in the overlapping form, and later tokens sit at slot `(coff - 1) r + j % r`.
+struct Tokens<'a> {
+    kv: &'a [f32],
+    score: &'a [f32],
+    ape: &'a [f32],
+    kv_state: &'a [f32],
+    score_state: &'a [f32],
+    zeros: &'a [f32],
+    start: usize,
+    ratio: usize,
+    coff: usize,
+    /// Channels of a token, `coff * D`.
+    width: usize,
+}
+
+impl<'a> Tokens<'a> {
+    /// Channels `[c D, (c + 1) D)` of token `j` as a pooling candidate.
+    fn candidate(&self, j: usize, c: usize) -> Candidate<'a> {
+        let (r, w) = (self.ratio, self.width);
+        let (kv, score, ape, row) = if j >= self.start {
+            (self.kv, self.score, &self.ape[(j % r) * w..][..w], j - self.start)
+        } else {
+            let shifted = j < (self.start / r) * r;
+            let slot = if self.coff == 2 && !shifted { r + j % r } else { j % r };
+            (self.kv_state, self.score_state, self.zeros, slot)
+        };
+        let d = w / self.coff;
+        Candidate { kv: &kv[row * w + c * d..][..d], score: &score[row * w + c * d..][..d], ape: &ape[c * d..][..d] }
+    }
+}
+
+fn expect_finite(name: &str, v: &[f32]) -> Result<()> {
+    match v.iter().position(|x| !x.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(Error::value(name, format!("contains a non-finite value at flat index {i}"))),
+    }
+}
+
+/// Number of entries completed by `len` tokens from position `start`: the positions `p` with
+/// `(p + 1) % ratio == 0`.
+pub fn entries_completed(start: usize, len: usize, ratio: usize) -> usize {
+    (start + len) / ratio - start / ratio
+}
+
+/// Compresses `kv`, `score` (float32 `[S, coff D]`, tokens at `cfg.start ..`) into `out`
+/// (float32 `[E, D]`, the entries these tokens complete) and advances `kv_state`, `score_state`
+/// (float32 `[coff r, coff D]`) in place. `ape`: `[r, coff D]`; `norm_weight`: `[D]`;
+/// `inv_freq`: `[R]`, `2 R <= D`. `coff` is 2 for ratio 4 and 1 otherwise. Scores may hold
+/// `-inf` (a token that takes no part); any other non-finite input is an error, raised before
+/// the state is touched.
+///
+/// # Safety
+/// Every tensor satisfies [`TensorRef`]'s contract; `out` and the states alias nothing else.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn compress(
+    kv: &TensorRef,
+    score: &TensorRef,
+    ape: &TensorRef,
+    norm_weight: &TensorRef,
+    inv_freq: &TensorRef,
+    kv_state: &TensorRef,
+    score_state: &TensorRef,
+    out: &TensorRef,
+    cfg: Config,
+) -> Result<()> {
+    let r = cfg.ratio;
+    if r == 0 {
+        return Err(Error::value("ratio", "must be >= 1"));
+    }
+    let coff = if r == 4 { 2 } else { 1 };
+    norm_weight.expect_shape(&[None])?;
+    let d = norm_weight.dim(0);
+    if d == 0 {
+        return Err(Error::value(norm_weight.name, "must not be empty"));
+    }
+    if let Some(qd) = cfg.quant.dim().filter(|qd| *qd != d) {
+        return Err(Error::value("quant", format!("{:?} needs D = {qd}, got D = {d}", cfg.quant)));
+    }
+    if !(cfg.eps >= 0.0 && cfg.eps.is_finite()) {
+        return Err(Error::value("eps", format!("must be finite and >= 0, got {}", cfg.eps)));
+    }
+    let w = floats(norm_weight, &[Some(d)])?;
+    let kv_v = floats(kv, &[None, Some(coff * d)])?;
+    let s = kv.dim(0);
+    let score_v = floats(score, &[Some(s), Some(coff * d)])?;
+    let ape_v = floats(ape, &[Some(r), Some(coff * d)])?;
+    let kv_st = floats(kv_state, &[Some(coff * r), Some(coff * d)])?;
+    let score_st = floats(score_state, &[Some(coff * r), Some(coff * d)])?;
+    let n_out = entries_completed(cfg.start, s, r);
+    floats(out, &[Some(n_out), Some(d)])?;
+    let freqs = inv_freq_values(inv_freq, d)?;
+    expect_finite(norm_weight.name, w)?;
+    expect_finite(ape.name, ape_v)?;
+
+    let width = coff * d;
+    let zeros = vec![0f32; width];
+    let tokens = Tokens {
+        kv: kv_v,
+        score: score_v,
+        ape: ape_v,
+        kv_state: kv_st,
+        score_state: score_st,
+        zeros: &zeros,
+        start: cfg.start,
+        ratio: r,
+        coff,
+        width,
+    };
+    let first = cfg.start / r;
+    let dst = out.host_mut::<f32>(&[DType::F32])?;
+    dst.par_chunks_mut(d).enumerate().try_for_each(|(e, entry)| -> Result<()> {
+        let i = first + e;
+        let mut cands = Vec::with_capacity(coff * r);
+        if coff == 2 {
+            cands.extend((r * i.saturating_sub(1)..r * i).map(|j| tokens.candidate(j, 0)));
+        }
+        cands.extend((r * i..r * i + r).map(|j| tokens.candidate(j, coff - 1)));
+        pool(&cands, entry, &mut PoolScratch::new(d));
+        if entry.iter().any(|v| !v.is_finite()) {
+            return Err(Error::value(
+                kv.name,
+                format!(
+                    "kv or score holds a non-finite value among the tokens of entry {i} (positions up to {})",
+                    r * i + r - 1
+                ),
+            ));
+        }
+        finish(entry, w, &Rotation::at((r * i) as i64, &freqs, false), cfg.eps, cfg.quant);
+        Ok(())
+    })?;
+
+    // The state after these tokens depends only on the last coff * r of them (earlier writes are
+    // all overwritten), so replay just those, as reference.compressor_step does token by token.
+    let end = cfg.start + s;
+    let replay = cfg.start.max(end.saturating_sub(coff * r))..end;
+    for p in replay.clone() {
+        let t = p - cfg.start;
+        expect_finite(kv.name, &kv_v[t * width..][..width])?;
+        if let Some(c) = score_v[t * width..][..width].iter().position(|v| v.is_nan() || *v == f32::INFINITY) {
+            return Err(Error::value(score.name, format!("non-finite value at row {t}, channel {c}")));
+        }
+    }
+    let kv_st = kv_state.host_mut::<f32>(&[DType::F32])?;
+    let score_st = score_state.host_mut::<f32>(&[DType::F32])?;
+    for p in replay {
+        let (t, slot) = (p - cfg.start, p % r);
+        let row = (coff - 1) * r + slot;
+        kv_st[row * width..][..width].copy_from_slice(&kv_v[t * width..][..width]);
+        for ((st, sc), a) in score_st[row * width..][..width]
+            .iter_mut()
+            .zip(&score_v[t * width..][..width])
+            .zip(&ape_v[slot * width..][..width])
+        {
+            *st = sc + a;
+        }
+        if coff == 2 && (p + 1) % r == 0 {
+            kv_st.copy_within(r * width..2 * r * width, 0);
+            score_st.copy_within(r * width..2 * r * width, 0);
+        }
+    }
+    Ok(())
+}

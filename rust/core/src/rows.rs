@@ -1,0 +1,207 @@
+//! Rows of caller-owned float tensors and paged caches, read as f32 one row at a time.
+//!
+//! The ops never copy an input whole: a bfloat16 query or a quantized cache row is converted
+//! into a small per-thread buffer when a kernel reaches it. [`PagedRows`] is the one decoder path
+//! for every cache format an op reads (SPEC.md section 5): the packed FP8 entry and FP4/FP8
+//! indexer-key layouts, and plain bfloat16/float32 rows for exactness tests.
+
+use crate::error::{Error, Result};
+use crate::quant::{self, RowFormat, INDEX_KEY_FP4, INDEX_KEY_FP8, MAIN_ENTRY, PAGE_ROWS};
+use crate::tensor::{DType, Device, TensorRef};
+
+/// A float32 or bfloat16 host tensor, borrowed.
+#[derive(Clone, Copy)]
+pub enum Floats<'a> {
+    F32(&'a [f32]),
+    BF16(&'a [u16]),
+}
+
+impl<'a> Floats<'a> {
+    /// Borrows `t` (float32 or bfloat16, on the CPU) and checks that every value is finite.
+    ///
+    /// # Safety
+    /// `t` satisfies [`TensorRef`]'s contract and is not written while borrowed.
+    pub unsafe fn new(t: &'a TensorRef) -> Result<Self> {
+        t.expect_device(Device::Cpu)?;
+        let f = match t.expect_dtype(&[DType::F32, DType::BF16])? {
+            DType::BF16 => Floats::BF16(t.host::<u16>(&[DType::BF16])?),
+            _ => Floats::F32(t.host::<f32>(&[DType::F32])?),
+        };
+        if let Some(i) = f.first_non_finite() {
+            return Err(Error::value(t.name, format!("contains a non-finite value at flat index {i}")));
+        }
+        Ok(f)
+    }
+
+    fn first_non_finite(&self) -> Option<usize> {
+        match self {
+            Floats::F32(v) => v.iter().position(|x| !x.is_finite()),
+            Floats::BF16(v) => v.iter().position(|b| b & 0x7F80 == 0x7F80),
+        }
+    }
+
+    /// Converts values `start .. start + out.len()` into `out`.
+    #[inline]
+    pub fn read(&self, start: usize, out: &mut [f32]) {
+        match self {
+            Floats::F32(v) => out.copy_from_slice(&v[start..start + out.len()]),
+            Floats::BF16(v) => {
+                let n = out.len();
+                for (o, b) in out.iter_mut().zip(&v[start..start + n]) {
+                    *o = quant::bf16_to_f32(*b);
+                }
+            }
+        }
+    }
+}
+
+/// A packed format's row decoder: `(data, scales, out)`.
+type Decoder = fn(&[u8], &[u8], &mut [f32]);
+
+/// How a cache stores its rows.
+#[derive(Clone, Copy)]
+enum Storage<'a> {
+    /// A packed quantized layout, with its decoder.
+    Packed { bytes: &'a [u8], fmt: RowFormat, decode: Decoder },
+    /// Plain rows `[pages, 64, dim]`.
+    Plain(Floats<'a>),
+}
+
+/// The packed layouts, each with its decoder.
+const PACKED: [(RowFormat, Decoder); 3] = [
+    (MAIN_ENTRY, quant::decode_main_entry),
+    (INDEX_KEY_FP4, quant::decode_index_key_fp4),
+    (INDEX_KEY_FP8, quant::decode_index_key_fp8),
+];
+
+/// A paged cache of `dim`-wide rows in any supported format; row `r` is row `r % 64` of page
+/// `r / 64`.
+#[derive(Clone, Copy)]
+pub struct PagedRows<'a> {
+    pub name: &'static str,
+    pub dim: usize,
+    pub rows: usize,
+    storage: Storage<'a>,
+}
+
+impl<'a> PagedRows<'a> {
+    /// Recognizes the format of `cache` from its dtype and shape: `uint8 [pages, 64 * row_bytes]`
+    /// for a packed layout of width `dim`, `bfloat16`/`float32 [pages, 64, dim]` for plain rows.
+    ///
+    /// # Safety
+    /// `cache` satisfies [`TensorRef`]'s contract and is not written while borrowed.
+    pub unsafe fn new(cache: &'a TensorRef, dim: usize) -> Result<Self> {
+        cache.expect_device(Device::Cpu)?;
+        let pages = cache.shape.first().copied().unwrap_or(0);
+        let storage = match cache.dtype {
+            DType::U8 => PACKED
+                .iter()
+                .find(|(f, _)| f.dim == dim && cache.shape == [pages, f.page_bytes()])
+                .map(|(fmt, decode)| -> Result<Storage<'a>> {
+                    Ok(Storage::Packed { bytes: cache.host::<u8>(&[DType::U8])?, fmt: *fmt, decode: *decode })
+                })
+                .transpose()?,
+            DType::F32 | DType::BF16 if cache.shape == [pages, PAGE_ROWS, dim] => {
+                // Plain caches are checked for non-finite values row by row as they are read.
+                Some(Storage::Plain(match cache.dtype {
+                    DType::BF16 => Floats::BF16(cache.host::<u16>(&[DType::BF16])?),
+                    _ => Floats::F32(cache.host::<f32>(&[DType::F32])?),
+                }))
+            }
+            _ => None,
+        };
+        let storage = storage.ok_or_else(|| {
+            let packed: Vec<String> = PACKED
+                .iter()
+                .filter(|(f, _)| f.dim == dim)
+                .map(|(f, _)| format!("uint8 [num_pages, {}] ({})", f.page_bytes(), f.name))
+                .collect();
+            Error::value(
+                cache.name,
+                format!(
+                    "expected a cache of {}, or bfloat16/float32 [num_pages, {PAGE_ROWS}, {dim}]; got {} {:?}",
+                    packed.join(", "),
+                    cache.dtype.name(),
+                    cache.shape
+                ),
+            )
+        })?;
+        Ok(PagedRows { name: cache.name, dim, rows: pages * PAGE_ROWS, storage })
+    }
+
+    /// Decodes row `row` (`< self.rows`) into `out` (`dim` values); errors if a plain row holds a
+    /// non-finite value.
+    #[inline]
+    pub fn read(&self, row: usize, out: &mut [f32]) -> Result<()> {
+        match self.storage {
+            Storage::Packed { bytes, fmt, decode } => {
+                let (d, s) = fmt.offsets(row);
+                decode(&bytes[d..d + fmt.data_bytes], &bytes[s..s + fmt.scale_bytes], out);
+                Ok(())
+            }
+            Storage::Plain(values) => {
+                values.read(row * self.dim, out);
+                if out.iter().all(|v| v.is_finite()) {
+                    Ok(())
+                } else {
+                    Err(Error::value(self.name, format!("row {row} holds a non-finite value")))
+                }
+            }
+        }
+    }
+}
+
+/// Row ids `[n]` or `[T, K]` (int32 or int64) of a host tensor, borrowed.
+#[derive(Clone, Copy)]
+pub enum Ids<'a> {
+    I32(&'a [i32]),
+    I64(&'a [i64]),
+}
+
+impl<'a> Ids<'a> {
+    /// Borrows `t` (int32 or int64, on the CPU).
+    ///
+    /// # Safety
+    /// `t` satisfies [`TensorRef`]'s contract and is not written while borrowed.
+    pub unsafe fn new(t: &'a TensorRef) -> Result<Self> {
+        t.expect_device(Device::Cpu)?;
+        Ok(match t.expect_dtype(&[DType::I32, DType::I64])? {
+            DType::I32 => Ids::I32(t.host::<i32>(&[DType::I32])?),
+            _ => Ids::I64(t.host::<i64>(&[DType::I64])?),
+        })
+    }
+
+    /// The first value outside `[low, high)`, with its flat index.
+    pub fn find_outside(&self, low: i64, high: i64) -> Option<(usize, i64)> {
+        (0..self.len()).map(|i| (i, self.get(i))).find(|(_, v)| !(low..high).contains(v))
+    }
+
+    /// IndexError naming `name` unless every value lies in `[low, high)`; `what` says why.
+    pub fn expect_range(&self, name: &str, low: i64, high: i64, what: &str) -> Result<()> {
+        match self.find_outside(low, high) {
+            None => Ok(()),
+            Some((i, v)) => {
+                Err(Error::index(name, format!("value {v} at flat index {i} is outside [{low}, {high}) ({what})")))
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Ids::I32(v) => v.len(),
+            Ids::I64(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    #[inline]
+    pub fn get(&self, i: usize) -> i64 {
+        match self {
+            Ids::I32(v) => v[i] as i64,
+            Ids::I64(v) => v[i],
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! Bindings of the attention ops on the CPU: RoPE, the compressor, the indexer's top-k and
+//! sparse attention. Outputs are allocated by the caller (python/dsv4rs/ops.py) and filled here.
+
+use dsv4rs_core::attention::{Derotate, Extra};
+use dsv4rs_core::compress::{Config, Quant};
+use dsv4rs_core::tensor::TensorRef;
+use dsv4rs_core::{attention as attention_op, compress as compress_op, indexer as indexer_op, rope as rope_op};
+use pyo3::prelude::*;
+
+use crate::errors::{run, to_py};
+use crate::tensor::{tref, Spec};
+
+#[pyfunction]
+pub fn rope(py: Python<'_>, x: Spec, positions: Spec, inv_freq: Spec, out: Spec, inverse: bool) -> PyResult<()> {
+    let (x, p, f, o) = (tref("x", x)?, tref("positions", positions)?, tref("inv_freq", inv_freq)?, tref("out", out)?);
+    // SAFETY: TensorRefs built from live tensors (see tensor.rs); `out` is a fresh tensor.
+    run(py, || unsafe { rope_op::rope(&x, &p, &f, &o, inverse) })
+}
+
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+pub fn compress(
+    py: Python<'_>,
+    kv: Spec,
+    score: Spec,
+    ape: Spec,
+    norm_weight: Spec,
+    inv_freq: Spec,
+    kv_state: Spec,
+    score_state: Spec,
+    out: Spec,
+    start_pos: usize,
+    ratio: usize,
+    eps: f32,
+    quant: &str,
+) -> PyResult<()> {
+    let cfg = Config { start: start_pos, ratio, eps, quant: Quant::parse("quant", quant).map_err(to_py)? };
+    let (kv, sc, ape, w) = (tref("kv", kv)?, tref("score", score)?, tref("ape", ape)?, tref("norm_weight", norm_weight)?);
+    let (f, ks, ss, o) =
+        (tref("inv_freq", inv_freq)?, tref("kv_state", kv_state)?, tref("score_state", score_state)?, tref("out", out)?);
+    // SAFETY: as rope; the states are written in place and alias no other argument (checked in
+    // ops.py).
+    run(py, || unsafe { compress_op::compress(&kv, &sc, &ape, &w, &f, &ks, &ss, &o, cfg) })
+}
+
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+pub fn indexer_topk(
+    py: Python<'_>,
+    q: Spec,
+    weights: Spec,
+    key_cache: Spec,
+    block_table: Spec,
+    seq_ids: Spec,
+    visible: Spec,
+    out_indices: Spec,
+    out_scores: Spec,
+    k: usize,
+    physical: bool,
+) -> PyResult<()> {
+    let (q, w, c) = (tref("q", q)?, tref("weights", weights)?, tref("key_cache", key_cache)?);
+    let (bt, s, v) = (tref("block_table", block_table)?, tref("seq_ids", seq_ids)?, tref("visible", visible)?);
+    let (oi, os) = (tref("indices", out_indices)?, tref("scores", out_scores)?);
+    // SAFETY: as rope; the outputs are fresh tensors.
+    run(py, || unsafe { indexer_op::indexer_topk(&q, &w, &c, &bt, &s, &v, &oi, &os, k, physical) })
+}
+
+/// Optional tensors cross as `None` or a Spec.
+fn opt(name: &'static str, s: Option<Spec>) -> PyResult<Option<TensorRef>> {
+    s.map(|s| tref(name, s)).transpose()
+}
+
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+pub fn sparse_attention(
+    py: Python<'_>,
+    q: Spec,
+    cache: Spec,
+    indices: Spec,
+    lengths: Option<Spec>,
+    extra_cache: Option<Spec>,
+    extra_indices: Option<Spec>,
+    extra_lengths: Option<Spec>,
+    sink: Spec,
+    scale: f32,
+    derotate_positions: Option<Spec>,
+    derotate_inv_freq: Option<Spec>,
+    out: Spec,
+    lse: Spec,
+) -> PyResult<()> {
+    let (q, c, i, s) = (tref("q", q)?, tref("cache", cache)?, tref("indices", indices)?, tref("sink", sink)?);
+    let len = opt("lengths", lengths)?;
+    let (ec, ei, el) =
+        (opt("extra_cache", extra_cache)?, opt("extra_indices", extra_indices)?, opt("extra_lengths", extra_lengths)?);
+    let (dp, df) = (opt("derotate positions", derotate_positions)?, opt("derotate inv_freq", derotate_inv_freq)?);
+    let (o, l) = (tref("out", out)?, tref("lse", lse)?);
+    // SAFETY: as rope; the outputs are fresh tensors.
+    run(py, || unsafe {
+        let extra = match (&ec, &ei) {
+            (Some(cache), Some(indices)) => Some(Extra { cache, indices, lengths: el.as_ref() }),
+            _ => None,
+        };
+        let derotate = match (&dp, &df) {
+            (Some(positions), Some(inv_freq)) => Some(Derotate { positions, inv_freq }),
+            _ => None,
+        };
+        attention_op::sparse_attention(&q, &c, &i, len.as_ref(), extra, &s, scale, derotate, &o, &l)
+    })
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(rope, m)?)?;
+    m.add_function(wrap_pyfunction!(compress, m)?)?;
+    m.add_function(wrap_pyfunction!(indexer_topk, m)?)?;
+    m.add_function(wrap_pyfunction!(sparse_attention, m)?)?;
+    Ok(())
+}

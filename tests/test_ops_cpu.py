@@ -1,0 +1,510 @@
+"""The attention ops on the CPU against the float64 reference (SPEC.md sections 2-5).
+
+Quantized paths are compared with the reference fed the same dequantized rows, so only
+arithmetic differs; float32 paths agree to about 1e-5 relative. Inputs are fresh random tensors
+from the per-test generator.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from dsv4rs import ops
+from dsv4rs import reference as ref
+
+INV_FREQ = ref.rope_inv_freq(64, 160000.0, yarn_factor=16.0)
+
+
+def inv_freq(dim: int) -> torch.Tensor:
+    """CSA/HCA RoPE frequencies on the last min(64, dim) dims."""
+    return ref.rope_inv_freq(min(64, dim), 160000.0, yarn_factor=16.0)
+
+
+def randn(gen: torch.Generator, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen)
+
+
+def close(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-5, atol: float = 1e-5) -> None:
+    torch.testing.assert_close(got.double(), want.double(), rtol=rtol, atol=atol)
+
+
+# ---------------------------------------------------------------------------------------------
+# RoPE
+
+
+@pytest.mark.parametrize("shape", [(7, 64), (5, 3, 512), (4, 2, 3, 130)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("inverse", [False, True])
+def test_rope_matches_reference(gen: torch.Generator, shape: tuple[int, ...], dtype: torch.dtype, inverse: bool) -> None:
+    x = randn(gen, *shape).to(dtype)
+    positions = torch.randint(0, 1 << 20, (shape[0],), generator=gen)
+    positions[0] = 0
+    got = ops.rope(x, positions, INV_FREQ, inverse=inverse)
+    assert got.dtype == torch.float32 and got.shape == x.shape
+    close(got, ref.apply_rope(x, positions, INV_FREQ, inverse=inverse), rtol=1e-6, atol=1e-6)
+
+
+def test_rope_accepts_float32_frequencies_and_round_trips(gen: torch.Generator) -> None:
+    x = randn(gen, 6, 4, 512)
+    positions = torch.arange(6) * 200_000
+    f32 = INV_FREQ.float()
+    there = ops.rope(x, positions, f32)
+    close(there, ref.apply_rope(x, positions, f32))
+    close(ops.rope(there, positions, f32, inverse=True), x)
+
+
+def test_rope_rejects_bad_inputs() -> None:
+    x = torch.zeros(3, 64)
+    with pytest.raises(ValueError, match="positions"):
+        ops.rope(x, torch.zeros(4, dtype=torch.int64), INV_FREQ)
+    with pytest.raises(ValueError, match="inv_freq"):
+        ops.rope(torch.zeros(3, 32), torch.zeros(3, dtype=torch.int64), INV_FREQ)
+    with pytest.raises(TypeError, match="x"):
+        ops.rope(x.int(), torch.zeros(3, dtype=torch.int64), INV_FREQ)
+    with pytest.raises(ValueError, match="x: contains a non-finite"):
+        ops.rope(torch.full((3, 64), float("nan")), torch.zeros(3, dtype=torch.int64), INV_FREQ)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compressor
+
+COMPRESSORS = [(4, 512, "fp8"), (4, 128, "fp4"), (128, 512, "fp8"), (128, 64, "none"), (4, 64, "none"), (1, 32, "none"), (3, 48, "none")]
+
+
+def compressor_inputs(gen: torch.Generator, ratio: int, dim: int, tokens: int) -> dict[str, torch.Tensor]:
+    coff = 2 if ratio == 4 else 1
+    return {
+        "kv": randn(gen, tokens, coff * dim),
+        "score": 2 * randn(gen, tokens, coff * dim),
+        "ape": randn(gen, ratio, coff * dim),
+        "norm_weight": 0.5 + torch.rand(dim, generator=gen),
+    }
+
+
+def run_compress(inp: dict[str, torch.Tensor], ratio: int, quant: str, chunks: list[int]) -> tuple[torch.Tensor, tuple]:
+    """Feeds the tokens in chunks of the given sizes; returns the entries and the final state."""
+    state = ops.compressor_state(ratio, inp["norm_weight"].shape[0])
+    out, start = [], 0
+    for n in chunks:
+        sl = slice(start, start + n)
+        out.append(ops.compress(inp["kv"][sl], inp["score"][sl], inp["ape"], inp["norm_weight"],
+                                inv_freq(inp["norm_weight"].shape[0]), *state,
+                                start_pos=start, ratio=ratio, quant=quant))
+        start += n
+    return torch.cat(out), state
+
+
+@pytest.mark.parametrize("ratio,dim,quant", COMPRESSORS)
+@pytest.mark.parametrize("extra", [0, 1])
+def test_compress_prefill_matches_reference(gen: torch.Generator, ratio: int, dim: int, quant: str, extra: int) -> None:
+    tokens = ratio * 3 + extra * (ratio // 2 + 1)
+    inp = compressor_inputs(gen, ratio, dim, tokens)
+    plain, _ = run_compress(inp, ratio, "none", [tokens])
+    want = ref.compressor_prefill(inp["kv"], inp["score"], inp["ape"], inp["norm_weight"], ratio, inv_freq(dim))
+    assert plain.shape == want.shape == (tokens // ratio, dim)
+    close(plain, want)
+    got, _ = run_compress(inp, ratio, quant, [tokens])
+    # Quantization is the exact quant.rs round trip of the float32 entry.
+    if quant == "fp8":
+        assert torch.equal(got, ref.entry_quant_dequant(plain).float())
+    elif quant == "fp4":
+        assert torch.equal(got, ref.fp4_quant_dequant(ops.hadamard128(plain)).float())
+
+
+@pytest.mark.parametrize("ratio,dim,quant", COMPRESSORS)
+def test_compress_in_any_chunks_is_bit_identical(gen: torch.Generator, ratio: int, dim: int, quant: str) -> None:
+    tokens = 3 * ratio + ratio // 2 + 1
+    inp = compressor_inputs(gen, ratio, dim, tokens)
+    whole, state = run_compress(inp, ratio, quant, [tokens])
+    singles, single_state = run_compress(inp, ratio, quant, [1] * tokens)
+    sizes, left = [], tokens
+    while left:
+        sizes.append(min(left, int(torch.randint(1, 2 * ratio + 2, (1,), generator=gen))))
+        left -= sizes[-1]
+    chunked, chunked_state = run_compress(inp, ratio, quant, sizes)
+    assert torch.equal(whole, singles) and torch.equal(whole, chunked)
+    for a, b, c in zip(state, single_state, chunked_state):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@pytest.mark.parametrize("ratio,dim", [(4, 64), (8, 32)])
+def test_compress_decode_state_matches_reference_step(gen: torch.Generator, ratio: int, dim: int) -> None:
+    tokens = 3 * ratio + 2
+    inp = compressor_inputs(gen, ratio, dim, tokens)
+    ref_state = ref.compressor_state_init(ratio, dim)
+    state = ops.compressor_state(ratio, dim)
+    for p in range(tokens):
+        want = ref.compressor_step(*ref_state, inp["kv"][p], inp["score"][p], p, inp["ape"], inp["norm_weight"],
+                                   ratio, inv_freq(dim))
+        got = ops.compress(inp["kv"][p : p + 1], inp["score"][p : p + 1], inp["ape"], inp["norm_weight"],
+                           inv_freq(dim), *state, start_pos=p, ratio=ratio)
+        assert got.shape[0] == (want is not None)
+        if want is not None:
+            close(got[0], want)
+        assert torch.equal(state[0].double(), ref_state[0])
+        close(state[1], ref_state[1], rtol=1e-6, atol=1e-6)
+
+
+def test_compress_fewer_tokens_than_ratio_emits_nothing(gen: torch.Generator) -> None:
+    inp = compressor_inputs(gen, 128, 64, 100)
+    out, (kv_state, _) = run_compress(inp, 128, "none", [100])
+    assert out.shape == (0, 64)
+    assert torch.equal(kv_state[:100], inp["kv"])
+
+
+def test_compress_rejects_bad_inputs(gen: torch.Generator) -> None:
+    inp = compressor_inputs(gen, 4, 64, 8)
+    state = ops.compressor_state(4, 64)
+    args = (inp["ape"], inp["norm_weight"], INV_FREQ)
+    bad = inp["kv"].clone()
+    bad[6, 3] = float("inf")
+    before = [s.clone() for s in state]
+    with pytest.raises(ValueError, match="kv"):
+        ops.compress(bad, inp["score"], *args, *state, start_pos=0, ratio=4)
+    assert all(torch.equal(a, b) for a, b in zip(state, before))
+    with pytest.raises(ValueError, match="score"):
+        ops.compress(inp["kv"], inp["score"][:7], *args, *state, start_pos=0, ratio=4)
+    with pytest.raises(ValueError, match="quant"):
+        ops.compress(inp["kv"], inp["score"], *args, *state, start_pos=0, ratio=4, quant="fp8")
+    with pytest.raises(ValueError, match="ratio"):
+        ops.compress(inp["kv"], inp["score"], *args, *state, start_pos=0, ratio=0)
+    with pytest.raises(ValueError, match="kv_state"):
+        ops.compress(inp["kv"], inp["score"], *args, *ops.compressor_state(128, 64), start_pos=0, ratio=4)
+    with pytest.raises(TypeError, match="ape"):
+        ops.compress(inp["kv"], inp["score"], inp["ape"].double(), *args[1:], *state, start_pos=0, ratio=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Indexer top-k
+
+KEY_FORMATS = ["fp4", "fp8", "bfloat16", "float32"]
+
+
+def paged_keys(gen: torch.Generator, keys: list[torch.Tensor], fmt: str) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Writes each sequence's keys into shuffled pages of one cache; returns the cache, the block
+    table and each sequence's keys as the cache holds them (dequantized)."""
+    pages_of = [-(-k.shape[0] // 64) for k in keys]
+    max_pages = max(pages_of) + 1
+    perm = torch.randperm(sum(pages_of) + 2, generator=gen).to(torch.int32)
+    table = torch.full((len(keys), max_pages), -1, dtype=torch.int32)
+    used = 0
+    for b, n in enumerate(pages_of):
+        table[b, :n] = perm[used : used + n]
+        used += n
+    slots = [(table[b, torch.arange(k.shape[0]) // 64].long() * 64 + torch.arange(k.shape[0]) % 64) for b, k in enumerate(keys)]
+    num_pages = len(perm)
+    if fmt in ("fp4", "fp8"):
+        cache = ops.new_index_key_cache(num_pages, fmt)
+        for k, s in zip(keys, slots):
+            ops.index_key_write(cache, s, k, fmt)
+        stored = [ops.index_key_read(cache, s, fmt) for s in slots]
+    else:
+        dtype = getattr(torch, fmt)
+        cache = torch.zeros(num_pages * 64, 128, dtype=dtype)
+        for k, s in zip(keys, slots):
+            cache[s] = k.to(dtype)
+        stored = [cache[s].float() for s in slots]
+        cache = cache.view(num_pages, 64, 128)
+    return cache, table, stored
+
+
+def check_topk(idx, scores, q, w, stored, seq_ids, visible, k) -> int:
+    """Checks the selection against the float64 reference; returns how many queries selected
+    exactly the reference's index set. Where two scores lie closer than float32 arithmetic can order
+    (``tol``, relative to the magnitude of the score's terms), either order is accepted; the
+    selection must still be a top-k set of the reference's scores."""
+    exact = 0
+    for t in range(q.shape[0]):
+        keys, vis = stored[int(seq_ids[t])], int(visible[t])
+        n = min(k, vis)
+        assert (idx[t, n:] == -1).all() and torch.isneginf(scores[t, n:]).all()
+        want_idx, _ = ref.indexer_topk(q[t : t + 1], w[t : t + 1], keys, visible[t : t + 1], k)
+        if n == 0:
+            continue
+        full = ref.indexer_scores(q[t : t + 1], w[t : t + 1], keys[:vis])[0]
+        terms = (w[t].double().abs()[:, None] * (q[t].double() @ keys[:vis].double().T).abs()).sum(0)
+        tol = 1e-5 * float(terms.max()) + 1e-6
+        got = idx[t, :n].long()
+        assert len(set(got.tolist())) == n and got.min() >= 0 and got.max() < vis
+        close(scores[t, :n], full[got], rtol=0, atol=tol)
+        unselected = torch.ones(vis, dtype=torch.bool)
+        unselected[got] = False
+        assert (full[unselected] <= full[got].min() + tol).all()
+        assert (scores[t, 1:n] <= scores[t, : n - 1]).all()
+        assert (full[got][1:] <= full[got][:-1] + tol).all()
+        exact += int(torch.equal(got.sort().values, want_idx[0, :n].sort().values))
+    return exact
+
+
+@pytest.mark.parametrize("fmt", KEY_FORMATS)
+@pytest.mark.parametrize("heads,k", [(64, 512), (1, 7), (3, 100), (128, 64)])
+def test_indexer_matches_reference(gen: torch.Generator, fmt: str, heads: int, k: int) -> None:
+    lengths = [700, 1500, 90]
+    keys = [randn(gen, n, 128) for n in lengths]
+    cache, table, stored = paged_keys(gen, keys, fmt)
+    seq_ids = torch.tensor([0, 0, 1, 1, 1, 2, 0, 1, 2], dtype=torch.int32)
+    visible = torch.tensor([0, 700, 1, 1499, 1500, 90, 513, 64, 5])
+    q = randn(gen, len(seq_ids), heads, 128)
+    w = randn(gen, len(seq_ids), heads)
+    idx, scores = ops.indexer_topk(q, w, cache, table, seq_ids, visible, k, return_scores=True)
+    assert idx.dtype == torch.int32 and idx.shape == (len(seq_ids), k)
+    assert check_topk(idx, scores, q, w, stored, seq_ids, visible, k) >= len(seq_ids) - 1
+
+
+def test_indexer_long_prefill_block(gen: torch.Generator) -> None:
+    """Many queries of one sequence (query blocks sharing key tiles), causal visibility, bf16 q."""
+    keys = [randn(gen, 2000, 128)]
+    cache, table, stored = paged_keys(gen, keys, "fp4")
+    positions = torch.arange(7000, 8000, 37)
+    visible = ref.compressed_visible(positions, 4)
+    q = randn(gen, len(positions), 64, 128).bfloat16()
+    w = randn(gen, len(positions), 64)
+    seq_ids = torch.zeros(len(positions), dtype=torch.int64)
+    idx, scores = ops.indexer_topk(q, w, cache, table, seq_ids, visible, 512, return_scores=True)
+    assert check_topk(idx, scores, q.float(), w, stored, seq_ids, visible, 512) >= len(positions) // 2
+
+
+def test_indexer_exact_ties_go_to_the_lower_key(gen: torch.Generator) -> None:
+    base = randn(gen, 10, 128)
+    keys = [base[torch.randint(0, 10, (300,), generator=gen)]]
+    cache, table, stored = paged_keys(gen, keys, "float32")
+    q, w = randn(gen, 2, 4, 128), randn(gen, 2, 4)
+    visible = torch.tensor([300, 257])
+    idx, scores = ops.indexer_topk(q, w, cache, table, torch.zeros(2, dtype=torch.int32), visible, 100, return_scores=True)
+    assert check_topk(idx, scores, q, w, stored, torch.zeros(2), visible, 100) == 2
+    for t in range(2):
+        tied = scores[t, 1:] == scores[t, :-1]
+        assert tied.sum() > 50
+        assert (idx[t, 1:][tied] > idx[t, :-1][tied]).all()
+
+
+def test_indexer_large_magnitudes_and_physical_rows(gen: torch.Generator) -> None:
+    keys = [randn(gen, 600, 128), randn(gen, 300, 128)]
+    cache, table, stored = paged_keys(gen, keys, "fp8")
+    seq_ids = torch.tensor([1, 0])
+    visible = torch.tensor([300, 577])
+    q, w = 100 * randn(gen, 2, 16, 128), 100 * randn(gen, 2, 16)
+    logical, scores = ops.indexer_topk(q, w, cache, table, seq_ids, visible, 256, return_scores=True)
+    check_topk(logical, scores, q, w, stored, seq_ids, visible, 256)
+    physical = ops.indexer_topk(q, w, cache, table, seq_ids, visible, 256, physical=True)
+    for t in range(2):
+        want = torch.where(logical[t] >= 0, table[seq_ids[t], logical[t] // 64] * 64 + logical[t] % 64, -1)
+        assert torch.equal(physical[t], want.int())
+
+
+def test_indexer_rejects_bad_inputs(gen: torch.Generator) -> None:
+    keys = [randn(gen, 100, 128)]
+    cache, table, _ = paged_keys(gen, keys, "fp4")
+    q, w = randn(gen, 2, 4, 128), randn(gen, 2, 4)
+    seq, vis = torch.zeros(2, dtype=torch.int32), torch.tensor([10, 100])
+    with pytest.raises(ValueError, match="visible"):
+        ops.indexer_topk(q, w, cache, table, seq, torch.tensor([10, table.shape[1] * 64 + 1]), 8)
+    with pytest.raises(IndexError, match="seq_ids"):
+        ops.indexer_topk(q, w, cache, table, torch.tensor([0, 1]), vis, 8)
+    bad_table = table.clone()
+    bad_table[0, 1] = cache.shape[0]
+    with pytest.raises(IndexError, match="block_table"):
+        ops.indexer_topk(q, w, cache, bad_table, seq, vis, 8)
+    with pytest.raises(ValueError, match="key_cache"):
+        ops.indexer_topk(q, w, cache[:, :100], table, seq, vis, 8)
+    with pytest.raises(TypeError, match="q"):
+        ops.indexer_topk(q.double(), w, cache, table, seq, vis, 8)
+    with pytest.raises(ValueError, match="weights"):
+        ops.indexer_topk(q, w[:, :3], cache, table, seq, vis, 8)
+    with pytest.raises(ValueError, match="q: contains a non-finite"):
+        ops.indexer_topk(q.index_fill(0, torch.tensor([1]), float("nan")), w, cache, table, seq, vis, 8)
+    with pytest.raises(ValueError, match="k"):
+        ops.indexer_topk(q, w, cache, table, seq, vis, 0)
+    with pytest.raises(ValueError, match="contiguous"):
+        ops.indexer_topk(q.transpose(0, 1).contiguous().transpose(0, 1), w, cache, table, seq, vis, 8)
+
+
+MEMORY_PROBE = textwrap.dedent(
+    """
+    import json, sys, torch
+    from dsv4rs import ops
+
+    def status_kib(field):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+    T, H, k, n = 16, 64, 512, int(sys.argv[1])
+    g = torch.Generator().manual_seed(0)
+    pages = -(-n // 64)
+    cache = torch.randint(0, 256, (pages, 64 * 68), dtype=torch.uint8, generator=g)
+    cache[:, 64 * 64:] = 127  # scales 2^0
+    table = torch.arange(pages, dtype=torch.int32)[None]
+    q, w = torch.randn(T, H, 128, generator=g), torch.randn(T, H, generator=g)
+    seq = torch.zeros(T, dtype=torch.int32)
+    ops.indexer_topk(q, w, cache, table, seq, torch.full((T,), 64), k)  # threads and code warm
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak-RSS mark to the current RSS
+    before = status_kib("VmRSS")
+    ops.indexer_topk(q, w, cache, table, seq, torch.full((T,), n), k)
+    print(json.dumps({"peak_growth_kib": status_kib("VmHWM") - before}))
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
+def test_indexer_memory_grows_with_k_not_with_context() -> None:
+    """Peak RSS growth of one call, in a fresh process: 16 queries x 64 heads, k = 512, over 16K and
+    256K keys. Materialized scores would need 16 x 256K x 4 B = 16 MiB (x 64 heads unfused: 1 GiB);
+    the fused kernel's workspace is the same at both sizes."""
+    growth = {}
+    for n in (16384, 262144):
+        res = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(n)], capture_output=True, text=True, check=True)
+        growth[n] = json.loads(res.stdout)["peak_growth_kib"]
+    print(f"indexer peak RSS growth: {growth}")
+    assert growth[262144] < 4096, growth
+    assert growth[262144] <= growth[16384] + 512, growth
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparse attention
+
+
+def entry_cache(gen: torch.Generator, n: int, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A cache of n random entries in ``fmt`` and the rows as it holds them."""
+    entries = randn(gen, n, 512)
+    if fmt == "fp8":
+        cache = ops.quantize_entries(entries)
+        return cache, ops.kv_read(cache, torch.arange(n))
+    dtype = getattr(torch, fmt)
+    pages = -(-n // 64)
+    rows = torch.zeros(pages * 64, 512, dtype=dtype)
+    rows[:n] = entries.to(dtype)
+    return rows.view(pages, 64, 512), rows[:n].float()
+
+
+def random_indices(gen: torch.Generator, t: int, k: int, n: int) -> torch.Tensor:
+    """Rows with duplicates and about 20 % masked."""
+    idx = torch.randint(0, n, (t, k), generator=gen)
+    return idx.masked_fill(torch.rand(t, k, generator=gen) < 0.2, -1)
+
+
+def reference_attention(q, sink, lists, scale=512**-0.5):
+    """The reference over the concatenated candidate lists ``[(rows, indices, lengths)]``."""
+    kv = torch.cat([rows for rows, _, _ in lists])
+    cols, offset = [], 0
+    for rows, idx, lengths in lists:
+        idx = idx.long()
+        if lengths is not None:
+            idx = idx.masked_fill(torch.arange(idx.shape[1]) >= lengths[:, None], -1)
+        cols.append(torch.where(idx >= 0, idx + offset, -1))
+        offset += rows.shape[0]
+    return ref.sparse_attention(q, kv, torch.cat(cols, dim=1), sink, scale)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "bfloat16", "float32"])
+@pytest.mark.parametrize("t,heads,k", [(3, 64, 200), (5, 1, 5), (2, 128, 77), (9, 3, 1), (1, 64, 700)])
+def test_attention_matches_reference(gen: torch.Generator, fmt: str, t: int, heads: int, k: int) -> None:
+    cache, rows = entry_cache(gen, 300, fmt)
+    q = randn(gen, t, heads, 512)
+    idx = random_indices(gen, t, k, 300).to(torch.int32)
+    sink = randn(gen, heads)
+    out, lse = ops.sparse_attention(q, cache, idx, sink)
+    want_out, want_lse = reference_attention(q, sink, [(rows, idx, None)])
+    close(out, want_out)
+    close(lse, want_lse)
+
+
+def test_attention_two_caches_lengths_and_derotation(gen: torch.Generator) -> None:
+    compressed, c_rows = entry_cache(gen, 500, "fp8")
+    window, w_rows = entry_cache(gen, 200, "bfloat16")
+    t, heads = 6, 16
+    q = randn(gen, t, heads, 512).bfloat16()
+    idx, widx = random_indices(gen, t, 96, 500), random_indices(gen, t, 128, 200)
+    lengths = torch.tensor([96, 0, 50, 1, 95, 64], dtype=torch.int32)
+    wlengths = torch.tensor([128, 128, 0, 7, 100, 0], dtype=torch.int32)
+    sink = randn(gen, heads)
+    positions = torch.randint(0, 1 << 20, (t,), generator=gen)
+    out, lse = ops.sparse_attention(q, compressed, idx, sink, scale=0.03, lengths=lengths, extra_cache=window,
+                                    extra_indices=widx, extra_lengths=wlengths, derotate=(positions, INV_FREQ))
+    want_out, want_lse = reference_attention(q.float(), sink, [(c_rows, idx, lengths), (w_rows, widx, wlengths)], 0.03)
+    close(lse, want_lse)
+    close(out, ref.apply_rope(want_out, positions, INV_FREQ, inverse=True))
+
+
+def test_attention_edge_cases(gen: torch.Generator) -> None:
+    cache, rows = entry_cache(gen, 64, "float32")
+    heads = 8
+    q = randn(gen, 4, heads, 512) * torch.tensor([1.0, 100.0, 1.0, 1.0])[:, None, None]
+    idx = torch.tensor([[-1, -1, -1], [3, 3, 9], [5, -1, -1], [1, 2, 3]])
+    sink = torch.zeros(heads)
+    sink[:4] = 80.0  # dominates every logit of query 3 for heads 0-3
+    out, lse = ops.sparse_attention(q, cache, idx, sink)
+    want_out, want_lse = reference_attention(q, sink, [(rows, idx, None)])
+    assert torch.equal(out[0], torch.zeros(heads, 512)) and torch.isneginf(lse[0]).all()
+    close(out, want_out)
+    # Query 1's logits are in the hundreds: float32 rounding of its dot products is ~1e-5 of that.
+    close(lse[[0, 2, 3]], want_lse[[0, 2, 3]])
+    close(lse[1], want_lse[1], rtol=0, atol=1e-3)
+    assert out[3, :4].abs().max() < 1e-20
+
+
+def test_attention_parallel_splits_agree(gen: torch.Generator) -> None:
+    """One query with many candidates is split among threads; many queries are not: same result."""
+    cache, rows = entry_cache(gen, 2000, "fp8")
+    q = randn(gen, 1, 64, 512)
+    idx = random_indices(gen, 1, 1500, 2000)
+    sink = randn(gen, 64)
+    alone, lse = ops.sparse_attention(q, cache, idx, sink)
+    many, many_lse = ops.sparse_attention(q.expand(40, -1, -1).contiguous(), cache, idx.expand(40, -1).contiguous(), sink)
+    close(alone, many[:1], rtol=1e-6, atol=1e-6)
+    close(lse, many_lse[:1], rtol=1e-6, atol=1e-6)
+    close(alone, reference_attention(q, sink, [(rows, idx, None)])[0])
+
+
+def test_attention_rejects_bad_inputs(gen: torch.Generator) -> None:
+    cache, _ = entry_cache(gen, 64, "fp8")
+    q, sink = randn(gen, 2, 4, 512), randn(gen, 4)
+    idx = torch.zeros(2, 3, dtype=torch.int64)
+    with pytest.raises(IndexError, match="indices"):
+        ops.sparse_attention(q, cache, torch.tensor([[0, 64, 1], [0, 0, 0]]), sink)
+    with pytest.raises(IndexError, match="indices"):
+        ops.sparse_attention(q, cache, torch.tensor([[0, -2, 1], [0, 0, 0]]), sink)
+    with pytest.raises(ValueError, match="lengths"):
+        ops.sparse_attention(q, cache, idx, sink, lengths=torch.tensor([3, 4], dtype=torch.int32))
+    with pytest.raises(ValueError, match="sink"):
+        ops.sparse_attention(q, cache, idx, sink[:3])
+    with pytest.raises(ValueError, match="cache"):
+        ops.sparse_attention(q, cache[:, :-1], idx, sink)
+    with pytest.raises(ValueError, match="extra_cache"):
+        ops.sparse_attention(q, cache, idx, sink, extra_indices=idx)
+    with pytest.raises(TypeError, match="q"):
+        ops.sparse_attention(q.half(), cache, idx, sink)
+    with pytest.raises(ValueError, match="q"):
+        ops.sparse_attention(q[:, :, :128].contiguous(), cache, idx, sink)
+    with pytest.raises(ValueError, match="cache: row 0 holds a non-finite"):
+        ops.sparse_attention(q, torch.full((1, 64, 512), float("inf")), idx, sink)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library registration
+
+
+def test_opcheck(gen: torch.Generator) -> None:
+    x, pos = randn(gen, 3, 2, 64), torch.arange(3)
+    torch.library.opcheck(torch.ops.dsv4rs.rope.default, (x, pos, INV_FREQ, False))
+    inp = compressor_inputs(gen, 4, 64, 9)
+    state = ops.compressor_state(4, 64)
+    torch.library.opcheck(torch.ops.dsv4rs.compress.default,
+                          (inp["kv"], inp["score"], inp["ape"], inp["norm_weight"], INV_FREQ, *state, 0, 4, 1e-6, "none"))
+    cache, table, _ = paged_keys(gen, [randn(gen, 100, 128)], "fp4")
+    torch.library.opcheck(torch.ops.dsv4rs.indexer_topk.default,
+                          (randn(gen, 2, 4, 128), randn(gen, 2, 4), cache, table, torch.zeros(2, dtype=torch.int32),
+                           torch.tensor([50, 100]), 16, False))
+    kv, _ = entry_cache(gen, 64, "fp8")
+    idx = random_indices(gen, 2, 10, 64)
+    torch.library.opcheck(torch.ops.dsv4rs.sparse_attention.default,
+                          (randn(gen, 2, 4, 512), kv, idx, randn(gen, 4), 0.05, None, None, None, None, None, None))
+    torch.library.opcheck(torch.ops.dsv4rs.sparse_attention.default,
+                          (randn(gen, 2, 4, 512), kv, idx, randn(gen, 4), 0.05, torch.tensor([3, 10], dtype=torch.int32),
+                           kv, idx, None, pos[:2], INV_FREQ))
