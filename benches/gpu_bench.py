@@ -113,6 +113,117 @@ def bench_formats(quick: bool) -> list[Row]:
     return rows
 
 
+def eager_indexer(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, k: int) -> torch.Tensor:
+    """Torch eager Lightning Indexer: q [B, H, 128], w [B, H], keys [B, N, 128] bf16."""
+    logits = torch.einsum("bhd,bnd->bhn", q, keys).float().relu_()
+    scores = torch.einsum("bhn,bh->bn", logits, w)
+    return scores.topk(min(k, keys.shape[1]), dim=-1).indices
+
+
+def bench_indexer(quick: bool) -> list[Row]:
+    rows = []
+    shapes = [("flash", 64, 512), ("pro", 64, 1024)]
+    contexts = [131072, 1048576]
+    batches = [1, 32] if quick else [1, 8, 32, 64]
+    for model, heads, k in shapes:
+        for ctx in contexts:
+            n = ctx // 4
+            for b in batches:
+                pages = n // 64
+                table = torch.arange(b * pages, device="cuda", dtype=torch.int32).view(b, pages)
+                keys = torch.randn(b * n, 128, device="cuda").bfloat16()
+                cache = ops.quantize_index_keys(keys, "fp4")
+                qs = [torch.randn(b, heads, 128, device="cuda").bfloat16() for _ in range(2)]
+                w = torch.rand(b, heads, device="cuda")
+                seq = torch.arange(b, device="cuda")
+                vis = torch.full((b,), n, device="cuda")
+                ms = median_ms(lambda i: ops.indexer_topk(qs[i], w, cache, table, seq, vis, k), 2, iters=20)
+                moved = b * n * 68 + b * heads * (256 + 4) + b * k * 8
+                flops = 2.0 * b * heads * 128 * n
+                eager = None
+                if b * heads * n * 6 < 40e9:
+                    kb = keys.view(b, n, 128)
+                    eager = median_ms(lambda i: eager_indexer(qs[i], w, kb, k), 2, iters=5, warmup=1)
+                rows.append(Row(f"indexer {model} ctx={ctx // 1024}K b={b}", ms, moved, flops, eager))
+                del cache, keys
+    return rows
+
+
+def eager_attention(q, rows, idx, sink, scale):
+    """Torch eager sparse attention with sink: gather, einsum, softmax over [logits | sink]."""
+    kv = rows[idx.clamp_min(0)]                                   # [T, K, 512]
+    logits = torch.einsum("thd,tkd->thk", q, kv).float() * scale
+    logits = logits.masked_fill((idx < 0).unsqueeze(1), float("-inf"))
+    full = torch.cat([logits, sink.view(1, -1, 1).expand(q.shape[0], -1, 1)], -1)
+    p = full.softmax(-1)[..., :-1]
+    return torch.einsum("thk,tkd->thd", p.to(kv.dtype), kv)
+
+
+def bench_attention(quick: bool) -> list[Row]:
+    rows = []
+    cases = [("flash csa", 64, 512 + 128), ("pro csa", 128, 1024 + 128),
+             ("flash hca 128K", 64, 1024 + 128), ("flash hca 1M", 64, 8192 + 128)]
+    batches = [1, 32, 128] if quick else [1, 8, 32, 64, 128]
+    scale = 512**-0.5
+    for name, heads, cand in cases:
+        for b in batches:
+            n_rows = max(b * cand, 4096)
+            entries = torch.randn(n_rows, 512, device="cuda")
+            cache = ops.quantize_entries(entries)
+            idx = torch.randint(0, n_rows, (b, cand), device="cuda")
+            qs = [torch.randn(b, heads, 512, device="cuda").bfloat16() for _ in range(2)]
+            sink = torch.randn(heads, device="cuda")
+            ms = median_ms(lambda i: ops.sparse_attention(qs[i], cache, idx, sink), 2, iters=20)
+            moved = b * cand * 584 + b * heads * 512 * (2 + 4)
+            flops = 4.0 * b * heads * 512 * cand
+            eager = None
+            if b * cand * 512 * 2 * 3 < 20e9:
+                bf = ops.kv_read(cache, torch.arange(n_rows, device="cuda")).bfloat16()
+                eager = median_ms(lambda i: eager_attention(qs[i], bf, idx, sink, scale), 2, iters=5, warmup=1)
+            rows.append(Row(f"attention {name} b={b}", ms, moved, flops, eager))
+    for t in [8192] if quick else [8192, 32768]:
+        heads, cand = 64, 640
+        entries = torch.randn(t, 512, device="cuda")
+        cache = ops.quantize_entries(entries)
+        idx = torch.randint(0, t, (t, cand), device="cuda")
+        q = torch.randn(t, heads, 512, device="cuda").bfloat16()
+        sink = torch.randn(heads, device="cuda")
+        ms = median_ms(lambda i: ops.sparse_attention(q, cache, idx, sink), 1, iters=5, warmup=1)
+        rows.append(Row(f"attention prefill T={t} flash", ms, t * cand * 584 + t * heads * 512 * 6,
+                        4.0 * t * heads * 512 * cand, None))
+    return rows
+
+
+def eager_compress(kv, score, ape, ratio):
+    """Torch eager HCA/CSA pooling (no overlap form for simplicity of the baseline: r = 128)."""
+    s, w = kv.shape
+    e = s // ratio
+    logits = (score[: e * ratio].view(e, ratio, w) + ape).softmax(1)
+    return (logits * kv[: e * ratio].view(e, ratio, w)).sum(1)
+
+
+def bench_compress(quick: bool) -> list[Row]:
+    rows = []
+    inv_freq = torch.rand(32, device="cuda")
+    for ratio, dim, quant in [(4, 512, "fp8"), (128, 512, "fp8"), (4, 128, "fp4")]:
+        coff = 2 if ratio == 4 else 1
+        for s in [8192] if quick else [8192, 65536]:
+            kvs = [torch.randn(s, coff * dim, device="cuda") for _ in range(2)]
+            score = torch.randn(s, coff * dim, device="cuda")
+            ape = torch.randn(ratio, coff * dim, device="cuda")
+            norm = torch.rand(dim, device="cuda")
+
+            def run(i):
+                kv_state, score_state = ops.compressor_state(ratio, dim, "cuda")
+                return ops.compress(kvs[i], score, ape, norm, inv_freq, kv_state, score_state, 0, ratio, quant=quant)
+
+            ms = median_ms(run, 2, iters=20)
+            moved = 2 * s * coff * dim * 4 + (s // ratio) * dim * 4
+            eager = median_ms(lambda i: eager_compress(kvs[i], score, ape, ratio), 2, iters=10) if ratio == 128 else None
+            rows.append(Row(f"compress r={ratio} D={dim} {quant} S={s}", ms, moved, 0.0, eager))
+    return rows
+
+
 def print_table(rows: list[Row], c: Ceilings) -> None:
     head = ["case", "ms", "GB/s", "TFLOP/s", "roofline", "eager ms", "speedup"]
     table = [head] + [r.cells(c) for r in rows]
@@ -123,13 +234,20 @@ def print_table(rows: list[Row], c: Ceilings) -> None:
         print("  ".join(cell.rjust(w) for cell, w in zip(r, widths)))
 
 
+SUITES = {"formats": bench_formats, "compress": bench_compress, "indexer": bench_indexer, "attention": bench_attention}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer sizes")
+    parser.add_argument("--only", nargs="*", choices=sorted(SUITES), help="suites to run (default: all)")
     args = parser.parse_args()
     ops.warm_up("cuda")
     ceilings = measure_ceilings()
-    rows = bench_formats(args.quick)
+    rows = []
+    for name in args.only or SUITES:
+        print(f"running {name} ...", flush=True)
+        rows += SUITES[name](args.quick)
     print_table(rows, ceilings)
 
 

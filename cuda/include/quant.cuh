@@ -94,6 +94,11 @@ __device__ __forceinline__ float load_value(const void* base, long long i, int i
   return is_bf16 ? bf16_to_f32(((const uint16_t*)base)[i]) : ((const float*)base)[i];
 }
 
+// Element i of an index tensor given as int64 (is64 != 0) or int32.
+__device__ __forceinline__ long long load_id(const void* base, long long i, int is64) {
+  return is64 ? ((const long long*)base)[i] : (long long)((const int*)base)[i];
+}
+
 // Max of |v| over `width` consecutive lanes (width a power of two dividing 32).
 __device__ __forceinline__ float group_amax(float v, int width) {
   v = fabsf(v);

@@ -58,14 +58,17 @@ class CacheManager:
 def rope(x: Spec, positions: Spec, inv_freq: Spec, out: Spec, inverse: bool) -> None: ...
 def compress(
     kv: Spec, score: Spec, ape: Spec, norm_weight: Spec, inv_freq: Spec, kv_state: Spec, score_state: Spec,
-    out: Spec, start_pos: int, ratio: int, eps: float, quant: str,
+    out: Spec, start_pos: int, ratio: int, eps: float, quant: str, stream: int,
 ) -> None: ...
 def indexer_topk(
     q: Spec, weights: Spec, key_cache: Spec, block_table: Spec, seq_ids: Spec, visible: Spec,
-    out_indices: Spec, out_scores: Spec, k: int, physical: bool,
+    out_indices: Spec, out_scores: Spec, k: int, physical: bool, workspace: Spec | None, stream: int,
 ) -> None: ...
+def indexer_workspace_bytes(queries: int, max_keys: int, k: int) -> int: ...
+def attention_workspace_bytes(queries: int, heads: int, max_candidates: int) -> int: ...
 def sparse_attention(
     q: Spec, cache: Spec, indices: Spec, lengths: Spec | None, extra_cache: Spec | None,
     extra_indices: Spec | None, extra_lengths: Spec | None, sink: Spec, scale: float,
     derotate_positions: Spec | None, derotate_inv_freq: Spec | None, out: Spec, lse: Spec,
+    workspace: Spec | None, stream: int,
 ) -> None: ...

@@ -255,7 +255,7 @@ def _compress(
     _core.compress(
         spec("kv", kv), spec("score", score), spec("ape", ape), spec("norm_weight", norm_weight),
         spec("inv_freq", inv_freq), spec("kv_state", kv_state), spec("score_state", score_state), spec("out", out),
-        start_pos, ratio, eps, quant,
+        start_pos, ratio, eps, quant, stream(kv),
     )
     return out
 
@@ -321,10 +321,14 @@ def _indexer_topk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     indices = torch.empty((q.shape[0], k), dtype=torch.int32, device=q.device)
     scores = torch.empty((q.shape[0], k), dtype=torch.float32, device=q.device)
+    workspace = None
+    if q.device.type == "cuda" and q.dim() == 3 and block_table.dim() == 2:
+        size = _core.indexer_workspace_bytes(q.shape[0], block_table.shape[1] * PAGE_ROWS, k)
+        workspace = torch.empty(size, dtype=torch.uint8, device=q.device)
     _core.indexer_topk(
         spec("q", q), spec("weights", weights), spec("key_cache", key_cache), spec("block_table", block_table),
         spec("seq_ids", seq_ids), spec("visible", visible), spec("indices", indices), spec("scores", scores),
-        k, physical,
+        k, physical, None if workspace is None else spec("workspace", workspace), stream(q),
     )
     return indices, scores
 
@@ -385,11 +389,17 @@ def _sparse_attention(
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
     opt = lambda name, t: None if t is None else spec(name, t)  # noqa: E731
+    workspace = None
+    if q.device.type == "cuda" and q.dim() == 3 and indices.dim() == 2:
+        width = indices.shape[1] + (extra_indices.shape[1] if extra_indices is not None and extra_indices.dim() == 2 else 0)
+        size = _core.attention_workspace_bytes(q.shape[0], q.shape[1], width)
+        workspace = torch.empty(max(size, 16), dtype=torch.uint8, device=q.device)
     _core.sparse_attention(
         spec("q", q), spec("cache", cache), spec("indices", indices), opt("lengths", lengths),
         opt("extra_cache", extra_cache), opt("extra_indices", extra_indices), opt("extra_lengths", extra_lengths),
         spec("sink", sink), scale, opt("derotate positions", derotate_positions),
-        opt("derotate inv_freq", derotate_inv_freq), spec("out", out), spec("lse", lse),
+        opt("derotate inv_freq", derotate_inv_freq), spec("out", out), spec("lse", lse), opt("workspace", workspace),
+        stream(q),
     )
     return out, lse
 

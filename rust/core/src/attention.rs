@@ -9,11 +9,13 @@
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::quant::ENTRY_DIM;
+use crate::gpu::attention::{AttentionArgs, Candidates};
+use crate::gpu;
+use crate::quant::{ENTRY_DIM, MAIN_ENTRY, ROPE_DIM};
 use crate::rope::{inv_freq_values, Rotation};
-use crate::rows::{Floats, Ids, PagedRows};
+use crate::rows::{cache_kind, CacheKind, Floats, Ids, PagedRows};
 use crate::simd::{multiversion, F32x16, LANES};
-use crate::tensor::{DType, Device, TensorRef};
+use crate::tensor::{same_device, DType, Device, TensorRef};
 use crate::tile::{dots, head_groups, padded_heads, transpose_query, with_head_vecs, ROWS};
 
 const D: usize = ENTRY_DIM;
@@ -255,6 +257,8 @@ pub unsafe fn sparse_attention(
     derotate: Option<Derotate>,
     out: &TensorRef,
     lse: &TensorRef,
+    workspace: Option<&TensorRef>,
+    stream: usize,
 ) -> Result<()> {
     q.expect_shape(&[None, None, Some(D)])?;
     let (t, heads) = (q.dim(0), q.dim(1));
@@ -265,6 +269,20 @@ pub unsafe fn sparse_attention(
         return Err(Error::value("scale", format!("must be finite, got {scale}")));
     }
     sink.expect_shape(&[Some(heads)])?;
+    let mut all = vec![q, cache, indices, sink, out, lse];
+    all.extend(lengths);
+    if let Some(e) = &extra {
+        all.extend([e.cache, e.indices].into_iter().chain(e.lengths));
+    }
+    if let Some(d) = &derotate {
+        all.extend([d.positions, d.inv_freq]);
+    }
+    if let Device::Cuda(dev) = same_device(&all)? {
+        let workspace = workspace.ok_or_else(|| Error::value("workspace", "a GPU call needs a workspace"))?;
+        let a = Candidates { cache, indices, lengths };
+        let b = extra.map(|e| Candidates { cache: e.cache, indices: e.indices, lengths: e.lengths });
+        return sparse_attention_gpu(dev, stream, q, a, b, sink, scale, derotate, workspace, out, lse);
+    }
     out.expect_device(Device::Cpu)?;
     out.expect_dtype(&[DType::F32])?;
     out.expect_shape(&[Some(t), Some(heads), Some(D)])?;
@@ -321,4 +339,62 @@ pub unsafe fn sparse_attention(
             Ok(())
         },
     )
+}
+
+/// The GPU form of [`sparse_attention`] (cuda/attention.cu), after the checks they share.
+///
+/// # Safety
+/// As [`sparse_attention`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn sparse_attention_gpu(
+    dev: i32,
+    stream: usize,
+    q: &TensorRef,
+    a: Candidates,
+    b: Option<Candidates>,
+    sink: &TensorRef,
+    scale: f32,
+    derotate: Option<Derotate>,
+    workspace: &TensorRef,
+    out: &TensorRef,
+    lse: &TensorRef,
+) -> Result<()> {
+    let (t, heads) = (q.dim(0), q.dim(1));
+    q.expect_dtype(&[DType::F32, DType::BF16])?;
+    sink.expect_dtype(&[DType::F32])?;
+    out.expect_dtype(&[DType::F32])?;
+    out.expect_shape(&[Some(t), Some(heads), Some(D)])?;
+    lse.expect_dtype(&[DType::F32])?;
+    lse.expect_shape(&[Some(t), Some(heads)])?;
+    for c in std::iter::once(&a).chain(&b) {
+        match cache_kind(c.cache, D)? {
+            CacheKind::Packed(f) if f == MAIN_ENTRY => {}
+            CacheKind::PlainBf16 => {}
+            _ => return Err(Error::dtype(c.cache.name, "the GPU reads 584-byte FP8 entries or bfloat16 rows")),
+        }
+        c.indices.expect_dtype(&[DType::I32, DType::I64])?;
+        c.indices.expect_shape(&[Some(t), None])?;
+        if let Some(l) = c.lengths {
+            l.expect_dtype(&[DType::I32, DType::I64])?;
+            l.expect_shape(&[Some(t)])?;
+        }
+    }
+    if let Some(d) = &derotate {
+        d.positions.expect_dtype(&[DType::I32, DType::I64])?;
+        d.positions.expect_shape(&[Some(t)])?;
+        d.inv_freq.expect_dtype(&[DType::F32, DType::F64])?;
+        d.inv_freq.expect_shape(&[Some(ROPE_DIM / 2)])?;
+    }
+    let args = AttentionArgs {
+        q,
+        a,
+        b,
+        sink,
+        scale,
+        derotate: derotate.map(|d| (d.positions, d.inv_freq)),
+        workspace,
+        out,
+        lse,
+    };
+    gpu::attention::sparse_attention(dev, stream, &args)
 }

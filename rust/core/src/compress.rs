@@ -11,10 +11,11 @@
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::gpu;
 use crate::quant::{self, ENTRY_DIM, INDEX_DIM, INDEX_KEY_FP4, MAIN_ENTRY};
 use crate::rope::{inv_freq_values, Rotation};
 use crate::simd::{multiversion, F32x16, LANES};
-use crate::tensor::{DType, Device, TensorRef};
+use crate::tensor::{same_device, DType, Device, TensorRef};
 
 /// What an entry goes through after RMSNorm and RoPE: nothing, the main-entry FP8 round trip
 /// (D = 512), or Hadamard-128 then the FP4 indexer-key round trip (D = 128).
@@ -173,6 +174,55 @@ unsafe fn floats<'a>(t: &'a TensorRef, shape: &[Option<usize>]) -> Result<&'a [f
     t.host::<f32>(&[DType::F32])
 }
 
+/// The GPU form of [`compress`]: the same shape checks, then the kernels.
+///
+/// # Safety
+/// As [`compress`].
+unsafe fn compress_gpu(dev: i32, stream: usize, t: [&TensorRef; 8], cfg: Config) -> Result<()> {
+    let [kv, score, ape, norm_weight, inv_freq, kv_state, score_state, out] = t;
+    let (r, d) = (cfg.ratio, norm_weight.dim(0));
+    let coff = if r == 4 { 2 } else { 1 };
+    let (s, n_out) = (kv.dim(0), entries_completed(cfg.start, kv.dim(0), r));
+    let expected: [(&TensorRef, &[Option<usize>]); 7] = [
+        (kv, &[Some(s), Some(coff * d)]),
+        (score, &[Some(s), Some(coff * d)]),
+        (ape, &[Some(r), Some(coff * d)]),
+        (norm_weight, &[Some(d)]),
+        (kv_state, &[Some(coff * r), Some(coff * d)]),
+        (score_state, &[Some(coff * r), Some(coff * d)]),
+        (out, &[Some(n_out), Some(d)]),
+    ];
+    for (t, shape) in expected {
+        t.expect_dtype(&[DType::F32])?;
+        t.expect_shape(shape)?;
+    }
+    inv_freq.expect_dtype(&[DType::F32, DType::F64])?;
+    inv_freq.expect_shape(&[None])?;
+    if 2 * inv_freq.dim(0) > d {
+        return Err(Error::value(inv_freq.name, format!("rotates {} dims, more than D = {d}", 2 * inv_freq.dim(0))));
+    }
+    let quant = match cfg.quant {
+        Quant::None => 0,
+        Quant::Fp8 => 1,
+        Quant::Fp4 => 2,
+    };
+    let args = gpu::compress::CompressArgs {
+        kv,
+        score,
+        ape,
+        norm_weight,
+        inv_freq,
+        kv_state,
+        score_state,
+        out,
+        start: cfg.start,
+        ratio: r,
+        eps: cfg.eps,
+        quant,
+    };
+    gpu::compress::compress(dev, stream, &args)
+}
+
 /// The tokens a call can see, by position: this call's input from `start` on; before that the
 /// state, where the block of the last entry completed before this call has been shifted down to
 /// slots `0..r` in the overlapping form, and later tokens sit at slot `(coff - 1) r + j % r`.
@@ -226,8 +276,12 @@ pub fn entries_completed(start: usize, len: usize, ratio: usize) -> usize {
 /// `-inf` (a token that takes no part); any other non-finite input is an error, raised before
 /// the state is touched.
 ///
+/// On a GPU the same call runs two kernels on `stream` (cuda/compress.cu); non-finite inputs
+/// are not checked there (that would need a synchronization) and propagate into the entries.
+///
 /// # Safety
-/// Every tensor satisfies [`TensorRef`]'s contract; `out` and the states alias nothing else.
+/// Every tensor satisfies [`TensorRef`]'s contract; `out` and the states alias nothing else;
+/// `stream` is a `CUstream` of the tensors' GPU when they live on one.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn compress(
     kv: &TensorRef,
@@ -239,6 +293,7 @@ pub unsafe fn compress(
     score_state: &TensorRef,
     out: &TensorRef,
     cfg: Config,
+    stream: usize,
 ) -> Result<()> {
     let r = cfg.ratio;
     if r == 0 {
@@ -255,6 +310,10 @@ pub unsafe fn compress(
     }
     if !(cfg.eps >= 0.0 && cfg.eps.is_finite()) {
         return Err(Error::value("eps", format!("must be finite and >= 0, got {}", cfg.eps)));
+    }
+    kv.expect_shape(&[None, Some(coff * d)])?;
+    if let Device::Cuda(dev) = same_device(&[kv, score, ape, norm_weight, inv_freq, kv_state, score_state, out])? {
+        return compress_gpu(dev, stream, [kv, score, ape, norm_weight, inv_freq, kv_state, score_state, out], cfg);
     }
     let w = floats(norm_weight, &[Some(d)])?;
     let kv_v = floats(kv, &[None, Some(coff * d)])?;

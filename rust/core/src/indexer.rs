@@ -11,10 +11,11 @@
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::quant::{INDEX_DIM, PAGE_ROWS};
-use crate::rows::{Floats, Ids, PagedRows};
+use crate::gpu;
+use crate::quant::{INDEX_DIM, INDEX_KEY_FP4, PAGE_ROWS};
+use crate::rows::{cache_kind, CacheKind, Floats, Ids, PagedRows};
 use crate::simd::{multiversion, F32x16, LANES};
-use crate::tensor::{DType, Device, TensorRef};
+use crate::tensor::{same_device, DType, Device, TensorRef};
 use crate::tile::{dots, head_groups, padded_heads, transpose_query, with_head_vecs, ROWS};
 use crate::topk::TopK;
 
@@ -131,8 +132,14 @@ fn run_job(ctx: &Ctx, s: &mut Scratch, queries: (usize, usize), keys: (usize, us
 /// `[T]` sequence of each query; `visible`: `[T]` keys each query sees (at most
 /// `max_pages * 64`). Indices are logical key numbers, or cache rows when `physical`.
 ///
+/// On a GPU (cuda/indexer.cu) the call runs on `stream` with `workspace` (uint8, at least
+/// [`gpu::indexer::workspace_bytes`]); q is rounded to bf16 there (exact for the FP4
+/// quant-dequantized queries of the model), weights must be float32, the block table int32,
+/// plain key caches bfloat16, and ids outside the cache are skipped rather than raised.
+///
 /// # Safety
-/// Every tensor satisfies [`TensorRef`]'s contract; the outputs alias nothing else.
+/// Every tensor satisfies [`TensorRef`]'s contract; the outputs alias nothing else; `stream`
+/// is a `CUstream` of the tensors' GPU when they live on one.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn indexer_topk(
     q: &TensorRef,
@@ -145,6 +152,8 @@ pub unsafe fn indexer_topk(
     out_scores: &TensorRef,
     k: usize,
     physical: bool,
+    workspace: Option<&TensorRef>,
+    stream: usize,
 ) -> Result<()> {
     q.expect_shape(&[None, None, Some(INDEX_DIM)])?;
     let (t, heads) = (q.dim(0), q.dim(1));
@@ -160,11 +169,18 @@ pub unsafe fn indexer_topk(
     seq_ids.expect_shape(&[Some(t)])?;
     visible.expect_shape(&[Some(t)])?;
     for out in [out_indices, out_scores] {
-        out.expect_device(Device::Cpu)?;
         out.expect_shape(&[Some(t), Some(k)])?;
     }
     out_indices.expect_dtype(&[DType::I32])?;
     out_scores.expect_dtype(&[DType::F32])?;
+    let all = [q, weights, key_cache, block_table, seq_ids, visible, out_indices, out_scores];
+    if let Device::Cuda(dev) = same_device(&all)? {
+        let workspace = workspace.ok_or_else(|| Error::value("workspace", "a GPU call needs a workspace"))?;
+        return indexer_topk_gpu(dev, stream, all, workspace, k, physical);
+    }
+    for out in [out_indices, out_scores] {
+        out.expect_device(Device::Cpu)?;
+    }
     let ctx = Ctx {
         q: Floats::new(q)?,
         w: Floats::new(weights)?,
@@ -278,4 +294,49 @@ mod tests {
             }
         }
     }
+}
+
+/// The GPU form of [`indexer_topk`], after the shape checks they share.
+///
+/// # Safety
+/// As [`indexer_topk`].
+unsafe fn indexer_topk_gpu(
+    dev: i32,
+    stream: usize,
+    t: [&TensorRef; 8],
+    workspace: &TensorRef,
+    k: usize,
+    physical: bool,
+) -> Result<()> {
+    let [q, weights, key_cache, block_table, seq_ids, visible, out_indices, out_scores] = t;
+    q.expect_dtype(&[DType::F32, DType::BF16])?;
+    weights.expect_dtype(&[DType::F32])?;
+    block_table.expect_dtype(&[DType::I32])?;
+    seq_ids.expect_dtype(&[DType::I32, DType::I64])?;
+    visible.expect_dtype(&[DType::I32, DType::I64])?;
+    workspace.expect_device(q.device)?;
+    let key_format = match cache_kind(key_cache, INDEX_DIM)? {
+        CacheKind::Packed(f) if f == INDEX_KEY_FP4 => 0,
+        CacheKind::Packed(_) => 1,
+        CacheKind::PlainBf16 => 2,
+        CacheKind::PlainF32 => {
+            return Err(Error::dtype(key_cache.name, "float32 key caches are CPU-only; use bfloat16 or a packed format"))
+        }
+    };
+    let args = gpu::indexer::IndexerArgs {
+        q,
+        weights,
+        keys: key_cache,
+        key_format,
+        num_pages: key_cache.dim(0),
+        block_table,
+        seq_ids,
+        visible,
+        k,
+        physical,
+        workspace,
+        out_indices,
+        out_scores,
+    };
+    gpu::indexer::indexer_topk(dev, stream, &args)
 }

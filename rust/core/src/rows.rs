@@ -84,48 +84,64 @@ pub struct PagedRows<'a> {
     storage: Storage<'a>,
 }
 
+/// How a paged cache stores its rows, read off its dtype and shape (no data is touched).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheKind {
+    /// A packed quantized layout: `uint8 [pages, 64 * row_bytes]`.
+    Packed(RowFormat),
+    /// Plain rows `float32 [pages, 64, dim]`.
+    PlainF32,
+    /// Plain rows `bfloat16 [pages, 64, dim]`.
+    PlainBf16,
+}
+
+/// Recognizes the format of `cache` for rows of width `dim`, or says which shapes it accepts.
+pub fn cache_kind(cache: &TensorRef, dim: usize) -> Result<CacheKind> {
+    let pages = cache.shape.first().copied().unwrap_or(0);
+    let kind = match cache.dtype {
+        DType::U8 => PACKED
+            .iter()
+            .find(|(f, _)| f.dim == dim && cache.shape == [pages, f.page_bytes()])
+            .map(|(f, _)| CacheKind::Packed(*f)),
+        DType::F32 if cache.shape == [pages, PAGE_ROWS, dim] => Some(CacheKind::PlainF32),
+        DType::BF16 if cache.shape == [pages, PAGE_ROWS, dim] => Some(CacheKind::PlainBf16),
+        _ => None,
+    };
+    kind.ok_or_else(|| {
+        let packed: Vec<String> = PACKED
+            .iter()
+            .filter(|(f, _)| f.dim == dim)
+            .map(|(f, _)| format!("uint8 [num_pages, {}] ({})", f.page_bytes(), f.name))
+            .collect();
+        Error::value(
+            cache.name,
+            format!(
+                "expected a cache of {}, or bfloat16/float32 [num_pages, {PAGE_ROWS}, {dim}]; got {} {:?}",
+                packed.join(", "),
+                cache.dtype.name(),
+                cache.shape
+            ),
+        )
+    })
+}
+
 impl<'a> PagedRows<'a> {
-    /// Recognizes the format of `cache` from its dtype and shape: `uint8 [pages, 64 * row_bytes]`
-    /// for a packed layout of width `dim`, `bfloat16`/`float32 [pages, 64, dim]` for plain rows.
+    /// Recognizes the format of `cache` (see [`cache_kind`]).
     ///
     /// # Safety
     /// `cache` satisfies [`TensorRef`]'s contract and is not written while borrowed.
     pub unsafe fn new(cache: &'a TensorRef, dim: usize) -> Result<Self> {
         cache.expect_device(Device::Cpu)?;
         let pages = cache.shape.first().copied().unwrap_or(0);
-        let storage = match cache.dtype {
-            DType::U8 => PACKED
-                .iter()
-                .find(|(f, _)| f.dim == dim && cache.shape == [pages, f.page_bytes()])
-                .map(|(fmt, decode)| -> Result<Storage<'a>> {
-                    Ok(Storage::Packed { bytes: cache.host::<u8>(&[DType::U8])?, fmt: *fmt, decode: *decode })
-                })
-                .transpose()?,
-            DType::F32 | DType::BF16 if cache.shape == [pages, PAGE_ROWS, dim] => {
-                // Plain caches are checked for non-finite values row by row as they are read.
-                Some(Storage::Plain(match cache.dtype {
-                    DType::BF16 => Floats::BF16(cache.host::<u16>(&[DType::BF16])?),
-                    _ => Floats::F32(cache.host::<f32>(&[DType::F32])?),
-                }))
+        // Plain caches are checked for non-finite values row by row as they are read.
+        let storage = match cache_kind(cache, dim)? {
+            CacheKind::Packed(fmt) => {
+                let decode = PACKED.iter().find(|(f, _)| *f == fmt).map(|(_, d)| *d).expect("a packed format");
+                Storage::Packed { bytes: cache.host::<u8>(&[DType::U8])?, fmt, decode }
             }
-            _ => None,
+            CacheKind::PlainBf16 => Storage::Plain(Floats::BF16(cache.host::<u16>(&[DType::BF16])?)),
+            CacheKind::PlainF32 => Storage::Plain(Floats::F32(cache.host::<f32>(&[DType::F32])?)),
         };
-        let storage = storage.ok_or_else(|| {
-            let packed: Vec<String> = PACKED
-                .iter()
-                .filter(|(f, _)| f.dim == dim)
-                .map(|(f, _)| format!("uint8 [num_pages, {}] ({})", f.page_bytes(), f.name))
-                .collect();
-            Error::value(
-                cache.name,
-                format!(
-                    "expected a cache of {}, or bfloat16/float32 [num_pages, {PAGE_ROWS}, {dim}]; got {} {:?}",
-                    packed.join(", "),
-                    cache.dtype.name(),
-                    cache.shape
-                ),
-            )
-        })?;
         Ok(PagedRows { name: cache.name, dim, rows: pages * PAGE_ROWS, storage })
     }
 

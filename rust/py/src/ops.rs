@@ -33,6 +33,7 @@ pub fn compress(
     ratio: usize,
     eps: f32,
     quant: &str,
+    stream: usize,
 ) -> PyResult<()> {
     let cfg = Config { start: start_pos, ratio, eps, quant: Quant::parse("quant", quant).map_err(to_py)? };
     let (kv, sc, ape, w) = (tref("kv", kv)?, tref("score", score)?, tref("ape", ape)?, tref("norm_weight", norm_weight)?);
@@ -40,7 +41,7 @@ pub fn compress(
         (tref("inv_freq", inv_freq)?, tref("kv_state", kv_state)?, tref("score_state", score_state)?, tref("out", out)?);
     // SAFETY: as rope; the states are written in place and alias no other argument (checked in
     // ops.py).
-    run(py, || unsafe { compress_op::compress(&kv, &sc, &ape, &w, &f, &ks, &ss, &o, cfg) })
+    run(py, || unsafe { compress_op::compress(&kv, &sc, &ape, &w, &f, &ks, &ss, &o, cfg, stream) })
 }
 
 #[pyfunction]
@@ -57,12 +58,14 @@ pub fn indexer_topk(
     out_scores: Spec,
     k: usize,
     physical: bool,
+    workspace: Option<Spec>,
+    stream: usize,
 ) -> PyResult<()> {
     let (q, w, c) = (tref("q", q)?, tref("weights", weights)?, tref("key_cache", key_cache)?);
     let (bt, s, v) = (tref("block_table", block_table)?, tref("seq_ids", seq_ids)?, tref("visible", visible)?);
-    let (oi, os) = (tref("indices", out_indices)?, tref("scores", out_scores)?);
-    // SAFETY: as rope; the outputs are fresh tensors.
-    run(py, || unsafe { indexer_op::indexer_topk(&q, &w, &c, &bt, &s, &v, &oi, &os, k, physical) })
+    let (oi, os, ws) = (tref("indices", out_indices)?, tref("scores", out_scores)?, opt("workspace", workspace)?);
+    // SAFETY: as rope; the outputs and the workspace are fresh tensors.
+    run(py, || unsafe { indexer_op::indexer_topk(&q, &w, &c, &bt, &s, &v, &oi, &os, k, physical, ws.as_ref(), stream) })
 }
 
 /// Optional tensors cross as `None` or a Spec.
@@ -87,13 +90,15 @@ pub fn sparse_attention(
     derotate_inv_freq: Option<Spec>,
     out: Spec,
     lse: Spec,
+    workspace: Option<Spec>,
+    stream: usize,
 ) -> PyResult<()> {
     let (q, c, i, s) = (tref("q", q)?, tref("cache", cache)?, tref("indices", indices)?, tref("sink", sink)?);
     let len = opt("lengths", lengths)?;
     let (ec, ei, el) =
         (opt("extra_cache", extra_cache)?, opt("extra_indices", extra_indices)?, opt("extra_lengths", extra_lengths)?);
     let (dp, df) = (opt("derotate positions", derotate_positions)?, opt("derotate inv_freq", derotate_inv_freq)?);
-    let (o, l) = (tref("out", out)?, tref("lse", lse)?);
+    let (o, l, ws) = (tref("out", out)?, tref("lse", lse)?, opt("workspace", workspace)?);
     // SAFETY: as rope; the outputs are fresh tensors.
     run(py, || unsafe {
         let extra = match (&ec, &ei) {
@@ -104,11 +109,26 @@ pub fn sparse_attention(
             (Some(positions), Some(inv_freq)) => Some(Derotate { positions, inv_freq }),
             _ => None,
         };
-        attention_op::sparse_attention(&q, &c, &i, len.as_ref(), extra, &s, scale, derotate, &o, &l)
+        attention_op::sparse_attention(&q, &c, &i, len.as_ref(), extra, &s, scale, derotate, &o, &l, ws.as_ref(), stream)
     })
 }
 
+/// Workspace bytes a GPU `indexer_topk` call needs for `queries` queries over at most
+/// `max_keys` keys each.
+#[pyfunction]
+pub fn indexer_workspace_bytes(queries: usize, max_keys: usize, k: usize) -> usize {
+    dsv4rs_core::gpu::indexer::workspace_bytes(queries, max_keys, k)
+}
+
+/// Workspace bytes a GPU `sparse_attention` call needs (0 when it runs unsplit).
+#[pyfunction]
+pub fn attention_workspace_bytes(queries: usize, heads: usize, max_candidates: usize) -> usize {
+    dsv4rs_core::gpu::attention::workspace_bytes(queries, heads, max_candidates)
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(indexer_workspace_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(attention_workspace_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(rope, m)?)?;
     m.add_function(wrap_pyfunction!(compress, m)?)?;
     m.add_function(wrap_pyfunction!(indexer_topk, m)?)?;

@@ -3,6 +3,9 @@
 //! into each device's primary context (the one PyTorch uses) on first use, and launches go to
 //! the raw stream handle the caller passes.
 
+pub mod attention;
+pub mod compress;
+pub mod indexer;
 pub mod quant;
 
 use std::collections::HashMap;
@@ -196,6 +199,16 @@ pub unsafe fn launch(index: i32, name: &str, cfg: &Launch, args: &mut [*mut c_vo
     }
     let (ctx, f) = function(index, name)?;
     with_context(ctx, || {
+        if cfg.shared_bytes > 48 * 1024 {
+            check(
+                sys::cuFuncSetAttribute(
+                    f,
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    cfg.shared_bytes as i32,
+                ),
+                &format!("cuFuncSetAttribute({name}, {} B of shared memory)", cfg.shared_bytes),
+            )?;
+        }
         check(
             sys::cuLaunchKernel(
                 f,

@@ -1,0 +1,380 @@
+// Sparse attention with sink over paged KV entries (SPEC.md section 2), decode and prefill.
+//
+// Every query t has its own candidate list: the first counts[t] rows of list A into cache A (e.g.
+// its top-k compressed entries) followed by those of list B into cache B (its sliding window), as
+// physical row ids; -1 and ids outside a cache are masked. K = V = the 512-d entry. One softmax
+// over all candidates plus the per-head sink:
+//   out_h = sum_j exp(z_hj) e_j / (sum_j exp(z_hj) + exp(sink_h)),  z_hj = scale * q_h . e_j
+//
+// dsv4_sparse_attention: grid (splits, head blocks, queries), 256 threads = 8 warps. A block
+// takes 32 heads of one query and one split of its candidate list, 32 candidates at a time:
+// the tile's rows are dequantized (FP8 entries or BF16 rows) into shared memory as bf16, and
+// bf16 tensor-core MMAs (mma.sync m16n8k16, sm_80+, fp32 accumulation) compute S = Q K^T and
+// O += P V with an online softmax (FlashAttention-2 style). Warp w owns head tile w / 4 (16
+// heads) and output dims [128 (w % 4), +128); the four warps of a head tile add their partial
+// scores through shared memory. The next tile's raw bytes are loaded into registers while the
+// current tile is computed. With one split the block writes the final output; otherwise it
+// writes (O, row max, row sum) partials that dsv4_attention_combine folds together.
+#include "quant.cuh"
+
+using namespace dsv4;
+
+namespace {
+
+constexpr int THREADS = 256;
+constexpr int HEADS_PER_BLOCK = 32;
+constexpr int TILE = 32;              // candidates per tile
+constexpr int KROW = ENTRY_DIM + 8;   // padded bf16 row stride (1040 B): conflict-free fragments
+constexpr float LOG2E = 1.4426950408889634f;
+
+enum EntryFormat { ENTRIES_FP8 = 0, ENTRIES_BF16 = 1 };
+
+struct Cache {
+  const uint8_t* base;
+  long long rows;
+  int fmt;
+};
+
+__device__ __forceinline__ void mma_bf16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t& r0, uint32_t& r1, const void* p) {
+  uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(r0), "=r"(r1) : "r"(a));
+}
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  return (uint32_t)bf16_from_f32(lo) | ((uint32_t)bf16_from_f32(hi) << 16);
+}
+
+__device__ __forceinline__ uint32_t ld32(const uint16_t* p) { return *(const uint32_t*)p; }
+
+// The raw bytes one thread moves for one tile: row tid / 8, 64-dim part tid % 8.
+struct RawPart {
+  uint4 v[8];
+  float scale;
+  bool valid;
+};
+
+__device__ __forceinline__ void load_raw(RawPart& raw, const Cache& c, long long row, int part) {
+  raw.valid = row >= 0;
+  if (!raw.valid) return;
+  if (c.fmt == ENTRIES_FP8) {
+    const uint8_t* data = c.base + MAIN_ENTRY.data_offset(row);
+    if (part < 7) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) raw.v[i] = ((const uint4*)(data + 64 * part))[i];
+      raw.scale = exp2i((int)c.base[MAIN_ENTRY.scale_offset(row) + part] - 127);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) raw.v[i] = ((const uint4*)(data + NOPE_DIM))[i];
+    }
+  } else {
+    const uint4* src = (const uint4*)(c.base + row * (ENTRY_DIM * 2) + 128 * part);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) raw.v[i] = src[i];
+  }
+}
+
+__device__ __forceinline__ void store_tile_part(const RawPart& raw, int fmt, int part, uint16_t* dst) {
+  if (!raw.valid) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) ((uint4*)dst)[i] = make_uint4(0, 0, 0, 0);
+  } else if (fmt == ENTRIES_FP8 && part < 7) {
+    const uint8_t* b = (const uint8_t*)raw.v;
+#pragma unroll
+    for (int i = 0; i < 64; i += 2) *(uint32_t*)(dst + i) = pack_bf16(fp8_decode(b[i]) * raw.scale, fp8_decode(b[i + 1]) * raw.scale);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) ((uint4*)dst)[i] = raw.v[i];
+  }
+}
+
+// One candidate list: row ids [T, stride] (int32 or int64) and optional counts [T].
+struct List {
+  const void* ids;
+  const void* counts;  // null: all `stride` columns count
+  int stride;
+  int ids64, counts64;
+};
+
+// Mirrored by `Params` in rust/core/src/gpu/attention.rs (same field order, repr(C)).
+struct Params {
+  const void* q;
+  int q_bf16;
+  int heads;
+  Cache a, b;
+  List la, lb;                 // lb.ids null: no second list
+  const float* sink;
+  float scale;
+  const void* positions;       // null: no de-rotation
+  int positions64;
+  const void* inv_freq;        // [32], float32 or float64
+  int inv_freq64;
+  int splits;
+  int split_len;
+  float* out;      // [T, H, 512]
+  float* lse;      // [T, H]
+  float* part_o;   // [T, splits, H, 512]
+  float* part_ml;  // [T, splits, H, 2]
+};
+
+__device__ __forceinline__ int list_count(const List& l, long long t) {
+  if (!l.ids) return 0;
+  return l.counts ? (int)min(load_id(l.counts, t, l.counts64), (long long)l.stride) : l.stride;
+}
+
+// Candidate `pos` of query t's list -> row of cache `which`, or -1 when masked.
+__device__ __forceinline__ long long candidate_row(const Params& p, long long t, int na, int nb, int pos,
+                                                   int& which) {
+  long long row = -1;
+  if (pos < na) {
+    row = load_id(p.la.ids, t * p.la.stride + pos, p.la.ids64);
+    which = 0;
+    if (row >= p.a.rows) row = -1;
+  } else if (pos < na + nb) {
+    row = load_id(p.lb.ids, t * p.lb.stride + pos - na, p.lb.ids64);
+    which = 1;
+    if (row >= p.b.rows) row = -1;
+  }
+  return row < 0 ? -1 : row;
+}
+
+// Inverse RoPE at `pos` on dims 448:512 of a 512-d output row held as (dim, value) pairs.
+__device__ __forceinline__ void derotate_pair(float& x0, float& x1, long long pos, const Params& p, int j) {
+  const double f = p.inv_freq64 ? ((const double*)p.inv_freq)[j] : (double)((const float*)p.inv_freq)[j];
+  double s, c;
+  sincospi(-(double)pos * f * M_1_PI, &s, &c);  // the pi-scaled argument makes range reduction cheap
+  float y0 = x0 * (float)c - x1 * (float)s, y1 = x0 * (float)s + x1 * (float)c;
+  x0 = y0;
+  x1 = y1;
+}
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(THREADS, 1) dsv4_sparse_attention(const Params p) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  uint16_t* ks = (uint16_t*)smem;                                // [TILE][KROW] bf16
+  float* sp = (float*)(ks + TILE * KROW);                         // [2][4][16][TILE] partial scores
+  __shared__ float valid_s[TILE];
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int mt = warp / 4, ds = warp % 4;  // head tile, 128-dim slice
+  const int r = lane / 4, c2 = (lane % 4) * 2;
+  const long long t = blockIdx.z;
+  const int h0 = blockIdx.y * HEADS_PER_BLOCK + mt * 16;
+  const int split = blockIdx.x;
+  const int na = list_count(p.la, t), nb = list_count(p.lb, t);
+  const int total = na + nb;
+  const int begin = split * p.split_len, end = min(begin + p.split_len, total);
+
+  // Q fragments of this warp's 16 heads and 128 dims, as bf16 (exact for bf16 queries).
+  uint32_t qa[8][4];
+  const float qscale = p.scale * LOG2E;  // scores are kept in log2 units
+  {
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        int h = h0 + r + (i % 2) * 8;
+        int d = ds * 128 + kk * 16 + c2 + (i / 2) * 8;
+        float x0 = 0.f, x1 = 0.f;
+        if (h < p.heads) {
+          long long off = (t * p.heads + h) * ENTRY_DIM + d;
+          x0 = load_value(p.q, off, p.q_bf16);
+          x1 = load_value(p.q, off + 1, p.q_bf16);
+        }
+        qa[kk][i] = pack_bf16(x0, x1);
+      }
+    }
+  }
+
+  float o[16][4];
+#pragma unroll
+  for (int n = 0; n < 16; ++n)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) o[n][i] = 0.f;
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+
+  const int lrow = tid / 8, lpart = tid % 8;
+  RawPart raw;
+  int which = 0;
+  int fmt_now = p.a.fmt;
+  if (begin < end) {
+    long long row = candidate_row(p, t, na, nb, begin + lrow, which);
+    if (begin + lrow >= end) row = -1;
+    load_raw(raw, which ? p.b : p.a, row, lpart);
+    fmt_now = which ? p.b.fmt : p.a.fmt;
+  }
+
+  for (int base = begin; base < end; base += TILE) {
+    store_tile_part(raw, fmt_now, lpart, ks + lrow * KROW + 64 * lpart);
+    if (lpart == 0) valid_s[lrow] = raw.valid ? 0.f : -INFINITY;
+    __syncthreads();
+    // Prefetch the next tile's raw bytes while this one is computed.
+    if (base + TILE < end) {
+      int pos = base + TILE + lrow;
+      long long row = pos < end ? candidate_row(p, t, na, nb, pos, which) : -1;
+      load_raw(raw, which ? p.b : p.a, row, lpart);
+      fmt_now = which ? p.b.fmt : p.a.fmt;
+    }
+
+    // Partial scores over this warp's 128 dims: [16 heads x 32 candidates].
+    float s[4][4];
+#pragma unroll
+    for (int n = 0; n < 4; ++n)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) s[n][i] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+#pragma unroll
+      for (int n = 0; n < 4; ++n) {
+        const uint16_t* kr = ks + (8 * n + r) * KROW + ds * 128 + kk * 16 + c2;
+        mma_bf16(s[n], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], ld32(kr), ld32(kr + 8));
+      }
+    }
+    float* mine = sp + ((mt * 4 + ds) * 16) * TILE;
+#pragma unroll
+    for (int n = 0; n < 4; ++n) {
+      mine[r * TILE + 8 * n + c2] = s[n][0];
+      mine[r * TILE + 8 * n + c2 + 1] = s[n][1];
+      mine[(r + 8) * TILE + 8 * n + c2] = s[n][2];
+      mine[(r + 8) * TILE + 8 * n + c2 + 1] = s[n][3];
+    }
+    __syncthreads();
+    // Full scores (sum of the four dim slices, in a fixed order), masked, then online softmax.
+    float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int n = 0; n < 4; ++n) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        int row = r + (i / 2) * 8, col = 8 * n + c2 + (i % 2);
+        const float* all = sp + (mt * 4 * 16) * TILE;
+        float v = all[row * TILE + col] + all[(16 + row) * TILE + col] + all[(32 + row) * TILE + col] +
+                  all[(48 + row) * TILE + col];
+        v = v * qscale + valid_s[col];
+        s[n][i] = v;
+        tile_max[i / 2] = fmaxf(tile_max[i / 2], v);
+      }
+    }
+    float corr[2];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      tile_max[j] = fmaxf(tile_max[j], __shfl_xor_sync(0xffffffffu, tile_max[j], 1));
+      tile_max[j] = fmaxf(tile_max[j], __shfl_xor_sync(0xffffffffu, tile_max[j], 2));
+      float m_new = fmaxf(row_max[j], tile_max[j]);
+      corr[j] = m_new == -INFINITY ? 1.f : exp2f(row_max[j] - m_new);
+      row_max[j] = m_new;
+      row_sum[j] *= corr[j];
+    }
+    uint32_t pa[2][4];
+#pragma unroll
+    for (int n = 0; n < 4; ++n) {
+      float e[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        float m = row_max[i / 2];
+        e[i] = m == -INFINITY ? 0.f : exp2f(s[n][i] - m);
+        row_sum[i / 2] += e[i];
+      }
+      // C fragment of n-tile n -> A fragment of k-step n / 2 (keys 16 (n / 2) .. + 16).
+      pa[n / 2][(n % 2) * 2 + 0] = pack_bf16(e[0], e[1]);
+      pa[n / 2][(n % 2) * 2 + 1] = pack_bf16(e[2], e[3]);
+    }
+#pragma unroll
+    for (int n = 0; n < 16; ++n) {
+      o[n][0] *= corr[0];
+      o[n][1] *= corr[0];
+      o[n][2] *= corr[1];
+      o[n][3] *= corr[1];
+    }
+    // O += P V over this warp's 128 output dims: 16 n-tiles of 8 dims, 2 k-steps of 16 keys.
+#pragma unroll
+    for (int kk = 0; kk < 2; ++kk) {
+#pragma unroll
+      for (int n = 0; n < 16; ++n) {
+        uint32_t b0, b1;
+        const uint16_t* vp = ks + (16 * kk + (lane % 16)) * KROW + ds * 128 + 8 * n;
+        ldmatrix_x2_trans(b0, b1, vp);
+        mma_bf16(o[n], pa[kk][0], pa[kk][1], pa[kk][2], pa[kk][3], b0, b1);
+      }
+    }
+    __syncthreads();
+  }
+
+  // Row sums are spread over the 4 lanes of a row.
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    row_sum[j] += __shfl_xor_sync(0xffffffffu, row_sum[j], 1);
+    row_sum[j] += __shfl_xor_sync(0xffffffffu, row_sum[j], 2);
+  }
+
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const int h = h0 + r + 8 * j;
+    if (h >= p.heads) continue;
+    if (p.splits == 1) {
+      // out = O / (l + 2^(sink - m)) with O and l relative to the row max m (0 when no candidate).
+      const float m = row_max[j];
+      const float f = m == -INFINITY ? 0.f : 1.f / (row_sum[j] + exp2f(p.sink[h] * LOG2E - m));
+      float* dst = p.out + (t * p.heads + h) * ENTRY_DIM + ds * 128;
+#pragma unroll
+      for (int n = 0; n < 16; ++n) {
+        float x0 = o[n][2 * j] * f, x1 = o[n][2 * j + 1] * f;
+        int d = 8 * n + c2;
+        if (p.positions && ds == 3 && d >= 64) derotate_pair(x0, x1, load_id(p.positions, t, p.positions64), p, (d - 64) / 2);
+        *(float2*)(dst + d) = make_float2(x0, x1);
+      }
+      if (ds == 0 && lane % 4 == 0)
+        p.lse[t * p.heads + h] = m == -INFINITY ? -INFINITY : (m + log2f(row_sum[j])) / LOG2E;
+    } else {
+      float* dst = p.part_o + ((t * p.splits + split) * p.heads + h) * ENTRY_DIM + ds * 128;
+#pragma unroll
+      for (int n = 0; n < 16; ++n) *(float2*)(dst + 8 * n + c2) = make_float2(o[n][2 * j], o[n][2 * j + 1]);
+      if (ds == 0 && lane % 4 == 0) {
+        float* ml = p.part_ml + ((t * p.splits + split) * p.heads + h) * 2;
+        ml[0] = row_max[j];
+        ml[1] = row_sum[j];
+      }
+    }
+  }
+}
+
+// Folds split partials: grid (heads, queries), 128 threads, 4 dims each.
+extern "C" __global__ void __launch_bounds__(128) dsv4_attention_combine(const Params p) {
+  const int h = blockIdx.x, tid = threadIdx.x;
+  const long long t = blockIdx.y;
+  const float* ml = p.part_ml + (t * p.splits * p.heads + h) * 2;
+  float m = -INFINITY;
+  for (int s = 0; s < p.splits; ++s) m = fmaxf(m, ml[s * p.heads * 2]);
+  float sum = 0.f;
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int s = 0; s < p.splits; ++s) {
+    float ms = ml[s * p.heads * 2];
+    if (ms == -INFINITY) continue;
+    float w = exp2f(ms - m);
+    sum += ml[s * p.heads * 2 + 1] * w;
+    float4 v = *(const float4*)(p.part_o + ((t * p.splits + s) * p.heads + h) * ENTRY_DIM + 4 * tid);
+    acc[0] += v.x * w;
+    acc[1] += v.y * w;
+    acc[2] += v.z * w;
+    acc[3] += v.w * w;
+  }
+  const float f = m == -INFINITY ? 0.f : 1.f / (sum + exp2f(p.sink[h] * LOG2E - m));
+#pragma unroll
+  for (int i = 0; i < 4; ++i) acc[i] *= f;
+  const int d = 4 * tid;
+  if (p.positions && d >= NOPE_DIM) {
+    const long long pos = load_id(p.positions, t, p.positions64);
+    derotate_pair(acc[0], acc[1], pos, p, (d - NOPE_DIM) / 2);
+    derotate_pair(acc[2], acc[3], pos, p, (d - NOPE_DIM) / 2 + 1);
+  }
+  *(float4*)(p.out + (t * p.heads + h) * ENTRY_DIM + d) = make_float4(acc[0], acc[1], acc[2], acc[3]);
+  if (tid == 0) p.lse[t * p.heads + h] = m == -INFINITY ? -INFINITY : (m + log2f(sum)) / LOG2E;
+}

@@ -1,0 +1,196 @@
+// The compressor on the GPU (SPEC.md section 3), one form for prefill and decode, mirroring
+// rust/core/src/compress.rs: a call consumes the tokens at positions start .. start + S and
+// emits the entries they complete; tokens of blocks not pooled yet come from the decode state
+// (kv_state, score_state: [coff r, coff D], logits stored as score + ape).
+//
+// dsv4_compress_pool: one 128-thread block per emitted entry; per channel one softmax over the
+// entry's candidates (own block, and the previous block for the overlapping ratio-4 form), then
+// RMSNorm, RoPE at the block's first position, and the FP8 (D = 512) or Hadamard + FP4
+// (D = 128) round trip. One pass over the projections.
+// dsv4_compress_state: advances the state in place exactly as feeding the tokens one by one
+// would (a thread per channel column, so reads of the old state precede its writes).
+#include "quant.cuh"
+
+using namespace dsv4;
+
+namespace {
+
+constexpr int THREADS = 128;
+constexpr int MAX_DIM = 512;
+
+enum Quant { QUANT_NONE = 0, QUANT_FP8 = 1, QUANT_FP4 = 2 };
+
+struct Params {
+  const float* kv;
+  const float* score;
+  const float* ape;
+  const float* norm_weight;
+  const void* inv_freq;
+  int inv_freq64;
+  int rope_pairs;
+  float* kv_state;
+  float* score_state;
+  float* out;
+  long long start;
+  int tokens;
+  int ratio;
+  int overlap;
+  int dim;
+  float eps;
+  int quant;
+};
+
+struct Candidate {
+  float value, logit;
+};
+
+// Token p's value and logit on state/input column `col`.
+__device__ __forceinline__ Candidate candidate(const Params& p, long long pos, int col) {
+  const int width = (p.overlap ? 2 : 1) * p.dim;
+  const long long r = p.ratio;
+  if (pos >= p.start) {
+    const long long row = pos - p.start;
+    return {p.kv[row * width + col], p.score[row * width + col] + p.ape[(pos % r) * width + col]};
+  }
+  // Tokens before the call live in the state: the block in progress at `start` in slots
+  // [coff r - r, coff r), the one before it (overlap only) in slots [0, r).
+  const bool current = pos / r == p.start / r;
+  const long long slot = (p.overlap && current ? r : 0) + pos % r;
+  return {p.kv_state[slot * width + col], p.score_state[slot * width + col]};
+}
+
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+  for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
+  __syncthreads();
+  float total = 0.f;
+  for (int w = 0; w < THREADS / 32; ++w) total += scratch[w];
+  __syncthreads();
+  return total;
+}
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(THREADS) dsv4_compress_pool(const Params p) {
+  __shared__ float x[MAX_DIM];
+  __shared__ float scratch[THREADS / 32];
+  const int tid = threadIdx.x;
+  const long long r = p.ratio;
+  const long long i = p.start / r + blockIdx.x;
+  const int d = p.dim;
+
+  float ss = 0.f;
+  for (int c = tid; c < d; c += THREADS) {
+    // Candidates: (previous block, "b" half at column c) then (own block, "a" half at d + c).
+    float m = -INFINITY;
+    const int own_col = p.overlap ? d + c : c;
+    const long long prev0 = (p.overlap && i > 0) ? r * i - r : r * i;
+    for (long long pos = prev0; pos < r * i + r; ++pos) m = fmaxf(m, candidate(p, pos, pos < r * i ? c : own_col).logit);
+    float num = 0.f, den = 0.f;
+    for (long long pos = prev0; pos < r * i + r; ++pos) {
+      Candidate k = candidate(p, pos, pos < r * i ? c : own_col);
+      float w = expf(k.logit - m);
+      den += w;
+      num = fmaf(w, k.value, num);
+    }
+    float v = num / den;
+    x[c] = v;
+    ss += v * v;
+  }
+  const float rms = rsqrtf(block_sum(ss, scratch) / d + p.eps);
+  for (int c = tid; c < d; c += THREADS) x[c] = x[c] * rms * p.norm_weight[c];
+  __syncthreads();
+  // RoPE at position r i on the last 2 rope_pairs dims (interleaved pairs), angles in double.
+  for (int j = tid; j < p.rope_pairs; j += THREADS) {
+    double f = p.inv_freq64 ? ((const double*)p.inv_freq)[j] : (double)((const float*)p.inv_freq)[j];
+    double s, co;
+    sincospi((double)(r * i) * f * M_1_PI, &s, &co);  // the pi-scaled argument makes range reduction cheap
+    int k = d - 2 * p.rope_pairs + 2 * j;
+    float x0 = x[k], x1 = x[k + 1];
+    x[k] = x0 * (float)co - x1 * (float)s;
+    x[k + 1] = x0 * (float)s + x1 * (float)co;
+  }
+  __syncthreads();
+  float* dst = p.out + blockIdx.x * (long long)d;
+  if (p.quant == QUANT_FP8) {
+    // Thread t owns dims [4t, 4t + 4): 16 threads share one 64-dim FP8 block; t >= 112: BF16.
+    float v[4];
+    for (int k = 0; k < 4; ++k) v[k] = x[4 * tid + k];
+    float m = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
+    m = group_amax(m, 16);  // every lane takes part in the shuffles
+    if (tid < NOPE_DIM / 4) {
+      int e = ue8m0_exponent(m, FP8_MAX);
+      float s = exp2i(e);
+      for (int k = 0; k < 4; ++k) v[k] = fp8_decode(fp8_encode(v[k], e)) * s;
+    } else {
+      for (int k = 0; k < 4; ++k) v[k] = bf16_to_f32(bf16_from_f32(v[k]));
+    }
+    *(float4*)(dst + 4 * tid) = make_float4(v[0], v[1], v[2], v[3]);
+  } else if (p.quant == QUANT_FP4) {
+    if (tid < 32) {
+      // Hadamard-128 (same butterflies as the CPU), then FP4 per 32 dims (8 lanes).
+      float v[4];
+      for (int k = 0; k < 4; ++k) v[k] = x[4 * tid + k];
+      float a0 = v[0] + v[1], b0 = v[0] - v[1], a1 = v[2] + v[3], b1 = v[2] - v[3];
+      v[0] = a0 + a1; v[2] = a0 - a1; v[1] = b0 + b1; v[3] = b0 - b1;
+      for (int h = 4; h < INDEX_DIM; h *= 2) {
+        int mask = h / 4;
+        bool upper = (tid & mask) != 0;
+        for (int k = 0; k < 4; ++k) {
+          float other = __shfl_xor_sync(0xffffffffu, v[k], mask);
+          v[k] = upper ? other - v[k] : v[k] + other;
+        }
+      }
+      float m = 0.f;
+      for (int k = 0; k < 4; ++k) {
+        v[k] *= HADAMARD_SCALE;
+        m = fmaxf(m, fabsf(v[k]));
+      }
+      int e = ue8m0_exponent(group_amax(m, 8), FP4_MAX);
+      float s = exp2i(e);
+      for (int k = 0; k < 4; ++k) v[k] = fp4_decode(fp4_encode(v[k], e)) * s;
+      *(float4*)(dst + 4 * tid) = make_float4(v[0], v[1], v[2], v[3]);
+    }
+  } else {
+    for (int c = tid; c < d; c += THREADS) dst[c] = x[c];
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS) dsv4_compress_state(const Params p) {
+  const int width = (p.overlap ? 2 : 1) * p.dim;
+  const int col = blockIdx.x * THREADS + threadIdx.x;
+  if (col >= width) return;
+  const long long r = p.ratio, end = p.start + p.tokens;
+  if (!p.overlap) {
+    for (long long pos = max(p.start, end - r); pos < end; ++pos) {
+      const long long row = pos - p.start, slot = pos % r;
+      p.kv_state[slot * width + col] = p.kv[row * width + col];
+      p.score_state[slot * width + col] = p.score[row * width + col] + p.ape[slot * width + col];
+    }
+    return;
+  }
+  // Overlap (r = 4): slots [4, 8) hold the last token of each residue (the block in progress);
+  // after the last block completed here, slots [0, 4) hold a copy of that block.
+  float kv_cur[4], sc_cur[4];
+  for (int j = 0; j < 4; ++j) {
+    kv_cur[j] = p.kv_state[(4 + j) * width + col];
+    sc_cur[j] = p.score_state[(4 + j) * width + col];
+  }
+  const long long last_done = end / 4 - 1;  // last block completed by position end - 1
+  if (last_done >= 0 && 4 * last_done + 3 >= p.start) {
+    for (int j = 0; j < 4; ++j) {
+      const long long pos = 4 * last_done + j;
+      Candidate k = pos >= p.start ? candidate(p, pos, col) : Candidate{kv_cur[j], sc_cur[j]};
+      p.kv_state[j * width + col] = k.value;
+      p.score_state[j * width + col] = k.logit;
+    }
+  }
+  for (int j = 0; j < 4; ++j) {
+    long long pos = end - 1 - ((end - 1 - j) % 4 + 4) % 4;  // last position < end with pos % 4 == j
+    if (pos >= p.start && pos >= 0) {
+      Candidate k = candidate(p, pos, col);
+      p.kv_state[(4 + j) * width + col] = k.value;
+      p.score_state[(4 + j) * width + col] = k.logit;
+    }
+  }
+}

@@ -1,0 +1,190 @@
+//! Launchers of cuda/attention.cu: sparse attention with sink over paged KV entries. Shapes,
+//! dtypes and index ranges are checked by the caller (`crate::attention`); this module chooses
+//! the split of the candidate axis and lays out the kernel's parameter block.
+
+use std::ffi::c_void;
+
+use super::{launch, Launch};
+use crate::error::{Error, Result};
+use crate::quant::{MAIN_ENTRY, PAGE_ROWS};
+use crate::tensor::{DType, TensorRef};
+
+const THREADS: u32 = 256;
+const HEADS_PER_BLOCK: usize = 32;
+const TILE: usize = 32;
+/// Blocks to aim for (the kernel runs one block per multiprocessor; a large GPU has ~132).
+const TARGET_BLOCKS: usize = 2 * 132;
+const SHARED_BYTES: u32 = (TILE * (512 + 8) * 2 + 2 * 4 * 16 * TILE * 4) as u32;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Cache {
+    base: u64,
+    rows: i64,
+    fmt: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct List {
+    ids: u64,
+    counts: u64,
+    stride: i32,
+    ids64: i32,
+    counts64: i32,
+}
+
+/// Mirror of `Params` in cuda/attention.cu (same field order and C layout).
+#[repr(C)]
+struct Params {
+    q: u64,
+    q_bf16: i32,
+    heads: i32,
+    a: Cache,
+    b: Cache,
+    la: List,
+    lb: List,
+    sink: u64,
+    scale: f32,
+    positions: u64,
+    positions64: i32,
+    inv_freq: u64,
+    inv_freq64: i32,
+    splits: i32,
+    split_len: i32,
+    out: u64,
+    lse: u64,
+    part_o: u64,
+    part_ml: u64,
+}
+
+/// Candidate-axis split: number of splits and candidates per split (a multiple of the tile).
+pub fn split(queries: usize, heads: usize, max_candidates: usize) -> (usize, usize) {
+    let blocks = queries.max(1) * heads.div_ceil(HEADS_PER_BLOCK);
+    let wanted = TARGET_BLOCKS.div_ceil(blocks).max(1);
+    let most = max_candidates.div_ceil(2 * TILE).max(1);
+    let splits = wanted.min(most);
+    let len = max_candidates.div_ceil(splits).next_multiple_of(TILE).max(TILE);
+    (max_candidates.div_ceil(len).max(1), len)
+}
+
+/// Workspace bytes (float32 partial outputs and softmax statistics) for more than one split.
+pub fn workspace_bytes(queries: usize, heads: usize, max_candidates: usize) -> usize {
+    let (splits, _) = split(queries, heads, max_candidates);
+    if splits == 1 {
+        0
+    } else {
+        queries * splits * heads * (512 + 2) * 4
+    }
+}
+
+/// One candidate list: row ids into `cache`, the first `lengths[t]` of query t's counting.
+pub struct Candidates<'a> {
+    pub cache: &'a TensorRef,
+    pub indices: &'a TensorRef,
+    pub lengths: Option<&'a TensorRef>,
+}
+
+/// Arguments of one launch, already validated.
+pub struct AttentionArgs<'a> {
+    pub q: &'a TensorRef,
+    pub a: Candidates<'a>,
+    pub b: Option<Candidates<'a>>,
+    pub sink: &'a TensorRef,
+    pub scale: f32,
+    pub derotate: Option<(&'a TensorRef, &'a TensorRef)>,
+    pub workspace: &'a TensorRef,
+    pub out: &'a TensorRef,
+    pub lse: &'a TensorRef,
+}
+
+fn cache(c: &TensorRef) -> Cache {
+    let fp8 = c.dtype == DType::U8;
+    let rows = if fp8 { c.dim(0) * PAGE_ROWS } else { c.numel() / 512 };
+    debug_assert!(!fp8 || c.dim(1) == MAIN_ENTRY.page_bytes());
+    Cache { base: c.ptr as u64, rows: rows as i64, fmt: (!fp8) as i32 }
+}
+
+fn list(c: &Candidates) -> List {
+    List {
+        ids: c.indices.ptr as u64,
+        counts: c.lengths.map_or(0, |l| l.ptr as u64),
+        stride: c.indices.dim(1) as i32,
+        ids64: (c.indices.dtype == DType::I64) as i32,
+        counts64: c.lengths.is_some_and(|l| l.dtype == DType::I64) as i32,
+    }
+}
+
+/// # Safety
+/// Every tensor satisfies `TensorRef`'s contract on device `dev` with the shapes `crate::attention`
+/// checks (bf16 rows caches `[P, 64, 512]`, FP8 caches `[P, 37376]`, q bf16/f32, sink and
+/// inv_freq float32); `stream` belongs to that device.
+pub unsafe fn sparse_attention(dev: i32, stream: usize, a: &AttentionArgs) -> Result<()> {
+    let (t, heads) = (a.q.dim(0), a.q.dim(1));
+    let width = a.a.indices.dim(1) + a.b.as_ref().map_or(0, |b| b.indices.dim(1));
+    let (splits, split_len) = split(t, heads, width);
+    let need = workspace_bytes(t, heads, width);
+    if a.workspace.numel() * a.workspace.dtype.size() < need || a.workspace.ptr % 16 != 0 {
+        return Err(Error::value(a.workspace.name, format!("needs at least {need} bytes, 16-byte aligned")));
+    }
+    if t == 0 {
+        return Ok(());
+    }
+    let none = List { ids: 0, counts: 0, stride: 0, ids64: 0, counts64: 0 };
+    let part_o = a.workspace.ptr as u64;
+    let mut p = Params {
+        q: a.q.ptr as u64,
+        q_bf16: (a.q.dtype == DType::BF16) as i32,
+        heads: heads as i32,
+        a: cache(a.a.cache),
+        b: a.b.as_ref().map_or(Cache { base: 0, rows: 0, fmt: 0 }, |b| cache(b.cache)),
+        la: list(&a.a),
+        lb: a.b.as_ref().map_or(none, list),
+        sink: a.sink.ptr as u64,
+        scale: a.scale,
+        positions: a.derotate.map_or(0, |d| d.0.ptr as u64),
+        positions64: a.derotate.is_some_and(|d| d.0.dtype == DType::I64) as i32,
+        inv_freq: a.derotate.map_or(0, |d| d.1.ptr as u64),
+        inv_freq64: a.derotate.is_some_and(|d| d.1.dtype == DType::F64) as i32,
+        splits: splits as i32,
+        split_len: split_len as i32,
+        out: a.out.ptr as u64,
+        lse: a.lse.ptr as u64,
+        part_o,
+        part_ml: part_o + (t * splits * heads * 512 * 4) as u64,
+    };
+    let pp = &mut p as *mut Params as *mut c_void;
+    let main = Launch {
+        grid: (splits as u32, heads.div_ceil(HEADS_PER_BLOCK) as u32, t as u32),
+        block: (THREADS, 1, 1),
+        shared_bytes: SHARED_BYTES,
+        stream,
+    };
+    launch(dev, "dsv4_sparse_attention", &main, &mut [pp])?;
+    if splits > 1 {
+        let combine = Launch { grid: (heads as u32, t as u32, 1), block: (128, 1, 1), shared_bytes: 0, stream };
+        launch(dev, "dsv4_attention_combine", &combine, &mut [pp])?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_layout_matches_the_kernel() {
+        assert_eq!(std::mem::size_of::<Cache>(), 24);
+        assert_eq!(std::mem::size_of::<List>(), 32);
+        assert_eq!(std::mem::size_of::<Params>(), 216);
+    }
+
+    #[test]
+    fn splits_cover_every_candidate() {
+        for (t, h, n) in [(1, 64, 640), (128, 128, 1152), (1, 1, 1), (2, 64, 8320), (3, 16, 0)] {
+            let (s, len) = split(t, h, n);
+            assert!(s * len >= n && len % TILE == 0 && s >= 1);
+            assert!((s - 1) * len < n.max(1), "no empty trailing split");
+        }
+    }
+}

@@ -1,0 +1,103 @@
+//! Launchers of cuda/compress.cu: the compressor's pooling kernel and state update. Shapes and
+//! dtypes are checked by the caller (`crate::compress`).
+
+use std::ffi::c_void;
+
+use super::{launch, Launch};
+use crate::error::{Error, Result};
+use crate::tensor::{DType, TensorRef};
+
+const THREADS: u32 = 128;
+/// Widest entry the pooling kernel holds in shared memory.
+pub const MAX_DIM: usize = 512;
+
+/// Mirror of `Params` in cuda/compress.cu (same field order and C layout).
+#[repr(C)]
+struct Params {
+    kv: u64,
+    score: u64,
+    ape: u64,
+    norm_weight: u64,
+    inv_freq: u64,
+    inv_freq64: i32,
+    rope_pairs: i32,
+    kv_state: u64,
+    score_state: u64,
+    out: u64,
+    start: i64,
+    tokens: i32,
+    ratio: i32,
+    overlap: i32,
+    dim: i32,
+    eps: f32,
+    quant: i32,
+}
+
+/// Tensors and scalars of one call, already validated.
+pub struct CompressArgs<'a> {
+    pub kv: &'a TensorRef,
+    pub score: &'a TensorRef,
+    pub ape: &'a TensorRef,
+    pub norm_weight: &'a TensorRef,
+    pub inv_freq: &'a TensorRef,
+    pub kv_state: &'a TensorRef,
+    pub score_state: &'a TensorRef,
+    pub out: &'a TensorRef,
+    pub start: usize,
+    pub ratio: usize,
+    pub eps: f32,
+    /// 0: none, 1: FP8 entry round trip (D = 512), 2: Hadamard + FP4 (D = 128).
+    pub quant: i32,
+}
+
+/// # Safety
+/// Every tensor satisfies `TensorRef`'s contract on device `dev` with the shapes `crate::compress`
+/// checks (float32 kv/score/ape/norm/state, inv_freq float32 or float64); `stream` belongs to
+/// that device.
+pub unsafe fn compress(dev: i32, stream: usize, a: &CompressArgs) -> Result<()> {
+    let d = a.norm_weight.dim(0);
+    if d > MAX_DIM || (a.quant == 1 && d != 512) {
+        return Err(Error::value(a.norm_weight.name, format!("the GPU compressor takes D <= {MAX_DIM}, got {d}")));
+    }
+    let (tokens, entries) = (a.kv.dim(0), a.out.dim(0));
+    let overlap = a.ratio == 4;
+    let mut p = Params {
+        kv: a.kv.ptr as u64,
+        score: a.score.ptr as u64,
+        ape: a.ape.ptr as u64,
+        norm_weight: a.norm_weight.ptr as u64,
+        inv_freq: a.inv_freq.ptr as u64,
+        inv_freq64: (a.inv_freq.dtype == DType::F64) as i32,
+        rope_pairs: a.inv_freq.numel() as i32,
+        kv_state: a.kv_state.ptr as u64,
+        score_state: a.score_state.ptr as u64,
+        out: a.out.ptr as u64,
+        start: a.start as i64,
+        tokens: tokens as i32,
+        ratio: a.ratio as i32,
+        overlap: overlap as i32,
+        dim: d as i32,
+        eps: a.eps,
+        quant: a.quant,
+    };
+    let pp = &mut p as *mut Params as *mut c_void;
+    // Pool first: it reads the state the update below overwrites (same stream, in order).
+    let pool = Launch { grid: (entries as u32, 1, 1), block: (THREADS, 1, 1), shared_bytes: 0, stream };
+    launch(dev, "dsv4_compress_pool", &pool, &mut [pp])?;
+    let width = if overlap { 2 * d } else { d };
+    let state = Launch {
+        grid: (if tokens == 0 { 0 } else { width.div_ceil(THREADS as usize) as u32 }, 1, 1),
+        block: (THREADS, 1, 1),
+        shared_bytes: 0,
+        stream,
+    };
+    launch(dev, "dsv4_compress_state", &state, &mut [pp])
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn params_layout_matches_the_kernel() {
+        assert_eq!(std::mem::size_of::<super::Params>(), 104);
+    }
+}

@@ -1,0 +1,140 @@
+//! Launchers of cuda/indexer.cu: the fused Lightning Indexer top-k. Shapes, dtypes and index
+//! ranges are checked by the caller (`crate::indexer`); this module sizes the split of the key
+//! axis and the workspace.
+
+use super::{launch, Launch};
+use crate::error::{Error, Result};
+use crate::kernel_args;
+use crate::quant::PAGE_ROWS;
+use crate::tensor::{DType, TensorRef};
+
+const SCORE_THREADS: u32 = 128;
+const MERGE_THREADS: u32 = 256;
+/// Largest k the merge kernel sorts in shared memory.
+pub const MAX_K: usize = 4096;
+/// Largest number of indexer heads (one 64-row tile of the MMA).
+pub const MAX_HEADS: usize = 64;
+/// Blocks to aim for: enough to fill every multiprocessor of a large GPU several times.
+const TARGET_BLOCKS: usize = 4 * 132;
+
+/// How the key axis is split: keys per split (a multiple of 64) and number of splits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Split {
+    pub keys: usize,
+    pub count: usize,
+    /// Candidates kept per split: min(k, keys).
+    pub kcap: usize,
+}
+
+/// Splits a key axis of at most `max_keys` keys for `queries` queries.
+pub fn split(queries: usize, max_keys: usize, k: usize) -> Split {
+    let per_query = TARGET_BLOCKS.div_ceil(queries.max(1)).max(1);
+    // At least 4k keys a split (up to the 4096 the shared pool holds), so that each split hands
+    // the merge at most a quarter of its keys.
+    let floor = (4 * k).next_multiple_of(PAGE_ROWS).clamp(4 * PAGE_ROWS, 4096);
+    let keys = max_keys.div_ceil(per_query).next_multiple_of(PAGE_ROWS).clamp(floor, 4096);
+    Split { keys, count: max_keys.div_ceil(keys).max(1), kcap: k.min(keys) }
+}
+
+/// Bytes of workspace the op needs: candidates (u64) and their counts (i32) per query and split.
+pub fn workspace_bytes(queries: usize, max_keys: usize, k: usize) -> usize {
+    let s = split(queries, max_keys, k);
+    queries * s.count * (s.kcap * 8 + 4)
+}
+
+fn score_shared_bytes(split_keys: usize) -> u32 {
+    let row = 128 + 8;
+    let tiles = (MAX_HEADS + PAGE_ROWS) * row * 2 + MAX_HEADS * 4;
+    (tiles + split_keys * 8 + 256 * 4 + 16) as u32
+}
+
+/// Arguments of one launch, already validated.
+pub struct IndexerArgs<'a> {
+    pub q: &'a TensorRef,
+    pub weights: &'a TensorRef,
+    pub keys: &'a TensorRef,
+    /// 0: FP4 (68 B), 1: FP8 (132 B), 2: BF16 rows.
+    pub key_format: i32,
+    pub num_pages: usize,
+    pub block_table: &'a TensorRef,
+    pub seq_ids: &'a TensorRef,
+    pub visible: &'a TensorRef,
+    pub k: usize,
+    pub physical: bool,
+    pub workspace: &'a TensorRef,
+    pub out_indices: &'a TensorRef,
+    pub out_scores: &'a TensorRef,
+}
+
+/// # Safety
+/// Every tensor satisfies `TensorRef`'s contract on device `dev`, with the shapes and dtypes
+/// `crate::indexer` checks (q `[T, H, 128]`, ids int32/int64, block table int32, outputs
+/// `[T, k]`);
+/// `stream` belongs to that device.
+pub unsafe fn indexer_topk(dev: i32, stream: usize, a: &IndexerArgs) -> Result<()> {
+    let (t, heads) = (a.q.dim(0), a.q.dim(1));
+    let max_pages = a.block_table.dim(1);
+    if heads > MAX_HEADS {
+        return Err(Error::value(a.q.name, format!("the GPU indexer takes at most {MAX_HEADS} heads, got {heads}")));
+    }
+    if a.k > MAX_K {
+        return Err(Error::value("k", format!("the GPU indexer takes k <= {MAX_K}, got {}", a.k)));
+    }
+    let s = split(t, max_pages * PAGE_ROWS, a.k);
+    let need = workspace_bytes(t, max_pages * PAGE_ROWS, a.k);
+    if a.workspace.dtype != DType::U8 || a.workspace.numel() < need || a.workspace.ptr % 8 != 0 {
+        return Err(Error::value(a.workspace.name, format!("needs at least {need} bytes (uint8, 8-byte aligned)")));
+    }
+    if t == 0 {
+        return Ok(());
+    }
+    let cand = a.workspace.ptr as u64;
+    let counts = cand + (t * s.count * s.kcap * 8) as u64;
+    let (qp, qb, wp, h) = (a.q.ptr as u64, (a.q.dtype == DType::BF16) as i32, a.weights.ptr as u64, heads as i32);
+    let (kp, fmt, np) = (a.keys.ptr as u64, a.key_format, a.num_pages as i64);
+    let (bt, mp, sp, vp) = (a.block_table.ptr as u64, max_pages as i32, a.seq_ids.ptr as u64, a.visible.ptr as u64);
+    let (s64, v64) = ((a.seq_ids.dtype == DType::I64) as i32, (a.visible.dtype == DType::I64) as i32);
+    let (sk, kc, sc) = (s.keys as i32, s.kcap as i32, s.count as i32);
+    let score = Launch {
+        grid: (s.count as u32, t as u32, 1),
+        block: (SCORE_THREADS, 1, 1),
+        shared_bytes: score_shared_bytes(s.keys),
+        stream,
+    };
+    launch(
+        dev,
+        "dsv4_indexer_score",
+        &score,
+        &mut kernel_args!(qp, qb, wp, h, kp, fmt, np, bt, mp, sp, vp, s64, v64, sk, kc, sc, cand, counts),
+    )?;
+    let (k, kpow2, phys) = (a.k as i32, a.k.next_power_of_two() as i32, a.physical as i32);
+    let (oi, os) = (a.out_indices.ptr as u64, a.out_scores.ptr as u64);
+    let merge = Launch {
+        grid: (t as u32, 1, 1),
+        block: (MERGE_THREADS, 1, 1),
+        shared_bytes: (a.k.next_power_of_two() * 8 + 256 * 4 + 16) as u32,
+        stream,
+    };
+    launch(
+        dev,
+        "dsv4_indexer_merge",
+        &merge,
+        &mut kernel_args!(cand, counts, sc, kc, k, kpow2, bt, mp, sp, s64, phys, oi, os),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_cover_the_key_axis_in_whole_pages() {
+        for (t, n, k) in [(1, 262_144, 512), (64, 262_144, 1024), (8192, 2048, 512), (1, 64, 2048), (3, 0, 5)] {
+            let s = split(t, n, k);
+            assert_eq!(s.keys % PAGE_ROWS, 0);
+            assert!(s.keys * s.count >= n);
+            assert!(s.kcap <= k && s.kcap <= s.keys);
+            assert!(s.keys <= 4096, "the shared-memory pool holds at most 4096 keys");
+        }
+    }
+}

@@ -1,0 +1,199 @@
+"""The attention ops on the GPU against the CPU ops and the float64 reference: compressor,
+indexer top-k, sparse attention; plus CUDA-graph capture and replay of each."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsv4rs import ops, reference
+
+pytestmark = pytest.mark.gpu
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def bf16_exact(gen: torch.Generator, *shape: int, scale: float = 1.0) -> torch.Tensor:
+    return (torch.randn(*shape, generator=gen) * scale).bfloat16().float()
+
+
+# ----------------------------------------------------------------------------------- compressor
+
+
+def compressor_inputs(gen: torch.Generator, ratio: int, dim: int, tokens: int):
+    coff = 2 if ratio == 4 else 1
+    kv = torch.randn(tokens, coff * dim, generator=gen)
+    score = torch.randn(tokens, coff * dim, generator=gen) * 2
+    ape = torch.randn(ratio, coff * dim, generator=gen)
+    norm = torch.rand(dim, generator=gen) + 0.5
+    inv_freq = reference.rope_inv_freq(64, 160000.0, yarn_factor=16).float()
+    return kv, score, ape, norm, inv_freq
+
+
+def run_compress(device: str, chunks: list[int], ratio: int, dim: int, quant: str, inputs) -> tuple:
+    kv, score, ape, norm, inv_freq = (t.to(device) for t in inputs)
+    kv_state, score_state = ops.compressor_state(ratio, dim, device)
+    out, start = [], 0
+    for n in chunks:
+        out.append(ops.compress(kv[start : start + n], score[start : start + n], ape, norm, inv_freq,
+                                kv_state, score_state, start, ratio, quant=quant))
+        start += n
+    return torch.cat(out).cpu(), kv_state.cpu(), score_state.cpu()
+
+
+@pytest.mark.parametrize("ratio,dim,quant", [(4, 512, "fp8"), (4, 128, "fp4"), (128, 512, "fp8"), (4, 512, "none"), (128, 256, "none")])
+@pytest.mark.parametrize("chunks", [[517], [3, 1, 1, 250, 7, 256], [1] * 9 + [130]])
+def test_compress_matches_cpu(gen: torch.Generator, ratio: int, dim: int, quant: str, chunks: list[int]) -> None:
+    inputs = compressor_inputs(gen, ratio, dim, sum(chunks))
+    cpu, kv_c, sc_c = run_compress("cpu", chunks, ratio, dim, quant, inputs)
+    dev, kv_d, sc_d = run_compress("cuda", chunks, ratio, dim, quant, inputs)
+    assert dev.shape == cpu.shape == (sum(chunks) // ratio, dim)
+    # The state holds copies and sums of the inputs: identical. Entries differ by exp/rsqrt
+    # rounding, and a quantized entry may land one FP8/FP4 step apart near a rounding boundary.
+    assert torch.equal(kv_d, kv_c) and torch.equal(sc_d, sc_c)
+    tol = {"none": 1e-6, "fp8": 3e-2, "fp4": 2e-1}[quant]
+    if cpu.numel():
+        assert rel_err(dev, cpu) < tol
+    ref = reference.compressor_prefill(*(t.double() for t in inputs[:4]), ratio, inputs[4].double(), quant="none")
+    if quant == "none" and cpu.numel():
+        assert rel_err(dev, ref) < 1e-5
+
+
+# -------------------------------------------------------------------------------------- indexer
+
+
+def paged_keys(gen: torch.Generator, seqs: int, max_pages: int, fmt: str, device: str):
+    """A shuffled page pool holding `seqs` sequences of `max_pages * 64` keys each."""
+    n_pages = seqs * max_pages + 3
+    table = torch.randperm(n_pages, generator=gen)[: seqs * max_pages].view(seqs, max_pages).int()
+    keys = torch.randn(n_pages * 64, 128, generator=gen)
+    if fmt == "bf16":
+        cache = keys.bfloat16().view(n_pages, 64, 128)
+    else:
+        cache = ops.quantize_index_keys(keys, fmt)
+    return cache.to(device), table.to(device)
+
+
+@pytest.mark.parametrize("fmt", ["fp4", "fp8", "bf16"])
+@pytest.mark.parametrize("heads,k,seqs,max_pages", [(64, 512, 3, 40), (64, 2048, 1, 300), (7, 100, 5, 3), (1, 1, 2, 1), (33, 777, 2, 50)])
+def test_indexer_matches_cpu_exactly(gen: torch.Generator, fmt: str, heads: int, k: int, seqs: int, max_pages: int) -> None:
+    cache, table = paged_keys(gen, seqs, max_pages, fmt, "cpu")
+    t = 11
+    q = bf16_exact(gen, t, heads, 128)
+    w = torch.rand(t, heads, generator=gen)
+    seq_ids = torch.randint(0, seqs, (t,), generator=gen)
+    visible = torch.randint(0, max_pages * 64 + 1, (t,), generator=gen)
+    visible[0], visible[1] = 0, min(k // 2, max_pages * 64)
+    cpu_i, cpu_s = ops.indexer_topk(q, w, cache, table, seq_ids, visible, k, return_scores=True)
+    dev_i, dev_s = ops.indexer_topk(q.cuda(), w.cuda(), cache.cuda(), table.cuda(), seq_ids.cuda(), visible.cuda(),
+                                    k, return_scores=True)
+    # Same sets; scores agree to fp32 summation order, so near-ties may swap neighbours.
+    for row in range(t):
+        assert set(dev_i[row].tolist()) == set(cpu_i[row].tolist()), f"query {row}"
+    torch.testing.assert_close(dev_s.cpu(), cpu_s, rtol=1e-5, atol=1e-5)
+    phys = ops.indexer_topk(q.cuda(), w.cuda(), cache.cuda(), table.cuda(), seq_ids.cuda(), visible.cuda(), k,
+                            physical=True).cpu()
+    logical = dev_i.cpu().long()
+    expect = torch.where(logical >= 0, table[seq_ids].long().gather(1, (logical // 64).clamp_min(0)) * 64 + logical % 64, -1)
+    assert torch.equal(phys.long(), expect)
+
+
+def test_indexer_ties_prefer_lower_index(gen: torch.Generator) -> None:
+    cache, table = paged_keys(gen, 1, 4, "bf16", "cpu")
+    cache.view(-1, 128)[:] = cache.view(-1, 128)[0]
+    q = bf16_exact(gen, 2, 8, 128).abs()
+    w = torch.ones(2, 8)
+    idx = ops.indexer_topk(q.cuda(), w.cuda(), cache.cuda(), table.cuda(), torch.zeros(2, dtype=torch.long).cuda(),
+                           torch.tensor([256, 100]).cuda(), 70).cpu()
+    assert idx[0].tolist() == list(range(70))
+    assert idx[1].tolist() == list(range(70))
+
+
+# ---------------------------------------------------------------------------------- attention
+
+
+def attention_case(gen: torch.Generator, t: int, heads: int, n_rows: int, k: int, fmt: str, window: int):
+    rows = torch.randn(n_rows, 512, generator=gen)
+    if fmt == "fp8":
+        cache = ops.quantize_entries(rows)
+    else:
+        cache = torch.cat([rows, torch.zeros((-n_rows) % 64, 512)]).bfloat16().view(-1, 64, 512)
+    q = bf16_exact(gen, t, heads, 512, scale=3.0)
+    idx = torch.randint(-1, n_rows, (t, k), generator=gen)
+    lengths = torch.randint(0, k + 1, (t,), generator=gen).int()
+    win_rows = torch.randn(3 * 64, 512, generator=gen)
+    wcache = ops.quantize_entries(win_rows)
+    widx = torch.randint(-1, 3 * 64, (t, window), generator=gen)
+    sink = torch.randn(heads, generator=gen)
+    return q, cache, idx, lengths, wcache, widx, sink
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "bf16"])
+@pytest.mark.parametrize("t,heads,n_rows,k", [(4, 64, 1000, 512), (2, 128, 300, 1024), (3, 1, 70, 5), (64, 16, 4096, 64), (1, 40, 9000, 8192)])
+def test_sparse_attention_matches_cpu(gen: torch.Generator, fmt: str, t: int, heads: int, n_rows: int, k: int) -> None:
+    q, cache, idx, lengths, wcache, widx, sink = attention_case(gen, t, heads, n_rows, k, fmt, 128)
+    inv_freq = reference.rope_inv_freq(64, 10000.0).float()
+    pos = torch.randint(0, 10**6, (t,), generator=gen)
+    args = dict(lengths=lengths, extra_cache=wcache, extra_indices=widx, derotate=(pos, inv_freq))
+    out_c, lse_c = ops.sparse_attention(q, cache, idx, sink, **args)
+    cuda = {k: (tuple(x.cuda() for x in v) if isinstance(v, tuple) else v.cuda()) for k, v in args.items()}
+    out_d, lse_d = ops.sparse_attention(q.cuda(), cache.cuda(), idx.cuda(), sink.cuda(), **cuda)
+    # bf16 tensor-core products (P rounded to bf16): about 1e-3 relative.
+    assert rel_err(out_d, out_c) < 5e-3
+    finite = torch.isfinite(lse_c)
+    assert torch.equal(torch.isfinite(lse_d.cpu()), finite)
+    torch.testing.assert_close(lse_d.cpu()[finite], lse_c[finite], rtol=1e-3, atol=1e-3)
+
+
+def test_sparse_attention_edge_cases(gen: torch.Generator) -> None:
+    rows = torch.randn(64, 512, generator=gen)
+    cache = ops.quantize_entries(rows)
+    q = bf16_exact(gen, 5, 8, 512)
+    idx = torch.full((5, 40), -1, dtype=torch.long)
+    idx[1, 7] = 3                       # one candidate
+    idx[2, :] = 5                       # duplicates
+    idx[3, :3] = torch.tensor([1, 2, 70000])  # out of range ids are masked on the GPU
+    idx[4, :] = torch.arange(40)
+    sink = torch.tensor([50.0, -50.0, 0, 0, 0, 0, 0, 100.0])  # dominating and negligible sinks
+    q[4] = (q[4] * 40).bfloat16().float()  # very large scores (the GPU takes q as bf16)
+    out_d, lse_d = ops.sparse_attention(q.cuda(), cache.cuda(), idx.cuda(), sink.cuda())
+    idx[3, 2] = -1
+    out_c, lse_c = ops.sparse_attention(q, cache, idx, sink)
+    assert (out_d[0] == 0).all() and torch.isinf(lse_d[0]).all()
+    assert rel_err(out_d, out_c) < 5e-3
+    assert torch.isfinite(out_d).all()
+
+
+# ---------------------------------------------------------------------------------- CUDA graphs
+
+
+def test_ops_capture_and_replay_in_cuda_graphs(gen: torch.Generator) -> None:
+    ops.warm_up("cuda")
+    q, cache, idx, lengths, wcache, widx, sink = (x.cuda() for x in attention_case(gen, 8, 64, 640, 512, "fp8", 128))
+    kcache, table = paged_keys(gen, 2, 8, "fp4", "cuda")
+    qi = bf16_exact(gen, 8, 64, 128).cuda()
+    wi = torch.rand(8, 64, generator=gen).cuda()
+    seq_ids = torch.tensor([0, 1] * 4).cuda()
+    visible = torch.tensor([512, 300, 20, 0, 511, 1, 64, 65]).cuda()
+    ckv, cscore, cape, cnorm, cfreq = (x.cuda() for x in compressor_inputs(gen, 4, 512, 8))
+    kv_state, score_state = ops.compressor_state(4, 512, "cuda")
+    eager = (ops.sparse_attention(q, cache, idx, sink, lengths=lengths, extra_cache=wcache, extra_indices=widx),
+             ops.indexer_topk(qi, wi, kcache, table, seq_ids, visible, 100))
+    stream = torch.cuda.Stream()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        att = ops.sparse_attention(q, cache, idx, sink, lengths=lengths, extra_cache=wcache, extra_indices=widx)
+        top = ops.indexer_topk(qi, wi, kcache, table, seq_ids, visible, 100)
+        ent = ops.compress(ckv, cscore, cape, cnorm, cfreq, kv_state, score_state, 0, 4, quant="fp8")
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(att[0], eager[0][0]) and torch.equal(top, eager[1])
+    q.mul_(-1)
+    graph.replay()
+    torch.cuda.synchronize()
+    again = ops.sparse_attention(q, cache, idx, sink, lengths=lengths, extra_cache=wcache, extra_indices=widx)
+    assert torch.equal(att[0], again[0])
+    assert ent.shape == (2, 512) and torch.isfinite(ent).all()
