@@ -55,44 +55,50 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 
 __device__ __forceinline__ uint32_t ld32(const uint16_t* p) { return *(const uint32_t*)p; }
 
-// The raw bytes one thread moves for one tile: row tid / 8, 64-dim part tid % 8.
-struct RawPart {
+// The raw bytes one thread moves for one tile row: chunks 8 j + lp (dims 64 j + 8 lp .. + 8),
+// j < 8, so the 8 threads of a row read contiguous bytes and write consecutive 16-byte chunks
+// of the shared tile. FP8 entries: v[j].x/.y hold chunk j's 8 codes (j < 7) and v[7] the BF16
+// RoPE chunk; BF16 rows: v[j] is chunk j.
+struct RawRow {
   uint4 v[8];
-  float scale;
+  uint2 scales;  // FP8: the 7 UE8M0 scale bytes (+ pad)
   bool valid;
 };
 
-__device__ __forceinline__ void load_raw(RawPart& raw, const Cache& c, long long row, int part) {
+__device__ __forceinline__ void load_raw(RawRow& raw, const Cache& c, long long row, int lp) {
   raw.valid = row >= 0;
   if (!raw.valid) return;
   if (c.fmt == ENTRIES_FP8) {
     const uint8_t* data = c.base + MAIN_ENTRY.data_offset(row);
-    if (part < 7) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) raw.v[i] = ((const uint4*)(data + 64 * part))[i];
-      raw.scale = exp2i((int)c.base[MAIN_ENTRY.scale_offset(row) + part] - 127);
-    } else {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) raw.v[i] = ((const uint4*)(data + NOPE_DIM))[i];
+    for (int j = 0; j < 7; ++j) {
+      uint2 x = *(const uint2*)(data + 64 * j + 8 * lp);
+      raw.v[j] = make_uint4(x.x, x.y, 0, 0);
     }
+    raw.v[7] = *(const uint4*)(data + NOPE_DIM + 16 * lp);
+    raw.scales = *(const uint2*)(c.base + MAIN_ENTRY.scale_offset(row));
   } else {
-    const uint4* src = (const uint4*)(c.base + row * (ENTRY_DIM * 2) + 128 * part);
+    const uint8_t* data = c.base + row * (ENTRY_DIM * 2);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) raw.v[i] = src[i];
+    for (int j = 0; j < 8; ++j) raw.v[j] = *(const uint4*)(data + 128 * j + 16 * lp);
   }
 }
 
-__device__ __forceinline__ void store_tile_part(const RawPart& raw, int fmt, int part, uint16_t* dst) {
-  if (!raw.valid) {
+// Writes the row as bf16 into the shared tile row `dst` (zeros when masked).
+__device__ __forceinline__ void store_raw(const RawRow& raw, int fmt, int lp, uint16_t* dst) {
 #pragma unroll
-    for (int i = 0; i < 8; ++i) ((uint4*)dst)[i] = make_uint4(0, 0, 0, 0);
-  } else if (fmt == ENTRIES_FP8 && part < 7) {
-    const uint8_t* b = (const uint8_t*)raw.v;
-#pragma unroll
-    for (int i = 0; i < 64; i += 2) *(uint32_t*)(dst + i) = pack_bf16(fp8_decode(b[i]) * raw.scale, fp8_decode(b[i + 1]) * raw.scale);
-  } else {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) ((uint4*)dst)[i] = raw.v[i];
+  for (int j = 0; j < 8; ++j) {
+    uint4 out = make_uint4(0, 0, 0, 0);
+    if (raw.valid) {
+      if (fmt == ENTRIES_FP8 && j < 7) {
+        uint32_t word = j < 4 ? raw.scales.x : raw.scales.y;
+        int se = (int)((word >> (8 * (j % 4))) & 0xFFu) - 127;
+        out = fp8x8_to_bf16(make_uint2(raw.v[j].x, raw.v[j].y), se);
+      } else {
+        out = raw.v[j];
+      }
+    }
+    *(uint4*)(dst + 8 * (8 * j + lp)) = out;
   }
 }
 
@@ -202,27 +208,31 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) dsv4_sparse_attention(c
     for (int i = 0; i < 4; ++i) o[n][i] = 0.f;
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
 
+  // Pipeline: while tile i is computed, tile i + 1's bytes are in flight (`raw`) and tile
+  // i + 2's row id is being read (`ahead`), so no load waits on the index load before it.
   const int lrow = tid / 8, lpart = tid % 8;
-  RawPart raw;
-  int which = 0;
+  auto row_at = [&](int pos, int& which) -> long long {
+    return pos < end ? candidate_row(p, t, na, nb, pos, which) : -1;
+  };
+  RawRow raw;
+  int which = 0, which_ahead = 0;
   int fmt_now = p.a.fmt;
+  long long ahead = -1;
   if (begin < end) {
-    long long row = candidate_row(p, t, na, nb, begin + lrow, which);
-    if (begin + lrow >= end) row = -1;
+    long long row = row_at(begin + lrow, which);
     load_raw(raw, which ? p.b : p.a, row, lpart);
     fmt_now = which ? p.b.fmt : p.a.fmt;
+    ahead = row_at(begin + TILE + lrow, which_ahead);
   }
 
   for (int base = begin; base < end; base += TILE) {
-    store_tile_part(raw, fmt_now, lpart, ks + lrow * KROW + 64 * lpart);
+    store_raw(raw, fmt_now, lpart, ks + lrow * KROW);
     if (lpart == 0) valid_s[lrow] = raw.valid ? 0.f : -INFINITY;
     __syncthreads();
-    // Prefetch the next tile's raw bytes while this one is computed.
     if (base + TILE < end) {
-      int pos = base + TILE + lrow;
-      long long row = pos < end ? candidate_row(p, t, na, nb, pos, which) : -1;
-      load_raw(raw, which ? p.b : p.a, row, lpart);
-      fmt_now = which ? p.b.fmt : p.a.fmt;
+      load_raw(raw, which_ahead ? p.b : p.a, ahead, lpart);
+      fmt_now = which_ahead ? p.b.fmt : p.a.fmt;
+      ahead = row_at(base + 2 * TILE + lrow, which_ahead);
     }
 
     // Partial scores over this warp's 128 dims: [16 heads x 32 candidates].

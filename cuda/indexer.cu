@@ -24,33 +24,62 @@ enum KeyFormat { KEYS_FP4 = 0, KEYS_FP8 = 1, KEYS_BF16 = 2 };
 
 __device__ __forceinline__ uint16_t to_bf16(float x) { return bf16_from_f32(x); }
 
-// Dequantizes dims [64 * half, 64 * half + 64) of cache row `row` into dst (bf16 bits).
-__device__ __forceinline__ void load_key_half(const uint8_t* __restrict__ cache, int fmt, long long row,
-                                              int half, uint16_t* dst) {
-  if (fmt == KEYS_FP4) {
-    const uint8_t* data = cache + INDEX_KEY_FP4.data_offset(row) + 32 * half;
-    const uint8_t* sc = cache + INDEX_KEY_FP4.scale_offset(row) + 2 * half;
-    uint4 raw[2] = {((const uint4*)data)[0], ((const uint4*)data)[1]};
-    const uint8_t* b = (const uint8_t*)raw;
+// One page's keys as this thread moves them: chunks q = tid + 128 j (key q / 16, dims
+// 8 (q % 16) .. + 8), raw bits and scale bits, loaded one page ahead of their use.
+struct PageChunks {
+  uint4 bits[PAGE_ROWS * 16 / THREADS];
+  uint32_t scale[PAGE_ROWS * 16 / THREADS];
+  bool valid[PAGE_ROWS * 16 / THREADS];
+};
+
+__device__ __forceinline__ void load_page(PageChunks& pc, const uint8_t* __restrict__ cache, int fmt, int page,
+                                          bool page_ok, long long base, long long end, int tid) {
 #pragma unroll
-    for (int i = 0; i < 64; ++i) {
-      float s = exp2i((int)sc[i / 32] - 127);
-      dst[i] = to_bf16(fp4_decode((b[i / 2] >> (4 * (i % 2))) & 0xF) * s);
+  for (int j = 0; j < PAGE_ROWS * 16 / THREADS; ++j) {
+    const int q = tid + THREADS * j, key = q / 16, c = q % 16;
+    const long long row = (long long)page * PAGE_ROWS + key;
+    pc.valid[j] = page_ok && base + key < end;
+    if (!pc.valid[j]) continue;
+    if (fmt == KEYS_FP4) {
+      pc.bits[j].x = *(const uint32_t*)(cache + INDEX_KEY_FP4.data_offset(row) + 4 * c);
+      pc.scale[j] = cache[INDEX_KEY_FP4.scale_offset(row) + c / 4];
+    } else if (fmt == KEYS_FP8) {
+      uint2 raw = *(const uint2*)(cache + INDEX_KEY_FP8.data_offset(row) + 8 * c);
+      pc.bits[j].x = raw.x;
+      pc.bits[j].y = raw.y;
+      pc.scale[j] = *(const uint32_t*)(cache + INDEX_KEY_FP8.scale_offset(row));
+    } else {
+      pc.bits[j] = *(const uint4*)(cache + row * (INDEX_DIM * 2) + 16 * c);
     }
-  } else if (fmt == KEYS_FP8) {
-    const uint8_t* data = cache + INDEX_KEY_FP8.data_offset(row) + 64 * half;
-    float s = *(const float*)(cache + INDEX_KEY_FP8.scale_offset(row));
+  }
+}
+
+// Decodes the chunks (exact in bf16 for FP4 and FP8 keys) into the shared key tile.
+__device__ __forceinline__ void store_page(const PageChunks& pc, int fmt, uint16_t* ks, int tid) {
 #pragma unroll
-    for (int v = 0; v < 4; ++v) {
-      uint4 raw = ((const uint4*)data)[v];
-      const uint8_t* b = (const uint8_t*)&raw;
+  for (int j = 0; j < PAGE_ROWS * 16 / THREADS; ++j) {
+    const int q = tid + THREADS * j, key = q / 16, c = q % 16;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (pc.valid[j]) {
+      if (fmt == KEYS_FP4) {
+        v = fp4x8_to_bf16(pc.bits[j].x, (int)pc.scale[j] - 127);
+      } else if (fmt == KEYS_FP8 && (pc.scale[j] & 0x807FFFFFu) == 0) {
+        v = fp8x8_to_bf16(make_uint2(pc.bits[j].x, pc.bits[j].y), (int)(pc.scale[j] >> 23) - 127);
+      } else if (fmt == KEYS_FP8) {  // a scale that is not a power of two: decode and round
+        const float s = __uint_as_float(pc.scale[j]);
+        const uint32_t w[2] = {pc.bits[j].x, pc.bits[j].y};
+        uint32_t o[4];
 #pragma unroll
-      for (int i = 0; i < 16; ++i) dst[16 * v + i] = to_bf16(fp8_decode(b[i]) * s);
+        for (int i = 0; i < 4; ++i) {
+          uint32_t lo = (w[i / 2] >> (16 * (i % 2))) & 0xFFu, hi = (w[i / 2] >> (16 * (i % 2) + 8)) & 0xFFu;
+          o[i] = to_bf16(fp8_decode(lo) * s) | ((uint32_t)to_bf16(fp8_decode(hi) * s) << 16);
+        }
+        v = make_uint4(o[0], o[1], o[2], o[3]);
+      } else {
+        v = pc.bits[j];
+      }
     }
-  } else {
-    const uint4* src = (const uint4*)(cache + row * (INDEX_DIM * 2) + 128 * half);
-#pragma unroll
-    for (int v = 0; v < 8; ++v) ((uint4*)dst)[v] = src[v];
+    *(uint4*)(ks + key * ROW + 8 * c) = v;
   }
 }
 
@@ -102,20 +131,25 @@ extern "C" __global__ void __launch_bounds__(THREADS) dsv4_indexer_score(
   const int mtiles = (heads + 15) / 16;
   const int r = lane / 4, c2 = (lane % 4) * 2;
 
+  // Pipeline: page i + 1's bytes and page i + 2's id are in flight while page i is scored.
+  auto page_at = [&](long long base) -> int {
+    return base < k1 ? block_table[seq * max_pages + base / PAGE_ROWS] : -1;
+  };
+  PageChunks pc;
+  int page = page_at(k0);
+  bool page_ok = page >= 0 && page < num_pages;
+  load_page(pc, keys, fmt, page, page_ok, k0, k1, tid);
+  int page_ahead = page_at(k0 + PAGE_ROWS);
   for (long long base = k0; base < k1; base += PAGE_ROWS) {
-    const int page = block_table[seq * max_pages + base / PAGE_ROWS];
-    const bool page_ok = page >= 0 && page < num_pages;
-    {
-      int key = tid / 2, half = tid % 2;
-      uint16_t* dst = ks + key * ROW + 64 * half;
-      if (page_ok && base + key < k1) {
-        load_key_half(keys, fmt, (long long)page * PAGE_ROWS + key, half, dst);
-      } else {
-#pragma unroll
-        for (int v = 0; v < 8; ++v) ((uint4*)dst)[v] = make_uint4(0, 0, 0, 0);
-      }
-    }
+    store_page(pc, fmt, ks, tid);
+    const bool tile_ok = page_ok;
     __syncthreads();
+    if (base + PAGE_ROWS < k1) {
+      page = page_ahead;
+      page_ok = page >= 0 && page < num_pages;
+      load_page(pc, keys, fmt, page, page_ok, base + PAGE_ROWS, k1, tid);
+      page_ahead = page_at(base + 2 * PAGE_ROWS);
+    }
 
     // Warp `warp` scores keys [16 warp, 16 warp + 16): two n-tiles of 8 keys, all head tiles.
     float acc[4][2][4];
@@ -162,7 +196,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) dsv4_indexer_score(
         part += __shfl_xor_sync(0xffffffffu, part, 8);
         part += __shfl_xor_sync(0xffffffffu, part, 16);
         long long idx = base + 16 * warp + 8 * n + c2 + c;
-        if (r == 0 && page_ok && idx < k1) pool[atomicAdd(&n_valid, 1)] = pack_candidate(part, (uint32_t)idx);
+        if (r == 0 && tile_ok && idx < k1) pool[atomicAdd(&n_valid, 1)] = pack_candidate(part, (uint32_t)idx);
       }
     }
     __syncthreads();

@@ -89,6 +89,44 @@ __device__ __forceinline__ uint16_t bf16_from_f32(float x) {
 
 __device__ __forceinline__ float bf16_to_f32(uint16_t b) { return __uint_as_float((uint32_t)b << 16); }
 
+// bf16 bits of FP8 e4m3 code `b` times 2^se, exact (bf16 keeps e4m3's 3 mantissa bits and
+// f32's exponent range). Integer arithmetic: the kernels decode whole tiles with it.
+__device__ __forceinline__ uint32_t fp8_to_bf16_bits(uint32_t b, int se) {
+  const uint32_t sign = (b & 0x80u) << 8, e = (b >> 3) & 0xFu, m = b & 7u;
+  if (e != 0) return sign | ((e + 120u + (uint32_t)se) << 7) | (m << 4);
+  return m == 0 ? sign : (sign | bf16_from_f32((float)m * exp2i(se - 9)));
+}
+
+// bf16 bits of FP4 e2m1 nibble `c` times 2^se, exact.
+__device__ __forceinline__ uint32_t fp4_to_bf16_bits(uint32_t c, int se) {
+  const uint32_t sign = (c & 8u) << 12, e = (c >> 1) & 3u, m = c & 1u;
+  if (e != 0) return sign | ((e + 126u + (uint32_t)se) << 7) | (m << 6);
+  return m == 0 ? sign : (sign | ((126u + (uint32_t)se) << 7));
+}
+
+// Eight FP8 codes (little-endian in `raw`) times 2^se as eight packed bf16 (16 bytes).
+__device__ __forceinline__ uint4 fp8x8_to_bf16(uint2 raw, int se) {
+  uint32_t w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    uint32_t src = i < 2 ? raw.x : raw.y;
+    int sh = 16 * (i % 2);
+    w[i] = fp8_to_bf16_bits((src >> sh) & 0xFFu, se) | (fp8_to_bf16_bits((src >> (sh + 8)) & 0xFFu, se) << 16);
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// Eight FP4 codes (two per byte, even index in the low nibble) times 2^se as eight packed bf16.
+__device__ __forceinline__ uint4 fp4x8_to_bf16(uint32_t raw, int se) {
+  uint32_t w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    uint32_t byte = (raw >> (8 * i)) & 0xFFu;
+    w[i] = fp4_to_bf16_bits(byte & 0xFu, se) | (fp4_to_bf16_bits(byte >> 4, se) << 16);
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
 // Loads element i of a row given as float32 (is_bf16 == 0) or bfloat16 bits.
 __device__ __forceinline__ float load_value(const void* base, long long i, int is_bf16) {
   return is_bf16 ? bf16_to_f32(((const uint16_t*)base)[i]) : ((const float*)base)[i];

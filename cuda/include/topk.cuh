@@ -54,15 +54,29 @@ __device__ uint64_t kth_largest(Load load, int n, int k, SelectScratch& s) {
       if ((key & mask) == prefix) atomicAdd(&s.hist[(key >> shift) & 255u], 1u);
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
-      uint32_t need = s.remaining, above = 0;
-      int b = 255;
-      for (; b > 0; --b) {
-        if (above + s.hist[b] >= need) break;
-        above += s.hist[b];
+    // Warp 0 finds the bin holding the `remaining`-th largest key: lane l sums bins
+    // 255 - 8l .. 248 - 8l, a prefix sum over lanes runs from the top bin down, and the one lane
+    // whose range crosses `remaining` walks its eight bins.
+    if (threadIdx.x < 32) {
+      const int lane = threadIdx.x, top = 255 - 8 * lane;
+      const uint32_t need = s.remaining;
+      uint32_t sum = 0;
+      for (int i = 0; i < 8; ++i) sum += s.hist[top - i];
+      uint32_t incl = sum;
+      for (int off = 1; off < 32; off *= 2) {
+        uint32_t v = __shfl_up_sync(0xffffffffu, incl, off);
+        if (lane >= off) incl += v;
       }
-      s.remaining = need - above;
-      s.prefix = prefix | ((uint64_t)b << shift);
+      uint32_t above = incl - sum;
+      if (above < need && need <= incl) {
+        int b = top;
+        for (; b > top - 7; --b) {
+          if (above + s.hist[b] >= need) break;
+          above += s.hist[b];
+        }
+        s.remaining = need - above;
+        s.prefix = prefix | ((uint64_t)b << shift);
+      }
     }
     mask |= (uint64_t)255 << shift;
     __syncthreads();
