@@ -12,8 +12,7 @@
 // bf16 tensor-core MMAs (mma.sync m16n8k16, sm_80+, fp32 accumulation) compute S = Q K^T and
 // O += P V with an online softmax (FlashAttention-2 style). Warp w owns head tile w / 4 (16
 // heads) and output dims [128 (w % 4), +128); the four warps of a head tile add their partial
-// scores through shared memory. The next tile's raw bytes are loaded into registers while the
-// current tile is computed. With one split the block writes the final output; otherwise it
+// scores through shared memory. Raw rows are staged by cp.async two tiles ahead. With one split the block writes the final output; otherwise it
 // writes (O, row max, row sum) partials that dsv4_attention_combine folds together.
 #include "quant.cuh"
 
@@ -55,48 +54,54 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 
 __device__ __forceinline__ uint32_t ld32(const uint16_t* p) { return *(const uint32_t*)p; }
 
-// The raw bytes one thread moves for one tile row: chunks 8 j + lp (dims 64 j + 8 lp .. + 8),
-// j < 8, so the 8 threads of a row read contiguous bytes and write consecutive 16-byte chunks
-// of the shared tile. FP8 entries: v[j].x/.y hold chunk j's 8 codes (j < 7) and v[7] the BF16
-// RoPE chunk; BF16 rows: v[j] is chunk j.
-struct RawRow {
-  uint4 v[8];
-  uint2 scales;  // FP8: the 7 UE8M0 scale bytes (+ pad)
-  bool valid;
-};
+// Tiles of raw rows are staged in shared memory by cp.async, STAGES - 1 tiles ahead of the one
+// being computed. A staged row takes STAGE_ROW bytes: an FP8 entry's 576 data bytes then its 8
+// scale bytes, or a BF16 row's 1024 bytes. Thread (row lrow, part lp) moves 16-byte chunks
+// lp + 8 j of its row.
+constexpr int STAGES = 3;
+constexpr int STAGE_ROW = ENTRY_DIM * 2;
 
-__device__ __forceinline__ void load_raw(RawRow& raw, const Cache& c, long long row, int lp) {
-  raw.valid = row >= 0;
-  if (!raw.valid) return;
+__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
+  uint32_t d = (uint32_t)__cvta_generic_to_shared(smem_dst);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(gmem_src));
+}
+__device__ __forceinline__ void cp_async8(void* smem_dst, const void* gmem_src) {
+  uint32_t d = (uint32_t)__cvta_generic_to_shared(smem_dst);
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(d), "l"(gmem_src));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+__device__ __forceinline__ void stage_row(uint8_t* dst, const Cache& c, long long row, int lp) {
+  if (row < 0) return;
   if (c.fmt == ENTRIES_FP8) {
     const uint8_t* data = c.base + MAIN_ENTRY.data_offset(row);
-#pragma unroll
-    for (int j = 0; j < 7; ++j) {
-      uint2 x = *(const uint2*)(data + 64 * j + 8 * lp);
-      raw.v[j] = make_uint4(x.x, x.y, 0, 0);
-    }
-    raw.v[7] = *(const uint4*)(data + NOPE_DIM + 16 * lp);
-    raw.scales = *(const uint2*)(c.base + MAIN_ENTRY.scale_offset(row));
+    for (int ch = lp; ch < MAIN_ENTRY.data_bytes / 16; ch += 8) cp_async16(dst + 16 * ch, data + 16 * ch);
+    if (lp == 0) cp_async8(dst + MAIN_ENTRY.data_bytes, c.base + MAIN_ENTRY.scale_offset(row));
   } else {
     const uint8_t* data = c.base + row * (ENTRY_DIM * 2);
 #pragma unroll
-    for (int j = 0; j < 8; ++j) raw.v[j] = *(const uint4*)(data + 128 * j + 16 * lp);
+    for (int j = 0; j < 8; ++j) cp_async16(dst + 16 * (lp + 8 * j), data + 16 * (lp + 8 * j));
   }
 }
 
-// Writes the row as bf16 into the shared tile row `dst` (zeros when masked).
-__device__ __forceinline__ void store_raw(const RawRow& raw, int fmt, int lp, uint16_t* dst) {
+// Decodes a staged row into the shared tile row `dst` as bf16: chunk 8 j + lp (dims 64 j + 8 lp
+// .. + 8) for j < 8, so the 8 threads of a row write consecutive 16-byte chunks. `fmt` < 0: a
+// masked row (zeros).
+__device__ __forceinline__ void decode_row(const uint8_t* src, int fmt, int lp, uint16_t* dst) {
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
     uint4 out = make_uint4(0, 0, 0, 0);
-    if (raw.valid) {
-      if (fmt == ENTRIES_FP8 && j < 7) {
-        uint32_t word = j < 4 ? raw.scales.x : raw.scales.y;
-        int se = (int)((word >> (8 * (j % 4))) & 0xFFu) - 127;
-        out = fp8x8_to_bf16(make_uint2(raw.v[j].x, raw.v[j].y), se);
+    if (fmt == ENTRIES_FP8) {
+      if (j < 7) {
+        int se = (int)src[MAIN_ENTRY.data_bytes + j] - 127;
+        out = fp8x8_to_bf16(*(const uint2*)(src + 64 * j + 8 * lp), se);
       } else {
-        out = raw.v[j];
+        out = *(const uint4*)(src + NOPE_DIM + 16 * lp);
       }
+    } else if (fmt == ENTRIES_BF16) {
+      out = *(const uint4*)(src + 128 * j + 16 * lp);
     }
     *(uint4*)(dst + 8 * (8 * j + lp)) = out;
   }
@@ -168,7 +173,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) dsv4_sparse_attention(c
   extern __shared__ __align__(16) uint8_t smem[];
   uint16_t* ks = (uint16_t*)smem;                                // [TILE][KROW] bf16
   float* sp = (float*)(ks + TILE * KROW);                         // [2][4][16][TILE] partial scores
+  uint8_t* stages = (uint8_t*)(sp + 2 * 4 * 16 * TILE);           // [STAGES][TILE][STAGE_ROW] raw
   __shared__ float valid_s[TILE];
+  __shared__ int row_fmt[STAGES * TILE];
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int mt = warp / 4, ds = warp % 4;  // head tile, 128-dim slice
@@ -208,32 +215,39 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) dsv4_sparse_attention(c
     for (int i = 0; i < 4; ++i) o[n][i] = 0.f;
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
 
-  // Pipeline: while tile i is computed, tile i + 1's bytes are in flight (`raw`) and tile
-  // i + 2's row id is being read (`ahead`), so no load waits on the index load before it.
+  // Pipeline: tiles i + 1 .. i + STAGES - 1 are in flight while tile i is computed, and the
+  // row ids of tile i + STAGES are being read, so no copy waits on the index load before it.
   const int lrow = tid / 8, lpart = tid % 8;
   auto row_at = [&](int pos, int& which) -> long long {
     return pos < end ? candidate_row(p, t, na, nb, pos, which) : -1;
   };
-  RawRow raw;
-  int which = 0, which_ahead = 0;
-  int fmt_now = p.a.fmt;
-  long long ahead = -1;
-  if (begin < end) {
-    long long row = row_at(begin + lrow, which);
-    load_raw(raw, which ? p.b : p.a, row, lpart);
-    fmt_now = which ? p.b.fmt : p.a.fmt;
-    ahead = row_at(begin + TILE + lrow, which_ahead);
+  auto issue = [&](int tile, long long row, int which) {
+    uint8_t* dst = stages + ((tile % STAGES) * TILE + lrow) * STAGE_ROW;
+    const Cache& c = which ? p.b : p.a;
+    stage_row(dst, c, row, lpart);
+    if (lpart == 0) row_fmt[(tile % STAGES) * TILE + lrow] = row < 0 ? -1 : c.fmt;
+  };
+  const int tiles = begin < end ? (end - begin + TILE - 1) / TILE : 0;
+  int which_ahead = 0;
+#pragma unroll
+  for (int i = 0; i < STAGES - 1; ++i) {
+    if (i < tiles) issue(i, row_at(begin + i * TILE + lrow, which_ahead), which_ahead);
+    cp_async_commit();
   }
+  long long ahead = row_at(begin + (STAGES - 1) * TILE + lrow, which_ahead);
 
-  for (int base = begin; base < end; base += TILE) {
-    store_raw(raw, fmt_now, lpart, ks + lrow * KROW);
-    if (lpart == 0) valid_s[lrow] = raw.valid ? 0.f : -INFINITY;
-    __syncthreads();
-    if (base + TILE < end) {
-      load_raw(raw, which_ahead ? p.b : p.a, ahead, lpart);
-      fmt_now = which_ahead ? p.b.fmt : p.a.fmt;
-      ahead = row_at(base + 2 * TILE + lrow, which_ahead);
+  for (int i = 0; i < tiles; ++i) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();  // tile i staged by every thread; the previous tile's readers are done
+    const int fmt_row = row_fmt[(i % STAGES) * TILE + lrow];
+    decode_row(stages + ((i % STAGES) * TILE + lrow) * STAGE_ROW, fmt_row, lpart, ks + lrow * KROW);
+    if (lpart == 0) valid_s[lrow] = fmt_row < 0 ? -INFINITY : 0.f;
+    if (i + STAGES - 1 < tiles) {
+      issue(i + STAGES - 1, ahead, which_ahead);
+      ahead = row_at(begin + (i + STAGES) * TILE + lrow, which_ahead);
     }
+    cp_async_commit();
+    __syncthreads();
 
     // Partial scores over this warp's 128 dims: [16 heads x 32 candidates].
     float s[4][4];
@@ -315,8 +329,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) dsv4_sparse_attention(c
         mma_bf16(o[n], pa[kk][0], pa[kk][1], pa[kk][2], pa[kk][3], b0, b1);
       }
     }
-    __syncthreads();
   }
+  cp_async_wait<0>();
 
   // Row sums are spread over the 4 lanes of a row.
 #pragma unroll

@@ -1,12 +1,13 @@
 // Lightning Indexer top-k on the GPU (SPEC.md section 4), fused: the [queries x keys] score
 // matrix never leaves the chip.
 //
-// dsv4_indexer_score: grid (splits, queries), 128 threads. Each block takes one query and one
-// split of its visible keys, a 64-key page at a time: dequantizes the page into shared memory
-// as bf16 (FP4 and FP8 values are exact in bf16), scores it against the query's heads with bf16
-// tensor-core MMAs (mma.sync m16n8k16, sm_80+; fp32 accumulation), folds heads with
-// sum_h w_h * ReLU(.), and keeps the split's scores in shared memory. It then writes only the
-// split's top-min(k, split) candidates (exact radix select) to the workspace.
+// dsv4_indexer_score: grid (splits, queries), 128 threads = 4 warps. Each block takes one query
+// and one split of its visible keys, a 64-key page at a time. Pages are staged raw into shared
+// memory by cp.async, three pages ahead; a staged page is decoded to bf16 (FP4 and FP8 values
+// are exact in bf16) and scored with bf16 tensor-core MMAs (mma.sync m16n8k16, sm_80+, fp32
+// accumulation): warp w holds heads 16w .. 16w + 15 of the query in registers and scores all 64
+// keys, then heads are folded as sum_h w_h ReLU(.). The split's scores stay in shared memory;
+// only its top-min(k, split) candidates (exact radix select) reach the workspace.
 // dsv4_indexer_merge: one block per query selects the exact top-k of all splits' candidates,
 // sorts them (score descending, lower index first on ties) and writes indices and scores.
 #include "quant.cuh"
@@ -16,67 +17,66 @@ using namespace dsv4;
 
 namespace {
 
-constexpr int THREADS = 128;
-constexpr int MAX_HEADS = 64;
+constexpr int THREADS = 128;  // 4 warps: one per 16-head tile (64 heads at most)
 constexpr int ROW = INDEX_DIM + 8;  // padded bf16 row stride: conflict-free fragment loads
 
 enum KeyFormat { KEYS_FP4 = 0, KEYS_FP8 = 1, KEYS_BF16 = 2 };
 
 __device__ __forceinline__ uint16_t to_bf16(float x) { return bf16_from_f32(x); }
 
-// One page's keys as this thread moves them: chunks q = tid + 128 j (key q / 16, dims
-// 8 (q % 16) .. + 8), raw bits and scale bits, loaded one page ahead of their use.
-struct PageChunks {
-  uint4 bits[PAGE_ROWS * 16 / THREADS];
-  uint32_t scale[PAGE_ROWS * 16 / THREADS];
-  bool valid[PAGE_ROWS * 16 / THREADS];
-};
+// Raw pages are staged in shared memory by cp.async, STAGES - 1 pages ahead of the one being
+// scored, so enough bytes are in flight to cover memory latency.
+constexpr int STAGES = 4;
 
-__device__ __forceinline__ void load_page(PageChunks& pc, const uint8_t* __restrict__ cache, int fmt, int page,
-                                          bool page_ok, long long base, long long end, int tid) {
-#pragma unroll
-  for (int j = 0; j < PAGE_ROWS * 16 / THREADS; ++j) {
-    const int q = tid + THREADS * j, key = q / 16, c = q % 16;
-    const long long row = (long long)page * PAGE_ROWS + key;
-    pc.valid[j] = page_ok && base + key < end;
-    if (!pc.valid[j]) continue;
-    if (fmt == KEYS_FP4) {
-      pc.bits[j].x = *(const uint32_t*)(cache + INDEX_KEY_FP4.data_offset(row) + 4 * c);
-      pc.scale[j] = cache[INDEX_KEY_FP4.scale_offset(row) + c / 4];
-    } else if (fmt == KEYS_FP8) {
-      uint2 raw = *(const uint2*)(cache + INDEX_KEY_FP8.data_offset(row) + 8 * c);
-      pc.bits[j].x = raw.x;
-      pc.bits[j].y = raw.y;
-      pc.scale[j] = *(const uint32_t*)(cache + INDEX_KEY_FP8.scale_offset(row));
-    } else {
-      pc.bits[j] = *(const uint4*)(cache + row * (INDEX_DIM * 2) + 16 * c);
-    }
-  }
+__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
+  uint32_t d = (uint32_t)__cvta_generic_to_shared(smem_dst);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(gmem_src));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+__device__ __forceinline__ int page_bytes_of(int fmt) {
+  return fmt == KEYS_FP4 ? (int)INDEX_KEY_FP4.page_bytes()
+                         : fmt == KEYS_FP8 ? (int)INDEX_KEY_FP8.page_bytes() : PAGE_ROWS * INDEX_DIM * 2;
 }
 
-// Decodes the chunks (exact in bf16 for FP4 and FP8 keys) into the shared key tile.
-__device__ __forceinline__ void store_page(const PageChunks& pc, int fmt, uint16_t* ks, int tid) {
+// Starts copying page `page` (all its bytes, contiguous in the cache) into `stage`.
+__device__ __forceinline__ void stage_page(uint8_t* stage, const uint8_t* __restrict__ cache, int fmt, int page,
+                                           int tid) {
+  const int bytes = page_bytes_of(fmt);
+  const uint8_t* src = cache + (long long)page * bytes;
+  for (int off = 16 * tid; off < bytes; off += 16 * THREADS) cp_async16(stage + off, src + off);
+}
+
+// Decodes a staged page into the shared key tile as bf16 (exact for FP4 and FP8 keys): thread
+// tid takes chunks q = tid + 128 j (key q / 16, dims 8 (q % 16) .. + 8), so each quarter warp
+// writes 8 consecutive 16-byte chunks of one row. Keys at or past `valid` become zeros.
+__device__ __forceinline__ void decode_page(const uint8_t* stage, int fmt, int valid, uint16_t* ks, int tid) {
 #pragma unroll
   for (int j = 0; j < PAGE_ROWS * 16 / THREADS; ++j) {
     const int q = tid + THREADS * j, key = q / 16, c = q % 16;
     uint4 v = make_uint4(0, 0, 0, 0);
-    if (pc.valid[j]) {
+    if (key < valid) {
       if (fmt == KEYS_FP4) {
-        v = fp4x8_to_bf16(pc.bits[j].x, (int)pc.scale[j] - 127);
-      } else if (fmt == KEYS_FP8 && (pc.scale[j] & 0x807FFFFFu) == 0) {
-        v = fp8x8_to_bf16(make_uint2(pc.bits[j].x, pc.bits[j].y), (int)(pc.scale[j] >> 23) - 127);
-      } else if (fmt == KEYS_FP8) {  // a scale that is not a power of two: decode and round
-        const float s = __uint_as_float(pc.scale[j]);
-        const uint32_t w[2] = {pc.bits[j].x, pc.bits[j].y};
-        uint32_t o[4];
+        uint32_t bits = *(const uint32_t*)(stage + key * INDEX_KEY_FP4.data_bytes + 4 * c);
+        int e = (int)stage[PAGE_ROWS * INDEX_KEY_FP4.data_bytes + key * INDEX_KEY_FP4.scale_bytes + c / 4] - 127;
+        v = fp4x8_to_bf16(bits, e);
+      } else if (fmt == KEYS_FP8) {
+        uint2 bits = *(const uint2*)(stage + key * INDEX_KEY_FP8.data_bytes + 8 * c);
+        float sc = *(const float*)(stage + PAGE_ROWS * INDEX_KEY_FP8.data_bytes + key * INDEX_KEY_FP8.scale_bytes);
+        uint32_t sb = __float_as_uint(sc);
+        if ((sb & 0x807FFFFFu) == 0) {
+          v = fp8x8_to_bf16(bits, (int)(sb >> 23) - 127);  // 2^e, as index_key_write writes it
+        } else {  // a scale that is not a power of two: decode and round
+          const uint8_t* b = (const uint8_t*)&bits;
+          uint32_t o[4];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          uint32_t lo = (w[i / 2] >> (16 * (i % 2))) & 0xFFu, hi = (w[i / 2] >> (16 * (i % 2) + 8)) & 0xFFu;
-          o[i] = to_bf16(fp8_decode(lo) * s) | ((uint32_t)to_bf16(fp8_decode(hi) * s) << 16);
+          for (int i = 0; i < 4; ++i) o[i] = to_bf16(fp8_decode(b[2 * i]) * sc) | ((uint32_t)to_bf16(fp8_decode(b[2 * i + 1]) * sc) << 16);
+          v = make_uint4(o[0], o[1], o[2], o[3]);
         }
-        v = make_uint4(o[0], o[1], o[2], o[3]);
       } else {
-        v = pc.bits[j];
+        v = *(const uint4*)(stage + key * INDEX_DIM * 2 + 16 * c);
       }
     }
     *(uint4*)(ks + key * ROW + 8 * c) = v;
@@ -102,11 +102,11 @@ extern "C" __global__ void __launch_bounds__(THREADS) dsv4_indexer_score(
     int max_pages, const void* __restrict__ seq_ids, const void* __restrict__ visible, int seq64,
     int vis64, int split_keys, int kcap, int splits, unsigned long long* __restrict__ cand, int* __restrict__ counts) {
   extern __shared__ __align__(16) uint8_t smem[];
-  uint16_t* qs = (uint16_t*)smem;
-  uint16_t* ks = qs + MAX_HEADS * ROW;
-  float* ws = (float*)(ks + PAGE_ROWS * ROW);
-  uint64_t* pool = (uint64_t*)(ws + MAX_HEADS);
+  uint16_t* ks = (uint16_t*)smem;                                  // [64][ROW] bf16 keys
+  float* red = (float*)(ks + PAGE_ROWS * ROW);                      // [4 warps][64] partial scores
+  uint64_t* pool = (uint64_t*)(red + 4 * PAGE_ROWS);               // [split_keys] candidates
   SelectScratch& scratch = *(SelectScratch*)(pool + split_keys);
+  uint8_t* stages = (uint8_t*)(&scratch + 1);                       // [STAGES][page bytes]
   __shared__ int n_valid, n_out;
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
@@ -120,87 +120,96 @@ extern "C" __global__ void __launch_bounds__(THREADS) dsv4_indexer_score(
     if (tid == 0) counts[t * splits + s] = 0;
     return;
   }
-
-  for (int i = tid; i < MAX_HEADS * INDEX_DIM; i += THREADS) {
-    int h = i / INDEX_DIM, d = i % INDEX_DIM;
-    float v = h < heads ? load_value(q, (t * heads + h) * INDEX_DIM + d, q_bf16) : 0.f;
-    qs[h * ROW + d] = to_bf16(v);
-  }
-  for (int h = tid; h < MAX_HEADS; h += THREADS) ws[h] = h < heads ? w[t * heads + h] : 0.f;
   if (tid == 0) n_valid = 0;
-  const int mtiles = (heads + 15) / 16;
+
+  // Warp w owns heads 16 w .. 16 w + 15: its query fragments (bf16) and head weights stay in
+  // registers for the whole split, and it scores every key of a page against them.
   const int r = lane / 4, c2 = (lane % 4) * 2;
-
-  // Pipeline: page i + 1's bytes and page i + 2's id are in flight while page i is scored.
-  auto page_at = [&](long long base) -> int {
-    return base < k1 ? block_table[seq * max_pages + base / PAGE_ROWS] : -1;
-  };
-  PageChunks pc;
-  int page = page_at(k0);
-  bool page_ok = page >= 0 && page < num_pages;
-  load_page(pc, keys, fmt, page, page_ok, k0, k1, tid);
-  int page_ahead = page_at(k0 + PAGE_ROWS);
-  for (long long base = k0; base < k1; base += PAGE_ROWS) {
-    store_page(pc, fmt, ks, tid);
-    const bool tile_ok = page_ok;
-    __syncthreads();
-    if (base + PAGE_ROWS < k1) {
-      page = page_ahead;
-      page_ok = page >= 0 && page < num_pages;
-      load_page(pc, keys, fmt, page, page_ok, base + PAGE_ROWS, k1, tid);
-      page_ahead = page_at(base + 2 * PAGE_ROWS);
-    }
-
-    // Warp `warp` scores keys [16 warp, 16 warp + 16): two n-tiles of 8 keys, all head tiles.
-    float acc[4][2][4];
+  const bool active = 16 * warp < heads;
+  uint32_t qa[8][4];
+  float wlo = 0.f, whi = 0.f;
+  {
+    const int h_lo = 16 * warp + r, h_hi = h_lo + 8;
 #pragma unroll
-    for (int m = 0; m < 4; ++m)
+    for (int kk = 0; kk < 8; ++kk) {
 #pragma unroll
-      for (int n = 0; n < 2; ++n)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[m][n][i] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < INDEX_DIM; kk += 16) {
-      uint32_t b[2][2];
-#pragma unroll
-      for (int n = 0; n < 2; ++n) {
-        const uint16_t* kr = ks + (16 * warp + 8 * n + r) * ROW + kk + c2;
-        b[n][0] = ld32(kr);
-        b[n][1] = ld32(kr + 8);
+      for (int i = 0; i < 4; ++i) {
+        const int h = i % 2 ? h_hi : h_lo, d = 16 * kk + c2 + 8 * (i / 2);
+        float x0 = 0.f, x1 = 0.f;
+        if (h < heads) {
+          x0 = load_value(q, (t * heads + h) * INDEX_DIM + d, q_bf16);
+          x1 = load_value(q, (t * heads + h) * INDEX_DIM + d + 1, q_bf16);
+        }
+        qa[kk][i] = (uint32_t)to_bf16(x0) | ((uint32_t)to_bf16(x1) << 16);
       }
+    }
+    if (h_lo < heads) wlo = w[t * heads + h_lo];
+    if (h_hi < heads) whi = w[t * heads + h_hi];
+  }
+
+  const int bytes = page_bytes_of(fmt);
+  const int n_pages = (int)((k1 - k0 + PAGE_ROWS - 1) / PAGE_ROWS);
+  auto page_of = [&](int i) -> int { return block_table[seq * max_pages + k0 / PAGE_ROWS + i]; };
+  auto page_ok = [&](int page) { return page >= 0 && page < num_pages; };
 #pragma unroll
-      for (int m = 0; m < 4; ++m) {
-        if (m < mtiles) {
-          const uint16_t* q0 = qs + (16 * m + r) * ROW + kk + c2;
-          const uint16_t* q1 = q0 + 8 * ROW;
-          uint32_t a0 = ld32(q0), a1 = ld32(q1), a2 = ld32(q0 + 8), a3 = ld32(q1 + 8);
+  for (int i = 0; i < STAGES - 1; ++i) {
+    if (i < n_pages) {
+      int page = page_of(i);
+      if (page_ok(page)) stage_page(stages + i * bytes, keys, fmt, page, tid);
+    }
+    cp_async_commit();
+  }
+
+  for (int i = 0; i < n_pages; ++i) {
+    const long long base = k0 + (long long)i * PAGE_ROWS;
+    const int page = page_of(i);
+    const int valid = page_ok(page) ? (int)min((long long)PAGE_ROWS, k1 - base) : 0;
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();  // page i staged by every thread; the previous tile's readers are done
+    decode_page(stages + (i % STAGES) * bytes, fmt, valid, ks, tid);
+    if (i + STAGES - 1 < n_pages) {
+      int next = page_of(i + STAGES - 1);
+      if (page_ok(next)) stage_page(stages + ((i + STAGES - 1) % STAGES) * bytes, keys, fmt, next, tid);
+    }
+    cp_async_commit();
+    __syncthreads();
+
+    // This warp's 16 heads x the page's 64 keys: 8 n-tiles of 8 keys, 8 k-steps.
+    float acc[8][4];
 #pragma unroll
-          for (int n = 0; n < 2; ++n) mma_bf16(acc[m][n], a0, a1, a2, a3, b[n][0], b[n][1]);
+    for (int n = 0; n < 8; ++n)
+#pragma unroll
+      for (int k = 0; k < 4; ++k) acc[n][k] = 0.f;
+    if (active) {
+#pragma unroll
+      for (int kk = 0; kk < 8; ++kk) {
+#pragma unroll
+        for (int n = 0; n < 8; ++n) {
+          const uint16_t* kr = ks + (8 * n + r) * ROW + 16 * kk + c2;
+          mma_bf16(acc[n], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], ld32(kr), ld32(kr + 8));
         }
       }
     }
-    // Fold heads: lane holds heads 16m + r and 16m + r + 8 for keys c2, c2 + 1 of each n-tile.
+    // Fold this warp's heads: sum over h of w_h ReLU(score), reduced over the 8 row lanes.
 #pragma unroll
-    for (int n = 0; n < 2; ++n) {
+    for (int n = 0; n < 8; ++n) {
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
-        float part = 0.f;
-#pragma unroll
-        for (int m = 0; m < 4; ++m) {
-          if (m < mtiles) {
-            part += ws[16 * m + r] * fmaxf(acc[m][n][c], 0.f);
-            part += ws[16 * m + r + 8] * fmaxf(acc[m][n][2 + c], 0.f);
-          }
-        }
+        float part = wlo * fmaxf(acc[n][c], 0.f) + whi * fmaxf(acc[n][2 + c], 0.f);
         part += __shfl_xor_sync(0xffffffffu, part, 4);
         part += __shfl_xor_sync(0xffffffffu, part, 8);
         part += __shfl_xor_sync(0xffffffffu, part, 16);
-        long long idx = base + 16 * warp + 8 * n + c2 + c;
-        if (r == 0 && tile_ok && idx < k1) pool[atomicAdd(&n_valid, 1)] = pack_candidate(part, (uint32_t)idx);
+        if (r == 0) red[warp * PAGE_ROWS + 8 * n + c2 + c] = part;
       }
     }
     __syncthreads();
+    if (tid < valid) {
+      const float score = ((red[tid] + red[PAGE_ROWS + tid]) + red[2 * PAGE_ROWS + tid]) + red[3 * PAGE_ROWS + tid];
+      pool[atomicAdd(&n_valid, 1)] = pack_candidate(score, (uint32_t)(base + tid));
+    }
   }
+  cp_async_wait<0>();
+  __syncthreads();
 
   const int n = n_valid;
   if (n <= kcap) {
@@ -217,7 +226,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) dsv4_indexer_score(
   if (tid == 0) counts[t * splits + s] = kcap;
 }
 
-extern "C" __global__ void __launch_bounds__(256) dsv4_indexer_merge(
+extern "C" __global__ void __launch_bounds__(1024) dsv4_indexer_merge(
     const unsigned long long* __restrict__ cand, const int* __restrict__ counts, int splits, int kcap,
     int k, int kpow2, const int* __restrict__ block_table, int max_pages,
     const void* __restrict__ seq_ids, int seq64, int physical, int* __restrict__ out_idx,

@@ -2,6 +2,7 @@
 // Scales: smallest 2^e with max(amax, 1e-4) <= qmax * 2^e. Values: exact scaling by 2^-e, then
 // round-to-nearest-even on the FP8 e4m3 / FP4 e2m1 grid, saturating.
 #pragma once
+#include <cuda_bf16.h>
 #include <stdint.h>
 
 namespace dsv4 {
@@ -89,31 +90,26 @@ __device__ __forceinline__ uint16_t bf16_from_f32(float x) {
 
 __device__ __forceinline__ float bf16_to_f32(uint16_t b) { return __uint_as_float((uint32_t)b << 16); }
 
-// bf16 bits of FP8 e4m3 code `b` times 2^se, exact (bf16 keeps e4m3's 3 mantissa bits and
-// f32's exponent range). Integer arithmetic: the kernels decode whole tiles with it.
-__device__ __forceinline__ uint32_t fp8_to_bf16_bits(uint32_t b, int se) {
-  const uint32_t sign = (b & 0x80u) << 8, e = (b >> 3) & 0xFu, m = b & 7u;
-  if (e != 0) return sign | ((e + 120u + (uint32_t)se) << 7) | (m << 4);
-  return m == 0 ? sign : (sign | bf16_from_f32((float)m * exp2i(se - 9)));
+// Tile decoders: FP8 e4m3 / FP4 e2m1 codes times 2^se as packed bf16, exact. Moving a code's
+// magnitude bits into bf16 position gives a bf16 of the code's value times 2^-120 (e4m3) or
+// 2^-126 (e2m1), subnormals and zero included; two exact power-of-two multiplies restore it.
+__device__ __forceinline__ uint32_t bf16x2_mul_pow2(uint32_t x, int e) {
+  const __nv_bfloat162 s = __bfloat162bfloat162(__ushort_as_bfloat16((unsigned short)((e + 127) << 7)));
+  __nv_bfloat162 v = *(__nv_bfloat162*)&x;
+  v = __hmul2(v, s);
+  return *(uint32_t*)&v;
 }
 
-// bf16 bits of FP4 e2m1 nibble `c` times 2^se, exact.
-__device__ __forceinline__ uint32_t fp4_to_bf16_bits(uint32_t c, int se) {
-  const uint32_t sign = (c & 8u) << 12, e = (c >> 1) & 3u, m = c & 1u;
-  if (e != 0) return sign | ((e + 126u + (uint32_t)se) << 7) | (m << 6);
-  return m == 0 ? sign : (sign | ((126u + (uint32_t)se) << 7));
+// Two FP8 codes in bytes 0 and 2 of `w` -> two bf16 of value * 2^se.
+__device__ __forceinline__ uint32_t fp8x2_to_bf16(uint32_t w, int se) {
+  const uint32_t bits = ((w & 0x007F007Fu) << 4) | ((w & 0x00800080u) << 8);
+  return bf16x2_mul_pow2(bf16x2_mul_pow2(bits, 120), se);
 }
 
 // Eight FP8 codes (little-endian in `raw`) times 2^se as eight packed bf16 (16 bytes).
 __device__ __forceinline__ uint4 fp8x8_to_bf16(uint2 raw, int se) {
-  uint32_t w[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    uint32_t src = i < 2 ? raw.x : raw.y;
-    int sh = 16 * (i % 2);
-    w[i] = fp8_to_bf16_bits((src >> sh) & 0xFFu, se) | (fp8_to_bf16_bits((src >> (sh + 8)) & 0xFFu, se) << 16);
-  }
-  return make_uint4(w[0], w[1], w[2], w[3]);
+  return make_uint4(fp8x2_to_bf16(__byte_perm(raw.x, 0, 0x4140), se), fp8x2_to_bf16(__byte_perm(raw.x, 0, 0x4342), se),
+                    fp8x2_to_bf16(__byte_perm(raw.y, 0, 0x4140), se), fp8x2_to_bf16(__byte_perm(raw.y, 0, 0x4342), se));
 }
 
 // Eight FP4 codes (two per byte, even index in the low nibble) times 2^se as eight packed bf16.
@@ -121,8 +117,10 @@ __device__ __forceinline__ uint4 fp4x8_to_bf16(uint32_t raw, int se) {
   uint32_t w[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    uint32_t byte = (raw >> (8 * i)) & 0xFFu;
-    w[i] = fp4_to_bf16_bits(byte & 0xFu, se) | (fp4_to_bf16_bits(byte >> 4, se) << 16);
+    const uint32_t b = (raw >> (8 * i)) & 0xFFu;
+    const uint32_t pair = (b & 0xFu) | ((b >> 4) << 16);
+    const uint32_t bits = ((pair & 0x00070007u) << 6) | ((pair & 0x00080008u) << 12);
+    w[i] = bf16x2_mul_pow2(bf16x2_mul_pow2(bits, 126), se);
   }
   return make_uint4(w[0], w[1], w[2], w[3]);
 }

@@ -14,7 +14,10 @@ const HEADS_PER_BLOCK: usize = 32;
 const TILE: usize = 32;
 /// Blocks to aim for (the kernel runs one block per multiprocessor; a large GPU has ~132).
 const TARGET_BLOCKS: usize = 2 * 132;
-const SHARED_BYTES: u32 = (TILE * (512 + 8) * 2 + 2 * 4 * 16 * TILE * 4) as u32;
+/// Raw tiles staged ahead (`STAGES` in cuda/attention.cu), of `TILE` rows of up to 1024 bytes.
+const STAGES: usize = 3;
+/// The bf16 tile, the per-warp partial scores and the staged raw tiles.
+const SHARED_BYTES: u32 = (TILE * (512 + 8) * 2 + 2 * 4 * 16 * TILE * 4 + STAGES * TILE * 1024) as u32;
 
 #[repr(C)]
 #[derive(Clone, Copy)]

@@ -5,11 +5,11 @@
 use super::{launch, Launch};
 use crate::error::{Error, Result};
 use crate::kernel_args;
-use crate::quant::PAGE_ROWS;
+use crate::quant::{INDEX_DIM, INDEX_KEY_FP4, INDEX_KEY_FP8, PAGE_ROWS};
 use crate::tensor::{DType, TensorRef};
 
 const SCORE_THREADS: u32 = 128;
-const MERGE_THREADS: u32 = 256;
+const MERGE_THREADS: u32 = 1024;
 /// Largest k the merge kernel sorts in shared memory.
 pub const MAX_K: usize = 4096;
 /// Largest number of indexer heads (one 64-row tile of the MMA).
@@ -42,10 +42,19 @@ pub fn workspace_bytes(queries: usize, max_keys: usize, k: usize) -> usize {
     queries * s.count * (s.kcap * 8 + 4)
 }
 
-fn score_shared_bytes(split_keys: usize) -> u32 {
-    let row = 128 + 8;
-    let tiles = (MAX_HEADS + PAGE_ROWS) * row * 2 + MAX_HEADS * 4;
-    (tiles + split_keys * 8 + 256 * 4 + 16) as u32
+/// Pages staged ahead by the score kernel (`STAGES` in cuda/indexer.cu).
+const STAGES: usize = 4;
+
+/// Shared memory of the score kernel: the bf16 key tile, per-warp partial scores, the split's
+/// candidate pool, the radix-select scratch and the staged raw pages.
+fn score_shared_bytes(split_keys: usize, key_format: i32) -> u32 {
+    let page_bytes = match key_format {
+        0 => INDEX_KEY_FP4.page_bytes(),
+        1 => INDEX_KEY_FP8.page_bytes(),
+        _ => PAGE_ROWS * INDEX_DIM * 2,
+    };
+    let tile = PAGE_ROWS * (INDEX_DIM + 8) * 2 + 4 * PAGE_ROWS * 4;
+    (tile + split_keys * 8 + 1040 + STAGES * page_bytes) as u32
 }
 
 /// Arguments of one launch, already validated.
@@ -98,7 +107,7 @@ pub unsafe fn indexer_topk(dev: i32, stream: usize, a: &IndexerArgs) -> Result<(
     let score = Launch {
         grid: (s.count as u32, t as u32, 1),
         block: (SCORE_THREADS, 1, 1),
-        shared_bytes: score_shared_bytes(s.keys),
+        shared_bytes: score_shared_bytes(s.keys, a.key_format),
         stream,
     };
     launch(
