@@ -452,13 +452,13 @@ def ue8m0_exponent(amax: torch.Tensor, qmax: float) -> torch.Tensor:
     """UE8M0 scale exponents, elementwise (SPEC.md section 5): ``int64``, the smallest integer
     ``e`` with ``max(amax, 1e-4) <= qmax * 2^e`` (``amax`` and the floor as float32)."""
     a = _f32_values("amax", amax).clamp(min=AMAX_FLOOR)
-    if not (isinstance(qmax, (int, float)) and 0 < qmax < INF):
-        raise ValueError(f"qmax: expected a positive finite number, got {qmax!r}")
-    q = float(torch.tensor(qmax, dtype=torch.float32))
-    e = torch.log2(a / q).ceil()
-    e = torch.where(q * _exp2(e) < a, e + 1, e)
-    e = torch.where(q * _exp2(e - 1) >= a, e - 1, e)
-    return e.to(torch.int64)
+    q = float(torch.tensor(qmax, dtype=torch.float32)) if isinstance(qmax, (int, float)) else math.nan
+    if not 0 < q < INF:
+        raise ValueError(f"qmax: expected a positive number, finite as float32, got {qmax!r}")
+    # a and q carry 24-bit mantissas, so a <= q 2^k exactly when the float64 quotient a / q <= 2^k;
+    # with a / q = m 2^p (m in [0.5, 1)) the smallest such k is p, or p - 1 when m = 0.5.
+    mantissa, power = torch.frexp(a / q)
+    return torch.where(mantissa == 0.5, power - 1, power).to(torch.int64)
 
 
 def _minifloat_encode(x: torch.Tensor, e: torch.Tensor, qmax: float, man: int, bias: int, sign_bit: int) -> torch.Tensor:
