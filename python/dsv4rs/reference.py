@@ -461,7 +461,9 @@ def ue8m0_exponent(amax: torch.Tensor, qmax: float) -> torch.Tensor:
     return torch.where(mantissa == 0.5, power - 1, power).to(torch.int64)
 
 
-def _minifloat_encode(x: torch.Tensor, e: torch.Tensor, qmax: float, man: int, bias: int, sign_bit: int) -> torch.Tensor:
+def _minifloat_encode(
+    x: torch.Tensor, e: torch.Tensor, qmax: float, man: int, bias: int, sign_bit: int
+) -> torch.Tensor:
     """Code of ``x * 2^-e`` on a minifloat grid with ``man`` mantissa bits and exponent bias
     ``bias`` (no infinities): magnitude saturated at ``qmax``, rounded to nearest even, sign bit
     from ``x``."""
