@@ -1,0 +1,646 @@
+"""Float64 reference of every dsv4rs op, in plain torch (SPEC.md sections 2-5).
+
+This module is the oracle the Rust and CUDA kernels are tested against. It follows SPEC.md's
+formulas literally and computes in float64: inputs of any floating dtype are upcast. It depends on
+torch and math only, never on the compiled extension.
+
+The quantizers (SPEC.md section 5) model the kernels' float32 inputs: they first round their input
+to float32 (exact for float32 and bfloat16 inputs), then do every step in float64, which is exact
+for these steps, so they give the same codes, scales and bytes as ``rust/core/src/quant.rs``.
+
+Arguments are checked and errors name the argument: ``TypeError`` for a wrong type or dtype,
+``ValueError`` for a wrong shape or value.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+
+F64 = torch.float64
+INF = math.inf
+
+PAGE_ROWS = 64
+"""Rows per cache page (SPEC.md section 5)."""
+ENTRY_DIM = 512
+"""Width of a KV entry (K = V)."""
+NOPE_DIM = 448
+"""Leading entry dims stored as FP8; the trailing 64 (the RoPE dims) are stored as BF16."""
+FP8_BLOCK = 64
+"""Entry values sharing one FP8 scale."""
+INDEX_DIM = 128
+"""Width of an indexer key."""
+FP4_BLOCK = 32
+"""Indexer-key values sharing one FP4 scale."""
+FP8_MAX = 448.0
+"""Largest finite FP8 e4m3 magnitude."""
+FP4_MAX = 6.0
+"""Largest FP4 e2m1 magnitude."""
+AMAX_FLOOR = float(torch.tensor(1e-4, dtype=torch.float32))
+"""Block maxima below this (1e-4 rounded to float32) are raised to it before the scale is chosen."""
+
+Quant = Literal["none", "fp8", "fp4"]
+IndexKeyFormat = Literal["fp4", "fp8"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks
+
+
+def _tensor(name: str, x: object) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def _float(name: str, x: object) -> torch.Tensor:
+    """``x`` upcast to float64; it must be a real floating-point tensor."""
+    t = _tensor(name, x)
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+    return t.to(F64)
+
+
+def _index(name: str, x: object) -> torch.Tensor:
+    """``x`` as int64; it must be an integer tensor."""
+    t = _tensor(name, x)
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{name}: expected an integer tensor, got {t.dtype}")
+    return t.to(torch.int64)
+
+
+def _int(name: str, x: object, low: int) -> int:
+    """``x`` as a Python int, at least ``low``."""
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise TypeError(f"{name}: expected an int, got {type(x).__name__}")
+    if x < low:
+        raise ValueError(f"{name}: must be >= {low}, got {x}")
+    return x
+
+
+def _check_shape(name: str, x: torch.Tensor, *dims: int | str) -> None:
+    """Raises unless ``x`` has ``len(dims)`` dims, each equal to the int given (a str names a
+    dimension of any size)."""
+    if x.dim() != len(dims) or any(isinstance(w, int) and s != w for s, w in zip(x.shape, dims)):
+        want = ", ".join(str(w) for w in dims)
+        raise ValueError(f"{name}: expected shape [{want}], got {list(x.shape)}")
+
+
+def _check_last_dim(name: str, x: torch.Tensor, dim: int) -> None:
+    if x.dim() < 1 or x.shape[-1] != dim:
+        raise ValueError(f"{name}: expected shape [..., {dim}], got {list(x.shape)}")
+
+
+def _exp2(e: torch.Tensor) -> torch.Tensor:
+    """Exact ``2^e`` in float64 for integer ``e``."""
+    return torch.ldexp(torch.ones(e.shape, dtype=F64), e.to(torch.int64))
+
+
+# ---------------------------------------------------------------------------------------------
+# RoPE and RMSNorm (SPEC.md section 2)
+
+
+def rope_inv_freq(
+    rope_dim: int = 64,
+    theta: float = 10000.0,
+    yarn_factor: float | None = None,
+    original_max_position: int = 65536,
+    beta_fast: float = 32.0,
+    beta_slow: float = 1.0,
+) -> torch.Tensor:
+    """RoPE inverse frequencies ``float64 [rope_dim // 2]`` (SPEC.md section 2).
+
+    ``theta_j = theta^(-2j / rope_dim)``. With ``yarn_factor``, standard YaRN without mscale: the
+    correction range ``[low, high]`` is where the wavelength fits between ``beta_fast`` and
+    ``beta_slow`` rotations in ``original_max_position`` tokens,
+    ``low = floor(rope_dim ln(orig / (beta_fast 2 pi)) / (2 ln theta))`` (at least 0),
+    ``high = ceil(rope_dim ln(orig / (beta_slow 2 pi)) / (2 ln theta))`` (at most rope_dim - 1),
+    ``ramp_j = clamp((j - low) / (high - low), 0, 1)`` and
+    ``inv_freq_j = theta_j (1 - ramp_j) + theta_j / yarn_factor ramp_j``. For CSA/HCA layers
+    (theta 160000, factor 16 from 65536, betas 32 and 1) the ramp is ``(j - 15) / 10``.
+    """
+    rope_dim = _int("rope_dim", rope_dim, 2)
+    if rope_dim % 2:
+        raise ValueError(f"rope_dim: must be even, got {rope_dim}")
+    if not theta > 1:
+        raise ValueError(f"theta: must be > 1, got {theta}")
+    inv_freq = theta ** (-torch.arange(0, rope_dim, 2, dtype=F64) / rope_dim)
+    if yarn_factor is None:
+        return inv_freq
+    if not yarn_factor > 0:
+        raise ValueError(f"yarn_factor: must be > 0, got {yarn_factor}")
+    if not original_max_position > 0:
+        raise ValueError(f"original_max_position: must be > 0, got {original_max_position}")
+    if not beta_fast > beta_slow > 0:
+        raise ValueError(f"beta_fast, beta_slow: need beta_fast > beta_slow > 0, got {beta_fast}, {beta_slow}")
+
+    def correction_dim(rotations: float) -> float:
+        return rope_dim * math.log(original_max_position / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), rope_dim - 1)
+    width = high - low if high != low else 1e-3
+    ramp = ((torch.arange(rope_dim // 2, dtype=F64) - low) / width).clamp(0, 1)
+    return inv_freq * (1 - ramp) + inv_freq / yarn_factor * ramp
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """RoPE (SPEC.md section 2) on the last ``2 * len(inv_freq)`` dims of ``x``.
+
+    ``x``: ``[T, ..., D]``; ``positions``: integer ``[T]``, aligned with dim 0. Pair ``j``
+    ``(x0, x1) = (x[D - 2R + 2j], x[D - 2R + 2j + 1])`` is rotated by the angle
+    ``positions[t] * inv_freq[j]`` (by its negative when ``inverse``):
+    ``(x0 cos - x1 sin, x0 sin + x1 cos)``. The other dims are unchanged. Returns float64.
+    """
+    x = _float("x", x)
+    positions = _index("positions", positions)
+    inv_freq = _float("inv_freq", inv_freq)
+    if x.dim() < 2:
+        raise ValueError(f"x: expected shape [T, ..., D], got {list(x.shape)}")
+    _check_shape("positions", positions, x.shape[0])
+    _check_shape("inv_freq", inv_freq, "R")
+    pairs, dim = inv_freq.shape[0], x.shape[-1]
+    if 2 * pairs > dim:
+        raise ValueError(f"inv_freq: {pairs} frequencies rotate {2 * pairs} dims, but x has only {dim}")
+    angle = positions.to(F64)[:, None] * inv_freq
+    if inverse:
+        angle = -angle
+    angle = angle.reshape(x.shape[0], *[1] * (x.dim() - 2), pairs)
+    cos, sin = angle.cos(), angle.sin()
+    rot = x[..., dim - 2 * pairs :].unflatten(-1, (pairs, 2))
+    x0, x1 = rot[..., 0], rot[..., 1]
+    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+    return torch.cat((x[..., : dim - 2 * pairs], rotated), dim=-1)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim: ``x * rsqrt(mean(x^2) + eps) * weight``."""
+    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * weight
+
+
+# ---------------------------------------------------------------------------------------------
+# Compressor (SPEC.md section 3)
+
+_QUANT_DIM: dict[str, int | None] = {"none": None, "fp8": ENTRY_DIM, "fp4": INDEX_DIM}
+
+
+def _compressor_args(
+    ape: torch.Tensor, norm_weight: torch.Tensor, ratio: int, inv_freq: torch.Tensor, quant: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Checks the arguments prefill and step share; returns ``ape``, ``norm_weight``,
+    ``inv_freq`` in float64 and ``coff`` (2 for the overlapping CSA form, ratio 4, else 1)."""
+    ratio = _int("ratio", ratio, 1)
+    coff = 2 if ratio == 4 else 1
+    norm_weight = _float("norm_weight", norm_weight)
+    _check_shape("norm_weight", norm_weight, "D")
+    dim = norm_weight.shape[0]
+    ape = _float("ape", ape)
+    _check_shape("ape", ape, ratio, coff * dim)
+    inv_freq = _float("inv_freq", inv_freq)
+    _check_shape("inv_freq", inv_freq, "R")
+    if 2 * inv_freq.shape[0] > dim:
+        raise ValueError(f"inv_freq: {inv_freq.shape[0]} frequencies rotate more than D = {dim} dims")
+    if quant not in _QUANT_DIM:
+        raise ValueError(f'quant: expected "none", "fp8" or "fp4", got {quant!r}')
+    if _QUANT_DIM[quant] not in (None, dim):
+        raise ValueError(f'quant: "{quant}" needs D = {_QUANT_DIM[quant]}, got D = {dim}')
+    return ape, norm_weight, inv_freq, coff
+
+
+def _pool(kv: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Per channel, the softmax over the candidates (dim -2) of ``logits`` weighting ``kv``."""
+    return (torch.softmax(logits, dim=-2) * kv).sum(-2)
+
+
+def _finish_entries(
+    pooled: torch.Tensor, first_positions: torch.Tensor, norm_weight: torch.Tensor, inv_freq: torch.Tensor,
+    eps: float, quant: str,
+) -> torch.Tensor:
+    """RMSNorm, RoPE at the first position of each entry's own block, then ``quant``."""
+    entries = apply_rope(_rms_norm(pooled, norm_weight, eps), first_positions, inv_freq)
+    if quant == "fp8":
+        return entry_quant_dequant(entries)
+    if quant == "fp4":
+        return fp4_quant_dequant(hadamard128(entries))
+    return entries
+
+
+def compressor_prefill(
+    kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, norm_weight: torch.Tensor, ratio: int,
+    inv_freq: torch.Tensor, eps: float = 1e-6, quant: Quant = "none",
+) -> torch.Tensor:
+    """Compressed entries of ``S`` tokens at once: ``float64 [S // ratio, D]`` (SPEC.md section 3).
+
+    ``kv``, ``score``: ``[S, coff * D]``, the projections ``W_kv x`` and ``W_gate x``; ``ape``:
+    ``[ratio, coff * D]``; ``norm_weight``: ``[D]``. ``coff`` is 2 for ratio 4 (CSA, overlapping
+    entries) and 1 for any other ratio (HCA form). Only complete blocks give entries.
+
+    Entry ``i`` pools, per channel, with one softmax over the candidates' logits:
+    - no overlap: tokens ``j`` of block ``i`` (``r i <= j < r i + r``), ``(kv_j, score_j + ape[j - r i])``;
+    - overlap: ``kv_j = [b | a]`` (first D dims "b" feed the next entry, last D dims "a" the own
+      entry), likewise ``score`` and ``ape``; candidates are the own block's ``(a_j, s^a_j + ape^a)``
+      and the previous block's ``(b_j, s^b_j + ape^b)``, whose logits are ``-inf`` for entry 0.
+    Then RMSNorm over D with ``norm_weight`` (SPEC.md's bf16 cast before the norm is left out),
+    RoPE (:func:`apply_rope`) at position ``r i``, and ``quant``: ``"none"``, ``"fp8"``
+    (:func:`entry_quant_dequant`, D = 512) or ``"fp4"`` (:func:`hadamard128` then
+    :func:`fp4_quant_dequant`, D = 128).
+    """
+    ape, norm_weight, inv_freq, coff = _compressor_args(ape, norm_weight, ratio, inv_freq, quant)
+    dim = norm_weight.shape[0]
+    kv, score = _float("kv", kv), _float("score", score)
+    _check_shape("kv", kv, "S", coff * dim)
+    _check_shape("score", score, kv.shape[0], coff * dim)
+    n = kv.shape[0] // ratio
+    blocks = kv[: n * ratio].unflatten(0, (n, ratio))
+    logits = score[: n * ratio].unflatten(0, (n, ratio)) + ape
+    if coff == 2:
+        prev_kv = torch.cat((torch.zeros_like(blocks[:1, :, :dim]), blocks[:-1, :, :dim]))
+        prev_logits = torch.cat((torch.full_like(logits[:1, :, :dim], -INF), logits[:-1, :, :dim]))
+        blocks = torch.cat((prev_kv, blocks[..., dim:]), dim=1)
+        logits = torch.cat((prev_logits, logits[..., dim:]), dim=1)
+    first_positions = ratio * torch.arange(n)
+    return _finish_entries(_pool(blocks, logits), first_positions, norm_weight, inv_freq, eps, quant)
+
+
+def compressor_state_init(ratio: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty decode state of a compressor (SPEC.md section 3): ``(kv_state, score_state)``, both
+    ``float64 [coff * ratio, coff * dim]``, kv zeros and scores ``-inf``."""
+    ratio, dim = _int("ratio", ratio, 1), _int("dim", dim, 1)
+    coff = 2 if ratio == 4 else 1
+    shape = (coff * ratio, coff * dim)
+    return torch.zeros(shape, dtype=F64), torch.full(shape, -INF, dtype=F64)
+
+
+def compressor_step(
+    kv_state: torch.Tensor, score_state: torch.Tensor, kv_t: torch.Tensor, score_t: torch.Tensor, position: int,
+    ape: torch.Tensor, norm_weight: torch.Tensor, ratio: int, inv_freq: torch.Tensor, eps: float = 1e-6,
+    quant: Quant = "none",
+) -> torch.Tensor | None:
+    """Feeds token ``position`` to a compressor; returns the entry it completes (``float64 [D]``)
+    or ``None`` (SPEC.md section 3, decode state).
+
+    ``kv_state``, ``score_state``: the float64 state of :func:`compressor_state_init`, updated in
+    place; the score state holds ``score + ape``. ``kv_t``, ``score_t``: ``[coff * D]``.
+    No overlap: the token writes slot ``p mod r``; when ``(p + 1) mod r == 0`` the slots are pooled
+    into entry ``p // r``. Overlap (ratio 4): the token writes slot ``4 + p mod 4``; when
+    ``(p + 1) mod 4 == 0`` the candidates ``cat(state[0:4, :D], state[4:8, D:])`` are pooled into
+    entry ``p // 4``, then ``state[0:4] <- state[4:8]``. Norm, RoPE and quant as in
+    :func:`compressor_prefill`, which this matches token by token.
+    """
+    ape, norm_weight, inv_freq, coff = _compressor_args(ape, norm_weight, ratio, inv_freq, quant)
+    dim = norm_weight.shape[0]
+    for name, state in (("kv_state", kv_state), ("score_state", score_state)):
+        if _tensor(name, state).dtype != F64:
+            raise TypeError(f"{name}: expected a float64 tensor (see compressor_state_init), got {state.dtype}")
+        _check_shape(name, state, coff * ratio, coff * dim)
+    kv_t, score_t = _float("kv_t", kv_t), _float("score_t", score_t)
+    _check_shape("kv_t", kv_t, coff * dim)
+    _check_shape("score_t", score_t, coff * dim)
+    position = _int("position", position, 0)
+
+    slot = position % ratio
+    row = slot + (ratio if coff == 2 else 0)
+    kv_state[row] = kv_t
+    score_state[row] = score_t + ape[slot]
+    if (position + 1) % ratio:
+        return None
+    if coff == 2:
+        kv = torch.cat((kv_state[:ratio, :dim], kv_state[ratio:, dim:]))
+        logits = torch.cat((score_state[:ratio, :dim], score_state[ratio:, dim:]))
+        kv_state[:ratio] = kv_state[ratio:]
+        score_state[:ratio] = score_state[ratio:]
+    else:
+        kv, logits = kv_state, score_state
+    first_position = torch.tensor([position - slot])
+    return _finish_entries(_pool(kv, logits)[None], first_position, norm_weight, inv_freq, eps, quant)[0]
+
+
+def compressed_visible(positions: torch.Tensor, ratio: int) -> torch.Tensor:
+    """Number of compressed entries visible to the query at each position (SPEC.md section 3):
+    entry ``i`` is visible to ``t`` iff ``r i + r - 1 <= t``, so the count is ``(t + 1) // r``."""
+    positions = _index("positions", positions)
+    ratio = _int("ratio", ratio, 1)
+    if (positions < 0).any():
+        raise ValueError("positions: must be >= 0")
+    return (positions + 1) // ratio
+
+
+# ---------------------------------------------------------------------------------------------
+# Lightning indexer (SPEC.md section 4)
+
+
+def indexer_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Indexer scores ``float64 [T, N]`` (SPEC.md section 4): ``I_ts = sum_h w_th ReLU(q_th . k_s)``.
+
+    ``q``: ``[T, H, Dk]`` indexer queries; ``weights``: ``[T, H]``; ``keys``: ``[N, Dk]``.
+    """
+    q, weights, keys = _float("q", q), _float("weights", weights), _float("keys", keys)
+    _check_shape("q", q, "T", "H", "Dk")
+    _check_shape("weights", weights, q.shape[0], q.shape[1])
+    _check_shape("keys", keys, "N", q.shape[2])
+    return (weights[:, :, None] * torch.relu(q @ keys.T)).sum(1)
+
+
+def indexer_topk(
+    q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The indexer's selection (SPEC.md section 4): ``(indices int64 [T, k], scores float64 [T, k])``.
+
+    Query ``t`` ranks keys ``s < visible[t]`` (``int [T]``, each in ``[0, N]``) by
+    :func:`indexer_scores` and keeps the top ``min(k, visible[t])``, score descending, ties to the
+    lower index first; the remaining slots hold index ``-1`` and score ``-inf``.
+    """
+    scores = indexer_scores(q, weights, keys)
+    num_queries, num_keys = scores.shape
+    visible = _index("visible", visible)
+    _check_shape("visible", visible, num_queries)
+    if ((visible < 0) | (visible > num_keys)).any():
+        raise ValueError(f"visible: values must lie in [0, {num_keys}] (the number of keys)")
+    k = _int("k", k, 1)
+    hidden = torch.arange(num_keys) >= visible[:, None]
+    # A stable sort keeps ties in index order; hidden keys sort after every visible one.
+    ranked = torch.sort(scores.masked_fill(hidden, -INF), dim=1, descending=True, stable=True)
+    kept = min(k, num_keys)
+    indices = torch.full((num_queries, k), -1, dtype=torch.int64)
+    top = torch.full((num_queries, k), -INF, dtype=F64)
+    indices[:, :kept], top[:, :kept] = ranked.indices[:, :kept], ranked.values[:, :kept]
+    beyond = torch.arange(k) >= visible[:, None]
+    return indices.masked_fill(beyond, -1), top.masked_fill(beyond, -INF)
+
+
+# ---------------------------------------------------------------------------------------------
+# Core attention (SPEC.md section 2)
+
+
+def sparse_attention(
+    q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sink: torch.Tensor, scale: float = 512**-0.5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention with a sink over a candidate set per query (SPEC.md section 2):
+    ``(out float64 [T, H, D], lse float64 [T, H])``.
+
+    ``q``: ``[T, H, D]``; ``kv``: ``[N, D]`` entries, each both key and value; ``indices``:
+    integer ``[T, K]`` rows of ``kv``, ``-1`` = masked (ignored), a repeated row counts each time;
+    ``sink``: ``[H]``, unscaled. With ``z_hj = (q_th . kv_j) * scale``,
+    ``out_th = sum_j exp(z_hj) kv_j / (sum_j exp(z_hj) + exp(sink_h))``, computed stably;
+    ``lse_th = log(sum_j exp(z_hj))`` over the valid candidates (the sink excluded), ``-inf`` when
+    there are none, and then ``out`` is 0.
+    """
+    q, kv, sink = _float("q", q), _float("kv", kv), _float("sink", sink)
+    indices = _index("indices", indices)
+    _check_shape("q", q, "T", "H", "D")
+    _check_shape("kv", kv, "N", q.shape[2])
+    _check_shape("indices", indices, q.shape[0], "K")
+    _check_shape("sink", sink, q.shape[1])
+    if ((indices < -1) | (indices >= kv.shape[0])).any():
+        raise ValueError(f"indices: values must lie in [-1, {kv.shape[0]}) (-1 = masked, else a row of kv)")
+    rows = kv[indices.clamp(min=0)]
+    z = torch.einsum("thd,tkd->thk", q, rows) * scale
+    z = z.masked_fill((indices < 0)[:, None, :], -INF)
+    lse = torch.logsumexp(z, dim=-1)
+    shift = torch.maximum(lse, sink)
+    shift = shift.where(shift.isfinite(), 0.0)
+    num = torch.einsum("thk,tkd->thd", (z - shift[..., None]).exp(), rows)
+    den = ((lse - shift).exp() + (sink - shift).exp())[..., None]
+    out = torch.where(den > 0, num / den, 0.0)
+    return out, lse
+
+
+def window_indices(positions: torch.Tensor, window: int = 128) -> torch.Tensor:
+    """Sliding-window candidates (SPEC.md section 2): ``int64 [T, window]``, for the query at
+    position ``t`` the positions ``max(0, t - window + 1) .. t`` ascending, then ``-1`` padding."""
+    positions = _index("positions", positions)
+    _check_shape("positions", positions, "T")
+    window = _int("window", window, 1)
+    if (positions < 0).any():
+        raise ValueError("positions: must be >= 0")
+    idx = (positions - window + 1).clamp(min=0)[:, None] + torch.arange(window)
+    return idx.masked_fill(idx > positions[:, None], -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantizers (SPEC.md section 5), bit-identical to rust/core/src/quant.rs
+
+
+def _f32_values(name: str, x: object) -> torch.Tensor:
+    """``x`` rounded to float32 (the kernels' input type) and held in float64; must be finite."""
+    t = _tensor(name, x)
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+    t = t.to(torch.float32)
+    if not t.isfinite().all():
+        raise ValueError(f"{name}: values must be finite as float32")
+    return t.to(F64)
+
+
+def _exponents(name: str, e: object, like: torch.Tensor) -> torch.Tensor:
+    """Scale exponents (an int or an integer tensor) in the UE8M0 range, broadcast to ``like``."""
+    if isinstance(e, int) and not isinstance(e, bool):
+        e = torch.tensor(e)
+    e = _index(name, e)
+    if ((e < -127) | (e > 127)).any():
+        raise ValueError(f"{name}: exponents must lie in [-127, 127] (UE8M0 scales)")
+    try:
+        return e.expand_as(like)
+    except RuntimeError:
+        raise ValueError(f"{name}: shape {list(e.shape)} does not broadcast to {list(like.shape)}") from None
+
+
+def ue8m0_exponent(amax: torch.Tensor, qmax: float) -> torch.Tensor:
+    """UE8M0 scale exponents, elementwise (SPEC.md section 5): ``int64``, the smallest integer
+    ``e`` with ``max(amax, 1e-4) <= qmax * 2^e`` (``amax`` and the floor as float32)."""
+    a = _f32_values("amax", amax).clamp(min=AMAX_FLOOR)
+    q = float(torch.tensor(qmax, dtype=torch.float32)) if isinstance(qmax, (int, float)) else math.nan
+    if not 0 < q < INF:
+        raise ValueError(f"qmax: expected a positive number, finite as float32, got {qmax!r}")
+    # a and q carry 24-bit mantissas, so a <= q 2^k exactly when the float64 quotient a / q <= 2^k;
+    # with a / q = m 2^p (m in [0.5, 1)) the smallest such k is p, or p - 1 when m = 0.5.
+    mantissa, power = torch.frexp(a / q)
+    return torch.where(mantissa == 0.5, power - 1, power).to(torch.int64)
+
+
+def _minifloat_encode(
+    x: torch.Tensor, e: torch.Tensor, qmax: float, man: int, bias: int, sign_bit: int
+) -> torch.Tensor:
+    """Code of ``x * 2^-e`` on a minifloat grid with ``man`` mantissa bits and exponent bias
+    ``bias`` (no infinities): magnitude saturated at ``qmax``, rounded to nearest even, sign bit
+    from ``x``."""
+    a = (x.abs() * _exp2(-e)).clamp(max=qmax)
+    min_binade = 1 - bias
+    binade = (torch.frexp(a).exponent.to(torch.int64) - 1).where(a > 0, min_binade).clamp(min=min_binade)
+    mantissa = torch.round(a * _exp2(man - binade)).to(torch.int64)
+    code = ((binade - min_binade) << man) + mantissa
+    return (code + torch.signbit(x) * sign_bit).to(torch.uint8)
+
+
+def _minifloat_decode(codes: torch.Tensor, man: int, bias: int, sign_bit: int) -> torch.Tensor:
+    """Value of minifloat codes (inverse of :func:`_minifloat_encode` at ``e = 0``)."""
+    c = codes.to(torch.int64)
+    magnitude = c & (sign_bit - 1)
+    exponent, mantissa = magnitude >> man, magnitude & ((1 << man) - 1)
+    subnormal = mantissa * _exp2(torch.full_like(c, 1 - bias - man))
+    normal = (1 + mantissa / 2**man) * _exp2(exponent - bias)
+    value = torch.where(exponent == 0, subnormal, normal)
+    return torch.where(c & sign_bit != 0, -value, value)
+
+
+def _codes(name: str, codes: object, largest: int) -> torch.Tensor:
+    t = _tensor(name, codes)
+    if t.dtype != torch.uint8:
+        raise TypeError(f"{name}: expected a uint8 tensor, got {t.dtype}")
+    if (t > largest).any():
+        raise ValueError(f"{name}: codes must lie in [0, {largest}]")
+    return t
+
+
+def fp8_e4m3_encode(x: torch.Tensor, e: torch.Tensor | int) -> torch.Tensor:
+    """FP8 e4m3fn codes (``uint8``, shape of ``x``) of ``x * 2^-e`` (SPEC.md section 5): round to
+    nearest even on the e4m3 grid (subnormal step 2^-9), saturated at 448, sign bit from ``x``
+    (so -0.0 and tiny negatives give 0x80). ``e``: an int or integer tensor broadcast to ``x``."""
+    x = _f32_values("x", x)
+    return _minifloat_encode(x, _exponents("e", e, x), FP8_MAX, 3, 7, 0x80)
+
+
+def fp8_e4m3_decode(codes: torch.Tensor) -> torch.Tensor:
+    """Values (``float64``) of FP8 e4m3fn codes; 0x7F and 0xFF are NaN (never encoded)."""
+    codes = _codes("codes", codes, 0xFF)
+    return _minifloat_decode(codes, 3, 7, 0x80).masked_fill(codes & 0x7F == 0x7F, math.nan)
+
+
+def fp4_e2m1_encode(x: torch.Tensor, e: torch.Tensor | int) -> torch.Tensor:
+    """FP4 e2m1 nibbles (``uint8`` in 0..15, sign bit 8) of ``x * 2^-e`` (SPEC.md section 5):
+    round to nearest even on the grid {0, 0.5, 1, 1.5, 2, 3, 4, 6}, saturated at 6, sign bit from
+    ``x``. ``e``: an int or integer tensor broadcast to ``x``."""
+    x = _f32_values("x", x)
+    return _minifloat_encode(x, _exponents("e", e, x), FP4_MAX, 1, 1, 0x8)
+
+
+def fp4_e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
+    """Values (``float64``) of FP4 e2m1 nibbles (``uint8`` in 0..15)."""
+    return _minifloat_decode(_codes("codes", codes, 0xF), 1, 1, 0x8)
+
+
+_GRIDS: dict[str, tuple[float, Callable[..., torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]] = {
+    "fp8": (FP8_MAX, fp8_e4m3_encode, fp8_e4m3_decode),
+    "fp4": (FP4_MAX, fp4_e2m1_encode, fp4_e2m1_decode),
+}
+
+
+def _quantize(x: torch.Tensor, block: int, grid: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes ``[..., D]`` and scale exponents ``[..., D // block]`` of ``x`` (float32 values),
+    one UE8M0 scale per ``block`` consecutive values of the last dim."""
+    qmax, encode, _ = _GRIDS[grid]
+    blocks = x.unflatten(-1, (-1, block))
+    e = ue8m0_exponent(blocks.abs().amax(-1), qmax)
+    return encode(blocks, e[..., None]).flatten(-2), e
+
+
+def _dequantize(codes: torch.Tensor, e: torch.Tensor, block: int, grid: str) -> torch.Tensor:
+    decode = _GRIDS[grid][2]
+    return (decode(codes).unflatten(-1, (-1, block)) * _exp2(e)[..., None]).flatten(-2)
+
+
+def _quant_dequant(name: str, x: object, dim: int, block: int, grid: str) -> torch.Tensor:
+    x = _f32_values(name, x)
+    _check_last_dim(name, x, dim)
+    return _dequantize(*_quantize(x, block, grid), block, grid)
+
+
+def entry_quant_dequant(x: torch.Tensor) -> torch.Tensor:
+    """What a KV entry reads back from the cache (SPEC.md section 5): ``x`` ``[..., 512]`` ->
+    float64; dims 0:448 FP8 e4m3 with one UE8M0 scale per 64 dims, dims 448:512 rounded to BF16
+    (nearest even)."""
+    x = _f32_values("x", x)
+    _check_last_dim("x", x, ENTRY_DIM)
+    nope = _quant_dequant("x", x[..., :NOPE_DIM], NOPE_DIM, FP8_BLOCK, "fp8")
+    return torch.cat((nope, x[..., NOPE_DIM:].to(torch.bfloat16).to(F64)), dim=-1)
+
+
+def fp4_quant_dequant(x: torch.Tensor) -> torch.Tensor:
+    """FP4 e2m1 quant-dequant of indexer keys or queries (SPEC.md sections 3-5): ``x``
+    ``[..., 128]`` -> float64, one UE8M0 scale per 32 values."""
+    return _quant_dequant("x", x, INDEX_DIM, FP4_BLOCK, "fp4")
+
+
+def fp8_key_quant_dequant(x: torch.Tensor) -> torch.Tensor:
+    """FP8 e4m3 quant-dequant of indexer keys in the FP8 alternative format (SPEC.md section 5):
+    ``x`` ``[..., 128]`` -> float64, one power-of-two scale per key."""
+    return _quant_dequant("x", x, INDEX_DIM, INDEX_DIM, "fp8")
+
+
+def _hadamard_matrix() -> torch.Tensor:
+    i = torch.arange(INDEX_DIM)
+    both = i[:, None] & i[None, :]
+    parity = sum((both >> bit) & 1 for bit in range(INDEX_DIM.bit_length() - 1)) % 2
+    return (1 - 2 * parity).to(F64) * INDEX_DIM**-0.5
+
+
+_HADAMARD = _hadamard_matrix()
+
+
+def hadamard128(x: torch.Tensor) -> torch.Tensor:
+    """Normalized Walsh-Hadamard transform of the last dim (SPEC.md sections 3-4): ``x``
+    ``[..., 128]`` -> ``x @ H.T`` in float64, ``H[i][j] = (-1)^popcount(i & j) / sqrt(128)``
+    (Sylvester order; ``H`` is symmetric and its own inverse)."""
+    x = _float("x", x)
+    _check_last_dim("x", x, INDEX_DIM)
+    return x @ _HADAMARD.T
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache bytes (SPEC.md section 5), the exact bytes of rust/core/src/quant.rs
+
+
+def _le_bytes(values: torch.Tensor, width: int) -> torch.Tensor:
+    """Little-endian bytes ``uint8 [..., width]`` of non-negative integers."""
+    return torch.stack([(values >> (8 * i)) & 0xFF for i in range(width)], dim=-1).to(torch.uint8)
+
+
+def encode_main_entries(x: torch.Tensor) -> torch.Tensor:
+    """584-byte rows of KV entries ``x`` ``[N, 512]`` -> ``uint8 [N, 584]`` (SPEC.md section 5):
+    448 FP8 e4m3 codes, 64 BF16 values little-endian (128 bytes), 7 UE8M0 scale bytes
+    (``e + 127``, one per 64 FP8 values), 1 zero pad byte."""
+    x = _f32_values("x", x)
+    _check_shape("x", x, "N", ENTRY_DIM)
+    codes, e = _quantize(x[:, :NOPE_DIM], FP8_BLOCK, "fp8")
+    bf16_bits = x[:, NOPE_DIM:].to(torch.bfloat16).view(torch.int16).to(torch.int64) & 0xFFFF
+    scales = torch.cat((e + 127, torch.zeros(x.shape[0], 1, dtype=torch.int64)), dim=1).to(torch.uint8)
+    return torch.cat((codes, _le_bytes(bf16_bits, 2).flatten(1), scales), dim=1)
+
+
+def encode_index_keys(x: torch.Tensor, fmt: IndexKeyFormat = "fp4") -> torch.Tensor:
+    """Indexer-key rows (SPEC.md section 5) of ``x`` ``[N, 128]``. ``"fp4"`` -> ``uint8 [N, 68]``:
+    64 bytes of e2m1 nibbles (byte ``j`` = ``code[2j] | code[2j+1] << 4``), then 4 UE8M0 scale
+    bytes (one per 32 values). ``"fp8"`` -> ``uint8 [N, 132]``: 128 e4m3 codes, then the scale
+    ``2^e`` as a little-endian float32."""
+    x = _f32_values("x", x)
+    _check_shape("x", x, "N", INDEX_DIM)
+    if fmt == "fp4":
+        codes, e = _quantize(x, FP4_BLOCK, "fp4")
+        return torch.cat((codes[:, 0::2] | (codes[:, 1::2] << 4), (e + 127).to(torch.uint8)), dim=1)
+    if fmt == "fp8":
+        codes, e = _quantize(x, INDEX_DIM, "fp8")
+        float32_bits = (e + 127) << 23
+        return torch.cat((codes, _le_bytes(float32_bits, 4).flatten(1)), dim=1)
+    raise ValueError(f'fmt: expected "fp4" or "fp8", got {fmt!r}')
+
+
+def pack_pages(rows_bytes: torch.Tensor, data_bytes: int) -> torch.Tensor:
+    """FlashMLA page layout (SPEC.md section 5): ``uint8 [N, row_bytes]`` rows ->
+    ``uint8 [ceil(N / 64), 64 * row_bytes]``. Each page holds 64 rows: first every row's leading
+    ``data_bytes`` bytes, then every row's remaining (scale) bytes; rows beyond N are zero."""
+    rows = _tensor("rows_bytes", rows_bytes)
+    if rows.dtype != torch.uint8:
+        raise TypeError(f"rows_bytes: expected a uint8 tensor, got {rows.dtype}")
+    _check_shape("rows_bytes", rows, "N", "row_bytes")
+    n, row_bytes = rows.shape
+    data_bytes = _int("data_bytes", data_bytes, 0)
+    if data_bytes > row_bytes:
+        raise ValueError(f"data_bytes: must be <= row_bytes = {row_bytes}, got {data_bytes}")
+    pages = -(-n // PAGE_ROWS)
+    padded = torch.zeros(pages * PAGE_ROWS, row_bytes, dtype=torch.uint8)
+    padded[:n] = rows
+    padded = padded.unflatten(0, (pages, PAGE_ROWS))
+    return torch.cat((padded[..., :data_bytes].flatten(1), padded[..., data_bytes:].flatten(1)), dim=1)
