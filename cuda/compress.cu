@@ -3,10 +3,10 @@
 // emits the entries they complete; tokens of blocks not pooled yet come from the decode state
 // (kv_state, score_state: [coff r, coff D], logits stored as score + ape).
 //
-// dsv4_compress_pool: one 128-thread block per emitted entry; per channel one softmax over the
-// entry's candidates (own block, and the previous block for the overlapping ratio-4 form), then
-// RMSNorm, RoPE at the block's first position, and the FP8 (D = 512) or Hadamard + FP4
-// (D = 128) round trip. One pass over the projections.
+// dsv4_compress_pool: a thread per (entry, channel): one softmax over the entry's candidates
+// (own block, and the previous block for the overlapping ratio-4 form), one pass over the
+// projections. dsv4_compress_finish: a block per entry: RMSNorm, RoPE at the block's first
+// position, and the FP8 (D = 512) or Hadamard + FP4 (D = 128) round trip, in place.
 // dsv4_compress_state: advances the state in place exactly as feeding the tokens one by one
 // would (a thread per channel column, so reads of the old state precede its writes).
 #include "quant.cuh"
@@ -71,29 +71,40 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 
 }  // namespace
 
+// Grid (entries, channel groups of 128): thread per channel, one softmax over its candidates;
+// the pooled, not yet normalized entry goes to `out`.
 extern "C" __global__ void __launch_bounds__(THREADS) dsv4_compress_pool(const Params p) {
+  const int c = blockIdx.y * THREADS + threadIdx.x;
+  const long long r = p.ratio;
+  const long long i = p.start / r + blockIdx.x;
+  const int d = p.dim;
+  if (c >= d) return;
+  // Candidates: (previous block, "b" half at column c) then (own block, "a" half at d + c).
+  const int own_col = p.overlap ? d + c : c;
+  const long long prev0 = (p.overlap && i > 0) ? r * i - r : r * i;
+  float m = -INFINITY;
+  for (long long pos = prev0; pos < r * i + r; ++pos) m = fmaxf(m, candidate(p, pos, pos < r * i ? c : own_col).logit);
+  float num = 0.f, den = 0.f;
+  for (long long pos = prev0; pos < r * i + r; ++pos) {
+    Candidate k = candidate(p, pos, pos < r * i ? c : own_col);
+    float w = expf(k.logit - m);
+    den += w;
+    num = fmaf(w, k.value, num);
+  }
+  p.out[blockIdx.x * (long long)d + c] = num / den;
+}
+
+// One block per entry: RMSNorm, RoPE at the block's first position, then the quant round trip.
+extern "C" __global__ void __launch_bounds__(THREADS) dsv4_compress_finish(const Params p) {
   __shared__ float x[MAX_DIM];
   __shared__ float scratch[THREADS / 32];
   const int tid = threadIdx.x;
   const long long r = p.ratio;
   const long long i = p.start / r + blockIdx.x;
   const int d = p.dim;
-
   float ss = 0.f;
   for (int c = tid; c < d; c += THREADS) {
-    // Candidates: (previous block, "b" half at column c) then (own block, "a" half at d + c).
-    float m = -INFINITY;
-    const int own_col = p.overlap ? d + c : c;
-    const long long prev0 = (p.overlap && i > 0) ? r * i - r : r * i;
-    for (long long pos = prev0; pos < r * i + r; ++pos) m = fmaxf(m, candidate(p, pos, pos < r * i ? c : own_col).logit);
-    float num = 0.f, den = 0.f;
-    for (long long pos = prev0; pos < r * i + r; ++pos) {
-      Candidate k = candidate(p, pos, pos < r * i ? c : own_col);
-      float w = expf(k.logit - m);
-      den += w;
-      num = fmaf(w, k.value, num);
-    }
-    float v = num / den;
+    const float v = p.out[blockIdx.x * (long long)d + c];
     x[c] = v;
     ss += v * v;
   }

@@ -82,8 +82,11 @@ pub unsafe fn compress(dev: i32, stream: usize, a: &CompressArgs) -> Result<()> 
     };
     let pp = &mut p as *mut Params as *mut c_void;
     // Pool first: it reads the state the update below overwrites (same stream, in order).
-    let pool = Launch { grid: (entries as u32, 1, 1), block: (THREADS, 1, 1), shared_bytes: 0, stream };
+    let groups = d.div_ceil(THREADS as usize) as u32;
+    let pool = Launch { grid: (entries as u32, groups, 1), block: (THREADS, 1, 1), shared_bytes: 0, stream };
     launch(dev, "dsv4_compress_pool", &pool, &mut [pp])?;
+    let finish = Launch { grid: (entries as u32, 1, 1), block: (THREADS, 1, 1), shared_bytes: 0, stream };
+    launch(dev, "dsv4_compress_finish", &finish, &mut [pp])?;
     let width = if overlap { 2 * d } else { d };
     let state = Launch {
         grid: (if tokens == 0 { 0 } else { width.div_ceil(THREADS as usize) as u32 }, 1, 1),
