@@ -442,9 +442,11 @@ def test_attention_edge_cases(gen: torch.Generator) -> None:
     out, lse = ops.sparse_attention(q, cache, idx, sink)
     want_out, want_lse = reference_attention(q, sink, [(rows, idx, None)])
     assert torch.equal(out[0], torch.zeros(heads, 512)) and torch.isneginf(lse[0]).all()
-    close(out, want_out)
-    # Query 1's logits are in the hundreds: float32 rounding of its dot products is ~1e-5 of that.
+    close(out[[0, 2, 3]], want_out[[0, 2, 3]])
     close(lse[[0, 2, 3]], want_lse[[0, 2, 3]])
+    # Query 1's logits are in the hundreds: float32 rounding (~1e-7 relative) of its dot products
+    # is ~1e-5 absolute in the logits, and so in the softmax weights.
+    close(out[1], want_out[1], rtol=0, atol=2e-4)
     close(lse[1], want_lse[1], rtol=0, atol=1e-3)
     assert out[3, :4].abs().max() < 1e-20
 

@@ -81,7 +81,10 @@ multiversion! {
         }
         for c in (0..hp).step_by(LANES) {
             let m_old = F32x16::load(&m[c..]);
-            let m_new = (0..n).fold(m_old, |a, j| a.max(F32x16::load(&p[j * hp + c..])));
+            let mut m_new = m_old;
+            for j in 0..n {
+                m_new = m_new.max(F32x16::load(&p[j * hp + c..]));
+            }
             let mut sum = F32x16::splat(0.0);
             for j in 0..n {
                 let e = (F32x16::load(&p[j * hp + c..]) - m_new).exp();

@@ -110,7 +110,10 @@ multiversion! {
         for group in cands.chunks(STREAMS) {
             for c0 in (0..d).step_by(LANES) {
                 let n = LANES.min(d - c0);
-                let m = group.iter().fold(F32x16::load(&s.max[c0..]), |m, c| m.max(logit(c, c0, n)));
+                let mut m = F32x16::load(&s.max[c0..]);
+                for c in group {
+                    m = m.max(logit(c, c0, n));
+                }
                 m.store(&mut s.max[c0..]);
             }
         }

@@ -35,8 +35,8 @@ impl<'a> Floats<'a> {
 
     fn first_non_finite(&self) -> Option<usize> {
         match self {
-            Floats::F32(v) => v.iter().position(|x| !x.is_finite()),
-            Floats::BF16(v) => v.iter().position(|b| b & 0x7F80 == 0x7F80),
+            Floats::F32(v) => first_where(v, |x| x.to_bits() & 0x7F80_0000 == 0x7F80_0000),
+            Floats::BF16(v) => first_where(v, |b| b & 0x7F80 == 0x7F80),
         }
     }
 
@@ -57,6 +57,17 @@ impl<'a> Floats<'a> {
 
 /// A packed format's row decoder: `(data, scales, out)`.
 type Decoder = fn(&[u8], &[u8], &mut [f32]);
+
+/// Index of the first value with `bad(value)`. Chunks are tested with a branch-free OR (which
+/// vectorizes, unlike a search that stops early), and searched only when they hold one.
+#[inline]
+fn first_where<T: Copy>(v: &[T], bad: impl Fn(T) -> bool) -> Option<usize> {
+    const CHUNK: usize = 4096;
+    v.chunks(CHUNK).enumerate().find_map(|(c, chunk)| {
+        let any = chunk.iter().fold(false, |a, x| a | bad(*x));
+        any.then(|| c * CHUNK + chunk.iter().position(|x| bad(*x)).unwrap_or(0))
+    })
+}
 
 /// How a cache stores its rows.
 #[derive(Clone, Copy)]

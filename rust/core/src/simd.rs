@@ -68,14 +68,14 @@ impl F32x16 {
         self.zip(o, |a, b| if a > b { a } else { b })
     }
 
-    #[inline(always)]
-    pub fn reduce_max(self) -> f32 {
-        self.0.iter().fold(f32::NEG_INFINITY, |m, v| if *v > m { *v } else { m })
-    }
-
+    /// Sum of the lanes, in lane order.
     #[inline(always)]
     pub fn reduce_sum(self) -> f32 {
-        self.0.iter().sum()
+        let mut s = 0.0;
+        for v in self.0 {
+            s += v;
+        }
+        s
     }
 
     /// Lane-wise `e^x`; see [`exp`].
