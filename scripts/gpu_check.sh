@@ -3,10 +3,11 @@
 # tests and the GPU benchmark, printing a short table last.
 #
 #   scripts/gpu_check.sh build   # here: build dist/dsv4rs-*.whl (all GPU targets)
-#   scripts/gpu_check.sh run     # on the GPU machine, from the repository root, with dist/
+#   scripts/gpu_check.sh run [BENCH ARGS]   # on the GPU machine, from the repository root, with dist/
 #
 # `run` installs the wheel with --no-deps into a private folder (the GPU machine has no network
-# and brings its own torch), runs `pytest -m gpu`, then benches/gpu_bench.py.
+# and brings its own torch), runs `pytest -m gpu`, then benches/gpu_bench.py with BENCH ARGS
+# (default --quick; pass --full for every size).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,8 +27,11 @@ run)
     python3 -c "import dsv4rs, sys; print('dsv4rs', dsv4rs.__version__, 'on Python', sys.version.split()[0])"
     python3 -m dsv4rs.cli info
     # Run the tests against the installed wheel, not the source tree's python/ folder.
-    python3 -m pytest -q -m gpu -p no:cacheprovider --rootdir=. -c pyproject.toml tests "${@:2}"
-    python3 benches/gpu_bench.py --quick
+    python3 -m pytest -q -m gpu -p no:cacheprovider --rootdir=. -c pyproject.toml tests
+    bench_args=("${@:2}")
+    [ ${#bench_args[@]} -gt 0 ] || bench_args=(--quick)
+    [ "${bench_args[0]}" = "--full" ] && bench_args=()
+    python3 benches/gpu_bench.py "${bench_args[@]}"
     ;;
 *)
     echo "usage: $0 build|run" >&2
