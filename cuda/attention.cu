@@ -14,6 +14,7 @@
 // heads) and output dims [128 (w % 4), +128); the four warps of a head tile add their partial
 // scores through shared memory. Raw rows are staged by cp.async two tiles ahead. With one split the block writes the final output; otherwise it
 // writes (O, row max, row sum) partials that dsv4_attention_combine folds together.
+#include "mma.cuh"
 #include "quant.cuh"
 
 using namespace dsv4;
@@ -34,15 +35,6 @@ struct Cache {
   int fmt;
 };
 
-__device__ __forceinline__ void mma_bf16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                         uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
 __device__ __forceinline__ void ldmatrix_x2_trans(uint32_t& r0, uint32_t& r1, const void* p) {
   uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
   asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(r0), "=r"(r1) : "r"(a));
@@ -52,26 +44,12 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   return (uint32_t)bf16_from_f32(lo) | ((uint32_t)bf16_from_f32(hi) << 16);
 }
 
-__device__ __forceinline__ uint32_t ld32(const uint16_t* p) { return *(const uint32_t*)p; }
-
 // Tiles of raw rows are staged in shared memory by cp.async, STAGES - 1 tiles ahead of the one
 // being computed. A staged row takes STAGE_ROW bytes: an FP8 entry's 576 data bytes then its 8
 // scale bytes, or a BF16 row's 1024 bytes. Thread (row lrow, part lp) moves 16-byte chunks
 // lp + 8 j of its row.
 constexpr int STAGES = 3;
 constexpr int STAGE_ROW = ENTRY_DIM * 2;
-
-__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
-  uint32_t d = (uint32_t)__cvta_generic_to_shared(smem_dst);
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(gmem_src));
-}
-__device__ __forceinline__ void cp_async8(void* smem_dst, const void* gmem_src) {
-  uint32_t d = (uint32_t)__cvta_generic_to_shared(smem_dst);
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(d), "l"(gmem_src));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 __device__ __forceinline__ void stage_row(uint8_t* dst, const Cache& c, long long row, int lp) {
   if (row < 0) return;

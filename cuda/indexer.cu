@@ -10,6 +10,7 @@
 // only its top-min(k, split) candidates (exact radix select) reach the workspace.
 // dsv4_indexer_merge: one block per query selects the exact top-k of all splits' candidates,
 // sorts them (score descending, lower index first on ties) and writes indices and scores.
+#include "mma.cuh"
 #include "quant.cuh"
 #include "topk.cuh"
 
@@ -27,14 +28,6 @@ __device__ __forceinline__ uint16_t to_bf16(float x) { return bf16_from_f32(x); 
 // Raw pages are staged in shared memory by cp.async, STAGES - 1 pages ahead of the one being
 // scored, so enough bytes are in flight to cover memory latency.
 constexpr int STAGES = 4;
-
-__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
-  uint32_t d = (uint32_t)__cvta_generic_to_shared(smem_dst);
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(gmem_src));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 __device__ __forceinline__ int page_bytes_of(int fmt) {
   return fmt == KEYS_FP4 ? (int)INDEX_KEY_FP4.page_bytes()
@@ -82,17 +75,6 @@ __device__ __forceinline__ void decode_page(const uint8_t* stage, int fmt, int v
     *(uint4*)(ks + key * ROW + 8 * c) = v;
   }
 }
-
-__device__ __forceinline__ void mma_bf16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                         uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ uint32_t ld32(const uint16_t* p) { return *(const uint32_t*)p; }
 
 }  // namespace
 

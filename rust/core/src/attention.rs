@@ -9,8 +9,8 @@
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::gpu::attention::{AttentionArgs, Candidates};
 use crate::gpu;
+use crate::gpu::attention::AttentionArgs;
 use crate::quant::{ENTRY_DIM, MAIN_ENTRY, ROPE_DIM};
 use crate::rope::{inv_freq_values, Rotation};
 use crate::rows::{cache_kind, CacheKind, Floats, Ids, PagedRows};
@@ -203,8 +203,10 @@ fn finish(st: &Partial, sink: &[f32], rot: Option<&Rotation>, out: &mut [f32], l
     }
 }
 
-/// A second candidate list joining the same softmax.
-pub struct Extra<'a> {
+/// A candidate list: row ids `indices` (`[T, K]`, -1 masked) into `cache`, of which the first
+/// `lengths[t]` count for query t (all K without `lengths`). The op takes a main list and an
+/// optional second one (e.g. the sliding window, whose rows live in another cache).
+pub struct Candidates<'a> {
     pub cache: &'a TensorRef,
     pub indices: &'a TensorRef,
     pub lengths: Option<&'a TensorRef>,
@@ -254,7 +256,7 @@ pub unsafe fn sparse_attention(
     cache: &TensorRef,
     indices: &TensorRef,
     lengths: Option<&TensorRef>,
-    extra: Option<Extra>,
+    extra: Option<Candidates>,
     sink: &TensorRef,
     scale: f32,
     derotate: Option<Derotate>,
@@ -283,8 +285,7 @@ pub unsafe fn sparse_attention(
     if let Device::Cuda(dev) = same_device(&all)? {
         let workspace = workspace.ok_or_else(|| Error::value("workspace", "a GPU call needs a workspace"))?;
         let a = Candidates { cache, indices, lengths };
-        let b = extra.map(|e| Candidates { cache: e.cache, indices: e.indices, lengths: e.lengths });
-        return sparse_attention_gpu(dev, stream, q, a, b, sink, scale, derotate, workspace, out, lse);
+        return sparse_attention_gpu(dev, stream, q, a, extra, sink, scale, derotate, workspace, out, lse);
     }
     out.expect_device(Device::Cpu)?;
     out.expect_dtype(&[DType::F32])?;

@@ -1,7 +1,7 @@
 //! Bindings of the attention ops on the CPU: RoPE, the compressor, the indexer's top-k and
 //! sparse attention. Outputs are allocated by the caller (python/dsv4rs/ops.py) and filled here.
 
-use dsv4rs_core::attention::{Derotate, Extra};
+use dsv4rs_core::attention::{Candidates, Derotate};
 use dsv4rs_core::compress::{Config, Quant};
 use dsv4rs_core::tensor::TensorRef;
 use dsv4rs_core::{attention as attention_op, compress as compress_op, indexer as indexer_op, rope as rope_op};
@@ -102,7 +102,7 @@ pub fn sparse_attention(
     // SAFETY: as rope; the outputs are fresh tensors.
     run(py, || unsafe {
         let extra = match (&ec, &ei) {
-            (Some(cache), Some(indices)) => Some(Extra { cache, indices, lengths: el.as_ref() }),
+            (Some(cache), Some(indices)) => Some(Candidates { cache, indices, lengths: el.as_ref() }),
             _ => None,
         };
         let derotate = match (&dp, &df) {

@@ -5,6 +5,7 @@
 use std::ffi::c_void;
 
 use super::{launch, Launch};
+use crate::attention::Candidates;
 use crate::error::{Error, Result};
 use crate::quant::{MAIN_ENTRY, PAGE_ROWS};
 use crate::tensor::{DType, TensorRef};
@@ -79,13 +80,6 @@ pub fn workspace_bytes(queries: usize, heads: usize, max_candidates: usize) -> u
     } else {
         queries * splits * heads * (512 + 2) * 4
     }
-}
-
-/// One candidate list: row ids into `cache`, the first `lengths[t]` of query t's counting.
-pub struct Candidates<'a> {
-    pub cache: &'a TensorRef,
-    pub indices: &'a TensorRef,
-    pub lengths: Option<&'a TensorRef>,
 }
 
 /// Arguments of one launch, already validated.
