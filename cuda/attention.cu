@@ -7,13 +7,14 @@
 //   out_h = sum_j exp(z_hj) e_j / (sum_j exp(z_hj) + exp(sink_h)),  z_hj = scale * q_h . e_j
 //
 // dsv4_sparse_attention: grid (splits, head blocks, queries), 256 threads = 8 warps. A block
-// takes 32 heads of one query and one split of its candidate list, 32 candidates at a time:
-// the tile's rows are dequantized (FP8 entries or BF16 rows) into shared memory as bf16, and
-// bf16 tensor-core MMAs (mma.sync m16n8k16, sm_80+, fp32 accumulation) compute S = Q K^T and
-// O += P V with an online softmax (FlashAttention-2 style). Warp w owns head tile w / 4 (16
-// heads) and output dims [128 (w % 4), +128); the four warps of a head tile add their partial
-// scores through shared memory. Raw rows are staged by cp.async two tiles ahead. With one split the block writes the final output; otherwise it
-// writes (O, row max, row sum) partials that dsv4_attention_combine folds together.
+// takes 64 heads of one query (all of them for V4-Flash) and one split of its candidate list,
+// 32 candidates at a time: raw rows are staged by cp.async two tiles ahead, dequantized (FP8
+// entries or BF16 rows) into shared memory as bf16, and bf16 tensor-core MMAs (mma.sync
+// m16n8k16 with ldmatrix operands, sm_80+, fp32 accumulation) compute S = Q K^T and O += P V
+// with an online softmax (FlashAttention-2 style). Warp w owns head tile w / 2 (16 heads) and
+// output dims [256 (w % 2), +256); the two warps of a head tile add their partial scores through
+// shared memory. With one split the block writes the final output; otherwise it writes
+// (O, row max, row sum) partials that dsv4_attention_combine folds together.
 #include "mma.cuh"
 #include "quant.cuh"
 
@@ -22,7 +23,10 @@ using namespace dsv4;
 namespace {
 
 constexpr int THREADS = 256;
-constexpr int HEADS_PER_BLOCK = 32;
+constexpr int HEAD_TILES = 4;                    // 16 heads each
+constexpr int SLICES = 2;                        // output dims split between the warps of a head tile
+constexpr int SLICE = ENTRY_DIM / SLICES;        // 256 dims
+constexpr int HEADS_PER_BLOCK = 16 * HEAD_TILES; // 64
 constexpr int TILE = 32;              // candidates per tile
 constexpr int KROW = ENTRY_DIM + 8;   // padded bf16 row stride (1040 B): conflict-free fragments
 constexpr float LOG2E = 1.4426950408889634f;
@@ -34,11 +38,6 @@ struct Cache {
   long long rows;
   int fmt;
 };
-
-__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t& r0, uint32_t& r1, const void* p) {
-  uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
-  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(r0), "=r"(r1) : "r"(a));
-}
 
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   return (uint32_t)bf16_from_f32(lo) | ((uint32_t)bf16_from_f32(hi) << 16);
@@ -149,46 +148,39 @@ __device__ __forceinline__ void derotate_pair(float& x0, float& x1, long long po
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1) dsv4_sparse_attention(const Params p) {
   extern __shared__ __align__(16) uint8_t smem[];
-  uint16_t* ks = (uint16_t*)smem;                                // [TILE][KROW] bf16
-  float* sp = (float*)(ks + TILE * KROW);                         // [2][4][16][TILE] partial scores
-  uint8_t* stages = (uint8_t*)(sp + 2 * 4 * 16 * TILE);           // [STAGES][TILE][STAGE_ROW] raw
+  uint16_t* qs = (uint16_t*)smem;                                 // [64 heads][KROW] bf16 queries
+  uint16_t* ks = qs + HEADS_PER_BLOCK * KROW;                      // [TILE][KROW] bf16 rows
+  float* sp = (float*)(ks + TILE * KROW);                          // [4][2][16][TILE] partial scores
+  uint8_t* stages = (uint8_t*)(sp + HEAD_TILES * SLICES * 16 * TILE);  // [STAGES][TILE][STAGE_ROW]
   __shared__ float valid_s[TILE];
   __shared__ int row_fmt[STAGES * TILE];
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int mt = warp / 4, ds = warp % 4;  // head tile, 128-dim slice
+  const int mt = warp / SLICES, ds = warp % SLICES;  // head tile, output-dim slice
   const int r = lane / 4, c2 = (lane % 4) * 2;
   const long long t = blockIdx.z;
-  const int h0 = blockIdx.y * HEADS_PER_BLOCK + mt * 16;
+  const int hb = blockIdx.y * HEADS_PER_BLOCK, h0 = hb + mt * 16;
   const int split = blockIdx.x;
   const int na = list_count(p.la, t), nb = list_count(p.lb, t);
   const int total = na + nb;
   const int begin = split * p.split_len, end = min(begin + p.split_len, total);
-
-  // Q fragments of this warp's 16 heads and 128 dims, as bf16 (exact for bf16 queries).
-  uint32_t qa[8][4];
   const float qscale = p.scale * LOG2E;  // scores are kept in log2 units
-  {
-#pragma unroll
-    for (int kk = 0; kk < 8; ++kk) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        int h = h0 + r + (i % 2) * 8;
-        int d = ds * 128 + kk * 16 + c2 + (i / 2) * 8;
-        float x0 = 0.f, x1 = 0.f;
-        if (h < p.heads) {
-          long long off = (t * p.heads + h) * ENTRY_DIM + d;
-          x0 = load_value(p.q, off, p.q_bf16);
-          x1 = load_value(p.q, off + 1, p.q_bf16);
-        }
-        qa[kk][i] = pack_bf16(x0, x1);
-      }
+
+  // The block's queries as bf16 (exact for bf16 queries); heads past the last are zeros.
+  for (int i = tid; i < HEADS_PER_BLOCK * ENTRY_DIM / 2; i += THREADS) {
+    const int h = 2 * i / ENTRY_DIM, d = 2 * i % ENTRY_DIM;
+    float x0 = 0.f, x1 = 0.f;
+    if (hb + h < p.heads) {
+      const long long off = (t * p.heads + hb + h) * ENTRY_DIM + d;
+      x0 = load_value(p.q, off, p.q_bf16);
+      x1 = load_value(p.q, off + 1, p.q_bf16);
     }
+    *(uint32_t*)(qs + h * KROW + d) = pack_bf16(x0, x1);
   }
 
-  float o[16][4];
+  float o[SLICE / 8][4];
 #pragma unroll
-  for (int n = 0; n < 16; ++n)
+  for (int n = 0; n < SLICE / 8; ++n)
 #pragma unroll
     for (int i = 0; i < 4; ++i) o[n][i] = 0.f;
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
@@ -227,40 +219,42 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) dsv4_sparse_attention(c
     cp_async_commit();
     __syncthreads();
 
-    // Partial scores over this warp's 128 dims: [16 heads x 32 candidates].
+    // Partial scores over this warp's 256 dims: [16 heads x 32 candidates]. A fragments (16
+    // heads x 16 dims) and B fragments (two 8-candidate tiles x 16 dims) by ldmatrix.
     float s[4][4];
 #pragma unroll
     for (int n = 0; n < 4; ++n)
 #pragma unroll
       for (int i = 0; i < 4; ++i) s[n][i] = 0.f;
 #pragma unroll
-    for (int kk = 0; kk < 8; ++kk) {
+    for (int kk = 0; kk < SLICE / 16; ++kk) {
+      const int d = ds * SLICE + 16 * kk;
+      uint32_t a[4];
+      ldmatrix_x4(a, qs + (16 * mt + lane % 16) * KROW + d + 8 * (lane / 16));
 #pragma unroll
-      for (int n = 0; n < 4; ++n) {
-        const uint16_t* kr = ks + (8 * n + r) * KROW + ds * 128 + kk * 16 + c2;
-        mma_bf16(s[n], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], ld32(kr), ld32(kr + 8));
+      for (int np = 0; np < 2; ++np) {
+        uint32_t b[4];
+        ldmatrix_x4(b, ks + (16 * np + lane % 8 + 8 * (lane / 16)) * KROW + d + 8 * ((lane / 8) % 2));
+        mma_bf16(s[2 * np], a[0], a[1], a[2], a[3], b[0], b[1]);
+        mma_bf16(s[2 * np + 1], a[0], a[1], a[2], a[3], b[2], b[3]);
       }
     }
-    float* mine = sp + ((mt * 4 + ds) * 16) * TILE;
+    float* mine = sp + ((mt * SLICES + ds) * 16) * TILE;
 #pragma unroll
     for (int n = 0; n < 4; ++n) {
-      mine[r * TILE + 8 * n + c2] = s[n][0];
-      mine[r * TILE + 8 * n + c2 + 1] = s[n][1];
-      mine[(r + 8) * TILE + 8 * n + c2] = s[n][2];
-      mine[(r + 8) * TILE + 8 * n + c2 + 1] = s[n][3];
+      *(float2*)(mine + r * TILE + 8 * n + c2) = make_float2(s[n][0], s[n][1]);
+      *(float2*)(mine + (r + 8) * TILE + 8 * n + c2) = make_float2(s[n][2], s[n][3]);
     }
     __syncthreads();
-    // Full scores (sum of the four dim slices, in a fixed order), masked, then online softmax.
+    // Full scores (the two slices added in a fixed order), masked, then online softmax.
     float tile_max[2] = {-INFINITY, -INFINITY};
+    const float* all = sp + (mt * SLICES * 16) * TILE;
 #pragma unroll
     for (int n = 0; n < 4; ++n) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        int row = r + (i / 2) * 8, col = 8 * n + c2 + (i % 2);
-        const float* all = sp + (mt * 4 * 16) * TILE;
-        float v = all[row * TILE + col] + all[(16 + row) * TILE + col] + all[(32 + row) * TILE + col] +
-                  all[(48 + row) * TILE + col];
-        v = v * qscale + valid_s[col];
+        const int row = r + (i / 2) * 8, col = 8 * n + c2 + (i % 2);
+        const float v = (all[row * TILE + col] + all[(16 + row) * TILE + col]) * qscale + valid_s[col];
         s[n][i] = v;
         tile_max[i / 2] = fmaxf(tile_max[i / 2], v);
       }
@@ -290,21 +284,22 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) dsv4_sparse_attention(c
       pa[n / 2][(n % 2) * 2 + 1] = pack_bf16(e[2], e[3]);
     }
 #pragma unroll
-    for (int n = 0; n < 16; ++n) {
+    for (int n = 0; n < SLICE / 8; ++n) {
       o[n][0] *= corr[0];
       o[n][1] *= corr[0];
       o[n][2] *= corr[1];
       o[n][3] *= corr[1];
     }
-    // O += P V over this warp's 128 output dims: 16 n-tiles of 8 dims, 2 k-steps of 16 keys.
+    // O += P V over this warp's 256 output dims: 32 n-tiles of 8 dims (two per transposed
+    // ldmatrix), 2 k-steps of 16 candidates.
 #pragma unroll
     for (int kk = 0; kk < 2; ++kk) {
 #pragma unroll
-      for (int n = 0; n < 16; ++n) {
-        uint32_t b0, b1;
-        const uint16_t* vp = ks + (16 * kk + (lane % 16)) * KROW + ds * 128 + 8 * n;
-        ldmatrix_x2_trans(b0, b1, vp);
-        mma_bf16(o[n], pa[kk][0], pa[kk][1], pa[kk][2], pa[kk][3], b0, b1);
+      for (int np = 0; np < SLICE / 16; ++np) {
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, ks + (16 * kk + lane % 16) * KROW + ds * SLICE + 16 * np + 8 * (lane / 16));
+        mma_bf16(o[2 * np], pa[kk][0], pa[kk][1], pa[kk][2], pa[kk][3], b[0], b[1]);
+        mma_bf16(o[2 * np + 1], pa[kk][0], pa[kk][1], pa[kk][2], pa[kk][3], b[2], b[3]);
       }
     }
   }
@@ -325,20 +320,20 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) dsv4_sparse_attention(c
       // out = O / (l + 2^(sink - m)) with O and l relative to the row max m (0 when no candidate).
       const float m = row_max[j];
       const float f = m == -INFINITY ? 0.f : 1.f / (row_sum[j] + exp2f(p.sink[h] * LOG2E - m));
-      float* dst = p.out + (t * p.heads + h) * ENTRY_DIM + ds * 128;
+      float* dst = p.out + (t * p.heads + h) * ENTRY_DIM;
 #pragma unroll
-      for (int n = 0; n < 16; ++n) {
+      for (int n = 0; n < SLICE / 8; ++n) {
         float x0 = o[n][2 * j] * f, x1 = o[n][2 * j + 1] * f;
-        int d = 8 * n + c2;
-        if (p.positions && ds == 3 && d >= 64) derotate_pair(x0, x1, load_id(p.positions, t, p.positions64), p, (d - 64) / 2);
+        const int d = ds * SLICE + 8 * n + c2;
+        if (p.positions && d >= NOPE_DIM) derotate_pair(x0, x1, load_id(p.positions, t, p.positions64), p, (d - NOPE_DIM) / 2);
         *(float2*)(dst + d) = make_float2(x0, x1);
       }
       if (ds == 0 && lane % 4 == 0)
         p.lse[t * p.heads + h] = m == -INFINITY ? -INFINITY : (m + log2f(row_sum[j])) / LOG2E;
     } else {
-      float* dst = p.part_o + ((t * p.splits + split) * p.heads + h) * ENTRY_DIM + ds * 128;
+      float* dst = p.part_o + ((t * p.splits + split) * p.heads + h) * ENTRY_DIM + ds * SLICE;
 #pragma unroll
-      for (int n = 0; n < 16; ++n) *(float2*)(dst + 8 * n + c2) = make_float2(o[n][2 * j], o[n][2 * j + 1]);
+      for (int n = 0; n < SLICE / 8; ++n) *(float2*)(dst + 8 * n + c2) = make_float2(o[n][2 * j], o[n][2 * j + 1]);
       if (ds == 0 && lane % 4 == 0) {
         float* ml = p.part_ml + ((t * p.splits + split) * p.heads + h) * 2;
         ml[0] = row_max[j];

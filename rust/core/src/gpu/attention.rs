@@ -11,14 +11,15 @@ use crate::quant::{MAIN_ENTRY, PAGE_ROWS};
 use crate::tensor::{DType, TensorRef};
 
 const THREADS: u32 = 256;
-const HEADS_PER_BLOCK: usize = 32;
+const HEADS_PER_BLOCK: usize = 64;
 const TILE: usize = 32;
 /// Blocks to aim for (the kernel runs one block per multiprocessor; a large GPU has ~132).
 const TARGET_BLOCKS: usize = 2 * 132;
 /// Raw tiles staged ahead (`STAGES` in cuda/attention.cu), of `TILE` rows of up to 1024 bytes.
 const STAGES: usize = 3;
-/// The bf16 tile, the per-warp partial scores and the staged raw tiles.
-const SHARED_BYTES: u32 = (TILE * (512 + 8) * 2 + 2 * 4 * 16 * TILE * 4 + STAGES * TILE * 1024) as u32;
+/// The bf16 queries and tile, the per-warp partial scores and the staged raw tiles.
+const SHARED_BYTES: u32 =
+    ((HEADS_PER_BLOCK + TILE) * (512 + 8) * 2 + 4 * 2 * 16 * TILE * 4 + STAGES * TILE * 1024) as u32;
 
 #[repr(C)]
 #[derive(Clone, Copy)]

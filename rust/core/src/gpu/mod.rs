@@ -180,6 +180,20 @@ pub fn warm_up(index: i32) -> Result<()> {
     function(index, "dsv4_hadamard128").map(|_| ())
 }
 
+/// The most dynamic shared memory a block may opt into on device `index` (cached).
+fn shared_memory_limit(index: i32) -> Result<usize> {
+    static LIMITS: Mutex<Vec<(i32, usize)>> = Mutex::new(Vec::new());
+    let mut limits = LIMITS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, v)) = limits.iter().find(|(i, _)| *i == index) {
+        return Ok(*v);
+    }
+    let mut v = 0;
+    let attr = sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN;
+    check(unsafe { sys::cuDeviceGetAttribute(&mut v, attr, device(index)?) }, "cuDeviceGetAttribute")?;
+    limits.push((index, v as usize));
+    Ok(v as usize)
+}
+
 /// A kernel launch: grid, block, dynamic shared memory and the raw `CUstream` handle.
 pub struct Launch {
     pub grid: (u32, u32, u32),
@@ -198,6 +212,20 @@ pub unsafe fn launch(index: i32, name: &str, cfg: &Launch, args: &mut [*mut c_vo
         return Ok(());
     }
     let (ctx, f) = function(index, name)?;
+    if cfg.shared_bytes > 48 * 1024 {
+        let most = shared_memory_limit(index)?;
+        if cfg.shared_bytes as usize > most {
+            return Err(Error::Cuda {
+                call: name.to_string(),
+                msg: format!(
+                    "needs {} KiB of shared memory per block and GPU {index} allows {} KiB; this kernel \
+                     runs on sm_80, sm_90 and sm_100 class GPUs (A100, H100/H200, B200)",
+                    cfg.shared_bytes / 1024,
+                    most / 1024
+                ),
+            });
+        }
+    }
     with_context(ctx, || {
         if cfg.shared_bytes > 48 * 1024 {
             check(
