@@ -364,3 +364,54 @@ def models(main_format: str = "fp8", index_format: str = "fp4") -> list[V4Model 
     and GQA-8."""
     formats = dict(main_format=main_format, index_format=index_format)
     return [V4Model.pro(**formats), V4Model.flash(**formats), BaselineModel.v3_2(), BaselineModel.mla(), BaselineModel.gqa8()]
+
+
+def compare(
+    contexts: tuple[int, ...] = CONTEXTS, main_format: str = "fp8", index_format: str = "fp4"
+) -> list[dict[str, Any]]:
+    """One row per model (see :func:`models`) and context: :meth:`Cost.as_dict` plus
+    ``flops_vs_v3.2``, ``flops_vs_gqa-8``, ``kv_bytes_vs_v3.2`` and ``kv_bytes_vs_gqa-8``, the
+    ratios of total FLOPs and of all bytes held to those of the baselines at the same context."""
+    if not contexts:
+        raise ValueError("contexts: expected at least one context length, got none")
+    contexts = tuple(_check_context(c) for c in contexts)
+    every = models(main_format, index_format)
+    costs = {(m.name, c): m.cost(c) for m in every for c in contexts}
+    rows = []
+    for m in every:
+        for c in contexts:
+            cost, row = costs[m.name, c], costs[m.name, c].as_dict()
+            for base in ("v3.2", "gqa-8"):
+                row[f"flops_vs_{base}"] = cost.total_flops / costs[base, c].total_flops
+                row[f"kv_bytes_vs_{base}"] = cost.total_kv_bytes / costs[base, c].total_kv_bytes
+            rows.append(row)
+    return rows
+
+
+def plot(path: str, main_format: str = "fp8", index_format: str = "fp4") -> None:
+    """Draws FLOPs per decode token and KV bytes per token of every model against context
+    length (1K to 1M tokens, log scales) into the image file ``path`` (needs matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    contexts = tuple(round(2 ** (10 + i / 4)) for i in range(41))
+    fig, (ax_flops, ax_bytes) = plt.subplots(1, 2, figsize=(12, 5))
+    for m in models(main_format, index_format):
+        costs = [m.cost(c) for c in contexts]
+        ax_flops.plot(contexts, [c.total_flops / 1e9 for c in costs], label=m.name)
+        ax_bytes.plot(contexts, [c.kv_bytes_per_token for c in costs], label=m.name)
+    for ax, ylabel in ((ax_flops, "GFLOP per decode token"), (ax_bytes, "KV-cache bytes per token (all held)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="major", alpha=0.4)
+        ax.legend()
+    ax_flops.set_title("Decode FLOPs per token")
+    ax_bytes.set_title(f"KV cache per token (V4: {main_format} entries, {index_format} indexer keys)")
+    fig.suptitle("DeepSeek-V4 cost against context length, with V3.2, V3 (dense MLA) and GQA-8")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
