@@ -177,10 +177,16 @@ class V4Model:
         """Compress ratios of the layers a token's forward pass runs (the MTP layer left out)."""
         return self.compress_ratios[:-1]
 
-    def _compressor_dims(self, ratio: int) -> list[tuple[int, int]]:
-        """``(ratio, dim)`` of each compressor of a layer: CSA has the main one and the
-        indexer's, HCA one, SWA none."""
-        return {0: [], 4: [(4, self.head_dim), (4, self.index_head_dim)], 128: [(128, self.head_dim)]}[ratio]
+    def compressors(self, ratios: tuple[int, ...]) -> list[tuple[int, int, int]]:
+        """``(ratio, coff, D)`` of every compressor of layers with ``ratios`` (SPEC.md section
+        3): per CSA layer the main one (4, 2, 512) and the indexer's (4, 2, 128), per HCA layer
+        one (128, 1, 512)."""
+        per_layer = {
+            0: [],
+            4: [(4, 2, self.head_dim), (4, 2, self.index_head_dim)],
+            128: [(128, 1, self.head_dim)],
+        }
+        return [c for ratio in ratios for c in per_layer[ratio]]
 
     def active_params(self) -> dict[str, int]:
         """Weights one token multiplies by, by component (SPEC.md sections 2-7).
@@ -204,12 +210,11 @@ class V4Model:
         indexer = self.q_lora_rank * self.index_heads * self.index_head_dim + d * self.index_heads
         experts = (self.experts_per_token + self.shared_experts) * 3 * d * self.moe_intermediate
         routed_layers = max(len(ratios) - self.hash_layers, 0)
-        compressor = sum(2 * (2 if r == 4 else 1) * dim * d for ratio in ratios for r, dim in self._compressor_dims(ratio))
         return {
             "projections": len(ratios) * attention,
             "experts": len(ratios) * experts + routed_layers * self.routed_experts * d,
             "indexer": ratios.count(4) * indexer,
-            "compressor": compressor,
+            "compressor": sum(2 * coff * dim * d for _, coff, dim in self.compressors(ratios)),
             "mhc": 2 * len(ratios) * (m * m + 2 * m) * m * d + m * m * d,
             "lm_head": self.vocab * d,
         }
@@ -231,7 +236,7 @@ class V4Model:
         extra = {
             "indexer": ratios.count(4) * 2 * self.index_heads * self.index_head_dim * (context // 4),
             "attention": sum(4 * self.heads * self.head_dim * self.candidates(r, context) for r in ratios),
-            "compressor": sum(2 * (2 if r == 4 else 1) * dim for ratio in ratios for r, dim in self._compressor_dims(ratio)),
+            "compressor": sum(2 * coff * dim for _, coff, dim in self.compressors(ratios)),
             "mhc": 2 * len(ratios) * (2 * m * d + 2 * (m * m + m) * d) + 2 * m * d,
         }
         return _flops(self.active_params(), extra)
@@ -249,17 +254,13 @@ class V4Model:
         def rows(n: int) -> int:
             return -(-n // PAGE_ROWS) * PAGE_ROWS
 
-        def state(ratio: int, dim: int) -> int:
-            coff = 2 if ratio == 4 else 1
-            return 2 * (coff * ratio) * (coff * dim) * 4
-
         csa_rows = rows(context // 4) * ratios.count(4)
         return {
             "window": rows(min(context, self.window)) * len(ratios) * main,
             "csa_main": csa_rows * main,
             "csa_index": csa_rows * INDEX_KEY_BYTES[self.index_format],
             "hca": rows(context // 128) * ratios.count(128) * main,
-            "state": sum(state(r, dim) for ratio in ratios for r, dim in self._compressor_dims(ratio)),
+            "state": sum(2 * (coff * r) * (coff * dim) * 4 for r, coff, dim in self.compressors(ratios)),
         }
 
     def cost(self, context: int) -> Cost:
@@ -324,7 +325,8 @@ class BaselineModel:
     def active_params(self) -> dict[str, int]:
         """Attention linears, experts (3 dense layers; 58 MoE layers with 8 routed + 1 shared
         experts and a router over 256), the indexer's ``wq_b [64 x 128, 1536]``, ``wk [128, d]``
-        and ``weights_proj [64, d]`` when there is one, and the LM head: 36.6 B for V3 (37.5 B with the embedding; published: 37 B)."""
+        and ``weights_proj [64, d]`` when there is one, and the LM head: 36.6 B for V3 (37.5 B
+        with the embedding; published: 37 B)."""
         d, layers = self.hidden, self.num_layers
         indexer = 1536 * self.index_heads * self.index_head_dim + d * self.index_head_dim + d * self.index_heads
         return {
@@ -340,8 +342,9 @@ class BaselineModel:
         ``L`` without an indexer."""
         context = _check_context(context)
         candidates = min(self.index_topk, context) if self.index_topk else context
+        scored = context if self.index_topk else 0
         extra = {
-            "indexer": self.num_layers * 2 * self.index_heads * self.index_head_dim * context if self.index_topk else 0,
+            "indexer": self.num_layers * 2 * self.index_heads * self.index_head_dim * scored,
             "attention": self.num_layers * self.flops_per_candidate * candidates,
         }
         return _flops(self.active_params(), extra)
@@ -363,7 +366,8 @@ def models(main_format: str = "fp8", index_format: str = "fp4") -> list[V4Model 
     """V4-Pro and V4-Flash with the given cache formats, then the baselines V3.2, V3 (dense MLA)
     and GQA-8."""
     formats = dict(main_format=main_format, index_format=index_format)
-    return [V4Model.pro(**formats), V4Model.flash(**formats), BaselineModel.v3_2(), BaselineModel.mla(), BaselineModel.gqa8()]
+    baselines = [BaselineModel.v3_2(), BaselineModel.mla(), BaselineModel.gqa8()]
+    return [V4Model.pro(**formats), V4Model.flash(**formats), *baselines]
 
 
 def compare(
