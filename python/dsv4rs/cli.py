@@ -2,14 +2,19 @@
 
 ``dsv4rs info`` prints the version, the embedded CUDA kernels and their GPU targets, and whether
 a CUDA driver and GPU were found. It never fails for lack of a GPU.
+
+``dsv4rs cost`` tabulates FLOPs per decode token and KV-cache bytes per token of DeepSeek-V4-Pro
+and -Flash against V3.2, V3 (dense MLA) and GQA-8 at several context lengths (the cost model of
+:mod:`dsv4rs.cost`); ``--json`` prints the full breakdown, ``--plot FILE.png`` draws it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
-from dsv4rs import _core
+from dsv4rs import _core, cost
 
 
 def info() -> int:
@@ -39,13 +44,66 @@ def info() -> int:
     return 0
 
 
+def _context_label(tokens: int) -> str:
+    for unit, size in (("M", 1 << 20), ("K", 1 << 10)):
+        if tokens % size == 0:
+            return f"{tokens // size}{unit}"
+    return str(tokens)
+
+
+def cost_table(rows: list[dict]) -> str:
+    """The rows of :func:`dsv4rs.cost.compare` as a text table, then how the FLOP ratios at 1M
+    compare with the paper's."""
+    header = (
+        f"{'model':<9}{'context':>8}{'GFLOP/tok':>11}{'vs V3.2':>9}{'vs GQA-8':>9}"
+        f"{'KV B/tok':>11}{'vs V3.2':>9}{'vs GQA-8':>9}{'compressed B/tok':>18}"
+    )
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(
+            f"{r['model']:<9}{_context_label(r['context']):>8}{r['total_flops'] / 1e9:>11,.1f}"
+            f"{r['flops_vs_v3.2']:>9.1%}{r['flops_vs_gqa-8']:>9.1%}{r['kv_bytes_per_token']:>11,.1f}"
+            f"{r['kv_bytes_vs_v3.2']:>9.1%}{r['kv_bytes_vs_gqa-8']:>9.1%}{r['compressed_bytes_per_token']:>18,.1f}"
+        )
+    lines.append("")
+    lines.append("KV B/tok: everything a sequence holds (V4: window and compressor state included) / context.")
+    for r in rows:
+        if r["context"] == 1 << 20 and r["model"] in cost.PAPER_FLOPS_VS_V3_2:
+            lines.append(
+                f"{r['model']} FLOPs vs V3.2 at 1M: {r['flops_vs_v3.2']:.1%} here (2 per multiply-add, any dtype), "
+                f"{cost.PAPER_FLOPS_VS_V3_2[r['model']]:.0%} in the paper (equivalent FP8 FLOPs)"
+            )
+    return "\n".join(lines)
+
+
+def cost_command(args: argparse.Namespace) -> int:
+    rows = cost.compare(tuple(args.context or cost.CONTEXTS), args.main_format, args.index_format)
+    print(json.dumps(rows, indent=2) if args.json else cost_table(rows))
+    if args.plot:
+        cost.plot(args.plot, args.main_format, args.index_format)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dsv4rs", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="version, embedded CUDA kernels and their targets, driver and GPUs")
+    cost_parser = sub.add_parser("cost", help="FLOPs and KV bytes per token of V4 and baselines by context")
+    cost_parser.add_argument(
+        "--context", type=int, action="append", help="context length in tokens (repeatable; default 4K 64K 128K 1M)"
+    )
+    cost_parser.add_argument("--main-format", choices=sorted(cost.MAIN_ENTRY_BYTES), default="fp8")
+    cost_parser.add_argument("--index-format", choices=sorted(cost.INDEX_KEY_BYTES), default="fp4")
+    cost_parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    cost_parser.add_argument("--plot", metavar="FILE.png", help="draw FLOPs and bytes against context length")
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()
+    if args.command == "cost":
+        try:
+            return cost_command(args)
+        except ValueError as e:
+            cost_parser.error(str(e))
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -1,0 +1,421 @@
+"""The cost model: FLOPs of one decode token and KV-cache bytes of one sequence at a context
+length, for DeepSeek-V4 (SPEC.md sections 1-5) and the baselines it is compared against.
+
+FLOPs count a multiply-add as 2, whatever the dtype, for a decode token at position
+``t = L - 1`` of a context of ``L`` tokens (the token itself included). They are reported by
+component; every model has the same keys (zero where a part does not exist):
+
+- ``projections``: the attention linears (queries, the K=V entry, outputs), 2 per weight.
+- ``experts``: the routed experts a token uses, the shared expert, the router.
+- ``indexer``: indexer projections plus ``2 * heads * head_dim`` per scored key (SPEC.md section 4);
+  ReLU and the head weighting are not counted.
+- ``attention``: core attention, per candidate and query head a dot product over the key and a
+  weighted sum over the value.
+- ``compressor``: the compressors' ``wkv``/``wgate`` linears plus pooling (SPEC.md section 3).
+- ``mhc``: the mHC mappings and stream mixing (SPEC.md section 6).
+- ``lm_head``: the output projection over the vocabulary.
+
+Weights-only components are ``2 x`` the active parameters of :meth:`V4Model.active_params`.
+Choices: the embedding is a lookup (its parameters are not active); the MTP layer is left out
+(it drafts tokens, it is not part of a token's forward pass); norms, RoPE, softmax, sinks,
+Sinkhorn iterations on 4x4 matrices and quantization are not counted (each is below 0.1 %).
+
+KV bytes are by cache family. For V4 they are the bytes :class:`dsv4rs.cache.CacheConfig`
+reserves: 64-row pages, the MTP layer's window included, window and compressor state per
+sequence. Baselines are counted per token, without paging.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+PAGE_ROWS = 64
+"""Rows per cache page (one page id addresses 64 rows in every layer of a family)."""
+MAIN_ENTRY_BYTES = {"fp8": 584, "bf16": 1024}
+"""Bytes of a main KV entry by format (SPEC.md section 5)."""
+INDEX_KEY_BYTES = {"fp4": 68, "fp8": 132, "bf16": 256}
+"""Bytes of a CSA indexer key by format (SPEC.md section 5)."""
+CONTEXTS = (4096, 65536, 131072, 1 << 20)
+"""The context lengths of the ``dsv4rs cost`` table: 4K, 64K, 128K and 1M tokens."""
+PAPER_FLOPS_VS_V3_2 = {"v4-pro": 0.27, "v4-flash": 0.10}
+"""The paper's per-token "equivalent FP8 FLOPs" at 1M context relative to V3.2 (SPEC.md section 5)."""
+FLOP_COMPONENTS = ("projections", "experts", "indexer", "attention", "compressor", "mhc", "lm_head")
+
+
+def _check_context(context: int) -> int:
+    if isinstance(context, bool) or not isinstance(context, int) or context < 1:
+        raise ValueError(f"context: expected a positive number of tokens, got {context!r}")
+    return context
+
+
+def _choice(name: str, value: str, choices: Mapping[str, int]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {sorted(choices)}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cost:
+    """One model at one context length.
+
+    Attributes:
+        model: the model's name.
+        context: tokens in the context, the decoded token included.
+        flops: FLOPs of one decode token by component (keys :data:`FLOP_COMPONENTS`).
+        kv_bytes: bytes the sequence's cache holds, by family.
+        compressed_bytes: the part of ``kv_bytes`` that grows with context (for baselines: all).
+    """
+
+    model: str
+    context: int
+    flops: dict[str, int]
+    kv_bytes: dict[str, int]
+    compressed_bytes: int
+
+    @property
+    def total_flops(self) -> int:
+        return sum(self.flops.values())
+
+    @property
+    def total_kv_bytes(self) -> int:
+        return sum(self.kv_bytes.values())
+
+    @property
+    def kv_bytes_per_token(self) -> float:
+        """Everything the sequence holds (window and compressor state included) per token."""
+        return self.total_kv_bytes / self.context
+
+    @property
+    def compressed_bytes_per_token(self) -> float:
+        """The amortized figure of SPEC.md section 5 (for V4: ``CacheConfig.bytes_per_token``)."""
+        return self.compressed_bytes / self.context
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "context": self.context,
+            "flops": self.flops,
+            "total_flops": self.total_flops,
+            "kv_bytes": self.kv_bytes,
+            "total_kv_bytes": self.total_kv_bytes,
+            "kv_bytes_per_token": self.kv_bytes_per_token,
+            "compressed_bytes_per_token": self.compressed_bytes_per_token,
+        }
+
+
+def _flops(params: Mapping[str, int], extra: Mapping[str, int]) -> dict[str, int]:
+    """2 per active weight plus the FLOPs that do not come from weights, by component."""
+    return {c: 2 * params.get(c, 0) + extra.get(c, 0) for c in FLOP_COMPONENTS}
+
+
+@dataclasses.dataclass(frozen=True)
+class V4Model:
+    """A DeepSeek-V4 model's hyper-parameters (SPEC.md section 1, Hugging Face config names in
+    the comments) and its cache formats.
+
+    ``compress_ratios`` has ``num_layers + 1`` entries, the last for the MTP layer:
+    0 = sliding window only, 4 = CSA, 128 = HCA. ``main_format`` is ``"fp8"`` or ``"bf16"``,
+    ``index_format`` ``"fp4"``, ``"fp8"`` or ``"bf16"`` (SPEC.md section 5).
+    """
+
+    name: str
+    num_layers: int  # num_hidden_layers
+    hidden: int  # hidden_size
+    heads: int  # num_attention_heads
+    q_lora_rank: int
+    o_groups: int
+    compress_ratios: tuple[int, ...]
+    index_topk: int
+    routed_experts: int  # n_routed_experts
+    moe_intermediate: int  # moe_intermediate_size
+    vocab: int = 129280
+    head_dim: int = 512
+    o_lora_rank: int = 1024
+    window: int = 128  # sliding_window
+    index_heads: int = 64  # index_n_heads
+    index_head_dim: int = 128
+    experts_per_token: int = 6
+    shared_experts: int = 1
+    hash_layers: int = 3  # num_hash_layers: routed by token id, no router matmul
+    hc_mult: int = 4
+    main_format: str = "fp8"
+    index_format: str = "fp4"
+
+    def __post_init__(self) -> None:
+        _choice("main_format", self.main_format, MAIN_ENTRY_BYTES)
+        _choice("index_format", self.index_format, INDEX_KEY_BYTES)
+        ratios = tuple(self.compress_ratios)
+        if len(ratios) != self.num_layers + 1 or not set(ratios) <= {0, 4, 128}:
+            raise ValueError(
+                f"compress_ratios: expected {self.num_layers + 1} entries of 0, 4 or 128, got {ratios}"
+            )
+        object.__setattr__(self, "compress_ratios", ratios)
+
+    @classmethod
+    def pro(cls, **overrides: Any) -> V4Model:
+        """DeepSeek-V4-Pro: layers 0 and 1 HCA, then CSA on even and HCA on odd ids."""
+        ratios = (128, 128, *(4 if i % 2 == 0 else 128 for i in range(2, 61)), 0)
+        config = dict(
+            name="v4-pro", num_layers=61, hidden=7168, heads=128, q_lora_rank=1536, o_groups=16,
+            compress_ratios=ratios, index_topk=1024, routed_experts=384, moe_intermediate=3072,
+        )
+        return cls(**{**config, **overrides})
+
+    @classmethod
+    def flash(cls, **overrides: Any) -> V4Model:
+        """DeepSeek-V4-Flash: layers 0 and 1 sliding window only, then CSA and HCA alternating."""
+        ratios = (0, 0, *(4 if i % 2 == 0 else 128 for i in range(2, 43)), 0)
+        config = dict(
+            name="v4-flash", num_layers=43, hidden=4096, heads=64, q_lora_rank=1024, o_groups=8,
+            compress_ratios=ratios, index_topk=512, routed_experts=256, moe_intermediate=2048,
+        )
+        return cls(**{**config, **overrides})
+
+    @property
+    def layer_ratios(self) -> tuple[int, ...]:
+        """Compress ratios of the layers a token's forward pass runs (the MTP layer left out)."""
+        return self.compress_ratios[:-1]
+
+    def compressors(self, ratios: tuple[int, ...]) -> list[tuple[int, int, int]]:
+        """``(ratio, coff, D)`` of every compressor of layers with ``ratios`` (SPEC.md section
+        3): per CSA layer the main one (4, 2, 512) and the indexer's (4, 2, 128), per HCA layer
+        one (128, 1, 512)."""
+        per_layer = {
+            0: [],
+            4: [(4, 2, self.head_dim), (4, 2, self.index_head_dim)],
+            128: [(128, 1, self.head_dim)],
+        }
+        return [c for ratio in ratios for c in per_layer[ratio]]
+
+    def active_params(self) -> dict[str, int]:
+        """Weights one token multiplies by, by component (SPEC.md sections 2-7).
+
+        Per layer: ``W_qa [d_c, d]``, ``W_qb [n_h c, d_c]``, ``W_kv [c, d]``, ``W_oa`` (``g``
+        groups of ``n_h c / g -> o_lora_rank``), ``W_ob [d, g o_lora_rank]``; on CSA layers the
+        indexer's ``W_iqb [64 x 128, d_c]`` and ``W_w [64, d]``; per compressor ``wkv`` and
+        ``wgate`` ``[coff D, d]``; 6 routed + 1 shared SwiGLU experts (3 matrices of
+        ``d x moe_intermediate``), the router ``[n_experts, d]`` outside the hash layers; mHC
+        ``Phi [(m^2 + 2m), m d]`` per sublayer (2 per layer) and ``[m, m d]`` for the head.
+        Plus the LM head ``[vocab, d]``. 48.8 B for V4-Pro and 13.3 B for V4-Flash (49.8 B and
+        13.8 B with the embedding; the published figures are 49 B and 13 B)."""
+        d, m, ratios = self.hidden, self.hc_mult, self.layer_ratios
+        attention = (
+            d * self.q_lora_rank
+            + self.q_lora_rank * self.heads * self.head_dim
+            + d * self.head_dim
+            + self.heads * self.head_dim * self.o_lora_rank
+            + self.o_groups * self.o_lora_rank * d
+        )
+        indexer = self.q_lora_rank * self.index_heads * self.index_head_dim + d * self.index_heads
+        experts = (self.experts_per_token + self.shared_experts) * 3 * d * self.moe_intermediate
+        routed_layers = max(len(ratios) - self.hash_layers, 0)
+        return {
+            "projections": len(ratios) * attention,
+            "experts": len(ratios) * experts + routed_layers * self.routed_experts * d,
+            "indexer": ratios.count(4) * indexer,
+            "compressor": sum(2 * coff * dim * d for _, coff, dim in self.compressors(ratios)),
+            "mhc": 2 * len(ratios) * (m * m + 2 * m) * m * d + m * m * d,
+            "lm_head": self.vocab * d,
+        }
+
+    def candidates(self, ratio: int, context: int) -> int:
+        """``|K_t|``: the window plus, on CSA layers, the top-k compressed entries, on HCA
+        layers all visible ones (SPEC.md sections 2 and 4)."""
+        visible = context // ratio if ratio else 0
+        return min(context, self.window) + (min(self.index_topk, visible) if ratio == 4 else visible)
+
+    def flops(self, context: int) -> dict[str, int]:
+        """FLOPs of one decode token at ``context`` by component (see the module docstring):
+        indexer ``2 * 64 * 128 * floor(L / 4)`` per CSA layer; core attention
+        ``4 * n_h * 512 * |K_t|`` per layer; compressor pooling ``2 * coff * D`` per token and
+        compressor; mHC mixing ``2 m d`` (the pre-sum) ``+ 2 (m^2 + m) d`` (residual and post)
+        per sublayer and ``2 m d`` for the head."""
+        context = _check_context(context)
+        d, m, ratios = self.hidden, self.hc_mult, self.layer_ratios
+        extra = {
+            "indexer": ratios.count(4) * 2 * self.index_heads * self.index_head_dim * (context // 4),
+            "attention": sum(4 * self.heads * self.head_dim * self.candidates(r, context) for r in ratios),
+            "compressor": sum(2 * coff * dim for _, coff, dim in self.compressors(ratios)),
+            "mhc": 2 * len(ratios) * (2 * m * d + 2 * (m * m + m) * d) + 2 * m * d,
+        }
+        return _flops(self.active_params(), extra)
+
+    def kv_bytes(self, context: int) -> dict[str, int]:
+        """Bytes a sequence of ``context`` tokens holds, by family, as the allocator reserves
+        them (SPEC.md section 5): whole 64-row pages of the window ring (``min(L, window)``
+        rows in every layer), of CSA rows and indexer keys (``floor(L / 4)`` complete entries
+        per CSA layer) and of HCA rows (``floor(L / 128)``); one compressor state per
+        sequence: ``2 [coff r, coff D]`` fp32 tensors per compressor (64 KiB + 16 KiB per CSA
+        layer, 512 KiB per HCA layer)."""
+        context = _check_context(context)
+        ratios, main = self.compress_ratios, MAIN_ENTRY_BYTES[self.main_format]
+
+        def rows(n: int) -> int:
+            return -(-n // PAGE_ROWS) * PAGE_ROWS
+
+        csa_rows = rows(context // 4) * ratios.count(4)
+        return {
+            "window": rows(min(context, self.window)) * len(ratios) * main,
+            "csa_main": csa_rows * main,
+            "csa_index": csa_rows * INDEX_KEY_BYTES[self.index_format],
+            "hca": rows(context // 128) * ratios.count(128) * main,
+            "state": sum(2 * (coff * r) * (coff * dim) * 4 for r, coff, dim in self.compressors(ratios)),
+        }
+
+    def cost(self, context: int) -> Cost:
+        kv = self.kv_bytes(context)
+        return Cost(self.name, context, self.flops(context), kv, kv["csa_main"] + kv["csa_index"] + kv["hca"])
+
+
+@dataclasses.dataclass(frozen=True)
+class BaselineModel:
+    """A comparison model: the DeepSeek-V3 backbone (61 layers, ``d = 7168``, 128 query heads,
+    ``q_lora_rank`` 1536, 3 dense SwiGLU layers of 18432 then 58 MoE layers of 8 routed of 256 +
+    1 shared experts of 2048, vocab 129280; the public ``config.json``) with one of three
+    attention variants (see :meth:`v3_2`, :meth:`mla`, :meth:`gqa8`).
+
+    Attributes:
+        name: the model's name.
+        attention_params: attention linears per layer.
+        flops_per_candidate: core-attention FLOPs per candidate key per layer (all heads).
+        entry_bytes: cache bytes per token and layer.
+        index_topk: the DSA indexer's top-k; ``None`` for dense attention over all tokens.
+        index_key_bytes: indexer-key bytes per token and layer.
+    """
+
+    name: str
+    attention_params: int
+    flops_per_candidate: int
+    entry_bytes: int
+    index_topk: int | None = None
+    index_key_bytes: int = 0
+
+    num_layers = 61
+    hidden = 7168
+    heads = 128
+    vocab = 129280
+    index_heads = 64
+    index_head_dim = 128
+
+    @classmethod
+    def v3_2(cls) -> BaselineModel:
+        """DeepSeek-V3.2: MLA with DSA. 656-byte FP8 latent entries (512 FP8 + 4 fp32 scales
+        + 64 BF16 RoPE dims) and 132-byte FP8 indexer keys per token and layer; the indexer
+        scores every previous token and attention takes the top 2048 (SPEC.md section 5)."""
+        return dataclasses.replace(cls.mla(), name="v3.2", index_topk=2048, index_key_bytes=132)
+
+    @classmethod
+    def mla(cls) -> BaselineModel:
+        """DeepSeek-V3: dense MLA over all tokens, 656-byte FP8 entries. Projections
+        ``q_a [1536, d]``, ``q_b [128 x 192, 1536]``, ``kv_a [576, d]``, ``kv_b [128 x 256, 512]``,
+        ``o [d, 128 x 128]``; decode in absorbed form: per head and candidate a 576-d dot
+        product and a 512-d weighted sum."""
+        d = cls.hidden
+        params = d * 1536 + 1536 * cls.heads * 192 + d * 576 + 512 * cls.heads * 256 + cls.heads * 128 * d
+        return cls("v3-mla", params, 2 * (576 + 512) * cls.heads, 656)
+
+    @classmethod
+    def gqa8(cls) -> BaselineModel:
+        """GQA with 8 KV heads of dim 128 in BF16 (4096 B per token and layer) on the V3
+        backbone: 61 layers, 128 query heads of dim 128, dense attention over all tokens."""
+        d, qd, kvd = cls.hidden, cls.heads * 128, 8 * 128
+        return cls("gqa-8", d * qd + 2 * d * kvd + qd * d, 4 * cls.heads * 128, 2 * 2 * kvd)
+
+    def active_params(self) -> dict[str, int]:
+        """Attention linears, experts (3 dense layers; 58 MoE layers with 8 routed + 1 shared
+        experts and a router over 256), the indexer's ``wq_b [64 x 128, 1536]``, ``wk [128, d]``
+        and ``weights_proj [64, d]`` when there is one, and the LM head: 36.6 B for V3 (37.5 B
+        with the embedding; published: 37 B)."""
+        d, layers = self.hidden, self.num_layers
+        indexer = 1536 * self.index_heads * self.index_head_dim + d * self.index_head_dim + d * self.index_heads
+        return {
+            "projections": layers * self.attention_params,
+            "experts": 3 * 3 * d * 18432 + (layers - 3) * ((8 + 1) * 3 * d * 2048 + 256 * d),
+            "indexer": layers * indexer if self.index_topk else 0,
+            "lm_head": self.vocab * d,
+        }
+
+    def flops(self, context: int) -> dict[str, int]:
+        """FLOPs of one decode token at ``context``: the indexer scores all ``L`` tokens
+        (``2 * 64 * 128 * L`` per layer), attention covers ``min(top-k, L)`` candidates, or all
+        ``L`` without an indexer."""
+        context = _check_context(context)
+        candidates = min(self.index_topk, context) if self.index_topk else context
+        scored = context if self.index_topk else 0
+        extra = {
+            "indexer": self.num_layers * 2 * self.index_heads * self.index_head_dim * scored,
+            "attention": self.num_layers * self.flops_per_candidate * candidates,
+        }
+        return _flops(self.active_params(), extra)
+
+    def kv_bytes(self, context: int) -> dict[str, int]:
+        """``entry_bytes`` and ``index_key_bytes`` per token and layer, without paging."""
+        context = _check_context(context)
+        return {
+            "entries": self.num_layers * self.entry_bytes * context,
+            "index_keys": self.num_layers * self.index_key_bytes * context,
+        }
+
+    def cost(self, context: int) -> Cost:
+        kv = self.kv_bytes(context)
+        return Cost(self.name, context, self.flops(context), kv, sum(kv.values()))
+
+
+def models(main_format: str = "fp8", index_format: str = "fp4") -> list[V4Model | BaselineModel]:
+    """V4-Pro and V4-Flash with the given cache formats, then the baselines V3.2, V3 (dense MLA)
+    and GQA-8."""
+    formats = dict(main_format=main_format, index_format=index_format)
+    baselines = [BaselineModel.v3_2(), BaselineModel.mla(), BaselineModel.gqa8()]
+    return [V4Model.pro(**formats), V4Model.flash(**formats), *baselines]
+
+
+def compare(
+    contexts: tuple[int, ...] = CONTEXTS, main_format: str = "fp8", index_format: str = "fp4"
+) -> list[dict[str, Any]]:
+    """One row per model (see :func:`models`) and context: :meth:`Cost.as_dict` plus
+    ``flops_vs_v3.2``, ``flops_vs_gqa-8``, ``kv_bytes_vs_v3.2`` and ``kv_bytes_vs_gqa-8``, the
+    ratios of total FLOPs and of all bytes held to those of the baselines at the same context."""
+    if not contexts:
+        raise ValueError("contexts: expected at least one context length, got none")
+    contexts = tuple(_check_context(c) for c in contexts)
+    every = models(main_format, index_format)
+    costs = {(m.name, c): m.cost(c) for m in every for c in contexts}
+    rows = []
+    for m in every:
+        for c in contexts:
+            cost, row = costs[m.name, c], costs[m.name, c].as_dict()
+            for base in ("v3.2", "gqa-8"):
+                row[f"flops_vs_{base}"] = cost.total_flops / costs[base, c].total_flops
+                row[f"kv_bytes_vs_{base}"] = cost.total_kv_bytes / costs[base, c].total_kv_bytes
+            rows.append(row)
+    return rows
+
+
+def plot(path: str, main_format: str = "fp8", index_format: str = "fp4") -> None:
+    """Draws FLOPs per decode token and KV bytes per token of every model against context
+    length (1K to 1M tokens, log scales) into the image file ``path`` (needs matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    contexts = tuple(round(2 ** (10 + i / 4)) for i in range(41))
+    fig, (ax_flops, ax_bytes) = plt.subplots(1, 2, figsize=(12, 5))
+    for m in models(main_format, index_format):
+        costs = [m.cost(c) for c in contexts]
+        ax_flops.plot(contexts, [c.total_flops / 1e9 for c in costs], label=m.name)
+        ax_bytes.plot(contexts, [c.kv_bytes_per_token for c in costs], label=m.name)
+    for ax, ylabel in ((ax_flops, "GFLOP per decode token"), (ax_bytes, "KV-cache bytes per token (all held)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="major", alpha=0.4)
+        ax.legend()
+    ax_flops.set_title("Decode FLOPs per token")
+    ax_bytes.set_title(f"KV cache per token (V4: {main_format} entries, {index_format} indexer keys)")
+    fig.suptitle("DeepSeek-V4 cost against context length, with V3.2, V3 (dense MLA) and GQA-8")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
