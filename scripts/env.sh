@@ -11,7 +11,9 @@ DSV4RS_CACHE="${DSV4RS_CACHE:-$HOME/.cache/dsv4rs}"
 BUILD_VENV="$DSV4RS_CACHE/build-venv"
 TEST_VENV="$DSV4RS_CACHE/test-venv"
 DIST="$DSV4RS_CACHE/dist"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$DSV4RS_CACHE/target}"
+# Per checkout: build scripts record absolute source paths, so a target folder shared between
+# checkouts can keep kernels compiled from another checkout's sources.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 
 BUILD_REQS=(maturin==1.16.0 nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88
     nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85)

@@ -39,6 +39,9 @@ fn main() {
         .filter(|p| p.extension().is_some_and(|x| x == "cu"))
         .collect();
     sources.sort();
+    for src in &sources {
+        println!("cargo:rerun-if-changed={}", src.display());
+    }
     for entry in fs::read_dir(cuda_dir.join("include")).into_iter().flatten().flatten() {
         println!("cargo:rerun-if-changed={}", entry.path().display());
     }
