@@ -28,3 +28,14 @@ def test_import_does_not_touch_cuda() -> None:
 def test_console_script_entry() -> None:
     out = subprocess.run([sys.executable, "-m", "dsv4rs.cli", "info"], capture_output=True, text=True, check=True)
     assert "GPU targets" in out.stdout or "CPU-only" in out.stdout
+
+
+def test_bench_runs_on_the_cpu_and_prints_the_roofline_table(capsys, monkeypatch) -> None:
+    from dsv4rs import bench
+
+    # One small case per suite keeps this a smoke test of the harness, not a benchmark.
+    monkeypatch.setattr(bench.Bench, "pick", lambda self, gpu, quick, cpu: cpu[:1])
+    assert cli.main(["bench", "--device", "cpu", "--only", "formats", "indexer"]) == 0
+    out = capsys.readouterr().out
+    assert "ceilings on cpu" in out and "roofline" in out
+    assert "kv_write n=4096" in out and "indexer flash ctx=32K b=1" in out

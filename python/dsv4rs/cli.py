@@ -6,6 +6,9 @@ a CUDA driver and GPU were found. It never fails for lack of a GPU.
 ``dsv4rs cost`` tabulates FLOPs per decode token and KV-cache bytes per token of DeepSeek-V4-Pro
 and -Flash against V3.2, V3 (dense MLA) and GQA-8 at several context lengths (the cost model of
 :mod:`dsv4rs.cost`); ``--json`` prints the full breakdown, ``--plot FILE.png`` draws it.
+
+``dsv4rs bench`` times the ops on the available device beside torch eager and prints time,
+throughput and the fraction of the roofline floor per case (:mod:`dsv4rs.bench`).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import argparse
 import json
 import sys
 
-from dsv4rs import _core, cost
+from dsv4rs import _core, bench, cost
 
 
 def info() -> int:
@@ -96,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     cost_parser.add_argument("--index-format", choices=sorted(cost.INDEX_KEY_BYTES), default="fp4")
     cost_parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     cost_parser.add_argument("--plot", metavar="FILE.png", help="draw FLOPs and bytes against context length")
+    bench.add_arguments(sub.add_parser("bench", help="time the ops beside torch eager, with roofline fractions"))
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()
@@ -104,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             return cost_command(args)
         except ValueError as e:
             cost_parser.error(str(e))
+    if args.command == "bench":
+        return bench.run_command(args)
     parser.error(f"unknown command {args.command}")
     return 2
 
