@@ -486,6 +486,10 @@ def test_attention_rejects_bad_inputs(gen: torch.Generator) -> None:
         ops.sparse_attention(q[:, :, :128].contiguous(), cache, idx, sink)
     with pytest.raises(ValueError, match="cache: row 0 holds a non-finite"):
         ops.sparse_attention(q, torch.full((1, 64, 512), float("inf")), idx, sink)
+    corrupt = cache.clone()
+    corrupt[0, 64 * 576] = 255  # row 0's first scale byte: 2^128
+    with pytest.raises(ValueError, match="cache: row 0 holds a non-finite"):
+        ops.sparse_attention(q, corrupt, idx, sink)
 
 
 # ---------------------------------------------------------------------------------------------

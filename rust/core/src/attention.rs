@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::quant::ENTRY_DIM;
 use crate::rope::{inv_freq_values, Rotation};
-use crate::rows::{Floats, Ids, PagedRows};
+use crate::rows::{check_rows, Floats, Ids, PagedRows};
 use crate::simd::{multiversion, F32x16, LANES};
 use crate::tensor::{DType, Device, TensorRef};
 use crate::tile::{dots, head_groups, padded_heads, transpose_query, with_head_vecs, ROWS};
@@ -173,8 +173,9 @@ fn run_job(ctx: &Ctx, s: &mut Scratch, t: usize, part: (usize, usize)) -> Result
     let mut st = Partial::new(hp);
     for tile in s.cands[part.0..part.1].chunks(ROW_TILE) {
         for ((si, row), dst) in tile.iter().zip(s.rows.chunks_exact_mut(D)) {
-            ctx.sources[*si].cache.read(*row, dst)?;
+            ctx.sources[*si].cache.read(*row, dst);
         }
+        check_rows(&s.rows[..tile.len() * D], D, |j| (ctx.sources[tile[j].0].cache.name, tile[j].1))?;
         attend_tile(&s.qt, hp, &s.rows, tile.len(), ctx.scale, &mut s.p, &mut s.corr, &mut st.m, &mut st.l, &mut st.ot);
     }
     Ok(st)
