@@ -37,7 +37,10 @@ impl<'a> Floats<'a> {
     fn first_non_finite(&self) -> Option<usize> {
         match self {
             Floats::F32(v) => first_non_finite(v),
-            Floats::BF16(v) => v.iter().position(|b| b & 0x7F80 == 0x7F80),
+            Floats::BF16(v) => {
+                let bad = |b: &u16| b & 0x7F80 == 0x7F80;
+                first_where(v, |c| c.iter().fold(false, |a, b| a | bad(b)), bad)
+            }
         }
     }
 
@@ -56,13 +59,18 @@ impl<'a> Floats<'a> {
     }
 }
 
-/// Index of the first non-finite value of `v`. Chunks are scanned by [`any_non_finite`] and
-/// searched only when they hold one.
-fn first_non_finite(v: &[f32]) -> Option<usize> {
+/// Index of the first value of `v` with `bad`. Chunks are tested with `any`, a branch-free
+/// scan that vectorizes (a search that stops at the first hit does not), and searched only when
+/// they hold one.
+fn first_where<T>(v: &[T], any: impl Fn(&[T]) -> bool, bad: impl Fn(&T) -> bool) -> Option<usize> {
     const CHUNK: usize = 4096;
-    v.chunks(CHUNK).enumerate().find_map(|(c, chunk)| {
-        any_non_finite(chunk).then(|| c * CHUNK + chunk.iter().position(|x| !x.is_finite()).unwrap_or(0))
-    })
+    v.chunks(CHUNK)
+        .enumerate()
+        .find_map(|(c, chunk)| any(chunk).then(|| c * CHUNK + chunk.iter().position(&bad).unwrap_or(0)))
+}
+
+fn first_non_finite(v: &[f32]) -> Option<usize> {
+    first_where(v, any_non_finite, |x| !x.is_finite())
 }
 
 /// A packed format's row decoder: `(data, scales, out)`.
