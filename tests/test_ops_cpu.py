@@ -356,14 +356,14 @@ MEMORY_PROBE = textwrap.dedent(
 def test_indexer_memory_grows_with_k_not_with_context() -> None:
     """Peak RSS growth of one call, in a fresh process: 16 queries x 64 heads, k = 512, over 16K and
     256K keys. Materialized scores would need 16 x 256K x 4 B = 16 MiB (x 64 heads unfused: 1 GiB);
-    the fused kernel's workspace is the same at both sizes."""
+    the fused kernel's workspace is the same at both sizes, well under either."""
     growth = {}
     for n in (16384, 262144):
         res = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(n)], capture_output=True, text=True, check=True)
         growth[n] = json.loads(res.stdout)["peak_growth_kib"]
     print(f"indexer peak RSS growth: {growth}")
-    assert growth[262144] < 4096, growth
-    assert growth[262144] <= growth[16384] + 512, growth
+    # Both about 0.2-0.5 MiB (the spread: whether a worker thread's buffers were already warm).
+    assert max(growth.values()) < 2048, growth
 
 
 # ---------------------------------------------------------------------------------------------
@@ -486,6 +486,10 @@ def test_attention_rejects_bad_inputs(gen: torch.Generator) -> None:
         ops.sparse_attention(q[:, :, :128].contiguous(), cache, idx, sink)
     with pytest.raises(ValueError, match="cache: row 0 holds a non-finite"):
         ops.sparse_attention(q, torch.full((1, 64, 512), float("inf")), idx, sink)
+    corrupt = cache.clone()
+    corrupt[0, 64 * 576] = 255  # row 0's first scale byte: 2^128
+    with pytest.raises(ValueError, match="cache: row 0 holds a non-finite"):
+        ops.sparse_attention(q, corrupt, idx, sink)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ use crate::gpu;
 use crate::gpu::attention::AttentionArgs;
 use crate::quant::{ENTRY_DIM, MAIN_ENTRY, ROPE_DIM};
 use crate::rope::{inv_freq_values, Rotation};
-use crate::rows::{cache_kind, CacheKind, Floats, Ids, PagedRows};
+use crate::rows::{cache_kind, check_rows, CacheKind, Floats, Ids, PagedRows};
 use crate::simd::{multiversion, F32x16, LANES};
 use crate::tensor::{same_device, DType, Device, TensorRef};
 use crate::tile::{dots, head_groups, padded_heads, transpose_query, with_head_vecs, ROWS};
@@ -175,8 +175,9 @@ fn run_job(ctx: &Ctx, s: &mut Scratch, t: usize, part: (usize, usize)) -> Result
     let mut st = Partial::new(hp);
     for tile in s.cands[part.0..part.1].chunks(ROW_TILE) {
         for ((si, row), dst) in tile.iter().zip(s.rows.chunks_exact_mut(D)) {
-            ctx.sources[*si].cache.read(*row, dst)?;
+            ctx.sources[*si].cache.read(*row, dst);
         }
+        check_rows(&s.rows[..tile.len() * D], D, |j| (ctx.sources[tile[j].0].cache.name, tile[j].1))?;
         attend_tile(&s.qt, hp, &s.rows, tile.len(), ctx.scale, &mut s.p, &mut s.corr, &mut st.m, &mut st.l, &mut st.ot);
     }
     Ok(st)

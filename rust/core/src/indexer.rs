@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::gpu;
 use crate::quant::{INDEX_DIM, INDEX_KEY_FP4, PAGE_ROWS};
-use crate::rows::{cache_kind, CacheKind, Floats, Ids, PagedRows};
+use crate::rows::{cache_kind, check_rows, CacheKind, Floats, Ids, PagedRows};
 use crate::simd::{multiversion, F32x16, LANES};
 use crate::tensor::{same_device, DType, Device, TensorRef};
 use crate::tile::{dots, head_groups, padded_heads, transpose_query, with_head_vecs, ROWS};
@@ -105,8 +105,9 @@ fn run_job(ctx: &Ctx, s: &mut Scratch, queries: (usize, usize), keys: (usize, us
     for n0 in (keys.0..keys.1).step_by(KEY_TILE) {
         let n = KEY_TILE.min(keys.1 - n0);
         for (j, dst) in s.keys.chunks_exact_mut(INDEX_DIM).take(n).enumerate() {
-            ctx.keys.read(ctx.row(t0, n0 + j), dst)?;
+            ctx.keys.read(ctx.row(t0, n0 + j), dst);
         }
+        check_rows(&s.keys[..n * INDEX_DIM], INDEX_DIM, |j| (ctx.keys.name, ctx.row(t0, n0 + j)))?;
         for (i, top) in tops.iter_mut().enumerate() {
             let m = n.min(ctx.visible(t0 + i).saturating_sub(n0));
             if m == 0 {

@@ -7,6 +7,7 @@
 
 use crate::error::{Error, Result};
 use crate::quant::{self, RowFormat, INDEX_KEY_FP4, INDEX_KEY_FP8, MAIN_ENTRY, PAGE_ROWS};
+use crate::simd::any_non_finite;
 use crate::tensor::{DType, Device, TensorRef};
 
 /// A float32 or bfloat16 host tensor, borrowed.
@@ -35,8 +36,11 @@ impl<'a> Floats<'a> {
 
     fn first_non_finite(&self) -> Option<usize> {
         match self {
-            Floats::F32(v) => first_where(v, |x| x.to_bits() & 0x7F80_0000 == 0x7F80_0000),
-            Floats::BF16(v) => first_where(v, |b| b & 0x7F80 == 0x7F80),
+            Floats::F32(v) => first_non_finite(v),
+            Floats::BF16(v) => {
+                let bad = |b: &u16| b & 0x7F80 == 0x7F80;
+                first_where(v, |c| c.iter().fold(false, |a, b| a | bad(b)), bad)
+            }
         }
     }
 
@@ -55,19 +59,22 @@ impl<'a> Floats<'a> {
     }
 }
 
+/// Index of the first value of `v` with `bad`. Chunks are tested with `any`, a branch-free
+/// scan that vectorizes (a search that stops at the first hit does not), and searched only when
+/// they hold one.
+fn first_where<T>(v: &[T], any: impl Fn(&[T]) -> bool, bad: impl Fn(&T) -> bool) -> Option<usize> {
+    const CHUNK: usize = 4096;
+    v.chunks(CHUNK)
+        .enumerate()
+        .find_map(|(c, chunk)| any(chunk).then(|| c * CHUNK + chunk.iter().position(&bad).unwrap_or(0)))
+}
+
+fn first_non_finite(v: &[f32]) -> Option<usize> {
+    first_where(v, any_non_finite, |x| !x.is_finite())
+}
+
 /// A packed format's row decoder: `(data, scales, out)`.
 type Decoder = fn(&[u8], &[u8], &mut [f32]);
-
-/// Index of the first value with `bad(value)`. Chunks are tested with a branch-free OR (which
-/// vectorizes, unlike a search that stops early), and searched only when they hold one.
-#[inline]
-fn first_where<T: Copy>(v: &[T], bad: impl Fn(T) -> bool) -> Option<usize> {
-    const CHUNK: usize = 4096;
-    v.chunks(CHUNK).enumerate().find_map(|(c, chunk)| {
-        let any = chunk.iter().fold(false, |a, x| a | bad(*x));
-        any.then(|| c * CHUNK + chunk.iter().position(|x| bad(*x)).unwrap_or(0))
-    })
-}
 
 /// How a cache stores its rows.
 #[derive(Clone, Copy)]
@@ -144,7 +151,6 @@ impl<'a> PagedRows<'a> {
     pub unsafe fn new(cache: &'a TensorRef, dim: usize) -> Result<Self> {
         cache.expect_device(Device::Cpu)?;
         let pages = cache.shape.first().copied().unwrap_or(0);
-        // Plain caches are checked for non-finite values row by row as they are read.
         let storage = match cache_kind(cache, dim)? {
             CacheKind::Packed(fmt) => {
                 let decode = PACKED.iter().find(|(f, _)| *f == fmt).map(|(_, d)| *d).expect("a packed format");
@@ -156,24 +162,29 @@ impl<'a> PagedRows<'a> {
         Ok(PagedRows { name: cache.name, dim, rows: pages * PAGE_ROWS, storage })
     }
 
-    /// Decodes row `row` (`< self.rows`) into `out` (`dim` values); errors if a plain row holds a
-    /// non-finite value.
+    /// Decodes row `row` (`< self.rows`) into `out` (`dim` values). Rows can hold non-finite
+    /// values (a plain row, or a packed one whose scale decodes to infinity): kernels check the
+    /// tiles they decode with [`check_rows`].
     #[inline]
-    pub fn read(&self, row: usize, out: &mut [f32]) -> Result<()> {
+    pub fn read(&self, row: usize, out: &mut [f32]) {
         match self.storage {
             Storage::Packed { bytes, fmt, decode } => {
                 let (d, s) = fmt.offsets(row);
                 decode(&bytes[d..d + fmt.data_bytes], &bytes[s..s + fmt.scale_bytes], out);
-                Ok(())
             }
-            Storage::Plain(values) => {
-                values.read(row * self.dim, out);
-                if out.iter().all(|v| v.is_finite()) {
-                    Ok(())
-                } else {
-                    Err(Error::value(self.name, format!("row {row} holds a non-finite value")))
-                }
-            }
+            Storage::Plain(values) => values.read(row * self.dim, out),
+        }
+    }
+}
+
+/// Errors unless every value of the decoded rows `tile` (`[n, dim]`) is finite; `which(j)`
+/// names the cache and row id of tile row `j`. One scan per tile keeps the check cheap.
+pub fn check_rows(tile: &[f32], dim: usize, which: impl Fn(usize) -> (&'static str, usize)) -> Result<()> {
+    match first_non_finite(tile) {
+        None => Ok(()),
+        Some(i) => {
+            let (name, row) = which(i / dim);
+            Err(Error::value(name, format!("row {row} holds a non-finite value at column {}", i % dim)))
         }
     }
 }

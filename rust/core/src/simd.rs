@@ -139,6 +139,18 @@ pub fn exp(x: f32) -> f32 {
     }
 }
 
+multiversion! {
+    /// Whether any value is infinite or NaN: a branch-free scan, which vectorizes (a search that
+    /// stops at the first hit does not).
+    pub fn any_non_finite(v: &[f32]) -> bool {
+        let mut bad = 0u32;
+        for x in v {
+            bad |= (x.to_bits() & 0x7F80_0000 == 0x7F80_0000) as u32;
+        }
+        bad != 0
+    }
+}
+
 /// The vector units [`multiversion!`] compiles for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Level {
