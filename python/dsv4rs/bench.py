@@ -178,7 +178,7 @@ def eager_indexer(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, k: int) 
 
 
 def indexer(b: Bench) -> Iterator[Case]:
-    contexts = b.pick([131072, 1048576], [131072, 1048576], [32768, 131072])
+    contexts = b.pick([8192, 131072, 1048576], [131072, 1048576], [32768, 131072])
     batches = b.pick([1, 8, 32, 64], [1, 32], [1, 4])
     for model, heads, k in [("flash", 64, 512), ("pro", 64, 1024)]:
         for ctx in contexts:
