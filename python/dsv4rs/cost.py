@@ -31,6 +31,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from dsv4rs import _core
+
 PAGE_ROWS = 64
 """Rows per cache page (one page id addresses 64 rows in every layer of a family)."""
 MAIN_ENTRY_BYTES = {"fp8": 584, "bf16": 1024}
@@ -155,7 +157,7 @@ class V4Model:
     @classmethod
     def pro(cls, **overrides: Any) -> V4Model:
         """DeepSeek-V4-Pro: layers 0 and 1 HCA, then CSA on even and HCA on odd ids."""
-        ratios = (128, 128, *(4 if i % 2 == 0 else 128 for i in range(2, 61)), 0)
+        ratios = tuple(_core.CacheLayout.v4_pro_ratios())
         config = dict(
             name="v4-pro", num_layers=61, hidden=7168, heads=128, q_lora_rank=1536, o_groups=16,
             compress_ratios=ratios, index_topk=1024, routed_experts=384, moe_intermediate=3072,
@@ -165,7 +167,7 @@ class V4Model:
     @classmethod
     def flash(cls, **overrides: Any) -> V4Model:
         """DeepSeek-V4-Flash: layers 0 and 1 sliding window only, then CSA and HCA alternating."""
-        ratios = (0, 0, *(4 if i % 2 == 0 else 128 for i in range(2, 43)), 0)
+        ratios = tuple(_core.CacheLayout.v4_flash_ratios())
         config = dict(
             name="v4-flash", num_layers=43, hidden=4096, heads=64, q_lora_rank=1024, o_groups=8,
             compress_ratios=ratios, index_topk=512, routed_experts=256, moe_intermediate=2048,

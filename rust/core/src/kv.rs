@@ -119,20 +119,37 @@ unsafe fn host_ids(ids: &TensorRef, rows: usize) -> Result<&[i64]> {
     Ok(v)
 }
 
-/// Quantizes rows of `x` and writes them into `cache` at `slots`.
+/// Checks a write of `x` (`[n, fmt.dim]`) at `slots` (`[n]`) into `cache`; returns the cache's
+/// number of rows.
+fn check_write(cache: &TensorRef, slots: &TensorRef, x: &TensorRef, fmt: RowFormat) -> Result<usize> {
+    let rows = cache_rows(cache, fmt)?;
+    check_ids(slots, check_values(x, fmt.dim)?)?;
+    Ok(rows)
+}
+
+/// Checks a read of `ids` (`[m]`) from `cache` into `out` (`[m, fmt.dim]` float32); returns the
+/// cache's number of rows.
+fn check_read(cache: &TensorRef, ids: &TensorRef, out: &TensorRef, fmt: RowFormat) -> Result<usize> {
+    let rows = cache_rows(cache, fmt)?;
+    out.expect_dtype(&[DType::F32])?;
+    out.expect_shape(&[None, Some(fmt.dim)])?;
+    check_ids(ids, out.dim(0))?;
+    Ok(rows)
+}
+
+/// Quantizes rows of `x` and writes them into `cache` (of `rows` rows) at `slots`, on the CPU.
 ///
 /// # Safety
-/// Every tensor satisfies [`TensorRef`]'s contract; `cache` is not aliased by the others.
+/// Every tensor satisfies [`TensorRef`]'s contract; `cache` is not aliased by the others; the
+/// arguments passed [`check_write`].
 unsafe fn write_rows(
     cache: &TensorRef,
+    rows: usize,
     slots: &TensorRef,
     x: &TensorRef,
     fmt: RowFormat,
     encode: fn(&[f32], &mut [u8], &mut [u8]),
 ) -> Result<()> {
-    let rows = cache_rows(cache, fmt)?;
-    let n = check_values(x, fmt.dim)?;
-    check_ids(slots, n)?;
     let values = host_values(x)?;
     let ids = host_ids(slots, rows)?;
     if let Some(dup) = first_duplicate(ids) {
@@ -164,21 +181,19 @@ fn first_duplicate(ids: &[i64]) -> Option<i64> {
     seen.windows(2).find(|w| w[0] == w[1]).map(|w| w[0])
 }
 
-/// Dequantizes cache rows `rows` into `out` (`[m, dim]` float32).
+/// Dequantizes cache rows `rows` into `out` (`[m, dim]` float32), on the CPU.
 ///
 /// # Safety
-/// Every tensor satisfies [`TensorRef`]'s contract; `out` is not aliased by the others.
+/// Every tensor satisfies [`TensorRef`]'s contract; `out` is not aliased by the others; the
+/// arguments passed [`check_read`].
 unsafe fn read_rows(
     cache: &TensorRef,
+    n_rows: usize,
     rows: &TensorRef,
     out: &TensorRef,
     fmt: RowFormat,
     decode: fn(&[u8], &[u8], &mut [f32]),
 ) -> Result<()> {
-    let n_rows = cache_rows(cache, fmt)?;
-    out.expect_dtype(&[DType::F32])?;
-    out.expect_shape(&[None, Some(fmt.dim)])?;
-    check_ids(rows, out.dim(0))?;
     let ids = host_ids(rows, n_rows)?;
     let bytes = cache.host::<u8>(&[DType::U8])?;
     let dst = out.host_mut::<f32>(&[DType::F32])?;
@@ -208,14 +223,11 @@ fn gpu_index(device: Device) -> Option<i32> {
 /// Every tensor satisfies [`TensorRef`]'s contract; `stream` is a valid `CUstream` of the
 /// tensors' device (or 0) when they live on a GPU.
 pub unsafe fn kv_write(cache: &TensorRef, slots: &TensorRef, x: &TensorRef, stream: usize) -> Result<()> {
-    match gpu_index(same_device(&[cache, slots, x])?) {
-        None => write_rows(cache, slots, x, MAIN_ENTRY, quant::encode_main_entry),
-        Some(dev) => {
-            let rows = cache_rows(cache, MAIN_ENTRY)?;
-            let n = check_values(x, MAIN_ENTRY.dim)?;
-            check_ids(slots, n)?;
-            gpu::quant::kv_write(dev, stream, cache, rows, slots, x)
-        }
+    let device = same_device(&[cache, slots, x])?;
+    let rows = check_write(cache, slots, x, MAIN_ENTRY)?;
+    match gpu_index(device) {
+        None => write_rows(cache, rows, slots, x, MAIN_ENTRY, quant::encode_main_entry),
+        Some(dev) => gpu::quant::kv_write(dev, stream, cache, rows, slots, x),
     }
 }
 
@@ -225,15 +237,11 @@ pub unsafe fn kv_write(cache: &TensorRef, slots: &TensorRef, x: &TensorRef, stre
 /// # Safety
 /// As [`kv_write`].
 pub unsafe fn kv_read(cache: &TensorRef, rows: &TensorRef, out: &TensorRef, stream: usize) -> Result<()> {
-    match gpu_index(same_device(&[cache, rows, out])?) {
-        None => read_rows(cache, rows, out, MAIN_ENTRY, quant::decode_main_entry),
-        Some(dev) => {
-            let n_rows = cache_rows(cache, MAIN_ENTRY)?;
-            out.expect_dtype(&[DType::F32])?;
-            out.expect_shape(&[None, Some(MAIN_ENTRY.dim)])?;
-            check_ids(rows, out.dim(0))?;
-            gpu::quant::kv_read(dev, stream, cache, n_rows, rows, out)
-        }
+    let device = same_device(&[cache, rows, out])?;
+    let n_rows = check_read(cache, rows, out, MAIN_ENTRY)?;
+    match gpu_index(device) {
+        None => read_rows(cache, n_rows, rows, out, MAIN_ENTRY, quant::decode_main_entry),
+        Some(dev) => gpu::quant::kv_read(dev, stream, cache, n_rows, rows, out),
     }
 }
 
@@ -249,14 +257,11 @@ pub unsafe fn index_key_write(
     stream: usize,
 ) -> Result<()> {
     let rf = fmt.row_format();
-    match gpu_index(same_device(&[cache, slots, x])?) {
-        None => write_rows(cache, slots, x, rf, fmt.encode()),
-        Some(dev) => {
-            let rows = cache_rows(cache, rf)?;
-            let n = check_values(x, rf.dim)?;
-            check_ids(slots, n)?;
-            gpu::quant::index_key_write(dev, stream, cache, rows, slots, x, fmt.code())
-        }
+    let device = same_device(&[cache, slots, x])?;
+    let rows = check_write(cache, slots, x, rf)?;
+    match gpu_index(device) {
+        None => write_rows(cache, rows, slots, x, rf, fmt.encode()),
+        Some(dev) => gpu::quant::index_key_write(dev, stream, cache, rows, slots, x, fmt.code()),
     }
 }
 
@@ -272,15 +277,11 @@ pub unsafe fn index_key_read(
     stream: usize,
 ) -> Result<()> {
     let rf = fmt.row_format();
-    match gpu_index(same_device(&[cache, rows, out])?) {
-        None => read_rows(cache, rows, out, rf, fmt.decode()),
-        Some(dev) => {
-            let n_rows = cache_rows(cache, rf)?;
-            out.expect_dtype(&[DType::F32])?;
-            out.expect_shape(&[None, Some(rf.dim)])?;
-            check_ids(rows, out.dim(0))?;
-            gpu::quant::index_key_read(dev, stream, cache, n_rows, rows, out, fmt.code())
-        }
+    let device = same_device(&[cache, rows, out])?;
+    let n_rows = check_read(cache, rows, out, rf)?;
+    match gpu_index(device) {
+        None => read_rows(cache, n_rows, rows, out, rf, fmt.decode()),
+        Some(dev) => gpu::quant::index_key_read(dev, stream, cache, n_rows, rows, out, fmt.code()),
     }
 }
 
