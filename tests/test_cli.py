@@ -39,3 +39,12 @@ def test_bench_runs_on_the_cpu_and_prints_the_roofline_table(capsys, monkeypatch
     out = capsys.readouterr().out
     assert "ceilings on cpu" in out and "roofline" in out
     assert "kv_write n=4096" in out and "indexer flash ctx=32K b=1" in out
+
+
+def test_bench_suite_names_match_and_other_commands_start_without_torch() -> None:
+    from dsv4rs import bench
+
+    assert tuple(bench.SUITES) == cli.BENCH_SUITES
+    code = "import sys, dsv4rs.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

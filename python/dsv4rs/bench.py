@@ -279,13 +279,6 @@ def run(device: str, quick: bool, suites: list[str]) -> str:
     return format_table(rows, ceilings, name)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                        help="where to run (default: a CUDA GPU if there is one, else the CPU)")
-    parser.add_argument("--quick", action="store_true", help="fewer sizes (GPU)")
-    parser.add_argument("--only", nargs="*", choices=sorted(SUITES), help="suites to run (default: all)")
-
-
 def run_command(args: argparse.Namespace) -> int:
     device = args.device
     if device == "auto":

@@ -17,7 +17,10 @@ import argparse
 import json
 import sys
 
-from dsv4rs import _core, bench, cost
+from dsv4rs import _core, cost
+
+BENCH_SUITES = ("formats", "compress", "indexer", "attention")
+"""The suites of :mod:`dsv4rs.bench` (named here so that the other commands start without torch)."""
 
 
 def info() -> int:
@@ -99,7 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     cost_parser.add_argument("--index-format", choices=sorted(cost.INDEX_KEY_BYTES), default="fp4")
     cost_parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     cost_parser.add_argument("--plot", metavar="FILE.png", help="draw FLOPs and bytes against context length")
-    bench.add_arguments(sub.add_parser("bench", help="time the ops beside torch eager, with roofline fractions"))
+    bench_parser = sub.add_parser("bench", help="time the ops beside torch eager, with roofline fractions")
+    bench_parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                              help="where to run (default: a CUDA GPU if there is one, else the CPU)")
+    bench_parser.add_argument("--quick", action="store_true", help="fewer sizes (GPU)")
+    bench_parser.add_argument("--only", nargs="*", choices=BENCH_SUITES, help="suites to run (default: all)")
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()
@@ -109,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             cost_parser.error(str(e))
     if args.command == "bench":
+        from dsv4rs import bench  # imports torch
+
         return bench.run_command(args)
     parser.error(f"unknown command {args.command}")
     return 2
