@@ -1,0 +1,298 @@
+"""The model's hyper-parameters (SPEC.md section 1), read from a Hugging Face ``config.json``.
+
+Both spellings a user brings are accepted: the one transformers' ``DeepseekV4Config`` saves
+(``layer_types``, ``mlp_layer_types``, ``compress_rates``, nested ``rope_parameters``) and the one
+DeepSeek ships (``compress_ratios``, ``num_hash_layers``, ``qk_rope_head_dim``, ``rope_scaling``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from dsv4rs import reference
+
+SWA, CSA, HCA = "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
+LAYER_TYPES = (SWA, CSA, HCA)
+"""Attention layer types, as transformers names them."""
+MLP_TYPES = ("hash_moe", "moe")
+_RATIO_TO_TYPE = {0: SWA, 4: CSA, 128: HCA}
+
+ENTRY_DIM = 512
+"""``head_dim``: the dsv4rs attention ops take 512-dim K = V entries (448 NoPE + 64 RoPE)."""
+ROPE_DIM = 64
+INDEX_DIM = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class YaRN:
+    """YaRN parameters of the compressed layers' RoPE (SPEC.md section 2); no mscale."""
+
+    factor: float = 16.0
+    original_max_position_embeddings: int = 65536
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class V4Config:
+    """DeepSeek-V4 hyper-parameters. Field names follow transformers' ``DeepseekV4Config``.
+
+    ``layer_types[i]`` is the attention of layer ``i`` (:data:`LAYER_TYPES`) and
+    ``mlp_layer_types[i]`` its MoE routing (``"hash_moe"``: experts from the token id,
+    ``"moe"``: learned top-k). Build one with :meth:`from_dict`, :meth:`from_pretrained` or a
+    preset (:meth:`v4_pro`, :meth:`v4_flash`, :meth:`tiny`); every constructor validates.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    q_lora_rank: int
+    o_groups: int
+    o_lora_rank: int
+    moe_intermediate_size: int
+    n_routed_experts: int
+    num_experts_per_tok: int
+    layer_types: tuple[str, ...]
+    mlp_layer_types: tuple[str, ...]
+    n_shared_experts: int = 1
+    head_dim: int = ENTRY_DIM
+    qk_rope_head_dim: int = ROPE_DIM
+    sliding_window: int = 128
+    compress_rates: tuple[int, int] = (4, 128)
+    index_n_heads: int = 64
+    index_head_dim: int = INDEX_DIM
+    index_topk: int = 512
+    scoring_func: str = "sqrtsoftplus"
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.5
+    swiglu_limit: float = 10.0
+    hc_mult: int = 4
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    compress_rope_theta: float = 160000.0
+    yarn: YaRN | None = YaRN()
+    num_nextn_predict_layers: int = 1
+    max_position_embeddings: int = 1 << 20
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        object.__setattr__(self, "mlp_layer_types", tuple(self.mlp_layer_types))
+        object.__setattr__(self, "compress_rates", tuple(int(r) for r in self.compress_rates))
+        self._validate()
+
+    def _validate(self) -> None:
+        def need(ok: bool, key: str, why: str) -> None:
+            if not ok:
+                raise ValueError(f"config {key}: {why}")
+
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.type == "int":
+                need(isinstance(v, int) and not isinstance(v, bool), f.name, f"expected an int, got {v!r}")
+        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "q_lora_rank",
+                    "o_groups", "o_lora_rank", "moe_intermediate_size", "n_routed_experts", "num_experts_per_tok",
+                    "sliding_window", "index_n_heads", "index_topk", "hc_mult", "hc_sinkhorn_iters"):
+            need(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        need(self.head_dim == ENTRY_DIM, "head_dim", f"dsv4rs attends {ENTRY_DIM}-dim entries, got {self.head_dim}")
+        need(self.qk_rope_head_dim == ROPE_DIM, "qk_rope_head_dim", f"must be {ROPE_DIM}, got {self.qk_rope_head_dim}")
+        need(self.index_head_dim == INDEX_DIM, "index_head_dim", f"must be {INDEX_DIM}, got {self.index_head_dim}")
+        need(self.compress_rates == (4, 128), "compress_rates",
+             f"dsv4rs implements CSA at 4 and HCA at 128, got {self.compress_rates}")
+        need(self.num_attention_heads % self.o_groups == 0, "o_groups",
+             f"{self.o_groups} groups do not divide {self.num_attention_heads} heads")
+        need(self.num_experts_per_tok <= self.n_routed_experts, "num_experts_per_tok",
+             f"{self.num_experts_per_tok} > n_routed_experts = {self.n_routed_experts}")
+        need(self.n_shared_experts >= 0, "n_shared_experts", f"must be >= 0, got {self.n_shared_experts}")
+        need(len(self.layer_types) == self.num_hidden_layers, "layer_types",
+             f"{len(self.layer_types)} entries for num_hidden_layers = {self.num_hidden_layers}")
+        bad = [t for t in self.layer_types if t not in LAYER_TYPES]
+        need(not bad, "layer_types", f"entries must be one of {LAYER_TYPES}, got {bad}")
+        need(len(self.mlp_layer_types) == self.num_hidden_layers, "mlp_layer_types",
+             f"{len(self.mlp_layer_types)} entries for num_hidden_layers = {self.num_hidden_layers}")
+        bad = [t for t in self.mlp_layer_types if t not in MLP_TYPES]
+        need(not bad, "mlp_layer_types", f"entries must be one of {MLP_TYPES}, got {bad}")
+        need(self.scoring_func == "sqrtsoftplus", "scoring_func", f'dsv4rs routes with "sqrtsoftplus", got {self.scoring_func!r}')
+        for key in ("routed_scaling_factor", "swiglu_limit", "rms_norm_eps", "hc_eps", "rope_theta", "compress_rope_theta"):
+            v = getattr(self, key)
+            need(isinstance(v, (int, float)) and math.isfinite(v) and v > 0, key, f"must be a finite number > 0, got {v!r}")
+        need(self.rope_theta > 1 and self.compress_rope_theta > 1, "rope_theta", "RoPE bases must be > 1")
+        need(self.num_nextn_predict_layers in (0, 1), "num_nextn_predict_layers",
+             f"dsv4rs implements 0 or 1 MTP block, got {self.num_nextn_predict_layers}")
+        if self.yarn is not None:
+            y = self.yarn
+            need(y.factor > 0 and y.original_max_position_embeddings > 0 and y.beta_fast > y.beta_slow > 0,
+                 "rope_scaling", f"invalid YaRN parameters {y}")
+
+    # -- derived -------------------------------------------------------------------------------
+
+    @property
+    def compress_ratios(self) -> tuple[int, ...]:
+        """Per layer 0 (SWA), 4 (CSA) or 128 (HCA), then 0 for the MTP block if there is one:
+        the list :class:`dsv4rs.cache.CacheConfig` takes."""
+        ratio = {SWA: 0, CSA: self.compress_rates[0], HCA: self.compress_rates[1]}
+        return tuple(ratio[t] for t in self.layer_types) + (0,) * self.num_nextn_predict_layers
+
+    def inv_freq(self, compressed: bool) -> torch.Tensor:
+        """``float32 [32]`` RoPE inverse frequencies: plain ``rope_theta`` for SWA-only layers,
+        ``compress_rope_theta`` with YaRN for CSA/HCA layers and their compressors (rounded to
+        float32 as transformers computes them)."""
+        if not compressed:
+            return reference.rope_inv_freq(ROPE_DIM, self.rope_theta).float()
+        y = self.yarn
+        if y is None:
+            return reference.rope_inv_freq(ROPE_DIM, self.compress_rope_theta).float()
+        return reference.rope_inv_freq(ROPE_DIM, self.compress_rope_theta, y.factor,
+                                       y.original_max_position_embeddings, y.beta_fast, y.beta_slow).float()
+
+    # -- constructors --------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> V4Config:
+        """From a ``config.json`` dict (transformers' or DeepSeek's spelling). Unknown keys are
+        ignored; a missing required key or an invalid value raises ``ValueError`` naming it."""
+        d = dict(d)
+        mt = d.get("model_type")
+        if mt not in (None, "deepseek_v4"):
+            raise ValueError(f'config model_type: expected "deepseek_v4", got {mt!r}')
+        n = d.get("num_hidden_layers")
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"config num_hidden_layers: expected an int >= 1, got {n!r}")
+
+        rates = d.get("compress_rates") or {}
+        if isinstance(rates, Mapping):
+            csa = int(rates.get(CSA, d.get("compress_rate_csa", 4)))
+            hca = int(rates.get(HCA, d.get("compress_rate_hca", 128)))
+        else:
+            raise ValueError(f"config compress_rates: expected a mapping, got {rates!r}")
+        layer_types = d.get("layer_types")
+        if layer_types is None and d.get("compress_ratios") is not None:
+            ratios = list(d["compress_ratios"])[:n]
+            by_ratio = {0: SWA, csa: CSA, hca: HCA}
+            unknown = [r for r in ratios if r not in by_ratio]
+            if unknown:
+                raise ValueError(f"config compress_ratios: entries must be 0, {csa} or {hca}, got {unknown}")
+            layer_types = [by_ratio[r] for r in ratios]
+        if layer_types is None:  # transformers' default: two HCA layers, then CSA/HCA alternating
+            layer_types = [HCA] * min(n, 2) + [CSA if i % 2 else HCA for i in range(max(n - 2, 0))]
+        mlp_types = d.get("mlp_layer_types")
+        if mlp_types is None:
+            hashed = int(d.get("num_hash_layers", 3))
+            mlp_types = ["hash_moe"] * min(n, hashed) + ["moe"] * max(0, n - hashed)
+
+        rope_dim = d.get("qk_rope_head_dim")
+        head_dim = d.get("head_dim", ENTRY_DIM)
+        if rope_dim is None:
+            prf = d.get("partial_rotary_factor")
+            rope_dim = ROPE_DIM if prf is None else round(head_dim * prf)
+        yarn = _yarn(d)
+
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: d[k] for k in known if k in d and k not in ("layer_types", "mlp_layer_types", "compress_rates", "yarn")}
+        kwargs.update(layer_types=tuple(layer_types), mlp_layer_types=tuple(mlp_types), compress_rates=(csa, hca),
+                      qk_rope_head_dim=rope_dim, yarn=yarn)
+        for key in ("vocab_size", "hidden_size", "num_attention_heads", "q_lora_rank", "o_groups", "o_lora_rank",
+                    "moe_intermediate_size", "n_routed_experts", "num_experts_per_tok"):
+            if key not in kwargs:
+                raise ValueError(f"config {key}: missing")
+        if d.get("num_key_value_heads", 1) != 1:
+            raise ValueError(f"config num_key_value_heads: V4 has one shared K=V head, got {d['num_key_value_heads']}")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f'config hidden_act: expected "silu", got {d["hidden_act"]!r}')
+        return cls(**kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str]) -> V4Config:
+        """From ``path/config.json`` (or a ``config.json`` path)."""
+        p = os.fspath(path)
+        if os.path.isdir(p):
+            p = os.path.join(p, "config.json")
+        try:
+            with open(p, encoding="utf-8") as f:
+                d = json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"path: no config.json at {p}") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"path: {p} is not valid JSON ({e})") from None
+        return cls.from_dict(d)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The transformers ``DeepseekV4Config`` keyword arguments of this config."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("yarn", "compress_rates")}
+        d["layer_types"], d["mlp_layer_types"] = list(self.layer_types), list(self.mlp_layer_types)
+        d["compress_rates"] = {CSA: self.compress_rates[0], HCA: self.compress_rates[1]}
+        d["partial_rotary_factor"] = self.qk_rope_head_dim / self.head_dim
+        del d["qk_rope_head_dim"]
+        if self.yarn is not None:
+            d["rope_parameters"] = {"rope_type": "yarn", **dataclasses.asdict(self.yarn)}
+        d["num_key_value_heads"] = 1
+        return d
+
+    # -- presets ---------------------------------------------------------------------------------
+
+    @classmethod
+    def v4_pro(cls) -> V4Config:
+        """DeepSeek-V4-Pro (1.6T parameters): 61 layers, HCA x2 then CSA on even ids, HCA on odd."""
+        return cls(vocab_size=129280, hidden_size=7168, num_hidden_layers=61, num_attention_heads=128,
+                   q_lora_rank=1536, o_groups=16, o_lora_rank=1024, moe_intermediate_size=3072,
+                   n_routed_experts=384, num_experts_per_tok=6, index_topk=1024, routed_scaling_factor=2.5,
+                   layer_types=(HCA, HCA) + tuple(CSA if i % 2 == 0 else HCA for i in range(2, 61)),
+                   mlp_layer_types=("hash_moe",) * 3 + ("moe",) * 58)
+
+    @classmethod
+    def v4_flash(cls) -> V4Config:
+        """DeepSeek-V4-Flash (284B parameters): 43 layers, SWA x2 then CSA/HCA alternating."""
+        return cls(vocab_size=129280, hidden_size=4096, num_hidden_layers=43, num_attention_heads=64,
+                   q_lora_rank=1024, o_groups=8, o_lora_rank=1024, moe_intermediate_size=2048,
+                   n_routed_experts=256, num_experts_per_tok=6, index_topk=512, routed_scaling_factor=1.5,
+                   layer_types=(SWA, SWA) + tuple(CSA if i % 2 == 0 else HCA for i in range(2, 43)),
+                   mlp_layer_types=("hash_moe",) * 3 + ("moe",) * 40)
+
+    @classmethod
+    def tiny(cls, **overrides: Any) -> V4Config:
+        """A small model with V4's structure: SWA, CSA and HCA layers, two hash-routed MoE
+        layers, MTP; 512-dim entries as the real model, everything else small."""
+        base: dict[str, Any] = dict(
+            vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, q_lora_rank=32,
+            o_groups=2, o_lora_rank=32, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+            index_n_heads=16, index_topk=16, layer_types=(SWA, CSA, HCA, CSA),
+            mlp_layer_types=("hash_moe", "hash_moe", "moe", "moe"), hc_sinkhorn_iters=20,
+        )
+        base.update(overrides)
+        return cls(**base)
+
+
+def _yarn(d: Mapping[str, Any]) -> YaRN | None:
+    """The compressed layers' YaRN from ``rope_parameters`` (transformers, nested under
+    ``"compress"`` or flat) or ``rope_scaling`` (DeepSeek)."""
+    rp = d.get("rope_parameters") or d.get("rope_scaling")
+    if not rp:
+        return None
+    if not isinstance(rp, Mapping):
+        raise ValueError(f"config rope_parameters: expected a mapping, got {rp!r}")
+    if isinstance(rp.get("compress"), Mapping):
+        rp = rp["compress"]
+    kind = rp.get("rope_type", rp.get("type", "default"))
+    if kind == "default":
+        return None
+    if kind != "yarn":
+        raise ValueError(f'config rope_parameters: dsv4rs implements "default" and "yarn" RoPE, got {kind!r}')
+    if rp.get("attention_factor", 1.0) != 1.0 or rp.get("mscale") not in (None, 0, 1) and rp.get("mscale_all_dim") != rp.get("mscale"):
+        raise ValueError("config rope_parameters: V4 applies no YaRN attention factor (mscale)")
+    if rp.get("truncate", True) is not True:
+        raise ValueError("config rope_parameters: truncate=False is not supported")
+    try:
+        return YaRN(float(rp["factor"]), int(rp["original_max_position_embeddings"]),
+                    float(rp.get("beta_fast") or 32), float(rp.get("beta_slow") or 1))
+    except KeyError as e:
+        raise ValueError(f"config rope_parameters: yarn needs {e.args[0]!r}") from None
