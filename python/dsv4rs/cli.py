@@ -7,6 +7,11 @@ a CUDA driver and GPU were found. It never fails for lack of a GPU.
 and -Flash against V3.2, V3 (dense MLA) and GQA-8 at several context lengths (the cost model of
 :mod:`dsv4rs.cost`); ``--json`` prints the full breakdown, ``--plot FILE.png`` draws it.
 
+``dsv4rs demo`` builds a small DeepSeek-V4 (seeded weights), prefills two prompts and decodes
+through the paged KV cache with the dsv4rs kernels (GPU if present), checks every generated
+token's logits against the float64 reference and prints tokens/s, cache bytes per token and
+FLOPs per token (:mod:`dsv4rs.model.demo`).
+
 ``dsv4rs bench`` times the ops on the available device beside torch eager and prints time,
 throughput and the fraction of the roofline floor per case (:mod:`dsv4rs.bench`).
 """
@@ -90,6 +95,16 @@ def cost_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where to run (default: a CUDA GPU if there is one, else the CPU)")
+    p.add_argument("--prompt-len", type=int, default=700, help="tokens of the longer prompt (default 700)")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per sequence (default 32)")
+    p.add_argument("--no-quant", dest="quant", action="store_false",
+                   help="store unquantized rows instead of FP8 entries and FP4 indexer keys")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and prompts")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dsv4rs", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -107,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
                               help="where to run (default: a CUDA GPU if there is one, else the CPU)")
     bench_parser.add_argument("--quick", action="store_true", help="fewer sizes (GPU)")
     bench_parser.add_argument("--only", nargs="*", choices=BENCH_SUITES, help="suites to run (default: all)")
+    demo_parser = sub.add_parser("demo", help="a small V4 generating through the paged cache, checked against "
+                                              "the float64 reference")
+    _demo_arguments(demo_parser)
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()
@@ -119,6 +137,12 @@ def main(argv: list[str] | None = None) -> int:
         from dsv4rs import bench  # imports torch
 
         return bench.run_command(args)
+    if args.command == "demo":
+        if args.prompt_len < 1 or args.new_tokens < 1:
+            demo_parser.error("--prompt-len and --new-tokens must be >= 1")
+        from dsv4rs.model import demo  # imports torch
+
+        return demo.run(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

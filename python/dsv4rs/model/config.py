@@ -155,6 +155,21 @@ class V4Config:
         return reference.rope_inv_freq(ROPE_DIM, self.compress_rope_theta, y.factor,
                                        y.original_max_position_embeddings, y.beta_fast, y.beta_slow).float()
 
+    def cost_model(self, name: str = "model", main_format: str = "fp8", index_format: str = "fp4") -> Any:
+        """The :class:`dsv4rs.cost.V4Model` of this config (FLOPs and cache bytes per token)."""
+        from dsv4rs import cost
+
+        ratios = self.compress_ratios if self.num_nextn_predict_layers else self.compress_ratios + (0,)
+        return cost.V4Model(
+            name=name, num_layers=self.num_hidden_layers, hidden=self.hidden_size, heads=self.num_attention_heads,
+            q_lora_rank=self.q_lora_rank, o_groups=self.o_groups, compress_ratios=ratios, index_topk=self.index_topk,
+            routed_experts=self.n_routed_experts, moe_intermediate=self.moe_intermediate_size, vocab=self.vocab_size,
+            head_dim=self.head_dim, o_lora_rank=self.o_lora_rank, window=self.sliding_window,
+            index_heads=self.index_n_heads, index_head_dim=self.index_head_dim,
+            experts_per_token=self.num_experts_per_tok, shared_experts=self.n_shared_experts,
+            hash_layers=sum(t == "hash_moe" for t in self.mlp_layer_types), hc_mult=self.hc_mult,
+            main_format=main_format, index_format=index_format)
+
     # -- constructors --------------------------------------------------------------------------
 
     @classmethod

@@ -19,20 +19,22 @@ def float64_copy(model: DeepseekV4) -> DeepseekV4:
 
 
 @torch.no_grad()
-def dense_forward(model: DeepseekV4, ids: torch.Tensor, quant: bool = False, mtp_ids: torch.Tensor | None = None
-                  ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def dense_forward(model: DeepseekV4, ids: torch.Tensor, quant: bool = False, mtp_ids: torch.Tensor | None = None,
+                  row_dtype: torch.dtype | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Logits ``float64 [S, vocab]`` of the sequence ``ids [S]`` (positions 0..S-1).
 
     ``model`` should be a :func:`float64_copy`. ``quant`` applies the production round trips
     (FP8 entries, Hadamard + FP4 indexer keys and queries). With ``mtp_ids [S]`` (token
     ``t + 1`` for each position ``t``), also returns the MTP block's logits for tokens ``t + 2``.
+    ``row_dtype`` (without ``quant``) rounds the stored rows (KV entries, indexer keys) to it,
+    as the engine's bfloat16 rows on the GPU.
     """
     ids = torch.as_tensor(ids, dtype=torch.int64).cpu()
     pos = torch.arange(ids.numel())
     x = model.embed(ids).double()
     for layer in model.model.layers:
         post, comb, y = layer.attn_hc(x)
-        x = HyperConnection.combine(x, _attention(model, layer.self_attn, layer.input_layernorm(y), pos, quant), post, comb)
+        x = HyperConnection.combine(x, _attention(model, layer.self_attn, layer.input_layernorm(y), pos, quant, row_dtype), post, comb)
         x = layer.ffn(x, ids)
     logits = model.head(x)
     if mtp_ids is None:
@@ -40,30 +42,38 @@ def dense_forward(model: DeepseekV4, ids: torch.Tensor, quant: bool = False, mtp
     mtp = model.mtp[0]
     h = mtp.inputs(x, model.model.embed_tokens(torch.as_tensor(mtp_ids).cpu()).double())
     post, comb, y = mtp.attn_hc(h)
-    h = HyperConnection.combine(h, _attention(model, mtp.self_attn, mtp.input_layernorm(y), pos, quant), post, comb)
+    h = HyperConnection.combine(h, _attention(model, mtp.self_attn, mtp.input_layernorm(y), pos, quant, row_dtype), post, comb)
     h = mtp.ffn(h, ids)
     return logits, model.head(h, mtp.hc_head, mtp.norm)
 
 
-def _attention(model: DeepseekV4, attn: Attention, x: torch.Tensor, pos: torch.Tensor, quant: bool) -> torch.Tensor:
+def _attention(model: DeepseekV4, attn: Attention, x: torch.Tensor, pos: torch.Tensor, quant: bool,
+               row_dtype: torch.dtype | None) -> torch.Tensor:
     cfg = model.config
+
+    def stored(t: torch.Tensor) -> torch.Tensor:
+        return t if quant or row_dtype is None else t.to(row_dtype).to(t.dtype)
+
     inv = cfg.inv_freq(attn.layer_type != SWA).double()
     cq, q, e = attn.projections(x)
     q, e = ref.apply_rope(q, pos, inv), ref.apply_rope(e, pos, inv)
     if quant:
         e = ref.entry_quant_dequant(e)
+    e = stored(e)
     rows, idx = e, ref.window_indices(pos, cfg.sliding_window)
     comp = attn.compressor
     if comp is not None:
         kv, score = comp.project(x)
         entries = ref.compressor_prefill(kv, score, comp.position_bias, comp.kv_norm.weight, comp.ratio, inv,
                                          cfg.rms_norm_eps, "fp8" if quant else "none")
+        entries = stored(entries)
         visible = ref.compressed_visible(pos, comp.ratio)
         if attn.layer_type == CSA:
             ix = comp.indexer
             ikv, iscore = ix.project(x)
             keys = ref.compressor_prefill(ikv, iscore, ix.position_bias, ix.kv_norm.weight, ix.ratio, inv,
                                           cfg.rms_norm_eps, "fp4" if quant else "none")
+            keys = stored(keys)
             qi = ref.apply_rope(ix.queries(cq), pos, inv)
             if quant:
                 qi = ref.fp4_quant_dequant(ref.hadamard128(qi))
