@@ -57,6 +57,22 @@ def copy_rows(dst: torch.Tensor, dst_rows: torch.Tensor, src: torch.Tensor, src_
         dp[dst_rows // PAGE, dst_rows % PAGE] = sp[src_rows // PAGE, src_rows % PAGE]
 
 
+def rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """RoPE on the last ``2 * len(inv_freq)`` dims, float32 out: :func:`dsv4rs.ops.rope` on the CPU;
+    on a GPU the same math in torch (angles in float64, as the op computes them)."""
+    if x.device.type == "cpu":
+        return ops.rope(x, pos, inv_freq)
+    angle = pos.double()[:, None] * inv_freq.double()
+    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (inv_freq.shape[0],)
+    cos, sin = angle.cos().float().view(shape), angle.sin().float().view(shape)
+    x = x.float()
+    r = 2 * inv_freq.shape[0]
+    pairs = x[..., x.shape[-1] - r :].unflatten(-1, (-1, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+    return torch.cat((x[..., : x.shape[-1] - r], rotated), dim=-1)
+
+
 @dataclass
 class _Batch:
     """Per-step metadata, on the engine's device unless noted."""
@@ -68,7 +84,10 @@ class _Batch:
     ids: torch.Tensor  # [T] token ids
     pos: torch.Tensor  # [T] int64 positions
     tok_seq: torch.Tensor  # [T] batch row of each token
-    slots: dict[str, torch.Tensor]  # from the append
+    slots: dict[str, tuple[torch.Tensor | None, torch.Tensor]]  # per family: (kept rows or None for all, slots >= 0)
+    state_slots: list[int]  # host
+    max_pos: int  # host
+    staging_rows: int  # rows of the window staging copy (0 when decode reads the ring)
     tables: dict[str, torch.Tensor]  # int32 page tables
     window_src: dict[str, torch.Tensor]  # staging rows: "prior_src", "prior_dst", "new_dst", "cand"
 
@@ -145,9 +164,16 @@ class Engine:
                                device=self.device)
         return torch.zeros(layers, pages, PAGE, INDEX_DIM, dtype=self.row_dtype, device=self.device)
 
-    def _write_main(self, cache: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    def _keep(self, slots: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Host slots -> (device indices of the rows to write, or None for all; device slots >= 0)."""
         keep = slots >= 0
-        slots, rows = slots[keep], rows[keep]
+        if bool(keep.all()):
+            return None, slots.to(self.device)
+        return keep.nonzero().flatten().to(self.device), slots[keep].to(self.device)
+
+    def _write_main(self, cache: torch.Tensor, where: tuple[torch.Tensor | None, torch.Tensor], rows: torch.Tensor) -> None:
+        keep, slots = where
+        rows = rows if keep is None else rows[keep]
         if slots.numel() == 0:
             return
         if self.quant:
@@ -155,9 +181,9 @@ class Engine:
         else:
             cache.view(-1, cache.shape[-1])[slots] = rows.to(cache.dtype)
 
-    def _write_keys(self, cache: torch.Tensor, slots: torch.Tensor, keys: torch.Tensor) -> None:
-        keep = slots >= 0
-        slots, keys = slots[keep], keys[keep]
+    def _write_keys(self, cache: torch.Tensor, where: tuple[torch.Tensor | None, torch.Tensor], keys: torch.Tensor) -> None:
+        keep, slots = where
+        keys = keys if keep is None else keys[keep]
         if slots.numel() == 0:
             return
         if self.quant:
@@ -299,6 +325,7 @@ class Engine:
         origin_t = torch.tensor(origins)[tok_seq]
         valid = cand_pos >= origin_t[:, None]
         window_src: dict[str, torch.Tensor] = {}
+        staging_rows = 0
         if max(lens) == 1:  # decode: the new row goes into the ring first, then the ring is read
             cand = torch.where(valid, ring_row(tok_seq[:, None].expand_as(cand_pos), cand_pos.clamp(min=0)), -1)
         else:  # staging rows per sequence: the ring's rows before the chunk, then the chunk's
@@ -314,11 +341,13 @@ class Engine:
                 cand[q] = torch.where(valid[q], base + cand_pos[q] - first, -1)
                 base += a - first + n
             window_src = {"prior_src": torch.cat(prior_src), "prior_dst": torch.cat(prior_dst),
-                          "new_dst": torch.cat(new_dst), "rows": torch.tensor(base)}
+                          "new_dst": torch.cat(new_dst)}
+            staging_rows = base
         window_src["cand"] = cand
-        slots = {f: v.to(dev) for f, v in res.slots.items()}
+        slots = {f: self._keep(res.slots[f]) for f in ("window", "csa", "hca")}
         return _Batch(seq_ids, starts, lens, origins, torch.cat(ids).to(dev), pos.to(dev), tok_seq.to(dev), slots,
-                      tables, {k: v.to(dev) for k, v in window_src.items()})
+                      res.slots["state"].tolist(), int(pos.max()), staging_rows, tables,
+                      {k: v.to(dev) for k, v in window_src.items()})
 
     def _apply_copies(self, copies: dict[str, torch.Tensor]) -> None:
         groups = {"window": (self.window,), "csa": (self.csa, self.csa_keys), "hca": (self.hca,),
@@ -339,16 +368,16 @@ class Engine:
         kind = attn.layer_type
         inv = self.inv_freq[kind != SWA]
         cq, q, e = attn.projections(x)
-        q = ops.rope(q, b.pos, inv)
-        e = ops.rope(e, b.pos, inv)
+        q = rope(q, b.pos, inv)
+        e = rope(e, b.pos, inv)
         ring = self.window[i]
 
         # Window source: the ring itself (decode) or a staging copy (chunks).
         if "new_dst" in b.window_src:
-            n_rows = int(b.window_src["rows"])
+            n_rows = b.staging_rows
             staging = (torch.zeros(-(-n_rows // PAGE), *ring.shape[1:], dtype=ring.dtype, device=self.device))
             copy_rows(staging, b.window_src["prior_dst"], ring, b.window_src["prior_src"], self._data_bytes["main"])
-            self._write_main(staging, b.window_src["new_dst"], e)
+            self._write_main(staging, (None, b.window_src["new_dst"]), e)
             self._write_main(ring, b.slots["window"], e)  # after the copy: the chunk overwrites old rows
             win_cache = staging
         else:
@@ -375,7 +404,7 @@ class Engine:
             if self.quant:
                 keys = ops.hadamard128(keys)
             self._write_keys(self.csa_keys[j], b.slots["csa"], keys)
-            qi = ops.rope(comp.indexer.queries(cq), b.pos, inv)
+            qi = rope(comp.indexer.queries(cq), b.pos, inv)
             if self.quant:  # queries take the keys' rotation and FP4 (or FP8) round trip
                 flat = ops.hadamard128(qi.reshape(-1, INDEX_DIM))
                 qi = ops.index_key_read(ops.quantize_index_keys(flat, self.index_format),
@@ -384,7 +413,7 @@ class Engine:
                                     b.tok_seq, visible, cfg.index_topk, physical=True)
             lengths = None
         else:
-            width = max(1, int(visible.max()))
+            width = max(1, (b.max_pos + 1) // comp.ratio)
             k = torch.arange(width, device=self.device)
             table = b.tables["hca"].long()
             rows = table[b.tok_seq[:, None], (k // PAGE).clamp(max=table.shape[1] - 1)] * PAGE + k % PAGE
@@ -400,9 +429,8 @@ class Engine:
         kv, score = kv.float(), score.float()
         ape, norm = comp.position_bias.float(), comp.kv_norm.weight.float()
         out, at = [], 0
-        slots = b.slots["state"]
         for n, (start, length) in enumerate(zip(b.starts, b.lens)):
-            slot = int(slots[n])
+            slot = b.state_slots[n]
             out.append(ops.compress(kv[at : at + length], score[at : at + length], ape, norm, inv, state[slot, 0],
                                     state[slot, 1], start, comp.ratio, self.cfg.rms_norm_eps))
             at += length
