@@ -50,37 +50,40 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 constexpr int STAGES = 3;
 constexpr int STAGE_ROW = ENTRY_DIM * 2;
 
+template <int PARTS>
 __device__ __forceinline__ void stage_row(uint8_t* dst, const Cache& c, long long row, int lp) {
   if (row < 0) return;
   if (c.fmt == ENTRIES_FP8) {
     const uint8_t* data = c.base + MAIN_ENTRY.data_offset(row);
-    for (int ch = lp; ch < MAIN_ENTRY.data_bytes / 16; ch += 8) cp_async16(dst + 16 * ch, data + 16 * ch);
+    for (int ch = lp; ch < MAIN_ENTRY.data_bytes / 16; ch += PARTS) cp_async16(dst + 16 * ch, data + 16 * ch);
     if (lp == 0) cp_async8(dst + MAIN_ENTRY.data_bytes, c.base + MAIN_ENTRY.scale_offset(row));
   } else {
     const uint8_t* data = c.base + row * (ENTRY_DIM * 2);
 #pragma unroll
-    for (int j = 0; j < 8; ++j) cp_async16(dst + 16 * (lp + 8 * j), data + 16 * (lp + 8 * j));
+    for (int j = 0; j < 64 / PARTS; ++j) cp_async16(dst + 16 * (lp + PARTS * j), data + 16 * (lp + PARTS * j));
   }
 }
 
-// Decodes a staged row into the shared tile row `dst` as bf16: chunk 8 j + lp (dims 64 j + 8 lp
-// .. + 8) for j < 8, so the 8 threads of a row write consecutive 16-byte chunks. `fmt` < 0: a
-// masked row (zeros).
+// Decodes a staged row into the shared tile row `dst` as bf16: chunks PARTS j + lp (dims 8 c ..
+// 8 c + 8 of chunk c), so the PARTS threads of a row write consecutive 16-byte chunks. `fmt` < 0:
+// a masked row (zeros).
+template <int PARTS>
 __device__ __forceinline__ void decode_row(const uint8_t* src, int fmt, int lp, uint16_t* dst) {
 #pragma unroll
-  for (int j = 0; j < 8; ++j) {
+  for (int j = 0; j < 64 / PARTS; ++j) {
+    const int ch = PARTS * j + lp;
     uint4 out = make_uint4(0, 0, 0, 0);
     if (fmt == ENTRIES_FP8) {
-      if (j < 7) {
-        int se = (int)src[MAIN_ENTRY.data_bytes + j] - 127;
-        out = fp8x8_to_bf16(*(const uint2*)(src + 64 * j + 8 * lp), se);
+      if (ch < NOPE_DIM / 8) {
+        int se = (int)src[MAIN_ENTRY.data_bytes + ch / 8] - 127;
+        out = fp8x8_to_bf16(*(const uint2*)(src + 8 * ch), se);
       } else {
-        out = *(const uint4*)(src + NOPE_DIM + 16 * lp);
+        out = *(const uint4*)(src + NOPE_DIM + 16 * (ch - NOPE_DIM / 8));
       }
     } else if (fmt == ENTRIES_BF16) {
-      out = *(const uint4*)(src + 128 * j + 16 * lp);
+      out = *(const uint4*)(src + 16 * ch);
     }
-    *(uint4*)(dst + 8 * (8 * j + lp)) = out;
+    *(uint4*)(dst + 8 * ch) = out;
   }
 }
 
@@ -194,7 +197,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) dsv4_sparse_attention(c
   auto issue = [&](int tile, long long row, int which) {
     uint8_t* dst = stages + ((tile % STAGES) * TILE + lrow) * STAGE_ROW;
     const Cache& c = which ? p.b : p.a;
-    stage_row(dst, c, row, lpart);
+    stage_row<8>(dst, c, row, lpart);
     if (lpart == 0) row_fmt[(tile % STAGES) * TILE + lrow] = row < 0 ? -1 : c.fmt;
   };
   const int tiles = begin < end ? (end - begin + TILE - 1) / TILE : 0;
@@ -210,7 +213,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) dsv4_sparse_attention(c
     cp_async_wait<STAGES - 2>();
     __syncthreads();  // tile i staged by every thread; the previous tile's readers are done
     const int fmt_row = row_fmt[(i % STAGES) * TILE + lrow];
-    decode_row(stages + ((i % STAGES) * TILE + lrow) * STAGE_ROW, fmt_row, lpart, ks + lrow * KROW);
+    decode_row<8>(stages + ((i % STAGES) * TILE + lrow) * STAGE_ROW, fmt_row, lpart, ks + lrow * KROW);
     if (lpart == 0) valid_s[lrow] = fmt_row < 0 ? -INFINITY : 0.f;
     if (i + STAGES - 1 < tiles) {
       issue(i + STAGES - 1, ahead, which_ahead);
@@ -335,6 +338,204 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) dsv4_sparse_attention(c
 #pragma unroll
       for (int n = 0; n < SLICE / 8; ++n) *(float2*)(dst + 8 * n + c2) = make_float2(o[n][2 * j], o[n][2 * j + 1]);
       if (ds == 0 && lane % 4 == 0) {
+        float* ml = p.part_ml + ((t * p.splits + split) * p.heads + h) * 2;
+        ml[0] = row_max[j];
+        ml[1] = row_sum[j];
+      }
+    }
+  }
+}
+
+// The portable variant, for GPUs with less shared memory per block than the kernel above needs
+// (sm_80 allows 163 KiB, sm_86/89/120 99 KiB): 72 KiB. A block takes 16 heads of one query and
+// 16 candidates a tile (3 tiles staged); warp w computes the partial scores over dims
+// [64 w, 64 w + 64) with its queries held in registers, the 8 partials are added through shared
+// memory in a fixed order, and warp w accumulates output dims [64 w, 64 w + 64). Same numerics,
+// same workspace layout and combine step.
+namespace {
+constexpr int P_HEADS = 16;
+constexpr int P_WARPS = THREADS / 32;           // 8 output-dim slices
+constexpr int P_SLICE = ENTRY_DIM / P_WARPS;    // 64 dims
+constexpr int P_TILE = 16;                      // candidates per tile
+constexpr int P_PARTS = THREADS / P_TILE;       // 16 threads stage and decode a row
+constexpr int P_STAGES = 3;
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(THREADS) dsv4_sparse_attention_portable(const Params p) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  uint16_t* ks = (uint16_t*)smem;                              // [P_TILE][KROW] bf16 rows
+  float* sp = (float*)(ks + P_TILE * KROW);                     // [8 warps][16 heads][P_TILE] partial scores
+  uint8_t* stages = (uint8_t*)(sp + P_WARPS * 16 * P_TILE);     // [P_STAGES][P_TILE][STAGE_ROW]
+  __shared__ float valid_s[P_TILE];
+  __shared__ int row_fmt[P_STAGES * P_TILE];
+
+  const int tid = threadIdx.x, lane = tid % 32, w = tid / 32;
+  const int r = lane / 4, c2 = (lane % 4) * 2;
+  const long long t = blockIdx.z;
+  const int h0 = blockIdx.y * P_HEADS;
+  const int split = blockIdx.x;
+  const int na = list_count(p.la, t), nb = list_count(p.lb, t);
+  const int total = na + nb;
+  const int begin = split * p.split_len, end = min(begin + p.split_len, total);
+  const float qscale = p.scale * LOG2E;
+
+  // A fragments of the queries (16 heads x this warp's 64 dims), bf16, straight from memory.
+  uint32_t qa[P_SLICE / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < P_SLICE / 16; ++kk) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int h = h0 + r + 8 * (i % 2), d = w * P_SLICE + 16 * kk + c2 + 8 * (i / 2);
+      float x0 = 0.f, x1 = 0.f;
+      if (h < p.heads) {
+        const long long off = (t * p.heads + h) * ENTRY_DIM + d;
+        x0 = load_value(p.q, off, p.q_bf16);
+        x1 = load_value(p.q, off + 1, p.q_bf16);
+      }
+      qa[kk][i] = pack_bf16(x0, x1);
+    }
+  }
+
+  float o[P_SLICE / 8][4];
+#pragma unroll
+  for (int n = 0; n < P_SLICE / 8; ++n)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) o[n][i] = 0.f;
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+
+  const int lrow = tid / P_PARTS, lpart = tid % P_PARTS;
+  auto row_at = [&](int pos, int& which) -> long long {
+    return pos < end ? candidate_row(p, t, na, nb, pos, which) : -1;
+  };
+  auto issue = [&](int tile, long long row, int which) {
+    uint8_t* dst = stages + ((tile % P_STAGES) * P_TILE + lrow) * STAGE_ROW;
+    const Cache& c = which ? p.b : p.a;
+    stage_row<P_PARTS>(dst, c, row, lpart);
+    if (lpart == 0) row_fmt[(tile % P_STAGES) * P_TILE + lrow] = row < 0 ? -1 : c.fmt;
+  };
+  const int tiles = begin < end ? (end - begin + P_TILE - 1) / P_TILE : 0;
+  int which_ahead = 0;
+#pragma unroll
+  for (int i = 0; i < P_STAGES - 1; ++i) {
+    if (i < tiles) issue(i, row_at(begin + i * P_TILE + lrow, which_ahead), which_ahead);
+    cp_async_commit();
+  }
+  long long ahead = row_at(begin + (P_STAGES - 1) * P_TILE + lrow, which_ahead);
+
+  for (int i = 0; i < tiles; ++i) {
+    cp_async_wait<P_STAGES - 2>();
+    __syncthreads();
+    const int fmt_row = row_fmt[(i % P_STAGES) * P_TILE + lrow];
+    decode_row<P_PARTS>(stages + ((i % P_STAGES) * P_TILE + lrow) * STAGE_ROW, fmt_row, lpart, ks + lrow * KROW);
+    if (lpart == 0) valid_s[lrow] = fmt_row < 0 ? -INFINITY : 0.f;
+    if (i + P_STAGES - 1 < tiles) {
+      issue(i + P_STAGES - 1, ahead, which_ahead);
+      ahead = row_at(begin + (i + P_STAGES) * P_TILE + lrow, which_ahead);
+    }
+    cp_async_commit();
+    __syncthreads();
+
+    // Partial scores [16 heads x 16 candidates] over this warp's 64 dims.
+    float s[2][4];
+#pragma unroll
+    for (int n = 0; n < 2; ++n)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) s[n][j] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < P_SLICE / 16; ++kk) {
+      uint32_t b[4];
+      ldmatrix_x4(b, ks + (lane % 8 + 8 * (lane / 16)) * KROW + w * P_SLICE + 16 * kk + 8 * ((lane / 8) % 2));
+      mma_bf16(s[0], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], b[0], b[1]);
+      mma_bf16(s[1], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], b[2], b[3]);
+    }
+    float* mine = sp + (w * 16) * P_TILE;
+#pragma unroll
+    for (int n = 0; n < 2; ++n) {
+      *(float2*)(mine + r * P_TILE + 8 * n + c2) = make_float2(s[n][0], s[n][1]);
+      *(float2*)(mine + (r + 8) * P_TILE + 8 * n + c2) = make_float2(s[n][2], s[n][3]);
+    }
+    __syncthreads();
+    float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int n = 0; n < 2; ++n) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int row = r + (j / 2) * 8, col = 8 * n + c2 + (j % 2);
+        float v = 0.f;
+#pragma unroll
+        for (int k = 0; k < P_WARPS; ++k) v += sp[(k * 16 + row) * P_TILE + col];
+        v = v * qscale + valid_s[col];
+        s[n][j] = v;
+        tile_max[j / 2] = fmaxf(tile_max[j / 2], v);
+      }
+    }
+    float corr[2];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      tile_max[j] = fmaxf(tile_max[j], __shfl_xor_sync(0xffffffffu, tile_max[j], 1));
+      tile_max[j] = fmaxf(tile_max[j], __shfl_xor_sync(0xffffffffu, tile_max[j], 2));
+      float m_new = fmaxf(row_max[j], tile_max[j]);
+      corr[j] = m_new == -INFINITY ? 1.f : exp2f(row_max[j] - m_new);
+      row_max[j] = m_new;
+      row_sum[j] *= corr[j];
+    }
+    uint32_t pa[4];
+#pragma unroll
+    for (int n = 0; n < 2; ++n) {
+      float e[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        float m = row_max[j / 2];
+        e[j] = m == -INFINITY ? 0.f : exp2f(s[n][j] - m);
+        row_sum[j / 2] += e[j];
+      }
+      pa[n * 2 + 0] = pack_bf16(e[0], e[1]);
+      pa[n * 2 + 1] = pack_bf16(e[2], e[3]);
+    }
+#pragma unroll
+    for (int n = 0; n < P_SLICE / 8; ++n) {
+      o[n][0] *= corr[0];
+      o[n][1] *= corr[0];
+      o[n][2] *= corr[1];
+      o[n][3] *= corr[1];
+    }
+#pragma unroll
+    for (int np = 0; np < P_SLICE / 16; ++np) {
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, ks + (lane % 16) * KROW + w * P_SLICE + 16 * np + 8 * (lane / 16));
+      mma_bf16(o[2 * np], pa[0], pa[1], pa[2], pa[3], b[0], b[1]);
+      mma_bf16(o[2 * np + 1], pa[0], pa[1], pa[2], pa[3], b[2], b[3]);
+    }
+  }
+  cp_async_wait<0>();
+
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    row_sum[j] += __shfl_xor_sync(0xffffffffu, row_sum[j], 1);
+    row_sum[j] += __shfl_xor_sync(0xffffffffu, row_sum[j], 2);
+  }
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const int h = h0 + r + 8 * j;
+    if (h >= p.heads) continue;
+    if (p.splits == 1) {
+      const float m = row_max[j];
+      const float f = m == -INFINITY ? 0.f : 1.f / (row_sum[j] + exp2f(p.sink[h] * LOG2E - m));
+      float* dst = p.out + (t * p.heads + h) * ENTRY_DIM;
+#pragma unroll
+      for (int n = 0; n < P_SLICE / 8; ++n) {
+        float x0 = o[n][2 * j] * f, x1 = o[n][2 * j + 1] * f;
+        const int d = w * P_SLICE + 8 * n + c2;
+        if (p.positions && d >= NOPE_DIM) derotate_pair(x0, x1, load_id(p.positions, t, p.positions64), p, (d - NOPE_DIM) / 2);
+        *(float2*)(dst + d) = make_float2(x0, x1);
+      }
+      if (w == 0 && lane % 4 == 0)
+        p.lse[t * p.heads + h] = m == -INFINITY ? -INFINITY : (m + log2f(row_sum[j])) / LOG2E;
+    } else {
+      float* dst = p.part_o + ((t * p.splits + split) * p.heads + h) * ENTRY_DIM + w * P_SLICE;
+#pragma unroll
+      for (int n = 0; n < P_SLICE / 8; ++n) *(float2*)(dst + 8 * n + c2) = make_float2(o[n][2 * j], o[n][2 * j + 1]);
+      if (w == 0 && lane % 4 == 0) {
         float* ml = p.part_ml + ((t * p.splits + split) * p.heads + h) * 2;
         ml[0] = row_max[j];
         ml[1] = row_sum[j];

@@ -131,9 +131,19 @@ def attention_case(gen: torch.Generator, t: int, heads: int, n_rows: int, k: int
     return q, cache, idx, lengths, wcache, widx, sink
 
 
+@pytest.fixture(params=["default", "portable"])
+def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test with the attention kernel the GPU picks and again with the portable one (the
+    one GPUs with less than 210 KiB of shared memory per block run)."""
+    if request.param == "portable":
+        monkeypatch.setenv("DSV4RS_ATTENTION_KERNEL", "portable")
+    return request.param
+
+
 @pytest.mark.parametrize("fmt", ["fp8", "bf16"])
 @pytest.mark.parametrize("t,heads,n_rows,k", [(4, 64, 1000, 512), (2, 128, 300, 1024), (3, 1, 70, 5), (64, 16, 4096, 64), (1, 40, 9000, 8192)])
-def test_sparse_attention_matches_cpu(gen: torch.Generator, fmt: str, t: int, heads: int, n_rows: int, k: int) -> None:
+def test_sparse_attention_matches_cpu(gen: torch.Generator, fmt: str, t: int, heads: int, n_rows: int, k: int,
+                                      kernel: str) -> None:
     q, cache, idx, lengths, wcache, widx, sink = attention_case(gen, t, heads, n_rows, k, fmt, 128)
     inv_freq = reference.rope_inv_freq(64, 10000.0).float()
     pos = torch.randint(0, 10**6, (t,), generator=gen)
@@ -148,7 +158,18 @@ def test_sparse_attention_matches_cpu(gen: torch.Generator, fmt: str, t: int, he
     torch.testing.assert_close(lse_d.cpu()[finite], lse_c[finite], rtol=1e-3, atol=1e-3)
 
 
-def test_sparse_attention_edge_cases(gen: torch.Generator) -> None:
+def test_portable_attention_kernel_is_a_different_kernel(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The switch takes effect: the two kernels add partial scores in different orders, so their
+    outputs agree closely but not bit for bit."""
+    q, cache, idx, lengths, wcache, widx, sink = (x.cuda() for x in attention_case(gen, 4, 64, 1000, 512, "fp8", 128))
+    default, _ = ops.sparse_attention(q, cache, idx, sink, lengths=lengths, extra_cache=wcache, extra_indices=widx)
+    monkeypatch.setenv("DSV4RS_ATTENTION_KERNEL", "portable")
+    portable, _ = ops.sparse_attention(q, cache, idx, sink, lengths=lengths, extra_cache=wcache, extra_indices=widx)
+    assert not torch.equal(default, portable)
+    assert rel_err(portable, default) < 5e-3
+
+
+def test_sparse_attention_edge_cases(gen: torch.Generator, kernel: str) -> None:
     rows = torch.randn(64, 512, generator=gen)
     cache = ops.quantize_entries(rows)
     q = bf16_exact(gen, 5, 8, 512)

@@ -20,6 +20,20 @@ const STAGES: usize = 3;
 /// The bf16 queries and tile, the per-warp partial scores and the staged raw tiles.
 const SHARED_BYTES: u32 =
     ((HEADS_PER_BLOCK + TILE) * (512 + 8) * 2 + 4 * 2 * 16 * TILE * 4 + STAGES * TILE * 1024) as u32;
+/// `dsv4_sparse_attention_portable`: 16 heads and 16 candidates a tile, 3 tiles staged, queries in
+/// registers; for GPUs that allow less than `SHARED_BYTES` per block (sm_80 163 KiB, sm_86/89/120
+/// 99 KiB).
+const PORTABLE_HEADS: usize = 16;
+const PORTABLE_SHARED_BYTES: u32 = (16 * (512 + 8) * 2 + 8 * 16 * 16 * 4 + 3 * 16 * 1024) as u32;
+
+/// Which attention kernel runs on GPU `dev`: the 64-head one where its shared memory fits, else
+/// the portable one. `DSV4RS_ATTENTION_KERNEL=portable` forces the portable one (for tests).
+fn portable(dev: i32) -> Result<bool> {
+    if std::env::var("DSV4RS_ATTENTION_KERNEL").is_ok_and(|v| v == "portable") {
+        return Ok(true);
+    }
+    Ok(super::shared_memory_limit(dev)? < SHARED_BYTES as usize)
+}
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -152,13 +166,18 @@ pub unsafe fn sparse_attention(dev: i32, stream: usize, a: &AttentionArgs) -> Re
         part_ml: part_o + (t * splits * heads * 512 * 4) as u64,
     };
     let pp = &mut p as *mut Params as *mut c_void;
+    let (name, per_block, shared_bytes) = if portable(dev)? {
+        ("dsv4_sparse_attention_portable", PORTABLE_HEADS, PORTABLE_SHARED_BYTES)
+    } else {
+        ("dsv4_sparse_attention", HEADS_PER_BLOCK, SHARED_BYTES)
+    };
     let main = Launch {
-        grid: (splits as u32, heads.div_ceil(HEADS_PER_BLOCK) as u32, t as u32),
+        grid: (splits as u32, heads.div_ceil(per_block) as u32, t as u32),
         block: (THREADS, 1, 1),
-        shared_bytes: SHARED_BYTES,
+        shared_bytes,
         stream,
     };
-    launch(dev, "dsv4_sparse_attention", &main, &mut [pp])?;
+    launch(dev, name, &main, &mut [pp])?;
     if splits > 1 {
         let combine = Launch { grid: (heads as u32, t as u32, 1), block: (128, 1, 1), shared_bytes: 0, stream };
         launch(dev, "dsv4_attention_combine", &combine, &mut [pp])?;
@@ -175,6 +194,12 @@ mod tests {
         assert_eq!(std::mem::size_of::<Cache>(), 24);
         assert_eq!(std::mem::size_of::<List>(), 32);
         assert_eq!(std::mem::size_of::<Params>(), 216);
+    }
+
+    #[test]
+    fn shared_memory_of_the_variants() {
+        assert_eq!(SHARED_BYTES, 214_528); // 209.5 KiB: sm_90 and sm_100 (227 KiB per block)
+        assert_eq!(PORTABLE_SHARED_BYTES, 73_984); // 72.25 KiB: every sm_80+ GPU (99 KiB or more)
     }
 
     #[test]

@@ -218,8 +218,7 @@ pub unsafe fn launch(index: i32, name: &str, cfg: &Launch, args: &mut [*mut c_vo
             return Err(Error::Cuda {
                 call: name.to_string(),
                 msg: format!(
-                    "needs {} KiB of shared memory per block and GPU {index} allows {} KiB; this kernel \
-                     runs on sm_80, sm_90 and sm_100 class GPUs (A100, H100/H200, B200)",
+                    "needs {} KiB of shared memory per block and GPU {index} allows {} KiB",
                     cfg.shared_bytes / 1024,
                     most / 1024
                 ),
