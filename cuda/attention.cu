@@ -147,6 +147,93 @@ __device__ __forceinline__ void derotate_pair(float& x0, float& x1, long long po
   x1 = y1;
 }
 
+// The end of a block: a warp's accumulators `o` (16 heads h0.. x dims [d0, d0 + 8 N)) and the
+// running row max and sum (log2 units, spread over the 4 lanes of a row) become the output (one
+// split: normalized with the sink, de-rotated) or the split's partials. `first` marks the warp
+// that writes the per-head statistics.
+template <int N>
+__device__ __forceinline__ void finish_rows(const Params& p, float (&o)[N][4], float (&row_max)[2],
+                                            float (&row_sum)[2], long long t, int split, int h0, int d0,
+                                            bool first) {
+  const int lane = threadIdx.x % 32, r = lane / 4, c2 = (lane % 4) * 2;
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    row_sum[j] += __shfl_xor_sync(0xffffffffu, row_sum[j], 1);
+    row_sum[j] += __shfl_xor_sync(0xffffffffu, row_sum[j], 2);
+  }
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const int h = h0 + r + 8 * j;
+    if (h >= p.heads) continue;
+    if (p.splits == 1) {
+      // out = O / (l + 2^(sink - m)) with O and l relative to the row max m (0 when no candidate).
+      const float m = row_max[j];
+      const float f = m == -INFINITY ? 0.f : 1.f / (row_sum[j] + exp2f(p.sink[h] * LOG2E - m));
+      float* dst = p.out + (t * p.heads + h) * ENTRY_DIM;
+#pragma unroll
+      for (int n = 0; n < N; ++n) {
+        float x0 = o[n][2 * j] * f, x1 = o[n][2 * j + 1] * f;
+        const int d = d0 + 8 * n + c2;
+        if (p.positions && d >= NOPE_DIM) derotate_pair(x0, x1, load_id(p.positions, t, p.positions64), p, (d - NOPE_DIM) / 2);
+        *(float2*)(dst + d) = make_float2(x0, x1);
+      }
+      if (first && lane % 4 == 0)
+        p.lse[t * p.heads + h] = m == -INFINITY ? -INFINITY : (m + log2f(row_sum[j])) / LOG2E;
+    } else {
+      float* dst = p.part_o + ((t * p.splits + split) * p.heads + h) * ENTRY_DIM + d0;
+#pragma unroll
+      for (int n = 0; n < N; ++n) *(float2*)(dst + 8 * n + c2) = make_float2(o[n][2 * j], o[n][2 * j + 1]);
+      if (first && lane % 4 == 0) {
+        float* ml = p.part_ml + ((t * p.splits + split) * p.heads + h) * 2;
+        ml[0] = row_max[j];
+        ml[1] = row_sum[j];
+      }
+    }
+  }
+}
+
+// One online-softmax step over a tile's scores s (NT n-tiles of 8 candidates, log2 units): the
+// new row max, the rescale of the running sum and of `o`, and P = 2^(s - max) packed as the bf16
+// A fragments of the P V product (k-step n / 2 from n-tiles n and n + 1).
+template <int NT, int N>
+__device__ __forceinline__ void softmax_step(float (&s)[NT][4], float (&row_max)[2], float (&row_sum)[2],
+                                             float (&o)[N][4], uint32_t (&pa)[NT / 2][4]) {
+  float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int n = 0; n < NT; ++n)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) tile_max[i / 2] = fmaxf(tile_max[i / 2], s[n][i]);
+  float corr[2];
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    tile_max[j] = fmaxf(tile_max[j], __shfl_xor_sync(0xffffffffu, tile_max[j], 1));
+    tile_max[j] = fmaxf(tile_max[j], __shfl_xor_sync(0xffffffffu, tile_max[j], 2));
+    float m_new = fmaxf(row_max[j], tile_max[j]);
+    corr[j] = m_new == -INFINITY ? 1.f : exp2f(row_max[j] - m_new);
+    row_max[j] = m_new;
+    row_sum[j] *= corr[j];
+  }
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+    float e[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float m = row_max[i / 2];
+      e[i] = m == -INFINITY ? 0.f : exp2f(s[n][i] - m);
+      row_sum[i / 2] += e[i];
+    }
+    pa[n / 2][(n % 2) * 2 + 0] = pack_bf16(e[0], e[1]);
+    pa[n / 2][(n % 2) * 2 + 1] = pack_bf16(e[2], e[3]);
+  }
+#pragma unroll
+  for (int n = 0; n < N; ++n) {
+    o[n][0] *= corr[0];
+    o[n][1] *= corr[0];
+    o[n][2] *= corr[1];
+    o[n][3] *= corr[1];
+  }
+}
+
 }  // namespace
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1) dsv4_sparse_attention(const Params p) {
@@ -250,49 +337,17 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) dsv4_sparse_attention(c
     }
     __syncthreads();
     // Full scores (the two slices added in a fixed order), masked, then online softmax.
-    float tile_max[2] = {-INFINITY, -INFINITY};
     const float* all = sp + (mt * SLICES * 16) * TILE;
 #pragma unroll
     for (int n = 0; n < 4; ++n) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int row = r + (i / 2) * 8, col = 8 * n + c2 + (i % 2);
-        const float v = (all[row * TILE + col] + all[(16 + row) * TILE + col]) * qscale + valid_s[col];
-        s[n][i] = v;
-        tile_max[i / 2] = fmaxf(tile_max[i / 2], v);
+        s[n][i] = (all[row * TILE + col] + all[(16 + row) * TILE + col]) * qscale + valid_s[col];
       }
-    }
-    float corr[2];
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      tile_max[j] = fmaxf(tile_max[j], __shfl_xor_sync(0xffffffffu, tile_max[j], 1));
-      tile_max[j] = fmaxf(tile_max[j], __shfl_xor_sync(0xffffffffu, tile_max[j], 2));
-      float m_new = fmaxf(row_max[j], tile_max[j]);
-      corr[j] = m_new == -INFINITY ? 1.f : exp2f(row_max[j] - m_new);
-      row_max[j] = m_new;
-      row_sum[j] *= corr[j];
     }
     uint32_t pa[2][4];
-#pragma unroll
-    for (int n = 0; n < 4; ++n) {
-      float e[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        float m = row_max[i / 2];
-        e[i] = m == -INFINITY ? 0.f : exp2f(s[n][i] - m);
-        row_sum[i / 2] += e[i];
-      }
-      // C fragment of n-tile n -> A fragment of k-step n / 2 (keys 16 (n / 2) .. + 16).
-      pa[n / 2][(n % 2) * 2 + 0] = pack_bf16(e[0], e[1]);
-      pa[n / 2][(n % 2) * 2 + 1] = pack_bf16(e[2], e[3]);
-    }
-#pragma unroll
-    for (int n = 0; n < SLICE / 8; ++n) {
-      o[n][0] *= corr[0];
-      o[n][1] *= corr[0];
-      o[n][2] *= corr[1];
-      o[n][3] *= corr[1];
-    }
+    softmax_step(s, row_max, row_sum, o, pa);
     // O += P V over this warp's 256 output dims: 32 n-tiles of 8 dims (two per transposed
     // ldmatrix), 2 k-steps of 16 candidates.
 #pragma unroll
@@ -307,43 +362,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) dsv4_sparse_attention(c
     }
   }
   cp_async_wait<0>();
-
-  // Row sums are spread over the 4 lanes of a row.
-#pragma unroll
-  for (int j = 0; j < 2; ++j) {
-    row_sum[j] += __shfl_xor_sync(0xffffffffu, row_sum[j], 1);
-    row_sum[j] += __shfl_xor_sync(0xffffffffu, row_sum[j], 2);
-  }
-
-#pragma unroll
-  for (int j = 0; j < 2; ++j) {
-    const int h = h0 + r + 8 * j;
-    if (h >= p.heads) continue;
-    if (p.splits == 1) {
-      // out = O / (l + 2^(sink - m)) with O and l relative to the row max m (0 when no candidate).
-      const float m = row_max[j];
-      const float f = m == -INFINITY ? 0.f : 1.f / (row_sum[j] + exp2f(p.sink[h] * LOG2E - m));
-      float* dst = p.out + (t * p.heads + h) * ENTRY_DIM;
-#pragma unroll
-      for (int n = 0; n < SLICE / 8; ++n) {
-        float x0 = o[n][2 * j] * f, x1 = o[n][2 * j + 1] * f;
-        const int d = ds * SLICE + 8 * n + c2;
-        if (p.positions && d >= NOPE_DIM) derotate_pair(x0, x1, load_id(p.positions, t, p.positions64), p, (d - NOPE_DIM) / 2);
-        *(float2*)(dst + d) = make_float2(x0, x1);
-      }
-      if (ds == 0 && lane % 4 == 0)
-        p.lse[t * p.heads + h] = m == -INFINITY ? -INFINITY : (m + log2f(row_sum[j])) / LOG2E;
-    } else {
-      float* dst = p.part_o + ((t * p.splits + split) * p.heads + h) * ENTRY_DIM + ds * SLICE;
-#pragma unroll
-      for (int n = 0; n < SLICE / 8; ++n) *(float2*)(dst + 8 * n + c2) = make_float2(o[n][2 * j], o[n][2 * j + 1]);
-      if (ds == 0 && lane % 4 == 0) {
-        float* ml = p.part_ml + ((t * p.splits + split) * p.heads + h) * 2;
-        ml[0] = row_max[j];
-        ml[1] = row_sum[j];
-      }
-    }
-  }
+  finish_rows(p, o, row_max, row_sum, t, split, h0, ds * SLICE, ds == 0);
 }
 
 // The portable variant, for GPUs with less shared memory per block than the kernel above needs
@@ -455,7 +474,6 @@ extern "C" __global__ void __launch_bounds__(THREADS) dsv4_sparse_attention_port
       *(float2*)(mine + (r + 8) * P_TILE + 8 * n + c2) = make_float2(s[n][2], s[n][3]);
     }
     __syncthreads();
-    float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int n = 0; n < 2; ++n) {
 #pragma unroll
@@ -464,84 +482,21 @@ extern "C" __global__ void __launch_bounds__(THREADS) dsv4_sparse_attention_port
         float v = 0.f;
 #pragma unroll
         for (int k = 0; k < P_WARPS; ++k) v += sp[(k * 16 + row) * P_TILE + col];
-        v = v * qscale + valid_s[col];
-        s[n][j] = v;
-        tile_max[j / 2] = fmaxf(tile_max[j / 2], v);
+        s[n][j] = v * qscale + valid_s[col];
       }
     }
-    float corr[2];
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      tile_max[j] = fmaxf(tile_max[j], __shfl_xor_sync(0xffffffffu, tile_max[j], 1));
-      tile_max[j] = fmaxf(tile_max[j], __shfl_xor_sync(0xffffffffu, tile_max[j], 2));
-      float m_new = fmaxf(row_max[j], tile_max[j]);
-      corr[j] = m_new == -INFINITY ? 1.f : exp2f(row_max[j] - m_new);
-      row_max[j] = m_new;
-      row_sum[j] *= corr[j];
-    }
-    uint32_t pa[4];
-#pragma unroll
-    for (int n = 0; n < 2; ++n) {
-      float e[4];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        float m = row_max[j / 2];
-        e[j] = m == -INFINITY ? 0.f : exp2f(s[n][j] - m);
-        row_sum[j / 2] += e[j];
-      }
-      pa[n * 2 + 0] = pack_bf16(e[0], e[1]);
-      pa[n * 2 + 1] = pack_bf16(e[2], e[3]);
-    }
-#pragma unroll
-    for (int n = 0; n < P_SLICE / 8; ++n) {
-      o[n][0] *= corr[0];
-      o[n][1] *= corr[0];
-      o[n][2] *= corr[1];
-      o[n][3] *= corr[1];
-    }
+    uint32_t pa[1][4];
+    softmax_step(s, row_max, row_sum, o, pa);
 #pragma unroll
     for (int np = 0; np < P_SLICE / 16; ++np) {
       uint32_t b[4];
       ldmatrix_x4_trans(b, ks + (lane % 16) * KROW + w * P_SLICE + 16 * np + 8 * (lane / 16));
-      mma_bf16(o[2 * np], pa[0], pa[1], pa[2], pa[3], b[0], b[1]);
-      mma_bf16(o[2 * np + 1], pa[0], pa[1], pa[2], pa[3], b[2], b[3]);
+      mma_bf16(o[2 * np], pa[0][0], pa[0][1], pa[0][2], pa[0][3], b[0], b[1]);
+      mma_bf16(o[2 * np + 1], pa[0][0], pa[0][1], pa[0][2], pa[0][3], b[2], b[3]);
     }
   }
   cp_async_wait<0>();
-
-#pragma unroll
-  for (int j = 0; j < 2; ++j) {
-    row_sum[j] += __shfl_xor_sync(0xffffffffu, row_sum[j], 1);
-    row_sum[j] += __shfl_xor_sync(0xffffffffu, row_sum[j], 2);
-  }
-#pragma unroll
-  for (int j = 0; j < 2; ++j) {
-    const int h = h0 + r + 8 * j;
-    if (h >= p.heads) continue;
-    if (p.splits == 1) {
-      const float m = row_max[j];
-      const float f = m == -INFINITY ? 0.f : 1.f / (row_sum[j] + exp2f(p.sink[h] * LOG2E - m));
-      float* dst = p.out + (t * p.heads + h) * ENTRY_DIM;
-#pragma unroll
-      for (int n = 0; n < P_SLICE / 8; ++n) {
-        float x0 = o[n][2 * j] * f, x1 = o[n][2 * j + 1] * f;
-        const int d = w * P_SLICE + 8 * n + c2;
-        if (p.positions && d >= NOPE_DIM) derotate_pair(x0, x1, load_id(p.positions, t, p.positions64), p, (d - NOPE_DIM) / 2);
-        *(float2*)(dst + d) = make_float2(x0, x1);
-      }
-      if (w == 0 && lane % 4 == 0)
-        p.lse[t * p.heads + h] = m == -INFINITY ? -INFINITY : (m + log2f(row_sum[j])) / LOG2E;
-    } else {
-      float* dst = p.part_o + ((t * p.splits + split) * p.heads + h) * ENTRY_DIM + w * P_SLICE;
-#pragma unroll
-      for (int n = 0; n < P_SLICE / 8; ++n) *(float2*)(dst + 8 * n + c2) = make_float2(o[n][2 * j], o[n][2 * j + 1]);
-      if (w == 0 && lane % 4 == 0) {
-        float* ml = p.part_ml + ((t * p.splits + split) * p.heads + h) * 2;
-        ml[0] = row_max[j];
-        ml[1] = row_sum[j];
-      }
-    }
-  }
+  finish_rows(p, o, row_max, row_sum, t, split, h0, w * P_SLICE, w == 0);
 }
 
 // Folds split partials: grid (heads, queries), 128 threads, 4 dims each.

@@ -34,6 +34,8 @@ from dsv4rs.model.config import CSA, HCA, INDEX_DIM, SWA, V4Config
 from dsv4rs.model.modules import DeepseekV4, DecoderLayer, HyperConnection
 
 PAGE = ops.PAGE_ROWS
+MAIN_DATA_BYTES = 576
+"""Data bytes of a 584-byte entry (448 FP8 + 64 BF16); its 8 scale bytes follow a page's data."""
 
 
 def _split_rows(cache: torch.Tensor, data_bytes: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -149,7 +151,6 @@ class Engine:
         self._fresh: set[int] = set()
         self._mtp_pos: dict[int, int] = {}
         self._last: tuple[_Batch, torch.Tensor] | None = None
-        self._data_bytes = {"main": 576, "fp4": 64, "fp8": 128}
 
     # -- cache tensors ---------------------------------------------------------------------------
 
@@ -301,8 +302,10 @@ class Engine:
         lens = [t.numel() for t in ids]
         res = m.append(seq_ids, [t.tolist() for t in ids])
         self._apply_copies(res.copies)
-        tables = {f: m.page_tables(seq_ids, f, width=max(1, m.page_tables(seq_ids, f).shape[1])).to(dev)
-                  for f in ("window", "csa", "hca")}
+        tables = {}
+        for f in ("window", "csa", "hca"):
+            t = m.page_tables(seq_ids, f)
+            tables[f] = (t if t.shape[1] else m.page_tables(seq_ids, f, width=1)).to(dev)
         for i, s in enumerate(seq_ids):
             if s in self._fresh:
                 slot = int(res.slots["state"][i])
@@ -376,7 +379,7 @@ class Engine:
         if "new_dst" in b.window_src:
             n_rows = b.staging_rows
             staging = (torch.zeros(-(-n_rows // PAGE), *ring.shape[1:], dtype=ring.dtype, device=self.device))
-            copy_rows(staging, b.window_src["prior_dst"], ring, b.window_src["prior_src"], self._data_bytes["main"])
+            copy_rows(staging, b.window_src["prior_dst"], ring, b.window_src["prior_src"], MAIN_DATA_BYTES)
             self._write_main(staging, (None, b.window_src["new_dst"]), e)
             self._write_main(ring, b.slots["window"], e)  # after the copy: the chunk overwrites old rows
             win_cache = staging
