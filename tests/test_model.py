@@ -435,3 +435,4 @@ def test_gpu_demo() -> None:
     print(out.stdout)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "device: cuda" in out.stdout and out.stdout.strip().endswith("OK")
+

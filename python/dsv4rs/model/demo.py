@@ -91,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"FLOPs per decode token at {context} tokens of context: {flops / 1e6:,.2f} MFLOP "
           f"(V4-Flash at 1M: {V4Config.v4_flash().cost_model('v4-flash').cost(1 << 20).total_flops / 1e9:,.1f} GFLOP)")
 
+    print("checking against the float64 reference (no cache) ...", flush=True)
     ref_model = float64_copy(model)
     fulls = [torch.cat([p, torch.tensor(g[:-1], dtype=torch.int64)]) for p, g in zip(prompts, generated)]
 

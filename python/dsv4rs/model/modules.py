@@ -39,6 +39,16 @@ def _linear(d_in: int, d_out: int) -> nn.Linear:
     return nn.Linear(d_in, d_out, bias=False)
 
 
+def sinkhorn(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """The mHC projection of ``comb [..., n, n]`` (softmaxed rows, plus ``eps``) towards doubly
+    stochastic: columns normalized, then ``iters - 1`` times rows and columns (SPEC.md section 6)."""
+    comb = comb / (comb.sum(-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(-1, keepdim=True) + eps)
+        comb = comb / (comb.sum(-2, keepdim=True) + eps)
+    return comb
+
+
 class HyperConnection(nn.Module):
     """mHC around one sublayer (SPEC.md section 6): from the ``hc`` streams ``X [T, hc, d]``, the
     collapse weights ``pre``, the expansion weights ``post`` and the Sinkhorn-projected mixing
@@ -63,11 +73,8 @@ class HyperConnection(nn.Module):
         s = self.scale.to(dtype)
         pre = torch.sigmoid(pre_w * s[0] + pre_b) + self.eps
         post = 2 * torch.sigmoid(post_w * s[1] + post_b)
-        comb = torch.softmax(comb_w.unflatten(-1, (n, n)) * s[2] + comb_b.view(n, n), dim=-1) + self.eps
-        comb = comb / (comb.sum(-2, keepdim=True) + self.eps)
-        for _ in range(self.iters - 1):
-            comb = comb / (comb.sum(-1, keepdim=True) + self.eps)
-            comb = comb / (comb.sum(-2, keepdim=True) + self.eps)
+        comb = sinkhorn(torch.softmax(comb_w.unflatten(-1, (n, n)) * s[2] + comb_b.view(n, n), dim=-1) + self.eps,
+                        self.iters, self.eps)
         collapsed = (pre.unsqueeze(-1) * x).sum(-2).to(x.dtype)
         return post, comb, collapsed
 
