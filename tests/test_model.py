@@ -436,3 +436,41 @@ def test_gpu_demo() -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     assert "device: cuda" in out.stdout and out.stdout.strip().endswith("OK")
 
+
+
+def test_fp8_scales_as_float32_and_in_another_shard(tiny: DeepseekV4, gen: torch.Generator, tmp_path) -> None:
+    """FP8 weights with float32 ``weight_scale_inv`` blocks (transformers' FP8 layout) and scales
+    stored in a different shard than their weights load as the same dequantized twin."""
+    from safetensors.torch import load_file, save_file
+
+    twin = export_deepseek(tiny, tmp_path, progress=False)
+    index_path = tmp_path / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    (shard,) = set(index["weight_map"].values())
+    tensors = load_file(tmp_path / shard)
+    moved = {}
+    for key in [k for k in tensors if k.endswith(".scale") and ".experts." not in k]:
+        scale = tensors.pop(key)
+        moved[key[: -len("scale")] + "weight_scale_inv"] = torch.exp2(scale.view(torch.uint8).float() - 127)
+    assert len(moved) > 10
+    save_file(tensors, tmp_path / shard)
+    save_file(moved, tmp_path / "scales.safetensors")
+    index["weight_map"] = {k: shard for k in tensors} | dict.fromkeys(moved, "scales.safetensors")
+    index_path.write_text(json.dumps(index))
+    loaded = load_checkpoint(tmp_path, progress=False)
+    for name, t in twin.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], t), name
+
+
+def test_bf16_weights(tiny: DeepseekV4, gen: torch.Generator, tmp_path) -> None:
+    """Loading in bfloat16 keeps mHC, norms, sinks and positional biases in float32 and runs;
+    the logits stay within bfloat16 rounding of the float32 model's."""
+    export_deepseek(tiny, tmp_path, progress=False)
+    f32 = load_checkpoint(tmp_path, progress=False)
+    bf16 = load_checkpoint(tmp_path, dtype=torch.bfloat16, progress=False)
+    assert bf16.model.layers[0].self_attn.q_a_proj.weight.dtype == torch.bfloat16
+    assert bf16.model.layers[0].attn_hc.fn.dtype == torch.float32
+    assert bf16.model.layers[1].self_attn.compressor.position_bias.dtype == torch.float32
+    ids = ids_for(tiny.config, 300, gen)
+    err = (prefill(bf16, ids) - prefill(f32, ids)).abs().amax(-1)
+    assert float(err.median()) < 2e-2 and torch.isfinite(err).all()
