@@ -28,6 +28,7 @@ constexpr int SLICES = 2;                        // output dims split between th
 constexpr int SLICE = ENTRY_DIM / SLICES;        // 256 dims
 constexpr int HEADS_PER_BLOCK = 16 * HEAD_TILES; // 64
 constexpr int TILE = 32;              // candidates per tile
+constexpr int SP_ROW = TILE + 8;      // padded row of partial scores: conflict-free float2 access
 constexpr int KROW = ENTRY_DIM + 8;   // padded bf16 row stride (1040 B): conflict-free fragments
 constexpr float LOG2E = 1.4426950408889634f;
 
@@ -48,7 +49,8 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 // scale bytes, or a BF16 row's 1024 bytes. Thread (row lrow, part lp) moves 16-byte chunks
 // lp + 8 j of its row.
 constexpr int STAGES = 3;
-constexpr int STAGE_ROW = ENTRY_DIM * 2;
+// Padded by 64 bytes so that the 4 rows a warp decodes at once fall in different banks.
+constexpr int STAGE_ROW = ENTRY_DIM * 2 + 64;
 
 template <int PARTS>
 __device__ __forceinline__ void stage_row(uint8_t* dst, const Cache& c, long long row, int lp) {
@@ -225,6 +227,7 @@ __device__ __forceinline__ void softmax_step(float (&s)[NT][4], float (&row_max)
     pa[n / 2][(n % 2) * 2 + 0] = pack_bf16(e[0], e[1]);
     pa[n / 2][(n % 2) * 2 + 1] = pack_bf16(e[2], e[3]);
   }
+  if (__all_sync(0xffffffffu, corr[0] == 1.f && corr[1] == 1.f)) return;  // no row max moved
 #pragma unroll
   for (int n = 0; n < N; ++n) {
     o[n][0] *= corr[0];
@@ -240,8 +243,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) dsv4_sparse_attention(c
   extern __shared__ __align__(16) uint8_t smem[];
   uint16_t* qs = (uint16_t*)smem;                                 // [64 heads][KROW] bf16 queries
   uint16_t* ks = qs + HEADS_PER_BLOCK * KROW;                      // [TILE][KROW] bf16 rows
-  float* sp = (float*)(ks + TILE * KROW);                          // [4][2][16][TILE] partial scores
-  uint8_t* stages = (uint8_t*)(sp + HEAD_TILES * SLICES * 16 * TILE);  // [STAGES][TILE][STAGE_ROW]
+  float* sp = (float*)(ks + TILE * KROW);                          // [4][2][16][SP_ROW] partial scores
+  uint8_t* stages = (uint8_t*)(sp + HEAD_TILES * SLICES * 16 * SP_ROW);  // [STAGES][TILE][STAGE_ROW]
   __shared__ float valid_s[TILE];
   __shared__ int row_fmt[STAGES * TILE];
 
@@ -329,21 +332,23 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) dsv4_sparse_attention(c
         mma_bf16(s[2 * np + 1], a[0], a[1], a[2], a[3], b[2], b[3]);
       }
     }
-    float* mine = sp + ((mt * SLICES + ds) * 16) * TILE;
+    float* mine = sp + ((mt * SLICES + ds) * 16) * SP_ROW;
 #pragma unroll
     for (int n = 0; n < 4; ++n) {
-      *(float2*)(mine + r * TILE + 8 * n + c2) = make_float2(s[n][0], s[n][1]);
-      *(float2*)(mine + (r + 8) * TILE + 8 * n + c2) = make_float2(s[n][2], s[n][3]);
+      *(float2*)(mine + r * SP_ROW + 8 * n + c2) = make_float2(s[n][0], s[n][1]);
+      *(float2*)(mine + (r + 8) * SP_ROW + 8 * n + c2) = make_float2(s[n][2], s[n][3]);
     }
     __syncthreads();
     // Full scores (the two slices added in a fixed order), masked, then online softmax.
-    const float* all = sp + (mt * SLICES * 16) * TILE;
+    const float* all = sp + (mt * SLICES * 16) * SP_ROW;
 #pragma unroll
     for (int n = 0; n < 4; ++n) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int row = r + (i / 2) * 8, col = 8 * n + c2 + (i % 2);
-        s[n][i] = (all[row * TILE + col] + all[(16 + row) * TILE + col]) * qscale + valid_s[col];
+      for (int h = 0; h < 2; ++h) {
+        const int row = r + 8 * h, col = 8 * n + c2;
+        const float2 x = *(const float2*)(all + row * SP_ROW + col), y = *(const float2*)(all + (16 + row) * SP_ROW + col);
+        s[n][2 * h] = (x.x + y.x) * qscale + valid_s[col];
+        s[n][2 * h + 1] = (x.y + y.y) * qscale + valid_s[col + 1];
       }
     }
     uint32_t pa[2][4];
@@ -366,7 +371,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) dsv4_sparse_attention(c
 }
 
 // The portable variant, for GPUs with less shared memory per block than the kernel above needs
-// (sm_80 allows 163 KiB, sm_86/89/120 99 KiB): 72 KiB. A block takes 16 heads of one query and
+// (sm_80 allows 163 KiB, sm_86/89/120 99 KiB): 80 KiB. A block takes 16 heads of one query and
 // 16 candidates a tile (3 tiles staged); warp w computes the partial scores over dims
 // [64 w, 64 w + 64) with its queries held in registers, the 8 partials are added through shared
 // memory in a fixed order, and warp w accumulates output dims [64 w, 64 w + 64). Same numerics,
@@ -376,6 +381,7 @@ constexpr int P_HEADS = 16;
 constexpr int P_WARPS = THREADS / 32;           // 8 output-dim slices
 constexpr int P_SLICE = ENTRY_DIM / P_WARPS;    // 64 dims
 constexpr int P_TILE = 16;                      // candidates per tile
+constexpr int P_SP_ROW = P_TILE + 8;            // padded row of partial scores
 constexpr int P_PARTS = THREADS / P_TILE;       // 16 threads stage and decode a row
 constexpr int P_STAGES = 3;
 }  // namespace
@@ -383,8 +389,8 @@ constexpr int P_STAGES = 3;
 extern "C" __global__ void __launch_bounds__(THREADS) dsv4_sparse_attention_portable(const Params p) {
   extern __shared__ __align__(16) uint8_t smem[];
   uint16_t* ks = (uint16_t*)smem;                              // [P_TILE][KROW] bf16 rows
-  float* sp = (float*)(ks + P_TILE * KROW);                     // [8 warps][16 heads][P_TILE] partial scores
-  uint8_t* stages = (uint8_t*)(sp + P_WARPS * 16 * P_TILE);     // [P_STAGES][P_TILE][STAGE_ROW]
+  float* sp = (float*)(ks + P_TILE * KROW);                     // [8 warps][16 heads][P_SP_ROW] partial scores
+  uint8_t* stages = (uint8_t*)(sp + P_WARPS * 16 * P_SP_ROW);   // [P_STAGES][P_TILE][STAGE_ROW]
   __shared__ float valid_s[P_TILE];
   __shared__ int row_fmt[P_STAGES * P_TILE];
 
@@ -467,22 +473,27 @@ extern "C" __global__ void __launch_bounds__(THREADS) dsv4_sparse_attention_port
       mma_bf16(s[0], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], b[0], b[1]);
       mma_bf16(s[1], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], b[2], b[3]);
     }
-    float* mine = sp + (w * 16) * P_TILE;
+    float* mine = sp + (w * 16) * P_SP_ROW;
 #pragma unroll
     for (int n = 0; n < 2; ++n) {
-      *(float2*)(mine + r * P_TILE + 8 * n + c2) = make_float2(s[n][0], s[n][1]);
-      *(float2*)(mine + (r + 8) * P_TILE + 8 * n + c2) = make_float2(s[n][2], s[n][3]);
+      *(float2*)(mine + r * P_SP_ROW + 8 * n + c2) = make_float2(s[n][0], s[n][1]);
+      *(float2*)(mine + (r + 8) * P_SP_ROW + 8 * n + c2) = make_float2(s[n][2], s[n][3]);
     }
     __syncthreads();
 #pragma unroll
     for (int n = 0; n < 2; ++n) {
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int row = r + (j / 2) * 8, col = 8 * n + c2 + (j % 2);
-        float v = 0.f;
+      for (int h = 0; h < 2; ++h) {
+        const int row = r + 8 * h, col = 8 * n + c2;
+        float2 v = make_float2(0.f, 0.f);
 #pragma unroll
-        for (int k = 0; k < P_WARPS; ++k) v += sp[(k * 16 + row) * P_TILE + col];
-        s[n][j] = v * qscale + valid_s[col];
+        for (int k = 0; k < P_WARPS; ++k) {
+          const float2 x = *(const float2*)(sp + (k * 16 + row) * P_SP_ROW + col);
+          v.x += x.x;
+          v.y += x.y;
+        }
+        s[n][2 * h] = v.x * qscale + valid_s[col];
+        s[n][2 * h + 1] = v.y * qscale + valid_s[col + 1];
       }
     }
     uint32_t pa[1][4];
