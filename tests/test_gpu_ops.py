@@ -218,3 +218,17 @@ def test_ops_capture_and_replay_in_cuda_graphs(gen: torch.Generator) -> None:
     again = ops.sparse_attention(q, cache, idx, sink, lengths=lengths, extra_cache=wcache, extra_indices=widx)
     assert torch.equal(att[0], again[0])
     assert ent.shape == (2, 512) and torch.isfinite(ent).all()
+
+
+# ---------------------------------------------------------------------------------- mHC weights
+
+
+@pytest.mark.parametrize("n,t", [(4, 1), (4, 300), (2, 7), (8, 129)])
+def test_mhc_weights_match_cpu(gen: torch.Generator, n: int, t: int) -> None:
+    width = (2 + n) * n
+    mix = torch.randn(t, width, generator=gen) * 3
+    scale, base = torch.rand(3, generator=gen) + 0.5, torch.randn(width, generator=gen)
+    cpu = ops.mhc_weights(mix, scale, base, 20, 1e-6)
+    gpu = ops.mhc_weights(mix.cuda(), scale.cuda(), base.cuda(), 20, 1e-6)
+    for c, g in zip(cpu, gpu):
+        torch.testing.assert_close(g.cpu(), c, rtol=1e-5, atol=1e-6)

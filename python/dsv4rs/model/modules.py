@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsv4rs import ops
 from dsv4rs.model.config import CSA, HCA, INDEX_DIM, SWA, V4Config
 
 
@@ -64,19 +65,28 @@ class HyperConnection(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(post [T, hc], comb [T, hc, hc], collapsed [T, d])``; the weights in float32 (or
-        float64 for float64 streams)."""
-        n = self.hc
+        float64 for float64 streams, computed in torch; float32 goes through
+        :func:`dsv4rs.ops.mhc_weights`, one kernel)."""
         dtype = torch.promote_types(x.dtype, torch.float32)
         mix = F.linear(rms_norm(x.flatten(-2), None, self.norm_eps), self.fn.to(dtype))
+        if dtype == torch.float32 and mix.dim() == 2:
+            pre, post, comb = ops.mhc_weights(mix, self.scale.float(), self.base.float(), self.iters, self.eps)
+        else:
+            pre, post, comb = self.weights(mix)
+        collapsed = (pre.unsqueeze(-1) * x).sum(-2).to(x.dtype)
+        return post, comb, collapsed
+
+    def weights(self, mix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(pre, post, comb)`` from ``mix`` in torch (the reference of :func:`dsv4rs.ops.mhc_weights`)."""
+        n = self.hc
         pre_w, post_w, comb_w = mix.split([n, n, n * n], dim=-1)
-        pre_b, post_b, comb_b = self.base.to(dtype).split([n, n, n * n])
-        s = self.scale.to(dtype)
+        pre_b, post_b, comb_b = self.base.to(mix.dtype).split([n, n, n * n])
+        s = self.scale.to(mix.dtype)
         pre = torch.sigmoid(pre_w * s[0] + pre_b) + self.eps
         post = 2 * torch.sigmoid(post_w * s[1] + post_b)
         comb = sinkhorn(torch.softmax(comb_w.unflatten(-1, (n, n)) * s[2] + comb_b.view(n, n), dim=-1) + self.eps,
                         self.iters, self.eps)
-        collapsed = (pre.unsqueeze(-1) * x).sum(-2).to(x.dtype)
-        return post, comb, collapsed
+        return pre, post, comb
 
     @staticmethod
     def combine(x: torch.Tensor, out: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ pub mod error;
 pub mod gpu;
 pub mod indexer;
 pub mod kv;
+pub mod mhc;
 pub mod quant;
 pub mod rope;
 pub mod rows;

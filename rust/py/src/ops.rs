@@ -4,7 +4,7 @@
 use dsv4rs_core::attention::{Candidates, Derotate};
 use dsv4rs_core::compress::{Config, Quant};
 use dsv4rs_core::tensor::TensorRef;
-use dsv4rs_core::{attention as attention_op, compress as compress_op, indexer as indexer_op, rope as rope_op};
+use dsv4rs_core::{attention as attention_op, compress as compress_op, indexer as indexer_op, mhc, rope as rope_op};
 use pyo3::prelude::*;
 
 use crate::errors::{run, to_py};
@@ -15,6 +15,26 @@ pub fn rope(py: Python<'_>, x: Spec, positions: Spec, inv_freq: Spec, out: Spec,
     let (x, p, f, o) = (tref("x", x)?, tref("positions", positions)?, tref("inv_freq", inv_freq)?, tref("out", out)?);
     // SAFETY: TensorRefs built from live tensors (see tensor.rs); `out` is a fresh tensor.
     run(py, || unsafe { rope_op::rope(&x, &p, &f, &o, inverse) })
+}
+
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+pub fn mhc_weights(
+    py: Python<'_>,
+    mix: Spec,
+    scale: Spec,
+    base: Spec,
+    pre: Spec,
+    post: Spec,
+    comb: Spec,
+    iters: usize,
+    eps: f32,
+    stream: usize,
+) -> PyResult<()> {
+    let (m, s, b) = (tref("mix", mix)?, tref("scale", scale)?, tref("base", base)?);
+    let (pr, po, co) = (tref("pre", pre)?, tref("post", post)?, tref("comb", comb)?);
+    // SAFETY: as rope; the three outputs are fresh tensors.
+    run(py, || unsafe { mhc::mhc_weights(&m, &s, &b, &pr, &po, &co, mhc::Config { iters, eps }, stream) })
 }
 
 #[pyfunction]
@@ -130,6 +150,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(indexer_workspace_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(attention_workspace_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(rope, m)?)?;
+    m.add_function(wrap_pyfunction!(mhc_weights, m)?)?;
     m.add_function(wrap_pyfunction!(compress, m)?)?;
     m.add_function(wrap_pyfunction!(indexer_topk, m)?)?;
     m.add_function(wrap_pyfunction!(sparse_attention, m)?)?;

@@ -6,6 +6,7 @@
 pub mod attention;
 pub mod compress;
 pub mod indexer;
+pub mod mhc;
 pub mod quant;
 
 use std::collections::HashMap;

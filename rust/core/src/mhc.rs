@@ -1,0 +1,139 @@
+//! mHC weights (SPEC.md section 6): from the projected mix of one token's streams
+//! (`mu = r * (Phi vec X)`, `(2 + n) n` values), the collapse weights `pre`, the expansion weights
+//! `post` and the mixing matrix `comb`, projected towards doubly stochastic by Sinkhorn
+//! iterations. One call replaces some 130 small tensor ops per sublayer.
+
+use crate::error::{Error, Result};
+use crate::gpu;
+use crate::tensor::{same_device, DType, Device, TensorRef};
+
+/// Most streams a call takes (`hc_mult`; V4 uses 4).
+pub const MAX_STREAMS: usize = 8;
+
+/// Streams `n` of a mix width `(2 + n) n`.
+fn streams(width: usize) -> Option<usize> {
+    (1..=MAX_STREAMS).find(|n| (2 + n) * n == width)
+}
+
+/// Settings of [`mhc_weights`].
+#[derive(Clone, Copy, Debug)]
+pub struct Config {
+    /// Sinkhorn iterations (`hc_sinkhorn_iters`, >= 1): columns once, then rows and columns
+    /// `iters - 1` times.
+    pub iters: usize,
+    /// `hc_eps`: added to `pre` and to the softmaxed `comb`, and to every Sinkhorn divisor.
+    pub eps: f32,
+}
+
+/// One token, in float32 and in the order transformers' `DeepseekV4HyperConnection` computes.
+pub fn token(mix: &[f32], scale: &[f32], base: &[f32], n: usize, cfg: Config, pre: &mut [f32], post: &mut [f32], comb: &mut [f32]) {
+    let sigmoid = |x: f32| 1.0 / (1.0 + (-x).exp());
+    for j in 0..n {
+        pre[j] = sigmoid(mix[j] * scale[0] + base[j]) + cfg.eps;
+        post[j] = 2.0 * sigmoid(mix[n + j] * scale[1] + base[n + j]);
+    }
+    for i in 0..n {
+        let row = &mut comb[i * n..(i + 1) * n];
+        for (k, c) in row.iter_mut().enumerate() {
+            *c = mix[2 * n + i * n + k] * scale[2] + base[2 * n + i * n + k];
+        }
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0;
+        for c in row.iter_mut() {
+            *c = (*c - max).exp();
+            sum += *c;
+        }
+        for c in row.iter_mut() {
+            *c = *c / sum + cfg.eps;
+        }
+    }
+    let columns = |comb: &mut [f32]| {
+        for k in 0..n {
+            let s: f32 = (0..n).map(|i| comb[i * n + k]).sum::<f32>() + cfg.eps;
+            (0..n).for_each(|i| comb[i * n + k] /= s);
+        }
+    };
+    columns(comb);
+    for _ in 1..cfg.iters {
+        for row in comb.chunks_exact_mut(n) {
+            let s = row.iter().sum::<f32>() + cfg.eps;
+            row.iter_mut().for_each(|c| *c /= s);
+        }
+        columns(comb);
+    }
+}
+
+/// `pre [T, n]`, `post [T, n]` and `comb [T, n, n]` (float32) of `mix [T, (2 + n) n]` with the
+/// sublayer's `scale [3]` and `base [(2 + n) n]` (all float32, one device).
+///
+/// # Safety
+/// Every tensor satisfies [`TensorRef`]'s contract; the outputs alias nothing.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn mhc_weights(
+    mix: &TensorRef, scale: &TensorRef, base: &TensorRef, pre: &TensorRef, post: &TensorRef, comb: &TensorRef,
+    cfg: Config, stream: usize,
+) -> Result<()> {
+    for t in [mix, scale, base, pre, post, comb] {
+        t.expect_dtype(&[DType::F32])?;
+    }
+    mix.expect_shape(&[None, None])?;
+    let (tokens, width) = (mix.dim(0), mix.dim(1));
+    let n = streams(width).ok_or_else(|| {
+        Error::value(mix.name, format!("expected (2 + n) n columns for n streams in 1..={MAX_STREAMS}, got {width}"))
+    })?;
+    scale.expect_shape(&[Some(3)])?;
+    base.expect_shape(&[Some(width)])?;
+    pre.expect_shape(&[Some(tokens), Some(n)])?;
+    post.expect_shape(&[Some(tokens), Some(n)])?;
+    comb.expect_shape(&[Some(tokens), Some(n), Some(n)])?;
+    if cfg.iters == 0 {
+        return Err(Error::value("iters", "must be >= 1"));
+    }
+    if !(cfg.eps.is_finite() && cfg.eps >= 0.0) {
+        return Err(Error::value("eps", format!("must be finite and >= 0, got {}", cfg.eps)));
+    }
+    match same_device(&[mix, scale, base, pre, post, comb])? {
+        Device::Cuda(dev) => gpu::mhc::mhc_weights(dev, stream, mix, scale, base, pre, post, comb, n, cfg),
+        Device::Cpu => {
+            let (m, s, b) = (mix.host::<f32>(&[DType::F32])?, scale.host::<f32>(&[DType::F32])?, base.host::<f32>(&[DType::F32])?);
+            for (arg, values) in [(mix, m), (scale, s), (base, b)] {
+                if values.iter().any(|x| !x.is_finite()) {
+                    return Err(Error::value(arg.name, "values must be finite"));
+                }
+            }
+            let (pr, po, co) = (pre.host_mut::<f32>(&[DType::F32])?, post.host_mut::<f32>(&[DType::F32])?, comb.host_mut::<f32>(&[DType::F32])?);
+            for t in 0..tokens {
+                token(&m[t * width..(t + 1) * width], s, b, n, cfg, &mut pr[t * n..(t + 1) * n], &mut po[t * n..(t + 1) * n],
+                      &mut co[t * n * n..(t + 1) * n * n]);
+            }
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sinkhorn_makes_comb_nearly_doubly_stochastic() {
+        let n = 4;
+        let mix: Vec<f32> = (0..24).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.3).collect();
+        let (scale, base) = ([1.0, 0.5, 2.0], vec![0.1; 24]);
+        let (mut pre, mut post, mut comb) = (vec![0.0; n], vec![0.0; n], vec![0.0; n * n]);
+        token(&mix, &scale, &base, n, Config { iters: 20, eps: 1e-6 }, &mut pre, &mut post, &mut comb);
+        for i in 0..n {
+            let row: f32 = comb[i * n..(i + 1) * n].iter().sum();
+            let col: f32 = (0..n).map(|k| comb[k * n + i]).sum();
+            assert!((row - 1.0).abs() < 1e-3 && (col - 1.0).abs() < 1e-5, "row {row} col {col}");
+        }
+        assert!(pre.iter().all(|p| *p > 0.0 && *p < 1.0 + 1e-5) && post.iter().all(|p| *p > 0.0 && *p < 2.0));
+    }
+
+    #[test]
+    fn widths_give_streams() {
+        assert_eq!(streams(24), Some(4));
+        assert_eq!(streams(3), Some(1));
+        assert_eq!(streams(25), None);
+    }
+}
