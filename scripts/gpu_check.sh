@@ -6,7 +6,8 @@
 #   scripts/gpu_check.sh run [BENCH ARGS]   # on the GPU machine, from the repository root, with dist/
 #
 # `run` installs the wheel with --no-deps into a private folder (the GPU machine has no network
-# and brings its own torch), runs `pytest -m gpu`, then benches/gpu_bench.py with BENCH ARGS
+# and brings its own torch), runs `pytest -m gpu` and `dsv4rs demo --device cuda`, then
+# benches/gpu_bench.py with BENCH ARGS
 # (default --quick; pass --full for every size).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +29,8 @@ run)
     python3 -m dsv4rs.cli info
     # Run the tests against the installed wheel, not the source tree's python/ folder.
     python3 -m pytest -q -m gpu -p no:cacheprovider --rootdir=. -c pyproject.toml tests
+    # The README's main job on the GPU: the small V4 through the paged cache and the kernels.
+    python3 -m dsv4rs.cli demo --device cuda
     bench_args=("${@:2}")
     [ ${#bench_args[@]} -gt 0 ] || bench_args=(--quick)
     [ "${bench_args[0]}" = "--full" ] && bench_args=()

@@ -474,3 +474,18 @@ def test_bf16_weights(tiny: DeepseekV4, gen: torch.Generator, tmp_path) -> None:
     ids = ids_for(tiny.config, 300, gen)
     err = (prefill(bf16, ids) - prefill(f32, ids)).abs().amax(-1)
     assert float(err.median()) < 2e-2 and torch.isfinite(err).all()
+
+
+def test_tied_embeddings(gen: torch.Generator, tmp_path) -> None:
+    """tie_word_embeddings: one matrix for the embedding and the LM head, saved once by
+    transformers and loaded as such; logits still match."""
+    model = init_random(DeepseekV4(V4Config.tiny(tie_word_embeddings=True)), seed=5)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    hf = hf_model(model)
+    hf.save_pretrained(tmp_path)
+    loaded = load_checkpoint(tmp_path, progress=False)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    ids = ids_for(model.config, 200, gen)
+    with torch.no_grad():
+        want = hf(input_ids=ids[None]).logits[0]
+    torch.testing.assert_close(prefill(loaded, ids), want, atol=TOL, rtol=0)

@@ -361,6 +361,8 @@ class DeepseekV4(nn.Module):
         self.config = cfg
         self.model = Backbone(cfg)
         self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
         self.mtp = nn.ModuleList(MTP(cfg) for _ in range(cfg.num_nextn_predict_layers))
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
