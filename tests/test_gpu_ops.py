@@ -169,6 +169,21 @@ def test_portable_attention_kernel_is_a_different_kernel(gen: torch.Generator, m
     assert rel_err(portable, default) < 5e-3
 
 
+def test_sparse_attention_query_layouts(gen: torch.Generator, kernel: str) -> None:
+    """bfloat16 queries (copied asynchronously), float32 ones (vector loads) and a float32 view
+    that is not 16-byte aligned (scalar loads) give the same result for the same values."""
+    q, cache, idx, lengths, wcache, widx, sink = (x.cuda() for x in attention_case(gen, 3, 70, 500, 300, "fp8", 128))
+    args = dict(lengths=lengths, extra_cache=wcache, extra_indices=widx)
+    ref, _ = ops.sparse_attention(q, cache, idx, sink, **args)
+    bf, _ = ops.sparse_attention(q.bfloat16(), cache, idx, sink, **args)
+    store = torch.empty(q.numel() + 1, device="cuda")
+    shifted = store[1:].view_as(q)
+    shifted.copy_(q)
+    assert shifted.data_ptr() % 16 != 0
+    odd, _ = ops.sparse_attention(shifted, cache, idx, sink, **args)
+    assert torch.equal(bf, ref) and torch.equal(odd, ref)
+
+
 def test_sparse_attention_edge_cases(gen: torch.Generator, kernel: str) -> None:
     rows = torch.randn(64, 512, generator=gen)
     cache = ops.quantize_entries(rows)

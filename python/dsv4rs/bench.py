@@ -2,8 +2,11 @@
 
 On the available device (a CUDA GPU if there is one, else the CPU) it first measures the
 ceilings in the same run (a large copy, counting bytes read plus written; a large matmul: bf16
-on a GPU, float32 on the CPU), then times every case (GPU: CUDA events; CPU: wall clock; the
-median of many runs after warm-up, inputs rotated so caches do not hold them) and prints one
+on a GPU, float32 on the CPU), then times every case (GPU: CUDA events around the replay of a
+CUDA graph of the call, so that the time is the GPU's and not the Python launch cost, for the
+dsv4rs op and torch eager alike, falling back to timing the call itself where a capture fails;
+CPU: wall clock; the median of many runs after warm-up, inputs rotated so caches do not hold
+them) and prints one
 table: time, GB/s, TFLOP/s, the fraction of the roofline floor (the larger of bytes over
 bandwidth and FLOPs over the matmul rate), and torch eager's time for the same computation.
 Sizes are V4-Flash/Pro shapes on a GPU and scaled down on the CPU.
@@ -61,13 +64,26 @@ class Bench:
         self.device, self.quick = device, quick
         self.gpu = device == "cuda"
 
-    def median_ms(self, fn: Callable[[int], object], n_inputs: int, iters: int | None = None, warmup: int = 3) -> float:
-        """Median time of ``fn(i)``, cycling through ``n_inputs`` input sets."""
+    def median_ms(self, fn: Callable[[int], object], n_inputs: int, iters: int | None = None, warmup: int = 3,
+                  graph: bool = True) -> float:
+        """Median time of ``fn(i)``, cycling through ``n_inputs`` input sets (on a GPU, with
+        ``graph``, of the replay of a CUDA graph of each, when the call can be captured)."""
         iters = iters or (30 if self.gpu else 7)
         for i in range(warmup):
             fn(i % n_inputs)
         times = []
-        if self.gpu:
+        graphs = self._graphs(fn, n_inputs) if self.gpu and graph else None
+        if graphs:
+            torch.cuda.synchronize()
+            for i in range(iters):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                graphs[i % n_inputs].replay()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            del graphs
+        elif self.gpu:
             torch.cuda.synchronize()
             for i in range(iters):
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -83,14 +99,35 @@ class Bench:
                 times.append(1e3 * (time.perf_counter() - t0))
         return statistics.median(times)
 
+    @staticmethod
+    def _graphs(fn: Callable[[int], object], n_inputs: int) -> list[torch.cuda.CUDAGraph] | None:
+        """One CUDA graph of ``fn(i)`` per input set, or ``None`` when a call cannot be captured
+        (it synchronizes with the host)."""
+        graphs = []
+        try:
+            for i in range(n_inputs):
+                graph = torch.cuda.CUDAGraph()
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
+                    fn(i)
+                torch.cuda.current_stream().wait_stream(side)
+                graphs.append(graph)
+        except RuntimeError:
+            torch.cuda.synchronize()
+            return None
+        return graphs
+
     def ceilings(self) -> Ceilings:
         n = (1 << 30) if self.gpu else (1 << 27)
         src = torch.empty(n, dtype=torch.uint8, device=self.device).fill_(1)
         dst = torch.empty_like(src)
-        ms = self.median_ms(lambda i: dst.copy_(src), 1, iters=10)
+        # Timed directly: in a CUDA graph a device-to-device copy becomes a copy-engine node,
+        # slower than the copy kernel, and these large calls are not launch-bound.
+        ms = self.median_ms(lambda i: dst.copy_(src), 1, iters=10, graph=False)
         size, dtype = (8192, torch.bfloat16) if self.gpu else (1024, torch.float32)
         a, b = (torch.randn(size, size, device=self.device, dtype=dtype) for _ in range(2))
-        mm = self.median_ms(lambda i: a @ b, 1, iters=5)
+        mm = self.median_ms(lambda i: a @ b, 1, iters=5, graph=False)
         return Ceilings(copy_gbs=2 * n / ms / 1e6, matmul_tflops=2 * size**3 / mm / 1e9)
 
     def randn(self, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
