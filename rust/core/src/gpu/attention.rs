@@ -13,8 +13,9 @@ use crate::tensor::{DType, TensorRef};
 const THREADS: u32 = 256;
 const HEADS_PER_BLOCK: usize = 64;
 const TILE: usize = 32;
-/// Blocks to aim for (the kernel runs one block per multiprocessor; a large GPU has ~132).
-const TARGET_BLOCKS: usize = 2 * 132;
+/// Blocks to aim for: one wave of the 64-head kernel, which runs one block per multiprocessor (an
+/// H100/H200 has 132). Splitting further only adds waves, partial outputs and the combine pass.
+const TARGET_BLOCKS: usize = 132;
 /// Raw tiles staged ahead (`STAGES` in cuda/attention.cu), of `TILE` rows of up to 1024 bytes.
 const STAGES: usize = 3;
 /// The bf16 queries and tile, the per-warp partial scores and the staged raw tiles.
@@ -82,7 +83,7 @@ struct Params {
 /// Candidate-axis split: number of splits and candidates per split (a multiple of the tile).
 pub fn split(queries: usize, heads: usize, max_candidates: usize) -> (usize, usize) {
     let blocks = queries.max(1) * heads.div_ceil(HEADS_PER_BLOCK);
-    let wanted = TARGET_BLOCKS.div_ceil(blocks).max(1);
+    let wanted = (TARGET_BLOCKS / blocks).max(1);
     let most = max_candidates.div_ceil(2 * TILE).max(1);
     let splits = wanted.min(most);
     let len = max_candidates.div_ceil(splits).next_multiple_of(TILE).max(TILE);
