@@ -46,8 +46,8 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 
 // Tiles of raw rows are staged in shared memory by cp.async, STAGES - 1 tiles ahead of the one
 // being computed. A staged row takes STAGE_ROW bytes: an FP8 entry's 576 data bytes then its 8
-// scale bytes, or a BF16 row's 1024 bytes. Thread (row lrow, part lp) moves 16-byte chunks
-// lp + 8 j of its row.
+// scale bytes, or a BF16 row's 1024 bytes. Thread (row lrow, part lp of PARTS) moves 16-byte
+// chunks lp + PARTS j of its row.
 constexpr int STAGES = 3;
 // Padded by 64 bytes so that the 4 rows a warp decodes at once fall in different banks.
 constexpr int STAGE_ROW = ENTRY_DIM * 2 + 64;
@@ -148,6 +148,65 @@ __device__ __forceinline__ void derotate_pair(float& x0, float& x1, long long po
   x0 = y0;
   x1 = y1;
 }
+
+// The staging pipeline of both kernels: a split's candidate rows in tiles of T, staged raw by
+// cp.async S - 1 tiles ahead of the one being computed, while the row ids of tile i + S are
+// already being read, so no copy waits on the index load before it. THREADS / T threads share a
+// row. `next(i)` waits for tile i, decodes it into the bf16 tile `ks` (masked rows as zeros, with
+// a -inf score bias in `valid`) and starts tile i + S - 1; both barriers are inside.
+template <int T, int S>
+struct RowPipeline {
+  static constexpr int PARTS = THREADS / T;
+  const Params& p;
+  const long long t;
+  const int na, nb, begin, end, lrow, lpart;
+  uint8_t* const stages;  // [S][T][STAGE_ROW]
+  int* const row_fmt;     // [S][T]: the staged row's format, -1 for none
+  int which_ahead = 0;
+  long long ahead = -1;
+
+  __device__ RowPipeline(const Params& p_, long long t_, int na_, int nb_, int begin_, int end_, uint8_t* stages_,
+                         int* row_fmt_)
+      : p(p_), t(t_), na(na_), nb(nb_), begin(begin_), end(end_), lrow(threadIdx.x / PARTS),
+        lpart(threadIdx.x % PARTS), stages(stages_), row_fmt(row_fmt_) {}
+
+  __device__ int tiles() const { return begin < end ? (end - begin + T - 1) / T : 0; }
+
+  __device__ long long row_at(int tile, int& which) const {
+    const int pos = begin + tile * T + lrow;
+    return pos < end ? candidate_row(p, t, na, nb, pos, which) : -1;
+  }
+
+  __device__ void issue(int tile, long long row, int which) {
+    const Cache& c = which ? p.b : p.a;
+    stage_row<PARTS>(stages + ((tile % S) * T + lrow) * STAGE_ROW, c, row, lpart);
+    if (lpart == 0) row_fmt[(tile % S) * T + lrow] = row < 0 ? -1 : c.fmt;
+  }
+
+  __device__ void start() {
+    const int n = tiles();
+#pragma unroll
+    for (int i = 0; i < S - 1; ++i) {
+      if (i < n) issue(i, row_at(i, which_ahead), which_ahead);
+      cp_async_commit();
+    }
+    ahead = row_at(S - 1, which_ahead);
+  }
+
+  __device__ void next(int i, uint16_t* ks, float* valid) {
+    cp_async_wait<S - 2>();
+    __syncthreads();  // tile i staged by every thread; the previous tile's readers are done
+    const int fmt_row = row_fmt[(i % S) * T + lrow];
+    decode_row<PARTS>(stages + ((i % S) * T + lrow) * STAGE_ROW, fmt_row, lpart, ks + lrow * KROW);
+    if (lpart == 0) valid[lrow] = fmt_row < 0 ? -INFINITY : 0.f;
+    if (i + S - 1 < tiles()) {
+      issue(i + S - 1, ahead, which_ahead);
+      ahead = row_at(i + S, which_ahead);
+    }
+    cp_async_commit();
+    __syncthreads();
+  }
+};
 
 // The end of a block: a warp's accumulators `o` (16 heads h0.. x dims [d0, d0 + 8 N)) and the
 // running row max and sum (log2 units, spread over the 4 lanes of a row) become the output (one
@@ -302,39 +361,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) dsv4_sparse_attention(c
     for (int i = 0; i < 4; ++i) o[n][i] = 0.f;
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
 
-  // Pipeline: tiles i + 1 .. i + STAGES - 1 are in flight while tile i is computed, and the
-  // row ids of tile i + STAGES are being read, so no copy waits on the index load before it.
-  const int lrow = tid / 8, lpart = tid % 8;
-  auto row_at = [&](int pos, int& which) -> long long {
-    return pos < end ? candidate_row(p, t, na, nb, pos, which) : -1;
-  };
-  auto issue = [&](int tile, long long row, int which) {
-    uint8_t* dst = stages + ((tile % STAGES) * TILE + lrow) * STAGE_ROW;
-    const Cache& c = which ? p.b : p.a;
-    stage_row<8>(dst, c, row, lpart);
-    if (lpart == 0) row_fmt[(tile % STAGES) * TILE + lrow] = row < 0 ? -1 : c.fmt;
-  };
-  const int tiles = begin < end ? (end - begin + TILE - 1) / TILE : 0;
-  int which_ahead = 0;
-#pragma unroll
-  for (int i = 0; i < STAGES - 1; ++i) {
-    if (i < tiles) issue(i, row_at(begin + i * TILE + lrow, which_ahead), which_ahead);
-    cp_async_commit();
-  }
-  long long ahead = row_at(begin + (STAGES - 1) * TILE + lrow, which_ahead);
-
+  RowPipeline<TILE, STAGES> pipe(p, t, na, nb, begin, end, stages, row_fmt);
+  pipe.start();
+  const int tiles = pipe.tiles();
   for (int i = 0; i < tiles; ++i) {
-    cp_async_wait<STAGES - 2>();
-    __syncthreads();  // tile i staged by every thread; the previous tile's readers are done
-    const int fmt_row = row_fmt[(i % STAGES) * TILE + lrow];
-    decode_row<8>(stages + ((i % STAGES) * TILE + lrow) * STAGE_ROW, fmt_row, lpart, ks + lrow * KROW);
-    if (lpart == 0) valid_s[lrow] = fmt_row < 0 ? -INFINITY : 0.f;
-    if (i + STAGES - 1 < tiles) {
-      issue(i + STAGES - 1, ahead, which_ahead);
-      ahead = row_at(begin + (i + STAGES) * TILE + lrow, which_ahead);
-    }
-    cp_async_commit();
-    __syncthreads();
+    pipe.next(i, ks, valid_s);
 
     // Partial scores over this warp's 256 dims: [16 heads x 32 candidates]. A fragments (16
     // heads x 16 dims) and B fragments (two 8-candidate tiles x 16 dims) by ldmatrix.
@@ -406,7 +437,6 @@ constexpr int P_WARPS = THREADS / 32;           // 8 output-dim slices
 constexpr int P_SLICE = ENTRY_DIM / P_WARPS;    // 64 dims
 constexpr int P_TILE = 16;                      // candidates per tile
 constexpr int P_SP_ROW = P_TILE + 8;            // padded row of partial scores
-constexpr int P_PARTS = THREADS / P_TILE;       // 16 threads stage and decode a row
 constexpr int P_STAGES = 3;
 }  // namespace
 
@@ -452,37 +482,11 @@ extern "C" __global__ void __launch_bounds__(THREADS) dsv4_sparse_attention_port
     for (int i = 0; i < 4; ++i) o[n][i] = 0.f;
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
 
-  const int lrow = tid / P_PARTS, lpart = tid % P_PARTS;
-  auto row_at = [&](int pos, int& which) -> long long {
-    return pos < end ? candidate_row(p, t, na, nb, pos, which) : -1;
-  };
-  auto issue = [&](int tile, long long row, int which) {
-    uint8_t* dst = stages + ((tile % P_STAGES) * P_TILE + lrow) * STAGE_ROW;
-    const Cache& c = which ? p.b : p.a;
-    stage_row<P_PARTS>(dst, c, row, lpart);
-    if (lpart == 0) row_fmt[(tile % P_STAGES) * P_TILE + lrow] = row < 0 ? -1 : c.fmt;
-  };
-  const int tiles = begin < end ? (end - begin + P_TILE - 1) / P_TILE : 0;
-  int which_ahead = 0;
-#pragma unroll
-  for (int i = 0; i < P_STAGES - 1; ++i) {
-    if (i < tiles) issue(i, row_at(begin + i * P_TILE + lrow, which_ahead), which_ahead);
-    cp_async_commit();
-  }
-  long long ahead = row_at(begin + (P_STAGES - 1) * P_TILE + lrow, which_ahead);
-
+  RowPipeline<P_TILE, P_STAGES> pipe(p, t, na, nb, begin, end, stages, row_fmt);
+  pipe.start();
+  const int tiles = pipe.tiles();
   for (int i = 0; i < tiles; ++i) {
-    cp_async_wait<P_STAGES - 2>();
-    __syncthreads();
-    const int fmt_row = row_fmt[(i % P_STAGES) * P_TILE + lrow];
-    decode_row<P_PARTS>(stages + ((i % P_STAGES) * P_TILE + lrow) * STAGE_ROW, fmt_row, lpart, ks + lrow * KROW);
-    if (lpart == 0) valid_s[lrow] = fmt_row < 0 ? -INFINITY : 0.f;
-    if (i + P_STAGES - 1 < tiles) {
-      issue(i + P_STAGES - 1, ahead, which_ahead);
-      ahead = row_at(begin + (i + P_STAGES) * P_TILE + lrow, which_ahead);
-    }
-    cp_async_commit();
-    __syncthreads();
+    pipe.next(i, ks, valid_s);
 
     // Partial scores [16 heads x 16 candidates] over this warp's 64 dims.
     float s[2][4];
