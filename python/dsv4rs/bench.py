@@ -72,23 +72,14 @@ class Bench:
         for i in range(warmup):
             fn(i % n_inputs)
         times = []
-        graphs = self._graphs(fn, n_inputs) if self.gpu and graph else None
-        if graphs:
+        if self.gpu:
+            graphs = self._graphs(fn, n_inputs) if graph else None
+            call = (lambda i: graphs[i].replay()) if graphs else fn
             torch.cuda.synchronize()
             for i in range(iters):
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                graphs[i % n_inputs].replay()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            del graphs
-        elif self.gpu:
-            torch.cuda.synchronize()
-            for i in range(iters):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn(i % n_inputs)
+                call(i % n_inputs)
                 end.record()
                 end.synchronize()
                 times.append(start.elapsed_time(end))

@@ -172,30 +172,20 @@ class Engine:
             return None, slots.to(self.device)
         return keep.nonzero().flatten().to(self.device), slots[keep].to(self.device)
 
-    def _write_main(self, cache: torch.Tensor, where: tuple[torch.Tensor | None, torch.Tensor], rows: torch.Tensor) -> None:
+    def _write(self, cache: torch.Tensor, where: tuple[torch.Tensor | None, torch.Tensor], rows: torch.Tensor,
+               keys: bool = False) -> None:
+        """Writes KV entries (or, with ``keys``, indexer keys) at the slots of ``where``
+        (:meth:`_keep`): quantized into the paged layout, or as plain rows."""
         keep, slots = where
         rows = rows if keep is None else rows[keep]
         if slots.numel() == 0:
             return
-        if self.quant:
-            ops.kv_write(cache, slots, rows.float())
-        else:
+        if not self.quant:
             cache.view(-1, cache.shape[-1])[slots] = rows.to(cache.dtype)
-
-    def _write_keys(self, cache: torch.Tensor, where: tuple[torch.Tensor | None, torch.Tensor], keys: torch.Tensor) -> None:
-        keep, slots = where
-        keys = keys if keep is None else keys[keep]
-        if slots.numel() == 0:
-            return
-        if self.quant:
-            ops.index_key_write(cache, slots, keys.float(), self.index_format)
+        elif keys:
+            ops.index_key_write(cache, slots, rows.float(), self.index_format)
         else:
-            cache.view(-1, cache.shape[-1])[slots] = keys.to(cache.dtype)
-
-    def cache_bytes(self) -> int:
-        """Bytes of all cache tensors (rows and compressor state), as allocated."""
-        tensors = (self.window, self.csa, self.csa_keys, self.hca, self.csa_state, self.index_state, self.hca_state)
-        return sum(t.numel() * t.element_size() for t in tensors)
+            ops.kv_write(cache, slots, rows.float())
 
     # -- sequences -------------------------------------------------------------------------------
 
@@ -375,17 +365,14 @@ class Engine:
         e = rope(e, b.pos, inv)
         ring = self.window[i]
 
-        # Window source: the ring itself (decode) or a staging copy (chunks).
+        # Window source: the ring itself (decode) or a staging copy (chunks), taken before the
+        # chunk's rows overwrite the ring.
+        win_cache = ring
         if "new_dst" in b.window_src:
-            n_rows = b.staging_rows
-            staging = (torch.zeros(-(-n_rows // PAGE), *ring.shape[1:], dtype=ring.dtype, device=self.device))
-            copy_rows(staging, b.window_src["prior_dst"], ring, b.window_src["prior_src"], MAIN_DATA_BYTES)
-            self._write_main(staging, (None, b.window_src["new_dst"]), e)
-            self._write_main(ring, b.slots["window"], e)  # after the copy: the chunk overwrites old rows
-            win_cache = staging
-        else:
-            self._write_main(ring, b.slots["window"], e)
-            win_cache = ring
+            win_cache = torch.zeros(-(-b.staging_rows // PAGE), *ring.shape[1:], dtype=ring.dtype, device=self.device)
+            copy_rows(win_cache, b.window_src["prior_dst"], ring, b.window_src["prior_src"], MAIN_DATA_BYTES)
+            self._write(win_cache, (None, b.window_src["new_dst"]), e)
+        self._write(ring, b.slots["window"], e)
         win_idx = b.window_src["cand"]
 
         derotate = (b.pos, inv)
@@ -399,14 +386,14 @@ class Engine:
         family = "csa" if kind == CSA else "hca"
         state = self.csa_state[j] if kind == CSA else self.hca_state[j]
         entries = self._compress(comp, x, state, inv, b)
-        self._write_main(main, b.slots[family], entries)
+        self._write(main, b.slots[family], entries)
 
         visible = (b.pos + 1) // comp.ratio
         if kind == CSA:
             keys = self._compress(comp.indexer, x, self.index_state[j], inv, b)
             if self.quant:
                 keys = ops.hadamard128(keys)
-            self._write_keys(self.csa_keys[j], b.slots["csa"], keys)
+            self._write(self.csa_keys[j], b.slots["csa"], keys, keys=True)
             qi = rope(comp.indexer.queries(cq), b.pos, inv)
             if self.quant:  # queries take the keys' rotation and FP4 (or FP8) round trip
                 flat = ops.hadamard128(qi.reshape(-1, INDEX_DIM))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 from tqdm import tqdm
@@ -327,8 +327,6 @@ def export_deepseek(model: DeepseekV4, path: str | os.PathLike[str], shard_bytes
     other matrices, float32 for mHC, sinks and positional biases; plus ``config.json``
     (DeepSeek's keys). Returns the *dequantized twin*: a copy of ``model`` holding exactly the
     values the checkpoint decodes to."""
-    from safetensors.torch import save_file
-
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     cfg = model.config
@@ -363,7 +361,7 @@ def export_deepseek(model: DeepseekV4, path: str | os.PathLike[str], shard_bytes
                     key = f"{prefix}.ffn.experts.{e}.{w}"
                     tensors[f"{key}.weight"], tensors[f"{key}.scale"] = packed, scale
                     view.copy_(deq)
-    _write_shards(tensors, path, shard_bytes, progress, save_file)
+    _write_shards(tensors, path, shard_bytes, progress)
     d = cfg.to_hf_dict()
     d["compress_ratios"] = list(cfg.compress_ratios)
     d["num_hash_layers"] = sum(t == "hash_moe" for t in cfg.mlp_layer_types)
@@ -380,8 +378,9 @@ def export_deepseek(model: DeepseekV4, path: str | os.PathLike[str], shard_bytes
     return twin
 
 
-def _write_shards(tensors: dict[str, torch.Tensor], path: str, shard_bytes: int, progress: bool,
-                  save_file: Callable[..., None]) -> None:
+def _write_shards(tensors: dict[str, torch.Tensor], path: str, shard_bytes: int, progress: bool) -> None:
+    from safetensors.torch import save_file
+
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for k in sorted(tensors):
