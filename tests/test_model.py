@@ -489,3 +489,13 @@ def test_tied_embeddings(gen: torch.Generator, tmp_path) -> None:
     with torch.no_grad():
         want = hf(input_ids=ids[None]).logits[0]
     torch.testing.assert_close(prefill(loaded, ids), want, atol=TOL, rtol=0)
+
+
+def test_presets_agree_with_the_cost_model() -> None:
+    """The cost model keeps its own copy of the V4 presets (it runs without torch); both copies
+    must describe the same models."""
+    from dsv4rs import cost
+
+    for cfg, model in ((V4Config.v4_pro(), cost.V4Model.pro()), (V4Config.v4_flash(), cost.V4Model.flash())):
+        mine = cfg.cost_model(model.name)
+        assert mine == model, (mine, model)
