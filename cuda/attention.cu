@@ -15,286 +15,17 @@
 // output dims [256 (w % 2), +256); the two warps of a head tile add their partial scores through
 // shared memory. With one split the block writes the final output; otherwise it writes
 // (O, row max, row sum) partials that dsv4_attention_combine folds together.
-#include "mma.cuh"
-#include "quant.cuh"
-
-using namespace dsv4;
+#include "attention.cuh"
 
 namespace {
 
-constexpr int THREADS = 256;
 constexpr int HEAD_TILES = 4;                    // 16 heads each
 constexpr int SLICES = 2;                        // output dims split between the warps of a head tile
 constexpr int SLICE = ENTRY_DIM / SLICES;        // 256 dims
 constexpr int HEADS_PER_BLOCK = 16 * HEAD_TILES; // 64
 constexpr int TILE = 32;              // candidates per tile
 constexpr int SP_ROW = TILE + 8;      // padded row of partial scores: conflict-free float2 access
-constexpr int KROW = ENTRY_DIM + 8;   // padded bf16 row stride (1040 B): conflict-free fragments
-constexpr float LOG2E = 1.4426950408889634f;
-
-enum EntryFormat { ENTRIES_FP8 = 0, ENTRIES_BF16 = 1 };
-
-struct Cache {
-  const uint8_t* base;
-  long long rows;
-  int fmt;
-};
-
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  return (uint32_t)bf16_from_f32(lo) | ((uint32_t)bf16_from_f32(hi) << 16);
-}
-
-// Tiles of raw rows are staged in shared memory by cp.async, STAGES - 1 tiles ahead of the one
-// being computed. A staged row takes STAGE_ROW bytes: an FP8 entry's 576 data bytes then its 8
-// scale bytes, or a BF16 row's 1024 bytes. Thread (row lrow, part lp of PARTS) moves 16-byte
-// chunks lp + PARTS j of its row.
 constexpr int STAGES = 3;
-// Padded by 64 bytes so that the 4 rows a warp decodes at once fall in different banks.
-constexpr int STAGE_ROW = ENTRY_DIM * 2 + 64;
-
-template <int PARTS>
-__device__ __forceinline__ void stage_row(uint8_t* dst, const Cache& c, long long row, int lp) {
-  if (row < 0) return;
-  if (c.fmt == ENTRIES_FP8) {
-    const uint8_t* data = c.base + MAIN_ENTRY.data_offset(row);
-    for (int ch = lp; ch < MAIN_ENTRY.data_bytes / 16; ch += PARTS) cp_async16(dst + 16 * ch, data + 16 * ch);
-    if (lp == 0) cp_async8(dst + MAIN_ENTRY.data_bytes, c.base + MAIN_ENTRY.scale_offset(row));
-  } else {
-    const uint8_t* data = c.base + row * (ENTRY_DIM * 2);
-#pragma unroll
-    for (int j = 0; j < 64 / PARTS; ++j) cp_async16(dst + 16 * (lp + PARTS * j), data + 16 * (lp + PARTS * j));
-  }
-}
-
-// Decodes a staged row into the shared tile row `dst` as bf16: chunks PARTS j + lp (dims 8 c ..
-// 8 c + 8 of chunk c), so the PARTS threads of a row write consecutive 16-byte chunks. `fmt` < 0:
-// a masked row (zeros).
-template <int PARTS>
-__device__ __forceinline__ void decode_row(const uint8_t* src, int fmt, int lp, uint16_t* dst) {
-#pragma unroll
-  for (int j = 0; j < 64 / PARTS; ++j) {
-    const int ch = PARTS * j + lp;
-    uint4 out = make_uint4(0, 0, 0, 0);
-    if (fmt == ENTRIES_FP8) {
-      if (ch < NOPE_DIM / 8) {
-        int se = (int)src[MAIN_ENTRY.data_bytes + ch / 8] - 127;
-        out = fp8x8_to_bf16(*(const uint2*)(src + 8 * ch), se);
-      } else {
-        out = *(const uint4*)(src + NOPE_DIM + 16 * (ch - NOPE_DIM / 8));
-      }
-    } else if (fmt == ENTRIES_BF16) {
-      out = *(const uint4*)(src + 16 * ch);
-    }
-    *(uint4*)(dst + 8 * ch) = out;
-  }
-}
-
-// One candidate list: row ids [T, stride] (int32 or int64) and optional counts [T].
-struct List {
-  const void* ids;
-  const void* counts;  // null: all `stride` columns count
-  int stride;
-  int ids64, counts64;
-};
-
-// Mirrored by `Params` in rust/core/src/gpu/attention.rs (same field order, repr(C)).
-struct Params {
-  const void* q;
-  int q_bf16;
-  int heads;
-  Cache a, b;
-  List la, lb;                 // lb.ids null: no second list
-  const float* sink;
-  float scale;
-  const void* positions;       // null: no de-rotation
-  int positions64;
-  const void* inv_freq;        // [32], float32 or float64
-  int inv_freq64;
-  int splits;
-  int split_len;
-  float* out;      // [T, H, 512]
-  float* lse;      // [T, H]
-  float* part_o;   // [T, splits, H, 512]
-  float* part_ml;  // [T, splits, H, 2]
-};
-
-__device__ __forceinline__ int list_count(const List& l, long long t) {
-  if (!l.ids) return 0;
-  return l.counts ? (int)min(load_id(l.counts, t, l.counts64), (long long)l.stride) : l.stride;
-}
-
-// Candidate `pos` of query t's list -> row of cache `which`, or -1 when masked.
-__device__ __forceinline__ long long candidate_row(const Params& p, long long t, int na, int nb, int pos,
-                                                   int& which) {
-  long long row = -1;
-  if (pos < na) {
-    row = load_id(p.la.ids, t * p.la.stride + pos, p.la.ids64);
-    which = 0;
-    if (row >= p.a.rows) row = -1;
-  } else if (pos < na + nb) {
-    row = load_id(p.lb.ids, t * p.lb.stride + pos - na, p.lb.ids64);
-    which = 1;
-    if (row >= p.b.rows) row = -1;
-  }
-  return row < 0 ? -1 : row;
-}
-
-// Inverse RoPE at `pos` on dims 448:512 of a 512-d output row held as (dim, value) pairs.
-__device__ __forceinline__ void derotate_pair(float& x0, float& x1, long long pos, const Params& p, int j) {
-  const double f = p.inv_freq64 ? ((const double*)p.inv_freq)[j] : (double)((const float*)p.inv_freq)[j];
-  double s, c;
-  sincospi(-(double)pos * f * M_1_PI, &s, &c);  // the pi-scaled argument makes range reduction cheap
-  float y0 = x0 * (float)c - x1 * (float)s, y1 = x0 * (float)s + x1 * (float)c;
-  x0 = y0;
-  x1 = y1;
-}
-
-// The staging pipeline of both kernels: a split's candidate rows in tiles of T, staged raw by
-// cp.async S - 1 tiles ahead of the one being computed, while the row ids of tile i + S are
-// already being read, so no copy waits on the index load before it. THREADS / T threads share a
-// row. `next(i)` waits for tile i, decodes it into the bf16 tile `ks` (masked rows as zeros, with
-// a -inf score bias in `valid`) and starts tile i + S - 1; both barriers are inside.
-template <int T, int S>
-struct RowPipeline {
-  static constexpr int PARTS = THREADS / T;
-  const Params& p;
-  const long long t;
-  const int na, nb, begin, end, lrow, lpart;
-  uint8_t* const stages;  // [S][T][STAGE_ROW]
-  int* const row_fmt;     // [S][T]: the staged row's format, -1 for none
-  int which_ahead = 0;
-  long long ahead = -1;
-
-  __device__ RowPipeline(const Params& p_, long long t_, int na_, int nb_, int begin_, int end_, uint8_t* stages_,
-                         int* row_fmt_)
-      : p(p_), t(t_), na(na_), nb(nb_), begin(begin_), end(end_), lrow(threadIdx.x / PARTS),
-        lpart(threadIdx.x % PARTS), stages(stages_), row_fmt(row_fmt_) {}
-
-  __device__ int tiles() const { return begin < end ? (end - begin + T - 1) / T : 0; }
-
-  __device__ long long row_at(int tile, int& which) const {
-    const int pos = begin + tile * T + lrow;
-    return pos < end ? candidate_row(p, t, na, nb, pos, which) : -1;
-  }
-
-  __device__ void issue(int tile, long long row, int which) {
-    const Cache& c = which ? p.b : p.a;
-    stage_row<PARTS>(stages + ((tile % S) * T + lrow) * STAGE_ROW, c, row, lpart);
-    if (lpart == 0) row_fmt[(tile % S) * T + lrow] = row < 0 ? -1 : c.fmt;
-  }
-
-  __device__ void start() {
-    const int n = tiles();
-#pragma unroll
-    for (int i = 0; i < S - 1; ++i) {
-      if (i < n) issue(i, row_at(i, which_ahead), which_ahead);
-      cp_async_commit();
-    }
-    ahead = row_at(S - 1, which_ahead);
-  }
-
-  __device__ void next(int i, uint16_t* ks, float* valid) {
-    cp_async_wait<S - 2>();
-    __syncthreads();  // tile i staged by every thread; the previous tile's readers are done
-    const int fmt_row = row_fmt[(i % S) * T + lrow];
-    decode_row<PARTS>(stages + ((i % S) * T + lrow) * STAGE_ROW, fmt_row, lpart, ks + lrow * KROW);
-    if (lpart == 0) valid[lrow] = fmt_row < 0 ? -INFINITY : 0.f;
-    if (i + S - 1 < tiles()) {
-      issue(i + S - 1, ahead, which_ahead);
-      ahead = row_at(i + S, which_ahead);
-    }
-    cp_async_commit();
-    __syncthreads();
-  }
-};
-
-// The end of a block: a warp's accumulators `o` (16 heads h0.. x dims [d0, d0 + 8 N)) and the
-// running row max and sum (log2 units, spread over the 4 lanes of a row) become the output (one
-// split: normalized with the sink, de-rotated) or the split's partials. `first` marks the warp
-// that writes the per-head statistics.
-template <int N>
-__device__ __forceinline__ void finish_rows(const Params& p, float (&o)[N][4], float (&row_max)[2],
-                                            float (&row_sum)[2], long long t, int split, int h0, int d0,
-                                            bool first) {
-  const int lane = threadIdx.x % 32, r = lane / 4, c2 = (lane % 4) * 2;
-#pragma unroll
-  for (int j = 0; j < 2; ++j) {
-    row_sum[j] += __shfl_xor_sync(0xffffffffu, row_sum[j], 1);
-    row_sum[j] += __shfl_xor_sync(0xffffffffu, row_sum[j], 2);
-  }
-#pragma unroll
-  for (int j = 0; j < 2; ++j) {
-    const int h = h0 + r + 8 * j;
-    if (h >= p.heads) continue;
-    if (p.splits == 1) {
-      // out = O / (l + 2^(sink - m)) with O and l relative to the row max m (0 when no candidate).
-      const float m = row_max[j];
-      const float f = m == -INFINITY ? 0.f : 1.f / (row_sum[j] + exp2f(p.sink[h] * LOG2E - m));
-      float* dst = p.out + (t * p.heads + h) * ENTRY_DIM;
-#pragma unroll
-      for (int n = 0; n < N; ++n) {
-        float x0 = o[n][2 * j] * f, x1 = o[n][2 * j + 1] * f;
-        const int d = d0 + 8 * n + c2;
-        if (p.positions && d >= NOPE_DIM) derotate_pair(x0, x1, load_id(p.positions, t, p.positions64), p, (d - NOPE_DIM) / 2);
-        *(float2*)(dst + d) = make_float2(x0, x1);
-      }
-      if (first && lane % 4 == 0)
-        p.lse[t * p.heads + h] = m == -INFINITY ? -INFINITY : (m + log2f(row_sum[j])) / LOG2E;
-    } else {
-      float* dst = p.part_o + ((t * p.splits + split) * p.heads + h) * ENTRY_DIM + d0;
-#pragma unroll
-      for (int n = 0; n < N; ++n) *(float2*)(dst + 8 * n + c2) = make_float2(o[n][2 * j], o[n][2 * j + 1]);
-      if (first && lane % 4 == 0) {
-        float* ml = p.part_ml + ((t * p.splits + split) * p.heads + h) * 2;
-        ml[0] = row_max[j];
-        ml[1] = row_sum[j];
-      }
-    }
-  }
-}
-
-// One online-softmax step over a tile's scores s (NT n-tiles of 8 candidates, log2 units): the
-// new row max, the rescale of the running sum and of `o`, and P = 2^(s - max) packed as the bf16
-// A fragments of the P V product (k-step n / 2 from n-tiles n and n + 1).
-template <int NT, int N>
-__device__ __forceinline__ void softmax_step(float (&s)[NT][4], float (&row_max)[2], float (&row_sum)[2],
-                                             float (&o)[N][4], uint32_t (&pa)[NT / 2][4]) {
-  float tile_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-  for (int n = 0; n < NT; ++n)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) tile_max[i / 2] = fmaxf(tile_max[i / 2], s[n][i]);
-  float corr[2];
-#pragma unroll
-  for (int j = 0; j < 2; ++j) {
-    tile_max[j] = fmaxf(tile_max[j], __shfl_xor_sync(0xffffffffu, tile_max[j], 1));
-    tile_max[j] = fmaxf(tile_max[j], __shfl_xor_sync(0xffffffffu, tile_max[j], 2));
-    float m_new = fmaxf(row_max[j], tile_max[j]);
-    corr[j] = m_new == -INFINITY ? 1.f : exp2f(row_max[j] - m_new);
-    row_max[j] = m_new;
-    row_sum[j] *= corr[j];
-  }
-#pragma unroll
-  for (int n = 0; n < NT; ++n) {
-    float e[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      float m = row_max[i / 2];
-      e[i] = m == -INFINITY ? 0.f : exp2f(s[n][i] - m);
-      row_sum[i / 2] += e[i];
-    }
-    pa[n / 2][(n % 2) * 2 + 0] = pack_bf16(e[0], e[1]);
-    pa[n / 2][(n % 2) * 2 + 1] = pack_bf16(e[2], e[3]);
-  }
-  if (__all_sync(0xffffffffu, corr[0] == 1.f && corr[1] == 1.f)) return;  // no row max moved
-#pragma unroll
-  for (int n = 0; n < N; ++n) {
-    o[n][0] *= corr[0];
-    o[n][1] *= corr[0];
-    o[n][2] *= corr[1];
-    o[n][3] *= corr[1];
-  }
-}
 
 }  // namespace
 
@@ -303,7 +34,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) dsv4_sparse_attention(c
   uint16_t* qs = (uint16_t*)smem;                                 // [64 heads][KROW] bf16 queries
   uint16_t* ks = qs + HEADS_PER_BLOCK * KROW;                      // [TILE][KROW] bf16 rows
   float* sp = (float*)(ks + TILE * KROW);                          // [4][2][16][SP_ROW] partial scores
-  uint8_t* stages = (uint8_t*)(sp + HEAD_TILES * SLICES * 16 * SP_ROW);  // [STAGES][TILE][STAGE_ROW]
+  uint8_t* stages = (uint8_t*)(sp + HEAD_TILES * SLICES * 16 * SP_ROW);  // [STAGES][TILE][stage row]
   __shared__ float valid_s[TILE];
   __shared__ int row_fmt[STAGES * TILE];
 
@@ -444,7 +175,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) dsv4_sparse_attention_port
   extern __shared__ __align__(16) uint8_t smem[];
   uint16_t* ks = (uint16_t*)smem;                              // [P_TILE][KROW] bf16 rows
   float* sp = (float*)(ks + P_TILE * KROW);                     // [8 warps][16 heads][P_SP_ROW] partial scores
-  uint8_t* stages = (uint8_t*)(sp + P_WARPS * 16 * P_SP_ROW);   // [P_STAGES][P_TILE][STAGE_ROW]
+  uint8_t* stages = (uint8_t*)(sp + P_WARPS * 16 * P_SP_ROW);   // [P_STAGES][P_TILE][stage row]
   __shared__ float valid_s[P_TILE];
   __shared__ int row_fmt[P_STAGES * P_TILE];
 

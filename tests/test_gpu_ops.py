@@ -131,12 +131,25 @@ def attention_case(gen: torch.Generator, t: int, heads: int, n_rows: int, k: int
     return q, cache, idx, lengths, wcache, widx, sink
 
 
-@pytest.fixture(params=["default", "portable"])
+ATTENTION_KERNELS = ["wgmma", "mma", "portable"]
+
+
+def runnable_kernels() -> list[str]:
+    """The attention kernels this GPU runs: wgmma on compute capability 9.0 only, the 64-head
+    mma.sync one where 220 KiB of shared memory fit, the portable one everywhere."""
+    major, minor = torch.cuda.get_device_capability()
+    smem = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
+    return [k for k in ATTENTION_KERNELS
+            if k == "portable" or (k == "mma" and smem >= 224_768) or (k == "wgmma" and (major, minor) == (9, 0))]
+
+
+@pytest.fixture(params=ATTENTION_KERNELS)
 def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Runs a test with the attention kernel the GPU picks and again with the portable one (the
-    one GPUs with less than 220 KiB of shared memory per block run)."""
-    if request.param == "portable":
-        monkeypatch.setenv("DSV4RS_ATTENTION_KERNEL", "portable")
+    """Runs a test with each attention kernel the GPU can run (forced through
+    DSV4RS_ATTENTION_KERNEL); the others are skipped, naming why."""
+    if request.param not in runnable_kernels():
+        pytest.skip(f"this GPU does not run the {request.param} attention kernel")
+    monkeypatch.setenv("DSV4RS_ATTENTION_KERNEL", request.param)
     return request.param
 
 
@@ -158,15 +171,42 @@ def test_sparse_attention_matches_cpu(gen: torch.Generator, fmt: str, t: int, he
     torch.testing.assert_close(lse_d.cpu()[finite], lse_c[finite], rtol=1e-3, atol=1e-3)
 
 
-def test_portable_attention_kernel_is_a_different_kernel(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The switch takes effect: the two kernels add partial scores in different orders, so their
-    outputs agree closely but not bit for bit."""
+def launched_kernels(fn) -> set[str]:
+    """Names of the CUDA kernels `fn` launches (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.key for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA}
+
+
+def test_attention_kernel_switch_takes_effect(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each forced kernel is the one that runs (seen by the profiler), the default is the first
+    runnable one, and all agree closely (the wgmma and mma.sync kernels add in the same order and
+    may agree bit for bit)."""
     q, cache, idx, lengths, wcache, widx, sink = (x.cuda() for x in attention_case(gen, 4, 64, 1000, 512, "fp8", 128))
-    default, _ = ops.sparse_attention(q, cache, idx, sink, lengths=lengths, extra_cache=wcache, extra_indices=widx)
-    monkeypatch.setenv("DSV4RS_ATTENTION_KERNEL", "portable")
-    portable, _ = ops.sparse_attention(q, cache, idx, sink, lengths=lengths, extra_cache=wcache, extra_indices=widx)
-    assert not torch.equal(default, portable)
-    assert rel_err(portable, default) < 5e-3
+    args = dict(lengths=lengths, extra_cache=wcache, extra_indices=widx)
+    names = {"wgmma": "dsv4_sparse_attention_wgmma", "mma": "dsv4_sparse_attention",
+             "portable": "dsv4_sparse_attention_portable"}
+    run = lambda: ops.sparse_attention(q, cache, idx, sink, **args)  # noqa: E731
+    default_launched = launched_kernels(run)
+    outs = {}
+    for kernel in runnable_kernels():
+        monkeypatch.setenv("DSV4RS_ATTENTION_KERNEL", kernel)
+        launched = launched_kernels(run)
+        assert names[kernel] in launched and not (set(names.values()) - {names[kernel]}) & launched, launched
+        outs[kernel], _ = run()
+    assert names[runnable_kernels()[0]] in default_launched
+    first = outs[runnable_kernels()[0]]
+    for kernel, out in outs.items():
+        assert rel_err(out, first) < 5e-3, kernel
+
+
+def test_forcing_an_unknown_attention_kernel_is_an_error(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    q, cache, idx, _, _, _, sink = (x.cuda() for x in attention_case(gen, 1, 8, 100, 16, "fp8", 1))
+    monkeypatch.setenv("DSV4RS_ATTENTION_KERNEL", "fastest")
+    with pytest.raises(ValueError, match="DSV4RS_ATTENTION_KERNEL"):
+        ops.sparse_attention(q, cache, idx, sink)
 
 
 def test_sparse_attention_query_layouts(gen: torch.Generator, kernel: str) -> None:

@@ -52,4 +52,12 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// Orders this thread's earlier shared-memory writes before later reads by the async proxy (wgmma
+// operands); a no-op before sm_90, where no kernel reads through it.
+__device__ __forceinline__ void fence_async_shared() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
 }  // namespace dsv4

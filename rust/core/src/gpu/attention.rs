@@ -13,29 +13,73 @@ use crate::tensor::{DType, TensorRef};
 const THREADS: u32 = 256;
 const HEADS_PER_BLOCK: usize = 64;
 const TILE: usize = 32;
-/// Blocks to aim for: one wave of the 64-head kernel, which runs one block per multiprocessor (an
+/// Blocks to aim for: one wave of the 64-head kernels, which run one block per multiprocessor (an
 /// H100/H200 has 132). Splitting further only adds waves, partial outputs and the combine pass.
 const TARGET_BLOCKS: usize = 132;
-/// Raw tiles staged ahead (`STAGES` in cuda/attention.cu), of `TILE` rows of up to 1024 bytes.
+/// Raw tiles staged ahead (`STAGES` in cuda/attention.cu), of `TILE` rows.
 const STAGES: usize = 3;
-/// The bf16 queries and tile, the per-warp partial scores and the staged raw tiles.
+/// `dsv4_sparse_attention` (mma.sync, 64 heads): the bf16 queries and tile in padded rows, the
+/// per-warp partial scores and the staged raw tiles (rows of 1024 bytes and 64 of padding).
 const SHARED_BYTES: u32 =
-    ((HEADS_PER_BLOCK + TILE) * (512 + 8) * 2 + 4 * 2 * 16 * (TILE + 8) * 4 + STAGES * TILE * STAGE_ROW) as u32;
-/// Bytes of a staged raw row (`STAGE_ROW` in cuda/attention.cu): 1024 and 64 bytes of padding.
-const STAGE_ROW: usize = 1024 + 64;
+    ((HEADS_PER_BLOCK + TILE) * (512 + 8) * 2 + 4 * 2 * 16 * (TILE + 8) * 4 + STAGES * TILE * (1024 + 64)) as u32;
+/// `dsv4_sparse_attention_wgmma` (sm_90a, 64 heads, 512 threads: two producer and two consumer
+/// warpgroups): the bf16 queries and two decoded tiles in core matrices, and the staged raw tiles
+/// (rows of 1024 bytes and 16 of padding).
+const WGMMA_SHARED_BYTES: u32 = ((HEADS_PER_BLOCK + 2 * TILE) * 512 * 2 + STAGES * TILE * (1024 + 16)) as u32;
+const WGMMA_THREADS: u32 = 512;
 /// `dsv4_sparse_attention_portable`: 16 heads and 16 candidates a tile, 3 tiles staged, queries in
 /// registers; for GPUs that allow less than `SHARED_BYTES` per block (sm_80 163 KiB, sm_86/89/120
 /// 99 KiB).
 const PORTABLE_HEADS: usize = 16;
-const PORTABLE_SHARED_BYTES: u32 = (16 * (512 + 8) * 2 + 8 * 16 * (16 + 8) * 4 + 3 * 16 * STAGE_ROW) as u32;
+const PORTABLE_SHARED_BYTES: u32 = (16 * (512 + 8) * 2 + 8 * 16 * (16 + 8) * 4 + 3 * 16 * (1024 + 64)) as u32;
 
-/// Which attention kernel runs on GPU `dev`: the 64-head one where its shared memory fits, else
-/// the portable one. `DSV4RS_ATTENTION_KERNEL=portable` forces the portable one (for tests).
-fn portable(dev: i32) -> Result<bool> {
-    if std::env::var("DSV4RS_ATTENTION_KERNEL").is_ok_and(|v| v == "portable") {
-        return Ok(true);
+/// The attention kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    Wgmma,
+    Mma,
+    Portable,
+}
+
+impl Kernel {
+    /// Name, heads a block, threads a block, dynamic shared memory.
+    fn launch_shape(self) -> (&'static str, usize, u32, u32) {
+        match self {
+            Kernel::Wgmma => ("dsv4_sparse_attention_wgmma", HEADS_PER_BLOCK, WGMMA_THREADS, WGMMA_SHARED_BYTES),
+            Kernel::Mma => ("dsv4_sparse_attention", HEADS_PER_BLOCK, THREADS, SHARED_BYTES),
+            Kernel::Portable => ("dsv4_sparse_attention_portable", PORTABLE_HEADS, THREADS, PORTABLE_SHARED_BYTES),
+        }
     }
-    Ok(super::shared_memory_limit(dev)? < SHARED_BYTES as usize)
+}
+
+/// Which attention kernel runs on GPU `dev`: the wgmma one on compute capability 9.0 (sm_90a),
+/// else the 64-head mma.sync one where its shared memory fits, else the portable one.
+/// `DSV4RS_ATTENTION_KERNEL=wgmma|mma|portable` forces one (for tests and benchmarks); forcing
+/// one the GPU cannot run is an error.
+fn choose(dev: i32) -> Result<Kernel> {
+    let fits = |k: Kernel| -> Result<bool> { Ok(super::shared_memory_limit(dev)? >= k.launch_shape().3 as usize) };
+    let wgmma_ok = || -> Result<bool> {
+        Ok(super::compute_capability(dev)? == (9, 0) && fits(Kernel::Wgmma)? && super::has_kernel(dev, Kernel::Wgmma.launch_shape().0))
+    };
+    match std::env::var("DSV4RS_ATTENTION_KERNEL").ok().as_deref() {
+        None | Some("") | Some("auto") => {}
+        Some("portable") => return Ok(Kernel::Portable),
+        Some("mma") if fits(Kernel::Mma)? => return Ok(Kernel::Mma),
+        Some("wgmma") if wgmma_ok()? => return Ok(Kernel::Wgmma),
+        Some(other) => {
+            return Err(Error::value(
+                "DSV4RS_ATTENTION_KERNEL",
+                format!("must be auto, wgmma, mma or portable, and one GPU {dev} runs (got {other:?})"),
+            ))
+        }
+    }
+    Ok(if wgmma_ok()? {
+        Kernel::Wgmma
+    } else if fits(Kernel::Mma)? {
+        Kernel::Mma
+    } else {
+        Kernel::Portable
+    })
 }
 
 #[repr(C)]
@@ -169,14 +213,10 @@ pub unsafe fn sparse_attention(dev: i32, stream: usize, a: &AttentionArgs) -> Re
         part_ml: part_o + (t * splits * heads * 512 * 4) as u64,
     };
     let pp = &mut p as *mut Params as *mut c_void;
-    let (name, per_block, shared_bytes) = if portable(dev)? {
-        ("dsv4_sparse_attention_portable", PORTABLE_HEADS, PORTABLE_SHARED_BYTES)
-    } else {
-        ("dsv4_sparse_attention", HEADS_PER_BLOCK, SHARED_BYTES)
-    };
+    let (name, per_block, threads, shared_bytes) = choose(dev)?.launch_shape();
     let main = Launch {
         grid: (splits as u32, heads.div_ceil(per_block) as u32, t as u32),
-        block: (THREADS, 1, 1),
+        block: (threads, 1, 1),
         shared_bytes,
         stream,
     };
@@ -202,6 +242,7 @@ mod tests {
     #[test]
     fn shared_memory_of_the_variants() {
         assert_eq!(SHARED_BYTES, 224_768); // 219.5 KiB: sm_90 and sm_100 (227 KiB per block)
+        assert_eq!(WGMMA_SHARED_BYTES, 230_912); // 225.5 KiB, plus 640 B static: sm_90 (227 KiB)
         assert_eq!(PORTABLE_SHARED_BYTES, 81_152); // 79.25 KiB: every sm_80+ GPU (99 KiB or more)
     }
 

@@ -149,10 +149,11 @@ fn function(index: i32, name: &str) -> Result<(sys::CUcontext, sys::CUfunction)>
                 for (module, image) in kernels::FATBINS {
                     let mut m = std::ptr::null_mut();
                     // SAFETY: `image` is a complete fatbin, 64-byte aligned, alive for 'static.
-                    check(
-                        unsafe { sys::cuModuleLoadData(&mut m, image.as_ptr() as *const c_void) },
-                        &format!("cuModuleLoadData({module}): no kernel image for this GPU?"),
-                    )?;
+                    let r = unsafe { sys::cuModuleLoadData(&mut m, image.as_ptr() as *const c_void) };
+                    if r != sys::CUresult::CUDA_SUCCESS && module.ends_with("_sm90a") {
+                        continue; // Hopper-only kernels: other GPUs run the portable ones
+                    }
+                    check(r, &format!("cuModuleLoadData({module}): no kernel image for this GPU?"))?;
                     modules.insert(*module, m);
                 }
                 Ok(())
@@ -181,18 +182,37 @@ pub fn warm_up(index: i32) -> Result<()> {
     function(index, "dsv4_hadamard128").map(|_| ())
 }
 
-/// The most dynamic shared memory a block may opt into on device `index` (cached).
-fn shared_memory_limit(index: i32) -> Result<usize> {
-    static LIMITS: Mutex<Vec<(i32, usize)>> = Mutex::new(Vec::new());
-    let mut limits = LIMITS.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((_, v)) = limits.iter().find(|(i, _)| *i == index) {
+/// A device attribute of device `index` (cached).
+fn attribute(index: i32, attr: sys::CUdevice_attribute) -> Result<i32> {
+    static VALUES: Mutex<Vec<(i32, sys::CUdevice_attribute, i32)>> = Mutex::new(Vec::new());
+    let mut values = VALUES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, _, v)) = values.iter().find(|(i, a, _)| *i == index && *a == attr) {
         return Ok(*v);
     }
+    init()?;
     let mut v = 0;
-    let attr = sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN;
     check(unsafe { sys::cuDeviceGetAttribute(&mut v, attr, device(index)?) }, "cuDeviceGetAttribute")?;
-    limits.push((index, v as usize));
-    Ok(v as usize)
+    values.push((index, attr, v));
+    Ok(v)
+}
+
+/// The most dynamic shared memory a block may opt into on device `index`.
+fn shared_memory_limit(index: i32) -> Result<usize> {
+    attribute(index, sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN).map(|v| v as usize)
+}
+
+/// The compute capability of device `index`, e.g. (9, 0).
+fn compute_capability(index: i32) -> Result<(i32, i32)> {
+    use sys::CUdevice_attribute::*;
+    Ok((
+        attribute(index, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
+        attribute(index, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
+    ))
+}
+
+/// Whether kernel `name` is in this build and loads on device `index`.
+fn has_kernel(index: i32, name: &str) -> bool {
+    function(index, name).is_ok()
 }
 
 /// A kernel launch: grid, block, dynamic shared memory and the raw `CUstream` handle.

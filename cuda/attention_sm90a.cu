@@ -1,0 +1,228 @@
+// Sparse attention with sink (see cuda/attention.cu for the contract and the math), the Hopper
+// path: wgmma (sm_90a), built for sm_90a alone and picked at run time on compute capability 9.0.
+//
+// dsv4_sparse_attention_wgmma: grid (splits, head blocks, queries) like the mma.sync kernel, 64
+// heads of one query a block, 32 candidates a tile, 512 threads in four warpgroups with their
+// own jobs (warp specialization):
+// - the producers (warpgroups 0 and 1, 72 registers a thread) stage raw rows by cp.async two tiles
+//   ahead and decode them (FP8 entries or BF16 rows) into one of two bf16 tile buffers in
+//   wgmma's no-swizzle core-matrix layout;
+// - the two consumers (warpgroups 2 and 3, 184 registers) each compute the full scores
+//   S = Q K^T (32 wgmma m64n32k16, both operands in shared memory), run the online softmax in
+//   registers, and add P V for their half of the output dims (4 wgmma m64n128k16 with P from
+//   registers and V read N-major from the same tile).
+// Both consumers compute the same scores in the same order, so they hold identical P and row
+// statistics without exchanging anything; named barriers hand the tile buffers between the
+// producer and the consumers (full: decoded; empty: both consumers are done with it). Consumer
+// warp w holds heads 16 (w % 4) .. +16 in the mma.sync fragment layout, so the softmax step and
+// the epilogue are the shared ones. Same partials and combine step as the other kernels.
+#include "attention.cuh"
+
+namespace {
+
+constexpr int HEADS = 64;           // the M = 64 operand
+constexpr int TILE = 32;            // candidates a tile (the N of S, the K of P V)
+constexpr int STAGES = 3;           // raw tiles staged: two ahead of the one being decoded
+constexpr int BUFFERS = 2;          // decoded tiles
+constexpr int GROUP_DIMS = ENTRY_DIM / 2;  // output dims a consumer owns
+constexpr int CHUNK = 8;            // bf16 elements in a 16-byte core-matrix row
+constexpr int PRODUCER_THREADS = 256;  // two producer warpgroups
+constexpr int WS_THREADS = PRODUCER_THREADS + 256;  // and two consumers
+// Named barriers (0 is __syncthreads): FULL + b (tile buffer b decoded), EMPTY + b (both
+// consumers done with it), STAGED (the producer's raw tile landed for all its threads).
+constexpr int BAR_FULL = 1, BAR_EMPTY = BAR_FULL + BUFFERS, BAR_STAGED = BAR_EMPTY + BUFFERS;
+
+__device__ __forceinline__ void bar_sync(int id, int count) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+__device__ __forceinline__ void bar_arrive(int id, int count) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+template <int N>
+__device__ __forceinline__ void set_max_registers() {
+  if constexpr (N < 65536 / WS_THREADS)
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+  else
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+
+// A shared-memory matrix descriptor, no swizzle, as two 32-bit halves: the start address (bits
+// 0-13) and LBO (16-29, the next core matrix along K) in `lo`, SBO (the next 8 rows along M or N)
+// in `hi`, all in 16-byte units. Offsets are added to `lo` alone: shared addresses stay below
+// 2^18 bytes, so the start address field never carries into LBO.
+struct Desc {
+  uint32_t lo, hi;
+  __device__ Desc operator+(uint32_t units) const { return {lo + units, hi}; }
+};
+
+__device__ __forceinline__ Desc smem_desc(const void* ptr, uint32_t lbo, uint32_t sbo) {
+  const uint32_t a = (uint32_t)__cvta_generic_to_shared(ptr);
+  return {((a & 0x3FFFF) >> 4) | ((lbo >> 4) << 16), sbo >> 4};
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+
+// s (64 x 32, fp32, mma.sync C layout per warp) = A B^T (ACC: s += A B^T), A and B K-major in
+// shared memory.
+template <bool ACC>
+__device__ __forceinline__ void wgmma_m64n32k16(float (&s)[4][4], Desc a, Desc b) {
+  asm volatile("{\n.reg .b64 da, db;\nmov.b64 da, {%16, %17};\nmov.b64 db, {%18, %19};\n"
+               "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+               "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, da, db, %20, 1, 1, 0, 0;\n}\n"
+               : "+f"(s[0][0]), "+f"(s[0][1]), "+f"(s[0][2]), "+f"(s[0][3]),
+                 "+f"(s[1][0]), "+f"(s[1][1]), "+f"(s[1][2]), "+f"(s[1][3]),
+                 "+f"(s[2][0]), "+f"(s[2][1]), "+f"(s[2][2]), "+f"(s[2][3]),
+                 "+f"(s[3][0]), "+f"(s[3][1]), "+f"(s[3][2]), "+f"(s[3][3])
+               : "r"(a.lo), "r"(a.hi), "r"(b.lo), "r"(b.hi), "n"(ACC ? 1 : 0));
+}
+
+// o[N0 .. N0 + 16) (64 x 128 of the accumulators, fp32) += A B with A (64 x 16 bf16) in
+// registers in the mma.sync A layout per warp and B (16 x 128) N-major in shared memory. (N =
+// 128 rather than 256: ptxas needs the kernel-wide register cap to hold one instruction's
+// accumulators, and 512 threads cap it at 128.)
+template <int N0>
+__device__ __forceinline__ void wgmma_m64n128k16_rs(float (&o)[32][4], const uint32_t (&a)[4], Desc b) {
+  asm volatile(
+      "{\n.reg .b64 db;\nmov.b64 db, {%68, %69};\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+      "}, {%64, %65, %66, %67}, db, 1, 1, 1, 1;\n}\n"
+      : "+f"(o[N0 + 0][0]), "+f"(o[N0 + 0][1]), "+f"(o[N0 + 0][2]), "+f"(o[N0 + 0][3]), "+f"(o[N0 + 1][0]), "+f"(o[N0 + 1][1]), "+f"(o[N0 + 1][2]), "+f"(o[N0 + 1][3]),
+        "+f"(o[N0 + 2][0]), "+f"(o[N0 + 2][1]), "+f"(o[N0 + 2][2]), "+f"(o[N0 + 2][3]), "+f"(o[N0 + 3][0]), "+f"(o[N0 + 3][1]), "+f"(o[N0 + 3][2]), "+f"(o[N0 + 3][3]),
+        "+f"(o[N0 + 4][0]), "+f"(o[N0 + 4][1]), "+f"(o[N0 + 4][2]), "+f"(o[N0 + 4][3]), "+f"(o[N0 + 5][0]), "+f"(o[N0 + 5][1]), "+f"(o[N0 + 5][2]), "+f"(o[N0 + 5][3]),
+        "+f"(o[N0 + 6][0]), "+f"(o[N0 + 6][1]), "+f"(o[N0 + 6][2]), "+f"(o[N0 + 6][3]), "+f"(o[N0 + 7][0]), "+f"(o[N0 + 7][1]), "+f"(o[N0 + 7][2]), "+f"(o[N0 + 7][3]),
+        "+f"(o[N0 + 8][0]), "+f"(o[N0 + 8][1]), "+f"(o[N0 + 8][2]), "+f"(o[N0 + 8][3]), "+f"(o[N0 + 9][0]), "+f"(o[N0 + 9][1]), "+f"(o[N0 + 9][2]), "+f"(o[N0 + 9][3]),
+        "+f"(o[N0 + 10][0]), "+f"(o[N0 + 10][1]), "+f"(o[N0 + 10][2]), "+f"(o[N0 + 10][3]), "+f"(o[N0 + 11][0]), "+f"(o[N0 + 11][1]), "+f"(o[N0 + 11][2]), "+f"(o[N0 + 11][3]),
+        "+f"(o[N0 + 12][0]), "+f"(o[N0 + 12][1]), "+f"(o[N0 + 12][2]), "+f"(o[N0 + 12][3]), "+f"(o[N0 + 13][0]), "+f"(o[N0 + 13][1]), "+f"(o[N0 + 13][2]), "+f"(o[N0 + 13][3]),
+        "+f"(o[N0 + 14][0]), "+f"(o[N0 + 14][1]), "+f"(o[N0 + 14][2]), "+f"(o[N0 + 14][3]), "+f"(o[N0 + 15][0]), "+f"(o[N0 + 15][1]), "+f"(o[N0 + 15][2]), "+f"(o[N0 + 15][3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.lo), "r"(b.hi));
+}
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(WS_THREADS, 1) dsv4_sparse_attention_wgmma(const Params p) {
+  extern __shared__ __align__(128) uint8_t smem[];
+  uint16_t* qs = (uint16_t*)smem;                           // [64 chunks][64 heads][8] bf16 queries
+  uint16_t* ks = qs + HEADS * ENTRY_DIM;                    // [BUFFERS][64 chunks][TILE rows][8] bf16 tiles
+  uint8_t* stages = (uint8_t*)(ks + BUFFERS * TILE * ENTRY_DIM);  // [STAGES][TILE][stage row]
+  __shared__ float valid_s[BUFFERS][TILE];
+  __shared__ int row_fmt[STAGES * TILE];
+
+  const int tid = threadIdx.x;
+  const long long t = blockIdx.z;
+  const int hb = blockIdx.y * HEADS;
+  const int split = blockIdx.x;
+  const int na = list_count(p.la, t), nb = list_count(p.lb, t);
+  const int total = na + nb;
+  const int begin = split * p.split_len, end = min(begin + p.split_len, total);
+  const int tiles = begin < end ? (end - begin + TILE - 1) / TILE : 0;
+
+  // The block's queries as bf16 in core-matrix layout: chunk c of head h at qs + 8 (64 c + h).
+  // Heads past the last are zeros; the paths by query dtype and alignment are those of the
+  // mma.sync kernel.
+  const bool aligned = ((uintptr_t)p.q & 15) == 0;
+  for (int i = tid; i < HEADS * ENTRY_DIM / CHUNK; i += WS_THREADS) {
+    const int h = i / (ENTRY_DIM / CHUNK), c = i % (ENTRY_DIM / CHUNK);
+    uint16_t* dst = qs + CHUNK * (HEADS * c + h);
+    const long long off = (t * p.heads + hb + h) * ENTRY_DIM + CHUNK * c;
+    if (hb + h >= p.heads) {
+      *(uint4*)dst = make_uint4(0, 0, 0, 0);
+    } else if (p.q_bf16 && aligned) {
+      cp_async16(dst, (const uint16_t*)p.q + off);
+    } else if (aligned) {
+      const float4 x = *(const float4*)((const float*)p.q + off), y = *(const float4*)((const float*)p.q + off + 4);
+      *(uint4*)dst = make_uint4(pack_bf16(x.x, x.y), pack_bf16(x.z, x.w), pack_bf16(y.x, y.y), pack_bf16(y.z, y.w));
+    } else {
+      uint32_t v[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) v[j] = pack_bf16(load_value(p.q, off + 2 * j, p.q_bf16), load_value(p.q, off + 2 * j + 1, p.q_bf16));
+      *(uint4*)dst = make_uint4(v[0], v[1], v[2], v[3]);
+    }
+  }
+  cp_async_commit();
+  cp_async_wait<0>();
+  fence_async_shared();
+  __syncthreads();
+
+  if (tid < PRODUCER_THREADS) {
+    // Producer: tile i is decoded into buffer i % 2 once both consumers are done with tile i - 2.
+    set_max_registers<72>();
+    RowPipeline<TILE, STAGES, CORE_MATRICES, PRODUCER_THREADS> pipe(p, t, na, nb, begin, end, stages, row_fmt, tid);
+    pipe.start();
+    for (int i = 0; i < tiles; ++i) {
+      const int b = i % BUFFERS;
+      cp_async_wait<STAGES - 2>();
+      bar_sync(BAR_STAGED, PRODUCER_THREADS);  // tile i staged by every producer thread
+      if (i >= BUFFERS) bar_sync(BAR_EMPTY + b, WS_THREADS);
+      pipe.decode(i, ks + b * TILE * ENTRY_DIM, valid_s[b]);
+      bar_arrive(BAR_FULL + b, WS_THREADS);
+    }
+    cp_async_wait<0>();
+    return;
+  }
+
+  // Consumers.
+  set_max_registers<184>();
+  const int ctid = tid - PRODUCER_THREADS, lane = ctid % 32, warp = ctid / 32;
+  const int g = warp / 4, wq = warp % 4;  // output-dim half, head tile
+  const float qscale = p.scale * LOG2E;   // scores are kept in log2 units
+
+  float o[GROUP_DIMS / 8][4];
+#pragma unroll
+  for (int n = 0; n < GROUP_DIMS / 8; ++n)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) o[n][i] = 0.f;
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+
+  // Descriptors for tile buffer 0 (buffer b is b TILE_UNITS further). Q (M = heads, K = dims)
+  // and the tile as B of S (N = candidates, K = dims) are K-major: the next 8 dims one chunk
+  // further (LBO), the next 8 rows 128 bytes further (SBO). The tile as B of P V (K =
+  // candidates, N = dims) is N-major: the next 8 candidates 128 bytes further (LBO), the next 8
+  // dims one chunk further (SBO). k-steps add their offsets in 16-byte units.
+  const Desc q_desc = smem_desc(qs, HEADS * 16, 128);
+  const Desc k_desc = smem_desc(ks, TILE * 16, 128);
+  const Desc v_desc = smem_desc(ks + CHUNK * TILE * (g * GROUP_DIMS / CHUNK), 128, TILE * 16);
+  constexpr uint32_t TILE_UNITS = TILE * ENTRY_DIM * 2 / 16;
+
+  for (int i = 0; i < tiles; ++i) {
+    const int b = i % BUFFERS;
+    bar_sync(BAR_FULL + b, WS_THREADS);
+    float s[4][4];
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < ENTRY_DIM / 16; ++kk) {
+      if (kk == 0)
+        wgmma_m64n32k16<false>(s, q_desc, k_desc + b * TILE_UNITS);
+      else
+        wgmma_m64n32k16<true>(s, q_desc + kk * (2 * HEADS), k_desc + b * TILE_UNITS + kk * (2 * TILE));
+    }
+    wgmma_commit();
+    wgmma_wait_all();
+
+    const float* valid = valid_s[b];
+    const int c2 = (lane % 4) * 2;
+#pragma unroll
+    for (int n = 0; n < 4; ++n) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) s[n][j] = s[n][j] * qscale + valid[8 * n + c2 + j % 2];
+    }
+    uint32_t pa[2][4];
+    softmax_step(s, row_max, row_sum, o, pa);
+
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < TILE / 16; ++kk) {
+      wgmma_m64n128k16_rs<0>(o, pa[kk], v_desc + b * TILE_UNITS + kk * 16);
+      wgmma_m64n128k16_rs<16>(o, pa[kk], v_desc + b * TILE_UNITS + kk * 16 + 16 * TILE);
+    }
+    wgmma_commit();
+    wgmma_wait_all();
+    if (i + BUFFERS < tiles) bar_arrive(BAR_EMPTY + b, WS_THREADS);  // the producer waits for it
+  }
+  finish_rows(p, o, row_max, row_sum, t, split, hb + 16 * wq, g * GROUP_DIMS, g == 0);
+}
