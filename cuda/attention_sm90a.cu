@@ -4,33 +4,37 @@
 // dsv4_sparse_attention_wgmma: grid (splits, head blocks, queries) like the mma.sync kernel, 64
 // heads of one query a block, 32 candidates a tile, 512 threads in four warpgroups with their
 // own jobs (warp specialization):
-// - the producers (warpgroups 0 and 1, 72 registers a thread) stage raw rows by cp.async two tiles
+// - the producers (warpgroups 0 and 1, 72 registers a thread) stage raw rows by cp.async one tile
 //   ahead and decode them (FP8 entries or BF16 rows) into one of two bf16 tile buffers in
 //   wgmma's no-swizzle core-matrix layout;
-// - the two consumers (warpgroups 2 and 3, 184 registers) each compute the full scores
-//   S = Q K^T (32 wgmma m64n32k16, both operands in shared memory), run the online softmax in
-//   registers, and add P V for their half of the output dims (4 wgmma m64n128k16 with P from
-//   registers and V read N-major from the same tile).
-// Both consumers compute the same scores in the same order, so they hold identical P and row
-// statistics without exchanging anything; named barriers hand the tile buffers between the
-// producer and the consumers (full: decoded; empty: both consumers are done with it). Consumer
-// warp w holds heads 16 (w % 4) .. +16 in the mma.sync fragment layout, so the softmax step and
-// the epilogue are the shared ones. Same partials and combine step as the other kernels.
+// - the two consumers (warpgroups 2 and 3, 184 registers) each own half of the dims: consumer g
+//   computes the partial scores over dims [256 g, 256 g + 256) (16 wgmma m64n32k16, both
+//   operands in shared memory), the halves are added through shared memory in a fixed order so
+//   both consumers hold the same scores, the online softmax runs in registers, and consumer g
+//   adds P V for its output dims (4 wgmma m64n128k16 with P from registers and V read N-major
+//   from the same tile).
+// Named barriers hand the tile buffers between the producers and the consumers (full: decoded;
+// empty: both consumers are done with it) and order the partial-score exchange. Consumer warp
+// w holds heads 16 (w % 4) .. +16 in the mma.sync fragment layout, so the softmax step and the
+// epilogue are the shared ones. Same partials and combine step as the other kernels.
 #include "attention.cuh"
 
 namespace {
 
 constexpr int HEADS = 64;           // the M = 64 operand
 constexpr int TILE = 32;            // candidates a tile (the N of S, the K of P V)
-constexpr int STAGES = 3;           // raw tiles staged: two ahead of the one being decoded
+constexpr int STAGES = 2;           // raw tiles staged: one ahead of the one being decoded
 constexpr int BUFFERS = 2;          // decoded tiles
-constexpr int GROUP_DIMS = ENTRY_DIM / 2;  // output dims a consumer owns
+constexpr int GROUP_DIMS = ENTRY_DIM / 2;  // dims a consumer owns
+constexpr int SP_ROW = TILE + 8;    // padded row of partial scores: conflict-free float2 access
 constexpr int CHUNK = 8;            // bf16 elements in a 16-byte core-matrix row
 constexpr int PRODUCER_THREADS = 256;  // two producer warpgroups
 constexpr int WS_THREADS = PRODUCER_THREADS + 256;  // and two consumers
 // Named barriers (0 is __syncthreads): FULL + b (tile buffer b decoded), EMPTY + b (both
-// consumers done with it), STAGED (the producer's raw tile landed for all its threads).
+// consumers done with it), STAGED (the producers' raw tile landed for all of them), SCORES (both
+// consumers' partial scores written), READ + g (consumer 1 - g has read consumer g's partials).
 constexpr int BAR_FULL = 1, BAR_EMPTY = BAR_FULL + BUFFERS, BAR_STAGED = BAR_EMPTY + BUFFERS;
+constexpr int BAR_SCORES = BAR_STAGED + 1, BAR_READ = BAR_SCORES + 1;
 
 __device__ __forceinline__ void bar_sync(int id, int count) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
@@ -109,7 +113,8 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1) dsv4_sparse_attentio
   extern __shared__ __align__(128) uint8_t smem[];
   uint16_t* qs = (uint16_t*)smem;                           // [64 chunks][64 heads][8] bf16 queries
   uint16_t* ks = qs + HEADS * ENTRY_DIM;                    // [BUFFERS][64 chunks][TILE rows][8] bf16 tiles
-  uint8_t* stages = (uint8_t*)(ks + BUFFERS * TILE * ENTRY_DIM);  // [STAGES][TILE][stage row]
+  float* sp = (float*)(ks + BUFFERS * TILE * ENTRY_DIM);    // [2 groups][64 heads][SP_ROW] partial scores
+  uint8_t* stages = (uint8_t*)(sp + 2 * HEADS * SP_ROW);    // [STAGES][TILE][stage row]
   __shared__ float valid_s[BUFFERS][TILE];
   __shared__ int row_fmt[STAGES * TILE];
 
@@ -169,7 +174,7 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1) dsv4_sparse_attentio
   // Consumers.
   set_max_registers<184>();
   const int ctid = tid - PRODUCER_THREADS, lane = ctid % 32, warp = ctid / 32;
-  const int g = warp / 4, wq = warp % 4;  // output-dim half, head tile
+  const int g = warp / 4, wq = warp % 4;  // dims half (of the scores and the output), head tile
   const float qscale = p.scale * LOG2E;   // scores are kept in log2 units
 
   float o[GROUP_DIMS / 8][4];
@@ -179,23 +184,26 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1) dsv4_sparse_attentio
     for (int i = 0; i < 4; ++i) o[n][i] = 0.f;
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
 
-  // Descriptors for tile buffer 0 (buffer b is b TILE_UNITS further). Q (M = heads, K = dims)
+  // Descriptors of this group's dims in tile buffer 0 (buffer b is b TILE_UNITS further). Q (M = heads, K = dims)
   // and the tile as B of S (N = candidates, K = dims) are K-major: the next 8 dims one chunk
   // further (LBO), the next 8 rows 128 bytes further (SBO). The tile as B of P V (K =
   // candidates, N = dims) is N-major: the next 8 candidates 128 bytes further (LBO), the next 8
   // dims one chunk further (SBO). k-steps add their offsets in 16-byte units.
-  const Desc q_desc = smem_desc(qs, HEADS * 16, 128);
-  const Desc k_desc = smem_desc(ks, TILE * 16, 128);
-  const Desc v_desc = smem_desc(ks + CHUNK * TILE * (g * GROUP_DIMS / CHUNK), 128, TILE * 16);
+  const int chunk0 = g * GROUP_DIMS / CHUNK;  // this group's first chunk of dims
+  const Desc q_desc = smem_desc(qs + CHUNK * HEADS * chunk0, HEADS * 16, 128);
+  const Desc k_desc = smem_desc(ks + CHUNK * TILE * chunk0, TILE * 16, 128);
+  const Desc v_desc = smem_desc(ks + CHUNK * TILE * chunk0, 128, TILE * 16);
   constexpr uint32_t TILE_UNITS = TILE * ENTRY_DIM * 2 / 16;
 
+  const int r = lane / 4, c2 = (lane % 4) * 2;
+  float* mine = sp + (g * HEADS + 16 * wq) * SP_ROW;  // this warp's rows of its group's partial scores
   for (int i = 0; i < tiles; ++i) {
     const int b = i % BUFFERS;
     bar_sync(BAR_FULL + b, WS_THREADS);
     float s[4][4];
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < ENTRY_DIM / 16; ++kk) {
+    for (int kk = 0; kk < GROUP_DIMS / 16; ++kk) {
       if (kk == 0)
         wgmma_m64n32k16<false>(s, q_desc, k_desc + b * TILE_UNITS);
       else
@@ -204,13 +212,29 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1) dsv4_sparse_attentio
     wgmma_commit();
     wgmma_wait_all();
 
-    const float* valid = valid_s[b];
-    const int c2 = (lane % 4) * 2;
+    // Full scores: group 0's half plus group 1's, in that order in both groups, masked. The
+    // other group must have read this group's previous partials before they are overwritten.
+    if (i > 0) bar_sync(BAR_READ + g, 256);
 #pragma unroll
     for (int n = 0; n < 4; ++n) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) s[n][j] = s[n][j] * qscale + valid[8 * n + c2 + j % 2];
+      *(float2*)(mine + r * SP_ROW + 8 * n + c2) = make_float2(s[n][0], s[n][1]);
+      *(float2*)(mine + (r + 8) * SP_ROW + 8 * n + c2) = make_float2(s[n][2], s[n][3]);
     }
+    bar_sync(BAR_SCORES, 256);
+    const float* valid = valid_s[b];
+#pragma unroll
+    for (int n = 0; n < 4; ++n) {
+      const float2 m = *(const float2*)(valid + 8 * n + c2);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = 16 * wq + r + 8 * h, col = 8 * n + c2;
+        const float2 x = *(const float2*)(sp + row * SP_ROW + col);
+        const float2 y = *(const float2*)(sp + (HEADS + row) * SP_ROW + col);
+        s[n][2 * h] = (x.x + y.x) * qscale + m.x;
+        s[n][2 * h + 1] = (x.y + y.y) * qscale + m.y;
+      }
+    }
+    if (i + 1 < tiles) bar_arrive(BAR_READ + (1 - g), 256);  // the other group's partials are read
     uint32_t pa[2][4];
     softmax_step(s, row_max, row_sum, o, pa);
 

@@ -107,21 +107,19 @@ __device__ __forceinline__ int list_count(const List& l, long long t) {
   return l.counts ? (int)min(load_id(l.counts, t, l.counts64), (long long)l.stride) : l.stride;
 }
 
-// Candidate `pos` of query t's list -> row of cache `which`, or -1 when masked.
-__device__ __forceinline__ long long candidate_row(const Params& p, long long t, int na, int nb, int pos,
-                                                   int& which) {
-  long long row = -1;
+// Candidate `pos` of query t's list: the row id as stored (any value; `masked_row` checks it)
+// and which cache it indexes. Positions past both lists give -1.
+__device__ __forceinline__ long long candidate_id(const Params& p, long long t, int na, int nb, int pos, int& which) {
   if (pos < na) {
-    row = load_id(p.la.ids, t * p.la.stride + pos, p.la.ids64);
     which = 0;
-    if (row >= p.a.rows) row = -1;
-  } else if (pos < na + nb) {
-    row = load_id(p.lb.ids, t * p.lb.stride + pos - na, p.lb.ids64);
-    which = 1;
-    if (row >= p.b.rows) row = -1;
+    return load_id(p.la.ids, t * p.la.stride + pos, p.la.ids64);
   }
-  return row < 0 ? -1 : row;
+  which = 1;
+  return pos < na + nb ? load_id(p.lb.ids, t * p.lb.stride + pos - na, p.lb.ids64) : -1;
 }
+
+// A stored id as a row of cache c, or -1 when masked (negative or past the cache).
+__device__ __forceinline__ long long masked_row(long long id, const Cache& c) { return id < 0 || id >= c.rows ? -1 : id; }
 
 // Inverse RoPE at `pos` on dims 448:512 of a 512-d output row held as (dim, value) pairs.
 __device__ __forceinline__ void derotate_pair(float& x0, float& x1, long long pos, const Params& p, int j) {
@@ -182,13 +180,16 @@ struct RowPipeline {
 
   __device__ int tiles() const { return begin < end ? (end - begin + T - 1) / T : 0; }
 
+  // The stored id of this thread's row of a tile (loaded a tile before its use: only `issue`
+  // looks at the value).
   __device__ long long row_at(int tile, int& which) const {
     const int pos = begin + tile * T + lrow;
-    return pos < end ? candidate_row(p, t, na, nb, pos, which) : -1;
+    return pos < end ? candidate_id(p, t, na, nb, pos, which) : -1;
   }
 
-  __device__ void issue(int tile, long long row, int which) {
+  __device__ void issue(int tile, long long id, int which) {
     const Cache& c = which ? p.b : p.a;
+    const long long row = masked_row(id, c);
     stage_row<PARTS>(stages + ((tile % S) * T + lrow) * STAGE_ROW, c, row, lpart);
     if (lpart == 0) row_fmt[(tile % S) * T + lrow] = row < 0 ? -1 : c.fmt;
   }
