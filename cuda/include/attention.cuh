@@ -20,8 +20,18 @@ struct Cache {
   int fmt;
 };
 
+// Two floats as packed bf16 (round to nearest even, one cvt instruction).
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  return (uint32_t)bf16_from_f32(lo) | ((uint32_t)bf16_from_f32(hi) << 16);
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *(const uint32_t*)&v;
+}
+
+// 2^x by the special-function unit (ex2.approx.ftz: about 2 ulp; results below 2^-126 flush to
+// zero, which the softmax, whose largest term is 1, cannot see).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
 }
 
 // A staged raw row: an FP8 entry's 576 data bytes then its 8 scale bytes, or a BF16 row's 1024
@@ -204,10 +214,16 @@ struct RowPipeline {
     ahead = row_at(S - 1, which_ahead);
   }
 
-  // Decodes the staged tile i (staged by every thread: after cp_async_wait and a barrier) into
-  // `ks`, then starts staging tile i + S - 1 into the slot tile i - 1 used.
+  // Starts staging tile i + S - 1 into the slot tile i - 1 used (decoded before the barrier that
+  // precedes this call), then decodes the staged tile i (staged by every thread: after
+  // cp_async_wait and a barrier) into `ks`.
   __device__ void decode(int i, uint16_t* ks, float* valid) {
     const int fmt_row = row_fmt[(i % S) * T + lrow];
+    if (i + S - 1 < tiles()) {  // first, so the copies have the decode's time to land
+      issue(i + S - 1, ahead, which_ahead);
+      ahead = row_at(i + S, which_ahead);
+    }
+    cp_async_commit();
     const uint8_t* src = stages + ((i % S) * T + lrow) * STAGE_ROW;
     if constexpr (L == ROW_MAJOR) {
       decode_row<PARTS>(src, fmt_row, lpart, ks + lrow * KROW, 8);
@@ -216,11 +232,6 @@ struct RowPipeline {
       fence_async_shared();
     }
     if (lpart == 0) valid[lrow] = fmt_row < 0 ? -INFINITY : 0.f;
-    if (i + S - 1 < tiles()) {
-      issue(i + S - 1, ahead, which_ahead);
-      ahead = row_at(i + S, which_ahead);
-    }
-    cp_async_commit();
   }
 
   __device__ void next(int i, uint16_t* ks, float* valid) {
@@ -293,17 +304,18 @@ __device__ __forceinline__ void softmax_step(float (&s)[NT][4], float (&row_max)
     tile_max[j] = fmaxf(tile_max[j], __shfl_xor_sync(0xffffffffu, tile_max[j], 1));
     tile_max[j] = fmaxf(tile_max[j], __shfl_xor_sync(0xffffffffu, tile_max[j], 2));
     float m_new = fmaxf(row_max[j], tile_max[j]);
-    corr[j] = m_new == -INFINITY ? 1.f : exp2f(row_max[j] - m_new);
+    corr[j] = m_new == -INFINITY ? 1.f : fast_exp2(row_max[j] - m_new);
     row_max[j] = m_new;
     row_sum[j] *= corr[j];
   }
+  // A row with no candidate yet has max -inf and only -inf scores: 2^(-inf - 0) = 0.
+  const float m_use[2] = {row_max[0] == -INFINITY ? 0.f : row_max[0], row_max[1] == -INFINITY ? 0.f : row_max[1]};
 #pragma unroll
   for (int n = 0; n < NT; ++n) {
     float e[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      float m = row_max[i / 2];
-      e[i] = m == -INFINITY ? 0.f : exp2f(s[n][i] - m);
+      e[i] = fast_exp2(s[n][i] - m_use[i / 2]);
       row_sum[i / 2] += e[i];
     }
     pa[n / 2][(n % 2) * 2 + 0] = pack_bf16(e[0], e[1]);
