@@ -209,6 +209,25 @@ def test_forcing_an_unknown_attention_kernel_is_an_error(gen: torch.Generator, m
         ops.sparse_attention(q, cache, idx, sink)
 
 
+def test_sparse_attention_entries_of_any_scale(gen: torch.Generator, kernel: str) -> None:
+    """FP8 entries whose 64-dim blocks span scales from 2^-20 to 2^30 (the decoders take a
+    one-multiply path while every scale of a row is at most 2^7 and an exact two-step path
+    otherwise) match the CPU op."""
+    n_rows, t, heads = 300, 4, 64
+    rows = torch.randn(n_rows, 512, generator=gen)
+    block_scale = 2.0 ** torch.randint(-20, 31, (n_rows, 8), generator=gen).double()
+    block_scale[: n_rows // 2] = block_scale[: n_rows // 2].clamp(max=2.0**8)  # half the rows: small scales only
+    rows = (rows.double() * block_scale.repeat_interleave(64, dim=1)).float()
+    cache = ops.quantize_entries(rows)
+    q = bf16_exact(gen, t, heads, 512, scale=2.0**-25)
+    idx = torch.randint(-1, n_rows, (t, 96), generator=gen)
+    sink = torch.randn(heads, generator=gen)
+    out_c, lse_c = ops.sparse_attention(q, cache, idx, sink)
+    out_d, lse_d = ops.sparse_attention(q.cuda(), cache.cuda(), idx.cuda(), sink.cuda())
+    assert rel_err(out_d, out_c) < 5e-3
+    torch.testing.assert_close(lse_d.cpu(), lse_c, rtol=1e-3, atol=1e-3)
+
+
 def test_sparse_attention_query_layouts(gen: torch.Generator, kernel: str) -> None:
     """bfloat16 queries (copied asynchronously), float32 ones (vector loads) and a float32 view
     that is not 16-byte aligned (scalar loads) give the same result for the same values."""

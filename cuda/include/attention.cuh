@@ -54,25 +54,40 @@ __device__ __forceinline__ void stage_row(uint8_t* dst, const Cache& c, long lon
 // Decodes chunks PARTS j + lp of a staged row (dims 8 c .. 8 c + 8 of chunk c) as bf16 into
 // `dst + c * chunk_stride`. `fmt` < 0: a masked row (zeros). The format test is per row and
 // whether a chunk is NoPE (FP8) or RoPE (bf16) is known at compile time where PARTS allows.
+template <int PARTS, bool SMALL>
+__device__ __forceinline__ void decode_fp8_row(const uint8_t* src, uint2 scales, int lp, uint16_t* dst,
+                                               int chunk_stride) {
+  constexpr int NOPE_CHUNKS = NOPE_DIM / 8;
+#pragma unroll
+  for (int j = 0; j < 64 / PARTS; ++j) {
+    const int ch = PARTS * j + lp;
+    const bool nope = PARTS * (j + 1) <= NOPE_CHUNKS || (PARTS * j < NOPE_CHUNKS && ch < NOPE_CHUNKS);
+    uint4 out;
+    if (nope) {
+      const int b = ch / 8;
+      const int se = (int)__byte_perm(b < 4 ? scales.x : scales.y, 0, 0x4440 | (b & 3)) - 127;
+      out = fp8x8_to_bf16<SMALL>(*(const uint2*)(src + 8 * ch), se);
+    } else {
+      out = *(const uint4*)(src + NOPE_DIM + 16 * (ch - NOPE_CHUNKS));
+    }
+    *(uint4*)(dst + ch * chunk_stride) = out;
+  }
+}
+
+// Decodes chunks PARTS j + lp of a staged row (dims 8 c .. 8 c + 8 of chunk c) as bf16 into
+// `dst + c * chunk_stride`. `fmt` < 0: a masked row (zeros). The format test is per row, whether
+// a chunk is NoPE (FP8) or RoPE (bf16) is known at compile time where PARTS allows, and an entry
+// whose scales are all at most 2^7 (any entry of amax up to 57,344) takes the one-multiply path.
 template <int PARTS>
 __device__ __forceinline__ void decode_row(const uint8_t* src, int fmt, int lp, uint16_t* dst, int chunk_stride) {
-  constexpr int NOPE_CHUNKS = NOPE_DIM / 8;
   if (fmt == ENTRIES_FP8) {
     const uint2 scales = *(const uint2*)(src + MAIN_ENTRY.data_bytes);  // one UE8M0 byte per 64 dims
-#pragma unroll
-    for (int j = 0; j < 64 / PARTS; ++j) {
-      const int ch = PARTS * j + lp;
-      const bool nope = PARTS * (j + 1) <= NOPE_CHUNKS || (PARTS * j < NOPE_CHUNKS && ch < NOPE_CHUNKS);
-      uint4 out;
-      if (nope) {
-        const int b = ch / 8;
-        const int se = (int)__byte_perm(b < 4 ? scales.x : scales.y, 0, 0x4440 | (b & 3)) - 127;
-        out = fp8x8_to_bf16(*(const uint2*)(src + 8 * ch), se);
-      } else {
-        out = *(const uint4*)(src + NOPE_DIM + 16 * (ch - NOPE_CHUNKS));
-      }
-      *(uint4*)(dst + ch * chunk_stride) = out;
-    }
+    // Bytes above 127 + 7 among the 7 NoPE blocks' scales.
+    const bool small = (__vcmpgtu4(scales.x, 0x86868686u) | (__vcmpgtu4(scales.y, 0x86868686u) & 0x00FFFFFFu)) == 0;
+    if (small)
+      decode_fp8_row<PARTS, true>(src, scales, lp, dst, chunk_stride);
+    else
+      decode_fp8_row<PARTS, false>(src, scales, lp, dst, chunk_stride);
   } else {
     const bool bf16 = fmt == ENTRIES_BF16;
 #pragma unroll

@@ -106,9 +106,11 @@ __device__ __forceinline__ uint32_t fp8x2_to_bf16(uint32_t w, int se) {
   return bf16x2_mul_pow2(bf16x2_mul_pow2(bits, 120), se);
 }
 
-// Eight FP8 codes (little-endian in `raw`) times 2^se as eight packed bf16 (16 bytes). One
-// multiply by 2^(120 + se) where that power is a bf16 (se <= 7, every entry whose block amax is
-// below 448 * 2^7); the same two exact steps as fp8x2_to_bf16 otherwise.
+// Eight FP8 codes (little-endian in `raw`) times 2^se as eight packed bf16 (16 bytes). SMALL
+// (the caller knows se <= 7, i.e. the block's amax is at most 448 * 2^7) takes one multiply by
+// 2^(120 + se), which is then a bf16; the general form takes the two exact steps of
+// fp8x2_to_bf16.
+template <bool SMALL = false>
 __device__ __forceinline__ uint4 fp8x8_to_bf16(uint2 raw, int se) {
   const uint32_t w[4] = {__byte_perm(raw.x, 0, 0x4140), __byte_perm(raw.x, 0, 0x4342), __byte_perm(raw.y, 0, 0x4140),
                          __byte_perm(raw.y, 0, 0x4342)};
@@ -116,7 +118,7 @@ __device__ __forceinline__ uint4 fp8x8_to_bf16(uint2 raw, int se) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const uint32_t bits = ((w[i] & 0x007F007Fu) << 4) | ((w[i] & 0x00800080u) << 8);
-    v[i] = se <= 7 ? bf16x2_mul_pow2(bits, 120 + se) : bf16x2_mul_pow2(bf16x2_mul_pow2(bits, 120), se);
+    v[i] = SMALL ? bf16x2_mul_pow2(bits, 120 + se) : bf16x2_mul_pow2(bf16x2_mul_pow2(bits, 120), se);
   }
   return make_uint4(v[0], v[1], v[2], v[3]);
 }
