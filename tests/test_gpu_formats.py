@@ -88,3 +88,14 @@ def test_gpu_call_without_gpu_raises_cuda_error() -> None:
     spec = lambda shape, dtype: (1 << 20, shape, dtype, 0, True)  # noqa: E731 - never dereferenced
     with pytest.raises(_core.CudaError, match="no CUDA device|no CUDA kernels"):
         _core.kv_write(spec((1, 37376), "uint8"), spec((1,), "int64"), spec((1, 512), "float32"), 0)
+
+
+@pytest.mark.skipif(gpu_available(), reason="checks the error a machine without a GPU gives")
+def test_attention_kernel_without_gpu_raises_cuda_error() -> None:
+    with pytest.raises(_core.CudaError, match="no CUDA device|no CUDA kernels|libcuda"):
+        _core.attention_kernel(0)
+
+
+def test_attention_kernel_refuses_a_cpu_device() -> None:
+    with pytest.raises(ValueError, match="device"):
+        ops.attention_kernel("cpu")

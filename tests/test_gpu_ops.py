@@ -197,6 +197,10 @@ def test_attention_kernel_switch_takes_effect(gen: torch.Generator, monkeypatch:
         assert names[kernel] in launched and not (set(names.values()) - {names[kernel]}) & launched, launched
         outs[kernel], _ = run()
     assert names[runnable_kernels()[0]] in default_launched
+    monkeypatch.delenv("DSV4RS_ATTENTION_KERNEL")
+    assert ops.attention_kernel() == runnable_kernels()[0]
+    monkeypatch.setenv("DSV4RS_ATTENTION_KERNEL", "portable")
+    assert ops.attention_kernel("cuda:0") == "portable"
     first = outs[runnable_kernels()[0]]
     for kernel, out in outs.items():
         assert rel_err(out, first) < 5e-3, kernel
@@ -207,6 +211,8 @@ def test_forcing_an_unknown_attention_kernel_is_an_error(gen: torch.Generator, m
     monkeypatch.setenv("DSV4RS_ATTENTION_KERNEL", "fastest")
     with pytest.raises(ValueError, match="DSV4RS_ATTENTION_KERNEL"):
         ops.sparse_attention(q, cache, idx, sink)
+    with pytest.raises(ValueError, match="DSV4RS_ATTENTION_KERNEL"):
+        ops.attention_kernel()
 
 
 def test_sparse_attention_entries_of_any_scale(gen: torch.Generator, kernel: str) -> None:

@@ -303,7 +303,7 @@ def run(device: str, quick: bool, suites: list[str]) -> str:
         for case in bar:
             bar.set_postfix_str(f"{case.suite}: {case.name}")
             rows.append(case.run())
-    name = torch.cuda.get_device_name() if b.gpu else "cpu"
+    name = f"{torch.cuda.get_device_name()} (attention kernel: {ops.attention_kernel(device)})" if b.gpu else "cpu"
     return format_table(rows, ceilings, name)
 
 

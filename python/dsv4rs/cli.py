@@ -51,7 +51,8 @@ def info() -> int:
     if not devices:
         print("GPUs: none found")
     for index, name, (major, minor), sms in devices:
-        print(f"GPU {index}: {name}, sm_{major}{minor}, {sms} multiprocessors")
+        kernel = _core.attention_kernel(index) if modules else "none (CPU-only build)"
+        print(f"GPU {index}: {name}, sm_{major}{minor}, {sms} multiprocessors; attention kernel: {kernel}")
     return 0
 
 

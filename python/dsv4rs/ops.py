@@ -177,6 +177,18 @@ def warm_up(device: torch.device | str | int = "cuda") -> None:
     _core.warm_up(dev.index if dev.index is not None else torch.cuda.current_device())
 
 
+def attention_kernel(device: torch.device | str | int = "cuda") -> str:
+    """The kernel :func:`sparse_attention` launches on ``device``: ``"wgmma"`` (Hopper, compute
+    capability 9.0), ``"mma"`` (the 64-head mma.sync kernel, where 220 KiB of shared memory per
+    block fit) or ``"portable"`` (every sm_80+ GPU). The environment variable
+    ``DSV4RS_ATTENTION_KERNEL`` (``auto``, ``wgmma``, ``mma`` or ``portable``) forces one; forcing
+    one the GPU cannot run raises ValueError."""
+    dev = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+    if dev.type != "cuda":
+        raise ValueError(f"device: expected a CUDA device, got {dev}")
+    return _core.attention_kernel(dev.index if dev.index is not None else torch.cuda.current_device())
+
+
 # Attention ops (SPEC.md sections 2-4). CPU kernels; tensors on other devices are refused with a
 # ValueError naming the argument.
 

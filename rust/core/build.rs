@@ -192,8 +192,10 @@ fn write_registry(out: &Path, modules: &[(String, PathBuf)], archs: &[String]) {
         writeln!(code, "    ({name:?}, &{}.0),", name.to_uppercase()).unwrap();
     }
     code.push_str("];\n");
-    let targets: Vec<String> = archs.iter().map(|a| format!("sm_{a}")).collect();
-    let mut all = targets.clone();
+    let mut all: Vec<String> = archs.iter().map(|a| format!("sm_{a}")).collect();
+    if modules.iter().any(|(name, _)| name.ends_with("_sm90a")) {
+        all.push("sm_90a".to_string());
+    }
     if !archs.is_empty() {
         all.push("compute_80".to_string());
     }

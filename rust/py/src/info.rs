@@ -39,7 +39,14 @@ pub fn warm_up(py: Python<'_>, device: i32) -> PyResult<()> {
     run(py, || gpu::warm_up(device))
 }
 
+/// The sparse-attention kernel launched on a device: "wgmma", "mma" or "portable".
+#[pyfunction]
+pub fn attention_kernel(py: Python<'_>, device: i32) -> PyResult<&'static str> {
+    run(py, || gpu::attention::kernel_name(device))
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(attention_kernel, m)?)?;
     m.add_function(wrap_pyfunction!(build_info, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_devices, m)?)?;
     m.add_function(wrap_pyfunction!(warm_up, m)?)?;

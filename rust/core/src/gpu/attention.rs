@@ -125,6 +125,16 @@ struct Params {
     part_ml: u64,
 }
 
+/// The attention kernel `sparse_attention` launches on GPU `dev`: "wgmma", "mma" or "portable"
+/// (after `DSV4RS_ATTENTION_KERNEL`).
+pub fn kernel_name(dev: i32) -> Result<&'static str> {
+    Ok(match choose(dev)? {
+        Kernel::Wgmma => "wgmma",
+        Kernel::Mma => "mma",
+        Kernel::Portable => "portable",
+    })
+}
+
 /// Candidate-axis split: number of splits and candidates per split (a multiple of the tile).
 pub fn split(queries: usize, heads: usize, max_candidates: usize) -> (usize, usize) {
     let blocks = queries.max(1) * heads.div_ceil(HEADS_PER_BLOCK);
