@@ -44,9 +44,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) dsv4_sparse_attention(c
   const long long t = blockIdx.z;
   const int hb = blockIdx.y * HEADS_PER_BLOCK, h0 = hb + mt * 16;
   const int split = blockIdx.x;
-  const int na = list_count(p.la, t), nb = list_count(p.lb, t);
-  const int total = na + nb;
-  const int begin = split * p.split_len, end = min(begin + p.split_len, total);
+  const Span span = split_span(p, t, split);
   const float qscale = p.scale * LOG2E;  // scores are kept in log2 units
 
   // The block's queries as bf16 (exact for bf16 queries); heads past the last are zeros. bf16
@@ -85,14 +83,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) dsv4_sparse_attention(c
     }
   }
 
-  float o[SLICE / 8][4];
-#pragma unroll
-  for (int n = 0; n < SLICE / 8; ++n)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) o[n][i] = 0.f;
+  float o[SLICE / 8][4] = {};
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
 
-  RowPipeline<TILE, STAGES> pipe(p, t, na, nb, begin, end, stages, row_fmt);
+  RowPipeline<TILE, STAGES> pipe(p, t, span, stages, row_fmt);
   pipe.start();
   const int tiles = pipe.tiles();
   for (int i = 0; i < tiles; ++i) {
@@ -184,9 +178,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) dsv4_sparse_attention_port
   const long long t = blockIdx.z;
   const int h0 = blockIdx.y * P_HEADS;
   const int split = blockIdx.x;
-  const int na = list_count(p.la, t), nb = list_count(p.lb, t);
-  const int total = na + nb;
-  const int begin = split * p.split_len, end = min(begin + p.split_len, total);
+  const Span span = split_span(p, t, split);
   const float qscale = p.scale * LOG2E;
 
   // A fragments of the queries (16 heads x this warp's 64 dims), bf16, straight from memory.
@@ -206,14 +198,10 @@ extern "C" __global__ void __launch_bounds__(THREADS) dsv4_sparse_attention_port
     }
   }
 
-  float o[P_SLICE / 8][4];
-#pragma unroll
-  for (int n = 0; n < P_SLICE / 8; ++n)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) o[n][i] = 0.f;
+  float o[P_SLICE / 8][4] = {};
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
 
-  RowPipeline<P_TILE, P_STAGES> pipe(p, t, na, nb, begin, end, stages, row_fmt);
+  RowPipeline<P_TILE, P_STAGES> pipe(p, t, span, stages, row_fmt);
   pipe.start();
   const int tiles = pipe.tiles();
   for (int i = 0; i < tiles; ++i) {

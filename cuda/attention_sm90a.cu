@@ -122,10 +122,8 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1) dsv4_sparse_attentio
   const long long t = blockIdx.z;
   const int hb = blockIdx.y * HEADS;
   const int split = blockIdx.x;
-  const int na = list_count(p.la, t), nb = list_count(p.lb, t);
-  const int total = na + nb;
-  const int begin = split * p.split_len, end = min(begin + p.split_len, total);
-  const int tiles = begin < end ? (end - begin + TILE - 1) / TILE : 0;
+  const Span span = split_span(p, t, split);
+  const int tiles = span.tiles(TILE);
 
   // The block's queries as bf16 in core-matrix layout: chunk c of head h at qs + 8 (64 c + h).
   // Heads past the last are zeros; the paths by query dtype and alignment are those of the
@@ -157,7 +155,7 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1) dsv4_sparse_attentio
   if (tid < PRODUCER_THREADS) {
     // Producer: tile i is decoded into buffer i % 2 once both consumers are done with tile i - 2.
     set_max_registers<72>();
-    RowPipeline<TILE, STAGES, CORE_MATRICES, PRODUCER_THREADS> pipe(p, t, na, nb, begin, end, stages, row_fmt, tid);
+    RowPipeline<TILE, STAGES, CORE_MATRICES, PRODUCER_THREADS> pipe(p, t, span, stages, row_fmt, tid);
     pipe.start();
     for (int i = 0; i < tiles; ++i) {
       const int b = i % BUFFERS;
@@ -177,11 +175,7 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1) dsv4_sparse_attentio
   const int g = warp / 4, wq = warp % 4;  // dims half (of the scores and the output), head tile
   const float qscale = p.scale * LOG2E;   // scores are kept in log2 units
 
-  float o[GROUP_DIMS / 8][4];
-#pragma unroll
-  for (int n = 0; n < GROUP_DIMS / 8; ++n)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) o[n][i] = 0.f;
+  float o[GROUP_DIMS / 8][4] = {};
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
 
   // Descriptors of this group's dims in tile buffer 0 (buffer b is b TILE_UNITS further). Q (M = heads, K = dims)

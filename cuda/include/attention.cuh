@@ -143,6 +143,19 @@ __device__ __forceinline__ long long candidate_id(const Params& p, long long t, 
   return pos < na + nb ? load_id(p.lb.ids, t * p.lb.stride + pos - na, p.lb.ids64) : -1;
 }
 
+// The part of query t's candidate list that one split covers: the lengths of its two lists and
+// the positions [begin, end) of the split (empty past the end).
+struct Span {
+  int na, nb, begin, end;
+  __device__ int tiles(int tile) const { return begin < end ? (end - begin + tile - 1) / tile : 0; }
+};
+
+__device__ __forceinline__ Span split_span(const Params& p, long long t, int split) {
+  const int na = list_count(p.la, t), nb = list_count(p.lb, t);
+  const int begin = split * p.split_len;
+  return {na, nb, begin, min(begin + p.split_len, na + nb)};
+}
+
 // A stored id as a row of cache c, or -1 when masked (negative or past the cache).
 __device__ __forceinline__ long long masked_row(long long id, const Cache& c) { return id < 0 || id >= c.rows ? -1 : id; }
 
@@ -184,7 +197,8 @@ struct RowPipeline {
   static_assert(L == ROW_MAJOR || (T % 8 == 0 && PARTS % 4 == 0), "core-matrix tiles: 8 rows x 4 parts a warp");
   const Params& p;
   const long long t;
-  const int na, nb, begin, end, lrow, lpart;
+  const Span span;
+  const int lrow, lpart;
   uint8_t* const stages;  // [S][T][STAGE_ROW]
   int* const row_fmt;     // [S][T]: the staged row's format, -1 for none
   int which_ahead = 0;
@@ -198,18 +212,17 @@ struct RowPipeline {
   }
 
   // `tid`: this thread's index among the pipeline's NT threads.
-  __device__ RowPipeline(const Params& p_, long long t_, int na_, int nb_, int begin_, int end_, uint8_t* stages_,
-                         int* row_fmt_, int tid = threadIdx.x)
-      : p(p_), t(t_), na(na_), nb(nb_), begin(begin_), end(end_), lrow(row_of(tid)), lpart(part_of(tid)),
-        stages(stages_), row_fmt(row_fmt_) {}
+  __device__ RowPipeline(const Params& p_, long long t_, const Span& span_, uint8_t* stages_, int* row_fmt_,
+                         int tid = threadIdx.x)
+      : p(p_), t(t_), span(span_), lrow(row_of(tid)), lpart(part_of(tid)), stages(stages_), row_fmt(row_fmt_) {}
 
-  __device__ int tiles() const { return begin < end ? (end - begin + T - 1) / T : 0; }
+  __device__ int tiles() const { return span.tiles(T); }
 
   // The stored id of this thread's row of a tile (loaded a tile before its use: only `issue`
   // looks at the value).
   __device__ long long row_at(int tile, int& which) const {
-    const int pos = begin + tile * T + lrow;
-    return pos < end ? candidate_id(p, t, na, nb, pos, which) : -1;
+    const int pos = span.begin + tile * T + lrow;
+    return pos < span.end ? candidate_id(p, t, span.na, span.nb, pos, which) : -1;
   }
 
   __device__ void issue(int tile, long long id, int which) {

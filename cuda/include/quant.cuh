@@ -100,16 +100,10 @@ __device__ __forceinline__ uint32_t bf16x2_mul_pow2(uint32_t x, int e) {
   return *(uint32_t*)&v;
 }
 
-// Two FP8 codes in bytes 0 and 2 of `w` -> two bf16 of value * 2^se.
-__device__ __forceinline__ uint32_t fp8x2_to_bf16(uint32_t w, int se) {
-  const uint32_t bits = ((w & 0x007F007Fu) << 4) | ((w & 0x00800080u) << 8);
-  return bf16x2_mul_pow2(bf16x2_mul_pow2(bits, 120), se);
-}
-
-// Eight FP8 codes (little-endian in `raw`) times 2^se as eight packed bf16 (16 bytes). SMALL
-// (the caller knows se <= 7, i.e. the block's amax is at most 448 * 2^7) takes one multiply by
-// 2^(120 + se), which is then a bf16; the general form takes the two exact steps of
-// fp8x2_to_bf16.
+// Eight FP8 codes (little-endian in `raw`) times 2^se as eight packed bf16 (16 bytes): each pair
+// of codes moves into bf16 position (value * 2^-120), then is multiplied by 2^120 and by 2^se.
+// SMALL (the caller knows se <= 7, i.e. the block's amax is at most 448 * 2^7) takes one
+// multiply by 2^(120 + se), which is then a bf16.
 template <bool SMALL = false>
 __device__ __forceinline__ uint4 fp8x8_to_bf16(uint2 raw, int se) {
   const uint32_t w[4] = {__byte_perm(raw.x, 0, 0x4140), __byte_perm(raw.x, 0, 0x4342), __byte_perm(raw.y, 0, 0x4140),
