@@ -239,6 +239,8 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1) dsv4_sparse_attentio
       wgmma_m64n128k16_rs<16>(o, pa[kk], v_desc + b * TILE_UNITS + kk * 16 + 16 * TILE);
     }
     wgmma_commit();
+    // P V completes within the iteration: ptxas serializes every wgmma of a kernel in which one
+    // is still in flight at the loop's back edge (warning C7515), which costs far more.
     wgmma_wait_all();
     if (i + BUFFERS < tiles) bar_arrive(BAR_EMPTY + b, WS_THREADS);  // the producer waits for it
   }
