@@ -71,7 +71,7 @@ pub fn cache_rows(cache: &TensorRef, fmt: RowFormat) -> Result<usize> {
             ),
         )
     })?;
-    if cache.ptr % 16 != 0 {
+    if !cache.ptr.is_multiple_of(16) {
         return Err(Error::value(cache.name, "cache data must be 16-byte aligned"));
     }
     Ok(cache.dim(0) * quant::PAGE_ROWS)

@@ -131,7 +131,7 @@ impl TensorRef {
         if self.ptr == 0 && self.numel() > 0 {
             return Err(Error::value(self.name, "null data pointer"));
         }
-        if self.ptr % std::mem::align_of::<T>() != 0 {
+        if !self.ptr.is_multiple_of(std::mem::align_of::<T>()) {
             return Err(Error::value(self.name, "data pointer is not aligned to its element size"));
         }
         Ok(())

@@ -198,7 +198,7 @@ pub unsafe fn sparse_attention(dev: i32, stream: usize, a: &AttentionArgs) -> Re
     let width = a.a.indices.dim(1) + a.b.as_ref().map_or(0, |b| b.indices.dim(1));
     let (splits, split_len) = split(t, heads, width);
     let need = workspace_bytes(t, heads, width);
-    if a.workspace.numel() * a.workspace.dtype.size() < need || a.workspace.ptr % 16 != 0 {
+    if a.workspace.numel() * a.workspace.dtype.size() < need || !a.workspace.ptr.is_multiple_of(16) {
         return Err(Error::value(a.workspace.name, format!("needs at least {need} bytes, 16-byte aligned")));
     }
     if t == 0 {

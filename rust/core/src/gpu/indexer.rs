@@ -91,7 +91,7 @@ pub unsafe fn indexer_topk(dev: i32, stream: usize, a: &IndexerArgs) -> Result<(
     }
     let s = split(t, max_pages * PAGE_ROWS, a.k);
     let need = workspace_bytes(t, max_pages * PAGE_ROWS, a.k);
-    if a.workspace.dtype != DType::U8 || a.workspace.numel() < need || a.workspace.ptr % 8 != 0 {
+    if a.workspace.dtype != DType::U8 || a.workspace.numel() < need || !a.workspace.ptr.is_multiple_of(8) {
         return Err(Error::value(a.workspace.name, format!("needs at least {need} bytes (uint8, 8-byte aligned)")));
     }
     if t == 0 {
