@@ -47,40 +47,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) dsv4_sparse_attention(c
   const Span span = split_span(p, t, split);
   const float qscale = p.scale * LOG2E;  // scores are kept in log2 units
 
-  // The block's queries as bf16 (exact for bf16 queries); heads past the last are zeros. bf16
-  // queries are copied by cp.async in 16-byte chunks (they join the first staged tile's group),
-  // float32 ones read 16 bytes at a time; a query not 16-byte aligned takes the scalar path.
-  const bool aligned = ((uintptr_t)p.q & 15) == 0;
-  if (p.q_bf16 && aligned) {
-    for (int i = tid; i < HEADS_PER_BLOCK * ENTRY_DIM / 8; i += THREADS) {
-      const int h = i / (ENTRY_DIM / 8), c = i % (ENTRY_DIM / 8);
-      uint16_t* dst = qs + h * KROW + 8 * c;
-      if (hb + h < p.heads)
-        cp_async16(dst, (const uint16_t*)p.q + (t * p.heads + hb + h) * ENTRY_DIM + 8 * c);
-      else
-        *(uint4*)dst = make_uint4(0, 0, 0, 0);
-    }
-  } else if (aligned) {
-    for (int i = tid; i < HEADS_PER_BLOCK * ENTRY_DIM / 4; i += THREADS) {
-      const int h = i / (ENTRY_DIM / 4), c = i % (ENTRY_DIM / 4);
-      uint2 v = make_uint2(0, 0);
-      if (hb + h < p.heads) {
-        const float4 x = *(const float4*)((const float*)p.q + (t * p.heads + hb + h) * ENTRY_DIM + 4 * c);
-        v = make_uint2(pack_bf16(x.x, x.y), pack_bf16(x.z, x.w));
-      }
-      *(uint2*)(qs + h * KROW + 4 * c) = v;
-    }
-  } else {
-    for (int i = tid; i < HEADS_PER_BLOCK * ENTRY_DIM / 2; i += THREADS) {
-      const int h = 2 * i / ENTRY_DIM, d = 2 * i % ENTRY_DIM;
-      float x0 = 0.f, x1 = 0.f;
-      if (hb + h < p.heads) {
-        const long long off = (t * p.heads + hb + h) * ENTRY_DIM + d;
-        x0 = load_value(p.q, off, p.q_bf16);
-        x1 = load_value(p.q, off + 1, p.q_bf16);
-      }
-      *(uint32_t*)(qs + h * KROW + d) = pack_bf16(x0, x1);
-    }
+  // The block's queries as bf16 rows (the bf16 copies join the first staged tile's group).
+  for (int i = tid; i < HEADS_PER_BLOCK * ENTRY_DIM / 8; i += THREADS) {
+    const int h = i / (ENTRY_DIM / 8), c = i % (ENTRY_DIM / 8);
+    load_query_chunk(p, t, hb + h, c, qs + h * KROW + 8 * c);
   }
 
   float o[SLICE / 8][4] = {};

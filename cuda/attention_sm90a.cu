@@ -126,26 +126,9 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1) dsv4_sparse_attentio
   const int tiles = span.tiles(TILE);
 
   // The block's queries as bf16 in core-matrix layout: chunk c of head h at qs + 8 (64 c + h).
-  // Heads past the last are zeros; the paths by query dtype and alignment are those of the
-  // mma.sync kernel.
-  const bool aligned = ((uintptr_t)p.q & 15) == 0;
   for (int i = tid; i < HEADS * ENTRY_DIM / CHUNK; i += WS_THREADS) {
     const int h = i / (ENTRY_DIM / CHUNK), c = i % (ENTRY_DIM / CHUNK);
-    uint16_t* dst = qs + CHUNK * (HEADS * c + h);
-    const long long off = (t * p.heads + hb + h) * ENTRY_DIM + CHUNK * c;
-    if (hb + h >= p.heads) {
-      *(uint4*)dst = make_uint4(0, 0, 0, 0);
-    } else if (p.q_bf16 && aligned) {
-      cp_async16(dst, (const uint16_t*)p.q + off);
-    } else if (aligned) {
-      const float4 x = *(const float4*)((const float*)p.q + off), y = *(const float4*)((const float*)p.q + off + 4);
-      *(uint4*)dst = make_uint4(pack_bf16(x.x, x.y), pack_bf16(x.z, x.w), pack_bf16(y.x, y.y), pack_bf16(y.z, y.w));
-    } else {
-      uint32_t v[4];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) v[j] = pack_bf16(load_value(p.q, off + 2 * j, p.q_bf16), load_value(p.q, off + 2 * j + 1, p.q_bf16));
-      *(uint4*)dst = make_uint4(v[0], v[1], v[2], v[3]);
-    }
+    load_query_chunk(p, t, hb + h, c, qs + CHUNK * (HEADS * c + h));
   }
   cp_async_commit();
   cp_async_wait<0>();

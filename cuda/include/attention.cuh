@@ -36,7 +36,6 @@ __device__ __forceinline__ float fast_exp2(float x) {
 
 // A staged raw row: an FP8 entry's 576 data bytes then its 8 scale bytes, or a BF16 row's 1024
 // bytes. Thread (row lrow, part lp of PARTS) moves 16-byte chunks lp + PARTS j of its row.
-
 template <int PARTS>
 __device__ __forceinline__ void stage_row(uint8_t* dst, const Cache& c, long long row, int lp) {
   if (row < 0) return;
@@ -51,9 +50,8 @@ __device__ __forceinline__ void stage_row(uint8_t* dst, const Cache& c, long lon
   }
 }
 
-// Decodes chunks PARTS j + lp of a staged row (dims 8 c .. 8 c + 8 of chunk c) as bf16 into
-// `dst + c * chunk_stride`. `fmt` < 0: a masked row (zeros). The format test is per row and
-// whether a chunk is NoPE (FP8) or RoPE (bf16) is known at compile time where PARTS allows.
+// decode_row's FP8 entries: NoPE chunks from FP8 codes and their block's scale (one multiply per
+// pair where SMALL), RoPE chunks copied as the bf16 they are stored as.
 template <int PARTS, bool SMALL>
 __device__ __forceinline__ void decode_fp8_row(const uint8_t* src, uint2 scales, int lp, uint16_t* dst,
                                                int chunk_stride) {
@@ -154,6 +152,30 @@ __device__ __forceinline__ Span split_span(const Params& p, long long t, int spl
   const int na = list_count(p.la, t), nb = list_count(p.lb, t);
   const int begin = split * p.split_len;
   return {na, nb, begin, min(begin + p.split_len, na + nb)};
+}
+
+// Dims 8 c .. 8 c + 8 of query t's head h as 8 bf16 at the 16-byte aligned shared `dst`, zeros
+// for a head past the last (exact for bf16 queries). bf16 queries are copied by cp.async (the
+// caller commits the group), float32 ones read 16 bytes at a time; a query not 16-byte aligned
+// takes scalar loads.
+__device__ __forceinline__ void load_query_chunk(const Params& p, long long t, int h, int c, uint16_t* dst) {
+  if (h >= p.heads) {
+    *(uint4*)dst = make_uint4(0, 0, 0, 0);
+    return;
+  }
+  const long long off = (t * p.heads + h) * ENTRY_DIM + 8 * c;
+  const bool aligned = ((uintptr_t)p.q & 15) == 0;
+  if (p.q_bf16 && aligned) {
+    cp_async16(dst, (const uint16_t*)p.q + off);
+  } else if (aligned) {
+    const float4 x = *(const float4*)((const float*)p.q + off), y = *(const float4*)((const float*)p.q + off + 4);
+    *(uint4*)dst = make_uint4(pack_bf16(x.x, x.y), pack_bf16(x.z, x.w), pack_bf16(y.x, y.y), pack_bf16(y.z, y.w));
+  } else {
+    uint32_t v[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) v[j] = pack_bf16(load_value(p.q, off + 2 * j, p.q_bf16), load_value(p.q, off + 2 * j + 1, p.q_bf16));
+    *(uint4*)dst = make_uint4(v[0], v[1], v[2], v[3]);
+  }
 }
 
 // A stored id as a row of cache c, or -1 when masked (negative or past the cache).
@@ -293,11 +315,12 @@ __device__ __forceinline__ void finish_rows(const Params& p, float (&o)[N][4], f
       const float m = row_max[j];
       const float f = m == -INFINITY ? 0.f : 1.f / (row_sum[j] + exp2f(p.sink[h] * LOG2E - m));
       float* dst = p.out + (t * p.heads + h) * ENTRY_DIM;
+      const long long pos = p.positions ? load_id(p.positions, t, p.positions64) : 0;
 #pragma unroll
       for (int n = 0; n < N; ++n) {
         float x0 = o[n][2 * j] * f, x1 = o[n][2 * j + 1] * f;
         const int d = d0 + 8 * n + c2;
-        if (p.positions && d >= NOPE_DIM) derotate_pair(x0, x1, load_id(p.positions, t, p.positions64), p, (d - NOPE_DIM) / 2);
+        if (p.positions && d >= NOPE_DIM) derotate_pair(x0, x1, pos, p, (d - NOPE_DIM) / 2);
         *(float2*)(dst + d) = make_float2(x0, x1);
       }
       if (first && lane % 4 == 0)

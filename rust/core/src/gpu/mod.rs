@@ -82,21 +82,12 @@ pub fn devices() -> Result<Vec<DeviceInfo>> {
             let dev = device(index)?;
             let mut name = [0 as std::ffi::c_char; 256];
             check(unsafe { sys::cuDeviceGetName(name.as_mut_ptr(), 256, dev) }, "cuDeviceGetName")?;
-            let attr = |a| -> Result<i32> {
-                let mut v = 0;
-                check(unsafe { sys::cuDeviceGetAttribute(&mut v, a, dev) }, "cuDeviceGetAttribute")?;
-                Ok(v)
-            };
-            use sys::CUdevice_attribute::*;
             Ok(DeviceInfo {
                 index,
                 // SAFETY: cuDeviceGetName wrote a NUL-terminated string into the buffer.
                 name: unsafe { CStr::from_ptr(name.as_ptr()) }.to_string_lossy().into_owned(),
-                compute_capability: (
-                    attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
-                    attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
-                ),
-                multiprocessors: attr(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
+                compute_capability: compute_capability(index)?,
+                multiprocessors: attribute(index, sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
             })
         })
         .collect()
