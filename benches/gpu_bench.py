@@ -1,5 +1,6 @@
 """The GPU benchmark table of scripts/gpu_check.sh: ``dsv4rs bench`` on the CUDA device
-(``python benches/gpu_bench.py [--quick] [--only SUITE ...]``); see :mod:`dsv4rs.bench`."""
+(``python benches/gpu_bench.py [--quick] [--only SUITE ...]``). The benchmark code itself lives
+in :mod:`dsv4rs.bench`; this folder holds only entry points."""
 
 import sys
 

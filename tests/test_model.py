@@ -12,9 +12,12 @@ import sys
 import pytest
 import torch
 
-from dsv4rs.model import DeepseekV4, Engine, V4Config, dense_forward, float64_copy, init_random
+from dsv4rs.model import DeepseekV4, V4Config, init_random
 from dsv4rs.model.config import CSA, HCA, SWA
-from dsv4rs.model.loader import CheckpointError, canonical_name, export_deepseek, load_checkpoint
+from dsv4rs.model.loader import CheckpointError, canonical_name, load_checkpoint
+from dsv4rs.reference.dense import dense_forward, float64_copy
+from dsv4rs.reference.export import export_deepseek
+from dsv4rs.runtime import Engine
 
 
 def _transformers():
@@ -71,7 +74,7 @@ def test_presets_match_spec() -> None:
     assert (pro.layer_types.count(CSA), pro.layer_types.count(HCA)) == (30, 31)
     assert (flash.layer_types.count(CSA), flash.layer_types.count(HCA), flash.layer_types.count(SWA)) == (21, 20, 2)
     # The compressed layers' YaRN ramp of SPEC.md section 2: (j - 15) / 10.
-    inv = flash.inv_freq(True).double()
+    inv = torch.tensor(flash.inv_freq(True), dtype=torch.float64)
     base = 160000.0 ** (-torch.arange(0, 64, 2, dtype=torch.float64) / 64)
     ramp = ((torch.arange(32) - 15) / 10).clamp(0, 1).double()
     torch.testing.assert_close(inv, (base * (1 - ramp) + base / 16 * ramp).float().double())
@@ -244,7 +247,7 @@ def test_quantization_switch(tiny: DeepseekV4, gen: torch.Generator) -> None:
     assert float(effect.median()) > 1e-3  # the round trips are really applied
     for fmt in ("fp4", "fp8"):
         eng = Engine(tiny, max_sequences=1, max_len=LONG, quant=True, index_format=fmt)
-        assert eng.csa_keys.dtype == torch.uint8 and eng.window.shape[-1] == 64 * 584
+        assert eng.cache.csa_keys.dtype == torch.uint8 and eng.cache.window.shape[-1] == 64 * 584
 
 
 def test_engine_rejects_bad_input(tiny: DeepseekV4) -> None:
@@ -489,13 +492,3 @@ def test_tied_embeddings(gen: torch.Generator, tmp_path) -> None:
     with torch.no_grad():
         want = hf(input_ids=ids[None]).logits[0]
     torch.testing.assert_close(prefill(loaded, ids), want, atol=TOL, rtol=0)
-
-
-def test_presets_agree_with_the_cost_model() -> None:
-    """The cost model keeps its own copy of the V4 presets (it runs without torch); both copies
-    must describe the same models."""
-    from dsv4rs import cost
-
-    for cfg, model in ((V4Config.v4_pro(), cost.V4Model.pro()), (V4Config.v4_flash(), cost.V4Model.flash())):
-        mine = cfg.cost_model(model.name)
-        assert mine == model, (mine, model)

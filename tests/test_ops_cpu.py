@@ -519,27 +519,13 @@ def test_opcheck(gen: torch.Generator) -> None:
 # ---------------------------------------------------------------------------------- mHC weights
 
 
-def _mhc_reference(mix: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, iters: int, eps: float):
-    """SPEC.md section 6 in float64, written out."""
-    mix, scale, base = mix.double(), scale.double(), base.double()
-    n = {3: 1, 8: 2, 15: 3, 24: 4, 35: 5, 48: 6, 63: 7, 80: 8}[mix.shape[1]]
-    pre = torch.sigmoid(mix[:, :n] * scale[0] + base[:n]) + eps
-    post = 2 * torch.sigmoid(mix[:, n : 2 * n] * scale[1] + base[n : 2 * n])
-    m = torch.softmax((mix[:, 2 * n :] * scale[2] + base[2 * n :]).view(-1, n, n), dim=-1) + eps
-    m = m / (m.sum(-2, keepdim=True) + eps)
-    for _ in range(iters - 1):
-        m = m / (m.sum(-1, keepdim=True) + eps)
-        m = m / (m.sum(-2, keepdim=True) + eps)
-    return pre, post, m
-
-
 @pytest.mark.parametrize("n,t,iters", [(4, 7, 20), (4, 0, 20), (1, 3, 1), (2, 5, 3), (8, 33, 20)])
 def test_mhc_weights_match_reference(gen: torch.Generator, n: int, t: int, iters: int) -> None:
     width = (2 + n) * n
     mix = torch.randn(t, width, generator=gen) * 3
     scale, base = torch.rand(3, generator=gen) + 0.5, torch.randn(width, generator=gen)
     got = ops.mhc_weights(mix, scale, base, iters, 1e-6)
-    want = _mhc_reference(mix, scale, base, iters, 1e-6)
+    want = ref.mhc_weights(mix, scale, base, iters, 1e-6)
     for g, w in zip(got, want):
         assert g.dtype == torch.float32
         torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-6)

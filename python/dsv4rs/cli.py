@@ -10,7 +10,7 @@ and -Flash against V3.2, V3 (dense MLA) and GQA-8 at several context lengths (th
 ``dsv4rs demo`` builds a small DeepSeek-V4 (seeded weights), prefills two prompts and decodes
 through the paged KV cache with the dsv4rs kernels (GPU if present), checks every generated
 token's logits against the float64 reference and prints tokens/s, cache bytes per token and
-FLOPs per token (:mod:`dsv4rs.model.demo`).
+FLOPs per token (:mod:`dsv4rs.demo`).
 
 ``dsv4rs bench`` times the ops on the available device beside torch eager and prints time,
 throughput and the fraction of the roofline floor per case (:mod:`dsv4rs.bench`).
@@ -22,10 +22,7 @@ import argparse
 import json
 import sys
 
-from dsv4rs import _core, cost
-
-BENCH_SUITES = ("formats", "compress", "indexer", "attention")
-"""The suites of :mod:`dsv4rs.bench` (named here so that the other commands start without torch)."""
+from dsv4rs import _core, bench, cost
 
 
 def info() -> int:
@@ -114,15 +111,15 @@ def main(argv: list[str] | None = None) -> int:
     cost_parser.add_argument(
         "--context", type=int, action="append", help="context length in tokens (repeatable; default 4K 64K 128K 1M)"
     )
-    cost_parser.add_argument("--main-format", choices=sorted(cost.MAIN_ENTRY_BYTES), default="fp8")
-    cost_parser.add_argument("--index-format", choices=sorted(cost.INDEX_KEY_BYTES), default="fp4")
+    cost_parser.add_argument("--main-format", choices=cost.MAIN_FORMATS, default="fp8")
+    cost_parser.add_argument("--index-format", choices=cost.INDEX_FORMATS, default="fp4")
     cost_parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     cost_parser.add_argument("--plot", metavar="FILE.png", help="draw FLOPs and bytes against context length")
     bench_parser = sub.add_parser("bench", help="time the ops beside torch eager, with roofline fractions")
     bench_parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                               help="where to run (default: a CUDA GPU if there is one, else the CPU)")
     bench_parser.add_argument("--quick", action="store_true", help="fewer sizes (GPU)")
-    bench_parser.add_argument("--only", nargs="*", choices=BENCH_SUITES, help="suites to run (default: all)")
+    bench_parser.add_argument("--only", nargs="*", choices=list(bench.SUITES), help="suites to run (default: all)")
     demo_parser = sub.add_parser("demo", help="a small V4 generating through the paged cache, checked against "
                                               "the float64 reference")
     _demo_arguments(demo_parser)
@@ -135,13 +132,11 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             cost_parser.error(str(e))
     if args.command == "bench":
-        from dsv4rs import bench  # imports torch
-
         return bench.run_command(args)
     if args.command == "demo":
         if args.prompt_len < 1 or args.new_tokens < 1:
             demo_parser.error("--prompt-len and --new-tokens must be >= 1")
-        from dsv4rs.model import demo  # imports torch
+        from dsv4rs import demo  # imports torch
 
         return demo.run(args)
     parser.error(f"unknown command {args.command}")

@@ -1,5 +1,5 @@
 """The cost model: FLOPs of one decode token and KV-cache bytes of one sequence at a context
-length, for DeepSeek-V4 (SPEC.md sections 1-5) and the baselines it is compared against.
+length, for DeepSeek-V4 (docs/model.md sections 1-5) and the baselines it is compared against.
 
 FLOPs count a multiply-add as 2, whatever the dtype, for a decode token at position
 ``t = L - 1`` of a context of ``L`` tokens (the token itself included). They are reported by
@@ -7,12 +7,12 @@ component; every model has the same keys (zero where a part does not exist):
 
 - ``projections``: the attention linears (queries, the K=V entry, outputs), 2 per weight.
 - ``experts``: the routed experts a token uses, the shared expert, the router.
-- ``indexer``: indexer projections plus ``2 * heads * head_dim`` per scored key (SPEC.md section 4);
-  ReLU and the head weighting are not counted.
+- ``indexer``: indexer projections plus ``2 * heads * head_dim`` per scored key (docs/model.md
+  section 4); ReLU and the head weighting are not counted.
 - ``attention``: core attention, per candidate and query head a dot product over the key and a
   weighted sum over the value.
-- ``compressor``: the compressors' ``wkv``/``wgate`` linears plus pooling (SPEC.md section 3).
-- ``mhc``: the mHC mappings and stream mixing (SPEC.md section 6).
+- ``compressor``: the compressors' ``wkv``/``wgate`` linears plus pooling (docs/model.md section 3).
+- ``mhc``: the mHC mappings and stream mixing (docs/model.md section 6).
 - ``lm_head``: the output projection over the vocabulary.
 
 Weights-only components are ``2 x`` the active parameters of :meth:`V4Model.active_params`.
@@ -20,9 +20,11 @@ Choices: the embedding is a lookup (its parameters are not active); the MTP laye
 (it drafts tokens, it is not part of a token's forward pass); norms, RoPE, softmax, sinks,
 Sinkhorn iterations on 4x4 matrices and quantization are not counted (each is below 0.1 %).
 
-KV bytes are by cache family. For V4 they are the bytes :class:`dsv4rs.cache.CacheConfig`
-reserves: 64-row pages, the MTP layer's window included, window and compressor state per
-sequence. Baselines are counted per token, without paging.
+A V4 model is a :class:`dsv4rs.model.config.V4Config` (the presets are its own); its KV bytes are
+what the Rust cache layout reserves for it (``dsv4rs._core.CacheLayout``, the same accounting as
+:class:`dsv4rs.cache.CacheConfig`): 64-row pages, the MTP layer's window included, window and
+compressor state per sequence. Baselines are counted per token, without paging. Nothing here
+imports torch, so ``dsv4rs cost`` starts fast.
 """
 
 from __future__ import annotations
@@ -32,18 +34,19 @@ from collections.abc import Mapping
 from typing import Any
 
 from dsv4rs import _core
+from dsv4rs.model.config import CSA, HCA, V4Config
 
-PAGE_ROWS = 64
-"""Rows per cache page (one page id addresses 64 rows in every layer of a family)."""
-MAIN_ENTRY_BYTES = {"fp8": 584, "bf16": 1024}
-"""Bytes of a main KV entry by format (SPEC.md section 5)."""
-INDEX_KEY_BYTES = {"fp4": 68, "fp8": 132, "bf16": 256}
-"""Bytes of a CSA indexer key by format (SPEC.md section 5)."""
+MAIN_FORMATS = ("fp8", "bf16")
+"""Main-entry formats the cache layout accepts (docs/model.md section 5)."""
+INDEX_FORMATS = ("fp4", "fp8", "bf16")
+"""Indexer-key formats the cache layout accepts (docs/model.md section 5)."""
 CONTEXTS = (4096, 65536, 131072, 1 << 20)
 """The context lengths of the ``dsv4rs cost`` table: 4K, 64K, 128K and 1M tokens."""
 PAPER_FLOPS_VS_V3_2 = {"v4-pro": 0.27, "v4-flash": 0.10}
-"""The paper's per-token "equivalent FP8 FLOPs" at 1M context relative to V3.2 (SPEC.md section 5)."""
+"""The paper's per-token "equivalent FP8 FLOPs" at 1M context relative to V3.2 (docs/model.md section 5)."""
 FLOP_COMPONENTS = ("projections", "experts", "indexer", "attention", "compressor", "mhc", "lm_head")
+FAMILIES = ("window", "csa_main", "csa_index", "hca", "state")
+"""The parts of a V4 sequence's cache, as :class:`dsv4rs.cache.Footprint` names them."""
 
 
 def _check_context(context: int) -> int:
@@ -52,7 +55,7 @@ def _check_context(context: int) -> int:
     return context
 
 
-def _choice(name: str, value: str, choices: Mapping[str, int]) -> None:
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name}: expected one of {sorted(choices)}, got {value!r}")
 
@@ -90,7 +93,7 @@ class Cost:
 
     @property
     def compressed_bytes_per_token(self) -> float:
-        """The amortized figure of SPEC.md section 5 (for V4: ``CacheConfig.bytes_per_token``)."""
+        """The amortized figure of docs/model.md section 5 (for V4: ``CacheConfig.bytes_per_token``)."""
         return self.compressed_bytes / self.context
 
     def as_dict(self) -> dict[str, Any]:
@@ -113,85 +116,52 @@ def _flops(params: Mapping[str, int], extra: Mapping[str, int]) -> dict[str, int
 
 @dataclasses.dataclass(frozen=True)
 class V4Model:
-    """A DeepSeek-V4 model's hyper-parameters (SPEC.md section 1, Hugging Face config names in
-    the comments) and its cache formats.
-
-    ``compress_ratios`` has ``num_layers + 1`` entries, the last for the MTP layer:
-    0 = sliding window only, 4 = CSA, 128 = HCA. ``main_format`` is ``"fp8"`` or ``"bf16"``,
-    ``index_format`` ``"fp4"``, ``"fp8"`` or ``"bf16"`` (SPEC.md section 5).
-    """
+    """The cost of a DeepSeek-V4 model: its config and its cache formats (``main_format``
+    ``"fp8"`` or ``"bf16"``, ``index_format`` ``"fp4"``, ``"fp8"`` or ``"bf16"``)."""
 
     name: str
-    num_layers: int  # num_hidden_layers
-    hidden: int  # hidden_size
-    heads: int  # num_attention_heads
-    q_lora_rank: int
-    o_groups: int
-    compress_ratios: tuple[int, ...]
-    index_topk: int
-    routed_experts: int  # n_routed_experts
-    moe_intermediate: int  # moe_intermediate_size
-    vocab: int = 129280
-    head_dim: int = 512
-    o_lora_rank: int = 1024
-    window: int = 128  # sliding_window
-    index_heads: int = 64  # index_n_heads
-    index_head_dim: int = 128
-    experts_per_token: int = 6
-    shared_experts: int = 1
-    hash_layers: int = 3  # num_hash_layers: routed by token id, no router matmul
-    hc_mult: int = 4
+    config: V4Config
     main_format: str = "fp8"
     index_format: str = "fp4"
+    _layout: Any = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        _choice("main_format", self.main_format, MAIN_ENTRY_BYTES)
-        _choice("index_format", self.index_format, INDEX_KEY_BYTES)
-        ratios = tuple(self.compress_ratios)
-        if len(ratios) != self.num_layers + 1 or not set(ratios) <= {0, 4, 128}:
-            raise ValueError(
-                f"compress_ratios: expected {self.num_layers + 1} entries of 0, 4 or 128, got {ratios}"
-            )
-        object.__setattr__(self, "compress_ratios", ratios)
+        _choice("main_format", self.main_format, MAIN_FORMATS)
+        _choice("index_format", self.index_format, INDEX_FORMATS)
+        cfg = self.config
+        layout = _core.CacheLayout(list(cfg.compress_ratios), cfg.sliding_window, self.main_format, self.index_format)
+        object.__setattr__(self, "_layout", layout)
 
     @classmethod
-    def pro(cls, **overrides: Any) -> V4Model:
-        """DeepSeek-V4-Pro: layers 0 and 1 HCA, then CSA on even and HCA on odd ids."""
-        ratios = tuple(_core.CacheLayout.v4_pro_ratios())
-        config = dict(
-            name="v4-pro", num_layers=61, hidden=7168, heads=128, q_lora_rank=1536, o_groups=16,
-            compress_ratios=ratios, index_topk=1024, routed_experts=384, moe_intermediate=3072,
-        )
-        return cls(**{**config, **overrides})
+    def pro(cls, **formats: str) -> V4Model:
+        """DeepSeek-V4-Pro (:meth:`V4Config.v4_pro`)."""
+        return cls("v4-pro", V4Config.v4_pro(), **formats)
 
     @classmethod
-    def flash(cls, **overrides: Any) -> V4Model:
-        """DeepSeek-V4-Flash: layers 0 and 1 sliding window only, then CSA and HCA alternating."""
-        ratios = tuple(_core.CacheLayout.v4_flash_ratios())
-        config = dict(
-            name="v4-flash", num_layers=43, hidden=4096, heads=64, q_lora_rank=1024, o_groups=8,
-            compress_ratios=ratios, index_topk=512, routed_experts=256, moe_intermediate=2048,
-        )
-        return cls(**{**config, **overrides})
+    def flash(cls, **formats: str) -> V4Model:
+        """DeepSeek-V4-Flash (:meth:`V4Config.v4_flash`)."""
+        return cls("v4-flash", V4Config.v4_flash(), **formats)
 
     @property
     def layer_ratios(self) -> tuple[int, ...]:
         """Compress ratios of the layers a token's forward pass runs (the MTP layer left out)."""
-        return self.compress_ratios[:-1]
+        return self.config.compress_ratios[: self.config.num_hidden_layers]
 
     def compressors(self, ratios: tuple[int, ...]) -> list[tuple[int, int, int]]:
-        """``(ratio, coff, D)`` of every compressor of layers with ``ratios`` (SPEC.md section
-        3): per CSA layer the main one (4, 2, 512) and the indexer's (4, 2, 128), per HCA layer
-        one (128, 1, 512)."""
+        """``(ratio, coff, D)`` of every compressor of layers with ``ratios`` (docs/model.md
+        section 3): per CSA layer the main one (4, 2, 512) and the indexer's (4, 2, 128), per
+        HCA layer one (128, 1, 512)."""
+        cfg = self.config
+        csa, hca = cfg.compress_rates
         per_layer = {
             0: [],
-            4: [(4, 2, self.head_dim), (4, 2, self.index_head_dim)],
-            128: [(128, 1, self.head_dim)],
+            csa: [(csa, 2, cfg.head_dim), (csa, 2, cfg.index_head_dim)],
+            hca: [(hca, 1, cfg.head_dim)],
         }
         return [c for ratio in ratios for c in per_layer[ratio]]
 
     def active_params(self) -> dict[str, int]:
-        """Weights one token multiplies by, by component (SPEC.md sections 2-7).
+        """Weights one token multiplies by, by component (docs/model.md sections 2-7).
 
         Per layer: ``W_qa [d_c, d]``, ``W_qb [n_h c, d_c]``, ``W_kv [c, d]``, ``W_oa`` (``g``
         groups of ``n_h c / g -> o_lora_rank``), ``W_ob [d, g o_lora_rank]``; on CSA layers the
@@ -201,31 +171,38 @@ class V4Model:
         ``Phi [(m^2 + 2m), m d]`` per sublayer (2 per layer) and ``[m, m d]`` for the head.
         Plus the LM head ``[vocab, d]``. 48.8 B for V4-Pro and 13.3 B for V4-Flash (49.8 B and
         13.8 B with the embedding; the published figures are 49 B and 13 B)."""
-        d, m, ratios = self.hidden, self.hc_mult, self.layer_ratios
+        cfg = self.config
+        d, m, layers = cfg.hidden_size, cfg.hc_mult, cfg.num_hidden_layers
+        heads, c = cfg.num_attention_heads, cfg.head_dim
         attention = (
-            d * self.q_lora_rank
-            + self.q_lora_rank * self.heads * self.head_dim
-            + d * self.head_dim
-            + self.heads * self.head_dim * self.o_lora_rank
-            + self.o_groups * self.o_lora_rank * d
+            d * cfg.q_lora_rank
+            + cfg.q_lora_rank * heads * c
+            + d * c
+            + heads * c * cfg.o_lora_rank
+            + cfg.o_groups * cfg.o_lora_rank * d
         )
-        indexer = self.q_lora_rank * self.index_heads * self.index_head_dim + d * self.index_heads
-        experts = (self.experts_per_token + self.shared_experts) * 3 * d * self.moe_intermediate
-        routed_layers = max(len(ratios) - self.hash_layers, 0)
+        indexer = cfg.q_lora_rank * cfg.index_n_heads * cfg.index_head_dim + d * cfg.index_n_heads
+        experts = (cfg.num_experts_per_tok + cfg.n_shared_experts) * 3 * d * cfg.moe_intermediate_size
+        routed_layers = max(layers - cfg.hash_layers, 0)
         return {
-            "projections": len(ratios) * attention,
-            "experts": len(ratios) * experts + routed_layers * self.routed_experts * d,
-            "indexer": ratios.count(4) * indexer,
-            "compressor": sum(2 * coff * dim * d for _, coff, dim in self.compressors(ratios)),
-            "mhc": 2 * len(ratios) * (m * m + 2 * m) * m * d + m * m * d,
-            "lm_head": self.vocab * d,
+            "projections": layers * attention,
+            "experts": layers * experts + routed_layers * cfg.n_routed_experts * d,
+            "indexer": cfg.layer_types.count(CSA) * indexer,
+            "compressor": sum(2 * coff * dim * d for _, coff, dim in self.compressors(self.layer_ratios)),
+            "mhc": 2 * layers * (m * m + 2 * m) * m * d + m * m * d,
+            "lm_head": cfg.vocab_size * d,
         }
 
-    def candidates(self, ratio: int, context: int) -> int:
+    def candidates(self, layer_type: str, context: int) -> int:
         """``|K_t|``: the window plus, on CSA layers, the top-k compressed entries, on HCA
-        layers all visible ones (SPEC.md sections 2 and 4)."""
-        visible = context // ratio if ratio else 0
-        return min(context, self.window) + (min(self.index_topk, visible) if ratio == 4 else visible)
+        layers all visible ones (docs/model.md sections 2 and 4)."""
+        cfg = self.config
+        window = min(context, cfg.sliding_window)
+        if layer_type == CSA:
+            return window + min(cfg.index_topk, context // cfg.compress_rates[0])
+        if layer_type == HCA:
+            return window + context // cfg.compress_rates[1]
+        return window
 
     def flops(self, context: int) -> dict[str, int]:
         """FLOPs of one decode token at ``context`` by component (see the module docstring):
@@ -234,36 +211,21 @@ class V4Model:
         compressor; mHC mixing ``2 m d`` (the pre-sum) ``+ 2 (m^2 + m) d`` (residual and post)
         per sublayer and ``2 m d`` for the head."""
         context = _check_context(context)
-        d, m, ratios = self.hidden, self.hc_mult, self.layer_ratios
+        cfg = self.config
+        d, m, types = cfg.hidden_size, cfg.hc_mult, cfg.layer_types
         extra = {
-            "indexer": ratios.count(4) * 2 * self.index_heads * self.index_head_dim * (context // 4),
-            "attention": sum(4 * self.heads * self.head_dim * self.candidates(r, context) for r in ratios),
-            "compressor": sum(2 * coff * dim for _, coff, dim in self.compressors(ratios)),
-            "mhc": 2 * len(ratios) * (2 * m * d + 2 * (m * m + m) * d) + 2 * m * d,
+            "indexer": types.count(CSA) * 2 * cfg.index_n_heads * cfg.index_head_dim
+            * (context // cfg.compress_rates[0]),
+            "attention": sum(4 * cfg.num_attention_heads * cfg.head_dim * self.candidates(t, context) for t in types),
+            "compressor": sum(2 * coff * dim for _, coff, dim in self.compressors(self.layer_ratios)),
+            "mhc": 2 * len(types) * (2 * m * d + 2 * (m * m + m) * d) + 2 * m * d,
         }
         return _flops(self.active_params(), extra)
 
     def kv_bytes(self, context: int) -> dict[str, int]:
-        """Bytes a sequence of ``context`` tokens holds, by family, as the allocator reserves
-        them (SPEC.md section 5): whole 64-row pages of the window ring (``min(L, window)``
-        rows in every layer), of CSA rows and indexer keys (``floor(L / 4)`` complete entries
-        per CSA layer) and of HCA rows (``floor(L / 128)``); one compressor state per
-        sequence: ``2 [coff r, coff D]`` fp32 tensors per compressor (64 KiB + 16 KiB per CSA
-        layer, 512 KiB per HCA layer)."""
-        context = _check_context(context)
-        ratios, main = self.compress_ratios, MAIN_ENTRY_BYTES[self.main_format]
-
-        def rows(n: int) -> int:
-            return -(-n // PAGE_ROWS) * PAGE_ROWS
-
-        csa_rows = rows(context // 4) * ratios.count(4)
-        return {
-            "window": rows(min(context, self.window)) * len(ratios) * main,
-            "csa_main": csa_rows * main,
-            "csa_index": csa_rows * INDEX_KEY_BYTES[self.index_format],
-            "hca": rows(context // 128) * ratios.count(128) * main,
-            "state": sum(2 * (coff * r) * (coff * dim) * 4 for r, coff, dim in self.compressors(ratios)),
-        }
+        """Bytes a sequence of ``context`` tokens holds, by family (:data:`FAMILIES`), as the
+        allocator reserves them (docs/model.md section 5)."""
+        return dict(zip(FAMILIES, self._layout.footprint(_check_context(context))))
 
     def cost(self, context: int) -> Cost:
         kv = self.kv_bytes(context)
@@ -304,7 +266,7 @@ class BaselineModel:
     def v3_2(cls) -> BaselineModel:
         """DeepSeek-V3.2: MLA with DSA. 656-byte FP8 latent entries (512 FP8 + 4 fp32 scales
         + 64 BF16 RoPE dims) and 132-byte FP8 indexer keys per token and layer; the indexer
-        scores every previous token and attention takes the top 2048 (SPEC.md section 5)."""
+        scores every previous token and attention takes the top 2048 (docs/model.md section 5)."""
         return dataclasses.replace(cls.mla(), name="v3.2", index_topk=2048, index_key_bytes=132)
 
     @classmethod

@@ -1,16 +1,32 @@
 """DeepSeek-V4 assembled on the dsv4rs ops.
 
-- :class:`V4Config`: hyper-parameters from a Hugging Face ``config.json``, validated; presets.
-- :class:`DeepseekV4`: the weights, with transformers' parameter names; :func:`init_random`.
-- :class:`Engine`: prefill and decode of a batch of sequences through the paged KV cache
-  (:mod:`dsv4rs.cache`) and the dsv4rs ops, CPU or CUDA.
-- :func:`dense_forward`: the float64 reference forward pass (no cache).
-- :func:`load_checkpoint`: safetensors checkpoints in transformers' or DeepSeek's layout.
+- :class:`V4Config` (:mod:`.config`): hyper-parameters from a Hugging Face ``config.json``,
+  validated; presets. Importing it does not import torch.
+- :class:`DeepseekV4` (:mod:`.model`): the weights, with transformers' parameter names, and the
+  forward pass over the paged KV cache, built from :mod:`.layers`; :func:`init_random`.
+- :func:`load_checkpoint` (:mod:`.loader`): safetensors checkpoints in transformers' or DeepSeek's
+  layout.
+
+Run a model with :class:`dsv4rs.runtime.Engine`; its float64 reference forward pass is
+:func:`dsv4rs.reference.dense.dense_forward`.
 """
 
-from dsv4rs.model.config import V4Config, YaRN
-from dsv4rs.model.dense import dense_forward, float64_copy
-from dsv4rs.model.engine import Engine
-from dsv4rs.model.modules import DeepseekV4, init_random
+from __future__ import annotations
 
-__all__ = ["DeepseekV4", "Engine", "V4Config", "YaRN", "dense_forward", "float64_copy", "init_random"]
+from typing import Any
+
+from dsv4rs.model.config import V4Config, YaRN
+
+__all__ = ["CheckpointError", "DeepseekV4", "V4Config", "YaRN", "init_random", "load_checkpoint"]
+
+_LAZY = {"DeepseekV4": "model", "init_random": "model", "load_checkpoint": "loader", "CheckpointError": "loader"}
+
+
+def __getattr__(name: str) -> Any:
+    """The torch-backed names load on first use, so that the config (and ``dsv4rs cost``) stays
+    free of torch."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"dsv4rs.model.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'dsv4rs.model' has no attribute {name!r}")

@@ -1,8 +1,10 @@
-"""The model's hyper-parameters (SPEC.md section 1), read from a Hugging Face ``config.json``.
+"""The model's hyper-parameters (docs/model.md section 1), read from a Hugging Face ``config.json``.
 
 Both spellings a user brings are accepted: the one transformers' ``DeepseekV4Config`` saves
 (``layer_types``, ``mlp_layer_types``, ``compress_rates``, nested ``rope_parameters``) and the one
 DeepSeek ships (``compress_ratios``, ``num_hash_layers``, ``qk_rope_head_dim``, ``rope_scaling``).
+
+This module does not import torch: the cost model (``dsv4rs cost``) and planners use it alone.
 """
 
 from __future__ import annotations
@@ -11,12 +13,11 @@ import dataclasses
 import json
 import math
 import os
+import struct
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-
-from dsv4rs import reference
+from dsv4rs import _core
 
 SWA, CSA, HCA = "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
 LAYER_TYPES = (SWA, CSA, HCA)
@@ -32,7 +33,7 @@ INDEX_DIM = 128
 
 @dataclasses.dataclass(frozen=True)
 class YaRN:
-    """YaRN parameters of the compressed layers' RoPE (SPEC.md section 2); no mscale."""
+    """YaRN parameters of the compressed layers' RoPE (docs/model.md section 2); no mscale."""
 
     factor: float = 16.0
     original_max_position_embeddings: int = 65536
@@ -143,32 +144,18 @@ class V4Config:
         ratio = {SWA: 0, CSA: self.compress_rates[0], HCA: self.compress_rates[1]}
         return tuple(ratio[t] for t in self.layer_types) + (0,) * self.num_nextn_predict_layers
 
-    def inv_freq(self, compressed: bool) -> torch.Tensor:
-        """``float32 [32]`` RoPE inverse frequencies: plain ``rope_theta`` for SWA-only layers,
-        ``compress_rope_theta`` with YaRN for CSA/HCA layers and their compressors (rounded to
-        float32 as transformers computes them)."""
-        if not compressed:
-            return reference.rope_inv_freq(ROPE_DIM, self.rope_theta).float()
-        y = self.yarn
-        if y is None:
-            return reference.rope_inv_freq(ROPE_DIM, self.compress_rope_theta).float()
-        return reference.rope_inv_freq(ROPE_DIM, self.compress_rope_theta, y.factor,
-                                       y.original_max_position_embeddings, y.beta_fast, y.beta_slow).float()
+    def inv_freq(self, compressed: bool) -> tuple[float, ...]:
+        """The 32 RoPE inverse frequencies (docs/model.md section 2), rounded to float32 as
+        transformers computes them: plain ``rope_theta`` for SWA-only layers,
+        ``compress_rope_theta`` with YaRN for CSA/HCA layers and their compressors."""
+        theta = self.compress_rope_theta if compressed else self.rope_theta
+        yarn = self.yarn if compressed else None
+        return tuple(_float32(f) for f in rope_inv_freq(ROPE_DIM, theta, yarn))
 
-    def cost_model(self, name: str = "model", main_format: str = "fp8", index_format: str = "fp4") -> Any:
-        """The :class:`dsv4rs.cost.V4Model` of this config (FLOPs and cache bytes per token)."""
-        from dsv4rs import cost
-
-        ratios = self.compress_ratios if self.num_nextn_predict_layers else self.compress_ratios + (0,)
-        return cost.V4Model(
-            name=name, num_layers=self.num_hidden_layers, hidden=self.hidden_size, heads=self.num_attention_heads,
-            q_lora_rank=self.q_lora_rank, o_groups=self.o_groups, compress_ratios=ratios, index_topk=self.index_topk,
-            routed_experts=self.n_routed_experts, moe_intermediate=self.moe_intermediate_size, vocab=self.vocab_size,
-            head_dim=self.head_dim, o_lora_rank=self.o_lora_rank, window=self.sliding_window,
-            index_heads=self.index_n_heads, index_head_dim=self.index_head_dim,
-            experts_per_token=self.num_experts_per_tok, shared_experts=self.n_shared_experts,
-            hash_layers=sum(t == "hash_moe" for t in self.mlp_layer_types), hc_mult=self.hc_mult,
-            main_format=main_format, index_format=index_format)
+    @property
+    def hash_layers(self) -> int:
+        """Layers whose experts come from the token id (``num_hash_layers``)."""
+        return sum(t == "hash_moe" for t in self.mlp_layer_types)
 
     # -- constructors --------------------------------------------------------------------------
 
@@ -261,7 +248,7 @@ class V4Config:
         return cls(vocab_size=129280, hidden_size=7168, num_hidden_layers=61, num_attention_heads=128,
                    q_lora_rank=1536, o_groups=16, o_lora_rank=1024, moe_intermediate_size=3072,
                    n_routed_experts=384, num_experts_per_tok=6, index_topk=1024, routed_scaling_factor=2.5,
-                   layer_types=(HCA, HCA) + tuple(CSA if i % 2 == 0 else HCA for i in range(2, 61)),
+                   layer_types=_layer_types(_core.CacheLayout.v4_pro_ratios()),
                    mlp_layer_types=("hash_moe",) * 3 + ("moe",) * 58)
 
     @classmethod
@@ -270,7 +257,7 @@ class V4Config:
         return cls(vocab_size=129280, hidden_size=4096, num_hidden_layers=43, num_attention_heads=64,
                    q_lora_rank=1024, o_groups=8, o_lora_rank=1024, moe_intermediate_size=2048,
                    n_routed_experts=256, num_experts_per_tok=6, index_topk=512, routed_scaling_factor=1.5,
-                   layer_types=(SWA, SWA) + tuple(CSA if i % 2 == 0 else HCA for i in range(2, 43)),
+                   layer_types=_layer_types(_core.CacheLayout.v4_flash_ratios()),
                    mlp_layer_types=("hash_moe",) * 3 + ("moe",) * 40)
 
     @classmethod
@@ -285,6 +272,39 @@ class V4Config:
         )
         base.update(overrides)
         return cls(**base)
+
+
+def _layer_types(ratios: list[int]) -> tuple[str, ...]:
+    """Layer types of a compress-ratio list whose last entry is the MTP layer (the cache layout's
+    presets, which hold the released models' layer patterns)."""
+    return tuple(_RATIO_TO_TYPE[r] for r in ratios[:-1])
+
+
+def _float32(x: float) -> float:
+    """``x`` rounded to the nearest float32."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def rope_inv_freq(rope_dim: int, theta: float, yarn: YaRN | None = None) -> list[float]:
+    """RoPE inverse frequencies in float64 (docs/model.md section 2): ``theta^(-2j / rope_dim)``,
+    with YaRN blended towards ``1 / factor`` over the correction range without mscale:
+    ``low = floor(rope_dim ln(orig / (beta_fast 2 pi)) / (2 ln theta))`` (at least 0),
+    ``high = ceil(rope_dim ln(orig / (beta_slow 2 pi)) / (2 ln theta))`` (at most rope_dim - 1),
+    ``ramp_j = clamp((j - low) / (high - low), 0, 1)``; for V4's compressed layers the ramp is
+    ``(j - 15) / 10``."""
+    base = [theta ** (-(2 * j) / rope_dim) for j in range(rope_dim // 2)]
+    if yarn is None:
+        return base
+
+    def correction_dim(rotations: float) -> float:
+        return rope_dim * math.log(yarn.original_max_position_embeddings / (rotations * 2 * math.pi)) / (
+            2 * math.log(theta))
+
+    low = max(math.floor(correction_dim(yarn.beta_fast)), 0)
+    high = min(math.ceil(correction_dim(yarn.beta_slow)), rope_dim - 1)
+    width = high - low if high != low else 1e-3
+    ramps = (min(max((j - low) / width, 0.0), 1.0) for j in range(rope_dim // 2))
+    return [f * (1 - r) + f / yarn.factor * r for f, r in zip(base, ramps)]
 
 
 def _yarn(d: Mapping[str, Any]) -> YaRN | None:

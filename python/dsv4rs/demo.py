@@ -9,10 +9,11 @@ import time
 import torch
 
 from dsv4rs import CudaError
+from dsv4rs.cost import V4Model
 from dsv4rs.model.config import CSA, HCA, SWA, V4Config
-from dsv4rs.model.dense import dense_forward, float64_copy
-from dsv4rs.model.engine import Engine
-from dsv4rs.model.modules import DeepseekV4, init_random
+from dsv4rs.model.model import DeepseekV4, init_random
+from dsv4rs.reference.dense import dense_forward, float64_copy
+from dsv4rs.runtime import Engine
 
 
 def demo_config() -> V4Config:
@@ -87,9 +88,9 @@ def run(args: argparse.Namespace) -> int:
     cc = engine.cache_config
     print(f"  the same layout at 1M tokens: {cc.bytes_per_token():,.2f} B/token compressed")
     context = max(lengths) + args.new_tokens
-    flops = cfg.cost_model("demo").cost(context).total_flops
+    flops = V4Model("demo", cfg).cost(context).total_flops
     print(f"FLOPs per decode token at {context} tokens of context: {flops / 1e6:,.2f} MFLOP "
-          f"(V4-Flash at 1M: {V4Config.v4_flash().cost_model('v4-flash').cost(1 << 20).total_flops / 1e9:,.1f} GFLOP)")
+          f"(V4-Flash at 1M: {V4Model.flash().cost(1 << 20).total_flops / 1e9:,.1f} GFLOP)")
 
     print("checking against the float64 reference (no cache) ...", flush=True)
     ref_model = float64_copy(model)

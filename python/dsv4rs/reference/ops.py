@@ -1,10 +1,9 @@
-"""Float64 reference of every dsv4rs op, in plain torch (SPEC.md sections 2-5).
+"""The float64 twins of the dsv4rs ops, in plain torch (docs/model.md sections 2-5).
 
-This module is the oracle the Rust and CUDA kernels are tested against. It follows SPEC.md's
-formulas literally and computes in float64: inputs of any floating dtype are upcast. It depends on
-torch and math only, never on the compiled extension.
+This module is the oracle the Rust and CUDA kernels are tested against. It follows the formulas
+of docs/model.md literally and computes in float64: inputs of any floating dtype are upcast.
 
-The quantizers (SPEC.md section 5) model the kernels' float32 inputs: they first round their input
+The quantizers (docs/model.md section 5) model the kernels' float32 inputs: they first round their input
 to float32 (exact for float32 and bfloat16 inputs), then do every step in float64, which is exact
 for these steps, so they give the same codes, scales and bytes as ``rust/core/src/quant.rs``.
 
@@ -20,11 +19,45 @@ from typing import Literal
 
 import torch
 
+__all__ = [
+    "PAGE_ROWS",
+    "ENTRY_DIM",
+    "NOPE_DIM",
+    "FP8_BLOCK",
+    "INDEX_DIM",
+    "FP4_BLOCK",
+    "FP8_MAX",
+    "FP4_MAX",
+    "AMAX_FLOOR",
+    "rope_inv_freq",
+    "apply_rope",
+    "compressor_prefill",
+    "compressor_state_init",
+    "compressor_step",
+    "compressed_visible",
+    "indexer_scores",
+    "indexer_topk",
+    "sparse_attention",
+    "window_indices",
+    "ue8m0_exponent",
+    "fp8_e4m3_encode",
+    "fp8_e4m3_decode",
+    "fp4_e2m1_encode",
+    "fp4_e2m1_decode",
+    "entry_quant_dequant",
+    "fp4_quant_dequant",
+    "fp8_key_quant_dequant",
+    "hadamard128",
+    "encode_main_entries",
+    "encode_index_keys",
+    "pack_pages",
+]
+
 F64 = torch.float64
 INF = math.inf
 
 PAGE_ROWS = 64
-"""Rows per cache page (SPEC.md section 5)."""
+"""Rows per cache page (docs/model.md section 5)."""
 ENTRY_DIM = 512
 """Width of a KV entry (K = V)."""
 NOPE_DIM = 448
@@ -100,7 +133,7 @@ def _exp2(e: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# RoPE and RMSNorm (SPEC.md section 2)
+# RoPE and RMSNorm (docs/model.md section 2)
 
 
 def rope_inv_freq(
@@ -111,7 +144,7 @@ def rope_inv_freq(
     beta_fast: float = 32.0,
     beta_slow: float = 1.0,
 ) -> torch.Tensor:
-    """RoPE inverse frequencies ``float64 [rope_dim // 2]`` (SPEC.md section 2).
+    """RoPE inverse frequencies ``float64 [rope_dim // 2]`` (docs/model.md section 2).
 
     ``theta_j = theta^(-2j / rope_dim)``. With ``yarn_factor``, standard YaRN without mscale: the
     correction range ``[low, high]`` is where the wavelength fits between ``beta_fast`` and
@@ -148,7 +181,7 @@ def rope_inv_freq(
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """RoPE (SPEC.md section 2) on the last ``2 * len(inv_freq)`` dims of ``x``.
+    """RoPE (docs/model.md section 2) on the last ``2 * len(inv_freq)`` dims of ``x``.
 
     ``x``: ``[T, ..., D]``; ``positions``: integer ``[T]``, aligned with dim 0. Pair ``j``
     ``(x0, x1) = (x[D - 2R + 2j], x[D - 2R + 2j + 1])`` is rotated by the angle
@@ -182,7 +215,7 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 
 
 # ---------------------------------------------------------------------------------------------
-# Compressor (SPEC.md section 3)
+# Compressor (docs/model.md section 3)
 
 _QUANT_DIM: dict[str, int | None] = {"none": None, "fp8": ENTRY_DIM, "fp4": INDEX_DIM}
 
@@ -232,7 +265,7 @@ def compressor_prefill(
     kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, norm_weight: torch.Tensor, ratio: int,
     inv_freq: torch.Tensor, eps: float = 1e-6, quant: Quant = "none",
 ) -> torch.Tensor:
-    """Compressed entries of ``S`` tokens at once: ``float64 [S // ratio, D]`` (SPEC.md section 3).
+    """Compressed entries of ``S`` tokens at once: ``float64 [S // ratio, D]`` (docs/model.md section 3).
 
     ``kv``, ``score``: ``[S, coff * D]``, the projections ``W_kv x`` and ``W_gate x``; ``ape``:
     ``[ratio, coff * D]``; ``norm_weight``: ``[D]``. ``coff`` is 2 for ratio 4 (CSA, overlapping
@@ -243,7 +276,7 @@ def compressor_prefill(
     - overlap: ``kv_j = [b | a]`` (first D dims "b" feed the next entry, last D dims "a" the own
       entry), likewise ``score`` and ``ape``; candidates are the own block's ``(a_j, s^a_j + ape^a)``
       and the previous block's ``(b_j, s^b_j + ape^b)``, whose logits are ``-inf`` for entry 0.
-    Then RMSNorm over D with ``norm_weight`` (SPEC.md's bf16 cast before the norm is left out),
+    Then RMSNorm over D with ``norm_weight`` (docs/model.md's bf16 cast before the norm is left out),
     RoPE (:func:`apply_rope`) at position ``r i``, and ``quant``: ``"none"``, ``"fp8"``
     (:func:`entry_quant_dequant`, D = 512) or ``"fp4"`` (:func:`hadamard128` then
     :func:`fp4_quant_dequant`, D = 128).
@@ -266,7 +299,7 @@ def compressor_prefill(
 
 
 def compressor_state_init(ratio: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Empty decode state of a compressor (SPEC.md section 3): ``(kv_state, score_state)``, both
+    """Empty decode state of a compressor (docs/model.md section 3): ``(kv_state, score_state)``, both
     ``float64 [coff * ratio, coff * dim]``, kv zeros and scores ``-inf``."""
     ratio, dim = _int("ratio", ratio, 1), _int("dim", dim, 1)
     coff = 2 if ratio == 4 else 1
@@ -280,7 +313,7 @@ def compressor_step(
     quant: Quant = "none",
 ) -> torch.Tensor | None:
     """Feeds token ``position`` to a compressor; returns the entry it completes (``float64 [D]``)
-    or ``None`` (SPEC.md section 3, decode state).
+    or ``None`` (docs/model.md section 3, decode state).
 
     ``kv_state``, ``score_state``: the float64 state of :func:`compressor_state_init`, updated in
     place; the score state holds ``score + ape``. ``kv_t``, ``score_t``: ``[coff * D]``.
@@ -319,7 +352,7 @@ def compressor_step(
 
 
 def compressed_visible(positions: torch.Tensor, ratio: int) -> torch.Tensor:
-    """Number of compressed entries visible to the query at each position (SPEC.md section 3):
+    """Number of compressed entries visible to the query at each position (docs/model.md section 3):
     entry ``i`` is visible to ``t`` iff ``r i + r - 1 <= t``, so the count is ``(t + 1) // r``."""
     positions = _index("positions", positions)
     ratio = _int("ratio", ratio, 1)
@@ -329,11 +362,11 @@ def compressed_visible(positions: torch.Tensor, ratio: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Lightning indexer (SPEC.md section 4)
+# Lightning indexer (docs/model.md section 4)
 
 
 def indexer_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """Indexer scores ``float64 [T, N]`` (SPEC.md section 4): ``I_ts = sum_h w_th ReLU(q_th . k_s)``.
+    """Indexer scores ``float64 [T, N]`` (docs/model.md section 4): ``I_ts = sum_h w_th ReLU(q_th . k_s)``.
 
     ``q``: ``[T, H, Dk]`` indexer queries; ``weights``: ``[T, H]``; ``keys``: ``[N, Dk]``.
     """
@@ -347,7 +380,7 @@ def indexer_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -
 def indexer_topk(
     q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The indexer's selection (SPEC.md section 4): ``(indices int64 [T, k], scores float64 [T, k])``.
+    """The indexer's selection (docs/model.md section 4): ``(indices int64 [T, k], scores float64 [T, k])``.
 
     Query ``t`` ranks keys ``s < visible[t]`` (``int [T]``, each in ``[0, N]``) by
     :func:`indexer_scores` and keeps the top ``min(k, visible[t])``, score descending, ties to the
@@ -372,13 +405,13 @@ def indexer_topk(
 
 
 # ---------------------------------------------------------------------------------------------
-# Core attention (SPEC.md section 2)
+# Core attention (docs/model.md section 2)
 
 
 def sparse_attention(
     q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sink: torch.Tensor, scale: float = 512**-0.5
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention with a sink over a candidate set per query (SPEC.md section 2):
+    """Attention with a sink over a candidate set per query (docs/model.md section 2):
     ``(out float64 [T, H, D], lse float64 [T, H])``.
 
     ``q``: ``[T, H, D]``; ``kv``: ``[N, D]`` entries, each both key and value; ``indices``:
@@ -409,7 +442,7 @@ def sparse_attention(
 
 
 def window_indices(positions: torch.Tensor, window: int = 128) -> torch.Tensor:
-    """Sliding-window candidates (SPEC.md section 2): ``int64 [T, window]``, for the query at
+    """Sliding-window candidates (docs/model.md section 2): ``int64 [T, window]``, for the query at
     position ``t`` the positions ``max(0, t - window + 1) .. t`` ascending, then ``-1`` padding."""
     positions = _index("positions", positions)
     _check_shape("positions", positions, "T")
@@ -421,7 +454,7 @@ def window_indices(positions: torch.Tensor, window: int = 128) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Quantizers (SPEC.md section 5), bit-identical to rust/core/src/quant.rs
+# Quantizers (docs/model.md section 5), bit-identical to rust/core/src/quant.rs
 
 
 def _f32_values(name: str, x: object) -> torch.Tensor:
@@ -449,7 +482,7 @@ def _exponents(name: str, e: object, like: torch.Tensor) -> torch.Tensor:
 
 
 def ue8m0_exponent(amax: torch.Tensor, qmax: float) -> torch.Tensor:
-    """UE8M0 scale exponents, elementwise (SPEC.md section 5): ``int64``, the smallest integer
+    """UE8M0 scale exponents, elementwise (docs/model.md section 5): ``int64``, the smallest integer
     ``e`` with ``max(amax, 1e-4) <= qmax * 2^e`` (``amax`` and the floor as float32)."""
     a = _f32_values("amax", amax).clamp(min=AMAX_FLOOR)
     q = float(torch.tensor(qmax, dtype=torch.float32)) if isinstance(qmax, (int, float)) else math.nan
@@ -496,7 +529,7 @@ def _codes(name: str, codes: object, largest: int) -> torch.Tensor:
 
 
 def fp8_e4m3_encode(x: torch.Tensor, e: torch.Tensor | int) -> torch.Tensor:
-    """FP8 e4m3fn codes (``uint8``, shape of ``x``) of ``x * 2^-e`` (SPEC.md section 5): round to
+    """FP8 e4m3fn codes (``uint8``, shape of ``x``) of ``x * 2^-e`` (docs/model.md section 5): round to
     nearest even on the e4m3 grid (subnormal step 2^-9), saturated at 448, sign bit from ``x``
     (so -0.0 and tiny negatives give 0x80). ``e``: an int or integer tensor broadcast to ``x``."""
     x = _f32_values("x", x)
@@ -510,7 +543,7 @@ def fp8_e4m3_decode(codes: torch.Tensor) -> torch.Tensor:
 
 
 def fp4_e2m1_encode(x: torch.Tensor, e: torch.Tensor | int) -> torch.Tensor:
-    """FP4 e2m1 nibbles (``uint8`` in 0..15, sign bit 8) of ``x * 2^-e`` (SPEC.md section 5):
+    """FP4 e2m1 nibbles (``uint8`` in 0..15, sign bit 8) of ``x * 2^-e`` (docs/model.md section 5):
     round to nearest even on the grid {0, 0.5, 1, 1.5, 2, 3, 4, 6}, saturated at 6, sign bit from
     ``x``. ``e``: an int or integer tensor broadcast to ``x``."""
     x = _f32_values("x", x)
@@ -549,7 +582,7 @@ def _quant_dequant(name: str, x: object, dim: int, block: int, grid: str) -> tor
 
 
 def entry_quant_dequant(x: torch.Tensor) -> torch.Tensor:
-    """What a KV entry reads back from the cache (SPEC.md section 5): ``x`` ``[..., 512]`` ->
+    """What a KV entry reads back from the cache (docs/model.md section 5): ``x`` ``[..., 512]`` ->
     float64; dims 0:448 FP8 e4m3 with one UE8M0 scale per 64 dims, dims 448:512 rounded to BF16
     (nearest even)."""
     x = _f32_values("x", x)
@@ -559,13 +592,13 @@ def entry_quant_dequant(x: torch.Tensor) -> torch.Tensor:
 
 
 def fp4_quant_dequant(x: torch.Tensor) -> torch.Tensor:
-    """FP4 e2m1 quant-dequant of indexer keys or queries (SPEC.md sections 3-5): ``x``
+    """FP4 e2m1 quant-dequant of indexer keys or queries (docs/model.md sections 3-5): ``x``
     ``[..., 128]`` -> float64, one UE8M0 scale per 32 values."""
     return _quant_dequant("x", x, INDEX_DIM, FP4_BLOCK, "fp4")
 
 
 def fp8_key_quant_dequant(x: torch.Tensor) -> torch.Tensor:
-    """FP8 e4m3 quant-dequant of indexer keys in the FP8 alternative format (SPEC.md section 5):
+    """FP8 e4m3 quant-dequant of indexer keys in the FP8 alternative format (docs/model.md section 5):
     ``x`` ``[..., 128]`` -> float64, one power-of-two scale per key."""
     return _quant_dequant("x", x, INDEX_DIM, INDEX_DIM, "fp8")
 
@@ -581,7 +614,7 @@ _HADAMARD = _hadamard_matrix()
 
 
 def hadamard128(x: torch.Tensor) -> torch.Tensor:
-    """Normalized Walsh-Hadamard transform of the last dim (SPEC.md sections 3-4): ``x``
+    """Normalized Walsh-Hadamard transform of the last dim (docs/model.md sections 3-4): ``x``
     ``[..., 128]`` -> ``x @ H.T`` in float64, ``H[i][j] = (-1)^popcount(i & j) / sqrt(128)``
     (Sylvester order; ``H`` is symmetric and its own inverse)."""
     x = _float("x", x)
@@ -590,7 +623,7 @@ def hadamard128(x: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Cache bytes (SPEC.md section 5), the exact bytes of rust/core/src/quant.rs
+# Cache bytes (docs/model.md section 5), the exact bytes of rust/core/src/quant.rs
 
 
 def _le_bytes(values: torch.Tensor, width: int) -> torch.Tensor:
@@ -599,7 +632,7 @@ def _le_bytes(values: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def encode_main_entries(x: torch.Tensor) -> torch.Tensor:
-    """584-byte rows of KV entries ``x`` ``[N, 512]`` -> ``uint8 [N, 584]`` (SPEC.md section 5):
+    """584-byte rows of KV entries ``x`` ``[N, 512]`` -> ``uint8 [N, 584]`` (docs/model.md section 5):
     448 FP8 e4m3 codes, 64 BF16 values little-endian (128 bytes), 7 UE8M0 scale bytes
     (``e + 127``, one per 64 FP8 values), 1 zero pad byte."""
     x = _f32_values("x", x)
@@ -611,7 +644,7 @@ def encode_main_entries(x: torch.Tensor) -> torch.Tensor:
 
 
 def encode_index_keys(x: torch.Tensor, fmt: IndexKeyFormat = "fp4") -> torch.Tensor:
-    """Indexer-key rows (SPEC.md section 5) of ``x`` ``[N, 128]``. ``"fp4"`` -> ``uint8 [N, 68]``:
+    """Indexer-key rows (docs/model.md section 5) of ``x`` ``[N, 128]``. ``"fp4"`` -> ``uint8 [N, 68]``:
     64 bytes of e2m1 nibbles (byte ``j`` = ``code[2j] | code[2j+1] << 4``), then 4 UE8M0 scale
     bytes (one per 32 values). ``"fp8"`` -> ``uint8 [N, 132]``: 128 e4m3 codes, then the scale
     ``2^e`` as a little-endian float32."""
@@ -628,7 +661,7 @@ def encode_index_keys(x: torch.Tensor, fmt: IndexKeyFormat = "fp4") -> torch.Ten
 
 
 def pack_pages(rows_bytes: torch.Tensor, data_bytes: int) -> torch.Tensor:
-    """FlashMLA page layout (SPEC.md section 5): ``uint8 [N, row_bytes]`` rows ->
+    """FlashMLA page layout (docs/model.md section 5): ``uint8 [N, row_bytes]`` rows ->
     ``uint8 [ceil(N / 64), 64 * row_bytes]``. Each page holds 64 rows: first every row's leading
     ``data_bytes`` bytes, then every row's remaining (scale) bytes; rows beyond N are zero."""
     rows = _tensor("rows_bytes", rows_bytes)

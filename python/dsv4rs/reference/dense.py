@@ -1,6 +1,8 @@
-"""The reference forward pass: one whole sequence at a time, no cache, every op from
-:mod:`dsv4rs.reference` in float64 (SPEC.md sections 2-8). Slow and simple; it is what the
-engine and ``dsv4rs demo`` are checked against."""
+"""The reference forward pass: one whole sequence at a time, no cache, in float64, with every
+attention op from :mod:`dsv4rs.reference.ops` and the mHC weights from
+:mod:`dsv4rs.reference.mhc` (docs/model.md sections 2-8). Slow and simple; it is what the runtime
+and ``dsv4rs demo`` are checked against. The model supplies the weights and the plain torch
+parts (projections, norms, routing, experts)."""
 
 from __future__ import annotations
 
@@ -8,14 +10,31 @@ import copy
 
 import torch
 
-from dsv4rs import reference as ref
-from dsv4rs.model.config import CSA, SWA
-from dsv4rs.model.modules import Attention, DeepseekV4, HyperConnection
+from dsv4rs.model.config import CSA
+from dsv4rs.model.layers.attention import Attention
+from dsv4rs.model.layers.mhc import HyperConnection, collapse, combine
+from dsv4rs.model.model import DecoderLayer, DeepseekV4
+from dsv4rs.reference import ops as ref
+from dsv4rs.reference.mhc import mhc_weights
 
 
 def float64_copy(model: DeepseekV4) -> DeepseekV4:
     """A float64 copy of the weights (on the CPU), for :func:`dense_forward`."""
     return copy.deepcopy(model).to(device="cpu", dtype=torch.float64)
+
+
+def _hyper(hc: HyperConnection, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(post, comb, collapsed)`` of a sublayer's mHC in float64."""
+    pre, post, comb = mhc_weights(hc.mix(x), hc.scale, hc.base, hc.iters, hc.eps)
+    return post, comb, collapse(x, pre)
+
+
+def _block(model: DeepseekV4, layer: DecoderLayer, x: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor, quant: bool,
+           row_dtype: torch.dtype | None) -> torch.Tensor:
+    post, comb, y = _hyper(layer.attn_hc, x)
+    x = combine(x, _attention(model, layer.self_attn, layer.input_layernorm(y), pos, quant, row_dtype), post, comb)
+    post, comb, y = _hyper(layer.ffn_hc, x)
+    return combine(x, layer.mlp(layer.post_attention_layernorm(y), ids), post, comb)
 
 
 @torch.no_grad()
@@ -27,23 +46,19 @@ def dense_forward(model: DeepseekV4, ids: torch.Tensor, quant: bool = False, mtp
     (FP8 entries, Hadamard + FP4 indexer keys and queries). With ``mtp_ids [S]`` (token
     ``t + 1`` for each position ``t``), also returns the MTP block's logits for tokens ``t + 2``.
     ``row_dtype`` (without ``quant``) rounds the stored rows (KV entries, indexer keys) to it,
-    as the engine's bfloat16 rows on the GPU.
+    as the runtime's bfloat16 rows on the GPU.
     """
     ids = torch.as_tensor(ids, dtype=torch.int64).cpu()
     pos = torch.arange(ids.numel())
     x = model.embed(ids).double()
     for layer in model.model.layers:
-        post, comb, y = layer.attn_hc(x)
-        x = HyperConnection.combine(x, _attention(model, layer.self_attn, layer.input_layernorm(y), pos, quant, row_dtype), post, comb)
-        x = layer.ffn(x, ids)
+        x = _block(model, layer, x, ids, pos, quant, row_dtype)
     logits = model.head(x)
     if mtp_ids is None:
         return logits
     mtp = model.mtp[0]
-    h = mtp.inputs(x, model.model.embed_tokens(torch.as_tensor(mtp_ids).cpu()).double())
-    post, comb, y = mtp.attn_hc(h)
-    h = HyperConnection.combine(h, _attention(model, mtp.self_attn, mtp.input_layernorm(y), pos, quant, row_dtype), post, comb)
-    h = mtp.ffn(h, ids)
+    next_ids = torch.as_tensor(mtp_ids).cpu()
+    h = _block(model, mtp, mtp.inputs(x, model.model.embed_tokens(next_ids).double()), ids, pos, quant, row_dtype)
     return logits, model.head(h, mtp.hc_head, mtp.norm)
 
 
@@ -54,7 +69,7 @@ def _attention(model: DeepseekV4, attn: Attention, x: torch.Tensor, pos: torch.T
     def stored(t: torch.Tensor) -> torch.Tensor:
         return t if quant or row_dtype is None else t.to(row_dtype).to(t.dtype)
 
-    inv = cfg.inv_freq(attn.layer_type != SWA).double()
+    inv = attn.rotary.inv_freq.double()
     cq, q, e = attn.projections(x)
     q, e = ref.apply_rope(q, pos, inv), ref.apply_rope(e, pos, inv)
     if quant:

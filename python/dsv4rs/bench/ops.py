@@ -1,131 +1,15 @@
-"""Microbenchmarks of the dsv4rs ops beside torch eager, with roofline fractions (``dsv4rs bench``).
-
-On the available device (a CUDA GPU if there is one, else the CPU) it first measures the
-ceilings in the same run (a large copy, counting bytes read plus written; a large matmul: bf16
-on a GPU, float32 on the CPU), then times every case (GPU: CUDA events around the replay of a
-CUDA graph of the call, so that the time is the GPU's and not the Python launch cost, for the
-dsv4rs op and torch eager alike, falling back to timing the call itself where a capture fails;
-CPU: wall clock; the median of many runs after warm-up, inputs rotated so caches do not hold
-them) and prints one
-table: time, GB/s, TFLOP/s, the fraction of the roofline floor (the larger of bytes over
-bandwidth and FLOPs over the matmul rate), and torch eager's time for the same computation.
-Sizes are V4-Flash/Pro shapes on a GPU and scaled down on the CPU.
-"""
+"""Op suites of ``dsv4rs bench``: the KV-entry formats, the compressor, the Lightning Indexer and
+sparse attention at V4-Flash/Pro shapes (scaled down on the CPU), each beside a torch eager twin
+of the same computation."""
 
 from __future__ import annotations
 
-import argparse
-import statistics
-import sys
-import time
-from dataclasses import dataclass
-from typing import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 
 from dsv4rs import ops
-
-
-@dataclass
-class Ceilings:
-    copy_gbs: float
-    matmul_tflops: float
-
-
-@dataclass
-class Row:
-    name: str
-    ms: float
-    bytes: float
-    flops: float
-    eager_ms: float | None
-
-    def cells(self, c: Ceilings) -> list[str]:
-        floor_ms = max(self.bytes / c.copy_gbs / 1e6, self.flops / c.matmul_tflops / 1e9)
-        eager = f"{self.eager_ms:.3f}" if self.eager_ms is not None else "-"
-        speedup = f"{self.eager_ms / self.ms:.1f}x" if self.eager_ms is not None else "-"
-        return [self.name, f"{self.ms:.3f}", f"{self.bytes / self.ms / 1e6:.0f}", f"{self.flops / self.ms / 1e9:.2f}",
-                f"{100 * floor_ms / self.ms:.0f}%", eager, speedup]
-
-
-@dataclass
-class Case:
-    """One benchmark: its name and a function that sets it up, times it and returns its row."""
-
-    suite: str
-    name: str
-    run: Callable[[], Row]
-
-
-class Bench:
-    """The device and its timer; the suites build their cases on it."""
-
-    def __init__(self, device: str, quick: bool) -> None:
-        self.device, self.quick = device, quick
-        self.gpu = device == "cuda"
-
-    def median_ms(self, fn: Callable[[int], object], n_inputs: int, iters: int | None = None, warmup: int = 3,
-                  graph: bool = True) -> float:
-        """Median time of ``fn(i)``, cycling through ``n_inputs`` input sets (on a GPU, with
-        ``graph``, of the replay of a CUDA graph of each, when the call can be captured)."""
-        iters = iters or (30 if self.gpu else 7)
-        for i in range(warmup):
-            fn(i % n_inputs)
-        times = []
-        if self.gpu:
-            graphs = self._graphs(fn, n_inputs) if graph else None
-            call = (lambda i: graphs[i].replay()) if graphs else fn
-            torch.cuda.synchronize()
-            for i in range(iters):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                call(i % n_inputs)
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-        else:
-            for i in range(iters):
-                t0 = time.perf_counter()
-                fn(i % n_inputs)
-                times.append(1e3 * (time.perf_counter() - t0))
-        return statistics.median(times)
-
-    @staticmethod
-    def _graphs(fn: Callable[[int], object], n_inputs: int) -> list[torch.cuda.CUDAGraph] | None:
-        """One CUDA graph of ``fn(i)`` per input set, or ``None`` when a call cannot be captured
-        (it synchronizes with the host)."""
-        graphs = []
-        try:
-            for i in range(n_inputs):
-                graph = torch.cuda.CUDAGraph()
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
-                    fn(i)
-                torch.cuda.current_stream().wait_stream(side)
-                graphs.append(graph)
-        except RuntimeError:
-            torch.cuda.synchronize()
-            return None
-        return graphs
-
-    def ceilings(self) -> Ceilings:
-        n = (1 << 30) if self.gpu else (1 << 27)
-        src = torch.empty(n, dtype=torch.uint8, device=self.device).fill_(1)
-        dst = torch.empty_like(src)
-        # Timed directly: in a CUDA graph a device-to-device copy becomes a copy-engine node,
-        # slower than the copy kernel, and these large calls are not launch-bound.
-        ms = self.median_ms(lambda i: dst.copy_(src), 1, iters=10, graph=False)
-        size, dtype = (8192, torch.bfloat16) if self.gpu else (1024, torch.float32)
-        a, b = (torch.randn(size, size, device=self.device, dtype=dtype) for _ in range(2))
-        mm = self.median_ms(lambda i: a @ b, 1, iters=5, graph=False)
-        return Ceilings(copy_gbs=2 * n / ms / 1e6, matmul_tflops=2 * size**3 / mm / 1e9)
-
-    def randn(self, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return torch.randn(*shape, device=self.device).to(dtype)
-
-    def pick(self, gpu: list, gpu_quick: list, cpu: list) -> list:
-        return (gpu_quick if self.quick else gpu) if self.gpu else cpu
+from dsv4rs.bench.harness import Bench, Case, Row
 
 
 def eager_kv_write(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
@@ -168,6 +52,29 @@ def formats(b: Bench) -> Iterator[Case]:
         yield Case("formats", f"kv_write n={n}", kv_write)
         yield Case("formats", f"kv_read n={n}", kv_read)
         yield Case("formats", f"hadamard128 n={n}", hadamard128)
+    inv_freq = torch.rand(32, device=b.device)
+    for t in b.pick([64, 4096], [64], [64, 512]):
+
+        def rope(t: int = t) -> Row:
+            """The queries of ``t`` tokens (64 heads of 512), rotated on their last 64 dims."""
+            xs = [b.randn(t, 64, 512) for _ in range(2)]
+            pos = torch.arange(t, device=b.device) * 997
+            ms = b.median_ms(lambda i: ops.rope(xs[i], pos, inv_freq), 2)
+            eager = b.median_ms(lambda i: eager_rope(xs[i], pos, inv_freq), 2)
+            return Row(f"rope T={t} x 64 heads", ms, t * 64 * 512 * 8, t * 64 * 64 * 3.0, eager)
+
+        yield Case("formats", f"rope T={t}", rope)
+
+
+def eager_rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """RoPE in torch ops: float64 angles, float32 rotation of the last interleaved pairs."""
+    angle = pos.double()[:, None] * inv_freq.double()
+    cos, sin = angle.cos().float()[:, None], angle.sin().float()[:, None]
+    r = 2 * inv_freq.shape[0]
+    pairs = x[..., -r:].unflatten(-1, (-1, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+    return torch.cat((x[..., :-r], rotated), dim=-1)
 
 
 def eager_compress(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, ratio: int) -> torch.Tensor:
@@ -197,6 +104,21 @@ def compress(b: Bench) -> Iterator[Case]:
                 return Row(f"compress r={ratio} D={dim} {quant} S={s}", b.median_ms(call, 2), moved, 0.0, eager)
 
             yield Case("compress", f"r={ratio} D={dim} S={s}", run)
+
+    def decode() -> Row:
+        """One decode token of a CSA compressor (D = 512) whose call completes an entry."""
+        ratio, dim = 4, 512
+        kvs = [b.randn(1, 2 * dim) for _ in range(2)]
+        score, ape, norm = b.randn(1, 2 * dim), b.randn(ratio, 2 * dim), b.randn(dim).abs()
+        kv_state, score_state = ops.compressor_state(ratio, dim, b.device)
+        ms = b.median_ms(lambda i: ops.compress(kvs[i], score, ape, norm, inv_freq, kv_state, score_state, 3, ratio,
+                                                quant="fp8"), 2)
+        state = [b.randn(2 * ratio, 2 * dim) for _ in range(2)]
+        eager = b.median_ms(lambda i: eager_compress(torch.cat((state[i][:ratio, :dim], state[i][ratio:, dim:])),
+                                                     state[i][:, :dim], ape[:, :dim].repeat(2, 1), 2 * ratio), 2)
+        return Row("compress decode r=4 D=512 fp8 (1 token, 1 entry)", ms, 2 * 2 * ratio * 2 * dim * 4, 0.0, eager)
+
+    yield Case("compress", "decode r=4", decode)
 
 
 def eager_indexer(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, k: int) -> torch.Tensor:
@@ -273,45 +195,3 @@ def attention(b: Bench) -> Iterator[Case]:
                        4.0 * t * heads * 512 * cand, None)
 
         yield Case("attention", f"prefill T={t}", prefill)
-
-
-SUITES: dict[str, Callable[[Bench], Iterator[Case]]] = {
-    "formats": formats, "compress": compress, "indexer": indexer, "attention": attention,
-}
-
-
-def format_table(rows: list[Row], c: Ceilings, device_name: str) -> str:
-    head = ["case", "ms", "GB/s", "TFLOP/s", "roofline", "eager ms", "speedup"]
-    table = [head] + [r.cells(c) for r in rows]
-    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
-    lines = [f"ceilings on {device_name}: copy {c.copy_gbs:.0f} GB/s, matmul {c.matmul_tflops:.2f} TFLOP/s"]
-    lines += ["  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in table]
-    return "\n".join(lines)
-
-
-def run(device: str, quick: bool, suites: list[str]) -> str:
-    """Runs the suites on ``device`` with a progress bar on stderr and returns the table."""
-    from tqdm import tqdm
-
-    b = Bench(device, quick)
-    if b.gpu:
-        ops.warm_up(device)
-    ceilings = b.ceilings()
-    cases = [case for name in suites for case in SUITES[name](b)]
-    rows = []
-    with tqdm(cases, desc="dsv4rs bench", unit="case", file=sys.stderr) as bar:
-        for case in bar:
-            bar.set_postfix_str(f"{case.suite}: {case.name}")
-            rows.append(case.run())
-    name = f"{torch.cuda.get_device_name()} (attention kernel: {ops.attention_kernel(device)})" if b.gpu else "cpu"
-    return format_table(rows, ceilings, name)
-
-
-def run_command(args: argparse.Namespace) -> int:
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("dsv4rs bench: --device cuda, but torch sees no CUDA GPU")
-    print(run(device, args.quick, args.only or list(SUITES)))
-    return 0

@@ -1,0 +1,141 @@
+"""The timing harness of ``dsv4rs bench``: the ceilings measured in the same run, the timer
+(CUDA-graph replays on a GPU, wall clock on the CPU) and the table."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+
+@dataclass
+class Ceilings:
+    copy_gbs: float
+    matmul_tflops: float
+
+
+@dataclass
+class Row:
+    name: str
+    ms: float
+    bytes: float
+    flops: float
+    eager_ms: float | None
+
+    def cells(self, c: Ceilings) -> list[str]:
+        """The table's columns; host-only work (no device bytes or FLOPs counted) shows ``-``
+        for the rates and the floor."""
+        floor_ms = max(self.bytes / c.copy_gbs / 1e6, self.flops / c.matmul_tflops / 1e9)
+        eager = f"{self.eager_ms:.3f}" if self.eager_ms is not None else "-"
+        speedup = f"{self.eager_ms / self.ms:.1f}x" if self.eager_ms is not None else "-"
+        rates = [f"{self.bytes / self.ms / 1e6:.0f}", f"{self.flops / self.ms / 1e9:.2f}", f"{100 * floor_ms / self.ms:.0f}%"]
+        if self.bytes == 0 and self.flops == 0:
+            rates = ["-"] * 3
+        return [self.name, f"{self.ms:.3f}", *rates, eager, speedup]
+
+
+@dataclass
+class Case:
+    """One benchmark: its name and a function that sets it up, times it and returns its row."""
+
+    suite: str
+    name: str
+    run: Callable[[], Row]
+
+
+class Bench:
+    """The device and its timer; the suites build their cases on it."""
+
+    def __init__(self, device: str, quick: bool) -> None:
+        self.device, self.quick = device, quick
+        self.gpu = device == "cuda"
+
+    def median_ms(self, fn: Callable[[int], object], n_inputs: int, iters: int | None = None, warmup: int = 3,
+                  graph: bool = True) -> float:
+        """Median time of ``fn(i)``, cycling through ``n_inputs`` input sets (on a GPU, with
+        ``graph``, of the replay of a CUDA graph of each, when the call can be captured)."""
+        iters = iters or (30 if self.gpu else 7)
+        for i in range(warmup):
+            fn(i % n_inputs)
+        times = []
+        if self.gpu:
+            graphs = self._graphs(fn, n_inputs) if graph else None
+            call = (lambda i: graphs[i].replay()) if graphs else fn
+            torch.cuda.synchronize()
+            for i in range(iters):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                call(i % n_inputs)
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+        else:
+            for i in range(iters):
+                t0 = time.perf_counter()
+                fn(i % n_inputs)
+                times.append(1e3 * (time.perf_counter() - t0))
+        return statistics.median(times)
+
+    @staticmethod
+    def host_ms(fn: Callable[[], object], iters: int = 7, setup: Callable[[], object] | None = None) -> float:
+        """Median wall time of ``fn()`` (host work), after one untimed call; ``setup()`` runs
+        before each call, untimed."""
+        times = []
+        for i in range(iters + 1):
+            if setup is not None:
+                setup()
+            t0 = time.perf_counter()
+            fn()
+            if i:
+                times.append(1e3 * (time.perf_counter() - t0))
+        return statistics.median(times)
+
+    @staticmethod
+    def _graphs(fn: Callable[[int], object], n_inputs: int) -> list[torch.cuda.CUDAGraph] | None:
+        """One CUDA graph of ``fn(i)`` per input set, or ``None`` when a call cannot be captured
+        (it synchronizes with the host)."""
+        graphs = []
+        try:
+            for i in range(n_inputs):
+                graph = torch.cuda.CUDAGraph()
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
+                    fn(i)
+                torch.cuda.current_stream().wait_stream(side)
+                graphs.append(graph)
+        except RuntimeError:
+            torch.cuda.synchronize()
+            return None
+        return graphs
+
+    def ceilings(self) -> Ceilings:
+        n = (1 << 30) if self.gpu else (1 << 27)
+        src = torch.empty(n, dtype=torch.uint8, device=self.device).fill_(1)
+        dst = torch.empty_like(src)
+        # Timed directly: in a CUDA graph a device-to-device copy becomes a copy-engine node,
+        # slower than the copy kernel, and these large calls are not launch-bound.
+        ms = self.median_ms(lambda i: dst.copy_(src), 1, iters=10, graph=False)
+        size, dtype = (8192, torch.bfloat16) if self.gpu else (1024, torch.float32)
+        a, b = (torch.randn(size, size, device=self.device, dtype=dtype) for _ in range(2))
+        mm = self.median_ms(lambda i: a @ b, 1, iters=5, graph=False)
+        return Ceilings(copy_gbs=2 * n / ms / 1e6, matmul_tflops=2 * size**3 / mm / 1e9)
+
+    def randn(self, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.randn(*shape, device=self.device).to(dtype)
+
+    def pick(self, gpu: list, gpu_quick: list, cpu: list) -> list:
+        return (gpu_quick if self.quick else gpu) if self.gpu else cpu
+
+
+def format_table(rows: list[Row], c: Ceilings, device_name: str) -> str:
+    head = ["case", "ms", "GB/s", "TFLOP/s", "roofline", "eager ms", "speedup"]
+    table = [head] + [r.cells(c) for r in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
+    lines = [f"ceilings on {device_name}: copy {c.copy_gbs:.0f} GB/s, matmul {c.matmul_tflops:.2f} TFLOP/s"]
+    lines += ["  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in table]
+    return "\n".join(lines)

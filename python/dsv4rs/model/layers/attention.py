@@ -1,0 +1,233 @@
+"""The attention layer over the paged KV cache (docs/model.md sections 2-4).
+
+Per step, the runtime plans what every layer shares (:class:`AttentionMetadata`: positions, the
+rows each family writes, page tables, window candidates) and hands each layer its slice of the
+cache (:class:`LayerCache`). A layer then:
+
+1. projects the query, the K=V entry and (on CSA/HCA layers) the compressor inputs, and rotates;
+2. writes the entry into the window ring (a chunk of several tokens first stages the ring rows
+   before it, which its own writes overwrite, and reads its window from that copy);
+3. on CSA/HCA layers, feeds the compressors (:func:`.compressor.compress_chunks`) and writes the
+   entries they complete; CSA also writes indexer keys and selects its top-k rows with
+   :func:`dsv4rs.ops.indexer_topk`; HCA attends every visible row;
+4. attends with :func:`dsv4rs.ops.sparse_attention` (sink, window as the second list, fused
+   de-rotation) and applies the grouped output projection.
+
+With quantized storage (uint8 caches) entries are 584-byte FP8 rows and indexer keys FP4 (or FP8)
+after the Hadamard rotation, and the indexer queries take the keys' rotation and round trip, as
+production does; otherwise rows are stored as they are (float32 on the CPU, bfloat16 on a GPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dsv4rs import ops
+from dsv4rs.model.config import CSA, HCA, INDEX_DIM, SWA, V4Config
+from dsv4rs.model.layers.compressor import Compressor, CSACompressor, HCACompressor, compress_chunks
+from dsv4rs.model.layers.norm import RMSNorm, linear, rms_norm
+from dsv4rs.model.layers.rotary import RotaryEmbedding
+
+
+@dataclass
+class Rows:
+    """Rows a step writes into one cache family: ``slots`` (physical rows, device) of the batch's
+    new rows selected by ``keep`` (device indices; ``None``: every row)."""
+
+    keep: torch.Tensor | None
+    slots: torch.Tensor
+
+
+@dataclass
+class Staging:
+    """For a chunk longer than one token: the window rows before each chunk copied from the ring
+    (``prior_src`` ring rows to ``prior_dst`` staging rows), then the chunk's own entries at
+    ``new_dst``, in ``cache`` (a step-wide scratch cache in the ring's format)."""
+
+    cache: torch.Tensor
+    prior_src: torch.Tensor
+    prior_dst: torch.Tensor
+    new_dst: torch.Tensor
+
+
+@dataclass
+class AttentionMetadata:
+    """What every layer of one step reads, planned once per step (device tensors unless noted).
+
+    Attributes:
+        positions: ``int64 [T]`` position of each token.
+        token_seq: ``int64 [T]`` batch row of each token.
+        starts, lens, state_slots: per sequence (host): first position, chunk length, compressor
+            state slot.
+        window_writes: the ring rows of the tokens' entries.
+        window_candidates: ``[T, window]`` each query's window rows (of the ring, or of
+            ``staging.cache`` when set), ``-1`` masked.
+        staging: the window staging of a multi-token step, else ``None``.
+        writes: ``"csa"``/``"hca"``: the compressed rows the step completes.
+        tables: ``"csa"``: ``int32 [B, pages]`` page tables of the CSA rows and keys.
+        visible: per compress ratio, ``[T]`` compressed entries each query sees.
+        hca_candidates: ``[T, width]`` every visible HCA row of each query, ``-1`` masked.
+    """
+
+    positions: torch.Tensor
+    token_seq: torch.Tensor
+    starts: list[int]
+    lens: list[int]
+    state_slots: list[int]
+    window_writes: Rows
+    window_candidates: torch.Tensor
+    staging: Staging | None
+    writes: dict[str, Rows]
+    tables: dict[str, torch.Tensor]
+    visible: dict[int, torch.Tensor]
+    hca_candidates: torch.Tensor | None
+
+
+@dataclass
+class LayerCache:
+    """One layer's slice of the KV cache: its window ring pages, its compressed rows, indexer keys
+    and compressor states (``[slots, 2, coff r, coff D]``, kv then scores) where it has them.
+    ``key_format`` is ``"fp4"``/``"fp8"`` for quantized indexer keys, ``None`` for plain rows."""
+
+    window: torch.Tensor
+    main: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
+    state: torch.Tensor | None = None
+    index_state: torch.Tensor | None = None
+    key_format: str | None = None
+
+
+def write_rows(cache: torch.Tensor, rows: Rows, values: torch.Tensor, key_format: str | None = None) -> None:
+    """Writes ``values`` (selected by ``rows.keep``) at ``rows.slots``: quantized into a uint8
+    cache (KV entries, or indexer keys in ``key_format``), or stored as plain rows."""
+    values = values if rows.keep is None else values[rows.keep]
+    if rows.slots.numel() == 0:
+        return
+    if cache.dtype != torch.uint8:
+        cache.view(-1, cache.shape[-1])[rows.slots] = values.to(cache.dtype)
+    elif key_format is not None:
+        ops.index_key_write(cache, rows.slots, values.float(), key_format)
+    else:
+        ops.kv_write(cache, rows.slots, values.float())
+
+
+def _split_rows(cache: torch.Tensor, data_bytes: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if cache.dtype != torch.uint8:
+        return None
+    p = cache.shape[0]
+    page = ops.PAGE_ROWS
+    return cache[:, : page * data_bytes].view(p, page, data_bytes), cache[:, page * data_bytes :].view(p, page, -1)
+
+
+def _copy_rows(dst: torch.Tensor, dst_rows: torch.Tensor, src: torch.Tensor, src_rows: torch.Tensor) -> None:
+    """Copies window rows byte for byte (``row = page * 64 + offset``), plain or 584-byte entries."""
+    if dst_rows.numel() == 0:
+        return
+    s, d = _split_rows(src, 576), _split_rows(dst, 576)
+    if s is None or d is None:
+        dst.view(-1, dst.shape[-1])[dst_rows] = src.view(-1, src.shape[-1])[src_rows]
+        return
+    page = ops.PAGE_ROWS
+    for sp, dp in zip(s, d):
+        dp[dst_rows // page, dst_rows % page] = sp[src_rows // page, src_rows % page]
+
+
+class GroupedLinear(nn.Module):
+    """``W_oa``: each group of ``heads / g`` heads projected on its own."""
+
+    def __init__(self, in_per_group: int, out_features: int, groups: int) -> None:
+        super().__init__()
+        self.groups = groups
+        self.weight = nn.Parameter(torch.zeros(out_features, in_per_group))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [T, g, in]`` -> ``[T, g * out / g]``."""
+        w = self.weight.to(x.dtype).view(self.groups, -1, x.shape[-1])
+        return torch.einsum("tgi,goi->tgo", x, w).flatten(1)
+
+
+class Attention(nn.Module):
+    """One attention layer: weights under transformers' names, projections, and the forward pass
+    over the paged cache."""
+
+    def __init__(self, cfg: V4Config, layer_type: str) -> None:
+        super().__init__()
+        self.layer_type = layer_type
+        self.heads, self.head_dim, self.groups, self.eps = cfg.num_attention_heads, cfg.head_dim, cfg.o_groups, cfg.rms_norm_eps
+        self.q_a_proj = linear(cfg.hidden_size, cfg.q_lora_rank)
+        self.q_a_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+        self.q_b_proj = linear(cfg.q_lora_rank, self.heads * self.head_dim)
+        self.kv_proj = linear(cfg.hidden_size, self.head_dim)
+        self.kv_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.o_a_proj = GroupedLinear(self.heads * self.head_dim // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank, cfg.o_groups)
+        self.o_b_proj = linear(cfg.o_groups * cfg.o_lora_rank, cfg.hidden_size)
+        self.sinks = nn.Parameter(torch.zeros(self.heads, dtype=torch.float32))
+        self.rotary = RotaryEmbedding(cfg.inv_freq(layer_type != SWA))
+        self.compressor: Compressor | None = None
+        if layer_type == CSA:
+            self.compressor = CSACompressor(cfg)
+        elif layer_type == HCA:
+            self.compressor = HCACompressor(cfg)
+
+    def projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(cQ [T, q_lora_rank], q [T, H, 512], e [T, 512])`` before RoPE; ``q`` per-head
+        RMS-normalized without weight."""
+        cq = self.q_a_norm(self.q_a_proj(x))
+        q = self.q_b_proj(cq).unflatten(-1, (self.heads, self.head_dim))
+        q = rms_norm(q, None, self.eps).to(x.dtype)
+        e = self.kv_norm(self.kv_proj(x))
+        return cq, q, e
+
+    def output(self, o: torch.Tensor) -> torch.Tensor:
+        """Grouped output projection of the de-rotated attention output ``o [T, H, 512]``."""
+        grouped = o.reshape(o.shape[0], self.groups, -1).to(self.o_b_proj.weight.dtype)
+        return self.o_b_proj(self.o_a_proj(grouped))
+
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata, cache: LayerCache) -> torch.Tensor:
+        """The layer's output ``[T, d]`` for the normalized input ``x [T, d]``."""
+        cq, q, e = self.projections(x)
+        q, e = self.rotary(q, meta.positions), self.rotary(e, meta.positions)
+        window = self._window(e, meta, cache)
+        sinks, derotate = self.sinks.float(), (meta.positions, self.rotary.inv_freq)
+        comp = self.compressor
+        if comp is None:
+            o, _ = ops.sparse_attention(q, window, meta.window_candidates, sinks, derotate=derotate)
+            return self.output(o)
+        entries = compress_chunks(comp, x, cache.state, self.rotary.inv_freq, meta.starts, meta.lens, meta.state_slots)
+        write_rows(cache.main, meta.writes["csa" if self.layer_type == CSA else "hca"], entries)
+        rows = self._select(x, cq, meta, cache) if self.layer_type == CSA else meta.hca_candidates
+        o, _ = ops.sparse_attention(q, cache.main, rows, sinks, extra_cache=window,
+                                    extra_indices=meta.window_candidates, derotate=derotate)
+        return self.output(o)
+
+    def _window(self, e: torch.Tensor, meta: AttentionMetadata, cache: LayerCache) -> torch.Tensor:
+        """Writes the tokens' entries into the ring; returns the cache the window candidates
+        address (the ring, or the staging copy taken before the writes)."""
+        window = cache.window
+        st = meta.staging
+        if st is not None:
+            _copy_rows(st.cache, st.prior_dst, window, st.prior_src)
+            write_rows(st.cache, Rows(None, st.new_dst), e)
+            window = st.cache
+        write_rows(cache.window, meta.window_writes, e)
+        return window
+
+    def _select(self, x: torch.Tensor, cq: torch.Tensor, meta: AttentionMetadata, cache: LayerCache) -> torch.Tensor:
+        """CSA: writes the chunk's indexer keys, then the top-k CSA rows of each query."""
+        indexer = self.compressor.indexer
+        inv_freq = self.rotary.inv_freq
+        keys = compress_chunks(indexer, x, cache.index_state, inv_freq, meta.starts, meta.lens, meta.state_slots)
+        fmt = cache.key_format
+        if fmt is not None:
+            keys = ops.hadamard128(keys)
+        write_rows(cache.keys, meta.writes["csa"], keys, fmt)
+        qi = self.rotary(indexer.queries(cq), meta.positions)
+        if fmt is not None:  # the queries take the keys' rotation and FP4 (or FP8) round trip
+            flat = ops.hadamard128(qi.reshape(-1, INDEX_DIM))
+            qi = ops.index_key_read(ops.quantize_index_keys(flat, fmt), torch.arange(flat.shape[0], device=x.device),
+                                    fmt).view_as(qi)
+        return ops.indexer_topk(qi, indexer.head_weights(x).float(), cache.keys, meta.tables["csa"], meta.token_seq,
+                                meta.visible[indexer.ratio], indexer.topk, physical=True)

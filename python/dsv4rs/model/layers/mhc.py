@@ -1,0 +1,65 @@
+"""mHC: the residual stream is ``hc_mult`` streams, mixed around every sublayer (docs/model.md
+section 6). The weights of a sublayer come from :func:`dsv4rs.ops.mhc_weights` (one kernel)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv4rs import ops
+from dsv4rs.model.config import V4Config
+from dsv4rs.model.layers.norm import rms_norm
+
+
+class HyperConnection(nn.Module):
+    """mHC around one sublayer: from the streams ``X [T, hc, d]``, the collapse weights ``pre``,
+    the expansion weights ``post`` and the Sinkhorn-projected mixing matrix ``comb``."""
+
+    def __init__(self, cfg: V4Config) -> None:
+        super().__init__()
+        n = cfg.hc_mult
+        self.hc, self.iters, self.eps, self.norm_eps = n, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps
+        self.fn = nn.Parameter(torch.zeros((2 + n) * n, n * cfg.hidden_size, dtype=torch.float32))
+        self.base = nn.Parameter(torch.zeros((2 + n) * n, dtype=torch.float32))
+        self.scale = nn.Parameter(torch.ones(3, dtype=torch.float32))
+
+    def mix(self, x: torch.Tensor) -> torch.Tensor:
+        """``mu = r * (Phi vec X)``: ``[T, (2 + hc) hc]``, float32 (float64 stays float64)."""
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        return F.linear(rms_norm(x.flatten(-2), None, self.norm_eps), self.fn.to(dtype))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(post [T, hc], comb [T, hc, hc], collapsed [T, d])``, the weights in float32."""
+        pre, post, comb = ops.mhc_weights(self.mix(x).float(), self.scale.float(), self.base.float(), self.iters,
+                                          self.eps)
+        return post, comb, collapse(x, pre)
+
+
+def collapse(x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """``y = sum_j pre_j X_j``, in the dtype of the streams."""
+    return (pre.unsqueeze(-1) * x).sum(-2).to(x.dtype)
+
+
+def combine(x: torch.Tensor, out: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """``X'_k = post_k F + sum_j comb[j, k] X_j``."""
+    dtype = x.dtype
+    return post.to(dtype).unsqueeze(-1) * out.to(dtype).unsqueeze(-2) + comb.to(dtype).transpose(-1, -2) @ x
+
+
+class HyperHead(nn.Module):
+    """The final collapse of the streams (``hc_head``)."""
+
+    def __init__(self, cfg: V4Config) -> None:
+        super().__init__()
+        n = cfg.hc_mult
+        self.eps, self.norm_eps = cfg.hc_eps, cfg.rms_norm_eps
+        self.hc_fn = nn.Parameter(torch.zeros(n, n * cfg.hidden_size, dtype=torch.float32))
+        self.hc_base = nn.Parameter(torch.zeros(n, dtype=torch.float32))
+        self.hc_scale = nn.Parameter(torch.ones(1, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        mix = F.linear(rms_norm(x.flatten(-2), None, self.norm_eps), self.hc_fn.to(dtype))
+        pre = torch.sigmoid(mix * self.hc_scale.to(dtype) + self.hc_base.to(dtype)) + self.eps
+        return collapse(x, pre)

@@ -1,0 +1,99 @@
+"""The MoE sublayer (docs/model.md section 7): sqrt-softplus routing (learned top-k with a bias
+correction, or a frozen token-id table on hash layers), clamped SwiGLU routed experts and the
+always-on shared expert."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv4rs.model.config import V4Config
+from dsv4rs.model.layers.norm import linear
+
+
+class MLP(nn.Module):
+    """Clamped SwiGLU (the shared expert): ``down(silu(min(gate x, l)) * clamp(up x, -l, l))``."""
+
+    def __init__(self, cfg: V4Config, inner: int) -> None:
+        super().__init__()
+        self.limit = cfg.swiglu_limit
+        self.gate_proj = linear(cfg.hidden_size, inner)
+        self.up_proj = linear(cfg.hidden_size, inner)
+        self.down_proj = linear(inner, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.gate_proj(x).clamp(max=self.limit)
+        up = self.up_proj(x).clamp(min=-self.limit, max=self.limit)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Experts(nn.Module):
+    """Routed experts, stacked: ``gate_up_proj [E, 2 I, d]`` (gate rows first), ``down_proj [E, d, I]``."""
+
+    def __init__(self, cfg: V4Config) -> None:
+        super().__init__()
+        e, i, d = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        self.limit = cfg.swiglu_limit
+        self.gate_up_proj = nn.Parameter(torch.zeros(e, 2 * i, d))
+        self.down_proj = nn.Parameter(torch.zeros(e, d, i))
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``sum_k weights[t, k] expert_{idx[t, k]}(x_t)``, one matmul per expert hit."""
+        out = torch.zeros_like(x)
+        flat = idx.flatten()
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
+        tokens = order // idx.shape[1]
+        start = 0
+        for expert, n in enumerate(counts):
+            if n == 0:
+                continue
+            sel = order[start : start + n]
+            t = tokens[start : start + n]
+            start += n
+            gate, up = F.linear(x[t], self.gate_up_proj[expert].to(x.dtype)).chunk(2, dim=-1)
+            h = F.silu(gate.clamp(max=self.limit)) * up.clamp(min=-self.limit, max=self.limit)
+            y = F.linear(h, self.down_proj[expert].to(x.dtype)) * weights.flatten()[sel, None].to(x.dtype)
+            out.index_add_(0, t, y)
+        return out
+
+
+class Router(nn.Module):
+    """Expert choice and weights: affinity ``sqrt(softplus(x W_g^T))``; hash layers take the
+    experts from ``tid2eid[token]``, the others the top-k of affinity plus
+    ``e_score_correction_bias``; weights are the chosen affinities, normalized, times the routed
+    scaling factor."""
+
+    def __init__(self, cfg: V4Config, hashed: bool) -> None:
+        super().__init__()
+        self.hashed, self.k, self.scale, self.norm = hashed, cfg.num_experts_per_tok, cfg.routed_scaling_factor, cfg.norm_topk_prob
+        self.weight = nn.Parameter(torch.zeros(cfg.n_routed_experts, cfg.hidden_size))
+        if hashed:
+            self.register_buffer("tid2eid", torch.zeros(cfg.vocab_size, self.k, dtype=torch.int64))
+        else:
+            self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = F.softplus(F.linear(x, self.weight.to(x.dtype))).sqrt()
+        if self.hashed:
+            idx = self.tid2eid[ids].long()
+        else:
+            idx = torch.topk(scores + self.e_score_correction_bias.to(scores.dtype), self.k, dim=-1).indices
+        w = scores.gather(1, idx)
+        if self.norm:
+            w = w / (w.sum(-1, keepdim=True) + 1e-20)
+        return idx, w * self.scale
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: V4Config, hashed: bool) -> None:
+        super().__init__()
+        self.gate = Router(cfg, hashed)
+        self.experts = Experts(cfg)
+        self.shared_experts = MLP(cfg, cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else None
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        idx, w = self.gate(x, ids)
+        out = self.experts(x, idx, w)
+        return out if self.shared_experts is None else out + self.shared_experts(x)

@@ -1,0 +1,141 @@
+"""DeepSeek-V4: the decoder layers, the MTP block and the model, with transformers' parameter
+names (docs/model.md sections 2-8). A checkpoint transformers saves loads by name
+(:mod:`dsv4rs.model.loader` maps DeepSeek's names onto them). The forward pass runs one step of a
+batch through the paged KV cache: the runtime (:mod:`dsv4rs.runtime`) plans the step's
+:class:`~dsv4rs.model.layers.attention.AttentionMetadata` and owns the cache tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import chain
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv4rs.model.config import SWA, V4Config
+from dsv4rs.model.layers.attention import Attention, AttentionMetadata, LayerCache
+from dsv4rs.model.layers.mhc import HyperConnection, HyperHead, combine
+from dsv4rs.model.layers.moe import MoE
+from dsv4rs.model.layers.norm import RMSNorm, linear
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: V4Config, layer_type: str, mlp_type: str) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg, layer_type)
+        self.mlp = MoE(cfg, mlp_type == "hash_moe")
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn_hc = HyperConnection(cfg)
+        self.ffn_hc = HyperConnection(cfg)
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, meta: AttentionMetadata, cache: LayerCache) -> torch.Tensor:
+        """Streams ``[T, hc, d]`` in and out: the attention sublayer, then the MoE sublayer, each
+        inside its mHC."""
+        post, comb, y = self.attn_hc(x)
+        x = combine(x, self.self_attn(self.input_layernorm(y), meta, cache), post, comb)
+        post, comb, y = self.ffn_hc(x)
+        return combine(x, self.mlp(self.post_attention_layernorm(y), ids), post, comb)
+
+
+class MTP(DecoderLayer):
+    """The multi-token-prediction block (docs/model.md section 8): from the main model's streams
+    ``h_t`` and the embedding of token ``t + 1``, the logits of token ``t + 2``; a SWA-only layer
+    with its own ``hc_head`` and norm, sharing the embedding and LM head."""
+
+    def __init__(self, cfg: V4Config) -> None:
+        super().__init__(cfg, SWA, "moe")
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.e_proj = linear(cfg.hidden_size, cfg.hidden_size)
+        self.h_proj = linear(cfg.hidden_size, cfg.hidden_size)
+        self.hc_head = HyperHead(cfg)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def inputs(self, h: torch.Tensor, next_embed: torch.Tensor) -> torch.Tensor:
+        """The block's input streams: ``e_proj(enorm(embed)) + h_proj(hnorm(h))`` per stream."""
+        return self.e_proj(self.enorm(next_embed)).unsqueeze(-2) + self.h_proj(self.hnorm(h))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: V4Config) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, t, m) for t, m in zip(cfg.layer_types, cfg.mlp_layer_types))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hc_head = HyperHead(cfg)
+
+
+class DeepseekV4(nn.Module):
+    """All weights of a DeepSeek-V4 model, named as transformers' ``DeepseekV4ForCausalLM`` names
+    them (plus ``mtp.0.*`` for the MTP block), and its forward pass over the paged cache. Run it
+    with :class:`dsv4rs.runtime.Engine`."""
+
+    def __init__(self, cfg: V4Config) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = linear(cfg.hidden_size, cfg.vocab_size)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.mtp = nn.ModuleList(MTP(cfg) for _ in range(cfg.num_nextn_predict_layers))
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor a checkpoint holds, by name: the parameters (a tied LM head once, under
+        the embedding's name) and the persistent buffers (hash tables, routing biases), not the
+        RoPE tables computed from the config."""
+        persistent = self.state_dict(keep_vars=True).keys()
+        return {n: t for n, t in chain(self.named_parameters(), self.named_buffers()) if n in persistent}
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """``[T]`` ids -> ``[T, hc, d]``: the embedding copied to every stream."""
+        x = self.model.embed_tokens(ids)
+        return x.unsqueeze(-2).expand(*x.shape[:-1], self.config.hc_mult, x.shape[-1]).contiguous()
+
+    def forward(self, ids: torch.Tensor, meta: AttentionMetadata, caches: Sequence[LayerCache]) -> torch.Tensor:
+        """The streams ``[T, hc, d]`` after the last layer for the step's tokens ``ids [T]``;
+        ``caches[i]`` is layer ``i``'s slice of the cache."""
+        x = self.embed(ids)
+        for layer, cache in zip(self.model.layers, caches):
+            x = layer(x, ids, meta, cache)
+        return x
+
+    def draft(self, h: torch.Tensor, next_ids: torch.Tensor, meta: AttentionMetadata, cache: LayerCache) -> torch.Tensor:
+        """The MTP block's streams for the main model's streams ``h [T, hc, d]`` of the same step
+        and the token after each position ``next_ids [T]``; ``cache`` is the MTP layer's."""
+        mtp = self.mtp[0]
+        return mtp(mtp.inputs(h, self.model.embed_tokens(next_ids)), next_ids, meta, cache)
+
+    def head(self, x: torch.Tensor, hc_head: HyperHead | None = None, norm: RMSNorm | None = None) -> torch.Tensor:
+        """Streams ``[T, hc, d]`` -> logits ``[T, vocab]`` in float32 (or float64)."""
+        y = (norm or self.model.norm)((hc_head or self.model.hc_head)(x))
+        logits = F.linear(y, self.lm_head.weight.to(y.dtype))
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def init_random(model: DeepseekV4, seed: int, std: float = 0.02) -> DeepseekV4:
+    """Seeded random weights (as transformers initializes them, with the norms at 1, but random
+    sinks, positional biases, mHC parameters and hash tables so every path is exercised)."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            elif leaf in ("scale", "hc_scale"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            elif leaf in ("sinks", "base", "hc_base", "position_bias"):
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(std * torch.randn(p.shape, generator=g))
+        for name, b in model.named_buffers():
+            if name.endswith("tid2eid"):
+                b.copy_(torch.stack([torch.randperm(cfg.n_routed_experts, generator=g)[: cfg.num_experts_per_tok]
+                                     for _ in range(cfg.vocab_size)]))
+            elif name.endswith("e_score_correction_bias"):
+                b.copy_(0.01 * torch.randn(b.shape, generator=g))
+    return model

@@ -1,0 +1,34 @@
+"""The twin of :func:`dsv4rs.ops.mhc_weights` in float64 (docs/model.md section 6)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def sinkhorn(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """The mHC projection of ``comb [..., n, n]`` (softmaxed rows, plus ``eps``) towards doubly
+    stochastic: columns normalized, then ``iters - 1`` times rows and columns."""
+    comb = comb / (comb.sum(-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(-1, keepdim=True) + eps)
+        comb = comb / (comb.sum(-2, keepdim=True) + eps)
+    return comb
+
+
+def mhc_weights(mix: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, iters: int = 20, eps: float = 1e-6
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(pre [..., n], post [..., n], comb [..., n, n])`` in float64 from ``mix [..., (2 + n) n]``
+    (``mu = r * (Phi vec X)``), ``scale [3]`` and ``base [(2 + n) n]``:
+    ``pre = sigmoid(s0 mu + b) + eps``, ``post = 2 sigmoid(s1 mu + b)``, ``comb`` the rows of
+    ``s2 mu + b`` softmaxed plus ``eps``, then :func:`sinkhorn`."""
+    mix, scale, base = mix.double(), scale.double(), base.double()
+    width = mix.shape[-1]
+    n = next((k for k in range(1, 9) if (2 + k) * k == width), None)
+    if n is None:
+        raise ValueError(f"mix: expected (2 + n) n columns for n streams in 1..8, got {width}")
+    pre_w, post_w, comb_w = mix.split([n, n, n * n], dim=-1)
+    pre_b, post_b, comb_b = base.split([n, n, n * n])
+    pre = torch.sigmoid(pre_w * scale[0] + pre_b) + eps
+    post = 2 * torch.sigmoid(post_w * scale[1] + post_b)
+    comb = torch.softmax(comb_w.unflatten(-1, (n, n)) * scale[2] + comb_b.view(n, n), dim=-1) + eps
+    return pre, post, sinkhorn(comb, iters, eps)

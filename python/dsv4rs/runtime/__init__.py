@@ -1,0 +1,10 @@
+"""The runtime: what strings the model's layers into steps over the paged KV cache.
+
+- :mod:`.engine`: :class:`Engine`, sequences (add, fork, release, prefix reuse) and steps.
+- :mod:`.planner`: the per-step plan every layer shares (positions, rows to write, candidates).
+- :mod:`.kv_cache`: the device tensors of the cache families.
+"""
+
+from dsv4rs.runtime.engine import Engine
+
+__all__ = ["Engine"]
