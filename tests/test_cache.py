@@ -1,4 +1,4 @@
-"""The paged KV-cache allocator: SPEC.md section 5 numbers, invariants under random
+"""The paged KV-cache allocator: docs/model.md section 5 numbers, invariants under random
 interleavings of add/append/fork/release, row ids that address what a plain per-sequence list
 would, exhaustion and misuse that raise with the pool intact, and thread safety."""
 
@@ -26,7 +26,7 @@ DOCUMENT = [random.Random(0).randrange(3) for _ in range(2048)]
 @pytest.mark.parametrize(
     ("config", "fp4", "fp8", "bf16", "total"),
     [
-        # SPEC.md: 5,031 and 3,514 B/token, "5.28 GB" and "3.69 GB" at 2^20 tokens.
+        # docs/model.md section 5: 5,031 and 3,514 B/token, 5.28 GB and 3.68 GB at 2^20 tokens.
         (CacheConfig.v4_pro, 5031.4375, 30 * 179 + 31 * 4.5625, 30 * 210 + 31 * 4.5625, 5_275_844_608),
         (CacheConfig.v4_flash, 3514.25, 21 * 179 + 20 * 4.5625, 21 * 210 + 20 * 4.5625, 3_684_958_208),
     ],

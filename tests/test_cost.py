@@ -1,4 +1,4 @@
-"""The cost model: SPEC.md section 5 figures, KV bytes equal to the allocator's reservation, the
+"""The cost model: docs/model.md section 5 figures, KV bytes equal to the allocator's reservation, the
 FLOP count against the paper's ratios, and the `dsv4rs cost` table, JSON and plot."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""KV-entry formats (SPEC.md section 5) through dsv4rs.ops on the CPU: layout, round-trip error,
+"""KV-entry formats (docs/model.md section 5) through dsv4rs.ops on the CPU: layout, round-trip error,
 and argument checks. Bit-identity with the reference and the GPU lives in test_formats_parity.py
 and test_gpu_formats.py."""
 

@@ -73,7 +73,7 @@ def test_presets_match_spec() -> None:
     assert flash.compress_ratios == (0, 0) + tuple(4 if i % 2 == 0 else 128 for i in range(2, 43)) + (0,)
     assert (pro.layer_types.count(CSA), pro.layer_types.count(HCA)) == (30, 31)
     assert (flash.layer_types.count(CSA), flash.layer_types.count(HCA), flash.layer_types.count(SWA)) == (21, 20, 2)
-    # The compressed layers' YaRN ramp of SPEC.md section 2: (j - 15) / 10.
+    # The compressed layers' YaRN ramp of docs/model.md section 2: (j - 15) / 10.
     inv = torch.tensor(flash.inv_freq(True), dtype=torch.float64)
     base = 160000.0 ** (-torch.arange(0, 64, 2, dtype=torch.float64) / 64)
     ramp = ((torch.arange(32) - 15) / 10).clamp(0, 1).double()

@@ -1,4 +1,4 @@
-"""The attention ops on the CPU against the float64 reference (SPEC.md sections 2-5).
+"""The attention ops on the CPU against the float64 reference (docs/model.md sections 2-5).
 
 Quantized paths are compared with the reference fed the same dequantized rows, so only
 arithmetic differs; float32 paths agree to about 1e-5 relative. Inputs are fresh random tensors

@@ -1,4 +1,4 @@
-"""Properties of the float64 reference, dsv4rs.reference (SPEC.md sections 2-5)."""
+"""Properties of the float64 reference, dsv4rs.reference (docs/model.md sections 2-5)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def log_uniform(gen: torch.Generator, *shape: int, low: float, high: float) -> t
 
 
 # ---------------------------------------------------------------------------------------------
-# RoPE (SPEC.md section 2)
+# RoPE (docs/model.md section 2)
 
 
 @pytest.mark.parametrize("shape", [(7, 64), (5, 3, 128), (4, 2, 3, 70)])
@@ -87,7 +87,7 @@ def test_yarn_keeps_fast_dims_and_interpolates_slow_dims(rope_dim, theta, factor
 
 
 # ---------------------------------------------------------------------------------------------
-# Compressor (SPEC.md section 3)
+# Compressor (docs/model.md section 3)
 
 
 def compressor_inputs(gen: torch.Generator, ratio: int, dim: int, length: int) -> dict[str, torch.Tensor]:
@@ -139,7 +139,7 @@ def test_prefill_equals_token_by_token_steps(gen, ratio, dim, quant, length):
 
 
 def entry_by_definition(args: dict[str, torch.Tensor], ratio: int, i: int) -> torch.Tensor:
-    """Entry i with quant "none", straight from SPEC.md section 3's candidate lists."""
+    """Entry i with quant "none", straight from docs/model.md section 3's candidate lists."""
     kv, score, ape, weight = args["kv"], args["score"], args["ape"], args["norm_weight"]
     dim = weight.shape[0]
     if ratio == 4:
@@ -235,7 +235,7 @@ def test_visible_entries_depend_only_on_past_tokens(gen, ratio):
 
 
 # ---------------------------------------------------------------------------------------------
-# Lightning indexer (SPEC.md section 4)
+# Lightning indexer (docs/model.md section 4)
 
 
 def test_indexer_scores_match_the_sum_over_heads(gen):
@@ -287,7 +287,7 @@ def test_topk_breaks_ties_by_lower_index(gen):
 
 
 # ---------------------------------------------------------------------------------------------
-# Core attention (SPEC.md section 2)
+# Core attention (docs/model.md section 2)
 
 
 def weights_by_row(q: torch.Tensor, indices: torch.Tensor, sink: torch.Tensor, scale: float) -> torch.Tensor:
@@ -384,7 +384,7 @@ def test_window_indices(window):
 
 
 # ---------------------------------------------------------------------------------------------
-# Quantizers (SPEC.md section 5)
+# Quantizers (docs/model.md section 5)
 
 ALL_BYTES = torch.arange(256).to(torch.uint8)
 FP8_FINITE = ALL_BYTES[ALL_BYTES & 0x7F != 0x7F]
@@ -542,7 +542,7 @@ def test_hadamard_is_orthonormal_symmetric_and_an_involution(gen):
 
 
 # ---------------------------------------------------------------------------------------------
-# Cache bytes (SPEC.md section 5)
+# Cache bytes (docs/model.md section 5)
 
 
 def from_le_bytes(b: torch.Tensor) -> torch.Tensor:

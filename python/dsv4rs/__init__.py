@@ -5,9 +5,9 @@ first use. Public modules:
 
 - :mod:`dsv4rs.ops`: the ops (compressor, indexer top-k, sparse attention, KV-entry formats), CPU
   and CUDA.
-- :mod:`dsv4rs.cache`: the paged KV-cache allocator and byte accounting (SPEC.md section 5).
+- :mod:`dsv4rs.cache`: the paged KV-cache allocator and byte accounting (docs/model.md section 5).
 - :mod:`dsv4rs.cost`: per-token FLOPs and KV-cache bytes of V4 and its baselines.
-- :mod:`dsv4rs.reference`: the float64 pure-torch reference of every op (SPEC.md sections 2-5).
+- :mod:`dsv4rs.reference`: the float64 pure-torch reference of every op (docs/model.md sections 2-5).
 - :mod:`dsv4rs.cli`: the ``dsv4rs`` command.
 """
 

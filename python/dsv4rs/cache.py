@@ -1,4 +1,4 @@
-"""The paged KV-cache allocator (SPEC.md sections 3 and 5): which device rows hold each
+"""The paged KV-cache allocator (docs/model.md sections 3 and 5): which device rows hold each
 sequence's sliding window, compressed entries and compressor state.
 
 The manager does bookkeeping on the host; the caller owns the device tensors. Four cache
@@ -102,7 +102,7 @@ class CacheConfig:
     Args:
         compress_ratios: one entry per layer in depth order, as the Hugging Face config lists
             them (the last one is the SWA-only MTP layer): 0 = sliding window only, 4 = CSA,
-            128 = HCA (SPEC.md section 1).
+            128 = HCA (docs/model.md section 1).
         window: sliding-window tokens per layer (current token included).
         index_format: CSA indexer keys: ``"fp4"`` (68 B), ``"fp8"`` (132 B) or ``"bf16"`` (256 B).
         main_format: main entries: ``"fp8"`` (584 B) or ``"bf16"`` (1024 B).
@@ -161,7 +161,7 @@ class CacheConfig:
         return Footprint(*self._layout.footprint(seq_len))
 
     def bytes_per_token(self, seq_len: int = 1 << 20) -> float:
-        """Compressed-family bytes per token at ``seq_len`` (SPEC.md section 5: 5,031 for V4-Pro
+        """Compressed-family bytes per token at ``seq_len`` (docs/model.md section 5: 5,031 for V4-Pro
         and 3,514 for V4-Flash at 2^20 tokens with FP4 keys); window and state are per
         sequence (see :meth:`footprint`)."""
         return float(self._layout.bytes_per_token(seq_len))
