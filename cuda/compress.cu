@@ -18,8 +18,6 @@ namespace {
 constexpr int THREADS = 128;
 constexpr int MAX_DIM = 512;
 
-enum Quant { QUANT_NONE = 0, QUANT_FP8 = 1, QUANT_FP4 = 2 };
-
 struct Params {
   const float* kv;
   const float* score;
@@ -37,7 +35,7 @@ struct Params {
   int overlap;
   int dim;
   float eps;
-  int quant;
+  Quant quant;
 };
 
 struct Candidate {

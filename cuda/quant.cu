@@ -69,10 +69,10 @@ extern "C" __global__ void __launch_bounds__(64) dsv4_kv_read(
   o[1] = make_float4(v[4], v[5], v[6], v[7]);
 }
 
-// One warp per key; lane l owns values [4l, 4l + 4). fmt 0: FP4 (68 B), fmt 1: FP8 (132 B).
+// One warp per key; lane l owns values [4l, 4l + 4). KEYS_FP4: 68 B, KEYS_FP8: 132 B.
 extern "C" __global__ void __launch_bounds__(32) dsv4_index_key_write(
     const void* __restrict__ x, int x_bf16, long long n, const long long* __restrict__ slots,
-    uint8_t* __restrict__ cache, long long num_rows, int fmt) {
+    uint8_t* __restrict__ cache, long long num_rows, IndexFormat fmt) {
   long long i = blockIdx.x;
   int l = threadIdx.x;
   if (i >= n) return;
@@ -85,7 +85,7 @@ extern "C" __global__ void __launch_bounds__(32) dsv4_index_key_write(
     v[k] = load_value(row, 4 * l + k, x_bf16);
     m = fmaxf(m, fabsf(v[k]));
   }
-  if (fmt == 0) {
+  if (fmt == KEYS_FP4) {
     m = group_amax(m, FP4_BLOCK / 4);
     int e = ue8m0_exponent(m, FP4_MAX);
     uint8_t* data = cache + INDEX_KEY_FP4.data_offset(slot);
@@ -104,14 +104,14 @@ extern "C" __global__ void __launch_bounds__(32) dsv4_index_key_write(
 
 extern "C" __global__ void __launch_bounds__(32) dsv4_index_key_read(
     const uint8_t* __restrict__ cache, long long num_rows, const long long* __restrict__ rows,
-    long long m, float* __restrict__ out, int fmt) {
+    long long m, float* __restrict__ out, IndexFormat fmt) {
   long long i = blockIdx.x;
   int l = threadIdx.x;
   if (i >= m) return;
   long long row = rows[i];
   float v[4] = {0.f, 0.f, 0.f, 0.f};
   if (row >= 0 && row < num_rows) {
-    if (fmt == 0) {
+    if (fmt == KEYS_FP4) {
       const uint8_t* data = cache + INDEX_KEY_FP4.data_offset(row);
       float s = exp2i((int)cache[INDEX_KEY_FP4.scale_offset(row) + l / 8] - 127);
 #pragma unroll

@@ -12,12 +12,10 @@ namespace {
 constexpr int THREADS = 256;
 constexpr float LOG2E = 1.4426950408889634f;
 
-enum EntryFormat { ENTRIES_FP8 = 0, ENTRIES_BF16 = 1 };
-
 struct Cache {
   const uint8_t* base;
   long long rows;
-  int fmt;
+  EntryFormat fmt;
 };
 
 // Two floats as packed bf16 (round to nearest even, one cvt instruction).

@@ -11,39 +11,12 @@
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::formats::Quant;
 use crate::gpu;
-use crate::quant::{self, ENTRY_DIM, INDEX_DIM, INDEX_KEY_FP4, MAIN_ENTRY};
+use crate::quant::{self, INDEX_KEY_FP4, MAIN_ENTRY};
 use crate::rope::{inv_freq_values, Rotation};
 use crate::simd::{multiversion, F32x16, LANES};
 use crate::tensor::{same_device, DType, Device, TensorRef};
-
-/// What an entry goes through after RMSNorm and RoPE: nothing, the main-entry FP8 round trip
-/// (D = 512), or Hadamard-128 then the FP4 indexer-key round trip (D = 128).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Quant {
-    None,
-    Fp8,
-    Fp4,
-}
-
-impl Quant {
-    pub fn parse(arg: &str, s: &str) -> Result<Self> {
-        match s {
-            "none" => Ok(Quant::None),
-            "fp8" => Ok(Quant::Fp8),
-            "fp4" => Ok(Quant::Fp4),
-            _ => Err(Error::value(arg, format!("expected \"none\", \"fp8\" or \"fp4\", got {s:?}"))),
-        }
-    }
-
-    fn dim(self) -> Option<usize> {
-        match self {
-            Quant::None => None,
-            Quant::Fp8 => Some(ENTRY_DIM),
-            Quant::Fp4 => Some(INDEX_DIM),
-        }
-    }
-}
 
 /// Scalars of a compressor call.
 #[derive(Debug, Clone, Copy)]
@@ -204,11 +177,6 @@ unsafe fn compress_gpu(dev: i32, stream: usize, t: [&TensorRef; 8], cfg: Config)
     if 2 * inv_freq.dim(0) > d {
         return Err(Error::value(inv_freq.name, format!("rotates {} dims, more than D = {d}", 2 * inv_freq.dim(0))));
     }
-    let quant = match cfg.quant {
-        Quant::None => 0,
-        Quant::Fp8 => 1,
-        Quant::Fp4 => 2,
-    };
     let args = gpu::compress::CompressArgs {
         kv,
         score,
@@ -221,7 +189,7 @@ unsafe fn compress_gpu(dev: i32, stream: usize, t: [&TensorRef; 8], cfg: Config)
         start: cfg.start,
         ratio: r,
         eps: cfg.eps,
-        quant,
+        quant: cfg.quant,
     };
     gpu::compress::compress(dev, stream, &args)
 }

@@ -10,50 +10,17 @@
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::formats::IndexFormat;
 use crate::gpu;
-use crate::quant::{self, RowFormat, INDEX_KEY_FP4, INDEX_KEY_FP8, MAIN_ENTRY};
+use crate::quant::{self, Codec, RowFormat, INDEX_KEY_FP4_CODEC, INDEX_KEY_FP8_CODEC, MAIN_ENTRY, MAIN_ENTRY_CODEC};
 use crate::tensor::{same_device, DType, Device, TensorRef};
 
-/// Storage format of indexer keys.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IndexKeyFormat {
-    /// 64 B of FP4 e2m1 + 4 UE8M0 scales = 68 B.
-    Fp4,
-    /// 128 B of FP8 e4m3 + one fp32 scale = 132 B.
-    Fp8,
-}
-
-impl IndexKeyFormat {
-    pub fn parse(arg: &str, s: &str) -> Result<Self> {
-        match s {
-            "fp4" => Ok(IndexKeyFormat::Fp4),
-            "fp8" => Ok(IndexKeyFormat::Fp8),
-            _ => Err(Error::value(arg, format!("expected \"fp4\" or \"fp8\", got {s:?}"))),
-        }
-    }
-    pub fn row_format(self) -> RowFormat {
-        match self {
-            IndexKeyFormat::Fp4 => INDEX_KEY_FP4,
-            IndexKeyFormat::Fp8 => INDEX_KEY_FP8,
-        }
-    }
-    fn code(self) -> i32 {
-        match self {
-            IndexKeyFormat::Fp4 => 0,
-            IndexKeyFormat::Fp8 => 1,
-        }
-    }
-    fn encode(self) -> fn(&[f32], &mut [u8], &mut [u8]) {
-        match self {
-            IndexKeyFormat::Fp4 => quant::encode_index_key_fp4,
-            IndexKeyFormat::Fp8 => quant::encode_index_key_fp8,
-        }
-    }
-    fn decode(self) -> fn(&[u8], &[u8], &mut [f32]) {
-        match self {
-            IndexKeyFormat::Fp4 => quant::decode_index_key_fp4,
-            IndexKeyFormat::Fp8 => quant::decode_index_key_fp8,
-        }
+/// The codec of a packed key format; plain bf16 keys have none (a ValueError naming `arg`).
+fn key_codec(arg: &str, fmt: IndexFormat) -> Result<Codec> {
+    match fmt {
+        IndexFormat::Fp4 => Ok(INDEX_KEY_FP4_CODEC),
+        IndexFormat::Fp8 => Ok(INDEX_KEY_FP8_CODEC),
+        IndexFormat::Bf16 => Err(Error::value(arg, "expected \"fp4\" or \"fp8\", got \"bf16\"")),
     }
 }
 
@@ -142,14 +109,8 @@ fn check_read(cache: &TensorRef, ids: &TensorRef, out: &TensorRef, fmt: RowForma
 /// # Safety
 /// Every tensor satisfies [`TensorRef`]'s contract; `cache` is not aliased by the others; the
 /// arguments passed [`check_write`].
-unsafe fn write_rows(
-    cache: &TensorRef,
-    rows: usize,
-    slots: &TensorRef,
-    x: &TensorRef,
-    fmt: RowFormat,
-    encode: fn(&[f32], &mut [u8], &mut [u8]),
-) -> Result<()> {
+unsafe fn write_rows(cache: &TensorRef, rows: usize, slots: &TensorRef, x: &TensorRef, codec: Codec) -> Result<()> {
+    let fmt = codec.rows;
     let values = host_values(x)?;
     let ids = host_ids(slots, rows)?;
     if let Some(dup) = first_duplicate(ids) {
@@ -160,7 +121,7 @@ unsafe fn write_rows(
         .map(|row| {
             let mut buf = vec![0u8; fmt.row_bytes()];
             let (data, scales) = buf.split_at_mut(fmt.data_bytes);
-            encode(row, data, scales);
+            (codec.encode)(row, data, scales);
             buf
         })
         .collect();
@@ -186,14 +147,8 @@ fn first_duplicate(ids: &[i64]) -> Option<i64> {
 /// # Safety
 /// Every tensor satisfies [`TensorRef`]'s contract; `out` is not aliased by the others; the
 /// arguments passed [`check_read`].
-unsafe fn read_rows(
-    cache: &TensorRef,
-    n_rows: usize,
-    rows: &TensorRef,
-    out: &TensorRef,
-    fmt: RowFormat,
-    decode: fn(&[u8], &[u8], &mut [f32]),
-) -> Result<()> {
+unsafe fn read_rows(cache: &TensorRef, n_rows: usize, rows: &TensorRef, out: &TensorRef, codec: Codec) -> Result<()> {
+    let fmt = codec.rows;
     let ids = host_ids(rows, n_rows)?;
     let bytes = cache.host::<u8>(&[DType::U8])?;
     let dst = out.host_mut::<f32>(&[DType::F32])?;
@@ -202,7 +157,7 @@ unsafe fn read_rows(
             o.fill(0.0);
         } else {
             let (d, s) = fmt.offsets(*row as usize);
-            decode(&bytes[d..d + fmt.data_bytes], &bytes[s..s + fmt.scale_bytes], o);
+            (codec.decode)(&bytes[d..d + fmt.data_bytes], &bytes[s..s + fmt.scale_bytes], o);
         }
     });
     Ok(())
@@ -226,7 +181,7 @@ pub unsafe fn kv_write(cache: &TensorRef, slots: &TensorRef, x: &TensorRef, stre
     let device = same_device(&[cache, slots, x])?;
     let rows = check_write(cache, slots, x, MAIN_ENTRY)?;
     match gpu_index(device) {
-        None => write_rows(cache, rows, slots, x, MAIN_ENTRY, quant::encode_main_entry),
+        None => write_rows(cache, rows, slots, x, MAIN_ENTRY_CODEC),
         Some(dev) => gpu::quant::kv_write(dev, stream, cache, rows, slots, x),
     }
 }
@@ -240,7 +195,7 @@ pub unsafe fn kv_read(cache: &TensorRef, rows: &TensorRef, out: &TensorRef, stre
     let device = same_device(&[cache, rows, out])?;
     let n_rows = check_read(cache, rows, out, MAIN_ENTRY)?;
     match gpu_index(device) {
-        None => read_rows(cache, n_rows, rows, out, MAIN_ENTRY, quant::decode_main_entry),
+        None => read_rows(cache, n_rows, rows, out, MAIN_ENTRY_CODEC),
         Some(dev) => gpu::quant::kv_read(dev, stream, cache, n_rows, rows, out),
     }
 }
@@ -253,15 +208,15 @@ pub unsafe fn index_key_write(
     cache: &TensorRef,
     slots: &TensorRef,
     x: &TensorRef,
-    fmt: IndexKeyFormat,
+    fmt: IndexFormat,
     stream: usize,
 ) -> Result<()> {
-    let rf = fmt.row_format();
+    let codec = key_codec("fmt", fmt)?;
     let device = same_device(&[cache, slots, x])?;
-    let rows = check_write(cache, slots, x, rf)?;
+    let rows = check_write(cache, slots, x, codec.rows)?;
     match gpu_index(device) {
-        None => write_rows(cache, rows, slots, x, rf, fmt.encode()),
-        Some(dev) => gpu::quant::index_key_write(dev, stream, cache, rows, slots, x, fmt.code()),
+        None => write_rows(cache, rows, slots, x, codec),
+        Some(dev) => gpu::quant::index_key_write(dev, stream, cache, rows, slots, x, fmt),
     }
 }
 
@@ -273,15 +228,15 @@ pub unsafe fn index_key_read(
     cache: &TensorRef,
     rows: &TensorRef,
     out: &TensorRef,
-    fmt: IndexKeyFormat,
+    fmt: IndexFormat,
     stream: usize,
 ) -> Result<()> {
-    let rf = fmt.row_format();
+    let codec = key_codec("fmt", fmt)?;
     let device = same_device(&[cache, rows, out])?;
-    let n_rows = check_read(cache, rows, out, rf)?;
+    let n_rows = check_read(cache, rows, out, codec.rows)?;
     match gpu_index(device) {
-        None => read_rows(cache, n_rows, rows, out, rf, fmt.decode()),
-        Some(dev) => gpu::quant::index_key_read(dev, stream, cache, n_rows, rows, out, fmt.code()),
+        None => read_rows(cache, n_rows, rows, out, codec),
+        Some(dev) => gpu::quant::index_key_read(dev, stream, cache, n_rows, rows, out, fmt),
     }
 }
 

@@ -5,7 +5,8 @@
 
 use std::sync::{Mutex, MutexGuard};
 
-use dsv4rs_core::cache::{CacheLayout, CacheManager, Family, Footprint, IndexFormat, MainFormat, SeqId};
+use dsv4rs_core::cache::{CacheLayout, CacheManager, Family, Footprint, SeqId};
+use dsv4rs_core::formats::{IndexFormat, MainFormat, Named};
 use dsv4rs_core::tensor::{DType, Device};
 use dsv4rs_core::{Error, Result};
 use pyo3::prelude::*;

@@ -1,6 +1,7 @@
 //! Bindings of `dsv4rs_core::kv`: writing and reading paged cache rows, Hadamard-128.
 
-use dsv4rs_core::kv::{self, IndexKeyFormat};
+use dsv4rs_core::formats::IndexFormat;
+use dsv4rs_core::kv;
 use pyo3::prelude::*;
 
 use crate::errors::run;
@@ -22,7 +23,7 @@ pub fn kv_read(py: Python<'_>, cache: Spec, rows: Spec, out: Spec, stream: usize
 
 #[pyfunction]
 pub fn index_key_write(py: Python<'_>, cache: Spec, slots: Spec, x: Spec, fmt: &str, stream: usize) -> PyResult<()> {
-    let fmt = IndexKeyFormat::parse("fmt", fmt).map_err(crate::errors::to_py)?;
+    let fmt = IndexFormat::parse_packed("fmt", fmt).map_err(crate::errors::to_py)?;
     let (c, s, x) = (tref("cache", cache)?, tref("slots", slots)?, tref("keys", x)?);
     // SAFETY: as kv_write.
     run(py, || unsafe { kv::index_key_write(&c, &s, &x, fmt, stream) })
@@ -30,7 +31,7 @@ pub fn index_key_write(py: Python<'_>, cache: Spec, slots: Spec, x: Spec, fmt: &
 
 #[pyfunction]
 pub fn index_key_read(py: Python<'_>, cache: Spec, rows: Spec, out: Spec, fmt: &str, stream: usize) -> PyResult<()> {
-    let fmt = IndexKeyFormat::parse("fmt", fmt).map_err(crate::errors::to_py)?;
+    let fmt = IndexFormat::parse_packed("fmt", fmt).map_err(crate::errors::to_py)?;
     let (c, r, o) = (tref("cache", cache)?, tref("rows", rows)?, tref("out", out)?);
     // SAFETY: as kv_read.
     run(py, || unsafe { kv::index_key_read(&c, &r, &o, fmt, stream) })

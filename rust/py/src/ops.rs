@@ -2,7 +2,8 @@
 //! sparse attention. Outputs are allocated by the caller (python/dsv4rs/ops.py) and filled here.
 
 use dsv4rs_core::attention::{Candidates, Derotate};
-use dsv4rs_core::compress::{Config, Quant};
+use dsv4rs_core::compress::Config;
+use dsv4rs_core::formats::{Named, Quant};
 use dsv4rs_core::tensor::TensorRef;
 use dsv4rs_core::{attention as attention_op, compress as compress_op, indexer as indexer_op, mhc, rope as rope_op};
 use pyo3::prelude::*;

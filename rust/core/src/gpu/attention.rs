@@ -7,6 +7,7 @@ use std::ffi::c_void;
 use super::{launch, Launch};
 use crate::attention::Candidates;
 use crate::error::{Error, Result};
+use crate::formats::MainFormat;
 use crate::quant::{MAIN_ENTRY, PAGE_ROWS};
 use crate::tensor::{DType, TensorRef};
 
@@ -92,7 +93,7 @@ fn choose(dev: i32) -> Result<Kernel> {
 struct Cache {
     base: u64,
     rows: i64,
-    fmt: i32,
+    fmt: MainFormat,
 }
 
 #[repr(C)]
@@ -176,7 +177,7 @@ fn cache(c: &TensorRef) -> Cache {
     let fp8 = c.dtype == DType::U8;
     let rows = if fp8 { c.dim(0) * PAGE_ROWS } else { c.numel() / 512 };
     debug_assert!(!fp8 || c.dim(1) == MAIN_ENTRY.page_bytes());
-    Cache { base: c.ptr as u64, rows: rows as i64, fmt: (!fp8) as i32 }
+    Cache { base: c.ptr as u64, rows: rows as i64, fmt: if fp8 { MainFormat::Fp8 } else { MainFormat::Bf16 } }
 }
 
 fn list(c: &Candidates) -> List {
@@ -211,7 +212,7 @@ pub unsafe fn sparse_attention(dev: i32, stream: usize, a: &AttentionArgs) -> Re
         q_bf16: (a.q.dtype == DType::BF16) as i32,
         heads: heads as i32,
         a: cache(a.a.cache),
-        b: a.b.as_ref().map_or(Cache { base: 0, rows: 0, fmt: 0 }, |b| cache(b.cache)),
+        b: a.b.as_ref().map_or(Cache { base: 0, rows: 0, fmt: MainFormat::Fp8 }, |b| cache(b.cache)),
         la: list(&a.a),
         lb: a.b.as_ref().map_or(none, list),
         sink: a.sink.ptr as u64,

@@ -5,6 +5,7 @@ use std::ffi::c_void;
 
 use super::{launch, Launch};
 use crate::error::{Error, Result};
+use crate::formats::Quant;
 use crate::tensor::{DType, TensorRef};
 
 const THREADS: u32 = 128;
@@ -30,7 +31,7 @@ struct Params {
     overlap: i32,
     dim: i32,
     eps: f32,
-    quant: i32,
+    quant: Quant,
 }
 
 /// Tensors and scalars of one call, already validated.
@@ -46,8 +47,7 @@ pub struct CompressArgs<'a> {
     pub start: usize,
     pub ratio: usize,
     pub eps: f32,
-    /// 0: none, 1: FP8 entry round trip (D = 512), 2: Hadamard + FP4 (D = 128).
-    pub quant: i32,
+    pub quant: Quant,
 }
 
 /// # Safety
@@ -56,7 +56,7 @@ pub struct CompressArgs<'a> {
 /// that device.
 pub unsafe fn compress(dev: i32, stream: usize, a: &CompressArgs) -> Result<()> {
     let d = a.norm_weight.dim(0);
-    if d > MAX_DIM || (a.quant == 1 && d != 512) {
+    if d > MAX_DIM || (a.quant == Quant::Fp8 && d != 512) {
         return Err(Error::value(a.norm_weight.name, format!("the GPU compressor takes D <= {MAX_DIM}, got {d}")));
     }
     let (tokens, entries) = (a.kv.dim(0), a.out.dim(0));

@@ -2,6 +2,7 @@
 
 use super::{launch, Launch};
 use crate::error::Result;
+use crate::formats::IndexFormat;
 use crate::kernel_args;
 use crate::tensor::{DType, TensorRef};
 
@@ -46,7 +47,7 @@ pub unsafe fn index_key_write(
     rows: usize,
     slots: &TensorRef,
     x: &TensorRef,
-    fmt: i32,
+    fmt: IndexFormat,
 ) -> Result<()> {
     let n = grid_rows(x)?;
     let (xp, bf, nn, sp, cp, nr) = (x.ptr as u64, is_bf16(x), n as i64, slots.ptr as u64, cache.ptr as u64, rows as i64);
@@ -62,7 +63,7 @@ pub unsafe fn index_key_read(
     rows: usize,
     ids: &TensorRef,
     out: &TensorRef,
-    fmt: i32,
+    fmt: IndexFormat,
 ) -> Result<()> {
     let m = grid_rows(out)?;
     let (cp, nr, ip, mm, op) = (cache.ptr as u64, rows as i64, ids.ptr as u64, m as i64, out.ptr as u64);
