@@ -4,7 +4,7 @@
 
 use std::ffi::c_void;
 
-use super::{launch, Launch};
+use super::{launch, Kernel, Launch};
 use crate::attention::Candidates;
 use crate::error::{Error, Result};
 use crate::formats::MainFormat;
@@ -39,21 +39,21 @@ const WGMMA_THREADS: u32 = 512;
 const PORTABLE_HEADS: usize = 16;
 const PORTABLE_SHARED_BYTES: u32 = (16 * (512 + 8) * 2 + 8 * 16 * (16 + 8) * 4 + 3 * 16 * (1024 + 64)) as u32;
 
-/// The attention kernels.
+/// The attention kernels a GPU can run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kernel {
+enum Variant {
     Wgmma,
     Mma,
     Portable,
 }
 
-impl Kernel {
-    /// Name, heads a block, threads a block, dynamic shared memory.
-    fn launch_shape(self) -> (&'static str, usize, u32, u32) {
+impl Variant {
+    /// Kernel, heads a block, threads a block, dynamic shared memory.
+    fn launch_shape(self) -> (Kernel, usize, u32, u32) {
         match self {
-            Kernel::Wgmma => ("dsv4_sparse_attention_wgmma", HEADS_PER_BLOCK, WGMMA_THREADS, WGMMA_SHARED_BYTES),
-            Kernel::Mma => ("dsv4_sparse_attention", HEADS_PER_BLOCK, THREADS, SHARED_BYTES),
-            Kernel::Portable => ("dsv4_sparse_attention_portable", PORTABLE_HEADS, THREADS, PORTABLE_SHARED_BYTES),
+            Variant::Wgmma => (Kernel::SparseAttentionWgmma, HEADS_PER_BLOCK, WGMMA_THREADS, WGMMA_SHARED_BYTES),
+            Variant::Mma => (Kernel::SparseAttention, HEADS_PER_BLOCK, THREADS, SHARED_BYTES),
+            Variant::Portable => (Kernel::SparseAttentionPortable, PORTABLE_HEADS, THREADS, PORTABLE_SHARED_BYTES),
         }
     }
 }
@@ -62,16 +62,16 @@ impl Kernel {
 /// else the 64-head mma.sync one where its shared memory fits, else the portable one.
 /// `DSV4RS_ATTENTION_KERNEL=wgmma|mma|portable` forces one (for tests and benchmarks); forcing
 /// one the GPU cannot run is an error.
-fn choose(dev: i32) -> Result<Kernel> {
-    let fits = |k: Kernel| -> Result<bool> { Ok(super::shared_memory_limit(dev)? >= k.launch_shape().3 as usize) };
+fn choose(dev: i32) -> Result<Variant> {
+    let fits = |k: Variant| -> Result<bool> { Ok(super::shared_memory_limit(dev)? >= k.launch_shape().3 as usize) };
     let wgmma_ok = || -> Result<bool> {
-        Ok(super::compute_capability(dev)? == (9, 0) && fits(Kernel::Wgmma)? && super::has_kernel(dev, Kernel::Wgmma.launch_shape().0))
+        Ok(super::compute_capability(dev)? == (9, 0) && fits(Variant::Wgmma)? && super::has_kernel(dev, Variant::Wgmma.launch_shape().0))
     };
     match std::env::var("DSV4RS_ATTENTION_KERNEL").ok().as_deref() {
         None | Some("") | Some("auto") => {}
-        Some("portable") => return Ok(Kernel::Portable),
-        Some("mma") if fits(Kernel::Mma)? => return Ok(Kernel::Mma),
-        Some("wgmma") if wgmma_ok()? => return Ok(Kernel::Wgmma),
+        Some("portable") => return Ok(Variant::Portable),
+        Some("mma") if fits(Variant::Mma)? => return Ok(Variant::Mma),
+        Some("wgmma") if wgmma_ok()? => return Ok(Variant::Wgmma),
         Some(other) => {
             return Err(Error::value(
                 "DSV4RS_ATTENTION_KERNEL",
@@ -80,11 +80,11 @@ fn choose(dev: i32) -> Result<Kernel> {
         }
     }
     Ok(if wgmma_ok()? {
-        Kernel::Wgmma
-    } else if fits(Kernel::Mma)? {
-        Kernel::Mma
+        Variant::Wgmma
+    } else if fits(Variant::Mma)? {
+        Variant::Mma
     } else {
-        Kernel::Portable
+        Variant::Portable
     })
 }
 
@@ -134,9 +134,9 @@ struct Params {
 /// (after `DSV4RS_ATTENTION_KERNEL`).
 pub fn kernel_name(dev: i32) -> Result<&'static str> {
     Ok(match choose(dev)? {
-        Kernel::Wgmma => "wgmma",
-        Kernel::Mma => "mma",
-        Kernel::Portable => "portable",
+        Variant::Wgmma => "wgmma",
+        Variant::Mma => "mma",
+        Variant::Portable => "portable",
     })
 }
 
@@ -229,17 +229,17 @@ pub unsafe fn sparse_attention(dev: i32, stream: usize, a: &AttentionArgs) -> Re
         part_ml: part_o + (t * splits * heads * 512 * 4) as u64,
     };
     let pp = &mut p as *mut Params as *mut c_void;
-    let (name, per_block, threads, shared_bytes) = choose(dev)?.launch_shape();
+    let (kernel, per_block, threads, shared_bytes) = choose(dev)?.launch_shape();
     let main = Launch {
         grid: (splits as u32, heads.div_ceil(per_block) as u32, t as u32),
         block: (threads, 1, 1),
         shared_bytes,
         stream,
     };
-    launch(dev, name, &main, &mut [pp])?;
+    launch(dev, kernel, &main, &mut [pp])?;
     if splits > 1 {
         let combine = Launch { grid: (heads as u32, t as u32, 1), block: (128, 1, 1), shared_bytes: 0, stream };
-        launch(dev, "dsv4_attention_combine", &combine, &mut [pp])?;
+        launch(dev, Kernel::AttentionCombine, &combine, &mut [pp])?;
     }
     Ok(())
 }

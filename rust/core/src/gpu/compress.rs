@@ -3,7 +3,7 @@
 
 use std::ffi::c_void;
 
-use super::{launch, Launch};
+use super::{launch, Kernel, Launch};
 use crate::error::{Error, Result};
 use crate::formats::Quant;
 use crate::tensor::{DType, TensorRef};
@@ -84,9 +84,9 @@ pub unsafe fn compress(dev: i32, stream: usize, a: &CompressArgs) -> Result<()> 
     // Pool first: it reads the state the update below overwrites (same stream, in order).
     let groups = d.div_ceil(THREADS as usize) as u32;
     let pool = Launch { grid: (entries as u32, groups, 1), block: (THREADS, 1, 1), shared_bytes: 0, stream };
-    launch(dev, "dsv4_compress_pool", &pool, &mut [pp])?;
+    launch(dev, Kernel::CompressPool, &pool, &mut [pp])?;
     let finish = Launch { grid: (entries as u32, 1, 1), block: (THREADS, 1, 1), shared_bytes: 0, stream };
-    launch(dev, "dsv4_compress_finish", &finish, &mut [pp])?;
+    launch(dev, Kernel::CompressFinish, &finish, &mut [pp])?;
     let width = if overlap { 2 * d } else { d };
     let state = Launch {
         grid: (if tokens == 0 { 0 } else { width.div_ceil(THREADS as usize) as u32 }, 1, 1),
@@ -94,7 +94,7 @@ pub unsafe fn compress(dev: i32, stream: usize, a: &CompressArgs) -> Result<()> 
         shared_bytes: 0,
         stream,
     };
-    launch(dev, "dsv4_compress_state", &state, &mut [pp])
+    launch(dev, Kernel::CompressState, &state, &mut [pp])
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! ranges are checked by the caller (`crate::indexer`); this module sizes the split of the key
 //! axis and the workspace.
 
-use super::{launch, Launch};
+use super::{launch, Kernel, Launch};
 use crate::error::{Error, Result};
 use crate::kernel_args;
 use crate::formats::IndexFormat;
@@ -108,7 +108,7 @@ pub unsafe fn indexer_topk(dev: i32, stream: usize, a: &IndexerArgs) -> Result<(
     };
     launch(
         dev,
-        "dsv4_indexer_score",
+        Kernel::IndexerScore,
         &score,
         &mut kernel_args!(qp, qb, wp, h, kp, fmt, np, bt, mp, sp, vp, s64, v64, sk, kc, sc, cand, counts),
     )?;
@@ -122,7 +122,7 @@ pub unsafe fn indexer_topk(dev: i32, stream: usize, a: &IndexerArgs) -> Result<(
     };
     launch(
         dev,
-        "dsv4_indexer_merge",
+        Kernel::IndexerMerge,
         &merge,
         &mut kernel_args!(cand, counts, sc, kc, k, kpow2, bt, mp, sp, s64, phys, oi, os),
     )

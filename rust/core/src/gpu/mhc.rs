@@ -1,6 +1,6 @@
 //! Launcher of cuda/mhc.cu. Shapes and dtypes are checked by the caller (`crate::mhc`).
 
-use super::{launch, Launch};
+use super::{launch, Kernel, Launch};
 use crate::error::Result;
 use crate::kernel_args;
 use crate::mhc::Config;
@@ -19,5 +19,5 @@ pub unsafe fn mhc_weights(
     let (n, iters, eps) = (n as i32, cfg.iters.min(i32::MAX as usize) as i32, cfg.eps);
     let blocks = (tokens as u64).div_ceil(128) as u32;
     let cfg = Launch { grid: (blocks, 1, 1), block: (128, 1, 1), shared_bytes: 0, stream };
-    launch(dev, "dsv4_mhc_weights", &cfg, &mut kernel_args!(mp, sp, bp, tokens, n, iters, eps, pp, op, cp))
+    launch(dev, Kernel::MhcWeights, &cfg, &mut kernel_args!(mp, sp, bp, tokens, n, iters, eps, pp, op, cp))
 }

@@ -1,6 +1,6 @@
 //! Launchers of cuda/quant.cu. Shapes and dtypes are checked by the callers in `crate::kv`.
 
-use super::{launch, Launch};
+use super::{launch, Kernel, Launch};
 use crate::error::Result;
 use crate::formats::IndexFormat;
 use crate::kernel_args;
@@ -27,7 +27,7 @@ fn grid_rows(arg: &TensorRef) -> Result<usize> {
 pub unsafe fn kv_write(dev: i32, stream: usize, cache: &TensorRef, rows: usize, slots: &TensorRef, x: &TensorRef) -> Result<()> {
     let n = grid_rows(x)?;
     let (xp, bf, nn, sp, cp, nr) = (x.ptr as u64, is_bf16(x), n as i64, slots.ptr as u64, cache.ptr as u64, rows as i64);
-    launch(dev, "dsv4_kv_write", &rows_launch(n, 64, stream), &mut kernel_args!(xp, bf, nn, sp, cp, nr))
+    launch(dev, Kernel::KvWrite, &rows_launch(n, 64, stream), &mut kernel_args!(xp, bf, nn, sp, cp, nr))
 }
 
 /// # Safety
@@ -35,7 +35,7 @@ pub unsafe fn kv_write(dev: i32, stream: usize, cache: &TensorRef, rows: usize, 
 pub unsafe fn kv_read(dev: i32, stream: usize, cache: &TensorRef, rows: usize, ids: &TensorRef, out: &TensorRef) -> Result<()> {
     let m = grid_rows(out)?;
     let (cp, nr, ip, mm, op) = (cache.ptr as u64, rows as i64, ids.ptr as u64, m as i64, out.ptr as u64);
-    launch(dev, "dsv4_kv_read", &rows_launch(m, 64, stream), &mut kernel_args!(cp, nr, ip, mm, op))
+    launch(dev, Kernel::KvRead, &rows_launch(m, 64, stream), &mut kernel_args!(cp, nr, ip, mm, op))
 }
 
 /// # Safety
@@ -51,7 +51,7 @@ pub unsafe fn index_key_write(
 ) -> Result<()> {
     let n = grid_rows(x)?;
     let (xp, bf, nn, sp, cp, nr) = (x.ptr as u64, is_bf16(x), n as i64, slots.ptr as u64, cache.ptr as u64, rows as i64);
-    launch(dev, "dsv4_index_key_write", &rows_launch(n, 32, stream), &mut kernel_args!(xp, bf, nn, sp, cp, nr, fmt))
+    launch(dev, Kernel::IndexKeyWrite, &rows_launch(n, 32, stream), &mut kernel_args!(xp, bf, nn, sp, cp, nr, fmt))
 }
 
 /// # Safety
@@ -67,7 +67,7 @@ pub unsafe fn index_key_read(
 ) -> Result<()> {
     let m = grid_rows(out)?;
     let (cp, nr, ip, mm, op) = (cache.ptr as u64, rows as i64, ids.ptr as u64, m as i64, out.ptr as u64);
-    launch(dev, "dsv4_index_key_read", &rows_launch(m, 32, stream), &mut kernel_args!(cp, nr, ip, mm, op, fmt))
+    launch(dev, Kernel::IndexKeyRead, &rows_launch(m, 32, stream), &mut kernel_args!(cp, nr, ip, mm, op, fmt))
 }
 
 /// # Safety
@@ -75,5 +75,5 @@ pub unsafe fn index_key_read(
 pub unsafe fn hadamard128(dev: i32, stream: usize, x: &TensorRef, out: &TensorRef) -> Result<()> {
     let n = grid_rows(x)?;
     let (xp, bf, nn, op) = (x.ptr as u64, is_bf16(x), n as i64, out.ptr as u64);
-    launch(dev, "dsv4_hadamard128", &rows_launch(n, 32, stream), &mut kernel_args!(xp, bf, nn, op))
+    launch(dev, Kernel::Hadamard128, &rows_launch(n, 32, stream), &mut kernel_args!(xp, bf, nn, op))
 }
