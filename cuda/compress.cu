@@ -9,6 +9,8 @@
 // position, and the FP8 (D = 512) or Hadamard + FP4 (D = 128) round trip, in place.
 // dsv4_compress_state: advances the state in place exactly as feeding the tokens one by one
 // would (a thread per channel column, so reads of the old state precede its writes).
+#include <cstddef>
+
 #include "quant.cuh"
 
 using namespace dsv4;
@@ -18,6 +20,8 @@ namespace {
 constexpr int THREADS = 128;
 constexpr int MAX_DIM = 512;
 
+// Mirrored by `Params` in rust/core/src/gpu/compress.rs (same field order, repr(C)); both sides
+// check its size and a few offsets at compile time.
 struct Params {
   const float* kv;
   const float* score;
@@ -37,6 +41,9 @@ struct Params {
   float eps;
   Quant quant;
 };
+static_assert(sizeof(Params) == 104, "Params must match rust/core/src/gpu/compress.rs");
+static_assert(offsetof(Params, start) == 72 && offsetof(Params, quant) == 100,
+              "Params must match rust/core/src/gpu/compress.rs");
 
 struct Candidate {
   float value, logit;

@@ -2,6 +2,8 @@
 // the parameter block, candidate lists, the staging pipeline of raw rows, the online-softmax step
 // and the epilogue. See cuda/attention.cu for the math.
 #pragma once
+#include <cstddef>
+
 #include "mma.cuh"
 #include "quant.cuh"
 
@@ -102,7 +104,8 @@ struct List {
   int ids64, counts64;
 };
 
-// Mirrored by `Params` in rust/core/src/gpu/attention.rs (same field order, repr(C)).
+// Mirrored by `Params` in rust/core/src/gpu/attention.rs (same field order, repr(C)); both sides
+// check its size and a few offsets at compile time.
 struct Params {
   const void* q;
   int q_bf16;
@@ -122,6 +125,10 @@ struct Params {
   float* part_o;   // [T, splits, H, 512]
   float* part_ml;  // [T, splits, H, 2]
 };
+static_assert(sizeof(Cache) == 24 && sizeof(List) == 32, "Cache and List must match rust/core/src/gpu/attention.rs");
+static_assert(sizeof(Params) == 216, "Params must match rust/core/src/gpu/attention.rs");
+static_assert(offsetof(Params, sink) == 128 && offsetof(Params, part_ml) == 208,
+              "Params must match rust/core/src/gpu/attention.rs");
 
 __device__ __forceinline__ int list_count(const List& l, long long t) {
   if (!l.ids) return 0;

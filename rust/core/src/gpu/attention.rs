@@ -106,7 +106,8 @@ struct List {
     counts64: i32,
 }
 
-/// Mirror of `Params` in cuda/attention.cu (same field order and C layout).
+/// Mirror of `Params` in cuda/include/attention.cuh (same field order and C layout); both sides
+/// check its size and a few offsets at compile time.
 #[repr(C)]
 struct Params {
     q: u64,
@@ -129,6 +130,9 @@ struct Params {
     part_o: u64,
     part_ml: u64,
 }
+const _: () = assert!(std::mem::size_of::<Cache>() == 24 && std::mem::size_of::<List>() == 32);
+const _: () = assert!(std::mem::size_of::<Params>() == 216);
+const _: () = assert!(std::mem::offset_of!(Params, sink) == 128 && std::mem::offset_of!(Params, part_ml) == 208);
 
 /// The attention kernel `sparse_attention` launches on GPU `dev`: "wgmma", "mma" or "portable"
 /// (after `DSV4RS_ATTENTION_KERNEL`).
@@ -247,13 +251,6 @@ pub unsafe fn sparse_attention(dev: i32, stream: usize, a: &AttentionArgs) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn params_layout_matches_the_kernel() {
-        assert_eq!(std::mem::size_of::<Cache>(), 24);
-        assert_eq!(std::mem::size_of::<List>(), 32);
-        assert_eq!(std::mem::size_of::<Params>(), 216);
-    }
 
     #[test]
     fn shared_memory_of_the_variants() {

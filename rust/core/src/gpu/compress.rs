@@ -12,7 +12,8 @@ const THREADS: u32 = 128;
 /// Widest entry the pooling kernel holds in shared memory.
 pub const MAX_DIM: usize = 512;
 
-/// Mirror of `Params` in cuda/compress.cu (same field order and C layout).
+/// Mirror of `Params` in cuda/compress.cu (same field order and C layout); both sides check its
+/// size and a few offsets at compile time.
 #[repr(C)]
 struct Params {
     kv: u64,
@@ -33,6 +34,8 @@ struct Params {
     eps: f32,
     quant: Quant,
 }
+const _: () = assert!(std::mem::size_of::<Params>() == 104);
+const _: () = assert!(std::mem::offset_of!(Params, start) == 72 && std::mem::offset_of!(Params, quant) == 100);
 
 /// Tensors and scalars of one call, already validated.
 pub struct CompressArgs<'a> {
@@ -95,12 +98,4 @@ pub unsafe fn compress(dev: i32, stream: usize, a: &CompressArgs) -> Result<()> 
         stream,
     };
     launch(dev, Kernel::CompressState, &state, &mut [pp])
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn params_layout_matches_the_kernel() {
-        assert_eq!(std::mem::size_of::<super::Params>(), 104);
-    }
 }
