@@ -26,6 +26,7 @@ pub struct Config {
 }
 
 /// One token, in float32 and in the order transformers' `DeepseekV4HyperConnection` computes.
+#[allow(clippy::too_many_arguments)]
 pub fn token(mix: &[f32], scale: &[f32], base: &[f32], n: usize, cfg: Config, pre: &mut [f32], post: &mut [f32], comb: &mut [f32]) {
     let sigmoid = |x: f32| 1.0 / (1.0 + (-x).exp());
     for j in 0..n {

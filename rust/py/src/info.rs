@@ -22,10 +22,12 @@ pub fn build_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     Ok(d)
 }
 
-/// `(driver_version, [(index, name, (major, minor), multiprocessors)])`; raises CudaError when no
-/// driver can be loaded.
+/// `(index, name, (major, minor), multiprocessors)` of one GPU.
+type DeviceTuple = (i32, String, (i32, i32), i32);
+
+/// `(driver_version, [DeviceTuple])`; raises CudaError when no driver can be loaded.
 #[pyfunction]
-pub fn cuda_devices(py: Python<'_>) -> PyResult<(i32, Vec<(i32, String, (i32, i32), i32)>)> {
+pub fn cuda_devices(py: Python<'_>) -> PyResult<(i32, Vec<DeviceTuple>)> {
     run(py, || {
         let v = gpu::driver_version()?;
         let devs = gpu::devices()?;
