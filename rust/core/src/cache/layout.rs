@@ -5,12 +5,8 @@ use crate::error::{Error, Result};
 use crate::formats::{IndexFormat, MainFormat};
 use crate::quant::{ENTRY_DIM, INDEX_DIM, PAGE_ROWS};
 
-use super::family::Family;
+use super::family::{Family, CSA_RATIO, HCA_RATIO};
 
-/// Compression ratio of CSA layers (overlapping compressor, with indexer keys).
-pub const CSA_RATIO: usize = 4;
-/// Compression ratio of HCA layers.
-pub const HCA_RATIO: usize = 128;
 /// Tokens per prefix-hashing unit: exactly one CSA page (64 entries) and two HCA entries.
 pub const UNIT_TOKENS: usize = 256;
 

@@ -5,7 +5,6 @@
 use std::ffi::c_void;
 
 use super::{launch, Kernel, Launch};
-use crate::attention::Candidates;
 use crate::error::{Error, Result};
 use crate::formats::MainFormat;
 use crate::quant::{MAIN_ENTRY, PAGE_ROWS};
@@ -162,6 +161,15 @@ pub fn workspace_bytes(queries: usize, heads: usize, max_candidates: usize) -> u
     } else {
         queries * splits * heads * (512 + 2) * 4
     }
+}
+
+/// A candidate list: row ids `indices` (`[T, K]`, -1 masked) into `cache`, of which the first
+/// `lengths[t]` count for query t (all K without `lengths`). The op takes a main list and an
+/// optional second one (e.g. the sliding window, whose rows live in another cache).
+pub struct Candidates<'a> {
+    pub cache: &'a TensorRef,
+    pub indices: &'a TensorRef,
+    pub lengths: Option<&'a TensorRef>,
 }
 
 /// Arguments of one launch, already validated.
