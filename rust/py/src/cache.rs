@@ -243,9 +243,3 @@ impl PyCacheManager {
         run(py, || self.lock()?.check())
     }
 }
-
-pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<PyCacheLayout>()?;
-    m.add_class::<PyCacheManager>()?;
-    Ok(())
-}

@@ -46,11 +46,3 @@ pub fn warm_up(py: Python<'_>, device: i32) -> PyResult<()> {
 pub fn attention_kernel(py: Python<'_>, device: i32) -> PyResult<&'static str> {
     run(py, || gpu::attention::kernel_name(device))
 }
-
-pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_function(wrap_pyfunction!(attention_kernel, m)?)?;
-    m.add_function(wrap_pyfunction!(build_info, m)?)?;
-    m.add_function(wrap_pyfunction!(cuda_devices, m)?)?;
-    m.add_function(wrap_pyfunction!(warm_up, m)?)?;
-    Ok(())
-}

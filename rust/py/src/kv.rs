@@ -43,12 +43,3 @@ pub fn hadamard128(py: Python<'_>, x: Spec, out: Spec, stream: usize) -> PyResul
     // SAFETY: as kv_read.
     run(py, || unsafe { kv::hadamard128(&x, &o, stream) })
 }
-
-pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_function(wrap_pyfunction!(kv_write, m)?)?;
-    m.add_function(wrap_pyfunction!(kv_read, m)?)?;
-    m.add_function(wrap_pyfunction!(index_key_write, m)?)?;
-    m.add_function(wrap_pyfunction!(index_key_read, m)?)?;
-    m.add_function(wrap_pyfunction!(hadamard128, m)?)?;
-    Ok(())
-}

@@ -146,14 +146,3 @@ pub fn indexer_workspace_bytes(queries: usize, max_keys: usize, k: usize) -> usi
 pub fn attention_workspace_bytes(queries: usize, heads: usize, max_candidates: usize) -> usize {
     dsv4rs_core::gpu::attention::workspace_bytes(queries, heads, max_candidates)
 }
-
-pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_function(wrap_pyfunction!(indexer_workspace_bytes, m)?)?;
-    m.add_function(wrap_pyfunction!(attention_workspace_bytes, m)?)?;
-    m.add_function(wrap_pyfunction!(rope, m)?)?;
-    m.add_function(wrap_pyfunction!(mhc_weights, m)?)?;
-    m.add_function(wrap_pyfunction!(compress, m)?)?;
-    m.add_function(wrap_pyfunction!(indexer_topk, m)?)?;
-    m.add_function(wrap_pyfunction!(sparse_attention, m)?)?;
-    Ok(())
-}
