@@ -7,6 +7,17 @@ Spec = tuple[int, tuple[int, ...], str, int, bool]
 
 __version__: str
 
+PAGE_ROWS: int
+ENTRY_DIM: int
+NOPE_DIM: int
+ROPE_DIM: int
+INDEX_DIM: int
+MAIN_ENTRY_BYTES: int
+MAIN_DATA_BYTES: int
+INDEX_KEY_BYTES: dict[str, int]
+FP8_BLOCK: int
+FP4_BLOCK: int
+
 class CudaError(RuntimeError): ...
 class OutOfPagesError(MemoryError): ...
 class CacheStateError(ValueError): ...

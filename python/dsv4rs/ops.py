@@ -20,12 +20,28 @@ import torch
 from dsv4rs import _core
 from dsv4rs._tensor import as_tensor, spec, stream
 
-PAGE_ROWS = 64
+# The cache formats, defined once in the Rust core (rust/core/src/quant.rs).
+PAGE_ROWS: int = _core.PAGE_ROWS
 """Rows per cache page, for every cache family."""
-MAIN_ENTRY_BYTES = 584
+ENTRY_DIM: int = _core.ENTRY_DIM
+"""Width of one KV entry (K = V)."""
+NOPE_DIM: int = _core.NOPE_DIM
+"""Leading dims of an entry stored as FP8 e4m3 (the "NoPE" dims)."""
+ROPE_DIM: int = _core.ROPE_DIM
+"""Trailing dims of an entry stored as BF16 (the RoPE dims)."""
+INDEX_DIM: int = _core.INDEX_DIM
+"""Width of one indexer key."""
+MAIN_ENTRY_BYTES: int = _core.MAIN_ENTRY_BYTES
 """Bytes of one KV entry: 448 FP8 e4m3 + 64 BF16 + 7 UE8M0 scales + 1 pad."""
-INDEX_KEY_BYTES = {"fp4": 68, "fp8": 132}
+MAIN_DATA_BYTES: int = _core.MAIN_DATA_BYTES
+"""Bytes of one KV entry's data part (448 FP8 + 64 BF16); its 8 scale bytes follow the page's
+64 data parts."""
+INDEX_KEY_BYTES: dict[str, int] = _core.INDEX_KEY_BYTES
 """Bytes of one indexer key: FP4 e2m1 + 4 UE8M0 scales, or FP8 e4m3 + one fp32 scale."""
+FP8_BLOCK: int = _core.FP8_BLOCK
+"""NoPE values of an entry sharing one UE8M0 scale."""
+FP4_BLOCK: int = _core.FP4_BLOCK
+"""Indexer-key values sharing one FP4 UE8M0 scale."""
 
 IndexKeyFormat = Literal["fp4", "fp8"]
 
