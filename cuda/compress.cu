@@ -12,6 +12,7 @@
 #include <cstddef>
 
 #include "quant.cuh"
+#include "rope.cuh"
 
 using namespace dsv4;
 
@@ -118,9 +119,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) dsv4_compress_finish(const
   __syncthreads();
   // RoPE at position r i on the last 2 rope_pairs dims (interleaved pairs), angles in double.
   for (int j = tid; j < p.rope_pairs; j += THREADS) {
-    double f = p.inv_freq64 ? ((const double*)p.inv_freq)[j] : (double)((const float*)p.inv_freq)[j];
     double s, co;
-    sincospi((double)(r * i) * f * M_1_PI, &s, &co);  // the pi-scaled argument makes range reduction cheap
+    rope_sincos((double)(r * i), load_freq(p.inv_freq, j, p.inv_freq64), s, co);
     int k = d - 2 * p.rope_pairs + 2 * j;
     float x0 = x[k], x1 = x[k + 1];
     x[k] = x0 * (float)co - x1 * (float)s;

@@ -6,6 +6,7 @@
 
 #include "mma.cuh"
 #include "quant.cuh"
+#include "rope.cuh"
 
 using namespace dsv4;
 
@@ -188,9 +189,8 @@ __device__ __forceinline__ long long masked_row(long long id, const Cache& c) { 
 
 // Inverse RoPE at `pos` on dims 448:512 of a 512-d output row held as (dim, value) pairs.
 __device__ __forceinline__ void derotate_pair(float& x0, float& x1, long long pos, const Params& p, int j) {
-  const double f = p.inv_freq64 ? ((const double*)p.inv_freq)[j] : (double)((const float*)p.inv_freq)[j];
   double s, c;
-  sincospi(-(double)pos * f * M_1_PI, &s, &c);  // the pi-scaled argument makes range reduction cheap
+  rope_sincos(-(double)pos, load_freq(p.inv_freq, j, p.inv_freq64), s, c);
   float y0 = x0 * (float)c - x1 * (float)s, y1 = x0 * (float)s + x1 * (float)c;
   x0 = y0;
   x1 = y1;

@@ -230,7 +230,8 @@ def _positive(name: str, v: int) -> int:
 @torch.library.custom_op("dsv4rs::rope", mutates_args=())
 def _rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, inverse: bool) -> torch.Tensor:
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    _core.rope(spec("x", x), spec("positions", positions), spec("inv_freq", inv_freq), spec("out", out), inverse)
+    _core.rope(spec("x", x), spec("positions", positions), spec("inv_freq", inv_freq), spec("out", out), inverse,
+               stream(x))
     return out
 
 
@@ -244,14 +245,15 @@ def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, inver
 
     Args:
         x: ``float32``/``bfloat16 [T, ..., D]``.
-        positions: ``int64 [T]``, the position of each row of dim 0.
+        positions: ``int32``/``int64 [T]``, the position of each row of dim 0.
         inv_freq: ``float32``/``float64 [R/2]`` inverse frequencies (``reference.rope_inv_freq``),
             ``R <= D``.
         inverse: rotate by ``-position`` (undoes the rotation).
 
     Returns:
-        ``float32``, the shape of ``x``. Angles and their sines and cosines are computed in
-        float64 (positions reach 2^20).
+        ``float32``, the shape of ``x``. Angles, their sines and cosines and the rotation are
+        computed in float64 (positions reach 2^20), on the CPU and on the GPU alike; the two
+        agree to float32 rounding. Non-finite values raise on the CPU and propagate on the GPU.
     """
     return _rope(as_tensor("x", x), as_tensor("positions", positions), as_tensor("inv_freq", inv_freq), inverse)
 

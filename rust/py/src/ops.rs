@@ -1,4 +1,4 @@
-//! Bindings of the attention ops on the CPU: RoPE, the compressor, the indexer's top-k and
+//! Bindings of the attention ops: RoPE, mHC weights, the compressor, the indexer's top-k and
 //! sparse attention. Outputs are allocated by the caller (python/dsv4rs/ops.py) and filled here.
 
 use dsv4rs_core::attention::{Candidates, Derotate};
@@ -12,10 +12,18 @@ use crate::errors::{run, to_py};
 use crate::tensor::{tref, Spec};
 
 #[pyfunction]
-pub fn rope(py: Python<'_>, x: Spec, positions: Spec, inv_freq: Spec, out: Spec, inverse: bool) -> PyResult<()> {
+pub fn rope(
+    py: Python<'_>,
+    x: Spec,
+    positions: Spec,
+    inv_freq: Spec,
+    out: Spec,
+    inverse: bool,
+    stream: usize,
+) -> PyResult<()> {
     let (x, p, f, o) = (tref("x", x)?, tref("positions", positions)?, tref("inv_freq", inv_freq)?, tref("out", out)?);
     // SAFETY: TensorRefs built from live tensors (see tensor.rs); `out` is a fresh tensor.
-    run(py, || unsafe { rope_op::rope(&x, &p, &f, &o, inverse) })
+    run(py, || unsafe { rope_op::rope(&x, &p, &f, &o, inverse, stream) })
 }
 
 #[pyfunction]

@@ -8,6 +8,7 @@ pub mod compress;
 pub mod indexer;
 pub mod mhc;
 pub mod quant;
+pub mod rope;
 
 use std::ffi::{c_void, CStr, CString};
 use std::sync::Mutex;
@@ -69,6 +70,7 @@ declare_kernels! {
     IndexKeyWrite = "dsv4_index_key_write" in "quant",
     IndexKeyRead = "dsv4_index_key_read" in "quant",
     Hadamard128 = "dsv4_hadamard128" in "quant",
+    Rope = "dsv4_rope" in "rope",
 }
 
 fn check(res: sys::CUresult, call: &str) -> Result<()> {
