@@ -1,4 +1,4 @@
-"""The format constants the Rust core exports, and the ops rope (CPU and GPU), copy_rows and
+"""The format constants the Rust core exports, and the ops rope (CPU and GPU) and
 index_key_round_trip against the CPU op and the float64 reference. GPU tests carry the `gpu`
 marker."""
 
@@ -128,3 +128,88 @@ def test_rope_rejects_mixed_devices_and_bad_dtypes_on_the_cpu() -> None:
     # int32 positions reach the CPU op as they are.
     got = ops.rope(torch.ones(2, 8), torch.tensor([0, 3], dtype=torch.int32), INV_FREQ[:4])
     torch.testing.assert_close(got.double(), ref.apply_rope(torch.ones(2, 8), torch.tensor([0, 3]), INV_FREQ[:4]))
+
+
+# ---------------------------------------------------------------------------------------------
+# index_key_round_trip: index_key_write then index_key_read, without a cache
+
+
+def key_values(gen: torch.Generator, n: int) -> torch.Tensor:
+    """Keys whose magnitudes span 1e-6 .. 1e6 across rows, with zero, tie and tiny edge rows."""
+    x = torch.randn(n, 128, generator=gen) * torch.logspace(-6, 6, max(n, 1))[:n, None]
+    if n >= 4:
+        x[0] = 0.0
+        x[1, :8] = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 6.0, 5.0, 0.75, -0.25])
+        x[2] = 1e-5  # below the amax floor
+        x[3, 0] = 1e38  # near the top of float32 (2^128 would decode to inf)
+    return x
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32)
+
+
+@pytest.mark.parametrize("fmt", ["fp4", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [0, 1, 4, 65, 300])
+def test_index_key_round_trip_is_write_then_read(gen: torch.Generator, fmt: str, dtype: torch.dtype, n: int) -> None:
+    x = key_values(gen, n).to(dtype)
+    got = ops.index_key_round_trip(x, fmt)
+    assert got.dtype == torch.float32 and got.shape == (n, 128)
+    read = ops.index_key_read(ops.quantize_index_keys(x, fmt), torch.arange(n), fmt)
+    assert torch.equal(bits(got), bits(read))
+    twin = ref.fp4_quant_dequant(x) if fmt == "fp4" else ref.fp8_key_quant_dequant(x)
+    assert torch.equal(got.double(), twin)
+
+
+def test_index_key_round_trip_rejects_bad_inputs() -> None:
+    x = torch.zeros(3, 128)
+    with pytest.raises(ValueError, match='fmt: expected "fp4" or "fp8"'):
+        ops.index_key_round_trip(x, "bf16")
+    with pytest.raises(ValueError, match="keys"):
+        ops.index_key_round_trip(torch.zeros(3, 127))
+    with pytest.raises(ValueError, match="keys"):
+        ops.index_key_round_trip(torch.zeros(128))
+    with pytest.raises(TypeError, match="keys"):
+        ops.index_key_round_trip(x.double())
+    with pytest.raises(TypeError, match="keys"):
+        ops.index_key_round_trip("keys")
+    for bad in (float("nan"), float("inf")):
+        y = x.clone()
+        y[2, 5] = bad
+        with pytest.raises(ValueError, match="keys: contains a non-finite value"):
+            ops.index_key_round_trip(y, "fp8")
+
+
+def test_new_ops_opcheck(gen: torch.Generator) -> None:
+    torch.library.opcheck(torch.ops.dsv4rs.index_key_round_trip.default, (torch.randn(5, 128, generator=gen), "fp4"))
+
+
+# ---------------------------------------------------------------------------------------------
+# index_key_round_trip on the GPU
+
+
+@gpu
+@pytest.mark.parametrize("fmt", ["fp4", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [0, 1, 4, 300, 5000])
+def test_index_key_round_trip_gpu(gen: torch.Generator, fmt: str, dtype: torch.dtype, n: int) -> None:
+    x = key_values(gen, n).to(dtype)
+    got = ops.index_key_round_trip(x.cuda(), fmt)
+    assert got.device.type == "cuda"
+    read = ops.index_key_read(ops.quantize_index_keys(x.cuda(), fmt), torch.arange(n, device="cuda"), fmt)
+    assert torch.equal(bits(got), bits(read)), "the write kernel then the read kernel"
+    assert torch.equal(bits(got.cpu()), bits(ops.index_key_round_trip(x, fmt))), "the CPU op"
+    twin = ref.fp4_quant_dequant(x) if fmt == "fp4" else ref.fp8_key_quant_dequant(x)
+    assert torch.equal(got.cpu().double(), twin)
+
+
+@gpu
+@pytest.mark.parametrize("fmt", ["fp4", "fp8"])
+def test_index_key_round_trip_gpu_non_finite_as_the_write_kernel(gen: torch.Generator, fmt: str) -> None:
+    x = torch.randn(6, 128, generator=gen)
+    x[1, 3], x[2, 40], x[3, :] = float("nan"), float("inf"), float("-inf")
+    got = ops.index_key_round_trip(x.cuda(), fmt)
+    read = ops.index_key_read(ops.quantize_index_keys(x.cuda(), fmt), torch.arange(6, device="cuda"), fmt)
+    assert torch.equal(bits(got), bits(read))
+

@@ -144,6 +144,28 @@ def index_key_read(cache: torch.Tensor, rows: torch.Tensor, fmt: IndexKeyFormat 
     return _index_key_read(as_tensor("cache", cache), as_tensor("rows", rows), fmt)
 
 
+@torch.library.custom_op("dsv4rs::index_key_round_trip", mutates_args=())
+def _index_key_round_trip(keys: torch.Tensor, fmt: str) -> torch.Tensor:
+    out = torch.empty((keys.shape[0] if keys.dim() == 2 else 0, INDEX_DIM), dtype=torch.float32, device=keys.device)
+    _core.index_key_round_trip(spec("keys", keys), spec("out", out), fmt, stream(keys))
+    return out
+
+
+@_index_key_round_trip.register_fake
+def _(keys: torch.Tensor, fmt: str) -> torch.Tensor:
+    return keys.new_empty((keys.shape[0], INDEX_DIM), dtype=torch.float32)
+
+
+def index_key_round_trip(keys: torch.Tensor, fmt: IndexKeyFormat = "fp4") -> torch.Tensor:
+    """What :func:`index_key_write` then :func:`index_key_read` return for ``keys``
+    (``float32``/``bfloat16 [n, 128]``), without a cache: ``float32 [n, 128]``, bit for bit the
+    same on the CPU and the GPU. FP4: e2m1 with one UE8M0 scale per 32 values; FP8: e4m3 with one
+    power-of-two scale per key. Non-finite keys raise ValueError on the CPU (as
+    :func:`index_key_write` does); on the GPU they go through the write kernel's encoder."""
+    _check_fmt(fmt)
+    return _index_key_round_trip(as_tensor("keys", keys), fmt)
+
+
 @torch.library.custom_op("dsv4rs::hadamard128", mutates_args=())
 def _hadamard128(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device)

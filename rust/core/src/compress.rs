@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::formats::Quant;
 use crate::gpu;
-use crate::quant::{self, INDEX_KEY_FP4, MAIN_ENTRY};
+use crate::quant::{self, INDEX_KEY_FP4_CODEC, MAIN_ENTRY_CODEC};
 use crate::rope::{inv_freq_values, Rotation};
 use crate::simd::{multiversion, F32x16, LANES};
 use crate::tensor::{same_device, DType, Device, TensorRef};
@@ -121,20 +121,12 @@ fn finish(x: &mut [f32], weight: &[f32], rot: &Rotation, eps: f32, quant: Quant)
         *v = (*v as f64 * r * *w as f64) as f32;
     }
     rot.apply(x);
-    let mut buf = [0u8; MAIN_ENTRY.data_bytes + MAIN_ENTRY.scale_bytes];
     match quant {
         Quant::None => {}
-        Quant::Fp8 => {
-            let (data, scales) = buf.split_at_mut(MAIN_ENTRY.data_bytes);
-            quant::encode_main_entry(x, data, scales);
-            quant::decode_main_entry(data, scales, x);
-        }
+        Quant::Fp8 => MAIN_ENTRY_CODEC.round_trip(x),
         Quant::Fp4 => {
             quant::hadamard128(x);
-            let (data, rest) = buf.split_at_mut(INDEX_KEY_FP4.data_bytes);
-            let scales = &mut rest[..INDEX_KEY_FP4.scale_bytes];
-            quant::encode_index_key_fp4(x, data, scales);
-            quant::decode_index_key_fp4(data, scales, x);
+            INDEX_KEY_FP4_CODEC.round_trip(x);
         }
     }
 }

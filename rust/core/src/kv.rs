@@ -240,6 +240,31 @@ pub unsafe fn index_key_read(
     }
 }
 
+/// What [`index_key_write`] then [`index_key_read`] return for keys `x` (`[n, 128]`
+/// float32/bfloat16), without a cache: into `out` (`[n, 128]` float32). Non-finite keys are an
+/// error on the CPU; the GPU kernel shares the write kernel's encoder and does what it does.
+///
+/// # Safety
+/// As [`kv_write`].
+pub unsafe fn index_key_round_trip(x: &TensorRef, out: &TensorRef, fmt: IndexFormat, stream: usize) -> Result<()> {
+    let codec = key_codec("fmt", fmt)?;
+    let n = check_values(x, quant::INDEX_DIM)?;
+    out.expect_dtype(&[DType::F32])?;
+    out.expect_shape(&[Some(n), Some(quant::INDEX_DIM)])?;
+    match gpu_index(same_device(&[x, out])?) {
+        None => {
+            let values = host_values(x)?;
+            let dst = out.host_mut::<f32>(&[DType::F32])?;
+            dst.par_chunks_mut(quant::INDEX_DIM).zip(values.par_chunks(quant::INDEX_DIM)).for_each(|(o, v)| {
+                o.copy_from_slice(v);
+                codec.round_trip(o);
+            });
+            Ok(())
+        }
+        Some(dev) => gpu::quant::index_key_round_trip(dev, stream, x, out, fmt),
+    }
+}
+
 /// Normalized Hadamard-128 transform of the rows of `x` (`[n, 128]`) into `out` (float32).
 ///
 /// # Safety

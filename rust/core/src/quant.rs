@@ -239,6 +239,17 @@ pub struct Codec {
     pub decode: fn(&[u8], &[u8], &mut [f32]),
 }
 
+impl Codec {
+    /// Replaces the row `x` by what a cache returns for it: encoded, then decoded.
+    pub fn round_trip(&self, x: &mut [f32]) {
+        let mut buf = [0u8; MAIN_ENTRY.row_bytes()]; // the largest packed row
+        let (data, rest) = buf.split_at_mut(self.rows.data_bytes);
+        let scales = &mut rest[..self.rows.scale_bytes];
+        (self.encode)(x, data, scales);
+        (self.decode)(data, scales, x);
+    }
+}
+
 pub const MAIN_ENTRY_CODEC: Codec = Codec { rows: MAIN_ENTRY, encode: encode_main_entry, decode: decode_main_entry };
 pub const INDEX_KEY_FP4_CODEC: Codec =
     Codec { rows: INDEX_KEY_FP4, encode: encode_index_key_fp4, decode: decode_index_key_fp4 };

@@ -1,4 +1,5 @@
-//! Bindings of `dsv4rs_core::kv`: writing and reading paged cache rows, Hadamard-128.
+//! Bindings of `dsv4rs_core::kv`: writing and reading paged cache rows, the indexer-key round
+//! trip, Hadamard-128.
 
 use dsv4rs_core::formats::IndexFormat;
 use dsv4rs_core::kv;
@@ -35,6 +36,14 @@ pub fn index_key_read(py: Python<'_>, cache: Spec, rows: Spec, out: Spec, fmt: &
     let (c, r, o) = (tref("cache", cache)?, tref("rows", rows)?, tref("out", out)?);
     // SAFETY: as kv_read.
     run(py, || unsafe { kv::index_key_read(&c, &r, &o, fmt, stream) })
+}
+
+#[pyfunction]
+pub fn index_key_round_trip(py: Python<'_>, x: Spec, out: Spec, fmt: &str, stream: usize) -> PyResult<()> {
+    let fmt = IndexFormat::parse_packed("fmt", fmt).map_err(crate::errors::to_py)?;
+    let (x, o) = (tref("keys", x)?, tref("out", out)?);
+    // SAFETY: as kv_read.
+    run(py, || unsafe { kv::index_key_round_trip(&x, &o, fmt, stream) })
 }
 
 #[pyfunction]

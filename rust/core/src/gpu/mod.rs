@@ -69,6 +69,7 @@ declare_kernels! {
     KvRead = "dsv4_kv_read" in "quant",
     IndexKeyWrite = "dsv4_index_key_write" in "quant",
     IndexKeyRead = "dsv4_index_key_read" in "quant",
+    IndexKeyRoundTrip = "dsv4_index_key_round_trip" in "quant",
     Hadamard128 = "dsv4_hadamard128" in "quant",
     Rope = "dsv4_rope" in "rope",
 }

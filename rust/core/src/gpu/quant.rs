@@ -72,6 +72,14 @@ pub unsafe fn index_key_read(
 
 /// # Safety
 /// As [`kv_write`].
+pub unsafe fn index_key_round_trip(dev: i32, stream: usize, x: &TensorRef, out: &TensorRef, fmt: IndexFormat) -> Result<()> {
+    let n = grid_rows(x)?;
+    let (xp, bf, nn, op) = (x.ptr as u64, is_bf16(x), n as i64, out.ptr as u64);
+    launch(dev, Kernel::IndexKeyRoundTrip, &rows_launch(n, 32, stream), &mut kernel_args!(xp, bf, nn, op, fmt))
+}
+
+/// # Safety
+/// As [`kv_write`].
 pub unsafe fn hadamard128(dev: i32, stream: usize, x: &TensorRef, out: &TensorRef) -> Result<()> {
     let n = grid_rows(x)?;
     let (xp, bf, nn, op) = (x.ptr as u64, is_bf16(x), n as i64, out.ptr as u64);
