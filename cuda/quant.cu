@@ -1,6 +1,6 @@
 // KV-entry quantization kernels: write entries / indexer keys into paged caches, read them back,
-// the indexer-key round trip without a cache, and the Hadamard-128 transform. Formats:
-// cuda/include/quant.cuh (SPEC.md section 5).
+// the indexer-key round trip without a cache, row copies between caches, and the Hadamard-128
+// transform. Formats: cuda/include/quant.cuh (SPEC.md section 5).
 // Row ids outside [0, num_rows) are skipped on write and read back as zeros: the kernels never
 // touch memory outside the cache, whatever the indices.
 #include "quant.cuh"
@@ -110,6 +110,23 @@ __device__ __forceinline__ void decode_key_lane(uint32_t codes, IndexFormat fmt,
 // The FP4 scale 2^e as the cache holds it: one UE8M0 byte.
 __device__ __forceinline__ float fp4_stored_scale(int e) { return exp2i((int)(uint8_t)(e + 127) - 127); }
 
+// `bytes` bytes from src to dst by the 32 lanes of a warp, `T` (16, 8, 4, 2 or 1 bytes) at a time.
+template <typename T>
+__device__ __forceinline__ void copy_units(uint8_t* dst, const uint8_t* src, int bytes, int lane) {
+#pragma unroll 1  // a few units a lane; unrolled, the ten inlined loops spilled registers on sm_90
+  for (int k = lane; k < bytes / (int)sizeof(T); k += 32) ((T*)dst)[k] = ((const T*)src)[k];
+}
+
+// `bytes` bytes from src to dst by a warp, in the widest units both addresses and the length allow.
+__device__ __forceinline__ void warp_copy(uint8_t* dst, const uint8_t* src, int bytes, int lane) {
+  const unsigned long long bits = (unsigned long long)dst | (unsigned long long)src | (unsigned long long)bytes;
+  if (bits % 16 == 0) copy_units<uint4>(dst, src, bytes, lane);
+  else if (bits % 8 == 0) copy_units<uint2>(dst, src, bytes, lane);
+  else if (bits % 4 == 0) copy_units<uint32_t>(dst, src, bytes, lane);
+  else if (bits % 2 == 0) copy_units<uint16_t>(dst, src, bytes, lane);
+  else copy_units<uint8_t>(dst, src, bytes, lane);
+}
+
 }  // namespace
 
 // One warp per key; lane l owns values [4l, 4l + 4). KEYS_FP4: 68 B, KEYS_FP8: 132 B.
@@ -167,6 +184,23 @@ extern "C" __global__ void __launch_bounds__(32) dsv4_index_key_round_trip(
   const uint32_t codes = encode_key_lane(v, fmt, e);
   decode_key_lane(codes, fmt, fmt == KEYS_FP4 ? fp4_stored_scale(e) : exp2i(e), v);
   *(float4*)(out + i * INDEX_DIM + 4 * l) = make_float4(v[0], v[1], v[2], v[3]);
+}
+
+// One warp per pair (4 a block): row src_rows[i] of src to row dst_rows[i] of dst, byte for byte,
+// its data part and its scale part (rows of plain caches have none: scale_bytes 0). Pairs with -1
+// or an id outside its cache are skipped. dst and src do not overlap (the caller checks).
+extern "C" __global__ void __launch_bounds__(128) dsv4_copy_rows(
+    uint8_t* __restrict__ dst, long long dst_total, const long long* __restrict__ dst_rows,
+    const uint8_t* __restrict__ src, long long src_total, const long long* __restrict__ src_rows, long long n,
+    int data_bytes, int scale_bytes) {
+  const long long i = blockIdx.x * 4LL + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (i >= n) return;
+  const long long d = dst_rows[i], s = src_rows[i];
+  if (d < 0 || d >= dst_total || s < 0 || s >= src_total) return;
+  const RowFormat f{data_bytes, scale_bytes};
+  warp_copy(dst + f.data_offset(d), src + f.data_offset(s), data_bytes, lane);
+  if (scale_bytes > 0) warp_copy(dst + f.scale_offset(d), src + f.scale_offset(s), scale_bytes, lane);
 }
 
 // One warp per 128-vector. Same butterflies as rust/core/src/quant.rs::hadamard128, so the

@@ -1,4 +1,4 @@
-"""The format constants the Rust core exports, and the ops rope (CPU and GPU) and
+"""The format constants the Rust core exports, and the ops rope (CPU and GPU), copy_rows and
 index_key_round_trip against the CPU op and the float64 reference. GPU tests carry the `gpu`
 marker."""
 
@@ -131,6 +131,140 @@ def test_rope_rejects_mixed_devices_and_bad_dtypes_on_the_cpu() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# copy_rows: cache rows byte for byte between caches of one format
+
+def _random_bytes(gen: torch.Generator, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Random bits of any dtype (NaN payloads included: the copy must keep every byte)."""
+    size = torch.empty(0, dtype=dtype).element_size()
+    raw = torch.randint(0, 256, (*shape[:-1], shape[-1] * size), generator=gen, dtype=torch.uint8)
+    return raw.view(dtype)
+
+
+# name -> make(num_pages, gen): a cache of random bytes in each format copy_rows takes.
+CACHE_FORMATS = {
+    "entries": lambda p, g: _random_bytes(g, (p, ops.PAGE_ROWS * ops.MAIN_ENTRY_BYTES), torch.uint8),
+    "fp4 keys": lambda p, g: _random_bytes(g, (p, ops.PAGE_ROWS * ops.INDEX_KEY_BYTES["fp4"]), torch.uint8),
+    "fp8 keys": lambda p, g: _random_bytes(g, (p, ops.PAGE_ROWS * ops.INDEX_KEY_BYTES["fp8"]), torch.uint8),
+    "bf16 rows": lambda p, g: _random_bytes(g, (p, ops.PAGE_ROWS, 512), torch.bfloat16),
+    "f32 rows": lambda p, g: _random_bytes(g, (p, ops.PAGE_ROWS, 130), torch.float32),
+    "bf16 rows of 3": lambda p, g: _random_bytes(g, (p, ops.PAGE_ROWS, 3), torch.bfloat16),
+    "f32 rows of 1": lambda p, g: _random_bytes(g, (p, ops.PAGE_ROWS, 1), torch.float32),
+}
+DATA_BYTES = {ops.PAGE_ROWS * b: d for b, d in [(584, 576), (68, 64), (132, 128)]}
+
+
+def row_parts(cache: torch.Tensor) -> list[torch.Tensor]:
+    """Views [pages, 64, bytes] of each part of every row: data and scales of a packed cache (a
+    page holds its 64 rows' data, then their scales), the whole row of a plain one."""
+    flat = cache.view(torch.uint8).reshape(cache.shape[0], -1)
+    if cache.dtype != torch.uint8:
+        return [flat.unflatten(1, (ops.PAGE_ROWS, -1))]
+    data = DATA_BYTES[cache.shape[1]]
+    split = ops.PAGE_ROWS * data
+    return [flat[:, :split].unflatten(1, (ops.PAGE_ROWS, data)), flat[:, split:].unflatten(1, (ops.PAGE_ROWS, -1))]
+
+
+def copy_rows_twin(dst: torch.Tensor, dst_rows: torch.Tensor, src: torch.Tensor, src_rows: torch.Tensor) -> torch.Tensor:
+    """The copy in plain torch indexing: the bytes `dst` holds afterwards."""
+    out = dst.clone()
+    keep = (dst_rows >= 0) & (src_rows >= 0)
+    d, s = dst_rows[keep], src_rows[keep]
+    for o, i in zip(row_parts(out), row_parts(src)):
+        o[d // ops.PAGE_ROWS, d % ops.PAGE_ROWS] = i[s // ops.PAGE_ROWS, s % ops.PAGE_ROWS]
+    return out.view(torch.uint8)
+
+
+def row_pairs(gen: torch.Generator, n: int, dst_pages: int, src_pages: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n pairs: distinct destination rows, any source rows, a few -1 on either side."""
+    dst_rows = torch.randperm(dst_pages * ops.PAGE_ROWS, generator=gen)[:n]
+    src_rows = torch.randint(0, src_pages * ops.PAGE_ROWS, (len(dst_rows),), generator=gen)
+    if len(dst_rows) > 4:
+        dst_rows[1], src_rows[2] = -1, -1
+    return dst_rows, src_rows
+
+
+@pytest.mark.parametrize("fmt", list(CACHE_FORMATS))
+@pytest.mark.parametrize("n,dst_pages,src_pages", [(0, 1, 1), (1, 1, 1), (50, 1, 3), (64, 2, 1), (700, 12, 5)])
+def test_copy_rows_matches_the_twin(gen: torch.Generator, fmt: str, n: int, dst_pages: int, src_pages: int) -> None:
+    dst, src = CACHE_FORMATS[fmt](dst_pages, gen), CACHE_FORMATS[fmt](src_pages, gen)
+    dst_rows, src_rows = row_pairs(gen, n, dst_pages, src_pages)
+    want = copy_rows_twin(dst, dst_rows, src, src_rows)
+    src_before = src.clone()
+    ops.copy_rows(dst, dst_rows, src, src_rows)
+    assert torch.equal(dst.view(torch.uint8), want)
+    assert torch.equal(src.view(torch.uint8), src_before.view(torch.uint8)), "src is read only"
+
+
+def test_copy_rows_moves_what_kv_and_key_writes_stored(gen: torch.Generator) -> None:
+    entries, keys = torch.randn(100, 512, generator=gen), torch.randn(100, 128, generator=gen)
+    rows = torch.randperm(128, generator=gen)[:100]
+    for make, write, read, x in [(ops.new_kv_cache, ops.kv_write, ops.kv_read, entries),
+                                 (lambda p: ops.new_index_key_cache(p, "fp8"),
+                                  lambda c, s, v: ops.index_key_write(c, s, v, "fp8"),
+                                  lambda c, r: ops.index_key_read(c, r, "fp8"), keys)]:
+        src, dst = make(2), make(3)
+        write(src, torch.arange(100), x)
+        ops.copy_rows(dst, rows + 64, src, torch.arange(100))
+        assert torch.equal(read(dst, rows + 64), read(src, torch.arange(100)))
+        assert torch.equal(read(dst, torch.arange(64)), torch.zeros(64, x.shape[1])), "rows not named stay"
+
+
+def test_copy_rows_between_disjoint_views_of_one_buffer(gen: torch.Generator) -> None:
+    big = CACHE_FORMATS["entries"](4, gen)
+    dst, src = big[:2], big[2:]
+    dst_rows, src_rows = row_pairs(gen, 30, 2, 2)
+    want = copy_rows_twin(dst, dst_rows, src, src_rows)
+    ops.copy_rows(dst, dst_rows, src, src_rows)
+    assert torch.equal(dst, want)
+
+
+def test_copy_rows_duplicates_and_skips(gen: torch.Generator) -> None:
+    dst, src = CACHE_FORMATS["fp4 keys"](1, gen), CACHE_FORMATS["fp4 keys"](1, gen)
+    # A destination named twice, once by a skipped pair: one copy, no error.
+    dst_rows, src_rows = torch.tensor([5, 5, -1, 7]), torch.tensor([-1, 9, 3, -1])
+    want = copy_rows_twin(dst, dst_rows, src, src_rows)
+    ops.copy_rows(dst, dst_rows, src, src_rows)
+    assert torch.equal(dst, want)
+    with pytest.raises(ValueError, match="dst_rows: row 5 is the destination of more than one"):
+        ops.copy_rows(dst, torch.tensor([5, 6, 5]), src, torch.tensor([1, 2, 3]))
+
+
+def test_copy_rows_rejects_bad_inputs(gen: torch.Generator) -> None:
+    entries, keys = CACHE_FORMATS["entries"](2, gen), CACHE_FORMATS["fp4 keys"](2, gen)
+    rows, one = torch.arange(3), torch.zeros(3, dtype=torch.int64)
+    with pytest.raises(IndexError, match="dst_rows"):
+        ops.copy_rows(entries, torch.tensor([0, 128, 1]), entries.clone(), one)
+    with pytest.raises(IndexError, match="src_rows"):
+        ops.copy_rows(entries, rows, entries.clone(), torch.tensor([0, -2, 1]))
+    with pytest.raises(ValueError, match="src: must have the format of dst"):
+        ops.copy_rows(entries, rows, keys, rows)
+    bf16 = CACHE_FORMATS["bf16 rows"](1, gen)
+    with pytest.raises(ValueError, match="src: must have the format of dst"):
+        ops.copy_rows(bf16, rows, bf16.float(), rows)
+    with pytest.raises(ValueError, match="src: must have the format of dst"):
+        ops.copy_rows(bf16, rows, bf16[:, :, :256].contiguous(), rows)
+    with pytest.raises(ValueError, match="dst: expected uint8"):
+        ops.copy_rows(torch.zeros(2, 1000, dtype=torch.uint8), rows, entries, rows)
+    with pytest.raises(ValueError, match="dst: expected shape"):
+        ops.copy_rows(torch.zeros(2, 32, 512), rows, entries, rows)
+    with pytest.raises(TypeError, match="dst"):
+        ops.copy_rows(torch.zeros(2, 64, 8, dtype=torch.int32), rows, entries, rows)
+    with pytest.raises(TypeError, match="dst_rows"):
+        ops.copy_rows(entries, rows.int(), entries.clone(), rows)
+    with pytest.raises(ValueError, match="src_rows"):
+        ops.copy_rows(entries, rows, entries.clone(), rows[:2])
+    with pytest.raises(ValueError, match="dst, src: must not overlap"):
+        ops.copy_rows(entries, rows, entries, rows + 64)
+    big = CACHE_FORMATS["entries"](3, gen)
+    with pytest.raises(ValueError, match="dst, src: must not overlap"):
+        ops.copy_rows(big[:2], rows, big[1:], rows)
+    with pytest.raises(ValueError, match="dst"):
+        ops.copy_rows(entries.t(), rows, entries.clone(), rows)
+    with pytest.raises(TypeError, match="src"):
+        ops.copy_rows(entries, rows, [1, 2, 3], rows)
+
+
+# ---------------------------------------------------------------------------------------------
 # index_key_round_trip: index_key_write then index_key_read, without a cache
 
 
@@ -183,10 +317,65 @@ def test_index_key_round_trip_rejects_bad_inputs() -> None:
 
 def test_new_ops_opcheck(gen: torch.Generator) -> None:
     torch.library.opcheck(torch.ops.dsv4rs.index_key_round_trip.default, (torch.randn(5, 128, generator=gen), "fp4"))
+    dst, src = CACHE_FORMATS["fp8 keys"](1, gen), CACHE_FORMATS["fp8 keys"](2, gen)
+    dst_rows, src_rows = row_pairs(gen, 20, 1, 2)
+    torch.library.opcheck(torch.ops.dsv4rs.copy_rows.default, (dst, dst_rows, src, src_rows))
 
 
 # ---------------------------------------------------------------------------------------------
-# index_key_round_trip on the GPU
+# copy_rows and index_key_round_trip on the GPU
+
+
+@gpu
+@pytest.mark.parametrize("fmt", list(CACHE_FORMATS))
+@pytest.mark.parametrize("n,dst_pages,src_pages", [(0, 1, 1), (1, 1, 1), (64, 2, 1), (700, 12, 5), (5000, 100, 80)])
+def test_copy_rows_gpu_matches_cpu(gen: torch.Generator, fmt: str, n: int, dst_pages: int, src_pages: int) -> None:
+    dst, src = CACHE_FORMATS[fmt](dst_pages, gen), CACHE_FORMATS[fmt](src_pages, gen)
+    dst_rows, src_rows = row_pairs(gen, n, dst_pages, src_pages)
+    dev = dst.cuda()
+    ops.copy_rows(dev, dst_rows.cuda(), src.cuda(), src_rows.cuda())
+    ops.copy_rows(dst, dst_rows, src, src_rows)
+    assert torch.equal(dev.cpu().view(torch.uint8), dst.view(torch.uint8))
+
+
+@gpu
+@pytest.mark.parametrize("dtype,dim", [(torch.bfloat16, 1), (torch.bfloat16, 3), (torch.float32, 3), (torch.bfloat16, 512)])
+def test_copy_rows_gpu_unaligned_rows(gen: torch.Generator, dtype: torch.dtype, dim: int) -> None:
+    # Caches whose rows start 2 or 4 bytes off a 16-byte boundary take the narrower copies.
+    def offset_cache(pages: int) -> torch.Tensor:
+        flat = _random_bytes(gen, (pages * ops.PAGE_ROWS * dim + 1,), dtype)
+        return flat[1:].view(pages, ops.PAGE_ROWS, dim)
+    dst, src = offset_cache(3), offset_cache(2)
+    dst_rows, src_rows = row_pairs(gen, 150, 3, 2)
+    want = copy_rows_twin(dst, dst_rows, src, src_rows)
+    dev = dst.cuda()
+    ops.copy_rows(dev, dst_rows.cuda(), src.cuda(), src_rows.cuda())
+    assert torch.equal(dev.cpu().view(torch.uint8), want)
+
+
+@gpu
+def test_copy_rows_gpu_skips_ids_outside_the_caches(gen: torch.Generator) -> None:
+    dst, src = CACHE_FORMATS["entries"](2, gen), CACHE_FORMATS["entries"](1, gen)
+    dst_rows = torch.tensor([3, 128, -7, 10**12, 9, 11])
+    src_rows = torch.tensor([1, 2, 3, 4, 64, -5])
+    dev = dst.cuda()
+    ops.copy_rows(dev, dst_rows.cuda(), src.cuda(), src_rows.cuda())
+    ops.copy_rows(dst, torch.tensor([3, -1, -1, -1, -1, -1]), src, torch.tensor([1, -1, -1, -1, -1, -1]))
+    assert torch.equal(dev.cpu(), dst), "only the pair inside both caches is copied"
+
+
+@gpu
+def test_copy_rows_gpu_rejects_bad_inputs(gen: torch.Generator) -> None:
+    dst, src = CACHE_FORMATS["entries"](2, gen).cuda(), CACHE_FORMATS["entries"](2, gen).cuda()
+    rows = torch.arange(3, device="cuda")
+    with pytest.raises(ValueError, match="src"):
+        ops.copy_rows(dst, rows, src.cpu(), rows)
+    with pytest.raises(ValueError, match="dst, src: must not overlap"):
+        ops.copy_rows(dst, rows, dst, rows)
+    with pytest.raises(ValueError, match="src: must have the format of dst"):
+        ops.copy_rows(dst, rows, CACHE_FORMATS["fp8 keys"](2, gen).cuda(), rows)
+    with pytest.raises(TypeError, match="src_rows"):
+        ops.copy_rows(dst, rows, src, rows.int())
 
 
 @gpu
@@ -213,3 +402,36 @@ def test_index_key_round_trip_gpu_non_finite_as_the_write_kernel(gen: torch.Gene
     read = ops.index_key_read(ops.quantize_index_keys(x.cuda(), fmt), torch.arange(6, device="cuda"), fmt)
     assert torch.equal(bits(got), bits(read))
 
+
+@gpu
+def test_new_ops_gpu_run_on_the_current_stream_and_in_graphs(gen: torch.Generator) -> None:
+    x, pos, keys = torch.randn(40, 4, 64, generator=gen), torch.arange(40) * 9_000, key_values(gen, 40)
+    dst, src = CACHE_FORMATS["entries"](2, gen), CACHE_FORMATS["entries"](2, gen)
+    dst_rows, src_rows = row_pairs(gen, 90, 2, 2)
+    want = (ops.rope(x, pos, INV_FREQ), ops.index_key_round_trip(keys, "fp8"), copy_rows_twin(dst, dst_rows, src, src_rows))
+    x, pos, keys, f = x.cuda(), pos.cuda(), keys.cuda(), INV_FREQ.cuda()
+    src, dst_rows, src_rows = src.cuda(), dst_rows.cuda(), src_rows.cuda()
+
+    def run(dst: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ops.copy_rows(dst, dst_rows, src, src_rows)
+        return ops.rope(x, pos, f), ops.index_key_round_trip(keys, "fp8")
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        on_side = dst.cuda()
+        r, k = run(on_side)
+    side.synchronize()
+    torch.testing.assert_close(r.cpu(), want[0], rtol=0, atol=1e-6)
+    assert torch.equal(k.cpu(), want[1]) and torch.equal(on_side.cpu(), want[2])
+
+    ops.warm_up("cuda")
+    in_graph = dst.cuda()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        r, k = run(in_graph)
+    in_graph.copy_(dst.cuda())
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(r.cpu(), want[0], rtol=0, atol=1e-6)
+    assert torch.equal(k.cpu(), want[1]) and torch.equal(in_graph.cpu(), want[2])

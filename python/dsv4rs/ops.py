@@ -166,6 +166,35 @@ def index_key_round_trip(keys: torch.Tensor, fmt: IndexKeyFormat = "fp4") -> tor
     return _index_key_round_trip(as_tensor("keys", keys), fmt)
 
 
+@torch.library.custom_op("dsv4rs::copy_rows", mutates_args=("dst",))
+def _copy_rows(dst: torch.Tensor, dst_rows: torch.Tensor, src: torch.Tensor, src_rows: torch.Tensor) -> None:
+    _core.copy_rows(spec("dst", dst), spec("dst_rows", dst_rows), spec("src", src), spec("src_rows", src_rows),
+                    stream(dst))
+
+
+@_copy_rows.register_fake
+def _(dst: torch.Tensor, dst_rows: torch.Tensor, src: torch.Tensor, src_rows: torch.Tensor) -> None:
+    return None
+
+
+def copy_rows(dst: torch.Tensor, dst_rows: torch.Tensor, src: torch.Tensor, src_rows: torch.Tensor) -> None:
+    """Copies cache rows byte for byte, in place on ``dst``: row ``src_rows[i]`` of ``src`` to row
+    ``dst_rows[i]`` of ``dst`` (row ``r`` is row ``r % 64`` of page ``r // 64``).
+
+    Args:
+        dst, src: caches of the same format, any numbers of pages, not overlapping in memory:
+            paged ``uint8 [P, 64 * row_bytes]`` (584-byte entries, 68-byte FP4 or 132-byte FP8
+            indexer keys, told by the page width; a row's data and its scale bytes are both
+            copied) or plain ``bfloat16``/``float32 [P, 64, D]`` rows.
+        dst_rows, src_rows: ``int64 [n]`` row ids; ``-1`` in either skips that pair. On the CPU
+            an id outside its cache raises IndexError and a destination row named by two copied
+            pairs raises ValueError; on the GPU such ids are skipped (the kernel cannot raise
+            without synchronizing) and the last writer of a repeated row is unspecified.
+    """
+    _copy_rows(as_tensor("dst", dst), as_tensor("dst_rows", dst_rows), as_tensor("src", src),
+               as_tensor("src_rows", src_rows))
+
+
 @torch.library.custom_op("dsv4rs::hadamard128", mutates_args=())
 def _hadamard128(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device)

@@ -12,7 +12,7 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::formats::IndexFormat;
 use crate::gpu;
-use crate::quant::{self, Codec, RowFormat, INDEX_KEY_FP4_CODEC, INDEX_KEY_FP8_CODEC, MAIN_ENTRY, MAIN_ENTRY_CODEC};
+use crate::quant::{self, Codec, RowFormat, CODECS, INDEX_KEY_FP4_CODEC, INDEX_KEY_FP8_CODEC, MAIN_ENTRY, MAIN_ENTRY_CODEC};
 use crate::tensor::{same_device, DType, Device, TensorRef};
 
 /// The codec of a packed key format; plain bf16 keys have none (a ValueError naming `arg`).
@@ -238,6 +238,105 @@ pub unsafe fn index_key_read(
         None => read_rows(cache, n_rows, rows, out, codec),
         Some(dev) => gpu::quant::index_key_read(dev, stream, cache, n_rows, rows, out, fmt),
     }
+}
+
+/// The byte layout of a cache's rows for [`copy_rows`]: a packed format, told by its page width
+/// (`uint8 [P, 64 * row_bytes]`), or plain rows (`bfloat16`/`float32 [P, 64, D]`: no scale part).
+fn row_layout(cache: &TensorRef) -> Result<RowFormat> {
+    match cache.dtype {
+        DType::U8 => CODECS
+            .iter()
+            .map(|c| c.rows)
+            .find(|f| cache.shape.len() == 2 && cache.dim(1) == f.page_bytes())
+            .ok_or_else(|| {
+                let widths: Vec<String> = CODECS.iter().map(|c| format!("{} ({})", c.rows.page_bytes(), c.rows.name)).collect();
+                Error::value(cache.name, format!("expected uint8 [num_pages, {}], got {:?}", widths.join(" or "), cache.shape))
+            }),
+        DType::BF16 | DType::F32 => {
+            cache.expect_shape(&[None, Some(quant::PAGE_ROWS), None])?;
+            let dim = cache.dim(2);
+            Ok(RowFormat { name: "plain rows", dim, data_bytes: dim * cache.dtype.size(), scale_bytes: 0 })
+        }
+        other => Err(Error::dtype(
+            cache.name,
+            format!("expected uint8 (packed rows), bfloat16 or float32 (plain rows), got {}", other.name()),
+        )),
+    }
+}
+
+/// A host buffer that parallel jobs write at disjoint offsets.
+#[derive(Clone, Copy)]
+struct Scatter(*mut u8);
+
+// SAFETY: the jobs of [`copy_rows`] write disjoint byte ranges (distinct destination rows, checked
+// before they start) of a buffer no one else touches meanwhile.
+unsafe impl Send for Scatter {}
+unsafe impl Sync for Scatter {}
+
+impl Scatter {
+    /// # Safety
+    /// `at .. at + bytes.len()` lies inside the buffer, no other job writes it, `bytes` is elsewhere.
+    unsafe fn write(self, at: usize, bytes: &[u8]) {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.0.add(at), bytes.len());
+    }
+}
+
+/// Copies cache rows byte for byte, in place on `dst`: row `src_rows[i]` of `src` to row
+/// `dst_rows[i]` of `dst` (int64 `[n]` both; -1 in either skips the pair). `dst` and `src` are
+/// caches of one format (see [`row_layout`]), of any numbers of pages, that must not overlap in
+/// memory. On the CPU an id outside its cache is an IndexError and a destination row that two
+/// copied pairs name a ValueError; the GPU kernel skips ids outside a cache (raising would need a
+/// synchronization) and leaves the last writer of a repeated row unspecified.
+///
+/// # Safety
+/// As [`kv_write`].
+pub unsafe fn copy_rows(dst: &TensorRef, dst_rows: &TensorRef, src: &TensorRef, src_rows: &TensorRef, stream: usize) -> Result<()> {
+    let device = same_device(&[dst, dst_rows, src, src_rows])?;
+    let fmt = row_layout(dst)?;
+    if src.dtype != dst.dtype || src.shape.len() != dst.shape.len() || src.shape[1..] != dst.shape[1..] {
+        return Err(Error::value(
+            src.name,
+            format!(
+                "must have the format of {} ({} {:?} pages), got {} {:?}",
+                dst.name,
+                dst.dtype.name(),
+                &dst.shape[1..],
+                src.dtype.name(),
+                src.shape
+            ),
+        ));
+    }
+    dst_rows.expect_dtype(&[DType::I64])?;
+    dst_rows.expect_shape(&[None])?;
+    check_ids(src_rows, dst_rows.dim(0))?;
+    let span = |t: &TensorRef| (t.ptr, t.ptr + t.numel() * t.dtype.size());
+    let ((d0, d1), (s0, s1)) = (span(dst), span(src));
+    if d0 < d1 && s0 < s1 && d0 < s1 && s0 < d1 {
+        return Err(Error::value(&format!("{}, {}", dst.name, src.name), "must not overlap in memory"));
+    }
+    let (dst_total, src_total) = (dst.dim(0) * quant::PAGE_ROWS, src.dim(0) * quant::PAGE_ROWS);
+    let Some(dev) = gpu_index(device) else {
+        let (to, from) = (host_ids(dst_rows, dst_total)?, host_ids(src_rows, src_total)?);
+        let pairs: Vec<(usize, usize)> =
+            to.iter().zip(from).filter(|(d, s)| **d >= 0 && **s >= 0).map(|(d, s)| (*d as usize, *s as usize)).collect();
+        let written: Vec<i64> = pairs.iter().map(|(d, _)| *d as i64).collect();
+        if let Some(dup) = first_duplicate(&written) {
+            return Err(Error::value(dst_rows.name, format!("row {dup} is the destination of more than one copied row")));
+        }
+        let from = src.host_bytes()?;
+        let to = Scatter(dst.host_bytes_mut()?.as_mut_ptr());
+        pairs.par_iter().with_min_len(256).for_each(|&(d, s)| {
+            let ((d_data, d_scales), (s_data, s_scales)) = (fmt.offsets(d), fmt.offsets(s));
+            // SAFETY: rows of the caches (ids checked), each destination row once, dst and src
+            // apart (checked above).
+            unsafe {
+                to.write(d_data, &from[s_data..s_data + fmt.data_bytes]);
+                to.write(d_scales, &from[s_scales..s_scales + fmt.scale_bytes]);
+            }
+        });
+        return Ok(());
+    };
+    gpu::quant::copy_rows(dev, stream, dst, dst_total, dst_rows, src, src_total, src_rows, fmt)
 }
 
 /// What [`index_key_write`] then [`index_key_read`] return for keys `x` (`[n, 128]`

@@ -1,5 +1,5 @@
-//! Bindings of `dsv4rs_core::kv`: writing and reading paged cache rows, the indexer-key round
-//! trip, Hadamard-128.
+//! Bindings of `dsv4rs_core::kv`: writing, reading and copying paged cache rows, the indexer-key
+//! round trip, Hadamard-128.
 
 use dsv4rs_core::formats::IndexFormat;
 use dsv4rs_core::kv;
@@ -44,6 +44,14 @@ pub fn index_key_round_trip(py: Python<'_>, x: Spec, out: Spec, fmt: &str, strea
     let (x, o) = (tref("keys", x)?, tref("out", out)?);
     // SAFETY: as kv_read.
     run(py, || unsafe { kv::index_key_round_trip(&x, &o, fmt, stream) })
+}
+
+#[pyfunction]
+pub fn copy_rows(py: Python<'_>, dst: Spec, dst_rows: Spec, src: Spec, src_rows: Spec, stream: usize) -> PyResult<()> {
+    let (d, dr) = (tref("dst", dst)?, tref("dst_rows", dst_rows)?);
+    let (s, sr) = (tref("src", src)?, tref("src_rows", src_rows)?);
+    // SAFETY: as kv_write; dst is written in place, and the core checks that src does not overlap it.
+    run(py, || unsafe { kv::copy_rows(&d, &dr, &s, &sr, stream) })
 }
 
 #[pyfunction]

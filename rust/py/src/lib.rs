@@ -26,7 +26,7 @@ mod _core {
     #[pymodule_export]
     use super::info::{attention_kernel, build_info, cuda_devices, warm_up};
     #[pymodule_export]
-    use super::kv::{hadamard128, index_key_read, index_key_round_trip, index_key_write, kv_read, kv_write};
+    use super::kv::{copy_rows, hadamard128, index_key_read, index_key_round_trip, index_key_write, kv_read, kv_write};
     #[pymodule_export]
     use super::ops::{
         attention_workspace_bytes, compress, indexer_topk, indexer_workspace_bytes, mhc_weights, rope, sparse_attention,

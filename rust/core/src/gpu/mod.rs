@@ -70,6 +70,7 @@ declare_kernels! {
     IndexKeyWrite = "dsv4_index_key_write" in "quant",
     IndexKeyRead = "dsv4_index_key_read" in "quant",
     IndexKeyRoundTrip = "dsv4_index_key_round_trip" in "quant",
+    CopyRows = "dsv4_copy_rows" in "quant",
     Hadamard128 = "dsv4_hadamard128" in "quant",
     Rope = "dsv4_rope" in "rope",
 }

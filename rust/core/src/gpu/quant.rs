@@ -4,6 +4,7 @@ use super::{launch, Kernel, Launch};
 use crate::error::Result;
 use crate::formats::IndexFormat;
 use crate::kernel_args;
+use crate::quant::RowFormat;
 use crate::tensor::{DType, TensorRef};
 
 fn rows_launch(n: usize, threads: u32, stream: usize) -> Launch {
@@ -68,6 +69,32 @@ pub unsafe fn index_key_read(
     let m = grid_rows(out)?;
     let (cp, nr, ip, mm, op) = (cache.ptr as u64, rows as i64, ids.ptr as u64, m as i64, out.ptr as u64);
     launch(dev, Kernel::IndexKeyRead, &rows_launch(m, 32, stream), &mut kernel_args!(cp, nr, ip, mm, op, fmt))
+}
+
+/// Pairs of rows a block of `dsv4_copy_rows` copies (a warp each).
+const COPY_PAIRS: usize = 4;
+
+/// # Safety
+/// As [`kv_write`]; `dst` and `src` are caches of `fmt` rows (`dst_total` and `src_total` of
+/// them) that do not overlap.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn copy_rows(
+    dev: i32,
+    stream: usize,
+    dst: &TensorRef,
+    dst_total: usize,
+    dst_rows: &TensorRef,
+    src: &TensorRef,
+    src_total: usize,
+    src_rows: &TensorRef,
+    fmt: RowFormat,
+) -> Result<()> {
+    let n = grid_rows(dst_rows)?;
+    let (dp, dn, dip) = (dst.ptr as u64, dst_total as i64, dst_rows.ptr as u64);
+    let (sp, sn, sip) = (src.ptr as u64, src_total as i64, src_rows.ptr as u64);
+    let (nn, db, sb) = (n as i64, fmt.data_bytes as i32, fmt.scale_bytes as i32);
+    let cfg = Launch { grid: (n.div_ceil(COPY_PAIRS) as u32, 1, 1), block: (32 * COPY_PAIRS as u32, 1, 1), shared_bytes: 0, stream };
+    launch(dev, Kernel::CopyRows, &cfg, &mut kernel_args!(dp, dn, dip, sp, sn, sip, nn, db, sb))
 }
 
 /// # Safety
