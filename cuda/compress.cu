@@ -9,7 +9,10 @@
 // position, and the FP8 (D = 512) or Hadamard + FP4 (D = 128) round trip, in place.
 // dsv4_compress_state: advances the state in place exactly as feeding the tokens one by one
 // would (a thread per channel column, so reads of the old state precede its writes).
+#include <cstddef>
+
 #include "quant.cuh"
+#include "rope.cuh"
 
 using namespace dsv4;
 
@@ -18,8 +21,8 @@ namespace {
 constexpr int THREADS = 128;
 constexpr int MAX_DIM = 512;
 
-enum Quant { QUANT_NONE = 0, QUANT_FP8 = 1, QUANT_FP4 = 2 };
-
+// Mirrored by `Params` in rust/core/src/gpu/compress.rs (same field order, repr(C)); both sides
+// check its size and a few offsets at compile time.
 struct Params {
   const float* kv;
   const float* score;
@@ -37,8 +40,11 @@ struct Params {
   int overlap;
   int dim;
   float eps;
-  int quant;
+  Quant quant;
 };
+static_assert(sizeof(Params) == 104, "Params must match rust/core/src/gpu/compress.rs");
+static_assert(offsetof(Params, start) == 72 && offsetof(Params, quant) == 100,
+              "Params must match rust/core/src/gpu/compress.rs");
 
 struct Candidate {
   float value, logit;
@@ -113,9 +119,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) dsv4_compress_finish(const
   __syncthreads();
   // RoPE at position r i on the last 2 rope_pairs dims (interleaved pairs), angles in double.
   for (int j = tid; j < p.rope_pairs; j += THREADS) {
-    double f = p.inv_freq64 ? ((const double*)p.inv_freq)[j] : (double)((const float*)p.inv_freq)[j];
     double s, co;
-    sincospi((double)(r * i) * f * M_1_PI, &s, &co);  // the pi-scaled argument makes range reduction cheap
+    rope_sincos((double)(r * i), load_freq(p.inv_freq, j, p.inv_freq64), s, co);
     int k = d - 2 * p.rope_pairs + 2 * j;
     float x0 = x[k], x1 = x[k + 1];
     x[k] = x0 * (float)co - x1 * (float)s;

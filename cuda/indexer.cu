@@ -21,21 +21,19 @@ namespace {
 constexpr int THREADS = 128;  // 4 warps: one per 16-head tile (64 heads at most)
 constexpr int ROW = INDEX_DIM + 8;  // padded bf16 row stride: conflict-free fragment loads
 
-enum KeyFormat { KEYS_FP4 = 0, KEYS_FP8 = 1, KEYS_BF16 = 2 };
-
 __device__ __forceinline__ uint16_t to_bf16(float x) { return bf16_from_f32(x); }
 
 // Raw pages are staged in shared memory by cp.async, STAGES - 1 pages ahead of the one being
 // scored, so enough bytes are in flight to cover memory latency.
 constexpr int STAGES = 4;
 
-__device__ __forceinline__ int page_bytes_of(int fmt) {
+__device__ __forceinline__ int page_bytes_of(IndexFormat fmt) {
   return fmt == KEYS_FP4 ? (int)INDEX_KEY_FP4.page_bytes()
                          : fmt == KEYS_FP8 ? (int)INDEX_KEY_FP8.page_bytes() : PAGE_ROWS * INDEX_DIM * 2;
 }
 
 // Starts copying page `page` (all its bytes, contiguous in the cache) into `stage`.
-__device__ __forceinline__ void stage_page(uint8_t* stage, const uint8_t* __restrict__ cache, int fmt, int page,
+__device__ __forceinline__ void stage_page(uint8_t* stage, const uint8_t* __restrict__ cache, IndexFormat fmt, int page,
                                            int tid) {
   const int bytes = page_bytes_of(fmt);
   const uint8_t* src = cache + (long long)page * bytes;
@@ -45,7 +43,7 @@ __device__ __forceinline__ void stage_page(uint8_t* stage, const uint8_t* __rest
 // Decodes a staged page into the shared key tile as bf16 (exact for FP4 and FP8 keys): thread
 // tid takes chunks q = tid + 128 j (key q / 16, dims 8 (q % 16) .. + 8), so each quarter warp
 // writes 8 consecutive 16-byte chunks of one row. Keys at or past `valid` become zeros.
-__device__ __forceinline__ void decode_page(const uint8_t* stage, int fmt, int valid, uint16_t* ks, int tid) {
+__device__ __forceinline__ void decode_page(const uint8_t* stage, IndexFormat fmt, int valid, uint16_t* ks, int tid) {
 #pragma unroll
   for (int j = 0; j < PAGE_ROWS * 16 / THREADS; ++j) {
     const int q = tid + THREADS * j, key = q / 16, c = q % 16;
@@ -80,7 +78,7 @@ __device__ __forceinline__ void decode_page(const uint8_t* stage, int fmt, int v
 
 extern "C" __global__ void __launch_bounds__(THREADS) dsv4_indexer_score(
     const void* __restrict__ q, int q_bf16, const float* __restrict__ w, int heads,
-    const uint8_t* __restrict__ keys, int fmt, long long num_pages, const int* __restrict__ block_table,
+    const uint8_t* __restrict__ keys, IndexFormat fmt, long long num_pages, const int* __restrict__ block_table,
     int max_pages, const void* __restrict__ seq_ids, const void* __restrict__ visible, int seq64,
     int vis64, int split_keys, int kcap, int splits, unsigned long long* __restrict__ cand, int* __restrict__ counts) {
   extern __shared__ __align__(16) uint8_t smem[];

@@ -1,5 +1,6 @@
 // KV-entry quantization kernels: write entries / indexer keys into paged caches, read them back,
-// and the Hadamard-128 transform. Formats: cuda/include/quant.cuh (SPEC.md section 5).
+// the indexer-key round trip without a cache, row copies between caches, and the Hadamard-128
+// transform. Formats: cuda/include/quant.cuh (SPEC.md section 5).
 // Row ids outside [0, num_rows) are skipped on write and read back as zeros: the kernels never
 // touch memory outside the cache, whatever the indices.
 #include "quant.cuh"
@@ -69,61 +70,137 @@ extern "C" __global__ void __launch_bounds__(64) dsv4_kv_read(
   o[1] = make_float4(v[4], v[5], v[6], v[7]);
 }
 
-// One warp per key; lane l owns values [4l, 4l + 4). fmt 0: FP4 (68 B), fmt 1: FP8 (132 B).
+namespace {
+
+// Lane l's four values [4l, 4l + 4) of row i of [n, 128] float32/bfloat16 keys.
+__device__ __forceinline__ void load_key_lane(const void* x, int x_bf16, long long i, int l, float (&v)[4]) {
+  const void* row = (const char*)x + i * INDEX_DIM * (x_bf16 ? 2 : 4);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) v[k] = load_value(row, 4 * l + k, x_bf16);
+}
+
+// A lane's four key values encoded in `fmt`: their codes as stored (KEYS_FP4: four nibbles in
+// the low 16 bits, KEYS_FP8: four bytes; little-endian) and in `e` the exponent of their scale
+// (KEYS_FP4: per 32 values, KEYS_FP8: per key). Every lane of the warp calls it (the block
+// maxima are warp reductions).
+__device__ __forceinline__ uint32_t encode_key_lane(const float (&v)[4], IndexFormat fmt, int& e) {
+  float m = 0.f;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) m = fmaxf(m, fabsf(v[k]));
+  uint32_t codes = 0;
+  if (fmt == KEYS_FP4) {
+    e = ue8m0_exponent(group_amax(m, FP4_BLOCK / 4), FP4_MAX);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) codes |= (uint32_t)fp4_encode(v[k], e) << (4 * k);
+  } else {
+    e = ue8m0_exponent(group_amax(m, 32), FP8_MAX);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) codes |= (uint32_t)fp8_encode(v[k], e) << (8 * k);
+  }
+  return codes;
+}
+
+// The values of a lane's codes (as encode_key_lane gives them) at scale s.
+__device__ __forceinline__ void decode_key_lane(uint32_t codes, IndexFormat fmt, float s, float (&v)[4]) {
+#pragma unroll
+  for (int k = 0; k < 4; ++k)
+    v[k] = (fmt == KEYS_FP4 ? fp4_decode((codes >> (4 * k)) & 0xFu) : fp8_decode((codes >> (8 * k)) & 0xFFu)) * s;
+}
+
+// The FP4 scale 2^e as the cache holds it: one UE8M0 byte.
+__device__ __forceinline__ float fp4_stored_scale(int e) { return exp2i((int)(uint8_t)(e + 127) - 127); }
+
+// `bytes` bytes from src to dst by the 32 lanes of a warp, `T` (16, 8, 4, 2 or 1 bytes) at a time.
+template <typename T>
+__device__ __forceinline__ void copy_units(uint8_t* dst, const uint8_t* src, int bytes, int lane) {
+#pragma unroll 1  // a few units a lane; unrolled, the ten inlined loops spilled registers on sm_90
+  for (int k = lane; k < bytes / (int)sizeof(T); k += 32) ((T*)dst)[k] = ((const T*)src)[k];
+}
+
+// `bytes` bytes from src to dst by a warp, in the widest units both addresses and the length allow.
+__device__ __forceinline__ void warp_copy(uint8_t* dst, const uint8_t* src, int bytes, int lane) {
+  const unsigned long long bits = (unsigned long long)dst | (unsigned long long)src | (unsigned long long)bytes;
+  if (bits % 16 == 0) copy_units<uint4>(dst, src, bytes, lane);
+  else if (bits % 8 == 0) copy_units<uint2>(dst, src, bytes, lane);
+  else if (bits % 4 == 0) copy_units<uint32_t>(dst, src, bytes, lane);
+  else if (bits % 2 == 0) copy_units<uint16_t>(dst, src, bytes, lane);
+  else copy_units<uint8_t>(dst, src, bytes, lane);
+}
+
+}  // namespace
+
+// One warp per key; lane l owns values [4l, 4l + 4). KEYS_FP4: 68 B, KEYS_FP8: 132 B.
 extern "C" __global__ void __launch_bounds__(32) dsv4_index_key_write(
     const void* __restrict__ x, int x_bf16, long long n, const long long* __restrict__ slots,
-    uint8_t* __restrict__ cache, long long num_rows, int fmt) {
+    uint8_t* __restrict__ cache, long long num_rows, IndexFormat fmt) {
   long long i = blockIdx.x;
   int l = threadIdx.x;
   if (i >= n) return;
   long long slot = slots[i];
   if (slot < 0 || slot >= num_rows) return;
-  const void* row = (const char*)x + i * INDEX_DIM * (x_bf16 ? 2 : 4);
-  float v[4], m = 0.f;
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    v[k] = load_value(row, 4 * l + k, x_bf16);
-    m = fmaxf(m, fabsf(v[k]));
-  }
-  if (fmt == 0) {
-    m = group_amax(m, FP4_BLOCK / 4);
-    int e = ue8m0_exponent(m, FP4_MAX);
-    uint8_t* data = cache + INDEX_KEY_FP4.data_offset(slot);
-    data[2 * l] = fp4_encode(v[0], e) | (fp4_encode(v[1], e) << 4);
-    data[2 * l + 1] = fp4_encode(v[2], e) | (fp4_encode(v[3], e) << 4);
+  float v[4];
+  load_key_lane(x, x_bf16, i, l, v);
+  int e;
+  const uint32_t codes = encode_key_lane(v, fmt, e);
+  if (fmt == KEYS_FP4) {
+    *(uint16_t*)(cache + INDEX_KEY_FP4.data_offset(slot) + 2 * l) = (uint16_t)codes;
     if (l % 8 == 0) cache[INDEX_KEY_FP4.scale_offset(slot) + l / 8] = (uint8_t)(e + 127);
   } else {
-    m = group_amax(m, 32);
-    int e = ue8m0_exponent(m, FP8_MAX);
-    uint8_t* data = cache + INDEX_KEY_FP8.data_offset(slot);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) data[4 * l + k] = fp8_encode(v[k], e);
+    *(uint32_t*)(cache + INDEX_KEY_FP8.data_offset(slot) + 4 * l) = codes;
     if (l == 0) *(float*)(cache + INDEX_KEY_FP8.scale_offset(slot)) = exp2i(e);
   }
 }
 
 extern "C" __global__ void __launch_bounds__(32) dsv4_index_key_read(
     const uint8_t* __restrict__ cache, long long num_rows, const long long* __restrict__ rows,
-    long long m, float* __restrict__ out, int fmt) {
+    long long m, float* __restrict__ out, IndexFormat fmt) {
   long long i = blockIdx.x;
   int l = threadIdx.x;
   if (i >= m) return;
   long long row = rows[i];
   float v[4] = {0.f, 0.f, 0.f, 0.f};
   if (row >= 0 && row < num_rows) {
-    if (fmt == 0) {
-      const uint8_t* data = cache + INDEX_KEY_FP4.data_offset(row);
-      float s = exp2i((int)cache[INDEX_KEY_FP4.scale_offset(row) + l / 8] - 127);
-#pragma unroll
-      for (int k = 0; k < 4; ++k) v[k] = fp4_decode((data[2 * l + k / 2] >> (4 * (k % 2))) & 0xF) * s;
+    if (fmt == KEYS_FP4) {
+      const uint32_t codes = *(const uint16_t*)(cache + INDEX_KEY_FP4.data_offset(row) + 2 * l);
+      decode_key_lane(codes, fmt, exp2i((int)cache[INDEX_KEY_FP4.scale_offset(row) + l / 8] - 127), v);
     } else {
-      const uint8_t* data = cache + INDEX_KEY_FP8.data_offset(row);
-      float s = *(const float*)(cache + INDEX_KEY_FP8.scale_offset(row));
-#pragma unroll
-      for (int k = 0; k < 4; ++k) v[k] = fp8_decode(data[4 * l + k]) * s;
+      const uint32_t codes = *(const uint32_t*)(cache + INDEX_KEY_FP8.data_offset(row) + 4 * l);
+      decode_key_lane(codes, fmt, *(const float*)(cache + INDEX_KEY_FP8.scale_offset(row)), v);
     }
   }
   *(float4*)(out + i * INDEX_DIM + 4 * l) = make_float4(v[0], v[1], v[2], v[3]);
+}
+
+// dsv4_index_key_write then dsv4_index_key_read of the same keys, without a cache: the same
+// codes, decoded at the scale the cache would hold.
+extern "C" __global__ void __launch_bounds__(32) dsv4_index_key_round_trip(
+    const void* __restrict__ x, int x_bf16, long long n, float* __restrict__ out, IndexFormat fmt) {
+  long long i = blockIdx.x;
+  int l = threadIdx.x;
+  if (i >= n) return;
+  float v[4];
+  load_key_lane(x, x_bf16, i, l, v);
+  int e;
+  const uint32_t codes = encode_key_lane(v, fmt, e);
+  decode_key_lane(codes, fmt, fmt == KEYS_FP4 ? fp4_stored_scale(e) : exp2i(e), v);
+  *(float4*)(out + i * INDEX_DIM + 4 * l) = make_float4(v[0], v[1], v[2], v[3]);
+}
+
+// One warp per pair (4 a block): row src_rows[i] of src to row dst_rows[i] of dst, byte for byte,
+// its data part and its scale part (rows of plain caches have none: scale_bytes 0). Pairs with -1
+// or an id outside its cache are skipped. dst and src do not overlap (the caller checks).
+extern "C" __global__ void __launch_bounds__(128) dsv4_copy_rows(
+    uint8_t* __restrict__ dst, long long dst_total, const long long* __restrict__ dst_rows,
+    const uint8_t* __restrict__ src, long long src_total, const long long* __restrict__ src_rows, long long n,
+    int data_bytes, int scale_bytes) {
+  const long long i = blockIdx.x * 4LL + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (i >= n) return;
+  const long long d = dst_rows[i], s = src_rows[i];
+  if (d < 0 || d >= dst_total || s < 0 || s >= src_total) return;
+  const RowFormat f{data_bytes, scale_bytes};
+  warp_copy(dst + f.data_offset(d), src + f.data_offset(s), data_bytes, lane);
+  if (scale_bytes > 0) warp_copy(dst + f.scale_offset(d), src + f.scale_offset(s), scale_bytes, lane);
 }
 
 // One warp per 128-vector. Same butterflies as rust/core/src/quant.rs::hadamard128, so the
@@ -133,10 +210,8 @@ extern "C" __global__ void __launch_bounds__(32) dsv4_hadamard128(
   long long i = blockIdx.x;
   int l = threadIdx.x;
   if (i >= n) return;
-  const void* row = (const char*)x + i * INDEX_DIM * (x_bf16 ? 2 : 4);
   float v[4];
-#pragma unroll
-  for (int k = 0; k < 4; ++k) v[k] = load_value(row, 4 * l + k, x_bf16);
+  load_key_lane(x, x_bf16, i, l, v);
   float a0 = v[0] + v[1], b0 = v[0] - v[1], a1 = v[2] + v[3], b1 = v[2] - v[3];
   v[0] = a0 + a1; v[2] = a0 - a1; v[1] = b0 + b1; v[3] = b0 - b1;
   for (int h = 4; h < INDEX_DIM; h *= 2) {

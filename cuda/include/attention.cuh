@@ -2,8 +2,11 @@
 // the parameter block, candidate lists, the staging pipeline of raw rows, the online-softmax step
 // and the epilogue. See cuda/attention.cu for the math.
 #pragma once
+#include <cstddef>
+
 #include "mma.cuh"
 #include "quant.cuh"
+#include "rope.cuh"
 
 using namespace dsv4;
 
@@ -12,12 +15,10 @@ namespace {
 constexpr int THREADS = 256;
 constexpr float LOG2E = 1.4426950408889634f;
 
-enum EntryFormat { ENTRIES_FP8 = 0, ENTRIES_BF16 = 1 };
-
 struct Cache {
   const uint8_t* base;
   long long rows;
-  int fmt;
+  EntryFormat fmt;
 };
 
 // Two floats as packed bf16 (round to nearest even, one cvt instruction).
@@ -104,7 +105,8 @@ struct List {
   int ids64, counts64;
 };
 
-// Mirrored by `Params` in rust/core/src/gpu/attention.rs (same field order, repr(C)).
+// Mirrored by `Params` in rust/core/src/gpu/attention.rs (same field order, repr(C)); both sides
+// check its size and a few offsets at compile time.
 struct Params {
   const void* q;
   int q_bf16;
@@ -124,6 +126,10 @@ struct Params {
   float* part_o;   // [T, splits, H, 512]
   float* part_ml;  // [T, splits, H, 2]
 };
+static_assert(sizeof(Cache) == 24 && sizeof(List) == 32, "Cache and List must match rust/core/src/gpu/attention.rs");
+static_assert(sizeof(Params) == 216, "Params must match rust/core/src/gpu/attention.rs");
+static_assert(offsetof(Params, sink) == 128 && offsetof(Params, part_ml) == 208,
+              "Params must match rust/core/src/gpu/attention.rs");
 
 __device__ __forceinline__ int list_count(const List& l, long long t) {
   if (!l.ids) return 0;
@@ -183,9 +189,8 @@ __device__ __forceinline__ long long masked_row(long long id, const Cache& c) { 
 
 // Inverse RoPE at `pos` on dims 448:512 of a 512-d output row held as (dim, value) pairs.
 __device__ __forceinline__ void derotate_pair(float& x0, float& x1, long long pos, const Params& p, int j) {
-  const double f = p.inv_freq64 ? ((const double*)p.inv_freq)[j] : (double)((const float*)p.inv_freq)[j];
   double s, c;
-  sincospi(-(double)pos * f * M_1_PI, &s, &c);  // the pi-scaled argument makes range reduction cheap
+  rope_sincos(-(double)pos, load_freq(p.inv_freq, j, p.inv_freq64), s, c);
   float y0 = x0 * (float)c - x1 * (float)s, y1 = x0 * (float)s + x1 * (float)c;
   x0 = y0;
   x1 = y1;

@@ -5,6 +5,8 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+#include "formats.cuh"
+
 namespace dsv4 {
 
 constexpr int PAGE_ROWS = 64;

@@ -20,12 +20,28 @@ import torch
 from dsv4rs import _core
 from dsv4rs._tensor import as_tensor, spec, stream
 
-PAGE_ROWS = 64
+# The cache formats, defined once in the Rust core (rust/core/src/quant.rs).
+PAGE_ROWS: int = _core.PAGE_ROWS
 """Rows per cache page, for every cache family."""
-MAIN_ENTRY_BYTES = 584
+ENTRY_DIM: int = _core.ENTRY_DIM
+"""Width of one KV entry (K = V)."""
+NOPE_DIM: int = _core.NOPE_DIM
+"""Leading dims of an entry stored as FP8 e4m3 (the "NoPE" dims)."""
+ROPE_DIM: int = _core.ROPE_DIM
+"""Trailing dims of an entry stored as BF16 (the RoPE dims)."""
+INDEX_DIM: int = _core.INDEX_DIM
+"""Width of one indexer key."""
+MAIN_ENTRY_BYTES: int = _core.MAIN_ENTRY_BYTES
 """Bytes of one KV entry: 448 FP8 e4m3 + 64 BF16 + 7 UE8M0 scales + 1 pad."""
-INDEX_KEY_BYTES = {"fp4": 68, "fp8": 132}
+MAIN_DATA_BYTES: int = _core.MAIN_DATA_BYTES
+"""Bytes of one KV entry's data part (448 FP8 + 64 BF16); its 8 scale bytes follow the page's
+64 data parts."""
+INDEX_KEY_BYTES: dict[str, int] = _core.INDEX_KEY_BYTES
 """Bytes of one indexer key: FP4 e2m1 + 4 UE8M0 scales, or FP8 e4m3 + one fp32 scale."""
+FP8_BLOCK: int = _core.FP8_BLOCK
+"""NoPE values of an entry sharing one UE8M0 scale."""
+FP4_BLOCK: int = _core.FP4_BLOCK
+"""Indexer-key values sharing one FP4 UE8M0 scale."""
 
 IndexKeyFormat = Literal["fp4", "fp8"]
 
@@ -128,6 +144,57 @@ def index_key_read(cache: torch.Tensor, rows: torch.Tensor, fmt: IndexKeyFormat 
     return _index_key_read(as_tensor("cache", cache), as_tensor("rows", rows), fmt)
 
 
+@torch.library.custom_op("dsv4rs::index_key_round_trip", mutates_args=())
+def _index_key_round_trip(keys: torch.Tensor, fmt: str) -> torch.Tensor:
+    out = torch.empty((keys.shape[0] if keys.dim() == 2 else 0, INDEX_DIM), dtype=torch.float32, device=keys.device)
+    _core.index_key_round_trip(spec("keys", keys), spec("out", out), fmt, stream(keys))
+    return out
+
+
+@_index_key_round_trip.register_fake
+def _(keys: torch.Tensor, fmt: str) -> torch.Tensor:
+    return keys.new_empty((keys.shape[0], INDEX_DIM), dtype=torch.float32)
+
+
+def index_key_round_trip(keys: torch.Tensor, fmt: IndexKeyFormat = "fp4") -> torch.Tensor:
+    """What :func:`index_key_write` then :func:`index_key_read` return for ``keys``
+    (``float32``/``bfloat16 [n, 128]``), without a cache: ``float32 [n, 128]``, bit for bit the
+    same on the CPU and the GPU. FP4: e2m1 with one UE8M0 scale per 32 values; FP8: e4m3 with one
+    power-of-two scale per key. Non-finite keys raise ValueError on the CPU (as
+    :func:`index_key_write` does); on the GPU they go through the write kernel's encoder."""
+    _check_fmt(fmt)
+    return _index_key_round_trip(as_tensor("keys", keys), fmt)
+
+
+@torch.library.custom_op("dsv4rs::copy_rows", mutates_args=("dst",))
+def _copy_rows(dst: torch.Tensor, dst_rows: torch.Tensor, src: torch.Tensor, src_rows: torch.Tensor) -> None:
+    _core.copy_rows(spec("dst", dst), spec("dst_rows", dst_rows), spec("src", src), spec("src_rows", src_rows),
+                    stream(dst))
+
+
+@_copy_rows.register_fake
+def _(dst: torch.Tensor, dst_rows: torch.Tensor, src: torch.Tensor, src_rows: torch.Tensor) -> None:
+    return None
+
+
+def copy_rows(dst: torch.Tensor, dst_rows: torch.Tensor, src: torch.Tensor, src_rows: torch.Tensor) -> None:
+    """Copies cache rows byte for byte, in place on ``dst``: row ``src_rows[i]`` of ``src`` to row
+    ``dst_rows[i]`` of ``dst`` (row ``r`` is row ``r % 64`` of page ``r // 64``).
+
+    Args:
+        dst, src: caches of the same format, any numbers of pages, not overlapping in memory:
+            paged ``uint8 [P, 64 * row_bytes]`` (584-byte entries, 68-byte FP4 or 132-byte FP8
+            indexer keys, told by the page width; a row's data and its scale bytes are both
+            copied) or plain ``bfloat16``/``float32 [P, 64, D]`` rows.
+        dst_rows, src_rows: ``int64 [n]`` row ids; ``-1`` in either skips that pair. On the CPU
+            an id outside its cache raises IndexError and a destination row named by two copied
+            pairs raises ValueError; on the GPU such ids are skipped (the kernel cannot raise
+            without synchronizing) and the last writer of a repeated row is unspecified.
+    """
+    _copy_rows(as_tensor("dst", dst), as_tensor("dst_rows", dst_rows), as_tensor("src", src),
+               as_tensor("src_rows", src_rows))
+
+
 @torch.library.custom_op("dsv4rs::hadamard128", mutates_args=())
 def _hadamard128(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
@@ -214,7 +281,8 @@ def _positive(name: str, v: int) -> int:
 @torch.library.custom_op("dsv4rs::rope", mutates_args=())
 def _rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, inverse: bool) -> torch.Tensor:
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    _core.rope(spec("x", x), spec("positions", positions), spec("inv_freq", inv_freq), spec("out", out), inverse)
+    _core.rope(spec("x", x), spec("positions", positions), spec("inv_freq", inv_freq), spec("out", out), inverse,
+               stream(x))
     return out
 
 
@@ -228,14 +296,15 @@ def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, inver
 
     Args:
         x: ``float32``/``bfloat16 [T, ..., D]``.
-        positions: ``int64 [T]``, the position of each row of dim 0.
+        positions: ``int32``/``int64 [T]``, the position of each row of dim 0.
         inv_freq: ``float32``/``float64 [R/2]`` inverse frequencies (``reference.rope_inv_freq``),
             ``R <= D``.
         inverse: rotate by ``-position`` (undoes the rotation).
 
     Returns:
-        ``float32``, the shape of ``x``. Angles and their sines and cosines are computed in
-        float64 (positions reach 2^20).
+        ``float32``, the shape of ``x``. Angles, their sines and cosines and the rotation are
+        computed in float64 (positions reach 2^20), on the CPU and on the GPU alike; the two
+        agree to float32 rounding. Non-finite values raise on the CPU and propagate on the GPU.
     """
     return _rope(as_tensor("x", x), as_tensor("positions", positions), as_tensor("inv_freq", inv_freq), inverse)
 

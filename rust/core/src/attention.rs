@@ -10,6 +10,7 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::gpu;
+pub use crate::gpu::attention::Candidates;
 use crate::gpu::attention::AttentionArgs;
 use crate::quant::{ENTRY_DIM, MAIN_ENTRY, ROPE_DIM};
 use crate::rope::{inv_freq_values, Rotation};
@@ -202,15 +203,6 @@ fn finish(st: &Partial, sink: &[f32], rot: Option<&Rotation>, out: &mut [f32], l
             r.apply(o);
         }
     }
-}
-
-/// A candidate list: row ids `indices` (`[T, K]`, -1 masked) into `cache`, of which the first
-/// `lengths[t]` count for query t (all K without `lengths`). The op takes a main list and an
-/// optional second one (e.g. the sliding window, whose rows live in another cache).
-pub struct Candidates<'a> {
-    pub cache: &'a TensorRef,
-    pub indices: &'a TensorRef,
-    pub lengths: Option<&'a TensorRef>,
 }
 
 /// Inverse RoPE of the output at the query positions (SPEC.md section 2).

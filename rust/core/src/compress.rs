@@ -11,39 +11,12 @@
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::formats::Quant;
 use crate::gpu;
-use crate::quant::{self, ENTRY_DIM, INDEX_DIM, INDEX_KEY_FP4, MAIN_ENTRY};
+use crate::quant::{self, INDEX_KEY_FP4_CODEC, MAIN_ENTRY_CODEC};
 use crate::rope::{inv_freq_values, Rotation};
 use crate::simd::{multiversion, F32x16, LANES};
 use crate::tensor::{same_device, DType, Device, TensorRef};
-
-/// What an entry goes through after RMSNorm and RoPE: nothing, the main-entry FP8 round trip
-/// (D = 512), or Hadamard-128 then the FP4 indexer-key round trip (D = 128).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Quant {
-    None,
-    Fp8,
-    Fp4,
-}
-
-impl Quant {
-    pub fn parse(arg: &str, s: &str) -> Result<Self> {
-        match s {
-            "none" => Ok(Quant::None),
-            "fp8" => Ok(Quant::Fp8),
-            "fp4" => Ok(Quant::Fp4),
-            _ => Err(Error::value(arg, format!("expected \"none\", \"fp8\" or \"fp4\", got {s:?}"))),
-        }
-    }
-
-    fn dim(self) -> Option<usize> {
-        match self {
-            Quant::None => None,
-            Quant::Fp8 => Some(ENTRY_DIM),
-            Quant::Fp4 => Some(INDEX_DIM),
-        }
-    }
-}
 
 /// Scalars of a compressor call.
 #[derive(Debug, Clone, Copy)]
@@ -148,20 +121,12 @@ fn finish(x: &mut [f32], weight: &[f32], rot: &Rotation, eps: f32, quant: Quant)
         *v = (*v as f64 * r * *w as f64) as f32;
     }
     rot.apply(x);
-    let mut buf = [0u8; MAIN_ENTRY.data_bytes + MAIN_ENTRY.scale_bytes];
     match quant {
         Quant::None => {}
-        Quant::Fp8 => {
-            let (data, scales) = buf.split_at_mut(MAIN_ENTRY.data_bytes);
-            quant::encode_main_entry(x, data, scales);
-            quant::decode_main_entry(data, scales, x);
-        }
+        Quant::Fp8 => MAIN_ENTRY_CODEC.round_trip(x),
         Quant::Fp4 => {
             quant::hadamard128(x);
-            let (data, rest) = buf.split_at_mut(INDEX_KEY_FP4.data_bytes);
-            let scales = &mut rest[..INDEX_KEY_FP4.scale_bytes];
-            quant::encode_index_key_fp4(x, data, scales);
-            quant::decode_index_key_fp4(data, scales, x);
+            INDEX_KEY_FP4_CODEC.round_trip(x);
         }
     }
 }
@@ -204,11 +169,6 @@ unsafe fn compress_gpu(dev: i32, stream: usize, t: [&TensorRef; 8], cfg: Config)
     if 2 * inv_freq.dim(0) > d {
         return Err(Error::value(inv_freq.name, format!("rotates {} dims, more than D = {d}", 2 * inv_freq.dim(0))));
     }
-    let quant = match cfg.quant {
-        Quant::None => 0,
-        Quant::Fp8 => 1,
-        Quant::Fp4 => 2,
-    };
     let args = gpu::compress::CompressArgs {
         kv,
         score,
@@ -221,7 +181,7 @@ unsafe fn compress_gpu(dev: i32, stream: usize, t: [&TensorRef; 8], cfg: Config)
         start: cfg.start,
         ratio: r,
         eps: cfg.eps,
-        quant,
+        quant: cfg.quant,
     };
     gpu::compress::compress(dev, stream, &args)
 }

@@ -11,6 +11,7 @@
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::formats::IndexFormat;
 use crate::gpu;
 use crate::quant::{INDEX_DIM, INDEX_KEY_FP4, PAGE_ROWS};
 use crate::rows::{cache_kind, check_rows, CacheKind, Floats, Ids, PagedRows};
@@ -317,9 +318,9 @@ unsafe fn indexer_topk_gpu(
     visible.expect_dtype(&[DType::I32, DType::I64])?;
     workspace.expect_device(q.device)?;
     let key_format = match cache_kind(key_cache, INDEX_DIM)? {
-        CacheKind::Packed(f) if f == INDEX_KEY_FP4 => 0,
-        CacheKind::Packed(_) => 1,
-        CacheKind::PlainBf16 => 2,
+        CacheKind::Packed(f) if f == INDEX_KEY_FP4 => IndexFormat::Fp4,
+        CacheKind::Packed(_) => IndexFormat::Fp8,
+        CacheKind::PlainBf16 => IndexFormat::Bf16,
         CacheKind::PlainF32 => {
             return Err(Error::dtype(key_cache.name, "float32 key caches are CPU-only; use bfloat16 or a packed format"))
         }

@@ -10,50 +10,17 @@
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::formats::IndexFormat;
 use crate::gpu;
-use crate::quant::{self, RowFormat, INDEX_KEY_FP4, INDEX_KEY_FP8, MAIN_ENTRY};
+use crate::quant::{self, Codec, RowFormat, CODECS, INDEX_KEY_FP4_CODEC, INDEX_KEY_FP8_CODEC, MAIN_ENTRY, MAIN_ENTRY_CODEC};
 use crate::tensor::{same_device, DType, Device, TensorRef};
 
-/// Storage format of indexer keys.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IndexKeyFormat {
-    /// 64 B of FP4 e2m1 + 4 UE8M0 scales = 68 B.
-    Fp4,
-    /// 128 B of FP8 e4m3 + one fp32 scale = 132 B.
-    Fp8,
-}
-
-impl IndexKeyFormat {
-    pub fn parse(arg: &str, s: &str) -> Result<Self> {
-        match s {
-            "fp4" => Ok(IndexKeyFormat::Fp4),
-            "fp8" => Ok(IndexKeyFormat::Fp8),
-            _ => Err(Error::value(arg, format!("expected \"fp4\" or \"fp8\", got {s:?}"))),
-        }
-    }
-    pub fn row_format(self) -> RowFormat {
-        match self {
-            IndexKeyFormat::Fp4 => INDEX_KEY_FP4,
-            IndexKeyFormat::Fp8 => INDEX_KEY_FP8,
-        }
-    }
-    fn code(self) -> i32 {
-        match self {
-            IndexKeyFormat::Fp4 => 0,
-            IndexKeyFormat::Fp8 => 1,
-        }
-    }
-    fn encode(self) -> fn(&[f32], &mut [u8], &mut [u8]) {
-        match self {
-            IndexKeyFormat::Fp4 => quant::encode_index_key_fp4,
-            IndexKeyFormat::Fp8 => quant::encode_index_key_fp8,
-        }
-    }
-    fn decode(self) -> fn(&[u8], &[u8], &mut [f32]) {
-        match self {
-            IndexKeyFormat::Fp4 => quant::decode_index_key_fp4,
-            IndexKeyFormat::Fp8 => quant::decode_index_key_fp8,
-        }
+/// The codec of a packed key format; plain bf16 keys have none (a ValueError naming `arg`).
+fn key_codec(arg: &str, fmt: IndexFormat) -> Result<Codec> {
+    match fmt {
+        IndexFormat::Fp4 => Ok(INDEX_KEY_FP4_CODEC),
+        IndexFormat::Fp8 => Ok(INDEX_KEY_FP8_CODEC),
+        IndexFormat::Bf16 => Err(Error::value(arg, "expected \"fp4\" or \"fp8\", got \"bf16\"")),
     }
 }
 
@@ -142,14 +109,8 @@ fn check_read(cache: &TensorRef, ids: &TensorRef, out: &TensorRef, fmt: RowForma
 /// # Safety
 /// Every tensor satisfies [`TensorRef`]'s contract; `cache` is not aliased by the others; the
 /// arguments passed [`check_write`].
-unsafe fn write_rows(
-    cache: &TensorRef,
-    rows: usize,
-    slots: &TensorRef,
-    x: &TensorRef,
-    fmt: RowFormat,
-    encode: fn(&[f32], &mut [u8], &mut [u8]),
-) -> Result<()> {
+unsafe fn write_rows(cache: &TensorRef, rows: usize, slots: &TensorRef, x: &TensorRef, codec: Codec) -> Result<()> {
+    let fmt = codec.rows;
     let values = host_values(x)?;
     let ids = host_ids(slots, rows)?;
     if let Some(dup) = first_duplicate(ids) {
@@ -160,7 +121,7 @@ unsafe fn write_rows(
         .map(|row| {
             let mut buf = vec![0u8; fmt.row_bytes()];
             let (data, scales) = buf.split_at_mut(fmt.data_bytes);
-            encode(row, data, scales);
+            (codec.encode)(row, data, scales);
             buf
         })
         .collect();
@@ -186,14 +147,8 @@ fn first_duplicate(ids: &[i64]) -> Option<i64> {
 /// # Safety
 /// Every tensor satisfies [`TensorRef`]'s contract; `out` is not aliased by the others; the
 /// arguments passed [`check_read`].
-unsafe fn read_rows(
-    cache: &TensorRef,
-    n_rows: usize,
-    rows: &TensorRef,
-    out: &TensorRef,
-    fmt: RowFormat,
-    decode: fn(&[u8], &[u8], &mut [f32]),
-) -> Result<()> {
+unsafe fn read_rows(cache: &TensorRef, n_rows: usize, rows: &TensorRef, out: &TensorRef, codec: Codec) -> Result<()> {
+    let fmt = codec.rows;
     let ids = host_ids(rows, n_rows)?;
     let bytes = cache.host::<u8>(&[DType::U8])?;
     let dst = out.host_mut::<f32>(&[DType::F32])?;
@@ -202,7 +157,7 @@ unsafe fn read_rows(
             o.fill(0.0);
         } else {
             let (d, s) = fmt.offsets(*row as usize);
-            decode(&bytes[d..d + fmt.data_bytes], &bytes[s..s + fmt.scale_bytes], o);
+            (codec.decode)(&bytes[d..d + fmt.data_bytes], &bytes[s..s + fmt.scale_bytes], o);
         }
     });
     Ok(())
@@ -226,7 +181,7 @@ pub unsafe fn kv_write(cache: &TensorRef, slots: &TensorRef, x: &TensorRef, stre
     let device = same_device(&[cache, slots, x])?;
     let rows = check_write(cache, slots, x, MAIN_ENTRY)?;
     match gpu_index(device) {
-        None => write_rows(cache, rows, slots, x, MAIN_ENTRY, quant::encode_main_entry),
+        None => write_rows(cache, rows, slots, x, MAIN_ENTRY_CODEC),
         Some(dev) => gpu::quant::kv_write(dev, stream, cache, rows, slots, x),
     }
 }
@@ -240,7 +195,7 @@ pub unsafe fn kv_read(cache: &TensorRef, rows: &TensorRef, out: &TensorRef, stre
     let device = same_device(&[cache, rows, out])?;
     let n_rows = check_read(cache, rows, out, MAIN_ENTRY)?;
     match gpu_index(device) {
-        None => read_rows(cache, n_rows, rows, out, MAIN_ENTRY, quant::decode_main_entry),
+        None => read_rows(cache, n_rows, rows, out, MAIN_ENTRY_CODEC),
         Some(dev) => gpu::quant::kv_read(dev, stream, cache, n_rows, rows, out),
     }
 }
@@ -253,15 +208,15 @@ pub unsafe fn index_key_write(
     cache: &TensorRef,
     slots: &TensorRef,
     x: &TensorRef,
-    fmt: IndexKeyFormat,
+    fmt: IndexFormat,
     stream: usize,
 ) -> Result<()> {
-    let rf = fmt.row_format();
+    let codec = key_codec("fmt", fmt)?;
     let device = same_device(&[cache, slots, x])?;
-    let rows = check_write(cache, slots, x, rf)?;
+    let rows = check_write(cache, slots, x, codec.rows)?;
     match gpu_index(device) {
-        None => write_rows(cache, rows, slots, x, rf, fmt.encode()),
-        Some(dev) => gpu::quant::index_key_write(dev, stream, cache, rows, slots, x, fmt.code()),
+        None => write_rows(cache, rows, slots, x, codec),
+        Some(dev) => gpu::quant::index_key_write(dev, stream, cache, rows, slots, x, fmt),
     }
 }
 
@@ -273,15 +228,139 @@ pub unsafe fn index_key_read(
     cache: &TensorRef,
     rows: &TensorRef,
     out: &TensorRef,
-    fmt: IndexKeyFormat,
+    fmt: IndexFormat,
     stream: usize,
 ) -> Result<()> {
-    let rf = fmt.row_format();
+    let codec = key_codec("fmt", fmt)?;
     let device = same_device(&[cache, rows, out])?;
-    let n_rows = check_read(cache, rows, out, rf)?;
+    let n_rows = check_read(cache, rows, out, codec.rows)?;
     match gpu_index(device) {
-        None => read_rows(cache, n_rows, rows, out, rf, fmt.decode()),
-        Some(dev) => gpu::quant::index_key_read(dev, stream, cache, n_rows, rows, out, fmt.code()),
+        None => read_rows(cache, n_rows, rows, out, codec),
+        Some(dev) => gpu::quant::index_key_read(dev, stream, cache, n_rows, rows, out, fmt),
+    }
+}
+
+/// The byte layout of a cache's rows for [`copy_rows`]: a packed format, told by its page width
+/// (`uint8 [P, 64 * row_bytes]`), or plain rows (`bfloat16`/`float32 [P, 64, D]`: no scale part).
+fn row_layout(cache: &TensorRef) -> Result<RowFormat> {
+    match cache.dtype {
+        DType::U8 => CODECS
+            .iter()
+            .map(|c| c.rows)
+            .find(|f| cache.shape.len() == 2 && cache.dim(1) == f.page_bytes())
+            .ok_or_else(|| {
+                let widths: Vec<String> = CODECS.iter().map(|c| format!("{} ({})", c.rows.page_bytes(), c.rows.name)).collect();
+                Error::value(cache.name, format!("expected uint8 [num_pages, {}], got {:?}", widths.join(" or "), cache.shape))
+            }),
+        DType::BF16 | DType::F32 => {
+            cache.expect_shape(&[None, Some(quant::PAGE_ROWS), None])?;
+            let dim = cache.dim(2);
+            Ok(RowFormat { name: "plain rows", dim, data_bytes: dim * cache.dtype.size(), scale_bytes: 0 })
+        }
+        other => Err(Error::dtype(
+            cache.name,
+            format!("expected uint8 (packed rows), bfloat16 or float32 (plain rows), got {}", other.name()),
+        )),
+    }
+}
+
+/// A host buffer that parallel jobs write at disjoint offsets.
+#[derive(Clone, Copy)]
+struct Scatter(*mut u8);
+
+// SAFETY: the jobs of [`copy_rows`] write disjoint byte ranges (distinct destination rows, checked
+// before they start) of a buffer no one else touches meanwhile.
+unsafe impl Send for Scatter {}
+unsafe impl Sync for Scatter {}
+
+impl Scatter {
+    /// # Safety
+    /// `at .. at + bytes.len()` lies inside the buffer, no other job writes it, `bytes` is elsewhere.
+    unsafe fn write(self, at: usize, bytes: &[u8]) {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.0.add(at), bytes.len());
+    }
+}
+
+/// Copies cache rows byte for byte, in place on `dst`: row `src_rows[i]` of `src` to row
+/// `dst_rows[i]` of `dst` (int64 `[n]` both; -1 in either skips the pair). `dst` and `src` are
+/// caches of one format (see [`row_layout`]), of any numbers of pages, that must not overlap in
+/// memory. On the CPU an id outside its cache is an IndexError and a destination row that two
+/// copied pairs name a ValueError; the GPU kernel skips ids outside a cache (raising would need a
+/// synchronization) and leaves the last writer of a repeated row unspecified.
+///
+/// # Safety
+/// As [`kv_write`].
+pub unsafe fn copy_rows(dst: &TensorRef, dst_rows: &TensorRef, src: &TensorRef, src_rows: &TensorRef, stream: usize) -> Result<()> {
+    let device = same_device(&[dst, dst_rows, src, src_rows])?;
+    let fmt = row_layout(dst)?;
+    if src.dtype != dst.dtype || src.shape.len() != dst.shape.len() || src.shape[1..] != dst.shape[1..] {
+        return Err(Error::value(
+            src.name,
+            format!(
+                "must have the format of {} ({} {:?} pages), got {} {:?}",
+                dst.name,
+                dst.dtype.name(),
+                &dst.shape[1..],
+                src.dtype.name(),
+                src.shape
+            ),
+        ));
+    }
+    dst_rows.expect_dtype(&[DType::I64])?;
+    dst_rows.expect_shape(&[None])?;
+    check_ids(src_rows, dst_rows.dim(0))?;
+    let span = |t: &TensorRef| (t.ptr, t.ptr + t.numel() * t.dtype.size());
+    let ((d0, d1), (s0, s1)) = (span(dst), span(src));
+    if d0 < d1 && s0 < s1 && d0 < s1 && s0 < d1 {
+        return Err(Error::value(&format!("{}, {}", dst.name, src.name), "must not overlap in memory"));
+    }
+    let (dst_total, src_total) = (dst.dim(0) * quant::PAGE_ROWS, src.dim(0) * quant::PAGE_ROWS);
+    let Some(dev) = gpu_index(device) else {
+        let (to, from) = (host_ids(dst_rows, dst_total)?, host_ids(src_rows, src_total)?);
+        let pairs: Vec<(usize, usize)> =
+            to.iter().zip(from).filter(|(d, s)| **d >= 0 && **s >= 0).map(|(d, s)| (*d as usize, *s as usize)).collect();
+        let written: Vec<i64> = pairs.iter().map(|(d, _)| *d as i64).collect();
+        if let Some(dup) = first_duplicate(&written) {
+            return Err(Error::value(dst_rows.name, format!("row {dup} is the destination of more than one copied row")));
+        }
+        let from = src.host_bytes()?;
+        let to = Scatter(dst.host_bytes_mut()?.as_mut_ptr());
+        pairs.par_iter().with_min_len(256).for_each(|&(d, s)| {
+            let ((d_data, d_scales), (s_data, s_scales)) = (fmt.offsets(d), fmt.offsets(s));
+            // SAFETY: rows of the caches (ids checked), each destination row once, dst and src
+            // apart (checked above).
+            unsafe {
+                to.write(d_data, &from[s_data..s_data + fmt.data_bytes]);
+                to.write(d_scales, &from[s_scales..s_scales + fmt.scale_bytes]);
+            }
+        });
+        return Ok(());
+    };
+    gpu::quant::copy_rows(dev, stream, dst, dst_total, dst_rows, src, src_total, src_rows, fmt)
+}
+
+/// What [`index_key_write`] then [`index_key_read`] return for keys `x` (`[n, 128]`
+/// float32/bfloat16), without a cache: into `out` (`[n, 128]` float32). Non-finite keys are an
+/// error on the CPU; the GPU kernel shares the write kernel's encoder and does what it does.
+///
+/// # Safety
+/// As [`kv_write`].
+pub unsafe fn index_key_round_trip(x: &TensorRef, out: &TensorRef, fmt: IndexFormat, stream: usize) -> Result<()> {
+    let codec = key_codec("fmt", fmt)?;
+    let n = check_values(x, quant::INDEX_DIM)?;
+    out.expect_dtype(&[DType::F32])?;
+    out.expect_shape(&[Some(n), Some(quant::INDEX_DIM)])?;
+    match gpu_index(same_device(&[x, out])?) {
+        None => {
+            let values = host_values(x)?;
+            let dst = out.host_mut::<f32>(&[DType::F32])?;
+            dst.par_chunks_mut(quant::INDEX_DIM).zip(values.par_chunks(quant::INDEX_DIM)).for_each(|(o, v)| {
+                o.copy_from_slice(v);
+                codec.round_trip(o);
+            });
+            Ok(())
+        }
+        Some(dev) => gpu::quant::index_key_round_trip(dev, stream, x, out, fmt),
     }
 }
 

@@ -1,6 +1,7 @@
 //! dsv4rs-core: DeepSeek-V4's attention machinery without Python.
 //!
 //! - [`quant`]: the KV-entry byte formats of SPEC.md section 5 and the Hadamard-128 transform.
+//! - [`formats`]: the format codes (entry, indexer-key and compressor quantization) kernels see.
 //! - [`cache`]: the paged KV-cache allocator: pools, page tables, prefix reuse, byte accounting.
 //! - [`kv`]: writing entries into paged caches and reading them back, on the CPU or the GPU.
 //! - [`gpu`]: the CUDA driver (loaded at run time), the embedded kernels and their launchers.
@@ -14,6 +15,7 @@ pub mod attention;
 pub mod cache;
 pub mod compress;
 pub mod error;
+pub mod formats;
 pub mod gpu;
 pub mod indexer;
 pub mod kv;

@@ -26,6 +26,7 @@ pub struct Config {
 }
 
 /// One token, in float32 and in the order transformers' `DeepseekV4HyperConnection` computes.
+#[allow(clippy::too_many_arguments)]
 pub fn token(mix: &[f32], scale: &[f32], base: &[f32], n: usize, cfg: Config, pre: &mut [f32], post: &mut [f32], comb: &mut [f32]) {
     let sigmoid = |x: f32| 1.0 / (1.0 + (-x).exp());
     for j in 0..n {
@@ -93,7 +94,7 @@ pub unsafe fn mhc_weights(
         return Err(Error::value("eps", format!("must be finite and >= 0, got {}", cfg.eps)));
     }
     match same_device(&[mix, scale, base, pre, post, comb])? {
-        Device::Cuda(dev) => gpu::mhc::mhc_weights(dev, stream, mix, scale, base, pre, post, comb, n, cfg),
+        Device::Cuda(dev) => gpu::mhc::mhc_weights(dev, stream, mix, scale, base, pre, post, comb, n, cfg.iters, cfg.eps),
         Device::Cpu => {
             let (m, s, b) = (mix.host::<f32>(&[DType::F32])?, scale.host::<f32>(&[DType::F32])?, base.host::<f32>(&[DType::F32])?);
             for (arg, values) in [(mix, m), (scale, s), (base, b)] {

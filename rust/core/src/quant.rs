@@ -231,6 +231,33 @@ multiversion! {
     }
 }
 
+/// A packed row format with the encoder and decoder of one row's `data` and `scales` parts.
+#[derive(Debug, Clone, Copy)]
+pub struct Codec {
+    pub rows: RowFormat,
+    pub encode: fn(&[f32], &mut [u8], &mut [u8]),
+    pub decode: fn(&[u8], &[u8], &mut [f32]),
+}
+
+impl Codec {
+    /// Replaces the row `x` by what a cache returns for it: encoded, then decoded.
+    pub fn round_trip(&self, x: &mut [f32]) {
+        let mut buf = [0u8; MAIN_ENTRY.row_bytes()]; // the largest packed row
+        let (data, rest) = buf.split_at_mut(self.rows.data_bytes);
+        let scales = &mut rest[..self.rows.scale_bytes];
+        (self.encode)(x, data, scales);
+        (self.decode)(data, scales, x);
+    }
+}
+
+pub const MAIN_ENTRY_CODEC: Codec = Codec { rows: MAIN_ENTRY, encode: encode_main_entry, decode: decode_main_entry };
+pub const INDEX_KEY_FP4_CODEC: Codec =
+    Codec { rows: INDEX_KEY_FP4, encode: encode_index_key_fp4, decode: decode_index_key_fp4 };
+pub const INDEX_KEY_FP8_CODEC: Codec =
+    Codec { rows: INDEX_KEY_FP8, encode: encode_index_key_fp8, decode: decode_index_key_fp8 };
+/// Every packed format.
+pub const CODECS: [Codec; 3] = [MAIN_ENTRY_CODEC, INDEX_KEY_FP4_CODEC, INDEX_KEY_FP8_CODEC];
+
 /// `128^-0.5` rounded to f32, the scale of the normalized Hadamard-128 transform.
 pub const HADAMARD_SCALE: f32 = 0.088_388_35;
 

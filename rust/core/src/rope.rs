@@ -1,12 +1,14 @@
 //! RoPE (SPEC.md section 2): pair `j` of the last `2 R` dims, `(x[D-2R+2j], x[D-2R+2j+1])`, is
 //! rotated by `pos * inv_freq[j]`. Angles, their sines and cosines and the rotation are computed
-//! in f64: positions reach 2^20, where an f32 angle would be off by up to 0.06 rad.
+//! in f64: positions reach 2^20, where an f32 angle would be off by up to 0.06 rad. The GPU form
+//! is cuda/rope.cu.
 
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::gpu;
 use crate::rows::{Floats, Ids};
-use crate::tensor::{DType, Device, TensorRef};
+use crate::tensor::{same_device, DType, Device, TensorRef};
 
 /// `(cos, sin)` of every pair's angle at one position.
 pub struct Rotation(Vec<(f64, f64)>);
@@ -29,23 +31,31 @@ impl Rotation {
     }
 }
 
+/// Checks inverse frequencies (float32/float64 `[R]`) that rotate at most `dim` dims.
+fn check_inv_freq(inv_freq: &TensorRef, dim: usize) -> Result<()> {
+    inv_freq.expect_shape(&[None])?;
+    inv_freq.expect_dtype(&[DType::F32, DType::F64])?;
+    let pairs = inv_freq.dim(0);
+    if 2 * pairs > dim {
+        return Err(Error::value(
+            inv_freq.name,
+            format!("{pairs} frequencies rotate {} dims, but the rows have only {dim}", 2 * pairs),
+        ));
+    }
+    Ok(())
+}
+
 /// Reads inverse frequencies (float32/float64 `[R]`, finite) that rotate at most `dim` dims.
 ///
 /// # Safety
 /// `inv_freq` satisfies [`TensorRef`]'s contract.
 pub unsafe fn inv_freq_values(inv_freq: &TensorRef, dim: usize) -> Result<Vec<f64>> {
     inv_freq.expect_device(Device::Cpu)?;
-    inv_freq.expect_shape(&[None])?;
-    let v: Vec<f64> = match inv_freq.expect_dtype(&[DType::F32, DType::F64])? {
+    check_inv_freq(inv_freq, dim)?;
+    let v: Vec<f64> = match inv_freq.dtype {
         DType::F64 => inv_freq.host::<f64>(&[DType::F64])?.to_vec(),
         _ => inv_freq.host::<f32>(&[DType::F32])?.iter().map(|f| *f as f64).collect(),
     };
-    if 2 * v.len() > dim {
-        return Err(Error::value(
-            inv_freq.name,
-            format!("{} frequencies rotate {} dims, but the rows have only {dim}", v.len(), 2 * v.len()),
-        ));
-    }
     if let Some(i) = v.iter().position(|f| !f.is_finite()) {
         return Err(Error::value(inv_freq.name, format!("contains a non-finite value at index {i}")));
     }
@@ -53,11 +63,21 @@ pub unsafe fn inv_freq_values(inv_freq: &TensorRef, dim: usize) -> Result<Vec<f6
 }
 
 /// RoPE of `x` (float32/bfloat16 `[T, ..., D]`) at `positions` (int32/int64 `[T]`) into `out`
-/// (float32, the shape of `x`); `inverse` rotates by `-positions`.
+/// (float32, the shape of `x`); `inverse` rotates by `-positions`. On a GPU the call runs on
+/// `stream` (cuda/rope.cu) with the same math; non-finite values are not checked there (that
+/// would need a synchronization) and propagate.
 ///
 /// # Safety
-/// Every tensor satisfies [`TensorRef`]'s contract; `out` is not aliased by the others.
-pub unsafe fn rope(x: &TensorRef, positions: &TensorRef, inv_freq: &TensorRef, out: &TensorRef, inverse: bool) -> Result<()> {
+/// Every tensor satisfies [`TensorRef`]'s contract; `out` is not aliased by the others; `stream`
+/// is a `CUstream` of the tensors' GPU when they live on one.
+pub unsafe fn rope(
+    x: &TensorRef,
+    positions: &TensorRef,
+    inv_freq: &TensorRef,
+    out: &TensorRef,
+    inverse: bool,
+    stream: usize,
+) -> Result<()> {
     if x.shape.len() < 2 {
         return Err(Error::value(x.name, format!("expected shape [T, ..., D], got {:?}", x.shape)));
     }
@@ -66,6 +86,12 @@ pub unsafe fn rope(x: &TensorRef, positions: &TensorRef, inv_freq: &TensorRef, o
     out.expect_dtype(&[DType::F32])?;
     let want: Vec<Option<usize>> = x.shape.iter().map(|s| Some(*s)).collect();
     out.expect_shape(&want)?;
+    if let Device::Cuda(dev) = same_device(&[x, positions, inv_freq, out])? {
+        x.expect_dtype(&[DType::F32, DType::BF16])?;
+        positions.expect_dtype(&[DType::I32, DType::I64])?;
+        check_inv_freq(inv_freq, dim)?;
+        return gpu::rope::rope(dev, stream, x, positions, inv_freq, out, inverse);
+    }
     let freqs = inv_freq_values(inv_freq, dim)?;
     let pos = Ids::new(positions)?;
     let src = Floats::new(x)?;

@@ -6,7 +6,7 @@
 //! indexer-key layouts, and plain bfloat16/float32 rows for exactness tests.
 
 use crate::error::{Error, Result};
-use crate::quant::{self, RowFormat, INDEX_KEY_FP4, INDEX_KEY_FP8, MAIN_ENTRY, PAGE_ROWS};
+use crate::quant::{self, Codec, RowFormat, CODECS, PAGE_ROWS};
 use crate::simd::any_non_finite;
 use crate::tensor::{DType, Device, TensorRef};
 
@@ -73,24 +73,14 @@ fn first_non_finite(v: &[f32]) -> Option<usize> {
     first_where(v, any_non_finite, |x| !x.is_finite())
 }
 
-/// A packed format's row decoder: `(data, scales, out)`.
-type Decoder = fn(&[u8], &[u8], &mut [f32]);
-
 /// How a cache stores its rows.
 #[derive(Clone, Copy)]
 enum Storage<'a> {
     /// A packed quantized layout, with its decoder.
-    Packed { bytes: &'a [u8], fmt: RowFormat, decode: Decoder },
+    Packed { bytes: &'a [u8], codec: Codec },
     /// Plain rows `[pages, 64, dim]`.
     Plain(Floats<'a>),
 }
-
-/// The packed layouts, each with its decoder.
-const PACKED: [(RowFormat, Decoder); 3] = [
-    (MAIN_ENTRY, quant::decode_main_entry),
-    (INDEX_KEY_FP4, quant::decode_index_key_fp4),
-    (INDEX_KEY_FP8, quant::decode_index_key_fp8),
-];
 
 /// A paged cache of `dim`-wide rows in any supported format; row `r` is row `r % 64` of page
 /// `r / 64`.
@@ -117,19 +107,19 @@ pub enum CacheKind {
 pub fn cache_kind(cache: &TensorRef, dim: usize) -> Result<CacheKind> {
     let pages = cache.shape.first().copied().unwrap_or(0);
     let kind = match cache.dtype {
-        DType::U8 => PACKED
+        DType::U8 => CODECS
             .iter()
-            .find(|(f, _)| f.dim == dim && cache.shape == [pages, f.page_bytes()])
-            .map(|(f, _)| CacheKind::Packed(*f)),
+            .find(|c| c.rows.dim == dim && cache.shape == [pages, c.rows.page_bytes()])
+            .map(|c| CacheKind::Packed(c.rows)),
         DType::F32 if cache.shape == [pages, PAGE_ROWS, dim] => Some(CacheKind::PlainF32),
         DType::BF16 if cache.shape == [pages, PAGE_ROWS, dim] => Some(CacheKind::PlainBf16),
         _ => None,
     };
     kind.ok_or_else(|| {
-        let packed: Vec<String> = PACKED
+        let packed: Vec<String> = CODECS
             .iter()
-            .filter(|(f, _)| f.dim == dim)
-            .map(|(f, _)| format!("uint8 [num_pages, {}] ({})", f.page_bytes(), f.name))
+            .filter(|c| c.rows.dim == dim)
+            .map(|c| format!("uint8 [num_pages, {}] ({})", c.rows.page_bytes(), c.rows.name))
             .collect();
         Error::value(
             cache.name,
@@ -153,8 +143,8 @@ impl<'a> PagedRows<'a> {
         let pages = cache.shape.first().copied().unwrap_or(0);
         let storage = match cache_kind(cache, dim)? {
             CacheKind::Packed(fmt) => {
-                let decode = PACKED.iter().find(|(f, _)| *f == fmt).map(|(_, d)| *d).expect("a packed format");
-                Storage::Packed { bytes: cache.host::<u8>(&[DType::U8])?, fmt, decode }
+                let codec = *CODECS.iter().find(|c| c.rows == fmt).expect("a packed format");
+                Storage::Packed { bytes: cache.host::<u8>(&[DType::U8])?, codec }
             }
             CacheKind::PlainBf16 => Storage::Plain(Floats::BF16(cache.host::<u16>(&[DType::BF16])?)),
             CacheKind::PlainF32 => Storage::Plain(Floats::F32(cache.host::<f32>(&[DType::F32])?)),
@@ -168,9 +158,9 @@ impl<'a> PagedRows<'a> {
     #[inline]
     pub fn read(&self, row: usize, out: &mut [f32]) {
         match self.storage {
-            Storage::Packed { bytes, fmt, decode } => {
-                let (d, s) = fmt.offsets(row);
-                decode(&bytes[d..d + fmt.data_bytes], &bytes[s..s + fmt.scale_bytes], out);
+            Storage::Packed { bytes, codec } => {
+                let (d, s) = codec.rows.offsets(row);
+                (codec.decode)(&bytes[d..d + codec.rows.data_bytes], &bytes[s..s + codec.rows.scale_bytes], out);
             }
             Storage::Plain(values) => values.read(row * self.dim, out),
         }

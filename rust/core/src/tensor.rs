@@ -128,10 +128,14 @@ impl TensorRef {
         self.expect_device(Device::Cpu)?;
         debug_assert!(dtypes.iter().all(|d| d.size() == std::mem::size_of::<T>()));
         self.expect_dtype(dtypes)?;
+        self.check_pointer(std::mem::align_of::<T>())
+    }
+
+    fn check_pointer(&self, align: usize) -> Result<()> {
         if self.ptr == 0 && self.numel() > 0 {
             return Err(Error::value(self.name, "null data pointer"));
         }
-        if !self.ptr.is_multiple_of(std::mem::align_of::<T>()) {
+        if !self.ptr.is_multiple_of(align) {
             return Err(Error::value(self.name, "data pointer is not aligned to its element size"));
         }
         Ok(())
@@ -147,6 +151,33 @@ impl TensorRef {
             return Ok(&[]);
         }
         Ok(std::slice::from_raw_parts(self.ptr as *const T, self.numel()))
+    }
+
+    /// Borrows a host tensor's bytes, whatever its dtype.
+    ///
+    /// # Safety
+    /// The struct's contract, and no live mutable borrow of the same memory.
+    pub unsafe fn host_bytes(&self) -> Result<&[u8]> {
+        self.expect_device(Device::Cpu)?;
+        self.check_pointer(1)?;
+        if self.numel() == 0 {
+            return Ok(&[]);
+        }
+        Ok(std::slice::from_raw_parts(self.ptr as *const u8, self.numel() * self.dtype.size()))
+    }
+
+    /// Borrows a host tensor's bytes mutably, whatever its dtype.
+    ///
+    /// # Safety
+    /// The struct's contract, and no other live borrow of the same memory.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn host_bytes_mut(&self) -> Result<&mut [u8]> {
+        self.expect_device(Device::Cpu)?;
+        self.check_pointer(1)?;
+        if self.numel() == 0 {
+            return Ok(&mut []);
+        }
+        Ok(std::slice::from_raw_parts_mut(self.ptr as *mut u8, self.numel() * self.dtype.size()))
     }
 
     /// Borrows a host tensor mutably.

@@ -5,7 +5,8 @@
 
 use std::sync::{Mutex, MutexGuard};
 
-use dsv4rs_core::cache::{CacheLayout, CacheManager, Family, Footprint, IndexFormat, MainFormat, SeqId};
+use dsv4rs_core::cache::{CacheLayout, CacheManager, Family, Footprint, SeqId};
+use dsv4rs_core::formats::{IndexFormat, MainFormat, Named};
 use dsv4rs_core::tensor::{DType, Device};
 use dsv4rs_core::{Error, Result};
 use pyo3::prelude::*;
@@ -241,10 +242,4 @@ impl PyCacheManager {
     fn check(&self, py: Python<'_>) -> PyResult<()> {
         run(py, || self.lock()?.check())
     }
-}
-
-pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<PyCacheLayout>()?;
-    m.add_class::<PyCacheManager>()?;
-    Ok(())
 }

@@ -39,10 +39,3 @@ pub fn run<T: Send>(py: Python<'_>, f: impl FnOnce() -> dsv4rs_core::Result<T> +
         }
     }
 }
-
-pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add("CudaError", m.py().get_type::<CudaError>())?;
-    m.add("OutOfPagesError", m.py().get_type::<OutOfPagesError>())?;
-    m.add("CacheStateError", m.py().get_type::<CacheStateError>())?;
-    Ok(())
-}

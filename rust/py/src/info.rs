@@ -22,10 +22,12 @@ pub fn build_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     Ok(d)
 }
 
-/// `(driver_version, [(index, name, (major, minor), multiprocessors)])`; raises CudaError when no
-/// driver can be loaded.
+/// `(index, name, (major, minor), multiprocessors)` of one GPU.
+type DeviceTuple = (i32, String, (i32, i32), i32);
+
+/// `(driver_version, [DeviceTuple])`; raises CudaError when no driver can be loaded.
 #[pyfunction]
-pub fn cuda_devices(py: Python<'_>) -> PyResult<(i32, Vec<(i32, String, (i32, i32), i32)>)> {
+pub fn cuda_devices(py: Python<'_>) -> PyResult<(i32, Vec<DeviceTuple>)> {
     run(py, || {
         let v = gpu::driver_version()?;
         let devs = gpu::devices()?;
@@ -43,12 +45,4 @@ pub fn warm_up(py: Python<'_>, device: i32) -> PyResult<()> {
 #[pyfunction]
 pub fn attention_kernel(py: Python<'_>, device: i32) -> PyResult<&'static str> {
     run(py, || gpu::attention::kernel_name(device))
-}
-
-pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_function(wrap_pyfunction!(attention_kernel, m)?)?;
-    m.add_function(wrap_pyfunction!(build_info, m)?)?;
-    m.add_function(wrap_pyfunction!(cuda_devices, m)?)?;
-    m.add_function(wrap_pyfunction!(warm_up, m)?)?;
-    Ok(())
 }

@@ -1,6 +1,8 @@
-//! Bindings of `dsv4rs_core::kv`: writing and reading paged cache rows, Hadamard-128.
+//! Bindings of `dsv4rs_core::kv`: writing, reading and copying paged cache rows, the indexer-key
+//! round trip, Hadamard-128.
 
-use dsv4rs_core::kv::{self, IndexKeyFormat};
+use dsv4rs_core::formats::IndexFormat;
+use dsv4rs_core::kv;
 use pyo3::prelude::*;
 
 use crate::errors::run;
@@ -22,7 +24,7 @@ pub fn kv_read(py: Python<'_>, cache: Spec, rows: Spec, out: Spec, stream: usize
 
 #[pyfunction]
 pub fn index_key_write(py: Python<'_>, cache: Spec, slots: Spec, x: Spec, fmt: &str, stream: usize) -> PyResult<()> {
-    let fmt = IndexKeyFormat::parse("fmt", fmt).map_err(crate::errors::to_py)?;
+    let fmt = IndexFormat::parse_packed("fmt", fmt).map_err(crate::errors::to_py)?;
     let (c, s, x) = (tref("cache", cache)?, tref("slots", slots)?, tref("keys", x)?);
     // SAFETY: as kv_write.
     run(py, || unsafe { kv::index_key_write(&c, &s, &x, fmt, stream) })
@@ -30,10 +32,26 @@ pub fn index_key_write(py: Python<'_>, cache: Spec, slots: Spec, x: Spec, fmt: &
 
 #[pyfunction]
 pub fn index_key_read(py: Python<'_>, cache: Spec, rows: Spec, out: Spec, fmt: &str, stream: usize) -> PyResult<()> {
-    let fmt = IndexKeyFormat::parse("fmt", fmt).map_err(crate::errors::to_py)?;
+    let fmt = IndexFormat::parse_packed("fmt", fmt).map_err(crate::errors::to_py)?;
     let (c, r, o) = (tref("cache", cache)?, tref("rows", rows)?, tref("out", out)?);
     // SAFETY: as kv_read.
     run(py, || unsafe { kv::index_key_read(&c, &r, &o, fmt, stream) })
+}
+
+#[pyfunction]
+pub fn index_key_round_trip(py: Python<'_>, x: Spec, out: Spec, fmt: &str, stream: usize) -> PyResult<()> {
+    let fmt = IndexFormat::parse_packed("fmt", fmt).map_err(crate::errors::to_py)?;
+    let (x, o) = (tref("keys", x)?, tref("out", out)?);
+    // SAFETY: as kv_read.
+    run(py, || unsafe { kv::index_key_round_trip(&x, &o, fmt, stream) })
+}
+
+#[pyfunction]
+pub fn copy_rows(py: Python<'_>, dst: Spec, dst_rows: Spec, src: Spec, src_rows: Spec, stream: usize) -> PyResult<()> {
+    let (d, dr) = (tref("dst", dst)?, tref("dst_rows", dst_rows)?);
+    let (s, sr) = (tref("src", src)?, tref("src_rows", src_rows)?);
+    // SAFETY: as kv_write; dst is written in place, and the core checks that src does not overlap it.
+    run(py, || unsafe { kv::copy_rows(&d, &dr, &s, &sr, stream) })
 }
 
 #[pyfunction]
@@ -41,13 +59,4 @@ pub fn hadamard128(py: Python<'_>, x: Spec, out: Spec, stream: usize) -> PyResul
     let (x, o) = (tref("x", x)?, tref("out", out)?);
     // SAFETY: as kv_read.
     run(py, || unsafe { kv::hadamard128(&x, &o, stream) })
-}
-
-pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_function(wrap_pyfunction!(kv_write, m)?)?;
-    m.add_function(wrap_pyfunction!(kv_read, m)?)?;
-    m.add_function(wrap_pyfunction!(index_key_write, m)?)?;
-    m.add_function(wrap_pyfunction!(index_key_read, m)?)?;
-    m.add_function(wrap_pyfunction!(hadamard128, m)?)?;
-    Ok(())
 }

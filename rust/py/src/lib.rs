@@ -11,13 +11,55 @@ mod tensor;
 
 use pyo3::prelude::*;
 
+/// dsv4rs-core for Python: the ops, the KV-cache allocator and the format constants.
 #[pymodule]
-fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
-    errors::register(m)?;
-    cache::register(m)?;
-    info::register(m)?;
-    kv::register(m)?;
-    ops::register(m)?;
-    Ok(())
+mod _core {
+    use dsv4rs_core::formats::{IndexFormat, Named};
+    use dsv4rs_core::quant;
+    use pyo3::prelude::*;
+    use pyo3::types::PyDict;
+
+    #[pymodule_export]
+    use super::cache::{PyCacheLayout, PyCacheManager};
+    #[pymodule_export]
+    use super::errors::{CacheStateError, CudaError, OutOfPagesError};
+    #[pymodule_export]
+    use super::info::{attention_kernel, build_info, cuda_devices, warm_up};
+    #[pymodule_export]
+    use super::kv::{copy_rows, hadamard128, index_key_read, index_key_round_trip, index_key_write, kv_read, kv_write};
+    #[pymodule_export]
+    use super::ops::{
+        attention_workspace_bytes, compress, indexer_topk, indexer_workspace_bytes, mhc_weights, rope, sparse_attention,
+    };
+
+    // The cache formats, as dsv4rs-core defines them (python/dsv4rs/ops.py re-exports them).
+    #[pymodule_export]
+    const PAGE_ROWS: usize = quant::PAGE_ROWS;
+    #[pymodule_export]
+    const ENTRY_DIM: usize = quant::ENTRY_DIM;
+    #[pymodule_export]
+    const NOPE_DIM: usize = quant::NOPE_DIM;
+    #[pymodule_export]
+    const ROPE_DIM: usize = quant::ROPE_DIM;
+    #[pymodule_export]
+    const INDEX_DIM: usize = quant::INDEX_DIM;
+    #[pymodule_export]
+    const MAIN_ENTRY_BYTES: usize = quant::MAIN_ENTRY.row_bytes();
+    #[pymodule_export]
+    const MAIN_DATA_BYTES: usize = quant::MAIN_ENTRY.data_bytes;
+    #[pymodule_export]
+    const FP8_BLOCK: usize = quant::FP8_BLOCK;
+    #[pymodule_export]
+    const FP4_BLOCK: usize = quant::FP4_BLOCK;
+
+    #[pymodule_init]
+    fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+        // Bytes of one indexer key row per packed format name.
+        let key_bytes = PyDict::new(m.py());
+        for f in IndexFormat::PACKED {
+            key_bytes.set_item(f.name(), f.row_bytes())?;
+        }
+        m.add("INDEX_KEY_BYTES", key_bytes)
+    }
 }

@@ -1,8 +1,9 @@
-//! Bindings of the attention ops on the CPU: RoPE, the compressor, the indexer's top-k and
+//! Bindings of the attention ops: RoPE, mHC weights, the compressor, the indexer's top-k and
 //! sparse attention. Outputs are allocated by the caller (python/dsv4rs/ops.py) and filled here.
 
 use dsv4rs_core::attention::{Candidates, Derotate};
-use dsv4rs_core::compress::{Config, Quant};
+use dsv4rs_core::compress::Config;
+use dsv4rs_core::formats::{Named, Quant};
 use dsv4rs_core::tensor::TensorRef;
 use dsv4rs_core::{attention as attention_op, compress as compress_op, indexer as indexer_op, mhc, rope as rope_op};
 use pyo3::prelude::*;
@@ -11,10 +12,18 @@ use crate::errors::{run, to_py};
 use crate::tensor::{tref, Spec};
 
 #[pyfunction]
-pub fn rope(py: Python<'_>, x: Spec, positions: Spec, inv_freq: Spec, out: Spec, inverse: bool) -> PyResult<()> {
+pub fn rope(
+    py: Python<'_>,
+    x: Spec,
+    positions: Spec,
+    inv_freq: Spec,
+    out: Spec,
+    inverse: bool,
+    stream: usize,
+) -> PyResult<()> {
     let (x, p, f, o) = (tref("x", x)?, tref("positions", positions)?, tref("inv_freq", inv_freq)?, tref("out", out)?);
     // SAFETY: TensorRefs built from live tensors (see tensor.rs); `out` is a fresh tensor.
-    run(py, || unsafe { rope_op::rope(&x, &p, &f, &o, inverse) })
+    run(py, || unsafe { rope_op::rope(&x, &p, &f, &o, inverse, stream) })
 }
 
 #[pyfunction]
@@ -144,15 +153,4 @@ pub fn indexer_workspace_bytes(queries: usize, max_keys: usize, k: usize) -> usi
 #[pyfunction]
 pub fn attention_workspace_bytes(queries: usize, heads: usize, max_candidates: usize) -> usize {
     dsv4rs_core::gpu::attention::workspace_bytes(queries, heads, max_candidates)
-}
-
-pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_function(wrap_pyfunction!(indexer_workspace_bytes, m)?)?;
-    m.add_function(wrap_pyfunction!(attention_workspace_bytes, m)?)?;
-    m.add_function(wrap_pyfunction!(rope, m)?)?;
-    m.add_function(wrap_pyfunction!(mhc_weights, m)?)?;
-    m.add_function(wrap_pyfunction!(compress, m)?)?;
-    m.add_function(wrap_pyfunction!(indexer_topk, m)?)?;
-    m.add_function(wrap_pyfunction!(sparse_attention, m)?)?;
-    Ok(())
 }

@@ -128,8 +128,9 @@ impl CacheManager {
 
 #[cfg(test)]
 mod tests {
-    use super::super::layout::{v4_flash_ratios, v4_pro_ratios, IndexFormat, MainFormat};
+    use super::super::layout::{v4_flash_ratios, v4_pro_ratios};
     use super::*;
+    use crate::formats::{IndexFormat, MainFormat};
 
     fn layout(ratios: Vec<usize>, index: IndexFormat) -> CacheLayout {
         CacheLayout::new(ratios, 128, MainFormat::Fp8, index).unwrap()

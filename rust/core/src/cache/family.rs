@@ -3,7 +3,10 @@
 
 use crate::error::{Error, Result};
 
-use super::layout::{CSA_RATIO, HCA_RATIO};
+/// Compression ratio of CSA layers (overlapping compressor, with indexer keys).
+pub const CSA_RATIO: usize = 4;
+/// Compression ratio of HCA layers.
+pub const HCA_RATIO: usize = 128;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Family {

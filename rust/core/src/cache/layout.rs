@@ -2,70 +2,13 @@
 //! their rows, pages and compressor state (SPEC.md sections 1, 3 and 5).
 
 use crate::error::{Error, Result};
-use crate::quant::{ENTRY_DIM, INDEX_DIM, INDEX_KEY_FP4, INDEX_KEY_FP8, MAIN_ENTRY, PAGE_ROWS};
+use crate::formats::{IndexFormat, MainFormat};
+use crate::quant::{ENTRY_DIM, INDEX_DIM, PAGE_ROWS};
 
-use super::family::Family;
+use super::family::{Family, CSA_RATIO, HCA_RATIO};
 
-/// Compression ratio of CSA layers (overlapping compressor, with indexer keys).
-pub const CSA_RATIO: usize = 4;
-/// Compression ratio of HCA layers.
-pub const HCA_RATIO: usize = 128;
 /// Tokens per prefix-hashing unit: exactly one CSA page (64 entries) and two HCA entries.
 pub const UNIT_TOKENS: usize = 256;
-
-/// Storage format of main KV entries (window rows and CSA/HCA compressed rows).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MainFormat {
-    /// 448 FP8 + 64 BF16 + 8 scale bytes = 584 B.
-    Fp8,
-    /// 512 BF16 = 1024 B.
-    Bf16,
-}
-
-impl MainFormat {
-    pub fn parse(arg: &str, s: &str) -> Result<Self> {
-        match s {
-            "fp8" => Ok(MainFormat::Fp8),
-            "bf16" => Ok(MainFormat::Bf16),
-            _ => Err(Error::value(arg, format!("expected \"fp8\" or \"bf16\", got {s:?}"))),
-        }
-    }
-    pub fn row_bytes(self) -> usize {
-        match self {
-            MainFormat::Fp8 => MAIN_ENTRY.row_bytes(),
-            MainFormat::Bf16 => 2 * ENTRY_DIM,
-        }
-    }
-}
-
-/// Storage format of CSA indexer keys.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IndexFormat {
-    /// 64 B of FP4 + 4 scales = 68 B.
-    Fp4,
-    /// 128 B of FP8 + an fp32 scale = 132 B.
-    Fp8,
-    /// 128 BF16 = 256 B.
-    Bf16,
-}
-
-impl IndexFormat {
-    pub fn parse(arg: &str, s: &str) -> Result<Self> {
-        match s {
-            "fp4" => Ok(IndexFormat::Fp4),
-            "fp8" => Ok(IndexFormat::Fp8),
-            "bf16" => Ok(IndexFormat::Bf16),
-            _ => Err(Error::value(arg, format!("expected \"fp4\", \"fp8\" or \"bf16\", got {s:?}"))),
-        }
-    }
-    pub fn row_bytes(self) -> usize {
-        match self {
-            IndexFormat::Fp4 => INDEX_KEY_FP4.row_bytes(),
-            IndexFormat::Fp8 => INDEX_KEY_FP8.row_bytes(),
-            IndexFormat::Bf16 => 2 * INDEX_DIM,
-        }
-    }
-}
 
 /// fp32 kv + score decode state of one compressor (SPEC.md section 3): two `[coff*r, coff*D]`
 /// tensors, `coff` = 2 for the overlapping CSA compressor.

@@ -27,7 +27,7 @@ pub mod sequence;
 pub use accounting::Footprint;
 pub use append::Appended;
 pub use family::Family;
-pub use layout::{v4_flash_ratios, v4_pro_ratios, CacheLayout, IndexFormat, MainFormat};
+pub use layout::{v4_flash_ratios, v4_pro_ratios, CacheLayout};
 pub use manager::{CacheManager, PrefixHit, SeqId};
 
 #[cfg(test)]

@@ -18,8 +18,8 @@
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 
-use super::family::Family;
-use super::layout::{CSA_RATIO, HCA_RATIO, UNIT_TOKENS};
+use super::family::{Family, CSA_RATIO, HCA_RATIO};
+use super::layout::UNIT_TOKENS;
 use super::pool::{PageId, NULL_PAGE};
 use crate::quant::PAGE_ROWS;
 

@@ -7,6 +7,7 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 
 use super::*;
 use crate::error::Error;
+use crate::formats::{IndexFormat, MainFormat};
 
 /// A tiny model: CSA, HCA and SWA-only layers, an 8-token window (rebuild = 7 * 2 + 7 = 21).
 fn tiny(pages: [usize; 4]) -> CacheManager {

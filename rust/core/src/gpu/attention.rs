@@ -4,9 +4,9 @@
 
 use std::ffi::c_void;
 
-use super::{launch, Launch};
-use crate::attention::Candidates;
+use super::{launch, Kernel, Launch};
 use crate::error::{Error, Result};
+use crate::formats::MainFormat;
 use crate::quant::{MAIN_ENTRY, PAGE_ROWS};
 use crate::tensor::{DType, TensorRef};
 
@@ -38,21 +38,21 @@ const WGMMA_THREADS: u32 = 512;
 const PORTABLE_HEADS: usize = 16;
 const PORTABLE_SHARED_BYTES: u32 = (16 * (512 + 8) * 2 + 8 * 16 * (16 + 8) * 4 + 3 * 16 * (1024 + 64)) as u32;
 
-/// The attention kernels.
+/// The attention kernels a GPU can run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kernel {
+enum Variant {
     Wgmma,
     Mma,
     Portable,
 }
 
-impl Kernel {
-    /// Name, heads a block, threads a block, dynamic shared memory.
-    fn launch_shape(self) -> (&'static str, usize, u32, u32) {
+impl Variant {
+    /// Kernel, heads a block, threads a block, dynamic shared memory.
+    fn launch_shape(self) -> (Kernel, usize, u32, u32) {
         match self {
-            Kernel::Wgmma => ("dsv4_sparse_attention_wgmma", HEADS_PER_BLOCK, WGMMA_THREADS, WGMMA_SHARED_BYTES),
-            Kernel::Mma => ("dsv4_sparse_attention", HEADS_PER_BLOCK, THREADS, SHARED_BYTES),
-            Kernel::Portable => ("dsv4_sparse_attention_portable", PORTABLE_HEADS, THREADS, PORTABLE_SHARED_BYTES),
+            Variant::Wgmma => (Kernel::SparseAttentionWgmma, HEADS_PER_BLOCK, WGMMA_THREADS, WGMMA_SHARED_BYTES),
+            Variant::Mma => (Kernel::SparseAttention, HEADS_PER_BLOCK, THREADS, SHARED_BYTES),
+            Variant::Portable => (Kernel::SparseAttentionPortable, PORTABLE_HEADS, THREADS, PORTABLE_SHARED_BYTES),
         }
     }
 }
@@ -61,16 +61,16 @@ impl Kernel {
 /// else the 64-head mma.sync one where its shared memory fits, else the portable one.
 /// `DSV4RS_ATTENTION_KERNEL=wgmma|mma|portable` forces one (for tests and benchmarks); forcing
 /// one the GPU cannot run is an error.
-fn choose(dev: i32) -> Result<Kernel> {
-    let fits = |k: Kernel| -> Result<bool> { Ok(super::shared_memory_limit(dev)? >= k.launch_shape().3 as usize) };
+fn choose(dev: i32) -> Result<Variant> {
+    let fits = |k: Variant| -> Result<bool> { Ok(super::shared_memory_limit(dev)? >= k.launch_shape().3 as usize) };
     let wgmma_ok = || -> Result<bool> {
-        Ok(super::compute_capability(dev)? == (9, 0) && fits(Kernel::Wgmma)? && super::has_kernel(dev, Kernel::Wgmma.launch_shape().0))
+        Ok(super::compute_capability(dev)? == (9, 0) && fits(Variant::Wgmma)? && super::has_kernel(dev, Variant::Wgmma.launch_shape().0))
     };
     match std::env::var("DSV4RS_ATTENTION_KERNEL").ok().as_deref() {
         None | Some("") | Some("auto") => {}
-        Some("portable") => return Ok(Kernel::Portable),
-        Some("mma") if fits(Kernel::Mma)? => return Ok(Kernel::Mma),
-        Some("wgmma") if wgmma_ok()? => return Ok(Kernel::Wgmma),
+        Some("portable") => return Ok(Variant::Portable),
+        Some("mma") if fits(Variant::Mma)? => return Ok(Variant::Mma),
+        Some("wgmma") if wgmma_ok()? => return Ok(Variant::Wgmma),
         Some(other) => {
             return Err(Error::value(
                 "DSV4RS_ATTENTION_KERNEL",
@@ -79,11 +79,11 @@ fn choose(dev: i32) -> Result<Kernel> {
         }
     }
     Ok(if wgmma_ok()? {
-        Kernel::Wgmma
-    } else if fits(Kernel::Mma)? {
-        Kernel::Mma
+        Variant::Wgmma
+    } else if fits(Variant::Mma)? {
+        Variant::Mma
     } else {
-        Kernel::Portable
+        Variant::Portable
     })
 }
 
@@ -92,7 +92,7 @@ fn choose(dev: i32) -> Result<Kernel> {
 struct Cache {
     base: u64,
     rows: i64,
-    fmt: i32,
+    fmt: MainFormat,
 }
 
 #[repr(C)]
@@ -105,7 +105,8 @@ struct List {
     counts64: i32,
 }
 
-/// Mirror of `Params` in cuda/attention.cu (same field order and C layout).
+/// Mirror of `Params` in cuda/include/attention.cuh (same field order and C layout); both sides
+/// check its size and a few offsets at compile time.
 #[repr(C)]
 struct Params {
     q: u64,
@@ -128,14 +129,17 @@ struct Params {
     part_o: u64,
     part_ml: u64,
 }
+const _: () = assert!(std::mem::size_of::<Cache>() == 24 && std::mem::size_of::<List>() == 32);
+const _: () = assert!(std::mem::size_of::<Params>() == 216);
+const _: () = assert!(std::mem::offset_of!(Params, sink) == 128 && std::mem::offset_of!(Params, part_ml) == 208);
 
 /// The attention kernel `sparse_attention` launches on GPU `dev`: "wgmma", "mma" or "portable"
 /// (after `DSV4RS_ATTENTION_KERNEL`).
 pub fn kernel_name(dev: i32) -> Result<&'static str> {
     Ok(match choose(dev)? {
-        Kernel::Wgmma => "wgmma",
-        Kernel::Mma => "mma",
-        Kernel::Portable => "portable",
+        Variant::Wgmma => "wgmma",
+        Variant::Mma => "mma",
+        Variant::Portable => "portable",
     })
 }
 
@@ -159,6 +163,15 @@ pub fn workspace_bytes(queries: usize, heads: usize, max_candidates: usize) -> u
     }
 }
 
+/// A candidate list: row ids `indices` (`[T, K]`, -1 masked) into `cache`, of which the first
+/// `lengths[t]` count for query t (all K without `lengths`). The op takes a main list and an
+/// optional second one (e.g. the sliding window, whose rows live in another cache).
+pub struct Candidates<'a> {
+    pub cache: &'a TensorRef,
+    pub indices: &'a TensorRef,
+    pub lengths: Option<&'a TensorRef>,
+}
+
 /// Arguments of one launch, already validated.
 pub struct AttentionArgs<'a> {
     pub q: &'a TensorRef,
@@ -176,7 +189,7 @@ fn cache(c: &TensorRef) -> Cache {
     let fp8 = c.dtype == DType::U8;
     let rows = if fp8 { c.dim(0) * PAGE_ROWS } else { c.numel() / 512 };
     debug_assert!(!fp8 || c.dim(1) == MAIN_ENTRY.page_bytes());
-    Cache { base: c.ptr as u64, rows: rows as i64, fmt: (!fp8) as i32 }
+    Cache { base: c.ptr as u64, rows: rows as i64, fmt: if fp8 { MainFormat::Fp8 } else { MainFormat::Bf16 } }
 }
 
 fn list(c: &Candidates) -> List {
@@ -211,7 +224,7 @@ pub unsafe fn sparse_attention(dev: i32, stream: usize, a: &AttentionArgs) -> Re
         q_bf16: (a.q.dtype == DType::BF16) as i32,
         heads: heads as i32,
         a: cache(a.a.cache),
-        b: a.b.as_ref().map_or(Cache { base: 0, rows: 0, fmt: 0 }, |b| cache(b.cache)),
+        b: a.b.as_ref().map_or(Cache { base: 0, rows: 0, fmt: MainFormat::Fp8 }, |b| cache(b.cache)),
         la: list(&a.a),
         lb: a.b.as_ref().map_or(none, list),
         sink: a.sink.ptr as u64,
@@ -228,17 +241,17 @@ pub unsafe fn sparse_attention(dev: i32, stream: usize, a: &AttentionArgs) -> Re
         part_ml: part_o + (t * splits * heads * 512 * 4) as u64,
     };
     let pp = &mut p as *mut Params as *mut c_void;
-    let (name, per_block, threads, shared_bytes) = choose(dev)?.launch_shape();
+    let (kernel, per_block, threads, shared_bytes) = choose(dev)?.launch_shape();
     let main = Launch {
         grid: (splits as u32, heads.div_ceil(per_block) as u32, t as u32),
         block: (threads, 1, 1),
         shared_bytes,
         stream,
     };
-    launch(dev, name, &main, &mut [pp])?;
+    launch(dev, kernel, &main, &mut [pp])?;
     if splits > 1 {
         let combine = Launch { grid: (heads as u32, t as u32, 1), block: (128, 1, 1), shared_bytes: 0, stream };
-        launch(dev, "dsv4_attention_combine", &combine, &mut [pp])?;
+        launch(dev, Kernel::AttentionCombine, &combine, &mut [pp])?;
     }
     Ok(())
 }
@@ -246,13 +259,6 @@ pub unsafe fn sparse_attention(dev: i32, stream: usize, a: &AttentionArgs) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn params_layout_matches_the_kernel() {
-        assert_eq!(std::mem::size_of::<Cache>(), 24);
-        assert_eq!(std::mem::size_of::<List>(), 32);
-        assert_eq!(std::mem::size_of::<Params>(), 216);
-    }
 
     #[test]
     fn shared_memory_of_the_variants() {

@@ -3,15 +3,17 @@
 
 use std::ffi::c_void;
 
-use super::{launch, Launch};
+use super::{launch, Kernel, Launch};
 use crate::error::{Error, Result};
+use crate::formats::Quant;
 use crate::tensor::{DType, TensorRef};
 
 const THREADS: u32 = 128;
 /// Widest entry the pooling kernel holds in shared memory.
 pub const MAX_DIM: usize = 512;
 
-/// Mirror of `Params` in cuda/compress.cu (same field order and C layout).
+/// Mirror of `Params` in cuda/compress.cu (same field order and C layout); both sides check its
+/// size and a few offsets at compile time.
 #[repr(C)]
 struct Params {
     kv: u64,
@@ -30,8 +32,10 @@ struct Params {
     overlap: i32,
     dim: i32,
     eps: f32,
-    quant: i32,
+    quant: Quant,
 }
+const _: () = assert!(std::mem::size_of::<Params>() == 104);
+const _: () = assert!(std::mem::offset_of!(Params, start) == 72 && std::mem::offset_of!(Params, quant) == 100);
 
 /// Tensors and scalars of one call, already validated.
 pub struct CompressArgs<'a> {
@@ -46,8 +50,7 @@ pub struct CompressArgs<'a> {
     pub start: usize,
     pub ratio: usize,
     pub eps: f32,
-    /// 0: none, 1: FP8 entry round trip (D = 512), 2: Hadamard + FP4 (D = 128).
-    pub quant: i32,
+    pub quant: Quant,
 }
 
 /// # Safety
@@ -56,7 +59,7 @@ pub struct CompressArgs<'a> {
 /// that device.
 pub unsafe fn compress(dev: i32, stream: usize, a: &CompressArgs) -> Result<()> {
     let d = a.norm_weight.dim(0);
-    if d > MAX_DIM || (a.quant == 1 && d != 512) {
+    if d > MAX_DIM || (a.quant == Quant::Fp8 && d != 512) {
         return Err(Error::value(a.norm_weight.name, format!("the GPU compressor takes D <= {MAX_DIM}, got {d}")));
     }
     let (tokens, entries) = (a.kv.dim(0), a.out.dim(0));
@@ -84,9 +87,9 @@ pub unsafe fn compress(dev: i32, stream: usize, a: &CompressArgs) -> Result<()> 
     // Pool first: it reads the state the update below overwrites (same stream, in order).
     let groups = d.div_ceil(THREADS as usize) as u32;
     let pool = Launch { grid: (entries as u32, groups, 1), block: (THREADS, 1, 1), shared_bytes: 0, stream };
-    launch(dev, "dsv4_compress_pool", &pool, &mut [pp])?;
+    launch(dev, Kernel::CompressPool, &pool, &mut [pp])?;
     let finish = Launch { grid: (entries as u32, 1, 1), block: (THREADS, 1, 1), shared_bytes: 0, stream };
-    launch(dev, "dsv4_compress_finish", &finish, &mut [pp])?;
+    launch(dev, Kernel::CompressFinish, &finish, &mut [pp])?;
     let width = if overlap { 2 * d } else { d };
     let state = Launch {
         grid: (if tokens == 0 { 0 } else { width.div_ceil(THREADS as usize) as u32 }, 1, 1),
@@ -94,13 +97,5 @@ pub unsafe fn compress(dev: i32, stream: usize, a: &CompressArgs) -> Result<()> 
         shared_bytes: 0,
         stream,
     };
-    launch(dev, "dsv4_compress_state", &state, &mut [pp])
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn params_layout_matches_the_kernel() {
-        assert_eq!(std::mem::size_of::<super::Params>(), 104);
-    }
+    launch(dev, Kernel::CompressState, &state, &mut [pp])
 }

@@ -2,10 +2,11 @@
 //! ranges are checked by the caller (`crate::indexer`); this module sizes the split of the key
 //! axis and the workspace.
 
-use super::{launch, Launch};
+use super::{launch, Kernel, Launch};
 use crate::error::{Error, Result};
 use crate::kernel_args;
-use crate::quant::{INDEX_DIM, INDEX_KEY_FP4, INDEX_KEY_FP8, PAGE_ROWS};
+use crate::formats::IndexFormat;
+use crate::quant::{INDEX_DIM, PAGE_ROWS};
 use crate::tensor::{DType, TensorRef};
 
 const SCORE_THREADS: u32 = 128;
@@ -47,12 +48,8 @@ const STAGES: usize = 4;
 
 /// Shared memory of the score kernel: the bf16 key tile, per-warp partial scores, the split's
 /// candidate pool, the radix-select scratch and the staged raw pages.
-fn score_shared_bytes(split_keys: usize, key_format: i32) -> u32 {
-    let page_bytes = match key_format {
-        0 => INDEX_KEY_FP4.page_bytes(),
-        1 => INDEX_KEY_FP8.page_bytes(),
-        _ => PAGE_ROWS * INDEX_DIM * 2,
-    };
+fn score_shared_bytes(split_keys: usize, key_format: IndexFormat) -> u32 {
+    let page_bytes = PAGE_ROWS * key_format.row_bytes();
     let tile = PAGE_ROWS * (INDEX_DIM + 8) * 2 + 4 * PAGE_ROWS * 4;
     (tile + split_keys * 8 + 1040 + STAGES * page_bytes) as u32
 }
@@ -62,8 +59,7 @@ pub struct IndexerArgs<'a> {
     pub q: &'a TensorRef,
     pub weights: &'a TensorRef,
     pub keys: &'a TensorRef,
-    /// 0: FP4 (68 B), 1: FP8 (132 B), 2: BF16 rows.
-    pub key_format: i32,
+    pub key_format: IndexFormat,
     pub num_pages: usize,
     pub block_table: &'a TensorRef,
     pub seq_ids: &'a TensorRef,
@@ -112,7 +108,7 @@ pub unsafe fn indexer_topk(dev: i32, stream: usize, a: &IndexerArgs) -> Result<(
     };
     launch(
         dev,
-        "dsv4_indexer_score",
+        Kernel::IndexerScore,
         &score,
         &mut kernel_args!(qp, qb, wp, h, kp, fmt, np, bt, mp, sp, vp, s64, v64, sk, kc, sc, cand, counts),
     )?;
@@ -126,7 +122,7 @@ pub unsafe fn indexer_topk(dev: i32, stream: usize, a: &IndexerArgs) -> Result<(
     };
     launch(
         dev,
-        "dsv4_indexer_merge",
+        Kernel::IndexerMerge,
         &merge,
         &mut kernel_args!(cand, counts, sc, kc, k, kpow2, bt, mp, sp, s64, phys, oi, os),
     )

@@ -1,9 +1,8 @@
 //! Launcher of cuda/mhc.cu. Shapes and dtypes are checked by the caller (`crate::mhc`).
 
-use super::{launch, Launch};
+use super::{launch, Kernel, Launch};
 use crate::error::Result;
 use crate::kernel_args;
-use crate::mhc::Config;
 use crate::tensor::TensorRef;
 
 /// # Safety
@@ -12,12 +11,12 @@ use crate::tensor::TensorRef;
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn mhc_weights(
     dev: i32, stream: usize, mix: &TensorRef, scale: &TensorRef, base: &TensorRef, pre: &TensorRef, post: &TensorRef,
-    comb: &TensorRef, n: usize, cfg: Config,
+    comb: &TensorRef, n: usize, iters: usize, eps: f32,
 ) -> Result<()> {
     let tokens = mix.dim(0) as i64;
     let (mp, sp, bp, pp, op, cp) = (mix.ptr as u64, scale.ptr as u64, base.ptr as u64, pre.ptr as u64, post.ptr as u64, comb.ptr as u64);
-    let (n, iters, eps) = (n as i32, cfg.iters.min(i32::MAX as usize) as i32, cfg.eps);
+    let (n, iters) = (n as i32, iters.min(i32::MAX as usize) as i32);
     let blocks = (tokens as u64).div_ceil(128) as u32;
     let cfg = Launch { grid: (blocks, 1, 1), block: (128, 1, 1), shared_bytes: 0, stream };
-    launch(dev, "dsv4_mhc_weights", &cfg, &mut kernel_args!(mp, sp, bp, tokens, n, iters, eps, pp, op, cp))
+    launch(dev, Kernel::MhcWeights, &cfg, &mut kernel_args!(mp, sp, bp, tokens, n, iters, eps, pp, op, cp))
 }

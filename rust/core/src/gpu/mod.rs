@@ -8,8 +8,8 @@ pub mod compress;
 pub mod indexer;
 pub mod mhc;
 pub mod quant;
+pub mod rope;
 
-use std::collections::HashMap;
 use std::ffi::{c_void, CStr, CString};
 use std::sync::Mutex;
 
@@ -20,6 +20,59 @@ use crate::error::{Error, Result};
 /// The embedded fatbins (`FATBINS`) and the GPU targets they carry (`TARGETS`).
 pub mod kernels {
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+}
+
+/// Declares [`Kernel`]: one variant per `extern "C" __global__` function of cuda/*.cu, each with
+/// its symbol and the module (the .cu file's stem) that defines it.
+macro_rules! declare_kernels {
+    ($($variant:ident = $symbol:literal in $module:literal,)*) => {
+        /// A kernel of the embedded modules. Launches name kernels by variant, so a kernel is
+        /// looked up only in its own module, once per device.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum Kernel {
+            $($variant,)*
+        }
+
+        impl Kernel {
+            pub const ALL: &'static [Kernel] = &[$(Kernel::$variant,)*];
+            pub const COUNT: usize = Self::ALL.len();
+
+            /// The kernel's name in its module.
+            pub const fn symbol(self) -> &'static str {
+                match self {
+                    $(Kernel::$variant => $symbol,)*
+                }
+            }
+
+            /// The module that defines it: the stem of its cuda/*.cu file.
+            pub const fn module(self) -> &'static str {
+                match self {
+                    $(Kernel::$variant => $module,)*
+                }
+            }
+        }
+    };
+}
+
+declare_kernels! {
+    SparseAttention = "dsv4_sparse_attention" in "attention",
+    SparseAttentionPortable = "dsv4_sparse_attention_portable" in "attention",
+    AttentionCombine = "dsv4_attention_combine" in "attention",
+    SparseAttentionWgmma = "dsv4_sparse_attention_wgmma" in "attention_sm90a",
+    CompressPool = "dsv4_compress_pool" in "compress",
+    CompressFinish = "dsv4_compress_finish" in "compress",
+    CompressState = "dsv4_compress_state" in "compress",
+    IndexerScore = "dsv4_indexer_score" in "indexer",
+    IndexerMerge = "dsv4_indexer_merge" in "indexer",
+    MhcWeights = "dsv4_mhc_weights" in "mhc",
+    KvWrite = "dsv4_kv_write" in "quant",
+    KvRead = "dsv4_kv_read" in "quant",
+    IndexKeyWrite = "dsv4_index_key_write" in "quant",
+    IndexKeyRead = "dsv4_index_key_read" in "quant",
+    IndexKeyRoundTrip = "dsv4_index_key_round_trip" in "quant",
+    CopyRows = "dsv4_copy_rows" in "quant",
+    Hadamard128 = "dsv4_hadamard128" in "quant",
+    Rope = "dsv4_rope" in "rope",
 }
 
 fn check(res: sys::CUresult, call: &str) -> Result<()> {
@@ -100,11 +153,13 @@ fn device(index: i32) -> Result<sys::CUdevice> {
     Ok(dev)
 }
 
-/// A device's primary context and the modules loaded into it.
+/// A device's primary context, the modules loaded into it and the kernels looked up so far.
 struct Loaded {
     ctx: sys::CUcontext,
-    modules: HashMap<&'static str, sys::CUmodule>,
-    functions: HashMap<String, sys::CUfunction>,
+    /// One per entry of `kernels::FATBINS`; `None` for a Hopper-only module on another GPU.
+    modules: Vec<Option<sys::CUmodule>>,
+    /// Indexed by `Kernel as usize`.
+    functions: [Option<sys::CUfunction>; Kernel::COUNT],
 }
 
 // SAFETY: driver handles are process-wide and usable from any thread; access is serialized by
@@ -122,8 +177,8 @@ fn with_context<T>(ctx: sys::CUcontext, f: impl FnOnce() -> Result<T>) -> Result
     r
 }
 
-/// Looks up (loading modules on first use) a kernel by name on a device.
-fn function(index: i32, name: &str) -> Result<(sys::CUcontext, sys::CUfunction)> {
+/// Looks up (loading every module on first use) a kernel on a device.
+fn function(index: i32, kernel: Kernel) -> Result<(sys::CUcontext, sys::CUfunction)> {
     if kernels::FATBINS.is_empty() {
         return Err(Error::NoKernels);
     }
@@ -135,42 +190,46 @@ fn function(index: i32, name: &str) -> Result<(sys::CUcontext, sys::CUfunction)>
             let dev = device(index)?;
             let mut ctx = std::ptr::null_mut();
             check(unsafe { sys::cuDevicePrimaryCtxRetain(&mut ctx, dev) }, "cuDevicePrimaryCtxRetain")?;
-            let mut modules = HashMap::new();
-            with_context(ctx, || {
-                for (module, image) in kernels::FATBINS {
-                    let mut m = std::ptr::null_mut();
-                    // SAFETY: `image` is a complete fatbin, 64-byte aligned, alive for 'static.
-                    let r = unsafe { sys::cuModuleLoadData(&mut m, image.as_ptr() as *const c_void) };
-                    if r != sys::CUresult::CUDA_SUCCESS && module.ends_with("_sm90a") {
-                        continue; // Hopper-only kernels: other GPUs run the portable ones
-                    }
-                    check(r, &format!("cuModuleLoadData({module}): no kernel image for this GPU?"))?;
-                    modules.insert(*module, m);
-                }
-                Ok(())
+            let modules = with_context(ctx, || {
+                kernels::FATBINS
+                    .iter()
+                    .map(|(module, image)| {
+                        let mut m = std::ptr::null_mut();
+                        // SAFETY: `image` is a complete fatbin, 64-byte aligned, alive for 'static.
+                        let r = unsafe { sys::cuModuleLoadData(&mut m, image.as_ptr() as *const c_void) };
+                        if r != sys::CUresult::CUDA_SUCCESS && module.ends_with("_sm90a") {
+                            return Ok(None); // Hopper-only kernels: other GPUs run the portable ones
+                        }
+                        check(r, &format!("cuModuleLoadData({module}): no kernel image for this GPU?"))?;
+                        Ok(Some(m))
+                    })
+                    .collect::<Result<Vec<_>>>()
             })?;
-            loaded.push((index, Loaded { ctx, modules, functions: HashMap::new() }));
+            loaded.push((index, Loaded { ctx, modules, functions: [None; Kernel::COUNT] }));
             loaded.len() - 1
         }
     };
     let l = &mut loaded[pos].1;
-    if let Some(f) = l.functions.get(name) {
-        return Ok((l.ctx, *f));
+    if let Some(f) = l.functions[kernel as usize] {
+        return Ok((l.ctx, f));
     }
-    let cname = CString::new(name).expect("kernel names have no NUL");
-    for m in l.modules.values() {
-        let mut f = std::ptr::null_mut();
-        if unsafe { sys::cuModuleGetFunction(&mut f, *m, cname.as_ptr()) } == sys::CUresult::CUDA_SUCCESS {
-            l.functions.insert(name.to_string(), f);
-            return Ok((l.ctx, f));
-        }
-    }
-    Err(Error::Cuda { call: "cuModuleGetFunction".into(), msg: format!("kernel {name} is not in this build") })
+    let (symbol, module) = (kernel.symbol(), kernel.module());
+    let not_here = |msg: String| Error::Cuda { call: "cuModuleGetFunction".into(), msg };
+    let m = match kernels::FATBINS.iter().position(|(name, _)| *name == module) {
+        None => return Err(not_here(format!("kernel {symbol}: module {module} is not in this build"))),
+        Some(i) => l.modules[i].ok_or_else(|| not_here(format!("kernel {symbol}: module {module} does not load on GPU {index}")))?,
+    };
+    let cname = CString::new(symbol).expect("kernel names have no NUL");
+    let mut f = std::ptr::null_mut();
+    // SAFETY: `m` is a module loaded into `l.ctx`; the name is NUL-terminated.
+    check(unsafe { sys::cuModuleGetFunction(&mut f, m, cname.as_ptr()) }, &format!("cuModuleGetFunction({symbol})"))?;
+    l.functions[kernel as usize] = Some(f);
+    Ok((l.ctx, f))
 }
 
 /// Loads every module on `index` now, so that later launches can be captured in a CUDA graph.
 pub fn warm_up(index: i32) -> Result<()> {
-    function(index, "dsv4_hadamard128").map(|_| ())
+    function(index, Kernel::Hadamard128).map(|_| ())
 }
 
 /// A device attribute of device `index` (cached).
@@ -201,9 +260,9 @@ fn compute_capability(index: i32) -> Result<(i32, i32)> {
     ))
 }
 
-/// Whether kernel `name` is in this build and loads on device `index`.
-fn has_kernel(index: i32, name: &str) -> bool {
-    function(index, name).is_ok()
+/// Whether `kernel` is in this build and loads on device `index`.
+fn has_kernel(index: i32, kernel: Kernel) -> bool {
+    function(index, kernel).is_ok()
 }
 
 /// A kernel launch: grid, block, dynamic shared memory and the raw `CUstream` handle.
@@ -214,16 +273,17 @@ pub struct Launch {
     pub stream: usize,
 }
 
-/// Launches kernel `name` on device `index`.
+/// Launches `kernel` on device `index`.
 ///
 /// # Safety
 /// `args` must point at values whose types and order match the kernel's parameters, and every
 /// device pointer among them must address memory of the sizes the kernel assumes.
-pub unsafe fn launch(index: i32, name: &str, cfg: &Launch, args: &mut [*mut c_void]) -> Result<()> {
+pub unsafe fn launch(index: i32, kernel: Kernel, cfg: &Launch, args: &mut [*mut c_void]) -> Result<()> {
     if cfg.grid.0 == 0 || cfg.grid.1 == 0 || cfg.grid.2 == 0 {
         return Ok(());
     }
-    let (ctx, f) = function(index, name)?;
+    let (ctx, f) = function(index, kernel)?;
+    let name = kernel.symbol();
     if cfg.shared_bytes > 48 * 1024 {
         let most = shared_memory_limit(index)?;
         if cfg.shared_bytes as usize > most {

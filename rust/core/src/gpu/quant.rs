@@ -1,8 +1,10 @@
 //! Launchers of cuda/quant.cu. Shapes and dtypes are checked by the callers in `crate::kv`.
 
-use super::{launch, Launch};
+use super::{launch, Kernel, Launch};
 use crate::error::Result;
+use crate::formats::IndexFormat;
 use crate::kernel_args;
+use crate::quant::RowFormat;
 use crate::tensor::{DType, TensorRef};
 
 fn rows_launch(n: usize, threads: u32, stream: usize) -> Launch {
@@ -26,7 +28,7 @@ fn grid_rows(arg: &TensorRef) -> Result<usize> {
 pub unsafe fn kv_write(dev: i32, stream: usize, cache: &TensorRef, rows: usize, slots: &TensorRef, x: &TensorRef) -> Result<()> {
     let n = grid_rows(x)?;
     let (xp, bf, nn, sp, cp, nr) = (x.ptr as u64, is_bf16(x), n as i64, slots.ptr as u64, cache.ptr as u64, rows as i64);
-    launch(dev, "dsv4_kv_write", &rows_launch(n, 64, stream), &mut kernel_args!(xp, bf, nn, sp, cp, nr))
+    launch(dev, Kernel::KvWrite, &rows_launch(n, 64, stream), &mut kernel_args!(xp, bf, nn, sp, cp, nr))
 }
 
 /// # Safety
@@ -34,7 +36,7 @@ pub unsafe fn kv_write(dev: i32, stream: usize, cache: &TensorRef, rows: usize, 
 pub unsafe fn kv_read(dev: i32, stream: usize, cache: &TensorRef, rows: usize, ids: &TensorRef, out: &TensorRef) -> Result<()> {
     let m = grid_rows(out)?;
     let (cp, nr, ip, mm, op) = (cache.ptr as u64, rows as i64, ids.ptr as u64, m as i64, out.ptr as u64);
-    launch(dev, "dsv4_kv_read", &rows_launch(m, 64, stream), &mut kernel_args!(cp, nr, ip, mm, op))
+    launch(dev, Kernel::KvRead, &rows_launch(m, 64, stream), &mut kernel_args!(cp, nr, ip, mm, op))
 }
 
 /// # Safety
@@ -46,11 +48,11 @@ pub unsafe fn index_key_write(
     rows: usize,
     slots: &TensorRef,
     x: &TensorRef,
-    fmt: i32,
+    fmt: IndexFormat,
 ) -> Result<()> {
     let n = grid_rows(x)?;
     let (xp, bf, nn, sp, cp, nr) = (x.ptr as u64, is_bf16(x), n as i64, slots.ptr as u64, cache.ptr as u64, rows as i64);
-    launch(dev, "dsv4_index_key_write", &rows_launch(n, 32, stream), &mut kernel_args!(xp, bf, nn, sp, cp, nr, fmt))
+    launch(dev, Kernel::IndexKeyWrite, &rows_launch(n, 32, stream), &mut kernel_args!(xp, bf, nn, sp, cp, nr, fmt))
 }
 
 /// # Safety
@@ -62,11 +64,45 @@ pub unsafe fn index_key_read(
     rows: usize,
     ids: &TensorRef,
     out: &TensorRef,
-    fmt: i32,
+    fmt: IndexFormat,
 ) -> Result<()> {
     let m = grid_rows(out)?;
     let (cp, nr, ip, mm, op) = (cache.ptr as u64, rows as i64, ids.ptr as u64, m as i64, out.ptr as u64);
-    launch(dev, "dsv4_index_key_read", &rows_launch(m, 32, stream), &mut kernel_args!(cp, nr, ip, mm, op, fmt))
+    launch(dev, Kernel::IndexKeyRead, &rows_launch(m, 32, stream), &mut kernel_args!(cp, nr, ip, mm, op, fmt))
+}
+
+/// Pairs of rows a block of `dsv4_copy_rows` copies (a warp each).
+const COPY_PAIRS: usize = 4;
+
+/// # Safety
+/// As [`kv_write`]; `dst` and `src` are caches of `fmt` rows (`dst_total` and `src_total` of
+/// them) that do not overlap.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn copy_rows(
+    dev: i32,
+    stream: usize,
+    dst: &TensorRef,
+    dst_total: usize,
+    dst_rows: &TensorRef,
+    src: &TensorRef,
+    src_total: usize,
+    src_rows: &TensorRef,
+    fmt: RowFormat,
+) -> Result<()> {
+    let n = grid_rows(dst_rows)?;
+    let (dp, dn, dip) = (dst.ptr as u64, dst_total as i64, dst_rows.ptr as u64);
+    let (sp, sn, sip) = (src.ptr as u64, src_total as i64, src_rows.ptr as u64);
+    let (nn, db, sb) = (n as i64, fmt.data_bytes as i32, fmt.scale_bytes as i32);
+    let cfg = Launch { grid: (n.div_ceil(COPY_PAIRS) as u32, 1, 1), block: (32 * COPY_PAIRS as u32, 1, 1), shared_bytes: 0, stream };
+    launch(dev, Kernel::CopyRows, &cfg, &mut kernel_args!(dp, dn, dip, sp, sn, sip, nn, db, sb))
+}
+
+/// # Safety
+/// As [`kv_write`].
+pub unsafe fn index_key_round_trip(dev: i32, stream: usize, x: &TensorRef, out: &TensorRef, fmt: IndexFormat) -> Result<()> {
+    let n = grid_rows(x)?;
+    let (xp, bf, nn, op) = (x.ptr as u64, is_bf16(x), n as i64, out.ptr as u64);
+    launch(dev, Kernel::IndexKeyRoundTrip, &rows_launch(n, 32, stream), &mut kernel_args!(xp, bf, nn, op, fmt))
 }
 
 /// # Safety
@@ -74,5 +110,5 @@ pub unsafe fn index_key_read(
 pub unsafe fn hadamard128(dev: i32, stream: usize, x: &TensorRef, out: &TensorRef) -> Result<()> {
     let n = grid_rows(x)?;
     let (xp, bf, nn, op) = (x.ptr as u64, is_bf16(x), n as i64, out.ptr as u64);
-    launch(dev, "dsv4_hadamard128", &rows_launch(n, 32, stream), &mut kernel_args!(xp, bf, nn, op))
+    launch(dev, Kernel::Hadamard128, &rows_launch(n, 32, stream), &mut kernel_args!(xp, bf, nn, op))
 }
