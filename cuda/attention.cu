@@ -1,4 +1,4 @@
-// Sparse attention with sink over paged KV entries (SPEC.md section 2), decode and prefill.
+// Sparse attention with sink over paged KV entries (docs/model.md section 2), decode and prefill.
 //
 // Every query t has its own candidate list: the first counts[t] rows of list A into cache A (e.g.
 // its top-k compressed entries) followed by those of list B into cache B (its sliding window), as

@@ -1,4 +1,4 @@
-// The compressor on the GPU (SPEC.md section 3), one form for prefill and decode, mirroring
+// The compressor on the GPU (docs/model.md section 3), one form for prefill and decode, mirroring
 // rust/core/src/compress.rs: a call consumes the tokens at positions start .. start + S and
 // emits the entries they complete; tokens of blocks not pooled yet come from the decode state
 // (kv_state, score_state: [coff r, coff D], logits stored as score + ape).

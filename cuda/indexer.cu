@@ -1,4 +1,4 @@
-// Lightning Indexer top-k on the GPU (SPEC.md section 4), fused: the [queries x keys] score
+// Lightning Indexer top-k on the GPU (docs/model.md section 4), fused: the [queries x keys] score
 // matrix never leaves the chip.
 //
 // dsv4_indexer_score: grid (splits, queries), 128 threads = 4 warps. Each block takes one query

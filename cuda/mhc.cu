@@ -1,4 +1,4 @@
-// mHC weights (SPEC.md section 6), one thread per token: from the projected mix of the streams,
+// mHC weights (docs/model.md section 6), one thread per token: from the projected mix of the streams,
 // pre = sigmoid(s0 mu[0:n] + b) + eps, post = 2 sigmoid(s1 mu[n:2n] + b), and comb = the rows of
 // s2 mu[2n:] + b softmaxed plus eps, then Sinkhorn: columns, and (iters - 1) times rows and
 // columns, each divided by its sum plus eps. Mirrors rust/core/src/mhc.rs (float32, same order).

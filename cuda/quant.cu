@@ -1,6 +1,6 @@
 // KV-entry quantization kernels: write entries / indexer keys into paged caches, read them back,
 // the indexer-key round trip without a cache, row copies between caches, and the Hadamard-128
-// transform. Formats: cuda/include/quant.cuh (SPEC.md section 5).
+// transform. Formats: cuda/include/quant.cuh (docs/model.md section 5).
 // Row ids outside [0, num_rows) are skipped on write and read back as zeros: the kernels never
 // touch memory outside the cache, whatever the indices.
 #include "quant.cuh"

@@ -1,4 +1,4 @@
-// RoPE (SPEC.md section 2) of x [T, ..., D], float32 or bfloat16, into float32: pair j of the
+// RoPE (docs/model.md section 2) of x [T, ..., D], float32 or bfloat16, into float32: pair j of the
 // last 2R dims of every row of token t, (x[D - 2R + 2j], x[D - 2R + 2j + 1]), is rotated by the
 // angle positions[t] * inv_freq[j] (its negative when `inverse`); the other dims are copied. The
 // angle, its sine and cosine and the rotation are computed in double, as rust/core/src/rope.rs

@@ -148,9 +148,9 @@ def test_unsupported_device_rejected() -> None:
 def test_opcheck(gen: torch.Generator, op: str) -> None:
     cache = ops.quantize_entries(rand(gen, 5, 512))
     cases = {
-        "kv_write": (ops._kv_write, (cache, torch.tensor([7, 2]), rand(gen, 2, 512))),
-        "kv_read": (ops._kv_read, (cache, torch.tensor([0, 4, -1]))),
-        "hadamard128": (ops._hadamard128, (rand(gen, 3, 128),)),
+        "kv_write": (ops.formats._kv_write, (cache, torch.tensor([7, 2]), rand(gen, 2, 512))),
+        "kv_read": (ops.formats._kv_read, (cache, torch.tensor([0, 4, -1]))),
+        "hadamard128": (ops.formats._hadamard128, (rand(gen, 3, 128),)),
     }
     fn, args = cases[op]
     torch.library.opcheck(fn, args)

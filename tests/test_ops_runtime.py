@@ -150,30 +150,6 @@ CACHE_FORMATS = {
     "bf16 rows of 3": lambda p, g: _random_bytes(g, (p, ops.PAGE_ROWS, 3), torch.bfloat16),
     "f32 rows of 1": lambda p, g: _random_bytes(g, (p, ops.PAGE_ROWS, 1), torch.float32),
 }
-DATA_BYTES = {ops.PAGE_ROWS * b: d for b, d in [(584, 576), (68, 64), (132, 128)]}
-
-
-def row_parts(cache: torch.Tensor) -> list[torch.Tensor]:
-    """Views [pages, 64, bytes] of each part of every row: data and scales of a packed cache (a
-    page holds its 64 rows' data, then their scales), the whole row of a plain one."""
-    flat = cache.view(torch.uint8).reshape(cache.shape[0], -1)
-    if cache.dtype != torch.uint8:
-        return [flat.unflatten(1, (ops.PAGE_ROWS, -1))]
-    data = DATA_BYTES[cache.shape[1]]
-    split = ops.PAGE_ROWS * data
-    return [flat[:, :split].unflatten(1, (ops.PAGE_ROWS, data)), flat[:, split:].unflatten(1, (ops.PAGE_ROWS, -1))]
-
-
-def copy_rows_twin(dst: torch.Tensor, dst_rows: torch.Tensor, src: torch.Tensor, src_rows: torch.Tensor) -> torch.Tensor:
-    """The copy in plain torch indexing: the bytes `dst` holds afterwards."""
-    out = dst.clone()
-    keep = (dst_rows >= 0) & (src_rows >= 0)
-    d, s = dst_rows[keep], src_rows[keep]
-    for o, i in zip(row_parts(out), row_parts(src)):
-        o[d // ops.PAGE_ROWS, d % ops.PAGE_ROWS] = i[s // ops.PAGE_ROWS, s % ops.PAGE_ROWS]
-    return out.view(torch.uint8)
-
-
 def row_pairs(gen: torch.Generator, n: int, dst_pages: int, src_pages: int) -> tuple[torch.Tensor, torch.Tensor]:
     """n pairs: distinct destination rows, any source rows, a few -1 on either side."""
     dst_rows = torch.randperm(dst_pages * ops.PAGE_ROWS, generator=gen)[:n]
@@ -188,7 +164,7 @@ def row_pairs(gen: torch.Generator, n: int, dst_pages: int, src_pages: int) -> t
 def test_copy_rows_matches_the_twin(gen: torch.Generator, fmt: str, n: int, dst_pages: int, src_pages: int) -> None:
     dst, src = CACHE_FORMATS[fmt](dst_pages, gen), CACHE_FORMATS[fmt](src_pages, gen)
     dst_rows, src_rows = row_pairs(gen, n, dst_pages, src_pages)
-    want = copy_rows_twin(dst, dst_rows, src, src_rows)
+    want = ref.copy_rows(dst, dst_rows, src, src_rows)
     src_before = src.clone()
     ops.copy_rows(dst, dst_rows, src, src_rows)
     assert torch.equal(dst.view(torch.uint8), want)
@@ -213,7 +189,7 @@ def test_copy_rows_between_disjoint_views_of_one_buffer(gen: torch.Generator) ->
     big = CACHE_FORMATS["entries"](4, gen)
     dst, src = big[:2], big[2:]
     dst_rows, src_rows = row_pairs(gen, 30, 2, 2)
-    want = copy_rows_twin(dst, dst_rows, src, src_rows)
+    want = ref.copy_rows(dst, dst_rows, src, src_rows)
     ops.copy_rows(dst, dst_rows, src, src_rows)
     assert torch.equal(dst, want)
 
@@ -222,7 +198,7 @@ def test_copy_rows_duplicates_and_skips(gen: torch.Generator) -> None:
     dst, src = CACHE_FORMATS["fp4 keys"](1, gen), CACHE_FORMATS["fp4 keys"](1, gen)
     # A destination named twice, once by a skipped pair: one copy, no error.
     dst_rows, src_rows = torch.tensor([5, 5, -1, 7]), torch.tensor([-1, 9, 3, -1])
-    want = copy_rows_twin(dst, dst_rows, src, src_rows)
+    want = ref.copy_rows(dst, dst_rows, src, src_rows)
     ops.copy_rows(dst, dst_rows, src, src_rows)
     assert torch.equal(dst, want)
     with pytest.raises(ValueError, match="dst_rows: row 5 is the destination of more than one"):
@@ -346,7 +322,7 @@ def test_copy_rows_gpu_unaligned_rows(gen: torch.Generator, dtype: torch.dtype, 
         return flat[1:].view(pages, ops.PAGE_ROWS, dim)
     dst_flat, src_flat = (_random_bytes(gen, (p * ops.PAGE_ROWS * dim + 1,), dtype) for p in (3, 2))
     dst_rows, src_rows = row_pairs(gen, 150, 3, 2)
-    want = copy_rows_twin(offset_cache(dst_flat, 3), dst_rows, offset_cache(src_flat, 2), src_rows)
+    want = ref.copy_rows(offset_cache(dst_flat, 3), dst_rows, offset_cache(src_flat, 2), src_rows)
     dev = offset_cache(dst_flat.cuda(), 3)
     ops.copy_rows(dev, dst_rows.cuda(), offset_cache(src_flat.cuda(), 2), src_rows.cuda())
     assert torch.equal(dev.cpu().view(torch.uint8), want)
@@ -395,13 +371,26 @@ def test_index_key_round_trip_gpu(gen: torch.Generator, fmt: str, dtype: torch.d
 @gpu
 @pytest.mark.parametrize("fmt", ["fp4", "fp8"])
 def test_index_key_round_trip_gpu_non_finite_as_the_write_kernel(gen: torch.Generator, fmt: str) -> None:
-    # NaN only: an infinite block maximum sends the scale search of every GPU quantizer
-    # (ue8m0_exponent in cuda/include/quant.cuh) through some 2^31 steps.
     x = torch.randn(6, 128, generator=gen)
-    x[1, 3], x[3, :] = float("nan"), float("nan")
+    x[1, 3], x[3, :], x[4, 100] = float("nan"), float("nan"), float("inf")
     got = ops.index_key_round_trip(x.cuda(), fmt)
     read = ops.index_key_read(ops.quantize_index_keys(x.cuda(), fmt), torch.arange(6, device="cuda"), fmt)
     assert torch.equal(bits(got), bits(read))
+    # A block holding an infinity gets the NaN scale: its key reads back non-finite.
+    assert not bool(got[4].isfinite().all()) and bool(got[5].isfinite().all())
+
+
+@gpu
+def test_gpu_writes_of_infinite_entries_end_and_read_back_non_finite(gen: torch.Generator) -> None:
+    """The CPU refuses non-finite entries; the GPU cannot raise, so it must at least finish and
+    mark the row (a NaN scale), leaving the other rows intact."""
+    x = torch.randn(4, 512, generator=gen)
+    x[2, 7] = float("-inf")
+    cache = ops.new_kv_cache(1, "cuda")
+    ops.kv_write(cache, torch.arange(4, device="cuda"), x.cuda())
+    back = ops.kv_read(cache, torch.arange(4, device="cuda")).cpu()
+    assert not bool(back[2].isfinite().all())
+    torch.testing.assert_close(back[[0, 1, 3]], ref.entry_quant_dequant(x[[0, 1, 3]]).float(), rtol=0, atol=0)
 
 
 @gpu
@@ -409,7 +398,7 @@ def test_new_ops_gpu_run_on_the_current_stream_and_in_graphs(gen: torch.Generato
     x, pos, keys = torch.randn(40, 4, 64, generator=gen), torch.arange(40) * 9_000, key_values(gen, 40)
     dst, src = CACHE_FORMATS["entries"](2, gen), CACHE_FORMATS["entries"](2, gen)
     dst_rows, src_rows = row_pairs(gen, 90, 2, 2)
-    want = (ops.rope(x, pos, INV_FREQ), ops.index_key_round_trip(keys, "fp8"), copy_rows_twin(dst, dst_rows, src, src_rows))
+    want = (ops.rope(x, pos, INV_FREQ), ops.index_key_round_trip(keys, "fp8"), ref.copy_rows(dst, dst_rows, src, src_rows))
     x, pos, keys, f = x.cuda(), pos.cuda(), keys.cuda(), INV_FREQ.cuda()
     src, dst_rows, src_rows = src.cuda(), dst_rows.cuda(), src_rows.cuda()
 

@@ -1,4 +1,4 @@
-// KV-entry formats of SPEC.md section 5 on the device; mirrors rust/core/src/quant.rs bit for bit.
+// KV-entry formats of docs/model.md section 5 on the device; mirrors rust/core/src/quant.rs bit for bit.
 // Scales: smallest 2^e with max(amax, 1e-4) <= qmax * 2^e. Values: exact scaling by 2^-e, then
 // round-to-nearest-even on the FP8 e4m3 / FP4 e2m1 grid, saturating.
 #pragma once
@@ -42,7 +42,11 @@ __device__ constexpr RowFormat INDEX_KEY_FP8{INDEX_DIM, 4};
 
 __device__ __forceinline__ float exp2i(int e) { return __int_as_float((e + 127) << 23); }
 
+// The smallest e with max(amax, floor) <= qmax 2^e. A block holding an infinity gets e = 128,
+// the UE8M0 code 255 (NaN), so its row reads back non-finite: the GPU cannot raise, and the
+// search below would otherwise walk down from INT_MAX.
 __device__ __forceinline__ int ue8m0_exponent(float amax, float qmax) {
+  if (isinf(amax)) return 128;
   double a = (double)fmaxf(amax, AMAX_FLOOR), q = (double)qmax;
   int e = (int)ceil(log2(a / q));
   while (q * ldexp(1.0, e) < a) ++e;

@@ -1,4 +1,4 @@
-// RoPE angles on the device (SPEC.md section 2), shared by the rope op (cuda/rope.cu), the
+// RoPE angles on the device (docs/model.md section 2), shared by the rope op (cuda/rope.cu), the
 // compressor (cuda/compress.cu) and the attention epilogue's de-rotation (attention.cuh).
 #pragma once
 

@@ -2,7 +2,7 @@
 //
 // A candidate is packed as key = ord(score) << 32 | (0xFFFFFFFF - index): keys are unique, a
 // larger key is a higher score, and among equal scores the LOWER index has the larger key, which
-// is the tie rule of SPEC.md section 4 shared with the CPU op. Selection is an MSB-first radix
+// is the tie rule of docs/model.md section 4 shared with the CPU op. Selection is an MSB-first radix
 // select (8 passes of 8 bits) that finds the k-th largest key exactly, so no sort of all
 // candidates is needed.
 #pragma once

@@ -25,10 +25,10 @@ LAYER_TYPES = (SWA, CSA, HCA)
 MLP_TYPES = ("hash_moe", "moe")
 _RATIO_TO_TYPE = {0: SWA, 4: CSA, 128: HCA}
 
-ENTRY_DIM = 512
+ENTRY_DIM: int = _core.ENTRY_DIM
 """``head_dim``: the dsv4rs attention ops take 512-dim K = V entries (448 NoPE + 64 RoPE)."""
-ROPE_DIM = 64
-INDEX_DIM = 128
+ROPE_DIM: int = _core.ROPE_DIM
+INDEX_DIM: int = _core.INDEX_DIM
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,6 +19,8 @@ from typing import Literal
 
 import torch
 
+from dsv4rs import _core
+
 __all__ = [
     "PAGE_ROWS",
     "ENTRY_DIM",
@@ -51,22 +53,23 @@ __all__ = [
     "encode_main_entries",
     "encode_index_keys",
     "pack_pages",
+    "copy_rows",
 ]
 
 F64 = torch.float64
 INF = math.inf
 
-PAGE_ROWS = 64
+PAGE_ROWS: int = _core.PAGE_ROWS
 """Rows per cache page (docs/model.md section 5)."""
-ENTRY_DIM = 512
+ENTRY_DIM: int = _core.ENTRY_DIM
 """Width of a KV entry (K = V)."""
-NOPE_DIM = 448
+NOPE_DIM: int = _core.NOPE_DIM
 """Leading entry dims stored as FP8; the trailing 64 (the RoPE dims) are stored as BF16."""
-FP8_BLOCK = 64
+FP8_BLOCK: int = _core.FP8_BLOCK
 """Entry values sharing one FP8 scale."""
-INDEX_DIM = 128
+INDEX_DIM: int = _core.INDEX_DIM
 """Width of an indexer key."""
-FP4_BLOCK = 32
+FP4_BLOCK: int = _core.FP4_BLOCK
 """Indexer-key values sharing one FP4 scale."""
 FP8_MAX = 448.0
 """Largest finite FP8 e4m3 magnitude."""
@@ -677,3 +680,37 @@ def pack_pages(rows_bytes: torch.Tensor, data_bytes: int) -> torch.Tensor:
     padded[:n] = rows
     padded = padded.unflatten(0, (pages, PAGE_ROWS))
     return torch.cat((padded[..., :data_bytes].flatten(1), padded[..., data_bytes:].flatten(1)), dim=1)
+
+
+_DATA_BYTES = {
+    NOPE_DIM + 2 * (ENTRY_DIM - NOPE_DIM) + 8: NOPE_DIM + 2 * (ENTRY_DIM - NOPE_DIM),  # main entry: 576 + 8
+    INDEX_DIM // 2 + INDEX_DIM // FP4_BLOCK: INDEX_DIM // 2,  # FP4 key: 64 + 4
+    INDEX_DIM + 4: INDEX_DIM,  # FP8 key: 128 + a float32 scale
+}
+"""Row bytes -> data bytes of the packed formats (:func:`encode_main_entries`, :func:`encode_index_keys`)."""
+
+
+def _row_parts(cache: torch.Tensor) -> list[torch.Tensor]:
+    """Views ``[pages, 64, bytes]`` of each part of every row: the data and the scales of a packed
+    ``uint8`` cache (:func:`pack_pages`: a page holds its 64 rows' data, then their scales), the
+    whole row of a plain ``[pages, 64, D]`` one."""
+    flat = cache.view(torch.uint8).reshape(cache.shape[0], -1)
+    if cache.dtype != torch.uint8:
+        return [flat.unflatten(1, (PAGE_ROWS, -1))]
+    data = _DATA_BYTES[cache.shape[1] // PAGE_ROWS]
+    split = PAGE_ROWS * data
+    return [flat[:, :split].unflatten(1, (PAGE_ROWS, data)), flat[:, split:].unflatten(1, (PAGE_ROWS, -1))]
+
+
+def copy_rows(dst: torch.Tensor, dst_rows: torch.Tensor, src: torch.Tensor, src_rows: torch.Tensor) -> torch.Tensor:
+    """The bytes ``dst`` holds after its rows ``dst_rows[i]`` take the bytes of ``src``'s rows
+    ``src_rows[i]`` (a pair with ``-1`` on either side is skipped), in plain torch indexing:
+    ``uint8``, the shape of ``dst`` viewed as bytes. Caches are paged: a 584-byte main entry
+    (576 data bytes, 8 scale bytes), a 68-byte FP4 or 132-byte FP8 indexer key, or a plain row."""
+    out = _tensor("dst", dst).clone()
+    src_rows, dst_rows = _index("src_rows", src_rows), _index("dst_rows", dst_rows)
+    keep = (dst_rows >= 0) & (src_rows >= 0)
+    d, s = dst_rows[keep], src_rows[keep]
+    for o, i in zip(_row_parts(out), _row_parts(_tensor("src", src))):
+        o[d // PAGE_ROWS, d % PAGE_ROWS] = i[s // PAGE_ROWS, s % PAGE_ROWS]
+    return out.view(torch.uint8)

@@ -1,4 +1,4 @@
-//! Sparse attention with a sink (SPEC.md section 2), streaming: each query walks its candidate
+//! Sparse attention with a sink (docs/model.md section 2), streaming: each query walks its candidate
 //! rows (from one or two paged caches) a tile at a time with an online softmax, decoding every row
 //! once and using it for all heads as key and value (K = V). Heads sit in vector lanes
 //! ([`crate::tile`]), so the running max, sum and output of 16 heads update as one vector.
@@ -205,7 +205,7 @@ fn finish(st: &Partial, sink: &[f32], rot: Option<&Rotation>, out: &mut [f32], l
     }
 }
 
-/// Inverse RoPE of the output at the query positions (SPEC.md section 2).
+/// Inverse RoPE of the output at the query positions (docs/model.md section 2).
 pub struct Derotate<'a> {
     pub positions: &'a TensorRef,
     pub inv_freq: &'a TensorRef,

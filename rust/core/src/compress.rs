@@ -1,4 +1,4 @@
-//! The compressor (SPEC.md section 3) in one form for prefill and decode.
+//! The compressor (docs/model.md section 3) in one form for prefill and decode.
 //!
 //! A call consumes the tokens at positions `start .. start + S` and returns the entries they
 //! complete. Entry `i` pools, per channel, with one softmax, the tokens of its own block and (in
@@ -112,7 +112,7 @@ multiversion! {
     }
 }
 
-/// RMSNorm with `weight` (without the bf16 cast SPEC.md puts before it, as the reference),
+/// RMSNorm with `weight` (without the bf16 cast docs/model.md section 3 puts before it, as the reference),
 /// then the rotation `rot` and `quant`, in place on one entry.
 fn finish(x: &mut [f32], weight: &[f32], rot: &Rotation, eps: f32, quant: Quant) {
     let ms = x.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>() / x.len() as f64;

@@ -1,4 +1,4 @@
-//! The Lightning Indexer's selection (SPEC.md section 4), fused: `I_ts = sum_h w_th
+//! The Lightning Indexer's selection (docs/model.md section 4), fused: `I_ts = sum_h w_th
 //! ReLU(q_th . k_s)` is never stored for all keys. Queries of one sequence are taken in blocks;
 //! a block streams its keys from the paged cache a tile at a time, decodes each tile once, scores
 //! it against every query of the block and feeds a running top-k per query ([`crate::topk`]).

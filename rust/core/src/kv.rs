@@ -1,5 +1,5 @@
 //! Writing entries into paged caches and reading them back, on the CPU or the GPU
-//! (SPEC.md section 5). The byte formats live in [`crate::quant`].
+//! (docs/model.md section 5). The byte formats live in [`crate::quant`].
 //!
 //! A cache is a `uint8` tensor `[num_pages, page_bytes]`; row `r` is row `r % 64` of page
 //! `r / 64`. Row ids (`slots` on write, `rows` on read) are int64; `-1` means "no row": skipped

@@ -1,12 +1,12 @@
 //! dsv4rs-core: DeepSeek-V4's attention machinery without Python.
 //!
-//! - [`quant`]: the KV-entry byte formats of SPEC.md section 5 and the Hadamard-128 transform.
+//! - [`quant`]: the KV-entry byte formats of docs/model.md section 5 and the Hadamard-128 transform.
 //! - [`formats`]: the format codes (entry, indexer-key and compressor quantization) kernels see.
 //! - [`cache`]: the paged KV-cache allocator: pools, page tables, prefix reuse, byte accounting.
 //! - [`kv`]: writing entries into paged caches and reading them back, on the CPU or the GPU.
 //! - [`gpu`]: the CUDA driver (loaded at run time), the embedded kernels and their launchers.
 //! - [`rope`], [`compress`], [`indexer`], [`attention`]: the attention ops on the CPU
-//!   (SPEC.md sections 2-4), built on [`rows`] (reading inputs and caches as f32 rows), [`simd`]
+//!   (docs/model.md sections 2-4), built on [`rows`] (reading inputs and caches as f32 rows), [`simd`]
 //!   (vector kernels for the CPU's widest unit) and [`topk`] (running exact top-k selection).
 //! - [`tensor`]: borrowed views of caller-owned tensors and the argument checks of every op.
 //! - [`error`]: the one error type every public function returns.

@@ -1,4 +1,4 @@
-//! mHC weights (SPEC.md section 6): from the projected mix of one token's streams
+//! mHC weights (docs/model.md section 6): from the projected mix of one token's streams
 //! (`mu = r * (Phi vec X)`, `(2 + n) n` values), the collapse weights `pre`, the expansion weights
 //! `post` and the mixing matrix `comb`, projected towards doubly stochastic by Sinkhorn
 //! iterations. One call replaces some 130 small tensor ops per sublayer.

@@ -1,4 +1,4 @@
-//! KV-entry formats of SPEC.md section 5 and the Hadamard-128 transform, on the CPU.
+//! KV-entry formats of docs/model.md section 5 and the Hadamard-128 transform, on the CPU.
 //!
 //! Every format is a page of [`PAGE_ROWS`] rows laid out as FlashMLA does: all rows' data first,
 //! then all rows' scales. Scales are UE8M0 powers of two, chosen as the smallest `2^e` with
@@ -78,6 +78,11 @@ pub fn bf16_to_f32(b: u16) -> f32 {
 
 /// Exponent `e` of the UE8M0 scale: the smallest integer with `max(amax, 1e-4) <= qmax * 2^e`.
 pub fn ue8m0_exponent(amax: f32, qmax: f32) -> i32 {
+    if amax.is_infinite() {
+        // As the GPU kernels: the UE8M0 code 255 (NaN). The CPU ops refuse non-finite input
+        // before they get here; this keeps the search below finite for any caller.
+        return 128;
+    }
     let a = amax.max(AMAX_FLOOR) as f64;
     let q = qmax as f64;
     let mut e = (a / q).log2().ceil() as i32;

@@ -1,4 +1,4 @@
-//! RoPE (SPEC.md section 2): pair `j` of the last `2 R` dims, `(x[D-2R+2j], x[D-2R+2j+1])`, is
+//! RoPE (docs/model.md section 2): pair `j` of the last `2 R` dims, `(x[D-2R+2j], x[D-2R+2j+1])`, is
 //! rotated by `pos * inv_freq[j]`. Angles, their sines and cosines and the rotation are computed
 //! in f64: positions reach 2^20, where an f32 angle would be off by up to 0.06 rad. The GPU form
 //! is cuda/rope.cu.

@@ -2,7 +2,7 @@
 //!
 //! The ops never copy an input whole: a bfloat16 query or a quantized cache row is converted
 //! into a small per-thread buffer when a kernel reaches it. [`PagedRows`] is the one decoder path
-//! for every cache format an op reads (SPEC.md section 5): the packed FP8 entry and FP4/FP8
+//! for every cache format an op reads (docs/model.md section 5): the packed FP8 entry and FP4/FP8
 //! indexer-key layouts, and plain bfloat16/float32 rows for exactness tests.
 
 use crate::error::{Error, Result};

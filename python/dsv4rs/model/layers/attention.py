@@ -114,27 +114,6 @@ def write_rows(cache: torch.Tensor, rows: Rows, values: torch.Tensor, key_format
         ops.kv_write(cache, rows.slots, values.float())
 
 
-def _split_rows(cache: torch.Tensor, data_bytes: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    if cache.dtype != torch.uint8:
-        return None
-    p = cache.shape[0]
-    page = ops.PAGE_ROWS
-    return cache[:, : page * data_bytes].view(p, page, data_bytes), cache[:, page * data_bytes :].view(p, page, -1)
-
-
-def _copy_rows(dst: torch.Tensor, dst_rows: torch.Tensor, src: torch.Tensor, src_rows: torch.Tensor) -> None:
-    """Copies window rows byte for byte (``row = page * 64 + offset``), plain or 584-byte entries."""
-    if dst_rows.numel() == 0:
-        return
-    s, d = _split_rows(src, 576), _split_rows(dst, 576)
-    if s is None or d is None:
-        dst.view(-1, dst.shape[-1])[dst_rows] = src.view(-1, src.shape[-1])[src_rows]
-        return
-    page = ops.PAGE_ROWS
-    for sp, dp in zip(s, d):
-        dp[dst_rows // page, dst_rows % page] = sp[src_rows // page, src_rows % page]
-
-
 class GroupedLinear(nn.Module):
     """``W_oa``: each group of ``heads / g`` heads projected on its own."""
 
@@ -209,7 +188,7 @@ class Attention(nn.Module):
         window = cache.window
         st = meta.staging
         if st is not None:
-            _copy_rows(st.cache, st.prior_dst, window, st.prior_src)
+            ops.copy_rows(st.cache, st.prior_dst, window, st.prior_src)
             write_rows(st.cache, Rows(None, st.new_dst), e)
             window = st.cache
         write_rows(cache.window, meta.window_writes, e)
@@ -226,8 +205,6 @@ class Attention(nn.Module):
         write_rows(cache.keys, meta.writes["csa"], keys, fmt)
         qi = self.rotary(indexer.queries(cq), meta.positions)
         if fmt is not None:  # the queries take the keys' rotation and FP4 (or FP8) round trip
-            flat = ops.hadamard128(qi.reshape(-1, INDEX_DIM))
-            qi = ops.index_key_read(ops.quantize_index_keys(flat, fmt), torch.arange(flat.shape[0], device=x.device),
-                                    fmt).view_as(qi)
+            qi = ops.index_key_round_trip(ops.hadamard128(qi.reshape(-1, INDEX_DIM)), fmt).view_as(qi)
         return ops.indexer_topk(qi, indexer.head_weights(x).float(), cache.keys, meta.tables["csa"], meta.token_seq,
                                 meta.visible[indexer.ratio], indexer.topk, physical=True)

@@ -23,14 +23,4 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """``x [T, ..., D]`` rotated at ``positions [T]``, float32 (angles in float64)."""
-        if x.device.type == "cpu":
-            return ops.rope(x, positions, self.inv_freq)
-        angle = positions.double()[:, None] * self.inv_freq.double()
-        shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (self.inv_freq.shape[0],)
-        cos, sin = angle.cos().float().view(shape), angle.sin().float().view(shape)
-        x = x.float()
-        r = 2 * self.inv_freq.shape[0]
-        pairs = x[..., x.shape[-1] - r :].unflatten(-1, (-1, 2))
-        x0, x1 = pairs[..., 0], pairs[..., 1]
-        rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
-        return torch.cat((x[..., : x.shape[-1] - r], rotated), dim=-1)
+        return ops.rope(x, positions, self.inv_freq)

@@ -1,5 +1,5 @@
 //! Byte accounting from reserved pages: what a sequence of `len` tokens holds, per family and
-//! amortized per token, and capacity planning (SPEC.md section 5). Every number comes from the
+//! amortized per token, and capacity planning (docs/model.md section 5). Every number comes from the
 //! pages the allocator would reserve, the null page of each pool included where a pool is sized.
 
 use super::family::Family;

@@ -53,7 +53,7 @@ impl Family {
     }
 
     /// Complete entries of a sequence of `len` tokens: entry `i` exists once token
-    /// `r*i + r - 1` has been appended (SPEC.md section 3). Only for compressed families.
+    /// `r*i + r - 1` has been appended (docs/model.md section 3). Only for compressed families.
     pub fn entries(self, len: usize) -> usize {
         match self {
             Family::Csa => len / CSA_RATIO,

@@ -1,5 +1,5 @@
 //! The geometry of a model's KV cache: which layers hold which cache family, and the bytes of
-//! their rows, pages and compressor state (SPEC.md sections 1, 3 and 5).
+//! their rows, pages and compressor state (docs/model.md sections 1, 3 and 5).
 
 use crate::error::{Error, Result};
 use crate::formats::{IndexFormat, MainFormat};
@@ -10,7 +10,7 @@ use super::family::{Family, CSA_RATIO, HCA_RATIO};
 /// Tokens per prefix-hashing unit: exactly one CSA page (64 entries) and two HCA entries.
 pub const UNIT_TOKENS: usize = 256;
 
-/// fp32 kv + score decode state of one compressor (SPEC.md section 3): two `[coff*r, coff*D]`
+/// fp32 kv + score decode state of one compressor (docs/model.md section 3): two `[coff*r, coff*D]`
 /// tensors, `coff` = 2 for the overlapping CSA compressor.
 const fn compressor_state_bytes(ratio: usize, dim: usize, overlap: bool) -> usize {
     let coff = if overlap { 2 } else { 1 };

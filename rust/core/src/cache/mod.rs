@@ -1,4 +1,4 @@
-//! The paged KV-cache allocator (DESIGN.md "KV cache", SPEC.md sections 3 and 5).
+//! The paged KV-cache allocator (docs/model.md sections 3 and 5).
 //!
 //! Four cache families, each a pool of pages: the sliding-window ring of every layer, CSA rows
 //! with their indexer keys, HCA rows, and compressor-state slots. One page id of a family

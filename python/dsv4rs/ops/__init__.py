@@ -1,0 +1,65 @@
+"""dsv4rs ops on torch tensors, CPU or CUDA (docs/model.md sections 2-6).
+
+Every op checks dtype, shape, device and index ranges (errors name the argument), dispatches to
+the Rust CPU kernel or the CUDA kernel on the tensors' device and the current stream, and is
+registered as a ``torch.library`` op (namespace ``dsv4rs``) with a fake implementation, so that
+``torch.compile`` and CUDA graphs see one node. GPU ops never synchronize and allocate only
+their outputs (and workspace).
+
+- :mod:`.formats`: the cache formats and their rows: ``kv_write``/``kv_read``,
+  ``index_key_write``/``index_key_read``, ``index_key_round_trip``, ``copy_rows``,
+  ``hadamard128``, new caches.
+- :mod:`.rope`: ``rope``. :mod:`.mhc`: ``mhc_weights``.
+- :mod:`.compress`: ``compress``, ``compressor_state``.
+- :mod:`.indexer`: ``indexer_topk``.
+- :mod:`.attention`: ``sparse_attention``, ``attention_kernel``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsv4rs import _core
+from dsv4rs.ops._checks import cuda_index
+from dsv4rs.ops.attention import ENTRY_SCALE, attention_kernel, sparse_attention
+from dsv4rs.ops.compress import Quant, compress, compressor_state
+from dsv4rs.ops.formats import (
+    ENTRY_DIM,
+    FP4_BLOCK,
+    FP8_BLOCK,
+    INDEX_DIM,
+    INDEX_KEY_BYTES,
+    MAIN_DATA_BYTES,
+    MAIN_ENTRY_BYTES,
+    NOPE_DIM,
+    PAGE_ROWS,
+    ROPE_DIM,
+    IndexKeyFormat,
+    copy_rows,
+    hadamard128,
+    index_key_read,
+    index_key_round_trip,
+    index_key_write,
+    kv_read,
+    kv_write,
+    new_index_key_cache,
+    new_kv_cache,
+    quantize_entries,
+    quantize_index_keys,
+)
+from dsv4rs.ops.indexer import indexer_topk
+from dsv4rs.ops.mhc import mhc_weights
+from dsv4rs.ops.rope import rope
+
+__all__ = [
+    "ENTRY_DIM", "ENTRY_SCALE", "FP4_BLOCK", "FP8_BLOCK", "INDEX_DIM", "INDEX_KEY_BYTES", "MAIN_DATA_BYTES",
+    "MAIN_ENTRY_BYTES", "NOPE_DIM", "PAGE_ROWS", "ROPE_DIM", "IndexKeyFormat", "Quant", "attention_kernel",
+    "compress", "compressor_state", "copy_rows", "hadamard128", "index_key_read", "index_key_round_trip",
+    "index_key_write", "indexer_topk", "kv_read", "kv_write", "mhc_weights", "new_index_key_cache", "new_kv_cache",
+    "quantize_entries", "quantize_index_keys", "rope", "sparse_attention", "warm_up",
+]
+
+
+def warm_up(device: torch.device | str | int = "cuda") -> None:
+    """Loads the CUDA kernels on ``device`` now; call before capturing a CUDA graph."""
+    _core.warm_up(cuda_index(device))

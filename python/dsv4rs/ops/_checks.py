@@ -1,0 +1,27 @@
+"""Argument checks the op wrappers share (the kernels check the rest)."""
+
+from __future__ import annotations
+
+import torch
+
+def ndim(name: str, t: torch.Tensor, n: int) -> None:
+    """The checks Python needs before it can size an output; the kernels check the rest."""
+    if t.dim() != n:
+        raise ValueError(f"{name}: expected a {n}-d tensor, got shape {list(t.shape)}")
+
+
+def positive(name: str, v: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
+    if v < 1:
+        raise ValueError(f"{name}: must be >= 1, got {v}")
+    return v
+
+
+def cuda_index(device: torch.device | str | int) -> int:
+    """The index of a CUDA ``device`` (the current one for ``"cuda"``); anything else raises
+    ValueError naming ``device``."""
+    dev = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+    if dev.type != "cuda":
+        raise ValueError(f"device: expected a CUDA device, got {dev}")
+    return dev.index if dev.index is not None else torch.cuda.current_device()

@@ -1,0 +1,74 @@
+"""The Lightning Indexer's top-k over a paged key cache (docs/model.md section 4), CPU and GPU."""
+
+from __future__ import annotations
+
+import torch
+
+from dsv4rs import _core
+from dsv4rs._tensor import as_tensor, spec, stream
+from dsv4rs.ops._checks import ndim, positive
+from dsv4rs.ops.formats import PAGE_ROWS
+
+@torch.library.custom_op("dsv4rs::indexer_topk", mutates_args=())
+def _indexer_topk(
+    q: torch.Tensor, weights: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Tensor,
+    seq_ids: torch.Tensor, visible: torch.Tensor, k: int, physical: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    indices = torch.empty((q.shape[0], k), dtype=torch.int32, device=q.device)
+    scores = torch.empty((q.shape[0], k), dtype=torch.float32, device=q.device)
+    workspace = None
+    if q.device.type == "cuda" and q.dim() == 3 and block_table.dim() == 2:
+        size = _core.indexer_workspace_bytes(q.shape[0], block_table.shape[1] * PAGE_ROWS, k)
+        workspace = torch.empty(size, dtype=torch.uint8, device=q.device)
+    _core.indexer_topk(
+        spec("q", q), spec("weights", weights), spec("key_cache", key_cache), spec("block_table", block_table),
+        spec("seq_ids", seq_ids), spec("visible", visible), spec("indices", indices), spec("scores", scores),
+        k, physical, None if workspace is None else spec("workspace", workspace), stream(q),
+    )
+    return indices, scores
+
+
+@_indexer_topk.register_fake
+def _(
+    q: torch.Tensor, weights: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Tensor,
+    seq_ids: torch.Tensor, visible: torch.Tensor, k: int, physical: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return q.new_empty((q.shape[0], k), dtype=torch.int32), q.new_empty((q.shape[0], k), dtype=torch.float32)
+
+
+def indexer_topk(
+    q: torch.Tensor, weights: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Tensor,
+    seq_ids: torch.Tensor, visible: torch.Tensor, k: int, return_scores: bool = False, physical: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The Lightning Indexer's selection (docs/model.md section 4), fused: scores
+    ``I_ts = sum_h w_th ReLU(q_th . k_s)`` are computed a key tile at a time and never stored for
+    all keys; memory is ``O(T * k)`` whatever the context.
+
+    Args:
+        q: ``float32``/``bfloat16 [T, H, 128]`` indexer queries (any ``H >= 1``).
+        weights: ``float32 [T, H]`` head weights ``w_t``.
+        key_cache: paged indexer keys, 64 rows a page: ``uint8 [P, 64 * 68]`` (FP4, see
+            :func:`new_index_key_cache`), ``uint8 [P, 64 * 132]`` (FP8), or plain
+            ``bfloat16``/``float32 [P, 64, 128]``.
+        block_table: ``int32 [B, max_pages]``: key ``s`` of sequence ``b`` is row ``s % 64`` of
+            page ``block_table[b, s // 64]``.
+        seq_ids: ``int32``/``int64 [T]``, the sequence of each query.
+        visible: ``int32``/``int64 [T]``, how many keys of its sequence each query sees
+            (at most ``max_pages * 64``).
+        k: keys to select.
+        return_scores: also return the selected scores.
+        physical: return cache rows (``page * 64 + offset``) instead of key numbers.
+
+    Returns:
+        ``int32 [T, k]``: the top ``min(k, visible[t])`` keys by score, descending, ties to the
+        lower key, then ``-1``; with ``return_scores``, also ``float32 [T, k]`` (``-inf``
+        padding).
+    """
+    k = positive("k", k)
+    q = as_tensor("q", q)
+    ndim("q", q, 3)
+    indices, scores = _indexer_topk(
+        q, as_tensor("weights", weights), as_tensor("key_cache", key_cache), as_tensor("block_table", block_table),
+        as_tensor("seq_ids", seq_ids), as_tensor("visible", visible), k, physical,
+    )
+    return (indices, scores) if return_scores else indices

@@ -1,0 +1,56 @@
+"""The mHC weights of a sublayer (docs/model.md section 6) in one kernel, CPU and GPU."""
+
+from __future__ import annotations
+
+import torch
+
+from dsv4rs import _core
+from dsv4rs._tensor import as_tensor, spec, stream
+from dsv4rs.ops._checks import ndim, positive
+
+@torch.library.custom_op("dsv4rs::mhc_weights", mutates_args=())
+def _mhc_weights(mix: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, iters: int, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n = _mhc_streams(mix.shape[-1])
+    pre = torch.empty((mix.shape[0], n), dtype=torch.float32, device=mix.device)
+    post = torch.empty_like(pre)
+    comb = torch.empty((mix.shape[0], n, n), dtype=torch.float32, device=mix.device)
+    _core.mhc_weights(spec("mix", mix), spec("scale", scale), spec("base", base), spec("pre", pre), spec("post", post),
+                      spec("comb", comb), iters, eps, stream(mix))
+    return pre, post, comb
+
+
+@_mhc_weights.register_fake
+def _(mix: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, iters: int, eps: float
+      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n = _mhc_streams(mix.shape[-1])
+    return mix.new_empty((mix.shape[0], n)), mix.new_empty((mix.shape[0], n)), mix.new_empty((mix.shape[0], n, n))
+
+
+def _mhc_streams(width: int) -> int:
+    for n in range(1, 9):
+        if (2 + n) * n == width:
+            return n
+    raise ValueError(f"mix: expected (2 + n) n columns for n streams in 1..8, got {width}")
+
+
+def mhc_weights(mix: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, iters: int = 20, eps: float = 1e-6
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The mHC weights of a sublayer (docs/model.md section 6) from ``mix = r * (Phi vec X)``.
+
+    Args:
+        mix: ``float32 [T, (2 + n) n]``, the projected, RMS-scaled streams of each token.
+        scale: ``float32 [3]`` (``hc_scale``); base: ``float32 [(2 + n) n]`` (``hc_base``).
+        iters: Sinkhorn iterations (``hc_sinkhorn_iters``), ``>= 1``.
+        eps: ``hc_eps``.
+
+    Returns:
+        ``pre float32 [T, n]`` (``sigmoid(s0 mu + b) + eps``), ``post [T, n]``
+        (``2 sigmoid(s1 mu + b)``) and ``comb [T, n, n]``: the rows of ``s2 mu + b`` softmaxed plus
+        ``eps``, columns then ``iters - 1`` times rows and columns divided by their sums plus
+        ``eps``. One kernel instead of some 130 small tensor ops; float32 in transformers' order.
+    """
+    iters = positive("iters", iters)
+    mix = as_tensor("mix", mix)
+    ndim("mix", mix, 2)
+    return _mhc_weights(mix, as_tensor("scale", scale), as_tensor("base", base), iters, float(eps))
