@@ -1,16 +1,62 @@
 #!/usr/bin/env bash
 # Builds the abi3 wheel here and, on a machine with a CUDA GPU, installs it and runs the GPU
-# tests and the GPU benchmark, printing a short table last.
+# tests, the sanitizer and the GPU benchmark, printing a short table last.
 #
-#   scripts/gpu_check.sh build   # here: build dist/dsv4rs-*.whl (all GPU targets)
+#   scripts/gpu_check.sh build              # here: build dist/dsv4rs-*.whl (all GPU targets)
 #   scripts/gpu_check.sh run [BENCH ARGS]   # on the GPU machine, from the repository root, with dist/
+#   scripts/gpu_check.sh test               #   only the GPU tests (each attention kernel, the model
+#                                           #   with the portable kernel forced too) and the demo
+#   scripts/gpu_check.sh sanitize           #   compute-sanitizer memcheck and racecheck on the ops
+#   scripts/gpu_check.sh bench [BENCH ARGS] #   only the benchmark table
 #
-# `run` installs the wheel with --no-deps into a private folder (the GPU machine has no network
-# and brings its own torch), runs `pytest -m gpu` and `dsv4rs demo --device cuda`, then
-# benches/gpu_bench.py with BENCH ARGS
-# (default --quick; pass --full for every size).
+# The GPU steps install the wheel with --no-deps into a private folder (the GPU machine has no
+# network and brings its own torch). `run` is `test` then `bench`; BENCH ARGS go to
+# benches/gpu_bench.py (default --quick; --full for every size).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+install() {
+    wheel=$(ls dist/dsv4rs-*.whl | head -n 1)
+    site="${TMPDIR:-/tmp}/dsv4rs-site"
+    rm -rf "$site"
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" "$wheel"
+    export PYTHONPATH="$site" PYTHONUNBUFFERED=1
+    python3 -c "import dsv4rs, sys; print('dsv4rs', dsv4rs.__version__, 'on Python', sys.version.split()[0])"
+    python3 -m dsv4rs.cli info
+}
+
+# Run the tests against the installed wheel, not the source tree's python/ folder.
+pytest_gpu() {
+    python3 -m pytest -q -m gpu -p no:cacheprovider --rootdir=. -c pyproject.toml "$@"
+}
+
+gpu_tests() {
+    pytest_gpu tests
+    # The attention tests run every kernel the GPU can run; the model's run the default one, so
+    # run them again on the portable kernel (what every GPU but Hopper runs).
+    DSV4RS_ATTENTION_KERNEL=portable pytest_gpu tests/test_model.py
+    # The README's main job on the GPU: the small V4 through the paged cache and the kernels.
+    python3 -m dsv4rs.cli demo --device cuda
+}
+
+sanitize() {
+    local ops=(tests/test_gpu_formats.py tests/test_gpu_ops.py tests/test_ops_runtime.py)
+    echo "== compute-sanitizer memcheck (API errors and memory accesses)"
+    compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 20 \
+        python3 -m pytest -q -x -m gpu -p no:cacheprovider --rootdir=. -c pyproject.toml "${ops[@]}" \
+        -k "not graph and not profiler"
+    echo "== compute-sanitizer racecheck (shared-memory hazards), one small case per kernel family"
+    compute-sanitizer --tool racecheck --error-exitcode 1 --print-limit 20 \
+        python3 -m pytest -q -x -m gpu -p no:cacheprovider --rootdir=. -c pyproject.toml "${ops[@]}" \
+        -k "(indexer or attention or compress or mhc or copy_rows or rope or round_trip) and not graph and not profiler and not large"
+}
+
+bench() {
+    local bench_args=("$@")
+    [ ${#bench_args[@]} -gt 0 ] || bench_args=(--quick)
+    [ "${bench_args[0]}" = "--full" ] && bench_args=()
+    python3 benches/gpu_bench.py "${bench_args[@]}"
+}
 
 case "${1:-}" in
 build)
@@ -20,24 +66,24 @@ build)
     ls -l dist
     ;;
 run)
-    wheel=$(ls dist/dsv4rs-*.whl | head -n 1)
-    site="${TMPDIR:-/tmp}/dsv4rs-site"
-    rm -rf "$site"
-    python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" "$wheel"
-    export PYTHONPATH="$site" PYTHONUNBUFFERED=1
-    python3 -c "import dsv4rs, sys; print('dsv4rs', dsv4rs.__version__, 'on Python', sys.version.split()[0])"
-    python3 -m dsv4rs.cli info
-    # Run the tests against the installed wheel, not the source tree's python/ folder.
-    python3 -m pytest -q -m gpu -p no:cacheprovider --rootdir=. -c pyproject.toml tests
-    # The README's main job on the GPU: the small V4 through the paged cache and the kernels.
-    python3 -m dsv4rs.cli demo --device cuda
-    bench_args=("${@:2}")
-    [ ${#bench_args[@]} -gt 0 ] || bench_args=(--quick)
-    [ "${bench_args[0]}" = "--full" ] && bench_args=()
-    python3 benches/gpu_bench.py "${bench_args[@]}"
+    install
+    gpu_tests
+    bench "${@:2}"
+    ;;
+test)
+    install
+    gpu_tests
+    ;;
+sanitize)
+    install
+    sanitize
+    ;;
+bench)
+    install
+    bench "${@:2}"
     ;;
 *)
-    echo "usage: $0 build|run" >&2
+    echo "usage: $0 build|run|test|sanitize|bench" >&2
     exit 2
     ;;
 esac
