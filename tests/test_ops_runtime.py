@@ -104,7 +104,7 @@ def test_rope_gpu_rejects_bad_inputs() -> None:
     with pytest.raises(ValueError, match="positions"):
         ops.rope(x, pos[:2], f)
     with pytest.raises(ValueError, match="inv_freq"):
-        ops.rope(x[:, :32], pos, f)
+        ops.rope(x[:, :32].contiguous(), pos, f)  # 32 frequencies rotate 64 dims
     with pytest.raises(TypeError, match="x"):
         ops.rope(x.int(), pos, f)
     with pytest.raises(TypeError, match="positions"):
