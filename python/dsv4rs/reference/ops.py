@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 
-from dsv4rs import _core
+from dsv4rs._core import ENTRY_DIM, FP4_BLOCK, FP8_BLOCK, INDEX_DIM, NOPE_DIM, PAGE_ROWS
 
 __all__ = [
     "PAGE_ROWS",
@@ -59,18 +59,7 @@ __all__ = [
 F64 = torch.float64
 INF = math.inf
 
-PAGE_ROWS: int = _core.PAGE_ROWS
-"""Rows per cache page (docs/model.md section 5)."""
-ENTRY_DIM: int = _core.ENTRY_DIM
-"""Width of a KV entry (K = V)."""
-NOPE_DIM: int = _core.NOPE_DIM
-"""Leading entry dims stored as FP8; the trailing 64 (the RoPE dims) are stored as BF16."""
-FP8_BLOCK: int = _core.FP8_BLOCK
-"""Entry values sharing one FP8 scale."""
-INDEX_DIM: int = _core.INDEX_DIM
-"""Width of an indexer key."""
-FP4_BLOCK: int = _core.FP4_BLOCK
-"""Indexer-key values sharing one FP4 scale."""
+# The format constants (page rows, entry and key widths, scale blocks) are the Rust core's.
 FP8_MAX = 448.0
 """Largest finite FP8 e4m3 magnitude."""
 FP4_MAX = 6.0

@@ -347,21 +347,7 @@ pub unsafe fn copy_rows(dst: &TensorRef, dst_rows: &TensorRef, src: &TensorRef, 
 /// As [`kv_write`].
 pub unsafe fn index_key_round_trip(x: &TensorRef, out: &TensorRef, fmt: IndexFormat, stream: usize) -> Result<()> {
     let codec = key_codec("fmt", fmt)?;
-    let n = check_values(x, quant::INDEX_DIM)?;
-    out.expect_dtype(&[DType::F32])?;
-    out.expect_shape(&[Some(n), Some(quant::INDEX_DIM)])?;
-    match gpu_index(same_device(&[x, out])?) {
-        None => {
-            let values = host_values(x)?;
-            let dst = out.host_mut::<f32>(&[DType::F32])?;
-            dst.par_chunks_mut(quant::INDEX_DIM).zip(values.par_chunks(quant::INDEX_DIM)).for_each(|(o, v)| {
-                o.copy_from_slice(v);
-                codec.round_trip(o);
-            });
-            Ok(())
-        }
-        Some(dev) => gpu::quant::index_key_round_trip(dev, stream, x, out, fmt),
-    }
+    map_keys(x, out, |o| codec.round_trip(o), |dev| gpu::quant::index_key_round_trip(dev, stream, x, out, fmt))
 }
 
 /// Normalized Hadamard-128 transform of the rows of `x` (`[n, 128]`) into `out` (float32).
@@ -369,6 +355,20 @@ pub unsafe fn index_key_round_trip(x: &TensorRef, out: &TensorRef, fmt: IndexFor
 /// # Safety
 /// As [`kv_write`].
 pub unsafe fn hadamard128(x: &TensorRef, out: &TensorRef, stream: usize) -> Result<()> {
+    map_keys(x, out, quant::hadamard128, |dev| gpu::quant::hadamard128(dev, stream, x, out))
+}
+
+/// Checks `x` (`[n, 128]` float32/bfloat16) and `out` (`[n, 128]` float32) and fills `out`: on
+/// the CPU each row of `x` transformed in place by `cpu`, on a GPU by the launch `gpu`.
+///
+/// # Safety
+/// As [`kv_write`].
+unsafe fn map_keys(
+    x: &TensorRef,
+    out: &TensorRef,
+    cpu: impl Fn(&mut [f32]) + Sync,
+    gpu: impl FnOnce(i32) -> Result<()>,
+) -> Result<()> {
     let n = check_values(x, quant::INDEX_DIM)?;
     out.expect_dtype(&[DType::F32])?;
     out.expect_shape(&[Some(n), Some(quant::INDEX_DIM)])?;
@@ -378,10 +378,10 @@ pub unsafe fn hadamard128(x: &TensorRef, out: &TensorRef, stream: usize) -> Resu
             let dst = out.host_mut::<f32>(&[DType::F32])?;
             dst.par_chunks_mut(quant::INDEX_DIM).zip(values.par_chunks(quant::INDEX_DIM)).for_each(|(o, v)| {
                 o.copy_from_slice(v);
-                quant::hadamard128(o);
+                cpu(o);
             });
             Ok(())
         }
-        Some(dev) => gpu::quant::hadamard128(dev, stream, x, out),
+        Some(dev) => gpu(dev),
     }
 }
