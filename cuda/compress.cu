@@ -75,16 +75,10 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
   return total;
 }
 
-}  // namespace
-
-// Grid (entries, channel groups of 128): thread per channel, one softmax over its candidates;
-// the pooled, not yet normalized entry goes to `out`.
-extern "C" __global__ void __launch_bounds__(THREADS) dsv4_compress_pool(const Params p) {
-  const int c = blockIdx.y * THREADS + threadIdx.x;
+// Channel c of entry i, pooled (one softmax over its candidates), not yet normalized.
+__device__ __forceinline__ float pool_channel(const Params& p, long long i, int c) {
   const long long r = p.ratio;
-  const long long i = p.start / r + blockIdx.x;
   const int d = p.dim;
-  if (c >= d) return;
   // Candidates: (previous block, "b" half at column c) then (own block, "a" half at d + c).
   const int own_col = p.overlap ? d + c : c;
   const long long prev0 = (p.overlap && i > 0) ? r * i - r : r * i;
@@ -97,20 +91,20 @@ extern "C" __global__ void __launch_bounds__(THREADS) dsv4_compress_pool(const P
     den += w;
     num = fmaf(w, k.value, num);
   }
-  p.out[blockIdx.x * (long long)d + c] = num / den;
+  return num / den;
 }
 
-// One block per entry: RMSNorm, RoPE at the block's first position, then the quant round trip.
-extern "C" __global__ void __launch_bounds__(THREADS) dsv4_compress_finish(const Params p) {
+// The whole block on entry i, pooled at `dst` (D floats), in place: RMSNorm, RoPE at the
+// block's first position, then the quant round trip. Every thread of the block calls it.
+__device__ __forceinline__ void finish_entry(const Params& p, long long i, float* dst) {
   __shared__ float x[MAX_DIM];
   __shared__ float scratch[THREADS / 32];
   const int tid = threadIdx.x;
   const long long r = p.ratio;
-  const long long i = p.start / r + blockIdx.x;
   const int d = p.dim;
   float ss = 0.f;
   for (int c = tid; c < d; c += THREADS) {
-    const float v = p.out[blockIdx.x * (long long)d + c];
+    const float v = dst[c];
     x[c] = v;
     ss += v * v;
   }
@@ -127,7 +121,6 @@ extern "C" __global__ void __launch_bounds__(THREADS) dsv4_compress_finish(const
     x[k + 1] = x0 * (float)s + x1 * (float)co;
   }
   __syncthreads();
-  float* dst = p.out + blockIdx.x * (long long)d;
   if (p.quant == QUANT_FP8) {
     // Thread t owns dims [4t, 4t + 4): 16 threads share one 64-dim FP8 block; t >= 112: BF16.
     float v[4];
@@ -172,10 +165,9 @@ extern "C" __global__ void __launch_bounds__(THREADS) dsv4_compress_finish(const
   }
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS) dsv4_compress_state(const Params p) {
+// Advances state column `col` (< coff D) by the call's tokens, as feeding them one by one would.
+__device__ __forceinline__ void advance_state(const Params& p, int col) {
   const int width = (p.overlap ? 2 : 1) * p.dim;
-  const int col = blockIdx.x * THREADS + threadIdx.x;
-  if (col >= width) return;
   const long long r = p.ratio, end = p.start + p.tokens;
   if (!p.overlap) {
     for (long long pos = max(p.start, end - r); pos < end; ++pos) {
@@ -209,4 +201,26 @@ extern "C" __global__ void __launch_bounds__(THREADS) dsv4_compress_state(const 
       p.score_state[(4 + j) * width + col] = k.logit;
     }
   }
+}
+
+}  // namespace
+
+// Grid (entries, channel groups of 128): thread per channel, one softmax over its candidates;
+// the pooled, not yet normalized entry goes to `out`.
+extern "C" __global__ void __launch_bounds__(THREADS) dsv4_compress_pool(const Params p) {
+  const int c = blockIdx.y * THREADS + threadIdx.x;
+  if (c >= p.dim) return;
+  p.out[blockIdx.x * (long long)p.dim + c] = pool_channel(p, p.start / p.ratio + blockIdx.x, c);
+}
+
+// One block per entry: RMSNorm, RoPE at the block's first position, then the quant round trip.
+extern "C" __global__ void __launch_bounds__(THREADS) dsv4_compress_finish(const Params p) {
+  finish_entry(p, p.start / p.ratio + blockIdx.x, p.out + blockIdx.x * (long long)p.dim);
+}
+
+// Grid (column groups of 128): advances the state.
+extern "C" __global__ void __launch_bounds__(THREADS) dsv4_compress_state(const Params p) {
+  const int col = blockIdx.x * THREADS + threadIdx.x;
+  if (col >= (p.overlap ? 2 : 1) * p.dim) return;
+  advance_state(p, col);
 }

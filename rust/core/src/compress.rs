@@ -142,6 +142,17 @@ unsafe fn floats<'a>(t: &'a TensorRef, shape: &[Option<usize>]) -> Result<&'a [f
     t.host::<f32>(&[DType::F32])
 }
 
+/// The frequencies a GPU call takes: float32 or float64 `[R]`, `2 R <= D` (their values are not
+/// read on the host).
+fn check_inv_freq_gpu(inv_freq: &TensorRef, d: usize) -> Result<()> {
+    inv_freq.expect_dtype(&[DType::F32, DType::F64])?;
+    inv_freq.expect_shape(&[None])?;
+    if 2 * inv_freq.dim(0) > d {
+        return Err(Error::value(inv_freq.name, format!("rotates {} dims, more than D = {d}", 2 * inv_freq.dim(0))));
+    }
+    Ok(())
+}
+
 /// The GPU form of [`compress`]: the same shape checks, then the kernels.
 ///
 /// # Safety
@@ -164,11 +175,7 @@ unsafe fn compress_gpu(dev: i32, stream: usize, t: [&TensorRef; 8], cfg: Config)
         t.expect_dtype(&[DType::F32])?;
         t.expect_shape(shape)?;
     }
-    inv_freq.expect_dtype(&[DType::F32, DType::F64])?;
-    inv_freq.expect_shape(&[None])?;
-    if 2 * inv_freq.dim(0) > d {
-        return Err(Error::value(inv_freq.name, format!("rotates {} dims, more than D = {d}", 2 * inv_freq.dim(0))));
-    }
+    check_inv_freq_gpu(inv_freq, d)?;
     let args = gpu::compress::CompressArgs {
         kv,
         score,
@@ -232,6 +239,152 @@ pub fn entries_completed(start: usize, len: usize, ratio: usize) -> usize {
     (start + len) / ratio - start / ratio
 }
 
+/// The scalars every call checks the same way: `(coff, D)`.
+fn check_scalars(norm_weight: &TensorRef, ratio: usize, eps: f32, quant: Quant) -> Result<(usize, usize)> {
+    if ratio == 0 {
+        return Err(Error::value("ratio", "must be >= 1"));
+    }
+    let coff = if ratio == 4 { 2 } else { 1 };
+    norm_weight.expect_shape(&[None])?;
+    let d = norm_weight.dim(0);
+    if d == 0 {
+        return Err(Error::value(norm_weight.name, "must not be empty"));
+    }
+    if let Some(qd) = quant.dim().filter(|qd| *qd != d) {
+        return Err(Error::value("quant", format!("{quant:?} needs D = {qd}, got D = {d}")));
+    }
+    if !(eps >= 0.0 && eps.is_finite()) {
+        return Err(Error::value("eps", format!("must be finite and >= 0, got {eps}")));
+    }
+    Ok((coff, d))
+}
+
+/// Where the entries of a call go in its output.
+#[derive(Clone, Copy)]
+enum Placement {
+    /// `[E, D]`: entry after entry ([`compress`]).
+    Compact,
+}
+
+/// What every sequence of a call shares: the weights, checked and read, and the scalars.
+struct Compressor<'a> {
+    ape: &'a [f32],
+    weight: &'a [f32],
+    freqs: &'a [f64],
+    /// `coff D` zeros: the `ape` of candidates read from the state.
+    zeros: &'a [f32],
+    ratio: usize,
+    coff: usize,
+    dim: usize,
+    eps: f32,
+    quant: Quant,
+    /// Argument names for errors.
+    kv_name: &'a str,
+    score_name: &'a str,
+}
+
+impl<'a> Compressor<'a> {
+    fn width(&self) -> usize {
+        self.coff * self.dim
+    }
+
+    /// The tokens one sequence's call sees: `kv`, `score` (`[S, coff D]`) from position `start`
+    /// on, and its state before the call.
+    fn tokens(&self, kv: &'a [f32], score: &'a [f32], kv_state: &'a [f32], score_state: &'a [f32], start: usize) -> Tokens<'a> {
+        Tokens {
+            kv,
+            score,
+            ape: self.ape,
+            kv_state,
+            score_state,
+            zeros: self.zeros,
+            start,
+            ratio: self.ratio,
+            coff: self.coff,
+            width: self.width(),
+        }
+    }
+
+    /// Pools, normalizes, rotates and quantizes the entries the tokens of `t` complete into
+    /// `out` as `place` says (rows of `AtTokens` that complete no entry are left as they are).
+    /// A non-finite pooled entry is an error.
+    fn entries(&self, t: &Tokens, out: &mut [f32], place: Placement) -> Result<()> {
+        let (r, d) = (self.ratio, self.dim);
+        let s = t.kv.len() / self.width();
+        let n = entries_completed(t.start, s, r);
+        if n == 0 {
+            return Ok(());
+        }
+        // Entry e is completed by position r (first + e) + r - 1, row r - 1 - start % r + r e.
+        let (skip, stride) = match place {
+            Placement::Compact => (0, 1),
+        };
+        let first = t.start / r;
+        out[skip * d..].par_chunks_mut(stride * d).take(n).enumerate().try_for_each(|(e, rows)| -> Result<()> {
+            let entry = &mut rows[..d];
+            let i = first + e;
+            let mut cands = Vec::with_capacity(self.coff * r);
+            if self.coff == 2 {
+                cands.extend((r * i.saturating_sub(1)..r * i).map(|j| t.candidate(j, 0)));
+            }
+            cands.extend((r * i..r * i + r).map(|j| t.candidate(j, self.coff - 1)));
+            pool(&cands, entry, &mut PoolScratch::new(d));
+            if entry.iter().any(|v| !v.is_finite()) {
+                return Err(Error::value(
+                    self.kv_name,
+                    format!(
+                        "kv or score holds a non-finite value among the tokens of entry {i} (positions up to {})",
+                        r * i + r - 1
+                    ),
+                ));
+            }
+            finish(entry, self.weight, &Rotation::at((r * i) as i64, self.freqs, false), self.eps, self.quant);
+            Ok(())
+        })
+    }
+
+    /// The positions whose tokens end up in the state after `s` tokens from `start`: only the
+    /// last `coff r` (earlier writes are all overwritten).
+    fn replayed(&self, start: usize, s: usize) -> std::ops::Range<usize> {
+        let end = start + s;
+        start.max(end.saturating_sub(self.coff * self.ratio))..end
+    }
+
+    /// Checks the tokens [`Self::advance`] will copy into the state: finite kv; scores finite or
+    /// `-inf`.
+    fn check_replayed(&self, kv: &[f32], score: &[f32], start: usize) -> Result<()> {
+        let w = self.width();
+        for p in self.replayed(start, kv.len() / w) {
+            let t = p - start;
+            expect_finite(self.kv_name, &kv[t * w..][..w])?;
+            if let Some(c) = score[t * w..][..w].iter().position(|v| v.is_nan() || *v == f32::INFINITY) {
+                return Err(Error::value(self.score_name, format!("non-finite value at row {t}, channel {c}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Advances a state by the tokens at positions `start ..` as reference.compressor_step does
+    /// token by token, replaying only those that stay.
+    fn advance(&self, kv: &[f32], score: &[f32], start: usize, kv_st: &mut [f32], score_st: &mut [f32]) {
+        let (r, w) = (self.ratio, self.width());
+        for p in self.replayed(start, kv.len() / w) {
+            let (t, slot) = (p - start, p % r);
+            let row = (self.coff - 1) * r + slot;
+            kv_st[row * w..][..w].copy_from_slice(&kv[t * w..][..w]);
+            for ((st, sc), a) in
+                score_st[row * w..][..w].iter_mut().zip(&score[t * w..][..w]).zip(&self.ape[slot * w..][..w])
+            {
+                *st = sc + a;
+            }
+            if self.coff == 2 && (p + 1) % r == 0 {
+                kv_st.copy_within(r * w..2 * r * w, 0);
+                score_st.copy_within(r * w..2 * r * w, 0);
+            }
+        }
+    }
+}
+
 /// Compresses `kv`, `score` (float32 `[S, coff D]`, tokens at `cfg.start ..`) into `out`
 /// (float32 `[E, D]`, the entries these tokens complete) and advances `kv_state`, `score_state`
 /// (float32 `[coff r, coff D]`) in place. `ape`: `[r, coff D]`; `norm_weight`: `[D]`;
@@ -239,7 +392,7 @@ pub fn entries_completed(start: usize, len: usize, ratio: usize) -> usize {
 /// `-inf` (a token that takes no part); any other non-finite input is an error, raised before
 /// the state is touched.
 ///
-/// On a GPU the same call runs two kernels on `stream` (cuda/compress.cu); non-finite inputs
+/// On a GPU the same call runs three kernels on `stream` (cuda/compress.cu); non-finite inputs
 /// are not checked there (that would need a synchronization) and propagate into the entries.
 ///
 /// # Safety
@@ -259,21 +412,7 @@ pub unsafe fn compress(
     stream: usize,
 ) -> Result<()> {
     let r = cfg.ratio;
-    if r == 0 {
-        return Err(Error::value("ratio", "must be >= 1"));
-    }
-    let coff = if r == 4 { 2 } else { 1 };
-    norm_weight.expect_shape(&[None])?;
-    let d = norm_weight.dim(0);
-    if d == 0 {
-        return Err(Error::value(norm_weight.name, "must not be empty"));
-    }
-    if let Some(qd) = cfg.quant.dim().filter(|qd| *qd != d) {
-        return Err(Error::value("quant", format!("{:?} needs D = {qd}, got D = {d}", cfg.quant)));
-    }
-    if !(cfg.eps >= 0.0 && cfg.eps.is_finite()) {
-        return Err(Error::value("eps", format!("must be finite and >= 0, got {}", cfg.eps)));
-    }
+    let (coff, d) = check_scalars(norm_weight, r, cfg.eps, cfg.quant)?;
     kv.expect_shape(&[None, Some(coff * d)])?;
     if let Device::Cuda(dev) = same_device(&[kv, score, ape, norm_weight, inv_freq, kv_state, score_state, out])? {
         return compress_gpu(dev, stream, [kv, score, ape, norm_weight, inv_freq, kv_state, score_state, out], cfg);
@@ -291,71 +430,25 @@ pub unsafe fn compress(
     expect_finite(norm_weight.name, w)?;
     expect_finite(ape.name, ape_v)?;
 
-    let width = coff * d;
-    let zeros = vec![0f32; width];
-    let tokens = Tokens {
-        kv: kv_v,
-        score: score_v,
+    let zeros = vec![0f32; coff * d];
+    let comp = Compressor {
         ape: ape_v,
-        kv_state: kv_st,
-        score_state: score_st,
+        weight: w,
+        freqs: &freqs,
         zeros: &zeros,
-        start: cfg.start,
         ratio: r,
         coff,
-        width,
+        dim: d,
+        eps: cfg.eps,
+        quant: cfg.quant,
+        kv_name: kv.name,
+        score_name: score.name,
     };
-    let first = cfg.start / r;
-    let dst = out.host_mut::<f32>(&[DType::F32])?;
-    dst.par_chunks_mut(d).enumerate().try_for_each(|(e, entry)| -> Result<()> {
-        let i = first + e;
-        let mut cands = Vec::with_capacity(coff * r);
-        if coff == 2 {
-            cands.extend((r * i.saturating_sub(1)..r * i).map(|j| tokens.candidate(j, 0)));
-        }
-        cands.extend((r * i..r * i + r).map(|j| tokens.candidate(j, coff - 1)));
-        pool(&cands, entry, &mut PoolScratch::new(d));
-        if entry.iter().any(|v| !v.is_finite()) {
-            return Err(Error::value(
-                kv.name,
-                format!(
-                    "kv or score holds a non-finite value among the tokens of entry {i} (positions up to {})",
-                    r * i + r - 1
-                ),
-            ));
-        }
-        finish(entry, w, &Rotation::at((r * i) as i64, &freqs, false), cfg.eps, cfg.quant);
-        Ok(())
-    })?;
-
-    // The state after these tokens depends only on the last coff * r of them (earlier writes are
-    // all overwritten), so replay just those, as reference.compressor_step does token by token.
-    let end = cfg.start + s;
-    let replay = cfg.start.max(end.saturating_sub(coff * r))..end;
-    for p in replay.clone() {
-        let t = p - cfg.start;
-        expect_finite(kv.name, &kv_v[t * width..][..width])?;
-        if let Some(c) = score_v[t * width..][..width].iter().position(|v| v.is_nan() || *v == f32::INFINITY) {
-            return Err(Error::value(score.name, format!("non-finite value at row {t}, channel {c}")));
-        }
-    }
+    let tokens = comp.tokens(kv_v, score_v, kv_st, score_st, cfg.start);
+    comp.entries(&tokens, out.host_mut::<f32>(&[DType::F32])?, Placement::Compact)?;
+    comp.check_replayed(kv_v, score_v, cfg.start)?;
     let kv_st = kv_state.host_mut::<f32>(&[DType::F32])?;
     let score_st = score_state.host_mut::<f32>(&[DType::F32])?;
-    for p in replay {
-        let (t, slot) = (p - cfg.start, p % r);
-        let row = (coff - 1) * r + slot;
-        kv_st[row * width..][..width].copy_from_slice(&kv_v[t * width..][..width]);
-        for ((st, sc), a) in score_st[row * width..][..width]
-            .iter_mut()
-            .zip(&score_v[t * width..][..width])
-            .zip(&ape_v[slot * width..][..width])
-        {
-            *st = sc + a;
-        }
-        if coff == 2 && (p + 1) % r == 0 {
-            kv_st.copy_within(r * width..2 * r * width, 0);
-            score_st.copy_within(r * width..2 * r * width, 0);
-        }
-    }
+    comp.advance(kv_v, score_v, cfg.start, kv_st, score_st);
     Ok(())
 }
