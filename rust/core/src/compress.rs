@@ -15,6 +15,7 @@ use crate::formats::Quant;
 use crate::gpu;
 use crate::quant::{self, INDEX_KEY_FP4_CODEC, MAIN_ENTRY_CODEC};
 use crate::rope::{inv_freq_values, Rotation};
+use crate::rows::Ids;
 use crate::simd::{multiversion, F32x16, LANES};
 use crate::tensor::{same_device, DType, Device, TensorRef};
 
@@ -264,6 +265,8 @@ fn check_scalars(norm_weight: &TensorRef, ratio: usize, eps: f32, quant: Quant) 
 enum Placement {
     /// `[E, D]`: entry after entry ([`compress`]).
     Compact,
+    /// `[S, D]`: each entry at the row of the token that completes it ([`compress_batch`]).
+    AtTokens,
 }
 
 /// What every sequence of a call shares: the weights, checked and read, and the scalars.
@@ -318,6 +321,7 @@ impl<'a> Compressor<'a> {
         // Entry e is completed by position r (first + e) + r - 1, row r - 1 - start % r + r e.
         let (skip, stride) = match place {
             Placement::Compact => (0, 1),
+            Placement::AtTokens => (r - 1 - t.start % r, r),
         };
         let first = t.start / r;
         out[skip * d..].par_chunks_mut(stride * d).take(n).enumerate().try_for_each(|(e, rows)| -> Result<()> {
@@ -450,5 +454,222 @@ pub unsafe fn compress(
     let kv_st = kv_state.host_mut::<f32>(&[DType::F32])?;
     let score_st = score_state.host_mut::<f32>(&[DType::F32])?;
     comp.advance(kv_v, score_v, cfg.start, kv_st, score_st);
+    Ok(())
+}
+
+/// Scalars of a batched compressor call.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchConfig {
+    pub ratio: usize,
+    pub eps: f32,
+    pub quant: Quant,
+}
+
+/// One sequence of a batch: its tokens (rows `lo .. hi` of the input) and, unless it is a
+/// padding row, its slot and the position of its first token.
+#[derive(Clone, Copy)]
+struct BatchRow {
+    lo: usize,
+    hi: usize,
+    live: Option<(usize, usize)>,
+}
+
+/// Prefixes `sequence b: ` to the message of an error about one sequence.
+fn in_sequence(b: usize, e: Error) -> Error {
+    match e {
+        Error::Value { arg, msg } => Error::Value { arg, msg: format!("sequence {b}: {msg}") },
+        other => other,
+    }
+}
+
+/// Reads and checks `state_slots`, `starts` and `cu_tokens` (B sequences of `tokens` rows in
+/// all, `slots` state slots) into the rows of the batch.
+///
+/// # Safety
+/// The tensors satisfy [`TensorRef`]'s contract, live on the CPU and have the shapes `[B]`,
+/// `[B]`, `[B + 1]`.
+unsafe fn batch_rows(
+    state_slots: &TensorRef,
+    starts: &TensorRef,
+    cu_tokens: &TensorRef,
+    tokens: usize,
+    slots: usize,
+) -> Result<Vec<BatchRow>> {
+    let b = state_slots.dim(0);
+    let (sl, st, cu) = (Ids::new(state_slots)?, Ids::new(starts)?, Ids::new(cu_tokens)?);
+    if cu.get(0) != 0 {
+        return Err(Error::value(cu_tokens.name, format!("must start at 0, got {}", cu.get(0))));
+    }
+    if let Some(i) = (0..b).find(|&i| cu.get(i + 1) < cu.get(i)) {
+        return Err(Error::value(
+            cu_tokens.name,
+            format!("must not decrease, got {} then {} at index {}", cu.get(i), cu.get(i + 1), i + 1),
+        ));
+    }
+    if cu.get(b) != tokens as i64 {
+        return Err(Error::value(cu_tokens.name, format!("must end at T = {tokens} (the rows of kv), got {}", cu.get(b))));
+    }
+    sl.expect_range(state_slots.name, -1, slots as i64, "a slot of state, or -1 for a padding row")?;
+    let mut owner = vec![usize::MAX; slots];
+    let mut rows = Vec::with_capacity(b);
+    for i in 0..b {
+        let (lo, hi) = (cu.get(i) as usize, cu.get(i + 1) as usize);
+        let slot = sl.get(i);
+        if slot < 0 {
+            rows.push(BatchRow { lo, hi, live: None });
+            continue;
+        }
+        let slot = slot as usize;
+        if owner[slot] != usize::MAX {
+            return Err(Error::value(
+                state_slots.name,
+                format!("sequences {} and {i} both use slot {slot}; live slots must be distinct", owner[slot]),
+            ));
+        }
+        owner[slot] = i;
+        let start = st.get(i);
+        if start < 0 {
+            return Err(Error::value(starts.name, format!("must be >= 0, got {start} for sequence {i}")));
+        }
+        rows.push(BatchRow { lo, hi, live: Some((slot, start as usize)) });
+    }
+    Ok(rows)
+}
+
+/// Compresses the tokens of `B` sequences in one call: sequence `b` holds rows
+/// `cu_tokens[b] .. cu_tokens[b + 1]` of `kv`, `score` (float32 `[T, coff D]`), its first token
+/// sits at position `starts[b]`, and its decode state is slot `state_slots[b]` of `state`
+/// (float32 `[S, 2, coff r, coff D]`: kv, then scores, as [`compress`] takes them), advanced in
+/// place. `out` (float32 `[T, D]`) gets at row `t` the entry token `t` completes, as
+/// [`compress`] computes it, and zeros at every other row. A slot of -1 marks a padding row:
+/// its tokens give zero rows and no state is read or written. `state_slots`, `starts` and
+/// `cu_tokens` are int32 or int64 (`[B]`, `[B]`, `[B + 1]`).
+///
+/// On the CPU, slots must be distinct and in range, `starts >= 0`, and `cu_tokens` must go from
+/// 0 to `T` without decreasing; non-finite inputs are errors as in [`compress`], raised before
+/// any state changes. On a GPU (three kernels on `stream`, cuda/compress.cu) nothing is checked
+/// against device data: slots outside `[0, S)` count as padding, `starts` and `cu_tokens` are
+/// clamped so that no access leaves the tensors, and duplicate live slots give undefined states.
+///
+/// # Safety
+/// Every tensor satisfies [`TensorRef`]'s contract; `out` and `state` alias nothing else;
+/// `stream` is a `CUstream` of the tensors' GPU when they live on one.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn compress_batch(
+    kv: &TensorRef,
+    score: &TensorRef,
+    ape: &TensorRef,
+    norm_weight: &TensorRef,
+    inv_freq: &TensorRef,
+    state: &TensorRef,
+    state_slots: &TensorRef,
+    starts: &TensorRef,
+    cu_tokens: &TensorRef,
+    out: &TensorRef,
+    cfg: BatchConfig,
+    stream: usize,
+) -> Result<()> {
+    let r = cfg.ratio;
+    let (coff, d) = check_scalars(norm_weight, r, cfg.eps, cfg.quant)?;
+    let width = coff * d;
+    kv.expect_shape(&[None, Some(width)])?;
+    let t = kv.dim(0);
+    state_slots.expect_shape(&[None])?;
+    starts.expect_shape(&[None])?;
+    let b = state_slots.dim(0);
+    if starts.dim(0) != b {
+        return Err(Error::value(
+            state_slots.name,
+            format!("has {b} rows but starts has {}; both take one per sequence", starts.dim(0)),
+        ));
+    }
+    let expected: [(&TensorRef, &[Option<usize>]); 6] = [
+        (score, &[Some(t), Some(width)]),
+        (ape, &[Some(r), Some(width)]),
+        (norm_weight, &[Some(d)]),
+        (state, &[None, Some(2), Some(coff * r), Some(width)]),
+        (cu_tokens, &[Some(b + 1)]),
+        (out, &[Some(t), Some(d)]),
+    ];
+    let device = same_device(&[kv, score, ape, norm_weight, inv_freq, state, state_slots, starts, cu_tokens, out])?;
+    for (x, shape) in expected {
+        x.expect_shape(shape)?;
+    }
+    for x in [kv, score, ape, norm_weight, state, out] {
+        x.expect_dtype(&[DType::F32])?;
+    }
+    for ids in [state_slots, starts, cu_tokens] {
+        ids.expect_dtype(&[DType::I32, DType::I64])?;
+    }
+    if let Device::Cuda(dev) = device {
+        check_inv_freq_gpu(inv_freq, d)?;
+        let args = gpu::compress::BatchArgs {
+            kv,
+            score,
+            ape,
+            norm_weight,
+            inv_freq,
+            state,
+            state_slots,
+            starts,
+            cu_tokens,
+            out,
+            ratio: r,
+            eps: cfg.eps,
+            quant: cfg.quant,
+        };
+        return gpu::compress::compress_batch(dev, stream, &args);
+    }
+    let rows = batch_rows(state_slots, starts, cu_tokens, t, state.dim(0))?;
+    let w = floats(norm_weight, &[Some(d)])?;
+    let kv_v = floats(kv, &[Some(t), Some(width)])?;
+    let score_v = floats(score, &[Some(t), Some(width)])?;
+    let ape_v = floats(ape, &[Some(r), Some(width)])?;
+    let freqs = inv_freq_values(inv_freq, d)?;
+    expect_finite(norm_weight.name, w)?;
+    expect_finite(ape.name, ape_v)?;
+    let zeros = vec![0f32; width];
+    let comp = Compressor {
+        ape: ape_v,
+        weight: w,
+        freqs: &freqs,
+        zeros: &zeros,
+        ratio: r,
+        coff,
+        dim: d,
+        eps: cfg.eps,
+        quant: cfg.quant,
+        kv_name: kv.name,
+        score_name: score.name,
+    };
+
+    // Split the output by sequence and the state by slot; each live sequence takes its slot.
+    let per_slot = 2 * coff * r * width;
+    let mut slots: Vec<Option<&mut [f32]>> = state.host_mut::<f32>(&[DType::F32])?.chunks_mut(per_slot).map(Some).collect();
+    let mut rest = out.host_mut::<f32>(&[DType::F32])?;
+    let mut work = Vec::with_capacity(b);
+    for (i, row) in rows.iter().enumerate() {
+        let (seq_out, tail) = std::mem::take(&mut rest).split_at_mut((row.hi - row.lo) * d);
+        rest = tail;
+        seq_out.fill(0.0);
+        if let Some((slot, start)) = row.live {
+            let st = slots[slot].take().expect("live slots are distinct (checked)");
+            work.push((i, row.lo, row.hi, start, seq_out, st));
+        }
+    }
+
+    // Entries first, for every sequence: any error leaves every state as it was.
+    work.par_iter_mut().try_for_each(|(i, lo, hi, start, seq_out, st)| -> Result<()> {
+        let (kv_s, score_s) = (&kv_v[*lo * width..*hi * width], &score_v[*lo * width..*hi * width]);
+        let (kv_st, score_st) = st.split_at(per_slot / 2);
+        let tokens = comp.tokens(kv_s, score_s, kv_st, score_st, *start);
+        comp.entries(&tokens, seq_out, Placement::AtTokens).map_err(|e| in_sequence(*i, e))?;
+        comp.check_replayed(kv_s, score_s, *start).map_err(|e| in_sequence(*i, e))
+    })?;
+    work.par_iter_mut().for_each(|(_, lo, hi, start, _, st)| {
+        let (kv_s, score_s) = (&kv_v[*lo * width..*hi * width], &score_v[*lo * width..*hi * width]);
+        let (kv_st, score_st) = st.split_at_mut(per_slot / 2);
+        comp.advance(kv_s, score_s, *start, kv_st, score_st);
+    });
     Ok(())
 }
