@@ -281,8 +281,10 @@ __device__ __forceinline__ bool entry_of_row(const BatchParams& bp, long long t,
 // the pooled, not yet normalized entry goes to `out`.
 extern "C" __global__ void __launch_bounds__(THREADS) dsv4_compress_pool(const Params p) {
   const int c = blockIdx.y * THREADS + threadIdx.x;
+  const long long r = p.ratio;
+  const long long i = p.start / r + blockIdx.x;
   if (c >= p.dim) return;
-  p.out[blockIdx.x * (long long)p.dim + c] = pool_channel(p, p.start / p.ratio + blockIdx.x, c);
+  p.out[blockIdx.x * (long long)p.dim + c] = pool_channel(p, i, c);
 }
 
 // One block per entry: RMSNorm, RoPE at the block's first position, then the quant round trip.
