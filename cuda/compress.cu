@@ -9,6 +9,14 @@
 // position, and the FP8 (D = 512) or Hadamard + FP4 (D = 128) round trip, in place.
 // dsv4_compress_state: advances the state in place exactly as feeding the tokens one by one
 // would (a thread per channel column, so reads of the old state precede its writes).
+//
+// dsv4_compress_batch_{pool,finish,state}: the same three steps for B sequences in one launch
+// each (tokens concatenated, states in a pool of slots): a block per (token, channel group), a
+// block per token and a block per (sequence, column group). Each builds the sequence's own
+// `Params` and runs the device functions the single-sequence kernels run (pool_channel,
+// finish_entry, advance_state), so a batch gives exactly what one call per sequence gives.
+// Nothing is read from the host: slots outside the pool mark padding rows and every offset read
+// from device memory is clamped into its tensor.
 #include <cstddef>
 
 #include "quant.cuh"
@@ -75,16 +83,10 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
   return total;
 }
 
-}  // namespace
-
-// Grid (entries, channel groups of 128): thread per channel, one softmax over its candidates;
-// the pooled, not yet normalized entry goes to `out`.
-extern "C" __global__ void __launch_bounds__(THREADS) dsv4_compress_pool(const Params p) {
-  const int c = blockIdx.y * THREADS + threadIdx.x;
+// Channel c of entry i, pooled (one softmax over its candidates), not yet normalized.
+__device__ __forceinline__ float pool_channel(const Params& p, long long i, int c) {
   const long long r = p.ratio;
-  const long long i = p.start / r + blockIdx.x;
   const int d = p.dim;
-  if (c >= d) return;
   // Candidates: (previous block, "b" half at column c) then (own block, "a" half at d + c).
   const int own_col = p.overlap ? d + c : c;
   const long long prev0 = (p.overlap && i > 0) ? r * i - r : r * i;
@@ -97,20 +99,20 @@ extern "C" __global__ void __launch_bounds__(THREADS) dsv4_compress_pool(const P
     den += w;
     num = fmaf(w, k.value, num);
   }
-  p.out[blockIdx.x * (long long)d + c] = num / den;
+  return num / den;
 }
 
-// One block per entry: RMSNorm, RoPE at the block's first position, then the quant round trip.
-extern "C" __global__ void __launch_bounds__(THREADS) dsv4_compress_finish(const Params p) {
+// The whole block on entry i, pooled at `dst` (D floats), in place: RMSNorm, RoPE at the
+// block's first position, then the quant round trip. Every thread of the block calls it.
+__device__ __forceinline__ void finish_entry(const Params& p, long long i, float* dst) {
   __shared__ float x[MAX_DIM];
   __shared__ float scratch[THREADS / 32];
   const int tid = threadIdx.x;
   const long long r = p.ratio;
-  const long long i = p.start / r + blockIdx.x;
   const int d = p.dim;
   float ss = 0.f;
   for (int c = tid; c < d; c += THREADS) {
-    const float v = p.out[blockIdx.x * (long long)d + c];
+    const float v = dst[c];
     x[c] = v;
     ss += v * v;
   }
@@ -127,7 +129,6 @@ extern "C" __global__ void __launch_bounds__(THREADS) dsv4_compress_finish(const
     x[k + 1] = x0 * (float)s + x1 * (float)co;
   }
   __syncthreads();
-  float* dst = p.out + blockIdx.x * (long long)d;
   if (p.quant == QUANT_FP8) {
     // Thread t owns dims [4t, 4t + 4): 16 threads share one 64-dim FP8 block; t >= 112: BF16.
     float v[4];
@@ -172,10 +173,9 @@ extern "C" __global__ void __launch_bounds__(THREADS) dsv4_compress_finish(const
   }
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS) dsv4_compress_state(const Params p) {
+// Advances state column `col` (< coff D) by the call's tokens, as feeding them one by one would.
+__device__ __forceinline__ void advance_state(const Params& p, int col) {
   const int width = (p.overlap ? 2 : 1) * p.dim;
-  const int col = blockIdx.x * THREADS + threadIdx.x;
-  if (col >= width) return;
   const long long r = p.ratio, end = p.start + p.tokens;
   if (!p.overlap) {
     for (long long pos = max(p.start, end - r); pos < end; ++pos) {
@@ -209,4 +209,122 @@ extern "C" __global__ void __launch_bounds__(THREADS) dsv4_compress_state(const 
       p.score_state[(4 + j) * width + col] = k.logit;
     }
   }
+}
+
+// Mirrored by `BatchParams` in rust/core/src/gpu/compress.rs (same field order, repr(C)); both
+// sides check its size and a few offsets at compile time. `base` holds what the sequences share
+// (kv, score: the whole batch; out: [T, D]); each kernel fills a copy per sequence.
+struct BatchParams {
+  Params base;
+  float* state;             // [slots, 2, coff r, coff D]
+  const void* state_slots;  // [B], int32 or int64
+  const void* starts;       // [B], int64 or int32
+  const void* cu_tokens;    // [B + 1], int32 or int64
+  long long slots;
+  long long total;          // T, the rows of kv, score and out
+  int batch;                // B
+  int slots64;
+  int starts64;
+  int cu64;
+};
+static_assert(sizeof(BatchParams) == 168, "BatchParams must match rust/core/src/gpu/compress.rs");
+static_assert(offsetof(BatchParams, state) == 104 && offsetof(BatchParams, total) == 144 &&
+                  offsetof(BatchParams, cu64) == 164,
+              "BatchParams must match rust/core/src/gpu/compress.rs");
+
+// Positions are clamped to [0, MAX_START] so that no garbage start overflows the arithmetic.
+constexpr long long MAX_START = 1LL << 50;
+
+// cu_tokens[k] clamped into [0, T].
+__device__ __forceinline__ long long cu_at(const BatchParams& bp, int k) {
+  return min(max(load_id(bp.cu_tokens, k, bp.cu64), 0LL), bp.total);
+}
+
+// Sequence b as a single-sequence call: its rows [lo, lo + tokens) of the batch, its state slot
+// and its start. False for a padding row (slot outside [0, slots)).
+__device__ __forceinline__ bool sequence(const BatchParams& bp, int b, Params& p, long long& lo) {
+  const long long slot = load_id(bp.state_slots, b, bp.slots64);
+  if (slot < 0 || slot >= bp.slots) return false;
+  lo = cu_at(bp, b);
+  const long long hi = max(lo, cu_at(bp, b + 1));
+  const long long width = (bp.base.overlap ? 2 : 1) * (long long)bp.base.dim;
+  const long long state_size = (bp.base.overlap ? 2 : 1) * (long long)bp.base.ratio * width;
+  p = bp.base;
+  p.kv = bp.base.kv + lo * width;
+  p.score = bp.base.score + lo * width;
+  p.kv_state = bp.state + slot * 2 * state_size;
+  p.score_state = p.kv_state + state_size;
+  p.start = min(max(load_id(bp.starts, b, bp.starts64), 0LL), MAX_START);
+  p.tokens = (int)(hi - lo);
+  return true;
+}
+
+// The entry row t of the batch completes, if any: its sequence as a single call (p) and the
+// entry's index (i). Row t's sequence is the last b with cu_tokens[b] <= t (binary search).
+__device__ __forceinline__ bool entry_of_row(const BatchParams& bp, long long t, Params& p, long long& i) {
+  if (bp.batch <= 0) return false;
+  int lo_b = 0, hi_b = bp.batch - 1;
+  while (lo_b < hi_b) {
+    const int mid = (lo_b + hi_b + 1) / 2;
+    if (cu_at(bp, mid) <= t) lo_b = mid; else hi_b = mid - 1;
+  }
+  long long lo;
+  if (!sequence(bp, lo_b, p, lo) || t < lo || t >= lo + p.tokens) return false;
+  const long long pos = p.start + (t - lo);
+  i = pos / p.ratio;
+  return (pos + 1) % p.ratio == 0;
+}
+
+}  // namespace
+
+// Grid (entries, channel groups of 128): thread per channel, one softmax over its candidates;
+// the pooled, not yet normalized entry goes to `out`.
+extern "C" __global__ void __launch_bounds__(THREADS) dsv4_compress_pool(const Params p) {
+  const int c = blockIdx.y * THREADS + threadIdx.x;
+  const long long r = p.ratio;
+  const long long i = p.start / r + blockIdx.x;
+  if (c >= p.dim) return;
+  p.out[blockIdx.x * (long long)p.dim + c] = pool_channel(p, i, c);
+}
+
+// One block per entry: RMSNorm, RoPE at the block's first position, then the quant round trip.
+extern "C" __global__ void __launch_bounds__(THREADS) dsv4_compress_finish(const Params p) {
+  finish_entry(p, p.start / p.ratio + blockIdx.x, p.out + blockIdx.x * (long long)p.dim);
+}
+
+// Grid (column groups of 128): advances the state.
+extern "C" __global__ void __launch_bounds__(THREADS) dsv4_compress_state(const Params p) {
+  const int col = blockIdx.x * THREADS + threadIdx.x;
+  if (col >= (p.overlap ? 2 : 1) * p.dim) return;
+  advance_state(p, col);
+}
+
+// Grid (T, channel groups of 128): row t's channel c is the pooled entry token t completes, or
+// zero when it completes none (or belongs to a padding row).
+extern "C" __global__ void __launch_bounds__(THREADS) dsv4_compress_batch_pool(const BatchParams bp) {
+  const int c = blockIdx.y * THREADS + threadIdx.x;
+  if (c >= bp.base.dim) return;
+  const long long t = blockIdx.x;
+  Params p;
+  long long i;
+  bp.base.out[t * bp.base.dim + c] = entry_of_row(bp, t, p, i) ? pool_channel(p, i, c) : 0.f;
+}
+
+// Grid (T): a block per row; rows that complete an entry finish it in place.
+extern "C" __global__ void __launch_bounds__(THREADS) dsv4_compress_batch_finish(const BatchParams bp) {
+  const long long t = blockIdx.x;
+  Params p;
+  long long i;
+  if (!entry_of_row(bp, t, p, i)) return;  // uniform over the block
+  finish_entry(p, i, bp.base.out + t * bp.base.dim);
+}
+
+// Grid (B, column groups of 128): advances each live sequence's state.
+extern "C" __global__ void __launch_bounds__(THREADS) dsv4_compress_batch_state(const BatchParams bp) {
+  const int col = blockIdx.y * THREADS + threadIdx.x;
+  if (col >= (bp.base.overlap ? 2 : 1) * bp.base.dim) return;
+  Params p;
+  long long lo;
+  if (!sequence(bp, blockIdx.x, p, lo) || p.tokens == 0) return;
+  advance_state(p, col);
 }

@@ -77,6 +77,10 @@ def compress(
     kv: Spec, score: Spec, ape: Spec, norm_weight: Spec, inv_freq: Spec, kv_state: Spec, score_state: Spec,
     out: Spec, start_pos: int, ratio: int, eps: float, quant: str, stream: int,
 ) -> None: ...
+def compress_batch(
+    kv: Spec, score: Spec, ape: Spec, norm_weight: Spec, inv_freq: Spec, state: Spec, state_slots: Spec,
+    starts: Spec, cu_tokens: Spec, out: Spec, ratio: int, eps: float, quant: str, stream: int,
+) -> None: ...
 def indexer_topk(
     q: Spec, weights: Spec, key_cache: Spec, block_table: Spec, seq_ids: Spec, visible: Spec,
     out_indices: Spec, out_scores: Spec, k: int, physical: bool, workspace: Spec | None, stream: int,

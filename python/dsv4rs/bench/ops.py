@@ -120,6 +120,35 @@ def compress(b: Bench) -> Iterator[Case]:
 
     yield Case("compress", "decode r=4", decode)
 
+    for batch in b.pick([1, 32, 128], [1, 128], [1, 8]):
+
+        def decode_batch(batch: int = batch) -> Row:
+            """One decode step of ``batch`` sequences (a token each, each completing an entry) of a
+            CSA compressor (D = 512, FP8) in one ``compress_batch`` call, beside the model's
+            path until now: one ``compress`` call per sequence."""
+            ratio, dim = 4, 512
+            kvs = [b.randn(batch, 2 * dim) for _ in range(2)]
+            score, ape, norm = b.randn(batch, 2 * dim), b.randn(ratio, 2 * dim), b.randn(dim).abs()
+            state = b.randn(batch + 3, 2, 2 * ratio, 2 * dim)
+            slots = torch.randperm(batch + 3, device=b.device)[:batch]
+            starts = torch.full((batch,), 4 * 1000 + 3, dtype=torch.int64, device=b.device)
+            cu = torch.arange(batch + 1, dtype=torch.int32, device=b.device)
+            ms = b.median_ms(lambda i: ops.compress_batch(kvs[i], score, ape, norm, inv_freq, state, slots, starts, cu,
+                                                          ratio, quant="fp8"), 2)
+            slot_list = slots.tolist()
+
+            def loop(i: int) -> list[torch.Tensor]:
+                return [ops.compress(kvs[i][s : s + 1], score[s : s + 1], ape, norm, inv_freq, state[slot, 0],
+                                     state[slot, 1], 4 * 1000 + 3, ratio, quant="fp8")
+                        for s, slot in enumerate(slot_list)]
+
+            eager = b.median_ms(loop, 2)
+            # Per sequence: its state (kv and scores), its token's kv and score, its entry's row.
+            moved = batch * (2 * 2 * ratio * 2 * dim * 4 + 2 * 2 * dim * 4 + dim * 4)
+            return Row(f"compress_batch decode r=4 D=512 fp8 B={batch} (eager: a call each)", ms, moved, 0.0, eager)
+
+        yield Case("compress", f"decode batch B={batch}", decode_batch)
+
 
 def eager_indexer(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, k: int) -> torch.Tensor:
     """Torch eager Lightning Indexer: q [B, H, 128], w [B, H], keys [B, N, 128]."""

@@ -10,7 +10,7 @@ their outputs (and workspace).
   ``index_key_write``/``index_key_read``, ``index_key_round_trip``, ``copy_rows``,
   ``hadamard128``, new caches.
 - :mod:`.rope`: ``rope``. :mod:`.mhc`: ``mhc_weights``.
-- :mod:`.compress`: ``compress``, ``compressor_state``.
+- :mod:`.compress`: ``compress``, ``compress_batch``, ``compressor_state``.
 - :mod:`.indexer`: ``indexer_topk``.
 - :mod:`.attention`: ``sparse_attention``, ``attention_kernel``.
 """
@@ -22,7 +22,7 @@ import torch
 from dsv4rs import _core
 from dsv4rs.ops._checks import cuda_index
 from dsv4rs.ops.attention import ENTRY_SCALE, attention_kernel, sparse_attention
-from dsv4rs.ops.compress import Quant, compress, compressor_state
+from dsv4rs.ops.compress import Quant, compress, compress_batch, compressor_state
 from dsv4rs.ops.formats import (
     ENTRY_DIM,
     FP4_BLOCK,
@@ -54,9 +54,10 @@ from dsv4rs.ops.rope import rope
 __all__ = [
     "ENTRY_DIM", "ENTRY_SCALE", "FP4_BLOCK", "FP8_BLOCK", "INDEX_DIM", "INDEX_KEY_BYTES", "MAIN_DATA_BYTES",
     "MAIN_ENTRY_BYTES", "NOPE_DIM", "PAGE_ROWS", "ROPE_DIM", "IndexKeyFormat", "Quant", "attention_kernel",
-    "compress", "compressor_state", "copy_rows", "hadamard128", "index_key_read", "index_key_round_trip",
-    "index_key_write", "indexer_topk", "kv_read", "kv_write", "mhc_weights", "new_index_key_cache", "new_kv_cache",
-    "quantize_entries", "quantize_index_keys", "rope", "sparse_attention", "warm_up",
+    "compress", "compress_batch", "compressor_state", "copy_rows", "hadamard128", "index_key_read",
+    "index_key_round_trip", "index_key_write", "indexer_topk", "kv_read", "kv_write", "mhc_weights",
+    "new_index_key_cache", "new_kv_cache", "quantize_entries", "quantize_index_keys", "rope", "sparse_attention",
+    "warm_up",
 ]
 
 

@@ -97,3 +97,79 @@ def compress(
     if args[5].data_ptr() == args[6].data_ptr() and args[5].numel() > 0:
         raise ValueError("kv_state, score_state: must be distinct tensors")
     return _compress(*args, start_pos, ratio, float(eps), quant)
+
+
+@torch.library.custom_op("dsv4rs::compress_batch", mutates_args=("state",))
+def _compress_batch(
+    kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, norm_weight: torch.Tensor, inv_freq: torch.Tensor,
+    state: torch.Tensor, state_slots: torch.Tensor, starts: torch.Tensor, cu_tokens: torch.Tensor, ratio: int,
+    eps: float, quant: str,
+) -> torch.Tensor:
+    out = torch.empty((kv.shape[0], norm_weight.shape[0]), dtype=torch.float32, device=kv.device)
+    _core.compress_batch(
+        spec("kv", kv), spec("score", score), spec("ape", ape), spec("norm_weight", norm_weight),
+        spec("inv_freq", inv_freq), spec("state", state), spec("state_slots", state_slots), spec("starts", starts),
+        spec("cu_tokens", cu_tokens), spec("out", out), ratio, eps, quant, stream(kv),
+    )
+    return out
+
+
+@_compress_batch.register_fake
+def _(
+    kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, norm_weight: torch.Tensor, inv_freq: torch.Tensor,
+    state: torch.Tensor, state_slots: torch.Tensor, starts: torch.Tensor, cu_tokens: torch.Tensor, ratio: int,
+    eps: float, quant: str,
+) -> torch.Tensor:
+    return kv.new_empty((kv.shape[0], norm_weight.shape[0]), dtype=torch.float32)
+
+
+def compress_batch(
+    kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, norm_weight: torch.Tensor, inv_freq: torch.Tensor,
+    state: torch.Tensor, state_slots: torch.Tensor, starts: torch.Tensor, cu_tokens: torch.Tensor, ratio: int,
+    eps: float = 1e-6, quant: Quant = "none",
+) -> torch.Tensor:
+    """:func:`compress` for ``B`` sequences in one call (one launch per kernel on a GPU, and
+    capturable in a CUDA graph: no host synchronization, an output shape fixed by the inputs').
+
+    Sequence ``b`` holds rows ``cu_tokens[b] .. cu_tokens[b + 1]`` of ``kv`` and ``score``, at
+    positions ``starts[b] ..``, and advances the decode state in slot ``state_slots[b]`` of
+    ``state``. Its entries are what ``compress(kv[rows], score[rows], ape, norm_weight, inv_freq,
+    state[slot, 0], state[slot, 1], starts[b], ratio, eps, quant)`` returns, bit for bit on the
+    CPU (and on the GPU, against the GPU ``compress``), each placed at the row of the token that
+    completes it.
+
+    Args:
+        kv, score: ``float32 [T, coff * D]``, the tokens of the ``B`` sequences concatenated.
+        ape, norm_weight, inv_freq: as :func:`compress`.
+        state: ``float32 [S, 2, coff * ratio, coff * D]``, a pool of decode states: slot ``s``
+            holds ``(kv_state, score_state)`` of :func:`compressor_state` as ``state[s, 0]``,
+            ``state[s, 1]``; the slots of the batch are advanced in place, no other is touched.
+        state_slots: ``int32``/``int64 [B]``, each sequence's slot; ``-1`` marks a padding row
+            (e.g. a CUDA-graph bucket larger than the batch): its tokens give zero rows and no
+            state is read or written. Live slots must be distinct.
+        starts: ``int64``/``int32 [B]``, the position of each sequence's first token (the
+            number of tokens its state has seen).
+        cu_tokens: ``int32``/``int64 [B + 1]``, row offsets: ``0``, non-decreasing, ``T`` last.
+            A sequence may have no tokens.
+        ratio, eps, quant: as :func:`compress`.
+
+    Returns:
+        ``float32 [T, D]``: row ``t`` is the entry token ``t`` completes (the token at position
+        ``p`` with ``(p + 1) % ratio == 0``), pooled, normalized, rotated and quantized as
+        :func:`compress` gives it; every other row is zero.
+
+    On the CPU, bad slots (out of range: IndexError; repeated: ValueError), negative starts, bad
+    ``cu_tokens`` and non-finite inputs raise, before any state changes. On a GPU nothing is
+    checked against device data (that would need a synchronization): slots outside ``[0, S)``
+    count as padding rows, ``starts`` and ``cu_tokens`` are clamped so that no access leaves its
+    tensor, and repeated live slots leave those states undefined.
+    """
+    ratio = positive("ratio", ratio)
+    if quant not in ("none", "fp8", "fp4"):
+        raise ValueError(f'quant: expected "none", "fp8" or "fp4", got {quant!r}')
+    args = [as_tensor(n, t) for n, t in (("kv", kv), ("score", score), ("ape", ape), ("norm_weight", norm_weight),
+                                         ("inv_freq", inv_freq), ("state", state), ("state_slots", state_slots),
+                                         ("starts", starts), ("cu_tokens", cu_tokens))]
+    ndim("kv", args[0], 2)
+    ndim("norm_weight", args[3], 1)
+    return _compress_batch(*args, ratio, float(eps), quant)

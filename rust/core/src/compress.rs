@@ -15,6 +15,7 @@ use crate::formats::Quant;
 use crate::gpu;
 use crate::quant::{self, INDEX_KEY_FP4_CODEC, MAIN_ENTRY_CODEC};
 use crate::rope::{inv_freq_values, Rotation};
+use crate::rows::Ids;
 use crate::simd::{multiversion, F32x16, LANES};
 use crate::tensor::{same_device, DType, Device, TensorRef};
 
@@ -142,6 +143,17 @@ unsafe fn floats<'a>(t: &'a TensorRef, shape: &[Option<usize>]) -> Result<&'a [f
     t.host::<f32>(&[DType::F32])
 }
 
+/// The frequencies a GPU call takes: float32 or float64 `[R]`, `2 R <= D` (their values are not
+/// read on the host).
+fn check_inv_freq_gpu(inv_freq: &TensorRef, d: usize) -> Result<()> {
+    inv_freq.expect_dtype(&[DType::F32, DType::F64])?;
+    inv_freq.expect_shape(&[None])?;
+    if 2 * inv_freq.dim(0) > d {
+        return Err(Error::value(inv_freq.name, format!("rotates {} dims, more than D = {d}", 2 * inv_freq.dim(0))));
+    }
+    Ok(())
+}
+
 /// The GPU form of [`compress`]: the same shape checks, then the kernels.
 ///
 /// # Safety
@@ -164,11 +176,7 @@ unsafe fn compress_gpu(dev: i32, stream: usize, t: [&TensorRef; 8], cfg: Config)
         t.expect_dtype(&[DType::F32])?;
         t.expect_shape(shape)?;
     }
-    inv_freq.expect_dtype(&[DType::F32, DType::F64])?;
-    inv_freq.expect_shape(&[None])?;
-    if 2 * inv_freq.dim(0) > d {
-        return Err(Error::value(inv_freq.name, format!("rotates {} dims, more than D = {d}", 2 * inv_freq.dim(0))));
-    }
+    check_inv_freq_gpu(inv_freq, d)?;
     let args = gpu::compress::CompressArgs {
         kv,
         score,
@@ -232,6 +240,155 @@ pub fn entries_completed(start: usize, len: usize, ratio: usize) -> usize {
     (start + len) / ratio - start / ratio
 }
 
+/// The scalars every call checks the same way: `(coff, D)`.
+fn check_scalars(norm_weight: &TensorRef, ratio: usize, eps: f32, quant: Quant) -> Result<(usize, usize)> {
+    if ratio == 0 {
+        return Err(Error::value("ratio", "must be >= 1"));
+    }
+    let coff = if ratio == 4 { 2 } else { 1 };
+    norm_weight.expect_shape(&[None])?;
+    let d = norm_weight.dim(0);
+    if d == 0 {
+        return Err(Error::value(norm_weight.name, "must not be empty"));
+    }
+    if let Some(qd) = quant.dim().filter(|qd| *qd != d) {
+        return Err(Error::value("quant", format!("{quant:?} needs D = {qd}, got D = {d}")));
+    }
+    if !(eps >= 0.0 && eps.is_finite()) {
+        return Err(Error::value("eps", format!("must be finite and >= 0, got {eps}")));
+    }
+    Ok((coff, d))
+}
+
+/// Where the entries of a call go in its output.
+#[derive(Clone, Copy)]
+enum Placement {
+    /// `[E, D]`: entry after entry ([`compress`]).
+    Compact,
+    /// `[S, D]`: each entry at the row of the token that completes it ([`compress_batch`]).
+    AtTokens,
+}
+
+/// What every sequence of a call shares: the weights, checked and read, and the scalars.
+struct Compressor<'a> {
+    ape: &'a [f32],
+    weight: &'a [f32],
+    freqs: &'a [f64],
+    /// `coff D` zeros: the `ape` of candidates read from the state.
+    zeros: &'a [f32],
+    ratio: usize,
+    coff: usize,
+    dim: usize,
+    eps: f32,
+    quant: Quant,
+    /// Argument names for errors.
+    kv_name: &'a str,
+    score_name: &'a str,
+}
+
+impl<'a> Compressor<'a> {
+    fn width(&self) -> usize {
+        self.coff * self.dim
+    }
+
+    /// The tokens one sequence's call sees: `kv`, `score` (`[S, coff D]`) from position `start`
+    /// on, and its state before the call.
+    fn tokens(&self, kv: &'a [f32], score: &'a [f32], kv_state: &'a [f32], score_state: &'a [f32], start: usize) -> Tokens<'a> {
+        Tokens {
+            kv,
+            score,
+            ape: self.ape,
+            kv_state,
+            score_state,
+            zeros: self.zeros,
+            start,
+            ratio: self.ratio,
+            coff: self.coff,
+            width: self.width(),
+        }
+    }
+
+    /// Pools, normalizes, rotates and quantizes the entries the tokens of `t` complete into
+    /// `out` as `place` says (rows of `AtTokens` that complete no entry are left as they are).
+    /// A non-finite pooled entry is an error.
+    fn entries(&self, t: &Tokens, out: &mut [f32], place: Placement) -> Result<()> {
+        let (r, d) = (self.ratio, self.dim);
+        let s = t.kv.len() / self.width();
+        let n = entries_completed(t.start, s, r);
+        if n == 0 {
+            return Ok(());
+        }
+        // Entry e is completed by position r (first + e) + r - 1, row r - 1 - start % r + r e.
+        let (skip, stride) = match place {
+            Placement::Compact => (0, 1),
+            Placement::AtTokens => (r - 1 - t.start % r, r),
+        };
+        let first = t.start / r;
+        out[skip * d..].par_chunks_mut(stride * d).take(n).enumerate().try_for_each(|(e, rows)| -> Result<()> {
+            let entry = &mut rows[..d];
+            let i = first + e;
+            let mut cands = Vec::with_capacity(self.coff * r);
+            if self.coff == 2 {
+                cands.extend((r * i.saturating_sub(1)..r * i).map(|j| t.candidate(j, 0)));
+            }
+            cands.extend((r * i..r * i + r).map(|j| t.candidate(j, self.coff - 1)));
+            pool(&cands, entry, &mut PoolScratch::new(d));
+            if entry.iter().any(|v| !v.is_finite()) {
+                return Err(Error::value(
+                    self.kv_name,
+                    format!(
+                        "kv or score holds a non-finite value among the tokens of entry {i} (positions up to {})",
+                        r * i + r - 1
+                    ),
+                ));
+            }
+            finish(entry, self.weight, &Rotation::at((r * i) as i64, self.freqs, false), self.eps, self.quant);
+            Ok(())
+        })
+    }
+
+    /// The positions whose tokens end up in the state after `s` tokens from `start`: only the
+    /// last `coff r` (earlier writes are all overwritten).
+    fn replayed(&self, start: usize, s: usize) -> std::ops::Range<usize> {
+        let end = start + s;
+        start.max(end.saturating_sub(self.coff * self.ratio))..end
+    }
+
+    /// Checks the tokens [`Self::advance`] will copy into the state: finite kv; scores finite or
+    /// `-inf`.
+    fn check_replayed(&self, kv: &[f32], score: &[f32], start: usize) -> Result<()> {
+        let w = self.width();
+        for p in self.replayed(start, kv.len() / w) {
+            let t = p - start;
+            expect_finite(self.kv_name, &kv[t * w..][..w])?;
+            if let Some(c) = score[t * w..][..w].iter().position(|v| v.is_nan() || *v == f32::INFINITY) {
+                return Err(Error::value(self.score_name, format!("non-finite value at row {t}, channel {c}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Advances a state by the tokens at positions `start ..` as reference.compressor_step does
+    /// token by token, replaying only those that stay.
+    fn advance(&self, kv: &[f32], score: &[f32], start: usize, kv_st: &mut [f32], score_st: &mut [f32]) {
+        let (r, w) = (self.ratio, self.width());
+        for p in self.replayed(start, kv.len() / w) {
+            let (t, slot) = (p - start, p % r);
+            let row = (self.coff - 1) * r + slot;
+            kv_st[row * w..][..w].copy_from_slice(&kv[t * w..][..w]);
+            for ((st, sc), a) in
+                score_st[row * w..][..w].iter_mut().zip(&score[t * w..][..w]).zip(&self.ape[slot * w..][..w])
+            {
+                *st = sc + a;
+            }
+            if self.coff == 2 && (p + 1) % r == 0 {
+                kv_st.copy_within(r * w..2 * r * w, 0);
+                score_st.copy_within(r * w..2 * r * w, 0);
+            }
+        }
+    }
+}
+
 /// Compresses `kv`, `score` (float32 `[S, coff D]`, tokens at `cfg.start ..`) into `out`
 /// (float32 `[E, D]`, the entries these tokens complete) and advances `kv_state`, `score_state`
 /// (float32 `[coff r, coff D]`) in place. `ape`: `[r, coff D]`; `norm_weight`: `[D]`;
@@ -239,7 +396,7 @@ pub fn entries_completed(start: usize, len: usize, ratio: usize) -> usize {
 /// `-inf` (a token that takes no part); any other non-finite input is an error, raised before
 /// the state is touched.
 ///
-/// On a GPU the same call runs two kernels on `stream` (cuda/compress.cu); non-finite inputs
+/// On a GPU the same call runs three kernels on `stream` (cuda/compress.cu); non-finite inputs
 /// are not checked there (that would need a synchronization) and propagate into the entries.
 ///
 /// # Safety
@@ -259,21 +416,7 @@ pub unsafe fn compress(
     stream: usize,
 ) -> Result<()> {
     let r = cfg.ratio;
-    if r == 0 {
-        return Err(Error::value("ratio", "must be >= 1"));
-    }
-    let coff = if r == 4 { 2 } else { 1 };
-    norm_weight.expect_shape(&[None])?;
-    let d = norm_weight.dim(0);
-    if d == 0 {
-        return Err(Error::value(norm_weight.name, "must not be empty"));
-    }
-    if let Some(qd) = cfg.quant.dim().filter(|qd| *qd != d) {
-        return Err(Error::value("quant", format!("{:?} needs D = {qd}, got D = {d}", cfg.quant)));
-    }
-    if !(cfg.eps >= 0.0 && cfg.eps.is_finite()) {
-        return Err(Error::value("eps", format!("must be finite and >= 0, got {}", cfg.eps)));
-    }
+    let (coff, d) = check_scalars(norm_weight, r, cfg.eps, cfg.quant)?;
     kv.expect_shape(&[None, Some(coff * d)])?;
     if let Device::Cuda(dev) = same_device(&[kv, score, ape, norm_weight, inv_freq, kv_state, score_state, out])? {
         return compress_gpu(dev, stream, [kv, score, ape, norm_weight, inv_freq, kv_state, score_state, out], cfg);
@@ -291,71 +434,242 @@ pub unsafe fn compress(
     expect_finite(norm_weight.name, w)?;
     expect_finite(ape.name, ape_v)?;
 
-    let width = coff * d;
-    let zeros = vec![0f32; width];
-    let tokens = Tokens {
-        kv: kv_v,
-        score: score_v,
+    let zeros = vec![0f32; coff * d];
+    let comp = Compressor {
         ape: ape_v,
-        kv_state: kv_st,
-        score_state: score_st,
+        weight: w,
+        freqs: &freqs,
         zeros: &zeros,
-        start: cfg.start,
         ratio: r,
         coff,
-        width,
+        dim: d,
+        eps: cfg.eps,
+        quant: cfg.quant,
+        kv_name: kv.name,
+        score_name: score.name,
     };
-    let first = cfg.start / r;
-    let dst = out.host_mut::<f32>(&[DType::F32])?;
-    dst.par_chunks_mut(d).enumerate().try_for_each(|(e, entry)| -> Result<()> {
-        let i = first + e;
-        let mut cands = Vec::with_capacity(coff * r);
-        if coff == 2 {
-            cands.extend((r * i.saturating_sub(1)..r * i).map(|j| tokens.candidate(j, 0)));
-        }
-        cands.extend((r * i..r * i + r).map(|j| tokens.candidate(j, coff - 1)));
-        pool(&cands, entry, &mut PoolScratch::new(d));
-        if entry.iter().any(|v| !v.is_finite()) {
-            return Err(Error::value(
-                kv.name,
-                format!(
-                    "kv or score holds a non-finite value among the tokens of entry {i} (positions up to {})",
-                    r * i + r - 1
-                ),
-            ));
-        }
-        finish(entry, w, &Rotation::at((r * i) as i64, &freqs, false), cfg.eps, cfg.quant);
-        Ok(())
-    })?;
-
-    // The state after these tokens depends only on the last coff * r of them (earlier writes are
-    // all overwritten), so replay just those, as reference.compressor_step does token by token.
-    let end = cfg.start + s;
-    let replay = cfg.start.max(end.saturating_sub(coff * r))..end;
-    for p in replay.clone() {
-        let t = p - cfg.start;
-        expect_finite(kv.name, &kv_v[t * width..][..width])?;
-        if let Some(c) = score_v[t * width..][..width].iter().position(|v| v.is_nan() || *v == f32::INFINITY) {
-            return Err(Error::value(score.name, format!("non-finite value at row {t}, channel {c}")));
-        }
-    }
+    let tokens = comp.tokens(kv_v, score_v, kv_st, score_st, cfg.start);
+    comp.entries(&tokens, out.host_mut::<f32>(&[DType::F32])?, Placement::Compact)?;
+    comp.check_replayed(kv_v, score_v, cfg.start)?;
     let kv_st = kv_state.host_mut::<f32>(&[DType::F32])?;
     let score_st = score_state.host_mut::<f32>(&[DType::F32])?;
-    for p in replay {
-        let (t, slot) = (p - cfg.start, p % r);
-        let row = (coff - 1) * r + slot;
-        kv_st[row * width..][..width].copy_from_slice(&kv_v[t * width..][..width]);
-        for ((st, sc), a) in score_st[row * width..][..width]
-            .iter_mut()
-            .zip(&score_v[t * width..][..width])
-            .zip(&ape_v[slot * width..][..width])
-        {
-            *st = sc + a;
+    comp.advance(kv_v, score_v, cfg.start, kv_st, score_st);
+    Ok(())
+}
+
+/// Scalars of a batched compressor call.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchConfig {
+    pub ratio: usize,
+    pub eps: f32,
+    pub quant: Quant,
+}
+
+/// One sequence of a batch: its tokens (rows `lo .. hi` of the input) and, unless it is a
+/// padding row, its slot and the position of its first token.
+#[derive(Clone, Copy)]
+struct BatchRow {
+    lo: usize,
+    hi: usize,
+    live: Option<(usize, usize)>,
+}
+
+/// Prefixes `sequence b: ` to the message of an error about one sequence.
+fn in_sequence(b: usize, e: Error) -> Error {
+    match e {
+        Error::Value { arg, msg } => Error::Value { arg, msg: format!("sequence {b}: {msg}") },
+        other => other,
+    }
+}
+
+/// Reads and checks `state_slots`, `starts` and `cu_tokens` (B sequences of `tokens` rows in
+/// all, `slots` state slots) into the rows of the batch.
+///
+/// # Safety
+/// The tensors satisfy [`TensorRef`]'s contract, live on the CPU and have the shapes `[B]`,
+/// `[B]`, `[B + 1]`.
+unsafe fn batch_rows(
+    state_slots: &TensorRef,
+    starts: &TensorRef,
+    cu_tokens: &TensorRef,
+    tokens: usize,
+    slots: usize,
+) -> Result<Vec<BatchRow>> {
+    let b = state_slots.dim(0);
+    let (sl, st, cu) = (Ids::new(state_slots)?, Ids::new(starts)?, Ids::new(cu_tokens)?);
+    if cu.get(0) != 0 {
+        return Err(Error::value(cu_tokens.name, format!("must start at 0, got {}", cu.get(0))));
+    }
+    if let Some(i) = (0..b).find(|&i| cu.get(i + 1) < cu.get(i)) {
+        return Err(Error::value(
+            cu_tokens.name,
+            format!("must not decrease, got {} then {} at index {}", cu.get(i), cu.get(i + 1), i + 1),
+        ));
+    }
+    if cu.get(b) != tokens as i64 {
+        return Err(Error::value(cu_tokens.name, format!("must end at T = {tokens} (the rows of kv), got {}", cu.get(b))));
+    }
+    sl.expect_range(state_slots.name, -1, slots as i64, "a slot of state, or -1 for a padding row")?;
+    let mut owner = vec![usize::MAX; slots];
+    let mut rows = Vec::with_capacity(b);
+    for i in 0..b {
+        let (lo, hi) = (cu.get(i) as usize, cu.get(i + 1) as usize);
+        let slot = sl.get(i);
+        if slot < 0 {
+            rows.push(BatchRow { lo, hi, live: None });
+            continue;
         }
-        if coff == 2 && (p + 1) % r == 0 {
-            kv_st.copy_within(r * width..2 * r * width, 0);
-            score_st.copy_within(r * width..2 * r * width, 0);
+        let slot = slot as usize;
+        if owner[slot] != usize::MAX {
+            return Err(Error::value(
+                state_slots.name,
+                format!("sequences {} and {i} both use slot {slot}; live slots must be distinct", owner[slot]),
+            ));
+        }
+        owner[slot] = i;
+        let start = st.get(i);
+        if start < 0 {
+            return Err(Error::value(starts.name, format!("must be >= 0, got {start} for sequence {i}")));
+        }
+        rows.push(BatchRow { lo, hi, live: Some((slot, start as usize)) });
+    }
+    Ok(rows)
+}
+
+/// Compresses the tokens of `B` sequences in one call: sequence `b` holds rows
+/// `cu_tokens[b] .. cu_tokens[b + 1]` of `kv`, `score` (float32 `[T, coff D]`), its first token
+/// sits at position `starts[b]`, and its decode state is slot `state_slots[b]` of `state`
+/// (float32 `[S, 2, coff r, coff D]`: kv, then scores, as [`compress`] takes them), advanced in
+/// place. `out` (float32 `[T, D]`) gets at row `t` the entry token `t` completes, as
+/// [`compress`] computes it, and zeros at every other row. A slot of -1 marks a padding row:
+/// its tokens give zero rows and no state is read or written. `state_slots`, `starts` and
+/// `cu_tokens` are int32 or int64 (`[B]`, `[B]`, `[B + 1]`).
+///
+/// On the CPU, slots must be distinct and in range, `starts >= 0`, and `cu_tokens` must go from
+/// 0 to `T` without decreasing; non-finite inputs are errors as in [`compress`], raised before
+/// any state changes. On a GPU (three kernels on `stream`, cuda/compress.cu) nothing is checked
+/// against device data: slots outside `[0, S)` count as padding, `starts` and `cu_tokens` are
+/// clamped so that no access leaves the tensors, and duplicate live slots give undefined states.
+///
+/// # Safety
+/// Every tensor satisfies [`TensorRef`]'s contract; `out` and `state` alias nothing else;
+/// `stream` is a `CUstream` of the tensors' GPU when they live on one.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn compress_batch(
+    kv: &TensorRef,
+    score: &TensorRef,
+    ape: &TensorRef,
+    norm_weight: &TensorRef,
+    inv_freq: &TensorRef,
+    state: &TensorRef,
+    state_slots: &TensorRef,
+    starts: &TensorRef,
+    cu_tokens: &TensorRef,
+    out: &TensorRef,
+    cfg: BatchConfig,
+    stream: usize,
+) -> Result<()> {
+    let r = cfg.ratio;
+    let (coff, d) = check_scalars(norm_weight, r, cfg.eps, cfg.quant)?;
+    let width = coff * d;
+    kv.expect_shape(&[None, Some(width)])?;
+    let t = kv.dim(0);
+    state_slots.expect_shape(&[None])?;
+    starts.expect_shape(&[None])?;
+    let b = state_slots.dim(0);
+    if starts.dim(0) != b {
+        return Err(Error::value(
+            state_slots.name,
+            format!("has {b} rows but starts has {}; both take one per sequence", starts.dim(0)),
+        ));
+    }
+    let expected: [(&TensorRef, &[Option<usize>]); 6] = [
+        (score, &[Some(t), Some(width)]),
+        (ape, &[Some(r), Some(width)]),
+        (norm_weight, &[Some(d)]),
+        (state, &[None, Some(2), Some(coff * r), Some(width)]),
+        (cu_tokens, &[Some(b + 1)]),
+        (out, &[Some(t), Some(d)]),
+    ];
+    let device = same_device(&[kv, score, ape, norm_weight, inv_freq, state, state_slots, starts, cu_tokens, out])?;
+    for (x, shape) in expected {
+        x.expect_shape(shape)?;
+    }
+    for x in [kv, score, ape, norm_weight, state, out] {
+        x.expect_dtype(&[DType::F32])?;
+    }
+    for ids in [state_slots, starts, cu_tokens] {
+        ids.expect_dtype(&[DType::I32, DType::I64])?;
+    }
+    if let Device::Cuda(dev) = device {
+        check_inv_freq_gpu(inv_freq, d)?;
+        let args = gpu::compress::BatchArgs {
+            kv,
+            score,
+            ape,
+            norm_weight,
+            inv_freq,
+            state,
+            state_slots,
+            starts,
+            cu_tokens,
+            out,
+            ratio: r,
+            eps: cfg.eps,
+            quant: cfg.quant,
+        };
+        return gpu::compress::compress_batch(dev, stream, &args);
+    }
+    let rows = batch_rows(state_slots, starts, cu_tokens, t, state.dim(0))?;
+    let w = floats(norm_weight, &[Some(d)])?;
+    let kv_v = floats(kv, &[Some(t), Some(width)])?;
+    let score_v = floats(score, &[Some(t), Some(width)])?;
+    let ape_v = floats(ape, &[Some(r), Some(width)])?;
+    let freqs = inv_freq_values(inv_freq, d)?;
+    expect_finite(norm_weight.name, w)?;
+    expect_finite(ape.name, ape_v)?;
+    let zeros = vec![0f32; width];
+    let comp = Compressor {
+        ape: ape_v,
+        weight: w,
+        freqs: &freqs,
+        zeros: &zeros,
+        ratio: r,
+        coff,
+        dim: d,
+        eps: cfg.eps,
+        quant: cfg.quant,
+        kv_name: kv.name,
+        score_name: score.name,
+    };
+
+    // Split the output by sequence and the state by slot; each live sequence takes its slot.
+    let per_slot = 2 * coff * r * width;
+    let mut slots: Vec<Option<&mut [f32]>> = state.host_mut::<f32>(&[DType::F32])?.chunks_mut(per_slot).map(Some).collect();
+    let mut rest = out.host_mut::<f32>(&[DType::F32])?;
+    let mut work = Vec::with_capacity(b);
+    for (i, row) in rows.iter().enumerate() {
+        let (seq_out, tail) = std::mem::take(&mut rest).split_at_mut((row.hi - row.lo) * d);
+        rest = tail;
+        seq_out.fill(0.0);
+        if let Some((slot, start)) = row.live {
+            let st = slots[slot].take().expect("live slots are distinct (checked)");
+            work.push((i, row.lo, row.hi, start, seq_out, st));
         }
     }
+
+    // Entries first, for every sequence: any error leaves every state as it was.
+    work.par_iter_mut().try_for_each(|(i, lo, hi, start, seq_out, st)| -> Result<()> {
+        let (kv_s, score_s) = (&kv_v[*lo * width..*hi * width], &score_v[*lo * width..*hi * width]);
+        let (kv_st, score_st) = st.split_at(per_slot / 2);
+        let tokens = comp.tokens(kv_s, score_s, kv_st, score_st, *start);
+        comp.entries(&tokens, seq_out, Placement::AtTokens).map_err(|e| in_sequence(*i, e))?;
+        comp.check_replayed(kv_s, score_s, *start).map_err(|e| in_sequence(*i, e))
+    })?;
+    work.par_iter_mut().for_each(|(_, lo, hi, start, _, st)| {
+        let (kv_s, score_s) = (&kv_v[*lo * width..*hi * width], &score_v[*lo * width..*hi * width]);
+        let (kv_st, score_st) = st.split_at_mut(per_slot / 2);
+        comp.advance(kv_s, score_s, *start, kv_st, score_st);
+    });
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! sparse attention. Outputs are allocated by the caller (python/dsv4rs/ops.py) and filled here.
 
 use dsv4rs_core::attention::{Candidates, Derotate};
-use dsv4rs_core::compress::Config;
+use dsv4rs_core::compress::{BatchConfig, Config};
 use dsv4rs_core::formats::{Named, Quant};
 use dsv4rs_core::tensor::TensorRef;
 use dsv4rs_core::{attention as attention_op, compress as compress_op, indexer as indexer_op, mhc, rope as rope_op};
@@ -71,6 +71,35 @@ pub fn compress(
     // SAFETY: as rope; the states are written in place and alias no other argument (checked in
     // ops.py).
     run(py, || unsafe { compress_op::compress(&kv, &sc, &ape, &w, &f, &ks, &ss, &o, cfg, stream) })
+}
+
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+pub fn compress_batch(
+    py: Python<'_>,
+    kv: Spec,
+    score: Spec,
+    ape: Spec,
+    norm_weight: Spec,
+    inv_freq: Spec,
+    state: Spec,
+    state_slots: Spec,
+    starts: Spec,
+    cu_tokens: Spec,
+    out: Spec,
+    ratio: usize,
+    eps: f32,
+    quant: &str,
+    stream: usize,
+) -> PyResult<()> {
+    let cfg = BatchConfig { ratio, eps, quant: Quant::parse("quant", quant).map_err(to_py)? };
+    let (kv, sc, ape, w) = (tref("kv", kv)?, tref("score", score)?, tref("ape", ape)?, tref("norm_weight", norm_weight)?);
+    let (f, st) = (tref("inv_freq", inv_freq)?, tref("state", state)?);
+    let (sl, s0, cu) = (tref("state_slots", state_slots)?, tref("starts", starts)?, tref("cu_tokens", cu_tokens)?);
+    let o = tref("out", out)?;
+    // SAFETY: as rope; the state is written in place and aliases no other argument; `out` is a
+    // fresh tensor.
+    run(py, || unsafe { compress_op::compress_batch(&kv, &sc, &ape, &w, &f, &st, &sl, &s0, &cu, &o, cfg, stream) })
 }
 
 #[pyfunction]
