@@ -70,6 +70,7 @@ impl CacheManager {
         let mut seen = HashSet::with_capacity(batch.len());
         let mut dropped: HashMap<(usize, PageId), u32> = HashMap::new();
         let mut need = [0usize; 4];
+        let mut first_short = None;
         let mut plans = Vec::with_capacity(batch.len());
         for (id, tokens) in batch {
             if !seen.insert(*id) {
@@ -95,6 +96,9 @@ impl CacheManager {
             for family in Family::ALL {
                 need[family.index()] += plan.fresh(seq, family);
             }
+            if first_short.is_none() && Family::ALL.iter().any(|f| need[f.index()] > self.pools[f.index()].free_pages()) {
+                first_short = Some(*id);
+            }
             plans.push(plan);
         }
         // A page that a copy leaves without references (a cached page written off its
@@ -113,9 +117,10 @@ impl CacheManager {
                 )
             })
             .collect();
-        if !short.is_empty() {
+        if let Some(id) = first_short {
             return Err(Error::OutOfPages(format!(
-                "{}; nothing was changed (release sequences or give the pool more pages)",
+                "sequence {id} (and any after it in the batch) cannot get its pages: {}; nothing was changed \
+                 (release sequences or give the pool more pages)",
                 short.join("; ")
             )));
         }
