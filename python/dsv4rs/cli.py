@@ -14,6 +14,9 @@ FLOPs per token (:mod:`dsv4rs.demo`).
 
 ``dsv4rs bench`` times the ops on the available device beside torch eager and prints time,
 throughput and the fraction of the roofline floor per case (:mod:`dsv4rs.bench`).
+
+``dsv4rs plan`` divides a device's memory between a model's weights, the workspace and the KV
+cache, and says how many sequences of which length fit (:mod:`dsv4rs.runtime.memory`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import json
 import sys
 
 from dsv4rs import _core, bench, cost
+from dsv4rs.model.config import PRESETS, preset
 
 
 def info() -> int:
@@ -93,6 +97,52 @@ def cost_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value}")
+    return value
+
+
+def _int_list(text: str) -> list[int]:
+    """``1,8,32`` (each >= 1)."""
+    return [_positive_int(t) for t in text.split(",") if t.strip()] or [_positive_int("")]
+
+
+def _size(text: str) -> int:
+    """``141G``, ``80GiB``, ``512M`` or a plain number of bytes."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1] if t and t[-1] in units else ""
+    try:
+        value = float(t[: len(t) - len(unit)])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size such as 141G or 80GiB, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive size, got {text!r}")
+    return int(value * units[unit])
+
+
+def plan_command(args: argparse.Namespace) -> int:
+    from dsv4rs.cache import CacheConfig
+    from dsv4rs.runtime.memory import plan_memory, weight_bytes
+
+    cfg = preset(args.preset)
+    cache = CacheConfig(cfg.compress_ratios, window=cfg.sliding_window,
+                        index_format="fp4" if args.quant else "bf16", main_format="fp8" if args.quant else "bf16")
+    weights = weight_bytes(cfg, args.weights, args.gpus)
+    plan = plan_memory(cfg, args.device_memory, cache, weights, max_len=args.max_len, max_sequences=args.max_sequences,
+                       token_budget=args.token_budget, graph_batch=args.graph_batch)
+    print(f"{args.preset}: {args.weights} weights, {'FP8 entries + FP4 indexer keys' if args.quant else 'bf16 rows'}; "
+          f"per GPU of {args.gpus} (routed experts split over them, the rest replicated): "
+          f"{args.device_memory / (1 << 30):,.1f} GiB")
+    print(plan.describe())
+    return 0
+
+
 def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where to run (default: a CUDA GPU if there is one, else the CPU)")
@@ -119,7 +169,27 @@ def main(argv: list[str] | None = None) -> int:
     bench_parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                               help="where to run (default: a CUDA GPU if there is one, else the CPU)")
     bench_parser.add_argument("--quick", action="store_true", help="fewer sizes (GPU)")
-    bench_parser.add_argument("--only", nargs="*", choices=list(bench.SUITES), help="suites to run (default: all)")
+    bench_parser.add_argument("--only", nargs="*", choices=list(bench.SUITES),
+                              help="suites to run (default: all but model, which builds a model of several GB)")
+    bench_parser.add_argument("--preset", choices=list(PRESETS), help="model suite: the model's width "
+                              "(default v4-flash on a GPU, demo on the CPU)")
+    bench_parser.add_argument("--layers", type=_positive_int, help="model suite: layers of the preset (default 4)")
+    bench_parser.add_argument("--batch", type=_int_list, help="model suite: decode batch sizes, e.g. 1,8,32,64,128")
+    bench_parser.add_argument("--context", type=_int_list, help="model suite: context lengths, e.g. 4096,131072")
+    plan_parser = sub.add_parser("plan", help="how many sequences of which length fit beside a model's weights")
+    plan_parser.add_argument("--preset", choices=list(PRESETS), default="v4-flash", help="the model (default v4-flash)")
+    plan_parser.add_argument("--device-memory", type=_size, default=141 << 30, metavar="SIZE",
+                             help="memory of one GPU, e.g. 80G (default: an H200's 141 GiB)")
+    plan_parser.add_argument("--gpus", type=int, default=1, help="GPUs the routed experts are split over "
+                             "(expert parallelism; default 1)")
+    plan_parser.add_argument("--weights", choices=["shipped", "bf16", "float32"], default="shipped",
+                             help="weight format: as DeepSeek ships it (FP8 + MXFP4), or all bf16 / float32")
+    plan_parser.add_argument("--max-len", type=int, help="the longest sequence (default: as many sequences of "
+                             "min(max_position_embeddings, 128K) as fit, or the longest for --max-sequences)")
+    plan_parser.add_argument("--max-sequences", type=int, help="sequences held at once")
+    plan_parser.add_argument("--no-quant", dest="quant", action="store_false", help="bf16 cache rows")
+    plan_parser.add_argument("--token-budget", type=int, default=2048, help="tokens of one step (default 2048)")
+    plan_parser.add_argument("--graph-batch", type=int, default=256, help="largest captured decode batch (default 256)")
     demo_parser = sub.add_parser("demo", help="a small V4 generating through the paged cache, checked against "
                                               "the float64 reference")
     _demo_arguments(demo_parser)
@@ -133,6 +203,11 @@ def main(argv: list[str] | None = None) -> int:
             cost_parser.error(str(e))
     if args.command == "bench":
         return bench.run_command(args)
+    if args.command == "plan":
+        try:
+            return plan_command(args)
+        except ValueError as e:
+            plan_parser.error(str(e).replace("memory: ", "--device-memory: ", 1))
     if args.command == "demo":
         if args.prompt_len < 1 or args.new_tokens < 1:
             demo_parser.error("--prompt-len and --new-tokens must be >= 1")

@@ -10,20 +10,10 @@ import torch
 
 from dsv4rs import CudaError
 from dsv4rs.cost import V4Model
-from dsv4rs.model.config import CSA, HCA, SWA, V4Config
+from dsv4rs.model.config import V4Config
 from dsv4rs.model.model import DeepseekV4, init_random
 from dsv4rs.reference.dense import dense_forward, float64_copy
 from dsv4rs.runtime import Engine
-
-
-def demo_config() -> V4Config:
-    """The demo's model: V4's structure (SWA, CSA and HCA layers, hash and learned routing, mHC,
-    MTP, 512-dim entries, 128-token window, 4x and 128x compression) at a small width."""
-    return V4Config.tiny(vocab_size=4096, hidden_size=256, num_hidden_layers=6, num_attention_heads=8,
-                         q_lora_rank=128, o_groups=4, o_lora_rank=128, moe_intermediate_size=128,
-                         n_routed_experts=16, num_experts_per_tok=2, index_n_heads=16, index_topk=32,
-                         layer_types=(SWA, CSA, HCA, CSA, HCA, CSA),
-                         mlp_layer_types=("hash_moe",) * 2 + ("moe",) * 4)
 
 
 def _pick_device(choice: str) -> torch.device:
@@ -35,7 +25,7 @@ def _pick_device(choice: str) -> torch.device:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = demo_config()
+    cfg = V4Config.demo()
     device = _pick_device(args.device)
     model = init_random(DeepseekV4(cfg), args.seed)
     gen = torch.Generator().manual_seed(args.seed + 1)

@@ -15,6 +15,8 @@ computation. Sizes are V4-Flash/Pro shapes on a GPU and scaled down on the CPU.
 - :mod:`.ops`: the suites ``formats`` (KV-entry formats, Hadamard, RoPE), ``compress``,
   ``indexer``, ``attention``.
 - :mod:`.cache`: the suite ``cache`` (allocator bookkeeping on the host).
+- :mod:`.model`: the suite ``model`` (the whole decode step and prefill at V4 width; run it by
+  name, ``--only model``: it builds a model of several GB).
 - :mod:`.profile`: per-kernel GPU time of the ops (``python -m dsv4rs.bench.profile``).
 
 This module imports no torch, so the CLI can list the suites cheaply.
@@ -26,19 +28,20 @@ import argparse
 import importlib
 import sys
 
-SUITES = {"formats": "ops", "compress": "ops", "indexer": "ops", "attention": "ops", "cache": "cache"}
+SUITES = {"formats": "ops", "compress": "ops", "indexer": "ops", "attention": "ops", "cache": "cache", "model": "model"}
 """Suite name -> the module of :mod:`dsv4rs.bench` that defines it (a function of that name)."""
 
 
-def run(device: str, quick: bool, suites: list[str]) -> str:
-    """Runs the suites on ``device`` with a progress bar on stderr and returns the table."""
+def run(device: str, quick: bool, suites: list[str], options: dict | None = None) -> str:
+    """Runs the suites on ``device`` with a progress bar on stderr and returns the table;
+    ``options`` are the model suite's (``preset``, ``layers``, ``batch``, ``context``)."""
     import torch
     from tqdm import tqdm
 
     from dsv4rs import ops
     from dsv4rs.bench.harness import Bench, format_table
 
-    b = Bench(device, quick)
+    b = Bench(device, quick, options)
     if b.gpu:
         ops.warm_up(device)
     ceilings = b.ceilings()
@@ -61,5 +64,6 @@ def run_command(args: argparse.Namespace) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("dsv4rs bench: --device cuda, but torch sees no CUDA GPU")
-    print(run(device, args.quick, args.only or list(SUITES)))
+    options = {k: getattr(args, k, None) for k in ("preset", "layers", "batch", "context")}
+    print(run(device, args.quick, args.only or [s for s in SUITES if s != "model"], options))
     return 0

@@ -11,7 +11,6 @@ from typing import Callable
 import torch
 
 
-
 @dataclass
 class Ceilings:
     copy_gbs: float
@@ -25,6 +24,8 @@ class Row:
     bytes: float
     flops: float
     eager_ms: float | None
+    note: str = ""
+    """Printed under the table (e.g. throughput that the columns do not show)."""
 
     def cells(self, c: Ceilings) -> list[str]:
         """The table's columns; host-only work (no device bytes or FLOPs counted) shows ``-``
@@ -50,8 +51,8 @@ class Case:
 class Bench:
     """The device and its timer; the suites build their cases on it."""
 
-    def __init__(self, device: str, quick: bool) -> None:
-        self.device, self.quick = device, quick
+    def __init__(self, device: str, quick: bool, options: dict | None = None) -> None:
+        self.device, self.quick, self.options = device, quick, options or {}
         self.gpu = device == "cuda"
 
     def median_ms(self, fn: Callable[[int], object], n_inputs: int, iters: int | None = None, warmup: int = 3,
@@ -138,4 +139,5 @@ def format_table(rows: list[Row], c: Ceilings, device_name: str) -> str:
     widths = [max(len(r[i]) for r in table) for i in range(len(head))]
     lines = [f"ceilings on {device_name}: copy {c.copy_gbs:.0f} GB/s, matmul {c.matmul_tflops:.2f} TFLOP/s"]
     lines += ["  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in table]
+    lines += [r.note for r in rows if r.note]
     return "\n".join(lines)

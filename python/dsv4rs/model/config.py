@@ -261,6 +261,16 @@ class V4Config:
                    mlp_layer_types=("hash_moe",) * 3 + ("moe",) * 40)
 
     @classmethod
+    def demo(cls) -> V4Config:
+        """The model of ``dsv4rs demo``: V4's structure (SWA, CSA and HCA layers, hash and learned
+        routing, mHC, MTP, 512-dim entries, 128-token window, 4x and 128x compression) at a small
+        width (27 M parameters)."""
+        return cls.tiny(vocab_size=4096, hidden_size=256, num_hidden_layers=6, num_attention_heads=8,
+                        q_lora_rank=128, o_groups=4, o_lora_rank=128, moe_intermediate_size=128,
+                        n_routed_experts=16, num_experts_per_tok=2, index_n_heads=16, index_topk=32,
+                        layer_types=(SWA, CSA, HCA, CSA, HCA, CSA), mlp_layer_types=("hash_moe",) * 2 + ("moe",) * 4)
+
+    @classmethod
     def tiny(cls, **overrides: Any) -> V4Config:
         """A small model with V4's structure: SWA, CSA and HCA layers, two hash-routed MoE
         layers, MTP; 512-dim entries as the real model, everything else small."""
@@ -305,6 +315,17 @@ def rope_inv_freq(rope_dim: int, theta: float, yarn: YaRN | None = None) -> list
     width = high - low if high != low else 1e-3
     ramps = (min(max((j - low) / width, 0.0), 1.0) for j in range(rope_dim // 2))
     return [f * (1 - r) + f / yarn.factor * r for f, r in zip(base, ramps)]
+
+
+PRESETS = {"v4-pro": V4Config.v4_pro, "v4-flash": V4Config.v4_flash, "demo": V4Config.demo}
+"""The presets by the names the command line takes."""
+
+
+def preset(name: str) -> V4Config:
+    """The config of a preset name (:data:`PRESETS`)."""
+    if name not in PRESETS:
+        raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {name!r}")
+    return PRESETS[name]()
 
 
 def _yarn(d: Mapping[str, Any]) -> YaRN | None:

@@ -116,6 +116,18 @@ class DeepseekV4(nn.Module):
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
+def empty_model(cfg: V4Config, device: torch.device | str) -> DeepseekV4:
+    """A model whose weights are allocated on ``device`` but not initialized (built on the meta
+    device, so no full-size copy is ever made elsewhere); the tables computed from the config
+    (RoPE frequencies) are filled. Load or initialize the weights next."""
+    with torch.device("meta"):
+        model = DeepseekV4(cfg)
+    model.to_empty(device=device)
+    for attn in [layer.self_attn for layer in [*model.model.layers, *model.mtp]]:
+        attn.rotary.inv_freq.copy_(torch.tensor(cfg.inv_freq(attn.layer_type != SWA)))
+    return model
+
+
 def init_random(model: DeepseekV4, seed: int, std: float = 0.02) -> DeepseekV4:
     """Seeded random weights (as transformers initializes them, with the norms at 1, but random
     sinks, positional biases, mHC parameters and hash tables so every path is exercised)."""

@@ -6,20 +6,26 @@ sequence's rows) and the device tensors it describes (:class:`.kv_cache.KVCache`
 of one, or one decode token; lengths may differ): the planner (:mod:`.planner`) appends the
 tokens to the allocator and plans the step once, then the model
 (:class:`dsv4rs.model.DeepseekV4`) runs every layer on that plan, and the LM head gives logits.
+On a GPU a decode step (one token per sequence) replays a CUDA graph of the whole step
+(:mod:`.graphs`) when the model's layers allow capture (bfloat16 experts).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from dsv4rs import ops
 from dsv4rs.cache import CacheConfig, KVCacheManager, PrefixHit
-from dsv4rs.model.config import CSA, HCA
+from dsv4rs.model.layers.attention import AttentionMetadata
 from dsv4rs.model.model import DeepseekV4
+from dsv4rs.runtime.graphs import BUCKETS, DecodeGraphs
 from dsv4rs.runtime.kv_cache import KVCache
-from dsv4rs.runtime.planner import Step, StepPlanner
+from dsv4rs.runtime.memory import pages_per_sequence, plan_memory
+from dsv4rs.runtime.planner import StepInputs, StepPlanner, metadata, tables_at_least
 
 
 class Engine:
@@ -28,16 +34,28 @@ class Engine:
     Args:
         model: the weights (on the device to run on; float32 or bfloat16).
         max_sequences: sequences the cache holds at once (forks count).
-        max_len: the longest sequence, in tokens.
+        max_len: the longest sequence, in tokens. Leave either (or both) out and the memory
+            planner (:mod:`.memory`) makes the cache as large as ``memory_fraction`` of the
+            device's free memory allows.
         quant: production storage (584-byte FP8 entries, FP4 or FP8 indexer keys and queries) or
             plain rows (float32 on the CPU, bfloat16 on a GPU).
         index_format: ``"fp4"`` or ``"fp8"`` indexer keys when ``quant``.
+        cuda_graphs: replay decode steps from CUDA graphs (:mod:`.graphs`). ``None`` (default):
+            on a GPU when the model can be captured (its experts are bfloat16; float32 experts
+            run a loop that reads expert counts on the host); ``True`` insists (ValueError if it
+            cannot); ``False``: never.
+        graph_buckets: the batch sizes captured (a decode batch runs padded to the smallest
+            bucket that holds it; larger batches run eagerly), captured on first use.
+        memory_fraction: the share of the free device memory the planner may give the cache
+            (default 0.9 on a GPU, 0.1 on the CPU).
     """
 
-    def __init__(self, model: DeepseekV4, max_sequences: int = 4, max_len: int = 4096, quant: bool = False,
-                 index_format: str = "fp4") -> None:
-        if max_sequences < 1 or max_len < 1:
-            raise ValueError(f"max_sequences, max_len: must be >= 1, got {max_sequences}, {max_len}")
+    def __init__(self, model: DeepseekV4, max_sequences: int | None = None, max_len: int | None = None,
+                 quant: bool = False, index_format: str = "fp4", cuda_graphs: bool | None = None,
+                 graph_buckets: Sequence[int] = BUCKETS, memory_fraction: float | None = None) -> None:
+        for name, v in (("max_sequences", max_sequences), ("max_len", max_len)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name}: expected an int >= 1 or None, got {v!r}")
         if index_format not in ("fp4", "fp8"):
             raise ValueError(f'index_format: expected "fp4" or "fp8", got {index_format!r}')
         self.model, self.cfg, self.quant, self.index_format = model, model.config, quant, index_format
@@ -47,21 +65,48 @@ class Engine:
         self.cache_config = CacheConfig(cfg.compress_ratios, window=cfg.sliding_window,
                                         index_format=index_format if quant else "bf16",
                                         main_format="fp8" if quant else "bf16")
-        per_seq = {
-            "window": -(-cfg.sliding_window // ops.PAGE_ROWS),
-            "csa": -(-(max_len // cfg.compress_rates[0]) // ops.PAGE_ROWS) if CSA in cfg.layer_types else 0,
-            "hca": -(-(max_len // cfg.compress_rates[1]) // ops.PAGE_ROWS) if HCA in cfg.layer_types else 0,
-            "state": 1 if any(cfg.compress_ratios) else 0,
-        }
+        if max_sequences is None or max_len is None:
+            plan = plan_memory(cfg, self._free_bytes(memory_fraction), self.cache_config, 0, max_len=max_len,
+                               max_sequences=max_sequences, graph_batch=max(graph_buckets, default=0))
+            max_sequences, max_len = plan.max_sequences, plan.max_len
+        per_seq = pages_per_sequence(cfg, max_len)
         pages = {f: 1 + max_sequences * n for f, n in per_seq.items()}
         self.manager = KVCacheManager(self.cache_config, pages)
         self.cache = KVCache(cfg, pages, self.device, index_format if quant else None, self.row_dtype)
-        self.planner = StepPlanner(cfg, self.manager, self.cache)
-        self.max_len = max_len
+        self.planner = StepPlanner(cfg, self.manager)
+        self.max_len, self.max_sequences = max_len, max_sequences
+        self.table_widths = {f: max(n, 1) for f, n in per_seq.items() if f != "state"}
+        self.graphs = self._graphs(cuda_graphs, [b for b in graph_buckets if b <= max_sequences] or [1])
         self._origin: dict[int, int] = {}
         self._fresh: set[int] = set()
         self._mtp_pos: dict[int, int] = {}
-        self._last: tuple[Step, torch.Tensor] | None = None
+        self._last: _Last | None = None
+
+    def _free_bytes(self, fraction: float | None) -> int:
+        """The memory the cache may take when the engine sizes it: ``fraction`` (default 0.9 on a
+        GPU, 0.1 on the CPU) of the device's free memory (the weights are already resident)."""
+        if fraction is not None and not 0 < fraction <= 1:
+            raise ValueError(f"memory_fraction: expected a number in (0, 1], got {fraction!r}")
+        if self.device.type == "cuda":
+            free = torch.cuda.mem_get_info(self.device)[0]
+            return int(free * (0.9 if fraction is None else fraction))
+        return int(_available_ram() * (0.1 if fraction is None else fraction))
+
+    def _graphs(self, enable: bool | None, buckets: list[int]) -> DecodeGraphs | None:
+        capturable = self.device.type == "cuda" and all(
+            layer.mlp.experts.gate_up_proj.dtype == torch.bfloat16 for layer in self.model.model.layers)
+        if enable and not capturable:
+            raise ValueError("cuda_graphs: a decode step can be captured on a CUDA device with bfloat16 experts "
+                             f"(device {self.device}, experts "
+                             f"{self.model.model.layers[0].mlp.experts.gate_up_proj.dtype})")
+        if enable is False or not capturable:
+            return None
+        ops.warm_up(self.device)
+        return DecodeGraphs(self._decode, buckets, self.table_widths, self.device)
+
+    def _hca_width(self, end: int) -> int:
+        """Width of the HCA candidate lists of a step whose longest sequence ends at ``end``."""
+        return max(1, end // self.cfg.compress_rates[1])
 
     # -- sequences -------------------------------------------------------------------------------
 
@@ -115,21 +160,48 @@ class Engine:
                 raise ValueError(f"seq_ids: unknown sequence {s}")
             if self.manager.length(s) + t.numel() > self.max_len:
                 raise ValueError(f"chunks: sequence {s} would exceed max_len = {self.max_len}")
-        step = self.planner.plan(list(seq_ids), ids, [self._origin[s] for s in seq_ids])
-        self.cache.copy_pages(step.appended.copies)
-        for s, slot in zip(seq_ids, step.meta.state_slots):
+        inputs, copies = self.planner.append(list(seq_ids), ids, [self._origin[s] for s in seq_ids])
+        self.cache.copy_pages(copies)
+        for s, slot in zip(seq_ids, inputs.state_slots.tolist()):
             if s in self._fresh:
                 if slot >= 0:
                     self.cache.reset_state(slot)
                 self._fresh.discard(s)
-        n = self.cfg.num_hidden_layers
-        x = self.model(step.ids, step.meta, self.cache.layers[:n])
-        self._last = (step, x) if len(self.model.mtp) else None
-        lens = step.meta.lens
+        lens = inputs.lens.tolist()
+        decode = max(lens) == 1
+        if decode and self.graphs is not None and len(lens) <= self.graphs.max_batch:
+            logits, x, meta = self.graphs.run(inputs)
+            ids_dev = self.graphs.static.ids[: x.shape[0]]
+        elif decode:  # the captured step's own shapes (full table widths), eagerly
+            dev = tables_at_least(inputs, self.table_widths).to(self.device)
+            logits, x, meta = self._decode(dev)
+            ids_dev = dev.ids
+        else:
+            inputs = tables_at_least(inputs, {})
+            staging = self.planner.staging(inputs, self.cache.new_staging)
+            end = int((inputs.starts + inputs.lens).max())
+            dev = inputs.to(self.device)
+            meta = metadata(self.cfg, dev, self._hca_width(end), staging)
+            x = self.model(dev.ids, meta, self.cache.layers[: self.cfg.num_hidden_layers])
+            logits, ids_dev = None, dev.ids
+        n = len(lens)
+        self._last = _Last(list(seq_ids), inputs.starts.tolist(), lens, ids_dev, meta, x) if len(self.model.mtp) else None
+        if logits is not None:
+            return logits[:n] if not all_logits else list(logits[:n].split(1))
         if not all_logits:
-            ends = torch.tensor(lens, device=self.device).cumsum(0) - 1
-            return self.model.head(x[ends]).float()
+            return self.model.head(x[self._to_device(inputs.cu_tokens[1:] - 1)]).float()
         return list(self.model.head(x).float().split(lens))
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the engine's device, without waiting for the device."""
+        return t.to(self.device, non_blocking=True)
+
+    def _decode(self, x: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """The decode step the graphs capture: metadata, every layer, the LM head (one token a
+        sequence, so every row's logits are its sequence's)."""
+        meta = metadata(self.cfg, x, self._hca_width(self.max_len))
+        h = self.model(x.ids, meta, self.cache.layers[: self.cfg.num_hidden_layers])
+        return self.model.head(h).float(), h, meta
 
     @torch.no_grad()
     def draft(self, next_ids: Sequence[int]) -> torch.Tensor:
@@ -145,23 +217,49 @@ class Engine:
             raise ValueError("draft: the model has no MTP block")
         if self._last is None:
             raise ValueError("draft: call step first")
-        step, x = self._last
-        meta = step.meta
+        last = self._last
         nxt = self._check_ids("next_ids", next_ids)
-        if nxt.numel() != len(meta.lens):
-            raise ValueError(f"next_ids: expected {len(meta.lens)} ids (one per sequence of the last step), got "
+        if nxt.numel() != len(last.lens):
+            raise ValueError(f"next_ids: expected {len(last.lens)} ids (one per sequence of the last step), got "
                              f"{nxt.numel()}")
-        for s, start in zip(step.seq_ids, meta.starts):
+        for s, start in zip(last.seq_ids, last.starts):
             if self._mtp_pos.get(s) != start:
                 raise ValueError(f"draft: the MTP window of sequence {s} missed tokens "
                                  f"({self._mtp_pos.get(s)} fed, the last step began at {start})")
         self._last = None
-        ends = torch.tensor(meta.lens, device=self.device).cumsum(0) - 1
-        shifted = step.ids.clone()
-        shifted[:-1] = step.ids[1:]
-        shifted[ends] = nxt.to(self.device)
-        h = self.model.draft(x, shifted, meta, self.cache.layers[self.cfg.num_hidden_layers])
-        for s, start, n in zip(step.seq_ids, meta.starts, meta.lens):
+        ends = self._to_device(torch.tensor(last.lens).cumsum(0) - 1)
+        shifted = last.ids.clone()
+        shifted[:-1] = last.ids[1:]
+        shifted[ends] = self._to_device(nxt)
+        h = self.model.draft(last.streams, shifted, last.meta, self.cache.layers[self.cfg.num_hidden_layers])
+        for s, start, n in zip(last.seq_ids, last.starts, last.lens):
             self._mtp_pos[s] = start + n
         mtp = self.model.mtp[0]
         return self.model.head(h[ends], mtp.hc_head, mtp.norm).float()
+
+
+def _available_ram() -> int:
+    """Memory the system can give without swapping: ``MemAvailable`` (free plus reclaimable
+    caches), else the free pages."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass
+class _Last:
+    """What :meth:`Engine.draft` needs of the last step: its sequences, chunk starts and lengths
+    (host), and its token ids, metadata and final streams (device; a replayed graph's are padded
+    to the bucket)."""
+
+    seq_ids: list[int]
+    starts: list[int]
+    lens: list[int]
+    ids: torch.Tensor
+    meta: AttentionMetadata
+    streams: torch.Tensor

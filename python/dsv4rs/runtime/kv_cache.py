@@ -79,7 +79,7 @@ class KVCache:
                   "state": (self.csa_state, self.index_state, self.hca_state)}
         for family, pairs in copies.items():
             if pairs.numel():
-                src, dst = pairs[:, 0].to(self.device), pairs[:, 1].to(self.device)
+                src, dst = (pairs[:, i].to(self.device, non_blocking=True) for i in (0, 1))
                 for t in groups[family]:
                     t[:, dst] = t[:, src]
 

@@ -1,110 +1,176 @@
-"""Planning a step once for every layer (the plan/run split of serving kernels): the allocator's
-append, then on the host what only the batch decides (positions, rows to write, window
-candidates and staging), uploaded once, and the compressed-row candidates built on the device.
-The layers only run kernels on what this returns
-(:class:`~dsv4rs.model.layers.attention.AttentionMetadata`)."""
+"""Planning a step once for every layer (the plan/run split of serving kernels).
+
+The host does only what the allocator decides: :meth:`StepPlanner.append` appends the tokens to
+the :class:`~dsv4rs.cache.KVCacheManager` and returns the step's integers (:class:`StepInputs`:
+token ids, positions, per-token rows to write, per-sequence state slots, page tables), O(tokens).
+Everything the layers read is then derived from those on the device (:func:`metadata`): window
+candidates, visible counts, compressed candidates. A decode step therefore moves a few integers
+per sequence to the GPU and synchronizes with nothing, and the same derivation runs inside a
+captured CUDA graph. A step of longer chunks also stages each sequence's window rows before the
+chunk (:func:`staging`), planned on the host.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
 
 import torch
 
 from dsv4rs import ops
-from dsv4rs.cache import AppendResult, KVCacheManager
+from dsv4rs.cache import KVCacheManager
 from dsv4rs.model.config import CSA, HCA, V4Config
-from dsv4rs.model.layers.attention import AttentionMetadata, Rows, Staging
-from dsv4rs.runtime.kv_cache import KVCache
+from dsv4rs.model.layers.attention import AttentionMetadata, Staging
+
+FAMILIES = ("window", "csa", "hca")
+"""The row families a step writes (compressor state slots travel apart)."""
 
 
 @dataclass
-class Step:
-    """One planned step: what the layers read, and what the allocator asks of the cache first."""
+class StepInputs:
+    """A step's integers: what crosses from the host to the device.
 
-    seq_ids: list[int]
-    meta: AttentionMetadata
+    Attributes:
+        ids, positions: ``int64 [T]`` token ids and positions.
+        token_seq: ``int64 [T]`` batch row of each token.
+        starts, origins, state_slots: ``int64 [B]`` first position of each chunk, first position
+            the sequence holds in its window ring, compressor state slot (``-1``: none, or a
+            padding row).
+        cu_tokens: ``int64 [B + 1]`` token offsets of the sequences.
+        window_slots, csa_slots, hca_slots: ``int64 [T]`` the row each token writes in the
+            window ring, and the compressed rows of the entries it completes (``-1``: none).
+        window_table, csa_table, hca_table: ``int32 [B, pages]`` page tables.
+    """
+
     ids: torch.Tensor
-    appended: AppendResult
+    positions: torch.Tensor
+    token_seq: torch.Tensor
+    starts: torch.Tensor
+    origins: torch.Tensor
+    state_slots: torch.Tensor
+    cu_tokens: torch.Tensor
+    window_slots: torch.Tensor
+    csa_slots: torch.Tensor
+    hca_slots: torch.Tensor
+    window_table: torch.Tensor
+    csa_table: torch.Tensor
+    hca_table: torch.Tensor
+
+    def to(self, device: torch.device) -> StepInputs:
+        return StepInputs(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
+
+    @property
+    def lens(self) -> torch.Tensor:
+        return self.cu_tokens.diff()
 
 
 class StepPlanner:
-    """Plans steps of one model over one allocator and cache."""
+    """Plans steps of one model over one allocator."""
 
-    def __init__(self, cfg: V4Config, manager: KVCacheManager, cache: KVCache) -> None:
-        self.cfg, self.manager, self.cache, self.device = cfg, manager, cache, cache.device
+    def __init__(self, cfg: V4Config, manager: KVCacheManager) -> None:
+        self.cfg, self.manager = cfg, manager
         self.ratios = {t: r for t, r in ((CSA, cfg.compress_rates[0]), (HCA, cfg.compress_rates[1]))
                        if t in cfg.layer_types}
 
-    def plan(self, seq_ids: Sequence[int], ids: Sequence[torch.Tensor], origins: Sequence[int]) -> Step:
+    def append(self, seq_ids: Sequence[int], ids: Sequence[torch.Tensor], origins: Sequence[int]
+               ) -> tuple[StepInputs, dict[str, torch.Tensor]]:
         """Appends ``ids[i]`` to sequence ``seq_ids[i]`` (all or nothing: an allocator error
-        leaves every sequence as it was) and plans the step. ``origins[i]`` is the first position
-        the sequence holds in its window ring (a prefix hit starts past 0)."""
-        m, dev, w, page = self.manager, self.device, self.cfg.sliding_window, ops.PAGE_ROWS
-        starts = [m.length(s) for s in seq_ids]
-        lens = [t.numel() for t in ids]
+        leaves every sequence as it was) and returns the step's integers, on the host, and the
+        page copies (copy on write) to make before the step writes anything.
+        ``origins[i]`` is the first position the sequence holds in its window ring (a prefix hit
+        starts past 0)."""
+        m = self.manager
+        starts = torch.tensor([m.length(s) for s in seq_ids], dtype=torch.int64)
+        lens = torch.tensor([t.numel() for t in ids], dtype=torch.int64)
         appended = m.append(seq_ids, [t.tolist() for t in ids])
-        tables = {f: m.page_tables(seq_ids, f) for f in ("window", "csa", "hca")}
-        pos = torch.cat([torch.arange(a, a + n) for a, n in zip(starts, lens)])
-        tok_seq = torch.cat([torch.full((n,), i) for i, n in enumerate(lens)])
-        ring = tables["window"].long()
+        cu = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)])
+        token_seq = torch.repeat_interleave(torch.arange(len(seq_ids)), lens)
+        positions = starts[token_seq] + torch.arange(int(cu[-1])) - cu[token_seq]
+        slots = {"window": appended.slots["window"]}
+        for t, family in ((CSA, "csa"), (HCA, "hca")):
+            # The allocator lists the rows of the entries the step completes, in batch order:
+            # the k-th completing token writes the k-th row.
+            slots[family] = torch.full_like(positions, -1)
+            if t in self.ratios:
+                slots[family][(positions + 1) % self.ratios[t] == 0] = appended.slots[family]
+        return StepInputs(
+            ids=torch.cat(ids), positions=positions, token_seq=token_seq, starts=starts,
+            origins=torch.tensor(origins, dtype=torch.int64), state_slots=appended.slots["state"], cu_tokens=cu,
+            window_slots=slots["window"], csa_slots=slots["csa"], hca_slots=slots["hca"],
+            **{f"{f}_table": m.page_tables(seq_ids, f, width=None) for f in FAMILIES},
+        ), appended.copies
 
-        def ring_row(b: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-            r = p % w
-            return ring[b, r // page] * page + r % page
-
-        # Window candidates of every query: positions p - w + 1 .. p not before the origin.
+    def staging(self, inputs: StepInputs, scratch: Callable[[int], torch.Tensor]) -> tuple[Staging, torch.Tensor]:
+        """For a step with chunks longer than one token: each sequence's window rows before its
+        chunk, copied into a scratch cache (``scratch(rows)``, on the device) ahead of the
+        chunk's own rows, since the chunk's writes overwrite the ring; and every query's window
+        candidates as rows of that copy. Host tensors in, device tensors out."""
+        w, page = self.cfg.sliding_window, ops.PAGE_ROWS
+        ring = inputs.window_table.long()
+        pos, tok_seq = inputs.positions, inputs.token_seq
         cand_pos = pos[:, None] - w + 1 + torch.arange(w)
-        valid = cand_pos >= torch.tensor(origins)[tok_seq][:, None]
-        staging = None
-        if max(lens) == 1:  # decode: the new row goes into the ring first, then the ring is read
-            cand = torch.where(valid, ring_row(tok_seq[:, None].expand_as(cand_pos), cand_pos.clamp(min=0)), -1)
-        else:  # staging rows per sequence: the ring's rows before the chunk, then the chunk's
-            prior_src, prior_dst, new_dst, base = [], [], [], 0
-            cand = torch.full_like(cand_pos, -1)
-            for b, (a, n, o) in enumerate(zip(starts, lens, origins)):
-                first = max(o, a - w + 1)
-                prior = torch.arange(first, a)
-                prior_src.append(ring_row(torch.full_like(prior, b), prior))
-                prior_dst.append(base + torch.arange(a - first))
-                new_dst.append(base + (a - first) + torch.arange(n))
-                q = tok_seq == b
-                cand[q] = torch.where(valid[q], base + cand_pos[q] - first, -1)
-                base += a - first + n
-            staging = Staging(self.cache.new_staging(base), torch.cat(prior_src).to(dev), torch.cat(prior_dst).to(dev),
-                              torch.cat(new_dst).to(dev))
-        pos, tok_seq = pos.to(dev), tok_seq.to(dev)
-        visible = {r: (pos + 1) // r for r in self.ratios.values()}
-        meta = AttentionMetadata(
-            positions=pos, token_seq=tok_seq, starts=starts, lens=lens,
-            state_slots=appended.slots["state"].tolist(),
-            window_writes=self._rows(appended.slots["window"]), window_candidates=cand.to(dev), staging=staging,
-            writes={f: self._rows(appended.slots[f]) for f in ("csa", "hca")},
-            tables={"csa": self._table(tables["csa"])}, visible=visible,
-            hca_candidates=self._hca_candidates(tables["hca"], tok_seq, visible, max(a + n for a, n in zip(starts, lens))),
-        )
-        return Step(list(seq_ids), meta, torch.cat(ids).to(dev), appended)
+        valid = cand_pos >= inputs.origins[tok_seq][:, None]
+        prior_src, prior_dst, new_dst, base = [], [], [], 0
+        cand = torch.full_like(cand_pos, -1)
+        for b, (a, n, o) in enumerate(zip(inputs.starts.tolist(), inputs.lens.tolist(), inputs.origins.tolist())):
+            first = max(o, a - w + 1)
+            prior = torch.arange(first, a)
+            r = prior % w
+            prior_src.append(ring[b, r // page] * page + r % page)
+            prior_dst.append(base + torch.arange(a - first))
+            new_dst.append(base + (a - first) + torch.arange(n))
+            q = tok_seq == b
+            cand[q] = torch.where(valid[q], base + cand_pos[q] - first, -1)
+            base += a - first + n
+        cache = scratch(base)
+        dev = cache.device
+        return Staging(cache, torch.cat(prior_src).to(dev), torch.cat(prior_dst).to(dev),
+                       torch.cat(new_dst).to(dev)), cand.to(dev)
 
-    def _rows(self, slots: torch.Tensor) -> Rows:
-        """Host slots (``-1``: a row not to write) as device :class:`Rows`."""
-        keep = slots >= 0
-        if bool(keep.all()):
-            return Rows(None, slots.to(self.device))
-        return Rows(keep.nonzero().flatten().to(self.device), slots[keep].to(self.device))
 
-    def _table(self, table: torch.Tensor) -> torch.Tensor:
-        """A page table on the device, at least one page wide (kernels take ``[B, >= 1]``)."""
-        if table.shape[1] == 0:
-            table = torch.zeros(table.shape[0], 1, dtype=table.dtype)
-        return table.to(self.device)
-
-    def _hca_candidates(self, table: torch.Tensor, tok_seq: torch.Tensor, visible: dict[int, torch.Tensor],
-                        end: int) -> torch.Tensor | None:
-        """Every visible HCA row of each query (``-1`` past the visible ones)."""
-        if HCA not in self.ratios:
-            return None
-        ratio, page = self.ratios[HCA], ops.PAGE_ROWS
-        table = self._table(table).long()
-        k = torch.arange(max(1, end // ratio), device=self.device)
+def metadata(cfg: V4Config, x: StepInputs, hca_width: int, staging: tuple[Staging, torch.Tensor] | None = None
+             ) -> AttentionMetadata:
+    """The layers' metadata from a step's integers on the device, by tensor ops alone (no host
+    synchronization: it runs eagerly and inside a CUDA graph alike). ``hca_width`` is the width
+    of the HCA candidate lists (at least the most entries a query of the step sees). Without
+    ``staging``, every chunk is one token and the window is read from the ring after its write."""
+    w, page = cfg.sliding_window, ops.PAGE_ROWS
+    pos, tok_seq = x.positions, x.token_seq
+    ratios = {t: r for t, r in ((CSA, cfg.compress_rates[0]), (HCA, cfg.compress_rates[1])) if t in cfg.layer_types}
+    visible = {r: (pos + 1) // r for r in ratios.values()}
+    if staging is None:
+        p = pos[:, None] - w + 1 + torch.arange(w, device=pos.device)
+        valid = p >= x.origins[tok_seq][:, None]
+        r = p.clamp(min=0) % w
+        rows = x.window_table.long()[tok_seq[:, None], r // page] * page + r % page
+        stage, candidates = None, torch.where(valid, rows, -1)
+    else:
+        stage, candidates = staging
+    hca = None
+    if HCA in ratios:
+        k = torch.arange(hca_width, device=pos.device)
+        table = x.hca_table.long()
         rows = table[tok_seq[:, None], (k // page).clamp(max=table.shape[1] - 1)] * page + k % page
-        return torch.where(k < visible[ratio][:, None], rows, -1)
+        hca = torch.where(k < visible[ratios[HCA]][:, None], rows, -1)
+    return AttentionMetadata(
+        positions=pos, token_seq=tok_seq, starts=x.starts, cu_tokens=x.cu_tokens, state_slots=x.state_slots,
+        window_slots=x.window_slots, window_candidates=candidates, staging=stage,
+        slots={"csa": x.csa_slots, "hca": x.hca_slots}, tables={"csa": x.csa_table}, visible=visible,
+        hca_candidates=hca,
+    )
+
+
+def padded_table(table: torch.Tensor, width: int) -> torch.Tensor:
+    """``table`` at least ``width`` pages wide and at least one, padded with the null page 0."""
+    width = max(width, table.shape[1], 1)
+    if table.shape[1] == width:
+        return table
+    return torch.cat([table, torch.zeros(table.shape[0], width - table.shape[1], dtype=table.dtype)], dim=1)
+
+
+def tables_at_least(inputs: StepInputs, widths: Mapping[str, int]) -> StepInputs:
+    """``inputs`` with each page table padded to ``widths[family]`` pages (kernels take
+    ``[B, >= 1]``; a CUDA graph needs fixed widths)."""
+    for f in FAMILIES:
+        setattr(inputs, f"{f}_table", padded_table(getattr(inputs, f"{f}_table"), widths.get(f, 1)))
+    return inputs

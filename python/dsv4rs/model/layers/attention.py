@@ -27,18 +27,9 @@ from torch import nn
 
 from dsv4rs import ops
 from dsv4rs.model.config import CSA, HCA, INDEX_DIM, SWA, V4Config
-from dsv4rs.model.layers.compressor import Compressor, CSACompressor, HCACompressor, compress_chunks
+from dsv4rs.model.layers.compressor import Compressor, CSACompressor, HCACompressor, compress_tokens
 from dsv4rs.model.layers.norm import RMSNorm, linear, rms_norm
 from dsv4rs.model.layers.rotary import RotaryEmbedding
-
-
-@dataclass
-class Rows:
-    """Rows a step writes into one cache family: ``slots`` (physical rows, device) of the batch's
-    new rows selected by ``keep`` (device indices; ``None``: every row)."""
-
-    keep: torch.Tensor | None
-    slots: torch.Tensor
 
 
 @dataclass
@@ -55,18 +46,21 @@ class Staging:
 
 @dataclass
 class AttentionMetadata:
-    """What every layer of one step reads, planned once per step (device tensors unless noted).
+    """What every layer of one step reads, planned once per step; device tensors, so that a
+    decode step needs no host synchronization and can be captured in a CUDA graph.
 
     Attributes:
         positions: ``int64 [T]`` position of each token.
         token_seq: ``int64 [T]`` batch row of each token.
-        starts, lens, state_slots: per sequence (host): first position, chunk length, compressor
-            state slot.
-        window_writes: the ring rows of the tokens' entries.
+        starts, state_slots: ``int64 [B]`` first position of each sequence's chunk, its
+            compressor state slot (``-1``: none, a padding row).
+        cu_tokens: ``int64 [B + 1]`` token offsets of the sequences.
+        window_slots: ``int64 [T]`` the ring row each token's entry goes to (``-1``: none).
         window_candidates: ``[T, window]`` each query's window rows (of the ring, or of
             ``staging.cache`` when set), ``-1`` masked.
-        staging: the window staging of a multi-token step, else ``None``.
-        writes: ``"csa"``/``"hca"``: the compressed rows the step completes.
+        staging: the window staging of a step with multi-token chunks, else ``None``.
+        slots: ``"csa"``/``"hca"``: ``int64 [T]`` the compressed row of the entry each token
+            completes (``-1``: none, or one a cached prefix holds).
         tables: ``"csa"``: ``int32 [B, pages]`` page tables of the CSA rows and keys.
         visible: per compress ratio, ``[T]`` compressed entries each query sees.
         hca_candidates: ``[T, width]`` every visible HCA row of each query, ``-1`` masked.
@@ -74,13 +68,13 @@ class AttentionMetadata:
 
     positions: torch.Tensor
     token_seq: torch.Tensor
-    starts: list[int]
-    lens: list[int]
-    state_slots: list[int]
-    window_writes: Rows
+    starts: torch.Tensor
+    cu_tokens: torch.Tensor
+    state_slots: torch.Tensor
+    window_slots: torch.Tensor
     window_candidates: torch.Tensor
     staging: Staging | None
-    writes: dict[str, Rows]
+    slots: dict[str, torch.Tensor]
     tables: dict[str, torch.Tensor]
     visible: dict[int, torch.Tensor]
     hca_candidates: torch.Tensor | None
@@ -100,18 +94,17 @@ class LayerCache:
     key_format: str | None = None
 
 
-def write_rows(cache: torch.Tensor, rows: Rows, values: torch.Tensor, key_format: str | None = None) -> None:
-    """Writes ``values`` (selected by ``rows.keep``) at ``rows.slots``: quantized into a uint8
-    cache (KV entries, or indexer keys in ``key_format``), or stored as plain rows."""
-    values = values if rows.keep is None else values[rows.keep]
-    if rows.slots.numel() == 0:
-        return
+def write_rows(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor, key_format: str | None = None) -> None:
+    """Writes row ``i`` of ``values`` at row ``slots[i]`` (``-1``: not written) of ``cache``:
+    quantized into a uint8 cache (KV entries, or indexer keys in ``key_format``), or stored as
+    plain rows. Plain rows with slot ``-1`` go to row 0, which belongs to the null page every
+    pool keeps and no sequence reads (masking them instead would need a host synchronization)."""
     if cache.dtype != torch.uint8:
-        cache.view(-1, cache.shape[-1])[rows.slots] = values.to(cache.dtype)
+        cache.view(-1, cache.shape[-1])[slots.clamp(min=0)] = values.to(cache.dtype)
     elif key_format is not None:
-        ops.index_key_write(cache, rows.slots, values.float(), key_format)
+        ops.index_key_write(cache, slots, values.float(), key_format)
     else:
-        ops.kv_write(cache, rows.slots, values.float())
+        ops.kv_write(cache, slots, values.float())
 
 
 class GroupedLinear(nn.Module):
@@ -175,8 +168,8 @@ class Attention(nn.Module):
         if comp is None:
             o, _ = ops.sparse_attention(q, window, meta.window_candidates, sinks, derotate=derotate)
             return self.output(o)
-        entries = compress_chunks(comp, x, cache.state, self.rotary.inv_freq, meta.starts, meta.lens, meta.state_slots)
-        write_rows(cache.main, meta.writes["csa" if self.layer_type == CSA else "hca"], entries)
+        entries = compress_tokens(comp, x, cache.state, self.rotary.inv_freq, meta)
+        write_rows(cache.main, meta.slots["csa" if self.layer_type == CSA else "hca"], entries)
         rows = self._select(x, cq, meta, cache) if self.layer_type == CSA else meta.hca_candidates
         o, _ = ops.sparse_attention(q, cache.main, rows, sinks, extra_cache=window,
                                     extra_indices=meta.window_candidates, derotate=derotate)
@@ -189,20 +182,20 @@ class Attention(nn.Module):
         st = meta.staging
         if st is not None:
             ops.copy_rows(st.cache, st.prior_dst, window, st.prior_src)
-            write_rows(st.cache, Rows(None, st.new_dst), e)
+            write_rows(st.cache, st.new_dst, e)
             window = st.cache
-        write_rows(cache.window, meta.window_writes, e)
+        write_rows(cache.window, meta.window_slots, e)
         return window
 
     def _select(self, x: torch.Tensor, cq: torch.Tensor, meta: AttentionMetadata, cache: LayerCache) -> torch.Tensor:
         """CSA: writes the chunk's indexer keys, then the top-k CSA rows of each query."""
         indexer = self.compressor.indexer
         inv_freq = self.rotary.inv_freq
-        keys = compress_chunks(indexer, x, cache.index_state, inv_freq, meta.starts, meta.lens, meta.state_slots)
+        keys = compress_tokens(indexer, x, cache.index_state, inv_freq, meta)
         fmt = cache.key_format
         if fmt is not None:
             keys = ops.hadamard128(keys)
-        write_rows(cache.keys, meta.writes["csa"], keys, fmt)
+        write_rows(cache.keys, meta.slots["csa"], keys, fmt)
         qi = self.rotary(indexer.queries(cq), meta.positions)
         if fmt is not None:  # the queries take the keys' rotation and FP4 (or FP8) round trip
             qi = ops.index_key_round_trip(ops.hadamard128(qi.reshape(-1, INDEX_DIM)), fmt).view_as(qi)

@@ -2,13 +2,13 @@
 
 A compressor turns every ``ratio`` tokens into one ``dim``-dim entry: CSA (ratio 4, overlapping
 blocks, ``coff`` = 2) for the main rows and the indexer keys, HCA (ratio 128) for the main rows.
-:func:`compress_chunks` feeds each sequence's chunk to its decode state through
-:func:`dsv4rs.ops.compress`.
+:func:`compress_tokens` feeds every sequence's tokens to its decode state in one
+:func:`dsv4rs.ops.compress_batch`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -16,6 +16,9 @@ from torch import nn
 from dsv4rs import ops
 from dsv4rs.model.config import INDEX_DIM, V4Config
 from dsv4rs.model.layers.norm import RMSNorm, linear
+
+if TYPE_CHECKING:
+    from dsv4rs.model.layers.attention import AttentionMetadata
 
 
 class Compressor(nn.Module):
@@ -74,17 +77,12 @@ class HCACompressor(Compressor):
         super().__init__(cfg, cfg.compress_rates[1], cfg.head_dim)
 
 
-def compress_chunks(comp: Compressor, x: torch.Tensor, state: torch.Tensor, inv_freq: torch.Tensor,
-                    starts: Sequence[int], lens: Sequence[int], state_slots: Sequence[int]) -> torch.Tensor:
-    """Feeds each sequence's chunk (``lens[i]`` rows of ``x`` from position ``starts[i]``) to its
-    decode state ``state[state_slots[i]]`` (``[2, coff r, coff D]``: kv then scores); returns the
-    entries the chunks complete, in batch order."""
+def compress_tokens(comp: Compressor, x: torch.Tensor, state: torch.Tensor, inv_freq: torch.Tensor,
+                    meta: AttentionMetadata) -> torch.Tensor:
+    """Feeds each sequence's tokens (rows ``meta.cu_tokens[b] ..`` of ``x``, from position
+    ``meta.starts[b]``) to its decode state ``state[meta.state_slots[b]]`` (``[2, coff r, coff D]``:
+    kv then scores), all sequences in one :func:`dsv4rs.ops.compress_batch`; row ``t`` of the
+    result is the entry token ``t`` completes (zeros where it completes none)."""
     kv, score = comp.project(x)
-    kv, score = kv.float(), score.float()
-    ape, norm = comp.position_bias.float(), comp.kv_norm.weight.float()
-    out, at = [], 0
-    for start, length, slot in zip(starts, lens, state_slots):
-        out.append(ops.compress(kv[at : at + length], score[at : at + length], ape, norm, inv_freq, state[slot, 0],
-                                state[slot, 1], start, comp.ratio, comp.eps))
-        at += length
-    return torch.cat(out)
+    return ops.compress_batch(kv.float(), score.float(), comp.position_bias.float(), comp.kv_norm.weight.float(),
+                              inv_freq, state, meta.state_slots, meta.starts, meta.cu_tokens, comp.ratio, comp.eps)

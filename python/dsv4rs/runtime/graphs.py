@@ -1,0 +1,123 @@
+"""CUDA graphs of the decode step, one per batch-size bucket (as serving engines do).
+
+A decode step (one token per sequence) has the same kernels and shapes for every batch of a
+given size. :class:`DecodeGraphs` keeps one set of device buffers for the step's integers
+(:class:`~dsv4rs.runtime.planner.StepInputs`, sized for the largest bucket, page tables at their
+widest), captures the whole step for a bucket on first use (the metadata derivation, every layer,
+the LM head) into one memory pool shared by all buckets, and replays it: the host copies the
+step's integers into the buffers (pinned memory, asynchronous), padding the batch up to the
+bucket with rows that read and write nothing live (state slot ``-1``, rows ``-1``, no window),
+and launches one graph. A bucket is captured on padding rows alone, so capturing writes nothing
+live either; pinned host blocks come from torch's caching host allocator, which reuses a block
+only once its copy has run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import fields
+
+import torch
+
+from dsv4rs.runtime.planner import StepInputs, padded_table
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+"""Default batch-size buckets of the captured decode step."""
+
+
+def _padding(bucket: int) -> dict[str, torch.Tensor]:
+    """The integers of ``bucket`` padding rows: one token each at position 0, no window (origin
+    past the token), no state, nothing written."""
+    rows = torch.arange(bucket, dtype=torch.int64)
+    none = torch.full((bucket,), -1, dtype=torch.int64)
+    zero = torch.zeros(bucket, dtype=torch.int64)
+    return {"ids": zero, "positions": zero, "token_seq": rows, "starts": zero, "origins": zero + 1,
+            "state_slots": none, "cu_tokens": torch.arange(bucket + 1, dtype=torch.int64), "window_slots": none,
+            "csa_slots": none, "hca_slots": none}
+
+
+class DecodeGraphs:
+    """Captured decode steps of one engine.
+
+    Args:
+        step: ``step(inputs) -> (logits, streams, metadata)``, the decode step on device
+            :class:`StepInputs` (every chunk one token); it is what gets captured.
+        buckets: batch sizes to capture (a batch runs in the smallest bucket that holds it).
+        table_widths: page-table widths per family (the most pages a sequence can hold).
+        device: the CUDA device.
+    """
+
+    def __init__(self, step: Callable[[StepInputs], tuple[torch.Tensor, torch.Tensor, object]],
+                 buckets: Sequence[int], table_widths: Mapping[str, int], device: torch.device) -> None:
+        if not buckets or any(b < 1 for b in buckets):
+            raise ValueError(f"buckets: expected batch sizes >= 1, got {list(buckets)}")
+        self.step, self.buckets, self.device = step, sorted(set(buckets)), device
+        biggest = self.buckets[-1]
+        host = _padding(biggest) | {f"{f}_table": torch.zeros(biggest, max(w, 1), dtype=torch.int32)
+                                     for f, w in table_widths.items()}
+        self.widths = {f: max(w, 1) for f, w in table_widths.items()}
+        self.static = StepInputs(**{k: v.to(device) for k, v in host.items()})
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor, object]]] = {}
+
+    @property
+    def max_batch(self) -> int:
+        return self.buckets[-1]
+
+    def bucket(self, batch: int) -> int:
+        return next(b for b in self.buckets if b >= batch)
+
+    def run(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor, object]:
+        """Replays the step for host ``inputs`` of at most :attr:`max_batch` sequences; returns
+        the bucket's logits, streams and metadata (rows past the batch are padding)."""
+        bucket = self.bucket(inputs.starts.shape[0])
+        self._ensure(bucket)
+        self._load(inputs, bucket)
+        graph, out = self.graphs[bucket]
+        graph.replay()
+        return out
+
+    def capture_all(self) -> None:
+        """Captures every bucket now (largest first, so smaller graphs reuse its pool memory)."""
+        for bucket in reversed(self.buckets):
+            self._ensure(bucket)
+
+    def _ensure(self, bucket: int) -> None:
+        if bucket not in self.graphs:
+            self._load(None, bucket)  # padding rows only: the capture's warm-up writes nothing live
+            self.graphs[bucket] = self._capture(self._view(bucket))
+
+    def _view(self, bucket: int) -> StepInputs:
+        """The first ``bucket`` rows of the device buffers (tokens, sequences and tables)."""
+        return StepInputs(**{f.name: (getattr(self.static, f.name)[: bucket + 1] if f.name == "cu_tokens"
+                                      else getattr(self.static, f.name)[:bucket]) for f in fields(StepInputs)})
+
+    def _load(self, inputs: StepInputs | None, bucket: int) -> None:
+        """Copies ``inputs`` (host, one-token sequences; ``None``: none) into the device buffers,
+        padded to ``bucket`` rows, through pinned memory."""
+        pad = _padding(bucket)
+        n = 0 if inputs is None else inputs.starts.shape[0]
+        view = self._view(bucket)
+        for f in fields(StepInputs):
+            name = f.name
+            if name.endswith("_table"):
+                host = torch.zeros(bucket, self.widths[name[: -len("_table")]], dtype=torch.int32)
+                if n:
+                    host[:n] = padded_table(getattr(inputs, name), host.shape[1])
+            elif name in ("cu_tokens", "token_seq") or not n:
+                host = pad[name]
+            else:
+                host = torch.cat([getattr(inputs, name), pad[name][n:]])
+            getattr(view, name).copy_(host.pin_memory(), non_blocking=True)
+
+    def _capture(self, view: StepInputs) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor, object]]:
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            self.step(view)  # warm-up: lazy initializations stay out of the graph
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, stream=side):
+            out = self.step(view)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        return graph, out

@@ -1,0 +1,308 @@
+"""The runtime's pieces beyond the engine's step: the grouped MoE path, the planner's decode
+metadata, out-of-pages atomicity."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsv4rs.model import DeepseekV4, V4Config, init_random
+from dsv4rs.model.layers.moe import Experts
+
+
+def _experts(gen: torch.Generator, e: int = 8, d: int = 64, inner: int = 32) -> Experts:
+    ex = Experts(V4Config.tiny(n_routed_experts=e, hidden_size=d, moe_intermediate_size=inner))
+    with torch.no_grad():
+        ex.gate_up_proj.copy_(torch.randn(ex.gate_up_proj.shape, generator=gen) * 0.1)
+        ex.down_proj.copy_(torch.randn(ex.down_proj.shape, generator=gen) * 0.1)
+    return ex
+
+
+@pytest.mark.parametrize("case", ["random", "one expert", "ties", "one token"])
+@torch.no_grad()
+def test_grouped_experts_equal_the_per_expert_loop(gen: torch.Generator, case: str) -> None:
+    """bfloat16 weights take the grouped-GEMM path; against the float64 sum over each token's
+    choices it errs by bfloat16 rounding only (the activations, the SwiGLU output and the
+    products are bfloat16; a wrong permutation would err by O(1)), with experts that get no
+    token, all tokens on one expert, and a token choosing one expert twice."""
+    ex = _experts(gen).to(torch.bfloat16)
+    t, k = (1, 2) if case == "one token" else (37, 2)
+    x = torch.randn(t, 64, generator=gen).to(torch.bfloat16)
+    idx = torch.randint(0, 3, (t, k), generator=gen)  # experts 3..7 get nothing
+    if case == "one expert":
+        idx[:] = 5
+    if case == "ties":
+        idx[:, 1] = idx[:, 0]
+    w = torch.rand(t, k, generator=gen)
+    got = ex(x, idx, w)
+    assert got.dtype == torch.bfloat16 and got.shape == x.shape
+    ref = torch.zeros(t, 64, dtype=torch.float64)
+    for i in range(t):
+        for j in range(k):
+            e = int(idx[i, j])
+            h = ex._swiglu(x[i].double() @ ex.gate_up_proj[e].double().T)
+            ref[i] += float(w[i, j]) * (h @ ex.down_proj[e].double().T)
+    err = (got.double() - ref).abs().max() / ref.abs().max()
+    assert float(err) < 2e-2, float(err)
+
+
+def test_bf16_model_prefill_runs_the_grouped_path(gen: torch.Generator) -> None:
+    from dsv4rs.runtime import Engine
+
+    model = init_random(DeepseekV4(V4Config.tiny()), seed=3)
+    bf16 = init_random(DeepseekV4(V4Config.tiny()), seed=3)
+    for layer in [*bf16.model.layers, *bf16.mtp]:
+        layer.mlp.experts.to(torch.bfloat16)
+    ids = torch.randint(0, 512, (200,), generator=gen)
+    outs = []
+    for m in (model, bf16):
+        eng = Engine(m, max_sequences=1, max_len=200)
+        s, _ = eng.add_sequence()
+        outs.append(eng.step([s], [ids], all_logits=True)[0])
+    err = (outs[0] - outs[1]).abs().amax(-1)
+    assert float(err.median()) < 2e-2 and bool(torch.isfinite(outs[1]).all())
+
+
+TOL = 1e-5
+
+
+def _engine(model: DeepseekV4, **kw):
+    from dsv4rs.runtime import Engine
+
+    return Engine(model, max_sequences=3, max_len=700, **kw)
+
+
+def test_chunked_prefill_mixed_with_decode_equals_separate_runs(gen: torch.Generator) -> None:
+    """A long prompt arriving while two requests decode is fed in budget-sized chunks beside their
+    decode tokens; every request's tokens and logits equal those of running it alone (whole
+    prefill, then decode)."""
+    from dsv4rs.runtime.scheduler import Scheduler
+
+    model = init_random(DeepseekV4(V4Config.tiny()), seed=11)
+    prompts = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in (40, 70, 530)]
+    sampling = [dict(), dict(temperature=0.8, top_k=20, seed=5), dict(temperature=1.0, top_p=0.9, seed=9)]
+    mixed = Scheduler(_engine(model), token_budget=64, keep_logits=True)
+    ids = [mixed.add(prompts[0], 12, **sampling[0]), mixed.add(prompts[1], 12, **sampling[1])]
+    for _ in range(3):
+        mixed.step()
+    ids.append(mixed.add(prompts[2], 6, **sampling[2]))
+    steps = 0
+    while mixed.waiting or mixed.running:
+        fed = [(len(mixed.requests[r].prompt), mixed.requests[r].fed) for r in mixed.running]
+        mixed.step()
+        steps += 1
+        if steps == 2:  # the long prompt is being chunked while the others decode
+            assert any(f < p for p, f in fed) and any(f == p for p, f in fed)
+    for rid, prompt, kw in zip(ids, prompts, sampling):
+        alone = Scheduler(_engine(model), token_budget=4096, keep_logits=True)
+        aid = alone.add(prompt, mixed.requests[rid].max_new_tokens, **kw)
+        alone.run()
+        assert mixed.requests[rid].output == alone.requests[aid].output
+        torch.testing.assert_close(torch.stack(mixed.requests[rid].logits), torch.stack(alone.requests[aid].logits),
+                                   atol=TOL, rtol=0)
+
+
+def test_scheduler_stops_and_frees_pages(gen: torch.Generator) -> None:
+    from dsv4rs.runtime.scheduler import Scheduler
+
+    model = init_random(DeepseekV4(V4Config.tiny()), seed=11)
+    engine = _engine(model)
+    s = Scheduler(engine, token_budget=32)
+    first = s.add(torch.randint(0, 512, (20,), generator=gen).tolist(), 8)
+    s.run()
+    out = s.requests[first].output
+    assert len(out) == 8
+    # The same greedy request stopped at its third token's id ends there, the token kept.
+    again = s.add(s.requests[first].prompt, 8, stop_ids=frozenset({out[2]}))
+    s.run()
+    assert s.requests[again].output == out[: out.index(out[2]) + 1]
+    assert engine.manager.sequence_ids() == [] and sum(engine.manager.used_pages().values()) == 0
+    with pytest.raises(ValueError, match="max_len"):
+        s.add([1] * 690, 20)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        s.add([1], 0)
+
+
+def test_out_of_pages_names_the_sequence_and_changes_nothing(gen: torch.Generator) -> None:
+    import dsv4rs
+
+    model = init_random(DeepseekV4(V4Config.tiny()), seed=2)
+    eng = _engine(model, quant=True)  # pools for 3 sequences of 700 tokens
+    a, b, c, d = (eng.add_sequence()[0] for _ in range(4))
+    ids = torch.randint(0, 512, (4, 700), generator=gen)
+    eng.step([a, b, c], [ids[0, :300], ids[1, :300], ids[2, :300]])
+    caches = {n: t.clone() for n, t in vars(eng.cache).items() if isinstance(t, torch.Tensor)}
+    lengths = [eng.manager.length(s) for s in (a, b, c, d)]
+    with pytest.raises(dsv4rs.OutOfPagesError, match=f"sequence {d} "):  # a fourth window ring does not fit
+        eng.step([a, b, c, d], [ids[0, 300:301], ids[1, 300:301], ids[2, 300:301], ids[3, :400]])
+    assert [eng.manager.length(s) for s in (a, b, c, d)] == lengths
+    for n, t in vars(eng.cache).items():
+        if isinstance(t, torch.Tensor):
+            assert torch.equal(t, caches[n]), n
+    eng.manager.check()
+    # The sequences go on as if the failed step never happened.
+    got = eng.step([a, b, c], [ids[0, 300:301], ids[1, 300:301], ids[2, 300:301]])
+    fresh = _engine(model, quant=True)
+    x, y, z = (fresh.add_sequence()[0] for _ in range(3))
+    fresh.step([x, y, z], [ids[0, :300], ids[1, :300], ids[2, :300]])
+    want = fresh.step([x, y, z], [ids[0, 300:301], ids[1, 300:301], ids[2, 300:301]])
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_weight_bytes_match_the_published_sizes() -> None:
+    from dsv4rs.runtime.memory import weight_bytes
+
+    flash, pro = V4Config.v4_flash(), V4Config.v4_pro()
+    # "about 160 GB" and "about 865 GB" as shipped (FP8 + MXFP4); 284B and 1.6T parameters.
+    assert weight_bytes(flash, "shipped") == pytest.approx(160e9, rel=0.02)
+    assert weight_bytes(pro, "shipped") == pytest.approx(865e9, rel=0.02)
+    assert weight_bytes(flash, "bf16") == pytest.approx(2 * 291e9, rel=0.02)
+    # Expert parallelism splits only the routed experts.
+    one, eight = weight_bytes(flash, "shipped"), weight_bytes(flash, "shipped", expert_shards=8)
+    assert one / 8 < eight < one / 5
+    with pytest.raises(ValueError, match="weights"):
+        weight_bytes(flash, "int4")
+
+
+def test_memory_plan_fills_the_budget_and_names_what_does_not_fit() -> None:
+    from dsv4rs.cache import CacheConfig
+    from dsv4rs.runtime.memory import plan_memory
+
+    cfg = V4Config.v4_flash()
+    cache = CacheConfig(cfg.compress_ratios)
+    gib = 1 << 30
+    plan = plan_memory(cfg, 141 * gib, cache, 80 * gib, max_len=131072, graph_batch=256)
+    used = plan.weight_bytes + plan.workspace_bytes + plan.graph_bytes + plan.cache_bytes
+    assert used <= 141 * gib and plan.max_sequences > 50
+    with pytest.raises(ValueError, match="max_len, max_sequences"):
+        plan_memory(cfg, 141 * gib, cache, 80 * gib, max_len=131072, max_sequences=plan.max_sequences + 1,
+                    graph_batch=256)
+    longest = plan_memory(cfg, 141 * gib, cache, 80 * gib, max_sequences=4)
+    assert longest.max_len >= 1 and longest.max_sequences == 4
+    with pytest.raises(ValueError, match="memory"):
+        plan_memory(cfg, 10 * gib, cache, 80 * gib, max_len=4096)
+
+
+def test_engine_sizes_its_cache_from_free_memory() -> None:
+    from dsv4rs.runtime import Engine
+
+    model = init_random(DeepseekV4(V4Config.tiny()), seed=1)
+    eng = Engine(model, max_len=1024, memory_fraction=0.05)
+    assert eng.max_len == 1024 and eng.max_sequences >= 1
+    assert eng.manager.pool_footprint().total <= Engine._free_bytes(eng, 0.05)
+    with pytest.raises(ValueError, match="memory_fraction"):
+        Engine(model, max_len=1024, memory_fraction=2.0)
+
+
+# -- GPU: CUDA graphs of the decode step ------------------------------------------------------------
+
+
+def _bf16_model(seed: int) -> DeepseekV4:
+    """The tiny model on the GPU as ``load_checkpoint(dtype=torch.bfloat16)`` leaves one: bfloat16
+    matrices (so the experts take the capturable grouped path), float32 mHC, norms and sinks."""
+    model = init_random(DeepseekV4(V4Config.tiny()), seed=seed)
+    keep = ("sinks", "position_bias", "norm.weight", "_hc.", "hc_head.", "e_score_correction_bias")
+    for name, p in model.named_parameters():
+        if not any(k in name for k in keep):
+            p.data = p.data.to(torch.bfloat16)
+    return model.cuda()
+
+
+def _schedule(eng, gen: torch.Generator) -> list[torch.Tensor]:
+    """64 decode steps with sequences joining (prefill), leaving, a fork and a prefix hit; the
+    logits of every decode step."""
+    ids = torch.randint(0, 512, (6, 900), generator=gen)
+    seqs = {0: eng.add_sequence()[0], 1: eng.add_sequence()[0]}
+    eng.step([seqs[0], seqs[1]], [ids[0, :300], ids[1, :140]])
+    pos = {0: 300, 1: 140}
+    out = []
+    for step in range(64):
+        if step == 10:  # a third sequence joins
+            seqs[2] = eng.add_sequence()[0]
+            eng.step([seqs[2]], [ids[2, :260]])
+            pos[2] = 260
+        if step == 20:  # a fork of sequence 0 goes its own way
+            seqs[3] = eng.fork(seqs[0])
+            pos[3] = pos[0]
+            ids[3, : pos[0]] = ids[0, : pos[0]]
+        if step == 30:  # sequence 1 leaves
+            eng.release(seqs.pop(1))
+            pos.pop(1)
+        if step == 40:  # a prompt sharing sequence 2's first 256 tokens reuses its compressed rows
+            prompt = torch.cat([ids[2, :256], ids[4, 256:400]])
+            seqs[4], hit = eng.add_sequence(prompt)
+            assert hit.cached_tokens == 256
+            eng.step([seqs[4]], [prompt[hit.recompute_from :]])
+            ids[4, :400], pos[4] = prompt, 400
+        keys = sorted(seqs)
+        out.append(eng.step([seqs[k] for k in keys], [ids[k, pos[k] : pos[k] + 1] for k in keys]).float().cpu())
+        for k in keys:
+            pos[k] += 1
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant", [False, True])
+def test_gpu_graph_decode_equals_eager(gen: torch.Generator, quant: bool) -> None:
+    from dsv4rs.runtime import Engine
+
+    model = _bf16_model(4)
+    state = gen.get_state()
+    runs = {}
+    for graphs in (True, False):
+        gen.set_state(state)
+        eng = Engine(model, max_sequences=5, max_len=1024, quant=quant, cuda_graphs=graphs)
+        assert (eng.graphs is not None) == graphs
+        runs[graphs] = _schedule(eng, gen)
+        eng.manager.check()
+    for step, (g, e) in enumerate(zip(runs[True], runs[False])):
+        # The same kernels on the same rows; the padded batch may change how a kernel splits its
+        # work (the order of float32 sums), not what it computes.
+        torch.testing.assert_close(g, e, atol=2e-3, rtol=0, msg=lambda m, step=step: f"step {step}: {m}")
+
+
+@pytest.mark.gpu
+def test_gpu_graph_padding_writes_nothing_live(gen: torch.Generator) -> None:
+    """A batch of 3 in the bucket of 4: the step changes only the rows and state slots of the 3
+    sequences (and the null page 0, where padding writes land)."""
+    from dsv4rs.runtime import Engine
+
+    eng = Engine(_bf16_model(5), max_sequences=6, max_len=600, quant=True, cuda_graphs=True, graph_buckets=(4,))
+    seqs = [eng.add_sequence()[0] for _ in range(5)]
+    ids = torch.randint(0, 512, (5, 300), generator=gen)
+    eng.step(seqs, [ids[i, :255] for i in range(5)])  # the next token completes a CSA entry
+    live = seqs[:3]
+    before = {n: t.clone() for n, t in vars(eng.cache).items() if isinstance(t, torch.Tensor)}
+    eng.step(live, [ids[i, 255:256] for i in range(3)])
+    assert 4 in eng.graphs.graphs
+    for family, names in (("window", ("window",)), ("csa", ("csa", "csa_keys")), ("hca", ("hca",))):
+        allowed = {0} | set(eng.manager.page_tables(live, family).flatten().tolist())
+        for n in names:
+            changed = (eng.cache.__dict__[n] != before[n]).flatten(2).any(-1).any(0).nonzero().flatten().tolist()
+            assert set(changed) <= allowed, (n, set(changed) - allowed)
+    slots = set(eng.manager.page_tables(live, "state").flatten().tolist())
+    for n in ("csa_state", "index_state", "hca_state"):
+        changed = (eng.cache.__dict__[n] != before[n]).flatten(2).any(-1).any(0).nonzero().flatten().tolist()
+        assert set(changed) <= slots, (n, changed)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("graphs", [True, False])
+def test_gpu_decode_step_does_not_synchronize(gen: torch.Generator, graphs: bool) -> None:
+    from dsv4rs.runtime import Engine
+
+    eng = Engine(_bf16_model(6), max_sequences=4, max_len=600, quant=True, cuda_graphs=graphs)
+    seqs = [eng.add_sequence()[0] for _ in range(3)]
+    ids = torch.randint(0, 512, (3, 300), generator=gen)
+    eng.step(seqs, [ids[i, :200] for i in range(3)])
+    eng.step(seqs, [ids[i, 200:201] for i in range(3)])  # captures the bucket (graphs)
+    eng.draft(ids[:, 202].tolist())
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for t in range(201, 205):
+            logits = eng.step(seqs, [ids[i, t : t + 1] for i in range(3)])
+            eng.draft(ids[:, t + 1].tolist())
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert bool(torch.isfinite(logits).all())
