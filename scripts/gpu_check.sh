@@ -40,7 +40,7 @@ gpu_tests() {
 }
 
 sanitize() {
-    local ops=(tests/test_gpu_formats.py tests/test_gpu_ops.py tests/test_ops_runtime.py)
+    local ops=(tests/test_gpu_formats.py tests/test_gpu_ops.py tests/test_ops_runtime.py tests/test_compress_batch.py)
     echo "== compute-sanitizer memcheck (API errors and memory accesses)"
     compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 20 \
         python3 -m pytest -q -x -m gpu -p no:cacheprovider --rootdir=. -c pyproject.toml "${ops[@]}" \
