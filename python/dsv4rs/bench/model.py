@@ -33,7 +33,6 @@ PUBLISHED = (
     "published (V4-Flash, 4 H200): 1.72 ms per output token for one stream (SGLang, with DSpark speculation); "
     "266 tokens/s for one stream with EAGLE at TP4 (LMSYS); 4,872 tokens/s per GPU at concurrency 256 (SGLang)"
 )
-_KEEP_F32 = ("sinks", "position_bias", "norm.weight", "_hc.", "hc_head.", "e_score_correction_bias")
 
 
 def _config(preset: str, layers: int) -> V4Config:
@@ -46,17 +45,18 @@ def _config(preset: str, layers: int) -> V4Config:
 
 
 def _build(cfg: V4Config, device: str, seed: int = 0):
-    """The model on ``device`` with random weights, built without a full-size host copy."""
-    from dsv4rs.model.model import empty_model
+    """The model on ``device`` with random weights (bfloat16 matrices, float32 where the model
+    keeps float32), initialized in place: no full-size copy anywhere else."""
+    from dsv4rs.model.model import empty_model, keeps_float32
 
-    model = empty_model(cfg, device)
+    model = empty_model(cfg, device, torch.bfloat16)
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if any(k in name for k in _KEEP_F32):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g, device=device))
+            if keeps_float32(name):
+                p.normal_(1.0, 0.1, generator=g)
             else:
-                p.data = (0.02 * torch.randn(p.shape, generator=g, device=device)).to(torch.bfloat16)
+                p.normal_(0.0, 0.02, generator=g)
         for name, buf in model.named_buffers():
             if name.endswith("tid2eid"):
                 buf.copy_(torch.randint(0, cfg.n_routed_experts, buf.shape, generator=g, device=device))

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from dsv4rs.model.config import V4Config
-from dsv4rs.model.model import DeepseekV4
+from dsv4rs.model.model import DeepseekV4, set_dtype
 
 FP8_BLOCK = 128
 FP4_BLOCK = 32
@@ -206,11 +206,7 @@ def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "
         model.mtp = torch.nn.ModuleList()
     if missing:
         raise CheckpointError(f"{missing[0]}: missing from the checkpoint ({len(missing)} tensors missing)")
-    keep_f32 = ("sinks", "position_bias", "norm.weight", "_hc.", "hc_head.", "e_score_correction_bias")
-    for name, p in model.named_parameters():
-        if p.is_floating_point() and not any(k in name for k in keep_f32):
-            p.data = p.data.to(dtype)
-    return model.to(device)
+    return set_dtype(model, dtype).to(device)
 
 
 def _load_one(reader: _Shards, key: str, cfg: V4Config, params: dict[str, torch.Tensor], filled: dict[str, int],

@@ -116,12 +116,33 @@ class DeepseekV4(nn.Module):
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
-def empty_model(cfg: V4Config, device: torch.device | str) -> DeepseekV4:
-    """A model whose weights are allocated on ``device`` but not initialized (built on the meta
-    device, so no full-size copy is ever made elsewhere); the tables computed from the config
-    (RoPE frequencies) are filled. Load or initialize the weights next."""
+FLOAT32_PARAMETERS = ("sinks", "position_bias", "norm.weight", "_hc.", "hc_head.", "e_score_correction_bias")
+"""Name parts of the parameters that stay float32 whatever the model's dtype: the attention
+sinks, the compressors' positional biases, every norm weight, the mHC parameters and the routing
+bias (as DeepSeek ships them)."""
+
+
+def keeps_float32(name: str) -> bool:
+    """Whether parameter ``name`` stays float32 in a model of lower precision."""
+    return any(k in name for k in FLOAT32_PARAMETERS)
+
+
+def set_dtype(model: DeepseekV4, dtype: torch.dtype) -> DeepseekV4:
+    """Every floating-point parameter in ``dtype``, but those that stay float32
+    (:data:`FLOAT32_PARAMETERS`); in place (on the meta device it allocates nothing)."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not keeps_float32(name):
+            p.data = p.data.to(dtype)
+    return model
+
+
+def empty_model(cfg: V4Config, device: torch.device | str, dtype: torch.dtype = torch.float32) -> DeepseekV4:
+    """A model whose weights are allocated on ``device`` in ``dtype`` (see :func:`set_dtype`) but
+    not initialized: it is built on the meta device, so no full-size copy is ever made elsewhere;
+    the tables computed from the config (RoPE frequencies) are filled. Load or initialize the
+    weights next."""
     with torch.device("meta"):
-        model = DeepseekV4(cfg)
+        model = set_dtype(DeepseekV4(cfg), dtype)
     model.to_empty(device=device)
     for attn in [layer.self_attn for layer in [*model.model.layers, *model.mtp]]:
         attn.rotary.inv_freq.copy_(torch.tensor(cfg.inv_freq(attn.layer_type != SWA)))

@@ -27,7 +27,6 @@ from dsv4rs.model.config import CSA, HCA, V4Config
 
 _FP8 = re.compile(r"self_attn\.(q_a_proj|q_b_proj|kv_proj|o_a_proj|o_b_proj)\.weight$|indexer\.q_b_proj\.weight$"
                   r"|shared_experts\.(gate_proj|up_proj|down_proj)\.weight$")
-_FLOAT32 = re.compile(r"(_hc\.|hc_head\.|sinks$|position_bias$|e_score_correction_bias$|norm\.weight$)")
 _MIB = 1 << 20
 
 
@@ -37,7 +36,7 @@ def weight_bytes(cfg: V4Config, weights: str = "bf16", expert_shards: int = 1) -
     split over ``expert_shards`` devices (expert parallelism; everything else is replicated)."""
     if expert_shards < 1:
         raise ValueError(f"expert_shards: must be >= 1, got {expert_shards}")
-    from dsv4rs.model.model import DeepseekV4
+    from dsv4rs.model.model import DeepseekV4, keeps_float32
 
     if weights not in ("bf16", "float32", "shipped"):
         raise ValueError(f'weights: expected "bf16", "float32" or "shipped", got {weights!r}')
@@ -48,7 +47,7 @@ def weight_bytes(cfg: V4Config, weights: str = "bf16", expert_shards: int = 1) -
         n = t.numel()
         if not t.is_floating_point():
             total += n * t.element_size()
-        elif weights == "float32" or _FLOAT32.search(name) and ".experts." not in name:
+        elif weights == "float32" or keeps_float32(name):
             total += 4 * n
         elif ".experts." in name:
             n = -(-t.shape[0] // expert_shards) * (n // t.shape[0])
