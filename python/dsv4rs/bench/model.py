@@ -133,7 +133,8 @@ def model(b: Bench) -> Iterator[Case]:
         eng = engine()
         seqs = [eng.add_sequence()[0] for _ in range(batch)]
         eng.manager.append(seqs, [[0] * context for _ in seqs])
-        tokens = [[1] for _ in seqs]
+        # Distinct random tokens: the hash-routed layers pick experts by token id.
+        tokens = [[t] for t in torch.randint(0, cfg.vocab_size, (batch,)).tolist()]
         sync = torch.cuda.synchronize if b.gpu else (lambda: None)
         eng.step(seqs, tokens)  # captures this bucket's graph (GPU)
         gpu_ms = None
