@@ -304,3 +304,18 @@ def test_gpu_decode_step_does_not_synchronize(gen: torch.Generator, graphs: bool
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert bool(torch.isfinite(logits).all())
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_gpu_gathered_float32_experts_equal_the_loop(gen: torch.Generator) -> None:
+    """float32 experts on a GPU take the gathered path while the copies are small (so a float32
+    model's decode step can be captured too); it computes what the per-expert loop does."""
+    ex = _experts(gen).cuda()
+    x = torch.randn(9, 64, generator=gen).cuda()
+    idx = torch.randint(0, 8, (9, 2), generator=gen).cuda()
+    idx[0, 1] = idx[0, 0]
+    w = torch.rand(9, 2, generator=gen).cuda()
+    assert ex.gathers(idx.numel()) and ex.capturable(9, 2)
+    torch.testing.assert_close(ex(x, idx, w), ex._per_expert(x, idx, w), atol=1e-5, rtol=1e-5)
+    assert not ex.gathers(10**9)

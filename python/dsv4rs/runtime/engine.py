@@ -41,9 +41,9 @@ class Engine:
             plain rows (float32 on the CPU, bfloat16 on a GPU).
         index_format: ``"fp4"`` or ``"fp8"`` indexer keys when ``quant``.
         cuda_graphs: replay decode steps from CUDA graphs (:mod:`.graphs`). ``None`` (default):
-            on a GPU when the model can be captured (its experts are bfloat16; float32 experts
-            run a loop that reads expert counts on the host); ``True`` insists (ValueError if it
-            cannot); ``False``: never.
+            on a GPU for the batch sizes whose step can be captured (bfloat16 experts, or float32
+            experts small enough to gather; otherwise a loop reads expert counts on the host);
+            ``True`` insists (ValueError if no bucket can be); ``False``: never.
         graph_buckets: the batch sizes captured (a decode batch runs padded to the smallest
             bucket that holds it; larger batches run eagerly), captured on first use.
         memory_fraction: the share of the free device memory the planner may give the cache
@@ -93,12 +93,17 @@ class Engine:
         return int(_available_ram() * (0.1 if fraction is None else fraction))
 
     def _graphs(self, enable: bool | None, buckets: list[int]) -> DecodeGraphs | None:
-        capturable = self.device.type == "cuda" and all(
-            layer.mlp.experts.gate_up_proj.dtype == torch.bfloat16 for layer in self.model.model.layers)
+        """The decode graphs of the buckets whose step can be captured: on a CUDA device, with
+        experts that read nothing on the host at that batch (bfloat16 experts, or float32 ones
+        small enough to gather; see :class:`dsv4rs.model.layers.moe.Experts`)."""
+        k = self.cfg.num_experts_per_tok
+        experts = [layer.mlp.experts for layer in self.model.model.layers]
+        buckets = [b for b in buckets if all(e.capturable(b, k) for e in experts)]
+        capturable = self.device.type == "cuda" and bool(buckets)
         if enable and not capturable:
-            raise ValueError("cuda_graphs: a decode step can be captured on a CUDA device with bfloat16 experts "
-                             f"(device {self.device}, experts "
-                             f"{self.model.model.layers[0].mlp.experts.gate_up_proj.dtype})")
+            raise ValueError("cuda_graphs: a decode step can be captured on a CUDA device with bfloat16 experts, or "
+                             f"float32 experts small enough to gather (device {self.device}, experts "
+                             f"{experts[0].gate_up_proj.dtype})")
         if enable is False or not capturable:
             return None
         ops.warm_up(self.device)

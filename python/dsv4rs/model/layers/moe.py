@@ -44,7 +44,22 @@ class Experts(nn.Module):
         be captured in a CUDA graph); otherwise one matmul per expert hit."""
         if self.gate_up_proj.dtype == torch.bfloat16:
             return self._grouped(x, idx, weights)
+        if x.is_cuda and self.gathers(idx.numel()):
+            return self._gathered(x, idx, weights)
         return self._per_expert(x, idx, weights)
+
+    GATHER_BYTES = 64 << 20
+    """Most bytes of expert weights :meth:`_gathered` copies (one copy per (token, choice))."""
+
+    def gathers(self, pairs: int) -> bool:
+        """Whether ``pairs`` (token, choice) pairs take the gathered path (float32 experts on a
+        GPU, copies small enough): it reads no counts on the host, so it can be captured."""
+        per_pair = (self.gate_up_proj[0].numel() + self.down_proj[0].numel()) * self.gate_up_proj.element_size()
+        return pairs * per_pair <= self.GATHER_BYTES
+
+    def capturable(self, tokens: int, k: int) -> bool:
+        """Whether a step of ``tokens`` tokens (``k`` choices each) runs without host reads."""
+        return self.gate_up_proj.dtype == torch.bfloat16 or self.gathers(tokens * k)
 
     def _swiglu(self, gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)
@@ -66,6 +81,15 @@ class Experts(nn.Module):
         y = F.grouped_mm(h, self.down_proj.transpose(-2, -1), offs=ends)
         unsorted = torch.empty_like(y).index_copy_(0, order, y).view(tokens, k, -1)
         return (unsorted.float() * weights[..., None].float()).sum(1).to(x.dtype)
+
+    def _gathered(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Each (token, choice) pair's expert weights gathered, one batched matmul per
+        projection, the choices summed in routing order."""
+        flat = idx.flatten()
+        rows = x.repeat_interleave(idx.shape[1], dim=0)[:, :, None]
+        h = self._swiglu(torch.bmm(self.gate_up_proj[flat].to(x.dtype), rows)[..., 0])
+        y = torch.bmm(self.down_proj[flat].to(x.dtype), h[:, :, None])[..., 0].view(*idx.shape, -1)
+        return (y * weights[..., None].to(x.dtype)).sum(1)
 
     def _per_expert(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)
