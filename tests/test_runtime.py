@@ -232,7 +232,9 @@ def _schedule(eng, gen: torch.Generator) -> list[torch.Tensor]:
             eng.step([seqs[4]], [prompt[hit.recompute_from :]])
             ids[4, :400], pos[4] = prompt, 400
         keys = sorted(seqs)
-        out.append(eng.step([seqs[k] for k in keys], [ids[k, pos[k] : pos[k] + 1] for k in keys]).float().cpu())
+        # Kept on the device: each step's logits must be its own tensor, not a view of a graph's
+        # output that the next replay overwrites.
+        out.append(eng.step([seqs[k] for k in keys], [ids[k, pos[k] : pos[k] + 1] for k in keys]))
         for k in keys:
             pos[k] += 1
     return out
@@ -253,6 +255,7 @@ def test_gpu_graph_decode_equals_eager(gen: torch.Generator, quant: bool) -> Non
         runs[graphs] = _schedule(eng, gen)
         eng.manager.check()
     for step, (g, e) in enumerate(zip(runs[True], runs[False])):
+        g, e = g.float().cpu(), e.float().cpu()
         # The same kernels on the same rows; the padded batch may change how a kernel splits its
         # work (the order of float32 sums), not what it computes.
         torch.testing.assert_close(g, e, atol=2e-3, rtol=0, msg=lambda m, step=step: f"step {step}: {m}")

@@ -191,8 +191,9 @@ class Engine:
             logits, ids_dev = None, dev.ids
         n = len(lens)
         self._last = _Last(list(seq_ids), inputs.starts.tolist(), lens, ids_dev, meta, x) if len(self.model.mtp) else None
-        if logits is not None:
-            return logits[:n] if not all_logits else list(logits[:n].split(1))
+        if logits is not None:  # a replayed graph's output is overwritten by the next replay: copy it
+            logits = logits[:n].clone()
+            return logits if not all_logits else list(logits.split(1))
         if not all_logits:
             return self.model.head(x[self._to_device(inputs.cu_tokens[1:] - 1)]).float()
         return list(self.model.head(x).float().split(lens))
