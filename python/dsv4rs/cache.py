@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import operator
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -68,11 +69,40 @@ def _tensor(buf: bytearray, dtype: torch.dtype, shape: tuple[int, ...]) -> torch
     return torch.frombuffer(buf, dtype=dtype).view(shape)
 
 
-def _ids(x: Iterable[int] | torch.Tensor) -> Any:
-    """Token or sequence ids as the extension takes them: a list or tuple of ints."""
-    if isinstance(x, (list, tuple)):
-        return x
-    return x.tolist() if hasattr(x, "tolist") else list(x)
+_U64 = (1 << 64) - 1
+_TOKEN_IDS = 1 << 32
+"""Token ids are unsigned 32-bit in the allocator (prefix hashing)."""
+
+
+def _int(name: str, value: Any, low: int = 0, high: int = (1 << 63) - 1) -> int:
+    """``value`` as an int in ``[low, high]``; TypeError or ValueError naming ``name``."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name}: expected an int, got bool")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}") from None
+    if not low <= v <= high:
+        raise ValueError(f"{name}: expected an int in [{low}, {high}], got {v}")
+    return v
+
+
+def _ids(name: str, x: Iterable[int] | torch.Tensor, high: int = 1 << 63) -> list[int]:
+    """Ids (a sequence or an integer tensor) as the list of ints the extension takes, each in
+    ``[0, high)``; TypeError or ValueError naming ``name``."""
+    if isinstance(x, (str, bytes)):
+        raise TypeError(f"{name}: expected a sequence of ints, got {type(x).__name__}")
+    try:
+        t = x if isinstance(x, torch.Tensor) else torch.as_tensor(list(x) if not isinstance(x, list) else x)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+        raise TypeError(f"{name}: expected a sequence of ints ({e})") from None
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex() or t.device.type != "cpu" and t.numel():
+        if t.numel():
+            raise TypeError(f"{name}: expected integer ids on the CPU, got {t.dtype} on {t.device}")
+    t = t.flatten()
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= high):
+        raise ValueError(f"{name}: ids must lie in [0, {high}), got {int(t.min())}..{int(t.max())}")
+    return t.tolist()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,8 +145,9 @@ class CacheConfig:
     _layout: Any = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        ratios = tuple(int(r) for r in self.compress_ratios)
+        ratios = tuple(_ids("compress_ratios", self.compress_ratios, 1 << 16))
         object.__setattr__(self, "compress_ratios", ratios)
+        object.__setattr__(self, "window", _int("window", self.window))
         layout = _core.CacheLayout(list(ratios), self.window, self.main_format, self.index_format)
         object.__setattr__(self, "_layout", layout)
 
@@ -158,28 +189,30 @@ class CacheConfig:
 
     def footprint(self, seq_len: int) -> Footprint:
         """Bytes a sequence of ``seq_len`` tokens holds, from the pages it reserves."""
-        return Footprint(*self._layout.footprint(seq_len))
+        return Footprint(*self._layout.footprint(_int("seq_len", seq_len, high=_U64)))
 
     def bytes_per_token(self, seq_len: int = 1 << 20) -> float:
         """Compressed-family bytes per token at ``seq_len`` (docs/model.md section 5: 5,031 for V4-Pro
         and 3,514 for V4-Flash at 2^20 tokens with FP4 keys); window and state are per
         sequence (see :meth:`footprint`)."""
-        return float(self._layout.bytes_per_token(seq_len))
+        return float(self._layout.bytes_per_token(_int("seq_len", seq_len, high=_U64)))
 
     def sequences_that_fit(self, seq_len: int, budget_bytes: int) -> int:
         """How many sequences of ``seq_len`` tokens fit in pools of ``budget_bytes`` in total
         (each pool's null page included)."""
-        return int(self._layout.sequences_that_fit(seq_len, budget_bytes))
+        return int(self._layout.sequences_that_fit(_int("seq_len", seq_len, high=_U64),
+                                                   _int("budget_bytes", budget_bytes, high=_U64)))
 
     def longest_context(self, budget_bytes: int) -> int | None:
         """The longest single sequence that fits in ``budget_bytes`` of pools; ``None`` when any
         length fits (a model without compressed layers)."""
-        return self._layout.longest_context(budget_bytes)
+        return self._layout.longest_context(_int("budget_bytes", budget_bytes, high=_U64))
 
     def pages_for_budget(self, budget_bytes: int, seq_len: int) -> dict[str, int]:
         """Pages per family (null page included) holding as many ``seq_len``-token sequences
         as ``budget_bytes`` allows: the budget split in the proportion such sequences use."""
-        return dict(zip(FAMILIES, self._layout.pages_for_budget(budget_bytes, seq_len)))
+        return dict(zip(FAMILIES, self._layout.pages_for_budget(_int("budget_bytes", budget_bytes, high=_U64),
+                                                               _int("seq_len", seq_len, high=_U64))))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,11 +259,13 @@ class KVCacheManager:
     """
 
     def __init__(self, config: CacheConfig, pages: Mapping[str, int]) -> None:
+        if not isinstance(pages, Mapping):
+            raise TypeError(f"pages: expected a mapping of family to page count, got {type(pages).__name__}")
         unknown = set(pages) - set(FAMILIES)
         if unknown or len(pages) != len(FAMILIES):
             raise ValueError(f"pages: expected one count for each of {FAMILIES}, got {dict(pages)}")
         self._config = config
-        self._core = _core.CacheManager(config._layout, [pages[f] for f in FAMILIES])
+        self._core = _core.CacheManager(config._layout, [_int(f"pages[{f!r}]", pages[f]) for f in FAMILIES])
 
     @classmethod
     def from_budget(cls, config: CacheConfig, budget_bytes: int, seq_len: int) -> KVCacheManager:
@@ -258,12 +293,12 @@ class KVCacheManager:
         """Adds an empty sequence and returns its id. With a ``prompt``, the sequence shares the
         compressed pages of its longest cached prefix; it then appends
         ``prompt[hit.recompute_from:]``. Never allocates, so it cannot run out of pages."""
-        seq_id, cached, start = self._core.add_sequence(_ids(prompt))
+        seq_id, cached, start = self._core.add_sequence(_ids("prompt", prompt, _TOKEN_IDS))
         return seq_id, PrefixHit(cached, start)
 
     def lookup_prefix(self, prompt: Iterable[int] | torch.Tensor) -> PrefixHit:
         """What :meth:`add_sequence` would reuse for ``prompt``, without taking anything."""
-        return PrefixHit(*self._core.lookup_prefix(_ids(prompt)))
+        return PrefixHit(*self._core.lookup_prefix(_ids("prompt", prompt, _TOKEN_IDS)))
 
     def append(self, seq_ids: Sequence[int], tokens: Sequence[Iterable[int] | torch.Tensor]) -> AppendResult:
         """Appends ``tokens[i]`` (token ids) to sequence ``seq_ids[i]`` for every ``i``.
@@ -271,7 +306,12 @@ class KVCacheManager:
         All or nothing: when a pool is short, :class:`dsv4rs.OutOfPagesError` says which, and
         nothing changed. An unknown or released sequence raises :class:`dsv4rs.CacheStateError`.
         """
-        buf, slot_counts, copy_counts = self._core.append(_ids(seq_ids), [_ids(t) for t in tokens])
+        ids = _ids("seq_ids", seq_ids)
+        if isinstance(tokens, (str, bytes)) or len(tokens) != len(ids):
+            raise ValueError(f"tokens: expected one token list per sequence ({len(ids)} sequences), got "
+                             f"{len(tokens) if not isinstance(tokens, (str, bytes)) else type(tokens).__name__}")
+        chunks = [_ids(f"tokens[{i}]", t, _TOKEN_IDS) for i, t in enumerate(tokens)]
+        buf, slot_counts, copy_counts = self._core.append(ids, chunks)
         flat = _tensor(buf, torch.int64, (-1,))
         bounds = itertools.accumulate([*slot_counts, *(2 * c for c in copy_counts)], initial=0)
         parts = [flat[a:b] for a, b in itertools.pairwise(bounds)]
@@ -283,16 +323,16 @@ class KVCacheManager:
     def fork(self, seq_id: int) -> int:
         """A new sequence sharing all pages of ``seq_id``; the first append of either that
         writes into a shared page gets a copy (reported in :attr:`AppendResult.copies`)."""
-        return int(self._core.fork(seq_id))
+        return int(self._core.fork(_int("seq_id", seq_id)))
 
     def release(self, seq_id: int) -> None:
         """Drops the sequence. Its pages go back to the pools' free lists (cached prefixes stay
         findable until reallocated); releasing twice raises :class:`dsv4rs.CacheStateError`."""
-        self._core.release(seq_id)
+        self._core.release(_int("seq_id", seq_id))
 
     def length(self, seq_id: int) -> int:
         """Tokens appended to the sequence."""
-        return int(self._core.length(seq_id))
+        return int(self._core.length(_int("seq_id", seq_id)))
 
     def sequence_ids(self) -> list[int]:
         """Live sequences, in increasing id order."""
@@ -304,7 +344,8 @@ class KVCacheManager:
         ``width`` defaults to the longest table; pass a fixed width for CUDA graphs. The window
         table lists ring pages (token ``p`` at ring row ``p % window``); the state table holds
         the state slot."""
-        buf, w = self._core.page_tables(family, _ids(seq_ids), width)
+        width = None if width is None else _int("width", width)
+        buf, w = self._core.page_tables(family, _ids("seq_ids", seq_ids), width)
         return _tensor(buf, torch.int32, (len(seq_ids), w))
 
     def physical_rows(self, seq_ids: Sequence[int], family: FamilyName, logical: torch.Tensor) -> torch.Tensor:
@@ -321,12 +362,12 @@ class KVCacheManager:
         """
         logical = as_tensor("logical", logical)
         out = torch.empty(logical.shape, dtype=torch.int64)
-        self._core.physical_rows(family, _ids(seq_ids), spec("logical", logical), spec("out", out))
+        self._core.physical_rows(family, _ids("seq_ids", seq_ids), spec("logical", logical), spec("out", out))
         return out
 
     def sequence_footprint(self, seq_id: int) -> Footprint:
         """Bytes of the pages the sequence references (shared pages counted in full)."""
-        return Footprint(*self._core.sequence_footprint(seq_id))
+        return Footprint(*self._core.sequence_footprint(_int("seq_id", seq_id)))
 
     def used_footprint(self) -> Footprint:
         """Bytes of the pages in use, each counted once."""

@@ -16,7 +16,7 @@ use crate::errors::run;
 use crate::tensor::{tref, Spec};
 
 /// `(window, csa_main, csa_index, hca, state)` bytes.
-type FootprintTuple = (u64, u64, u64, u64, u64);
+type FootprintTuple = (u128, u128, u128, u128, u128);
 
 fn footprint(f: Footprint) -> FootprintTuple {
     (f.window, f.csa_main, f.csa_index, f.hca, f.state)
@@ -67,7 +67,7 @@ impl PyCacheLayout {
         run(py, || Ok(self.0.layers(Family::parse("family", family)?)))
     }
 
-    fn page_bytes(&self, py: Python<'_>, family: &str) -> PyResult<u64> {
+    fn page_bytes(&self, py: Python<'_>, family: &str) -> PyResult<u128> {
         run(py, || Ok(self.0.page_bytes(Family::parse("family", family)?)))
     }
 

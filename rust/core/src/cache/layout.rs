@@ -9,6 +9,11 @@ use super::family::{Family, CSA_RATIO, HCA_RATIO};
 
 /// Tokens per prefix-hashing unit: exactly one CSA page (64 entries) and two HCA entries.
 pub const UNIT_TOKENS: usize = 256;
+/// The longest sliding window a layout takes (V4's is 128): far beyond any model, and small
+/// enough that every count derived from it fits in 64 bits.
+pub const MAX_WINDOW: usize = 1 << 24;
+/// The most layers a layout takes (V4-Pro has 62 with its MTP layer).
+pub const MAX_LAYERS: usize = 1 << 12;
 
 /// fp32 kv + score decode state of one compressor (docs/model.md section 3): two `[coff*r, coff*D]`
 /// tensors, `coff` = 2 for the overlapping CSA compressor.
@@ -37,8 +42,11 @@ pub struct CacheLayout {
 
 impl CacheLayout {
     pub fn new(compress_ratios: Vec<usize>, window: usize, main: MainFormat, index: IndexFormat) -> Result<Self> {
-        if compress_ratios.is_empty() {
-            return Err(Error::value("compress_ratios", "expected at least one layer, got an empty list"));
+        if compress_ratios.is_empty() || compress_ratios.len() > MAX_LAYERS {
+            return Err(Error::value(
+                "compress_ratios",
+                format!("expected 1 to {MAX_LAYERS} layers, got {}", compress_ratios.len()),
+            ));
         }
         if let Some((i, r)) = compress_ratios.iter().enumerate().find(|(_, r)| ![0, CSA_RATIO, HCA_RATIO].contains(*r))
         {
@@ -47,8 +55,11 @@ impl CacheLayout {
                 format!("layer {i} has ratio {r}; expected 0 (sliding window only), 4 (CSA) or 128 (HCA)"),
             ));
         }
-        if window == 0 {
-            return Err(Error::value("window", "expected a sliding window of at least 1 token, got 0"));
+        if window == 0 || window > MAX_WINDOW {
+            return Err(Error::value(
+                "window",
+                format!("expected a sliding window of 1 to {MAX_WINDOW} tokens, got {window}"),
+            ));
         }
         let count = |r| compress_ratios.iter().filter(|x| **x == r).count();
         let (csa_layers, hca_layers) = (count(CSA_RATIO), count(HCA_RATIO));

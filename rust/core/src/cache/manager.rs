@@ -27,6 +27,13 @@ pub struct PrefixHit {
     pub recompute_from: usize,
 }
 
+/// The most pages one family's pool takes: page ids must fit the kernels' int32 page tables,
+/// and the pool's bookkeeping (some 13 bytes a page on the host) stays under 1 GiB.
+pub const MAX_PAGES: usize = 1 << 26;
+/// The most device bytes one manager's pools may describe (64 TiB): more than any machine's GPUs
+/// hold, so a larger request is a mistake, refused before anything is allocated.
+pub const MAX_POOL_BYTES: u128 = 1 << 46;
+
 pub struct CacheManager {
     pub(super) layout: CacheLayout,
     pub(super) pools: [BlockPool; 4],
@@ -39,6 +46,21 @@ impl CacheManager {
     /// A manager with `pages[f]` pages in family `f`'s pool (in [`Family::ALL`] order; page 0
     /// of each is the null page, so a pool of `n` pages hands out `n - 1`).
     pub fn new(layout: CacheLayout, pages: [usize; 4]) -> Result<Self> {
+        for f in Family::ALL {
+            if pages[f.index()] > MAX_PAGES {
+                return Err(Error::value(
+                    &format!("pages[{:?}]", f.name()),
+                    format!("at most {MAX_PAGES} pages a pool, got {}", pages[f.index()]),
+                ));
+            }
+        }
+        let bytes = layout.footprint_of_pages(pages).total();
+        if bytes > MAX_POOL_BYTES {
+            return Err(Error::value(
+                "pages",
+                format!("the pools would take {bytes} bytes, more than the {MAX_POOL_BYTES} (64 TiB) any machine holds"),
+            ));
+        }
         let pool = |f: Family| BlockPool::new(&format!("pages[{:?}]", f.name()), pages[f.index()]);
         let pools = [pool(Family::Window)?, pool(Family::Csa)?, pool(Family::Hca)?, pool(Family::State)?];
         Ok(CacheManager { layout, pools, seqs: HashMap::new(), prefix: PrefixIndex::default(), next_id: 0 })

@@ -13,6 +13,13 @@ impl CacheManager {
         let tables = seq_ids.iter().map(|id| Ok(self.seq(*id)?.table(family))).collect::<Result<Vec<_>>>()?;
         let longest = tables.iter().map(|t| t.len()).max().unwrap_or(0);
         let width = width.unwrap_or(longest);
+        let pages = self.pool(family).num_pages();
+        if width > pages {
+            return Err(Error::value(
+                "width",
+                format!("a {} page table is at most as wide as its pool ({pages} pages), got {width}", family.name()),
+            ));
+        }
         if longest > width {
             return Err(Error::value(
                 "width",
