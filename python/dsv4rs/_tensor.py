@@ -11,14 +11,43 @@ Spec = tuple[int, tuple[int, ...], str, int, bool]
 
 
 def as_tensor(name: str, x: Any) -> torch.Tensor:
-    """Accepts a torch tensor or any DLPack / array-interface producer (numpy, cupy, ...)."""
+    """Accepts a torch tensor or any DLPack / array-interface producer (numpy, cupy, ...) on the
+    CPU or a CUDA GPU. Any other device (``meta`` among them, which would reach the ops' fake
+    implementations and compute nothing) is a ValueError naming the argument."""
     if isinstance(x, torch.Tensor):
-        return x
-    if hasattr(x, "__dlpack__"):
-        return torch.from_dlpack(x)
-    if hasattr(x, "__array_interface__"):
-        return torch.as_tensor(x)
-    raise TypeError(f"{name}: expected a torch.Tensor or a DLPack/array producer, got {type(x).__name__}")
+        t = x
+    elif hasattr(x, "__dlpack__"):
+        t = torch.from_dlpack(x)
+    elif hasattr(x, "__array_interface__"):
+        t = torch.as_tensor(x)
+    else:
+        raise TypeError(f"{name}: expected a torch.Tensor or a DLPack/array producer, got {type(x).__name__}")
+    if t.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name}: tensors must live on the CPU or a CUDA GPU, got {t.device}")
+    return t
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """The byte range ``[start, end)`` the elements of ``t`` occupy (its strides included)."""
+    if t.numel() == 0:
+        return (0, 0)
+    extent = 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
+    start = t.data_ptr() - sum((n - 1) * -st for n, st in zip(t.shape, t.stride()) if st < 0) * t.element_size()
+    return start, start + extent * t.element_size()
+
+
+def disjoint(written: tuple[str, torch.Tensor], *others: tuple[str, torch.Tensor | None]) -> None:
+    """Raises ValueError naming both arguments when the tensor an op writes in place shares
+    memory with another of its arguments (a view of the same storage, overlapping or not
+    identical): the op would read what it has already overwritten."""
+    name, t = written
+    a0, a1 = _span(t)
+    for other, u in others:
+        if u is None or u.device != t.device:
+            continue
+        b0, b1 = _span(u)
+        if a0 < b1 and b0 < a1:
+            raise ValueError(f"{name}, {other}: must not share memory ({name} is written in place)")
 
 
 def spec(name: str, t: torch.Tensor) -> Spec:

@@ -24,4 +24,11 @@ def cuda_index(device: torch.device | str | int) -> int:
     dev = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
     if dev.type != "cuda":
         raise ValueError(f"device: expected a CUDA device, got {dev}")
-    return dev.index if dev.index is not None else torch.cuda.current_device()
+    if dev.index is not None:
+        return dev.index
+    try:
+        return torch.cuda.current_device()
+    except (RuntimeError, AssertionError) as e:  # torch without a driver or without CUDA
+        from dsv4rs import CudaError
+
+        raise CudaError(f"no CUDA device available ({e})") from None

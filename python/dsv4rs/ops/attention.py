@@ -95,6 +95,9 @@ def sparse_attention(
     if extra_lengths is not None and extra_indices is None:
         raise ValueError("extra_lengths: needs extra_cache and extra_indices")
     opt = lambda name, t: None if t is None else as_tensor(name, t)  # noqa: E731
+    if derotate is not None and (not isinstance(derotate, (tuple, list)) or len(derotate) != 2
+                                 or any(t is None for t in derotate)):
+        raise ValueError("derotate: expected (positions, inv_freq), both tensors, or None")
     positions, inv_freq = (None, None) if derotate is None else derotate
     return _sparse_attention(
         q, as_tensor("cache", cache), as_tensor("indices", indices), as_tensor("sink", sink),

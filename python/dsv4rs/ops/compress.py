@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 
 from dsv4rs import _core
-from dsv4rs._tensor import as_tensor, spec, stream
+from dsv4rs._tensor import as_tensor, disjoint, spec, stream
 from dsv4rs.ops._checks import ndim, positive
 
 Quant = Literal["none", "fp8", "fp4"]
@@ -94,8 +94,9 @@ def compress(
                                          ("inv_freq", inv_freq), ("kv_state", kv_state), ("score_state", score_state))]
     ndim("kv", args[0], 2)
     ndim("norm_weight", args[3], 1)
-    if args[5].data_ptr() == args[6].data_ptr() and args[5].numel() > 0:
-        raise ValueError("kv_state, score_state: must be distinct tensors")
+    named = list(zip(("kv", "score", "ape", "norm_weight", "inv_freq", "kv_state", "score_state"), args))
+    disjoint(named[5], *named[:5], named[6])
+    disjoint(named[6], *named[:5])
     return _compress(*args, start_pos, ratio, float(eps), quant)
 
 
@@ -172,4 +173,7 @@ def compress_batch(
                                          ("starts", starts), ("cu_tokens", cu_tokens))]
     ndim("kv", args[0], 2)
     ndim("norm_weight", args[3], 1)
+    named = list(zip(("kv", "score", "ape", "norm_weight", "inv_freq", "state", "state_slots", "starts", "cu_tokens"),
+                     args))
+    disjoint(named[5], *named[:5], *named[6:])
     return _compress_batch(*args, ratio, float(eps), quant)

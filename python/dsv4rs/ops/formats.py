@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 
 from dsv4rs import _core
-from dsv4rs._tensor import as_tensor, spec, stream
+from dsv4rs._tensor import as_tensor, disjoint, spec, stream
 
 # The cache formats, defined once in the Rust core (rust/core/src/quant.rs).
 PAGE_ROWS: int = _core.PAGE_ROWS
@@ -82,7 +82,9 @@ def kv_write(cache: torch.Tensor, slots: torch.Tensor, entries: torch.Tensor) ->
         entries: ``float32`` or ``bfloat16 [n, 512]``: dims 0:448 become FP8 e4m3 with one
             UE8M0 scale per 64, dims 448:512 BF16. Non-finite values raise on the CPU.
     """
-    _kv_write(as_tensor("cache", cache), as_tensor("slots", slots), as_tensor("entries", entries))
+    cache, slots, entries = as_tensor("cache", cache), as_tensor("slots", slots), as_tensor("entries", entries)
+    disjoint(("cache", cache), ("slots", slots), ("entries", entries))
+    _kv_write(cache, slots, entries)
 
 
 @torch.library.custom_op("dsv4rs::kv_read", mutates_args=())
@@ -118,7 +120,9 @@ def index_key_write(cache: torch.Tensor, slots: torch.Tensor, keys: torch.Tensor
     into ``cache`` at ``slots`` (``int64 [n]``, ``-1`` skipped), in place. FP4: e2m1 with one UE8M0
     scale per 32 values; FP8: e4m3 with one power-of-two fp32 scale per key."""
     _check_fmt(fmt)
-    _index_key_write(as_tensor("cache", cache), as_tensor("slots", slots), as_tensor("keys", keys), fmt)
+    cache, slots, keys = as_tensor("cache", cache), as_tensor("slots", slots), as_tensor("keys", keys)
+    disjoint(("cache", cache), ("slots", slots), ("keys", keys))
+    _index_key_write(cache, slots, keys, fmt)
 
 
 @torch.library.custom_op("dsv4rs::index_key_read", mutates_args=())

@@ -1,0 +1,160 @@
+"""Bad input never kills the process: each class of malformed call found by the audit of the
+ops and the cache API gets a Python exception naming the argument (or, for byte arithmetic,
+the exact answer)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dsv4rs
+from dsv4rs import ops
+from dsv4rs import reference as ref
+from dsv4rs.cache import CacheConfig, KVCacheManager
+
+PAGES = dict(window=10, csa=10, hca=10, state=10)
+
+
+# -- the cache API: sizes, arithmetic, the binding boundary ------------------------------------
+
+
+def test_byte_arithmetic_is_exact_at_any_length() -> None:
+    assert CacheConfig.v4_pro().bytes_per_token(2**62) == 5031.4375
+    assert CacheConfig.v4_flash().bytes_per_token(2**62) == 3514.25
+    assert CacheConfig.v4_pro().footprint(2**64 - 1).compressed == 2**62 * 652 * 30 + 2**57 * 584 * 31
+    longest = CacheConfig((4,)).longest_context(2**64 - 1)  # used to loop forever
+    assert 2**56 < longest < 2**63
+    assert all(p >= 1 for p in CacheConfig.v4_pro().pages_for_budget(2**64 - 1, 1).values())
+
+
+@pytest.mark.parametrize(("call", "name"), [
+    (lambda m, c: m.page_tables([m.add_sequence()[0]], "csa", width=2**40), "width"),
+    (lambda m, c: m.page_tables([m.add_sequence()[0]], "csa", width=2**61), "width"),
+    (lambda m, c: KVCacheManager(c, dict(PAGES, window=2**32 - 1)), "window"),
+    (lambda m, c: KVCacheManager.from_budget(c, 1 << 50, 3), "pages"),
+    (lambda m, c: CacheConfig((4,), window=2**40), "window"),
+    (lambda m, c: CacheConfig((4,), window=2**63), "window"),
+    (lambda m, c: CacheConfig((4,) * 5000), "compress_ratios"),
+])
+def test_sizes_are_checked_before_anything_is_allocated(call, name: str) -> None:
+    c = CacheConfig.v4_flash()
+    with pytest.raises(ValueError, match=name):
+        call(KVCacheManager(c, PAGES), c)
+
+
+@pytest.mark.parametrize(("call", "name", "error"), [
+    (lambda m, c: m.add_sequence([-1]), "prompt", ValueError),
+    (lambda m, c: m.add_sequence([2**40]), "prompt", ValueError),
+    (lambda m, c: m.add_sequence([1.5]), "prompt", TypeError),
+    (lambda m, c: m.add_sequence("abc"), "prompt", TypeError),
+    (lambda m, c: m.lookup_prefix([True]), "prompt", TypeError),
+    (lambda m, c: m.append([-1], [[1]]), "seq_ids", ValueError),
+    (lambda m, c: m.append([0], [[1], [2]]), "tokens", ValueError),
+    (lambda m, c: m.append([m.add_sequence()[0]], [[-5]]), r"tokens\[0\]", ValueError),
+    (lambda m, c: m.length(-3), "seq_id", ValueError),
+    (lambda m, c: m.fork(2**70), "seq_id", ValueError),
+    (lambda m, c: m.release(1.5), "seq_id", TypeError),
+    (lambda m, c: m.sequence_footprint(None), "seq_id", TypeError),
+    (lambda m, c: m.page_tables([-1], "csa"), "seq_ids", ValueError),
+    (lambda m, c: m.page_tables([0], "csa", width=-1), "width", ValueError),
+    (lambda m, c: c.footprint(-1), "seq_len", ValueError),
+    (lambda m, c: c.bytes_per_token(2**70), "seq_len", ValueError),
+    (lambda m, c: c.sequences_that_fit(100, -5), "budget_bytes", ValueError),
+    (lambda m, c: c.longest_context("1G"), "budget_bytes", TypeError),
+    (lambda m, c: KVCacheManager(c, dict(PAGES, csa=-1)), "csa", ValueError),
+    (lambda m, c: KVCacheManager(c, [1, 2, 3, 4]), "pages", TypeError),
+])
+def test_malformed_calls_name_the_argument(call, name: str, error: type) -> None:
+    c = CacheConfig.v4_flash()
+    with pytest.raises(error, match=name):
+        call(KVCacheManager(c, PAGES), c)
+
+
+# -- the ops: devices, aliasing, partial arguments, corrupted bytes, no GPU -----------------------
+
+
+def _meta(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty(t.shape, dtype=t.dtype, device="meta")
+
+
+META_CALLS = {
+    "kv_write": lambda: ops.kv_write(_meta(ops.new_kv_cache(1)), torch.zeros(1, dtype=torch.int64), torch.zeros(1, 512)),
+    "kv_read": lambda: ops.kv_read(ops.new_kv_cache(1), _meta(torch.zeros(1, dtype=torch.int64))),
+    "index_key_write": lambda: ops.index_key_write(ops.new_index_key_cache(1), torch.zeros(1, dtype=torch.int64),
+                                                   _meta(torch.zeros(1, 128))),
+    "hadamard128": lambda: ops.hadamard128(_meta(torch.zeros(2, 128))),
+    "rope": lambda: ops.rope(_meta(torch.zeros(2, 64)), torch.zeros(2, dtype=torch.int64), torch.ones(32)),
+    "mhc_weights": lambda: ops.mhc_weights(_meta(torch.zeros(2, 24)), torch.ones(3), torch.zeros(24)),
+    "copy_rows": lambda: ops.copy_rows(_meta(ops.new_kv_cache(1)), torch.zeros(1, dtype=torch.int64),
+                                       ops.new_kv_cache(1), torch.zeros(1, dtype=torch.int64)),
+    "sparse_attention": lambda: ops.sparse_attention(_meta(torch.zeros(1, 4, 512)), ops.new_kv_cache(1),
+                                                     torch.zeros(1, 2, dtype=torch.int64), torch.zeros(4)),
+    "indexer_topk": lambda: ops.indexer_topk(torch.zeros(1, 4, 128), torch.zeros(1, 4), _meta(ops.new_index_key_cache(1)),
+                                             torch.zeros(1, 1, dtype=torch.int32), torch.zeros(1, dtype=torch.int64),
+                                             torch.ones(1, dtype=torch.int64), 4),
+    "compress": lambda: ops.compress(_meta(torch.zeros(4, 1024)), torch.zeros(4, 1024), torch.zeros(4, 1024),
+                                     torch.ones(512), torch.ones(32), *ops.compressor_state(4, 512), 0, 4),
+}
+
+
+@pytest.mark.parametrize("op", sorted(META_CALLS))
+def test_meta_tensors_are_refused(op: str) -> None:
+    """A meta tensor would reach the op's fake implementation: in-place ops would do nothing and
+    the others return uninitialized memory."""
+    with pytest.raises(ValueError, match="meta"):
+        META_CALLS[op]()
+
+
+def test_arguments_written_in_place_must_not_share_memory() -> None:
+    cache = ops.new_kv_cache(1)
+    entries = cache.view(-1)[: 2 * 512 * 4].view(torch.float32).view(2, 512)  # a view of the cache
+    with pytest.raises(ValueError, match="cache, entries"):
+        ops.kv_write(cache, torch.tensor([0, 1]), entries)
+    keys_cache = ops.new_index_key_cache(1)
+    keys = keys_cache.view(-1)[8 : 8 + 4 * 128].view(torch.float32).view(1, 128)
+    with pytest.raises(ValueError, match="cache, keys"):
+        ops.index_key_write(keys_cache, torch.tensor([0]), keys)
+    state = torch.zeros(16, 1024)
+    args = (torch.zeros(4, 1024), torch.zeros(4, 1024), torch.zeros(4, 1024), torch.ones(512), torch.ones(32))
+    with pytest.raises(ValueError, match="kv_state, score_state"):
+        ops.compress(*args, state[0:8], state[4:12], 0, 4)  # partly overlapping states
+    kv_state, score_state = ops.compressor_state(4, 512)
+    with pytest.raises(ValueError, match="kv_state, kv"):
+        ops.compress(kv_state[:4], *args[1:], kv_state, score_state, 0, 4)
+    pool = torch.zeros(2, 2, 8, 1024)
+    with pytest.raises(ValueError, match="state, kv"):
+        ops.compress_batch(pool[0, 0, :4], pool[0, 0, 4:], *args[2:], pool, torch.tensor([1]), torch.tensor([0]),
+                           torch.tensor([0, 4]), 4)
+
+
+def test_derotate_needs_both_tensors() -> None:
+    q, cache = torch.zeros(1, 4, 512), ops.quantize_entries(torch.randn(4, 512))
+    for bad in ((torch.zeros(1, dtype=torch.int64), None), (None, torch.ones(32)), (torch.zeros(1),), "yes"):
+        with pytest.raises(ValueError, match="derotate"):
+            ops.sparse_attention(q, cache, torch.zeros(1, 2, dtype=torch.int64), torch.zeros(4), derotate=bad)
+
+
+def test_fp8_nan_codes_read_as_nan_and_are_refused(gen: torch.Generator) -> None:
+    """0x7F and 0xFF are NaN in e4m3fn; a cache holding them is corrupted and the readers that
+    check rows refuse it instead of reading 480."""
+    assert torch.isnan(ref.fp8_e4m3_decode(torch.tensor([0x7F, 0xFF], dtype=torch.uint8))).all()
+    cache = ops.quantize_entries(torch.randn(4, 512, generator=gen))
+    cache[0, 576 * 2 + 5] = 0x7F  # row 2's byte 5 (a page holds its rows' 576 data bytes one after another)
+    assert torch.isnan(ops.kv_read(cache, torch.tensor([2]))).any()
+    q, sink = torch.randn(1, 4, 512, generator=gen), torch.zeros(4)
+    with pytest.raises(ValueError, match="non-finite"):
+        ops.sparse_attention(q, cache, torch.tensor([[0, 1, 2]]), sink)
+    keys = ops.quantize_index_keys(torch.randn(64, 128, generator=gen), "fp8")
+    keys[0, 132 * 3 + 7] = 0xFF
+    with pytest.raises(ValueError, match="non-finite"):
+        ops.indexer_topk(torch.randn(1, 4, 128, generator=gen), torch.rand(1, 4, generator=gen), keys,
+                         torch.zeros(1, 1, dtype=torch.int32), torch.zeros(1, dtype=torch.int64),
+                         torch.full((1,), 64), 8)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a GPU")
+def test_gpu_queries_without_a_gpu_raise_cuda_error() -> None:
+    with pytest.raises(dsv4rs.CudaError):
+        ops.warm_up("cuda")
+    with pytest.raises(dsv4rs.CudaError):
+        ops.attention_kernel("cuda")
