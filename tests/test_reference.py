@@ -460,7 +460,7 @@ def test_ue8m0_exponent_is_the_smallest_covering_power(gen, qmax):
     amax = amax.float().double()
     e = R.ue8m0_exponent(amax, qmax)
     assert e.dtype == torch.int64
-    a = amax.clamp(min=R.AMAX_FLOOR)
+    a = amax.clamp(min=R.FP4_AMAX_FLOOR if qmax == R.FP4_MAX else R.AMAX_FLOOR)
     assert (a <= qmax * torch.exp2(e.double())).all()
     assert (a > qmax * torch.exp2(e.double() - 1)).all()
 
@@ -470,9 +470,11 @@ def test_ue8m0_exponent_fixed_cases():
         return int(R.ue8m0_exponent(torch.tensor(amax, dtype=torch.float32), qmax))
 
     assert [e(448.0, 448.0), e(448.00003, 448.0), e(224.0, 448.0), e(6.0, 6.0), e(6.1, 6.0)] == [0, 1, -1, 0, 1]
-    # Block maxima below the floor take the floor's scale.
+    # Block maxima below the floor take the floor's scale: 1e-4 for FP8, 6 * 2^-126 for FP4 (as
+    # DeepSeek's FP4 quantizer), so tiny FP4 blocks keep their resolution.
     assert e(0.0, 448.0) == e(1e-7, 448.0) == e(1e-4, 448.0) == -22
-    assert e(0.0, 6.0) == e(1e-4, 6.0) == -15
+    assert e(0.0, 6.0) == e(6 * 2**-126, 6.0) == e(1e-40, 6.0) == -126
+    assert e(1e-4, 6.0) == -15 and e(1e-7, 6.0) == -25
     assert R.AMAX_FLOOR == float(torch.tensor(1e-4, dtype=torch.float32))
 
 

@@ -19,6 +19,8 @@ constexpr int FP4_BLOCK = 32;
 constexpr float FP8_MAX = 448.0f;
 constexpr float FP4_MAX = 6.0f;
 constexpr float AMAX_FLOOR = 1e-4f;
+// FP4's floor, as DeepSeek's FP4 quantizer: 6 * 2^-126 (rust/core/src/quant.rs FP4_AMAX_FLOOR).
+constexpr float FP4_AMAX_FLOOR = 6.0f * 1.17549435e-38f;
 constexpr float HADAMARD_SCALE = 0.08838835f;
 
 // Byte layout of a cache family: a page holds PAGE_ROWS rows of data, then their scales.
@@ -47,7 +49,8 @@ __device__ __forceinline__ float exp2i(int e) { return __int_as_float((e + 127) 
 // search below would otherwise walk down from INT_MAX.
 __device__ __forceinline__ int ue8m0_exponent(float amax, float qmax) {
   if (isinf(amax)) return 128;
-  double a = (double)fmaxf(amax, AMAX_FLOOR), q = (double)qmax;
+  const float floor = qmax == FP4_MAX ? FP4_AMAX_FLOOR : AMAX_FLOOR;
+  double a = (double)fmaxf(amax, floor), q = (double)qmax;
   int e = (int)ceil(log2(a / q));
   while (q * ldexp(1.0, e) < a) ++e;
   while (q * ldexp(1.0, e - 1) >= a) --e;

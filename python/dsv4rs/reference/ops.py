@@ -31,6 +31,7 @@ __all__ = [
     "FP8_MAX",
     "FP4_MAX",
     "AMAX_FLOOR",
+    "FP4_AMAX_FLOOR",
     "rope_inv_freq",
     "apply_rope",
     "compressor_prefill",
@@ -66,6 +67,8 @@ FP4_MAX = 6.0
 """Largest FP4 e2m1 magnitude."""
 AMAX_FLOOR = float(torch.tensor(1e-4, dtype=torch.float32))
 """Block maxima below this (1e-4 rounded to float32) are raised to it before the scale is chosen."""
+FP4_AMAX_FLOOR = 6.0 * 2.0**-126
+"""FP4 block maxima below this (6 * 2^-126, as DeepSeek's FP4 quantizer) are raised to it."""
 
 Quant = Literal["none", "fp8", "fp4"]
 IndexKeyFormat = Literal["fp4", "fp8"]
@@ -475,8 +478,10 @@ def _exponents(name: str, e: object, like: torch.Tensor) -> torch.Tensor:
 
 def ue8m0_exponent(amax: torch.Tensor, qmax: float) -> torch.Tensor:
     """UE8M0 scale exponents, elementwise (docs/model.md section 5): ``int64``, the smallest integer
-    ``e`` with ``max(amax, 1e-4) <= qmax * 2^e`` (``amax`` and the floor as float32)."""
-    a = _f32_values("amax", amax).clamp(min=AMAX_FLOOR)
+    ``e`` with ``max(amax, floor) <= qmax * 2^e`` (``amax`` and the floor as float32); the floor is
+    :data:`AMAX_FLOOR` (1e-4) for FP8 and :data:`FP4_AMAX_FLOOR` (6 * 2^-126) for FP4
+    (``qmax`` 6)."""
+    a = _f32_values("amax", amax).clamp(min=FP4_AMAX_FLOOR if qmax == FP4_MAX else AMAX_FLOOR)
     q = float(torch.tensor(qmax, dtype=torch.float32)) if isinstance(qmax, (int, float)) else math.nan
     if not 0 < q < INF:
         raise ValueError(f"qmax: expected a positive number, finite as float32, got {qmax!r}")

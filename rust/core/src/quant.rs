@@ -28,6 +28,10 @@ pub const FP8_MAX: f32 = 448.0;
 pub const FP4_MAX: f32 = 6.0;
 /// Block maxima below this are raised to it before the scale is chosen.
 pub const AMAX_FLOOR: f32 = 1e-4;
+/// FP4's block-maximum floor, as DeepSeek's FP4 quantizer has it: `6 * 2^-126`, the largest FP4
+/// value times the smallest normal float32 scale (a block of tiny values keeps its resolution
+/// instead of collapsing to zero under FP8's 1e-4).
+pub const FP4_AMAX_FLOOR: f32 = FP4_MAX * f32::MIN_POSITIVE;
 
 /// The byte layout of one cache family's rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,14 +80,16 @@ pub fn bf16_to_f32(b: u16) -> f32 {
     f32::from_bits((b as u32) << 16)
 }
 
-/// Exponent `e` of the UE8M0 scale: the smallest integer with `max(amax, 1e-4) <= qmax * 2^e`.
+/// Exponent `e` of the UE8M0 scale: the smallest integer with `max(amax, floor) <= qmax * 2^e`,
+/// the floor [`AMAX_FLOOR`] for FP8 and [`FP4_AMAX_FLOOR`] for FP4 (`qmax` tells them apart).
 pub fn ue8m0_exponent(amax: f32, qmax: f32) -> i32 {
     if amax.is_infinite() {
         // As the GPU kernels: the UE8M0 code 255 (NaN). The CPU ops refuse non-finite input
         // before they get here; this keeps the search below finite for any caller.
         return 128;
     }
-    let a = amax.max(AMAX_FLOOR) as f64;
+    let floor = if qmax == FP4_MAX { FP4_AMAX_FLOOR } else { AMAX_FLOOR };
+    let a = amax.max(floor) as f64;
     let q = qmax as f64;
     let mut e = (a / q).log2().ceil() as i32;
     while q * 2f64.powi(e) < a {
@@ -127,7 +133,12 @@ pub fn fp8_encode(x: f32, e: i32) -> u8 {
     sign | minifloat_code(a, 3, 7) as u8
 }
 
+/// Value of an FP8 e4m3fn byte; 0x7F and 0xFF are NaN (no encoder writes them: they mark a
+/// corrupted row, which the readers' non-finite checks then refuse).
 pub fn fp8_decode(b: u8) -> f32 {
+    if b & 0x7F == 0x7F {
+        return f32::NAN;
+    }
     let v = minifloat_value((b & 0x7F) as u32, 3, 7);
     if b & 0x80 != 0 { -v } else { v }
 }
@@ -164,14 +175,15 @@ pub fn encode_main_entry(x: &[f32], data: &mut [u8], scales: &mut [u8]) {
     }
 }
 
-/// Value of an FP8 e4m3 byte by bit arithmetic: the same value as [`fp8_decode`] (0x7F reads
-/// as 480), but branch-free so that row decoders vectorize.
+/// Value of an FP8 e4m3 byte by bit arithmetic: the same value as [`fp8_decode`] (NaN codes
+/// included), but branch-free so that row decoders vectorize.
 #[inline(always)]
 fn fp8_value(b: u8) -> f32 {
     let (e, m, sign) = ((b as u32 >> 3) & 0xF, b as u32 & 7, (b as u32 & 0x80) << 24);
     let normal = f32::from_bits(((e + 120) << 23) | (m << 20));
     let v = if e == 0 { m as f32 * exp2i(-9) } else { normal };
-    f32::from_bits(v.to_bits() | sign)
+    let v = f32::from_bits(v.to_bits() | sign);
+    if b & 0x7F == 0x7F { f32::NAN } else { v }
 }
 
 /// Value of an FP4 e2m1 nibble by bit arithmetic, as [`fp8_value`] for [`fp4_decode`].
@@ -300,6 +312,7 @@ mod tests {
         }
         assert_eq!(fp8_decode(0x7E), 448.0);
         assert_eq!(fp8_decode(0x01), 2f32.powi(-9));
+        assert!(fp8_decode(0x7F).is_nan() && fp8_decode(0xFF).is_nan());
         assert_eq!(fp8_encode(1000.0, 0), 0x7E);
     }
 
@@ -331,6 +344,8 @@ mod tests {
         assert_eq!(ue8m0_exponent(224.0, FP8_MAX), -1);
         assert_eq!(ue8m0_exponent(0.0, FP8_MAX), ue8m0_exponent(AMAX_FLOOR, FP8_MAX));
         assert_eq!(ue8m0_exponent(6.0, FP4_MAX), 0);
+        assert_eq!(ue8m0_exponent(0.0, FP4_MAX), -126);
+        assert_eq!(ue8m0_exponent(1e-6, FP4_MAX), -22); // 1e-6 <= 6 * 2^-22 = 1.43e-6
         assert_eq!(ue8m0_exponent(6.1, FP4_MAX), 1);
     }
 
@@ -366,7 +381,8 @@ mod tests {
         let mut out = [0f32; ENTRY_DIM];
         decode_main_entry(&data, &scales, &mut out);
         for i in 0..NOPE_DIM {
-            assert_eq!(out[i], fp8_decode(data[i]) * exp2i(scales[i / FP8_BLOCK] as i32 - 127));
+            let want = fp8_decode(data[i]) * exp2i(scales[i / FP8_BLOCK] as i32 - 127);
+            assert!(out[i] == want || out[i].is_nan() && want.is_nan(), "dim {i}");
         }
         let mut key = [0f32; INDEX_DIM];
         decode_index_key_fp4(&data[..64], &scales[..4], &mut key);
