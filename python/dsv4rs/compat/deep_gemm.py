@@ -310,7 +310,7 @@ def paged_indexer_topk(
     seq_ids = torch.arange(batch, dtype=torch.int32, device=q.device).repeat_interleave(next_n)
     native = cache.native()
     if native is not None:
-        table, key_cache = block_table, native
+        table, key_cache = block_table.contiguous(), native
     else:
         # Every sequence's keys, gathered into 64-key pages in order: key s of batch b is row
         # b * width + s of the gathered cache.
