@@ -578,3 +578,17 @@ def test_compat_calls_capture_in_cuda_graphs(gen) -> None:
     torch.cuda.synchronize()
     for a, b in zip(eager, captured):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# docs/embedding.md
+
+
+def test_embedding_guide_example_runs() -> None:
+    """The worked example of docs/embedding.md runs as written (it checks itself against the ops)."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "embedding.md").read_text(encoding="utf-8")
+    section = text.split("## Worked example", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(code, "docs/embedding.md", "exec"), {"__name__": "embedding_example"})
