@@ -9,6 +9,9 @@ source scripts/env.sh
 build_wheel
 ensure_venv "$TEST_VENV" "${TEST_REQS[@]}"
 "$TEST_VENV/bin/python" -m pip install -q --force-reinstall --no-deps "$DIST"/dsv4rs-*.whl
+# The engine plugin (integrations/dsv4rs_plugin, pure Python): its test reads the entry points it
+# installs. No dependencies: dsv4rs is the wheel above, and no engine is installed.
+"$TEST_VENV/bin/python" -m pip install -q --force-reinstall --no-deps integrations/dsv4rs_plugin
 
 echo "== cargo test (rust/core)"
 cargo test --release -p dsv4rs-core

@@ -5,6 +5,7 @@ first use. Public modules:
 
 - :mod:`dsv4rs.ops`: the ops (compressor, indexer top-k, sparse attention, KV-entry formats), CPU
   and CUDA.
+- :mod:`dsv4rs.compat`: FlashMLA's and DeepGEMM's entry points on the ops (docs/embedding.md).
 - :mod:`dsv4rs.cache`: the paged KV-cache allocator and byte accounting (docs/model.md section 5).
 - :mod:`dsv4rs.cost`: per-token FLOPs and KV-cache bytes of V4 and its baselines.
 - :mod:`dsv4rs.reference`: the float64 pure-torch reference of every op (docs/model.md sections 2-5).
