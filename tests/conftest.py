@@ -27,3 +27,13 @@ def gen(request: pytest.FixtureRequest) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(zlib.crc32(request.node.nodeid.encode()))
     return g
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny DeepSeek-V4 checkpoint with MTP, a BPE tokenizer and a chat template (tests/checkpoints.py)."""
+    from checkpoints import write_checkpoint
+
+    path = str(tmp_path_factory.mktemp("tiny-v4"))
+    write_checkpoint(path)
+    return path
