@@ -37,3 +37,14 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
     path = str(tmp_path_factory.mktemp("tiny-v4"))
     write_checkpoint(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch's CPU ops on one thread for the module. The text tests check behavior, not speed, and
+    step a tiny model thousands of times: on a 2-core machine shared with other work, torch's
+    spinning intra-op pool made each tiny step up to 10x slower than one thread does."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -5,6 +5,7 @@ generate`."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -14,6 +15,8 @@ import torch
 from dsv4rs.llm import SamplingParams
 
 MAX_LEN = 256
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 PROMPTS = ["Hello, world! How are you", "The quick brown fox", "Café 東京 🙂"]
 
 
@@ -206,13 +209,14 @@ def test_penalties_and_min_p_run_through_the_scheduler(llm) -> None:
 
 
 def test_generate_command(tiny_checkpoint: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as one_torch_thread
     out = subprocess.run([sys.executable, "-m", "dsv4rs.cli", "generate", tiny_checkpoint, "--prompt", "Hello",
                           "--chat", "--max-tokens", "8", "--max-len", "128", "--device", "cpu"],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "tokens/s" in out.stdout and "time to first token" in out.stdout
     assert "acceptance rate" in out.stdout and "B/token" in out.stdout
     bad = subprocess.run([sys.executable, "-m", "dsv4rs.cli", "generate", tiny_checkpoint, "--prompt", "Hello",
                           "--max-tokens", "500", "--max-len", "128", "--device", "cpu"],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, env=env)
     assert bad.returncode == 2 and "exceed the context of 128 tokens" in bad.stderr

@@ -19,6 +19,8 @@ openai = pytest.importorskip("openai")
 
 MAX_LEN = 256
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -14,6 +14,8 @@ from dsv4rs.runtime import Engine
 from dsv4rs.runtime.sampling import penalize, probabilities, sample, sample_from, stream
 from dsv4rs.runtime.scheduler import Scheduler
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def chi2(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
     """Pearson's statistic over the cells expecting at least 5 (the rest pooled), and its degrees

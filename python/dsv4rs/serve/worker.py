@@ -26,6 +26,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
+
 from dsv4rs.llm.outputs import Delta
 from dsv4rs.llm.params import SamplingParams
 
@@ -76,6 +78,7 @@ class EngineWorker:
         self._active: dict[int, Handle] = {}
         self._thread = threading.Thread(target=self._run, name="dsv4rs-engine", daemon=True)
         self.error: BaseException | None = None
+        self._threads = torch.get_num_threads()  # the creating thread's setting, for the engine thread
         self.finished: collections.deque = collections.deque(maxlen=256)  # recent completions, newest last
 
     @property
@@ -129,6 +132,7 @@ class EngineWorker:
     # -- the engine thread -------------------------------------------------------------------------
 
     def _run(self) -> None:
+        torch.set_num_threads(self._threads)
         try:
             while self._serve_once():
                 pass
