@@ -123,7 +123,8 @@ def create_app(llm, model_name: str | None = None, max_pending: int = 64, shutdo
                     yield _sse({"error": {"message": str(item), "type": "server_error", "code": 500}})
                     break
                 usage.add(item)
-                yield _sse(form.chunk(item))
+                if item.text or item.finished or item.logprobs:  # (tokens of a character still incomplete)
+                    yield _sse(form.chunk(item))
                 if item.finished:
                     break
             if include_usage:
