@@ -109,6 +109,47 @@ def test_speculative_greedy_with_penalties_equals_plain(gen: torch.Generator) ->
     assert outs[0] == outs[1]
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("penalties", [{}, {"repetition_penalty": 1.5, "presence_penalty": 1.0}])
+def test_accepted_drafts_give_the_plain_greedy_tokens(gen: torch.Generator, penalties: dict) -> None:
+    """A random MTP block rarely agrees with its model, so here the draft is an oracle (the real
+    block runs, its logits are replaced by the plain greedy continuation): every draft is
+    accepted, each step after the first decode emits two tokens (the draft and the bonus), the
+    forks replace their sequences, and the tokens equal plain greedy decoding, penalties
+    included (the bonus row counts the draft)."""
+    model = init_random(DeepseekV4(V4Config.tiny()), seed=4)
+    prompt = torch.randint(0, 512, (40,), generator=gen).tolist()
+    plain = Scheduler(Engine(model, max_sequences=2, max_len=128))
+    rid = plain.add(prompt, 21, **penalties)
+    plain.run()
+    full = prompt + plain.requests[rid].output
+    eng = Engine(model, max_sequences=2, max_len=128)
+    real = eng.draft
+
+    def oracle(next_ids):
+        seqs = list(eng._last.seq_ids)
+        logits = real(next_ids)
+        for i, s in enumerate(seqs):
+            n = eng.manager.length(s)  # the chunk ends at n - 1; the draft is for position n + 1
+            if n + 1 < len(full):
+                logits[i] = -10.0
+                logits[i, full[n + 1]] = 10.0
+        return logits
+
+    eng.draft = oracle
+    spec = SpeculativeScheduler(eng)
+    sid = spec.add(prompt, 21, **penalties)
+    steps = 0
+    while spec.running or spec.waiting:
+        spec.step()
+        steps += 1
+    r = spec.requests[sid]
+    assert r.output == plain.requests[rid].output
+    assert r.drafted == r.accepted == 10 and steps == 11  # prefill (1 token), then 10 x (draft + bonus)
+    assert eng.manager.sequence_ids() == []
+    eng.manager.check()
+
+
 def test_speculative_needs_an_mtp_block() -> None:
     model = init_random(DeepseekV4(V4Config.tiny(num_nextn_predict_layers=0)), seed=1)
     with pytest.raises(ValueError, match="no MTP block"):
