@@ -27,3 +27,24 @@ def gen(request: pytest.FixtureRequest) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(zlib.crc32(request.node.nodeid.encode()))
     return g
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny DeepSeek-V4 checkpoint with MTP, a BPE tokenizer and a chat template (tests/checkpoints.py)."""
+    from checkpoints import write_checkpoint
+
+    path = str(tmp_path_factory.mktemp("tiny-v4"))
+    write_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch's CPU ops on one thread for the module. The text tests check behavior, not speed, and
+    step a tiny model thousands of times: on a 2-core machine shared with other work, torch's
+    spinning intra-op pool made each tiny step up to 10x slower than one thread does."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

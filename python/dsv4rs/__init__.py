@@ -9,9 +9,20 @@ first use. Public modules:
 - :mod:`dsv4rs.cache`: the paged KV-cache allocator and byte accounting (docs/model.md section 5).
 - :mod:`dsv4rs.cost`: per-token FLOPs and KV-cache bytes of V4 and its baselines.
 - :mod:`dsv4rs.reference`: the float64 pure-torch reference of every op (docs/model.md sections 2-5).
+- :mod:`dsv4rs.llm`: text in, text out: :class:`LLM` and :class:`SamplingParams` (also here).
+- :mod:`dsv4rs.serve`: the OpenAI-compatible HTTP server.
 - :mod:`dsv4rs.cli`: the ``dsv4rs`` command.
 """
 
 from dsv4rs._core import CacheStateError, CudaError, OutOfPagesError, __version__
 
-__all__ = ["CacheStateError", "CudaError", "OutOfPagesError", "__version__"]
+__all__ = ["LLM", "CacheStateError", "CudaError", "OutOfPagesError", "SamplingParams", "__version__"]
+
+
+def __getattr__(name: str):
+    """``LLM`` and ``SamplingParams`` load on first use (importing dsv4rs stays free of torch)."""
+    if name in ("LLM", "SamplingParams"):
+        from dsv4rs import llm
+
+        return getattr(llm, name)
+    raise AttributeError(f"module 'dsv4rs' has no attribute {name!r}")

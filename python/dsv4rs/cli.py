@@ -15,6 +15,11 @@ FLOPs per token (:mod:`dsv4rs.demo`).
 ``dsv4rs bench`` times the ops on the available device beside torch eager and prints time,
 throughput and the fraction of the roofline floor per case (:mod:`dsv4rs.bench`).
 
+``dsv4rs generate CHECKPOINT --prompt TEXT`` prints a checkpoint's continuation of a prompt (or
+with ``--chat`` its reply through the chat template) as it comes, then tokens/s, time to first
+token, the speculative acceptance rate and the cache bytes per token; ``dsv4rs serve CHECKPOINT``
+runs the OpenAI-compatible HTTP server (:mod:`dsv4rs.llm`, :mod:`dsv4rs.serve`).
+
 ``dsv4rs plan`` divides a device's memory between a model's weights, the workspace and the KV
 cache, and says how many sequences of which length fit (:mod:`dsv4rs.runtime.memory`).
 """
@@ -153,6 +158,41 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and prompts")
 
 
+def _text_arguments(gen: argparse.ArgumentParser, srv: argparse.ArgumentParser) -> None:
+    """The arguments of generate and serve (:mod:`dsv4rs.textcli` reads them)."""
+    for p in (gen, srv):
+        p.add_argument("checkpoint", help="folder with config.json, safetensors shards, tokenizer.json and "
+                       "tokenizer_config.json")
+        p.add_argument("--device", choices=["cpu", "cuda"], help="where to run (default: a CUDA GPU if there is one)")
+        p.add_argument("--dtype", choices=["float32", "bfloat16"], help="weights (default: bf16 on a GPU, else fp32)")
+        p.add_argument("--max-len", type=_positive_int, default=4096, help="the longest sequence in tokens "
+                       "(default 4096)")
+        p.add_argument("--max-sequences", type=_positive_int, help="sequences the cache holds (generate: default 2; "
+                       "serve: as many as the memory planner fits)")
+        p.add_argument("--quant", action="store_true", help="FP8 cache entries and FP4 indexer keys")
+        p.add_argument("--no-speculative", dest="speculative", action="store_false", default=None,
+                       help="decode without the MTP block's drafts")
+    gen.add_argument("--prompt", required=True, help="the prompt (with --chat: the user message)")
+    gen.add_argument("--chat", action="store_true", help="send the prompt as a user message through the chat template")
+    gen.add_argument("--system", help="with --chat: a system message first")
+    gen.add_argument("--max-tokens", type=_positive_int, default=128, help="tokens to generate at most (default 128)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--min-p", type=float, default=0.0)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    gen.add_argument("--presence-penalty", type=float, default=0.0)
+    gen.add_argument("--frequency-penalty", type=float, default=0.0)
+    gen.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    gen.add_argument("--seed", type=int, help="seed of the samples (default: random)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000, help="default 8000")
+    srv.add_argument("--model-name", help="the model id the API reports (default: the checkpoint folder's name)")
+    srv.add_argument("--max-pending", type=_positive_int, default=64, help="requests in flight before 429 (default 64)")
+    srv.add_argument("--shutdown-grace", type=float, default=30.0,
+                     help="seconds running requests get to finish at shutdown before they are aborted (default 30)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dsv4rs", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -193,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     demo_parser = sub.add_parser("demo", help="a small V4 generating through the paged cache, checked against "
                                               "the float64 reference")
     _demo_arguments(demo_parser)
+    gen_parser = sub.add_parser("generate", help="a checkpoint's text for a prompt, streamed, with timings")
+    serve_parser = sub.add_parser("serve", help="an OpenAI-compatible HTTP server for a checkpoint")
+    _text_arguments(gen_parser, serve_parser)
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()
@@ -214,6 +257,14 @@ def main(argv: list[str] | None = None) -> int:
         from dsv4rs import demo  # imports torch
 
         return demo.run(args)
+    if args.command in ("generate", "serve"):
+        from dsv4rs import textcli  # imports torch
+
+        command, p = (textcli.generate, gen_parser) if args.command == "generate" else (textcli.serve, serve_parser)
+        try:
+            return command(args)
+        except (ValueError, FileNotFoundError) as e:
+            p.error(str(e))
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -150,11 +150,16 @@ class Engine:
 
     @torch.no_grad()
     def step(self, seq_ids: Sequence[int], chunks: Sequence[Sequence[int] | torch.Tensor],
-             all_logits: bool = False) -> torch.Tensor | list[torch.Tensor]:
+             all_logits: bool = False, last: Sequence[int] | None = None) -> torch.Tensor | list[torch.Tensor]:
         """Feeds ``chunks[i]`` to sequence ``seq_ids[i]`` and returns float32 logits: of the last
-        token of each chunk ``[B, vocab]``, or with ``all_logits`` one ``[len, vocab]`` per chunk."""
+        token of each chunk ``[B, vocab]``, or with ``all_logits`` one ``[len, vocab]`` per chunk,
+        or with ``last`` one ``[last[i], vocab]`` per chunk, of its last ``last[i]`` tokens (``0``:
+        none; the LM head runs on those rows only, e.g. a speculative step's verified tokens)."""
         if len(seq_ids) != len(chunks):
             raise ValueError(f"seq_ids, chunks: {len(seq_ids)} sequences but {len(chunks)} chunks")
+        if last is not None and (len(last) != len(chunks) or any(
+                not 0 <= n <= len(c) for n, c in zip(last, chunks))):
+            raise ValueError("last: expected one count per chunk, each between 0 and the chunk's length")
         if len(set(seq_ids)) != len(seq_ids):
             raise ValueError("seq_ids: a sequence appears twice in one step")
         ids = [self._check_ids(f"chunks[{i}]", c) for i, c in enumerate(chunks)]
@@ -193,7 +198,13 @@ class Engine:
         self._last = _Last(list(seq_ids), inputs.starts.tolist(), lens, ids_dev, meta, x) if len(self.model.mtp) else None
         if logits is not None:  # a replayed graph's output is overwritten by the next replay: copy it
             logits = logits[:n].clone()
+            if last is not None:
+                return [logits[i : i + k] for i, k in enumerate(last)]
             return logits if not all_logits else list(logits.split(1))
+        if last is not None:
+            ends = inputs.cu_tokens[1:].tolist()
+            rows = torch.tensor([r for e, k in zip(ends, last) for r in range(e - k, e)], dtype=torch.int64)
+            return list(self.model.head(x[self._to_device(rows)]).float().split(list(last)))
         if not all_logits:
             return self.model.head(x[self._to_device(inputs.cu_tokens[1:] - 1)]).float()
         return list(self.model.head(x).float().split(lens))

@@ -1,10 +1,16 @@
 """Sampling next tokens on the device, without a host synchronization (docs/model.md has no
 part in this: it is the runtime's).
 
-Each row has its own temperature, top-k, top-p and seed. Randomness is counter-based: row ``b``
-draws its Gumbel noise from a hash of ``(seed[b], step[b], token id)``, so a sequence's tokens
-depend on its seed and position only, never on which other sequences share the batch, and the
-whole sampler is a fixed sequence of tensor ops (it can run inside a CUDA graph).
+Each row has its own temperature, top-k, top-p, min-p, penalties and seed. Randomness is
+counter-based: row ``b`` draws its Gumbel noise from a hash of ``(seed[b], step[b], token id)``,
+so a sequence's tokens depend on its seed and position only, never on which other sequences share
+the batch, and the whole sampler is a fixed sequence of tensor ops (it can run inside a CUDA
+graph). Independent draws at one position (speculative decoding's draft, acceptance test and
+residual) take separate streams of the same seed (:func:`stream`).
+
+The order, as vLLM and transformers apply them: penalties on the logits (:func:`penalize`), then
+temperature, top-k, top-p (over the renormalized top-k), min-p (relative to the most likely
+token, so its place in the order does not matter).
 """
 
 from __future__ import annotations
@@ -31,9 +37,50 @@ def uniform(seeds: torch.Tensor, steps: torch.Tensor, width: int) -> torch.Tenso
     return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
 
 
+def stream(seeds: torch.Tensor, k: int) -> torch.Tensor:
+    """The seeds of random stream ``k`` (1..127) of each row: draws independent of stream 0's
+    (the plain sampler's) at the same steps."""
+    return seeds ^ (k << 56)
+
+
+def penalize(logits: torch.Tensor, counts: torch.Tensor, seen: torch.Tensor, repetition: torch.Tensor,
+             presence: torch.Tensor, frequency: torch.Tensor) -> torch.Tensor:
+    """Logits after the penalties (float32 ``[B, V]``, a new tensor).
+
+    Args:
+        counts: ``float32 [B, V]`` how often each token was generated so far.
+        seen: ``bool [B, V]`` tokens of the prompt or the output.
+        repetition: ``[B]``, as CTRL and transformers: a seen token's positive logit is divided
+            by it, a negative one multiplied (``1``: off); over prompt and output, as vLLM.
+        presence, frequency: ``[B]``, as OpenAI: minus ``presence`` for a generated token, minus
+            ``frequency`` per time it was generated (``0``: off); over the output only.
+    """
+    rep = repetition[:, None]
+    out = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+    return out - presence[:, None] * (counts > 0) - frequency[:, None] * counts
+
+
+def _filtered(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+              min_p: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(sorted scaled logits, order, keep)``: the row's logits over temperature, sorted
+    descending (stable: lower id first on ties), and which survive top-k, top-p and min-p."""
+    v = logits.shape[-1]
+    greedy = temperature <= 0
+    scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]
+    sorted_logits, order = torch.sort(scaled, dim=-1, descending=True, stable=True)
+    rank = torch.arange(v, device=logits.device)[None, :]
+    keep = (top_k[:, None] <= 0) | (rank < top_k[:, None])
+    probs = torch.softmax(sorted_logits.masked_fill(~keep, float("-inf")), dim=-1)
+    before = probs.cumsum(-1) - probs  # probability of the tokens ranked above
+    keep &= (before < top_p[:, None]) | (rank == 0)
+    if min_p is not None:  # p >= min_p * p_max, i.e. logit >= max + log(min_p)
+        keep &= (sorted_logits >= sorted_logits[:, :1] + torch.log(min_p)[:, None]) | (rank == 0)
+    return sorted_logits, order, keep
+
+
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-           seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """Next tokens ``int64 [B]`` from ``logits [B, V]`` (float32).
+           seeds: torch.Tensor, steps: torch.Tensor, min_p: torch.Tensor | None = None) -> torch.Tensor:
+    """Next tokens ``int64 [B]`` from ``logits [B, V]`` (float32; apply :func:`penalize` first).
 
     Args:
         temperature: ``float32 [B]``; ``0`` samples greedily (the arg max, lowest id on ties).
@@ -43,16 +90,40 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
             likely token is always kept (top-k before top-p, as transformers and vLLM do).
         seeds, steps: ``int64 [B]``: the row's seed and a counter (e.g. its position), the only
             inputs of its random numbers.
+        min_p: ``float32 [B]`` or None; keep only tokens at least ``min_p`` times as likely as
+            the most likely one (``0``: all).
     """
-    b, v = logits.shape
     greedy = temperature <= 0
-    scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]
-    sorted_logits, order = torch.sort(scaled, dim=-1, descending=True, stable=True)
-    rank = torch.arange(v, device=logits.device)[None, :]
-    keep = (top_k[:, None] <= 0) | (rank < top_k[:, None])
-    probs = torch.softmax(sorted_logits.masked_fill(~keep, float("-inf")), dim=-1)
-    before = probs.cumsum(-1) - probs  # probability of the tokens ranked above
-    keep &= (before < top_p[:, None]) | (rank == 0)
-    gumbel = -torch.log(-torch.log(uniform(seeds, steps, v)))
+    sorted_logits, order, keep = _filtered(logits, temperature, top_k, top_p, min_p)
+    gumbel = -torch.log(-torch.log(uniform(seeds, steps, logits.shape[-1])))
     pick = torch.where(keep, sorted_logits + gumbel.gather(1, order), float("-inf")).argmax(-1)
     return torch.where(greedy, order[:, 0], order.gather(1, pick[:, None])[:, 0])
+
+
+def probabilities(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                  min_p: torch.Tensor | None = None) -> torch.Tensor:
+    """``float32 [B, V]``: the distribution :func:`sample` draws from (a greedy row: one-hot at
+    its arg max), by token id."""
+    sorted_logits, order, keep = _filtered(logits, temperature, top_k, top_p, min_p)
+    p = torch.softmax(sorted_logits.masked_fill(~keep, float("-inf")), dim=-1)
+    rank0 = torch.zeros_like(p)
+    rank0[:, 0] = 1.0
+    p = torch.where((temperature <= 0)[:, None], rank0, p)
+    return torch.zeros_like(p).scatter_(1, order, p)
+
+
+def sample_from(probs: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """``int64 [B]`` drawn from ``probs [B, V]`` (non-negative rows, any positive sum) with the
+    counter-based noise (Gumbel max over ``log probs``); a row without mass gives its arg max."""
+    gumbel = -torch.log(-torch.log(uniform(seeds, steps, probs.shape[-1])))
+    pick = (torch.log(probs) + gumbel).argmax(-1)
+    return torch.where(probs.amax(-1) > 0, pick, probs.argmax(-1))
+
+
+def top_logprobs(logits: torch.Tensor, tokens: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The model's log-probabilities (``log_softmax`` of the raw logits, before penalties and
+    temperature, as OpenAI reports them): ``(logprob of tokens[b] [B], top-n ids [B, n],
+    their logprobs [B, n])``."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    top, ids = lp.topk(min(n, lp.shape[-1]), dim=-1) if n > 0 else (lp[:, :0], tokens[:, None][:, :0])
+    return lp.gather(1, tokens[:, None])[:, 0], ids, top

@@ -3,6 +3,8 @@ steps, and every step carries one token of each running decode plus prefill chun
 prompts, up to a token budget (as vLLM and SGLang schedule), so a long prompt never stalls the
 sequences already generating. Tokens are sampled on the device (:mod:`.sampling`); the host
 reads one token per sequence per step, which the allocator needs anyway (prefix hashing).
+A speculative scheduler (:class:`dsv4rs.llm.speculative.SpeculativeScheduler`) builds on the
+helpers here.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dsv4rs.runtime.engine import Engine
-from dsv4rs.runtime.sampling import sample
+from dsv4rs.runtime.sampling import penalize, sample, top_logprobs
 
 
 @dataclass
@@ -25,9 +27,16 @@ class Request:
         prompt: token ids.
         max_new_tokens: tokens to generate (at least 1).
         stop_ids: token ids that end the generation (the stop token is kept in ``output``).
-        temperature, top_k, top_p, seed: sampling (``temperature`` 0: greedy).
+        temperature, top_k, top_p, min_p, seed: sampling (``temperature`` 0: greedy).
+        repetition_penalty, presence_penalty, frequency_penalty: see :func:`.sampling.penalize`.
+        logprobs: ``None``, or keep each generated token's log-probability and the ``logprobs``
+            most likely alternatives in ``token_logprobs``.
         output: generated token ids.
+        finish_reason: ``None`` while running, then ``"stop"`` (a stop id), ``"length"``
+            (``max_new_tokens``) or ``"abort"``.
         logits: with ``Scheduler(keep_logits=True)``, the logits each token was sampled from.
+        pending: generated tokens not yet fed to the engine.
+        drafted, accepted: speculative decoding's draft tokens proposed and accepted.
     """
 
     prompt: list[int]
@@ -36,15 +45,32 @@ class Request:
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     seed: int = 0
+    logprobs: int | None = None
     output: list[int] = field(default_factory=list)
+    token_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+    finish_reason: str | None = None
     logits: list[torch.Tensor] = field(default_factory=list)
     seq: int | None = None
     fed: int = 0  # prompt tokens fed (from the prefix hit on)
+    pending: list[int] = field(default_factory=list)
+    drafted: int = 0
+    accepted: int = 0
+    draft: tuple[int, torch.Tensor] | None = None  # speculative: the draft token and its distribution
+    counts: torch.Tensor | None = None  # penalties: generated-token counts [V] on the device
+    seen: torch.Tensor | None = None  # penalties: prompt or generated [V] on the device
 
     @property
     def done(self) -> bool:
-        return len(self.output) >= self.max_new_tokens or bool(self.output and self.output[-1] in self.stop_ids)
+        return self.finish_reason is not None
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
 class Scheduler:
@@ -53,7 +79,7 @@ class Scheduler:
     Args:
         engine: the engine (its ``max_sequences`` bounds the running requests).
         token_budget: the most tokens one step feeds (decode tokens first, then prefill chunks).
-        keep_logits: keep every sampled token's logits on its request (for checks and logprobs).
+        keep_logits: keep every sampled token's logits on its request (for checks).
     """
 
     def __init__(self, engine: Engine, token_budget: int = 512, keep_logits: bool = False) -> None:
@@ -63,6 +89,7 @@ class Scheduler:
         self.requests: dict[int, Request] = {}
         self.waiting: list[int] = []
         self.running: list[int] = []
+        self.max_running = engine.max_sequences
         self._ids = itertools.count()
 
     def add(self, prompt: Sequence[int], max_new_tokens: int, **sampling) -> int:
@@ -74,49 +101,55 @@ class Scheduler:
         if len(prompt) + max_new_tokens > self.engine.max_len:
             raise ValueError(f"prompt: {len(prompt)} tokens + max_new_tokens {max_new_tokens} exceed the engine's "
                              f"max_len = {self.engine.max_len}")
+        self.engine._check_ids("prompt", prompt)
         rid = next(self._ids)
         self.requests[rid] = Request(list(prompt), max_new_tokens, **sampling)
         self.waiting.append(rid)
         return rid
 
+    def abort(self, rid: int) -> None:
+        """Ends a request now (``finish_reason`` ``"abort"`` unless it had finished): it leaves
+        the queue or the running batch, and its sequence's pages go back to the pools."""
+        r = self.requests[rid]
+        if rid in self.waiting:
+            self.waiting.remove(rid)
+        if r.finish_reason is None:
+            r.finish_reason = "abort"
+        self._retire()
+
     def step(self) -> list[tuple[int, int]]:
         """One engine step; returns the ``(request id, token)`` pairs it generated. Finished
         requests release their sequence."""
         self._admit()
-        batch: list[tuple[int, list[int]]] = []
         budget = self.budget
-        for rid in self.running:  # decodes first: one token each
+        batch: list[tuple[int, list[int]]] = []
+        for rid in self.running:  # decodes first: their pending token each
             r = self.requests[rid]
-            if r.fed == len(r.prompt) and budget:
-                batch.append((rid, [r.output[-1]]))
-                budget -= 1
-        for rid in self.running:  # then prefill chunks, first come first served
-            r = self.requests[rid]
-            if r.fed < len(r.prompt) and budget:
-                chunk = r.prompt[r.fed : r.fed + budget]
-                batch.append((rid, chunk))
-                budget -= len(chunk)
+            if r.fed == len(r.prompt) and budget >= len(r.pending):
+                batch.append((rid, r.pending))
+                budget -= len(r.pending)
+        batch += self._prefill(budget)
         if not batch:
             return []
-        logits = self.engine.step([self.requests[rid].seq for rid, _ in batch], [c for _, c in batch])
-        sampled = [(i, rid) for i, (rid, chunk) in enumerate(batch)
-                   if self.requests[rid].fed == len(self.requests[rid].prompt)
-                   or self.requests[rid].fed + len(chunk) == len(self.requests[rid].prompt)]
-        for rid, chunk in batch:
-            r = self.requests[rid]
-            r.fed = min(len(r.prompt), r.fed + len(chunk)) if r.fed < len(r.prompt) else r.fed
-        rows = [i for i, _ in sampled]
-        tokens = self._sample(logits[rows], [self.requests[rid] for _, rid in sampled]).tolist()
-        out = []
-        for (i, rid), tok in zip(sampled, tokens):
-            r = self.requests[rid]
-            r.output.append(tok)
-            if self.keep_logits:
-                r.logits.append(logits[i].cpu())
-            out.append((rid, tok))
-        for rid in [rid for rid in self.running if self.requests[rid].done]:
-            self.engine.release(self.requests[rid].seq)
-            self.running.remove(rid)
+        sampled = [self._samples(rid, chunk) for rid, chunk in batch]
+        logits = self.engine.step([self.requests[rid].seq for rid, _ in batch], [c for _, c in batch],
+                                  last=[int(s) for s in sampled])
+        self._advance(batch)
+        rows = [rid for (rid, _), s in zip(batch, sampled) if s]
+        out: list[tuple[int, int]] = []
+        if rows:
+            logits = torch.cat([lg for lg, s in zip(logits, sampled) if s])
+            reqs = [self.requests[rid] for rid in rows]
+            tokens = self.sample(logits, reqs, [self.position(r) for r in reqs])
+            lps = self.logprobs(logits, tokens, reqs)
+            for i, (rid, tok) in enumerate(zip(rows, tokens.tolist())):
+                r = self.requests[rid]
+                r.pending = [tok]
+                if self.keep_logits:
+                    r.logits.append(logits[i].cpu())
+                self.emit(r, tok, lps[i])
+                out.append((rid, tok))
+        self._retire()
         return out
 
     def run(self) -> dict[int, list[int]]:
@@ -125,22 +158,121 @@ class Scheduler:
             self.step()
         return {rid: r.output for rid, r in self.requests.items()}
 
+    # -- helpers (also the speculative scheduler's) --------------------------------------------------
+
     def _admit(self) -> None:
         """Moves waiting requests into the running batch while the engine has sequences free."""
-        while self.waiting and len(self.running) < self.engine.max_sequences:
+        while self.waiting and len(self.running) < self.max_running:
             rid = self.waiting.pop(0)
             r = self.requests[rid]
             r.seq, hit = self.engine.add_sequence(r.prompt)
             r.fed = hit.recompute_from
             self.running.append(rid)
 
-    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+    def _prefill(self, budget: int) -> list[tuple[int, list[int]]]:
+        """Prefill chunks of the running requests' prompts, first come first served."""
+        batch = []
+        for rid in self.running:
+            r = self.requests[rid]
+            if r.fed < len(r.prompt) and budget > 0:
+                chunk = r.prompt[r.fed : r.fed + budget]
+                batch.append((rid, chunk))
+                budget -= len(chunk)
+        return batch
+
+    def _samples(self, rid: int, chunk: list[int]) -> bool:
+        """Whether the step's chunk for ``rid`` ends in a token to sample after: a decode, or the
+        prompt's last chunk."""
+        r = self.requests[rid]
+        return r.fed == len(r.prompt) or r.fed + len(chunk) == len(r.prompt)
+
+    def _advance(self, batch: list[tuple[int, list[int]]]) -> None:
+        for rid, chunk in batch:
+            r = self.requests[rid]
+            if r.fed < len(r.prompt):
+                r.fed = min(len(r.prompt), r.fed + len(chunk))
+
+    @staticmethod
+    def position(r: Request) -> int:
+        """The position of ``r``'s next generated token (the counter of its random draws)."""
+        return len(r.prompt) + len(r.output)
+
+    def params(self, reqs: list[Request], logits: torch.Tensor, extra: Sequence[Sequence[int]] = ()
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The rows' logits after their penalties (``extra[i]``: tokens to count as generated
+        besides row ``i``'s output) and their sampling settings as device tensors."""
         dev = logits.device
-        return sample(
-            logits,
-            temperature=torch.tensor([r.temperature for r in reqs], dtype=torch.float32, device=dev),
-            top_k=torch.tensor([r.top_k for r in reqs], dtype=torch.int64, device=dev),
-            top_p=torch.tensor([r.top_p for r in reqs], dtype=torch.float32, device=dev),
-            seeds=torch.tensor([r.seed for r in reqs], dtype=torch.int64, device=dev),
-            steps=torch.tensor([len(r.prompt) + len(r.output) for r in reqs], dtype=torch.int64, device=dev),
-        )
+
+        def col(name: str, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor([getattr(r, name) for r in reqs], dtype=dtype, device=dev)
+
+        if any(r.penalized for r in reqs):
+            counts, seen = self._penalty_state(reqs, extra, logits.shape[-1], dev)
+            logits = penalize(logits, counts, seen, col("repetition_penalty", torch.float32),
+                              col("presence_penalty", torch.float32), col("frequency_penalty", torch.float32))
+        return logits, dict(temperature=col("temperature", torch.float32), top_k=col("top_k", torch.int64),
+                            top_p=col("top_p", torch.float32), min_p=col("min_p", torch.float32),
+                            seeds=col("seed", torch.int64))
+
+    def _penalty_state(self, reqs: list[Request], extra: Sequence[Sequence[int]], vocab: int, dev: torch.device
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        counts = torch.zeros(len(reqs), vocab, device=dev)
+        seen = torch.zeros(len(reqs), vocab, dtype=torch.bool, device=dev)
+        for i, r in enumerate(reqs):
+            if not r.penalized:
+                continue
+            if r.counts is None:  # built once; emit() keeps them current
+                r.counts = torch.zeros(vocab, device=dev).index_put_(
+                    (torch.tensor(r.output, dtype=torch.int64, device=dev),), torch.ones(len(r.output), device=dev),
+                    accumulate=True)
+                r.seen = torch.zeros(vocab, dtype=torch.bool, device=dev)
+                r.seen[torch.tensor(r.prompt + r.output, dtype=torch.int64, device=dev)] = True
+            counts[i], seen[i] = r.counts, r.seen
+            for t in extra[i] if i < len(extra) else ():
+                counts[i, t] += 1
+                seen[i, t] = True
+        return counts, seen
+
+    def sample(self, logits: torch.Tensor, reqs: list[Request], steps: list[int]) -> torch.Tensor:
+        """One token per row (on the device) from ``logits [R, V]`` of requests ``reqs``."""
+        logits, p = self.params(reqs, logits)
+        return sample(logits, steps=torch.tensor(steps, dtype=torch.int64, device=logits.device), **p)
+
+    def logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, reqs: list[Request]
+                 ) -> list[tuple[float, list[tuple[int, float]]] | None]:
+        """Per row: the token's log-probability and the top alternatives, for rows that ask."""
+        want = [i for i, r in enumerate(reqs) if r.logprobs is not None]
+        out: list[tuple[float, list[tuple[int, float]]] | None] = [None] * len(reqs)
+        if want:
+            n = max(reqs[i].logprobs or 0 for i in want)
+            idx = torch.tensor(want, device=logits.device)
+            lp, ids, top = (t.tolist() for t in top_logprobs(logits[idx], tokens[idx], n))
+            for j, i in enumerate(want):
+                k = reqs[i].logprobs or 0
+                out[i] = (lp[j], list(zip(ids[j][:k], top[j][:k])))
+        return out
+
+    def emit(self, r: Request, tok: int, logprob: tuple[float, list[tuple[int, float]]] | None = None) -> bool:
+        """Appends a generated token to ``r`` unless it has finished; sets ``finish_reason`` when
+        this token ends it. Returns whether the token was taken."""
+        if r.finish_reason is not None:
+            return False
+        r.output.append(tok)
+        if logprob is not None:
+            r.token_logprobs.append(logprob)
+        if r.counts is not None:
+            r.counts[tok] += 1
+            r.seen[tok] = True
+        if tok in r.stop_ids:
+            r.finish_reason = "stop"
+        elif len(r.output) >= r.max_new_tokens:
+            r.finish_reason = "length"
+        return True
+
+    def _retire(self) -> None:
+        """Finished requests leave the running batch and release their sequence."""
+        for rid in [rid for rid in self.running if self.requests[rid].done]:
+            r = self.requests[rid]
+            self.engine.release(r.seq)
+            r.draft = r.counts = r.seen = None
+            self.running.remove(rid)

@@ -1,0 +1,269 @@
+"""Text in, text out: :class:`LLM` loads a checkpoint (weights, tokenizer, chat template), runs
+requests through the runtime's continuous-batching scheduler (:mod:`dsv4rs.runtime.scheduler`),
+with MTP speculative decoding when the model has its MTP block (:mod:`.speculative`), and turns
+tokens into text as they come (:mod:`.text`).
+
+The object is not thread-safe: one thread drives it (``dsv4rs serve`` gives it one engine thread,
+:mod:`dsv4rs.serve.worker`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from dsv4rs.llm.outputs import Completion, Delta, TokenLogprob
+from dsv4rs.llm.params import SamplingParams
+from dsv4rs.llm.speculative import SpeculativeScheduler
+from dsv4rs.llm.text import Detokenizer, StopStrings
+from dsv4rs.llm.tokenizer import Tokenizer
+from dsv4rs.runtime.engine import Engine
+from dsv4rs.runtime.scheduler import Scheduler
+
+Prompt = str | Sequence[int]
+Messages = Sequence[Mapping[str, Any]]
+
+
+@dataclass
+class _State:
+    out: Completion
+    stop_ids: frozenset[int]
+    detok: Detokenizer
+    stops: StopStrings
+    start: float
+    consumed: int = 0  # tokens of the scheduler's output looked at
+    logprobs: bool = False
+    deltas: list[Delta] = field(default_factory=list)
+
+
+class LLM:
+    """A DeepSeek-V4 checkpoint behind a text interface.
+
+    Args:
+        checkpoint: a folder with ``config.json``, safetensors shards, ``tokenizer.json`` and
+            ``tokenizer_config.json`` (special tokens, chat template).
+        device: where to run (default: CUDA if available, else the CPU).
+        dtype: the weights' dtype (default bfloat16 on a GPU, float32 on the CPU).
+        speculative: MTP speculative decoding (default: when the checkpoint has an MTP block);
+            it keeps a fork per running request, so at most ``max_sequences // 2`` run at once.
+        token_budget: tokens fed per step (decodes first, then prefill chunks).
+        engine_options: :class:`dsv4rs.runtime.Engine`'s (``max_sequences``, ``max_len``,
+            ``quant``, ``cuda_graphs``, ``memory_fraction``, ...).
+    """
+
+    def __init__(self, checkpoint: str | os.PathLike[str], device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None, speculative: bool | None = None, token_budget: int = 512,
+                 progress: bool = False, **engine_options: Any) -> None:
+        from dsv4rs.model.loader import load_checkpoint
+
+        path = os.fspath(checkpoint)
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.tokenizer = Tokenizer(path)
+        model = load_checkpoint(path, device=dev, progress=progress,
+                                dtype=dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32))
+        if self.tokenizer.vocab_size > model.config.vocab_size:
+            raise ValueError(f"tokenizer: {self.tokenizer.vocab_size} tokens, more than the model's vocab_size "
+                             f"{model.config.vocab_size}")
+        self.engine = Engine(model, **engine_options)
+        self.speculative = bool(len(model.mtp)) if speculative is None else speculative
+        self.scheduler = (SpeculativeScheduler if self.speculative else Scheduler)(self.engine, token_budget)
+        self.eos_ids = frozenset(_eos_ids(path) | ({self.tokenizer.eos_token_id} - {None}))
+        self.model_name = os.path.basename(os.path.normpath(path))
+        self._states: dict[int, _State] = {}
+
+    @property
+    def max_len(self) -> int:
+        """The longest sequence (prompt and generated tokens) the cache holds."""
+        return self.engine.max_len
+
+    # -- prompts ---------------------------------------------------------------------------------
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids of a text prompt (with the tokenizer's special tokens), or ids checked."""
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("prompt: empty")
+        bad = [t for t in ids if not 0 <= t < self.engine.cfg.vocab_size]
+        if bad:
+            raise ValueError(f"prompt: token id {bad[0]} outside [0, {self.engine.cfg.vocab_size})")
+        return ids
+
+    def encode_chat(self, messages: Messages, add_generation_prompt: bool = True, **template_kwargs: Any) -> list[int]:
+        """A conversation through the checkpoint's chat template, as token ids."""
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                  tokenize=True, **template_kwargs)
+
+    def max_tokens(self, prompt_tokens: int, params: SamplingParams) -> int:
+        """The tokens a prompt of ``prompt_tokens`` may generate under ``params`` (``max_tokens``,
+        or up to the end of the context); ``ValueError`` when they do not fit the context."""
+        room = self.max_len - prompt_tokens
+        if room < 1:
+            raise ValueError(f"prompt: {prompt_tokens} tokens leave no room in the context of {self.max_len} tokens")
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise ValueError(f"max_tokens: the prompt's {prompt_tokens} tokens + max_tokens {params.max_tokens} "
+                             f"exceed the context of {self.max_len} tokens")
+        return room if params.max_tokens is None else params.max_tokens
+
+    # -- requests, one step at a time --------------------------------------------------------------
+
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None) -> int:
+        """Queues a prompt (text or token ids); returns its request id. A prompt that does not fit
+        the context with its ``max_tokens`` raises ``ValueError`` and queues nothing."""
+        params = params or SamplingParams()
+        ids = self.encode(prompt)
+        max_tokens = self.max_tokens(len(ids), params)
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
+        seed = random.getrandbits(63) if params.seed is None else params.seed
+        rid = self.scheduler.add(
+            ids, max_tokens, stop_ids=stop_ids, temperature=float(params.temperature), top_k=params.top_k,
+            top_p=float(params.top_p), min_p=float(params.min_p), repetition_penalty=float(params.repetition_penalty),
+            presence_penalty=float(params.presence_penalty), frequency_penalty=float(params.frequency_penalty),
+            seed=seed, logprobs=params.logprobs)
+        self._states[rid] = _State(Completion(rid, ids, logprobs=[] if params.logprobs is not None else None),
+                                   stop_ids, Detokenizer(self.tokenizer, ids, params.skip_special_tokens),
+                                   StopStrings(params.stop), time.perf_counter(), logprobs=params.logprobs is not None)
+        return rid
+
+    def abort(self, rid: int) -> None:
+        """Ends a request now; its sequence's pages go back to the cache. Its last delta (finish
+        reason ``"abort"``) comes with the next :meth:`step`."""
+        if rid in self._states and self._states[rid].out.finish_reason is None:
+            self.scheduler.abort(rid)
+
+    def has_unfinished(self) -> bool:
+        return any(s.out.finish_reason is None for s in self._states.values())
+
+    def step(self) -> list[Delta]:
+        """One engine step: the deltas of the requests that advanced or finished."""
+        if self.scheduler.waiting or self.scheduler.running:
+            self.scheduler.step()
+        deltas = []
+        for rid, st in list(self._states.items()):
+            if st.out.finish_reason is None:
+                d = self._advance(rid, st)
+                if d is not None:
+                    deltas.append(d)
+        return deltas
+
+    def completion(self, rid: int) -> Completion:
+        """A finished request's result (and forgets it)."""
+        st = self._states[rid]
+        if st.out.finish_reason is None:
+            raise ValueError(f"request {rid}: not finished")
+        del self._states[rid]
+        return st.out
+
+    def _advance(self, rid: int, st: _State) -> Delta | None:
+        r = self.scheduler.requests[rid]
+        new = r.output[st.consumed :]
+        if not new and not r.done:
+            return None
+        now = time.perf_counter()
+        out, text, toks, lps, finish = st.out, [], [], [], None
+        for k, tok in enumerate(new):
+            i = st.consumed + k
+            toks.append(tok)
+            if st.logprobs and i < len(r.token_logprobs):
+                lp, top = r.token_logprobs[i]
+                lps.append(TokenLogprob(tok, lp, tuple(top)))
+            if r.done and r.finish_reason == "stop" and i == len(r.output) - 1 and tok in st.stop_ids:
+                finish = "stop"  # a stop token: kept in the ids, left out of the text
+                break
+            text.append(st.stops.feed(st.detok.push([tok])))
+            if st.stops.stopped:
+                finish = "stop"
+                break
+        st.consumed += len(new)
+        if out.time_to_first_token is None and toks:
+            out.time_to_first_token = now - st.start
+        finish = finish or r.finish_reason
+        if finish is not None and not st.stops.stopped:
+            text.append(st.stops.feed(st.detok.flush(), final=True))
+        out.text += "".join(text)
+        out.token_ids += toks
+        if out.logprobs is not None:
+            out.logprobs += lps
+        if finish is not None:
+            out.finish_reason, out.elapsed = finish, now - st.start
+            out.drafted, out.accepted = r.drafted, r.accepted
+            if not r.done:
+                self.scheduler.abort(rid)  # a stop string: free the sequence now
+            self.scheduler.requests.pop(rid, None)
+        return Delta(rid, "".join(text), tuple(toks), tuple(lps) if st.logprobs else None, finish,
+                     out if finish is not None else None)
+
+    # -- whole requests ---------------------------------------------------------------------------
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Completion]:
+        """Runs every prompt (text or token ids) to completion, batched; results in order."""
+        single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
+        return self._run([prompts] if single else list(prompts), params, self.encode)
+
+    def chat(self, conversations: Messages | Sequence[Messages],
+             params: SamplingParams | Sequence[SamplingParams] | None = None, **template_kwargs: Any
+             ) -> list[Completion]:
+        """Runs conversations (lists of ``{"role", "content"}`` messages) through the chat
+        template, with the generation prompt; results in order."""
+        single = len(conversations) > 0 and isinstance(conversations[0], Mapping)
+        convs = [conversations] if single else list(conversations)
+        return self._run(convs, params, lambda m: self.encode_chat(m, **template_kwargs))
+
+    def _run(self, prompts: list, params, encode) -> list[Completion]:
+        plist = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"params: {len(plist)} for {len(prompts)} prompts")
+        rids: list[int] = []
+        try:
+            for p, sp in zip(prompts, plist):
+                rids.append(self.add_request(encode(p), sp))
+            while any(self._states[r].out.finish_reason is None for r in rids):
+                self.step()
+        except BaseException:
+            for r in rids:
+                self._forget(r)
+            raise
+        return [self.completion(r) for r in rids]
+
+    def stream(self, prompt: Prompt | Messages, params: SamplingParams | None = None, chat: bool = False,
+               **template_kwargs: Any) -> Iterator[Delta]:
+        """Yields the request's deltas as they come (the last one has ``finish_reason``); the
+        request is aborted if the iteration stops early. Other requests advance meanwhile."""
+        ids = self.encode_chat(prompt, **template_kwargs) if chat else self.encode(prompt)
+        rid = self.add_request(ids, params)
+        try:
+            while True:
+                for d in self.step():
+                    if d.request_id == rid:
+                        yield d
+                        if d.finished:
+                            return
+        finally:
+            if rid in self._states:
+                self._forget(rid)
+
+    def _forget(self, rid: int) -> None:
+        """Aborts a request and drops what is kept of it."""
+        self.abort(rid)
+        self._states.pop(rid, None)
+        self.scheduler.requests.pop(rid, None)
+
+
+def _eos_ids(path: str) -> set[int]:
+    """``eos_token_id`` of config.json and generation_config.json (an int or a list)."""
+    ids: set[int] = set()
+    for name in ("config.json", "generation_config.json"):
+        try:
+            with open(os.path.join(path, name), encoding="utf-8") as f:
+                v = json.load(f).get("eos_token_id")
+        except (OSError, ValueError):
+            continue
+        ids |= {v} if isinstance(v, int) else {int(x) for x in v} if isinstance(v, list) else set()
+    return ids

@@ -1,0 +1,222 @@
+"""Text in, text out (dsv4rs.llm) on a tiny checkpoint with a real BPE tokenizer and a chat
+template: generate against a hand loop over Engine.step, seeds, stop strings, max_tokens, context
+overflow, logprobs, the chat template against transformers', streaming text, and `dsv4rs
+generate`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dsv4rs.llm import SamplingParams
+
+MAX_LEN = 256
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+PROMPTS = ["Hello, world! How are you", "The quick brown fox", "Café 東京 🙂"]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_checkpoint: str):
+    from dsv4rs import LLM
+
+    return LLM(tiny_checkpoint, max_sequences=4, max_len=MAX_LEN, speculative=False)
+
+
+@pytest.fixture(scope="module")
+def spec(tiny_checkpoint: str):
+    from dsv4rs import LLM
+
+    return LLM(tiny_checkpoint, max_sequences=6, max_len=MAX_LEN)
+
+
+def hand_loop(llm, prompt: list[int], n: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy decoding by hand: one Engine.step per token, the arg max of its logits."""
+    from dsv4rs.runtime import Engine
+
+    eng = Engine(llm.engine.model, max_sequences=1, max_len=MAX_LEN)
+    seq, _ = eng.add_sequence()
+    logits = eng.step([seq], [prompt])[0]
+    out, all_logits = [], []
+    for _ in range(n):
+        all_logits.append(logits)
+        out.append(int(logits.argmax()))
+        logits = eng.step([seq], [[out[-1]]])[0]
+    return out, all_logits
+
+
+def test_generate_greedy_equals_a_hand_loop_over_engine_step(llm, spec) -> None:
+    """Batched greedy generation (continuous batching, ragged prompts) gives the tokens of one
+    sequence decoded by hand; and so does MTP speculation (identical greedy text)."""
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2)
+    outs = llm.generate(PROMPTS, greedy)
+    specs = spec.generate(PROMPTS, greedy)
+    for text, out, sp in zip(PROMPTS, outs, specs):
+        ids = llm.encode(text)
+        assert ids[0] == llm.tokenizer.bos_token_id and out.prompt_token_ids == ids
+        want, logits = hand_loop(llm, ids, 12)
+        assert out.token_ids == want and out.finish_reason == "length"
+        assert out.text == llm.tokenizer.decode(want)
+        assert sp.token_ids == want and sp.text == out.text
+        assert sp.drafted > 0 and 0 <= sp.acceptance_rate <= 1
+        # logprobs: the model's log-softmax; the greedy token is the most likely
+        for lp, lg, tok in zip(out.logprobs, logits, want):
+            ref = torch.log_softmax(lg, -1)
+            assert lp.token_id == tok and lp.top[0][0] == tok and len(lp.top) == 2
+            assert lp.logprob == pytest.approx(float(ref[tok]), abs=1e-4)
+    assert llm.engine.manager.sequence_ids() == [] and spec.engine.manager.sequence_ids() == []
+    spec.engine.manager.check()
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(llm, spec) -> None:
+    params = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.95, top_k=50, seed=1234, ignore_eos=True)
+    for m in (llm, spec):
+        alone = m.generate(PROMPTS[0], params)[0]
+        batched = m.generate([PROMPTS[1], PROMPTS[0], PROMPTS[2]],
+                             [SamplingParams(max_tokens=7, seed=5), params, SamplingParams(max_tokens=3)])[1]
+        assert alone.token_ids == batched.token_ids and len(alone.token_ids) == 10
+        other = m.generate(PROMPTS[0], SamplingParams(max_tokens=10, temperature=0.9, seed=99, ignore_eos=True))[0]
+        assert other.token_ids != alone.token_ids
+
+
+def test_stop_strings_cut_exactly(llm, spec) -> None:
+    """With the same seed the text runs as before up to the stop string and ends right before it;
+    the tokens end with the one completing it."""
+    for m in (llm, spec):
+        base = SamplingParams(max_tokens=30, temperature=1.0, seed=7, ignore_eos=True)
+        full = m.generate(PROMPTS[1], base)[0]
+        text = full.text
+        # a 2-character stop string whose first occurrence is past the first few characters
+        i = next(i for i in range(4, len(text) - 2)
+                 if text.find(text[i : i + 2]) == i and "\ufffd" not in text[i - 1 : i + 3])
+        stop = text[i : i + 2]
+        cut = m.generate(PROMPTS[1], SamplingParams(max_tokens=30, temperature=1.0, seed=7, ignore_eos=True,
+                                                     stop=("\x00never", stop)))[0]
+        assert cut.text == text[:i] and cut.finish_reason == "stop"
+        n = len(cut.token_ids)
+        assert cut.token_ids == full.token_ids[:n] and stop in m.tokenizer.decode(cut.token_ids)
+        assert stop not in m.tokenizer.decode(cut.token_ids[:-1])
+        assert m.engine.manager.sequence_ids() == []
+
+
+def test_max_tokens_and_stop_token_ids(llm) -> None:
+    out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))[0]
+    assert len(out.token_ids) == 5 and out.finish_reason == "length"
+    # the third greedy token as a stop token id: kept in the ids, left out of the text
+    stop = out.token_ids[2]
+    first = out.token_ids.index(stop)
+    cut = llm.generate(PROMPTS[0], SamplingParams(max_tokens=5, temperature=0, stop_token_ids=(stop,)))[0]
+    assert cut.token_ids == out.token_ids[: first + 1] and cut.finish_reason == "stop"
+    assert cut.text == llm.tokenizer.decode(out.token_ids[:first])
+    # max_tokens=None runs to the end of the context
+    ids = list(range(10, 10 + MAX_LEN - 4))
+    rest = llm.generate([ids], SamplingParams(max_tokens=None, temperature=0, ignore_eos=True))[0]
+    assert len(rest.token_ids) == 4
+
+
+def test_context_overflow_is_a_clear_error(llm) -> None:
+    long = "The quick brown fox jumps over the lazy dog. " * 40
+    n = len(llm.encode(long))
+    assert n > MAX_LEN
+    with pytest.raises(ValueError, match=f"prompt: {n} tokens leave no room in the context of {MAX_LEN} tokens"):
+        llm.generate(long)
+    with pytest.raises(ValueError, match=r"max_tokens: .* \+ max_tokens 250 exceed the context of 256 tokens"):
+        llm.generate(PROMPTS[0], SamplingParams(max_tokens=250))
+    with pytest.raises(ValueError, match="prompt: token id"):
+        llm.generate([[5, 10**6]])
+    assert llm.engine.manager.sequence_ids() == [] and not llm.has_unfinished()
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("temperature", -1), ("top_p", 0.0), ("top_k", -2), ("min_p", 1.5), ("repetition_penalty", 0),
+    ("presence_penalty", 3), ("max_tokens", 0), ("stop", ("",)), ("seed", -1), ("logprobs", 21),
+    ("temperature", float("nan")), ("stop_token_ids", (-1,)),
+])
+def test_sampling_params_errors_name_the_field(field: str, value) -> None:
+    with pytest.raises(ValueError, match=f"^{field}: "):
+        SamplingParams(**{field: value})
+
+
+def test_streaming_text_equals_the_whole_and_never_splits_a_character(llm) -> None:
+    from dsv4rs.llm.text import Detokenizer
+
+    ids = llm.tokenizer.encode("emoji: 🙂 🚀 ✨ 東京 and 北京, naïve café", add_special_tokens=False)
+    assert any("\ufffd" in llm.tokenizer.decode([i]) for i in ids)  # some token is part of a character
+    d = Detokenizer(llm.tokenizer)
+    pieces = [d.push([i]) for i in ids] + [d.flush()]
+    assert "".join(pieces) == llm.tokenizer.decode(ids) and not any("\ufffd" in p for p in pieces)
+    params = SamplingParams(max_tokens=16, temperature=0.8, seed=3, ignore_eos=True, stop=("zz",))
+    deltas = list(llm.stream(PROMPTS[2], params))
+    whole = llm.generate(PROMPTS[2], params)[0]
+    assert "".join(x.text for x in deltas) == whole.text and deltas[-1].finished
+    assert [t for x in deltas for t in x.token_ids] == whole.token_ids
+    # leaving the iteration early aborts the request and frees its sequence
+    it = llm.stream(PROMPTS[2], params)
+    next(it)
+    it.close()
+    assert llm.engine.manager.sequence_ids() == [] and not llm.has_unfinished()
+
+
+def test_stop_strings_hold_back_what_may_become_one() -> None:
+    from dsv4rs.llm.text import StopStrings
+
+    s = StopStrings(["world", "lo!"])
+    assert s.feed("Hel") == "He"  # "l" may begin "lo!"
+    assert s.feed("lo w") == "llo "  # "w" may begin "world"
+    assert s.feed("orl") == ""
+    assert s.feed("d, and more") == "" and s.stopped and s.text == "Hello "
+    t = StopStrings(["abc"])
+    assert t.feed("xxab") == "xx" and t.feed("", final=True) == "ab" and not t.stopped
+
+
+def test_chat_template_as_transformers_renders_it(llm, tiny_checkpoint: str) -> None:
+    transformers = pytest.importorskip("transformers")
+    from dsv4rs.llm.tokenizer import ChatTemplateError
+
+    hf = transformers.AutoTokenizer.from_pretrained(tiny_checkpoint)
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello, world!"},
+            {"role": "assistant", "content": "Café"}, {"role": "user", "content": "東京 🙂?"}]
+    for gen in (True, False):
+        for kw in ({}, {"thinking": True}):
+            want = hf.apply_chat_template(conv, add_generation_prompt=gen, tokenize=False, **kw)
+            assert llm.tokenizer.apply_chat_template(conv, add_generation_prompt=gen, **kw) == want
+    ids = hf.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert llm.encode_chat(conv) == list(ids)
+    assert llm.encode(PROMPTS[2]) == hf(PROMPTS[2])["input_ids"]
+    with pytest.raises(ChatTemplateError, match="unknown role: robot"):
+        llm.encode_chat([{"role": "robot", "content": "hi"}])
+    with pytest.raises(ChatTemplateError, match="system message must come first"):
+        llm.encode_chat([{"role": "user", "content": "hi"}, {"role": "system", "content": "x"}])
+    out = llm.chat(conv[:2], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0]
+    assert out.prompt_token_ids == llm.encode_chat(conv[:2]) and len(out.token_ids) == 4
+
+
+def test_penalties_and_min_p_run_through_the_scheduler(llm) -> None:
+    """A strong repetition penalty changes a random model's repetitive greedy text; min_p = 1 is
+    greedy."""
+    plain = llm.generate(PROMPTS[0], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
+    assert len(set(plain.token_ids)) < 12  # the tiny model repeats itself
+    pen = llm.generate(PROMPTS[0], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
+                                                  repetition_penalty=3.0, presence_penalty=2.0))[0]
+    assert pen.token_ids != plain.token_ids and len(set(pen.token_ids)) > len(set(plain.token_ids))
+    minp = llm.generate(PROMPTS[0], SamplingParams(max_tokens=12, temperature=1.5, min_p=1.0, seed=4,
+                                                   ignore_eos=True))[0]
+    assert minp.token_ids == plain.token_ids
+
+
+def test_generate_command(tiny_checkpoint: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as one_torch_thread
+    out = subprocess.run([sys.executable, "-m", "dsv4rs.cli", "generate", tiny_checkpoint, "--prompt", "Hello",
+                          "--chat", "--max-tokens", "8", "--max-len", "128", "--device", "cpu"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "tokens/s" in out.stdout and "time to first token" in out.stdout
+    assert "acceptance rate" in out.stdout and "B/token" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "dsv4rs.cli", "generate", tiny_checkpoint, "--prompt", "Hello",
+                          "--max-tokens", "500", "--max-len", "128", "--device", "cpu"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert bad.returncode == 2 and "exceed the context of 128 tokens" in bad.stderr
