@@ -146,7 +146,27 @@ def test_console_errors_in_a_subprocess_have_no_traceback() -> None:
 
 
 def test_demo_without_the_check() -> None:
-    out = dsv4rs_cmd("demo", "--device", "cpu", "--prompt-len", "64", "--new-tokens", "2", "--no-check")
+    out = dsv4rs_cmd("demo", "--device", "cpu", "--prompt-len", "16", "--new-tokens", "2", "--no-check")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "tokens/s" in out.stdout and "checking" not in out.stdout
     assert "not checked against the float64 reference (--no-check)" in out.stdout
+
+
+def test_demo_check_reports_progress_and_time() -> None:
+    out = dsv4rs_cmd("demo", "--device", "cpu", "--prompt-len", "16", "--new-tokens", "2")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "  [1/7] the unquantized engine run: " in out.stdout and "  [7/7] float64 reference, sequence 1" in out.stdout
+    assert "the check took " in out.stdout and out.stdout.strip().endswith("OK")
+
+
+def test_bench_roofline_names_the_ceilings_spread() -> None:
+    from dsv4rs.bench.harness import Ceilings, Row, format_table
+
+    c = Ceilings(copy_gbs=10.0, matmul_tflops=1.0, copy_slowest_gbs=4.0, matmul_slowest_tflops=0.5, runs=(10, 5))
+    rows = [Row("in cache", ms=0.5, bytes=1e7, flops=0.0, eager_ms=None), Row("slow", ms=10.0, bytes=1e7, flops=0.0,
+                                                                               eager_ms=2.0)]
+    table = format_table(rows, c, "cpu")
+    assert table.splitlines()[0] == ("ceilings on cpu: copy 10 GB/s, matmul 1.00 TFLOP/s (the fastest of 10 and 5 "
+                                     "runs; the slowest: 4 GB/s, 0.50 TFLOP/s)")
+    assert "200%" in table and "10%" in table
+    assert table.splitlines()[-1].startswith("roofline above 100% (in cache): ")
