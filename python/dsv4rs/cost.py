@@ -30,6 +30,8 @@ imports torch, so ``dsv4rs cost`` starts fast.
 from __future__ import annotations
 
 import dataclasses
+import io
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -356,10 +358,32 @@ def compare(
     return rows
 
 
+PLOT_INSTALL = "pip install 'dsv4rs[plot]' (or pip install matplotlib)"
+"""How to get what :func:`plot` needs."""
+
+
+def plot_formats() -> tuple[str, ...]:
+    """The file extensions :func:`plot` can write (matplotlib's Agg formats); ImportError
+    without matplotlib."""
+    import matplotlib  # noqa: F401  (first: a missing matplotlib raises here)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    return tuple(FigureCanvasAgg.get_supported_filetypes())
+
+
 def plot(path: str, main_format: str = "fp8", index_format: str = "fp4") -> None:
     """Draws FLOPs per decode token and KV bytes per token of every model against context
-    length (1K to 1M tokens, log scales) into the image file ``path`` (needs matplotlib)."""
-    import matplotlib
+    length (1K to 1M tokens, log scales) into the image file ``path``, in the format its
+    extension names (``.png``, ``.svg``, ``.pdf``, ...; PNG without one; needs matplotlib:
+    :data:`PLOT_INSTALL`). The image is rendered in memory and then written, so a failed write (a full disk) raises
+    ``OSError``; an unknown extension raises ``ValueError`` naming ``path``."""
+    ext = os.path.splitext(path)[1].lstrip(".").lower() or "png"
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError(f"dsv4rs.cost.plot needs matplotlib: {PLOT_INSTALL}") from None
+    if ext not in plot_formats():
+        raise ValueError(f"path: {path!r} names no image format matplotlib writes (one of {', '.join(plot_formats())})")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -381,5 +405,8 @@ def plot(path: str, main_format: str = "fp8", index_format: str = "fp4") -> None
     ax_bytes.set_title(f"KV cache per token (V4: {main_format} entries, {index_format} indexer keys)")
     fig.suptitle("DeepSeek-V4 cost against context length, with V3.2, V3 (dense MLA) and GQA-8")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    image = io.BytesIO()
+    fig.savefig(image, format=ext, dpi=120)
     plt.close(fig)
+    with open(path, "wb") as f:
+        f.write(image.getvalue())

@@ -25,6 +25,9 @@ def _pick_device(choice: str) -> torch.device:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Runs the demo with the command line's options (``device``, ``prompt_len``,
+    ``new_tokens``, ``quant``, ``check``, ``seed``); returns the exit status."""
+    start = time.perf_counter()
     cfg = V4Config.demo()
     device = _pick_device(args.device)
     model = init_random(DeepseekV4(cfg), args.seed)
@@ -82,21 +85,40 @@ def run(args: argparse.Namespace) -> int:
     print(f"FLOPs per decode token at {context} tokens of context: {flops / 1e6:,.2f} MFLOP "
           f"(V4-Flash at 1M: {V4Model.flash().cost(1 << 20).total_flops / 1e9:,.1f} GFLOP)")
 
-    print("checking against the float64 reference (no cache) ...", flush=True)
+    if not getattr(args, "check", True):
+        print(f"not checked against the float64 reference (--no-check); {time.perf_counter() - start:.1f} s in all")
+        return 0
+    check_start = time.perf_counter()
+    passes = 3 * len(prompts)
+    print(f"checking against the float64 reference (no cache): an unquantized run of the same tokens and {passes} "
+          f"float64 forward passes of up to {max(lengths) + args.new_tokens - 1} tokens ...", flush=True)
+    done = 0
+
+    def progress(what: str, t0: float) -> None:
+        nonlocal done
+        done += 1
+        print(f"  [{done}/{passes + 1}] {what}: {time.perf_counter() - t0:.1f} s", flush=True)
+
     ref_model = float64_copy(model)
     fulls = [torch.cat([p, torch.tensor(g[:-1], dtype=torch.int64)]) for p, g in zip(prompts, generated)]
 
     # 1. Exactness: an unquantized engine fed the same tokens (prefill, then decode one token a
     # step) against the float64 reference storing rows as the engine does.
+    t0 = time.perf_counter()
     check = Engine(model, max_sequences=2, max_len=engine.max_len, quant=False)
     cseqs = [check.add_sequence()[0] for _ in prompts]
     outs = [[x] for x in check.step(cseqs, prompts)]
     for t in range(args.new_tokens - 1):
         for o, x in zip(outs, check.step(cseqs, [[g[t]] for g in generated])):
             o.append(x)
-    errs = torch.cat([
-        (torch.stack(o).cpu().double() - dense_forward(ref_model, f, row_dtype=check.row_dtype)[len(p) - 1 :])
-        .abs().amax(-1) for o, f, p in zip(outs, fulls, prompts)])
+    progress("the unquantized engine run", t0)
+    err_parts = []
+    for i, (o, f, p) in enumerate(zip(outs, fulls, prompts)):
+        t0 = time.perf_counter()
+        ref = dense_forward(ref_model, f, row_dtype=check.row_dtype)[len(p) - 1 :]
+        err_parts.append((torch.stack(o).cpu().double() - ref).abs().amax(-1))
+        progress(f"float64 reference, sequence {i}, unquantized", t0)
+    errs = torch.cat(err_parts)
     if check.row_dtype == torch.float32:  # the CPU: float32 throughout
         exact_ok = float(errs.max()) <= 1e-4
         rule = "max <= 1e-4"
@@ -115,8 +137,12 @@ def run(args: argparse.Namespace) -> int:
     # the reference moves when quantization is switched, and pick the same top token.
     diffs, effects, agree, total, near_ties = [], [], 0, 0, 0
     for i, (p, g, full) in enumerate(zip(prompts, generated, fulls)):
+        t0 = time.perf_counter()
         ref = dense_forward(ref_model, full, quant=args.quant, row_dtype=engine.row_dtype)[len(p) - 1 :]
+        progress(f"float64 reference, sequence {i}, {'with' if args.quant else 'without'} the round trips", t0)
+        t0 = time.perf_counter()
         other = dense_forward(ref_model, full, quant=not args.quant, row_dtype=engine.row_dtype)[len(p) - 1 :]
+        progress(f"float64 reference, sequence {i}, {'without' if args.quant else 'with'} the round trips", t0)
         d = (torch.stack([s[i] for s in step_logits]).double() - ref).abs().amax(-1)
         diffs.append(d)
         effects.append((ref - other).abs().amax(-1))
@@ -134,5 +160,7 @@ def run(args: argparse.Namespace) -> int:
           f"reference by {float(effect.median()):.2e} (median); top tokens equal {agree}/{total}"
           + (f", {near_ties} near-ties" if near_ties else ""))
     ok = ok and gen_ok
+    now = time.perf_counter()
+    print(f"the check took {now - check_start:.1f} s; {now - start:.1f} s in all (--no-check skips the check)")
     print("OK" if ok else "MISMATCH")
     return 0 if ok else 1

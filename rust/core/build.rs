@@ -1,15 +1,20 @@
 //! Compiles every `cuda/*.cu` into a fatbin with nvcc 13.0 and embeds it.
 //!
-//! nvcc is looked up in this order: `$DSV4RS_NVCC`, `nvcc` on `PATH`, then the
+//! nvcc is looked up in this order: `$DSV4RS_NVCC`, `nvcc` 13.0 on `PATH`, the
 //! `nvidia/cu13/bin/nvcc` of the PyPI wheel set on the `sys.path` of `$PYO3_PYTHON`
-//! (or `python3`). `pip install .` puts that wheel set in the isolated build
-//! environment through `build-system.requires`, so no CUDA toolkit is needed.
+//! (or `python3`), then the build environment `scripts/env.sh` sets up
+//! (`$DSV4RS_CACHE/build-venv`, default `~/.cache/dsv4rs/build-venv`). `pip install .` puts
+//! the wheel set in its isolated build environment through `build-system.requires`, so no
+//! CUDA toolkit is needed; after `bash scripts/test.sh` a plain `cargo test` finds the build
+//! environment's nvcc. When no nvcc is found (and `$DSV4RS_NVCC` is not set), the build goes on
+//! without GPU kernels and says so in a `cargo:warning` (GPU calls then raise an error).
+//! nvcc also needs a host C++ compiler (g++).
 //!
 //! Knobs (environment):
 //! - `DSV4RS_CUDA_ARCHS`: comma list of SM targets, default `80,86,89,90,100,120`
 //!   (PTX for `compute_80` is always added so newer GPUs can JIT).
 //! - `DSV4RS_NVCC_ANY_VERSION=1`: accept an nvcc other than 13.0.
-//! - `DSV4RS_CPU_ONLY=1`: build without kernels (GPU calls then raise an error).
+//! - `DSV4RS_CPU_ONLY=1`: build without kernels, without looking for nvcc.
 
 use std::env;
 use std::fmt::Write as _;
@@ -28,7 +33,9 @@ fn main() {
     let out = PathBuf::from(env::var("OUT_DIR").unwrap());
 
     println!("cargo:rerun-if-changed={}", cuda_dir.display());
-    for var in ["DSV4RS_NVCC", "DSV4RS_CUDA_ARCHS", "DSV4RS_NVCC_ANY_VERSION", "DSV4RS_CPU_ONLY"] {
+    for var in
+        ["DSV4RS_NVCC", "DSV4RS_CUDA_ARCHS", "DSV4RS_NVCC_ANY_VERSION", "DSV4RS_CPU_ONLY", "DSV4RS_CACHE", "PYO3_PYTHON"]
+    {
         println!("cargo:rerun-if-env-changed={var}");
     }
     println!("cargo::rustc-check-cfg=cfg(dsv4rs_cpu_only)");
@@ -54,12 +61,10 @@ fn main() {
         .filter(|s| !s.is_empty())
         .collect();
 
+    let nvcc = if cpu_only { None } else { find_nvcc() };
     let mut modules = Vec::new();
-    if cpu_only {
-        println!("cargo:rustc-cfg=dsv4rs_cpu_only");
-    } else {
-        let nvcc = find_nvcc();
-        check_version(&nvcc);
+    if let Some(nvcc) = &nvcc {
+        check_version(nvcc);
         let handles: Vec<_> = sources
             .iter()
             .map(|src| {
@@ -71,22 +76,25 @@ fn main() {
         for h in handles {
             modules.push(h.join().expect("nvcc thread panicked"));
         }
+    } else {
+        println!("cargo:rustc-cfg=dsv4rs_cpu_only");
     }
-    write_registry(&out, &modules, if cpu_only { &[] } else { &archs });
+    write_registry(&out, &modules, if nvcc.is_none() { &[] } else { &archs });
 }
 
-/// Finds nvcc or stops the build with a message that says how to get one.
-fn find_nvcc() -> PathBuf {
+/// Finds nvcc 13.0; `None` (with a `cargo:warning` saying how to get one) when there is none,
+/// and the build goes on without kernels.
+fn find_nvcc() -> Option<PathBuf> {
     if let Ok(p) = env::var("DSV4RS_NVCC") {
         let p = PathBuf::from(p);
         assert!(p.is_file(), "dsv4rs: DSV4RS_NVCC={} is not a file", p.display());
-        return p;
+        return Some(p);
     }
     if let Some(paths) = env::var_os("PATH") {
         for dir in env::split_paths(&paths) {
             let cand = dir.join("nvcc");
             if cand.is_file() && nvcc_release(&cand).is_some_and(|r| r.contains(NVCC_RELEASE)) {
-                return cand;
+                return Some(cand);
             }
         }
     }
@@ -101,17 +109,46 @@ fn find_nvcc() -> PathBuf {
     for entry in listing.lines() {
         let cand = Path::new(entry).join("nvidia/cu13/bin/nvcc");
         if cand.is_file() {
-            return cand;
+            return Some(cand);
         }
     }
-    panic!(
-        "dsv4rs: nvcc 13.0 was not found (looked at $DSV4RS_NVCC, PATH and the sys.path of {python}).\n\
-         Install the pinned PyPI set in the interpreter that builds the package:\n  \
-         pip install nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88 \
-         nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85\n\
-         or point DSV4RS_NVCC at an nvcc 13.0 binary. `pip install .` does this by itself.\n\
-         A build without GPU kernels is possible with DSV4RS_CPU_ONLY=1."
+    let venv = build_venv();
+    if let Some(venv) = &venv {
+        // The build environment of scripts/env.sh: lib/python3.*/site-packages/nvidia/cu13/bin/nvcc.
+        let mut found: Vec<PathBuf> = fs::read_dir(venv.join("lib"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path().join("site-packages/nvidia/cu13/bin/nvcc"))
+            .filter(|p| p.is_file())
+            .collect();
+        found.sort();
+        if let Some(p) = found.pop() {
+            return Some(p);
+        }
+        // Found later (scripts/test.sh sets it up): look again then.
+        println!("cargo:rerun-if-changed={}", venv.display());
+    }
+    println!(
+        "cargo:warning=dsv4rs: nvcc 13.0 not found (looked at $DSV4RS_NVCC, PATH, the sys.path of {python} \
+         and {}); building WITHOUT GPU kernels (CPU only; GPU calls raise an error). To build them: \
+         `bash scripts/test.sh` sets up the build environment with the PyPI nvcc, or \
+         `pip install nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88 \
+         nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85` into {python}, or set DSV4RS_NVCC; \
+         nvcc also needs a host C++ compiler (g++). DSV4RS_CPU_ONLY=1 silences this.",
+        venv.map_or_else(|| "no build environment".to_string(), |v| v.display().to_string())
     );
+    None
+}
+
+/// The build environment of scripts/env.sh: `$DSV4RS_CACHE/build-venv`, default
+/// `~/.cache/dsv4rs/build-venv`.
+fn build_venv() -> Option<PathBuf> {
+    let cache = match env::var_os("DSV4RS_CACHE") {
+        Some(c) if !c.is_empty() => PathBuf::from(c),
+        _ => PathBuf::from(env::var_os("HOME")?).join(".cache/dsv4rs"),
+    };
+    Some(cache.join("build-venv"))
 }
 
 fn nvcc_release(nvcc: &Path) -> Option<String> {
@@ -159,12 +196,17 @@ fn compile(nvcc: &Path, src: &Path, out: &Path, archs: &[String], include: &Path
         .arg(src);
     let output = cmd.output().unwrap_or_else(|e| panic!("dsv4rs: failed to start nvcc: {e}"));
     if !output.status.success() {
-        panic!(
-            "dsv4rs: nvcc failed on {}:\n{}{}",
-            src.display(),
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
+        let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        let hint = if ["host compiler", "cc1plus", "gcc: No such file", "g++: No such file", "unsupported GNU version"]
+            .iter()
+            .any(|s| text.contains(s))
+        {
+            "\nnvcc needs a host C++ compiler it supports: install g++ (Debian/Ubuntu: apt install g++; \
+             Fedora: dnf install gcc-c++), or build without GPU kernels with DSV4RS_CPU_ONLY=1."
+        } else {
+            ""
+        };
+        panic!("dsv4rs: nvcc failed on {}:\n{text}{hint}", src.display());
     }
     let warnings = String::from_utf8_lossy(&output.stderr);
     for line in warnings.lines().filter(|l| !l.trim().is_empty()) {

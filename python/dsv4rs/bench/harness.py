@@ -13,8 +13,22 @@ import torch
 
 @dataclass
 class Ceilings:
+    """The copy bandwidth and matmul rate of the device, from the fastest of several timed runs
+    (a busy machine slows some runs down; the fastest is the closest to what the device can
+    do), with the slowest run's rates to show the spread."""
+
     copy_gbs: float
     matmul_tflops: float
+    copy_slowest_gbs: float | None = None
+    matmul_slowest_tflops: float | None = None
+    runs: tuple[int, int] = (0, 0)
+
+    def describe(self) -> str:
+        text = f"copy {self.copy_gbs:.0f} GB/s, matmul {self.matmul_tflops:.2f} TFLOP/s"
+        if self.copy_slowest_gbs is None or self.matmul_slowest_tflops is None:
+            return text
+        return (f"{text} (the fastest of {self.runs[0]} and {self.runs[1]} runs; the slowest: "
+                f"{self.copy_slowest_gbs:.0f} GB/s, {self.matmul_slowest_tflops:.2f} TFLOP/s)")
 
 
 @dataclass
@@ -26,6 +40,12 @@ class Row:
     eager_ms: float | None
     note: str = ""
     """Printed under the table (e.g. throughput that the columns do not show)."""
+
+    def roofline(self, c: Ceilings) -> float:
+        """The floor (bytes over the copy bandwidth or FLOPs over the matmul rate, the larger)
+        over the measured time; 0 for host-only work."""
+        floor_ms = max(self.bytes / c.copy_gbs / 1e6, self.flops / c.matmul_tflops / 1e9)
+        return floor_ms / self.ms if self.ms > 0 else 0.0
 
     def cells(self, c: Ceilings) -> list[str]:
         """The table's columns; host-only work (no device bytes or FLOPs counted) shows ``-``
@@ -59,6 +79,11 @@ class Bench:
                   graph: bool = True) -> float:
         """Median time of ``fn(i)``, cycling through ``n_inputs`` input sets (on a GPU, with
         ``graph``, of the replay of a CUDA graph of each, when the call can be captured)."""
+        return statistics.median(self.times_ms(fn, n_inputs, iters, warmup, graph))
+
+    def times_ms(self, fn: Callable[[int], object], n_inputs: int, iters: int | None = None, warmup: int = 3,
+                 graph: bool = True) -> list[float]:
+        """Every timed run of ``fn(i)`` (see :meth:`median_ms`)."""
         iters = iters or (30 if self.gpu else 7)
         for i in range(warmup):
             fn(i % n_inputs)
@@ -79,7 +104,7 @@ class Bench:
                 t0 = time.perf_counter()
                 fn(i % n_inputs)
                 times.append(1e3 * (time.perf_counter() - t0))
-        return statistics.median(times)
+        return times
 
     @staticmethod
     def host_ms(fn: Callable[[], object], iters: int = 7, setup: Callable[[], object] | None = None) -> float:
@@ -120,11 +145,13 @@ class Bench:
         dst = torch.empty_like(src)
         # Timed directly: in a CUDA graph a device-to-device copy becomes a copy-engine node,
         # slower than the copy kernel, and these large calls are not launch-bound.
-        ms = self.median_ms(lambda i: dst.copy_(src), 1, iters=10, graph=False)
+        copies = self.times_ms(lambda i: dst.copy_(src), 1, iters=10, graph=False)
         size, dtype = (8192, torch.bfloat16) if self.gpu else (1024, torch.float32)
         a, b = (torch.randn(size, size, device=self.device, dtype=dtype) for _ in range(2))
-        mm = self.median_ms(lambda i: a @ b, 1, iters=5, graph=False)
-        return Ceilings(copy_gbs=2 * n / ms / 1e6, matmul_tflops=2 * size**3 / mm / 1e9)
+        mms = self.times_ms(lambda i: a @ b, 1, iters=5, graph=False)
+        gbs, tflops = (lambda ms: 2 * n / ms / 1e6), (lambda ms: 2 * size**3 / ms / 1e9)
+        return Ceilings(copy_gbs=gbs(min(copies)), matmul_tflops=tflops(min(mms)), copy_slowest_gbs=gbs(max(copies)),
+                        matmul_slowest_tflops=tflops(max(mms)), runs=(len(copies), len(mms)))
 
     def randn(self, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return torch.randn(*shape, device=self.device).to(dtype)
@@ -137,7 +164,12 @@ def format_table(rows: list[Row], c: Ceilings, device_name: str) -> str:
     head = ["case", "ms", "GB/s", "TFLOP/s", "roofline", "eager ms", "speedup"]
     table = [head] + [r.cells(c) for r in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(head))]
-    lines = [f"ceilings on {device_name}: copy {c.copy_gbs:.0f} GB/s, matmul {c.matmul_tflops:.2f} TFLOP/s"]
+    lines = [f"ceilings on {device_name}: {c.describe()}"]
     lines += ["  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in table]
     lines += [r.note for r in rows if r.note]
+    over = [r.name for r in rows if r.roofline(c) > 1]
+    if over:
+        lines.append(f"roofline above 100% ({', '.join(over)}): the case ran faster than the floor the ceilings give "
+                     f"(its data fits in the caches, or the ceilings were measured while the machine was busy; "
+                     f"their spread is on the first line)")
     return "\n".join(lines)

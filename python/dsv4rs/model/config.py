@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+import stat
 import struct
 from collections.abc import Mapping
 from typing import Any
@@ -29,6 +30,28 @@ ENTRY_DIM: int = _core.ENTRY_DIM
 """``head_dim``: the dsv4rs attention ops take 512-dim K = V entries (448 NoPE + 64 RoPE)."""
 ROPE_DIM: int = _core.ROPE_DIM
 INDEX_DIM: int = _core.INDEX_DIM
+
+
+UPPER_BOUNDS: dict[str, tuple[int, str]] = {
+    "vocab_size": (1 << 24, "16M tokens; V4 has 129,280"),
+    "hidden_size": (1 << 16, "V4-Pro has 7,168"),
+    "num_hidden_layers": (1024, "V4-Pro has 61"),
+    "num_attention_heads": (1024, "V4-Pro has 128"),
+    "q_lora_rank": (1 << 16, "V4-Pro has 1,536"),
+    "o_lora_rank": (1 << 16, "V4-Pro has 1,024"),
+    "o_groups": (1024, "V4-Pro has 16"),
+    "moe_intermediate_size": (1 << 17, "V4-Pro has 3,072"),
+    "n_routed_experts": (1 << 16, "V4-Pro has 384"),
+    "n_shared_experts": (64, "V4 has 1"),
+    "sliding_window": (1 << 16, "V4 has 128"),
+    "index_n_heads": (64, "the GPU indexer takes at most 64 heads"),
+    "index_topk": (4096, "the GPU indexer selects at most 4096 keys"),
+    "hc_mult": (8, "the mHC kernel takes at most 8 streams"),
+    "hc_sinkhorn_iters": (1000, "V4 runs 20"),
+    "max_position_embeddings": ((1 << 31) - 1, "the kernels address rows with int32 ids"),
+}
+"""Upper bounds of the integer keys: beyond them a model cannot run here (a kernel limit) or
+its size is absurd (and building it would try to allocate terabytes)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,9 +110,14 @@ class V4Config:
     tie_word_embeddings: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "layer_types", tuple(self.layer_types))
-        object.__setattr__(self, "mlp_layer_types", tuple(self.mlp_layer_types))
-        object.__setattr__(self, "compress_rates", tuple(int(r) for r in self.compress_rates))
+        for key in ("layer_types", "mlp_layer_types", "compress_rates"):
+            v = getattr(self, key)
+            if isinstance(v, (str, bytes)) or not isinstance(v, (list, tuple)):
+                raise ValueError(f"config {key}: expected a list, got {v!r}")
+            object.__setattr__(self, key, tuple(v))
+        if len(self.compress_rates) != 2 or not all(isinstance(r, int) and not isinstance(r, bool)
+                                                    for r in self.compress_rates):
+            raise ValueError(f"config compress_rates: expected two ints, got {self.compress_rates!r}")
         self._validate()
 
     def _validate(self) -> None:
@@ -101,10 +129,17 @@ class V4Config:
             v = getattr(self, f.name)
             if f.type == "int":
                 need(isinstance(v, int) and not isinstance(v, bool), f.name, f"expected an int, got {v!r}")
+            elif f.type == "bool":
+                need(isinstance(v, bool), f.name, f"expected true or false, got {v!r}")
+            elif f.type == "float":
+                need(isinstance(v, (int, float)) and not isinstance(v, bool), f.name, f"expected a number, got {v!r}")
         for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "q_lora_rank",
                     "o_groups", "o_lora_rank", "moe_intermediate_size", "n_routed_experts", "num_experts_per_tok",
-                    "sliding_window", "index_n_heads", "index_topk", "hc_mult", "hc_sinkhorn_iters"):
+                    "sliding_window", "index_n_heads", "index_topk", "hc_mult", "hc_sinkhorn_iters",
+                    "max_position_embeddings"):
             need(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        for key, (most, why) in UPPER_BOUNDS.items():
+            need(getattr(self, key) <= most, key, f"must be <= {most:,} ({why}), got {getattr(self, key):,}")
         need(self.head_dim == ENTRY_DIM, "head_dim", f"dsv4rs attends {ENTRY_DIM}-dim entries, got {self.head_dim}")
         need(self.qk_rope_head_dim == ROPE_DIM, "qk_rope_head_dim", f"must be {ROPE_DIM}, got {self.qk_rope_head_dim}")
         need(self.index_head_dim == INDEX_DIM, "index_head_dim", f"must be {INDEX_DIM}, got {self.index_head_dim}")
@@ -163,39 +198,49 @@ class V4Config:
     def from_dict(cls, d: Mapping[str, Any]) -> V4Config:
         """From a ``config.json`` dict (transformers' or DeepSeek's spelling). Unknown keys are
         ignored; a missing required key or an invalid value raises ``ValueError`` naming it."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"config: expected a JSON object of keys, got {type(d).__name__}")
         d = dict(d)
         mt = d.get("model_type")
         if mt not in (None, "deepseek_v4"):
             raise ValueError(f'config model_type: expected "deepseek_v4", got {mt!r}')
         n = d.get("num_hidden_layers")
-        if not isinstance(n, int) or n < 1:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"config num_hidden_layers: expected an int >= 1, got {n!r}")
+        most = UPPER_BOUNDS["num_hidden_layers"][0]
+        if n > most:
+            raise ValueError(f"config num_hidden_layers: must be <= {most:,} ({UPPER_BOUNDS['num_hidden_layers'][1]}), "
+                             f"got {n:,}")
 
         rates = d.get("compress_rates") or {}
-        if isinstance(rates, Mapping):
-            csa = int(rates.get(CSA, d.get("compress_rate_csa", 4)))
-            hca = int(rates.get(HCA, d.get("compress_rate_hca", 128)))
-        else:
+        if not isinstance(rates, Mapping):
             raise ValueError(f"config compress_rates: expected a mapping, got {rates!r}")
-        layer_types = d.get("layer_types")
-        if layer_types is None and d.get("compress_ratios") is not None:
-            ratios = list(d["compress_ratios"])[:n]
+        csa = _int(rates.get(CSA, d.get("compress_rate_csa", 4)), "compress_rates")
+        hca = _int(rates.get(HCA, d.get("compress_rate_hca", 128)), "compress_rates")
+        layer_types = _list(d.get("layer_types"), "layer_types")
+        ratios = _list(d.get("compress_ratios"), "compress_ratios")
+        if layer_types is None and ratios is not None:
             by_ratio = {0: SWA, csa: CSA, hca: HCA}
-            unknown = [r for r in ratios if r not in by_ratio]
+            unknown = [r for r in ratios[:n] if isinstance(r, bool) or not isinstance(r, int) or r not in by_ratio]
             if unknown:
                 raise ValueError(f"config compress_ratios: entries must be 0, {csa} or {hca}, got {unknown}")
-            layer_types = [by_ratio[r] for r in ratios]
+            layer_types = [by_ratio[r] for r in ratios[:n]]
         if layer_types is None:  # transformers' default: two HCA layers, then CSA/HCA alternating
             layer_types = [HCA] * min(n, 2) + [CSA if i % 2 else HCA for i in range(max(n - 2, 0))]
-        mlp_types = d.get("mlp_layer_types")
+        mlp_types = _list(d.get("mlp_layer_types"), "mlp_layer_types")
         if mlp_types is None:
-            hashed = int(d.get("num_hash_layers", 3))
+            hashed = _int(d.get("num_hash_layers", 3), "num_hash_layers")
+            if hashed < 0:
+                raise ValueError(f"config num_hash_layers: must be >= 0, got {hashed}")
             mlp_types = ["hash_moe"] * min(n, hashed) + ["moe"] * max(0, n - hashed)
 
         rope_dim = d.get("qk_rope_head_dim")
         head_dim = d.get("head_dim", ENTRY_DIM)
         if rope_dim is None:
             prf = d.get("partial_rotary_factor")
+            if prf is not None and (isinstance(prf, bool) or not isinstance(prf, (int, float)) or not math.isfinite(prf)
+                                    or not isinstance(head_dim, int)):
+                raise ValueError(f"config partial_rotary_factor: expected a number, got {prf!r}")
             rope_dim = ROPE_DIM if prf is None else round(head_dim * prf)
         yarn = _yarn(d)
 
@@ -215,17 +260,15 @@ class V4Config:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike[str]) -> V4Config:
-        """From ``path/config.json`` (or a ``config.json`` path)."""
+        """From ``path/config.json`` (or a ``config.json`` path): a regular file of at most
+        :data:`CONFIG_LIMIT` bytes."""
         p = os.fspath(path)
         if os.path.isdir(p):
             p = os.path.join(p, "config.json")
         try:
-            with open(p, encoding="utf-8") as f:
-                d = json.load(f)
+            d = read_json(p, CONFIG_LIMIT)
         except FileNotFoundError:
             raise FileNotFoundError(f"path: no config.json at {p}") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"path: {p} is not valid JSON ({e})") from None
         return cls.from_dict(d)
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -282,6 +325,52 @@ class V4Config:
         )
         base.update(overrides)
         return cls(**base)
+
+
+CONFIG_LIMIT = 4 << 20
+"""The largest ``config.json`` read (4 MiB; V4's is a few KB)."""
+
+
+def read_json(path: str, limit: int) -> Any:
+    """The JSON value in the regular file ``path`` of at most ``limit`` bytes. A missing file
+    raises ``FileNotFoundError``, anything else ``ValueError``, both naming ``path``; a device,
+    a pipe or a file that keeps growing is never read past ``limit``."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"path: no {os.path.basename(path)} at {path}") from None
+    except OSError as e:
+        raise ValueError(f"path: cannot read {path} ({e.strerror or e})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"path: {path} is not a regular file")
+    if st.st_size > limit:
+        raise ValueError(f"path: {path} has {st.st_size:,} bytes, more than the {limit:,} a JSON file here may have")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise ValueError(f"path: cannot read {path} ({e.strerror or e})") from None
+    if len(data) > limit:
+        raise ValueError(f"path: {path} has more than the {limit:,} bytes a JSON file here may have")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"path: {path} is not valid JSON ({e})") from None
+
+
+def _int(v: Any, key: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"config {key}: expected an int, got {v!r}")
+    return v
+
+
+def _list(v: Any, key: str) -> list | None:
+    """A JSON list, or ``None`` when absent."""
+    if v is None:
+        return None
+    if not isinstance(v, (list, tuple)):
+        raise ValueError(f"config {key}: expected a list, got {v!r}")
+    return list(v)
 
 
 def _layer_types(ratios: list[int]) -> tuple[str, ...]:
@@ -347,8 +436,16 @@ def _yarn(d: Mapping[str, Any]) -> YaRN | None:
         raise ValueError("config rope_parameters: V4 applies no YaRN attention factor (mscale)")
     if rp.get("truncate", True) is not True:
         raise ValueError("config rope_parameters: truncate=False is not supported")
-    try:
-        return YaRN(float(rp["factor"]), int(rp["original_max_position_embeddings"]),
-                    float(rp.get("beta_fast") or 32), float(rp.get("beta_slow") or 1))
-    except KeyError as e:
-        raise ValueError(f"config rope_parameters: yarn needs {e.args[0]!r}") from None
+    for key in ("factor", "original_max_position_embeddings"):
+        if key not in rp:
+            raise ValueError(f"config rope_parameters: yarn needs {key!r}")
+    values = {k: rp.get(k) for k in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow")}
+    for key, v in values.items():
+        required = key in ("factor", "original_max_position_embeddings")
+        number = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        if (v is not None or required) and not number:
+            raise ValueError(f"config rope_parameters: {key} must be a finite number, got {v!r}")
+    orig = values["original_max_position_embeddings"]
+    if orig != int(orig):
+        raise ValueError(f"config rope_parameters: original_max_position_embeddings must be an int, got {orig!r}")
+    return YaRN(float(values["factor"]), int(orig), float(values["beta_fast"] or 32), float(values["beta_slow"] or 1))

@@ -9,19 +9,29 @@ Weights on disk (docs/model.md section 9): float32/bfloat16 tensors; FP8 e4m3 wi
 ``float8_e8m0fnu``) or ``.weight_scale_inv`` (float32) companion per 128x128 block; MXFP4 experts
 (``int8``/``uint8`` holding two e2m1 values per byte, low nibble first, with a UE8M0 scale per 32
 values). Quantized weights are dequantized on load (dsv4rs has no FP8 or FP4 matmul).
+
+Loading is in two passes. The first reads only the shards' headers and checks every tensor's
+name, dtype, shape and scale companion against a model built on the meta device (which
+allocates nothing), and that every parameter is present once: a checkpoint that does not fit
+the config fails before any memory is allocated for the model. The second reads the tensors
+one at a time, checks their values (finite weights, scales finite and positive, hash-table
+entries in range) and allocates each parameter on the target device in its final dtype as its
+data arrives.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import re
+import stat
 from collections.abc import Mapping
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
-from dsv4rs.model.config import V4Config
+from dsv4rs.model.config import SWA, V4Config, read_json
 from dsv4rs.model.model import DeepseekV4, set_dtype
 
 FP8_BLOCK = 128
@@ -72,42 +82,113 @@ def canonical_name(name: str) -> str:
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model: the message names the tensor."""
+    """A checkpoint that does not fit the model: the message names the tensor or file."""
+
+
+INDEX_LIMIT = 64 << 20
+"""The largest ``model.safetensors.index.json`` read (64 MiB; V4-Pro's is some 15 MB)."""
+
+# safetensors header dtypes -> torch dtypes.
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F8_E8M0": torch.float8_e8m0fnu,
+}
+_FLOATS = {torch.float64, torch.float32, torch.float16, torch.bfloat16}
+_INTS = {torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8}
+_RAW_SCALES = {torch.float8_e8m0fnu, torch.uint8, torch.int8}
+"""Scale dtypes holding UE8M0 codes (``2^(code - 127)``); float scales are multipliers."""
+
+
+def _dtype_name(dtype: torch.dtype | str) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 # -- reading ---------------------------------------------------------------------------------------
 
 
-def _shards(path: str) -> list[str]:
+def _regular_file(file: str, what: str) -> None:
+    """Refuses anything but a regular file (a directory, a device such as /dev/zero, a pipe)."""
+    try:
+        mode = os.stat(file).st_mode
+    except OSError as e:
+        raise CheckpointError(f"{what}: cannot read {file} ({e.strerror or e})") from None
+    if stat.S_ISDIR(mode):
+        raise CheckpointError(f"{what}: {file} is a directory, not a safetensors file")
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"{what}: {file} is not a regular file")
+
+
+def _json_type(v: object) -> str:
+    return {type(None): "null", list: "an array", dict: "an object", str: "a string", bool: "a boolean"}.get(
+        type(v), "a number")
+
+
+def _shards(path: str) -> tuple[list[str], dict[str, str] | None]:
+    """The shard files, and the index's tensor -> shard file map when there is an index."""
     index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
+    if os.path.lexists(index):
         try:
-            with open(index, encoding="utf-8") as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"path: {index} is not a safetensors index ({e})") from None
-        missing = [s for s in files if not os.path.exists(os.path.join(path, s))]
+            data = read_json(index, INDEX_LIMIT)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"model.safetensors.index.json: {str(e).removeprefix('path: ')}") from None
+        if not isinstance(data, dict) or "weight_map" not in data:
+            raise CheckpointError("model.safetensors.index.json: expected a JSON object with a weight_map, got "
+                                  + (_json_type(data) if not isinstance(data, dict) else "no weight_map"))
+        weight_map = data["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"model.safetensors.index.json: weight_map must be an object of tensor name -> "
+                                  f"shard file, got {_json_type(weight_map)}")
+        for key, shard in weight_map.items():
+            if not isinstance(shard, str) or not shard:
+                raise CheckpointError(f"model.safetensors.index.json: weight_map[{key!r}] must be a file name, "
+                                      f"got {shard!r}")
+            norm = os.path.normpath(shard)
+            if os.path.isabs(shard) or norm == ".." or norm.startswith(".." + os.sep) or "\0" in shard:
+                raise CheckpointError(f"model.safetensors.index.json: weight_map[{key!r}] = {shard!r} is not a file "
+                                      f"inside the checkpoint folder")
+        files = sorted(set(weight_map.values()))
+        missing = [s for s in files if not os.path.lexists(os.path.join(path, s))]
         if missing:
             raise CheckpointError(f"path: the index lists {missing[0]}, which is missing")
-        return [os.path.join(path, s) for s in files]
-    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        for s in files:
+            _regular_file(os.path.join(path, s), s)
+        return [os.path.join(path, s) for s in files], {k: os.path.join(path, s) for k, s in weight_map.items()}
+    try:
+        names = os.listdir(path)
+    except OSError as e:
+        raise CheckpointError(f"path: cannot list {path} ({e.strerror or e})") from None
+    files = sorted(f for f in names if f.endswith(".safetensors"))
     if not files:
         raise CheckpointError(f"path: no .safetensors files in {path}")
-    return [os.path.join(path, f) for f in files]
+    for f in files:
+        _regular_file(os.path.join(path, f), f)
+    return [os.path.join(path, f) for f in files], None
 
 
 def _e8m0(scale: torch.Tensor, name: str) -> torch.Tensor:
-    """UE8M0 scales (``float8_e8m0fnu`` or raw ``uint8``) as float32 powers of two."""
-    raw = scale.view(torch.uint8) if scale.dtype in (torch.float8_e8m0fnu, torch.int8) else scale
-    if raw.dtype != torch.uint8:
-        return scale.float()
-    if (raw == 255).any():
-        raise CheckpointError(f"{name}: NaN scale (UE8M0 code 255)")
-    return torch.exp2(raw.to(torch.float32) - 127)
+    """Block scales as float32 multipliers: UE8M0 codes (``float8_e8m0fnu``, or raw ``uint8`` /
+    ``int8`` bytes) as powers of two, or floating-point scales, which must be finite and > 0."""
+    if scale.dtype in _RAW_SCALES:
+        raw = scale.view(torch.uint8)
+        if (raw == 255).any():
+            raise CheckpointError(f"{name}: NaN scale (UE8M0 code 255)")
+        return torch.exp2(raw.to(torch.float32) - 127)
+    if scale.dtype not in _FLOATS:
+        raise CheckpointError(f"{name}: scale dtype {_dtype_name(scale.dtype)}; expected float8_e8m0fnu, uint8 "
+                              f"UE8M0 codes or a floating-point type")
+    s = scale.float()
+    bad = ~(torch.isfinite(s) & (s > 0))
+    if bad.any():
+        raise CheckpointError(f"{name}: scales must be finite and > 0, found {float(s[bad][0])!r}")
+    return s
 
 
 def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, name: str) -> torch.Tensor:
     """FP8 e4m3 ``[out, in]`` times one scale per 128x128 block ``[ceil(out/128), ceil(in/128)]``."""
+    if weight.dim() != 2:
+        raise CheckpointError(f"{name}: an FP8 weight must be 2-d, got shape {list(weight.shape)}")
     rows, cols = weight.shape
     want = (-(-rows // FP8_BLOCK), -(-cols // FP8_BLOCK))
     if tuple(scale.shape) != want:
@@ -119,6 +200,8 @@ def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, name: str) -> torc
 
 def dequantize_fp4(packed: torch.Tensor, scale: torch.Tensor, name: str) -> torch.Tensor:
     """MXFP4 ``[out, in / 2]`` bytes (low nibble first) times one scale per 32 values."""
+    if packed.dim() != 2:
+        raise CheckpointError(f"{name}: an MXFP4 weight must be 2-d, got shape {list(packed.shape)}")
     rows, half = packed.shape
     cols = 2 * half
     if cols % FP4_BLOCK or tuple(scale.shape) != (rows, cols // FP4_BLOCK):
@@ -129,126 +212,342 @@ def dequantize_fp4(packed: torch.Tensor, scale: torch.Tensor, name: str) -> torc
     return (values * _e8m0(scale, name)[..., None]).flatten(-2)
 
 
-class _Shards:
-    """Lazy access to every tensor of a checkpoint by name, whichever shard holds it."""
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    """A tensor of a shard as its header describes it."""
 
-    def __init__(self, files: list[str]) -> None:
+    file: str
+    dtype: torch.dtype | str  # a header dtype torch does not know stays its string
+    shape: tuple[int, ...]
+
+
+class _Shards:
+    """Every tensor of a checkpoint by name, whichever shard holds it: the headers at once,
+    the data on request (each shard opened once)."""
+
+    def __init__(self, files: list[str], weight_map: Mapping[str, str] | None = None) -> None:
         from safetensors import SafetensorError, safe_open
 
-        self._open, self.where = safe_open, {}
+        self._open, self._errors, self._handles = safe_open, (SafetensorError, OSError, RuntimeError, ValueError), {}
+        self.where: dict[str, str] = {}
+        self.entries: dict[str, _Entry] = {}
         for file in files:
+            base = os.path.basename(file)
             try:
                 with safe_open(file, framework="pt") as f:
                     for k in f.keys():
                         if k in self.where:
                             raise CheckpointError(f"{k}: present in two shards ({os.path.basename(self.where[k])}, "
-                                                  f"{os.path.basename(file)})")
+                                                  f"{base})")
+                        sl = f.get_slice(k)
+                        dtype = sl.get_dtype()
                         self.where[k] = file
-            except SafetensorError as e:
-                raise CheckpointError(f"{os.path.basename(file)}: not a readable safetensors file ({e})") from None
+                        self.entries[k] = _Entry(file, _DTYPES.get(dtype, dtype), tuple(sl.get_shape()))
+            except self._errors as e:
+                raise CheckpointError(f"{base}: not a readable safetensors file ({e})") from None
+        for k, file in (weight_map or {}).items():
+            if k not in self.where:
+                raise CheckpointError(f"{k}: the index places it in {os.path.basename(file)}, which does not hold it")
+            if os.path.normpath(file) != os.path.normpath(self.where[k]):
+                raise CheckpointError(f"{k}: the index places it in {os.path.basename(file)}, but "
+                                      f"{os.path.basename(self.where[k])} holds it")
 
     def get(self, key: str) -> torch.Tensor:
-        with self._open(self.where[key], framework="pt") as f:
-            return f.get_tensor(key)
+        file = self.where[key]
+        try:
+            if file not in self._handles:
+                self._handles[file] = self._open(file, framework="pt")
+            return self._handles[file].get_tensor(key)
+        except self._errors as e:
+            raise CheckpointError(f"{key}: cannot be read from {os.path.basename(file)} ({e})") from None
 
-    def read(self, key: str, expect: torch.Size) -> torch.Tensor:
-        """One tensor, dequantized when it has a scale companion."""
-        t = self.get(key)
-        base = key[: -len("weight")] if key.endswith("weight") else None
-        scale_key = next((k for k in (f"{base}scale" if base else None, f"{key}_scale_inv") if k and k in self.where),
-                         None)
-        if (t.dtype in (torch.int8, torch.uint8) and scale_key is not None and t.dim() == 2
-                and 2 * t.shape[-1] == expect[-1]):
-            return dequantize_fp4(t, self.get(scale_key), key)
-        if t.dtype == torch.float8_e4m3fn:
-            if scale_key is None:
-                raise CheckpointError(f"{key}: FP8 weight without a .scale or .weight_scale_inv companion")
-            return dequantize_fp8(t, self.get(scale_key), key)
-        if t.dtype in (torch.float8_e5m2, torch.float8_e8m0fnu):
-            raise CheckpointError(f"{key}: unsupported dtype {t.dtype}")
-        return t
+    def close(self) -> None:
+        self._handles.clear()
 
 
-def _is_scale(key: str, keys: Mapping[str, str]) -> bool:
+def _is_scale(key: str, keys: Mapping[str, object]) -> bool:
     return (key.endswith(".scale") and key[: -len("scale")] + "weight" in keys) or (
         key.endswith(".weight_scale_inv") and key[: -len("_scale_inv")] in keys)
+
+
+def _scale_key(key: str, keys: Mapping[str, object]) -> str | None:
+    """The scale companion of weight ``key`` (``.scale`` or ``.weight_scale_inv``), if any."""
+    found = [k for k in (key[: -len("weight")] + "scale" if key.endswith(".weight") else None, f"{key}_scale_inv")
+             if k is not None and k in keys]
+    if len(found) > 1:
+        raise CheckpointError(f"{key}: two scale companions ({found[0]}, {found[1]})")
+    return found[0] if found else None
+
+
+# -- the plan: every tensor checked from the headers -------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Item:
+    """One checkpoint tensor and where it goes."""
+
+    key: str
+    target: str  # the parameter or buffer name
+    part: tuple[int, str] | None  # (expert, "w1" | "w2" | "w3") for a per-expert tensor, else None
+    shape: tuple[int, ...]  # the shape it must have once dequantized
+    fmt: str  # "plain", "fp8" or "fp4"
+    scale: str | None
+
+
+def _expect(cfg: V4Config, p: torch.Tensor, part: tuple[int, str] | None) -> tuple[int, ...]:
+    if part is None:
+        return tuple(p.shape)
+    inner = cfg.moe_intermediate_size
+    return (inner, p.shape[2]) if part[1] in ("w1", "w3") else (p.shape[1], inner)
+
+
+def _format(key: str, e: _Entry, scale: str | None, scale_e: _Entry | None, want: tuple[int, ...], floating: bool,
+            strict: bool) -> str:
+    """Checks a tensor's dtype and shape (and its scale's) from the headers; returns its format."""
+    shape, dtype = list(e.shape), e.dtype
+    if scale is not None and scale_e is not None:
+        quantized = dtype == torch.float8_e4m3fn or (floating and dtype in (torch.int8, torch.uint8))
+        if not quantized:
+            if dtype in _FLOATS and not strict:
+                return _format(key, e, None, None, want, floating, strict)
+            raise CheckpointError(f"{scale}: a scale companion of {key}, which is not quantized "
+                                  f"(dtype {_dtype_name(dtype)})")
+        if not floating:
+            raise CheckpointError(f"{key}: dtype {_dtype_name(dtype)}, expected an integer tensor")
+        if scale_e.dtype not in _RAW_SCALES and scale_e.dtype not in _FLOATS:
+            raise CheckpointError(f"{scale}: scale dtype {_dtype_name(scale_e.dtype)}; expected float8_e8m0fnu, "
+                                  f"uint8 UE8M0 codes or a floating-point type")
+        kind = "FP8" if dtype == torch.float8_e4m3fn else "MXFP4"
+        if len(shape) != 2:
+            raise CheckpointError(f"{key}: an {kind} weight must be 2-d, got shape {shape}")
+        if len(want) != 2:
+            raise CheckpointError(f"{key}: an {kind} weight, but the parameter has shape {list(want)}")
+        rows, cols = want
+        if kind == "FP8":
+            if tuple(shape) != want:
+                raise CheckpointError(f"{key}: shape {shape}, expected {list(want)}")
+            blocks = [-(-rows // FP8_BLOCK), -(-cols // FP8_BLOCK)]
+            if list(scale_e.shape) != blocks:
+                raise CheckpointError(f"{key}: FP8 scale has shape {list(scale_e.shape)}, expected {blocks}")
+            return "fp8"
+        if cols % FP4_BLOCK or shape != [rows, cols // 2]:
+            raise CheckpointError(f"{key}: shape {shape}, expected {[rows, cols // 2]} (MXFP4 bytes of {list(want)})")
+        if list(scale_e.shape) != [rows, cols // FP4_BLOCK]:
+            raise CheckpointError(f"{key}: FP4 scale has shape {list(scale_e.shape)}, "
+                                  f"expected {[rows, cols // FP4_BLOCK]}")
+        return "fp4"
+    if dtype == torch.float8_e4m3fn:
+        raise CheckpointError(f"{key}: FP8 weight without a .scale or .weight_scale_inv companion")
+    if dtype in (torch.float8_e5m2, torch.float8_e8m0fnu):
+        raise CheckpointError(f"{key}: unsupported dtype {_dtype_name(dtype)}")
+    if floating and dtype not in _FLOATS:
+        raise CheckpointError(f"{key}: dtype {_dtype_name(dtype)}, expected a floating-point tensor")
+    if not floating and dtype not in _INTS:
+        raise CheckpointError(f"{key}: dtype {_dtype_name(dtype)}, expected an integer tensor")
+    if tuple(shape) != want:
+        raise CheckpointError(f"{key}: shape {shape}, expected {list(want)}")
+    return "plain"
+
+
+def _plan(reader: _Shards, cfg: V4Config, params: dict[str, torch.Tensor], strict: bool) -> list[_Item]:
+    """Every tensor to load, checked from the headers: a known name (under ``strict``), one
+    spelling per parameter (or expert slice), the dtype, shape and scale of each."""
+    items: list[_Item] = []
+    owner: dict[tuple[str, tuple[int, str] | None], str] = {}  # (target, part) -> key
+    split: dict[str, str] = {}  # target -> a key holding one expert of it
+    for key in sorted(reader.where):
+        if _is_scale(key, reader.where):
+            continue
+        name = canonical_name(key)
+        if name.startswith("mtp.") and not cfg.num_nextn_predict_layers:
+            continue
+        if name.endswith(("rotary_emb.inv_freq", "original_inv_freq")):
+            continue
+        part = None
+        m = _EXPERT.match(name)
+        if m:
+            prefix, e, w = m.group(1), int(m.group(2)), m.group(3)
+            target = f"{prefix}.gate_up_proj" if w in ("w1", "w3") else f"{prefix}.down_proj"
+            if target not in params:
+                if strict:
+                    raise CheckpointError(f"{key}: no such expert tensor in the model ({target})")
+                continue
+            if e >= params[target].shape[0]:
+                raise CheckpointError(f"{key}: expert {e} >= n_routed_experts = {params[target].shape[0]}")
+            part = (e, w)
+        elif name in params:
+            target = name
+        else:
+            if strict:
+                raise CheckpointError(f"{key}: unexpected tensor (no parameter {name} in this model)")
+            continue
+        other = owner.get((target, part)) or owner.get((target, None)) or (part is None and split.get(target))
+        if other:
+            what = target if part is None else f"{target}, expert {part[0]} {part[1]}"
+            raise CheckpointError(f"{key}: {other} holds the same tensor ({what}) under another spelling")
+        if part is not None:
+            split.setdefault(target, key)
+        owner[(target, part)] = key
+        p = params[target]
+        want = _expect(cfg, p, part)
+        scale = _scale_key(key, reader.where)
+        fmt = _format(key, reader.entries[key], scale, reader.entries.get(scale) if scale else None, want,
+                      p.is_floating_point(), strict)
+        items.append(_Item(key, target, part, want, fmt, scale if fmt != "plain" else None))
+    _check_complete(cfg, params, owner)
+    return items
+
+
+def _check_complete(cfg: V4Config, params: dict[str, torch.Tensor], owner: dict) -> None:
+    """Every parameter present (an absent MTP block is allowed; a partial one is not)."""
+    parts_of = {"gate_up_proj": ("w1", "w3"), "down_proj": ("w2",)}
+    parts: dict[str, set[tuple[int, str]]] = {}
+    for t, p in owner:
+        if p is not None:
+            parts.setdefault(t, set()).add(p)
+
+    def absent(name: str) -> str | None:
+        """What of ``name`` is missing, or None."""
+        if (name, None) in owner:
+            return None
+        leaf = name.rsplit(".", 1)[-1]
+        if ".mlp.experts." in name and leaf in parts_of:
+            have = parts.get(name)
+            if have:
+                for e in range(params[name].shape[0]):
+                    for w in parts_of[leaf]:
+                        if (e, w) not in have:
+                            return f"expert {e} {w}"
+                return None
+        return "all of it"
+
+    missing = {n: why for n in params if (why := absent(n)) is not None}
+    main = [n for n in missing if not n.startswith("mtp.")]
+    mtp = [n for n in missing if n.startswith("mtp.")]
+    if mtp and len(mtp) < sum(n.startswith("mtp.") for n in params):
+        main += mtp  # a partial MTP block is an error; an absent one is allowed
+    if main:
+        first = main[0]
+        detail = "" if missing[first] == "all of it" else f": {missing[first]}"
+        raise CheckpointError(f"{first}: missing from the checkpoint{detail} ({len(main)} tensors missing)")
+
+
+# -- loading ---------------------------------------------------------------------------------------
+
+
+def _read(reader: _Shards, item: _Item, cfg: V4Config) -> torch.Tensor:
+    """One tensor, dequantized, its values checked."""
+    t = reader.get(item.key)
+    if tuple(t.shape) != tuple(reader.entries[item.key].shape):  # the file changed under us
+        raise CheckpointError(f"{item.key}: shape {list(t.shape)} differs from its header")
+    if item.fmt == "fp8":
+        t = dequantize_fp8(t, reader.get(item.scale), item.key)
+    elif item.fmt == "fp4":
+        t = dequantize_fp4(t, reader.get(item.scale), item.key)
+    if t.is_floating_point():
+        if not torch.isfinite(t).all():
+            raise CheckpointError(f"{item.key}: non-finite values")
+    elif t.numel() and (int(t.min()) < 0 or int(t.max()) >= cfg.n_routed_experts):
+        raise CheckpointError(f"{item.key}: expert ids must lie in [0, {cfg.n_routed_experts})")
+    return t
+
+
+def _slots(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, bool]]]:
+    """Every place a tensor is held: id(tensor) -> (module, attribute, is_parameter)."""
+    slots: dict[int, list[tuple[nn.Module, str, bool]]] = {}
+    for mod in model.modules():
+        for attr, p in mod._parameters.items():
+            if p is not None:
+                slots.setdefault(id(p), []).append((mod, attr, True))
+        for attr, b in mod._buffers.items():
+            if b is not None:
+                slots.setdefault(id(b), []).append((mod, attr, False))
+    return slots
+
+
+def _place(slots: dict, meta: torch.Tensor, value: torch.Tensor) -> None:
+    """Puts ``value`` wherever the meta tensor ``meta`` is held (a tied weight in both places)."""
+    param = nn.Parameter(value, requires_grad=meta.requires_grad) if isinstance(meta, nn.Parameter) else None
+    for mod, attr, is_param in slots[id(meta)]:
+        if is_param:
+            mod._parameters[attr] = param
+        else:
+            mod._buffers[attr] = value
+
+
+def _check_target(device: torch.device | str, dtype: torch.dtype) -> torch.device:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.itemsize < 2:
+        raise ValueError(f"dtype: expected a floating-point torch.dtype of 16 bits or more, got {dtype!r}")
+    try:
+        dev = torch.device(device)
+        torch.empty(0, device=dev)
+    except (RuntimeError, TypeError, ValueError, AssertionError) as e:
+        raise ValueError(f"device: cannot allocate tensors on {device!r} ({str(e).splitlines()[0] if str(e) else e})"
+                         ) from None
+    if dev.type == "meta":
+        raise ValueError("device: expected a device that holds data, got meta")
+    return dev
 
 
 def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                     progress: bool = True, strict: bool = True) -> DeepseekV4:
     """Loads ``path`` (``config.json`` and safetensors shards) into a :class:`DeepseekV4`.
 
-    Shards are read one at a time, each tensor checked (name, shape, finite values) and copied
-    into place; quantized weights are dequantized. ``strict`` refuses unknown tensors (an MTP
-    block the config lacks is skipped, as transformers does) and reports missing ones. Errors are
-    :class:`CheckpointError` naming the tensor. mHC, sink, norm and positional-bias parameters stay
-    float32 whatever ``dtype``.
+    First every tensor is checked from the shards' headers against the model (name, dtype,
+    shape, scale companion, each parameter present once under one spelling) before anything is
+    allocated; then the shards are read one at a time, each tensor's values checked (finite;
+    scales finite and > 0; hash tables in range), dequantized when quantized, and allocated on
+    ``device`` in its final dtype. ``strict`` refuses unknown tensors and scale companions of
+    unquantized weights (an MTP block the config lacks is skipped, as transformers does);
+    missing tensors always raise. Errors are :class:`CheckpointError` naming the tensor or
+    file. mHC, sink, norm and positional-bias parameters stay float32 whatever ``dtype``.
     """
     path = os.fspath(path)
-    cfg = V4Config.from_pretrained(path)
-    model = DeepseekV4(cfg)
+    dev = _check_target(device, dtype)
+    try:
+        cfg = V4Config.from_pretrained(path)
+    except FileNotFoundError:
+        raise
+    except ValueError as e:
+        raise CheckpointError(f"config.json: {str(e).removeprefix('path: ')}") from None
+    with torch.device("meta"):
+        model = set_dtype(DeepseekV4(cfg), dtype)
     params = model.checkpoint_tensors()
-    filled: dict[str, int] = {}
-    reader = _Shards(_shards(path))
-    by_shard: dict[str, list[str]] = {}
-    for key, file in reader.where.items():
-        by_shard.setdefault(file, []).append(key)
-    for file in tqdm(sorted(by_shard), desc="loading shards", unit="shard", disable=not progress):
-        keys = by_shard[file]
-        for key in sorted(keys):
-            if not _is_scale(key, reader.where):
-                _load_one(reader, key, cfg, params, filled, strict)
-    missing = [n for n, p in params.items() if filled.get(n, 0) != p.numel() and not n.startswith("mtp.")]
-    mtp_missing = [n for n, p in params.items() if n.startswith("mtp.") and filled.get(n, 0) != p.numel()]
-    if mtp_missing and len(mtp_missing) < sum(n.startswith("mtp.") for n in params):
-        missing += mtp_missing  # a partial MTP block is an error; an absent one is allowed
-    elif mtp_missing:
-        model.mtp = torch.nn.ModuleList()
-    if missing:
-        raise CheckpointError(f"{missing[0]}: missing from the checkpoint ({len(missing)} tensors missing)")
-    return set_dtype(model, dtype).to(device)
+    reader = _Shards(*_shards(path))
+    items = _plan(reader, cfg, params, strict)
+    if cfg.num_nextn_predict_layers and not any(it.target.startswith("mtp.") for it in items):
+        model.mtp = nn.ModuleList()  # no MTP block in the checkpoint: run without drafts
+        params = {n: t for n, t in params.items() if not n.startswith("mtp.")}
 
-
-def _load_one(reader: _Shards, key: str, cfg: V4Config, params: dict[str, torch.Tensor], filled: dict[str, int],
-              strict: bool) -> None:
-    name = canonical_name(key)
-    if name.startswith("mtp.") and not cfg.num_nextn_predict_layers:
-        return
-    if name.endswith(("rotary_emb.inv_freq", "original_inv_freq")):
-        return
-    m = _EXPERT.match(name)
-    if m:
-        prefix, e, w = m.group(1), int(m.group(2)), m.group(3)
-        target = f"{prefix}.gate_up_proj" if w in ("w1", "w3") else f"{prefix}.down_proj"
-        if target not in params:
-            raise CheckpointError(f"{key}: no such expert tensor in the model ({target})")
-        p = params[target]
-        if e >= p.shape[0]:
-            raise CheckpointError(f"{key}: expert {e} >= n_routed_experts = {p.shape[0]}")
-        inner = cfg.moe_intermediate_size
-        view = p.data[e, :inner] if w == "w1" else p.data[e, inner:] if w == "w3" else p.data[e]
-        _copy(key, view, reader.read(key, view.shape), cfg)
-        filled[target] = filled.get(target, 0) + view.numel()
-        return
-    if name not in params:
-        if strict:
-            raise CheckpointError(f"{key}: unexpected tensor (no parameter {name} in this model)")
-        return
-    p = params[name]
-    _copy(key, p.data, reader.read(key, p.shape), cfg)
-    filled[name] = p.numel()
-
-
-def _copy(key: str, dst: torch.Tensor, t: torch.Tensor, cfg: V4Config) -> None:
-    if tuple(t.shape) != tuple(dst.shape):
-        raise CheckpointError(f"{key}: shape {list(t.shape)}, expected {list(dst.shape)}")
-    if dst.is_floating_point():
-        if not t.is_floating_point():
-            raise CheckpointError(f"{key}: dtype {t.dtype}, expected a floating-point tensor")
-        if not torch.isfinite(t).all():
-            raise CheckpointError(f"{key}: non-finite values")
-    elif t.is_floating_point():
-        raise CheckpointError(f"{key}: dtype {t.dtype}, expected an integer tensor")
-    elif t.numel() and (int(t.min()) < 0 or int(t.max()) >= cfg.n_routed_experts):
-        raise CheckpointError(f"{key}: expert ids must lie in [0, {cfg.n_routed_experts})")
-    dst.copy_(t)
+    slots = _slots(model)
+    experts: dict[str, torch.Tensor] = {}  # stacked expert tensors being filled, by name
+    by_shard: dict[str, list[_Item]] = {}
+    for item in items:
+        by_shard.setdefault(reader.where[item.key], []).append(item)
+    try:
+        with torch.no_grad():
+            for file in tqdm(sorted(by_shard), desc="loading shards", unit="shard", disable=not progress):
+                for item in by_shard[file]:
+                    meta = params[item.target]
+                    t = _read(reader, item, cfg).to(meta.dtype)
+                    if t.is_floating_point() and not torch.isfinite(t).all():
+                        raise CheckpointError(f"{item.key}: values overflow {_dtype_name(meta.dtype)}")
+                    if item.part is None:
+                        _place(slots, meta, t.to(dev).contiguous())
+                        continue
+                    if item.target not in experts:
+                        experts[item.target] = torch.empty(meta.shape, dtype=meta.dtype, device=dev)
+                    e, w = item.part
+                    inner = cfg.moe_intermediate_size
+                    buf = experts[item.target]
+                    (buf[e, :inner] if w == "w1" else buf[e, inner:] if w == "w3" else buf[e]).copy_(t)
+    finally:
+        reader.close()
+    for name, buf in experts.items():
+        _place(slots, params[name], buf)
+    for attn in [layer.self_attn for layer in [*model.model.layers, *model.mtp]]:
+        attn.rotary.inv_freq = torch.tensor(cfg.inv_freq(attn.layer_type != SWA), dtype=torch.float32, device=dev)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"load_checkpoint: {left[0]} was not loaded (a dsv4rs bug)")
+    return model

@@ -1,0 +1,113 @@
+"""README.md's code runs as written.
+
+- Every ```python block is run in a fresh interpreter (a subprocess, in an empty folder). The one
+  placeholder a block may hold is replaced first (:data:`PLACEHOLDERS`): ``"path/to/checkpoint"``
+  becomes a tiny checkpoint this test writes (``V4Config.tiny()``, seeded weights, transformers'
+  names, one shard and ``config.json``). A block with another ``path/to/`` placeholder fails
+  until it is added here.
+- Every ```bash block must parse (``bash -n``): running them is too costly here (the two
+  quick-start commands, install and test suite, are what CI runs).
+- Every ``dsv4rs ...`` command line of the README (in bash blocks and inline code) must be
+  accepted by the command's argument parser (nothing is run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+PLACEHOLDERS = {'"path/to/checkpoint"': "checkpoint"}
+"""Placeholder (as written in a block) -> what replaces it: ``"checkpoint"``, a tiny checkpoint."""
+
+
+def blocks(language: str) -> list[tuple[int, str]]:
+    """``(line number, code)`` of every fenced block of ``language`` in README.md."""
+    found, lines = [], README.read_text(encoding="utf-8").splitlines()
+    i = 0
+    while i < len(lines):
+        if lines[i].strip() == f"```{language}":
+            start = i + 1
+            i += 1
+            while lines[i].strip() != "```":
+                i += 1
+            found.append((start + 1, "\n".join(lines[start:i]) + "\n"))
+        i += 1
+    return found
+
+
+def _tiny_checkpoint(path: Path) -> str:
+    import torch
+    from safetensors.torch import save_file
+
+    from dsv4rs.model import DeepseekV4, V4Config, init_random
+
+    model = init_random(DeepseekV4(V4Config.tiny()), seed=0)
+    path.mkdir()
+    save_file({k: v.detach().contiguous() for k, v in model.checkpoint_tensors().items()},
+              str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps(model.config.to_hf_dict() | {"model_type": "deepseek_v4"}))
+    del torch
+    return str(path)
+
+
+def test_readme_has_the_blocks_this_test_expects() -> None:
+    assert len(blocks("python")) >= 2 and len(blocks("bash")) >= 2
+
+
+@pytest.mark.parametrize("line", [line for line, _ in blocks("python")], ids=lambda line: f"README.md:{line}")
+def test_python_block_runs(line: int, tmp_path) -> None:
+    code = dict(blocks("python"))[line]
+    for placeholder, what in PLACEHOLDERS.items():
+        if placeholder in code:
+            assert what == "checkpoint"
+            code = code.replace(placeholder, repr(_tiny_checkpoint(tmp_path / "checkpoint")))
+    assert "path/to/" not in code, f"README.md:{line}: a placeholder this test does not know (see PLACEHOLDERS)"
+    env = dict(os.environ, TQDM_DISABLE="1")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                         env=env)
+    assert out.returncode == 0, f"README.md:{line} failed:\n{out.stdout}\n{out.stderr}"
+
+
+@pytest.mark.parametrize("line", [line for line, _ in blocks("bash")], ids=lambda line: f"README.md:{line}")
+def test_bash_block_parses(line: int) -> None:
+    code = dict(blocks("bash"))[line]
+    out = subprocess.run(["bash", "-n"], input=code, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, f"README.md:{line}: {out.stderr}"
+
+
+def _command_lines() -> list[str]:
+    """Every ``dsv4rs ...`` command line of the README: in bash blocks and in inline code."""
+    text = README.read_text(encoding="utf-8")
+    found = []
+    for _, code in blocks("bash"):
+        for command in re.split(r"&&|\|\||;|\n", code):
+            words = shlex.split(command, comments=True)
+            for i, w in enumerate(words):
+                if os.path.basename(w) == "dsv4rs":
+                    found.append(shlex.join(["dsv4rs", *words[i + 1 :]]))
+    found += re.findall(r"`(dsv4rs (?:[a-z-][^`]*))`", text)
+    return sorted(set(found))
+
+
+def test_command_lines_parse() -> None:
+    from dsv4rs import cli
+
+    lines = _command_lines()
+    assert "dsv4rs demo" in lines and "dsv4rs demo --device cpu" in lines and "dsv4rs plan --gpus 2" in lines
+    parser, _ = cli._parser()
+    for line in lines:
+        args = shlex.split(line)[1:]
+        if any(re.search(r"[A-Z]{2,}", a) for a in args):  # a placeholder such as COMMAND or FILE.png
+            continue
+        try:
+            parser.parse_args(args)
+        except SystemExit as e:
+            assert e.code == 0, f"README: {line!r} is not a valid command line"
