@@ -17,6 +17,8 @@ MAIN_DATA_BYTES: int
 INDEX_KEY_BYTES: dict[str, int]
 FP8_BLOCK: int
 FP4_BLOCK: int
+MAX_TOPK: int
+MAX_SINKHORN_ITERS: int
 
 class CudaError(RuntimeError): ...
 class OutOfPagesError(MemoryError): ...

@@ -10,11 +10,14 @@ def ndim(name: str, t: torch.Tensor, n: int) -> None:
         raise ValueError(f"{name}: expected a {n}-d tensor, got shape {list(t.shape)}")
 
 
-def positive(name: str, v: int) -> int:
+def positive(name: str, v: int, high: int | None = None) -> int:
+    """``v`` if it is an int in ``[1, high]``; else TypeError/ValueError naming ``name``."""
     if isinstance(v, bool) or not isinstance(v, int):
         raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
     if v < 1:
         raise ValueError(f"{name}: must be >= 1, got {v}")
+    if high is not None and v > high:
+        raise ValueError(f"{name}: must be <= {high:,}, got {v:,}")
     return v
 
 

@@ -101,7 +101,8 @@ def _(cache: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 def kv_read(cache: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Dequantizes rows of a 584-byte KV cache: ``int64 [m]`` row ids -> ``float32 [m, 512]``;
-    ``-1`` reads as zeros."""
+    ``-1`` reads as zeros. Corrupt bytes decode as what they hold: a BF16 NaN, an FP8 NaN code
+    (0x7F/0xFF) or a UE8M0 scale code 0xFF give NaN (``sparse_attention`` refuses such rows)."""
     return _kv_read(as_tensor("cache", cache), as_tensor("rows", rows))
 
 

@@ -55,7 +55,7 @@ def indexer_topk(
         seq_ids: ``int32``/``int64 [T]``, the sequence of each query.
         visible: ``int32``/``int64 [T]``, how many keys of its sequence each query sees
             (at most ``max_pages * 64``).
-        k: keys to select.
+        k: keys to select, at most 4096 (``_core.MAX_TOPK``; V4 selects 512 or 1024).
         return_scores: also return the selected scores.
         physical: return cache rows (``page * 64 + offset``) instead of key numbers.
 
@@ -64,7 +64,7 @@ def indexer_topk(
         lower key, then ``-1``; with ``return_scores``, also ``float32 [T, k]`` (``-inf``
         padding).
     """
-    k = positive("k", k)
+    k = positive("k", k, _core.MAX_TOPK)
     q = as_tensor("q", q)
     ndim("q", q, 3)
     indices, scores = _indexer_topk(

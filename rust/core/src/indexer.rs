@@ -18,7 +18,7 @@ use crate::rows::{cache_kind, check_rows, CacheKind, Floats, Ids, PagedRows};
 use crate::simd::{multiversion, F32x16, LANES};
 use crate::tensor::{same_device, DType, Device, TensorRef};
 use crate::tile::{dots, head_groups, padded_heads, transpose_query, with_head_vecs, ROWS};
-use crate::topk::TopK;
+use crate::topk::{TopK, MAX_TOPK};
 
 /// Queries of one sequence scored together against each key tile.
 const QUERY_BLOCK: usize = 8;
@@ -162,8 +162,8 @@ pub unsafe fn indexer_topk(
     if heads == 0 {
         return Err(Error::value(q.name, "needs at least one head"));
     }
-    if k == 0 {
-        return Err(Error::value("k", "must be >= 1"));
+    if k == 0 || k > MAX_TOPK {
+        return Err(Error::value("k", format!("must be in 1..={MAX_TOPK}, got {k}")));
     }
     weights.expect_shape(&[Some(t), Some(heads)])?;
     block_table.expect_shape(&[None, None])?;

@@ -9,6 +9,9 @@ use crate::tensor::{same_device, DType, Device, TensorRef};
 
 /// Most streams a call takes (`hc_mult`; V4 uses 4).
 pub const MAX_STREAMS: usize = 8;
+/// The most Sinkhorn iterations `mhc_weights` runs (V4 runs 20; a bound so that a corrupt
+/// config cannot hang a step).
+pub const MAX_ITERS: usize = 1000;
 
 /// Streams `n` of a mix width `(2 + n) n`.
 fn streams(width: usize) -> Option<usize> {
@@ -87,8 +90,8 @@ pub unsafe fn mhc_weights(
     pre.expect_shape(&[Some(tokens), Some(n)])?;
     post.expect_shape(&[Some(tokens), Some(n)])?;
     comb.expect_shape(&[Some(tokens), Some(n), Some(n)])?;
-    if cfg.iters == 0 {
-        return Err(Error::value("iters", "must be >= 1"));
+    if cfg.iters == 0 || cfg.iters > MAX_ITERS {
+        return Err(Error::value("iters", format!("must be in 1..={MAX_ITERS}, got {}", cfg.iters)));
     }
     if !(cfg.eps.is_finite() && cfg.eps >= 0.0) {
         return Err(Error::value("eps", format!("must be finite and >= 0, got {}", cfg.eps)));

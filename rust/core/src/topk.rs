@@ -8,6 +8,10 @@
 
 use std::cmp::Ordering;
 
+/// The most keys one indexer query selects, on every device (the GPU kernel keeps a query's
+/// selection in shared memory; V4 selects 512 (Flash) or 1024 (Pro)).
+pub const MAX_TOPK: usize = 4096;
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Scored {
     pub score: f32,

@@ -52,6 +52,11 @@ mod _core {
     const FP8_BLOCK: usize = quant::FP8_BLOCK;
     #[pymodule_export]
     const FP4_BLOCK: usize = quant::FP4_BLOCK;
+    // Limits of the ops' integer arguments.
+    #[pymodule_export]
+    const MAX_TOPK: usize = dsv4rs_core::topk::MAX_TOPK;
+    #[pymodule_export]
+    const MAX_SINKHORN_ITERS: usize = dsv4rs_core::mhc::MAX_ITERS;
 
     #[pymodule_init]
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -12,7 +12,7 @@ use crate::tensor::{DType, TensorRef};
 const SCORE_THREADS: u32 = 128;
 const MERGE_THREADS: u32 = 1024;
 /// Largest k the merge kernel sorts in shared memory.
-pub const MAX_K: usize = 4096;
+pub const MAX_K: usize = crate::topk::MAX_TOPK;
 /// Largest number of indexer heads (one 64-row tile of the MMA).
 pub const MAX_HEADS: usize = 64;
 /// Blocks to aim for: enough to fill every multiprocessor of a large GPU several times.
