@@ -1,10 +1,11 @@
 """README.md's code runs as written.
 
 - Every ```python block is run in a fresh interpreter (a subprocess, in an empty folder). The one
-  placeholder a block may hold is replaced first (:data:`PLACEHOLDERS`): ``"path/to/checkpoint"``
+  placeholders a block may hold are replaced first (:data:`PLACEHOLDERS`): ``"path/to/checkpoint"``
   becomes a tiny checkpoint this test writes (``V4Config.tiny()``, seeded weights, transformers'
   names, one shard and ``config.json``). A block with another ``path/to/`` placeholder fails
-  until it is added here.
+  until it is added here. A block that opens ``"tiny-v4"`` finds the tiny text checkpoint the
+  README's bash block writes (``tests/checkpoints.py``: weights and a tokenizer) in its folder.
 - Every ```bash block must parse (``bash -n``): running them is too costly here (the two
   quick-start commands, install and test suite, are what CI runs).
 - Every ``dsv4rs ...`` command line of the README (in bash blocks and inline code) must be
@@ -70,6 +71,11 @@ def test_python_block_runs(line: int, tmp_path) -> None:
             assert what == "checkpoint"
             code = code.replace(placeholder, repr(_tiny_checkpoint(tmp_path / "checkpoint")))
     assert "path/to/" not in code, f"README.md:{line}: a placeholder this test does not know (see PLACEHOLDERS)"
+    if '"tiny-v4"' in code:  # written by the README's bash block just above it
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from checkpoints import write_checkpoint
+
+        write_checkpoint(str(tmp_path / "tiny-v4"))
     env = dict(os.environ, TQDM_DISABLE="1")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600,
                          env=env)
@@ -83,16 +89,30 @@ def test_bash_block_parses(line: int) -> None:
     assert out.returncode == 0, f"README.md:{line}: {out.stderr}"
 
 
+def _commands(line: str) -> list[list[str]]:
+    """The simple commands of one shell line, as words: split at ``;``, ``&&``, ``||``, ``|`` and
+    ``&`` outside quotes, comments dropped."""
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=";&|")
+    lexer.whitespace_split = True
+    commands: list[list[str]] = [[]]
+    for token in lexer:
+        if token and set(token) <= set(";&|"):
+            commands.append([])
+        else:
+            commands[-1].append(token)
+    return [c for c in commands if c]
+
+
 def _command_lines() -> list[str]:
     """Every ``dsv4rs ...`` command line of the README: in bash blocks and in inline code."""
     text = README.read_text(encoding="utf-8")
     found = []
     for _, code in blocks("bash"):
-        for command in re.split(r"&&|\|\||;|\n", code):
-            words = shlex.split(command, comments=True)
-            for i, w in enumerate(words):
-                if os.path.basename(w) == "dsv4rs":
-                    found.append(shlex.join(["dsv4rs", *words[i + 1 :]]))
+        for line in code.replace("\\\n", " ").splitlines():
+            for words in _commands(line):
+                for i, w in enumerate(words):
+                    if os.path.basename(w) == "dsv4rs":
+                        found.append(shlex.join(["dsv4rs", *words[i + 1 :]]))
     found += re.findall(r"`(dsv4rs (?:[a-z-][^`]*))`", text)
     return sorted(set(found))
 
@@ -102,9 +122,12 @@ def test_command_lines_parse() -> None:
 
     lines = _command_lines()
     assert "dsv4rs demo" in lines and "dsv4rs demo --device cpu" in lines and "dsv4rs plan --gpus 2" in lines
-    parser, _ = cli._parser()
+    parser, subs = cli._parser()
     for line in lines:
         args = shlex.split(line)[1:]
+        if len(args) == 1 and not args[0].startswith("-"):  # a command named in prose: `dsv4rs generate`
+            assert args[0] in subs, f"README: {line!r} names no command"
+            continue
         if any(re.search(r"[A-Z]{2,}", a) for a in args):  # a placeholder such as COMMAND or FILE.png
             continue
         try:
