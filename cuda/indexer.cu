@@ -40,37 +40,36 @@ __device__ __forceinline__ void stage_page(uint8_t* stage, const uint8_t* __rest
   for (int off = 16 * tid; off < bytes; off += 16 * THREADS) cp_async16(stage + off, src + off);
 }
 
-// Decodes a staged page into the shared key tile as bf16 (exact for FP4 and FP8 keys): thread
-// tid takes chunks q = tid + 128 j (key q / 16, dims 8 (q % 16) .. + 8), so each quarter warp
-// writes 8 consecutive 16-byte chunks of one row. Keys at or past `valid` become zeros.
-__device__ __forceinline__ void decode_page(const uint8_t* stage, IndexFormat fmt, int valid, uint16_t* ks, int tid) {
+// Decodes a staged page into the shared key tile as bf16 and the keys' scales into `kscale`:
+// thread tid takes chunks q = tid + 128 j (key q / 16, dims 8 (q % 16) .. + 8), so each quarter
+// warp writes 8 consecutive 16-byte chunks of one row. FP4 keys decode exactly with their
+// power-of-two block scales (scale 1); FP8 keys decode to their codes' values, exact in bf16,
+// and their float32 scale (any value: a power of two as index_key_write writes it, or
+// DeepGEMM's amax / 448) multiplies the key's dot products afterwards, in float32. Keys at or
+// past `valid` become zeros with scale 0.
+__device__ __forceinline__ void decode_page(const uint8_t* stage, IndexFormat fmt, int valid, uint16_t* ks,
+                                            float* kscale, int tid) {
 #pragma unroll
   for (int j = 0; j < PAGE_ROWS * 16 / THREADS; ++j) {
     const int q = tid + THREADS * j, key = q / 16, c = q % 16;
     uint4 v = make_uint4(0, 0, 0, 0);
+    float sc = 0.f;
     if (key < valid) {
+      sc = 1.f;
       if (fmt == KEYS_FP4) {
         uint32_t bits = *(const uint32_t*)(stage + key * INDEX_KEY_FP4.data_bytes + 4 * c);
         int e = (int)stage[PAGE_ROWS * INDEX_KEY_FP4.data_bytes + key * INDEX_KEY_FP4.scale_bytes + c / 4] - 127;
         v = fp4x8_to_bf16(bits, e);
       } else if (fmt == KEYS_FP8) {
         uint2 bits = *(const uint2*)(stage + key * INDEX_KEY_FP8.data_bytes + 8 * c);
-        float sc = *(const float*)(stage + PAGE_ROWS * INDEX_KEY_FP8.data_bytes + key * INDEX_KEY_FP8.scale_bytes);
-        uint32_t sb = __float_as_uint(sc);
-        if ((sb & 0x807FFFFFu) == 0) {
-          v = fp8x8_to_bf16(bits, (int)(sb >> 23) - 127);  // 2^e, as index_key_write writes it
-        } else {  // a scale that is not a power of two: decode and round
-          const uint8_t* b = (const uint8_t*)&bits;
-          uint32_t o[4];
-#pragma unroll
-          for (int i = 0; i < 4; ++i) o[i] = to_bf16(fp8_decode(b[2 * i]) * sc) | ((uint32_t)to_bf16(fp8_decode(b[2 * i + 1]) * sc) << 16);
-          v = make_uint4(o[0], o[1], o[2], o[3]);
-        }
+        sc = *(const float*)(stage + PAGE_ROWS * INDEX_KEY_FP8.data_bytes + key * INDEX_KEY_FP8.scale_bytes);
+        v = fp8x8_to_bf16<true>(bits, 0);
       } else {
         v = *(const uint4*)(stage + key * INDEX_DIM * 2 + 16 * c);
       }
     }
     *(uint4*)(ks + key * ROW + 8 * c) = v;
+    if (c == 0) kscale[key] = sc;
   }
 }
 
@@ -84,7 +83,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) dsv4_indexer_score(
   extern __shared__ __align__(16) uint8_t smem[];
   uint16_t* ks = (uint16_t*)smem;                                  // [64][ROW] bf16 keys
   float* red = (float*)(ks + PAGE_ROWS * ROW);                      // [4 warps][64] partial scores
-  uint64_t* pool = (uint64_t*)(red + 4 * PAGE_ROWS);               // [split_keys] candidates
+  float* kscale = red + 4 * PAGE_ROWS;                              // [64] the keys' scales
+  uint64_t* pool = (uint64_t*)(kscale + PAGE_ROWS);                // [split_keys] candidates
   SelectScratch& scratch = *(SelectScratch*)(pool + split_keys);
   uint8_t* stages = (uint8_t*)(&scratch + 1);                       // [STAGES][page bytes]
   __shared__ int n_valid, n_out;
@@ -146,7 +146,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) dsv4_indexer_score(
     const int valid = page_ok(page) ? (int)min((long long)PAGE_ROWS, k1 - base) : 0;
     cp_async_wait<STAGES - 2>();
     __syncthreads();  // page i staged by every thread; the previous tile's readers are done
-    decode_page(stages + (i % STAGES) * bytes, fmt, valid, ks, tid);
+    decode_page(stages + (i % STAGES) * bytes, fmt, valid, ks, kscale, tid);
     if (i + STAGES - 1 < n_pages) {
       int next = page_of(i + STAGES - 1);
       if (page_ok(next)) stage_page(stages + ((i + STAGES - 1) % STAGES) * bytes, keys, fmt, next, tid);
@@ -170,12 +170,13 @@ extern "C" __global__ void __launch_bounds__(THREADS) dsv4_indexer_score(
         }
       }
     }
-    // Fold this warp's heads: sum over h of w_h ReLU(score), reduced over the 8 row lanes.
+    // Fold this warp's heads: sum over h of w_h ReLU(scale x dot), reduced over the 8 row lanes.
 #pragma unroll
     for (int n = 0; n < 8; ++n) {
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
-        float part = wlo * fmaxf(acc[n][c], 0.f) + whi * fmaxf(acc[n][2 + c], 0.f);
+        const float sc = kscale[8 * n + c2 + c];
+        float part = wlo * fmaxf(sc * acc[n][c], 0.f) + whi * fmaxf(sc * acc[n][2 + c], 0.f);
         part += __shfl_xor_sync(0xffffffffu, part, 4);
         part += __shfl_xor_sync(0xffffffffu, part, 8);
         part += __shfl_xor_sync(0xffffffffu, part, 16);

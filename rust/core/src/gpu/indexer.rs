@@ -46,11 +46,11 @@ pub fn workspace_bytes(queries: usize, max_keys: usize, k: usize) -> usize {
 /// Pages staged ahead by the score kernel (`STAGES` in cuda/indexer.cu).
 const STAGES: usize = 4;
 
-/// Shared memory of the score kernel: the bf16 key tile, per-warp partial scores, the split's
+/// Shared memory of the score kernel: the bf16 key tile, per-warp partial scores, the keys' scales, the split's
 /// candidate pool, the radix-select scratch and the staged raw pages.
 fn score_shared_bytes(split_keys: usize, key_format: IndexFormat) -> u32 {
     let page_bytes = PAGE_ROWS * key_format.row_bytes();
-    let tile = PAGE_ROWS * (INDEX_DIM + 8) * 2 + 4 * PAGE_ROWS * 4;
+    let tile = PAGE_ROWS * (INDEX_DIM + 8) * 2 + 5 * PAGE_ROWS * 4;
     (tile + split_keys * 8 + 1040 + STAGES * page_bytes) as u32
 }
 
