@@ -4,6 +4,7 @@ the quantization switch, the checkpoint loader and its errors, and ``dsv4rs demo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -91,6 +92,88 @@ def test_config_reads_both_spellings(tmp_path) -> None:
                     rope_scaling={"type": "yarn", "factor": 16, "original_max_position_embeddings": 65536,
                                   "beta_fast": 32, "beta_slow": 1})
     assert V4Config.from_dict(deepseek) == cfg
+
+
+def _inference_dict(cfg: V4Config, **yarn) -> dict:
+    """``cfg`` in DeepSeek's inference/config.json spelling (its ModelArgs fields)."""
+    return {"vocab_size": cfg.vocab_size, "dim": cfg.hidden_size, "moe_inter_dim": cfg.moe_intermediate_size,
+            "n_layers": cfg.num_hidden_layers, "n_hash_layers": cfg.hash_layers,
+            "n_mtp_layers": cfg.num_nextn_predict_layers, "n_heads": cfg.num_attention_heads,
+            "n_routed_experts": cfg.n_routed_experts, "n_shared_experts": 1, "n_activated_experts": cfg.num_experts_per_tok,
+            "score_func": "sqrtsoftplus", "route_scale": cfg.routed_scaling_factor, "swiglu_limit": cfg.swiglu_limit,
+            "q_lora_rank": cfg.q_lora_rank, "head_dim": 512, "rope_head_dim": 64, "norm_eps": cfg.rms_norm_eps,
+            "o_groups": cfg.o_groups, "o_lora_rank": cfg.o_lora_rank, "window_size": cfg.sliding_window,
+            "compress_ratios": list(cfg.compress_ratios), "compress_rope_theta": cfg.compress_rope_theta,
+            "rope_theta": cfg.rope_theta, "index_n_heads": cfg.index_n_heads, "index_head_dim": 128,
+            "index_topk": cfg.index_topk, "hc_mult": cfg.hc_mult, "hc_sinkhorn_iters": cfg.hc_sinkhorn_iters,
+            "hc_eps": cfg.hc_eps, "max_batch_size": 4, "max_seq_len": 4096, "dtype": "fp8", "scale_fmt": "ue8m0",
+            "expert_dtype": "fp4", **yarn}
+
+
+_YARN = {"original_seq_len": 65536, "rope_factor": 16, "beta_fast": 32, "beta_slow": 1}
+
+
+def test_config_reads_deepseeks_inference_spelling(tmp_path) -> None:
+    """DeepSeek's inference/config.json spelling loads to the same config as transformers'; a
+    folder with only inference/config.json is read from there."""
+    for cfg in (V4Config.tiny(), V4Config.v4_flash(), V4Config.v4_pro()):
+        assert V4Config.from_dict(_inference_dict(cfg, **_YARN)) == cfg
+        assert V4Config.from_dict(cfg.to_hf_dict()) == cfg
+    # original_seq_len 0 (ModelArgs' default): no YaRN, as precompute_freqs_cis does.
+    plain = V4Config.from_dict(_inference_dict(V4Config.tiny()))
+    assert plain.yarn is None and plain == dataclasses.replace(V4Config.tiny(), yarn=None)
+    (tmp_path / "inference").mkdir()
+    (tmp_path / "inference" / "config.json").write_text(json.dumps(_inference_dict(V4Config.v4_flash(), **_YARN)))
+    assert V4Config.from_pretrained(tmp_path) == V4Config.v4_flash()
+    (tmp_path / "config.json").write_text(json.dumps(V4Config.tiny().to_hf_dict()))  # the hub's file comes first
+    assert V4Config.from_pretrained(tmp_path) == V4Config.tiny()
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"dim": None}, r"config dim: missing"),
+    ({"compress_ratios": None}, r"config compress_ratios: missing"),
+    ({"compress_ratios": [0, 4]}, r"config compress_ratios: 2 entries for n_layers = 4"),
+    ({"n_shared_experts": 2}, r"config n_shared_experts: V4 has exactly 1 shared expert"),
+    ({"n_shared_experts": 0}, r"config n_shared_experts"),
+    ({"swiglu_limit": None}, r"config swiglu_limit: must be a finite number > 0, got 0"),  # ModelArgs' default 0
+    ({"original_seq_len": -1}, r"config original_seq_len"),
+    ({"rope_factor": "x"}, r"config rope_parameters: factor"),
+    ({"n_heads": 5}, r"config o_groups"),
+])
+def test_inference_spelling_errors_name_the_key(change: dict, message: str) -> None:
+    d = {k: v for k, v in (_inference_dict(V4Config.tiny(), **_YARN) | change).items() if v is not None}
+    with pytest.raises(ValueError, match=message):
+        V4Config.from_dict(d)
+
+
+def test_every_transformers_config_key_is_read_or_refused_or_known_irrelevant() -> None:
+    """Each field of transformers' DeepseekV4Config is a V4Config field, one from_dict translates
+    or checks, or listed in IGNORED_KEYS; each checked one, set to a value V4 does not have, is
+    refused naming it."""
+    from dsv4rs.model.config import IGNORED_KEYS
+
+    hf_fields = set(vars(_transformers().DeepseekV4Config)["__annotations__"]) - {"model_type", "base_config_key"}
+    assert {"vocab_size", "attention_bias", "rope_parameters"} <= hf_fields
+    ours = {f.name for f in dataclasses.fields(V4Config)}
+    translated = {"compress_rates", "rope_parameters", "partial_rotary_factor", "num_key_value_heads",
+                  "hidden_act", "attention_bias", "mlp_bias"}
+    unknown = sorted(k for k in hf_fields if k not in ours | translated | set(IGNORED_KEYS)
+                     and not k.startswith("_") and k.islower())
+    assert not unknown, f"transformers' DeepseekV4Config keys dsv4rs neither reads nor lists: {unknown}"
+    base = V4Config.tiny().to_hf_dict()
+    for key, value in [("num_key_value_heads", 2), ("hidden_act", "gelu"), ("attention_bias", True),
+                       ("mlp_bias", True), ("partial_rotary_factor", 0.25),
+                       ("compress_rates", {CSA: 8, HCA: 128}), ("n_shared_experts", 2)]:
+        with pytest.raises(ValueError, match=key if key != "partial_rotary_factor" else "qk_rope_head_dim"):
+            V4Config.from_dict(base | {key: value})
+
+
+def test_config_refuses_other_shared_expert_counts() -> None:
+    for n in (0, 2):
+        with pytest.raises(ValueError, match="n_shared_experts"):
+            V4Config.tiny(n_shared_experts=n)
+        with pytest.raises(ValueError, match="n_shared_experts"):
+            V4Config.from_dict(V4Config.tiny().to_hf_dict() | {"n_shared_experts": n})
 
 
 @pytest.mark.parametrize(("change", "names"), [

@@ -42,7 +42,6 @@ UPPER_BOUNDS: dict[str, tuple[int, str]] = {
     "o_groups": (1024, "V4-Pro has 16"),
     "moe_intermediate_size": (1 << 17, "V4-Pro has 3,072"),
     "n_routed_experts": (1 << 16, "V4-Pro has 384"),
-    "n_shared_experts": (64, "V4 has 1"),
     "sliding_window": (1 << 16, "V4 has 128"),
     "index_n_heads": (64, "the GPU indexer takes at most 64 heads"),
     "index_topk": (4096, "the GPU indexer selects at most 4096 keys"),
@@ -52,6 +51,21 @@ UPPER_BOUNDS: dict[str, tuple[int, str]] = {
 }
 """Upper bounds of the integer keys: beyond them a model cannot run here (a kernel limit) or
 its size is absurd (and building it would try to allocate terabytes)."""
+
+
+IGNORED_KEYS: dict[str, str] = {
+    "output_router_logits": "training: the router's auxiliary loss",
+    "router_aux_loss_coef": "training: the router's auxiliary loss",
+    "router_jitter_noise": "training: noise on the router's input",
+    "attention_dropout": "training: dropout",
+    "initializer_range": "training: random initialization",
+    "use_cache": "transformers' generation switch; dsv4rs always decodes from its paged cache",
+    "pad_token_id": "a tokenizer id, not the model's",
+    "bos_token_id": "a tokenizer id (dsv4rs.LLM reads the tokenizer's)",
+    "eos_token_id": "a tokenizer id (dsv4rs.LLM reads it from config.json itself)",
+}
+"""Keys of transformers' ``DeepseekV4Config`` that do not change the inference model, ignored
+(every other key is read, or refused when its value is not V4's)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,7 +163,9 @@ class V4Config:
              f"{self.o_groups} groups do not divide {self.num_attention_heads} heads")
         need(self.num_experts_per_tok <= self.n_routed_experts, "num_experts_per_tok",
              f"{self.num_experts_per_tok} > n_routed_experts = {self.n_routed_experts}")
-        need(self.n_shared_experts >= 0, "n_shared_experts", f"must be >= 0, got {self.n_shared_experts}")
+        need(self.n_shared_experts == 1, "n_shared_experts",
+             f"V4 has exactly 1 shared expert (transformers builds one, DeepSeek's code asserts it), "
+             f"got {self.n_shared_experts}")
         need(len(self.layer_types) == self.num_hidden_layers, "layer_types",
              f"{len(self.layer_types)} entries for num_hidden_layers = {self.num_hidden_layers}")
         bad = [t for t in self.layer_types if t not in LAYER_TYPES]
@@ -196,11 +212,16 @@ class V4Config:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> V4Config:
-        """From a ``config.json`` dict (transformers' or DeepSeek's spelling). Unknown keys are
-        ignored; a missing required key or an invalid value raises ``ValueError`` naming it."""
+        """From a ``config.json`` dict in any of its spellings: transformers' (``DeepseekV4Config``),
+        the hub's legacy keys (``compress_ratios``, ``num_hash_layers``, ``qk_rope_head_dim``,
+        ``rope_scaling``) or DeepSeek's ``inference/config.json`` (``dim``, ``n_layers``,
+        ``n_heads``, ...: see :func:`from_inference_dict`). Unknown keys are ignored; a missing
+        required key or an invalid value raises ``ValueError`` naming it."""
         if not isinstance(d, Mapping):
             raise ValueError(f"config: expected a JSON object of keys, got {type(d).__name__}")
         d = dict(d)
+        if "num_hidden_layers" not in d and "n_layers" in d:
+            d = from_inference_dict(d)
         mt = d.get("model_type")
         if mt not in (None, "deepseek_v4"):
             raise ValueError(f'config model_type: expected "deepseek_v4", got {mt!r}')
@@ -256,15 +277,19 @@ class V4Config:
             raise ValueError(f"config num_key_value_heads: V4 has one shared K=V head, got {d['num_key_value_heads']}")
         if d.get("hidden_act", "silu") != "silu":
             raise ValueError(f'config hidden_act: expected "silu", got {d["hidden_act"]!r}')
+        for key in ("attention_bias", "mlp_bias"):
+            if d.get(key, False) is not False:
+                raise ValueError(f"config {key}: V4's linear layers have no bias, got {d[key]!r}")
         return cls(**kwargs)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike[str]) -> V4Config:
-        """From ``path/config.json`` (or a ``config.json`` path): a regular file of at most
-        :data:`CONFIG_LIMIT` bytes."""
+        """From ``path/config.json`` (or ``path/inference/config.json`` when there is no
+        ``config.json``; or a file's path): a regular file of at most :data:`CONFIG_LIMIT` bytes."""
         p = os.fspath(path)
         if os.path.isdir(p):
-            p = os.path.join(p, "config.json")
+            hub, inference = os.path.join(p, "config.json"), os.path.join(p, "inference", "config.json")
+            p = inference if not os.path.exists(hub) and os.path.isfile(inference) else hub
         try:
             d = read_json(p, CONFIG_LIMIT)
         except FileNotFoundError:
@@ -404,6 +429,62 @@ def rope_inv_freq(rope_dim: int, theta: float, yarn: YaRN | None = None) -> list
     width = high - low if high != low else 1e-3
     ramps = (min(max((j - low) / width, 0.0), 1.0) for j in range(rope_dim // 2))
     return [f * (1 - r) + f / yarn.factor * r for f, r in zip(base, ramps)]
+
+
+INFERENCE_KEYS: dict[str, str] = {
+    "dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+    "moe_inter_dim": "moe_intermediate_size", "n_activated_experts": "num_experts_per_tok",
+    "n_hash_layers": "num_hash_layers", "n_mtp_layers": "num_nextn_predict_layers", "score_func": "scoring_func",
+    "route_scale": "routed_scaling_factor", "rope_head_dim": "qk_rope_head_dim", "norm_eps": "rms_norm_eps",
+    "window_size": "sliding_window",
+    **{k: k for k in ("vocab_size", "n_routed_experts", "n_shared_experts", "swiglu_limit", "q_lora_rank", "head_dim",
+                      "o_groups", "o_lora_rank", "compress_ratios", "compress_rope_theta", "rope_theta",
+                      "index_n_heads", "index_head_dim", "index_topk", "hc_mult", "hc_sinkhorn_iters", "hc_eps")},
+}
+"""DeepSeek's ``inference/config.json`` keys (its ``ModelArgs`` fields) -> ``V4Config``'s. The
+YaRN keys (``original_seq_len``, ``rope_factor``, ``beta_fast``, ``beta_slow``) become
+``rope_scaling``; the runtime keys (``max_batch_size``, ``max_seq_len``, ``dtype``, ``scale_fmt``,
+``expert_dtype``, ``scale_dtype``) describe DeepSeek's run, not the model, and are ignored."""
+
+INFERENCE_REQUIRED = ("vocab_size", "dim", "n_layers", "n_heads", "moe_inter_dim", "n_routed_experts",
+                      "n_activated_experts", "compress_ratios")
+"""Keys an ``inference/config.json`` must hold: the model's shape. The others default as
+DeepSeek's ``ModelArgs`` does (:data:`INFERENCE_DEFAULTS`)."""
+
+INFERENCE_DEFAULTS: dict[str, Any] = {
+    "n_hash_layers": 0, "n_mtp_layers": 1, "n_shared_experts": 1, "score_func": "sqrtsoftplus", "route_scale": 1.0,
+    "swiglu_limit": 0.0, "q_lora_rank": 1024, "head_dim": 512, "rope_head_dim": 64, "norm_eps": 1e-6, "o_groups": 8,
+    "o_lora_rank": 1024, "window_size": 128, "compress_rope_theta": 40000.0, "original_seq_len": 0,
+    "rope_theta": 10000.0, "rope_factor": 40.0, "beta_fast": 32, "beta_slow": 1, "index_n_heads": 64,
+    "index_head_dim": 128, "index_topk": 512, "hc_mult": 4, "hc_sinkhorn_iters": 20, "hc_eps": 1e-6,
+}
+"""``ModelArgs``' defaults, which DeepSeek's code uses for a key its ``config.json`` leaves out
+(so the same file builds the same model here and there). ``swiglu_limit`` 0 (no clamp) is then
+refused by :class:`V4Config`: V4 clamps at 10."""
+
+
+def from_inference_dict(d: Mapping[str, Any]) -> dict[str, Any]:
+    """DeepSeek's ``inference/config.json`` spelling as the hub's: the dict :meth:`V4Config.from_dict`
+    reads. YaRN applies to the compressed layers when ``original_seq_len > 0``, as DeepSeek's
+    ``precompute_freqs_cis`` does; ``compress_ratios`` has an entry per layer, then the MTP
+    layers'. A required key that is missing raises ``ValueError`` naming it."""
+    for key in INFERENCE_REQUIRED:
+        if d.get(key) is None:
+            raise ValueError(f"config {key}: missing (DeepSeek's inference/config.json spelling)")
+    full = {**INFERENCE_DEFAULTS, **{k: v for k, v in d.items() if v is not None}}
+    out = {hub: full[key] for key, hub in INFERENCE_KEYS.items() if key in full}
+    n, ratios = full["n_layers"], _list(full["compress_ratios"], "compress_ratios")
+    if isinstance(n, int) and not isinstance(n, bool) and len(ratios) < n:
+        raise ValueError(f"config compress_ratios: {len(ratios)} entries for n_layers = {n}")
+    orig = full["original_seq_len"]
+    if isinstance(orig, bool) or not isinstance(orig, (int, float)) or not math.isfinite(orig) or orig < 0:
+        raise ValueError(f"config original_seq_len: expected a number >= 0, got {orig!r}")
+    if orig > 0:
+        out["rope_scaling"] = {"type": "yarn", "factor": full["rope_factor"], "original_max_position_embeddings": orig,
+                               "beta_fast": full["beta_fast"], "beta_slow": full["beta_slow"]}
+    if "model_type" in d:
+        out["model_type"] = d["model_type"]
+    return out
 
 
 PRESETS = {"v4-pro": V4Config.v4_pro, "v4-flash": V4Config.v4_flash, "demo": V4Config.demo}
