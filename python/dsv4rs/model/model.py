@@ -17,15 +17,15 @@ from torch import nn
 from dsv4rs.model.config import SWA, V4Config
 from dsv4rs.model.layers.attention import Attention, AttentionMetadata, LayerCache
 from dsv4rs.model.layers.mhc import HyperConnection, HyperHead, combine
-from dsv4rs.model.layers.moe import MoE
+from dsv4rs.model.layers.moe import MoE, expert_range
 from dsv4rs.model.layers.norm import RMSNorm, linear
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: V4Config, layer_type: str, mlp_type: str) -> None:
+    def __init__(self, cfg: V4Config, layer_type: str, mlp_type: str, experts: range | None = None) -> None:
         super().__init__()
         self.self_attn = Attention(cfg, layer_type)
-        self.mlp = MoE(cfg, mlp_type == "hash_moe")
+        self.mlp = MoE(cfg, mlp_type == "hash_moe", experts)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.attn_hc = HyperConnection(cfg)
@@ -45,8 +45,8 @@ class MTP(DecoderLayer):
     ``h_t`` and the embedding of token ``t + 1``, the logits of token ``t + 2``; a SWA-only layer
     with its own ``hc_head`` and norm, sharing the embedding and LM head."""
 
-    def __init__(self, cfg: V4Config) -> None:
-        super().__init__(cfg, SWA, "moe")
+    def __init__(self, cfg: V4Config, experts: range | None = None) -> None:
+        super().__init__(cfg, SWA, "moe", experts)
         self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.e_proj = linear(cfg.hidden_size, cfg.hidden_size)
@@ -60,11 +60,11 @@ class MTP(DecoderLayer):
 
 
 class Backbone(nn.Module):
-    def __init__(self, cfg: V4Config) -> None:
+    def __init__(self, cfg: V4Config, experts: range | None = None) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, t, m) for t, m in zip(cfg.layer_types, cfg.mlp_layer_types))
+            DecoderLayer(cfg, t, m, experts) for t, m in zip(cfg.layer_types, cfg.mlp_layer_types))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.hc_head = HyperHead(cfg)
 
@@ -72,16 +72,21 @@ class Backbone(nn.Module):
 class DeepseekV4(nn.Module):
     """All weights of a DeepSeek-V4 model, named as transformers' ``DeepseekV4ForCausalLM`` names
     them (plus ``mtp.0.*`` for the MTP block), and its forward pass over the paged cache. Run it
-    with :class:`dsv4rs.runtime.Engine`."""
+    with :class:`dsv4rs.runtime.Engine`.
 
-    def __init__(self, cfg: V4Config) -> None:
+    ``experts`` (a contiguous range of routed-expert ids; default all) builds every MoE layer
+    with those experts only: a rank's share under expert parallelism (:mod:`dsv4rs.parallel`).
+    """
+
+    def __init__(self, cfg: V4Config, experts: range | None = None) -> None:
         super().__init__()
         self.config = cfg
-        self.model = Backbone(cfg)
+        self.experts = expert_range(cfg, experts)
+        self.model = Backbone(cfg, experts)
         self.lm_head = linear(cfg.hidden_size, cfg.vocab_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.mtp = nn.ModuleList(MTP(cfg) for _ in range(cfg.num_nextn_predict_layers))
+        self.mtp = nn.ModuleList(MTP(cfg, experts) for _ in range(cfg.num_nextn_predict_layers))
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor a checkpoint holds, by name: the parameters (a tied LM head once, under
@@ -136,13 +141,14 @@ def set_dtype(model: DeepseekV4, dtype: torch.dtype) -> DeepseekV4:
     return model
 
 
-def empty_model(cfg: V4Config, device: torch.device | str, dtype: torch.dtype = torch.float32) -> DeepseekV4:
+def empty_model(cfg: V4Config, device: torch.device | str, dtype: torch.dtype = torch.float32,
+                experts: range | None = None) -> DeepseekV4:
     """A model whose weights are allocated on ``device`` in ``dtype`` (see :func:`set_dtype`) but
     not initialized: it is built on the meta device, so no full-size copy is ever made elsewhere;
     the tables computed from the config (RoPE frequencies) are filled. Load or initialize the
     weights next."""
     with torch.device("meta"):
-        model = set_dtype(DeepseekV4(cfg), dtype)
+        model = set_dtype(DeepseekV4(cfg, experts), dtype)
     model.to_empty(device=device)
     for attn in [layer.self_attn for layer in [*model.model.layers, *model.mtp]]:
         attn.rotary.inv_freq.copy_(torch.tensor(cfg.inv_freq(attn.layer_type != SWA)))

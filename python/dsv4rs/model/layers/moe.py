@@ -28,12 +28,29 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
-class Experts(nn.Module):
-    """Routed experts, stacked: ``gate_up_proj [E, 2 I, d]`` (gate rows first), ``down_proj [E, d, I]``."""
+def expert_range(cfg: V4Config, experts: range | None) -> range:
+    """``experts`` checked against the config (contiguous, within ``[0, n_routed_experts)``), or
+    all of them."""
+    n = cfg.n_routed_experts
+    if experts is None:
+        return range(n)
+    if not isinstance(experts, range) or experts.step != 1 or not 0 <= experts.start <= experts.stop <= n:
+        raise ValueError(f"experts: expected a contiguous range within [0, {n}), got {experts!r}")
+    return experts
 
-    def __init__(self, cfg: V4Config) -> None:
+
+class Experts(nn.Module):
+    """Routed experts, stacked: ``gate_up_proj [E, 2 I, d]`` (gate rows first), ``down_proj [E, d, I]``.
+
+    With ``experts`` (a contiguous range of expert ids) the module holds only those, ``E`` being
+    their count and ``first`` the id of the first (expert parallelism: the other ranks hold the
+    rest, see :mod:`dsv4rs.parallel`)."""
+
+    def __init__(self, cfg: V4Config, experts: range | None = None) -> None:
         super().__init__()
-        e, i, d = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        held = expert_range(cfg, experts)
+        e, i, d = len(held), cfg.moe_intermediate_size, cfg.hidden_size
+        self.first = held.start
         self.limit = cfg.swiglu_limit
         self.gate_up_proj = nn.Parameter(torch.zeros(e, 2 * i, d))
         self.down_proj = nn.Parameter(torch.zeros(e, d, i))
@@ -138,13 +155,12 @@ class Router(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: V4Config, hashed: bool) -> None:
+    def __init__(self, cfg: V4Config, hashed: bool, experts: range | None = None) -> None:
         super().__init__()
         self.gate = Router(cfg, hashed)
-        self.experts = Experts(cfg)
-        self.shared_experts = MLP(cfg, cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else None
+        self.experts = Experts(cfg, experts)
+        self.shared_experts = MLP(cfg, cfg.moe_intermediate_size * cfg.n_shared_experts)
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         idx, w = self.gate(x, ids)
-        out = self.experts(x, idx, w)
-        return out if self.shared_experts is None else out + self.shared_experts(x)
+        return self.experts(x, idx, w) + self.shared_experts(x)
