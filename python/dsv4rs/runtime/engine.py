@@ -22,6 +22,7 @@ from dsv4rs import ops
 from dsv4rs.cache import CacheConfig, KVCacheManager, PrefixHit
 from dsv4rs.model.layers.attention import AttentionMetadata
 from dsv4rs.model.model import DeepseekV4
+from dsv4rs.parallel import ParallelConfig, attach
 from dsv4rs.runtime.graphs import BUCKETS, DecodeGraphs
 from dsv4rs.runtime.kv_cache import KVCache
 from dsv4rs.runtime.memory import pages_per_sequence, plan_memory
@@ -48,11 +49,28 @@ class Engine:
             bucket that holds it; larger batches run eagerly), captured on first use.
         memory_fraction: the share of the free device memory the planner may give the cache
             (default 0.9 on a GPU, 0.1 on the CPU).
+        parallel: this rank's :class:`dsv4rs.parallel.ParallelConfig` when several processes
+            share the model (data-parallel attention, expert-parallel MoE): ``model`` holds
+            ``parallel.experts`` only, the cache holds this rank's sequences, and every rank
+            calls :meth:`step` in lockstep (an empty batch when it has nothing to run). Decode
+            steps are not captured in CUDA graphs then, and :meth:`draft` is not available.
     """
 
     def __init__(self, model: DeepseekV4, max_sequences: int | None = None, max_len: int | None = None,
                  quant: bool = False, index_format: str = "fp4", cuda_graphs: bool | None = None,
-                 graph_buckets: Sequence[int] = BUCKETS, memory_fraction: float | None = None) -> None:
+                 graph_buckets: Sequence[int] = BUCKETS, memory_fraction: float | None = None,
+                 parallel: ParallelConfig | None = None) -> None:
+        if parallel is not None:
+            if not isinstance(parallel, ParallelConfig):
+                raise ValueError(f"parallel: expected a dsv4rs.parallel.ParallelConfig, got {type(parallel).__name__}")
+            if cuda_graphs:
+                raise ValueError("cuda_graphs: a parallel step reads the exchange's sizes on the host and is not captured")
+            cuda_graphs = False
+            attach(model, parallel)
+        elif model.experts != range(model.config.n_routed_experts):
+            raise ValueError(f"model: holds experts {model.experts} of {model.config.n_routed_experts}; "
+                             "pass this rank's parallel=ParallelConfig")
+        self.parallel = parallel
         for name, v in (("max_sequences", max_sequences), ("max_len", max_len)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name}: expected an int >= 1 or None, got {v!r}")
@@ -157,6 +175,11 @@ class Engine:
         none; the LM head runs on those rows only, e.g. a speculative step's verified tokens)."""
         if len(seq_ids) != len(chunks):
             raise ValueError(f"seq_ids, chunks: {len(seq_ids)} sequences but {len(chunks)} chunks")
+        if not len(seq_ids):
+            if self.parallel is None:
+                raise ValueError("seq_ids: an empty step (only ranks of a parallel engine step with nothing)")
+            self._idle()
+            return [] if all_logits or last is not None else torch.empty(0, self.cfg.vocab_size, device=self.device)
         if last is not None and (len(last) != len(chunks) or any(
                 not 0 <= n <= len(c) for n, c in zip(last, chunks))):
             raise ValueError("last: expected one count per chunk, each between 0 and the chunk's length")
@@ -209,6 +232,18 @@ class Engine:
             return self.model.head(x[self._to_device(inputs.cu_tokens[1:] - 1)]).float()
         return list(self.model.head(x).float().split(lens))
 
+    def _idle(self) -> None:
+        """An empty step of a parallel engine: every main layer's MoE exchange with no tokens of
+        this rank's own (the other ranks' pairs for this rank's experts still run here)."""
+        d, k = self.cfg.hidden_size, self.cfg.num_experts_per_tok
+        dtype = self.model.lm_head.weight.dtype
+        x = torch.empty(0, d, dtype=dtype, device=self.device)
+        idx = torch.empty(0, k, dtype=torch.int64, device=self.device)
+        w = torch.empty(0, k, dtype=torch.float32, device=self.device)
+        for layer in self.model.model.layers:
+            layer.mlp.experts(x, idx, w)
+        self._last = None
+
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         """A host tensor on the engine's device, without waiting for the device."""
         return t.to(self.device, non_blocking=True)
@@ -232,6 +267,8 @@ class Engine:
         """
         if not len(self.model.mtp):
             raise ValueError("draft: the model has no MTP block")
+        if self.parallel is not None:
+            raise ValueError("draft: MTP drafts are not available with expert parallelism yet")
         if self._last is None:
             raise ValueError("draft: call step first")
         last = self._last

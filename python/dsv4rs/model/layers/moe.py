@@ -50,15 +50,33 @@ class Experts(nn.Module):
         super().__init__()
         held = expert_range(cfg, experts)
         e, i, d = len(held), cfg.moe_intermediate_size, cfg.hidden_size
-        self.first = held.start
+        self.first, self.total = held.start, cfg.n_routed_experts
         self.limit = cfg.swiglu_limit
         self.gate_up_proj = nn.Parameter(torch.zeros(e, 2 * i, d))
         self.down_proj = nn.Parameter(torch.zeros(e, d, i))
+        self.exchange = None  # the all-to-all with the other ranks' experts (dsv4rs.parallel.attach)
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """``sum_k weights[t, k] expert_{idx[t, k]}(x_t)``. With bfloat16 weights every expert runs
         in one grouped GEMM per projection and nothing waits for the host (on a GPU the step can
-        be captured in a CUDA graph); otherwise one matmul per expert hit."""
+        be captured in a CUDA graph); otherwise one matmul per expert hit. Under expert
+        parallelism the pairs go to the ranks that hold their experts and back."""
+        if self.exchange is not None:
+            return self.exchange(self, x, idx, weights)
+        if self.gate_up_proj.shape[0] != self.total:
+            raise RuntimeError(f"Experts: this module holds experts [{self.first}, {self.first + self.gate_up_proj.shape[0]}) "
+                               f"of {self.total}; attach the other ranks with dsv4rs.parallel.attach")
+        return self._run(x, idx, weights)
+
+    def local(self, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """``expert_{ids[n]}(rows[n])`` for held experts (``ids`` counted from :attr:`first`),
+        no routing weight: the pairs an exchange brings to this rank."""
+        if rows.shape[0] == 0:
+            return rows.new_zeros(rows.shape)
+        ones = torch.ones(rows.shape[0], 1, dtype=torch.float32, device=rows.device)
+        return self._run(rows, ids[:, None], ones)
+
+    def _run(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj.dtype == torch.bfloat16:
             return self._grouped(x, idx, weights)
         if x.is_cuda and self.gathers(idx.numel()):
@@ -71,7 +89,8 @@ class Experts(nn.Module):
     def gathers(self, pairs: int) -> bool:
         """Whether ``pairs`` (token, choice) pairs take the gathered path (float32 experts on a
         GPU, copies small enough): it reads no counts on the host, so it can be captured."""
-        per_pair = (self.gate_up_proj[0].numel() + self.down_proj[0].numel()) * self.gate_up_proj.element_size()
+        (_, a, b), (_, c, d) = self.gate_up_proj.shape, self.down_proj.shape
+        per_pair = (a * b + c * d) * self.gate_up_proj.element_size()
         return pairs * per_pair <= self.GATHER_BYTES
 
     def capturable(self, tokens: int, k: int) -> bool:

@@ -1,0 +1,95 @@
+"""The ranks of tests/test_parallel.py: each process joins a gloo group, builds the same seeded
+tiny model, keeps its share of the experts and runs its sequences of a fixed schedule; what it
+computed (or the error it met) goes to a file the test reads."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+import traceback
+
+import torch
+
+PROMPT_LENS = {0: 40, 1: 150, 2: 9, 3: 300}
+"""Sequence -> prompt length: one short, one fed in two chunks (100 + 50), a tiny one, and one
+past an HCA block of 128 (every layer type compresses)."""
+FIRST_CHUNK = {1: 100}
+STEPS = 6
+OWNERS = {1: {0: 0, 1: 0, 2: 0, 3: 0}, 2: {0: 0, 1: 0, 2: 0, 3: 1}, 4: {0: 0, 1: 0, 2: 1, 3: 3}}
+"""World size -> sequence -> rank: uneven (and with 4 ranks, rank 2 runs none of them)."""
+
+
+def model():
+    from dsv4rs.model import DeepseekV4, V4Config, init_random
+
+    return init_random(DeepseekV4(V4Config.tiny()), seed=5)
+
+
+def tokens(seq: int, n: int, vocab: int) -> list[int]:
+    g = torch.Generator().manual_seed(100 + seq)
+    return torch.randint(0, vocab, (n,), generator=g).tolist()
+
+
+def run_schedule(engine, mine: list[int]) -> dict[tuple[int, int], torch.Tensor]:
+    """Steps every sequence of ``mine`` through the schedule: step 0 feeds each prompt (sequence 1
+    its first 100 tokens), step 1 sequence 1's other 50 and a decode token for the others, then
+    decode tokens; returns the last token's logits per (sequence, step)."""
+    vocab = engine.cfg.vocab_size
+    prompts = {s: tokens(s, PROMPT_LENS[s], vocab) for s in mine}
+    ids = {s: engine.add_sequence()[0] for s in mine}
+    fed = {s: 0 for s in mine}
+    out = {}
+    for step in range(STEPS):
+        seqs, chunks = [], []
+        for s in mine:
+            if fed[s] < PROMPT_LENS[s]:
+                n = FIRST_CHUNK.get(s, PROMPT_LENS[s]) if step == 0 else PROMPT_LENS[s] - fed[s]
+                chunk = prompts[s][fed[s] : fed[s] + n]
+            else:
+                chunk = [(7 * s + 3 * step) % vocab]
+            fed[s] += len(chunk)
+            seqs.append(ids[s])
+            chunks.append(chunk)
+        logits = engine.step(seqs, chunks)
+        for i, s in enumerate(mine):
+            out[(s, step)] = logits[i].detach().cpu().clone()
+    return out
+
+
+def worker(rank: int, world: int, store: str, out: str, mode: str, timeout: float) -> None:
+    torch.set_num_threads(1)
+    result: dict = {"rank": rank}
+    t0 = time.monotonic()
+    try:
+        import torch.distributed as dist
+
+        from dsv4rs import parallel
+        from dsv4rs.runtime import Engine
+
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout))
+        m = model()
+        pc = parallel.ParallelConfig.even(m.config, world, rank, timeout=timeout)
+        if mode == "lopsided":  # rank 0 holds every expert, the others none
+            e = m.config.n_routed_experts
+            pc = parallel.ParallelConfig(world, rank, (range(e),) + (range(e, e),) * (world - 1), timeout=timeout)
+        parallel.shard(m, pc)
+        engine = Engine(m, max_sequences=8, max_len=512, parallel=pc)
+        mine = [s for s, r in OWNERS[world].items() if r == rank]
+        if mode == "die" and rank == 1:
+            os._exit(3)
+        if mode == "stall" and rank == 1:
+            time.sleep(3 * timeout)
+            os._exit(0)
+        t0 = time.monotonic()
+        result["logits"] = run_schedule(engine, mine)
+        result["received"] = engine.model.model.layers[0].mlp.experts.exchange.received
+        result["held"] = (pc.experts.start, pc.experts.stop, tuple(engine.model.model.layers[0].mlp.experts.gate_up_proj.shape))
+        dist.destroy_process_group()
+    except BaseException as e:  # noqa: BLE001 - the test reads what happened
+        result["error"] = f"{type(e).__name__}: {e}"
+        result["trace"] = traceback.format_exc()
+    result["elapsed"] = time.monotonic() - t0
+    torch.save(result, out)
+    os._exit(0)

@@ -1,0 +1,116 @@
+"""Data-parallel attention and expert-parallel MoE (dsv4rs.parallel) on CPU processes over gloo:
+2 and 4 ranks give the single-process logits of the same tiny model for prefill, chunked prefill
+and decode, with sequences spread unevenly (a rank with none steps empty batches) and experts that
+no pair chooses; a rank that dies or stalls ends the others' steps with ParallelError within the
+timeout. The ranks run tests/_parallel_worker.py."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import _parallel_worker as pw  # noqa: E402
+
+from dsv4rs.model import V4Config  # noqa: E402
+from dsv4rs.parallel import ParallelConfig, attach, shard  # noqa: E402
+from dsv4rs.runtime import Engine  # noqa: E402
+
+
+def run_ranks(tmp_path, world: int, mode: str = "ok", timeout: float = 60.0) -> list[dict]:
+    ctx = multiprocessing.get_context("spawn")
+    store = str(tmp_path / "store")
+    outs = [str(tmp_path / f"rank{r}.pt") for r in range(world)]
+    procs = [ctx.Process(target=pw.worker, args=(r, world, store, outs[r], mode, timeout)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            pytest.fail("a rank did not finish within 240 s (a hang)")
+    return [torch.load(o, weights_only=False) if os.path.exists(o) else None for o in outs]
+
+
+@pytest.fixture(scope="module")
+def single() -> dict:
+    """The schedule in one process, every sequence in every step's batch."""
+    torch.manual_seed(0)
+    engine = Engine(pw.model(), max_sequences=8, max_len=512)
+    return pw.run_schedule(engine, sorted(pw.PROMPT_LENS))
+
+
+@pytest.mark.parametrize(("world", "mode"), [(2, "ok"), (4, "ok"), (2, "lopsided")])
+def test_parallel_logits_equal_one_process(tmp_path, single: dict, world: int, mode: str) -> None:
+    """``lopsided``: rank 0 holds all 8 experts and rank 1 none, so rank 1's exchanges receive
+    nothing and every one of its pairs runs on rank 0."""
+    results = run_ranks(tmp_path, world, mode)
+    seen = {}
+    for r, res in enumerate(results):
+        assert res is not None and "error" not in res, res and res.get("trace")
+        held = res["held"]
+        assert held[2][0] == held[1] - held[0]  # the rank holds its share only
+        seen.update(res["logits"])
+        if not [s for s, o in pw.OWNERS[world].items() if o == r]:
+            assert not res["logits"]  # it stepped empty batches
+    assert seen.keys() == single.keys()
+    for key, want in single.items():
+        torch.testing.assert_close(seen[key], want, rtol=0, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+    layers = len(pw.model().model.layers)
+    for res in results:
+        assert len(res["received"]) == pw.STEPS * layers  # every rank took part in every layer's exchange
+    if mode == "lopsided":
+        assert set(results[1]["received"]) == {0} and min(results[0]["received"]) > 0
+
+
+def test_a_dead_rank_ends_the_others_step(tmp_path) -> None:
+    results = run_ranks(tmp_path, 2, "die", timeout=60.0)
+    assert results[1] is None  # it died before writing anything
+    err = results[0]["error"]
+    assert err.startswith("ParallelError: rank 0: the MoE exchange"), results[0].get("trace")
+    assert results[0]["elapsed"] < 60.0
+
+
+def test_a_stalled_rank_ends_the_others_step_within_the_timeout(tmp_path) -> None:
+    results = run_ranks(tmp_path, 2, "stall", timeout=4.0)
+    err = results[0]["error"]
+    assert err.startswith("ParallelError: rank 0: the MoE exchange") and "timeout (4 s)" in err, results[0].get("trace")
+    assert 3.0 < results[0]["elapsed"] < 30.0
+
+
+def test_parallel_config_checks_its_arguments() -> None:
+    cfg = V4Config.tiny()
+    pc = ParallelConfig.even(cfg, 3, 1)
+    assert pc.expert_ranges == (range(0, 2), range(2, 5), range(5, 8)) and pc.experts == range(2, 5)
+    assert ParallelConfig.even(cfg, 16, 15).experts == range(7, 8) and ParallelConfig.even(cfg, 16, 0).experts == range(0, 0)
+    for kwargs, name in [(dict(world=0, rank=0, expert_ranges=()), "world"),
+                         (dict(world=2, rank=2, expert_ranges=(range(4), range(4, 8))), "rank"),
+                         (dict(world=2, rank=0, expert_ranges=(range(4),)), "expert_ranges"),
+                         (dict(world=2, rank=0, expert_ranges=(range(4), range(5, 8))), "expert_ranges"),
+                         (dict(world=2, rank=0, expert_ranges=(range(0, 4, 2), range(4, 8))), "expert_ranges")]:
+        with pytest.raises(ValueError, match=name):
+            ParallelConfig(**kwargs)
+
+
+def test_sharded_models_are_refused_without_their_config() -> None:
+    cfg = V4Config.tiny()
+    m = pw.model()
+    pc = ParallelConfig.even(cfg, 2, 1)
+    with pytest.raises(ValueError, match="model: holds experts range\\(0, 4\\), but rank 1 owns range\\(4, 8\\)"):
+        attach(pw.model().__class__(cfg, experts=range(0, 4)), pc)
+    shard(m, pc)
+    assert m.experts == range(4, 8) and m.model.layers[0].mlp.experts.gate_up_proj.shape[0] == 4
+    with pytest.raises(ValueError, match="parallel=ParallelConfig"):
+        Engine(m, max_sequences=2, max_len=256)
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        Engine(m, max_sequences=2, max_len=256, parallel=pc, cuda_graphs=True)
+    with pytest.raises(ValueError, match="not all of them"):
+        shard(m, pc)
+    plain = Engine(pw.model(), max_sequences=2, max_len=256)
+    with pytest.raises(ValueError, match="seq_ids: an empty step"):
+        plain.step([], [])
