@@ -23,7 +23,7 @@ OWNERS = {1: {0: 0, 1: 0, 2: 0, 3: 0}, 2: {0: 0, 1: 0, 2: 0, 3: 1}, 4: {0: 0, 1:
 def model():
     from dsv4rs.model import DeepseekV4, V4Config, init_random
 
-    return init_random(DeepseekV4(V4Config.tiny()), seed=5)
+    return init_random(DeepseekV4(V4Config.tiny(num_attention_heads=8, o_groups=4)), seed=5)
 
 
 def tokens(seq: int, n: int, vocab: int) -> list[int]:
@@ -70,13 +70,13 @@ def worker(rank: int, world: int, store: str, out: str, mode: str, timeout: floa
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout))
         m = model()
-        pc = parallel.ParallelConfig.even(m.config, world, rank, timeout=timeout)
+        pc = parallel.ParallelConfig.even(m.config, world, rank, timeout=timeout, mode="tp" if mode == "tp" else "dp")
         if mode == "lopsided":  # rank 0 holds every expert, the others none
             e = m.config.n_routed_experts
             pc = parallel.ParallelConfig(world, rank, (range(e),) + (range(e, e),) * (world - 1), timeout=timeout)
         parallel.shard(m, pc)
         engine = Engine(m, max_sequences=8, max_len=512, parallel=pc)
-        mine = [s for s, r in OWNERS[world].items() if r == rank]
+        mine = sorted(PROMPT_LENS) if mode == "tp" else [s for s, r in OWNERS[world].items() if r == rank]
         if mode == "die" and rank == 1:
             os._exit(3)
         if mode == "stall" and rank == 1:
@@ -85,7 +85,9 @@ def worker(rank: int, world: int, store: str, out: str, mode: str, timeout: floa
         t0 = time.monotonic()
         result["logits"] = run_schedule(engine, mine)
         result["received"] = engine.model.model.layers[0].mlp.experts.exchange.received
-        result["held"] = (pc.experts.start, pc.experts.stop, tuple(engine.model.model.layers[0].mlp.experts.gate_up_proj.shape))
+        layer = engine.model.model.layers[0]
+        result["held"] = (pc.experts.start, pc.experts.stop, tuple(layer.mlp.experts.gate_up_proj.shape))
+        result["heads"] = (layer.self_attn.heads, tuple(layer.self_attn.q_b_proj.weight.shape))
         dist.destroy_process_group()
     except BaseException as e:  # noqa: BLE001 - the test reads what happened
         result["error"] = f"{type(e).__name__}: {e}"

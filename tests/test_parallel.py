@@ -45,10 +45,12 @@ def single() -> dict:
     return pw.run_schedule(engine, sorted(pw.PROMPT_LENS))
 
 
-@pytest.mark.parametrize(("world", "mode"), [(2, "ok"), (4, "ok"), (2, "lopsided")])
+@pytest.mark.parametrize(("world", "mode"), [(2, "ok"), (4, "ok"), (2, "lopsided"), (2, "tp"), (4, "tp")])
 def test_parallel_logits_equal_one_process(tmp_path, single: dict, world: int, mode: str) -> None:
-    """``lopsided``: rank 0 holds all 8 experts and rank 1 none, so rank 1's exchanges receive
-    nothing and every one of its pairs runs on rank 0."""
+    """``ok``: data-parallel attention (sequences spread unevenly) and experts by all-to-all;
+    ``lopsided``: the same with rank 0 holding all 8 experts and rank 1 none, so rank 1's
+    exchanges receive nothing and every one of its pairs runs on rank 0; ``tp``: every rank runs
+    every sequence on its share of the heads and output groups, experts by all-reduce."""
     results = run_ranks(tmp_path, world, mode)
     seen = {}
     for r, res in enumerate(results):
@@ -56,11 +58,19 @@ def test_parallel_logits_equal_one_process(tmp_path, single: dict, world: int, m
         held = res["held"]
         assert held[2][0] == held[1] - held[0]  # the rank holds its share only
         seen.update(res["logits"])
-        if not [s for s, o in pw.OWNERS[world].items() if o == r]:
+        if mode != "tp" and not [s for s, o in pw.OWNERS[world].items() if o == r]:
             assert not res["logits"]  # it stepped empty batches
     assert seen.keys() == single.keys()
     for key, want in single.items():
         torch.testing.assert_close(seen[key], want, rtol=0, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+    if mode == "tp":  # every rank ran every sequence on its share of the heads
+        cfg = pw.model().config
+        for res in results:
+            assert res["heads"][0] == cfg.num_attention_heads // world
+            assert res["heads"][1][0] == res["heads"][0] * cfg.head_dim
+            assert res["logits"].keys() == single.keys()
+            for key, want in single.items():
+                torch.testing.assert_close(res["logits"][key], want, rtol=0, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
     layers = len(pw.model().model.layers)
     for res in results:
         assert len(res["received"]) == pw.STEPS * layers  # every rank took part in every layer's exchange
@@ -95,6 +105,14 @@ def test_parallel_config_checks_its_arguments() -> None:
                          (dict(world=2, rank=0, expert_ranges=(range(0, 4, 2), range(4, 8))), "expert_ranges")]:
         with pytest.raises(ValueError, match=name):
             ParallelConfig(**kwargs)
+
+
+def test_tensor_parallel_needs_the_groups_to_split() -> None:
+    m = pw.model()  # 4 output groups
+    with pytest.raises(ValueError, match="o_groups"):
+        shard(m, ParallelConfig.even(m.config, 3, 0, mode="tp"))
+    with pytest.raises(ValueError, match="mode"):
+        ParallelConfig.even(m.config, 2, 0, mode="pp")
 
 
 def test_sharded_models_are_refused_without_their_config() -> None:

@@ -11,9 +11,19 @@
   expert run where the token lives. A token's result is its choices' outputs times their routing
   weights, summed in routing order.
 
-Every rank calls :meth:`Engine.step` the same number of times, in the same order: a rank with
-nothing to run steps an empty batch (``engine.step([], [])``), which takes part in the MoE layers'
-exchanges with no tokens of its own. A rank that dies, or stops stepping, ends every other rank's
+- **Tensor-parallel attention** (``mode="tp"``, for small batches where latency matters). Every
+  rank runs the same sequences: the attention heads and output groups are split over the ranks
+  (contiguous), the shared latent K = V entry, the compressors and the indexer are computed on
+  every rank, and one all-reduce sums the output projection's partial results. The routed experts
+  are split as above; as every rank holds every token, each runs the pairs of its own experts
+  and a second all-reduce sums the MoE's partial results (no all-to-all). The KV cache is
+  replicated on every rank (V4 has one latent head), which is why data parallelism holds more
+  sequences.
+
+Every rank calls :meth:`Engine.step` the same number of times, in the same order (under ``"tp"``
+with the same sequences and tokens): a rank with nothing to run steps an empty batch
+(``engine.step([], [])``), which takes part in the MoE layers' exchanges with no tokens of its
+own. A rank that dies, or stops stepping, ends every other rank's
 step with :class:`ParallelError` within the process group's timeout (no hang).
 
 Launch with ``torchrun --nproc-per-node N script.py`` and, in the script::
@@ -22,9 +32,10 @@ Launch with ``torchrun --nproc-per-node N script.py`` and, in the script::
     model = load_checkpoint(path, device, experts=pc.experts)   # this rank's experts only
     engine = Engine(model, parallel=pc)
 
-or build a full model and keep a rank's share with :func:`shard`. What is not here yet: tensor-
-parallel attention, MTP drafts under expert parallelism, and CUDA-graph capture of a parallel
-step (the exchange's split sizes are read on the host).
+or build a full model and keep a rank's share with :func:`shard` (under ``"tp"`` this is the only
+way today: the loader reads a rank's experts only, not its attention heads). What is not here
+yet: MTP drafts under expert parallelism, and CUDA-graph capture of a parallel step (the
+exchange's split sizes are read on the host).
 """
 
 from __future__ import annotations
@@ -38,11 +49,17 @@ from typing import Any
 import torch
 
 from dsv4rs.model.config import V4Config
+from dsv4rs.model.layers.attention import Attention
 from dsv4rs.model.layers.moe import Experts
 from dsv4rs.model.model import DeepseekV4
 
 DEFAULT_TIMEOUT = 300.0
 """Seconds a collective may wait for the other ranks before every rank's step fails."""
+
+
+MODES = ("dp", "tp")
+"""``"dp"``: data-parallel attention and expert-parallel MoE; ``"tp"``: tensor-parallel attention
+and expert-parallel MoE over replicated tokens."""
 
 
 class ParallelError(RuntimeError):
@@ -60,6 +77,8 @@ class ParallelConfig:
             ``[0, n_routed_experts)`` in rank order (a rank may hold none).
         group: the ``torch.distributed`` process group (``None``: the default group).
         timeout: the group's collective timeout in seconds (for error messages).
+        mode: ``"dp"`` (data-parallel attention, experts by all-to-all) or ``"tp"``
+            (tensor-parallel attention, experts by all-reduce).
     """
 
     world: int
@@ -67,8 +86,11 @@ class ParallelConfig:
     expert_ranges: tuple[range, ...]
     group: Any = None
     timeout: float = DEFAULT_TIMEOUT
+    mode: str = "dp"
 
     def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode: expected one of {MODES}, got {self.mode!r}")
         if isinstance(self.world, bool) or not isinstance(self.world, int) or self.world < 1:
             raise ValueError(f"world: expected an int >= 1, got {self.world!r}")
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or not 0 <= self.rank < self.world:
@@ -84,14 +106,19 @@ class ParallelConfig:
         object.__setattr__(self, "expert_ranges", ranges)
 
     @classmethod
-    def even(cls, cfg: V4Config, world: int, rank: int, group: Any = None,
-             timeout: float = DEFAULT_TIMEOUT) -> ParallelConfig:
+    def even(cls, cfg: V4Config, world: int, rank: int, group: Any = None, timeout: float = DEFAULT_TIMEOUT,
+             mode: str = "dp") -> ParallelConfig:
         """The experts split as evenly as possible: rank ``r`` holds
         ``[E r // world, E (r + 1) // world)``."""
         if isinstance(world, bool) or not isinstance(world, int) or world < 1:
             raise ValueError(f"world: expected an int >= 1, got {world!r}")
         e = cfg.n_routed_experts
-        return cls(world, rank, tuple(range(e * r // world, e * (r + 1) // world) for r in range(world)), group, timeout)
+        ranges = tuple(range(e * r // world, e * (r + 1) // world) for r in range(world))
+        return cls(world, rank, ranges, group, timeout, mode)
+
+    def share(self, n: int) -> range:
+        """This rank's contiguous share of ``n`` items (heads, groups) under ``"tp"``."""
+        return range(n * self.rank // self.world, n * (self.rank + 1) // self.world)
 
     @property
     def experts(self) -> range:
@@ -104,7 +131,7 @@ class ParallelConfig:
 
 
 def init(cfg: V4Config, backend: str | None = None, timeout: float = DEFAULT_TIMEOUT,
-         expert_ranges: Sequence[range] | None = None) -> ParallelConfig:
+         expert_ranges: Sequence[range] | None = None, mode: str = "dp") -> ParallelConfig:
     """Joins the default process group (from torchrun's environment: ``RANK``, ``WORLD_SIZE``,
     ``MASTER_ADDR``, ``MASTER_PORT``) if it is not joined yet, and returns this rank's
     :class:`ParallelConfig`. ``backend``: ``"nccl"`` when CUDA is available, else ``"gloo"``. On
@@ -122,8 +149,8 @@ def init(cfg: V4Config, backend: str | None = None, timeout: float = DEFAULT_TIM
                                 timeout=datetime.timedelta(seconds=timeout))
     world, rank = dist.get_world_size(), dist.get_rank()
     if expert_ranges is None:
-        return ParallelConfig.even(cfg, world, rank, timeout=timeout)
-    pc = ParallelConfig(world, rank, tuple(expert_ranges), timeout=timeout)
+        return ParallelConfig.even(cfg, world, rank, timeout=timeout, mode=mode)
+    pc = ParallelConfig(world, rank, tuple(expert_ranges), timeout=timeout, mode=mode)
     if pc.num_experts != cfg.n_routed_experts:
         raise ValueError(f"expert_ranges: cover {pc.num_experts} experts, the model has {cfg.n_routed_experts}")
     return pc
@@ -133,22 +160,48 @@ def _all_experts(model: DeepseekV4) -> list[Experts]:
     return [m for m in model.modules() if isinstance(m, Experts)]
 
 
+def _keep(module: torch.nn.Module, name: str, t: torch.Tensor) -> None:
+    setattr(module, name, torch.nn.Parameter(t.clone(), requires_grad=False))
+
+
 def shard(model: DeepseekV4, pc: ParallelConfig) -> DeepseekV4:
-    """Keeps only this rank's routed experts of a model that holds all of them (in place), and
-    attaches the exchange (:func:`attach`)."""
-    if pc.num_experts != model.config.n_routed_experts:
-        raise ValueError(f"pc: its expert ranges cover {pc.num_experts} experts, the model has "
-                         f"{model.config.n_routed_experts}")
-    if model.experts != range(model.config.n_routed_experts):
+    """Keeps only this rank's share of a model that holds every weight (in place): its routed
+    experts, and under ``"tp"`` its attention heads and output groups; then attaches the
+    collectives (:func:`attach`)."""
+    cfg = model.config
+    if pc.num_experts != cfg.n_routed_experts:
+        raise ValueError(f"pc: its expert ranges cover {pc.num_experts} experts, the model has {cfg.n_routed_experts}")
+    if model.experts != range(cfg.n_routed_experts):
         raise ValueError(f"model: holds experts {model.experts}, not all of them; build it with experts=pc.experts")
+    if pc.mode == "tp" and cfg.o_groups % pc.world:
+        raise ValueError(f"pc: tensor-parallel attention splits the {cfg.o_groups} output groups (o_groups) over the "
+                         f"ranks, which {pc.world} does not divide")
     held = pc.experts
     with torch.no_grad():
         for ex in _all_experts(model):
-            ex.gate_up_proj = torch.nn.Parameter(ex.gate_up_proj[held.start : held.stop].clone(), requires_grad=False)
-            ex.down_proj = torch.nn.Parameter(ex.down_proj[held.start : held.stop].clone(), requires_grad=False)
+            _keep(ex, "gate_up_proj", ex.gate_up_proj[held.start : held.stop])
+            _keep(ex, "down_proj", ex.down_proj[held.start : held.stop])
             ex.first = held.start
+        if pc.mode == "tp":
+            for attn in _all_attention(model):
+                _shard_attention(attn, pc)
     model.experts = held
     return attach(model, pc)
+
+
+def _shard_attention(attn: Attention, pc: ParallelConfig) -> None:
+    """This rank's output groups (contiguous) and the heads they project: rows of ``q_b_proj``
+    and the sinks, the groups' rows of ``o_a_proj``, their columns of ``o_b_proj``."""
+    groups = pc.share(attn.groups)
+    per_group = attn.heads // attn.groups
+    heads = range(groups.start * per_group, groups.stop * per_group)
+    dim = attn.head_dim
+    rank_out = attn.o_a_proj.weight.shape[0] // attn.groups
+    _keep(attn.q_b_proj, "weight", attn.q_b_proj.weight[heads.start * dim : heads.stop * dim])
+    _keep(attn, "sinks", attn.sinks[heads.start : heads.stop])
+    _keep(attn.o_a_proj, "weight", attn.o_a_proj.weight[groups.start * rank_out : groups.stop * rank_out])
+    _keep(attn.o_b_proj, "weight", attn.o_b_proj.weight[:, groups.start * rank_out : groups.stop * rank_out])
+    attn.heads, attn.groups, attn.o_a_proj.groups = len(heads), len(groups), len(groups)
 
 
 def attach(model: DeepseekV4, pc: ParallelConfig) -> DeepseekV4:
@@ -160,10 +213,67 @@ def attach(model: DeepseekV4, pc: ParallelConfig) -> DeepseekV4:
         raise ValueError(f"pc: its expert ranges cover {pc.num_experts} experts, the model has "
                          f"{model.config.n_routed_experts}")
     device = model.lm_head.weight.device
-    exchange = ExpertExchange(pc, device)
+    if pc.mode == "tp":
+        reduce = AllReduce(pc)
+        for attn in _all_attention(model):
+            if attn.heads * pc.world != model.config.num_attention_heads:
+                raise ValueError(f"model: its attention holds {attn.heads} of {model.config.num_attention_heads} "
+                                 f"heads, not a tensor-parallel share over {pc.world} ranks; build it with shard()")
+            attn.reduce = reduce
+        exchange: ExpertExchange | ReplicatedExperts = ReplicatedExperts(pc, reduce)
+    else:
+        exchange = ExpertExchange(pc, device)
     for ex in _all_experts(model):
         ex.exchange = exchange
     return model
+
+
+def _all_attention(model: DeepseekV4) -> list[Attention]:
+    return [m for m in model.modules() if isinstance(m, Attention)]
+
+
+def _failed(pc: ParallelConfig, what: str, e: BaseException) -> ParallelError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return ParallelError(f"rank {pc.rank}: {what} did not complete: another rank died or did not step within the "
+                         f"timeout ({pc.timeout:g} s) [{first}]")
+
+
+class AllReduce:
+    """Sums a tensor over the ranks in place (float32 on the wire for lower precisions)."""
+
+    def __init__(self, pc: ParallelConfig) -> None:
+        self.pc = pc
+
+    def __call__(self, t: torch.Tensor, what: str = "the attention output's all-reduce") -> torch.Tensor:
+        import torch.distributed as dist
+
+        wide = t.float() if t.dtype != torch.float32 and t.dtype != torch.float64 else t.contiguous()
+        try:
+            dist.all_reduce(wide, group=self.pc.group)
+        except (RuntimeError, ValueError) as e:
+            raise _failed(self.pc, what, e) from None
+        return wide.to(t.dtype)
+
+
+class ReplicatedExperts:
+    """The MoE under tensor parallelism: every rank holds every token, runs the pairs whose
+    experts it holds, and an all-reduce sums the partial results. ``received`` counts the pairs
+    this rank ran, per call."""
+
+    def __init__(self, pc: ParallelConfig, reduce: AllReduce) -> None:
+        self.pc, self.reduce = pc, reduce
+        self.received: list[int] = []
+
+    def __call__(self, experts: Experts, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        tokens, k = idx.shape
+        flat = idx.flatten()
+        held = experts.gate_up_proj.shape[0]
+        mine = torch.nonzero((flat >= experts.first) & (flat < experts.first + held)).flatten()
+        self.received.append(len(mine))
+        ran = experts.local(x[mine // k], flat[mine] - experts.first)
+        out = torch.zeros(tokens, x.shape[-1], dtype=torch.float32, device=x.device)
+        out.index_add_(0, mine // k, ran.float() * weights.flatten()[mine, None].float())
+        return self.reduce(out, "the MoE's all-reduce").to(x.dtype)
 
 
 class ExpertExchange:
@@ -186,10 +296,7 @@ class ExpertExchange:
         try:
             dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.pc.group)
         except (RuntimeError, ValueError) as e:  # DistBackendError and gloo's errors are RuntimeErrors
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ParallelError(
-                f"rank {self.pc.rank}: the MoE exchange ({what}) did not complete: another rank died or did not "
-                f"step within the timeout ({self.pc.timeout:g} s) [{first}]") from None
+            raise _failed(self.pc, f"the MoE exchange ({what})", e) from None
 
     def __call__(self, experts: Experts, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """``sum_k weights[t, k] expert_{idx[t, k]}(x_t)`` with the experts spread over the ranks."""

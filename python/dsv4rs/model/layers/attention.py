@@ -138,6 +138,7 @@ class Attention(nn.Module):
         self.o_b_proj = linear(cfg.o_groups * cfg.o_lora_rank, cfg.hidden_size)
         self.sinks = nn.Parameter(torch.zeros(self.heads, dtype=torch.float32))
         self.rotary = RotaryEmbedding(cfg.inv_freq(layer_type != SWA))
+        self.reduce = None  # sums the output over tensor-parallel ranks (dsv4rs.parallel.attach)
         self.compressor: Compressor | None = None
         if layer_type == CSA:
             self.compressor = CSACompressor(cfg)
@@ -156,7 +157,8 @@ class Attention(nn.Module):
     def output(self, o: torch.Tensor) -> torch.Tensor:
         """Grouped output projection of the de-rotated attention output ``o [T, H, 512]``."""
         grouped = o.reshape(o.shape[0], self.groups, -1).to(self.o_b_proj.weight.dtype)
-        return self.o_b_proj(self.o_a_proj(grouped))
+        y = self.o_b_proj(self.o_a_proj(grouped))
+        return y if self.reduce is None else self.reduce(y)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, cache: LayerCache) -> torch.Tensor:
         """The layer's output ``[T, d]`` for the normalized input ``x [T, d]``."""
