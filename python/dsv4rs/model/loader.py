@@ -17,6 +17,11 @@ the config fails before any memory is allocated for the model. The second reads 
 one at a time, checks their values (finite weights, scales finite and positive, hash-table
 entries in range) and allocates each parameter on the target device in its final dtype as its
 data arrives.
+
+Under expert parallelism a rank loads only its share of the routed experts (``experts``, a
+contiguous range of expert ids): the headers are still checked for every expert, but only the
+owned experts' bytes are read (per-expert tensors of other experts are skipped; stacked
+``[E, ...]`` expert tensors are read for the owned rows only, :meth:`_Shards.rows`).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dsv4rs.model.config import SWA, V4Config, read_json
+from dsv4rs.model.layers.moe import Experts, expert_range
 from dsv4rs.model.model import DeepseekV4, set_dtype
 
 FP8_BLOCK = 128
@@ -261,6 +267,18 @@ class _Shards:
         except self._errors as e:
             raise CheckpointError(f"{key}: cannot be read from {os.path.basename(file)} ({e})") from None
 
+    def rows(self, key: str, rows: range) -> torch.Tensor:
+        """Rows ``rows`` (a contiguous range along dim 0) of tensor ``key``: safetensors maps the
+        shard, so only those rows' bytes are read (a view of the mapping; the pages of the
+        other rows are never touched)."""
+        file = self.where[key]
+        try:
+            if file not in self._handles:
+                self._handles[file] = self._open(file, framework="pt")
+            return self._handles[file].get_slice(key)[rows.start:rows.stop]
+        except self._errors as e:
+            raise CheckpointError(f"{key}: cannot be read from {os.path.basename(file)} ({e})") from None
+
     def close(self) -> None:
         self._handles.clear()
 
@@ -435,10 +453,15 @@ def _check_complete(cfg: V4Config, params: dict[str, torch.Tensor], owner: dict)
 # -- loading ---------------------------------------------------------------------------------------
 
 
-def _read(reader: _Shards, item: _Item, cfg: V4Config) -> torch.Tensor:
-    """One tensor, dequantized, its values checked."""
-    t = reader.get(item.key)
-    if tuple(t.shape) != tuple(reader.entries[item.key].shape):  # the file changed under us
+def _read(reader: _Shards, item: _Item, cfg: V4Config, rows: range | None = None) -> torch.Tensor:
+    """One tensor (only ``rows`` along dim 0 of it when given), dequantized, its values checked."""
+    shape = tuple(reader.entries[item.key].shape)
+    if rows is None:
+        t = reader.get(item.key)
+    else:
+        t = reader.rows(item.key, rows)
+        shape = (len(rows), *shape[1:])
+    if tuple(t.shape) != shape:  # the file changed under us
         raise CheckpointError(f"{item.key}: shape {list(t.shape)} differs from its header")
     if item.fmt == "fp8":
         t = dequantize_fp8(t, reader.get(item.scale), item.key)
@@ -490,7 +513,7 @@ def _check_target(device: torch.device | str, dtype: torch.dtype) -> torch.devic
 
 
 def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                    progress: bool = True, strict: bool = True) -> DeepseekV4:
+                    progress: bool = True, strict: bool = True, experts: range | None = None) -> DeepseekV4:
     """Loads ``path`` (``config.json`` and safetensors shards) into a :class:`DeepseekV4`.
 
     First every tensor is checked from the shards' headers against the model (name, dtype,
@@ -501,6 +524,17 @@ def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "
     unquantized weights (an MTP block the config lacks is skipped, as transformers does);
     missing tensors always raise. Errors are :class:`CheckpointError` naming the tensor or
     file. mHC, sink, norm and positional-bias parameters stay float32 whatever ``dtype``.
+
+    ``experts`` (a contiguous range of routed-expert ids within ``[0, n_routed_experts)``, possibly
+    empty; default all) loads a rank's share under expert parallelism: the model is
+    ``DeepseekV4(cfg, experts)``, every MoE layer holding those experts only. The headers are
+    still checked for every expert (a checkpoint missing an expert another rank owns is refused),
+    but only the owned experts' bytes are read: other experts' per-expert tensors (DeepSeek's
+    ``experts.N.w1``) and their scales are skipped, stacked ``[E, ...]`` tensors (transformers'
+    ``gate_up_proj``, ``down_proj``) are read for the owned rows only, and the values checked are
+    those read. Every other tensor is read as without ``experts``. The result equals the full
+    load with the routed-expert tensors sliced to ``[experts.start, experts.stop)``. A bad
+    ``experts`` raises :class:`ValueError` naming it.
     """
     path = os.fspath(path)
     dev = _check_target(device, dtype)
@@ -510,17 +544,28 @@ def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "
         raise
     except ValueError as e:
         raise CheckpointError(f"config.json: {str(e).removeprefix('path: ')}") from None
+    held = expert_range(cfg, experts)
     with torch.device("meta"):
-        model = set_dtype(DeepseekV4(cfg), dtype)
-    params = model.checkpoint_tensors()
+        full = set_dtype(DeepseekV4(cfg), dtype)  # what the checkpoint must hold: every expert
+        model = set_dtype(DeepseekV4(cfg, held), dtype) if held != range(cfg.n_routed_experts) else full
     reader = _Shards(*_shards(path))
-    items = _plan(reader, cfg, params, strict)
+    items = _plan(reader, cfg, full.checkpoint_tensors(), strict)
+    del full
+    params = model.checkpoint_tensors()
     if cfg.num_nextn_predict_layers and not any(it.target.startswith("mtp.") for it in items):
         model.mtp = nn.ModuleList()  # no MTP block in the checkpoint: run without drafts
         params = {n: t for n, t in params.items() if not n.startswith("mtp.")}
+    routed = {f"{name}.{leaf}" for name, mod in model.named_modules() if isinstance(mod, Experts)
+              for leaf in ("gate_up_proj", "down_proj")}
+    # Other ranks' experts: neither the tensors nor their scales are read (nor, holding none,
+    # any row of a stacked expert tensor).
+    items = [it for it in items
+             if (it.part[0] in held if it.part is not None else len(held) or it.target not in routed)]
+
+    part_rows = held if held != range(cfg.n_routed_experts) else None  # rows of stacked tensors to read
 
     slots = _slots(model)
-    experts: dict[str, torch.Tensor] = {}  # stacked expert tensors being filled, by name
+    experts_buf: dict[str, torch.Tensor] = {}  # stacked expert tensors being filled, by name
     by_shard: dict[str, list[_Item]] = {}
     for item in items:
         by_shard.setdefault(reader.where[item.key], []).append(item)
@@ -529,21 +574,29 @@ def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "
             for file in tqdm(sorted(by_shard), desc="loading shards", unit="shard", disable=not progress):
                 for item in by_shard[file]:
                     meta = params[item.target]
-                    t = _read(reader, item, cfg).to(meta.dtype)
+                    stacked = item.part is None and item.target in routed
+                    t = _read(reader, item, cfg, part_rows if stacked else None).to(meta.dtype)
                     if t.is_floating_point() and not torch.isfinite(t).all():
                         raise CheckpointError(f"{item.key}: values overflow {_dtype_name(meta.dtype)}")
                     if item.part is None:
-                        _place(slots, meta, t.to(dev).contiguous())
+                        t = t.to(dev).contiguous()
+                        if stacked and t.untyped_storage().nbytes() != t.numel() * t.element_size():
+                            t = t.clone()  # rows of the shard's mapping: hold only those
+                        _place(slots, meta, t)
                         continue
-                    if item.target not in experts:
-                        experts[item.target] = torch.empty(meta.shape, dtype=meta.dtype, device=dev)
+                    if item.target not in experts_buf:
+                        experts_buf[item.target] = torch.empty(meta.shape, dtype=meta.dtype, device=dev)
                     e, w = item.part
+                    e -= held.start
                     inner = cfg.moe_intermediate_size
-                    buf = experts[item.target]
+                    buf = experts_buf[item.target]
                     (buf[e, :inner] if w == "w1" else buf[e, inner:] if w == "w3" else buf[e]).copy_(t)
     finally:
         reader.close()
-    for name, buf in experts.items():
+    if not len(held):  # a rank holding no experts: its expert tensors are empty
+        experts_buf.update({n: torch.empty(params[n].shape, dtype=params[n].dtype, device=dev)
+                            for n in routed if n in params})
+    for name, buf in experts_buf.items():
         _place(slots, params[name], buf)
     for attn in [layer.self_attn for layer in [*model.model.layers, *model.mtp]]:
         attn.rotary.inv_freq = torch.tensor(cfg.inv_freq(attn.layer_type != SWA), dtype=torch.float32, device=dev)
