@@ -74,7 +74,12 @@ def worker(rank: int, world: int, store: str, out: str, mode: str, timeout: floa
         if mode == "lopsided":  # rank 0 holds every expert, the others none
             e = m.config.n_routed_experts
             pc = parallel.ParallelConfig(world, rank, (range(e),) + (range(e, e),) * (world - 1), timeout=timeout)
-        parallel.shard(m, pc)
+        if mode.startswith("load:"):  # this rank's experts only, from the checkpoint
+            from dsv4rs.model import load_checkpoint
+
+            m = parallel.attach(load_checkpoint(mode[5:], experts=pc.experts, progress=False), pc)
+        else:
+            parallel.shard(m, pc)
         engine = Engine(m, max_sequences=8, max_len=512, parallel=pc)
         mine = sorted(PROMPT_LENS) if mode == "tp" else [s for s, r in OWNERS[world].items() if r == rank]
         if mode == "die" and rank == 1:

@@ -66,6 +66,8 @@ def test_parallel_logits_equal_one_process(tmp_path, single: dict, world: int, m
     if mode == "tp":  # every rank ran every sequence on its share of the heads
         cfg = pw.model().config
         for res in results:
+            for key, v in res["logits"].items():  # the ranks hold the same hidden states, bit for bit
+                assert torch.equal(v, results[0]["logits"][key])
             assert res["heads"][0] == cfg.num_attention_heads // world
             assert res["heads"][1][0] == res["heads"][0] * cfg.head_dim
             assert res["logits"].keys() == single.keys()
@@ -76,6 +78,43 @@ def test_parallel_logits_equal_one_process(tmp_path, single: dict, world: int, m
         assert len(res["received"]) == pw.STEPS * layers  # every rank took part in every layer's exchange
     if mode == "lopsided":
         assert set(results[1]["received"]) == {0} and min(results[0]["received"]) > 0
+
+
+def test_ranks_loading_their_experts_from_a_checkpoint(tmp_path, single: dict) -> None:
+    """Each rank reads its experts only (load_checkpoint(experts=...)) and attaches: the same
+    logits as one process."""
+    import json
+
+    from safetensors.torch import save_file
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    m = pw.model()
+    save_file({k: v.contiguous() for k, v in m.checkpoint_tensors().items()}, str(ckpt / "model.safetensors"))
+    (ckpt / "config.json").write_text(json.dumps(m.config.to_hf_dict() | {"model_type": "deepseek_v4"}))
+    results = run_ranks(tmp_path, 2, f"load:{ckpt}")
+    seen = {}
+    for res in results:
+        assert "error" not in res, res.get("trace")
+        assert res["held"][2][0] == 4
+        seen.update(res["logits"])
+    for key, want in single.items():
+        torch.testing.assert_close(seen[key], want, rtol=0, atol=1e-5)
+
+
+def test_world_demo_checks_itself() -> None:
+    import subprocess
+
+    for extra in (["--no-quant"], ["--parallel", "tp"]):
+        out = subprocess.run([sys.executable, "-m", "dsv4rs.cli", "demo", "--world", "2", "--prompt-len", "160",
+                              "--new-tokens", "3", *extra], capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stdout + out.stderr
+        lines = out.stdout.strip().splitlines()
+        assert lines[-1] == "OK" and lines[-2].startswith("|logit diff| median"), out.stdout
+        assert sum(line.startswith("rank ") for line in lines) == 2
+    out = subprocess.run([sys.executable, "-m", "dsv4rs.cli", "demo", "--world", "2", "--device", "cuda"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "--world" in out.stderr
 
 
 def test_a_dead_rank_ends_the_others_step(tmp_path) -> None:

@@ -250,6 +250,7 @@ def plan_command(args: argparse.Namespace) -> int:
 
 DEMO_MAX_PROMPT = 1 << 16
 DEMO_MAX_NEW_TOKENS = 4096
+DEMO_MAX_WORLD = 64
 
 
 def _demo_arguments(p: argparse.ArgumentParser) -> None:
@@ -265,6 +266,12 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
                    help="skip the check against the float64 reference (on the CPU most of the run)")
     p.add_argument("--seed", type=_bounded_int(0, (1 << 32) - 1), default=0,
                    help="seed of the weights and prompts, 0 to 2^32 - 1 (default 0)")
+    p.add_argument("--world", type=_bounded_int(1, DEMO_MAX_WORLD), default=1,
+                   help=f"run on this many CPU processes (gloo), 1 to {DEMO_MAX_WORLD}, checked against one process "
+                   "(default 1: the single-process demo)")
+    p.add_argument("--parallel", choices=["dp", "tp"], default="dp",
+                   help="with --world: data-parallel attention (dp, default) or tensor-parallel attention (tp); "
+                   "experts split over the processes either way")
 
 
 def _text_arguments(gen: argparse.ArgumentParser, srv: argparse.ArgumentParser) -> None:
@@ -394,6 +401,12 @@ def _run(argv: list[str] | None) -> int:
         except ValueError as e:
             subs["plan"].error(str(e).replace("memory: ", "--device-memory: ", 1))
     if args.command == "demo":
+        if args.world > 1:
+            if args.device == "cuda":
+                subs["demo"].error("--world: the multi-process demo runs CPU processes over gloo; use --device cpu")
+            from dsv4rs.parallel import demo as parallel_demo  # imports torch
+
+            return parallel_demo.run(args)
         from dsv4rs import demo  # imports torch
 
         return demo.run(args)
