@@ -117,6 +117,23 @@ def test_world_demo_checks_itself() -> None:
     assert out.returncode == 2 and "--world" in out.stderr
 
 
+def test_world_bench_reports_every_rank_beside_one_process() -> None:
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-m", "dsv4rs.cli", "bench", "--only", "model", "--world", "2", "--device",
+                          "cpu", "--batch", "1,2", "--context", "256", "--layers", "2"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = [line.split() for line in out.stdout.splitlines() if line.strip().startswith("b=")]
+    assert [(r[0], r[2]) for r in rows] == [("b=1", "0"), ("b=1", "1"), ("b=2", "0"), ("b=2", "1")], out.stdout
+    for r in rows:  # case (2 words), rank, ms/step, ms/layer, comm, tok/s/rank, 1 process ms, ratio
+        ms, per_layer, comm = float(r[3]), float(r[4]), float(r[5].rstrip("%"))
+        assert ms > 0 and abs(per_layer - ms / 2) < 1e-2 and 0 < comm < 100 and float(r[7]) > 0
+    out = subprocess.run([sys.executable, "-m", "dsv4rs.cli", "bench", "--world", "2"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and "--only model" in out.stderr
+
+
 def test_a_dead_rank_ends_the_others_step(tmp_path) -> None:
     results = run_ranks(tmp_path, 2, "die", timeout=60.0)
     assert results[1] is None  # it died before writing anything

@@ -345,6 +345,11 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     bench_parser.add_argument("--layers", type=_bounded_int(1, 1024), help="model suite: layers of the preset (default 4)")
     bench_parser.add_argument("--batch", type=_int_list(4096), help="model suite: decode batch sizes, e.g. 1,8,32,64,128")
     bench_parser.add_argument("--context", type=_int_list(1 << 20), help="model suite: context lengths, e.g. 4096,131072")
+    bench_parser.add_argument("--world", type=_bounded_int(1, DEMO_MAX_WORLD), default=1,
+                              help="model suite over this many processes (CPU: gloo; GPU: NCCL, one GPU each), "
+                              "beside one process (default 1)")
+    bench_parser.add_argument("--parallel", choices=["dp", "tp"], default="dp",
+                              help="with --world: data-parallel (dp, default) or tensor-parallel (tp) attention")
     plan_parser = add("plan", "how many sequences of which length fit beside a model's weights",
                       "Divides a GPU's memory between a preset's weights, the workspace and the KV cache and says "
                       "how many sequences of which length fit (dsv4rs.runtime.memory).")
@@ -394,6 +399,16 @@ def _run(argv: list[str] | None) -> int:
         except ValueError as e:
             subs["cost"].error(str(e))
     if args.command == "bench":
+        if args.world > 1:
+            if args.only != ["model"]:
+                subs["bench"].error("--world: only the model suite runs over several processes (--only model)")
+            import torch
+
+            from dsv4rs.parallel import bench as parallel_bench  # imports torch
+
+            if args.device == "auto":
+                args.device = "cuda" if torch.cuda.is_available() else "cpu"
+            return parallel_bench.run(args)
         return bench.run_command(args)
     if args.command == "plan":
         try:

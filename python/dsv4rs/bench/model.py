@@ -44,12 +44,13 @@ def _config(preset: str, layers: int) -> V4Config:
                                "mlp_layer_types": list(full.mlp_layer_types[:layers]), "num_nextn_predict_layers": 0})
 
 
-def _build(cfg: V4Config, device: str, seed: int = 0):
+def _build(cfg: V4Config, device: str, seed: int = 0, experts: range | None = None):
     """The model on ``device`` with random weights (bfloat16 matrices, float32 where the model
-    keeps float32), initialized in place: no full-size copy anywhere else."""
+    keeps float32), initialized in place: no full-size copy anywhere else. ``experts``: a rank's
+    routed experts only (:mod:`dsv4rs.parallel`)."""
     from dsv4rs.model.model import empty_model, keeps_float32
 
-    model = empty_model(cfg, device, torch.bfloat16)
+    model = empty_model(cfg, device, torch.bfloat16, experts)
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -214,7 +215,7 @@ def attach(model: DeepseekV4, pc: ParallelConfig) -> DeepseekV4:
                          f"{model.config.n_routed_experts}")
     device = model.lm_head.weight.device
     if pc.mode == "tp":
-        reduce = AllReduce(pc)
+        reduce = AllReduce(pc, CommTimer())
         for attn in _all_attention(model):
             if attn.heads * pc.world != model.config.num_attention_heads:
                 raise ValueError(f"model: its attention holds {attn.heads} of {model.config.num_attention_heads} "
@@ -238,18 +239,51 @@ def _failed(pc: ParallelConfig, what: str, e: BaseException) -> ParallelError:
                          f"timeout ({pc.timeout:g} s) [{first}]")
 
 
+class CommTimer:
+    """Seconds spent in this process's collectives, when ``enabled`` (a benchmark's switch: on a
+    GPU each collective is then bracketed by device synchronizations)."""
+
+    def __init__(self) -> None:
+        self.enabled, self.seconds = False, 0.0
+
+    def __enter__(self) -> CommTimer:
+        if self.enabled:
+            _sync()
+            self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            _sync()
+            self.seconds += time.perf_counter() - self._t0
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def timer(model: DeepseekV4) -> CommTimer:
+    """The collectives' timer of an attached model (one per model)."""
+    ex = _all_experts(model)[0].exchange
+    if ex is None:
+        raise ValueError("model: not attached to other ranks (dsv4rs.parallel.attach)")
+    return ex.timer
+
+
 class AllReduce:
     """Sums a tensor over the ranks in place (float32 on the wire for lower precisions)."""
 
-    def __init__(self, pc: ParallelConfig) -> None:
-        self.pc = pc
+    def __init__(self, pc: ParallelConfig, comm: CommTimer) -> None:
+        self.pc, self.timer = pc, comm
 
     def __call__(self, t: torch.Tensor, what: str = "the attention output's all-reduce") -> torch.Tensor:
         import torch.distributed as dist
 
         wide = t.float() if t.dtype != torch.float32 and t.dtype != torch.float64 else t.contiguous()
         try:
-            dist.all_reduce(wide, group=self.pc.group)
+            with self.timer:
+                dist.all_reduce(wide, group=self.pc.group)
         except (RuntimeError, ValueError) as e:
             raise _failed(self.pc, what, e) from None
         return wide.to(t.dtype)
@@ -261,7 +295,7 @@ class ReplicatedExperts:
     this rank ran, per call."""
 
     def __init__(self, pc: ParallelConfig, reduce: AllReduce) -> None:
-        self.pc, self.reduce = pc, reduce
+        self.pc, self.reduce, self.timer = pc, reduce, reduce.timer
         self.received: list[int] = []
 
     def __call__(self, experts: Experts, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -282,7 +316,7 @@ class ExpertExchange:
     whose experts no pair chose runs none and still takes part)."""
 
     def __init__(self, pc: ParallelConfig, device: torch.device) -> None:
-        self.pc = pc
+        self.pc, self.timer = pc, CommTimer()
         owner = torch.empty(pc.num_experts, dtype=torch.int64)
         for r, held in enumerate(pc.expert_ranges):
             owner[held.start : held.stop] = r
@@ -294,7 +328,8 @@ class ExpertExchange:
         import torch.distributed as dist
 
         try:
-            dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.pc.group)
+            with self.timer:
+                dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.pc.group)
         except (RuntimeError, ValueError) as e:  # DistBackendError and gloo's errors are RuntimeErrors
             raise _failed(self.pc, f"the MoE exchange ({what})", e) from None
 

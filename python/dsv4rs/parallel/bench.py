@@ -1,0 +1,165 @@
+"""``dsv4rs bench --only model --world N``: the model suite's decode step over N processes
+(data-parallel attention and expert-parallel MoE, or ``--parallel tp``), beside one process.
+
+Each rank builds the preset's first ``--layers`` layers with random weights (its experts only),
+fills its cache with random valid rows and times decode steps of ``batch`` sequences of
+``context`` tokens (per rank under ``dp``; the same sequences on every rank under ``tp``). It
+reports per rank the step and per-layer time, the share of the step spent in the collectives
+(all-to-all, all-reduce; timed with device synchronizations around them on a GPU), tokens/s per
+rank, and beside them the same step in one process holding every expert (the per-rank batch).
+CPU processes talk over gloo; GPUs (``--device cuda``, one per rank) over NCCL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+TIMEOUT = 600.0
+
+
+def _cases(args: argparse.Namespace, gpu: bool) -> tuple[str, int, list[int], list[int], int]:
+    preset = args.preset or ("v4-flash" if gpu else "demo")
+    batches = args.batch or ([1, 8, 32, 64, 128] if gpu else [1, 4])
+    contexts = args.context or ([4096, 131072] if gpu else [1024])
+    return preset, args.layers or 4, batches, contexts, 8 if gpu else 3
+
+
+def _time_decode(engine, cfg, batch: int, context: int, steps: int, comm) -> tuple[float, float]:
+    """Milliseconds per decode step and the share of it in collectives (``comm``: a CommTimer or
+    None); the sequences are released after."""
+    import torch.distributed as dist
+
+    seqs = [engine.add_sequence()[0] for _ in range(batch)]
+    engine.manager.append(seqs, [[0] * context for _ in seqs])
+    tokens = [[t] for t in torch.randint(0, cfg.vocab_size, (batch,)).tolist()]
+    sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
+    engine.step(seqs, tokens)  # warm-up
+    sync()
+    if engine.parallel is not None:
+        dist.barrier(group=engine.parallel.group)
+    if comm is not None:
+        comm.seconds, comm.enabled = 0.0, True
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step(seqs, tokens)
+    sync()
+    ms = 1e3 * (time.perf_counter() - t0) / steps
+    share = 0.0
+    if comm is not None:
+        comm.enabled = False
+        share = 1e3 * comm.seconds / steps / ms
+    for s in seqs:
+        engine.release(s)
+    return ms, share
+
+
+def rank_main(rank: int, world: int, init_method: str, args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from dsv4rs import parallel
+    from dsv4rs.bench.model import _build, _config, _fill_cache
+    from dsv4rs.runtime import Engine
+
+    gpu = args.device == "cuda"
+    if gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    device = f"cuda:{torch.cuda.current_device()}" if gpu else "cpu"
+    dist.init_process_group("nccl" if gpu else "gloo", init_method=init_method, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=TIMEOUT))
+    preset, layers, batches, contexts, steps = _cases(args, gpu)
+    cfg = _config(preset, layers)
+    pc = parallel.ParallelConfig.even(cfg, world, rank, mode=args.parallel, timeout=TIMEOUT)
+    if pc.mode == "tp":
+        model = parallel.shard(_build(cfg, device), pc)
+    else:
+        model = parallel.attach(_build(cfg, device, experts=pc.experts), pc)
+    longest = max(contexts) + 2 * steps + 4
+    engine = Engine(model, max_sequences=max(batches), max_len=longest, quant=True, parallel=pc)
+    _fill_cache(engine)
+    comm = parallel.timer(model)
+    rows = []
+    for context in contexts:
+        for batch in batches:
+            if rank == 0:
+                print(f"  decode b={batch} ctx={context}: {world} ranks ...", file=sys.stderr, flush=True)
+            rows.append((batch, context, *_time_decode(engine, cfg, batch, context, steps, comm)))
+    gathered: list = [None] * world if rank == 0 else None
+    dist.gather_object(rows, gathered, dst=0)
+    dist.destroy_process_group()
+    if rank != 0:
+        return 0
+    del engine, model
+    one = Engine(_build(cfg, device), max_sequences=max(batches), max_len=longest, quant=True,
+                 cuda_graphs=False)
+    _fill_cache(one)
+    single = {}
+    for context in contexts:
+        for batch in batches:
+            print(f"  decode b={batch} ctx={context}: one process ...", file=sys.stderr, flush=True)
+            single[(batch, context)] = _time_decode(one, cfg, batch, context, steps, None)[0]
+    where = torch.cuda.get_device_name() if gpu else "cpu"
+    how = "tensor-parallel attention" if pc.mode == "tp" else "data-parallel attention"
+    print(f"decode over {world} ranks ({how}, experts split {[len(r) for r in pc.expert_ranges]}) on {where}: "
+          f"{preset}, {layers} layers, FP8 cache, eager steps (a parallel step is not graph-captured); "
+          f"batch = sequences per rank ({'the same on every rank' if pc.mode == 'tp' else 'each rank its own'})")
+    print(f"{'case':>22} {'rank':>4} {'ms/step':>9} {'ms/layer':>9} {'comm':>6} {'tok/s/rank':>11} "
+          f"{'1 process ms':>13} {'ratio':>6}")
+    share_of = world if pc.mode == "tp" else 1  # under tp the ranks produce the same tokens together
+    for i, (batch, context, *_) in enumerate(gathered[0]):
+        ref = single[(batch, context)]
+        for r in range(world):
+            _, _, ms, share = gathered[r][i]
+            print(f"{f'b={batch} ctx={context}':>22} {r:>4} {ms:9.3f} {ms / layers:9.3f} {100 * share:5.1f}% "
+                  f"{batch / ms * 1e3 / share_of:11,.1f} {ref:13.3f} {ref / ms / share_of:5.2f}x")
+    print("comm: the share of the step in all-to-all and all-reduce; tok/s/rank: the batch's tokens per second"
+          f"{' over the ranks (they produce the same tokens together)' if pc.mode == 'tp' else ''}; ratio: "
+          "tokens/s per rank over one process's at the same batch")
+    return 0
+
+
+def _spawned(rank: int, world: int, init_method: str, args: argparse.Namespace, status: str) -> None:
+    code = 1
+    try:
+        code = rank_main(rank, world, init_method, args)
+    except Exception as e:  # noqa: BLE001 - reported, then the rank exits non-zero
+        print(f"rank {rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+    with open(status, "w", encoding="ascii") as f:
+        f.write(str(code))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Starts ``args.world`` processes (or, under torchrun, is one of them)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return rank_main(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), "env://", args)
+    world = args.world
+    if args.device == "cuda" and torch.cuda.device_count() < world:
+        raise SystemExit(f"dsv4rs bench: --world {world} on --device cuda needs {world} GPUs, torch sees "
+                         f"{torch.cuda.device_count()}")
+    ctx = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="dsv4rs-world-") as tmp:
+        init = f"file://{os.path.join(tmp, 'store')}"
+        status = [os.path.join(tmp, f"status{r}") for r in range(world)]
+        procs = [ctx.Process(target=_spawned, args=(r, world, init, args, status[r])) for r in range(world)]
+        print(f"starting {world} processes ({'GPUs, NCCL' if args.device == 'cuda' else 'CPU, gloo'}) ...",
+              file=sys.stderr, flush=True)
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=TIMEOUT * 2)
+        codes = []
+        for r, p in enumerate(procs):
+            if p.is_alive():
+                p.kill()
+                print(f"rank {r}: did not finish in time", file=sys.stderr)
+            codes.append(int(open(status[r], encoding="ascii").read()) if os.path.exists(status[r]) else 1)
+    return 0 if all(c == 0 for c in codes) else 1
