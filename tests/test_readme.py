@@ -5,7 +5,9 @@
   becomes a tiny checkpoint this test writes (``V4Config.tiny()``, seeded weights, transformers'
   names, one shard and ``config.json``). A block with another ``path/to/`` placeholder fails
   until it is added here. A block that opens ``"tiny-v4"`` finds the tiny text checkpoint the
-  README's bash block writes (``tests/checkpoints.py``: weights and a tokenizer) in its folder.
+  README's bash block writes (``tests/checkpoints.py``: weights and a tokenizer) in its folder. A
+  block written for torchrun (``parallel.init(``) runs with the environment torchrun gives a
+  single process.
 - Every ```bash block must parse (``bash -n``): running them is too costly here (the two
   quick-start commands, install and test suite, are what CI runs).
 - Every ``dsv4rs ...`` command line of the README (in bash blocks and inline code) must be
@@ -77,6 +79,13 @@ def test_python_block_runs(line: int, tmp_path) -> None:
 
         write_checkpoint(str(tmp_path / "tiny-v4"))
     env = dict(os.environ, TQDM_DISABLE="1")
+    if "parallel.init(" in code:  # written for torchrun: run it as torchrun would start one process
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600,
                          env=env)
     assert out.returncode == 0, f"README.md:{line} failed:\n{out.stdout}\n{out.stderr}"
