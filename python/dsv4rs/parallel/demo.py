@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import multiprocessing
 import os
 import sys
-import tempfile
 import time
 
 import torch
+
+from dsv4rs.parallel.launch import launch
 
 SEQUENCES = 4
 TIMEOUT = 120.0
@@ -110,39 +110,9 @@ def rank_main(rank: int, world: int, init_method: str, args: argparse.Namespace)
     return 0 if ok else 1
 
 
-def _spawned(rank: int, world: int, init_method: str, args: argparse.Namespace, status: str) -> None:
-    code = 1
-    try:
-        code = rank_main(rank, world, init_method, args)
-    except Exception as e:  # noqa: BLE001 - reported, then the rank exits non-zero
-        print(f"rank {rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-    with open(status, "w", encoding="ascii") as f:
-        f.write(str(code))
-
-
 def run(args: argparse.Namespace) -> int:
     """Starts ``args.world`` processes (or, under torchrun, is one of them)."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun
-        return rank_main(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), "env://", args)
-    world = args.world
-    ctx = multiprocessing.get_context("spawn")
-    with tempfile.TemporaryDirectory(prefix="dsv4rs-world-") as tmp:
-        init = f"file://{os.path.join(tmp, 'store')}"
-        status = [os.path.join(tmp, f"status{r}") for r in range(world)]
-        procs = [ctx.Process(target=_spawned, args=(r, world, init, args, status[r])) for r in range(world)]
-        print(f"starting {world} processes (CPU, gloo) ...", flush=True)
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + TIMEOUT * 4
-        for p in procs:
-            p.join(timeout=max(1.0, deadline - time.monotonic()))
-        codes = []
-        for r, p in enumerate(procs):
-            if p.is_alive():
-                p.kill()
-                print(f"rank {r}: did not finish in time", file=sys.stderr)
-            codes.append(int(open(status[r], encoding="ascii").read()) if os.path.exists(status[r]) else 1)
-    return 0 if all(c == 0 for c in codes) else 1
+    return launch(rank_main, args.world, args, TIMEOUT * 4, "CPU, gloo")
 
 
 def main(argv: list[str] | None = None) -> int:
