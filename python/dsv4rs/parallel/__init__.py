@@ -32,9 +32,10 @@ Launch with ``torchrun --nproc-per-node N script.py`` and, in the script::
     model = load_checkpoint(path, device, experts=pc.experts)   # this rank's experts only
     engine = Engine(model, parallel=pc)
 
-or build a full model and keep a rank's share with :func:`shard` (under ``"tp"`` this is the only
-way today: the loader reads a rank's experts only, not its attention heads). What is not here
-yet: MTP drafts under expert parallelism, and CUDA-graph capture of a parallel step (the
+Under ``"tp"`` pass ``tp=(pc.rank, pc.world)`` to the loader as well: it then reads only the
+rank's share of every attention layer (rows of ``q_b_proj`` and ``o_a_proj``, the sinks' entries,
+columns of ``o_b_proj``; :meth:`Attention.head_share`). Or build a full model and keep a rank's
+share with :func:`shard`, which keeps the same parts. What is not here yet: MTP drafts under expert parallelism, and CUDA-graph capture of a parallel step (the
 exchange's split sizes are read on the host).
 """
 
