@@ -70,18 +70,20 @@ def worker(rank: int, world: int, store: str, out: str, mode: str, timeout: floa
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout))
         m = model()
-        pc = parallel.ParallelConfig.even(m.config, world, rank, timeout=timeout, mode="tp" if mode == "tp" else "dp")
+        tp = mode == "tp" or mode.startswith("tpload:")
+        pc = parallel.ParallelConfig.even(m.config, world, rank, timeout=timeout, mode="tp" if tp else "dp")
         if mode == "lopsided":  # rank 0 holds every expert, the others none
             e = m.config.n_routed_experts
             pc = parallel.ParallelConfig(world, rank, (range(e),) + (range(e, e),) * (world - 1), timeout=timeout)
-        if mode.startswith("load:"):  # this rank's experts only, from the checkpoint
+        if mode.startswith(("load:", "tpload:")):  # this rank's experts (under "tp", and heads) only, from the checkpoint
             from dsv4rs.model import load_checkpoint
 
-            m = parallel.attach(load_checkpoint(mode[5:], experts=pc.experts, progress=False), pc)
+            m = parallel.attach(load_checkpoint(mode.split(":", 1)[1], experts=pc.experts, progress=False,
+                                                tp=(rank, world) if tp else None), pc)
         else:
             parallel.shard(m, pc)
         engine = Engine(m, max_sequences=8, max_len=512, parallel=pc)
-        mine = sorted(PROMPT_LENS) if mode == "tp" else [s for s, r in OWNERS[world].items() if r == rank]
+        mine = sorted(PROMPT_LENS) if tp else [s for s, r in OWNERS[world].items() if r == rank]
         if mode == "die" and rank == 1:
             os._exit(3)
         if mode == "stall" and rank == 1:

@@ -80,9 +80,10 @@ def test_parallel_logits_equal_one_process(tmp_path, single: dict, world: int, m
         assert set(results[1]["received"]) == {0} and min(results[0]["received"]) > 0
 
 
-def test_ranks_loading_their_experts_from_a_checkpoint(tmp_path, single: dict) -> None:
-    """Each rank reads its experts only (load_checkpoint(experts=...)) and attaches: the same
-    logits as one process."""
+@pytest.mark.parametrize("kind", ["load", "tpload"])
+def test_ranks_loading_their_experts_from_a_checkpoint(tmp_path, single: dict, kind: str) -> None:
+    """Each rank reads its experts only (load_checkpoint(experts=...); ``tpload``: under "tp", and
+    its attention heads, tp=(rank, world)) and attaches: the same logits as one process."""
     import json
 
     from safetensors.torch import save_file
@@ -92,11 +93,13 @@ def test_ranks_loading_their_experts_from_a_checkpoint(tmp_path, single: dict) -
     m = pw.model()
     save_file({k: v.contiguous() for k, v in m.checkpoint_tensors().items()}, str(ckpt / "model.safetensors"))
     (ckpt / "config.json").write_text(json.dumps(m.config.to_hf_dict() | {"model_type": "deepseek_v4"}))
-    results = run_ranks(tmp_path, 2, f"load:{ckpt}")
+    results = run_ranks(tmp_path, 2, f"{kind}:{ckpt}")
     seen = {}
     for res in results:
         assert "error" not in res, res.get("trace")
         assert res["held"][2][0] == 4
+        heads = 4 if kind == "tpload" else 8
+        assert res["heads"] == (heads, (heads * m.config.head_dim, m.config.q_lora_rank))
         seen.update(res["logits"])
     for key, want in single.items():
         torch.testing.assert_close(seen[key], want, rtol=0, atol=1e-5)

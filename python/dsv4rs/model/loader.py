@@ -22,6 +22,11 @@ Under expert parallelism a rank loads only its share of the routed experts (``ex
 contiguous range of expert ids): the headers are still checked for every expert, but only the
 owned experts' bytes are read (per-expert tensors of other experts are skipped; stacked
 ``[E, ...]`` expert tensors are read for the owned rows only, :meth:`_Shards.rows`).
+
+Under tensor-parallel attention (``tp=(rank, world)``) a rank likewise reads only its share of
+each attention layer's heads (:meth:`~dsv4rs.model.layers.attention.Attention.head_share`): rows
+of ``q_b_proj`` and ``o_a_proj``, entries of the sinks, columns of ``o_b_proj`` (:meth:`_Shards.cols`);
+an FP8 weight's part with the block-scale rows or columns that cover it.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dsv4rs.model.config import SWA, V4Config, read_json
+from dsv4rs.model.layers.attention import Attention
 from dsv4rs.model.layers.moe import Experts, expert_range
 from dsv4rs.model.model import DeepseekV4, set_dtype
 
@@ -191,16 +197,23 @@ def _e8m0(scale: torch.Tensor, name: str) -> torch.Tensor:
     return s
 
 
-def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, name: str) -> torch.Tensor:
-    """FP8 e4m3 ``[out, in]`` times one scale per 128x128 block ``[ceil(out/128), ceil(in/128)]``."""
+def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, name: str, at: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """FP8 e4m3 ``[out, in]`` times one scale per 128x128 block ``[ceil(out/128), ceil(in/128)]``.
+
+    ``at``: ``weight`` is the part of a larger weight starting at row ``at[0]``, column ``at[1]``
+    (boundaries need not be multiples of 128), and ``scale`` holds the blocks that cover it
+    (block rows ``at[0] // 128`` to ``ceil((at[0] + out) / 128)``, likewise the columns): each value
+    gets the scale it has in the whole weight, so the result equals the whole weight's dequantized
+    values at those rows and columns."""
     if weight.dim() != 2:
         raise CheckpointError(f"{name}: an FP8 weight must be 2-d, got shape {list(weight.shape)}")
     rows, cols = weight.shape
-    want = (-(-rows // FP8_BLOCK), -(-cols // FP8_BLOCK))
+    (r0, c0) = (at[0] % FP8_BLOCK, at[1] % FP8_BLOCK)  # offsets into the first block row / column
+    want = (-(-(r0 + rows) // FP8_BLOCK), -(-(c0 + cols) // FP8_BLOCK))
     if tuple(scale.shape) != want:
         raise CheckpointError(f"{name}: FP8 scale has shape {list(scale.shape)}, expected {list(want)}")
     s = _e8m0(scale, name)
-    s = s.repeat_interleave(FP8_BLOCK, 0)[:rows].repeat_interleave(FP8_BLOCK, 1)[:, :cols]
+    s = s.repeat_interleave(FP8_BLOCK, 0)[r0 : r0 + rows].repeat_interleave(FP8_BLOCK, 1)[:, c0 : c0 + cols]
     return weight.float() * s
 
 
@@ -271,11 +284,23 @@ class _Shards:
         """Rows ``rows`` (a contiguous range along dim 0) of tensor ``key``: safetensors maps the
         shard, so only those rows' bytes are read (a view of the mapping; the pages of the
         other rows are never touched)."""
+        return self._slice(key, (slice(rows.start, rows.stop),))
+
+    def cols(self, key: str, cols: range) -> torch.Tensor:
+        """Columns ``cols`` (a contiguous range along dim 1) of 2-d tensor ``key``: a strided view of
+        the mapping, those columns' bytes of every row (row-major storage touches every row)."""
+        return self._slice(key, (slice(None), slice(cols.start, cols.stop)))
+
+    def part(self, key: str, dim: int, r: range) -> torch.Tensor:
+        """``rows`` or ``cols`` of ``key``, by dimension."""
+        return self.rows(key, r) if dim == 0 else self.cols(key, r)
+
+    def _slice(self, key: str, index: tuple[slice, ...]) -> torch.Tensor:
         file = self.where[key]
         try:
             if file not in self._handles:
                 self._handles[file] = self._open(file, framework="pt")
-            return self._handles[file].get_slice(key)[rows.start:rows.stop]
+            return self._handles[file].get_slice(key)[index]
         except self._errors as e:
             raise CheckpointError(f"{key}: cannot be read from {os.path.basename(file)} ({e})") from None
 
@@ -453,20 +478,30 @@ def _check_complete(cfg: V4Config, params: dict[str, torch.Tensor], owner: dict)
 # -- loading ---------------------------------------------------------------------------------------
 
 
-def _read(reader: _Shards, item: _Item, cfg: V4Config, rows: range | None = None) -> torch.Tensor:
-    """One tensor (only ``rows`` along dim 0 of it when given), dequantized, its values checked."""
-    shape = tuple(reader.entries[item.key].shape)
-    if rows is None:
+def _read(reader: _Shards, item: _Item, cfg: V4Config, rows: range | None = None, dim: int = 0) -> torch.Tensor:
+    """One tensor (only ``rows`` along dimension ``dim`` of it when given), dequantized, its values
+    checked. A part of an FP8 weight is read with the scale blocks that cover it (its boundaries
+    need not be multiples of 128); a part of an MXFP4 weight (none that dsv4rs splits today) is
+    the whole tensor read, dequantized and sliced."""
+    shape = list(reader.entries[item.key].shape)
+    whole = rows is None or item.fmt == "fp4"
+    if whole:
         t = reader.get(item.key)
     else:
-        t = reader.rows(item.key, rows)
-        shape = (len(rows), *shape[1:])
-    if tuple(t.shape) != shape:  # the file changed under us
+        t = reader.part(item.key, dim, rows)
+        shape[dim] = len(rows)
+    if list(t.shape) != shape:  # the file changed under us
         raise CheckpointError(f"{item.key}: shape {list(t.shape)} differs from its header")
-    if item.fmt == "fp8":
+    if item.fmt == "fp8" and whole:
         t = dequantize_fp8(t, reader.get(item.scale), item.key)
+    elif item.fmt == "fp8":
+        blocks = range(rows.start // FP8_BLOCK, -(-rows.stop // FP8_BLOCK))
+        t = dequantize_fp8(t, reader.part(item.scale, dim, blocks), item.key,
+                           (rows.start, 0) if dim == 0 else (0, rows.start))
     elif item.fmt == "fp4":
         t = dequantize_fp4(t, reader.get(item.scale), item.key)
+    if rows is not None and whole:
+        t = t.narrow(dim, rows.start, len(rows))
     if t.is_floating_point():
         if not torch.isfinite(t).all():
             raise CheckpointError(f"{item.key}: non-finite values")
@@ -512,8 +547,25 @@ def _check_target(device: torch.device | str, dtype: torch.dtype) -> torch.devic
     return dev
 
 
+def _check_tp(cfg: V4Config, tp: object) -> None:
+    if tp is None:
+        return
+    if (not isinstance(tp, tuple) or len(tp) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in tp)):
+        raise ValueError(f"tp: expected (rank, world), a tuple of two ints, got {tp!r}")
+    rank, world = tp
+    if world < 1:
+        raise ValueError(f"tp: world must be >= 1, got {tp!r}")
+    if not 0 <= rank < world:
+        raise ValueError(f"tp: rank must lie in [0, world), got {tp!r}")
+    if cfg.o_groups % world:
+        raise ValueError(f"tp: tensor-parallel attention splits the {cfg.o_groups} output groups (o_groups) over "
+                         f"the ranks, which world = {world} does not divide")
+
+
 def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                    progress: bool = True, strict: bool = True, experts: range | None = None) -> DeepseekV4:
+                    progress: bool = True, strict: bool = True, experts: range | None = None,
+                    tp: tuple[int, int] | None = None) -> DeepseekV4:
     """Loads ``path`` (``config.json`` and safetensors shards) into a :class:`DeepseekV4`.
 
     First every tensor is checked from the shards' headers against the model (name, dtype,
@@ -535,6 +587,18 @@ def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "
     those read. Every other tensor is read as without ``experts``. The result equals the full
     load with the routed-expert tensors sliced to ``[experts.start, experts.stop)``. A bad
     ``experts`` raises :class:`ValueError` naming it.
+
+    ``tp=(rank, world)`` loads a rank's share under tensor-parallel attention
+    (:mod:`dsv4rs.parallel`, ``mode="tp"``): every attention layer (the MTP block's too) holds its
+    contiguous share of the ``o_groups`` output groups and of the heads they project, as
+    :func:`dsv4rs.parallel.shard` keeps it (:meth:`~dsv4rs.model.layers.attention.Attention.head_share`):
+    rows of ``q_b_proj``, the sinks' entries, rows of ``o_a_proj``, columns of ``o_b_proj``, and the
+    local head and group counts. The headers are still checked against the full model; of those
+    four tensors only the rank's part is read (rows or columns of the mapping; an FP8 weight's part
+    with the block scales covering it, whether or not its boundaries are multiples of 128), and the
+    values checked are those read. Combined with ``experts=pc.experts`` the result, after
+    :func:`dsv4rs.parallel.attach`, equals ``shard(full model, pc)``. ``world`` must divide
+    ``o_groups``; a bad ``tp`` raises :class:`ValueError` naming it.
     """
     path = os.fspath(path)
     dev = _check_target(device, dtype)
@@ -545,9 +609,16 @@ def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "
     except ValueError as e:
         raise CheckpointError(f"config.json: {str(e).removeprefix('path: ')}") from None
     held = expert_range(cfg, experts)
+    _check_tp(cfg, tp)
     with torch.device("meta"):
-        full = set_dtype(DeepseekV4(cfg), dtype)  # what the checkpoint must hold: every expert
-        model = set_dtype(DeepseekV4(cfg, held), dtype) if held != range(cfg.n_routed_experts) else full
+        full = set_dtype(DeepseekV4(cfg), dtype)  # what the checkpoint must hold: every expert, every head
+        model = (set_dtype(DeepseekV4(cfg, held), dtype) if held != range(cfg.n_routed_experts) or tp is not None
+                 else full)
+    tp_parts: dict[str, tuple[int, range]] = {}  # parameter -> (dim, range) of it this rank reads
+    if tp is not None:
+        for name, mod in model.named_modules():
+            if isinstance(mod, Attention):
+                tp_parts.update({f"{name}.{leaf}": part for leaf, part in mod.keep_heads(*tp).items()})
     reader = _Shards(*_shards(path))
     items = _plan(reader, cfg, full.checkpoint_tensors(), strict)
     del full
@@ -575,13 +646,14 @@ def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "
                 for item in by_shard[file]:
                     meta = params[item.target]
                     stacked = item.part is None and item.target in routed
-                    t = _read(reader, item, cfg, part_rows if stacked else None).to(meta.dtype)
+                    dim, part = tp_parts.get(item.target, (0, part_rows if stacked else None))
+                    t = _read(reader, item, cfg, part, dim).to(meta.dtype)
                     if t.is_floating_point() and not torch.isfinite(t).all():
                         raise CheckpointError(f"{item.key}: values overflow {_dtype_name(meta.dtype)}")
                     if item.part is None:
                         t = t.to(dev).contiguous()
-                        if stacked and t.untyped_storage().nbytes() != t.numel() * t.element_size():
-                            t = t.clone()  # rows of the shard's mapping: hold only those
+                        if part is not None and t.untyped_storage().nbytes() != t.numel() * t.element_size():
+                            t = t.clone()  # rows of the shard's mapping (or a whole tensor): hold only those
                         _place(slots, meta, t)
                         continue
                     if item.target not in experts_buf:

@@ -32,9 +32,10 @@ Launch with ``torchrun --nproc-per-node N script.py`` and, in the script::
     model = load_checkpoint(path, device, experts=pc.experts)   # this rank's experts only
     engine = Engine(model, parallel=pc)
 
-or build a full model and keep a rank's share with :func:`shard` (under ``"tp"`` this is the only
-way today: the loader reads a rank's experts only, not its attention heads). What is not here
-yet: MTP drafts under expert parallelism, and CUDA-graph capture of a parallel step (the
+Under ``"tp"`` pass ``tp=(pc.rank, pc.world)`` to the loader as well: it then reads only the
+rank's share of every attention layer (rows of ``q_b_proj`` and ``o_a_proj``, the sinks' entries,
+columns of ``o_b_proj``; :meth:`Attention.head_share`). Or build a full model and keep a rank's
+share with :func:`shard`, which keeps the same parts. What is not here yet: MTP drafts under expert parallelism, and CUDA-graph capture of a parallel step (the
 exchange's split sizes are read on the host).
 """
 
@@ -192,17 +193,9 @@ def shard(model: DeepseekV4, pc: ParallelConfig) -> DeepseekV4:
 
 def _shard_attention(attn: Attention, pc: ParallelConfig) -> None:
     """This rank's output groups (contiguous) and the heads they project: rows of ``q_b_proj``
-    and the sinks, the groups' rows of ``o_a_proj``, their columns of ``o_b_proj``."""
-    groups = pc.share(attn.groups)
-    per_group = attn.heads // attn.groups
-    heads = range(groups.start * per_group, groups.stop * per_group)
-    dim = attn.head_dim
-    rank_out = attn.o_a_proj.weight.shape[0] // attn.groups
-    _keep(attn.q_b_proj, "weight", attn.q_b_proj.weight[heads.start * dim : heads.stop * dim])
-    _keep(attn, "sinks", attn.sinks[heads.start : heads.stop])
-    _keep(attn.o_a_proj, "weight", attn.o_a_proj.weight[groups.start * rank_out : groups.stop * rank_out])
-    _keep(attn.o_b_proj, "weight", attn.o_b_proj.weight[:, groups.start * rank_out : groups.stop * rank_out])
-    attn.heads, attn.groups, attn.o_a_proj.groups = len(heads), len(groups), len(groups)
+    and the sinks, the groups' rows of ``o_a_proj``, their columns of ``o_b_proj``
+    (:meth:`Attention.keep_heads`, the split ``load_checkpoint(tp=...)`` reads)."""
+    attn.keep_heads(pc.rank, pc.world)
 
 
 def attach(model: DeepseekV4, pc: ParallelConfig) -> DeepseekV4:

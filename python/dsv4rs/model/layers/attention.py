@@ -145,6 +145,39 @@ class Attention(nn.Module):
         elif layer_type == HCA:
             self.compressor = HCACompressor(cfg)
 
+    def head_share(self, rank: int, world: int) -> dict[str, tuple[int, range]]:
+        """What rank ``rank`` of ``world`` holds of this layer under tensor-parallel attention:
+        its contiguous share of the output groups and the heads they project, as parameter name
+        (relative to the layer) -> ``(dim, range)``: rows of ``q_b_proj.weight`` (``head_dim``
+        per head), entries of ``sinks`` (one per head), rows of ``o_a_proj.weight`` and columns of
+        ``o_b_proj.weight`` (``o_lora_rank`` per group). Read from the layer's current (full)
+        shapes, so it works on the meta device as well. The one place this split is defined:
+        :func:`dsv4rs.parallel.shard` and ``load_checkpoint(tp=...)`` both use it."""
+        if world < 1 or not 0 <= rank < world or self.groups % world:
+            raise ValueError(f"tensor-parallel share: rank {rank} of {world} ranks: expected 0 <= rank < world and world dividing the "
+                             f"{self.groups} output groups (o_groups)")
+        groups = range(self.groups * rank // world, self.groups * (rank + 1) // world)
+        per_group = self.heads // self.groups
+        heads = range(groups.start * per_group, groups.stop * per_group)
+        dim = self.head_dim
+        rank_out = self.o_a_proj.weight.shape[0] // self.groups
+        out = range(groups.start * rank_out, groups.stop * rank_out)
+        return {"q_b_proj.weight": (0, range(heads.start * dim, heads.stop * dim)), "sinks": (0, heads),
+                "o_a_proj.weight": (0, out), "o_b_proj.weight": (1, out)}
+
+    def keep_heads(self, rank: int, world: int) -> dict[str, tuple[int, range]]:
+        """Keeps only :meth:`head_share`'s parts of the weights (copies, not views, so the full
+        tensors can be freed; on the meta device this allocates nothing) and sets the local
+        head and group counts; returns the share."""
+        share = self.head_share(rank, world)
+        for name, (dim, r) in share.items():
+            owner, leaf = self.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
+            part = getattr(owner, leaf).detach().narrow(dim, r.start, len(r)).clone()
+            setattr(owner, leaf, nn.Parameter(part, requires_grad=False))
+        self.heads = len(share["sinks"][1])
+        self.groups = self.o_a_proj.groups = self.groups // world
+        return share
+
     def projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(cQ [T, q_lora_rank], q [T, H, 512], e [T, 512])`` before RoPE; ``q`` per-head
         RMS-normalized without weight."""
