@@ -176,6 +176,52 @@ def test_config_refuses_other_shared_expert_counts() -> None:
             V4Config.from_dict(V4Config.tiny().to_hf_dict() | {"n_shared_experts": n})
 
 
+def test_rope_frequencies_and_official_table_are_transformers_bit_for_bit() -> None:
+    """The model's inverse frequencies (float32 arithmetic) are transformers' and DeepSeek's
+    (the reference's official_inv_freq, written from inference/model.py) bit for bit, and the
+    reference's "official" table gives transformers' float32 cos/sin up to 1M positions."""
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4RotaryEmbedding
+
+    from dsv4rs.model.layers.rotary import inv_freq
+    from dsv4rs.reference import ops as ref
+
+    pos = torch.tensor([0, 7, 4096, 131071, (1 << 20) - 1])
+    for cfg in (V4Config.tiny(), V4Config.v4_flash(), V4Config.v4_pro()):
+        rot = DeepseekV4RotaryEmbedding(_transformers().DeepseekV4Config(**cfg.to_hf_dict()))
+        for compressed, kind in ((False, "main"), (True, "compress")):
+            ours = inv_freq(cfg, compressed)
+            assert torch.equal(ours, getattr(rot, f"{kind}_inv_freq")), (cfg.hidden_size, kind)
+            y = cfg.yarn
+            official = (ref.official_inv_freq(64, cfg.compress_rope_theta, y.factor, y.original_max_position_embeddings,
+                                              y.beta_fast, y.beta_slow) if compressed
+                        else ref.official_inv_freq(64, cfg.rope_theta))
+            assert torch.equal(ours, official)
+            cos, sin = rot(torch.zeros(1), pos[None], layer_type=kind)
+            unit = torch.zeros(len(pos), 64, dtype=torch.float64)
+            unit[:, 0::2] = 1.0
+            got = ref.apply_rope(unit, pos, official, table="official")
+            torch.testing.assert_close(got[:, 0::2], cos[0].double(), rtol=0, atol=2**-22)
+            torch.testing.assert_close(got[:, 1::2], sin[0].double(), rtol=0, atol=2**-22)
+            exact = ref.apply_rope(unit, pos, official.double())  # exact angles drift from it at 1M
+            assert float((exact[-1, 0::2] - cos[0, -1].double()).abs().max()) > 1e-4
+
+
+def test_exact_rope_is_relative_and_the_table_drifts(model: DeepseekV4) -> None:
+    """The reference at a position offset: exact angles give the same logits at any offset (what
+    a sequence sees is unchanged); DeepSeek's float32 table moves them, more at 1M than at 4K."""
+    m = float64_copy(model)
+    ids = torch.randint(0, m.config.vocab_size, (140,), generator=torch.Generator().manual_seed(4))
+    base = dense_forward(m, ids)
+    torch.testing.assert_close(dense_forward(m, ids, position_offset=4096), base, rtol=0, atol=1e-11)
+    near = (dense_forward(m, ids, position_offset=4096, rope_table="official") - base).abs().max()
+    far = (dense_forward(m, ids, position_offset=(1 << 20) - 256, rope_table="official") - base).abs().max()
+    assert 0 < near < far
+    for kwargs, name in ((dict(position_offset=100), "position_offset"), (dict(position_offset=-128), "position_offset"),
+                         (dict(rope_table="fp16"), "rope_table")):
+        with pytest.raises(ValueError, match=name):
+            dense_forward(m, ids[:8], **kwargs)
+
+
 @pytest.mark.parametrize(("change", "names"), [
     ({"head_dim": 256}, "head_dim"),
     ({"layer_types": [SWA] * 3}, "layer_types"),

@@ -196,9 +196,11 @@ class V4Config:
         return tuple(ratio[t] for t in self.layer_types) + (0,) * self.num_nextn_predict_layers
 
     def inv_freq(self, compressed: bool) -> tuple[float, ...]:
-        """The 32 RoPE inverse frequencies (docs/model.md section 2), rounded to float32 as
-        transformers computes them: plain ``rope_theta`` for SWA-only layers,
-        ``compress_rope_theta`` with YaRN for CSA/HCA layers and their compressors."""
+        """The 32 RoPE inverse frequencies (docs/model.md section 2) computed in float64, then
+        rounded to float32: plain ``rope_theta`` for SWA-only layers, ``compress_rope_theta``
+        with YaRN for CSA/HCA layers and their compressors. The model takes
+        :func:`dsv4rs.model.layers.rotary.inv_freq` instead, which computes in float32 as
+        transformers and DeepSeek do (the last bit differs in about a third of the entries)."""
         theta = self.compress_rope_theta if compressed else self.rope_theta
         yarn = self.yarn if compressed else None
         return tuple(_float32(f) for f in rope_inv_freq(ROPE_DIM, theta, yarn))
@@ -420,13 +422,7 @@ def rope_inv_freq(rope_dim: int, theta: float, yarn: YaRN | None = None) -> list
     if yarn is None:
         return base
 
-    def correction_dim(rotations: float) -> float:
-        return rope_dim * math.log(yarn.original_max_position_embeddings / (rotations * 2 * math.pi)) / (
-            2 * math.log(theta))
-
-    low = max(math.floor(correction_dim(yarn.beta_fast)), 0)
-    high = min(math.ceil(correction_dim(yarn.beta_slow)), rope_dim - 1)
-    width = high - low if high != low else 1e-3
+    low, width = yarn_ramp_bounds(rope_dim, theta, yarn)
     ramps = (min(max((j - low) / width, 0.0), 1.0) for j in range(rope_dim // 2))
     return [f * (1 - r) + f / yarn.factor * r for f, r in zip(base, ramps)]
 
@@ -485,6 +481,20 @@ def from_inference_dict(d: Mapping[str, Any]) -> dict[str, Any]:
     if "model_type" in d:
         out["model_type"] = d["model_type"]
     return out
+
+
+def yarn_ramp_bounds(rope_dim: int, theta: float, yarn: YaRN) -> tuple[int, float]:
+    """``(low, high - low)`` of YaRN's ramp over the frequency index (``1e-3`` when they meet):
+    ``low = floor(rope_dim ln(orig / (beta_fast 2 pi)) / (2 ln theta))`` (at least 0),
+    ``high = ceil(rope_dim ln(orig / (beta_slow 2 pi)) / (2 ln theta))`` (at most rope_dim - 1)."""
+
+    def correction_dim(rotations: float) -> float:
+        return rope_dim * math.log(yarn.original_max_position_embeddings / (rotations * 2 * math.pi)) / (
+            2 * math.log(theta))
+
+    low = max(math.floor(correction_dim(yarn.beta_fast)), 0)
+    high = min(math.ceil(correction_dim(yarn.beta_slow)), rope_dim - 1)
+    return low, (high - low if high != low else 1e-3)
 
 
 PRESETS = {"v4-pro": V4Config.v4_pro, "v4-flash": V4Config.v4_flash, "demo": V4Config.demo}

@@ -45,6 +45,7 @@ from dsv4rs.model.config import SWA, V4Config, read_json
 from dsv4rs.model.layers.attention import Attention
 from dsv4rs.model.layers.moe import Experts, expert_range
 from dsv4rs.model.model import DeepseekV4, set_dtype
+from dsv4rs.model.layers.rotary import inv_freq as rope_inv_freq
 
 FP8_BLOCK = 128
 FP4_BLOCK = 32
@@ -671,7 +672,7 @@ def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "
     for name, buf in experts_buf.items():
         _place(slots, params[name], buf)
     for attn in [layer.self_attn for layer in [*model.model.layers, *model.mtp]]:
-        attn.rotary.inv_freq = torch.tensor(cfg.inv_freq(attn.layer_type != SWA), dtype=torch.float32, device=dev)
+        attn.rotary.inv_freq = rope_inv_freq(cfg, attn.layer_type != SWA).to(dev)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise RuntimeError(f"load_checkpoint: {left[0]} was not loaded (a dsv4rs bug)")

@@ -18,6 +18,7 @@ from dsv4rs.model.config import SWA, V4Config
 from dsv4rs.model.layers.attention import Attention, AttentionMetadata, LayerCache
 from dsv4rs.model.layers.mhc import HyperConnection, HyperHead, combine
 from dsv4rs.model.layers.moe import MoE, expert_range
+from dsv4rs.model.layers.rotary import inv_freq as rope_inv_freq
 from dsv4rs.model.layers.norm import RMSNorm, linear
 
 
@@ -151,7 +152,7 @@ def empty_model(cfg: V4Config, device: torch.device | str, dtype: torch.dtype = 
         model = set_dtype(DeepseekV4(cfg, experts), dtype)
     model.to_empty(device=device)
     for attn in [layer.self_attn for layer in [*model.model.layers, *model.mtp]]:
-        attn.rotary.inv_freq.copy_(torch.tensor(cfg.inv_freq(attn.layer_type != SWA)))
+        attn.rotary.inv_freq.copy_(rope_inv_freq(cfg, attn.layer_type != SWA))
     return model
 
 

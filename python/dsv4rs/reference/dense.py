@@ -7,10 +7,11 @@ parts (projections, norms, routing, experts)."""
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 
-from dsv4rs.model.config import CSA
+from dsv4rs.model.config import CSA, ROPE_DIM, SWA
 from dsv4rs.model.layers.attention import Attention
 from dsv4rs.model.layers.mhc import HyperConnection, collapse, combine
 from dsv4rs.model.model import DecoderLayer, DeepseekV4
@@ -29,18 +30,47 @@ def _hyper(hc: HyperConnection, x: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return post, comb, collapse(x, pre)
 
 
+@dataclass(frozen=True)
+class _Rope:
+    """Where the sequence sits (its first token's position) and how the angles are computed
+    (:data:`dsv4rs.reference.ops.ROPE_TABLES`)."""
+
+    offset: int = 0
+    table: str = "exact"
+
+    def inv_freq(self, model: DeepseekV4, attn: Attention) -> torch.Tensor:
+        if self.table == "exact":
+            return attn.rotary.inv_freq.double()
+        cfg = model.config
+        if attn.layer_type == SWA:
+            return ref.official_inv_freq(ROPE_DIM, cfg.rope_theta)
+        y = cfg.yarn
+        if y is None:
+            return ref.official_inv_freq(ROPE_DIM, cfg.compress_rope_theta)
+        return ref.official_inv_freq(ROPE_DIM, cfg.compress_rope_theta, y.factor, y.original_max_position_embeddings,
+                                     y.beta_fast, y.beta_slow)
+
+
 def _block(model: DeepseekV4, layer: DecoderLayer, x: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor, quant: bool,
-           row_dtype: torch.dtype | None) -> torch.Tensor:
+           row_dtype: torch.dtype | None, rope: _Rope = _Rope()) -> torch.Tensor:
     post, comb, y = _hyper(layer.attn_hc, x)
-    x = combine(x, _attention(model, layer.self_attn, layer.input_layernorm(y), pos, quant, row_dtype), post, comb)
+    x = combine(x, _attention(model, layer.self_attn, layer.input_layernorm(y), pos, quant, row_dtype, rope), post, comb)
     post, comb, y = _hyper(layer.ffn_hc, x)
     return combine(x, layer.mlp(layer.post_attention_layernorm(y), ids), post, comb)
 
 
 @torch.no_grad()
 def dense_forward(model: DeepseekV4, ids: torch.Tensor, quant: bool = False, mtp_ids: torch.Tensor | None = None,
-                  row_dtype: torch.dtype | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                  row_dtype: torch.dtype | None = None, position_offset: int = 0,
+                  rope_table: str = "exact") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Logits ``float64 [S, vocab]`` of the sequence ``ids [S]`` (positions 0..S-1).
+
+    ``position_offset`` (a multiple of 128, so that the compressed blocks stay aligned) places
+    the sequence at positions ``offset .. offset + S - 1`` for RoPE only: what the sequence sees
+    is unchanged, so with exact angles the logits are the same at any offset, and the difference
+    measures how a table's angle errors grow with position. ``rope_table``: ``"exact"`` (float64
+    angles) or ``"official"`` (DeepSeek's float32 table, :func:`dsv4rs.reference.ops.apply_rope`;
+    its inverse frequencies from :func:`dsv4rs.reference.ops.official_inv_freq`).
 
     ``model`` should be a :func:`float64_copy`. ``quant`` applies the production round trips
     (FP8 entries, Hadamard + FP4 indexer keys and queries). With ``mtp_ids [S]`` (token
@@ -49,29 +79,42 @@ def dense_forward(model: DeepseekV4, ids: torch.Tensor, quant: bool = False, mtp
     as the runtime's bfloat16 rows on the GPU.
     """
     ids = torch.as_tensor(ids, dtype=torch.int64).cpu()
+    if isinstance(position_offset, bool) or not isinstance(position_offset, int) or position_offset < 0 \
+            or position_offset % 128:
+        raise ValueError(f"position_offset: expected a multiple of 128 >= 0, got {position_offset!r}")
+    if rope_table not in ref.ROPE_TABLES:
+        raise ValueError(f"rope_table: expected one of {ref.ROPE_TABLES}, got {rope_table!r}")
+    rope = _Rope(position_offset, rope_table)
     pos = torch.arange(ids.numel())
     x = model.embed(ids).double()
     for layer in model.model.layers:
-        x = _block(model, layer, x, ids, pos, quant, row_dtype)
+        x = _block(model, layer, x, ids, pos, quant, row_dtype, rope)
     logits = model.head(x)
     if mtp_ids is None:
         return logits
     mtp = model.mtp[0]
     next_ids = torch.as_tensor(mtp_ids).cpu()
-    h = _block(model, mtp, mtp.inputs(x, model.model.embed_tokens(next_ids).double()), ids, pos, quant, row_dtype)
+    h = _block(model, mtp, mtp.inputs(x, model.model.embed_tokens(next_ids).double()), ids, pos, quant, row_dtype, rope)
     return logits, model.head(h, mtp.hc_head, mtp.norm)
 
 
 def _attention(model: DeepseekV4, attn: Attention, x: torch.Tensor, pos: torch.Tensor, quant: bool,
-               row_dtype: torch.dtype | None) -> torch.Tensor:
+               row_dtype: torch.dtype | None, rope: _Rope = _Rope()) -> torch.Tensor:
+    """``pos``: the tokens' places in the sequence (what each sees); RoPE takes
+    ``pos + rope.offset``."""
     cfg = model.config
 
     def stored(t: torch.Tensor) -> torch.Tensor:
         return t if quant or row_dtype is None else t.to(row_dtype).to(t.dtype)
 
-    inv = attn.rotary.inv_freq.double()
+    inv = rope.inv_freq(model, attn)
+    at = pos + rope.offset
+
+    def rotate(t: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        return ref.apply_rope(t, at, inv, inverse=inverse, table=rope.table)
+
     cq, q, e = attn.projections(x)
-    q, e = ref.apply_rope(q, pos, inv), ref.apply_rope(e, pos, inv)
+    q, e = rotate(q), rotate(e)
     if quant:
         e = ref.entry_quant_dequant(e)
     e = stored(e)
@@ -80,16 +123,16 @@ def _attention(model: DeepseekV4, attn: Attention, x: torch.Tensor, pos: torch.T
     if comp is not None:
         kv, score = comp.project(x)
         entries = ref.compressor_prefill(kv, score, comp.position_bias, comp.kv_norm.weight, comp.ratio, inv,
-                                         cfg.rms_norm_eps, "fp8" if quant else "none")
+                                         cfg.rms_norm_eps, "fp8" if quant else "none", rope.offset, rope.table)
         entries = stored(entries)
         visible = ref.compressed_visible(pos, comp.ratio)
         if attn.layer_type == CSA:
             ix = comp.indexer
             ikv, iscore = ix.project(x)
             keys = ref.compressor_prefill(ikv, iscore, ix.position_bias, ix.kv_norm.weight, ix.ratio, inv,
-                                          cfg.rms_norm_eps, "fp4" if quant else "none")
+                                          cfg.rms_norm_eps, "fp4" if quant else "none", rope.offset, rope.table)
             keys = stored(keys)
-            qi = ref.apply_rope(ix.queries(cq), pos, inv)
+            qi = rotate(ix.queries(cq))
             if quant:
                 qi = ref.fp4_quant_dequant(ref.hadamard128(qi))
             chosen, _ = ref.indexer_topk(qi, ix.head_weights(x), keys, visible, cfg.index_topk)
@@ -99,4 +142,4 @@ def _attention(model: DeepseekV4, attn: Attention, x: torch.Tensor, pos: torch.T
         rows = torch.cat([e, entries])
         idx = torch.cat([idx, torch.where(chosen >= 0, chosen + e.shape[0], -1)], dim=1)
     o, _ = ref.sparse_attention(q, rows, idx, attn.sinks)
-    return attn.output(ref.apply_rope(o, pos, inv, inverse=True))
+    return attn.output(rotate(o, inverse=True))

@@ -175,14 +175,53 @@ def rope_inv_freq(
     return inv_freq * (1 - ramp) + inv_freq / yarn_factor * ramp
 
 
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+def official_inv_freq(
+    rope_dim: int = 64,
+    theta: float = 10000.0,
+    yarn_factor: float | None = None,
+    original_max_position: int = 65536,
+    beta_fast: float = 32.0,
+    beta_slow: float = 1.0,
+) -> torch.Tensor:
+    """The inverse frequencies as DeepSeek's ``inference/model.py`` builds its table, in float32
+    arithmetic (``float32 [rope_dim // 2]``): ``1 / theta^(2j / rope_dim)`` with the exponent and
+    the power in float32, then YaRN as ``f / factor (1 - s) + f s`` with ``s = 1 - ramp`` in
+    float32 (``ramp`` as in :func:`rope_inv_freq`)."""
+    freqs = 1.0 / (theta ** (torch.arange(0, rope_dim, 2, dtype=torch.float32) / rope_dim))
+    if yarn_factor is None:
+        return freqs
+    exact = rope_inv_freq(rope_dim, theta, yarn_factor, original_max_position, beta_fast, beta_slow)
+    del exact  # the same argument checks
+
+    def correction_dim(rotations: float) -> float:
+        return rope_dim * math.log(original_max_position / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), rope_dim - 1)
+    width = high - low if high != low else 1e-3
+    smooth = 1 - ((torch.arange(rope_dim // 2, dtype=torch.float32) - low) / width).clamp(0, 1)
+    return freqs / yarn_factor * (1 - smooth) + freqs * smooth
+
+
+ROPE_TABLES = ("exact", "official")
+"""How :func:`apply_rope` gets each angle's sine and cosine: ``"exact"`` in float64 from the
+float64 product ``position x inv_freq``; ``"official"`` as DeepSeek's fp32 table does: the position
+and the frequency in float32, their product rounded to float32, sine and cosine in float32
+(``torch.polar`` on complex64). The rotation itself is float64 either way."""
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, inverse: bool = False,
+               table: str = "exact") -> torch.Tensor:
     """RoPE (docs/model.md section 2) on the last ``2 * len(inv_freq)`` dims of ``x``.
 
     ``x``: ``[T, ..., D]``; ``positions``: integer ``[T]``, aligned with dim 0. Pair ``j``
     ``(x0, x1) = (x[D - 2R + 2j], x[D - 2R + 2j + 1])`` is rotated by the angle
     ``positions[t] * inv_freq[j]`` (by its negative when ``inverse``):
     ``(x0 cos - x1 sin, x0 sin + x1 cos)``. The other dims are unchanged. Returns float64.
+    ``table`` (:data:`ROPE_TABLES`): how the angles' sines and cosines are computed.
     """
+    if table not in ROPE_TABLES:
+        raise ValueError(f"table: expected one of {ROPE_TABLES}, got {table!r}")
     x = _float("x", x)
     positions = _index("positions", positions)
     inv_freq = _float("inv_freq", inv_freq)
@@ -193,11 +232,19 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
     pairs, dim = inv_freq.shape[0], x.shape[-1]
     if 2 * pairs > dim:
         raise ValueError(f"inv_freq: {pairs} frequencies rotate {2 * pairs} dims, but x has only {dim}")
-    angle = positions.to(F64)[:, None] * inv_freq
-    if inverse:
-        angle = -angle
-    angle = angle.reshape(x.shape[0], *[1] * (x.dim() - 2), pairs)
-    cos, sin = angle.cos(), angle.sin()
+    if table == "official":
+        angle32 = positions.to(torch.float32)[:, None] * inv_freq.to(torch.float32)
+        unit = torch.polar(torch.ones_like(angle32), angle32)
+        cos, sin = unit.real.to(F64), unit.imag.to(F64)
+        if inverse:
+            sin = -sin
+    else:
+        angle = positions.to(F64)[:, None] * inv_freq
+        if inverse:
+            angle = -angle
+        cos, sin = angle.cos(), angle.sin()
+    shape = (x.shape[0], *[1] * (x.dim() - 2), pairs)
+    cos, sin = cos.reshape(shape), sin.reshape(shape)
     rot = x[..., dim - 2 * pairs :].unflatten(-1, (pairs, 2))
     x0, x1 = rot[..., 0], rot[..., 1]
     rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
@@ -245,10 +292,10 @@ def _pool(kv: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 
 def _finish_entries(
     pooled: torch.Tensor, first_positions: torch.Tensor, norm_weight: torch.Tensor, inv_freq: torch.Tensor,
-    eps: float, quant: str,
+    eps: float, quant: str, table: str = "exact",
 ) -> torch.Tensor:
     """RMSNorm, RoPE at the first position of each entry's own block, then ``quant``."""
-    entries = apply_rope(_rms_norm(pooled, norm_weight, eps), first_positions, inv_freq)
+    entries = apply_rope(_rms_norm(pooled, norm_weight, eps), first_positions, inv_freq, table=table)
     if quant == "fp8":
         return entry_quant_dequant(entries)
     if quant == "fp4":
@@ -258,7 +305,7 @@ def _finish_entries(
 
 def compressor_prefill(
     kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, norm_weight: torch.Tensor, ratio: int,
-    inv_freq: torch.Tensor, eps: float = 1e-6, quant: Quant = "none",
+    inv_freq: torch.Tensor, eps: float = 1e-6, quant: Quant = "none", position_offset: int = 0, table: str = "exact",
 ) -> torch.Tensor:
     """Compressed entries of ``S`` tokens at once: ``float64 [S // ratio, D]`` (docs/model.md section 3).
 
@@ -272,7 +319,8 @@ def compressor_prefill(
       entry), likewise ``score`` and ``ape``; candidates are the own block's ``(a_j, s^a_j + ape^a)``
       and the previous block's ``(b_j, s^b_j + ape^b)``, whose logits are ``-inf`` for entry 0.
     Then RMSNorm over D with ``norm_weight`` (docs/model.md's bf16 cast before the norm is left out),
-    RoPE (:func:`apply_rope`) at position ``r i``, and ``quant``: ``"none"``, ``"fp8"``
+    RoPE (:func:`apply_rope` with ``table``) at position ``position_offset + r i`` (the tokens
+    being positions ``position_offset ..``, a multiple of ``r``), and ``quant``: ``"none"``, ``"fp8"``
     (:func:`entry_quant_dequant`, D = 512) or ``"fp4"`` (:func:`hadamard128` then
     :func:`fp4_quant_dequant`, D = 128).
     """
@@ -289,8 +337,11 @@ def compressor_prefill(
         prev_logits = torch.cat((torch.full_like(logits[:1, :, :dim], -INF), logits[:-1, :, :dim]))
         blocks = torch.cat((prev_kv, blocks[..., dim:]), dim=1)
         logits = torch.cat((prev_logits, logits[..., dim:]), dim=1)
-    first_positions = ratio * torch.arange(n)
-    return _finish_entries(_pool(blocks, logits), first_positions, norm_weight, inv_freq, eps, quant)
+    offset = _int("position_offset", position_offset, 0)
+    if offset % ratio:
+        raise ValueError(f"position_offset: must be a multiple of ratio = {ratio}, got {offset}")
+    first_positions = offset + ratio * torch.arange(n)
+    return _finish_entries(_pool(blocks, logits), first_positions, norm_weight, inv_freq, eps, quant, table)
 
 
 def compressor_state_init(ratio: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:

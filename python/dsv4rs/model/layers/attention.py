@@ -30,6 +30,7 @@ from dsv4rs.model.config import CSA, HCA, INDEX_DIM, SWA, V4Config
 from dsv4rs.model.layers.compressor import Compressor, CSACompressor, HCACompressor, compress_tokens
 from dsv4rs.model.layers.norm import RMSNorm, linear, rms_norm
 from dsv4rs.model.layers.rotary import RotaryEmbedding
+from dsv4rs.model.layers.rotary import inv_freq as rope_inv_freq
 
 
 @dataclass
@@ -137,7 +138,7 @@ class Attention(nn.Module):
         self.o_a_proj = GroupedLinear(self.heads * self.head_dim // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank, cfg.o_groups)
         self.o_b_proj = linear(cfg.o_groups * cfg.o_lora_rank, cfg.hidden_size)
         self.sinks = nn.Parameter(torch.zeros(self.heads, dtype=torch.float32))
-        self.rotary = RotaryEmbedding(cfg.inv_freq(layer_type != SWA))
+        self.rotary = RotaryEmbedding(rope_inv_freq(cfg, layer_type != SWA))
         self.reduce = None  # sums the output over tensor-parallel ranks (dsv4rs.parallel.attach)
         self.compressor: Compressor | None = None
         if layer_type == CSA:

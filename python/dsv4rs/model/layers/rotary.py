@@ -9,6 +9,24 @@ import torch
 from torch import nn
 
 from dsv4rs import ops
+from dsv4rs.model.config import ROPE_DIM, V4Config, yarn_ramp_bounds
+
+
+def inv_freq(cfg: V4Config, compressed: bool) -> torch.Tensor:
+    """The 32 inverse frequencies ``float32`` of a layer type, in float32 arithmetic as
+    transformers and DeepSeek's ``inference/model.py`` compute them (bit for bit):
+    ``1 / theta^(arange(0, 64, 2) / 64)``, and on compressed layers YaRN's blend
+    ``f / factor (1 - s) + f s`` with ``s = 1 - clamp((j - low) / (high - low), 0, 1)``.
+    (:meth:`V4Config.inv_freq` is the same math in float64; rounded to float32 it differs from
+    these in the last bit of about a third of the entries.)"""
+    theta = cfg.compress_rope_theta if compressed else cfg.rope_theta
+    freqs = 1.0 / (theta ** (torch.arange(0, ROPE_DIM, 2, dtype=torch.float32) / ROPE_DIM))
+    yarn = cfg.yarn if compressed else None
+    if yarn is None:
+        return freqs
+    low, width = yarn_ramp_bounds(ROPE_DIM, theta, yarn)
+    smooth = 1 - ((torch.arange(ROPE_DIM // 2, dtype=torch.float32) - low) / width).clamp(0, 1)
+    return freqs / yarn.factor * (1 - smooth) + freqs * smooth
 
 
 class RotaryEmbedding(nn.Module):
@@ -17,10 +35,12 @@ class RotaryEmbedding(nn.Module):
 
     inv_freq: torch.Tensor
 
-    def __init__(self, inv_freq: Sequence[float]) -> None:
+    def __init__(self, inv_freq: Sequence[float] | torch.Tensor) -> None:
         super().__init__()
-        self.register_buffer("inv_freq", torch.tensor(inv_freq, dtype=torch.float32), persistent=False)
+        self.register_buffer("inv_freq", torch.as_tensor(inv_freq, dtype=torch.float32).clone(), persistent=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """``x [T, ..., D]`` rotated at ``positions [T]``, float32 (angles in float64)."""
+        """``x [T, ..., D]`` rotated at ``positions [T]``, float32 (angles in float64: the product
+        ``position x inv_freq`` exact, not rounded to float32 as DeepSeek's table rounds it;
+        docs/model.md section 2 measures the difference)."""
         return ops.rope(x, positions, self.inv_freq)
