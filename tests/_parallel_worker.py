@@ -31,29 +31,29 @@ def tokens(seq: int, n: int, vocab: int) -> list[int]:
     return torch.randint(0, vocab, (n,), generator=g).tolist()
 
 
-def run_schedule(engine, mine: list[int]) -> dict[tuple[int, int], torch.Tensor]:
-    """Steps every sequence of ``mine`` through the schedule: step 0 feeds each prompt (sequence 1
-    its first 100 tokens), step 1 sequence 1's other 50 and a decode token for the others, then
-    decode tokens; returns the last token's logits per (sequence, step)."""
+def chunks_of(seq: int, vocab: int) -> list[list[int]]:
+    """Sequence ``seq``'s chunk at each step: its prompt at step 0 (sequence 1 its first 100
+    tokens, the other 50 at step 1), then a decode token a step."""
+    prompt = tokens(seq, PROMPT_LENS[seq], vocab)
+    first = FIRST_CHUNK.get(seq, PROMPT_LENS[seq])
+    out = [prompt[:first]] + ([prompt[first:]] if first < PROMPT_LENS[seq] else [])
+    return out + [[(7 * seq + 3 * step) % vocab] for step in range(len(out), STEPS + 1)]
+
+
+def run_schedule(engine, mine: list[int]) -> dict[tuple, torch.Tensor]:
+    """Steps every sequence of ``mine`` through its chunks, drafting with the MTP block after
+    each step (the token after each chunk is the next chunk's first); returns the last token's
+    logits per ``(sequence, step)`` and the draft's per ``(sequence, step, "draft")``."""
     vocab = engine.cfg.vocab_size
-    prompts = {s: tokens(s, PROMPT_LENS[s], vocab) for s in mine}
+    chunks = {s: chunks_of(s, vocab) for s in mine}
     ids = {s: engine.add_sequence()[0] for s in mine}
-    fed = {s: 0 for s in mine}
     out = {}
     for step in range(STEPS):
-        seqs, chunks = [], []
-        for s in mine:
-            if fed[s] < PROMPT_LENS[s]:
-                n = FIRST_CHUNK.get(s, PROMPT_LENS[s]) if step == 0 else PROMPT_LENS[s] - fed[s]
-                chunk = prompts[s][fed[s] : fed[s] + n]
-            else:
-                chunk = [(7 * s + 3 * step) % vocab]
-            fed[s] += len(chunk)
-            seqs.append(ids[s])
-            chunks.append(chunk)
-        logits = engine.step(seqs, chunks)
+        logits = engine.step([ids[s] for s in mine], [chunks[s][step] for s in mine])
+        drafts = engine.draft([chunks[s][step + 1][0] for s in mine])
         for i, s in enumerate(mine):
             out[(s, step)] = logits[i].detach().cpu().clone()
+            out[(s, step, "draft")] = drafts[i].detach().cpu().clone()
     return out
 
 

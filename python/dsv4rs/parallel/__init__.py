@@ -35,8 +35,9 @@ Launch with ``torchrun --nproc-per-node N script.py`` and, in the script::
 Under ``"tp"`` pass ``tp=(pc.rank, pc.world)`` to the loader as well: it then reads only the
 rank's share of every attention layer (rows of ``q_b_proj`` and ``o_a_proj``, the sinks' entries,
 columns of ``o_b_proj``; :meth:`Attention.head_share`). Or build a full model and keep a rank's
-share with :func:`shard`, which keeps the same parts. What is not here yet: MTP drafts under expert parallelism, and CUDA-graph capture of a parallel step (the
-exchange's split sizes are read on the host).
+share with :func:`shard`, which keeps the same parts. MTP drafts run in lockstep too: every rank
+calls :meth:`Engine.draft` after the same steps (``draft([])`` after an empty one). What is not
+here yet: CUDA-graph capture of a parallel step (the exchange's split sizes are read on the host).
 """
 
 from __future__ import annotations

@@ -53,7 +53,8 @@ class Engine:
             share the model (data-parallel attention, expert-parallel MoE): ``model`` holds
             ``parallel.experts`` only, the cache holds this rank's sequences, and every rank
             calls :meth:`step` in lockstep (an empty batch when it has nothing to run). Decode
-            steps are not captured in CUDA graphs then, and :meth:`draft` is not available.
+            steps are not captured in CUDA graphs then, and every rank calls :meth:`draft` after
+            the same steps (``draft([])`` after an empty one).
     """
 
     def __init__(self, model: DeepseekV4, max_sequences: int | None = None, max_len: int | None = None,
@@ -99,6 +100,7 @@ class Engine:
         self._fresh: set[int] = set()
         self._mtp_pos: dict[int, int] = {}
         self._last: _Last | None = None
+        self._idled = False  # the last step was an empty one (a parallel engine's idle rank)
 
     def _free_bytes(self, fraction: float | None) -> int:
         """The memory the cache may take when the engine sizes it: ``fraction`` (default 0.9 on a
@@ -178,7 +180,8 @@ class Engine:
         if not len(seq_ids):
             if self.parallel is None:
                 raise ValueError("seq_ids: an empty step (only ranks of a parallel engine step with nothing)")
-            self._idle()
+            self._idle(self.model.model.layers)
+            self._idled = True
             return [] if all_logits or last is not None else torch.empty(0, self.cfg.vocab_size, device=self.device)
         if last is not None and (len(last) != len(chunks) or any(
                 not 0 <= n <= len(c) for n, c in zip(last, chunks))):
@@ -193,6 +196,7 @@ class Engine:
                 raise ValueError(f"seq_ids: unknown sequence {s}")
             if self.manager.length(s) + t.numel() > self.max_len:
                 raise ValueError(f"chunks: sequence {s} would exceed max_len = {self.max_len}")
+        self._idled = False
         inputs, copies = self.planner.append(list(seq_ids), ids, [self._origin[s] for s in seq_ids])
         self.cache.copy_pages(copies)
         for s, slot in zip(seq_ids, inputs.state_slots.tolist()):
@@ -232,15 +236,16 @@ class Engine:
             return self.model.head(x[self._to_device(inputs.cu_tokens[1:] - 1)]).float()
         return list(self.model.head(x).float().split(lens))
 
-    def _idle(self) -> None:
-        """An empty step of a parallel engine: every main layer's MoE exchange with no tokens of
-        this rank's own (the other ranks' pairs for this rank's experts still run here)."""
+    def _idle(self, layers: Sequence[torch.nn.Module]) -> None:
+        """An empty step (or draft) of a parallel engine: the layers' MoE exchanges with no
+        tokens of this rank's own (the other ranks' pairs for this rank's experts still run
+        here)."""
         d, k = self.cfg.hidden_size, self.cfg.num_experts_per_tok
         dtype = self.model.lm_head.weight.dtype
         x = torch.empty(0, d, dtype=dtype, device=self.device)
         idx = torch.empty(0, k, dtype=torch.int64, device=self.device)
         w = torch.empty(0, k, dtype=torch.float32, device=self.device)
-        for layer in self.model.model.layers:
+        for layer in layers:
             layer.mlp.experts(x, idx, w)
         self._last = None
 
@@ -263,12 +268,15 @@ class Engine:
         Call it after every :meth:`step` of the sequences it drafts for, with the token that
         follows each chunk (e.g. the one sampled from the step's logits): the block runs over the
         whole chunk (position ``t`` sees the embedding of token ``t + 1``) and keeps its own
-        128-token window, which must not miss a step.
+        128-token window, which must not miss a step. In a parallel engine every rank drafts
+        after the same step, a rank that stepped an empty batch with ``draft([])``.
         """
         if not len(self.model.mtp):
             raise ValueError("draft: the model has no MTP block")
-        if self.parallel is not None:
-            raise ValueError("draft: MTP drafts are not available with expert parallelism yet")
+        if self.parallel is not None and self._idled and not len(next_ids):
+            self._idled = False
+            self._idle([self.model.mtp[0]])
+            return torch.empty(0, self.cfg.vocab_size, device=self.device)
         if self._last is None:
             raise ValueError("draft: call step first")
         last = self._last
