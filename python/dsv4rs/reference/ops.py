@@ -150,27 +150,10 @@ def rope_inv_freq(
     ``inv_freq_j = theta_j (1 - ramp_j) + theta_j / yarn_factor ramp_j``. For CSA/HCA layers
     (theta 160000, factor 16 from 65536, betas 32 and 1) the ramp is ``(j - 15) / 10``.
     """
-    rope_dim = _int("rope_dim", rope_dim, 2)
-    if rope_dim % 2:
-        raise ValueError(f"rope_dim: must be even, got {rope_dim}")
-    if not theta > 1:
-        raise ValueError(f"theta: must be > 1, got {theta}")
+    low, width = _yarn_ramp(rope_dim, theta, yarn_factor, original_max_position, beta_fast, beta_slow)
     inv_freq = theta ** (-torch.arange(0, rope_dim, 2, dtype=F64) / rope_dim)
     if yarn_factor is None:
         return inv_freq
-    if not yarn_factor > 0:
-        raise ValueError(f"yarn_factor: must be > 0, got {yarn_factor}")
-    if not original_max_position > 0:
-        raise ValueError(f"original_max_position: must be > 0, got {original_max_position}")
-    if not beta_fast > beta_slow > 0:
-        raise ValueError(f"beta_fast, beta_slow: need beta_fast > beta_slow > 0, got {beta_fast}, {beta_slow}")
-
-    def correction_dim(rotations: float) -> float:
-        return rope_dim * math.log(original_max_position / (rotations * 2 * math.pi)) / (2 * math.log(theta))
-
-    low = max(math.floor(correction_dim(beta_fast)), 0)
-    high = min(math.ceil(correction_dim(beta_slow)), rope_dim - 1)
-    width = high - low if high != low else 1e-3
     ramp = ((torch.arange(rope_dim // 2, dtype=F64) - low) / width).clamp(0, 1)
     return inv_freq * (1 - ramp) + inv_freq / yarn_factor * ramp
 
@@ -187,20 +170,38 @@ def official_inv_freq(
     arithmetic (``float32 [rope_dim // 2]``): ``1 / theta^(2j / rope_dim)`` with the exponent and
     the power in float32, then YaRN as ``f / factor (1 - s) + f s`` with ``s = 1 - ramp`` in
     float32 (``ramp`` as in :func:`rope_inv_freq`)."""
+    low, width = _yarn_ramp(rope_dim, theta, yarn_factor, original_max_position, beta_fast, beta_slow)
     freqs = 1.0 / (theta ** (torch.arange(0, rope_dim, 2, dtype=torch.float32) / rope_dim))
     if yarn_factor is None:
         return freqs
-    exact = rope_inv_freq(rope_dim, theta, yarn_factor, original_max_position, beta_fast, beta_slow)
-    del exact  # the same argument checks
+    smooth = 1 - ((torch.arange(rope_dim // 2, dtype=torch.float32) - low) / width).clamp(0, 1)
+    return freqs / yarn_factor * (1 - smooth) + freqs * smooth
+
+
+def _yarn_ramp(rope_dim: int, theta: float, yarn_factor: float | None, original_max_position: int, beta_fast: float,
+               beta_slow: float) -> tuple[int, float]:
+    """Checks the RoPE arguments; returns YaRN's ramp ``(low, high - low)`` (``(0, 1)`` without
+    YaRN)."""
+    rope_dim = _int("rope_dim", rope_dim, 2)
+    if rope_dim % 2:
+        raise ValueError(f"rope_dim: must be even, got {rope_dim}")
+    if not theta > 1:
+        raise ValueError(f"theta: must be > 1, got {theta}")
+    if yarn_factor is None:
+        return 0, 1.0
+    if not yarn_factor > 0:
+        raise ValueError(f"yarn_factor: must be > 0, got {yarn_factor}")
+    if not original_max_position > 0:
+        raise ValueError(f"original_max_position: must be > 0, got {original_max_position}")
+    if not beta_fast > beta_slow > 0:
+        raise ValueError(f"beta_fast, beta_slow: need beta_fast > beta_slow > 0, got {beta_fast}, {beta_slow}")
 
     def correction_dim(rotations: float) -> float:
         return rope_dim * math.log(original_max_position / (rotations * 2 * math.pi)) / (2 * math.log(theta))
 
     low = max(math.floor(correction_dim(beta_fast)), 0)
     high = min(math.ceil(correction_dim(beta_slow)), rope_dim - 1)
-    width = high - low if high != low else 1e-3
-    smooth = 1 - ((torch.arange(rope_dim // 2, dtype=torch.float32) - low) / width).clamp(0, 1)
-    return freqs / yarn_factor * (1 - smooth) + freqs * smooth
+    return low, (high - low if high != low else 1e-3)
 
 
 ROPE_TABLES = ("exact", "official")
