@@ -166,6 +166,19 @@ def test_parallel_config_checks_its_arguments() -> None:
             ParallelConfig(**kwargs)
 
 
+def test_init_says_what_is_missing(monkeypatch) -> None:
+    from dsv4rs import parallel
+
+    cfg = V4Config.tiny()
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(ValueError, match="RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT not set; launch with torchrun"):
+        parallel.init(cfg)
+    for bad in (0, -1.0, float("nan"), "10", True):
+        with pytest.raises(ValueError, match="timeout"):
+            parallel.init(cfg, timeout=bad)
+
+
 def test_tensor_parallel_needs_the_groups_to_split() -> None:
     m = pw.model()  # 4 output groups
     with pytest.raises(ValueError, match="o_groups"):
