@@ -165,6 +165,10 @@ def _bounded_int(low: int, high: int):
     return parse
 
 
+_positive_int = _bounded_int(1, MAX_TOKENS)
+"""An argparse type: a count of tokens, sequences or requests, 1 to :data:`MAX_TOKENS`."""
+
+
 def _finite_float(text: str) -> float:
     """An argparse type: a finite float (the sampling parameters check their own ranges)."""
     try:
@@ -190,18 +194,6 @@ def _bounded_float(low: float, high: float):
 
     parse.__name__ = "float"
     return parse
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value}")
-    if value > MAX_TOKENS:
-        raise argparse.ArgumentTypeError(f"expected an int <= {MAX_TOKENS:,}, got {value:,}")
-    return value
 
 
 def _int_list(high: int):
