@@ -60,6 +60,21 @@ def train_tokenizer(path: str, vocab_size: int = 360) -> int:
     return tok.get_vocab_size()
 
 
+def write_hf(model, path, tensors: dict | None = None) -> dict:
+    """``model`` as one shard under transformers' names (expert tensors stacked ``[E, ...]``),
+    plus its config.json; ``tensors`` (default: the model's) are what the shard holds. Returns
+    them."""
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    if tensors is None:
+        tensors = {k: v.detach().contiguous() for k, v in model.checkpoint_tensors().items()}
+    save_file(tensors, os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(model.config.to_hf_dict() | {"model_type": "deepseek_v4"}, f)
+    return tensors
+
+
 def write_checkpoint(path: str, seed: int = 3, mtp: bool = True, **overrides) -> None:
     """A tiny random V4 (its vocabulary the tokenizer's) with tokenizer files, in ``path``."""
     from dsv4rs.model import DeepseekV4, V4Config, init_random

@@ -39,6 +39,26 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
     return path
 
 
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Bytes of every tensor the checkpoint loader reads, by checkpoint key (each key read at most
+    once): whole tensors, row slices and column slices of the shards."""
+    from dsv4rs.model.loader import _Shards
+
+    seen: dict[str, int] = {}
+    get, rows, cols = _Shards.get, _Shards.rows, _Shards.cols
+
+    def record(key: str, t: torch.Tensor) -> torch.Tensor:
+        assert key not in seen, f"{key} read twice"
+        seen[key] = t.numel() * t.element_size()
+        return t
+
+    monkeypatch.setattr(_Shards, "get", lambda self, key: record(key, get(self, key)))
+    monkeypatch.setattr(_Shards, "rows", lambda self, key, r: record(key, rows(self, key, r)))
+    monkeypatch.setattr(_Shards, "cols", lambda self, key, r: record(key, cols(self, key, r)))
+    return seen
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """torch's CPU ops on one thread for the module. The text tests check behavior, not speed, and

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from checkpoints import write_hf
 from dsv4rs.model import DeepseekV4, V4Config, init_random
 from dsv4rs.model.config import UPPER_BOUNDS
 from dsv4rs.model.loader import CheckpointError, load_checkpoint
@@ -24,17 +25,6 @@ CFG = V4Config.tiny()
 @pytest.fixture(scope="module")
 def tiny() -> DeepseekV4:
     return init_random(DeepseekV4(CFG), seed=11)
-
-
-def write_hf(model: DeepseekV4, path, tensors: dict | None = None) -> dict[str, torch.Tensor]:
-    """``model`` as one shard in its own (transformers') names, plus config.json."""
-    os.makedirs(path, exist_ok=True)
-    tensors = tensors if tensors is not None else {k: v.detach().contiguous()
-                                                   for k, v in model.checkpoint_tensors().items()}
-    save_file(tensors, os.path.join(path, "model.safetensors"))
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(model.config.to_hf_dict() | {"model_type": "deepseek_v4"}, f)
-    return tensors
 
 
 def edit(path, fn, shard: str = "model.safetensors") -> None:

@@ -17,8 +17,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from checkpoints import write_hf
 from dsv4rs.model import DeepseekV4, V4Config, init_random
-from dsv4rs.model.loader import CheckpointError, _Shards, load_checkpoint
+from dsv4rs.model.loader import CheckpointError, load_checkpoint
 from dsv4rs.model.layers.moe import Experts
 from dsv4rs.reference.export import export_deepseek
 
@@ -37,20 +38,10 @@ def tiny() -> DeepseekV4:
     return init_random(DeepseekV4(CFG), seed=23)
 
 
-def write_stacked(model: DeepseekV4, path, tensors: dict | None = None) -> None:
-    """transformers' names, expert tensors stacked ``[E, ...]``, one shard, plus config.json."""
-    os.makedirs(path, exist_ok=True)
-    tensors = tensors if tensors is not None else {k: v.detach().contiguous()
-                                                   for k, v in model.checkpoint_tensors().items()}
-    save_file(tensors, os.path.join(path, "model.safetensors"))
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(model.config.to_hf_dict() | {"model_type": "deepseek_v4"}, f)
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tiny: DeepseekV4, tmp_path_factory) -> dict[str, str]:
     stacked = tmp_path_factory.mktemp("stacked")
-    write_stacked(tiny, stacked)
+    write_hf(tiny, stacked)
     per_expert = tmp_path_factory.mktemp("per_expert")
     export_deepseek(tiny, per_expert, shard_bytes=1 << 19, progress=False)
     assert len([f for f in os.listdir(per_expert) if f.endswith(".safetensors")]) > 3
@@ -60,22 +51,6 @@ def checkpoints(tiny: DeepseekV4, tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def full(checkpoints) -> dict[str, dict[str, torch.Tensor]]:
     return {layout: load_checkpoint(path, progress=False).state_dict() for layout, path in checkpoints.items()}
-
-
-@pytest.fixture
-def reads(monkeypatch) -> dict[str, int]:
-    """Bytes of every tensor the loader reads, by checkpoint key (each key read at most once)."""
-    seen: dict[str, int] = {}
-    get, rows = _Shards.get, _Shards.rows
-
-    def record(key: str, t: torch.Tensor) -> torch.Tensor:
-        assert key not in seen, f"{key} read twice"
-        seen[key] = t.numel() * t.element_size()
-        return t
-
-    monkeypatch.setattr(_Shards, "get", lambda self, key: record(key, get(self, key)))
-    monkeypatch.setattr(_Shards, "rows", lambda self, key, r: record(key, rows(self, key, r)))
-    return seen
 
 
 def header_bytes(path: str) -> dict[str, tuple[int, int]]:
@@ -201,7 +176,7 @@ def test_a_missing_expert_another_rank_owns_is_refused(tiny: DeepseekV4, tmp_pat
 def test_a_missing_stacked_expert_tensor_is_refused(tiny: DeepseekV4, tmp_path) -> None:
     tensors = {k: v.detach().contiguous() for k, v in tiny.checkpoint_tensors().items()}
     del tensors["model.layers.2.mlp.experts.down_proj"]
-    write_stacked(tiny, tmp_path, tensors)
+    write_hf(tiny, tmp_path, tensors)
     for r in (range(0, 0), range(0, 3)):
         with pytest.raises(CheckpointError, match=r"^model\.layers\.2\.mlp\.experts\.down_proj: missing from the "
                                                   r"checkpoint \(1 tensors missing\)"):
@@ -227,7 +202,7 @@ def test_values_are_checked_where_read(tiny: DeepseekV4, tmp_path) -> None:
     tensors = {k: v.detach().clone().contiguous() for k, v in tiny.checkpoint_tensors().items()}
     key = "model.layers.0.mlp.experts.gate_up_proj"
     tensors[key][5, 3, 1] = float("nan")
-    write_stacked(tiny, tmp_path, tensors)
+    write_hf(tiny, tmp_path, tensors)
     with pytest.raises(CheckpointError, match=rf"^{re.escape(key)}: non-finite values"):
         load_checkpoint(tmp_path, progress=False, experts=range(4, 8))
     with pytest.raises(CheckpointError, match=rf"^{re.escape(key)}: non-finite values"):

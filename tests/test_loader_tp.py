@@ -9,7 +9,6 @@ float32) and DeepSeek's quantized layout (FP8 attention projections with UE8M0 b
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import re
@@ -19,10 +18,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from checkpoints import write_hf
 from dsv4rs import parallel
 from dsv4rs.model import DeepseekV4, V4Config, init_random
 from dsv4rs.model.layers.attention import Attention
-from dsv4rs.model.loader import FP8_BLOCK, CheckpointError, _Shards, load_checkpoint
+from dsv4rs.model.loader import FP8_BLOCK, CheckpointError, load_checkpoint
 from dsv4rs.reference.export import export_deepseek
 
 CFG = V4Config.tiny(num_attention_heads=8, o_groups=4)
@@ -42,10 +42,7 @@ _STACKED = re.compile(r"\.experts\.(gate_up_proj|down_proj)$")
 def checkpoints(tmp_path_factory) -> dict[str, str]:
     model = init_random(DeepseekV4(CFG), seed=31)
     stacked = tmp_path_factory.mktemp("tp_stacked")
-    save_file({k: v.detach().contiguous() for k, v in model.checkpoint_tensors().items()},
-              os.path.join(stacked, "model.safetensors"))
-    with open(os.path.join(stacked, "config.json"), "w") as f:
-        json.dump(CFG.to_hf_dict() | {"model_type": "deepseek_v4"}, f)
+    write_hf(model, stacked)
     per_expert = tmp_path_factory.mktemp("tp_per_expert")
     export_deepseek(model, per_expert, shard_bytes=1 << 19, progress=False)
     return {"stacked": str(stacked), "per_expert": str(per_expert)}
@@ -54,23 +51,6 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def full(checkpoints) -> dict[str, DeepseekV4]:
     return {layout: load_checkpoint(path, progress=False) for layout, path in checkpoints.items()}
-
-
-@pytest.fixture
-def reads(monkeypatch) -> dict[str, int]:
-    """Bytes of every tensor the loader reads, by checkpoint key (each key read at most once)."""
-    seen: dict[str, int] = {}
-    get, rows, cols = _Shards.get, _Shards.rows, _Shards.cols
-
-    def record(key: str, t: torch.Tensor) -> torch.Tensor:
-        assert key not in seen, f"{key} read twice"
-        seen[key] = t.numel() * t.element_size()
-        return t
-
-    monkeypatch.setattr(_Shards, "get", lambda self, key: record(key, get(self, key)))
-    monkeypatch.setattr(_Shards, "rows", lambda self, key, r: record(key, rows(self, key, r)))
-    monkeypatch.setattr(_Shards, "cols", lambda self, key, r: record(key, cols(self, key, r)))
-    return seen
 
 
 def headers(path: str) -> dict[str, tuple[int, list[int]]]:

@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import _parallel_worker as pw  # noqa: E402
+from checkpoints import write_hf  # noqa: E402
 
 from dsv4rs.model import V4Config  # noqa: E402
 from dsv4rs.parallel import ParallelConfig, attach, shard  # noqa: E402
@@ -84,15 +85,9 @@ def test_parallel_logits_equal_one_process(tmp_path, single: dict, world: int, m
 def test_ranks_loading_their_experts_from_a_checkpoint(tmp_path, single: dict, kind: str) -> None:
     """Each rank reads its experts only (load_checkpoint(experts=...); ``tpload``: under "tp", and
     its attention heads, tp=(rank, world)) and attaches: the same logits as one process."""
-    import json
-
-    from safetensors.torch import save_file
-
     ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
     m = pw.model()
-    save_file({k: v.contiguous() for k, v in m.checkpoint_tensors().items()}, str(ckpt / "model.safetensors"))
-    (ckpt / "config.json").write_text(json.dumps(m.config.to_hf_dict() | {"model_type": "deepseek_v4"}))
+    write_hf(m, ckpt)
     results = run_ranks(tmp_path, 2, f"{kind}:{ckpt}")
     seen = {}
     for res in results:

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
@@ -47,17 +46,11 @@ def blocks(language: str) -> list[tuple[int, str]]:
 
 
 def _tiny_checkpoint(path: Path) -> str:
-    import torch
-    from safetensors.torch import save_file
+    from checkpoints import write_hf
 
     from dsv4rs.model import DeepseekV4, V4Config, init_random
 
-    model = init_random(DeepseekV4(V4Config.tiny()), seed=0)
-    path.mkdir()
-    save_file({k: v.detach().contiguous() for k, v in model.checkpoint_tensors().items()},
-              str(path / "model.safetensors"))
-    (path / "config.json").write_text(json.dumps(model.config.to_hf_dict() | {"model_type": "deepseek_v4"}))
-    del torch
+    write_hf(init_random(DeepseekV4(V4Config.tiny()), seed=0), path)
     return str(path)
 
 
