@@ -119,10 +119,6 @@ class ParallelConfig:
         ranges = tuple(range(e * r // world, e * (r + 1) // world) for r in range(world))
         return cls(world, rank, ranges, group, timeout, mode)
 
-    def share(self, n: int) -> range:
-        """This rank's contiguous share of ``n`` items (heads, groups) under ``"tp"``."""
-        return range(n * self.rank // self.world, n * (self.rank + 1) // self.world)
-
     @property
     def experts(self) -> range:
         """This rank's routed experts."""
@@ -154,9 +150,15 @@ def init(cfg: V4Config, backend: str | None = None, timeout: float = DEFAULT_TIM
     if expert_ranges is None:
         return ParallelConfig.even(cfg, world, rank, timeout=timeout, mode=mode)
     pc = ParallelConfig(world, rank, tuple(expert_ranges), timeout=timeout, mode=mode)
-    if pc.num_experts != cfg.n_routed_experts:
-        raise ValueError(f"expert_ranges: cover {pc.num_experts} experts, the model has {cfg.n_routed_experts}")
+    _check_covers(pc, cfg, "expert_ranges")
     return pc
+
+
+def _check_covers(pc: ParallelConfig, cfg: V4Config, name: str) -> None:
+    """The ranks' expert ranges cover the model's routed experts (ValueError naming ``name``)."""
+    if pc.num_experts != cfg.n_routed_experts:
+        raise ValueError(f"{name}: the expert ranges cover {pc.num_experts} experts, the model has "
+                         f"{cfg.n_routed_experts}")
 
 
 def _all_experts(model: DeepseekV4) -> list[Experts]:
@@ -172,8 +174,7 @@ def shard(model: DeepseekV4, pc: ParallelConfig) -> DeepseekV4:
     experts, and under ``"tp"`` its attention heads and output groups; then attaches the
     collectives (:func:`attach`)."""
     cfg = model.config
-    if pc.num_experts != cfg.n_routed_experts:
-        raise ValueError(f"pc: its expert ranges cover {pc.num_experts} experts, the model has {cfg.n_routed_experts}")
+    _check_covers(pc, cfg, "pc")  # before anything is cut
     if model.experts != range(cfg.n_routed_experts):
         raise ValueError(f"model: holds experts {model.experts}, not all of them; build it with experts=pc.experts")
     if pc.mode == "tp" and cfg.o_groups % pc.world:
@@ -186,17 +187,10 @@ def shard(model: DeepseekV4, pc: ParallelConfig) -> DeepseekV4:
             _keep(ex, "down_proj", ex.down_proj[held.start : held.stop])
             ex.first = held.start
         if pc.mode == "tp":
-            for attn in _all_attention(model):
-                _shard_attention(attn, pc)
+            for attn in _all_attention(model):  # the split load_checkpoint(tp=...) reads
+                attn.keep_heads(pc.rank, pc.world)
     model.experts = held
     return attach(model, pc)
-
-
-def _shard_attention(attn: Attention, pc: ParallelConfig) -> None:
-    """This rank's output groups (contiguous) and the heads they project: rows of ``q_b_proj``
-    and the sinks, the groups' rows of ``o_a_proj``, their columns of ``o_b_proj``
-    (:meth:`Attention.keep_heads`, the split ``load_checkpoint(tp=...)`` reads)."""
-    attn.keep_heads(pc.rank, pc.world)
 
 
 def attach(model: DeepseekV4, pc: ParallelConfig) -> DeepseekV4:
@@ -204,9 +198,7 @@ def attach(model: DeepseekV4, pc: ParallelConfig) -> DeepseekV4:
     other ranks; returns ``model``."""
     if model.experts != pc.experts:
         raise ValueError(f"model: holds experts {model.experts}, but rank {pc.rank} owns {pc.experts}")
-    if pc.num_experts != model.config.n_routed_experts:
-        raise ValueError(f"pc: its expert ranges cover {pc.num_experts} experts, the model has "
-                         f"{model.config.n_routed_experts}")
+    _check_covers(pc, model.config, "pc")
     device = model.lm_head.weight.device
     if pc.mode == "tp":
         reduce = AllReduce(pc, CommTimer())
