@@ -91,7 +91,7 @@ def worker(rank: int, world: int, store: str, out: str, mode: str, timeout: floa
             os._exit(0)
         t0 = time.monotonic()
         result["logits"] = run_schedule(engine, mine)
-        result["received"] = engine.model.model.layers[0].mlp.experts.exchange.received
+        result["received"] = list(engine.model.model.layers[0].mlp.experts.exchange.received)
         layer = engine.model.model.layers[0]
         result["held"] = (pc.experts.start, pc.experts.stop, tuple(layer.mlp.experts.gate_up_proj.shape))
         result["heads"] = (layer.self_attn.heads, tuple(layer.self_attn.q_b_proj.weight.shape))

@@ -45,6 +45,7 @@ from __future__ import annotations
 import datetime
 import os
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +56,10 @@ from dsv4rs.model.config import V4Config
 from dsv4rs.model.layers.attention import Attention
 from dsv4rs.model.layers.moe import Experts
 from dsv4rs.model.model import DeepseekV4
+
+RECEIVED_KEPT = 4096
+"""Calls whose pair counts an exchange keeps (``received``): the recent ones, so that a long run
+does not grow a list a call at a time."""
 
 DEFAULT_TIMEOUT = 300.0
 """Seconds a collective may wait for the other ranks before every rank's step fails."""
@@ -278,11 +283,11 @@ class AllReduce:
 class ReplicatedExperts:
     """The MoE under tensor parallelism: every rank holds every token, runs the pairs whose
     experts it holds, and an all-reduce sums the partial results. ``received`` counts the pairs
-    this rank ran, per call."""
+    this rank ran, per call (the last :data:`RECEIVED_KEPT` calls)."""
 
     def __init__(self, pc: ParallelConfig, reduce: AllReduce) -> None:
         self.pc, self.reduce, self.timer = pc, reduce, reduce.timer
-        self.received: list[int] = []
+        self.received: deque[int] = deque(maxlen=RECEIVED_KEPT)
 
     def __call__(self, experts: Experts, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         tokens, k = idx.shape
@@ -298,8 +303,8 @@ class ReplicatedExperts:
 
 class ExpertExchange:
     """The MoE layers' all-to-all: a rank's (token, choice) pairs to their experts' owners and
-    the results back. ``received`` counts the pairs this rank's experts ran, per call (a rank
-    whose experts no pair chose runs none and still takes part)."""
+    the results back. ``received`` counts the pairs this rank's experts ran, per call (the last
+    :data:`RECEIVED_KEPT` calls; a rank whose experts no pair chose runs none and still takes part)."""
 
     def __init__(self, pc: ParallelConfig, device: torch.device) -> None:
         self.pc, self.timer = pc, CommTimer()
@@ -307,7 +312,7 @@ class ExpertExchange:
         for r, held in enumerate(pc.expert_ranges):
             owner[held.start : held.stop] = r
         self.owner = owner.to(device)
-        self.received: list[int] = []
+        self.received: deque[int] = deque(maxlen=RECEIVED_KEPT)
 
     def _all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int] | None,
                     in_splits: list[int] | None, what: str) -> None:
