@@ -7,6 +7,7 @@ pub mod attention;
 pub mod compress;
 pub mod indexer;
 pub mod mhc;
+pub mod qgemm;
 pub mod quant;
 pub mod rope;
 
