@@ -1,9 +1,14 @@
 //! Launchers of cuda/qgemm.cu: the block-scaled FP8 / MXFP4 linear (W8A8 or bf16 activations) and
-//! the fused MoE (plan, gate-up GEMM with clamped SwiGLU, down GEMM, combine). Shapes and dtypes
-//! are checked by the caller (`crate::qgemm`).
+//! the fused MoE (activation quantization, plan, gate-up GEMM with clamped SwiGLU, down GEMM,
+//! combine). Shapes and dtypes are checked by the caller (`crate::qgemm`); this file checks what
+//! only the GPU path needs (alignment, grid limits, shared memory). Nothing here reads device
+//! memory on the host, so every call can be captured in a CUDA graph.
 
+use std::ffi::c_void;
+
+use super::{attribute, launch, Kernel, Launch};
 use crate::error::{Error, Result};
-use crate::tensor::TensorRef;
+use crate::tensor::{DType, TensorRef};
 
 /// A weight as stored: FP8 e4m3 `[R, K]` codes with float32 scales `[ceil(R/128), ceil(K/128)]`,
 /// or MXFP4 `[R, K/2]` bytes (low nibble first) with UE8M0 codes `[R, K/32]`. For experts the
@@ -14,33 +19,394 @@ pub struct Weights<'a> {
     pub fp4: bool,
 }
 
-/// Bytes of device workspace [`moe`] needs for `pairs = T k` (token, choice) pairs.
-pub fn moe_workspace_bytes(pairs: usize, experts: usize, inter: usize, dim: usize) -> usize {
-    let _ = (pairs, experts, inter, dim);
-    0
+impl Weights<'_> {
+    /// The reduced dimension K.
+    fn k(&self) -> usize {
+        let cols = self.data.dim(self.data.shape.len() - 1);
+        if self.fp4 {
+            2 * cols
+        } else {
+            cols
+        }
+    }
 }
 
-/// `out = A(x) W^T` per group (see `crate::qgemm::linear`).
+const THREADS: u32 = 128;
+const KC: usize = 128;
+const BN: usize = 64;
+const STAGES: usize = 3;
+const A_ROW_BYTES: usize = 272;
+/// Tokens per pass of the fused MoE: bounds its workspace (a long prefill runs in passes).
+pub const MOE_CHUNK: usize = 4096;
+/// Most routed experts the GPU plan holds in shared memory.
+pub const MAX_EXPERTS: usize = 2048;
+/// Most K a block's weight scales may span in shared memory.
+pub const MAX_K: usize = 32768;
+const MAX_GRID_Y: usize = 65535;
+const MAX_SPLITS: usize = 16;
+
+/// Mirror of `GemmParams` in cuda/qgemm.cu (same field order and C layout); both sides check its
+/// size and a few offsets at compile time.
+#[repr(C)]
+struct GemmParams {
+    a: u64,
+    a_row_stride: i64,
+    a_group_stride: i64,
+    a_rows: u64,
+    w: u64,
+    w_scale: u64,
+    tiles: u64,
+    tile_count: u64,
+    out: u64,
+    m: i64,
+    out_row_stride: i64,
+    out_group_stride: i64,
+    out_split_stride: i64,
+    a_div: i32,
+    n: i32,
+    k: i32,
+    m_tiles: i32,
+    swiglu: i32,
+    limit: f32,
+    out_bf16: i32,
+    k_steps_per_split: i32,
+}
+const _: () = assert!(std::mem::size_of::<GemmParams>() == 136);
+const _: () = assert!(
+    std::mem::offset_of!(GemmParams, m) == 72
+        && std::mem::offset_of!(GemmParams, a_div) == 104
+        && std::mem::offset_of!(GemmParams, limit) == 124
+);
+
+/// The GEMM kernel for a weight format and a row tile of 16 or 64.
+fn gemm_kernel(fp4: bool, bm: usize) -> Kernel {
+    match (fp4, bm) {
+        (false, 16) => Kernel::QgemmFp8M16,
+        (false, _) => Kernel::QgemmFp8M64,
+        (true, 16) => Kernel::QgemmFp4M16,
+        (true, _) => Kernel::QgemmFp4M64,
+    }
+}
+
+/// Dynamic shared memory of a GEMM block: the pipeline stages and the block's weight scales.
+fn gemm_shared_bytes(fp4: bool, bm: usize, k: usize) -> usize {
+    let b_row = if fp4 { 64 } else { 128 };
+    let scales = if fp4 { BN * (k / 32) } else { BN * k.div_ceil(KC) * 4 };
+    STAGES * (bm * A_ROW_BYTES + BN * b_row) + scales.next_multiple_of(16)
+}
+
+fn check_k(w: &Weights) -> Result<usize> {
+    let k = w.k();
+    if k % 32 != 0 || k == 0 || k > MAX_K {
+        return Err(Error::value(
+            w.data.name,
+            format!("the GPU kernels take K (the reduced dimension) a multiple of 32 in 32..={MAX_K}, got {k}"),
+        ));
+    }
+    Ok(k)
+}
+
+fn check_aligned(t: &TensorRef) -> Result<()> {
+    if t.ptr % 16 != 0 {
+        return Err(Error::value(t.name, "the GPU kernels need 16-byte aligned tensors (pass a fresh contiguous tensor)"));
+    }
+    Ok(())
+}
+
+/// A carved region of the workspace: byte offset and size, each 256-byte aligned.
+struct Carve {
+    at: usize,
+}
+
+impl Carve {
+    fn take(&mut self, bytes: usize) -> usize {
+        let at = self.at;
+        self.at += bytes.next_multiple_of(256);
+        at
+    }
+}
+
+/// Row tile and split-K count of a dense call: 16-row tiles for a few rows (decode), 64
+/// otherwise; K split so that the grid covers the GPU twice when it would not.
+fn linear_shape(dev: i32, m: usize, groups: usize, n: usize, k: usize) -> Result<(usize, usize, usize)> {
+    let bm = if m <= 16 { 16 } else { 64 };
+    let steps = k.div_ceil(KC);
+    let blocks = n.div_ceil(BN) * groups * m.div_ceil(bm);
+    let sms = attribute(dev, cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
+    let want = (2 * sms).div_ceil(blocks.max(1)).clamp(1, MAX_SPLITS.min(steps));
+    let per = steps.div_ceil(want);
+    Ok((bm, steps.div_ceil(per), per))
+}
+
+/// Bytes of device workspace [`linear`] needs: the quantized activations (unless `x` is bf16
+/// and `act_fp8` is false, when `x` is read directly) and the split-K partial sums.
+pub fn linear_workspace_bytes(dev: i32, m: usize, groups: usize, n: usize, k: usize, x_bf16: bool, act_fp8: bool) -> Result<usize> {
+    if m == 0 {
+        return Ok(0);
+    }
+    let (_, splits, _) = linear_shape(dev, m, groups, n, k)?;
+    let mut c = Carve { at: 0 };
+    if act_fp8 || !x_bf16 {
+        c.take(m * groups * k * 2);
+    }
+    if splits > 1 {
+        c.take(splits * m * groups * n * 4);
+    }
+    Ok(c.at)
+}
+
+/// Quantizes (FP8 per 1x128, UE8M0) or rounds (bf16) `rows` rows of `k` values into bf16 `out`.
+unsafe fn act_quant(dev: i32, stream: usize, x: u64, x_bf16: bool, rows: usize, k: usize, act_fp8: bool, out: u64) -> Result<()> {
+    let (x_bf16, rows64, k32, act) = (x_bf16 as i32, rows as i64, k as i32, act_fp8 as i32);
+    let cfg = Launch { grid: (rows.div_ceil(4) as u32, k.div_ceil(KC) as u32, 1), block: (128, 1, 1), shared_bytes: 0, stream };
+    launch(dev, Kernel::ActQuant, &cfg, &mut crate::kernel_args!(x, x_bf16, rows64, k32, act, out))
+}
+
+unsafe fn gemm(dev: i32, stream: usize, fp4: bool, bm: usize, grid: (u32, u32, u32), p: &mut GemmParams) -> Result<()> {
+    let k = p.k as usize;
+    let cfg = Launch { grid, block: (THREADS, 1, 1), shared_bytes: gemm_shared_bytes(fp4, bm, k) as u32, stream };
+    launch(dev, gemm_kernel(fp4, bm), &cfg, &mut [p as *mut GemmParams as *mut c_void])
+}
+
+/// `out = A(x) W^T` per group (see `crate::qgemm::linear`): x `[M, K]` or `[M, g, K]`, out
+/// `[M, g N]`, workspace of [`linear_workspace_bytes`] bytes.
 ///
 /// # Safety
 /// Tensors satisfy `TensorRef`'s contract on device `dev` with the shapes `crate::qgemm` checks;
 /// `stream` belongs to that device.
+#[allow(clippy::too_many_arguments)]
 pub unsafe fn linear(
-    dev: i32, stream: usize, x: &TensorRef, w: &Weights, groups: usize, act_fp8: bool, out: &TensorRef,
+    dev: i32, stream: usize, x: &TensorRef, w: &Weights, groups: usize, act_fp8: bool, workspace: &TensorRef,
+    out: &TensorRef,
 ) -> Result<()> {
-    let _ = (dev, stream, x, w, groups, act_fp8, out);
-    Err(Error::value("weight", "the GPU quantized linear is not built yet"))
+    let k = check_k(w)?;
+    let n = w.data.dim(0) / groups;
+    let m = x.numel() / (groups * k);
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    for t in [x, w.data, workspace, out] {
+        check_aligned(t)?;
+    }
+    let x_bf16 = x.dtype == DType::BF16;
+    let need = linear_workspace_bytes(dev, m, groups, n, k, x_bf16, act_fp8)?;
+    if workspace.numel() * workspace.dtype.size() < need {
+        return Err(Error::value(workspace.name, format!("needs {need} bytes, got {}", workspace.numel() * workspace.dtype.size())));
+    }
+    let (bm, splits, per) = linear_shape(dev, m, groups, n, k)?;
+    let m_tiles = m.div_ceil(bm);
+    if groups * m_tiles > MAX_GRID_Y {
+        return Err(Error::value(x.name, format!("too many rows for one call: {m} (at most {})", MAX_GRID_Y / groups * bm)));
+    }
+    let mut c = Carve { at: 0 };
+    let a = if act_fp8 || !x_bf16 {
+        let at = workspace.ptr as u64 + c.take(m * groups * k * 2) as u64;
+        act_quant(dev, stream, x.ptr as u64, x_bf16, m * groups, k, act_fp8, at)?;
+        at
+    } else {
+        x.ptr as u64
+    };
+    let out_bf16 = out.dtype == DType::BF16;
+    let partial = if splits > 1 { workspace.ptr as u64 + c.take(splits * m * groups * n * 4) as u64 } else { 0 };
+    let mut p = GemmParams {
+        a,
+        a_row_stride: (groups * k) as i64,
+        a_group_stride: k as i64,
+        a_rows: 0,
+        w: w.data.ptr as u64,
+        w_scale: w.scale.ptr as u64,
+        tiles: 0,
+        tile_count: 0,
+        out: if splits > 1 { partial } else { out.ptr as u64 },
+        m: m as i64,
+        out_row_stride: (groups * n) as i64,
+        out_group_stride: n as i64,
+        out_split_stride: (m * groups * n) as i64,
+        a_div: 1,
+        n: n as i32,
+        k: k as i32,
+        m_tiles: m_tiles as i32,
+        swiglu: 0,
+        limit: 0.0,
+        out_bf16: (out_bf16 && splits == 1) as i32,
+        k_steps_per_split: per as i32,
+    };
+    gemm(dev, stream, w.fp4, bm, (n.div_ceil(BN) as u32, (groups * m_tiles) as u32, splits as u32), &mut p)?;
+    if splits > 1 {
+        let total = (m * groups * n) as i64;
+        let (s, ob) = (splits as i32, out_bf16 as i32);
+        let o = out.ptr as u64;
+        let cfg = Launch { grid: ((total as usize).div_ceil(256) as u32, 1, 1), block: (256, 1, 1), shared_bytes: 0, stream };
+        launch(dev, Kernel::SplitkReduce, &cfg, &mut crate::kernel_args!(partial, s, total, o, ob))?;
+    }
+    Ok(())
 }
 
-/// The routed experts of `x` (see `crate::qgemm::moe`).
+/// Row tile of the MoE GEMMs: 16 while experts average at most 8 rows (decode), else 64.
+fn moe_bm(pairs: usize, experts: usize) -> usize {
+    if pairs <= 8 * experts {
+        16
+    } else {
+        64
+    }
+}
+
+/// Upper bound on the plan's row tiles: each expert with rows adds at most one partial tile.
+fn moe_max_tiles(pairs: usize, experts: usize, bm: usize) -> usize {
+    experts.min(pairs) + pairs / bm
+}
+
+/// Regions of one MoE pass (`tokens` tokens, `k` choices): byte offsets into the workspace.
+struct MoeLayout {
+    xq: usize,
+    offsets: usize,
+    order: usize,
+    slot_of: usize,
+    tiles: usize,
+    tile_count: usize,
+    hy: usize,
+    hq: usize,
+    total: usize,
+}
+
+fn moe_layout(tokens: usize, k: usize, experts: usize, inter: usize, dim: usize) -> MoeLayout {
+    let t = tokens.min(MOE_CHUNK);
+    let pairs = t * k;
+    let mut c = Carve { at: 0 };
+    let xq = c.take(t * dim * 2);
+    let offsets = c.take((experts + 1) * 4);
+    let order = c.take(pairs * 4);
+    let slot_of = c.take(pairs * 4);
+    let tiles = c.take(moe_max_tiles(pairs, experts, 16) * 12);
+    let tile_count = c.take(4);
+    let hy = c.take(pairs * inter.max(dim) * 4); // h (float32) then, once quantized, y
+    let hq = c.take(pairs * inter * 2);
+    MoeLayout { xq, offsets, order, slot_of, tiles, tile_count, hy, hq, total: c.at }
+}
+
+/// Bytes of device workspace [`moe`] needs for `tokens` tokens of `k` choices each (passes of at
+/// most [`MOE_CHUNK`] tokens reuse it).
+pub fn moe_workspace_bytes(tokens: usize, k: usize, experts: usize, inter: usize, dim: usize) -> usize {
+    if tokens == 0 {
+        return 0;
+    }
+    moe_layout(tokens, k, experts, inter, dim).total
+}
+
+/// The routed experts of `x` (see `crate::qgemm::moe`): x `[T, d]`, idx `[T, k]`, weights
+/// `[T, k]` float32, MXFP4 `gate_up [E, 2I, d/2]` and `down [E, d, I/2]`, out `[T, d]`.
 ///
 /// # Safety
-/// As [`linear`]; `workspace` is a uint8 tensor of at least [`moe_workspace_bytes`] bytes.
+/// As [`linear`]; `workspace` is a tensor of at least [`moe_workspace_bytes`] bytes.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn moe(
     dev: i32, stream: usize, x: &TensorRef, idx: &TensorRef, weights: &TensorRef, gate_up: &Weights, down: &Weights,
     limit: f32, act_fp8: bool, workspace: &TensorRef, out: &TensorRef,
 ) -> Result<()> {
-    let _ = (dev, stream, x, idx, weights, gate_up, down, limit, act_fp8, workspace, out);
-    Err(Error::value("gate_up", "the GPU fused MoE is not built yet"))
+    if !gate_up.fp4 || !down.fp4 {
+        return Err(Error::value(gate_up.data.name, "the GPU fused MoE takes MXFP4 experts"));
+    }
+    let (tokens, dim, k) = (x.dim(0), x.dim(1), idx.dim(1));
+    let (experts, inter) = (gate_up.data.dim(0), gate_up.data.dim(1) / 2);
+    if tokens == 0 {
+        return Ok(());
+    }
+    if experts > MAX_EXPERTS {
+        return Err(Error::value(gate_up.data.name, format!("the GPU fused MoE takes at most {MAX_EXPERTS} experts, got {experts}")));
+    }
+    check_k(gate_up)?;
+    check_k(down)?;
+    for t in [x, gate_up.data, down.data, workspace, out] {
+        check_aligned(t)?;
+    }
+    let lay = moe_layout(tokens, k, experts, inter, dim);
+    let have = workspace.numel() * workspace.dtype.size();
+    if have < lay.total {
+        return Err(Error::value(workspace.name, format!("needs {} bytes, got {have}", lay.total)));
+    }
+    let ws = workspace.ptr as u64;
+    let at = |off: usize| ws + off as u64;
+    let x_bf16 = x.dtype == DType::BF16;
+    let (x_elt, idx_elt) = (x.dtype.size(), idx.dtype.size());
+    let out_bf16 = out.dtype == DType::BF16;
+    let idx64 = (idx.dtype == DType::I64) as i32;
+    let mut t0 = 0;
+    while t0 < tokens {
+        let t = (tokens - t0).min(MOE_CHUNK);
+        let pairs = t * k;
+        let bm = moe_bm(pairs, experts);
+        let max_tiles = moe_max_tiles(pairs, experts, bm);
+        if max_tiles > MAX_GRID_Y {
+            return Err(Error::value(idx.name, format!("too many (token, choice) pairs per pass: {pairs} over {experts} experts")));
+        }
+        let x_at = x.ptr as u64 + (t0 * dim * x_elt) as u64;
+        let a = if act_fp8 || !x_bf16 {
+            act_quant(dev, stream, x_at, x_bf16, t, dim, act_fp8, at(lay.xq))?;
+            at(lay.xq)
+        } else {
+            x_at
+        };
+        // The plan.
+        let idx_at = idx.ptr as u64 + (t0 * k * idx_elt) as u64;
+        let (pairs64, e32, bm32) = (pairs as i64, experts as i32, bm as i32);
+        let (offsets, order, slot_of, tiles, count) =
+            (at(lay.offsets), at(lay.order), at(lay.slot_of), at(lay.tiles), at(lay.tile_count));
+        let cfg = Launch { grid: (1, 1, 1), block: (1024, 1, 1), shared_bytes: (3 * experts * 4) as u32, stream };
+        launch(dev, Kernel::MoePlan, &cfg, &mut crate::kernel_args!(idx_at, idx64, pairs64, e32, bm32, offsets, order, slot_of, tiles, count))?;
+        // Gate and up projections with SwiGLU: h [pairs, I] in sorted order (float32 to be
+        // quantized next, or directly the bf16 rounding).
+        let mut p = GemmParams {
+            a,
+            a_row_stride: dim as i64,
+            a_group_stride: 0,
+            a_rows: order,
+            w: gate_up.data.ptr as u64,
+            w_scale: gate_up.scale.ptr as u64,
+            tiles,
+            tile_count: count,
+            out: if act_fp8 { at(lay.hy) } else { at(lay.hq) },
+            m: 0,
+            out_row_stride: inter as i64,
+            out_group_stride: 0,
+            out_split_stride: 0,
+            a_div: k as i32,
+            n: (2 * inter) as i32,
+            k: dim as i32,
+            m_tiles: 0,
+            swiglu: 1,
+            limit,
+            out_bf16: (!act_fp8) as i32,
+            k_steps_per_split: dim.div_ceil(KC) as i32,
+        };
+        gemm(dev, stream, true, bm, (inter.div_ceil(BN / 2) as u32, max_tiles as u32, 1), &mut p)?;
+        if act_fp8 {
+            act_quant(dev, stream, at(lay.hy), false, pairs, inter, true, at(lay.hq))?;
+        }
+        // Down projection: y [pairs, d] float32 in sorted order (over h's dead float32 copy).
+        let mut p = GemmParams {
+            a: at(lay.hq),
+            a_row_stride: inter as i64,
+            a_rows: 0,
+            a_div: 1,
+            w: down.data.ptr as u64,
+            w_scale: down.scale.ptr as u64,
+            out: at(lay.hy),
+            out_row_stride: dim as i64,
+            n: dim as i32,
+            k: inter as i32,
+            swiglu: 0,
+            out_bf16: 0,
+            k_steps_per_split: inter.div_ceil(KC) as i32,
+            ..p
+        };
+        gemm(dev, stream, true, bm, (dim.div_ceil(BN) as u32, max_tiles as u32, 1), &mut p)?;
+        // Combine each token's choices in order.
+        let (y, w_at) = (at(lay.hy), weights.ptr as u64 + (t0 * k * 4) as u64);
+        let o = out.ptr as u64 + (t0 * dim * out.dtype.size()) as u64;
+        let (k32, d32, ob) = (k as i32, dim as i32, out_bf16 as i32);
+        let cfg = Launch { grid: (t as u32, 1, 1), block: (128, 1, 1), shared_bytes: 0, stream };
+        launch(dev, Kernel::MoeCombine, &cfg, &mut crate::kernel_args!(y, slot_of, w_at, k32, d32, o, ob))?;
+        t0 += t;
+    }
+    Ok(())
 }
