@@ -14,6 +14,8 @@ computation. Sizes are V4-Flash/Pro shapes on a GPU and scaled down on the CPU.
 - :mod:`.harness`: ceilings, timer, table.
 - :mod:`.ops`: the suites ``formats`` (KV-entry formats, Hadamard, RoPE), ``compress``,
   ``indexer``, ``attention``.
+- :mod:`.quant`: the suites ``moe`` (the fused MoE over MXFP4 experts) and ``linear`` (FP8
+  block-scaled linears), beside torch with bf16 weights and torch's own FP8 kernels.
 - :mod:`.cache`: the suite ``cache`` (allocator bookkeeping on the host).
 - :mod:`.model`: the suite ``model`` (the whole decode step and prefill at V4 width; run it by
   name, ``--only model``: it builds a model of several GB).
@@ -28,7 +30,8 @@ import argparse
 import importlib
 import sys
 
-SUITES = {"formats": "ops", "compress": "ops", "indexer": "ops", "attention": "ops", "cache": "cache", "model": "model"}
+SUITES = {"formats": "ops", "compress": "ops", "indexer": "ops", "attention": "ops", "moe": "quant", "linear": "quant",
+          "cache": "cache", "model": "model"}
 """Suite name -> the module of :mod:`dsv4rs.bench` that defines it (a function of that name)."""
 
 

@@ -1,0 +1,182 @@
+"""Quantized-weight suites of ``dsv4rs bench``: the fused MoE over MXFP4 experts (``moe``) and the
+FP8 block-scaled linears (``linear``) at V4-Flash shapes (scaled down on the CPU).
+
+Floors count the bytes a call must read: for the MoE the FP4 weights and UE8M0 scales of the
+experts the routing touches (plus activations), for a linear its FP8 weight and scales. The eager
+column is torch with bfloat16 weights (the MoE as the model's grouped bf16 path,
+``Experts._grouped``; a linear as ``F.linear`` on the dequantized weight). Under the table each
+case also names torch's own FP8 kernel where this torch offers it on this GPU
+(``torch._scaled_grouped_mm`` with row-wise scales for the MoE, ``torch._scaled_mm`` with 1x128 /
+128x128 block scales for a linear), timed on inputs already quantized, or why it could not run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv4rs import ops
+from dsv4rs.bench.harness import Bench, Case, Row
+from dsv4rs.model.config import V4Config
+from dsv4rs.model.layers.moe import Experts
+
+
+def _fp4_experts(b: Bench, e: int, n: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random MXFP4 experts ``[e, n, k/2]`` and UE8M0 scales around 2^-6 (values up to ~0.1)."""
+    data = torch.randint(0, 256, (e, n, k // 2), dtype=torch.uint8, generator=gen).to(b.device)
+    scale = torch.randint(119, 123, (e, n, k // 32), dtype=torch.uint8, generator=gen).to(b.device)
+    return data, scale
+
+
+def _fp4_dequant(data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The experts' values (for the bf16 comparison), one expert at a time on the device."""
+    from dsv4rs.model.loader import _FP4_VALUES
+
+    lut = _FP4_VALUES.to(data.device)
+    out = torch.empty(*data.shape[:-1], 2 * data.shape[-1], dtype=dtype, device=data.device)
+    for i in range(data.shape[0]):
+        byte = data[i].long()
+        codes = torch.stack((byte & 0xF, byte >> 4), dim=-1).flatten(-2)
+        values = lut[codes].unflatten(-1, (-1, 32)) * torch.exp2(scale[i].float() - 127)[..., None]
+        out[i] = values.flatten(-2).to(dtype)
+    return out
+
+
+def _scaled_grouped_mm(x: torch.Tensor, idx: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, b: Bench
+                       ) -> tuple[float | None, str]:
+    """torch's FP8 grouped GEMM (row-wise scales) over the same routing: gate-up then down, on
+    inputs quantized beforehand (its time leaves out quantization, sorting and combining)."""
+    fn = getattr(torch, "_scaled_grouped_mm", None)
+    if fn is None or not b.gpu:
+        return None, "torch._scaled_grouped_mm: not in this torch" if fn is None else "torch._scaled_grouped_mm: GPU only"
+    try:
+        e = gate_up.shape[0]
+        flat = idx.flatten()
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=e).to(torch.int32)
+        offs = counts.cumsum(0, dtype=torch.int32)
+        rows = x[order // idx.shape[1]]
+        a = rows.to(torch.float8_e4m3fn)
+        wg = gate_up.to(torch.float8_e4m3fn).transpose(-2, -1)  # [E, d, 2I], column-major per expert
+        wd = down.to(torch.float8_e4m3fn).transpose(-2, -1)
+        sa = torch.ones(a.shape[0], device=x.device)
+        sg = torch.ones(e, gate_up.shape[1], device=x.device)
+        sd = torch.ones(e, down.shape[1], device=x.device)
+        h = torch.empty(a.shape[0], down.shape[2], dtype=torch.float8_e4m3fn, device=x.device)
+        sh = torch.ones(a.shape[0], device=x.device)
+
+        def run(i: int) -> None:
+            fn(a, wg, sa, sg, offs=offs, out_dtype=torch.bfloat16)
+            fn(h, wd, sh, sd, offs=offs, out_dtype=torch.bfloat16)
+
+        run(0)
+        return b.median_ms(run, 1, iters=10), "torch._scaled_grouped_mm (FP8 e4m3 weights, row-wise scales)"
+    except (RuntimeError, TypeError, ValueError, NotImplementedError) as err:
+        return None, f"torch._scaled_grouped_mm: {str(err).splitlines()[0][:120]}"
+
+
+def moe(b: Bench) -> Iterator[Case]:
+    """The routed experts of one MoE layer, decode batches and prefill, FP8 activations."""
+    if b.gpu:
+        cfg = V4Config.v4_flash()
+        d, inter, e, k = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts, cfg.num_experts_per_tok
+    else:
+        d, inter, e, k = 256, 128, 16, 2
+        cfg = V4Config.tiny(hidden_size=d, moe_intermediate_size=inter, n_routed_experts=e, num_experts_per_tok=k)
+    batches = b.pick([1, 8, 32, 64, 128, 4096, 16384], [1, 32, 128], [1, 8])
+    state: dict = {}
+
+    def setup() -> dict:
+        if not state:
+            gen = torch.Generator().manual_seed(0)
+            state["gu"] = _fp4_experts(b, e, 2 * inter, d, gen)
+            state["dn"] = _fp4_experts(b, e, d, inter, gen)
+            dtype = torch.bfloat16 if b.gpu else torch.float32
+            with torch.device("meta"):
+                ex = Experts(cfg)
+            ex.gate_up_proj = nn.Parameter(_fp4_dequant(*state["gu"], dtype), requires_grad=False)
+            ex.down_proj = nn.Parameter(_fp4_dequant(*state["dn"], dtype), requires_grad=False)
+            state["bf16"] = ex
+        return state
+
+    per_expert = 2 * inter * d // 2 + 2 * inter * d // 32 + d * inter // 2 + d * inter // 32
+    for batch in batches:
+
+        def run(batch: int = batch) -> Row:
+            s = setup()
+            (gu, gus), (dn, dns), ex = s["gu"], s["dn"], s["bf16"]
+            dtype = torch.bfloat16 if b.gpu else torch.float32
+            xs = [b.randn(batch, d, dtype=dtype) for _ in range(2)]
+            idx = torch.rand(batch, e, device=b.device).topk(k, dim=-1).indices
+            w = torch.rand(batch, k, device=b.device)
+            touched = int(torch.unique(idx).numel())
+            ms = b.median_ms(lambda i: ops.moe_experts(xs[i], idx, w, gu, gus, dn, dns, cfg.swiglu_limit), 2)
+            eager = b.median_ms(lambda i: ex(xs[i], idx, w), 2, iters=10 if b.gpu else 3, warmup=1)
+            moved = touched * per_expert + batch * d * 2 * xs[0].element_size()
+            flops = 6.0 * batch * k * inter * d
+            tms, what = _scaled_grouped_mm(xs[0], idx, ex.gate_up_proj.data, ex.down_proj.data, b)
+            other = f"{tms:.3f} ms ({what})" if tms is not None else what
+            kind = "decode" if batch <= 128 else "prefill"
+            name = f"moe flash {kind} T={batch}" if b.gpu else f"moe {kind} T={batch}"
+            return Row(name, ms, moved, flops, eager, note=f"  {name}: {touched} experts touched; beside: {other}")
+
+        yield Case("moe", f"T={batch}", run)
+
+
+def _fp8_weight(b: Bench, rows: int, cols: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    codes = (torch.randn(rows, cols, generator=gen) * 64).clamp(-448, 448).to(torch.float8_e4m3fn).to(b.device)
+    scale = torch.exp2(torch.randint(-14, -10, (-(-rows // 128), -(-cols // 128)), generator=gen).float()).to(b.device)
+    return codes, scale
+
+
+def _block_scaled_mm(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, b: Bench) -> tuple[float | None, str]:
+    """torch._scaled_mm with 1x128 activation and 128x128 weight block scales (DeepSeek's
+    W8A8), on activations quantized beforehand."""
+    if not b.gpu:
+        return None, "torch._scaled_mm: GPU only"
+    try:
+        m, kdim = x.shape
+        a = x.to(torch.float8_e4m3fn)
+        sa = torch.ones(m, kdim // 128, device=x.device).t().contiguous().t()  # column-major, as torch asks
+        torch._scaled_mm(a, w.t(), sa, ws, out_dtype=torch.bfloat16)
+        ms = b.median_ms(lambda i: torch._scaled_mm(a, w.t(), sa, ws, out_dtype=torch.bfloat16), 1, iters=10)
+        return ms, "torch._scaled_mm (1x128 / 128x128 block scales)"
+    except (RuntimeError, TypeError, ValueError, NotImplementedError) as err:
+        return None, f"torch._scaled_mm block-scaled: {str(err).splitlines()[0][:120]}"
+
+
+def linear(b: Bench) -> Iterator[Case]:
+    """V4-Flash's FP8 linears (W8A8), decode and prefill rows."""
+    if b.gpu:
+        shapes = [("q_a", 1024, 4096, 1), ("q_b", 32768, 1024, 1), ("kv", 512, 4096, 1), ("o_a", 8192, 4096, 8),
+                  ("o_b", 4096, 8192, 1), ("shared gate", 2048, 4096, 1), ("shared down", 4096, 2048, 1)]
+    else:
+        shapes = [("q_b", 1024, 256, 1), ("o_a", 512, 256, 4)]
+    rows_list = b.pick([1, 8, 64, 4096], [1, 64], [1, 8])
+    gen = torch.Generator().manual_seed(1)
+    for name, r, kdim, groups in shapes:
+        for m in rows_list:
+
+            def run(name: str = name, r: int = r, kdim: int = kdim, groups: int = groups, m: int = m) -> Row:
+                w, ws = _fp8_weight(b, r, kdim, gen)
+                dtype = torch.bfloat16 if b.gpu else torch.float32
+                shape = (m, groups, kdim) if groups > 1 else (m, kdim)
+                xs = [b.randn(*shape, dtype=dtype) for _ in range(2)]
+                ms = b.median_ms(lambda i: ops.quant_linear(xs[i], w, ws, groups=groups), 2)
+                deq = (w.float() * ws.repeat_interleave(128, 0)[:r].repeat_interleave(128, 1)[:, :kdim]).to(dtype)
+                if groups > 1:
+                    wg = deq.view(groups, r // groups, kdim)
+                    eager = b.median_ms(lambda i: torch.einsum("tgi,goi->tgo", xs[i], wg).flatten(1), 2, iters=10)
+                else:
+                    eager = b.median_ms(lambda i: F.linear(xs[i], deq), 2, iters=10)
+                tms, what = (_block_scaled_mm(xs[0], w, ws, b) if groups == 1
+                             else (None, "torch._scaled_mm: no grouped form"))
+                other = f"{tms:.3f} ms ({what})" if tms is not None else what
+                moved = r * kdim + ws.numel() * 4 + m * groups * kdim * 2 + m * r * 2
+                label = f"fp8 linear {name} M={m}"
+                return Row(label, ms, moved, 2.0 * m * r * kdim, eager, note=f"  {label}: beside: {other}")
+
+            yield Case("linear", f"{name} M={m}", run)
