@@ -8,6 +8,8 @@
 //! - [`rope`], [`compress`], [`indexer`], [`attention`]: the attention ops on the CPU
 //!   (docs/model.md sections 2-4), built on [`rows`] (reading inputs and caches as f32 rows), [`simd`]
 //!   (vector kernels for the CPU's widest unit) and [`topk`] (running exact top-k selection).
+//! - [`qgemm`]: weights as DeepSeek ships them: the block-scaled FP8 / MXFP4 linear and the fused
+//!   MoE over MXFP4 experts (argument checks, a CPU twin, the GPU dispatch).
 //! - [`tensor`]: borrowed views of caller-owned tensors and the argument checks of every op.
 //! - [`error`]: the one error type every public function returns.
 
@@ -20,6 +22,7 @@ pub mod gpu;
 pub mod indexer;
 pub mod kv;
 pub mod mhc;
+pub mod qgemm;
 pub mod quant;
 pub mod rope;
 pub mod rows;
