@@ -1,10 +1,11 @@
-//! Bindings of the attention ops: RoPE, mHC weights, the compressor, the indexer's top-k and
-//! sparse attention. Outputs are allocated by the caller (python/dsv4rs/ops.py) and filled here.
+//! Bindings of the ops: RoPE, mHC weights, the compressor, the indexer's top-k, sparse attention,
+//! the quantized linear and the fused MoE. Outputs are allocated by the caller (python/dsv4rs/ops.py) and filled here.
 
 use dsv4rs_core::attention::{Candidates, Derotate};
 use dsv4rs_core::compress::{BatchConfig, Config};
 use dsv4rs_core::formats::{Named, Quant};
 use dsv4rs_core::tensor::TensorRef;
+use dsv4rs_core::qgemm::{self, Act};
 use dsv4rs_core::{attention as attention_op, compress as compress_op, indexer as indexer_op, mhc, rope as rope_op};
 use pyo3::prelude::*;
 
@@ -182,4 +183,58 @@ pub fn indexer_workspace_bytes(queries: usize, max_keys: usize, k: usize) -> usi
 #[pyfunction]
 pub fn attention_workspace_bytes(queries: usize, heads: usize, max_candidates: usize) -> usize {
     dsv4rs_core::gpu::attention::workspace_bytes(queries, heads, max_candidates)
+}
+
+/// `out = A(x) W^T` for an FP8 (`weight` uint8 codes `[R, K]`, float32 `scale`) or MXFP4 (`fp4`:
+/// `weight` uint8 `[R, K/2]`, uint8 UE8M0 `scale [R, K/32]`) weight, per group.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+pub fn quant_linear(
+    py: Python<'_>,
+    x: Spec,
+    weight: Spec,
+    scale: Spec,
+    fp4: bool,
+    groups: usize,
+    act: &str,
+    out: Spec,
+    stream: usize,
+) -> PyResult<()> {
+    let act = Act::parse("act", act).map_err(to_py)?;
+    let (x, w, s, o) = (tref("x", x)?, tref("weight", weight)?, tref("scale", scale)?, tref("out", out)?);
+    // SAFETY: as rope; `out` is a fresh tensor.
+    run(py, || unsafe { qgemm::linear(&x, &w, &s, fp4, groups, act, &o, stream) })
+}
+
+/// The routed MXFP4 experts of `x`, combined with the routing weights into `out`.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+pub fn moe_experts(
+    py: Python<'_>,
+    x: Spec,
+    idx: Spec,
+    weights: Spec,
+    gate_up: Spec,
+    gate_up_scale: Spec,
+    down: Spec,
+    down_scale: Spec,
+    limit: f32,
+    act: &str,
+    workspace: Option<Spec>,
+    out: Spec,
+    stream: usize,
+) -> PyResult<()> {
+    let act = Act::parse("act", act).map_err(to_py)?;
+    let (x, i, w) = (tref("x", x)?, tref("idx", idx)?, tref("weights", weights)?);
+    let (gu, gus) = (tref("gate_up", gate_up)?, tref("gate_up_scale", gate_up_scale)?);
+    let (dn, dns) = (tref("down", down)?, tref("down_scale", down_scale)?);
+    let (ws, o) = (opt("workspace", workspace)?, tref("out", out)?);
+    // SAFETY: as rope; `out` and the workspace are fresh tensors.
+    run(py, || unsafe { qgemm::moe(&x, &i, &w, &gu, &gus, &dn, &dns, limit, act, ws.as_ref(), &o, stream) })
+}
+
+/// Workspace bytes a GPU `moe_experts` call needs for `pairs = T k` (token, choice) pairs.
+#[pyfunction]
+pub fn moe_workspace_bytes(pairs: usize, experts: usize, inter: usize, dim: usize) -> usize {
+    dsv4rs_core::gpu::qgemm::moe_workspace_bytes(pairs, experts, inter, dim)
 }
