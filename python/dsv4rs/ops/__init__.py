@@ -13,6 +13,8 @@ their outputs (and workspace).
 - :mod:`.compress`: ``compress``, ``compress_batch``, ``compressor_state``.
 - :mod:`.indexer`: ``indexer_topk``.
 - :mod:`.attention`: ``sparse_attention``, ``attention_kernel``.
+- :mod:`.quant`: weights as DeepSeek ships them: ``quant_linear`` (block-scaled FP8 or MXFP4
+  weights, FP8 or bf16 activations) and ``moe_experts`` (the fused MoE over MXFP4 experts).
 """
 
 from __future__ import annotations
@@ -49,15 +51,16 @@ from dsv4rs.ops.formats import (
 )
 from dsv4rs.ops.indexer import indexer_topk
 from dsv4rs.ops.mhc import mhc_weights
+from dsv4rs.ops.quant import moe_experts, quant_linear
 from dsv4rs.ops.rope import rope
 
 __all__ = [
     "ENTRY_DIM", "ENTRY_SCALE", "FP4_BLOCK", "FP8_BLOCK", "INDEX_DIM", "INDEX_KEY_BYTES", "MAIN_DATA_BYTES",
     "MAIN_ENTRY_BYTES", "NOPE_DIM", "PAGE_ROWS", "ROPE_DIM", "IndexKeyFormat", "Quant", "attention_kernel",
     "compress", "compress_batch", "compressor_state", "copy_rows", "hadamard128", "index_key_read",
-    "index_key_round_trip", "index_key_write", "indexer_topk", "kv_read", "kv_write", "mhc_weights",
-    "new_index_key_cache", "new_kv_cache", "quantize_entries", "quantize_index_keys", "rope", "sparse_attention",
-    "warm_up",
+    "index_key_round_trip", "index_key_write", "indexer_topk", "kv_read", "kv_write", "mhc_weights", "moe_experts",
+    "new_index_key_cache", "new_kv_cache", "quant_linear", "quantize_entries", "quantize_index_keys", "rope",
+    "sparse_attention", "warm_up",
 ]
 
 

@@ -1,0 +1,181 @@
+"""Weights as DeepSeek ships them, CPU and GPU: the block-scaled FP8 / MXFP4 linear and the fused
+MoE over MXFP4 experts.
+
+Numerics, the same on the CPU and the GPU up to the order of float32 sums:
+
+- ``A(v)``, what the products see of an activation vector ``v`` of length ``K``: with
+  ``act="fp8"`` (DeepSeek's W8A8), ``v`` is cut into blocks of 128 values along ``K`` (the last
+  block may be shorter); per block ``e`` is the smallest integer with
+  ``max(amax, 1e-4) <= 448 * 2^e`` (a UE8M0 scale) and each value becomes its FP8 e4m3 rounding
+  (nearest even, saturating at 448) of ``v * 2^-e``, times ``2^e``. With ``act="bf16"`` each value
+  is rounded to bfloat16 (nearest even).
+- The weight values: FP8 e4m3 ``code * scale[r // 128, k // 128]`` (float32 scales, one per 128 x
+  128 block), MXFP4 e2m1 ``nibble * 2^(code - 127)`` (two values per byte, even index in the low
+  nibble; a UE8M0 code per 32 values along ``K``; code 255 is NaN).
+- The products are summed in float32 and the sum is cast to the dtype of ``x`` at the end
+  (float32, or bfloat16 rounded to nearest even).
+
+Non-finite weights or scales are not looked for (the loader refuses them): they give NaN outputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dsv4rs import _core
+from dsv4rs._tensor import as_tensor, spec, stream
+from dsv4rs.ops._checks import ndim, positive
+
+ACTS = ("fp8", "bf16")
+"""The activation roundings ``act`` names."""
+
+_MX_BLOCK = 32
+
+
+@torch.library.custom_op("dsv4rs::quant_linear", mutates_args=())
+def _quant_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int, act: str) -> torch.Tensor:
+    rows, k = weight.shape[0], x.shape[-1]
+    lead = x.shape[:-1] if groups == 1 else x.shape[:-2]
+    flat = (x.reshape(-1, k) if groups == 1 else x.reshape(-1, groups, k)).contiguous()
+    out = torch.empty((*lead, rows), dtype=x.dtype, device=x.device)
+    _core.quant_linear(spec("x", flat), spec("weight", weight.view(torch.uint8)), spec("scale", scale),
+                       weight.dtype == torch.uint8, groups, act, spec("out", out.view(-1, rows)), stream(x))
+    return out
+
+
+@_quant_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int, act: str) -> torch.Tensor:
+    lead = x.shape[:-1] if groups == 1 else x.shape[:-2]
+    return x.new_empty((*lead, weight.shape[0]))
+
+
+@torch.library.custom_op("dsv4rs::moe_experts", mutates_args=())
+def _moe_experts(
+    x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, gate_up_scale: torch.Tensor,
+    down: torch.Tensor, down_scale: torch.Tensor, limit: float, act: str,
+) -> torch.Tensor:
+    x, idx, weights = x.contiguous(), idx.contiguous(), weights.contiguous()
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    workspace = None
+    if x.device.type == "cuda":
+        size = _core.moe_workspace_bytes(idx.numel(), gate_up.shape[0], gate_up.shape[1] // 2, x.shape[1])
+        workspace = torch.empty(size, dtype=torch.uint8, device=x.device)
+    _core.moe_experts(
+        spec("x", x), spec("idx", idx), spec("weights", weights), spec("gate_up", gate_up),
+        spec("gate_up_scale", gate_up_scale), spec("down", down), spec("down_scale", down_scale), limit, act,
+        None if workspace is None else spec("workspace", workspace), spec("out", out), stream(x),
+    )
+    return out
+
+
+@_moe_experts.register_fake
+def _(
+    x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, gate_up_scale: torch.Tensor,
+    down: torch.Tensor, down_scale: torch.Tensor, limit: float, act: str,
+) -> torch.Tensor:
+    return x.new_empty(x.shape)
+
+
+def _act(act: object) -> str:
+    if not isinstance(act, str):
+        raise TypeError(f"act: expected a str, got {type(act).__name__}")
+    if act not in ACTS:
+        raise ValueError(f'act: expected "fp8" or "bf16", got {act!r}')
+    return act
+
+
+def _reduced_dim(name: str, w: torch.Tensor, fp4: bool) -> int:
+    """``K`` of a quantized weight (twice its last dim for MXFP4), a positive multiple of 32."""
+    cols = w.shape[-1]
+    k = 2 * cols if fp4 else cols
+    if k == 0 or k % _MX_BLOCK:
+        packed = f" ({cols} packed bytes per row)" if fp4 else ""
+        raise ValueError(f"{name}: the reduced dimension K = {k}{packed} must be a positive multiple of {_MX_BLOCK}")
+    return k
+
+
+def quant_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int = 1, act: str = "fp8"
+                 ) -> torch.Tensor:
+    """``A(x) W^T`` for a weight kept as DeepSeek ships it (numerics: this module's docstring).
+
+    Args:
+        x: ``float32``/``bfloat16``, ``[..., K]`` (``groups == 1``) or ``[..., groups, K]``; on the
+            weight's device. On the CPU its values must be finite (ValueError); on the GPU a
+            non-finite value spoils its 128-block.
+        weight: ``float8_e4m3fn [R, K]`` (FP8, ``scale`` ``float32 [ceil(R/128), ceil(K/128)]``, one
+            multiplier per 128 x 128 block, rows and columns may end in a partial block) or
+            ``uint8 [R, K/2]`` (MXFP4: two e2m1 codes per byte, even index in the low nibble;
+            ``scale`` ``uint8 [R, K/32]``, UE8M0 codes ``2^(code - 127)``). ``K`` is a positive
+            multiple of 32.
+        groups: ``g >= 1`` dividing ``R`` (DeepSeek's grouped ``wo_a``): group ``i`` of ``x``
+            meets rows ``[i N, (i + 1) N)`` of the weight, ``N = R / g``.
+        act: ``"fp8"`` (per 128-block FP8 e4m3 with a UE8M0 scale, DeepSeek's W8A8) or ``"bf16"``.
+
+    Returns:
+        ``[..., R]`` (``groups == 1``) or ``[..., g N]`` (group-major columns), the dtype of ``x``:
+        float32 sums of ``A(x)_k * w_rk``, cast once at the end.
+    """
+    x, weight, scale = as_tensor("x", x), as_tensor("weight", weight), as_tensor("scale", scale)
+    groups = positive("groups", groups)
+    act = _act(act)
+    if weight.dtype not in (torch.float8_e4m3fn, torch.uint8):
+        raise TypeError(f"weight: expected float8_e4m3fn (FP8) or uint8 (MXFP4), got {weight.dtype}")
+    ndim("weight", weight, 2)
+    k = _reduced_dim("weight", weight, weight.dtype == torch.uint8)
+    if weight.shape[0] % groups:
+        raise ValueError(f"groups: must divide the {weight.shape[0]} rows of weight, got {groups}")
+    want = (k,) if groups == 1 else (groups, k)
+    if x.dim() < len(want) or tuple(x.shape[-len(want):]) != want:
+        dims = ", ".join(str(d) for d in want)
+        raise ValueError(f"x: expected shape [..., {dims}], got {list(x.shape)}")
+    return _quant_linear(x, weight, scale, groups, act)
+
+
+def moe_experts(
+    x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, gate_up_scale: torch.Tensor,
+    down: torch.Tensor, down_scale: torch.Tensor, limit: float, act: str = "fp8",
+) -> torch.Tensor:
+    """The routed experts of a MoE layer over MXFP4 weights, fused: for each token ``t`` and choice
+    ``j``, with ``e = idx[t, j]``:
+    ``g = A(x_t) W_gate[e]^T``, ``u = A(x_t) W_up[e]^T`` (float32 sums, ``[I]``),
+    ``h = silu(min(g, limit)) * clamp(u, -limit, limit)`` in float32 (``silu(v) = v / (1 + e^-v)``),
+    ``y = A(h) W_down[e]^T`` (float32 sums, ``[d]``), and
+    ``out[t] = sum over j = 0 .. k-1, in that order, of weights[t, j] * y`` in float32, cast to the
+    dtype of ``x``. ``A`` and the weight values: this module's docstring.
+
+    Args:
+        x: ``float32``/``bfloat16 [T, d]`` (finite on the CPU), ``d`` a multiple of 32.
+        idx: ``int64``/``int32 [T, k]``, expert ids in ``[0, E)``. On the CPU an id outside is a
+            ValueError naming ``idx``; on the GPU such a pair contributes zero (checking would
+            synchronize with the host).
+        weights: ``float32 [T, k]`` routing weights.
+        gate_up: ``uint8 [E, 2I, d/2]`` MXFP4 experts, rows ``0..I`` the gate (DeepSeek's ``w1``),
+            ``I..2I`` the up projection (``w3``); ``gate_up_scale`` ``uint8 [E, 2I, d/32]`` UE8M0.
+        down: ``uint8 [E, d, I/2]`` (``w2``), ``I`` a multiple of 32; ``down_scale``
+            ``uint8 [E, d, I/32]``.
+        limit: the SwiGLU clamp (``swiglu_limit``), ``> 0``; ``math.inf`` for none.
+        act: ``"fp8"`` (DeepSeek's FP8 activations, on ``x`` and on ``h``) or ``"bf16"``.
+
+    Returns:
+        ``[T, d]``, the dtype of ``x``. On the GPU the call never synchronizes with the host and
+        allocates only its output and a workspace (``torch.empty``), so it can be captured in a
+        CUDA graph.
+    """
+    x, idx, weights = as_tensor("x", x), as_tensor("idx", idx), as_tensor("weights", weights)
+    gate_up, gate_up_scale = as_tensor("gate_up", gate_up), as_tensor("gate_up_scale", gate_up_scale)
+    down, down_scale = as_tensor("down", down), as_tensor("down_scale", down_scale)
+    act = _act(act)
+    for name, t in (("gate_up", gate_up), ("gate_up_scale", gate_up_scale), ("down", down), ("down_scale", down_scale)):
+        if t.dtype != torch.uint8:
+            raise TypeError(f"{name}: expected uint8 (MXFP4 codes or UE8M0 scales), got {t.dtype}")
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)):
+        raise TypeError(f"limit: expected a number, got {type(limit).__name__}")
+    limit = float(limit)
+    if math.isnan(limit) or limit <= 0:
+        raise ValueError(f"limit: must be > 0 (math.inf for no clamp), got {limit}")
+    ndim("x", x, 2)
+    ndim("idx", idx, 2)
+    ndim("gate_up", gate_up, 3)
+    return _moe_experts(x, idx, weights, gate_up, gate_up_scale, down, down_scale, limit, act)
