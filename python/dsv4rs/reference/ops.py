@@ -1,7 +1,9 @@
 """The float64 twins of the dsv4rs ops, in plain torch (docs/model.md sections 2-5).
 
 This module is the oracle the Rust and CUDA kernels are tested against. It follows the formulas
-of docs/model.md literally and computes in float64: inputs of any floating dtype are upcast.
+of docs/model.md literally and computes in float64: inputs of any floating dtype are upcast. The
+quantized-weight ops model only the activation rounding their kernels do (``quantize_activations``);
+their weights are dequantized exactly and their sums are float64.
 
 The quantizers (docs/model.md section 5) model the kernels' float32 inputs: they first round their input
 to float32 (exact for float32 and bfloat16 inputs), then do every step in float64, which is exact
@@ -55,6 +57,13 @@ __all__ = [
     "encode_index_keys",
     "pack_pages",
     "copy_rows",
+    "ACT_BLOCK",
+    "FP8_WEIGHT_BLOCK",
+    "MX_BLOCK",
+    "quantize_activations",
+    "dequantize_weight",
+    "quant_linear",
+    "moe_experts",
 ]
 
 F64 = torch.float64
@@ -760,3 +769,161 @@ def copy_rows(dst: torch.Tensor, dst_rows: torch.Tensor, src: torch.Tensor, src_
     for o, i in zip(_row_parts(out), _row_parts(_tensor("src", src))):
         o[d // PAGE_ROWS, d % PAGE_ROWS] = i[s // PAGE_ROWS, s % PAGE_ROWS]
     return out.view(torch.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantized weights: the block-scaled FP8 / MXFP4 linear and the fused MoE (dsv4rs.ops.quant)
+
+ACT_BLOCK = 128
+"""Activation values sharing one UE8M0 scale when activations are quantized to FP8."""
+FP8_WEIGHT_BLOCK = 128
+"""Rows and columns of an FP8 weight sharing one float32 scale."""
+MX_BLOCK = 32
+"""Values of an MXFP4 weight sharing one UE8M0 code; the reduced dimension of a quantized weight is
+a multiple of it."""
+
+Act = Literal["fp8", "bf16"]
+
+
+def _act(act: object) -> str:
+    if not isinstance(act, str):
+        raise TypeError(f"act: expected a str, got {type(act).__name__}")
+    if act not in ("fp8", "bf16"):
+        raise ValueError(f'act: expected "fp8" or "bf16", got {act!r}')
+    return act
+
+
+def quantize_activations(x: torch.Tensor, act: Act = "fp8") -> torch.Tensor:
+    """``A(x)``, what the quantized ops multiply (float64, the shape of ``x``): ``x`` is first rounded to
+    float32 (the kernels' type), then
+
+    - ``act="fp8"``: the last dim is cut into blocks of 128 (the last one may be shorter); per block
+      ``e = ue8m0_exponent(amax, 448)`` (amax floored at 1e-4) and each value ``v`` becomes
+      ``fp8_e4m3_decode(fp8_e4m3_encode(v, e)) * 2^e`` (nearest even, saturating at 448). A block
+      holding a non-finite value becomes NaN.
+    - ``act="bf16"``: each value is rounded to bfloat16 (nearest even).
+    """
+    t = _tensor("x", x)
+    if not t.is_floating_point():
+        raise TypeError(f"x: expected a floating-point tensor, got {t.dtype}")
+    if t.dim() < 1:
+        raise ValueError("x: expected at least one dim")
+    t = t.to(torch.float32)
+    if _act(act) == "bf16":
+        return t.to(torch.bfloat16).to(F64)
+    k = t.shape[-1]
+    blocks = torch.nn.functional.pad(t.to(F64), (0, -k % ACT_BLOCK)).unflatten(-1, (-1, ACT_BLOCK))
+    finite = blocks.isfinite()
+    clean = blocks.where(finite, 0.0)
+    e = ue8m0_exponent(clean.abs().amax(-1), FP8_MAX)
+    values = fp8_e4m3_decode(fp8_e4m3_encode(clean, e[..., None])) * _exp2(e)[..., None]
+    values = values.masked_fill(~finite.all(-1, keepdim=True), math.nan)
+    return values.flatten(-2)[..., :k]
+
+
+def _reduced_dim(name: str, cols: int, fp4: bool) -> int:
+    k = 2 * cols if fp4 else cols
+    if k == 0 or k % MX_BLOCK:
+        raise ValueError(f"{name}: the reduced dimension K = {k} must be a positive multiple of {MX_BLOCK}")
+    return k
+
+
+def dequantize_weight(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The values (``float64 [..., R, K]``) of a weight stored as DeepSeek ships it:
+
+    - ``weight`` ``float8_e4m3fn [..., R, K]`` with ``scale`` ``float32 [..., ceil(R/128), ceil(K/128)]``:
+      each code's value times the scale of its 128 x 128 block (the last blocks may be partial);
+    - ``weight`` ``uint8 [..., R, K/2]`` (MXFP4, two e2m1 codes per byte, even index in the low nibble)
+      with ``scale`` ``uint8 [..., R, K/32]`` UE8M0 codes: each value times ``2^(code - 127)``, code
+      255 being NaN.
+
+    ``K`` must be a positive multiple of 32.
+    """
+    w, s = _tensor("weight", weight), _tensor("scale", scale)
+    if w.dtype not in (torch.float8_e4m3fn, torch.uint8):
+        raise TypeError(f"weight: expected float8_e4m3fn (FP8) or uint8 (MXFP4), got {w.dtype}")
+    fp4 = w.dtype == torch.uint8
+    want_dtype = torch.uint8 if fp4 else torch.float32
+    if s.dtype != want_dtype:
+        raise TypeError(f"scale: expected {want_dtype} for a {w.dtype} weight, got {s.dtype}")
+    if w.dim() < 2:
+        raise ValueError(f"weight: expected [..., R, K], got {list(w.shape)}")
+    *lead, rows, cols = w.shape
+    k = _reduced_dim("weight", cols, fp4)
+    if fp4:
+        want = (*lead, rows, k // MX_BLOCK)
+    else:
+        want = (*lead, -(-rows // FP8_WEIGHT_BLOCK), -(-k // FP8_WEIGHT_BLOCK))
+    if tuple(s.shape) != want:
+        raise ValueError(f"scale: expected shape {list(want)} for a weight of shape {list(w.shape)}, got {list(s.shape)}")
+    if fp4:
+        values = fp4_e2m1_decode(torch.stack((w & 0xF, w >> 4), -1).flatten(-2))
+        factors = _exp2(s.to(torch.int64) - 127).masked_fill(s == 255, math.nan)
+        return values * factors.repeat_interleave(MX_BLOCK, -1)
+    factors = s.to(F64).repeat_interleave(FP8_WEIGHT_BLOCK, -2)[..., :rows, :]
+    return fp8_e4m3_decode(w.view(torch.uint8)) * factors.repeat_interleave(FP8_WEIGHT_BLOCK, -1)[..., :k]
+
+
+def quant_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int = 1, act: Act = "fp8"
+                 ) -> torch.Tensor:
+    """``A(x) W^T`` in float64 (:func:`quantize_activations`, :func:`dequantize_weight`), the twin of
+    ``dsv4rs.ops.quant_linear``: ``x [..., K]`` -> ``[..., R]`` for ``groups == 1``; for ``groups = g``
+    (dividing ``R``, ``N = R / g``), ``x [..., g, K]``, group ``i`` meeting rows ``[i N, (i + 1) N)``
+    -> ``[..., g N]`` (group-major columns). Only the activation rounding is modelled: the products
+    and their sum are exact float64."""
+    w = dequantize_weight(weight, scale)
+    if w.dim() != 2:
+        raise ValueError(f"weight: expected [R, K], got {list(w.shape)}")
+    rows, k = w.shape
+    groups = _int("groups", groups, 1)
+    if rows % groups:
+        raise ValueError(f"groups: must divide the {rows} rows of weight, got {groups}")
+    want = (k,) if groups == 1 else (groups, k)
+    xt = _tensor("x", x)
+    if xt.dim() < len(want) or tuple(xt.shape[-len(want):]) != want:
+        raise ValueError(f"x: expected shape [..., {', '.join(map(str, want))}], got {list(xt.shape)}")
+    a = quantize_activations(xt, act)
+    if groups == 1:
+        return a @ w.T
+    return torch.einsum("...gk,gnk->...gn", a, w.view(groups, rows // groups, k)).flatten(-2)
+
+
+def moe_experts(
+    x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, gate_up_scale: torch.Tensor,
+    down: torch.Tensor, down_scale: torch.Tensor, limit: float, act: Act = "fp8",
+) -> torch.Tensor:
+    """The routed experts in float64, the twin of ``dsv4rs.ops.moe_experts``: for each token ``t`` and
+    choice ``j``, ``e = idx[t, j]``, ``g, u = A(x_t) W_gate[e]^T, A(x_t) W_up[e]^T`` (``gate_up`` rows
+    ``0..I`` and ``I..2I``), ``h = silu(min(g, limit)) * clamp(u, -limit, limit)``,
+    ``y = A(h) W_down[e]^T``, and ``out[t] = sum_j weights[t, j] y`` (``float64 [T, d]``).
+
+    ``A`` is :func:`quantize_activations` (``h`` rounded to float32 first, as the kernels hold it);
+    the weights are :func:`dequantize_weight`'s; everything else is exact float64. ``idx``
+    (``[T, k]``, any integer dtype) must lie in ``[0, E)``; ``limit > 0`` (``math.inf``: no clamp).
+    """
+    wgu, wd = dequantize_weight(gate_up, gate_up_scale), dequantize_weight(down, down_scale)
+    if wgu.dim() != 3 or wgu.shape[1] % 2:
+        raise ValueError(f"gate_up: expected [E, 2I, d] values, got {list(wgu.shape)}")
+    experts, inter, dim = wgu.shape[0], wgu.shape[1] // 2, wgu.shape[2]
+    if tuple(wd.shape) != (experts, dim, inter):
+        raise ValueError(f"down: expected [E, d, I] = {[experts, dim, inter]} values, got {list(wd.shape)}")
+    xt = _tensor("x", x)
+    _check_shape("x", xt, "T", dim)
+    ids = _index("idx", idx)
+    _check_shape("idx", ids, xt.shape[0], "k")
+    if ((ids < 0) | (ids >= experts)).any():
+        raise ValueError(f"idx: expert ids must lie in [0, {experts})")
+    w = _float("weights", weights)
+    _check_shape("weights", w, *ids.shape)
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)):
+        raise TypeError(f"limit: expected a number, got {type(limit).__name__}")
+    if math.isnan(limit) or limit <= 0:
+        raise ValueError(f"limit: must be > 0, got {limit}")
+    a = quantize_activations(xt, act)
+    y = torch.zeros(*ids.shape, dim, dtype=F64)
+    for e in ids.unique().tolist():
+        t, j = (ids == e).nonzero(as_tuple=True)
+        gu = a[t] @ wgu[e].T
+        g, u = gu[:, :inter].clamp(max=limit), gu[:, inter:].clamp(-limit, limit)
+        y[t, j] = quantize_activations(g / (1 + torch.exp(-g)) * u, act) @ wd[e].T
+    return (w[..., None] * y).sum(1)
