@@ -1,0 +1,599 @@
+"""The quantized-weight ops, ``ops.quant_linear`` (FP8 block-scaled or MXFP4 weights) and
+``ops.moe_experts`` (the fused MoE over MXFP4 experts), against their float64 reference on the CPU
+and (marked ``gpu``) on the GPU, plus bad input, CUDA-graph capture and the absence of host syncs.
+
+Where the two sides round differently, and the bounds the comparisons use:
+
+- Both sides quantize the activations ``A(x)`` of the same float32 (or bfloat16) input with the
+  same rule, and the weights' values (an FP8 or e2m1 code times its scale) are exact in float32
+  products; so for the linear only the sum differs: a float32 sum of ``K`` products, in any
+  order, lies within ``(K - 1) u * sum |a w|`` of the exact one (``u = 2^-24``); ``gamma`` adds a
+  few roundings of slack (a non-power-of-two FP8 scale applied to a partial sum). A bfloat16
+  output adds its own rounding, ``2^-8`` relative.
+- In the MoE, ``h`` is computed from float32 ``g`` and ``u``, which differ from the float64 ones
+  by the bound above; ``A(h)`` can then land one FP8 (or bf16) step away where ``h`` sits near a
+  rounding boundary, or take the neighbouring block scale where the block's amax sits near a power
+  of two. ``moe_bound`` propagates the bound on ``g`` and ``u`` to a bound ``dh`` on ``h`` and allows,
+  per element, exactly the spread of ``A`` over ``[h - dh, h + dh]`` (zero for almost every element),
+  then the float32 sums of the down projection and of the combine.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dsv4rs import ops
+from dsv4rs import reference as ref
+
+U = 2.0**-24
+"""float32's unit roundoff."""
+BF16_U = 2.0**-8
+"""bfloat16's unit roundoff: a bfloat16 rounding moves a value by at most this fraction of it."""
+
+
+def gamma(n: int) -> float:
+    """Bound on a float32 sum of ``n`` products, relative to the sum of their magnitudes."""
+    return (n + 4) * U
+
+
+def assert_within(got: torch.Tensor, want: torch.Tensor, tol: torch.Tensor, what: str = "") -> None:
+    assert got.shape == want.shape, (got.shape, want.shape)
+    err = (got.detach().double().cpu() - want).abs()
+    bad = ~(err <= tol)
+    if bad.any():
+        i = int(bad.flatten().nonzero()[0])
+        worst = float(((err - tol) / tol.clamp_min(1e-300)).max())
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {err.numel()} values out of bound; first at flat index {i}: "
+            f"got {float(got.flatten()[i])}, want {float(want.flatten()[i])}, bound {float(tol.flatten()[i])} "
+            f"(worst excess {worst:.3g} x bound)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+def fp8_weight(gen: torch.Generator, rows: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 codes of a normal spread and float32 block scales that are not powers of two (as
+    ``weight_scale_inv`` scales can be)."""
+    w = (torch.randn(rows, k, generator=gen) * 32).clamp(-448, 448).to(torch.float8_e4m3fn)
+    shape = (-(-rows // 128), -(-k // 128))
+    scale = torch.exp2(torch.randint(-10, -4, shape, generator=gen).float()) * (1 + torch.rand(shape, generator=gen))
+    return w, scale
+
+
+def fp4_weight(gen: torch.Generator, *shape: int, low: int = 118, high: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """MXFP4 bytes (every byte value) for values ``shape = [..., rows, k]`` and UE8M0 codes in
+    ``[low, high)``."""
+    *lead, rows, k = shape
+    data = torch.randint(0, 256, (*lead, rows, k // 2), dtype=torch.uint8, generator=gen)
+    scale = torch.randint(low, high, (*lead, rows, k // 32), dtype=torch.uint8, generator=gen)
+    return data, scale
+
+
+def activations(gen: torch.Generator, *shape: int, dtype: torch.dtype = torch.float32, decades: float = 4.0
+                ) -> torch.Tensor:
+    """Normal values whose magnitude changes by up to ``decades`` powers of ten from one run of 32
+    values to the next: each 128-block's scale is set by its largest run, and a wrong block size
+    would pick other scales for the small values."""
+    k = shape[-1]
+    x = torch.randn(*shape, generator=gen)
+    mag = 10 ** (torch.rand(*shape[:-1], -(-k // 32), generator=gen) * decades - decades / 2)
+    return (x * mag.repeat_interleave(32, -1)[..., :k]).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bounds
+
+
+def linear_bound(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int, act: str
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float64 reference and the bound on ``|op - reference|`` of ``quant_linear``."""
+    want = ref.quant_linear(x, weight, scale, groups, act)
+    a = ref.quantize_activations(x, act).abs()
+    w = ref.dequantize_weight(weight, scale).abs()
+    rows, k = w.shape
+    if groups == 1:
+        mag = a @ w.T
+    else:
+        mag = torch.einsum("...gk,gnk->...gn", a, w.view(groups, rows // groups, k)).flatten(-2)
+    tol = gamma(k) * mag
+    if x.dtype == torch.bfloat16:
+        tol = tol * (1 + BF16_U) + BF16_U * want.abs()
+    return want, tol
+
+
+def act_spread(h: torch.Tensor, dh: torch.Tensor, act: str) -> torch.Tensor:
+    """The largest ``|A(h') - A(h)|`` over float32 vectors ``h'`` with ``|h' - h| <= dh`` elementwise
+    (``[..., I]``). ``A`` is monotone in each value for a fixed block scale, and the scale exponent is
+    monotone in the block's amax, so the extremes lie at ``h -+ dh`` under one of the exponents from
+    that of the smallest amax to that of the largest (almost always one or two)."""
+    center = ref.quantize_activations(h, act)
+    if act == "bf16":
+        ends = [ref.quantize_activations(h - dh, act), ref.quantize_activations(h + dh, act)]
+        return torch.stack([(e - center).abs() for e in ends]).amax(0)
+    k = h.shape[-1]
+
+    def blocks(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, -k % 128)).unflatten(-1, (-1, 128))
+
+    lo = ref.ue8m0_exponent(blocks((h.abs() - dh).clamp(min=0)).amax(-1), ref.FP8_MAX)
+    hi = ref.ue8m0_exponent(blocks(h.abs() + dh).amax(-1), ref.FP8_MAX)
+    spread = torch.zeros_like(h)
+    for step in range(int((hi - lo).max()) + 1 if h.numel() else 0):
+        e = (lo + step).clamp(max=hi)
+        for v in (h - dh, h + dh):
+            q = ref.fp8_e4m3_decode(ref.fp8_e4m3_encode(blocks(v), e[..., None])) * torch.exp2(e.double())[..., None]
+            spread = torch.maximum(spread, (q.flatten(-2)[..., :k] - center).abs())
+    return spread
+
+
+def moe_bound(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
+              gate_up_scale: torch.Tensor, down: torch.Tensor, down_scale: torch.Tensor, limit: float, act: str
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float64 reference and the bound on ``|op - reference|`` of ``moe_experts`` (module docstring)."""
+    want = ref.moe_experts(x, idx, weights, gate_up, gate_up_scale, down, down_scale, limit, act)
+    a = ref.quantize_activations(x, act)
+    wgu, wd = ref.dequantize_weight(gate_up, gate_up_scale), ref.dequantize_weight(down, down_scale)
+    inter, dim = wgu.shape[1] // 2, wgu.shape[2]
+    ids = idx.long()
+    y_tol = torch.zeros(*ids.shape, dim, dtype=torch.float64)
+    y_mag = torch.zeros_like(y_tol)
+    for e in ids.unique().tolist():
+        t, j = (ids == e).nonzero(as_tuple=True)
+        gu = a[t] @ wgu[e].T
+        dgu = gamma(dim) * (a[t].abs() @ wgu[e].abs().T)
+        g, u = gu[:, :inter].clamp(max=limit), gu[:, inter:].clamp(-limit, limit)
+        dg, du = dgu[:, :inter], dgu[:, inter:]
+        s = g / (1 + torch.exp(-g))
+        h = s * u
+        # silu' lies in [-0.1, 1.1]; min and clamp move nothing more than their input moved; the
+        # float32 evaluation of silu and of the product adds a few roundings (2^-16 relative also
+        # covers a fast-math exp on the GPU).
+        dh = 1.1 * dg * (u.abs() + du) + s.abs() * du + 2.0**-16 * h.abs() + 1e-30
+        spread = act_spread(h, dh, act)
+        mag = (ref.quantize_activations(h, act).abs() + spread) @ wd[e].abs().T
+        y_mag[t, j] = mag
+        y_tol[t, j] = spread @ wd[e].abs().T + gamma(inter) * mag
+    w = weights.double().abs()[..., None]
+    tol = (w * y_tol).sum(1) + gamma(ids.shape[1]) * (w * y_mag).sum(1)
+    if x.dtype == torch.bfloat16:
+        tol = tol * (1 + BF16_U) + BF16_U * want.abs()
+    return want, tol
+
+
+# ---------------------------------------------------------------------------------------------
+# quant_linear on the CPU
+
+# (fp4, leading dims of x, R, K, groups)
+LINEAR_CASES = [
+    (False, (3,), 130, 160, 1),  # R and K one past a 128-block: partial blocks both ways
+    (False, (2, 5), 256, 96, 1),  # K < 128, two leading dims
+    (False, (4,), 260, 224, 2),  # groups: the boundary at row 130 lies inside scale block 1
+    (True, (3,), 37, 224, 1),
+    (True, (1,), 12, 32, 3),  # K = 32: one MXFP4 block per row
+    (True, (2, 3), 64, 288, 4),
+]
+
+
+def linear_inputs(gen: torch.Generator, case: tuple, dtype: torch.dtype):
+    fp4, lead, rows, k, groups = case
+    weight, scale = fp4_weight(gen, rows, k) if fp4 else fp8_weight(gen, rows, k)
+    x = activations(gen, *lead, *((groups,) if groups > 1 else ()), k, dtype=dtype)
+    return x, weight, scale, groups
+
+
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: f"{'fp4' if c[0] else 'fp8'}-{c[2]}x{c[3]}-g{c[4]}")
+@pytest.mark.parametrize("act", ["fp8", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_quant_linear_matches_reference(gen: torch.Generator, case: tuple, act: str, dtype: torch.dtype) -> None:
+    x, weight, scale, groups = linear_inputs(gen, case, dtype)
+    got = ops.quant_linear(x, weight, scale, groups=groups, act=act)
+    lead = x.shape[:-1] if groups == 1 else x.shape[:-2]
+    assert got.dtype == dtype and got.shape == (*lead, case[2])
+    want, tol = linear_bound(x, weight, scale, groups, act)
+    assert_within(got, want, tol, "cpu")
+    if dtype == torch.float32:
+        # The bound is tight: far below the activation rounding itself (2^-5 relative for FP8).
+        assert float(tol.mean()) < 1e-3 * float(want.abs().mean())
+
+
+def test_quant_linear_rounds_activations_per_128_block() -> None:
+    """Scales are per 128-block: 0.013 next to 300 (scale 2^0) falls among the FP8 subnormals and
+    becomes 7 * 2^-9; in the next block, its own amax, it gets scale 2^-15 and becomes 416 * 2^-15."""
+    k = 160
+    w = torch.zeros(2, k)
+    w[0, 100] = 1.0
+    w[1, 129] = 1.0
+    scale = torch.ones(1, 2)
+    x = torch.zeros(1, k)
+    x[0, 0], x[0, 100], x[0, 129] = 300.0, 0.013, 0.013
+    got = ops.quant_linear(x, w.to(torch.float8_e4m3fn), scale)
+    assert got.tolist() == [[7 * 2**-9, 416 * 2**-15]]
+    assert torch.equal(got, ref.quant_linear(x, w.to(torch.float8_e4m3fn), scale).float())
+    got = ops.quant_linear(x, w.to(torch.float8_e4m3fn), scale, act="bf16")
+    assert torch.equal(got, torch.tensor([[0.013, 0.013]]).bfloat16().float())
+
+
+def test_quant_linear_without_tokens(gen: torch.Generator) -> None:
+    weight, scale = fp4_weight(gen, 64, 96)
+    assert ops.quant_linear(torch.zeros(0, 96), weight, scale).shape == (0, 64)
+    assert ops.quant_linear(torch.zeros(2, 0, 4, 96, dtype=torch.bfloat16), weight, scale, groups=4).shape == (2, 0, 64)
+
+
+def test_quant_linear_opcheck(gen: torch.Generator) -> None:
+    x, weight, scale, _ = linear_inputs(gen, LINEAR_CASES[3], torch.float32)
+    torch.library.opcheck(torch.ops.dsv4rs.quant_linear.default, (x, weight, scale, 1, "fp8"))
+    x, weight, scale, _ = linear_inputs(gen, LINEAR_CASES[2], torch.bfloat16)
+    # test_schema compares inputs before and after with allclose, which torch lacks for float8.
+    torch.library.opcheck(torch.ops.dsv4rs.quant_linear.default, (x, weight, scale, 2, "bf16"),
+                          test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+# ---------------------------------------------------------------------------------------------
+# moe_experts on the CPU
+
+# name: (T, k, E, I, d, routing, limit); routing: "some" draws ids below E - 1 (the last expert
+# holds no token), "one" puts every pair on expert 1, "all" draws from every expert.
+MOE_CASES = {
+    "idle-expert": (9, 2, 4, 64, 96, "some", 1.0),
+    "one-expert": (11, 1, 3, 32, 64, "one", 0.5),
+    "top3-partial-blocks": (6, 3, 5, 160, 160, "all", math.inf),  # I and d one block past 128, no clamp
+    "k1": (5, 1, 2, 32, 32, "all", 2.0),
+}
+
+
+def moe_inputs(gen: torch.Generator, case: str, dtype: torch.dtype, idx_dtype: torch.dtype):
+    t, k, e, inter, d, routing, limit = MOE_CASES[case]
+    x = activations(gen, t, d, dtype=dtype, decades=2.0)
+    if routing == "one":
+        idx = torch.ones(t, k, dtype=idx_dtype)
+    else:
+        idx = torch.randint(0, e - 1 if routing == "some" else e, (t, k), generator=gen).to(idx_dtype)
+    weights = torch.rand(t, k, generator=gen) + 0.1
+    # Scales 2^-13 .. 2^-4 keep g and u near the clamps, on both sides of them.
+    gate_up, gate_up_scale = fp4_weight(gen, e, 2 * inter, d, low=114, high=124)
+    down, down_scale = fp4_weight(gen, e, d, inter, low=114, high=124)
+    return (x, idx, weights, gate_up, gate_up_scale, down, down_scale), limit
+
+
+@pytest.mark.parametrize("case", sorted(MOE_CASES))
+@pytest.mark.parametrize("act", ["fp8", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("idx_dtype", [torch.int64, torch.int32], ids=["i64", "i32"])
+def test_moe_experts_matches_reference(gen: torch.Generator, case: str, act: str, dtype: torch.dtype,
+                                       idx_dtype: torch.dtype) -> None:
+    args, limit = moe_inputs(gen, case, dtype, idx_dtype)
+    got = ops.moe_experts(*args, limit, act=act)
+    assert got.dtype == dtype and got.shape == args[0].shape
+    want, tol = moe_bound(*args, limit, act)
+    assert_within(got, want, tol, "cpu")
+    if dtype == torch.float32:
+        # Worst-case float32 sums flag a few percent of h as near a rounding boundary; the bound
+        # still stays well below moving every value of A(h) by one FP8 step (2^-4 relative).
+        assert float(tol.mean()) < 2**-5 * float(want.abs().mean())
+
+
+def test_moe_experts_clamps_and_weighs_as_stated(gen: torch.Generator) -> None:
+    """Exact small case: one expert whose gate and up rows pick single inputs, so that the clamped
+    SwiGLU and the weighted combine can be checked by hand."""
+    e, inter, d = 2, 32, 32
+    # code 2 = 1.0 in the low nibble (even index); UE8M0 127 = 1.
+    gate_up = torch.zeros(e, 2 * inter, d // 2, dtype=torch.uint8)
+    gate_up[1, 0, 0] = 0x02  # g_0 = x_0
+    gate_up[1, inter, 0] = 0x20  # u_0 = x_1
+    down = torch.zeros(e, d, inter // 2, dtype=torch.uint8)
+    down[1, 5, 0] = 0x02  # y_5 = h_0
+    ones = torch.full((e, 2 * inter, 1), 127, dtype=torch.uint8), torch.full((e, d, 1), 127, dtype=torch.uint8)
+    x = torch.zeros(2, d)
+    x[0, :2] = torch.tensor([3.0, -5.0])  # g clamped to 2, u to -2
+    x[1, :2] = torch.tensor([-1.0, 0.5])  # neither clamped
+    idx = torch.tensor([[1, 1], [1, 0]])
+    weights = torch.tensor([[0.25, 0.5], [2.0, 7.0]])
+    out = ops.moe_experts(x, idx, weights, gate_up, ones[0], down, ones[1], 2.0, act="bf16")
+    silu = lambda v: v / (1 + math.exp(-v))  # noqa: E731
+    h0 = torch.tensor(silu(2.0) * -2.0).bfloat16().item()
+    h1 = torch.tensor(silu(-1.0) * 0.5).bfloat16().item()
+    want = torch.zeros(2, d)
+    want[0, 5], want[1, 5] = 0.75 * h0, 2.0 * h1
+    torch.testing.assert_close(out, want, rtol=2e-7, atol=0)
+
+
+def test_moe_experts_without_tokens(gen: torch.Generator) -> None:
+    (x, idx, weights, *w), limit = moe_inputs(gen, "idle-expert", torch.float32, torch.int64)
+    out = ops.moe_experts(x[:0], idx[:0], weights[:0], *w, limit)
+    assert out.shape == (0, x.shape[1]) and out.dtype == torch.float32
+
+
+def test_moe_experts_opcheck(gen: torch.Generator) -> None:
+    args, limit = moe_inputs(gen, "idle-expert", torch.float32, torch.int32)
+    torch.library.opcheck(torch.ops.dsv4rs.moe_experts.default, (*args, limit, "fp8"))
+    args, _ = moe_inputs(gen, "k1", torch.bfloat16, torch.int64)
+    torch.library.opcheck(torch.ops.dsv4rs.moe_experts.default, (*args, math.inf, "bf16"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: each error names the argument
+
+
+def _linear_args() -> dict:
+    return dict(x=torch.randn(2, 64), weight=torch.randn(40, 64).to(torch.float8_e4m3fn), scale=torch.ones(1, 1))
+
+
+def _fp4_args() -> dict:
+    return dict(x=torch.randn(2, 64), weight=torch.zeros(40, 32, dtype=torch.uint8),
+                scale=torch.full((40, 2), 127, dtype=torch.uint8))
+
+
+LINEAR_BAD = [
+    ("x float64", lambda a: a.update(x=a["x"].double()), TypeError, "x"),
+    ("x int", lambda a: a.update(x=torch.ones(2, 64, dtype=torch.int32)), TypeError, "x"),
+    ("x width", lambda a: a.update(x=torch.randn(2, 63)), ValueError, "x"),
+    ("x nan", lambda a: a["x"].__setitem__((1, 7), math.nan), ValueError, "x"),
+    ("x meta", lambda a: a.update(x=torch.empty(2, 64, device="meta")), ValueError, "x"),
+    ("weight float32", lambda a: a.update(weight=torch.randn(40, 64)), TypeError, "weight"),
+    ("weight K % 32", lambda a: a.update(weight=torch.zeros(40, 48).to(torch.float8_e4m3fn), x=torch.randn(2, 48)),
+     ValueError, "weight"),
+    ("weight 1-d", lambda a: a.update(weight=a["weight"][0]), ValueError, "weight"),
+    ("weight strided", lambda a: a.update(weight=torch.zeros(64, 40).to(torch.float8_e4m3fn).T), ValueError, "weight"),
+    ("scale uint8", lambda a: a.update(scale=torch.ones(1, 1, dtype=torch.uint8)), TypeError, "scale"),
+    ("scale shape", lambda a: a.update(scale=torch.ones(1, 2)), ValueError, "scale"),
+    ("scale 1-d", lambda a: a.update(scale=torch.ones(1)), ValueError, "scale"),
+    ("groups not dividing R", lambda a: a.update(groups=3, x=torch.randn(2, 3, 64)), ValueError, "groups"),
+    ("groups 0", lambda a: a.update(groups=0), ValueError, "groups"),
+    ("groups x shape", lambda a: a.update(groups=4), ValueError, "x"),
+    ("act", lambda a: a.update(act="fp4"), ValueError, "act"),
+    ("act type", lambda a: a.update(act=None), TypeError, "act"),
+]
+
+FP4_BAD = [
+    ("odd packed width", lambda a: a.update(weight=torch.zeros(40, 7, dtype=torch.uint8), x=torch.randn(2, 14)),
+     ValueError, "weight"),
+    ("packed K % 32", lambda a: a.update(weight=torch.zeros(40, 24, dtype=torch.uint8), x=torch.randn(2, 48)),
+     ValueError, "weight"),
+    ("scale float32", lambda a: a.update(scale=torch.ones(40, 2)), TypeError, "scale"),
+    ("scale columns", lambda a: a.update(scale=torch.full((40, 4), 127, dtype=torch.uint8)), ValueError, "scale"),
+    ("scale rows", lambda a: a.update(scale=torch.full((39, 2), 127, dtype=torch.uint8)), ValueError, "scale"),
+]
+
+
+@pytest.mark.parametrize("what,mutate,error,name", LINEAR_BAD, ids=[c[0] for c in LINEAR_BAD])
+def test_quant_linear_refuses_bad_fp8_input(what: str, mutate, error: type, name: str) -> None:
+    args = _linear_args()
+    mutate(args)
+    with pytest.raises(error, match=f"^{name}:"):
+        ops.quant_linear(**args)
+
+
+@pytest.mark.parametrize("what,mutate,error,name", FP4_BAD, ids=[c[0] for c in FP4_BAD])
+def test_quant_linear_refuses_bad_fp4_input(what: str, mutate, error: type, name: str) -> None:
+    args = _fp4_args()
+    ops.quant_linear(**args)  # the unchanged arguments are fine
+    mutate(args)
+    with pytest.raises(error, match=f"^{name}:"):
+        ops.quant_linear(**args)
+
+
+def _moe_args() -> dict:
+    e, inter, d = 2, 32, 64
+    u8 = torch.uint8
+    return dict(x=torch.randn(3, d), idx=torch.tensor([[0, 1], [1, 1], [0, 0]]), weights=torch.rand(3, 2),
+                gate_up=torch.zeros(e, 2 * inter, d // 2, dtype=u8),
+                gate_up_scale=torch.full((e, 2 * inter, d // 32), 127, dtype=u8),
+                down=torch.zeros(e, d, inter // 2, dtype=u8), down_scale=torch.full((e, d, inter // 32), 127, dtype=u8),
+                limit=1.0)
+
+
+MOE_BAD = [
+    ("idx = E", lambda a: a["idx"].__setitem__((1, 0), 2), ValueError, "idx"),
+    ("idx < 0", lambda a: a["idx"].__setitem__((2, 1), -1), ValueError, "idx"),
+    ("idx int32 out of range", lambda a: a.update(idx=torch.tensor([[0, 1], [1, 7], [0, 0]], dtype=torch.int32)),
+     ValueError, "idx"),
+    ("idx float", lambda a: a.update(idx=a["idx"].float()), TypeError, "idx"),
+    ("idx 1-d", lambda a: a.update(idx=a["idx"][:, 0]), ValueError, "idx"),
+    ("idx rows", lambda a: a.update(idx=a["idx"][:2]), ValueError, "idx"),
+    ("idx no choice", lambda a: a.update(idx=a["idx"][:, :0], weights=a["weights"][:, :0]), ValueError, "idx"),
+    ("weights float64", lambda a: a.update(weights=a["weights"].double()), TypeError, "weights"),
+    ("weights shape", lambda a: a.update(weights=torch.rand(3, 3)), ValueError, "weights"),
+    ("weights nan", lambda a: a["weights"].__setitem__((0, 0), math.nan), ValueError, "weights"),
+    ("x nan", lambda a: a["x"].__setitem__((2, 3), math.inf), ValueError, "x"),
+    ("x width", lambda a: a.update(x=torch.randn(3, 32)), ValueError, "x"),
+    ("x 1-d", lambda a: a.update(x=torch.randn(64)), ValueError, "x"),
+    ("x float64", lambda a: a.update(x=a["x"].double()), TypeError, "x"),
+    ("gate_up float8", lambda a: a.update(gate_up=a["gate_up"].to(torch.float8_e4m3fn)), TypeError, "gate_up"),
+    ("gate_up odd packed width", lambda a: a.update(gate_up=torch.zeros(2, 64, 7, dtype=torch.uint8)), ValueError,
+     "gate_up"),
+    ("gate_up odd rows", lambda a: a.update(gate_up=torch.zeros(2, 63, 32, dtype=torch.uint8)), ValueError, "gate_up"),
+    ("gate_up 2-d", lambda a: a.update(gate_up=a["gate_up"][0]), ValueError, "gate_up"),
+    ("gate_up_scale shape", lambda a: a.update(gate_up_scale=a["gate_up_scale"][:, :, :1].contiguous()), ValueError,
+     "gate_up_scale"),
+    ("gate_up_scale float32", lambda a: a.update(gate_up_scale=a["gate_up_scale"].float()), TypeError,
+     "gate_up_scale"),
+    ("down I % 32", lambda a: a.update(down=torch.zeros(2, 64, 8, dtype=torch.uint8)), ValueError, "down"),
+    ("down I mismatch", lambda a: a.update(down=torch.zeros(2, 64, 32, dtype=torch.uint8)), ValueError, "down"),
+    ("down experts", lambda a: a.update(down=torch.zeros(3, 64, 16, dtype=torch.uint8)), ValueError, "down"),
+    ("down_scale shape", lambda a: a.update(down_scale=torch.full((2, 64, 2), 127, dtype=torch.uint8)), ValueError,
+     "down_scale"),
+    ("limit nan", lambda a: a.update(limit=math.nan), ValueError, "limit"),
+    ("limit 0", lambda a: a.update(limit=0.0), ValueError, "limit"),
+    ("limit negative", lambda a: a.update(limit=-1.0), ValueError, "limit"),
+    ("limit str", lambda a: a.update(limit="1"), TypeError, "limit"),
+    ("act", lambda a: a.update(act="e4m3"), ValueError, "act"),
+]
+
+
+@pytest.mark.parametrize("what,mutate,error,name", MOE_BAD, ids=[c[0] for c in MOE_BAD])
+def test_moe_experts_refuses_bad_input(what: str, mutate, error: type, name: str) -> None:
+    args = _moe_args()
+    ops.moe_experts(**args)  # the unchanged arguments are fine
+    mutate(args)
+    with pytest.raises(error, match=f"^{name}:"):
+        ops.moe_experts(**args)
+
+
+# ---------------------------------------------------------------------------------------------
+# The GPU: against the float64 reference and the CPU op, ids out of range, graphs, no host sync
+
+
+def cuda(*ts: torch.Tensor) -> list[torch.Tensor]:
+    return [t.cuda() for t in ts]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: f"{'fp4' if c[0] else 'fp8'}-{c[2]}x{c[3]}-g{c[4]}")
+@pytest.mark.parametrize("act", ["fp8", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_gpu_quant_linear_matches_reference_and_cpu(gen: torch.Generator, case: tuple, act: str,
+                                                    dtype: torch.dtype) -> None:
+    x, weight, scale, groups = linear_inputs(gen, case, dtype)
+    got = ops.quant_linear(*cuda(x, weight, scale), groups=groups, act=act)
+    assert got.device.type == "cuda" and got.dtype == dtype
+    want, tol = linear_bound(x, weight, scale, groups, act)
+    assert_within(got, want, tol, "gpu vs reference")
+    cpu = ops.quant_linear(x, weight, scale, groups=groups, act=act)
+    # Each side lies within tol of the reference.
+    assert_within(got, cpu.double(), 2 * tol, "gpu vs cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp4,m", [(False, 300), (True, 300), (True, 1)])
+def test_gpu_quant_linear_at_model_widths(gen: torch.Generator, fp4: bool, m: int) -> None:
+    """Widths of V4-Flash's projections (K 4096, R 1024 and 1536), decode and prefill row counts."""
+    rows, k = (1024, 4096) if fp4 else (1536, 4096)
+    weight, scale = fp4_weight(gen, rows, k) if fp4 else fp8_weight(gen, rows, k)
+    x = activations(gen, m, k, dtype=torch.bfloat16)
+    got = ops.quant_linear(*cuda(x, weight, scale))
+    want, tol = linear_bound(x, weight, scale, 1, "fp8")
+    assert_within(got, want, tol, "gpu vs reference")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", sorted(MOE_CASES))
+@pytest.mark.parametrize("act", ["fp8", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("idx_dtype", [torch.int64, torch.int32], ids=["i64", "i32"])
+def test_gpu_moe_experts_matches_reference_and_cpu(gen: torch.Generator, case: str, act: str, dtype: torch.dtype,
+                                                   idx_dtype: torch.dtype) -> None:
+    args, limit = moe_inputs(gen, case, dtype, idx_dtype)
+    got = ops.moe_experts(*cuda(*args), limit, act=act)
+    assert got.device.type == "cuda" and got.dtype == dtype and got.shape == args[0].shape
+    want, tol = moe_bound(*args, limit, act)
+    assert_within(got, want, tol, "gpu vs reference")
+    cpu = ops.moe_experts(*args, limit, act=act)
+    assert_within(got, cpu.double(), 2 * tol, "gpu vs cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t,k", [(1, 6), (32, 6), (700, 2)])
+def test_gpu_moe_experts_many_tokens_per_expert(gen: torch.Generator, t: int, k: int) -> None:
+    """Decode-like and prefill-like token counts over 8 experts (ids drawn with repeats across tokens),
+    one expert left idle."""
+    e, inter, d = 8, 256, 512
+    x = activations(gen, t, d, dtype=torch.bfloat16, decades=2.0)
+    idx = torch.randint(0, e - 1, (t, k), generator=gen)
+    weights = torch.rand(t, k, generator=gen)
+    gate_up, gate_up_scale = fp4_weight(gen, e, 2 * inter, d, low=112, high=122)
+    down, down_scale = fp4_weight(gen, e, d, inter, low=112, high=122)
+    args = (x, idx, weights, gate_up, gate_up_scale, down, down_scale)
+    got = ops.moe_experts(*cuda(*args), 1.0)
+    want, tol = moe_bound(*args, 1.0, "fp8")
+    assert_within(got, want, tol, "gpu vs reference")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("idx_dtype,far", [(torch.int64, 2**40), (torch.int32, 2**31 - 1)], ids=["i64", "i32"])
+def test_gpu_moe_pairs_with_ids_out_of_range_contribute_zero(gen: torch.Generator, idx_dtype: torch.dtype,
+                                                             far: int) -> None:
+    (x, idx, weights, *w), limit = moe_inputs(gen, "idle-expert", torch.float32, idx_dtype)
+    experts = w[0].shape[0]
+    bad = torch.zeros(idx.shape, dtype=torch.bool)
+    bad[[0, 3, 5], [1, 0, 1]] = True
+    bad[8] = True  # a token all of whose choices are out of range
+    idx[0, 1], idx[3, 0], idx[5, 1] = experts, -1, far
+    idx[8] = torch.tensor([experts, -(2**31)], dtype=idx_dtype)
+    got = ops.moe_experts(*cuda(x, idx, weights, *w), limit)
+    # The same call with those pairs pointed at a valid expert and weighted zero.
+    want, tol = moe_bound(x, idx.masked_fill(bad, 0), weights.masked_fill(bad, 0.0), *w, limit, "fp8")
+    assert_within(got, want, tol, "gpu vs reference")
+    assert torch.equal(got[8].cpu(), torch.zeros(x.shape[1]))
+
+
+@pytest.mark.gpu
+def test_gpu_quant_ops_without_tokens(gen: torch.Generator) -> None:
+    (x, idx, weights, *w), limit = moe_inputs(gen, "idle-expert", torch.bfloat16, torch.int32)
+    out = ops.moe_experts(*cuda(x[:0], idx[:0], weights[:0], *w), limit)
+    assert out.shape == (0, x.shape[1]) and out.device.type == "cuda" and out.dtype == torch.bfloat16
+    weight, scale = fp8_weight(gen, 130, 160)
+    out = ops.quant_linear(*cuda(torch.zeros(0, 160), weight, scale))
+    assert out.shape == (0, 130) and out.device.type == "cuda"
+
+
+@pytest.mark.gpu
+def test_gpu_quant_ops_refuse_tensors_on_two_devices(gen: torch.Generator) -> None:
+    x, weight, scale, _ = linear_inputs(gen, LINEAR_CASES[0], torch.float32)
+    with pytest.raises(ValueError, match="^weight:"):
+        ops.quant_linear(x, weight.cuda(), scale.cuda())
+    with pytest.raises(ValueError, match="^scale:"):
+        ops.quant_linear(x.cuda(), weight.cuda(), scale)
+    (x, idx, weights, *w), limit = moe_inputs(gen, "k1", torch.float32, torch.int64)
+    with pytest.raises(ValueError, match="^idx:"):
+        ops.moe_experts(x.cuda(), idx, *cuda(weights, *w), limit)
+    with pytest.raises(ValueError, match="^down:"):
+        ops.moe_experts(*cuda(x, idx, weights, w[0], w[1]), w[2], w[3].cuda(), limit)
+
+
+@pytest.mark.gpu
+def test_gpu_quant_ops_capture_and_replay_in_cuda_graphs(gen: torch.Generator) -> None:
+    """Both ops captured in one graph: replays equal eager calls, also after new inputs (a new routing
+    among them: every pair on one expert) are copied into the captured tensors. The kernels sum in
+    a fixed order (the combine over j in order), so equal means bit for bit."""
+    ops.warm_up("cuda")
+    x, weight, scale, _ = linear_inputs(gen, LINEAR_CASES[0], torch.bfloat16)
+    x, weight, scale = cuda(x, weight, scale)
+    (xm, idx, weights, *w), limit = moe_inputs(gen, "idle-expert", torch.bfloat16, torch.int32)
+    xm, idx, weights, *w = cuda(xm, idx, weights, *w)
+    eager = (ops.quant_linear(x, weight, scale), ops.moe_experts(xm, idx, weights, *w, limit))
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        lin = ops.quant_linear(x, weight, scale)
+        moe = ops.moe_experts(xm, idx, weights, *w, limit)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(lin, eager[0]) and torch.equal(moe, eager[1])
+    x.copy_(activations(gen, *x.shape, dtype=x.dtype).cuda())
+    xm.copy_(activations(gen, *xm.shape, dtype=xm.dtype, decades=2.0).cuda())
+    idx.fill_(2)
+    weights.copy_(torch.rand(weights.shape, generator=gen).cuda())
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(lin, ops.quant_linear(x, weight, scale))
+    assert torch.equal(moe, ops.moe_experts(xm, idx, weights, *w, limit))
+    want, tol = moe_bound(xm.cpu(), idx.cpu(), weights.cpu(), *(t.cpu() for t in w), limit, "fp8")
+    assert_within(moe, want, tol, "replayed graph vs reference")
+
+
+@pytest.mark.gpu
+def test_gpu_quant_ops_never_synchronize_the_host(gen: torch.Generator) -> None:
+    """With torch's sync debug mode at "error", any synchronizing torch call (``.item()``,
+    ``.tolist()``, a copy to the host, ``nonzero``) inside the ops would raise."""
+    (x, idx, weights, *w), limit = moe_inputs(gen, "top3-partial-blocks", torch.float32, torch.int64)
+    args = cuda(x, idx, weights, *w)
+    lin_args = cuda(*linear_inputs(gen, LINEAR_CASES[3], torch.float32)[:3])
+    ops.moe_experts(*args, limit)  # kernels loaded before the check
+    ops.quant_linear(*lin_args)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = ops.moe_experts(*args, limit)
+        lin = ops.quant_linear(*lin_args)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    want, tol = moe_bound(x, idx, weights, *w, limit, "fp8")
+    assert_within(out, want, tol, "gpu vs reference")
+    assert lin.shape == (3, LINEAR_CASES[3][2])
