@@ -26,7 +26,7 @@ import torch
 
 from dsv4rs import _core
 from dsv4rs._tensor import as_tensor, spec, stream
-from dsv4rs.ops._checks import ndim, positive
+from dsv4rs.ops._checks import cuda_index, ndim, positive
 
 ACTS = ("fp8", "bf16")
 """The activation roundings ``act`` names."""
@@ -40,8 +40,16 @@ def _quant_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, gr
     lead = x.shape[:-1] if groups == 1 else x.shape[:-2]
     flat = (x.reshape(-1, k) if groups == 1 else x.reshape(-1, groups, k)).contiguous()
     out = torch.empty((*lead, rows), dtype=x.dtype, device=x.device)
+    workspace = None
+    if x.device.type == "cuda":
+        m = flat.shape[0]
+        size = _core.quant_linear_workspace_bytes(cuda_index(x.device), m, groups, rows // groups, k,
+                                                  x.dtype == torch.bfloat16, act)
+        workspace = torch.empty(size, dtype=torch.uint8, device=x.device)
     _core.quant_linear(spec("x", flat), spec("weight", weight.view(torch.uint8)), spec("scale", scale),
-                       weight.dtype == torch.uint8, groups, act, spec("out", out.view(-1, rows)), stream(x))
+                       weight.dtype == torch.uint8, groups, act,
+                       None if workspace is None else spec("workspace", workspace), spec("out", out.view(-1, rows)),
+                       stream(x))
     return out
 
 
@@ -60,7 +68,7 @@ def _moe_experts(
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     workspace = None
     if x.device.type == "cuda":
-        size = _core.moe_workspace_bytes(idx.numel(), gate_up.shape[0], gate_up.shape[1] // 2, x.shape[1])
+        size = _core.moe_workspace_bytes(x.shape[0], idx.shape[1], gate_up.shape[0], gate_up.shape[1] // 2, x.shape[1])
         workspace = torch.empty(size, dtype=torch.uint8, device=x.device)
     _core.moe_experts(
         spec("x", x), spec("idx", idx), spec("weights", weights), spec("gate_up", gate_up),

@@ -291,8 +291,8 @@ fn scale_shape(fp4: bool, rows: usize, k: usize) -> [usize; 2] {
 /// tensors' device.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn linear(
-    x: &TensorRef, weight: &TensorRef, scale: &TensorRef, fp4: bool, groups: usize, act: Act, out: &TensorRef,
-    stream: usize,
+    x: &TensorRef, weight: &TensorRef, scale: &TensorRef, fp4: bool, groups: usize, act: Act,
+    workspace: Option<&TensorRef>, out: &TensorRef, stream: usize,
 ) -> Result<()> {
     let xt = x.expect_dtype(&[DType::F32, DType::BF16])?;
     weight.expect_dtype(&[DType::U8])?;
@@ -322,8 +322,11 @@ pub unsafe fn linear(
     }
     match device {
         Device::Cuda(dev) => {
+            let ws = workspace.ok_or_else(|| Error::value("workspace", "a GPU call needs a workspace"))?;
+            ws.expect_dtype(&[DType::U8])?;
+            ws.expect_device(device)?;
             let w = gpu::qgemm::Weights { data: weight, scale, fp4 };
-            gpu::qgemm::linear(dev, stream, x, &w, groups, act == Act::Fp8, out)
+            gpu::qgemm::linear(dev, stream, x, &w, groups, act == Act::Fp8, ws, out)
         }
         Device::Cpu => {
             let w = HostWeight::new(weight, scale, fp4, k)?;
@@ -362,7 +365,7 @@ pub unsafe fn linear(
 ///   `out[t] = sum over j = 0..k-1 of weights[t, j] y` in float32, then cast.
 /// - `limit > 0` (`+inf`: no clamp). On the CPU an id outside `[0, E)` is an error naming `idx`;
 ///   on the GPU such a pair contributes zero (checking would synchronize the host). The GPU needs
-///   `workspace`, `uint8` of at least [`gpu::qgemm::moe_workspace_bytes`]`(T k, E, I, d)` bytes;
+///   `workspace`, `uint8` of at least [`gpu::qgemm::moe_workspace_bytes`]`(T, k, E, I, d)` bytes;
 ///   the CPU ignores it. `T = 0` is an empty call.
 ///
 /// # Safety
@@ -425,7 +428,7 @@ pub unsafe fn moe(
         Device::Cuda(dev) => {
             let ws = workspace.ok_or_else(|| Error::value("workspace", "a GPU call needs a workspace"))?;
             ws.expect_dtype(&[DType::U8])?;
-            let need = gpu::qgemm::moe_workspace_bytes(tokens * k, experts, inter, dim);
+            let need = gpu::qgemm::moe_workspace_bytes(tokens, k, experts, inter, dim);
             if ws.numel() < need {
                 return Err(Error::value(ws.name, format!("needs at least {need} bytes, got {}", ws.numel())));
             }
@@ -659,7 +662,7 @@ mod tests {
         unsafe {
             linear(
                 &tref("x", x, &xs, DType::F32), &tref("weight", &w.data, &wshape, DType::U8), &scale, fp4, groups, act,
-                &tref("out", &out, &[m, rows], DType::F32), 0,
+                None, &tref("out", &out, &[m, rows], DType::F32), 0,
             )
             .unwrap();
         }
@@ -789,7 +792,7 @@ mod tests {
         unsafe {
             let (xr, wr) = (tref("x", x, &[t, d], DType::F32), tref("weight", data, &[2 * i, d / 2], DType::U8));
             let (sr, or) = (tref("scale", scale, &[2 * i, d / 32], DType::U8), tref("out", &out, &[t, 2 * i], DType::F32));
-            linear(&xr, &wr, &sr, true, 1, act, &or, 0)
+            linear(&xr, &wr, &sr, true, 1, act, None, &or, 0)
                 .unwrap();
         }
         out
@@ -864,12 +867,12 @@ mod tests {
         let scale = vec![1f32; 1];
         let (xr, wr) = (tref("x", &x, &[1, 48], DType::F32), tref("weight", &w, &[64, 48], DType::U8));
         let (sr, or) = (tref("scale", &scale, &[1, 1], DType::F32), tref("out", &out, &[1, 64], DType::F32));
-        let err = unsafe { linear(&xr, &wr, &sr, false, 1, Act::Fp8, &or, 0) };
+        let err = unsafe { linear(&xr, &wr, &sr, false, 1, Act::Fp8, None, &or, 0) };
         assert!(matches!(err, Err(Error::Value { ref arg, .. }) if arg == "weight"), "{err:?}");
         let w = vec![0u8; 64 * 64];
         let (x, scale2) = (vec![0f32; 64], vec![1f32; 2]);
         let (xr, wr) = (tref("x", &x, &[1, 64], DType::F32), tref("weight", &w, &[64, 64], DType::U8));
-        let call = |scale: &TensorRef, groups: usize| unsafe { linear(&xr, &wr, scale, false, groups, Act::Fp8, &or, 0) };
+        let call = |scale: &TensorRef, groups: usize| unsafe { linear(&xr, &wr, scale, false, groups, Act::Fp8, None, &or, 0) };
         let bad = call(&tref("scale", &scale2, &[1, 2], DType::F32), 1);
         assert!(matches!(bad, Err(Error::Value { ref arg, .. }) if arg == "scale"), "{bad:?}");
         let bad = call(&tref("scale", &scale, &[1, 1], DType::F32), 3);

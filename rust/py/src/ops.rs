@@ -197,13 +197,15 @@ pub fn quant_linear(
     fp4: bool,
     groups: usize,
     act: &str,
+    workspace: Option<Spec>,
     out: Spec,
     stream: usize,
 ) -> PyResult<()> {
     let act = Act::parse("act", act).map_err(to_py)?;
     let (x, w, s, o) = (tref("x", x)?, tref("weight", weight)?, tref("scale", scale)?, tref("out", out)?);
-    // SAFETY: as rope; `out` is a fresh tensor.
-    run(py, || unsafe { qgemm::linear(&x, &w, &s, fp4, groups, act, &o, stream) })
+    let ws = workspace.map(|t| tref("workspace", t)).transpose()?;
+    // SAFETY: as rope; `out` and the workspace are fresh tensors.
+    run(py, || unsafe { qgemm::linear(&x, &w, &s, fp4, groups, act, ws.as_ref(), &o, stream) })
 }
 
 /// The routed MXFP4 experts of `x`, combined with the routing weights into `out`.
@@ -233,8 +235,19 @@ pub fn moe_experts(
     run(py, || unsafe { qgemm::moe(&x, &i, &w, &gu, &gus, &dn, &dns, limit, act, ws.as_ref(), &o, stream) })
 }
 
-/// Workspace bytes a GPU `moe_experts` call needs for `pairs = T k` (token, choice) pairs.
+/// Workspace bytes a GPU `moe_experts` call needs for `tokens` tokens of `k` choices each.
 #[pyfunction]
-pub fn moe_workspace_bytes(pairs: usize, experts: usize, inter: usize, dim: usize) -> usize {
-    dsv4rs_core::gpu::qgemm::moe_workspace_bytes(pairs, experts, inter, dim)
+pub fn moe_workspace_bytes(tokens: usize, k: usize, experts: usize, inter: usize, dim: usize) -> usize {
+    dsv4rs_core::gpu::qgemm::moe_workspace_bytes(tokens, k, experts, inter, dim)
+}
+
+/// Workspace bytes a GPU `quant_linear` call on CUDA device `device` needs: `m` rows of `groups`
+/// groups of `k` values, `n` weight rows per group.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+pub fn quant_linear_workspace_bytes(
+    device: i32, m: usize, groups: usize, n: usize, k: usize, x_bf16: bool, act: &str,
+) -> PyResult<usize> {
+    let act = Act::parse("act", act).map_err(to_py)?;
+    dsv4rs_core::gpu::qgemm::linear_workspace_bytes(device, m, groups, n, k, x_bf16, act == Act::Fp8).map_err(to_py)
 }
