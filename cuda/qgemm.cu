@@ -8,7 +8,8 @@
 //
 // dsv4_qgemm_*: Y = A W^T on the tensor cores (mma.sync m16n8k16 bf16, float32 accumulation).
 // Weights are decoded to bfloat16 in registers, never to memory: an MXFP4 value times its
-// power-of-two scale is exact in bfloat16, so the scale is folded in; an FP8 code is exact in
+// power-of-two scale is exact in bfloat16, so the scale is folded in (the activations of MXFP4
+// weights are stored with each 8 values interleaved to match the decoder); an FP8 code is exact in
 // bfloat16 and its block scale (any float) multiplies the float32 partial sum of each 128-wide K
 // step. The products are therefore exact and only the float32 summation order differs from the
 // CPU twin. A block computes BM rows x 64 weight rows; 4 warps, each 16 weight rows (two n8
@@ -80,22 +81,41 @@ struct Fmt {
 // distinct 4-bank groups.
 __device__ __forceinline__ int a_chunk(int h) { return 16 * (h ^ (((h >> 3) & 1) << 1)); }
 
-// Eight FP4 codes (two per byte, even index in the low nibble) times 2^se as packed bf16 pairs
-// (values 0-1, 2-3, 4-5, 6-7): magnitude bits in bf16 position give value * 2^-126, then one
-// multiply by 2^(126 + se) when that is a bf16 power of two, else two.
-__device__ __forceinline__ uint4 fp4x8_scaled(uint32_t raw, int se) {
-  uint32_t w[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const uint32_t b = (raw >> (8 * i)) & 0xFFu;
-    const uint32_t pair = (b & 0xFu) | ((b >> 4) << 16);
-    const uint32_t bits = ((pair & 0x00070007u) << 6) | ((pair & 0x00080008u) << 12);
-    w[i] = se <= 1 ? bf16x2_mul_pow2(bits, 126 + se) : bf16x2_mul_pow2(bf16x2_mul_pow2(bits, 126), se);
-  }
-  return make_uint4(w[0], w[1], w[2], w[3]);
+// Eight FP4 codes (values v0 .. v7: two per byte, even index in the low nibble) as packed bf16
+// pairs (v_i, v_{i+4}), i = 0..3, times `mult` (a bf16 power of two in both halves). Nibble i
+// and nibble i + 4 sit 16 bits apart, so one shift moves the magnitude bits of both into bf16
+// position (bits 6-8: the value times 2^-126, subnormals included) and one the signs (bit 15):
+// two shifts, two masks, an or and one multiply per pair. The activations are stored in the same
+// interleaved order (`interleaved_col`), so the mma sees matching K values.
+template <int I>
+__device__ __forceinline__ uint32_t shift_left(uint32_t x) {
+  return I >= 0 ? x << (I >= 0 ? I : 0) : x >> (I < 0 ? -I : 0);
+}
+
+template <int I>
+__device__ __forceinline__ uint32_t fp4_pair(uint32_t raw, uint32_t mult) {
+  const uint32_t bits = (shift_left<6 - 4 * I>(raw) & 0x01C001C0u) | (shift_left<12 - 4 * I>(raw) & 0x80008000u);
+  __nv_bfloat162 v = __hmul2(*(const __nv_bfloat162*)&bits, *(const __nv_bfloat162*)&mult);
+  return *(uint32_t*)&v;
+}
+
+__device__ __forceinline__ void fp4x8_interleaved(uint32_t raw, uint32_t mult, uint32_t* r) {
+  r[0] = fp4_pair<0>(raw, mult);
+  r[1] = fp4_pair<1>(raw, mult);
+  r[2] = fp4_pair<2>(raw, mult);
+  r[3] = fp4_pair<3>(raw, mult);
+}
+
+__device__ __forceinline__ uint32_t bf16x2_pow2(int e) {
+  const uint32_t h = (uint32_t)((e + 127) << 7) & 0xFFFFu;
+  return h | (h << 16);
 }
 
 __device__ __forceinline__ float silu(float v) { return v / (1.0f + expf(-v)); }
+
+// Where value `col` of a row is stored in the interleaved order of MXFP4 activations: within
+// each group of 8, v0 v4 v1 v5 v2 v6 v3 v7.
+__device__ __forceinline__ int interleaved_col(int col) { return (col & ~7) | ((col & 3) << 1) | ((col >> 2) & 1); }
 
 // The block's work item: group, first row (sorted position or dense row) and row count; false
 // when the block has none (past the plan's tile count).
@@ -236,12 +256,22 @@ __device__ __forceinline__ void qgemm(const GemmParams& p) {
       const int sr = 16 * warp + 8 * j + fr;
       if (FP4) {
         const uint4 raw = *(const uint4*)(bt + sr * B_ROW + 16 * q);
-        const int se = (int)scales[sr * scale_cols + 4 * c + q] - 127;
-        const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+        const int group = 4 * c + q;  // past K (a partial last step) the bytes are zeros
+        const int se = group < scale_cols ? (int)scales[sr * scale_cols + group] - 127 : 0;
+        // One multiply by 2^(126 + se) when that is a bf16 (se <= 1: every real weight), else a
+        // second by 2^(se - 1).
+        const uint32_t mult = bf16x2_pow2(126 + min(se, 1));
+        fp4x8_interleaved(raw.x, mult, &b[j][0]);
+        fp4x8_interleaved(raw.y, mult, &b[j][4]);
+        fp4x8_interleaved(raw.z, mult, &b[j][8]);
+        fp4x8_interleaved(raw.w, mult, &b[j][12]);
+        if (se > 1) {
+          const __nv_bfloat162 extra = __bfloat162bfloat162(__ushort_as_bfloat16((unsigned short)((se - 1 + 127) << 7)));
 #pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          const uint4 v = fp4x8_scaled(words[u], se);
-          b[j][4 * u] = v.x, b[j][4 * u + 1] = v.y, b[j][4 * u + 2] = v.z, b[j][4 * u + 3] = v.w;
+          for (int e = 0; e < 16; ++e) {
+            __nv_bfloat162 v = __hmul2(*(const __nv_bfloat162*)&b[j][e], extra);
+            b[j][e] = *(uint32_t*)&v;
+          }
         }
       } else {
         const uint4 r0 = *(const uint4*)(bt + sr * B_ROW + 32 * q);
@@ -311,9 +341,9 @@ __device__ __forceinline__ void qgemm(const GemmParams& p) {
           const float gate = fminf(acc[i][0][2 * half + e], p.limit);
           const float up = fminf(fmaxf(acc[i][1][2 * half + e], -p.limit), p.limit);
           const float h = silu(gate) * up;
-          const long long o = row * p.out_row_stride + g * p.out_group_stride + col;
-          if (p.out_bf16) ((uint16_t*)p.out)[o] = bf16_from_f32(h);
-          else ((float*)p.out)[o] = h;
+          const long long o = row * p.out_row_stride + g * p.out_group_stride;
+          if (p.out_bf16) ((uint16_t*)p.out)[o + interleaved_col(col)] = bf16_from_f32(h);  // A of the down GEMM
+          else ((float*)p.out)[o + col] = h;
         }
       } else {
 #pragma unroll
@@ -369,15 +399,17 @@ extern "C" __global__ void __launch_bounds__(THREADS) dsv4_qgemm_fp4_m16(const G
 extern "C" __global__ void __launch_bounds__(THREADS) dsv4_qgemm_fp4_m64(const GemmParams p) { qgemm<true, 4>(p); }
 
 // Rows of x [rows, k] (float32 or bfloat16) as exact bf16 values: FP8 e4m3 per 1x128 block with a
-// UE8M0 scale (act_fp8), or rounded to bf16. A warp per (row, 128-block), grid (rows / 4, k / 128);
-// k % 32 == 0.
+// UE8M0 scale (act_fp8), or rounded to bf16. With `interleave` (activations of MXFP4 weights),
+// each group of 8 values is stored in the order v0 v4 v1 v5 v2 v6 v3 v7 (see fp4x8_interleaved).
+// A warp per (row, 128-block), grid (rows / 4, k / 128); k % 32 == 0.
 extern "C" __global__ void __launch_bounds__(128) dsv4_act_quant(const void* __restrict__ x, int x_bf16, long long rows,
-                                                                 int k, int act_fp8, uint16_t* __restrict__ out) {
+                                                                 int k, int act_fp8, int interleave,
+                                                                 uint16_t* __restrict__ out) {
   const long long row = (long long)blockIdx.x * 4 + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const long long col = (long long)blockIdx.y * KC + 4 * lane;
   if (row >= rows) return;  // whole warps leave together
-  const bool valid = col < k;
+  const bool valid = col < k;  // k % 32 == 0: both lanes of an 8-group are valid or neither
   const char* src = (const char*)x + (row * k + col) * (x_bf16 ? 2 : 4);
   float v[4] = {0.f, 0.f, 0.f, 0.f};
   if (valid) {
@@ -397,7 +429,17 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_act_quant(const void* __r
 #pragma unroll
     for (int i = 0; i < 4; ++i) o[i] = bf16_from_f32(v[i]);
   }
-  if (valid) *(uint2*)(out + row * k + col) = *(uint2*)o;
+  if (interleave) {
+    // The even lane of a pair holds v0..v3 of the group, the odd one v4..v7.
+    uint16_t p[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) p[i] = (uint16_t)__shfl_xor_sync(0xffffffffu, (unsigned)o[i], 1);
+    const bool odd = lane & 1;
+    const uint16_t w[4] = {odd ? p[2] : o[0], odd ? o[2] : p[0], odd ? p[3] : o[1], odd ? o[3] : p[1]};
+    if (valid) *(uint2*)(out + row * k + col) = *(const uint2*)w;
+  } else if (valid) {
+    *(uint2*)(out + row * k + col) = *(uint2*)o;
+  }
 }
 
 // The MoE plan: pairs (token, choice) of idx [pairs] sorted by expert. offsets [experts + 1];
@@ -461,20 +503,27 @@ extern "C" __global__ void __launch_bounds__(THREADS_PLAN) dsv4_moe_plan(
 }
 
 // out[t, c] = sum_j w[t, j] y[slot_of[t k + j], c] (float32, in choice order; missing slots add
-// nothing), stored as float32 or bf16. A block per token.
+// nothing), stored as float32 or bf16. Grid (T, dim / 512): a thread per 4 columns (dim % 4 == 0).
 extern "C" __global__ void __launch_bounds__(128) dsv4_moe_combine(const float* __restrict__ y,
                                                                    const int* __restrict__ slot_of,
                                                                    const float* __restrict__ w, int k, int dim,
                                                                    void* __restrict__ out, int out_bf16) {
   const long long t = blockIdx.x;
-  for (int c = threadIdx.x; c < dim; c += 128) {
-    float s = 0.f;
-    for (int j = 0; j < k; ++j) {
-      const int slot = slot_of[t * k + j];
-      if (slot >= 0) s += w[t * k + j] * y[(long long)slot * dim + c];
-    }
-    if (out_bf16) ((uint16_t*)out)[t * dim + c] = bf16_from_f32(s);
-    else ((float*)out)[t * dim + c] = s;
+  const int c = (blockIdx.y * 128 + threadIdx.x) * 4;
+  if (c >= dim) return;
+  float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int j = 0; j < k; ++j) {
+    const int slot = slot_of[t * k + j];
+    if (slot < 0) continue;
+    const float wj = w[t * k + j];
+    const float4 v = *(const float4*)(y + (long long)slot * dim + c);
+    s.x += wj * v.x, s.y += wj * v.y, s.z += wj * v.z, s.w += wj * v.w;
+  }
+  if (out_bf16) {
+    const uint16_t o[4] = {bf16_from_f32(s.x), bf16_from_f32(s.y), bf16_from_f32(s.z), bf16_from_f32(s.w)};
+    *(uint2*)((uint16_t*)out + t * dim + c) = *(const uint2*)o;
+  } else {
+    *(float4*)((float*)out + t * dim + c) = s;
   }
 }
 

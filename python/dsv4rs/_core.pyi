@@ -99,7 +99,9 @@ def quant_linear(
     x: Spec, weight: Spec, scale: Spec, fp4: bool, groups: int, act: str, workspace: Spec | None, out: Spec,
     stream: int,
 ) -> None: ...
-def quant_linear_workspace_bytes(device: int, m: int, groups: int, n: int, k: int, x_bf16: bool, act: str) -> int: ...
+def quant_linear_workspace_bytes(
+    device: int, m: int, groups: int, n: int, k: int, x_bf16: bool, act: str, fp4: bool
+) -> int: ...
 def moe_experts(
     x: Spec, idx: Spec, weights: Spec, gate_up: Spec, gate_up_scale: Spec, down: Spec, down_scale: Spec,
     limit: float, act: str, workspace: Spec | None, out: Spec, stream: int,

@@ -44,7 +44,7 @@ def _quant_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, gr
     if x.device.type == "cuda":
         m = flat.shape[0]
         size = _core.quant_linear_workspace_bytes(cuda_index(x.device), m, groups, rows // groups, k,
-                                                  x.dtype == torch.bfloat16, act)
+                                                  x.dtype == torch.bfloat16, act, weight.dtype == torch.uint8)
         workspace = torch.empty(size, dtype=torch.uint8, device=x.device)
     _core.quant_linear(spec("x", flat), spec("weight", weight.view(torch.uint8)), spec("scale", scale),
                        weight.dtype == torch.uint8, groups, act,

@@ -242,12 +242,12 @@ pub fn moe_workspace_bytes(tokens: usize, k: usize, experts: usize, inter: usize
 }
 
 /// Workspace bytes a GPU `quant_linear` call on CUDA device `device` needs: `m` rows of `groups`
-/// groups of `k` values, `n` weight rows per group.
+/// groups of `k` values, `n` weight rows per group, FP8 or MXFP4 (`fp4`) weights.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
 pub fn quant_linear_workspace_bytes(
-    device: i32, m: usize, groups: usize, n: usize, k: usize, x_bf16: bool, act: &str,
+    device: i32, m: usize, groups: usize, n: usize, k: usize, x_bf16: bool, act: &str, fp4: bool,
 ) -> PyResult<usize> {
     let act = Act::parse("act", act).map_err(to_py)?;
-    dsv4rs_core::gpu::qgemm::linear_workspace_bytes(device, m, groups, n, k, x_bf16, act == Act::Fp8).map_err(to_py)
+    dsv4rs_core::gpu::qgemm::linear_workspace_bytes(device, m, groups, n, k, x_bf16, act == Act::Fp8, fp4).map_err(to_py)
 }

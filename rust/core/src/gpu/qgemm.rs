@@ -43,7 +43,7 @@ pub const MAX_EXPERTS: usize = 2048;
 /// Most K a block's weight scales may span in shared memory.
 pub const MAX_K: usize = 32768;
 const MAX_GRID_Y: usize = 65535;
-const MAX_SPLITS: usize = 16;
+const MAX_SPLITS: usize = 32;
 
 /// Mirror of `GemmParams` in cuda/qgemm.cu (same field order and C layout); both sides check its
 /// size and a few offsets at compile time.
@@ -127,26 +127,30 @@ impl Carve {
 }
 
 /// Row tile and split-K count of a dense call: 16-row tiles for a few rows (decode), 64
-/// otherwise; K split so that the grid covers the GPU twice when it would not.
+/// otherwise; K split so that the grid covers the GPU four times when it would not (a decode
+/// linear has few weight rows per block and must keep many loads in flight).
 fn linear_shape(dev: i32, m: usize, groups: usize, n: usize, k: usize) -> Result<(usize, usize, usize)> {
     let bm = if m <= 16 { 16 } else { 64 };
     let steps = k.div_ceil(KC);
     let blocks = n.div_ceil(BN) * groups * m.div_ceil(bm);
     let sms = attribute(dev, cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
-    let want = (2 * sms).div_ceil(blocks.max(1)).clamp(1, MAX_SPLITS.min(steps));
+    let want = (4 * sms).div_ceil(blocks.max(1)).clamp(1, MAX_SPLITS.min(steps));
     let per = steps.div_ceil(want);
     Ok((bm, steps.div_ceil(per), per))
 }
 
-/// Bytes of device workspace [`linear`] needs: the quantized activations (unless `x` is bf16
-/// and `act_fp8` is false, when `x` is read directly) and the split-K partial sums.
-pub fn linear_workspace_bytes(dev: i32, m: usize, groups: usize, n: usize, k: usize, x_bf16: bool, act_fp8: bool) -> Result<usize> {
+/// Bytes of device workspace [`linear`] needs: the quantized activations (unless `x` is bf16,
+/// `act_fp8` false and the weight FP8, when `x` is read directly) and the split-K partial sums.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_workspace_bytes(
+    dev: i32, m: usize, groups: usize, n: usize, k: usize, x_bf16: bool, act_fp8: bool, fp4: bool,
+) -> Result<usize> {
     if m == 0 {
         return Ok(0);
     }
     let (_, splits, _) = linear_shape(dev, m, groups, n, k)?;
     let mut c = Carve { at: 0 };
-    if act_fp8 || !x_bf16 {
+    if quantizes_x(x_bf16, act_fp8, fp4) {
         c.take(m * groups * k * 2);
     }
     if splits > 1 {
@@ -155,11 +159,21 @@ pub fn linear_workspace_bytes(dev: i32, m: usize, groups: usize, n: usize, k: us
     Ok(c.at)
 }
 
-/// Quantizes (FP8 per 1x128, UE8M0) or rounds (bf16) `rows` rows of `k` values into bf16 `out`.
-unsafe fn act_quant(dev: i32, stream: usize, x: u64, x_bf16: bool, rows: usize, k: usize, act_fp8: bool, out: u64) -> Result<()> {
-    let (x_bf16, rows64, k32, act) = (x_bf16 as i32, rows as i64, k as i32, act_fp8 as i32);
+/// Quantizes (FP8 per 1x128, UE8M0) or rounds (bf16) `rows` rows of `k` values into bf16 `out`,
+/// each group of 8 interleaved for the MXFP4 kernels (`interleave`, see cuda/qgemm.cu).
+#[allow(clippy::too_many_arguments)]
+unsafe fn act_quant(
+    dev: i32, stream: usize, x: u64, x_bf16: bool, rows: usize, k: usize, act_fp8: bool, interleave: bool, out: u64,
+) -> Result<()> {
+    let (x_bf16, rows64, k32, act, il) = (x_bf16 as i32, rows as i64, k as i32, act_fp8 as i32, interleave as i32);
     let cfg = Launch { grid: (rows.div_ceil(4) as u32, k.div_ceil(KC) as u32, 1), block: (128, 1, 1), shared_bytes: 0, stream };
-    launch(dev, Kernel::ActQuant, &cfg, &mut crate::kernel_args!(x, x_bf16, rows64, k32, act, out))
+    launch(dev, Kernel::ActQuant, &cfg, &mut crate::kernel_args!(x, x_bf16, rows64, k32, act, il, out))
+}
+
+/// Whether [`linear`] reads a quantized copy of `x` rather than `x` itself: always for FP8
+/// activations or float32 `x`, and for MXFP4 weights (their activations are interleaved).
+fn quantizes_x(x_bf16: bool, act_fp8: bool, fp4: bool) -> bool {
+    act_fp8 || !x_bf16 || fp4
 }
 
 unsafe fn gemm(dev: i32, stream: usize, fp4: bool, bm: usize, grid: (u32, u32, u32), p: &mut GemmParams) -> Result<()> {
@@ -189,7 +203,7 @@ pub unsafe fn linear(
         check_aligned(t)?;
     }
     let x_bf16 = x.dtype == DType::BF16;
-    let need = linear_workspace_bytes(dev, m, groups, n, k, x_bf16, act_fp8)?;
+    let need = linear_workspace_bytes(dev, m, groups, n, k, x_bf16, act_fp8, w.fp4)?;
     if workspace.numel() * workspace.dtype.size() < need {
         return Err(Error::value(workspace.name, format!("needs {need} bytes, got {}", workspace.numel() * workspace.dtype.size())));
     }
@@ -199,9 +213,9 @@ pub unsafe fn linear(
         return Err(Error::value(x.name, format!("too many rows for one call: {m} (at most {})", MAX_GRID_Y / groups * bm)));
     }
     let mut c = Carve { at: 0 };
-    let a = if act_fp8 || !x_bf16 {
+    let a = if quantizes_x(x_bf16, act_fp8, w.fp4) {
         let at = workspace.ptr as u64 + c.take(m * groups * k * 2) as u64;
-        act_quant(dev, stream, x.ptr as u64, x_bf16, m * groups, k, act_fp8, at)?;
+        act_quant(dev, stream, x.ptr as u64, x_bf16, m * groups, k, act_fp8, w.fp4, at)?;
         at
     } else {
         x.ptr as u64
@@ -340,12 +354,8 @@ pub unsafe fn moe(
             return Err(Error::value(idx.name, format!("too many (token, choice) pairs per pass: {pairs} over {experts} experts")));
         }
         let x_at = x.ptr as u64 + (t0 * dim * x_elt) as u64;
-        let a = if act_fp8 || !x_bf16 {
-            act_quant(dev, stream, x_at, x_bf16, t, dim, act_fp8, at(lay.xq))?;
-            at(lay.xq)
-        } else {
-            x_at
-        };
+        act_quant(dev, stream, x_at, x_bf16, t, dim, act_fp8, true, at(lay.xq))?;
+        let a = at(lay.xq);
         // The plan.
         let idx_at = idx.ptr as u64 + (t0 * k * idx_elt) as u64;
         let (pairs64, e32, bm32) = (pairs as i64, experts as i32, bm as i32);
@@ -380,7 +390,7 @@ pub unsafe fn moe(
         };
         gemm(dev, stream, true, bm, (inter.div_ceil(BN / 2) as u32, max_tiles as u32, 1), &mut p)?;
         if act_fp8 {
-            act_quant(dev, stream, at(lay.hy), false, pairs, inter, true, at(lay.hq))?;
+            act_quant(dev, stream, at(lay.hy), false, pairs, inter, true, true, at(lay.hq))?;
         }
         // Down projection: y [pairs, d] float32 in sorted order (over h's dead float32 copy).
         let mut p = GemmParams {
@@ -404,7 +414,7 @@ pub unsafe fn moe(
         let (y, w_at) = (at(lay.hy), weights.ptr as u64 + (t0 * k * 4) as u64);
         let o = out.ptr as u64 + (t0 * dim * out.dtype.size()) as u64;
         let (k32, d32, ob) = (k as i32, dim as i32, out_bf16 as i32);
-        let cfg = Launch { grid: (t as u32, 1, 1), block: (128, 1, 1), shared_bytes: 0, stream };
+        let cfg = Launch { grid: (t as u32, dim.div_ceil(512) as u32, 1), block: (128, 1, 1), shared_bytes: 0, stream };
         launch(dev, Kernel::MoeCombine, &cfg, &mut crate::kernel_args!(y, slot_of, w_at, k32, d32, o, ob))?;
         t0 += t;
     }
