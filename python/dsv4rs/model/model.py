@@ -17,7 +17,8 @@ from torch import nn
 from dsv4rs.model.config import SWA, V4Config
 from dsv4rs.model.layers.attention import Attention, AttentionMetadata, LayerCache
 from dsv4rs.model.layers.mhc import HyperConnection, HyperHead, combine
-from dsv4rs.model.layers.moe import MoE, expert_range
+from dsv4rs.model.layers.moe import Experts, MoE, expert_range
+from dsv4rs.model.layers.quant import QuantLinear, check_act
 from dsv4rs.model.layers.rotary import inv_freq as rope_inv_freq
 from dsv4rs.model.layers.norm import RMSNorm, linear
 
@@ -96,6 +97,19 @@ class DeepseekV4(nn.Module):
         persistent = self.state_dict(keep_vars=True).keys()
         return {n: t for n, t in chain(self.named_parameters(), self.named_buffers()) if n in persistent}
 
+    def set_activation_quant(self, act: str) -> DeepseekV4:
+        """How the quantized weights' activations are rounded (a model loaded with
+        ``load_checkpoint(quantized=True)``; a dense model has nothing to set): ``"fp8"`` (the
+        default, DeepSeek's reference W8A8: FP8 e4m3 with one power-of-two scale per 1x128 block)
+        or ``"bf16"`` (each value rounded to bfloat16), for every
+        :class:`~dsv4rs.model.layers.quant.QuantLinear` and quantized routed experts. Returns
+        the model. ValueError names ``act`` for anything else."""
+        check_act(act)
+        for m in self.modules():
+            if isinstance(m, QuantLinear) or (isinstance(m, Experts) and m.quantized):
+                m.act = act
+        return self
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """``[T]`` ids -> ``[T, hc, d]``: the embedding copied to every stream."""
         x = self.model.embed_tokens(ids)
@@ -135,10 +149,15 @@ def keeps_float32(name: str) -> bool:
 
 def set_dtype(model: DeepseekV4, dtype: torch.dtype) -> DeepseekV4:
     """Every floating-point parameter in ``dtype``, but those that stay float32
-    (:data:`FLOAT32_PARAMETERS`); in place (on the meta device it allocates nothing)."""
+    (:data:`FLOAT32_PARAMETERS`); in place (on the meta device it allocates nothing). Quantized
+    weights (:class:`~dsv4rs.model.layers.quant.QuantLinear`, quantized routed experts) stay as
+    stored; ``dtype`` becomes the dtype their layers compute in."""
     for name, p in model.named_parameters():
         if p.is_floating_point() and not keeps_float32(name):
             p.data = p.data.to(dtype)
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.dtype = dtype
     return model
 
 

@@ -8,5 +8,7 @@ around them:
   (docs/model.md sections 3-4).
 - :mod:`.attention`: the attention layer over the paged KV cache (docs/model.md section 2) and
   the per-step metadata it reads.
-- :mod:`.moe`: routing and the clamped SwiGLU experts (docs/model.md section 7).
+- :mod:`.moe`: routing and the clamped SwiGLU experts (docs/model.md section 7), dense or kept
+  in MXFP4 as shipped.
+- :mod:`.quant`: linear layers over FP8 or MXFP4 weights as shipped (docs/model.md section 9).
 """

@@ -29,6 +29,7 @@ from dsv4rs import ops
 from dsv4rs.model.config import CSA, HCA, INDEX_DIM, SWA, V4Config
 from dsv4rs.model.layers.compressor import Compressor, CSACompressor, HCACompressor, compress_tokens
 from dsv4rs.model.layers.norm import RMSNorm, linear, rms_norm
+from dsv4rs.model.layers.quant import QuantLinear, compute_dtype, split_blocker
 from dsv4rs.model.layers.rotary import RotaryEmbedding
 from dsv4rs.model.layers.rotary import inv_freq as rope_inv_freq
 
@@ -169,10 +170,26 @@ class Attention(nn.Module):
     def keep_heads(self, rank: int, world: int) -> dict[str, tuple[int, range]]:
         """Keeps only :meth:`head_share`'s parts of the weights (copies, not views, so the full
         tensors can be freed; on the meta device this allocates nothing) and sets the local
-        head and group counts; returns the share."""
+        head and group counts; returns the share. A quantized weight
+        (:class:`~dsv4rs.model.layers.quant.QuantLinear`) is cut with the scales covering its
+        part, which must start and end on its scale blocks (128 values for FP8): ValueError
+        naming the weight otherwise, before anything is cut."""
         share = self.head_share(rank, world)
+        parts = []
         for name, (dim, r) in share.items():
             owner, leaf = self.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
+            if isinstance(owner, QuantLinear):
+                size = owner.out_features if dim == 0 else owner.in_features
+                block = split_blocker(owner.fmt, dim, r, size)
+                if block is not None:
+                    raise ValueError(f"{name}: rank {rank} of {world} holds {'rows' if dim == 0 else 'columns'} "
+                                     f"[{r.start}, {r.stop}) of this {owner.fmt.upper()} weight, which do not start "
+                                     f"and end on its {block}-value scale blocks")
+            parts.append((owner, leaf, dim, r))
+        for owner, leaf, dim, r in parts:
+            if isinstance(owner, QuantLinear):
+                owner.narrow_(dim, r)
+                continue
             part = getattr(owner, leaf).detach().narrow(dim, r.start, len(r)).clone()
             setattr(owner, leaf, nn.Parameter(part, requires_grad=False))
         self.heads = len(share["sinks"][1])
@@ -190,7 +207,7 @@ class Attention(nn.Module):
 
     def output(self, o: torch.Tensor) -> torch.Tensor:
         """Grouped output projection of the de-rotated attention output ``o [T, H, 512]``."""
-        grouped = o.reshape(o.shape[0], self.groups, -1).to(self.o_b_proj.weight.dtype)
+        grouped = o.reshape(o.shape[0], self.groups, -1).to(compute_dtype(self.o_b_proj))
         y = self.o_b_proj(self.o_a_proj(grouped))
         return y if self.reduce is None else self.reduce(y)
 

@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsv4rs import ops
 from dsv4rs.model.config import V4Config
 from dsv4rs.model.layers.norm import linear
+from dsv4rs.model.layers.quant import FP4_BLOCK
 
 
 class MLP(nn.Module):
@@ -42,29 +44,71 @@ def expert_range(cfg: V4Config, experts: range | None) -> range:
 class Experts(nn.Module):
     """Routed experts, stacked: ``gate_up_proj [E, 2 I, d]`` (gate rows first), ``down_proj [E, d, I]``.
 
+    With ``quantized=True`` the experts are held as DeepSeek ships them, MXFP4 (two e2m1 codes a
+    byte, low nibble first, one UE8M0 scale code per 32 values), in ``uint8`` buffers instead:
+    ``gate_up [E, 2 I, d / 2]`` (gate rows, DeepSeek's ``w1``, then up rows, ``w3``),
+    ``gate_up_scale [E, 2 I, d / 32]``, ``down [E, d, I / 2]`` (``w2``) and
+    ``down_scale [E, d, I / 32]``, run by the fused :func:`dsv4rs.ops.moe_experts` with the
+    activations rounded as ``act`` says (:data:`~dsv4rs.model.layers.quant.ACT_MODES`).
+
     With ``experts`` (a contiguous range of expert ids) the module holds only those, ``E`` being
     their count and ``first`` the id of the first (expert parallelism: the other ranks hold the
     rest, see :mod:`dsv4rs.parallel`)."""
 
-    def __init__(self, cfg: V4Config, experts: range | None = None) -> None:
+    QUANTIZED = ("gate_up", "gate_up_scale", "down", "down_scale")
+    """The buffers of quantized experts."""
+
+    def __init__(self, cfg: V4Config, experts: range | None = None, quantized: bool = False) -> None:
         super().__init__()
         held = expert_range(cfg, experts)
         e, i, d = len(held), cfg.moe_intermediate_size, cfg.hidden_size
         self.first, self.total = held.start, cfg.n_routed_experts
         self.limit = cfg.swiglu_limit
-        self.gate_up_proj = nn.Parameter(torch.zeros(e, 2 * i, d))
-        self.down_proj = nn.Parameter(torch.zeros(e, d, i))
+        self.quantized, self.act = quantized, "fp8"
+        if quantized:
+            for name, k in (("hidden_size", d), ("moe_intermediate_size", i)):
+                if k % FP4_BLOCK:
+                    raise ValueError(f"{name}: MXFP4 experts need a multiple of {FP4_BLOCK}, got {k}")
+            u8 = torch.uint8
+            self.register_buffer("gate_up", torch.zeros(e, 2 * i, d // 2, dtype=u8))
+            self.register_buffer("gate_up_scale", torch.zeros(e, 2 * i, d // FP4_BLOCK, dtype=u8))
+            self.register_buffer("down", torch.zeros(e, d, i // 2, dtype=u8))
+            self.register_buffer("down_scale", torch.zeros(e, d, i // FP4_BLOCK, dtype=u8))
+        else:
+            self.gate_up_proj = nn.Parameter(torch.zeros(e, 2 * i, d))
+            self.down_proj = nn.Parameter(torch.zeros(e, d, i))
         self.exchange = None  # the all-to-all with the other ranks' experts (dsv4rs.parallel.attach)
 
+    @property
+    def held(self) -> int:
+        """How many experts this module holds."""
+        return (self.gate_up if self.quantized else self.gate_up_proj).shape[0]
+
+    @property
+    def storage(self) -> str:
+        """How the weights are held: ``"mxfp4"`` or the dtype's name."""
+        return "mxfp4" if self.quantized else str(self.gate_up_proj.dtype).removeprefix("torch.")
+
+    def keep(self, experts: range) -> None:
+        """Keeps experts ``experts`` (ids counted from 0 of the held ones' first, i.e. global ids
+        when the module holds every expert) only: copies of their rows, so the whole tensors can
+        be freed."""
+        names = self.QUANTIZED if self.quantized else ("gate_up_proj", "down_proj")
+        for name in names:
+            part = getattr(self, name).detach()[experts.start : experts.stop].clone()
+            setattr(self, name, part if self.quantized else nn.Parameter(part, requires_grad=False))
+        self.first += experts.start
+
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """``sum_k weights[t, k] expert_{idx[t, k]}(x_t)``. With bfloat16 weights every expert runs
-        in one grouped GEMM per projection and nothing waits for the host (on a GPU the step can
+        """``sum_k weights[t, k] expert_{idx[t, k]}(x_t)``. Quantized experts run in the fused
+        op, which waits for nothing on the host; with bfloat16 weights every expert runs in one
+        grouped GEMM per projection and nothing waits for the host either (on a GPU the step can
         be captured in a CUDA graph); otherwise one matmul per expert hit. Under expert
         parallelism the pairs go to the ranks that hold their experts and back."""
         if self.exchange is not None:
             return self.exchange(self, x, idx, weights)
-        if self.gate_up_proj.shape[0] != self.total:
-            raise RuntimeError(f"Experts: this module holds experts [{self.first}, {self.first + self.gate_up_proj.shape[0]}) "
+        if self.held != self.total:
+            raise RuntimeError(f"Experts: this module holds experts [{self.first}, {self.first + self.held}) "
                                f"of {self.total}; attach the other ranks with dsv4rs.parallel.attach")
         return self._run(x, idx, weights)
 
@@ -77,6 +121,9 @@ class Experts(nn.Module):
         return self._run(rows, ids[:, None], ones)
 
     def _run(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if self.quantized:
+            return ops.moe_experts(x, idx, weights.float(), self.gate_up, self.gate_up_scale, self.down,
+                                   self.down_scale, self.limit, self.act)
         if self.gate_up_proj.dtype == torch.bfloat16:
             return self._grouped(x, idx, weights)
         if x.is_cuda and self.gathers(idx.numel()):
@@ -95,7 +142,7 @@ class Experts(nn.Module):
 
     def capturable(self, tokens: int, k: int) -> bool:
         """Whether a step of ``tokens`` tokens (``k`` choices each) runs without host reads."""
-        return self.gate_up_proj.dtype == torch.bfloat16 or self.gathers(tokens * k)
+        return self.quantized or self.gate_up_proj.dtype == torch.bfloat16 or self.gathers(tokens * k)
 
     def _swiglu(self, gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)
