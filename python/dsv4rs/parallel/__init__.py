@@ -170,14 +170,12 @@ def _all_experts(model: DeepseekV4) -> list[Experts]:
     return [m for m in model.modules() if isinstance(m, Experts)]
 
 
-def _keep(module: torch.nn.Module, name: str, t: torch.Tensor) -> None:
-    setattr(module, name, torch.nn.Parameter(t.clone(), requires_grad=False))
-
-
 def shard(model: DeepseekV4, pc: ParallelConfig) -> DeepseekV4:
     """Keeps only this rank's share of a model that holds every weight (in place): its routed
-    experts, and under ``"tp"`` its attention heads and output groups; then attaches the
-    collectives (:func:`attach`)."""
+    experts (dense or quantized), and under ``"tp"`` its attention heads and output groups
+    (a quantized weight with the scales covering its part, which must start and end on its
+    scale blocks: 128 values for FP8; ValueError naming ``pc`` otherwise, before anything is
+    cut); then attaches the collectives (:func:`attach`)."""
     cfg = model.config
     _check_covers(pc, cfg, "pc")  # before anything is cut
     if model.experts != range(cfg.n_routed_experts):
@@ -185,12 +183,17 @@ def shard(model: DeepseekV4, pc: ParallelConfig) -> DeepseekV4:
     if pc.mode == "tp" and cfg.o_groups % pc.world:
         raise ValueError(f"pc: tensor-parallel attention splits the {cfg.o_groups} output groups (o_groups) over the "
                          f"ranks, which {pc.world} does not divide")
+    if pc.mode == "tp":
+        for attn in _all_attention(model):  # quantized weights cut on their scale blocks only
+            try:
+                attn.check_share(pc.rank, pc.world)
+            except ValueError as e:
+                raise ValueError(f"pc: tensor-parallel attention over {pc.world} ranks cuts {e}; load the model with "
+                                 f"quantized=False to split dequantized weights") from None
     held = pc.experts
     with torch.no_grad():
         for ex in _all_experts(model):
-            _keep(ex, "gate_up_proj", ex.gate_up_proj[held.start : held.stop])
-            _keep(ex, "down_proj", ex.down_proj[held.start : held.stop])
-            ex.first = held.start
+            ex.keep(held)
         if pc.mode == "tp":
             for attn in _all_attention(model):  # the split load_checkpoint(tp=...) reads
                 attn.keep_heads(pc.rank, pc.world)
@@ -292,7 +295,7 @@ class ReplicatedExperts:
     def __call__(self, experts: Experts, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         tokens, k = idx.shape
         flat = idx.flatten()
-        held = experts.gate_up_proj.shape[0]
+        held = experts.held
         mine = torch.nonzero((flat >= experts.first) & (flat < experts.first + held)).flatten()
         self.received.append(len(mine))
         ran = experts.local(x[mine // k], flat[mine] - experts.first)

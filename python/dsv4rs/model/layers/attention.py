@@ -167,17 +167,14 @@ class Attention(nn.Module):
         return {"q_b_proj.weight": (0, range(heads.start * dim, heads.stop * dim)), "sinks": (0, heads),
                 "o_a_proj.weight": (0, out), "o_b_proj.weight": (1, out)}
 
-    def keep_heads(self, rank: int, world: int) -> dict[str, tuple[int, range]]:
-        """Keeps only :meth:`head_share`'s parts of the weights (copies, not views, so the full
-        tensors can be freed; on the meta device this allocates nothing) and sets the local
-        head and group counts; returns the share. A quantized weight
-        (:class:`~dsv4rs.model.layers.quant.QuantLinear`) is cut with the scales covering its
-        part, which must start and end on its scale blocks (128 values for FP8): ValueError
-        naming the weight otherwise, before anything is cut."""
+    def check_share(self, rank: int, world: int) -> dict[str, tuple[int, range]]:
+        """:meth:`head_share`, checked against the weights as held: a quantized weight
+        (:class:`~dsv4rs.model.layers.quant.QuantLinear`) can only be cut with the scales
+        covering its part, so the part must start and end on its scale blocks (128 values for
+        FP8); ValueError naming the weight otherwise."""
         share = self.head_share(rank, world)
-        parts = []
         for name, (dim, r) in share.items():
-            owner, leaf = self.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
+            owner = self.get_submodule(name.rpartition(".")[0])
             if isinstance(owner, QuantLinear):
                 size = owner.out_features if dim == 0 else owner.in_features
                 block = split_blocker(owner.fmt, dim, r, size)
@@ -185,8 +182,16 @@ class Attention(nn.Module):
                     raise ValueError(f"{name}: rank {rank} of {world} holds {'rows' if dim == 0 else 'columns'} "
                                      f"[{r.start}, {r.stop}) of this {owner.fmt.upper()} weight, which do not start "
                                      f"and end on its {block}-value scale blocks")
-            parts.append((owner, leaf, dim, r))
-        for owner, leaf, dim, r in parts:
+        return share
+
+    def keep_heads(self, rank: int, world: int) -> dict[str, tuple[int, range]]:
+        """Keeps only :meth:`head_share`'s parts of the weights (copies, not views, so the full
+        tensors can be freed; on the meta device this allocates nothing) and sets the local
+        head and group counts; returns the share. A quantized weight is cut with the scales
+        covering its part (:meth:`check_share`, which raises before anything is cut)."""
+        share = self.check_share(rank, world)
+        for name, (dim, r) in share.items():
+            owner, leaf = self.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
             if isinstance(owner, QuantLinear):
                 owner.narrow_(dim, r)
                 continue
