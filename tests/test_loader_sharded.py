@@ -3,7 +3,8 @@ parallelism. The result equals the full load with the routed-expert tensors slic
 owned experts' bytes are read (counted per tensor by wrapping the reader's two read methods);
 the headers are still checked for every expert; bad ranges raise ``ValueError`` naming
 ``experts``. Checkpoints: transformers' stacked names (``save_file`` of ``checkpoint_tensors``)
-and DeepSeek's quantized per-expert layout (``export_deepseek``, several shards and an index)."""
+and DeepSeek's quantized per-expert layout (``export_deepseek``, several shards and an index),
+loaded kept quantized (MXFP4 expert buffers) and dequantized (``quantized=False``)."""
 
 from __future__ import annotations
 
@@ -26,11 +27,12 @@ from dsv4rs.reference.export import export_deepseek
 CFG = V4Config.tiny()
 E = CFG.n_routed_experts
 RANGES = [range(0, 3), range(3, 8), range(0, 0), range(0, 8), range(2, 6)]
-LAYOUTS = ["stacked", "per_expert"]
+LOADS = {"stacked": ("stacked", True), "per_expert": ("per_expert", True), "dequantized": ("per_expert", False)}
+"""The loads compared: (checkpoint layout, ``quantized``)."""
 
 _PER_EXPERT = re.compile(r"\.experts\.(\d+)\.w[123]\.(weight|scale|weight_scale_inv)$")
 _STACKED = re.compile(r"\.experts\.(gate_up_proj|down_proj)$")
-_ROUTED = re.compile(r"\.mlp\.experts\.(gate_up_proj|down_proj)$")
+_ROUTED = re.compile(r"\.mlp\.experts\.(gate_up_proj|down_proj|gate_up|gate_up_scale|down|down_scale)$")
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,8 @@ def checkpoints(tiny: DeepseekV4, tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def full(checkpoints) -> dict[str, dict[str, torch.Tensor]]:
-    return {layout: load_checkpoint(path, progress=False).state_dict() for layout, path in checkpoints.items()}
+    return {load: load_checkpoint(checkpoints[layout], progress=False, quantized=q).state_dict()
+            for load, (layout, q) in LOADS.items()}
 
 
 def header_bytes(path: str) -> dict[str, tuple[int, int]]:
@@ -91,17 +94,19 @@ def is_expert(key: str) -> bool:
 # -- the result ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("load", LOADS)
 @pytest.mark.parametrize("r", RANGES, ids=lambda r: f"{r.start}-{r.stop}")
-def test_sharded_load_equals_the_slice_of_the_full_load(checkpoints, full, layout: str, r: range) -> None:
-    sharded = load_checkpoint(checkpoints[layout], progress=False, experts=r)
+def test_sharded_load_equals_the_slice_of_the_full_load(checkpoints, full, load: str, r: range) -> None:
+    layout, quantized = LOADS[load]
+    sharded = load_checkpoint(checkpoints[layout], progress=False, experts=r, quantized=quantized)
     assert sharded.experts == r
     mods = [m for m in sharded.modules() if isinstance(m, Experts)]
     assert len(mods) == CFG.num_hidden_layers + CFG.num_nextn_predict_layers and all(m.first == r.start for m in mods)
-    ref, got = full[layout], sharded.state_dict()
+    assert all(m.quantized == (load == "per_expert") for m in mods)
+    ref, got = full[load], sharded.state_dict()
     assert got.keys() == ref.keys()
     routed = [n for n in ref if _ROUTED.search(n)]
-    assert len(routed) == 2 * len(mods)
+    assert len(routed) == (4 if load == "per_expert" else 2) * len(mods)
     for n, t in ref.items():
         want = t[r.start:r.stop] if n in routed else t
         assert got[n].shape == want.shape and got[n].dtype == want.dtype, n
@@ -109,7 +114,8 @@ def test_sharded_load_equals_the_slice_of_the_full_load(checkpoints, full, layou
     for n in routed:  # owns its rows, not a view of the whole stacked tensor or of the file
         assert got[n].untyped_storage().nbytes() == got[n].numel() * got[n].element_size(), n
     if len(r):
-        assert sharded.model.layers[0].mlp.experts.gate_up_proj.abs().sum() > 0
+        ex = sharded.model.layers[0].mlp.experts
+        assert (ex.gate_up if ex.quantized else ex.gate_up_proj).abs().sum() > 0
 
 
 def test_sharded_bfloat16(checkpoints, full) -> None:
@@ -126,12 +132,13 @@ def test_sharded_bfloat16(checkpoints, full) -> None:
 # -- bytes read --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("load", LOADS)
 @pytest.mark.parametrize("r", [range(0, 4), range(4, 8), range(0, 0), range(0, 8), range(1, 2)],
                          ids=lambda r: f"{r.start}-{r.stop}")
-def test_a_rank_reads_only_its_experts(checkpoints, reads, layout: str, r: range) -> None:
+def test_a_rank_reads_only_its_experts(checkpoints, reads, load: str, r: range) -> None:
+    layout, quantized = LOADS[load]
     path = checkpoints[layout]
-    load_checkpoint(path, progress=False, experts=r)
+    load_checkpoint(path, progress=False, experts=r, quantized=quantized)
     assert reads == expected_reads(path, r)
     headers = header_bytes(path)
     expert_total = sum(b for k, (b, _) in headers.items() if is_expert(k))

@@ -4,7 +4,9 @@ equals ``parallel.shard(full model, pc)`` parameter by parameter; of ``q_b_proj`
 ``o_a_proj`` and ``o_b_proj`` only the rank's rows (columns of ``o_b_proj``) are read, FP8 weights
 with the block scales covering them (counted per tensor by wrapping the reader's read methods);
 bad ``tp`` values raise ``ValueError`` naming ``tp``. Checkpoints: transformers' names (plain
-float32) and DeepSeek's quantized layout (FP8 attention projections with UE8M0 block scales)."""
+float32) and DeepSeek's quantized layout (FP8 attention projections with UE8M0 block scales),
+loaded dequantized (``quantized=False``: the parts split 128x128 blocks) and, with an
+``o_lora_rank`` of 128 so that every part starts and ends on the blocks, kept quantized."""
 
 from __future__ import annotations
 
@@ -22,11 +24,15 @@ from checkpoints import write_hf
 from dsv4rs import parallel
 from dsv4rs.model import DeepseekV4, V4Config, init_random
 from dsv4rs.model.layers.attention import Attention
+from dsv4rs.model.layers.quant import QuantLinear
 from dsv4rs.model.loader import FP8_BLOCK, CheckpointError, load_checkpoint
 from dsv4rs.reference.export import export_deepseek
 
 CFG = V4Config.tiny(num_attention_heads=8, o_groups=4)
-LAYOUTS = ["stacked", "per_expert"]
+ALIGNED = V4Config.tiny(num_attention_heads=8, o_groups=4, o_lora_rank=128)
+"""Every tensor-parallel part of its FP8 weights starts and ends on a 128x128 block."""
+LOADS = {"stacked": ("stacked", False), "per_expert": ("per_expert", False), "quantized": ("aligned", True)}
+"""The loads compared: (checkpoint, ``quantized``)."""
 
 # The four split tensors of an attention layer, in both spellings, with the dimension split.
 _SPLIT = [(re.compile(r"\.(self_attn\.q_b_proj|attn\.wq_b)\.(weight|scale|weight_scale_inv)$"), 0),
@@ -45,12 +51,15 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
     write_hf(model, stacked)
     per_expert = tmp_path_factory.mktemp("tp_per_expert")
     export_deepseek(model, per_expert, shard_bytes=1 << 19, progress=False)
-    return {"stacked": str(stacked), "per_expert": str(per_expert)}
+    aligned = tmp_path_factory.mktemp("tp_aligned")
+    export_deepseek(init_random(DeepseekV4(ALIGNED), seed=32), aligned, shard_bytes=1 << 19, progress=False)
+    return {"stacked": str(stacked), "per_expert": str(per_expert), "aligned": str(aligned)}
 
 
 @pytest.fixture(scope="module")
 def full(checkpoints) -> dict[str, DeepseekV4]:
-    return {layout: load_checkpoint(path, progress=False) for layout, path in checkpoints.items()}
+    return {load: load_checkpoint(checkpoints[layout], progress=False, quantized=q)
+            for load, (layout, q) in LOADS.items()}
 
 
 def headers(path: str) -> dict[str, tuple[int, list[int]]]:
@@ -99,16 +108,17 @@ def expected_reads(path: str, pc: parallel.ParallelConfig) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_tp_load_equals_shard_and_reads_its_share(checkpoints, full, reads, layout: str, world: int) -> None:
+@pytest.mark.parametrize("load", LOADS)
+def test_tp_load_equals_shard_and_reads_its_share(checkpoints, full, reads, load: str, world: int) -> None:
+    layout, kept = LOADS[load]
     path = checkpoints[layout]
-    quantized = layout == "per_expert"
+    quantized = layout != "stacked"  # the checkpoint holds FP8 weights
     for rank in range(world):
         pc = parallel.ParallelConfig.even(CFG, world, rank, mode="tp")
         reads.clear()
-        loaded = load_checkpoint(path, progress=False, experts=pc.experts, tp=(rank, world))
+        loaded = load_checkpoint(path, progress=False, experts=pc.experts, tp=(rank, world), quantized=kept)
         got = parallel.attach(loaded, pc).state_dict()
-        ref = parallel.shard(copy.deepcopy(full[layout]), pc).state_dict()
+        ref = parallel.shard(copy.deepcopy(full[load]), pc).state_dict()
         assert got.keys() == ref.keys()
         for n, t in ref.items():
             assert got[n].shape == t.shape and got[n].dtype == t.dtype, n
@@ -117,7 +127,13 @@ def test_tp_load_equals_shard_and_reads_its_share(checkpoints, full, reads, layo
         assert len(attn) == CFG.num_hidden_layers + CFG.num_nextn_predict_layers
         for a in attn:
             assert (a.heads, a.groups, a.o_a_proj.groups) == (8 // world, 4 // world, 4 // world)
-            for p in (a.q_b_proj.weight, a.sinks, a.o_a_proj.weight, a.o_b_proj.weight):
+            for proj in (a.q_b_proj, a.o_a_proj, a.o_b_proj):
+                assert isinstance(proj, QuantLinear) == kept
+            held = [a.q_b_proj.weight, a.sinks, a.o_a_proj.weight, a.o_b_proj.weight]
+            if kept:
+                held += [a.q_b_proj.scale, a.o_a_proj.scale, a.o_b_proj.scale]
+                assert a.o_a_proj.weight.dtype == torch.uint8 and a.o_a_proj.scale.dtype == torch.float32
+            for p in held:
                 # owns its share, not a view of the whole tensor or of the file
                 assert p.is_contiguous() and p.untyped_storage().nbytes() == p.numel() * p.element_size()
 
@@ -159,3 +175,24 @@ def test_headers_are_checked_against_the_full_model(checkpoints, tmp_path) -> No
     for tp in (None, (0, 2), (3, 4)):
         with pytest.raises(CheckpointError, match=rf"^{re.escape(key)}: shape"):
             load_checkpoint(tmp_path, progress=False, tp=tp)
+
+
+def test_quantized_parts_must_cut_on_the_fp8_blocks(checkpoints, reads) -> None:
+    """Kept quantized, a part of an FP8 weight holds the block scales covering it, so it must
+    start and end on the 128x128 blocks: with ``o_lora_rank`` 32 a rank's rows of ``o_a_proj``
+    split a block, which ``load_checkpoint`` and ``parallel.shard`` refuse (naming ``tp``,
+    ``pc``) before reading a tensor or cutting a weight; dequantized they load."""
+    with pytest.raises(ValueError, match=r"^tp: \(0, 2\) cuts model\.layers\.0\.self_attn\.o_a_proj\.weight: rank 0 of "
+                                         r"2 holds rows \[0, 64\) .* 128-value scale blocks; pass quantized=False"):
+        load_checkpoint(checkpoints["per_expert"], progress=False, tp=(0, 2))
+    assert not reads
+    model = load_checkpoint(checkpoints["per_expert"], progress=False)
+    reads.clear()
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    pc = parallel.ParallelConfig.even(CFG, 2, 1, mode="tp")
+    with pytest.raises(ValueError, match=r"^pc: .*o_a_proj\.weight: rank 1 of 2 holds rows \[64, 128\) .*quantized=False"):
+        parallel.shard(model, pc)
+    after = model.state_dict()  # nothing was cut
+    assert after.keys() == before.keys() and all(torch.equal(after[n], t) for n, t in before.items())
+    # dequantized, the same split loads (the test above checks its values)
+    load_checkpoint(checkpoints["per_expert"], progress=False, tp=(1, 2), experts=pc.experts, quantized=False)

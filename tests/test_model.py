@@ -417,7 +417,7 @@ def test_deepseek_format_loads_as_its_dequantized_twin(tiny: DeepseekV4, gen: to
         assert f.get_tensor("layers.2.ffn.experts.0.w1.weight").dtype == torch.int8
     with safe_open(tmp_path / index["layers.0.attn.wq_b.weight"], "pt") as f:
         assert f.get_tensor("layers.0.attn.wq_b.weight").dtype == torch.float8_e4m3fn
-    loaded = load_checkpoint(tmp_path, progress=False)
+    loaded = load_checkpoint(tmp_path, progress=False, quantized=False)  # (kept quantized: test_quantized_model.py)
     for name, t in twin.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], t), name
     # The quantization is real: the twin differs from the original.
@@ -589,17 +589,17 @@ def test_fp8_scales_as_float32_and_in_another_shard(tiny: DeepseekV4, gen: torch
     save_file(moved, tmp_path / "scales.safetensors")
     index["weight_map"] = {k: shard for k in tensors} | dict.fromkeys(moved, "scales.safetensors")
     index_path.write_text(json.dumps(index))
-    loaded = load_checkpoint(tmp_path, progress=False)
+    loaded = load_checkpoint(tmp_path, progress=False, quantized=False)
     for name, t in twin.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], t), name
 
 
 def test_bf16_weights(tiny: DeepseekV4, gen: torch.Generator, tmp_path) -> None:
-    """Loading in bfloat16 keeps mHC, norms, sinks and positional biases in float32 and runs;
-    the logits stay within bfloat16 rounding of the float32 model's."""
+    """Loading dequantized in bfloat16 keeps mHC, norms, sinks and positional biases in float32
+    and runs; the logits stay within bfloat16 rounding of the float32 model's."""
     export_deepseek(tiny, tmp_path, progress=False)
-    f32 = load_checkpoint(tmp_path, progress=False)
-    bf16 = load_checkpoint(tmp_path, dtype=torch.bfloat16, progress=False)
+    f32 = load_checkpoint(tmp_path, progress=False, quantized=False)
+    bf16 = load_checkpoint(tmp_path, dtype=torch.bfloat16, progress=False, quantized=False)
     assert bf16.model.layers[0].self_attn.q_a_proj.weight.dtype == torch.bfloat16
     assert bf16.model.layers[0].attn_hc.fn.dtype == torch.float32
     assert bf16.model.layers[1].self_attn.compressor.position_bias.dtype == torch.float32

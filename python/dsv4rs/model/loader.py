@@ -8,15 +8,21 @@ Names: transformers' (``model.layers.0.self_attn.q_a_proj.weight``; also the nam
 Weights on disk (docs/model.md section 9): float32/bfloat16 tensors; FP8 e4m3 with a ``.scale`` (UE8M0,
 ``float8_e8m0fnu``) or ``.weight_scale_inv`` (float32) companion per 128x128 block; MXFP4 experts
 (``int8``/``uint8`` holding two e2m1 values per byte, low nibble first, with a UE8M0 scale per 32
-values). Quantized weights are dequantized on load (dsv4rs has no FP8 or FP4 matmul).
+values). By default (``quantized=True``) they stay so in memory: a linear layer shipped in FP8
+becomes a :class:`~dsv4rs.model.layers.quant.QuantLinear` (the codes as ``uint8``, the block
+scales as float32 multipliers) and routed experts shipped in MXFP4 quantized
+:class:`~dsv4rs.model.layers.moe.Experts` (their bytes and scale codes stacked), run by
+:func:`dsv4rs.ops.quant_linear` and :func:`dsv4rs.ops.moe_experts`; ``quantized=False``
+dequantizes every weight to ``dtype`` on load.
 
 Loading is in two passes. The first reads only the shards' headers and checks every tensor's
 name, dtype, shape and scale companion against a model built on the meta device (which
 allocates nothing), and that every parameter is present once: a checkpoint that does not fit
 the config fails before any memory is allocated for the model. The second reads the tensors
-one at a time, checks their values (finite weights, scales finite and positive, hash-table
-entries in range) and allocates each parameter on the target device in its final dtype as its
-data arrives.
+one at a time, checks their values (finite weights, FP8 codes not NaN, scales finite and
+positive, hash-table entries in range) and allocates each parameter on the target device in its
+final form as its data arrives (quantized experts: one expert at a time into buffers allocated
+once per layer).
 
 Under expert parallelism a rank loads only its share of the routed experts (``experts``, a
 contiguous range of expert ids): the headers are still checked for every expert, but only the
@@ -26,7 +32,8 @@ owned experts' bytes are read (per-expert tensors of other experts are skipped; 
 Under tensor-parallel attention (``tp=(rank, world)``) a rank likewise reads only its share of
 each attention layer's heads (:meth:`~dsv4rs.model.layers.attention.Attention.head_share`): rows
 of ``q_b_proj`` and ``o_a_proj``, entries of the sinks, columns of ``o_b_proj`` (:meth:`_Shards.cols`);
-an FP8 weight's part with the block-scale rows or columns that cover it.
+an FP8 weight's part with the block-scale rows or columns that cover it (kept quantized, the part
+must start and end on the 128-value blocks; dequantized, anywhere).
 """
 
 from __future__ import annotations
@@ -42,8 +49,9 @@ from torch import nn
 from tqdm import tqdm
 
 from dsv4rs.model.config import SWA, V4Config, read_json
-from dsv4rs.model.layers.attention import Attention
+from dsv4rs.model.layers.attention import Attention, GroupedLinear
 from dsv4rs.model.layers.moe import Experts, expert_range
+from dsv4rs.model.layers.quant import K_MULTIPLE, QuantLinear, scale_shape
 from dsv4rs.model.model import DeepseekV4, set_dtype
 from dsv4rs.model.layers.rotary import inv_freq as rope_inv_freq
 
@@ -511,6 +519,111 @@ def _read(reader: _Shards, item: _Item, cfg: V4Config, rows: range | None = None
     return t
 
 
+def _owned(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """``t`` on ``dev``, contiguous and owning exactly its bytes (not a view of a shard's mapping
+    or of a larger tensor)."""
+    t = t.to(dev).contiguous()
+    return t.clone() if t.untyped_storage().nbytes() != t.numel() * t.element_size() else t
+
+
+def _read_quantized(reader: _Shards, item: _Item, part: range | None = None, dim: int = 0
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """An FP8 or MXFP4 tensor as stored (only values ``part`` along ``dim`` when given, which
+    start and end on its scale blocks, with the scales covering them): ``(codes uint8, scales)``,
+    the scales float32 multipliers per 128x128 block for FP8 (UE8M0 codes ``2^(code - 127)``
+    exactly, or float scales) and raw UE8M0 codes ``uint8`` for MXFP4. Checked: the shapes, no
+    NaN FP8 code (e4m3 0x7F and 0xFF), no NaN scale code (255), float scales finite and > 0."""
+    fp8 = item.fmt == "fp8"
+    shape = list(reader.entries[item.key].shape)
+    if part is None:
+        t, s = reader.get(item.key), reader.get(item.scale)
+    else:
+        if fp8:
+            w_part, s_part = part, range(part.start // FP8_BLOCK, -(-part.stop // FP8_BLOCK))
+        elif dim == 0:
+            w_part = s_part = part
+        else:
+            w_part, s_part = range(part.start // 2, part.stop // 2), range(part.start // FP4_BLOCK, part.stop // FP4_BLOCK)
+        t, s = reader.part(item.key, dim, w_part), reader.part(item.scale, dim, s_part)
+        shape[dim] = len(w_part)
+    if list(t.shape) != shape:  # the file changed under us
+        raise CheckpointError(f"{item.key}: shape {list(t.shape)} differs from its header")
+    rows, width = shape
+    want = list(scale_shape(item.fmt, rows, width if fp8 else 2 * width))
+    if list(s.shape) != want:
+        raise CheckpointError(f"{item.key}: {'FP8' if fp8 else 'FP4'} scale has shape {list(s.shape)}, expected {want}")
+    codes = t.view(torch.uint8)
+    if not fp8:
+        raw = s.view(torch.uint8)
+        if (raw == 255).any():
+            raise CheckpointError(f"{item.key}: NaN scale (UE8M0 code 255)")
+        return codes, raw
+    nan = (codes & 0x7F) == 0x7F
+    if nan.any():
+        r, c = nan.nonzero()[0].tolist()
+        raise CheckpointError(f"{item.key}: NaN FP8 code 0x{int(codes[r, c]):02X} at [{r}, {c}] "
+                              f"(e4m3 0x7F and 0xFF are NaN)")
+    return codes, _e8m0(s, item.key)
+
+
+def _keep_quantized(model: DeepseekV4, items: list[_Item], reader: _Shards, dtype: torch.dtype
+                    ) -> tuple[dict[str, QuantLinear], dict[str, Experts]]:
+    """``quantized=True``: swaps (on the meta device, before anything is allocated) every layer
+    whose weights the checkpoint ships quantized for its quantized form: a linear layer (but the
+    LM head) for a :class:`QuantLinear`, routed experts shipped in MXFP4 for quantized
+    :class:`Experts`. Returns them by the name of the weight (``...q_a_proj.weight``) and of the
+    experts module. Quantized weights of other tensors (the embedding, the router, the LM head)
+    are dequantized as with ``quantized=False``. CheckpointError, naming the tensor, where the
+    kernels cannot run what is stored: a reduced dimension not a multiple of 32, float scales of
+    MXFP4 weights, routed experts in FP8 or partly quantized."""
+    by_target: dict[str, list[_Item]] = {}
+    for it in items:
+        by_target.setdefault(it.target, []).append(it)
+
+    def raw_scales(its: list[_Item]) -> None:
+        for it in its:
+            if it.fmt == "fp4" and reader.entries[it.scale].dtype not in _RAW_SCALES:
+                raise CheckpointError(f"{it.scale}: {_dtype_name(reader.entries[it.scale].dtype)} scales of an MXFP4 "
+                                      f"weight; the FP4 kernels take UE8M0 codes (load with quantized=False to "
+                                      f"dequantize)")
+
+    linears: dict[str, QuantLinear] = {}
+    experts: dict[str, Experts] = {}
+    for name, mod in list(model.named_modules()):
+        parent, _, leaf = name.rpartition(".")
+        if isinstance(mod, (nn.Linear, GroupedLinear)) and name != "lm_head":
+            its = by_target.get(f"{name}.weight", [])
+            if not its or its[0].fmt == "plain":
+                continue
+            (it,) = its
+            out_features, in_features = mod.weight.shape
+            if in_features % K_MULTIPLE:
+                raise CheckpointError(f"{it.key}: its reduced dimension {in_features} is not a multiple of {K_MULTIPLE}, "
+                                      f"which the quantized kernels need (load with quantized=False to dequantize)")
+            raw_scales(its)
+            with torch.device("meta"):
+                q = QuantLinear(in_features, out_features, it.fmt, getattr(mod, "groups", 1), dtype=dtype)
+            setattr(model.get_submodule(parent), leaf, q)
+            linears[f"{name}.weight"] = q
+        elif isinstance(mod, Experts):
+            its = by_target.get(f"{name}.gate_up_proj", []) + by_target.get(f"{name}.down_proj", [])
+            fmts = {it.fmt for it in its}
+            if fmts <= {"plain"}:
+                continue
+            if fmts != {"fp4"}:
+                odd = next(it for it in its if it.fmt != "fp4")
+                raise CheckpointError(f"{odd.key}: {'FP8' if odd.fmt == 'fp8' else 'unquantized'} beside MXFP4 routed "
+                                      f"experts; the fused MoE runs MXFP4 experts only (load with quantized=False "
+                                      f"to dequantize)")
+            raw_scales(its)
+            cfg = model.config
+            with torch.device("meta"):
+                q = Experts(cfg, range(mod.first, mod.first + mod.held), quantized=True)
+            setattr(model.get_submodule(parent), leaf, q)
+            experts[name] = q
+    return linears, experts
+
+
 def _slots(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, bool]]]:
     """Every place a tensor is held: id(tensor) -> (module, attribute, is_parameter)."""
     slots: dict[int, list[tuple[nn.Module, str, bool]]] = {}
@@ -566,17 +679,29 @@ def _check_tp(cfg: V4Config, tp: object) -> None:
 
 def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                     progress: bool = True, strict: bool = True, experts: range | None = None,
-                    tp: tuple[int, int] | None = None) -> DeepseekV4:
+                    tp: tuple[int, int] | None = None, quantized: bool = True) -> DeepseekV4:
     """Loads ``path`` (``config.json`` and safetensors shards) into a :class:`DeepseekV4`.
 
     First every tensor is checked from the shards' headers against the model (name, dtype,
     shape, scale companion, each parameter present once under one spelling) before anything is
     allocated; then the shards are read one at a time, each tensor's values checked (finite;
-    scales finite and > 0; hash tables in range), dequantized when quantized, and allocated on
-    ``device`` in its final dtype. ``strict`` refuses unknown tensors and scale companions of
-    unquantized weights (an MTP block the config lacks is skipped, as transformers does);
-    missing tensors always raise. Errors are :class:`CheckpointError` naming the tensor or
-    file. mHC, sink, norm and positional-bias parameters stay float32 whatever ``dtype``.
+    FP8 codes not NaN; scales finite and > 0, UE8M0 code 255 refused; hash tables in range) and
+    allocated on ``device`` in its final form. ``strict`` refuses unknown tensors and scale
+    companions of unquantized weights (an MTP block the config lacks is skipped, as
+    transformers does); missing tensors always raise. Errors are :class:`CheckpointError` naming
+    the tensor or file. mHC, sink, norm and positional-bias parameters stay float32 whatever
+    ``dtype``.
+
+    ``quantized`` (default True) keeps the weights the checkpoint ships quantized as stored (the
+    layer at that place, chosen from the headers, becomes a
+    :class:`~dsv4rs.model.layers.quant.QuantLinear` or quantized
+    :class:`~dsv4rs.model.layers.moe.Experts`): FP8 e4m3 linears as ``uint8`` codes with their
+    block scales as float32 multipliers (UE8M0 ``.scale`` and float ``.weight_scale_inv`` alike),
+    MXFP4 routed experts as their bytes and UE8M0 codes, copied one expert at a time into
+    stacked buffers allocated on ``device``; no full-precision copy of them is made. ``dtype``
+    applies to every other tensor, and is the dtype the quantized layers compute in. Quantized
+    tensors that are not a linear layer's weight (the embedding, the router, the LM head) are
+    dequantized. ``quantized=False`` dequantizes everything to ``dtype``.
 
     ``experts`` (a contiguous range of routed-expert ids within ``[0, n_routed_experts)``, possibly
     empty; default all) loads a rank's share under expert parallelism: the model is
@@ -596,13 +721,17 @@ def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "
     rows of ``q_b_proj``, the sinks' entries, rows of ``o_a_proj``, columns of ``o_b_proj``, and the
     local head and group counts. The headers are still checked against the full model; of those
     four tensors only the rank's part is read (rows or columns of the mapping; an FP8 weight's part
-    with the block scales covering it, whether or not its boundaries are multiples of 128), and the
-    values checked are those read. Combined with ``experts=pc.experts`` the result, after
+    with the block scales covering it), and the values checked are those read. Dequantized
+    (``quantized=False``), a part's boundaries may fall anywhere; kept quantized they must be
+    multiples of 128 (the FP8 blocks; a ValueError naming ``tp`` says to pass
+    ``quantized=False`` otherwise). Combined with ``experts=pc.experts`` the result, after
     :func:`dsv4rs.parallel.attach`, equals ``shard(full model, pc)``. ``world`` must divide
     ``o_groups``; a bad ``tp`` raises :class:`ValueError` naming it.
     """
     path = os.fspath(path)
     dev = _check_target(device, dtype)
+    if not isinstance(quantized, bool):
+        raise ValueError(f"quantized: expected True or False, got {quantized!r}")
     try:
         cfg = V4Config.from_pretrained(path)
     except FileNotFoundError:
@@ -615,20 +744,26 @@ def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "
         full = set_dtype(DeepseekV4(cfg), dtype)  # what the checkpoint must hold: every expert, every head
         model = (set_dtype(DeepseekV4(cfg, held), dtype) if held != range(cfg.n_routed_experts) or tp is not None
                  else full)
+    reader = _Shards(*_shards(path))
+    items = _plan(reader, cfg, full.checkpoint_tensors(), strict)
+    del full
+    qlinears, qexperts = _keep_quantized(model, items, reader, dtype) if quantized else ({}, {})
     tp_parts: dict[str, tuple[int, range]] = {}  # parameter -> (dim, range) of it this rank reads
     if tp is not None:
         for name, mod in model.named_modules():
             if isinstance(mod, Attention):
-                tp_parts.update({f"{name}.{leaf}": part for leaf, part in mod.keep_heads(*tp).items()})
-    reader = _Shards(*_shards(path))
-    items = _plan(reader, cfg, full.checkpoint_tensors(), strict)
-    del full
+                try:
+                    share = mod.keep_heads(*tp)
+                except ValueError as e:
+                    raise ValueError(f"tp: {tp} cuts {name}.{e}; pass quantized=False to load the weights "
+                                     f"dequantized, which split anywhere") from None
+                tp_parts.update({f"{name}.{leaf}": part for leaf, part in share.items()})
     params = model.checkpoint_tensors()
     if cfg.num_nextn_predict_layers and not any(it.target.startswith("mtp.") for it in items):
         model.mtp = nn.ModuleList()  # no MTP block in the checkpoint: run without drafts
         params = {n: t for n, t in params.items() if not n.startswith("mtp.")}
     routed = {f"{name}.{leaf}" for name, mod in model.named_modules() if isinstance(mod, Experts)
-              for leaf in ("gate_up_proj", "down_proj")}
+              for leaf in ("gate_up_proj", "down_proj")}  # the names the plan gives routed-expert tensors
     # Other ranks' experts: neither the tensors nor their scales are read (nor, holding none,
     # any row of a stacked expert tensor).
     items = [it for it in items
@@ -641,10 +776,31 @@ def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "
     by_shard: dict[str, list[_Item]] = {}
     for item in items:
         by_shard.setdefault(reader.where[item.key], []).append(item)
+    inner = cfg.moe_intermediate_size
     try:
         with torch.no_grad():
             for file in tqdm(sorted(by_shard), desc="loading shards", unit="shard", disable=not progress):
                 for item in by_shard[file]:
+                    if item.target in qlinears:
+                        dim, part = tp_parts.get(item.target, (0, None))
+                        codes, scale = _read_quantized(reader, item, part, dim)
+                        q = qlinears[item.target]
+                        q.weight, q.scale = _owned(codes, dev), _owned(scale, dev)
+                        continue
+                    prefix = item.target.rpartition(".")[0]
+                    if prefix in qexperts:  # one expert's w1, w3 or w2, copied into the stacked buffers
+                        if f"{prefix}.gate_up" not in experts_buf:
+                            experts_buf.update({f"{prefix}.{n}": torch.empty(params[f"{prefix}.{n}"].shape,
+                                                                             dtype=torch.uint8, device=dev)
+                                                for n in Experts.QUANTIZED})
+                        codes, scale = _read_quantized(reader, item)
+                        e, w = item.part
+                        e -= held.start
+                        rows = slice(0, inner) if w == "w1" else slice(inner, 2 * inner) if w == "w3" else slice(None)
+                        leaf = "gate_up" if w in ("w1", "w3") else "down"
+                        experts_buf[f"{prefix}.{leaf}"][e, rows].copy_(codes)
+                        experts_buf[f"{prefix}.{leaf}_scale"][e, rows].copy_(scale)
+                        continue
                     meta = params[item.target]
                     stacked = item.part is None and item.target in routed
                     dim, part = tp_parts.get(item.target, (0, part_rows if stacked else None))
@@ -661,14 +817,16 @@ def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "
                         experts_buf[item.target] = torch.empty(meta.shape, dtype=meta.dtype, device=dev)
                     e, w = item.part
                     e -= held.start
-                    inner = cfg.moe_intermediate_size
                     buf = experts_buf[item.target]
                     (buf[e, :inner] if w == "w1" else buf[e, inner:] if w == "w3" else buf[e]).copy_(t)
     finally:
         reader.close()
     if not len(held):  # a rank holding no experts: its expert tensors are empty
-        experts_buf.update({n: torch.empty(params[n].shape, dtype=params[n].dtype, device=dev)
-                            for n in routed if n in params})
+        for name, mod in model.named_modules():
+            if isinstance(mod, Experts):
+                leaves = Experts.QUANTIZED if mod.quantized else ("gate_up_proj", "down_proj")
+                experts_buf.update({f"{name}.{n}": torch.empty(params[f"{name}.{n}"].shape, dtype=params[f"{name}.{n}"].dtype,
+                                                               device=dev) for n in leaves if f"{name}.{n}" in params})
     for name, buf in experts_buf.items():
         _place(slots, params[name], buf)
     for attn in [layer.self_attn for layer in [*model.model.layers, *model.mtp]]:
