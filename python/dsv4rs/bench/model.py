@@ -2,13 +2,13 @@
 DeepSeek-V4 at the width of a preset, with ``--layers`` of its layers and random weights.
 
 The model is built on the meta device and filled on the target device (bfloat16 matrices, the
-float32 parameters kept float32, as ``load_checkpoint(dtype=torch.bfloat16)`` leaves them), run by
-an :class:`~dsv4rs.runtime.Engine` with production storage (FP8 entries, FP4 indexer keys). A
-decode case holds ``batch`` sequences of ``context`` tokens: their pages come from the allocator
-and every cache row holds random valid entries (no prefill is run to get there), then decode
-steps are timed: the GPU time of the replayed step (CUDA events around the graph), beside the
-same step run eagerly (wall time, launches included). Per layer means the step minus the LM head,
-over the layers.
+float32 parameters kept float32, as ``load_checkpoint(dtype=torch.bfloat16, quantized=False)``
+leaves them), run by an :class:`~dsv4rs.runtime.Engine` with production storage (FP8 entries,
+FP4 indexer keys). A decode case holds ``batch`` sequences of ``context`` tokens: their pages
+come from the allocator and every cache row holds random valid entries (no prefill is run to get
+there), then decode steps are timed: the GPU time of the replayed step (CUDA events around the
+graph), beside the same step run eagerly (wall time, launches included). Per layer means the step
+minus the LM head, over the layers.
 
 The floor of a layer is the bytes a decode step must read, over the copy bandwidth measured in
 the same run: the layer's weights, its routed experts only as far as the batch touches them
@@ -90,7 +90,9 @@ def _layer_bytes(model, cfg: V4Config, batch: int, context: int) -> float:
     touched = e * (1 - (1 - k / e) ** batch) / e
     total = 0.0
     for layer in model.model.layers:
-        for name, p in layer.named_parameters():
+        for name, p in layer.state_dict(keep_vars=True).items():  # weights as held (quantized ones too)
+            if name.endswith("tid2eid"):
+                continue  # a hash table: the step reads its tokens' rows only
             nbytes = p.numel() * p.element_size()
             total += nbytes * touched if ".experts." in f".{name}" else nbytes
         kind = layer.self_attn.layer_type

@@ -114,16 +114,16 @@ class Engine:
 
     def _graphs(self, enable: bool | None, buckets: list[int]) -> DecodeGraphs | None:
         """The decode graphs of the buckets whose step can be captured: on a CUDA device, with
-        experts that read nothing on the host at that batch (bfloat16 experts, or float32 ones
-        small enough to gather; see :class:`dsv4rs.model.layers.moe.Experts`)."""
+        experts that read nothing on the host at that batch (quantized or bfloat16 experts, or
+        float32 ones small enough to gather; see :class:`dsv4rs.model.layers.moe.Experts`)."""
         k = self.cfg.num_experts_per_tok
         experts = [layer.mlp.experts for layer in self.model.model.layers]
         buckets = [b for b in buckets if all(e.capturable(b, k) for e in experts)]
         capturable = self.device.type == "cuda" and bool(buckets)
         if enable and not capturable:
-            raise ValueError("cuda_graphs: a decode step can be captured on a CUDA device with bfloat16 experts, or "
-                             f"float32 experts small enough to gather (device {self.device}, experts "
-                             f"{experts[0].gate_up_proj.dtype})")
+            raise ValueError("cuda_graphs: a decode step can be captured on a CUDA device with quantized (MXFP4) or "
+                             "bfloat16 experts, or float32 experts small enough to gather (device "
+                             f"{self.device}, experts {experts[0].storage})")
         if enable is False or not capturable:
             return None
         ops.warm_up(self.device)

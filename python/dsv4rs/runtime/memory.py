@@ -4,9 +4,11 @@ pools with it when ``max_len`` or ``max_sequences`` is left out, and ``dsv4rs pl
 
 Weights are counted from the model built on the meta device (every tensor a checkpoint holds):
 ``"bf16"`` stores the matrices in bfloat16 and keeps the float32 parameters (norms, mHC, sinks,
-positional biases) in float32, as ``load_checkpoint(dtype=torch.bfloat16)`` does; ``"shipped"`` is
-DeepSeek's format (attention and shared-expert linears FP8 e4m3 with a UE8M0 scale per 128x128
-block, routed experts MXFP4 with a UE8M0 scale per 32, the rest bfloat16 or float32).
+positional biases) in float32, as ``load_checkpoint(dtype=torch.bfloat16, quantized=False)`` does;
+``"shipped"`` is DeepSeek's format as ``load_checkpoint(dtype=torch.bfloat16)`` keeps it in memory
+(attention and shared-expert linears FP8 e4m3 with one scale per 128x128 block, held as a float32
+multiplier where the file has a 1-byte UE8M0 code; routed experts MXFP4 with a UE8M0 byte per 32
+values; the rest bfloat16 or float32). :func:`stored_bytes` counts a model's tensors as held.
 
 The workspace is an estimate of the activations of one step of ``token_budget`` tokens (streams,
 queries, attention and indexer outputs and workspaces, the MoE's intermediates, the last tokens'
@@ -54,9 +56,23 @@ def weight_bytes(cfg: V4Config, weights: str = "bf16", expert_shards: int = 1) -
             total += n // 2 + n // 32 if weights == "shipped" else n * (4 if weights == "float32" else 2)
         elif weights == "shipped" and _FP8.search(name):
             rows, cols = t.shape
-            total += n + -(-rows // 128) * -(-cols // 128)
+            total += n + 4 * (-(-rows // 128) * -(-cols // 128))  # codes, float32 block scales
         else:
             total += 2 * n
+    return total
+
+
+def stored_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a model's weights as held: every parameter and persistent buffer once (a tied
+    weight once), quantized ones as their codes and scales; not the tables computed from the
+    config (RoPE frequencies)."""
+    persistent = model.state_dict(keep_vars=True)
+    seen: set[int] = set()
+    total = 0
+    for t in persistent.values():
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
     return total
 
 
