@@ -382,8 +382,12 @@ def _format(key: str, e: _Entry, scale: str | None, scale_e: _Entry | None, want
             if list(scale_e.shape) != blocks:
                 raise CheckpointError(f"{key}: FP8 scale has shape {list(scale_e.shape)}, expected {blocks}")
             return "fp8"
-        if cols % FP4_BLOCK or shape != [rows, cols // 2]:
-            raise CheckpointError(f"{key}: shape {shape}, expected {[rows, cols // 2]} (MXFP4 bytes of {list(want)})")
+        if cols % FP4_BLOCK:
+            raise CheckpointError(f"{key}: MXFP4 scales blocks of {FP4_BLOCK} values, but the parameter's rows have "
+                                  f"{cols} values (shape {list(want)})")
+        if shape != [rows, cols // 2]:
+            odd = " (an odd number of bytes per row)" if shape[1] % 2 else ""
+            raise CheckpointError(f"{key}: shape {shape}{odd}, expected {[rows, cols // 2]} (MXFP4 bytes of {list(want)})")
         if list(scale_e.shape) != [rows, cols // FP4_BLOCK]:
             raise CheckpointError(f"{key}: FP4 scale has shape {list(scale_e.shape)}, "
                                   f"expected {[rows, cols // FP4_BLOCK]}")
