@@ -93,7 +93,7 @@ def worker(rank: int, world: int, store: str, out: str, mode: str, timeout: floa
         result["logits"] = run_schedule(engine, mine)
         result["received"] = list(engine.model.model.layers[0].mlp.experts.exchange.received)
         layer = engine.model.model.layers[0]
-        result["held"] = (pc.experts.start, pc.experts.stop, tuple(layer.mlp.experts.gate_up_proj.shape))
+        result["held"] = (pc.experts.start, pc.experts.stop, (layer.mlp.experts.held,))
         result["heads"] = (layer.self_attn.heads, tuple(layer.self_attn.q_b_proj.weight.shape))
         dist.destroy_process_group()
     except BaseException as e:  # noqa: BLE001 - the test reads what happened
