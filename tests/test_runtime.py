@@ -198,8 +198,9 @@ def test_engine_sizes_its_cache_from_free_memory() -> None:
 
 
 def _bf16_model(seed: int) -> DeepseekV4:
-    """The tiny model on the GPU as ``load_checkpoint(dtype=torch.bfloat16)`` leaves one: bfloat16
-    matrices (so the experts take the capturable grouped path), float32 mHC, norms and sinks."""
+    """The tiny model on the GPU as ``load_checkpoint(dtype=torch.bfloat16, quantized=False)``
+    leaves one: bfloat16 matrices (so the experts take the capturable grouped path), float32 mHC,
+    norms and sinks."""
     from dsv4rs.model.model import set_dtype
 
     return set_dtype(init_random(DeepseekV4(V4Config.tiny()), seed=seed), torch.bfloat16).cuda()
