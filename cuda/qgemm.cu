@@ -13,8 +13,8 @@
 // bfloat16 and its block scale (any float) multiplies the float32 partial sum of each 128-wide K
 // step. The products are therefore exact and only the float32 summation order differs from the
 // CPU twin. A block computes BM rows x 64 weight rows; 4 warps, each 16 weight rows (two n8
-// tiles) for all BM rows; K runs in steps of 128 through a 3-stage cp.async pipeline (A and B
-// tiles in shared memory), the block's weight scales loaded once up front.
+// tiles) for all BM rows; K runs in steps of 128 through a cp.async pipeline (A and B
+// tiles in shared memory; 5 stages for 16-row tiles), the block's weight scales loaded once up front.
 //
 // Work items: dense (a grid row per (group, 16/64-row tile)), or the tiles of a MoE plan (expert,
 // first sorted position, rows) read from device memory, so no count ever goes to the host.
@@ -38,7 +38,10 @@ namespace {
 constexpr int THREADS = 128;
 constexpr int KC = 128;         // K per pipeline step: one activation block, four FP4 scale groups
 constexpr int BN = 64;          // weight rows per block (4 warps x 2 n8 tiles)
-constexpr int STAGES = 3;
+// Pipeline stages: 16-row tiles (decode) stream weights with little work per byte, so they keep
+// more steps in flight (5 stages, 4 ahead); 64-row tiles keep 3.
+template <int MT>
+__host__ __device__ constexpr int stages() { return MT == 1 ? 5 : 3; }
 constexpr int A_ROW_BYTES = 272;  // 256 bytes of bf16 + 16: 16-byte aligned, see a_chunk()
 
 // Mirrored by `GemmParams` in rust/core/src/gpu/qgemm.rs (same field order, repr(C)); both sides
@@ -154,6 +157,7 @@ __device__ __forceinline__ void qgemm(const GemmParams& p) {
   constexpr int A_TILE = BM * A_ROW_BYTES;
   constexpr int B_TILE = BN * B_ROW;
   constexpr int STAGE = A_TILE + B_TILE;
+  constexpr int STAGES = stages<MT>();
   extern __shared__ __align__(16) uint8_t smem[];
 
   int g, rows;

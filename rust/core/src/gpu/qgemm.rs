@@ -34,7 +34,14 @@ impl Weights<'_> {
 const THREADS: u32 = 128;
 const KC: usize = 128;
 const BN: usize = 64;
-const STAGES: usize = 3;
+/// Pipeline stages of a 16-row (decode) and a 64-row block (cuda/qgemm.cu `stages`).
+const fn stages(bm: usize) -> usize {
+    if bm == 16 {
+        5
+    } else {
+        3
+    }
+}
 const A_ROW_BYTES: usize = 272;
 /// Tokens per pass of the fused MoE: bounds its workspace (a long prefill runs in passes).
 pub const MOE_CHUNK: usize = 4096;
@@ -92,7 +99,7 @@ fn gemm_kernel(fp4: bool, bm: usize) -> Kernel {
 fn gemm_shared_bytes(fp4: bool, bm: usize, k: usize) -> usize {
     let b_row = if fp4 { 64 } else { 128 };
     let scales = if fp4 { BN * (k / 32) } else { BN * k.div_ceil(KC) * 4 };
-    STAGES * (bm * A_ROW_BYTES + BN * b_row) + scales.next_multiple_of(16)
+    stages(bm) * (bm * A_ROW_BYTES + BN * b_row) + scales.next_multiple_of(16)
 }
 
 fn check_k(w: &Weights) -> Result<usize> {
