@@ -23,7 +23,7 @@ from dsv4rs.model.config import CSA
 from dsv4rs.model.layers.moe import Experts
 from dsv4rs.model.layers.quant import QuantLinear
 from dsv4rs.model.loader import CheckpointError, canonical_name, load_checkpoint
-from dsv4rs.model.model import set_dtype
+from dsv4rs.model.model import SHIPPED_FP8, empty_model, set_dtype
 from dsv4rs.reference import ops as reference
 from dsv4rs.reference.export import _FP8_LINEARS, _quantize_fp8, export_deepseek
 from dsv4rs.runtime import Engine
@@ -551,3 +551,24 @@ def fp8_expert(t: dict, twin: DeepseekV4) -> None:
 def test_quantized_must_be_a_bool(exported) -> None:
     with pytest.raises(ValueError, match=r"^quantized: expected True or False, got 'yes'"):
         load_checkpoint(exported[0], progress=False, quantized="yes")
+
+
+# -- the shipped layout without a checkpoint (benchmarks) ----------------------------------------------
+
+
+def test_shipped_layout_is_what_a_deepseek_checkpoint_loads_as(quantized: DeepseekV4) -> None:
+    """empty_model(shipped=True) (the model bench's --weights shipped) holds the same quantized
+    layers, buffers of the same dtypes and shapes, as a DeepSeek checkpoint loaded by default."""
+    built = empty_model(quantized.config, "cpu", torch.float32, shipped=True)
+
+    def layout(model: DeepseekV4) -> dict[str, tuple]:
+        out = {}
+        for name, mod in model.named_modules():
+            if isinstance(mod, QuantLinear) or (isinstance(mod, Experts) and mod.quantized):
+                out[name] = tuple((b, t.dtype, tuple(t.shape)) for b, t in sorted(mod.named_buffers()))
+        return out
+
+    want = layout(quantized)
+    assert want and layout(built) == want
+    assert {n for n in want if not n.endswith(".experts")} == {
+        n for n, _ in quantized.named_modules() if SHIPPED_FP8.search(n)}

@@ -337,6 +337,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     bench_parser.add_argument("--layers", type=_bounded_int(1, 1024), help="model suite: layers of the preset (default 4)")
     bench_parser.add_argument("--batch", type=_int_list(4096), help="model suite: decode batch sizes, e.g. 1,8,32,64,128")
     bench_parser.add_argument("--context", type=_int_list(1 << 20), help="model suite: context lengths, e.g. 4096,131072")
+    bench_parser.add_argument("--weights", choices=["bf16", "shipped"], default="bf16",
+                              help="model suite: bfloat16 matrices, or the formats DeepSeek ships (FP8 linears, "
+                                   "MXFP4 experts) as load_checkpoint keeps them")
     bench_parser.add_argument("--world", type=_bounded_int(1, DEMO_MAX_WORLD), default=1,
                               help="model suite over this many processes (CPU: gloo; GPU: NCCL, one GPU each), "
                               "beside one process (default 1)")

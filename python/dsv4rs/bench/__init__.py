@@ -37,7 +37,7 @@ SUITES = {"formats": "ops", "compress": "ops", "indexer": "ops", "attention": "o
 
 def run(device: str, quick: bool, suites: list[str], options: dict | None = None) -> str:
     """Runs the suites on ``device`` with a progress bar on stderr and returns the table;
-    ``options`` are the model suite's (``preset``, ``layers``, ``batch``, ``context``)."""
+    ``options`` are the model suite's (``preset``, ``layers``, ``batch``, ``context``, ``weights``)."""
     import torch
     from tqdm import tqdm
 
@@ -67,6 +67,6 @@ def run_command(args: argparse.Namespace) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("dsv4rs bench: --device cuda, but torch sees no CUDA GPU")
-    options = {k: getattr(args, k, None) for k in ("preset", "layers", "batch", "context")}
+    options = {k: getattr(args, k, None) for k in ("preset", "layers", "batch", "context", "weights")}
     print(run(device, args.quick, args.only or [s for s in SUITES if s != "model"], options))
     return 0

@@ -3,7 +3,8 @@ DeepSeek-V4 at the width of a preset, with ``--layers`` of its layers and random
 
 The model is built on the meta device and filled on the target device (bfloat16 matrices, the
 float32 parameters kept float32, as ``load_checkpoint(dtype=torch.bfloat16, quantized=False)``
-leaves them), run by an :class:`~dsv4rs.runtime.Engine` with production storage (FP8 entries,
+leaves them; with ``--weights shipped`` the FP8 linears and MXFP4 experts DeepSeek ships, as
+``load_checkpoint`` keeps them by default), run by an :class:`~dsv4rs.runtime.Engine` with production storage (FP8 entries,
 FP4 indexer keys). A decode case holds ``batch`` sequences of ``context`` tokens: their pages
 come from the allocator and every cache row holds random valid entries (no prefill is run to get
 there), then decode steps are timed: the GPU time of the replayed step (CUDA events around the
@@ -44,14 +45,22 @@ def _config(preset: str, layers: int) -> V4Config:
                                "mlp_layer_types": list(full.mlp_layer_types[:layers]), "num_nextn_predict_layers": 0})
 
 
-def _build(cfg: V4Config, device: str, seed: int = 0, experts: range | None = None):
+def _build(cfg: V4Config, device: str, seed: int = 0, experts: range | None = None, shipped: bool = False):
     """The model on ``device`` with random weights (bfloat16 matrices, float32 where the model
     keeps float32), initialized in place: no full-size copy anywhere else. ``experts``: a rank's
-    routed experts only (:mod:`dsv4rs.parallel`)."""
+    routed experts only (:mod:`dsv4rs.parallel`). ``shipped``: the layers DeepSeek ships
+    quantized hold random FP8 codes (scales 2^-14: weights up to 0.03) and MXFP4 experts (scales
+    2^-9 .. 2^-6), as a DeepSeek checkpoint loads by default."""
+    from dsv4rs.model.layers.moe import Experts
+    from dsv4rs.model.layers.quant import QuantLinear
     from dsv4rs.model.model import empty_model, keeps_float32
 
-    model = empty_model(cfg, device, torch.bfloat16, experts)
+    model = empty_model(cfg, device, torch.bfloat16, experts, shipped=shipped)
     g = torch.Generator(device=device).manual_seed(seed)
+
+    def codes(t: torch.Tensor, high: int = 256, low: int = 0) -> None:
+        t.copy_(torch.randint(low, high, t.shape, generator=g, device=device, dtype=torch.int32))
+
     with torch.no_grad():
         for name, p in model.named_parameters():
             if keeps_float32(name):
@@ -63,6 +72,16 @@ def _build(cfg: V4Config, device: str, seed: int = 0, experts: range | None = No
                 buf.copy_(torch.randint(0, cfg.n_routed_experts, buf.shape, generator=g, device=device))
             elif name.endswith("e_score_correction_bias"):
                 buf.zero_()
+        for mod in model.modules():
+            if isinstance(mod, QuantLinear):
+                codes(mod.weight, 0x7F)  # e4m3 magnitudes below the NaN code 0x7F, then a random sign
+                mod.weight.bitwise_or_(torch.randint(0, 2, mod.weight.shape, generator=g, device=device,
+                                                     dtype=torch.int32).to(torch.uint8) << 7)
+                mod.scale.fill_(2.0**-14)
+            elif isinstance(mod, Experts) and mod.quantized:
+                for data, scale in ((mod.gate_up, mod.gate_up_scale), (mod.down, mod.down_scale)):
+                    codes(data)
+                    codes(scale, 122, 118)
     return model
 
 
@@ -116,12 +135,14 @@ def model(b: Bench) -> Iterator[Case]:
     batches = o.get("batch") or b.pick([1, 8, 32, 64, 128], [1, 32], [1, 2])
     contexts = o.get("context") or b.pick([4096, 131072], [4096], [1024])
     cfg = _config(preset, layers)
+    shipped = o.get("weights", "bf16") == "shipped"
+    tag = f"{preset} fp8/mxfp4" if shipped else preset  # the weights in the row names
     steps = 8 if b.gpu else 3
     made: dict[str, object] = {}
 
     def engine() -> Engine:
         if "engine" not in made:
-            m = _build(cfg, b.device)
+            m = _build(cfg, b.device, shipped=shipped)
             made["model"] = m
             made["engine"] = Engine(m, max_sequences=max(batches), max_len=max(contexts) + 2 * steps + 4, quant=True,
                                     cuda_graphs=b.gpu)
@@ -165,7 +186,7 @@ def model(b: Bench) -> Iterator[Case]:
         nbytes = _layer_bytes(made["model"], cfg, batch, context)
         full = _preset(preset).num_hidden_layers
         per_token_full = per_layer * full + head
-        name = f"decode {preset} b={batch} ctx={context // 1024}K per layer"
+        name = f"decode {tag} b={batch} ctx={context // 1024}K per layer"
         where = "on the GPU (graph replay)" if gpu_ms is not None else "(wall)"
         note = (f"{name}: step {gpu:.3f} ms {where}, {step_ms:.3f} ms with the host, eager {eager_ms:.3f} ms; "
                 f"head {head:.3f} ms; {batch / step_ms * 1e3:,.0f} tokens/s ({layers} layers); "
@@ -192,8 +213,8 @@ def model(b: Bench) -> Iterator[Case]:
         ms = min(times)
         cost = V4Model("bench", cfg)
         flops = tokens * sum(v for k, v in cost.flops(tokens // 2).items() if k != "lm_head") / cfg.num_hidden_layers
-        note = f"prefill {preset} T={tokens}: {tokens / ms * 1e3:,.0f} tokens/s ({layers} layers)\n{PUBLISHED}"
-        return Row(f"prefill {preset} T={tokens} per layer", ms / cfg.num_hidden_layers, 0.0, flops, None, note)
+        note = f"prefill {tag} T={tokens}: {tokens / ms * 1e3:,.0f} tokens/s ({layers} layers)\n{PUBLISHED}"
+        return Row(f"prefill {tag} T={tokens} per layer", ms / cfg.num_hidden_layers, 0.0, flops, None, note)
 
     for context in contexts:
         for batch in batches:

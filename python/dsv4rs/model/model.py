@@ -7,6 +7,7 @@ batch through the paged KV cache: the runtime (:mod:`dsv4rs.runtime`) plans the 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from itertools import chain
 
@@ -161,14 +162,43 @@ def set_dtype(model: DeepseekV4, dtype: torch.dtype) -> DeepseekV4:
     return model
 
 
+SHIPPED_FP8 = re.compile(r"\.(self_attn\.(q_a_proj|q_b_proj|kv_proj|o_a_proj|o_b_proj|compressor\.indexer\.q_b_proj)"
+                         r"|mlp\.shared_experts\.(gate_proj|up_proj|down_proj))$")
+"""The linear layers (module names) DeepSeek ships in FP8 with 128x128 block scales (docs/model.md
+section 9); its routed experts ship in MXFP4, everything else in bfloat16 or float32."""
+
+
+def shipped_layout(model: DeepseekV4) -> DeepseekV4:
+    """``model`` (on the meta device) with the layers DeepSeek ships quantized in their quantized
+    form, as ``load_checkpoint(quantized=True)`` leaves a DeepSeek checkpoint: the linears of
+    :data:`SHIPPED_FP8` as FP8 :class:`~dsv4rs.model.layers.quant.QuantLinear`, the routed experts
+    as MXFP4 :class:`~dsv4rs.model.layers.moe.Experts`. In place; allocates nothing."""
+    dtype = model.model.embed_tokens.weight.dtype
+    for name, mod in list(model.named_modules()):
+        parent, _, leaf = name.rpartition(".")
+        if SHIPPED_FP8.search(name):
+            out_features, in_features = mod.weight.shape
+            with torch.device("meta"):
+                q = QuantLinear(in_features, out_features, "fp8", getattr(mod, "groups", 1), dtype=dtype)
+            setattr(model.get_submodule(parent), leaf, q)
+        elif isinstance(mod, Experts) and not mod.quantized:
+            with torch.device("meta"):
+                q = Experts(model.config, range(mod.first, mod.first + mod.held), quantized=True)
+            setattr(model.get_submodule(parent), leaf, q)
+    return model
+
+
 def empty_model(cfg: V4Config, device: torch.device | str, dtype: torch.dtype = torch.float32,
-                experts: range | None = None) -> DeepseekV4:
+                experts: range | None = None, shipped: bool = False) -> DeepseekV4:
     """A model whose weights are allocated on ``device`` in ``dtype`` (see :func:`set_dtype`) but
     not initialized: it is built on the meta device, so no full-size copy is ever made elsewhere;
-    the tables computed from the config (RoPE frequencies) are filled. Load or initialize the
-    weights next."""
+    the tables computed from the config (RoPE frequencies) are filled. With ``shipped`` the layers
+    DeepSeek ships quantized hold FP8 / MXFP4 codes instead (:func:`shipped_layout`). Load or
+    initialize the weights next."""
     with torch.device("meta"):
         model = set_dtype(DeepseekV4(cfg, experts), dtype)
+        if shipped:
+            shipped_layout(model)
     model.to_empty(device=device)
     for attn in [layer.self_attn for layer in [*model.model.layers, *model.mtp]]:
         attn.rotary.inv_freq.copy_(rope_inv_freq(cfg, attn.layer_type != SWA))
