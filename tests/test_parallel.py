@@ -89,15 +89,22 @@ def test_ranks_loading_their_experts_from_a_checkpoint(tmp_path, single: dict, k
     m = pw.model()
     write_hf(m, ckpt)
     results = run_ranks(tmp_path, 2, f"{kind}:{ckpt}")
+    seen = loaded_logits(results, kind, m.config)
+    for key, want in single.items():
+        torch.testing.assert_close(seen[key], want, rtol=0, atol=1e-5)
+
+
+def loaded_logits(results: list[dict], kind: str, cfg: V4Config) -> dict:
+    """The logits of two ranks that loaded their share of a checkpoint (``load``: 4 of the 8
+    experts each; ``tpload``: and half the heads), after checking what each holds."""
     seen = {}
     for res in results:
         assert "error" not in res, res.get("trace")
         assert res["held"][2][0] == 4
         heads = 4 if kind == "tpload" else 8
-        assert res["heads"] == (heads, (heads * m.config.head_dim, m.config.q_lora_rank))
+        assert res["heads"] == (heads, (heads * cfg.head_dim, cfg.q_lora_rank))
         seen.update(res["logits"])
-    for key, want in single.items():
-        torch.testing.assert_close(seen[key], want, rtol=0, atol=1e-5)
+    return seen
 
 
 @pytest.mark.parametrize("kind", ["load", "tpload"])
@@ -127,13 +134,7 @@ def test_ranks_running_quantized_weights(tmp_path, kind: str) -> None:
     assert one.model.layers[0].mlp.experts.quantized
     single = pw.run_schedule(Engine(one, max_sequences=8, max_len=512), sorted(pw.PROMPT_LENS))
     results = run_ranks(tmp_path, 2, f"{kind}:{ckpt}")
-    seen = {}
-    for res in results:
-        assert "error" not in res, res.get("trace")
-        assert res["held"][2][0] == 4
-        heads = 4 if kind == "tpload" else 8
-        assert res["heads"] == (heads, (heads * cfg.head_dim, cfg.q_lora_rank))  # FP8 codes, one byte a value
-        seen.update(res["logits"])
+    seen = loaded_logits(results, kind, cfg)  # FP8 codes hold one byte a value, the same shapes
     assert seen.keys() == single.keys()
     if kind == "load":
         for key, want in single.items():
