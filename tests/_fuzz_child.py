@@ -224,6 +224,17 @@ def op_cases(g: Gen):
         lengths=torch.full((t,), k, dtype=torch.int32) if g.chance(0.3) else None,
         extra_cache=kv if g.chance(0.3) else None, extra_indices=None, extra_lengths=None,
         derotate=(torch.arange(t), torch.rand(16, generator=g.g)) if g.chance(0.3) else None)
+    e, inter, d = 4, 32, 64
+    yield "quant_linear", ops.quant_linear, dict(
+        x=g.randn(t, 2, 64), weight=(g.randn(96, 64) * 64).clamp(-448, 448).to(torch.float8_e4m3fn),
+        scale=torch.rand(1, 1, generator=g.g) + 0.5, groups=2, act=g.r.choice(["fp8", "bf16"]))
+    yield "moe_experts", ops.moe_experts, dict(
+        x=g.randn(t, d), idx=torch.randint(0, e, (t, 2), generator=g.g), weights=torch.rand(t, 2, generator=g.g),
+        gate_up=torch.randint(0, 256, (e, 2 * inter, d // 2), generator=g.g, dtype=torch.uint8),
+        gate_up_scale=torch.randint(118, 122, (e, 2 * inter, d // 32), generator=g.g, dtype=torch.uint8),
+        down=torch.randint(0, 256, (e, d, inter // 2), generator=g.g, dtype=torch.uint8),
+        down_scale=torch.randint(118, 122, (e, d, inter // 32), generator=g.g, dtype=torch.uint8),
+        limit=1.0, act=g.r.choice(["fp8", "bf16"]))
     yield "attention_kernel", ops.attention_kernel, dict(device="cuda")
     yield "warm_up", ops.warm_up, dict(device="cuda")
 

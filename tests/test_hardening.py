@@ -94,6 +94,13 @@ META_CALLS = {
                                              torch.ones(1, dtype=torch.int64), 4),
     "compress": lambda: ops.compress(_meta(torch.zeros(4, 1024)), torch.zeros(4, 1024), torch.zeros(4, 1024),
                                      torch.ones(512), torch.ones(32), *ops.compressor_state(4, 512), 0, 4),
+    "quant_linear": lambda: ops.quant_linear(torch.zeros(2, 32), _meta(torch.zeros(4, 32, dtype=torch.float8_e4m3fn)),
+                                             torch.ones(1, 1)),
+    "moe_experts": lambda: ops.moe_experts(torch.zeros(2, 32), torch.zeros(2, 1, dtype=torch.int64), torch.ones(2, 1),
+                                           _meta(torch.zeros(2, 64, 16, dtype=torch.uint8)),
+                                           torch.full((2, 64, 1), 127, dtype=torch.uint8),
+                                           torch.zeros(2, 32, 16, dtype=torch.uint8),
+                                           torch.full((2, 32, 1), 127, dtype=torch.uint8), 1.0),
 }
 
 
