@@ -220,3 +220,25 @@ def test_generate_command(tiny_checkpoint: str) -> None:
                           "--max-tokens", "500", "--max-len", "128", "--device", "cpu"],
                          capture_output=True, text=True, timeout=300, env=env)
     assert bad.returncode == 2 and "exceed the context of 128 tokens" in bad.stderr
+
+
+def test_llm_runs_the_checkpoint_as_stored_or_dequantized(tiny_checkpoint: str) -> None:
+    """The tiny checkpoint is in DeepSeek's layout (FP8 linears, MXFP4 experts): LLM keeps them as
+    stored by default, dequantizes them with quantized=False, and sets the activation rounding."""
+    from dsv4rs import LLM
+    from dsv4rs.model.layers.moe import Experts
+    from dsv4rs.model.layers.quant import QuantLinear
+
+    def quantized_layers(llm) -> list:
+        return [m for m in llm.engine.model.modules()
+                if isinstance(m, QuantLinear) or (isinstance(m, Experts) and m.quantized)]
+
+    stored = LLM(tiny_checkpoint, max_sequences=2, max_len=64, speculative=False, activations="bf16")
+    assert quantized_layers(stored) and {m.act for m in quantized_layers(stored)} == {"bf16"}
+    dense = LLM(tiny_checkpoint, max_sequences=2, max_len=64, speculative=False, quantized=False)
+    assert not quantized_layers(dense)
+    params = SamplingParams(max_tokens=4)
+    assert len(stored.generate(["Hello"], params)[0].token_ids) == 4
+    assert len(dense.generate(["Hello"], params)[0].token_ids) == 4
+    with pytest.raises(ValueError, match="activations"):
+        LLM(tiny_checkpoint, activations="int8")

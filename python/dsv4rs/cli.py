@@ -273,6 +273,10 @@ def _text_arguments(gen: argparse.ArgumentParser, srv: argparse.ArgumentParser) 
                        "tokenizer_config.json")
         p.add_argument("--device", choices=["cpu", "cuda"], help="where to run (default: a CUDA GPU if there is one)")
         p.add_argument("--dtype", choices=["float32", "bfloat16"], help="weights (default: bf16 on a GPU, else fp32)")
+        p.add_argument("--dequantize", dest="quantized", action="store_false", help="dequantize the checkpoint's FP8 "
+                       "linears and MXFP4 experts to --dtype (default: run them as stored)")
+        p.add_argument("--activations", choices=["fp8", "bf16"], default="fp8", help="rounding of the quantized "
+                       "weights' activations: fp8 per 1x128 block, DeepSeek's W8A8 (default), or bf16")
         p.add_argument("--max-len", type=_positive_int, default=4096, help="the longest sequence in tokens "
                        "(default 4096)")
         p.add_argument("--max-sequences", type=_positive_int, help="sequences the cache holds (generate: default 2; "

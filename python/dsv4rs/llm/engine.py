@@ -50,7 +50,12 @@ class LLM:
         checkpoint: a folder with ``config.json``, safetensors shards, ``tokenizer.json`` and
             ``tokenizer_config.json`` (special tokens, chat template).
         device: where to run (default: CUDA if available, else the CPU).
-        dtype: the weights' dtype (default bfloat16 on a GPU, float32 on the CPU).
+        dtype: the dtype of the weights that are not quantized (default bfloat16 on a GPU,
+            float32 on the CPU); with ``quantized=False``, of all of them.
+        quantized: keep the FP8 linears and MXFP4 experts of a DeepSeek checkpoint as stored
+            (default; ``load_checkpoint(quantized=True)``), or dequantize them to ``dtype``.
+        activations: how the quantized weights' activations are rounded, ``"fp8"`` (DeepSeek's
+            W8A8, default) or ``"bf16"`` (:meth:`~dsv4rs.model.DeepseekV4.set_activation_quant`).
         speculative: MTP speculative decoding (default: when the checkpoint has an MTP block);
             it keeps a fork per running request, so at most ``max_sequences // 2`` run at once.
         token_budget: tokens fed per step (decodes first, then prefill chunks).
@@ -60,14 +65,20 @@ class LLM:
 
     def __init__(self, checkpoint: str | os.PathLike[str], device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, speculative: bool | None = None, token_budget: int = 512,
-                 progress: bool = False, **engine_options: Any) -> None:
+                 progress: bool = False, quantized: bool = True, activations: str = "fp8",
+                 **engine_options: Any) -> None:
         from dsv4rs.model.loader import load_checkpoint
 
+        from dsv4rs.model.layers.quant import ACT_MODES
+
         path = os.fspath(checkpoint)
+        if activations not in ACT_MODES:
+            raise ValueError(f"activations: expected one of {ACT_MODES}, got {activations!r}")
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = Tokenizer(path)
-        model = load_checkpoint(path, device=dev, progress=progress,
+        model = load_checkpoint(path, device=dev, progress=progress, quantized=quantized,
                                 dtype=dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32))
+        model.set_activation_quant(activations)
         if self.tokenizer.vocab_size > model.config.vocab_size:
             raise ValueError(f"tokenizer: {self.tokenizer.vocab_size} tokens, more than the model's vocab_size "
                              f"{model.config.vocab_size}")
