@@ -286,6 +286,48 @@ struct Compressor<'a> {
     score_name: &'a str,
 }
 
+/// What a CPU call's compressors share, checked once: the RMSNorm weight, the positional biases,
+/// the RoPE frequencies and a `coff D` row of zeros (the `ape` of candidates read from a state).
+struct Shared<'a> {
+    weight: &'a [f32],
+    ape: &'a [f32],
+    freqs: Vec<f64>,
+    zeros: Vec<f32>,
+}
+
+impl<'a> Shared<'a> {
+    /// # Safety
+    /// The tensors satisfy [`TensorRef`]'s contract.
+    unsafe fn new(norm_weight: &'a TensorRef, ape: &'a TensorRef, inv_freq: &TensorRef, ratio: usize, coff: usize, dim: usize)
+        -> Result<Self> {
+        let weight = floats(norm_weight, &[Some(dim)])?;
+        let ape_v = floats(ape, &[Some(ratio), Some(coff * dim)])?;
+        let freqs = inv_freq_values(inv_freq, dim)?;
+        expect_finite(norm_weight.name, weight)?;
+        expect_finite(ape.name, ape_v)?;
+        Ok(Shared { weight, ape: ape_v, freqs, zeros: vec![0f32; coff * dim] })
+    }
+
+    /// The compressor of these parameters (`kv`, `score`: the argument names for errors).
+    #[allow(clippy::too_many_arguments)]
+    fn compressor<'b>(&'b self, ratio: usize, coff: usize, dim: usize, eps: f32, quant: Quant, kv: &'b str, score: &'b str)
+        -> Compressor<'b> {
+        Compressor {
+            ape: self.ape,
+            weight: self.weight,
+            freqs: &self.freqs,
+            zeros: &self.zeros,
+            ratio,
+            coff,
+            dim,
+            eps,
+            quant,
+            kv_name: kv,
+            score_name: score,
+        }
+    }
+}
+
 impl<'a> Compressor<'a> {
     fn width(&self) -> usize {
         self.coff * self.dim
@@ -421,33 +463,15 @@ pub unsafe fn compress(
     if let Device::Cuda(dev) = same_device(&[kv, score, ape, norm_weight, inv_freq, kv_state, score_state, out])? {
         return compress_gpu(dev, stream, [kv, score, ape, norm_weight, inv_freq, kv_state, score_state, out], cfg);
     }
-    let w = floats(norm_weight, &[Some(d)])?;
     let kv_v = floats(kv, &[None, Some(coff * d)])?;
     let s = kv.dim(0);
     let score_v = floats(score, &[Some(s), Some(coff * d)])?;
-    let ape_v = floats(ape, &[Some(r), Some(coff * d)])?;
     let kv_st = floats(kv_state, &[Some(coff * r), Some(coff * d)])?;
     let score_st = floats(score_state, &[Some(coff * r), Some(coff * d)])?;
     let n_out = entries_completed(cfg.start, s, r);
     floats(out, &[Some(n_out), Some(d)])?;
-    let freqs = inv_freq_values(inv_freq, d)?;
-    expect_finite(norm_weight.name, w)?;
-    expect_finite(ape.name, ape_v)?;
-
-    let zeros = vec![0f32; coff * d];
-    let comp = Compressor {
-        ape: ape_v,
-        weight: w,
-        freqs: &freqs,
-        zeros: &zeros,
-        ratio: r,
-        coff,
-        dim: d,
-        eps: cfg.eps,
-        quant: cfg.quant,
-        kv_name: kv.name,
-        score_name: score.name,
-    };
+    let shared = Shared::new(norm_weight, ape, inv_freq, r, coff, d)?;
+    let comp = shared.compressor(r, coff, d, cfg.eps, cfg.quant, kv.name, score.name);
     let tokens = comp.tokens(kv_v, score_v, kv_st, score_st, cfg.start);
     comp.entries(&tokens, out.host_mut::<f32>(&[DType::F32])?, Placement::Compact)?;
     comp.check_replayed(kv_v, score_v, cfg.start)?;
@@ -621,27 +645,10 @@ pub unsafe fn compress_batch(
         return gpu::compress::compress_batch(dev, stream, &args);
     }
     let rows = batch_rows(state_slots, starts, cu_tokens, t, state.dim(0))?;
-    let w = floats(norm_weight, &[Some(d)])?;
     let kv_v = floats(kv, &[Some(t), Some(width)])?;
     let score_v = floats(score, &[Some(t), Some(width)])?;
-    let ape_v = floats(ape, &[Some(r), Some(width)])?;
-    let freqs = inv_freq_values(inv_freq, d)?;
-    expect_finite(norm_weight.name, w)?;
-    expect_finite(ape.name, ape_v)?;
-    let zeros = vec![0f32; width];
-    let comp = Compressor {
-        ape: ape_v,
-        weight: w,
-        freqs: &freqs,
-        zeros: &zeros,
-        ratio: r,
-        coff,
-        dim: d,
-        eps: cfg.eps,
-        quant: cfg.quant,
-        kv_name: kv.name,
-        score_name: score.name,
-    };
+    let shared = Shared::new(norm_weight, ape, inv_freq, r, coff, d)?;
+    let comp = shared.compressor(r, coff, d, cfg.eps, cfg.quant, kv.name, score.name);
 
     // Split the output by sequence and the state by slot; each live sequence takes its slot.
     let per_slot = 2 * coff * r * width;

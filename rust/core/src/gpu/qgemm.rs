@@ -104,7 +104,7 @@ fn gemm_shared_bytes(fp4: bool, bm: usize, k: usize) -> usize {
 
 fn check_k(w: &Weights) -> Result<usize> {
     let k = w.k();
-    if k % 32 != 0 || k == 0 || k > MAX_K {
+    if !k.is_multiple_of(32) || k == 0 || k > MAX_K {
         return Err(Error::value(
             w.data.name,
             format!("the GPU kernels take K (the reduced dimension) a multiple of 32 in 32..={MAX_K}, got {k}"),
@@ -114,7 +114,7 @@ fn check_k(w: &Weights) -> Result<usize> {
 }
 
 fn check_aligned(t: &TensorRef) -> Result<()> {
-    if t.ptr % 16 != 0 {
+    if !t.ptr.is_multiple_of(16) {
         return Err(Error::value(t.name, "the GPU kernels need 16-byte aligned tensors (pass a fresh contiguous tensor)"));
     }
     Ok(())
