@@ -276,6 +276,14 @@ fn scale_shape(fp4: bool, rows: usize, k: usize) -> [usize; 2] {
     }
 }
 
+/// The workspace of a GPU call: present and uint8. Its size is checked by the launcher, which
+/// sizes it (`gpu::qgemm`).
+fn gpu_workspace(workspace: Option<&TensorRef>) -> Result<&TensorRef> {
+    let ws = workspace.ok_or_else(|| Error::value("workspace", "a GPU call needs a workspace"))?;
+    ws.expect_dtype(&[DType::U8])?;
+    Ok(ws)
+}
+
 /// `out = A(x) W^T` for a quantized weight `W [R, K]`, per group.
 ///
 /// - `weight`: `uint8`, FP8 e4m3 codes `[R, K]` with `scale` float32
@@ -316,15 +324,15 @@ pub unsafe fn linear(
     }
     let m = x.dim(0);
     out.expect_shape(&[Some(m), Some(rows)])?;
-    let device = same_device(&[x, weight, scale, out])?;
+    let mut all = vec![x, weight, scale, out];
+    all.extend(workspace);
+    let device = same_device(&all)?;
     if m == 0 {
         return Ok(());
     }
     match device {
         Device::Cuda(dev) => {
-            let ws = workspace.ok_or_else(|| Error::value("workspace", "a GPU call needs a workspace"))?;
-            ws.expect_dtype(&[DType::U8])?;
-            ws.expect_device(device)?;
+            let ws = gpu_workspace(workspace)?;
             let w = gpu::qgemm::Weights { data: weight, scale, fp4 };
             gpu::qgemm::linear(dev, stream, x, &w, groups, act == Act::Fp8, ws, out)
         }
@@ -426,12 +434,7 @@ pub unsafe fn moe(
     }
     match device {
         Device::Cuda(dev) => {
-            let ws = workspace.ok_or_else(|| Error::value("workspace", "a GPU call needs a workspace"))?;
-            ws.expect_dtype(&[DType::U8])?;
-            let need = gpu::qgemm::moe_workspace_bytes(tokens, k, experts, inter, dim);
-            if ws.numel() < need {
-                return Err(Error::value(ws.name, format!("needs at least {need} bytes, got {}", ws.numel())));
-            }
+            let ws = gpu_workspace(workspace)?;
             let gu = gpu::qgemm::Weights { data: gate_up, scale: gate_up_scale, fp4: true };
             let dn = gpu::qgemm::Weights { data: down, scale: down_scale, fp4: true };
             gpu::qgemm::moe(dev, stream, x, idx, weights, &gu, &dn, limit, act == Act::Fp8, ws, out)

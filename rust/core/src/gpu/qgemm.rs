@@ -156,14 +156,22 @@ pub fn linear_workspace_bytes(
         return Ok(0);
     }
     let (_, splits, _) = linear_shape(dev, m, groups, n, k)?;
+    Ok(linear_layout(m, groups, n, k, quantizes_x(x_bf16, act_fp8, fp4), splits).total)
+}
+
+/// Regions of a [`linear`] call's workspace: byte offsets of the quantized activations and of the
+/// split-K partial sums, where the call has them.
+struct LinearLayout {
+    a: Option<usize>,
+    partial: Option<usize>,
+    total: usize,
+}
+
+fn linear_layout(m: usize, groups: usize, n: usize, k: usize, quantize: bool, splits: usize) -> LinearLayout {
     let mut c = Carve { at: 0 };
-    if quantizes_x(x_bf16, act_fp8, fp4) {
-        c.take(m * groups * k * 2);
-    }
-    if splits > 1 {
-        c.take(splits * m * groups * n * 4);
-    }
-    Ok(c.at)
+    let a = quantize.then(|| c.take(m * groups * k * 2));
+    let partial = (splits > 1).then(|| c.take(splits * m * groups * n * 4));
+    LinearLayout { a, partial, total: c.at }
 }
 
 /// Quantizes (FP8 per 1x128, UE8M0) or rounds (bf16) `rows` rows of `k` values into bf16 `out`,
@@ -210,25 +218,26 @@ pub unsafe fn linear(
         check_aligned(t)?;
     }
     let x_bf16 = x.dtype == DType::BF16;
-    let need = linear_workspace_bytes(dev, m, groups, n, k, x_bf16, act_fp8, w.fp4)?;
-    if workspace.numel() * workspace.dtype.size() < need {
-        return Err(Error::value(workspace.name, format!("needs {need} bytes, got {}", workspace.numel() * workspace.dtype.size())));
-    }
     let (bm, splits, per) = linear_shape(dev, m, groups, n, k)?;
+    let lay = linear_layout(m, groups, n, k, quantizes_x(x_bf16, act_fp8, w.fp4), splits);
+    let have = workspace.numel() * workspace.dtype.size();
+    if have < lay.total {
+        return Err(Error::value(workspace.name, format!("needs {} bytes, got {have}", lay.total)));
+    }
     let m_tiles = m.div_ceil(bm);
     if groups * m_tiles > MAX_GRID_Y {
         return Err(Error::value(x.name, format!("too many rows for one call: {m} (at most {})", MAX_GRID_Y / groups * bm)));
     }
-    let mut c = Carve { at: 0 };
-    let a = if quantizes_x(x_bf16, act_fp8, w.fp4) {
-        let at = workspace.ptr as u64 + c.take(m * groups * k * 2) as u64;
-        act_quant(dev, stream, x.ptr as u64, x_bf16, m * groups, k, act_fp8, w.fp4, at)?;
-        at
-    } else {
-        x.ptr as u64
+    let at = |off: usize| workspace.ptr as u64 + off as u64;
+    let a = match lay.a {
+        Some(off) => {
+            act_quant(dev, stream, x.ptr as u64, x_bf16, m * groups, k, act_fp8, w.fp4, at(off))?;
+            at(off)
+        }
+        None => x.ptr as u64,
     };
     let out_bf16 = out.dtype == DType::BF16;
-    let partial = if splits > 1 { workspace.ptr as u64 + c.take(splits * m * groups * n * 4) as u64 } else { 0 };
+    let partial = lay.partial.map_or(0, at);
     let mut p = GemmParams {
         a,
         a_row_stride: (groups * k) as i64,
