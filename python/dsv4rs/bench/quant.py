@@ -33,15 +33,11 @@ def _fp4_experts(b: Bench, e: int, n: int, k: int, gen: torch.Generator) -> tupl
 
 def _fp4_dequant(data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The experts' values (for the bf16 comparison), one expert at a time on the device."""
-    from dsv4rs.model.loader import _FP4_VALUES
+    from dsv4rs.model.loader import dequantize_fp4
 
-    lut = _FP4_VALUES.to(data.device)
     out = torch.empty(*data.shape[:-1], 2 * data.shape[-1], dtype=dtype, device=data.device)
     for i in range(data.shape[0]):
-        byte = data[i].long()
-        codes = torch.stack((byte & 0xF, byte >> 4), dim=-1).flatten(-2)
-        values = lut[codes].unflatten(-1, (-1, 32)) * torch.exp2(scale[i].float() - 127)[..., None]
-        out[i] = values.flatten(-2).to(dtype)
+        out[i] = dequantize_fp4(data[i], scale[i], "bench experts").to(dtype)
     return out
 
 

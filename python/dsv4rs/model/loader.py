@@ -227,7 +227,8 @@ def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, name: str, at: tup
 
 
 def dequantize_fp4(packed: torch.Tensor, scale: torch.Tensor, name: str) -> torch.Tensor:
-    """MXFP4 ``[out, in / 2]`` bytes (low nibble first) times one scale per 32 values."""
+    """MXFP4 ``[out, in / 2]`` bytes (low nibble first) times one scale per 32 values, float32 on
+    ``packed``'s device."""
     if packed.dim() != 2:
         raise CheckpointError(f"{name}: an MXFP4 weight must be 2-d, got shape {list(packed.shape)}")
     rows, half = packed.shape
@@ -236,7 +237,7 @@ def dequantize_fp4(packed: torch.Tensor, scale: torch.Tensor, name: str) -> torc
         raise CheckpointError(f"{name}: FP4 scale has shape {list(scale.shape)}, expected [{rows}, {cols // FP4_BLOCK}]")
     b = packed.view(torch.uint8).to(torch.int64)
     codes = torch.stack((b & 0xF, b >> 4), dim=-1).flatten(-2)
-    values = _FP4_VALUES[codes].view(rows, -1, FP4_BLOCK)
+    values = _FP4_VALUES.to(codes.device)[codes].view(rows, -1, FP4_BLOCK)
     return (values * _e8m0(scale, name)[..., None]).flatten(-2)
 
 
