@@ -246,6 +246,17 @@ MOE_CASES = {
 }
 
 
+def moe_grid(fn):
+    """Parametrizes a MoE test (CPU and GPU alike) over the cases, both activation roundings, the
+    dtype of x and the dtype of the ids."""
+    for mark in (pytest.mark.parametrize("idx_dtype", [torch.int64, torch.int32], ids=["i64", "i32"]),
+                 pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"]),
+                 pytest.mark.parametrize("act", ["fp8", "bf16"]),
+                 pytest.mark.parametrize("case", sorted(MOE_CASES))):
+        fn = mark(fn)
+    return fn
+
+
 def moe_inputs(gen: torch.Generator, case: str, dtype: torch.dtype, idx_dtype: torch.dtype):
     t, k, e, inter, d, routing, limit = MOE_CASES[case]
     x = activations(gen, t, d, dtype=dtype, decades=2.0)
@@ -260,10 +271,7 @@ def moe_inputs(gen: torch.Generator, case: str, dtype: torch.dtype, idx_dtype: t
     return (x, idx, weights, gate_up, gate_up_scale, down, down_scale), limit
 
 
-@pytest.mark.parametrize("case", sorted(MOE_CASES))
-@pytest.mark.parametrize("act", ["fp8", "bf16"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("idx_dtype", [torch.int64, torch.int32], ids=["i64", "i32"])
+@moe_grid
 def test_moe_experts_matches_reference(gen: torch.Generator, case: str, act: str, dtype: torch.dtype,
                                        idx_dtype: torch.dtype) -> None:
     args, limit = moe_inputs(gen, case, dtype, idx_dtype)
@@ -471,10 +479,7 @@ def test_gpu_quant_linear_at_model_widths(gen: torch.Generator, fp4: bool, m: in
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", sorted(MOE_CASES))
-@pytest.mark.parametrize("act", ["fp8", "bf16"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("idx_dtype", [torch.int64, torch.int32], ids=["i64", "i32"])
+@moe_grid
 def test_gpu_moe_experts_matches_reference_and_cpu(gen: torch.Generator, case: str, act: str, dtype: torch.dtype,
                                                    idx_dtype: torch.dtype) -> None:
     args, limit = moe_inputs(gen, case, dtype, idx_dtype)
