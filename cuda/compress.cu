@@ -37,7 +37,7 @@ struct Params {
   const float* ape;
   const float* norm_weight;
   const void* inv_freq;
-  int inv_freq64;
+  int rope_mode;  // bits of cuda/include/rope.cuh
   int rope_pairs;
   float* kv_state;
   float* score_state;
@@ -119,10 +119,10 @@ __device__ __forceinline__ void finish_entry(const Params& p, long long i, float
   const float rms = rsqrtf(block_sum(ss, scratch) / d + p.eps);
   for (int c = tid; c < d; c += THREADS) x[c] = x[c] * rms * p.norm_weight[c];
   __syncthreads();
-  // RoPE at position r i on the last 2 rope_pairs dims (interleaved pairs), angles in double.
+  // RoPE at position r i on the last 2 rope_pairs dims (interleaved pairs), the mode's angles.
   for (int j = tid; j < p.rope_pairs; j += THREADS) {
     double s, co;
-    rope_sincos((double)(r * i), load_freq(p.inv_freq, j, p.inv_freq64), s, co);
+    rope_sincos(r * i, p.inv_freq, j, p.rope_mode, false, s, co);
     int k = d - 2 * p.rope_pairs + 2 * j;
     float x0 = x[k], x1 = x[k + 1];
     x[k] = x0 * (float)co - x1 * (float)s;

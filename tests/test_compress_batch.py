@@ -126,11 +126,11 @@ def random_batch(gen: torch.Generator, seed: str, kind: str, ratio: int, dim: in
     return make_batch(gen, ratio, dim, quant, *layout(rng, kind, ratio))
 
 
-def run_batch(x: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+def run_batch(x: Batch, rope_table: str = "official") -> tuple[torch.Tensor, torch.Tensor]:
     """The op on a copy of the state: (out, state after)."""
     state = x.state.clone()
     out = ops.compress_batch(x.kv, x.score, x.ape, x.norm, x.inv_freq, state, x.slots, x.starts, x.cu, x.ratio,
-                             quant=x.quant)
+                             quant=x.quant, rope_table=rope_table)
     return out, state
 
 
@@ -284,17 +284,18 @@ def test_decode_steps_equal_one_call_per_sequence(gen: torch.Generator) -> None:
             assert torch.equal(state[s, 0], torch.zeros_like(state[s, 0]))
 
 
-def test_matches_float64_reference(gen: torch.Generator) -> None:
+@pytest.mark.parametrize("table", ops.ROPE_TABLES)
+def test_matches_float64_reference(gen: torch.Generator, table: str) -> None:
     for ratio, dim in [(4, 128), (128, 64)]:
         lens = [9, 0, 300, 4]
         x = make_batch(gen, ratio, dim, "none", lens, [0] * 4, [True] * 4)
         for s in live_slots(x):
             x.state[s, 0], x.state[s, 1] = ops.compressor_state(ratio, dim)
-        out, _ = run_batch(x)
+        out, _ = run_batch(x, table)
         cu = x.cu.tolist()
         for b, n in enumerate(lens):
             want = ref.compressor_prefill(x.kv[cu[b] : cu[b + 1]], x.score[cu[b] : cu[b + 1]], x.ape, x.norm, ratio,
-                                          x.inv_freq)
+                                          x.inv_freq, table=table)
             got = out[cu[b] + ratio - 1 : cu[b + 1] : ratio]
             assert got.shape == want.shape == (n // ratio, dim)
             torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
@@ -380,9 +381,10 @@ def test_rejects_bad_inputs(gen: torch.Generator) -> None:
 
 def test_opcheck(gen: torch.Generator) -> None:
     x = make_batch(gen, 4, 64, "none", [5, 0, 9], [3, 0, 4], [True, False, True])
-    torch.library.opcheck(torch.ops.dsv4rs.compress_batch.default, (*x.args[:4], INV_FREQ, *x.args[5:], 4, 1e-6, "none"))
+    torch.library.opcheck(torch.ops.dsv4rs.compress_batch.default, (*x.args[:4], INV_FREQ, *x.args[5:], 4, 1e-6, "none",
+                                                                  "official"))
     y = make_batch(gen, 128, 128, "fp4", [1, 1], [127, 5], [True, True])
-    torch.library.opcheck(torch.ops.dsv4rs.compress_batch.default, (*y.args, 128, 1e-6, "fp4"))
+    torch.library.opcheck(torch.ops.dsv4rs.compress_batch.default, (*y.args, 128, 1e-6, "fp4", "exact"))
 
 
 # ----------------------------------------------------------------------------------------- GPU

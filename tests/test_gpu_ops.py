@@ -57,9 +57,31 @@ def test_compress_matches_cpu(gen: torch.Generator, ratio: int, dim: int, quant:
     tol = {"none": 1e-6, "fp8": 3e-2, "fp4": 2e-1}[quant]
     if cpu.numel():
         assert rel_err(dev, cpu) < tol
-    ref = reference.compressor_prefill(*(t.double() for t in inputs[:4]), ratio, inputs[4].double(), quant="none")
+    ref = reference.compressor_prefill(*(t.double() for t in inputs[:4]), ratio, inputs[4].double(), quant="none",
+                                       table="official")
     if quant == "none" and cpu.numel():
         assert rel_err(dev, ref) < 1e-5
+
+
+@pytest.mark.parametrize("ratio", [4, 128])
+@pytest.mark.parametrize("table", ops.ROPE_TABLES)
+def test_compress_far_along_matches_cpu_and_reference(gen: torch.Generator, ratio: int, table: str) -> None:
+    """Entries of a sequence fed from a position near 2^20 (fresh state): the GPU's RoPE angles
+    are the CPU's and the reference's for each table, and the tables differ there."""
+    far, dim = (1 << 20) - 256, 512
+    kv, score, ape, norm, inv_freq = compressor_inputs(gen, ratio, dim, 2 * ratio)
+    got = {}
+    for device in ("cpu", "cuda"):
+        state = ops.compressor_state(ratio, dim, device)
+        args = (t.to(device) for t in (kv, score, ape, norm, inv_freq))
+        got[device] = ops.compress(*args, *state, far, ratio, rope_table=table).cpu()
+    assert rel_err(got["cuda"], got["cpu"]) < 1e-6
+    want = reference.compressor_prefill(*(t.double() for t in (kv, score, ape, norm)), ratio, inv_freq.double(),
+                                        position_offset=far, table=table)
+    assert rel_err(got["cuda"], want) < 1e-5
+    other = reference.compressor_prefill(*(t.double() for t in (kv, score, ape, norm)), ratio, inv_freq.double(),
+                                         position_offset=far, table="exact" if table == "official" else "official")
+    assert rel_err(got["cuda"], other) > 1e-4
 
 
 # -------------------------------------------------------------------------------------- indexer
@@ -194,6 +216,27 @@ def test_sparse_attention_matches_cpu(gen: torch.Generator, fmt: str, t: int, he
     finite = torch.isfinite(lse_c)
     assert torch.equal(torch.isfinite(lse_d.cpu()), finite)
     torch.testing.assert_close(lse_d.cpu()[finite], lse_c[finite], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("table", ops.ROPE_TABLES)
+def test_sparse_attention_derotates_with_the_table(gen: torch.Generator, table: str, kernel: str) -> None:
+    """The epilogue's inverse RoPE takes the table's angles. One candidate per query and a sink
+    far below every logit make each head's output exactly the candidate's row (weight 1), so the
+    de-rotated output is the reference's to float32 rounding, while at 2^20 the tables differ by
+    thousands of times that."""
+    q, cache, _, _, _, _, sink = attention_case(gen, 4, 64, 1000, 512, "fp8", 128)
+    idx = torch.full((4, 8), -1, dtype=torch.int32)
+    idx[:, 0] = torch.tensor([5, 77, 300, 999])
+    sink = torch.full_like(sink, -1e4)
+    inv_freq = reference.rope_inv_freq(64, 10000.0).float()
+    pos = torch.tensor([0, 4095, 131071, (1 << 20) - 1])
+    out, _ = ops.sparse_attention(q.cuda(), cache.cuda(), idx.cuda(), sink.cuda(), derotate=(pos.cuda(), inv_freq.cuda()),
+                                  rope_table=table)
+    rows = ops.kv_read(cache, idx[:, 0].contiguous())[:, None].expand(-1, q.shape[1], -1).double()
+    want = reference.apply_rope(rows, pos, inv_freq, inverse=True, table=table)
+    assert rel_err(out, want) < 1e-6
+    other = reference.apply_rope(rows, pos, inv_freq, inverse=True, table="exact" if table == "official" else "official")
+    assert rel_err(out[-1, :, 448:], other[-1, :, 448:]) > 1e-3
 
 
 def launched_kernels(fn) -> set[str]:

@@ -242,3 +242,8 @@ def test_llm_runs_the_checkpoint_as_stored_or_dequantized(tiny_checkpoint: str) 
     assert len(dense.generate(["Hello"], params)[0].token_ids) == 4
     with pytest.raises(ValueError, match="activations"):
         LLM(tiny_checkpoint, activations="int8")
+    exact = LLM(tiny_checkpoint, max_sequences=2, max_len=64, speculative=False, rope_table="exact")
+    assert {m.table for m in exact.engine.model.modules() if hasattr(m, "table")} == {"exact"}
+    assert len(exact.generate(["Hello"], params)[0].token_ids) == 4
+    with pytest.raises(ValueError, match="rope_table"):
+        LLM(tiny_checkpoint, rope_table="float32")

@@ -222,6 +222,32 @@ def test_exact_rope_is_relative_and_the_table_drifts(model: DeepseekV4) -> None:
             dense_forward(m, ids[:8], **kwargs)
 
 
+def test_rope_table_reaches_every_op(tiny: DeepseekV4, gen: torch.Generator, monkeypatch) -> None:
+    """set_rope_table's choice is what every rotating op of every layer is called with (the
+    queries and entries, the compressors, the output's de-rotation), and the engine's logits
+    match the reference computed with the same table."""
+    from dsv4rs import ops
+
+    seen: dict[str, set] = {}
+    for name, key in (("rope", "table"), ("compress_batch", "rope_table"), ("sparse_attention", "rope_table")):
+        def spy(*args, _op=getattr(ops, name), _name=name, _key=key, **kw):
+            seen.setdefault(_name, set()).add(kw.get(_key))
+            return _op(*args, **kw)
+        monkeypatch.setattr(ops, name, spy)
+    ids = ids_for(tiny.config, 140, gen)
+    try:
+        for table in ops.ROPE_TABLES:
+            seen.clear()
+            got = prefill(tiny.set_rope_table(table), ids)
+            assert seen == {"rope": {table}, "compress_batch": {table}, "sparse_attention": {table}}
+            want = dense_forward(float64_copy(tiny), ids, rope_table=table)
+            torch.testing.assert_close(got.double(), want, atol=TOL, rtol=0)
+    finally:
+        tiny.set_rope_table("official")
+    with pytest.raises(ValueError, match="table"):
+        tiny.set_rope_table("float64")
+
+
 @pytest.mark.parametrize(("change", "names"), [
     ({"head_dim": 256}, "head_dim"),
     ({"layer_types": [SWA] * 3}, "layer_types"),
@@ -287,7 +313,8 @@ def test_decode_and_chunks_equal_one_prefill(model: DeepseekV4, gen: torch.Gener
     cfg = model.config
     ids = ids_for(cfg, LONG, gen)
     whole = prefill(model, ids)
-    torch.testing.assert_close(whole.double(), dense_forward(float64_copy(model), ids), atol=TOL, rtol=0)
+    want = dense_forward(float64_copy(model), ids, rope_table="official")  # the model's default table
+    torch.testing.assert_close(whole.double(), want, atol=TOL, rtol=0)
     eng = Engine(model, max_sequences=2, max_len=LONG)
     a, _ = eng.add_sequence()
     b, _ = eng.add_sequence()

@@ -41,22 +41,52 @@ def close(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-5, atol: float
 @pytest.mark.parametrize("shape", [(7, 64), (5, 3, 512), (4, 2, 3, 130)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("inverse", [False, True])
-def test_rope_matches_reference(gen: torch.Generator, shape: tuple[int, ...], dtype: torch.dtype, inverse: bool) -> None:
+@pytest.mark.parametrize("table", ops.ROPE_TABLES)
+def test_rope_matches_reference(gen: torch.Generator, shape: tuple[int, ...], dtype: torch.dtype, inverse: bool,
+                                table: str) -> None:
     x = randn(gen, *shape).to(dtype)
     positions = torch.randint(0, 1 << 20, (shape[0],), generator=gen)
     positions[0] = 0
-    got = ops.rope(x, positions, INV_FREQ, inverse=inverse)
+    got = ops.rope(x, positions, INV_FREQ, inverse=inverse, table=table)
     assert got.dtype == torch.float32 and got.shape == x.shape
-    close(got, ref.apply_rope(x, positions, INV_FREQ, inverse=inverse), rtol=1e-6, atol=1e-6)
+    close(got, ref.apply_rope(x, positions, INV_FREQ, inverse=inverse, table=table), rtol=1e-6, atol=1e-6)
 
 
-def test_rope_accepts_float32_frequencies_and_round_trips(gen: torch.Generator) -> None:
+@pytest.mark.parametrize("table", ops.ROPE_TABLES)
+def test_rope_accepts_float32_frequencies_and_round_trips(gen: torch.Generator, table: str) -> None:
     x = randn(gen, 6, 4, 512)
     positions = torch.arange(6) * 200_000
     f32 = INV_FREQ.float()
-    there = ops.rope(x, positions, f32)
-    close(there, ref.apply_rope(x, positions, f32))
-    close(ops.rope(there, positions, f32, inverse=True), x)
+    there = ops.rope(x, positions, f32, table=table)
+    close(there, ref.apply_rope(x, positions, f32, table=table))
+    close(ops.rope(there, positions, f32, inverse=True, table=table), x)
+
+
+def test_rope_tables_are_the_official_float32_table_and_exact_angles() -> None:
+    """On unit pairs the op returns each angle's cosine and sine: the default table's are
+    DeepSeek's (float32 position times float32 frequency, rounded to float32; cosine and sine
+    within a float32 ulp of torch's float32 ones), "exact"'s the float64 ones. The two differ by
+    the float32 angle's error, which grows with the position."""
+    positions = torch.tensor([0, 1, 4095, 32768, 131071, (1 << 20) - 1])
+    x = torch.zeros(len(positions), 64)
+    x[:, 0::2] = 1.0
+    f32 = INV_FREQ.float()
+    official = ops.rope(x, positions, INV_FREQ)
+    angle32 = positions.float()[:, None] * f32
+    torch.testing.assert_close(official[:, 0::2], angle32.cos(), rtol=0, atol=2.0**-23)
+    torch.testing.assert_close(official[:, 1::2], angle32.sin(), rtol=0, atol=2.0**-23)
+    assert torch.equal(official, ops.rope(x, positions, INV_FREQ, table="official"))
+    exact = ops.rope(x, positions, INV_FREQ, table="exact")
+    angle = positions.double()[:, None] * INV_FREQ.double()
+    torch.testing.assert_close(exact[:, 0::2].double(), angle.cos(), rtol=0, atol=2.0**-24)
+    torch.testing.assert_close(exact[:, 1::2].double(), angle.sin(), rtol=0, atol=2.0**-24)
+    # The tables differ by what the float32 angle is off, and no more.
+    err = (angle32.double() - angle).abs().repeat_interleave(2, -1)
+    gap = (official - exact).abs().double()
+    assert (gap <= err + 2.0**-22).all()
+    assert gap[0].max() == 0 and gap[1].max() < 1e-6 and gap[-1].max() > 1e-3, gap.amax(-1)
+    with pytest.raises(ValueError, match="table"):
+        ops.rope(x, positions, INV_FREQ, table="float32")
 
 
 def test_rope_rejects_bad_inputs() -> None:
@@ -115,6 +145,22 @@ def test_compress_prefill_matches_reference(gen: torch.Generator, ratio: int, di
         assert torch.equal(got, ref.entry_quant_dequant(plain).float())
     elif quant == "fp4":
         assert torch.equal(got, ref.fp4_quant_dequant(ops.hadamard128(plain)).float())
+
+
+@pytest.mark.parametrize("ratio", [4, 128])
+@pytest.mark.parametrize("table", ops.ROPE_TABLES)
+def test_compress_far_along_uses_the_table(gen: torch.Generator, ratio: int, table: str) -> None:
+    """A sequence fed from position P with a fresh state is the reference's sequence placed at P
+    (the first block has no predecessor either way): at P near 2^20 the two tables differ by far
+    more than the float32 noise, and each op matches its own table."""
+    far, dim = (1 << 20) - 256, 128
+    inp = compressor_inputs(gen, ratio, dim, 2 * ratio)
+    args = (inp["kv"], inp["score"], inp["ape"], inp["norm_weight"], ratio, INV_FREQ)
+    got = ops.compress(*args[:4], INV_FREQ, *ops.compressor_state(ratio, dim), start_pos=far, ratio=ratio,
+                       rope_table=table)
+    close(got, ref.compressor_prefill(*args, position_offset=far, table=table))
+    other = ref.compressor_prefill(*args, position_offset=far, table=({*ops.ROPE_TABLES} - {table}).pop())
+    assert (got.double() - other).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("ratio,dim,quant", COMPRESSORS)
@@ -415,7 +461,8 @@ def test_attention_matches_reference(gen: torch.Generator, fmt: str, t: int, hea
     close(lse, want_lse)
 
 
-def test_attention_two_caches_lengths_and_derotation(gen: torch.Generator) -> None:
+@pytest.mark.parametrize("table", ops.ROPE_TABLES)
+def test_attention_two_caches_lengths_and_derotation(gen: torch.Generator, table: str) -> None:
     compressed, c_rows = entry_cache(gen, 500, "fp8")
     window, w_rows = entry_cache(gen, 200, "bfloat16")
     t, heads = 6, 16
@@ -426,10 +473,11 @@ def test_attention_two_caches_lengths_and_derotation(gen: torch.Generator) -> No
     sink = randn(gen, heads)
     positions = torch.randint(0, 1 << 20, (t,), generator=gen)
     out, lse = ops.sparse_attention(q, compressed, idx, sink, scale=0.03, lengths=lengths, extra_cache=window,
-                                    extra_indices=widx, extra_lengths=wlengths, derotate=(positions, INV_FREQ))
+                                    extra_indices=widx, extra_lengths=wlengths, derotate=(positions, INV_FREQ),
+                                    rope_table=table)
     want_out, want_lse = reference_attention(q.float(), sink, [(c_rows, idx, lengths), (w_rows, widx, wlengths)], 0.03)
     close(lse, want_lse)
-    close(out, ref.apply_rope(want_out, positions, INV_FREQ, inverse=True))
+    close(out, ref.apply_rope(want_out, positions, INV_FREQ, inverse=True, table=table))
 
 
 def test_attention_edge_cases(gen: torch.Generator) -> None:
@@ -498,11 +546,12 @@ def test_attention_rejects_bad_inputs(gen: torch.Generator) -> None:
 
 def test_opcheck(gen: torch.Generator) -> None:
     x, pos = randn(gen, 3, 2, 64), torch.arange(3)
-    torch.library.opcheck(torch.ops.dsv4rs.rope.default, (x, pos, INV_FREQ, False))
+    for table in ops.ROPE_TABLES:
+        torch.library.opcheck(torch.ops.dsv4rs.rope.default, (x, pos, INV_FREQ, False, table))
     inp = compressor_inputs(gen, 4, 64, 9)
     state = ops.compressor_state(4, 64)
     torch.library.opcheck(torch.ops.dsv4rs.compress.default,
-                          (inp["kv"], inp["score"], inp["ape"], inp["norm_weight"], INV_FREQ, *state, 0, 4, 1e-6, "none"))
+                          (inp["kv"], inp["score"], inp["ape"], inp["norm_weight"], INV_FREQ, *state, 0, 4, 1e-6, "none", "official"))
     cache, table, _ = paged_keys(gen, [randn(gen, 100, 128)], "fp4")
     torch.library.opcheck(torch.ops.dsv4rs.indexer_topk.default,
                           (randn(gen, 2, 4, 128), randn(gen, 2, 4), cache, table, torch.zeros(2, dtype=torch.int32),
@@ -510,10 +559,11 @@ def test_opcheck(gen: torch.Generator) -> None:
     kv, _ = entry_cache(gen, 64, "fp8")
     idx = random_indices(gen, 2, 10, 64)
     torch.library.opcheck(torch.ops.dsv4rs.sparse_attention.default,
-                          (randn(gen, 2, 4, 512), kv, idx, randn(gen, 4), 0.05, None, None, None, None, None, None))
+                          (randn(gen, 2, 4, 512), kv, idx, randn(gen, 4), 0.05, None, None, None, None, None, None,
+                           "official"))
     torch.library.opcheck(torch.ops.dsv4rs.sparse_attention.default,
                           (randn(gen, 2, 4, 512), kv, idx, randn(gen, 4), 0.05, torch.tensor([3, 10], dtype=torch.int32),
-                           kv, idx, None, pos[:2], INV_FREQ))
+                           kv, idx, None, pos[:2], INV_FREQ, "exact"))
 
 
 # ---------------------------------------------------------------------------------- mHC weights

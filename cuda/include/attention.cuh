@@ -118,7 +118,7 @@ struct Params {
   const void* positions;       // null: no de-rotation
   int positions64;
   const void* inv_freq;        // [32], float32 or float64
-  int inv_freq64;
+  int rope_mode;               // bits of rope.cuh
   int splits;
   int split_len;
   float* out;      // [T, H, 512]
@@ -190,7 +190,7 @@ __device__ __forceinline__ long long masked_row(long long id, const Cache& c) { 
 // Inverse RoPE at `pos` on dims 448:512 of a 512-d output row held as (dim, value) pairs.
 __device__ __forceinline__ void derotate_pair(float& x0, float& x1, long long pos, const Params& p, int j) {
   double s, c;
-  rope_sincos(-(double)pos, load_freq(p.inv_freq, j, p.inv_freq64), s, c);
+  rope_sincos(pos, p.inv_freq, j, p.rope_mode, true, s, c);
   float y0 = x0 * (float)c - x1 * (float)s, y1 = x0 * (float)s + x1 * (float)c;
   x0 = y0;
   x1 = y1;

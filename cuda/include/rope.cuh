@@ -4,15 +4,28 @@
 
 namespace dsv4 {
 
-// Inverse frequency j of a table stored as float64 (is64 != 0) or float32.
-__device__ __forceinline__ double load_freq(const void* inv_freq, int j, int is64) {
-  return is64 ? ((const double*)inv_freq)[j] : (double)((const float*)inv_freq)[j];
-}
+// Bits of a kernel's `rope_mode` (RopeTable::kernel_mode in rust/core/src/rope.rs).
+constexpr int ROPE_FREQ64 = 1;    // the inverse frequencies are stored as float64 (else float32)
+constexpr int ROPE_OFFICIAL = 2;  // DeepSeek's float32 table (else exact angles)
 
-// Sine and cosine of the angle pos * inv_freq in double (positions reach 2^20, where a float
-// angle would be off by up to 0.06 rad); the pi-scaled argument makes range reduction cheap.
-__device__ __forceinline__ void rope_sincos(double pos, double inv_freq, double& s, double& c) {
-  sincospi(pos * inv_freq * M_1_PI, &s, &c);
+// Sine and cosine of the angle pos * inv_freq[j] (the sine negated when `inverse`), as the
+// mode's table has them:
+// - official: the float32 product of the position and the frequency, both rounded to float32,
+//   its sine and cosine rounded to float32 (computed in double, then rounded);
+// - exact: the angle, its sine and cosine in double (the pi-scaled argument makes range
+//   reduction cheap).
+__device__ __forceinline__ void rope_sincos(long long pos, const void* inv_freq, int j, int mode, bool inverse,
+                                            double& s, double& c) {
+  const double f = mode & ROPE_FREQ64 ? ((const double*)inv_freq)[j] : (double)((const float*)inv_freq)[j];
+  if (mode & ROPE_OFFICIAL) {
+    const float angle = __fmul_rn(__ll2float_rn(pos), __double2float_rn(f));
+    sincos((double)angle, &s, &c);
+    s = (double)__double2float_rn(s);
+    c = (double)__double2float_rn(c);
+  } else {
+    sincospi((double)pos * f * M_1_PI, &s, &c);
+  }
+  if (inverse) s = -s;
 }
 
 }  // namespace dsv4

@@ -71,17 +71,17 @@ class CacheManager:
     def refcounts(self, family: str) -> bytearray: ...
     def cached_units(self) -> int: ...
     def check(self) -> None: ...
-def rope(x: Spec, positions: Spec, inv_freq: Spec, out: Spec, inverse: bool, stream: int) -> None: ...
+def rope(x: Spec, positions: Spec, inv_freq: Spec, out: Spec, inverse: bool, table: str, stream: int) -> None: ...
 def mhc_weights(
     mix: Spec, scale: Spec, base: Spec, pre: Spec, post: Spec, comb: Spec, iters: int, eps: float, stream: int
 ) -> None: ...
 def compress(
     kv: Spec, score: Spec, ape: Spec, norm_weight: Spec, inv_freq: Spec, kv_state: Spec, score_state: Spec,
-    out: Spec, start_pos: int, ratio: int, eps: float, quant: str, stream: int,
+    out: Spec, start_pos: int, ratio: int, eps: float, quant: str, rope_table: str, stream: int,
 ) -> None: ...
 def compress_batch(
     kv: Spec, score: Spec, ape: Spec, norm_weight: Spec, inv_freq: Spec, state: Spec, state_slots: Spec,
-    starts: Spec, cu_tokens: Spec, out: Spec, ratio: int, eps: float, quant: str, stream: int,
+    starts: Spec, cu_tokens: Spec, out: Spec, ratio: int, eps: float, quant: str, rope_table: str, stream: int,
 ) -> None: ...
 def indexer_topk(
     q: Spec, weights: Spec, key_cache: Spec, block_table: Spec, seq_ids: Spec, visible: Spec,
@@ -92,7 +92,7 @@ def attention_workspace_bytes(queries: int, heads: int, max_candidates: int) -> 
 def sparse_attention(
     q: Spec, cache: Spec, indices: Spec, lengths: Spec | None, extra_cache: Spec | None,
     extra_indices: Spec | None, extra_lengths: Spec | None, sink: Spec, scale: float,
-    derotate_positions: Spec | None, derotate_inv_freq: Spec | None, out: Spec, lse: Spec,
+    derotate_positions: Spec | None, derotate_inv_freq: Spec | None, rope_table: str, out: Spec, lse: Spec,
     workspace: Spec | None, stream: int,
 ) -> None: ...
 def quant_linear(

@@ -277,6 +277,8 @@ def _text_arguments(gen: argparse.ArgumentParser, srv: argparse.ArgumentParser) 
                        "linears and MXFP4 experts to --dtype (default: run them as stored)")
         p.add_argument("--activations", choices=["fp8", "bf16"], default="fp8", help="rounding of the quantized "
                        "weights' activations: fp8 per 1x128 block, DeepSeek's W8A8 (default), or bf16")
+        p.add_argument("--rope-table", choices=["official", "exact"], default="official", help="RoPE angles: "
+                       "DeepSeek's float32 table (default) or exact float64 angles")
         p.add_argument("--max-len", type=_positive_int, default=4096, help="the longest sequence in tokens "
                        "(default 4096)")
         p.add_argument("--max-sequences", type=_positive_int, help="sequences the cache holds (generate: default 2; "

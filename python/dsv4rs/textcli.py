@@ -15,7 +15,8 @@ def _llm(args: argparse.Namespace, max_sequences: int | None):
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, None: None}[args.dtype]
     return LLM(args.checkpoint, device=args.device, dtype=dtype, speculative=args.speculative,
-               quantized=args.quantized, activations=args.activations, max_len=args.max_len,
+               quantized=args.quantized, activations=args.activations, rope_table=args.rope_table,
+               max_len=args.max_len,
                max_sequences=max_sequences, quant=args.quant, progress=True)
 
 

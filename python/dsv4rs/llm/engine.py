@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from dsv4rs import ops
 from dsv4rs.llm.outputs import Completion, Delta, TokenLogprob
 from dsv4rs.llm.params import SamplingParams
 from dsv4rs.llm.speculative import SpeculativeScheduler
@@ -56,6 +57,8 @@ class LLM:
             (default; ``load_checkpoint(quantized=True)``), or dequantize them to ``dtype``.
         activations: how the quantized weights' activations are rounded, ``"fp8"`` (DeepSeek's
             W8A8, default) or ``"bf16"`` (:meth:`~dsv4rs.model.DeepseekV4.set_activation_quant`).
+        rope_table: how RoPE angles are computed, ``"official"`` (DeepSeek's float32 table,
+            default) or ``"exact"`` (:meth:`~dsv4rs.model.DeepseekV4.set_rope_table`).
         speculative: MTP speculative decoding (default: when the checkpoint has an MTP block);
             it keeps a fork per running request, so at most ``max_sequences // 2`` run at once.
         token_budget: tokens fed per step (decodes first, then prefill chunks).
@@ -66,7 +69,7 @@ class LLM:
     def __init__(self, checkpoint: str | os.PathLike[str], device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, speculative: bool | None = None, token_budget: int = 512,
                  progress: bool = False, quantized: bool = True, activations: str = "fp8",
-                 **engine_options: Any) -> None:
+                 rope_table: str = "official", **engine_options: Any) -> None:
         from dsv4rs.model.loader import load_checkpoint
 
         from dsv4rs.model.layers.quant import ACT_MODES
@@ -74,11 +77,13 @@ class LLM:
         path = os.fspath(checkpoint)
         if activations not in ACT_MODES:
             raise ValueError(f"activations: expected one of {ACT_MODES}, got {activations!r}")
+        if rope_table not in ops.ROPE_TABLES:
+            raise ValueError(f"rope_table: expected one of {ops.ROPE_TABLES}, got {rope_table!r}")
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = Tokenizer(path)
         model = load_checkpoint(path, device=dev, progress=progress, quantized=quantized,
                                 dtype=dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32))
-        model.set_activation_quant(activations)
+        model.set_activation_quant(activations).set_rope_table(rope_table)
         if self.tokenizer.vocab_size > model.config.vocab_size:
             raise ValueError(f"tokenizer: {self.tokenizer.vocab_size} tokens, more than the model's vocab_size "
                              f"{model.config.vocab_size}")

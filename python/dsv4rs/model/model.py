@@ -15,13 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsv4rs import ops
 from dsv4rs.model.config import SWA, V4Config
 from dsv4rs.model.layers.attention import Attention, AttentionMetadata, LayerCache
 from dsv4rs.model.layers.mhc import HyperConnection, HyperHead, combine
 from dsv4rs.model.layers.moe import Experts, MoE, expert_range
 from dsv4rs.model.layers.quant import QuantLinear, check_act
+from dsv4rs.model.layers.rotary import RotaryEmbedding
 from dsv4rs.model.layers.rotary import inv_freq as rope_inv_freq
 from dsv4rs.model.layers.norm import RMSNorm, linear
+from dsv4rs.ops._checks import choice
 
 
 class DecoderLayer(nn.Module):
@@ -109,6 +112,17 @@ class DeepseekV4(nn.Module):
         for m in self.modules():
             if isinstance(m, QuantLinear) or (isinstance(m, Experts) and m.quantized):
                 m.act = act
+        return self
+
+    def set_rope_table(self, table: str) -> DeepseekV4:
+        """How every layer computes its RoPE angles (:data:`dsv4rs.ops.ROPE_TABLES`):
+        ``"official"`` (the default: DeepSeek's float32 table, as its reference code, transformers,
+        vLLM and SGLang compute it) or ``"exact"`` (float64 angles). docs/model.md section 2
+        measures the difference. Returns the model; ValueError names ``table`` for anything else."""
+        table = choice("table", table, ops.ROPE_TABLES)
+        for m in self.modules():
+            if isinstance(m, RotaryEmbedding):
+                m.table = table
         return self
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:

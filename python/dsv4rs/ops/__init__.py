@@ -9,7 +9,8 @@ their outputs (and workspace).
 - :mod:`.formats`: the cache formats and their rows: ``kv_write``/``kv_read``,
   ``index_key_write``/``index_key_read``, ``index_key_round_trip``, ``copy_rows``,
   ``hadamard128``, new caches.
-- :mod:`.rope`: ``rope``. :mod:`.mhc`: ``mhc_weights``.
+- :mod:`.rope`: ``rope``, ``ROPE_TABLES`` (how every op that rotates computes its angles).
+  :mod:`.mhc`: ``mhc_weights``.
 - :mod:`.compress`: ``compress``, ``compress_batch``, ``compressor_state``.
 - :mod:`.indexer`: ``indexer_topk``.
 - :mod:`.attention`: ``sparse_attention``, ``attention_kernel``.
@@ -52,11 +53,12 @@ from dsv4rs.ops.formats import (
 from dsv4rs.ops.indexer import indexer_topk
 from dsv4rs.ops.mhc import mhc_weights
 from dsv4rs.ops.quant import moe_experts, quant_linear
-from dsv4rs.ops.rope import rope
+from dsv4rs.ops.rope import ROPE_TABLES, RopeTable, rope
 
 __all__ = [
     "ENTRY_DIM", "ENTRY_SCALE", "FP4_BLOCK", "FP8_BLOCK", "INDEX_DIM", "INDEX_KEY_BYTES", "MAIN_DATA_BYTES",
-    "MAIN_ENTRY_BYTES", "NOPE_DIM", "PAGE_ROWS", "ROPE_DIM", "IndexKeyFormat", "Quant", "attention_kernel",
+    "MAIN_ENTRY_BYTES", "NOPE_DIM", "PAGE_ROWS", "ROPE_DIM", "ROPE_TABLES", "IndexKeyFormat", "Quant", "RopeTable",
+    "attention_kernel",
     "compress", "compress_batch", "compressor_state", "copy_rows", "hadamard128", "index_key_read",
     "index_key_round_trip", "index_key_write", "indexer_topk", "kv_read", "kv_write", "mhc_weights", "moe_experts",
     "new_index_key_cache", "new_kv_cache", "quant_linear", "quantize_entries", "quantize_index_keys", "rope",

@@ -21,6 +21,13 @@ def positive(name: str, v: int, high: int | None = None) -> int:
     return v
 
 
+def choice(name: str, v: str, choices: tuple[str, ...]) -> str:
+    """``v`` if it is one of ``choices``; else ValueError naming ``name`` and the choices."""
+    if not isinstance(v, str) or v not in choices:
+        raise ValueError(f"{name}: expected one of {choices}, got {v!r}")
+    return v
+
+
 def cuda_index(device: torch.device | str | int) -> int:
     """The index of a CUDA ``device`` (the current one for ``"cuda"``); anything else raises
     ValueError naming ``device``."""

@@ -7,7 +7,8 @@ import torch
 
 from dsv4rs import _core
 from dsv4rs._tensor import as_tensor, spec, stream
-from dsv4rs.ops._checks import cuda_index, ndim
+from dsv4rs.ops._checks import choice, cuda_index, ndim
+from dsv4rs.ops.rope import ROPE_TABLES, RopeTable
 
 ENTRY_SCALE = 512**-0.5
 """Default attention logit scale, ``head_dim ** -0.5``."""
@@ -27,7 +28,7 @@ def _sparse_attention(
     q: torch.Tensor, cache: torch.Tensor, indices: torch.Tensor, sink: torch.Tensor, scale: float,
     lengths: torch.Tensor | None, extra_cache: torch.Tensor | None, extra_indices: torch.Tensor | None,
     extra_lengths: torch.Tensor | None, derotate_positions: torch.Tensor | None,
-    derotate_inv_freq: torch.Tensor | None,
+    derotate_inv_freq: torch.Tensor | None, rope_table: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
@@ -41,7 +42,7 @@ def _sparse_attention(
         spec("q", q), spec("cache", cache), spec("indices", indices), opt("lengths", lengths),
         opt("extra_cache", extra_cache), opt("extra_indices", extra_indices), opt("extra_lengths", extra_lengths),
         spec("sink", sink), scale, opt("derotate positions", derotate_positions),
-        opt("derotate inv_freq", derotate_inv_freq), spec("out", out), spec("lse", lse), opt("workspace", workspace),
+        opt("derotate inv_freq", derotate_inv_freq), rope_table, spec("out", out), spec("lse", lse), opt("workspace", workspace),
         stream(q),
     )
     return out, lse
@@ -52,7 +53,7 @@ def _(
     q: torch.Tensor, cache: torch.Tensor, indices: torch.Tensor, sink: torch.Tensor, scale: float,
     lengths: torch.Tensor | None, extra_cache: torch.Tensor | None, extra_indices: torch.Tensor | None,
     extra_lengths: torch.Tensor | None, derotate_positions: torch.Tensor | None,
-    derotate_inv_freq: torch.Tensor | None,
+    derotate_inv_freq: torch.Tensor | None, rope_table: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return q.new_empty(q.shape, dtype=torch.float32), q.new_empty(q.shape[:2], dtype=torch.float32)
 
@@ -61,7 +62,7 @@ def sparse_attention(
     q: torch.Tensor, cache: torch.Tensor, indices: torch.Tensor, sink: torch.Tensor, scale: float | None = None,
     lengths: torch.Tensor | None = None, extra_cache: torch.Tensor | None = None,
     extra_indices: torch.Tensor | None = None, extra_lengths: torch.Tensor | None = None,
-    derotate: tuple[torch.Tensor, torch.Tensor] | None = None,
+    derotate: tuple[torch.Tensor, torch.Tensor] | None = None, rope_table: RopeTable = "official",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention with a sink over per-query candidate rows (docs/model.md section 2), K = V = the row.
 
@@ -82,6 +83,7 @@ def sparse_attention(
             (e.g. the sliding window beside the compressed rows), joining the same softmax.
         derotate: ``(positions int64 [T], inv_freq)``: inverse RoPE of each head's output at
             the query position (the last ``2 * len(inv_freq)`` dims).
+        rope_table: how that rotation's angles are computed (:data:`dsv4rs.ops.rope.ROPE_TABLES`).
 
     Returns:
         ``(out float32 [T, H, 512], lse float32 [T, H])``: ``lse`` is the log-sum-exp of the
@@ -99,9 +101,10 @@ def sparse_attention(
                                  or any(t is None for t in derotate)):
         raise ValueError("derotate: expected (positions, inv_freq), both tensors, or None")
     positions, inv_freq = (None, None) if derotate is None else derotate
+    rope_table = choice("rope_table", rope_table, ROPE_TABLES)
     return _sparse_attention(
         q, as_tensor("cache", cache), as_tensor("indices", indices), as_tensor("sink", sink),
         ENTRY_SCALE if scale is None else float(scale), opt("lengths", lengths), opt("extra_cache", extra_cache),
         opt("extra_indices", extra_indices), opt("extra_lengths", extra_lengths), opt("positions", positions),
-        opt("inv_freq", inv_freq),
+        opt("inv_freq", inv_freq), rope_table,
     )

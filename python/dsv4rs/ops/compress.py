@@ -8,7 +8,8 @@ import torch
 
 from dsv4rs import _core
 from dsv4rs._tensor import as_tensor, disjoint, spec, stream
-from dsv4rs.ops._checks import ndim, positive
+from dsv4rs.ops._checks import choice, ndim, positive
+from dsv4rs.ops.rope import ROPE_TABLES, RopeTable
 
 Quant = Literal["none", "fp8", "fp4"]
 
@@ -34,13 +35,14 @@ def _entries_completed(start_pos: int, tokens: int, ratio: int) -> int:
 def _compress(
     kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, norm_weight: torch.Tensor, inv_freq: torch.Tensor,
     kv_state: torch.Tensor, score_state: torch.Tensor, start_pos: int, ratio: int, eps: float, quant: str,
+    rope_table: str,
 ) -> torch.Tensor:
     n = _entries_completed(start_pos, kv.shape[0], ratio)
     out = torch.empty((n, norm_weight.shape[0]), dtype=torch.float32, device=kv.device)
     _core.compress(
         spec("kv", kv), spec("score", score), spec("ape", ape), spec("norm_weight", norm_weight),
         spec("inv_freq", inv_freq), spec("kv_state", kv_state), spec("score_state", score_state), spec("out", out),
-        start_pos, ratio, eps, quant, stream(kv),
+        start_pos, ratio, eps, quant, rope_table, stream(kv),
     )
     return out
 
@@ -49,6 +51,7 @@ def _compress(
 def _(
     kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, norm_weight: torch.Tensor, inv_freq: torch.Tensor,
     kv_state: torch.Tensor, score_state: torch.Tensor, start_pos: int, ratio: int, eps: float, quant: str,
+    rope_table: str,
 ) -> torch.Tensor:
     n = _entries_completed(start_pos, kv.shape[0], ratio)
     return kv.new_empty((n, norm_weight.shape[0]), dtype=torch.float32)
@@ -57,7 +60,7 @@ def _(
 def compress(
     kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, norm_weight: torch.Tensor, inv_freq: torch.Tensor,
     kv_state: torch.Tensor, score_state: torch.Tensor, start_pos: int, ratio: int, eps: float = 1e-6,
-    quant: Quant = "none",
+    quant: Quant = "none", rope_table: RopeTable = "official",
 ) -> torch.Tensor:
     """Feeds tokens ``start_pos .. start_pos + S - 1`` to a compressor (docs/model.md section 3) and
     returns the entries they complete. One form serves prefill (all tokens at once) and decode
@@ -77,6 +80,8 @@ def compress(
         eps: RMSNorm epsilon.
         quant: ``"none"``; ``"fp8"``, the round trip through the 584-byte cache entry (D = 512);
             or ``"fp4"``, Hadamard-128 then the FP4 indexer-key round trip (D = 128).
+        rope_table: how the RoPE angles' sines and cosines are computed
+            (:data:`dsv4rs.ops.rope.ROPE_TABLES`).
 
     Returns:
         ``float32 [E, D]``: entries ``start_pos // ratio ..``, one for each position ``p`` of
@@ -97,20 +102,21 @@ def compress(
     named = list(zip(("kv", "score", "ape", "norm_weight", "inv_freq", "kv_state", "score_state"), args))
     disjoint(named[5], *named[:5], named[6])
     disjoint(named[6], *named[:5])
-    return _compress(*args, start_pos, ratio, float(eps), quant)
+    rope_table = choice("rope_table", rope_table, ROPE_TABLES)
+    return _compress(*args, start_pos, ratio, float(eps), quant, rope_table)
 
 
 @torch.library.custom_op("dsv4rs::compress_batch", mutates_args=("state",))
 def _compress_batch(
     kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, norm_weight: torch.Tensor, inv_freq: torch.Tensor,
     state: torch.Tensor, state_slots: torch.Tensor, starts: torch.Tensor, cu_tokens: torch.Tensor, ratio: int,
-    eps: float, quant: str,
+    eps: float, quant: str, rope_table: str,
 ) -> torch.Tensor:
     out = torch.empty((kv.shape[0], norm_weight.shape[0]), dtype=torch.float32, device=kv.device)
     _core.compress_batch(
         spec("kv", kv), spec("score", score), spec("ape", ape), spec("norm_weight", norm_weight),
         spec("inv_freq", inv_freq), spec("state", state), spec("state_slots", state_slots), spec("starts", starts),
-        spec("cu_tokens", cu_tokens), spec("out", out), ratio, eps, quant, stream(kv),
+        spec("cu_tokens", cu_tokens), spec("out", out), ratio, eps, quant, rope_table, stream(kv),
     )
     return out
 
@@ -119,7 +125,7 @@ def _compress_batch(
 def _(
     kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, norm_weight: torch.Tensor, inv_freq: torch.Tensor,
     state: torch.Tensor, state_slots: torch.Tensor, starts: torch.Tensor, cu_tokens: torch.Tensor, ratio: int,
-    eps: float, quant: str,
+    eps: float, quant: str, rope_table: str,
 ) -> torch.Tensor:
     return kv.new_empty((kv.shape[0], norm_weight.shape[0]), dtype=torch.float32)
 
@@ -127,7 +133,7 @@ def _(
 def compress_batch(
     kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, norm_weight: torch.Tensor, inv_freq: torch.Tensor,
     state: torch.Tensor, state_slots: torch.Tensor, starts: torch.Tensor, cu_tokens: torch.Tensor, ratio: int,
-    eps: float = 1e-6, quant: Quant = "none",
+    eps: float = 1e-6, quant: Quant = "none", rope_table: RopeTable = "official",
 ) -> torch.Tensor:
     """:func:`compress` for ``B`` sequences in one call (one launch per kernel on a GPU, and
     capturable in a CUDA graph: no host synchronization, an output shape fixed by the inputs').
@@ -135,7 +141,7 @@ def compress_batch(
     Sequence ``b`` holds rows ``cu_tokens[b] .. cu_tokens[b + 1]`` of ``kv`` and ``score``, at
     positions ``starts[b] ..``, and advances the decode state in slot ``state_slots[b]`` of
     ``state``. Its entries are what ``compress(kv[rows], score[rows], ape, norm_weight, inv_freq,
-    state[slot, 0], state[slot, 1], starts[b], ratio, eps, quant)`` returns, bit for bit on the
+    state[slot, 0], state[slot, 1], starts[b], ratio, eps, quant, rope_table)`` returns, bit for bit on the
     CPU (and on the GPU, against the GPU ``compress``), each placed at the row of the token that
     completes it.
 
@@ -152,7 +158,7 @@ def compress_batch(
             number of tokens its state has seen).
         cu_tokens: ``int32``/``int64 [B + 1]``, row offsets: ``0``, non-decreasing, ``T`` last.
             A sequence may have no tokens.
-        ratio, eps, quant: as :func:`compress`.
+        ratio, eps, quant, rope_table: as :func:`compress`.
 
     Returns:
         ``float32 [T, D]``: row ``t`` is the entry token ``t`` completes (the token at position
@@ -176,4 +182,5 @@ def compress_batch(
     named = list(zip(("kv", "score", "ape", "norm_weight", "inv_freq", "state", "state_slots", "starts", "cu_tokens"),
                      args))
     disjoint(named[5], *named[:5], *named[6:])
-    return _compress_batch(*args, ratio, float(eps), quant)
+    rope_table = choice("rope_table", rope_table, ROPE_TABLES)
+    return _compress_batch(*args, ratio, float(eps), quant, rope_table)

@@ -13,7 +13,7 @@ use crate::gpu;
 pub use crate::gpu::attention::Candidates;
 use crate::gpu::attention::AttentionArgs;
 use crate::quant::{ENTRY_DIM, MAIN_ENTRY, ROPE_DIM};
-use crate::rope::{inv_freq_values, Rotation};
+use crate::rope::{inv_freq_values, RopeTable, Rotation};
 use crate::rows::{cache_kind, check_rows, CacheKind, Floats, Ids, PagedRows};
 use crate::simd::{multiversion, F32x16, LANES};
 use crate::tensor::{same_device, DType, Device, TensorRef};
@@ -206,9 +206,11 @@ fn finish(st: &Partial, sink: &[f32], rot: Option<&Rotation>, out: &mut [f32], l
 }
 
 /// Inverse RoPE of the output at the query positions (docs/model.md section 2).
+#[derive(Clone, Copy)]
 pub struct Derotate<'a> {
     pub positions: &'a TensorRef,
     pub inv_freq: &'a TensorRef,
+    pub table: RopeTable,
 }
 
 /// Checks one candidate list of `t` queries against its cache.
@@ -302,7 +304,7 @@ pub unsafe fn sparse_attention(
         None => None,
         Some(dr) => {
             dr.positions.expect_shape(&[Some(t)])?;
-            Some((Ids::new(dr.positions)?, inv_freq_values(dr.inv_freq, D)?))
+            Some((Ids::new(dr.positions)?, inv_freq_values(dr.inv_freq, D)?, dr.table))
         }
     };
     let ctx = Ctx { q: Floats::new(q)?, heads, scale, sources };
@@ -331,7 +333,7 @@ pub unsafe fn sparse_attention(
                 it.for_each(|p| st.merge(&p));
                 st
             };
-            let r = rot.as_ref().map(|(pos, f)| Rotation::at(pos.get(ti), f, true));
+            let r = rot.as_ref().map(|(pos, f, table)| Rotation::at(pos.get(ti), f, true, *table));
             finish(&st, &sink_v, r.as_ref(), o, l);
             Ok(())
         },
@@ -388,7 +390,7 @@ unsafe fn sparse_attention_gpu(
         b,
         sink,
         scale,
-        derotate: derotate.map(|d| (d.positions, d.inv_freq)),
+        derotate: derotate.map(|d| (d.positions, d.inv_freq, d.table)),
         workspace,
         out,
         lse,

@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::formats::Quant;
 use crate::gpu;
 use crate::quant::{self, INDEX_KEY_FP4_CODEC, MAIN_ENTRY_CODEC};
-use crate::rope::{inv_freq_values, Rotation};
+use crate::rope::{inv_freq_values, RopeTable, Rotation};
 use crate::rows::Ids;
 use crate::simd::{multiversion, F32x16, LANES};
 use crate::tensor::{same_device, DType, Device, TensorRef};
@@ -27,6 +27,8 @@ pub struct Config {
     pub ratio: usize,
     pub eps: f32,
     pub quant: Quant,
+    /// How the entries' RoPE angles are computed.
+    pub rope: RopeTable,
 }
 
 /// One pooling candidate: a token's values and logits over the `D` channels of the entry it
@@ -177,20 +179,9 @@ unsafe fn compress_gpu(dev: i32, stream: usize, t: [&TensorRef; 8], cfg: Config)
         t.expect_shape(shape)?;
     }
     check_inv_freq_gpu(inv_freq, d)?;
-    let args = gpu::compress::CompressArgs {
-        kv,
-        score,
-        ape,
-        norm_weight,
-        inv_freq,
-        kv_state,
-        score_state,
-        out,
-        start: cfg.start,
-        ratio: r,
-        eps: cfg.eps,
-        quant: cfg.quant,
-    };
+    let (eps, quant, rope) = (cfg.eps, cfg.quant, cfg.rope);
+    let common = gpu::compress::Common { kv, score, ape, norm_weight, inv_freq, out, ratio: r, eps, quant, rope };
+    let args = gpu::compress::CompressArgs { common, kv_state, score_state, start: cfg.start };
     gpu::compress::compress(dev, stream, &args)
 }
 
@@ -274,6 +265,7 @@ struct Compressor<'a> {
     ape: &'a [f32],
     weight: &'a [f32],
     freqs: &'a [f64],
+    rope: RopeTable,
     /// `coff D` zeros: the `ape` of candidates read from the state.
     zeros: &'a [f32],
     ratio: usize,
@@ -287,25 +279,34 @@ struct Compressor<'a> {
 }
 
 /// What a CPU call's compressors share, checked once: the RMSNorm weight, the positional biases,
-/// the RoPE frequencies and a `coff D` row of zeros (the `ape` of candidates read from a state).
+/// the RoPE frequencies and table and a `coff D` row of zeros (the `ape` of candidates read from
+/// a state).
 struct Shared<'a> {
     weight: &'a [f32],
     ape: &'a [f32],
     freqs: Vec<f64>,
+    rope: RopeTable,
     zeros: Vec<f32>,
 }
 
 impl<'a> Shared<'a> {
     /// # Safety
     /// The tensors satisfy [`TensorRef`]'s contract.
-    unsafe fn new(norm_weight: &'a TensorRef, ape: &'a TensorRef, inv_freq: &TensorRef, ratio: usize, coff: usize, dim: usize)
-        -> Result<Self> {
+    unsafe fn new(
+        norm_weight: &'a TensorRef,
+        ape: &'a TensorRef,
+        inv_freq: &TensorRef,
+        rope: RopeTable,
+        ratio: usize,
+        coff: usize,
+        dim: usize,
+    ) -> Result<Self> {
         let weight = floats(norm_weight, &[Some(dim)])?;
         let ape_v = floats(ape, &[Some(ratio), Some(coff * dim)])?;
         let freqs = inv_freq_values(inv_freq, dim)?;
         expect_finite(norm_weight.name, weight)?;
         expect_finite(ape.name, ape_v)?;
-        Ok(Shared { weight, ape: ape_v, freqs, zeros: vec![0f32; coff * dim] })
+        Ok(Shared { weight, ape: ape_v, freqs, rope, zeros: vec![0f32; coff * dim] })
     }
 
     /// The compressor of these parameters (`kv`, `score`: the argument names for errors).
@@ -316,6 +317,7 @@ impl<'a> Shared<'a> {
             ape: self.ape,
             weight: self.weight,
             freqs: &self.freqs,
+            rope: self.rope,
             zeros: &self.zeros,
             ratio,
             coff,
@@ -384,7 +386,7 @@ impl<'a> Compressor<'a> {
                     ),
                 ));
             }
-            finish(entry, self.weight, &Rotation::at((r * i) as i64, self.freqs, false), self.eps, self.quant);
+            finish(entry, self.weight, &Rotation::at((r * i) as i64, self.freqs, false, self.rope), self.eps, self.quant);
             Ok(())
         })
     }
@@ -470,7 +472,7 @@ pub unsafe fn compress(
     let score_st = floats(score_state, &[Some(coff * r), Some(coff * d)])?;
     let n_out = entries_completed(cfg.start, s, r);
     floats(out, &[Some(n_out), Some(d)])?;
-    let shared = Shared::new(norm_weight, ape, inv_freq, r, coff, d)?;
+    let shared = Shared::new(norm_weight, ape, inv_freq, cfg.rope, r, coff, d)?;
     let comp = shared.compressor(r, coff, d, cfg.eps, cfg.quant, kv.name, score.name);
     let tokens = comp.tokens(kv_v, score_v, kv_st, score_st, cfg.start);
     comp.entries(&tokens, out.host_mut::<f32>(&[DType::F32])?, Placement::Compact)?;
@@ -487,6 +489,8 @@ pub struct BatchConfig {
     pub ratio: usize,
     pub eps: f32,
     pub quant: Quant,
+    /// How the entries' RoPE angles are computed.
+    pub rope: RopeTable,
 }
 
 /// One sequence of a batch: its tokens (rows `lo .. hi` of the input) and, unless it is a
@@ -627,27 +631,15 @@ pub unsafe fn compress_batch(
     }
     if let Device::Cuda(dev) = device {
         check_inv_freq_gpu(inv_freq, d)?;
-        let args = gpu::compress::BatchArgs {
-            kv,
-            score,
-            ape,
-            norm_weight,
-            inv_freq,
-            state,
-            state_slots,
-            starts,
-            cu_tokens,
-            out,
-            ratio: r,
-            eps: cfg.eps,
-            quant: cfg.quant,
-        };
+        let (eps, quant, rope) = (cfg.eps, cfg.quant, cfg.rope);
+    let common = gpu::compress::Common { kv, score, ape, norm_weight, inv_freq, out, ratio: r, eps, quant, rope };
+        let args = gpu::compress::BatchArgs { common, state, state_slots, starts, cu_tokens };
         return gpu::compress::compress_batch(dev, stream, &args);
     }
     let rows = batch_rows(state_slots, starts, cu_tokens, t, state.dim(0))?;
     let kv_v = floats(kv, &[Some(t), Some(width)])?;
     let score_v = floats(score, &[Some(t), Some(width)])?;
-    let shared = Shared::new(norm_weight, ape, inv_freq, r, coff, d)?;
+    let shared = Shared::new(norm_weight, ape, inv_freq, cfg.rope, r, coff, d)?;
     let comp = shared.compressor(r, coff, d, cfg.eps, cfg.quant, kv.name, score.name);
 
     // Split the output by sequence and the state by slot; each live sequence takes its slot.

@@ -1,4 +1,5 @@
-//! The storage formats of cache rows and the compressor's quantization, one enum per fact.
+//! The storage formats of cache rows and the compressor's quantization, and the RoPE tables, one
+//! enum per fact.
 //!
 //! Where a kernel is told a format, the enum is `#[repr(i32)]` and its discriminants are the
 //! codes the kernel reads: cuda/include/formats.cuh declares the same enums with the same values
@@ -7,6 +8,7 @@
 
 use crate::error::{Error, Result};
 use crate::quant::{RowFormat, ENTRY_DIM, INDEX_DIM, INDEX_KEY_FP4, INDEX_KEY_FP8, MAIN_ENTRY};
+use crate::tensor::{DType, TensorRef};
 
 /// A format users name by a string.
 pub trait Named: Copy + PartialEq + 'static {
@@ -143,6 +145,49 @@ impl Quant {
             Quant::Fp8 => Some(ENTRY_DIM),
             Quant::Fp4 => Some(INDEX_DIM),
         }
+    }
+}
+
+/// How RoPE computes an angle's sine and cosine (`RopeTable` of docs/model.md section 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeTable {
+    /// As DeepSeek's float32 table (and transformers', vLLM's and SGLang's caches): the position
+    /// and the frequency rounded to f32, their product rounded to f32, its sine and cosine
+    /// rounded to f32. The angle's error grows with the position (1.5e-2 rad at 2^20).
+    Official,
+    /// The f64 product of the position and the frequency, its sine and cosine in f64.
+    Exact,
+}
+
+impl Named for RopeTable {
+    const ALL: &'static [Self] = &[RopeTable::Official, RopeTable::Exact];
+    fn name(self) -> &'static str {
+        match self {
+            RopeTable::Official => "official",
+            RopeTable::Exact => "exact",
+        }
+    }
+}
+
+impl RopeTable {
+    /// `(cos, sin)` of the angle `pos * freq`.
+    pub fn cos_sin(self, pos: i64, freq: f64) -> (f64, f64) {
+        match self {
+            RopeTable::Official => {
+                let (s, c) = ((pos as f32 * freq as f32) as f64).sin_cos();
+                (c as f32 as f64, s as f32 as f64)
+            }
+            RopeTable::Exact => {
+                let (s, c) = (pos as f64 * freq).sin_cos();
+                (c, s)
+            }
+        }
+    }
+
+    /// The flags the kernels read (`rope_sincos` in cuda/include/rope.cuh) for a table of
+    /// frequencies `inv_freq`: bit 0 its values are float64, bit 1 the official angles.
+    pub fn kernel_mode(self, inv_freq: &TensorRef) -> i32 {
+        (inv_freq.dtype == DType::F64) as i32 | (2 * (self == RopeTable::Official) as i32)
     }
 }
 

@@ -1,11 +1,12 @@
 //! RoPE (docs/model.md section 2): pair `j` of the last `2 R` dims, `(x[D-2R+2j], x[D-2R+2j+1])`, is
-//! rotated by `pos * inv_freq[j]`. Angles, their sines and cosines and the rotation are computed
-//! in f64: positions reach 2^20, where an f32 angle would be off by up to 0.06 rad. The GPU form
-//! is cuda/rope.cu.
+//! rotated by `pos * inv_freq[j]`. How the angle's sine and cosine are computed is a
+//! [`RopeTable`]; the rotation itself is computed in f64. The GPU form is cuda/rope.cu, with the
+//! angles of cuda/include/rope.cuh.
 
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+pub use crate::formats::RopeTable;
 use crate::gpu;
 use crate::rows::{Floats, Ids};
 use crate::tensor::{same_device, DType, Device, TensorRef};
@@ -14,10 +15,10 @@ use crate::tensor::{same_device, DType, Device, TensorRef};
 pub struct Rotation(Vec<(f64, f64)>);
 
 impl Rotation {
-    /// The rotation at position `pos` (by `-pos` when `inverse`).
-    pub fn at(pos: i64, inv_freq: &[f64], inverse: bool) -> Self {
+    /// The rotation at position `pos` (by `-pos` when `inverse`: the sines negated).
+    pub fn at(pos: i64, inv_freq: &[f64], inverse: bool, table: RopeTable) -> Self {
         let sign = if inverse { -1.0 } else { 1.0 };
-        Rotation(inv_freq.iter().map(|f| (sign * pos as f64 * f).sin_cos()).map(|(s, c)| (c, s)).collect())
+        Rotation(inv_freq.iter().map(|f| table.cos_sin(pos, *f)).map(|(c, s)| (c, sign * s)).collect())
     }
 
     /// Rotates the last `2 * inv_freq.len()` values of `x` in place.
@@ -63,7 +64,8 @@ pub unsafe fn inv_freq_values(inv_freq: &TensorRef, dim: usize) -> Result<Vec<f6
 }
 
 /// RoPE of `x` (float32/bfloat16 `[T, ..., D]`) at `positions` (int32/int64 `[T]`) into `out`
-/// (float32, the shape of `x`); `inverse` rotates by `-positions`. On a GPU the call runs on
+/// (float32, the shape of `x`); `inverse` rotates by `-positions`; `table` says how the angles'
+/// sines and cosines are computed. On a GPU the call runs on
 /// `stream` (cuda/rope.cu) with the same math; non-finite values are not checked there (that
 /// would need a synchronization) and propagate.
 ///
@@ -76,6 +78,7 @@ pub unsafe fn rope(
     inv_freq: &TensorRef,
     out: &TensorRef,
     inverse: bool,
+    table: RopeTable,
     stream: usize,
 ) -> Result<()> {
     if x.shape.len() < 2 {
@@ -90,7 +93,7 @@ pub unsafe fn rope(
         x.expect_dtype(&[DType::F32, DType::BF16])?;
         positions.expect_dtype(&[DType::I32, DType::I64])?;
         check_inv_freq(inv_freq, dim)?;
-        return gpu::rope::rope(dev, stream, x, positions, inv_freq, out, inverse);
+        return gpu::rope::rope(dev, stream, x, positions, inv_freq, out, inverse, table);
     }
     let freqs = inv_freq_values(inv_freq, dim)?;
     let pos = Ids::new(positions)?;
@@ -101,7 +104,7 @@ pub unsafe fn rope(
         return Ok(());
     }
     dst.par_chunks_mut(per_token).enumerate().for_each(|(i, o)| {
-        let rot = Rotation::at(pos.get(i), &freqs, inverse);
+        let rot = Rotation::at(pos.get(i), &freqs, inverse, table);
         src.read(i * per_token, o);
         o.chunks_exact_mut(dim).for_each(|row| rot.apply(row));
     });
@@ -116,12 +119,26 @@ mod tests {
     fn inverse_undoes_the_rotation() {
         let freqs: Vec<f64> = (0..32).map(|j| 10000f64.powf(-(j as f64) / 32.0)).collect();
         let x: Vec<f32> = (0..512).map(|i| (i as f32 * 0.3).cos()).collect();
-        let mut y = x.clone();
-        Rotation::at(1 << 20, &freqs, false).apply(&mut y);
-        assert_eq!(&y[..448], &x[..448]);
-        Rotation::at(1 << 20, &freqs, true).apply(&mut y);
-        for (a, b) in x.iter().zip(&y) {
-            assert!((a - b).abs() < 1e-6);
+        for table in [RopeTable::Official, RopeTable::Exact] {
+            let mut y = x.clone();
+            Rotation::at(1 << 20, &freqs, false, table).apply(&mut y);
+            assert_eq!(&y[..448], &x[..448]);
+            assert!(y[448..].iter().zip(&x[448..]).any(|(a, b)| (a - b).abs() > 0.1));
+            Rotation::at(1 << 20, &freqs, true, table).apply(&mut y);
+            for (a, b) in x.iter().zip(&y) {
+                assert!((a - b).abs() < 1e-6);
+            }
         }
+    }
+
+    #[test]
+    fn official_angles_are_float32_products() {
+        // 2^24 + 1 rounds to 2^24 in f32, and the f32 product rounds again: the angles differ by 0.1.
+        let (pos, f) = ((1i64 << 24) + 1, 0.1f32 as f64);
+        let want = ((pos as f32) * 0.1f32) as f64;
+        let (c, s) = RopeTable::Official.cos_sin(pos, f);
+        assert_eq!((c, s), (want.cos() as f32 as f64, want.sin() as f32 as f64));
+        let (ce, se) = RopeTable::Exact.cos_sin(pos, f);
+        assert!((ce - c).abs() > 1e-3 || (se - s).abs() > 1e-3);
     }
 }

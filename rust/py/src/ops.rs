@@ -6,6 +6,7 @@ use dsv4rs_core::compress::{BatchConfig, Config};
 use dsv4rs_core::formats::{Named, Quant};
 use dsv4rs_core::tensor::TensorRef;
 use dsv4rs_core::qgemm::{self, Act};
+use dsv4rs_core::rope::RopeTable;
 use dsv4rs_core::{attention as attention_op, compress as compress_op, indexer as indexer_op, mhc, rope as rope_op};
 use pyo3::prelude::*;
 
@@ -13,6 +14,7 @@ use crate::errors::{run, to_py};
 use crate::tensor::{tref, Spec};
 
 #[pyfunction]
+#[allow(clippy::too_many_arguments)]
 pub fn rope(
     py: Python<'_>,
     x: Spec,
@@ -20,11 +22,13 @@ pub fn rope(
     inv_freq: Spec,
     out: Spec,
     inverse: bool,
+    table: &str,
     stream: usize,
 ) -> PyResult<()> {
+    let table = RopeTable::parse("table", table).map_err(to_py)?;
     let (x, p, f, o) = (tref("x", x)?, tref("positions", positions)?, tref("inv_freq", inv_freq)?, tref("out", out)?);
     // SAFETY: TensorRefs built from live tensors (see tensor.rs); `out` is a fresh tensor.
-    run(py, || unsafe { rope_op::rope(&x, &p, &f, &o, inverse, stream) })
+    run(py, || unsafe { rope_op::rope(&x, &p, &f, &o, inverse, table, stream) })
 }
 
 #[pyfunction]
@@ -63,9 +67,12 @@ pub fn compress(
     ratio: usize,
     eps: f32,
     quant: &str,
+    rope_table: &str,
     stream: usize,
 ) -> PyResult<()> {
-    let cfg = Config { start: start_pos, ratio, eps, quant: Quant::parse("quant", quant).map_err(to_py)? };
+    let quant = Quant::parse("quant", quant).map_err(to_py)?;
+    let rope = RopeTable::parse("rope_table", rope_table).map_err(to_py)?;
+    let cfg = Config { start: start_pos, ratio, eps, quant, rope };
     let (kv, sc, ape, w) = (tref("kv", kv)?, tref("score", score)?, tref("ape", ape)?, tref("norm_weight", norm_weight)?);
     let (f, ks, ss, o) =
         (tref("inv_freq", inv_freq)?, tref("kv_state", kv_state)?, tref("score_state", score_state)?, tref("out", out)?);
@@ -91,9 +98,12 @@ pub fn compress_batch(
     ratio: usize,
     eps: f32,
     quant: &str,
+    rope_table: &str,
     stream: usize,
 ) -> PyResult<()> {
-    let cfg = BatchConfig { ratio, eps, quant: Quant::parse("quant", quant).map_err(to_py)? };
+    let quant = Quant::parse("quant", quant).map_err(to_py)?;
+    let rope = RopeTable::parse("rope_table", rope_table).map_err(to_py)?;
+    let cfg = BatchConfig { ratio, eps, quant, rope };
     let (kv, sc, ape, w) = (tref("kv", kv)?, tref("score", score)?, tref("ape", ape)?, tref("norm_weight", norm_weight)?);
     let (f, st) = (tref("inv_freq", inv_freq)?, tref("state", state)?);
     let (sl, s0, cu) = (tref("state_slots", state_slots)?, tref("starts", starts)?, tref("cu_tokens", cu_tokens)?);
@@ -147,11 +157,13 @@ pub fn sparse_attention(
     scale: f32,
     derotate_positions: Option<Spec>,
     derotate_inv_freq: Option<Spec>,
+    rope_table: &str,
     out: Spec,
     lse: Spec,
     workspace: Option<Spec>,
     stream: usize,
 ) -> PyResult<()> {
+    let table = RopeTable::parse("rope_table", rope_table).map_err(to_py)?;
     let (q, c, i, s) = (tref("q", q)?, tref("cache", cache)?, tref("indices", indices)?, tref("sink", sink)?);
     let len = opt("lengths", lengths)?;
     let (ec, ei, el) =
@@ -165,7 +177,7 @@ pub fn sparse_attention(
             _ => None,
         };
         let derotate = match (&dp, &df) {
-            (Some(positions), Some(inv_freq)) => Some(Derotate { positions, inv_freq }),
+            (Some(positions), Some(inv_freq)) => Some(Derotate { positions, inv_freq, table }),
             _ => None,
         };
         attention_op::sparse_attention(&q, &c, &i, len.as_ref(), extra, &s, scale, derotate, &o, &l, ws.as_ref(), stream)

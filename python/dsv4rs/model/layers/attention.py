@@ -221,16 +221,16 @@ class Attention(nn.Module):
         cq, q, e = self.projections(x)
         q, e = self.rotary(q, meta.positions), self.rotary(e, meta.positions)
         window = self._window(e, meta, cache)
-        sinks, derotate = self.sinks.float(), (meta.positions, self.rotary.inv_freq)
+        sinks, derotate, table = self.sinks.float(), (meta.positions, self.rotary.inv_freq), self.rotary.table
         comp = self.compressor
         if comp is None:
-            o, _ = ops.sparse_attention(q, window, meta.window_candidates, sinks, derotate=derotate)
+            o, _ = ops.sparse_attention(q, window, meta.window_candidates, sinks, derotate=derotate, rope_table=table)
             return self.output(o)
-        entries = compress_tokens(comp, x, cache.state, self.rotary.inv_freq, meta)
+        entries = compress_tokens(comp, x, cache.state, self.rotary, meta)
         write_rows(cache.main, meta.slots["csa" if self.layer_type == CSA else "hca"], entries)
         rows = self._select(x, cq, meta, cache) if self.layer_type == CSA else meta.hca_candidates
         o, _ = ops.sparse_attention(q, cache.main, rows, sinks, extra_cache=window,
-                                    extra_indices=meta.window_candidates, derotate=derotate)
+                                    extra_indices=meta.window_candidates, derotate=derotate, rope_table=table)
         return self.output(o)
 
     def _window(self, e: torch.Tensor, meta: AttentionMetadata, cache: LayerCache) -> torch.Tensor:
@@ -248,8 +248,7 @@ class Attention(nn.Module):
     def _select(self, x: torch.Tensor, cq: torch.Tensor, meta: AttentionMetadata, cache: LayerCache) -> torch.Tensor:
         """CSA: writes the chunk's indexer keys, then the top-k CSA rows of each query."""
         indexer = self.compressor.indexer
-        inv_freq = self.rotary.inv_freq
-        keys = compress_tokens(indexer, x, cache.index_state, inv_freq, meta)
+        keys = compress_tokens(indexer, x, cache.index_state, self.rotary, meta)
         fmt = cache.key_format
         if fmt is not None:
             keys = ops.hadamard128(keys)

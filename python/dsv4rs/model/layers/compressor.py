@@ -19,6 +19,7 @@ from dsv4rs.model.layers.norm import RMSNorm, linear
 
 if TYPE_CHECKING:
     from dsv4rs.model.layers.attention import AttentionMetadata
+    from dsv4rs.model.layers.rotary import RotaryEmbedding
 
 
 class Compressor(nn.Module):
@@ -77,12 +78,14 @@ class HCACompressor(Compressor):
         super().__init__(cfg, cfg.compress_rates[1], cfg.head_dim)
 
 
-def compress_tokens(comp: Compressor, x: torch.Tensor, state: torch.Tensor, inv_freq: torch.Tensor,
+def compress_tokens(comp: Compressor, x: torch.Tensor, state: torch.Tensor, rotary: RotaryEmbedding,
                     meta: AttentionMetadata) -> torch.Tensor:
     """Feeds each sequence's tokens (rows ``meta.cu_tokens[b] ..`` of ``x``, from position
     ``meta.starts[b]``) to its decode state ``state[meta.state_slots[b]]`` (``[2, coff r, coff D]``:
     kv then scores), all sequences in one :func:`dsv4rs.ops.compress_batch`; row ``t`` of the
-    result is the entry token ``t`` completes (zeros where it completes none)."""
+    result is the entry token ``t`` completes (zeros where it completes none), rotated by
+    ``rotary``'s frequencies and table."""
     kv, score = comp.project(x)
     return ops.compress_batch(kv.float(), score.float(), comp.position_bias.float(), comp.kv_norm.weight.float(),
-                              inv_freq, state, meta.state_slots, meta.starts, meta.cu_tokens, comp.ratio, comp.eps)
+                              rotary.inv_freq, state, meta.state_slots, meta.starts, meta.cu_tokens, comp.ratio,
+                              comp.eps, rope_table=rotary.table)

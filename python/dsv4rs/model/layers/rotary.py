@@ -31,16 +31,19 @@ def inv_freq(cfg: V4Config, compressed: bool) -> torch.Tensor:
 
 class RotaryEmbedding(nn.Module):
     """Holds the inverse frequencies (a non-persistent buffer: computed from the config, never
-    read from a checkpoint) and rotates through :func:`dsv4rs.ops.rope`."""
+    read from a checkpoint) and the table the layer's ops compute the angles with
+    (:data:`dsv4rs.ops.ROPE_TABLES`, ``"official"`` unless
+    :meth:`dsv4rs.model.DeepseekV4.set_rope_table` says otherwise), and rotates through
+    :func:`dsv4rs.ops.rope`."""
 
     inv_freq: torch.Tensor
 
-    def __init__(self, inv_freq: Sequence[float] | torch.Tensor) -> None:
+    def __init__(self, inv_freq: Sequence[float] | torch.Tensor, table: ops.RopeTable = "official") -> None:
         super().__init__()
         self.register_buffer("inv_freq", torch.as_tensor(inv_freq, dtype=torch.float32).clone(), persistent=False)
+        self.table = table
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """``x [T, ..., D]`` rotated at ``positions [T]``, float32 (angles in float64: the product
-        ``position x inv_freq`` exact, not rounded to float32 as DeepSeek's table rounds it;
-        docs/model.md section 2 measures the difference)."""
-        return ops.rope(x, positions, self.inv_freq)
+        """``x [T, ..., D]`` rotated at ``positions [T]``, float32, with this layer's table
+        (docs/model.md section 2 measures how the tables differ)."""
+        return ops.rope(x, positions, self.inv_freq, table=self.table)

@@ -6,7 +6,7 @@ use std::ffi::c_void;
 
 use super::{launch, Kernel, Launch};
 use crate::error::{Error, Result};
-use crate::formats::MainFormat;
+use crate::formats::{MainFormat, RopeTable};
 use crate::quant::{MAIN_ENTRY, PAGE_ROWS};
 use crate::tensor::{DType, TensorRef};
 
@@ -121,7 +121,7 @@ struct Params {
     positions: u64,
     positions64: i32,
     inv_freq: u64,
-    inv_freq64: i32,
+    rope_mode: i32,
     splits: i32,
     split_len: i32,
     out: u64,
@@ -179,7 +179,8 @@ pub struct AttentionArgs<'a> {
     pub b: Option<Candidates<'a>>,
     pub sink: &'a TensorRef,
     pub scale: f32,
-    pub derotate: Option<(&'a TensorRef, &'a TensorRef)>,
+    /// Positions, inverse frequencies and table of the output's inverse RoPE.
+    pub derotate: Option<(&'a TensorRef, &'a TensorRef, RopeTable)>,
     pub workspace: &'a TensorRef,
     pub out: &'a TensorRef,
     pub lse: &'a TensorRef,
@@ -232,7 +233,7 @@ pub unsafe fn sparse_attention(dev: i32, stream: usize, a: &AttentionArgs) -> Re
         positions: a.derotate.map_or(0, |d| d.0.ptr as u64),
         positions64: a.derotate.is_some_and(|d| d.0.dtype == DType::I64) as i32,
         inv_freq: a.derotate.map_or(0, |d| d.1.ptr as u64),
-        inv_freq64: a.derotate.is_some_and(|d| d.1.dtype == DType::F64) as i32,
+        rope_mode: a.derotate.map_or(0, |d| d.2.kernel_mode(d.1)),
         splits: splits as i32,
         split_len: split_len as i32,
         out: a.out.ptr as u64,

@@ -5,7 +5,7 @@ use std::ffi::c_void;
 
 use super::{launch, Kernel, Launch};
 use crate::error::{Error, Result};
-use crate::formats::Quant;
+use crate::formats::{Quant, RopeTable};
 use crate::tensor::{DType, TensorRef};
 
 const THREADS: u32 = 128;
@@ -21,7 +21,7 @@ struct Params {
     ape: u64,
     norm_weight: u64,
     inv_freq: u64,
-    inv_freq64: i32,
+    rope_mode: i32,
     rope_pairs: i32,
     kv_state: u64,
     score_state: u64,
@@ -37,20 +37,58 @@ struct Params {
 const _: () = assert!(std::mem::size_of::<Params>() == 104);
 const _: () = assert!(std::mem::offset_of!(Params, start) == 72 && std::mem::offset_of!(Params, quant) == 100);
 
-/// Tensors and scalars of one call, already validated.
-pub struct CompressArgs<'a> {
+/// What both forms of the call share, already validated: the inputs, the learned parameters,
+/// the output and the scalars.
+#[derive(Clone, Copy)]
+pub struct Common<'a> {
     pub kv: &'a TensorRef,
     pub score: &'a TensorRef,
     pub ape: &'a TensorRef,
     pub norm_weight: &'a TensorRef,
     pub inv_freq: &'a TensorRef,
-    pub kv_state: &'a TensorRef,
-    pub score_state: &'a TensorRef,
     pub out: &'a TensorRef,
-    pub start: usize,
     pub ratio: usize,
     pub eps: f32,
     pub quant: Quant,
+    pub rope: RopeTable,
+}
+
+impl Common<'_> {
+    /// The kernels' parameters of these (the per-call fields zero), once the GPU's limit on the
+    /// entry width `D` is checked.
+    fn params(&self) -> Result<Params> {
+        let d = self.norm_weight.dim(0);
+        if d > MAX_DIM || (self.quant == Quant::Fp8 && d != 512) {
+            return Err(Error::value(self.norm_weight.name, format!("the GPU compressor takes D <= {MAX_DIM}, got {d}")));
+        }
+        Ok(Params {
+            kv: self.kv.ptr as u64,
+            score: self.score.ptr as u64,
+            ape: self.ape.ptr as u64,
+            norm_weight: self.norm_weight.ptr as u64,
+            inv_freq: self.inv_freq.ptr as u64,
+            rope_mode: self.rope.kernel_mode(self.inv_freq),
+            rope_pairs: self.inv_freq.numel() as i32,
+            kv_state: 0,
+            score_state: 0,
+            out: self.out.ptr as u64,
+            start: 0,
+            tokens: 0,
+            ratio: self.ratio as i32,
+            overlap: (self.ratio == 4) as i32,
+            dim: d as i32,
+            eps: self.eps,
+            quant: self.quant,
+        })
+    }
+}
+
+/// One sequence's call: the shared part, its states and the position of its first token.
+pub struct CompressArgs<'a> {
+    pub common: Common<'a>,
+    pub kv_state: &'a TensorRef,
+    pub score_state: &'a TensorRef,
+    pub start: usize,
 }
 
 /// # Safety
@@ -58,30 +96,14 @@ pub struct CompressArgs<'a> {
 /// checks (float32 kv/score/ape/norm/state, inv_freq float32 or float64); `stream` belongs to
 /// that device.
 pub unsafe fn compress(dev: i32, stream: usize, a: &CompressArgs) -> Result<()> {
-    let d = a.norm_weight.dim(0);
-    if d > MAX_DIM || (a.quant == Quant::Fp8 && d != 512) {
-        return Err(Error::value(a.norm_weight.name, format!("the GPU compressor takes D <= {MAX_DIM}, got {d}")));
-    }
-    let (tokens, entries) = (a.kv.dim(0), a.out.dim(0));
-    let overlap = a.ratio == 4;
+    let c = &a.common;
+    let (d, tokens, entries, overlap) = (c.norm_weight.dim(0), c.kv.dim(0), c.out.dim(0), c.ratio == 4);
     let mut p = Params {
-        kv: a.kv.ptr as u64,
-        score: a.score.ptr as u64,
-        ape: a.ape.ptr as u64,
-        norm_weight: a.norm_weight.ptr as u64,
-        inv_freq: a.inv_freq.ptr as u64,
-        inv_freq64: (a.inv_freq.dtype == DType::F64) as i32,
-        rope_pairs: a.inv_freq.numel() as i32,
         kv_state: a.kv_state.ptr as u64,
         score_state: a.score_state.ptr as u64,
-        out: a.out.ptr as u64,
         start: a.start as i64,
         tokens: tokens as i32,
-        ratio: a.ratio as i32,
-        overlap: overlap as i32,
-        dim: d as i32,
-        eps: a.eps,
-        quant: a.quant,
+        ..c.params()?
     };
     let pp = &mut p as *mut Params as *mut c_void;
     // Pool first: it reads the state the update below overwrites (same stream, in order).
@@ -123,21 +145,13 @@ const _: () = assert!(
         && std::mem::offset_of!(BatchParams, cu64) == 164
 );
 
-/// Tensors and scalars of one batched call, already validated.
+/// A batched call: the shared part, the states and the batch's layout.
 pub struct BatchArgs<'a> {
-    pub kv: &'a TensorRef,
-    pub score: &'a TensorRef,
-    pub ape: &'a TensorRef,
-    pub norm_weight: &'a TensorRef,
-    pub inv_freq: &'a TensorRef,
+    pub common: Common<'a>,
     pub state: &'a TensorRef,
     pub state_slots: &'a TensorRef,
     pub starts: &'a TensorRef,
     pub cu_tokens: &'a TensorRef,
-    pub out: &'a TensorRef,
-    pub ratio: usize,
-    pub eps: f32,
-    pub quant: Quant,
 }
 
 /// Three launches whatever the batch: pool over (row, channel group), finish over rows, state
@@ -148,39 +162,18 @@ pub struct BatchArgs<'a> {
 /// Every tensor satisfies `TensorRef`'s contract on device `dev` with the shapes
 /// `crate::compress::compress_batch` checks; `stream` belongs to that device.
 pub unsafe fn compress_batch(dev: i32, stream: usize, a: &BatchArgs) -> Result<()> {
-    let d = a.norm_weight.dim(0);
-    if d > MAX_DIM || (a.quant == Quant::Fp8 && d != 512) {
-        return Err(Error::value(a.norm_weight.name, format!("the GPU compressor takes D <= {MAX_DIM}, got {d}")));
-    }
-    let (total, batch) = (a.kv.dim(0), a.state_slots.dim(0));
+    let c = &a.common;
+    let base = c.params()?;
+    let (d, total, batch, overlap) = (c.norm_weight.dim(0), c.kv.dim(0), a.state_slots.dim(0), c.ratio == 4);
     if total > i32::MAX as usize {
-        return Err(Error::value(a.kv.name, format!("the GPU compressor takes at most {} rows, got {total}", i32::MAX)));
+        return Err(Error::value(c.kv.name, format!("the GPU compressor takes at most {} rows, got {total}", i32::MAX)));
     }
     if batch > i32::MAX as usize - 1 {
         return Err(Error::value(a.state_slots.name, format!("too many sequences: {batch}")));
     }
-    let overlap = a.ratio == 4;
     let is64 = |t: &TensorRef| (t.dtype == DType::I64) as i32;
     let mut p = BatchParams {
-        base: Params {
-            kv: a.kv.ptr as u64,
-            score: a.score.ptr as u64,
-            ape: a.ape.ptr as u64,
-            norm_weight: a.norm_weight.ptr as u64,
-            inv_freq: a.inv_freq.ptr as u64,
-            inv_freq64: (a.inv_freq.dtype == DType::F64) as i32,
-            rope_pairs: a.inv_freq.numel() as i32,
-            kv_state: 0,
-            score_state: 0,
-            out: a.out.ptr as u64,
-            start: 0,
-            tokens: 0,
-            ratio: a.ratio as i32,
-            overlap: overlap as i32,
-            dim: d as i32,
-            eps: a.eps,
-            quant: a.quant,
-        },
+        base,
         state: a.state.ptr as u64,
         state_slots: a.state_slots.ptr as u64,
         starts: a.starts.ptr as u64,
