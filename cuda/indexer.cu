@@ -7,7 +7,10 @@
 // are exact in bf16) and scored with bf16 tensor-core MMAs (mma.sync m16n8k16, sm_80+, fp32
 // accumulation): warp w holds heads 16w .. 16w + 15 of the query in registers and scores all 64
 // keys, then heads are folded as sum_h w_h ReLU(.). The split's scores stay in shared memory;
-// only its top-min(k, split) candidates (exact radix select) reach the workspace.
+// only its top-min(k, split) candidates (exact radix select) reach the workspace. Given `dense`
+// (a [T, width] float32 matrix), the kernel writes every score of the split there instead, and
+// -inf for keys it does not score: `ops.indexer_scores`, whose scores are those of the selection
+// bit for bit because one code computes both.
 // dsv4_indexer_merge: one block per query selects the exact top-k of all splits' candidates,
 // sorts them (score descending, lower index first on ties) and writes indices and scores.
 #include "mma.cuh"
@@ -79,25 +82,33 @@ extern "C" __global__ void __launch_bounds__(THREADS) dsv4_indexer_score(
     const void* __restrict__ q, int q_bf16, const float* __restrict__ w, int heads,
     const uint8_t* __restrict__ keys, IndexFormat fmt, long long num_pages, const int* __restrict__ block_table,
     int max_pages, const void* __restrict__ seq_ids, const void* __restrict__ visible, int seq64,
-    int vis64, int split_keys, int kcap, int splits, unsigned long long* __restrict__ cand, int* __restrict__ counts) {
+    int vis64, int split_keys, int kcap, int splits, unsigned long long* __restrict__ cand, int* __restrict__ counts,
+    float* __restrict__ dense, long long width) {
   extern __shared__ __align__(16) uint8_t smem[];
   uint16_t* ks = (uint16_t*)smem;                                  // [64][ROW] bf16 keys
   float* red = (float*)(ks + PAGE_ROWS * ROW);                      // [4 warps][64] partial scores
   float* kscale = red + 4 * PAGE_ROWS;                              // [64] the keys' scales
-  uint64_t* pool = (uint64_t*)(kscale + PAGE_ROWS);                // [split_keys] candidates
-  SelectScratch& scratch = *(SelectScratch*)(pool + split_keys);
+  uint64_t* pool = (uint64_t*)(kscale + PAGE_ROWS);                // [split_keys] candidates (none if dense)
+  SelectScratch& scratch = *(SelectScratch*)(pool + (dense ? 0 : split_keys));
   uint8_t* stages = (uint8_t*)(&scratch + 1);                       // [STAGES][page bytes]
   __shared__ int n_valid, n_out;
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const long long t = blockIdx.y;
   const int s = blockIdx.x;
-  const long long vis = load_id(visible, t, vis64), seq = load_id(seq_ids, t, seq64);
+  // Keys past the block table (or, dense, past the row) are not scored.
+  long long vis = min(load_id(visible, t, vis64), (long long)max_pages * PAGE_ROWS);
+  if (dense) vis = min(vis, width);
+  const long long seq = load_id(seq_ids, t, seq64);
   const long long k0 = (long long)s * split_keys, k1 = min(k0 + split_keys, vis);
-  uint64_t* out = (uint64_t*)cand + ((long long)t * splits + s) * kcap;
+  uint64_t* out = (uint64_t*)cand + ((long long)t * splits + s) * kcap;  // kcap = 0 when dense
+  float* row = dense + t * width;                                        // width = 0 unless dense
+  if (dense) {
+    for (long long i = max(k0, k1) + tid; i < min(k0 + split_keys, width); i += THREADS) row[i] = -INFINITY;
+  }
   if (k0 >= k1) {
     for (int i = tid; i < kcap; i += THREADS) out[i] = 0;
-    if (tid == 0) counts[t * splits + s] = 0;
+    if (tid == 0 && !dense) counts[t * splits + s] = 0;
     return;
   }
   if (tid == 0) n_valid = 0;
@@ -143,7 +154,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) dsv4_indexer_score(
   for (int i = 0; i < n_pages; ++i) {
     const long long base = k0 + (long long)i * PAGE_ROWS;
     const int page = page_of(i);
-    const int valid = page_ok(page) ? (int)min((long long)PAGE_ROWS, k1 - base) : 0;
+    const int in_split = (int)min((long long)PAGE_ROWS, k1 - base);
+    const int valid = page_ok(page) ? in_split : 0;
     cp_async_wait<STAGES - 2>();
     __syncthreads();  // page i staged by every thread; the previous tile's readers are done
     decode_page(stages + (i % STAGES) * bytes, fmt, valid, ks, kscale, tid);
@@ -186,11 +198,18 @@ extern "C" __global__ void __launch_bounds__(THREADS) dsv4_indexer_score(
     __syncthreads();
     if (tid < valid) {
       const float score = ((red[tid] + red[PAGE_ROWS + tid]) + red[2 * PAGE_ROWS + tid]) + red[3 * PAGE_ROWS + tid];
-      pool[atomicAdd(&n_valid, 1)] = pack_candidate(score, (uint32_t)(base + tid));
+      if (dense) {
+        row[base + tid] = score;
+      } else {
+        pool[atomicAdd(&n_valid, 1)] = pack_candidate(score, (uint32_t)(base + tid));
+      }
+    } else if (dense && tid < in_split) {
+      row[base + tid] = -INFINITY;  // a page outside the cache is skipped
     }
   }
   cp_async_wait<0>();
   __syncthreads();
+  if (dense) return;
 
   const int n = n_valid;
   if (n <= kcap) {

@@ -159,6 +159,69 @@ def test_indexer_ties_prefer_lower_index(gen: torch.Generator) -> None:
     assert idx[1].tolist() == list(range(70))
 
 
+def bits(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous().view(torch.int32)
+
+
+@pytest.mark.parametrize("fmt", ["fp4", "fp8", "bf16"])
+@pytest.mark.parametrize("heads,k,seqs,max_pages", [(64, 512, 3, 40), (7, 100, 5, 3), (1, 1, 2, 1), (33, 777, 2, 50)])
+def test_indexer_scores_are_the_selection_scores_bit_for_bit(gen: torch.Generator, fmt: str, heads: int, k: int,
+                                                             seqs: int, max_pages: int) -> None:
+    """The dense scores are the fused selection's own on the GPU (one kernel computes both), and
+    the CPU's to float32 summation order; -inf exactly past each query's visible keys."""
+    cache, table = paged_keys(gen, seqs, max_pages, fmt, "cpu")
+    t = 11
+    q = bf16_exact(gen, t, heads, 128)
+    w = torch.randn(t, heads, generator=gen)
+    seq_ids = torch.randint(0, seqs, (t,), generator=gen)
+    visible = torch.randint(0, max_pages * 64 + 1, (t,), generator=gen)
+    visible[0], visible[1] = 0, min(k // 2, max_pages * 64)
+    args = [x.cuda() for x in (q, w, cache, table, seq_ids, visible)]
+    dev = ops.indexer_scores(*args)
+    assert dev.shape == (t, max_pages * 64) and dev.dtype == torch.float32
+    idx, top = ops.indexer_topk(*args, k, return_scores=True)
+    picked = dev.gather(1, idx.long().clamp_min(0))
+    assert torch.equal(bits(picked[idx >= 0]), bits(top[idx >= 0]))
+    cpu = ops.indexer_scores(q, w, cache, table, seq_ids, visible)
+    assert torch.equal(torch.isneginf(dev.cpu()), torch.isneginf(cpu))
+    assert torch.equal(torch.isneginf(cpu), torch.arange(max_pages * 64) >= visible[:, None])
+    seen = torch.isfinite(cpu)
+    largest = float(torch.where(seen, cpu, 0).abs().max())
+    torch.testing.assert_close(dev.cpu()[seen], cpu[seen], rtol=0, atol=1e-5 * largest)
+    for width in (int(visible.max()) + 1, max_pages * 64 + 100):  # narrower and wider rows
+        other = ops.indexer_scores(*args, width=width).cpu()
+        n = min(width, max_pages * 64)
+        assert torch.equal(bits(other[:, :n]), bits(dev.cpu()[:, :n])) and torch.isneginf(other[:, n:]).all()
+
+
+def test_indexer_scores_skip_pages_outside_the_cache(gen: torch.Generator) -> None:
+    """A page id outside the cache is skipped, as the fused selection skips it: -inf there."""
+    cache, table = paged_keys(gen, 1, 4, "fp4", "cpu")
+    table[0, 1] = cache.shape[0] + 5
+    q, w = bf16_exact(gen, 2, 64, 128), torch.rand(2, 64, generator=gen)  # 64 heads: no exact ties
+    args = [x.cuda() for x in (q, w, cache, table, torch.zeros(2, dtype=torch.long), torch.tensor([256, 100]))]
+    dense = ops.indexer_scores(*args).cpu()
+    assert torch.isneginf(dense[:, 64:128]).all() and torch.isfinite(dense[0, :64]).all()
+    assert torch.isfinite(dense[0, 128:]).all() and torch.isfinite(dense[1, :64]).all()
+    idx = ops.indexer_topk(*args, 256).cpu()
+    assert not ((idx >= 64) & (idx < 128)).any()
+
+
+def test_indexer_scores_capture_and_replay_in_a_cuda_graph(gen: torch.Generator) -> None:
+    ops.warm_up("cuda")
+    kcache, table = paged_keys(gen, 2, 8, "fp4", "cuda")
+    q, w = bf16_exact(gen, 8, 64, 128).cuda(), torch.rand(8, 64, generator=gen).cuda()
+    seq_ids, visible = torch.tensor([0, 1] * 4).cuda(), torch.tensor([512, 300, 20, 0, 511, 1, 64, 65]).cuda()
+    eager = ops.indexer_scores(q, w, kcache, table, seq_ids, visible)
+    stream = torch.cuda.Stream()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        got = ops.indexer_scores(q, w, kcache, table, seq_ids, visible)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(bits(got), bits(eager))
+
+
 # ---------------------------------------------------------------------------------- attention
 
 

@@ -371,6 +371,79 @@ def test_indexer_rejects_bad_inputs(gen: torch.Generator) -> None:
         ops.indexer_topk(q.transpose(0, 1).contiguous().transpose(0, 1), w, cache, table, seq, vis, 8)
 
 
+def reference_rows(q, w, stored, seq_ids, visible, width) -> torch.Tensor:
+    """The float64 reference's dense scores: ``[T, width]``, ``-inf`` past ``visible[t]``."""
+    rows = torch.full((q.shape[0], width), float("-inf"), dtype=torch.float64)
+    for t in range(q.shape[0]):
+        vis = int(visible[t])
+        rows[t, :vis] = ref.indexer_scores(q[t : t + 1], w[t : t + 1], stored[int(seq_ids[t])][:vis])[0]
+    return rows
+
+
+def bits(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous().view(torch.int32)
+
+
+def indexer_case(gen: torch.Generator, fmt: str, heads: int):
+    """Three sequences in one paged cache and nine queries seeing 0, 1, ..., all of their keys."""
+    keys = [randn(gen, n, 128) for n in (700, 1500, 90)]
+    cache, table, stored = paged_keys(gen, keys, fmt)
+    seq_ids = torch.tensor([0, 0, 1, 1, 1, 2, 0, 1, 2], dtype=torch.int32)
+    visible = torch.tensor([0, 700, 1, 1499, 1500, 90, 513, 64, 5])
+    q, w = randn(gen, len(seq_ids), heads, 128), randn(gen, len(seq_ids), heads)
+    return (q, w, cache, table, seq_ids, visible), stored
+
+
+@pytest.mark.parametrize("fmt", KEY_FORMATS)
+@pytest.mark.parametrize("heads", [1, 7, 64])
+def test_indexer_scores_match_reference(gen: torch.Generator, fmt: str, heads: int) -> None:
+    args, stored = indexer_case(gen, fmt, heads)
+    q, w, _, table, seq_ids, visible = args
+    scores = ops.indexer_scores(*args)
+    assert scores.dtype == torch.float32 and scores.shape == (len(seq_ids), table.shape[1] * 64)
+    want = reference_rows(q, w, stored, seq_ids, visible, scores.shape[1])
+    assert torch.equal(torch.isneginf(scores), torch.isneginf(want))
+    terms = (w.double().abs()[:, :, None] * (q.double() @ torch.cat(stored).double().T).abs()).sum(1).amax()
+    seen = torch.isfinite(want)
+    close(scores[seen], want[seen], rtol=0, atol=1e-5 * float(terms) + 1e-6)
+    narrow = ops.indexer_scores(*args, width=1500)
+    assert narrow.shape == (len(seq_ids), 1500) and torch.equal(bits(narrow), bits(scores[:, :1500]))
+    wide = ops.indexer_scores(*args, width=scores.shape[1] + 70)
+    assert torch.equal(bits(wide[:, : scores.shape[1]]), bits(scores)) and torch.isneginf(wide[:, scores.shape[1] :]).all()
+
+
+@pytest.mark.parametrize("fmt", KEY_FORMATS)
+@pytest.mark.parametrize("heads,k", [(1, 7), (7, 100), (64, 2000)])
+def test_indexer_scores_are_the_selection_scores_bit_for_bit(gen: torch.Generator, fmt: str, heads: int, k: int) -> None:
+    args, _ = indexer_case(gen, fmt, heads)
+    idx, top = ops.indexer_topk(*args, k, return_scores=True)
+    scores = ops.indexer_scores(*args)
+    picked = scores.gather(1, idx.long().clamp_min(0))
+    assert torch.equal(bits(picked[idx >= 0]), bits(top[idx >= 0]))
+
+
+def test_indexer_scores_reject_bad_inputs(gen: torch.Generator) -> None:
+    cache, table, _ = paged_keys(gen, [randn(gen, 100, 128)], "fp4")
+    q, w = randn(gen, 2, 4, 128), randn(gen, 2, 4)
+    seq, vis = torch.zeros(2, dtype=torch.int32), torch.tensor([10, 100])
+    with pytest.raises(ValueError, match="width"):
+        ops.indexer_scores(q, w, cache, table, seq, vis, width=0)
+    with pytest.raises(TypeError, match="width"):
+        ops.indexer_scores(q, w, cache, table, seq, vis, width=64.0)
+    with pytest.raises(ValueError, match=r"visible: value 100 .*\(width\)"):
+        ops.indexer_scores(q, w, cache, table, seq, vis, width=99)
+    with pytest.raises(ValueError, match="visible"):
+        ops.indexer_scores(q, w, cache, table, seq, torch.tensor([10, table.shape[1] * 64 + 1]), width=10_000)
+    with pytest.raises(IndexError, match="seq_ids"):
+        ops.indexer_scores(q, w, cache, table, torch.tensor([0, 1]), vis)
+    with pytest.raises(ValueError, match="key_cache"):
+        ops.indexer_scores(q, w, cache[:, :100], table, seq, vis)
+    with pytest.raises(ValueError, match="weights"):
+        ops.indexer_scores(q, w[:, :3], cache, table, seq, vis)
+    with pytest.raises(ValueError, match="block_table"):
+        ops.indexer_scores(q, w, cache, table[0], seq, vis)
+
+
 MEMORY_PROBE = textwrap.dedent(
     """
     import json, sys, torch
@@ -556,6 +629,9 @@ def test_opcheck(gen: torch.Generator) -> None:
     torch.library.opcheck(torch.ops.dsv4rs.indexer_topk.default,
                           (randn(gen, 2, 4, 128), randn(gen, 2, 4), cache, table, torch.zeros(2, dtype=torch.int32),
                            torch.tensor([50, 100]), 16, False))
+    torch.library.opcheck(torch.ops.dsv4rs.indexer_scores.default,
+                          (randn(gen, 2, 4, 128), randn(gen, 2, 4), cache, table, torch.zeros(2, dtype=torch.int32),
+                           torch.tensor([50, 100]), 130))
     kv, _ = entry_cache(gen, 64, "fp8")
     idx = random_indices(gen, 2, 10, 64)
     torch.library.opcheck(torch.ops.dsv4rs.sparse_attention.default,

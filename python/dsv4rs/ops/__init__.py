@@ -12,7 +12,7 @@ their outputs (and workspace).
 - :mod:`.rope`: ``rope``, ``ROPE_TABLES`` (how every op that rotates computes its angles).
   :mod:`.mhc`: ``mhc_weights``.
 - :mod:`.compress`: ``compress``, ``compress_batch``, ``compressor_state``.
-- :mod:`.indexer`: ``indexer_topk``.
+- :mod:`.indexer`: ``indexer_topk``, ``indexer_scores``.
 - :mod:`.attention`: ``sparse_attention``, ``attention_kernel``.
 - :mod:`.quant`: weights as DeepSeek ships them: ``quant_linear`` (block-scaled FP8 or MXFP4
   weights, FP8 or bf16 activations) and ``moe_experts`` (the fused MoE over MXFP4 experts).
@@ -50,7 +50,7 @@ from dsv4rs.ops.formats import (
     quantize_entries,
     quantize_index_keys,
 )
-from dsv4rs.ops.indexer import indexer_topk
+from dsv4rs.ops.indexer import indexer_scores, indexer_topk
 from dsv4rs.ops.mhc import mhc_weights
 from dsv4rs.ops.quant import moe_experts, quant_linear
 from dsv4rs.ops.rope import ROPE_TABLES, RopeTable, rope
@@ -58,11 +58,10 @@ from dsv4rs.ops.rope import ROPE_TABLES, RopeTable, rope
 __all__ = [
     "ENTRY_DIM", "ENTRY_SCALE", "FP4_BLOCK", "FP8_BLOCK", "INDEX_DIM", "INDEX_KEY_BYTES", "MAIN_DATA_BYTES",
     "MAIN_ENTRY_BYTES", "NOPE_DIM", "PAGE_ROWS", "ROPE_DIM", "ROPE_TABLES", "IndexKeyFormat", "Quant", "RopeTable",
-    "attention_kernel",
-    "compress", "compress_batch", "compressor_state", "copy_rows", "hadamard128", "index_key_read",
-    "index_key_round_trip", "index_key_write", "indexer_topk", "kv_read", "kv_write", "mhc_weights", "moe_experts",
-    "new_index_key_cache", "new_kv_cache", "quant_linear", "quantize_entries", "quantize_index_keys", "rope",
-    "sparse_attention", "warm_up",
+    "attention_kernel", "compress", "compress_batch", "compressor_state", "copy_rows", "hadamard128",
+    "index_key_read", "index_key_round_trip", "index_key_write", "indexer_scores", "indexer_topk", "kv_read",
+    "kv_write", "mhc_weights", "moe_experts", "new_index_key_cache", "new_kv_cache", "quant_linear",
+    "quantize_entries", "quantize_index_keys", "rope", "sparse_attention", "warm_up",
 ]
 
 

@@ -1,4 +1,5 @@
-"""The Lightning Indexer's top-k over a paged key cache (docs/model.md section 4), CPU and GPU."""
+"""The Lightning Indexer over a paged key cache (docs/model.md section 4), CPU and GPU: its fused
+top-k and its dense scores."""
 
 from __future__ import annotations
 
@@ -34,6 +35,57 @@ def _(
     seq_ids: torch.Tensor, visible: torch.Tensor, k: int, physical: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return q.new_empty((q.shape[0], k), dtype=torch.int32), q.new_empty((q.shape[0], k), dtype=torch.float32)
+
+
+@torch.library.custom_op("dsv4rs::indexer_scores", mutates_args=())
+def _indexer_scores(
+    q: torch.Tensor, weights: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Tensor,
+    seq_ids: torch.Tensor, visible: torch.Tensor, width: int,
+) -> torch.Tensor:
+    scores = torch.empty((q.shape[0], width), dtype=torch.float32, device=q.device)
+    _core.indexer_scores(
+        spec("q", q), spec("weights", weights), spec("key_cache", key_cache), spec("block_table", block_table),
+        spec("seq_ids", seq_ids), spec("visible", visible), spec("scores", scores), stream(q),
+    )
+    return scores
+
+
+@_indexer_scores.register_fake
+def _(
+    q: torch.Tensor, weights: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Tensor,
+    seq_ids: torch.Tensor, visible: torch.Tensor, width: int,
+) -> torch.Tensor:
+    return q.new_empty((q.shape[0], width), dtype=torch.float32)
+
+
+def indexer_scores(
+    q: torch.Tensor, weights: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Tensor,
+    seq_ids: torch.Tensor, visible: torch.Tensor, width: int | None = None,
+) -> torch.Tensor:
+    """The Lightning Indexer's scores ``I_ts = sum_h w_th ReLU(q_th . k_s)`` (docs/model.md
+    section 4), dense: what :func:`indexer_topk` ranks, for a caller that selects itself (e.g.
+    with ``torch.topk``, as transformers and DeepSeek's reference do). Memory ``O(T * width)``.
+
+    Arguments as :func:`indexer_topk`, and ``width``: the row width, an int ``>= 1``, default
+    ``block_table.shape[1] * 64`` (every key the block table maps). Every visible key must fit:
+    ``visible[t] <= width`` (on the CPU a larger value raises ValueError naming ``visible``; a
+    GPU does not check, and leaves keys past ``width`` unscored).
+
+    Returns:
+        ``float32 [T, width]``: row ``t`` holds the score of each key ``s < visible[t]`` of
+        query ``t``'s sequence, bit for bit the score :func:`indexer_topk` computes for it on the
+        same device, and ``-inf`` for ``s >= visible[t]`` (on a GPU also for keys on pages
+        outside the cache, which the GPU skips).
+    """
+    q = as_tensor("q", q)
+    ndim("q", q, 3)
+    block_table = as_tensor("block_table", block_table)
+    ndim("block_table", block_table, 2)
+    width = block_table.shape[1] * PAGE_ROWS if width is None else positive("width", width)
+    return _indexer_scores(
+        q, as_tensor("weights", weights), as_tensor("key_cache", key_cache), block_table,
+        as_tensor("seq_ids", seq_ids), as_tensor("visible", visible), width,
+    )
 
 
 def indexer_topk(

@@ -29,8 +29,8 @@ mod _core {
     use super::kv::{copy_rows, hadamard128, index_key_read, index_key_round_trip, index_key_write, kv_read, kv_write};
     #[pymodule_export]
     use super::ops::{
-        attention_workspace_bytes, compress, compress_batch, indexer_topk, indexer_workspace_bytes, mhc_weights,
-        moe_experts, moe_workspace_bytes, quant_linear, quant_linear_workspace_bytes, rope, sparse_attention,
+        attention_workspace_bytes, compress, compress_batch, indexer_scores, indexer_topk, indexer_workspace_bytes,
+        mhc_weights, moe_experts, moe_workspace_bytes, quant_linear, quant_linear_workspace_bytes, rope, sparse_attention,
     };
 
     // The cache formats, as dsv4rs-core defines them (python/dsv4rs/ops.py re-exports them).

@@ -137,6 +137,26 @@ pub fn indexer_topk(
     run(py, || unsafe { indexer_op::indexer_topk(&q, &w, &c, &bt, &s, &v, &oi, &os, k, physical, ws.as_ref(), stream) })
 }
 
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+pub fn indexer_scores(
+    py: Python<'_>,
+    q: Spec,
+    weights: Spec,
+    key_cache: Spec,
+    block_table: Spec,
+    seq_ids: Spec,
+    visible: Spec,
+    out: Spec,
+    stream: usize,
+) -> PyResult<()> {
+    let (q, w, c) = (tref("q", q)?, tref("weights", weights)?, tref("key_cache", key_cache)?);
+    let (bt, s, v) = (tref("block_table", block_table)?, tref("seq_ids", seq_ids)?, tref("visible", visible)?);
+    let o = tref("scores", out)?;
+    // SAFETY: as rope; `out` is a fresh tensor.
+    run(py, || unsafe { indexer_op::indexer_scores(&q, &w, &c, &bt, &s, &v, &o, stream) })
+}
+
 /// Optional tensors cross as `None` or a Spec.
 fn opt(name: &'static str, s: Option<Spec>) -> PyResult<Option<TensorRef>> {
     s.map(|s| tref(name, s)).transpose()

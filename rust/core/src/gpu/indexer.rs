@@ -1,6 +1,6 @@
-//! Launchers of cuda/indexer.cu: the fused Lightning Indexer top-k. Shapes, dtypes and index
-//! ranges are checked by the caller (`crate::indexer`); this module sizes the split of the key
-//! axis and the workspace.
+//! Launchers of cuda/indexer.cu: the fused Lightning Indexer top-k, and its scores written dense.
+//! Shapes, dtypes and index ranges are checked by the caller (`crate::indexer`); this module
+//! sizes the split of the key axis and the workspace.
 
 use super::{launch, Kernel, Launch};
 use crate::error::{Error, Result};
@@ -47,14 +47,14 @@ pub fn workspace_bytes(queries: usize, max_keys: usize, k: usize) -> usize {
 const STAGES: usize = 4;
 
 /// Shared memory of the score kernel: the bf16 key tile, per-warp partial scores, the keys' scales, the split's
-/// candidate pool, the radix-select scratch and the staged raw pages.
-fn score_shared_bytes(split_keys: usize, key_format: IndexFormat) -> u32 {
+/// candidate pool (`pool_keys`, 0 when it writes dense scores), the radix-select scratch and the staged raw pages.
+fn score_shared_bytes(pool_keys: usize, key_format: IndexFormat) -> u32 {
     let page_bytes = PAGE_ROWS * key_format.row_bytes();
     let tile = PAGE_ROWS * (INDEX_DIM + 8) * 2 + 5 * PAGE_ROWS * 4;
-    (tile + split_keys * 8 + 1040 + STAGES * page_bytes) as u32
+    (tile + pool_keys * 8 + 1040 + STAGES * page_bytes) as u32
 }
 
-/// Arguments of one launch, already validated.
+/// The inputs of one launch, already validated.
 pub struct IndexerArgs<'a> {
     pub q: &'a TensorRef,
     pub weights: &'a TensorRef,
@@ -64,6 +64,10 @@ pub struct IndexerArgs<'a> {
     pub block_table: &'a TensorRef,
     pub seq_ids: &'a TensorRef,
     pub visible: &'a TensorRef,
+}
+
+/// What the selection writes: the top `k` of each query, and the workspace of its splits.
+pub struct Selection<'a> {
     pub k: usize,
     pub physical: bool,
     pub workspace: &'a TensorRef,
@@ -71,53 +75,75 @@ pub struct IndexerArgs<'a> {
     pub out_scores: &'a TensorRef,
 }
 
+/// Where the score kernel puts the scores of a split: `(cand, counts)` candidates in the
+/// workspace for the merge, or every score in a dense `[T, width]` matrix.
+enum ScoreOut {
+    Candidates { cand: u64, counts: u64 },
+    Dense { out: u64, width: usize },
+}
+
+/// Launches the score kernel over the key axis split as `s` (nothing when there are no queries).
+///
 /// # Safety
-/// Every tensor satisfies `TensorRef`'s contract on device `dev`, with the shapes and dtypes
-/// `crate::indexer` checks (q `[T, H, 128]`, ids int32/int64, block table int32, outputs
-/// `[T, k]`);
-/// `stream` belongs to that device.
-pub unsafe fn indexer_topk(dev: i32, stream: usize, a: &IndexerArgs) -> Result<()> {
+/// As [`indexer_topk`]; the output pointers address what [`ScoreOut`] describes.
+unsafe fn launch_score(dev: i32, stream: usize, a: &IndexerArgs, s: Split, out: ScoreOut) -> Result<()> {
     let (t, heads) = (a.q.dim(0), a.q.dim(1));
-    let max_pages = a.block_table.dim(1);
     if heads > MAX_HEADS {
         return Err(Error::value(a.q.name, format!("the GPU indexer takes at most {MAX_HEADS} heads, got {heads}")));
     }
-    if a.k > MAX_K {
-        return Err(Error::value("k", format!("the GPU indexer takes k <= {MAX_K}, got {}", a.k)));
-    }
-    let s = split(t, max_pages * PAGE_ROWS, a.k);
-    let need = workspace_bytes(t, max_pages * PAGE_ROWS, a.k);
-    if a.workspace.dtype != DType::U8 || a.workspace.numel() < need || !a.workspace.ptr.is_multiple_of(8) {
-        return Err(Error::value(a.workspace.name, format!("needs at least {need} bytes (uint8, 8-byte aligned)")));
-    }
-    if t == 0 {
-        return Ok(());
-    }
-    let cand = a.workspace.ptr as u64;
-    let counts = cand + (t * s.count * s.kcap * 8) as u64;
     let (qp, qb, wp, h) = (a.q.ptr as u64, (a.q.dtype == DType::BF16) as i32, a.weights.ptr as u64, heads as i32);
     let (kp, fmt, np) = (a.keys.ptr as u64, a.key_format, a.num_pages as i64);
-    let (bt, mp, sp, vp) = (a.block_table.ptr as u64, max_pages as i32, a.seq_ids.ptr as u64, a.visible.ptr as u64);
+    let (bt, mp) = (a.block_table.ptr as u64, a.block_table.dim(1) as i32);
+    let (sp, vp) = (a.seq_ids.ptr as u64, a.visible.ptr as u64);
     let (s64, v64) = ((a.seq_ids.dtype == DType::I64) as i32, (a.visible.dtype == DType::I64) as i32);
-    let (sk, kc, sc) = (s.keys as i32, s.kcap as i32, s.count as i32);
+    let (pool_keys, kc, sc, cand, counts, dense, width) = match out {
+        ScoreOut::Candidates { cand, counts } => (s.keys, s.kcap as i32, s.count as i32, cand, counts, 0u64, 0i64),
+        ScoreOut::Dense { out, width } => (0, 0, 0, 0, 0, out, width as i64),
+    };
+    let sk = s.keys as i32;
     let score = Launch {
         grid: (s.count as u32, t as u32, 1),
         block: (SCORE_THREADS, 1, 1),
-        shared_bytes: score_shared_bytes(s.keys, a.key_format),
+        shared_bytes: score_shared_bytes(pool_keys, a.key_format),
         stream,
     };
     launch(
         dev,
         Kernel::IndexerScore,
         &score,
-        &mut kernel_args!(qp, qb, wp, h, kp, fmt, np, bt, mp, sp, vp, s64, v64, sk, kc, sc, cand, counts),
-    )?;
-    let (k, kpow2, phys) = (a.k as i32, a.k.next_power_of_two() as i32, a.physical as i32);
-    let (oi, os) = (a.out_indices.ptr as u64, a.out_scores.ptr as u64);
+        &mut kernel_args!(qp, qb, wp, h, kp, fmt, np, bt, mp, sp, vp, s64, v64, sk, kc, sc, cand, counts, dense, width),
+    )
+}
+
+/// # Safety
+/// Every tensor satisfies `TensorRef`'s contract on device `dev`, with the shapes and dtypes
+/// `crate::indexer` checks (q `[T, H, 128]`, ids int32/int64, block table int32, outputs
+/// `[T, k]`);
+/// `stream` belongs to that device.
+pub unsafe fn indexer_topk(dev: i32, stream: usize, a: &IndexerArgs, sel: &Selection) -> Result<()> {
+    let t = a.q.dim(0);
+    let max_pages = a.block_table.dim(1);
+    if sel.k > MAX_K {
+        return Err(Error::value("k", format!("the GPU indexer takes k <= {MAX_K}, got {}", sel.k)));
+    }
+    let s = split(t, max_pages * PAGE_ROWS, sel.k);
+    let need = workspace_bytes(t, max_pages * PAGE_ROWS, sel.k);
+    let ws = sel.workspace;
+    if ws.dtype != DType::U8 || ws.numel() < need || !ws.ptr.is_multiple_of(8) {
+        return Err(Error::value(ws.name, format!("needs at least {need} bytes (uint8, 8-byte aligned)")));
+    }
+    let cand = ws.ptr as u64;
+    let counts = cand + (t * s.count * s.kcap * 8) as u64;
+    launch_score(dev, stream, a, s, ScoreOut::Candidates { cand, counts })?;
+    let (bt, mp) = (a.block_table.ptr as u64, max_pages as i32);
+    let (sp, s64) = (a.seq_ids.ptr as u64, (a.seq_ids.dtype == DType::I64) as i32);
+    let (sc, kc) = (s.count as i32, s.kcap as i32);
+    let (k, kpow2, phys) = (sel.k as i32, sel.k.next_power_of_two() as i32, sel.physical as i32);
+    let (oi, os) = (sel.out_indices.ptr as u64, sel.out_scores.ptr as u64);
     let merge = Launch {
         grid: (t as u32, 1, 1),
         block: (MERGE_THREADS, 1, 1),
-        shared_bytes: (a.k.next_power_of_two() * 8 + 256 * 4 + 16) as u32,
+        shared_bytes: (sel.k.next_power_of_two() * 8 + 256 * 4 + 16) as u32,
         stream,
     };
     launch(
@@ -126,6 +152,16 @@ pub unsafe fn indexer_topk(dev: i32, stream: usize, a: &IndexerArgs) -> Result<(
         &merge,
         &mut kernel_args!(cand, counts, sc, kc, k, kpow2, bt, mp, sp, s64, phys, oi, os),
     )
+}
+
+/// Every score of [`indexer_topk`]'s score kernel, dense, into `out` (float32 `[T, W]`): `-inf`
+/// for the keys it does not score.
+///
+/// # Safety
+/// As [`indexer_topk`], `out` being `[T, W]` float32.
+pub unsafe fn indexer_scores(dev: i32, stream: usize, a: &IndexerArgs, out: &TensorRef) -> Result<()> {
+    let (t, width) = (out.dim(0), out.dim(1));
+    launch_score(dev, stream, a, split(t, width, 1), ScoreOut::Dense { out: out.ptr as u64, width })
 }
 
 #[cfg(test)]
