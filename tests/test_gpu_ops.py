@@ -205,6 +205,34 @@ def test_indexer_scores_skip_pages_outside_the_cache(gen: torch.Generator) -> No
     assert torch.isfinite(dense[0, 128:]).all() and torch.isfinite(dense[1, :64]).all()
     idx = ops.indexer_topk(*args, 256).cpu()
     assert not ((idx >= 64) & (idx < 128)).any()
+    assert torch.equal(idx, ops.indexer_topk(*args, 256, tie_break="torch").cpu())
+
+
+def test_indexer_torch_tie_break_on_gpu(gen: torch.Generator) -> None:
+    """Without ties "torch" is the fused selection; with exact ties (identical keys) it is
+    torch.topk over the GPU's dense scores, and "lower" keeps the lowest keys."""
+    cache, table = paged_keys(gen, 2, 30, "fp8", "cpu")
+    q, w = bf16_exact(gen, 6, 64, 128), torch.randn(6, 64, generator=gen)
+    seq_ids, visible = torch.tensor([0, 1, 0, 1, 0, 1]), torch.tensor([1920, 1000, 65, 0, 1500, 700])
+    args = [x.cuda() for x in (q, w, cache, table, seq_ids, visible)]
+    for physical in (False, True):
+        fused = ops.indexer_topk(*args, 300, return_scores=True, physical=physical)
+        dense = ops.indexer_topk(*args, 300, return_scores=True, physical=physical, tie_break="torch")
+        assert torch.equal(fused[0], dense[0]) and torch.equal(bits(fused[1]), bits(dense[1]))
+    same, table = paged_keys(gen, 2, 30, "bf16", "cpu")
+    same.view(-1, 128)[:] = same.view(-1, 128)[0]
+    ties = [x.cuda() for x in (q.abs(), torch.rand(6, 64, generator=gen), same, table, seq_ids, visible)]
+    scores = ops.indexer_scores(*ties)
+    idx, top = ops.indexer_topk(*ties, 300, return_scores=True, tie_break="torch")
+    want = torch.topk(scores, 300)
+    for t in range(6):
+        n = min(300, int(visible[t]))
+        assert torch.equal(idx[t, :n], want.indices[t, :n].int()) and torch.equal(top[t, :n], want.values[t, :n])
+        assert (idx[t, n:] == -1).all() and torch.isneginf(top[t, n:]).all()
+    lower = ops.indexer_topk(*ties, 300).cpu()
+    for t in range(6):
+        n = min(300, int(visible[t]))
+        assert lower[t, :n].tolist() == list(range(n))
 
 
 def test_indexer_scores_capture_and_replay_in_a_cuda_graph(gen: torch.Generator) -> None:

@@ -422,10 +422,53 @@ def test_indexer_scores_are_the_selection_scores_bit_for_bit(gen: torch.Generato
     assert torch.equal(bits(picked[idx >= 0]), bits(top[idx >= 0]))
 
 
-def test_indexer_scores_reject_bad_inputs(gen: torch.Generator) -> None:
+@pytest.mark.parametrize("fmt", ["fp4", "float32"])
+@pytest.mark.parametrize("heads,k", [(40, 100), (64, 2000)])
+def test_indexer_torch_tie_break_without_ties_is_the_fused_selection(gen: torch.Generator, fmt: str, heads: int,
+                                                                      k: int) -> None:
+    args, _ = indexer_case(gen, fmt, heads)
+    for row in ops.indexer_scores(*args):  # many heads: no key scores 0 (every head in the ReLU), no ties
+        seen = row[torch.isfinite(row)]
+        assert seen.unique().numel() == seen.numel()
+    for physical in (False, True):
+        fused = ops.indexer_topk(*args, k, return_scores=True, physical=physical)
+        dense = ops.indexer_topk(*args, k, return_scores=True, physical=physical, tie_break="torch")
+        assert torch.equal(fused[0], dense[0]) and torch.equal(bits(fused[1]), bits(dense[1]))
+
+
+def test_indexer_torch_tie_break_on_exact_ties(gen: torch.Generator) -> None:
+    """Keys whose every dot product with the queries is negative all score exactly 0, and
+    repeated keys score alike: "torch" selects as torch.topk does over the dense rows, "lower"
+    the lowest keys of each tied score."""
+    base = randn(gen, 10, 128).abs()
+    keys = base[torch.randint(0, 10, (900,), generator=gen)]
+    keys[torch.rand(900, generator=gen) < 0.6] *= -1
+    cache, table, _ = paged_keys(gen, [keys], "float32")
+    q, w = randn(gen, 3, 4, 128).abs(), torch.rand(3, 4, generator=gen)
+    seq_ids, visible, k = torch.zeros(3, dtype=torch.int32), torch.tensor([900, 517, 60]), 400
+    scores = ops.indexer_scores(q, w, cache, table, seq_ids, visible)
+    assert (scores == 0).sum() > 500
+    idx, top = ops.indexer_topk(q, w, cache, table, seq_ids, visible, k, return_scores=True, tie_break="torch")
+    want = torch.topk(scores, k)
+    for t in range(3):
+        n = min(k, int(visible[t]))
+        assert torch.equal(idx[t, :n], want.indices[t, :n].int()) and torch.equal(top[t, :n], want.values[t, :n])
+        assert (idx[t, n:] == -1).all() and torch.isneginf(top[t, n:]).all()
+    lower, lower_top = ops.indexer_topk(q, w, cache, table, seq_ids, visible, k, return_scores=True)
+    assert torch.equal(lower_top, top)
+    for t in range(3):
+        n = min(k, int(visible[t]))
+        for s in lower_top[t, :n].unique():
+            tied = (scores[t, : visible[t]] == s).nonzero()[:, 0].int()
+            assert torch.equal(lower[t, :n][lower_top[t, :n] == s], tied[: int((lower_top[t, :n] == s).sum())])
+
+
+def test_indexer_scores_and_tie_break_reject_bad_inputs(gen: torch.Generator) -> None:
     cache, table, _ = paged_keys(gen, [randn(gen, 100, 128)], "fp4")
     q, w = randn(gen, 2, 4, 128), randn(gen, 2, 4)
     seq, vis = torch.zeros(2, dtype=torch.int32), torch.tensor([10, 100])
+    with pytest.raises(ValueError, match="tie_break"):
+        ops.indexer_topk(q, w, cache, table, seq, vis, 8, tie_break="upper")
     with pytest.raises(ValueError, match="width"):
         ops.indexer_scores(q, w, cache, table, seq, vis, width=0)
     with pytest.raises(TypeError, match="width"):
@@ -439,7 +482,7 @@ def test_indexer_scores_reject_bad_inputs(gen: torch.Generator) -> None:
     with pytest.raises(ValueError, match="key_cache"):
         ops.indexer_scores(q, w, cache[:, :100], table, seq, vis)
     with pytest.raises(ValueError, match="weights"):
-        ops.indexer_scores(q, w[:, :3], cache, table, seq, vis)
+        ops.indexer_topk(q, w[:, :3], cache, table, seq, vis, 8, tie_break="torch")
     with pytest.raises(ValueError, match="block_table"):
         ops.indexer_scores(q, w, cache, table[0], seq, vis)
 

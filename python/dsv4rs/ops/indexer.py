@@ -1,7 +1,9 @@
-"""The Lightning Indexer over a paged key cache (docs/model.md section 4), CPU and GPU: its fused
-top-k and its dense scores."""
+"""The Lightning Indexer over a paged key cache (docs/model.md section 4), CPU and GPU: its top-k
+(fused, or ``torch.topk`` over the dense scores) and its dense scores."""
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 
@@ -9,6 +11,18 @@ from dsv4rs import _core
 from dsv4rs._tensor import as_tensor, spec, stream
 from dsv4rs.ops._checks import ndim, positive
 from dsv4rs.ops.formats import PAGE_ROWS
+
+TieBreak = Literal["lower", "torch"]
+TIE_BREAKS: tuple[str, ...] = ("lower", "torch")
+"""How :func:`indexer_topk` orders exactly equal scores (docs/model.md section 4)."""
+
+
+def check_tie_break(tie_break: object) -> TieBreak:
+    """``tie_break`` if it is one of :data:`TIE_BREAKS`; else ValueError naming it."""
+    if tie_break not in TIE_BREAKS:
+        raise ValueError(f"tie_break: expected one of {TIE_BREAKS}, got {tie_break!r}")
+    return tie_break  # type: ignore[return-value]
+
 
 @torch.library.custom_op("dsv4rs::indexer_topk", mutates_args=())
 def _indexer_topk(
@@ -88,13 +102,33 @@ def indexer_scores(
     )
 
 
+def _select_with_torch(
+    scores: torch.Tensor, k: int, block_table: torch.Tensor, seq_ids: torch.Tensor, physical: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk`` of each row of dense ``scores``, in :func:`indexer_topk`'s layout."""
+    kept = min(k, scores.shape[1])
+    top = torch.topk(scores, kept, dim=1)
+    # Every key a query does not see scores -inf, and every key it sees a finite score: the -inf
+    # picks are exactly the slots past min(k, visible[t]).
+    unseen = torch.isneginf(top.values)
+    indices = torch.full((scores.shape[0], k), -1, dtype=torch.int32, device=scores.device)
+    values = torch.full((scores.shape[0], k), float("-inf"), dtype=torch.float32, device=scores.device)
+    keys = top.indices.masked_fill(unseen, 0)
+    if physical:
+        pages = block_table[seq_ids.long()[:, None], keys // PAGE_ROWS].long()
+        keys = pages * PAGE_ROWS + keys % PAGE_ROWS
+    indices[:, :kept] = keys.masked_fill(unseen, -1).int()
+    values[:, :kept] = top.values
+    return indices, values
+
+
 def indexer_topk(
     q: torch.Tensor, weights: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Tensor,
     seq_ids: torch.Tensor, visible: torch.Tensor, k: int, return_scores: bool = False, physical: bool = False,
+    tie_break: TieBreak = "lower",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """The Lightning Indexer's selection (docs/model.md section 4), fused: scores
-    ``I_ts = sum_h w_th ReLU(q_th . k_s)`` are computed a key tile at a time and never stored for
-    all keys; memory is ``O(T * k)`` whatever the context.
+    """The Lightning Indexer's selection (docs/model.md section 4): the top ``k`` keys of each
+    query by ``I_ts = sum_h w_th ReLU(q_th . k_s)``.
 
     Args:
         q: ``float32``/``bfloat16 [T, H, 128]`` indexer queries (any ``H >= 1``).
@@ -110,17 +144,26 @@ def indexer_topk(
         k: keys to select, at most 4096 (``_core.MAX_TOPK``; V4 selects 512 or 1024).
         return_scores: also return the selected scores.
         physical: return cache rows (``page * 64 + offset``) instead of key numbers.
+        tie_break: the order among exactly equal scores. ``"lower"`` (the default): the lower
+            key first, fused: scores are computed a key tile at a time and never stored for all
+            keys, memory ``O(T * k)`` whatever the context. ``"torch"``: ``torch.topk`` over the
+            rows of :func:`indexer_scores` (``block_table.shape[1] * 64`` wide), as transformers
+            and DeepSeek's reference select, whose order among ties is torch's own (it depends
+            on the device and the row width); memory ``O(T * max_pages * 64)``. Outside exact
+            ties both select the same keys in the same order, with the same scores.
 
     Returns:
-        ``int32 [T, k]``: the top ``min(k, visible[t])`` keys by score, descending, ties to the
-        lower key, then ``-1``; with ``return_scores``, also ``float32 [T, k]`` (``-inf``
-        padding).
+        ``int32 [T, k]``: the top ``min(k, visible[t])`` keys by score, descending, then ``-1``;
+        with ``return_scores``, also ``float32 [T, k]`` (``-inf`` padding).
     """
     k = positive("k", k, _core.MAX_TOPK)
+    tie_break = check_tie_break(tie_break)
     q = as_tensor("q", q)
     ndim("q", q, 3)
-    indices, scores = _indexer_topk(
-        q, as_tensor("weights", weights), as_tensor("key_cache", key_cache), as_tensor("block_table", block_table),
-        as_tensor("seq_ids", seq_ids), as_tensor("visible", visible), k, physical,
-    )
+    args = (q, as_tensor("weights", weights), as_tensor("key_cache", key_cache), as_tensor("block_table", block_table),
+            as_tensor("seq_ids", seq_ids), as_tensor("visible", visible))
+    if tie_break == "lower":
+        indices, scores = _indexer_topk(*args, k, physical)
+    else:
+        indices, scores = _select_with_torch(indexer_scores(*args), k, args[3], args[4], physical)
     return (indices, scores) if return_scores else indices
