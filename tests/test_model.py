@@ -4,6 +4,7 @@ the quantization switch, the checkpoint loader and its errors, and ``dsv4rs demo
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -15,6 +16,7 @@ import torch
 
 from dsv4rs.model import DeepseekV4, V4Config, init_random
 from dsv4rs.model.config import CSA, HCA, SWA
+from dsv4rs.model.layers.compressor import Indexer
 from dsv4rs.model.loader import CheckpointError, canonical_name, load_checkpoint
 from dsv4rs.reference.dense import dense_forward, float64_copy
 from dsv4rs.reference.export import export_deepseek
@@ -404,6 +406,18 @@ def test_quantization_switch(tiny: DeepseekV4, gen: torch.Generator) -> None:
     for fmt in ("fp4", "fp8"):
         eng = Engine(tiny, max_sequences=1, max_len=LONG, quant=True, index_format=fmt)
         assert eng.cache.csa_keys.dtype == torch.uint8 and eng.cache.window.shape[-1] == 64 * 584
+
+
+def test_indexer_tie_break_switch(tiny: DeepseekV4, gen: torch.Generator) -> None:
+    """``torch.topk`` over the dense scores selects what the fused top-k selects when no scores
+    tie exactly (random weights), so the logits are the same."""
+    ids = ids_for(tiny.config, 160, gen)  # up to 40 compressed entries, of which the indexer keeps 16
+    model = copy.deepcopy(tiny)
+    assert model.set_indexer_tie_break("torch") is model
+    assert {m.tie_break for m in model.modules() if isinstance(m, Indexer)} == {"torch"}
+    assert torch.equal(prefill(model, ids), prefill(tiny, ids))
+    with pytest.raises(ValueError, match="tie_break"):
+        model.set_indexer_tie_break("higher")
 
 
 def test_engine_rejects_bad_input(tiny: DeepseekV4) -> None:

@@ -18,6 +18,7 @@ from torch import nn
 from dsv4rs import ops
 from dsv4rs.model.config import SWA, V4Config
 from dsv4rs.model.layers.attention import Attention, AttentionMetadata, LayerCache
+from dsv4rs.model.layers.compressor import Indexer
 from dsv4rs.model.layers.mhc import HyperConnection, HyperHead, combine
 from dsv4rs.model.layers.moe import Experts, MoE, expert_range
 from dsv4rs.model.layers.quant import QuantLinear, check_act
@@ -25,6 +26,7 @@ from dsv4rs.model.layers.rotary import RotaryEmbedding
 from dsv4rs.model.layers.rotary import inv_freq as rope_inv_freq
 from dsv4rs.model.layers.norm import RMSNorm, linear
 from dsv4rs.ops._checks import choice
+from dsv4rs.ops.indexer import TieBreak, check_tie_break
 
 
 class DecoderLayer(nn.Module):
@@ -123,6 +125,18 @@ class DeepseekV4(nn.Module):
         for m in self.modules():
             if isinstance(m, RotaryEmbedding):
                 m.table = table
+        return self
+
+    def set_indexer_tie_break(self, tie_break: TieBreak) -> DeepseekV4:
+        """How every CSA layer's Lightning Indexer orders exactly equal scores
+        (docs/model.md section 4): ``"lower"`` (the default: the lower key first, the fused
+        selection) or ``"torch"`` (``torch.topk`` over the dense scores, as transformers and
+        DeepSeek's reference select; memory ``O(tokens x keys)`` a layer). Returns the model.
+        ValueError names ``tie_break`` for anything else."""
+        tie_break = check_tie_break(tie_break)
+        for m in self.modules():
+            if isinstance(m, Indexer):
+                m.tie_break = tie_break
         return self
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:

@@ -257,4 +257,4 @@ class Attention(nn.Module):
         if fmt is not None:  # the queries take the keys' rotation and FP4 (or FP8) round trip
             qi = ops.index_key_round_trip(ops.hadamard128(qi.reshape(-1, INDEX_DIM)), fmt).view_as(qi)
         return ops.indexer_topk(qi, indexer.head_weights(x).float(), cache.keys, meta.tables["csa"], meta.token_seq,
-                                meta.visible[indexer.ratio], indexer.topk, physical=True)
+                                meta.visible[indexer.ratio], indexer.topk, physical=True, tie_break=indexer.tie_break)

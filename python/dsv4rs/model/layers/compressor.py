@@ -16,6 +16,7 @@ from torch import nn
 from dsv4rs import ops
 from dsv4rs.model.config import INDEX_DIM, V4Config
 from dsv4rs.model.layers.norm import RMSNorm, linear
+from dsv4rs.ops.indexer import TieBreak
 
 if TYPE_CHECKING:
     from dsv4rs.model.layers.attention import AttentionMetadata
@@ -49,11 +50,13 @@ class IndexerScorer(nn.Module):
 
 class Indexer(Compressor):
     """The Lightning Indexer's weights: its own compressor over 128-dim keys, the query
-    projection from ``cQ`` and the per-head weights."""
+    projection from ``cQ`` and the per-head weights; ``tie_break`` is how its top-k orders equal
+    scores (:func:`dsv4rs.ops.indexer_topk`)."""
 
     def __init__(self, cfg: V4Config) -> None:
         super().__init__(cfg, cfg.compress_rates[0], INDEX_DIM)
         self.heads, self.topk = cfg.index_n_heads, cfg.index_topk
+        self.tie_break: TieBreak = "lower"
         self.q_b_proj = linear(cfg.q_lora_rank, cfg.index_n_heads * INDEX_DIM)
         self.scorer = IndexerScorer(cfg)
 
