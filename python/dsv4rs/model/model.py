@@ -26,7 +26,7 @@ from dsv4rs.model.layers.rotary import RotaryEmbedding
 from dsv4rs.model.layers.rotary import inv_freq as rope_inv_freq
 from dsv4rs.model.layers.norm import RMSNorm, linear
 from dsv4rs.ops._checks import choice
-from dsv4rs.ops.indexer import TieBreak, check_tie_break
+from dsv4rs.ops.indexer import TIE_BREAKS, TieBreak
 
 
 class DecoderLayer(nn.Module):
@@ -133,7 +133,7 @@ class DeepseekV4(nn.Module):
         selection) or ``"torch"`` (``torch.topk`` over the dense scores, as transformers and
         DeepSeek's reference select; memory ``O(tokens x keys)`` a layer). Returns the model.
         ValueError names ``tie_break`` for anything else."""
-        tie_break = check_tie_break(tie_break)
+        tie_break = choice("tie_break", tie_break, TIE_BREAKS)
         for m in self.modules():
             if isinstance(m, Indexer):
                 m.tie_break = tie_break

@@ -9,19 +9,12 @@ import torch
 
 from dsv4rs import _core
 from dsv4rs._tensor import as_tensor, spec, stream
-from dsv4rs.ops._checks import ndim, positive
+from dsv4rs.ops._checks import choice, ndim, positive
 from dsv4rs.ops.formats import PAGE_ROWS
 
 TieBreak = Literal["lower", "torch"]
 TIE_BREAKS: tuple[str, ...] = ("lower", "torch")
 """How :func:`indexer_topk` orders exactly equal scores (docs/model.md section 4)."""
-
-
-def check_tie_break(tie_break: object) -> TieBreak:
-    """``tie_break`` if it is one of :data:`TIE_BREAKS`; else ValueError naming it."""
-    if tie_break not in TIE_BREAKS:
-        raise ValueError(f"tie_break: expected one of {TIE_BREAKS}, got {tie_break!r}")
-    return tie_break  # type: ignore[return-value]
 
 
 @torch.library.custom_op("dsv4rs::indexer_topk", mutates_args=())
@@ -157,7 +150,7 @@ def indexer_topk(
         with ``return_scores``, also ``float32 [T, k]`` (``-inf`` padding).
     """
     k = positive("k", k, _core.MAX_TOPK)
-    tie_break = check_tie_break(tie_break)
+    tie_break = choice("tie_break", tie_break, TIE_BREAKS)
     q = as_tensor("q", q)
     ndim("q", q, 3)
     args = (q, as_tensor("weights", weights), as_tensor("key_cache", key_cache), as_tensor("block_table", block_table),
