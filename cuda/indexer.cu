@@ -7,10 +7,10 @@
 // are exact in bf16) and scored with bf16 tensor-core MMAs (mma.sync m16n8k16, sm_80+, fp32
 // accumulation): warp w holds heads 16w .. 16w + 15 of the query in registers and scores all 64
 // keys, then heads are folded as sum_h w_h ReLU(.). The split's scores stay in shared memory;
-// only its top-min(k, split) candidates (exact radix select) reach the workspace. Given `dense`
-// (a [T, width] float32 matrix), the kernel writes every score of the split there instead, and
-// -inf for keys it does not score: `ops.indexer_scores`, whose scores are those of the selection
-// bit for bit because one code computes both.
+// only its top-min(k, split) candidates (exact radix select) reach the workspace.
+// dsv4_indexer_score_dense: the same body (one template, two instances) writing every score of
+// the split to `dense` (a [T, width] float32 matrix) instead, and -inf for keys it does not score:
+// `ops.indexer_scores`, whose scores are those of the selection bit for bit.
 // dsv4_indexer_merge: one block per query selects the exact top-k of all splits' candidates,
 // sorts them (score descending, lower index first on ties) and writes indices and scores.
 #include "mma.cuh"
@@ -76,9 +76,12 @@ __device__ __forceinline__ void decode_page(const uint8_t* stage, IndexFormat fm
   }
 }
 
-}  // namespace
-
-extern "C" __global__ void __launch_bounds__(THREADS) dsv4_indexer_score(
+// The score kernel's body: DENSE writes the scores to `dense` (the selection's arguments unused),
+// else the split's candidates to `cand` (`dense` unused). One body, instantiated twice, so the two
+// compute every score with the same code, while the selection's instance carries none of the
+// dense writes.
+template <bool DENSE>
+__device__ __forceinline__ void score_split(
     const void* __restrict__ q, int q_bf16, const float* __restrict__ w, int heads,
     const uint8_t* __restrict__ keys, IndexFormat fmt, long long num_pages, const int* __restrict__ block_table,
     int max_pages, const void* __restrict__ seq_ids, const void* __restrict__ visible, int seq64,
@@ -89,7 +92,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) dsv4_indexer_score(
   float* red = (float*)(ks + PAGE_ROWS * ROW);                      // [4 warps][64] partial scores
   float* kscale = red + 4 * PAGE_ROWS;                              // [64] the keys' scales
   uint64_t* pool = (uint64_t*)(kscale + PAGE_ROWS);                // [split_keys] candidates (none if dense)
-  SelectScratch& scratch = *(SelectScratch*)(pool + (dense ? 0 : split_keys));
+  SelectScratch& scratch = *(SelectScratch*)(pool + (DENSE ? 0 : split_keys));
   uint8_t* stages = (uint8_t*)(&scratch + 1);                       // [STAGES][page bytes]
   __shared__ int n_valid, n_out;
 
@@ -98,17 +101,17 @@ extern "C" __global__ void __launch_bounds__(THREADS) dsv4_indexer_score(
   const int s = blockIdx.x;
   // Keys past the block table (or, dense, past the row) are not scored.
   long long vis = min(load_id(visible, t, vis64), (long long)max_pages * PAGE_ROWS);
-  if (dense) vis = min(vis, width);
+  if (DENSE) vis = min(vis, width);
   const long long seq = load_id(seq_ids, t, seq64);
   const long long k0 = (long long)s * split_keys, k1 = min(k0 + split_keys, vis);
   uint64_t* out = (uint64_t*)cand + ((long long)t * splits + s) * kcap;  // kcap = 0 when dense
   float* row = dense + t * width;                                        // width = 0 unless dense
-  if (dense) {
+  if (DENSE) {
     for (long long i = max(k0, k1) + tid; i < min(k0 + split_keys, width); i += THREADS) row[i] = -INFINITY;
   }
   if (k0 >= k1) {
     for (int i = tid; i < kcap; i += THREADS) out[i] = 0;
-    if (tid == 0 && !dense) counts[t * splits + s] = 0;
+    if (tid == 0 && !DENSE) counts[t * splits + s] = 0;
     return;
   }
   if (tid == 0) n_valid = 0;
@@ -198,18 +201,18 @@ extern "C" __global__ void __launch_bounds__(THREADS) dsv4_indexer_score(
     __syncthreads();
     if (tid < valid) {
       const float score = ((red[tid] + red[PAGE_ROWS + tid]) + red[2 * PAGE_ROWS + tid]) + red[3 * PAGE_ROWS + tid];
-      if (dense) {
+      if (DENSE) {
         row[base + tid] = score;
       } else {
         pool[atomicAdd(&n_valid, 1)] = pack_candidate(score, (uint32_t)(base + tid));
       }
-    } else if (dense && tid < in_split) {
+    } else if (DENSE && tid < in_split) {
       row[base + tid] = -INFINITY;  // a page outside the cache is skipped
     }
   }
   cp_async_wait<0>();
   __syncthreads();
-  if (dense) return;
+  if (DENSE) return;
 
   const int n = n_valid;
   if (n <= kcap) {
@@ -224,6 +227,26 @@ extern "C" __global__ void __launch_bounds__(THREADS) dsv4_indexer_score(
     if (pool[i] >= thr) out[atomicAdd(&n_out, 1)] = pool[i];
   }
   if (tid == 0) counts[t * splits + s] = kcap;
+}
+
+}  // namespace
+
+#define SCORE_PARAMS                                                                                                \
+  const void *__restrict__ q, int q_bf16, const float *__restrict__ w, int heads, const uint8_t *__restrict__ keys, \
+      IndexFormat fmt, long long num_pages, const int *__restrict__ block_table, int max_pages,                     \
+      const void *__restrict__ seq_ids, const void *__restrict__ visible, int seq64, int vis64, int split_keys,     \
+      int kcap, int splits, unsigned long long *__restrict__ cand, int *__restrict__ counts,                        \
+      float *__restrict__ dense, long long width
+#define SCORE_ARGS \
+  q, q_bf16, w, heads, keys, fmt, num_pages, block_table, max_pages, seq_ids, visible, seq64, vis64, split_keys, kcap, \
+      splits, cand, counts, dense, width
+
+extern "C" __global__ void __launch_bounds__(THREADS) dsv4_indexer_score(SCORE_PARAMS) {
+  score_split<false>(SCORE_ARGS);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS) dsv4_indexer_score_dense(SCORE_PARAMS) {
+  score_split<true>(SCORE_ARGS);
 }
 
 extern "C" __global__ void __launch_bounds__(1024) dsv4_indexer_merge(

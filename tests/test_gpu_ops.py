@@ -323,7 +323,7 @@ def test_sparse_attention_derotates_with_the_table(gen: torch.Generator, table: 
     pos = torch.tensor([0, 4095, 131071, (1 << 20) - 1])
     out, _ = ops.sparse_attention(q.cuda(), cache.cuda(), idx.cuda(), sink.cuda(), derotate=(pos.cuda(), inv_freq.cuda()),
                                   rope_table=table)
-    rows = ops.kv_read(cache, idx[:, 0].contiguous())[:, None].expand(-1, q.shape[1], -1).double()
+    rows = ops.kv_read(cache, idx[:, 0].long())[:, None].expand(-1, q.shape[1], -1).double()
     want = reference.apply_rope(rows, pos, inv_freq, inverse=True, table=table)
     assert rel_err(out, want) < 1e-6
     other = reference.apply_rope(rows, pos, inv_freq, inverse=True, table="exact" if table == "official" else "official")

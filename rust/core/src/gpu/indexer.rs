@@ -96,9 +96,11 @@ unsafe fn launch_score(dev: i32, stream: usize, a: &IndexerArgs, s: Split, out: 
     let (bt, mp) = (a.block_table.ptr as u64, a.block_table.dim(1) as i32);
     let (sp, vp) = (a.seq_ids.ptr as u64, a.visible.ptr as u64);
     let (s64, v64) = ((a.seq_ids.dtype == DType::I64) as i32, (a.visible.dtype == DType::I64) as i32);
-    let (pool_keys, kc, sc, cand, counts, dense, width) = match out {
-        ScoreOut::Candidates { cand, counts } => (s.keys, s.kcap as i32, s.count as i32, cand, counts, 0u64, 0i64),
-        ScoreOut::Dense { out, width } => (0, 0, 0, 0, 0, out, width as i64),
+    let (kernel, pool_keys, kc, sc, cand, counts, dense, width) = match out {
+        ScoreOut::Candidates { cand, counts } => {
+            (Kernel::IndexerScore, s.keys, s.kcap as i32, s.count as i32, cand, counts, 0u64, 0i64)
+        }
+        ScoreOut::Dense { out, width } => (Kernel::IndexerScoreDense, 0, 0, 0, 0, 0, out, width as i64),
     };
     let sk = s.keys as i32;
     let score = Launch {
@@ -109,7 +111,7 @@ unsafe fn launch_score(dev: i32, stream: usize, a: &IndexerArgs, s: Split, out: 
     };
     launch(
         dev,
-        Kernel::IndexerScore,
+        kernel,
         &score,
         &mut kernel_args!(qp, qb, wp, h, kp, fmt, np, bt, mp, sp, vp, s64, v64, sk, kc, sc, cand, counts, dense, width),
     )

@@ -67,6 +67,7 @@ declare_kernels! {
     CompressBatchFinish = "dsv4_compress_batch_finish" in "compress",
     CompressBatchState = "dsv4_compress_batch_state" in "compress",
     IndexerScore = "dsv4_indexer_score" in "indexer",
+    IndexerScoreDense = "dsv4_indexer_score_dense" in "indexer",
     IndexerMerge = "dsv4_indexer_merge" in "indexer",
     MhcWeights = "dsv4_mhc_weights" in "mhc",
     QgemmFp8M16 = "dsv4_qgemm_fp8_m16" in "qgemm",
