@@ -68,6 +68,10 @@ __device__ uint64_t kth_largest(Load load, int n, int k, SelectScratch& s) {
         if (lane >= off) incl += v;
       }
       uint32_t above = incl - sum;
+      // Every lane has read `remaining` and the histogram before the one lane below rewrites
+      // `remaining` and `prefix`: the shuffles above already order that, but only a barrier says
+      // so to the race checker (compute-sanitizer racecheck counts it as a hazard otherwise).
+      __syncwarp();
       if (above < need && need <= incl) {
         int b = top;
         for (; b > top - 7; --b) {
