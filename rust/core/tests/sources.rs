@@ -1,13 +1,15 @@
 //! Checks that the Rust and CUDA sources agree where the compiler cannot see both sides: every
-//! kernel has one `Kernel` variant naming its module, and the format codes of
-//! cuda/include/formats.cuh are the Rust enums' discriminants.
+//! kernel has one `Kernel` variant naming its module, the format codes of
+//! cuda/include/formats.cuh are the Rust enums' discriminants, and the RoPE mode bits of
+//! cuda/include/rope.cuh are those `RopeTable::kernel_mode` sets.
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use dsv4rs_core::formats::{IndexFormat, MainFormat, Quant};
+use dsv4rs_core::formats::{IndexFormat, MainFormat, Quant, RopeTable};
 use dsv4rs_core::gpu::Kernel;
+use dsv4rs_core::tensor::{DType, Device, TensorRef};
 
 fn cuda_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../cuda")
@@ -85,4 +87,28 @@ fn format_codes_are_the_rust_discriminants() {
         "Quant",
         &[("QUANT_NONE", Quant::None as i32), ("QUANT_FP8", Quant::Fp8 as i32), ("QUANT_FP4", Quant::Fp4 as i32)],
     );
+}
+
+/// The value of `constexpr int NAME = V;` in cuda/include/rope.cuh.
+fn rope_constant(name: &str) -> i32 {
+    let text = fs::read_to_string(cuda_dir().join("include/rope.cuh")).unwrap();
+    let mark = format!("constexpr int {name} =");
+    let at = text.find(&mark).unwrap_or_else(|| panic!("{mark} in rope.cuh"));
+    let rest = &text[at + mark.len()..];
+    rest[..rest.find(';').unwrap()].trim().parse().unwrap()
+}
+
+#[test]
+fn rope_mode_bits_are_the_kernels() {
+    let (freq64, official) = (rope_constant("ROPE_FREQ64"), rope_constant("ROPE_OFFICIAL"));
+    let freqs = |dtype| TensorRef { name: "inv_freq", ptr: 0, shape: vec![32], dtype, device: Device::Cpu };
+    for (table, dtype, want) in [
+        (RopeTable::Exact, DType::F32, 0),
+        (RopeTable::Exact, DType::F64, freq64),
+        (RopeTable::Official, DType::F32, official),
+        (RopeTable::Official, DType::F64, freq64 | official),
+    ] {
+        assert_eq!(table.kernel_mode(&freqs(dtype)), want, "{table:?} with {dtype:?} frequencies");
+    }
+    assert!(freq64 != official && (freq64 & official) == 0, "distinct bits");
 }
