@@ -348,6 +348,7 @@ def test_rejects_bad_inputs(gen: torch.Generator) -> None:
         (ValueError, "eps", dict(eps=-1.0)),
         (ValueError, "quant", dict(quant="fp8")),  # D = 64
         (ValueError, "quant", dict(quant="int8")),
+        (ValueError, "rope_table", dict(rope_table="fp32")),
         (TypeError, "kv", dict(kv=[[0.0]])),
     ]
     for exc, name, over in cases:

@@ -218,6 +218,9 @@ def test_compress_rejects_bad_inputs(gen: torch.Generator) -> None:
         ops.compress(inp["kv"], inp["score"][:7], *args, *state, start_pos=0, ratio=4)
     with pytest.raises(ValueError, match="quant"):
         ops.compress(inp["kv"], inp["score"], *args, *state, start_pos=0, ratio=4, quant="fp8")
+    with pytest.raises(ValueError, match="rope_table"):
+        ops.compress(inp["kv"], inp["score"], *args, *state, start_pos=0, ratio=4, rope_table="float32")
+    assert all(torch.equal(a, b) for a, b in zip(state, before))
     with pytest.raises(ValueError, match="ratio"):
         ops.compress(inp["kv"], inp["score"], *args, *state, start_pos=0, ratio=0)
     with pytest.raises(ValueError, match="kv_state"):
@@ -654,6 +657,13 @@ def test_attention_rejects_bad_inputs(gen: torch.Generator) -> None:
     corrupt[0, 64 * 576] = 255  # row 0's first scale byte: 2^128
     with pytest.raises(ValueError, match="cache: row 0 holds a non-finite"):
         ops.sparse_attention(q, corrupt, idx, sink)
+    with pytest.raises(ValueError, match="rope_table"):
+        ops.sparse_attention(q, cache, idx, sink, derotate=(torch.arange(2), INV_FREQ), rope_table=None)
+    # The registered ops check the table's name in the core too (a caller bypassing the wrappers).
+    with pytest.raises(ValueError, match='table: expected "official" or "exact", got "fp32"'):
+        torch.ops.dsv4rs.rope.default(q, torch.arange(2), INV_FREQ, False, "fp32")
+    with pytest.raises(ValueError, match="rope_table"):
+        torch.ops.dsv4rs.sparse_attention.default(q, cache, idx, sink, 0.05, None, None, None, None, None, None, "")
 
 
 # ---------------------------------------------------------------------------------------------
