@@ -25,6 +25,7 @@ from dsv4rs.llm.params import SamplingParams
 from dsv4rs.llm.speculative import SpeculativeScheduler
 from dsv4rs.llm.text import Detokenizer, StopStrings
 from dsv4rs.llm.tokenizer import Tokenizer
+from dsv4rs.ops._checks import choice
 from dsv4rs.runtime.engine import Engine
 from dsv4rs.runtime.scheduler import Scheduler
 
@@ -75,10 +76,9 @@ class LLM:
         from dsv4rs.model.layers.quant import ACT_MODES
 
         path = os.fspath(checkpoint)
-        if activations not in ACT_MODES:
-            raise ValueError(f"activations: expected one of {ACT_MODES}, got {activations!r}")
-        if rope_table not in ops.ROPE_TABLES:
-            raise ValueError(f"rope_table: expected one of {ops.ROPE_TABLES}, got {rope_table!r}")
+        # Checked before the (long) load; the model checks them again where they are set.
+        choice("activations", activations, ACT_MODES)
+        choice("rope_table", rope_table, ops.ROPE_TABLES)
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = Tokenizer(path)
         model = load_checkpoint(path, device=dev, progress=progress, quantized=quantized,

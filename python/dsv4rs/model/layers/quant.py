@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from dsv4rs import ops
+from dsv4rs.ops._checks import choice
 
 FP8_BLOCK = 128
 FP4_BLOCK = 32
@@ -32,9 +33,8 @@ FORMATS = ("fp8", "fp4")
 
 
 def check_act(act: object) -> str:
-    if act not in ACT_MODES:
-        raise ValueError(f"act: expected one of {ACT_MODES}, got {act!r}")
-    return act  # type: ignore[return-value]
+    """``act`` if it is one of :data:`ACT_MODES`; else ValueError naming ``act``."""
+    return choice("act", act, ACT_MODES)  # type: ignore[arg-type]
 
 
 def scale_shape(fmt: str, rows: int, cols: int) -> tuple[int, int]:
