@@ -241,6 +241,7 @@ def test_rope_table_reaches_every_op(tiny: DeepseekV4, gen: torch.Generator, mon
         for table in ops.ROPE_TABLES:
             seen.clear()
             got = prefill(tiny.set_rope_table(table), ids)
+            assert tiny.rope_table == table
             assert seen == {"rope": {table}, "compress_batch": {table}, "sparse_attention": {table}}
             want = dense_forward(float64_copy(tiny), ids, rope_table=table)
             torch.testing.assert_close(got.double(), want, atol=TOL, rtol=0)

@@ -116,6 +116,11 @@ class DeepseekV4(nn.Module):
                 m.act = act
         return self
 
+    @property
+    def rope_table(self) -> str:
+        """The RoPE table the layers compute their angles with (:meth:`set_rope_table`)."""
+        return next(m.table for m in self.modules() if isinstance(m, RotaryEmbedding))
+
     def set_rope_table(self, table: str) -> DeepseekV4:
         """How every layer computes its RoPE angles (:data:`dsv4rs.ops.ROPE_TABLES`):
         ``"official"`` (the default: DeepSeek's float32 table, as its reference code, transformers,
