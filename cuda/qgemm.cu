@@ -12,11 +12,14 @@
 // weights are stored with each 8 values interleaved to match the decoder); an FP8 code is exact in
 // bfloat16 and its block scale (any float) multiplies the float32 partial sum of each 128-wide K
 // step. The products are therefore exact and only the float32 summation order differs from the
-// CPU twin. A block computes BM rows x 64 weight rows; 4 warps, each 16 weight rows (two n8
-// tiles) for all BM rows; K runs in steps of 128 through a cp.async pipeline (A and B
-// tiles in shared memory; 5 stages for 16-row tiles), the block's weight scales loaded once up front.
+// CPU twin. Two forms:
+// - tiled (dsv4_qgemm_*_m64, many rows per weight: prefill): a block computes 64 rows x 64 weight
+//   rows; 4 warps, each 16 weight rows (two n8 tiles) for all 64 rows; K runs in steps of 128
+//   through a 3-stage cp.async pipeline (A and B tiles in shared memory), the block's weight scales
+//   loaded once up front;
+// - decode (dsv4_qgemv_*_n8/_n16, up to 16 rows per weight): the roles swapped (see qgemv).
 //
-// Work items: dense (a grid row per (group, 16/64-row tile)), or the tiles of a MoE plan (expert,
+// Work items: dense (a grid row per (group, row tile)), or the tiles of a MoE plan (expert,
 // first sorted position, rows) read from device memory, so no count ever goes to the host.
 // Epilogues: store (float32 or bfloat16, optionally into split-K partial sums), or clamped SwiGLU
 // (the block's warps hold gate row n in tile 0 and up row I + n in tile 1, the same fragment
@@ -38,10 +41,7 @@ namespace {
 constexpr int THREADS = 128;
 constexpr int KC = 128;         // K per pipeline step: one activation block, four FP4 scale groups
 constexpr int BN = 64;          // weight rows per block (4 warps x 2 n8 tiles)
-// Pipeline stages: 16-row tiles (decode) stream weights with little work per byte, so they keep
-// more steps in flight (5 stages, 4 ahead); 64-row tiles keep 3.
-template <int MT>
-__host__ __device__ constexpr int stages() { return MT == 1 ? 5 : 3; }
+constexpr int STAGES = 3;       // cp.async pipeline stages of the tiled form
 constexpr int A_ROW_BYTES = 272;  // 256 bytes of bf16 + 16: 16-byte aligned, see a_chunk()
 
 // Mirrored by `GemmParams` in rust/core/src/gpu/qgemm.rs (same field order, repr(C)); both sides
@@ -114,6 +114,37 @@ __device__ __forceinline__ uint32_t bf16x2_pow2(int e) {
   return h | (h << 16);
 }
 
+// This lane's 32 consecutive weight values of one row in a 128-wide K step as 16 bf16 pairs in
+// mma order: pairs 2s and 2s + 1 hold K offsets 4s .. 4s + 3 of the 32 (for FP4 in the
+// interleaved order of interleaved_col). FP4: 16 bytes and the exponent se of their 1x32 scale,
+// folded in exactly (one multiply by 2^(126 + se) when that is a bf16, i.e. se <= 1 as for every
+// real weight, else a second by 2^(se - 1)); FP8: 32 bytes (the block scale multiplies the step's
+// float32 partial sum instead).
+__device__ __forceinline__ void fp4x32_lane(const uint4 raw, int se, uint32_t (&b)[16]) {
+  const uint32_t mult = bf16x2_pow2(126 + min(se, 1));
+  fp4x8_interleaved(raw.x, mult, &b[0]);
+  fp4x8_interleaved(raw.y, mult, &b[4]);
+  fp4x8_interleaved(raw.z, mult, &b[8]);
+  fp4x8_interleaved(raw.w, mult, &b[12]);
+  if (se > 1) {
+    const __nv_bfloat162 extra = __bfloat162bfloat162(__ushort_as_bfloat16((unsigned short)((se - 1 + 127) << 7)));
+#pragma unroll
+    for (int e = 0; e < 16; ++e) {
+      __nv_bfloat162 v = __hmul2(*(const __nv_bfloat162*)&b[e], extra);
+      b[e] = *(uint32_t*)&v;
+    }
+  }
+}
+
+__device__ __forceinline__ void fp8x32_lane(const uint4 r0, const uint4 r1, uint32_t (&b)[16]) {
+  const uint2 parts[4] = {make_uint2(r0.x, r0.y), make_uint2(r0.z, r0.w), make_uint2(r1.x, r1.y), make_uint2(r1.z, r1.w)};
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    const uint4 v = fp8x8_to_bf16<true>(parts[u], 0);
+    b[4 * u] = v.x, b[4 * u + 1] = v.y, b[4 * u + 2] = v.z, b[4 * u + 3] = v.w;
+  }
+}
+
 __device__ __forceinline__ float silu(float v) { return v / (1.0f + expf(-v)); }
 
 // Where value `col` of a row is stored in the interleaved order of MXFP4 activations: within
@@ -157,7 +188,6 @@ __device__ __forceinline__ void qgemm(const GemmParams& p) {
   constexpr int A_TILE = BM * A_ROW_BYTES;
   constexpr int B_TILE = BN * B_ROW;
   constexpr int STAGE = A_TILE + B_TILE;
-  constexpr int STAGES = stages<MT>();
   extern __shared__ __align__(16) uint8_t smem[];
 
   int g, rows;
@@ -259,34 +289,11 @@ __device__ __forceinline__ void qgemm(const GemmParams& p) {
     for (int j = 0; j < 2; ++j) {
       const int sr = 16 * warp + 8 * j + fr;
       if (FP4) {
-        const uint4 raw = *(const uint4*)(bt + sr * B_ROW + 16 * q);
         const int group = 4 * c + q;  // past K (a partial last step) the bytes are zeros
         const int se = group < scale_cols ? (int)scales[sr * scale_cols + group] - 127 : 0;
-        // One multiply by 2^(126 + se) when that is a bf16 (se <= 1: every real weight), else a
-        // second by 2^(se - 1).
-        const uint32_t mult = bf16x2_pow2(126 + min(se, 1));
-        fp4x8_interleaved(raw.x, mult, &b[j][0]);
-        fp4x8_interleaved(raw.y, mult, &b[j][4]);
-        fp4x8_interleaved(raw.z, mult, &b[j][8]);
-        fp4x8_interleaved(raw.w, mult, &b[j][12]);
-        if (se > 1) {
-          const __nv_bfloat162 extra = __bfloat162bfloat162(__ushort_as_bfloat16((unsigned short)((se - 1 + 127) << 7)));
-#pragma unroll
-          for (int e = 0; e < 16; ++e) {
-            __nv_bfloat162 v = __hmul2(*(const __nv_bfloat162*)&b[j][e], extra);
-            b[j][e] = *(uint32_t*)&v;
-          }
-        }
+        fp4x32_lane(*(const uint4*)(bt + sr * B_ROW + 16 * q), se, b[j]);
       } else {
-        const uint4 r0 = *(const uint4*)(bt + sr * B_ROW + 32 * q);
-        const uint4 r1 = *(const uint4*)(bt + sr * B_ROW + 32 * q + 16);
-        const uint2 parts[4] = {make_uint2(r0.x, r0.y), make_uint2(r0.z, r0.w), make_uint2(r1.x, r1.y),
-                                make_uint2(r1.z, r1.w)};
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          const uint4 v = fp8x8_to_bf16<true>(parts[u], 0);
-          b[j][4 * u] = v.x, b[j][4 * u + 1] = v.y, b[j][4 * u + 2] = v.z, b[j][4 * u + 3] = v.w;
-        }
+        fp8x32_lane(*(const uint4*)(bt + sr * B_ROW + 32 * q), *(const uint4*)(bt + sr * B_ROW + 32 * q + 16), b[j]);
       }
     }
     float part[MT][2][4];
@@ -367,6 +374,188 @@ __device__ __forceinline__ void qgemm(const GemmParams& p) {
   }
 }
 
+// Resident blocks of the decode form per SM its register budget allows (at most 168 registers a
+// thread): enough warps that the weight loads of some overlap the arithmetic of others.
+constexpr int GEMV_BLOCKS_PER_SM = 3;
+
+// Streaming loads of weights (read once: no L1 allocation) and of activations (read by many blocks).
+__device__ __forceinline__ uint4 ld_stream(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+// The decode form (a few activation rows): the same products and float32 sums as qgemm with the
+// roles swapped, Y^T = W A^T, so the weights are the mma's 16-row A operand (decoded straight from
+// global memory into registers, no shared-memory staging) and up to 8 activation rows its n8 B
+// operand (NT such tiles: 8 NT rows a block). A warp holds 16 weight rows: rows n0 + fr and
+// n0 + fr + 8 (or, with SwiGLU, gate row h0 + fr and up row I + h0 + fr, so the C fragment holds both
+// for h). The block's 4 warps split its K steps; warps 1-3 leave their partial sums in shared memory
+// and warp 0 adds them in warp order (a fixed order) before the epilogue. Each warp issues the
+// loads of BATCH K steps (weights, scales, its lane's activation values) before using them.
+template <bool FP4, int NT>
+__device__ __forceinline__ void qgemv(const GemmParams& p) {
+  constexpr int BM = 8 * NT;
+  constexpr int WARPS = THREADS / 32;
+  constexpr int BATCH = FP4 ? 8 : 4;  // K steps whose weight loads are issued together
+  constexpr int W_CHUNKS = FP4 ? 1 : 2;  // 16-byte weight chunks per row and step for one lane
+  __shared__ float red[WARPS - 1][NT][4][32];
+
+  int g, rows;
+  long long row0;
+  if (!work_item(p, BM, g, row0, rows)) return;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int q = lane % 4, fr = lane / 4;
+  const long long k = p.k;
+  const int k_steps = (p.k + KC - 1) / KC;
+  const int c_begin = blockIdx.z * p.k_steps_per_split;
+  const int c_end = min(k_steps, c_begin + p.k_steps_per_split);
+  const int per = (c_end - c_begin + WARPS - 1) / WARPS;
+  const int w_begin = c_begin + warp * per, w_end = min(c_end, w_begin + per);
+
+  // The lane's two weight rows (within group g), or null past the weights.
+  const uint8_t* wrow[2];
+  long long n_glob[2];
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    int n;
+    if (p.swiglu) {
+      const int half = p.n / 2, h = blockIdx.x * 8 + fr;
+      n = h < half ? h + j * half : -1;
+    } else {
+      n = blockIdx.x * 16 + fr + 8 * j;
+      n = n < p.n ? n : -1;
+    }
+    n_glob[j] = (long long)g * p.n + n;
+    wrow[j] = n < 0 ? nullptr : p.w + n_glob[j] * (FP4 ? k / 2 : k);
+  }
+  // The lane's activation rows: row 8 t + fr of the tile.
+  const uint16_t* arow[NT];
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+    const int r = 8 * t + fr;
+    arow[t] = nullptr;
+    if (r < rows) {
+      const long long pos = row0 + r;
+      const long long src = p.a_rows ? p.a_rows[pos] / p.a_div : pos;
+      arow[t] = p.a + src * p.a_row_stride + g * p.a_group_stride;
+    }
+  }
+
+  float acc[NT][4];
+#pragma unroll
+  for (int t = 0; t < NT; ++t)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[t][e] = 0.f;
+
+  for (int c0 = w_begin; c0 < w_end; c0 += BATCH) {
+    // The batch's weights and scales: all loads issued before any is used.
+    uint4 wraw[BATCH][2][W_CHUNKS];
+    float wscale[BATCH][2];  // FP8: the block scale
+    int wexp[BATCH][2];      // FP4: the exponent of the lane's 1x32 scale
+#pragma unroll
+    for (int s = 0; s < BATCH; ++s) {
+      const long long col = (long long)(c0 + s) * KC + 32 * q;  // the lane's first K of the step
+      const bool live = c0 + s < w_end && col < k;
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const bool on = live && wrow[j];
+#pragma unroll
+        for (int u = 0; u < W_CHUNKS; ++u)
+          wraw[s][j][u] = on ? ld_stream(wrow[j] + (FP4 ? col / 2 : col) + 16 * u) : make_uint4(0, 0, 0, 0);
+        if (FP4) {
+          wexp[s][j] = on ? (int)__ldg(((const uint8_t*)p.w_scale) + n_glob[j] * (k / 32) + col / 32) - 127 : 0;
+        } else {
+          // The block scale multiplies the C fragment, whose entries mix every lane's K values:
+          // every lane needs it, also a lane whose own K values lie past K.
+          const bool step = c0 + s < w_end && wrow[j];
+          wscale[s][j] = step ? __ldg(((const float*)p.w_scale) + (n_glob[j] / 128) * k_steps + c0 + s) : 0.f;
+        }
+      }
+    }
+#pragma unroll
+    for (int s = 0; s < BATCH; ++s) {
+      if (c0 + s >= w_end) break;
+      const long long col = (long long)(c0 + s) * KC + 32 * q;
+      const bool live = col < k;
+      uint32_t b[2][16];
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        if (FP4) fp4x32_lane(wraw[s][j][0], wexp[s][j], b[j]);
+        else fp8x32_lane(wraw[s][j][0], wraw[s][j][W_CHUNKS - 1], b[j]);
+      }
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        // The lane's 32 activation values of row 8 t + fr (loaded now: they are read by many
+        // blocks and mostly hit in cache, so they need not occupy registers during the batch).
+        uint4 araw[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) araw[u] = live && arow[t] ? __ldg((const uint4*)(arow[t] + col) + u) : make_uint4(0, 0, 0, 0);
+        const uint32_t* a = (const uint32_t*)araw;
+        float part[4] = {0.f, 0.f, 0.f, 0.f};
+        float(&d)[4] = FP4 ? acc[t] : part;
+#pragma unroll
+        for (int m = 0; m < 8; ++m) mma_bf16(d, b[0][2 * m], b[1][2 * m], b[0][2 * m + 1], b[1][2 * m + 1], a[2 * m], a[2 * m + 1]);
+        if (!FP4) {
+          acc[t][0] += part[0] * wscale[s][0];
+          acc[t][1] += part[1] * wscale[s][0];
+          acc[t][2] += part[2] * wscale[s][1];
+          acc[t][3] += part[3] * wscale[s][1];
+        }
+      }
+    }
+  }
+
+  // Warps 1-3 hand their sums to warp 0, which adds them in warp order.
+  if (warp > 0) {
+#pragma unroll
+    for (int t = 0; t < NT; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) red[warp - 1][t][e][lane] = acc[t][e];
+  }
+  __syncthreads();
+  if (warp > 0) return;
+#pragma unroll
+  for (int w = 0; w < WARPS - 1; ++w)
+#pragma unroll
+    for (int t = 0; t < NT; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[t][e] += red[w][t][e][lane];
+
+  // Epilogue. Fragment (t, e): weight row fr + 8 (e / 2), activation row 8 t + 2 q + e % 2.
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+#pragma unroll
+    for (int e2 = 0; e2 < 2; ++e2) {
+      const int r = 8 * t + 2 * q + e2;
+      if (r >= rows) continue;
+      const long long row = row0 + r;
+      if (p.swiglu) {
+        const int col = blockIdx.x * 8 + fr;
+        if (col >= p.n / 2) continue;
+        const float gate = fminf(acc[t][e2], p.limit);
+        const float up = fminf(fmaxf(acc[t][2 + e2], -p.limit), p.limit);
+        const float h = silu(gate) * up;
+        const long long o = row * p.out_row_stride + g * p.out_group_stride;
+        if (p.out_bf16) ((uint16_t*)p.out)[o + interleaved_col(col)] = bf16_from_f32(h);
+        else ((float*)p.out)[o + col] = h;
+      } else {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int n = blockIdx.x * 16 + fr + 8 * j;
+          if (n >= p.n) continue;
+          const float v = acc[t][2 * j + e2];
+          const long long o = blockIdx.z * p.out_split_stride + row * p.out_row_stride + g * p.out_group_stride + n;
+          if (p.out_bf16) ((uint16_t*)p.out)[o] = bf16_from_f32(v);
+          else ((float*)p.out)[o] = v;
+        }
+      }
+    }
+  }
+}
+
 // Block-wide exclusive prefix sum of one int per thread (THREADS_PLAN threads); `total` gets the sum.
 constexpr int THREADS_PLAN = 1024;
 __device__ __forceinline__ int block_exclusive_scan(int v, int* warp_sums, int& total) {
@@ -397,10 +586,12 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int* warp_sums, int& 
 
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(THREADS) dsv4_qgemm_fp8_m16(const GemmParams p) { qgemm<false, 1>(p); }
 extern "C" __global__ void __launch_bounds__(THREADS) dsv4_qgemm_fp8_m64(const GemmParams p) { qgemm<false, 4>(p); }
-extern "C" __global__ void __launch_bounds__(THREADS) dsv4_qgemm_fp4_m16(const GemmParams p) { qgemm<true, 1>(p); }
 extern "C" __global__ void __launch_bounds__(THREADS) dsv4_qgemm_fp4_m64(const GemmParams p) { qgemm<true, 4>(p); }
+extern "C" __global__ void __launch_bounds__(THREADS, GEMV_BLOCKS_PER_SM) dsv4_qgemv_fp8_n8(const GemmParams p) { qgemv<false, 1>(p); }
+extern "C" __global__ void __launch_bounds__(THREADS, GEMV_BLOCKS_PER_SM) dsv4_qgemv_fp8_n16(const GemmParams p) { qgemv<false, 2>(p); }
+extern "C" __global__ void __launch_bounds__(THREADS, GEMV_BLOCKS_PER_SM) dsv4_qgemv_fp4_n8(const GemmParams p) { qgemv<true, 1>(p); }
+extern "C" __global__ void __launch_bounds__(THREADS, GEMV_BLOCKS_PER_SM) dsv4_qgemv_fp4_n16(const GemmParams p) { qgemv<true, 2>(p); }
 
 // Rows of x [rows, k] (float32 or bfloat16) as exact bf16 values: FP8 e4m3 per 1x128 block with a
 // UE8M0 scale (act_fp8), or rounded to bf16. With `interleave` (activations of MXFP4 weights),

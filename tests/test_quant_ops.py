@@ -176,6 +176,9 @@ LINEAR_CASES = [
     (True, (3,), 37, 224, 1),
     (True, (1,), 12, 32, 3),  # K = 32: one MXFP4 block per row
     (True, (2, 3), 64, 288, 4),
+    # More than 16 rows: the GPU's tiled form (up to 16, its decode form).
+    (False, (40,), 130, 160, 1),
+    (True, (20,), 64, 288, 2),
 ]
 
 
@@ -467,9 +470,10 @@ def test_gpu_quant_linear_matches_reference_and_cpu(gen: torch.Generator, case: 
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fp4,m", [(False, 300), (True, 300), (True, 1)])
+@pytest.mark.parametrize("fp4,m", [(False, 300), (True, 300), (True, 1), (False, 1), (False, 12)])
 def test_gpu_quant_linear_at_model_widths(gen: torch.Generator, fp4: bool, m: int) -> None:
-    """Widths of V4-Flash's projections (K 4096, R 1024 and 1536), decode and prefill row counts."""
+    """Widths of V4-Flash's projections (K 4096, R 1024 and 1536), decode and prefill row counts
+    (few weight rows and a long K: the decode form splits K over blocks)."""
     rows, k = (1024, 4096) if fp4 else (1536, 4096)
     weight, scale = fp4_weight(gen, rows, k) if fp4 else fp8_weight(gen, rows, k)
     x = activations(gen, m, k, dtype=torch.bfloat16)
@@ -492,10 +496,11 @@ def test_gpu_moe_experts_matches_reference_and_cpu(gen: torch.Generator, case: s
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("t,k", [(1, 6), (32, 6), (700, 2)])
+@pytest.mark.parametrize("t,k", [(1, 6), (2, 6), (20, 6), (32, 6), (700, 2)])
 def test_gpu_moe_experts_many_tokens_per_expert(gen: torch.Generator, t: int, k: int) -> None:
     """Decode-like and prefill-like token counts over 8 experts (ids drawn with repeats across tokens),
-    one expert left idle."""
+    one expert left idle: on the GPU the decode form with 8-row tiles (T=1, 2), with 16-row tiles and
+    experts holding more rows than one tile (T=20), and the tiled form (T=32, 700)."""
     e, inter, d = 8, 256, 512
     x = activations(gen, t, d, dtype=torch.bfloat16, decades=2.0)
     idx = torch.randint(0, e - 1, (t, k), generator=gen)
@@ -506,6 +511,19 @@ def test_gpu_moe_experts_many_tokens_per_expert(gen: torch.Generator, t: int, k:
     got = ops.moe_experts(*cuda(*args), 1.0)
     want, tol = moe_bound(*args, 1.0, "fp8")
     assert_within(got, want, tol, "gpu vs reference")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 12, 40])
+def test_gpu_mxfp4_scales_above_one(gen: torch.Generator, m: int) -> None:
+    """UE8M0 codes up to 2^6: a scale above 2 takes the decoder's second multiply (decode and tiled
+    forms), and the result still matches the reference and the CPU twin."""
+    weight, scale = fp4_weight(gen, 96, 256, low=124, high=134)
+    x = activations(gen, m, 256, dtype=torch.bfloat16)
+    got = ops.quant_linear(*cuda(x, weight, scale))
+    want, tol = linear_bound(x, weight, scale, 1, "fp8")
+    assert_within(got, want, tol, "gpu vs reference")
+    assert_within(got, ops.quant_linear(x, weight, scale).double(), 2 * tol, "gpu vs cpu")
 
 
 @pytest.mark.gpu
