@@ -2,53 +2,92 @@
 // pre = sigmoid(s0 mu[0:n] + b) + eps, post = 2 sigmoid(s1 mu[n:2n] + b), and comb = the rows of
 // s2 mu[2n:] + b softmaxed plus eps, then Sinkhorn: columns, and (iters - 1) times rows and
 // columns, each divided by its sum plus eps. Mirrors rust/core/src/mhc.rs (float32, same order).
+//
+// The stream count is a template parameter (1..8, chosen by a switch), so the n x n matrix lives
+// in registers and the loops unroll: the n rows (or columns) of a Sinkhorn pass are independent
+// chains. With a runtime n the matrix sat in local memory and every pass was one long chain of
+// dependent loads, divisions and stores (about 50 us a call for n = 4 and 20 iterations, however
+// few the tokens).
 #include <cstdint>
 
 namespace {
-constexpr int MAX_STREAMS = 8;
+
+template <int N>
+__device__ __forceinline__ void mhc_token(const float* m, const float* scale, const float* base, int iters, float eps,
+                                          float* pre, float* post, float* comb) {
+  const float s0 = scale[0], s1 = scale[1], s2 = scale[2];
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    pre[j] = 1.f / (1.f + expf(-(m[j] * s0 + base[j]))) + eps;
+    post[j] = 2.f * (1.f / (1.f + expf(-(m[N + j] * s1 + base[N + j]))));
+  }
+  float c[N][N];
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      c[i][k] = m[2 * N + i * N + k] * s2 + base[2 * N + i * N + k];
+      mx = fmaxf(mx, c[i][k]);
+    }
+    float sum = 0.f;
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      c[i][k] = expf(c[i][k] - mx);
+      sum += c[i][k];
+    }
+#pragma unroll
+    for (int k = 0; k < N; ++k) c[i][k] = c[i][k] / sum + eps;
+  }
+  for (int it = 0; it < iters; ++it) {
+    if (it > 0) {
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        float s = 0.f;
+#pragma unroll
+        for (int k = 0; k < N; ++k) s += c[i][k];
+        s += eps;
+#pragma unroll
+        for (int k = 0; k < N; ++k) c[i][k] /= s;
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      float s = 0.f;
+#pragma unroll
+      for (int i = 0; i < N; ++i) s += c[i][k];
+      s += eps;
+#pragma unroll
+      for (int i = 0; i < N; ++i) c[i][k] /= s;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int k = 0; k < N; ++k) comb[i * N + k] = c[i][k];
 }
 
+}  // namespace
+
+// n in 1..8 (checked by the caller, rust/core/src/mhc.rs MAX_STREAMS); other n write nothing.
 extern "C" __global__ void __launch_bounds__(128) dsv4_mhc_weights(const float* mix, const float* scale, const float* base,
                                                                    long long tokens, int n, int iters, float eps,
                                                                    float* pre, float* post, float* comb) {
   const long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x;
   if (t >= tokens) return;
-  const int width = (2 + n) * n;
-  const float* m = mix + t * width;
-  const float s0 = scale[0], s1 = scale[1], s2 = scale[2];
-  for (int j = 0; j < n; ++j) {
-    pre[t * n + j] = 1.f / (1.f + expf(-(m[j] * s0 + base[j]))) + eps;
-    post[t * n + j] = 2.f * (1.f / (1.f + expf(-(m[n + j] * s1 + base[n + j]))));
+  const float* m = mix + t * (2 + n) * n;
+  float* p = pre + t * n;
+  float* o = post + t * n;
+  float* c = comb + t * n * n;
+  switch (n) {
+    case 1: mhc_token<1>(m, scale, base, iters, eps, p, o, c); break;
+    case 2: mhc_token<2>(m, scale, base, iters, eps, p, o, c); break;
+    case 3: mhc_token<3>(m, scale, base, iters, eps, p, o, c); break;
+    case 4: mhc_token<4>(m, scale, base, iters, eps, p, o, c); break;
+    case 5: mhc_token<5>(m, scale, base, iters, eps, p, o, c); break;
+    case 6: mhc_token<6>(m, scale, base, iters, eps, p, o, c); break;
+    case 7: mhc_token<7>(m, scale, base, iters, eps, p, o, c); break;
+    case 8: mhc_token<8>(m, scale, base, iters, eps, p, o, c); break;
+    default: break;
   }
-  float c[MAX_STREAMS * MAX_STREAMS];
-  for (int i = 0; i < n; ++i) {
-    float mx = -INFINITY;
-    for (int k = 0; k < n; ++k) {
-      c[i * n + k] = m[2 * n + i * n + k] * s2 + base[2 * n + i * n + k];
-      mx = fmaxf(mx, c[i * n + k]);
-    }
-    float sum = 0.f;
-    for (int k = 0; k < n; ++k) {
-      c[i * n + k] = expf(c[i * n + k] - mx);
-      sum += c[i * n + k];
-    }
-    for (int k = 0; k < n; ++k) c[i * n + k] = c[i * n + k] / sum + eps;
-  }
-  for (int it = 0; it < iters; ++it) {
-    if (it > 0) {
-      for (int i = 0; i < n; ++i) {
-        float s = 0.f;
-        for (int k = 0; k < n; ++k) s += c[i * n + k];
-        s += eps;
-        for (int k = 0; k < n; ++k) c[i * n + k] /= s;
-      }
-    }
-    for (int k = 0; k < n; ++k) {
-      float s = 0.f;
-      for (int i = 0; i < n; ++i) s += c[i * n + k];
-      s += eps;
-      for (int i = 0; i < n; ++i) c[i * n + k] /= s;
-    }
-  }
-  for (int i = 0; i < n * n; ++i) comb[t * n * n + i] = c[i];
 }
