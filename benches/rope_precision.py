@@ -50,19 +50,19 @@ def main() -> None:
                                        y.beta_fast, y.beta_slow)
     plain = ref.official_inv_freq(ROPE_DIM, cfg.rope_theta)
     t0 = time.perf_counter()
-    exact0 = dense_forward(model, ids)
+    exact0 = dense_forward(model, ids, rope_table="exact")
     print(f"{args.model} model ({cfg.num_hidden_layers} layers, d={cfg.hidden_size}), {args.tokens} tokens; "
           f"one float64 pass {time.perf_counter() - t0:.1f} s; logits' own scale: median |logit| "
           f"{float(exact0.abs().median()):.3g}, max {float(exact0.abs().max()):.3g}")
     for name, kwargs in (("FP8/FP4 round trips (production storage)", dict(quant=True)),
                          ("bfloat16 rows", dict(row_dtype=torch.bfloat16))):
-        med, mx, top = stats(dense_forward(model, ids, **kwargs), exact0)
+        med, mx, top = stats(dense_forward(model, ids, rope_table="exact", **kwargs), exact0)
         print(f"  for scale, at P = 0, {name}: |logit diff| median {med:.2e}, max {mx:.2e}, top-1 equal {100 * top:.1f} %")
     print(f"{'P':>9} {'angle err (rad)':>16} {'exact: max':>11} {'official: median':>17} {'max':>9} {'top-1 equal':>12}")
     for off in OFFSETS:
         last = off + args.tokens - 1
         err = max(angle_error(compressed, last), angle_error(plain, last))
-        exact = dense_forward(model, ids, position_offset=off)
+        exact = dense_forward(model, ids, position_offset=off, rope_table="exact")
         official = dense_forward(model, ids, position_offset=off, rope_table="official")
         _, exact_max, _ = stats(exact, exact0)
         med, mx, top = stats(official, exact0)

@@ -213,8 +213,8 @@ def test_exact_rope_is_relative_and_the_table_drifts(model: DeepseekV4) -> None:
     a sequence sees is unchanged); DeepSeek's float32 table moves them, more at 1M than at 4K."""
     m = float64_copy(model)
     ids = torch.randint(0, m.config.vocab_size, (140,), generator=torch.Generator().manual_seed(4))
-    base = dense_forward(m, ids)
-    torch.testing.assert_close(dense_forward(m, ids, position_offset=4096), base, rtol=0, atol=1e-11)
+    base = dense_forward(m, ids, rope_table="exact")
+    torch.testing.assert_close(dense_forward(m, ids, position_offset=4096, rope_table="exact"), base, rtol=0, atol=1e-11)
     near = (dense_forward(m, ids, position_offset=4096, rope_table="official") - base).abs().max()
     far = (dense_forward(m, ids, position_offset=(1 << 20) - 256, rope_table="official") - base).abs().max()
     assert 0 < near < far
@@ -245,6 +245,8 @@ def test_rope_table_reaches_every_op(tiny: DeepseekV4, gen: torch.Generator, mon
             assert seen == {"rope": {table}, "compress_batch": {table}, "sparse_attention": {table}}
             want = dense_forward(float64_copy(tiny), ids, rope_table=table)
             torch.testing.assert_close(got.double(), want, atol=TOL, rtol=0)
+            # The reference's default is the model's own table.
+            torch.testing.assert_close(dense_forward(float64_copy(tiny), ids), want, atol=0, rtol=0)
     finally:
         tiny.set_rope_table("official")
     with pytest.raises(ValueError, match="table"):
@@ -316,7 +318,7 @@ def test_decode_and_chunks_equal_one_prefill(model: DeepseekV4, gen: torch.Gener
     cfg = model.config
     ids = ids_for(cfg, LONG, gen)
     whole = prefill(model, ids)
-    want = dense_forward(float64_copy(model), ids, rope_table="official")  # the model's default table
+    want = dense_forward(float64_copy(model), ids)  # with the model's table, as the engine
     torch.testing.assert_close(whole.double(), want, atol=TOL, rtol=0)
     eng = Engine(model, max_sequences=2, max_len=LONG)
     a, _ = eng.add_sequence()

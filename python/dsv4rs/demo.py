@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     err_parts = []
     for i, (o, f, p) in enumerate(zip(outs, fulls, prompts)):
         t0 = time.perf_counter()
-        ref = dense_forward(ref_model, f, row_dtype=check.row_dtype, rope_table=model.rope_table)[len(p) - 1 :]
+        ref = dense_forward(ref_model, f, row_dtype=check.row_dtype)[len(p) - 1 :]
         err_parts.append((torch.stack(o).cpu().double() - ref).abs().amax(-1))
         progress(f"float64 reference, sequence {i}, unquantized", t0)
     errs = torch.cat(err_parts)
@@ -138,12 +138,10 @@ def run(args: argparse.Namespace) -> int:
     diffs, effects, agree, total, near_ties = [], [], 0, 0, 0
     for i, (p, g, full) in enumerate(zip(prompts, generated, fulls)):
         t0 = time.perf_counter()
-        ref = dense_forward(ref_model, full, quant=args.quant, row_dtype=engine.row_dtype,
-                            rope_table=model.rope_table)[len(p) - 1 :]
+        ref = dense_forward(ref_model, full, quant=args.quant, row_dtype=engine.row_dtype)[len(p) - 1 :]
         progress(f"float64 reference, sequence {i}, {'with' if args.quant else 'without'} the round trips", t0)
         t0 = time.perf_counter()
-        other = dense_forward(ref_model, full, quant=not args.quant, row_dtype=engine.row_dtype,
-                              rope_table=model.rope_table)[len(p) - 1 :]
+        other = dense_forward(ref_model, full, quant=not args.quant, row_dtype=engine.row_dtype)[len(p) - 1 :]
         progress(f"float64 reference, sequence {i}, {'without' if args.quant else 'with'} the round trips", t0)
         d = (torch.stack([s[i] for s in step_logits]).double() - ref).abs().amax(-1)
         diffs.append(d)

@@ -62,7 +62,7 @@ def _block(model: DeepseekV4, layer: DecoderLayer, x: torch.Tensor, ids: torch.T
 @torch.no_grad()
 def dense_forward(model: DeepseekV4, ids: torch.Tensor, quant: bool = False, mtp_ids: torch.Tensor | None = None,
                   row_dtype: torch.dtype | None = None, position_offset: int = 0,
-                  rope_table: str = "exact") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                  rope_table: str | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Logits ``float64 [S, vocab]`` of the sequence ``ids [S]`` (positions 0..S-1).
 
     ``position_offset`` (a multiple of 128, so that the compressed blocks stay aligned) places
@@ -70,7 +70,9 @@ def dense_forward(model: DeepseekV4, ids: torch.Tensor, quant: bool = False, mtp
     is unchanged, so with exact angles the logits are the same at any offset, and the difference
     measures how a table's angle errors grow with position. ``rope_table``: ``"exact"`` (float64
     angles) or ``"official"`` (DeepSeek's float32 table, :func:`dsv4rs.reference.ops.apply_rope`;
-    its inverse frequencies from :func:`dsv4rs.reference.ops.official_inv_freq`).
+    its inverse frequencies from :func:`dsv4rs.reference.ops.official_inv_freq`); by default the
+    model's own (:attr:`DeepseekV4.rope_table`, ``"official"`` unless set), so the reference
+    computes the angles the runtime does.
 
     ``model`` should be a :func:`float64_copy`. ``quant`` applies the production round trips
     (FP8 entries, Hadamard + FP4 indexer keys and queries). With ``mtp_ids [S]`` (token
@@ -82,6 +84,8 @@ def dense_forward(model: DeepseekV4, ids: torch.Tensor, quant: bool = False, mtp
     if isinstance(position_offset, bool) or not isinstance(position_offset, int) or position_offset < 0 \
             or position_offset % 128:
         raise ValueError(f"position_offset: expected a multiple of 128 >= 0, got {position_offset!r}")
+    if rope_table is None:
+        rope_table = model.rope_table
     if rope_table not in ref.ROPE_TABLES:
         raise ValueError(f"rope_table: expected one of {ref.ROPE_TABLES}, got {rope_table!r}")
     rope = _Rope(position_offset, rope_table)
