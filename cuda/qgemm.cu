@@ -378,7 +378,7 @@ __device__ __forceinline__ void qgemm(const GemmParams& p) {
 // thread): enough warps that the weight loads of some overlap the arithmetic of others.
 constexpr int GEMV_BLOCKS_PER_SM = 3;
 
-// Streaming loads of weights (read once: no L1 allocation) and of activations (read by many blocks).
+// A 16-byte load of weights, which a call reads once: no L1 allocation.
 __device__ __forceinline__ uint4 ld_stream(const void* p) {
   uint4 v;
   asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
@@ -394,7 +394,8 @@ __device__ __forceinline__ uint4 ld_stream(const void* p) {
 // n0 + fr + 8 (or, with SwiGLU, gate row h0 + fr and up row I + h0 + fr, so the C fragment holds both
 // for h). The block's 4 warps split its K steps; warps 1-3 leave their partial sums in shared memory
 // and warp 0 adds them in warp order (a fixed order) before the epilogue. Each warp issues the
-// loads of BATCH K steps (weights, scales, its lane's activation values) before using them.
+// weight and scale loads of BATCH K steps before using any; a lane's activation values are loaded
+// at their step (read by many blocks, they mostly hit in cache).
 template <bool FP4, int NT>
 __device__ __forceinline__ void qgemv(const GemmParams& p) {
   constexpr int BM = 8 * NT;
@@ -488,8 +489,8 @@ __device__ __forceinline__ void qgemv(const GemmParams& p) {
       }
 #pragma unroll
       for (int t = 0; t < NT; ++t) {
-        // The lane's 32 activation values of row 8 t + fr (loaded now: they are read by many
-        // blocks and mostly hit in cache, so they need not occupy registers during the batch).
+        // The lane's 32 activation values of row 8 t + fr, loaded at their step so that they do
+        // not hold registers while the batch's weights are in flight.
         uint4 araw[4];
 #pragma unroll
         for (int u = 0; u < 4; ++u) araw[u] = live && arow[t] ? __ldg((const uint4*)(arow[t] + col) + u) : make_uint4(0, 0, 0, 0);
