@@ -315,8 +315,8 @@ pub unsafe fn linear(
 
 /// Form and row tile of the MoE GEMMs: the decode form while experts average at most 16 rows
 /// (tiles of 8 rows up to an average of 2, else 16), else the tiled form with 64. Measured on the
-/// H200 at V4-Flash width, the decode form is faster up to that average (3.2 against 5.1 ms at
-/// 512 tokens of top-6 over 256 experts) and even with the tiled form at 683 tokens.
+/// H200 at V4-Flash width, the decode form is faster up to that average (2.8 / 3.2 against 5.1 ms
+/// at 400 / 512 tokens of top-6 over 256 experts); past it the forms are not compared.
 fn moe_shape(pairs: usize, experts: usize) -> (Form, usize) {
     if pairs <= 2 * experts {
         (Form::Gemv, 8)
