@@ -82,7 +82,7 @@ def moe(b: Bench) -> Iterator[Case]:
     else:
         d, inter, e, k = 256, 128, 16, 2
         cfg = V4Config.tiny(hidden_size=d, moe_intermediate_size=inter, n_routed_experts=e, num_experts_per_tok=k)
-    batches = b.pick([1, 8, 32, 64, 128, 4096, 16384], [1, 32, 128], [1, 8])
+    batches = b.pick([1, 8, 32, 64, 128, 512, 4096, 16384], [1, 32, 128], [1, 8])
     state: dict = {}
 
     def setup() -> dict:
