@@ -70,6 +70,22 @@ def test_malformed_calls_name_the_argument(call, name: str, error: type) -> None
         call(KVCacheManager(c, PAGES), c)
 
 
+@pytest.mark.parametrize("ids", [[], [0], [3, 1, 2], [-1], [5, 7], [2**63 - 1], [2**63], [-(2**63) - 1], [1, True],
+                                 [1, 2.0], [True]])
+def test_id_lists_take_the_same_checks_as_tensors(ids: list) -> None:
+    """A list of plain ints is checked without building a tensor (a decode step's ids); the result
+    and the error are those of the general path, which a tuple of the same values takes."""
+    from dsv4rs.cache import _ids
+
+    def outcome(x):
+        try:
+            return _ids("x", x, high=8)
+        except (TypeError, ValueError) as e:
+            return type(e), str(e)
+
+    assert outcome(ids) == outcome(tuple(ids))
+
+
 # -- the ops: devices, aliasing, partial arguments, corrupted bytes, no GPU -----------------------
 
 

@@ -92,6 +92,12 @@ def _ids(name: str, x: Iterable[int] | torch.Tensor, high: int = 1 << 63) -> lis
     ``[0, high)``; TypeError or ValueError naming ``name``."""
     if isinstance(x, (str, bytes)):
         raise TypeError(f"{name}: expected a sequence of ints, got {type(x).__name__}")
+    if type(x) is list and all(type(v) is int for v in x) and (not x or -(1 << 63) <= min(x) and max(x) < 1 << 63):
+        # Plain ints that fit an int64 (a decode step's ids): checked here, without building a
+        # tensor, with the same outcome as the general path below.
+        if x and (min(x) < 0 or max(x) >= high):
+            raise ValueError(f"{name}: ids must lie in [0, {high}), got {min(x)}..{max(x)}")
+        return list(x)
     try:
         t = x if isinstance(x, torch.Tensor) else torch.as_tensor(list(x) if not isinstance(x, list) else x)
     except (TypeError, ValueError, RuntimeError, OverflowError) as e:
