@@ -194,6 +194,38 @@ def test_engine_sizes_its_cache_from_free_memory() -> None:
         Engine(model, max_len=1024, memory_fraction=2.0)
 
 
+def test_decode_plans_equal_the_general_computation() -> None:
+    """The planner's decode shortcut (one token a sequence, computed from Python ints) gives the
+    integers of its general form, across compressed-entry boundaries and after a fork."""
+    from dataclasses import fields
+
+    from dsv4rs.runtime import Engine
+    from dsv4rs.runtime.planner import StepInputs
+
+    model = init_random(DeepseekV4(V4Config.tiny()), seed=1)
+    engines = [Engine(model, max_sequences=4, max_len=1024) for _ in range(2)]
+    engines[1].planner.shortcut = False
+    seqs = [[e.add_sequence()[0] for _ in range(3)] for e in engines]
+    gen = torch.Generator().manual_seed(0)
+    ratios = set(engines[0].planner.ratios.values())
+    completed = {r: 0 for r in ratios}
+    for step in range(40):
+        if step == 1:  # a fork shares pages: the next writes into them are copies
+            for e, s in zip(engines, seqs):
+                s.append(e.fork(s[0]))
+        lens = [130, 3, 125] if step == 0 else [1] * len(seqs[0])
+        ids = [torch.randint(0, model.config.vocab_size, (n,), generator=gen) for n in lens]
+        plans = [e.planner.append(s, ids, [0] * len(s)) for e, s in zip(engines, seqs)]
+        (a, copies_a), (b, copies_b) = plans
+        for f in fields(StepInputs):
+            x, y = getattr(a, f.name), getattr(b, f.name)
+            assert x.dtype == y.dtype and torch.equal(x, y), f.name
+        assert copies_a.keys() == copies_b.keys() and all(torch.equal(copies_a[k], copies_b[k]) for k in copies_a)
+        for r in ratios:
+            completed[r] += int(((a.positions + 1) % r == 0).sum()) if step else 0
+    assert all(n > 0 for n in completed.values())  # the decode steps completed entries of every family
+
+
 # -- GPU: CUDA graphs of the decode step ------------------------------------------------------------
 
 

@@ -69,6 +69,7 @@ class StepPlanner:
 
     def __init__(self, cfg: V4Config, manager: KVCacheManager) -> None:
         self.cfg, self.manager = cfg, manager
+        self.shortcut = True  # decode steps computed from Python ints (tests compare both ways)
         self.ratios = {t: r for t, r in ((CSA, cfg.compress_rates[0]), (HCA, cfg.compress_rates[1]))
                        if t in cfg.layer_types}
 
@@ -80,19 +81,28 @@ class StepPlanner:
         ``origins[i]`` is the first position the sequence holds in its window ring (a prefix hit
         starts past 0)."""
         m = self.manager
-        starts = torch.tensor([m.length(s) for s in seq_ids], dtype=torch.int64)
-        lens = torch.tensor([t.numel() for t in ids], dtype=torch.int64)
+        start_list = [m.length(s) for s in seq_ids]
+        len_list = [t.numel() for t in ids]
         appended = m.append(seq_ids, [t.tolist() for t in ids])
-        cu = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)])
-        token_seq = torch.repeat_interleave(torch.arange(len(seq_ids)), lens)
-        positions = starts[token_seq] + torch.arange(int(cu[-1])) - cu[token_seq]
+        starts = torch.tensor(start_list, dtype=torch.int64)
+        if self.shortcut and all(n == 1 for n in len_list):
+            # A decode step (one token a sequence): the same values, from Python ints.
+            b = len(seq_ids)
+            cu, token_seq, positions = torch.arange(b + 1), torch.arange(b), starts.clone()
+            done = {r: [i for i, p in enumerate(start_list) if (p + 1) % r == 0] for r in set(self.ratios.values())}
+        else:
+            lens = torch.tensor(len_list, dtype=torch.int64)
+            cu = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)])
+            token_seq = torch.repeat_interleave(torch.arange(len(seq_ids)), lens)
+            positions = starts[token_seq] + torch.arange(int(cu[-1])) - cu[token_seq]
+            done = {r: (positions + 1) % r == 0 for r in set(self.ratios.values())}
         slots = {"window": appended.slots["window"]}
         for t, family in ((CSA, "csa"), (HCA, "hca")):
             # The allocator lists the rows of the entries the step completes, in batch order:
             # the k-th completing token writes the k-th row.
             slots[family] = torch.full_like(positions, -1)
             if t in self.ratios:
-                slots[family][(positions + 1) % self.ratios[t] == 0] = appended.slots[family]
+                slots[family][done[self.ratios[t]]] = appended.slots[family]
         return StepInputs(
             ids=torch.cat(ids), positions=positions, token_seq=token_seq, starts=starts,
             origins=torch.tensor(origins, dtype=torch.int64), state_slots=appended.slots["state"], cu_tokens=cu,
