@@ -1,93 +1,95 @@
-// mHC weights (docs/model.md section 6), one thread per token: from the projected mix of the streams,
-// pre = sigmoid(s0 mu[0:n] + b) + eps, post = 2 sigmoid(s1 mu[n:2n] + b), and comb = the rows of
-// s2 mu[2n:] + b softmaxed plus eps, then Sinkhorn: columns, and (iters - 1) times rows and
+// mHC weights (docs/model.md section 6), a group of lanes per token: from the projected mix of the
+// streams, pre = sigmoid(s0 mu[0:n] + b) + eps, post = 2 sigmoid(s1 mu[n:2n] + b), and comb = the
+// rows of s2 mu[2n:] + b softmaxed plus eps, then Sinkhorn: columns, and (iters - 1) times rows and
 // columns, each divided by its sum plus eps. Mirrors rust/core/src/mhc.rs (float32, same order).
 //
-// The stream count is a template parameter (1..8, chosen by a switch), so the n x n matrix lives
-// in registers and the loops unroll: the n rows (or columns) of a Sinkhorn pass are independent
-// chains. With a runtime n the matrix sat in local memory and every pass was one long chain of
-// dependent loads, divisions and stores (about 50 us a call for n = 4 and 20 iterations, however
-// few the tokens).
+// The stream count is a template parameter (1..8, chosen by a switch), so each lane's row lives
+// in registers. Latency is what bounds the op (a decode step has a few tokens; each runs 20
+// Sinkhorn iterations of two passes of divisions), so a token's rows go to separate lanes.
 #include <cstdint>
 
 namespace {
 
-template <int N>
-__device__ __forceinline__ void mhc_token(const float* m, const float* scale, const float* base, int iters, float eps,
-                                          float* pre, float* post, float* comb) {
+// One token over a group of P lanes (P a power of two >= N): lane i < N owns row i of the N x N
+// matrix (N values in registers); lanes N .. P - 1 compute on zeros and write nothing. A row sum
+// is local; a column sum gathers the column's N values by shuffles and adds them in row order,
+// as the CPU does. So a Sinkhorn pass costs a lane N divisions (its row) instead of N^2.
+template <int N, int P>
+__device__ __forceinline__ void mhc_rows(const float* mix, const float* scale, const float* base, long long tokens,
+                                         int iters, float eps, float* pre, float* post, float* comb) {
+  const long long g = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+  const long long t = g / P;
+  const int i = (int)(g % P);
+  const bool live = t < tokens && i < N;
+  const float* m = mix + (live ? t : 0) * (2 + N) * N;
   const float s0 = scale[0], s1 = scale[1], s2 = scale[2];
-#pragma unroll
-  for (int j = 0; j < N; ++j) {
-    pre[j] = 1.f / (1.f + expf(-(m[j] * s0 + base[j]))) + eps;
-    post[j] = 2.f * (1.f / (1.f + expf(-(m[N + j] * s1 + base[N + j]))));
+  if (live) {
+    pre[t * N + i] = 1.f / (1.f + expf(-(m[i] * s0 + base[i]))) + eps;
+    post[t * N + i] = 2.f * (1.f / (1.f + expf(-(m[N + i] * s1 + base[N + i]))));
   }
-  float c[N][N];
-#pragma unroll
-  for (int i = 0; i < N; ++i) {
+  float c[N];
+  {
     float mx = -INFINITY;
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      c[i][k] = m[2 * N + i * N + k] * s2 + base[2 * N + i * N + k];
-      mx = fmaxf(mx, c[i][k]);
+      c[k] = live ? m[2 * N + i * N + k] * s2 + base[2 * N + i * N + k] : 0.f;
+      mx = fmaxf(mx, c[k]);
     }
     float sum = 0.f;
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      c[i][k] = expf(c[i][k] - mx);
-      sum += c[i][k];
+      c[k] = expf(c[k] - mx);
+      sum += c[k];
     }
 #pragma unroll
-    for (int k = 0; k < N; ++k) c[i][k] = c[i][k] / sum + eps;
+    for (int k = 0; k < N; ++k) c[k] = c[k] / sum + eps;
   }
+  const int group0 = (threadIdx.x % 32) & ~(P - 1);  // the group's first lane in the warp
   for (int it = 0; it < iters; ++it) {
     if (it > 0) {
+      float s = 0.f;
 #pragma unroll
-      for (int i = 0; i < N; ++i) {
-        float s = 0.f;
+      for (int k = 0; k < N; ++k) s += c[k];
+      s += eps;
 #pragma unroll
-        for (int k = 0; k < N; ++k) s += c[i][k];
-        s += eps;
-#pragma unroll
-        for (int k = 0; k < N; ++k) c[i][k] /= s;
-      }
+      for (int k = 0; k < N; ++k) c[k] /= s;
     }
+    float col[N];
 #pragma unroll
     for (int k = 0; k < N; ++k) {
       float s = 0.f;
 #pragma unroll
-      for (int i = 0; i < N; ++i) s += c[i][k];
-      s += eps;
-#pragma unroll
-      for (int i = 0; i < N; ++i) c[i][k] /= s;
+      for (int r = 0; r < N; ++r) s += __shfl_sync(0xffffffffu, c[k], group0 + r);
+      col[k] = s + eps;
     }
+#pragma unroll
+    for (int k = 0; k < N; ++k) c[k] /= col[k];
   }
+  if (live) {
 #pragma unroll
-  for (int i = 0; i < N; ++i)
-#pragma unroll
-    for (int k = 0; k < N; ++k) comb[i * N + k] = c[i][k];
+    for (int k = 0; k < N; ++k) comb[t * N * N + i * N + k] = c[k];
+  }
 }
+
+__host__ __device__ constexpr int group_lanes(int n) { return n <= 1 ? 1 : n <= 2 ? 2 : n <= 4 ? 4 : 8; }
 
 }  // namespace
 
 // n in 1..8 (checked by the caller, rust/core/src/mhc.rs MAX_STREAMS); other n write nothing.
+// A token per group of group_lanes(n) lanes: the grid covers tokens * group_lanes(n) threads.
 extern "C" __global__ void __launch_bounds__(128) dsv4_mhc_weights(const float* mix, const float* scale, const float* base,
                                                                    long long tokens, int n, int iters, float eps,
                                                                    float* pre, float* post, float* comb) {
-  const long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-  if (t >= tokens) return;
-  const float* m = mix + t * (2 + n) * n;
-  float* p = pre + t * n;
-  float* o = post + t * n;
-  float* c = comb + t * n * n;
+  // Whole warps stay to the end: the shuffles need every lane of the warp.
   switch (n) {
-    case 1: mhc_token<1>(m, scale, base, iters, eps, p, o, c); break;
-    case 2: mhc_token<2>(m, scale, base, iters, eps, p, o, c); break;
-    case 3: mhc_token<3>(m, scale, base, iters, eps, p, o, c); break;
-    case 4: mhc_token<4>(m, scale, base, iters, eps, p, o, c); break;
-    case 5: mhc_token<5>(m, scale, base, iters, eps, p, o, c); break;
-    case 6: mhc_token<6>(m, scale, base, iters, eps, p, o, c); break;
-    case 7: mhc_token<7>(m, scale, base, iters, eps, p, o, c); break;
-    case 8: mhc_token<8>(m, scale, base, iters, eps, p, o, c); break;
+    case 1: mhc_rows<1, group_lanes(1)>(mix, scale, base, tokens, iters, eps, pre, post, comb); break;
+    case 2: mhc_rows<2, group_lanes(2)>(mix, scale, base, tokens, iters, eps, pre, post, comb); break;
+    case 3: mhc_rows<3, group_lanes(3)>(mix, scale, base, tokens, iters, eps, pre, post, comb); break;
+    case 4: mhc_rows<4, group_lanes(4)>(mix, scale, base, tokens, iters, eps, pre, post, comb); break;
+    case 5: mhc_rows<5, group_lanes(5)>(mix, scale, base, tokens, iters, eps, pre, post, comb); break;
+    case 6: mhc_rows<6, group_lanes(6)>(mix, scale, base, tokens, iters, eps, pre, post, comb); break;
+    case 7: mhc_rows<7, group_lanes(7)>(mix, scale, base, tokens, iters, eps, pre, post, comb); break;
+    case 8: mhc_rows<8, group_lanes(8)>(mix, scale, base, tokens, iters, eps, pre, post, comb); break;
     default: break;
   }
 }

@@ -16,7 +16,9 @@ pub unsafe fn mhc_weights(
     let tokens = mix.dim(0) as i64;
     let (mp, sp, bp, pp, op, cp) = (mix.ptr as u64, scale.ptr as u64, base.ptr as u64, pre.ptr as u64, post.ptr as u64, comb.ptr as u64);
     let (n, iters) = (n as i32, iters.min(i32::MAX as usize) as i32);
-    let blocks = (tokens as u64).div_ceil(128) as u32;
+    // A token per group of lanes (cuda/mhc.cu `group_lanes`: the next power of two >= n).
+    let lanes = (n as u64).next_power_of_two();
+    let blocks = (tokens as u64 * lanes).div_ceil(128) as u32;
     let cfg = Launch { grid: (blocks, 1, 1), block: (128, 1, 1), shared_bytes: 0, stream };
     launch(dev, Kernel::MhcWeights, &cfg, &mut kernel_args!(mp, sp, bp, tokens, n, iters, eps, pp, op, cp))
 }
