@@ -3,6 +3,8 @@ metadata, out-of-pages atomicity."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -224,6 +226,41 @@ def test_decode_plans_equal_the_general_computation() -> None:
         for r in ratios:
             completed[r] += int(((a.positions + 1) % r == 0).sum()) if step else 0
     assert all(n > 0 for n in completed.values())  # the decode steps completed entries of every family
+
+
+def test_graph_inputs_pack_into_one_buffer_with_padding() -> None:
+    """A decode step's integers as the graphs load them: one byte buffer whose views hold the
+    step's rows, then padding rows (no state, nothing written), and page tables padded with the
+    null page; fields do not overlap."""
+    from dsv4rs.runtime import Engine
+    from dsv4rs.runtime.graphs import _Layout, _padding, fill
+
+    model = init_random(DeepseekV4(V4Config.tiny()), seed=1)
+    eng = Engine(model, max_sequences=4, max_len=1024)
+    seqs = [eng.add_sequence()[0] for _ in range(3)]
+    gen = torch.Generator().manual_seed(0)
+    eng.planner.append(seqs, [torch.randint(0, 100, (n,), generator=gen) for n in (300, 5, 140)], [0, 0, 0])
+    inputs, _ = eng.planner.append(seqs, [torch.tensor([7]), torch.tensor([8]), torch.tensor([9])], [0, 0, 0])
+    widths = {"window": 3, "csa": 9, "hca": 2}
+    bucket = 4
+    lay = _Layout(bucket, widths)
+    buf = torch.full((lay.nbytes,), 0xAB, dtype=torch.uint8)
+    view = lay.views(buf)
+    fill(view, inputs, bucket)
+    pad = _padding(bucket)
+    for name in ("ids", "positions", "starts", "origins", "state_slots", "window_slots", "csa_slots", "hca_slots"):
+        got = getattr(view, name)
+        assert got.dtype == torch.int64 and got.shape == (bucket,)
+        assert torch.equal(got[:3], getattr(inputs, name)) and torch.equal(got[3:], pad[name][3:]), name
+    assert torch.equal(view.cu_tokens, torch.arange(bucket + 1)) and torch.equal(view.token_seq, torch.arange(bucket))
+    for f, w in widths.items():
+        table, src = getattr(view, f"{f}_table"), getattr(inputs, f"{f}_table")
+        assert table.dtype == torch.int32 and table.shape == (bucket, w)
+        assert torch.equal(table[:3, : src.shape[1]], src) and not table[:3, src.shape[1] :].any() and not table[3:].any()
+    spans = sorted((at, at + math.prod(shape) * dtype.itemsize) for _, at, dtype, shape in lay.parts)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])) and spans[-1][1] <= lay.nbytes
+    fill(view, None, bucket)  # padding only: what a capture reads
+    assert torch.equal(view.state_slots, pad["state_slots"]) and not view.csa_table.any()
 
 
 # -- GPU: CUDA graphs of the decode step ------------------------------------------------------------

@@ -208,7 +208,7 @@ class Engine:
         decode = max(lens) == 1
         if decode and self.graphs is not None and len(lens) <= self.graphs.max_batch:
             logits, x, meta = self.graphs.run(inputs)
-            ids_dev = self.graphs.static.ids[: x.shape[0]]
+            ids_dev = self.graphs.views[self.graphs.bucket(len(lens))].ids[: x.shape[0]]
         elif decode:  # the captured step's own shapes (full table widths), eagerly
             dev = tables_at_least(inputs, self.table_widths).to(self.device)
             logits, x, meta = self._decode(dev)

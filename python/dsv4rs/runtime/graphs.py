@@ -14,12 +14,13 @@ only once its copy has run.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import fields
 
 import torch
 
-from dsv4rs.runtime.planner import StepInputs, padded_table
+from dsv4rs.runtime.planner import StepInputs
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 """Default batch-size buckets of the captured decode step."""
@@ -34,6 +35,48 @@ def _padding(bucket: int) -> dict[str, torch.Tensor]:
     return {"ids": zero, "positions": zero, "token_seq": rows, "starts": zero, "origins": zero + 1,
             "state_slots": none, "cu_tokens": torch.arange(bucket + 1, dtype=torch.int64), "window_slots": none,
             "csa_slots": none, "hca_slots": none}
+
+
+class _Layout:
+    """Where a bucket's integers sit in one byte buffer: each :class:`StepInputs` field at an
+    8-byte aligned offset, int64 ``[bucket]`` (``cu_tokens``: ``[bucket + 1]``) or an int32 page
+    table ``[bucket, width]``."""
+
+    def __init__(self, bucket: int, widths: Mapping[str, int]) -> None:
+        self.parts: list[tuple[str, int, torch.dtype, tuple[int, ...]]] = []
+        at = 0
+        for f in fields(StepInputs):
+            if f.name.endswith("_table"):
+                dtype, shape = torch.int32, (bucket, widths[f.name[: -len("_table")]])
+            else:
+                dtype, shape = torch.int64, (bucket + 1,) if f.name == "cu_tokens" else (bucket,)
+            self.parts.append((f.name, at, dtype, shape))
+            at += -(-math.prod(shape) * dtype.itemsize // 8) * 8
+        self.nbytes = at
+
+    def views(self, buf: torch.Tensor) -> StepInputs:
+        """The fields as views of ``buf`` (uint8, :attr:`nbytes` long)."""
+        return StepInputs(**{name: buf[at : at + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+                             for name, at, dtype, shape in self.parts})
+
+
+def fill(view: StepInputs, inputs: StepInputs | None, bucket: int) -> None:
+    """Writes ``inputs`` (one-token sequences; ``None``: none) into ``view`` (a bucket's fields),
+    padded to ``bucket`` rows with :func:`_padding`'s rows and page tables with the null page."""
+    pad = _padding(bucket)
+    n = 0 if inputs is None else inputs.starts.shape[0]
+    for f in fields(StepInputs):
+        name, dst = f.name, getattr(view, f.name)
+        if name.endswith("_table"):
+            dst.zero_()
+            if n:
+                src = getattr(inputs, name)
+                dst[:n, : src.shape[1]] = src
+        elif name in ("cu_tokens", "token_seq") or not n:
+            dst.copy_(pad[name])
+        else:
+            dst[:n] = getattr(inputs, name)
+            dst[n:] = pad[name][n:]
 
 
 class DecodeGraphs:
@@ -52,11 +95,10 @@ class DecodeGraphs:
         if not buckets or any(b < 1 for b in buckets):
             raise ValueError(f"buckets: expected batch sizes >= 1, got {list(buckets)}")
         self.step, self.buckets, self.device = step, sorted(set(buckets)), device
-        biggest = self.buckets[-1]
-        host = _padding(biggest) | {f"{f}_table": torch.zeros(biggest, max(w, 1), dtype=torch.int32)
-                                     for f, w in table_widths.items()}
         self.widths = {f: max(w, 1) for f, w in table_widths.items()}
-        self.static = StepInputs(**{k: v.to(device) for k, v in host.items()})
+        self.layouts = {b: _Layout(b, self.widths) for b in self.buckets}
+        self.buffers = {b: torch.zeros(lay.nbytes, dtype=torch.uint8, device=device) for b, lay in self.layouts.items()}
+        self.views = {b: lay.views(self.buffers[b]) for b, lay in self.layouts.items()}
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor, object]]] = {}
 
@@ -88,27 +130,16 @@ class DecodeGraphs:
             self.graphs[bucket] = self._capture(self._view(bucket))
 
     def _view(self, bucket: int) -> StepInputs:
-        """The first ``bucket`` rows of the device buffers (tokens, sequences and tables)."""
-        return StepInputs(**{f.name: (getattr(self.static, f.name)[: bucket + 1] if f.name == "cu_tokens"
-                                      else getattr(self.static, f.name)[:bucket]) for f in fields(StepInputs)})
+        """The bucket's device buffers (tokens, sequences and tables), as the graph reads them."""
+        return self.views[bucket]
 
     def _load(self, inputs: StepInputs | None, bucket: int) -> None:
-        """Copies ``inputs`` (host, one-token sequences; ``None``: none) into the device buffers,
-        padded to ``bucket`` rows, through pinned memory."""
-        pad = _padding(bucket)
-        n = 0 if inputs is None else inputs.starts.shape[0]
-        view = self._view(bucket)
-        for f in fields(StepInputs):
-            name = f.name
-            if name.endswith("_table"):
-                host = torch.zeros(bucket, self.widths[name[: -len("_table")]], dtype=torch.int32)
-                if n:
-                    host[:n] = padded_table(getattr(inputs, name), host.shape[1])
-            elif name in ("cu_tokens", "token_seq") or not n:
-                host = pad[name]
-            else:
-                host = torch.cat([getattr(inputs, name), pad[name][n:]])
-            getattr(view, name).copy_(host.pin_memory(), non_blocking=True)
+        """Copies ``inputs`` (host, one-token sequences; ``None``: none) into the bucket's device
+        buffer, padded to ``bucket`` rows: one pinned host buffer, one asynchronous copy."""
+        lay = self.layouts[bucket]
+        host = torch.empty(lay.nbytes, dtype=torch.uint8, pin_memory=True)
+        fill(lay.views(host), inputs, bucket)
+        self.buffers[bucket].copy_(host, non_blocking=True)
 
     def _capture(self, view: StepInputs) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor, object]]:
         side = torch.cuda.Stream(self.device)
