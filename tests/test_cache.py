@@ -227,6 +227,37 @@ def test_prefix_reuse_reads_the_released_rows_back() -> None:
     dev.verify(m, b)
 
 
+def test_tokens_appended_by_count_take_their_ids_later() -> None:
+    # The same pages and slots as appending the ids; the prefix unit they complete is
+    # registered when the ids are resolved.
+    a = KVCacheManager(TINY, {"window": 8, "csa": 16, "hca": 4, "state": 8})
+    b = KVCacheManager(TINY, {"window": 8, "csa": 16, "hca": 4, "state": 8})
+    for m in (a, b):
+        m.add_sequence()
+        m.append([0], [DOCUMENT[:250]])
+    for t in range(250, 260):
+        want = a.append([0], [[DOCUMENT[t]]])
+        got = b.append_unresolved([0], [1])
+        assert all(torch.equal(want.slots[f], got.slots[f]) and torch.equal(want.copies[f], got.copies[f]) for f in FAMILIES)
+    assert (b.length(0), b.unresolved(0), a.cached_units(), b.cached_units()) == (260, 10, 1, 0)
+    assert b.lookup_prefix(DOCUMENT[:300]).cached_tokens == 0
+    with pytest.raises(ValueError, match="not resolved yet"):
+        b.append([0], [[1]])
+    with pytest.raises(ValueError, match="10 unresolved tokens, got 11 ids"):
+        b.resolve(0, DOCUMENT[250:261])
+    with pytest.raises(ValueError, match="counts"):
+        b.append_unresolved([0], [-1])
+    with pytest.raises(ValueError, match="one count per sequence"):
+        b.append_unresolved([0], [1, 1])
+    assert (b.length(0), b.unresolved(0)) == (260, 10)
+    b.resolve(0, DOCUMENT[250:256])
+    assert (b.unresolved(0), b.cached_units()) == (4, 1)
+    assert b.lookup_prefix(DOCUMENT[:300]) == a.lookup_prefix(DOCUMENT[:300])
+    b.resolve(0, DOCUMENT[256:260])
+    b.append([0], [[1]])
+    b.check()
+
+
 def test_exhaustion_and_misuse_raise_with_the_pool_intact() -> None:
     m = KVCacheManager(TINY, {"window": 4, "csa": 3, "hca": 4, "state": 4})
     s, _ = m.add_sequence()

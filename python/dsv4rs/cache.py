@@ -317,14 +317,28 @@ class KVCacheManager:
             raise ValueError(f"tokens: expected one token list per sequence ({len(ids)} sequences), got "
                              f"{len(tokens) if not isinstance(tokens, (str, bytes)) else type(tokens).__name__}")
         chunks = [_ids(f"tokens[{i}]", t, _TOKEN_IDS) for i, t in enumerate(tokens)]
-        buf, slot_counts, copy_counts = self._core.append(ids, chunks)
-        flat = _tensor(buf, torch.int64, (-1,))
-        bounds = itertools.accumulate([*slot_counts, *(2 * c for c in copy_counts)], initial=0)
-        parts = [flat[a:b] for a, b in itertools.pairwise(bounds)]
-        return AppendResult(
-            copies={f: p.view(-1, 2) for f, p in zip(FAMILIES, parts[4:])},
-            slots=dict(zip(FAMILIES, parts[:4])),
-        )
+        return _appended(*self._core.append(ids, chunks))
+
+    def append_unresolved(self, seq_ids: Sequence[int], counts: Sequence[int]) -> AppendResult:
+        """Appends ``counts[i]`` tokens whose ids are not known yet (e.g. sampled on the device
+        and still on their way to the host) to sequence ``seq_ids[i]``: the same pages, slots
+        and copies as :meth:`append` of that many ids. Give the ids with :meth:`resolve`; until
+        then the prefix units they complete are not registered, and the sequence takes no
+        :meth:`append` of ids (ValueError). All or nothing, as :meth:`append`."""
+        ids = _ids("seq_ids", seq_ids)
+        if isinstance(counts, (str, bytes)) or len(counts) != len(ids):
+            raise ValueError(f"counts: expected one count per sequence ({len(ids)} sequences)")
+        return _appended(*self._core.append_unresolved(ids, [_int(f"counts[{i}]", n, 0, (1 << 32) - 1) for i, n in enumerate(counts)]))
+
+    def resolve(self, seq_id: int, ids: Iterable[int] | torch.Tensor) -> None:
+        """The ids of the first ``len(ids)`` unresolved tokens of ``seq_id``, in order; registers
+        the prefix units they complete. More ids than unresolved tokens raise ValueError and
+        change nothing."""
+        self._core.resolve(_int("seq_id", seq_id), _ids("ids", ids, _TOKEN_IDS))
+
+    def unresolved(self, seq_id: int) -> int:
+        """Tokens of ``seq_id`` appended by count whose ids are not resolved yet."""
+        return int(self._core.unresolved(_int("seq_id", seq_id)))
 
     def fork(self, seq_id: int) -> int:
         """A new sequence sharing all pages of ``seq_id``; the first append of either that
@@ -395,3 +409,14 @@ class KVCacheManager:
         """Checks every invariant of the pools, tables and prefix index (O(pages)); raises
         :class:`dsv4rs.CacheStateError` naming the first violation."""
         self._core.check()
+
+
+def _appended(buf: bytearray, slot_counts: list[int], copy_counts: list[int]) -> AppendResult:
+    """An append's result from the core's one int64 buffer of slots, then copy pairs."""
+    flat = _tensor(buf, torch.int64, (-1,))
+    bounds = itertools.accumulate([*slot_counts, *(2 * c for c in copy_counts)], initial=0)
+    parts = [flat[a:b] for a, b in itertools.pairwise(bounds)]
+    return AppendResult(
+        copies={f: p.view(-1, 2) for f, p in zip(FAMILIES, parts[4:])},
+        slots=dict(zip(FAMILIES, parts[:4])),
+    )

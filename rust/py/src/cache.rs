@@ -5,7 +5,7 @@
 
 use std::sync::{Mutex, MutexGuard};
 
-use dsv4rs_core::cache::{CacheLayout, CacheManager, Family, Footprint, SeqId};
+use dsv4rs_core::cache::{Appended, CacheLayout, CacheManager, Family, Footprint, SeqId};
 use dsv4rs_core::formats::{IndexFormat, MainFormat, Named};
 use dsv4rs_core::tensor::{DType, Device};
 use dsv4rs_core::{Error, Result};
@@ -154,7 +154,7 @@ impl PyCacheManager {
         seq_ids: Vec<SeqId>,
         tokens: Vec<Vec<u32>>,
     ) -> PyResult<(Bound<'py, PyByteArray>, [usize; 4], [usize; 4])> {
-        let (flat, slot_counts, copy_counts) = run(py, || {
+        let out = run(py, || {
             if seq_ids.len() != tokens.len() {
                 return Err(Error::value(
                     "tokens",
@@ -162,12 +162,37 @@ impl PyCacheManager {
                 ));
             }
             let batch: Vec<(SeqId, &[u32])> = seq_ids.iter().copied().zip(tokens.iter().map(Vec::as_slice)).collect();
-            let a = self.lock()?.append(&batch)?;
-            let mut flat: Vec<i64> = a.slots.concat();
-            flat.extend(a.copies.iter().flatten().flat_map(|(src, dst)| [*src as i64, *dst as i64]));
-            Ok((flat, a.slots.each_ref().map(Vec::len), a.copies.each_ref().map(Vec::len)))
+            Ok(flatten(self.lock()?.append(&batch)?))
         })?;
-        Ok((byte_array(py, &flat), slot_counts, copy_counts))
+        Ok(appended(py, out))
+    }
+
+    /// As `append`, `counts[i]` tokens whose ids come later (`resolve`).
+    fn append_unresolved<'py>(
+        &self,
+        py: Python<'py>,
+        seq_ids: Vec<SeqId>,
+        counts: Vec<usize>,
+    ) -> PyResult<(Bound<'py, PyByteArray>, [usize; 4], [usize; 4])> {
+        let out = run(py, || {
+            if seq_ids.len() != counts.len() {
+                return Err(Error::value(
+                    "counts",
+                    format!("expected one count per sequence id ({}), got {}", seq_ids.len(), counts.len()),
+                ));
+            }
+            let batch: Vec<(SeqId, usize)> = seq_ids.iter().copied().zip(counts.iter().copied()).collect();
+            Ok(flatten(self.lock()?.append_unresolved(&batch)?))
+        })?;
+        Ok(appended(py, out))
+    }
+
+    fn resolve(&self, py: Python<'_>, seq_id: SeqId, ids: Vec<u32>) -> PyResult<()> {
+        run(py, || self.lock()?.resolve(seq_id, &ids))
+    }
+
+    fn unresolved(&self, py: Python<'_>, seq_id: SeqId) -> PyResult<usize> {
+        run(py, || self.lock()?.unresolved(seq_id))
     }
 
     /// `(int32 bytes, width)` of the padded page tables.
@@ -242,4 +267,18 @@ impl PyCacheManager {
     fn check(&self, py: Python<'_>) -> PyResult<()> {
         run(py, || self.lock()?.check())
     }
+}
+
+/// An append's slots and copies as one int64 array and the length of each part.
+fn flatten(a: Appended) -> (Vec<i64>, [usize; 4], [usize; 4]) {
+    let mut flat: Vec<i64> = a.slots.concat();
+    flat.extend(a.copies.iter().flatten().flat_map(|(src, dst)| [*src as i64, *dst as i64]));
+    (flat, a.slots.each_ref().map(Vec::len), a.copies.each_ref().map(Vec::len))
+}
+
+fn appended(
+    py: Python<'_>,
+    (flat, slot_counts, copy_counts): (Vec<i64>, [usize; 4], [usize; 4]),
+) -> (Bound<'_, PyByteArray>, [usize; 4], [usize; 4]) {
+    (byte_array(py, &flat), slot_counts, copy_counts)
 }

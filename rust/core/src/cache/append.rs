@@ -1,6 +1,12 @@
 //! Appending tokens to a batch of sequences: all or nothing, copy on write of pages that are
 //! shared (or written off their watermark), slot mappings for the caller's writes, and
 //! registration of the prefix units the append completes.
+//!
+//! Tokens may also be appended by count, their ids resolved later
+//! ([`CacheManager::append_unresolved`], [`CacheManager::resolve`]): a decode step whose tokens
+//! were sampled on the device is planned before the host sees them. Pages and slots depend only
+//! on lengths; only the prefix index needs the ids, so a unit such tokens complete is registered
+//! when they are resolved.
 
 use std::collections::{HashMap, HashSet};
 
@@ -27,6 +33,22 @@ pub struct Appended {
     pub copies: [Vec<(PageId, PageId)>; 4],
 }
 
+/// One sequence's tokens in an append: their ids, or a count whose ids come later.
+#[derive(Clone, Copy)]
+enum Chunk<'a> {
+    Ids(&'a [u32]),
+    Unresolved(usize),
+}
+
+impl Chunk<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Chunk::Ids(t) => t.len(),
+            Chunk::Unresolved(n) => *n,
+        }
+    }
+}
+
 /// One sequence's part of an append.
 struct Plan {
     touch: [Touch; 4],
@@ -44,40 +66,88 @@ impl Plan {
 impl CacheManager {
     /// Appends `tokens` to each sequence of `batch`. Either every sequence gets its pages or,
     /// when a pool is short, nothing changes and the error says which pools are short.
+    /// A sequence with unresolved tokens takes ids only after they are resolved.
     pub fn append(&mut self, batch: &[(SeqId, &[u32])]) -> Result<Appended> {
+        let chunks: Vec<(SeqId, Chunk)> = batch.iter().map(|(id, t)| (*id, Chunk::Ids(t))).collect();
+        self.append_chunks(&chunks)
+    }
+
+    /// Appends `n` tokens to each `(sequence, n)` of `batch` whose ids are not known yet: the
+    /// same pages and slots as [`append`](Self::append) of `n` ids. The ids follow with
+    /// [`resolve`](Self::resolve), in order; until then the sequence's prefix units past them
+    /// are not registered, and it takes no appends of ids.
+    pub fn append_unresolved(&mut self, batch: &[(SeqId, usize)]) -> Result<Appended> {
+        if let Some((id, n)) = batch.iter().find(|(_, n)| *n > u32::MAX as usize) {
+            return Err(Error::value("counts", format!("{n} tokens for sequence {id}: at most {} an append", u32::MAX)));
+        }
+        let chunks: Vec<(SeqId, Chunk)> = batch.iter().map(|(id, n)| (*id, Chunk::Unresolved(*n))).collect();
+        self.append_chunks(&chunks)
+    }
+
+    /// The ids of the first `ids.len()` unresolved tokens of `id`, registering the prefix units
+    /// they complete. More ids than unresolved tokens is an error that changes nothing.
+    pub fn resolve(&mut self, id: SeqId, ids: &[u32]) -> Result<()> {
+        if !self.seqs.contains_key(&id) {
+            return Err(self.missing(id));
+        }
+        let seq = self.seqs.get_mut(&id).expect("checked above");
+        if ids.len() > seq.unresolved {
+            return Err(Error::value(
+                "ids",
+                format!("sequence {id} has {} unresolved tokens, got {} ids", seq.unresolved, ids.len()),
+            ));
+        }
+        let first = seq.len - seq.unresolved;
+        seq.unresolved -= ids.len();
+        let completed = seq.complete_units(first, ids);
+        register(&mut self.prefix, seq, completed);
+        Ok(())
+    }
+
+    /// Unresolved tokens of `id` (see [`append_unresolved`](Self::append_unresolved)).
+    pub fn unresolved(&self, id: SeqId) -> Result<usize> {
+        Ok(self.seq(id)?.unresolved)
+    }
+
+    fn append_chunks(&mut self, batch: &[(SeqId, Chunk)]) -> Result<Appended> {
         let plans = self.plan(batch)?;
         let CacheManager { layout, pools, seqs, prefix, .. } = self;
         let mut out = Appended::default();
-        for ((id, tokens), plan) in batch.iter().zip(plans) {
+        for ((id, chunk), plan) in batch.iter().zip(plans) {
             let seq = seqs.get_mut(id).expect("planned sequences exist");
             for family in Family::ALL {
                 apply(pools, prefix, seq, family, &plan, &mut out.copies[family.index()])?;
             }
-            let completed = advance(layout, seq, tokens, &mut out.slots);
-            for unit in completed {
-                let pages = SHARED.map(|f| seq.table(f).get(unit_slot(f, unit.index)).copied().unwrap_or(NULL_PAGE));
-                if pages != [NULL_PAGE; 2] {
-                    prefix.register(unit.hash, unit.parent, &unit.tokens, pages);
-                }
-            }
+            let completed = advance(layout, seq, *chunk, &mut out.slots);
+            register(prefix, seq, completed);
         }
         Ok(out)
     }
 
     /// Decides every copy and fresh page of the batch before anything changes. A page that an
     /// earlier sequence of the batch copies away has one reference fewer for the later ones.
-    fn plan(&self, batch: &[(SeqId, &[u32])]) -> Result<Vec<Plan>> {
+    fn plan(&self, batch: &[(SeqId, Chunk)]) -> Result<Vec<Plan>> {
         let mut seen = HashSet::with_capacity(batch.len());
         let mut dropped: HashMap<(usize, PageId), u32> = HashMap::new();
         let mut need = [0usize; 4];
         let mut first_short = None;
         let mut plans = Vec::with_capacity(batch.len());
-        for (id, tokens) in batch {
+        for (id, chunk) in batch {
             if !seen.insert(*id) {
                 return Err(Error::value("seq_ids", format!("sequence {id} appears more than once in one append")));
             }
             let seq = self.seq(*id)?;
-            let new_len = seq.len + tokens.len();
+            if seq.unresolved > 0 && matches!(chunk, Chunk::Ids(_)) {
+                return Err(Error::value(
+                    "tokens",
+                    format!(
+                        "sequence {id} has {} appended tokens whose ids are not resolved yet; resolve them before \
+                         appending ids (nothing was changed)",
+                        seq.unresolved
+                    ),
+                ));
+            }
+            let new_len = seq.len + chunk.len();
             let touch = Family::ALL.map(|f| seq.touch(&self.layout, f, new_len));
             let mut cow: [Vec<usize>; 4] = Default::default();
             for family in Family::ALL {
@@ -128,13 +198,29 @@ impl CacheManager {
     }
 }
 
-/// Moves the sequence forward by `tokens` (its pages are in place) and pushes the slots of the
+/// Registers the prefix units an append or a resolve completed, under the pages that hold them.
+fn register(prefix: &mut PrefixIndex, seq: &Sequence, completed: Vec<CompletedUnit>) {
+    for unit in completed {
+        let pages = SHARED.map(|f| seq.table(f).get(unit_slot(f, unit.index)).copied().unwrap_or(NULL_PAGE));
+        if pages != [NULL_PAGE; 2] {
+            prefix.register(unit.hash, unit.parent, &unit.tokens, pages);
+        }
+    }
+}
+
+/// Moves the sequence forward by `chunk` (its pages are in place) and pushes the slots of the
 /// rows the caller writes; returns the prefix units the tokens complete.
-fn advance(layout: &CacheLayout, seq: &mut Sequence, tokens: &[u32], slots: &mut [Vec<i64>; 4]) -> Vec<CompletedUnit> {
-    let (old_len, new_len) = (seq.len, seq.len + tokens.len());
+fn advance(layout: &CacheLayout, seq: &mut Sequence, chunk: Chunk, slots: &mut [Vec<i64>; 4]) -> Vec<CompletedUnit> {
+    let (old_len, new_len) = (seq.len, seq.len + chunk.len());
     let window = seq.window_writes(layout, new_len);
     let old_entries = seq.entries;
-    let completed = seq.complete_units(tokens);
+    let completed = match chunk {
+        Chunk::Ids(tokens) => seq.complete_units(old_len, tokens),
+        Chunk::Unresolved(n) => {
+            seq.unresolved += n;
+            Vec::new()
+        }
+    };
     seq.len = new_len;
     for (e, family) in seq.entries.iter_mut().zip(SHARED) {
         *e = (*e).max(family.entries(new_len));

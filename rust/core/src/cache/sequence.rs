@@ -27,6 +27,9 @@ pub struct Sequence {
     pub units: usize,
     pub chain: u64,
     pub pending: Vec<u32>,
+    /// The last `unresolved` tokens were appended by count, their ids still to come
+    /// ([`CacheManager::resolve`](super::CacheManager::resolve)); the hasher waits for them.
+    pub unresolved: usize,
 }
 
 /// A 256-token unit an append completed, ready to register.
@@ -58,6 +61,7 @@ impl Default for Sequence {
             units: 0,
             chain: ROOT,
             pending: Vec::new(),
+            unresolved: 0,
         }
     }
 }
@@ -134,12 +138,12 @@ impl Sequence {
         self.table(family)[r / PAGE_ROWS] as i64 * PAGE_ROWS as i64 + (r % PAGE_ROWS) as i64
     }
 
-    /// Feeds the tokens of an append (called before `len` moves) to the unit hasher and
-    /// returns the units they complete. Tokens of a cached prefix being re-run were hashed
-    /// already and are skipped.
-    pub fn complete_units(&mut self, tokens: &[u32]) -> Vec<CompletedUnit> {
+    /// Feeds the ids of the tokens at positions `first..` to the unit hasher and returns the
+    /// units they complete. Tokens of a cached prefix being re-run were hashed already and are
+    /// skipped.
+    pub fn complete_units(&mut self, first: usize, tokens: &[u32]) -> Vec<CompletedUnit> {
         let hashed = self.units * UNIT_TOKENS + self.pending.len();
-        let skip = hashed.saturating_sub(self.len).min(tokens.len());
+        let skip = hashed.saturating_sub(first).min(tokens.len());
         let mut done = Vec::new();
         for t in &tokens[skip..] {
             self.pending.push(*t);

@@ -319,3 +319,123 @@ fn verify_rows(m: &CacheManager, id: SeqId, s: &Shadow, mem: &[HashMap<i64, u64>
         }
     }
 }
+
+/// Resolves every unresolved token of `m` (ids kept by the test in `later`).
+fn resolve_all(m: &mut CacheManager, later: &mut HashMap<SeqId, Vec<u32>>) {
+    for (id, ids) in later.drain() {
+        m.resolve(id, &ids).unwrap();
+        assert_eq!(m.unresolved(id).unwrap(), 0);
+    }
+}
+
+#[test]
+fn appends_by_count_resolved_later_match_appends_of_ids() {
+    // Two managers see the same operations; `b` appends single tokens by count and resolves
+    // their ids at random later points (all of them before an add, fork or release, whose
+    // outcome depends on the registered prefix units).
+    for seed in 1..=6u64 {
+        let mut rng = Rng(seed.wrapping_mul(0xD1B5_4A32_D192_ED03));
+        let (mut a, mut b) = (tiny([12, 40, 8, 10]), tiny([12, 40, 8, 10]));
+        let mut later: HashMap<SeqId, Vec<u32>> = HashMap::new();
+        let document: Vec<u32> = (0..2048).map(|_| rng.below(3) as u32).collect();
+        for _ in 0..400 {
+            let ids = a.sequence_ids();
+            let pick = |rng: &mut Rng| ids[rng.below(ids.len() as u64) as usize];
+            match rng.below(12) {
+                0 if ids.len() < 8 => {
+                    resolve_all(&mut b, &mut later);
+                    let prompt = &document[..rng.below(2048) as usize];
+                    assert_eq!(a.add_sequence(prompt), b.add_sequence(prompt));
+                }
+                1 if !ids.is_empty() => {
+                    resolve_all(&mut b, &mut later);
+                    let id = pick(&mut rng);
+                    assert_eq!(a.fork(id).unwrap(), b.fork(id).unwrap());
+                }
+                2 if !ids.is_empty() => {
+                    resolve_all(&mut b, &mut later);
+                    let id = pick(&mut rng);
+                    a.release(id).unwrap();
+                    b.release(id).unwrap();
+                }
+                3 => resolve_all(&mut b, &mut later),
+                _ if !ids.is_empty() => {
+                    let decode = rng.below(4) != 0;
+                    let mut batch: Vec<(SeqId, Vec<u32>)> = Vec::new();
+                    for id in &ids {
+                        if rng.below(3) != 0 {
+                            let n = if decode { 1 } else { 1 + rng.below(300) };
+                            batch.push((*id, (0..n).map(|_| rng.below(3) as u32).collect()));
+                        }
+                    }
+                    let view: Vec<(SeqId, &[u32])> = batch.iter().map(|(id, t)| (*id, t.as_slice())).collect();
+                    let want = a.append(&view);
+                    let got = if decode {
+                        let counts: Vec<(SeqId, usize)> = batch.iter().map(|(id, _)| (*id, 1)).collect();
+                        let got = b.append_unresolved(&counts);
+                        if got.is_ok() {
+                            for (id, t) in &batch {
+                                later.entry(*id).or_default().extend(t);
+                            }
+                        }
+                        got
+                    } else {
+                        for (id, _) in &batch {
+                            if let Some(ids) = later.remove(id) {
+                                b.resolve(*id, &ids).unwrap();
+                            }
+                        }
+                        b.append(&view)
+                    };
+                    match (want, got) {
+                        (Ok(x), Ok(y)) => assert_eq!(x, y),
+                        (Err(Error::OutOfPages(_)), Err(Error::OutOfPages(_))) => {}
+                        (x, y) => panic!("{x:?} vs {y:?}"),
+                    }
+                    // Some sequences resolve a prefix of their ids now.
+                    for (id, ids) in later.iter_mut() {
+                        let n = rng.below(ids.len() as u64 + 1) as usize;
+                        b.resolve(*id, &ids[..n]).unwrap();
+                        ids.drain(..n);
+                    }
+                }
+                _ => {}
+            }
+            a.check().unwrap();
+            b.check().unwrap();
+        }
+        resolve_all(&mut b, &mut later);
+        assert_eq!(a.cached_units(), b.cached_units());
+        for n in [256, 700, 2048] {
+            assert_eq!(a.lookup_prefix(&document[..n]), b.lookup_prefix(&document[..n]));
+        }
+    }
+}
+
+#[test]
+fn unresolved_tokens_misuse_is_an_error_that_changes_nothing() {
+    let mut m = tiny([8, 8, 8, 8]);
+    let (s, _) = m.add_sequence(&[]);
+    append(&mut m, s, &ids(255)).unwrap();
+    m.append_unresolved(&[(s, 1)]).unwrap();
+    assert_eq!((m.length(s).unwrap(), m.unresolved(s).unwrap()), (256, 1));
+    // Ids cannot follow unresolved tokens, and a resolve cannot name more than there are.
+    assert!(matches!(append(&mut m, s, &[1]), Err(Error::Value { .. })));
+    assert!(matches!(m.resolve(s, &[1, 2]), Err(Error::Value { .. })));
+    assert!(matches!(m.resolve(99, &[1]), Err(Error::State(_))));
+    assert_eq!((m.length(s).unwrap(), m.unresolved(s).unwrap(), m.cached_units()), (256, 1, 0));
+    // A fork inherits the unresolved token; resolving registers the completed unit once.
+    let c = m.fork(s).unwrap();
+    m.resolve(s, &[255]).unwrap();
+    assert_eq!(m.cached_units(), 1);
+    assert_eq!(m.lookup_prefix(&ids(300)).cached_tokens, 256);
+    m.resolve(c, &[255]).unwrap();
+    assert_eq!(m.cached_units(), 1);
+    // Released with tokens unresolved: nothing is registered for them.
+    let (t, _) = m.add_sequence(&[]);
+    append(&mut m, t, &[7; 255]).unwrap();
+    m.append_unresolved(&[(t, 1)]).unwrap();
+    m.release(t).unwrap();
+    assert_eq!(m.lookup_prefix(&[7; 256]).cached_tokens, 0);
+    m.check().unwrap();
+}
