@@ -10,7 +10,7 @@ their outputs (and workspace).
   ``index_key_write``/``index_key_read``, ``index_key_round_trip``, ``copy_rows``,
   ``hadamard128``, new caches.
 - :mod:`.rope`: ``rope``, ``ROPE_TABLES`` (how every op that rotates computes its angles).
-  :mod:`.mhc`: ``mhc_weights``.
+  :mod:`.mhc`: ``mhc_weights``. :mod:`.sample`: ``sample_gumbel`` (one token per row).
 - :mod:`.compress`: ``compress``, ``compress_batch``, ``compressor_state``.
 - :mod:`.indexer`: ``indexer_topk``, ``indexer_scores``.
 - :mod:`.attention`: ``sparse_attention``, ``attention_kernel``.
@@ -54,6 +54,7 @@ from dsv4rs.ops.indexer import TIE_BREAKS, indexer_scores, indexer_topk
 from dsv4rs.ops.mhc import mhc_weights
 from dsv4rs.ops.quant import moe_experts, quant_linear
 from dsv4rs.ops.rope import ROPE_TABLES, RopeTable, rope
+from dsv4rs.ops.sample import sample_gumbel
 
 __all__ = [
     "ENTRY_DIM", "ENTRY_SCALE", "FP4_BLOCK", "FP8_BLOCK", "INDEX_DIM", "INDEX_KEY_BYTES", "MAIN_DATA_BYTES",
@@ -62,7 +63,7 @@ __all__ = [
     "attention_kernel", "compress", "compress_batch", "compressor_state", "copy_rows", "hadamard128",
     "index_key_read", "index_key_round_trip", "index_key_write", "indexer_scores", "indexer_topk", "kv_read",
     "kv_write", "mhc_weights", "moe_experts", "new_index_key_cache", "new_kv_cache", "quant_linear",
-    "quantize_entries", "quantize_index_keys", "rope", "sparse_attention", "warm_up",
+    "quantize_entries", "quantize_index_keys", "rope", "sample_gumbel", "sparse_attention", "warm_up",
 ]
 
 

@@ -30,11 +30,13 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def uniform(seeds: torch.Tensor, steps: torch.Tensor, width: int) -> torch.Tensor:
-    """``float32 [B, width]`` in (0, 1): a function of ``(seeds[b], steps[b], column)`` alone."""
+    """``float32 [B, width]`` in (0, 1): a function of ``(seeds[b], steps[b], column)`` alone,
+    ``(k + 1/2) / 2^23`` for a hashed 23-bit ``k`` (exact in float32, so never 0 or 1: a 1 would
+    give a token infinite Gumbel noise). ``ops.sample_gumbel`` computes the same values."""
     col = torch.arange(width, device=seeds.device, dtype=torch.int64)
     row = _mix32((seeds & _MASK32) ^ _mix32(((seeds >> 32) & _MASK32) ^ _mix32(steps & _MASK32)))
     bits = _mix32(_mix32(row[:, None] ^ col[None, :]) ^ (col[None, :] * 0x9E3779B9 & _MASK32))
-    return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
+    return ((bits >> 9).float() + 0.5) * (1.0 / (1 << 23))
 
 
 def stream(seeds: torch.Tensor, k: int) -> torch.Tensor:
@@ -98,6 +100,17 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     gumbel = -torch.log(-torch.log(uniform(seeds, steps, logits.shape[-1])))
     pick = torch.where(keep, sorted_logits + gumbel.gather(1, order), float("-inf")).argmax(-1)
     return torch.where(greedy, order[:, 0], order.gather(1, pick[:, None])[:, 0])
+
+
+def gumbel_max(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor
+               ) -> torch.Tensor:
+    """:func:`sample` without top-k, top-p or min-p (``top_k = 0``, ``top_p = 1``): the same
+    tokens (the arg max of the scaled logits plus the same Gumbel noise, up to exact ties of
+    those sums) without sorting the vocabulary."""
+    greedy = temperature <= 0
+    scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]
+    gumbel = -torch.log(-torch.log(uniform(seeds, steps, logits.shape[-1])))
+    return torch.where(greedy, logits.argmax(-1), (scaled + gumbel).argmax(-1))
 
 
 def probabilities(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,

@@ -7,7 +7,7 @@ use dsv4rs_core::formats::{Named, Quant};
 use dsv4rs_core::tensor::TensorRef;
 use dsv4rs_core::qgemm::{self, Act};
 use dsv4rs_core::rope::RopeTable;
-use dsv4rs_core::{attention as attention_op, compress as compress_op, indexer as indexer_op, mhc, rope as rope_op};
+use dsv4rs_core::{attention as attention_op, compress as compress_op, indexer as indexer_op, mhc, rope as rope_op, sample};
 use pyo3::prelude::*;
 
 use crate::errors::{run, to_py};
@@ -29,6 +29,22 @@ pub fn rope(
     let (x, p, f, o) = (tref("x", x)?, tref("positions", positions)?, tref("inv_freq", inv_freq)?, tref("out", out)?);
     // SAFETY: TensorRefs built from live tensors (see tensor.rs); `out` is a fresh tensor.
     run(py, || unsafe { rope_op::rope(&x, &p, &f, &o, inverse, table, stream) })
+}
+
+#[pyfunction]
+pub fn sample_gumbel(
+    py: Python<'_>,
+    logits: Spec,
+    temperature: Spec,
+    seeds: Spec,
+    steps: Spec,
+    out: Spec,
+    stream: usize,
+) -> PyResult<()> {
+    let (l, t) = (tref("logits", logits)?, tref("temperature", temperature)?);
+    let (s, p, o) = (tref("seeds", seeds)?, tref("steps", steps)?, tref("out", out)?);
+    // SAFETY: as rope; `out` is a fresh tensor.
+    run(py, || unsafe { sample::sample_gumbel(&l, &t, &s, &p, &o, stream) })
 }
 
 #[pyfunction]

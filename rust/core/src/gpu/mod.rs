@@ -10,6 +10,7 @@ pub mod mhc;
 pub mod qgemm;
 pub mod quant;
 pub mod rope;
+pub mod sample;
 
 use std::ffi::{c_void, CStr, CString};
 use std::sync::Mutex;
@@ -88,6 +89,7 @@ declare_kernels! {
     CopyRows = "dsv4_copy_rows" in "quant",
     Hadamard128 = "dsv4_hadamard128" in "quant",
     Rope = "dsv4_rope" in "rope",
+    SampleGumbel = "dsv4_sample_gumbel" in "sample",
 }
 
 fn check(res: sys::CUresult, call: &str) -> Result<()> {
