@@ -71,7 +71,7 @@ TOL = 1e-5
 def _engine(model: DeepseekV4, **kw):
     from dsv4rs.runtime import Engine
 
-    return Engine(model, max_sequences=3, max_len=700, **kw)
+    return Engine(model, **{"max_sequences": 3, "max_len": 700, **kw})
 
 
 def test_chunked_prefill_mixed_with_decode_equals_separate_runs(gen: torch.Generator) -> None:
@@ -102,6 +102,92 @@ def test_chunked_prefill_mixed_with_decode_equals_separate_runs(gen: torch.Gener
         assert mixed.requests[rid].output == alone.requests[aid].output
         torch.testing.assert_close(torch.stack(mixed.requests[rid].logits), torch.stack(alone.requests[aid].logits),
                                    atol=TOL, rtol=0)
+
+
+def _sampled_run(eng, device_fed: bool, gen: torch.Generator) -> tuple[list[torch.Tensor], list[list[int]], object]:
+    """A decode loop that samples on the engine's device: ``device_fed`` feeds the
+    :class:`SampledTokens` themselves, otherwise their ids read on the host. A sequence skips a
+    step, the batch comes in another order, one sequence forks and one leaves while tokens are
+    unresolved, one takes a host chunk between sampled steps, and the loop crosses the 256-token
+    prefix unit. Returns every step's logits (on the host), every live sequence's tokens, and
+    the prefix hit of a new sequence whose prompt repeats sequence 0."""
+    prompts = torch.randint(0, eng.cfg.vocab_size, (3, 250), generator=gen)
+    seqs = [eng.add_sequence()[0] for _ in range(3)]
+    hist = {s: prompts[i].tolist() for i, s in enumerate(seqs)}
+    logits = eng.step(seqs, list(prompts))
+    out = [logits.cpu()]
+    first = eng.sample(seqs, logits, temperature=[1.0, 0.0, 0.7], top_k=[0, 0, 5], seed=[1, 2, 3])
+    src = dict.fromkeys(seqs, first)  # the sampled tokens holding each sequence's next token
+    for t in range(24):
+        batch = [s for s in seqs if not (t == 5 and s == seqs[1])]  # sequence 1 skips a step
+        if t == 9:
+            batch = batch[::-1]  # another order than the sampled tokens'
+        if t == 12:  # a fork while its parent's last token is unresolved
+            child = eng.fork(seqs[0])
+            hist[child] = list(hist[seqs[0]])
+        if t == 16:  # sequence 2 takes a host chunk between sampled steps
+            chunk = torch.randint(0, eng.cfg.vocab_size, (3,), generator=gen).tolist()
+            eng.step([seqs[2]], [chunk])
+            hist[seqs[2]] += chunk
+        # After the skip, sequence 1's token sits in older sampled tokens: a step of its own.
+        for tokens in dict.fromkeys(src[s] for s in batch):
+            group = [s for s in batch if src[s] is tokens]
+            ids = dict(zip(tokens.seq_ids, tokens.tolist()))
+            for s in group:
+                hist[s].append(ids[s])
+            logits = eng.step(group, tokens if device_fed else [[ids[s]] for s in group])
+            out.append(logits.cpu())
+            nxt = eng.sample(group, logits, temperature=1.0, seed=7)
+            src.update(dict.fromkeys(group, nxt))
+        if t == 20:  # a sequence leaves with a token unresolved
+            eng.release(seqs[1])
+            seqs.remove(seqs[1])
+    live = set(eng.manager.sequence_ids())
+    _, hit = eng.add_sequence(hist[seqs[0]])
+    eng.manager.check()
+    return out, [hist[s] for s in sorted(hist) if s in live], hit
+
+
+def test_sampled_tokens_fed_on_the_device_equal_host_fed_ones(gen: torch.Generator) -> None:
+    """Feeding :class:`SampledTokens` (appended by count, resolved later) gives the same logits,
+    tokens and prefix cache as feeding their ids from the host."""
+    model = init_random(DeepseekV4(V4Config.tiny()), seed=8)
+    state = gen.get_state()
+    runs = []
+    for device_fed in (False, True):
+        gen.set_state(state)
+        runs.append(_sampled_run(_engine(model, max_sequences=5), device_fed, gen))
+    (la, ta, ha), (lb, tb, hb) = runs
+    assert ta == tb and ha == hb and ha.cached_tokens == 256
+    for step, (x, y) in enumerate(zip(la, lb)):
+        assert torch.equal(x, y), step
+
+
+def test_sampled_tokens_misuse_raises(gen: torch.Generator) -> None:
+    model = init_random(DeepseekV4(V4Config.tiny()), seed=8)
+    eng, other = _engine(model), _engine(model)
+    a, b = eng.add_sequence()[0], eng.add_sequence()[0]
+    logits = eng.step([a, b], [[1, 2], [3]])
+    with pytest.raises(ValueError, match=r"logits: expected \[1, 512\]"):
+        eng.sample([a], logits)
+    with pytest.raises(ValueError, match="unknown sequence 9"):
+        eng.sample([a, 9], logits)
+    for kw, name in (({"temperature": -1.0}, "temperature"), ({"temperature": float("nan")}, "temperature"),
+                     ({"top_k": -2}, "top_k"), ({"top_p": 0.0}, "top_p"), ({"min_p": 2.0}, "min_p"),
+                     ({"seed": -1}, "seed"), ({"top_k": [1, 2, 3]}, "top_k"), ({"temperature": True}, "temperature")):
+        with pytest.raises(ValueError, match=name):
+            eng.sample([a, b], logits, **kw)
+    tokens = eng.sample([a], logits[:1])
+    with pytest.raises(ValueError, match="no token for sequence"):
+        eng.step([a, b], tokens)
+    o = other.add_sequence()[0]
+    with pytest.raises(ValueError, match="another engine"):
+        other.step([o], tokens)
+    assert eng.manager.length(a) == 2 and eng.manager.unresolved(a) == 0  # nothing was appended
+    with pytest.raises(ValueError, match="max_len"):
+        eng.step([a], [[0] * 699])
+    eng.step([a], tokens)
+    assert eng.manager.length(a) == 3 and 0 <= tokens.tolist()[0] < 512 and tokens.ready()
 
 
 def test_scheduler_stops_and_frees_pages(gen: torch.Generator) -> None:
@@ -377,6 +463,52 @@ def test_gpu_decode_step_does_not_synchronize(gen: torch.Generator, graphs: bool
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert bool(torch.isfinite(logits).all())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("graphs", [True, False])
+def test_gpu_sampled_tokens_fed_on_the_device_equal_host_fed_ones(gen: torch.Generator, graphs: bool) -> None:
+    from dsv4rs.runtime import Engine
+
+    model = _bf16_model(7)
+    state = gen.get_state()
+    runs = []
+    for device_fed in (False, True):
+        gen.set_state(state)
+        eng = Engine(model, max_sequences=5, max_len=700, quant=True, cuda_graphs=graphs)
+        runs.append(_sampled_run(eng, device_fed, gen))
+    (la, ta, ha), (lb, tb, hb) = runs
+    assert ta == tb and ha == hb and ha.cached_tokens == 256
+    for step, (x, y) in enumerate(zip(la, lb)):
+        torch.testing.assert_close(x, y, atol=0, rtol=0, msg=lambda m, step=step: f"step {step}: {m}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("graphs", [True, False])
+def test_gpu_sampled_decode_loop_does_not_synchronize(gen: torch.Generator, graphs: bool) -> None:
+    """Sample, step on the sampled tokens, sample, ...: nothing waits for the GPU; the ids are
+    resolved in the allocator once they reach the host."""
+    from dsv4rs.runtime import Engine
+
+    eng = Engine(_bf16_model(6), max_sequences=4, max_len=600, quant=True, cuda_graphs=graphs)
+    seqs = [eng.add_sequence()[0] for _ in range(3)]
+    logits = eng.step(seqs, list(torch.randint(0, 512, (3, 200), generator=gen)))
+    kw = {"temperature": [1.0, 0.0, 0.5], "top_k": [0, 0, 3], "seed": [4, 5, 6]}
+    tokens = eng.sample(seqs, logits, **kw)
+    logits = eng.step(seqs, tokens)  # captures the bucket (graphs)
+    fed = [tokens, eng.sample(seqs, logits)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(6):
+            logits = eng.step(seqs, fed[-1])
+            fed.append(eng.sample(seqs, logits, **kw))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(0 <= t < 512 for f in fed for t in f.tolist())
+    assert all(eng.manager.length(s) == 207 for s in seqs)
+    eng.step(seqs, [[1]] * 3)  # ids after sampled tokens: every sampled id is resolved first
+    assert all(eng.manager.unresolved(s) == 0 for s in seqs)
 
 
 @pytest.mark.gpu

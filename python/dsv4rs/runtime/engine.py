@@ -8,11 +8,18 @@ tokens to the allocator and plans the step once, then the model
 (:class:`dsv4rs.model.DeepseekV4`) runs every layer on that plan, and the LM head gives logits.
 On a GPU a decode step (one token per sequence) replays a CUDA graph of the whole step
 (:mod:`.graphs`) when the model's layers allow capture (bfloat16 experts).
+
+A decode loop need not wait for the GPU: :meth:`Engine.sample` draws the next tokens on the
+device (:class:`SampledTokens`), and :meth:`Engine.step` takes them as a step's chunks while they
+are still on their way to the host. The allocator appends them by count and learns their ids
+later (:meth:`dsv4rs.cache.KVCacheManager.append_unresolved`), so the host plans step ``i + 1``
+while the device runs step ``i``.
 """
 
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,6 +34,7 @@ from dsv4rs.runtime.graphs import BUCKETS, DecodeGraphs
 from dsv4rs.runtime.kv_cache import KVCache
 from dsv4rs.runtime.memory import pages_per_sequence, plan_memory
 from dsv4rs.runtime.planner import StepInputs, StepPlanner, metadata, tables_at_least
+from dsv4rs.runtime.sampling import sample
 
 
 class Engine:
@@ -101,6 +109,9 @@ class Engine:
         self._mtp_pos: dict[int, int] = {}
         self._last: _Last | None = None
         self._idled = False  # the last step was an empty one (a parallel engine's idle rank)
+        # Per sequence, in order: the sampled tokens fed but not yet resolved in the allocator
+        # (the SampledTokens and the row of this sequence's token in it).
+        self._pending: dict[int, deque[tuple[SampledTokens, int]]] = {}
 
     def _free_bytes(self, fraction: float | None) -> int:
         """The memory the cache may take when the engine sizes it: ``fraction`` (default 0.9 on a
@@ -138,7 +149,9 @@ class Engine:
     def add_sequence(self, prompt: Sequence[int] | torch.Tensor = ()) -> tuple[int, PrefixHit]:
         """A new sequence. With a ``prompt``, it reuses the compressed rows of the longest cached
         prefix: feed ``prompt[hit.recompute_from:]`` next."""
-        seq, hit = self.manager.add_sequence(self._check_ids("prompt", prompt).tolist())
+        ids = self._check_ids("prompt", prompt).tolist()
+        self._settle()  # the prefix units of tokens already on the host become findable
+        seq, hit = self.manager.add_sequence(ids)
         self._origin[seq] = self._mtp_pos[seq] = hit.recompute_from
         self._fresh.add(seq)
         return seq, hit
@@ -147,6 +160,8 @@ class Engine:
         """A copy of ``seq_id`` sharing its pages (copy on write)."""
         child = self.manager.fork(seq_id)
         self._origin[child] = self._origin[seq_id]
+        if seq_id in self._pending:  # the child shares the unresolved tokens
+            self._pending[child] = deque(self._pending[seq_id])
         if seq_id in self._mtp_pos:
             self._mtp_pos[child] = self._mtp_pos[seq_id]
         if seq_id in self._fresh:
@@ -156,6 +171,7 @@ class Engine:
     def release(self, seq_id: int) -> None:
         self.manager.release(seq_id)
         self._origin.pop(seq_id, None)
+        self._pending.pop(seq_id, None)
         self._mtp_pos.pop(seq_id, None)
         self._fresh.discard(seq_id)
 
@@ -168,13 +184,92 @@ class Engine:
 
     # -- the forward pass ------------------------------------------------------------------------
 
+    def _settle(self, seq_ids: Sequence[int] | None = None, wait: bool = False) -> None:
+        """Resolves in the allocator the ids of fed sampled tokens that have reached the host
+        (with ``wait``: all of them, waiting), of ``seq_ids`` or of every sequence."""
+        for s in list(self._pending if seq_ids is None else seq_ids):
+            queue = self._pending.get(s)
+            if not queue:
+                continue
+            ids = []
+            while queue and (wait or queue[0][0].ready()):
+                tokens, row = queue.popleft()
+                ids.append(tokens.tolist()[row])
+            if ids:
+                self.manager.resolve(s, ids)
+            if not queue:
+                del self._pending[s]
+
+    # -- sampling --------------------------------------------------------------------------------
+
     @torch.no_grad()
-    def step(self, seq_ids: Sequence[int], chunks: Sequence[Sequence[int] | torch.Tensor],
+    def sample(self, seq_ids: Sequence[int], logits: torch.Tensor, temperature: float | Sequence[float] = 1.0,
+               top_k: int | Sequence[int] = 0, top_p: float | Sequence[float] = 1.0,
+               min_p: float | Sequence[float] = 0.0, seed: int | Sequence[int] = 0) -> SampledTokens:
+        """The next token of each sequence, drawn on the device from ``logits`` (``[B, vocab]``,
+        row ``b`` for ``seq_ids[b]``, e.g. a decode step's logits) without waiting for the GPU.
+
+        :func:`dsv4rs.runtime.sampling.sample` draws them (temperature ``0``: greedy; then top-k,
+        top-p, min-p; each a number or one per row); row ``b``'s random numbers depend only on
+        ``seed[b]`` and the sequence's length, so a sequence's tokens do not depend on the batch.
+        Feed the result to :meth:`step` as its ``chunks``; read the ids with
+        :meth:`SampledTokens.tolist`.
+        """
+        b = len(seq_ids)
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape != (b, self.cfg.vocab_size):
+            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ValueError(f"logits: expected [{b}, {self.cfg.vocab_size}] (one row per sequence), got {shape}")
+        if not logits.is_floating_point() or logits.device != self.device:
+            raise ValueError(f"logits: expected floating-point logits on {self.device}, got {logits.dtype} on "
+                             f"{logits.device}")
+        if b == 0:
+            raise ValueError("seq_ids: no sequences to sample for")
+        for s in seq_ids:
+            if s not in self._origin:
+                raise ValueError(f"seq_ids: unknown sequence {s}")
+
+        def rows(name: str, v: object, kind: type, ok, what: str) -> list:
+            vals = list(v) if isinstance(v, Sequence) else [v] * b
+            if len(vals) != b:
+                raise ValueError(f"{name}: expected one value or {b} (one per sequence), got {len(vals)}")
+            for x in vals:
+                if isinstance(x, bool) or not isinstance(x, (int, float) if kind is float else int) or not ok(x):
+                    raise ValueError(f"{name}: expected {what}, got {x!r}")
+            return [kind(x) for x in vals]
+
+        temps = rows("temperature", temperature, float, lambda x: 0 <= x < float("inf"), "a finite number >= 0")
+        ks = rows("top_k", top_k, int, lambda x: x >= 0, "an int >= 0 (0: all tokens)")
+        ps = rows("top_p", top_p, float, lambda x: 0 < x <= 1, "a number in (0, 1]")
+        mins = rows("min_p", min_p, float, lambda x: 0 <= x <= 1, "a number in [0, 1]")
+        seeds = rows("seed", seed, int, lambda x: 0 <= x < 1 << 63, "an int in [0, 2^63)")
+        steps = [self.manager.length(s) for s in seq_ids]
+        pin = self.device.type == "cuda"
+        ints = torch.tensor([ks, seeds, steps], dtype=torch.int64, pin_memory=pin).to(self.device, non_blocking=True)
+        floats = torch.tensor([temps, ps, mins], dtype=torch.float32, pin_memory=pin).to(self.device, non_blocking=True)
+        x = logits.float().contiguous()
+        if all(k == 0 for k in ks) and all(p == 1 for p in ps) and all(m == 0 for m in mins):
+            ids = ops.sample_gumbel(x, floats[0], ints[1], ints[2])  # no filter: one kernel, no sort
+        else:
+            ids = sample(x, floats[0], ints[0], floats[1], ints[1], ints[2], floats[2] if any(mins) else None)
+        return SampledTokens(self, seq_ids, ids)
+
+    # -- the forward pass ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, seq_ids: Sequence[int], chunks: Sequence[Sequence[int] | torch.Tensor] | SampledTokens,
              all_logits: bool = False, last: Sequence[int] | None = None) -> torch.Tensor | list[torch.Tensor]:
         """Feeds ``chunks[i]`` to sequence ``seq_ids[i]`` and returns float32 logits: of the last
         token of each chunk ``[B, vocab]``, or with ``all_logits`` one ``[len, vocab]`` per chunk,
         or with ``last`` one ``[last[i], vocab]`` per chunk, of its last ``last[i]`` tokens (``0``:
-        none; the LM head runs on those rows only, e.g. a speculative step's verified tokens)."""
+        none; the LM head runs on those rows only, e.g. a speculative step's verified tokens).
+
+        ``chunks`` may also be :class:`SampledTokens` of this engine (from :meth:`sample`) that
+        hold a token for each of ``seq_ids``: a decode step fed on the device, which does not
+        wait for the tokens to reach the host."""
+        sampled = chunks if isinstance(chunks, SampledTokens) else None
+        if sampled is not None:
+            rows = sampled._rows(self, seq_ids)
+            chunks = [[0]] * len(seq_ids)  # one token each, its id on the device
         if len(seq_ids) != len(chunks):
             raise ValueError(f"seq_ids, chunks: {len(seq_ids)} sequences but {len(chunks)} chunks")
         if not len(seq_ids):
@@ -196,8 +291,16 @@ class Engine:
                 raise ValueError(f"seq_ids: unknown sequence {s}")
             if self.manager.length(s) + t.numel() > self.max_len:
                 raise ValueError(f"chunks: sequence {s} would exceed max_len = {self.max_len}")
+        self._settle()
+        if sampled is None:  # ids follow a sequence's sampled tokens only once those are resolved
+            self._settle([s for s in seq_ids if s in self._pending], wait=True)
         self._idled = False
-        inputs, copies = self.planner.append(list(seq_ids), ids, [self._origin[s] for s in seq_ids])
+        inputs, copies = self.planner.append(list(seq_ids), None if sampled else ids, [self._origin[s] for s in seq_ids])
+        fed = None
+        if sampled is not None:
+            for s, r in zip(seq_ids, rows):
+                self._pending.setdefault(s, deque()).append((sampled, r))
+            fed = sampled._device_ids(rows)
         self.cache.copy_pages(copies)
         for s, slot in zip(seq_ids, inputs.state_slots.tolist()):
             if s in self._fresh:
@@ -207,10 +310,12 @@ class Engine:
         lens = inputs.lens.tolist()
         decode = max(lens) == 1
         if decode and self.graphs is not None and len(lens) <= self.graphs.max_batch:
-            logits, x, meta = self.graphs.run(inputs)
+            logits, x, meta = self.graphs.run(inputs, ids=fed)
             ids_dev = self.graphs.views[self.graphs.bucket(len(lens))].ids[: x.shape[0]]
         elif decode:  # the captured step's own shapes (full table widths), eagerly
             dev = tables_at_least(inputs, self.table_widths).to(self.device)
+            if fed is not None:
+                dev.ids = fed
             logits, x, meta = self._decode(dev)
             ids_dev = dev.ids
         else:
@@ -298,6 +403,67 @@ class Engine:
             self._mtp_pos[s] = start + n
         mtp = self.model.mtp[0]
         return self.model.head(h[ends], mtp.hc_head, mtp.norm).float()
+
+
+class SampledTokens:
+    """One token for each of some sequences, sampled on an engine's device by
+    :meth:`Engine.sample`; feed them to :meth:`Engine.step` as its ``chunks`` (the same
+    sequences or some of them, in any order) before the host has seen them. Their ids are in
+    the vocabulary by construction, so the step takes them unchecked, on the device. They reach
+    the host by an asynchronous copy: :meth:`tolist` waits for it, :meth:`ready` tells whether
+    it has landed."""
+
+    def __init__(self, engine: Engine, seq_ids: Sequence[int], ids: torch.Tensor) -> None:
+        self._engine = engine
+        self.seq_ids: tuple[int, ...] = tuple(seq_ids)
+        self._ids = ids
+        self._row = {s: i for i, s in enumerate(self.seq_ids)}
+        self._list: list[int] | None = None
+        if ids.device.type == "cuda":
+            self._host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+            self._host.copy_(ids, non_blocking=True)
+            self._event: torch.cuda.Event | None = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host, self._event = ids, None
+
+    def __len__(self) -> int:
+        return len(self.seq_ids)
+
+    def ready(self) -> bool:
+        """Whether the ids have reached the host (:meth:`tolist` would not wait)."""
+        return self._list is not None or self._event is None or self._event.query()
+
+    def tolist(self) -> list[int]:
+        """The ids, row ``b`` for ``seq_ids[b]`` (waits for their copy to the host)."""
+        if self._list is None:
+            if self._event is not None:
+                self._event.synchronize()
+            self._list = self._host.tolist()
+        return self._list
+
+    @property
+    def ids(self) -> torch.Tensor:
+        """A copy of the ids on the device (``int64 [B]``)."""
+        return self._ids.clone()
+
+    def _rows(self, engine: Engine, seq_ids: Sequence[int]) -> list[int]:
+        """The row of each of ``seq_ids`` (a step's batch), checked."""
+        if engine is not self._engine:
+            raise ValueError("chunks: these sampled tokens belong to another engine")
+        missing = [s for s in seq_ids if s not in self._row]
+        if missing:
+            raise ValueError(f"chunks: the sampled tokens hold no token for sequence(s) {missing} "
+                             f"(they are for {list(self.seq_ids)})")
+        return [self._row[s] for s in seq_ids]
+
+    def _device_ids(self, rows: list[int]) -> torch.Tensor:
+        """The ids of ``rows``, in that order, on the device, without waiting for it."""
+        if rows == list(range(len(self.seq_ids))):
+            return self._ids
+        pin = self._ids.device.type == "cuda"
+        index = torch.tensor(rows, dtype=torch.int64, pin_memory=pin).to(self._ids.device, non_blocking=True)
+        return self._ids.index_select(0, index)
 
 
 def _available_ram() -> int:

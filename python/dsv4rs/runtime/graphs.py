@@ -109,12 +109,17 @@ class DecodeGraphs:
     def bucket(self, batch: int) -> int:
         return next(b for b in self.buckets if b >= batch)
 
-    def run(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor, object]:
+    def run(self, inputs: StepInputs, ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, object]:
         """Replays the step for host ``inputs`` of at most :attr:`max_batch` sequences; returns
-        the bucket's logits, streams and metadata (rows past the batch are padding)."""
-        bucket = self.bucket(inputs.starts.shape[0])
+        the bucket's logits, streams and metadata (rows past the batch are padding). ``ids``:
+        the batch's token ids on the device, in place of ``inputs.ids`` (copied after the load,
+        in stream order, so nothing waits for them)."""
+        n = inputs.starts.shape[0]
+        bucket = self.bucket(n)
         self._ensure(bucket)
         self._load(inputs, bucket)
+        if ids is not None:
+            self.views[bucket].ids[:n].copy_(ids)
         graph, out = self.graphs[bucket]
         graph.replay()
         return out

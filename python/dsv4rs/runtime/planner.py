@@ -73,17 +73,25 @@ class StepPlanner:
         self.ratios = {t: r for t, r in ((CSA, cfg.compress_rates[0]), (HCA, cfg.compress_rates[1]))
                        if t in cfg.layer_types}
 
-    def append(self, seq_ids: Sequence[int], ids: Sequence[torch.Tensor], origins: Sequence[int]
+    def append(self, seq_ids: Sequence[int], ids: Sequence[torch.Tensor] | None, origins: Sequence[int]
                ) -> tuple[StepInputs, dict[str, torch.Tensor]]:
         """Appends ``ids[i]`` to sequence ``seq_ids[i]`` (all or nothing: an allocator error
         leaves every sequence as it was) and returns the step's integers, on the host, and the
         page copies (copy on write) to make before the step writes anything.
         ``origins[i]`` is the first position the sequence holds in its window ring (a prefix hit
-        starts past 0)."""
+        starts past 0). ``ids=None``: one token a sequence whose id is not known yet (sampled on
+        the device): appended by count (:meth:`KVCacheManager.append_unresolved`), the returned
+        ``ids`` zeros for the caller to replace on the device."""
         m = self.manager
         start_list = [m.length(s) for s in seq_ids]
-        len_list = [t.numel() for t in ids]
-        appended = m.append(seq_ids, [t.tolist() for t in ids])
+        if ids is None:
+            len_list = [1] * len(seq_ids)
+            appended = m.append_unresolved(seq_ids, len_list)
+            flat_ids = torch.zeros(len(seq_ids), dtype=torch.int64)
+        else:
+            len_list = [t.numel() for t in ids]
+            appended = m.append(seq_ids, [t.tolist() for t in ids])
+            flat_ids = torch.cat(ids)
         starts = torch.tensor(start_list, dtype=torch.int64)
         if self.shortcut and all(n == 1 for n in len_list):
             # A decode step (one token a sequence): the same values, from Python ints.
@@ -104,7 +112,7 @@ class StepPlanner:
             if t in self.ratios:
                 slots[family][done[self.ratios[t]]] = appended.slots[family]
         return StepInputs(
-            ids=torch.cat(ids), positions=positions, token_seq=token_seq, starts=starts,
+            ids=flat_ids, positions=positions, token_seq=token_seq, starts=starts,
             origins=torch.tensor(origins, dtype=torch.int64), state_slots=appended.slots["state"], cu_tokens=cu,
             window_slots=slots["window"], csa_slots=slots["csa"], hca_slots=slots["hca"],
             **{f"{f}_table": m.page_tables(seq_ids, f, width=None) for f in FAMILIES},
