@@ -104,6 +104,59 @@ def test_chunked_prefill_mixed_with_decode_equals_separate_runs(gen: torch.Gener
                                    atol=TOL, rtol=0)
 
 
+def _overlap_run(model: DeepseekV4, overlap: bool, prompts: list[list[int]], stop: int | None):
+    """Seven requests through 3 sequences (so some wait), one joining mid-run, one aborted at its
+    6th token, greedy and sampled, top-p (the sorted sampler), penalties, log-probabilities,
+    one token only, a stop id; every sampled token's logits kept."""
+    from dsv4rs.runtime.scheduler import Scheduler
+
+    sched = Scheduler(_engine(model, max_sequences=3, max_len=400), token_budget=96, keep_logits=True,
+                      overlap=overlap)
+    kws = [dict(temperature=0.0), dict(temperature=0.8, seed=5), dict(temperature=1.0, top_p=0.9, seed=6),
+           dict(temperature=0.7, seed=7, repetition_penalty=1.3, presence_penalty=0.5), dict(temperature=1.0, seed=8, logprobs=3),
+           dict(temperature=0.0), dict(temperature=0.9, seed=9)]
+    lengths = [30, 25, 1, 20, 24, 12, 18]
+    rids = [sched.add(p, n, **kw, stop_ids=frozenset({stop}) if stop is not None and i == 1 else frozenset())
+            for i, (p, n, kw) in enumerate(zip(prompts[:6], lengths, kws))]
+    steps = 0
+    while sched.waiting or sched.running:
+        sched.step()
+        steps += 1
+        if steps == 8:  # joins while the others decode
+            rids.append(sched.add(prompts[6], lengths[6], **kws[6]))
+        r = sched.requests[rids[4]]
+        if not r.done and len(r.output) >= 6:
+            sched.abort(rids[4])
+    sched.run()
+    sched.engine.manager.check()
+    assert sched.engine.manager.sequence_ids() == []
+    return [sched.requests[rid] for rid in rids], sched.steps_ahead
+
+
+def test_overlapped_scheduling_gives_the_same_requests(gen: torch.Generator) -> None:
+    """Launching decode steps on tokens still on the device (overlap) changes nothing a request
+    sees: the same tokens, finish reasons, log-probabilities and logits as planning every step
+    from the host; and most decode steps do run ahead."""
+    model = init_random(DeepseekV4(V4Config.tiny()), seed=9)
+    prompts = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in (40, 9, 130, 70, 25, 300, 50)]
+    stop = None
+    for _ in range(2):  # the second time with a stop id the first run produced at request 1's 5th token
+        (sync, ahead0), (over, ahead) = (_overlap_run(model, o, prompts, stop) for o in (False, True))
+        assert ahead0 == 0 and ahead > 10
+        for a, b in zip(sync, over):
+            assert (a.output, a.finish_reason) == (b.output, b.finish_reason)
+            assert len(a.logits) == len(a.output)
+            torch.testing.assert_close(torch.stack(a.logits), torch.stack(b.logits), atol=TOL, rtol=0)
+            assert len(a.token_logprobs) == len(b.token_logprobs)
+            for (la, ta), (lb, tb) in zip(a.token_logprobs, b.token_logprobs):
+                assert abs(la - lb) <= TOL and [t for t, _ in ta] == [t for t, _ in tb]
+        assert [r.finish_reason for r in sync] == ["length", "stop" if stop is not None else "length", "length",
+                                                  "length", "abort", "length", "length"]
+        assert len(sync[2].output) == 1 and len(sync[4].output) == 6
+        stop = sync[1].output[4]
+        assert stop not in sync[1].output[:4]
+
+
 def _sampled_run(eng, device_fed: bool, gen: torch.Generator) -> tuple[list[torch.Tensor], list[list[int]], object]:
     """A decode loop that samples on the engine's device: ``device_fed`` feeds the
     :class:`SampledTokens` themselves, otherwise their ids read on the host. A sequence skips a

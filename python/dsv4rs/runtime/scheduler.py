@@ -1,8 +1,18 @@
 """Continuous batching with chunked prefill: requests join and leave the running batch between
 steps, and every step carries one token of each running decode plus prefill chunks of waiting
 prompts, up to a token budget (as vLLM and SGLang schedule), so a long prompt never stalls the
-sequences already generating. Tokens are sampled on the device (:mod:`.sampling`); the host
-reads one token per sequence per step, which the allocator needs anyway (prefix hashing).
+sequences already generating. Tokens are sampled on the device (:meth:`Engine.sample
+<dsv4rs.runtime.Engine.sample>`, penalties applied first).
+
+Overlap (``Scheduler(overlap=True)``, the default): while every running request decodes, the
+next step is launched on the tokens still on the device (:class:`~dsv4rs.runtime.SampledTokens`)
+before the host reads them, so the host's reading, stop checks and planning run while the GPU
+computes. The host learns a step's tokens one step later: a request that a token stops (a stop
+id) has had one more token computed, which is dropped; ``max_new_tokens`` is known ahead, so no
+step runs past it. Steps with prefill chunks, requests to admit or penalties (which count the
+previous token) are planned from the host's view, as without overlap. The tokens are the same
+either way: a request's draws depend on its seed and positions alone.
+
 A speculative scheduler (:class:`dsv4rs.llm.speculative.SpeculativeScheduler`) builds on the
 helpers here.
 """
@@ -15,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dsv4rs.runtime.engine import Engine
+from dsv4rs.runtime.engine import Engine, SampledTokens
 from dsv4rs.runtime.sampling import penalize, sample, top_logprobs
 
 
@@ -80,17 +90,22 @@ class Scheduler:
         engine: the engine (its ``max_sequences`` bounds the running requests).
         token_budget: the most tokens one step feeds (decode tokens first, then prefill chunks).
         keep_logits: keep every sampled token's logits on its request (for checks).
+        overlap: launch decode steps on tokens still on the device (the module docstring);
+            :meth:`step` then returns the tokens of the step before.
     """
 
-    def __init__(self, engine: Engine, token_budget: int = 512, keep_logits: bool = False) -> None:
+    def __init__(self, engine: Engine, token_budget: int = 512, keep_logits: bool = False,
+                 overlap: bool = True) -> None:
         if token_budget < 1:
             raise ValueError(f"token_budget: must be >= 1, got {token_budget}")
-        self.engine, self.budget, self.keep_logits = engine, token_budget, keep_logits
+        self.engine, self.budget, self.keep_logits, self.overlap = engine, token_budget, keep_logits, overlap
         self.requests: dict[int, Request] = {}
         self.waiting: list[int] = []
         self.running: list[int] = []
         self.max_running = engine.max_sequences
         self._ids = itertools.count()
+        self._inflight: _InFlight | None = None  # a step's tokens, still on their way to the host
+        self.steps_ahead = 0  # steps launched on device-held tokens (overlap)
 
     def add(self, prompt: Sequence[int], max_new_tokens: int, **sampling) -> int:
         """Queues a request (see :class:`Request` for the keyword arguments); returns its id."""
@@ -118,37 +133,18 @@ class Scheduler:
         self._retire()
 
     def step(self) -> list[tuple[int, int]]:
-        """One engine step; returns the ``(request id, token)`` pairs it generated. Finished
-        requests release their sequence."""
-        self._admit()
-        budget = self.budget
-        batch: list[tuple[int, list[int]]] = []
-        for rid in self.running:  # decodes first: their pending token each
-            r = self.requests[rid]
-            if r.fed == len(r.prompt) and budget >= len(r.pending):
-                batch.append((rid, r.pending))
-                budget -= len(r.pending)
-        batch += self._prefill(budget)
-        if not batch:
-            return []
-        sampled = [self._samples(rid, chunk) for rid, chunk in batch]
-        logits = self.engine.step([self.requests[rid].seq for rid, _ in batch], [c for _, c in batch],
-                                  last=[int(s) for s in sampled])
-        self._advance(batch)
-        rows = [rid for (rid, _), s in zip(batch, sampled) if s]
-        out: list[tuple[int, int]] = []
-        if rows:
-            logits = torch.cat([lg for lg, s in zip(logits, sampled) if s])
-            reqs = [self.requests[rid] for rid in rows]
-            tokens = self.sample(logits, reqs, [self.position(r) for r in reqs])
-            lps = self.logprobs(logits, tokens, reqs)
-            for i, (rid, tok) in enumerate(zip(rows, tokens.tolist())):
-                r = self.requests[rid]
-                r.pending = [tok]
-                if self.keep_logits:
-                    r.logits.append(logits[i].cpu())
-                self.emit(r, tok, lps[i])
-                out.append((rid, tok))
+        """One engine step; returns the ``(request id, token)`` pairs it generated (with
+        ``overlap``, those of the step before, which the host reads while this one runs).
+        Finished requests release their sequence."""
+        prev, self._inflight = self._inflight, None
+        fed = self._launch_ahead(prev) if prev is not None else None
+        out = self._collect(prev, fed or set()) if prev is not None else []
+        if fed is None:  # planned from the host's view: pending tokens and prefill chunks
+            self._retire()
+            self._inflight = self._launch()
+        if not self.overlap and self._inflight is not None:
+            cur, self._inflight = self._inflight, None
+            out += self._collect(cur, set())
         self._retire()
         return out
 
@@ -156,8 +152,88 @@ class Scheduler:
         """Steps until every request is done; returns the outputs by request id."""
         while self.waiting or self.running:
             self.step()
+        self._inflight = None  # tokens computed for requests that had already stopped
         return {rid: r.output for rid, r in self.requests.items()}
 
+    def _launch(self) -> _InFlight | None:
+        """Feeds every running decode its pending token and prefill chunks up to the budget, and
+        samples the rows that end in a token to sample after (on the device)."""
+        self._admit()
+        budget = self.budget
+        batch: list[tuple[int, list[int]]] = []
+        for rid in self.running:  # decodes first: their pending token each
+            r = self.requests[rid]
+            if r.fed == len(r.prompt) and r.pending and budget >= len(r.pending):
+                batch.append((rid, r.pending))
+                budget -= len(r.pending)
+        batch += self._prefill(budget)
+        if not batch:
+            return None
+        sampled = [self._samples(rid, chunk) for rid, chunk in batch]
+        logits = self.engine.step([self.requests[rid].seq for rid, _ in batch], [c for _, c in batch],
+                                  last=[int(s) for s in sampled])
+        self._advance(batch)
+        for rid, _ in batch:
+            self.requests[rid].pending = []
+        rows = [rid for (rid, _), s in zip(batch, sampled) if s]
+        if not rows:
+            return None
+        return self._sample_rows(rows, torch.cat([lg for lg, s in zip(logits, sampled) if s]))
+
+    def _launch_ahead(self, prev: _InFlight) -> set[int] | None:
+        """With ``overlap``, when every running request decodes and its next token is in
+        ``prev``: launches the next step on those tokens (still on the device) and samples after
+        it; returns the requests fed. ``None``: the next step needs the host's view."""
+        if not self.overlap or (self.waiting and len(self.running) < self.max_running):
+            return None
+        reqs = {rid: self.requests.get(rid) for rid in prev.rids}
+        if any(rid not in reqs or self.requests[rid].fed < len(self.requests[rid].prompt) for rid in self.running):
+            return None
+        if any(r is not None and r.penalized for r in reqs.values()):
+            return None  # penalties count the token in flight
+        # The token in flight is a request's last when it reaches max_new_tokens: not fed.
+        feed = [rid for rid, r in reqs.items()
+                if r is not None and not r.done and r.seq is not None and len(r.output) + 1 < r.max_new_tokens]
+        if not feed or len(feed) > self.budget:
+            return None
+        seqs = [self.requests[rid].seq for rid in feed]
+        logits = self.engine.step(seqs, prev.tokens)
+        self._inflight = self._sample_rows(feed, logits)
+        self.steps_ahead += 1
+        return set(feed)
+
+    def _sample_rows(self, rids: list[int], logits: torch.Tensor) -> _InFlight:
+        """Samples one token for each of ``rids`` from its row of ``logits`` on the device, and
+        what the host will read with it (log-probabilities, kept logits), without waiting."""
+        reqs = [self.requests[rid] for rid in rids]
+        penalized = logits
+        if any(r.penalized for r in reqs):
+            penalized, _ = self.params(reqs, logits)
+        tokens = self.engine.sample(
+            [r.seq for r in reqs], penalized, temperature=[r.temperature for r in reqs],
+            top_k=[r.top_k for r in reqs], top_p=[r.top_p for r in reqs], min_p=[r.min_p for r in reqs],
+            seed=[r.seed for r in reqs])
+        lps = self._logprobs_device(logits, tokens, reqs)
+        kept = [logits[i] for i in range(len(rids))] if self.keep_logits else None
+        return _InFlight(tokens, list(rids), lps, kept)
+
+    def _collect(self, flight: _InFlight, fed: set[int]) -> list[tuple[int, int]]:
+        """Reads a step's tokens on the host (waiting for their copy) and emits them; a request
+        that has finished meanwhile drops its token. ``fed``: requests whose token a step
+        launched ahead already took (nothing pending)."""
+        reqs = [self.requests.get(rid) for rid in flight.rids]
+        lps = self._logprobs_host(flight.logprobs, reqs)
+        out: list[tuple[int, int]] = []
+        for i, (rid, tok) in enumerate(zip(flight.rids, flight.tokens.tolist())):
+            r = reqs[i]
+            if r is None or r.done:
+                continue
+            if self.keep_logits and flight.logits is not None:
+                r.logits.append(flight.logits[i].cpu())
+            self.emit(r, tok, lps[i])
+            r.pending = [] if rid in fed else [tok]
+            out.append((rid, tok))
+        return out
     # -- helpers (also the speculative scheduler's) --------------------------------------------------
 
     def _admit(self) -> None:
@@ -241,14 +317,29 @@ class Scheduler:
     def logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, reqs: list[Request]
                  ) -> list[tuple[float, list[tuple[int, float]]] | None]:
         """Per row: the token's log-probability and the top alternatives, for rows that ask."""
+        return self._logprobs_host(self._logprobs_device(logits, tokens, reqs), reqs)
+
+    @staticmethod
+    def _logprobs_device(logits: torch.Tensor, tokens: torch.Tensor | SampledTokens, reqs: list[Request]
+                         ) -> tuple[list[int], tuple[torch.Tensor, ...]] | None:
+        """The rows that ask for log-probabilities and theirs, on the device (no wait)."""
         want = [i for i, r in enumerate(reqs) if r.logprobs is not None]
+        if not want:
+            return None
+        n = max(reqs[i].logprobs or 0 for i in want)
+        idx = torch.tensor(want, device=logits.device)
+        ids = tokens.ids if isinstance(tokens, SampledTokens) else tokens
+        return want, top_logprobs(logits[idx], ids[idx], n)
+
+    @staticmethod
+    def _logprobs_host(dev: tuple[list[int], tuple[torch.Tensor, ...]] | None, reqs: list[Request | None]
+                       ) -> list[tuple[float, list[tuple[int, float]]] | None]:
         out: list[tuple[float, list[tuple[int, float]]] | None] = [None] * len(reqs)
-        if want:
-            n = max(reqs[i].logprobs or 0 for i in want)
-            idx = torch.tensor(want, device=logits.device)
-            lp, ids, top = (t.tolist() for t in top_logprobs(logits[idx], tokens[idx], n))
+        if dev is not None:
+            want, parts = dev
+            lp, ids, top = (t.tolist() for t in parts)
             for j, i in enumerate(want):
-                k = reqs[i].logprobs or 0
+                k = (reqs[i].logprobs or 0) if reqs[i] is not None else 0
                 out[i] = (lp[j], list(zip(ids[j][:k], top[j][:k])))
         return out
 
@@ -276,3 +367,14 @@ class Scheduler:
             self.engine.release(r.seq)
             r.draft = r.counts = r.seen = None
             self.running.remove(rid)
+
+
+@dataclass
+class _InFlight:
+    """A step's sampled tokens (on the device, copying to the host) and what the host reads
+    with them: the rows' requests, their log-probabilities (device) and kept logits."""
+
+    tokens: SampledTokens
+    rids: list[int]
+    logprobs: tuple[list[int], tuple[torch.Tensor, ...]] | None
+    logits: list[torch.Tensor] | None
