@@ -113,8 +113,8 @@ def _overlap_run(model: DeepseekV4, overlap: bool, prompts: list[list[int]], sto
     sched = Scheduler(_engine(model, max_sequences=3, max_len=400), token_budget=96, keep_logits=True,
                       overlap=overlap)
     kws = [dict(temperature=0.0), dict(temperature=0.8, seed=5), dict(temperature=1.0, top_p=0.9, seed=6),
-           dict(temperature=0.7, seed=7, repetition_penalty=1.3, presence_penalty=0.5), dict(temperature=1.0, seed=8, logprobs=3),
-           dict(temperature=0.0), dict(temperature=0.9, seed=9)]
+           dict(temperature=0.7, seed=7, repetition_penalty=1.3, presence_penalty=0.5),
+           dict(temperature=1.0, seed=8, logprobs=3), dict(temperature=0.0), dict(temperature=0.9, seed=9)]
     lengths = [30, 25, 1, 20, 24, 12, 18]
     rids = [sched.add(p, n, **kw, stop_ids=frozenset({stop}) if stop is not None and i == 1 else frozenset())
             for i, (p, n, kw) in enumerate(zip(prompts[:6], lengths, kws))]

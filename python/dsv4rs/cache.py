@@ -328,7 +328,8 @@ class KVCacheManager:
         ids = _ids("seq_ids", seq_ids)
         if isinstance(counts, (str, bytes)) or len(counts) != len(ids):
             raise ValueError(f"counts: expected one count per sequence ({len(ids)} sequences)")
-        return _appended(*self._core.append_unresolved(ids, [_int(f"counts[{i}]", n, 0, (1 << 32) - 1) for i, n in enumerate(counts)]))
+        ns = [_int(f"counts[{i}]", n, 0, (1 << 32) - 1) for i, n in enumerate(counts)]
+        return _appended(*self._core.append_unresolved(ids, ns))
 
     def resolve(self, seq_id: int, ids: Iterable[int] | torch.Tensor) -> None:
         """The ids of the first ``len(ids)`` unresolved tokens of ``seq_id``, in order; registers

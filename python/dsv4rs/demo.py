@@ -49,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
         if engine.graphs is not None:  # the decode step's CUDA graphs, captured once up front
             tc = time.perf_counter()
             engine.graphs.capture_all()
-            print(f"CUDA graphs of the decode step captured in {time.perf_counter() - tc:.2f} s (once; not in the times below)")
+            print(f"CUDA graphs of the decode step captured in {time.perf_counter() - tc:.2f} s "
+                  "(once; not in the times below)")
         sync()
         t0 = time.perf_counter()
         logits = engine.step(seqs, prompts)

@@ -182,7 +182,7 @@ class Engine:
                              f"{int(t.min())}..{int(t.max())}")
         return t
 
-    # -- the forward pass ------------------------------------------------------------------------
+    # -- sampling on the device, and the sampled tokens fed back ------------------------------
 
     def _settle(self, seq_ids: Sequence[int] | None = None, wait: bool = False) -> None:
         """Resolves in the allocator the ids of fed sampled tokens that have reached the host
@@ -200,8 +200,6 @@ class Engine:
             if not queue:
                 del self._pending[s]
 
-    # -- sampling --------------------------------------------------------------------------------
-
     @torch.no_grad()
     def sample(self, seq_ids: Sequence[int], logits: torch.Tensor, temperature: float | Sequence[float] = 1.0,
                top_k: int | Sequence[int] = 0, top_p: float | Sequence[float] = 1.0,
@@ -210,7 +208,8 @@ class Engine:
         row ``b`` for ``seq_ids[b]``, e.g. a decode step's logits) without waiting for the GPU.
 
         :func:`dsv4rs.runtime.sampling.sample` draws them (temperature ``0``: greedy; then top-k,
-        top-p, min-p; each a number or one per row); row ``b``'s random numbers depend only on
+        top-p, min-p; each a number or one per row), or :func:`dsv4rs.ops.sample_gumbel` (one
+        kernel, the same tokens) when nothing is filtered; row ``b``'s random numbers depend only on
         ``seed[b]`` and the sequence's length, so a sequence's tokens do not depend on the batch.
         Feed the result to :meth:`step` as its ``chunks``; read the ids with
         :meth:`SampledTokens.tolist`.
@@ -295,7 +294,8 @@ class Engine:
         if sampled is None:  # ids follow a sequence's sampled tokens only once those are resolved
             self._settle([s for s in seq_ids if s in self._pending], wait=True)
         self._idled = False
-        inputs, copies = self.planner.append(list(seq_ids), None if sampled else ids, [self._origin[s] for s in seq_ids])
+        origins = [self._origin[s] for s in seq_ids]
+        inputs, copies = self.planner.append(list(seq_ids), None if sampled else ids, origins)
         fed = None
         if sampled is not None:
             for s, r in zip(seq_ids, rows):

@@ -87,7 +87,8 @@ pub unsafe fn sample_gumbel(
         Device::Cuda(dev) => gpu::sample::sample_gumbel(dev, stream, logits, temperature, seeds, steps, out),
         Device::Cpu => {
             let x = logits.host::<f32>(&[DType::F32])?;
-            let (t, s, p) = (temperature.host::<f32>(&[DType::F32])?, seeds.host::<i64>(&[DType::I64])?, steps.host::<i64>(&[DType::I64])?);
+            let t = temperature.host::<f32>(&[DType::F32])?;
+            let (s, p) = (seeds.host::<i64>(&[DType::I64])?, steps.host::<i64>(&[DType::I64])?);
             let o = out.host_mut::<i64>(&[DType::I64])?;
             if b == 0 {
                 return Ok(());

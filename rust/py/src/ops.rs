@@ -7,7 +7,9 @@ use dsv4rs_core::formats::{Named, Quant};
 use dsv4rs_core::tensor::TensorRef;
 use dsv4rs_core::qgemm::{self, Act};
 use dsv4rs_core::rope::RopeTable;
-use dsv4rs_core::{attention as attention_op, compress as compress_op, indexer as indexer_op, mhc, rope as rope_op, sample};
+use dsv4rs_core::{
+    attention as attention_op, compress as compress_op, indexer as indexer_op, mhc, rope as rope_op, sample,
+};
 use pyo3::prelude::*;
 
 use crate::errors::{run, to_py};
