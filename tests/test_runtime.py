@@ -290,6 +290,34 @@ def test_out_of_pages_names_the_sequence_and_changes_nothing(gen: torch.Generato
     torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
+def test_out_of_pages_in_a_sampled_step_changes_nothing(gen: torch.Generator) -> None:
+    """A step fed with sampled tokens that runs out of pages raises naming the sequence, appends
+    nothing (no unresolved token either) and writes nothing; the same tokens then feed the
+    sequences that fit, as their ids would."""
+    import dsv4rs
+
+    model = init_random(DeepseekV4(V4Config.tiny()), seed=2)
+    eng = _engine(model, quant=True)  # pools for 3 sequences of 700 tokens
+    a, b, c, d = (eng.add_sequence()[0] for _ in range(4))
+    ids = torch.randint(0, 512, (3, 300), generator=gen)
+    logits = eng.step([a, b, c], list(ids))
+    tokens = eng.sample([a, b, c, d], torch.cat([logits, logits[:1]]), temperature=1.0, seed=3)
+    caches = {n: t.clone() for n, t in vars(eng.cache).items() if isinstance(t, torch.Tensor)}
+    with pytest.raises(dsv4rs.OutOfPagesError, match=f"sequence {d} "):  # a fourth window ring does not fit
+        eng.step([a, b, c, d], tokens)
+    assert [(eng.manager.length(s), eng.manager.unresolved(s)) for s in (a, b, c, d)] == [(300, 0)] * 3 + [(0, 0)]
+    for n, t in vars(eng.cache).items():
+        if isinstance(t, torch.Tensor):
+            assert torch.equal(t, caches[n]), n
+    eng.manager.check()
+    got = eng.step([a, b, c], tokens)
+    fresh = _engine(model, quant=True)
+    x, y, z = (fresh.add_sequence()[0] for _ in range(3))
+    fresh.step([x, y, z], list(ids))
+    want = fresh.step([x, y, z], [[t] for t in tokens.tolist()[:3]])
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
 def test_weight_bytes_match_the_published_sizes() -> None:
     from dsv4rs.runtime.memory import weight_bytes
 
