@@ -216,6 +216,27 @@ def test_sampled_tokens_fed_on_the_device_equal_host_fed_ones(gen: torch.Generat
         assert torch.equal(x, y), step
 
 
+def test_draft_takes_sampled_tokens_as_their_ids() -> None:
+    """``draft(sampled)`` (ids still on the device) gives the logits of ``draft(ids)``, any
+    order of the sampled rows; tokens missing a sequence of the step raise."""
+    model = init_random(DeepseekV4(V4Config.tiny()), seed=8)
+    outs = []
+    for device_fed in (False, True):
+        eng = _engine(model)
+        a, b = eng.add_sequence()[0], eng.add_sequence()[0]
+        logits = eng.step([a, b], [list(range(1, 40)), list(range(50, 70))])
+        for _ in range(3):
+            tokens = eng.sample([b, a], logits.flip(0), temperature=1.0, seed=[4, 5])  # rows in another order
+            if device_fed:
+                with pytest.raises(ValueError, match="next_ids: the sampled tokens hold no token"):
+                    eng.draft(eng.sample([a], logits[:1]))
+            ids = dict(zip(tokens.seq_ids, tokens.tolist()))
+            outs.append(eng.draft(tokens if device_fed else [ids[a], ids[b]]))
+            logits = eng.step([a, b], tokens)
+    for x, y in zip(outs[:3], outs[3:]):
+        assert torch.equal(x, y)
+
+
 def test_sampled_tokens_misuse_raises(gen: torch.Generator) -> None:
     model = init_random(DeepseekV4(V4Config.tiny()), seed=8)
     eng, other = _engine(model), _engine(model)

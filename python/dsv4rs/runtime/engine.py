@@ -366,15 +366,17 @@ class Engine:
         return self.model.head(h).float(), h, meta
 
     @torch.no_grad()
-    def draft(self, next_ids: Sequence[int]) -> torch.Tensor:
+    def draft(self, next_ids: Sequence[int] | SampledTokens) -> torch.Tensor:
         """The MTP block's logits ``[B, vocab]`` for the token after ``next_ids`` (docs/model.md
         section 8).
 
         Call it after every :meth:`step` of the sequences it drafts for, with the token that
         follows each chunk (e.g. the one sampled from the step's logits): the block runs over the
         whole chunk (position ``t`` sees the embedding of token ``t + 1``) and keeps its own
-        128-token window, which must not miss a step. In a parallel engine every rank drafts
-        after the same step, a rank that stepped an empty batch with ``draft([])``.
+        128-token window, which must not miss a step. ``next_ids`` may be this engine's
+        :class:`SampledTokens` holding a token for every sequence of the last step: then nothing
+        waits for the GPU. In a parallel engine every rank drafts after the same step, a rank
+        that stepped an empty batch with ``draft([])``.
         """
         if not len(self.model.mtp):
             raise ValueError("draft: the model has no MTP block")
@@ -385,10 +387,13 @@ class Engine:
         if self._last is None:
             raise ValueError("draft: call step first")
         last = self._last
-        nxt = self._check_ids("next_ids", next_ids)
-        if nxt.numel() != len(last.lens):
-            raise ValueError(f"next_ids: expected {len(last.lens)} ids (one per sequence of the last step), got "
-                             f"{nxt.numel()}")
+        if isinstance(next_ids, SampledTokens):
+            nxt = next_ids._device_ids(next_ids._rows(self, last.seq_ids, "next_ids"))
+        else:
+            nxt = self._check_ids("next_ids", next_ids)
+            if nxt.numel() != len(last.lens):
+                raise ValueError(f"next_ids: expected {len(last.lens)} ids (one per sequence of the last step), got "
+                                 f"{nxt.numel()}")
         for s, start in zip(last.seq_ids, last.starts):
             if self._mtp_pos.get(s) != start:
                 raise ValueError(f"draft: the MTP window of sequence {s} missed tokens "
@@ -397,7 +402,7 @@ class Engine:
         ends = self._to_device(torch.tensor(last.lens).cumsum(0) - 1)
         shifted = last.ids.clone()
         shifted[:-1] = last.ids[1:]
-        shifted[ends] = self._to_device(nxt)
+        shifted[ends] = self._to_device(nxt) if nxt.device != self.device else nxt
         h = self.model.draft(last.streams, shifted, last.meta, self.cache.layers[self.cfg.num_hidden_layers])
         for s, start, n in zip(last.seq_ids, last.starts, last.lens):
             self._mtp_pos[s] = start + n
@@ -447,13 +452,13 @@ class SampledTokens:
         """A copy of the ids on the device (``int64 [B]``)."""
         return self._ids.clone()
 
-    def _rows(self, engine: Engine, seq_ids: Sequence[int]) -> list[int]:
-        """The row of each of ``seq_ids`` (a step's batch), checked."""
+    def _rows(self, engine: Engine, seq_ids: Sequence[int], name: str = "chunks") -> list[int]:
+        """The row of each of ``seq_ids`` (a step's batch), checked; errors name ``name``."""
         if engine is not self._engine:
-            raise ValueError("chunks: these sampled tokens belong to another engine")
+            raise ValueError(f"{name}: these sampled tokens belong to another engine")
         missing = [s for s in seq_ids if s not in self._row]
         if missing:
-            raise ValueError(f"chunks: the sampled tokens hold no token for sequence(s) {missing} "
+            raise ValueError(f"{name}: the sampled tokens hold no token for sequence(s) {missing} "
                              f"(they are for {list(self.seq_ids)})")
         return [self._row[s] for s in seq_ids]
 
