@@ -95,9 +95,10 @@ class Device:
         for t in tokens:
             h.append(hash((h[-1] if h else 0, t)))
 
-    def apply(self, m: KVCacheManager, seq_ids: list[int], tokens: list[list[int]]) -> None:
-        """Appends through the manager, then performs its copies and writes."""
-        r = m.append(seq_ids, tokens)
+    def apply(self, m: KVCacheManager, seq_ids: list[int], tokens: list[list[int]], by_count: bool = False) -> None:
+        """Appends through the manager (``by_count``: their count only, the ids unresolved, as
+        for tokens sampled on the device), then performs its copies and writes."""
+        r = m.append_unresolved(seq_ids, [len(t) for t in tokens]) if by_count else m.append(seq_ids, tokens)
         for f in ROWS:
             pages = self.rows[f].view(-1, 64)
             src, dst = r.copies[f].unbind(1)
@@ -137,13 +138,22 @@ def pool_state(m: KVCacheManager) -> tuple:
 
 
 class Interleavings(RuleBasedStateMachine):
-    """Random adds (prompts with prefix hits), batched appends, forks and releases on small
-    pools; after every step the invariants hold and every row reads back its own value."""
+    """Random adds (prompts with prefix hits), batched appends (of ids, or by count with the ids
+    resolved later), forks and releases on small pools; after every step the invariants hold and
+    every row reads back its own value."""
 
     def __init__(self) -> None:
         super().__init__()
         self.m = KVCacheManager(TINY, {"window": 9, "csa": 30, "hca": 6, "state": 9})
         self.dev = Device(self.m)
+        self.later: dict[int, list[int]] = {}  # ids appended by count, not resolved yet
+
+    def resolve(self, seq: int, n: int | None = None) -> None:
+        ids = self.later.pop(seq, [])
+        n = len(ids) if n is None else n
+        self.m.resolve(seq, ids[:n])
+        if ids[n:]:
+            self.later[seq] = ids[n:]
 
     @rule(prompt_len=st.integers(0, 1400))
     def add(self, prompt_len: int) -> None:
@@ -164,6 +174,13 @@ class Interleavings(RuleBasedStateMachine):
         seqs = data.draw(st.lists(st.sampled_from(live), min_size=1, unique=True))
         tokens = [data.draw(st.lists(st.integers(0, 2), max_size=300)) for _ in seqs]
         before = pool_state(self.m)
+        if any(s in self.later for s in seqs):  # ids cannot follow unresolved tokens
+            with pytest.raises(ValueError, match="not resolved yet"):
+                self.m.append(seqs, tokens)
+            assert pool_state(self.m) == before
+            for s in seqs:
+                self.resolve(s)
+            before = pool_state(self.m)
         try:
             self.dev.apply(self.m, seqs, tokens)
         except dsv4rs.OutOfPagesError:
@@ -171,16 +188,40 @@ class Interleavings(RuleBasedStateMachine):
 
     @precondition(lambda self: self.m.sequence_ids())
     @rule(data=st.data())
+    def append_by_count(self, data: st.DataObject) -> None:
+        live = self.m.sequence_ids()
+        seqs = data.draw(st.lists(st.sampled_from(live), min_size=1, unique=True))
+        tokens = [data.draw(st.lists(st.integers(0, 2), min_size=1, max_size=3)) for _ in seqs]
+        before = pool_state(self.m)
+        try:
+            self.dev.apply(self.m, seqs, tokens, by_count=True)
+        except dsv4rs.OutOfPagesError:
+            assert pool_state(self.m) == before
+            return
+        for s, t in zip(seqs, tokens):
+            self.later.setdefault(s, []).extend(t)
+
+    @precondition(lambda self: self.later)
+    @rule(data=st.data())
+    def resolve_some(self, data: st.DataObject) -> None:
+        seq = data.draw(st.sampled_from(sorted(self.later)))
+        self.resolve(seq, data.draw(st.integers(0, len(self.later[seq]))))
+
+    @precondition(lambda self: self.m.sequence_ids())
+    @rule(data=st.data())
     def fork(self, data: st.DataObject) -> None:
         parent = data.draw(st.sampled_from(self.m.sequence_ids()))
         child = self.m.fork(parent)
         self.dev.hashes[child] = list(self.dev.hashes.get(parent, []))
+        if parent in self.later:  # the fork shares the unresolved tokens
+            self.later[child] = list(self.later[parent])
 
     @precondition(lambda self: self.m.sequence_ids())
     @rule(data=st.data())
     def release(self, data: st.DataObject) -> None:
         seq = data.draw(st.sampled_from(self.m.sequence_ids()))
         self.m.release(seq)
+        self.later.pop(seq, None)
         with pytest.raises(dsv4rs.CacheStateError, match="was released"):
             self.m.release(seq)
 
@@ -203,6 +244,7 @@ class Interleavings(RuleBasedStateMachine):
     def rows_read_back(self) -> None:
         for seq in self.m.sequence_ids():
             assert self.m.length(seq) == len(self.dev.hashes.get(seq, []))
+            assert self.m.unresolved(seq) == len(self.later.get(seq, []))
             self.dev.verify(self.m, seq)
 
 
