@@ -39,6 +39,12 @@ def uniform(seeds: torch.Tensor, steps: torch.Tensor, width: int) -> torch.Tenso
     return ((bits >> 9).float() + 0.5) * (1.0 / (1 << 23))
 
 
+def gumbel(seeds: torch.Tensor, steps: torch.Tensor, width: int) -> torch.Tensor:
+    """``float32 [B, width]`` Gumbel noise ``-log(-log(u))`` of :func:`uniform`'s draws (what
+    every sampler here adds before its arg max)."""
+    return -torch.log(-torch.log(uniform(seeds, steps, width)))
+
+
 def stream(seeds: torch.Tensor, k: int) -> torch.Tensor:
     """The seeds of random stream ``k`` (1..127) of each row: draws independent of stream 0's
     (the plain sampler's) at the same steps."""
@@ -97,8 +103,8 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     """
     greedy = temperature <= 0
     sorted_logits, order, keep = _filtered(logits, temperature, top_k, top_p, min_p)
-    gumbel = -torch.log(-torch.log(uniform(seeds, steps, logits.shape[-1])))
-    pick = torch.where(keep, sorted_logits + gumbel.gather(1, order), float("-inf")).argmax(-1)
+    noise = gumbel(seeds, steps, logits.shape[-1])
+    pick = torch.where(keep, sorted_logits + noise.gather(1, order), float("-inf")).argmax(-1)
     return torch.where(greedy, order[:, 0], order.gather(1, pick[:, None])[:, 0])
 
 
@@ -109,8 +115,7 @@ def gumbel_max(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Ten
     those sums) without sorting the vocabulary."""
     greedy = temperature <= 0
     scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]
-    gumbel = -torch.log(-torch.log(uniform(seeds, steps, logits.shape[-1])))
-    return torch.where(greedy, logits.argmax(-1), (scaled + gumbel).argmax(-1))
+    return torch.where(greedy, logits.argmax(-1), (scaled + gumbel(seeds, steps, logits.shape[-1])).argmax(-1))
 
 
 def probabilities(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
@@ -128,8 +133,7 @@ def probabilities(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
 def sample_from(probs: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
     """``int64 [B]`` drawn from ``probs [B, V]`` (non-negative rows, any positive sum) with the
     counter-based noise (Gumbel max over ``log probs``); a row without mass gives its arg max."""
-    gumbel = -torch.log(-torch.log(uniform(seeds, steps, probs.shape[-1])))
-    pick = (torch.log(probs) + gumbel).argmax(-1)
+    pick = (torch.log(probs) + gumbel(seeds, steps, probs.shape[-1])).argmax(-1)
     return torch.where(probs.amax(-1) > 0, pick, probs.argmax(-1))
 
 

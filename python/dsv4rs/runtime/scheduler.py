@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dsv4rs.runtime.engine import Engine, SampledTokens
-from dsv4rs.runtime.sampling import penalize, sample, top_logprobs
+from dsv4rs.runtime.sampling import penalize, top_logprobs
 
 
 @dataclass
@@ -206,9 +206,7 @@ class Scheduler:
         """Samples one token for each of ``rids`` from its row of ``logits`` on the device, and
         what the host will read with it (log-probabilities, kept logits), without waiting."""
         reqs = [self.requests[rid] for rid in rids]
-        penalized = logits
-        if any(r.penalized for r in reqs):
-            penalized, _ = self.params(reqs, logits)
+        penalized = self._penalized(reqs, logits)
         tokens = self.engine.sample(
             [r.seq for r in reqs], penalized, temperature=[r.temperature for r in reqs],
             top_k=[r.top_k for r in reqs], top_p=[r.top_p for r in reqs], min_p=[r.min_p for r in reqs],
@@ -277,18 +275,23 @@ class Scheduler:
                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The rows' logits after their penalties (``extra[i]``: tokens to count as generated
         besides row ``i``'s output) and their sampling settings as device tensors."""
-        dev = logits.device
-
         def col(name: str, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor([getattr(r, name) for r in reqs], dtype=dtype, device=dev)
+            return _column(reqs, name, dtype, logits.device)
 
-        if any(r.penalized for r in reqs):
-            counts, seen = self._penalty_state(reqs, extra, logits.shape[-1], dev)
-            logits = penalize(logits, counts, seen, col("repetition_penalty", torch.float32),
-                              col("presence_penalty", torch.float32), col("frequency_penalty", torch.float32))
-        return logits, dict(temperature=col("temperature", torch.float32), top_k=col("top_k", torch.int64),
-                            top_p=col("top_p", torch.float32), min_p=col("min_p", torch.float32),
-                            seeds=col("seed", torch.int64))
+        return self._penalized(reqs, logits, extra), dict(
+            temperature=col("temperature", torch.float32), top_k=col("top_k", torch.int64),
+            top_p=col("top_p", torch.float32), min_p=col("min_p", torch.float32), seeds=col("seed", torch.int64))
+
+    def _penalized(self, reqs: list[Request], logits: torch.Tensor, extra: Sequence[Sequence[int]] = ()
+                   ) -> torch.Tensor:
+        """The rows' logits after their penalties (``logits`` itself when no row has one)."""
+        if not any(r.penalized for r in reqs):
+            return logits
+        dev = logits.device
+        counts, seen = self._penalty_state(reqs, extra, logits.shape[-1], dev)
+        return penalize(logits, counts, seen, _column(reqs, "repetition_penalty", torch.float32, dev),
+                        _column(reqs, "presence_penalty", torch.float32, dev),
+                        _column(reqs, "frequency_penalty", torch.float32, dev))
 
     def _penalty_state(self, reqs: list[Request], extra: Sequence[Sequence[int]], vocab: int, dev: torch.device
                        ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -308,11 +311,6 @@ class Scheduler:
                 counts[i, t] += 1
                 seen[i, t] = True
         return counts, seen
-
-    def sample(self, logits: torch.Tensor, reqs: list[Request], steps: list[int]) -> torch.Tensor:
-        """One token per row (on the device) from ``logits [R, V]`` of requests ``reqs``."""
-        logits, p = self.params(reqs, logits)
-        return sample(logits, steps=torch.tensor(steps, dtype=torch.int64, device=logits.device), **p)
 
     def logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, reqs: list[Request]
                  ) -> list[tuple[float, list[tuple[int, float]]] | None]:
@@ -378,3 +376,8 @@ class _InFlight:
     rids: list[int]
     logprobs: tuple[list[int], tuple[torch.Tensor, ...]] | None
     logits: list[torch.Tensor] | None
+
+
+def _column(reqs: list[Request], name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Attribute ``name`` of every request, as a tensor on ``device``."""
+    return torch.tensor([getattr(r, name) for r in reqs], dtype=dtype, device=device)
