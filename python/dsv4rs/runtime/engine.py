@@ -282,20 +282,22 @@ class Engine:
             raise ValueError("last: expected one count per chunk, each between 0 and the chunk's length")
         if len(set(seq_ids)) != len(seq_ids):
             raise ValueError("seq_ids: a sequence appears twice in one step")
-        ids = [self._check_ids(f"chunks[{i}]", c) for i, c in enumerate(chunks)]
-        if any(t.numel() == 0 for t in ids):
+        # Sampled tokens are in the vocabulary by construction: only host chunks are checked.
+        ids = None if sampled is not None else [self._check_ids(f"chunks[{i}]", c) for i, c in enumerate(chunks)]
+        lengths = [1] * len(seq_ids) if ids is None else [t.numel() for t in ids]
+        if 0 in lengths:
             raise ValueError("chunks: every chunk needs at least one token")
-        for s, t in zip(seq_ids, ids):
+        for s, n in zip(seq_ids, lengths):
             if s not in self._origin:
                 raise ValueError(f"seq_ids: unknown sequence {s}")
-            if self.manager.length(s) + t.numel() > self.max_len:
+            if self.manager.length(s) + n > self.max_len:
                 raise ValueError(f"chunks: sequence {s} would exceed max_len = {self.max_len}")
         self._settle()
         if sampled is None:  # ids follow a sequence's sampled tokens only once those are resolved
             self._settle([s for s in seq_ids if s in self._pending], wait=True)
         self._idled = False
         origins = [self._origin[s] for s in seq_ids]
-        inputs, copies = self.planner.append(list(seq_ids), None if sampled else ids, origins)
+        inputs, copies = self.planner.append(list(seq_ids), ids, origins)
         fed = None
         if sampled is not None:
             for s, r in zip(seq_ids, rows):
@@ -402,7 +404,7 @@ class Engine:
         ends = self._to_device(torch.tensor(last.lens).cumsum(0) - 1)
         shifted = last.ids.clone()
         shifted[:-1] = last.ids[1:]
-        shifted[ends] = self._to_device(nxt) if nxt.device != self.device else nxt
+        shifted[ends] = self._to_device(nxt)
         h = self.model.draft(last.streams, shifted, last.meta, self.cache.layers[self.cfg.num_hidden_layers])
         for s, start, n in zip(last.seq_ids, last.starts, last.lens):
             self._mtp_pos[s] = start + n

@@ -132,11 +132,7 @@ class DecodeGraphs:
     def _ensure(self, bucket: int) -> None:
         if bucket not in self.graphs:
             self._load(None, bucket)  # padding rows only: the capture's warm-up writes nothing live
-            self.graphs[bucket] = self._capture(self._view(bucket))
-
-    def _view(self, bucket: int) -> StepInputs:
-        """The bucket's device buffers (tokens, sequences and tables), as the graph reads them."""
-        return self.views[bucket]
+            self.graphs[bucket] = self._capture(self.views[bucket])
 
     def _load(self, inputs: StepInputs | None, bucket: int) -> None:
         """Copies ``inputs`` (host, one-token sequences; ``None``: none) into the bucket's device
