@@ -17,7 +17,9 @@
 //   rows; 4 warps, each 16 weight rows (two n8 tiles) for all 64 rows; K runs in steps of 128
 //   through a 3-stage cp.async pipeline (A and B tiles in shared memory), the block's weight scales
 //   loaded once up front;
-// - decode (dsv4_qgemv_*_n8/_n16, up to 16 rows per weight): the roles swapped (see qgemv).
+// - decode (dsv4_qgemv_*_n8/_n16, up to 16 rows per weight): the roles swapped (see qgemv);
+// - FP8 decode (dsv4_qgemv_f8_*, sm_89 and later, FP8 activations): the decode form on FP8 tensor
+//   cores, activations as FP8 codes with their scales apart (dsv4_act_quant_f8; see qgemv_f8).
 //
 // Work items: dense (a grid row per (group, row tile)), or the tiles of a MoE plan (expert,
 // first sorted position, rows) read from device memory, so no count ever goes to the host.
@@ -68,9 +70,11 @@ struct GemmParams {
   float limit;
   int out_bf16;
   int k_steps_per_split;
+  const float* a_scale;      // FP8 decode form: the activations' float scale per (row, 128 block)
 };
-static_assert(sizeof(GemmParams) == 136, "GemmParams must match rust/core/src/gpu/qgemm.rs");
-static_assert(offsetof(GemmParams, m) == 72 && offsetof(GemmParams, a_div) == 104 && offsetof(GemmParams, limit) == 124,
+static_assert(sizeof(GemmParams) == 144, "GemmParams must match rust/core/src/gpu/qgemm.rs");
+static_assert(offsetof(GemmParams, m) == 72 && offsetof(GemmParams, a_div) == 104 && offsetof(GemmParams, limit) == 124 &&
+                  offsetof(GemmParams, a_scale) == 136,
               "GemmParams must match rust/core/src/gpu/qgemm.rs");
 
 template <bool FP4>
@@ -374,6 +378,62 @@ __device__ __forceinline__ void qgemm(const GemmParams& p) {
   }
 }
 
+// The decode forms' end of grid column xb: warps 1-3 hand their sums to warp 0 through `red`, which
+// adds them in warp order, then stores the block's outputs (or, with SwiGLU, h). Every thread of
+// the block calls it (it holds a block barrier); `red` may be reused after the next barrier.
+template <int NT>
+__device__ __forceinline__ void gemv_finish(const GemmParams& p, float (&acc)[NT][4], float (&red)[THREADS / 32 - 1][NT][4][32],
+                                            int g, long long row0, int rows, int xb) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int q = lane % 4, fr = lane / 4;
+  constexpr int WARPS = THREADS / 32;
+  if (warp > 0) {
+#pragma unroll
+    for (int t = 0; t < NT; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) red[warp - 1][t][e][lane] = acc[t][e];
+  }
+  __syncthreads();
+  if (warp > 0) return;
+#pragma unroll
+  for (int w = 0; w < WARPS - 1; ++w)
+#pragma unroll
+    for (int t = 0; t < NT; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[t][e] += red[w][t][e][lane];
+
+  // Epilogue. Fragment (t, e): weight row fr + 8 (e / 2), activation row 8 t + 2 q + e % 2.
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+#pragma unroll
+    for (int e2 = 0; e2 < 2; ++e2) {
+      const int r = 8 * t + 2 * q + e2;
+      if (r >= rows) continue;
+      const long long row = row0 + r;
+      if (p.swiglu) {
+        const int col = xb * 8 + fr;
+        if (col >= p.n / 2) continue;
+        const float gate = fminf(acc[t][e2], p.limit);
+        const float up = fminf(fmaxf(acc[t][2 + e2], -p.limit), p.limit);
+        const float h = silu(gate) * up;
+        const long long o = row * p.out_row_stride + g * p.out_group_stride;
+        if (p.out_bf16) ((uint16_t*)p.out)[o + interleaved_col(col)] = bf16_from_f32(h);
+        else ((float*)p.out)[o + col] = h;
+      } else {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int n = xb * 16 + fr + 8 * j;
+          if (n >= p.n) continue;
+          const float v = acc[t][2 * j + e2];
+          const long long o = blockIdx.z * p.out_split_stride + row * p.out_row_stride + g * p.out_group_stride + n;
+          if (p.out_bf16) ((uint16_t*)p.out)[o] = bf16_from_f32(v);
+          else ((float*)p.out)[o] = v;
+        }
+      }
+    }
+  }
+}
+
 // Resident blocks of the decode form per SM its register budget allows (at most 168 registers a
 // thread): enough warps that the weight loads of some overlap the arithmetic of others.
 constexpr int GEMV_BLOCKS_PER_SM = 3;
@@ -509,52 +569,318 @@ __device__ __forceinline__ void qgemv(const GemmParams& p) {
     }
   }
 
-  // Warps 1-3 hand their sums to warp 0, which adds them in warp order.
-  if (warp > 0) {
-#pragma unroll
-    for (int t = 0; t < NT; ++t)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) red[warp - 1][t][e][lane] = acc[t][e];
-  }
-  __syncthreads();
-  if (warp > 0) return;
-#pragma unroll
-  for (int w = 0; w < WARPS - 1; ++w)
-#pragma unroll
-    for (int t = 0; t < NT; ++t)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[t][e] += red[w][t][e][lane];
+  gemv_finish<NT>(p, acc, red, g, row0, rows, blockIdx.x);
+}
 
-  // Epilogue. Fragment (t, e): weight row fr + 8 (e / 2), activation row 8 t + 2 q + e % 2.
+// ---------------------------------------------------------------------------------------------
+// The FP8 decode form (sm_89 and later; act = "fp8", K % 128 == 0): the decode form's roles
+// (Y^T = W A^T, 16 weight rows a warp, 8 NT activation rows a block, K split over the 4 warps),
+// on `mma.sync m16n8k32` e4m3 x e4m3 instead of bf16. The activations stay FP8 codes with their
+// 1x128 scale apart (dsv4_act_quant_f8); FP8 weights go to the tensor cores as stored, MXFP4 ones
+// after widening: an e2m1 nibble `s e1 e0 m` placed as the e4m3 byte `s 0 0 e1 e0 m 0 0` is the FP4
+// value times 2^-6, subnormals included, so 8 values take 7 integer operations and no multiply.
+//
+// Each warp streams its 16 rows' bytes of a K step (and the step's activation codes and scales)
+// into a private ring of shared-memory stages with cp.async, STAGES - 1 steps ahead, and reads
+// the weights back with ldmatrix: lane (fr, q) receives bytes 4q .. 4q + 3 of each 16-byte
+// chunk, which for MXFP4 is word q of a 32-value scale block, so one m16n8k32 covers exactly one
+// scale block of every row. The activation codes of a 128-wide step are stored permuted
+// (f8_act_pos) so that a lane's B operands for the whole step are 32 consecutive bytes.
+//
+// Numerics: the products are exact (e4m3 x e4m3 and e2m1 x e4m3 fit the tensor core's product);
+// each instruction sums one 32-wide K slice from a zero accumulator (the tensor core's FP8 sums
+// keep fewer bits than float32; docs/kernels/qgemm.md states the bound), and the slice sums are
+// scaled (weight scale, activation scale: powers of two, or an FP8 block's float multiplier) and
+// added in float32.
+
+// Where the activation code of K offset p (0..127 within its 128-wide step) is stored in the step,
+// so that lane q of a quad finds its B registers of mma i at words 2i and 2i + 1 of bytes
+// 32q .. 32q + 31. MXFP4 weights: p = 32 b + 8 q + 2 j + h (block b; the widened low nibbles
+// (h = 0) form a0/a1, the high ones a2/a3) goes to 32 q + 8 b + 4 h + j. FP8 weights:
+// p = 16 m + 4 q + j (16-byte chunk m, mma m / 2) goes to 32 q + 4 m + j.
+__device__ __forceinline__ int f8_act_pos(int p, bool fp4) {
+  if (fp4) return 32 * ((p >> 3) & 3) + 8 * (p >> 5) + 4 * (p & 1) + ((p >> 1) & 3);
+  return 32 * ((p >> 2) & 3) + 4 * (p >> 4) + (p & 3);
+}
+
+// D = A B for one 16x8x32 e4m3 tile from a zero accumulator (fragment layouts of PTX's
+// mma.m16n8k32 for 8-bit types). Only compiled for sm_89 and later.
+__device__ __forceinline__ void mma_e4m3(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%10,%10,%10,%10};\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "f"(0.f));
+#else
+  d[0] = d[1] = d[2] = d[3] = 0.f;
+  __trap();
+#endif
+}
+
+__device__ __forceinline__ void cp_async4(void* smem_dst, const void* gmem_src) {
+  uint32_t d = (uint32_t)__cvta_generic_to_shared(smem_dst);
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(d), "l"(gmem_src));
+}
+
+// Eight e2m1 codes (a word of MXFP4: the low nibble of byte j is value 2j) as e4m3 codes of the
+// values times 2^-6: `lo` holds values 0, 2, 4, 6 and `hi` values 1, 3, 5, 7.
+__device__ __forceinline__ void fp4x8_to_e4m3(uint32_t w, uint32_t& lo, uint32_t& hi) {
+  lo = ((w << 2) & 0x1C1C1C1Cu) | ((w << 4) & 0x80808080u);
+  hi = ((w >> 2) & 0x1C1C1C1Cu) | (w & 0x80808080u);
+}
+
+// The float32 value of UE8M0 code byte B of `w` times 2^6 (the widening's 2^-6 undone): exact for
+// codes 0 .. 248 (the caller adds 6 to every byte first, `w6 = w + 0x06060606`).
+template <int B>
+__device__ __forceinline__ float ue8m0x64(uint32_t w6) {
+  return __uint_as_float((B < 3 ? w6 << (23 - 8 * B) : w6 >> 1) & 0x7F800000u);
+}
+
+// The value 2^(c - 127) of UE8M0 code byte b of `w`, for any code (0 is 2^-127, 255 NaN): the slow
+// path of steps with a code above 248, whose value times 2^6 would overflow float32 (the caller
+// then applies the 2^6 to the step's sums).
+__device__ __forceinline__ float ue8m0_any(uint32_t w, int b) {
+  const uint32_t c = (w >> (8 * b)) & 0xFFu;
+  return __uint_as_float(c == 255u ? 0x7FC00000u : c == 0u ? 0x00400000u : c << 23);
+}
+
+template <bool FP4, int NT>
+struct F8Layout {
+  static constexpr int ROW = FP4 ? 64 : 128;   // bytes of one weight row per K step
+  static constexpr int W = 16 * ROW;          // the warp's 16 rows
+  static constexpr int A = 8 * NT * KC;       // the activation codes of the step
+  static constexpr int WS = 64;               // weight scales: 16 rows x 4 UE8M0 codes, or 16 floats
+  static constexpr int AS = 8 * NT * 4;       // activation scales (float)
+  static constexpr int STAGE = W + A + WS + AS;
+  // Stages of a warp's ring (rust/core/src/gpu/qgemm.rs F8_STAGES): 34-68 KB of shared memory a
+  // block. Measured on the H200 (MoE at V4-Flash width, decode): 4 stages and one grid column a
+  // block ran 1.3-1.4x faster than 6-8 stages with each block streaming up to 8 columns in turn
+  // (fewer resident warps).
+  static constexpr int STAGES = 4;
+  static constexpr int WARP = STAGES * STAGE;  // a warp's ring; the block's dynamic shared memory is 4 rings
+};
+
+// Byte offset in a stage of 16-byte chunk c of weight row slot r, swizzled so that the eight rows
+// of an ldmatrix matrix (one chunk of eight consecutive slots) hit eight distinct bank groups.
+template <bool FP4>
+__device__ __forceinline__ int f8_w_at(int r, int c) {
+  return FP4 ? 64 * r + 16 * (c ^ ((r >> 1) & 3)) : 128 * r + 16 * (c ^ (r & 7));
+}
+
+// Byte offset of 16-byte chunk c of activation row r within the stage's activation codes.
+__device__ __forceinline__ int f8_a_at(int r, int c) { return 128 * r + 16 * (c ^ (r & 7)); }
+
+template <bool FP4, int NT>
+__device__ __forceinline__ void qgemv_f8(const GemmParams& p) {
+  using L = F8Layout<FP4, NT>;
+  constexpr int S = L::STAGES;
+  constexpr int BM = 8 * NT;
+  constexpr int WARPS = THREADS / 32;
+  constexpr int W_COPIES = L::W / 16 / 32;  // 16-byte weight copies per lane and step
+  constexpr int A_COPIES = L::A / 16 / 32;
+  constexpr int ROW_CHUNKS = L::ROW / 16;
+  extern __shared__ __align__(16) uint8_t smem[];
+  __shared__ float red[WARPS - 1][NT][4][32];
+
+  int g, rows;
+  long long row0;
+  if (!work_item(p, BM, g, row0, rows)) return;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int q = lane % 4, fr = lane / 4;
+  const long long k = p.k;
+  const int k_steps = p.k / KC;
+  const int c_begin = blockIdx.z * p.k_steps_per_split;
+  const int c_end = min(k_steps, c_begin + p.k_steps_per_split);
+  const int per = (c_end - c_begin + WARPS - 1) / WARPS;
+  const int w_begin = c_begin + warp * per, w_end = min(c_end, w_begin + per);
+  const int nsteps = max(0, w_end - w_begin);
+  uint8_t* ring = smem + warp * L::WARP;
+
+  // Weight row (within group g) of slot r (fragment row r of the 16), or -1 past the weights.
+  auto weight_of = [&](int r) {
+    if (p.swiglu) {
+      const int half = p.n / 2, h = blockIdx.x * 8 + r % 8;
+      return h < half ? h + (r / 8) * half : -1;
+    }
+    const int n = blockIdx.x * 16 + r;
+    return n < p.n ? n : -1;
+  };
+  // Element offset (in the activation codes) of activation row r of the tile, or -1.
+  auto act_of = [&](int r) -> long long {
+    if (r >= rows) return -1;
+    const long long pos = row0 + r;
+    const long long src = p.a_rows ? p.a_rows[pos] / p.a_div : pos;
+    return src * p.a_row_stride + g * p.a_group_stride;
+  };
+
+  // This lane's copies: weight chunks, activation chunks, a scale of each.
+  const uint8_t* w_src[W_COPIES];
+  int w_dst[W_COPIES];
 #pragma unroll
-  for (int t = 0; t < NT; ++t) {
+  for (int u = 0; u < W_COPIES; ++u) {
+    const int idx = lane + 32 * u, r = idx / ROW_CHUNKS, c = idx % ROW_CHUNKS;
+    const int n = weight_of(r);
+    w_dst[u] = f8_w_at<FP4>(r, c);
+    w_src[u] = n < 0 ? nullptr : p.w + ((long long)g * p.n + n) * (FP4 ? k / 2 : k) + 16 * c;
+  }
+  const uint8_t* a_src[A_COPIES];
+  int a_dst[A_COPIES];
 #pragma unroll
-    for (int e2 = 0; e2 < 2; ++e2) {
-      const int r = 8 * t + 2 * q + e2;
-      if (r >= rows) continue;
-      const long long row = row0 + r;
-      if (p.swiglu) {
-        const int col = blockIdx.x * 8 + fr;
-        if (col >= p.n / 2) continue;
-        const float gate = fminf(acc[t][e2], p.limit);
-        const float up = fminf(fmaxf(acc[t][2 + e2], -p.limit), p.limit);
-        const float h = silu(gate) * up;
-        const long long o = row * p.out_row_stride + g * p.out_group_stride;
-        if (p.out_bf16) ((uint16_t*)p.out)[o + interleaved_col(col)] = bf16_from_f32(h);
-        else ((float*)p.out)[o + col] = h;
+  for (int u = 0; u < A_COPIES; ++u) {
+    const int idx = lane + 32 * u, r = idx / 8, c = idx % 8;
+    const long long off = act_of(r);
+    a_dst[u] = L::W + f8_a_at(r, c);
+    a_src[u] = off < 0 ? nullptr : (const uint8_t*)p.a + off + 16 * c;
+  }
+  // Weight scales: lane r < 16 copies row slot r's four UE8M0 codes of the step (MXFP4) or its
+  // 128x128 block's float (FP8); lane r < 8 NT copies activation row r's scale.
+  const uint8_t* ws_src = nullptr;
+  if (lane < 16) {
+    const int n = weight_of(lane);
+    const long long ng = (long long)g * p.n + n;
+    if (n >= 0)
+      ws_src = FP4 ? (const uint8_t*)p.w_scale + ng * (k / 32) : (const uint8_t*)((const float*)p.w_scale + (ng / 128) * k_steps);
+  }
+  const float* as_src = nullptr;
+  if (lane < BM) {
+    const long long off = act_of(lane);
+    if (off >= 0) as_src = p.a_scale + off / KC;
+  }
+
+  // Slots no copy fills (past the weights or the rows) hold zeros in every stage.
+  for (int s = 0; s < S; ++s) {
+    uint8_t* st = ring + s * L::STAGE;
+#pragma unroll
+    for (int u = 0; u < W_COPIES; ++u)
+      if (!w_src[u]) *(uint4*)(st + w_dst[u]) = make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int u = 0; u < A_COPIES; ++u)
+      if (!a_src[u]) *(uint4*)(st + a_dst[u]) = make_uint4(0, 0, 0, 0);
+    if (lane < 16 && !ws_src) *(uint32_t*)(st + L::W + L::A + 4 * lane) = 0;
+    if (lane < BM && !as_src) *(float*)(st + L::W + L::A + L::WS + 4 * lane) = 0.f;
+  }
+
+  auto issue = [&](int c, int s) {
+    uint8_t* st = ring + s * L::STAGE;
+#pragma unroll
+    for (int u = 0; u < W_COPIES; ++u)
+      if (w_src[u]) cp_async16(st + w_dst[u], w_src[u] + (long long)c * L::ROW);
+#pragma unroll
+    for (int u = 0; u < A_COPIES; ++u)
+      if (a_src[u]) cp_async16(st + a_dst[u], a_src[u] + (long long)c * KC);
+    if (ws_src) cp_async4(st + L::W + L::A + 4 * lane, ws_src + 4 * c);
+    if (as_src) cp_async4(st + L::W + L::A + L::WS + 4 * lane, as_src + c);
+  };
+
+  float acc[NT][4];
+#pragma unroll
+  for (int t = 0; t < NT; ++t)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[t][e] = 0.f;
+
+#pragma unroll
+  for (int s = 0; s < S - 1; ++s) {
+    if (s < nsteps) issue(w_begin + s, s);
+    cp_async_commit();
+  }
+  // ldmatrix row address of this lane: matrix lane / 8 (slots 8 (m & 1) .., chunk offset m / 2).
+  const int ld_slot = (lane & 7) + 8 * ((lane >> 3) & 1), ld_chunk = lane >> 4;
+  for (int i = 0; i < nsteps; ++i) {
+    cp_async_wait<S - 2>();
+    __syncwarp();  // step i has landed for every lane; stage (i - 1) % STAGES is consumed
+    if (i + S - 1 < nsteps) issue(w_begin + i + S - 1, (i + S - 1) % S);
+    cp_async_commit();
+    const uint8_t* st = ring + (i % S) * L::STAGE;
+    const uint8_t* sa = st + L::W;
+    const uint8_t* sws = sa + L::A;
+    const float* sas = (const float*)(sws + L::WS);
+
+    // The lane's B operands: activation row 8 t + fr, bytes 32 q .. 32 q + 31 of the step.
+    uint32_t b[NT][8];
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+      const int r = 8 * t + fr;
+      const uint4 lo = *(const uint4*)(sa + f8_a_at(r, 2 * q));
+      const uint4 hi = *(const uint4*)(sa + f8_a_at(r, 2 * q + 1));
+      b[t][0] = lo.x, b[t][1] = lo.y, b[t][2] = lo.z, b[t][3] = lo.w;
+      b[t][4] = hi.x, b[t][5] = hi.y, b[t][6] = hi.z, b[t][7] = hi.w;
+    }
+    float step[NT][4];
+#pragma unroll
+    for (int t = 0; t < NT; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) step[t][e] = 0.f;
+    if (FP4) {
+      // Row fr's and row fr + 8's scale codes of the four blocks, as float32 (times 2^6).
+      const uint32_t c0 = *(const uint32_t*)(sws + 4 * fr), c1 = *(const uint32_t*)(sws + 4 * (fr + 8));
+      // A step with a code above 248 takes the slow path: 2^6 applied to the step's sums instead of
+      // the scales, which would overflow.
+      float ws[2][4], post = 1.f;
+      if (__vcmpgeu4(c0 | c1, 0xF9F9F9F9u) == 0u) {
+        const uint32_t w0 = c0 + 0x06060606u, w1 = c1 + 0x06060606u;
+        ws[0][0] = ue8m0x64<0>(w0), ws[0][1] = ue8m0x64<1>(w0), ws[0][2] = ue8m0x64<2>(w0), ws[0][3] = ue8m0x64<3>(w0);
+        ws[1][0] = ue8m0x64<0>(w1), ws[1][1] = ue8m0x64<1>(w1), ws[1][2] = ue8m0x64<2>(w1), ws[1][3] = ue8m0x64<3>(w1);
       } else {
 #pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          const int n = blockIdx.x * 16 + fr + 8 * j;
-          if (n >= p.n) continue;
-          const float v = acc[t][2 * j + e2];
-          const long long o = blockIdx.z * p.out_split_stride + row * p.out_row_stride + g * p.out_group_stride + n;
-          if (p.out_bf16) ((uint16_t*)p.out)[o] = bf16_from_f32(v);
-          else ((float*)p.out)[o] = v;
+        for (int bb = 0; bb < 4; ++bb) ws[0][bb] = ue8m0_any(c0, bb), ws[1][bb] = ue8m0_any(c1, bb);
+        post = 64.f;
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {  // blocks 2h and 2h + 1
+        uint32_t r[4];
+        ldmatrix_x4(r, st + f8_w_at<true>(ld_slot, 2 * h + ld_chunk));
+#pragma unroll
+        for (int bb = 0; bb < 2; ++bb) {
+          const int blk = 2 * h + bb;
+          uint32_t lo0, hi0, lo1, hi1;
+          fp4x8_to_e4m3(r[2 * bb], lo0, hi0);
+          fp4x8_to_e4m3(r[2 * bb + 1], lo1, hi1);
+#pragma unroll
+          for (int t = 0; t < NT; ++t) {
+            float d[4];
+            mma_e4m3(d, lo0, lo1, hi0, hi1, b[t][2 * blk], b[t][2 * blk + 1]);
+            step[t][0] += d[0] * ws[0][blk];
+            step[t][1] += d[1] * ws[0][blk];
+            step[t][2] += d[2] * ws[1][blk];
+            step[t][3] += d[3] * ws[1][blk];
+          }
         }
       }
+#pragma unroll
+      for (int t = 0; t < NT; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) step[t][e] *= post;
+    } else {
+#pragma unroll
+      for (int m = 0; m < 4; ++m) {  // chunks 2m and 2m + 1
+        uint32_t r[4];
+        ldmatrix_x4(r, st + f8_w_at<false>(ld_slot, 2 * m + ld_chunk));
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+          float d[4];
+          mma_e4m3(d, r[0], r[1], r[2], r[3], b[t][2 * m], b[t][2 * m + 1]);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) step[t][e] += d[e];
+        }
+      }
+      const float w0 = ((const float*)sws)[fr], w1 = ((const float*)sws)[fr + 8];
+#pragma unroll
+      for (int t = 0; t < NT; ++t) step[t][0] *= w0, step[t][1] *= w0, step[t][2] *= w1, step[t][3] *= w1;
+    }
+    // The activation scales of the fragment's columns 2q, 2q + 1.
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+      const float s0 = sas[8 * t + 2 * q], s1 = sas[8 * t + 2 * q + 1];
+      acc[t][0] += step[t][0] * s0;
+      acc[t][1] += step[t][1] * s1;
+      acc[t][2] += step[t][2] * s0;
+      acc[t][3] += step[t][3] * s1;
     }
   }
+  cp_async_wait<0>();
+  gemv_finish<NT>(p, acc, red, g, row0, rows, blockIdx.x);
 }
 
 // Block-wide exclusive prefix sum of one int per thread (THREADS_PLAN threads); `total` gets the sum.
@@ -593,6 +919,14 @@ extern "C" __global__ void __launch_bounds__(THREADS, GEMV_BLOCKS_PER_SM) dsv4_q
 extern "C" __global__ void __launch_bounds__(THREADS, GEMV_BLOCKS_PER_SM) dsv4_qgemv_fp8_n16(const GemmParams p) { qgemv<false, 2>(p); }
 extern "C" __global__ void __launch_bounds__(THREADS, GEMV_BLOCKS_PER_SM) dsv4_qgemv_fp4_n8(const GemmParams p) { qgemv<true, 1>(p); }
 extern "C" __global__ void __launch_bounds__(THREADS, GEMV_BLOCKS_PER_SM) dsv4_qgemv_fp4_n16(const GemmParams p) { qgemv<true, 2>(p); }
+extern "C" __global__ void __launch_bounds__(THREADS) dsv4_qgemv_f8_fp8_n8(const GemmParams p) { qgemv_f8<false, 1>(p); }
+extern "C" __global__ void __launch_bounds__(THREADS) dsv4_qgemv_f8_fp8_n16(const GemmParams p) { qgemv_f8<false, 2>(p); }
+// The MXFP4 8-row kernel holds 6 blocks an SM (34 KB of shared memory each): registers capped to match.
+constexpr int F8_FP4_N8_BLOCKS_PER_SM = 6;
+extern "C" __global__ void __launch_bounds__(THREADS, F8_FP4_N8_BLOCKS_PER_SM) dsv4_qgemv_f8_fp4_n8(const GemmParams p) {
+  qgemv_f8<true, 1>(p);
+}
+extern "C" __global__ void __launch_bounds__(THREADS) dsv4_qgemv_f8_fp4_n16(const GemmParams p) { qgemv_f8<true, 2>(p); }
 
 // Rows of x [rows, k] (float32 or bfloat16) as exact bf16 values: FP8 e4m3 per 1x128 block with a
 // UE8M0 scale (act_fp8), or rounded to bf16. With `interleave` (activations of MXFP4 weights),
@@ -636,6 +970,31 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_act_quant(const void* __r
   } else if (valid) {
     *(uint2*)(out + row * k + col) = *(uint2*)o;
   }
+}
+
+// Rows of x [rows, k] (float32 or bfloat16; k % 128 == 0) as FP8 e4m3 codes per 1x128 block with a
+// UE8M0 scale, for the FP8 decode form: codes [rows, k] bytes, each 128-wide block stored in the
+// order of f8_act_pos (`fp4`: for MXFP4 weights), and the scales 2^e as float32 [rows, k / 128].
+// The same values as dsv4_act_quant's act_fp8. A warp per (row, 128-block), grid (rows / 4, k / 128).
+extern "C" __global__ void __launch_bounds__(128) dsv4_act_quant_f8(const void* __restrict__ x, int x_bf16, long long rows,
+                                                                    int k, int fp4, uint8_t* __restrict__ codes,
+                                                                    float* __restrict__ scales) {
+  __shared__ __align__(16) uint8_t stage[4][KC];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const long long row = (long long)blockIdx.x * 4 + warp;
+  if (row >= rows) return;  // whole warps leave together
+  const long long col = (long long)blockIdx.y * KC + 4 * lane;
+  const char* src = (const char*)x + (row * k + col) * (x_bf16 ? 2 : 4);
+  float v[4], m = 0.f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) v[i] = load_value(src, i, x_bf16), m = fmaxf(m, fabsf(v[i]));
+  m = group_amax(m, 32);
+  const int e = ue8m0_exponent(m, FP8_MAX);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) stage[warp][f8_act_pos(4 * lane + i, fp4 != 0)] = fp8_encode(v[i], e);
+  __syncwarp();
+  *(uint32_t*)(codes + row * k + col) = *(const uint32_t*)&stage[warp][4 * lane];
+  if (lane == 0) scales[row * (k / KC) + blockIdx.y] = exp2i(e);
 }
 
 // The MoE plan: pairs (token, choice) of idx [pairs] sorted by expert. offsets [experts + 1];

@@ -16,11 +16,19 @@ Where the two sides round differently, and the bounds the comparisons use:
   of two. ``moe_bound`` propagates the bound on ``g`` and ``u`` to a bound ``dh`` on ``h`` and allows,
   per element, exactly the spread of ``A`` over ``[h - dh, h + dh]`` (zero for almost every element),
   then the float32 sums of the down projection and of the combine.
+- On GPUs with FP8 tensor cores (compute capability 8.9 and later) the decode form of ``act="fp8"``
+  sums each 32-wide K slice of exact products on the tensor core, whose FP8 accumulator keeps
+  fewer bits than float32 (about 13 fraction bits, truncating: DeepSeek-V3's report, section
+  3.3.2). A sum of 32 terms with a unit roundoff of ``2^-13`` lies within ``gamma_31(2^-13)`` times
+  the sum of their magnitudes of the exact one (also if every product is first truncated at the
+  slice's largest exponent), so those tests add ``SLICE`` times the same magnitudes to the bound,
+  and run again with ``DSV4RS_QGEMM_KERNEL=bf16`` under the float32 bound alone.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -32,6 +40,10 @@ U = 2.0**-24
 """float32's unit roundoff."""
 BF16_U = 2.0**-8
 """bfloat16's unit roundoff: a bfloat16 rounding moves a value by at most this fraction of it."""
+
+
+SLICE = 31 * 2.0**-13 / (1 - 31 * 2.0**-13)
+"""Bound on one 32-product slice summed by an FP8 tensor core, relative to the sum of their magnitudes."""
 
 
 def gamma(n: int) -> float:
@@ -89,9 +101,10 @@ def activations(gen: torch.Generator, *shape: int, dtype: torch.dtype = torch.fl
 # Bounds
 
 
-def linear_bound(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int, act: str
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The float64 reference and the bound on ``|op - reference|`` of ``quant_linear``."""
+def linear_bound(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int, act: str,
+                 slice_: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float64 reference and the bound on ``|op - reference|`` of ``quant_linear`` (``slice_``: the
+    relative bound of a tensor-core slice sum, module docstring)."""
     want = ref.quant_linear(x, weight, scale, groups, act)
     a = ref.quantize_activations(x, act).abs()
     w = ref.dequantize_weight(weight, scale).abs()
@@ -100,7 +113,7 @@ def linear_bound(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, gro
         mag = a @ w.T
     else:
         mag = torch.einsum("...gk,gnk->...gn", a, w.view(groups, rows // groups, k)).flatten(-2)
-    tol = gamma(k) * mag
+    tol = (gamma(k) + slice_) * mag
     if x.dtype == torch.bfloat16:
         tol = tol * (1 + BF16_U) + BF16_U * want.abs()
     return want, tol
@@ -132,8 +145,8 @@ def act_spread(h: torch.Tensor, dh: torch.Tensor, act: str) -> torch.Tensor:
 
 
 def moe_bound(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
-              gate_up_scale: torch.Tensor, down: torch.Tensor, down_scale: torch.Tensor, limit: float, act: str
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+              gate_up_scale: torch.Tensor, down: torch.Tensor, down_scale: torch.Tensor, limit: float, act: str,
+              slice_: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The float64 reference and the bound on ``|op - reference|`` of ``moe_experts`` (module docstring)."""
     want = ref.moe_experts(x, idx, weights, gate_up, gate_up_scale, down, down_scale, limit, act)
     a = ref.quantize_activations(x, act)
@@ -145,7 +158,7 @@ def moe_bound(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, gate_up
     for e in ids.unique().tolist():
         t, j = (ids == e).nonzero(as_tuple=True)
         gu = a[t] @ wgu[e].T
-        dgu = gamma(dim) * (a[t].abs() @ wgu[e].abs().T)
+        dgu = (gamma(dim) + slice_) * (a[t].abs() @ wgu[e].abs().T)
         g, u = gu[:, :inter].clamp(max=limit), gu[:, inter:].clamp(-limit, limit)
         dg, du = dgu[:, :inter], dgu[:, inter:]
         s = g / (1 + torch.exp(-g))
@@ -157,7 +170,7 @@ def moe_bound(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, gate_up
         spread = act_spread(h, dh, act)
         mag = (ref.quantize_activations(h, act).abs() + spread) @ wd[e].abs().T
         y_mag[t, j] = mag
-        y_tol[t, j] = spread @ wd[e].abs().T + gamma(inter) * mag
+        y_tol[t, j] = spread @ wd[e].abs().T + (gamma(inter) + slice_) * mag
     w = weights.double().abs()[..., None]
     tol = (w * y_tol).sum(1) + gamma(ids.shape[1]) * (w * y_mag).sum(1)
     if x.dtype == torch.bfloat16:
@@ -453,16 +466,30 @@ def cuda(*ts: torch.Tensor) -> list[torch.Tensor]:
     return [t.cuda() for t in ts]
 
 
+@pytest.fixture(params=["auto", "bf16"])
+def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> float:
+    """Runs a test with the GPU's own choice of decode form (FP8 tensor cores where the GPU has them)
+    and with the bf16 decode form forced; the relative slice bound the comparisons then add."""
+    monkeypatch.setenv("DSV4RS_QGEMM_KERNEL", request.param)
+    return slice_bound()
+
+
+def slice_bound() -> float:
+    """``SLICE`` where the decode form may run on FP8 tensor cores (the GPU's own choice), else 0."""
+    fp8_cores = torch.cuda.get_device_capability() >= (8, 9)
+    return SLICE if fp8_cores and os.environ.get("DSV4RS_QGEMM_KERNEL", "auto") in ("auto", "fp8") else 0.0
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: f"{'fp4' if c[0] else 'fp8'}-{c[2]}x{c[3]}-g{c[4]}")
 @pytest.mark.parametrize("act", ["fp8", "bf16"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_gpu_quant_linear_matches_reference_and_cpu(gen: torch.Generator, case: tuple, act: str,
-                                                    dtype: torch.dtype) -> None:
+                                                    dtype: torch.dtype, kernel: float) -> None:
     x, weight, scale, groups = linear_inputs(gen, case, dtype)
     got = ops.quant_linear(*cuda(x, weight, scale), groups=groups, act=act)
     assert got.device.type == "cuda" and got.dtype == dtype
-    want, tol = linear_bound(x, weight, scale, groups, act)
+    want, tol = linear_bound(x, weight, scale, groups, act, kernel if act == "fp8" else 0.0)
     assert_within(got, want, tol, "gpu vs reference")
     cpu = ops.quant_linear(x, weight, scale, groups=groups, act=act)
     # Each side lies within tol of the reference.
@@ -471,25 +498,71 @@ def test_gpu_quant_linear_matches_reference_and_cpu(gen: torch.Generator, case: 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fp4,m", [(False, 300), (True, 300), (True, 1), (False, 1), (False, 12)])
-def test_gpu_quant_linear_at_model_widths(gen: torch.Generator, fp4: bool, m: int) -> None:
+def test_gpu_quant_linear_at_model_widths(gen: torch.Generator, fp4: bool, m: int, kernel: float) -> None:
     """Widths of V4-Flash's projections (K 4096, R 1024 and 1536), decode and prefill row counts
     (few weight rows and a long K: the decode form splits K over blocks)."""
     rows, k = (1024, 4096) if fp4 else (1536, 4096)
     weight, scale = fp4_weight(gen, rows, k) if fp4 else fp8_weight(gen, rows, k)
     x = activations(gen, m, k, dtype=torch.bfloat16)
     got = ops.quant_linear(*cuda(x, weight, scale))
-    want, tol = linear_bound(x, weight, scale, 1, "fp8")
+    want, tol = linear_bound(x, weight, scale, 1, "fp8", kernel)
+    assert_within(got, want, tol, "gpu vs reference")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp4", [False, True], ids=["fp8", "fp4"])
+@pytest.mark.parametrize("m", [1, 9, 40])
+def test_gpu_quant_linear_slices_of_unequal_products_stay_within_bound(gen: torch.Generator, fp4: bool, m: int,
+                                                                       kernel: float) -> None:
+    """Each 32-wide K run (a tensor-core slice) holds one activation of about 400 and 31 of about 0.01:
+    the small products lie some 2^15 below the large one, past an FP8 accumulator's bits, and the
+    result still lies within the stated bound (and within float32's with the bf16 form)."""
+    rows, k = 48, 512
+    weight, scale = fp4_weight(gen, rows, k) if fp4 else fp8_weight(gen, rows, k)
+    x = torch.randn(m, k, generator=gen) * 0.01
+    x[:, ::32] = 400 * torch.randn(m, k // 32, generator=gen).sign()
+    got = ops.quant_linear(*cuda(x, weight, scale))
+    want, tol = linear_bound(x, weight, scale, 1, "fp8", kernel)
+    assert_within(got, want, tol, "gpu vs reference")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp4,m", [(False, 1), (True, 1), (False, 12), (True, 5)])
+def test_gpu_quant_linear_with_many_weight_rows(gen: torch.Generator, fp4: bool, m: int, kernel: float) -> None:
+    """8,200 weight rows at decode (the last grid column of 16 rows partial), K split over blocks."""
+    rows, k = 8200, 1024
+    weight, scale = fp4_weight(gen, rows, k) if fp4 else fp8_weight(gen, rows, k)
+    x = activations(gen, m, k, dtype=torch.bfloat16)
+    got = ops.quant_linear(*cuda(x, weight, scale))
+    want, tol = linear_bound(x, weight, scale, 1, "fp8", kernel)
+    assert_within(got, want, tol, "gpu vs reference")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 20, 40])
+def test_gpu_moe_experts_over_many_experts(gen: torch.Generator, t: int, kernel: float) -> None:
+    """64 experts, top-6, decode token counts: plans of up to 139 row tiles, of 8 rows at T=1 and 20 and
+    (on the bf16 decode form) 16 at 40; the FP8 decode form keeps 8-row tiles up to 4 rows an expert."""
+    e, inter, d, k = 64, 512, 1024, 6
+    x = activations(gen, t, d, dtype=torch.bfloat16, decades=2.0)
+    idx = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(t)])
+    weights = torch.rand(t, k, generator=gen)
+    gate_up, gate_up_scale = fp4_weight(gen, e, 2 * inter, d, low=112, high=122)
+    down, down_scale = fp4_weight(gen, e, d, inter, low=112, high=122)
+    args = (x, idx, weights, gate_up, gate_up_scale, down, down_scale)
+    got = ops.moe_experts(*cuda(*args), 1.0)
+    want, tol = moe_bound(*args, 1.0, "fp8", kernel)
     assert_within(got, want, tol, "gpu vs reference")
 
 
 @pytest.mark.gpu
 @moe_grid
 def test_gpu_moe_experts_matches_reference_and_cpu(gen: torch.Generator, case: str, act: str, dtype: torch.dtype,
-                                                   idx_dtype: torch.dtype) -> None:
+                                                   idx_dtype: torch.dtype, kernel: float) -> None:
     args, limit = moe_inputs(gen, case, dtype, idx_dtype)
     got = ops.moe_experts(*cuda(*args), limit, act=act)
     assert got.device.type == "cuda" and got.dtype == dtype and got.shape == args[0].shape
-    want, tol = moe_bound(*args, limit, act)
+    want, tol = moe_bound(*args, limit, act, kernel if act == "fp8" else 0.0)
     assert_within(got, want, tol, "gpu vs reference")
     cpu = ops.moe_experts(*args, limit, act=act)
     assert_within(got, cpu.double(), 2 * tol, "gpu vs cpu")
@@ -497,7 +570,7 @@ def test_gpu_moe_experts_matches_reference_and_cpu(gen: torch.Generator, case: s
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("t,k", [(1, 6), (2, 6), (20, 6), (32, 6), (700, 2)])
-def test_gpu_moe_experts_many_tokens_per_expert(gen: torch.Generator, t: int, k: int) -> None:
+def test_gpu_moe_experts_many_tokens_per_expert(gen: torch.Generator, t: int, k: int, kernel: float) -> None:
     """Decode-like and prefill-like token counts over 8 experts (ids drawn with repeats across tokens),
     one expert left idle: on the GPU the decode form with 8-row tiles (T=1, 2), with 16-row tiles and
     experts holding more rows than one tile (T=20), and the tiled form (T=32, 700)."""
@@ -509,19 +582,36 @@ def test_gpu_moe_experts_many_tokens_per_expert(gen: torch.Generator, t: int, k:
     down, down_scale = fp4_weight(gen, e, d, inter, low=112, high=122)
     args = (x, idx, weights, gate_up, gate_up_scale, down, down_scale)
     got = ops.moe_experts(*cuda(*args), 1.0)
-    want, tol = moe_bound(*args, 1.0, "fp8")
+    want, tol = moe_bound(*args, 1.0, "fp8", kernel)
     assert_within(got, want, tol, "gpu vs reference")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 12, 40])
-def test_gpu_mxfp4_scales_above_one(gen: torch.Generator, m: int) -> None:
+def test_gpu_mxfp4_scales_above_one(gen: torch.Generator, m: int, kernel: float) -> None:
     """UE8M0 codes up to 2^6: a scale above 2 takes the decoder's second multiply (decode and tiled
     forms), and the result still matches the reference and the CPU twin."""
     weight, scale = fp4_weight(gen, 96, 256, low=124, high=134)
     x = activations(gen, m, 256, dtype=torch.bfloat16)
     got = ops.quant_linear(*cuda(x, weight, scale))
-    want, tol = linear_bound(x, weight, scale, 1, "fp8")
+    want, tol = linear_bound(x, weight, scale, 1, "fp8", kernel)
+    assert_within(got, want, tol, "gpu vs reference")
+    assert_within(got, ops.quant_linear(x, weight, scale).double(), 2 * tol, "gpu vs cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 12, 40])
+def test_gpu_mxfp4_extreme_scale_codes(gen: torch.Generator, m: int, kernel: float) -> None:
+    """UE8M0 codes 0 (2^-127) and 245-252 (up to 2^125, where 6 times the scale is still a finite
+    float32) beside each other, with activations small enough that the sums stay finite: the FP8
+    decode form's shortcut (a code plus 6 as a float exponent) would overflow past 248, and those
+    steps take its slow path."""
+    weight, scale = fp4_weight(gen, 96, 512, low=245, high=253)
+    scale[torch.rand(scale.shape, generator=gen) < 0.1] = 0
+    x = activations(gen, m, 512, dtype=torch.bfloat16, decades=1.0) * 1e-9
+    got = ops.quant_linear(*cuda(x, weight, scale))
+    want, tol = linear_bound(x, weight, scale, 1, "fp8", kernel)
+    assert torch.isfinite(want).all() and want.abs().max() > 1e30
     assert_within(got, want, tol, "gpu vs reference")
     assert_within(got, ops.quant_linear(x, weight, scale).double(), 2 * tol, "gpu vs cpu")
 
@@ -539,7 +629,7 @@ def test_gpu_moe_pairs_with_ids_out_of_range_contribute_zero(gen: torch.Generato
     idx[8] = torch.tensor([experts, -(2**31)], dtype=idx_dtype)
     got = ops.moe_experts(*cuda(x, idx, weights, *w), limit)
     # The same call with those pairs pointed at a valid expert and weighted zero.
-    want, tol = moe_bound(x, idx.masked_fill(bad, 0), weights.masked_fill(bad, 0.0), *w, limit, "fp8")
+    want, tol = moe_bound(x, idx.masked_fill(bad, 0), weights.masked_fill(bad, 0.0), *w, limit, "fp8", slice_bound())
     assert_within(got, want, tol, "gpu vs reference")
     assert torch.equal(got[8].cpu(), torch.zeros(x.shape[1]))
 
@@ -596,7 +686,7 @@ def test_gpu_quant_ops_capture_and_replay_in_cuda_graphs(gen: torch.Generator) -
     torch.cuda.synchronize()
     assert torch.equal(lin, ops.quant_linear(x, weight, scale))
     assert torch.equal(moe, ops.moe_experts(xm, idx, weights, *w, limit))
-    want, tol = moe_bound(xm.cpu(), idx.cpu(), weights.cpu(), *(t.cpu() for t in w), limit, "fp8")
+    want, tol = moe_bound(xm.cpu(), idx.cpu(), weights.cpu(), *(t.cpu() for t in w), limit, "fp8", slice_bound())
     assert_within(moe, want, tol, "replayed graph vs reference")
 
 
@@ -617,6 +707,6 @@ def test_gpu_quant_ops_never_synchronize_the_host(gen: torch.Generator) -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
-    want, tol = moe_bound(x, idx, weights, *w, limit, "fp8")
+    want, tol = moe_bound(x, idx, weights, *w, limit, "fp8", slice_bound())
     assert_within(out, want, tol, "gpu vs reference")
     assert lin.shape == (3, LINEAR_CASES[3][2])

@@ -77,7 +77,12 @@ declare_kernels! {
     QgemvFp8N16 = "dsv4_qgemv_fp8_n16" in "qgemm",
     QgemvFp4N8 = "dsv4_qgemv_fp4_n8" in "qgemm",
     QgemvFp4N16 = "dsv4_qgemv_fp4_n16" in "qgemm",
+    QgemvF8Fp8N8 = "dsv4_qgemv_f8_fp8_n8" in "qgemm",
+    QgemvF8Fp8N16 = "dsv4_qgemv_f8_fp8_n16" in "qgemm",
+    QgemvF8Fp4N8 = "dsv4_qgemv_f8_fp4_n8" in "qgemm",
+    QgemvF8Fp4N16 = "dsv4_qgemv_f8_fp4_n16" in "qgemm",
     ActQuant = "dsv4_act_quant" in "qgemm",
+    ActQuantF8 = "dsv4_act_quant_f8" in "qgemm",
     MoePlan = "dsv4_moe_plan" in "qgemm",
     MoeCombine = "dsv4_moe_combine" in "qgemm",
     SplitkReduce = "dsv4_splitk_reduce" in "qgemm",
@@ -275,6 +280,22 @@ fn compute_capability(index: i32) -> Result<(i32, i32)> {
         attribute(index, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
         attribute(index, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
     ))
+}
+
+/// The virtual architecture (e.g. 90 for compute_90) the code of `kernel` that device `index`
+/// runs was compiled from: below a GPU's own when the driver compiled it from the build's
+/// portable PTX (a GPU newer than every target of the build).
+fn ptx_version(index: i32, kernel: Kernel) -> Result<i32> {
+    let (ctx, f) = function(index, kernel)?;
+    with_context(ctx, || {
+        let mut v = 0;
+        // SAFETY: `f` is a function of a module loaded in `ctx`, current on this thread.
+        check(
+            unsafe { sys::cuFuncGetAttribute(&mut v, sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PTX_VERSION, f) },
+            "cuFuncGetAttribute(PTX_VERSION)",
+        )?;
+        Ok(v)
+    })
 }
 
 /// Whether `kernel` is in this build and loads on device `index`.

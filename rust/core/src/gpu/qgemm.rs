@@ -71,20 +71,24 @@ struct GemmParams {
     limit: f32,
     out_bf16: i32,
     k_steps_per_split: i32,
+    a_scale: u64,
 }
-const _: () = assert!(std::mem::size_of::<GemmParams>() == 136);
+const _: () = assert!(std::mem::size_of::<GemmParams>() == 144);
 const _: () = assert!(
     std::mem::offset_of!(GemmParams, m) == 72
         && std::mem::offset_of!(GemmParams, a_div) == 104
         && std::mem::offset_of!(GemmParams, limit) == 124
+        && std::mem::offset_of!(GemmParams, a_scale) == 136
 );
 
 /// How a call's GEMM runs: the decode form (`qgemv`: weights as the mma's A operand, 8 or 16
 /// activation rows a block, 16 weight rows a warp, K split over the block's warps) for a few rows
-/// per weight, else the tiled form (`qgemm`, 64 rows a block, 64 weight rows).
+/// per weight, on bf16 tensor cores (`Gemv`) or FP8 ones (`GemvF8`: FP8 activations, sm_89 and
+/// later, see [`use_f8`]), else the tiled form (`qgemm`, 64 rows a block, 64 weight rows).
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Form {
     Gemv,
+    GemvF8,
     Gemm,
 }
 
@@ -95,28 +99,72 @@ fn gemm_kernel(fp4: bool, form: Form, bm: usize) -> Kernel {
         (false, Form::Gemv, _) => Kernel::QgemvFp8N16,
         (true, Form::Gemv, 8) => Kernel::QgemvFp4N8,
         (true, Form::Gemv, _) => Kernel::QgemvFp4N16,
+        (false, Form::GemvF8, 8) => Kernel::QgemvF8Fp8N8,
+        (false, Form::GemvF8, _) => Kernel::QgemvF8Fp8N16,
+        (true, Form::GemvF8, 8) => Kernel::QgemvF8Fp4N8,
+        (true, Form::GemvF8, _) => Kernel::QgemvF8Fp4N16,
         (false, Form::Gemm, _) => Kernel::QgemmFp8M64,
         (true, Form::Gemm, _) => Kernel::QgemmFp4M64,
     }
 }
 
-/// Weight rows a block covers (a grid column): 16 in the decode form, 64 in the tiled one.
+/// Weight rows a block covers (a grid column): 16 in the decode forms, 64 in the tiled one.
 fn block_rows(form: Form) -> usize {
     match form {
-        Form::Gemv => 16,
+        Form::Gemv | Form::GemvF8 => 16,
         Form::Gemm => BN,
     }
 }
 
-/// Dynamic shared memory of a GEMM block: the pipeline stages and the block's weight scales (none
-/// in the decode form).
+/// Stages of a warp's ring in the FP8 decode form (cuda/qgemm.cu `F8Layout::STAGES`).
+const F8_STAGES: usize = 4;
+
+/// Dynamic shared memory of a GEMM block: the pipeline stages and the block's weight scales (the
+/// tiled form), the warps' rings of weight, activation and scale stages (the FP8 decode form), or
+/// none (the decode form).
 fn gemm_shared_bytes(fp4: bool, form: Form, bm: usize, k: usize) -> usize {
-    if form == Form::Gemv {
-        return 0;
+    match form {
+        Form::Gemv => 0,
+        Form::GemvF8 => {
+            // cuda/qgemm.cu `F8Layout`: 16 weight rows, bm activation rows of a K step, 16 x 4 B
+            // of weight scales, bm float activation scales.
+            let stage = 16 * if fp4 { 64 } else { 128 } + bm * KC + 64 + bm * 4;
+            (THREADS as usize / 32) * F8_STAGES * stage
+        }
+        Form::Gemm => {
+            let b_row = if fp4 { 64 } else { 128 };
+            let scales = if fp4 { BN * (k / 32) } else { BN * k.div_ceil(KC) * 4 };
+            STAGES * (bm * A_ROW_BYTES + BN * b_row) + scales.next_multiple_of(16)
+        }
     }
-    let b_row = if fp4 { 64 } else { 128 };
-    let scales = if fp4 { BN * (k / 32) } else { BN * k.div_ceil(KC) * 4 };
-    STAGES * (bm * A_ROW_BYTES + BN * b_row) + scales.next_multiple_of(16)
+}
+
+/// Whether a decode-form call runs on FP8 tensor cores: FP8 activations, K a multiple of 128, and
+/// a GPU of compute capability 8.9 or later running code built for it (not the build's portable
+/// PTX, which predates FP8 `mma`). `DSV4RS_QGEMM_KERNEL=auto|fp8|bf16` forces the choice (for
+/// tests and benchmarks: `bf16` keeps the bf16 decode form, whose sums are float32 throughout);
+/// forcing `fp8` where it cannot run is an error.
+fn use_f8(dev: i32, act_fp8: bool, k: usize) -> Result<bool> {
+    static CAPABLE: std::sync::Mutex<Vec<(i32, bool)>> = std::sync::Mutex::new(Vec::new());
+    let capable = || -> Result<bool> {
+        let mut seen = CAPABLE.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, v)) = seen.iter().find(|(d, _)| *d == dev) {
+            return Ok(*v);
+        }
+        let v = super::compute_capability(dev)? >= (8, 9) && super::ptx_version(dev, Kernel::QgemvF8Fp4N8)? >= 89;
+        seen.push((dev, v));
+        Ok(v)
+    };
+    let fits = act_fp8 && k.is_multiple_of(KC);
+    match std::env::var("DSV4RS_QGEMM_KERNEL").ok().as_deref() {
+        None | Some("") | Some("auto") => Ok(fits && capable()?),
+        Some("bf16") => Ok(false),
+        Some("fp8") if capable()? => Ok(fits),
+        Some(other) => Err(Error::value(
+            "DSV4RS_QGEMM_KERNEL",
+            format!("must be auto, fp8 or bf16, and one GPU {dev} runs (got {other:?})"),
+        )),
+    }
 }
 
 fn check_k(w: &Weights) -> Result<usize> {
@@ -171,7 +219,7 @@ fn linear_shape(dev: i32, m: usize, groups: usize, n: usize, k: usize) -> Result
     let blocks = n.div_ceil(block_rows(form)) * groups * m.div_ceil(bm);
     let sms = attribute(dev, cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
     let most = match form {
-        Form::Gemv => steps.div_ceil(THREADS as usize / 32),
+        Form::Gemv | Form::GemvF8 => steps.div_ceil(THREADS as usize / 32),
         Form::Gemm => steps,
     };
     let want = (4 * sms).div_ceil(blocks.max(1)).clamp(1, MAX_SPLITS.min(most).max(1));
@@ -216,6 +264,19 @@ unsafe fn act_quant(
     let (x_bf16, rows64, k32, act, il) = (x_bf16 as i32, rows as i64, k as i32, act_fp8 as i32, interleave as i32);
     let cfg = Launch { grid: (rows.div_ceil(4) as u32, k.div_ceil(KC) as u32, 1), block: (128, 1, 1), shared_bytes: 0, stream };
     launch(dev, Kernel::ActQuant, &cfg, &mut crate::kernel_args!(x, x_bf16, rows64, k32, act, il, out))
+}
+
+/// Quantizes `rows` rows of `k` values (k % 128 == 0) for the FP8 decode form into the region at
+/// `out` (`2 rows k` bytes, as [`act_quant`]'s): FP8 codes `[rows, k]` in the order of
+/// cuda/qgemm.cu `f8_act_pos` (for MXFP4 weights with `fp4`), then float32 scales
+/// `[rows, k / 128]`. Returns the scales' address.
+#[allow(clippy::too_many_arguments)]
+unsafe fn act_quant_f8(dev: i32, stream: usize, x: u64, x_bf16: bool, rows: usize, k: usize, fp4: bool, out: u64) -> Result<u64> {
+    let scales = out + (rows * k) as u64;
+    let (x_bf16, rows64, k32, fp4) = (x_bf16 as i32, rows as i64, k as i32, fp4 as i32);
+    let cfg = Launch { grid: (rows.div_ceil(4) as u32, (k / KC) as u32, 1), block: (128, 1, 1), shared_bytes: 0, stream };
+    launch(dev, Kernel::ActQuantF8, &cfg, &mut crate::kernel_args!(x, x_bf16, rows64, k32, fp4, out, scales))?;
+    Ok(scales)
 }
 
 /// Whether [`linear`] reads a quantized copy of `x` rather than `x` itself: always for FP8
@@ -269,13 +330,17 @@ pub unsafe fn linear(
     if groups * m_tiles > MAX_GRID_Y {
         return Err(Error::value(x.name, format!("too many rows for one call: {m} (at most {})", MAX_GRID_Y / groups * bm)));
     }
+    let form = if form == Form::Gemv && use_f8(dev, act_fp8, k)? { Form::GemvF8 } else { form };
     let at = |off: usize| workspace.ptr as u64 + off as u64;
-    let a = match lay.a {
+    let (a, a_scale) = match lay.a {
+        Some(off) if form == Form::GemvF8 => {
+            (at(off), act_quant_f8(dev, stream, x.ptr as u64, x_bf16, m * groups, k, w.fp4, at(off))?)
+        }
         Some(off) => {
             act_quant(dev, stream, x.ptr as u64, x_bf16, m * groups, k, act_fp8, w.fp4, at(off))?;
-            at(off)
+            (at(off), 0)
         }
-        None => x.ptr as u64,
+        None => (x.ptr as u64, 0),
     };
     let out_bf16 = out.dtype == DType::BF16;
     let partial = lay.partial.map_or(0, at);
@@ -301,6 +366,7 @@ pub unsafe fn linear(
         limit: 0.0,
         out_bf16: (out_bf16 && splits == 1) as i32,
         k_steps_per_split: per as i32,
+        a_scale,
     };
     gemm(dev, stream, w.fp4, form, bm, groups * m_tiles, splits, &mut p)?;
     if splits > 1 {
@@ -313,15 +379,18 @@ pub unsafe fn linear(
     Ok(())
 }
 
-/// Form and row tile of the MoE GEMMs: the decode form while experts average at most 16 rows
-/// (tiles of 8 rows up to an average of 2, else 16), else the tiled form with 64. Measured on the
-/// H200 at V4-Flash width, the decode form is faster up to that average (2.8 / 3.2 against 5.1 ms
-/// at 400 / 512 tokens of top-6 over 256 experts); past it the forms are not compared.
-fn moe_shape(pairs: usize, experts: usize) -> (Form, usize) {
-    if pairs <= 2 * experts {
-        (Form::Gemv, 8)
+/// Form and row tile of the MoE GEMMs: a decode form (on FP8 tensor cores with `f8`) while
+/// experts average at most 16 rows (tiles of 8 rows up to an average of 2, or 4 on FP8 tensor
+/// cores, whose 16-row tiles cost twice the 8-row ones' mma work, else 16), else the tiled form
+/// with 64. Measured on the H200 at V4-Flash width, the decode form is faster up to that average
+/// (2.8 / 3.2 against 5.1 ms at 400 / 512 tokens of top-6 over 256 experts); past it the forms are
+/// not compared.
+fn moe_shape(pairs: usize, experts: usize, f8: bool) -> (Form, usize) {
+    let decode = if f8 { Form::GemvF8 } else { Form::Gemv };
+    if pairs <= if f8 { 4 } else { 2 } * experts {
+        (decode, 8)
     } else if pairs <= 16 * experts {
-        (Form::Gemv, 16)
+        (decode, 16)
     } else {
         (Form::Gemm, 64)
     }
@@ -406,18 +475,25 @@ pub unsafe fn moe(
     let (x_elt, idx_elt) = (x.dtype.size(), idx.dtype.size());
     let out_bf16 = out.dtype == DType::BF16;
     let idx64 = (idx.dtype == DType::I64) as i32;
+    let f8_ok = use_f8(dev, act_fp8, dim)? && inter.is_multiple_of(KC);
     let mut t0 = 0;
     while t0 < tokens {
         let t = (tokens - t0).min(MOE_CHUNK);
         let pairs = t * k;
-        let (form, bm) = moe_shape(pairs, experts);
+        let (form, bm) = moe_shape(pairs, experts, f8_ok);
+        let f8 = form == Form::GemvF8;
         let max_tiles = moe_max_tiles(pairs, experts, bm);
         if max_tiles > MAX_GRID_Y {
             return Err(Error::value(idx.name, format!("too many (token, choice) pairs per pass: {pairs} over {experts} experts")));
         }
         let x_at = x.ptr as u64 + (t0 * dim * x_elt) as u64;
-        act_quant(dev, stream, x_at, x_bf16, t, dim, act_fp8, true, at(lay.xq))?;
         let a = at(lay.xq);
+        let a_scale = if f8 {
+            act_quant_f8(dev, stream, x_at, x_bf16, t, dim, true, a)?
+        } else {
+            act_quant(dev, stream, x_at, x_bf16, t, dim, act_fp8, true, a)?;
+            0
+        };
         // The plan.
         let idx_at = idx.ptr as u64 + (t0 * k * idx_elt) as u64;
         let (pairs64, e32, bm32) = (pairs as i64, experts as i32, bm as i32);
@@ -449,9 +525,13 @@ pub unsafe fn moe(
             limit,
             out_bf16: (!act_fp8) as i32,
             k_steps_per_split: dim.div_ceil(KC) as i32,
+            a_scale,
         };
         gemm(dev, stream, true, form, bm, max_tiles, 1, &mut p)?;
-        if act_fp8 {
+        let mut h_scale = 0;
+        if f8 {
+            h_scale = act_quant_f8(dev, stream, at(lay.hy), false, pairs, inter, true, at(lay.hq))?;
+        } else if act_fp8 {
             act_quant(dev, stream, at(lay.hy), false, pairs, inter, true, true, at(lay.hq))?;
         }
         // Down projection: y [pairs, d] float32 in sorted order (over h's dead float32 copy).
@@ -469,6 +549,7 @@ pub unsafe fn moe(
             swiglu: 0,
             out_bf16: 0,
             k_steps_per_split: inter.div_ceil(KC) as i32,
+            a_scale: h_scale,
             ..p
         };
         gemm(dev, stream, true, form, bm, max_tiles, 1, &mut p)?;
