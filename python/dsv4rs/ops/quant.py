@@ -1,7 +1,8 @@
 """Weights as DeepSeek ships them, CPU and GPU: the block-scaled FP8 / MXFP4 linear and the fused
 MoE over MXFP4 experts.
 
-Numerics, the same on the CPU and the GPU up to the order of float32 sums:
+Numerics, the same on the CPU and the GPU up to the order of float32 sums (and, on GPUs with FP8
+tensor cores, the slice sums of the last point):
 
 - ``A(v)``, what the products see of an activation vector ``v`` of length ``K``: with
   ``act="fp8"`` (DeepSeek's W8A8), ``v`` is cut into blocks of 128 values along ``K`` (the last
@@ -14,6 +15,14 @@ Numerics, the same on the CPU and the GPU up to the order of float32 sums:
   nibble; a UE8M0 code per 32 values along ``K``; code 255 is NaN).
 - The products are summed in float32 and the sum is cast to the dtype of ``x`` at the end
   (float32, or bfloat16 rounded to nearest even).
+- Except: on a GPU of compute capability 8.9 or later, with ``act="fp8"``, ``K`` a multiple of 128
+  and at most 16 rows per weight (decode), each 32-wide slice of ``K`` (one MXFP4 scale block)
+  is summed by the FP8 tensor cores, whose accumulator keeps about 13 fraction bits (DeepSeek
+  reports 14 bits on Hopper); the slice sums are then scaled and summed in float32. A slice's sum
+  lies within ``31 * 2^-13 / (1 - 31 * 2^-13)`` (about 2^-8) of the sum of its products'
+  magnitudes from the exact one, DeepSeek's FP8 GEMMs round the same way, and the activations'
+  own FP8 rounding (up to 2^-4 a value) is far larger. ``DSV4RS_QGEMM_KERNEL=bf16`` keeps float32
+  sums throughout (on bf16 tensor cores, slower at decode).
 
 Non-finite weights or scales are not looked for (the loader refuses them): they give NaN outputs.
 """
