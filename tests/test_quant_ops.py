@@ -481,6 +481,36 @@ def slice_bound() -> float:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fp4", [False, True], ids=["fp8", "fp4"])
+def test_gpu_qgemm_kernel_switch_takes_effect(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch, fp4: bool) -> None:
+    """The decode form that runs is the one asked for (seen by the profiler): the FP8 one by default
+    on GPUs with FP8 tensor cores, the bf16 one with ``DSV4RS_QGEMM_KERNEL=bf16``; an unknown name
+    is an error naming the variable."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def launched() -> set[str]:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            ops.quant_linear(x, weight, scale)
+            torch.cuda.synchronize()
+        return {e.key for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA}
+
+    weight, scale = fp4_weight(gen, 64, 256) if fp4 else fp8_weight(gen, 64, 256)
+    x, weight, scale = cuda(activations(gen, 2, 256), weight, scale)
+    fmt = "fp4" if fp4 else "fp8"
+    monkeypatch.setenv("DSV4RS_QGEMM_KERNEL", "bf16")
+    names = launched()
+    assert f"dsv4_qgemv_{fmt}_n8" in names and not any("_f8" in n for n in names), names
+    monkeypatch.setenv("DSV4RS_QGEMM_KERNEL", "auto")
+    names = launched()
+    fp8_cores = torch.cuda.get_device_capability() >= (8, 9)
+    assert (f"dsv4_qgemv_f8_{fmt}_n8" in names) == fp8_cores, names
+    assert ("dsv4_act_quant_f8" in names) == fp8_cores, names
+    monkeypatch.setenv("DSV4RS_QGEMM_KERNEL", "fastest")
+    with pytest.raises(ValueError, match="DSV4RS_QGEMM_KERNEL"):
+        ops.quant_linear(x, weight, scale)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: f"{'fp4' if c[0] else 'fp8'}-{c[2]}x{c[3]}-g{c[4]}")
 @pytest.mark.parametrize("act", ["fp8", "bf16"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
