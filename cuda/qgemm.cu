@@ -378,12 +378,12 @@ __device__ __forceinline__ void qgemm(const GemmParams& p) {
   }
 }
 
-// The decode forms' end of grid column xb: warps 1-3 hand their sums to warp 0 through `red`, which
-// adds them in warp order, then stores the block's outputs (or, with SwiGLU, h). Every thread of
-// the block calls it (it holds a block barrier); `red` may be reused after the next barrier.
+// The decode forms' end: warps 1-3 hand their sums to warp 0 through `red`, which adds them in
+// warp order, then stores the block's outputs (or, with SwiGLU, h). Every thread of the block
+// calls it (it holds a block barrier).
 template <int NT>
 __device__ __forceinline__ void gemv_finish(const GemmParams& p, float (&acc)[NT][4], float (&red)[THREADS / 32 - 1][NT][4][32],
-                                            int g, long long row0, int rows, int xb) {
+                                            int g, long long row0, int rows) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int q = lane % 4, fr = lane / 4;
   constexpr int WARPS = THREADS / 32;
@@ -411,7 +411,7 @@ __device__ __forceinline__ void gemv_finish(const GemmParams& p, float (&acc)[NT
       if (r >= rows) continue;
       const long long row = row0 + r;
       if (p.swiglu) {
-        const int col = xb * 8 + fr;
+        const int col = blockIdx.x * 8 + fr;
         if (col >= p.n / 2) continue;
         const float gate = fminf(acc[t][e2], p.limit);
         const float up = fminf(fmaxf(acc[t][2 + e2], -p.limit), p.limit);
@@ -422,7 +422,7 @@ __device__ __forceinline__ void gemv_finish(const GemmParams& p, float (&acc)[NT
       } else {
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
-          const int n = xb * 16 + fr + 8 * j;
+          const int n = blockIdx.x * 16 + fr + 8 * j;
           if (n >= p.n) continue;
           const float v = acc[t][2 * j + e2];
           const long long o = blockIdx.z * p.out_split_stride + row * p.out_row_stride + g * p.out_group_stride + n;
@@ -569,7 +569,7 @@ __device__ __forceinline__ void qgemv(const GemmParams& p) {
     }
   }
 
-  gemv_finish<NT>(p, acc, red, g, row0, rows, blockIdx.x);
+  gemv_finish<NT>(p, acc, red, g, row0, rows);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -656,7 +656,7 @@ struct F8Layout {
   static constexpr int STAGE = W + A + WS + AS;
   // Stages of a warp's ring (rust/core/src/gpu/qgemm.rs F8_STAGES): 34-68 KB of shared memory a
   // block. Measured on the H200 (MoE at V4-Flash width, decode): 4 stages and one grid column a
-  // block ran 1.3-1.4x faster than 6-8 stages with each block streaming up to 8 columns in turn
+  // block ran 1.2-1.4x faster than 6-8 stages with each block streaming up to 8 columns in turn
   // (fewer resident warps).
   static constexpr int STAGES = 4;
   static constexpr int WARP = STAGES * STAGE;  // a warp's ring; the block's dynamic shared memory is 4 rings
@@ -880,7 +880,7 @@ __device__ __forceinline__ void qgemv_f8(const GemmParams& p) {
     }
   }
   cp_async_wait<0>();
-  gemv_finish<NT>(p, acc, red, g, row0, rows, blockIdx.x);
+  gemv_finish<NT>(p, acc, red, g, row0, rows);
 }
 
 // Block-wide exclusive prefix sum of one int per thread (THREADS_PLAN threads); `total` gets the sum.
