@@ -378,6 +378,16 @@ __device__ __forceinline__ void qgemm(const GemmParams& p) {
   }
 }
 
+// The decode forms' K steps of warp `warp`: its share of the block's split (blockIdx.z), the
+// block's 4 warps taking consecutive runs of steps.
+__device__ __forceinline__ void warp_steps(const GemmParams& p, int k_steps, int warp, int& begin, int& end) {
+  const int c_begin = blockIdx.z * p.k_steps_per_split;
+  const int c_end = min(k_steps, c_begin + p.k_steps_per_split);
+  const int per = (c_end - c_begin + THREADS / 32 - 1) / (THREADS / 32);
+  begin = c_begin + warp * per;
+  end = min(c_end, begin + per);
+}
+
 // The decode forms' end: warps 1-3 hand their sums to warp 0 through `red`, which adds them in
 // warp order, then stores the block's outputs (or, with SwiGLU, h). Every thread of the block
 // calls it (it holds a block barrier).
@@ -471,10 +481,8 @@ __device__ __forceinline__ void qgemv(const GemmParams& p) {
   const int q = lane % 4, fr = lane / 4;
   const long long k = p.k;
   const int k_steps = (p.k + KC - 1) / KC;
-  const int c_begin = blockIdx.z * p.k_steps_per_split;
-  const int c_end = min(k_steps, c_begin + p.k_steps_per_split);
-  const int per = (c_end - c_begin + WARPS - 1) / WARPS;
-  const int w_begin = c_begin + warp * per, w_end = min(c_end, w_begin + per);
+  int w_begin, w_end;
+  warp_steps(p, k_steps, warp, w_begin, w_end);
 
   // The lane's two weight rows (within group g), or null past the weights.
   const uint8_t* wrow[2];
@@ -691,10 +699,8 @@ __device__ __forceinline__ void qgemv_f8(const GemmParams& p) {
   const int q = lane % 4, fr = lane / 4;
   const long long k = p.k;
   const int k_steps = p.k / KC;
-  const int c_begin = blockIdx.z * p.k_steps_per_split;
-  const int c_end = min(k_steps, c_begin + p.k_steps_per_split);
-  const int per = (c_end - c_begin + WARPS - 1) / WARPS;
-  const int w_begin = c_begin + warp * per, w_end = min(c_end, w_begin + per);
+  int w_begin, w_end;
+  warp_steps(p, k_steps, warp, w_begin, w_end);
   const int nsteps = max(0, w_end - w_begin);
   uint8_t* ring = smem + warp * L::WARP;
 

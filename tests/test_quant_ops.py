@@ -527,11 +527,14 @@ def test_gpu_quant_linear_matches_reference_and_cpu(gen: torch.Generator, case: 
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fp4,m", [(False, 300), (True, 300), (True, 1), (False, 1), (False, 12)])
-def test_gpu_quant_linear_at_model_widths(gen: torch.Generator, fp4: bool, m: int, kernel: float) -> None:
+@pytest.mark.parametrize("fp4,m,rows,k", [(False, 300, 1536, 4096), (True, 300, 1024, 4096), (True, 1, 1024, 4096),
+                                           (False, 1, 1536, 4096), (False, 12, 1536, 4096), (False, 1, 8200, 1024),
+                                           (True, 1, 8200, 1024), (False, 12, 8200, 1024), (True, 5, 8200, 1024)])
+def test_gpu_quant_linear_at_model_widths(gen: torch.Generator, fp4: bool, m: int, rows: int, k: int,
+                                          kernel: float) -> None:
     """Widths of V4-Flash's projections (K 4096, R 1024 and 1536), decode and prefill row counts
-    (few weight rows and a long K: the decode form splits K over blocks)."""
-    rows, k = (1024, 4096) if fp4 else (1536, 4096)
+    (few weight rows and a long K: the decode form splits K over blocks), and 8,200 weight rows at
+    decode (the last grid column of 16 rows partial)."""
     weight, scale = fp4_weight(gen, rows, k) if fp4 else fp8_weight(gen, rows, k)
     x = activations(gen, m, k, dtype=torch.bfloat16)
     got = ops.quant_linear(*cuda(x, weight, scale))
@@ -557,35 +560,6 @@ def test_gpu_quant_linear_slices_of_unequal_products_stay_within_bound(gen: torc
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fp4,m", [(False, 1), (True, 1), (False, 12), (True, 5)])
-def test_gpu_quant_linear_with_many_weight_rows(gen: torch.Generator, fp4: bool, m: int, kernel: float) -> None:
-    """8,200 weight rows at decode (the last grid column of 16 rows partial), K split over blocks."""
-    rows, k = 8200, 1024
-    weight, scale = fp4_weight(gen, rows, k) if fp4 else fp8_weight(gen, rows, k)
-    x = activations(gen, m, k, dtype=torch.bfloat16)
-    got = ops.quant_linear(*cuda(x, weight, scale))
-    want, tol = linear_bound(x, weight, scale, 1, "fp8", kernel)
-    assert_within(got, want, tol, "gpu vs reference")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("t", [1, 20, 40])
-def test_gpu_moe_experts_over_many_experts(gen: torch.Generator, t: int, kernel: float) -> None:
-    """64 experts, top-6, decode token counts: plans of up to 139 row tiles, of 8 rows at T=1 and 20 and
-    (on the bf16 decode form) 16 at 40; the FP8 decode form keeps 8-row tiles up to 4 rows an expert."""
-    e, inter, d, k = 64, 512, 1024, 6
-    x = activations(gen, t, d, dtype=torch.bfloat16, decades=2.0)
-    idx = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(t)])
-    weights = torch.rand(t, k, generator=gen)
-    gate_up, gate_up_scale = fp4_weight(gen, e, 2 * inter, d, low=112, high=122)
-    down, down_scale = fp4_weight(gen, e, d, inter, low=112, high=122)
-    args = (x, idx, weights, gate_up, gate_up_scale, down, down_scale)
-    got = ops.moe_experts(*cuda(*args), 1.0)
-    want, tol = moe_bound(*args, 1.0, "fp8", kernel)
-    assert_within(got, want, tol, "gpu vs reference")
-
-
-@pytest.mark.gpu
 @moe_grid
 def test_gpu_moe_experts_matches_reference_and_cpu(gen: torch.Generator, case: str, act: str, dtype: torch.dtype,
                                                    idx_dtype: torch.dtype, kernel: float) -> None:
@@ -599,12 +573,16 @@ def test_gpu_moe_experts_matches_reference_and_cpu(gen: torch.Generator, case: s
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("t,k", [(1, 6), (2, 6), (20, 6), (32, 6), (700, 2)])
-def test_gpu_moe_experts_many_tokens_per_expert(gen: torch.Generator, t: int, k: int, kernel: float) -> None:
-    """Decode-like and prefill-like token counts over 8 experts (ids drawn with repeats across tokens),
-    one expert left idle: on the GPU the decode form with 8-row tiles (T=1, 2), with 16-row tiles and
-    experts holding more rows than one tile (T=20), and the tiled form (T=32, 700)."""
-    e, inter, d = 8, 256, 512
+@pytest.mark.parametrize("t,k,e,inter,d", [(1, 6, 8, 256, 512), (2, 6, 8, 256, 512), (20, 6, 8, 256, 512),
+                                           (32, 6, 8, 256, 512), (700, 2, 8, 256, 512), (1, 6, 64, 512, 1024),
+                                           (20, 6, 64, 512, 1024), (40, 6, 64, 512, 1024)])
+def test_gpu_moe_experts_many_tokens_per_expert(gen: torch.Generator, t: int, k: int, e: int, inter: int, d: int,
+                                                kernel: float) -> None:
+    """Decode-like and prefill-like token counts (ids drawn with repeats, the last expert left idle).
+    Over 8 experts: the decode form with 8-row tiles (T=1, 2), with 16-row tiles and experts
+    holding more rows than one tile (T=20), and the tiled form (T=32, 700). Over 64 experts: plans
+    of up to 94 row tiles, 8-row tiles at T=1 and 20, and at 40 16-row tiles on the bf16 decode
+    form but 8-row ones on the FP8 form (which keeps them up to 4 rows an expert)."""
     x = activations(gen, t, d, dtype=torch.bfloat16, decades=2.0)
     idx = torch.randint(0, e - 1, (t, k), generator=gen)
     weights = torch.rand(t, k, generator=gen)
