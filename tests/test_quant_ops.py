@@ -16,13 +16,15 @@ Where the two sides round differently, and the bounds the comparisons use:
   of two. ``moe_bound`` propagates the bound on ``g`` and ``u`` to a bound ``dh`` on ``h`` and allows,
   per element, exactly the spread of ``A`` over ``[h - dh, h + dh]`` (zero for almost every element),
   then the float32 sums of the down projection and of the combine.
-- On GPUs with FP8 tensor cores (compute capability 8.9 and later) the decode form of ``act="fp8"``
-  sums each 32-wide K slice of exact products on the tensor core, whose FP8 accumulator keeps
-  fewer bits than float32 (about 13 fraction bits, truncating: DeepSeek-V3's report, section
-  3.3.2). A sum of 32 terms with a unit roundoff of ``2^-13`` lies within ``gamma_31(2^-13)`` times
-  the sum of their magnitudes of the exact one (also if every product is first truncated at the
-  slice's largest exponent), so those tests add ``SLICE`` times the same magnitudes to the bound,
-  and run again with ``DSV4RS_QGEMM_KERNEL=bf16`` under the float32 bound alone.
+- On GPUs of compute capability 8.9 and later the decode form of ``act="fp8"`` sums each 32-wide
+  K slice of exact products with one FP8 ``mma`` instruction; where it is native (sm_89, sm_120)
+  the FP8 accumulator keeps fewer bits than float32 (about 13 fraction bits, truncating:
+  DeepSeek-V3's report, section 3.3.2; on sm_90 and sm_100 the compiler makes it f16 products
+  summed in float32). A sum of 32 terms with a unit roundoff of ``2^-13`` lies within
+  ``gamma_31(2^-13)`` times the sum of their magnitudes of the exact one (also if every product is
+  first truncated at the slice's largest exponent), so those tests add ``SLICE`` times the same
+  magnitudes to the bound, and run again with ``DSV4RS_QGEMM_KERNEL=bf16`` under the float32
+  bound alone.
 """
 
 from __future__ import annotations
