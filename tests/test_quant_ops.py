@@ -470,14 +470,14 @@ def cuda(*ts: torch.Tensor) -> list[torch.Tensor]:
 
 @pytest.fixture(params=["auto", "bf16"])
 def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> float:
-    """Runs a test with the GPU's own choice of decode form (FP8 tensor cores where the GPU has them)
+    """Runs a test with the GPU's own choice of decode form (FP8 ``mma`` where the GPU has it)
     and with the bf16 decode form forced; the relative slice bound the comparisons then add."""
     monkeypatch.setenv("DSV4RS_QGEMM_KERNEL", request.param)
     return slice_bound()
 
 
 def slice_bound() -> float:
-    """``SLICE`` where the decode form may run on FP8 tensor cores (the GPU's own choice), else 0."""
+    """``SLICE`` where the decode form may run on FP8 ``mma`` (the GPU's own choice), else 0."""
     fp8_cores = torch.cuda.get_device_capability() >= (8, 9)
     return SLICE if fp8_cores and os.environ.get("DSV4RS_QGEMM_KERNEL", "auto") in ("auto", "fp8") else 0.0
 
@@ -486,7 +486,7 @@ def slice_bound() -> float:
 @pytest.mark.parametrize("fp4", [False, True], ids=["fp8", "fp4"])
 def test_gpu_qgemm_kernel_switch_takes_effect(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch, fp4: bool) -> None:
     """The decode form that runs is the one asked for (seen by the profiler): the FP8 one by default
-    on GPUs with FP8 tensor cores, the bf16 one with ``DSV4RS_QGEMM_KERNEL=bf16``; an unknown name
+    on GPUs with FP8 ``mma`` (sm_89+), the bf16 one with ``DSV4RS_QGEMM_KERNEL=bf16``; an unknown name
     is an error naming the variable."""
     from torch.profiler import ProfilerActivity, profile
 

@@ -139,7 +139,7 @@ fn gemm_shared_bytes(fp4: bool, form: Form, bm: usize, k: usize) -> usize {
     }
 }
 
-/// Whether a decode-form call runs on FP8 tensor cores: FP8 activations, K a multiple of 128, and
+/// Whether a decode-form call runs on FP8 `mma.sync`: FP8 activations, K a multiple of 128, and
 /// a GPU of compute capability 8.9 or later running code built for it (not the build's portable
 /// PTX, which predates FP8 `mma`). `DSV4RS_QGEMM_KERNEL=auto|fp8|bf16` forces the choice (for
 /// tests and benchmarks: `bf16` keeps the bf16 decode form, whose sums are float32 throughout);
@@ -379,7 +379,7 @@ pub unsafe fn linear(
     Ok(())
 }
 
-/// Form and row tile of the MoE GEMMs: a decode form (on FP8 tensor cores with `f8`) while
+/// Form and row tile of the MoE GEMMs: a decode form (on FP8 `mma.sync` with `f8`) while
 /// experts average at most 16 rows (tiles of 8 rows up to an average of 2, or 4 on FP8 tensor
 /// cores, whose 16-row tiles cost twice the 8-row ones' mma work, else 16), else the tiled form
 /// with 64. Measured on the H200 at V4-Flash width, the decode form is faster up to that average
