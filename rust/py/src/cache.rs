@@ -155,12 +155,7 @@ impl PyCacheManager {
         tokens: Vec<Vec<u32>>,
     ) -> PyResult<(Bound<'py, PyByteArray>, [usize; 4], [usize; 4])> {
         let out = run(py, || {
-            if seq_ids.len() != tokens.len() {
-                return Err(Error::value(
-                    "tokens",
-                    format!("expected one token list per sequence id ({}), got {}", seq_ids.len(), tokens.len()),
-                ));
-            }
+            one_per_id("tokens", "token list", seq_ids.len(), tokens.len())?;
             let batch: Vec<(SeqId, &[u32])> = seq_ids.iter().copied().zip(tokens.iter().map(Vec::as_slice)).collect();
             Ok(flatten(self.lock()?.append(&batch)?))
         })?;
@@ -175,12 +170,7 @@ impl PyCacheManager {
         counts: Vec<usize>,
     ) -> PyResult<(Bound<'py, PyByteArray>, [usize; 4], [usize; 4])> {
         let out = run(py, || {
-            if seq_ids.len() != counts.len() {
-                return Err(Error::value(
-                    "counts",
-                    format!("expected one count per sequence id ({}), got {}", seq_ids.len(), counts.len()),
-                ));
-            }
+            one_per_id("counts", "count", seq_ids.len(), counts.len())?;
             let batch: Vec<(SeqId, usize)> = seq_ids.iter().copied().zip(counts.iter().copied()).collect();
             Ok(flatten(self.lock()?.append_unresolved(&batch)?))
         })?;
@@ -274,6 +264,14 @@ fn flatten(a: Appended) -> (Vec<i64>, [usize; 4], [usize; 4]) {
     let mut flat: Vec<i64> = a.slots.concat();
     flat.extend(a.copies.iter().flatten().flat_map(|(src, dst)| [*src as i64, *dst as i64]));
     (flat, a.slots.each_ref().map(Vec::len), a.copies.each_ref().map(Vec::len))
+}
+
+/// Refuses a batch argument `arg` whose length `got` is not one `what` per sequence id.
+fn one_per_id(arg: &str, what: &str, ids: usize, got: usize) -> Result<()> {
+    if ids != got {
+        return Err(Error::value(arg, format!("expected one {what} per sequence id ({ids}), got {got}")));
+    }
+    Ok(())
 }
 
 fn appended(
