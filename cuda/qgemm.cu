@@ -641,13 +641,19 @@ __device__ __forceinline__ float ue8m0x64(uint32_t w6) {
   return __uint_as_float((B < 3 ? w6 << (23 - 8 * B) : w6 >> 1) & 0x7F800000u);
 }
 
-// The value 2^(c - 127) of UE8M0 code byte b of `w`, for any code (0 is 2^-127, 255 NaN): the slow
-// path of steps with a code above 248, whose value times 2^6 would overflow float32 (the caller
-// then applies the 2^6 to the step's sums).
+// The value 2^(c - 127) of UE8M0 code byte b of `w`, for any code (0 is 2^-127, 255 NaN): the exact
+// pass, for warps that met a code above 248, whose value times 2^6 would overflow float32 (the
+// caller then applies the 2^6 to the step's sums).
 __device__ __forceinline__ float ue8m0_any(uint32_t w, int b) {
   const uint32_t c = (w >> (8 * b)) & 0xFFu;
   return __uint_as_float(c == 255u ? 0x7FC00000u : c == 0u ? 0x00400000u : c << 23);
 }
+
+// A compile-time bool as a value, for a generic lambda instantiated on it.
+template <bool B>
+struct BoolTag {
+  static constexpr bool value = B;
+};
 
 template <bool FP4, int NT>
 struct F8Layout {
@@ -763,8 +769,9 @@ __device__ __forceinline__ void qgemv_f8(const GemmParams& p) {
     if (lane < BM && !as_src) *(float*)(st + L::W + L::A + L::WS + 4 * lane) = 0.f;
   }
 
+  const uint32_t ring_at = (uint32_t)__cvta_generic_to_shared(ring);
   auto issue = [&](int c, int s) {
-    uint8_t* st = ring + s * L::STAGE;
+    const uint32_t st = ring_at + s * L::STAGE;
 #pragma unroll
     for (int u = 0; u < W_COPIES; ++u)
       if (w_src[u]) cp_async16(st + w_dst[u], w_src[u] + (long long)c * L::ROW);
@@ -776,111 +783,129 @@ __device__ __forceinline__ void qgemv_f8(const GemmParams& p) {
   };
 
   float acc[NT][4];
-#pragma unroll
-  for (int t = 0; t < NT; ++t)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc[t][e] = 0.f;
-
-#pragma unroll
-  for (int s = 0; s < S - 1; ++s) {
-    if (s < nsteps) issue(w_begin + s, s);
-    cp_async_commit();
-  }
   // ldmatrix row address of this lane: matrix lane / 8 (slots 8 (m & 1) .., chunk offset m / 2).
   const int ld_slot = (lane & 7) + 8 * ((lane >> 3) & 1), ld_chunk = lane >> 4;
-  for (int i = 0; i < nsteps; ++i) {
-    cp_async_wait<S - 2>();
-    __syncwarp();  // step i has landed for every lane; stage (i - 1) % STAGES is consumed
-    if (i + S - 1 < nsteps) issue(w_begin + i + S - 1, (i + S - 1) % S);
-    cp_async_commit();
-    const uint8_t* st = ring + (i % S) * L::STAGE;
-    const uint8_t* sa = st + L::W;
-    const uint8_t* sws = sa + L::A;
-    const float* sas = (const float*)(sws + L::WS);
-
-    // The lane's B operands: activation row 8 t + fr, bytes 32 q .. 32 q + 31 of the step.
-    uint32_t b[NT][8];
-#pragma unroll
-    for (int t = 0; t < NT; ++t) {
-      const int r = 8 * t + fr;
-      const uint4 lo = *(const uint4*)(sa + f8_a_at(r, 2 * q));
-      const uint4 hi = *(const uint4*)(sa + f8_a_at(r, 2 * q + 1));
-      b[t][0] = lo.x, b[t][1] = lo.y, b[t][2] = lo.z, b[t][3] = lo.w;
-      b[t][4] = hi.x, b[t][5] = hi.y, b[t][6] = hi.z, b[t][7] = hi.w;
-    }
-    float step[NT][4];
+  // One pass over the warp's K steps into acc. MXFP4 scale codes become float32 values times 2^6
+  // by integer moves, exact for codes up to 248; the fast pass (EXACT false) takes every code that
+  // way and returns whether the warp met a larger one (never produced by a quantizer: 2^122 and
+  // up), after which the warp runs the exact pass (every code converted exactly, the 2^6 applied to
+  // the step's sums). Keeping the exact conversion out of the fast loop keeps it short: ptxas
+  // if-converts a per-step branch, paying both sides every step.
+  auto pass = [&](auto exact_tag) -> bool {
+    constexpr bool EXACT = decltype(exact_tag)::value;
 #pragma unroll
     for (int t = 0; t < NT; ++t)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) step[t][e] = 0.f;
-    if (FP4) {
-      // Row fr's and row fr + 8's scale codes of the four blocks, as float32 (times 2^6).
-      const uint32_t c0 = *(const uint32_t*)(sws + 4 * fr), c1 = *(const uint32_t*)(sws + 4 * (fr + 8));
-      // A step with a code above 248 takes the slow path: 2^6 applied to the step's sums instead of
-      // the scales, which would overflow.
-      float ws[2][4], post = 1.f;
-      if (__vcmpgeu4(c0 | c1, 0xF9F9F9F9u) == 0u) {
-        const uint32_t w0 = c0 + 0x06060606u, w1 = c1 + 0x06060606u;
-        ws[0][0] = ue8m0x64<0>(w0), ws[0][1] = ue8m0x64<1>(w0), ws[0][2] = ue8m0x64<2>(w0), ws[0][3] = ue8m0x64<3>(w0);
-        ws[1][0] = ue8m0x64<0>(w1), ws[1][1] = ue8m0x64<1>(w1), ws[1][2] = ue8m0x64<2>(w1), ws[1][3] = ue8m0x64<3>(w1);
-      } else {
+      for (int e = 0; e < 4; ++e) acc[t][e] = 0.f;
+    uint32_t code_max = 0;  // bytewise maximum of the scale codes met (fast pass)
 #pragma unroll
-        for (int bb = 0; bb < 4; ++bb) ws[0][bb] = ue8m0_any(c0, bb), ws[1][bb] = ue8m0_any(c1, bb);
-        post = 64.f;
+    for (int s = 0; s < S - 1; ++s) {
+      if (s < nsteps) issue(w_begin + s, s);
+      cp_async_commit();
+    }
+    for (int i = 0; i < nsteps; ++i) {
+      cp_async_wait<S - 2>();
+      __syncwarp();  // step i has landed for every lane; stage (i - 1) % STAGES is consumed
+      if (i + S - 1 < nsteps) issue(w_begin + i + S - 1, (i + S - 1) % S);
+      cp_async_commit();
+      const uint8_t* st = ring + (i % S) * L::STAGE;
+      const uint8_t* sa = st + L::W;
+      const uint8_t* sws = sa + L::A;
+      const float* sas = (const float*)(sws + L::WS);
+
+      // The lane's B operands: activation row 8 t + fr, bytes 32 q .. 32 q + 31 of the step.
+      uint32_t b[NT][8];
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        const int r = 8 * t + fr;
+        const uint4 lo = *(const uint4*)(sa + f8_a_at(r, 2 * q));
+        const uint4 hi = *(const uint4*)(sa + f8_a_at(r, 2 * q + 1));
+        b[t][0] = lo.x, b[t][1] = lo.y, b[t][2] = lo.z, b[t][3] = lo.w;
+        b[t][4] = hi.x, b[t][5] = hi.y, b[t][6] = hi.z, b[t][7] = hi.w;
       }
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {  // blocks 2h and 2h + 1
-        uint32_t r[4];
-        ldmatrix_x4(r, st + f8_w_at<true>(ld_slot, 2 * h + ld_chunk));
-#pragma unroll
-        for (int bb = 0; bb < 2; ++bb) {
-          const int blk = 2 * h + bb;
-          uint32_t lo0, hi0, lo1, hi1;
-          fp4x8_to_e4m3(r[2 * bb], lo0, hi0);
-          fp4x8_to_e4m3(r[2 * bb + 1], lo1, hi1);
-#pragma unroll
-          for (int t = 0; t < NT; ++t) {
-            float d[4];
-            mma_e4m3(d, lo0, lo1, hi0, hi1, b[t][2 * blk], b[t][2 * blk + 1]);
-            step[t][0] += d[0] * ws[0][blk];
-            step[t][1] += d[1] * ws[0][blk];
-            step[t][2] += d[2] * ws[1][blk];
-            step[t][3] += d[3] * ws[1][blk];
-          }
-        }
-      }
+      float step[NT][4];
 #pragma unroll
       for (int t = 0; t < NT; ++t)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) step[t][e] *= post;
-    } else {
+        for (int e = 0; e < 4; ++e) step[t][e] = 0.f;
+      if (FP4) {
+        // Row fr's and row fr + 8's scale codes of the four blocks, as float32 (times 2^6 in the
+        // fast pass).
+        const uint32_t c0 = *(const uint32_t*)(sws + 4 * fr), c1 = *(const uint32_t*)(sws + 4 * (fr + 8));
+        float ws[2][4];
+        if (EXACT) {
 #pragma unroll
-      for (int m = 0; m < 4; ++m) {  // chunks 2m and 2m + 1
-        uint32_t r[4];
-        ldmatrix_x4(r, st + f8_w_at<false>(ld_slot, 2 * m + ld_chunk));
-#pragma unroll
-        for (int t = 0; t < NT; ++t) {
-          float d[4];
-          mma_e4m3(d, r[0], r[1], r[2], r[3], b[t][2 * m], b[t][2 * m + 1]);
-#pragma unroll
-          for (int e = 0; e < 4; ++e) step[t][e] += d[e];
+          for (int bb = 0; bb < 4; ++bb) ws[0][bb] = ue8m0_any(c0, bb), ws[1][bb] = ue8m0_any(c1, bb);
+        } else {
+          code_max = __vmaxu4(code_max, __vmaxu4(c0, c1));
+          const uint32_t w0 = c0 + 0x06060606u, w1 = c1 + 0x06060606u;
+          ws[0][0] = ue8m0x64<0>(w0), ws[0][1] = ue8m0x64<1>(w0), ws[0][2] = ue8m0x64<2>(w0), ws[0][3] = ue8m0x64<3>(w0);
+          ws[1][0] = ue8m0x64<0>(w1), ws[1][1] = ue8m0x64<1>(w1), ws[1][2] = ue8m0x64<2>(w1), ws[1][3] = ue8m0x64<3>(w1);
         }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {  // blocks 2h and 2h + 1
+          uint32_t r[4];
+          ldmatrix_x4(r, st + f8_w_at<true>(ld_slot, 2 * h + ld_chunk));
+#pragma unroll
+          for (int bb = 0; bb < 2; ++bb) {
+            const int blk = 2 * h + bb;
+            uint32_t lo0, hi0, lo1, hi1;
+            fp4x8_to_e4m3(r[2 * bb], lo0, hi0);
+            fp4x8_to_e4m3(r[2 * bb + 1], lo1, hi1);
+#pragma unroll
+            for (int t = 0; t < NT; ++t) {
+              float d[4];
+              mma_e4m3(d, lo0, lo1, hi0, hi1, b[t][2 * blk], b[t][2 * blk + 1]);
+              step[t][0] += d[0] * ws[0][blk];
+              step[t][1] += d[1] * ws[0][blk];
+              step[t][2] += d[2] * ws[1][blk];
+              step[t][3] += d[3] * ws[1][blk];
+            }
+          }
+        }
+        if (EXACT) {
+#pragma unroll
+          for (int t = 0; t < NT; ++t)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) step[t][e] *= 64.f;
+        }
+      } else {
+#pragma unroll
+        for (int m = 0; m < 4; ++m) {  // chunks 2m and 2m + 1
+          uint32_t r[4];
+          ldmatrix_x4(r, st + f8_w_at<false>(ld_slot, 2 * m + ld_chunk));
+#pragma unroll
+          for (int t = 0; t < NT; ++t) {
+            float d[4];
+            mma_e4m3(d, r[0], r[1], r[2], r[3], b[t][2 * m], b[t][2 * m + 1]);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) step[t][e] += d[e];
+          }
+        }
+        const float w0 = ((const float*)sws)[fr], w1 = ((const float*)sws)[fr + 8];
+#pragma unroll
+        for (int t = 0; t < NT; ++t) step[t][0] *= w0, step[t][1] *= w0, step[t][2] *= w1, step[t][3] *= w1;
       }
-      const float w0 = ((const float*)sws)[fr], w1 = ((const float*)sws)[fr + 8];
+      // The activation scales of the fragment's columns 2q, 2q + 1.
 #pragma unroll
-      for (int t = 0; t < NT; ++t) step[t][0] *= w0, step[t][1] *= w0, step[t][2] *= w1, step[t][3] *= w1;
+      for (int t = 0; t < NT; ++t) {
+        const float s0 = sas[8 * t + 2 * q], s1 = sas[8 * t + 2 * q + 1];
+        acc[t][0] += step[t][0] * s0;
+        acc[t][1] += step[t][1] * s1;
+        acc[t][2] += step[t][2] * s0;
+        acc[t][3] += step[t][3] * s1;
+      }
     }
-    // The activation scales of the fragment's columns 2q, 2q + 1.
-#pragma unroll
-    for (int t = 0; t < NT; ++t) {
-      const float s0 = sas[8 * t + 2 * q], s1 = sas[8 * t + 2 * q + 1];
-      acc[t][0] += step[t][0] * s0;
-      acc[t][1] += step[t][1] * s1;
-      acc[t][2] += step[t][2] * s0;
-      acc[t][3] += step[t][3] * s1;
+    cp_async_wait<0>();
+    return __any_sync(0xffffffffu, __vcmpgtu4(code_max, 0xF8F8F8F8u) != 0u);
+  };
+  const bool large_code = pass(BoolTag<false>{});
+  if constexpr (FP4) {
+    if (large_code) {
+      __syncwarp();  // every lane is done reading the ring
+      pass(BoolTag<true>{});
     }
   }
-  cp_async_wait<0>();
   gemv_finish<NT>(p, acc, red, g, row0, rows);
 }
 
