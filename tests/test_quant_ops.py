@@ -531,12 +531,15 @@ def test_gpu_quant_linear_matches_reference_and_cpu(gen: torch.Generator, case: 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fp4,m,rows,k", [(False, 300, 1536, 4096), (True, 300, 1024, 4096), (True, 1, 1024, 4096),
                                            (False, 1, 1536, 4096), (False, 12, 1536, 4096), (False, 1, 8200, 1024),
-                                           (True, 1, 8200, 1024), (False, 12, 8200, 1024), (True, 5, 8200, 1024)])
+                                           (True, 1, 8200, 1024), (False, 12, 8200, 1024), (True, 5, 8200, 1024),
+                                           (False, 64, 1536, 4096), (True, 33, 1024, 4096), (False, 17, 8200, 1024)])
 def test_gpu_quant_linear_at_model_widths(gen: torch.Generator, fp4: bool, m: int, rows: int, k: int,
                                           kernel: float) -> None:
     """Widths of V4-Flash's projections (K 4096, R 1024 and 1536), decode and prefill row counts
     (few weight rows and a long K: the decode form splits K over blocks), and 8,200 weight rows at
-    decode (the last grid column of 16 rows partial)."""
+    decode (the last grid column of 16 rows partial); 17 to 64 rows and K of at least 2048 run the
+    FP8 decode form in several row tiles where the GPU has it (the last one partial at 33), and the
+    tiled form otherwise."""
     weight, scale = fp4_weight(gen, rows, k) if fp4 else fp8_weight(gen, rows, k)
     x = activations(gen, m, k, dtype=torch.bfloat16)
     got = ops.quant_linear(*cuda(x, weight, scale))

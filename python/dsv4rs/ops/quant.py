@@ -16,7 +16,7 @@ tensor cores, the slice sums of the last point):
 - The products are summed in float32 and the sum is cast to the dtype of ``x`` at the end
   (float32, or bfloat16 rounded to nearest even).
 - Except: on a GPU of compute capability 8.9 or later, with ``act="fp8"``, ``K`` a multiple of 128
-  and at most 16 rows per weight (decode), each 32-wide slice of ``K`` (one MXFP4 scale block)
+  and at most 16 rows per weight (decode; a linear with ``K`` of 2048 or more up to 64 rows), each 32-wide slice of ``K`` (one MXFP4 scale block)
   is summed by an FP8 tensor-core instruction, then scaled and summed in float32. Where the GPU
   runs it natively (sm_89, sm_120) its accumulator keeps about 13 fraction bits (DeepSeek reports
   14 bits for Hopper's FP8 GEMMs): a slice's sum lies within ``31 * 2^-13 / (1 - 31 * 2^-13)``

@@ -198,10 +198,20 @@ impl Carve {
     }
 }
 
+/// Rows of a dense call up to which the FP8 decode form runs (in tiles of 16), for K of at least
+/// `F8_DECODE_MIN_K`. Measured on the H200 at V4-Flash's shapes, 64 rows: the decode form took
+/// 0.020 / 0.050 / 0.026 / 0.024 ms for q_a, o_b, the shared expert's gate and down (K 4096, 8192,
+/// 4096, 2048) against 0.027 / 0.056 / 0.030 / 0.029 for the tiled form; q_b (K 1024: two K steps
+/// a warp, each row tile paying the pipeline's start) 0.087 against 0.060.
+const F8_DECODE_MAX_ROWS: usize = 64;
+const F8_DECODE_MIN_K: usize = 2048;
+
 /// A dense call's shape: form, row tile, split-K count and K steps per split. Up to 16 rows
-/// (decode) take the decode form with 8- or 16-row tiles, more the tiled form with 64; K is split
-/// so that the grid covers the GPU four times when it would not (a decode linear has few weight
-/// rows and must keep many loads in flight), the decode form keeping at least a step per warp.
+/// (decode) take the decode form with 8- or 16-row tiles (on FP8 `mma.sync` with `f8`), and with
+/// `f8` and a long K up to 64 rows take it too, in tiles of 16 (each tile reads the weights
+/// again, mostly from L2); more rows take the tiled form with 64. K is split so that the grid
+/// covers the GPU four times when it would not (a decode linear has few weight rows and must keep
+/// many loads in flight), the decode form keeping at least a step per warp.
 struct LinearShape {
     form: Form,
     bm: usize,
@@ -209,10 +219,12 @@ struct LinearShape {
     per: usize,
 }
 
-fn linear_shape(dev: i32, m: usize, groups: usize, n: usize, k: usize) -> Result<LinearShape> {
+fn linear_shape(dev: i32, m: usize, groups: usize, n: usize, k: usize, f8: bool) -> Result<LinearShape> {
+    let decode = if f8 { Form::GemvF8 } else { Form::Gemv };
     let (form, bm) = match m {
-        0..=8 => (Form::Gemv, 8),
-        9..=16 => (Form::Gemv, 16),
+        0..=8 => (decode, 8),
+        9..=16 => (decode, 16),
+        17..=F8_DECODE_MAX_ROWS if f8 && k >= F8_DECODE_MIN_K => (decode, 16),
         _ => (Form::Gemm, 64),
     };
     let steps = k.div_ceil(KC);
@@ -236,7 +248,7 @@ pub fn linear_workspace_bytes(
     if m == 0 {
         return Ok(0);
     }
-    let shape = linear_shape(dev, m, groups, n, k)?;
+    let shape = linear_shape(dev, m, groups, n, k, use_f8(dev, act_fp8, k)?)?;
     Ok(linear_layout(m, groups, n, k, quantizes_x(x_bf16, act_fp8, fp4), shape.splits).total)
 }
 
@@ -320,7 +332,7 @@ pub unsafe fn linear(
         check_aligned(t)?;
     }
     let x_bf16 = x.dtype == DType::BF16;
-    let LinearShape { form, bm, splits, per } = linear_shape(dev, m, groups, n, k)?;
+    let LinearShape { form, bm, splits, per } = linear_shape(dev, m, groups, n, k, use_f8(dev, act_fp8, k)?)?;
     let lay = linear_layout(m, groups, n, k, quantizes_x(x_bf16, act_fp8, w.fp4), splits);
     let have = workspace.numel() * workspace.dtype.size();
     if have < lay.total {
@@ -330,7 +342,6 @@ pub unsafe fn linear(
     if groups * m_tiles > MAX_GRID_Y {
         return Err(Error::value(x.name, format!("too many rows for one call: {m} (at most {})", MAX_GRID_Y / groups * bm)));
     }
-    let form = if form == Form::Gemv && use_f8(dev, act_fp8, k)? { Form::GemvF8 } else { form };
     let at = |off: usize| workspace.ptr as u64 + off as u64;
     let (a, a_scale) = match lay.a {
         Some(off) if form == Form::GemvF8 => {
