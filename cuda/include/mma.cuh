@@ -34,15 +34,14 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
 // Two adjacent bf16 in shared memory as one fragment register.
 __device__ __forceinline__ uint32_t ld32(const uint16_t* p) { return *(const uint32_t*)p; }
 
-__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
-  uint32_t d = (uint32_t)__cvta_generic_to_shared(smem_dst);
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(gmem_src));
-}
-
-// The same copy to a shared-memory address (what __cvta_generic_to_shared gives): lets a loop keep
-// 32-bit stage addresses instead of generic pointers.
+// To a shared-memory address (what __cvta_generic_to_shared gives): lets a loop keep 32-bit stage
+// addresses instead of generic pointers.
 __device__ __forceinline__ void cp_async16(uint32_t smem_addr, const void* gmem_src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr), "l"(gmem_src));
+}
+
+__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
+  cp_async16((uint32_t)__cvta_generic_to_shared(smem_dst), gmem_src);
 }
 
 __device__ __forceinline__ void cp_async8(void* smem_dst, const void* gmem_src) {
@@ -50,13 +49,12 @@ __device__ __forceinline__ void cp_async8(void* smem_dst, const void* gmem_src) 
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(d), "l"(gmem_src));
 }
 
-__device__ __forceinline__ void cp_async4(void* smem_dst, const void* gmem_src) {
-  uint32_t d = (uint32_t)__cvta_generic_to_shared(smem_dst);
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(d), "l"(gmem_src));
-}
-
 __device__ __forceinline__ void cp_async4(uint32_t smem_addr, const void* gmem_src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr), "l"(gmem_src));
+}
+
+__device__ __forceinline__ void cp_async4(void* smem_dst, const void* gmem_src) {
+  cp_async4((uint32_t)__cvta_generic_to_shared(smem_dst), gmem_src);
 }
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
