@@ -34,48 +34,16 @@
 #include <cstddef>
 
 #include "mma.cuh"
-#include "quant.cuh"
+#include "qgemm.cuh"
 
 using namespace dsv4;
 
 namespace {
 
 constexpr int THREADS = 128;
-constexpr int KC = 128;         // K per pipeline step: one activation block, four FP4 scale groups
 constexpr int BN = 64;          // weight rows per block (4 warps x 2 n8 tiles)
 constexpr int STAGES = 3;       // cp.async pipeline stages of the tiled form
 constexpr int A_ROW_BYTES = 272;  // 256 bytes of bf16 + 16: 16-byte aligned, see a_chunk()
-
-// Mirrored by `GemmParams` in rust/core/src/gpu/qgemm.rs (same field order, repr(C)); both sides
-// check its size and a few offsets at compile time.
-struct GemmParams {
-  const uint16_t* a;         // bf16 activations (already quantized / rounded)
-  long long a_row_stride;    // elements between rows
-  long long a_group_stride;  // elements between groups (grouped linear); 0 for the MoE
-  const int* a_rows;         // MoE: sorted position -> pair; the A row is a_rows[i] / a_div. Null: i
-  const uint8_t* w;
-  const void* w_scale;       // FP8: float [ceil(R/128), ceil(K/128)]; FP4: uint8 [R, K/32]
-  const int* tiles;          // MoE plan: [*, 3] (group, first position, rows); null: dense
-  const int* tile_count;
-  void* out;
-  long long m;               // dense: rows
-  long long out_row_stride;  // elements
-  long long out_group_stride;
-  long long out_split_stride;  // split-K: elements between the partial sums of two splits
-  int a_div;
-  int n;                     // weight rows per group (2I for SwiGLU)
-  int k;
-  int m_tiles;               // dense: row tiles per group
-  int swiglu;
-  float limit;
-  int out_bf16;
-  int k_steps_per_split;
-  const float* a_scale;      // FP8 decode form: the activations' float scale per (row, 128 block)
-};
-static_assert(sizeof(GemmParams) == 144, "GemmParams must match rust/core/src/gpu/qgemm.rs");
-static_assert(offsetof(GemmParams, m) == 72 && offsetof(GemmParams, a_div) == 104 && offsetof(GemmParams, limit) == 124 &&
-                  offsetof(GemmParams, a_scale) == 136,
-              "GemmParams must match rust/core/src/gpu/qgemm.rs");
 
 template <bool FP4>
 struct Fmt {
@@ -87,103 +55,6 @@ struct Fmt {
 // permutation h ^ 2 (h >= 8) with 272-byte rows puts the 8 lanes of a quarter warp on 8
 // distinct 4-bank groups.
 __device__ __forceinline__ int a_chunk(int h) { return 16 * (h ^ (((h >> 3) & 1) << 1)); }
-
-// Eight FP4 codes (values v0 .. v7: two per byte, even index in the low nibble) as packed bf16
-// pairs (v_i, v_{i+4}), i = 0..3, times `mult` (a bf16 power of two in both halves). Nibble i
-// and nibble i + 4 sit 16 bits apart, so one shift moves the magnitude bits of both into bf16
-// position (bits 6-8: the value times 2^-126, subnormals included) and one the signs (bit 15):
-// two shifts, two masks, an or and one multiply per pair. The activations are stored in the same
-// interleaved order (`interleaved_col`), so the mma sees matching K values.
-template <int I>
-__device__ __forceinline__ uint32_t shift_left(uint32_t x) {
-  return I >= 0 ? x << (I >= 0 ? I : 0) : x >> (I < 0 ? -I : 0);
-}
-
-template <int I>
-__device__ __forceinline__ uint32_t fp4_pair(uint32_t raw, uint32_t mult) {
-  const uint32_t bits = (shift_left<6 - 4 * I>(raw) & 0x01C001C0u) | (shift_left<12 - 4 * I>(raw) & 0x80008000u);
-  __nv_bfloat162 v = __hmul2(*(const __nv_bfloat162*)&bits, *(const __nv_bfloat162*)&mult);
-  return *(uint32_t*)&v;
-}
-
-__device__ __forceinline__ void fp4x8_interleaved(uint32_t raw, uint32_t mult, uint32_t* r) {
-  r[0] = fp4_pair<0>(raw, mult);
-  r[1] = fp4_pair<1>(raw, mult);
-  r[2] = fp4_pair<2>(raw, mult);
-  r[3] = fp4_pair<3>(raw, mult);
-}
-
-__device__ __forceinline__ uint32_t bf16x2_pow2(int e) {
-  const uint32_t h = (uint32_t)((e + 127) << 7) & 0xFFFFu;
-  return h | (h << 16);
-}
-
-// This lane's 32 consecutive weight values of one row in a 128-wide K step as 16 bf16 pairs in
-// mma order: pairs 2s and 2s + 1 hold K offsets 4s .. 4s + 3 of the 32 (for FP4 in the
-// interleaved order of interleaved_col). FP4: 16 bytes and the exponent se of their 1x32 scale,
-// folded in exactly (one multiply by 2^(126 + se) when that is a bf16, i.e. se <= 1 as for every
-// real weight, else a second by 2^(se - 1)); FP8: 32 bytes (the block scale multiplies the step's
-// float32 partial sum instead).
-__device__ __forceinline__ void fp4x32_lane(const uint4 raw, int se, uint32_t (&b)[16]) {
-  const uint32_t mult = bf16x2_pow2(126 + min(se, 1));
-  fp4x8_interleaved(raw.x, mult, &b[0]);
-  fp4x8_interleaved(raw.y, mult, &b[4]);
-  fp4x8_interleaved(raw.z, mult, &b[8]);
-  fp4x8_interleaved(raw.w, mult, &b[12]);
-  if (se > 1) {
-    const __nv_bfloat162 extra = __bfloat162bfloat162(__ushort_as_bfloat16((unsigned short)((se - 1 + 127) << 7)));
-#pragma unroll
-    for (int e = 0; e < 16; ++e) {
-      __nv_bfloat162 v = __hmul2(*(const __nv_bfloat162*)&b[e], extra);
-      b[e] = *(uint32_t*)&v;
-    }
-  }
-}
-
-__device__ __forceinline__ void fp8x32_lane(const uint4 r0, const uint4 r1, uint32_t (&b)[16]) {
-  const uint2 parts[4] = {make_uint2(r0.x, r0.y), make_uint2(r0.z, r0.w), make_uint2(r1.x, r1.y), make_uint2(r1.z, r1.w)};
-#pragma unroll
-  for (int u = 0; u < 4; ++u) {
-    const uint4 v = fp8x8_to_bf16<true>(parts[u], 0);
-    b[4 * u] = v.x, b[4 * u + 1] = v.y, b[4 * u + 2] = v.z, b[4 * u + 3] = v.w;
-  }
-}
-
-__device__ __forceinline__ float silu(float v) { return v / (1.0f + expf(-v)); }
-
-// Where value `col` of a row is stored in the interleaved order of MXFP4 activations: within
-// each group of 8, v0 v4 v1 v5 v2 v6 v3 v7.
-__device__ __forceinline__ int interleaved_col(int col) { return (col & ~7) | ((col & 3) << 1) | ((col >> 2) & 1); }
-
-// The block's work item: group, first row (sorted position or dense row) and row count; false
-// when the block has none (past the plan's tile count).
-__device__ __forceinline__ bool work_item(const GemmParams& p, int bm, int& g, long long& row0, int& rows) {
-  const int y = blockIdx.y;
-  if (p.tiles) {
-    if (y >= *p.tile_count) return false;
-    g = p.tiles[3 * y];
-    row0 = p.tiles[3 * y + 1];
-    rows = p.tiles[3 * y + 2];
-    return rows > 0;
-  }
-  g = y / p.m_tiles;
-  row0 = (long long)(y % p.m_tiles) * bm;
-  rows = (int)min((long long)bm, p.m - row0);
-  return rows > 0;
-}
-
-// Weight row (within its group) held in shared-memory row slot sr (warp sr / 16, tile
-// (sr / 8) % 2, fragment row sr % 8), or -1 when past the weights.
-__device__ __forceinline__ int weight_row(const GemmParams& p, int sr) {
-  const int w = sr / 16, j = (sr / 8) % 2, r = sr % 8;
-  if (p.swiglu) {
-    const int half = p.n / 2;
-    const int h = blockIdx.x * (BN / 2) + 8 * w + r;
-    return h < half ? h + j * half : -1;
-  }
-  const int n = blockIdx.x * BN + sr;
-  return n < p.n ? n : -1;
-}
 
 template <bool FP4, int MT>
 __device__ __forceinline__ void qgemm(const GemmParams& p) {
@@ -209,13 +80,13 @@ __device__ __forceinline__ void qgemm(const GemmParams& p) {
   const int scale_cols = FP4 ? p.k / 32 : k_steps;
   if (FP4) {
     for (int i = tid; i < BN * scale_cols; i += THREADS) {
-      const int sr = i / scale_cols, col = i % scale_cols, n = weight_row(p, sr);
+      const int sr = i / scale_cols, col = i % scale_cols, n = weight_row(p, sr, BN);
       scales[i] = n < 0 ? (uint8_t)127 : ((const uint8_t*)p.w_scale)[((long long)g * p.n + n) * scale_cols + col];
     }
   } else {
     float* fs = (float*)scales;  // [BN][k_steps]: the scale of each row slot's 128-row block
     for (int i = tid; i < BN * k_steps; i += THREADS) {
-      const int sr = i / k_steps, col = i % k_steps, n = weight_row(p, sr);
+      const int sr = i / k_steps, col = i % k_steps, n = weight_row(p, sr, BN);
       fs[i] = n < 0 ? 0.f : ((const float*)p.w_scale)[(((long long)g * p.n + n) / 128) * k_steps + col];
     }
   }
@@ -239,7 +110,7 @@ __device__ __forceinline__ void qgemm(const GemmParams& p) {
 #pragma unroll
   for (int j = 0; j < B_COPIES; ++j) {
     const int chunk = tid + THREADS * j, sr = chunk / B_CHUNKS;
-    const int n = weight_row(p, sr);
+    const int n = weight_row(p, sr, BN);
     b_src[j] = n < 0 ? nullptr : p.w + ((long long)g * p.n + n) * (FP4 ? k / 2 : k);
   }
 
@@ -955,14 +826,16 @@ extern "C" __global__ void __launch_bounds__(THREADS, F8_FP4_N8_BLOCKS_PER_SM) d
 extern "C" __global__ void __launch_bounds__(THREADS) dsv4_qgemv_f8_fp4_n16(const GemmParams p) { qgemv_f8<true, 2>(p); }
 
 // Rows of x [rows, k] (float32 or bfloat16) as exact bf16 values: FP8 e4m3 per 1x128 block with a
-// UE8M0 scale (act_fp8), or rounded to bf16. With `interleave` (activations of MXFP4 weights),
-// each group of 8 values is stored in the order v0 v4 v1 v5 v2 v6 v3 v7 (see fp4x8_interleaved).
+// UE8M0 scale (act_fp8), or rounded to bf16, stored in `layout` (an ActLayout: natural, each group
+// of 8 in the order v0 v4 v1 v5 v2 v6 v3 v7 for the portable forms over MXFP4 weights (see
+// fp4x8_interleaved), or each 128-block in the Hopper tiled form's order, which needs k % 128 == 0).
 // A warp per (row, 128-block), grid (rows / 4, k / 128); k % 32 == 0.
 extern "C" __global__ void __launch_bounds__(128) dsv4_act_quant(const void* __restrict__ x, int x_bf16, long long rows,
-                                                                 int k, int act_fp8, int interleave,
+                                                                 int k, int act_fp8, int layout,
                                                                  uint16_t* __restrict__ out) {
-  const long long row = (long long)blockIdx.x * 4 + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
+  __shared__ __align__(16) uint16_t stage[4][KC];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const long long row = (long long)blockIdx.x * 4 + warp;
   const long long col = (long long)blockIdx.y * KC + 4 * lane;
   if (row >= rows) return;  // whole warps leave together
   const bool valid = col < k;  // k % 32 == 0: both lanes of an 8-group are valid or neither
@@ -985,7 +858,12 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_act_quant(const void* __r
 #pragma unroll
     for (int i = 0; i < 4; ++i) o[i] = bf16_from_f32(v[i]);
   }
-  if (interleave) {
+  if (layout == ACT_WGMMA_FP8 || layout == ACT_WGMMA_FP4) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) stage[warp][wgmma_pos(4 * lane + i, layout == ACT_WGMMA_FP4)] = o[i];
+    __syncwarp();
+    *(uint2*)(out + row * k + col) = *(const uint2*)&stage[warp][4 * lane];
+  } else if (layout == ACT_INTERLEAVED) {
     // The even lane of a pair holds v0..v3 of the group, the odd one v4..v7.
     uint16_t p[4];
 #pragma unroll

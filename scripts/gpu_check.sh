@@ -32,9 +32,9 @@ pytest_gpu() {
 
 gpu_tests() {
     pytest_gpu tests
-    # The attention tests run every kernel the GPU can run; the model's run the default one, so
-    # run them again on the portable kernel (what every GPU but Hopper runs).
-    DSV4RS_ATTENTION_KERNEL=portable pytest_gpu tests/test_model.py
+    # The attention and GEMM tests run every kernel the GPU can run; the model's run the default
+    # ones, so run them again on the portable kernels (what GPUs before Hopper run).
+    DSV4RS_ATTENTION_KERNEL=portable DSV4RS_QGEMM_TILED=mma DSV4RS_QGEMM_KERNEL=bf16 pytest_gpu tests/test_model.py
     # The README's main job on the GPU: the small V4 through the paged cache and the kernels.
     python3 -m dsv4rs.cli demo --device cuda
 }

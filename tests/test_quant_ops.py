@@ -191,9 +191,14 @@ LINEAR_CASES = [
     (True, (3,), 37, 224, 1),
     (True, (1,), 12, 32, 3),  # K = 32: one MXFP4 block per row
     (True, (2, 3), 64, 288, 4),
-    # More than 16 rows: the GPU's tiled form (up to 16, its decode form).
+    # More than 16 rows: the GPU's tiled form (up to 16, its decode form); on Hopper, K a multiple
+    # of 128 takes its wgmma form: row tiles of 128 (the last partial), weight rows past a 128-row
+    # block (and, grouped, a group boundary inside one).
     (False, (40,), 130, 160, 1),
     (True, (20,), 64, 288, 2),
+    (False, (150,), 200, 384, 1),
+    (False, (40,), 260, 256, 2),
+    (True, (130,), 64, 384, 2),
 ]
 
 
@@ -468,11 +473,14 @@ def cuda(*ts: torch.Tensor) -> list[torch.Tensor]:
     return [t.cuda() for t in ts]
 
 
-@pytest.fixture(params=["auto", "bf16"])
+@pytest.fixture(params=["auto", "portable"])
 def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> float:
-    """Runs a test with the GPU's own choice of decode form (FP8 ``mma`` where the GPU has it)
-    and with the bf16 decode form forced; the relative slice bound the comparisons then add."""
-    monkeypatch.setenv("DSV4RS_QGEMM_KERNEL", request.param)
+    """Runs a test with the GPU's own choice of forms (the decode form on FP8 ``mma`` where the GPU
+    has it, the tiled form on ``wgmma`` on Hopper) and with the portable ones forced (the bf16
+    decode form, the ``mma.sync`` tiled form); the relative slice bound the comparisons then add."""
+    portable = request.param == "portable"
+    monkeypatch.setenv("DSV4RS_QGEMM_KERNEL", "bf16" if portable else "auto")
+    monkeypatch.setenv("DSV4RS_QGEMM_TILED", "mma" if portable else "auto")
     return slice_bound()
 
 
@@ -509,6 +517,41 @@ def test_gpu_qgemm_kernel_switch_takes_effect(gen: torch.Generator, monkeypatch:
     assert ("dsv4_act_quant_f8" in names) == fp8_cores, names
     monkeypatch.setenv("DSV4RS_QGEMM_KERNEL", "fastest")
     with pytest.raises(ValueError, match="DSV4RS_QGEMM_KERNEL"):
+        ops.quant_linear(x, weight, scale)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp4", [False, True], ids=["fp8", "fp4"])
+def test_gpu_qgemm_tiled_kernel_switch_takes_effect(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch, fp4: bool) -> None:
+    """The tiled form that runs (seen by the profiler) is the ``wgmma`` one by default on compute
+    capability 9.0 and the ``mma.sync`` one with ``DSV4RS_QGEMM_TILED=mma``; forcing ``wgmma``
+    elsewhere, or an unknown name, is an error naming the variable."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def launched() -> set[str]:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            ops.quant_linear(x, weight, scale)
+            torch.cuda.synchronize()
+        return {e.key for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA}
+
+    weight, scale = fp4_weight(gen, 64, 256) if fp4 else fp8_weight(gen, 64, 256)
+    x, weight, scale = cuda(activations(gen, 200, 256), weight, scale)
+    fmt = "fp4" if fp4 else "fp8"
+    monkeypatch.setenv("DSV4RS_QGEMM_TILED", "mma")
+    names = launched()
+    assert f"dsv4_qgemm_{fmt}_m64" in names and not any("wgmma" in n for n in names), names
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    monkeypatch.setenv("DSV4RS_QGEMM_TILED", "auto")
+    names = launched()
+    assert (f"dsv4_qgemm_{fmt}_wgmma" in names) == hopper and (f"dsv4_qgemm_{fmt}_m64" in names) != hopper, names
+    monkeypatch.setenv("DSV4RS_QGEMM_TILED", "wgmma")
+    if hopper:
+        assert f"dsv4_qgemm_{fmt}_wgmma" in launched()
+    else:
+        with pytest.raises(ValueError, match="DSV4RS_QGEMM_TILED"):
+            ops.quant_linear(x, weight, scale)
+    monkeypatch.setenv("DSV4RS_QGEMM_TILED", "fastest")
+    with pytest.raises(ValueError, match="DSV4RS_QGEMM_TILED"):
         ops.quant_linear(x, weight, scale)
 
 
@@ -596,6 +639,25 @@ def test_gpu_moe_experts_many_tokens_per_expert(gen: torch.Generator, t: int, k:
     args = (x, idx, weights, gate_up, gate_up_scale, down, down_scale)
     got = ops.moe_experts(*cuda(*args), 1.0)
     want, tol = moe_bound(*args, 1.0, "fp8", kernel)
+    assert_within(got, want, tol, "gpu vs reference")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t,e,inter,d", [(40, 8, 256, 256), (300, 16, 384, 256), (700, 4, 128, 512)])
+@pytest.mark.parametrize("act", ["fp8", "bf16"])
+def test_gpu_moe_experts_tiled_forms(gen: torch.Generator, t: int, e: int, inter: int, d: int, act: str,
+                                     kernel: float) -> None:
+    """Prefill-like token counts (top-6; the tiled forms) with both activation roundings: with
+    bf16 activations the gate-up GEMM writes h straight in the order the down GEMM reads (the
+    Hopper form's own order there); expert rows past one 128-row tile, a last expert left idle."""
+    x = activations(gen, t, d, dtype=torch.float32, decades=2.0)
+    idx = torch.randint(0, e - 1, (t, 6), generator=gen)
+    weights = torch.rand(t, 6, generator=gen)
+    gate_up, gate_up_scale = fp4_weight(gen, e, 2 * inter, d, low=112, high=122)
+    down, down_scale = fp4_weight(gen, e, d, inter, low=112, high=122)
+    args = (x, idx, weights, gate_up, gate_up_scale, down, down_scale)
+    got = ops.moe_experts(*cuda(*args), 1.0, act=act)
+    want, tol = moe_bound(*args, 1.0, act, kernel if act == "fp8" else 0.0)
     assert_within(got, want, tol, "gpu vs reference")
 
 

@@ -25,6 +25,9 @@ tensor cores, the slice sums of the last point):
   sm_90 and sm_100 the compiler turns the instruction into exact f16 products summed in float32, as
   the bf16 path's.
   ``DSV4RS_QGEMM_KERNEL=bf16`` keeps the bf16 path (float32 sums throughout; slower at decode).
+- With more rows per weight (prefill) the GPU runs a tiled GEMM, on ``wgmma`` on compute
+  capability 9.0 where ``K`` is a multiple of 128 and on ``mma.sync`` elsewhere; both sum the exact
+  products in float32 (only the order differs). ``DSV4RS_QGEMM_TILED=mma`` forces the portable one.
 
 Non-finite weights or scales are not looked for (the loader refuses them): they give NaN outputs.
 """

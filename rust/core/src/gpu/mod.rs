@@ -73,6 +73,8 @@ declare_kernels! {
     MhcWeights = "dsv4_mhc_weights" in "mhc",
     QgemmFp8M64 = "dsv4_qgemm_fp8_m64" in "qgemm",
     QgemmFp4M64 = "dsv4_qgemm_fp4_m64" in "qgemm",
+    QgemmFp8Wgmma = "dsv4_qgemm_fp8_wgmma" in "qgemm_sm90a",
+    QgemmFp4Wgmma = "dsv4_qgemm_fp4_wgmma" in "qgemm_sm90a",
     QgemvFp8N8 = "dsv4_qgemv_fp8_n8" in "qgemm",
     QgemvFp8N16 = "dsv4_qgemv_fp8_n16" in "qgemm",
     QgemvFp4N8 = "dsv4_qgemv_fp4_n8" in "qgemm",

@@ -84,12 +84,15 @@ const _: () = assert!(
 /// How a call's GEMM runs: the decode form (`qgemv`: weights as the mma's A operand, 8 or 16
 /// activation rows a block, 16 weight rows a warp, K split over the block's warps) for a few rows
 /// per weight, on bf16 tensor cores (`Gemv`) or FP8 ones (`GemvF8`: FP8 activations, sm_89 and
-/// later, see [`use_f8`]), else the tiled form (`qgemm`, 64 rows a block, 64 weight rows).
+/// later, see [`use_f8`]), else a tiled form: `mma.sync` (`Gemm`, 64 rows a block, 64 weight
+/// rows; every GPU) or, on Hopper, `wgmma` (`Wgmma`, cuda/qgemm_sm90a.cu: 128 rows a block, 128
+/// weight rows; see [`use_wgmma`]).
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Form {
     Gemv,
     GemvF8,
     Gemm,
+    Wgmma,
 }
 
 /// The kernel for a weight format, form and row tile.
@@ -105,14 +108,40 @@ fn gemm_kernel(fp4: bool, form: Form, bm: usize) -> Kernel {
         (true, Form::GemvF8, _) => Kernel::QgemvF8Fp4N16,
         (false, Form::Gemm, _) => Kernel::QgemmFp8M64,
         (true, Form::Gemm, _) => Kernel::QgemmFp4M64,
+        (false, Form::Wgmma, _) => Kernel::QgemmFp8Wgmma,
+        (true, Form::Wgmma, _) => Kernel::QgemmFp4Wgmma,
     }
 }
 
-/// Weight rows a block covers (a grid column): 16 in the decode forms, 64 in the tiled one.
+/// Weight rows a block covers (a grid column): 16 in the decode forms, 64 and 128 in the tiled ones.
 fn block_rows(form: Form) -> usize {
     match form {
         Form::Gemv | Form::GemvF8 => 16,
         Form::Gemm => BN,
+        Form::Wgmma => WG_BN,
+    }
+}
+
+/// Threads, weight rows and activation rows of a block of the Hopper tiled form, and its pipeline
+/// stages (cuda/qgemm_sm90a.cu `THREADS`, `BN`, `BT`, `STAGES`).
+const WG_THREADS: u32 = 256;
+const WG_BN: usize = 128;
+const WG_BT: usize = 128;
+const WG_STAGES: usize = 4;
+
+/// Orders of the quantized activations (cuda/include/qgemm.cuh `ActLayout`): what the GEMM form
+/// that reads them expects.
+const ACT_NATURAL: i32 = 0;
+const ACT_INTERLEAVED: i32 = 1;
+const ACT_WGMMA_FP8: i32 = 2;
+const ACT_WGMMA_FP4: i32 = 3;
+
+fn act_layout(form: Form, fp4: bool) -> i32 {
+    match (form, fp4) {
+        (Form::Wgmma, false) => ACT_WGMMA_FP8,
+        (Form::Wgmma, true) => ACT_WGMMA_FP4,
+        (_, true) => ACT_INTERLEAVED,
+        (_, false) => ACT_NATURAL,
     }
 }
 
@@ -136,6 +165,44 @@ fn gemm_shared_bytes(fp4: bool, form: Form, bm: usize, k: usize) -> usize {
             let scales = if fp4 { BN * (k / 32) } else { BN * k.div_ceil(KC) * 4 };
             STAGES * (bm * A_ROW_BYTES + BN * b_row) + scales.next_multiple_of(16)
         }
+        Form::Wgmma => {
+            // cuda/qgemm_sm90a.cu `Stage`: the activation tile, each lane's raw weight bytes of its
+            // two rows and (MXFP4) their scale words; 1 KB of slack to align the stages to 1 KB.
+            let threads = WG_THREADS as usize;
+            let stage = WG_BT * KC * 2 + if fp4 { 2 * threads * 16 + 2 * threads * 4 } else { 2 * 2 * threads * 16 };
+            WG_STAGES * stage + 1024
+        }
+    }
+}
+
+/// Whether a call that takes a tiled form runs the Hopper one (`wgmma`): compute capability 9.0
+/// with the sm_90a kernels loaded, K a multiple of 128 (and for the MoE, I too) and room for its
+/// shared memory. `DSV4RS_QGEMM_TILED=auto|wgmma|mma` forces the choice (for tests and
+/// benchmarks: `mma` is the portable tiled form every GPU runs); forcing `wgmma` where it cannot
+/// run is an error.
+fn use_wgmma(dev: i32, k_ok: bool) -> Result<bool> {
+    static CAPABLE: std::sync::Mutex<Vec<(i32, bool)>> = std::sync::Mutex::new(Vec::new());
+    let capable = || -> Result<bool> {
+        let mut seen = CAPABLE.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, v)) = seen.iter().find(|(d, _)| *d == dev) {
+            return Ok(*v);
+        }
+        let most = gemm_shared_bytes(false, Form::Wgmma, WG_BT, KC).max(gemm_shared_bytes(true, Form::Wgmma, WG_BT, KC));
+        let v = super::compute_capability(dev)? == (9, 0)
+            && super::shared_memory_limit(dev)? >= most
+            && super::has_kernel(dev, Kernel::QgemmFp4Wgmma)
+            && super::has_kernel(dev, Kernel::QgemmFp8Wgmma);
+        seen.push((dev, v));
+        Ok(v)
+    };
+    match std::env::var("DSV4RS_QGEMM_TILED").ok().as_deref() {
+        None | Some("") | Some("auto") => Ok(k_ok && capable()?),
+        Some("mma") => Ok(false),
+        Some("wgmma") if capable()? => Ok(k_ok),
+        Some(other) => Err(Error::value(
+            "DSV4RS_QGEMM_TILED",
+            format!("must be auto, wgmma or mma, and one GPU {dev} runs (got {other:?})"),
+        )),
     }
 }
 
@@ -225,16 +292,20 @@ fn linear_shape(dev: i32, m: usize, groups: usize, n: usize, k: usize, f8: bool)
         0..=8 => (decode, 8),
         9..=16 => (decode, 16),
         17..=F8_DECODE_MAX_ROWS if f8 && k >= F8_DECODE_MIN_K => (decode, 16),
+        _ if use_wgmma(dev, k.is_multiple_of(KC))? => (Form::Wgmma, WG_BT),
         _ => (Form::Gemm, 64),
     };
     let steps = k.div_ceil(KC);
     let blocks = n.div_ceil(block_rows(form)) * groups * m.div_ceil(bm);
     let sms = attribute(dev, cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
-    let most = match form {
-        Form::Gemv | Form::GemvF8 => steps.div_ceil(THREADS as usize / 32),
-        Form::Gemm => steps,
+    // The Hopper tiled form holds one block an SM: covering the GPU once suffices, with at least
+    // 4 K steps a slice to fill its pipeline.
+    let (cover, most) = match form {
+        Form::Gemv | Form::GemvF8 => (4 * sms, steps.div_ceil(THREADS as usize / 32)),
+        Form::Gemm => (4 * sms, steps),
+        Form::Wgmma => (sms, steps / 4),
     };
-    let want = (4 * sms).div_ceil(blocks.max(1)).clamp(1, MAX_SPLITS.min(most).max(1));
+    let want = cover.div_ceil(blocks.max(1)).clamp(1, MAX_SPLITS.min(most).max(1));
     let per = steps.div_ceil(want);
     Ok(LinearShape { form, bm, splits: steps.div_ceil(per), per })
 }
@@ -249,7 +320,7 @@ pub fn linear_workspace_bytes(
         return Ok(0);
     }
     let shape = linear_shape(dev, m, groups, n, k, use_f8(dev, act_fp8, k)?)?;
-    Ok(linear_layout(m, groups, n, k, quantizes_x(x_bf16, act_fp8, fp4), shape.splits).total)
+    Ok(linear_layout(m, groups, n, k, quantizes_x(x_bf16, act_fp8, fp4, shape.form), shape.splits).total)
 }
 
 /// Regions of a [`linear`] call's workspace: byte offsets of the quantized activations and of the
@@ -268,14 +339,14 @@ fn linear_layout(m: usize, groups: usize, n: usize, k: usize, quantize: bool, sp
 }
 
 /// Quantizes (FP8 per 1x128, UE8M0) or rounds (bf16) `rows` rows of `k` values into bf16 `out`,
-/// each group of 8 interleaved for the MXFP4 kernels (`interleave`, see cuda/qgemm.cu).
+/// in the order the GEMM form reading them expects (`layout`, see [`act_layout`]).
 #[allow(clippy::too_many_arguments)]
 unsafe fn act_quant(
-    dev: i32, stream: usize, x: u64, x_bf16: bool, rows: usize, k: usize, act_fp8: bool, interleave: bool, out: u64,
+    dev: i32, stream: usize, x: u64, x_bf16: bool, rows: usize, k: usize, act_fp8: bool, layout: i32, out: u64,
 ) -> Result<()> {
-    let (x_bf16, rows64, k32, act, il) = (x_bf16 as i32, rows as i64, k as i32, act_fp8 as i32, interleave as i32);
+    let (x_bf16, rows64, k32, act) = (x_bf16 as i32, rows as i64, k as i32, act_fp8 as i32);
     let cfg = Launch { grid: (rows.div_ceil(4) as u32, k.div_ceil(KC) as u32, 1), block: (128, 1, 1), shared_bytes: 0, stream };
-    launch(dev, Kernel::ActQuant, &cfg, &mut crate::kernel_args!(x, x_bf16, rows64, k32, act, il, out))
+    launch(dev, Kernel::ActQuant, &cfg, &mut crate::kernel_args!(x, x_bf16, rows64, k32, act, layout, out))
 }
 
 /// Quantizes `rows` rows of `k` values (k % 128 == 0) for the FP8 decode form into the region at
@@ -292,9 +363,10 @@ unsafe fn act_quant_f8(dev: i32, stream: usize, x: u64, x_bf16: bool, rows: usiz
 }
 
 /// Whether [`linear`] reads a quantized copy of `x` rather than `x` itself: always for FP8
-/// activations or float32 `x`, and for MXFP4 weights (their activations are interleaved).
-fn quantizes_x(x_bf16: bool, act_fp8: bool, fp4: bool) -> bool {
-    act_fp8 || !x_bf16 || fp4
+/// activations or float32 `x`, for MXFP4 weights (their activations are interleaved) and for the
+/// Hopper tiled form (its own order).
+fn quantizes_x(x_bf16: bool, act_fp8: bool, fp4: bool, form: Form) -> bool {
+    act_fp8 || !x_bf16 || fp4 || form == Form::Wgmma
 }
 
 /// Launches the GEMM over `p`: grid columns of [`block_rows`] weight rows (of SwiGLU pairs
@@ -307,7 +379,8 @@ unsafe fn gemm(
     let cols = if p.swiglu != 0 { p.n as usize / 2 } else { p.n as usize };
     let per_block = if p.swiglu != 0 { block_rows(form) / 2 } else { block_rows(form) };
     let grid = (cols.div_ceil(per_block) as u32, tiles_y as u32, splits as u32);
-    let cfg = Launch { grid, block: (THREADS, 1, 1), shared_bytes: gemm_shared_bytes(fp4, form, bm, k) as u32, stream };
+    let threads = if form == Form::Wgmma { WG_THREADS } else { THREADS };
+    let cfg = Launch { grid, block: (threads, 1, 1), shared_bytes: gemm_shared_bytes(fp4, form, bm, k) as u32, stream };
     launch(dev, gemm_kernel(fp4, form, bm), &cfg, &mut [p as *mut GemmParams as *mut c_void])
 }
 
@@ -333,7 +406,7 @@ pub unsafe fn linear(
     }
     let x_bf16 = x.dtype == DType::BF16;
     let LinearShape { form, bm, splits, per } = linear_shape(dev, m, groups, n, k, use_f8(dev, act_fp8, k)?)?;
-    let lay = linear_layout(m, groups, n, k, quantizes_x(x_bf16, act_fp8, w.fp4), splits);
+    let lay = linear_layout(m, groups, n, k, quantizes_x(x_bf16, act_fp8, w.fp4, form), splits);
     let have = workspace.numel() * workspace.dtype.size();
     if have < lay.total {
         return Err(Error::value(workspace.name, format!("needs {} bytes, got {have}", lay.total)));
@@ -348,7 +421,7 @@ pub unsafe fn linear(
             (at(off), act_quant_f8(dev, stream, x.ptr as u64, x_bf16, m * groups, k, w.fp4, at(off))?)
         }
         Some(off) => {
-            act_quant(dev, stream, x.ptr as u64, x_bf16, m * groups, k, act_fp8, w.fp4, at(off))?;
+            act_quant(dev, stream, x.ptr as u64, x_bf16, m * groups, k, act_fp8, act_layout(form, w.fp4), at(off))?;
             (at(off), 0)
         }
         None => (x.ptr as u64, 0),
@@ -392,16 +465,18 @@ pub unsafe fn linear(
 
 /// Form and row tile of the MoE GEMMs: a decode form (on FP8 `mma.sync` with `f8`) while
 /// experts average at most 16 rows (tiles of 8 rows up to an average of 2, or 4 on FP8 tensor
-/// cores, whose 16-row tiles cost twice the 8-row ones' mma work, else 16), else the tiled form
-/// with 64. Measured on the H200 at V4-Flash width, the decode form is faster up to that average
-/// (2.8 / 3.2 against 5.1 ms at 400 / 512 tokens of top-6 over 256 experts); past it the forms are
-/// not compared.
-fn moe_shape(pairs: usize, experts: usize, f8: bool) -> (Form, usize) {
+/// cores, whose 16-row tiles cost twice the 8-row ones' mma work, else 16), else a tiled form:
+/// the Hopper one with 128 (`wgmma`) or the portable one with 64. Measured on the H200 at
+/// V4-Flash width, the decode form is faster than the portable tiled one up to that average (2.8 /
+/// 3.2 against 5.1 ms at 400 / 512 tokens of top-6 over 256 experts).
+fn moe_shape(pairs: usize, experts: usize, f8: bool, wgmma: bool) -> (Form, usize) {
     let decode = if f8 { Form::GemvF8 } else { Form::Gemv };
     if pairs <= if f8 { 4 } else { 2 } * experts {
         (decode, 8)
     } else if pairs <= 16 * experts {
         (decode, 16)
+    } else if wgmma {
+        (Form::Wgmma, WG_BT)
     } else {
         (Form::Gemm, 64)
     }
@@ -487,11 +562,13 @@ pub unsafe fn moe(
     let out_bf16 = out.dtype == DType::BF16;
     let idx64 = (idx.dtype == DType::I64) as i32;
     let f8_ok = use_f8(dev, act_fp8, dim)? && inter.is_multiple_of(KC);
+    let wgmma_ok = use_wgmma(dev, dim.is_multiple_of(KC) && inter.is_multiple_of(KC))?;
     let mut t0 = 0;
     while t0 < tokens {
         let t = (tokens - t0).min(MOE_CHUNK);
         let pairs = t * k;
-        let (form, bm) = moe_shape(pairs, experts, f8_ok);
+        let (form, bm) = moe_shape(pairs, experts, f8_ok, wgmma_ok);
+        let layout = act_layout(form, true);
         let f8 = form == Form::GemvF8;
         let max_tiles = moe_max_tiles(pairs, experts, bm);
         if max_tiles > MAX_GRID_Y {
@@ -502,7 +579,7 @@ pub unsafe fn moe(
         let a_scale = if f8 {
             act_quant_f8(dev, stream, x_at, x_bf16, t, dim, true, a)?
         } else {
-            act_quant(dev, stream, x_at, x_bf16, t, dim, act_fp8, true, a)?;
+            act_quant(dev, stream, x_at, x_bf16, t, dim, act_fp8, layout, a)?;
             0
         };
         // The plan.
@@ -543,7 +620,7 @@ pub unsafe fn moe(
         if f8 {
             h_scale = act_quant_f8(dev, stream, at(lay.hy), false, pairs, inter, true, at(lay.hq))?;
         } else if act_fp8 {
-            act_quant(dev, stream, at(lay.hy), false, pairs, inter, true, true, at(lay.hq))?;
+            act_quant(dev, stream, at(lay.hy), false, pairs, inter, true, layout, at(lay.hq))?;
         }
         // Down projection: y [pairs, d] float32 in sorted order (over h's dead float32 copy).
         let mut p = GemmParams {

@@ -1,0 +1,173 @@
+// What the block-scaled GEMM kernels share (cuda/qgemm.cu, the portable forms, and
+// cuda/qgemm_sm90a.cu, the Hopper tiled form): the launch parameters, the weight decoders and the
+// work items. See cuda/qgemm.cu for the contract.
+#pragma once
+#include <cstddef>
+#include <stdint.h>
+
+#include "quant.cuh"
+
+namespace dsv4 {
+
+constexpr int KC = 128;  // K per step: one activation block, four FP4 scale groups, an FP8 block column
+// Mirrored by `GemmParams` in rust/core/src/gpu/qgemm.rs (same field order, repr(C)); both sides
+// check its size and a few offsets at compile time.
+struct GemmParams {
+  const uint16_t* a;         // bf16 activations (already quantized / rounded)
+  long long a_row_stride;    // elements between rows
+  long long a_group_stride;  // elements between groups (grouped linear); 0 for the MoE
+  const int* a_rows;         // MoE: sorted position -> pair; the A row is a_rows[i] / a_div. Null: i
+  const uint8_t* w;
+  const void* w_scale;       // FP8: float [ceil(R/128), ceil(K/128)]; FP4: uint8 [R, K/32]
+  const int* tiles;          // MoE plan: [*, 3] (group, first position, rows); null: dense
+  const int* tile_count;
+  void* out;
+  long long m;               // dense: rows
+  long long out_row_stride;  // elements
+  long long out_group_stride;
+  long long out_split_stride;  // split-K: elements between the partial sums of two splits
+  int a_div;
+  int n;                     // weight rows per group (2I for SwiGLU)
+  int k;
+  int m_tiles;               // dense: row tiles per group
+  int swiglu;
+  float limit;
+  int out_bf16;
+  int k_steps_per_split;
+  const float* a_scale;      // FP8 decode form: the activations' float scale per (row, 128 block)
+};
+static_assert(sizeof(GemmParams) == 144, "GemmParams must match rust/core/src/gpu/qgemm.rs");
+static_assert(offsetof(GemmParams, m) == 72 && offsetof(GemmParams, a_div) == 104 && offsetof(GemmParams, limit) == 124 &&
+                  offsetof(GemmParams, a_scale) == 136,
+              "GemmParams must match rust/core/src/gpu/qgemm.rs");
+
+
+// Eight FP4 codes (values v0 .. v7: two per byte, even index in the low nibble) as packed bf16
+// pairs (v_i, v_{i+4}), i = 0..3, times `mult` (a bf16 power of two in both halves). Nibble i
+// and nibble i + 4 sit 16 bits apart, so one shift moves the magnitude bits of both into bf16
+// position (bits 6-8: the value times 2^-126, subnormals included) and one the signs (bit 15):
+// two shifts, two masks, an or and one multiply per pair. The activations are stored in the same
+// interleaved order (`interleaved_col`), so the mma sees matching K values.
+template <int I>
+__device__ __forceinline__ uint32_t shift_left(uint32_t x) {
+  return I >= 0 ? x << (I >= 0 ? I : 0) : x >> (I < 0 ? -I : 0);
+}
+
+template <int I>
+__device__ __forceinline__ uint32_t fp4_pair(uint32_t raw, uint32_t mult) {
+  const uint32_t bits = (shift_left<6 - 4 * I>(raw) & 0x01C001C0u) | (shift_left<12 - 4 * I>(raw) & 0x80008000u);
+  __nv_bfloat162 v = __hmul2(*(const __nv_bfloat162*)&bits, *(const __nv_bfloat162*)&mult);
+  return *(uint32_t*)&v;
+}
+
+__device__ __forceinline__ void fp4x8_interleaved(uint32_t raw, uint32_t mult, uint32_t* r) {
+  r[0] = fp4_pair<0>(raw, mult);
+  r[1] = fp4_pair<1>(raw, mult);
+  r[2] = fp4_pair<2>(raw, mult);
+  r[3] = fp4_pair<3>(raw, mult);
+}
+
+__device__ __forceinline__ uint32_t bf16x2_pow2(int e) {
+  const uint32_t h = (uint32_t)((e + 127) << 7) & 0xFFFFu;
+  return h | (h << 16);
+}
+
+// This lane's 32 consecutive weight values of one row in a 128-wide K step as 16 bf16 pairs in
+// mma order: pairs 2s and 2s + 1 hold K offsets 4s .. 4s + 3 of the 32 (for FP4 in the
+// interleaved order of interleaved_col). FP4: 16 bytes and the exponent se of their 1x32 scale,
+// folded in exactly (one multiply by 2^(126 + se) when that is a bf16, i.e. se <= 1 as for every
+// real weight, else a second by 2^(se - 1)); FP8: 32 bytes (the block scale multiplies the step's
+// float32 partial sum instead).
+__device__ __forceinline__ void fp4x32_lane(const uint4 raw, int se, uint32_t (&b)[16]) {
+  const uint32_t mult = bf16x2_pow2(126 + min(se, 1));
+  fp4x8_interleaved(raw.x, mult, &b[0]);
+  fp4x8_interleaved(raw.y, mult, &b[4]);
+  fp4x8_interleaved(raw.z, mult, &b[8]);
+  fp4x8_interleaved(raw.w, mult, &b[12]);
+  if (se > 1) {
+    const __nv_bfloat162 extra = __bfloat162bfloat162(__ushort_as_bfloat16((unsigned short)((se - 1 + 127) << 7)));
+#pragma unroll
+    for (int e = 0; e < 16; ++e) {
+      __nv_bfloat162 v = __hmul2(*(const __nv_bfloat162*)&b[e], extra);
+      b[e] = *(uint32_t*)&v;
+    }
+  }
+}
+
+__device__ __forceinline__ void fp8x32_lane(const uint4 r0, const uint4 r1, uint32_t (&b)[16]) {
+  const uint2 parts[4] = {make_uint2(r0.x, r0.y), make_uint2(r0.z, r0.w), make_uint2(r1.x, r1.y), make_uint2(r1.z, r1.w)};
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    const uint4 v = fp8x8_to_bf16<true>(parts[u], 0);
+    b[4 * u] = v.x, b[4 * u + 1] = v.y, b[4 * u + 2] = v.z, b[4 * u + 3] = v.w;
+  }
+}
+
+__device__ __forceinline__ float silu(float v) { return v / (1.0f + expf(-v)); }
+
+// Where value `col` of a row is stored in the interleaved order of MXFP4 activations: within
+// each group of 8, v0 v4 v1 v5 v2 v6 v3 v7.
+__device__ __forceinline__ int interleaved_col(int col) { return (col & ~7) | ((col & 3) << 1) | ((col >> 2) & 1); }
+
+// The block's work item: group, first row (sorted position or dense row) and row count; false
+// when the block has none (past the plan's tile count).
+__device__ __forceinline__ bool work_item(const GemmParams& p, int bm, int& g, long long& row0, int& rows) {
+  const int y = blockIdx.y;
+  if (p.tiles) {
+    if (y >= *p.tile_count) return false;
+    g = p.tiles[3 * y];
+    row0 = p.tiles[3 * y + 1];
+    rows = p.tiles[3 * y + 2];
+    return rows > 0;
+  }
+  g = y / p.m_tiles;
+  row0 = (long long)(y % p.m_tiles) * bm;
+  rows = (int)min((long long)bm, p.m - row0);
+  return rows > 0;
+}
+
+// Weight row (within its group) held in row slot sr of a block of `bn` weight rows (warp sr / 16,
+// tile or fragment half (sr / 8) % 2, fragment row sr % 8), or -1 when past the weights. With
+// SwiGLU the slots 16 w + r and 16 w + 8 + r hold gate row h and up row I + h of the same h.
+__device__ __forceinline__ int weight_row(const GemmParams& p, int sr, int bn) {
+  const int w = sr / 16, j = (sr / 8) % 2, r = sr % 8;
+  if (p.swiglu) {
+    const int half = p.n / 2;
+    const int h = blockIdx.x * (bn / 2) + 8 * w + r;
+    return h < half ? h + j * half : -1;
+  }
+  const int n = blockIdx.x * bn + sr;
+  return n < p.n ? n : -1;
+}
+
+// Orders of the bf16 activations A(x) in memory (dsv4_act_quant's `layout`), each matching how a
+// GEMM form reads its B (or wgmma A) operand: natural; interleaved within groups of 8 (the
+// portable forms over MXFP4 weights, see fp4x8_interleaved); and the Hopper tiled form's orders
+// over FP8 or MXFP4 weights (wgmma_pos).
+enum ActLayout : int { ACT_NATURAL = 0, ACT_INTERLEAVED = 1, ACT_WGMMA_FP8 = 2, ACT_WGMMA_FP4 = 3 };
+
+// Where the activation of K offset c (0..127 within its 128-block) is stored for the Hopper tiled
+// form (cuda/qgemm_sm90a.cu). There a lane (quad position q) decodes 32 consecutive weight values
+// of a row per step, in the pair order of fp8x32_lane / fp4x32_lane: its registers for wgmma k16
+// step s hold the values at lane positions P = 32 q + 4 s + 2 hi + e (e = 0, 1 in a register;
+// hi = 0 for A fragment columns 2q, 2q + 1, hi = 1 for 2q + 8, 2q + 9), and the activations,
+// read by wgmma K-major from shared memory, must hold the same K at logical position
+// L = 16 s + 8 hi + 2 q + e. P is the natural offset for FP8 weights and the interleaved one
+// (interleaved_col) for MXFP4.
+__device__ __forceinline__ int wgmma_pos(int c, bool fp4) {
+  const int p = fp4 ? interleaved_col(c) : c;
+  return 16 * ((p >> 2) & 7) + 8 * ((p >> 1) & 1) + 2 * (p >> 5) + (p & 1);
+}
+
+// Position of K offset `col` of a row in activation layout `layout` (k % 128 == 0 for the wgmma
+// layouts).
+__device__ __forceinline__ int act_pos(int col, int layout) {
+  switch (layout) {
+    case ACT_INTERLEAVED: return interleaved_col(col);
+    case ACT_WGMMA_FP8: return (col & ~127) | wgmma_pos(col & 127, false);
+    case ACT_WGMMA_FP4: return (col & ~127) | wgmma_pos(col & 127, true);
+    default: return col;
+  }
+}
+
+}  // namespace dsv4

@@ -1,0 +1,302 @@
+// Block-scaled GEMM, the Hopper tiled form: wgmma (sm_90a), built for sm_90a alone and picked at
+// run time on compute capability 9.0 for the calls the portable tiled form (cuda/qgemm.cu
+// dsv4_qgemm_*_m64) would take: many activation rows per weight (prefill), K a multiple of 128.
+// Same parameters, work items (dense row tiles or a MoE plan's tiles), epilogues and numerics as
+// cuda/qgemm.cu: weights decoded to exact bfloat16 in registers (never to memory), products
+// exact, float32 sums (only their order differs from the CPU twin).
+//
+// dsv4_qgemm_{fp8,fp4}_wgmma: Y^T = W A^T for 128 weight rows x 128 activation rows a block, 256
+// threads in two warpgroups. The roles are the decode form's: the weights are wgmma's A operand,
+// taken from registers (each warpgroup 64 weight rows, each warp 16, each lane rows fr and
+// fr + 8 of its warp: the mma.sync A fragment layout), and the activation rows its N = 128
+// operand, read from shared memory K-major in 128-byte swizzled rows. A lane decodes 32
+// consecutive K values of each of its two rows per 128-wide K step (fp4x32_lane / fp8x32_lane,
+// as the portable forms do); the activations are stored in the matching order (wgmma_pos,
+// written by dsv4_act_quant), so a plain 16-byte copy lands them where wgmma reads them.
+//
+// Pipeline (STAGES deep, cp.async): a stage holds the activation tile of a K step, each lane's
+// own raw weight bytes and (MXFP4) scale words, so a lane decodes what it copied itself and only
+// the activation tile needs the block barrier. Each step: barrier; copies of step c + STAGES - 1
+// issued; the 8 wgmma of step c issued asynchronously from one register buffer; the lane waits
+// for its copies of step c + 1 and decodes them into the other buffer while the tensor cores
+// run; then waits for the wgmma. FP8 weights: each step's wgmma sum into a zeroed partial
+// accumulator which the lane's two block scales (rows fr and fr + 8) then add into the result.
+#include "mma.cuh"
+#include "qgemm.cuh"
+
+using namespace dsv4;
+
+namespace {
+
+constexpr int THREADS = 256;  // two warpgroups
+constexpr int BN = 128;       // weight rows a block: 64 a warpgroup (the wgmma M), 16 a warp
+constexpr int BT = 128;       // activation rows a block (the wgmma N)
+constexpr int STAGES = 4;
+constexpr int ATOM_ROW = 128;             // bytes of a swizzled row: 64 bf16 K values
+constexpr int ACT_TILE = 2 * BT * ATOM_ROW;  // a step's activations: two atoms of 64 K values
+
+template <int B>
+struct Buf {
+  static constexpr int value = B;
+};
+
+template <bool FP4>
+struct Stage {
+  static constexpr int CHUNKS = FP4 ? 1 : 2;                // a lane's 16-byte weight chunks a row and step
+  static constexpr int W_TILE = 2 * CHUNKS * THREADS * 16;  // [row j][chunk][thread] 16 bytes
+  static constexpr int S_TILE = FP4 ? 2 * THREADS * 4 : 0;  // [row j][thread] the row's 4 scale codes
+  static constexpr int BYTES = ACT_TILE + W_TILE + S_TILE;
+  static_assert(BYTES % 1024 == 0, "each stage's activation tile must stay 1024-byte aligned (swizzle atoms)");
+};
+
+__device__ __forceinline__ uint4 lds128(uint32_t a) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(a));
+  return v;
+}
+__device__ __forceinline__ uint32_t lds32(uint32_t a) {
+  uint32_t v;
+  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(a));
+  return v;
+}
+__device__ __forceinline__ void sts128(uint32_t a, uint4 v) {
+  asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};\n" ::"r"(a), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
+}
+__device__ __forceinline__ void sts32(uint32_t a, uint32_t v) {
+  asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(a), "r"(v) : "memory");
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+
+// The shared-memory descriptor of a K-major operand in 128-byte swizzled rows (8-row groups 1024
+// bytes apart) starting at shared address `addr`, as two 32-bit halves: start address and LBO
+// (unused by this layout, 16 bytes) in `lo`; SBO and the swizzle mode (128 B: 1 in bits 62-63) in
+// `hi`. A k16 slice within an atom starts 32 bytes further per slice (the swizzle acts on the
+// address bits, so the atom must be 1024-byte aligned).
+__device__ __forceinline__ uint2 swizzled_desc(uint32_t addr) {
+  return make_uint2(((addr & 0x3FFFF) >> 4) | (1u << 16), (1024u >> 4) | (1u << 30));
+}
+
+// d (64 x 128 float32, 16 n8 column tiles of the mma.sync C layout per warp) = A B^T (+ d when
+// ACC), A 64 x 16 bf16 in registers (mma.sync A layout per warp), B 128 x 16 bf16 K-major in
+// shared memory.
+template <bool ACC>
+__device__ __forceinline__ void wgmma_m64n128k16_rs(float (&d)[16][4], const uint32_t (&a)[4], uint2 b) {
+  asm volatile(
+      "{\n.reg .b64 db;\nmov.b64 db, {%68, %69};\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+      "}, {%64, %65, %66, %67}, db, %70, 1, 1, 0;\n}\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+        "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+        "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+        "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]),
+        "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),
+        "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]),
+        "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]),
+        "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.x), "r"(b.y), "n"(ACC ? 1 : 0));
+}
+
+template <bool FP4>
+__device__ __forceinline__ void qgemm_wgmma(const GemmParams& p) {
+  using S = Stage<FP4>;
+  extern __shared__ __align__(1024) uint8_t smem[];
+
+  int g, rows;
+  long long row0;
+  if (!work_item(p, BT, g, row0, rows)) return;
+  // Stages from the first 1024-byte boundary (the launch asks for 1 KB of slack).
+  const uint32_t base = ((uint32_t)__cvta_generic_to_shared(smem) + 1023u) & ~1023u;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int q = lane % 4, fr = lane / 4;
+  const int k_steps = p.k / KC;  // the launcher takes k % 128 == 0 here
+  const int c_begin = blockIdx.z * p.k_steps_per_split;
+  const int c_end = min(k_steps, c_begin + p.k_steps_per_split);
+  const long long k = p.k;
+
+  // The lane's weight rows: slots 16 warp + fr (j = 0) and 16 warp + 8 + fr (j = 1).
+  const uint8_t* wsrc[2];
+  const void* ssrc[2];  // FP4: the row's scale codes; FP8: its 128-row block's scales
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const int n = weight_row(p, 16 * warp + 8 * j + fr, BN);
+    const long long ng = (long long)g * p.n + n;
+    wsrc[j] = n < 0 ? nullptr : p.w + ng * (FP4 ? k / 2 : k) + (FP4 ? 16 : 32) * q;
+    ssrc[j] = n < 0 ? nullptr
+                    : FP4 ? (const void*)((const uint8_t*)p.w_scale + ng * (k / 32))
+                          : (const void*)((const float*)p.w_scale + (ng / 128) * k_steps);
+  }
+  // The thread's activation copies: chunk h = tid % 16 (K values 8h .. 8h + 7 of the step, in the
+  // stored order) of rows tid / 16 + 16 i, into atom h / 8 at swizzled chunk (h % 8) ^ (row % 8).
+  const int h = tid % 16, r0 = tid / 16;
+  const uint32_t a_dst = (h / 8) * (BT * ATOM_ROW) + r0 * ATOM_ROW + (((h % 8) ^ (r0 % 8)) * 16);
+  const uint16_t* asrc[BT / 16];
+#pragma unroll
+  for (int i = 0; i < BT / 16; ++i) {
+    const int r = r0 + 16 * i;
+    asrc[i] = nullptr;
+    if (r < rows) {
+      const long long pos = row0 + r;
+      const long long src = p.a_rows ? p.a_rows[pos] / p.a_div : pos;
+      asrc[i] = p.a + src * p.a_row_stride + g * p.a_group_stride + 8 * h;
+    }
+  }
+  const uint32_t w_at = ACT_TILE + tid * 16, s_at = ACT_TILE + S::W_TILE + tid * 4;
+
+  // What no copy ever fills, set once in every stage: activation rows past the tile's rows and
+  // weight rows past the weights are zeros; their scale codes 127 (2^0).
+  for (int st = 0; st < STAGES; ++st) {
+    const uint32_t sb = base + st * S::BYTES;
+#pragma unroll
+    for (int i = 0; i < BT / 16; ++i)
+      if (!asrc[i]) sts128(sb + a_dst + i * 16 * ATOM_ROW, make_uint4(0, 0, 0, 0));
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      if (wsrc[j]) continue;
+#pragma unroll
+      for (int u = 0; u < S::CHUNKS; ++u) sts128(sb + w_at + (j * S::CHUNKS + u) * THREADS * 16, make_uint4(0, 0, 0, 0));
+      if (FP4) sts32(sb + s_at + j * THREADS * 4, 0x7F7F7F7Fu);
+    }
+  }
+
+  auto issue = [&](int c, int slot) {
+    const uint32_t sb = base + slot * S::BYTES;
+#pragma unroll
+    for (int i = 0; i < BT / 16; ++i)
+      if (asrc[i]) cp_async16(sb + a_dst + i * 16 * ATOM_ROW, asrc[i] + (long long)c * KC);
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      if (!wsrc[j]) continue;
+#pragma unroll
+      for (int u = 0; u < S::CHUNKS; ++u)
+        cp_async16(sb + w_at + (j * S::CHUNKS + u) * THREADS * 16, wsrc[j] + (long long)c * (FP4 ? KC / 2 : KC) + 16 * u);
+      if (FP4) cp_async4(sb + s_at + j * THREADS * 4, (const uint8_t*)ssrc[j] + 4 * c);
+    }
+  };
+
+  // This lane's A registers of the 8 k16 steps: rows fr / fr + 8 at lane positions 4 s .. 4 s + 3.
+  auto decode = [&](int slot, uint32_t(&a)[8][4]) {
+    const uint32_t sb = base + slot * S::BYTES;
+    uint32_t b[2][16];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      if (FP4) {
+        const int se = (int)((lds32(sb + s_at + j * THREADS * 4) >> (8 * q)) & 0xFFu) - 127;
+        fp4x32_lane(lds128(sb + w_at + j * THREADS * 16), se, b[j]);
+      } else {
+        fp8x32_lane(lds128(sb + w_at + 2 * j * THREADS * 16), lds128(sb + w_at + (2 * j + 1) * THREADS * 16), b[j]);
+      }
+    }
+#pragma unroll
+    for (int s = 0; s < 8; ++s) {
+      a[s][0] = b[0][2 * s];
+      a[s][1] = b[1][2 * s];
+      a[s][2] = b[0][2 * s + 1];
+      a[s][3] = b[1][2 * s + 1];
+    }
+  };
+
+  float acc[16][4], part[16][4];  // part: FP8 weights only
+#pragma unroll
+  for (int j = 0; j < 16; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+  uint32_t ra[2][8][4];
+
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (c_begin + s < c_end) issue(c_begin + s, s);
+    cp_async_commit();
+  }
+  if (c_begin < c_end) {
+    cp_async_wait<STAGES - 2>();
+    decode(0, ra[0]);
+  }
+  fence_async_shared();  // the zero fills and this thread's copies of the first step, for wgmma
+
+  // Step c from register buffer B (B = (c - c_begin) % 2).
+  auto step = [&](int c, auto buf) {
+    constexpr int B = decltype(buf)::value;
+    const int slot = (c - c_begin) % STAGES;
+    float scale[2] = {0.f, 0.f};
+    if (!FP4) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) scale[j] = ssrc[j] ? __ldg((const float*)ssrc[j] + c) : 0.f;
+    }
+    __syncthreads();  // step c's activations have landed for every thread; step c - 1's wgmma are done
+    if (c + STAGES - 1 < c_end) issue(c + STAGES - 1, (slot + STAGES - 1) % STAGES);
+    cp_async_commit();
+    const uint32_t act = base + slot * S::BYTES;
+    wgmma_fence();
+#pragma unroll
+    for (int s = 0; s < 8; ++s) {
+      const uint2 desc = swizzled_desc(act + (s / 4) * (BT * ATOM_ROW) + (s % 4) * 32);
+      if (FP4) wgmma_m64n128k16_rs<true>(acc, ra[B][s], desc);
+      else if (s == 0) wgmma_m64n128k16_rs<false>(part, ra[B][s], desc);
+      else wgmma_m64n128k16_rs<true>(part, ra[B][s], desc);
+    }
+    wgmma_commit();
+    if (c + 1 < c_end) {
+      cp_async_wait<STAGES - 2>();
+      decode((slot + 1) % STAGES, ra[B ^ 1]);
+      fence_async_shared();  // this thread's copies of step c + 1's activations, for wgmma
+    }
+    wgmma_wait_all();
+    if (!FP4) {
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+        acc[j][0] += part[j][0] * scale[0];
+        acc[j][1] += part[j][1] * scale[0];
+        acc[j][2] += part[j][2] * scale[1];
+        acc[j][3] += part[j][3] * scale[1];
+      }
+    }
+  };
+  for (int c = c_begin; c < c_end; c += 2) {
+    step(c, Buf<0>{});
+    if (c + 1 < c_end) step(c + 1, Buf<1>{});
+  }
+  cp_async_wait<0>();
+
+  // Epilogue. acc[j][e]: weight slot 16 warp + fr + 8 (e / 2), activation row 8 j + 2 q + e % 2.
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+#pragma unroll
+    for (int e2 = 0; e2 < 2; ++e2) {
+      const int r = 8 * j + 2 * q + e2;
+      if (r >= rows) continue;
+      const long long row = row0 + r;
+      if (p.swiglu) {
+        const int col = blockIdx.x * (BN / 2) + 8 * warp + fr;
+        if (col >= p.n / 2) continue;
+        const float gate = fminf(acc[j][e2], p.limit);
+        const float up = fminf(fmaxf(acc[j][2 + e2], -p.limit), p.limit);
+        const float hv = silu(gate) * up;
+        const long long o = row * p.out_row_stride + g * p.out_group_stride;
+        if (p.out_bf16) ((uint16_t*)p.out)[o + act_pos(col, ACT_WGMMA_FP4)] = bf16_from_f32(hv);  // A of the down GEMM
+        else ((float*)p.out)[o + col] = hv;
+      } else {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int n = blockIdx.x * BN + 16 * warp + fr + 8 * half;
+          if (n >= p.n) continue;
+          const float v = acc[j][2 * half + e2];
+          const long long o = blockIdx.z * p.out_split_stride + row * p.out_row_stride + g * p.out_group_stride + n;
+          if (p.out_bf16) ((uint16_t*)p.out)[o] = bf16_from_f32(v);
+          else ((float*)p.out)[o] = v;
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(THREADS, 1) dsv4_qgemm_fp8_wgmma(const GemmParams p) { qgemm_wgmma<false>(p); }
+extern "C" __global__ void __launch_bounds__(THREADS, 1) dsv4_qgemm_fp4_wgmma(const GemmParams p) { qgemm_wgmma<true>(p); }
