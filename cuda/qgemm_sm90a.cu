@@ -16,10 +16,10 @@
 //
 // Pipeline (STAGES deep, cp.async): a stage holds the activation tile of a K step, each lane's
 // own raw weight bytes and (MXFP4) scale words, so a lane decodes what it copied itself and only
-// the activation tile needs the block barrier. Each step: barrier; copies of step c + STAGES - 1
-// issued; the 8 wgmma of step c issued asynchronously from one register buffer; the lane waits
-// for its copies of step c + 1 and decodes them into the other buffer while the tensor cores
-// run; then waits for the wgmma. FP8 weights: each step's wgmma sum into a zeroed partial
+// the activation tile needs the block barrier. Each step: barrier; the 8 wgmma of step c issued
+// asynchronously from one register buffer; the lane waits for its copies of step c + 1 and
+// decodes them into the other buffer while the tensor cores run; the copies of step
+// c + STAGES - 1 issued; then it waits for the wgmma. FP8 weights: each step's wgmma sum into a zeroed partial
 // accumulator which the lane's two block scales (rows fr and fr + 8) then add into the result.
 #include "mma.cuh"
 #include "qgemm.cuh"
@@ -44,7 +44,7 @@ template <bool FP4>
 struct Stage {
   static constexpr int CHUNKS = FP4 ? 1 : 2;                // a lane's 16-byte weight chunks a row and step
   static constexpr int W_TILE = 2 * CHUNKS * THREADS * 16;  // [row j][chunk][thread] 16 bytes
-  static constexpr int S_TILE = FP4 ? 2 * THREADS * 4 : 0;  // [row j][thread] the row's 4 scale codes
+  static constexpr int S_TILE = 2 * THREADS * 4;             // [row j][thread] the row's 4 scale codes, or its float scale
   static constexpr int BYTES = ACT_TILE + W_TILE + S_TILE;
   static_assert(BYTES % 1024 == 0, "each stage's activation tile must stay 1024-byte aligned (swizzle atoms)");
 };
@@ -150,7 +150,7 @@ __device__ __forceinline__ void qgemm_wgmma(const GemmParams& p) {
   const uint32_t w_at = ACT_TILE + tid * 16, s_at = ACT_TILE + S::W_TILE + tid * 4;
 
   // What no copy ever fills, set once in every stage: activation rows past the tile's rows and
-  // weight rows past the weights are zeros; their scale codes 127 (2^0).
+  // weight rows past the weights are zeros; their scale codes 127 (2^0), their FP8 scales 0.
   for (int st = 0; st < STAGES; ++st) {
     const uint32_t sb = base + st * S::BYTES;
 #pragma unroll
@@ -161,7 +161,7 @@ __device__ __forceinline__ void qgemm_wgmma(const GemmParams& p) {
       if (wsrc[j]) continue;
 #pragma unroll
       for (int u = 0; u < S::CHUNKS; ++u) sts128(sb + w_at + (j * S::CHUNKS + u) * THREADS * 16, make_uint4(0, 0, 0, 0));
-      if (FP4) sts32(sb + s_at + j * THREADS * 4, 0x7F7F7F7Fu);
+      sts32(sb + s_at + j * THREADS * 4, FP4 ? 0x7F7F7F7Fu : 0u);
     }
   }
 
@@ -176,7 +176,7 @@ __device__ __forceinline__ void qgemm_wgmma(const GemmParams& p) {
 #pragma unroll
       for (int u = 0; u < S::CHUNKS; ++u)
         cp_async16(sb + w_at + (j * S::CHUNKS + u) * THREADS * 16, wsrc[j] + (long long)c * (FP4 ? KC / 2 : KC) + 16 * u);
-      if (FP4) cp_async4(sb + s_at + j * THREADS * 4, (const uint8_t*)ssrc[j] + 4 * c);
+      cp_async4(sb + s_at + j * THREADS * 4, FP4 ? (const void*)((const uint8_t*)ssrc[j] + 4 * c) : (const void*)((const float*)ssrc[j] + c));
     }
   };
 
@@ -184,14 +184,27 @@ __device__ __forceinline__ void qgemm_wgmma(const GemmParams& p) {
   auto decode = [&](int slot, uint32_t(&a)[8][4]) {
     const uint32_t sb = base + slot * S::BYTES;
     uint32_t b[2][16];
+    if (FP4) {
+      uint4 raw[2];
+      int code[2];
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      if (FP4) {
-        const int se = (int)((lds32(sb + s_at + j * THREADS * 4) >> (8 * q)) & 0xFFu) - 127;
-        fp4x32_lane(lds128(sb + w_at + j * THREADS * 16), se, b[j]);
-      } else {
-        fp8x32_lane(lds128(sb + w_at + 2 * j * THREADS * 16), lds128(sb + w_at + (2 * j + 1) * THREADS * 16), b[j]);
+      for (int j = 0; j < 2; ++j) {
+        raw[j] = lds128(sb + w_at + j * THREADS * 16);
+        code[j] = (int)((lds32(sb + s_at + j * THREADS * 4) >> (8 * q)) & 0xFFu);
       }
+      // Scales above 2 (never written by a quantizer) take a second multiply; keeping them off the
+      // common path leaves both rows' decoding one branch-free block.
+      if (max(code[0], code[1]) <= 128) {
+        fp4x32_lane_small(raw[0], code[0] - 127, b[0]);
+        fp4x32_lane_small(raw[1], code[1] - 127, b[1]);
+      } else {
+        fp4x32_lane(raw[0], code[0] - 127, b[0]);
+        fp4x32_lane(raw[1], code[1] - 127, b[1]);
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+        fp8x32_lane(lds128(sb + w_at + 2 * j * THREADS * 16), lds128(sb + w_at + (2 * j + 1) * THREADS * 16), b[j]);
     }
 #pragma unroll
     for (int s = 0; s < 8; ++s) {
@@ -224,14 +237,7 @@ __device__ __forceinline__ void qgemm_wgmma(const GemmParams& p) {
   auto step = [&](int c, auto buf) {
     constexpr int B = decltype(buf)::value;
     const int slot = (c - c_begin) % STAGES;
-    float scale[2] = {0.f, 0.f};
-    if (!FP4) {
-#pragma unroll
-      for (int j = 0; j < 2; ++j) scale[j] = ssrc[j] ? __ldg((const float*)ssrc[j] + c) : 0.f;
-    }
     __syncthreads();  // step c's activations have landed for every thread; step c - 1's wgmma are done
-    if (c + STAGES - 1 < c_end) issue(c + STAGES - 1, (slot + STAGES - 1) % STAGES);
-    cp_async_commit();
     const uint32_t act = base + slot * S::BYTES;
     wgmma_fence();
 #pragma unroll
@@ -243,12 +249,20 @@ __device__ __forceinline__ void qgemm_wgmma(const GemmParams& p) {
     }
     wgmma_commit();
     if (c + 1 < c_end) {
-      cp_async_wait<STAGES - 2>();
+      cp_async_wait<STAGES - 3>();  // step c + 1's copies (step c + 2's may still fly)
+      // This thread's copies of step c + 1's activations, for wgmma; before the next copies are
+      // issued, so that the fence has fewer in flight to order.
+      fence_async_shared();
       decode((slot + 1) % STAGES, ra[B ^ 1]);
-      fence_async_shared();  // this thread's copies of step c + 1's activations, for wgmma
     }
+    // The copies of step c + STAGES - 1 go to step c - 1's slot, which no wgmma reads any more.
+    if (c + STAGES - 1 < c_end) issue(c + STAGES - 1, (slot + STAGES - 1) % STAGES);
+    cp_async_commit();
     wgmma_wait_all();
     if (!FP4) {
+      float scale[2];
+#pragma unroll
+      for (int j = 0; j < 2; ++j) scale[j] = __uint_as_float(lds32(act + s_at + j * THREADS * 4));
 #pragma unroll
       for (int j = 0; j < 16; ++j) {
         acc[j][0] += part[j][0] * scale[0];

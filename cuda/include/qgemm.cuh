@@ -94,6 +94,15 @@ __device__ __forceinline__ void fp4x32_lane(const uint4 raw, int se, uint32_t (&
   }
 }
 
+// fp4x32_lane for a scale exponent se <= 1 (every real weight's): one multiply, no branch.
+__device__ __forceinline__ void fp4x32_lane_small(const uint4 raw, int se, uint32_t (&b)[16]) {
+  const uint32_t mult = bf16x2_pow2(126 + se);
+  fp4x8_interleaved(raw.x, mult, &b[0]);
+  fp4x8_interleaved(raw.y, mult, &b[4]);
+  fp4x8_interleaved(raw.z, mult, &b[8]);
+  fp4x8_interleaved(raw.w, mult, &b[12]);
+}
+
 __device__ __forceinline__ void fp8x32_lane(const uint4 r0, const uint4 r1, uint32_t (&b)[16]) {
   const uint2 parts[4] = {make_uint2(r0.x, r0.y), make_uint2(r0.z, r0.w), make_uint2(r1.x, r1.y), make_uint2(r1.z, r1.w)};
 #pragma unroll

@@ -167,9 +167,9 @@ fn gemm_shared_bytes(fp4: bool, form: Form, bm: usize, k: usize) -> usize {
         }
         Form::Wgmma => {
             // cuda/qgemm_sm90a.cu `Stage`: the activation tile, each lane's raw weight bytes of its
-            // two rows and (MXFP4) their scale words; 1 KB of slack to align the stages to 1 KB.
+            // two rows and their scale words; 1 KB of slack to align the stages to 1 KB.
             let threads = WG_THREADS as usize;
-            let stage = WG_BT * KC * 2 + if fp4 { 2 * threads * 16 + 2 * threads * 4 } else { 2 * 2 * threads * 16 };
+            let stage = WG_BT * KC * 2 + if fp4 { 2 * threads * 16 } else { 2 * 2 * threads * 16 } + 2 * threads * 4;
             WG_STAGES * stage + 1024
         }
     }
