@@ -18,6 +18,7 @@
 // w holds heads 16 (w % 4) .. +16 in the mma.sync fragment layout, so the softmax step and the
 // epilogue are the shared ones. Same partials and combine step as the other kernels.
 #include "attention.cuh"
+#include "wgmma.cuh"
 
 namespace {
 
@@ -50,24 +51,6 @@ __device__ __forceinline__ void set_max_registers() {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
 }
 
-// A shared-memory matrix descriptor, no swizzle, as two 32-bit halves: the start address (bits
-// 0-13) and LBO (16-29, the next core matrix along K) in `lo`, SBO (the next 8 rows along M or N)
-// in `hi`, all in 16-byte units. Offsets are added to `lo` alone: shared addresses stay below
-// 2^18 bytes, so the start address field never carries into LBO.
-struct Desc {
-  uint32_t lo, hi;
-  __device__ Desc operator+(uint32_t units) const { return {lo + units, hi}; }
-};
-
-__device__ __forceinline__ Desc smem_desc(const void* ptr, uint32_t lbo, uint32_t sbo) {
-  const uint32_t a = (uint32_t)__cvta_generic_to_shared(ptr);
-  return {((a & 0x3FFFF) >> 4) | ((lbo >> 4) << 16), sbo >> 4};
-}
-
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
-
 // s (64 x 32, fp32, mma.sync C layout per warp) = A B^T (ACC: s += A B^T), A and B K-major in
 // shared memory.
 template <bool ACC>
@@ -80,31 +63,6 @@ __device__ __forceinline__ void wgmma_m64n32k16(float (&s)[4][4], Desc a, Desc b
                  "+f"(s[2][0]), "+f"(s[2][1]), "+f"(s[2][2]), "+f"(s[2][3]),
                  "+f"(s[3][0]), "+f"(s[3][1]), "+f"(s[3][2]), "+f"(s[3][3])
                : "r"(a.lo), "r"(a.hi), "r"(b.lo), "r"(b.hi), "n"(ACC ? 1 : 0));
-}
-
-// o[N0 .. N0 + 16) (64 x 128 of the accumulators, fp32) += A B with A (64 x 16 bf16) in
-// registers in the mma.sync A layout per warp and B (16 x 128) N-major in shared memory. (N =
-// 128 rather than 256: ptxas needs the kernel-wide register cap to hold one instruction's
-// accumulators, and 512 threads cap it at 128.)
-template <int N0>
-__device__ __forceinline__ void wgmma_m64n128k16_rs(float (&o)[32][4], const uint32_t (&a)[4], Desc b) {
-  asm volatile(
-      "{\n.reg .b64 db;\nmov.b64 db, {%68, %69};\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-      "}, {%64, %65, %66, %67}, db, 1, 1, 1, 1;\n}\n"
-      : "+f"(o[N0 + 0][0]), "+f"(o[N0 + 0][1]), "+f"(o[N0 + 0][2]), "+f"(o[N0 + 0][3]), "+f"(o[N0 + 1][0]), "+f"(o[N0 + 1][1]), "+f"(o[N0 + 1][2]), "+f"(o[N0 + 1][3]),
-        "+f"(o[N0 + 2][0]), "+f"(o[N0 + 2][1]), "+f"(o[N0 + 2][2]), "+f"(o[N0 + 2][3]), "+f"(o[N0 + 3][0]), "+f"(o[N0 + 3][1]), "+f"(o[N0 + 3][2]), "+f"(o[N0 + 3][3]),
-        "+f"(o[N0 + 4][0]), "+f"(o[N0 + 4][1]), "+f"(o[N0 + 4][2]), "+f"(o[N0 + 4][3]), "+f"(o[N0 + 5][0]), "+f"(o[N0 + 5][1]), "+f"(o[N0 + 5][2]), "+f"(o[N0 + 5][3]),
-        "+f"(o[N0 + 6][0]), "+f"(o[N0 + 6][1]), "+f"(o[N0 + 6][2]), "+f"(o[N0 + 6][3]), "+f"(o[N0 + 7][0]), "+f"(o[N0 + 7][1]), "+f"(o[N0 + 7][2]), "+f"(o[N0 + 7][3]),
-        "+f"(o[N0 + 8][0]), "+f"(o[N0 + 8][1]), "+f"(o[N0 + 8][2]), "+f"(o[N0 + 8][3]), "+f"(o[N0 + 9][0]), "+f"(o[N0 + 9][1]), "+f"(o[N0 + 9][2]), "+f"(o[N0 + 9][3]),
-        "+f"(o[N0 + 10][0]), "+f"(o[N0 + 10][1]), "+f"(o[N0 + 10][2]), "+f"(o[N0 + 10][3]), "+f"(o[N0 + 11][0]), "+f"(o[N0 + 11][1]), "+f"(o[N0 + 11][2]), "+f"(o[N0 + 11][3]),
-        "+f"(o[N0 + 12][0]), "+f"(o[N0 + 12][1]), "+f"(o[N0 + 12][2]), "+f"(o[N0 + 12][3]), "+f"(o[N0 + 13][0]), "+f"(o[N0 + 13][1]), "+f"(o[N0 + 13][2]), "+f"(o[N0 + 13][3]),
-        "+f"(o[N0 + 14][0]), "+f"(o[N0 + 14][1]), "+f"(o[N0 + 14][2]), "+f"(o[N0 + 14][3]), "+f"(o[N0 + 15][0]), "+f"(o[N0 + 15][1]), "+f"(o[N0 + 15][2]), "+f"(o[N0 + 15][3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.lo), "r"(b.hi));
 }
 
 }  // namespace
@@ -218,8 +176,12 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1) dsv4_sparse_attentio
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < TILE / 16; ++kk) {
-      wgmma_m64n128k16_rs<0>(o, pa[kk], v_desc + b * TILE_UNITS + kk * 16);
-      wgmma_m64n128k16_rs<16>(o, pa[kk], v_desc + b * TILE_UNITS + kk * 16 + 16 * TILE);
+      // o[0 .. 16) and o[16 .. 32): 128 output dims each (N = 128 rather than 256: ptxas needs
+      // the kernel-wide register cap to hold one instruction's accumulators, and 512 threads cap
+      // it at 128).
+      wgmma_m64n128k16_rs<true, true>(*reinterpret_cast<float(*)[16][4]>(&o[0]), pa[kk], v_desc + b * TILE_UNITS + kk * 16);
+      wgmma_m64n128k16_rs<true, true>(*reinterpret_cast<float(*)[16][4]>(&o[16]), pa[kk],
+                                      v_desc + b * TILE_UNITS + kk * 16 + 16 * TILE);
     }
     wgmma_commit();
     // P V completes within the iteration: ptxas serializes every wgmma of a kernel in which one

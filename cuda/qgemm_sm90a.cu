@@ -23,6 +23,7 @@
 // accumulator which the lane's two block scales (rows fr and fr + 8) then add into the result.
 #include "mma.cuh"
 #include "qgemm.cuh"
+#include "wgmma.cuh"
 
 using namespace dsv4;
 
@@ -64,43 +65,6 @@ __device__ __forceinline__ void sts128(uint32_t a, uint4 v) {
 }
 __device__ __forceinline__ void sts32(uint32_t a, uint32_t v) {
   asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(a), "r"(v) : "memory");
-}
-
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
-
-// The shared-memory descriptor of a K-major operand in 128-byte swizzled rows (8-row groups 1024
-// bytes apart) starting at shared address `addr`, as two 32-bit halves: start address and LBO
-// (unused by this layout, 16 bytes) in `lo`; SBO and the swizzle mode (128 B: 1 in bits 62-63) in
-// `hi`. A k16 slice within an atom starts 32 bytes further per slice (the swizzle acts on the
-// address bits, so the atom must be 1024-byte aligned).
-__device__ __forceinline__ uint2 swizzled_desc(uint32_t addr) {
-  return make_uint2(((addr & 0x3FFFF) >> 4) | (1u << 16), (1024u >> 4) | (1u << 30));
-}
-
-// d (64 x 128 float32, 16 n8 column tiles of the mma.sync C layout per warp) = A B^T (+ d when
-// ACC), A 64 x 16 bf16 in registers (mma.sync A layout per warp), B 128 x 16 bf16 K-major in
-// shared memory.
-template <bool ACC>
-__device__ __forceinline__ void wgmma_m64n128k16_rs(float (&d)[16][4], const uint32_t (&a)[4], uint2 b) {
-  asm volatile(
-      "{\n.reg .b64 db;\nmov.b64 db, {%68, %69};\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-      "}, {%64, %65, %66, %67}, db, %70, 1, 1, 0;\n}\n"
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
-        "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
-        "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
-        "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]),
-        "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),
-        "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]),
-        "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]),
-        "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.x), "r"(b.y), "n"(ACC ? 1 : 0));
 }
 
 template <bool FP4>
@@ -242,10 +206,10 @@ __device__ __forceinline__ void qgemm_wgmma(const GemmParams& p) {
     wgmma_fence();
 #pragma unroll
     for (int s = 0; s < 8; ++s) {
-      const uint2 desc = swizzled_desc(act + (s / 4) * (BT * ATOM_ROW) + (s % 4) * 32);
-      if (FP4) wgmma_m64n128k16_rs<true>(acc, ra[B][s], desc);
-      else if (s == 0) wgmma_m64n128k16_rs<false>(part, ra[B][s], desc);
-      else wgmma_m64n128k16_rs<true>(part, ra[B][s], desc);
+      const Desc desc = swizzled_desc(act + (s / 4) * (BT * ATOM_ROW) + (s % 4) * 32);
+      if (FP4) wgmma_m64n128k16_rs<true, false>(acc, ra[B][s], desc);
+      else if (s == 0) wgmma_m64n128k16_rs<false, false>(part, ra[B][s], desc);
+      else wgmma_m64n128k16_rs<true, false>(part, ra[B][s], desc);
     }
     wgmma_commit();
     if (c + 1 < c_end) {

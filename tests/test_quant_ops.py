@@ -490,22 +490,28 @@ def slice_bound() -> float:
     return SLICE if fp8_cores and os.environ.get("DSV4RS_QGEMM_KERNEL", "auto") in ("auto", "fp8") else 0.0
 
 
+def launched_kernels(fn) -> set[str]:
+    """Names of the CUDA kernels one call of ``fn`` launches (seen by torch's profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.key for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA}
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("fp4", [False, True], ids=["fp8", "fp4"])
 def test_gpu_qgemm_kernel_switch_takes_effect(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch, fp4: bool) -> None:
     """The decode form that runs is the one asked for (seen by the profiler): the FP8 one by default
     on GPUs with FP8 ``mma`` (sm_89+), the bf16 one with ``DSV4RS_QGEMM_KERNEL=bf16``; an unknown name
     is an error naming the variable."""
-    from torch.profiler import ProfilerActivity, profile
-
-    def launched() -> set[str]:
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            ops.quant_linear(x, weight, scale)
-            torch.cuda.synchronize()
-        return {e.key for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA}
-
     weight, scale = fp4_weight(gen, 64, 256) if fp4 else fp8_weight(gen, 64, 256)
     x, weight, scale = cuda(activations(gen, 2, 256), weight, scale)
+
+    def launched() -> set[str]:
+        return launched_kernels(lambda: ops.quant_linear(x, weight, scale))
+
     fmt = "fp4" if fp4 else "fp8"
     monkeypatch.setenv("DSV4RS_QGEMM_KERNEL", "bf16")
     names = launched()
@@ -526,16 +532,12 @@ def test_gpu_qgemm_tiled_kernel_switch_takes_effect(gen: torch.Generator, monkey
     """The tiled form that runs (seen by the profiler) is the ``wgmma`` one by default on compute
     capability 9.0 and the ``mma.sync`` one with ``DSV4RS_QGEMM_TILED=mma``; forcing ``wgmma``
     elsewhere, or an unknown name, is an error naming the variable."""
-    from torch.profiler import ProfilerActivity, profile
-
-    def launched() -> set[str]:
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            ops.quant_linear(x, weight, scale)
-            torch.cuda.synchronize()
-        return {e.key for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA}
-
     weight, scale = fp4_weight(gen, 64, 256) if fp4 else fp8_weight(gen, 64, 256)
     x, weight, scale = cuda(activations(gen, 200, 256), weight, scale)
+
+    def launched() -> set[str]:
+        return launched_kernels(lambda: ops.quant_linear(x, weight, scale))
+
     fmt = "fp4" if fp4 else "fp8"
     monkeypatch.setenv("DSV4RS_QGEMM_TILED", "mma")
     names = launched()

@@ -1,0 +1,59 @@
+// Hopper warpgroup MMA primitives shared by the sm_90a kernels (cuda/*_sm90a.cu): the wgmma
+// fences, shared-memory matrix descriptors and the m64n128k16 form with A from registers.
+#pragma once
+#include <stdint.h>
+
+namespace dsv4 {
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+
+// A shared-memory matrix descriptor as two 32-bit halves: the start address (bits 0-13) and LBO
+// (16-29) in `lo`, SBO and the layout (swizzle) mode in `hi`, addresses and offsets in 16-byte
+// units. Offsets are added to `lo` alone: shared addresses stay below 2^18 bytes, so the start
+// address field never carries into LBO.
+struct Desc {
+  uint32_t lo, hi;
+  __device__ Desc operator+(uint32_t units) const { return {lo + units, hi}; }
+};
+
+// No swizzle: core matrices (8 rows of 16 bytes) LBO bytes apart along K, SBO bytes apart along
+// M or N.
+__device__ __forceinline__ Desc smem_desc(const void* ptr, uint32_t lbo, uint32_t sbo) {
+  const uint32_t a = (uint32_t)__cvta_generic_to_shared(ptr);
+  return {((a & 0x3FFFF) >> 4) | ((lbo >> 4) << 16), sbo >> 4};
+}
+
+// K-major in 128-byte swizzled rows (8-row groups 1024 bytes apart; LBO unused, 16 bytes) from
+// shared address `addr`. A k16 slice within a row's 128 bytes starts 32 bytes further per slice
+// (the swizzle acts on the address bits, so its 1024-byte atom must be aligned).
+__device__ __forceinline__ Desc swizzled_desc(uint32_t addr) {
+  return {((addr & 0x3FFFF) >> 4) | (1u << 16), (1024u >> 4) | (1u << 30)};
+}
+
+// d (64 x 128 float32, 16 n8 column tiles of the mma.sync C layout per warp) = A B (+ d when
+// ACC), A 64 x 16 bf16 in registers (the mma.sync A layout per warp), B 16 x 128 bf16 in shared
+// memory, K-major or (TRANS_B) N-major.
+template <bool ACC, bool TRANS_B>
+__device__ __forceinline__ void wgmma_m64n128k16_rs(float (&d)[16][4], const uint32_t (&a)[4], Desc b) {
+  asm volatile(
+      "{\n.reg .b64 db;\nmov.b64 db, {%68, %69};\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+      "}, {%64, %65, %66, %67}, db, %70, 1, 1, %71;\n}\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+        "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+        "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+        "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]),
+        "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),
+        "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]),
+        "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]),
+        "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.lo), "r"(b.hi), "n"(ACC ? 1 : 0), "n"(TRANS_B ? 1 : 0));
+}
+
+}  // namespace dsv4
