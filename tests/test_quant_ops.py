@@ -721,6 +721,34 @@ def test_gpu_quant_ops_without_tokens(gen: torch.Generator) -> None:
     assert out.shape == (0, 130) and out.device.type == "cuda"
 
 
+def odd_address_copy(t: torch.Tensor) -> torch.Tensor:
+    """``t`` on the GPU, contiguous but starting one byte past an allocation's aligned start."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device="cuda")
+    out = buf[1:].view(t.shape)
+    out.copy_(t.cuda())
+    return out
+
+
+@pytest.mark.gpu
+def test_gpu_quant_ops_refuse_misaligned_mxfp4_scales(gen: torch.Generator) -> None:
+    """MXFP4 scale codes are copied four bytes at a time on the GPU: a scale tensor at an odd
+    address is refused with an error naming it (rather than faulting the GPU), and the same values
+    aligned then give the reference result."""
+    weight, scale = fp4_weight(gen, 64, 256)
+    x = activations(gen, 40, 256)
+    with pytest.raises(ValueError, match="^scale: .*4-byte aligned"):
+        ops.quant_linear(*cuda(x, weight), odd_address_copy(scale))
+    got = ops.quant_linear(*cuda(x, weight), odd_address_copy(scale).clone())
+    want, tol = linear_bound(x, weight, scale, 1, "fp8", slice_bound())
+    assert_within(got, want, tol, "gpu vs reference")
+    (xm, idx, weights, gate_up, gate_up_scale, down, down_scale), limit = moe_inputs(
+        gen, "idle-expert", torch.float32, torch.int64)
+    with pytest.raises(ValueError, match="^down_scale: .*4-byte aligned"):
+        ops.moe_experts(*cuda(xm, idx, weights, gate_up, gate_up_scale, down), odd_address_copy(down_scale), limit)
+    with pytest.raises(ValueError, match="^gate_up_scale: .*4-byte aligned"):
+        ops.moe_experts(*cuda(xm, idx, weights, gate_up), odd_address_copy(gate_up_scale), *cuda(down, down_scale), limit)
+
+
 @pytest.mark.gpu
 def test_gpu_quant_ops_refuse_tensors_on_two_devices(gen: torch.Generator) -> None:
     x, weight, scale, _ = linear_inputs(gen, LINEAR_CASES[0], torch.float32)

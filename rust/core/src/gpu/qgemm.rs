@@ -252,6 +252,18 @@ fn check_aligned(t: &TensorRef) -> Result<()> {
     Ok(())
 }
 
+/// MXFP4 scale codes are copied four at a time (a row's codes of a 128-wide K step): the tensor
+/// must start 4-byte aligned, or the copies would fault. (FP8 scales are float32, aligned by type.)
+fn check_scale_aligned(w: &Weights) -> Result<()> {
+    if w.fp4 && !w.scale.ptr.is_multiple_of(4) {
+        return Err(Error::value(
+            w.scale.name,
+            "the GPU kernels need MXFP4 scale tensors 4-byte aligned (pass a fresh contiguous tensor)",
+        ));
+    }
+    Ok(())
+}
+
 /// A carved region of the workspace: byte offset and size, each 256-byte aligned.
 struct Carve {
     at: usize,
@@ -404,6 +416,7 @@ pub unsafe fn linear(
     for t in [x, w.data, workspace, out] {
         check_aligned(t)?;
     }
+    check_scale_aligned(w)?;
     let x_bf16 = x.dtype == DType::BF16;
     let LinearShape { form, bm, splits, per } = linear_shape(dev, m, groups, n, k, use_f8(dev, act_fp8, k)?)?;
     let lay = linear_layout(m, groups, n, k, quantizes_x(x_bf16, act_fp8, w.fp4, form), splits);
@@ -550,6 +563,8 @@ pub unsafe fn moe(
     for t in [x, gate_up.data, down.data, workspace, out] {
         check_aligned(t)?;
     }
+    check_scale_aligned(gate_up)?;
+    check_scale_aligned(down)?;
     let lay = moe_layout(tokens, k, experts, inter, dim);
     let have = workspace.numel() * workspace.dtype.size();
     if have < lay.total {
