@@ -520,12 +520,6 @@ __device__ __forceinline__ float ue8m0_any(uint32_t w, int b) {
   return __uint_as_float(c == 255u ? 0x7FC00000u : c == 0u ? 0x00400000u : c << 23);
 }
 
-// A compile-time bool as a value, for a generic lambda instantiated on it.
-template <bool B>
-struct BoolTag {
-  static constexpr bool value = B;
-};
-
 template <bool FP4, int NT>
 struct F8Layout {
   static constexpr int ROW = FP4 ? 64 : 128;   // bytes of one weight row per K step
@@ -770,11 +764,11 @@ __device__ __forceinline__ void qgemv_f8(const GemmParams& p) {
     cp_async_wait<0>();
     return __any_sync(0xffffffffu, __vcmpgtu4(code_max, 0xF8F8F8F8u) != 0u);
   };
-  const bool large_code = pass(BoolTag<false>{});
+  const bool large_code = pass(Tag<false>{});
   if constexpr (FP4) {
     if (large_code) {
       __syncwarp();  // every lane is done reading the ring
-      pass(BoolTag<true>{});
+      pass(Tag<true>{});
     }
   }
   gemv_finish<NT>(p, acc, red, g, row0, rows);

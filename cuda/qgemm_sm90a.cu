@@ -36,11 +36,6 @@ constexpr int STAGES = 4;
 constexpr int ATOM_ROW = 128;             // bytes of a swizzled row: 64 bf16 K values
 constexpr int ACT_TILE = 2 * BT * ATOM_ROW;  // a step's activations: two atoms of 64 K values
 
-template <int B>
-struct Buf {
-  static constexpr int value = B;
-};
-
 template <bool FP4>
 struct Stage {
   static constexpr int CHUNKS = FP4 ? 1 : 2;                // a lane's 16-byte weight chunks a row and step
@@ -237,8 +232,8 @@ __device__ __forceinline__ void qgemm_wgmma(const GemmParams& p) {
     }
   };
   for (int c = c_begin; c < c_end; c += 2) {
-    step(c, Buf<0>{});
-    if (c + 1 < c_end) step(c + 1, Buf<1>{});
+    step(c, Tag<0>{});
+    if (c + 1 < c_end) step(c + 1, Tag<1>{});
   }
   cp_async_wait<0>();
 

@@ -179,4 +179,10 @@ __device__ __forceinline__ int act_pos(int col, int layout) {
   }
 }
 
+// A compile-time value as a value, for a generic lambda instantiated on it.
+template <int V>
+struct Tag {
+  static constexpr int value = V;
+};
+
 }  // namespace dsv4
