@@ -181,19 +181,15 @@ fn gemm_shared_bytes(fp4: bool, form: Form, bm: usize, k: usize) -> usize {
 /// benchmarks: `mma` is the portable tiled form every GPU runs); forcing `wgmma` where it cannot
 /// run is an error.
 fn use_wgmma(dev: i32, k_ok: bool) -> Result<bool> {
-    static CAPABLE: std::sync::Mutex<Vec<(i32, bool)>> = std::sync::Mutex::new(Vec::new());
-    let capable = || -> Result<bool> {
-        let mut seen = CAPABLE.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, v)) = seen.iter().find(|(d, _)| *d == dev) {
-            return Ok(*v);
-        }
-        let most = gemm_shared_bytes(false, Form::Wgmma, WG_BT, KC).max(gemm_shared_bytes(true, Form::Wgmma, WG_BT, KC));
-        let v = super::compute_capability(dev)? == (9, 0)
-            && super::shared_memory_limit(dev)? >= most
-            && super::has_kernel(dev, Kernel::QgemmFp4Wgmma)
-            && super::has_kernel(dev, Kernel::QgemmFp8Wgmma);
-        seen.push((dev, v));
-        Ok(v)
+    static CAPABLE: DeviceFlags = DeviceFlags::new(Vec::new());
+    let capable = || {
+        per_device(&CAPABLE, dev, || {
+            let most = gemm_shared_bytes(false, Form::Wgmma, WG_BT, KC).max(gemm_shared_bytes(true, Form::Wgmma, WG_BT, KC));
+            Ok(super::compute_capability(dev)? == (9, 0)
+                && super::shared_memory_limit(dev)? >= most
+                && super::has_kernel(dev, Kernel::QgemmFp4Wgmma)
+                && super::has_kernel(dev, Kernel::QgemmFp8Wgmma))
+        })
     };
     match std::env::var("DSV4RS_QGEMM_TILED").ok().as_deref() {
         None | Some("") | Some("auto") => Ok(k_ok && capable()?),
@@ -206,21 +202,31 @@ fn use_wgmma(dev: i32, k_ok: bool) -> Result<bool> {
     }
 }
 
+/// A property of each GPU, probed once per process (what it is and which kernels load on it do
+/// not change).
+type DeviceFlags = std::sync::Mutex<Vec<(i32, bool)>>;
+
+fn per_device(cache: &DeviceFlags, dev: i32, probe: impl FnOnce() -> Result<bool>) -> Result<bool> {
+    let mut seen = cache.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, v)) = seen.iter().find(|(d, _)| *d == dev) {
+        return Ok(*v);
+    }
+    let v = probe()?;
+    seen.push((dev, v));
+    Ok(v)
+}
+
 /// Whether a decode-form call runs on FP8 `mma.sync`: FP8 activations, K a multiple of 128, and
 /// a GPU of compute capability 8.9 or later running code built for it (not the build's portable
 /// PTX, which predates FP8 `mma`). `DSV4RS_QGEMM_KERNEL=auto|fp8|bf16` forces the choice (for
 /// tests and benchmarks: `bf16` keeps the bf16 decode form, whose sums are float32 throughout);
 /// forcing `fp8` where it cannot run is an error.
 fn use_f8(dev: i32, act_fp8: bool, k: usize) -> Result<bool> {
-    static CAPABLE: std::sync::Mutex<Vec<(i32, bool)>> = std::sync::Mutex::new(Vec::new());
-    let capable = || -> Result<bool> {
-        let mut seen = CAPABLE.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, v)) = seen.iter().find(|(d, _)| *d == dev) {
-            return Ok(*v);
-        }
-        let v = super::compute_capability(dev)? >= (8, 9) && super::ptx_version(dev, Kernel::QgemvF8Fp4N8)? >= 89;
-        seen.push((dev, v));
-        Ok(v)
+    static CAPABLE: DeviceFlags = DeviceFlags::new(Vec::new());
+    let capable = || {
+        per_device(&CAPABLE, dev, || {
+            Ok(super::compute_capability(dev)? >= (8, 9) && super::ptx_version(dev, Kernel::QgemvF8Fp4N8)? >= 89)
+        })
     };
     let fits = act_fp8 && k.is_multiple_of(KC);
     match std::env::var("DSV4RS_QGEMM_KERNEL").ok().as_deref() {
@@ -245,24 +251,19 @@ fn check_k(w: &Weights) -> Result<usize> {
     Ok(k)
 }
 
-fn check_aligned(t: &TensorRef) -> Result<()> {
-    if !t.ptr.is_multiple_of(16) {
-        return Err(Error::value(t.name, "the GPU kernels need 16-byte aligned tensors (pass a fresh contiguous tensor)"));
-    }
-    Ok(())
-}
-
-/// MXFP4 scale codes are copied four at a time (a row's codes of a 128-wide K step): the tensor
-/// must start 4-byte aligned, or the copies would fault. (FP8 scales are float32, aligned by type.)
-fn check_scale_aligned(w: &Weights) -> Result<()> {
-    if w.fp4 && !w.scale.ptr.is_multiple_of(4) {
+/// Tensors the kernels copy 16 bytes at a time start 16-byte aligned; MXFP4 scale codes 4-byte
+/// aligned (a row's codes of a 128-wide K step are copied as one word; FP8 scales are float32,
+/// aligned by type).
+fn check_aligned(t: &TensorRef, bytes: usize) -> Result<()> {
+    if !t.ptr.is_multiple_of(bytes) {
         return Err(Error::value(
-            w.scale.name,
-            "the GPU kernels need MXFP4 scale tensors 4-byte aligned (pass a fresh contiguous tensor)",
+            t.name,
+            format!("the GPU kernels need {bytes}-byte aligned tensors (pass a fresh contiguous tensor)"),
         ));
     }
     Ok(())
 }
+
 
 /// A carved region of the workspace: byte offset and size, each 256-byte aligned.
 struct Carve {
@@ -414,9 +415,11 @@ pub unsafe fn linear(
         return Ok(());
     }
     for t in [x, w.data, workspace, out] {
-        check_aligned(t)?;
+        check_aligned(t, 16)?;
     }
-    check_scale_aligned(w)?;
+    if w.fp4 {
+        check_aligned(w.scale, 4)?;
+    }
     let x_bf16 = x.dtype == DType::BF16;
     let LinearShape { form, bm, splits, per } = linear_shape(dev, m, groups, n, k, use_f8(dev, act_fp8, k)?)?;
     let lay = linear_layout(m, groups, n, k, quantizes_x(x_bf16, act_fp8, w.fp4, form), splits);
@@ -561,10 +564,11 @@ pub unsafe fn moe(
     check_k(gate_up)?;
     check_k(down)?;
     for t in [x, gate_up.data, down.data, workspace, out] {
-        check_aligned(t)?;
+        check_aligned(t, 16)?;
     }
-    check_scale_aligned(gate_up)?;
-    check_scale_aligned(down)?;
+    for t in [gate_up.scale, down.scale] {
+        check_aligned(t, 4)?;
+    }
     let lay = moe_layout(tokens, k, experts, inter, dim);
     let have = workspace.numel() * workspace.dtype.size();
     if have < lay.total {
