@@ -5,22 +5,25 @@
 // cuda/qgemm.cu: weights decoded to exact bfloat16 in registers (never to memory), products
 // exact, float32 sums (only their order differs from the CPU twin).
 //
-// dsv4_qgemm_{fp8,fp4}_wgmma: Y^T = W A^T for 128 weight rows x 128 activation rows a block, 256
-// threads in two warpgroups. The roles are the decode form's: the weights are wgmma's A operand,
-// taken from registers (each warpgroup 64 weight rows, each warp 16, each lane rows fr and
-// fr + 8 of its warp: the mma.sync A fragment layout), and the activation rows its N = 128
-// operand, read from shared memory K-major in 128-byte swizzled rows. A lane decodes 32
-// consecutive K values of each of its two rows per 128-wide K step (fp4x32_lane / fp8x32_lane,
-// as the portable forms do); the activations are stored in the matching order (wgmma_pos,
-// written by dsv4_act_quant), so a plain 16-byte copy lands them where wgmma reads them.
+// dsv4_qgemm_{fp8,fp4}_wgmma: Y^T = W A^T for 64 weight rows a warpgroup (three warpgroups a
+// block for MXFP4, two for FP8: see Shape) x 128 activation rows. The roles are the decode
+// form's: the weights are wgmma's A operand, taken from registers (each warp 16 weight rows, each
+// lane rows fr and fr + 8 of its warp: the mma.sync A fragment layout), and the activation rows
+// its N = 128 operand, read from shared memory K-major in 128-byte swizzled rows. A lane decodes
+// 32 consecutive K values of each of its two rows per 128-wide K step (fp4x32_lane /
+// fp8x32_lane, as the portable forms do); the activations are stored in the matching order
+// (wgmma_pos, written by dsv4_act_quant).
 //
-// Pipeline (STAGES deep, cp.async): a stage holds the activation tile of a K step, each lane's
-// own raw weight bytes and (MXFP4) scale words, so a lane decodes what it copied itself and only
-// the activation tile needs the block barrier. Each step: barrier; the 8 wgmma of step c issued
-// asynchronously from one register buffer; the lane waits for its copies of step c + 1 and
-// decodes them into the other buffer while the tensor cores run; the copies of step
-// c + STAGES - 1 issued; then it waits for the wgmma. FP8 weights: each step's wgmma sum into a zeroed partial
-// accumulator which the lane's two block scales (rows fr and fr + 8) then add into the result.
+// Pipeline (STAGES deep): a stage holds the activation tile of a K step, loaded by TMA (the
+// kernel's tensor map, whose 128-byte swizzle is wgmma's; rows are contiguous: a dense row tile,
+// or a MoE tile of the sorted activations) on the stage's mbarrier, and each lane's own raw
+// weight bytes and scales (cp.async), which the lane alone reads back. Each step: wait for the
+// stage's barrier; block barrier (every wgmma of the step before is done, so one thread refills
+// its slot by TMA); the 8 wgmma of step c issued asynchronously from one register buffer; the lane
+// waits for its copies of step c + 1 and decodes them into the other buffer while the tensor
+// cores run; its copies of step c + STAGES - 1 issued; then it waits for the wgmma. FP8 weights:
+// each step's wgmma sum into a zeroed partial accumulator which the lane's two block scales (rows
+// fr and fr + 8) then add into the result.
 #include "mma.cuh"
 #include "qgemm.cuh"
 #include "wgmma.cuh"
@@ -29,8 +32,14 @@ using namespace dsv4;
 
 namespace {
 
-constexpr int THREADS = 256;  // two warpgroups
-constexpr int BN = 128;       // weight rows a block: 64 a warpgroup (the wgmma M), 16 a warp
+// Warpgroups a block: three for MXFP4 weights (167 registers a thread fit 384 threads an SM; a
+// scheduler then holds three warps), two for FP8 (its partial sums need 226).
+template <bool FP4>
+struct Shape {
+  static constexpr int WARPGROUPS = FP4 ? 3 : 2;
+  static constexpr int THREADS = 128 * WARPGROUPS;
+  static constexpr int BN = 64 * WARPGROUPS;  // weight rows a block: 64 a warpgroup (the wgmma M), 16 a warp
+};
 constexpr int BT = 128;       // activation rows a block (the wgmma N)
 constexpr int STAGES = 4;
 constexpr int ATOM_ROW = 128;             // bytes of a swizzled row: 64 bf16 K values
@@ -44,8 +53,8 @@ struct Buf {
 template <bool FP4>
 struct Stage {
   static constexpr int CHUNKS = FP4 ? 1 : 2;                // a lane's 16-byte weight chunks a row and step
-  static constexpr int W_TILE = 2 * CHUNKS * THREADS * 16;  // [row j][chunk][thread] 16 bytes
-  static constexpr int S_TILE = 2 * THREADS * 4;             // [row j][thread] the row's 4 scale codes, or its float scale
+  static constexpr int W_TILE = 2 * CHUNKS * Shape<FP4>::THREADS * 16;  // [row j][chunk][thread] 16 bytes
+  static constexpr int S_TILE = 2 * Shape<FP4>::THREADS * 4;             // [row j][thread] the row's 4 scale codes, or its float scale
   static constexpr int BYTES = ACT_TILE + W_TILE + S_TILE;
   static_assert(BYTES % 1024 == 0, "each stage's activation tile must stay 1024-byte aligned (swizzle atoms)");
 };
@@ -70,6 +79,7 @@ __device__ __forceinline__ void sts32(uint32_t a, uint32_t v) {
 template <bool FP4>
 __device__ __forceinline__ void qgemm_wgmma(const GemmParams& p, const TmaDesc* a_map) {
   using S = Stage<FP4>;
+  constexpr int THREADS = Shape<FP4>::THREADS, BN = Shape<FP4>::BN;
   extern __shared__ __align__(1024) uint8_t smem[];
   __shared__ __align__(8) uint64_t full[STAGES];  // a stage's activation tile has landed
 
@@ -277,9 +287,9 @@ __device__ __forceinline__ void qgemm_wgmma(const GemmParams& p, const TmaDesc* 
 
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(THREADS, 1) dsv4_qgemm_fp8_wgmma(const GemmParams p, const __grid_constant__ TmaDesc a_map) {
+extern "C" __global__ void __launch_bounds__(Shape<false>::THREADS, 1) dsv4_qgemm_fp8_wgmma(const GemmParams p, const __grid_constant__ TmaDesc a_map) {
   qgemm_wgmma<false>(p, &a_map);
 }
-extern "C" __global__ void __launch_bounds__(THREADS, 1) dsv4_qgemm_fp4_wgmma(const GemmParams p, const __grid_constant__ TmaDesc a_map) {
+extern "C" __global__ void __launch_bounds__(Shape<true>::THREADS, 1) dsv4_qgemm_fp4_wgmma(const GemmParams p, const __grid_constant__ TmaDesc a_map) {
   qgemm_wgmma<true>(p, &a_map);
 }

@@ -114,18 +114,24 @@ fn gemm_kernel(fp4: bool, form: Form, bm: usize) -> Kernel {
 }
 
 /// Weight rows a block covers (a grid column): 16 in the decode forms, 64 and 128 in the tiled ones.
-fn block_rows(form: Form) -> usize {
+fn block_rows(form: Form, fp4: bool) -> usize {
     match form {
         Form::Gemv | Form::GemvF8 => 16,
         Form::Gemm => BN,
-        Form::Wgmma => WG_BN,
+        Form::Wgmma => 64 * wg_warpgroups(fp4),
     }
 }
 
-/// Threads, weight rows and activation rows of a block of the Hopper tiled form, and its pipeline
-/// stages (cuda/qgemm_sm90a.cu `THREADS`, `BN`, `BT`, `STAGES`).
-const WG_THREADS: u32 = 256;
-const WG_BN: usize = 128;
+/// Warpgroups a block of the Hopper tiled form: 3 for MXFP4 weights, 2 for FP8 (cuda/qgemm_sm90a.cu
+/// `Shape`); 128 threads and 64 weight rows each.
+const fn wg_warpgroups(fp4: bool) -> usize {
+    if fp4 {
+        3
+    } else {
+        2
+    }
+}
+/// Activation rows a block of the Hopper tiled form and its pipeline stages (`BT`, `STAGES`).
 const WG_BT: usize = 128;
 const WG_STAGES: usize = 4;
 
@@ -168,7 +174,7 @@ fn gemm_shared_bytes(fp4: bool, form: Form, bm: usize, k: usize) -> usize {
         Form::Wgmma => {
             // cuda/qgemm_sm90a.cu `Stage`: the activation tile, each lane's raw weight bytes of its
             // two rows and their scale words; 1 KB of slack to align the stages to 1 KB.
-            let threads = WG_THREADS as usize;
+            let threads = 128 * wg_warpgroups(fp4);
             let stage = WG_BT * KC * 2 + if fp4 { 2 * threads * 16 } else { 2 * 2 * threads * 16 } + 2 * threads * 4;
             WG_STAGES * stage + 1024
         }
@@ -298,7 +304,7 @@ struct LinearShape {
     per: usize,
 }
 
-fn linear_shape(dev: i32, m: usize, groups: usize, n: usize, k: usize, f8: bool) -> Result<LinearShape> {
+fn linear_shape(dev: i32, m: usize, groups: usize, n: usize, k: usize, fp4: bool, f8: bool) -> Result<LinearShape> {
     let decode = if f8 { Form::GemvF8 } else { Form::Gemv };
     let (form, bm) = match m {
         0..=8 => (decode, 8),
@@ -308,7 +314,7 @@ fn linear_shape(dev: i32, m: usize, groups: usize, n: usize, k: usize, f8: bool)
         _ => (Form::Gemm, 64),
     };
     let steps = k.div_ceil(KC);
-    let blocks = n.div_ceil(block_rows(form)) * groups * m.div_ceil(bm);
+    let blocks = n.div_ceil(block_rows(form, fp4)) * groups * m.div_ceil(bm);
     let sms = attribute(dev, cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
     // The Hopper tiled form holds one block an SM: covering the GPU once suffices, with at least
     // 4 K steps a slice to fill its pipeline.
@@ -331,7 +337,7 @@ pub fn linear_workspace_bytes(
     if m == 0 {
         return Ok(0);
     }
-    let shape = linear_shape(dev, m, groups, n, k, use_f8(dev, act_fp8, k)?)?;
+    let shape = linear_shape(dev, m, groups, n, k, fp4, use_f8(dev, act_fp8, k)?)?;
     Ok(linear_layout(m, groups, n, k, quantizes_x(x_bf16, act_fp8, fp4, shape.form), shape.splits).total)
 }
 
@@ -403,9 +409,9 @@ unsafe fn gemm(
 ) -> Result<()> {
     let k = p.k as usize;
     let cols = if p.swiglu != 0 { p.n as usize / 2 } else { p.n as usize };
-    let per_block = if p.swiglu != 0 { block_rows(form) / 2 } else { block_rows(form) };
+    let per_block = if p.swiglu != 0 { block_rows(form, fp4) / 2 } else { block_rows(form, fp4) };
     let grid = (cols.div_ceil(per_block) as u32, tiles_y as u32, splits as u32);
-    let threads = if form == Form::Wgmma { WG_THREADS } else { THREADS };
+    let threads = if form == Form::Wgmma { 128 * wg_warpgroups(fp4) as u32 } else { THREADS };
     let cfg = Launch { grid, block: (threads, 1, 1), shared_bytes: gemm_shared_bytes(fp4, form, bm, k) as u32, stream };
     if form == Form::Wgmma {
         let stride = p.a_row_stride as u64;
@@ -437,7 +443,7 @@ pub unsafe fn linear(
     }
     check_scale_aligned(w)?;
     let x_bf16 = x.dtype == DType::BF16;
-    let LinearShape { form, bm, splits, per } = linear_shape(dev, m, groups, n, k, use_f8(dev, act_fp8, k)?)?;
+    let LinearShape { form, bm, splits, per } = linear_shape(dev, m, groups, n, k, w.fp4, use_f8(dev, act_fp8, k)?)?;
     let lay = linear_layout(m, groups, n, k, quantizes_x(x_bf16, act_fp8, w.fp4, form), splits);
     let have = workspace.numel() * workspace.dtype.size();
     if have < lay.total {
