@@ -823,17 +823,26 @@ extern "C" __global__ void __launch_bounds__(THREADS) dsv4_qgemv_f8_fp4_n16(cons
 // UE8M0 scale (act_fp8), or rounded to bf16, stored in `layout` (an ActLayout: natural, each group
 // of 8 in the order v0 v4 v1 v5 v2 v6 v3 v7 for the portable forms over MXFP4 weights (see
 // fp4x8_interleaved), or each 128-block in the Hopper tiled form's order, which needs k % 128 == 0).
+// With `rows_map` (the MoE's sorted order for the Hopper tiled form), output row i is input row
+// rows_map[i] / rows_div for the first *rows_count rows, and zeros past them (rows a tile's box
+// may load but whose results are never stored).
 // A warp per (row, 128-block), grid (rows / 4, k / 128); k % 32 == 0.
 extern "C" __global__ void __launch_bounds__(128) dsv4_act_quant(const void* __restrict__ x, int x_bf16, long long rows,
                                                                  int k, int act_fp8, int layout,
-                                                                 uint16_t* __restrict__ out) {
+                                                                 uint16_t* __restrict__ out, const int* __restrict__ rows_map,
+                                                                 int rows_div, const int* __restrict__ rows_count) {
   __shared__ __align__(16) uint16_t stage[4][KC];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const long long row = (long long)blockIdx.x * 4 + warp;
   const long long col = (long long)blockIdx.y * KC + 4 * lane;
   if (row >= rows) return;  // whole warps leave together
+  if (rows_count && row >= *rows_count) {
+    if (col < k) *(uint2*)(out + row * k + col) = make_uint2(0, 0);
+    return;
+  }
+  const long long src_row = rows_map ? rows_map[row] / rows_div : row;
   const bool valid = col < k;  // k % 32 == 0: both lanes of an 8-group are valid or neither
-  const char* src = (const char*)x + (row * k + col) * (x_bf16 ? 2 : 4);
+  const char* src = (const char*)x + (src_row * k + col) * (x_bf16 ? 2 : 4);
   float v[4] = {0.f, 0.f, 0.f, 0.f};
   if (valid) {
 #pragma unroll

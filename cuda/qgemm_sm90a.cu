@@ -5,22 +5,25 @@
 // cuda/qgemm.cu: weights decoded to exact bfloat16 in registers (never to memory), products
 // exact, float32 sums (only their order differs from the CPU twin).
 //
-// dsv4_qgemm_{fp8,fp4}_wgmma: Y^T = W A^T for 128 weight rows x 128 activation rows a block, 256
-// threads in two warpgroups. The roles are the decode form's: the weights are wgmma's A operand,
-// taken from registers (each warpgroup 64 weight rows, each warp 16, each lane rows fr and
-// fr + 8 of its warp: the mma.sync A fragment layout), and the activation rows its N = 128
-// operand, read from shared memory K-major in 128-byte swizzled rows. A lane decodes 32
-// consecutive K values of each of its two rows per 128-wide K step (fp4x32_lane / fp8x32_lane,
-// as the portable forms do); the activations are stored in the matching order (wgmma_pos,
-// written by dsv4_act_quant), so a plain 16-byte copy lands them where wgmma reads them.
+// dsv4_qgemm_{fp8,fp4}_wgmma: Y^T = W A^T for 64 weight rows a warpgroup (three warpgroups a
+// block for MXFP4, two for FP8: see Shape) x 128 activation rows. The roles are the decode
+// form's: the weights are wgmma's A operand, taken from registers (each warp 16 weight rows, each
+// lane rows fr and fr + 8 of its warp: the mma.sync A fragment layout), and the activation rows
+// its N = 128 operand, read from shared memory K-major in 128-byte swizzled rows. A lane decodes
+// 32 consecutive K values of each of its two rows per 128-wide K step (fp4x32_lane /
+// fp8x32_lane, as the portable forms do); the activations are stored in the matching order
+// (wgmma_pos, written by dsv4_act_quant).
 //
-// Pipeline (STAGES deep, cp.async): a stage holds the activation tile of a K step, each lane's
-// own raw weight bytes and (MXFP4) scale words, so a lane decodes what it copied itself and only
-// the activation tile needs the block barrier. Each step: barrier; the 8 wgmma of step c issued
-// asynchronously from one register buffer; the lane waits for its copies of step c + 1 and
-// decodes them into the other buffer while the tensor cores run; the copies of step
-// c + STAGES - 1 issued; then it waits for the wgmma. FP8 weights: each step's wgmma sum into a zeroed partial
-// accumulator which the lane's two block scales (rows fr and fr + 8) then add into the result.
+// Pipeline (STAGES deep): a stage holds the activation tile of a K step, loaded by TMA (the
+// kernel's tensor map, whose 128-byte swizzle is wgmma's; rows are contiguous: a dense row tile,
+// or a MoE tile of the sorted activations) on the stage's mbarrier, and each lane's own raw
+// weight bytes and scales (cp.async), which the lane alone reads back. Each step: wait for the
+// stage's barrier; block barrier (every wgmma of the step before is done, so one thread refills
+// its slot by TMA); the 8 wgmma of step c issued asynchronously from one register buffer; the lane
+// waits for its copies of step c + 1 and decodes them into the other buffer while the tensor
+// cores run; its copies of step c + STAGES - 1 issued; then it waits for the wgmma. FP8 weights:
+// each step's wgmma sum into a zeroed partial accumulator which the lane's two block scales (rows
+// fr and fr + 8) then add into the result.
 #include "mma.cuh"
 #include "qgemm.cuh"
 #include "wgmma.cuh"
@@ -29,8 +32,14 @@ using namespace dsv4;
 
 namespace {
 
-constexpr int THREADS = 256;  // two warpgroups
-constexpr int BN = 128;       // weight rows a block: 64 a warpgroup (the wgmma M), 16 a warp
+// Warpgroups a block: three for MXFP4 weights (167 registers a thread fit 384 threads an SM; a
+// scheduler then holds three warps), two for FP8 (its partial sums need 226).
+template <bool FP4>
+struct Shape {
+  static constexpr int WARPGROUPS = FP4 ? 3 : 2;
+  static constexpr int THREADS = 128 * WARPGROUPS;
+  static constexpr int BN = 64 * WARPGROUPS;  // weight rows a block: 64 a warpgroup (the wgmma M), 16 a warp
+};
 constexpr int BT = 128;       // activation rows a block (the wgmma N)
 constexpr int STAGES = 4;
 constexpr int ATOM_ROW = 128;             // bytes of a swizzled row: 64 bf16 K values
@@ -39,8 +48,8 @@ constexpr int ACT_TILE = 2 * BT * ATOM_ROW;  // a step's activations: two atoms 
 template <bool FP4>
 struct Stage {
   static constexpr int CHUNKS = FP4 ? 1 : 2;                // a lane's 16-byte weight chunks a row and step
-  static constexpr int W_TILE = 2 * CHUNKS * THREADS * 16;  // [row j][chunk][thread] 16 bytes
-  static constexpr int S_TILE = 2 * THREADS * 4;             // [row j][thread] the row's 4 scale codes, or its float scale
+  static constexpr int W_TILE = 2 * CHUNKS * Shape<FP4>::THREADS * 16;  // [row j][chunk][thread] 16 bytes
+  static constexpr int S_TILE = 2 * Shape<FP4>::THREADS * 4;             // [row j][thread] the row's 4 scale codes, or its float scale
   static constexpr int BYTES = ACT_TILE + W_TILE + S_TILE;
   static_assert(BYTES % 1024 == 0, "each stage's activation tile must stay 1024-byte aligned (swizzle atoms)");
 };
@@ -63,9 +72,11 @@ __device__ __forceinline__ void sts32(uint32_t a, uint32_t v) {
 }
 
 template <bool FP4>
-__device__ __forceinline__ void qgemm_wgmma(const GemmParams& p) {
+__device__ __forceinline__ void qgemm_wgmma(const GemmParams& p, const TmaDesc* a_map) {
   using S = Stage<FP4>;
+  constexpr int THREADS = Shape<FP4>::THREADS, BN = Shape<FP4>::BN;
   extern __shared__ __align__(1024) uint8_t smem[];
+  __shared__ __align__(8) uint64_t full[STAGES];  // a stage's activation tile has landed
 
   int g, rows;
   long long row0;
@@ -91,30 +102,23 @@ __device__ __forceinline__ void qgemm_wgmma(const GemmParams& p) {
                     : FP4 ? (const void*)((const uint8_t*)p.w_scale + ng * (k / 32))
                           : (const void*)((const float*)p.w_scale + (ng / 128) * k_steps);
   }
-  // The thread's activation copies: chunk h = tid % 16 (K values 8h .. 8h + 7 of the step, in the
-  // stored order) of rows tid / 16 + 16 i, into atom h / 8 at swizzled chunk (h % 8) ^ (row % 8).
-  const int h = tid % 16, r0 = tid / 16;
-  const uint32_t a_dst = (h / 8) * (BT * ATOM_ROW) + r0 * ATOM_ROW + (((h % 8) ^ (r0 % 8)) * 16);
-  const uint16_t* asrc[BT / 16];
+  // The activation tile of a step comes by TMA: two boxes of 64 K values x 128 rows (the map's
+  // 128-byte swizzle is wgmma's), at the tile's first row (a dense row or a sorted MoE slot; the
+  // rows past the tile's own are loaded too, and their results never stored) and K column
+  // g * a_group_stride + 128 c. One thread issues them and arms the stage's barrier.
+  const uint32_t full0 = (uint32_t)__cvta_generic_to_shared(&full[0]);
+  const int a_x0 = (int)(g * p.a_group_stride), a_y = (int)row0;
+  if (tid == 0) {
 #pragma unroll
-  for (int i = 0; i < BT / 16; ++i) {
-    const int r = r0 + 16 * i;
-    asrc[i] = nullptr;
-    if (r < rows) {
-      const long long pos = row0 + r;
-      const long long src = p.a_rows ? p.a_rows[pos] / p.a_div : pos;
-      asrc[i] = p.a + src * p.a_row_stride + g * p.a_group_stride + 8 * h;
-    }
+    for (int st = 0; st < STAGES; ++st) mbar_init(full0 + 8 * st, 1);
+    mbar_init_fence();
   }
   const uint32_t w_at = ACT_TILE + tid * 16, s_at = ACT_TILE + S::W_TILE + tid * 4;
 
-  // What no copy ever fills, set once in every stage: activation rows past the tile's rows and
-  // weight rows past the weights are zeros; their scale codes 127 (2^0), their FP8 scales 0.
+  // What no copy ever fills, set once in every stage: weight rows past the weights are zeros,
+  // their scale codes 127 (2^0), their FP8 scales 0.
   for (int st = 0; st < STAGES; ++st) {
     const uint32_t sb = base + st * S::BYTES;
-#pragma unroll
-    for (int i = 0; i < BT / 16; ++i)
-      if (!asrc[i]) sts128(sb + a_dst + i * 16 * ATOM_ROW, make_uint4(0, 0, 0, 0));
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       if (wsrc[j]) continue;
@@ -124,11 +128,15 @@ __device__ __forceinline__ void qgemm_wgmma(const GemmParams& p) {
     }
   }
 
+  auto issue_act = [&](int c, int slot) {
+    const uint32_t sb = base + slot * S::BYTES, bar = full0 + 8 * slot;
+    mbar_arrive_expect_tx(bar, ACT_TILE);
+    tma_load_2d(sb, a_map, a_x0 + c * KC, a_y, bar);
+    tma_load_2d(sb + BT * ATOM_ROW, a_map, a_x0 + c * KC + KC / 2, a_y, bar);
+  };
+  // This thread's own weight bytes and scales of step c (read back only by itself).
   auto issue = [&](int c, int slot) {
     const uint32_t sb = base + slot * S::BYTES;
-#pragma unroll
-    for (int i = 0; i < BT / 16; ++i)
-      if (asrc[i]) cp_async16(sb + a_dst + i * 16 * ATOM_ROW, asrc[i] + (long long)c * KC);
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       if (!wsrc[j]) continue;
@@ -181,40 +189,43 @@ __device__ __forceinline__ void qgemm_wgmma(const GemmParams& p) {
     for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
   uint32_t ra[2][8][4];
 
+  __syncthreads();  // the barriers are initialized
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
-    if (c_begin + s < c_end) issue(c_begin + s, s);
+    if (c_begin + s < c_end) {
+      if (tid == 0) issue_act(c_begin + s, s);
+      issue(c_begin + s, s);
+    }
     cp_async_commit();
   }
   if (c_begin < c_end) {
     cp_async_wait<STAGES - 2>();
     decode(0, ra[0]);
   }
-  fence_async_shared();  // the zero fills and this thread's copies of the first step, for wgmma
 
   // Step c from register buffer B (B = (c - c_begin) % 2).
   auto step = [&](int c, auto buf) {
     constexpr int B = decltype(buf)::value;
     const int slot = (c - c_begin) % STAGES;
-    __syncthreads();  // step c's activations have landed for every thread; step c - 1's wgmma are done
+    mbar_wait(full0 + 8 * slot, ((c - c_begin) / STAGES) & 1);  // step c's activations have landed
+    __syncthreads();  // step c - 1's wgmma are done in every warp: its slot may be refilled
+    if (tid == 0 && c + STAGES - 1 < c_end) issue_act(c + STAGES - 1, (slot + STAGES - 1) % STAGES);
     const uint32_t act = base + slot * S::BYTES;
+    const Desc desc0 = swizzled_desc(act);
     wgmma_fence();
 #pragma unroll
     for (int s = 0; s < 8; ++s) {
-      const Desc desc = swizzled_desc(act + (s / 4) * (BT * ATOM_ROW) + (s % 4) * 32);
+      const Desc desc = desc0 + ((s / 4) * (BT * ATOM_ROW) + (s % 4) * 32) / 16;
       if (FP4) wgmma_m64n128k16_rs<true, false>(acc, ra[B][s], desc);
       else if (s == 0) wgmma_m64n128k16_rs<false, false>(part, ra[B][s], desc);
       else wgmma_m64n128k16_rs<true, false>(part, ra[B][s], desc);
     }
     wgmma_commit();
     if (c + 1 < c_end) {
-      cp_async_wait<STAGES - 3>();  // step c + 1's copies (step c + 2's may still fly)
-      // This thread's copies of step c + 1's activations, for wgmma; before the next copies are
-      // issued, so that the fence has fewer in flight to order.
-      fence_async_shared();
+      cp_async_wait<STAGES - 3>();  // this thread's copies of step c + 1 (step c + 2's may still fly)
       decode((slot + 1) % STAGES, ra[B ^ 1]);
     }
-    // The copies of step c + STAGES - 1 go to step c - 1's slot, which no wgmma reads any more.
+    // The weights of step c + STAGES - 1 go to step c - 1's slot, which this thread has decoded.
     if (c + STAGES - 1 < c_end) issue(c + STAGES - 1, (slot + STAGES - 1) % STAGES);
     cp_async_commit();
     wgmma_wait_all();
@@ -271,5 +282,9 @@ __device__ __forceinline__ void qgemm_wgmma(const GemmParams& p) {
 
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(THREADS, 1) dsv4_qgemm_fp8_wgmma(const GemmParams p) { qgemm_wgmma<false>(p); }
-extern "C" __global__ void __launch_bounds__(THREADS, 1) dsv4_qgemm_fp4_wgmma(const GemmParams p) { qgemm_wgmma<true>(p); }
+extern "C" __global__ void __launch_bounds__(Shape<false>::THREADS, 1) dsv4_qgemm_fp8_wgmma(const GemmParams p, const __grid_constant__ TmaDesc a_map) {
+  qgemm_wgmma<false>(p, &a_map);
+}
+extern "C" __global__ void __launch_bounds__(Shape<true>::THREADS, 1) dsv4_qgemm_fp4_wgmma(const GemmParams p, const __grid_constant__ TmaDesc a_map) {
+  qgemm_wgmma<true>(p, &a_map);
+}

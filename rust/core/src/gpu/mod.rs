@@ -305,6 +305,44 @@ fn has_kernel(index: i32, kernel: Kernel) -> bool {
     function(index, kernel).is_ok()
 }
 
+/// A TMA tensor map (cuda/include/wgmma.cuh `TmaDesc`), passed to a kernel by value.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TmaDesc(sys::CUtensorMap);
+
+/// The tensor map of a row-major bf16 matrix of `rows` rows of `cols` elements, `row_bytes` apart
+/// (a multiple of 16), at device address `addr` (16-byte aligned), loaded in boxes of `box_cols`
+/// x `box_rows` elements with the 128-byte swizzle (`box_cols` 64 at most) and zeros past the
+/// matrix.
+pub fn tma_bf16_2d(addr: u64, cols: u64, rows: u64, row_bytes: u64, box_cols: u32, box_rows: u32) -> Result<TmaDesc> {
+    use sys::*;
+    init()?;
+    let mut map = std::mem::MaybeUninit::<CUtensorMap>::zeroed();
+    let (dims, strides, boxes, steps) = ([cols, rows], [row_bytes], [box_cols, box_rows], [1u32, 1]);
+    // SAFETY: the arrays hold rank (2) entries (strides: rank - 1); `map` is written on success.
+    check(
+        unsafe {
+            cuTensorMapEncodeTiled(
+                map.as_mut_ptr(),
+                CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                2,
+                addr as *mut c_void,
+                dims.as_ptr(),
+                strides.as_ptr(),
+                boxes.as_ptr(),
+                steps.as_ptr(),
+                CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+                CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+            )
+        },
+        "cuTensorMapEncodeTiled",
+    )?;
+    // SAFETY: initialized by the successful call above.
+    Ok(TmaDesc(unsafe { map.assume_init() }))
+}
+
 /// A kernel launch: grid, block, dynamic shared memory and the raw `CUstream` handle.
 pub struct Launch {
     pub grid: (u32, u32, u32),

@@ -6,7 +6,7 @@
 
 use std::ffi::c_void;
 
-use super::{attribute, launch, Kernel, Launch};
+use super::{attribute, launch, tma_bf16_2d, Kernel, Launch};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, TensorRef};
 
@@ -114,18 +114,24 @@ fn gemm_kernel(fp4: bool, form: Form, bm: usize) -> Kernel {
 }
 
 /// Weight rows a block covers (a grid column): 16 in the decode forms, 64 and 128 in the tiled ones.
-fn block_rows(form: Form) -> usize {
+fn block_rows(form: Form, fp4: bool) -> usize {
     match form {
         Form::Gemv | Form::GemvF8 => 16,
         Form::Gemm => BN,
-        Form::Wgmma => WG_BN,
+        Form::Wgmma => 64 * wg_warpgroups(fp4),
     }
 }
 
-/// Threads, weight rows and activation rows of a block of the Hopper tiled form, and its pipeline
-/// stages (cuda/qgemm_sm90a.cu `THREADS`, `BN`, `BT`, `STAGES`).
-const WG_THREADS: u32 = 256;
-const WG_BN: usize = 128;
+/// Warpgroups a block of the Hopper tiled form: 3 for MXFP4 weights, 2 for FP8 (cuda/qgemm_sm90a.cu
+/// `Shape`); 128 threads and 64 weight rows each.
+const fn wg_warpgroups(fp4: bool) -> usize {
+    if fp4 {
+        3
+    } else {
+        2
+    }
+}
+/// Activation rows a block of the Hopper tiled form and its pipeline stages (`BT`, `STAGES`).
 const WG_BT: usize = 128;
 const WG_STAGES: usize = 4;
 
@@ -168,7 +174,7 @@ fn gemm_shared_bytes(fp4: bool, form: Form, bm: usize, k: usize) -> usize {
         Form::Wgmma => {
             // cuda/qgemm_sm90a.cu `Stage`: the activation tile, each lane's raw weight bytes of its
             // two rows and their scale words; 1 KB of slack to align the stages to 1 KB.
-            let threads = WG_THREADS as usize;
+            let threads = 128 * wg_warpgroups(fp4);
             let stage = WG_BT * KC * 2 + if fp4 { 2 * threads * 16 } else { 2 * 2 * threads * 16 } + 2 * threads * 4;
             WG_STAGES * stage + 1024
         }
@@ -299,7 +305,7 @@ struct LinearShape {
     per: usize,
 }
 
-fn linear_shape(dev: i32, m: usize, groups: usize, n: usize, k: usize, f8: bool) -> Result<LinearShape> {
+fn linear_shape(dev: i32, m: usize, groups: usize, n: usize, k: usize, fp4: bool, f8: bool) -> Result<LinearShape> {
     let decode = if f8 { Form::GemvF8 } else { Form::Gemv };
     let (form, bm) = match m {
         0..=8 => (decode, 8),
@@ -309,7 +315,7 @@ fn linear_shape(dev: i32, m: usize, groups: usize, n: usize, k: usize, f8: bool)
         _ => (Form::Gemm, 64),
     };
     let steps = k.div_ceil(KC);
-    let blocks = n.div_ceil(block_rows(form)) * groups * m.div_ceil(bm);
+    let blocks = n.div_ceil(block_rows(form, fp4)) * groups * m.div_ceil(bm);
     let sms = attribute(dev, cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
     // The Hopper tiled form holds one block an SM: covering the GPU once suffices, with at least
     // 4 K steps a slice to fill its pipeline.
@@ -332,7 +338,7 @@ pub fn linear_workspace_bytes(
     if m == 0 {
         return Ok(0);
     }
-    let shape = linear_shape(dev, m, groups, n, k, use_f8(dev, act_fp8, k)?)?;
+    let shape = linear_shape(dev, m, groups, n, k, fp4, use_f8(dev, act_fp8, k)?)?;
     Ok(linear_layout(m, groups, n, k, quantizes_x(x_bf16, act_fp8, fp4, shape.form), shape.splits).total)
 }
 
@@ -357,9 +363,20 @@ fn linear_layout(m: usize, groups: usize, n: usize, k: usize, quantize: bool, sp
 unsafe fn act_quant(
     dev: i32, stream: usize, x: u64, x_bf16: bool, rows: usize, k: usize, act_fp8: bool, layout: i32, out: u64,
 ) -> Result<()> {
+    act_quant_gather(dev, stream, x, x_bf16, rows, k, act_fp8, layout, out, None)
+}
+
+/// [`act_quant`] of gathered rows: with `gather = (map, div, count)`, output row `i` is input
+/// row `map[i] / div` for the first `*count` rows (device memory) and zeros past them.
+#[allow(clippy::too_many_arguments)]
+unsafe fn act_quant_gather(
+    dev: i32, stream: usize, x: u64, x_bf16: bool, rows: usize, k: usize, act_fp8: bool, layout: i32, out: u64,
+    gather: Option<(u64, i32, u64)>,
+) -> Result<()> {
     let (x_bf16, rows64, k32, act) = (x_bf16 as i32, rows as i64, k as i32, act_fp8 as i32);
+    let (map, div, count) = gather.unwrap_or((0, 1, 0));
     let cfg = Launch { grid: (rows.div_ceil(4) as u32, k.div_ceil(KC) as u32, 1), block: (128, 1, 1), shared_bytes: 0, stream };
-    launch(dev, Kernel::ActQuant, &cfg, &mut crate::kernel_args!(x, x_bf16, rows64, k32, act, layout, out))
+    launch(dev, Kernel::ActQuant, &cfg, &mut crate::kernel_args!(x, x_bf16, rows64, k32, act, layout, out, map, div, count))
 }
 
 /// Quantizes `rows` rows of `k` values (k % 128 == 0) for the FP8 decode form into the region at
@@ -384,16 +401,24 @@ fn quantizes_x(x_bf16: bool, act_fp8: bool, fp4: bool, form: Form) -> bool {
 
 /// Launches the GEMM over `p`: grid columns of [`block_rows`] weight rows (of SwiGLU pairs
 /// with `p.swiglu`, half as many intermediate columns), `tiles_y` row tiles, `splits` K slices.
+/// The Hopper form also gets the tensor map of its activations, `a_rows` rows of
+/// `p.a_row_stride` elements at `p.a` (rows read directly: `p.a_rows` unused).
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm(
-    dev: i32, stream: usize, fp4: bool, form: Form, bm: usize, tiles_y: usize, splits: usize, p: &mut GemmParams,
+    dev: i32, stream: usize, fp4: bool, form: Form, bm: usize, tiles_y: usize, splits: usize, a_rows: usize,
+    p: &mut GemmParams,
 ) -> Result<()> {
     let k = p.k as usize;
     let cols = if p.swiglu != 0 { p.n as usize / 2 } else { p.n as usize };
-    let per_block = if p.swiglu != 0 { block_rows(form) / 2 } else { block_rows(form) };
+    let per_block = if p.swiglu != 0 { block_rows(form, fp4) / 2 } else { block_rows(form, fp4) };
     let grid = (cols.div_ceil(per_block) as u32, tiles_y as u32, splits as u32);
-    let threads = if form == Form::Wgmma { WG_THREADS } else { THREADS };
+    let threads = if form == Form::Wgmma { 128 * wg_warpgroups(fp4) as u32 } else { THREADS };
     let cfg = Launch { grid, block: (threads, 1, 1), shared_bytes: gemm_shared_bytes(fp4, form, bm, k) as u32, stream };
+    if form == Form::Wgmma {
+        let stride = p.a_row_stride as u64;
+        let mut map = tma_bf16_2d(p.a, stride, a_rows as u64, 2 * stride, KC as u32 / 2, WG_BT as u32)?;
+        return launch(dev, gemm_kernel(fp4, form, bm), &cfg, &mut [p as *mut GemmParams as *mut c_void, &mut map as *mut _ as *mut c_void]);
+    }
     launch(dev, gemm_kernel(fp4, form, bm), &cfg, &mut [p as *mut GemmParams as *mut c_void])
 }
 
@@ -421,7 +446,7 @@ pub unsafe fn linear(
         check_aligned(w.scale, 4)?;
     }
     let x_bf16 = x.dtype == DType::BF16;
-    let LinearShape { form, bm, splits, per } = linear_shape(dev, m, groups, n, k, use_f8(dev, act_fp8, k)?)?;
+    let LinearShape { form, bm, splits, per } = linear_shape(dev, m, groups, n, k, w.fp4, use_f8(dev, act_fp8, k)?)?;
     let lay = linear_layout(m, groups, n, k, quantizes_x(x_bf16, act_fp8, w.fp4, form), splits);
     let have = workspace.numel() * workspace.dtype.size();
     if have < lay.total {
@@ -468,7 +493,7 @@ pub unsafe fn linear(
         k_steps_per_split: per as i32,
         a_scale,
     };
-    gemm(dev, stream, w.fp4, form, bm, groups * m_tiles, splits, &mut p)?;
+    gemm(dev, stream, w.fp4, form, bm, groups * m_tiles, splits, m, &mut p)?;
     if splits > 1 {
         let total = (m * groups * n) as i64;
         let (s, ob) = (splits as i32, out_bf16 as i32);
@@ -520,7 +545,7 @@ fn moe_layout(tokens: usize, k: usize, experts: usize, inter: usize, dim: usize)
     let t = tokens.min(MOE_CHUNK);
     let pairs = t * k;
     let mut c = Carve { at: 0 };
-    let xq = c.take(t * dim * 2);
+    let xq = c.take(pairs * dim * 2); // a row per token, or per sorted slot for the Hopper form
     let offsets = c.take((experts + 1) * 4);
     let order = c.take(pairs * 4);
     let slot_of = c.take(pairs * 4);
@@ -595,12 +620,6 @@ pub unsafe fn moe(
         }
         let x_at = x.ptr as u64 + (t0 * dim * x_elt) as u64;
         let a = at(lay.xq);
-        let a_scale = if f8 {
-            act_quant_f8(dev, stream, x_at, x_bf16, t, dim, true, a)?
-        } else {
-            act_quant(dev, stream, x_at, x_bf16, t, dim, act_fp8, layout, a)?;
-            0
-        };
         // The plan.
         let idx_at = idx.ptr as u64 + (t0 * k * idx_elt) as u64;
         let (pairs64, e32, bm32) = (pairs as i64, experts as i32, bm as i32);
@@ -608,13 +627,26 @@ pub unsafe fn moe(
             (at(lay.offsets), at(lay.order), at(lay.slot_of), at(lay.tiles), at(lay.tile_count));
         let cfg = Launch { grid: (1, 1, 1), block: (1024, 1, 1), shared_bytes: (3 * experts * 4) as u32, stream };
         launch(dev, Kernel::MoePlan, &cfg, &mut crate::kernel_args!(idx_at, idx64, pairs64, e32, bm32, offsets, order, slot_of, tiles, count))?;
+        // The activations: one row per token, read through the plan's order; for the Hopper form
+        // (whose tiles load rows by TMA) one row per sorted slot, gathered here.
+        let sorted = form == Form::Wgmma;
+        let a_scale = if f8 {
+            act_quant_f8(dev, stream, x_at, x_bf16, t, dim, true, a)?
+        } else if sorted {
+            let rows_valid = offsets + (experts * 4) as u64; // offsets[experts]: the valid slots
+            act_quant_gather(dev, stream, x_at, x_bf16, pairs, dim, act_fp8, layout, a, Some((order, k as i32, rows_valid)))?;
+            0
+        } else {
+            act_quant(dev, stream, x_at, x_bf16, t, dim, act_fp8, layout, a)?;
+            0
+        };
         // Gate and up projections with SwiGLU: h [pairs, I] in sorted order (float32 to be
         // quantized next, or directly the bf16 rounding).
         let mut p = GemmParams {
             a,
             a_row_stride: dim as i64,
             a_group_stride: 0,
-            a_rows: order,
+            a_rows: if sorted { 0 } else { order },
             w: gate_up.data.ptr as u64,
             w_scale: gate_up.scale.ptr as u64,
             tiles,
@@ -634,7 +666,10 @@ pub unsafe fn moe(
             k_steps_per_split: dim.div_ceil(KC) as i32,
             a_scale,
         };
-        gemm(dev, stream, true, form, bm, max_tiles, 1, &mut p)?;
+        if sorted {
+            p.a_div = 1;
+        }
+        gemm(dev, stream, true, form, bm, max_tiles, 1, pairs, &mut p)?;
         let mut h_scale = 0;
         if f8 {
             h_scale = act_quant_f8(dev, stream, at(lay.hy), false, pairs, inter, true, at(lay.hq))?;
@@ -659,7 +694,7 @@ pub unsafe fn moe(
             a_scale: h_scale,
             ..p
         };
-        gemm(dev, stream, true, form, bm, max_tiles, 1, &mut p)?;
+        gemm(dev, stream, true, form, bm, max_tiles, 1, pairs, &mut p)?;
         // Combine each token's choices in order.
         let (y, w_at) = (at(lay.hy), weights.ptr as u64 + (t0 * k * 4) as u64);
         let o = out.ptr as u64 + (t0 * dim * out.dtype.size()) as u64;
