@@ -35,7 +35,7 @@ import os
 import pytest
 import torch
 
-from dsv4rs import ops
+from dsv4rs import _core, ops
 from dsv4rs import reference as ref
 
 U = 2.0**-24
@@ -660,6 +660,35 @@ def test_gpu_moe_experts_tiled_forms(gen: torch.Generator, t: int, e: int, inter
     args = (x, idx, weights, gate_up, gate_up_scale, down, down_scale)
     got = ops.moe_experts(*cuda(*args), 1.0, act=act)
     want, tol = moe_bound(*args, 1.0, act, kernel if act == "fp8" else 0.0)
+    assert_within(got, want, tol, "gpu vs reference")
+
+
+def test_moe_passes_bound_the_workspace() -> None:
+    """A GPU MoE pass holds enough tokens for experts to average 384 rows, between 4,096 and
+    16,384 tokens; longer calls reuse one pass's workspace."""
+    assert _core.moe_pass_tokens(6, 256) == 16384 and _core.moe_pass_tokens(6, 384) == 16384
+    assert _core.moe_pass_tokens(2, 8) == 4096 and _core.moe_pass_tokens(8, 128) == 6144
+    one = _core.moe_workspace_bytes(16384, 6, 256, 2048, 4096)
+    assert 2.7e9 < one < 2.9e9  # about 170 KB a token at V4-Flash width
+    assert _core.moe_workspace_bytes(100_000, 6, 256, 2048, 4096) == one
+    assert _core.moe_workspace_bytes(4096, 6, 256, 2048, 4096) < one / 3.9
+
+
+@pytest.mark.gpu
+def test_gpu_moe_experts_in_several_passes(gen: torch.Generator, kernel: float) -> None:
+    """More tokens than one pass of the fused MoE holds (``moe_pass_tokens``): the passes reuse
+    one workspace and each writes its own tokens' rows."""
+    e, inter, d = 8, 128, 256
+    t = _core.moe_pass_tokens(6, e) + 37
+    assert _core.moe_pass_tokens(6, 256) == 16384 and _core.moe_pass_tokens(2, 8) == 4096
+    x = activations(gen, t, d, dtype=torch.bfloat16, decades=2.0)
+    idx = torch.randint(0, e, (t, 6), generator=gen)
+    weights = torch.rand(t, 6, generator=gen)
+    gate_up, gate_up_scale = fp4_weight(gen, e, 2 * inter, d, low=112, high=122)
+    down, down_scale = fp4_weight(gen, e, d, inter, low=112, high=122)
+    args = (x, idx, weights, gate_up, gate_up_scale, down, down_scale)
+    got = ops.moe_experts(*cuda(*args), 1.0)
+    want, tol = moe_bound(*args, 1.0, "fp8", kernel)
     assert_within(got, want, tol, "gpu vs reference")
 
 

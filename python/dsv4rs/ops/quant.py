@@ -183,7 +183,9 @@ def moe_experts(
     Returns:
         ``[T, d]``, the dtype of ``x``. On the GPU the call never synchronizes with the host and
         allocates only its output and a workspace (``torch.empty``), so it can be captured in a
-        CUDA graph.
+        CUDA graph. Tokens run in passes of ``dsv4rs._core.moe_pass_tokens(k, E)`` (4,096 to
+        16,384) over one workspace of about ``k (2 d + 4 max(d, I) + 2 I)`` bytes a pass token
+        (``dsv4rs._core.moe_workspace_bytes``; 2.8 GB at V4-Flash's width).
     """
     x, idx, weights = as_tensor("x", x), as_tensor("idx", idx), as_tensor("weights", weights)
     gate_up, gate_up_scale = as_tensor("gate_up", gate_up), as_tensor("gate_up_scale", gate_up_scale)

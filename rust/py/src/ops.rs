@@ -285,6 +285,13 @@ pub fn moe_experts(
     run(py, || unsafe { qgemm::moe(&x, &i, &w, &gu, &gus, &dn, &dns, limit, act, ws.as_ref(), &o, stream) })
 }
 
+/// Tokens per pass of a GPU `moe_experts` call with `k` choices over `experts` experts (longer
+/// calls run in passes over one workspace).
+#[pyfunction]
+pub fn moe_pass_tokens(k: usize, experts: usize) -> usize {
+    dsv4rs_core::gpu::qgemm::moe_pass_tokens(k, experts)
+}
+
 /// Workspace bytes a GPU `moe_experts` call needs for `tokens` tokens of `k` choices each.
 #[pyfunction]
 pub fn moe_workspace_bytes(tokens: usize, k: usize, experts: usize, inter: usize, dim: usize) -> usize {

@@ -37,8 +37,17 @@ const BN: usize = 64;
 /// Pipeline stages of the tiled form (cuda/qgemm.cu `STAGES`).
 const STAGES: usize = 3;
 const A_ROW_BYTES: usize = 272;
-/// Tokens per pass of the fused MoE: bounds its workspace (a long prefill runs in passes).
-pub const MOE_CHUNK: usize = 4096;
+/// Tokens per pass of the fused MoE for `k` choices over `experts` experts: enough for experts to
+/// average about 384 rows (3 of the tiled forms' 128-row tiles), between 4,096 and 16,384 tokens,
+/// which bounds the workspace (about 170 KB a token at V4-Flash width). Each row tile decodes its
+/// expert's weights once: 4,096-token passes give V4-Flash's experts 96 rows each, one mostly
+/// partial tile a pass (measured on the H200: 16,384 tokens took 16.8 ms in such passes, 14.7 in
+/// one). A longer prefill runs in passes over one workspace.
+pub fn moe_pass_tokens(k: usize, experts: usize) -> usize {
+    (384 * experts / k.max(1)).clamp(MOE_PASS_MIN, MOE_PASS_MAX)
+}
+const MOE_PASS_MIN: usize = 4096;
+const MOE_PASS_MAX: usize = 16384;
 /// Most routed experts the GPU plan holds in shared memory.
 pub const MAX_EXPERTS: usize = 2048;
 /// Most K a block's weight scales may span in shared memory.
@@ -542,7 +551,7 @@ struct MoeLayout {
 }
 
 fn moe_layout(tokens: usize, k: usize, experts: usize, inter: usize, dim: usize) -> MoeLayout {
-    let t = tokens.min(MOE_CHUNK);
+    let t = tokens.min(moe_pass_tokens(k, experts));
     let pairs = t * k;
     let mut c = Carve { at: 0 };
     let xq = c.take(pairs * dim * 2); // a row per token, or per sorted slot for the Hopper form
@@ -557,7 +566,7 @@ fn moe_layout(tokens: usize, k: usize, experts: usize, inter: usize, dim: usize)
 }
 
 /// Bytes of device workspace [`moe`] needs for `tokens` tokens of `k` choices each (passes of at
-/// most [`MOE_CHUNK`] tokens reuse it).
+/// most [`moe_pass_tokens`] tokens reuse it).
 pub fn moe_workspace_bytes(tokens: usize, k: usize, experts: usize, inter: usize, dim: usize) -> usize {
     if tokens == 0 {
         return 0;
@@ -607,9 +616,10 @@ pub unsafe fn moe(
     let idx64 = (idx.dtype == DType::I64) as i32;
     let f8_ok = use_f8(dev, act_fp8, dim)? && inter.is_multiple_of(KC);
     let wgmma_ok = use_wgmma(dev, dim.is_multiple_of(KC) && inter.is_multiple_of(KC))?;
+    let pass = moe_pass_tokens(k, experts);
     let mut t0 = 0;
     while t0 < tokens {
-        let t = (tokens - t0).min(MOE_CHUNK);
+        let t = (tokens - t0).min(pass);
         let pairs = t * k;
         let (form, bm) = moe_shape(pairs, experts, f8_ok, wgmma_ok);
         let layout = act_layout(form, true);
