@@ -622,6 +622,19 @@ def test_gpu_moe_experts_matches_reference_and_cpu(gen: torch.Generator, case: s
     assert_within(got, cpu.double(), 2 * tol, "gpu vs cpu")
 
 
+def expert_args(gen: torch.Generator, t: int, k: int, e: int, inter: int, d: int, dtype: torch.dtype,
+                idle_last: bool) -> tuple:
+    """``moe_experts`` inputs: ``t`` tokens of ``d`` values spanning two decades, ``k`` choices
+    each drawn with repeats (from all ``e`` experts, or all but the last), random weights, MXFP4
+    experts of intermediate width ``inter`` with scales 2^-15 to 2^-6."""
+    x = activations(gen, t, d, dtype=dtype, decades=2.0)
+    idx = torch.randint(0, e - 1 if idle_last else e, (t, k), generator=gen)
+    weights = torch.rand(t, k, generator=gen)
+    gate_up, gate_up_scale = fp4_weight(gen, e, 2 * inter, d, low=112, high=122)
+    down, down_scale = fp4_weight(gen, e, d, inter, low=112, high=122)
+    return x, idx, weights, gate_up, gate_up_scale, down, down_scale
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("t,k,e,inter,d", [(1, 6, 8, 256, 512), (2, 6, 8, 256, 512), (20, 6, 8, 256, 512),
                                            (32, 6, 8, 256, 512), (700, 2, 8, 256, 512), (1, 6, 64, 512, 1024),
@@ -633,12 +646,7 @@ def test_gpu_moe_experts_many_tokens_per_expert(gen: torch.Generator, t: int, k:
     holding more rows than one tile (T=20), and the tiled form (T=32, 700). Over 64 experts: plans
     of up to 94 row tiles, 8-row tiles at T=1 and 20, and at 40 16-row tiles on the bf16 decode
     form but 8-row ones on the FP8 form (which keeps them up to 4 rows an expert)."""
-    x = activations(gen, t, d, dtype=torch.bfloat16, decades=2.0)
-    idx = torch.randint(0, e - 1, (t, k), generator=gen)
-    weights = torch.rand(t, k, generator=gen)
-    gate_up, gate_up_scale = fp4_weight(gen, e, 2 * inter, d, low=112, high=122)
-    down, down_scale = fp4_weight(gen, e, d, inter, low=112, high=122)
-    args = (x, idx, weights, gate_up, gate_up_scale, down, down_scale)
+    args = expert_args(gen, t, k, e, inter, d, torch.bfloat16, idle_last=True)
     got = ops.moe_experts(*cuda(*args), 1.0)
     want, tol = moe_bound(*args, 1.0, "fp8", kernel)
     assert_within(got, want, tol, "gpu vs reference")
@@ -652,12 +660,7 @@ def test_gpu_moe_experts_tiled_forms(gen: torch.Generator, t: int, e: int, inter
     """Prefill-like token counts (top-6; the tiled forms) with both activation roundings: with
     bf16 activations the gate-up GEMM writes h straight in the order the down GEMM reads (the
     Hopper form's own order there); expert rows past one 128-row tile, a last expert left idle."""
-    x = activations(gen, t, d, dtype=torch.float32, decades=2.0)
-    idx = torch.randint(0, e - 1, (t, 6), generator=gen)
-    weights = torch.rand(t, 6, generator=gen)
-    gate_up, gate_up_scale = fp4_weight(gen, e, 2 * inter, d, low=112, high=122)
-    down, down_scale = fp4_weight(gen, e, d, inter, low=112, high=122)
-    args = (x, idx, weights, gate_up, gate_up_scale, down, down_scale)
+    args = expert_args(gen, t, 6, e, inter, d, torch.float32, idle_last=True)
     got = ops.moe_experts(*cuda(*args), 1.0, act=act)
     want, tol = moe_bound(*args, 1.0, act, kernel if act == "fp8" else 0.0)
     assert_within(got, want, tol, "gpu vs reference")
@@ -678,15 +681,8 @@ def test_moe_passes_bound_the_workspace() -> None:
 def test_gpu_moe_experts_in_several_passes(gen: torch.Generator, kernel: float) -> None:
     """More tokens than one pass of the fused MoE holds (``moe_pass_tokens``): the passes reuse
     one workspace and each writes its own tokens' rows."""
-    e, inter, d = 8, 128, 256
-    t = _core.moe_pass_tokens(6, e) + 37
-    assert _core.moe_pass_tokens(6, 256) == 16384 and _core.moe_pass_tokens(2, 8) == 4096
-    x = activations(gen, t, d, dtype=torch.bfloat16, decades=2.0)
-    idx = torch.randint(0, e, (t, 6), generator=gen)
-    weights = torch.rand(t, 6, generator=gen)
-    gate_up, gate_up_scale = fp4_weight(gen, e, 2 * inter, d, low=112, high=122)
-    down, down_scale = fp4_weight(gen, e, d, inter, low=112, high=122)
-    args = (x, idx, weights, gate_up, gate_up_scale, down, down_scale)
+    t = _core.moe_pass_tokens(6, 8) + 37
+    args = expert_args(gen, t, 6, 8, 128, 256, torch.bfloat16, idle_last=False)
     got = ops.moe_experts(*cuda(*args), 1.0)
     want, tol = moe_bound(*args, 1.0, "fp8", kernel)
     assert_within(got, want, tol, "gpu vs reference")
