@@ -500,17 +500,25 @@ def launched_kernels(fn) -> set[str]:
     return {e.key for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA}
 
 
+def linear_call(gen: torch.Generator, fp4: bool, m: int) -> tuple:
+    """A GPU ``quant_linear`` call of ``m`` rows on a 64 x 256 weight (MXFP4 or FP8), and a
+    function giving the names of the kernels one such call launches."""
+    weight, scale = fp4_weight(gen, 64, 256) if fp4 else fp8_weight(gen, 64, 256)
+    x, weight, scale = cuda(activations(gen, m, 256), weight, scale)
+
+    def call() -> torch.Tensor:
+        return ops.quant_linear(x, weight, scale)
+
+    return call, lambda: launched_kernels(call)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("fp4", [False, True], ids=["fp8", "fp4"])
 def test_gpu_qgemm_kernel_switch_takes_effect(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch, fp4: bool) -> None:
     """The decode form that runs is the one asked for (seen by the profiler): the FP8 one by default
     on GPUs with FP8 ``mma`` (sm_89+), the bf16 one with ``DSV4RS_QGEMM_KERNEL=bf16``; an unknown name
     is an error naming the variable."""
-    weight, scale = fp4_weight(gen, 64, 256) if fp4 else fp8_weight(gen, 64, 256)
-    x, weight, scale = cuda(activations(gen, 2, 256), weight, scale)
-
-    def launched() -> set[str]:
-        return launched_kernels(lambda: ops.quant_linear(x, weight, scale))
+    call, launched = linear_call(gen, fp4, 2)
 
     fmt = "fp4" if fp4 else "fp8"
     monkeypatch.setenv("DSV4RS_QGEMM_KERNEL", "bf16")
@@ -523,7 +531,7 @@ def test_gpu_qgemm_kernel_switch_takes_effect(gen: torch.Generator, monkeypatch:
     assert ("dsv4_act_quant_f8" in names) == fp8_cores, names
     monkeypatch.setenv("DSV4RS_QGEMM_KERNEL", "fastest")
     with pytest.raises(ValueError, match="DSV4RS_QGEMM_KERNEL"):
-        ops.quant_linear(x, weight, scale)
+        call()
 
 
 @pytest.mark.gpu
@@ -532,11 +540,7 @@ def test_gpu_qgemm_tiled_kernel_switch_takes_effect(gen: torch.Generator, monkey
     """The tiled form that runs (seen by the profiler) is the ``wgmma`` one by default on compute
     capability 9.0 and the ``mma.sync`` one with ``DSV4RS_QGEMM_TILED=mma``; forcing ``wgmma``
     elsewhere, or an unknown name, is an error naming the variable."""
-    weight, scale = fp4_weight(gen, 64, 256) if fp4 else fp8_weight(gen, 64, 256)
-    x, weight, scale = cuda(activations(gen, 200, 256), weight, scale)
-
-    def launched() -> set[str]:
-        return launched_kernels(lambda: ops.quant_linear(x, weight, scale))
+    call, launched = linear_call(gen, fp4, 200)
 
     fmt = "fp4" if fp4 else "fp8"
     monkeypatch.setenv("DSV4RS_QGEMM_TILED", "mma")
@@ -551,10 +555,10 @@ def test_gpu_qgemm_tiled_kernel_switch_takes_effect(gen: torch.Generator, monkey
         assert f"dsv4_qgemm_{fmt}_wgmma" in launched()
     else:
         with pytest.raises(ValueError, match="DSV4RS_QGEMM_TILED"):
-            ops.quant_linear(x, weight, scale)
+            call()
     monkeypatch.setenv("DSV4RS_QGEMM_TILED", "fastest")
     with pytest.raises(ValueError, match="DSV4RS_QGEMM_TILED"):
-        ops.quant_linear(x, weight, scale)
+        call()
 
 
 @pytest.mark.gpu

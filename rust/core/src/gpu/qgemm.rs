@@ -206,14 +206,22 @@ fn use_wgmma(dev: i32, k_ok: bool) -> Result<bool> {
                 && super::has_kernel(dev, Kernel::QgemmFp8Wgmma))
         })
     };
-    match std::env::var("DSV4RS_QGEMM_TILED").ok().as_deref() {
-        None | Some("") | Some("auto") => Ok(k_ok && capable()?),
-        Some("mma") => Ok(false),
-        Some("wgmma") if capable()? => Ok(k_ok),
-        Some(other) => Err(Error::value(
-            "DSV4RS_QGEMM_TILED",
-            format!("must be auto, wgmma or mma, and one GPU {dev} runs (got {other:?})"),
-        )),
+    forced_or_auto(dev, "DSV4RS_QGEMM_TILED", "wgmma", "mma", k_ok, capable)
+}
+
+/// A kernel choice an environment variable may force: unset, empty or `auto` takes the special
+/// kernel where the call `fits` and the GPU is `capable`; `off` never takes it; `on` takes it
+/// where the call fits and is an error on a GPU that cannot run it, as is any other value.
+fn forced_or_auto(
+    dev: i32, var: &str, on: &str, off: &str, fits: bool, capable: impl Fn() -> Result<bool>,
+) -> Result<bool> {
+    match std::env::var(var).ok().as_deref() {
+        None | Some("") | Some("auto") => Ok(fits && capable()?),
+        Some(v) if v == off => Ok(false),
+        Some(v) if v == on && capable()? => Ok(fits),
+        Some(other) => {
+            Err(Error::value(var, format!("must be auto, {on} or {off}, and one GPU {dev} runs (got {other:?})")))
+        }
     }
 }
 
@@ -243,16 +251,7 @@ fn use_f8(dev: i32, act_fp8: bool, k: usize) -> Result<bool> {
             Ok(super::compute_capability(dev)? >= (8, 9) && super::ptx_version(dev, Kernel::QgemvF8Fp4N8)? >= 89)
         })
     };
-    let fits = act_fp8 && k.is_multiple_of(KC);
-    match std::env::var("DSV4RS_QGEMM_KERNEL").ok().as_deref() {
-        None | Some("") | Some("auto") => Ok(fits && capable()?),
-        Some("bf16") => Ok(false),
-        Some("fp8") if capable()? => Ok(fits),
-        Some(other) => Err(Error::value(
-            "DSV4RS_QGEMM_KERNEL",
-            format!("must be auto, fp8 or bf16, and one GPU {dev} runs (got {other:?})"),
-        )),
-    }
+    forced_or_auto(dev, "DSV4RS_QGEMM_KERNEL", "fp8", "bf16", act_fp8 && k.is_multiple_of(KC), capable)
 }
 
 fn check_k(w: &Weights) -> Result<usize> {
