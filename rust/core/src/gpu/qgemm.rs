@@ -94,8 +94,8 @@ const _: () = assert!(
 /// activation rows a block, 16 weight rows a warp, K split over the block's warps) for a few rows
 /// per weight, on bf16 tensor cores (`Gemv`) or FP8 ones (`GemvF8`: FP8 activations, sm_89 and
 /// later, see [`use_f8`]), else a tiled form: `mma.sync` (`Gemm`, 64 rows a block, 64 weight
-/// rows; every GPU) or, on Hopper, `wgmma` (`Wgmma`, cuda/qgemm_sm90a.cu: 128 rows a block, 128
-/// weight rows; see [`use_wgmma`]).
+/// rows; every GPU) or, on Hopper, `wgmma` (`Wgmma`, cuda/qgemm_sm90a.cu: 128 rows a block, 64
+/// weight rows a warpgroup; see [`use_wgmma`] and [`wg_warpgroups`]).
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Form {
     Gemv,
@@ -122,7 +122,8 @@ fn gemm_kernel(fp4: bool, form: Form, bm: usize) -> Kernel {
     }
 }
 
-/// Weight rows a block covers (a grid column): 16 in the decode forms, 64 and 128 in the tiled ones.
+/// Weight rows a block covers (a grid column): 16 in the decode forms, 64 in the portable tiled
+/// one, 192 (MXFP4) or 128 (FP8) in the Hopper one.
 fn block_rows(form: Form, fp4: bool) -> usize {
     match form {
         Form::Gemv | Form::GemvF8 => 16,
