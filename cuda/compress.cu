@@ -83,23 +83,87 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
   return total;
 }
 
-// Channel c of entry i, pooled (one softmax over its candidates), not yet normalized.
+// Candidates a chunk of the pooling loop: their loads are issued together (the loop is bound by
+// memory latency, not by arithmetic: a thread per channel and up to 2 r candidates each).
+constexpr int CHUNK = 8;
+
+// Channel c of entry i, pooled (one softmax over its candidates), not yet normalized. The softmax
+// runs over chunks of CHUNK candidates with a running maximum: each chunk's terms are taken
+// against the maximum so far (including the chunk), and the sums are rescaled by
+// exp(old max - new max) when it grows; chunks whose logits are all -inf while the maximum is
+// still -inf add nothing. With at most CHUNK candidates (r = 4) that is exactly the two-pass
+// softmax (max, then the sums; the first rescale multiplies zeros by zero), and a channel whose
+// candidates are all -inf gives 0 / 0 as before.
+template <typename Fetch>
+__device__ __forceinline__ float pool_chunks(int count, Fetch fetch) {
+  float m = -INFINITY, num = 0.f, den = 0.f;
+  for (int j0 = 0; j0 < count; j0 += CHUNK) {
+    Candidate k[CHUNK];
+#pragma unroll
+    for (int u = 0; u < CHUNK; ++u) k[u] = j0 + u < count ? fetch(j0 + u) : Candidate{0.f, -INFINITY};
+    float mc = m;
+#pragma unroll
+    for (int u = 0; u < CHUNK; ++u) mc = fmaxf(mc, k[u].logit);
+    if (mc == -INFINITY) continue;  // no finite logit so far (e.g. a fresh state's slots): nothing to add
+    const float rescale = expf(m - mc);
+    den *= rescale;
+    num *= rescale;
+#pragma unroll
+    for (int u = 0; u < CHUNK; ++u) {
+      const float w = expf(k[u].logit - mc);
+      den += w;
+      num = fmaf(w, k[u].value, num);
+    }
+    m = mc;
+  }
+  return num / den;
+}
+
+// The candidates of an entry whose rows are all inputs, with the shapes known at compile time
+// (W: a row's floats; R: the ratio; PREV: the previous block's R candidates come first, on column
+// c, then the own block's on own_col): every load is a base register plus an immediate offset, so
+// a thread's loads need few registers and more threads stay resident to keep memory busy.
+// W = 0: the shapes at run time.
+template <int W, int R, bool PREV>
+__device__ __forceinline__ float pool_inputs(const float* kv, const float* score, const float* ape, int width, int r,
+                                             int c, int own_col) {
+  const int w = W ? W : width, rr = R ? R : r;
+  const int split = PREV ? rr : 0;
+  return pool_chunks(split + rr, [&](int j) {
+    const int col = j < split ? c : own_col;
+    const int at = j * w + col;
+    return Candidate{kv[at], score[at] + ape[(j < split ? j : j - split) * w + col]};
+  });
+}
+
 __device__ __forceinline__ float pool_channel(const Params& p, long long i, int c) {
   const long long r = p.ratio;
   const int d = p.dim;
   // Candidates: (previous block, "b" half at column c) then (own block, "a" half at d + c).
   const int own_col = p.overlap ? d + c : c;
   const long long prev0 = (p.overlap && i > 0) ? r * i - r : r * i;
-  float m = -INFINITY;
-  for (long long pos = prev0; pos < r * i + r; ++pos) m = fmaxf(m, candidate(p, pos, pos < r * i ? c : own_col).logit);
-  float num = 0.f, den = 0.f;
-  for (long long pos = prev0; pos < r * i + r; ++pos) {
-    Candidate k = candidate(p, pos, pos < r * i ? c : own_col);
-    float w = expf(k.logit - m);
-    den += w;
-    num = fmaf(w, k.value, num);
+  if (prev0 < p.start) {
+    // Some candidates live in the state (the first entries of a call, decode).
+    const int split = (int)(r * i - prev0);
+    return pool_chunks((int)(r * i + r - prev0),
+                       [&](int j) { return candidate(p, prev0 + j, j < split ? c : own_col); });
   }
-  return num / den;
+  // Every candidate is an input row: j's row is prev0 - start + j, its ape row j % r.
+  const int width = (p.overlap ? 2 : 1) * d;
+  const long long row0 = (prev0 - p.start) * width;
+  const float *kv = p.kv + row0, *score = p.score + row0;
+  const bool prev = prev0 < r * i;
+  // V4's three compressors: CSA main rows (r = 4, D = 512) and indexer keys (r = 4, D = 128),
+  // both overlapping, and HCA (r = 128, D = 512).
+  if (p.overlap && r == 4 && d == 512)
+    return prev ? pool_inputs<1024, 4, true>(kv, score, p.ape, 0, 0, c, own_col)
+                : pool_inputs<1024, 4, false>(kv, score, p.ape, 0, 0, c, own_col);
+  if (p.overlap && r == 4 && d == 128)
+    return prev ? pool_inputs<256, 4, true>(kv, score, p.ape, 0, 0, c, own_col)
+                : pool_inputs<256, 4, false>(kv, score, p.ape, 0, 0, c, own_col);
+  if (!p.overlap && r == 128 && d == 512) return pool_inputs<512, 128, false>(kv, score, p.ape, 0, 0, c, own_col);
+  return prev ? pool_inputs<0, 0, true>(kv, score, p.ape, width, (int)r, c, own_col)
+              : pool_inputs<0, 0, false>(kv, score, p.ape, width, (int)r, c, own_col);
 }
 
 // The whole block on entry i, pooled at `dst` (D floats), in place: RMSNorm, RoPE at the
@@ -110,19 +174,32 @@ __device__ __forceinline__ void finish_entry(const Params& p, long long i, float
   const int tid = threadIdx.x;
   const long long r = p.ratio;
   const int d = p.dim;
-  float ss = 0.f;
-  for (int c = tid; c < d; c += THREADS) {
-    const float v = dst[c];
-    x[c] = v;
-    ss += v * v;
+  // The loads first, then the work that does not need them (this thread's RoPE angles), so that
+  // the angles' latency hides under the loads' (the block is a chain of dependent steps).
+  constexpr int PER = MAX_DIM / THREADS;
+  float val[PER], w[PER];
+#pragma unroll
+  for (int u = 0; u < PER; ++u) {
+    const int c = tid + u * THREADS;
+    val[u] = c < d ? dst[c] : 0.f;
+    w[u] = c < d ? p.norm_weight[c] : 0.f;
   }
+  double rs = 0.0, rc = 1.0;
+  if (tid < p.rope_pairs) rope_sincos(r * i, p.inv_freq, tid, p.rope_mode, false, rs, rc);
+  float ss = 0.f;
+#pragma unroll
+  for (int u = 0; u < PER; ++u) ss += val[u] * val[u];
   const float rms = rsqrtf(block_sum(ss, scratch) / d + p.eps);
-  for (int c = tid; c < d; c += THREADS) x[c] = x[c] * rms * p.norm_weight[c];
+#pragma unroll
+  for (int u = 0; u < PER; ++u) {
+    const int c = tid + u * THREADS;
+    if (c < d) x[c] = val[u] * rms * w[u];
+  }
   __syncthreads();
   // RoPE at position r i on the last 2 rope_pairs dims (interleaved pairs), the mode's angles.
   for (int j = tid; j < p.rope_pairs; j += THREADS) {
-    double s, co;
-    rope_sincos(r * i, p.inv_freq, j, p.rope_mode, false, s, co);
+    double s = rs, co = rc;
+    if (j != tid) rope_sincos(r * i, p.inv_freq, j, p.rope_mode, false, s, co);
     int k = d - 2 * p.rope_pairs + 2 * j;
     float x0 = x[k], x1 = x[k + 1];
     x[k] = x0 * (float)co - x1 * (float)s;
@@ -174,17 +251,36 @@ __device__ __forceinline__ void finish_entry(const Params& p, long long i, float
 }
 
 // Advances state column `col` (< coff D) by the call's tokens, as feeding them one by one would.
-__device__ __forceinline__ void advance_state(const Params& p, int col) {
+// Without overlap the tokens' slots are distinct, so `parts` blocks share them (part k takes the
+// chunks k, k + parts, ...); the overlapping form is done by part 0 alone.
+__device__ __forceinline__ void advance_state(const Params& p, int col, int part, int parts) {
   const int width = (p.overlap ? 2 : 1) * p.dim;
   const long long r = p.ratio, end = p.start + p.tokens;
   if (!p.overlap) {
-    for (long long pos = max(p.start, end - r); pos < end; ++pos) {
-      const long long row = pos - p.start, slot = pos % r;
-      p.kv_state[slot * width + col] = p.kv[row * width + col];
-      p.score_state[slot * width + col] = p.score[row * width + col] + p.ape[slot * width + col];
+    // The last min(S, r) tokens, CHUNK at a time: the loads of a chunk before its stores (the
+    // compiler cannot move loads above stores that may alias them).
+    for (long long pos0 = max(p.start, end - r) + (long long)part * CHUNK; pos0 < end; pos0 += (long long)parts * CHUNK) {
+      float kv[CHUNK], sc[CHUNK];
+#pragma unroll
+      for (int u = 0; u < CHUNK; ++u) {
+        const long long pos = pos0 + u, row = pos - p.start, slot = pos % r;
+        if (pos < end) {
+          kv[u] = p.kv[row * width + col];
+          sc[u] = p.score[row * width + col] + p.ape[slot * width + col];
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < CHUNK; ++u) {
+        const long long pos = pos0 + u, slot = pos % r;
+        if (pos < end) {
+          p.kv_state[slot * width + col] = kv[u];
+          p.score_state[slot * width + col] = sc[u];
+        }
+      }
     }
     return;
   }
+  if (part != 0) return;
   // Overlap (r = 4): slots [4, 8) hold the last token of each residue (the block in progress);
   // after the last block completed here, slots [0, 4) hold a copy of that block.
   float kv_cur[4], sc_cur[4];
@@ -279,7 +375,9 @@ __device__ __forceinline__ bool entry_of_row(const BatchParams& bp, long long t,
 
 // Grid (entries, channel groups of 128): thread per channel, one softmax over its candidates;
 // the pooled, not yet normalized entry goes to `out`.
-extern "C" __global__ void __launch_bounds__(THREADS) dsv4_compress_pool(const Params p) {
+// (The register cap, 48 a thread here and 56 in the batched form, lets 10 or 9 blocks share an SM,
+// for more loads in flight.)
+extern "C" __global__ void __launch_bounds__(THREADS, 10) dsv4_compress_pool(const Params p) {
   const int c = blockIdx.y * THREADS + threadIdx.x;
   const long long r = p.ratio;
   const long long i = p.start / r + blockIdx.x;
@@ -292,16 +390,16 @@ extern "C" __global__ void __launch_bounds__(THREADS) dsv4_compress_finish(const
   finish_entry(p, p.start / p.ratio + blockIdx.x, p.out + blockIdx.x * (long long)p.dim);
 }
 
-// Grid (column groups of 128): advances the state.
+// Grid (column groups of 128, 1, parts): advances the state (parts: see advance_state).
 extern "C" __global__ void __launch_bounds__(THREADS) dsv4_compress_state(const Params p) {
   const int col = blockIdx.x * THREADS + threadIdx.x;
   if (col >= (p.overlap ? 2 : 1) * p.dim) return;
-  advance_state(p, col);
+  advance_state(p, col, blockIdx.z, gridDim.z);
 }
 
 // Grid (T, channel groups of 128): row t's channel c is the pooled entry token t completes, or
 // zero when it completes none (or belongs to a padding row).
-extern "C" __global__ void __launch_bounds__(THREADS) dsv4_compress_batch_pool(const BatchParams bp) {
+extern "C" __global__ void __launch_bounds__(THREADS, 9) dsv4_compress_batch_pool(const BatchParams bp) {
   const int c = blockIdx.y * THREADS + threadIdx.x;
   if (c >= bp.base.dim) return;
   const long long t = blockIdx.x;
@@ -319,12 +417,12 @@ extern "C" __global__ void __launch_bounds__(THREADS) dsv4_compress_batch_finish
   finish_entry(p, i, bp.base.out + t * bp.base.dim);
 }
 
-// Grid (B, column groups of 128): advances each live sequence's state.
+// Grid (B, column groups of 128, parts): advances each live sequence's state.
 extern "C" __global__ void __launch_bounds__(THREADS) dsv4_compress_batch_state(const BatchParams bp) {
   const int col = blockIdx.y * THREADS + threadIdx.x;
   if (col >= (bp.base.overlap ? 2 : 1) * bp.base.dim) return;
   Params p;
   long long lo;
   if (!sequence(bp, blockIdx.x, p, lo) || p.tokens == 0) return;
-  advance_state(p, col);
+  advance_state(p, col, blockIdx.z, gridDim.z);
 }

@@ -9,6 +9,16 @@ use crate::formats::{Quant, RopeTable};
 use crate::tensor::{DType, TensorRef};
 
 const THREADS: u32 = 128;
+/// Tokens a state-kernel block replays a turn (`CHUNK` in cuda/compress.cu).
+const STATE_CHUNK: usize = 8;
+
+/// Blocks that share a state column's replay of up to `tokens` tokens: without overlap each
+/// chunk of the last `ratio` tokens has its own (their slots are distinct); the overlapping
+/// form is one block's work. At most 65,535 (the grid's z limit; the blocks then take several
+/// chunks each).
+fn state_parts(ratio: usize, overlap: bool, tokens: usize) -> u32 {
+    if overlap { 1 } else { ratio.min(tokens).div_ceil(STATE_CHUNK).clamp(1, 65_535) as u32 }
+}
 /// Widest entry the pooling kernel holds in shared memory.
 pub const MAX_DIM: usize = 512;
 
@@ -114,7 +124,7 @@ pub unsafe fn compress(dev: i32, stream: usize, a: &CompressArgs) -> Result<()> 
     launch(dev, Kernel::CompressFinish, &finish, &mut [pp])?;
     let width = if overlap { 2 * d } else { d };
     let state = Launch {
-        grid: (if tokens == 0 { 0 } else { width.div_ceil(THREADS as usize) as u32 }, 1, 1),
+        grid: (if tokens == 0 { 0 } else { width.div_ceil(THREADS as usize) as u32 }, 1, state_parts(c.ratio, overlap, tokens)),
         block: (THREADS, 1, 1),
         shared_bytes: 0,
         stream,
@@ -194,6 +204,7 @@ pub unsafe fn compress_batch(dev: i32, stream: usize, a: &BatchArgs) -> Result<(
     launch(dev, Kernel::CompressBatchFinish, &finish, &mut [pp])?;
     let width = if overlap { 2 * d } else { d };
     let columns = width.div_ceil(THREADS as usize) as u32;
-    let state = Launch { grid: (batch as u32, columns, 1), block: (THREADS, 1, 1), shared_bytes: 0, stream };
+    let parts = state_parts(c.ratio, overlap, total);
+    let state = Launch { grid: (batch as u32, columns, parts), block: (THREADS, 1, 1), shared_bytes: 0, stream };
     launch(dev, Kernel::CompressBatchState, &state, &mut [pp])
 }
