@@ -42,6 +42,17 @@ def test_bench_runs_on_the_cpu_and_prints_the_roofline_table(capsys, monkeypatch
     assert "append decode, 1000 seqs in one call" in out and "M forks/s" in out
 
 
+def test_bench_per_call_runs_every_call_each_time_and_divides() -> None:
+    """Bench.per_call_ms runs fn(0) .. fn(calls - 1) in order on each run (warm-up included)."""
+    from dsv4rs.bench import harness
+
+    seen: list[int] = []
+    bench = harness.Bench("cpu", quick=True)
+    per_call = bench.per_call_ms(seen.append, 5, iters=4)
+    assert seen == list(range(5)) * (3 + 4)  # 3 warm-up runs, then 4 timed
+    assert per_call > 0
+
+
 def test_other_commands_start_without_torch() -> None:
     code = "import sys, dsv4rs.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
