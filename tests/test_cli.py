@@ -42,7 +42,7 @@ def test_bench_runs_on_the_cpu_and_prints_the_roofline_table(capsys, monkeypatch
     assert "append decode, 1000 seqs in one call" in out and "M forks/s" in out
 
 
-def test_bench_per_call_runs_every_call_each_time_and_divides() -> None:
+def test_bench_per_call_runs_every_call_in_order_each_run() -> None:
     """Bench.per_call_ms runs fn(0) .. fn(calls - 1) in order on each run (warm-up included)."""
     from dsv4rs.bench import harness
 
