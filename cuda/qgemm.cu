@@ -266,7 +266,6 @@ template <int NT>
 __device__ __forceinline__ void gemv_finish(const GemmParams& p, float (&acc)[NT][4], float (&red)[THREADS / 32 - 1][NT][4][32],
                                             int g, long long row0, int rows) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int q = lane % 4, fr = lane / 4;
   constexpr int WARPS = THREADS / 32;
   if (warp > 0) {
 #pragma unroll
@@ -283,36 +282,7 @@ __device__ __forceinline__ void gemv_finish(const GemmParams& p, float (&acc)[NT
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[t][e] += red[w][t][e][lane];
 
-  // Epilogue. Fragment (t, e): weight row fr + 8 (e / 2), activation row 8 t + 2 q + e % 2.
-#pragma unroll
-  for (int t = 0; t < NT; ++t) {
-#pragma unroll
-    for (int e2 = 0; e2 < 2; ++e2) {
-      const int r = 8 * t + 2 * q + e2;
-      if (r >= rows) continue;
-      const long long row = row0 + r;
-      if (p.swiglu) {
-        const int col = blockIdx.x * 8 + fr;
-        if (col >= p.n / 2) continue;
-        const float gate = fminf(acc[t][e2], p.limit);
-        const float up = fminf(fmaxf(acc[t][2 + e2], -p.limit), p.limit);
-        const float h = silu(gate) * up;
-        const long long o = row * p.out_row_stride + g * p.out_group_stride;
-        if (p.out_bf16) ((uint16_t*)p.out)[o + interleaved_col(col)] = bf16_from_f32(h);
-        else ((float*)p.out)[o + col] = h;
-      } else {
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          const int n = blockIdx.x * 16 + fr + 8 * j;
-          if (n >= p.n) continue;
-          const float v = acc[t][2 * j + e2];
-          const long long o = blockIdx.z * p.out_split_stride + row * p.out_row_stride + g * p.out_group_stride + n;
-          if (p.out_bf16) ((uint16_t*)p.out)[o] = bf16_from_f32(v);
-          else ((float*)p.out)[o] = v;
-        }
-      }
-    }
-  }
+  gemv_store<NT>(p, acc, g, row0, rows, blockIdx.x * (p.swiglu ? 8 : 16));
 }
 
 // Resident blocks of the decode form per SM its register budget allows (at most 168 registers a
@@ -473,13 +443,23 @@ __device__ __forceinline__ void qgemv(const GemmParams& p) {
 // added in float32.
 
 // Where the activation code of K offset p (0..127 within its 128-wide step) is stored in the step,
-// so that lane q of a quad finds its B registers of mma i at words 2i and 2i + 1 of bytes
-// 32q .. 32q + 31. MXFP4 weights: p = 32 b + 8 q + 2 j + h (block b; the widened low nibbles
-// (h = 0) form a0/a1, the high ones a2/a3) goes to 32 q + 8 b + 4 h + j. FP8 weights:
-// p = 16 m + 4 q + j (16-byte chunk m, mma m / 2) goes to 32 q + 4 m + j.
-__device__ __forceinline__ int f8_act_pos(int p, bool fp4) {
-  if (fp4) return 32 * ((p >> 3) & 3) + 8 * (p >> 5) + 4 * (p & 1) + ((p >> 1) & 3);
-  return 32 * ((p >> 2) & 3) + 4 * (p >> 4) + (p & 3);
+// for each FP8 decode form and weight format (dsv4_act_quant_f8's `layout`):
+// - F8_MMA_FP8 / F8_MMA_FP4 (qgemv_f8 on mma.sync): so that lane q of a quad finds its B registers
+//   of mma i at words 2i and 2i + 1 of bytes 32q .. 32q + 31. MXFP4 weights: p = 32 b + 8 q + 2 j
+//   + h (block b; the widened low nibbles (h = 0) form a0/a1, the high ones a2/a3) goes to
+//   32 q + 8 b + 4 h + j. FP8 weights: p = 16 m + 4 q + j (16-byte chunk m, mma m / 2) goes to
+//   32 q + 4 m + j.
+// - F8_WG_FP8 / F8_WG_FP4 (cuda/qgemm_sm90a.cu qgemv_wg on wgmma, whose B operand is read from
+//   shared memory in K order): at the K index the lane's A registers give it. FP8 weights: p
+//   itself. MXFP4 weights: slice b's K index 16 h + 4 q + j holds p = 32 b + 8 q + 2 j + h.
+enum F8ActLayout : int { F8_MMA_FP8 = 0, F8_MMA_FP4 = 1, F8_WG_FP8 = 2, F8_WG_FP4 = 3 };
+__device__ __forceinline__ int f8_act_pos(int p, int layout) {
+  switch (layout) {
+    case F8_MMA_FP4: return 32 * ((p >> 3) & 3) + 8 * (p >> 5) + 4 * (p & 1) + ((p >> 1) & 3);
+    case F8_WG_FP8: return p;
+    case F8_WG_FP4: return 32 * (p >> 5) + 16 * (p & 1) + 4 * ((p >> 3) & 3) + ((p >> 1) & 3);
+    default: return 32 * ((p >> 2) & 3) + 4 * (p >> 4) + (p & 3);
+  }
 }
 
 // D = A B for one 16x8x32 e4m3 tile from a zero accumulator (fragment layouts of PTX's
@@ -498,28 +478,6 @@ __device__ __forceinline__ void mma_e4m3(float (&d)[4], uint32_t a0, uint32_t a1
 #endif
 }
 
-// Eight e2m1 codes (a word of MXFP4: the low nibble of byte j is value 2j) as e4m3 codes of the
-// values times 2^-6: `lo` holds values 0, 2, 4, 6 and `hi` values 1, 3, 5, 7.
-__device__ __forceinline__ void fp4x8_to_e4m3(uint32_t w, uint32_t& lo, uint32_t& hi) {
-  lo = ((w << 2) & 0x1C1C1C1Cu) | ((w << 4) & 0x80808080u);
-  hi = ((w >> 2) & 0x1C1C1C1Cu) | (w & 0x80808080u);
-}
-
-// The float32 value of UE8M0 code byte B of `w` times 2^6 (the widening's 2^-6 undone): exact for
-// codes 0 .. 248 (the caller adds 6 to every byte first, `w6 = w + 0x06060606`).
-template <int B>
-__device__ __forceinline__ float ue8m0x64(uint32_t w6) {
-  return __uint_as_float((B < 3 ? w6 << (23 - 8 * B) : w6 >> 1) & 0x7F800000u);
-}
-
-// The value 2^(c - 127) of UE8M0 code byte b of `w`, for any code (0 is 2^-127, 255 NaN): the exact
-// pass, for warps that met a code above 248, whose value times 2^6 would overflow float32 (the
-// caller then applies the 2^6 to the step's sums).
-__device__ __forceinline__ float ue8m0_any(uint32_t w, int b) {
-  const uint32_t c = (w >> (8 * b)) & 0xFFu;
-  return __uint_as_float(c == 255u ? 0x7FC00000u : c == 0u ? 0x00400000u : c << 23);
-}
-
 template <bool FP4, int NT>
 struct F8Layout {
   static constexpr int ROW = FP4 ? 64 : 128;   // bytes of one weight row per K step
@@ -535,13 +493,6 @@ struct F8Layout {
   static constexpr int STAGES = 4;
   static constexpr int WARP = STAGES * STAGE;  // a warp's ring; the block's dynamic shared memory is 4 rings
 };
-
-// Byte offset in a stage of 16-byte chunk c of weight row slot r, swizzled so that the eight rows
-// of an ldmatrix matrix (one chunk of eight consecutive slots) hit eight distinct bank groups.
-template <bool FP4>
-__device__ __forceinline__ int f8_w_at(int r, int c) {
-  return FP4 ? 64 * r + 16 * (c ^ ((r >> 1) & 3)) : 128 * r + 16 * (c ^ (r & 7));
-}
 
 // Byte offset of 16-byte chunk c of activation row r within the stage's activation codes.
 __device__ __forceinline__ int f8_a_at(int r, int c) { return 128 * r + 16 * (c ^ (r & 7)); }
@@ -880,11 +831,11 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_act_quant(const void* __r
 }
 
 // Rows of x [rows, k] (float32 or bfloat16; k % 128 == 0) as FP8 e4m3 codes per 1x128 block with a
-// UE8M0 scale, for the FP8 decode form: codes [rows, k] bytes, each 128-wide block stored in the
-// order of f8_act_pos (`fp4`: for MXFP4 weights), and the scales 2^e as float32 [rows, k / 128].
+// UE8M0 scale, for the FP8 decode forms: codes [rows, k] bytes, each 128-wide block stored in the
+// order f8_act_pos gives for `layout`, and the scales 2^e as float32 [rows, k / 128].
 // The same values as dsv4_act_quant's act_fp8. A warp per (row, 128-block), grid (rows / 4, k / 128).
 extern "C" __global__ void __launch_bounds__(128) dsv4_act_quant_f8(const void* __restrict__ x, int x_bf16, long long rows,
-                                                                    int k, int fp4, uint8_t* __restrict__ codes,
+                                                                    int k, int layout, uint8_t* __restrict__ codes,
                                                                     float* __restrict__ scales) {
   __shared__ __align__(16) uint8_t stage[4][KC];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -898,7 +849,7 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_act_quant_f8(const void* 
   m = group_amax(m, 32);
   const int e = ue8m0_exponent(m, FP8_MAX);
 #pragma unroll
-  for (int i = 0; i < 4; ++i) stage[warp][f8_act_pos(4 * lane + i, fp4 != 0)] = fp8_encode(v[i], e);
+  for (int i = 0; i < 4; ++i) stage[warp][f8_act_pos(4 * lane + i, layout)] = fp8_encode(v[i], e);
   __syncwarp();
   *(uint32_t*)(codes + row * k + col) = *(const uint32_t*)&stage[warp][4 * lane];
   if (lane == 0) scales[row * (k / KC) + blockIdx.y] = exp2i(e);

@@ -298,6 +298,263 @@ __device__ __forceinline__ void qgemm_wgmma(const GemmParams& p, const TmaDesc* 
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The Hopper FP8 decode form (dsv4_qgemv_wg_*; act = "fp8", K % 128 == 0, a few activation rows
+// per weight): cuda/qgemm.cu's FP8 decode form (qgemv_f8) with its mma.sync m16n8k32 e4m3
+// replaced by wgmma m64n{8,16}k32 e4m3, which on sm_90 is the native FP8 tensor-core path
+// (ptxas lowers the mma.sync form to f16 conversions and f16 mma there). A block is one
+// warpgroup: 64 weight rows (warp w holds 16, as a warp of qgemv_f8 does: with SwiGLU, 8 gate
+// rows and the matching 8 up rows) and 8 NT activation rows, all four warps over the same K
+// steps. The weights are wgmma's A operand from registers: each warp streams its 16 rows' bytes
+// of a K step into shared memory with cp.async and reads them back with ldmatrix (MXFP4 widened
+// to e4m3 times 2^-6, as in qgemv_f8); the step's activation codes, shared by the warpgroup,
+// are its B operand, read by wgmma from shared memory K-major without swizzle: 16-byte chunk c
+// of activation row r at byte c (8 NT 16) + 16 r, so a k32 slice is two chunks (LBO 8 NT 16 bytes
+// apart, 8-row groups SBO 128 bytes apart). dsv4_act_quant_f8 stores each 128-block in the K
+// order the A registers give (f8_act_pos, F8_WG_*).
+//
+// Pipeline: STAGES stages of (activation codes, the 64 rows' weight bytes, their scale words,
+// the activation scales), filled STAGES - 1 steps ahead by cp.async. A step: wait for this
+// thread's copies, fence them to the async proxy and meet at the block barrier (every copy of
+// the step has landed; every warp is done with the previous step, whose slot is refilled now);
+// ldmatrix and widen the step's weights; four wgmma, one per 32-wide slice (= one MXFP4 scale
+// block), each from a zero accumulator; wait; scale the slice sums and add them in float32.
+//
+// Numerics as qgemv_f8's: products exact, each slice summed by the tensor core's FP8
+// accumulator (docs/kernels/qgemm.md states the bound), slice sums scaled and added in float32
+// in the same order. Weights with MXFP4 scale codes above 248 take qgemv_f8's exact pass, here
+// for the whole block when any warp met one.
+template <bool FP4, int NT>
+struct WgLayout {
+  static constexpr int ROWS = 8 * NT;         // activation rows a block (the wgmma N)
+  static constexpr int ROW = FP4 ? 64 : 128;  // bytes of a weight row per K step
+  static constexpr int A = ROWS * KC;         // the step's activation codes (first: 128-byte aligned)
+  static constexpr int W = 64 * ROW;          // the 64 weight rows; warp w's 16 at 16 w ROW
+  static constexpr int WS = 64 * 4;           // a word per weight slot: 4 UE8M0 codes, or the FP8 block's float
+  static constexpr int AS = ROWS * 4;         // activation scales (float)
+  static constexpr int STAGE = (A + W + WS + AS + 127) / 128 * 128;
+  // Mirrored by rust/core/src/gpu/qgemm.rs `gemm_shared_bytes`.
+  static constexpr int STAGES = 4;
+};
+
+template <bool FP4, int NT>
+__device__ __forceinline__ void qgemv_wg(const GemmParams& p) {
+  using L = WgLayout<FP4, NT>;
+  constexpr int S = L::STAGES, ROWS = L::ROWS;
+  constexpr int ROW_CHUNKS = L::ROW / 16;
+  constexpr int W_COPIES = 16 * ROW_CHUNKS / 32;  // a lane's 16-byte weight copies a step
+  constexpr int A_CHUNKS = ROWS * KC / 16;        // the step's activation chunks (one per thread at most)
+  static_assert(A_CHUNKS <= 128, "one activation chunk a thread");
+  extern __shared__ __align__(1024) uint8_t smem[];  // (1024: the declaration qgemm_wgmma shares)
+
+  int g, rows;
+  long long row0;
+  if (!work_item(p, ROWS, g, row0, rows)) return;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int q = lane % 4, fr = lane / 4;
+  const long long k = p.k;
+  const int k_steps = p.k / KC;
+  const int c_begin = blockIdx.z * p.k_steps_per_split;
+  const int nsteps = max(0, min(k_steps, c_begin + p.k_steps_per_split) - c_begin);
+  const int w_off = L::A + warp * 16 * L::ROW;  // this warp's weight rows in a stage
+  const int ws_off = L::A + L::W, as_off = ws_off + L::WS;
+
+  // Weight row (within group g) of this warp's slot r, or -1 past the weights.
+  auto weight_of = [&](int r) {
+    if (p.swiglu) {
+      const int half = p.n / 2, h = blockIdx.x * 32 + 8 * warp + r % 8;
+      return h < half ? h + (r / 8) * half : -1;
+    }
+    const int n = blockIdx.x * 64 + 16 * warp + r;
+    return n < p.n ? n : -1;
+  };
+  // Element offset (in the activation codes) of activation row r of the tile, or -1.
+  auto act_of = [&](int r) -> long long {
+    if (r >= rows) return -1;
+    const long long pos = row0 + r;
+    const long long src = p.a_rows ? p.a_rows[pos] / p.a_div : pos;
+    return src * p.a_row_stride + g * p.a_group_stride;
+  };
+
+  // This thread's copies: its warp's weight chunks, at most one activation chunk, a weight scale
+  // word (lanes below 16: the warp's slot `lane`) and an activation scale (threads below ROWS).
+  const uint8_t* w_src[W_COPIES];
+  int w_dst[W_COPIES];
+#pragma unroll
+  for (int u = 0; u < W_COPIES; ++u) {
+    const int idx = lane + 32 * u, r = idx / ROW_CHUNKS, c = idx % ROW_CHUNKS;
+    const int n = weight_of(r);
+    w_dst[u] = w_off + f8_w_at<FP4>(r, c);
+    w_src[u] = n < 0 ? nullptr : p.w + ((long long)g * p.n + n) * (FP4 ? k / 2 : k) + 16 * c;
+  }
+  const uint8_t* a_src = nullptr;
+  const int a_dst = (tid / ROWS) * (ROWS * 16) + 16 * (tid % ROWS);  // chunk tid / ROWS of row tid % ROWS
+  if (tid < A_CHUNKS) {
+    const long long off = act_of(tid % ROWS);
+    if (off >= 0) a_src = (const uint8_t*)p.a + off + 16 * (tid / ROWS);
+  }
+  const uint8_t* ws_src = nullptr;
+  if (lane < 16) {
+    const int n = weight_of(lane);
+    const long long ng = (long long)g * p.n + n;
+    if (n >= 0)
+      ws_src = FP4 ? (const uint8_t*)p.w_scale + ng * (k / 32) : (const uint8_t*)((const float*)p.w_scale + (ng / 128) * k_steps);
+  }
+  const float* as_src = nullptr;
+  if (tid < ROWS) {
+    const long long off = act_of(tid);
+    if (off >= 0) as_src = p.a_scale + off / KC;
+  }
+
+  // Slots no copy fills (past the weights or the rows) hold zeros in every stage.
+  for (int s = 0; s < S; ++s) {
+    uint8_t* st = smem + s * L::STAGE;
+#pragma unroll
+    for (int u = 0; u < W_COPIES; ++u)
+      if (!w_src[u]) *(uint4*)(st + w_dst[u]) = make_uint4(0, 0, 0, 0);
+    if (tid < A_CHUNKS && !a_src) *(uint4*)(st + a_dst) = make_uint4(0, 0, 0, 0);
+    if (lane < 16 && !ws_src) *(uint32_t*)(st + ws_off + 4 * (16 * warp + lane)) = 0;
+    if (tid < ROWS && !as_src) *(float*)(st + as_off + 4 * tid) = 0.f;
+  }
+
+  const uint32_t smem_at = (uint32_t)__cvta_generic_to_shared(smem);
+  auto issue = [&](int c, int s) {
+    const uint32_t st = smem_at + s * L::STAGE;
+#pragma unroll
+    for (int u = 0; u < W_COPIES; ++u)
+      if (w_src[u]) cp_async16(st + w_dst[u], w_src[u] + (long long)c * L::ROW);
+    if (a_src) cp_async16(st + a_dst, a_src + (long long)c * KC);
+    if (ws_src) cp_async4(st + ws_off + 4 * (16 * warp + lane), ws_src + 4 * c);
+    if (as_src) cp_async4(st + as_off + 4 * tid, as_src + c);
+  };
+
+  float acc[NT][4];
+  // ldmatrix row address of this lane: matrix lane / 8 (slots 8 (m & 1) .., chunk offset m / 2).
+  const int ld_slot = (lane & 7) + 8 * ((lane >> 3) & 1), ld_chunk = lane >> 4;
+  // One pass over the block's K steps into acc (qgemv_f8's fast and exact passes).
+  auto pass = [&](auto exact_tag) -> bool {
+    constexpr bool EXACT = decltype(exact_tag)::value;
+#pragma unroll
+    for (int t = 0; t < NT; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[t][e] = 0.f;
+    uint32_t code_max = 0;  // bytewise maximum of the scale codes met (fast pass)
+#pragma unroll
+    for (int s = 0; s < S - 1; ++s) {
+      if (s < nsteps) issue(c_begin + s, s);
+      cp_async_commit();
+    }
+    for (int i = 0; i < nsteps; ++i) {
+      cp_async_wait<S - 2>();
+      fence_async_shared();  // this thread's copies (and zeros) are visible to wgmma
+      __syncthreads();       // step i has landed for every thread; every warp is done with step i - 1
+      if (i + S - 1 < nsteps) issue(c_begin + i + S - 1, (i + S - 1) % S);
+      cp_async_commit();
+      const uint8_t* st = smem + (i % S) * L::STAGE;
+      const uint8_t* sws = st + ws_off;
+      const float* sas = (const float*)(st + as_off);
+
+      // The warp's A registers of the four 32-wide slices.
+      uint32_t a[4][4];
+      if (FP4) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {  // blocks 2h and 2h + 1
+          uint32_t r[4];
+          ldmatrix_x4(r, st + w_off + f8_w_at<true>(ld_slot, 2 * h + ld_chunk));
+#pragma unroll
+          for (int bb = 0; bb < 2; ++bb) {
+            uint32_t(&ab)[4] = a[2 * h + bb];
+            fp4x8_to_e4m3(r[2 * bb], ab[0], ab[2]);
+            fp4x8_to_e4m3(r[2 * bb + 1], ab[1], ab[3]);
+          }
+        }
+      } else {
+#pragma unroll
+        for (int m = 0; m < 4; ++m) ldmatrix_x4(a[m], st + w_off + f8_w_at<false>(ld_slot, 2 * m + ld_chunk));
+      }
+      float d[4][4 * NT];
+      const Desc desc = smem_desc(st, ROWS * 16, 128);
+      wgmma_fence();
+#pragma unroll
+      for (int b = 0; b < 4; ++b) {
+        if constexpr (NT == 1) wgmma_m64n8k32_e4m3_rs(d[b], a[b], desc + b * 2 * ROWS);
+        else wgmma_m64n16k32_e4m3_rs(d[b], a[b], desc + b * 2 * ROWS);
+      }
+      wgmma_commit();
+      wgmma_wait_all();
+#pragma unroll
+      for (int b = 0; b < 4; ++b) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) wgmma_pin(a[b][e]);
+#pragma unroll
+        for (int e = 0; e < 4 * NT; ++e) wgmma_pin(d[b][e]);
+      }
+
+      float step[NT][4];
+      if (FP4) {
+        // Row fr's and row fr + 8's scale codes of the four blocks, as float32 (times 2^6 in the
+        // fast pass).
+        const uint32_t c0 = *(const uint32_t*)(sws + 4 * (16 * warp + fr)), c1 = *(const uint32_t*)(sws + 4 * (16 * warp + fr + 8));
+        float ws[2][4];
+        if (EXACT) {
+#pragma unroll
+          for (int bb = 0; bb < 4; ++bb) ws[0][bb] = ue8m0_any(c0, bb), ws[1][bb] = ue8m0_any(c1, bb);
+        } else {
+          code_max = __vmaxu4(code_max, __vmaxu4(c0, c1));
+          const uint32_t w0 = c0 + 0x06060606u, w1 = c1 + 0x06060606u;
+          ws[0][0] = ue8m0x64<0>(w0), ws[0][1] = ue8m0x64<1>(w0), ws[0][2] = ue8m0x64<2>(w0), ws[0][3] = ue8m0x64<3>(w0);
+          ws[1][0] = ue8m0x64<0>(w1), ws[1][1] = ue8m0x64<1>(w1), ws[1][2] = ue8m0x64<2>(w1), ws[1][3] = ue8m0x64<3>(w1);
+        }
+#pragma unroll
+        for (int t = 0; t < NT; ++t)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) step[t][e] = 0.f;
+#pragma unroll
+        for (int b = 0; b < 4; ++b)
+#pragma unroll
+          for (int t = 0; t < NT; ++t) {
+            step[t][0] += d[b][4 * t + 0] * ws[0][b];
+            step[t][1] += d[b][4 * t + 1] * ws[0][b];
+            step[t][2] += d[b][4 * t + 2] * ws[1][b];
+            step[t][3] += d[b][4 * t + 3] * ws[1][b];
+          }
+        if (EXACT) {
+#pragma unroll
+          for (int t = 0; t < NT; ++t)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) step[t][e] *= 64.f;
+        }
+      } else {
+#pragma unroll
+        for (int t = 0; t < NT; ++t)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) step[t][e] = ((0.f + d[0][4 * t + e]) + d[1][4 * t + e]) + d[2][4 * t + e] + d[3][4 * t + e];
+        const float w0 = ((const float*)sws)[16 * warp + fr], w1 = ((const float*)sws)[16 * warp + fr + 8];
+#pragma unroll
+        for (int t = 0; t < NT; ++t) step[t][0] *= w0, step[t][1] *= w0, step[t][2] *= w1, step[t][3] *= w1;
+      }
+      // The activation scales of the fragment's columns 2q, 2q + 1.
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        const float s0 = sas[8 * t + 2 * q], s1 = sas[8 * t + 2 * q + 1];
+        acc[t][0] += step[t][0] * s0;
+        acc[t][1] += step[t][1] * s1;
+        acc[t][2] += step[t][2] * s0;
+        acc[t][3] += step[t][3] * s1;
+      }
+    }
+    cp_async_wait<0>();
+    // Block-wide (the exact pass runs wgmma, which needs the whole warpgroup); also the barrier
+    // after which the stages may be refilled.
+    return __syncthreads_or(__vcmpgtu4(code_max, 0xF8F8F8F8u) != 0u) != 0;
+  };
+  const bool large_code = pass(Tag<false>{});
+  if constexpr (FP4) {
+    if (large_code) pass(Tag<true>{});
+  }
+  gemv_store<NT>(p, acc, g, row0, rows, p.swiglu ? blockIdx.x * 32 + 8 * warp : blockIdx.x * 64 + 16 * warp);
+}
+
 }  // namespace
 
 extern "C" __global__ void __launch_bounds__(Shape<false>::THREADS, 1) dsv4_qgemm_fp8_wgmma(const GemmParams p, const __grid_constant__ TmaDesc a_map) {
@@ -306,3 +563,10 @@ extern "C" __global__ void __launch_bounds__(Shape<false>::THREADS, 1) dsv4_qgem
 extern "C" __global__ void __launch_bounds__(Shape<true>::THREADS, 1) dsv4_qgemm_fp4_wgmma(const GemmParams p, const __grid_constant__ TmaDesc a_map) {
   qgemm_wgmma<true>(p, &a_map);
 }
+
+// The Hopper FP8 decode form: MXFP4 or FP8 weights, 8 or 16 activation rows a block. The MoE's
+// decode kernel (MXFP4, 8 rows) fits 80 registers, 6 blocks an SM; the others would spill there.
+extern "C" __global__ void __launch_bounds__(128, 6) dsv4_qgemv_wg_fp4_n8(const GemmParams p) { qgemv_wg<true, 1>(p); }
+extern "C" __global__ void __launch_bounds__(128, 4) dsv4_qgemv_wg_fp4_n16(const GemmParams p) { qgemv_wg<true, 2>(p); }
+extern "C" __global__ void __launch_bounds__(128, 4) dsv4_qgemv_wg_fp8_n8(const GemmParams p) { qgemv_wg<false, 1>(p); }
+extern "C" __global__ void __launch_bounds__(128, 4) dsv4_qgemv_wg_fp8_n16(const GemmParams p) { qgemv_wg<false, 2>(p); }

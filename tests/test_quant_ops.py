@@ -473,14 +473,17 @@ def cuda(*ts: torch.Tensor) -> list[torch.Tensor]:
     return [t.cuda() for t in ts]
 
 
-@pytest.fixture(params=["auto", "portable"])
+@pytest.fixture(params=["auto", "mma-decode", "portable"])
 def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> float:
-    """Runs a test with the GPU's own choice of forms (the decode form on FP8 ``mma`` where the GPU
-    has it, the tiled form on ``wgmma`` on Hopper) and with the portable ones forced (the bf16
-    decode form, the ``mma.sync`` tiled form); the relative slice bound the comparisons then add."""
+    """Runs a test with the GPU's own choice of forms (the decode form on FP8 tensor cores where the
+    GPU has them, on ``wgmma`` on Hopper; the tiled form on ``wgmma`` on Hopper), with the FP8
+    decode form on ``mma.sync`` (what sm_89 and sm_120 GPUs run; elsewhere the GPU's own choice),
+    and with the portable ones forced (the bf16 decode form, the ``mma.sync`` tiled form); the
+    relative slice bound the comparisons then add."""
     portable = request.param == "portable"
     monkeypatch.setenv("DSV4RS_QGEMM_KERNEL", "bf16" if portable else "auto")
     monkeypatch.setenv("DSV4RS_QGEMM_TILED", "mma" if portable else "auto")
+    monkeypatch.setenv("DSV4RS_QGEMM_DECODE", "mma" if request.param == "mma-decode" else "auto")
     return slice_bound()
 
 
@@ -516,19 +519,37 @@ def linear_call(gen: torch.Generator, fp4: bool, m: int) -> tuple:
 @pytest.mark.parametrize("fp4", [False, True], ids=["fp8", "fp4"])
 def test_gpu_qgemm_kernel_switch_takes_effect(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch, fp4: bool) -> None:
     """The decode form that runs is the one asked for (seen by the profiler): the FP8 one by default
-    on GPUs with FP8 ``mma`` (sm_89+), the bf16 one with ``DSV4RS_QGEMM_KERNEL=bf16``; an unknown name
-    is an error naming the variable."""
+    on GPUs with FP8 tensor cores (sm_89+; on ``wgmma`` on compute capability 9.0, on ``mma.sync``
+    elsewhere or with ``DSV4RS_QGEMM_DECODE=mma``), the bf16 one with ``DSV4RS_QGEMM_KERNEL=bf16``;
+    forcing ``wgmma`` off Hopper, or an unknown name, is an error naming the variable."""
     call, launched = linear_call(gen, fp4, 2)
 
     fmt = "fp4" if fp4 else "fp8"
+    monkeypatch.setenv("DSV4RS_QGEMM_DECODE", "auto")
     monkeypatch.setenv("DSV4RS_QGEMM_KERNEL", "bf16")
     names = launched()
-    assert f"dsv4_qgemv_{fmt}_n8" in names and not any("_f8" in n for n in names), names
+    assert f"dsv4_qgemv_{fmt}_n8" in names and not any("_f8" in n or "_wg_" in n for n in names), names
     monkeypatch.setenv("DSV4RS_QGEMM_KERNEL", "auto")
     names = launched()
     fp8_cores = torch.cuda.get_device_capability() >= (8, 9)
-    assert (f"dsv4_qgemv_f8_{fmt}_n8" in names) == fp8_cores, names
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    assert (f"dsv4_qgemv_wg_{fmt}_n8" in names) == hopper, names
+    assert (f"dsv4_qgemv_f8_{fmt}_n8" in names) == (fp8_cores and not hopper), names
     assert ("dsv4_act_quant_f8" in names) == fp8_cores, names
+    monkeypatch.setenv("DSV4RS_QGEMM_DECODE", "mma")
+    names = launched()
+    assert (f"dsv4_qgemv_f8_{fmt}_n8" in names) == fp8_cores and not any("_wg_" in n for n in names), names
+    monkeypatch.setenv("DSV4RS_QGEMM_DECODE", "wgmma")
+    if hopper:
+        assert f"dsv4_qgemv_wg_{fmt}_n8" in launched()
+    elif fp8_cores:
+        with pytest.raises(ValueError, match="DSV4RS_QGEMM_DECODE"):
+            call()
+    monkeypatch.setenv("DSV4RS_QGEMM_DECODE", "fastest")
+    if fp8_cores:
+        with pytest.raises(ValueError, match="DSV4RS_QGEMM_DECODE"):
+            call()
+    monkeypatch.setenv("DSV4RS_QGEMM_DECODE", "auto")
     monkeypatch.setenv("DSV4RS_QGEMM_KERNEL", "fastest")
     with pytest.raises(ValueError, match="DSV4RS_QGEMM_KERNEL"):
         call()

@@ -179,6 +179,77 @@ __device__ __forceinline__ int act_pos(int col, int layout) {
   }
 }
 
+// The FP8 decode forms' pieces (cuda/qgemm.cu qgemv_f8 on mma.sync, cuda/qgemm_sm90a.cu
+// qgemv_wg on wgmma).
+
+// Eight e2m1 codes (a word of MXFP4: the low nibble of byte j is value 2j) as e4m3 codes of the
+// values times 2^-6: `lo` holds values 0, 2, 4, 6 and `hi` values 1, 3, 5, 7.
+__device__ __forceinline__ void fp4x8_to_e4m3(uint32_t w, uint32_t& lo, uint32_t& hi) {
+  lo = ((w << 2) & 0x1C1C1C1Cu) | ((w << 4) & 0x80808080u);
+  hi = ((w >> 2) & 0x1C1C1C1Cu) | (w & 0x80808080u);
+}
+
+// The float32 value of UE8M0 code byte B of `w` times 2^6 (the widening's 2^-6 undone): exact for
+// codes 0 .. 248 (the caller adds 6 to every byte first, `w6 = w + 0x06060606`).
+template <int B>
+__device__ __forceinline__ float ue8m0x64(uint32_t w6) {
+  return __uint_as_float((B < 3 ? w6 << (23 - 8 * B) : w6 >> 1) & 0x7F800000u);
+}
+
+// The value 2^(c - 127) of UE8M0 code byte b of `w`, for any code (0 is 2^-127, 255 NaN): the exact
+// pass, for warps that met a code above 248, whose value times 2^6 would overflow float32 (the
+// caller then applies the 2^6 to the step's sums).
+__device__ __forceinline__ float ue8m0_any(uint32_t w, int b) {
+  const uint32_t c = (w >> (8 * b)) & 0xFFu;
+  return __uint_as_float(c == 255u ? 0x7FC00000u : c == 0u ? 0x00400000u : c << 23);
+}
+
+// Byte offset in a stage of 16-byte chunk c of weight row slot r, swizzled so that the eight rows
+// of an ldmatrix matrix (one chunk of eight consecutive slots) hit eight distinct bank groups.
+template <bool FP4>
+__device__ __forceinline__ int f8_w_at(int r, int c) {
+  return FP4 ? 64 * r + 16 * (c ^ ((r >> 1) & 3)) : 128 * r + 16 * (c ^ (r & 7));
+}
+
+// The decode forms' epilogue for one warp's 16 weight rows: stores its outputs (or, with SwiGLU,
+// h). Fragment (t, e) holds weight slot fr + 8 (e / 2), activation row 8 t + 2 q + e % 2 of the
+// tile. `col0` is the warp's first weight row (with SwiGLU: its first h column, gate rows in
+// slots 0-7, the matching up rows in 8-15).
+template <int NT>
+__device__ __forceinline__ void gemv_store(const GemmParams& p, const float (&acc)[NT][4], int g, long long row0, int rows,
+                                           int col0) {
+  const int lane = threadIdx.x % 32, q = lane % 4, fr = lane / 4;
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+#pragma unroll
+    for (int e2 = 0; e2 < 2; ++e2) {
+      const int r = 8 * t + 2 * q + e2;
+      if (r >= rows) continue;
+      const long long row = row0 + r;
+      if (p.swiglu) {
+        const int col = col0 + fr;
+        if (col >= p.n / 2) continue;
+        const float gate = fminf(acc[t][e2], p.limit);
+        const float up = fminf(fmaxf(acc[t][2 + e2], -p.limit), p.limit);
+        const float h = silu(gate) * up;
+        const long long o = row * p.out_row_stride + g * p.out_group_stride;
+        if (p.out_bf16) ((uint16_t*)p.out)[o + interleaved_col(col)] = bf16_from_f32(h);
+        else ((float*)p.out)[o + col] = h;
+      } else {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int n = col0 + fr + 8 * j;
+          if (n >= p.n) continue;
+          const float v = acc[t][2 * j + e2];
+          const long long o = blockIdx.z * p.out_split_stride + row * p.out_row_stride + g * p.out_group_stride + n;
+          if (p.out_bf16) ((uint16_t*)p.out)[o] = bf16_from_f32(v);
+          else ((float*)p.out)[o] = v;
+        }
+      }
+    }
+  }
+}
+
 // A compile-time value as a value, for a generic lambda instantiated on it.
 template <int V>
 struct Tag {

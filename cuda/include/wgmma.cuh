@@ -1,6 +1,6 @@
 // Hopper warpgroup MMA primitives shared by the sm_90a kernels (cuda/*_sm90a.cu): the wgmma
-// fences, shared-memory matrix descriptors, the m64n128k16 form with A from registers, and TMA
-// loads with their mbarriers.
+// fences, shared-memory matrix descriptors, the m64n128k16 bf16 and m64n{8,16}k32 e4m3 forms with
+// A from registers, and TMA loads with their mbarriers.
 #pragma once
 #include <stdint.h>
 
@@ -56,6 +56,31 @@ __device__ __forceinline__ void wgmma_m64n128k16_rs(float (&d)[16][4], const uin
         "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.lo), "r"(b.hi), "n"(ACC ? 1 : 0), "n"(TRANS_B ? 1 : 0));
 }
+
+// d (64 x 8 NT float32: NT n8 column tiles of the mma.sync C layout per warp) = A B from a zero
+// accumulator, A 64 x 32 e4m3 in registers (the mma.sync m16n8k32 A layout per warp), B 32 x 8 NT
+// e4m3 in shared memory, K-major (FP8 operands have no transposed form).
+__device__ __forceinline__ void wgmma_m64n8k32_e4m3_rs(float (&d)[4], const uint32_t (&a)[4], Desc b) {
+  asm volatile(
+      "{\n.reg .b64 db;\nmov.b64 db, {%8, %9};\n"
+      "wgmma.mma_async.sync.aligned.m64n8k32.f32.e4m3.e4m3 {%0, %1, %2, %3}, {%4, %5, %6, %7}, db, 0, 1, 1;\n}\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.lo), "r"(b.hi));
+}
+__device__ __forceinline__ void wgmma_m64n16k32_e4m3_rs(float (&d)[8], const uint32_t (&a)[4], Desc b) {
+  asm volatile(
+      "{\n.reg .b64 db;\nmov.b64 db, {%12, %13};\n"
+      "wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7}, {%8, %9, %10, %11}, db, 0, 1, "
+      "1;\n}\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]), "=f"(d[6]), "=f"(d[7])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.lo), "r"(b.hi));
+}
+
+// Keeps a register's value where it is until this point: after a wgmma wait, so that the compiler
+// neither reads an accumulator before the wgmma has written it nor reuses an A register the
+// wgmma may still be reading.
+__device__ __forceinline__ void wgmma_pin(float& x) { asm volatile("" : "+f"(x)::"memory"); }
+__device__ __forceinline__ void wgmma_pin(uint32_t& x) { asm volatile("" : "+r"(x)::"memory"); }
 
 // A TMA tensor map (CUtensorMap, encoded on the host by cuTensorMapEncodeTiled), passed by value
 // as a __grid_constant__ kernel parameter.

@@ -93,15 +93,24 @@ const _: () = assert!(
 /// How a call's GEMM runs: the decode form (`qgemv`: weights as the mma's A operand, 8 or 16
 /// activation rows a block, 16 weight rows a warp, K split over the block's warps) for a few rows
 /// per weight, on bf16 tensor cores (`Gemv`) or FP8 ones (`GemvF8`: FP8 activations, sm_89 and
-/// later, see [`use_f8`]), else a tiled form: `mma.sync` (`Gemm`, 64 rows a block, 64 weight
-/// rows; every GPU) or, on Hopper, `wgmma` (`Wgmma`, cuda/qgemm_sm90a.cu: 128 rows a block, 64
-/// weight rows a warpgroup; see [`use_wgmma`] and [`wg_warpgroups`]).
+/// later, see [`use_f8`]; on Hopper `GemvWg`, the same on `wgmma`, cuda/qgemm_sm90a.cu: 64
+/// weight rows a block, see [`use_wg_decode`]), else a tiled form: `mma.sync` (`Gemm`, 64 rows a
+/// block, 64 weight rows; every GPU) or, on Hopper, `wgmma` (`Wgmma`, cuda/qgemm_sm90a.cu: 128
+/// rows a block, 64 weight rows a warpgroup; see [`use_wgmma`] and [`wg_warpgroups`]).
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Form {
     Gemv,
     GemvF8,
+    GemvWg,
     Gemm,
     Wgmma,
+}
+
+impl Form {
+    /// Whether the form reads FP8 activation codes with their scales apart (`dsv4_act_quant_f8`).
+    fn f8(self) -> bool {
+        matches!(self, Form::GemvF8 | Form::GemvWg)
+    }
 }
 
 /// The kernel for a weight format, form and row tile.
@@ -115,6 +124,10 @@ fn gemm_kernel(fp4: bool, form: Form, bm: usize) -> Kernel {
         (false, Form::GemvF8, _) => Kernel::QgemvF8Fp8N16,
         (true, Form::GemvF8, 8) => Kernel::QgemvF8Fp4N8,
         (true, Form::GemvF8, _) => Kernel::QgemvF8Fp4N16,
+        (false, Form::GemvWg, 8) => Kernel::QgemvWgFp8N8,
+        (false, Form::GemvWg, _) => Kernel::QgemvWgFp8N16,
+        (true, Form::GemvWg, 8) => Kernel::QgemvWgFp4N8,
+        (true, Form::GemvWg, _) => Kernel::QgemvWgFp4N16,
         (false, Form::Gemm, _) => Kernel::QgemmFp8M64,
         (true, Form::Gemm, _) => Kernel::QgemmFp4M64,
         (false, Form::Wgmma, _) => Kernel::QgemmFp8Wgmma,
@@ -122,11 +135,12 @@ fn gemm_kernel(fp4: bool, form: Form, bm: usize) -> Kernel {
     }
 }
 
-/// Weight rows a block covers (a grid column): 16 in the decode forms, 64 in the portable tiled
-/// one, 192 (MXFP4) or 128 (FP8) in the Hopper one.
+/// Weight rows a block covers (a grid column): 16 in the portable decode forms, 64 in the Hopper
+/// one and the portable tiled one, 192 (MXFP4) or 128 (FP8) in the Hopper tiled one.
 fn block_rows(form: Form, fp4: bool) -> usize {
     match form {
         Form::Gemv | Form::GemvF8 => 16,
+        Form::GemvWg => WG_DECODE_ROWS,
         Form::Gemm => BN,
         Form::Wgmma => 64 * wg_warpgroups(fp4),
     }
@@ -163,6 +177,21 @@ fn act_layout(form: Form, fp4: bool) -> i32 {
 
 /// Stages of a warp's ring in the FP8 decode form (cuda/qgemm.cu `F8Layout::STAGES`).
 const F8_STAGES: usize = 4;
+/// Weight rows a block and pipeline stages of the Hopper decode form (cuda/qgemm_sm90a.cu
+/// `WgLayout`).
+const WG_DECODE_ROWS: usize = 64;
+const WG_DECODE_STAGES: usize = 4;
+
+/// Orders of the FP8 activation codes (cuda/qgemm.cu `F8ActLayout`), per FP8 decode form and
+/// weight format.
+fn f8_layout(form: Form, fp4: bool) -> i32 {
+    match (form, fp4) {
+        (Form::GemvWg, false) => 2,
+        (Form::GemvWg, true) => 3,
+        (_, false) => 0,
+        (_, true) => 1,
+    }
+}
 
 /// Dynamic shared memory of a GEMM block: the pipeline stages and the block's weight scales (the
 /// tiled form), the warps' rings of weight, activation and scale stages (the FP8 decode form), or
@@ -175,6 +204,12 @@ fn gemm_shared_bytes(fp4: bool, form: Form, bm: usize, k: usize) -> usize {
             // of weight scales, bm float activation scales.
             let stage = 16 * if fp4 { 64 } else { 128 } + bm * KC + 64 + bm * 4;
             (THREADS as usize / 32) * F8_STAGES * stage
+        }
+        Form::GemvWg => {
+            // cuda/qgemm_sm90a.cu `WgLayout`: bm activation rows of a K step, 64 weight rows, 64 x 4
+            // B of weight scales, bm float activation scales, a stage 128-byte aligned.
+            let stage = bm * KC + WG_DECODE_ROWS * if fp4 { 64 } else { 128 } + WG_DECODE_ROWS * 4 + bm * 4;
+            WG_DECODE_STAGES * stage.next_multiple_of(128)
         }
         Form::Gemm => {
             let b_row = if fp4 { 64 } else { 128 };
@@ -255,6 +290,32 @@ fn use_f8(dev: i32, act_fp8: bool, k: usize) -> Result<bool> {
     forced_or_auto(dev, "DSV4RS_QGEMM_KERNEL", "fp8", "bf16", act_fp8 && k.is_multiple_of(KC), capable)
 }
 
+/// Whether a call that takes the FP8 decode form runs the Hopper one (`wgmma`): compute capability
+/// 9.0 with the sm_90a kernels loaded. `DSV4RS_QGEMM_DECODE=auto|wgmma|mma` forces the choice (for
+/// tests and benchmarks: `mma` is the `mma.sync` form that GPUs of compute capability 8.9 and 12.x
+/// run); forcing `wgmma` where it cannot run is an error.
+fn use_wg_decode(dev: i32) -> Result<bool> {
+    static CAPABLE: DeviceFlags = DeviceFlags::new(Vec::new());
+    let capable = || {
+        per_device(&CAPABLE, dev, || {
+            Ok(super::compute_capability(dev)? == (9, 0)
+                && [Kernel::QgemvWgFp8N8, Kernel::QgemvWgFp8N16, Kernel::QgemvWgFp4N8, Kernel::QgemvWgFp4N16]
+                    .into_iter()
+                    .all(|kernel| super::has_kernel(dev, kernel)))
+        })
+    };
+    forced_or_auto(dev, "DSV4RS_QGEMM_DECODE", "wgmma", "mma", true, capable)
+}
+
+/// The decode form of a call: FP8 on `wgmma` or `mma.sync` where [`use_f8`] allows, else bf16.
+fn decode_form(dev: i32, act_fp8: bool, k: usize) -> Result<Form> {
+    Ok(match use_f8(dev, act_fp8, k)? {
+        false => Form::Gemv,
+        true if use_wg_decode(dev)? => Form::GemvWg,
+        true => Form::GemvF8,
+    })
+}
+
 fn check_k(w: &Weights) -> Result<usize> {
     let k = w.k();
     if !k.is_multiple_of(32) || k == 0 || k > MAX_K {
@@ -314,12 +375,11 @@ struct LinearShape {
     per: usize,
 }
 
-fn linear_shape(dev: i32, m: usize, groups: usize, n: usize, k: usize, fp4: bool, f8: bool) -> Result<LinearShape> {
-    let decode = if f8 { Form::GemvF8 } else { Form::Gemv };
+fn linear_shape(dev: i32, m: usize, groups: usize, n: usize, k: usize, fp4: bool, decode: Form) -> Result<LinearShape> {
     let (form, bm) = match m {
         0..=8 => (decode, 8),
         9..=16 => (decode, 16),
-        17..=F8_DECODE_MAX_ROWS if f8 && k >= F8_DECODE_MIN_K => (decode, 16),
+        17..=F8_DECODE_MAX_ROWS if decode.f8() && k >= F8_DECODE_MIN_K => (decode, 16),
         _ if use_wgmma(dev, k.is_multiple_of(KC))? => (Form::Wgmma, WG_BT),
         _ => (Form::Gemm, 64),
     };
@@ -330,6 +390,7 @@ fn linear_shape(dev: i32, m: usize, groups: usize, n: usize, k: usize, fp4: bool
     // 4 K steps a slice to fill its pipeline.
     let (cover, most) = match form {
         Form::Gemv | Form::GemvF8 => (4 * sms, steps.div_ceil(THREADS as usize / 32)),
+        Form::GemvWg => (4 * sms, steps),
         Form::Gemm => (4 * sms, steps),
         Form::Wgmma => (sms, steps / 4),
     };
@@ -347,7 +408,7 @@ pub fn linear_workspace_bytes(
     if m == 0 {
         return Ok(0);
     }
-    let shape = linear_shape(dev, m, groups, n, k, fp4, use_f8(dev, act_fp8, k)?)?;
+    let shape = linear_shape(dev, m, groups, n, k, fp4, decode_form(dev, act_fp8, k)?)?;
     Ok(linear_layout(m, groups, n, k, quantizes_x(x_bf16, act_fp8, fp4, shape.form), shape.splits).total)
 }
 
@@ -388,16 +449,18 @@ unsafe fn act_quant_gather(
     launch(dev, Kernel::ActQuant, &cfg, &mut crate::kernel_args!(x, x_bf16, rows64, k32, act, layout, out, map, div, count))
 }
 
-/// Quantizes `rows` rows of `k` values (k % 128 == 0) for the FP8 decode form into the region at
+/// Quantizes `rows` rows of `k` values (k % 128 == 0) for an FP8 decode form into the region at
 /// `out` (`2 rows k` bytes, as [`act_quant`]'s): FP8 codes `[rows, k]` in the order of
-/// cuda/qgemm.cu `f8_act_pos` (for MXFP4 weights with `fp4`), then float32 scales
-/// `[rows, k / 128]`. Returns the scales' address.
+/// cuda/qgemm.cu `f8_act_pos` for `layout` ([`f8_layout`]), then float32 scales `[rows, k / 128]`.
+/// Returns the scales' address.
 #[allow(clippy::too_many_arguments)]
-unsafe fn act_quant_f8(dev: i32, stream: usize, x: u64, x_bf16: bool, rows: usize, k: usize, fp4: bool, out: u64) -> Result<u64> {
+unsafe fn act_quant_f8(
+    dev: i32, stream: usize, x: u64, x_bf16: bool, rows: usize, k: usize, layout: i32, out: u64,
+) -> Result<u64> {
     let scales = out + (rows * k) as u64;
-    let (x_bf16, rows64, k32, fp4) = (x_bf16 as i32, rows as i64, k as i32, fp4 as i32);
+    let (x_bf16, rows64, k32) = (x_bf16 as i32, rows as i64, k as i32);
     let cfg = Launch { grid: (rows.div_ceil(4) as u32, (k / KC) as u32, 1), block: (128, 1, 1), shared_bytes: 0, stream };
-    launch(dev, Kernel::ActQuantF8, &cfg, &mut crate::kernel_args!(x, x_bf16, rows64, k32, fp4, out, scales))?;
+    launch(dev, Kernel::ActQuantF8, &cfg, &mut crate::kernel_args!(x, x_bf16, rows64, k32, layout, out, scales))?;
     Ok(scales)
 }
 
@@ -455,7 +518,7 @@ pub unsafe fn linear(
         check_aligned(w.scale, 4)?;
     }
     let x_bf16 = x.dtype == DType::BF16;
-    let LinearShape { form, bm, splits, per } = linear_shape(dev, m, groups, n, k, w.fp4, use_f8(dev, act_fp8, k)?)?;
+    let LinearShape { form, bm, splits, per } = linear_shape(dev, m, groups, n, k, w.fp4, decode_form(dev, act_fp8, k)?)?;
     let lay = linear_layout(m, groups, n, k, quantizes_x(x_bf16, act_fp8, w.fp4, form), splits);
     let have = workspace.numel() * workspace.dtype.size();
     if have < lay.total {
@@ -467,8 +530,9 @@ pub unsafe fn linear(
     }
     let at = |off: usize| workspace.ptr as u64 + off as u64;
     let (a, a_scale) = match lay.a {
-        Some(off) if form == Form::GemvF8 => {
-            (at(off), act_quant_f8(dev, stream, x.ptr as u64, x_bf16, m * groups, k, w.fp4, at(off))?)
+        Some(off) if form.f8() => {
+            let layout = f8_layout(form, w.fp4);
+            (at(off), act_quant_f8(dev, stream, x.ptr as u64, x_bf16, m * groups, k, layout, at(off))?)
         }
         Some(off) => {
             act_quant(dev, stream, x.ptr as u64, x_bf16, m * groups, k, act_fp8, act_layout(form, w.fp4), at(off))?;
@@ -519,9 +583,8 @@ pub unsafe fn linear(
 /// the Hopper one with 128 (`wgmma`) or the portable one with 64. Measured on the H200 at
 /// V4-Flash width, the decode form is faster than the portable tiled one up to that average (2.8 /
 /// 3.2 against 5.1 ms at 400 / 512 tokens of top-6 over 256 experts).
-fn moe_shape(pairs: usize, experts: usize, f8: bool, wgmma: bool) -> (Form, usize) {
-    let decode = if f8 { Form::GemvF8 } else { Form::Gemv };
-    if pairs <= if f8 { 4 } else { 2 } * experts {
+fn moe_shape(pairs: usize, experts: usize, decode: Form, wgmma: bool) -> (Form, usize) {
+    if pairs <= if decode.f8() { 4 } else { 2 } * experts {
         (decode, 8)
     } else if pairs <= 16 * experts {
         (decode, 16)
@@ -614,16 +677,19 @@ pub unsafe fn moe(
     let (x_elt, idx_elt) = (x.dtype.size(), idx.dtype.size());
     let out_bf16 = out.dtype == DType::BF16;
     let idx64 = (idx.dtype == DType::I64) as i32;
-    let f8_ok = use_f8(dev, act_fp8, dim)? && inter.is_multiple_of(KC);
+    let decode = match decode_form(dev, act_fp8, dim)? {
+        f if f.f8() && !inter.is_multiple_of(KC) => Form::Gemv,
+        f => f,
+    };
     let wgmma_ok = use_wgmma(dev, dim.is_multiple_of(KC) && inter.is_multiple_of(KC))?;
     let pass = moe_pass_tokens(k, experts);
     let mut t0 = 0;
     while t0 < tokens {
         let t = (tokens - t0).min(pass);
         let pairs = t * k;
-        let (form, bm) = moe_shape(pairs, experts, f8_ok, wgmma_ok);
+        let (form, bm) = moe_shape(pairs, experts, decode, wgmma_ok);
         let layout = act_layout(form, true);
-        let f8 = form == Form::GemvF8;
+        let f8 = form.f8();
         let max_tiles = moe_max_tiles(pairs, experts, bm);
         if max_tiles > MAX_GRID_Y {
             return Err(Error::value(idx.name, format!("too many (token, choice) pairs per pass: {pairs} over {experts} experts")));
@@ -641,7 +707,7 @@ pub unsafe fn moe(
         // (whose tiles load rows by TMA) one row per sorted slot, gathered here.
         let sorted = form == Form::Wgmma;
         let a_scale = if f8 {
-            act_quant_f8(dev, stream, x_at, x_bf16, t, dim, true, a)?
+            act_quant_f8(dev, stream, x_at, x_bf16, t, dim, f8_layout(form, true), a)?
         } else if sorted {
             let rows_valid = offsets + (experts * 4) as u64; // offsets[experts]: the valid slots
             act_quant_gather(dev, stream, x_at, x_bf16, pairs, dim, act_fp8, layout, a, Some((order, k as i32, rows_valid)))?;
@@ -682,7 +748,7 @@ pub unsafe fn moe(
         gemm(dev, stream, true, form, bm, max_tiles, 1, pairs, &mut p)?;
         let mut h_scale = 0;
         if f8 {
-            h_scale = act_quant_f8(dev, stream, at(lay.hy), false, pairs, inter, true, at(lay.hq))?;
+            h_scale = act_quant_f8(dev, stream, at(lay.hy), false, pairs, inter, f8_layout(form, true), at(lay.hq))?;
         } else if act_fp8 {
             act_quant(dev, stream, at(lay.hy), false, pairs, inter, true, layout, at(lay.hq))?;
         }
