@@ -521,22 +521,10 @@ __device__ __forceinline__ void qgemv_f8(const GemmParams& p) {
   const int nsteps = max(0, w_end - w_begin);
   uint8_t* ring = smem + warp * L::WARP;
 
-  // Weight row (within group g) of slot r (fragment row r of the 16), or -1 past the weights.
-  auto weight_of = [&](int r) {
-    if (p.swiglu) {
-      const int half = p.n / 2, h = blockIdx.x * 8 + r % 8;
-      return h < half ? h + (r / 8) * half : -1;
-    }
-    const int n = blockIdx.x * 16 + r;
-    return n < p.n ? n : -1;
-  };
-  // Element offset (in the activation codes) of activation row r of the tile, or -1.
-  auto act_of = [&](int r) -> long long {
-    if (r >= rows) return -1;
-    const long long pos = row0 + r;
-    const long long src = p.a_rows ? p.a_rows[pos] / p.a_div : pos;
-    return src * p.a_row_stride + g * p.a_group_stride;
-  };
+  // This warp's first weight row (with SwiGLU its first h column).
+  const int col0 = blockIdx.x * (p.swiglu ? 8 : 16);
+  auto weight_of = [&](int r) { return f8_weight_row(p, col0, r); };
+  auto act_of = [&](int r) { return f8_act_row(p, g, row0, rows, r); };
 
   // This lane's copies: weight chunks, activation chunks, a scale of each.
   const uint8_t* w_src[W_COPIES];
@@ -559,13 +547,7 @@ __device__ __forceinline__ void qgemv_f8(const GemmParams& p) {
   }
   // Weight scales: lane r < 16 copies row slot r's four UE8M0 codes of the step (MXFP4) or its
   // 128x128 block's float (FP8); lane r < 8 NT copies activation row r's scale.
-  const uint8_t* ws_src = nullptr;
-  if (lane < 16) {
-    const int n = weight_of(lane);
-    const long long ng = (long long)g * p.n + n;
-    if (n >= 0)
-      ws_src = FP4 ? (const uint8_t*)p.w_scale + ng * (k / 32) : (const uint8_t*)((const float*)p.w_scale + (ng / 128) * k_steps);
-  }
+  const uint8_t* ws_src = lane < 16 ? f8_scale_src<FP4>(p, g, weight_of(lane)) : nullptr;
   const float* as_src = nullptr;
   if (lane < BM) {
     const long long off = act_of(lane);
@@ -649,15 +631,7 @@ __device__ __forceinline__ void qgemv_f8(const GemmParams& p) {
         // fast pass).
         const uint32_t c0 = *(const uint32_t*)(sws + 4 * fr), c1 = *(const uint32_t*)(sws + 4 * (fr + 8));
         float ws[2][4];
-        if (EXACT) {
-#pragma unroll
-          for (int bb = 0; bb < 4; ++bb) ws[0][bb] = ue8m0_any(c0, bb), ws[1][bb] = ue8m0_any(c1, bb);
-        } else {
-          code_max = __vmaxu4(code_max, __vmaxu4(c0, c1));
-          const uint32_t w0 = c0 + 0x06060606u, w1 = c1 + 0x06060606u;
-          ws[0][0] = ue8m0x64<0>(w0), ws[0][1] = ue8m0x64<1>(w0), ws[0][2] = ue8m0x64<2>(w0), ws[0][3] = ue8m0x64<3>(w0);
-          ws[1][0] = ue8m0x64<0>(w1), ws[1][1] = ue8m0x64<1>(w1), ws[1][2] = ue8m0x64<2>(w1), ws[1][3] = ue8m0x64<3>(w1);
-        }
+        f8_fp4_scales<EXACT>(c0, c1, ws, code_max);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {  // blocks 2h and 2h + 1
           uint32_t r[4];

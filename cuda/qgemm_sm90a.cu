@@ -359,22 +359,10 @@ __device__ __forceinline__ void qgemv_wg(const GemmParams& p) {
   const int w_off = L::A + warp * 16 * L::ROW;  // this warp's weight rows in a stage
   const int ws_off = L::A + L::W, as_off = ws_off + L::WS;
 
-  // Weight row (within group g) of this warp's slot r, or -1 past the weights.
-  auto weight_of = [&](int r) {
-    if (p.swiglu) {
-      const int half = p.n / 2, h = blockIdx.x * 32 + 8 * warp + r % 8;
-      return h < half ? h + (r / 8) * half : -1;
-    }
-    const int n = blockIdx.x * 64 + 16 * warp + r;
-    return n < p.n ? n : -1;
-  };
-  // Element offset (in the activation codes) of activation row r of the tile, or -1.
-  auto act_of = [&](int r) -> long long {
-    if (r >= rows) return -1;
-    const long long pos = row0 + r;
-    const long long src = p.a_rows ? p.a_rows[pos] / p.a_div : pos;
-    return src * p.a_row_stride + g * p.a_group_stride;
-  };
+  // This warp's first weight row (with SwiGLU its first h column).
+  const int col0 = p.swiglu ? blockIdx.x * 32 + 8 * warp : blockIdx.x * 64 + 16 * warp;
+  auto weight_of = [&](int r) { return f8_weight_row(p, col0, r); };
+  auto act_of = [&](int r) { return f8_act_row(p, g, row0, rows, r); };
 
   // This thread's copies: its warp's weight chunks, at most one activation chunk, a weight scale
   // word (lanes below 16: the warp's slot `lane`) and an activation scale (threads below ROWS).
@@ -393,13 +381,7 @@ __device__ __forceinline__ void qgemv_wg(const GemmParams& p) {
     const long long off = act_of(tid % ROWS);
     if (off >= 0) a_src = (const uint8_t*)p.a + off + 16 * (tid / ROWS);
   }
-  const uint8_t* ws_src = nullptr;
-  if (lane < 16) {
-    const int n = weight_of(lane);
-    const long long ng = (long long)g * p.n + n;
-    if (n >= 0)
-      ws_src = FP4 ? (const uint8_t*)p.w_scale + ng * (k / 32) : (const uint8_t*)((const float*)p.w_scale + (ng / 128) * k_steps);
-  }
+  const uint8_t* ws_src = lane < 16 ? f8_scale_src<FP4>(p, g, weight_of(lane)) : nullptr;
   const float* as_src = nullptr;
   if (tid < ROWS) {
     const long long off = act_of(tid);
@@ -496,15 +478,7 @@ __device__ __forceinline__ void qgemv_wg(const GemmParams& p) {
         // fast pass).
         const uint32_t c0 = *(const uint32_t*)(sws + 4 * (16 * warp + fr)), c1 = *(const uint32_t*)(sws + 4 * (16 * warp + fr + 8));
         float ws[2][4];
-        if (EXACT) {
-#pragma unroll
-          for (int bb = 0; bb < 4; ++bb) ws[0][bb] = ue8m0_any(c0, bb), ws[1][bb] = ue8m0_any(c1, bb);
-        } else {
-          code_max = __vmaxu4(code_max, __vmaxu4(c0, c1));
-          const uint32_t w0 = c0 + 0x06060606u, w1 = c1 + 0x06060606u;
-          ws[0][0] = ue8m0x64<0>(w0), ws[0][1] = ue8m0x64<1>(w0), ws[0][2] = ue8m0x64<2>(w0), ws[0][3] = ue8m0x64<3>(w0);
-          ws[1][0] = ue8m0x64<0>(w1), ws[1][1] = ue8m0x64<1>(w1), ws[1][2] = ue8m0x64<2>(w1), ws[1][3] = ue8m0x64<3>(w1);
-        }
+        f8_fp4_scales<EXACT>(c0, c1, ws, code_max);
 #pragma unroll
         for (int t = 0; t < NT; ++t)
 #pragma unroll
@@ -552,7 +526,7 @@ __device__ __forceinline__ void qgemv_wg(const GemmParams& p) {
   if constexpr (FP4) {
     if (large_code) pass(Tag<true>{});
   }
-  gemv_store<NT>(p, acc, g, row0, rows, p.swiglu ? blockIdx.x * 32 + 8 * warp : blockIdx.x * 64 + 16 * warp);
+  gemv_store<NT>(p, acc, g, row0, rows, col0);
 }
 
 }  // namespace

@@ -211,6 +211,52 @@ __device__ __forceinline__ int f8_w_at(int r, int c) {
   return FP4 ? 64 * r + 16 * (c ^ ((r >> 1) & 3)) : 128 * r + 16 * (c ^ (r & 7));
 }
 
+// Weight row (within its group) of slot r of a warp's 16 in the FP8 decode forms, whose first
+// row is `col0` (with SwiGLU its first h column: slots 0-7 gate rows col0 + r, 8-15 the matching
+// up rows I + col0 + r - 8), or -1 past the weights.
+__device__ __forceinline__ int f8_weight_row(const GemmParams& p, int col0, int r) {
+  if (p.swiglu) {
+    const int half = p.n / 2, h = col0 + r % 8;
+    return h < half ? h + (r / 8) * half : -1;
+  }
+  const int n = col0 + r;
+  return n < p.n ? n : -1;
+}
+
+// Element offset (in the activation codes) of activation row r of a decode tile, or -1 past
+// its rows.
+__device__ __forceinline__ long long f8_act_row(const GemmParams& p, int g, long long row0, int rows, int r) {
+  if (r >= rows) return -1;
+  const long long pos = row0 + r;
+  const long long src = p.a_rows ? p.a_rows[pos] / p.a_div : pos;
+  return src * p.a_row_stride + g * p.a_group_stride;
+}
+
+// Where weight row n's scales of K step 0 start: its UE8M0 codes (MXFP4; a word a step) or its
+// 128-row block's floats (FP8; one a step); null past the weights (n < 0).
+template <bool FP4>
+__device__ __forceinline__ const uint8_t* f8_scale_src(const GemmParams& p, int g, int n) {
+  if (n < 0) return nullptr;
+  const long long ng = (long long)g * p.n + n;
+  return FP4 ? (const uint8_t*)p.w_scale + ng * (p.k / 32) : (const uint8_t*)((const float*)p.w_scale + (ng / 128) * (p.k / KC));
+}
+
+// The four MXFP4 scale codes (one a 32-wide block) of rows fr and fr + 8 of a K step, c0 and c1,
+// as float32: times 2^6 by integer moves in the fast pass (exact up to code 248; `code_max` keeps
+// the bytewise maximum met), any code exactly in the EXACT pass (the caller applies the 2^6).
+template <bool EXACT>
+__device__ __forceinline__ void f8_fp4_scales(uint32_t c0, uint32_t c1, float (&ws)[2][4], uint32_t& code_max) {
+  if (EXACT) {
+#pragma unroll
+    for (int b = 0; b < 4; ++b) ws[0][b] = ue8m0_any(c0, b), ws[1][b] = ue8m0_any(c1, b);
+  } else {
+    code_max = __vmaxu4(code_max, __vmaxu4(c0, c1));
+    const uint32_t w0 = c0 + 0x06060606u, w1 = c1 + 0x06060606u;
+    ws[0][0] = ue8m0x64<0>(w0), ws[0][1] = ue8m0x64<1>(w0), ws[0][2] = ue8m0x64<2>(w0), ws[0][3] = ue8m0x64<3>(w0);
+    ws[1][0] = ue8m0x64<0>(w1), ws[1][1] = ue8m0x64<1>(w1), ws[1][2] = ue8m0x64<2>(w1), ws[1][3] = ue8m0x64<3>(w1);
+  }
+}
+
 // The decode forms' epilogue for one warp's 16 weight rows: stores its outputs (or, with SwiGLU,
 // h). Fragment (t, e) holds weight slot fr + 8 (e / 2), activation row 8 t + 2 q + e % 2 of the
 // tile. `col0` is the warp's first weight row (with SwiGLU: its first h column, gate rows in
