@@ -503,11 +503,11 @@ def launched_kernels(fn) -> set[str]:
     return {e.key for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA}
 
 
-def linear_call(gen: torch.Generator, fp4: bool, m: int) -> tuple:
-    """A GPU ``quant_linear`` call of ``m`` rows on a 64 x 256 weight (MXFP4 or FP8), and a
+def linear_call(gen: torch.Generator, fp4: bool, m: int, k: int = 256) -> tuple:
+    """A GPU ``quant_linear`` call of ``m`` rows on a 64 x ``k`` weight (MXFP4 or FP8), and a
     function giving the names of the kernels one such call launches."""
-    weight, scale = fp4_weight(gen, 64, 256) if fp4 else fp8_weight(gen, 64, 256)
-    x, weight, scale = cuda(activations(gen, m, 256), weight, scale)
+    weight, scale = fp4_weight(gen, 64, k) if fp4 else fp8_weight(gen, 64, k)
+    x, weight, scale = cuda(activations(gen, m, k), weight, scale)
 
     def call() -> torch.Tensor:
         return ops.quant_linear(x, weight, scale)
@@ -519,10 +519,11 @@ def linear_call(gen: torch.Generator, fp4: bool, m: int) -> tuple:
 @pytest.mark.parametrize("fp4", [False, True], ids=["fp8", "fp4"])
 def test_gpu_qgemm_kernel_switch_takes_effect(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch, fp4: bool) -> None:
     """The decode form that runs is the one asked for (seen by the profiler): the FP8 one by default
-    on GPUs with FP8 tensor cores (sm_89+; on ``wgmma`` on compute capability 9.0, on ``mma.sync``
-    elsewhere or with ``DSV4RS_QGEMM_DECODE=mma``), the bf16 one with ``DSV4RS_QGEMM_KERNEL=bf16``;
-    forcing ``wgmma`` off Hopper, or an unknown name, is an error naming the variable."""
-    call, launched = linear_call(gen, fp4, 2)
+    on GPUs with FP8 tensor cores (sm_89+; on ``wgmma`` on compute capability 9.0 for K of at least
+    2048, on ``mma.sync`` elsewhere, for a shorter K or with ``DSV4RS_QGEMM_DECODE=mma``), the bf16
+    one with ``DSV4RS_QGEMM_KERNEL=bf16``; forcing ``wgmma`` off Hopper, or an unknown name, is an
+    error naming the variable."""
+    call, launched = linear_call(gen, fp4, 2, k=2048)
 
     fmt = "fp4" if fp4 else "fp8"
     monkeypatch.setenv("DSV4RS_QGEMM_DECODE", "auto")
@@ -536,6 +537,8 @@ def test_gpu_qgemm_kernel_switch_takes_effect(gen: torch.Generator, monkeypatch:
     assert (f"dsv4_qgemv_wg_{fmt}_n8" in names) == hopper, names
     assert (f"dsv4_qgemv_f8_{fmt}_n8" in names) == (fp8_cores and not hopper), names
     assert ("dsv4_act_quant_f8" in names) == fp8_cores, names
+    short_k = linear_call(gen, fp4, 2, k=1024)[1]()
+    assert (f"dsv4_qgemv_f8_{fmt}_n8" in short_k) == fp8_cores and not any("_wg_" in n for n in short_k), short_k
     monkeypatch.setenv("DSV4RS_QGEMM_DECODE", "mma")
     names = launched()
     assert (f"dsv4_qgemv_f8_{fmt}_n8" in names) == fp8_cores and not any("_wg_" in n for n in names), names
@@ -624,8 +627,9 @@ def test_gpu_quant_linear_slices_of_unequal_products_stay_within_bound(gen: torc
                                                                        kernel: float) -> None:
     """Each 32-wide K run (a tensor-core slice) holds one activation of about 400 and 31 of about 0.01:
     the small products lie some 2^15 below the large one, past an FP8 accumulator's bits, and the
-    result still lies within the stated bound (and within float32's with the bf16 form)."""
-    rows, k = 48, 512
+    result still lies within the stated bound (and within float32's with the bf16 form). K is 2048,
+    so that Hopper's FP8 decode form is the native ``wgmma`` one."""
+    rows, k = 48, 2048
     weight, scale = fp4_weight(gen, rows, k) if fp4 else fp8_weight(gen, rows, k)
     x = torch.randn(m, k, generator=gen) * 0.01
     x[:, ::32] = 400 * torch.randn(m, k // 32, generator=gen).sign()

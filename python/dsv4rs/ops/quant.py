@@ -19,11 +19,12 @@ tensor cores, the slice sums of the last point):
   and at most 16 rows per weight (decode; a linear with ``K`` of 2048 or more up to 64 rows), each
   32-wide slice of ``K`` (one MXFP4 scale block) is summed by an FP8 tensor-core instruction, then
   scaled and summed in float32. Where the GPU runs it natively (sm_89, sm_120, and sm_90 through
-  ``wgmma``) its accumulator keeps about 13 fraction bits (DeepSeek reports 14 bits for Hopper's
-  FP8 GEMMs): a slice's sum lies within ``31 * 2^-13 / (1 - 31 * 2^-13)`` (about 2^-8) of the sum
-  of its products' magnitudes from the exact one, and the activations' own FP8 rounding (up to
-  2^-4 a value) is far larger. On sm_100, and on sm_90 with ``DSV4RS_QGEMM_DECODE=mma``, the
-  compiler turns the instruction into exact f16 products summed in float32, as the bf16 path's.
+  ``wgmma``: the MoE, and linears with ``K`` of 2048 or more) its accumulator keeps about 13
+  fraction bits (DeepSeek reports 14 bits for Hopper's FP8 GEMMs): a slice's sum lies within
+  ``31 * 2^-13 / (1 - 31 * 2^-13)`` (about 2^-8) of the sum of its products' magnitudes from the
+  exact one, and the activations' own FP8 rounding (up to 2^-4 a value) is far larger. On sm_100,
+  and on sm_90 for the other linears or with ``DSV4RS_QGEMM_DECODE=mma``, the compiler turns the
+  instruction into exact f16 products summed in float32, as the bf16 path's.
   ``DSV4RS_QGEMM_KERNEL=bf16`` keeps the bf16 path (float32 sums throughout; slower at decode).
 - With more rows per weight (prefill) the GPU runs a tiled GEMM, on ``wgmma`` on compute
   capability 9.0 where ``K`` is a multiple of 128 and on ``mma.sync`` elsewhere; both sum the exact

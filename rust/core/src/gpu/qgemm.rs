@@ -94,7 +94,7 @@ const _: () = assert!(
 /// activation rows a block, 16 weight rows a warp, K split over the block's warps) for a few rows
 /// per weight, on bf16 tensor cores (`Gemv`) or FP8 ones (`GemvF8`: FP8 activations, sm_89 and
 /// later, see [`use_f8`]; on Hopper `GemvWg`, the same on `wgmma`, cuda/qgemm_sm90a.cu: 64
-/// weight rows a block, see [`use_wg_decode`]), else a tiled form: `mma.sync` (`Gemm`, 64 rows a
+/// weight rows a block, see [`use_wg_decode`] and [`WG_DECODE_MIN_K`]), else a tiled form: `mma.sync` (`Gemm`, 64 rows a
 /// block, 64 weight rows; every GPU) or, on Hopper, `wgmma` (`Wgmma`, cuda/qgemm_sm90a.cu: 128
 /// rows a block, 64 weight rows a warpgroup; see [`use_wgmma`] and [`wg_warpgroups`]).
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -316,6 +316,20 @@ fn decode_form(dev: i32, act_fp8: bool, k: usize) -> Result<Form> {
     })
 }
 
+/// K below which a dense linear keeps the `mma.sync` FP8 decode form on Hopper. Measured on the
+/// H200 (V4-Flash's q_b, K 1,024, 32,768 rows; two runs each): 8 rows took 0.023-0.024 ms on
+/// `wgmma` against 0.019-0.020 on `mma.sync` (1 row: 0.019 both); every linear with K of 2,048
+/// or more was as fast or faster on `wgmma`.
+const WG_DECODE_MIN_K: usize = 2048;
+
+/// [`decode_form`] for a dense linear.
+fn linear_decode_form(dev: i32, act_fp8: bool, k: usize) -> Result<Form> {
+    Ok(match decode_form(dev, act_fp8, k)? {
+        Form::GemvWg if k < WG_DECODE_MIN_K => Form::GemvF8,
+        form => form,
+    })
+}
+
 fn check_k(w: &Weights) -> Result<usize> {
     let k = w.k();
     if !k.is_multiple_of(32) || k == 0 || k > MAX_K {
@@ -408,7 +422,7 @@ pub fn linear_workspace_bytes(
     if m == 0 {
         return Ok(0);
     }
-    let shape = linear_shape(dev, m, groups, n, k, fp4, decode_form(dev, act_fp8, k)?)?;
+    let shape = linear_shape(dev, m, groups, n, k, fp4, linear_decode_form(dev, act_fp8, k)?)?;
     Ok(linear_layout(m, groups, n, k, quantizes_x(x_bf16, act_fp8, fp4, shape.form), shape.splits).total)
 }
 
@@ -518,7 +532,7 @@ pub unsafe fn linear(
         check_aligned(w.scale, 4)?;
     }
     let x_bf16 = x.dtype == DType::BF16;
-    let LinearShape { form, bm, splits, per } = linear_shape(dev, m, groups, n, k, w.fp4, decode_form(dev, act_fp8, k)?)?;
+    let LinearShape { form, bm, splits, per } = linear_shape(dev, m, groups, n, k, w.fp4, linear_decode_form(dev, act_fp8, k)?)?;
     let lay = linear_layout(m, groups, n, k, quantizes_x(x_bf16, act_fp8, w.fp4, form), splits);
     let have = workspace.numel() * workspace.dtype.size();
     if have < lay.total {
