@@ -94,9 +94,10 @@ const _: () = assert!(
 /// activation rows a block, 16 weight rows a warp, K split over the block's warps) for a few rows
 /// per weight, on bf16 tensor cores (`Gemv`) or FP8 ones (`GemvF8`: FP8 activations, sm_89 and
 /// later, see [`use_f8`]; on Hopper `GemvWg`, the same on `wgmma`, cuda/qgemm_sm90a.cu: 64
-/// weight rows a block, see [`use_wg_decode`] and [`WG_DECODE_MIN_K`]), else a tiled form: `mma.sync` (`Gemm`, 64 rows a
-/// block, 64 weight rows; every GPU) or, on Hopper, `wgmma` (`Wgmma`, cuda/qgemm_sm90a.cu: 128
-/// rows a block, 64 weight rows a warpgroup; see [`use_wgmma`] and [`wg_warpgroups`]).
+/// weight rows a block, see [`use_wg_decode`] and [`WG_DECODE_MIN_K`]), else a tiled form:
+/// `mma.sync` (`Gemm`, 64 rows a block, 64 weight rows; every GPU) or, on Hopper, `wgmma`
+/// (`Wgmma`, cuda/qgemm_sm90a.cu: 128 rows a block, 64 weight rows a warpgroup; see
+/// [`use_wgmma`] and [`wg_warpgroups`]).
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Form {
     Gemv,
@@ -182,14 +183,19 @@ const F8_STAGES: usize = 4;
 const WG_DECODE_ROWS: usize = 64;
 const WG_DECODE_STAGES: usize = 4;
 
-/// Orders of the FP8 activation codes (cuda/qgemm.cu `F8ActLayout`), per FP8 decode form and
-/// weight format.
+/// Orders of the FP8 activation codes (cuda/qgemm.cu `F8ActLayout`): what the FP8 decode form
+/// that reads them expects, per weight format.
+const F8_MMA_FP8: i32 = 0;
+const F8_MMA_FP4: i32 = 1;
+const F8_WG_FP8: i32 = 2;
+const F8_WG_FP4: i32 = 3;
+
 fn f8_layout(form: Form, fp4: bool) -> i32 {
     match (form, fp4) {
-        (Form::GemvWg, false) => 2,
-        (Form::GemvWg, true) => 3,
-        (_, false) => 0,
-        (_, true) => 1,
+        (Form::GemvWg, false) => F8_WG_FP8,
+        (Form::GemvWg, true) => F8_WG_FP4,
+        (_, false) => F8_MMA_FP8,
+        (_, true) => F8_MMA_FP4,
     }
 }
 
@@ -404,8 +410,7 @@ fn linear_shape(dev: i32, m: usize, groups: usize, n: usize, k: usize, fp4: bool
     // 4 K steps a slice to fill its pipeline.
     let (cover, most) = match form {
         Form::Gemv | Form::GemvF8 => (4 * sms, steps.div_ceil(THREADS as usize / 32)),
-        Form::GemvWg => (4 * sms, steps),
-        Form::Gemm => (4 * sms, steps),
+        Form::GemvWg | Form::Gemm => (4 * sms, steps),
         Form::Wgmma => (sms, steps / 4),
     };
     let want = cover.div_ceil(blocks.max(1)).clamp(1, MAX_SPLITS.min(most).max(1));
