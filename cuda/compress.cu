@@ -155,15 +155,15 @@ __device__ __forceinline__ float pool_channel(const Params& p, long long i, int 
   const bool prev = prev0 < r * i;
   // V4's three compressors: CSA main rows (r = 4, D = 512) and indexer keys (r = 4, D = 128),
   // both overlapping, and HCA (r = 128, D = 512).
-  if (p.overlap && r == 4 && d == 512)
-    return prev ? pool_inputs<1024, 4, true>(kv, score, p.ape, 0, 0, c, own_col)
-                : pool_inputs<1024, 4, false>(kv, score, p.ape, 0, 0, c, own_col);
-  if (p.overlap && r == 4 && d == 128)
-    return prev ? pool_inputs<256, 4, true>(kv, score, p.ape, 0, 0, c, own_col)
-                : pool_inputs<256, 4, false>(kv, score, p.ape, 0, 0, c, own_col);
-  if (!p.overlap && r == 128 && d == 512) return pool_inputs<512, 128, false>(kv, score, p.ape, 0, 0, c, own_col);
-  return prev ? pool_inputs<0, 0, true>(kv, score, p.ape, width, (int)r, c, own_col)
-              : pool_inputs<0, 0, false>(kv, score, p.ape, width, (int)r, c, own_col);
+  auto pool = [&](auto w_tag, auto r_tag) {
+    constexpr int W = decltype(w_tag)::value, R = decltype(r_tag)::value;
+    return prev ? pool_inputs<W, R, true>(kv, score, p.ape, width, (int)r, c, own_col)
+                : pool_inputs<W, R, false>(kv, score, p.ape, width, (int)r, c, own_col);
+  };
+  if (p.overlap && r == 4 && d == 512) return pool(Tag<1024>{}, Tag<4>{});
+  if (p.overlap && r == 4 && d == 128) return pool(Tag<256>{}, Tag<4>{});
+  if (!p.overlap && r == 128 && d == 512) return pool(Tag<512>{}, Tag<128>{});  // (never prev: no overlap)
+  return pool(Tag<0>{}, Tag<0>{});
 }
 
 // The whole block on entry i, pooled at `dst` (D floats), in place: RMSNorm, RoPE at the
@@ -261,20 +261,21 @@ __device__ __forceinline__ void advance_state(const Params& p, int col, int part
     // compiler cannot move loads above stores that may alias them).
     for (long long pos0 = max(p.start, end - r) + (long long)part * CHUNK; pos0 < end; pos0 += (long long)parts * CHUNK) {
       float kv[CHUNK], sc[CHUNK];
+      long long slot[CHUNK];
 #pragma unroll
       for (int u = 0; u < CHUNK; ++u) {
-        const long long pos = pos0 + u, row = pos - p.start, slot = pos % r;
+        const long long pos = pos0 + u, row = pos - p.start;
+        slot[u] = pos % r;
         if (pos < end) {
           kv[u] = p.kv[row * width + col];
-          sc[u] = p.score[row * width + col] + p.ape[slot * width + col];
+          sc[u] = p.score[row * width + col] + p.ape[slot[u] * width + col];
         }
       }
 #pragma unroll
       for (int u = 0; u < CHUNK; ++u) {
-        const long long pos = pos0 + u, slot = pos % r;
-        if (pos < end) {
-          p.kv_state[slot * width + col] = kv[u];
-          p.score_state[slot * width + col] = sc[u];
+        if (pos0 + u < end) {
+          p.kv_state[slot[u] * width + col] = kv[u];
+          p.score_state[slot[u] * width + col] = sc[u];
         }
       }
     }

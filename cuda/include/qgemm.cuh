@@ -296,10 +296,4 @@ __device__ __forceinline__ void gemv_store(const GemmParams& p, const float (&ac
   }
 }
 
-// A compile-time value as a value, for a generic lambda instantiated on it.
-template <int V>
-struct Tag {
-  static constexpr int value = V;
-};
-
 }  // namespace dsv4

@@ -156,4 +156,10 @@ __device__ __forceinline__ float group_amax(float v, int width) {
   return v;
 }
 
+// A compile-time value as a value, for a generic lambda instantiated on it.
+template <int V>
+struct Tag {
+  static constexpr int value = V;
+};
+
 }  // namespace dsv4
