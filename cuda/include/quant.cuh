@@ -92,8 +92,11 @@ __device__ __forceinline__ float fp4_decode(uint8_t nibble) {
   return (nibble & 0x8u) ? -v : v;
 }
 
+// Nearest even; NaN stays NaN (0x7FC0, as the CPU twin's): rounding the GPU's NaN, 0x7FFFFFFF,
+// would carry into the sign and give -0.
 __device__ __forceinline__ uint16_t bf16_from_f32(float x) {
   uint32_t b = __float_as_uint(x);
+  if ((b & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0u;
   return (uint16_t)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
 }
 
