@@ -324,22 +324,128 @@ __device__ __forceinline__ void qgemm_wgmma(const GemmParams& p, const TmaDesc* 
 // accumulator (docs/kernels/qgemm.md states the bound), slice sums scaled and added in float32
 // in the same order. Weights with MXFP4 scale codes above 248 take qgemv_f8's exact pass, here
 // for the whole block when any warp met one.
-template <bool FP4, int NT>
+//
+// The fused kernels (FUSE, dsv4_qgemv_wg_fused_*: dense linears whose block's activation codes
+// fit rust/core/src/gpu/qgemm.rs `WG_FUSED_CODES`) make the whole call one kernel. Each block
+// quantizes its own rows and K steps of the unquantized activations (p.x) into shared memory
+// while its first weight copies are in flight (quantize_tile: dsv4_act_quant_f8's values, in its
+// order), so the stages carry weights alone; and the K splits of a grid column run as one
+// thread-block cluster (the launch sets the cluster to the grid's z) whose first block adds the
+// others' partial sums from their shared memory in split order (dsv4_splitk_reduce's order: the
+// same float32 values) and stores the outputs.
+constexpr int MAX_SPLITS_WG = 8;  // K splits of a fused call: a cluster (rust/core/src/gpu/mod.rs MAX_CLUSTER)
+
+template <bool FP4, int NT, bool FUSE = false>
 struct WgLayout {
-  static constexpr int ROWS = 8 * NT;         // activation rows a block (the wgmma N)
-  static constexpr int ROW = FP4 ? 64 : 128;  // bytes of a weight row per K step
-  static constexpr int A = ROWS * KC;         // the step's activation codes (first: 128-byte aligned)
-  static constexpr int W = 64 * ROW;          // the 64 weight rows; warp w's 16 at 16 w ROW
-  static constexpr int WS = 64 * 4;           // a word per weight slot: 4 UE8M0 codes, or the FP8 block's float
-  static constexpr int AS = ROWS * 4;         // activation scales (float)
+  static constexpr int ROWS = 8 * NT;          // activation rows a block (the wgmma N)
+  static constexpr int ROW = FP4 ? 64 : 128;   // bytes of a weight row per K step
+  static constexpr int A = FUSE ? 0 : ROWS * KC;  // the step's activation codes (first: 128-byte aligned)
+  static constexpr int W = 64 * ROW;           // the 64 weight rows; warp w's 16 at 16 w ROW
+  static constexpr int WS = 64 * 4;            // a word per weight slot: 4 UE8M0 codes, or the FP8 block's float
+  static constexpr int AS = FUSE ? 0 : ROWS * 4;  // activation scales (float)
   static constexpr int STAGE = (A + W + WS + AS + 127) / 128 * 128;
-  // Mirrored by rust/core/src/gpu/qgemm.rs `gemm_shared_bytes`.
+  // Mirrored by rust/core/src/gpu/qgemm.rs `gemm_shared_bytes` and `WG_FUSED_CODES`. FUSE: the
+  // block's activation codes, ROWS KC bytes a step, then their scales, ROWS floats a step, follow
+  // the stages.
   static constexpr int STAGES = 4;
 };
 
-template <bool FP4, int NT>
+// Two non-negative finite floats as e4m3 codes, rounded to nearest even and saturated at 448
+// (lo in the low byte): for such values fp8_encode's magnitude code, in one instruction.
+__device__ __forceinline__ uint32_t e4m3x2(float lo, float hi) {
+  uint16_t r;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %2, %1;\n" : "=h"(r) : "f"(lo), "f"(hi));
+  return r;
+}
+
+// The fused kernels' activations: A(x) of activation rows row0 .. row0 + rows of group g over K
+// steps c_begin .. c_begin + nsteps (rows past the tile: zero codes and scales) into shared memory
+// as qgemv_wg reads them: step j's codes at q + j ROWS KC, 16-byte chunk c of row r at c ROWS 16 +
+// 16 r (each 128-block in f8_act_pos order for F8_WG_FP8 / F8_WG_FP4), its scales at
+// qs[j ROWS + r]. The values are dsv4_act_quant_f8's, bit for bit: the same amax, its exponent by
+// integer moves (ue8m0_exponent_fp8), each code as fp8_encode's (its magnitude by the hardware
+// conversion of the same clamped value, then the sign; a block holding an infinity takes
+// fp8_encode itself). A thread takes a 16-byte chunk of x (8 bfloat16 or 4 float32 values) at a
+// time, a 128-block spanning CG = 128 / V consecutive lanes, four chunks' loads in flight.
+template <int ROWS, bool FP4>
+__device__ __forceinline__ void quantize_tile(const GemmParams& p, int g, long long row0, int rows, int c_begin, int nsteps,
+                                              uint8_t* q, float* qs) {
+  const bool bf16 = p.x_bf16 != 0;
+  const int V = bf16 ? 8 : 4, CG = KC / V;
+  const int total = ROWS * nsteps * CG;  // a multiple of 128: ROWS CG >= 8 16
+  const int elem = bf16 ? 2 : 4;
+  constexpr int BATCH = 4;
+  for (int base = 0; base < total; base += BATCH * 128) {
+    uint4 raw[BATCH];
+#pragma unroll
+    for (int u = 0; u < BATCH; ++u) {
+      const int j = base + 128 * u + threadIdx.x, grp = j / CG, r = grp / nsteps;
+      raw[u] = make_uint4(0, 0, 0, 0);
+      if (j < total && r < rows) {
+        const long long col = (long long)(c_begin + grp % nsteps) * KC + (j % CG) * V;
+        raw[u] = __ldg((const uint4*)((const char*)p.x + ((row0 + r) * p.a_row_stride + g * p.a_group_stride + col) * elem));
+      }
+    }
+    float v[BATCH][8], m[BATCH];
+#pragma unroll
+    for (int u = 0; u < BATCH; ++u) {
+      const uint32_t w[4] = {raw[u].x, raw[u].y, raw[u].z, raw[u].w};
+      m[u] = 0.f;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        v[u][i] = bf16 ? __uint_as_float(i % 2 ? w[i / 2] & 0xFFFF0000u : w[i / 2] << 16) : __uint_as_float(w[i % 4]);
+        if (bf16 || i < 4) m[u] = fmaxf(m[u], fabsf(v[u][i]));
+      }
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) {
+      if (off >= CG) continue;  // the same for the whole block
+#pragma unroll
+      for (int u = 0; u < BATCH; ++u) m[u] = fmaxf(m[u], __shfl_xor_sync(0xffffffffu, m[u], off));
+    }
+#pragma unroll
+    for (int u = 0; u < BATCH; ++u) {
+      if (base + 128 * u >= total) break;  // the same for the whole block
+      const int j = base + 128 * u + threadIdx.x, grp = j / CG, within = j % CG, r = grp / nsteps, s = grp % nsteps;
+      const int e = ue8m0_exponent_fp8(m[u]);
+      uint32_t c[2];  // codes of values 0..7 of the chunk (0..3 for float32), a byte each
+      if (e < 128) {
+        const float mult = exp2i(-e);
+        float a[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) a[i] = fminf(fabsf(v[u][i]) * mult, FP8_MAX);
+        c[0] = e4m3x2(a[0], a[1]) | e4m3x2(a[2], a[3]) << 16;
+        c[1] = e4m3x2(a[4], a[5]) | e4m3x2(a[6], a[7]) << 16;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) c[i / 4] |= (__float_as_uint(v[u][i]) >> 31) << (8 * (i % 4) + 7);
+      } else {
+        c[0] = c[1] = 0;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) c[i / 4] |= (uint32_t)fp8_encode(v[u][i], e) << (8 * (i % 4));
+      }
+      uint8_t* qrow = q + s * ROWS * KC + 16 * r;
+      auto at = [&](int pos) { return qrow + (pos / 16) * ROWS * 16 + pos % 16; };
+      const int p0 = within * V;
+      if (!FP4) {  // natural order: the chunk's codes are consecutive
+        if (bf16) *(uint2*)at(p0) = make_uint2(c[0], c[1]);
+        else *(uint32_t*)at(p0) = c[0];
+      } else {  // F8_WG_FP4: the even values' codes consecutive, the odd ones' 16 bytes on
+        if (bf16) {
+          *(uint32_t*)at(f8_act_pos(p0, F8_WG_FP4)) = __byte_perm(c[0], c[1], 0x6420);
+          *(uint32_t*)at(f8_act_pos(p0 + 1, F8_WG_FP4)) = __byte_perm(c[0], c[1], 0x7531);
+        } else {
+          *(uint16_t*)at(f8_act_pos(p0, F8_WG_FP4)) = (uint16_t)__byte_perm(c[0], 0, 0x0020);
+          *(uint16_t*)at(f8_act_pos(p0 + 1, F8_WG_FP4)) = (uint16_t)__byte_perm(c[0], 0, 0x0031);
+        }
+      }
+      if (within == 0) qs[s * ROWS + r] = r < rows ? exp2i(e) : 0.f;
+    }
+  }
+}
+
+template <bool FP4, int NT, bool FUSE>
 __device__ __forceinline__ void qgemv_wg(const GemmParams& p) {
-  using L = WgLayout<FP4, NT>;
+  using L = WgLayout<FP4, NT, FUSE>;
   constexpr int S = L::STAGES, ROWS = L::ROWS;
   constexpr int ROW_CHUNKS = L::ROW / 16;
   constexpr int W_COPIES = 16 * ROW_CHUNKS / 32;  // a lane's 16-byte weight copies a step
@@ -358,6 +464,9 @@ __device__ __forceinline__ void qgemv_wg(const GemmParams& p) {
   const int nsteps = max(0, min(k_steps, c_begin + p.k_steps_per_split) - c_begin);
   const int w_off = L::A + warp * 16 * L::ROW;  // this warp's weight rows in a stage
   const int ws_off = L::A + L::W, as_off = ws_off + L::WS;
+  // FUSE: the block's activation codes and scales after the stages.
+  uint8_t* const fq = smem + S * L::STAGE;
+  float* const fqs = (float*)(fq + p.k_steps_per_split * ROWS * KC);
 
   // This warp's first weight row (with SwiGLU its first h column).
   const int col0 = p.swiglu ? blockIdx.x * 32 + 8 * warp : blockIdx.x * 64 + 16 * warp;
@@ -377,13 +486,13 @@ __device__ __forceinline__ void qgemv_wg(const GemmParams& p) {
   }
   const uint8_t* a_src = nullptr;
   const int a_dst = (tid / ROWS) * (ROWS * 16) + 16 * (tid % ROWS);  // chunk tid / ROWS of row tid % ROWS
-  if (tid < A_CHUNKS) {
+  if (!FUSE && tid < A_CHUNKS) {
     const long long off = act_of(tid % ROWS);
     if (off >= 0) a_src = (const uint8_t*)p.a + off + 16 * (tid / ROWS);
   }
   const uint8_t* ws_src = lane < 16 ? f8_scale_src<FP4>(p, g, weight_of(lane)) : nullptr;
   const float* as_src = nullptr;
-  if (tid < ROWS) {
+  if (!FUSE && tid < ROWS) {
     const long long off = act_of(tid);
     if (off >= 0) as_src = p.a_scale + off / KC;
   }
@@ -394,9 +503,9 @@ __device__ __forceinline__ void qgemv_wg(const GemmParams& p) {
 #pragma unroll
     for (int u = 0; u < W_COPIES; ++u)
       if (!w_src[u]) *(uint4*)(st + w_dst[u]) = make_uint4(0, 0, 0, 0);
-    if (tid < A_CHUNKS && !a_src) *(uint4*)(st + a_dst) = make_uint4(0, 0, 0, 0);
+    if (!FUSE && tid < A_CHUNKS && !a_src) *(uint4*)(st + a_dst) = make_uint4(0, 0, 0, 0);
     if (lane < 16 && !ws_src) *(uint32_t*)(st + ws_off + 4 * (16 * warp + lane)) = 0;
-    if (tid < ROWS && !as_src) *(float*)(st + as_off + 4 * tid) = 0.f;
+    if (!FUSE && tid < ROWS && !as_src) *(float*)(st + as_off + 4 * tid) = 0.f;
   }
 
   const uint32_t smem_at = (uint32_t)__cvta_generic_to_shared(smem);
@@ -426,6 +535,8 @@ __device__ __forceinline__ void qgemv_wg(const GemmParams& p) {
       if (s < nsteps) issue(c_begin + s, s);
       cp_async_commit();
     }
+    // (Made visible to wgmma by the first step's fence and barrier; the exact pass reuses them.)
+    if (FUSE && !EXACT) quantize_tile<ROWS, FP4>(p, g, row0, rows, c_begin, nsteps, fq, fqs);
     for (int i = 0; i < nsteps; ++i) {
       cp_async_wait<S - 2>();
       fence_async_shared();  // this thread's copies (and zeros) are visible to wgmma
@@ -434,7 +545,7 @@ __device__ __forceinline__ void qgemv_wg(const GemmParams& p) {
       cp_async_commit();
       const uint8_t* st = smem + (i % S) * L::STAGE;
       const uint8_t* sws = st + ws_off;
-      const float* sas = (const float*)(st + as_off);
+      const float* sas = FUSE ? fqs + i * ROWS : (const float*)(st + as_off);
 
       // The warp's A registers of the four 32-wide slices.
       uint32_t a[4][4];
@@ -455,7 +566,7 @@ __device__ __forceinline__ void qgemv_wg(const GemmParams& p) {
         for (int m = 0; m < 4; ++m) ldmatrix_x4(a[m], st + w_off + f8_w_at<false>(ld_slot, 2 * m + ld_chunk));
       }
       float d[4][4 * NT];
-      const Desc desc = smem_desc(st, ROWS * 16, 128);
+      const Desc desc = smem_desc(FUSE ? fq + i * ROWS * KC : st, ROWS * 16, 128);
       wgmma_fence();
 #pragma unroll
       for (int b = 0; b < 4; ++b) {
@@ -526,6 +637,45 @@ __device__ __forceinline__ void qgemv_wg(const GemmParams& p) {
   if constexpr (FP4) {
     if (large_code) pass(Tag<true>{});
   }
+  if constexpr (FUSE) {
+    if (gridDim.z > 1) {
+      // The cluster is this grid column's K splits, block rank = split (blockIdx.z). Each block
+      // leaves its sums in its (now idle) stages; the first adds them in split order.
+      float* red = (float*)smem;
+#pragma unroll
+      for (int t = 0; t < NT; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) red[(4 * t + e) * 128 + tid] = acc[t][e];
+      cluster_sync();
+      if (blockIdx.z == 0) {
+        // Every block's values loaded first (at most MAX_SPLITS_WG blocks), then added in order.
+        float part[MAX_SPLITS_WG][NT][4];
+#pragma unroll
+        for (int r = 0; r < MAX_SPLITS_WG; ++r) {
+          if (r >= (int)gridDim.z) break;
+          const float* src = (const float*)__cluster_map_shared_rank(red, r);
+#pragma unroll
+          for (int t = 0; t < NT; ++t)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) part[r][t][e] = src[(4 * t + e) * 128 + tid];
+        }
+#pragma unroll
+        for (int t = 0; t < NT; ++t)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[t][e] = 0.f;
+#pragma unroll
+        for (int r = 0; r < MAX_SPLITS_WG; ++r) {
+          if (r >= (int)gridDim.z) break;
+#pragma unroll
+          for (int t = 0; t < NT; ++t)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[t][e] += part[r][t][e];
+        }
+      }
+      cluster_sync();  // the other blocks' shared memory stays until the first has read it
+      if (blockIdx.z != 0) return;
+    }
+  }
   gemv_store<NT>(p, acc, g, row0, rows, col0);
 }
 
@@ -540,7 +690,12 @@ extern "C" __global__ void __launch_bounds__(Shape<true>::THREADS, 1) dsv4_qgemm
 
 // The Hopper FP8 decode form: MXFP4 or FP8 weights, 8 or 16 activation rows a block. The MoE's
 // decode kernel (MXFP4, 8 rows) fits 80 registers, 6 blocks an SM; the others would spill there.
-extern "C" __global__ void __launch_bounds__(128, 6) dsv4_qgemv_wg_fp4_n8(const GemmParams p) { qgemv_wg<true, 1>(p); }
-extern "C" __global__ void __launch_bounds__(128, 4) dsv4_qgemv_wg_fp4_n16(const GemmParams p) { qgemv_wg<true, 2>(p); }
-extern "C" __global__ void __launch_bounds__(128, 4) dsv4_qgemv_wg_fp8_n8(const GemmParams p) { qgemv_wg<false, 1>(p); }
-extern "C" __global__ void __launch_bounds__(128, 4) dsv4_qgemv_wg_fp8_n16(const GemmParams p) { qgemv_wg<false, 2>(p); }
+extern "C" __global__ void __launch_bounds__(128, 6) dsv4_qgemv_wg_fp4_n8(const GemmParams p) { qgemv_wg<true, 1, false>(p); }
+extern "C" __global__ void __launch_bounds__(128, 4) dsv4_qgemv_wg_fp4_n16(const GemmParams p) { qgemv_wg<true, 2, false>(p); }
+extern "C" __global__ void __launch_bounds__(128, 4) dsv4_qgemv_wg_fp8_n8(const GemmParams p) { qgemv_wg<false, 1, false>(p); }
+extern "C" __global__ void __launch_bounds__(128, 4) dsv4_qgemv_wg_fp8_n16(const GemmParams p) { qgemv_wg<false, 2, false>(p); }
+// The fused kernels (a dense linear in one launch, K splits as a cluster: see WgLayout).
+extern "C" __global__ void __launch_bounds__(128, 4) dsv4_qgemv_wg_fused_fp4_n8(const GemmParams p) { qgemv_wg<true, 1, true>(p); }
+extern "C" __global__ void __launch_bounds__(128, 4) dsv4_qgemv_wg_fused_fp4_n16(const GemmParams p) { qgemv_wg<true, 2, true>(p); }
+extern "C" __global__ void __launch_bounds__(128, 4) dsv4_qgemv_wg_fused_fp8_n8(const GemmParams p) { qgemv_wg<false, 1, true>(p); }
+extern "C" __global__ void __launch_bounds__(128, 4) dsv4_qgemv_wg_fused_fp8_n16(const GemmParams p) { qgemv_wg<false, 2, true>(p); }

@@ -484,6 +484,7 @@ def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> f
     monkeypatch.setenv("DSV4RS_QGEMM_KERNEL", "bf16" if portable else "auto")
     monkeypatch.setenv("DSV4RS_QGEMM_TILED", "mma" if portable else "auto")
     monkeypatch.setenv("DSV4RS_QGEMM_DECODE", "mma" if request.param == "mma-decode" else "auto")
+    monkeypatch.setenv("DSV4RS_QGEMM_FUSED", "auto")
     return slice_bound()
 
 
@@ -520,13 +521,15 @@ def linear_call(gen: torch.Generator, fp4: bool, m: int, k: int = 256) -> tuple:
 def test_gpu_qgemm_kernel_switch_takes_effect(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch, fp4: bool) -> None:
     """The decode form that runs is the one asked for (seen by the profiler): the FP8 one by default
     on GPUs with FP8 tensor cores (sm_89+; on ``wgmma`` on compute capability 9.0 for K of at least
-    2048, on ``mma.sync`` elsewhere, for a shorter K or with ``DSV4RS_QGEMM_DECODE=mma``), the bf16
-    one with ``DSV4RS_QGEMM_KERNEL=bf16``; forcing ``wgmma`` off Hopper, or an unknown name, is an
-    error naming the variable."""
+    2048, there as the one fused kernel unless ``DSV4RS_QGEMM_FUSED=off``; on ``mma.sync``
+    elsewhere, for a shorter K or with ``DSV4RS_QGEMM_DECODE=mma``), the bf16 one with
+    ``DSV4RS_QGEMM_KERNEL=bf16``; forcing ``wgmma`` off Hopper, or an unknown name, is an error
+    naming the variable."""
     call, launched = linear_call(gen, fp4, 2, k=2048)
 
     fmt = "fp4" if fp4 else "fp8"
     monkeypatch.setenv("DSV4RS_QGEMM_DECODE", "auto")
+    monkeypatch.setenv("DSV4RS_QGEMM_FUSED", "auto")
     monkeypatch.setenv("DSV4RS_QGEMM_KERNEL", "bf16")
     names = launched()
     assert f"dsv4_qgemv_{fmt}_n8" in names and not any("_f8" in n or "_wg_" in n for n in names), names
@@ -534,9 +537,23 @@ def test_gpu_qgemm_kernel_switch_takes_effect(gen: torch.Generator, monkeypatch:
     names = launched()
     fp8_cores = torch.cuda.get_device_capability() >= (8, 9)
     hopper = torch.cuda.get_device_capability() == (9, 0)
-    assert (f"dsv4_qgemv_wg_{fmt}_n8" in names) == hopper, names
+    assert (names == {f"dsv4_qgemv_wg_fused_{fmt}_n8"}) == hopper, names
     assert (f"dsv4_qgemv_f8_{fmt}_n8" in names) == (fp8_cores and not hopper), names
-    assert ("dsv4_act_quant_f8" in names) == fp8_cores, names
+    assert ("dsv4_act_quant_f8" in names) == (fp8_cores and not hopper), names
+    monkeypatch.setenv("DSV4RS_QGEMM_FUSED", "off")
+    names = launched()
+    assert ({f"dsv4_qgemv_wg_{fmt}_n8", "dsv4_act_quant_f8", "dsv4_splitk_reduce"} <= names) == hopper, names
+    # 40 rows (three row tiles): three kernels by default, one with DSV4RS_QGEMM_FUSED=on.
+    wide = linear_call(gen, fp4, 40, k=2048)[1]
+    monkeypatch.setenv("DSV4RS_QGEMM_FUSED", "auto")
+    assert ("dsv4_act_quant_f8" in wide()) == fp8_cores
+    monkeypatch.setenv("DSV4RS_QGEMM_FUSED", "on")
+    assert (wide() == {f"dsv4_qgemv_wg_fused_{fmt}_n16"}) == hopper
+    if hopper:
+        monkeypatch.setenv("DSV4RS_QGEMM_FUSED", "always")
+        with pytest.raises(ValueError, match="DSV4RS_QGEMM_FUSED"):
+            call()
+    monkeypatch.setenv("DSV4RS_QGEMM_FUSED", "auto")
     short_k = linear_call(gen, fp4, 2, k=1024)[1]()
     assert (f"dsv4_qgemv_f8_{fmt}_n8" in short_k) == fp8_cores and not any("_wg_" in n for n in short_k), short_k
     monkeypatch.setenv("DSV4RS_QGEMM_DECODE", "mma")
@@ -544,7 +561,7 @@ def test_gpu_qgemm_kernel_switch_takes_effect(gen: torch.Generator, monkeypatch:
     assert (f"dsv4_qgemv_f8_{fmt}_n8" in names) == fp8_cores and not any("_wg_" in n for n in names), names
     monkeypatch.setenv("DSV4RS_QGEMM_DECODE", "wgmma")
     if hopper:
-        assert f"dsv4_qgemv_wg_{fmt}_n8" in launched()
+        assert f"dsv4_qgemv_wg_fused_{fmt}_n8" in launched()
     elif fp8_cores:
         with pytest.raises(ValueError, match="DSV4RS_QGEMM_DECODE"):
             call()
@@ -618,6 +635,60 @@ def test_gpu_quant_linear_at_model_widths(gen: torch.Generator, fp4: bool, m: in
     got = ops.quant_linear(*cuda(x, weight, scale))
     want, tol = linear_bound(x, weight, scale, 1, "fp8", kernel)
     assert_within(got, want, tol, "gpu vs reference")
+
+
+# Dense decode calls that Hopper runs as one fused kernel: (fp4, m, rows, k, groups, dtype).
+FUSED_CASES = [
+    (False, 1, 1024, 4096, 1, torch.bfloat16),  # V4-Flash's q_a: 8 K splits, one cluster a column
+    (False, 1, 512, 4096, 1, torch.bfloat16),  # kv
+    (False, 2, 1024, 4096, 8, torch.bfloat16),  # o_a: 8 groups
+    (False, 3, 256, 8192, 1, torch.float32),  # float32 activations, 8 K steps a split
+    (True, 9, 200, 2048, 1, torch.bfloat16),  # 16-row tile, the last weight column partial
+    (False, 40, 1536, 4096, 1, torch.bfloat16),  # three 16-row tiles, the last partial
+    (False, 5, 4096, 2432, 1, torch.bfloat16),  # 19 K steps: 7 splits, the last of one step
+    (True, 1, 64, 2048, 1, torch.float32),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", FUSED_CASES,
+                         ids=lambda c: f"{'fp4' if c[0] else 'fp8'}-m{c[1]}-{c[2]}x{c[3]}-g{c[4]}-{str(c[5])[6:]}")
+def test_gpu_quant_linear_fused_equals_its_three_kernels(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch,
+                                                   case: tuple) -> None:
+    """On compute capability 9.0 a dense decode call can run as one kernel (each block quantizes its
+    own activations; a grid column's K splits, one cluster, are added by its first block; forced
+    here with ``DSV4RS_QGEMM_FUSED=on``, by default only small grids take it) and gives bit for
+    bit what the three kernels it replaces give (``DSV4RS_QGEMM_FUSED=off``: the activation
+    quantization, the GEMM, the split-K sum): the same codes and scales, the same float32 sums in
+    the same order (that ``on`` runs the one kernel: the kernel switch test). A row with an infinity (its block's scale infinite: the row's outputs are
+    non-finite, NaN included, which the bfloat16 cast keeps), an all-zero block, -0 and a value
+    far below its block's scale are among the inputs; the result also lies within the
+    reference's bound."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the fused kernels run on compute capability 9.0")
+    fp4, m, rows, k, groups, dtype = case
+    w_cpu, s_cpu = fp4_weight(gen, rows, k) if fp4 else fp8_weight(gen, rows, k)
+    x = activations(gen, m, *((groups,) if groups > 1 else ()), k, dtype=dtype)
+    xs, weight, scale = cuda(x, w_cpu, s_cpu)
+    for env in ("DSV4RS_QGEMM_KERNEL", "DSV4RS_QGEMM_DECODE", "DSV4RS_QGEMM_TILED"):
+        monkeypatch.setenv(env, "auto")
+    monkeypatch.setenv("DSV4RS_QGEMM_FUSED", "on")
+    fused = ops.quant_linear(xs, weight, scale, groups=groups)
+    want, tol = linear_bound(x, w_cpu, s_cpu, groups, "fp8", SLICE)
+    assert_within(fused, want, tol, "fused vs reference")
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    x_odd = x.clone()
+    x_odd[0, ..., 5] = float("inf")
+    x_odd[-1, ..., 128:256] = 0.0
+    x_odd[-1, ..., 300] = -0.0
+    x_odd[-1, ..., 301] = 1e-30  # far below its block's scale: code 0
+    for inputs in (xs, x_odd.cuda()):
+        monkeypatch.setenv("DSV4RS_QGEMM_FUSED", "on")
+        one = ops.quant_linear(inputs, weight, scale, groups=groups)
+        monkeypatch.setenv("DSV4RS_QGEMM_FUSED", "off")
+        three = ops.quant_linear(inputs, weight, scale, groups=groups)
+        assert torch.equal(one.view(bits), three.view(bits))
+    assert not torch.isfinite(one[0]).any() and torch.isfinite(one[1:]).all()
 
 
 @pytest.mark.gpu
@@ -825,25 +896,32 @@ def test_gpu_quant_ops_capture_and_replay_in_cuda_graphs(gen: torch.Generator) -
     ops.warm_up("cuda")
     x, weight, scale, _ = linear_inputs(gen, LINEAR_CASES[0], torch.bfloat16)
     x, weight, scale = cuda(x, weight, scale)
+    # A decode call with a long K (on Hopper the fused kernel, its K splits a cluster).
+    xd, wd, sd, _ = linear_inputs(gen, (False, (1,), 512, 4096, 1), torch.bfloat16)
+    xd, wd, sd = cuda(xd, wd, sd)
     (xm, idx, weights, *w), limit = moe_inputs(gen, "idle-expert", torch.bfloat16, torch.int32)
     xm, idx, weights, *w = cuda(xm, idx, weights, *w)
-    eager = (ops.quant_linear(x, weight, scale), ops.moe_experts(xm, idx, weights, *w, limit))
+    eager = (ops.quant_linear(x, weight, scale), ops.moe_experts(xm, idx, weights, *w, limit),
+             ops.quant_linear(xd, wd, sd))
     torch.cuda.synchronize()
     stream = torch.cuda.Stream()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
         lin = ops.quant_linear(x, weight, scale)
         moe = ops.moe_experts(xm, idx, weights, *w, limit)
+        dec = ops.quant_linear(xd, wd, sd)
     graph.replay()
     torch.cuda.synchronize()
-    assert torch.equal(lin, eager[0]) and torch.equal(moe, eager[1])
+    assert torch.equal(lin, eager[0]) and torch.equal(moe, eager[1]) and torch.equal(dec, eager[2])
     x.copy_(activations(gen, *x.shape, dtype=x.dtype).cuda())
+    xd.copy_(activations(gen, *xd.shape, dtype=xd.dtype).cuda())
     xm.copy_(activations(gen, *xm.shape, dtype=xm.dtype, decades=2.0).cuda())
     idx.fill_(2)
     weights.copy_(torch.rand(weights.shape, generator=gen).cuda())
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(lin, ops.quant_linear(x, weight, scale))
+    assert torch.equal(dec, ops.quant_linear(xd, wd, sd))
     assert torch.equal(moe, ops.moe_experts(xm, idx, weights, *w, limit))
     want, tol = moe_bound(xm.cpu(), idx.cpu(), weights.cpu(), *(t.cpu() for t in w), limit, "fp8", slice_bound())
     assert_within(moe, want, tol, "replayed graph vs reference")

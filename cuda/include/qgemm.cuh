@@ -35,10 +35,13 @@ struct GemmParams {
   int out_bf16;
   int k_steps_per_split;
   const float* a_scale;      // FP8 decode form: the activations' float scale per (row, 128 block)
+  const void* x;             // the Hopper decode form's fused kernels: the unquantized activations,
+  int x_bf16;                // bfloat16 (1) or float32 (0), strides a_row_stride / a_group_stride
+  int pad_;
 };
-static_assert(sizeof(GemmParams) == 144, "GemmParams must match rust/core/src/gpu/qgemm.rs");
+static_assert(sizeof(GemmParams) == 160, "GemmParams must match rust/core/src/gpu/qgemm.rs");
 static_assert(offsetof(GemmParams, m) == 72 && offsetof(GemmParams, a_div) == 104 && offsetof(GemmParams, limit) == 124 &&
-                  offsetof(GemmParams, a_scale) == 136,
+                  offsetof(GemmParams, a_scale) == 136 && offsetof(GemmParams, x_bf16) == 152,
               "GemmParams must match rust/core/src/gpu/qgemm.rs");
 
 
@@ -181,6 +184,26 @@ __device__ __forceinline__ int act_pos(int col, int layout) {
 
 // The FP8 decode forms' pieces (cuda/qgemm.cu qgemv_f8 on mma.sync, cuda/qgemm_sm90a.cu
 // qgemv_wg on wgmma).
+
+// Where the activation code of K offset p (0..127 within its 128-wide step) is stored in the step,
+// for each FP8 decode form and weight format (dsv4_act_quant_f8's `layout`):
+// - F8_MMA_FP8 / F8_MMA_FP4 (qgemv_f8 on mma.sync): so that lane q of a quad finds its B registers
+//   of mma i at words 2i and 2i + 1 of bytes 32q .. 32q + 31. MXFP4 weights: p = 32 b + 8 q + 2 j
+//   + h (block b; the widened low nibbles (h = 0) form a0/a1, the high ones a2/a3) goes to
+//   32 q + 8 b + 4 h + j. FP8 weights: p = 16 m + 4 q + j (16-byte chunk m, mma m / 2) goes to
+//   32 q + 4 m + j.
+// - F8_WG_FP8 / F8_WG_FP4 (cuda/qgemm_sm90a.cu qgemv_wg on wgmma, whose B operand is read from
+//   shared memory in K order): at the K index the lane's A registers give it. FP8 weights: p
+//   itself. MXFP4 weights: slice b's K index 16 h + 4 q + j holds p = 32 b + 8 q + 2 j + h.
+enum F8ActLayout : int { F8_MMA_FP8 = 0, F8_MMA_FP4 = 1, F8_WG_FP8 = 2, F8_WG_FP4 = 3 };
+__device__ __forceinline__ int f8_act_pos(int p, int layout) {
+  switch (layout) {
+    case F8_MMA_FP4: return 32 * ((p >> 3) & 3) + 8 * (p >> 5) + 4 * (p & 1) + ((p >> 1) & 3);
+    case F8_WG_FP8: return p;
+    case F8_WG_FP4: return 32 * (p >> 5) + 16 * (p & 1) + 4 * ((p >> 3) & 3) + ((p >> 1) & 3);
+    default: return 32 * ((p >> 2) & 3) + 4 * (p >> 4) + (p & 3);
+  }
+}
 
 // Eight e2m1 codes (a word of MXFP4: the low nibble of byte j is value 2j) as e4m3 codes of the
 // values times 2^-6: `lo` holds values 0, 2, 4, 6 and `hi` values 1, 3, 5, 7.

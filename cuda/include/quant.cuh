@@ -57,6 +57,15 @@ __device__ __forceinline__ int ue8m0_exponent(float amax, float qmax) {
   return e;
 }
 
+// ue8m0_exponent(amax, FP8_MAX) for amax >= 0 by integer moves: 448 = 1.75 2^8, so with
+// max(amax, floor) = 1.f 2^E the exponent is E - 8, or E - 7 when 1.f > 1.75. The same value for
+// every non-negative float (checked against the search above over all of them).
+__device__ __forceinline__ int ue8m0_exponent_fp8(float amax) {
+  if (isinf(amax)) return 128;
+  const uint32_t b = __float_as_uint(fmaxf(amax, AMAX_FLOOR));
+  return (int)(b >> 23) - 135 + ((b & 0x7FFFFFu) > 0x600000u ? 1 : 0);
+}
+
 __device__ __forceinline__ unsigned minifloat_code(float a, int man, int bias) {
   int min_e = 1 - bias;
   int bits_e = (int)((__float_as_uint(a) >> 23) & 0xFF) - 127;

@@ -1,6 +1,6 @@
 // Hopper warpgroup MMA primitives shared by the sm_90a kernels (cuda/*_sm90a.cu): the wgmma
 // fences, shared-memory matrix descriptors, the m64n128k16 bf16 and m64n{8,16}k32 e4m3 forms with
-// A from registers, and TMA loads with their mbarriers.
+// A from registers, TMA loads with their mbarriers, and the thread-block cluster's barrier.
 #pragma once
 #include <stdint.h>
 
@@ -118,6 +118,13 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const TmaDesc* map, in
       "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
       "l"(map), "r"(x), "r"(y), "r"(bar)
       : "memory");
+}
+
+// Thread-block clusters (another block's shared memory: __cluster_map_shared_rank). Every thread
+// of every block of the cluster arrives, then waits: the release / acquire orders each thread's
+// earlier shared-memory writes before any other block's reads after the barrier.
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
 }
 
 }  // namespace dsv4

@@ -26,6 +26,10 @@ tensor cores, the slice sums of the last point):
   and on sm_90 for the other linears or with ``DSV4RS_QGEMM_DECODE=mma``, the compiler turns the
   instruction into exact f16 products summed in float32, as the bf16 path's.
   ``DSV4RS_QGEMM_KERNEL=bf16`` keeps the bf16 path (float32 sums throughout; slower at decode).
+  On compute capability 9.0 a small such linear (up to 16 rows, a small grid) runs as one kernel
+  that quantizes the activations itself and sums its K splits within a thread-block cluster,
+  with the same values, bit for bit, as the separate kernels (``DSV4RS_QGEMM_FUSED=on|off``
+  forces the choice).
 - With more rows per weight (prefill) the GPU runs a tiled GEMM, on ``wgmma`` on compute
   capability 9.0 where ``K`` is a multiple of 128 and on ``mma.sync`` elsewhere; both sum the exact
   products in float32 (only the order differs). ``DSV4RS_QGEMM_TILED=mma`` forces the portable one.

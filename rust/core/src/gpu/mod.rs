@@ -87,6 +87,10 @@ declare_kernels! {
     QgemvWgFp8N16 = "dsv4_qgemv_wg_fp8_n16" in "qgemm_sm90a",
     QgemvWgFp4N8 = "dsv4_qgemv_wg_fp4_n8" in "qgemm_sm90a",
     QgemvWgFp4N16 = "dsv4_qgemv_wg_fp4_n16" in "qgemm_sm90a",
+    QgemvWgFusedFp8N8 = "dsv4_qgemv_wg_fused_fp8_n8" in "qgemm_sm90a",
+    QgemvWgFusedFp8N16 = "dsv4_qgemv_wg_fused_fp8_n16" in "qgemm_sm90a",
+    QgemvWgFusedFp4N8 = "dsv4_qgemv_wg_fused_fp4_n8" in "qgemm_sm90a",
+    QgemvWgFusedFp4N16 = "dsv4_qgemv_wg_fused_fp4_n16" in "qgemm_sm90a",
     ActQuant = "dsv4_act_quant" in "qgemm",
     ActQuantF8 = "dsv4_act_quant_f8" in "qgemm",
     MoePlan = "dsv4_moe_plan" in "qgemm",
@@ -361,6 +365,28 @@ pub struct Launch {
 /// `args` must point at values whose types and order match the kernel's parameters, and every
 /// device pointer among them must address memory of the sizes the kernel assumes.
 pub unsafe fn launch(index: i32, kernel: Kernel, cfg: &Launch, args: &mut [*mut c_void]) -> Result<()> {
+    launch_in_clusters(index, kernel, cfg, 1, args)
+}
+
+/// Most blocks of a thread-block cluster that every GPU with clusters (compute capability 9.0
+/// and later) schedules.
+pub const MAX_CLUSTER: usize = 8;
+
+/// [`launch`] with the grid's blocks in thread-block clusters of `cluster_z` blocks along z
+/// (1: no cluster; else compute capability 9.0 or later, `cluster_z` dividing the grid's z and
+/// at most [`MAX_CLUSTER`]).
+///
+/// # Safety
+/// As [`launch`].
+pub unsafe fn launch_in_clusters(
+    index: i32, kernel: Kernel, cfg: &Launch, cluster_z: u32, args: &mut [*mut c_void],
+) -> Result<()> {
+    if cluster_z == 0 || cluster_z as usize > MAX_CLUSTER || !cfg.grid.2.is_multiple_of(cluster_z) {
+        return Err(Error::Cuda {
+            call: kernel.symbol().to_string(),
+            msg: format!("a cluster of {cluster_z} blocks does not tile a grid z of {}", cfg.grid.2),
+        });
+    }
     if cfg.grid.0 == 0 || cfg.grid.1 == 0 || cfg.grid.2 == 0 {
         return Ok(());
     }
@@ -390,22 +416,46 @@ pub unsafe fn launch(index: i32, kernel: Kernel, cfg: &Launch, args: &mut [*mut 
                 &format!("cuFuncSetAttribute({name}, {} B of shared memory)", cfg.shared_bytes),
             )?;
         }
-        check(
-            sys::cuLaunchKernel(
-                f,
-                cfg.grid.0,
-                cfg.grid.1,
-                cfg.grid.2,
-                cfg.block.0,
-                cfg.block.1,
-                cfg.block.2,
-                cfg.shared_bytes,
-                cfg.stream as sys::CUstream,
-                args.as_mut_ptr(),
-                std::ptr::null_mut(),
-            ),
-            name,
-        )
+        if cluster_z == 1 {
+            return check(
+                sys::cuLaunchKernel(
+                    f,
+                    cfg.grid.0,
+                    cfg.grid.1,
+                    cfg.grid.2,
+                    cfg.block.0,
+                    cfg.block.1,
+                    cfg.block.2,
+                    cfg.shared_bytes,
+                    cfg.stream as sys::CUstream,
+                    args.as_mut_ptr(),
+                    std::ptr::null_mut(),
+                ),
+                name,
+            );
+        }
+        // SAFETY (of the zeroed value): a plain C union of integers; `clusterDim` is set below.
+        let mut attr = sys::CUlaunchAttribute {
+            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION,
+            pad: [0; 4],
+            value: std::mem::zeroed(),
+        };
+        attr.value.clusterDim.x = 1;
+        attr.value.clusterDim.y = 1;
+        attr.value.clusterDim.z = cluster_z;
+        let config = sys::CUlaunchConfig {
+            gridDimX: cfg.grid.0,
+            gridDimY: cfg.grid.1,
+            gridDimZ: cfg.grid.2,
+            blockDimX: cfg.block.0,
+            blockDimY: cfg.block.1,
+            blockDimZ: cfg.block.2,
+            sharedMemBytes: cfg.shared_bytes,
+            hStream: cfg.stream as sys::CUstream,
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        check(sys::cuLaunchKernelEx(&config, f, args.as_mut_ptr(), std::ptr::null_mut()), name)
     })
 }
 

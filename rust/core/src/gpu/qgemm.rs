@@ -6,7 +6,7 @@
 
 use std::ffi::c_void;
 
-use super::{attribute, launch, tma_bf16_2d, Kernel, Launch};
+use super::{attribute, launch, launch_in_clusters, tma_bf16_2d, Kernel, Launch, MAX_CLUSTER};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, TensorRef};
 
@@ -81,13 +81,17 @@ struct GemmParams {
     out_bf16: i32,
     k_steps_per_split: i32,
     a_scale: u64,
+    x: u64,
+    x_bf16: i32,
+    pad_: i32,
 }
-const _: () = assert!(std::mem::size_of::<GemmParams>() == 144);
+const _: () = assert!(std::mem::size_of::<GemmParams>() == 160);
 const _: () = assert!(
     std::mem::offset_of!(GemmParams, m) == 72
         && std::mem::offset_of!(GemmParams, a_div) == 104
         && std::mem::offset_of!(GemmParams, limit) == 124
         && std::mem::offset_of!(GemmParams, a_scale) == 136
+        && std::mem::offset_of!(GemmParams, x_bf16) == 152
 );
 
 /// How a call's GEMM runs: the decode form (`qgemv`: weights as the mma's A operand, 8 or 16
@@ -133,6 +137,17 @@ fn gemm_kernel(fp4: bool, form: Form, bm: usize) -> Kernel {
         (true, Form::Gemm, _) => Kernel::QgemmFp4M64,
         (false, Form::Wgmma, _) => Kernel::QgemmFp8Wgmma,
         (true, Form::Wgmma, _) => Kernel::QgemmFp4Wgmma,
+    }
+}
+
+/// The Hopper decode form's fused kernel (a dense linear in one launch: cuda/qgemm_sm90a.cu
+/// `WgLayout`) for a weight format and row tile.
+fn fused_kernel(fp4: bool, bm: usize) -> Kernel {
+    match (fp4, bm) {
+        (false, 8) => Kernel::QgemvWgFusedFp8N8,
+        (false, _) => Kernel::QgemvWgFusedFp8N16,
+        (true, 8) => Kernel::QgemvWgFusedFp4N8,
+        (true, _) => Kernel::QgemvWgFusedFp4N16,
     }
 }
 
@@ -230,6 +245,18 @@ fn gemm_shared_bytes(fp4: bool, form: Form, bm: usize, k: usize) -> usize {
             WG_STAGES * stage + 1024
         }
     }
+}
+
+/// Most activation code bytes (row tile x the K of a split) a block of the fused kernels
+/// quantizes into its shared memory: with the stages, 50 KB, four blocks an SM.
+const WG_FUSED_CODES: usize = 16384;
+
+/// Dynamic shared memory of a fused kernel's block ([`fused_kernel`]): the stages without the
+/// activations (weights and their scales), then the block's activation codes and scales for `per`
+/// K steps of `bm` rows.
+fn fused_shared_bytes(fp4: bool, bm: usize, per: usize) -> usize {
+    let stage = WG_DECODE_ROWS * if fp4 { 64 } else { 128 } + WG_DECODE_ROWS * 4;
+    WG_DECODE_STAGES * stage.next_multiple_of(128) + per * bm * (KC + 4)
 }
 
 /// Whether a call that takes a tiled form runs the Hopper one (`wgmma`): compute capability 9.0
@@ -387,12 +414,16 @@ const F8_DECODE_MIN_K: usize = 2048;
 /// `f8` and a long K up to 64 rows take it too, in tiles of 16 (each tile reads the weights
 /// again, mostly from L2); more rows take the tiled form with 64. K is split so that the grid
 /// covers the GPU four times when it would not (a decode linear has few weight rows and must keep
-/// many loads in flight), the decode form keeping at least a step per warp.
+/// many loads in flight), the decode form keeping at least a step per warp, the Hopper one in at
+/// most [`MAX_CLUSTER`] splits. `fused`: the Hopper decode form's fused kernel runs the call
+/// (its row tile's activation codes of a split fit [`WG_FUSED_CODES`]): the activations
+/// quantized by each block, the splits added within their cluster, one launch.
 struct LinearShape {
     form: Form,
     bm: usize,
     splits: usize,
     per: usize,
+    fused: bool,
 }
 
 fn linear_shape(dev: i32, m: usize, groups: usize, n: usize, k: usize, fp4: bool, decode: Form) -> Result<LinearShape> {
@@ -410,12 +441,44 @@ fn linear_shape(dev: i32, m: usize, groups: usize, n: usize, k: usize, fp4: bool
     // 4 K steps a slice to fill its pipeline.
     let (cover, most) = match form {
         Form::Gemv | Form::GemvF8 => (4 * sms, steps.div_ceil(THREADS as usize / 32)),
-        Form::GemvWg | Form::Gemm => (4 * sms, steps),
+        Form::GemvWg => (4 * sms, steps.min(MAX_CLUSTER)),
+        Form::Gemm => (4 * sms, steps),
         Form::Wgmma => (sms, steps / 4),
     };
     let want = cover.div_ceil(blocks.max(1)).clamp(1, MAX_SPLITS.min(most).max(1));
     let per = steps.div_ceil(want);
-    Ok(LinearShape { form, bm, splits: steps.div_ceil(per), per })
+    let splits = steps.div_ceil(per);
+    let fused = form == Form::GemvWg
+        && bm * per * KC <= WG_FUSED_CODES
+        && use_wg_fused(dev, m <= 16 && blocks * splits <= WG_FUSED_MAX_BLOCKS_PER_SM * sms)?;
+    Ok(LinearShape { form, bm, splits, per, fused })
+}
+
+/// Blocks per SM up to which a dense call takes the fused kernel by default (with one row tile).
+/// Measured on the H200 at V4-Flash's shapes, one row and eight (ms, fused against three
+/// kernels, the same wheel alternating): q_a (128 blocks) 0.007 / 0.007 against 0.007 / 0.007,
+/// kv (64) 0.006 / 0.006 against 0.007-0.008 / 0.008, the shared expert's gate (256) 0.008 /
+/// 0.009 against 0.009 / 0.009-0.010; but o_a (640 blocks) 0.022 / 0.024 against 0.016 / 0.017,
+/// o_b and the shared expert's down (512) 0.021 / 0.024 and 0.011 / 0.011 against 0.016 / 0.017
+/// and 0.009 / 0.010, and 64 rows (four row tiles) slower throughout.
+const WG_FUSED_MAX_BLOCKS_PER_SM: usize = 2;
+
+/// Whether a dense call on the Hopper decode form whose activation codes fit runs its fused
+/// kernel: by default where it `pays` (see [`WG_FUSED_MAX_BLOCKS_PER_SM`]) on every GPU that
+/// runs the form (the kernels are built beside it). `DSV4RS_QGEMM_FUSED=auto|on|off` forces the
+/// choice (for tests and benchmarks: `on` wherever the codes fit; `off` runs the activation
+/// quantization, the GEMM and the split-K sum as three kernels).
+fn use_wg_fused(dev: i32, pays: bool) -> Result<bool> {
+    let auto = matches!(std::env::var("DSV4RS_QGEMM_FUSED").ok().as_deref(), None | Some("") | Some("auto"));
+    static CAPABLE: DeviceFlags = DeviceFlags::new(Vec::new());
+    let capable = || {
+        per_device(&CAPABLE, dev, || {
+            Ok([Kernel::QgemvWgFusedFp8N8, Kernel::QgemvWgFusedFp8N16, Kernel::QgemvWgFusedFp4N8, Kernel::QgemvWgFusedFp4N16]
+                .into_iter()
+                .all(|kernel| super::has_kernel(dev, kernel)))
+        })
+    };
+    Ok(forced_or_auto(dev, "DSV4RS_QGEMM_FUSED", "on", "off", true, capable)? && (pays || !auto))
 }
 
 /// Bytes of device workspace [`linear`] needs: the quantized activations (unless `x` is bf16,
@@ -428,6 +491,9 @@ pub fn linear_workspace_bytes(
         return Ok(0);
     }
     let shape = linear_shape(dev, m, groups, n, k, fp4, linear_decode_form(dev, act_fp8, k)?)?;
+    if shape.fused {
+        return Ok(0);
+    }
     Ok(linear_layout(m, groups, n, k, quantizes_x(x_bf16, act_fp8, fp4, shape.form), shape.splits).total)
 }
 
@@ -493,17 +559,23 @@ fn quantizes_x(x_bf16: bool, act_fp8: bool, fp4: bool, form: Form) -> bool {
 /// Launches the GEMM over `p`: grid columns of [`block_rows`] weight rows (of SwiGLU pairs
 /// with `p.swiglu`, half as many intermediate columns), `tiles_y` row tiles, `splits` K slices.
 /// The Hopper form also gets the tensor map of its activations, `a_rows` rows of
-/// `p.a_row_stride` elements at `p.a` (rows read directly: `p.a_rows` unused).
+/// `p.a_row_stride` elements at `p.a` (rows read directly: `p.a_rows` unused). `fused`: the
+/// Hopper decode form's fused kernel, its splits a cluster.
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm(
     dev: i32, stream: usize, fp4: bool, form: Form, bm: usize, tiles_y: usize, splits: usize, a_rows: usize,
-    p: &mut GemmParams,
+    fused: bool, p: &mut GemmParams,
 ) -> Result<()> {
     let k = p.k as usize;
     let cols = if p.swiglu != 0 { p.n as usize / 2 } else { p.n as usize };
     let per_block = if p.swiglu != 0 { block_rows(form, fp4) / 2 } else { block_rows(form, fp4) };
     let grid = (cols.div_ceil(per_block) as u32, tiles_y as u32, splits as u32);
     let threads = if form == Form::Wgmma { 128 * wg_warpgroups(fp4) as u32 } else { THREADS };
+    if fused {
+        let shared_bytes = fused_shared_bytes(fp4, bm, p.k_steps_per_split as usize) as u32;
+        let cfg = Launch { grid, block: (threads, 1, 1), shared_bytes, stream };
+        return launch_in_clusters(dev, fused_kernel(fp4, bm), &cfg, splits as u32, &mut [p as *mut GemmParams as *mut c_void]);
+    }
     let cfg = Launch { grid, block: (threads, 1, 1), shared_bytes: gemm_shared_bytes(fp4, form, bm, k) as u32, stream };
     if form == Form::Wgmma {
         let stride = p.a_row_stride as u64;
@@ -537,8 +609,12 @@ pub unsafe fn linear(
         check_aligned(w.scale, 4)?;
     }
     let x_bf16 = x.dtype == DType::BF16;
-    let LinearShape { form, bm, splits, per } = linear_shape(dev, m, groups, n, k, w.fp4, linear_decode_form(dev, act_fp8, k)?)?;
-    let lay = linear_layout(m, groups, n, k, quantizes_x(x_bf16, act_fp8, w.fp4, form), splits);
+    let LinearShape { form, bm, splits, per, fused } =
+        linear_shape(dev, m, groups, n, k, w.fp4, linear_decode_form(dev, act_fp8, k)?)?;
+    let lay = match fused {
+        true => LinearLayout { a: None, partial: None, total: 0 },
+        false => linear_layout(m, groups, n, k, quantizes_x(x_bf16, act_fp8, w.fp4, form), splits),
+    };
     let have = workspace.numel() * workspace.dtype.size();
     if have < lay.total {
         return Err(Error::value(workspace.name, format!("needs {} bytes, got {have}", lay.total)));
@@ -570,23 +646,26 @@ pub unsafe fn linear(
         w_scale: w.scale.ptr as u64,
         tiles: 0,
         tile_count: 0,
-        out: if splits > 1 { partial } else { out.ptr as u64 },
+        out: if splits > 1 && !fused { partial } else { out.ptr as u64 },
         m: m as i64,
         out_row_stride: (groups * n) as i64,
         out_group_stride: n as i64,
-        out_split_stride: (m * groups * n) as i64,
+        out_split_stride: if fused { 0 } else { (m * groups * n) as i64 },
         a_div: 1,
         n: n as i32,
         k: k as i32,
         m_tiles: m_tiles as i32,
         swiglu: 0,
         limit: 0.0,
-        out_bf16: (out_bf16 && splits == 1) as i32,
+        out_bf16: (out_bf16 && (splits == 1 || fused)) as i32,
         k_steps_per_split: per as i32,
         a_scale,
+        x: x.ptr as u64,
+        x_bf16: x_bf16 as i32,
+        pad_: 0,
     };
-    gemm(dev, stream, w.fp4, form, bm, groups * m_tiles, splits, m, &mut p)?;
-    if splits > 1 {
+    gemm(dev, stream, w.fp4, form, bm, groups * m_tiles, splits, m, fused, &mut p)?;
+    if splits > 1 && !fused {
         let total = (m * groups * n) as i64;
         let (s, ob) = (splits as i32, out_bf16 as i32);
         let o = out.ptr as u64;
@@ -760,11 +839,14 @@ pub unsafe fn moe(
             out_bf16: (!act_fp8) as i32,
             k_steps_per_split: dim.div_ceil(KC) as i32,
             a_scale,
+            x: 0,
+            x_bf16: 0,
+            pad_: 0,
         };
         if sorted {
             p.a_div = 1;
         }
-        gemm(dev, stream, true, form, bm, max_tiles, 1, pairs, &mut p)?;
+        gemm(dev, stream, true, form, bm, max_tiles, 1, pairs, false, &mut p)?;
         let mut h_scale = 0;
         if f8 {
             h_scale = act_quant_f8(dev, stream, at(lay.hy), false, pairs, inter, f8_layout(form, true), at(lay.hq))?;
@@ -789,7 +871,7 @@ pub unsafe fn moe(
             a_scale: h_scale,
             ..p
         };
-        gemm(dev, stream, true, form, bm, max_tiles, 1, pairs, &mut p)?;
+        gemm(dev, stream, true, form, bm, max_tiles, 1, pairs, false, &mut p)?;
         // Combine each token's choices in order.
         let (y, w_at) = (at(lay.hy), weights.ptr as u64 + (t0 * k * 4) as u64);
         let o = out.ptr as u64 + (t0 * dim * out.dtype.size()) as u64;
