@@ -8,6 +8,10 @@
 #                                           #   with the portable kernel forced too) and the demo
 #   scripts/gpu_check.sh sanitize           #   compute-sanitizer memcheck and racecheck on the ops
 #   scripts/gpu_check.sh bench [BENCH ARGS] #   only the benchmark table
+#   scripts/gpu_check.sh compare A B [BENCH ARGS]
+#                                           #   two builds (folders A and B, a wheel each), the
+#                                           #   benchmark run A B A B on this machine, then each
+#                                           #   case side by side (benches/compare.py)
 #
 # The GPU steps install the wheel with --no-deps into a private folder (the GPU machine has no
 # network and brings its own torch). `run` is `test` then `bench`; BENCH ARGS go to
@@ -52,6 +56,38 @@ sanitize() {
         -k "(indexer or attention or compress or mhc or copy_rows or rope or round_trip or quant_linear or moe) and not graph and not kernel_switch"
 }
 
+# Installs the wheel in folder $1 into its own site folder and prints that folder.
+install_into() {
+    local wheel site
+    wheel=$(ls "$1"/dsv4rs-*.whl 2>/dev/null | head -n 1)
+    [ -n "$wheel" ] || { echo "compare: no dsv4rs wheel in $1" >&2; exit 2; }
+    site="${TMPDIR:-/tmp}/dsv4rs-site-$(basename "$1")"
+    rm -rf "$site"
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" "$wheel" >&2
+    echo "$site"
+}
+
+compare() {
+    local a=$1 b=$2
+    shift 2
+    [ "$(basename "$a")" != "$(basename "$b")" ] || { echo "compare: name the two folders differently" >&2; exit 2; }
+    local site_a site_b logs="${TMPDIR:-/tmp}/dsv4rs-compare"
+    site_a=$(install_into "$a")
+    site_b=$(install_into "$b")
+    local bench_args=("$@")
+    [ ${#bench_args[@]} -gt 0 ] || bench_args=(--quick)
+    rm -rf "$logs" && mkdir -p "$logs"
+    for round in 1 2; do
+        for side in a b; do
+            local site=$site_a
+            [ $side = a ] || site=$site_b
+            echo "== $side, round $round" >&2
+            PYTHONPATH="$site" PYTHONUNBUFFERED=1 python3 benches/gpu_bench.py "${bench_args[@]}" > "$logs/$side$round.log"
+        done
+    done
+    python3 benches/compare.py "$(basename "$a")=$logs/a1.log,$logs/a2.log" "$(basename "$b")=$logs/b1.log,$logs/b2.log"
+}
+
 bench() {
     local bench_args=("$@")
     [ ${#bench_args[@]} -gt 0 ] || bench_args=(--quick)
@@ -83,8 +119,12 @@ bench)
     install
     bench "${@:2}"
     ;;
+compare)
+    [ $# -ge 3 ] || { echo "usage: $0 compare A B [BENCH ARGS]" >&2; exit 2; }
+    compare "${@:2}"
+    ;;
 *)
-    echo "usage: $0 build|run|test|sanitize|bench" >&2
+    echo "usage: $0 build|run|test|sanitize|bench|compare" >&2
     exit 2
     ;;
 esac
