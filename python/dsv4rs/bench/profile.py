@@ -1,5 +1,12 @@
-"""Per-kernel GPU time of the dsv4rs ops at V4 shapes (torch.profiler), to see which launch of an
-op dominates: ``python -m dsv4rs.bench.profile`` (or ``benches/profile_kernels.py``)."""
+"""Where the time goes, by kernel (torch.profiler).
+
+- ``python -m dsv4rs.bench.profile`` (or ``benches/profile_kernels.py``): per-kernel GPU time of
+  the dsv4rs ops at V4 shapes, to see which launch of an op dominates.
+- ``python -m dsv4rs.bench.profile step [--preset P] [--layers N] [--batch B] [--context C]
+  [--weights bf16|shipped] [--device cpu|cuda]``: one decode step of the model suite's model
+  (``dsv4rs bench --only model``), kernel by kernel: on a GPU the replayed CUDA graph of the step
+  (each kernel's launches a step and its GPU time), on the CPU the eager step's operators (calls a
+  step and self time). The count of launches is what bounds a small batch (docs/runtime.md)."""
 
 from __future__ import annotations
 
@@ -41,7 +48,108 @@ def report(name: str, fn) -> None:
     print(f"{name:32s} {cells}")
 
 
-def main() -> None:
+def step_table(preset: str = "demo", layers: int = 4, batch: int = 1, context: int = 1024, weights: str = "bf16",
+               device: str = "cpu", steps: int = 5, top: int = 25) -> list[str]:
+    """Lines of a table of one decode step's kernels (GPU: the replayed graph's; CPU: the eager
+    step's operators, self time), the most time first, ``top`` of them and a total line."""
+    from dsv4rs.bench.model import _build, _config, _fill_cache
+    from dsv4rs.runtime import Engine
+
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device: cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda asked for and no CUDA GPU is visible")
+    for name, v in (("layers", layers), ("batch", batch), ("context", context), ("steps", steps), ("top", top)):
+        if v < 1:
+            raise ValueError(f"{name}: at least 1, got {v}")
+    if weights not in ("bf16", "shipped"):
+        raise ValueError(f"weights: bf16 or shipped, got {weights!r}")
+    gpu = device == "cuda"
+    cfg = _config(preset, layers)
+    model = _build(cfg, device, shipped=weights == "shipped")
+    eng = Engine(model, max_sequences=batch, max_len=context + steps + 4, quant=True, cuda_graphs=gpu)
+    _fill_cache(eng)
+    seqs = [eng.add_sequence()[0] for _ in range(batch)]
+    eng.manager.append(seqs, [[0] * context for _ in seqs])
+    tokens = [[t] for t in torch.randint(0, cfg.vocab_size, (batch,)).tolist()]
+    eng.step(seqs, tokens)  # captures the bucket's graph (GPU), warms up
+    if gpu:
+        graph = eng.graphs.graphs[eng.graphs.bucket(batch)][0]
+        run, activity = graph.replay, ProfilerActivity.CUDA
+    else:
+        run, activity = (lambda: eng.step(seqs, tokens)), ProfilerActivity.CPU
+    run()
+    if gpu:
+        torch.cuda.synchronize()
+    with profile(activities=[activity]) as prof:
+        for _ in range(steps):
+            run()
+        if gpu:
+            torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        us = e.device_time_total if gpu else e.self_cpu_time_total
+        if gpu and e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        if us > 0:
+            rows.append((e.key, e.count / steps, us / steps))
+    rows.sort(key=lambda r: -r[2])
+    total_us, total_n = sum(r[2] for r in rows), sum(r[1] for r in rows)
+    what = "GPU time of the replayed step" if gpu else "self CPU time of the eager step"
+    width = min(72, max([len("kernel")] + [len(r[0]) for r in rows[:top]]))
+    lines = [f"{preset} x {layers} layers, {weights} weights, batch {batch}, context {context}: {what}, "
+             f"the mean of {steps} steps",
+             f"{'kernel':<{width}}  {'a step':>7}  {'us a step':>10}  {'share':>6}"]
+    for name, n, us in rows[:top]:
+        lines.append(f"{name[:width]:<{width}}  {n:7.1f}  {us:10.1f}  {us / max(total_us, 1e-9):6.1%}")
+    if len(rows) > top:
+        rest = rows[top:]
+        lines.append(f"{f'({len(rest)} more)':<{width}}  {sum(r[1] for r in rest):7.1f}  {sum(r[2] for r in rest):10.1f}  "
+                     f"{sum(r[2] for r in rest) / max(total_us, 1e-9):6.1%}")
+    lines.append(f"{'total':<{width}}  {total_n:7.1f}  {total_us:10.1f}")
+    return lines
+
+
+def step_main(argv: list[str]) -> int:
+    import argparse
+
+    from dsv4rs.model.config import PRESETS
+
+    parser = argparse.ArgumentParser(prog="python -m dsv4rs.bench.profile step",
+                                     description="One decode step of the model suite's model, kernel by kernel.")
+    parser.add_argument("--preset", choices=list(PRESETS), help="the model's width (default v4-flash on a GPU, demo on the CPU)")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--context", type=int, help="tokens a sequence holds (default 4096 on a GPU, 1024 on the CPU)")
+    parser.add_argument("--weights", choices=["bf16", "shipped"], default="bf16")
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: a CUDA GPU if there is one")
+    parser.add_argument("--steps", type=int, default=5, help="steps profiled (the table is their mean)")
+    parser.add_argument("--top", type=int, default=25, help="rows printed (the rest summed in one)")
+    args = parser.parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = device == "cuda"
+    try:
+        lines = step_table(args.preset or ("v4-flash" if gpu else "demo"), args.layers, args.batch,
+                           args.context or (4096 if gpu else 1024), args.weights, device, args.steps, args.top)
+    except ValueError as e:
+        parser.error(str(e))
+    print("\n".join(lines))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "step":
+        return step_main(argv[1:])
+    if argv:
+        raise SystemExit(f"usage: python -m dsv4rs.bench.profile [step ...] (got {' '.join(argv)!r})")
+    ops_main()
+    return 0
+
+
+def ops_main() -> None:
     ops.warm_up("cuda")
     for b, n in [(1, 262144), (32, 262144), (32, 32768)]:
         report(f"indexer b={b} keys={n}", indexer_case(b, n))
@@ -50,4 +158,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,0 +1,31 @@
+"""``python -m dsv4rs.bench.profile step``: one decode step's kernels, on the CPU (the demo model)."""
+
+import pytest
+
+from dsv4rs.bench.profile import main, step_table
+
+
+def test_step_table_lists_the_steps_operators_with_a_total() -> None:
+    lines = step_table("demo", layers=2, batch=2, context=256, device="cpu", steps=2, top=6)
+    assert lines[0].startswith("demo x 2 layers, bf16 weights, batch 2, context 256: self CPU time")
+    assert lines[1].split() == ["kernel", "a", "step", "us", "a", "step", "share"]
+    body, rest, total = lines[2:-2], lines[-2], lines[-1]
+    assert len(body) == 6 and rest.startswith("(") and total.startswith("total")
+    times = [float(line.split()[-2]) for line in body]
+    assert times == sorted(times, reverse=True) and times[-1] > 0
+    shares = [float(line.split()[-1].rstrip("%")) for line in body + [rest]]
+    assert 99.0 <= sum(shares) <= 101.0  # every operator counted once, in a row or the rest
+    assert any(line.startswith("dsv4rs::") for line in lines)  # the ops run in the step
+    assert float(total.split()[1]) >= sum(float(line.split()[-3]) for line in body)
+
+
+@pytest.mark.parametrize("kwargs,name", [({"device": "tpu"}, "device"), ({"batch": 0}, "batch"),
+                                         ({"steps": 0}, "steps"), ({"weights": "fp4"}, "weights")])
+def test_step_table_refuses_bad_arguments(kwargs: dict, name: str) -> None:
+    with pytest.raises(ValueError, match=f"^{name}:"):
+        step_table(**kwargs)
+
+
+def test_profile_cli_refuses_unknown_modes() -> None:
+    with pytest.raises(SystemExit, match="usage"):
+        main(["steps"])
