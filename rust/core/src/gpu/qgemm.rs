@@ -427,16 +427,30 @@ struct LinearShape {
 }
 
 fn linear_shape(dev: i32, m: usize, groups: usize, n: usize, k: usize, fp4: bool, decode: Form) -> Result<LinearShape> {
+    let sms = attribute(dev, cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
+    let tiled = || Ok(if use_wgmma(dev, k.is_multiple_of(KC))? { Form::Wgmma } else { Form::Gemm });
+    plan_linear(m, groups, n, k, fp4, decode, sms, tiled, |pays| use_wg_fused(dev, pays))
+}
+
+/// [`linear_shape`]'s rule for a GPU of `sms` SMs: `tiled` is the tiled form the GPU runs (asked
+/// only for calls that take one), `fused(pays)` whether the fused kernel runs a call that fits
+/// it (see [`use_wg_fused`]).
+#[allow(clippy::too_many_arguments)]
+fn plan_linear(
+    m: usize, groups: usize, n: usize, k: usize, fp4: bool, decode: Form, sms: usize,
+    tiled: impl FnOnce() -> Result<Form>, fused: impl FnOnce(bool) -> Result<bool>,
+) -> Result<LinearShape> {
     let (form, bm) = match m {
         0..=8 => (decode, 8),
         9..=16 => (decode, 16),
         17..=F8_DECODE_MAX_ROWS if decode.f8() && k >= F8_DECODE_MIN_K => (decode, 16),
-        _ if use_wgmma(dev, k.is_multiple_of(KC))? => (Form::Wgmma, WG_BT),
-        _ => (Form::Gemm, 64),
+        _ => match tiled()? {
+            Form::Wgmma => (Form::Wgmma, WG_BT),
+            _ => (Form::Gemm, 64),
+        },
     };
     let steps = k.div_ceil(KC);
     let blocks = n.div_ceil(block_rows(form, fp4)) * groups * m.div_ceil(bm);
-    let sms = attribute(dev, cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
     // The Hopper tiled form holds one block an SM: covering the GPU once suffices, with at least
     // 4 K steps a slice to fill its pipeline.
     let (cover, most) = match form {
@@ -450,7 +464,7 @@ fn linear_shape(dev: i32, m: usize, groups: usize, n: usize, k: usize, fp4: bool
     let splits = steps.div_ceil(per);
     let fused = form == Form::GemvWg
         && bm * per * KC <= WG_FUSED_CODES
-        && use_wg_fused(dev, m <= 16 && blocks * splits <= WG_FUSED_MAX_BLOCKS_PER_SM * sms)?;
+        && fused(m <= 16 && blocks * splits <= WG_FUSED_MAX_BLOCKS_PER_SM * sms)?;
     Ok(LinearShape { form, bm, splits, per, fused })
 }
 
@@ -881,4 +895,65 @@ pub unsafe fn moe(
         t0 += t;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const H200_SMS: usize = 132;
+
+    /// The rule for an H200 with the Hopper tiled form, the fused kernel taken where it pays
+    /// (`auto`) or wherever it fits (`on`).
+    fn plan(m: usize, groups: usize, n: usize, k: usize, fp4: bool, decode: Form, on: bool) -> LinearShape {
+        plan_linear(m, groups, n, k, fp4, decode, H200_SMS, || Ok(Form::Wgmma), |pays| Ok(pays || on)).unwrap()
+    }
+
+    fn summary(s: &LinearShape) -> (Form, usize, usize, usize, bool) {
+        (s.form, s.bm, s.splits, s.per, s.fused)
+    }
+
+    #[test]
+    fn small_decode_linears_take_the_fused_kernel_on_hopper() {
+        // V4-Flash's q_a and kv at one row: 16 and 8 grid columns, K 4096 in 8 splits of 4 steps.
+        assert_eq!(summary(&plan(1, 1, 1024, 4096, false, Form::GemvWg, false)), (Form::GemvWg, 8, 8, 4, true));
+        assert_eq!(summary(&plan(8, 1, 512, 4096, false, Form::GemvWg, false)), (Form::GemvWg, 8, 8, 4, true));
+        // MXFP4 weights alike; 16 rows: one 16-row tile.
+        assert_eq!(summary(&plan(9, 1, 200, 2048, true, Form::GemvWg, false)), (Form::GemvWg, 16, 8, 2, true));
+    }
+
+    #[test]
+    fn large_grids_and_several_row_tiles_keep_three_kernels_unless_forced() {
+        // o_a at one row: 16 columns x 8 groups x 5 splits = 640 blocks, past 2 an SM.
+        let o_a = plan(1, 8, 1024, 4096, false, Form::GemvWg, false);
+        assert_eq!(summary(&o_a), (Form::GemvWg, 8, 5, 7, false));
+        assert!(plan(1, 8, 1024, 4096, false, Form::GemvWg, true).fused);
+        // 40 rows: three 16-row tiles.
+        assert_eq!(summary(&plan(40, 1, 1536, 4096, false, Form::GemvWg, false)), (Form::GemvWg, 16, 8, 4, false));
+        assert!(plan(40, 1, 1536, 4096, false, Form::GemvWg, true).fused);
+        // Codes past WG_FUSED_CODES (16 rows x 16 steps of 128) never fuse, even forced.
+        let wide = plan(16, 1, 40_000, 2048, false, Form::GemvWg, true);
+        assert_eq!((wide.bm * wide.per * KC > WG_FUSED_CODES, wide.fused), (true, false));
+    }
+
+    #[test]
+    fn only_the_hopper_decode_form_fuses_and_its_splits_fit_a_cluster() {
+        for (m, groups, n, k) in [(1, 1, 64, 8192), (1, 1, 1024, 4096), (4, 8, 1024, 4096), (16, 1, 64, 32768), (64, 1, 64, 8192)] {
+            for fp4 in [false, true] {
+                let wg = plan(m, groups, n, k, fp4, Form::GemvWg, true);
+                if wg.form == Form::GemvWg {
+                    assert!(wg.splits <= MAX_CLUSTER && wg.splits * wg.per >= k / KC, "{m} {n} {k}: {}", wg.splits);
+                    assert!((wg.splits - 1) * wg.per < k / KC, "no empty split");
+                }
+                for decode in [Form::Gemv, Form::GemvF8] {
+                    let s = plan(m, groups, n, k, fp4, decode, true);
+                    assert!(!s.fused && s.splits <= MAX_SPLITS);
+                }
+            }
+        }
+        // The portable decode form still splits K past a cluster's 8 where the grid is small.
+        assert_eq!(plan(1, 1, 64, 8192, false, Form::Gemv, false).splits, 16);
+        // Prefill rows take the tiled form the GPU runs, and never fuse.
+        assert_eq!(summary(&plan(4096, 1, 1024, 4096, false, Form::GemvWg, true)).0, Form::Wgmma);
+    }
 }
