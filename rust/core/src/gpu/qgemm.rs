@@ -226,12 +226,7 @@ fn gemm_shared_bytes(fp4: bool, form: Form, bm: usize, k: usize) -> usize {
             let stage = 16 * if fp4 { 64 } else { 128 } + bm * KC + 64 + bm * 4;
             (THREADS as usize / 32) * F8_STAGES * stage
         }
-        Form::GemvWg => {
-            // cuda/qgemm_sm90a.cu `WgLayout`: bm activation rows of a K step, 64 weight rows, 64 x 4
-            // B of weight scales, bm float activation scales, a stage 128-byte aligned.
-            let stage = bm * KC + WG_DECODE_ROWS * if fp4 { 64 } else { 128 } + WG_DECODE_ROWS * 4 + bm * 4;
-            WG_DECODE_STAGES * stage.next_multiple_of(128)
-        }
+        Form::GemvWg => WG_DECODE_STAGES * wg_decode_stage(fp4, bm),
         Form::Gemm => {
             let b_row = if fp4 { 64 } else { 128 };
             let scales = if fp4 { BN * (k / 32) } else { BN * k.div_ceil(KC) * 4 };
@@ -255,8 +250,14 @@ const WG_FUSED_CODES: usize = 16384;
 /// activations (weights and their scales), then the block's activation codes and scales for `per`
 /// K steps of `bm` rows.
 fn fused_shared_bytes(fp4: bool, bm: usize, per: usize) -> usize {
-    let stage = WG_DECODE_ROWS * if fp4 { 64 } else { 128 } + WG_DECODE_ROWS * 4;
-    WG_DECODE_STAGES * stage.next_multiple_of(128) + per * bm * (KC + 4)
+    WG_DECODE_STAGES * wg_decode_stage(fp4, 0) + per * bm * (KC + 4)
+}
+
+/// A stage of the Hopper decode form (cuda/qgemm_sm90a.cu `WgLayout::STAGE`): `rows` activation
+/// rows of a K step (none in the fused kernels), 64 weight rows, 64 x 4 B of weight scales, `rows`
+/// float activation scales, 128-byte aligned.
+fn wg_decode_stage(fp4: bool, rows: usize) -> usize {
+    (rows * KC + WG_DECODE_ROWS * if fp4 { 64 } else { 128 } + WG_DECODE_ROWS * 4 + rows * 4).next_multiple_of(128)
 }
 
 /// Whether a call that takes a tiled form runs the Hopper one (`wgmma`): compute capability 9.0
