@@ -20,10 +20,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 install() {
-    wheel=$(ls dist/dsv4rs-*.whl | head -n 1)
-    site="${TMPDIR:-/tmp}/dsv4rs-site"
-    rm -rf "$site"
-    python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" "$wheel"
+    local site
+    site=$(install_into dist)
     export PYTHONPATH="$site" PYTHONUNBUFFERED=1
     python3 -c "import dsv4rs, sys; print('dsv4rs', dsv4rs.__version__, 'on Python', sys.version.split()[0])"
     python3 -m dsv4rs.cli info
@@ -60,7 +58,7 @@ sanitize() {
 install_into() {
     local wheel site
     wheel=$(ls "$1"/dsv4rs-*.whl 2>/dev/null | head -n 1)
-    [ -n "$wheel" ] || { echo "compare: no dsv4rs wheel in $1" >&2; exit 2; }
+    [ -n "$wheel" ] || { echo "no dsv4rs wheel in $1" >&2; exit 2; }
     site="${TMPDIR:-/tmp}/dsv4rs-site-$(basename "$1")"
     rm -rf "$site"
     python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" "$wheel" >&2
