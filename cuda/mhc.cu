@@ -8,6 +8,10 @@
 // Sinkhorn iterations of two passes of divisions), so a token's rows go to separate lanes.
 #include <cstdint>
 
+#include "floats.cuh"
+
+using namespace dsv4;
+
 namespace {
 
 // One token over a group of P lanes (P a power of two >= N): lane i < N owns row i of the N x N
@@ -93,3 +97,95 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_mhc_weights(const float* 
     default: break;
   }
 }
+
+namespace {
+
+// The collapse and the combine of a token's streams X [n, d] (float32 or bfloat16), V values of a
+// stream a thread (4 when d and the pointers allow it), in float32, rounded once.
+template <int N, int V>
+__device__ __forceinline__ void collapse_values(const void* x, int x_bf16, const float* pre, void* y, long long tokens,
+                                                int dim) {
+  const long long chunks = dim / V;
+  const long long g = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+  if (g >= tokens * chunks) return;
+  const long long t = g / chunks;
+  const int i = (int)(g % chunks) * V;
+  float acc[V];
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    float v[V];
+    load_n<V>(x, (t * N + j) * dim + i, x_bf16, v);
+    const float p = pre[t * N + j];
+#pragma unroll
+    for (int k = 0; k < V; ++k) acc[k] = j == 0 ? __fmul_rn(p, v[k]) : __fadd_rn(acc[k], __fmul_rn(p, v[k]));
+  }
+  store_n<V>(y, t * dim + i, x_bf16, acc);
+}
+
+template <int N, int V>
+__device__ __forceinline__ void combine_values(const void* x, int x_bf16, const void* f, int f_bf16, const float* post,
+                                               const float* comb, void* y, long long tokens, int dim) {
+  const long long chunks = dim / V;
+  const long long g = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+  if (g >= tokens * chunks) return;
+  const long long t = g / chunks;
+  const int i = (int)(g % chunks) * V;
+  float xs[N][V], fv[V];
+#pragma unroll
+  for (int j = 0; j < N; ++j) load_n<V>(x, (t * N + j) * dim + i, x_bf16, xs[j]);
+  load_n<V>(f, t * dim + i, f_bf16, fv);
+  const float* c = comb + t * N * N;
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    const float p = post[t * N + k];
+    float out[V];
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      float acc = p * fv[e];
+#pragma unroll
+      for (int j = 0; j < N; ++j) acc = fmaf(c[j * N + k], xs[j][e], acc);
+      out[e] = acc;
+    }
+    store_n<V>(y, (t * N + k) * dim + i, x_bf16, out);
+  }
+}
+
+}  // namespace
+
+#define DSV4_MHC_STREAMS(CALL) \
+  switch (n) {                 \
+    case 1: CALL(1); break;    \
+    case 2: CALL(2); break;    \
+    case 3: CALL(3); break;    \
+    case 4: CALL(4); break;    \
+    case 5: CALL(5); break;    \
+    case 6: CALL(6); break;    \
+    case 7: CALL(7); break;    \
+    case 8: CALL(8); break;    \
+    default: break;            \
+  }
+
+// y [T, d] = sum_j pre[t, j] X[t, j, :] (x [T, n, d], y in x's dtype), the products and the sums
+// in float32 in stream order, as torch's multiply and sum. n in 1..8; vec4: d % 4 == 0 and x, y
+// aligned to four values; the grid covers T * d / (vec4 ? 4 : 1) threads.
+extern "C" __global__ void __launch_bounds__(256) dsv4_mhc_collapse(const void* x, int x_bf16, const float* pre, void* y,
+                                                                    long long tokens, int n, int dim, int vec4) {
+#define DSV4_COLLAPSE(N) \
+  vec4 ? collapse_values<N, 4>(x, x_bf16, pre, y, tokens, dim) : collapse_values<N, 1>(x, x_bf16, pre, y, tokens, dim)
+  DSV4_MHC_STREAMS(DSV4_COLLAPSE)
+#undef DSV4_COLLAPSE
+}
+
+// y [T, n, d]: y[t, k] = post[t, k] f[t] + sum_j comb[t, j, k] X[t, j] (x [T, n, d], f [T, d] the
+// sublayer's output, y in x's dtype), in float32 with the weights unrounded, rounded once. n in
+// 1..8; vec4 as above (f included).
+extern "C" __global__ void __launch_bounds__(256) dsv4_mhc_combine(const void* x, int x_bf16, const void* f, int f_bf16,
+                                                                   const float* post, const float* comb, void* y,
+                                                                   long long tokens, int n, int dim, int vec4) {
+#define DSV4_COMBINE(N)                                                                  \
+  vec4 ? combine_values<N, 4>(x, x_bf16, f, f_bf16, post, comb, y, tokens, dim)          \
+       : combine_values<N, 1>(x, x_bf16, f, f_bf16, post, comb, y, tokens, dim)
+  DSV4_MHC_STREAMS(DSV4_COMBINE)
+#undef DSV4_COMBINE
+}
+#undef DSV4_MHC_STREAMS

@@ -199,6 +199,11 @@ def op_cases(g: Gen):
                                  inverse=g.chance(0.5))
     yield "mhc_weights", ops.mhc_weights, dict(mix=g.randn(t, 24), scale=g.randn(3), base=g.randn(24),
                                                iters=g.r.randint(1, 5), eps=1e-6)
+    yield "rms_norm", ops.rms_norm, dict(x=g.randn(t, 2, 64), weight=g.randn(64), eps=1e-6,
+                                         out_dtype=g.r.choice([torch.float32, torch.bfloat16]))
+    streams = g.randn(t, 4, 64)
+    yield "mhc_collapse", ops.mhc_collapse, dict(x=streams, pre=g.randn(t, 4))
+    yield "mhc_combine", ops.mhc_combine, dict(x=streams, f=g.randn(t, 64), post=g.randn(t, 4), comb=g.randn(t, 4, 4))
     yield "compressor_state", ops.compressor_state, dict(ratio=ratio, dim=d)
     yield "compress", ops.compress, dict(kv=g.randn(s, coff * d), score=g.randn(s, coff * d),
                                          ape=g.randn(ratio, coff * d), norm_weight=torch.ones(d),

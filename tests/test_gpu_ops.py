@@ -471,3 +471,86 @@ def test_mhc_weights_match_cpu(gen: torch.Generator, n: int, t: int) -> None:
     gpu = ops.mhc_weights(mix.cuda(), scale.cuda(), base.cuda(), 20, 1e-6)
     for c, g in zip(cpu, gpu):
         torch.testing.assert_close(g.cpu(), c, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------- RMSNorm, mHC collapse and combine
+
+# As the CPU tests: float32 within float32 arithmetic, bfloat16 rounded once (2^-9) plus that.
+TOL = {torch.float32: dict(rtol=2e-5, atol=1e-6), torch.bfloat16: dict(rtol=2**-8, atol=1e-6)}
+
+
+def unaligned(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of ``x`` that starts one element past an aligned address (the kernels'
+    one-value-a-load path)."""
+    buf = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)
+    view = buf[1:].view(x.shape)
+    view.copy_(x)
+    return view
+
+
+@pytest.mark.parametrize("shape", [(1, 4096), (64, 512), (3, 16384), (300, 1024), (5, 7), (2, 2048), (0, 64), (129, 1)])
+@pytest.mark.parametrize("x_dtype,w_dtype,out_dtype", [
+    (torch.bfloat16, torch.float32, torch.bfloat16), (torch.bfloat16, None, torch.float32),
+    (torch.float32, torch.bfloat16, torch.float32), (torch.float32, None, torch.bfloat16)])
+def test_rms_norm_matches_reference(gen: torch.Generator, shape: tuple[int, int], x_dtype: torch.dtype,
+                                    w_dtype: torch.dtype | None, out_dtype: torch.dtype) -> None:
+    x = (torch.randn(*shape, generator=gen) * 3).to(x_dtype)
+    w = None if w_dtype is None else (torch.rand(shape[-1], generator=gen) * 2).to(w_dtype)
+    want = reference.rms_norm(x, w, 1e-6)
+    xg, wg = x.cuda(), None if w is None else w.cuda()
+    for xs in (xg, unaligned(xg)):
+        got = ops.rms_norm(xs, wg, 1e-6, out_dtype)
+        assert got.dtype == out_dtype and got.shape == x.shape
+        torch.testing.assert_close(got.double().cpu(), want, **TOL[out_dtype])
+    torch.testing.assert_close(got.cpu().double(), ops.rms_norm(x, w, 1e-6, out_dtype).double(), **TOL[out_dtype])
+
+
+def test_rms_norm_non_finite_propagates() -> None:
+    x = torch.ones(3, 4096, device="cuda")
+    x[1, 7] = float("nan")
+    y = ops.rms_norm(x, None, 1e-6, torch.bfloat16)
+    assert y[1].isnan().all() and torch.isfinite(y[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("t,n,d", [(1, 4, 4096), (33, 4, 4096), (3, 1, 7), (2, 8, 130), (0, 4, 64), (5, 3, 4)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_mhc_collapse_and_combine_match_reference(gen: torch.Generator, t: int, n: int, d: int,
+                                                  dtype: torch.dtype) -> None:
+    x = (torch.randn(t, n, d, generator=gen) * 2).to(dtype)
+    pre, post = torch.rand(t, n, generator=gen) + 0.1, torch.rand(t, n, generator=gen) * 2
+    comb = torch.softmax(torch.randn(t, n, n, generator=gen), -1)
+    f = torch.randn(t, d, generator=gen).to(dtype)
+    tol = dict(TOL[dtype], atol=1e-5 if dtype == torch.float32 else 2**-8)
+    want_y, want_x = reference.mhc_collapse(x, pre), reference.mhc_combine(x, f, post, comb)
+    cpu_y = ops.mhc_collapse(x, pre)
+    for xs, fs in ((x.cuda(), f.cuda()), (unaligned(x.cuda()), unaligned(f.cuda()))):
+        y = ops.mhc_collapse(xs, pre.cuda())
+        assert y.dtype == dtype and y.shape == (t, d)
+        torch.testing.assert_close(y.cpu().double(), want_y, **tol)
+        # The same float32 products and sums in the same order as the CPU: the same bits.
+        assert torch.equal(y.cpu(), cpu_y)
+        out = ops.mhc_combine(xs, fs, post.cuda(), comb.cuda())
+        assert out.dtype == dtype and out.shape == x.shape
+        torch.testing.assert_close(out.cpu().double(), want_x, **tol)
+    f32 = ops.mhc_combine(x.cuda(), f.float().cuda(), post.cuda(), comb.cuda())
+    torch.testing.assert_close(f32.cpu().double(), reference.mhc_combine(x, f.float(), post, comb), **tol)
+
+
+def test_norm_and_mhc_ops_replay_in_a_graph(gen: torch.Generator) -> None:
+    x = torch.randn(2, 4, 4096, generator=gen).bfloat16().cuda()
+    pre, post = torch.rand(2, 4, device="cuda"), torch.rand(2, 4, device="cuda")
+    comb, w = torch.rand(2, 4, 4, device="cuda"), torch.rand(4096, device="cuda")
+    run = lambda: ops.mhc_combine(x, ops.rms_norm(ops.mhc_collapse(x, pre), w), post, comb)  # noqa: E731
+    eager = run()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    x.mul_(0.5)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, run()) and not torch.equal(out, eager)

@@ -712,6 +712,116 @@ def test_mhc_weights_match_reference(gen: torch.Generator, n: int, t: int, iters
         assert torch.allclose(got[2].sum(-2), torch.ones(t, n), atol=1e-5)  # columns end normalized
 
 
+# Rounding once: float32 results within float32 arithmetic error, bfloat16 within half an ulp of
+# the float64 value (2^-9 relative) plus that; the bound below is 2^-8.
+TOL = {torch.float32: dict(rtol=2e-5, atol=1e-6), torch.bfloat16: dict(rtol=2**-8, atol=1e-6)}
+
+
+@pytest.mark.parametrize("shape", [(3, 64), (2, 5, 512), (1, 16384), (4, 7), (0, 32), (3, 1), (2, 3, 4096)])
+@pytest.mark.parametrize("x_dtype,w_dtype,out_dtype", [
+    (torch.bfloat16, torch.float32, torch.bfloat16), (torch.bfloat16, None, torch.float32),
+    (torch.float32, torch.float32, torch.float32), (torch.float32, torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, None, None)])
+def test_rms_norm_matches_reference(gen: torch.Generator, shape: tuple[int, ...], x_dtype: torch.dtype,
+                                    w_dtype: torch.dtype | None, out_dtype: torch.dtype | None) -> None:
+    x = (randn(gen, *shape) * 3).to(x_dtype)
+    w = None if w_dtype is None else (torch.rand(shape[-1], generator=gen) * 2).to(w_dtype)
+    got = ops.rms_norm(x, w, 1e-6, out_dtype)
+    want_dtype = out_dtype or x_dtype
+    assert got.dtype == want_dtype and got.shape == x.shape
+    close(got, ref.rms_norm(x, w, 1e-6), **TOL[want_dtype])
+
+
+def test_rms_norm_zero_rows_and_eps(gen: torch.Generator) -> None:
+    x = torch.zeros(2, 64)
+    x[1] = 1e-4
+    got = ops.rms_norm(x, None, 1e-2)
+    close(got, ref.rms_norm(x, None, 1e-2))
+    assert torch.equal(got[0], torch.zeros(64))
+    assert torch.equal(ops.rms_norm(torch.zeros(0, 8)), torch.zeros(0, 8))
+
+
+def test_rms_norm_rejects_bad_input() -> None:
+    x = torch.ones(2, 8)
+    with pytest.raises(TypeError, match="x: expected dtype"):
+        ops.rms_norm(x.double())
+    with pytest.raises(ValueError, match="weight: expected shape"):
+        ops.rms_norm(x, torch.ones(7))
+    with pytest.raises(TypeError, match="weight: expected dtype"):
+        ops.rms_norm(x, torch.ones(8, dtype=torch.int32))
+    with pytest.raises(ValueError, match="eps"):
+        ops.rms_norm(x, None, 0.0)
+    with pytest.raises(ValueError, match="eps"):
+        ops.rms_norm(x, None, float("nan"))
+    with pytest.raises(TypeError, match="eps"):
+        ops.rms_norm(x, None, "1e-6")
+    with pytest.raises(TypeError, match="out_dtype"):
+        ops.rms_norm(x, None, 1e-6, torch.float16)
+    with pytest.raises(ValueError, match="x: expected shape"):
+        ops.rms_norm(torch.ones(3, 0))
+    with pytest.raises(ValueError, match="x: expected shape"):
+        ops.rms_norm(torch.tensor(1.0))
+    with pytest.raises(ValueError, match="x: contains a non-finite value at flat index 9"):
+        ops.rms_norm(torch.cat([x.flatten()[:9], torch.tensor([float("inf")]), x.flatten()[10:]]).view(2, 8))
+    with pytest.raises(ValueError, match="weight: contains a non-finite"):
+        ops.rms_norm(x, torch.full((8,), float("nan")))
+
+
+@pytest.mark.parametrize("t,n,d", [(3, 4, 64), (1, 4, 4096), (0, 4, 8), (5, 1, 7), (2, 8, 33), (4, 3, 128)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_mhc_collapse_and_combine_match_reference(gen: torch.Generator, t: int, n: int, d: int,
+                                                  dtype: torch.dtype) -> None:
+    x = (randn(gen, t, n, d) * 2).to(dtype)
+    pre, post = torch.rand(t, n, generator=gen) + 0.1, torch.rand(t, n, generator=gen) * 2
+    comb = torch.softmax(randn(gen, t, n, n), -1)
+    got = ops.mhc_collapse(x, pre)
+    assert got.dtype == dtype and got.shape == (t, d)
+    # A sum of positive weights times values of either sign: cancellation makes the relative
+    # bound loose near zero, so the absolute one scales with the inputs.
+    tol = dict(TOL[dtype], atol=1e-5 if dtype == torch.float32 else 2**-8)
+    close(got, ref.mhc_collapse(x, pre), **tol)
+    for f_dtype in (dtype, torch.float32):
+        f = randn(gen, t, d).to(f_dtype)
+        y = ops.mhc_combine(x, f, post, comb)
+        assert y.dtype == dtype and y.shape == x.shape
+        close(y, ref.mhc_combine(x, f, post, comb), **tol)
+
+
+def test_mhc_collapse_is_torchs_sum_in_float32(gen: torch.Generator) -> None:
+    x, pre = randn(gen, 5, 4, 96), torch.rand(5, 4, generator=gen)
+    assert torch.equal(ops.mhc_collapse(x, pre), (pre.unsqueeze(-1) * x).sum(-2))
+
+
+def test_mhc_collapse_and_combine_reject_bad_input() -> None:
+    x, pre, f, comb = torch.ones(2, 4, 8), torch.ones(2, 4), torch.ones(2, 8), torch.ones(2, 4, 4)
+    with pytest.raises(ValueError, match="x: expected a 3-d tensor"):
+        ops.mhc_collapse(torch.ones(2, 32), pre)
+    with pytest.raises(ValueError, match="x: expected 1..=8 streams"):
+        ops.mhc_collapse(torch.ones(2, 9, 8), torch.ones(2, 9))
+    with pytest.raises(ValueError, match="x: expected 1 to 2"):
+        ops.mhc_collapse(torch.ones(2, 4, 0), pre)
+    with pytest.raises(ValueError, match="pre: expected shape"):
+        ops.mhc_collapse(x, torch.ones(2, 3))
+    with pytest.raises(TypeError, match="pre: expected dtype"):
+        ops.mhc_collapse(x, pre.bfloat16())
+    with pytest.raises(TypeError, match="x: expected dtype"):
+        ops.mhc_collapse(x.double(), pre)
+    with pytest.raises(ValueError, match="pre: contains a non-finite value at flat index 0"):
+        ops.mhc_collapse(x, torch.full((2, 4), float("nan")))
+    with pytest.raises(ValueError, match="f: expected shape"):
+        ops.mhc_combine(x, torch.ones(2, 7), pre, comb)
+    with pytest.raises(ValueError, match="comb: expected shape"):
+        ops.mhc_combine(x, f, pre, torch.ones(2, 4, 3))
+    with pytest.raises(ValueError, match="post: expected shape"):
+        ops.mhc_combine(x, f, torch.ones(3, 4), comb)
+    with pytest.raises(TypeError, match="f: expected dtype"):
+        ops.mhc_combine(x, f.half(), pre, comb)
+    with pytest.raises(ValueError, match="x: contains a non-finite"):
+        ops.mhc_combine(torch.full((2, 4, 8), float("inf")), f, pre, comb)
+    with pytest.raises(ValueError, match="comb: contains a non-finite"):
+        ops.mhc_combine(x, f, pre, torch.full((2, 4, 4), float("nan")))
+
+
 def test_mhc_weights_reject_bad_input() -> None:
     mix, scale, base = torch.zeros(2, 24), torch.ones(3), torch.zeros(24)
     with pytest.raises(ValueError, match="mix: expected .* columns"):

@@ -12,8 +12,8 @@ of bytes over bandwidth and FLOPs over the matmul rate), and torch eager's time 
 computation. Sizes are V4-Flash/Pro shapes on a GPU and scaled down on the CPU.
 
 - :mod:`.harness`: ceilings, timer, table.
-- :mod:`.ops`: the suites ``formats`` (KV-entry formats, Hadamard, RoPE), ``compress``,
-  ``indexer``, ``attention``.
+- :mod:`.ops`: the suites ``formats`` (KV-entry formats, Hadamard, RoPE), ``norm`` (RMSNorm),
+  ``mhc`` (the mHC collapse and combine), ``compress``, ``indexer``, ``attention``.
 - :mod:`.quant`: the suites ``moe`` (the fused MoE over MXFP4 experts) and ``linear`` (FP8
   block-scaled linears), beside torch with bf16 weights and torch's own FP8 kernels.
 - :mod:`.cache`: the suite ``cache`` (allocator bookkeeping on the host).
@@ -30,7 +30,7 @@ import argparse
 import importlib
 import sys
 
-SUITES = {"formats": "ops", "compress": "ops", "indexer": "ops", "attention": "ops", "moe": "quant", "linear": "quant",
+SUITES = {"formats": "ops", "norm": "ops", "mhc": "ops", "compress": "ops", "indexer": "ops", "attention": "ops", "moe": "quant", "linear": "quant",
           "cache": "cache", "model": "model"}
 """Suite name -> the module of :mod:`dsv4rs.bench` that defines it (a function of that name)."""
 

@@ -1,5 +1,5 @@
-"""Op suites of ``dsv4rs bench``: the KV-entry formats, the compressor, the Lightning Indexer and
-sparse attention at V4-Flash/Pro shapes (scaled down on the CPU), each beside a torch eager twin
+"""Op suites of ``dsv4rs bench``: the KV-entry formats, RMSNorm, the mHC collapse and combine, the
+compressor, the Lightning Indexer and sparse attention at V4-Flash/Pro shapes (scaled down on the CPU), each beside a torch eager twin
 of the same computation."""
 
 from __future__ import annotations
@@ -64,6 +64,52 @@ def formats(b: Bench) -> Iterator[Case]:
             return Row(f"rope T={t} x 64 heads", ms, t * 64 * 512 * 8, t * 64 * 64 * 3.0, eager)
 
         yield Case("formats", f"rope T={t}", rope)
+
+
+def norm(b: Bench) -> Iterator[Case]:
+    """RMSNorm of bfloat16 rows with a float32 weight into bfloat16, as the model's norms: the
+    hidden state (4096), the queries per head (64 x 512) and the mHC input (4 x 4096 into float32)."""
+    for t in b.pick([1, 64, 4096], [1, 4096], [1, 64]):
+        for heads, dim, out in ((1, 4096, torch.bfloat16), (64, 512, torch.bfloat16), (1, 16384, torch.float32)):
+
+            def rms(t: int = t, heads: int = heads, dim: int = dim, out: torch.dtype = out) -> Row:
+                xs = [b.randn(t, heads, dim).bfloat16() for _ in range(4)]
+                w = None if out == torch.float32 else torch.rand(dim, device=b.device) + 0.5
+                ms = b.median_ms(lambda i: ops.rms_norm(xs[i], w, 1e-6, out), 4)
+                eager = b.median_ms(
+                    lambda i: torch.nn.functional.rms_norm(xs[i].float(), (dim,), w, 1e-6).to(out), 4)
+                values = t * heads * dim
+                return Row(f"rms_norm T={t} {heads}x{dim} -> {str(out).removeprefix('torch.')}", ms,
+                           values * (2 + out.itemsize) + (0 if w is None else dim * 4), values * 4.0, eager)
+
+            yield Case("norm", f"rms_norm T={t} {heads}x{dim}", rms)
+
+
+def mhc(b: Bench) -> Iterator[Case]:
+    """The mHC collapse and combine of 4 bfloat16 streams of 4096 (V4-Flash) around a sublayer."""
+    n, d = 4, 4096
+    for t in b.pick([1, 64, 4096], [1, 4096], [1, 64]):
+
+        def collapse(t: int = t) -> Row:
+            xs = [b.randn(t, n, d).bfloat16() for _ in range(4)]
+            pre = torch.rand(t, n, device=b.device)
+            ms = b.median_ms(lambda i: ops.mhc_collapse(xs[i], pre), 4)
+            eager = b.median_ms(lambda i: (pre.unsqueeze(-1) * xs[i]).sum(-2).bfloat16(), 4)
+            return Row(f"mhc_collapse T={t} {n}x{d}", ms, t * (n + 1) * d * 2 + t * n * 4, t * n * d * 2.0, eager)
+
+        def combine(t: int = t) -> Row:
+            xs = [b.randn(t, n, d).bfloat16() for _ in range(4)]
+            f = b.randn(t, d).bfloat16()
+            post, comb = torch.rand(t, n, device=b.device), torch.rand(t, n, n, device=b.device)
+            ms = b.median_ms(lambda i: ops.mhc_combine(xs[i], f, post, comb), 4)
+            bf = torch.bfloat16
+            eager = b.median_ms(
+                lambda i: post.to(bf).unsqueeze(-1) * f.unsqueeze(-2) + comb.to(bf).transpose(-1, -2) @ xs[i], 4)
+            return Row(f"mhc_combine T={t} {n}x{d}", ms, t * (2 * n + 1) * d * 2 + t * (n + n * n) * 4,
+                       t * n * d * (2 * n + 2.0), eager)
+
+        yield Case("mhc", f"mhc_collapse T={t}", collapse)
+        yield Case("mhc", f"mhc_combine T={t}", combine)
 
 
 def eager_rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:

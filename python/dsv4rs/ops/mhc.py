@@ -1,4 +1,5 @@
-"""The mHC weights of a sublayer (docs/model.md section 6) in one kernel, CPU and GPU."""
+"""mHC around a sublayer (docs/model.md section 6), CPU and GPU: its weights, the collapse of the
+streams into the sublayer's input and the combine of its output into the streams, one kernel each."""
 
 from __future__ import annotations
 
@@ -54,3 +55,62 @@ def mhc_weights(mix: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, iter
     mix = as_tensor("mix", mix)
     ndim("mix", mix, 2)
     return _mhc_weights(mix, as_tensor("scale", scale), as_tensor("base", base), iters, float(eps))
+
+
+@torch.library.custom_op("dsv4rs::mhc_collapse", mutates_args=())
+def _mhc_collapse(x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    y = torch.empty((x.shape[0], x.shape[2]), dtype=x.dtype, device=x.device)
+    _core.mhc_collapse(spec("x", x), spec("pre", pre), spec("y", y), stream(x))
+    return y
+
+
+@_mhc_collapse.register_fake
+def _(x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((x.shape[0], x.shape[2]))
+
+
+def mhc_collapse(x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """The input of a sublayer from its streams: ``y[t] = sum_j pre[t, j] x[t, j]``.
+
+    Args:
+        x: ``float32``/``bfloat16 [T, n, d]``, the residual streams (``n`` in 1..8).
+        pre: ``float32 [T, n]``, the collapse weights (:func:`mhc_weights`).
+
+    Returns:
+        ``[T, d]`` in the dtype of ``x``: float32 products added in stream order (as torch's
+        ``(pre[..., None] * x).sum(-2)``), rounded once. Non-finite values raise on the CPU and
+        propagate on the GPU.
+    """
+    x, pre = as_tensor("x", x), as_tensor("pre", pre)
+    ndim("x", x, 3)
+    return _mhc_collapse(x, pre)
+
+
+@torch.library.custom_op("dsv4rs::mhc_combine", mutates_args=())
+def _mhc_combine(x: torch.Tensor, f: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _core.mhc_combine(spec("x", x), spec("f", f), spec("post", post), spec("comb", comb), spec("y", y), stream(x))
+    return y
+
+
+@_mhc_combine.register_fake
+def _(x: torch.Tensor, f: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape)
+
+
+def mhc_combine(x: torch.Tensor, f: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """The streams after a sublayer: ``y[t, k] = post[t, k] f[t] + sum_j comb[t, j, k] x[t, j]``.
+
+    Args:
+        x: ``float32``/``bfloat16 [T, n, d]``, the streams the sublayer read (``n`` in 1..8).
+        f: ``float32``/``bfloat16 [T, d]``, the sublayer's output.
+        post: ``float32 [T, n]`` and comb: ``float32 [T, n, n]``, from :func:`mhc_weights`.
+
+    Returns:
+        ``[T, n, d]`` in the dtype of ``x``, computed in float32 with the weights as given and
+        rounded once (torch's ``post * f + comb^T @ x`` in bfloat16 rounds the weights, the two
+        terms and their sum). Non-finite values raise on the CPU and propagate on the GPU.
+    """
+    x = as_tensor("x", x)
+    ndim("x", x, 3)
+    return _mhc_combine(x, as_tensor("f", f), as_tensor("post", post), as_tensor("comb", comb))

@@ -1,4 +1,5 @@
-"""The twin of :func:`dsv4rs.ops.mhc_weights` in float64 (docs/model.md section 6)."""
+"""The twins of :func:`dsv4rs.ops.mhc_weights`, :func:`~dsv4rs.ops.mhc_collapse` and
+:func:`~dsv4rs.ops.mhc_combine` in float64 (docs/model.md section 6)."""
 
 from __future__ import annotations
 
@@ -32,3 +33,15 @@ def mhc_weights(mix: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, iter
     post = 2 * torch.sigmoid(post_w * scale[1] + post_b)
     comb = torch.softmax(comb_w.unflatten(-1, (n, n)) * scale[2] + comb_b.view(n, n), dim=-1) + eps
     return pre, post, sinkhorn(comb, iters, eps)
+
+
+def mhc_collapse(x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """``y[t] = sum_j pre[t, j] x[t, j]`` in float64 (``x [T, n, d]``, ``pre [T, n]``)."""
+    return (pre.double().unsqueeze(-1) * x.double()).sum(-2)
+
+
+def mhc_combine(x: torch.Tensor, f: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """``y[t, k] = post[t, k] f[t] + sum_j comb[t, j, k] x[t, j]`` in float64 (``x [T, n, d]``,
+    ``f [T, d]``, ``post [T, n]``, ``comb [T, n, n]``)."""
+    x = x.double()
+    return post.double().unsqueeze(-1) * f.double().unsqueeze(-2) + comb.double().transpose(-1, -2) @ x

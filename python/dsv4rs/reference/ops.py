@@ -36,6 +36,7 @@ __all__ = [
     "FP4_AMAX_FLOOR",
     "rope_inv_freq",
     "apply_rope",
+    "rms_norm",
     "compressor_prefill",
     "compressor_state_init",
     "compressor_step",
@@ -264,6 +265,14 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim: ``x * rsqrt(mean(x^2) + eps) * weight``."""
     return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * weight
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+    """The twin of :func:`dsv4rs.ops.rms_norm` in float64: ``x * rsqrt(mean(x^2) + eps) * weight``
+    over the last dim (no weight: none)."""
+    x = _float("x", x)
+    y = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+    return y if weight is None else y * _float("weight", weight)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ pub mod gpu;
 pub mod indexer;
 pub mod kv;
 pub mod mhc;
+pub mod norm;
 pub mod qgemm;
 pub mod quant;
 pub mod rope;

@@ -5,6 +5,7 @@
 
 use crate::error::{Error, Result};
 use crate::gpu;
+use crate::rows::{fill_rows, Floats};
 use crate::tensor::{same_device, DType, Device, TensorRef};
 
 /// Most streams a call takes (`hc_mult`; V4 uses 4).
@@ -111,6 +112,103 @@ pub unsafe fn mhc_weights(
                       &mut co[t * n * n..(t + 1) * n * n]);
             }
             Ok(())
+        }
+    }
+}
+
+/// Checks the streams `x` (float32/bfloat16 `[T, n, d]`, `n` in 1..=[`MAX_STREAMS`], `d` in
+/// `1..2^31`) and returns `(T, n, d)`.
+fn stream_shape(x: &TensorRef) -> Result<(usize, usize, usize)> {
+    x.expect_dtype(&[DType::F32, DType::BF16])?;
+    x.expect_shape(&[None, None, None])?;
+    let (t, n, d) = (x.dim(0), x.dim(1), x.dim(2));
+    if n == 0 || n > MAX_STREAMS {
+        return Err(Error::value(x.name, format!("expected 1..={MAX_STREAMS} streams (dim 1), got {n}")));
+    }
+    if d == 0 || d > i32::MAX as usize {
+        return Err(Error::value(x.name, format!("expected 1 to 2^31 - 1 values a stream (dim 2), got {d}")));
+    }
+    Ok((t, n, d))
+}
+
+/// Float32 host values of `t`, all finite.
+unsafe fn finite_f32<'a>(t: &'a TensorRef) -> Result<&'a [f32]> {
+    let v = t.host::<f32>(&[DType::F32])?;
+    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+        return Err(Error::value(t.name, format!("contains a non-finite value at flat index {i}")));
+    }
+    Ok(v)
+}
+
+/// The collapse of a sublayer's input: `y[t] = sum_j pre[t, j] x[t, j]` for the streams `x`
+/// (float32/bfloat16 `[T, n, d]`) and `pre` (float32 `[T, n]`, from [`mhc_weights`]) into `y`
+/// (`[T, d]`, the dtype of `x`): float32 products added in stream order, rounded once.
+///
+/// # Safety
+/// Every tensor satisfies [`TensorRef`]'s contract; `y` aliases nothing; `stream` is a `CUstream`
+/// of the tensors' GPU when they live on one.
+pub unsafe fn mhc_collapse(x: &TensorRef, pre: &TensorRef, y: &TensorRef, stream: usize) -> Result<()> {
+    let (t, n, d) = stream_shape(x)?;
+    pre.expect_dtype(&[DType::F32])?;
+    pre.expect_shape(&[Some(t), Some(n)])?;
+    y.expect_dtype(&[x.dtype])?;
+    y.expect_shape(&[Some(t), Some(d)])?;
+    match same_device(&[x, pre, y])? {
+        Device::Cuda(dev) => gpu::mhc::mhc_collapse(dev, stream, x, pre, y, n, d),
+        Device::Cpu => {
+            let (src, p) = (Floats::new(x)?, finite_f32(pre)?);
+            fill_rows(y, d, |r, out| {
+                let mut v = vec![0f32; d];
+                for j in 0..n {
+                    src.read((r * n + j) * d, &mut v);
+                    let w = p[r * n + j];
+                    for (o, v) in out.iter_mut().zip(&v) {
+                        *o = if j == 0 { w * v } else { *o + w * v };
+                    }
+                }
+            })
+        }
+    }
+}
+
+/// The combine after a sublayer: `y[t, k] = post[t, k] f[t] + sum_j comb[t, j, k] x[t, j]` for
+/// the streams `x` (float32/bfloat16 `[T, n, d]`), the sublayer's output `f` (float32/bfloat16
+/// `[T, d]`) and the weights `post` (float32 `[T, n]`) and `comb` (float32 `[T, n, n]`) from
+/// [`mhc_weights`], into `y` (`[T, n, d]`, the dtype of `x`): in float32 (the weights as they
+/// are; the `comb` terms added in stream order, on the GPU as fused multiply-adds), rounded once.
+///
+/// # Safety
+/// As [`mhc_collapse`].
+pub unsafe fn mhc_combine(
+    x: &TensorRef, f: &TensorRef, post: &TensorRef, comb: &TensorRef, y: &TensorRef, stream: usize,
+) -> Result<()> {
+    let (t, n, d) = stream_shape(x)?;
+    f.expect_dtype(&[DType::F32, DType::BF16])?;
+    f.expect_shape(&[Some(t), Some(d)])?;
+    post.expect_dtype(&[DType::F32])?;
+    post.expect_shape(&[Some(t), Some(n)])?;
+    comb.expect_dtype(&[DType::F32])?;
+    comb.expect_shape(&[Some(t), Some(n), Some(n)])?;
+    y.expect_dtype(&[x.dtype])?;
+    y.expect_shape(&[Some(t), Some(n), Some(d)])?;
+    match same_device(&[x, f, post, comb, y])? {
+        Device::Cuda(dev) => gpu::mhc::mhc_combine(dev, stream, x, f, post, comb, y, n, d),
+        Device::Cpu => {
+            let (src, out) = (Floats::new(x)?, Floats::new(f)?);
+            let (po, co) = (finite_f32(post)?, finite_f32(comb)?);
+            // A row of y is one stream k of one token: y.len() / d rows, token r / n.
+            fill_rows(y, d, |r, o| {
+                let (tok, k) = (r / n, r % n);
+                let mut v = vec![0f32; d];
+                out.read(tok * d, &mut v);
+                let p = po[tok * n + k];
+                o.iter_mut().zip(&v).for_each(|(o, v)| *o = p * v);
+                for j in 0..n {
+                    src.read((tok * n + j) * d, &mut v);
+                    let c = co[tok * n * n + j * n + k];
+                    o.iter_mut().zip(&v).for_each(|(o, v)| *o += c * v);
+                }
+            })
         }
     }
 }

@@ -233,3 +233,25 @@ impl<'a> Ids<'a> {
         }
     }
 }
+
+/// Fills a float32 or bfloat16 host tensor `out` of `rows` rows of `width` values, in parallel:
+/// `row(r, values)` computes row `r` in float32 and the values are rounded once (bfloat16:
+/// nearest even).
+///
+/// # Safety
+/// `out` satisfies [`TensorRef`]'s contract, holds `rows * width` values and is not aliased.
+pub unsafe fn fill_rows(out: &TensorRef, width: usize, row: impl Fn(usize, &mut [f32]) + Sync) -> Result<()> {
+    use rayon::prelude::*;
+    if width == 0 {
+        return Ok(());
+    }
+    match out.expect_dtype(&[DType::F32, DType::BF16])? {
+        DType::BF16 => out.host_mut::<u16>(&[DType::BF16])?.par_chunks_mut(width).enumerate().for_each(|(r, o)| {
+            let mut v = vec![0f32; width];
+            row(r, &mut v);
+            o.iter_mut().zip(&v).for_each(|(o, v)| *o = quant::bf16_from_f32(*v));
+        }),
+        _ => out.host_mut::<f32>(&[DType::F32])?.par_chunks_mut(width).enumerate().for_each(|(r, o)| row(r, o)),
+    }
+    Ok(())
+}

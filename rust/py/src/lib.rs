@@ -30,8 +30,8 @@ mod _core {
     #[pymodule_export]
     use super::ops::{
         attention_workspace_bytes, compress, compress_batch, indexer_scores, indexer_topk, indexer_workspace_bytes,
-        mhc_weights, moe_experts, moe_pass_tokens, moe_workspace_bytes, quant_linear, quant_linear_workspace_bytes,
-        rope, sample_gumbel, sparse_attention,
+        mhc_collapse, mhc_combine, mhc_weights, moe_experts, moe_pass_tokens, moe_workspace_bytes, quant_linear,
+        quant_linear_workspace_bytes, rms_norm, rope, sample_gumbel, sparse_attention,
     };
 
     // The cache formats, as dsv4rs-core defines them (python/dsv4rs/ops.py re-exports them).

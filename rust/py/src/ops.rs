@@ -1,4 +1,4 @@
-//! Bindings of the ops: RoPE, mHC weights, the compressor, the indexer's top-k, sparse attention,
+//! Bindings of the ops: RoPE, RMSNorm, the mHC weights, collapse and combine, the compressor, the indexer's top-k, sparse attention,
 //! the quantized linear and the fused MoE. Outputs are allocated by the caller (python/dsv4rs/ops.py) and filled here.
 
 use dsv4rs_core::attention::{Candidates, Derotate};
@@ -8,7 +8,7 @@ use dsv4rs_core::tensor::TensorRef;
 use dsv4rs_core::qgemm::{self, Act};
 use dsv4rs_core::rope::RopeTable;
 use dsv4rs_core::{
-    attention as attention_op, compress as compress_op, indexer as indexer_op, mhc, rope as rope_op, sample,
+    attention as attention_op, compress as compress_op, indexer as indexer_op, mhc, norm, rope as rope_op, sample,
 };
 use pyo3::prelude::*;
 
@@ -67,6 +67,29 @@ pub fn mhc_weights(
     let (pr, po, co) = (tref("pre", pre)?, tref("post", post)?, tref("comb", comb)?);
     // SAFETY: as rope; the three outputs are fresh tensors.
     run(py, || unsafe { mhc::mhc_weights(&m, &s, &b, &pr, &po, &co, mhc::Config { iters, eps }, stream) })
+}
+
+#[pyfunction]
+pub fn mhc_collapse(py: Python<'_>, x: Spec, pre: Spec, y: Spec, stream: usize) -> PyResult<()> {
+    let (x, p, y) = (tref("x", x)?, tref("pre", pre)?, tref("y", y)?);
+    // SAFETY: as rope; `y` is a fresh tensor.
+    run(py, || unsafe { mhc::mhc_collapse(&x, &p, &y, stream) })
+}
+
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+pub fn mhc_combine(py: Python<'_>, x: Spec, f: Spec, post: Spec, comb: Spec, y: Spec, stream: usize) -> PyResult<()> {
+    let (x, f, po, co, y) = (tref("x", x)?, tref("f", f)?, tref("post", post)?, tref("comb", comb)?, tref("y", y)?);
+    // SAFETY: as rope; `y` is a fresh tensor.
+    run(py, || unsafe { mhc::mhc_combine(&x, &f, &po, &co, &y, stream) })
+}
+
+#[pyfunction]
+#[pyo3(signature = (x, weight, out, eps, stream))]
+pub fn rms_norm(py: Python<'_>, x: Spec, weight: Option<Spec>, out: Spec, eps: f32, stream: usize) -> PyResult<()> {
+    let (x, w, o) = (tref("x", x)?, opt("weight", weight)?, tref("out", out)?);
+    // SAFETY: as rope; `out` is a fresh tensor.
+    run(py, || unsafe { norm::rms_norm(&x, w.as_ref(), &o, eps, stream) })
 }
 
 #[pyfunction]

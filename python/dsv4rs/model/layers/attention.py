@@ -206,7 +206,7 @@ class Attention(nn.Module):
         RMS-normalized without weight."""
         cq = self.q_a_norm(self.q_a_proj(x))
         q = self.q_b_proj(cq).unflatten(-1, (self.heads, self.head_dim))
-        q = rms_norm(q, None, self.eps).to(x.dtype)
+        q = rms_norm(q, None, self.eps, x.dtype)
         e = self.kv_norm(self.kv_proj(x))
         return cq, q, e
 

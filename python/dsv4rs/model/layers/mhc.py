@@ -36,13 +36,26 @@ class HyperConnection(nn.Module):
         return post, comb, collapse(x, pre)
 
 
+def _kernel(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether the GPU ops take these streams ``[T, n, d]`` and float32 weights."""
+    return (x.is_cuda and x.dim() == 3 and x.dtype in (torch.float32, torch.bfloat16) and x.shape[1] <= 8
+            and all(w.dtype == torch.float32 for w in weights))
+
+
 def collapse(x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
-    """``y = sum_j pre_j X_j``, in the dtype of the streams."""
+    """``y = sum_j pre_j X_j``, in the dtype of the streams (on a GPU one kernel,
+    :func:`dsv4rs.ops.mhc_collapse`, with the same float32 products and sums)."""
+    if _kernel(x, pre):
+        return ops.mhc_collapse(x.contiguous(), pre.contiguous())
     return (pre.unsqueeze(-1) * x).sum(-2).to(x.dtype)
 
 
 def combine(x: torch.Tensor, out: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
-    """``X'_k = post_k F + sum_j comb[j, k] X_j``."""
+    """``X'_k = post_k F + sum_j comb[j, k] X_j``, in the dtype of the streams. On a GPU one
+    kernel (:func:`dsv4rs.ops.mhc_combine`) in float32, rounded once; the torch form computes in
+    the streams' dtype (the weights, both terms and their sum rounded to it)."""
+    if _kernel(x, post, comb) and out.dtype in (torch.float32, torch.bfloat16):
+        return ops.mhc_combine(x.contiguous(), out.contiguous(), post.contiguous(), comb.contiguous())
     dtype = x.dtype
     return post.to(dtype).unsqueeze(-1) * out.to(dtype).unsqueeze(-2) + comb.to(dtype).transpose(-1, -2) @ x
 

@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from dsv4rs import ops
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dim, computed in float32 (float64 stays float64); ``weight`` may be
-    ``None`` (the per-head query norm and the mHC input norm have none). On a GPU in float32,
-    torch's fused RMSNorm (one kernel instead of six; the same float32 math, its own order of
-    the sum of squares)."""
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, out_dtype: torch.dtype | None = None
+             ) -> torch.Tensor:
+    """RMSNorm over the last dim, computed in float32 (float64 stays float64), returned in
+    ``out_dtype`` (default: the computing dtype); ``weight`` may be ``None`` (the per-head query
+    norm and the mHC input norm have none). On a GPU, :func:`dsv4rs.ops.rms_norm`: the casts in
+    and out and the norm are one kernel (the same float32 math, its own order of the sum of
+    squares)."""
+    if x.is_cuda and x.dtype in _KERNEL_DTYPES and (weight is None or weight.dtype in _KERNEL_DTYPES):
+        return ops.rms_norm(x.contiguous(), weight, eps, out_dtype or torch.float32)
     dtype = torch.promote_types(x.dtype, torch.float32)
     y = x.to(dtype)
-    if y.is_cuda and dtype == torch.float32:
-        return F.rms_norm(y, y.shape[-1:], None if weight is None else weight.to(dtype), eps)
     y = y * torch.rsqrt(y.square().mean(-1, keepdim=True) + eps)
-    return y if weight is None else y * weight.to(dtype)
+    y = y if weight is None else y * weight.to(dtype)
+    return y if out_dtype is None else y.to(out_dtype)
 
 
 class RMSNorm(nn.Module):
@@ -27,7 +33,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps, x.dtype)
 
 
 def linear(d_in: int, d_out: int) -> nn.Linear:

@@ -1,9 +1,9 @@
 //! Launcher of cuda/mhc.cu. Shapes and dtypes are checked by the caller (`crate::mhc`).
 
 use super::{launch, Kernel, Launch};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::kernel_args;
-use crate::tensor::TensorRef;
+use crate::tensor::{DType, TensorRef};
 
 /// # Safety
 /// Tensors satisfy `TensorRef`'s contract on device `dev` with the shapes `crate::mhc` checks;
@@ -21,4 +21,57 @@ pub unsafe fn mhc_weights(
     let blocks = (tokens as u64 * lanes).div_ceil(128) as u32;
     let cfg = Launch { grid: (blocks, 1, 1), block: (128, 1, 1), shared_bytes: 0, stream };
     launch(dev, Kernel::MhcWeights, &cfg, &mut kernel_args!(mp, sp, bp, tokens, n, iters, eps, pp, op, cp))
+}
+
+const THREADS: u32 = 256;
+
+fn is_bf16(t: &TensorRef) -> i32 {
+    (t.dtype == DType::BF16) as i32
+}
+
+/// Whether rows of `d` values of these tensors can be read four at a time (cuda/floats.cuh).
+pub(crate) fn four_wide(d: usize, tensors: &[&TensorRef]) -> bool {
+    d.is_multiple_of(4) && tensors.iter().all(|t| t.ptr.is_multiple_of(4 * t.dtype.size()))
+}
+
+/// A grid of `threads` threads (at most 2^31 - 1 blocks of THREADS).
+fn threads_launch(threads: usize, arg: &str, stream: usize) -> Result<Launch> {
+    let blocks = threads.div_ceil(THREADS as usize);
+    if blocks > i32::MAX as usize {
+        return Err(Error::value(arg, format!("{threads} threads are more than one launch takes")));
+    }
+    Ok(Launch { grid: (blocks as u32, 1, 1), block: (THREADS, 1, 1), shared_bytes: 0, stream })
+}
+
+/// # Safety
+/// Tensors satisfy `TensorRef`'s contract on device `dev` with the shapes `crate::mhc` checks
+/// (x `[T, n, d]`, pre `[T, n]`, y `[T, d]`); `stream` belongs to that device.
+pub unsafe fn mhc_collapse(dev: i32, stream: usize, x: &TensorRef, pre: &TensorRef, y: &TensorRef, n: usize, d: usize) -> Result<()> {
+    let tokens = x.dim(0);
+    if tokens == 0 {
+        return Ok(());
+    }
+    let vec4 = four_wide(d, &[x, y]);
+    let cfg = threads_launch(tokens * d / if vec4 { 4 } else { 1 }, x.name, stream)?;
+    let (xp, xb, pp, yp) = (x.ptr as u64, is_bf16(x), pre.ptr as u64, y.ptr as u64);
+    let (t, n, d, v) = (tokens as i64, n as i32, d as i32, vec4 as i32);
+    launch(dev, Kernel::MhcCollapse, &cfg, &mut kernel_args!(xp, xb, pp, yp, t, n, d, v))
+}
+
+/// # Safety
+/// As [`mhc_collapse`] (x `[T, n, d]`, f `[T, d]`, post `[T, n]`, comb `[T, n, n]`, y `[T, n, d]`).
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn mhc_combine(
+    dev: i32, stream: usize, x: &TensorRef, f: &TensorRef, post: &TensorRef, comb: &TensorRef, y: &TensorRef, n: usize,
+    d: usize,
+) -> Result<()> {
+    let tokens = x.dim(0);
+    if tokens == 0 {
+        return Ok(());
+    }
+    let vec4 = four_wide(d, &[x, f, y]);
+    let cfg = threads_launch(tokens * d / if vec4 { 4 } else { 1 }, x.name, stream)?;
+    let (xp, xb, fp, fb, pp, cp, yp) = (x.ptr as u64, is_bf16(x), f.ptr as u64, is_bf16(f), post.ptr as u64, comb.ptr as u64, y.ptr as u64);
+    let (t, n, d, v) = (tokens as i64, n as i32, d as i32, vec4 as i32);
+    launch(dev, Kernel::MhcCombine, &cfg, &mut kernel_args!(xp, xb, fp, fb, pp, cp, yp, t, n, d, v))
 }

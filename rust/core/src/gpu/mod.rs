@@ -7,6 +7,7 @@ pub mod attention;
 pub mod compress;
 pub mod indexer;
 pub mod mhc;
+pub mod norm;
 pub mod qgemm;
 pub mod quant;
 pub mod rope;
@@ -71,6 +72,9 @@ declare_kernels! {
     IndexerScoreDense = "dsv4_indexer_score_dense" in "indexer",
     IndexerMerge = "dsv4_indexer_merge" in "indexer",
     MhcWeights = "dsv4_mhc_weights" in "mhc",
+    MhcCollapse = "dsv4_mhc_collapse" in "mhc",
+    MhcCombine = "dsv4_mhc_combine" in "mhc",
+    RmsNorm = "dsv4_rms_norm" in "norm",
     QgemmFp8M64 = "dsv4_qgemm_fp8_m64" in "qgemm",
     QgemmFp4M64 = "dsv4_qgemm_fp4_m64" in "qgemm",
     QgemmFp8Wgmma = "dsv4_qgemm_fp8_wgmma" in "qgemm_sm90a",
