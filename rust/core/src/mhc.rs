@@ -132,7 +132,7 @@ fn stream_shape(x: &TensorRef) -> Result<(usize, usize, usize)> {
 }
 
 /// Float32 host values of `t`, all finite.
-unsafe fn finite_f32<'a>(t: &'a TensorRef) -> Result<&'a [f32]> {
+unsafe fn finite_f32(t: &TensorRef) -> Result<&[f32]> {
     let v = t.host::<f32>(&[DType::F32])?;
     if let Some(i) = v.iter().position(|x| !x.is_finite()) {
         return Err(Error::value(t.name, format!("contains a non-finite value at flat index {i}")));

@@ -6,9 +6,18 @@ use crate::error::{Error, Result};
 use crate::kernel_args;
 use crate::tensor::{DType, TensorRef};
 
-const THREADS: usize = 256;
-/// Rows at least this long take a block each; shorter ones a warp.
-const BLOCK_ROW: usize = 2048;
+/// Threads a block holds at least (rows shorter than that share a block).
+const MIN_BLOCK: usize = 256;
+/// Threads a row takes at most (cuda/norm.cu MAX_LANES).
+const MAX_LANES: usize = 1024;
+/// Values a thread reads, as the row's length sets the threads (cuda/norm.cu keeps up to 32 in
+/// registers): few enough that a row costs about one memory latency.
+const VALUES_PER_LANE: usize = 16;
+
+/// Threads a row of `dim` values takes: a power of two, 32 (a warp) to [`MAX_LANES`].
+pub fn lanes(dim: usize) -> usize {
+    dim.div_ceil(VALUES_PER_LANE).next_power_of_two().clamp(32, MAX_LANES)
+}
 
 /// # Safety
 /// Tensors satisfy `TensorRef`'s contract on device `dev` (x float32/bfloat16 `[rows * dim]`,
@@ -22,8 +31,9 @@ pub unsafe fn rms_norm(
     if rows == 0 {
         return Ok(());
     }
-    let lanes = if dim >= BLOCK_ROW { THREADS } else { 32 };
-    let blocks = rows.div_ceil(THREADS / lanes);
+    let lanes = lanes(dim);
+    let threads = lanes.max(MIN_BLOCK);
+    let blocks = rows.div_ceil(threads / lanes);
     if blocks > i32::MAX as usize {
         return Err(Error::value(x.name, format!("{rows} rows are more than one launch takes")));
     }
@@ -36,6 +46,18 @@ pub unsafe fn rms_norm(
         None => (0u64, 0),
     };
     let (xp, xb, yp, yb, r, d, l) = (x.ptr as u64, bf16(x), out.ptr as u64, bf16(out), rows as i64, dim as i32, lanes as i32);
-    let cfg = Launch { grid: (blocks as u32, 1, 1), block: (THREADS as u32, 1, 1), shared_bytes: 0, stream };
+    let cfg = Launch { grid: (blocks as u32, 1, 1), block: (threads as u32, 1, 1), shared_bytes: 0, stream };
     launch(dev, Kernel::RmsNorm, &cfg, &mut kernel_args!(xp, xb, wp, wk, yp, yb, r, d, l, vec4, eps))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lanes_follow_the_row() {
+        // The model's rows: a query head (512), the compressed query (1024), the hidden state
+        // (4096), the mHC input (4 x 4096).
+        assert_eq!([7, 512, 1024, 4096, 16384, 1 << 20].map(lanes), [32, 32, 64, 256, 1024, 1024]);
+    }
 }
