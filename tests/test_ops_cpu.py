@@ -717,7 +717,8 @@ def test_mhc_weights_match_reference(gen: torch.Generator, n: int, t: int, iters
 TOL = {torch.float32: dict(rtol=2e-5, atol=1e-6), torch.bfloat16: dict(rtol=2**-8, atol=1e-6)}
 
 
-@pytest.mark.parametrize("shape", [(3, 64), (2, 5, 512), (1, 16384), (4, 7), (0, 32), (3, 1), (2, 3, 4096)])
+@pytest.mark.parametrize("shape", [(3, 64), (2, 5, 512), (1, 16384), (4, 7), (0, 32), (3, 1), (2, 3, 4096),
+                                   (2, 40000), (1, 131075)])
 @pytest.mark.parametrize("x_dtype,w_dtype,out_dtype", [
     (torch.bfloat16, torch.float32, torch.bfloat16), (torch.bfloat16, None, torch.float32),
     (torch.float32, torch.float32, torch.float32), (torch.float32, torch.bfloat16, torch.bfloat16),

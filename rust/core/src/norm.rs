@@ -1,16 +1,19 @@
 //! RMSNorm over the last dim (docs/model.md section 2): `y = (x * rsqrt(mean(x^2) + eps)) * w`
 //! in float32, rounded once to the output's dtype. The input and output may each be float32 or
 //! bfloat16, so the casts the model puts around a norm are part of the one call. The GPU form is
-//! cuda/norm.cu, with the same math (the sum of squares in its own order).
+//! cuda/norm.cu, with the same math (the sum of squares in its own order and precision).
 
 use crate::error::{Error, Result};
 use crate::gpu;
 use crate::rows::{fill_rows, Floats};
 use crate::tensor::{same_device, DType, Device, TensorRef};
 
-/// One row: the scale `rsqrt(mean(x^2) + eps)`, then `(x * scale) * w`, in float32.
+/// One row: the scale `rsqrt(mean(x^2) + eps)`, then `(x * scale) * w`, in float32. The sum of
+/// squares is added in float64 and rounded once: a float32 running sum drifts over a long row
+/// (3.5e-5 relative at most over 131,075 random values, in 20 draws), where the GPU's, spread over
+/// many threads, does not.
 pub fn row(x: &[f32], weight: Option<&[f32]>, eps: f32, out: &mut [f32]) {
-    let ss = x.iter().fold(0f32, |s, v| s + v * v);
+    let ss = x.iter().map(|v| *v as f64 * *v as f64).sum::<f64>() as f32;
     let scale = 1.0 / (ss / x.len() as f32 + eps).sqrt();
     match weight {
         Some(w) => out.iter_mut().zip(x.iter().zip(w)).for_each(|(o, (v, g))| *o = (v * scale) * g),
