@@ -362,10 +362,9 @@ __device__ __forceinline__ uint32_t e4m3x2(float lo, float hi) {
 // steps c_begin .. c_begin + nsteps (rows past the tile: zero codes and scales) into shared memory
 // as qgemv_wg reads them: step j's codes at q + j ROWS KC, 16-byte chunk c of row r at c ROWS 16 +
 // 16 r (each 128-block in f8_act_pos order for F8_WG_FP8 / F8_WG_FP4), its scales at
-// qs[j ROWS + r]. The values are dsv4_act_quant_f8's, bit for bit: the same amax, its exponent by
-// integer moves (ue8m0_exponent_fp8), each code as fp8_encode's (its magnitude by the hardware
-// conversion of the same clamped value, then the sign; a block holding an infinity takes
-// fp8_encode itself). A thread takes a 16-byte chunk of x (8 bfloat16 or 4 float32 values) at a
+// qs[j ROWS + r]. The values are dsv4_act_quant_f8's, bit for bit: the same amax and exponent,
+// each code as fp8_encode's (its magnitude by the hardware conversion of the same clamped value,
+// then the sign; a block holding an infinity takes fp8_encode itself). A thread takes a 16-byte chunk of x (8 bfloat16 or 4 float32 values) at a
 // time, a 128-block spanning CG = 128 / V consecutive lanes, four chunks' loads in flight.
 template <int ROWS, bool FP4>
 __device__ __forceinline__ void quantize_tile(const GemmParams& p, int g, long long row0, int rows, int c_begin, int nsteps,
@@ -407,7 +406,7 @@ __device__ __forceinline__ void quantize_tile(const GemmParams& p, int g, long l
     for (int u = 0; u < BATCH; ++u) {
       if (base + 128 * u >= total) break;  // the same for the whole block
       const int j = base + 128 * u + threadIdx.x, grp = j / CG, within = j % CG, r = grp / nsteps, s = grp % nsteps;
-      const int e = ue8m0_exponent_fp8(m[u]);
+      const int e = ue8m0_exponent(m[u], FP8_MAX);
       uint32_t c[2];  // codes of values 0..7 of the chunk (0..3 for float32), a byte each
       if (e < 128) {
         const float mult = exp2i(-e);
