@@ -693,8 +693,10 @@ extern "C" __global__ void __launch_bounds__(128, 6) dsv4_qgemv_wg_fp4_n8(const 
 extern "C" __global__ void __launch_bounds__(128, 4) dsv4_qgemv_wg_fp4_n16(const GemmParams p) { qgemv_wg<true, 2, false>(p); }
 extern "C" __global__ void __launch_bounds__(128, 4) dsv4_qgemv_wg_fp8_n8(const GemmParams p) { qgemv_wg<false, 1, false>(p); }
 extern "C" __global__ void __launch_bounds__(128, 4) dsv4_qgemv_wg_fp8_n16(const GemmParams p) { qgemv_wg<false, 2, false>(p); }
-// The fused kernels (a dense linear in one launch, K splits as a cluster: see WgLayout).
-extern "C" __global__ void __launch_bounds__(128, 4) dsv4_qgemv_wg_fused_fp4_n8(const GemmParams p) { qgemv_wg<true, 1, true>(p); }
-extern "C" __global__ void __launch_bounds__(128, 4) dsv4_qgemv_wg_fused_fp4_n16(const GemmParams p) { qgemv_wg<true, 2, true>(p); }
-extern "C" __global__ void __launch_bounds__(128, 4) dsv4_qgemv_wg_fused_fp8_n8(const GemmParams p) { qgemv_wg<false, 1, true>(p); }
-extern "C" __global__ void __launch_bounds__(128, 4) dsv4_qgemv_wg_fused_fp8_n16(const GemmParams p) { qgemv_wg<false, 2, true>(p); }
+// The fused kernels (a dense linear in one launch, K splits as a cluster: see WgLayout). Five
+// blocks an SM, as the three-kernel form's GEMM holds (86 registers): at 102 registers (four
+// blocks an SM) grids of 512-640 blocks, o_a's and o_b's at one row, needed a second wave.
+extern "C" __global__ void __launch_bounds__(128, 5) dsv4_qgemv_wg_fused_fp4_n8(const GemmParams p) { qgemv_wg<true, 1, true>(p); }
+extern "C" __global__ void __launch_bounds__(128, 5) dsv4_qgemv_wg_fused_fp4_n16(const GemmParams p) { qgemv_wg<true, 2, true>(p); }
+extern "C" __global__ void __launch_bounds__(128, 5) dsv4_qgemv_wg_fused_fp8_n8(const GemmParams p) { qgemv_wg<false, 1, true>(p); }
+extern "C" __global__ void __launch_bounds__(128, 5) dsv4_qgemv_wg_fused_fp8_n16(const GemmParams p) { qgemv_wg<false, 2, true>(p); }
