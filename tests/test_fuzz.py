@@ -188,6 +188,20 @@ cfg = CacheConfig([0, 4, 128, 0])
 outcome("cache-arithmetic-wrap", lambda: (cfg.footprint(2**63), cfg.footprint(2**62)),
         ok=lambda r: all(a >= b for a, b in zip(dataclasses.astuple(r[0]), dataclasses.astuple(r[1]))))
 """,
+    "moe-scale-range": """
+def moe(scale_code, x_scale=1.0):
+    gu_s = torch.full((2, 64, 2), 120, dtype=torch.uint8)
+    gu_s[1, 3, 0] = scale_code
+    return ops.moe_experts(torch.randn(2, 64) * x_scale, torch.tensor([[0, 1], [1, 0]]), torch.ones(2, 2),
+                           torch.randint(0, 256, (2, 64, 32), dtype=torch.uint8), gu_s,
+                           torch.randint(0, 256, (2, 64, 16), dtype=torch.uint8),
+                           torch.full((2, 64, 1), 120, dtype=torch.uint8), 1e30)
+for code in (255, 253):  # NaN; weights past float32's range
+    outcome("moe-scale-range", lambda: moe(code))
+outcome("moe-scale-range", lambda: moe(252, 1e30))  # in range, but the sums overflow
+outcome("moe-scale-range", lambda: ops.quant_linear(torch.randn(2, 128), torch.ones(4, 128).to(torch.float8_e4m3fn),
+                                                    torch.full((1, 1), 1e37)))
+""",
     "allocation:indexer_topk": """
 keys = ops.quantize_index_keys(torch.randn(64, 128))
 outcome("allocation:indexer_topk", lambda: ops.indexer_topk(

@@ -34,7 +34,11 @@ tensor cores, the slice sums of the last point):
   capability 9.0 where ``K`` is a multiple of 128 and on ``mma.sync`` elsewhere; both sum the exact
   products in float32 (only the order differs). ``DSV4RS_QGEMM_TILED=mma`` forces the portable one.
 
-Non-finite weights or scales are not looked for (the loader refuses them): they give NaN outputs.
+Out of range: on the CPU, scales that put the weights past float32's range (a UE8M0 code above
+252, 255 being NaN; a float32 scale ``s`` with ``448 s`` not finite) raise ValueError naming the
+scale, and a result that is not finite (the float32 sums overflowed, or an FP8 NaN code) raises
+naming the inputs. The GPU looks for neither (that would synchronize the host): there such calls
+give inf or NaN. The loader refuses non-finite weights and scales.
 """
 
 from __future__ import annotations

@@ -11,8 +11,13 @@
 //!   value is rounded to bfloat16 (nearest even).
 //! - the weights: FP8 e4m3 `fp8_decode(code) * scale[r / 128][k / 128]` (float32 scales), MXFP4
 //!   `fp4_decode(nibble) * 2^(code - 127)` (UE8M0 code per 32 values, even index in the low
-//!   nibble; code 255 is NaN). Non-finite weights are not looked for: they make NaN outputs.
+//!   nibble; code 255 is NaN).
 //! - the products summed in float32, cast to the dtype of `x` at the end.
+//! - out of range: on the CPU, scales that put weights past float32's range (UE8M0 codes above
+//!   [`MAX_FP4_SCALE_CODE`], float32 scales `s` with `448 s` not finite) are errors naming the
+//!   scale, and so is a result that is not finite (the sums overflowed, or an FP8 NaN code),
+//!   naming the inputs. The GPU looks for neither (it would synchronize the host): such calls
+//!   give inf or NaN there.
 
 use rayon::prelude::*;
 
@@ -52,6 +57,10 @@ impl Named for Act {
         }
     }
 }
+
+/// The largest UE8M0 code whose MXFP4 values (at most 6 = 1.5 * 2^2) stay finite in float32:
+/// `6 * 2^(252 - 127)` is about 2.6e38; code 253 would give 5.1e38.
+pub const MAX_FP4_SCALE_CODE: u8 = 252;
 
 /// The value of a UE8M0 code: `2^(code - 127)`, code 0 being the subnormal `2^-127` and code
 /// 255 NaN.
@@ -126,13 +135,31 @@ impl<'a> HostWeight<'a> {
             for (b, pair) in lut.iter_mut().enumerate() {
                 *pair = [quant::fp4_decode(b as u8 & 0xF), quant::fp4_decode(b as u8 >> 4)];
             }
-            HostScales::Fp4 { scale: scale.host::<u8>(&[DType::U8])?, lut }
+            let codes = scale.host::<u8>(&[DType::U8])?;
+            if let Some(i) = codes.iter().position(|c| *c > MAX_FP4_SCALE_CODE) {
+                return Err(Error::value(
+                    scale.name,
+                    format!(
+                        "UE8M0 code {} at flat index {i} scales FP4 values past float32's range (codes above \
+                         {MAX_FP4_SCALE_CODE}; 255 is NaN)",
+                        codes[i]
+                    ),
+                ));
+            }
+            HostScales::Fp4 { scale: codes, lut }
         } else {
             let mut lut = Box::new([0f32; 256]);
             for (b, v) in lut.iter_mut().enumerate() {
                 *v = quant::fp8_decode(b as u8);
             }
-            HostScales::Fp8 { scale: scale.host::<f32>(&[DType::F32])?, lut }
+            let scales = scale.host::<f32>(&[DType::F32])?;
+            if let Some(i) = scales.iter().position(|s| !(s * FP8_MAX).is_finite()) {
+                return Err(Error::value(
+                    scale.name,
+                    format!("{} at flat index {i} scales FP8 values past float32's range", scales[i]),
+                ));
+            }
+            HostScales::Fp8 { scale: scales, lut }
         };
         Ok(HostWeight { data: bytes, k, kind })
     }
@@ -237,6 +264,25 @@ unsafe fn write_out(out: &TensorRef, width: usize, value: impl Fn(usize, usize) 
         }),
     }
     Ok(())
+}
+
+/// Refuses a CPU result that is not finite: with finite inputs and weights in range, the float32
+/// sums overflowed, and `args` (the inputs that set their size) name the cause.
+///
+/// # Safety
+/// `out` satisfies [`TensorRef`]'s contract (float32 or bfloat16, on the CPU).
+unsafe fn finite_out(out: &TensorRef, args: &str) -> Result<()> {
+    let bad = match out.dtype {
+        DType::BF16 => out.host::<u16>(&[DType::BF16])?.iter().position(|b| b & 0x7F80 == 0x7F80),
+        _ => out.host::<f32>(&[DType::F32])?.iter().position(|v| !v.is_finite()),
+    };
+    match bad {
+        Some(i) => Err(Error::value(
+            args,
+            format!("the float32 sums overflow (output {i} is not finite): values or scales too large"),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// `x` (checked finite) as float32 rows of `k`, each quantized by `act`.
@@ -356,7 +402,8 @@ pub unsafe fn linear(
                     tile_product(m, |i| &a[(i * groups + g) * k..][..k], w_tile, k, tile);
                 },
             );
-            write_out(out, rows, |i, r| out_t[r * m + i])
+            write_out(out, rows, |i, r| out_t[r * m + i])?;
+            finite_out(out, &format!("{}, {}", x.name, scale.name))
         }
     }
 }
@@ -480,7 +527,8 @@ pub unsafe fn moe(
                     acc += wt * y[dim * plan.start[e] + c * plan.count(e) + (s - plan.start[e])];
                 }
                 acc
-            })
+            })?;
+            finite_out(out, &format!("{}, {}, {}", x.name, gate_up_scale.name, down_scale.name))
         }
     }
 }
