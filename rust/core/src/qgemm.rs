@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 use crate::formats::Named;
 use crate::gpu;
 use crate::quant::{self, FP8_MAX};
-use crate::rows::Floats;
+use crate::rows::{fill_rows, Floats};
 use crate::simd::{multiversion, F32x16, LANES};
 use crate::tensor::{same_device, DType, Device, TensorRef};
 
@@ -96,15 +96,6 @@ pub fn quantize_act(v: &mut [f32], act: Act) {
                 }
             }
         }
-    }
-}
-
-/// `v` as bfloat16 bits, nearest even (NaN stays NaN).
-fn bf16_bits(v: f32) -> u16 {
-    if v.is_nan() {
-        0x7FC0
-    } else {
-        quant::bf16_from_f32(v)
     }
 }
 
@@ -251,19 +242,7 @@ fn tile_product<'a>(n: usize, a: impl Fn(usize) -> &'a [f32], w: &[f32], k: usiz
 /// # Safety
 /// `out` satisfies [`TensorRef`]'s contract and nothing else borrows it.
 unsafe fn write_out(out: &TensorRef, width: usize, value: impl Fn(usize, usize) -> f32 + Sync) -> Result<()> {
-    match out.dtype {
-        DType::BF16 => out.host_mut::<u16>(&[DType::BF16])?.par_chunks_mut(width).enumerate().for_each(|(m, row)| {
-            for (c, o) in row.iter_mut().enumerate() {
-                *o = bf16_bits(value(m, c));
-            }
-        }),
-        _ => out.host_mut::<f32>(&[DType::F32])?.par_chunks_mut(width).enumerate().for_each(|(m, row)| {
-            for (c, o) in row.iter_mut().enumerate() {
-                *o = value(m, c);
-            }
-        }),
-    }
-    Ok(())
+    fill_rows(out, width, |m, row| row.iter_mut().enumerate().for_each(|(c, o)| *o = value(m, c)))
 }
 
 /// Refuses a CPU result that is not finite: with finite inputs and weights in range, the float32
@@ -272,11 +251,7 @@ unsafe fn write_out(out: &TensorRef, width: usize, value: impl Fn(usize, usize) 
 /// # Safety
 /// `out` satisfies [`TensorRef`]'s contract (float32 or bfloat16, on the CPU).
 unsafe fn finite_out(out: &TensorRef, args: &str) -> Result<()> {
-    let bad = match out.dtype {
-        DType::BF16 => out.host::<u16>(&[DType::BF16])?.iter().position(|b| b & 0x7F80 == 0x7F80),
-        _ => out.host::<f32>(&[DType::F32])?.iter().position(|v| !v.is_finite()),
-    };
-    match bad {
+    match Floats::view(out)?.first_non_finite() {
         Some(i) => Err(Error::value(
             args,
             format!("the float32 sums overflow (output {i} is not finite): values or scales too large"),

@@ -23,18 +23,27 @@ impl<'a> Floats<'a> {
     /// # Safety
     /// `t` satisfies [`TensorRef`]'s contract and is not written while borrowed.
     pub unsafe fn new(t: &'a TensorRef) -> Result<Self> {
-        t.expect_device(Device::Cpu)?;
-        let f = match t.expect_dtype(&[DType::F32, DType::BF16])? {
-            DType::BF16 => Floats::BF16(t.host::<u16>(&[DType::BF16])?),
-            _ => Floats::F32(t.host::<f32>(&[DType::F32])?),
-        };
+        let f = Self::view(t)?;
         if let Some(i) = f.first_non_finite() {
             return Err(Error::value(t.name, format!("contains a non-finite value at flat index {i}")));
         }
         Ok(f)
     }
 
-    fn first_non_finite(&self) -> Option<usize> {
+    /// Borrows `t` (float32 or bfloat16, on the CPU) as it is, non-finite values included.
+    ///
+    /// # Safety
+    /// As [`Floats::new`].
+    pub unsafe fn view(t: &'a TensorRef) -> Result<Self> {
+        t.expect_device(Device::Cpu)?;
+        Ok(match t.expect_dtype(&[DType::F32, DType::BF16])? {
+            DType::BF16 => Floats::BF16(t.host::<u16>(&[DType::BF16])?),
+            _ => Floats::F32(t.host::<f32>(&[DType::F32])?),
+        })
+    }
+
+    /// The flat index of the first value that is not finite.
+    pub fn first_non_finite(&self) -> Option<usize> {
         match self {
             Floats::F32(v) => first_non_finite(v),
             Floats::BF16(v) => {
@@ -234,9 +243,17 @@ impl<'a> Ids<'a> {
     }
 }
 
+/// `v` as bfloat16 bits, nearest even; NaN stays NaN (0x7FC0, as the GPU's `bf16_from_f32`).
+pub fn bf16_bits(v: f32) -> u16 {
+    if v.is_nan() {
+        0x7FC0
+    } else {
+        quant::bf16_from_f32(v)
+    }
+}
+
 /// Fills a float32 or bfloat16 host tensor `out` of `rows` rows of `width` values, in parallel:
-/// `row(r, values)` computes row `r` in float32 and the values are rounded once (bfloat16:
-/// nearest even).
+/// `row(r, values)` computes row `r` in float32 and the values are rounded once ([`bf16_bits`]).
 ///
 /// # Safety
 /// `out` satisfies [`TensorRef`]'s contract, holds `rows * width` values and is not aliased.
@@ -246,11 +263,13 @@ pub unsafe fn fill_rows(out: &TensorRef, width: usize, row: impl Fn(usize, &mut 
         return Ok(());
     }
     match out.expect_dtype(&[DType::F32, DType::BF16])? {
-        DType::BF16 => out.host_mut::<u16>(&[DType::BF16])?.par_chunks_mut(width).enumerate().for_each(|(r, o)| {
-            let mut v = vec![0f32; width];
-            row(r, &mut v);
-            o.iter_mut().zip(&v).for_each(|(o, v)| *o = quant::bf16_from_f32(*v));
-        }),
+        DType::BF16 => out.host_mut::<u16>(&[DType::BF16])?.par_chunks_mut(width).enumerate().for_each_init(
+            || vec![0f32; width],
+            |v, (r, o)| {
+                row(r, v);
+                o.iter_mut().zip(v.iter()).for_each(|(o, v)| *o = bf16_bits(*v));
+            },
+        ),
         _ => out.host_mut::<f32>(&[DType::F32])?.par_chunks_mut(width).enumerate().for_each(|(r, o)| row(r, o)),
     }
     Ok(())

@@ -1,9 +1,9 @@
 //! Launcher of cuda/mhc.cu. Shapes and dtypes are checked by the caller (`crate::mhc`).
 
-use super::{launch, Kernel, Launch};
+use super::{four_wide, is_bf16, launch, Kernel, Launch};
 use crate::error::{Error, Result};
 use crate::kernel_args;
-use crate::tensor::{DType, TensorRef};
+use crate::tensor::TensorRef;
 
 /// # Safety
 /// Tensors satisfy `TensorRef`'s contract on device `dev` with the shapes `crate::mhc` checks;
@@ -24,15 +24,6 @@ pub unsafe fn mhc_weights(
 }
 
 const THREADS: u32 = 256;
-
-fn is_bf16(t: &TensorRef) -> i32 {
-    (t.dtype == DType::BF16) as i32
-}
-
-/// Whether rows of `d` values of these tensors can be read four at a time (cuda/floats.cuh).
-pub(crate) fn four_wide(d: usize, tensors: &[&TensorRef]) -> bool {
-    d.is_multiple_of(4) && tensors.iter().all(|t| t.ptr.is_multiple_of(4 * t.dtype.size()))
-}
 
 /// A grid of `threads` threads (at most 2^31 - 1 blocks of THREADS).
 fn threads_launch(threads: usize, arg: &str, stream: usize) -> Result<Launch> {

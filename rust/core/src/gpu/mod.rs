@@ -19,6 +19,7 @@ use std::sync::Mutex;
 use cudarc::driver::sys;
 
 use crate::error::{Error, Result};
+use crate::tensor::{DType, TensorRef};
 
 /// The embedded fatbins (`FATBINS`) and the GPU targets they carry (`TARGETS`).
 pub mod kernels {
@@ -109,6 +110,17 @@ declare_kernels! {
     Hadamard128 = "dsv4_hadamard128" in "quant",
     Rope = "dsv4_rope" in "rope",
     SampleGumbel = "dsv4_sample_gumbel" in "sample",
+}
+
+/// 1 for a bfloat16 tensor, 0 otherwise: the kernels' `*_bf16` flags.
+pub(crate) fn is_bf16(t: &TensorRef) -> i32 {
+    (t.dtype == DType::BF16) as i32
+}
+
+/// Whether rows of `d` values of these tensors can be read four at a time (cuda/include/floats.cuh):
+/// `d` a multiple of 4 and every pointer aligned to four values.
+pub(crate) fn four_wide(d: usize, tensors: &[&TensorRef]) -> bool {
+    d.is_multiple_of(4) && tensors.iter().all(|t| t.ptr.is_multiple_of(4 * t.dtype.size()))
 }
 
 fn check(res: sys::CUresult, call: &str) -> Result<()> {

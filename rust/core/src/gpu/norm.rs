@@ -1,10 +1,9 @@
 //! Launcher of cuda/norm.cu. Shapes and dtypes are checked by the caller (`crate::norm`).
 
-use super::mhc::four_wide;
-use super::{launch, Kernel, Launch};
+use super::{four_wide, is_bf16, launch, Kernel, Launch};
 use crate::error::{Error, Result};
 use crate::kernel_args;
-use crate::tensor::{DType, TensorRef};
+use crate::tensor::TensorRef;
 
 /// Threads a block holds at least (rows shorter than that share a block).
 const MIN_BLOCK: usize = 256;
@@ -40,12 +39,11 @@ pub unsafe fn rms_norm(
     let mut rowed = vec![x, out];
     rowed.extend(weight);
     let vec4 = four_wide(dim, &rowed) as i32;
-    let bf16 = |t: &TensorRef| (t.dtype == DType::BF16) as i32;
     let (wp, wk) = match weight {
-        Some(w) => (w.ptr as u64, 1 + bf16(w)),
+        Some(w) => (w.ptr as u64, 1 + is_bf16(w)),
         None => (0u64, 0),
     };
-    let (xp, xb, yp, yb, r, d, l) = (x.ptr as u64, bf16(x), out.ptr as u64, bf16(out), rows as i64, dim as i32, lanes as i32);
+    let (xp, xb, yp, yb, r, d, l) = (x.ptr as u64, is_bf16(x), out.ptr as u64, is_bf16(out), rows as i64, dim as i32, lanes as i32);
     let cfg = Launch { grid: (blocks as u32, 1, 1), block: (threads as u32, 1, 1), shared_bytes: 0, stream };
     launch(dev, Kernel::RmsNorm, &cfg, &mut kernel_args!(xp, xb, wp, wk, yp, yb, r, d, l, vec4, eps))
 }

@@ -1,18 +1,14 @@
 //! Launchers of cuda/quant.cu. Shapes and dtypes are checked by the callers in `crate::kv`.
 
-use super::{launch, Kernel, Launch};
+use super::{is_bf16, launch, Kernel, Launch};
 use crate::error::Result;
 use crate::formats::IndexFormat;
 use crate::kernel_args;
 use crate::quant::RowFormat;
-use crate::tensor::{DType, TensorRef};
+use crate::tensor::TensorRef;
 
 fn rows_launch(n: usize, threads: u32, stream: usize) -> Launch {
     Launch { grid: (n as u32, 1, 1), block: (threads, 1, 1), shared_bytes: 0, stream }
-}
-
-fn is_bf16(x: &TensorRef) -> i32 {
-    (x.dtype == DType::BF16) as i32
 }
 
 fn grid_rows(arg: &TensorRef) -> Result<usize> {
