@@ -18,18 +18,16 @@ namespace {
 // matrix (N values in registers); lanes N .. P - 1 compute on zeros and write nothing. A row sum
 // is local; a column sum gathers the column's N values by shuffles and adds them in row order,
 // as the CPU does. So a Sinkhorn pass costs a lane N divisions (its row) instead of N^2.
+//
+// `m` is the token's mix ((2 + N) N values), `pre`, `post` and `comb` its outputs; `live` says
+// whether this lane owns a row (i < N of a real token). Every lane of the warp calls it.
 template <int N, int P>
-__device__ __forceinline__ void mhc_rows(const float* mix, const float* scale, const float* base, long long tokens,
-                                         int iters, float eps, float* pre, float* post, float* comb) {
-  const long long g = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-  const long long t = g / P;
-  const int i = (int)(g % P);
-  const bool live = t < tokens && i < N;
-  const float* m = mix + (live ? t : 0) * (2 + N) * N;
+__device__ __forceinline__ void mhc_token(const float* m, bool live, int i, const float* scale, const float* base,
+                                          int iters, float eps, float* pre, float* post, float* comb) {
   const float s0 = scale[0], s1 = scale[1], s2 = scale[2];
   if (live) {
-    pre[t * N + i] = 1.f / (1.f + expf(-(m[i] * s0 + base[i]))) + eps;
-    post[t * N + i] = 2.f * (1.f / (1.f + expf(-(m[N + i] * s1 + base[N + i]))));
+    pre[i] = 1.f / (1.f + expf(-(m[i] * s0 + base[i]))) + eps;
+    post[i] = 2.f * (1.f / (1.f + expf(-(m[N + i] * s1 + base[N + i]))));
   }
   float c[N];
   {
@@ -71,8 +69,20 @@ __device__ __forceinline__ void mhc_rows(const float* mix, const float* scale, c
   }
   if (live) {
 #pragma unroll
-    for (int k = 0; k < N; ++k) comb[t * N * N + i * N + k] = c[k];
+    for (int k = 0; k < N; ++k) comb[i * N + k] = c[k];
   }
+}
+
+// The tokens of a grid, a group of P lanes each.
+template <int N, int P>
+__device__ __forceinline__ void mhc_rows(const float* mix, const float* scale, const float* base, long long tokens,
+                                         int iters, float eps, float* pre, float* post, float* comb) {
+  const long long g = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+  const long long t = g / P;
+  const int i = (int)(g % P);
+  const bool live = t < tokens && i < N;
+  const long long u = live ? t : 0;
+  mhc_token<N, P>(mix + u * (2 + N) * N, live, i, scale, base, iters, eps, pre + u * N, post + u * N, comb + u * N * N);
 }
 
 __host__ __device__ constexpr int group_lanes(int n) { return n <= 1 ? 1 : n <= 2 ? 2 : n <= 4 ? 4 : 8; }
@@ -187,5 +197,148 @@ extern "C" __global__ void __launch_bounds__(256) dsv4_mhc_combine(const void* x
        : combine_values<N, 1>(x, x_bf16, f, f_bf16, post, comb, y, tokens, dim)
   DSV4_MHC_STREAMS(DSV4_COMBINE)
 #undef DSV4_COMBINE
+}
+#undef DSV4_MHC_STREAMS
+
+// The mHC input of a sublayer in two kernels (decode: a few tokens): from the streams x [T, n, d]
+// (K = n d values a token) and the projection fn [(2 + n) n, K] (float32), the mix
+// mu = rsqrt(mean(x^2) + norm_eps) (fn x), the weights as dsv4_mhc_weights, and the collapse
+// y = sum_j pre_j x_j. Replaces the norm, the projection (two cuBLAS kernels), the weights and
+// the collapse: five launches.
+
+namespace {
+
+constexpr int PRE_THREADS = 256;
+constexpr int MIX_CHUNK = 4 * PRE_THREADS;  // values of K a block of the first kernel covers
+
+// Block (s, t): the M dot products of fn with x[t] over values [s MIX_CHUNK, (s + 1) MIX_CHUNK)
+// and their sum of squares, in partial[t, s, 0 .. M] (M + 1 floats): each thread 4 values, then
+// the warps' shuffles, then the 8 warps' sums in warp order.
+template <int N, bool VEC>
+__device__ __forceinline__ void mix_partials(const void* x, int x_bf16, const float* fn, long long width, float* partial) {
+  constexpr int M = (2 + N) * N;
+  __shared__ float warp_sums[PRE_THREADS / 32][M + 1];
+  const long long t = blockIdx.y;
+  const long long k0 = blockIdx.x * (long long)MIX_CHUNK + threadIdx.x * 4;
+  float v[4] = {0.f, 0.f, 0.f, 0.f};
+  if (VEC) {
+    if (k0 < width) load_n<4>(x, t * width + k0, x_bf16, v);
+  } else {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) v[e] = k0 + e < width ? load_value(x, t * width + k0 + e, x_bf16) : 0.f;
+  }
+  float acc[M + 1];
+  acc[M] = 0.f;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) acc[M] = fmaf(v[e], v[e], acc[M]);
+#pragma unroll
+  for (int o = 0; o < M; ++o) {
+    float w[4] = {0.f, 0.f, 0.f, 0.f};
+    if (VEC) {
+      if (k0 < width) load_n<4>(fn, o * width + k0, 0, w);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) w[e] = k0 + e < width ? fn[o * width + k0 + e] : 0.f;
+    }
+    acc[o] = v[0] * w[0];
+#pragma unroll
+    for (int e = 1; e < 4; ++e) acc[o] = fmaf(v[e], w[e], acc[o]);
+  }
+#pragma unroll
+  for (int o = 0; o <= M; ++o) {
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) acc[o] += __shfl_xor_sync(0xffffffffu, acc[o], off);
+  }
+  if (threadIdx.x % 32 == 0) {
+#pragma unroll
+    for (int o = 0; o <= M; ++o) warp_sums[threadIdx.x / 32][o] = acc[o];
+  }
+  __syncthreads();
+  if (threadIdx.x <= M) {
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < PRE_THREADS / 32; ++w) sum += warp_sums[w][threadIdx.x];
+    partial[(t * gridDim.x + blockIdx.x) * (M + 1) + threadIdx.x] = sum;
+  }
+}
+
+// Block t: the S splits' partial sums added in split order, the mix scaled by the norm, the
+// weights by the first warp (pre to shared memory, post and comb out), then the collapse.
+template <int N, bool VEC>
+__device__ __forceinline__ void pre_token(const float* partial, int splits, const float* scale, const float* base,
+                                          int iters, float eps, float norm_eps, const void* x, int x_bf16, int dim,
+                                          float* post, float* comb, void* y) {
+  constexpr int M = (2 + N) * N;
+  constexpr int P = group_lanes(N);
+  __shared__ float mix[M + 1];
+  __shared__ float pre[N];
+  const long long t = blockIdx.x;
+  if (threadIdx.x <= M) {
+    float sum = 0.f;
+    for (int s = 0; s < splits; ++s) sum += partial[(t * splits + s) * (M + 1) + threadIdx.x];
+    mix[threadIdx.x] = sum;
+  }
+  __syncthreads();
+  const float r = rsqrtf(mix[M] / (float)(N * dim) + norm_eps);
+  __syncthreads();  // every thread has read mix[M]
+  if (threadIdx.x < M) mix[threadIdx.x] *= r;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    const int i = threadIdx.x;
+    mhc_token<N, P>(mix, i < N, i, scale, base, iters, eps, pre, post + t * N, comb + t * N * N);
+  }
+  __syncthreads();
+  constexpr int V = VEC ? 4 : 1;
+  for (int i = threadIdx.x * V; i < dim; i += PRE_THREADS * V) {
+    float acc[V];
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      float v[V];
+      load_n<V>(x, (t * N + j) * dim + i, x_bf16, v);
+#pragma unroll
+      for (int k = 0; k < V; ++k) acc[k] = j == 0 ? __fmul_rn(pre[j], v[k]) : __fadd_rn(acc[k], __fmul_rn(pre[j], v[k]));
+    }
+    store_n<V>(y, t * dim + i, x_bf16, acc);
+  }
+}
+
+}  // namespace
+
+#define DSV4_MHC_STREAMS(CALL) \
+  switch (n) {                 \
+    case 1: CALL(1); break;    \
+    case 2: CALL(2); break;    \
+    case 3: CALL(3); break;    \
+    case 4: CALL(4); break;    \
+    case 5: CALL(5); break;    \
+    case 6: CALL(6); break;    \
+    case 7: CALL(7); break;    \
+    case 8: CALL(8); break;    \
+    default: break;            \
+  }
+
+// Grid (ceil(n d / MIX_CHUNK), T), PRE_THREADS threads; partial [T, gridDim.x, (2 + n) n + 1].
+// vec4: n d % 4 == 0 and x, fn aligned to four values.
+extern "C" __global__ void __launch_bounds__(PRE_THREADS) dsv4_mhc_mix(const void* x, int x_bf16, const float* fn,
+                                                                       int n, int dim, int vec4, float* partial) {
+  const long long width = (long long)n * dim;
+#define DSV4_MIX(N) \
+  vec4 ? mix_partials<N, true>(x, x_bf16, fn, width, partial) : mix_partials<N, false>(x, x_bf16, fn, width, partial)
+  DSV4_MHC_STREAMS(DSV4_MIX)
+#undef DSV4_MIX
+}
+
+// Grid T, PRE_THREADS threads: post [T, n], comb [T, n, n], y [T, d] in x's dtype. vec4: d % 4 ==
+// 0 and x, y aligned to four values.
+extern "C" __global__ void __launch_bounds__(PRE_THREADS) dsv4_mhc_pre(const float* partial, int splits,
+                                                                       const float* scale, const float* base, int iters,
+                                                                       float eps, float norm_eps, const void* x,
+                                                                       int x_bf16, int n, int dim, int vec4,
+                                                                       float* post, float* comb, void* y) {
+#define DSV4_PRE(N)                                                                                          \
+  vec4 ? pre_token<N, true>(partial, splits, scale, base, iters, eps, norm_eps, x, x_bf16, dim, post, comb, y) \
+       : pre_token<N, false>(partial, splits, scale, base, iters, eps, norm_eps, x, x_bf16, dim, post, comb, y)
+  DSV4_MHC_STREAMS(DSV4_PRE)
+#undef DSV4_PRE
 }
 #undef DSV4_MHC_STREAMS

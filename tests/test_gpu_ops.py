@@ -558,3 +558,43 @@ def test_norm_and_mhc_ops_replay_in_a_graph(gen: torch.Generator) -> None:
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, run()) and not torch.equal(out, eager)
+
+
+@pytest.mark.parametrize("t,n,d", [(1, 4, 4096), (16, 4, 4096), (3, 4, 300), (2, 1, 5), (5, 8, 130), (0, 4, 64),
+                                   (2, 3, 1023)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_mhc_pre_matches_reference(gen: torch.Generator, t: int, n: int, d: int, dtype: torch.dtype) -> None:
+    x = (torch.randn(t, n, d, generator=gen) * 2).to(dtype)
+    proj = torch.randn((2 + n) * n, n * d, generator=gen) * 0.02
+    scale, base = torch.rand(3, generator=gen) + 0.5, torch.randn((2 + n) * n, generator=gen)
+    mix = reference.rms_norm(x.flatten(-2), None, 1e-6) @ proj.double().T
+    pre, want_post, want_comb = reference.mhc_weights(mix, scale, base, 20, 1e-6)
+    want_y = reference.mhc_collapse(x, pre)
+    tol = dict(TOL[dtype], atol=1e-5 if dtype == torch.float32 else 2**-8)
+    for xs in (x.cuda(), unaligned(x.cuda())):
+        post, comb, y = ops.mhc_pre(xs, proj.cuda(), scale.cuda(), base.cuda(), 20, 1e-6, 1e-6)
+        assert y.dtype == dtype and y.shape == (t, d)
+        torch.testing.assert_close(post.cpu().double(), want_post, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(comb.cpu().double(), want_comb, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(y.cpu().double(), want_y, **tol)
+
+
+def test_mhc_pre_replays_in_a_graph(gen: torch.Generator) -> None:
+    x = torch.randn(2, 4, 4096, generator=gen).bfloat16().cuda()
+    proj = (torch.randn(24, 16384, generator=gen) * 0.02).cuda()
+    scale, base = torch.rand(3, device="cuda") + 0.5, torch.randn(24, device="cuda")
+    run = lambda: ops.mhc_pre(x, proj, scale, base)  # noqa: E731
+    eager = run()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    x.mul_(-0.5)
+    graph.replay()
+    torch.cuda.synchronize()
+    again = run()
+    assert all(torch.equal(a, b) for a, b in zip(out, again)) and not torch.equal(out[2], eager[2])

@@ -793,6 +793,50 @@ def test_mhc_collapse_is_torchs_sum_in_float32(gen: torch.Generator) -> None:
     assert torch.equal(ops.mhc_collapse(x, pre), (pre.unsqueeze(-1) * x).sum(-2))
 
 
+def mhc_pre_inputs(gen: torch.Generator, t: int, n: int, d: int, dtype: torch.dtype):
+    x = (randn(gen, t, n, d) * 2).to(dtype)
+    proj = randn(gen, (2 + n) * n, n * d) * 0.02
+    return x, proj, torch.rand(3, generator=gen) + 0.5, randn(gen, (2 + n) * n)
+
+
+def mhc_pre_reference(x, proj, scale, base, iters, eps, norm_eps):
+    """The composition the op replaces, in float64: the norm, the projection, the weights, the
+    collapse."""
+    mix = ref.rms_norm(x.flatten(-2), None, norm_eps) @ proj.double().T
+    pre, post, comb = ref.mhc_weights(mix, scale, base, iters, eps)
+    return post, comb, ref.mhc_collapse(x, pre)
+
+
+@pytest.mark.parametrize("t,n,d", [(1, 4, 256), (3, 4, 300), (0, 4, 64), (2, 1, 5), (5, 8, 130), (2, 3, 1024)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_mhc_pre_matches_reference(gen: torch.Generator, t: int, n: int, d: int, dtype: torch.dtype) -> None:
+    args = mhc_pre_inputs(gen, t, n, d, dtype)
+    post, comb, y = ops.mhc_pre(*args, iters=20, eps=1e-6, norm_eps=1e-6)
+    want_post, want_comb, want_y = mhc_pre_reference(*args, 20, 1e-6, 1e-6)
+    assert post.dtype == comb.dtype == torch.float32 and y.dtype == dtype and y.shape == (t, d)
+    close(post, want_post, rtol=1e-5, atol=1e-6)
+    close(comb, want_comb, rtol=1e-5, atol=1e-6)
+    close(y, want_y, **dict(TOL[dtype], atol=1e-5 if dtype == torch.float32 else 2**-8))
+
+
+def test_mhc_pre_rejects_bad_input(gen: torch.Generator) -> None:
+    x, proj, scale, base = mhc_pre_inputs(gen, 2, 4, 8, torch.float32)
+    with pytest.raises(ValueError, match="proj: expected shape"):
+        ops.mhc_pre(x, proj[:, :31].contiguous(), scale, base)
+    with pytest.raises(ValueError, match="base: expected shape"):
+        ops.mhc_pre(x, proj, scale, base[:23])
+    with pytest.raises(TypeError, match="proj: expected dtype"):
+        ops.mhc_pre(x, proj.bfloat16(), scale, base)
+    with pytest.raises(ValueError, match="norm_eps"):
+        ops.mhc_pre(x, proj, scale, base, norm_eps=0.0)
+    with pytest.raises(ValueError, match="iters"):
+        ops.mhc_pre(x, proj, scale, base, iters=0)
+    with pytest.raises(ValueError, match="x: expected 1..=8 streams"):
+        ops.mhc_pre(torch.ones(2, 9, 8), torch.ones(99, 72), torch.ones(3), torch.ones(99))
+    with pytest.raises(ValueError, match="proj: contains a non-finite"):
+        ops.mhc_pre(x, torch.full_like(proj, float("nan")), scale, base)
+
+
 def test_mhc_collapse_and_combine_reject_bad_input() -> None:
     x, pre, f, comb = torch.ones(2, 4, 8), torch.ones(2, 4), torch.ones(2, 8), torch.ones(2, 4, 4)
     with pytest.raises(ValueError, match="x: expected a 3-d tensor"):

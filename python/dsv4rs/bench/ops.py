@@ -99,7 +99,8 @@ def norm(b: Bench) -> Iterator[Case]:
 
 
 def mhc(b: Bench) -> Iterator[Case]:
-    """The mHC collapse and combine of 4 bfloat16 streams of 4096 (V4-Flash) around a sublayer."""
+    """The mHC collapse and combine of 4 bfloat16 streams of 4096 (V4-Flash) around a sublayer, and
+    the fused input of a sublayer (``mhc_pre``) at decode sizes."""
     n, d = 4, 4096
     for t in b.pick([1, 64, 4096], [1, 4096], [1, 64]):
 
@@ -121,8 +122,28 @@ def mhc(b: Bench) -> Iterator[Case]:
             return Row(f"mhc_combine T={t} {n}x{d}", ms, t * (2 * n + 1) * d * 2 + t * (n + n * n) * 4,
                        t * n * d * (2 * n + 2.0), eager)
 
+        def pre(t: int = t) -> Row:
+            """The mHC input (norm, projection, weights, collapse) beside the same four steps as
+            separate calls (the dsv4rs ops and cuBLAS's float32 projection)."""
+            m = (2 + n) * n
+            proj = torch.randn(m, n * d, device=b.device) * 0.02
+            scale, base = torch.rand(3, device=b.device) + 0.5, torch.randn(m, device=b.device)
+            xs = _inputs(t, lambda: b.randn(t, n, d).bfloat16())
+            ms = _per_call_ms(b, xs, lambda x: ops.mhc_pre(x, proj, scale, base))
+
+            def apart(x: torch.Tensor):
+                mix = torch.nn.functional.linear(ops.rms_norm(x.flatten(-2), None, 1e-6, torch.float32), proj)
+                pre_w, post, comb = ops.mhc_weights(mix, scale, base)
+                return post, comb, ops.mhc_collapse(x, pre_w)
+
+            eager = _per_call_ms(b, xs, apart)
+            return Row(f"mhc_pre T={t} {n}x{d} (eager: the four ops apart)", ms, m * n * d * 4 + t * (n + 1) * d * 2,
+                       t * m * n * d * 2.0, eager)
+
         yield Case("mhc", f"mhc_collapse T={t}", collapse)
         yield Case("mhc", f"mhc_combine T={t}", combine)
+        if t <= 64:
+            yield Case("mhc", f"mhc_pre T={t}", pre)
 
 
 def eager_rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ their outputs (and workspace).
   ``hadamard128``, new caches.
 - :mod:`.rope`: ``rope``, ``ROPE_TABLES`` (how every op that rotates computes its angles).
   :mod:`.norm`: ``rms_norm`` (the casts around it included). :mod:`.mhc`: ``mhc_weights``,
-  ``mhc_collapse``, ``mhc_combine``. :mod:`.sample`: ``sample_gumbel`` (one token per row).
+  ``mhc_collapse``, ``mhc_combine``, ``mhc_pre``. :mod:`.sample`: ``sample_gumbel`` (one token per row).
 - :mod:`.compress`: ``compress``, ``compress_batch``, ``compressor_state``.
 - :mod:`.indexer`: ``indexer_topk``, ``indexer_scores``.
 - :mod:`.attention`: ``sparse_attention``, ``attention_kernel``.
@@ -52,7 +52,7 @@ from dsv4rs.ops.formats import (
     quantize_index_keys,
 )
 from dsv4rs.ops.indexer import TIE_BREAKS, indexer_scores, indexer_topk
-from dsv4rs.ops.mhc import mhc_collapse, mhc_combine, mhc_weights
+from dsv4rs.ops.mhc import mhc_collapse, mhc_combine, mhc_pre, mhc_weights
 from dsv4rs.ops.norm import rms_norm
 from dsv4rs.ops.quant import moe_experts, quant_linear
 from dsv4rs.ops.rope import ROPE_TABLES, RopeTable, rope
@@ -64,8 +64,8 @@ __all__ = [
     "RopeTable",
     "attention_kernel", "compress", "compress_batch", "compressor_state", "copy_rows", "hadamard128",
     "index_key_read", "index_key_round_trip", "index_key_write", "indexer_scores", "indexer_topk", "kv_read",
-    "kv_write", "mhc_collapse", "mhc_combine", "mhc_weights", "moe_experts", "new_index_key_cache", "new_kv_cache",
-    "quant_linear", "quantize_entries", "quantize_index_keys", "rms_norm", "rope", "sample_gumbel", "sparse_attention",
+    "kv_write", "mhc_collapse", "mhc_combine", "mhc_pre", "mhc_weights", "moe_experts", "new_index_key_cache",
+    "new_kv_cache", "quant_linear", "quantize_entries", "quantize_index_keys", "rms_norm", "rope", "sample_gumbel", "sparse_attention",
     "warm_up",
 ]
 

@@ -114,3 +114,55 @@ def mhc_combine(x: torch.Tensor, f: torch.Tensor, post: torch.Tensor, comb: torc
     x = as_tensor("x", x)
     ndim("x", x, 3)
     return _mhc_combine(x, as_tensor("f", f), as_tensor("post", post), as_tensor("comb", comb))
+
+
+@torch.library.custom_op("dsv4rs::mhc_pre", mutates_args=())
+def _mhc_pre(x: torch.Tensor, proj: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, iters: int, eps: float,
+             norm_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    t, n, d = x.shape
+    post = torch.empty((t, n), dtype=torch.float32, device=x.device)
+    comb = torch.empty((t, n, n), dtype=torch.float32, device=x.device)
+    y = torch.empty((t, d), dtype=x.dtype, device=x.device)
+    workspace = None
+    if x.is_cuda:
+        splits = -(-n * d // _core.MHC_MIX_CHUNK)
+        workspace = torch.empty(t * splits * ((2 + n) * n + 1), dtype=torch.float32, device=x.device)
+    _core.mhc_pre(spec("x", x), spec("proj", proj), spec("scale", scale), spec("base", base),
+                  None if workspace is None else spec("workspace", workspace), spec("post", post), spec("comb", comb),
+                  spec("y", y), iters, eps, norm_eps, stream(x))
+    return post, comb, y
+
+
+@_mhc_pre.register_fake
+def _(x: torch.Tensor, proj: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, iters: int, eps: float,
+      norm_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    t, n, d = x.shape
+    return (x.new_empty((t, n), dtype=torch.float32), x.new_empty((t, n, n), dtype=torch.float32),
+            x.new_empty((t, d)))
+
+
+def mhc_pre(x: torch.Tensor, proj: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, iters: int = 20,
+            eps: float = 1e-6, norm_eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The mHC input of a sublayer in one call (docs/model.md section 6): the mix
+    ``mu = rsqrt(mean(x^2) + norm_eps) (proj vec x)``, the weights (:func:`mhc_weights`) and the
+    collapse (:func:`mhc_collapse`).
+
+    Args:
+        x: ``float32``/``bfloat16 [T, n, d]``, the streams (``n`` in 1..8).
+        proj: ``float32 [(2 + n) n, n d]`` (``hc_fn``); scale: ``float32 [3]``; base:
+            ``float32 [(2 + n) n]``.
+        iters, eps: as :func:`mhc_weights`; norm_eps: the RMS norm's (``rms_norm_eps``), > 0.
+
+    Returns:
+        ``(post float32 [T, n], comb float32 [T, n, n], y [T, d])``, ``y`` in the dtype of ``x``:
+        what ``mhc_weights`` and ``mhc_collapse`` return for the same mix. On a GPU two kernels
+        (the projection's partial sums over 1,024-value slices, then per token their sum, the
+        weights and the collapse) instead of five; the projection is summed in float32 there and
+        in float64 on the CPU. Built for a few tokens a call (a decode step): every token reads
+        the whole projection. Non-finite values raise on the CPU and propagate on the GPU.
+    """
+    iters = positive("iters", iters, _core.MAX_SINKHORN_ITERS)
+    x = as_tensor("x", x)
+    ndim("x", x, 3)
+    return _mhc_pre(x, as_tensor("proj", proj), as_tensor("scale", scale), as_tensor("base", base), iters,
+                    float(eps), float(norm_eps))

@@ -213,6 +213,104 @@ pub unsafe fn mhc_combine(
     }
 }
 
+/// Values of a token's streams one block of the GPU's first `mhc_pre` kernel covers
+/// (cuda/mhc.cu `MIX_CHUNK`): the workspace holds `ceil(n d / MIX_CHUNK)` partial sums a token.
+pub const MIX_CHUNK: usize = 1024;
+
+/// Floats of `mhc_pre`'s GPU workspace for `tokens` tokens of `n` streams of `d`.
+pub fn pre_workspace_len(tokens: usize, n: usize, d: usize) -> usize {
+    tokens * (n * d).div_ceil(MIX_CHUNK) * ((2 + n) * n + 1)
+}
+
+/// The mHC input of a sublayer in one call: from the streams `x` (float32/bfloat16 `[T, n, d]`)
+/// and the projection `proj` (`hc_fn`, float32 `[(2 + n) n, n d]`), the mix
+/// `mu = rsqrt(mean(x^2) + norm_eps) (proj x)` (over the token's `n d` values), the weights of
+/// [`mhc_weights`] with `scale` and `base`, and the collapse `y = sum_j pre_j x_j` (as
+/// [`mhc_collapse`]). Writes `post [T, n]`, `comb [T, n, n]` (float32) and `y [T, d]` (the dtype
+/// of `x`). On a GPU two kernels, with `workspace` (float32, [`pre_workspace_len`] values) for the
+/// partial sums; on the CPU the workspace may be absent. The sums of the mix are float32 on the
+/// GPU (split over blocks), float64 on the CPU.
+///
+/// # Safety
+/// As [`mhc_collapse`]; `workspace` aliases nothing.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn mhc_pre(
+    x: &TensorRef, proj: &TensorRef, scale: &TensorRef, base: &TensorRef, workspace: Option<&TensorRef>,
+    post: &TensorRef, comb: &TensorRef, y: &TensorRef, cfg: Config, norm_eps: f32, stream: usize,
+) -> Result<()> {
+    let (t, n, d) = stream_shape(x)?;
+    let (width, k) = ((2 + n) * n, n * d);
+    for w in [proj, scale, base, post, comb] {
+        w.expect_dtype(&[DType::F32])?;
+    }
+    proj.expect_shape(&[Some(width), Some(k)])?;
+    scale.expect_shape(&[Some(3)])?;
+    base.expect_shape(&[Some(width)])?;
+    post.expect_shape(&[Some(t), Some(n)])?;
+    comb.expect_shape(&[Some(t), Some(n), Some(n)])?;
+    y.expect_dtype(&[x.dtype])?;
+    y.expect_shape(&[Some(t), Some(d)])?;
+    if cfg.iters == 0 || cfg.iters > MAX_ITERS {
+        return Err(Error::value("iters", format!("must be in 1..={MAX_ITERS}, got {}", cfg.iters)));
+    }
+    if !(cfg.eps.is_finite() && cfg.eps >= 0.0) {
+        return Err(Error::value("eps", format!("must be finite and >= 0, got {}", cfg.eps)));
+    }
+    if !(norm_eps.is_finite() && norm_eps > 0.0) {
+        return Err(Error::value("norm_eps", format!("must be finite and > 0, got {norm_eps}")));
+    }
+    let mut all = vec![x, proj, scale, base, post, comb, y];
+    all.extend(workspace);
+    match same_device(&all)? {
+        Device::Cuda(dev) => {
+            let ws = workspace.ok_or_else(|| Error::value("workspace", "a GPU call needs the partial sums' workspace"))?;
+            ws.expect_dtype(&[DType::F32])?;
+            let need = pre_workspace_len(t, n, d);
+            if ws.numel() < need {
+                return Err(Error::value(ws.name, format!("needs {need} float32 values, got {}", ws.numel())));
+            }
+            if k.div_ceil(MIX_CHUNK) > u16::MAX as usize || t > u16::MAX as usize {
+                return Err(Error::value(x.name, format!("{t} tokens of {k} values are more than one launch takes")));
+            }
+            gpu::mhc::mhc_pre(dev, stream, x, proj, scale, base, ws, post, comb, y, n, d, cfg.iters, cfg.eps, norm_eps)
+        }
+        Device::Cpu => {
+            let src = Floats::new(x)?;
+            let (f, sc, b) = (finite_f32(proj)?, finite_f32(scale)?, finite_f32(base)?);
+            let (po, co) = (post.host_mut::<f32>(&[DType::F32])?, comb.host_mut::<f32>(&[DType::F32])?);
+            use rayon::prelude::*;
+            // The mix of each token (in parallel), then its weights.
+            let mixes: Vec<Vec<f32>> = (0..t)
+                .into_par_iter()
+                .map(|tok| {
+                    let mut v = vec![0f32; k];
+                    src.read(tok * k, &mut v);
+                    let ss = v.iter().map(|a| *a as f64 * *a as f64).sum::<f64>() as f32;
+                    let r = 1.0 / (ss / k as f32 + norm_eps).sqrt();
+                    f.chunks_exact(k)
+                        .map(|row| r * row.iter().zip(&v).map(|(w, a)| *w as f64 * *a as f64).sum::<f64>() as f32)
+                        .collect()
+                })
+                .collect();
+            let mut pre = vec![0f32; t * n];
+            for (tok, mix) in mixes.iter().enumerate() {
+                token(mix, sc, b, n, cfg, &mut pre[tok * n..(tok + 1) * n], &mut po[tok * n..(tok + 1) * n],
+                      &mut co[tok * n * n..(tok + 1) * n * n]);
+            }
+            fill_rows(y, d, |r, out| {
+                let mut s = vec![0f32; d];
+                for j in 0..n {
+                    src.read((r * n + j) * d, &mut s);
+                    let w = pre[r * n + j];
+                    for (o, a) in out.iter_mut().zip(&s) {
+                        *o = if j == 0 { w * a } else { *o + w * a };
+                    }
+                }
+            })
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -85,6 +85,30 @@ pub fn mhc_combine(py: Python<'_>, x: Spec, f: Spec, post: Spec, comb: Spec, y: 
 }
 
 #[pyfunction]
+#[allow(clippy::too_many_arguments)]
+pub fn mhc_pre(
+    py: Python<'_>,
+    x: Spec,
+    proj: Spec,
+    scale: Spec,
+    base: Spec,
+    workspace: Option<Spec>,
+    post: Spec,
+    comb: Spec,
+    y: Spec,
+    iters: usize,
+    eps: f32,
+    norm_eps: f32,
+    stream: usize,
+) -> PyResult<()> {
+    let (x, f, s, b, w) = (tref("x", x)?, tref("proj", proj)?, tref("scale", scale)?, tref("base", base)?, opt("workspace", workspace)?);
+    let (po, co, y) = (tref("post", post)?, tref("comb", comb)?, tref("y", y)?);
+    let cfg = mhc::Config { iters, eps };
+    // SAFETY: as rope; the outputs and the workspace are fresh tensors.
+    run(py, || unsafe { mhc::mhc_pre(&x, &f, &s, &b, w.as_ref(), &po, &co, &y, cfg, norm_eps, stream) })
+}
+
+#[pyfunction]
 #[pyo3(signature = (x, weight, out, eps, stream))]
 pub fn rms_norm(py: Python<'_>, x: Spec, weight: Option<Spec>, out: Spec, eps: f32, stream: usize) -> PyResult<()> {
     let (x, w, o) = (tref("x", x)?, opt("weight", weight)?, tref("out", out)?);

@@ -12,6 +12,11 @@ from dsv4rs.model.config import V4Config
 from dsv4rs.model.layers.norm import rms_norm
 
 
+PRE_MAX_TOKENS = 16
+"""Most tokens a call that :func:`dsv4rs.ops.mhc_pre` takes on a GPU: each token reads the whole
+projection (1.5 MB at V4-Flash width), where cuBLAS's GEMM reads it once for all."""
+
+
 class HyperConnection(nn.Module):
     """mHC around one sublayer: from the streams ``X [T, hc, d]``, the collapse weights ``pre``,
     the expansion weights ``post`` and the Sinkhorn-projected mixing matrix ``comb``."""
@@ -30,7 +35,11 @@ class HyperConnection(nn.Module):
         return F.linear(rms_norm(x.flatten(-2), None, self.norm_eps), self.fn.to(dtype))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(post [T, hc], comb [T, hc, hc], collapsed [T, d])``, the weights in float32."""
+        """``(post [T, hc], comb [T, hc, hc], collapsed [T, d])``, the weights in float32. On a
+        GPU with a few tokens (a decode step), :func:`dsv4rs.ops.mhc_pre`: the norm, the
+        projection, the weights and the collapse in two kernels instead of five."""
+        if x.shape[0] <= PRE_MAX_TOKENS and _kernel(x, self.fn, self.scale, self.base):
+            return ops.mhc_pre(x.contiguous(), self.fn, self.scale, self.base, self.iters, self.eps, self.norm_eps)
         pre, post, comb = ops.mhc_weights(self.mix(x).float(), self.scale.float(), self.base.float(), self.iters,
                                           self.eps)
         return post, comb, collapse(x, pre)

@@ -66,3 +66,29 @@ pub unsafe fn mhc_combine(
     let (t, n, d, v) = (tokens as i64, n as i32, d as i32, vec4 as i32);
     launch(dev, Kernel::MhcCombine, &cfg, &mut kernel_args!(xp, xb, fp, fb, pp, cp, yp, t, n, d, v))
 }
+
+/// # Safety
+/// As [`mhc_collapse`] (x `[T, n, d]`, proj `[(2 + n) n, n d]`, scale `[3]`, base `[(2 + n) n]`,
+/// workspace at least `crate::mhc::pre_workspace_len` floats, post `[T, n]`, comb `[T, n, n]`,
+/// y `[T, d]`; T and the splits below 2^16).
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn mhc_pre(
+    dev: i32, stream: usize, x: &TensorRef, proj: &TensorRef, scale: &TensorRef, base: &TensorRef, workspace: &TensorRef,
+    post: &TensorRef, comb: &TensorRef, y: &TensorRef, n: usize, d: usize, iters: usize, eps: f32, norm_eps: f32,
+) -> Result<()> {
+    let tokens = x.dim(0);
+    if tokens == 0 {
+        return Ok(());
+    }
+    let splits = (n * d).div_ceil(crate::mhc::MIX_CHUNK);
+    let (xp, xb, fp, wp) = (x.ptr as u64, is_bf16(x), proj.ptr as u64, workspace.ptr as u64);
+    let (nn, dd) = (n as i32, d as i32);
+    let mix_vec = four_wide(n * d, &[x, proj]) as i32;
+    let cfg = Launch { grid: (splits as u32, tokens as u32, 1), block: (THREADS, 1, 1), shared_bytes: 0, stream };
+    launch(dev, Kernel::MhcMix, &cfg, &mut kernel_args!(xp, xb, fp, nn, dd, mix_vec, wp))?;
+    let (sp, bp, pp, cp, yp) = (scale.ptr as u64, base.ptr as u64, post.ptr as u64, comb.ptr as u64, y.ptr as u64);
+    let (s, it) = (splits as i32, iters.min(i32::MAX as usize) as i32);
+    let pre_vec = four_wide(d, &[x, y]) as i32;
+    let cfg = Launch { grid: (tokens as u32, 1, 1), block: (THREADS, 1, 1), shared_bytes: 0, stream };
+    launch(dev, Kernel::MhcPre, &cfg, &mut kernel_args!(wp, s, sp, bp, it, eps, norm_eps, xp, xb, nn, dd, pre_vec, pp, cp, yp))
+}

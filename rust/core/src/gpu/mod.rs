@@ -75,6 +75,8 @@ declare_kernels! {
     MhcWeights = "dsv4_mhc_weights" in "mhc",
     MhcCollapse = "dsv4_mhc_collapse" in "mhc",
     MhcCombine = "dsv4_mhc_combine" in "mhc",
+    MhcMix = "dsv4_mhc_mix" in "mhc",
+    MhcPre = "dsv4_mhc_pre" in "mhc",
     RmsNorm = "dsv4_rms_norm" in "norm",
     QgemmFp8M64 = "dsv4_qgemm_fp8_m64" in "qgemm",
     QgemmFp4M64 = "dsv4_qgemm_fp4_m64" in "qgemm",
