@@ -140,6 +140,23 @@ unsafe fn finite_f32(t: &TensorRef) -> Result<&[f32]> {
     Ok(v)
 }
 
+/// The CPU collapse into `y [T, d]` of the streams `src` (`[T, n, d]`) with `pre [T, n]`.
+///
+/// # Safety
+/// `y` satisfies [`TensorRef`]'s contract, on the CPU, and aliases nothing.
+unsafe fn collapse_rows(src: &Floats, pre: &[f32], n: usize, d: usize, y: &TensorRef) -> Result<()> {
+    fill_rows(y, d, |r, out| {
+        let mut v = vec![0f32; d];
+        for j in 0..n {
+            src.read((r * n + j) * d, &mut v);
+            let w = pre[r * n + j];
+            for (o, v) in out.iter_mut().zip(&v) {
+                *o = if j == 0 { w * v } else { *o + w * v };
+            }
+        }
+    })
+}
+
 /// The collapse of a sublayer's input: `y[t] = sum_j pre[t, j] x[t, j]` for the streams `x`
 /// (float32/bfloat16 `[T, n, d]`) and `pre` (float32 `[T, n]`, from [`mhc_weights`]) into `y`
 /// (`[T, d]`, the dtype of `x`): float32 products added in stream order, rounded once.
@@ -156,17 +173,7 @@ pub unsafe fn mhc_collapse(x: &TensorRef, pre: &TensorRef, y: &TensorRef, stream
     match same_device(&[x, pre, y])? {
         Device::Cuda(dev) => gpu::mhc::mhc_collapse(dev, stream, x, pre, y, n, d),
         Device::Cpu => {
-            let (src, p) = (Floats::new(x)?, finite_f32(pre)?);
-            fill_rows(y, d, |r, out| {
-                let mut v = vec![0f32; d];
-                for j in 0..n {
-                    src.read((r * n + j) * d, &mut v);
-                    let w = p[r * n + j];
-                    for (o, v) in out.iter_mut().zip(&v) {
-                        *o = if j == 0 { w * v } else { *o + w * v };
-                    }
-                }
-            })
+            collapse_rows(&Floats::new(x)?, finite_f32(pre)?, n, d, y)
         }
     }
 }
@@ -297,16 +304,7 @@ pub unsafe fn mhc_pre(
                 token(mix, sc, b, n, cfg, &mut pre[tok * n..(tok + 1) * n], &mut po[tok * n..(tok + 1) * n],
                       &mut co[tok * n * n..(tok + 1) * n * n]);
             }
-            fill_rows(y, d, |r, out| {
-                let mut s = vec![0f32; d];
-                for j in 0..n {
-                    src.read((r * n + j) * d, &mut s);
-                    let w = pre[r * n + j];
-                    for (o, a) in out.iter_mut().zip(&s) {
-                        *o = if j == 0 { w * a } else { *o + w * a };
-                    }
-                }
-            })
+            collapse_rows(&src, &pre, n, d, y)
         }
     }
 }
