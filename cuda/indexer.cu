@@ -11,8 +11,10 @@
 // dsv4_indexer_score_dense: the same body (one template, two instances) writing every score of
 // the split to `dense` (a [T, width] float32 matrix) instead, and -inf for keys it does not score:
 // `ops.indexer_scores`, whose scores are those of the selection bit for bit.
-// dsv4_indexer_merge: one block per query selects the exact top-k of all splits' candidates,
-// sorts them (score descending, lower index first on ties) and writes indices and scores.
+// dsv4_indexer_merge: the splits' candidates to the exact top-k, in stages of one block per
+// group of lists: each keeps the top k of its group's candidates (at most 8,192, in shared
+// memory), until one group is left, whose block sorts them (score descending, lower index first
+// on ties) and writes indices and scores.
 #include "mma.cuh"
 #include "quant.cuh"
 #include "topk.cuh"
@@ -110,7 +112,6 @@ __device__ __forceinline__ void score_split(
     for (long long i = max(k0, k1) + tid; i < min(k0 + split_keys, width); i += THREADS) row[i] = -INFINITY;
   }
   if (k0 >= k1) {
-    for (int i = tid; i < kcap; i += THREADS) out[i] = 0;
     if (tid == 0 && !DENSE) counts[t * splits + s] = 0;
     return;
   }
@@ -214,17 +215,20 @@ __device__ __forceinline__ void score_split(
   __syncthreads();
   if (DENSE) return;
 
+  // The split's candidates (unordered) and their count: the merge reads only that many.
   const int n = n_valid;
   if (n <= kcap) {
-    for (int i = tid; i < kcap; i += THREADS) out[i] = i < n ? pool[i] : 0;
+    for (int i = tid; i < n; i += THREADS) out[i] = pool[i];
     if (tid == 0) counts[t * splits + s] = n;
     return;
   }
-  uint64_t thr = kth_largest([&](int i) { return pool[i]; }, n, kcap, scratch);
+  const uint64_t thr = top_threshold([&](int i) { return pool[i]; }, n, kcap, scratch);
   if (tid == 0) n_out = 0;
   __syncthreads();
-  for (int i = tid; i < n; i += THREADS) {
-    if (pool[i] >= thr) out[atomicAdd(&n_out, 1)] = pool[i];
+  for (int base = 0; base < n; base += THREADS) {
+    const int i = base + tid;
+    const uint64_t key = i < n ? pool[i] : 0;
+    append_key(out, &n_out, i < n && key >= thr, key);
   }
   if (tid == 0) counts[t * splits + s] = kcap;
 }
@@ -249,45 +253,64 @@ extern "C" __global__ void __launch_bounds__(THREADS) dsv4_indexer_score_dense(S
   score_split<true>(SCORE_ARGS);
 }
 
+// One merge stage, one block per (group, query): the candidates of lists g * group .. g * group +
+// group - 1 of query t (list l holds counts[l] keys at cand + l * cap; [T, lists, cap] and
+// [T, lists]) are gathered into shared memory, and their top min(k, n) kept. A middle stage
+// (final = 0) writes those, unordered, to out_cand [T, groups, k] and out_counts [T, groups];
+// the final stage (one group) sorts them (score descending, lower index first on ties) and
+// writes ids (logical, or physical through the block table) and scores, -1 / -inf past them.
+// Shared memory: group * cap + kpow2 keys and the select scratch.
 extern "C" __global__ void __launch_bounds__(1024) dsv4_indexer_merge(
-    const unsigned long long* __restrict__ cand, const int* __restrict__ counts, int splits, int kcap,
-    int k, int kpow2, const int* __restrict__ block_table, int max_pages,
-    const void* __restrict__ seq_ids, int seq64, int physical, int* __restrict__ out_idx,
-    float* __restrict__ out_score) {
+    const unsigned long long* __restrict__ cand, const int* __restrict__ counts, int lists, int cap, int group,
+    int k, int kpow2, int final_stage, unsigned long long* __restrict__ out_cand, int* __restrict__ out_counts,
+    const int* __restrict__ block_table, int max_pages, const void* __restrict__ seq_ids, int seq64, int physical,
+    int* __restrict__ out_idx, float* __restrict__ out_score) {
   extern __shared__ __align__(16) uint8_t smem[];
-  uint64_t* buf = (uint64_t*)smem;
-  SelectScratch& scratch = *(SelectScratch*)(buf + kpow2);
-  __shared__ int total, filled;
-  const long long t = blockIdx.x;
-  const int tid = threadIdx.x;
-  const uint64_t* keys = (const uint64_t*)cand + t * splits * kcap;
-  if (tid == 0) {
-    int sum = 0;
-    for (int s = 0; s < splits; ++s) sum += counts[t * splits + s];
-    total = sum;
-    filled = 0;
+  const int tid = threadIdx.x, g = blockIdx.x, groups = gridDim.x;
+  const long long t = blockIdx.y;
+  const int l0 = g * group, slots = min(group, lists - l0) * cap;
+  uint64_t* buf = (uint64_t*)smem;  // [group * cap] the group's candidates
+  uint64_t* sel = buf + group * cap;  // [kpow2] the kept ones
+  SelectScratch& scratch = *(SelectScratch*)(sel + kpow2);
+  __shared__ int filled, chosen;
+  if (tid == 0) filled = chosen = 0;
+  __syncthreads();
+  const uint64_t* src = (const uint64_t*)cand + (t * lists + l0) * cap;
+  const int* cnt = counts + t * lists + l0;
+  for (int base = 0; base < slots; base += blockDim.x) {
+    const int i = base + tid;
+    const bool ok = i < slots && i % cap < cnt[i / cap];
+    append_key(buf, &filled, ok, ok ? src[i] : 0);
   }
   __syncthreads();
-  const int m = min(k, total);
-  if (m > 0) {
-    const int n = splits * kcap;
-    uint64_t thr = kth_largest([&](int i) { return keys[i]; }, n, m, scratch);
-    for (int i = tid; i < n; i += blockDim.x) {
-      uint64_t key = keys[i];
-      if (key != 0 && key >= thr) buf[atomicAdd(&filled, 1)] = key;
+  const int n = filled, m = min(k, n);
+  if (n > m) {
+    const uint64_t thr = top_threshold([&](int i) { return buf[i]; }, n, m, scratch);
+    for (int base = 0; base < n; base += blockDim.x) {
+      const int i = base + tid;
+      const uint64_t key = i < n ? buf[i] : 0;
+      append_key(sel, &chosen, i < n && key >= thr, key);
     }
+  } else {
+    for (int i = tid; i < n; i += blockDim.x) sel[i] = buf[i];
   }
   __syncthreads();
-  for (int i = m + tid; i < kpow2; i += blockDim.x) buf[i] = 0;
+  if (!final_stage) {
+    uint64_t* dst = (uint64_t*)out_cand + (t * groups + g) * k;
+    for (int i = tid; i < m; i += blockDim.x) dst[i] = sel[i];
+    if (tid == 0) out_counts[t * groups + g] = m;
+    return;
+  }
+  for (int i = m + tid; i < kpow2; i += blockDim.x) sel[i] = 0;
   __syncthreads();
-  sort_descending(buf, kpow2);
+  sort_descending(sel, kpow2);
   const long long seq = load_id(seq_ids, t, seq64);
   for (int i = tid; i < k; i += blockDim.x) {
     int idx = -1;
     float score = -INFINITY;
     if (i < m) {
-      uint32_t logical = candidate_index(buf[i]);
-      score = candidate_score(buf[i]);
+      uint32_t logical = candidate_index(sel[i]);
+      score = candidate_score(sel[i]);
       idx = physical ? block_table[seq * max_pages + logical / PAGE_ROWS] * PAGE_ROWS + logical % PAGE_ROWS
                      : (int)logical;
     }

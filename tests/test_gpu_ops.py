@@ -235,6 +235,42 @@ def test_indexer_torch_tie_break_on_gpu(gen: torch.Generator) -> None:
         assert lower[t, :n].tolist() == list(range(n))
 
 
+def selection_of(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The top-k key numbers of each row of dense scores (-inf: not visible): score descending,
+    the lower key first on equal scores (a stable sort), -1 past the visible keys."""
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+    picked = scores.gather(1, order)
+    return torch.where(torch.isneginf(picked), -1, order).int()
+
+
+@pytest.mark.parametrize("fmt,k", [("fp4", 512), ("fp8", 1024), ("fp4", 4096), ("fp8", 3)])
+def test_indexer_long_context_merges_in_stages(gen: torch.Generator, fmt: str, k: int) -> None:
+    """A few queries over 128,000 keys: hundreds of short splits, whose candidates go through
+    several merge stages (4096: five). The selection is the exact top-k of the GPU's own dense
+    scores (one kernel computes both), ties to the lower key."""
+    cache, table = paged_keys(gen, 2, 2000, fmt, "cpu")
+    q, w = bf16_exact(gen, 3, 64, 128), torch.randn(3, 64, generator=gen)
+    seq_ids, visible = torch.tensor([0, 1, 0]), torch.tensor([128_000, 77_777, 4_000])
+    args = [x.cuda() for x in (q, w, cache, table, seq_ids, visible)]
+    dense = ops.indexer_scores(*args)
+    idx, top = ops.indexer_topk(*args, k, return_scores=True)
+    assert torch.equal(idx, selection_of(dense, k))
+    picked = dense.gather(1, idx.long().clamp_min(0))
+    assert torch.equal(bits(picked[idx >= 0]), bits(top[idx >= 0]))
+
+
+def test_indexer_ties_across_merge_stages(gen: torch.Generator) -> None:
+    """Every key scores the same: each split, each merge stage and the final sort keep the lowest
+    key numbers, so the selection is 0 .. k - 1 in order."""
+    cache, table = paged_keys(gen, 1, 600, "bf16", "cpu")
+    cache.view(-1, 128)[:] = cache.view(-1, 128)[0]
+    q, w = bf16_exact(gen, 2, 16, 128).abs(), torch.ones(2, 16)
+    args = [x.cuda() for x in (q, w, cache, table, torch.zeros(2, dtype=torch.long), torch.tensor([38_400, 20_000]))]
+    for k in (1000, 4096):
+        idx = ops.indexer_topk(*args, k).cpu()
+        assert idx[0].tolist() == list(range(k)) and idx[1].tolist() == list(range(k))
+
+
 def test_indexer_scores_capture_and_replay_in_a_cuda_graph(gen: torch.Generator) -> None:
     ops.warm_up("cuda")
     kcache, table = paged_keys(gen, 2, 8, "fp4", "cuda")

@@ -3,8 +3,8 @@
 // A candidate is packed as key = ord(score) << 32 | (0xFFFFFFFF - index): keys are unique, a
 // larger key is a higher score, and among equal scores the LOWER index has the larger key, which
 // is the tie rule of docs/model.md section 4 shared with the CPU op. Selection is an MSB-first radix
-// select (8 passes of 8 bits) that finds the k-th largest key exactly, so no sort of all
-// candidates is needed.
+// select (up to 8 passes of 8 bits) that finds a threshold with exactly k keys at or above it,
+// so no sort of all candidates is needed.
 #pragma once
 #include <stdint.h>
 
@@ -34,31 +34,62 @@ struct SelectScratch {
   uint32_t hist[256];
   uint64_t prefix;
   uint32_t remaining;
+  int done;
 };
 
-// Returns the k-th largest of keys[0..n) (1 <= k <= n), reading keys through `load(i)` so the
-// keys may live in shared or global memory. All threads of the block must call it.
+// Appends `key` to dst[*count ...] when `ok`, a warp at a time: one shared atomic a warp, the
+// lanes' slots in lane order. Every lane of the warp must call it (a uniform loop bound).
+__device__ __forceinline__ void append_key(uint64_t* dst, int* count, bool ok, uint64_t key) {
+  const uint32_t lane = threadIdx.x % 32, votes = __ballot_sync(0xffffffffu, ok);
+  int base = 0;
+  if (lane == 0 && votes != 0) base = atomicAdd(count, __popc(votes));
+  base = __shfl_sync(0xffffffffu, base, 0);
+  if (ok) dst[base + __popc(votes & ((1u << lane) - 1u))] = key;
+}
+
+// Returns a threshold `thr` such that exactly k of keys[0..n) are >= thr (1 <= k <= n, keys
+// unique), reading keys through `load(i)` so they may live in shared or global memory. All
+// threads of the block must call it, with blockDim.x a multiple of 32.
+//
+// MSB-first radix select, 8 bits a pass: each pass counts the keys that match the prefix chosen
+// so far into 256 bins and picks the bin holding the `remaining`-th largest. When that bin is
+// taken whole (its keys are exactly the ones still needed), every key at or above the prefix with
+// zeros below is in the top k and every other key is not, so the select stops there: with
+// distinct scores that is usually after the 2nd or 3rd pass rather than the 8th. Otherwise the
+// 8th pass ends at the k-th largest key itself.
+//
+// The lanes of a warp whose keys fall in one bin add their count with one atomic
+// (__match_any_sync): scores of one query mostly share their top byte, so without it the first
+// pass serializes on one or two bins.
 template <typename Load>
-__device__ uint64_t kth_largest(Load load, int n, int k, SelectScratch& s) {
+__device__ uint64_t top_threshold(Load load, int n, int k, SelectScratch& s) {
+  const int lane = threadIdx.x % 32;
   if (threadIdx.x == 0) {
     s.prefix = 0;
     s.remaining = (uint32_t)k;
+    s.done = 0;
   }
   uint64_t mask = 0;
   for (int shift = 56; shift >= 0; shift -= 8) {
     for (int b = threadIdx.x; b < 256; b += blockDim.x) s.hist[b] = 0;
     __syncthreads();
-    uint64_t prefix = s.prefix;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-      uint64_t key = load(i);
-      if ((key & mask) == prefix) atomicAdd(&s.hist[(key >> shift) & 255u], 1u);
+    const uint64_t prefix = s.prefix;
+    for (int base = 0; base < n; base += blockDim.x) {  // the same rounds for every lane
+      const int i = base + threadIdx.x;
+      uint32_t bin = 256;  // no bin: past n, or off the prefix
+      if (i < n) {
+        const uint64_t key = load(i);
+        if ((key & mask) == prefix) bin = (uint32_t)(key >> shift) & 255u;
+      }
+      const uint32_t peers = __match_any_sync(0xffffffffu, bin);
+      if (bin < 256 && lane == __ffs(peers) - 1) atomicAdd(&s.hist[bin], (uint32_t)__popc(peers));
     }
     __syncthreads();
     // Warp 0 finds the bin holding the `remaining`-th largest key: lane l sums bins
     // 255 - 8l .. 248 - 8l, a prefix sum over lanes runs from the top bin down, and the one lane
     // whose range crosses `remaining` walks its eight bins.
     if (threadIdx.x < 32) {
-      const int lane = threadIdx.x, top = 255 - 8 * lane;
+      const int top = 255 - 8 * lane;
       const uint32_t need = s.remaining;
       uint32_t sum = 0;
       for (int i = 0; i < 8; ++i) sum += s.hist[top - i];
@@ -80,10 +111,12 @@ __device__ uint64_t kth_largest(Load load, int n, int k, SelectScratch& s) {
         }
         s.remaining = need - above;
         s.prefix = prefix | ((uint64_t)b << shift);
+        s.done = above + s.hist[b] == need;
       }
     }
     mask |= (uint64_t)255 << shift;
     __syncthreads();
+    if (s.done) break;
   }
   return s.prefix;
 }

@@ -17,6 +17,12 @@ pub const MAX_K: usize = crate::topk::MAX_TOPK;
 pub const MAX_HEADS: usize = 64;
 /// Blocks to aim for: enough to fill every multiprocessor of a large GPU several times.
 const TARGET_BLOCKS: usize = 4 * 132;
+/// Fewest keys a split takes (4 pages), so a block's page pipeline has pages to overlap.
+const MIN_SPLIT_KEYS: usize = 4 * PAGE_ROWS;
+/// Most keys a split takes: its candidate pool lives in shared memory.
+const MAX_SPLIT_KEYS: usize = 4096;
+/// Candidates one merge block gathers in shared memory (64 KiB).
+const MERGE_KEYS: usize = 8192;
 
 /// How the key axis is split: keys per split (a multiple of 64) and number of splits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,20 +33,61 @@ pub struct Split {
     pub kcap: usize,
 }
 
-/// Splits a key axis of at most `max_keys` keys for `queries` queries.
+/// Splits a key axis of at most `max_keys` keys for `queries` queries: about
+/// [`TARGET_BLOCKS`] blocks in all, each split 256 to 4096 keys. Few queries get many short
+/// splits, whose candidates the merge stages reduce.
 pub fn split(queries: usize, max_keys: usize, k: usize) -> Split {
     let per_query = TARGET_BLOCKS.div_ceil(queries.max(1)).max(1);
-    // At least 4k keys a split (up to the 4096 the shared pool holds), so that each split hands
-    // the merge at most a quarter of its keys.
-    let floor = (4 * k).next_multiple_of(PAGE_ROWS).clamp(4 * PAGE_ROWS, 4096);
-    let keys = max_keys.div_ceil(per_query).next_multiple_of(PAGE_ROWS).clamp(floor, 4096);
+    let keys = max_keys.div_ceil(per_query).next_multiple_of(PAGE_ROWS).clamp(MIN_SPLIT_KEYS, MAX_SPLIT_KEYS);
     Split { keys, count: max_keys.div_ceil(keys).max(1), kcap: k.min(keys) }
 }
 
-/// Bytes of workspace the op needs: candidates (u64) and their counts (i32) per query and split.
+/// Lists of `cap` candidates one merge block takes: as many as [`MERGE_KEYS`] hold, at least two
+/// (so every stage at least halves the lists).
+fn merge_group(cap: usize) -> usize {
+    (MERGE_KEYS / cap.max(1)).max(2)
+}
+
+/// One merge stage: `lists` lists of `cap` candidates a query in, `groups` blocks a query, each
+/// taking `group` lists; the last stage has one group and writes the output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MergeStage {
+    pub lists: usize,
+    pub cap: usize,
+    pub group: usize,
+    pub groups: usize,
+}
+
+/// The merge stages after a split `s` for top-`k`: each but the last keeps the top `k` of each
+/// group, so the next stage takes `groups` lists of `k`.
+pub fn merge_stages(s: Split, k: usize) -> Vec<MergeStage> {
+    let (mut lists, mut cap) = (s.count, s.kcap);
+    let mut stages = Vec::new();
+    loop {
+        let group = merge_group(cap);
+        if lists <= group {
+            stages.push(MergeStage { lists, cap, group: lists, groups: 1 });
+            return stages;
+        }
+        let groups = lists.div_ceil(group);
+        stages.push(MergeStage { lists, cap, group, groups });
+        (lists, cap) = (groups, k);
+    }
+}
+
+/// Bytes of one list region: `lists` lists of `cap` candidates (u64) a query, then their counts
+/// (i32), rounded to 8 bytes so the next region's candidates stay aligned.
+fn region_bytes(queries: usize, lists: usize, cap: usize) -> usize {
+    (queries * lists * (cap * 8 + 4)).next_multiple_of(8)
+}
+
+/// Bytes of workspace the op needs: the splits' candidates and counts, then each middle merge
+/// stage's output.
 pub fn workspace_bytes(queries: usize, max_keys: usize, k: usize) -> usize {
     let s = split(queries, max_keys, k);
-    queries * s.count * (s.kcap * 8 + 4)
+    let stages = merge_stages(s, k);
+    let middle: usize = stages[..stages.len() - 1].iter().map(|st| region_bytes(queries, st.groups, k)).sum();
+    region_bytes(queries, s.count, s.kcap) + middle
 }
 
 /// Pages staged ahead by the score kernel (`STAGES` in cuda/indexer.cu).
@@ -51,8 +98,11 @@ const STAGES: usize = 4;
 fn score_shared_bytes(pool_keys: usize, key_format: IndexFormat) -> u32 {
     let page_bytes = PAGE_ROWS * key_format.row_bytes();
     let tile = PAGE_ROWS * (INDEX_DIM + 8) * 2 + 5 * PAGE_ROWS * 4;
-    (tile + pool_keys * 8 + 1040 + STAGES * page_bytes) as u32
+    (tile + pool_keys * 8 + SELECT_SCRATCH_BYTES + STAGES * page_bytes) as u32
 }
+
+/// Bytes of `SelectScratch` (cuda/include/topk.cuh): 256 bins, a prefix, a count and a flag.
+const SELECT_SCRATCH_BYTES: usize = 1040;
 
 /// The inputs of one launch, already validated.
 pub struct IndexerArgs<'a> {
@@ -134,26 +184,34 @@ pub unsafe fn indexer_topk(dev: i32, stream: usize, a: &IndexerArgs, sel: &Selec
     if ws.dtype != DType::U8 || ws.numel() < need || !ws.ptr.is_multiple_of(8) {
         return Err(Error::value(ws.name, format!("needs at least {need} bytes (uint8, 8-byte aligned)")));
     }
-    let cand = ws.ptr as u64;
-    let counts = cand + (t * s.count * s.kcap * 8) as u64;
+    let (mut cand, mut counts) = (ws.ptr as u64, ws.ptr as u64 + (t * s.count * s.kcap * 8) as u64);
     launch_score(dev, stream, a, s, ScoreOut::Candidates { cand, counts })?;
+    let mut next = ws.ptr as u64 + region_bytes(t, s.count, s.kcap) as u64;
     let (bt, mp) = (a.block_table.ptr as u64, max_pages as i32);
     let (sp, s64) = (a.seq_ids.ptr as u64, (a.seq_ids.dtype == DType::I64) as i32);
-    let (sc, kc) = (s.count as i32, s.kcap as i32);
     let (k, kpow2, phys) = (sel.k as i32, sel.k.next_power_of_two() as i32, sel.physical as i32);
     let (oi, os) = (sel.out_indices.ptr as u64, sel.out_scores.ptr as u64);
-    let merge = Launch {
-        grid: (t as u32, 1, 1),
-        block: (MERGE_THREADS, 1, 1),
-        shared_bytes: (sel.k.next_power_of_two() * 8 + 256 * 4 + 16) as u32,
-        stream,
-    };
-    launch(
-        dev,
-        Kernel::IndexerMerge,
-        &merge,
-        &mut kernel_args!(cand, counts, sc, kc, k, kpow2, bt, mp, sp, s64, phys, oi, os),
-    )
+    let stages = merge_stages(s, sel.k);
+    for (i, st) in stages.iter().enumerate() {
+        let last = (i + 1 == stages.len()) as i32;
+        let (out_cand, out_counts) = if last == 1 { (0, 0) } else { (next, next + (t * st.groups * sel.k * 8) as u64) };
+        let (ls, cp, gp) = (st.lists as i32, st.cap as i32, st.group as i32);
+        let merge = Launch {
+            grid: (st.groups as u32, t as u32, 1),
+            block: (MERGE_THREADS, 1, 1),
+            shared_bytes: ((st.group * st.cap + sel.k.next_power_of_two()) * 8 + SELECT_SCRATCH_BYTES) as u32,
+            stream,
+        };
+        launch(
+            dev,
+            Kernel::IndexerMerge,
+            &merge,
+            &mut kernel_args!(cand, counts, ls, cp, gp, k, kpow2, last, out_cand, out_counts, bt, mp, sp, s64, phys, oi, os),
+        )?;
+        (cand, counts) = (out_cand, out_counts);
+        next += region_bytes(t, st.groups, sel.k) as u64;
+    }
+    Ok(())
 }
 
 /// Every score of [`indexer_topk`]'s score kernel, dense, into `out` (float32 `[T, W]`): `-inf`
@@ -177,7 +235,40 @@ mod tests {
             assert_eq!(s.keys % PAGE_ROWS, 0);
             assert!(s.keys * s.count >= n);
             assert!(s.kcap <= k && s.kcap <= s.keys);
-            assert!(s.keys <= 4096, "the shared-memory pool holds at most 4096 keys");
+            assert!((MIN_SPLIT_KEYS..=MAX_SPLIT_KEYS).contains(&s.keys), "the shared-memory pool holds 256 to 4096 keys");
+        }
+        // One query at 1M context: 512 splits of 512 keys, enough blocks for every multiprocessor.
+        assert_eq!(split(1, 262_144, 512), Split { keys: 512, count: 512, kcap: 512 });
+    }
+
+    #[test]
+    fn merge_stages_end_in_one_group_within_shared_memory() {
+        for t in [1, 3, 11, 64, 4096] {
+            for n in [0, 64, 1_000, 19_200, 65_536, 262_144, 1 << 21] {
+                for k in [1, 7, 100, 512, 777, 2048, 4096] {
+                    let s = split(t, n, k);
+                    let stages = merge_stages(s, k);
+                    assert_eq!(stages[0].lists, s.count);
+                    assert_eq!(stages[0].cap, s.kcap);
+                    for pair in stages.windows(2) {
+                        assert_eq!(pair[1].lists, pair[0].groups);
+                        assert_eq!(pair[1].cap, k);
+                        assert!(pair[0].groups * 2 <= pair[0].lists + 1, "every middle stage at least halves the lists");
+                    }
+                    let last = stages.last().unwrap();
+                    assert_eq!((last.groups, last.group), (1, last.lists));
+                    for st in &stages {
+                        assert!(st.group * st.groups >= st.lists && st.group * (st.groups - 1) < st.lists);
+                        assert!(st.group * st.cap <= MERGE_KEYS, "t {t} n {n} k {k}: {st:?}");
+                        let shared = (st.group * st.cap + k.next_power_of_two()) * 8 + SELECT_SCRATCH_BYTES;
+                        assert!(shared <= 99 * 1024, "fits sm_86/89/120's 99 KiB: {shared}");
+                    }
+                    // The regions follow each other, each 8-byte aligned.
+                    let bytes = workspace_bytes(t, n, k);
+                    assert_eq!(bytes % 8, 0);
+                    assert!(bytes >= t * s.count * (s.kcap * 8 + 4));
+                }
+            }
         }
     }
 }
