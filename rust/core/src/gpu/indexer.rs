@@ -21,8 +21,8 @@ const TARGET_BLOCKS: usize = 4 * 132;
 const MIN_SPLIT_KEYS: usize = 4 * PAGE_ROWS;
 /// Most keys a split takes: its candidate pool lives in shared memory.
 const MAX_SPLIT_KEYS: usize = 4096;
-/// Candidates one merge block gathers in shared memory (64 KiB).
-const MERGE_KEYS: usize = 8192;
+/// Shared memory a merge block may take: 99 KiB, what sm_86/89/120 grant a block.
+const MERGE_SHARED: usize = 99 * 1024;
 
 /// How the key axis is split: keys per split (a multiple of 64) and number of splits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,10 +42,18 @@ pub fn split(queries: usize, max_keys: usize, k: usize) -> Split {
     Split { keys, count: max_keys.div_ceil(keys).max(1), kcap: k.min(keys) }
 }
 
-/// Lists of `cap` candidates one merge block takes: as many as [`MERGE_KEYS`] hold, at least two
-/// (so every stage at least halves the lists).
-fn merge_group(cap: usize) -> usize {
-    (MERGE_KEYS / cap.max(1)).max(2)
+/// Candidates one merge block gathers for top-`k`: what [`MERGE_SHARED`] holds beside the
+/// `next_pow2(k)` kept keys, the select scratch and the block's two counters (16 bytes of static
+/// shared memory): 8,444 at k = 4096, 12,028 at k = 512.
+fn merge_keys(k: usize) -> usize {
+    (MERGE_SHARED - SELECT_SCRATCH_BYTES - 16 - 8 * k.next_power_of_two()) / 8
+}
+
+/// Lists of `cap` candidates one merge block takes for top-`k`: as many as [`merge_keys`] hold,
+/// at least two (so every stage at least halves the lists; `cap <= k <= 4096` keeps two within
+/// the shared memory).
+fn merge_group(cap: usize, k: usize) -> usize {
+    (merge_keys(k) / cap.max(1)).max(2)
 }
 
 /// One merge stage: `lists` lists of `cap` candidates a query in, `groups` blocks a query, each
@@ -64,7 +72,7 @@ pub fn merge_stages(s: Split, k: usize) -> Vec<MergeStage> {
     let (mut lists, mut cap) = (s.count, s.kcap);
     let mut stages = Vec::new();
     loop {
-        let group = merge_group(cap);
+        let group = merge_group(cap, k);
         if lists <= group {
             stages.push(MergeStage { lists, cap, group: lists, groups: 1 });
             return stages;
@@ -242,6 +250,15 @@ mod tests {
     }
 
     #[test]
+    fn merge_stages_at_model_shapes() {
+        // 1M context, one query, k = 512: 512 lists of 512 -> 23 groups -> the output.
+        let groups: Vec<usize> = merge_stages(split(1, 262_144, 512), 512).iter().map(|s| s.groups).collect();
+        assert_eq!(groups, [23, 1]);
+        // 128K context, 32 queries: 17 splits of 1,984 keys, merged in one stage.
+        assert_eq!(merge_stages(split(32, 32_768, 512), 512).len(), 1);
+    }
+
+    #[test]
     fn merge_stages_end_in_one_group_within_shared_memory() {
         for t in [1, 3, 11, 64, 4096] {
             for n in [0, 64, 1_000, 19_200, 65_536, 262_144, 1 << 21] {
@@ -259,8 +276,8 @@ mod tests {
                     assert_eq!((last.groups, last.group), (1, last.lists));
                     for st in &stages {
                         assert!(st.group * st.groups >= st.lists && st.group * (st.groups - 1) < st.lists);
-                        assert!(st.group * st.cap <= MERGE_KEYS, "t {t} n {n} k {k}: {st:?}");
-                        let shared = (st.group * st.cap + k.next_power_of_two()) * 8 + SELECT_SCRATCH_BYTES;
+                        assert!(st.group * st.cap <= merge_keys(k), "t {t} n {n} k {k}: {st:?}");
+                        let shared = (st.group * st.cap + k.next_power_of_two()) * 8 + SELECT_SCRATCH_BYTES + 16;
                         assert!(shared <= 99 * 1024, "fits sm_86/89/120's 99 KiB: {shared}");
                     }
                     // The regions follow each other, each 8-byte aligned.
