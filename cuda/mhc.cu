@@ -162,6 +162,8 @@ __device__ __forceinline__ void combine_values(const void* x, int x_bf16, const 
 
 }  // namespace
 
+// The kernels below take the stream count n at run time and call CALL(N) with it as a constant
+// (1..8; other n do nothing).
 #define DSV4_MHC_STREAMS(CALL) \
   switch (n) {                 \
     case 1: CALL(1); break;    \
@@ -198,7 +200,6 @@ extern "C" __global__ void __launch_bounds__(256) dsv4_mhc_combine(const void* x
   DSV4_MHC_STREAMS(DSV4_COMBINE)
 #undef DSV4_COMBINE
 }
-#undef DSV4_MHC_STREAMS
 
 // The mHC input of a sublayer in two kernels (decode: a few tokens): from the streams x [T, n, d]
 // (K = n d values a token) and the projection fn [(2 + n) n, K] (float32), the mix
@@ -304,18 +305,6 @@ __device__ __forceinline__ void pre_token(const float* partial, int splits, cons
 
 }  // namespace
 
-#define DSV4_MHC_STREAMS(CALL) \
-  switch (n) {                 \
-    case 1: CALL(1); break;    \
-    case 2: CALL(2); break;    \
-    case 3: CALL(3); break;    \
-    case 4: CALL(4); break;    \
-    case 5: CALL(5); break;    \
-    case 6: CALL(6); break;    \
-    case 7: CALL(7); break;    \
-    case 8: CALL(8); break;    \
-    default: break;            \
-  }
 
 // Grid (ceil(n d / MIX_CHUNK), T), PRE_THREADS threads; partial [T, gridDim.x, (2 + n) n + 1].
 // vec4: n d % 4 == 0 and x, fn aligned to four values.

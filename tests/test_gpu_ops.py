@@ -576,12 +576,8 @@ def test_mhc_collapse_and_combine_match_reference(gen: torch.Generator, t: int, 
     torch.testing.assert_close(f32.cpu().double(), reference.mhc_combine(x, f.float(), post, comb), **tol)
 
 
-def test_norm_and_mhc_ops_replay_in_a_graph(gen: torch.Generator) -> None:
-    x = torch.randn(2, 4, 4096, generator=gen).bfloat16().cuda()
-    pre, post = torch.rand(2, 4, device="cuda"), torch.rand(2, 4, device="cuda")
-    comb, w = torch.rand(2, 4, 4, device="cuda"), torch.rand(4096, device="cuda")
-    run = lambda: ops.mhc_combine(x, ops.rms_norm(ops.mhc_collapse(x, pre), w), post, comb)  # noqa: E731
-    eager = run()
+def captured(run):
+    """``run`` warmed up on a side stream, then captured in a CUDA graph: (the graph, its output)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -590,6 +586,16 @@ def test_norm_and_mhc_ops_replay_in_a_graph(gen: torch.Generator) -> None:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = run()
+    return graph, out
+
+
+def test_norm_and_mhc_ops_replay_in_a_graph(gen: torch.Generator) -> None:
+    x = torch.randn(2, 4, 4096, generator=gen).bfloat16().cuda()
+    pre, post = torch.rand(2, 4, device="cuda"), torch.rand(2, 4, device="cuda")
+    comb, w = torch.rand(2, 4, 4, device="cuda"), torch.rand(4096, device="cuda")
+    run = lambda: ops.mhc_combine(x, ops.rms_norm(ops.mhc_collapse(x, pre), w), post, comb)  # noqa: E731
+    eager = run()
+    graph, out = captured(run)
     x.mul_(0.5)
     graph.replay()
     torch.cuda.synchronize()
@@ -621,14 +627,7 @@ def test_mhc_pre_replays_in_a_graph(gen: torch.Generator) -> None:
     scale, base = torch.rand(3, device="cuda") + 0.5, torch.randn(24, device="cuda")
     run = lambda: ops.mhc_pre(x, proj, scale, base)  # noqa: E731
     eager = run()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        run()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run()
+    graph, out = captured(run)
     x.mul_(-0.5)
     graph.replay()
     torch.cuda.synchronize()
