@@ -8,6 +8,8 @@ use crate::gpu;
 use crate::rows::{fill_rows, Floats};
 use crate::tensor::{same_device, DType, Device, TensorRef};
 
+pub use gpu::mhc::{pre_workspace_len, MIX_CHUNK};
+
 /// Most streams a call takes (`hc_mult`; V4 uses 4).
 pub const MAX_STREAMS: usize = 8;
 /// The most Sinkhorn iterations `mhc_weights` runs (V4 runs 20; a bound so that a corrupt
@@ -218,15 +220,6 @@ pub unsafe fn mhc_combine(
             })
         }
     }
-}
-
-/// Values of a token's streams one block of the GPU's first `mhc_pre` kernel covers
-/// (cuda/mhc.cu `MIX_CHUNK`): the workspace holds `ceil(n d / MIX_CHUNK)` partial sums a token.
-pub const MIX_CHUNK: usize = 1024;
-
-/// Floats of `mhc_pre`'s GPU workspace for `tokens` tokens of `n` streams of `d`.
-pub fn pre_workspace_len(tokens: usize, n: usize, d: usize) -> usize {
-    tokens * (n * d).div_ceil(MIX_CHUNK) * ((2 + n) * n + 1)
 }
 
 /// The mHC input of a sublayer in one call: from the streams `x` (float32/bfloat16 `[T, n, d]`)

@@ -67,9 +67,18 @@ pub unsafe fn mhc_combine(
     launch(dev, Kernel::MhcCombine, &cfg, &mut kernel_args!(xp, xb, fp, fb, pp, cp, yp, t, n, d, v))
 }
 
+/// Values of a token's streams one block of the first `mhc_pre` kernel covers (cuda/mhc.cu
+/// `MIX_CHUNK`): the workspace holds `ceil(n d / MIX_CHUNK)` partial sums a token.
+pub const MIX_CHUNK: usize = 1024;
+
+/// Floats of `mhc_pre`'s workspace for `tokens` tokens of `n` streams of `d`.
+pub fn pre_workspace_len(tokens: usize, n: usize, d: usize) -> usize {
+    tokens * (n * d).div_ceil(MIX_CHUNK) * ((2 + n) * n + 1)
+}
+
 /// # Safety
 /// As [`mhc_collapse`] (x `[T, n, d]`, proj `[(2 + n) n, n d]`, scale `[3]`, base `[(2 + n) n]`,
-/// workspace at least `crate::mhc::pre_workspace_len` floats, post `[T, n]`, comb `[T, n, n]`,
+/// workspace at least [`pre_workspace_len`] floats, post `[T, n]`, comb `[T, n, n]`,
 /// y `[T, d]`; T and the splits below 2^16).
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn mhc_pre(
@@ -80,7 +89,7 @@ pub unsafe fn mhc_pre(
     if tokens == 0 {
         return Ok(());
     }
-    let splits = (n * d).div_ceil(crate::mhc::MIX_CHUNK);
+    let splits = (n * d).div_ceil(MIX_CHUNK);
     let (xp, xb, fp, wp) = (x.ptr as u64, is_bf16(x), proj.ptr as u64, workspace.ptr as u64);
     let (nn, dd) = (n as i32, d as i32);
     let mix_vec = four_wide(n * d, &[x, proj]) as i32;
