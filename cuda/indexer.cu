@@ -12,9 +12,9 @@
 // the split to `dense` (a [T, width] float32 matrix) instead, and -inf for keys it does not score:
 // `ops.indexer_scores`, whose scores are those of the selection bit for bit.
 // dsv4_indexer_merge: the splits' candidates to the exact top-k, in stages of one block per
-// group of lists: each keeps the top k of its group's candidates (at most 8,192, in shared
-// memory), until one group is left, whose block sorts them (score descending, lower index first
-// on ties) and writes indices and scores.
+// group of lists: each keeps the top k of its group's candidates (as many as 99 KiB of shared
+// memory hold beside the kept keys), until one group is left, whose block sorts them (score
+// descending, lower index first on ties) and writes indices and scores.
 #include "mma.cuh"
 #include "quant.cuh"
 #include "topk.cuh"
