@@ -125,8 +125,7 @@ def _mhc_pre(x: torch.Tensor, proj: torch.Tensor, scale: torch.Tensor, base: tor
     y = torch.empty((t, d), dtype=x.dtype, device=x.device)
     workspace = None
     if x.is_cuda:
-        splits = -(-n * d // _core.MHC_MIX_CHUNK)
-        workspace = torch.empty(t * splits * ((2 + n) * n + 1), dtype=torch.float32, device=x.device)
+        workspace = torch.empty(_core.mhc_pre_workspace_len(t, n, d), dtype=torch.float32, device=x.device)
     _core.mhc_pre(spec("x", x), spec("proj", proj), spec("scale", scale), spec("base", base),
                   None if workspace is None else spec("workspace", workspace), spec("post", post), spec("comb", comb),
                   spec("y", y), iters, eps, norm_eps, stream(x))

@@ -30,7 +30,7 @@ mod _core {
     #[pymodule_export]
     use super::ops::{
         attention_workspace_bytes, compress, compress_batch, indexer_scores, indexer_topk, indexer_workspace_bytes,
-        mhc_collapse, mhc_combine, mhc_pre, mhc_weights, moe_experts, moe_pass_tokens, moe_workspace_bytes, quant_linear,
+        mhc_collapse, mhc_combine, mhc_pre, mhc_pre_workspace_len, mhc_weights, moe_experts, moe_pass_tokens, moe_workspace_bytes, quant_linear,
         quant_linear_workspace_bytes, rms_norm, rope, sample_gumbel, sparse_attention,
     };
 
@@ -58,8 +58,6 @@ mod _core {
     const MAX_TOPK: usize = dsv4rs_core::topk::MAX_TOPK;
     #[pymodule_export]
     const MAX_SINKHORN_ITERS: usize = dsv4rs_core::mhc::MAX_ITERS;
-    #[pymodule_export]
-    const MHC_MIX_CHUNK: usize = dsv4rs_core::mhc::MIX_CHUNK;
 
     #[pymodule_init]
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -339,6 +339,12 @@ pub fn moe_pass_tokens(k: usize, experts: usize) -> usize {
     dsv4rs_core::gpu::qgemm::moe_pass_tokens(k, experts)
 }
 
+/// Float32 values of workspace a GPU `mhc_pre` call needs for `tokens` tokens of `n` streams of `d`.
+#[pyfunction]
+pub fn mhc_pre_workspace_len(tokens: usize, n: usize, d: usize) -> usize {
+    dsv4rs_core::mhc::pre_workspace_len(tokens, n, d)
+}
+
 /// Workspace bytes a GPU `moe_experts` call needs for `tokens` tokens of `k` choices each.
 #[pyfunction]
 pub fn moe_workspace_bytes(tokens: usize, k: usize, experts: usize, inter: usize, dim: usize) -> usize {
