@@ -42,11 +42,19 @@ pub fn split(queries: usize, max_keys: usize, k: usize) -> Split {
     Split { keys, count: max_keys.div_ceil(keys).max(1), kcap: k.min(keys) }
 }
 
-/// Candidates one merge block gathers for top-`k`: what [`MERGE_SHARED`] holds beside the
-/// `next_pow2(k)` kept keys, the select scratch and the block's two counters (16 bytes of static
-/// shared memory): 8,444 at k = 4096, 12,028 at k = 512.
+/// Static shared memory of a merge block: its two counters.
+const MERGE_STATIC_BYTES: usize = 16;
+
+/// Dynamic shared memory of a merge block taking `group` lists of `cap` candidates for top-`k`:
+/// the gathered candidates, the `next_pow2(k)` kept ones and the select scratch.
+fn merge_shared_bytes(group: usize, cap: usize, k: usize) -> usize {
+    (group * cap + k.next_power_of_two()) * 8 + SELECT_SCRATCH_BYTES
+}
+
+/// Candidates one merge block gathers for top-`k`: what [`MERGE_SHARED`] holds beside the rest
+/// of [`merge_shared_bytes`] and the static counters: 8,444 at k = 4096, 12,028 at k = 512.
 fn merge_keys(k: usize) -> usize {
-    (MERGE_SHARED - SELECT_SCRATCH_BYTES - 16 - 8 * k.next_power_of_two()) / 8
+    (MERGE_SHARED - MERGE_STATIC_BYTES - merge_shared_bytes(0, 0, k)) / 8
 }
 
 /// Lists of `cap` candidates one merge block takes for top-`k`: as many as [`merge_keys`] hold,
@@ -207,7 +215,7 @@ pub unsafe fn indexer_topk(dev: i32, stream: usize, a: &IndexerArgs, sel: &Selec
         let merge = Launch {
             grid: (st.groups as u32, t as u32, 1),
             block: (MERGE_THREADS, 1, 1),
-            shared_bytes: ((st.group * st.cap + sel.k.next_power_of_two()) * 8 + SELECT_SCRATCH_BYTES) as u32,
+            shared_bytes: merge_shared_bytes(st.group, st.cap, sel.k) as u32,
             stream,
         };
         launch(
@@ -251,6 +259,7 @@ mod tests {
 
     #[test]
     fn merge_stages_at_model_shapes() {
+        assert_eq!((merge_keys(512), merge_keys(4096)), (12_028, 8_444));
         // 1M context, one query, k = 512: 512 lists of 512 -> 23 groups -> the output.
         let groups: Vec<usize> = merge_stages(split(1, 262_144, 512), 512).iter().map(|s| s.groups).collect();
         assert_eq!(groups, [23, 1]);
@@ -277,7 +286,7 @@ mod tests {
                     for st in &stages {
                         assert!(st.group * st.groups >= st.lists && st.group * (st.groups - 1) < st.lists);
                         assert!(st.group * st.cap <= merge_keys(k), "t {t} n {n} k {k}: {st:?}");
-                        let shared = (st.group * st.cap + k.next_power_of_two()) * 8 + SELECT_SCRATCH_BYTES + 16;
+                        let shared = merge_shared_bytes(st.group, st.cap, k) + MERGE_STATIC_BYTES;
                         assert!(shared <= 99 * 1024, "fits sm_86/89/120's 99 KiB: {shared}");
                     }
                     // The regions follow each other, each 8-byte aligned.
