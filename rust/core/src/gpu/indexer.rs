@@ -33,11 +33,12 @@ pub struct Split {
     pub kcap: usize,
 }
 
-/// Splits a key axis of at most `max_keys` keys for `queries` queries: about
-/// [`TARGET_BLOCKS`] blocks in all, each split 256 to 4096 keys. Few queries get many short
-/// splits, whose candidates the merge stages reduce.
+/// Splits a key axis of at most `max_keys` keys for `queries` queries: at most
+/// [`TARGET_BLOCKS`] blocks in all (one wave at four blocks a multiprocessor; a few blocks past it
+/// would cost a second wave) unless the queries alone are more, each split 256 to 4096 keys. Few
+/// queries get many short splits, whose candidates the merge stages reduce.
 pub fn split(queries: usize, max_keys: usize, k: usize) -> Split {
-    let per_query = TARGET_BLOCKS.div_ceil(queries.max(1)).max(1);
+    let per_query = (TARGET_BLOCKS / queries.max(1)).max(1);
     let keys = max_keys.div_ceil(per_query).next_multiple_of(PAGE_ROWS).clamp(MIN_SPLIT_KEYS, MAX_SPLIT_KEYS);
     Split { keys, count: max_keys.div_ceil(keys).max(1), kcap: k.min(keys) }
 }
@@ -263,7 +264,8 @@ mod tests {
         // 1M context, one query, k = 512: 512 lists of 512 -> 23 groups -> the output.
         let groups: Vec<usize> = merge_stages(split(1, 262_144, 512), 512).iter().map(|s| s.groups).collect();
         assert_eq!(groups, [23, 1]);
-        // 128K context, 32 queries: 17 splits of 1,984 keys, merged in one stage.
+        // 128K context, 32 queries: 16 splits of 2,048 keys (512 blocks, one wave), merged in one stage.
+        assert_eq!(split(32, 32_768, 512), Split { keys: 2048, count: 16, kcap: 512 });
         assert_eq!(merge_stages(split(32, 32_768, 512), 512).len(), 1);
     }
 
