@@ -1,11 +1,15 @@
 // mHC weights (docs/model.md section 6), a group of lanes per token: from the projected mix of the
 // streams, pre = sigmoid(s0 mu[0:n] + b) + eps, post = 2 sigmoid(s1 mu[n:2n] + b), and comb = the
 // rows of s2 mu[2n:] + b softmaxed plus eps, then Sinkhorn: columns, and (iters - 1) times rows and
-// columns, each divided by its sum plus eps. Mirrors rust/core/src/mhc.rs (float32, same order).
+// columns, each divided by its sum plus eps. Mirrors rust/core/src/mhc.rs (float32, same order),
+// except that a Sinkhorn pass multiplies by the sum's approximate reciprocal (within one ulp)
+// where the CPU divides: within 2 ulp a pass, against 0.5.
 //
 // The stream count is a template parameter (1..8, chosen by a switch), so each lane's row lives
 // in registers. Latency is what bounds the op (a decode step has a few tokens; each runs 20
-// Sinkhorn iterations of two passes of divisions), so a token's rows go to separate lanes.
+// Sinkhorn iterations of two dependent passes), so a token's rows go to separate lanes, and a
+// pass takes reciprocals: an IEEE division is a branch around a slow path, and the divisions of
+// a pass ran one after another.
 #include <cstdint>
 
 #include "floats.cuh"
@@ -17,10 +21,18 @@ namespace {
 // One token over a group of P lanes (P a power of two >= N): lane i < N owns row i of the N x N
 // matrix (N values in registers); lanes N .. P - 1 compute on zeros and write nothing. A row sum
 // is local; a column sum gathers the column's N values by shuffles and adds them in row order,
-// as the CPU does. So a Sinkhorn pass costs a lane N divisions (its row) instead of N^2.
+// as the CPU does. So a row pass costs a lane one reciprocal and N products, a column pass N
+// reciprocals and N products, where a thread a token would spend N^2 of each.
 //
 // `m` is the token's mix ((2 + N) N values), `pre`, `post` and `comb` its outputs; `live` says
 // whether this lane owns a row (i < N of a real token). Every lane of the warp calls it.
+// 1 / x within one ulp (MUFU.RCP): no slow-path branch, where `/` and __frcp_rn each take one.
+__device__ __forceinline__ float rcp_approx(float x) {
+  float r;
+  asm("rcp.approx.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+}
+
 template <int N, int P>
 __device__ __forceinline__ void mhc_token(const float* m, bool live, int i, const float* scale, const float* base,
                                           int iters, float eps, float* pre, float* post, float* comb) {
@@ -52,9 +64,9 @@ __device__ __forceinline__ void mhc_token(const float* m, bool live, int i, cons
       float s = 0.f;
 #pragma unroll
       for (int k = 0; k < N; ++k) s += c[k];
-      s += eps;
+      const float inv = rcp_approx(s + eps);
 #pragma unroll
-      for (int k = 0; k < N; ++k) c[k] /= s;
+      for (int k = 0; k < N; ++k) c[k] *= inv;
     }
     float col[N];
 #pragma unroll
@@ -62,10 +74,10 @@ __device__ __forceinline__ void mhc_token(const float* m, bool live, int i, cons
       float s = 0.f;
 #pragma unroll
       for (int r = 0; r < N; ++r) s += __shfl_sync(0xffffffffu, c[k], group0 + r);
-      col[k] = s + eps;
+      col[k] = rcp_approx(s + eps);
     }
 #pragma unroll
-    for (int k = 0; k < N; ++k) c[k] /= col[k];
+    for (int k = 0; k < N; ++k) c[k] *= col[k];
   }
   if (live) {
 #pragma unroll
