@@ -32,15 +32,15 @@ __device__ __forceinline__ uint16_t to_bf16(float x) { return bf16_from_f32(x); 
 // scored, so enough bytes are in flight to cover memory latency.
 constexpr int STAGES = 4;
 
-__device__ __forceinline__ int page_bytes_of(IndexFormat fmt) {
+__host__ __device__ constexpr int page_bytes_of(IndexFormat fmt) {
   return fmt == KEYS_FP4 ? (int)INDEX_KEY_FP4.page_bytes()
                          : fmt == KEYS_FP8 ? (int)INDEX_KEY_FP8.page_bytes() : PAGE_ROWS * INDEX_DIM * 2;
 }
 
 // Starts copying page `page` (all its bytes, contiguous in the cache) into `stage`.
-__device__ __forceinline__ void stage_page(uint8_t* stage, const uint8_t* __restrict__ cache, IndexFormat fmt, int page,
-                                           int tid) {
-  const int bytes = page_bytes_of(fmt);
+template <IndexFormat FMT>
+__device__ __forceinline__ void stage_page(uint8_t* stage, const uint8_t* __restrict__ cache, int page, int tid) {
+  constexpr int bytes = page_bytes_of(FMT);
   const uint8_t* src = cache + (long long)page * bytes;
   for (int off = 16 * tid; off < bytes; off += 16 * THREADS) cp_async16(stage + off, src + off);
 }
@@ -52,7 +52,8 @@ __device__ __forceinline__ void stage_page(uint8_t* stage, const uint8_t* __rest
 // and their float32 scale (any value: a power of two as index_key_write writes it, or
 // DeepGEMM's amax / 448) multiplies the key's dot products afterwards, in float32. Keys at or
 // past `valid` become zeros with scale 0.
-__device__ __forceinline__ void decode_page(const uint8_t* stage, IndexFormat fmt, int valid, uint16_t* ks,
+template <IndexFormat FMT>
+__device__ __forceinline__ void decode_page(const uint8_t* stage, int valid, uint16_t* ks,
                                             float* kscale, int tid) {
 #pragma unroll
   for (int j = 0; j < PAGE_ROWS * 16 / THREADS; ++j) {
@@ -61,11 +62,11 @@ __device__ __forceinline__ void decode_page(const uint8_t* stage, IndexFormat fm
     float sc = 0.f;
     if (key < valid) {
       sc = 1.f;
-      if (fmt == KEYS_FP4) {
+      if (FMT == KEYS_FP4) {
         uint32_t bits = *(const uint32_t*)(stage + key * INDEX_KEY_FP4.data_bytes + 4 * c);
         int e = (int)stage[PAGE_ROWS * INDEX_KEY_FP4.data_bytes + key * INDEX_KEY_FP4.scale_bytes + c / 4] - 127;
         v = fp4x8_to_bf16(bits, e);
-      } else if (fmt == KEYS_FP8) {
+      } else if (FMT == KEYS_FP8) {
         uint2 bits = *(const uint2*)(stage + key * INDEX_KEY_FP8.data_bytes + 8 * c);
         sc = *(const float*)(stage + PAGE_ROWS * INDEX_KEY_FP8.data_bytes + key * INDEX_KEY_FP8.scale_bytes);
         v = fp8x8_to_bf16<true>(bits, 0);
@@ -82,10 +83,10 @@ __device__ __forceinline__ void decode_page(const uint8_t* stage, IndexFormat fm
 // else the split's candidates to `cand` (`dense` unused). One body, instantiated twice, so the two
 // compute every score with the same code, while the selection's instance carries none of the
 // dense writes.
-template <bool DENSE>
+template <bool DENSE, IndexFormat FMT>
 __device__ __forceinline__ void score_split(
     const void* __restrict__ q, int q_bf16, const float* __restrict__ w, int heads,
-    const uint8_t* __restrict__ keys, IndexFormat fmt, long long num_pages, const int* __restrict__ block_table,
+    const uint8_t* __restrict__ keys, long long num_pages, const int* __restrict__ block_table,
     int max_pages, const void* __restrict__ seq_ids, const void* __restrict__ visible, int seq64,
     int vis64, int split_keys, int kcap, int splits, unsigned long long* __restrict__ cand, int* __restrict__ counts,
     float* __restrict__ dense, long long width) {
@@ -142,7 +143,7 @@ __device__ __forceinline__ void score_split(
     if (h_hi < heads) whi = w[t * heads + h_hi];
   }
 
-  const int bytes = page_bytes_of(fmt);
+  constexpr int bytes = page_bytes_of(FMT);
   const int n_pages = (int)((k1 - k0 + PAGE_ROWS - 1) / PAGE_ROWS);
   auto page_of = [&](int i) -> int { return block_table[seq * max_pages + k0 / PAGE_ROWS + i]; };
   auto page_ok = [&](int page) { return page >= 0 && page < num_pages; };
@@ -150,7 +151,7 @@ __device__ __forceinline__ void score_split(
   for (int i = 0; i < STAGES - 1; ++i) {
     if (i < n_pages) {
       int page = page_of(i);
-      if (page_ok(page)) stage_page(stages + i * bytes, keys, fmt, page, tid);
+      if (page_ok(page)) stage_page<FMT>(stages + i * bytes, keys, page, tid);
     }
     cp_async_commit();
   }
@@ -162,46 +163,62 @@ __device__ __forceinline__ void score_split(
     const int valid = page_ok(page) ? in_split : 0;
     cp_async_wait<STAGES - 2>();
     __syncthreads();  // page i staged by every thread; the previous tile's readers are done
-    decode_page(stages + (i % STAGES) * bytes, fmt, valid, ks, kscale, tid);
+    decode_page<FMT>(stages + (i % STAGES) * bytes, valid, ks, kscale, tid);
     if (i + STAGES - 1 < n_pages) {
       int next = page_of(i + STAGES - 1);
-      if (page_ok(next)) stage_page(stages + ((i + STAGES - 1) % STAGES) * bytes, keys, fmt, next, tid);
+      if (page_ok(next)) stage_page<FMT>(stages + ((i + STAGES - 1) % STAGES) * bytes, keys, next, tid);
     }
     cp_async_commit();
     __syncthreads();
 
-    // This warp's 16 heads x the page's 64 keys: 8 n-tiles of 8 keys, 8 k-steps.
+    // This warp's 16 heads x the page's 64 keys: 8 n-tiles of 8 keys, 8 k-steps. One ldmatrix
+    // gives the B fragments of two n-tiles (lanes 8i .. 8i + 7 address matrix i: keys 16 np +
+    // 8 (i / 2) .., dims 16 kk + 8 (i % 2) ..).
     float acc[8][4];
 #pragma unroll
     for (int n = 0; n < 8; ++n)
 #pragma unroll
       for (int k = 0; k < 4; ++k) acc[n][k] = 0.f;
     if (active) {
+      const uint16_t* kb = ks + (8 * (lane / 16) + lane % 8) * ROW + 8 * ((lane / 8) % 2);
 #pragma unroll
       for (int kk = 0; kk < 8; ++kk) {
 #pragma unroll
-        for (int n = 0; n < 8; ++n) {
-          const uint16_t* kr = ks + (8 * n + r) * ROW + 16 * kk + c2;
-          mma_bf16(acc[n], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], ld32(kr), ld32(kr + 8));
+        for (int np = 0; np < 4; ++np) {
+          uint32_t b[4];
+          ldmatrix_x4(b, kb + 16 * np * ROW + 16 * kk);
+          mma_bf16(acc[2 * np], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], b[0], b[1]);
+          mma_bf16(acc[2 * np + 1], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], b[2], b[3]);
         }
       }
     }
-    // Fold this warp's heads: sum over h of w_h ReLU(scale x dot), reduced over the 8 row lanes.
+    // Fold this warp's heads: v = w_h ReLU(dot) over the lane's two heads for each of its 16 keys
+    // (8 n-tiles x 2 columns), then the sum over the 8 lanes of a column group (lanes r = 0..7 of
+    // one c2) by halving exchanges: a lane keeps half its keys and adds its partner's half (lane
+    // bits 4, 3, 2: n-tiles 4 apart, 2, 1), 14 shuffles where a full butterfly per key takes 48.
+    // Lane (r, c2) ends with keys 8 r + c2 and 8 r + c2 + 1. The key's scale multiplies the sum
+    // of the four warps (1 for FP4 and bf16 keys; FP8 scales are positive: ReLU commutes).
+    float v[8][2];
 #pragma unroll
-    for (int n = 0; n < 8; ++n) {
+    for (int n = 0; n < 8; ++n)
 #pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const float sc = kscale[8 * n + c2 + c];
-        float part = wlo * fmaxf(sc * acc[n][c], 0.f) + whi * fmaxf(sc * acc[n][2 + c], 0.f);
-        part += __shfl_xor_sync(0xffffffffu, part, 4);
-        part += __shfl_xor_sync(0xffffffffu, part, 8);
-        part += __shfl_xor_sync(0xffffffffu, part, 16);
-        if (r == 0) red[warp * PAGE_ROWS + 8 * n + c2 + c] = part;
-      }
+      for (int c = 0; c < 2; ++c) v[n][c] = wlo * fmaxf(acc[n][c], 0.f) + whi * fmaxf(acc[n][2 + c], 0.f);
+#pragma unroll
+    for (int bit = 16, half = 4; bit >= 4; bit /= 2, half /= 2) {
+      const bool upper = lane & bit;
+#pragma unroll
+      for (int n = 0; n < half; ++n)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const float send = upper ? v[n][c] : v[n + half][c], keep = upper ? v[n + half][c] : v[n][c];
+          v[n][c] = keep + __shfl_xor_sync(0xffffffffu, send, bit);
+        }
     }
+    *(float2*)(red + warp * PAGE_ROWS + 8 * r + c2) = make_float2(v[0][0], v[0][1]);
     __syncthreads();
     if (tid < valid) {
-      const float score = ((red[tid] + red[PAGE_ROWS + tid]) + red[2 * PAGE_ROWS + tid]) + red[3 * PAGE_ROWS + tid];
+      const float score =
+          kscale[tid] * (((red[tid] + red[PAGE_ROWS + tid]) + red[2 * PAGE_ROWS + tid]) + red[3 * PAGE_ROWS + tid]);
       if (DENSE) {
         row[base + tid] = score;
       } else {
@@ -242,16 +259,22 @@ __device__ __forceinline__ void score_split(
       int kcap, int splits, unsigned long long *__restrict__ cand, int *__restrict__ counts,                        \
       float *__restrict__ dense, long long width
 #define SCORE_ARGS \
-  q, q_bf16, w, heads, keys, fmt, num_pages, block_table, max_pages, seq_ids, visible, seq64, vis64, split_keys, kcap, \
+  q, q_bf16, w, heads, keys, num_pages, block_table, max_pages, seq_ids, visible, seq64, vis64, split_keys, kcap, \
       splits, cand, counts, dense, width
 
-extern "C" __global__ void __launch_bounds__(THREADS) dsv4_indexer_score(SCORE_PARAMS) {
-  score_split<false>(SCORE_ARGS);
-}
+// The key format is a template parameter of the body (a branch per format, each with its page
+// size as a constant), chosen here; other values of fmt score nothing.
+#define SCORE_BY_FORMAT(DENSE)                                            \
+  switch (fmt) {                                                          \
+    case KEYS_FP4: score_split<DENSE, KEYS_FP4>(SCORE_ARGS); break;       \
+    case KEYS_FP8: score_split<DENSE, KEYS_FP8>(SCORE_ARGS); break;       \
+    case KEYS_BF16: score_split<DENSE, KEYS_BF16>(SCORE_ARGS); break;     \
+  }
 
-extern "C" __global__ void __launch_bounds__(THREADS) dsv4_indexer_score_dense(SCORE_PARAMS) {
-  score_split<true>(SCORE_ARGS);
-}
+extern "C" __global__ void __launch_bounds__(THREADS) dsv4_indexer_score(SCORE_PARAMS) { SCORE_BY_FORMAT(false) }
+
+extern "C" __global__ void __launch_bounds__(THREADS) dsv4_indexer_score_dense(SCORE_PARAMS) { SCORE_BY_FORMAT(true) }
+#undef SCORE_BY_FORMAT
 
 // One merge stage, one block per (group, query): the candidates of lists g * group .. g * group +
 // group - 1 of query t (list l holds counts[l] keys at cand + l * cap; [T, lists, cap] and
