@@ -93,16 +93,25 @@ pub fn merge_stages(s: Split, k: usize) -> Vec<MergeStage> {
 }
 
 /// Bytes of one list region: `lists` lists of `cap` candidates (u64) a query, then their counts
-/// (i32), rounded to 8 bytes so the next region's candidates stay aligned.
+/// (i32, at [`counts_offset`]), rounded to 8 bytes so the next region's candidates stay aligned.
 fn region_bytes(queries: usize, lists: usize, cap: usize) -> usize {
-    (queries * lists * (cap * 8 + 4)).next_multiple_of(8)
+    (counts_offset(queries, lists, cap) + queries * lists * 4).next_multiple_of(8)
+}
+
+/// Where a list region's counts start: after its candidates.
+fn counts_offset(queries: usize, lists: usize, cap: usize) -> usize {
+    queries * lists * cap * 8
 }
 
 /// Bytes of workspace the op needs: the splits' candidates and counts, then each middle merge
 /// stage's output.
 pub fn workspace_bytes(queries: usize, max_keys: usize, k: usize) -> usize {
     let s = split(queries, max_keys, k);
-    let stages = merge_stages(s, k);
+    plan_bytes(queries, s, &merge_stages(s, k), k)
+}
+
+/// [`workspace_bytes`] of a split and its merge stages.
+fn plan_bytes(queries: usize, s: Split, stages: &[MergeStage], k: usize) -> usize {
     let middle: usize = stages[..stages.len() - 1].iter().map(|st| region_bytes(queries, st.groups, k)).sum();
     region_bytes(queries, s.count, s.kcap) + middle
 }
@@ -196,22 +205,22 @@ pub unsafe fn indexer_topk(dev: i32, stream: usize, a: &IndexerArgs, sel: &Selec
         return Err(Error::value("k", format!("the GPU indexer takes k <= {MAX_K}, got {}", sel.k)));
     }
     let s = split(t, max_pages * PAGE_ROWS, sel.k);
-    let need = workspace_bytes(t, max_pages * PAGE_ROWS, sel.k);
+    let stages = merge_stages(s, sel.k);
+    let need = plan_bytes(t, s, &stages, sel.k);
     let ws = sel.workspace;
     if ws.dtype != DType::U8 || ws.numel() < need || !ws.ptr.is_multiple_of(8) {
         return Err(Error::value(ws.name, format!("needs at least {need} bytes (uint8, 8-byte aligned)")));
     }
-    let (mut cand, mut counts) = (ws.ptr as u64, ws.ptr as u64 + (t * s.count * s.kcap * 8) as u64);
+    let (mut cand, mut counts) = (ws.ptr as u64, ws.ptr as u64 + counts_offset(t, s.count, s.kcap) as u64);
     launch_score(dev, stream, a, s, ScoreOut::Candidates { cand, counts })?;
     let mut next = ws.ptr as u64 + region_bytes(t, s.count, s.kcap) as u64;
     let (bt, mp) = (a.block_table.ptr as u64, max_pages as i32);
     let (sp, s64) = (a.seq_ids.ptr as u64, (a.seq_ids.dtype == DType::I64) as i32);
     let (k, kpow2, phys) = (sel.k as i32, sel.k.next_power_of_two() as i32, sel.physical as i32);
     let (oi, os) = (sel.out_indices.ptr as u64, sel.out_scores.ptr as u64);
-    let stages = merge_stages(s, sel.k);
     for (i, st) in stages.iter().enumerate() {
         let last = (i + 1 == stages.len()) as i32;
-        let (out_cand, out_counts) = if last == 1 { (0, 0) } else { (next, next + (t * st.groups * sel.k * 8) as u64) };
+        let (out_cand, out_counts) = if last == 1 { (0, 0) } else { (next, next + counts_offset(t, st.groups, sel.k) as u64) };
         let (ls, cp, gp) = (st.lists as i32, st.cap as i32, st.group as i32);
         let merge = Launch {
             grid: (st.groups as u32, t as u32, 1),
