@@ -94,10 +94,11 @@ __device__ __forceinline__ void score_split(
   uint16_t* ks = (uint16_t*)smem;                                  // [64][ROW] bf16 keys
   float* red = (float*)(ks + PAGE_ROWS * ROW);                      // [4 warps][64] partial scores
   float* kscale = red + 4 * PAGE_ROWS;                              // [64] the keys' scales
-  uint64_t* pool = (uint64_t*)(kscale + PAGE_ROWS);                // [split_keys] candidates (none if dense)
+  float* pool = kscale + PAGE_ROWS;                                  // [split_keys] scores (none if dense)
   SelectScratch& scratch = *(SelectScratch*)(pool + (DENSE ? 0 : split_keys));
   uint8_t* stages = (uint8_t*)(&scratch + 1);                       // [STAGES][page bytes]
-  __shared__ int n_valid, n_out;
+  __shared__ uint64_t skipped;  // bit i: page i of the split lies outside the cache (at most 64 pages)
+  __shared__ int n_out;
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const long long t = blockIdx.y;
@@ -116,7 +117,7 @@ __device__ __forceinline__ void score_split(
     if (tid == 0 && !DENSE) counts[t * splits + s] = 0;
     return;
   }
-  if (tid == 0) n_valid = 0;
+  if (tid == 0) skipped = 0;
 
   // Warp w owns heads 16 w .. 16 w + 15: its query fragments (bf16) and head weights stay in
   // registers for the whole split, and it scores every key of a page against them.
@@ -161,6 +162,7 @@ __device__ __forceinline__ void score_split(
     const int page = page_of(i);
     const int in_split = (int)min((long long)PAGE_ROWS, k1 - base);
     const int valid = page_ok(page) ? in_split : 0;
+    if (!DENSE && tid == 0 && valid == 0) skipped |= 1ull << i;
     cp_async_wait<STAGES - 2>();
     __syncthreads();  // page i staged by every thread; the previous tile's readers are done
     decode_page<FMT>(stages + (i % STAGES) * bytes, valid, ks, kscale, tid);
@@ -222,7 +224,7 @@ __device__ __forceinline__ void score_split(
       if (DENSE) {
         row[base + tid] = score;
       } else {
-        pool[atomicAdd(&n_valid, 1)] = pack_candidate(score, (uint32_t)(base + tid));
+        pool[base - k0 + tid] = score;
       }
     } else if (DENSE && tid < in_split) {
       row[base + tid] = -INFINITY;  // a page outside the cache is skipped
@@ -232,22 +234,26 @@ __device__ __forceinline__ void score_split(
   __syncthreads();
   if (DENSE) return;
 
-  // The split's candidates (unordered) and their count: the merge reads only that many.
-  const int n = n_valid;
-  if (n <= kcap) {
-    for (int i = tid; i < n; i += THREADS) out[i] = pool[i];
-    if (tid == 0) counts[t * splits + s] = n;
-    return;
-  }
-  const uint64_t thr = top_threshold([&](int i) { return pool[i]; }, n, kcap, scratch);
+  // The split's candidates (unordered) and their count: the merge reads only that many. The pool
+  // holds a score at each key's place in the split; a key of a skipped page is no candidate
+  // (key 0, below every candidate).
+  const int n = (int)(k1 - k0);
+  const uint64_t skip = skipped;
+  int candidates = n;
+  for (int p = 0; p < n_pages; ++p)
+    if (skip >> p & 1) candidates -= min(PAGE_ROWS, n - p * PAGE_ROWS);
+  auto key = [&](int i) -> uint64_t {
+    return skip >> (i / PAGE_ROWS) & 1 ? 0 : pack_candidate(pool[i], (uint32_t)(k0 + i));
+  };
+  const uint64_t thr = candidates <= kcap ? 1 : top_threshold(key, n, kcap, scratch);
   if (tid == 0) n_out = 0;
   __syncthreads();
   for (int base = 0; base < n; base += THREADS) {
     const int i = base + tid;
-    const uint64_t key = i < n ? pool[i] : 0;
-    append_key(out, &n_out, i < n && key >= thr, key);
+    const uint64_t c = i < n ? key(i) : 0;
+    append_key(out, &n_out, c >= thr, c);
   }
-  if (tid == 0) counts[t * splits + s] = kcap;
+  if (tid == 0) counts[t * splits + s] = min(candidates, kcap);
 }
 
 }  // namespace

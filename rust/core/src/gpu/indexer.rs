@@ -120,11 +120,11 @@ fn plan_bytes(queries: usize, s: Split, stages: &[MergeStage], k: usize) -> usiz
 const STAGES: usize = 4;
 
 /// Shared memory of the score kernel: the bf16 key tile, per-warp partial scores, the keys' scales, the split's
-/// candidate pool (`pool_keys`, 0 when it writes dense scores), the radix-select scratch and the staged raw pages.
+/// scores (float32, `pool_keys`, 0 when it writes dense scores), the radix-select scratch and the staged raw pages.
 fn score_shared_bytes(pool_keys: usize, key_format: IndexFormat) -> u32 {
     let page_bytes = PAGE_ROWS * key_format.row_bytes();
     let tile = PAGE_ROWS * (INDEX_DIM + 8) * 2 + 5 * PAGE_ROWS * 4;
-    (tile + pool_keys * 8 + SELECT_SCRATCH_BYTES + STAGES * page_bytes) as u32
+    (tile + pool_keys * 4 + SELECT_SCRATCH_BYTES + STAGES * page_bytes) as u32
 }
 
 /// Bytes of `SelectScratch` (cuda/include/topk.cuh): 256 bins, a prefix, a count and a flag.
