@@ -51,16 +51,17 @@ __device__ __forceinline__ void stage_page(uint8_t* stage, const uint8_t* __rest
 // power-of-two block scales (scale 1); FP8 keys decode to their codes' values, exact in bf16,
 // and their float32 scale (any value: a power of two as index_key_write writes it, or
 // DeepGEMM's amax / 448) multiplies the key's dot products afterwards, in float32. Keys at or
-// past `valid` become zeros with scale 0.
-template <IndexFormat FMT>
+// past `valid` become zeros with scale 0. FULL (valid is 64, every page but a split's last or a
+// skipped one) drops the test, so the chunks' addresses are one base plus constants.
+template <IndexFormat FMT, bool FULL>
 __device__ __forceinline__ void decode_page(const uint8_t* stage, int valid, uint16_t* ks,
                                             float* kscale, int tid) {
 #pragma unroll
   for (int j = 0; j < PAGE_ROWS * 16 / THREADS; ++j) {
-    const int q = tid + THREADS * j, key = q / 16, c = q % 16;
+    const int key = tid / 16 + THREADS / 16 * j, c = tid % 16;  // chunk tid + 128 j
     uint4 v = make_uint4(0, 0, 0, 0);
     float sc = 0.f;
-    if (key < valid) {
+    if (FULL || key < valid) {
       sc = 1.f;
       if (FMT == KEYS_FP4) {
         uint32_t bits = *(const uint32_t*)(stage + key * INDEX_KEY_FP4.data_bytes + 4 * c);
@@ -165,7 +166,10 @@ __device__ __forceinline__ void score_split(
     if (!DENSE && tid == 0 && valid == 0) skipped |= 1ull << i;
     cp_async_wait<STAGES - 2>();
     __syncthreads();  // page i staged by every thread; the previous tile's readers are done
-    decode_page<FMT>(stages + (i % STAGES) * bytes, valid, ks, kscale, tid);
+    if (valid == PAGE_ROWS)
+      decode_page<FMT, true>(stages + (i % STAGES) * bytes, valid, ks, kscale, tid);
+    else
+      decode_page<FMT, false>(stages + (i % STAGES) * bytes, valid, ks, kscale, tid);
     if (i + STAGES - 1 < n_pages) {
       int next = page_of(i + STAGES - 1);
       if (page_ok(next)) stage_page<FMT>(stages + ((i + STAGES - 1) % STAGES) * bytes, keys, next, tid);
