@@ -220,7 +220,8 @@ pub unsafe fn indexer_topk(dev: i32, stream: usize, a: &IndexerArgs, sel: &Selec
     let (oi, os) = (sel.out_indices.ptr as u64, sel.out_scores.ptr as u64);
     for (i, st) in stages.iter().enumerate() {
         let last = (i + 1 == stages.len()) as i32;
-        let (out_cand, out_counts) = if last == 1 { (0, 0) } else { (next, next + counts_offset(t, st.groups, sel.k) as u64) };
+        let (out_cand, out_counts) =
+            if last == 1 { (0, 0) } else { (next, next + counts_offset(t, st.groups, sel.k) as u64) };
         let (ls, cp, gp) = (st.lists as i32, st.cap as i32, st.group as i32);
         let merge = Launch {
             grid: (st.groups as u32, t as u32, 1),
@@ -265,6 +266,19 @@ mod tests {
         }
         // One query at 1M context: 512 splits of 512 keys, enough blocks for every multiprocessor.
         assert_eq!(split(1, 262_144, 512), Split { keys: 512, count: 512, kcap: 512 });
+    }
+
+    #[test]
+    fn score_shared_memory_at_the_largest_split() {
+        // docs/kernels/indexer.md's table: FP4 fits four blocks an H200 multiprocessor (228 KiB
+        // less 1 KiB a block), FP8 three; bf16 rows pass sm_86/89/120's 99 KiB.
+        let bytes = |f| score_shared_bytes(MAX_SPLIT_KEYS, f) as usize;
+        let all = (bytes(IndexFormat::Fp4), bytes(IndexFormat::Fp8), bytes(IndexFormat::Bf16));
+        assert_eq!(all, (53_520, 69_904, 101_648));
+        assert!(4 * (bytes(IndexFormat::Fp4) + 1024) <= 228 * 1024);
+        assert!(bytes(IndexFormat::Bf16) > 99 * 1024);
+        // Dense scores keep no pool.
+        assert_eq!(score_shared_bytes(0, IndexFormat::Fp4) as usize, 53_520 - 4 * MAX_SPLIT_KEYS);
     }
 
     #[test]
