@@ -18,6 +18,13 @@ using namespace dsv4;
 
 namespace {
 
+// 1 / x within one ulp (MUFU.RCP): no slow-path branch, where `/` and __frcp_rn each take one.
+__device__ __forceinline__ float rcp_approx(float x) {
+  float r;
+  asm("rcp.approx.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+}
+
 // One token over a group of P lanes (P a power of two >= N): lane i < N owns row i of the N x N
 // matrix (N values in registers); lanes N .. P - 1 compute on zeros and write nothing. A row sum
 // is local; a column sum gathers the column's N values by shuffles and adds them in row order,
@@ -26,13 +33,6 @@ namespace {
 //
 // `m` is the token's mix ((2 + N) N values), `pre`, `post` and `comb` its outputs; `live` says
 // whether this lane owns a row (i < N of a real token). Every lane of the warp calls it.
-// 1 / x within one ulp (MUFU.RCP): no slow-path branch, where `/` and __frcp_rn each take one.
-__device__ __forceinline__ float rcp_approx(float x) {
-  float r;
-  asm("rcp.approx.f32 %0, %1;" : "=f"(r) : "f"(x));
-  return r;
-}
-
 template <int N, int P>
 __device__ __forceinline__ void mhc_token(const float* m, bool live, int i, const float* scale, const float* base,
                                           int iters, float eps, float* pre, float* post, float* comb) {

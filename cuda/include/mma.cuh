@@ -31,9 +31,6 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
                : "r"(a));
 }
 
-// Two adjacent bf16 in shared memory as one fragment register.
-__device__ __forceinline__ uint32_t ld32(const uint16_t* p) { return *(const uint32_t*)p; }
-
 // To a shared-memory address (what __cvta_generic_to_shared gives): lets a loop keep 32-bit stage
 // addresses instead of generic pointers.
 __device__ __forceinline__ void cp_async16(uint32_t smem_addr, const void* gmem_src) {
