@@ -344,10 +344,18 @@ struct WgLayout {
   static constexpr int WS = 64 * 4;            // a word per weight slot: 4 UE8M0 codes, or the FP8 block's float
   static constexpr int AS = FUSE ? 0 : ROWS * 4;  // activation scales (float)
   static constexpr int STAGE = (A + W + WS + AS + 127) / 128 * 128;
-  // Mirrored by rust/core/src/gpu/qgemm.rs `gemm_shared_bytes` and `WG_FUSED_CODES`. FUSE: the
-  // block's activation codes, ROWS KC bytes a step, then their scales, ROWS floats a step, follow
-  // the stages.
-  static constexpr int STAGES = 4;
+  // Mirrored by rust/core/src/gpu/qgemm.rs `gemm_shared_bytes`, `wg_decode_stages` and
+  // `WG_FUSED_CODES`. FUSE: the block's activation codes, ROWS KC bytes a step, then their scales,
+  // ROWS floats a step, follow the stages.
+  // GROUP: the steps whose copies a block issues at once, every GROUP-th step. The MXFP4 kernels
+  // (the MoE's) take three: a weight row's 64 bytes a step are three times as long a contiguous
+  // request, which the memory serves faster (docs/kernels/qgemm.md), in 6 stages (6 blocks of 6
+  // x 5.5 KB an SM at 8 rows), still three steps ahead at the least. The FP8 and fused kernels
+  // issue a step at a time, three ahead (grouped by two in 5 stages, the FP8 linears measured
+  // 1-2 us slower at one row).
+  static constexpr int GROUP = FP4 && !FUSE ? 3 : 1;
+  static constexpr int STAGES = GROUP + 3;
+  static_assert(STAGES - GROUP >= 3, "three steps in flight at the least");
 };
 
 // Two non-negative finite floats as e4m3 codes, rounded to nearest even and saturated at 448
@@ -442,10 +450,21 @@ __device__ __forceinline__ void quantize_tile(const GemmParams& p, int g, long l
   }
 }
 
+// qgemv_wg's wait for step i's copies, the step's place in its issue group being `phase`: the
+// copies issued so far reach step i + S - 1 - G at phase 0, else i + S - 1 - phase, so that many
+// of the newest commit groups (a step each) may still be pending.
+template <int S, int G>
+__device__ __forceinline__ void cp_async_wait_phase(int phase) {
+  static_assert(G >= 1 && G <= 3, "groups of at most three steps");
+  if (phase == 0) cp_async_wait<S - 1 - G>();
+  else if (G > 1 && phase == 1) cp_async_wait<S - 2>();
+  else if (G > 2) cp_async_wait<S - 3 < 0 ? 0 : S - 3>();
+}
+
 template <bool FP4, int NT, bool FUSE>
 __device__ __forceinline__ void qgemv_wg(const GemmParams& p) {
   using L = WgLayout<FP4, NT, FUSE>;
-  constexpr int S = L::STAGES, ROWS = L::ROWS;
+  constexpr int S = L::STAGES, G = L::GROUP, ROWS = L::ROWS;
   constexpr int ROW_CHUNKS = L::ROW / 16;
   constexpr int W_COPIES = 16 * ROW_CHUNKS / 32;  // a lane's 16-byte weight copies a step
   constexpr int A_CHUNKS = ROWS * KC / 16;        // the step's activation chunks (one per thread at most)
@@ -530,19 +549,28 @@ __device__ __forceinline__ void qgemv_wg(const GemmParams& p) {
       for (int e = 0; e < 4; ++e) acc[t][e] = 0.f;
     uint32_t code_max = 0;  // bytewise maximum of the scale codes met (fast pass)
 #pragma unroll
-    for (int s = 0; s < S - 1; ++s) {
+    for (int s = 0; s < S - G; ++s) {
       if (s < nsteps) issue(c_begin + s, s);
       cp_async_commit();
     }
     // (Made visible to wgmma by the first step's fence and barrier; the exact pass reuses them.)
     if (FUSE && !EXACT) quantize_tile<ROWS, FP4>(p, g, row0, rows, c_begin, nsteps, fq, fqs);
-    for (int i = 0; i < nsteps; ++i) {
-      cp_async_wait<S - 2>();
+    for (int i = 0, slot = 0, phase = 0; i < nsteps; ++i, slot = slot == S - 1 ? 0 : slot + 1, phase = phase == G - 1 ? 0 : phase + 1) {
+      // A commit group a step: issued so far are the steps up to i + S - 1 - phase, or up to
+      // i + S - 1 - G at a group's first step (phase 0), which leaves that many groups pending.
+      cp_async_wait_phase<S, G>(phase);
       fence_async_shared();  // this thread's copies (and zeros) are visible to wgmma
       __syncthreads();       // step i has landed for every thread; every warp is done with step i - 1
-      if (i + S - 1 < nsteps) issue(c_begin + i + S - 1, (i + S - 1) % S);
-      cp_async_commit();
-      const uint8_t* st = smem + (i % S) * L::STAGE;
+      if (phase == 0) {
+        // Steps i + S - G .. i + S - 1 go to the slots of steps i - G .. i - 1.
+#pragma unroll
+        for (int j = 0; j < G; ++j) {
+          const int to = slot + S - G + j;
+          if (i + S - G + j < nsteps) issue(c_begin + i + S - G + j, to >= S ? to - S : to);
+          cp_async_commit();
+        }
+      }
+      const uint8_t* st = smem + slot * L::STAGE;
       const uint8_t* sws = st + ws_off;
       const float* sas = FUSE ? fqs + i * ROWS : (const float*)(st + as_off);
 

@@ -193,10 +193,18 @@ fn act_layout(form: Form, fp4: bool) -> i32 {
 
 /// Stages of a warp's ring in the FP8 decode form (cuda/qgemm.cu `F8Layout::STAGES`).
 const F8_STAGES: usize = 4;
-/// Weight rows a block and pipeline stages of the Hopper decode form (cuda/qgemm_sm90a.cu
-/// `WgLayout`).
+/// Weight rows a block of the Hopper decode form (cuda/qgemm_sm90a.cu `WgLayout`).
 const WG_DECODE_ROWS: usize = 64;
-const WG_DECODE_STAGES: usize = 4;
+
+/// Pipeline stages of the Hopper decode form (cuda/qgemm_sm90a.cu `WgLayout::STAGES`): 6 for the
+/// unfused MXFP4 kernels (their copies issued three steps at once), 4 for the others.
+const fn wg_decode_stages(fp4: bool, fused: bool) -> usize {
+    if fp4 && !fused {
+        6
+    } else {
+        4
+    }
+}
 
 /// Orders of the FP8 activation codes (cuda/qgemm.cu `F8ActLayout`): what the FP8 decode form
 /// that reads them expects, per weight format.
@@ -226,7 +234,7 @@ fn gemm_shared_bytes(fp4: bool, form: Form, bm: usize, k: usize) -> usize {
             let stage = 16 * if fp4 { 64 } else { 128 } + bm * KC + 64 + bm * 4;
             (THREADS as usize / 32) * F8_STAGES * stage
         }
-        Form::GemvWg => WG_DECODE_STAGES * wg_decode_stage(fp4, bm),
+        Form::GemvWg => wg_decode_stages(fp4, false) * wg_decode_stage(fp4, bm),
         Form::Gemm => {
             let b_row = if fp4 { 64 } else { 128 };
             let scales = if fp4 { BN * (k / 32) } else { BN * k.div_ceil(KC) * 4 };
@@ -250,7 +258,7 @@ const WG_FUSED_CODES: usize = 16384;
 /// activations (weights and their scales), then the block's activation codes and scales for `per`
 /// K steps of `bm` rows.
 fn fused_shared_bytes(fp4: bool, bm: usize, per: usize) -> usize {
-    WG_DECODE_STAGES * wg_decode_stage(fp4, 0) + per * bm * (KC + 4)
+    wg_decode_stages(fp4, true) * wg_decode_stage(fp4, 0) + per * bm * (KC + 4)
 }
 
 /// A stage of the Hopper decode form (cuda/qgemm_sm90a.cu `WgLayout::STAGE`): `rows` activation
@@ -912,6 +920,21 @@ mod tests {
 
     fn summary(s: &LinearShape) -> (Form, usize, usize, usize, bool) {
         (s.form, s.bm, s.splits, s.per, s.fused)
+    }
+
+    #[test]
+    fn hopper_decode_stages_fit_the_blocks_an_sm_of_their_launch_bounds() {
+        // cuda/qgemm_sm90a.cu: dsv4_qgemv_wg_fp4_n8 (the MoE's decode kernel) runs 6 blocks an SM,
+        // the other unfused decode kernels 4. An H200 SM has 228 KB of shared memory, 227 KB a
+        // block, and reserves 1 KB a block.
+        let fits = |bytes: usize, blocks: usize| bytes <= 227 * 1024 && blocks * (bytes + 1024) <= 228 * 1024;
+        for (fp4, rows, blocks, bytes) in [(true, 8, 6, 33_024), (true, 16, 4, 39_168), (false, 8, 4, 38_400), (false, 16, 4, 42_496)] {
+            let b = gemm_shared_bytes(fp4, Form::GemvWg, rows, 4096);
+            assert_eq!(b, bytes, "fp4 {fp4}, {rows} rows");
+            assert!(fits(b, blocks), "fp4 {fp4}, {rows} rows: {b} B");
+        }
+        // The MoE's kernel has no room for a seventh stage at 6 blocks an SM.
+        assert!(!fits(33_024 + wg_decode_stage(true, 8), 6));
     }
 
     #[test]
