@@ -455,10 +455,12 @@ __device__ __forceinline__ void quantize_tile(const GemmParams& p, int g, long l
 // of the newest commit groups (a step each) may still be pending.
 template <int S, int G>
 __device__ __forceinline__ void cp_async_wait_phase(int phase) {
-  static_assert(G >= 1 && G <= 3, "groups of at most three steps");
+  static_assert(G >= 1 && G <= 3 && S - G >= 1, "groups of at most three steps, a step in flight");
   if (phase == 0) cp_async_wait<S - 1 - G>();
-  else if (G > 1 && phase == 1) cp_async_wait<S - 2>();
-  else if (G > 2) cp_async_wait<S - 3 < 0 ? 0 : S - 3>();
+  else if constexpr (G > 1) {
+    if (phase == 1) cp_async_wait<S - 2>();
+    else if constexpr (G > 2) cp_async_wait<S - 3>();
+  }
 }
 
 template <bool FP4, int NT, bool FUSE>
