@@ -275,7 +275,7 @@ mod tests {
         let bytes = |f| score_shared_bytes(MAX_SPLIT_KEYS, f) as usize;
         let all = (bytes(IndexFormat::Fp4), bytes(IndexFormat::Fp8), bytes(IndexFormat::Bf16));
         assert_eq!(all, (53_520, 69_904, 101_648));
-        assert!(4 * (bytes(IndexFormat::Fp4) + 1024) <= 228 * 1024);
+        assert!(super::super::h200_blocks_fit(bytes(IndexFormat::Fp4), 4));
         assert!(bytes(IndexFormat::Bf16) > 99 * 1024);
         // Dense scores keep no pool.
         assert_eq!(score_shared_bytes(0, IndexFormat::Fp4) as usize, 53_520 - 4 * MAX_SPLIT_KEYS);

@@ -119,6 +119,14 @@ pub(crate) fn is_bf16(t: &TensorRef) -> i32 {
     (t.dtype == DType::BF16) as i32
 }
 
+/// Whether `blocks` blocks of `bytes` of dynamic shared memory each fit one H200 multiprocessor
+/// (228 KiB, at most 227 KiB a block, 1 KiB reserved a block): the occupancy the kernels' shared
+/// memory is sized for, which tests pin.
+#[cfg(test)]
+pub(crate) fn h200_blocks_fit(bytes: usize, blocks: usize) -> bool {
+    bytes <= 227 * 1024 && blocks * (bytes + 1024) <= 228 * 1024
+}
+
 /// Whether rows of `d` values of these tensors can be read four at a time (cuda/include/floats.cuh):
 /// `d` a multiple of 4 and every pointer aligned to four values.
 pub(crate) fn four_wide(d: usize, tensors: &[&TensorRef]) -> bool {

@@ -925,9 +925,8 @@ mod tests {
     #[test]
     fn hopper_decode_stages_fit_the_blocks_an_sm_of_their_launch_bounds() {
         // cuda/qgemm_sm90a.cu: dsv4_qgemv_wg_fp4_n8 (the MoE's decode kernel) runs 6 blocks an SM,
-        // the other unfused decode kernels 4. An H200 SM has 228 KB of shared memory, 227 KB a
-        // block, and reserves 1 KB a block.
-        let fits = |bytes: usize, blocks: usize| bytes <= 227 * 1024 && blocks * (bytes + 1024) <= 228 * 1024;
+        // the other unfused decode kernels 4.
+        let fits = super::super::h200_blocks_fit;
         for (fp4, rows, blocks, bytes) in [(true, 8, 6, 33_024), (true, 16, 4, 39_168), (false, 8, 4, 38_400), (false, 16, 4, 42_496)] {
             let b = gemm_shared_bytes(fp4, Form::GemvWg, rows, 4096);
             assert_eq!(b, bytes, "fp4 {fp4}, {rows} rows");
