@@ -341,9 +341,53 @@ def test_moe_experts_without_tokens(gen: torch.Generator) -> None:
 
 def test_moe_experts_opcheck(gen: torch.Generator) -> None:
     args, limit = moe_inputs(gen, "idle-expert", torch.float32, torch.int32)
-    torch.library.opcheck(torch.ops.dsv4rs.moe_experts.default, (*args, limit, "fp8"))
+    torch.library.opcheck(torch.ops.dsv4rs.moe_experts.default, (*args, limit, "fp8", False))
     args, _ = moe_inputs(gen, "k1", torch.bfloat16, torch.int64)
-    torch.library.opcheck(torch.ops.dsv4rs.moe_experts.default, (*args, math.inf, "bf16"))
+    torch.library.opcheck(torch.ops.dsv4rs.moe_experts.default, (*args, math.inf, "bf16", False))
+
+
+@pytest.mark.parametrize("shape", [(128, 64), (3, 128, 128), (2, 192, 256)])
+def test_fp4_tiles_place_each_byte_as_stated_and_fp4_rows_inverts(gen: torch.Generator, shape: tuple) -> None:
+    """Byte ``b`` of row ``n`` of an expert lies at ``(n // 64) 64 K/2 + (b // 64) 4096 + (n % 64)
+    64 + b % 64`` of that expert's tiles (the kernels' ``w_row``), for every byte; ``fp4_rows``
+    gives the rows back."""
+    w = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
+    t = ops.fp4_tiles(w)
+    assert t.shape == w.shape and t.dtype == torch.uint8 and t.is_contiguous()
+    rows, width = shape[-2], shape[-1]
+    n = torch.arange(rows).view(-1, 1)
+    b = torch.arange(width).view(1, -1)
+    at = (n // 64) * 64 * width + (b // 64) * 4096 + (n % 64) * 64 + b % 64
+    flat_w, flat_t = w.reshape(-1, rows * width), t.reshape(-1, rows * width)
+    assert torch.equal(flat_t[:, at.flatten()], flat_w)
+    assert torch.equal(ops.fp4_rows(t), w)
+    assert torch.equal(t, w) == (width == 64)  # one K step: the tiles are the rows
+
+
+@pytest.mark.parametrize("shape,error", [((96, 64), ValueError), ((128, 96), ValueError), ((128,), TypeError)])
+def test_fp4_tiles_refuse_partial_tiles(shape: tuple, error: type) -> None:
+    with pytest.raises(error, match="^weight: "):
+        ops.fp4_tiles(torch.zeros(shape, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="^weight: "):
+        ops.fp4_tiles(torch.zeros(128, 64))
+
+
+@pytest.mark.parametrize("t", [1, 5, 40])
+def test_moe_experts_in_tiles_equal_rows_on_the_cpu(gen: torch.Generator, t: int) -> None:
+    x, idx, weights, gu, gus, dn, dns = expert_args(gen, t, 2, 4, 128, 256, torch.float32, idle_last=False)
+    want = ops.moe_experts(x, idx, weights, gu, gus, dn, dns, 1.0)
+    got = ops.moe_experts(x, idx, weights, ops.fp4_tiles(gu), gus, ops.fp4_tiles(dn), dns, 1.0, layout="tiles")
+    assert torch.equal(got, want)
+
+
+def test_moe_experts_refuse_a_bad_layout(gen: torch.Generator) -> None:
+    x, idx, weights, gu, gus, dn, dns = expert_args(gen, 2, 2, 4, 128, 256, torch.float32, idle_last=False)
+    with pytest.raises(ValueError, match="^layout: "):
+        ops.moe_experts(x, idx, weights, gu, gus, dn, dns, 1.0, layout="cols")
+    # I = 96: the down projection's K is no whole number of 128-value steps.
+    x, idx, weights, gu, gus, dn, dns = expert_args(gen, 2, 2, 4, 96, 256, torch.float32, idle_last=False)
+    with pytest.raises(ValueError, match="^down: "):
+        ops.moe_experts(x, idx, weights, gu, gus, dn, dns, 1.0, layout="tiles")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -764,6 +808,22 @@ def test_gpu_moe_experts_tiled_forms(gen: torch.Generator, t: int, e: int, inter
     got = ops.moe_experts(*cuda(*args), 1.0, act=act)
     want, tol = moe_bound(*args, 1.0, act, kernel if act == "fp8" else 0.0)
     assert_within(got, want, tol, "gpu vs reference")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t,e,inter,d", [(1, 8, 256, 512), (20, 8, 256, 512), (40, 64, 512, 1024), (700, 8, 256, 512),
+                                         (3, 8, 2048, 4096)])
+@pytest.mark.parametrize("act", ["fp8", "bf16"])
+def test_gpu_moe_experts_in_tiles_equal_rows_bit_for_bit(gen: torch.Generator, t: int, e: int, inter: int, d: int,
+                                                         act: str, kernel: float) -> None:
+    """Experts in ``fp4_tiles``'s layout give the rows' result, bit for bit, on every form (decode
+    with 8- and 16-row tiles, the tiled forms; the GPU's own choice, the FP8 decode form on
+    ``mma.sync``, the portable forms): only where the kernels read a weight byte moves. The last
+    case has V4-Flash's expert width (K 4,096 and 2,048)."""
+    x, idx, weights, gu, gus, dn, dns = cuda(*expert_args(gen, t, 6, e, inter, d, torch.bfloat16, idle_last=True))
+    want = ops.moe_experts(x, idx, weights, gu, gus, dn, dns, 1.0, act=act)
+    got = ops.moe_experts(x, idx, weights, ops.fp4_tiles(gu), gus, ops.fp4_tiles(dn), dns, 1.0, act=act, layout="tiles")
+    assert torch.equal(got, want)
 
 
 def test_moe_passes_bound_the_workspace() -> None:

@@ -37,13 +37,23 @@ struct GemmParams {
   const float* a_scale;      // FP8 decode form: the activations' float scale per (row, 128 block)
   const void* x;             // the Hopper decode form's fused kernels: the unquantized activations,
   int x_bf16;                // bfloat16 (1) or float32 (0), strides a_row_stride / a_group_stride
-  int pad_;
+  int w_tiles;               // MXFP4 weights in 64-row tiles (w_row); 0: DeepSeek's rows
 };
 static_assert(sizeof(GemmParams) == 160, "GemmParams must match rust/core/src/gpu/qgemm.rs");
 static_assert(offsetof(GemmParams, m) == 72 && offsetof(GemmParams, a_div) == 104 && offsetof(GemmParams, limit) == 124 &&
                   offsetof(GemmParams, a_scale) == 136 && offsetof(GemmParams, x_bf16) == 152,
               "GemmParams must match rust/core/src/gpu/qgemm.rs");
 
+
+// Where a weight row's bytes lie. DeepSeek's layout: row ng (groups flattened) at ng row_bytes,
+// its K steps (128 values) row_step bytes apart. MXFP4 weights in tiles (p.w_tiles; python
+// dsv4rs.ops.fp4_tiles): the 64 bytes of one K step of 64 consecutive rows lie together (4 KB),
+// a row block's tiles in K order, so a block reading a K step of its rows reads whole kilobytes.
+// A row's bytes within a step are where they were; only the row's start and the step move.
+__device__ __forceinline__ long long w_row(const GemmParams& p, long long ng, long long row_bytes) {
+  return p.w_tiles ? (ng & ~63LL) * row_bytes + (ng & 63) * 64 : ng * row_bytes;
+}
+__device__ __forceinline__ long long w_step(const GemmParams& p, int row_step) { return p.w_tiles ? 4096 : row_step; }
 
 // Eight FP4 codes (values v0 .. v7: two per byte, even index in the low nibble) as packed bf16
 // pairs (v_i, v_{i+4}), i = 0..3, times `mult` (a bf16 power of two in both halves). Nibble i

@@ -85,7 +85,7 @@ def _(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int, a
 @torch.library.custom_op("dsv4rs::moe_experts", mutates_args=())
 def _moe_experts(
     x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, gate_up_scale: torch.Tensor,
-    down: torch.Tensor, down_scale: torch.Tensor, limit: float, act: str,
+    down: torch.Tensor, down_scale: torch.Tensor, limit: float, act: str, tiles: bool,
 ) -> torch.Tensor:
     x, idx, weights = x.contiguous(), idx.contiguous(), weights.contiguous()
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -95,7 +95,7 @@ def _moe_experts(
         workspace = torch.empty(size, dtype=torch.uint8, device=x.device)
     _core.moe_experts(
         spec("x", x), spec("idx", idx), spec("weights", weights), spec("gate_up", gate_up),
-        spec("gate_up_scale", gate_up_scale), spec("down", down), spec("down_scale", down_scale), limit, act,
+        spec("gate_up_scale", gate_up_scale), spec("down", down), spec("down_scale", down_scale), limit, act, tiles,
         None if workspace is None else spec("workspace", workspace), spec("out", out), stream(x),
     )
     return out
@@ -104,7 +104,7 @@ def _moe_experts(
 @_moe_experts.register_fake
 def _(
     x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, gate_up_scale: torch.Tensor,
-    down: torch.Tensor, down_scale: torch.Tensor, limit: float, act: str,
+    down: torch.Tensor, down_scale: torch.Tensor, limit: float, act: str, tiles: bool,
 ) -> torch.Tensor:
     return x.new_empty(x.shape)
 
@@ -166,7 +166,7 @@ def quant_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, gro
 
 def moe_experts(
     x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, gate_up_scale: torch.Tensor,
-    down: torch.Tensor, down_scale: torch.Tensor, limit: float, act: str = "fp8",
+    down: torch.Tensor, down_scale: torch.Tensor, limit: float, act: str = "fp8", layout: str = "rows",
 ) -> torch.Tensor:
     """The routed experts of a MoE layer over MXFP4 weights, fused: for each token ``t`` and choice
     ``j``, with ``e = idx[t, j]``:
@@ -188,6 +188,10 @@ def moe_experts(
             ``uint8 [E, d, I/32]``.
         limit: the SwiGLU clamp (``swiglu_limit``), ``> 0``; ``math.inf`` for none.
         act: ``"fp8"`` (DeepSeek's FP8 activations, on ``x`` and on ``h``) or ``"bf16"``.
+        layout: ``"rows"`` (DeepSeek's, above) or ``"tiles"``: ``gate_up`` and ``down`` as
+            :func:`fp4_tiles` gives them (rows ``2I`` and ``d`` multiples of 64, ``d`` and ``I`` of
+            128), which the GPU reads in whole kilobytes; the same values, bit for bit. The CPU
+            takes them too (converting back to rows for the call).
 
     Returns:
         ``[T, d]``, the dtype of ``x``. On the GPU the call never synchronizes with the host and
@@ -211,4 +215,51 @@ def moe_experts(
     ndim("x", x, 2)
     ndim("idx", idx, 2)
     ndim("gate_up", gate_up, 3)
-    return _moe_experts(x, idx, weights, gate_up, gate_up_scale, down, down_scale, limit, act)
+    if not isinstance(layout, str) or layout not in LAYOUTS:
+        raise ValueError(f'layout: expected "rows" or "tiles", got {layout!r}')
+    tiles = layout == "tiles"
+    if tiles:
+        for name, w in (("gate_up", gate_up), ("down", down)):
+            _check_tiles(name, w)
+        if x.device.type != "cuda":
+            gate_up, down, tiles = fp4_rows(gate_up), fp4_rows(down), False
+    return _moe_experts(x, idx, weights, gate_up, gate_up_scale, down, down_scale, limit, act, tiles)
+
+
+LAYOUTS = ("rows", "tiles")
+"""The MXFP4 expert layouts ``moe_experts`` takes: DeepSeek's rows, or :func:`fp4_tiles`'s."""
+
+_TILE_ROWS, _TILE_BYTES = 64, 64  # a tile: 64 rows x one K step (128 values, 64 bytes)
+
+
+def _check_tiles(name: str, w: torch.Tensor) -> None:
+    if not isinstance(w, torch.Tensor) or w.dtype != torch.uint8 or w.dim() not in (2, 3):
+        raise TypeError(f"{name}: expected uint8 MXFP4 codes [N, K/2] or [E, N, K/2], got "
+                        f"{getattr(w, 'dtype', type(w).__name__)} {tuple(getattr(w, 'shape', ()))}")
+    rows, width = w.shape[-2], w.shape[-1]
+    if rows % _TILE_ROWS or width % _TILE_BYTES:
+        raise ValueError(f"{name}: tiles need rows a multiple of {_TILE_ROWS} and K a multiple of "
+                         f"{2 * _TILE_BYTES}, got {rows} rows and K {2 * width}")
+
+
+def fp4_tiles(weight: torch.Tensor) -> torch.Tensor:
+    """MXFP4 codes ``[N, K/2]`` or ``[E, N, K/2]`` (DeepSeek's rows) in tiles, the layout
+    ``moe_experts(..., layout="tiles")`` reads: the same shape and bytes, ordered so that one K step
+    (128 values, 64 bytes) of 64 consecutive rows is one contiguous 4 KB tile, a block of 64
+    rows' tiles in K order: byte ``b`` of row ``n`` lies at ``(n // 64) * 64 * K/2 + (b // 64) *
+    4096 + (n % 64) * 64 + b % 64`` of its expert. ``N`` must be a multiple of 64 and ``K`` of 128.
+    The scales keep their layout. Returns a new contiguous tensor on the same device;
+    :func:`fp4_rows` is its inverse."""
+    _check_tiles("weight", weight)
+    *lead, rows, width = weight.shape
+    t = weight.reshape(-1, rows // _TILE_ROWS, _TILE_ROWS, width // _TILE_BYTES, _TILE_BYTES)
+    return t.transpose(2, 3).contiguous().view(weight.shape)
+
+
+def fp4_rows(weight: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`fp4_tiles`: MXFP4 codes in tiles back in DeepSeek's rows (a new
+    contiguous tensor of the same shape)."""
+    _check_tiles("weight", weight)
+    *lead, rows, width = weight.shape
+    t = weight.reshape(-1, rows // _TILE_ROWS, width // _TILE_BYTES, _TILE_ROWS, _TILE_BYTES)
+    return t.transpose(2, 3).contiguous().view(weight.shape)

@@ -354,7 +354,7 @@ pub unsafe fn linear(
     match device {
         Device::Cuda(dev) => {
             let ws = gpu_workspace(workspace)?;
-            let w = gpu::qgemm::Weights { data: weight, scale, fp4 };
+            let w = gpu::qgemm::Weights { data: weight, scale, fp4, tiles: false };
             gpu::qgemm::linear(dev, stream, x, &w, groups, act == Act::Fp8, ws, out)
         }
         Device::Cpu => {
@@ -397,14 +397,16 @@ pub unsafe fn linear(
 ///   on the GPU such a pair contributes zero (checking would synchronize the host). The GPU needs
 ///   `workspace`, `uint8` of at least [`gpu::qgemm::moe_workspace_bytes`]`(T, k, E, I, d)` bytes;
 ///   the CPU ignores it. `T = 0` is an empty call.
+/// - `tiles`: `gate_up` and `down` hold their bytes in 64-row tiles (`gpu::qgemm::Weights::tiles`),
+///   on CUDA only: rows (2I and d) multiples of 64, K (d and I) of 128.
 ///
 /// # Safety
 /// As [`linear`]; `workspace` aliases no other argument.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn moe(
     x: &TensorRef, idx: &TensorRef, weights: &TensorRef, gate_up: &TensorRef, gate_up_scale: &TensorRef,
-    down: &TensorRef, down_scale: &TensorRef, limit: f32, act: Act, workspace: Option<&TensorRef>, out: &TensorRef,
-    stream: usize,
+    down: &TensorRef, down_scale: &TensorRef, limit: f32, act: Act, tiles: bool, workspace: Option<&TensorRef>,
+    out: &TensorRef, stream: usize,
 ) -> Result<()> {
     let xt = x.expect_dtype(&[DType::F32, DType::BF16])?;
     idx.expect_dtype(&[DType::I32, DType::I64])?;
@@ -457,11 +459,14 @@ pub unsafe fn moe(
     match device {
         Device::Cuda(dev) => {
             let ws = gpu_workspace(workspace)?;
-            let gu = gpu::qgemm::Weights { data: gate_up, scale: gate_up_scale, fp4: true };
-            let dn = gpu::qgemm::Weights { data: down, scale: down_scale, fp4: true };
+            let gu = gpu::qgemm::Weights { data: gate_up, scale: gate_up_scale, fp4: true, tiles };
+            let dn = gpu::qgemm::Weights { data: down, scale: down_scale, fp4: true, tiles };
             gpu::qgemm::moe(dev, stream, x, idx, weights, &gu, &dn, limit, act == Act::Fp8, ws, out)
         }
         Device::Cpu => {
+            if tiles {
+                return Err(Error::value(gate_up.name, "weights in tiles run on CUDA only (ops.fp4_rows gives DeepSeek's rows)"));
+            }
             let ids = expert_ids(idx, experts)?;
             let w = weights.host::<f32>(&[DType::F32])?;
             if let Some(i) = w.iter().position(|v| !v.is_finite()) {
@@ -800,7 +805,7 @@ mod tests {
                 &tref("gate_up", &ex.gate_up.data, &[e, 2 * i, d / 2], DType::U8),
                 &tref("gate_up_scale", &ex.gate_up.scale_u8, &[e, 2 * i, d / 32], DType::U8),
                 &tref("down", &ex.down.data, &[e, d, i / 2], DType::U8),
-                &tref("down_scale", &ex.down.scale_u8, &[e, d, i / 32], DType::U8), limit, act, None,
+                &tref("down_scale", &ex.down.scale_u8, &[e, d, i / 32], DType::U8), limit, act, false, None,
                 &tref("out", &out, &[t, d], DType::F32), 0,
             )?;
         }
