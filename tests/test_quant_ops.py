@@ -1007,3 +1007,29 @@ def test_gpu_quant_ops_never_synchronize_the_host(gen: torch.Generator) -> None:
     want, tol = moe_bound(x, idx, weights, *w, limit, "fp8", slice_bound())
     assert_within(out, want, tol, "gpu vs reference")
     assert lin.shape == (3, LINEAR_CASES[3][2])
+
+
+def test_experts_in_tiles_run_and_save_as_rows(gen: torch.Generator) -> None:
+    """``Experts.tile()`` holds the MXFP4 experts in tiles: the same outputs, and the state dict
+    (what exports write) and ``load_state_dict`` still speak DeepSeek's rows."""
+    from dsv4rs.model.config import V4Config
+    from dsv4rs.model.layers.moe import Experts
+
+    cfg = V4Config.tiny(hidden_size=256, moe_intermediate_size=128, n_routed_experts=4, num_experts_per_tok=2)
+    ex = Experts(cfg, quantized=True)
+    for name in ("gate_up", "down"):
+        getattr(ex, name).copy_(torch.randint(0, 256, getattr(ex, name).shape, dtype=torch.uint8, generator=gen))
+    for name in ("gate_up_scale", "down_scale"):
+        getattr(ex, name).fill_(120)
+    rows = {k: v.clone() for k, v in ex.state_dict().items()}
+    x = torch.randn(5, 256, generator=gen)
+    idx = torch.randint(0, 4, (5, 2), generator=gen)
+    w = torch.rand(5, 2, generator=gen)
+    want = ex(x, idx, w)
+    assert ex.tile() and ex.layout == "tiles" and ex.tile()
+    assert not torch.equal(ex.gate_up, rows["gate_up"])
+    assert torch.equal(ex(x, idx, w), want)
+    saved = ex.state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in rows.items())
+    ex.load_state_dict(rows)
+    assert torch.equal(ex.gate_up, ops.fp4_tiles(rows["gate_up"])) and torch.equal(ex(x, idx, w), want)
