@@ -122,7 +122,30 @@ def moe(b: Bench) -> Iterator[Case]:
             name = f"moe flash {kind} T={batch}" if b.gpu else f"moe {kind} T={batch}"
             return Row(name, ms, moved, flops, eager, note=f"  {name}: {touched} experts touched; beside: {other}")
 
+        def run_tiles(batch: int = batch) -> Row:
+            """The same call on the experts in ``ops.fp4_tiles``'s layout (the GPU's; the CPU
+            converts back to rows each call, so there it measures that)."""
+            s = setup()
+            if "tiles" not in s:
+                s["tiles"] = ops.fp4_tiles(s["gu"][0]), ops.fp4_tiles(s["dn"][0])
+            (gu, gus), (dn, dns), (gut, dnt) = s["gu"], s["dn"], s["tiles"]
+            dtype = torch.bfloat16 if b.gpu else torch.float32
+            xs = [b.randn(batch, d, dtype=dtype) for _ in range(2)]
+            idx = torch.rand(batch, e, device=b.device).topk(k, dim=-1).indices
+            w = torch.rand(batch, k, device=b.device)
+            touched = int(torch.unique(idx).numel())
+            ms = b.median_ms(lambda i: ops.moe_experts(xs[i], idx, w, gut, gus, dnt, dns, cfg.swiglu_limit,
+                                                       layout="tiles"), 2)
+            rows = b.median_ms(lambda i: ops.moe_experts(xs[i], idx, w, gu, gus, dn, dns, cfg.swiglu_limit), 2)
+            moved = touched * per_expert + batch * d * 2 * xs[0].element_size()
+            kind = "decode" if batch <= 128 else "prefill"
+            name = f"moe flash {kind} T={batch} tiles" if b.gpu else f"moe {kind} T={batch} tiles"
+            return Row(name, ms, moved, 6.0 * batch * k * inter * d, rows,
+                       note=f"  {name}: {touched} experts touched; beside: the same call on rows")
+
         yield Case("moe", f"T={batch}", run)
+        if batch <= 128:
+            yield Case("moe", f"T={batch} tiles", run_tiles)
 
 
 def _fp8_weight(b: Bench, rows: int, cols: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
