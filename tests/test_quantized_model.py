@@ -620,3 +620,26 @@ def test_shipped_layout_is_what_a_deepseek_checkpoint_loads_as(quantized: Deepse
     assert want and layout(built) == want
     assert {n for n in want if not n.endswith(".experts")} == {
         n for n, _ in quantized.named_modules() if SHIPPED_FP8.search(n)}
+
+
+def test_experts_in_tiles_keep_checkpoint_tensors_as_stored(tmp_path) -> None:
+    """A loaded model whose MXFP4 experts are held in tiles (``Experts.tile()``, what an ``Engine``
+    on a GPU does) still gives the checkpoint's rows from ``checkpoint_tensors`` and
+    ``state_dict`` (what exports and the loader read), and the same logits-level MoE outputs."""
+    cfg = V4Config.tiny(hidden_size=256, moe_intermediate_size=128)
+    export_deepseek(init_random(DeepseekV4(cfg), seed=5), tmp_path, progress=False)
+    model = load_checkpoint(str(tmp_path), progress=False)
+    before = {k: v.detach().clone() for k, v in model.checkpoint_tensors().items()}
+    experts = [m for m in model.modules() if isinstance(m, Experts)]
+    assert experts and all(m.quantized for m in experts)
+    x = torch.randn(3, 256)
+    idx = torch.randint(0, cfg.n_routed_experts, (3, cfg.num_experts_per_tok))
+    w = torch.rand(3, cfg.num_experts_per_tok)
+    want = [m(x, idx, w) for m in experts]
+    assert all(m.tile() for m in experts)
+    after = model.checkpoint_tensors()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in before.items() if k in state)
+    assert any(not torch.equal(m.gate_up, before[n + ".gate_up"]) for n, m in model.named_modules() if isinstance(m, Experts))
+    assert all(torch.equal(m(x, idx, w), y) for m, y in zip(experts, want))
