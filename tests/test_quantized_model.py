@@ -539,7 +539,7 @@ def test_bad_tensors_are_named(exported, tmp_path, quant: bool, key: str, change
         load_checkpoint(path, progress=False, quantized=quant)
 
 
-def test_fp4_rows_must_hold_whole_scale_blocks(exported, tmp_path) -> None:
+def test_weight_rows_must_hold_whole_scale_blocks(exported, tmp_path) -> None:
     """An MXFP4 weight whose rows do not hold a multiple of 32 values (``moe_intermediate_size``
     48 for ``w2``) is refused naming it, before anything is read."""
     path = copy_checkpoint(exported[0], tmp_path)
@@ -622,10 +622,11 @@ def test_shipped_layout_is_what_a_deepseek_checkpoint_loads_as(quantized: Deepse
         n for n, _ in quantized.named_modules() if SHIPPED_FP8.search(n)}
 
 
-def test_experts_in_tiles_keep_checkpoint_tensors_as_stored(tmp_path) -> None:
-    """A loaded model whose MXFP4 experts are held in tiles (``Experts.tile()``, what an ``Engine``
-    on a GPU does) still gives the checkpoint's rows from ``checkpoint_tensors`` and
-    ``state_dict`` (what exports and the loader read), and the same logits-level MoE outputs."""
+def test_weights_in_tiles_keep_checkpoint_tensors_as_stored(tmp_path) -> None:
+    """A loaded model whose MXFP4 experts and quantized linears are held in tiles (``tile()``,
+    what an ``Engine`` on a GPU does) still gives the checkpoint's rows from
+    ``checkpoint_tensors`` and ``state_dict`` (what exports and the loader read), and the same MoE
+    outputs."""
     cfg = V4Config.tiny(hidden_size=256, moe_intermediate_size=128)
     export_deepseek(init_random(DeepseekV4(cfg), seed=5), tmp_path, progress=False)
     model = load_checkpoint(str(tmp_path), progress=False)
@@ -637,6 +638,11 @@ def test_experts_in_tiles_keep_checkpoint_tensors_as_stored(tmp_path) -> None:
     w = torch.rand(3, cfg.num_experts_per_tok)
     want = [m(x, idx, w) for m in experts]
     assert all(m.tile() for m in experts)
+    linears = [m for m in model.modules() if isinstance(m, QuantLinear) and m.groups == 1]
+    xs = [torch.randn(2, m.in_features) for m in linears]
+    ys = [m(v) for m, v in zip(linears, xs)]
+    assert sum(m.tile() for m in linears) > 0
+    assert all(torch.equal(m(v), y) for m, v, y in zip(linears, xs, ys))
     after = model.checkpoint_tensors()
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
     state = model.state_dict()

@@ -45,15 +45,23 @@ static_assert(offsetof(GemmParams, m) == 72 && offsetof(GemmParams, a_div) == 10
               "GemmParams must match rust/core/src/gpu/qgemm.rs");
 
 
-// Where a weight row's bytes lie. DeepSeek's layout: row ng (groups flattened) at ng row_bytes,
-// its K steps (128 values) row_step bytes apart. MXFP4 weights in tiles (p.w_tiles; python
-// dsv4rs.ops.fp4_tiles): the 64 bytes of one K step of 64 consecutive rows lie together (4 KB),
-// a row block's tiles in K order, so a block reading a K step of its rows reads whole kilobytes.
-// A row's bytes within a step are where they were; only the row's start and the step move.
-__device__ __forceinline__ long long w_row(const GemmParams& p, long long ng, long long row_bytes) {
-  return p.w_tiles ? (ng & ~63LL) * row_bytes + (ng & 63) * 64 : ng * row_bytes;
+// Where a weight row's bytes lie. DeepSeek's layout: row ng (groups flattened) at ng times the
+// row's bytes (K / 2 MXFP4, K FP8), its K steps of 128 values (64 or 128 bytes) one after the
+// other. In tiles (p.w_tiles; python dsv4rs.ops.weight_tiles): one K step of 64 consecutive rows
+// lies together (4 KB MXFP4, 8 KB FP8), a row block's tiles in K order, so a block reading a K step
+// of its rows reads whole kilobytes. A row's bytes within a step are where they were; only the
+// row's start (w_row) and the distance from one step to the next (w_step) move.
+template <bool FP4>
+__device__ __forceinline__ long long w_row(const GemmParams& p, long long ng, long long k) {
+  constexpr int STEP = FP4 ? KC / 2 : KC;
+  const long long row_bytes = FP4 ? k / 2 : k;
+  return p.w_tiles ? (ng & ~63LL) * row_bytes + (ng & 63) * STEP : ng * row_bytes;
 }
-__device__ __forceinline__ long long w_step(const GemmParams& p, int row_step) { return p.w_tiles ? 4096 : row_step; }
+template <bool FP4>
+__device__ __forceinline__ long long w_step(const GemmParams& p) {
+  constexpr int STEP = FP4 ? KC / 2 : KC;
+  return p.w_tiles ? 64 * STEP : STEP;
+}
 
 // Eight FP4 codes (values v0 .. v7: two per byte, even index in the low nibble) as packed bf16
 // pairs (v_i, v_{i+4}), i = 0..3, times `mult` (a bf16 power of two in both halves). Nibble i

@@ -113,8 +113,8 @@ def sparse_attention(
     workspace: Spec | None, stream: int,
 ) -> None: ...
 def quant_linear(
-    x: Spec, weight: Spec, scale: Spec, fp4: bool, groups: int, act: str, workspace: Spec | None, out: Spec,
-    stream: int,
+    x: Spec, weight: Spec, scale: Spec, fp4: bool, groups: int, act: str, tiles: bool, workspace: Spec | None,
+    out: Spec, stream: int,
 ) -> None: ...
 def quant_linear_workspace_bytes(
     device: int, m: int, groups: int, n: int, k: int, x_bf16: bool, act: str, fp4: bool

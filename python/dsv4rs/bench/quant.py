@@ -123,11 +123,11 @@ def moe(b: Bench) -> Iterator[Case]:
             return Row(name, ms, moved, flops, eager, note=f"  {name}: {touched} experts touched; beside: {other}")
 
         def run_tiles(batch: int = batch) -> Row:
-            """The same call on the experts in ``ops.fp4_tiles``'s layout (the GPU's; the CPU
+            """The same call on the experts in ``ops.weight_tiles``'s layout (the GPU's; the CPU
             converts back to rows each call, so there it measures that)."""
             s = setup()
             if "tiles" not in s:
-                s["tiles"] = ops.fp4_tiles(s["gu"][0]), ops.fp4_tiles(s["dn"][0])
+                s["tiles"] = ops.weight_tiles(s["gu"][0]), ops.weight_tiles(s["dn"][0])
             (gu, gus), (dn, dns), (gut, dnt) = s["gu"], s["dn"], s["tiles"]
             dtype = torch.bfloat16 if b.gpu else torch.float32
             xs = [b.randn(batch, d, dtype=dtype) for _ in range(2)]

@@ -29,6 +29,7 @@ from dsv4rs import ops
 from dsv4rs.cache import CacheConfig, KVCacheManager, PrefixHit
 from dsv4rs.model.layers.attention import AttentionMetadata
 from dsv4rs.model.layers.moe import Experts
+from dsv4rs.model.layers.quant import QuantLinear
 from dsv4rs.model.model import DeepseekV4
 from dsv4rs.parallel import ParallelConfig, attach
 from dsv4rs.runtime.graphs import BUCKETS, DecodeGraphs
@@ -90,10 +91,11 @@ class Engine:
         cfg = self.cfg
         self.device = model.lm_head.weight.device
         if self.device.type == "cuda":
-            # MXFP4 experts in 64-row tiles, which the GPU's MoE reads in whole kilobytes (the same
-            # values; the model's state dict keeps DeepSeek's rows). Before the cache takes its share.
+            # Quantized weights (MXFP4 experts, FP8 linears) in 64-row tiles, which the GPU reads in
+            # whole kilobytes (the same values; the model's state dict keeps DeepSeek's rows).
+            # Before the cache takes its share.
             for module in model.modules():
-                if isinstance(module, Experts):
+                if isinstance(module, (Experts, QuantLinear)):
                     module.tile()
         self.row_dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
         self.cache_config = CacheConfig(cfg.compress_ratios, window=cfg.sliding_window,

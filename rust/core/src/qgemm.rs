@@ -314,13 +314,15 @@ fn gpu_workspace(workspace: Option<&TensorRef>) -> Result<&TensorRef> {
 ///   `x [M, g, K]`, group `i` uses rows `i N .. (i + 1) N` -> `out [M, g N]`, group-major.
 /// - `x` float32 or bfloat16 (finite on the CPU); `out` of the same dtype; `M = 0` is an empty
 ///   call. Numerics: the module's.
+/// - `tiles`: `weight` holds its bytes in 64-row tiles (`gpu::qgemm::Weights::tiles`), on CUDA
+///   only: `R` a multiple of 64, `K` of 128.
 ///
 /// # Safety
 /// Every tensor satisfies [`TensorRef`]'s contract; `out` aliases nothing; `stream` belongs to the
 /// tensors' device.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn linear(
-    x: &TensorRef, weight: &TensorRef, scale: &TensorRef, fp4: bool, groups: usize, act: Act,
+    x: &TensorRef, weight: &TensorRef, scale: &TensorRef, fp4: bool, groups: usize, act: Act, tiles: bool,
     workspace: Option<&TensorRef>, out: &TensorRef, stream: usize,
 ) -> Result<()> {
     let xt = x.expect_dtype(&[DType::F32, DType::BF16])?;
@@ -354,9 +356,10 @@ pub unsafe fn linear(
     match device {
         Device::Cuda(dev) => {
             let ws = gpu_workspace(workspace)?;
-            let w = gpu::qgemm::Weights { data: weight, scale, fp4, tiles: false };
+            let w = gpu::qgemm::Weights { data: weight, scale, fp4, tiles };
             gpu::qgemm::linear(dev, stream, x, &w, groups, act == Act::Fp8, ws, out)
         }
+        Device::Cpu if tiles => Err(Error::value(weight.name, "weights in tiles run on CUDA only (ops.weight_rows gives DeepSeek's rows)")),
         Device::Cpu => {
             let w = HostWeight::new(weight, scale, fp4, k)?;
             let a = activations(x, k, act)?;
@@ -465,7 +468,7 @@ pub unsafe fn moe(
         }
         Device::Cpu => {
             if tiles {
-                return Err(Error::value(gate_up.name, "weights in tiles run on CUDA only (ops.fp4_rows gives DeepSeek's rows)"));
+                return Err(Error::value(gate_up.name, "weights in tiles run on CUDA only (ops.weight_rows gives DeepSeek's rows)"));
             }
             let ids = expert_ids(idx, experts)?;
             let w = weights.host::<f32>(&[DType::F32])?;
@@ -693,7 +696,7 @@ mod tests {
         unsafe {
             linear(
                 &tref("x", x, &xs, DType::F32), &tref("weight", &w.data, &wshape, DType::U8), &scale, fp4, groups, act,
-                None, &tref("out", &out, &[m, rows], DType::F32), 0,
+                false, None, &tref("out", &out, &[m, rows], DType::F32), 0,
             )
             .unwrap();
         }

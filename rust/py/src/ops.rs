@@ -294,6 +294,7 @@ pub fn quant_linear(
     fp4: bool,
     groups: usize,
     act: &str,
+    tiles: bool,
     workspace: Option<Spec>,
     out: Spec,
     stream: usize,
@@ -302,7 +303,7 @@ pub fn quant_linear(
     let (x, w, s, o) = (tref("x", x)?, tref("weight", weight)?, tref("scale", scale)?, tref("out", out)?);
     let ws = workspace.map(|t| tref("workspace", t)).transpose()?;
     // SAFETY: as rope; `out` and the workspace are fresh tensors.
-    run(py, || unsafe { qgemm::linear(&x, &w, &s, fp4, groups, act, ws.as_ref(), &o, stream) })
+    run(py, || unsafe { qgemm::linear(&x, &w, &s, fp4, groups, act, tiles, ws.as_ref(), &o, stream) })
 }
 
 /// The routed MXFP4 experts of `x`, combined with the routing weights into `out` (`tiles`: the

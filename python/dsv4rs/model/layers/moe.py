@@ -103,7 +103,7 @@ class Experts(nn.Module):
         self.first += experts.start
 
     def tile(self) -> bool:
-        """Holds the MXFP4 experts in :func:`dsv4rs.ops.fp4_tiles`'s layout, which the GPU's fused
+        """Holds the MXFP4 experts in :func:`dsv4rs.ops.weight_tiles`'s layout, which the GPU's fused
         MoE reads in whole kilobytes (one tensor at a time: the peak is one projection's copy). The
         state dict still gives DeepSeek's rows. Returns whether the experts are in tiles now (not
         for bf16 experts, or widths that are no whole tiles: rows a multiple of 64, K of 128)."""
@@ -113,8 +113,8 @@ class Experts(nn.Module):
             return True
         if any(w.shape[-2] % 64 or w.shape[-1] % 64 for w in (self.gate_up, self.down)):
             return False
-        self.gate_up = ops.fp4_tiles(self.gate_up)
-        self.down = ops.fp4_tiles(self.down)
+        self.gate_up = ops.weight_tiles(self.gate_up)
+        self.down = ops.weight_tiles(self.down)
         self.layout = "tiles"
         return True
 
@@ -255,7 +255,7 @@ def _rows_in_state_dict(module: Experts, state: dict, prefix: str, local_metadat
     """Experts held in tiles still save DeepSeek's rows."""
     if getattr(module, "layout", "rows") == "tiles":
         for name in ("gate_up", "down"):
-            state[prefix + name] = ops.fp4_rows(state[prefix + name])
+            state[prefix + name] = ops.weight_rows(state[prefix + name])
 
 
 def _tiles_from_state_dict(module: Experts, state: dict, prefix: str, *args) -> None:
@@ -263,4 +263,4 @@ def _tiles_from_state_dict(module: Experts, state: dict, prefix: str, *args) -> 
     if getattr(module, "layout", "rows") == "tiles":
         for name in ("gate_up", "down"):
             if prefix + name in state:
-                state[prefix + name] = ops.fp4_tiles(state[prefix + name])
+                state[prefix + name] = ops.weight_tiles(state[prefix + name])

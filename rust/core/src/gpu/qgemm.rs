@@ -14,10 +14,9 @@ use crate::tensor::{DType, TensorRef};
 /// or MXFP4 `[R, K/2]` bytes (low nibble first) with UE8M0 codes `[R, K/32]`. For experts the
 /// leading dimension is `E` (`[E, N, ...]`), the rows of expert `e` being `e N .. (e + 1) N`.
 ///
-/// `tiles` (MXFP4 only, the MoE's experts): the same bytes in 64-row tiles, the 64 bytes of one K
-/// step (128 values) of rows `64 b .. 64 b + 63` together, 4 KB a tile, a row block's tiles in K
-/// order (cuda/include/qgemm.cuh `w_row`; python `dsv4rs.ops.fp4_tiles`). The scales keep their
-/// layout.
+/// `tiles`: the same bytes in 64-row tiles, one K step (128 values: 64 bytes MXFP4, 128 FP8) of
+/// rows `64 b .. 64 b + 63` together, a row block's tiles in K order (cuda/include/qgemm.cuh
+/// `w_row`; python `dsv4rs.ops.weight_tiles`). The scales keep their layout.
 pub struct Weights<'a> {
     pub data: &'a TensorRef,
     pub scale: &'a TensorRef,
@@ -389,18 +388,13 @@ fn check_k(w: &Weights) -> Result<usize> {
     Ok(k)
 }
 
-/// Weights in tiles ([`Weights::tiles`]) are MXFP4 with whole tiles: `rows` (a group's) a multiple
-/// of 64 and K of 128.
+/// Weights in tiles ([`Weights::tiles`]) hold whole tiles: `rows` (an expert's, or all of a
+/// linear's) a multiple of 64 and K of 128.
 fn check_tiles(w: &Weights, rows: usize) -> Result<()> {
-    if w.tiles && (!w.fp4 || !rows.is_multiple_of(64) || !w.k().is_multiple_of(KC)) {
+    if w.tiles && (!rows.is_multiple_of(64) || !w.k().is_multiple_of(KC)) {
         return Err(Error::value(
             w.data.name,
-            format!(
-                "weights in tiles are MXFP4 with rows a multiple of 64 and K of 128, got {} rows and K {}{}",
-                rows,
-                w.k(),
-                if w.fp4 { "" } else { " (FP8)" }
-            ),
+            format!("weights in tiles need rows a multiple of 64 and K of 128, got {rows} rows and K {}", w.k()),
         ));
     }
     Ok(())
@@ -644,7 +638,7 @@ pub unsafe fn linear(
 ) -> Result<()> {
     let k = check_k(w)?;
     let n = w.data.dim(0) / groups;
-    check_tiles(w, n)?;
+    check_tiles(w, w.data.dim(0))?;
     let m = x.numel() / (groups * k);
     if m == 0 || n == 0 {
         return Ok(());
