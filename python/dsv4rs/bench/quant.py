@@ -227,3 +227,23 @@ def linear(b: Bench) -> Iterator[Case]:
                 return Row(label, ms, moved, 2.0 * m * r * kdim, eager, note=f"  {label}: beside: {other}{how}")
 
             yield Case("linear", f"{name} M={m}", run)
+
+            def run_tiles(name: str = name, r: int = r, kdim: int = kdim, groups: int = groups, m: int = m) -> Row:
+                """The decode call on the weight in ``ops.weight_tiles``'s layout, beside the same
+                calls on rows (both back to back in one graph, each on its own weight copy)."""
+                w, ws = _fp8_weight(b, r, kdim, gen)
+                shape = (m, groups, kdim) if groups > 1 else (m, kdim)
+                xs = [b.randn(*shape, dtype=torch.bfloat16) for _ in range(2)]
+                n = copies(r * kdim)
+                tc = [(ops.weight_tiles(w), ws.clone()) for _ in range(n)]
+                ms = b.per_call_ms(lambda j: ops.quant_linear(xs[j % 2], *tc[j], groups=groups, layout="tiles"), n)
+                tc.clear()
+                rc = [(w.clone(), ws.clone()) for _ in range(n)]
+                rows = b.per_call_ms(lambda j: ops.quant_linear(xs[j % 2], *rc[j], groups=groups), n)
+                rc.clear()
+                moved = r * kdim + ws.numel() * 4 + m * groups * kdim * 2 + m * r * 2
+                label = f"fp8 linear {name} M={m} tiles"
+                return Row(label, ms, moved, 2.0 * m * r * kdim, rows, note=f"  {label}: beside: the same calls on rows")
+
+            if b.gpu and m <= DECODE_ROWS:
+                yield Case("linear", f"{name} M={m} tiles", run_tiles)
