@@ -1092,3 +1092,18 @@ def test_quant_linear_module_in_tiles_runs_saves_and_narrows_as_rows(gen: torch.
     layer.narrow_(0, range(128, 256))  # (FP8: on its 128-row scale blocks)
     assert layer.layout == "tiles" and torch.equal(layer.dequantized(), values[128:])
     assert QuantLinear(256, 96, fmt=fmt).tile() is False  # 96 rows: no whole tiles
+
+
+@pytest.mark.parametrize("shape,fp8", [((3, 256, 128), False), ((320, 256), True)])
+def test_retile_in_place_a_few_rows_at_a_time_is_weight_tiles(gen: torch.Generator, shape: tuple, fp8: bool) -> None:
+    from dsv4rs.model.layers.quant import retile_
+
+    w = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
+    typed = w.view(torch.float8_e4m3fn) if fp8 else w
+    want = ops.weight_tiles(typed).view(torch.uint8)
+    x = w.clone()
+    ptr = x.data_ptr()
+    retile_(x, fp8, True, rows_at_once=64)
+    assert x.data_ptr() == ptr and torch.equal(x, want)
+    retile_(x, fp8, False, rows_at_once=128)
+    assert torch.equal(x, w)

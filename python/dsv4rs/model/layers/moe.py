@@ -11,7 +11,7 @@ from torch import nn
 from dsv4rs import ops
 from dsv4rs.model.config import V4Config
 from dsv4rs.model.layers.norm import linear
-from dsv4rs.model.layers.quant import FP4_BLOCK
+from dsv4rs.model.layers.quant import FP4_BLOCK, retile_
 
 
 class MLP(nn.Module):
@@ -104,7 +104,7 @@ class Experts(nn.Module):
 
     def tile(self) -> bool:
         """Holds the MXFP4 experts in :func:`dsv4rs.ops.weight_tiles`'s layout, which the GPU's fused
-        MoE reads in whole kilobytes (one tensor at a time: the peak is one projection's copy). The
+        MoE reads in whole kilobytes (in place, a few MB at a time). The
         state dict still gives DeepSeek's rows. Returns whether the experts are in tiles now (not
         for bf16 experts, or widths that are no whole tiles: rows a multiple of 64, K of 128)."""
         if not self.quantized:
@@ -113,8 +113,8 @@ class Experts(nn.Module):
             return True
         if any(w.shape[-2] % 64 or w.shape[-1] % 64 for w in (self.gate_up, self.down)):
             return False
-        self.gate_up = ops.weight_tiles(self.gate_up)
-        self.down = ops.weight_tiles(self.down)
+        retile_(self.gate_up, False, True)
+        retile_(self.down, False, True)
         self.layout = "tiles"
         return True
 

@@ -109,14 +109,14 @@ class QuantLinear(nn.Module):
 
     def tile(self) -> bool:
         """Holds the weight in :func:`dsv4rs.ops.weight_tiles`'s layout, which the GPU reads in whole
-        kilobytes (the same values; the state dict still gives DeepSeek's rows). Returns whether
+        kilobytes (in place; the same values; the state dict still gives DeepSeek's rows). Returns whether
         the weight is in tiles now (not where rows or K make no whole tiles: rows a multiple of
         64, K of 128)."""
         if self.layout == "tiles":
             return True
         if self.out_features % 64 or self.in_features % 128:
             return False
-        self.weight = ops.weight_tiles(self.codes).view(torch.uint8)
+        retile_(self.weight, self.fmt == "fp8", True)
         self.layout = "tiles"
         return True
 
@@ -188,6 +188,19 @@ def compute_dtype(linear: nn.Module) -> torch.dtype:
     """The floating-point dtype a linear layer computes in: its weight's, or for a
     :class:`QuantLinear` the model's (:attr:`QuantLinear.dtype`)."""
     return linear.dtype if isinstance(linear, QuantLinear) else linear.weight.dtype
+
+
+def retile_(weight: torch.Tensor, fp8: bool, to_tiles: bool, rows_at_once: int = 4096) -> None:
+    """Reorders ``weight`` (``uint8`` codes ``[N, W]`` or ``[E, N, W]``, FP8 when ``fp8``) in place
+    into :func:`dsv4rs.ops.weight_tiles`'s layout (``to_tiles``) or back into rows. A block of 64
+    rows is the same bytes in both layouts, so this goes ``rows_at_once`` rows of one expert at a
+    time: the memory it takes beside the weight is that much, not a second copy."""
+    step = 64 * (rows_at_once // 64 or 1)
+    fn = ops.weight_tiles if to_tiles else ops.weight_rows
+    for part in weight.view(-1, *weight.shape[-2:]):
+        for r in range(0, part.shape[0], step):
+            chunk = part[r : r + step]
+            chunk.copy_(fn(chunk.view(torch.float8_e4m3fn) if fp8 else chunk).view(torch.uint8))
 
 
 def _rows(fmt: str, weight: torch.Tensor) -> torch.Tensor:
