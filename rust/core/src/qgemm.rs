@@ -826,7 +826,7 @@ mod tests {
         unsafe {
             let (xr, wr) = (tref("x", x, &[t, d], DType::F32), tref("weight", data, &[2 * i, d / 2], DType::U8));
             let (sr, or) = (tref("scale", scale, &[2 * i, d / 32], DType::U8), tref("out", &out, &[t, 2 * i], DType::F32));
-            linear(&xr, &wr, &sr, true, 1, act, None, &or, 0)
+            linear(&xr, &wr, &sr, true, 1, act, false, None, &or, 0)
                 .unwrap();
         }
         out
@@ -901,12 +901,12 @@ mod tests {
         let scale = vec![1f32; 1];
         let (xr, wr) = (tref("x", &x, &[1, 48], DType::F32), tref("weight", &w, &[64, 48], DType::U8));
         let (sr, or) = (tref("scale", &scale, &[1, 1], DType::F32), tref("out", &out, &[1, 64], DType::F32));
-        let err = unsafe { linear(&xr, &wr, &sr, false, 1, Act::Fp8, None, &or, 0) };
+        let err = unsafe { linear(&xr, &wr, &sr, false, 1, Act::Fp8, false, None, &or, 0) };
         assert!(matches!(err, Err(Error::Value { ref arg, .. }) if arg == "weight"), "{err:?}");
         let w = vec![0u8; 64 * 64];
         let (x, scale2) = (vec![0f32; 64], vec![1f32; 2]);
         let (xr, wr) = (tref("x", &x, &[1, 64], DType::F32), tref("weight", &w, &[64, 64], DType::U8));
-        let call = |scale: &TensorRef, groups: usize| unsafe { linear(&xr, &wr, scale, false, groups, Act::Fp8, None, &or, 0) };
+        let call = |scale: &TensorRef, groups: usize| unsafe { linear(&xr, &wr, scale, false, groups, Act::Fp8, false, None, &or, 0) };
         let bad = call(&tref("scale", &scale2, &[1, 2], DType::F32), 1);
         assert!(matches!(bad, Err(Error::Value { ref arg, .. }) if arg == "scale"), "{bad:?}");
         let bad = call(&tref("scale", &scale, &[1, 1], DType::F32), 3);
