@@ -649,3 +649,35 @@ def test_weights_in_tiles_keep_checkpoint_tensors_as_stored(tmp_path) -> None:
     assert all(torch.equal(state[k], v) for k, v in before.items() if k in state)
     assert any(not torch.equal(m.gate_up, before[n + ".gate_up"]) for n, m in model.named_modules() if isinstance(m, Experts))
     assert all(torch.equal(m(x, idx, w), y) for m, y in zip(experts, want))
+
+
+@pytest.mark.gpu
+def test_gpu_engine_with_weights_in_tiles_gives_the_rows_logits(tmp_path) -> None:
+    """An Engine on a GPU holds the model's quantized weights in tiles (``weight_tiles=True``, the
+    default): the logits of a prefill and two decode steps are those of the same weights left in
+    rows, bit for bit (eager steps)."""
+    export_deepseek(init_random(DeepseekV4(GPU_CFG), seed=9), tmp_path, progress=False)
+    model = load_checkpoint(tmp_path, device="cuda", dtype=torch.bfloat16, progress=False)
+    gen = torch.Generator().manual_seed(9)
+    ids = torch.randint(0, GPU_CFG.vocab_size, (48,), generator=gen).cuda()
+    nxt = torch.randint(0, GPU_CFG.vocab_size, (2, 1), generator=gen).cuda()
+
+    def run(tiles: bool) -> list[torch.Tensor]:
+        eng = Engine(model, max_sequences=1, max_len=64, cuda_graphs=False, weight_tiles=tiles)
+        seq, _ = eng.add_sequence()
+        out = [eng.step([seq], [ids], all_logits=True)[0]]
+        out += [eng.step([seq], [t])[0] for t in nxt]
+        return out
+
+    rows = run(False)
+    held = [m for m in model.modules() if isinstance(m, (Experts, QuantLinear))]
+    assert all(m.layout == "rows" for m in held)
+    tiles = run(True)
+    assert any(isinstance(m, Experts) and m.layout == "tiles" for m in held)
+    assert any(isinstance(m, QuantLinear) and m.layout == "tiles" for m in held)
+    assert all(torch.equal(a, b) for a, b in zip(tiles, rows))
+
+
+def test_engine_weight_tiles_must_be_a_bool(quantized: DeepseekV4) -> None:
+    with pytest.raises(ValueError, match="^weight_tiles: "):
+        Engine(quantized, max_sequences=1, max_len=16, weight_tiles="yes")
