@@ -111,7 +111,7 @@ __device__ __forceinline__ void qgemm(const GemmParams& p) {
   for (int j = 0; j < B_COPIES; ++j) {
     const int chunk = tid + THREADS * j, sr = chunk / B_CHUNKS;
     const int n = weight_row(p, sr, BN);
-    b_src[j] = n < 0 ? nullptr : p.w + ((long long)g * p.n + n) * (FP4 ? k / 2 : k);
+    b_src[j] = n < 0 ? nullptr : p.w + w_row<FP4>(p, (long long)g * p.n + n, k);
   }
 
   auto issue = [&](int c, int stage) {
@@ -130,7 +130,7 @@ __device__ __forceinline__ void qgemm(const GemmParams& p) {
       const int chunk = tid + THREADS * j, sr = chunk / B_CHUNKS, h = chunk % B_CHUNKS;
       uint8_t* dst = bt + sr * B_ROW + 16 * h;
       const long long col = (long long)c * KC + (FP4 ? 32 : 16) * h;  // first K index of the chunk
-      if (b_src[j] && col < k) cp_async16(dst, b_src[j] + (long long)c * B_ROW + 16 * h);
+      if (b_src[j] && col < k) cp_async16(dst, b_src[j] + c * w_step<FP4>(p) + 16 * h);
       else *(uint4*)dst = make_uint4(0, 0, 0, 0);
     }
   };
@@ -339,7 +339,7 @@ __device__ __forceinline__ void qgemv(const GemmParams& p) {
       n = n < p.n ? n : -1;
     }
     n_glob[j] = (long long)g * p.n + n;
-    wrow[j] = n < 0 ? nullptr : p.w + n_glob[j] * (FP4 ? k / 2 : k);
+    wrow[j] = n < 0 ? nullptr : p.w + w_row<FP4>(p, n_glob[j], k);
   }
   // The lane's activation rows: row 8 t + fr of the tile.
   const uint16_t* arow[NT];
@@ -374,7 +374,8 @@ __device__ __forceinline__ void qgemv(const GemmParams& p) {
         const bool on = live && wrow[j];
 #pragma unroll
         for (int u = 0; u < W_CHUNKS; ++u)
-          wraw[s][j][u] = on ? ld_stream(wrow[j] + (FP4 ? col / 2 : col) + 16 * u) : make_uint4(0, 0, 0, 0);
+          wraw[s][j][u] = on ? ld_stream(wrow[j] + (c0 + s) * w_step<FP4>(p) + (FP4 ? 16 : 32) * q + 16 * u)
+                             : make_uint4(0, 0, 0, 0);
         if (FP4) {
           wexp[s][j] = on ? (int)__ldg(((const uint8_t*)p.w_scale) + n_glob[j] * (k / 32) + col / 32) - 127 : 0;
         } else {
@@ -514,7 +515,7 @@ __device__ __forceinline__ void qgemv_f8(const GemmParams& p) {
     const int idx = lane + 32 * u, r = idx / ROW_CHUNKS, c = idx % ROW_CHUNKS;
     const int n = weight_of(r);
     w_dst[u] = f8_w_at<FP4>(r, c);
-    w_src[u] = n < 0 ? nullptr : p.w + ((long long)g * p.n + n) * (FP4 ? k / 2 : k) + 16 * c;
+    w_src[u] = n < 0 ? nullptr : p.w + w_row<FP4>(p, (long long)g * p.n + n, k) + 16 * c;
   }
   const uint8_t* a_src[A_COPIES];
   int a_dst[A_COPIES];
@@ -552,7 +553,7 @@ __device__ __forceinline__ void qgemv_f8(const GemmParams& p) {
     const uint32_t st = ring_at + s * L::STAGE;
 #pragma unroll
     for (int u = 0; u < W_COPIES; ++u)
-      if (w_src[u]) cp_async16(st + w_dst[u], w_src[u] + (long long)c * L::ROW);
+      if (w_src[u]) cp_async16(st + w_dst[u], w_src[u] + c * w_step<FP4>(p));
 #pragma unroll
     for (int u = 0; u < A_COPIES; ++u)
       if (a_src[u]) cp_async16(st + a_dst[u], a_src[u] + (long long)c * KC);

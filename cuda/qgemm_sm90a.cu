@@ -107,7 +107,7 @@ __device__ __forceinline__ void qgemm_wgmma(const GemmParams& p, const TmaDesc* 
   for (int j = 0; j < 2; ++j) {
     const int n = weight_row(p, 16 * warp + 8 * j + fr, BN);
     const long long ng = (long long)g * p.n + n;
-    wsrc[j] = n < 0 ? nullptr : p.w + ng * (FP4 ? k / 2 : k) + (FP4 ? 16 : 32) * q;
+    wsrc[j] = n < 0 ? nullptr : p.w + w_row<FP4>(p, ng, k) + (FP4 ? 16 : 32) * q;
     ssrc[j] = n < 0 ? nullptr
                     : FP4 ? (const void*)((const uint8_t*)p.w_scale + ng * (k / 32))
                           : (const void*)((const float*)p.w_scale + (ng / 128) * k_steps);
@@ -156,7 +156,7 @@ __device__ __forceinline__ void qgemm_wgmma(const GemmParams& p, const TmaDesc* 
       if (!wsrc[j]) continue;
 #pragma unroll
       for (int u = 0; u < S::CHUNKS; ++u)
-        cp_async16(sb + w_at + (j * S::CHUNKS + u) * THREADS * 16, wsrc[j] + (long long)c * (FP4 ? KC / 2 : KC) + 16 * u);
+        cp_async16(sb + w_at + (j * S::CHUNKS + u) * THREADS * 16, wsrc[j] + c * w_step<FP4>(p) + 16 * u);
       cp_async4(sb + s_at + j * THREADS * 4, FP4 ? (const void*)((const uint8_t*)ssrc[j] + 4 * c) : (const void*)((const float*)ssrc[j] + c));
     }
   };
@@ -502,7 +502,7 @@ __device__ __forceinline__ void qgemv_wg(const GemmParams& p) {
     const int idx = lane + 32 * u, r = idx / ROW_CHUNKS, c = idx % ROW_CHUNKS;
     const int n = weight_of(r);
     w_dst[u] = w_off + f8_w_at<FP4>(r, c);
-    w_src[u] = n < 0 ? nullptr : p.w + ((long long)g * p.n + n) * (FP4 ? k / 2 : k) + 16 * c;
+    w_src[u] = n < 0 ? nullptr : p.w + w_row<FP4>(p, (long long)g * p.n + n, k) + 16 * c;
   }
   const uint8_t* a_src = nullptr;
   const int a_dst = (tid / ROWS) * (ROWS * 16) + 16 * (tid % ROWS);  // chunk tid / ROWS of row tid % ROWS
@@ -533,7 +533,7 @@ __device__ __forceinline__ void qgemv_wg(const GemmParams& p) {
     const uint32_t st = smem_at + s * L::STAGE;
 #pragma unroll
     for (int u = 0; u < W_COPIES; ++u)
-      if (w_src[u]) cp_async16(st + w_dst[u], w_src[u] + (long long)c * L::ROW);
+      if (w_src[u]) cp_async16(st + w_dst[u], w_src[u] + c * w_step<FP4>(p));
     if (a_src) cp_async16(st + a_dst, a_src + (long long)c * KC);
     if (ws_src) cp_async4(st + ws_off + 4 * (16 * warp + lane), ws_src + 4 * c);
     if (as_src) cp_async4(st + as_off + 4 * tid, as_src + c);

@@ -249,10 +249,10 @@ def test_quant_linear_without_tokens(gen: torch.Generator) -> None:
 
 def test_quant_linear_opcheck(gen: torch.Generator) -> None:
     x, weight, scale, _ = linear_inputs(gen, LINEAR_CASES[3], torch.float32)
-    torch.library.opcheck(torch.ops.dsv4rs.quant_linear.default, (x, weight, scale, 1, "fp8"))
+    torch.library.opcheck(torch.ops.dsv4rs.quant_linear.default, (x, weight, scale, 1, "fp8", False))
     x, weight, scale, _ = linear_inputs(gen, LINEAR_CASES[2], torch.bfloat16)
     # test_schema compares inputs before and after with allclose, which torch lacks for float8.
-    torch.library.opcheck(torch.ops.dsv4rs.quant_linear.default, (x, weight, scale, 2, "bf16"),
+    torch.library.opcheck(torch.ops.dsv4rs.quant_linear.default, (x, weight, scale, 2, "bf16", False),
                           test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
@@ -341,9 +341,71 @@ def test_moe_experts_without_tokens(gen: torch.Generator) -> None:
 
 def test_moe_experts_opcheck(gen: torch.Generator) -> None:
     args, limit = moe_inputs(gen, "idle-expert", torch.float32, torch.int32)
-    torch.library.opcheck(torch.ops.dsv4rs.moe_experts.default, (*args, limit, "fp8"))
+    torch.library.opcheck(torch.ops.dsv4rs.moe_experts.default, (*args, limit, "fp8", False))
     args, _ = moe_inputs(gen, "k1", torch.bfloat16, torch.int64)
-    torch.library.opcheck(torch.ops.dsv4rs.moe_experts.default, (*args, math.inf, "bf16"))
+    torch.library.opcheck(torch.ops.dsv4rs.moe_experts.default, (*args, math.inf, "bf16", False))
+
+
+@pytest.mark.parametrize("shape,fp8", [((128, 64), False), ((3, 128, 128), False), ((2, 192, 256), False),
+                                       ((128, 128), True), ((2, 64, 512), True)])
+def test_weight_tiles_place_each_byte_as_stated_and_weight_rows_inverts(gen: torch.Generator, shape: tuple,
+                                                                        fp8: bool) -> None:
+    """Byte ``b`` of row ``n`` lies at ``(n // 64) 64 W + (b // S) 64 S + (n % 64) S + b % S`` of its
+    expert's tiles (``S`` 64 bytes MXFP4, 128 FP8; ``W`` a row's bytes: the kernels' ``w_row``), for
+    every byte; ``weight_rows`` gives the rows back, dtype and all."""
+    w = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
+    if fp8:
+        w = w.view(torch.float8_e4m3fn)
+    t = ops.weight_tiles(w)
+    assert t.shape == w.shape and t.dtype == w.dtype and t.is_contiguous()
+    rows, width, step = shape[-2], shape[-1], 128 if fp8 else 64
+    n = torch.arange(rows).view(-1, 1)
+    b = torch.arange(width).view(1, -1)
+    at = (n // 64) * 64 * width + (b // step) * 64 * step + (n % 64) * step + b % step
+    flat_w, flat_t = w.view(torch.uint8).reshape(-1, rows * width), t.view(torch.uint8).reshape(-1, rows * width)
+    assert torch.equal(flat_t[:, at.flatten()], flat_w)
+    back = ops.weight_rows(t)
+    assert back.dtype == w.dtype and torch.equal(back.view(torch.uint8), w.view(torch.uint8))
+    assert torch.equal(flat_t, flat_w) == (width == step)  # one K step: the tiles are the rows
+
+
+@pytest.mark.parametrize("shape,error", [((96, 64), ValueError), ((128, 96), ValueError), ((128,), TypeError)])
+def test_weight_tiles_refuse_partial_tiles(shape: tuple, error: type) -> None:
+    with pytest.raises(error, match="^weight: "):
+        ops.weight_tiles(torch.zeros(shape, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="^weight: "):
+        ops.weight_tiles(torch.zeros(128, 64))
+    with pytest.raises(ValueError, match="^weight: "):  # FP8: K 64, half a step
+        ops.weight_tiles(torch.zeros(128, 64).to(torch.float8_e4m3fn))
+
+
+@pytest.mark.parametrize("fp4,groups", [(False, 1), (False, 2), (True, 1)])
+def test_quant_linear_in_tiles_equals_rows_on_the_cpu(gen: torch.Generator, fp4: bool, groups: int) -> None:
+    rows, k = 128, 256
+    weight, scale = fp4_weight(gen, rows, k) if fp4 else fp8_weight(gen, rows, k)
+    x = torch.randn(3, groups, k, generator=gen).squeeze(1) if groups == 1 else torch.randn(3, groups, k, generator=gen)
+    want = ops.quant_linear(x, weight, scale, groups)
+    assert torch.equal(ops.quant_linear(x, ops.weight_tiles(weight), scale, groups, layout="tiles"), want)
+    with pytest.raises(ValueError, match="^layout: "):
+        ops.quant_linear(x, weight, scale, groups, layout="columns")
+
+
+@pytest.mark.parametrize("t", [1, 5, 40])
+def test_moe_experts_in_tiles_equal_rows_on_the_cpu(gen: torch.Generator, t: int) -> None:
+    x, idx, weights, gu, gus, dn, dns = expert_args(gen, t, 2, 4, 128, 256, torch.float32, idle_last=False)
+    want = ops.moe_experts(x, idx, weights, gu, gus, dn, dns, 1.0)
+    got = ops.moe_experts(x, idx, weights, ops.weight_tiles(gu), gus, ops.weight_tiles(dn), dns, 1.0, layout="tiles")
+    assert torch.equal(got, want)
+
+
+def test_moe_experts_refuse_a_bad_layout(gen: torch.Generator) -> None:
+    x, idx, weights, gu, gus, dn, dns = expert_args(gen, 2, 2, 4, 128, 256, torch.float32, idle_last=False)
+    with pytest.raises(ValueError, match="^layout: "):
+        ops.moe_experts(x, idx, weights, gu, gus, dn, dns, 1.0, layout="cols")
+    # I = 96: the down projection's K is no whole number of 128-value steps.
+    x, idx, weights, gu, gus, dn, dns = expert_args(gen, 2, 2, 4, 96, 256, torch.float32, idle_last=False)
+    with pytest.raises(ValueError, match="^down: "):
+        ops.moe_experts(x, idx, weights, gu, gus, dn, dns, 1.0, layout="tiles")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -766,6 +828,40 @@ def test_gpu_moe_experts_tiled_forms(gen: torch.Generator, t: int, e: int, inter
     assert_within(got, want, tol, "gpu vs reference")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp4", [False, True], ids=["fp8", "fp4"])
+@pytest.mark.parametrize("m,rows,k,groups", [(1, 1024, 4096, 1), (8, 512, 4096, 1), (1, 1024, 1024, 1),
+                                             (64, 256, 2048, 1), (300, 192, 512, 1), (1, 8 * 128, 4096, 8),
+                                             (16, 8 * 128, 4096, 8)])
+def test_gpu_quant_linear_in_tiles_equals_rows_bit_for_bit(gen: torch.Generator, fp4: bool, m: int, rows: int, k: int,
+                                                            groups: int, kernel: float) -> None:
+    """A weight in ``weight_tiles``'s layout gives the rows' result, bit for bit, on every form the
+    call takes (decode forms, the fused Hopper kernel and its split K, the tiled forms; grouped
+    ``wo_a``): only where the kernels read a weight byte moves."""
+    weight, scale = fp4_weight(gen, rows, k) if fp4 else fp8_weight(gen, rows, k)
+    x = torch.randn(m, groups, k, generator=gen) if groups > 1 else torch.randn(m, k, generator=gen)
+    x, weight, scale = cuda(x.bfloat16(), weight, scale)
+    want = ops.quant_linear(x, weight, scale, groups)
+    got = ops.quant_linear(x, ops.weight_tiles(weight), scale, groups, layout="tiles")
+    assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t,e,inter,d", [(1, 8, 256, 512), (20, 8, 256, 512), (40, 64, 512, 1024), (700, 8, 256, 512),
+                                         (3, 8, 2048, 4096)])
+@pytest.mark.parametrize("act", ["fp8", "bf16"])
+def test_gpu_moe_experts_in_tiles_equal_rows_bit_for_bit(gen: torch.Generator, t: int, e: int, inter: int, d: int,
+                                                         act: str, kernel: float) -> None:
+    """Experts in ``weight_tiles``'s layout give the rows' result, bit for bit, on every form (decode
+    with 8- and 16-row tiles, the tiled forms; the GPU's own choice, the FP8 decode form on
+    ``mma.sync``, the portable forms): only where the kernels read a weight byte moves. The last
+    case has V4-Flash's expert width (K 4,096 and 2,048)."""
+    x, idx, weights, gu, gus, dn, dns = cuda(*expert_args(gen, t, 6, e, inter, d, torch.bfloat16, idle_last=True))
+    want = ops.moe_experts(x, idx, weights, gu, gus, dn, dns, 1.0, act=act)
+    got = ops.moe_experts(x, idx, weights, ops.weight_tiles(gu), gus, ops.weight_tiles(dn), dns, 1.0, act=act, layout="tiles")
+    assert torch.equal(got, want)
+
+
 def test_moe_passes_bound_the_workspace() -> None:
     """A GPU MoE pass holds enough tokens for experts to average 384 rows, between 4,096 and
     16,384 tokens; longer calls reuse one pass's workspace."""
@@ -947,3 +1043,67 @@ def test_gpu_quant_ops_never_synchronize_the_host(gen: torch.Generator) -> None:
     want, tol = moe_bound(x, idx, weights, *w, limit, "fp8", slice_bound())
     assert_within(out, want, tol, "gpu vs reference")
     assert lin.shape == (3, LINEAR_CASES[3][2])
+
+
+def test_experts_in_tiles_run_and_save_as_rows(gen: torch.Generator) -> None:
+    """``Experts.tile()`` holds the MXFP4 experts in tiles: the same outputs, and the state dict
+    (what exports write) and ``load_state_dict`` still speak DeepSeek's rows."""
+    from dsv4rs.model.config import V4Config
+    from dsv4rs.model.layers.moe import Experts
+
+    cfg = V4Config.tiny(hidden_size=256, moe_intermediate_size=128, n_routed_experts=4, num_experts_per_tok=2)
+    ex = Experts(cfg, quantized=True)
+    for name in ("gate_up", "down"):
+        getattr(ex, name).copy_(torch.randint(0, 256, getattr(ex, name).shape, dtype=torch.uint8, generator=gen))
+    for name in ("gate_up_scale", "down_scale"):
+        getattr(ex, name).fill_(120)
+    rows = {k: v.clone() for k, v in ex.state_dict().items()}
+    x = torch.randn(5, 256, generator=gen)
+    idx = torch.randint(0, 4, (5, 2), generator=gen)
+    w = torch.rand(5, 2, generator=gen)
+    want = ex(x, idx, w)
+    assert ex.tile() and ex.layout == "tiles" and ex.tile()
+    assert not torch.equal(ex.gate_up, rows["gate_up"])
+    assert torch.equal(ex(x, idx, w), want)
+    saved = ex.state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in rows.items())
+    ex.load_state_dict(rows)
+    assert torch.equal(ex.gate_up, ops.weight_tiles(rows["gate_up"])) and torch.equal(ex(x, idx, w), want)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "fp4"])
+def test_quant_linear_module_in_tiles_runs_saves_and_narrows_as_rows(gen: torch.Generator, fmt: str) -> None:
+    """``QuantLinear.tile()``: the same outputs and dequantized values; the state dict (and what
+    ``load_state_dict`` takes) stays in DeepSeek's rows; ``narrow_`` cuts the stored rows."""
+    from dsv4rs.model.layers.quant import QuantLinear
+
+    layer = QuantLinear(256, 256, fmt=fmt)
+    weight, scale = fp4_weight(gen, 256, 256) if fmt == "fp4" else fp8_weight(gen, 256, 256)
+    layer.weight.copy_(weight.view(torch.uint8))
+    layer.scale.copy_(scale)
+    rows = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(4, 256, generator=gen)
+    want, values = layer(x), layer.dequantized()
+    assert layer.tile() and layer.layout == "tiles" and not torch.equal(layer.weight, rows["weight"])
+    assert torch.equal(layer(x), want) and torch.equal(layer.dequantized(), values)
+    assert all(torch.equal(layer.state_dict()[k], v) for k, v in rows.items())
+    layer.load_state_dict(rows)
+    assert torch.equal(layer(x), want)
+    layer.narrow_(0, range(128, 256))  # (FP8: on its 128-row scale blocks)
+    assert layer.layout == "tiles" and torch.equal(layer.dequantized(), values[128:])
+    assert QuantLinear(256, 96, fmt=fmt).tile() is False  # 96 rows: no whole tiles
+
+
+@pytest.mark.parametrize("shape,fp8", [((3, 256, 128), False), ((320, 256), True)])
+def test_retile_in_place_a_few_rows_at_a_time_is_weight_tiles(gen: torch.Generator, shape: tuple, fp8: bool) -> None:
+    from dsv4rs.model.layers.quant import retile_
+
+    w = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
+    typed = w.view(torch.float8_e4m3fn) if fp8 else w
+    want = ops.weight_tiles(typed).view(torch.uint8)
+    x = w.clone()
+    ptr = x.data_ptr()
+    retile_(x, fp8, True, rows_at_once=64)
+    assert x.data_ptr() == ptr and torch.equal(x, want)
+    retile_(x, fp8, False, rows_at_once=128)
+    assert torch.equal(x, w)

@@ -539,7 +539,7 @@ def test_bad_tensors_are_named(exported, tmp_path, quant: bool, key: str, change
         load_checkpoint(path, progress=False, quantized=quant)
 
 
-def test_fp4_rows_must_hold_whole_scale_blocks(exported, tmp_path) -> None:
+def test_weight_rows_must_hold_whole_scale_blocks(exported, tmp_path) -> None:
     """An MXFP4 weight whose rows do not hold a multiple of 32 values (``moe_intermediate_size``
     48 for ``w2``) is refused naming it, before anything is read."""
     path = copy_checkpoint(exported[0], tmp_path)
@@ -620,3 +620,64 @@ def test_shipped_layout_is_what_a_deepseek_checkpoint_loads_as(quantized: Deepse
     assert want and layout(built) == want
     assert {n for n in want if not n.endswith(".experts")} == {
         n for n, _ in quantized.named_modules() if SHIPPED_FP8.search(n)}
+
+
+def test_weights_in_tiles_keep_checkpoint_tensors_as_stored(tmp_path) -> None:
+    """A loaded model whose MXFP4 experts and quantized linears are held in tiles (``tile()``,
+    what an ``Engine`` on a GPU does) still gives the checkpoint's rows from
+    ``checkpoint_tensors`` and ``state_dict`` (what exports and the loader read), and the same MoE
+    outputs."""
+    cfg = V4Config.tiny(hidden_size=256, moe_intermediate_size=128)
+    export_deepseek(init_random(DeepseekV4(cfg), seed=5), tmp_path, progress=False)
+    model = load_checkpoint(str(tmp_path), progress=False)
+    before = {k: v.detach().clone() for k, v in model.checkpoint_tensors().items()}
+    experts = [m for m in model.modules() if isinstance(m, Experts)]
+    assert experts and all(m.quantized for m in experts)
+    x = torch.randn(3, 256)
+    idx = torch.randint(0, cfg.n_routed_experts, (3, cfg.num_experts_per_tok))
+    w = torch.rand(3, cfg.num_experts_per_tok)
+    want = [m(x, idx, w) for m in experts]
+    assert all(m.tile() for m in experts)
+    linears = [m for m in model.modules() if isinstance(m, QuantLinear) and m.groups == 1]
+    xs = [torch.randn(2, m.in_features) for m in linears]
+    ys = [m(v) for m, v in zip(linears, xs)]
+    assert sum(m.tile() for m in linears) > 0
+    assert all(torch.equal(m(v), y) for m, v, y in zip(linears, xs, ys))
+    after = model.checkpoint_tensors()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in before.items() if k in state)
+    assert any(not torch.equal(m.gate_up, before[n + ".gate_up"]) for n, m in model.named_modules() if isinstance(m, Experts))
+    assert all(torch.equal(m(x, idx, w), y) for m, y in zip(experts, want))
+
+
+@pytest.mark.gpu
+def test_gpu_engine_with_weights_in_tiles_gives_the_rows_logits(tmp_path) -> None:
+    """An Engine on a GPU holds the model's quantized weights in tiles (``weight_tiles=True``, the
+    default): the logits of a prefill and two decode steps are those of the same weights left in
+    rows, bit for bit (eager steps)."""
+    export_deepseek(init_random(DeepseekV4(GPU_CFG), seed=9), tmp_path, progress=False)
+    model = load_checkpoint(tmp_path, device="cuda", dtype=torch.bfloat16, progress=False)
+    gen = torch.Generator().manual_seed(9)
+    ids = torch.randint(0, GPU_CFG.vocab_size, (48,), generator=gen).cuda()
+    nxt = torch.randint(0, GPU_CFG.vocab_size, (2, 1), generator=gen).cuda()
+
+    def run(tiles: bool) -> list[torch.Tensor]:
+        eng = Engine(model, max_sequences=1, max_len=64, cuda_graphs=False, weight_tiles=tiles)
+        seq, _ = eng.add_sequence()
+        out = [eng.step([seq], [ids], all_logits=True)[0]]
+        out += [eng.step([seq], [t])[0] for t in nxt]
+        return out
+
+    rows = run(False)
+    held = [m for m in model.modules() if isinstance(m, (Experts, QuantLinear))]
+    assert all(m.layout == "rows" for m in held)
+    tiles = run(True)
+    assert any(isinstance(m, Experts) and m.layout == "tiles" for m in held)
+    assert any(isinstance(m, QuantLinear) and m.layout == "tiles" for m in held)
+    assert all(torch.equal(a, b) for a, b in zip(tiles, rows))
+
+
+def test_engine_weight_tiles_must_be_a_bool(quantized: DeepseekV4) -> None:
+    with pytest.raises(ValueError, match="^weight_tiles: "):
+        Engine(quantized, max_sequences=1, max_len=16, weight_tiles="yes")

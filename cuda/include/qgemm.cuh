@@ -37,13 +37,31 @@ struct GemmParams {
   const float* a_scale;      // FP8 decode form: the activations' float scale per (row, 128 block)
   const void* x;             // the Hopper decode form's fused kernels: the unquantized activations,
   int x_bf16;                // bfloat16 (1) or float32 (0), strides a_row_stride / a_group_stride
-  int pad_;
+  int w_tiles;               // MXFP4 weights in 64-row tiles (w_row); 0: DeepSeek's rows
 };
 static_assert(sizeof(GemmParams) == 160, "GemmParams must match rust/core/src/gpu/qgemm.rs");
 static_assert(offsetof(GemmParams, m) == 72 && offsetof(GemmParams, a_div) == 104 && offsetof(GemmParams, limit) == 124 &&
                   offsetof(GemmParams, a_scale) == 136 && offsetof(GemmParams, x_bf16) == 152,
               "GemmParams must match rust/core/src/gpu/qgemm.rs");
 
+
+// Where a weight row's bytes lie. DeepSeek's layout: row ng (groups flattened) at ng times the
+// row's bytes (K / 2 MXFP4, K FP8), its K steps of 128 values (64 or 128 bytes) one after the
+// other. In tiles (p.w_tiles; python dsv4rs.ops.weight_tiles): one K step of 64 consecutive rows
+// lies together (4 KB MXFP4, 8 KB FP8), a row block's tiles in K order, so a block reading a K step
+// of its rows reads whole kilobytes. A row's bytes within a step are where they were; only the
+// row's start (w_row) and the distance from one step to the next (w_step) move.
+template <bool FP4>
+__device__ __forceinline__ long long w_row(const GemmParams& p, long long ng, long long k) {
+  constexpr int STEP = FP4 ? KC / 2 : KC;
+  const long long row_bytes = FP4 ? k / 2 : k;
+  return p.w_tiles ? (ng & ~63LL) * row_bytes + (ng & 63) * STEP : ng * row_bytes;
+}
+template <bool FP4>
+__device__ __forceinline__ long long w_step(const GemmParams& p) {
+  constexpr int STEP = FP4 ? KC / 2 : KC;
+  return p.w_tiles ? 64 * STEP : STEP;
+}
 
 // Eight FP4 codes (values v0 .. v7: two per byte, even index in the low nibble) as packed bf16
 // pairs (v_i, v_{i+4}), i = 0..3, times `mult` (a bf16 power of two in both halves). Nibble i

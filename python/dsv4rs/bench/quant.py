@@ -122,7 +122,30 @@ def moe(b: Bench) -> Iterator[Case]:
             name = f"moe flash {kind} T={batch}" if b.gpu else f"moe {kind} T={batch}"
             return Row(name, ms, moved, flops, eager, note=f"  {name}: {touched} experts touched; beside: {other}")
 
+        def run_tiles(batch: int = batch) -> Row:
+            """The same call on the experts in ``ops.weight_tiles``'s layout (the GPU's; the CPU
+            converts back to rows each call, so there it measures that)."""
+            s = setup()
+            if "tiles" not in s:
+                s["tiles"] = ops.weight_tiles(s["gu"][0]), ops.weight_tiles(s["dn"][0])
+            (gu, gus), (dn, dns), (gut, dnt) = s["gu"], s["dn"], s["tiles"]
+            dtype = torch.bfloat16 if b.gpu else torch.float32
+            xs = [b.randn(batch, d, dtype=dtype) for _ in range(2)]
+            idx = torch.rand(batch, e, device=b.device).topk(k, dim=-1).indices
+            w = torch.rand(batch, k, device=b.device)
+            touched = int(torch.unique(idx).numel())
+            ms = b.median_ms(lambda i: ops.moe_experts(xs[i], idx, w, gut, gus, dnt, dns, cfg.swiglu_limit,
+                                                       layout="tiles"), 2)
+            rows = b.median_ms(lambda i: ops.moe_experts(xs[i], idx, w, gu, gus, dn, dns, cfg.swiglu_limit), 2)
+            moved = touched * per_expert + batch * d * 2 * xs[0].element_size()
+            kind = "decode" if batch <= 128 else "prefill"
+            name = f"moe flash {kind} T={batch} tiles" if b.gpu else f"moe {kind} T={batch} tiles"
+            return Row(name, ms, moved, 6.0 * batch * k * inter * d, rows,
+                       note=f"  {name}: {touched} experts touched; beside: the same call on rows")
+
         yield Case("moe", f"T={batch}", run)
+        if batch <= 128:
+            yield Case("moe", f"T={batch} tiles", run_tiles)
 
 
 def _fp8_weight(b: Bench, rows: int, cols: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,3 +227,23 @@ def linear(b: Bench) -> Iterator[Case]:
                 return Row(label, ms, moved, 2.0 * m * r * kdim, eager, note=f"  {label}: beside: {other}{how}")
 
             yield Case("linear", f"{name} M={m}", run)
+
+            def run_tiles(name: str = name, r: int = r, kdim: int = kdim, groups: int = groups, m: int = m) -> Row:
+                """The decode call on the weight in ``ops.weight_tiles``'s layout, beside the same
+                calls on rows (both back to back in one graph, each on its own weight copy)."""
+                w, ws = _fp8_weight(b, r, kdim, gen)
+                shape = (m, groups, kdim) if groups > 1 else (m, kdim)
+                xs = [b.randn(*shape, dtype=torch.bfloat16) for _ in range(2)]
+                n = copies(r * kdim)
+                tc = [(ops.weight_tiles(w), ws.clone()) for _ in range(n)]
+                ms = b.per_call_ms(lambda j: ops.quant_linear(xs[j % 2], *tc[j], groups=groups, layout="tiles"), n)
+                tc.clear()
+                rc = [(w.clone(), ws.clone()) for _ in range(n)]
+                rows = b.per_call_ms(lambda j: ops.quant_linear(xs[j % 2], *rc[j], groups=groups), n)
+                rc.clear()
+                moved = r * kdim + ws.numel() * 4 + m * groups * kdim * 2 + m * r * 2
+                label = f"fp8 linear {name} M={m} tiles"
+                return Row(label, ms, moved, 2.0 * m * r * kdim, rows, note=f"  {label}: beside: the same calls on rows")
+
+            if b.gpu and m <= DECODE_ROWS:
+                yield Case("linear", f"{name} M={m} tiles", run_tiles)

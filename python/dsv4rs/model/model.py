@@ -101,7 +101,14 @@ class DeepseekV4(nn.Module):
         the embedding's name) and the persistent buffers (hash tables, routing biases), not the
         RoPE tables computed from the config."""
         persistent = self.state_dict(keep_vars=True).keys()
-        return {n: t for n, t in chain(self.named_parameters(), self.named_buffers()) if n in persistent}
+        tensors = {n: t for n, t in chain(self.named_parameters(), self.named_buffers()) if n in persistent}
+        for name, mod in self.named_modules():  # weights held in tiles: as stored, in rows
+            if isinstance(mod, Experts) and mod.layout == "tiles":
+                for leaf in ("gate_up", "down"):
+                    tensors[f"{name}.{leaf}"] = ops.weight_rows(tensors[f"{name}.{leaf}"])
+            elif isinstance(mod, QuantLinear) and mod.layout == "tiles" and f"{name}.weight" in tensors:
+                tensors[f"{name}.weight"] = mod.stored_weight()
+        return tensors
 
     def set_activation_quant(self, act: str) -> DeepseekV4:
         """How the quantized weights' activations are rounded (a model loaded with

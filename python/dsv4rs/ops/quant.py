@@ -58,7 +58,8 @@ _MX_BLOCK = 32
 
 
 @torch.library.custom_op("dsv4rs::quant_linear", mutates_args=())
-def _quant_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int, act: str) -> torch.Tensor:
+def _quant_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int, act: str,
+                  tiles: bool) -> torch.Tensor:
     rows, k = weight.shape[0], x.shape[-1]
     lead = x.shape[:-1] if groups == 1 else x.shape[:-2]
     flat = (x.reshape(-1, k) if groups == 1 else x.reshape(-1, groups, k)).contiguous()
@@ -70,14 +71,14 @@ def _quant_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, gr
                                                   x.dtype == torch.bfloat16, act, weight.dtype == torch.uint8)
         workspace = torch.empty(size, dtype=torch.uint8, device=x.device)
     _core.quant_linear(spec("x", flat), spec("weight", weight.view(torch.uint8)), spec("scale", scale),
-                       weight.dtype == torch.uint8, groups, act,
+                       weight.dtype == torch.uint8, groups, act, tiles,
                        None if workspace is None else spec("workspace", workspace), spec("out", out.view(-1, rows)),
                        stream(x))
     return out
 
 
 @_quant_linear.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int, act: str) -> torch.Tensor:
+def _(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int, act: str, tiles: bool) -> torch.Tensor:
     lead = x.shape[:-1] if groups == 1 else x.shape[:-2]
     return x.new_empty((*lead, weight.shape[0]))
 
@@ -85,7 +86,7 @@ def _(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int, a
 @torch.library.custom_op("dsv4rs::moe_experts", mutates_args=())
 def _moe_experts(
     x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, gate_up_scale: torch.Tensor,
-    down: torch.Tensor, down_scale: torch.Tensor, limit: float, act: str,
+    down: torch.Tensor, down_scale: torch.Tensor, limit: float, act: str, tiles: bool,
 ) -> torch.Tensor:
     x, idx, weights = x.contiguous(), idx.contiguous(), weights.contiguous()
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -95,7 +96,7 @@ def _moe_experts(
         workspace = torch.empty(size, dtype=torch.uint8, device=x.device)
     _core.moe_experts(
         spec("x", x), spec("idx", idx), spec("weights", weights), spec("gate_up", gate_up),
-        spec("gate_up_scale", gate_up_scale), spec("down", down), spec("down_scale", down_scale), limit, act,
+        spec("gate_up_scale", gate_up_scale), spec("down", down), spec("down_scale", down_scale), limit, act, tiles,
         None if workspace is None else spec("workspace", workspace), spec("out", out), stream(x),
     )
     return out
@@ -104,7 +105,7 @@ def _moe_experts(
 @_moe_experts.register_fake
 def _(
     x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, gate_up_scale: torch.Tensor,
-    down: torch.Tensor, down_scale: torch.Tensor, limit: float, act: str,
+    down: torch.Tensor, down_scale: torch.Tensor, limit: float, act: str, tiles: bool,
 ) -> torch.Tensor:
     return x.new_empty(x.shape)
 
@@ -127,8 +128,8 @@ def _reduced_dim(name: str, w: torch.Tensor, fp4: bool) -> int:
     return k
 
 
-def quant_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int = 1, act: str = "fp8"
-                 ) -> torch.Tensor:
+def quant_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int = 1, act: str = "fp8",
+                 layout: str = "rows") -> torch.Tensor:
     """``A(x) W^T`` for a weight kept as DeepSeek ships it (numerics: this module's docstring).
 
     Args:
@@ -143,6 +144,9 @@ def quant_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, gro
         groups: ``g >= 1`` dividing ``R`` (DeepSeek's grouped ``wo_a``): group ``i`` of ``x``
             meets rows ``[i N, (i + 1) N)`` of the weight, ``N = R / g``.
         act: ``"fp8"`` (per 128-block FP8 e4m3 with a UE8M0 scale, DeepSeek's W8A8) or ``"bf16"``.
+        layout: ``"rows"`` (DeepSeek's, above) or ``"tiles"``: ``weight`` as :func:`weight_tiles`
+            gives it (``R`` a multiple of 64, ``K`` of 128), which the GPU reads in whole
+            kilobytes; the same values, bit for bit (the CPU converts back to rows for the call).
 
     Returns:
         ``[..., R]`` (``groups == 1``) or ``[..., g N]`` (group-major columns), the dtype of ``x``:
@@ -161,12 +165,17 @@ def quant_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, gro
     if x.dim() < len(want) or tuple(x.shape[-len(want):]) != want:
         dims = ", ".join(str(d) for d in want)
         raise ValueError(f"x: expected shape [..., {dims}], got {list(x.shape)}")
-    return _quant_linear(x, weight, scale, groups, act)
+    tiles = _layout(layout)
+    if tiles:
+        _tile_step("weight", weight)
+        if x.device.type != "cuda":
+            weight, tiles = weight_rows(weight), False
+    return _quant_linear(x, weight, scale, groups, act, tiles)
 
 
 def moe_experts(
     x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, gate_up_scale: torch.Tensor,
-    down: torch.Tensor, down_scale: torch.Tensor, limit: float, act: str = "fp8",
+    down: torch.Tensor, down_scale: torch.Tensor, limit: float, act: str = "fp8", layout: str = "rows",
 ) -> torch.Tensor:
     """The routed experts of a MoE layer over MXFP4 weights, fused: for each token ``t`` and choice
     ``j``, with ``e = idx[t, j]``:
@@ -188,6 +197,10 @@ def moe_experts(
             ``uint8 [E, d, I/32]``.
         limit: the SwiGLU clamp (``swiglu_limit``), ``> 0``; ``math.inf`` for none.
         act: ``"fp8"`` (DeepSeek's FP8 activations, on ``x`` and on ``h``) or ``"bf16"``.
+        layout: ``"rows"`` (DeepSeek's, above) or ``"tiles"``: ``gate_up`` and ``down`` as
+            :func:`weight_tiles` gives them (rows ``2I`` and ``d`` multiples of 64, ``d`` and ``I`` of
+            128), which the GPU reads in whole kilobytes; the same values, bit for bit. The CPU
+            takes them too (converting back to rows for the call).
 
     Returns:
         ``[T, d]``, the dtype of ``x``. On the GPU the call never synchronizes with the host and
@@ -211,4 +224,64 @@ def moe_experts(
     ndim("x", x, 2)
     ndim("idx", idx, 2)
     ndim("gate_up", gate_up, 3)
-    return _moe_experts(x, idx, weights, gate_up, gate_up_scale, down, down_scale, limit, act)
+    tiles = _layout(layout)
+    if tiles:
+        for name, w in (("gate_up", gate_up), ("down", down)):
+            _tile_step(name, w)
+        if x.device.type != "cuda":
+            gate_up, down, tiles = weight_rows(gate_up), weight_rows(down), False
+    return _moe_experts(x, idx, weights, gate_up, gate_up_scale, down, down_scale, limit, act, tiles)
+
+
+LAYOUTS = ("rows", "tiles")
+"""The weight layouts ``quant_linear`` and ``moe_experts`` take: DeepSeek's rows, or
+:func:`weight_tiles`'s."""
+
+def _layout(layout: object) -> bool:
+    """Whether ``layout`` names the tiles (checked)."""
+    if not isinstance(layout, str) or layout not in LAYOUTS:
+        raise ValueError(f'layout: expected "rows" or "tiles", got {layout!r}')
+    return layout == "tiles"
+
+
+_TILE_ROWS = 64  # a tile: 64 rows x one K step (128 values: 64 bytes MXFP4, 128 FP8)
+
+
+def _tile_step(name: str, w: torch.Tensor) -> int:
+    """Bytes of one K step of a row of ``w`` (MXFP4 ``uint8`` codes: 64; FP8: 128), after checking
+    that ``w`` holds whole tiles."""
+    if not isinstance(w, torch.Tensor) or w.dtype not in (torch.uint8, torch.float8_e4m3fn) or w.dim() not in (2, 3):
+        raise TypeError(f"{name}: expected MXFP4 codes (uint8 [N, K/2] or [E, N, K/2]) or FP8 e4m3 ([N, K] or "
+                        f"[E, N, K]), got {getattr(w, 'dtype', type(w).__name__)} {tuple(getattr(w, 'shape', ()))}")
+    step = 64 if w.dtype == torch.uint8 else 128
+    rows, width = w.shape[-2], w.shape[-1]
+    if rows % _TILE_ROWS or width % step:
+        k = 2 * width if step == 64 else width
+        raise ValueError(f"{name}: tiles need rows a multiple of {_TILE_ROWS} and K a multiple of 128, got "
+                         f"{rows} rows and K {k}")
+    return step
+
+
+def weight_tiles(weight: torch.Tensor) -> torch.Tensor:
+    """A weight as DeepSeek ships it (MXFP4 codes ``uint8 [N, K/2]`` / ``[E, N, K/2]`` or FP8
+    ``float8_e4m3fn [N, K]`` / ``[E, N, K]``, rows) in tiles, the layout ``quant_linear(...,
+    layout="tiles")`` and ``moe_experts(..., layout="tiles")`` read: the same shape, dtype and
+    bytes, ordered so that one K step (128 values: ``S`` = 64 bytes MXFP4, 128 FP8) of 64
+    consecutive rows is one contiguous tile of ``64 S`` bytes, a block of 64 rows' tiles in K
+    order: byte ``b`` of row ``n`` lies at ``(n // 64) 64 W + (b // S) 64 S + (n % 64) S + b % S``
+    of its expert (``W`` the bytes of a row). ``N`` must be a multiple of 64 and ``K`` of 128. The
+    scales keep their layout. Returns a new contiguous tensor on the same device;
+    :func:`weight_rows` is its inverse."""
+    step = _tile_step("weight", weight)
+    rows, width = weight.shape[-2], weight.shape[-1]
+    t = weight.view(torch.uint8).reshape(-1, rows // _TILE_ROWS, _TILE_ROWS, width // step, step)
+    return t.transpose(2, 3).contiguous().view(weight.dtype).view(weight.shape)
+
+
+def weight_rows(weight: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`weight_tiles`: a weight in tiles back in DeepSeek's rows (a new
+    contiguous tensor of the same shape and dtype)."""
+    step = _tile_step("weight", weight)
+    rows, width = weight.shape[-2], weight.shape[-1]
+    t = weight.view(torch.uint8).reshape(-1, rows // _TILE_ROWS, width // step, _TILE_ROWS, step)
+    return t.transpose(2, 3).contiguous().view(weight.dtype).view(weight.shape)

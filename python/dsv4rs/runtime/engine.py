@@ -28,6 +28,8 @@ import torch
 from dsv4rs import ops
 from dsv4rs.cache import CacheConfig, KVCacheManager, PrefixHit
 from dsv4rs.model.layers.attention import AttentionMetadata
+from dsv4rs.model.layers.moe import Experts
+from dsv4rs.model.layers.quant import QuantLinear
 from dsv4rs.model.model import DeepseekV4
 from dsv4rs.parallel import ParallelConfig, attach
 from dsv4rs.runtime.graphs import BUCKETS, DecodeGraphs
@@ -63,12 +65,16 @@ class Engine:
             calls :meth:`step` in lockstep (an empty batch when it has nothing to run). Decode
             steps are not captured in CUDA graphs then, and every rank calls :meth:`draft` after
             the same steps (``draft([])`` after an empty one).
+        weight_tiles: on a GPU, hold the model's quantized weights (MXFP4 experts, FP8 and MXFP4
+            linears) in :func:`dsv4rs.ops.weight_tiles`'s layout, which the GPU reads in whole
+            kilobytes: the same values and results, in place (the model's state dict keeps
+            DeepSeek's rows). ``False`` leaves them as they are.
     """
 
     def __init__(self, model: DeepseekV4, max_sequences: int | None = None, max_len: int | None = None,
                  quant: bool = False, index_format: str = "fp4", cuda_graphs: bool | None = None,
                  graph_buckets: Sequence[int] = BUCKETS, memory_fraction: float | None = None,
-                 parallel: ParallelConfig | None = None) -> None:
+                 parallel: ParallelConfig | None = None, weight_tiles: bool = True) -> None:
         if parallel is not None:
             if not isinstance(parallel, ParallelConfig):
                 raise ValueError(f"parallel: expected a dsv4rs.parallel.ParallelConfig, got {type(parallel).__name__}")
@@ -88,6 +94,13 @@ class Engine:
         self.model, self.cfg, self.quant, self.index_format = model, model.config, quant, index_format
         cfg = self.cfg
         self.device = model.lm_head.weight.device
+        if not isinstance(weight_tiles, bool):
+            raise ValueError(f"weight_tiles: expected a bool, got {type(weight_tiles).__name__}")
+        if weight_tiles and self.device.type == "cuda":
+            # Before the cache takes its share (in place: the weights take no more memory).
+            for module in model.modules():
+                if isinstance(module, (Experts, QuantLinear)):
+                    module.tile()
         self.row_dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
         self.cache_config = CacheConfig(cfg.compress_ratios, window=cfg.sliding_window,
                                         index_format=index_format if quant else "bf16",

@@ -314,13 +314,15 @@ fn gpu_workspace(workspace: Option<&TensorRef>) -> Result<&TensorRef> {
 ///   `x [M, g, K]`, group `i` uses rows `i N .. (i + 1) N` -> `out [M, g N]`, group-major.
 /// - `x` float32 or bfloat16 (finite on the CPU); `out` of the same dtype; `M = 0` is an empty
 ///   call. Numerics: the module's.
+/// - `tiles`: `weight` holds its bytes in 64-row tiles (`gpu::qgemm::Weights::tiles`), on CUDA
+///   only: `R` a multiple of 64, `K` of 128.
 ///
 /// # Safety
 /// Every tensor satisfies [`TensorRef`]'s contract; `out` aliases nothing; `stream` belongs to the
 /// tensors' device.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn linear(
-    x: &TensorRef, weight: &TensorRef, scale: &TensorRef, fp4: bool, groups: usize, act: Act,
+    x: &TensorRef, weight: &TensorRef, scale: &TensorRef, fp4: bool, groups: usize, act: Act, tiles: bool,
     workspace: Option<&TensorRef>, out: &TensorRef, stream: usize,
 ) -> Result<()> {
     let xt = x.expect_dtype(&[DType::F32, DType::BF16])?;
@@ -354,9 +356,10 @@ pub unsafe fn linear(
     match device {
         Device::Cuda(dev) => {
             let ws = gpu_workspace(workspace)?;
-            let w = gpu::qgemm::Weights { data: weight, scale, fp4 };
+            let w = gpu::qgemm::Weights { data: weight, scale, fp4, tiles };
             gpu::qgemm::linear(dev, stream, x, &w, groups, act == Act::Fp8, ws, out)
         }
+        Device::Cpu if tiles => Err(Error::value(weight.name, "weights in tiles run on CUDA only (ops.weight_rows gives DeepSeek's rows)")),
         Device::Cpu => {
             let w = HostWeight::new(weight, scale, fp4, k)?;
             let a = activations(x, k, act)?;
@@ -397,14 +400,16 @@ pub unsafe fn linear(
 ///   on the GPU such a pair contributes zero (checking would synchronize the host). The GPU needs
 ///   `workspace`, `uint8` of at least [`gpu::qgemm::moe_workspace_bytes`]`(T, k, E, I, d)` bytes;
 ///   the CPU ignores it. `T = 0` is an empty call.
+/// - `tiles`: `gate_up` and `down` hold their bytes in 64-row tiles (`gpu::qgemm::Weights::tiles`),
+///   on CUDA only: rows (2I and d) multiples of 64, K (d and I) of 128.
 ///
 /// # Safety
 /// As [`linear`]; `workspace` aliases no other argument.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn moe(
     x: &TensorRef, idx: &TensorRef, weights: &TensorRef, gate_up: &TensorRef, gate_up_scale: &TensorRef,
-    down: &TensorRef, down_scale: &TensorRef, limit: f32, act: Act, workspace: Option<&TensorRef>, out: &TensorRef,
-    stream: usize,
+    down: &TensorRef, down_scale: &TensorRef, limit: f32, act: Act, tiles: bool, workspace: Option<&TensorRef>,
+    out: &TensorRef, stream: usize,
 ) -> Result<()> {
     let xt = x.expect_dtype(&[DType::F32, DType::BF16])?;
     idx.expect_dtype(&[DType::I32, DType::I64])?;
@@ -457,11 +462,14 @@ pub unsafe fn moe(
     match device {
         Device::Cuda(dev) => {
             let ws = gpu_workspace(workspace)?;
-            let gu = gpu::qgemm::Weights { data: gate_up, scale: gate_up_scale, fp4: true };
-            let dn = gpu::qgemm::Weights { data: down, scale: down_scale, fp4: true };
+            let gu = gpu::qgemm::Weights { data: gate_up, scale: gate_up_scale, fp4: true, tiles };
+            let dn = gpu::qgemm::Weights { data: down, scale: down_scale, fp4: true, tiles };
             gpu::qgemm::moe(dev, stream, x, idx, weights, &gu, &dn, limit, act == Act::Fp8, ws, out)
         }
         Device::Cpu => {
+            if tiles {
+                return Err(Error::value(gate_up.name, "weights in tiles run on CUDA only (ops.weight_rows gives DeepSeek's rows)"));
+            }
             let ids = expert_ids(idx, experts)?;
             let w = weights.host::<f32>(&[DType::F32])?;
             if let Some(i) = w.iter().position(|v| !v.is_finite()) {
@@ -688,7 +696,7 @@ mod tests {
         unsafe {
             linear(
                 &tref("x", x, &xs, DType::F32), &tref("weight", &w.data, &wshape, DType::U8), &scale, fp4, groups, act,
-                None, &tref("out", &out, &[m, rows], DType::F32), 0,
+                false, None, &tref("out", &out, &[m, rows], DType::F32), 0,
             )
             .unwrap();
         }
@@ -800,7 +808,7 @@ mod tests {
                 &tref("gate_up", &ex.gate_up.data, &[e, 2 * i, d / 2], DType::U8),
                 &tref("gate_up_scale", &ex.gate_up.scale_u8, &[e, 2 * i, d / 32], DType::U8),
                 &tref("down", &ex.down.data, &[e, d, i / 2], DType::U8),
-                &tref("down_scale", &ex.down.scale_u8, &[e, d, i / 32], DType::U8), limit, act, None,
+                &tref("down_scale", &ex.down.scale_u8, &[e, d, i / 32], DType::U8), limit, act, false, None,
                 &tref("out", &out, &[t, d], DType::F32), 0,
             )?;
         }
@@ -818,7 +826,7 @@ mod tests {
         unsafe {
             let (xr, wr) = (tref("x", x, &[t, d], DType::F32), tref("weight", data, &[2 * i, d / 2], DType::U8));
             let (sr, or) = (tref("scale", scale, &[2 * i, d / 32], DType::U8), tref("out", &out, &[t, 2 * i], DType::F32));
-            linear(&xr, &wr, &sr, true, 1, act, None, &or, 0)
+            linear(&xr, &wr, &sr, true, 1, act, false, None, &or, 0)
                 .unwrap();
         }
         out
@@ -893,12 +901,12 @@ mod tests {
         let scale = vec![1f32; 1];
         let (xr, wr) = (tref("x", &x, &[1, 48], DType::F32), tref("weight", &w, &[64, 48], DType::U8));
         let (sr, or) = (tref("scale", &scale, &[1, 1], DType::F32), tref("out", &out, &[1, 64], DType::F32));
-        let err = unsafe { linear(&xr, &wr, &sr, false, 1, Act::Fp8, None, &or, 0) };
+        let err = unsafe { linear(&xr, &wr, &sr, false, 1, Act::Fp8, false, None, &or, 0) };
         assert!(matches!(err, Err(Error::Value { ref arg, .. }) if arg == "weight"), "{err:?}");
         let w = vec![0u8; 64 * 64];
         let (x, scale2) = (vec![0f32; 64], vec![1f32; 2]);
         let (xr, wr) = (tref("x", &x, &[1, 64], DType::F32), tref("weight", &w, &[64, 64], DType::U8));
-        let call = |scale: &TensorRef, groups: usize| unsafe { linear(&xr, &wr, scale, false, groups, Act::Fp8, None, &or, 0) };
+        let call = |scale: &TensorRef, groups: usize| unsafe { linear(&xr, &wr, scale, false, groups, Act::Fp8, false, None, &or, 0) };
         let bad = call(&tref("scale", &scale2, &[1, 2], DType::F32), 1);
         assert!(matches!(bad, Err(Error::Value { ref arg, .. }) if arg == "scale"), "{bad:?}");
         let bad = call(&tref("scale", &scale, &[1, 1], DType::F32), 3);

@@ -294,6 +294,7 @@ pub fn quant_linear(
     fp4: bool,
     groups: usize,
     act: &str,
+    tiles: bool,
     workspace: Option<Spec>,
     out: Spec,
     stream: usize,
@@ -302,10 +303,11 @@ pub fn quant_linear(
     let (x, w, s, o) = (tref("x", x)?, tref("weight", weight)?, tref("scale", scale)?, tref("out", out)?);
     let ws = workspace.map(|t| tref("workspace", t)).transpose()?;
     // SAFETY: as rope; `out` and the workspace are fresh tensors.
-    run(py, || unsafe { qgemm::linear(&x, &w, &s, fp4, groups, act, ws.as_ref(), &o, stream) })
+    run(py, || unsafe { qgemm::linear(&x, &w, &s, fp4, groups, act, tiles, ws.as_ref(), &o, stream) })
 }
 
-/// The routed MXFP4 experts of `x`, combined with the routing weights into `out`.
+/// The routed MXFP4 experts of `x`, combined with the routing weights into `out` (`tiles`: the
+/// experts' bytes in 64-row tiles, CUDA only).
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
 pub fn moe_experts(
@@ -319,6 +321,7 @@ pub fn moe_experts(
     down_scale: Spec,
     limit: f32,
     act: &str,
+    tiles: bool,
     workspace: Option<Spec>,
     out: Spec,
     stream: usize,
@@ -329,7 +332,7 @@ pub fn moe_experts(
     let (dn, dns) = (tref("down", down)?, tref("down_scale", down_scale)?);
     let (ws, o) = (opt("workspace", workspace)?, tref("out", out)?);
     // SAFETY: as rope; `out` and the workspace are fresh tensors.
-    run(py, || unsafe { qgemm::moe(&x, &i, &w, &gu, &gus, &dn, &dns, limit, act, ws.as_ref(), &o, stream) })
+    run(py, || unsafe { qgemm::moe(&x, &i, &w, &gu, &gus, &dn, &dns, limit, act, tiles, ws.as_ref(), &o, stream) })
 }
 
 /// Tokens per pass of a GPU `moe_experts` call with `k` choices over `experts` experts (longer

@@ -11,7 +11,7 @@ from torch import nn
 from dsv4rs import ops
 from dsv4rs.model.config import V4Config
 from dsv4rs.model.layers.norm import linear
-from dsv4rs.model.layers.quant import FP4_BLOCK
+from dsv4rs.model.layers.quant import FP4_BLOCK, retile_
 
 
 class MLP(nn.Module):
@@ -65,6 +65,9 @@ class Experts(nn.Module):
         self.first, self.total = held.start, cfg.n_routed_experts
         self.limit = cfg.swiglu_limit
         self.quantized, self.act = quantized, "fp8"
+        self.layout = "rows"  # how gate_up and down hold their bytes (tile(): "tiles")
+        self._register_state_dict_hook(_rows_in_state_dict)
+        self._register_load_state_dict_pre_hook(_tiles_from_state_dict, with_module=True)
         if quantized:
             for name, k in (("hidden_size", d), ("moe_intermediate_size", i)):
                 if k % FP4_BLOCK:
@@ -99,6 +102,22 @@ class Experts(nn.Module):
             setattr(self, name, part if self.quantized else nn.Parameter(part, requires_grad=False))
         self.first += experts.start
 
+    def tile(self) -> bool:
+        """Holds the MXFP4 experts in :func:`dsv4rs.ops.weight_tiles`'s layout, which the GPU's fused
+        MoE reads in whole kilobytes (in place, a few MB at a time). The
+        state dict still gives DeepSeek's rows. Returns whether the experts are in tiles now (not
+        for bf16 experts, or widths that are no whole tiles: rows a multiple of 64, K of 128)."""
+        if not self.quantized:
+            return False
+        if self.layout == "tiles":
+            return True
+        if any(w.shape[-2] % 64 or w.shape[-1] % 64 for w in (self.gate_up, self.down)):
+            return False
+        retile_(self.gate_up, False, True)
+        retile_(self.down, False, True)
+        self.layout = "tiles"
+        return True
+
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """``sum_k weights[t, k] expert_{idx[t, k]}(x_t)``. Quantized experts run in the fused
         op, which waits for nothing on the host; with bfloat16 weights every expert runs in one
@@ -123,7 +142,7 @@ class Experts(nn.Module):
     def _run(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if self.quantized:
             return ops.moe_experts(x, idx, weights.float(), self.gate_up, self.gate_up_scale, self.down,
-                                   self.down_scale, self.limit, self.act)
+                                   self.down_scale, self.limit, self.act, layout=self.layout)
         if self.gate_up_proj.dtype == torch.bfloat16:
             return self._grouped(x, idx, weights)
         if x.is_cuda and self.gathers(idx.numel()):
@@ -230,3 +249,18 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         idx, w = self.gate(x, ids)
         return self.experts(x, idx, w) + self.shared_experts(x)
+
+
+def _rows_in_state_dict(module: Experts, state: dict, prefix: str, local_metadata: dict) -> None:
+    """Experts held in tiles still save DeepSeek's rows."""
+    if getattr(module, "layout", "rows") == "tiles":
+        for name in ("gate_up", "down"):
+            state[prefix + name] = ops.weight_rows(state[prefix + name])
+
+
+def _tiles_from_state_dict(module: Experts, state: dict, prefix: str, *args) -> None:
+    """A state dict holds DeepSeek's rows; experts held in tiles load them as tiles."""
+    if getattr(module, "layout", "rows") == "tiles":
+        for name in ("gate_up", "down"):
+            if prefix + name in state:
+                state[prefix + name] = ops.weight_tiles(state[prefix + name])

@@ -84,6 +84,9 @@ class QuantLinear(nn.Module):
         self.register_buffer("weight", torch.zeros(out_features, cols, dtype=torch.uint8))
         self.register_buffer("scale", torch.zeros(scale_shape(fmt, out_features, in_features),
                                                   dtype=torch.float32 if fmt == "fp8" else torch.uint8))
+        self.layout = "rows"  # how weight holds its bytes (tile(): "tiles")
+        self._register_state_dict_hook(_weight_rows_in_state_dict)
+        self._register_load_state_dict_pre_hook(_weight_tiles_from_state_dict, with_module=True)
 
     weight: torch.Tensor
     scale: torch.Tensor
@@ -102,15 +105,33 @@ class QuantLinear(nn.Module):
         return self.weight.view(torch.float8_e4m3fn) if self.fmt == "fp8" else self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.quant_linear(x, self.codes, self.scale, self.groups, self.act)
+        return ops.quant_linear(x, self.codes, self.scale, self.groups, self.act, layout=self.layout)
+
+    def tile(self) -> bool:
+        """Holds the weight in :func:`dsv4rs.ops.weight_tiles`'s layout, which the GPU reads in whole
+        kilobytes (in place; the same values; the state dict still gives DeepSeek's rows). Returns whether
+        the weight is in tiles now (not where rows or K make no whole tiles: rows a multiple of
+        64, K of 128)."""
+        if self.layout == "tiles":
+            return True
+        if self.out_features % 64 or self.in_features % 128:
+            return False
+        retile_(self.weight, self.fmt == "fp8", True)
+        self.layout = "tiles"
+        return True
+
+    def stored_weight(self) -> torch.Tensor:
+        """``weight`` in DeepSeek's rows (itself, or a new tensor when held in tiles)."""
+        return self.weight if self.layout == "rows" else _rows(self.fmt, self.weight)
 
     def dequantized(self) -> torch.Tensor:
         """The weight's values, ``float32 [R, K]`` (a new tensor; for tests and inspection)."""
         rows, cols = self.out_features, self.in_features
+        weight = self.stored_weight()
         if self.fmt == "fp8":
             s = self.scale.repeat_interleave(FP8_BLOCK, 0)[:rows].repeat_interleave(FP8_BLOCK, 1)[:, :cols]
-            return self.codes.float() * s
-        b = self.weight.to(torch.int64)
+            return weight.view(torch.float8_e4m3fn).float() * s
+        b = weight.to(torch.int64)
         codes = torch.stack((b & 0xF, b >> 4), dim=-1).flatten(-2)
         values = _FP4_VALUES.to(self.weight.device)[codes].view(rows, -1, FP4_BLOCK)
         return (values * torch.exp2(self.scale.float() - 127)[..., None]).flatten(-2)
@@ -119,6 +140,11 @@ class QuantLinear(nn.Module):
         """Keeps values ``r`` of dimension ``dim`` (0: rows, 1: the reduced dimension) with the
         scales covering them (copies, so the whole tensors can be freed). ValueError unless
         ``r`` cuts on scale blocks (:func:`split_blocker`)."""
+        if self.layout == "tiles":  # cut the rows as stored, tiles again after
+            self.weight, self.layout = self.stored_weight(), "rows"
+            self.narrow_(dim, r)
+            self.tile()
+            return
         size = self.weight.shape[0] if dim == 0 else self.in_features
         block = split_blocker(self.fmt, dim, r, size)
         if block is not None:
@@ -162,3 +188,34 @@ def compute_dtype(linear: nn.Module) -> torch.dtype:
     """The floating-point dtype a linear layer computes in: its weight's, or for a
     :class:`QuantLinear` the model's (:attr:`QuantLinear.dtype`)."""
     return linear.dtype if isinstance(linear, QuantLinear) else linear.weight.dtype
+
+
+def retile_(weight: torch.Tensor, fp8: bool, to_tiles: bool, rows_at_once: int = 4096) -> None:
+    """Reorders ``weight`` (``uint8`` codes ``[N, W]`` or ``[E, N, W]``, FP8 when ``fp8``) in place
+    into :func:`dsv4rs.ops.weight_tiles`'s layout (``to_tiles``) or back into rows. A block of 64
+    rows is the same bytes in both layouts, so this goes ``rows_at_once`` rows of one expert at a
+    time: the memory it takes beside the weight is that much, not a second copy."""
+    step = 64 * (rows_at_once // 64 or 1)
+    fn = ops.weight_tiles if to_tiles else ops.weight_rows
+    for part in weight.view(-1, *weight.shape[-2:]):
+        for r in range(0, part.shape[0], step):
+            chunk = part[r : r + step]
+            chunk.copy_(fn(chunk.view(torch.float8_e4m3fn) if fp8 else chunk).view(torch.uint8))
+
+
+def _rows(fmt: str, weight: torch.Tensor) -> torch.Tensor:
+    """A ``uint8`` weight buffer held in tiles, in DeepSeek's rows."""
+    return ops.weight_rows(weight.view(torch.float8_e4m3fn) if fmt == "fp8" else weight).view(torch.uint8)
+
+
+def _weight_rows_in_state_dict(module: QuantLinear, state: dict, prefix: str, local_metadata: dict) -> None:
+    """A weight held in tiles still saves DeepSeek's rows."""
+    if getattr(module, "layout", "rows") == "tiles":
+        state[prefix + "weight"] = _rows(module.fmt, state[prefix + "weight"])
+
+
+def _weight_tiles_from_state_dict(module: QuantLinear, state: dict, prefix: str, *args) -> None:
+    """A state dict holds DeepSeek's rows; a weight held in tiles loads them as tiles."""
+    if getattr(module, "layout", "rows") == "tiles" and prefix + "weight" in state:
+        w = state[prefix + "weight"]
+        state[prefix + "weight"] = ops.weight_tiles(w.view(torch.float8_e4m3fn) if module.fmt == "fp8" else w).view(torch.uint8)

@@ -13,10 +13,15 @@ use crate::tensor::{DType, TensorRef};
 /// A weight as stored: FP8 e4m3 `[R, K]` codes with float32 scales `[ceil(R/128), ceil(K/128)]`,
 /// or MXFP4 `[R, K/2]` bytes (low nibble first) with UE8M0 codes `[R, K/32]`. For experts the
 /// leading dimension is `E` (`[E, N, ...]`), the rows of expert `e` being `e N .. (e + 1) N`.
+///
+/// `tiles`: the same bytes in 64-row tiles, one K step (128 values: 64 bytes MXFP4, 128 FP8) of
+/// rows `64 b .. 64 b + 63` together, a row block's tiles in K order (cuda/include/qgemm.cuh
+/// `w_row`; python `dsv4rs.ops.weight_tiles`). The scales keep their layout.
 pub struct Weights<'a> {
     pub data: &'a TensorRef,
     pub scale: &'a TensorRef,
     pub fp4: bool,
+    pub tiles: bool,
 }
 
 impl Weights<'_> {
@@ -83,7 +88,7 @@ struct GemmParams {
     a_scale: u64,
     x: u64,
     x_bf16: i32,
-    pad_: i32,
+    w_tiles: i32,
 }
 const _: () = assert!(std::mem::size_of::<GemmParams>() == 160);
 const _: () = assert!(
@@ -383,6 +388,18 @@ fn check_k(w: &Weights) -> Result<usize> {
     Ok(k)
 }
 
+/// Weights in tiles ([`Weights::tiles`]) hold whole tiles: `rows` (an expert's, or all of a
+/// linear's) a multiple of 64 and K of 128.
+fn check_tiles(w: &Weights, rows: usize) -> Result<()> {
+    if w.tiles && (!rows.is_multiple_of(64) || !w.k().is_multiple_of(KC)) {
+        return Err(Error::value(
+            w.data.name,
+            format!("weights in tiles need rows a multiple of 64 and K of 128, got {rows} rows and K {}", w.k()),
+        ));
+    }
+    Ok(())
+}
+
 /// Tensors the kernels copy 16 bytes at a time start 16-byte aligned; MXFP4 scale codes 4-byte
 /// aligned (a row's codes of a 128-wide K step are copied as one word; FP8 scales are float32,
 /// aligned by type).
@@ -621,6 +638,7 @@ pub unsafe fn linear(
 ) -> Result<()> {
     let k = check_k(w)?;
     let n = w.data.dim(0) / groups;
+    check_tiles(w, w.data.dim(0))?;
     let m = x.numel() / (groups * k);
     if m == 0 || n == 0 {
         return Ok(());
@@ -685,7 +703,7 @@ pub unsafe fn linear(
         a_scale,
         x: x.ptr as u64,
         x_bf16: x_bf16 as i32,
-        pad_: 0,
+        w_tiles: w.tiles as i32,
     };
     gemm(dev, stream, w.fp4, form, bm, groups * m_tiles, splits, m, fused, &mut p)?;
     if splits > 1 && !fused {
@@ -781,6 +799,8 @@ pub unsafe fn moe(
     }
     check_k(gate_up)?;
     check_k(down)?;
+    check_tiles(gate_up, 2 * inter)?;
+    check_tiles(down, dim)?;
     for t in [x, gate_up.data, down.data, workspace, out] {
         check_aligned(t, 16)?;
     }
@@ -864,7 +884,7 @@ pub unsafe fn moe(
             a_scale,
             x: 0,
             x_bf16: 0,
-            pad_: 0,
+            w_tiles: gate_up.tiles as i32,
         };
         if sorted {
             p.a_div = 1;
@@ -892,6 +912,7 @@ pub unsafe fn moe(
             out_bf16: 0,
             k_steps_per_split: inter.div_ceil(KC) as i32,
             a_scale: h_scale,
+            w_tiles: down.tiles as i32,
             ..p
         };
         gemm(dev, stream, true, form, bm, max_tiles, 1, pairs, false, &mut p)?;
