@@ -3,45 +3,63 @@
 // transform. Formats: cuda/include/quant.cuh (docs/model.md section 5).
 // Row ids outside [0, num_rows) are skipped on write and read back as zeros: the kernels never
 // touch memory outside the cache, whatever the indices.
+#include "floats.cuh"
 #include "quant.cuh"
 
 using namespace dsv4;
 
-// One 64-thread block per entry; thread t owns values [8t, 8t + 8): t < 56 are the seven FP8
-// blocks (8 threads each), t >= 56 the BF16 RoPE part.
+// One 64-thread block per entry. Thread t reads values [4t, 4t + 4) and [256 + 4t, 256 + 4t + 4)
+// of the entry (vec4: one 16-byte float32 or 8-byte bfloat16 load each, so each of the block's
+// two loads sweeps half the row contiguously), which puts a 64-value FP8 block on 16 consecutive
+// threads: in the first half thread t holds block t / 16 (0-3), in the second threads t < 48
+// hold block 4 + t / 16 (4-6) and threads t >= 48 the 64 BF16 RoPE values. The block's amax is a
+// 16-lane maximum, its codes 4 bytes a thread, its scale byte the first thread's.
 extern "C" __global__ void __launch_bounds__(64) dsv4_kv_write(
     const void* __restrict__ x, int x_bf16, long long n, const long long* __restrict__ slots,
-    uint8_t* __restrict__ cache, long long num_rows) {
-  long long i = blockIdx.x;
-  int t = threadIdx.x;
+    uint8_t* __restrict__ cache, long long num_rows, int vec4) {
+  const long long i = blockIdx.x;
+  const int t = threadIdx.x;
   if (i >= n) return;
-  long long slot = slots[i];
+  const long long slot = slots[i];
   if (slot < 0 || slot >= num_rows) return;
-  const void* row = (const char*)x + i * ENTRY_DIM * (x_bf16 ? 2 : 4);
-  float v[8];
+  float v[2][4];
 #pragma unroll
-  for (int k = 0; k < 8; ++k) v[k] = load_value(row, 8 * t + k, x_bf16);
+  for (int h = 0; h < 2; ++h) {
+    const long long at = i * ENTRY_DIM + 256 * h + 4 * t;
+    if (vec4) {
+      const float4 f = load4(x, at, x_bf16);
+      v[h][0] = f.x, v[h][1] = f.y, v[h][2] = f.z, v[h][3] = f.w;
+    } else {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) v[h][k] = load_value(x, at + k, x_bf16);
+    }
+  }
   uint8_t* data = cache + MAIN_ENTRY.data_offset(slot);
-  if (t < NOPE_DIM / 8) {
+  uint8_t* scales = cache + MAIN_ENTRY.scale_offset(slot);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
     float m = 0.f;
 #pragma unroll
-    for (int k = 0; k < 8; ++k) m = fmaxf(m, fabsf(v[k]));
-    m = group_amax(m, 8);
-    int e = ue8m0_exponent(m, FP8_MAX);
-    uint8_t q[8];
+    for (int k = 0; k < 4; ++k) m = fmaxf(m, fabsf(v[h][k]));
+    m = group_amax(m, 16);  // every lane takes part (the RoPE lanes among themselves)
+    if (h == 0 || t < 48) {
+      const int e = ue8m0_exponent(m, FP8_MAX);
+      uint32_t q = 0;
 #pragma unroll
-    for (int k = 0; k < 8; ++k) q[k] = fp8_encode(v[k], e);
-    *(uint2*)(data + 8 * t) = *(uint2*)q;
-    if (t % 8 == 0) cache[MAIN_ENTRY.scale_offset(slot) + t / 8] = (uint8_t)(e + 127);
-  } else {
-    uint16_t h[8];
-#pragma unroll
-    for (int k = 0; k < 8; ++k) h[k] = bf16_from_f32(v[k]);
-    *(uint4*)(data + NOPE_DIM + 16 * (t - NOPE_DIM / 8)) = *(uint4*)h;
-    if (t == NOPE_DIM / 8) cache[MAIN_ENTRY.scale_offset(slot) + 7] = 0;
+      for (int k = 0; k < 4; ++k) q |= (uint32_t)fp8_encode(v[h][k], e) << (8 * k);
+      *(uint32_t*)(data + 256 * h + 4 * t) = q;
+      if (t % 16 == 0) scales[4 * h + t / 16] = (uint8_t)(e + 127);
+    } else {
+      const uint2 r = make_uint2((uint32_t)bf16_from_f32(v[h][0]) | ((uint32_t)bf16_from_f32(v[h][1]) << 16),
+                                 (uint32_t)bf16_from_f32(v[h][2]) | ((uint32_t)bf16_from_f32(v[h][3]) << 16));
+      *(uint2*)(data + NOPE_DIM + 8 * (t - 48)) = r;
+      if (t == 48) scales[7] = 0;
+    }
   }
 }
 
+// dsv4_kv_read: thread t owns values [8t, 8t + 8): t < 56 the seven FP8 blocks (8 threads each),
+// t >= 56 the BF16 RoPE part.
 extern "C" __global__ void __launch_bounds__(64) dsv4_kv_read(
     const uint8_t* __restrict__ cache, long long num_rows, const long long* __restrict__ rows,
     long long m, float* __restrict__ out) {

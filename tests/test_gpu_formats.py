@@ -20,11 +20,18 @@ def rand(gen: torch.Generator, *shape: int) -> torch.Tensor:
 @gpu
 @pytest.mark.parametrize("n", [1, 64, 1000])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kv_write_bytes_match_cpu(gen: torch.Generator, n: int, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "misaligned"])
+def test_kv_write_bytes_match_cpu(gen: torch.Generator, n: int, dtype: torch.dtype, offset: int) -> None:
+    """The device's entries are the CPU's, byte for byte; ``misaligned``: the rows start one value
+    past a 16-byte boundary (the kernel then reads a value at a time)."""
     x = rand(gen, n, 512).to(dtype)
     x[0, :7] = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 448.0, 1.0625, -1.1875])
     cpu = ops.quantize_entries(x)
-    dev = ops.quantize_entries(x.cuda())
+    flat = torch.empty(n * 512 + offset, dtype=dtype, device="cuda")
+    xd = flat[offset:].view(n, 512)
+    xd.copy_(x)
+    assert (xd.data_ptr() % 16 == 0) == (offset == 0)
+    dev = ops.quantize_entries(xd)
     assert torch.equal(dev.cpu(), cpu)
     rows = torch.randint(-1, n, (3 * n,), generator=gen)
     assert torch.equal(ops.kv_read(dev, rows.cuda()).cpu(), ops.kv_read(cpu, rows))

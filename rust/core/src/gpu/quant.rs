@@ -1,10 +1,10 @@
 //! Launchers of cuda/quant.cu. Shapes and dtypes are checked by the callers in `crate::kv`.
 
-use super::{is_bf16, launch, Kernel, Launch};
+use super::{four_wide, is_bf16, launch, Kernel, Launch};
 use crate::error::Result;
 use crate::formats::IndexFormat;
 use crate::kernel_args;
-use crate::quant::RowFormat;
+use crate::quant::{RowFormat, ENTRY_DIM};
 use crate::tensor::TensorRef;
 
 fn rows_launch(n: usize, threads: u32, stream: usize) -> Launch {
@@ -24,7 +24,8 @@ fn grid_rows(arg: &TensorRef) -> Result<usize> {
 pub unsafe fn kv_write(dev: i32, stream: usize, cache: &TensorRef, rows: usize, slots: &TensorRef, x: &TensorRef) -> Result<()> {
     let n = grid_rows(x)?;
     let (xp, bf, nn, sp, cp, nr) = (x.ptr as u64, is_bf16(x), n as i64, slots.ptr as u64, cache.ptr as u64, rows as i64);
-    launch(dev, Kernel::KvWrite, &rows_launch(n, 64, stream), &mut kernel_args!(xp, bf, nn, sp, cp, nr))
+    let vec4 = four_wide(ENTRY_DIM, &[x]) as i32;
+    launch(dev, Kernel::KvWrite, &rows_launch(n, 64, stream), &mut kernel_args!(xp, bf, nn, sp, cp, nr, vec4))
 }
 
 /// # Safety
