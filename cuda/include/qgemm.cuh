@@ -37,7 +37,7 @@ struct GemmParams {
   const float* a_scale;      // FP8 decode form: the activations' float scale per (row, 128 block)
   const void* x;             // the Hopper decode form's fused kernels: the unquantized activations,
   int x_bf16;                // bfloat16 (1) or float32 (0), strides a_row_stride / a_group_stride
-  int w_tiles;               // MXFP4 weights in 64-row tiles (w_row); 0: DeepSeek's rows
+  int w_tiles;               // the weights in 64-row tiles (w_row); 0: DeepSeek's rows
 };
 static_assert(sizeof(GemmParams) == 160, "GemmParams must match rust/core/src/gpu/qgemm.rs");
 static_assert(offsetof(GemmParams, m) == 72 && offsetof(GemmParams, a_div) == 104 && offsetof(GemmParams, limit) == 124 &&

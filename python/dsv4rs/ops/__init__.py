@@ -55,7 +55,7 @@ from dsv4rs.ops.formats import (
 from dsv4rs.ops.indexer import TIE_BREAKS, indexer_scores, indexer_topk
 from dsv4rs.ops.mhc import mhc_collapse, mhc_combine, mhc_pre, mhc_weights
 from dsv4rs.ops.norm import rms_norm
-from dsv4rs.ops.quant import weight_rows, weight_tiles, moe_experts, quant_linear
+from dsv4rs.ops.quant import moe_experts, quant_linear, weight_rows, weight_tiles
 from dsv4rs.ops.rope import ROPE_TABLES, RopeTable, rope
 from dsv4rs.ops.sample import sample_gumbel
 
@@ -63,11 +63,11 @@ __all__ = [
     "ENTRY_DIM", "ENTRY_SCALE", "FP4_BLOCK", "FP8_BLOCK", "INDEX_DIM", "INDEX_KEY_BYTES", "MAIN_DATA_BYTES",
     "MAIN_ENTRY_BYTES", "NOPE_DIM", "PAGE_ROWS", "ROPE_DIM", "ROPE_TABLES", "TIE_BREAKS", "IndexKeyFormat", "Quant",
     "RopeTable",
-    "attention_kernel", "compress", "compress_batch", "compressor_state", "copy_rows", "weight_rows", "weight_tiles",
-    "hadamard128",
+    "attention_kernel", "compress", "compress_batch", "compressor_state", "copy_rows", "hadamard128",
     "index_key_read", "index_key_round_trip", "index_key_write", "indexer_scores", "indexer_topk", "kv_read",
     "kv_write", "mhc_collapse", "mhc_combine", "mhc_pre", "mhc_weights", "moe_experts", "new_index_key_cache",
     "new_kv_cache", "quant_linear", "quantize_entries", "quantize_index_keys", "rms_norm", "rope", "sample_gumbel", "sparse_attention",
+    "weight_rows", "weight_tiles",
     "warm_up",
 ]
 

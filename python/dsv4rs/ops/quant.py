@@ -237,6 +237,7 @@ LAYOUTS = ("rows", "tiles")
 """The weight layouts ``quant_linear`` and ``moe_experts`` take: DeepSeek's rows, or
 :func:`weight_tiles`'s."""
 
+
 def _layout(layout: object) -> bool:
     """Whether ``layout`` names the tiles (checked)."""
     if not isinstance(layout, str) or layout not in LAYOUTS:

@@ -305,6 +305,11 @@ fn gpu_workspace(workspace: Option<&TensorRef>) -> Result<&TensorRef> {
     Ok(ws)
 }
 
+/// The CPU twins read DeepSeek's rows only (the Python ops convert tiles back before they call).
+fn tiles_on_cpu(weight: &TensorRef) -> Error {
+    Error::value(weight.name, "weights in tiles run on CUDA only (ops.weight_rows gives DeepSeek's rows)")
+}
+
 /// `out = A(x) W^T` for a quantized weight `W [R, K]`, per group.
 ///
 /// - `weight`: `uint8`, FP8 e4m3 codes `[R, K]` with `scale` float32
@@ -359,7 +364,7 @@ pub unsafe fn linear(
             let w = gpu::qgemm::Weights { data: weight, scale, fp4, tiles };
             gpu::qgemm::linear(dev, stream, x, &w, groups, act == Act::Fp8, ws, out)
         }
-        Device::Cpu if tiles => Err(Error::value(weight.name, "weights in tiles run on CUDA only (ops.weight_rows gives DeepSeek's rows)")),
+        Device::Cpu if tiles => Err(tiles_on_cpu(weight)),
         Device::Cpu => {
             let w = HostWeight::new(weight, scale, fp4, k)?;
             let a = activations(x, k, act)?;
@@ -466,10 +471,8 @@ pub unsafe fn moe(
             let dn = gpu::qgemm::Weights { data: down, scale: down_scale, fp4: true, tiles };
             gpu::qgemm::moe(dev, stream, x, idx, weights, &gu, &dn, limit, act == Act::Fp8, ws, out)
         }
+        Device::Cpu if tiles => Err(tiles_on_cpu(gate_up)),
         Device::Cpu => {
-            if tiles {
-                return Err(Error::value(gate_up.name, "weights in tiles run on CUDA only (ops.weight_rows gives DeepSeek's rows)"));
-            }
             let ids = expert_ids(idx, experts)?;
             let w = weights.host::<f32>(&[DType::F32])?;
             if let Some(i) = w.iter().position(|v| !v.is_finite()) {

@@ -196,16 +196,22 @@ def retile_(weight: torch.Tensor, fp8: bool, to_tiles: bool, rows_at_once: int =
     rows is the same bytes in both layouts, so this goes ``rows_at_once`` rows of one expert at a
     time: the memory it takes beside the weight is that much, not a second copy."""
     step = 64 * (rows_at_once // 64 or 1)
-    fn = ops.weight_tiles if to_tiles else ops.weight_rows
     for part in weight.view(-1, *weight.shape[-2:]):
         for r in range(0, part.shape[0], step):
             chunk = part[r : r + step]
-            chunk.copy_(fn(chunk.view(torch.float8_e4m3fn) if fp8 else chunk).view(torch.uint8))
+            chunk.copy_(_reordered(chunk, fp8, to_tiles))
+
+
+def _reordered(weight: torch.Tensor, fp8: bool, to_tiles: bool) -> torch.Tensor:
+    """A ``uint8`` code buffer (FP8 codes when ``fp8``, whose K step is 128 bytes, else MXFP4's 64)
+    in tiles (``to_tiles``) or in DeepSeek's rows: a new ``uint8`` tensor."""
+    fn = ops.weight_tiles if to_tiles else ops.weight_rows
+    return fn(weight.view(torch.float8_e4m3fn) if fp8 else weight).view(torch.uint8)
 
 
 def _rows(fmt: str, weight: torch.Tensor) -> torch.Tensor:
     """A ``uint8`` weight buffer held in tiles, in DeepSeek's rows."""
-    return ops.weight_rows(weight.view(torch.float8_e4m3fn) if fmt == "fp8" else weight).view(torch.uint8)
+    return _reordered(weight, fmt == "fp8", False)
 
 
 def _weight_rows_in_state_dict(module: QuantLinear, state: dict, prefix: str, local_metadata: dict) -> None:
@@ -217,5 +223,4 @@ def _weight_rows_in_state_dict(module: QuantLinear, state: dict, prefix: str, lo
 def _weight_tiles_from_state_dict(module: QuantLinear, state: dict, prefix: str, *args) -> None:
     """A state dict holds DeepSeek's rows; a weight held in tiles loads them as tiles."""
     if getattr(module, "layout", "rows") == "tiles" and prefix + "weight" in state:
-        w = state[prefix + "weight"]
-        state[prefix + "weight"] = ops.weight_tiles(w.view(torch.float8_e4m3fn) if module.fmt == "fp8" else w).view(torch.uint8)
+        state[prefix + "weight"] = _reordered(state[prefix + "weight"], module.fmt == "fp8", True)
