@@ -118,8 +118,8 @@ __device__ __forceinline__ void score_split(
   extern __shared__ __align__(16) uint8_t smem[];
   uint16_t* ks = (uint16_t*)smem;                                  // [64][ROW] bf16 keys
   float* red = (float*)(ks + PAGE_ROWS * ROW);                      // [4 warps][64] partial scores
-  float* kscale = red + 4 * PAGE_ROWS;                              // [64] the keys' scales
-  float* pool = kscale + PAGE_ROWS;                                  // [split_keys] scores (none if dense)
+  float* kscale = red + 4 * PAGE_ROWS;                              // [2][64] the keys' scales (pages alternate)
+  float* pool = kscale + 2 * PAGE_ROWS;                              // [split_keys] scores (none if dense)
   SelectScratch& scratch = *(SelectScratch*)(pool + (DENSE ? 0 : split_keys));
   uint8_t* stages = (uint8_t*)(&scratch + 1);                       // [STAGES][page bytes]
   __shared__ uint64_t skipped;  // bit i: page i of the split lies outside the cache (at most 64 pages)
@@ -184,25 +184,36 @@ __device__ __forceinline__ void score_split(
     cp_async_commit();
   }
 
-  for (int i = 0; i < n_pages; ++i) {
-    const long long base = k0 + (long long)i * PAGE_ROWS;
-    const int page = page_of(i);
-    const int in_split = (int)min((long long)PAGE_ROWS, k1 - base);
-    const int valid = page_ok(page) ? in_split : 0;
+  // Page i's keys in the split and how many of them are scored (none when the page lies outside
+  // the cache).
+  auto in_split_of = [&](int i) { return (int)min((long long)PAGE_ROWS, k1 - k0 - (long long)i * PAGE_ROWS); };
+  auto valid_of = [&](int i) { return page_ok(page_of(i)) ? in_split_of(i) : 0; };
+  // Decodes page i (staged in its slot) into the tile and its keys' scales into kscale[i % 2],
+  // then stages page i + STAGES - 1 into the slot of page i - 1, decoded a barrier before.
+  auto decode = [&](int i) {
+    const int valid = valid_of(i);
     if (!DENSE && tid == 0 && valid == 0) skipped |= 1ull << i;
-    cp_async_wait<STAGES - 2>();
-    __syncthreads();  // page i staged by every thread; the previous tile's readers are done
+    float* sc = kscale + (i % 2) * PAGE_ROWS;
     if (valid == PAGE_ROWS)
-      decode_page<FMT, true>(stages + (i % STAGES) * bytes, valid, ks, kscale, tid);
+      decode_page<FMT, true>(stages + (i % STAGES) * bytes, valid, ks, sc, tid);
     else
-      decode_page<FMT, false>(stages + (i % STAGES) * bytes, valid, ks, kscale, tid);
+      decode_page<FMT, false>(stages + (i % STAGES) * bytes, valid, ks, sc, tid);
     if (i + STAGES - 1 < n_pages) {
       int next = page_of(i + STAGES - 1);
       if (page_ok(next)) stage_page<FMT>(stages + ((i + STAGES - 1) % STAGES) * bytes, keys, next, tid);
     }
-    cp_async_commit();
-    __syncthreads();
+  };
+  cp_async_wait<STAGES - 2>();
+  __syncthreads();  // page 0 staged by every thread
+  decode(0);
+  cp_async_commit();
+  __syncthreads();
 
+  // Two barriers a page: after page i's products (the tile is free and page i + 1 staged), the
+  // tile takes page i + 1 while this warp folds page i's heads; after both, page i's scores are
+  // summed over the warps (and page i + 1's products follow). The keys' scales alternate between
+  // two arrays, as page i + 1's are written before page i's scores read theirs.
+  for (int i = 0; i < n_pages; ++i) {
     // This warp's 16 heads x the page's 64 keys: 8 n-tiles of 8 keys, 8 k-steps. One ldmatrix
     // gives the B fragments of two n-tiles (lanes 8i .. 8i + 7 address matrix i: keys 16 np +
     // 8 (i / 2) .., dims 16 kk + 8 (i % 2) ..).
@@ -224,6 +235,11 @@ __device__ __forceinline__ void score_split(
         }
       }
     }
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();  // every warp is done with the tile; page i + 1 staged by every thread
+    if (i + 1 < n_pages) decode(i + 1);
+    cp_async_commit();
+
     // Fold this warp's heads: v = w_h ReLU(dot) over the lane's two heads for each of its 16 keys
     // (8 n-tiles x 2 columns), then the sum over the 8 lanes of a column group (lanes r = 0..7 of
     // one c2) by halving exchanges: a lane keeps half its keys and adds its partner's half (lane
@@ -247,16 +263,18 @@ __device__ __forceinline__ void score_split(
         }
     }
     *(float2*)(red + warp * PAGE_ROWS + 8 * r + c2) = make_float2(v[0][0], v[0][1]);
-    __syncthreads();
+    __syncthreads();  // page i's partial scores are in; the tile holds page i + 1
+    const long long base = k0 + (long long)i * PAGE_ROWS;
+    const int valid = valid_of(i);
     if (tid < valid) {
-      const float score =
-          kscale[tid] * (((red[tid] + red[PAGE_ROWS + tid]) + red[2 * PAGE_ROWS + tid]) + red[3 * PAGE_ROWS + tid]);
+      const float score = kscale[(i % 2) * PAGE_ROWS + tid] *
+                          (((red[tid] + red[PAGE_ROWS + tid]) + red[2 * PAGE_ROWS + tid]) + red[3 * PAGE_ROWS + tid]);
       if (DENSE) {
         row[base + tid] = score;
       } else {
         pool[base - k0 + tid] = score;
       }
-    } else if (DENSE && tid < in_split) {
+    } else if (DENSE && tid < in_split_of(i)) {
       row[base + tid] = -INFINITY;  // a page outside the cache is skipped
     }
   }
