@@ -4,7 +4,7 @@
 // dsv4_indexer_score: grid (splits, queries), 128 threads = 4 warps. Each block takes one query
 // and one split of its visible keys, a 64-key page at a time. Pages are staged raw into shared
 // memory by cp.async, three pages ahead; a staged page is decoded to bf16 (FP4 and FP8 values
-// are exact in bf16) and scored with bf16 tensor-core MMAs (mma.sync m16n8k16, sm_80+, fp32
+// are exact in bf16; FP4 keys' dims in pairs of their own order, the query's loaded alike) and scored with bf16 tensor-core MMAs (mma.sync m16n8k16, sm_80+, fp32
 // accumulation): warp w holds heads 16w .. 16w + 15 of the query in registers and scores all 64
 // keys, then heads are folded as sum_h w_h ReLU(.). The split's scores stay in shared memory;
 // only its top-min(k, split) candidates (exact radix select) reach the workspace.
@@ -45,17 +45,45 @@ __device__ __forceinline__ void stage_page(uint8_t* stage, const uint8_t* __rest
   for (int off = 16 * tid; off < bytes; off += 16 * THREADS) cp_async16(stage + off, src + off);
 }
 
-// Decodes a staged page into the shared key tile as bf16 and the keys' scales into `kscale`:
-// thread tid takes chunks q = tid + 128 j (key q / 16, dims 8 (q % 16) .. + 8), so each quarter
-// warp writes 8 consecutive 16-byte chunks of one row. FP4 keys decode exactly with their
-// power-of-two block scales (scale 1); FP8 keys decode to their codes' values, exact in bf16,
-// and their float32 scale (any value: a power of two as index_key_write writes it, or
-// DeepGEMM's amax / 448) multiplies the key's dot products afterwards, in float32. Keys at or
-// past `valid` become zeros with scale 0. FULL (valid is 64, every page but a split's last or a
-// skipped one) drops the test, so the chunks' addresses are one base plus constants.
+// Decodes a staged page into the shared key tile as bf16 and the keys' scales into `kscale`.
+// FP4 keys decode exactly with their power-of-two block scales (scale 1), a whole block of 32
+// codes a thread (fp4x8_to_bf16_paired, the tile in its paired order), two blocks a thread: in
+// each quarter warp's 16-byte loads and stores (units 4 key + block and key + 4 block + step,
+// mod 8) 8 threads take keys 4g .. 4g + 3, two blocks each, blocks 0-1 of the first two keys and
+// 2-3 of the next two or (odd quarters) the other way round, so neither conflicts. FP8 keys and
+// bf16 rows: thread tid takes chunks q = tid + 128 j (key q / 16, dims 8 (q % 16) .. + 8), so
+// each quarter warp writes 8 consecutive 16-byte chunks of one row; FP8 keys decode to their
+// codes' values, exact in bf16, and their float32 scale (any value: a power of two as
+// index_key_write writes it, or DeepGEMM's amax / 448) multiplies the key's dot products
+// afterwards, in float32. Keys at or past `valid` become zeros with scale 0. FULL (valid is 64,
+// every page but a split's last or a skipped one) drops the test, so the addresses are one base
+// plus constants.
 template <IndexFormat FMT, bool FULL>
 __device__ __forceinline__ void decode_page(const uint8_t* stage, int valid, uint16_t* ks,
                                             float* kscale, int tid) {
+  if constexpr (FMT == KEYS_FP4) {
+    const int flip = (tid >> 3) & 1;
+    const int key0 = 4 * (tid >> 4) + ((tid & 7) >> 1);
+    const int blk = ((tid & 1) | (((tid >> 2) & 1) << 1)) ^ (flip << 1);
+#pragma unroll
+    for (int j = 0; j < PAGE_ROWS * 4 / THREADS; ++j) {
+      const int key = key0 + THREADS / 4 * j;
+      const bool ok = FULL || key < valid;
+      uint4 raw = make_uint4(0, 0, 0, 0);
+      int e = 0;
+      if (ok) {
+        raw = *(const uint4*)(stage + key * INDEX_KEY_FP4.data_bytes + 16 * blk);
+        e = (int)stage[PAGE_ROWS * INDEX_KEY_FP4.data_bytes + key * INDEX_KEY_FP4.scale_bytes + blk] - 127;
+      }
+      uint16_t* dst = ks + key * ROW + 32 * blk;
+      *(uint4*)(dst) = fp4x8_to_bf16_paired(raw.x, e);
+      *(uint4*)(dst + 8) = fp4x8_to_bf16_paired(raw.y, e);
+      *(uint4*)(dst + 16) = fp4x8_to_bf16_paired(raw.z, e);
+      *(uint4*)(dst + 24) = fp4x8_to_bf16_paired(raw.w, e);
+      if (blk == 0) kscale[key] = ok ? 1.f : 0.f;
+    }
+    return;
+  }
 #pragma unroll
   for (int j = 0; j < PAGE_ROWS * 16 / THREADS; ++j) {
     const int key = tid / 16 + THREADS / 16 * j, c = tid % 16;  // chunk tid + 128 j
@@ -63,11 +91,7 @@ __device__ __forceinline__ void decode_page(const uint8_t* stage, int valid, uin
     float sc = 0.f;
     if (FULL || key < valid) {
       sc = 1.f;
-      if (FMT == KEYS_FP4) {
-        uint32_t bits = *(const uint32_t*)(stage + key * INDEX_KEY_FP4.data_bytes + 4 * c);
-        int e = (int)stage[PAGE_ROWS * INDEX_KEY_FP4.data_bytes + key * INDEX_KEY_FP4.scale_bytes + c / 4] - 127;
-        v = fp4x8_to_bf16(bits, e);
-      } else if (FMT == KEYS_FP8) {
+      if (FMT == KEYS_FP8) {
         uint2 bits = *(const uint2*)(stage + key * INDEX_KEY_FP8.data_bytes + 8 * c);
         sc = *(const float*)(stage + PAGE_ROWS * INDEX_KEY_FP8.data_bytes + key * INDEX_KEY_FP8.scale_bytes);
         v = fp8x8_to_bf16<true>(bits, 0);
@@ -94,8 +118,8 @@ __device__ __forceinline__ void score_split(
   extern __shared__ __align__(16) uint8_t smem[];
   uint16_t* ks = (uint16_t*)smem;                                  // [64][ROW] bf16 keys
   float* red = (float*)(ks + PAGE_ROWS * ROW);                      // [4 warps][64] partial scores
-  float* kscale = red + 4 * PAGE_ROWS;                              // [64] the keys' scales
-  float* pool = kscale + PAGE_ROWS;                                  // [split_keys] scores (none if dense)
+  float* kscale = red + 4 * PAGE_ROWS;                              // [2][64] the keys' scales (pages alternate)
+  float* pool = kscale + 2 * PAGE_ROWS;                              // [split_keys] scores (none if dense)
   SelectScratch& scratch = *(SelectScratch*)(pool + (DENSE ? 0 : split_keys));
   uint8_t* stages = (uint8_t*)(&scratch + 1);                       // [STAGES][page bytes]
   __shared__ uint64_t skipped;  // bit i: page i of the split lies outside the cache (at most 64 pages)
@@ -121,7 +145,8 @@ __device__ __forceinline__ void score_split(
   if (tid == 0) skipped = 0;
 
   // Warp w owns heads 16 w .. 16 w + 15: its query fragments (bf16) and head weights stay in
-  // registers for the whole split, and it scores every key of a page against them.
+  // registers for the whole split, and it scores every key of a page against them. Tile column
+  // d holds dim d, or for FP4 keys dim fp4_paired_code(d): the query is loaded in that order.
   const int r = lane / 4, c2 = (lane % 4) * 2;
   const bool active = 16 * warp < heads;
   uint32_t qa[8][4];
@@ -133,10 +158,11 @@ __device__ __forceinline__ void score_split(
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int h = i % 2 ? h_hi : h_lo, d = 16 * kk + c2 + 8 * (i / 2);
+        const int d0 = FMT == KEYS_FP4 ? fp4_paired_code(d) : d, d1 = FMT == KEYS_FP4 ? fp4_paired_code(d + 1) : d + 1;
         float x0 = 0.f, x1 = 0.f;
         if (h < heads) {
-          x0 = load_value(q, (t * heads + h) * INDEX_DIM + d, q_bf16);
-          x1 = load_value(q, (t * heads + h) * INDEX_DIM + d + 1, q_bf16);
+          x0 = load_value(q, (t * heads + h) * INDEX_DIM + d0, q_bf16);
+          x1 = load_value(q, (t * heads + h) * INDEX_DIM + d1, q_bf16);
         }
         qa[kk][i] = (uint32_t)to_bf16(x0) | ((uint32_t)to_bf16(x1) << 16);
       }
@@ -158,25 +184,36 @@ __device__ __forceinline__ void score_split(
     cp_async_commit();
   }
 
-  for (int i = 0; i < n_pages; ++i) {
-    const long long base = k0 + (long long)i * PAGE_ROWS;
-    const int page = page_of(i);
-    const int in_split = (int)min((long long)PAGE_ROWS, k1 - base);
-    const int valid = page_ok(page) ? in_split : 0;
+  // Page i's keys in the split and how many of them are scored (none when the page lies outside
+  // the cache).
+  auto in_split_of = [&](int i) { return (int)min((long long)PAGE_ROWS, k1 - k0 - (long long)i * PAGE_ROWS); };
+  auto valid_of = [&](int i) { return page_ok(page_of(i)) ? in_split_of(i) : 0; };
+  // Decodes page i (staged in its slot) into the tile and its keys' scales into kscale[i % 2],
+  // then stages page i + STAGES - 1 into the slot of page i - 1, decoded a barrier before.
+  auto decode = [&](int i) {
+    const int valid = valid_of(i);
     if (!DENSE && tid == 0 && valid == 0) skipped |= 1ull << i;
-    cp_async_wait<STAGES - 2>();
-    __syncthreads();  // page i staged by every thread; the previous tile's readers are done
+    float* sc = kscale + (i % 2) * PAGE_ROWS;
     if (valid == PAGE_ROWS)
-      decode_page<FMT, true>(stages + (i % STAGES) * bytes, valid, ks, kscale, tid);
+      decode_page<FMT, true>(stages + (i % STAGES) * bytes, valid, ks, sc, tid);
     else
-      decode_page<FMT, false>(stages + (i % STAGES) * bytes, valid, ks, kscale, tid);
+      decode_page<FMT, false>(stages + (i % STAGES) * bytes, valid, ks, sc, tid);
     if (i + STAGES - 1 < n_pages) {
       int next = page_of(i + STAGES - 1);
       if (page_ok(next)) stage_page<FMT>(stages + ((i + STAGES - 1) % STAGES) * bytes, keys, next, tid);
     }
-    cp_async_commit();
-    __syncthreads();
+  };
+  cp_async_wait<STAGES - 2>();
+  __syncthreads();  // page 0 staged by every thread
+  decode(0);
+  cp_async_commit();
+  __syncthreads();
 
+  // Two barriers a page: after page i's products (the tile is free and page i + 1 staged), the
+  // tile takes page i + 1 while this warp folds page i's heads; after both, page i's scores are
+  // summed over the warps (and page i + 1's products follow). The keys' scales alternate between
+  // two arrays, as page i + 1's are written before page i's scores read theirs.
+  for (int i = 0; i < n_pages; ++i) {
     // This warp's 16 heads x the page's 64 keys: 8 n-tiles of 8 keys, 8 k-steps. One ldmatrix
     // gives the B fragments of two n-tiles (lanes 8i .. 8i + 7 address matrix i: keys 16 np +
     // 8 (i / 2) .., dims 16 kk + 8 (i % 2) ..).
@@ -198,6 +235,11 @@ __device__ __forceinline__ void score_split(
         }
       }
     }
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();  // every warp is done with the tile; page i + 1 staged by every thread
+    if (i + 1 < n_pages) decode(i + 1);
+    cp_async_commit();
+
     // Fold this warp's heads: v = w_h ReLU(dot) over the lane's two heads for each of its 16 keys
     // (8 n-tiles x 2 columns), then the sum over the 8 lanes of a column group (lanes r = 0..7 of
     // one c2) by halving exchanges: a lane keeps half its keys and adds its partner's half (lane
@@ -221,16 +263,18 @@ __device__ __forceinline__ void score_split(
         }
     }
     *(float2*)(red + warp * PAGE_ROWS + 8 * r + c2) = make_float2(v[0][0], v[0][1]);
-    __syncthreads();
+    __syncthreads();  // page i's partial scores are in; the tile holds page i + 1
+    const long long base = k0 + (long long)i * PAGE_ROWS;
+    const int valid = valid_of(i);
     if (tid < valid) {
-      const float score =
-          kscale[tid] * (((red[tid] + red[PAGE_ROWS + tid]) + red[2 * PAGE_ROWS + tid]) + red[3 * PAGE_ROWS + tid]);
+      const float score = kscale[(i % 2) * PAGE_ROWS + tid] *
+                          (((red[tid] + red[PAGE_ROWS + tid]) + red[2 * PAGE_ROWS + tid]) + red[3 * PAGE_ROWS + tid]);
       if (DENSE) {
         row[base + tid] = score;
       } else {
         pool[base - k0 + tid] = score;
       }
-    } else if (DENSE && tid < in_split) {
+    } else if (DENSE && tid < in_split_of(i)) {
       row[base + tid] = -INFINITY;  // a page outside the cache is skipped
     }
   }

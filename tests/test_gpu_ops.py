@@ -148,6 +148,29 @@ def test_indexer_any_fp8_scale_and_signed_weights(gen: torch.Generator, heads: i
         assert len(set(dev_i[row].tolist()) ^ set(cpu_i[row].tolist())) <= 2, f"query {row}"
 
 
+def test_indexer_fp4_keys_at_extreme_block_scales(gen: torch.Generator) -> None:
+    """FP4 keys whose block scales lie inside the range the GPU decodes with one multiply (2^-125
+    to 2^1) and past both ends of it (the zero byte, 2^-126, 2^2 to 2^12), mixed in every page:
+    the GPU scores equal the CPU's to float32 summation order."""
+    cache, table = paged_keys(gen, 2, 20, "fp4", "cpu")
+    pages = cache.view(cache.shape[0], -1)
+    codes = torch.tensor([0, 1, 2, 3, 120, 126, 127, 128, 129, 130, 135, 139], dtype=torch.uint8)
+    scale_bytes = pages[:, 64 * 64:]
+    scale_bytes.copy_(codes[torch.randint(0, len(codes), scale_bytes.shape, generator=gen)])
+    t, k = 9, 300
+    q = bf16_exact(gen, t, 64, 128)
+    w = torch.rand(t, 64, generator=gen)
+    seq_ids = torch.randint(0, 2, (t,), generator=gen)
+    visible = torch.randint(k, 20 * 64 + 1, (t,), generator=gen)
+    cpu_i, cpu_s = ops.indexer_topk(q, w, cache, table, seq_ids, visible, k, return_scores=True)
+    dev_i, dev_s = ops.indexer_topk(q.cuda(), w.cuda(), cache.cuda(), table.cuda(), seq_ids.cuda(), visible.cuda(),
+                                    k, return_scores=True)
+    assert float(cpu_s.max()) > 1e4, "the case must hold keys scaled past 2^1"
+    torch.testing.assert_close(dev_s.cpu(), cpu_s, rtol=1e-5, atol=1e-5 * float(cpu_s.abs().max()))
+    for row in range(t):  # near-ties may swap neighbours; the sets agree but for the boundary
+        assert len(set(dev_i[row].tolist()) ^ set(cpu_i[row].tolist())) <= 2, f"query {row}"
+
+
 def test_indexer_ties_prefer_lower_index(gen: torch.Generator) -> None:
     cache, table = paged_keys(gen, 1, 4, "bf16", "cpu")
     cache.view(-1, 128)[:] = cache.view(-1, 128)[0]

@@ -130,29 +130,32 @@ __device__ __forceinline__ uint4 fp8x8_to_bf16(uint2 raw, int se) {
   return make_uint4(v[0], v[1], v[2], v[3]);
 }
 
-// Eight FP4 codes (two per byte, even index in the low nibble) times 2^se as eight packed bf16.
-// Each code's bf16 bytes at 2^0 come from two 8-byte tables indexed by its magnitude bits
-// (__byte_perm takes four indices at once), its sign bit is moved to bit 15 of its half, and one
-// exact multiply by 2^se scales the pair: about 22 instructions for the eight, where moving each code's
-// bits into bf16 position and multiplying twice took about 50.
-__device__ __forceinline__ uint4 fp4x8_to_bf16(uint32_t raw, int se) {
-  // bf16 of the magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6: high bytes (codes 0-3, 4-7), low bytes.
-  constexpr uint32_t HI_0 = 0x3F3F3F00u, HI_4 = 0x40404040u, LO_0 = 0xC0800000u, LO_4 = 0xC0804000u;
-  const uint32_t mag = raw & 0x77777777u;
-  const uint32_t h0 = __byte_perm(HI_0, HI_4, mag), l0 = __byte_perm(LO_0, LO_4, mag);  // codes 0..3
-  const uint32_t h1 = __byte_perm(HI_0, HI_4, mag >> 16), l1 = __byte_perm(LO_0, LO_4, mag >> 16);  // 4..7
-  const uint32_t pairs[4] = {__byte_perm(l0, h0, 0x5140), __byte_perm(l0, h0, 0x7362), __byte_perm(l1, h1, 0x5140),
-                             __byte_perm(l1, h1, 0x7362)};
-  // Code 2i's sign (bit 8i + 3 of raw) is bit 8i + 7 of raw << 4: byte i of that goes to byte 1
-  // of pair i (bit 15), byte i of raw (code 2i + 1's sign at its bit 7) to byte 3 (bit 31).
-  const uint32_t shifted = raw << 4;
-  uint32_t w[4];
+// Eight FP4 codes (a 32-bit word, two per byte, even index in the low nibble) times 2^se as eight
+// packed bf16, in an order of their own: bf16 pair j (j = 0..3) holds codes j and j + 4, so
+// output element p of a run of such words is code fp4_paired_code(p); a dot
+// product is the same with the other operand in that order. Shifting the word left by 12 - 4j
+// puts code j's nibble at bits 12-15 and code j + 4's at 28-31; the sign bits are then where
+// bf16 keeps them and the magnitude bits, 6 lower, become the lowest two exponent bits and the
+// highest mantissa bit: a bf16 of the code's value times 2^-126 (code 0.5 as a subnormal). One
+// exact multiply by 2^(126 + se), a bf16 for se in -125..1, restores it (about 5 instructions a
+// pair, where table lookups took about 9); other scales take two multiplies.
+__host__ __device__ constexpr int fp4_paired_code(int p) { return (p & ~7) | ((p & 7) >> 1) | ((p & 1) << 2); }
+
+__device__ __forceinline__ uint4 fp4x8_to_bf16_paired(uint32_t word, int se) {
+  uint32_t v[4];
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const uint32_t sign = __byte_perm(shifted, raw, 0x4000u | (uint32_t)i << 4 | (uint32_t)i << 12) & 0x80008000u;
-    w[i] = bf16x2_mul_pow2(pairs[i] | sign, se);
+  for (int j = 0; j < 4; ++j) {
+    const uint32_t t = word << (12 - 4 * j);
+    v[j] = (t & 0x80008000u) | ((t >> 6) & 0x01C001C0u);
   }
-  return make_uint4(w[0], w[1], w[2], w[3]);
+  if (se >= -125 && se <= 1) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) v[j] = bf16x2_mul_pow2(v[j], 126 + se);
+  } else {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) v[j] = bf16x2_mul_pow2(bf16x2_mul_pow2(v[j], 126), se);
+  }
+  return make_uint4(v[0], v[1], v[2], v[3]);
 }
 
 // Loads element i of a row given as float32 (is_bf16 == 0) or bfloat16 bits.
