@@ -4,10 +4,12 @@
 // dsv4_indexer_score: grid (splits, queries), 128 threads = 4 warps. Each block takes one query
 // and one split of its visible keys, a 64-key page at a time. Pages are staged raw into shared
 // memory by cp.async, three pages ahead; a staged page is decoded to bf16 (FP4 and FP8 values
-// are exact in bf16; FP4 keys' dims in pairs of their own order, the query's loaded alike) and scored with bf16 tensor-core MMAs (mma.sync m16n8k16, sm_80+, fp32
-// accumulation): warp w holds heads 16w .. 16w + 15 of the query in registers and scores all 64
-// keys, then heads are folded as sum_h w_h ReLU(.). The split's scores stay in shared memory;
-// only its top-min(k, split) candidates (exact radix select) reach the workspace.
+// are exact in bf16; FP4 keys' dims in pairs of their own order, the query loaded alike) and
+// scored with bf16 tensor-core MMAs (mma.sync m16n8k16, sm_80+, fp32 accumulation): warp w holds
+// heads 16w .. 16w + 15 of the query in registers and scores all 64 keys, then heads are folded
+// as sum_h w_h ReLU(.); the next page decodes while a page's heads fold (two barriers a page).
+// The split's scores stay in shared memory; only its top-min(k, split) candidates (exact radix
+// select) reach the workspace.
 // dsv4_indexer_score_dense: the same body (one template, two instances) writing every score of
 // the split to `dense` (a [T, width] float32 matrix) instead, and -inf for keys it does not score:
 // `ops.indexer_scores`, whose scores are those of the selection bit for bit.
