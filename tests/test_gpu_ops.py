@@ -99,9 +99,23 @@ def paged_keys(gen: torch.Generator, seqs: int, max_pages: int, fmt: str, device
     return cache.to(device), table.to(device)
 
 
+INDEXER_KERNELS = ["wgmma", "mma"]
+
+
+@pytest.fixture(params=INDEXER_KERNELS)
+def indexer_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test with each indexer score kernel the GPU can run (forced through
+    DSV4RS_INDEXER_KERNEL): the wgmma one on compute capability 9.0 only, mma.sync everywhere."""
+    if request.param == "wgmma" and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wgmma indexer kernel runs on compute capability 9.0 only")
+    monkeypatch.setenv("DSV4RS_INDEXER_KERNEL", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("fmt", ["fp4", "fp8", "bf16"])
 @pytest.mark.parametrize("heads,k,seqs,max_pages", [(64, 512, 3, 40), (64, 2048, 1, 300), (7, 100, 5, 3), (1, 1, 2, 1), (33, 777, 2, 50)])
-def test_indexer_matches_cpu_exactly(gen: torch.Generator, fmt: str, heads: int, k: int, seqs: int, max_pages: int) -> None:
+def test_indexer_matches_cpu_exactly(gen: torch.Generator, fmt: str, heads: int, k: int, seqs: int, max_pages: int,
+                                     indexer_kernel: str) -> None:
     cache, table = paged_keys(gen, seqs, max_pages, fmt, "cpu")
     t = 11
     q = bf16_exact(gen, t, heads, 128)
@@ -124,7 +138,7 @@ def test_indexer_matches_cpu_exactly(gen: torch.Generator, fmt: str, heads: int,
 
 
 @pytest.mark.parametrize("heads", [64, 3])
-def test_indexer_any_fp8_scale_and_signed_weights(gen: torch.Generator, heads: int) -> None:
+def test_indexer_any_fp8_scale_and_signed_weights(gen: torch.Generator, heads: int, indexer_kernel: str) -> None:
     """FP8 keys with scales that are not powers of two (DeepGEMM's amax / 448, as the compat
     layer passes its caches through) and weights of either sign: the GPU scores equal the CPU's
     to float32 summation order."""
@@ -148,7 +162,7 @@ def test_indexer_any_fp8_scale_and_signed_weights(gen: torch.Generator, heads: i
         assert len(set(dev_i[row].tolist()) ^ set(cpu_i[row].tolist())) <= 2, f"query {row}"
 
 
-def test_indexer_fp4_keys_at_extreme_block_scales(gen: torch.Generator) -> None:
+def test_indexer_fp4_keys_at_extreme_block_scales(gen: torch.Generator, indexer_kernel: str) -> None:
     """FP4 keys whose block scales lie inside the range the GPU decodes with one multiply (2^-125
     to 2^1) and past both ends of it (the zero byte, 2^-126, 2^2 to 2^12), mixed in every page:
     the GPU scores equal the CPU's to float32 summation order."""
@@ -189,7 +203,7 @@ def bits(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("fmt", ["fp4", "fp8", "bf16"])
 @pytest.mark.parametrize("heads,k,seqs,max_pages", [(64, 512, 3, 40), (7, 100, 5, 3), (1, 1, 2, 1), (33, 777, 2, 50)])
 def test_indexer_scores_are_the_selection_scores_bit_for_bit(gen: torch.Generator, fmt: str, heads: int, k: int,
-                                                             seqs: int, max_pages: int) -> None:
+                                                             seqs: int, max_pages: int, indexer_kernel: str) -> None:
     """The dense scores are the fused selection's own on the GPU (one kernel computes both), and
     the CPU's to float32 summation order; -inf exactly past each query's visible keys."""
     cache, table = paged_keys(gen, seqs, max_pages, fmt, "cpu")
@@ -267,7 +281,7 @@ def selection_of(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("fmt,k", [("fp4", 512), ("fp8", 1024), ("fp4", 4096), ("fp8", 3)])
-def test_indexer_long_context_merges_in_stages(gen: torch.Generator, fmt: str, k: int) -> None:
+def test_indexer_long_context_merges_in_stages(gen: torch.Generator, fmt: str, k: int, indexer_kernel: str) -> None:
     """A few queries over 128,000 keys: hundreds of short splits, whose candidates go through
     several merge stages (4096: five). The selection is the exact top-k of the GPU's own dense
     scores (one kernel computes both), ties to the lower key."""
@@ -280,6 +294,37 @@ def test_indexer_long_context_merges_in_stages(gen: torch.Generator, fmt: str, k
     assert torch.equal(idx, selection_of(dense, k))
     picked = dense.gather(1, idx.long().clamp_min(0))
     assert torch.equal(bits(picked[idx >= 0]), bits(top[idx >= 0]))
+
+
+def test_indexer_kernel_switch_takes_effect(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each forced score kernel is the one that runs for the selection and the dense scores (seen
+    by the profiler), the default is wgmma on compute capability 9.0 and mma.sync elsewhere, and
+    the two select the same keys with scores equal to float32 summation order; an unknown name is
+    an error naming the variable."""
+    cache, table = paged_keys(gen, 2, 40, "fp4", "cpu")
+    q, w = bf16_exact(gen, 5, 64, 128), torch.rand(5, 64, generator=gen)
+    args = [x.cuda() for x in (q, w, cache, table, torch.tensor([0, 1, 0, 1, 1]), torch.tensor([2560, 2000, 999, 64, 1]))]
+    names = {"wgmma": "dsv4_indexer_score_wgmma", "mma": "dsv4_indexer_score"}
+    runnable = [k for k in INDEXER_KERNELS if k == "mma" or torch.cuda.get_device_capability() == (9, 0)]
+    monkeypatch.delenv("DSV4RS_INDEXER_KERNEL", raising=False)
+    assert names[runnable[0]] in launched_kernels(lambda: ops.indexer_topk(*args, 300))
+    out = {}
+    for kernel in runnable:
+        monkeypatch.setenv("DSV4RS_INDEXER_KERNEL", kernel)
+        launched = launched_kernels(lambda: ops.indexer_topk(*args, 300))
+        assert names[kernel] in launched and not (set(names.values()) - {names[kernel]}) & launched, launched
+        assert names[kernel] + "_dense" in launched_kernels(lambda: ops.indexer_scores(*args))
+        out[kernel] = ops.indexer_topk(*args, 300, return_scores=True)
+    for kernel, (idx, top) in out.items():
+        first_idx, first_top = out[runnable[0]]
+        torch.testing.assert_close(top, first_top, rtol=1e-5, atol=1e-5)
+        for row in range(5):
+            assert len(set(idx[row].tolist()) ^ set(first_idx[row].tolist())) <= 2, (kernel, row)
+    monkeypatch.setenv("DSV4RS_INDEXER_KERNEL", "fastest")
+    with pytest.raises(ValueError, match="DSV4RS_INDEXER_KERNEL"):
+        ops.indexer_topk(*args, 300)
+    with pytest.raises(ValueError, match="DSV4RS_INDEXER_KERNEL"):
+        ops.indexer_scores(*args)
 
 
 def test_indexer_ties_across_merge_stages(gen: torch.Generator) -> None:

@@ -19,7 +19,8 @@ pub const MAX_HEADS: usize = 64;
 const TARGET_BLOCKS: usize = 4 * 132;
 /// Fewest keys a split takes (4 pages), so a block's page pipeline has pages to overlap.
 const MIN_SPLIT_KEYS: usize = 4 * PAGE_ROWS;
-/// Most keys a split takes: its candidate pool lives in shared memory.
+/// Most keys a split takes: its candidate pool lives in shared memory (and its 64 pages' block-table entries:
+/// `MAX_SPLIT_PAGES` in cuda/include/indexer_score.cuh).
 const MAX_SPLIT_KEYS: usize = 4096;
 /// Shared memory a merge block may take: 99 KiB, what sm_86/89/120 grant a block.
 const MERGE_SHARED: usize = 99 * 1024;
@@ -119,16 +120,38 @@ fn plan_bytes(queries: usize, s: Split, stages: &[MergeStage], k: usize) -> usiz
 /// Pages staged ahead by the score kernel (`STAGES` in cuda/indexer.cu).
 const STAGES: usize = 4;
 
-/// Shared memory of the score kernel: the bf16 key tile, per-warp partial scores, two pages' keys' scales, the split's
-/// scores (float32, `pool_keys`, 0 when it writes dense scores), the radix-select scratch and the staged raw pages.
+/// Shared memory of the score kernel (either MMA kind): the bf16 key tile, per-warp partial scores, two pages' keys'
+/// scales, the split's block-table entries (64), the split's scores (float32, `pool_keys`, 0 when it writes dense
+/// scores), the radix-select scratch and the staged raw pages.
 fn score_shared_bytes(pool_keys: usize, key_format: IndexFormat) -> u32 {
     let page_bytes = PAGE_ROWS * key_format.row_bytes();
-    let tile = PAGE_ROWS * (INDEX_DIM + 8) * 2 + 6 * PAGE_ROWS * 4;
+    let tile = PAGE_ROWS * INDEX_DIM * 2 + 6 * PAGE_ROWS * 4 + MAX_SPLIT_KEYS / PAGE_ROWS * 4;
     (tile + pool_keys * 4 + SELECT_SCRATCH_BYTES + STAGES * page_bytes) as u32
 }
 
 /// Bytes of `SelectScratch` (cuda/include/topk.cuh): 256 bins, a prefix, a count and a flag.
 const SELECT_SCRATCH_BYTES: usize = 1040;
+
+/// Which score kernel runs on GPU `dev`: `true` for the wgmma one (compute capability 9.0, the
+/// build's sm_90a module), else the mma.sync one. `DSV4RS_INDEXER_KERNEL=wgmma|mma` forces one
+/// (for tests and benchmarks); forcing one the GPU cannot run is an error. The dense scores
+/// (`indexer_scores`) take the same kernel as the selection, so that they are its scores bit for bit.
+fn use_wgmma(dev: i32) -> Result<bool> {
+    let wgmma_ok = || -> Result<bool> {
+        Ok(super::compute_capability(dev)? == (9, 0)
+            && super::has_kernel(dev, Kernel::IndexerScoreWgmma)
+            && super::has_kernel(dev, Kernel::IndexerScoreWgmmaDense))
+    };
+    match std::env::var("DSV4RS_INDEXER_KERNEL").ok().as_deref() {
+        None | Some("") | Some("auto") => wgmma_ok(),
+        Some("mma") => Ok(false),
+        Some("wgmma") if wgmma_ok()? => Ok(true),
+        Some(other) => Err(Error::value(
+            "DSV4RS_INDEXER_KERNEL",
+            format!("must be auto, wgmma or mma, and one GPU {dev} runs (got {other:?})"),
+        )),
+    }
+}
 
 /// The inputs of one launch, already validated.
 pub struct IndexerArgs<'a> {
@@ -172,11 +195,16 @@ unsafe fn launch_score(dev: i32, stream: usize, a: &IndexerArgs, s: Split, out: 
     let (bt, mp) = (a.block_table.ptr as u64, a.block_table.dim(1) as i32);
     let (sp, vp) = (a.seq_ids.ptr as u64, a.visible.ptr as u64);
     let (s64, v64) = ((a.seq_ids.dtype == DType::I64) as i32, (a.visible.dtype == DType::I64) as i32);
+    let wg = use_wgmma(dev)?;
     let (kernel, pool_keys, kc, sc, cand, counts, dense, width) = match out {
         ScoreOut::Candidates { cand, counts } => {
-            (Kernel::IndexerScore, s.keys, s.kcap as i32, s.count as i32, cand, counts, 0u64, 0i64)
+            let kernel = if wg { Kernel::IndexerScoreWgmma } else { Kernel::IndexerScore };
+            (kernel, s.keys, s.kcap as i32, s.count as i32, cand, counts, 0u64, 0i64)
         }
-        ScoreOut::Dense { out, width } => (Kernel::IndexerScoreDense, 0, 0, 0, 0, 0, out, width as i64),
+        ScoreOut::Dense { out, width } => {
+            let kernel = if wg { Kernel::IndexerScoreWgmmaDense } else { Kernel::IndexerScoreDense };
+            (kernel, 0, 0, 0, 0, 0, out, width as i64)
+        }
     };
     let sk = s.keys as i32;
     let score = Launch {
@@ -271,14 +299,15 @@ mod tests {
     #[test]
     fn score_shared_memory_at_the_largest_split() {
         // docs/kernels/indexer.md's table: FP4 fits four blocks an H200 multiprocessor (228 KiB
-        // less 1 KiB a block), FP8 three; bf16 rows pass sm_86/89/120's 99 KiB.
+        // less 1 KiB a block), FP8 three; every format fits sm_86/89/120's 99 KiB a block beside
+        // the kernel's 48 bytes of static shared memory.
         let bytes = |f| score_shared_bytes(MAX_SPLIT_KEYS, f) as usize;
         let all = (bytes(IndexFormat::Fp4), bytes(IndexFormat::Fp8), bytes(IndexFormat::Bf16));
-        assert_eq!(all, (53_776, 70_160, 101_904));
-        assert!(super::super::h200_blocks_fit(bytes(IndexFormat::Fp4), 4));
-        assert!(bytes(IndexFormat::Bf16) > 99 * 1024);
+        assert_eq!(all, (53_008, 69_392, 101_136));
+        assert!(super::super::h200_blocks_fit(all.0, 4));
+        assert!(all.2 + 48 <= 99 * 1024);
         // Dense scores keep no pool.
-        assert_eq!(score_shared_bytes(0, IndexFormat::Fp4) as usize, 53_776 - 4 * MAX_SPLIT_KEYS);
+        assert_eq!(score_shared_bytes(0, IndexFormat::Fp4) as usize, 53_008 - 4 * MAX_SPLIT_KEYS);
     }
 
     #[test]

@@ -72,6 +72,8 @@ declare_kernels! {
     IndexerScore = "dsv4_indexer_score" in "indexer",
     IndexerScoreDense = "dsv4_indexer_score_dense" in "indexer",
     IndexerMerge = "dsv4_indexer_merge" in "indexer",
+    IndexerScoreWgmma = "dsv4_indexer_score_wgmma" in "indexer_sm90a",
+    IndexerScoreWgmmaDense = "dsv4_indexer_score_wgmma_dense" in "indexer_sm90a",
     MhcWeights = "dsv4_mhc_weights" in "mhc",
     MhcCollapse = "dsv4_mhc_collapse" in "mhc",
     MhcCombine = "dsv4_mhc_combine" in "mhc",
