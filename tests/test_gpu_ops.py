@@ -137,6 +137,26 @@ def test_indexer_matches_cpu_exactly(gen: torch.Generator, fmt: str, heads: int,
     assert torch.equal(phys.long(), expect)
 
 
+def topk_on_cpu_and_gpu(gen: torch.Generator, cache: torch.Tensor, table: torch.Tensor, heads: int,
+                        signed_weights: bool):
+    """9 queries of `heads` heads, top-300 over two sequences of `table` (20 pages each, at least
+    300 keys visible), on the CPU and on the GPU: (cpu indices, cpu scores, gpu indices, gpu scores)."""
+    t, k = 9, 300
+    q = bf16_exact(gen, t, heads, 128)
+    w = torch.randn(t, heads, generator=gen) if signed_weights else torch.rand(t, heads, generator=gen)
+    seq_ids = torch.randint(0, 2, (t,), generator=gen)
+    visible = torch.randint(k, 20 * 64 + 1, (t,), generator=gen)
+    cpu_i, cpu_s = ops.indexer_topk(q, w, cache, table, seq_ids, visible, k, return_scores=True)
+    dev_i, dev_s = ops.indexer_topk(q.cuda(), w.cuda(), cache.cuda(), table.cuda(), seq_ids.cuda(), visible.cuda(),
+                                    k, return_scores=True)
+    return cpu_i, cpu_s, dev_i.cpu(), dev_s.cpu()
+
+
+def assert_same_selection_but_near_ties(cpu_i: torch.Tensor, dev_i: torch.Tensor) -> None:
+    for row in range(cpu_i.shape[0]):  # near-ties may swap neighbours; the sets agree but for the boundary
+        assert len(set(dev_i[row].tolist()) ^ set(cpu_i[row].tolist())) <= 2, f"query {row}"
+
+
 @pytest.mark.parametrize("heads", [64, 3])
 def test_indexer_any_fp8_scale_and_signed_weights(gen: torch.Generator, heads: int, indexer_kernel: str) -> None:
     """FP8 keys with scales that are not powers of two (DeepGEMM's amax / 448, as the compat
@@ -147,19 +167,11 @@ def test_indexer_any_fp8_scale_and_signed_weights(gen: torch.Generator, heads: i
     scales = pages[:, 64 * 128:].contiguous().view(torch.float32)
     scales.mul_(torch.rand(scales.shape, generator=gen) + 0.5)
     pages[:, 64 * 128:] = scales.view(torch.uint8)
-    t, k = 9, 300
-    q = bf16_exact(gen, t, heads, 128)
-    w = torch.randn(t, heads, generator=gen)
-    seq_ids = torch.randint(0, 2, (t,), generator=gen)
-    visible = torch.randint(k, 20 * 64 + 1, (t,), generator=gen)
-    cpu_i, cpu_s = ops.indexer_topk(q, w, cache, table, seq_ids, visible, k, return_scores=True)
-    dev_i, dev_s = ops.indexer_topk(q.cuda(), w.cuda(), cache.cuda(), table.cuda(), seq_ids.cuda(), visible.cuda(),
-                                    k, return_scores=True)
+    cpu_i, cpu_s, dev_i, dev_s = topk_on_cpu_and_gpu(gen, cache, table, heads, signed_weights=True)
     assert (cpu_s < 0).any(), "the case must have negative scores"
     # Signed weights cancel: the summation-order error scales with the largest score, not each.
-    torch.testing.assert_close(dev_s.cpu(), cpu_s, rtol=0, atol=1e-5 * float(cpu_s.abs().max()))
-    for row in range(t):  # near-ties may swap neighbours; the sets agree but for the boundary
-        assert len(set(dev_i[row].tolist()) ^ set(cpu_i[row].tolist())) <= 2, f"query {row}"
+    torch.testing.assert_close(dev_s, cpu_s, rtol=0, atol=1e-5 * float(cpu_s.abs().max()))
+    assert_same_selection_but_near_ties(cpu_i, dev_i)
 
 
 def test_indexer_fp4_keys_at_extreme_block_scales(gen: torch.Generator, indexer_kernel: str) -> None:
@@ -171,18 +183,10 @@ def test_indexer_fp4_keys_at_extreme_block_scales(gen: torch.Generator, indexer_
     codes = torch.tensor([0, 1, 2, 3, 120, 126, 127, 128, 129, 130, 135, 139], dtype=torch.uint8)
     scale_bytes = pages[:, 64 * 64:]
     scale_bytes.copy_(codes[torch.randint(0, len(codes), scale_bytes.shape, generator=gen)])
-    t, k = 9, 300
-    q = bf16_exact(gen, t, 64, 128)
-    w = torch.rand(t, 64, generator=gen)
-    seq_ids = torch.randint(0, 2, (t,), generator=gen)
-    visible = torch.randint(k, 20 * 64 + 1, (t,), generator=gen)
-    cpu_i, cpu_s = ops.indexer_topk(q, w, cache, table, seq_ids, visible, k, return_scores=True)
-    dev_i, dev_s = ops.indexer_topk(q.cuda(), w.cuda(), cache.cuda(), table.cuda(), seq_ids.cuda(), visible.cuda(),
-                                    k, return_scores=True)
+    cpu_i, cpu_s, dev_i, dev_s = topk_on_cpu_and_gpu(gen, cache, table, 64, signed_weights=False)
     assert float(cpu_s.max()) > 1e4, "the case must hold keys scaled past 2^1"
-    torch.testing.assert_close(dev_s.cpu(), cpu_s, rtol=1e-5, atol=1e-5 * float(cpu_s.abs().max()))
-    for row in range(t):  # near-ties may swap neighbours; the sets agree but for the boundary
-        assert len(set(dev_i[row].tolist()) ^ set(cpu_i[row].tolist())) <= 2, f"query {row}"
+    torch.testing.assert_close(dev_s, cpu_s, rtol=1e-5, atol=1e-5 * float(cpu_s.abs().max()))
+    assert_same_selection_but_near_ties(cpu_i, dev_i)
 
 
 def test_indexer_ties_prefer_lower_index(gen: torch.Generator) -> None:
