@@ -1,4 +1,5 @@
-//! Launchers of cuda/indexer.cu: the fused Lightning Indexer top-k, and its scores written dense.
+//! Launchers of cuda/indexer.cu and cuda/indexer_sm90a.cu: the fused Lightning Indexer top-k, and its scores written
+//! dense.
 //! Shapes, dtypes and index ranges are checked by the caller (`crate::indexer`); this module
 //! sizes the split of the key axis and the workspace.
 
@@ -117,7 +118,7 @@ fn plan_bytes(queries: usize, s: Split, stages: &[MergeStage], k: usize) -> usiz
     region_bytes(queries, s.count, s.kcap) + middle
 }
 
-/// Pages staged ahead by the score kernel (`STAGES` in cuda/indexer.cu).
+/// Pages staged ahead by the score kernel (`STAGES` in cuda/include/indexer_score.cuh).
 const STAGES: usize = 4;
 
 /// Shared memory of the score kernel (either MMA kind): the bf16 key tile, per-warp partial scores, two pages' keys'
