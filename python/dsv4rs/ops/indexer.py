@@ -123,6 +123,12 @@ def indexer_topk(
     """The Lightning Indexer's selection (docs/model.md section 4): the top ``k`` keys of each
     query by ``I_ts = sum_h w_th ReLU(q_th . k_s)``.
 
+    On CUDA tensors the scores come from a ``wgmma`` kernel on compute capability 9.0 (H100,
+    H200) and an ``mma.sync`` one on other GPUs; ``DSV4RS_INDEXER_KERNEL`` (``auto``, ``wgmma``
+    or ``mma``) forces one, forcing one the GPU cannot run raising ``ValueError``. Their scores
+    agree to float32 summation order, and :func:`indexer_scores` takes the same kernel as this
+    op (docs/kernels/indexer.md).
+
     Args:
         q: ``float32``/``bfloat16 [T, H, 128]`` indexer queries (any ``H >= 1``).
         weights: ``float32 [T, H]`` head weights ``w_t``.
