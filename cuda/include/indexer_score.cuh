@@ -106,25 +106,6 @@ __device__ __forceinline__ void decode_page(const uint8_t* stage, int valid, uin
   fence_async_shared();
 }
 
-// d (64 heads x 64 keys, float32, the mma.sync C layout per warp: n-tile n of warp w holds heads
-// 16 w .. 16 w + 15 and keys 8 n .. 8 n + 7) = A B, A 64 x 16 bf16 in registers (the mma.sync A
-// layout per warp), B the 16 x 64 k-slice of a key tile in shared memory (K-major); d is written,
-// not accumulated, unless ACC. sm_90a only.
-template <bool ACC>
-__device__ __forceinline__ void wgmma_m64n64k16_rs(float (&d)[8][4], const uint32_t (&a)[4], Desc b) {
-  asm volatile(
-      "{\n.reg .b64 db;\nmov.b64 db, {%36, %37};\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
-      "}, {%32, %33, %34, %35}, db, %38, 1, 1, 0;\n}\n"
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
-        "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
-        "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
-        "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.lo), "r"(b.hi), "n"(ACC ? 1 : 0));
-}
-
 // The score kernel's body: DENSE writes the scores to `dense` (the selection's arguments unused),
 // else the split's candidates to `cand` (`dense` unused). One body, instantiated twice per MMA
 // kind, so the two compute every score with the same code, while the selection's instance carries

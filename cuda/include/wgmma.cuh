@@ -1,6 +1,6 @@
 // Hopper warpgroup MMA primitives shared by the sm_90a kernels (cuda/*_sm90a.cu): the wgmma
-// fences, shared-memory matrix descriptors, the m64n128k16 bf16 and m64n{8,16}k32 e4m3 forms with
-// A from registers, TMA loads with their mbarriers, and the thread-block cluster's barrier.
+// fences, shared-memory matrix descriptors, the m64n{64,128}k16 bf16 and m64n{8,16}k32 e4m3 forms
+// with A from registers, TMA loads with their mbarriers, and the thread-block cluster's barrier.
 #pragma once
 #include <stdint.h>
 
@@ -55,6 +55,24 @@ __device__ __forceinline__ void wgmma_m64n128k16_rs(float (&d)[16][4], const uin
         "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]),
         "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.lo), "r"(b.hi), "n"(ACC ? 1 : 0), "n"(TRANS_B ? 1 : 0));
+}
+
+// d (64 x 64 float32, 8 n8 column tiles of the mma.sync C layout per warp) = A B, A 64 x 16 bf16
+// in registers (the mma.sync A layout per warp), B 16 x 64 bf16 in shared memory, K-major; d is
+// written, not accumulated, unless ACC (the indexer's heads x keys).
+template <bool ACC>
+__device__ __forceinline__ void wgmma_m64n64k16_rs(float (&d)[8][4], const uint32_t (&a)[4], Desc b) {
+  asm volatile(
+      "{\n.reg .b64 db;\nmov.b64 db, {%36, %37};\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+      "}, {%32, %33, %34, %35}, db, %38, 1, 1, 0;\n}\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+        "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+        "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+        "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.lo), "r"(b.hi), "n"(ACC ? 1 : 0));
 }
 
 // d (64 x 8 NT float32: NT n8 column tiles of the mma.sync C layout per warp) = A B from a zero
