@@ -5,16 +5,19 @@
 //
 // dsv4_compress_pool: a thread per (entry, channel): one softmax over the entry's candidates
 // (own block, and the previous block for the overlapping ratio-4 form), one pass over the
-// projections. dsv4_compress_finish: a block per entry: RMSNorm, RoPE at the block's first
-// position, and the FP8 (D = 512) or Hadamard + FP4 (D = 128) round trip, in place.
-// dsv4_compress_state: advances the state in place exactly as feeding the tokens one by one
-// would (a thread per channel column, so reads of the old state precede its writes).
+// projections. dsv4_compress_finish: a warp per entry: RMSNorm, RoPE at the block's first
+// position, and the FP8 (D = 512) or Hadamard + FP4 (D = 128) round trip, in place; its last
+// blocks advance the state in place exactly as feeding the tokens one by one would (a thread per
+// channel column, so reads of the old state precede its writes), after the pool has read it.
+// For long calls of the overlapping form the finish kernel's warps pool their entries themselves
+// (the pool kernel is not launched) and the state blocks take a launch of their own after them.
 //
-// dsv4_compress_batch_{pool,finish,state}: the same three steps for B sequences in one launch
-// each (tokens concatenated, states in a pool of slots): a block per (token, channel group), a
-// block per token and a block per (sequence, column group). Each builds the sequence's own
-// `Params` and runs the device functions the single-sequence kernels run (pool_channel,
-// finish_entry, advance_state), so a batch gives exactly what one call per sequence gives.
+// dsv4_compress_batch_{pool,finish}: the same for B sequences in one launch each (tokens
+// concatenated, states in a pool of slots): a block per (token, channel group), then a warp per
+// token and a block per (sequence, column group, part) of the states. Each builds the sequence's
+// own `Params` and runs the device functions the single-sequence kernels run (pool_channel,
+// pool_entry4, finish_values, advance_state), so a batch gives exactly what one call per
+// sequence gives.
 // Nothing is read from the host: slots outside the pool mark padding rows and every offset read
 // from device memory is clamped into its tensor.
 #include <cstddef>
@@ -73,16 +76,6 @@ __device__ __forceinline__ Candidate candidate(const Params& p, long long pos, i
   return {p.kv_state[slot * width + col], p.score_state[slot * width + col]};
 }
 
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
-  for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
-  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
-  __syncthreads();
-  float total = 0.f;
-  for (int w = 0; w < THREADS / 32; ++w) total += scratch[w];
-  __syncthreads();
-  return total;
-}
-
 // Candidates a chunk of the pooling loop: their loads are issued together (the loop is bound by
 // memory latency, not by arithmetic: a thread per channel and up to 2 r candidates each).
 constexpr int CHUNK = 8;
@@ -136,6 +129,9 @@ __device__ __forceinline__ float pool_inputs(const float* kv, const float* score
   });
 }
 
+// SHAPES: V4's three compressors get loads compiled for their shapes (below); without, every
+// shape takes the run-time form (the same values: only the loads' addressing differs).
+template <bool SHAPES = true>
 __device__ __forceinline__ float pool_channel(const Params& p, long long i, int c) {
   const long long r = p.ratio;
   const int d = p.dim;
@@ -160,94 +156,223 @@ __device__ __forceinline__ float pool_channel(const Params& p, long long i, int 
     return prev ? pool_inputs<W, R, true>(kv, score, p.ape, width, (int)r, c, own_col)
                 : pool_inputs<W, R, false>(kv, score, p.ape, width, (int)r, c, own_col);
   };
-  if (p.overlap && r == 4 && d == 512) return pool(Tag<1024>{}, Tag<4>{});
-  if (p.overlap && r == 4 && d == 128) return pool(Tag<256>{}, Tag<4>{});
-  if (!p.overlap && r == 128 && d == 512) return pool(Tag<512>{}, Tag<128>{});  // (never prev: no overlap)
+  if (SHAPES && p.overlap && r == 4 && d == 512) return pool(Tag<1024>{}, Tag<4>{});
+  if (SHAPES && p.overlap && r == 4 && d == 128) return pool(Tag<256>{}, Tag<4>{});
+  if (SHAPES && !p.overlap && r == 128 && d == 512) return pool(Tag<512>{}, Tag<128>{});  // (never prev: no overlap)
   return pool(Tag<0>{}, Tag<0>{});
 }
 
-// The whole block on entry i, pooled at `dst` (D floats), in place: RMSNorm, RoPE at the
-// block's first position, then the quant round trip. Every thread of the block calls it.
-__device__ __forceinline__ void finish_entry(const Params& p, long long i, float* dst) {
-  __shared__ float x[MAX_DIM];
-  __shared__ float scratch[THREADS / 32];
-  const int tid = threadIdx.x;
-  const long long r = p.ratio;
-  const int d = p.dim;
-  // The loads first, then the work that does not need them (this thread's RoPE angles), so that
-  // the angles' latency hides under the loads' (the block is a chain of dependent steps).
-  constexpr int PER = MAX_DIM / THREADS;
-  float val[PER], w[PER];
+// Loads channels c .. c + 3 of a row (zeros at or past d): one 16-byte load where the four lie
+// in the row and are 16-byte aligned, else one at a time.
+__device__ __forceinline__ float4 load4(const float* row, int c, int d) {
+  if (c + 4 <= d && ((uintptr_t)(row + c) & 15) == 0) return *(const float4*)(row + c);
+  float v[4];
 #pragma unroll
-  for (int u = 0; u < PER; ++u) {
-    const int c = tid + u * THREADS;
-    val[u] = c < d ? dst[c] : 0.f;
-    w[u] = c < d ? p.norm_weight[c] : 0.f;
+  for (int k = 0; k < 4; ++k) v[k] = c + k < d ? row[c + k] : 0.f;
+  return make_float4(v[0], v[1], v[2], v[3]);
+}
+
+__device__ __forceinline__ void store4(float* row, int c, int d, float4 v) {
+  if (c + 4 <= d && ((uintptr_t)(row + c) & 15) == 0) {
+    *(float4*)(row + c) = v;
+    return;
   }
-  double rs = 0.0, rc = 1.0;
-  if (tid < p.rope_pairs) rope_sincos(r * i, p.inv_freq, tid, p.rope_mode, false, rs, rc);
-  float ss = 0.f;
+  const float x[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
-  for (int u = 0; u < PER; ++u) ss += val[u] * val[u];
-  const float rms = rsqrtf(block_sum(ss, scratch) / d + p.eps);
+  for (int k = 0; k < 4; ++k)
+    if (c + k < d) row[c + k] = x[k];
+}
+
+// Entry rows a finish block takes: one warp an entry, with no barrier of the block between its
+// steps (a block an entry chained three), so four entries' loads are in flight a block.
+constexpr int FINISH_ROWS = THREADS / 32;
+
+// Channels a lane holds of an entry row: 128 u + 4 l .. 128 u + 4 l + 3 for lane l, u < U.
+constexpr int U = MAX_DIM / 128;
+
+__device__ __forceinline__ bool aligned16(const void* ptr) { return ((uintptr_t)ptr & 15) == 0; }
+
+// exp-weighted mean of n candidates (values v, logits l), computed as pool_chunks computes one
+// chunk from a fresh start, operation for operation: the same value bit for bit.
+template <int N>
+__device__ __forceinline__ float softmax_pool(const float (&v)[N], const float (&l)[N]) {
+  float mc = -INFINITY;
 #pragma unroll
-  for (int u = 0; u < PER; ++u) {
-    const int c = tid + u * THREADS;
-    if (c < d) x[c] = val[u] * rms * w[u];
+  for (int j = 0; j < N; ++j) mc = fmaxf(mc, l[j]);
+  if (mc == -INFINITY) return 0.f / 0.f;  // pool_chunks' 0 / 0: no finite logit
+  float num = 0.f, den = 0.f;
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    const float w = expf(l[j] - mc);
+    den += w;
+    num = fmaf(w, v[j], num);
   }
-  __syncthreads();
-  // RoPE at position r i on the last 2 rope_pairs dims (interleaved pairs), the mode's angles.
-  for (int j = tid; j < p.rope_pairs; j += THREADS) {
-    double s = rs, co = rc;
-    if (j != tid) rope_sincos(r * i, p.inv_freq, j, p.rope_mode, false, s, co);
-    int k = d - 2 * p.rope_pairs + 2 * j;
-    float x0 = x[k], x1 = x[k + 1];
-    x[k] = x0 * (float)co - x1 * (float)s;
-    x[k + 1] = x0 * (float)s + x1 * (float)co;
-  }
-  __syncthreads();
-  if (p.quant == QUANT_FP8) {
-    // Thread t owns dims [4t, 4t + 4): 16 threads share one 64-dim FP8 block; t >= 112: BF16.
-    float v[4];
-    for (int k = 0; k < 4; ++k) v[k] = x[4 * tid + k];
-    float m = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
-    m = group_amax(m, 16);  // every lane takes part in the shuffles
-    if (tid < NOPE_DIM / 4) {
-      int e = ue8m0_exponent(m, FP8_MAX);
-      float s = exp2i(e);
-      for (int k = 0; k < 4; ++k) v[k] = fp8_decode(fp8_encode(v[k], e)) * s;
-    } else {
-      for (int k = 0; k < 4; ++k) v[k] = bf16_to_f32(bf16_from_f32(v[k]));
+  return num / den;
+}
+
+// Channels c .. c + 3 of entry i of the overlapping form (r = 4), pooled as pool_channel pools
+// each: candidate j is position 4 i - 4 + j, at the column of its half (the previous block's "b",
+// c; the own block's "a", D + c), an input row (logit score + ape) or, before `start`, a state
+// slot (as candidate() picks it; the logit as stored). Entry 0 has no previous block: its 4
+// missing candidates count as logit -inf, value 0, placed first, which adds exact zeros
+// (pool_chunks pads after the 4 it has; the sums are the same bit for bit). INPUTS: every
+// candidate is an input row (the rows are then a constant stride apart). 16-byte loads, the
+// rows' alignment checked by the caller; the 8 candidates' loads go out together.
+template <bool INPUTS>
+__device__ __forceinline__ float4 pool_group4(const Params& p, long long i, int c) {
+  const int d = p.dim, width = 2 * d;
+  float4 kx[8], lx[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const long long pos = 4 * i - 4 + j;
+    const int col = (j < 4 ? 0 : d) + c;
+    kx[j] = make_float4(0.f, 0.f, 0.f, 0.f);
+    lx[j] = make_float4(-INFINITY, -INFINITY, -INFINITY, -INFINITY);
+    if (INPUTS || pos >= p.start) {
+      const long long at = (pos - p.start) * width + col;
+      kx[j] = *(const float4*)(p.kv + at);
+      const float4 sc = *(const float4*)(p.score + at), a = *(const float4*)(p.ape + (j % 4) * width + col);
+      lx[j] = make_float4(sc.x + a.x, sc.y + a.y, sc.z + a.z, sc.w + a.w);
+    } else if (pos >= 0) {  // uniform over the warp
+      const long long at = ((pos / 4 == p.start / 4 ? 4 : 0) + pos % 4) * width + col;
+      kx[j] = *(const float4*)(p.kv_state + at);
+      lx[j] = *(const float4*)(p.score_state + at);
     }
-    *(float4*)(dst + 4 * tid) = make_float4(v[0], v[1], v[2], v[3]);
-  } else if (p.quant == QUANT_FP4) {
-    if (tid < 32) {
-      // Hadamard-128 (same butterflies as the CPU), then FP4 per 32 dims (8 lanes).
-      float v[4];
-      for (int k = 0; k < 4; ++k) v[k] = x[4 * tid + k];
-      float a0 = v[0] + v[1], b0 = v[0] - v[1], a1 = v[2] + v[3], b1 = v[2] - v[3];
-      v[0] = a0 + a1; v[2] = a0 - a1; v[1] = b0 + b1; v[3] = b0 - b1;
-      for (int h = 4; h < INDEX_DIM; h *= 2) {
-        int mask = h / 4;
-        bool upper = (tid & mask) != 0;
-        for (int k = 0; k < 4; ++k) {
-          float other = __shfl_xor_sync(0xffffffffu, v[k], mask);
-          v[k] = upper ? other - v[k] : v[k] + other;
-        }
-      }
-      float m = 0.f;
-      for (int k = 0; k < 4; ++k) {
-        v[k] *= HADAMARD_SCALE;
-        m = fmaxf(m, fabsf(v[k]));
-      }
-      int e = ue8m0_exponent(group_amax(m, 8), FP4_MAX);
-      float s = exp2i(e);
-      for (int k = 0; k < 4; ++k) v[k] = fp4_decode(fp4_encode(v[k], e)) * s;
-      *(float4*)(dst + 4 * tid) = make_float4(v[0], v[1], v[2], v[3]);
+  }
+  float r[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    float v[8], l[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      v[j] = (&kx[j].x)[k];
+      l[j] = (&lx[j].x)[k];
+    }
+    r[k] = softmax_pool(v, l);
+  }
+  return make_float4(r[0], r[1], r[2], r[3]);
+}
+
+// Entry i of the overlapping form pooled by one warp into `val` (lane l: channels 128 u + 4 l ..),
+// through `xs` (the warp's D shared floats): a lane pools 4 channels at once (pool_group4, the
+// warp's loads 512 contiguous bytes) where the rows allow 16-byte loads, else channel by channel
+// through pool_channel's generic form.
+__device__ __forceinline__ void pool_entry4(const Params& p, long long i, float4 (&val)[U], float* xs) {
+  const int lane = threadIdx.x % 32, d = p.dim;
+  if (d % 4 == 0 && aligned16(p.kv) && aligned16(p.score) && aligned16(p.ape) && aligned16(p.kv_state) &&
+      aligned16(p.score_state)) {
+    if (i > 0 && 4 * i - 4 >= p.start) {
+#pragma unroll 1
+      for (int c = 4 * lane; c < d; c += 128) *(float4*)(xs + c) = pool_group4<true>(p, i, c);
+    } else {
+#pragma unroll 1
+      for (int c = 4 * lane; c < d; c += 128) *(float4*)(xs + c) = pool_group4<false>(p, i, c);
     }
   } else {
-    for (int c = tid; c < d; c += THREADS) dst[c] = x[c];
+    for (int c = lane; c < d; c += 32) xs[c] = pool_channel<false>(p, i, c);
   }
+  __syncwarp();
+#pragma unroll
+  for (int u = 0; u < U; ++u) val[u] = load4(xs, 128 * u + 4 * lane, d);
+  __syncwarp();  // finish_values writes xs next
+}
+
+// One warp on entry i, pooled in `val` (lane l: channels 128 u + 4 l ..), to `dst` (D floats):
+// RMSNorm, RoPE at the block's first position, then the quant round trip. `xs` is the warp's own
+// D floats of shared memory (the RoPE pairs cross lanes). Every lane of the warp calls it;
+// nothing else of the block takes part.
+__device__ __forceinline__ void finish_values(const Params& p, long long i, float4 (&val)[U], float* dst, float* xs) {
+  const int lane = threadIdx.x % 32;
+  const long long r = p.ratio;
+  const int d = p.dim;
+  float4 w[U];
+#pragma unroll
+  for (int u = 0; u < U; ++u) w[u] = load4(p.norm_weight, 128 * u + 4 * lane, d);
+  float ss = 0.f;
+#pragma unroll
+  for (int u = 0; u < U; ++u) ss += (val[u].x * val[u].x + val[u].y * val[u].y) + (val[u].z * val[u].z + val[u].w * val[u].w);
+  for (int off = 16; off > 0; off /= 2) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+  const float rms = rsqrtf(ss / d + p.eps);
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int c = 128 * u + 4 * lane;
+    if (c < d) {
+      val[u] = make_float4(val[u].x * rms * w[u].x, val[u].y * rms * w[u].y, val[u].z * rms * w[u].z,
+                           val[u].w * rms * w[u].w);
+      store4(xs, c, d, val[u]);
+    }
+  }
+  __syncwarp();
+  // RoPE at position r i on the last 2 rope_pairs dims (interleaved pairs), the mode's angles:
+  // lane j rotates pair j (and j + 32, ..). (The angles come after the norm, whose values are then
+  // in shared memory: computed beside the loads, they held the registers of both at once.)
+  for (int j = lane; j < p.rope_pairs; j += 32) {
+    double s, co;
+    rope_sincos(r * i, p.inv_freq, j, p.rope_mode, false, s, co);
+    const int k = d - 2 * p.rope_pairs + 2 * j;
+    const float x0 = xs[k], x1 = xs[k + 1];
+    xs[k] = x0 * (float)co - x1 * (float)s;
+    xs[k + 1] = x0 * (float)s + x1 * (float)co;
+  }
+  __syncwarp();
+  if (p.quant == QUANT_FP8) {
+    // D = 512: 16 lanes share one 64-dim FP8 block's amax; dims from NOPE_DIM on (u = 3, lanes
+    // 16 .. 31) are the RoPE dims, rounded to bf16.
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = 128 * u + 4 * lane;
+      const float4 x4 = *(const float4*)(xs + c);
+      float v[4] = {x4.x, x4.y, x4.z, x4.w};
+      float m = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
+      m = group_amax(m, 16);  // every lane takes part in the shuffles
+      if (c < NOPE_DIM) {
+        const int e = ue8m0_exponent(m, FP8_MAX);
+        const float s = exp2i(e);
+        for (int k = 0; k < 4; ++k) v[k] = fp8_decode(fp8_encode(v[k], e)) * s;
+      } else {
+        for (int k = 0; k < 4; ++k) v[k] = bf16_to_f32(bf16_from_f32(v[k]));
+      }
+      *(float4*)(dst + c) = make_float4(v[0], v[1], v[2], v[3]);
+    }
+  } else if (p.quant == QUANT_FP4) {
+    // D = 128: Hadamard-128 (same butterflies as the CPU), then FP4 per 32 dims (8 lanes).
+    const float4 x4 = *(const float4*)(xs + 4 * lane);
+    float v[4] = {x4.x, x4.y, x4.z, x4.w};
+    float a0 = v[0] + v[1], b0 = v[0] - v[1], a1 = v[2] + v[3], b1 = v[2] - v[3];
+    v[0] = a0 + a1; v[2] = a0 - a1; v[1] = b0 + b1; v[3] = b0 - b1;
+    for (int h = 4; h < INDEX_DIM; h *= 2) {
+      int mask = h / 4;
+      bool upper = (lane & mask) != 0;
+      for (int k = 0; k < 4; ++k) {
+        float other = __shfl_xor_sync(0xffffffffu, v[k], mask);
+        v[k] = upper ? other - v[k] : v[k] + other;
+      }
+    }
+    float m = 0.f;
+    for (int k = 0; k < 4; ++k) {
+      v[k] *= HADAMARD_SCALE;
+      m = fmaxf(m, fabsf(v[k]));
+    }
+    int e = ue8m0_exponent(group_amax(m, 8), FP4_MAX);
+    float s = exp2i(e);
+    for (int k = 0; k < 4; ++k) v[k] = fp4_decode(fp4_encode(v[k], e)) * s;
+    *(float4*)(dst + 4 * lane) = make_float4(v[0], v[1], v[2], v[3]);
+  } else {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = 128 * u + 4 * lane;
+      if (c < d) store4(dst, c, d, load4(xs, c, d));
+    }
+  }
+}
+
+// finish_values on the pooled entry i at `dst` (the pool kernel's output), in place.
+__device__ __forceinline__ void finish_entry(const Params& p, long long i, float* dst, float* xs) {
+  const int lane = threadIdx.x % 32;
+  float4 val[U];
+#pragma unroll
+  for (int u = 0; u < U; ++u) val[u] = load4(dst, 128 * u + 4 * lane, p.dim);
+  finish_values(p, i, val, dst, xs);
 }
 
 // Advances state column `col` (< coff D) by the call's tokens, as feeding them one by one would.
@@ -386,16 +511,33 @@ extern "C" __global__ void __launch_bounds__(THREADS, 10) dsv4_compress_pool(con
   p.out[blockIdx.x * (long long)p.dim + c] = pool_channel(p, i, c);
 }
 
-// One block per entry: RMSNorm, RoPE at the block's first position, then the quant round trip.
-extern "C" __global__ void __launch_bounds__(THREADS) dsv4_compress_finish(const Params p) {
-  finish_entry(p, p.start / p.ratio + blockIdx.x, p.out + blockIdx.x * (long long)p.dim);
-}
-
-// Grid (column groups of 128, 1, parts): advances the state (parts: see advance_state).
-extern "C" __global__ void __launch_bounds__(THREADS) dsv4_compress_state(const Params p) {
-  const int col = blockIdx.x * THREADS + threadIdx.x;
-  if (col >= (p.overlap ? 2 : 1) * p.dim) return;
-  advance_state(p, col, blockIdx.z, gridDim.z);
+// Grid (finish_blocks + column groups x parts): block b < finish_blocks finishes entries
+// 4 b .. 4 b + 3 of the call, a warp each: with `pool` (the overlapping form, r = 4) it pools the
+// entry first (pool_entry4), else it reads what dsv4_compress_pool wrote; then RMSNorm, RoPE at
+// the block's first position and the quant round trip, to `out`. The blocks after them advance
+// the state, (column group, part) each (parts: see advance_state), which must follow every read
+// of the old state: after the pool kernel, or (pool) as a launch of their own after the entries'.
+extern "C" __global__ void __launch_bounds__(THREADS, 4) dsv4_compress_finish(const Params p, int finish_blocks,
+                                                                              int parts, int pool) {
+  if ((int)blockIdx.x >= finish_blocks) {
+    const int b = blockIdx.x - finish_blocks;
+    const int col = (b / parts) * THREADS + threadIdx.x;
+    if (col < (p.overlap ? 2 : 1) * p.dim) advance_state(p, col, b % parts, parts);
+    return;
+  }
+  __shared__ __align__(16) float xs[FINISH_ROWS][MAX_DIM];
+  const long long r = p.ratio, first = p.start / r, entries = (p.start + p.tokens) / r - first;
+  const int warp = threadIdx.x / 32;
+  const long long e = (long long)FINISH_ROWS * blockIdx.x + warp;
+  if (e >= entries) return;
+  float* dst = p.out + e * p.dim;
+  if (pool) {
+    float4 val[U];
+    pool_entry4(p, first + e, val, xs[warp]);
+    finish_values(p, first + e, val, dst, xs[warp]);
+  } else {
+    finish_entry(p, first + e, dst, xs[warp]);
+  }
 }
 
 // Grid (T, channel groups of 128): row t's channel c is the pooled entry token t completes, or
@@ -409,21 +551,41 @@ extern "C" __global__ void __launch_bounds__(THREADS, 9) dsv4_compress_batch_poo
   bp.base.out[t * bp.base.dim + c] = entry_of_row(bp, t, p, i) ? pool_channel(p, i, c) : 0.f;
 }
 
-// Grid (T): a block per row; rows that complete an entry finish it in place.
-extern "C" __global__ void __launch_bounds__(THREADS) dsv4_compress_batch_finish(const BatchParams bp) {
-  const long long t = blockIdx.x;
+// Grid (finish_blocks + B x column groups x parts): block b < finish_blocks takes rows
+// 4 b .. 4 b + 3, a warp each: a row that completes an entry gets it (with `pool`, the overlapping
+// form, pooled here, else as dsv4_compress_batch_pool wrote it), finished as dsv4_compress_finish
+// does; with `pool` the other rows get zeros. The blocks after them advance each live sequence's
+// state, (sequence, column group, part) each, after every read of the old states (as in
+// dsv4_compress_finish).
+extern "C" __global__ void __launch_bounds__(THREADS, 4) dsv4_compress_batch_finish(const BatchParams bp,
+                                                                                    int finish_blocks, int columns,
+                                                                                    int parts, int pool) {
   Params p;
+  if ((int)blockIdx.x >= finish_blocks) {
+    const int b = blockIdx.x - finish_blocks, part = b % parts, group = (b / parts) % columns;
+    const int col = group * THREADS + threadIdx.x;
+    long long lo;
+    if (col >= (bp.base.overlap ? 2 : 1) * bp.base.dim) return;
+    if (!sequence(bp, b / parts / columns, p, lo) || p.tokens == 0) return;
+    advance_state(p, col, part, parts);
+    return;
+  }
+  __shared__ __align__(16) float xs[FINISH_ROWS][MAX_DIM];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const long long t = (long long)FINISH_ROWS * blockIdx.x + warp;
+  if (t >= bp.total) return;
+  float* dst = bp.base.out + t * bp.base.dim;
   long long i;
-  if (!entry_of_row(bp, t, p, i)) return;  // uniform over the block
-  finish_entry(p, i, bp.base.out + t * bp.base.dim);
-}
-
-// Grid (B, column groups of 128, parts): advances each live sequence's state.
-extern "C" __global__ void __launch_bounds__(THREADS) dsv4_compress_batch_state(const BatchParams bp) {
-  const int col = blockIdx.y * THREADS + threadIdx.x;
-  if (col >= (bp.base.overlap ? 2 : 1) * bp.base.dim) return;
-  Params p;
-  long long lo;
-  if (!sequence(bp, blockIdx.x, p, lo) || p.tokens == 0) return;
-  advance_state(p, col, blockIdx.z, gridDim.z);
+  if (!entry_of_row(bp, t, p, i)) {  // uniform over the warp
+    if (pool)
+      for (int c = lane; c < bp.base.dim; c += 32) dst[c] = 0.f;
+    return;
+  }
+  if (pool) {
+    float4 val[U];
+    pool_entry4(p, i, val, xs[warp]);
+    finish_values(p, i, val, dst, xs[warp]);
+  } else {
+    finish_entry(p, i, dst, xs[warp]);
+  }
 }

@@ -424,6 +424,25 @@ def test_gpu_batch_matches_cpu(gen: torch.Generator, ratio: int, dim: int, quant
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dim,quant", [(512, "fp8"), (128, "fp4"), (512, "none")])
+def test_gpu_long_batches_pool_in_the_finish_kernel(gen: torch.Generator, dim: int, quant: str) -> None:
+    """A batch of 16,384 rows or more (ratio 4) pools each entry in the finish kernel, a warp a
+    row; its per-sequence calls (fewer than 4,096 entries each) take the pool kernel: the same
+    bits, and the CPU's entries and states."""
+    lens, starts, live = [10001, 3, 6700, 40, 1], [0, 7, 1030, 5, 3], [True, True, True, False, True]
+    x = make_batch(gen, 4, dim, quant, lens, starts, live)
+    dev, dev_state = run_batch(x.to("cuda"))
+    want, want_state = run_loop(x.to("cuda"))
+    assert torch.equal(dev, want) and torch.equal(dev_state, want_state)
+    cpu, cpu_state = run_batch(x)
+    assert torch.equal(dev_state.cpu(), cpu_state)
+    rows = cpu.abs().sum(1) > 0
+    assert torch.equal(dev.cpu().abs().sum(1) > 0, rows) and (dev.cpu()[~rows] == 0).all()
+    rel = ((dev.cpu()[rows].double() - cpu[rows].double()).norm() / cpu[rows].double().norm()).item()
+    assert rel < {"none": 1e-6, "fp8": 3e-2, "fp4": 2e-1}[quant]
+
+
+@pytest.mark.gpu
 def test_gpu_padding_rows_and_garbage_offsets_stay_inside(gen: torch.Generator) -> None:
     """Padding rows and slots outside the pool change nothing; garbage cu_tokens and starts never
     make the kernels write outside `state` and `out` (sentinels around the state stay intact)."""

@@ -63,6 +63,21 @@ def test_compress_matches_cpu(gen: torch.Generator, ratio: int, dim: int, quant:
         assert rel_err(dev, ref) < 1e-5
 
 
+@pytest.mark.parametrize("dim,quant", [(512, "fp8"), (128, "fp4"), (512, "none")])
+def test_compress_long_calls_pool_in_the_finish_kernel(gen: torch.Generator, dim: int, quant: str) -> None:
+    """Calls of 4,096 entries or more (ratio 4) pool each entry in the finish kernel, a warp an
+    entry, instead of in the pool kernel: the same entries and states bit for bit as shorter calls
+    (which take the pool kernel), from a fresh state and from one mid-block, and the CPU's."""
+    long_chunks, short_chunks = [16386, 5, 16387], [4000, 3999, 4000, 4000, 387, 5, 8000, 8387]
+    inputs = compressor_inputs(gen, 4, dim, sum(long_chunks))
+    dev, kv_d, sc_d = run_compress("cuda", long_chunks, 4, dim, quant, inputs)
+    short, kv_s, sc_s = run_compress("cuda", short_chunks, 4, dim, quant, inputs)
+    assert torch.equal(dev, short) and torch.equal(kv_d, kv_s) and torch.equal(sc_d, sc_s)
+    cpu, kv_c, sc_c = run_compress("cpu", long_chunks, 4, dim, quant, inputs)
+    assert torch.equal(kv_d, kv_c) and torch.equal(sc_d, sc_c)
+    assert rel_err(dev, cpu) < {"none": 1e-6, "fp8": 3e-2, "fp4": 2e-1}[quant]
+
+
 @pytest.mark.parametrize("ratio", [4, 128])
 @pytest.mark.parametrize("table", ops.ROPE_TABLES)
 def test_compress_far_along_matches_cpu_and_reference(gen: torch.Generator, ratio: int, table: str) -> None:

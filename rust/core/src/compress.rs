@@ -440,7 +440,7 @@ impl<'a> Compressor<'a> {
 /// `-inf` (a token that takes no part); any other non-finite input is an error, raised before
 /// the state is touched.
 ///
-/// On a GPU the same call runs three kernels on `stream` (cuda/compress.cu); non-finite inputs
+/// On a GPU the same call runs two kernels on `stream` (cuda/compress.cu); non-finite inputs
 /// are not checked there (that would need a synchronization) and propagate into the entries.
 ///
 /// # Safety
@@ -575,7 +575,7 @@ unsafe fn batch_rows(
 ///
 /// On the CPU, slots must be distinct and in range, `starts >= 0`, and `cu_tokens` must go from
 /// 0 to `T` without decreasing; non-finite inputs are errors as in [`compress`], raised before
-/// any state changes. On a GPU (three kernels on `stream`, cuda/compress.cu) nothing is checked
+/// any state changes. On a GPU (two kernels on `stream`, cuda/compress.cu) nothing is checked
 /// against device data: slots outside `[0, S)` count as padding, `starts` and `cu_tokens` are
 /// clamped so that no access leaves the tensors, and duplicate live slots give undefined states.
 ///
