@@ -196,6 +196,28 @@ def test_a_stalled_rank_ends_the_others_step_within_the_timeout(tmp_path) -> Non
     assert 3.0 < results[0]["elapsed"] < 30.0
 
 
+@pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 64), (torch.float32, 7), (torch.float16, 3), (torch.float64, 5)])
+def test_a_pair_row_and_its_expert_id_travel_as_one_row_bit_for_bit(dtype: torch.dtype, d: int) -> None:
+    """The exchange sends each pair's row with its expert id appended (one message where there were
+    two): unpacking gives the rows' bits and the ids back, for any row width and dtype, none too."""
+    from dsv4rs.parallel import pack_rows, unpack_rows
+
+    g = torch.Generator().manual_seed(d)
+    x = torch.randn(9, d, generator=g).to(dtype)
+    x[0, 0] = float("nan")
+    rows = torch.tensor([3, 0, 0, 8, 5])
+    ids = torch.tensor([255, 2**40 + 7, 0, 383, 1])
+    if d == 3:
+        ids = ids.clamp(max=2**31 - 1).int()  # int32 ids go as int64
+    packed = pack_rows(x, rows, ids)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, d * x.element_size() + 8)
+    got_rows, got_ids = unpack_rows(packed, dtype, d)
+    assert got_rows.dtype == dtype and torch.equal(got_rows.view(torch.uint8), x[rows].view(torch.uint8))
+    assert got_ids.dtype == torch.int64 and got_ids.tolist() == ids.long().tolist()
+    none = unpack_rows(pack_rows(x, rows[:0], ids[:0]), dtype, d)
+    assert none[0].shape == (0, d) and none[1].shape == (0,)
+
+
 def test_parallel_config_checks_its_arguments() -> None:
     cfg = V4Config.tiny()
     pc = ParallelConfig.even(cfg, 3, 1)

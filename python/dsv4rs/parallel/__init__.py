@@ -7,7 +7,8 @@
 - **Expert-parallel MoE.** Rank ``r`` holds the routed experts ``ParallelConfig.expert_ranges[r]``
   (contiguous, by default an even split). In every MoE layer each rank sends each (token,
   choice) pair's row to the rank that holds its expert, the owners run the experts, and the
-  results come back (``all_to_all_single`` with variable splits, twice); the router and the shared
+  results come back (``all_to_all_single``: the pair counts, then with variable splits each pair's
+  row with its expert id in one message, and the results); the router and the shared
   expert run where the token lives. A token's result is its choices' outputs times their routing
   weights, summed in routing order.
 
@@ -328,7 +329,9 @@ class ExpertExchange:
             raise _failed(self.pc, f"the MoE exchange ({what})", e) from None
 
     def __call__(self, experts: Experts, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """``sum_k weights[t, k] expert_{idx[t, k]}(x_t)`` with the experts spread over the ranks."""
+        """``sum_k weights[t, k] expert_{idx[t, k]}(x_t)`` with the experts spread over the ranks.
+        Three exchanges: the pair counts, the pairs (each row with its expert id in one message),
+        the results."""
         tokens, k = idx.shape
         d = x.shape[-1]
         flat = idx.flatten()
@@ -338,15 +341,37 @@ class ExpertExchange:
         recv = torch.empty_like(send)
         self._all_to_all(recv, send, None, None, "pair counts")
         send_n, recv_n = send.tolist(), recv.tolist()
-        rows = x[order // k].contiguous()
-        ids = flat[order].contiguous()
-        in_rows = x.new_empty(sum(recv_n), d)
-        in_ids = ids.new_empty(sum(recv_n))
-        self._all_to_all(in_rows, rows, recv_n, send_n, "token rows")
-        self._all_to_all(in_ids, ids, recv_n, send_n, "expert ids")
+        pairs = pack_rows(x, order // k, flat[order])
+        got = pairs.new_empty(sum(recv_n), pairs.shape[1])
+        self._all_to_all(got, pairs, recv_n, send_n, "token rows and expert ids")
+        in_rows, in_ids = unpack_rows(got, x.dtype, d)
         self.received.append(len(in_ids))
         ran = experts.local(in_rows, in_ids - experts.first)
         back = x.new_empty(tokens * k, d)
         self._all_to_all(back, ran.to(x.dtype).contiguous(), send_n, recv_n, "expert outputs")
         y = torch.empty_like(back).index_copy_(0, order, back).view(tokens, k, d)
         return (y.float() * weights[..., None].float()).sum(1).to(x.dtype)
+
+
+ID_BYTES = 8
+"""Bytes of an expert id (int64) at the end of a packed row (:func:`pack_rows`)."""
+
+
+def pack_rows(x: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``uint8 [n, d * itemsize + 8]``: row ``rows[i]`` of ``x`` ``[T, d]``, its bytes as they are,
+    then ``ids[i]`` (int64), so that one exchange carries both (:func:`unpack_rows` undoes it)."""
+    width = x.shape[1] * x.element_size()
+    out = torch.empty(rows.shape[0], width + ID_BYTES, dtype=torch.uint8, device=x.device)
+    out[:, :width] = x.contiguous().view(torch.uint8)[rows]
+    out[:, width:] = ids.to(torch.int64).contiguous().view(torch.uint8).view(-1, ID_BYTES)
+    return out
+
+
+def unpack_rows(packed: torch.Tensor, dtype: torch.dtype, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows (``dtype [n, d]``) and ids (``int64 [n]``) of :func:`pack_rows`' output, bit for bit."""
+    n, width = packed.shape[0], packed.shape[1] - ID_BYTES
+    rows = torch.empty(n, d, dtype=dtype, device=packed.device)
+    ids = torch.empty(n, dtype=torch.int64, device=packed.device)
+    rows.view(torch.uint8).copy_(packed[:, :width])
+    ids.view(torch.uint8).view(n, ID_BYTES).copy_(packed[:, width:])
+    return rows, ids
