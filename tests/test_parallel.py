@@ -149,6 +149,32 @@ def test_ranks_running_quantized_weights(tmp_path, kind: str) -> None:
         assert float((seen[key] - want).abs().max()) <= effect, key
 
 
+def test_tensor_parallel_mxfp4_experts_take_every_pair_in_one_call(tmp_path, monkeypatch) -> None:
+    """Under "tp" each rank's MXFP4 experts take all the pairs in one call of the fused op, the
+    other ranks' pairs as id -1: two ranks' partial sums add up to the whole layer's (float32, to
+    its summation order), a rank holding no expert adds zeros, and nothing picks the pairs on the
+    host (torch.nonzero, which waits for the device, is not called)."""
+    from dsv4rs.model import DeepseekV4, init_random, load_checkpoint
+    from dsv4rs.reference.export import export_deepseek
+
+    cfg = V4Config.tiny()
+    export_deepseek(init_random(DeepseekV4(cfg), seed=9), tmp_path, progress=False)
+    whole, low, high, none = (load_checkpoint(tmp_path, experts=r, progress=False).model.layers[0].mlp.experts
+                              for r in (None, range(0, 3), range(3, 8), range(8, 8)))
+    assert whole.quantized and (low.held, high.held, none.held) == (3, 5, 0)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, cfg.hidden_size, generator=g).bfloat16()
+    idx = torch.randint(0, 8, (6, 3), generator=g)
+    idx[2] = torch.tensor([3, 4, 7])  # a token none of whose pairs the low rank holds
+    w = torch.rand(6, 3, generator=g)
+    want = whole.held_sum(x, idx, w)
+    monkeypatch.setattr(torch, "nonzero", lambda *a, **k: pytest.fail("picked pairs on the host"))
+    parts = [m.held_sum(x, idx, w) for m in (low, high, none)]
+    assert all(p.dtype == torch.float32 for p in parts) and torch.equal(parts[2], torch.zeros_like(want))
+    assert torch.equal(parts[0][2], torch.zeros(cfg.hidden_size))
+    torch.testing.assert_close(parts[0] + parts[1], want, rtol=1e-6, atol=1e-6)
+
+
 def test_world_demo_checks_itself() -> None:
     import subprocess
 

@@ -333,6 +333,21 @@ def test_moe_experts_clamps_and_weighs_as_stated(gen: torch.Generator) -> None:
     torch.testing.assert_close(out, want, rtol=2e-7, atol=0)
 
 
+@pytest.mark.parametrize("idx_dtype", [torch.int64, torch.int32])
+def test_moe_experts_pairs_of_no_expert_add_nothing(gen: torch.Generator, idx_dtype: torch.dtype) -> None:
+    """An id of -1 is no expert (an expert-parallel rank's pairs for experts it does not hold): the
+    call equals the same call with those pairs pointed at an expert and weighted zero, bit for bit,
+    and a token with no expert gets zeros."""
+    (x, idx, weights, *w), limit = moe_inputs(gen, "idle-expert", torch.float32, idx_dtype)
+    none = torch.zeros(idx.shape, dtype=torch.bool)
+    none[[0, 3, 5], [1, 0, 1]] = True
+    none[8] = True
+    got = ops.moe_experts(x, idx.masked_fill(none, -1), weights, *w, limit)
+    want = ops.moe_experts(x, idx.masked_fill(none, 0), weights.masked_fill(none, 0.0), *w, limit)
+    assert torch.equal(got, want)
+    assert torch.equal(got[8], torch.zeros(x.shape[1]))
+
+
 def test_moe_experts_without_tokens(gen: torch.Generator) -> None:
     (x, idx, weights, *w), limit = moe_inputs(gen, "idle-expert", torch.float32, torch.int64)
     out = ops.moe_experts(x[:0], idx[:0], weights[:0], *w, limit)
@@ -482,7 +497,7 @@ def _moe_args() -> dict:
 
 MOE_BAD = [
     ("idx = E", lambda a: a["idx"].__setitem__((1, 0), 2), ValueError, "idx"),
-    ("idx < 0", lambda a: a["idx"].__setitem__((2, 1), -1), ValueError, "idx"),
+    ("idx < -1", lambda a: a["idx"].__setitem__((2, 1), -2), ValueError, "idx"),
     ("idx int32 out of range", lambda a: a.update(idx=torch.tensor([[0, 1], [1, 7], [0, 0]], dtype=torch.int32)),
      ValueError, "idx"),
     ("idx float", lambda a: a.update(idx=a["idx"].float()), TypeError, "idx"),

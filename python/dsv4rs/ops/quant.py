@@ -187,9 +187,10 @@ def moe_experts(
 
     Args:
         x: ``float32``/``bfloat16 [T, d]`` (finite on the CPU), ``d`` a multiple of 32.
-        idx: ``int64``/``int32 [T, k]``, expert ids in ``[0, E)``. On the CPU an id outside is a
-            ValueError naming ``idx``; on the GPU such a pair contributes zero (checking would
-            synchronize with the host).
+        idx: ``int64``/``int32 [T, k]``, expert ids in ``[0, E)``, or -1: no expert, the pair
+            adds nothing (an expert-parallel rank's pairs for experts it does not hold). On the
+            CPU any other id is a ValueError naming ``idx``; on the GPU such a pair contributes
+            zero too (checking would synchronize with the host).
         weights: ``float32 [T, k]`` routing weights.
         gate_up: ``uint8 [E, 2I, d/2]`` MXFP4 experts, rows ``0..I`` the gate (DeepSeek's ``w1``),
             ``I..2I`` the up projection (``w3``); ``gate_up_scale`` ``uint8 [E, 2I, d/32]`` UE8M0.

@@ -286,23 +286,24 @@ class AllReduce:
 
 class ReplicatedExperts:
     """The MoE under tensor parallelism: every rank holds every token, runs the pairs whose
-    experts it holds, and an all-reduce sums the partial results. ``received`` counts the pairs
-    this rank ran, per call (the last :data:`RECEIVED_KEPT` calls)."""
+    experts it holds, and an all-reduce sums the partial results (float32). ``received`` counts
+    the pairs this rank ran, per call (the last :data:`RECEIVED_KEPT` calls).
+
+    The pairs' counts stay on the device until ``received`` is read, and with MXFP4 experts
+    nothing in the call waits for the host (:meth:`Experts.held_sum`)."""
 
     def __init__(self, pc: ParallelConfig, reduce: AllReduce) -> None:
         self.pc, self.reduce, self.timer = pc, reduce, reduce.timer
-        self.received: deque[int] = deque(maxlen=RECEIVED_KEPT)
+        self._received: deque[torch.Tensor] = deque(maxlen=RECEIVED_KEPT)
+
+    @property
+    def received(self) -> list[int]:
+        """Pairs this rank ran, per call, oldest first (reading them waits for the device)."""
+        return [int(n) for n in self._received]
 
     def __call__(self, experts: Experts, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        tokens, k = idx.shape
-        flat = idx.flatten()
-        held = experts.held
-        mine = torch.nonzero((flat >= experts.first) & (flat < experts.first + held)).flatten()
-        self.received.append(len(mine))
-        ran = experts.local(x[mine // k], flat[mine] - experts.first)
-        out = torch.zeros(tokens, x.shape[-1], dtype=torch.float32, device=x.device)
-        out.index_add_(0, mine // k, ran.float() * weights.flatten()[mine, None].float())
-        return self.reduce(out, "the MoE's all-reduce").to(x.dtype)
+        self._received.append(((idx >= experts.first) & (idx < experts.first + experts.held)).sum())
+        return self.reduce(experts.held_sum(x, idx, weights), "the MoE's all-reduce").to(x.dtype)
 
 
 class ExpertExchange:

@@ -401,8 +401,9 @@ pub unsafe fn linear(
 /// - per pair `(t, j)`, `e = idx[t, j]`: `g = A(x_t) . W_gate[e]`, `u = A(x_t) . W_up[e]`,
 ///   `h = silu(min(g, limit)) * clamp(u, -limit, limit)` (float32), `y = A(h) . W_down[e]`;
 ///   `out[t] = sum over j = 0..k-1 of weights[t, j] y` in float32, then cast.
-/// - `limit > 0` (`+inf`: no clamp). On the CPU an id outside `[0, E)` is an error naming `idx`;
-///   on the GPU such a pair contributes zero (checking would synchronize the host). The GPU needs
+/// - `limit > 0` (`+inf`: no clamp). An id of -1 is no expert: the pair adds nothing. On the CPU
+///   any other id outside `[0, E)` is an error naming `idx`; on the GPU such a pair contributes
+///   zero too (checking would synchronize the host). The GPU needs
 ///   `workspace`, `uint8` of at least [`gpu::qgemm::moe_workspace_bytes`]`(T, k, E, I, d)` bytes;
 ///   the CPU ignores it. `T = 0` is an empty call.
 /// - `tiles`: `gate_up` and `down` hold their bytes in 64-row tiles (`gpu::qgemm::Weights::tiles`),
@@ -482,7 +483,7 @@ pub unsafe fn moe(
             let dn = HostWeight::new(down, down_scale, true, inter)?;
             let ax = activations(x, dim, act)?;
             let plan = Plan::new(&ids, experts);
-            let pairs = ids.len();
+            let pairs = plan.pairs();
             // gate and up, per expert e: [2I, n_e] at 2I * start[e].
             let mut gate_up_out = vec![0f32; two_inter * pairs];
             plan.run(&mut gate_up_out, two_inter, dim, &gu, |e, q| {
@@ -509,6 +510,9 @@ pub unsafe fn moe(
                 let mut acc = 0f32;
                 for (j, wt) in w[t * k..][..k].iter().enumerate() {
                     let s = plan.slot[t * k + j];
+                    if s == NO_EXPERT {
+                        continue;
+                    }
                     let e = plan.expert[s];
                     acc += wt * y[dim * plan.start[e] + c * plan.count(e) + (s - plan.start[e])];
                 }
@@ -519,7 +523,11 @@ pub unsafe fn moe(
     }
 }
 
-/// Host expert ids, each checked to lie in `[0, experts)`.
+/// A pair whose id is -1: no expert, the pair adds nothing (an expert-parallel rank's pairs for
+/// experts it does not hold).
+const NO_EXPERT: usize = usize::MAX;
+
+/// Host expert ids, each checked to lie in `[0, experts)` or be -1 ([`NO_EXPERT`]).
 ///
 /// # Safety
 /// `idx` satisfies [`TensorRef`]'s contract and is not written while borrowed.
@@ -529,20 +537,26 @@ unsafe fn expert_ids(idx: &TensorRef, experts: usize) -> Result<Vec<usize>> {
         _ => idx.host::<i64>(&[DType::I64])?.to_vec(),
     };
     let k = idx.dim(1);
-    if let Some(i) = raw.iter().position(|v| *v < 0 || *v >= experts as i64) {
+    if let Some(i) = raw.iter().position(|v| *v < -1 || *v >= experts as i64) {
         return Err(Error::value(
             idx.name,
-            format!("expert id {} at [{}, {}] lies outside [0, {experts})", raw[i], i / k, i % k),
+            format!(
+                "expert id {} at [{}, {}] lies outside [0, {experts}) and is not -1 (no expert)",
+                raw[i],
+                i / k,
+                i % k
+            ),
         ));
     }
-    Ok(raw.into_iter().map(|v| v as usize).collect())
+    Ok(raw.into_iter().map(|v| if v < 0 { NO_EXPERT } else { v as usize }).collect())
 }
 
-/// The (token, choice) pairs grouped by expert, in pair order within an expert.
+/// The (token, choice) pairs grouped by expert, in pair order within an expert; pairs of no
+/// expert are left out.
 struct Plan {
     /// Pair numbers `t k + j`, sorted by expert.
     order: Vec<usize>,
-    /// Where each pair sits in `order`.
+    /// Where each pair sits in `order` ([`NO_EXPERT`] for a pair of no expert).
     slot: Vec<usize>,
     /// The expert of each position of `order`.
     expert: Vec<usize>,
@@ -553,15 +567,19 @@ struct Plan {
 impl Plan {
     fn new(ids: &[usize], experts: usize) -> Self {
         let mut start = vec![0usize; experts + 1];
-        for e in ids {
+        for e in ids.iter().filter(|e| **e != NO_EXPERT) {
             start[e + 1] += 1;
         }
         for e in 0..experts {
             start[e + 1] += start[e];
         }
         let mut next = start.clone();
-        let (mut order, mut slot, mut expert) = (vec![0; ids.len()], vec![0; ids.len()], vec![0; ids.len()]);
+        let pairs = start[experts];
+        let (mut order, mut slot, mut expert) = (vec![0; pairs], vec![NO_EXPERT; ids.len()], vec![0; pairs]);
         for (p, e) in ids.iter().enumerate() {
+            if *e == NO_EXPERT {
+                continue;
+            }
             let s = next[*e];
             next[*e] += 1;
             order[s] = p;
@@ -573,6 +591,11 @@ impl Plan {
 
     fn count(&self, e: usize) -> usize {
         self.start[e + 1] - self.start[e]
+    }
+
+    /// Pairs with an expert.
+    fn pairs(&self) -> usize {
+        self.order.len()
     }
 
     /// For every expert with pairs, `dst[rows * start[e] ..]` (`[rows, n_e]`) gets the products
@@ -880,6 +903,27 @@ mod tests {
     }
 
     #[test]
+    fn moe_pairs_of_no_expert_add_nothing() {
+        // Pairs of id -1 give what the same pairs give pointed at an expert with weight 0, and the
+        // other pairs' sums are unchanged (same order, the skipped terms were zeros).
+        let (e, i, d) = (3, 32, 64);
+        let (gate_up, down) = (fp4_weight(e * 2 * i, d, 7), fp4_weight(e * d, i, 11));
+        let ex = Experts { gate_up, down, experts: e, inter: i, dim: d };
+        let (t, k) = (4, 3);
+        let x = values(t * d, 13);
+        let ids: Vec<i64> = vec![-1, 0, 2, 1, -1, 1, -1, -1, -1, 2, 2, -1];
+        let wts: Vec<f32> = (0..t * k).map(|p| 0.5 - 0.07 * p as f32).collect();
+        let zeroed: Vec<f32> = wts.iter().zip(&ids).map(|(w, id)| if *id < 0 { 0.0 } else { *w }).collect();
+        let pointed: Vec<i64> = ids.iter().map(|id| (*id).max(0)).collect();
+        for act in [Act::Fp8, Act::Bf16] {
+            let got = run_moe(&x, &ids, &wts, &ex, 2.0, act).unwrap();
+            let want = run_moe(&x, &pointed, &zeroed, &ex, 2.0, act).unwrap();
+            assert_eq!(got, want, "{act:?}");
+            assert!(got[2 * d..3 * d].iter().all(|v| *v == 0.0), "token 2 has no expert");
+        }
+    }
+
+    #[test]
     fn moe_refuses_bad_arguments_and_accepts_no_tokens() {
         let (gate_up, down) = (fp4_weight(2 * 64, 32, 3), fp4_weight(2 * 32, 32, 5));
         let ex = Experts { gate_up, down, experts: 2, inter: 32, dim: 32 };
@@ -889,7 +933,9 @@ mod tests {
             other => panic!("{other:?}"),
         };
         assert_eq!(arg(run_moe(&x, &[2], &[1.0], &ex, 1.0, Act::Fp8)), "idx");
-        assert_eq!(arg(run_moe(&x, &[-1], &[1.0], &ex, 1.0, Act::Fp8)), "idx");
+        assert_eq!(arg(run_moe(&x, &[-2], &[1.0], &ex, 1.0, Act::Fp8)), "idx");
+        let none = run_moe(&x, &[-1], &[1.0], &ex, 1.0, Act::Fp8).unwrap();
+        assert_eq!(none, vec![0f32; 32], "no expert: nothing added");
         assert_eq!(arg(run_moe(&x, &[1], &[1.0], &ex, f32::NAN, Act::Fp8)), "limit");
         assert_eq!(arg(run_moe(&x, &[1], &[1.0], &ex, 0.0, Act::Fp8)), "limit");
         assert_eq!(arg(run_moe(&x, &[1], &[f32::NAN], &ex, 1.0, Act::Fp8)), "weights");

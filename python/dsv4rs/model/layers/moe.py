@@ -139,6 +139,24 @@ class Experts(nn.Module):
         ones = torch.ones(rows.shape[0], 1, dtype=torch.float32, device=rows.device)
         return self._run(rows, ids[:, None], ones)
 
+    def held_sum(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``sum_k weights[t, k] expert_{idx[t, k]}(x_t)`` in float32 ``[T, d]`` over the pairs whose
+        experts this module holds (``idx``: global ids); the other pairs add nothing (tensor
+        parallelism: every rank has every token). MXFP4 experts take every pair in one call of
+        the fused op, the others as id -1 (no expert), so nothing waits for the host; other
+        experts run the pairs they hold, picked on the host."""
+        tokens, k = idx.shape
+        if self.held == 0:
+            return torch.zeros(tokens, x.shape[-1], dtype=torch.float32, device=x.device)
+        ours = (idx >= self.first) & (idx < self.first + self.held)
+        if self.quantized:
+            return self._run(x.float(), torch.where(ours, idx - self.first, -1), weights)
+        flat = idx.flatten()
+        mine = torch.nonzero(ours.flatten()).flatten()
+        ran = self.local(x[mine // k], flat[mine] - self.first)
+        out = torch.zeros(tokens, x.shape[-1], dtype=torch.float32, device=x.device)
+        return out.index_add_(0, mine // k, ran.float() * weights.flatten()[mine, None].float())
+
     def _run(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if self.quantized:
             return ops.moe_experts(x, idx, weights.float(), self.gate_up, self.gate_up_scale, self.down,
