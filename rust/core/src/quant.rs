@@ -355,8 +355,8 @@ mod tests {
         let (mut data, mut scales, mut out) = ([0u8; 576], [0u8; 8], [0f32; ENTRY_DIM]);
         encode_main_entry(&x, &mut data, &mut scales);
         decode_main_entry(&data, &scales, &mut out);
-        for b in 0..NOPE_DIM / FP8_BLOCK {
-            let s = exp2i(scales[b] as i32 - 127);
+        for (b, scale) in scales.iter().enumerate().take(NOPE_DIM / FP8_BLOCK) {
+            let s = exp2i(*scale as i32 - 127);
             for i in b * FP8_BLOCK..(b + 1) * FP8_BLOCK {
                 // e4m3 keeps 3 mantissa bits: relative error <= 2^-4 for normals, plus the
                 // subnormal step 2^-9 of the scaled value.

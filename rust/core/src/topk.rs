@@ -113,9 +113,9 @@ mod tests {
         let scores: Vec<f32> = (0..500).map(|i| ((i * 31) % 17) as f32).collect();
         let run = |lo: usize, hi: usize| {
             let mut top = TopK::new(40);
-            for i in lo..hi {
-                if scores[i] > top.threshold() {
-                    top.push(scores[i], i as u32);
+            for (i, &score) in scores.iter().enumerate().take(hi).skip(lo) {
+                if score > top.threshold() {
+                    top.push(score, i as u32);
                 }
             }
             top
