@@ -190,18 +190,25 @@ def test_world_demo_checks_itself() -> None:
     assert out.returncode == 2 and "--world" in out.stderr
 
 
-def test_world_bench_reports_every_rank_beside_one_process() -> None:
+@pytest.mark.parametrize("weights", ["bf16", "shipped"])
+def test_world_bench_reports_every_rank_beside_one_process(weights: str) -> None:
     import subprocess
 
     out = subprocess.run([sys.executable, "-m", "dsv4rs.cli", "bench", "--only", "model", "--world", "2", "--device",
-                          "cpu", "--batch", "1,2", "--context", "256", "--layers", "2"],
+                          "cpu", "--batch", "1,2", "--context", "256", "--layers", "2", "--weights", weights],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
-    rows = [line.split() for line in out.stdout.splitlines() if line.strip().startswith("b=")]
+    lines = out.stdout.splitlines()
+    held = "FP8/MXFP4 weights as shipped" if weights == "shipped" else "bf16 weights"
+    assert any(line.startswith("decode over 2 ranks") and held in line for line in lines), out.stdout
+    rows = [line.split() for line in lines if line.strip().startswith("b=")]
     assert [(r[0], r[2]) for r in rows] == [("b=1", "0"), ("b=1", "1"), ("b=2", "0"), ("b=2", "1")], out.stdout
-    for r in rows:  # case (2 words), rank, ms/step, ms/layer, comm, tok/s/rank, 1 process ms, ratio
+    for r in rows:  # case (2 words), rank, ms/step, ms/layer, comm, tok/s/rank, 1 process ms, ratio, graph ms, ratio
         ms, per_layer, comm = float(r[3]), float(r[4]), float(r[5].rstrip("%"))
         assert ms > 0 and abs(per_layer - ms / 2) < 1e-2 and 0 < comm < 100 and float(r[7]) > 0
+        assert r[9:] == ["-", "-"]  # no CUDA graphs on the CPU
+    prefill = [line for line in lines if line.startswith("prefill T=256 rank ")]
+    assert len(prefill) == 2 and all("tokens/s per rank (one process: " in line for line in prefill), out.stdout
     out = subprocess.run([sys.executable, "-m", "dsv4rs.cli", "bench", "--world", "2"], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 2 and "--only model" in out.stderr

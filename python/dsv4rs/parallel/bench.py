@@ -1,13 +1,16 @@
 """``dsv4rs bench --only model --world N``: the model suite's decode step over N processes
 (data-parallel attention and expert-parallel MoE, or ``--parallel tp``), beside one process.
 
-Each rank builds the preset's first ``--layers`` layers with random weights (its experts only),
-fills its cache with random valid rows and times decode steps of ``batch`` sequences of
-``context`` tokens (per rank under ``dp``; the same sequences on every rank under ``tp``). It
-reports per rank the step and per-layer time, the share of the step spent in the collectives
-(all-to-all, all-reduce; timed with device synchronizations around them on a GPU), tokens/s per
-rank, and beside them the same step in one process holding every expert (the per-rank batch).
-CPU processes talk over gloo; GPUs (``--device cuda``, one per rank) over NCCL.
+Each rank builds the preset's first ``--layers`` layers with random weights (its experts only;
+``--weights shipped``: FP8 linears and MXFP4 experts as DeepSeek ships them), fills its cache
+with random valid rows and times decode steps of ``batch`` sequences of ``context`` tokens (per
+rank under ``dp``; the same sequences on every rank under ``tp``), then the prefill of one
+prompt a rank. It reports per rank the step and per-layer time, the share of the step spent in
+the collectives (all-to-all, all-reduce; timed with device synchronizations around them on a
+GPU), tokens/s per rank, and beside them the same step in one process holding every expert (the
+per-rank batch): eager, as the parallel steps run, and on a GPU also replayed from its CUDA graph,
+as one process serves. CPU processes talk over gloo; GPUs (``--device cuda``, one per rank) over
+NCCL.
 """
 
 from __future__ import annotations
@@ -30,6 +33,33 @@ def _cases(args: argparse.Namespace, gpu: bool) -> tuple[str, int, list[int], li
     batches = args.batch or ([1, 8, 32, 64, 128] if gpu else [1, 4])
     contexts = args.context or ([4096, 131072] if gpu else [1024])
     return preset, args.layers or 4, batches, contexts, 8 if gpu else 3
+
+
+def _prefill_tokens(contexts: list[int], gpu: bool) -> int:
+    """Tokens of the timed prompt: as the one-process model suite times (its ``prefill`` case)."""
+    return min(max(contexts), 4096 if gpu else 512)
+
+
+def _time_prefill(engine, cfg, tokens: int) -> float:
+    """Milliseconds to prefill one prompt of ``tokens`` tokens (after a 64-token warm-up), the
+    sequence released after."""
+    import torch.distributed as dist
+
+    ids = torch.randint(0, cfg.vocab_size, (tokens,)).tolist()
+    sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
+    seq, _ = engine.add_sequence()
+    engine.step([seq], [ids[:64]])
+    engine.release(seq)
+    seq, _ = engine.add_sequence()
+    sync()
+    if engine.parallel is not None:
+        dist.barrier(group=engine.parallel.group)
+    t0 = time.perf_counter()
+    engine.step([seq], [ids])
+    sync()
+    ms = 1e3 * (time.perf_counter() - t0)
+    engine.release(seq)
+    return ms
 
 
 def _time_decode(engine, cfg, batch: int, context: int, steps: int, comm) -> tuple[float, float]:
@@ -79,10 +109,11 @@ def rank_main(rank: int, world: int, init_method: str, args: argparse.Namespace)
     preset, layers, batches, contexts, steps = _cases(args, gpu)
     cfg = _config(preset, layers)
     pc = parallel.ParallelConfig.even(cfg, world, rank, mode=args.parallel, timeout=TIMEOUT)
+    shipped = args.weights == "shipped"
     if pc.mode == "tp":
-        model = parallel.shard(_build(cfg, device), pc)
+        model = parallel.shard(_build(cfg, device, shipped=shipped), pc)
     else:
-        model = parallel.attach(_build(cfg, device, experts=pc.experts), pc)
+        model = parallel.attach(_build(cfg, device, experts=pc.experts, shipped=shipped), pc)
     longest = max(contexts) + 2 * steps + 4
     engine = Engine(model, max_sequences=max(batches), max_len=longest, quant=True, parallel=pc)
     _fill_cache(engine)
@@ -93,37 +124,54 @@ def rank_main(rank: int, world: int, init_method: str, args: argparse.Namespace)
             if rank == 0:
                 print(f"  decode b={batch} ctx={context}: {world} ranks ...", file=sys.stderr, flush=True)
             rows.append((batch, context, *_time_decode(engine, cfg, batch, context, steps, comm)))
+    prompt = _prefill_tokens(contexts, gpu)
+    if rank == 0:
+        print(f"  prefill T={prompt}: {world} ranks ...", file=sys.stderr, flush=True)
+    prefill_ms = _time_prefill(engine, cfg, prompt)
     gathered: list = [None] * world if rank == 0 else None
-    dist.gather_object(rows, gathered, dst=0)
+    dist.gather_object((rows, prefill_ms), gathered, dst=0)
     dist.destroy_process_group()
     if rank != 0:
         return 0
     del engine, model
-    one = Engine(_build(cfg, device), max_sequences=max(batches), max_len=longest, quant=True,
-                 cuda_graphs=False)
+    one = Engine(_build(cfg, device, shipped=shipped), max_sequences=max(batches), max_len=longest, quant=True,
+                 cuda_graphs=gpu)
     _fill_cache(one)
-    single = {}
+    single, graphed = {}, {}
     for context in contexts:
         for batch in batches:
             print(f"  decode b={batch} ctx={context}: one process ...", file=sys.stderr, flush=True)
+            graphs, one.graphs = one.graphs, None  # eager, as the parallel steps run
             single[(batch, context)] = _time_decode(one, cfg, batch, context, steps, None)[0]
+            one.graphs = graphs
+            if graphs is not None:
+                graphed[(batch, context)] = _time_decode(one, cfg, batch, context, steps, None)[0]
+    print(f"  prefill T={prompt}: one process ...", file=sys.stderr, flush=True)
+    single_prefill = _time_prefill(one, cfg, prompt)
     where = torch.cuda.get_device_name() if gpu else "cpu"
     how = "tensor-parallel attention" if pc.mode == "tp" else "data-parallel attention"
+    weights = "FP8/MXFP4 weights as shipped" if shipped else "bf16 weights"
     print(f"decode over {world} ranks ({how}, experts split {[len(r) for r in pc.expert_ranges]}) on {where}: "
-          f"{preset}, {layers} layers, FP8 cache, eager steps (a parallel step is not graph-captured); "
+          f"{preset}, {layers} layers, {weights}, FP8 cache, eager steps (a parallel step is not graph-captured); "
           f"batch = sequences per rank ({'the same on every rank' if pc.mode == 'tp' else 'each rank its own'})")
     print(f"{'case':>22} {'rank':>4} {'ms/step':>9} {'ms/layer':>9} {'comm':>6} {'tok/s/rank':>11} "
-          f"{'1 process ms':>13} {'ratio':>6}")
+          f"{'1 process ms':>13} {'ratio':>6} {'1 proc graph ms':>16} {'ratio':>6}")
     share_of = world if pc.mode == "tp" else 1  # under tp the ranks produce the same tokens together
-    for i, (batch, context, *_) in enumerate(gathered[0]):
-        ref = single[(batch, context)]
+    for i, (batch, context, *_) in enumerate(gathered[0][0]):
+        ref, fast = single[(batch, context)], graphed.get((batch, context))
         for r in range(world):
-            _, _, ms, share = gathered[r][i]
+            _, _, ms, share = gathered[r][0][i]
+            vs_graph = f"{fast:16.3f} {fast / ms / share_of:5.2f}x" if fast is not None else f"{'-':>16} {'-':>6}"
             print(f"{f'b={batch} ctx={context}':>22} {r:>4} {ms:9.3f} {ms / layers:9.3f} {100 * share:5.1f}% "
-                  f"{batch / ms * 1e3 / share_of:11,.1f} {ref:13.3f} {ref / ms / share_of:5.2f}x")
+                  f"{batch / ms * 1e3 / share_of:11,.1f} {ref:13.3f} {ref / ms / share_of:5.2f}x {vs_graph}")
     print("comm: the share of the step in all-to-all and all-reduce; tok/s/rank: the batch's tokens per second"
           f"{' over the ranks (they produce the same tokens together)' if pc.mode == 'tp' else ''}; ratio: "
-          "tokens/s per rank over one process's at the same batch")
+          "tokens/s per rank over one process's at the same batch (eager; then replayed from its CUDA graph, "
+          "on a GPU)")
+    for r in range(world):
+        ms = gathered[r][1]
+        print(f"prefill T={prompt} rank {r}: {ms:.1f} ms, {prompt / ms * 1e3 / share_of:,.0f} tokens/s per rank "
+              f"(one process: {single_prefill:.1f} ms, {prompt / single_prefill * 1e3:,.0f} tokens/s)")
     return 0
 
 
