@@ -1,6 +1,7 @@
-"""The ranks of tests/test_parallel.py: each process joins a gloo group, builds the same seeded
-tiny model, keeps its share of the experts and runs its sequences of a fixed schedule; what it
-computed (or the error it met) goes to a file the test reads."""
+"""The ranks of tests/test_parallel.py: each process joins a gloo group (an NCCL one, one GPU a
+rank, for the "cuda:" modes), builds the same seeded tiny model, keeps its share of the experts
+and runs its sequences of a fixed schedule; what it computed (or the error it met) goes to a file
+the test reads."""
 
 from __future__ import annotations
 
@@ -67,9 +68,13 @@ def worker(rank: int, world: int, store: str, out: str, mode: str, timeout: floa
         from dsv4rs import parallel
         from dsv4rs.runtime import Engine
 
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=timeout))
-        m = model()
+        cuda = mode.startswith("cuda:")  # "cuda:ok" / "cuda:tp": one GPU a rank, over NCCL
+        if cuda:
+            torch.cuda.set_device(rank)
+            mode = mode.removeprefix("cuda:")
+        dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{store}", rank=rank,
+                                world_size=world, timeout=datetime.timedelta(seconds=timeout))
+        m = model().to(f"cuda:{rank}") if cuda else model()
         tp = mode == "tp" or mode.startswith("tpload:")
         pc = parallel.ParallelConfig.even(m.config, world, rank, timeout=timeout, mode="tp" if tp else "dp")
         if mode == "lopsided":  # rank 0 holds every expert, the others none

@@ -81,6 +81,31 @@ def test_parallel_logits_equal_one_process(tmp_path, single: dict, world: int, m
         assert set(results[1]["received"]) == {0} and min(results[0]["received"]) > 0
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (one a rank, over NCCL)")
+@pytest.mark.parametrize("mode", ["ok", "tp"])
+def test_nccl_ranks_give_one_gpus_logits(tmp_path, mode: str) -> None:
+    """The schedule of test_parallel_logits_equal_one_process on 2 GPUs over NCCL, data-parallel
+    attention + expert-parallel MoE ("ok") and tensor-parallel attention ("tp"), against one GPU
+    running every sequence. Tolerance 4e-3 absolute and relative, a bfloat16 step: the GPU kernels
+    sum in an order that may depend on the batch (each rank batches its own sequences, and under
+    "tp" the output projection's partial sums meet in the all-reduce)."""
+    torch.manual_seed(0)
+    one = pw.run_schedule(Engine(pw.model().to("cuda:0"), max_sequences=8, max_len=512, cuda_graphs=False),
+                          sorted(pw.PROMPT_LENS))
+    results = run_ranks(tmp_path, 2, f"cuda:{mode}")
+    seen = {}
+    for res in results:
+        assert res is not None and "error" not in res, res and res.get("trace")
+        seen.update(res["logits"])
+    assert seen.keys() == one.keys()
+    for key, want in one.items():
+        torch.testing.assert_close(seen[key], want, rtol=4e-3, atol=4e-3, msg=lambda m, k=key: f"{k}: {m}")
+    if mode == "tp":
+        for key, v in results[1]["logits"].items():  # NCCL's all-reduce gives every rank the same sums
+            assert torch.equal(v, results[0]["logits"][key]), key
+
+
 @pytest.mark.parametrize("kind", ["load", "tpload"])
 def test_ranks_loading_their_experts_from_a_checkpoint(tmp_path, single: dict, kind: str) -> None:
     """Each rank reads its experts only (load_checkpoint(experts=...); ``tpload``: under "tp", and
