@@ -12,6 +12,9 @@
 #                                           #   two builds (folders A and B, a wheel each), the
 #                                           #   benchmark run A B A B on this machine, then each
 #                                           #   case side by side (benches/compare.py)
+#   scripts/gpu_check.sh world [N]          #   on N >= 2 GPUs (default 2): the NCCL tests, then
+#                                           #   the model over N ranks (dp, then tp) beside one
+#                                           #   GPU, shipped weights (dsv4rs bench --world N)
 #
 # The GPU steps install the wheel with --no-deps into a private folder (the GPU machine has no
 # network and brings its own torch). `run` is `test` then `bench`; BENCH ARGS go to
@@ -86,6 +89,16 @@ compare() {
     python3 benches/compare.py "$(basename "$a")=$logs/a1.log,$logs/a2.log" "$(basename "$b")=$logs/b1.log,$logs/b2.log"
 }
 
+# Several GPUs of one host: the NCCL tests (tests/test_parallel.py, 2 ranks), then the model
+# suite over $1 ranks in both modes, each beside one GPU in the same run.
+world() {
+    local n=$1
+    pytest_gpu tests/test_parallel.py -k nccl -rs
+    for mode in dp tp; do
+        python3 -m dsv4rs.cli bench --only model --device cuda --world "$n" --parallel "$mode" --weights shipped
+    done
+}
+
 bench() {
     local bench_args=("$@")
     [ ${#bench_args[@]} -gt 0 ] || bench_args=(--quick)
@@ -121,8 +134,12 @@ compare)
     [ $# -ge 3 ] || { echo "usage: $0 compare A B [BENCH ARGS]" >&2; exit 2; }
     compare "${@:2}"
     ;;
+world)
+    install
+    world "${2:-2}"
+    ;;
 *)
-    echo "usage: $0 build|run|test|sanitize|bench|compare" >&2
+    echo "usage: $0 build|run|test|sanitize|bench|compare|world" >&2
     exit 2
     ;;
 esac
