@@ -822,6 +822,14 @@ mod tests {
         dim: usize,
     }
 
+    impl Experts {
+        /// `e` random MXFP4 experts of width `d` and intermediate size `i` (`fp4_weight` seeds).
+        fn random(e: usize, i: usize, d: usize, seeds: (u64, u64)) -> Self {
+            let (gate_up, down) = (fp4_weight(e * 2 * i, d, seeds.0), fp4_weight(e * d, i, seeds.1));
+            Experts { gate_up, down, experts: e, inter: i, dim: d }
+        }
+    }
+
     fn run_moe(x: &[f32], ids: &[i64], wts: &[f32], ex: &Experts, limit: f32, act: Act) -> Result<Vec<f32>> {
         let (e, i, d) = (ex.experts, ex.inter, ex.dim);
         let t = x.len() / d;
@@ -861,8 +869,7 @@ mod tests {
     #[test]
     fn moe_matches_a_float64_sum_built_from_its_own_h() {
         let (e, i, d) = (4, 64, 96);
-        let (gate_up, down) = (fp4_weight(e * 2 * i, d, 3), fp4_weight(e * d, i, 5));
-        let ex = Experts { gate_up, down, experts: e, inter: i, dim: d };
+        let ex = Experts::random(e, i, d, (3, 5));
         let (t, k) = (5, 2);
         let x = values(t * d, 9);
         // expert 3 gets nothing, expert 1 most pairs.
@@ -906,9 +913,8 @@ mod tests {
     fn moe_pairs_of_no_expert_add_nothing() {
         // Pairs of id -1 give what the same pairs give pointed at an expert with weight 0, and the
         // other pairs' sums are unchanged (same order, the skipped terms were zeros).
-        let (e, i, d) = (3, 32, 64);
-        let (gate_up, down) = (fp4_weight(e * 2 * i, d, 7), fp4_weight(e * d, i, 11));
-        let ex = Experts { gate_up, down, experts: e, inter: i, dim: d };
+        let d = 64;
+        let ex = Experts::random(3, 32, d, (7, 11));
         let (t, k) = (4, 3);
         let x = values(t * d, 13);
         let ids: Vec<i64> = vec![-1, 0, 2, 1, -1, 1, -1, -1, -1, 2, 2, -1];
@@ -925,8 +931,7 @@ mod tests {
 
     #[test]
     fn moe_refuses_bad_arguments_and_accepts_no_tokens() {
-        let (gate_up, down) = (fp4_weight(2 * 64, 32, 3), fp4_weight(2 * 32, 32, 5));
-        let ex = Experts { gate_up, down, experts: 2, inter: 32, dim: 32 };
+        let ex = Experts::random(2, 32, 32, (3, 5));
         let x = values(32, 1);
         let arg = |r: Result<Vec<f32>>| match r {
             Err(Error::Value { arg, .. }) => arg,
