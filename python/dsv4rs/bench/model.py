@@ -85,6 +85,35 @@ def _build(cfg: V4Config, device: str, seed: int = 0, experts: range | None = No
     return model
 
 
+def prefill_tokens(contexts: list[int], gpu: bool) -> int:
+    """Tokens of the timed prompt: the longest context, at most 4,096 (512 on the CPU)."""
+    return min(max(contexts), 4096 if gpu else 512)
+
+
+def time_prefill(engine, tokens: int, before=None) -> float:
+    """Milliseconds to prefill one prompt of ``tokens`` random tokens, after a 64-token warm-up:
+    the fastest of two runs on a GPU, one on the CPU, each sequence released after. ``before``
+    runs ahead of each timed step, after the device is idle (a parallel engine's barrier)."""
+    ids = torch.randint(0, engine.cfg.vocab_size, (tokens,)).tolist()
+    gpu = engine.device.type == "cuda"
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    seq, _ = engine.add_sequence()
+    engine.step([seq], [ids[:64]])  # warm-up
+    engine.release(seq)
+    times = []
+    for _ in range(2 if gpu else 1):
+        seq, _ = engine.add_sequence()
+        sync()
+        if before is not None:
+            before()
+        t0 = time.perf_counter()
+        engine.step([seq], [ids])
+        sync()
+        times.append(1e3 * (time.perf_counter() - t0))
+        engine.release(seq)
+    return min(times)
+
+
 def _fill_cache(engine, seed: int = 1) -> None:
     """Random valid content in every row of every cache tensor (FP8 entries and FP4 keys written
     through the ops, states random with finite scores)."""
@@ -195,22 +224,7 @@ def model(b: Bench) -> Iterator[Case]:
         return Row(name, per_layer, nbytes, 0.0, (eager_ms - head) / cfg.num_hidden_layers, note)
 
     def prefill(tokens: int) -> Row:
-        eng = engine()
-        seq, _ = eng.add_sequence()
-        ids = torch.randint(0, cfg.vocab_size, (tokens,)).tolist()
-        sync = torch.cuda.synchronize if b.gpu else (lambda: None)
-        eng.step([seq], [ids[:64]])  # warm-up
-        eng.release(seq)
-        times = []
-        for _ in range(2 if b.gpu else 1):
-            seq, _ = eng.add_sequence()
-            sync()
-            t0 = time.perf_counter()
-            eng.step([seq], [ids])
-            sync()
-            times.append(1e3 * (time.perf_counter() - t0))
-            eng.release(seq)
-        ms = min(times)
+        ms = time_prefill(engine(), tokens)
         cost = V4Model("bench", cfg)
         flops = tokens * sum(v for k, v in cost.flops(tokens // 2).items() if k != "lm_head") / cfg.num_hidden_layers
         note = f"prefill {tag} T={tokens}: {tokens / ms * 1e3:,.0f} tokens/s ({layers} layers)\n{PUBLISHED}"
@@ -219,4 +233,4 @@ def model(b: Bench) -> Iterator[Case]:
     for context in contexts:
         for batch in batches:
             yield Case("model", f"decode b={batch} ctx={context}", lambda batch=batch, context=context: decode(batch, context))
-    yield Case("model", "prefill", lambda: prefill(min(max(contexts), 4096 if b.gpu else 512)))
+    yield Case("model", "prefill", lambda: prefill(prefill_tokens(contexts, b.gpu)))

@@ -35,33 +35,6 @@ def _cases(args: argparse.Namespace, gpu: bool) -> tuple[str, int, list[int], li
     return preset, args.layers or 4, batches, contexts, 8 if gpu else 3
 
 
-def _prefill_tokens(contexts: list[int], gpu: bool) -> int:
-    """Tokens of the timed prompt: as the one-process model suite times (its ``prefill`` case)."""
-    return min(max(contexts), 4096 if gpu else 512)
-
-
-def _time_prefill(engine, cfg, tokens: int) -> float:
-    """Milliseconds to prefill one prompt of ``tokens`` tokens (after a 64-token warm-up), the
-    sequence released after."""
-    import torch.distributed as dist
-
-    ids = torch.randint(0, cfg.vocab_size, (tokens,)).tolist()
-    sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
-    seq, _ = engine.add_sequence()
-    engine.step([seq], [ids[:64]])
-    engine.release(seq)
-    seq, _ = engine.add_sequence()
-    sync()
-    if engine.parallel is not None:
-        dist.barrier(group=engine.parallel.group)
-    t0 = time.perf_counter()
-    engine.step([seq], [ids])
-    sync()
-    ms = 1e3 * (time.perf_counter() - t0)
-    engine.release(seq)
-    return ms
-
-
 def _time_decode(engine, cfg, batch: int, context: int, steps: int, comm) -> tuple[float, float]:
     """Milliseconds per decode step and the share of it in collectives (``comm``: a CommTimer or
     None); the sequences are released after."""
@@ -95,7 +68,7 @@ def rank_main(rank: int, world: int, init_method: str, args: argparse.Namespace)
     import torch.distributed as dist
 
     from dsv4rs import parallel
-    from dsv4rs.bench.model import _build, _config, _fill_cache
+    from dsv4rs.bench.model import _build, _config, _fill_cache, prefill_tokens, time_prefill
     from dsv4rs.runtime import Engine
 
     gpu = args.device == "cuda"
@@ -124,10 +97,10 @@ def rank_main(rank: int, world: int, init_method: str, args: argparse.Namespace)
             if rank == 0:
                 print(f"  decode b={batch} ctx={context}: {world} ranks ...", file=sys.stderr, flush=True)
             rows.append((batch, context, *_time_decode(engine, cfg, batch, context, steps, comm)))
-    prompt = _prefill_tokens(contexts, gpu)
+    prompt = prefill_tokens(contexts, gpu)
     if rank == 0:
         print(f"  prefill T={prompt}: {world} ranks ...", file=sys.stderr, flush=True)
-    prefill_ms = _time_prefill(engine, cfg, prompt)
+    prefill_ms = time_prefill(engine, prompt, before=lambda: dist.barrier(group=pc.group))
     gathered: list = [None] * world if rank == 0 else None
     dist.gather_object((rows, prefill_ms), gathered, dst=0)
     dist.destroy_process_group()
@@ -147,7 +120,7 @@ def rank_main(rank: int, world: int, init_method: str, args: argparse.Namespace)
             if graphs is not None:
                 graphed[(batch, context)] = _time_decode(one, cfg, batch, context, steps, None)[0]
     print(f"  prefill T={prompt}: one process ...", file=sys.stderr, flush=True)
-    single_prefill = _time_prefill(one, cfg, prompt)
+    single_prefill = time_prefill(one, prompt)
     where = torch.cuda.get_device_name() if gpu else "cpu"
     how = "tensor-parallel attention" if pc.mode == "tp" else "data-parallel attention"
     weights = "FP8/MXFP4 weights as shipped" if shipped else "bf16 weights"
