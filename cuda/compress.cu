@@ -22,6 +22,7 @@
 // from device memory is clamped into its tensor.
 #include <cstddef>
 
+#include "floats.cuh"
 #include "quant.cuh"
 #include "rope.cuh"
 
@@ -162,19 +163,20 @@ __device__ __forceinline__ float pool_channel(const Params& p, long long i, int 
   return pool(Tag<0>{}, Tag<0>{});
 }
 
-// Loads channels c .. c + 3 of a row (zeros at or past d): one 16-byte load where the four lie
-// in the row and are 16-byte aligned, else one at a time.
-__device__ __forceinline__ float4 load4(const float* row, int c, int d) {
-  if (c + 4 <= d && ((uintptr_t)(row + c) & 15) == 0) return *(const float4*)(row + c);
+// Channels c .. c + 3 of a float32 row: one 16-byte access where the launcher found the rows
+// four-wide (`vec4`: D a multiple of 4 and every row 16-byte aligned, `four_wide`), else one at a
+// time; loads give zeros at or past d, stores stop there.
+__device__ __forceinline__ float4 load_channels(const float* row, int c, int d, int vec4) {
+  if (vec4) return c < d ? load4(row, c, 0) : make_float4(0.f, 0.f, 0.f, 0.f);
   float v[4];
 #pragma unroll
   for (int k = 0; k < 4; ++k) v[k] = c + k < d ? row[c + k] : 0.f;
   return make_float4(v[0], v[1], v[2], v[3]);
 }
 
-__device__ __forceinline__ void store4(float* row, int c, int d, float4 v) {
-  if (c + 4 <= d && ((uintptr_t)(row + c) & 15) == 0) {
-    *(float4*)(row + c) = v;
+__device__ __forceinline__ void store_channels(float* row, int c, int d, int vec4, float4 v) {
+  if (vec4) {
+    if (c < d) store4(row, c, 0, v);
     return;
   }
   const float x[4] = {v.x, v.y, v.z, v.w};
@@ -190,34 +192,14 @@ constexpr int FINISH_ROWS = THREADS / 32;
 // Channels a lane holds of an entry row: 128 u + 4 l .. 128 u + 4 l + 3 for lane l, u < U.
 constexpr int U = MAX_DIM / 128;
 
-__device__ __forceinline__ bool aligned16(const void* ptr) { return ((uintptr_t)ptr & 15) == 0; }
-
-// exp-weighted mean of n candidates (values v, logits l), computed as pool_chunks computes one
-// chunk from a fresh start, operation for operation: the same value bit for bit.
-template <int N>
-__device__ __forceinline__ float softmax_pool(const float (&v)[N], const float (&l)[N]) {
-  float mc = -INFINITY;
-#pragma unroll
-  for (int j = 0; j < N; ++j) mc = fmaxf(mc, l[j]);
-  if (mc == -INFINITY) return 0.f / 0.f;  // pool_chunks' 0 / 0: no finite logit
-  float num = 0.f, den = 0.f;
-#pragma unroll
-  for (int j = 0; j < N; ++j) {
-    const float w = expf(l[j] - mc);
-    den += w;
-    num = fmaf(w, v[j], num);
-  }
-  return num / den;
-}
-
-// Channels c .. c + 3 of entry i of the overlapping form (r = 4), pooled as pool_channel pools
-// each: candidate j is position 4 i - 4 + j, at the column of its half (the previous block's "b",
-// c; the own block's "a", D + c), an input row (logit score + ape) or, before `start`, a state
-// slot (as candidate() picks it; the logit as stored). Entry 0 has no previous block: its 4
-// missing candidates count as logit -inf, value 0, placed first, which adds exact zeros
-// (pool_chunks pads after the 4 it has; the sums are the same bit for bit). INPUTS: every
-// candidate is an input row (the rows are then a constant stride apart). 16-byte loads, the
-// rows' alignment checked by the caller; the 8 candidates' loads go out together.
+// Channels c .. c + 3 of entry i of the overlapping form (r = 4), pooled by pool_chunks as
+// pool_channel pools each: candidate j is position 4 i - 4 + j, at the column of its half (the
+// previous block's "b", c; the own block's "a", D + c), an input row (logit score + ape) or,
+// before `start`, a state slot (as candidate() picks it; the logit as stored). Entry 0 has no
+// previous block: its 4 missing candidates count as logit -inf, value 0, placed first, which adds
+// exact zeros (pool_chunks pads after the 4 it has; the sums are the same bit for bit). INPUTS:
+// every candidate is an input row (the rows are then a constant stride apart). 16-byte loads
+// (the rows four-wide, as the launcher checks); the 8 candidates' loads go out together.
 template <bool INPUTS>
 __device__ __forceinline__ float4 pool_group4(const Params& p, long long i, int c) {
   const int d = p.dim, width = 2 * d;
@@ -241,15 +223,7 @@ __device__ __forceinline__ float4 pool_group4(const Params& p, long long i, int 
   }
   float r[4];
 #pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    float v[8], l[8];
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      v[j] = (&kx[j].x)[k];
-      l[j] = (&lx[j].x)[k];
-    }
-    r[k] = softmax_pool(v, l);
-  }
+  for (int k = 0; k < 4; ++k) r[k] = pool_chunks(8, [&](int j) { return Candidate{(&kx[j].x)[k], (&lx[j].x)[k]}; });
   return make_float4(r[0], r[1], r[2], r[3]);
 }
 
@@ -257,10 +231,9 @@ __device__ __forceinline__ float4 pool_group4(const Params& p, long long i, int 
 // through `xs` (the warp's D shared floats): a lane pools 4 channels at once (pool_group4, the
 // warp's loads 512 contiguous bytes) where the rows allow 16-byte loads, else channel by channel
 // through pool_channel's generic form.
-__device__ __forceinline__ void pool_entry4(const Params& p, long long i, float4 (&val)[U], float* xs) {
+__device__ __forceinline__ void pool_entry4(const Params& p, long long i, float4 (&val)[U], float* xs, int vec4) {
   const int lane = threadIdx.x % 32, d = p.dim;
-  if (d % 4 == 0 && aligned16(p.kv) && aligned16(p.score) && aligned16(p.ape) && aligned16(p.kv_state) &&
-      aligned16(p.score_state)) {
+  if (vec4) {
     if (i > 0 && 4 * i - 4 >= p.start) {
 #pragma unroll 1
       for (int c = 4 * lane; c < d; c += 128) *(float4*)(xs + c) = pool_group4<true>(p, i, c);
@@ -273,7 +246,7 @@ __device__ __forceinline__ void pool_entry4(const Params& p, long long i, float4
   }
   __syncwarp();
 #pragma unroll
-  for (int u = 0; u < U; ++u) val[u] = load4(xs, 128 * u + 4 * lane, d);
+  for (int u = 0; u < U; ++u) val[u] = load_channels(xs, 128 * u + 4 * lane, d, vec4);
   __syncwarp();  // finish_values writes xs next
 }
 
@@ -281,13 +254,14 @@ __device__ __forceinline__ void pool_entry4(const Params& p, long long i, float4
 // RMSNorm, RoPE at the block's first position, then the quant round trip. `xs` is the warp's own
 // D floats of shared memory (the RoPE pairs cross lanes). Every lane of the warp calls it;
 // nothing else of the block takes part.
-__device__ __forceinline__ void finish_values(const Params& p, long long i, float4 (&val)[U], float* dst, float* xs) {
+__device__ __forceinline__ void finish_values(const Params& p, long long i, float4 (&val)[U], float* dst, float* xs,
+                                              int vec4) {
   const int lane = threadIdx.x % 32;
   const long long r = p.ratio;
   const int d = p.dim;
   float4 w[U];
 #pragma unroll
-  for (int u = 0; u < U; ++u) w[u] = load4(p.norm_weight, 128 * u + 4 * lane, d);
+  for (int u = 0; u < U; ++u) w[u] = load_channels(p.norm_weight, 128 * u + 4 * lane, d, vec4);
   float ss = 0.f;
 #pragma unroll
   for (int u = 0; u < U; ++u) ss += (val[u].x * val[u].x + val[u].y * val[u].y) + (val[u].z * val[u].z + val[u].w * val[u].w);
@@ -299,7 +273,7 @@ __device__ __forceinline__ void finish_values(const Params& p, long long i, floa
     if (c < d) {
       val[u] = make_float4(val[u].x * rms * w[u].x, val[u].y * rms * w[u].y, val[u].z * rms * w[u].z,
                            val[u].w * rms * w[u].w);
-      store4(xs, c, d, val[u]);
+      store_channels(xs, c, d, vec4, val[u]);
     }
   }
   __syncwarp();
@@ -361,18 +335,18 @@ __device__ __forceinline__ void finish_values(const Params& p, long long i, floa
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int c = 128 * u + 4 * lane;
-      if (c < d) store4(dst, c, d, load4(xs, c, d));
+      if (c < d) store_channels(dst, c, d, vec4, load_channels(xs, c, d, vec4));
     }
   }
 }
 
 // finish_values on the pooled entry i at `dst` (the pool kernel's output), in place.
-__device__ __forceinline__ void finish_entry(const Params& p, long long i, float* dst, float* xs) {
+__device__ __forceinline__ void finish_entry(const Params& p, long long i, float* dst, float* xs, int vec4) {
   const int lane = threadIdx.x % 32;
   float4 val[U];
 #pragma unroll
-  for (int u = 0; u < U; ++u) val[u] = load4(dst, 128 * u + 4 * lane, p.dim);
-  finish_values(p, i, val, dst, xs);
+  for (int u = 0; u < U; ++u) val[u] = load_channels(dst, 128 * u + 4 * lane, p.dim, vec4);
+  finish_values(p, i, val, dst, xs, vec4);
 }
 
 // Advances state column `col` (< coff D) by the call's tokens, as feeding them one by one would.
@@ -518,7 +492,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 10) dsv4_compress_pool(con
 // the state, (column group, part) each (parts: see advance_state), which must follow every read
 // of the old state: after the pool kernel, or (pool) as a launch of their own after the entries'.
 extern "C" __global__ void __launch_bounds__(THREADS, 4) dsv4_compress_finish(const Params p, int finish_blocks,
-                                                                              int parts, int pool) {
+                                                                              int parts, int pool, int vec4) {
   if ((int)blockIdx.x >= finish_blocks) {
     const int b = blockIdx.x - finish_blocks;
     const int col = (b / parts) * THREADS + threadIdx.x;
@@ -533,10 +507,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, 4) dsv4_compress_finish(co
   float* dst = p.out + e * p.dim;
   if (pool) {
     float4 val[U];
-    pool_entry4(p, first + e, val, xs[warp]);
-    finish_values(p, first + e, val, dst, xs[warp]);
+    pool_entry4(p, first + e, val, xs[warp], vec4);
+    finish_values(p, first + e, val, dst, xs[warp], vec4);
   } else {
-    finish_entry(p, first + e, dst, xs[warp]);
+    finish_entry(p, first + e, dst, xs[warp], vec4);
   }
 }
 
@@ -559,7 +533,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 9) dsv4_compress_batch_poo
 // dsv4_compress_finish).
 extern "C" __global__ void __launch_bounds__(THREADS, 4) dsv4_compress_batch_finish(const BatchParams bp,
                                                                                     int finish_blocks, int columns,
-                                                                                    int parts, int pool) {
+                                                                                    int parts, int pool, int vec4) {
   Params p;
   if ((int)blockIdx.x >= finish_blocks) {
     const int b = blockIdx.x - finish_blocks, part = b % parts, group = (b / parts) % columns;
@@ -583,9 +557,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 4) dsv4_compress_batch_fin
   }
   if (pool) {
     float4 val[U];
-    pool_entry4(p, i, val, xs[warp]);
-    finish_values(p, i, val, dst, xs[warp]);
+    pool_entry4(p, i, val, xs[warp], vec4);
+    finish_values(p, i, val, dst, xs[warp], vec4);
   } else {
-    finish_entry(p, i, dst, xs[warp]);
+    finish_entry(p, i, dst, xs[warp], vec4);
   }
 }

@@ -3,7 +3,7 @@
 
 use std::ffi::c_void;
 
-use super::{launch, Kernel, Launch};
+use super::{four_wide, launch, Kernel, Launch};
 use crate::error::{Error, Result};
 use crate::formats::{Quant, RopeTable};
 use crate::tensor::{DType, TensorRef};
@@ -123,8 +123,9 @@ pub unsafe fn compress(dev: i32, stream: usize, a: &CompressArgs) -> Result<()> 
     let mut pa = parts as i32;
     let pa = &mut pa as *mut i32 as *mut c_void;
     let fused = overlap && entries >= FUSED_MIN_ENTRIES;
-    finish_launches(dev, stream, Kernel::CompressFinish, Kernel::CompressPool, (entries, d), state_blocks, fused, c.out,
-                    &mut [pp, pa])
+    let vec4 = four_wide(d, &[c.kv, c.score, c.ape, c.norm_weight, c.out, a.kv_state, a.score_state]);
+    finish_launches(dev, stream, Kernel::CompressFinish, Kernel::CompressPool, (entries, d), state_blocks, fused, vec4,
+                    c.out, &mut [pp, pa])
 }
 
 /// The launches of a call after its arguments are set. Usually the pool kernel over (entry or
@@ -132,27 +133,28 @@ pub unsafe fn compress(dev: i32, stream: usize, a: &CompressArgs) -> Result<()> 
 /// them in the same launch. With `fused` (the overlapping form, many entries) `finish` pools each
 /// entry itself (`pool` = 1: the pooled entry never goes through memory) and so takes the state
 /// blocks in a second launch of its own (no entries), as the pooling reads the state they
-/// overwrite. `rows.0`: the entries (rows of the batch), `rows.1`: D. `extra`: the kernel's
-/// arguments after `finish_blocks` and before `pool`, the first being the parameters (the pool
-/// kernel's only one).
+/// overwrite. `rows.0`: the entries (rows of the batch), `rows.1`: D. `vec4`: every row the
+/// finish kernel reads or writes is four-wide (`four_wide`). `extra`: the kernel's arguments after
+/// `finish_blocks` and before `pool`, the first being the parameters (the pool kernel's only one).
 ///
 /// # Safety
 /// As the callers'.
 #[allow(clippy::too_many_arguments)]
 unsafe fn finish_launches(
     dev: i32, stream: usize, finish: Kernel, pool: Kernel, rows: (usize, usize), state_blocks: usize, fused: bool,
-    name: &TensorRef, extra: &mut [*mut c_void],
+    vec4: bool, name: &TensorRef, extra: &mut [*mut c_void],
 ) -> Result<()> {
     let block = (THREADS, 1, 1);
     let (n, d) = rows;
     let finish_blocks = n.div_ceil(FINISH_ROWS);
-    let mut pool_flag = fused as i32;
+    let (mut pool_flag, mut vec4) = (fused as i32, vec4 as i32);
     let mut launch_finish = |blocks: usize, first: usize| -> Result<()> {
         let grid = grid_x(name, blocks)?;
         let mut fb = first as i32;
         let mut args: Vec<*mut c_void> = vec![extra[0], &mut fb as *mut i32 as *mut c_void];
         args.extend_from_slice(&extra[1..]);
         args.push(&mut pool_flag as *mut i32 as *mut c_void);
+        args.push(&mut vec4 as *mut i32 as *mut c_void);
         launch(dev, finish, &Launch { grid: (grid, 1, 1), block, shared_bytes: 0, stream }, &mut args)
     };
     if fused {
@@ -256,6 +258,7 @@ pub unsafe fn compress_batch(dev: i32, stream: usize, a: &BatchArgs) -> Result<(
     let (mut co, mut pa) = (columns as i32, parts as i32);
     // A row completes at most one entry, one in 4 for a sequence's run of tokens.
     let fused = overlap && total / 4 >= FUSED_MIN_ENTRIES;
+    let vec4 = four_wide(d, &[c.kv, c.score, c.ape, c.norm_weight, c.out, a.state]);
     finish_launches(dev, stream, Kernel::CompressBatchFinish, Kernel::CompressBatchPool, (total, d), state_blocks,
-                    fused, a.state_slots, &mut [pp, &mut co as *mut i32 as *mut c_void, &mut pa as *mut i32 as *mut c_void])
+                    fused, vec4, a.state_slots, &mut [pp, &mut co as *mut i32 as *mut c_void, &mut pa as *mut i32 as *mut c_void])
 }
