@@ -19,10 +19,18 @@
 // dsv4_indexer_merge: the splits' candidates to the exact top-k, in stages of one block per
 // group of lists: each keeps the top k of its group's candidates (as many as 99 KiB of shared
 // memory hold beside the kept keys), until one group is left, whose block sorts them (score
-// descending, lower index first on ties) and writes indices and scores.
+// descending, lower index first on ties) and writes indices and scores. The first stage drops
+// the candidates below a floor under the query's k-th largest key, found from the splits' peaks
+// (the largest key each warp of a split saw): with many short splits (few queries, long context)
+// most candidates fall below it, and the stages select among far fewer.
 #include "indexer_score.cuh"
 
 using namespace dsv4;
+
+// Radix passes of the floor from the peaks: two passes fix a key's top 16 bits (its score's sign,
+// exponent and 7 mantissa bits), so the floor is within 2^-7 of the k-th peak's score, and
+// stopping there spares the passes that would find the peak itself.
+constexpr int FLOOR_PASSES = 2;
 
 // The mma.sync score kernels (cuda/indexer_sm90a.cu holds the wgmma ones).
 extern "C" __global__ void __launch_bounds__(indexer::THREADS, indexer::MIN_BLOCKS)
@@ -41,12 +49,18 @@ extern "C" __global__ void __launch_bounds__(indexer::THREADS, indexer::MIN_BLOC
 // (final = 0) writes those, unordered, to out_cand [T, groups, k] and out_counts [T, groups];
 // the final stage (one group) sorts them (score descending, lower index first on ties) and
 // writes ids (logical, or physical through the block table) and scores, -1 / -inf past them.
+// With npeaks > 0 (the first stage; k <= npeaks <= group * cap) the npeaks keys at
+// peaks + t * npeaks are maxima of disjoint sets of the query's keys, so the k-th largest of them
+// is at most the query's k-th largest key: a candidate below a floor under it (`cut`, from
+// FLOOR_PASSES radix passes over the peaks) is not in the top k, and is not gathered. The output
+// is the same; the selects see fewer keys.
 // Shared memory: group * cap + kpow2 keys and the select scratch.
 extern "C" __global__ void __launch_bounds__(1024) dsv4_indexer_merge(
     const unsigned long long* __restrict__ cand, const int* __restrict__ counts, int lists, int cap, int group,
     int k, int kpow2, int final_stage, unsigned long long* __restrict__ out_cand, int* __restrict__ out_counts,
     const int* __restrict__ block_table, int max_pages, const void* __restrict__ seq_ids, int seq64, int physical,
-    int* __restrict__ out_idx, float* __restrict__ out_score) {
+    int* __restrict__ out_idx, float* __restrict__ out_score, const unsigned long long* __restrict__ peaks,
+    int npeaks) {
   extern __shared__ __align__(16) uint8_t smem[];
   const int tid = threadIdx.x, g = blockIdx.x, groups = gridDim.x;
   const long long t = blockIdx.y;
@@ -57,12 +71,21 @@ extern "C" __global__ void __launch_bounds__(1024) dsv4_indexer_merge(
   __shared__ int filled, chosen;
   if (tid == 0) filled = chosen = 0;
   __syncthreads();
+  uint64_t cut = 0;  // every candidate is at or above 0
+  if (npeaks > 0) {
+    // The peaks go through buf, which the candidates overwrite after the select's last barrier.
+    const uint64_t* pk = (const uint64_t*)peaks + t * npeaks;
+    for (int i = tid; i < npeaks; i += blockDim.x) buf[i] = pk[i];
+    __syncthreads();
+    cut = top_threshold([&](int i) { return buf[i]; }, npeaks, k, scratch, FLOOR_PASSES);
+  }
   const uint64_t* src = (const uint64_t*)cand + (t * lists + l0) * cap;
   const int* cnt = counts + t * lists + l0;
   for (int base = 0; base < slots; base += blockDim.x) {
     const int i = base + tid;
-    const bool ok = i < slots && i % cap < cnt[i / cap];
-    append_key(buf, &filled, ok, ok ? src[i] : 0);
+    const bool listed = i < slots && i % cap < cnt[i / cap];
+    const uint64_t key = listed ? src[i] : 0;
+    append_key(buf, &filled, listed && key >= cut, key);
   }
   __syncthreads();
   const int n = filled, m = min(k, n);

@@ -321,6 +321,36 @@ def test_indexer_long_context_merges_in_stages(gen: torch.Generator, fmt: str, k
     assert torch.equal(bits(picked[idx >= 0]), bits(top[idx >= 0]))
 
 
+@pytest.mark.parametrize("case,k", [("random", 512), ("random", 2048), ("clustered", 512), ("ties", 512)])
+def test_indexer_one_query_at_1m_context_cuts_below_the_peaks_floor(gen: torch.Generator, case: str, k: int,
+                                                                    indexer_kernel: str) -> None:
+    """One query over 262,144 keys: 512 splits of 512 keys, whose 4,096 peaks (each half warp's
+    largest key) give the first merge stage a floor under the k-th key, and candidates below it
+    are not gathered. The selection is still the exact top-k of the GPU's own dense scores, ties to the
+    lower key: with random FP4 keys and signed weights (k = 512: most candidates fall below the
+    floor; k = 2048: half the peaks are above it), with the best keys packed into a few splits (one
+    group keeps more than k above the floor, and selects), and with every key equal (the floor cuts
+    nothing)."""
+    fmt = "fp4" if case == "random" else "bf16"
+    cache, table = paged_keys(gen, 1, 4096, fmt, "cpu")
+    q, w = bf16_exact(gen, 1, 64, 128), torch.randn(1, 64, generator=gen)
+    if case == "clustered":
+        cache[table[0, 1000:1020].long()] *= 4  # 1,280 keys (3 splits) score four times higher: exact in bf16
+        q, w = q.abs(), w.abs()
+    elif case == "ties":
+        cache.view(-1, 128)[:] = cache.view(-1, 128)[0]
+        q, w = q.abs(), w.abs()
+    args = [x.cuda() for x in (q, w, cache, table, torch.zeros(1, dtype=torch.long), torch.tensor([262_144]))]
+    dense = ops.indexer_scores(*args)
+    idx, top = ops.indexer_topk(*args, k, return_scores=True)
+    assert torch.equal(idx, selection_of(dense, k))
+    assert torch.equal(bits(dense.gather(1, idx.long())), bits(top))
+    if case == "clustered":
+        assert ((idx >= 1000 * 64) & (idx < 1020 * 64)).all()
+    if case == "ties":
+        assert idx[0].tolist() == list(range(k))
+
+
 def test_indexer_kernel_switch_takes_effect(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each forced score kernel is the one that runs for the selection and the dense scores (seen
     by the profiler), the default is wgmma on compute capability 9.0 and mma.sync elsewhere, and

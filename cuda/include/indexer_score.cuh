@@ -11,6 +11,8 @@ namespace dsv4 {
 namespace indexer {
 
 constexpr int THREADS = 128;  // 4 warps (one warpgroup): one per 16-head tile (64 heads at most)
+// Peaks a split writes for the merge's floor, one a half warp (the launcher's PEAKS_PER_SPLIT).
+constexpr int PEAKS = THREADS / 16;
 constexpr int MAX_SPLIT_PAGES = 64;  // a split takes at most 4096 keys (the launcher's MAX_SPLIT_KEYS)
 // Blocks a multiprocessor runs at once (what the registers, at most 128 a thread, allow; the
 // shared memory of an FP4 split of 4096 keys allows 4 too): the page pipelines of four blocks
@@ -118,7 +120,7 @@ __device__ __forceinline__ void score_split(
     const uint8_t* __restrict__ keys, long long num_pages, const int* __restrict__ block_table,
     int max_pages, const void* __restrict__ seq_ids, const void* __restrict__ visible, int seq64,
     int vis64, int split_keys, int kcap, int splits, unsigned long long* __restrict__ cand, int* __restrict__ counts,
-    float* __restrict__ dense, long long width) {
+    unsigned long long* __restrict__ peaks, float* __restrict__ dense, long long width) {
   extern __shared__ __align__(16) uint8_t smem[];
   uint16_t* ks = (uint16_t*)smem;                                  // [64 x 128] bf16 keys (tile_offset)
   float* red = (float*)(ks + PAGE_ROWS * INDEX_DIM);                // [4 warps][64] partial scores
@@ -145,6 +147,7 @@ __device__ __forceinline__ void score_split(
   }
   if (k0 >= k1) {
     if (tid == 0 && !DENSE) counts[t * splits + s] = 0;
+    if (tid < PEAKS && !DENSE) peaks[((long long)t * splits + s) * PEAKS + tid] = 0;  // no key: below every one
     return;
   }
   if (tid == 0) skipped = 0;
@@ -326,12 +329,22 @@ __device__ __forceinline__ void score_split(
   const uint64_t thr = candidates <= kcap ? 1 : top_threshold(key, n, kcap, scratch);
   if (tid == 0) n_out = 0;
   __syncthreads();
+  uint64_t peak = 0;
   for (int base = 0; base < n; base += THREADS) {
     const int i = base + tid;
     const uint64_t c = i < n ? key(i) : 0;
     append_key(out, &n_out, c >= thr, c);
+    peak = max(peak, c);
   }
   if (tid == 0) counts[t * splits + s] = min(candidates, kcap);
+  // A half warp's peak: the largest key of the split's slots its lanes went through (whether
+  // kept or not; 0 if none). The first merge stage takes the query's peaks for a floor under its
+  // k-th key (cuda/indexer.cu).
+#pragma unroll
+  for (int off = 8; off > 0; off /= 2) {
+    peak = max(peak, (uint64_t)__shfl_xor_sync(0xffffffffu, (unsigned long long)peak, off));
+  }
+  if (lane % 16 == 0) peaks[((long long)t * splits + s) * PEAKS + tid / 16] = peak;
 }
 
 }  // namespace indexer
@@ -343,10 +356,10 @@ __device__ __forceinline__ void score_split(
       IndexFormat fmt, long long num_pages, const int *__restrict__ block_table, int max_pages,                     \
       const void *__restrict__ seq_ids, const void *__restrict__ visible, int seq64, int vis64, int split_keys,     \
       int kcap, int splits, unsigned long long *__restrict__ cand, int *__restrict__ counts,                        \
-      float *__restrict__ dense, long long width
+      unsigned long long *__restrict__ peaks, float *__restrict__ dense, long long width
 #define DSV4_INDEXER_SCORE_ARGS \
   q, q_bf16, w, heads, keys, num_pages, block_table, max_pages, seq_ids, visible, seq64, vis64, split_keys, kcap, \
-      splits, cand, counts, dense, width
+      splits, cand, counts, peaks, dense, width
 
 // The body of a score kernel: the selection's (DENSE false) or the dense scores' with the MMA
 // kind WG. The key format is a template parameter of the body (a branch per format, each with

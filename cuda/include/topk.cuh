@@ -61,8 +61,12 @@ __device__ __forceinline__ void append_key(uint64_t* dst, int* count, bool ok, u
 // The lanes of a warp whose keys fall in one bin add their count with one atomic
 // (__match_any_sync): scores of one query mostly share their top byte, so without it the first
 // pass serializes on one or two bins.
+//
+// With `passes` < 8 the select may stop early, at the prefix chosen so far (zeros below): at
+// least k keys are then at or above it, so it is a floor under the k-th largest key, not
+// necessarily the key itself (the indexer merge's floor: cuda/indexer.cu).
 template <typename Load>
-__device__ uint64_t top_threshold(Load load, int n, int k, SelectScratch& s) {
+__device__ uint64_t top_threshold(Load load, int n, int k, SelectScratch& s, int passes = 8) {
   const int lane = threadIdx.x % 32;
   if (threadIdx.x == 0) {
     s.prefix = 0;
@@ -70,7 +74,7 @@ __device__ uint64_t top_threshold(Load load, int n, int k, SelectScratch& s) {
     s.done = 0;
   }
   uint64_t mask = 0;
-  for (int shift = 56; shift >= 0; shift -= 8) {
+  for (int shift = 56; shift >= 64 - 8 * passes; shift -= 8) {
     for (int b = threadIdx.x; b < 256; b += blockDim.x) s.hist[b] = 0;
     __syncthreads();
     const uint64_t prefix = s.prefix;

@@ -25,6 +25,9 @@ const MIN_SPLIT_KEYS: usize = 4 * PAGE_ROWS;
 const MAX_SPLIT_KEYS: usize = 4096;
 /// Shared memory a merge block may take: 99 KiB, what sm_86/89/120 grant a block.
 const MERGE_SHARED: usize = 99 * 1024;
+/// Peaks a split writes: the largest key each half warp of the score kernel went through
+/// (`PEAKS` in cuda/include/indexer_score.cuh).
+const PEAKS_PER_SPLIT: usize = 8;
 
 /// How the key axis is split: keys per split (a multiple of 64) and number of splits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,8 +108,13 @@ fn counts_offset(queries: usize, lists: usize, cap: usize) -> usize {
     queries * lists * cap * 8
 }
 
-/// Bytes of workspace the op needs: the splits' candidates and counts, then each middle merge
-/// stage's output.
+/// Bytes of the splits' peaks (u64, [`PEAKS_PER_SPLIT`] a split), after the splits' region.
+fn peaks_bytes(queries: usize, s: Split) -> usize {
+    queries * s.count * PEAKS_PER_SPLIT * 8
+}
+
+/// Bytes of workspace the op needs: the splits' candidates and counts, their peaks, then each
+/// middle merge stage's output.
 pub fn workspace_bytes(queries: usize, max_keys: usize, k: usize) -> usize {
     let s = split(queries, max_keys, k);
     plan_bytes(queries, s, &merge_stages(s, k), k)
@@ -115,7 +123,15 @@ pub fn workspace_bytes(queries: usize, max_keys: usize, k: usize) -> usize {
 /// [`workspace_bytes`] of a split and its merge stages.
 fn plan_bytes(queries: usize, s: Split, stages: &[MergeStage], k: usize) -> usize {
     let middle: usize = stages[..stages.len() - 1].iter().map(|st| region_bytes(queries, st.groups, k)).sum();
-    region_bytes(queries, s.count, s.kcap) + middle
+    region_bytes(queries, s.count, s.kcap) + peaks_bytes(queries, s) + middle
+}
+
+/// Peaks the first merge stage `st` takes a query for its floor (cuda/indexer.cu): all of them,
+/// where they are at least `k` (else they bound nothing) and fit where the stage gathers its
+/// candidates; 0 (no floor) otherwise.
+fn floor_peaks(s: Split, st: &MergeStage, k: usize) -> usize {
+    let peaks = s.count * PEAKS_PER_SPLIT;
+    if peaks >= k && peaks <= st.group * st.cap { peaks } else { 0 }
 }
 
 /// Pages staged ahead by the score kernel (`STAGES` in cuda/include/indexer_score.cuh).
@@ -175,10 +191,10 @@ pub struct Selection<'a> {
     pub out_scores: &'a TensorRef,
 }
 
-/// Where the score kernel puts the scores of a split: `(cand, counts)` candidates in the
-/// workspace for the merge, or every score in a dense `[T, width]` matrix.
+/// Where the score kernel puts the scores of a split: `(cand, counts)` candidates and the half
+/// warps' `peaks` in the workspace for the merge, or every score in a dense `[T, width]` matrix.
 enum ScoreOut {
-    Candidates { cand: u64, counts: u64 },
+    Candidates { cand: u64, counts: u64, peaks: u64 },
     Dense { out: u64, width: usize },
 }
 
@@ -197,14 +213,14 @@ unsafe fn launch_score(dev: i32, stream: usize, a: &IndexerArgs, s: Split, out: 
     let (sp, vp) = (a.seq_ids.ptr as u64, a.visible.ptr as u64);
     let (s64, v64) = ((a.seq_ids.dtype == DType::I64) as i32, (a.visible.dtype == DType::I64) as i32);
     let wg = use_wgmma(dev)?;
-    let (kernel, pool_keys, kc, sc, cand, counts, dense, width) = match out {
-        ScoreOut::Candidates { cand, counts } => {
+    let (kernel, pool_keys, kc, sc, cand, counts, peaks, dense, width) = match out {
+        ScoreOut::Candidates { cand, counts, peaks } => {
             let kernel = if wg { Kernel::IndexerScoreWgmma } else { Kernel::IndexerScore };
-            (kernel, s.keys, s.kcap as i32, s.count as i32, cand, counts, 0u64, 0i64)
+            (kernel, s.keys, s.kcap as i32, s.count as i32, cand, counts, peaks, 0u64, 0i64)
         }
         ScoreOut::Dense { out, width } => {
             let kernel = if wg { Kernel::IndexerScoreWgmmaDense } else { Kernel::IndexerScoreDense };
-            (kernel, 0, 0, 0, 0, 0, out, width as i64)
+            (kernel, 0, 0, 0, 0, 0, 0, out, width as i64)
         }
     };
     let sk = s.keys as i32;
@@ -218,7 +234,8 @@ unsafe fn launch_score(dev: i32, stream: usize, a: &IndexerArgs, s: Split, out: 
         dev,
         kernel,
         &score,
-        &mut kernel_args!(qp, qb, wp, h, kp, fmt, np, bt, mp, sp, vp, s64, v64, sk, kc, sc, cand, counts, dense, width),
+        &mut kernel_args!(qp, qb, wp, h, kp, fmt, np, bt, mp, sp, vp, s64, v64, sk, kc, sc, cand, counts, peaks, dense,
+                          width),
     )
 }
 
@@ -241,8 +258,9 @@ pub unsafe fn indexer_topk(dev: i32, stream: usize, a: &IndexerArgs, sel: &Selec
         return Err(Error::value(ws.name, format!("needs at least {need} bytes (uint8, 8-byte aligned)")));
     }
     let (mut cand, mut counts) = (ws.ptr as u64, ws.ptr as u64 + counts_offset(t, s.count, s.kcap) as u64);
-    launch_score(dev, stream, a, s, ScoreOut::Candidates { cand, counts })?;
-    let mut next = ws.ptr as u64 + region_bytes(t, s.count, s.kcap) as u64;
+    let peaks = ws.ptr as u64 + region_bytes(t, s.count, s.kcap) as u64;
+    launch_score(dev, stream, a, s, ScoreOut::Candidates { cand, counts, peaks })?;
+    let mut next = peaks + peaks_bytes(t, s) as u64;
     let (bt, mp) = (a.block_table.ptr as u64, max_pages as i32);
     let (sp, s64) = (a.seq_ids.ptr as u64, (a.seq_ids.dtype == DType::I64) as i32);
     let (k, kpow2, phys) = (sel.k as i32, sel.k.next_power_of_two() as i32, sel.physical as i32);
@@ -252,6 +270,7 @@ pub unsafe fn indexer_topk(dev: i32, stream: usize, a: &IndexerArgs, sel: &Selec
         let (out_cand, out_counts) =
             if last == 1 { (0, 0) } else { (next, next + counts_offset(t, st.groups, sel.k) as u64) };
         let (ls, cp, gp) = (st.lists as i32, st.cap as i32, st.group as i32);
+        let npk = if i == 0 { floor_peaks(s, st, sel.k) as i32 } else { 0 };
         let merge = Launch {
             grid: (st.groups as u32, t as u32, 1),
             block: (MERGE_THREADS, 1, 1),
@@ -262,7 +281,8 @@ pub unsafe fn indexer_topk(dev: i32, stream: usize, a: &IndexerArgs, sel: &Selec
             dev,
             Kernel::IndexerMerge,
             &merge,
-            &mut kernel_args!(cand, counts, ls, cp, gp, k, kpow2, last, out_cand, out_counts, bt, mp, sp, s64, phys, oi, os),
+            &mut kernel_args!(cand, counts, ls, cp, gp, k, kpow2, last, out_cand, out_counts, bt, mp, sp, s64, phys, oi, os,
+                              peaks, npk),
         )?;
         (cand, counts) = (out_cand, out_counts);
         next += region_bytes(t, st.groups, sel.k) as u64;
@@ -323,6 +343,21 @@ mod tests {
     }
 
     #[test]
+    fn the_first_stage_takes_a_floor_where_the_peaks_bound_the_kth_key() {
+        // 1M context, one query: 512 splits' 4,096 peaks, read where the 23 groups gather 11,776 keys.
+        let s = split(1, 262_144, 512);
+        assert_eq!(floor_peaks(s, &merge_stages(s, 512)[0], 512), 4096);
+        // 128K context, 32 queries: 128 peaks a query cannot bound the 512th key.
+        let s = split(32, 32_768, 512);
+        assert_eq!(floor_peaks(s, &merge_stages(s, 512)[0], 512), 0);
+        // Peaks that would not fit where the stage gathers (k = 1: one candidate a split) are not taken.
+        let s = split(1, 4096, 1);
+        let st = merge_stages(s, 1)[0];
+        assert!(s.count * PEAKS_PER_SPLIT > st.group * st.cap);
+        assert_eq!(floor_peaks(s, &st, 1), 0);
+    }
+
+    #[test]
     fn merge_stages_end_in_one_group_within_shared_memory() {
         for t in [1, 3, 11, 64, 4096] {
             for n in [0, 64, 1_000, 19_200, 65_536, 262_144, 1 << 21] {
@@ -344,10 +379,12 @@ mod tests {
                         let shared = merge_shared_bytes(st.group, st.cap, k) + MERGE_STATIC_BYTES;
                         assert!(shared <= 99 * 1024, "fits sm_86/89/120's 99 KiB: {shared}");
                     }
+                    let peaks = floor_peaks(s, &stages[0], k);
+                    assert!(peaks == 0 || (k..=stages[0].group * stages[0].cap).contains(&peaks));
                     // The regions follow each other, each 8-byte aligned.
                     let bytes = workspace_bytes(t, n, k);
                     assert_eq!(bytes % 8, 0);
-                    assert!(bytes >= t * s.count * (s.kcap * 8 + 4));
+                    assert!(bytes >= t * s.count * (s.kcap * 8 + 4 + PEAKS_PER_SPLIT * 8));
                 }
             }
         }
