@@ -147,7 +147,7 @@ __device__ __forceinline__ void score_split(
   }
   if (k0 >= k1) {
     if (tid == 0 && !DENSE) counts[t * splits + s] = 0;
-    if (tid < PEAKS && !DENSE) peaks[((long long)t * splits + s) * PEAKS + tid] = 0;  // no key: below every one
+    if (tid < PEAKS && !DENSE && peaks) peaks[((long long)t * splits + s) * PEAKS + tid] = 0;  // no key: below every one
     return;
   }
   if (tid == 0) skipped = 0;
@@ -339,7 +339,8 @@ __device__ __forceinline__ void score_split(
   if (tid == 0) counts[t * splits + s] = min(candidates, kcap);
   // A half warp's peak: the largest key of the split's slots its lanes went through (whether
   // kept or not; 0 if none). The first merge stage takes the query's peaks for a floor under its
-  // k-th key (cuda/indexer.cu).
+  // k-th key (cuda/indexer.cu); where it takes none the launcher passes no `peaks`.
+  if (!peaks) return;
 #pragma unroll
   for (int off = 8; off > 0; off /= 2) {
     peak = max(peak, (uint64_t)__shfl_xor_sync(0xffffffffu, (unsigned long long)peak, off));
