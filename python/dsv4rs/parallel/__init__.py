@@ -302,7 +302,7 @@ class ReplicatedExperts:
         return [int(n) for n in self._received]
 
     def __call__(self, experts: Experts, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        self._received.append(((idx >= experts.first) & (idx < experts.first + experts.held)).sum())
+        self._received.append(experts.holds(idx).sum())
         return self.reduce(experts.held_sum(x, idx, weights), "the MoE's all-reduce").to(x.dtype)
 
 

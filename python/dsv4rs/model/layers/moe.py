@@ -139,6 +139,10 @@ class Experts(nn.Module):
         ones = torch.ones(rows.shape[0], 1, dtype=torch.float32, device=rows.device)
         return self._run(rows, ids[:, None], ones)
 
+    def holds(self, idx: torch.Tensor) -> torch.Tensor:
+        """Whether each global expert id of ``idx`` is one this module holds (a bool tensor)."""
+        return (idx >= self.first) & (idx < self.first + self.held)
+
     def held_sum(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """``sum_k weights[t, k] expert_{idx[t, k]}(x_t)`` in float32 ``[T, d]`` over the pairs whose
         experts this module holds (``idx``: global ids); the other pairs add nothing (tensor
@@ -148,7 +152,7 @@ class Experts(nn.Module):
         tokens, k = idx.shape
         if self.held == 0:
             return torch.zeros(tokens, x.shape[-1], dtype=torch.float32, device=x.device)
-        ours = (idx >= self.first) & (idx < self.first + self.held)
+        ours = self.holds(idx)
         if self.quantized:
             return self._run(x.float(), torch.where(ours, idx - self.first, -1), weights)
         flat = idx.flatten()
