@@ -32,11 +32,15 @@ const SHARED_BYTES: u32 =
 const WGMMA_SHARED_BYTES: u32 =
     ((HEADS_PER_BLOCK + 2 * TILE) * 512 * 2 + 2 * HEADS_PER_BLOCK * (TILE + 8) * 4 + 2 * TILE * (1024 + 16)) as u32;
 const WGMMA_THREADS: u32 = 512;
-/// `dsv4_sparse_attention_portable`: 16 heads and 16 candidates a tile, 3 tiles staged, queries in
-/// registers; for GPUs that allow less than `SHARED_BYTES` per block (sm_80 163 KiB, sm_86/89/120
-/// 99 KiB).
-const PORTABLE_HEADS: usize = 16;
-const PORTABLE_SHARED_BYTES: u32 = (16 * (512 + 8) * 2 + 8 * 16 * (16 + 8) * 4 + 3 * 16 * (1024 + 64)) as u32;
+/// `dsv4_sparse_attention_portable` (64 heads, 512 threads: 16 warps, 4 a head tile): the bf16
+/// tile of 16 candidates in padded rows, the 16 warps' partial scores and 3 staged raw tiles;
+/// the queries stay in registers. For GPUs that allow less than `SHARED_BYTES` per block (sm_80
+/// 163 KiB, sm_86/89/120 99 KiB).
+const PORTABLE_TILE: usize = 16;
+const PORTABLE_THREADS: u32 = 512;
+const PORTABLE_SHARED_BYTES: u32 = (PORTABLE_TILE * (512 + 8) * 2
+    + 16 * 16 * (PORTABLE_TILE + 8) * 4
+    + STAGES * PORTABLE_TILE * (1024 + 64)) as u32;
 
 /// The attention kernels a GPU can run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,7 +56,9 @@ impl Variant {
         match self {
             Variant::Wgmma => (Kernel::SparseAttentionWgmma, HEADS_PER_BLOCK, WGMMA_THREADS, WGMMA_SHARED_BYTES),
             Variant::Mma => (Kernel::SparseAttention, HEADS_PER_BLOCK, THREADS, SHARED_BYTES),
-            Variant::Portable => (Kernel::SparseAttentionPortable, PORTABLE_HEADS, THREADS, PORTABLE_SHARED_BYTES),
+            Variant::Portable => {
+                (Kernel::SparseAttentionPortable, HEADS_PER_BLOCK, PORTABLE_THREADS, PORTABLE_SHARED_BYTES)
+            }
         }
     }
 }
@@ -265,7 +271,7 @@ mod tests {
     fn shared_memory_of_the_variants() {
         assert_eq!(SHARED_BYTES, 224_768); // 219.5 KiB: sm_90 and sm_100 (227 KiB per block)
         assert_eq!(WGMMA_SHARED_BYTES, 218_112); // 213 KiB, plus 512 B static: sm_90 (227 KiB)
-        assert_eq!(PORTABLE_SHARED_BYTES, 81_152); // 79.25 KiB: every sm_80+ GPU (99 KiB or more)
+        assert_eq!(PORTABLE_SHARED_BYTES, 93_440); // 91.25 KiB, plus 256 B static: every sm_80+ GPU (99 KiB or more)
     }
 
     #[test]
