@@ -508,15 +508,17 @@ def test_attention_kernel_switch_takes_effect(gen: torch.Generator, monkeypatch:
     may agree bit for bit)."""
     q, cache, idx, lengths, wcache, widx, sink = (x.cuda() for x in attention_case(gen, 4, 64, 1000, 512, "fp8", 128))
     args = dict(lengths=lengths, extra_cache=wcache, extra_indices=widx)
+    # The portable kernel's 16-head block runs here (4 queries: a small grid).
     names = {"wgmma": "dsv4_sparse_attention_wgmma", "mma": "dsv4_sparse_attention",
-             "portable": "dsv4_sparse_attention_portable"}
+             "portable": "dsv4_sparse_attention_portable16"}
+    every = set(names.values()) | {"dsv4_sparse_attention_portable"}
     run = lambda: ops.sparse_attention(q, cache, idx, sink, **args)  # noqa: E731
     default_launched = launched_kernels(run)
     outs = {}
     for kernel in runnable_kernels():
         monkeypatch.setenv("DSV4RS_ATTENTION_KERNEL", kernel)
         launched = launched_kernels(run)
-        assert names[kernel] in launched and not (set(names.values()) - {names[kernel]}) & launched, launched
+        assert names[kernel] in launched and not (every - {names[kernel]}) & launched, launched
         outs[kernel], _ = run()
     assert names[runnable_kernels()[0]] in default_launched
     monkeypatch.delenv("DSV4RS_ATTENTION_KERNEL")
@@ -526,6 +528,30 @@ def test_attention_kernel_switch_takes_effect(gen: torch.Generator, monkeypatch:
     first = outs[runnable_kernels()[0]]
     for kernel, out in outs.items():
         assert rel_err(out, first) < 5e-3, kernel
+
+
+@pytest.mark.parametrize("t,heads,k,block", [(1, 64, 512, "portable16"), (1, 128, 1024, "portable16"), (2, 16, 512, "portable16"),
+                                              (64, 64, 512, "portable"), (8, 128, 1024, "portable"), (300, 40, 64, "portable")])
+def test_portable_attention_takes_the_block_its_grid_needs(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch, t: int,
+                                                         heads: int, k: int, block: str) -> None:
+    """The portable kernel takes its 16-head block for small grids (few queries, or at most 16
+    heads) and its 64-head block otherwise; each matches the CPU (one softmax over both lists, the
+    sink, the derotation)."""
+    monkeypatch.setenv("DSV4RS_ATTENTION_KERNEL", "portable")
+    q, cache, idx, lengths, wcache, widx, sink = attention_case(gen, t, heads, 2000, k, "fp8", 128)
+    inv_freq = reference.rope_inv_freq(64, 10000.0).float()
+    pos = torch.randint(0, 10**6, (t,), generator=gen)
+    args = dict(lengths=lengths, extra_cache=wcache, extra_indices=widx, derotate=(pos, inv_freq))
+    out_c, lse_c = ops.sparse_attention(q, cache, idx, sink, **args)
+    cuda = {k: (tuple(x.cuda() for x in v) if isinstance(v, tuple) else v.cuda()) for k, v in args.items()}
+    run = lambda: ops.sparse_attention(q.cuda(), cache.cuda(), idx.cuda(), sink.cuda(), **cuda)  # noqa: E731
+    launched = {n for n in launched_kernels(run) if n.startswith("dsv4_sparse_attention")}
+    assert launched == {f"dsv4_sparse_attention_{block}"}, launched
+    out_d, lse_d = run()
+    assert rel_err(out_d, out_c) < 5e-3
+    finite = torch.isfinite(lse_c)
+    assert torch.equal(torch.isfinite(lse_d.cpu()), finite)
+    torch.testing.assert_close(lse_d.cpu()[finite], lse_c[finite], rtol=1e-3, atol=1e-3)
 
 
 def test_forcing_an_unknown_attention_kernel_is_an_error(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:

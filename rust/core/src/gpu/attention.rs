@@ -32,11 +32,30 @@ const SHARED_BYTES: u32 =
 const WGMMA_SHARED_BYTES: u32 =
     ((HEADS_PER_BLOCK + 2 * TILE) * 512 * 2 + 2 * HEADS_PER_BLOCK * (TILE + 8) * 4 + 2 * TILE * (1024 + 16)) as u32;
 const WGMMA_THREADS: u32 = 512;
-/// `dsv4_sparse_attention_portable`: 16 heads and 16 candidates a tile, 3 tiles staged, queries in
-/// registers; for GPUs that allow less than `SHARED_BYTES` per block (sm_80 163 KiB, sm_86/89/120
-/// 99 KiB).
-const PORTABLE_HEADS: usize = 16;
-const PORTABLE_SHARED_BYTES: u32 = (16 * (512 + 8) * 2 + 8 * 16 * (16 + 8) * 4 + 3 * 16 * (1024 + 64)) as u32;
+/// `dsv4_sparse_attention_portable` (64 heads, 512 threads: 16 warps, 4 a head tile): the bf16
+/// tile of 16 candidates in padded rows, the 16 warps' partial scores and 3 staged raw tiles;
+/// the queries stay in registers. For GPUs that allow less than `SHARED_BYTES` per block (sm_80
+/// 163 KiB, sm_86/89/120 99 KiB).
+const PORTABLE_TILE: usize = 16;
+const PORTABLE_THREADS: u32 = 512;
+const PORTABLE_SHARED_BYTES: u32 = (PORTABLE_TILE * (512 + 8) * 2
+    + 16 * 16 * (PORTABLE_TILE + 8) * 4
+    + STAGES * PORTABLE_TILE * (1024 + 64)) as u32;
+/// `dsv4_sparse_attention_portable16`, the portable kernel's block for small grids: 16 heads,
+/// 256 threads (8 warps), the same tile and stages with 8 warps' partial scores.
+const PORTABLE16_HEADS: usize = 16;
+const PORTABLE16_SHARED_BYTES: u32 = (PORTABLE_TILE * (512 + 8) * 2
+    + 8 * 16 * (PORTABLE_TILE + 8) * 4
+    + STAGES * PORTABLE_TILE * (1024 + 64)) as u32;
+
+/// Whether the portable kernel takes its 16-head block: for at most 16 heads (the 64-head block
+/// would idle three of its four head tiles), or where the 64-head grid (`grid64` blocks) would
+/// fill less than half the SMs, there four blocks of 16 heads a split keep more SMs busy. On the
+/// H200 at batch 1 the 64-head block took 1.2-1.5x the 16-head one's time (grids of 10-52
+/// blocks), and 0.58-0.77x from batch 32 on (128 blocks and more).
+fn portable16(heads: usize, grid64: usize) -> bool {
+    heads <= PORTABLE16_HEADS || grid64 < TARGET_BLOCKS / 2
+}
 
 /// The attention kernels a GPU can run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,7 +71,9 @@ impl Variant {
         match self {
             Variant::Wgmma => (Kernel::SparseAttentionWgmma, HEADS_PER_BLOCK, WGMMA_THREADS, WGMMA_SHARED_BYTES),
             Variant::Mma => (Kernel::SparseAttention, HEADS_PER_BLOCK, THREADS, SHARED_BYTES),
-            Variant::Portable => (Kernel::SparseAttentionPortable, PORTABLE_HEADS, THREADS, PORTABLE_SHARED_BYTES),
+            Variant::Portable => {
+                (Kernel::SparseAttentionPortable, HEADS_PER_BLOCK, PORTABLE_THREADS, PORTABLE_SHARED_BYTES)
+            }
         }
     }
 }
@@ -242,7 +263,13 @@ pub unsafe fn sparse_attention(dev: i32, stream: usize, a: &AttentionArgs) -> Re
         part_ml: part_o + (t * splits * heads * 512 * 4) as u64,
     };
     let pp = &mut p as *mut Params as *mut c_void;
-    let (kernel, per_block, threads, shared_bytes) = choose(dev)?.launch_shape();
+    let variant = choose(dev)?;
+    let (kernel, per_block, threads, shared_bytes) =
+        if variant == Variant::Portable && portable16(heads, splits * t * heads.div_ceil(HEADS_PER_BLOCK)) {
+            (Kernel::SparseAttentionPortable16, PORTABLE16_HEADS, THREADS, PORTABLE16_SHARED_BYTES)
+        } else {
+            variant.launch_shape()
+        };
     let main = Launch {
         grid: (splits as u32, heads.div_ceil(per_block) as u32, t as u32),
         block: (threads, 1, 1),
@@ -265,7 +292,21 @@ mod tests {
     fn shared_memory_of_the_variants() {
         assert_eq!(SHARED_BYTES, 224_768); // 219.5 KiB: sm_90 and sm_100 (227 KiB per block)
         assert_eq!(WGMMA_SHARED_BYTES, 218_112); // 213 KiB, plus 512 B static: sm_90 (227 KiB)
-        assert_eq!(PORTABLE_SHARED_BYTES, 81_152); // 79.25 KiB: every sm_80+ GPU (99 KiB or more)
+        assert_eq!(PORTABLE_SHARED_BYTES, 93_440); // 91.25 KiB, plus 256 B static: every sm_80+ GPU (99 KiB or more)
+        assert_eq!(PORTABLE16_SHARED_BYTES, 81_152); // 79.25 KiB
+    }
+
+    #[test]
+    fn the_portable_kernel_takes_its_16_head_block_for_small_grids() {
+        let grid = |t: usize, h: usize, n: usize| split(t, h, n).0 * t * h.div_ceil(HEADS_PER_BLOCK);
+        // Batch 1 (V4-Flash CSA 640 candidates: 10 blocks; HCA at 1M: 52) and a few queries.
+        assert!(portable16(64, grid(1, 64, 640)) && portable16(64, grid(1, 64, 8320)));
+        assert!(portable16(64, grid(4, 64, 640)));
+        // Batch 32 and more, V4-Pro's 128 heads at batch 2, prefill: the 64-head block.
+        assert!(!portable16(64, grid(32, 64, 640)) && !portable16(128, grid(2, 128, 1152)));
+        assert!(!portable16(64, grid(8192, 64, 640)));
+        // At most 16 heads: always the 16-head block.
+        assert!(portable16(16, grid(64, 16, 192)) && portable16(1, grid(4096, 1, 640)));
     }
 
     #[test]

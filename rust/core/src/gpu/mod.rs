@@ -61,6 +61,7 @@ macro_rules! declare_kernels {
 declare_kernels! {
     SparseAttention = "dsv4_sparse_attention" in "attention",
     SparseAttentionPortable = "dsv4_sparse_attention_portable" in "attention",
+    SparseAttentionPortable16 = "dsv4_sparse_attention_portable16" in "attention",
     AttentionCombine = "dsv4_attention_combine" in "attention",
     SparseAttentionWgmma = "dsv4_sparse_attention_wgmma" in "attention_sm90a",
     CompressPool = "dsv4_compress_pool" in "compress",
