@@ -10,7 +10,8 @@
 // blocks advance the state in place exactly as feeding the tokens one by one would (a thread per
 // channel column, so reads of the old state precede its writes), after the pool has read it.
 // For long calls of the overlapping form the finish kernel's warps pool their entries themselves
-// (the pool kernel is not launched) and the state blocks take a launch of their own after them.
+// (the pool kernel is not launched) and the state blocks take a launch of their own after them,
+// or the same launch where no entry reads the old state (a call from the sequence's start).
 //
 // dsv4_compress_batch_{pool,finish}: the same for B sequences in one launch each (tokens
 // concatenated, states in a pool of slots): a block per (token, channel group), then a warp per
@@ -490,7 +491,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 10) dsv4_compress_pool(con
 // entry first (pool_entry4), else it reads what dsv4_compress_pool wrote; then RMSNorm, RoPE at
 // the block's first position and the quant round trip, to `out`. The blocks after them advance
 // the state, (column group, part) each (parts: see advance_state), which must follow every read
-// of the old state: after the pool kernel, or (pool) as a launch of their own after the entries'.
+// of the old state: after the pool kernel, or (pool) as a launch of their own after the entries'
+// (in the same launch where no entry reads the old state).
 extern "C" __global__ void __launch_bounds__(THREADS, 4) dsv4_compress_finish(const Params p, int finish_blocks,
                                                                               int parts, int pool, int vec4) {
   if ((int)blockIdx.x >= finish_blocks) {

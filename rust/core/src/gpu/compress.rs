@@ -124,8 +124,25 @@ pub unsafe fn compress(dev: i32, stream: usize, a: &CompressArgs) -> Result<()> 
     let pa = &mut pa as *mut i32 as *mut c_void;
     let fused = overlap && entries >= FUSED_MIN_ENTRIES;
     let vec4 = four_wide(d, &[c.kv, c.score, c.ape, c.norm_weight, c.out, a.kv_state, a.score_state]);
-    finish_launches(dev, stream, Kernel::CompressFinish, Kernel::CompressPool, (entries, d), state_blocks, fused, vec4,
-                    c.out, &mut [pp, pa])
+    let state = States { blocks: state_blocks, free: state_free(c.ratio, overlap, a.start) };
+    finish_launches(dev, stream, Kernel::CompressFinish, Kernel::CompressPool, (entries, d), state, fused, vec4, c.out,
+                    &mut [pp, pa])
+}
+
+/// Whether no entry of a call starting at `start` reads the old state: without overlap when the
+/// call starts a block (its entries' tokens are all inputs), with overlap only at the sequence's
+/// start (entry `i` also reads block `i - 1`, which for the call's first entry is in the state).
+/// The fused form's state blocks then run in the entries' launch, not a launch of their own.
+fn state_free(ratio: usize, overlap: bool, start: usize) -> bool {
+    if overlap { start == 0 } else { start.is_multiple_of(ratio) }
+}
+
+/// A call's state blocks (`blocks`) and whether they may run beside its entries (`free`: see
+/// `state_free`; never for a batch, whose starts are on the device).
+#[derive(Clone, Copy)]
+struct States {
+    blocks: usize,
+    free: bool,
 }
 
 /// The launches of a call after its arguments are set. Usually the pool kernel over (entry or
@@ -133,19 +150,23 @@ pub unsafe fn compress(dev: i32, stream: usize, a: &CompressArgs) -> Result<()> 
 /// them in the same launch. With `fused` (the overlapping form, many entries) `finish` pools each
 /// entry itself (`pool` = 1: the pooled entry never goes through memory) and so takes the state
 /// blocks in a second launch of its own (no entries), as the pooling reads the state they
-/// overwrite. `rows.0`: the entries (rows of the batch), `rows.1`: D. `vec4`: every row the
-/// finish kernel reads or writes is four-wide (`four_wide`). `extra`: the kernel's arguments after
-/// `finish_blocks` and before `pool`, the first being the parameters (the pool kernel's only one).
+/// overwrite, unless `state.free` (no entry reads the old state: the state blocks then follow the
+/// entries in the same launch, a launch fewer; measured on an H200, 64K tokens of FP4 keys, 42.2
+/// -> 39.0 us of kernel time). `rows.0`: the entries (rows of the batch), `rows.1`: D. `vec4`:
+/// every row the finish kernel reads or writes is four-wide (`four_wide`). `extra`: the kernel's
+/// arguments after `finish_blocks` and before `pool`, the first being the parameters (the pool
+/// kernel's only one).
 ///
 /// # Safety
 /// As the callers'.
 #[allow(clippy::too_many_arguments)]
 unsafe fn finish_launches(
-    dev: i32, stream: usize, finish: Kernel, pool: Kernel, rows: (usize, usize), state_blocks: usize, fused: bool,
+    dev: i32, stream: usize, finish: Kernel, pool: Kernel, rows: (usize, usize), state: States, fused: bool,
     vec4: bool, name: &TensorRef, extra: &mut [*mut c_void],
 ) -> Result<()> {
     let block = (THREADS, 1, 1);
     let (n, d) = rows;
+    let state_blocks = state.blocks;
     let finish_blocks = n.div_ceil(FINISH_ROWS);
     let (mut pool_flag, mut vec4) = (fused as i32, vec4 as i32);
     let mut launch_finish = |blocks: usize, first: usize| -> Result<()> {
@@ -157,7 +178,9 @@ unsafe fn finish_launches(
         args.push(&mut vec4 as *mut i32 as *mut c_void);
         launch(dev, finish, &Launch { grid: (grid, 1, 1), block, shared_bytes: 0, stream }, &mut args)
     };
-    if fused {
+    if fused && state.free {
+        launch_finish(finish_blocks + state_blocks, finish_blocks)
+    } else if fused {
         launch_finish(finish_blocks, finish_blocks)?;
         launch_finish(state_blocks, 0)
     } else {
@@ -259,6 +282,22 @@ pub unsafe fn compress_batch(dev: i32, stream: usize, a: &BatchArgs) -> Result<(
     // A row completes at most one entry, one in 4 for a sequence's run of tokens.
     let fused = overlap && total / 4 >= FUSED_MIN_ENTRIES;
     let vec4 = four_wide(d, &[c.kv, c.score, c.ape, c.norm_weight, c.out, a.state]);
-    finish_launches(dev, stream, Kernel::CompressBatchFinish, Kernel::CompressBatchPool, (total, d), state_blocks,
-                    fused, vec4, a.state_slots, &mut [pp, &mut co as *mut i32 as *mut c_void, &mut pa as *mut i32 as *mut c_void])
+    let state = States { blocks: state_blocks, free: false };
+    finish_launches(dev, stream, Kernel::CompressBatchFinish, Kernel::CompressBatchPool, (total, d), state, fused, vec4,
+                    a.state_slots, &mut [pp, &mut co as *mut i32 as *mut c_void, &mut pa as *mut i32 as *mut c_void])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::state_free;
+
+    #[test]
+    fn a_call_reads_no_old_state_only_from_a_block_start_or_the_sequence_start() {
+        // No overlap (r = 128): the call's first entry starts at `start` only on a block start.
+        assert!(state_free(128, false, 0) && state_free(128, false, 128) && state_free(128, false, 1 << 20));
+        assert!(!state_free(128, false, 1) && !state_free(128, false, 255));
+        // Overlap (r = 4): every entry but the sequence's first also reads the block before it.
+        assert!(state_free(4, true, 0));
+        assert!(!state_free(4, true, 4) && !state_free(4, true, 3) && !state_free(4, true, 4096));
+    }
 }
