@@ -120,152 +120,49 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) dsv4_sparse_attention(c
   finish_rows(p, o, row_max, row_sum, t, split, h0, ds * SLICE, ds == 0);
 }
 
-// The portable kernel's 16-head block, for small grids (the launcher's choice: few queries, or
-// at most 16 heads), where the 64-head block below leaves most SMs idle: 80 KiB. A block takes
-// 16 heads of one query and 16 candidates a tile (3 tiles staged); warp w computes the partial
-// scores over dims [64 w, 64 w + 64) with its queries held in registers, the 8 partials are added
-// through shared memory in a fixed order, and warp w accumulates output dims [64 w, 64 w + 64).
-// Same workspace layout and combine step as the others.
-namespace p16 {
-constexpr int P_HEADS = 16;
-constexpr int P_WARPS = THREADS / 32;           // 8 output-dim slices
-constexpr int P_SLICE = ENTRY_DIM / P_WARPS;    // 64 dims
-constexpr int P_TILE = 16;                      // candidates per tile
-constexpr int P_SP_ROW = P_TILE + 8;            // padded row of partial scores
+// The portable kernel, for GPUs with less shared memory per block than the first kernel needs
+// (sm_80 allows 163 KiB, sm_86/89/120 99 KiB), in two blocks of 16 candidates a tile (3 tiles
+// staged). A block takes P_HEAD_TILES tiles of 16 heads of one query (each staged row is decoded
+// once for all of them) with P_WARPS warps: warp w owns head tile w / P_SLICES and dims
+// [P_SLICE (w % P_SLICES), +P_SLICE), its queries' A fragments in registers (no shared copy of the
+// queries). Each warp computes its head tile's partial scores over its dims, the P_SLICES partials
+// of a head tile are added through shared memory in a fixed order, and the warp accumulates its
+// P_SLICE output dims. Head tiles past the query's heads only stage and decode. Same workspace
+// layout and combine step; the scores are summed in another order than the kernel above's.
+// - dsv4_sparse_attention_portable: 64 heads, 16 warps (4 a head tile, 128 dims each), 91.25 KiB.
+// - dsv4_sparse_attention_portable16: 16 heads, 8 warps (64 dims each), 79.25 KiB, for small grids
+//   (the launcher's choice: few queries, or at most 16 heads), where the 64-head block leaves most
+//   SMs idle.
+namespace {
+constexpr int P_TILE = 16;            // candidates per tile
+constexpr int P_SP_ROW = P_TILE + 8;  // padded row of partial scores
 constexpr int P_STAGES = 3;
-}  // namespace p16
+constexpr int P_THREADS = 512;        // the 64-head block
+}  // namespace
 
-extern "C" __global__ void __launch_bounds__(THREADS) dsv4_sparse_attention_portable16(const Params p) {
-  using namespace p16;
-  extern __shared__ __align__(16) uint8_t smem[];
+template <int P_HEAD_TILES, int P_WARPS>
+__device__ __forceinline__ void portable_attention(const Params& p, uint8_t* smem) {
+  constexpr int P_SLICES = P_WARPS / P_HEAD_TILES;  // dim slices a head tile
+  constexpr int P_SLICE = ENTRY_DIM / P_SLICES;     // dims a warp
   uint16_t* ks = (uint16_t*)smem;                              // [P_TILE][KROW] bf16 rows
-  float* sp = (float*)(ks + P_TILE * KROW);                     // [8 warps][16 heads][P_SP_ROW] partial scores
+  float* sp = (float*)(ks + P_TILE * KROW);                     // [P_WARPS][16 heads][P_SP_ROW] partials
   uint8_t* stages = (uint8_t*)(sp + P_WARPS * 16 * P_SP_ROW);   // [P_STAGES][P_TILE][stage row]
   __shared__ float valid_s[P_TILE];
   __shared__ int row_fmt[P_STAGES * P_TILE];
 
   const int tid = threadIdx.x, lane = tid % 32, w = tid / 32;
+  // Head tile and dim slice (one head tile: the warp's slice is its index).
+  const int mt = P_HEAD_TILES == 1 ? 0 : w / P_SLICES, ds = P_HEAD_TILES == 1 ? w : w % P_SLICES;
   const int r = lane / 4, c2 = (lane % 4) * 2;
   const long long t = blockIdx.z;
-  const int h0 = blockIdx.y * P_HEADS;
+  const int h0 = blockIdx.y * 16 * P_HEAD_TILES + 16 * mt;
+  // A head tile holding at least one of the query's heads (a grid of 16-head blocks has none past them).
+  const bool active = P_HEAD_TILES == 1 || h0 < p.heads;
   const int split = blockIdx.x;
   const Span span = split_span(p, t, split);
   const float qscale = p.scale * LOG2E;
 
-  // A fragments of the queries (16 heads x this warp's 64 dims), bf16, straight from memory.
-  uint32_t qa[P_SLICE / 16][4];
-#pragma unroll
-  for (int kk = 0; kk < P_SLICE / 16; ++kk) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int h = h0 + r + 8 * (i % 2), d = w * P_SLICE + 16 * kk + c2 + 8 * (i / 2);
-      float x0 = 0.f, x1 = 0.f;
-      if (h < p.heads) {
-        const long long off = (t * p.heads + h) * ENTRY_DIM + d;
-        x0 = load_value(p.q, off, p.q_bf16);
-        x1 = load_value(p.q, off + 1, p.q_bf16);
-      }
-      qa[kk][i] = pack_bf16(x0, x1);
-    }
-  }
-
-  float o[P_SLICE / 8][4] = {};
-  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
-
-  RowPipeline<P_TILE, P_STAGES> pipe(p, t, span, stages, row_fmt);
-  pipe.start();
-  const int tiles = pipe.tiles();
-  for (int i = 0; i < tiles; ++i) {
-    pipe.next(i, ks, valid_s);
-
-    // Partial scores [16 heads x 16 candidates] over this warp's 64 dims.
-    float s[2][4];
-#pragma unroll
-    for (int n = 0; n < 2; ++n)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) s[n][j] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < P_SLICE / 16; ++kk) {
-      uint32_t b[4];
-      ldmatrix_x4(b, ks + (lane % 8 + 8 * (lane / 16)) * KROW + w * P_SLICE + 16 * kk + 8 * ((lane / 8) % 2));
-      mma_bf16(s[0], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], b[0], b[1]);
-      mma_bf16(s[1], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], b[2], b[3]);
-    }
-    float* mine = sp + (w * 16) * P_SP_ROW;
-#pragma unroll
-    for (int n = 0; n < 2; ++n) {
-      *(float2*)(mine + r * P_SP_ROW + 8 * n + c2) = make_float2(s[n][0], s[n][1]);
-      *(float2*)(mine + (r + 8) * P_SP_ROW + 8 * n + c2) = make_float2(s[n][2], s[n][3]);
-    }
-    __syncthreads();
-#pragma unroll
-    for (int n = 0; n < 2; ++n) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int row = r + 8 * h, col = 8 * n + c2;
-        float2 v = make_float2(0.f, 0.f);
-#pragma unroll
-        for (int k = 0; k < P_WARPS; ++k) {
-          const float2 x = *(const float2*)(sp + (k * 16 + row) * P_SP_ROW + col);
-          v.x += x.x;
-          v.y += x.y;
-        }
-        s[n][2 * h] = v.x * qscale + valid_s[col];
-        s[n][2 * h + 1] = v.y * qscale + valid_s[col + 1];
-      }
-    }
-    uint32_t pa[1][4];
-    softmax_step(s, row_max, row_sum, o, pa);
-#pragma unroll
-    for (int np = 0; np < P_SLICE / 16; ++np) {
-      uint32_t b[4];
-      ldmatrix_x4_trans(b, ks + (lane % 16) * KROW + w * P_SLICE + 16 * np + 8 * (lane / 16));
-      mma_bf16(o[2 * np], pa[0][0], pa[0][1], pa[0][2], pa[0][3], b[0], b[1]);
-      mma_bf16(o[2 * np + 1], pa[0][0], pa[0][1], pa[0][2], pa[0][3], b[2], b[3]);
-    }
-  }
-  cp_async_wait<0>();
-  finish_rows(p, o, row_max, row_sum, t, split, h0, w * P_SLICE, w == 0);
-}
-
-// The portable kernel's 64-head block, for GPUs with less shared memory per block than the first
-// kernel needs (sm_80 allows 163 KiB, sm_86/89/120 99 KiB): 91.25 KiB. A block takes 64 heads of one query
-// (as the kernel above: each staged row is decoded once for all of them) and 16 candidates a
-// tile (3 tiles staged), with 512 threads = 16 warps: warp w owns head tile w / 4 (16 heads) and
-// dims [128 (w % 4), +128), its queries' A fragments in registers (no shared copy of the
-// queries). Each warp computes its head tile's partial scores over its 128 dims, the 4 partials
-// of a head tile are added through shared memory in a fixed order, and the warp accumulates its
-// 128 output dims. Head tiles past the query's heads only stage and decode. Same workspace
-// layout and combine step; the scores are summed in another order than the kernel above's.
-namespace {
-constexpr int P_THREADS = 512;
-constexpr int P_WARPS = P_THREADS / 32;              // 16
-constexpr int P_SLICES = P_WARPS / HEAD_TILES;       // 4 dim slices a head tile
-constexpr int P_SLICE = ENTRY_DIM / P_SLICES;        // 128 dims
-constexpr int P_TILE = 16;                           // candidates per tile
-constexpr int P_SP_ROW = P_TILE + 8;                 // padded row of partial scores
-constexpr int P_STAGES = 3;
-}  // namespace
-
-extern "C" __global__ void __launch_bounds__(P_THREADS, 1) dsv4_sparse_attention_portable(const Params p) {
-  extern __shared__ __align__(16) uint8_t smem[];
-  uint16_t* ks = (uint16_t*)smem;                                   // [P_TILE][KROW] bf16 rows
-  float* sp = (float*)(ks + P_TILE * KROW);                          // [16 warps][16 heads][P_SP_ROW] partials
-  uint8_t* stages = (uint8_t*)(sp + P_WARPS * 16 * P_SP_ROW);        // [P_STAGES][P_TILE][stage row]
-  __shared__ float valid_s[P_TILE];
-  __shared__ int row_fmt[P_STAGES * P_TILE];
-
-  const int tid = threadIdx.x, lane = tid % 32, w = tid / 32;
-  const int mt = w / P_SLICES, ds = w % P_SLICES;  // head tile, dim slice
-  const int r = lane / 4, c2 = (lane % 4) * 2;
-  const long long t = blockIdx.z;
-  const int h0 = blockIdx.y * HEADS_PER_BLOCK + 16 * mt;
-  const bool active = h0 < p.heads;  // a head tile holding at least one of the query's heads
-  const int split = blockIdx.x;
-  const Span span = split_span(p, t, split);
-  const float qscale = p.scale * LOG2E;
-
-  // A fragments of the queries (16 heads x this warp's 128 dims), bf16, straight from memory.
+  // A fragments of the queries (16 heads x this warp's dims), bf16, straight from memory.
   uint32_t qa[P_SLICE / 16][4];
 #pragma unroll
   for (int kk = 0; kk < P_SLICE / 16; ++kk) {
@@ -285,13 +182,13 @@ extern "C" __global__ void __launch_bounds__(P_THREADS, 1) dsv4_sparse_attention
   float o[P_SLICE / 8][4] = {};
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
 
-  RowPipeline<P_TILE, P_STAGES, ROW_MAJOR, P_THREADS> pipe(p, t, span, stages, row_fmt);
+  RowPipeline<P_TILE, P_STAGES, ROW_MAJOR, 32 * P_WARPS> pipe(p, t, span, stages, row_fmt);
   pipe.start();
   const int tiles = pipe.tiles();
   for (int i = 0; i < tiles; ++i) {
     pipe.next(i, ks, valid_s);
 
-    // Partial scores [16 heads x 16 candidates] over this warp's 128 dims.
+    // Partial scores [16 heads x 16 candidates] over this warp's dims.
     float s[2][4];
 #pragma unroll
     for (int n = 0; n < 2; ++n)
@@ -314,7 +211,7 @@ extern "C" __global__ void __launch_bounds__(P_THREADS, 1) dsv4_sparse_attention
     }
     __syncthreads();  // every warp's partials are in (the next tile's writes follow pipe.next's barriers)
     if (!active) continue;
-    // Full scores: the head tile's 4 slices added in a fixed order, masked, then online softmax.
+    // Full scores: the head tile's slices added in a fixed order, masked, then online softmax.
     const float* all = sp + (mt * P_SLICES * 16) * P_SP_ROW;
 #pragma unroll
     for (int n = 0; n < 2; ++n) {
@@ -334,8 +231,8 @@ extern "C" __global__ void __launch_bounds__(P_THREADS, 1) dsv4_sparse_attention
     }
     uint32_t pa[1][4];
     softmax_step(s, row_max, row_sum, o, pa);
-    // O += P V over this warp's 128 output dims: 16 n-tiles of 8 dims (two per transposed
-    // ldmatrix), one k-step of 16 candidates.
+    // O += P V over this warp's output dims: n-tiles of 8 dims (two per transposed ldmatrix), one
+    // k-step of 16 candidates.
 #pragma unroll
     for (int np = 0; np < P_SLICE / 16; ++np) {
       uint32_t b[4];
@@ -346,6 +243,16 @@ extern "C" __global__ void __launch_bounds__(P_THREADS, 1) dsv4_sparse_attention
   }
   cp_async_wait<0>();
   if (active) finish_rows(p, o, row_max, row_sum, t, split, h0, ds * P_SLICE, ds == 0);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS) dsv4_sparse_attention_portable16(const Params p) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  portable_attention<1, THREADS / 32>(p, smem);
+}
+
+extern "C" __global__ void __launch_bounds__(P_THREADS, 1) dsv4_sparse_attention_portable(const Params p) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  portable_attention<HEAD_TILES, P_THREADS / 32>(p, smem);
 }
 
 // Folds split partials: grid (heads, queries), 128 threads, 4 dims each.
