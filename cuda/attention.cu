@@ -16,6 +16,7 @@
 // shared memory. With one split the block writes the final output; otherwise it writes
 // (O, row max, row sum) partials that dsv4_attention_combine folds together.
 #include "attention.cuh"
+#include "grid.cuh"
 
 namespace {
 
@@ -30,6 +31,7 @@ constexpr int STAGES = 3;
 }  // namespace
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1) dsv4_sparse_attention(const Params p) {
+  dsv4::grid_begin();
   extern __shared__ __align__(16) uint8_t smem[];
   uint16_t* qs = (uint16_t*)smem;                                 // [64 heads][KROW] bf16 queries
   uint16_t* ks = qs + HEADS_PER_BLOCK * KROW;                      // [TILE][KROW] bf16 rows
@@ -246,17 +248,20 @@ __device__ __forceinline__ void portable_attention(const Params& p, uint8_t* sme
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS) dsv4_sparse_attention_portable16(const Params p) {
+  dsv4::grid_begin();
   extern __shared__ __align__(16) uint8_t smem[];
   portable_attention<1, THREADS / 32>(p, smem);
 }
 
 extern "C" __global__ void __launch_bounds__(P_THREADS, 1) dsv4_sparse_attention_portable(const Params p) {
+  dsv4::grid_begin();
   extern __shared__ __align__(16) uint8_t smem[];
   portable_attention<HEAD_TILES, P_THREADS / 32>(p, smem);
 }
 
 // Folds split partials: grid (heads, queries), 128 threads, 4 dims each.
 extern "C" __global__ void __launch_bounds__(128) dsv4_attention_combine(const Params p) {
+  dsv4::grid_begin();
   const int h = blockIdx.x, tid = threadIdx.x;
   const long long t = blockIdx.y;
   const float* ml = p.part_ml + (t * p.splits * p.heads + h) * 2;

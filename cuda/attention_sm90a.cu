@@ -18,6 +18,7 @@
 // w holds heads 16 (w % 4) .. +16 in the mma.sync fragment layout, so the softmax step and the
 // epilogue are the shared ones. Same partials and combine step as the other kernels.
 #include "attention.cuh"
+#include "grid.cuh"
 #include "wgmma.cuh"
 
 namespace {
@@ -68,6 +69,7 @@ __device__ __forceinline__ void wgmma_m64n32k16(float (&s)[4][4], Desc a, Desc b
 }  // namespace
 
 extern "C" __global__ void __launch_bounds__(WS_THREADS, 1) dsv4_sparse_attention_wgmma(const Params p) {
+  dsv4::grid_begin();
   extern __shared__ __align__(128) uint8_t smem[];
   uint16_t* qs = (uint16_t*)smem;                           // [64 chunks][64 heads][8] bf16 queries
   uint16_t* ks = qs + HEADS * ENTRY_DIM;                    // [BUFFERS][64 chunks][TILE rows][8] bf16 tiles

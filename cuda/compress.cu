@@ -24,6 +24,7 @@
 #include <cstddef>
 
 #include "floats.cuh"
+#include "grid.cuh"
 #include "quant.cuh"
 #include "rope.cuh"
 
@@ -479,6 +480,7 @@ __device__ __forceinline__ bool entry_of_row(const BatchParams& bp, long long t,
 // (The register cap, 48 a thread here and 56 in the batched form, lets 10 or 9 blocks share an SM,
 // for more loads in flight.)
 extern "C" __global__ void __launch_bounds__(THREADS, 10) dsv4_compress_pool(const Params p) {
+  dsv4::grid_begin();
   const int c = blockIdx.y * THREADS + threadIdx.x;
   const long long r = p.ratio;
   const long long i = p.start / r + blockIdx.x;
@@ -495,6 +497,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 10) dsv4_compress_pool(con
 // (in the same launch where no entry reads the old state).
 extern "C" __global__ void __launch_bounds__(THREADS, 4) dsv4_compress_finish(const Params p, int finish_blocks,
                                                                               int parts, int pool, int vec4) {
+  dsv4::grid_begin();
   if ((int)blockIdx.x >= finish_blocks) {
     const int b = blockIdx.x - finish_blocks;
     const int col = (b / parts) * THREADS + threadIdx.x;
@@ -519,6 +522,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 4) dsv4_compress_finish(co
 // Grid (T, channel groups of 128): row t's channel c is the pooled entry token t completes, or
 // zero when it completes none (or belongs to a padding row).
 extern "C" __global__ void __launch_bounds__(THREADS, 9) dsv4_compress_batch_pool(const BatchParams bp) {
+  dsv4::grid_begin();
   const int c = blockIdx.y * THREADS + threadIdx.x;
   if (c >= bp.base.dim) return;
   const long long t = blockIdx.x;
@@ -536,6 +540,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 9) dsv4_compress_batch_poo
 extern "C" __global__ void __launch_bounds__(THREADS, 4) dsv4_compress_batch_finish(const BatchParams bp,
                                                                                     int finish_blocks, int columns,
                                                                                     int parts, int pool, int vec4) {
+  dsv4::grid_begin();
   Params p;
   if ((int)blockIdx.x >= finish_blocks) {
     const int b = blockIdx.x - finish_blocks, part = b % parts, group = (b / parts) % columns;

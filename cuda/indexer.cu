@@ -23,6 +23,7 @@
 // the candidates below a floor under the query's k-th largest key, found from the splits' peaks
 // (the largest key each warp of a split saw): with many short splits (few queries, long context)
 // most candidates fall below it, and the stages select among far fewer.
+#include "grid.cuh"
 #include "indexer_score.cuh"
 
 using namespace dsv4;
@@ -35,11 +36,13 @@ constexpr int FLOOR_PASSES = 2;
 // The mma.sync score kernels (cuda/indexer_sm90a.cu holds the wgmma ones).
 extern "C" __global__ void __launch_bounds__(indexer::THREADS, indexer::MIN_BLOCKS)
     dsv4_indexer_score(DSV4_INDEXER_SCORE_PARAMS) {
+  dsv4::grid_begin();
   DSV4_INDEXER_SCORE_BY_FORMAT(false, false)
 }
 
 extern "C" __global__ void __launch_bounds__(indexer::THREADS, indexer::MIN_BLOCKS)
     dsv4_indexer_score_dense(DSV4_INDEXER_SCORE_PARAMS) {
+  dsv4::grid_begin();
   DSV4_INDEXER_SCORE_BY_FORMAT(true, false)
 }
 
@@ -61,6 +64,7 @@ extern "C" __global__ void __launch_bounds__(1024) dsv4_indexer_merge(
     const int* __restrict__ block_table, int max_pages, const void* __restrict__ seq_ids, int seq64, int physical,
     int* __restrict__ out_idx, float* __restrict__ out_score, const unsigned long long* __restrict__ peaks,
     int npeaks) {
+  dsv4::grid_begin();
   extern __shared__ __align__(16) uint8_t smem[];
   const int tid = threadIdx.x, g = blockIdx.x, groups = gridDim.x;
   const long long t = blockIdx.y;

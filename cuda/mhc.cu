@@ -13,6 +13,7 @@
 #include <cstdint>
 
 #include "floats.cuh"
+#include "grid.cuh"
 
 using namespace dsv4;
 
@@ -106,6 +107,7 @@ __host__ __device__ constexpr int group_lanes(int n) { return n <= 1 ? 1 : n <= 
 extern "C" __global__ void __launch_bounds__(128) dsv4_mhc_weights(const float* mix, const float* scale, const float* base,
                                                                    long long tokens, int n, int iters, float eps,
                                                                    float* pre, float* post, float* comb) {
+  dsv4::grid_begin();
   // Whole warps stay to the end: the shuffles need every lane of the warp.
   switch (n) {
     case 1: mhc_rows<1, group_lanes(1)>(mix, scale, base, tokens, iters, eps, pre, post, comb); break;
@@ -194,6 +196,7 @@ __device__ __forceinline__ void combine_values(const void* x, int x_bf16, const 
 // aligned to four values; the grid covers T * d / (vec4 ? 4 : 1) threads.
 extern "C" __global__ void __launch_bounds__(256) dsv4_mhc_collapse(const void* x, int x_bf16, const float* pre, void* y,
                                                                     long long tokens, int n, int dim, int vec4) {
+  dsv4::grid_begin();
 #define DSV4_COLLAPSE(N) \
   vec4 ? collapse_values<N, 4>(x, x_bf16, pre, y, tokens, dim) : collapse_values<N, 1>(x, x_bf16, pre, y, tokens, dim)
   DSV4_MHC_STREAMS(DSV4_COLLAPSE)
@@ -206,6 +209,7 @@ extern "C" __global__ void __launch_bounds__(256) dsv4_mhc_collapse(const void* 
 extern "C" __global__ void __launch_bounds__(256) dsv4_mhc_combine(const void* x, int x_bf16, const void* f, int f_bf16,
                                                                    const float* post, const float* comb, void* y,
                                                                    long long tokens, int n, int dim, int vec4) {
+  dsv4::grid_begin();
 #define DSV4_COMBINE(N)                                                                  \
   vec4 ? combine_values<N, 4>(x, x_bf16, f, f_bf16, post, comb, y, tokens, dim)          \
        : combine_values<N, 1>(x, x_bf16, f, f_bf16, post, comb, y, tokens, dim)
@@ -322,6 +326,7 @@ __device__ __forceinline__ void pre_token(const float* partial, int splits, cons
 // vec4: n d % 4 == 0 and x, fn aligned to four values.
 extern "C" __global__ void __launch_bounds__(PRE_THREADS) dsv4_mhc_mix(const void* x, int x_bf16, const float* fn,
                                                                        int n, int dim, int vec4, float* partial) {
+  dsv4::grid_begin();
   const long long width = (long long)n * dim;
 #define DSV4_MIX(N) \
   vec4 ? mix_partials<N, true>(x, x_bf16, fn, width, partial) : mix_partials<N, false>(x, x_bf16, fn, width, partial)
@@ -336,6 +341,7 @@ extern "C" __global__ void __launch_bounds__(PRE_THREADS) dsv4_mhc_pre(const flo
                                                                        float eps, float norm_eps, const void* x,
                                                                        int x_bf16, int n, int dim, int vec4,
                                                                        float* post, float* comb, void* y) {
+  dsv4::grid_begin();
 #define DSV4_PRE(N)                                                                                          \
   vec4 ? pre_token<N, true>(partial, splits, scale, base, iters, eps, norm_eps, x, x_bf16, dim, post, comb, y) \
        : pre_token<N, false>(partial, splits, scale, base, iters, eps, norm_eps, x, x_bf16, dim, post, comb, y)

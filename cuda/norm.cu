@@ -3,6 +3,7 @@
 // bfloat16, y float32 or bfloat16: the casts around torch's norm are part of the one kernel.
 // Mirrors rust/core/src/norm.rs (float32; the sum of squares in its own order).
 #include "floats.cuh"
+#include "grid.cuh"
 
 using namespace dsv4;
 
@@ -93,6 +94,7 @@ __device__ __forceinline__ void rms_row(const void* x, int x_bf16, const void* w
 extern "C" __global__ void __launch_bounds__(MAX_LANES) dsv4_rms_norm(const void* x, int x_bf16, const void* w,
                                                                       int w_kind, void* y, int y_bf16, long long rows,
                                                                       int dim, int lanes, int vec4, float eps) {
+  dsv4::grid_begin();
   if (vec4) {
     rms_row<4>(x, x_bf16, w, w_kind, y, y_bf16, rows, dim, lanes, eps);
   } else {

@@ -33,6 +33,7 @@
 // dsv4_splitk_reduce: the split-K partial sums added in split order.
 #include <cstddef>
 
+#include "grid.cuh"
 #include "mma.cuh"
 #include "qgemm.cuh"
 
@@ -710,20 +711,21 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int* warp_sums, int& 
 
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(THREADS) dsv4_qgemm_fp8_m64(const GemmParams p) { qgemm<false, 4>(p); }
-extern "C" __global__ void __launch_bounds__(THREADS) dsv4_qgemm_fp4_m64(const GemmParams p) { qgemm<true, 4>(p); }
-extern "C" __global__ void __launch_bounds__(THREADS, GEMV_BLOCKS_PER_SM) dsv4_qgemv_fp8_n8(const GemmParams p) { qgemv<false, 1>(p); }
-extern "C" __global__ void __launch_bounds__(THREADS, GEMV_BLOCKS_PER_SM) dsv4_qgemv_fp8_n16(const GemmParams p) { qgemv<false, 2>(p); }
-extern "C" __global__ void __launch_bounds__(THREADS, GEMV_BLOCKS_PER_SM) dsv4_qgemv_fp4_n8(const GemmParams p) { qgemv<true, 1>(p); }
-extern "C" __global__ void __launch_bounds__(THREADS, GEMV_BLOCKS_PER_SM) dsv4_qgemv_fp4_n16(const GemmParams p) { qgemv<true, 2>(p); }
-extern "C" __global__ void __launch_bounds__(THREADS) dsv4_qgemv_f8_fp8_n8(const GemmParams p) { qgemv_f8<false, 1>(p); }
-extern "C" __global__ void __launch_bounds__(THREADS) dsv4_qgemv_f8_fp8_n16(const GemmParams p) { qgemv_f8<false, 2>(p); }
+extern "C" __global__ void __launch_bounds__(THREADS) dsv4_qgemm_fp8_m64(const GemmParams p) { dsv4::grid_begin(); qgemm<false, 4>(p); }
+extern "C" __global__ void __launch_bounds__(THREADS) dsv4_qgemm_fp4_m64(const GemmParams p) { dsv4::grid_begin(); qgemm<true, 4>(p); }
+extern "C" __global__ void __launch_bounds__(THREADS, GEMV_BLOCKS_PER_SM) dsv4_qgemv_fp8_n8(const GemmParams p) { dsv4::grid_begin(); qgemv<false, 1>(p); }
+extern "C" __global__ void __launch_bounds__(THREADS, GEMV_BLOCKS_PER_SM) dsv4_qgemv_fp8_n16(const GemmParams p) { dsv4::grid_begin(); qgemv<false, 2>(p); }
+extern "C" __global__ void __launch_bounds__(THREADS, GEMV_BLOCKS_PER_SM) dsv4_qgemv_fp4_n8(const GemmParams p) { dsv4::grid_begin(); qgemv<true, 1>(p); }
+extern "C" __global__ void __launch_bounds__(THREADS, GEMV_BLOCKS_PER_SM) dsv4_qgemv_fp4_n16(const GemmParams p) { dsv4::grid_begin(); qgemv<true, 2>(p); }
+extern "C" __global__ void __launch_bounds__(THREADS) dsv4_qgemv_f8_fp8_n8(const GemmParams p) { dsv4::grid_begin(); qgemv_f8<false, 1>(p); }
+extern "C" __global__ void __launch_bounds__(THREADS) dsv4_qgemv_f8_fp8_n16(const GemmParams p) { dsv4::grid_begin(); qgemv_f8<false, 2>(p); }
 // The MXFP4 8-row kernel holds 6 blocks an SM (34 KB of shared memory each): registers capped to match.
 constexpr int F8_FP4_N8_BLOCKS_PER_SM = 6;
 extern "C" __global__ void __launch_bounds__(THREADS, F8_FP4_N8_BLOCKS_PER_SM) dsv4_qgemv_f8_fp4_n8(const GemmParams p) {
+  dsv4::grid_begin();
   qgemv_f8<true, 1>(p);
 }
-extern "C" __global__ void __launch_bounds__(THREADS) dsv4_qgemv_f8_fp4_n16(const GemmParams p) { qgemv_f8<true, 2>(p); }
+extern "C" __global__ void __launch_bounds__(THREADS) dsv4_qgemv_f8_fp4_n16(const GemmParams p) { dsv4::grid_begin(); qgemv_f8<true, 2>(p); }
 
 // Rows of x [rows, k] (float32 or bfloat16) as exact bf16 values: FP8 e4m3 per 1x128 block with a
 // UE8M0 scale (act_fp8), or rounded to bf16, stored in `layout` (an ActLayout: natural, each group
@@ -737,6 +739,7 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_act_quant(const void* __r
                                                                  int k, int act_fp8, int layout,
                                                                  uint16_t* __restrict__ out, const int* __restrict__ rows_map,
                                                                  int rows_div, const int* __restrict__ rows_count) {
+  dsv4::grid_begin();
   __shared__ __align__(16) uint16_t stage[4][KC];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const long long row = (long long)blockIdx.x * 4 + warp;
@@ -792,6 +795,7 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_act_quant(const void* __r
 extern "C" __global__ void __launch_bounds__(128) dsv4_act_quant_f8(const void* __restrict__ x, int x_bf16, long long rows,
                                                                     int k, int layout, uint8_t* __restrict__ codes,
                                                                     float* __restrict__ scales) {
+  dsv4::grid_begin();
   __shared__ __align__(16) uint8_t stage[4][KC];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const long long row = (long long)blockIdx.x * 4 + warp;
@@ -817,6 +821,7 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_act_quant_f8(const void* 
 extern "C" __global__ void __launch_bounds__(THREADS_PLAN) dsv4_moe_plan(
     const void* __restrict__ idx, int idx64, long long pairs, int experts, int bm, int* __restrict__ offsets,
     int* __restrict__ order, int* __restrict__ slot_of, int* __restrict__ tiles, int* __restrict__ tile_count) {
+  dsv4::grid_begin();
   extern __shared__ int plan_smem[];
   __shared__ int warp_sums[32];
   int* counts = plan_smem;
@@ -876,6 +881,7 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_moe_combine(const float* 
                                                                    const int* __restrict__ slot_of,
                                                                    const float* __restrict__ w, int k, int dim,
                                                                    void* __restrict__ out, int out_bf16) {
+  dsv4::grid_begin();
   const long long t = blockIdx.x;
   const int c = (blockIdx.y * 128 + threadIdx.x) * 4;
   if (c >= dim) return;
@@ -899,6 +905,7 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_moe_combine(const float* 
 extern "C" __global__ void __launch_bounds__(256) dsv4_splitk_reduce(const float* __restrict__ part, int splits,
                                                                      long long n, void* __restrict__ out,
                                                                      int out_bf16) {
+  dsv4::grid_begin();
   const long long i = (long long)blockIdx.x * 256 + threadIdx.x;
   if (i >= n) return;
   float s = 0.f;

@@ -27,6 +27,7 @@
 // the wgmma and its warp arrives on the stage's `empty` barrier. FP8 weights:
 // each step's wgmma sum into a zeroed partial accumulator which the lane's two block scales (rows
 // fr and fr + 8) then add into the result.
+#include "grid.cuh"
 #include "mma.cuh"
 #include "qgemm.cuh"
 #include "wgmma.cuh"
@@ -473,6 +474,11 @@ __device__ __forceinline__ void qgemv_wg(const GemmParams& p) {
   static_assert(A_CHUNKS <= 128, "one activation chunk a thread");
   extern __shared__ __align__(1024) uint8_t smem[];  // (1024: the declaration qgemm_wgmma shares)
 
+  // The MoE's work items are its plan's (written by the kernel before): wait first. A dense
+  // call's come from the block's index alone, and its weights are constants of the step, so its
+  // blocks ask the L2 for their first steps' weight bytes before they wait (cuda/include/grid.cuh).
+  const bool dense = p.tiles == nullptr;
+  if (!dense) grid_begin();
   int g, rows;
   long long row0;
   if (!work_item(p, ROWS, g, row0, rows)) return;
@@ -503,6 +509,14 @@ __device__ __forceinline__ void qgemv_wg(const GemmParams& p) {
     const int n = weight_of(r);
     w_dst[u] = w_off + f8_w_at<FP4>(r, c);
     w_src[u] = n < 0 ? nullptr : p.w + w_row<FP4>(p, (long long)g * p.n + n, k) + 16 * c;
+  }
+  if (dense) {
+    // A 128-byte line a lane's copies start (a row's bytes of a step are 64 or 128, 16-byte chunks).
+#pragma unroll
+    for (int u = 0; u < W_COPIES; ++u)
+      if (w_src[u] && (lane + 32 * u) % ROW_CHUNKS == 0)
+        for (int s = 0; s < min(S - G, nsteps); ++s) prefetch_l2(w_src[u] + (long long)(c_begin + s) * w_step<FP4>(p));
+    grid_begin();
   }
   const uint8_t* a_src = nullptr;
   const int a_dst = (tid / ROWS) * (ROWS * 16) + 16 * (tid % ROWS);  // chunk tid / ROWS of row tid % ROWS
@@ -711,9 +725,11 @@ __device__ __forceinline__ void qgemv_wg(const GemmParams& p) {
 }  // namespace
 
 extern "C" __global__ void __launch_bounds__(Shape<false>::THREADS, 1) dsv4_qgemm_fp8_wgmma(const GemmParams p, const __grid_constant__ TmaDesc a_map) {
+  dsv4::grid_begin();
   qgemm_wgmma<false>(p, &a_map);
 }
 extern "C" __global__ void __launch_bounds__(Shape<true>::THREADS, 1) dsv4_qgemm_fp4_wgmma(const GemmParams p, const __grid_constant__ TmaDesc a_map) {
+  dsv4::grid_begin();
   qgemm_wgmma<true>(p, &a_map);
 }
 

@@ -4,6 +4,7 @@
 // Row ids outside [0, num_rows) are skipped on write and read back as zeros: the kernels never
 // touch memory outside the cache, whatever the indices.
 #include "floats.cuh"
+#include "grid.cuh"
 #include "quant.cuh"
 
 using namespace dsv4;
@@ -17,6 +18,7 @@ using namespace dsv4;
 extern "C" __global__ void __launch_bounds__(64) dsv4_kv_write(
     const void* __restrict__ x, int x_bf16, long long n, const long long* __restrict__ slots,
     uint8_t* __restrict__ cache, long long num_rows, int vec4) {
+  dsv4::grid_begin();
   const long long i = blockIdx.x;
   const int t = threadIdx.x;
   if (i >= n) return;
@@ -63,6 +65,7 @@ extern "C" __global__ void __launch_bounds__(64) dsv4_kv_write(
 extern "C" __global__ void __launch_bounds__(64) dsv4_kv_read(
     const uint8_t* __restrict__ cache, long long num_rows, const long long* __restrict__ rows,
     long long m, float* __restrict__ out) {
+  dsv4::grid_begin();
   long long i = blockIdx.x;
   int t = threadIdx.x;
   if (i >= m) return;
@@ -151,6 +154,7 @@ __device__ __forceinline__ void warp_copy(uint8_t* dst, const uint8_t* src, int 
 extern "C" __global__ void __launch_bounds__(32) dsv4_index_key_write(
     const void* __restrict__ x, int x_bf16, long long n, const long long* __restrict__ slots,
     uint8_t* __restrict__ cache, long long num_rows, IndexFormat fmt) {
+  dsv4::grid_begin();
   long long i = blockIdx.x;
   int l = threadIdx.x;
   if (i >= n) return;
@@ -172,6 +176,7 @@ extern "C" __global__ void __launch_bounds__(32) dsv4_index_key_write(
 extern "C" __global__ void __launch_bounds__(32) dsv4_index_key_read(
     const uint8_t* __restrict__ cache, long long num_rows, const long long* __restrict__ rows,
     long long m, float* __restrict__ out, IndexFormat fmt) {
+  dsv4::grid_begin();
   long long i = blockIdx.x;
   int l = threadIdx.x;
   if (i >= m) return;
@@ -193,6 +198,7 @@ extern "C" __global__ void __launch_bounds__(32) dsv4_index_key_read(
 // codes, decoded at the scale the cache would hold.
 extern "C" __global__ void __launch_bounds__(32) dsv4_index_key_round_trip(
     const void* __restrict__ x, int x_bf16, long long n, float* __restrict__ out, IndexFormat fmt) {
+  dsv4::grid_begin();
   long long i = blockIdx.x;
   int l = threadIdx.x;
   if (i >= n) return;
@@ -211,6 +217,7 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_copy_rows(
     uint8_t* __restrict__ dst, long long dst_total, const long long* __restrict__ dst_rows,
     const uint8_t* __restrict__ src, long long src_total, const long long* __restrict__ src_rows, long long n,
     int data_bytes, int scale_bytes) {
+  dsv4::grid_begin();
   const long long i = blockIdx.x * 4LL + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (i >= n) return;
@@ -225,6 +232,7 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_copy_rows(
 // results are bit-identical: stages h = 1, 2 inside a lane, h = 4..64 across lanes.
 extern "C" __global__ void __launch_bounds__(32) dsv4_hadamard128(
     const void* __restrict__ x, int x_bf16, long long n, float* __restrict__ out) {
+  dsv4::grid_begin();
   long long i = blockIdx.x;
   int l = threadIdx.x;
   if (i >= n) return;

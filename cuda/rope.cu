@@ -4,6 +4,7 @@
 // angle's sine and cosine are the table's of `rope_mode` (cuda/include/rope.cuh); the rotation is
 // computed in double, as rust/core/src/rope.rs does, with the products and the sum rounded
 // separately (no fused multiply-add, as on the CPU).
+#include "grid.cuh"
 #include "quant.cuh"
 #include "rope.cuh"
 
@@ -14,6 +15,7 @@ extern "C" __global__ void __launch_bounds__(256) dsv4_rope(
     const void* __restrict__ x, int x_bf16, const void* __restrict__ positions, int positions64,
     const void* __restrict__ inv_freq, int rope_mode, int pairs, long long n, int dim, long long per_token,
     int inverse, float* __restrict__ out) {
+  dsv4::grid_begin();
   const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
   if (i >= n) return;
   const int k = (int)(i % dim) - (dim - 2 * pairs);  // position in the rotated part

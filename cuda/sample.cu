@@ -7,6 +7,8 @@
 // One block per row; each thread scans a strided share of the vocabulary, then the block reduces.
 #include <cstdint>
 
+#include "grid.cuh"
+
 namespace {
 
 constexpr int THREADS = 512;
@@ -31,6 +33,7 @@ __device__ __forceinline__ bool before(float a, int ia, float b, int ib) {
 extern "C" __global__ void __launch_bounds__(THREADS) dsv4_sample_gumbel(
     const float* __restrict__ logits, long long row_stride, int vocab, const float* __restrict__ temperature,
     const long long* __restrict__ seeds, const long long* __restrict__ steps, long long* __restrict__ out) {
+  dsv4::grid_begin();
   const int b = blockIdx.x;
   const float* row = logits + b * row_stride;
   const float t = temperature[b];

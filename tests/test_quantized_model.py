@@ -678,6 +678,39 @@ def test_gpu_engine_with_weights_in_tiles_gives_the_rows_logits(tmp_path) -> Non
     assert all(torch.equal(a, b) for a, b in zip(tiles, rows))
 
 
+
+@pytest.mark.gpu
+def test_gpu_dependent_launches_change_no_logit(tmp_path, monkeypatch) -> None:
+    """Kernels launched as programmatic dependents (each may start while the one before it
+    finishes, waiting in ``grid_begin``; the dense decode GEMMs first ask the L2 for their
+    weights) give the logits of kernels launched one after the other, bit for bit: a prefill and
+    decode steps of a batch of two, eager and replayed from CUDA graphs, with the shipped FP8 and
+    MXFP4 weights held in tiles."""
+    export_deepseek(init_random(DeepseekV4(GPU_CFG), seed=11), tmp_path, progress=False)
+    model = load_checkpoint(tmp_path, device="cuda", dtype=torch.bfloat16, progress=False)
+    gen = torch.Generator().manual_seed(11)
+    ids = torch.randint(0, GPU_CFG.vocab_size, (2, 40), generator=gen).cuda()
+    nxt = torch.randint(0, GPU_CFG.vocab_size, (6, 2, 1), generator=gen).cuda()
+
+    def run(pdl: str, graphs: bool) -> list[torch.Tensor]:
+        monkeypatch.setenv("DSV4RS_PDL", pdl)
+        eng = Engine(model, max_sequences=2, max_len=64, cuda_graphs=graphs)
+        seqs = [eng.add_sequence()[0] for _ in range(2)]
+        out = [eng.step(seqs, [ids[0], ids[1, :33]])]
+        out += [eng.step(seqs, list(t)) for t in nxt]
+        torch.cuda.synchronize()
+        return [o.clone() for o in out]
+
+    for graphs in (False, True):
+        on, off = run("on", graphs), run("off", graphs)
+        assert all(torch.equal(a, b) for a, b in zip(on, off)), graphs
+        assert all(bool(torch.isfinite(a).all()) for a in on)
+    eng = Engine(model, max_sequences=1, max_len=64, cuda_graphs=False)
+    seq, _ = eng.add_sequence()
+    monkeypatch.setenv("DSV4RS_PDL", "sometimes")
+    with pytest.raises(ValueError, match="DSV4RS_PDL"):
+        eng.step([seq], [ids[0]])
+
 def test_engine_weight_tiles_must_be_a_bool(quantized: DeepseekV4) -> None:
     with pytest.raises(ValueError, match="^weight_tiles: "):
         Engine(quantized, max_sequences=1, max_len=16, weight_tiles="yes")

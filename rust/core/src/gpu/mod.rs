@@ -218,7 +218,15 @@ struct Loaded {
     /// One per entry of `kernels::FATBINS`; `None` for a Hopper-only module on another GPU.
     modules: Vec<Option<sys::CUmodule>>,
     /// Indexed by `Kernel as usize`.
-    functions: [Option<sys::CUfunction>; Kernel::COUNT],
+    functions: [Option<Function>; Kernel::COUNT],
+}
+
+/// A kernel looked up on a device.
+#[derive(Clone, Copy)]
+struct Function {
+    f: sys::CUfunction,
+    /// The virtual architecture its code was compiled from ([`ptx_version`]).
+    ptx: i32,
 }
 
 // SAFETY: driver handles are process-wide and usable from any thread; access is serialized by
@@ -237,7 +245,7 @@ fn with_context<T>(ctx: sys::CUcontext, f: impl FnOnce() -> Result<T>) -> Result
 }
 
 /// Looks up (loading every module on first use) a kernel on a device.
-fn function(index: i32, kernel: Kernel) -> Result<(sys::CUcontext, sys::CUfunction)> {
+fn function(index: i32, kernel: Kernel) -> Result<(sys::CUcontext, Function)> {
     if kernels::FATBINS.is_empty() {
         return Err(Error::NoKernels);
     }
@@ -282,8 +290,18 @@ fn function(index: i32, kernel: Kernel) -> Result<(sys::CUcontext, sys::CUfuncti
     let mut f = std::ptr::null_mut();
     // SAFETY: `m` is a module loaded into `l.ctx`; the name is NUL-terminated.
     check(unsafe { sys::cuModuleGetFunction(&mut f, m, cname.as_ptr()) }, &format!("cuModuleGetFunction({symbol})"))?;
-    l.functions[kernel as usize] = Some(f);
-    Ok((l.ctx, f))
+    let ptx = with_context(l.ctx, || {
+        let mut v = 0;
+        // SAFETY: `f` is a function of a module loaded in `l.ctx`, current on this thread.
+        check(
+            unsafe { sys::cuFuncGetAttribute(&mut v, sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PTX_VERSION, f) },
+            &format!("cuFuncGetAttribute({symbol}, PTX_VERSION)"),
+        )?;
+        Ok(v)
+    })?;
+    let found = Function { f, ptx };
+    l.functions[kernel as usize] = Some(found);
+    Ok((l.ctx, found))
 }
 
 /// Loads every module on `index` now, so that later launches can be captured in a CUDA graph.
@@ -323,16 +341,19 @@ fn compute_capability(index: i32) -> Result<(i32, i32)> {
 /// runs was compiled from: below a GPU's own when the driver compiled it from the build's
 /// portable PTX (a GPU newer than every target of the build).
 fn ptx_version(index: i32, kernel: Kernel) -> Result<i32> {
-    let (ctx, f) = function(index, kernel)?;
-    with_context(ctx, || {
-        let mut v = 0;
-        // SAFETY: `f` is a function of a module loaded in `ctx`, current on this thread.
-        check(
-            unsafe { sys::cuFuncGetAttribute(&mut v, sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PTX_VERSION, f) },
-            "cuFuncGetAttribute(PTX_VERSION)",
-        )?;
-        Ok(v)
-    })
+    function(index, kernel).map(|(_, f)| f.ptx)
+}
+
+/// Whether launches run as programmatic dependents (cuda/include/grid.cuh): a kernel may start
+/// its blocks while the one before it on the stream finishes, each waiting in `grid_begin`
+/// for that kernel's completion. On by default; `DSV4RS_PDL=off` launches every kernel after
+/// the one before it has completed (`on`, or unset, the default).
+fn dependent_launches() -> Result<bool> {
+    match std::env::var("DSV4RS_PDL").ok().as_deref() {
+        None | Some("") | Some("on") => Ok(true),
+        Some("off") => Ok(false),
+        Some(other) => Err(Error::value("DSV4RS_PDL", format!("must be on or off, got {other:?}"))),
+    }
 }
 
 /// Whether `kernel` is in this build and loads on device `index`.
@@ -392,7 +413,17 @@ pub struct Launch {
 /// `args` must point at values whose types and order match the kernel's parameters, and every
 /// device pointer among them must address memory of the sizes the kernel assumes.
 pub unsafe fn launch(index: i32, kernel: Kernel, cfg: &Launch, args: &mut [*mut c_void]) -> Result<()> {
-    launch_in_clusters(index, kernel, cfg, 1, args)
+    launch_with(index, kernel, cfg, 1, true, args)
+}
+
+/// [`launch`] without the programmatic dependency: the kernel's blocks start only once the kernel
+/// before it on the stream has completed (for kernels measured slower when started early; the
+/// kernel still calls `grid_begin`, which then returns at once).
+///
+/// # Safety
+/// As [`launch`].
+pub unsafe fn launch_after(index: i32, kernel: Kernel, cfg: &Launch, args: &mut [*mut c_void]) -> Result<()> {
+    launch_with(index, kernel, cfg, 1, false, args)
 }
 
 /// Most blocks of a thread-block cluster that every GPU with clusters (compute capability 9.0
@@ -408,6 +439,13 @@ pub const MAX_CLUSTER: usize = 8;
 pub unsafe fn launch_in_clusters(
     index: i32, kernel: Kernel, cfg: &Launch, cluster_z: u32, args: &mut [*mut c_void],
 ) -> Result<()> {
+    launch_with(index, kernel, cfg, cluster_z, true, args)
+}
+
+/// The launches above; `overlap`: as a programmatic dependent where the kernel's code allows it.
+unsafe fn launch_with(
+    index: i32, kernel: Kernel, cfg: &Launch, cluster_z: u32, overlap: bool, args: &mut [*mut c_void],
+) -> Result<()> {
     if cluster_z == 0 || cluster_z as usize > MAX_CLUSTER || !cfg.grid.2.is_multiple_of(cluster_z) {
         return Err(Error::Cuda {
             call: kernel.symbol().to_string(),
@@ -417,8 +455,11 @@ pub unsafe fn launch_in_clusters(
     if cfg.grid.0 == 0 || cfg.grid.1 == 0 || cfg.grid.2 == 0 {
         return Ok(());
     }
-    let (ctx, f) = function(index, kernel)?;
+    let (ctx, Function { f, ptx }) = function(index, kernel)?;
     let name = kernel.symbol();
+    // Only code compiled for compute_90 or later waits in `grid_begin` (below that the
+    // instructions do not exist, and a GPU newer than the build's targets runs the compute_80 PTX).
+    let dependent = overlap && ptx >= 90 && dependent_launches()?;
     if cfg.shared_bytes > 48 * 1024 {
         let most = shared_memory_limit(index)?;
         if cfg.shared_bytes as usize > most {
@@ -443,7 +484,7 @@ pub unsafe fn launch_in_clusters(
                 &format!("cuFuncSetAttribute({name}, {} B of shared memory)", cfg.shared_bytes),
             )?;
         }
-        if cluster_z == 1 {
+        if cluster_z == 1 && !dependent {
             return check(
                 sys::cuLaunchKernel(
                     f,
@@ -461,15 +502,21 @@ pub unsafe fn launch_in_clusters(
                 name,
             );
         }
-        // SAFETY (of the zeroed value): a plain C union of integers; `clusterDim` is set below.
-        let mut attr = sys::CUlaunchAttribute {
-            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION,
-            pad: [0; 4],
-            value: std::mem::zeroed(),
-        };
-        attr.value.clusterDim.x = 1;
-        attr.value.clusterDim.y = 1;
-        attr.value.clusterDim.z = cluster_z;
+        // SAFETY (of the zeroed values): plain C unions of integers; the fields used are set below.
+        let mut attrs: [sys::CUlaunchAttribute; 2] = [std::mem::zeroed(), std::mem::zeroed()];
+        let mut count = 0;
+        if cluster_z > 1 {
+            attrs[count].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+            attrs[count].value.clusterDim.x = 1;
+            attrs[count].value.clusterDim.y = 1;
+            attrs[count].value.clusterDim.z = cluster_z;
+            count += 1;
+        }
+        if dependent {
+            attrs[count].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            attrs[count].value.programmaticStreamSerializationAllowed = 1;
+            count += 1;
+        }
         let config = sys::CUlaunchConfig {
             gridDimX: cfg.grid.0,
             gridDimY: cfg.grid.1,
@@ -479,8 +526,8 @@ pub unsafe fn launch_in_clusters(
             blockDimZ: cfg.block.2,
             sharedMemBytes: cfg.shared_bytes,
             hStream: cfg.stream as sys::CUstream,
-            attrs: &mut attr,
-            numAttrs: 1,
+            attrs: attrs.as_mut_ptr(),
+            numAttrs: count as u32,
         };
         check(sys::cuLaunchKernelEx(&config, f, args.as_mut_ptr(), std::ptr::null_mut()), name)
     })
