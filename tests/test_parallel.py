@@ -6,9 +6,11 @@ timeout. The ranks run tests/_parallel_worker.py."""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import sys
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -36,6 +38,19 @@ def run_ranks(tmp_path, world: int, mode: str = "ok", timeout: float = 60.0) -> 
             p.kill()
             pytest.fail("a rank did not finish within 240 s (a hang)")
     return [torch.load(o, weights_only=False) if os.path.exists(o) else None for o in outs]
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one CPU thread, as each rank runs: a matmul's float32 sums then take the ranks'
+    order whatever the machine's load (a BLAS may use fewer threads on a busy machine, and a
+    different order can move an FP8 activation across a rounding midpoint)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +172,8 @@ def test_ranks_running_quantized_weights(tmp_path, kind: str) -> None:
     export_deepseek(init_random(DeepseekV4(cfg), seed=5), ckpt, progress=False)
     one = load_checkpoint(ckpt, progress=False)
     assert one.model.layers[0].mlp.experts.quantized
-    single = pw.run_schedule(Engine(one, max_sequences=8, max_len=512), sorted(pw.PROMPT_LENS))
+    with one_thread():  # as the ranks run (tests/_parallel_worker.py)
+        single = pw.run_schedule(Engine(one, max_sequences=8, max_len=512), sorted(pw.PROMPT_LENS))
     results = run_ranks(tmp_path, 2, f"{kind}:{ckpt}")
     seen = loaded_logits(results, kind, cfg)  # FP8 codes hold one byte a value, the same shapes
     assert seen.keys() == single.keys()
@@ -168,7 +184,8 @@ def test_ranks_running_quantized_weights(tmp_path, kind: str) -> None:
     for key in single:
         assert torch.equal(results[1]["logits"][key], results[0]["logits"][key]), key
     bf16 = load_checkpoint(ckpt, progress=False).set_activation_quant("bf16")
-    rounding = pw.run_schedule(Engine(bf16, max_sequences=8, max_len=512), sorted(pw.PROMPT_LENS))
+    with one_thread():
+        rounding = pw.run_schedule(Engine(bf16, max_sequences=8, max_len=512), sorted(pw.PROMPT_LENS))
     for key, want in single.items():
         effect = float((rounding[key] - want).abs().max())
         assert float((seen[key] - want).abs().max()) <= effect, key
