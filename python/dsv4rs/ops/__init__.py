@@ -18,6 +18,7 @@ their outputs (and workspace).
 - :mod:`.quant`: weights as DeepSeek ships them: ``quant_linear`` (block-scaled FP8 or MXFP4
   weights, FP8 or bf16 activations) and ``moe_experts`` (the fused MoE over MXFP4 experts, in
   DeepSeek's rows or in ``weight_tiles``'s 64-row tiles, which the GPU reads faster).
+- :mod:`.route`: ``moe_route`` (the experts and weights of each token from the router's logits).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from dsv4rs.ops.mhc import mhc_collapse, mhc_combine, mhc_pre, mhc_weights
 from dsv4rs.ops.norm import rms_norm
 from dsv4rs.ops.quant import moe_experts, quant_linear, weight_rows, weight_tiles
 from dsv4rs.ops.rope import ROPE_TABLES, RopeTable, rope
+from dsv4rs.ops.route import moe_route
 from dsv4rs.ops.sample import sample_gumbel
 
 __all__ = [
@@ -65,7 +67,7 @@ __all__ = [
     "RopeTable",
     "attention_kernel", "compress", "compress_batch", "compressor_state", "copy_rows", "hadamard128",
     "index_key_read", "index_key_round_trip", "index_key_write", "indexer_scores", "indexer_topk", "kv_read",
-    "kv_write", "mhc_collapse", "mhc_combine", "mhc_pre", "mhc_weights", "moe_experts", "new_index_key_cache",
+    "kv_write", "mhc_collapse", "mhc_combine", "mhc_pre", "mhc_weights", "moe_experts", "moe_route", "new_index_key_cache",
     "new_kv_cache", "quant_linear", "quantize_entries", "quantize_index_keys", "rms_norm", "rope", "sample_gumbel", "sparse_attention",
     "weight_rows", "weight_tiles",
     "warm_up",

@@ -65,6 +65,7 @@ __all__ = [
     "dequantize_weight",
     "quant_linear",
     "moe_experts",
+    "moe_route",
 ]
 
 F64 = torch.float64
@@ -936,3 +937,46 @@ def moe_experts(
         g, u = gu[:, :inter].clamp(max=limit), gu[:, inter:].clamp(-limit, limit)
         y[t, j] = quantize_activations(g / (1 + torch.exp(-g)) * u, act) @ wd[e].T
     return (w[..., None] * y).sum(1)
+
+
+def moe_route(logits: torch.Tensor, k: int, scale: float = 1.0, bias: torch.Tensor | None = None,
+              table: torch.Tensor | None = None, ids: torch.Tensor | None = None, norm: bool = True
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The twin of ``dsv4rs.ops.moe_route`` in float64 (docs/model.md section 7):
+    ``a = sqrt(softplus(logits))`` (``x`` itself above 20, as torch's); the ``k`` experts of
+    largest ``a + bias`` (descending, ties to the lower expert) or ``table[ids]``; weights
+    ``a[idx]``, divided by their sum ``+ 1e-20`` when ``norm``, times ``scale``. Returns
+    ``(idx int64 [T, k], w float64 [T, k])``. Logits must be finite; ids must index ``table``'s
+    rows and its entries lie in ``[0, E)``."""
+    x = _float("logits", logits)
+    _check_shape("logits", x, "T", "E")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("logits: must be finite")
+    experts = x.shape[1]
+    k = _int("k", k, 1)
+    if k > experts:
+        raise ValueError(f"k: must be <= {experts} (the experts), got {k}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale: expected a finite number, got {scale!r}")
+    a = torch.where(x > 20, x, torch.log1p(torch.exp(x))).sqrt()
+    if (bias is None) == (table is None) or (table is None) != (ids is None):
+        raise ValueError("bias: give either bias (a learned layer) or table and ids (a hash layer)")
+    if bias is not None:
+        b = _float("bias", bias)
+        _check_shape("bias", b, experts)
+        s = (a + b).tolist()
+        idx = torch.tensor([sorted(range(experts), key=lambda e, r=r: (-r[e], e))[:k] for r in s], dtype=torch.int64)
+        idx = idx.view(x.shape[0], k)
+    else:
+        tab, tok = _index("table", table), _index("ids", ids)
+        _check_shape("table", tab, "V", k)
+        _check_shape("ids", tok, x.shape[0])
+        if ((tok < 0) | (tok >= tab.shape[0])).any():
+            raise ValueError(f"ids: must lie in [0, {tab.shape[0]}) (the table's rows)")
+        if ((tab < 0) | (tab >= experts)).any():
+            raise ValueError(f"table: entries must lie in [0, {experts})")
+        idx = tab[tok]
+    w = a.gather(1, idx)
+    if norm:
+        w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    return idx, w * scale

@@ -10,6 +10,7 @@
 //!   (vector kernels for the CPU's widest unit) and [`topk`] (running exact top-k selection).
 //! - [`qgemm`]: weights as DeepSeek ships them: the block-scaled FP8 / MXFP4 linear and the fused
 //!   MoE over MXFP4 experts (argument checks, a CPU twin, the GPU dispatch).
+//! - [`route`]: MoE routing from the router's logits (a CPU twin, the GPU dispatch).
 //! - [`sample`]: Gumbel-max sampling of one token per row (a CPU twin, the GPU dispatch).
 //! - [`tensor`]: borrowed views of caller-owned tensors and the argument checks of every op.
 //! - [`error`]: the one error type every public function returns.
@@ -28,6 +29,7 @@ pub mod qgemm;
 pub mod quant;
 pub mod rope;
 pub mod rows;
+pub mod route;
 pub mod sample;
 pub mod simd;
 pub mod tensor;

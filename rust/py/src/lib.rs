@@ -30,8 +30,8 @@ mod _core {
     #[pymodule_export]
     use super::ops::{
         attention_workspace_bytes, compress, compress_batch, indexer_scores, indexer_topk, indexer_workspace_bytes,
-        mhc_collapse, mhc_combine, mhc_pre, mhc_pre_workspace_len, mhc_weights, moe_experts, moe_pass_tokens, moe_workspace_bytes, quant_linear,
-        quant_linear_workspace_bytes, rms_norm, rope, sample_gumbel, sparse_attention,
+        mhc_collapse, mhc_combine, mhc_pre, mhc_pre_workspace_len, mhc_weights, moe_experts, moe_pass_tokens, moe_route,
+        moe_workspace_bytes, quant_linear, quant_linear_workspace_bytes, rms_norm, rope, sample_gumbel, sparse_attention,
     };
 
     // The cache formats, as dsv4rs-core defines them (python/dsv4rs/ops.py re-exports them).
@@ -58,6 +58,10 @@ mod _core {
     const MAX_TOPK: usize = dsv4rs_core::topk::MAX_TOPK;
     #[pymodule_export]
     const MAX_SINKHORN_ITERS: usize = dsv4rs_core::mhc::MAX_ITERS;
+    #[pymodule_export]
+    const MAX_ROUTE_EXPERTS: usize = dsv4rs_core::route::MAX_EXPERTS;
+    #[pymodule_export]
+    const MAX_ROUTE_K: usize = dsv4rs_core::route::MAX_K;
 
     #[pymodule_init]
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {

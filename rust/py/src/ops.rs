@@ -8,7 +8,7 @@ use dsv4rs_core::tensor::TensorRef;
 use dsv4rs_core::qgemm::{self, Act};
 use dsv4rs_core::rope::RopeTable;
 use dsv4rs_core::{
-    attention as attention_op, compress as compress_op, indexer as indexer_op, mhc, norm, rope as rope_op, sample,
+    attention as attention_op, compress as compress_op, indexer as indexer_op, mhc, norm, rope as rope_op, route, sample,
 };
 use pyo3::prelude::*;
 
@@ -31,6 +31,27 @@ pub fn rope(
     let (x, p, f, o) = (tref("x", x)?, tref("positions", positions)?, tref("inv_freq", inv_freq)?, tref("out", out)?);
     // SAFETY: TensorRefs built from live tensors (see tensor.rs); `out` is a fresh tensor.
     run(py, || unsafe { rope_op::rope(&x, &p, &f, &o, inverse, table, stream) })
+}
+
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (logits, bias, table, ids, idx, w, scale, norm, stream))]
+pub fn moe_route(
+    py: Python<'_>,
+    logits: Spec,
+    bias: Option<Spec>,
+    table: Option<Spec>,
+    ids: Option<Spec>,
+    idx: Spec,
+    w: Spec,
+    scale: f32,
+    norm: bool,
+    stream: usize,
+) -> PyResult<()> {
+    let (l, b, t, i) = (tref("logits", logits)?, opt("bias", bias)?, opt("table", table)?, opt("ids", ids)?);
+    let (o, ow) = (tref("idx", idx)?, tref("w", w)?);
+    // SAFETY: as rope; `idx` and `w` are fresh tensors.
+    run(py, || unsafe { route::moe_route(&l, b.as_ref(), t.as_ref(), i.as_ref(), &o, &ow, scale, norm, stream) })
 }
 
 #[pyfunction]

@@ -250,7 +250,18 @@ class Router(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = F.softplus(F.linear(x, self.weight.to(x.dtype))).sqrt()
+        """``(idx int64 [T, k], w [T, k])``: the logits in the activations' dtype, the rest in one
+        op (:func:`dsv4rs.ops.moe_route`, float32 weights); a float64 model routes in float64 with
+        torch ops."""
+        logits = F.linear(x, self.weight.to(x.dtype))
+        if logits.dtype == torch.float64:
+            return self._in_torch(logits, ids)
+        if self.hashed:
+            return ops.moe_route(logits, self.k, self.scale, table=self.tid2eid, ids=ids, norm=self.norm)
+        return ops.moe_route(logits, self.k, self.scale, bias=self.e_score_correction_bias, norm=self.norm)
+
+    def _in_torch(self, logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = F.softplus(logits).sqrt()
         if self.hashed:
             idx = self.tid2eid[ids].long()
         else:

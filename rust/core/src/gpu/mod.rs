@@ -11,6 +11,7 @@ pub mod norm;
 pub mod qgemm;
 pub mod quant;
 pub mod rope;
+pub mod route;
 pub mod sample;
 
 use std::ffi::{c_void, CStr, CString};
@@ -112,6 +113,7 @@ declare_kernels! {
     CopyRows = "dsv4_copy_rows" in "quant",
     Hadamard128 = "dsv4_hadamard128" in "quant",
     Rope = "dsv4_rope" in "rope",
+    MoeRoute = "dsv4_moe_route" in "route",
     SampleGumbel = "dsv4_sample_gumbel" in "sample",
 }
 
