@@ -143,9 +143,31 @@ def moe(b: Bench) -> Iterator[Case]:
             return Row(name, ms, moved, 6.0 * batch * k * inter * d, rows,
                        note=f"  {name}: {touched} experts touched; beside: the same call on rows")
 
+        def run_route(batch: int = batch) -> Row:
+            """The routing of the same tokens from the router's logits (bfloat16, as a bfloat16
+            model's router computes them): ``ops.moe_route`` beside the torch form it replaces."""
+            dtype = torch.bfloat16 if b.gpu else torch.float32
+            logits = [b.randn(batch, e, dtype=dtype) for _ in range(2)]
+            bias = b.randn(e) * 0.01
+            scale = cfg.routed_scaling_factor
+
+            def torch_form(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                scores = F.softplus(x).sqrt()
+                idx = torch.topk(scores + bias.to(scores.dtype), k, dim=-1).indices
+                w = scores.gather(1, idx)
+                return idx, w / (w.sum(-1, keepdim=True) + 1e-20) * scale
+
+            ms = b.median_ms(lambda i: ops.moe_route(logits[i], k, scale, bias=bias), 2)
+            eager = b.median_ms(lambda i: torch_form(logits[i]), 2)
+            moved = batch * e * logits[0].element_size() + e * 4 + batch * k * 12
+            name = f"moe flash route T={batch}" if b.gpu else f"moe route T={batch}"
+            return Row(name, ms, moved, 0.0, eager, note=f"  {name}: beside: the torch form (softplus, sqrt, topk, gather, "
+                                                         "normalize), the same graph replay")
+
         yield Case("moe", f"T={batch}", run)
         if batch <= 128:
             yield Case("moe", f"T={batch} tiles", run_tiles)
+            yield Case("moe", f"route T={batch}", run_route)
 
 
 def _fp8_weight(b: Bench, rows: int, cols: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
