@@ -164,10 +164,30 @@ def moe(b: Bench) -> Iterator[Case]:
             return Row(name, ms, moved, 0.0, eager, note=f"  {name}: beside: the torch form (softplus, sqrt, topk, gather, "
                                                          "normalize), the same graph replay")
 
+        def run_swiglu(batch: int = batch) -> Row:
+            """The shared expert's clamped SwiGLU of the same tokens (its gate and up projections'
+            outputs): ``ops.swiglu`` beside the torch form it replaces."""
+            dtype = torch.bfloat16 if b.gpu else torch.float32
+            width = inter * cfg.n_shared_experts
+            gates = [b.randn(batch, width, dtype=dtype) * 4 for _ in range(2)]
+            ups = [b.randn(batch, width, dtype=dtype) * 4 for _ in range(2)]
+            lim = cfg.swiglu_limit
+
+            def torch_form(i: int) -> torch.Tensor:
+                return F.silu(gates[i].clamp(max=lim)) * ups[i].clamp(min=-lim, max=lim)
+
+            ms = b.median_ms(lambda i: ops.swiglu(gates[i], ups[i], lim), 2)
+            eager = b.median_ms(torch_form, 2)
+            moved = 3 * batch * width * gates[0].element_size()
+            name = f"moe flash shared swiglu T={batch}" if b.gpu else f"moe shared swiglu T={batch}"
+            return Row(name, ms, moved, 0.0, eager, note=f"  {name}: beside: the torch form (two clamps, SiLU, product), "
+                                                         "the same graph replay")
+
         yield Case("moe", f"T={batch}", run)
         if batch <= 128:
             yield Case("moe", f"T={batch} tiles", run_tiles)
             yield Case("moe", f"route T={batch}", run_route)
+            yield Case("moe", f"shared swiglu T={batch}", run_swiglu)
 
 
 def _fp8_weight(b: Bench, rows: int, cols: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

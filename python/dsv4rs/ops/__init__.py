@@ -19,6 +19,7 @@ their outputs (and workspace).
   weights, FP8 or bf16 activations) and ``moe_experts`` (the fused MoE over MXFP4 experts, in
   DeepSeek's rows or in ``weight_tiles``'s 64-row tiles, which the GPU reads faster).
 - :mod:`.route`: ``moe_route`` (the experts and weights of each token from the router's logits).
+  :mod:`.swiglu`: ``swiglu`` (the shared expert's clamped SwiGLU).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ from dsv4rs.ops.quant import moe_experts, quant_linear, weight_rows, weight_tile
 from dsv4rs.ops.rope import ROPE_TABLES, RopeTable, rope
 from dsv4rs.ops.route import moe_route
 from dsv4rs.ops.sample import sample_gumbel
+from dsv4rs.ops.swiglu import swiglu
 
 __all__ = [
     "ENTRY_DIM", "ENTRY_SCALE", "FP4_BLOCK", "FP8_BLOCK", "INDEX_DIM", "INDEX_KEY_BYTES", "MAIN_DATA_BYTES",
@@ -68,7 +70,7 @@ __all__ = [
     "attention_kernel", "compress", "compress_batch", "compressor_state", "copy_rows", "hadamard128",
     "index_key_read", "index_key_round_trip", "index_key_write", "indexer_scores", "indexer_topk", "kv_read",
     "kv_write", "mhc_collapse", "mhc_combine", "mhc_pre", "mhc_weights", "moe_experts", "moe_route", "new_index_key_cache",
-    "new_kv_cache", "quant_linear", "quantize_entries", "quantize_index_keys", "rms_norm", "rope", "sample_gumbel", "sparse_attention",
+    "new_kv_cache", "quant_linear", "quantize_entries", "quantize_index_keys", "rms_norm", "rope", "sample_gumbel", "sparse_attention", "swiglu",
     "weight_rows", "weight_tiles",
     "warm_up",
 ]

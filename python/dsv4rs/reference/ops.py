@@ -66,6 +66,7 @@ __all__ = [
     "quant_linear",
     "moe_experts",
     "moe_route",
+    "swiglu",
 ]
 
 F64 = torch.float64
@@ -980,3 +981,15 @@ def moe_route(logits: torch.Tensor, k: int, scale: float = 1.0, bias: torch.Tens
     if norm:
         w = w / (w.sum(-1, keepdim=True) + 1e-20)
     return idx, w * scale
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float = math.inf) -> torch.Tensor:
+    """The twin of ``dsv4rs.ops.swiglu`` in float64: ``silu(min(gate, limit)) * clamp(up, -limit,
+    limit)`` with ``silu(x) = x / (1 + e^-x)``."""
+    g, u = _float("gate", gate), _float("up", up)
+    if g.shape != u.shape:
+        raise ValueError(f"up: expected shape {list(g.shape)}, got {list(u.shape)}")
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or math.isnan(limit) or limit <= 0:
+        raise ValueError(f"limit: expected a number > 0, got {limit!r}")
+    g, u = g.clamp(max=limit), u.clamp(-limit, limit)
+    return g / (1 + torch.exp(-g)) * u

@@ -8,7 +8,7 @@ use dsv4rs_core::tensor::TensorRef;
 use dsv4rs_core::qgemm::{self, Act};
 use dsv4rs_core::rope::RopeTable;
 use dsv4rs_core::{
-    attention as attention_op, compress as compress_op, indexer as indexer_op, mhc, norm, rope as rope_op, route, sample,
+    attention as attention_op, compress as compress_op, indexer as indexer_op, mhc, norm, rope as rope_op, route, sample, swiglu as swiglu_op,
 };
 use pyo3::prelude::*;
 
@@ -52,6 +52,13 @@ pub fn moe_route(
     let (o, ow) = (tref("idx", idx)?, tref("w", w)?);
     // SAFETY: as rope; `idx` and `w` are fresh tensors.
     run(py, || unsafe { route::moe_route(&l, b.as_ref(), t.as_ref(), i.as_ref(), &o, &ow, scale, norm, stream) })
+}
+
+#[pyfunction]
+pub fn swiglu(py: Python<'_>, gate: Spec, up: Spec, out: Spec, limit: f32, stream: usize) -> PyResult<()> {
+    let (g, u, o) = (tref("gate", gate)?, tref("up", up)?, tref("out", out)?);
+    // SAFETY: as rope; `out` is a fresh tensor.
+    run(py, || unsafe { swiglu_op::swiglu(&g, &u, &o, limit, stream) })
 }
 
 #[pyfunction]

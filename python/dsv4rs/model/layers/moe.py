@@ -25,9 +25,14 @@ class MLP(nn.Module):
         self.down_proj = linear(inner, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = self.gate_proj(x).clamp(max=self.limit)
-        up = self.up_proj(x).clamp(min=-self.limit, max=self.limit)
-        return self.down_proj(F.silu(gate) * up)
+        """The clamps, SiLU and product in one op (:func:`dsv4rs.ops.swiglu`, float32 math); a
+        float64 model in torch ops."""
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if gate.dtype == torch.float64:
+            h = F.silu(gate.clamp(max=self.limit)) * up.clamp(min=-self.limit, max=self.limit)
+        else:
+            h = ops.swiglu(gate, up, self.limit)
+        return self.down_proj(h)
 
 
 def expert_range(cfg: V4Config, experts: range | None) -> range:

@@ -13,6 +13,7 @@ pub mod quant;
 pub mod rope;
 pub mod route;
 pub mod sample;
+pub mod swiglu;
 
 use std::ffi::{c_void, CStr, CString};
 use std::sync::Mutex;
@@ -115,6 +116,7 @@ declare_kernels! {
     Rope = "dsv4_rope" in "rope",
     MoeRoute = "dsv4_moe_route" in "route",
     SampleGumbel = "dsv4_sample_gumbel" in "sample",
+    Swiglu = "dsv4_swiglu" in "swiglu",
 }
 
 /// 1 for a bfloat16 tensor, 0 otherwise: the kernels' `*_bf16` flags.
