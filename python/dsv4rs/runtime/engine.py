@@ -29,6 +29,7 @@ from dsv4rs import ops
 from dsv4rs.cache import CacheConfig, KVCacheManager, PrefixHit
 from dsv4rs.model.layers.attention import AttentionMetadata
 from dsv4rs.model.layers.moe import Experts
+from dsv4rs.model.layers.packed import pack_projections_
 from dsv4rs.model.layers.quant import QuantLinear
 from dsv4rs.model.model import DeepseekV4
 from dsv4rs.parallel import ParallelConfig, attach
@@ -69,6 +70,12 @@ class Engine:
             linears) in :func:`dsv4rs.ops.weight_tiles`'s layout, which the GPU reads in whole
             kilobytes: the same values and results, in place (the model's state dict keeps
             DeepSeek's rows). ``False`` leaves them as they are.
+
+    The linears that share an input (an attention layer's ``W_qa`` with ``W_kv``, a compressed
+    layer's compressor and indexer projections, the shared expert's ``W_gate`` with ``W_up``) are
+    packed into one storage a group and run as one GEMM
+    (:func:`dsv4rs.model.layers.packed.pack_projections_`): in place, the same parameters and
+    state dict, values equal up to the order of the sums.
     """
 
     def __init__(self, model: DeepseekV4, max_sequences: int | None = None, max_len: int | None = None,
@@ -96,6 +103,7 @@ class Engine:
         self.device = model.lm_head.weight.device
         if not isinstance(weight_tiles, bool):
             raise ValueError(f"weight_tiles: expected a bool, got {type(weight_tiles).__name__}")
+        pack_projections_(model)  # before the cache takes its share (a group's bytes at a time)
         if weight_tiles and self.device.type == "cuda":
             # Before the cache takes its share (in place: the weights take no more memory).
             for module in model.modules():

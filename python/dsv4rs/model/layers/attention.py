@@ -29,6 +29,7 @@ from dsv4rs import ops
 from dsv4rs.model.config import CSA, HCA, INDEX_DIM, SWA, V4Config
 from dsv4rs.model.layers.compressor import Compressor, CSACompressor, HCACompressor, compress_tokens
 from dsv4rs.model.layers.norm import RMSNorm, linear, rms_norm
+from dsv4rs.model.layers.packed import project
 from dsv4rs.model.layers.quant import QuantLinear, compute_dtype, split_blocker
 from dsv4rs.model.layers.rotary import RotaryEmbedding
 from dsv4rs.model.layers.rotary import inv_freq as rope_inv_freq
@@ -201,13 +202,28 @@ class Attention(nn.Module):
         self.groups = self.o_a_proj.groups = self.groups // world
         return share
 
+    def input_groups(self) -> list[tuple[nn.Module, ...]]:
+        """The linears over the layer's input that :func:`.packed.project` runs as one: ``W_qa``
+        with ``W_kv``, and (CSA/HCA) the compressor's ``W_kv`` and ``W_gate``, with (CSA) the
+        indexer's ``W_kv``, ``W_gate`` and head weights."""
+        groups: list[tuple[nn.Module, ...]] = [(self.q_a_proj, self.kv_proj)]
+        comp = self.compressor
+        if comp is not None:
+            side: tuple[nn.Module, ...] = (comp.kv_proj, comp.gate_proj)
+            if isinstance(comp, CSACompressor):
+                ix = comp.indexer
+                side += (ix.kv_proj, ix.gate_proj, ix.scorer.weights_proj)
+            groups.append(side)
+        return groups
+
     def projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(cQ [T, q_lora_rank], q [T, H, 512], e [T, 512])`` before RoPE; ``q`` per-head
         RMS-normalized without weight."""
-        cq = self.q_a_norm(self.q_a_proj(x))
+        qa, kv = project(x, (self.q_a_proj, self.kv_proj))
+        cq = self.q_a_norm(qa)
         q = self.q_b_proj(cq).unflatten(-1, (self.heads, self.head_dim))
         q = rms_norm(q, None, self.eps, x.dtype)
-        e = self.kv_norm(self.kv_proj(x))
+        e = self.kv_norm(kv)
         return cq, q, e
 
     def output(self, o: torch.Tensor) -> torch.Tensor:
@@ -226,9 +242,10 @@ class Attention(nn.Module):
         if comp is None:
             o, _ = ops.sparse_attention(q, window, meta.window_candidates, sinks, derotate=derotate, rope_table=table)
             return self.output(o)
-        entries = compress_tokens(comp, x, cache.state, self.rotary, meta)
+        side = project(x, self.input_groups()[1])
+        entries = compress_tokens(comp, side[0], side[1], cache.state, self.rotary, meta)
         write_rows(cache.main, meta.slots["csa" if self.layer_type == CSA else "hca"], entries)
-        rows = self._select(x, cq, meta, cache) if self.layer_type == CSA else meta.hca_candidates
+        rows = self._select(side[2:], cq, meta, cache) if self.layer_type == CSA else meta.hca_candidates
         o, _ = ops.sparse_attention(q, cache.main, rows, sinks, extra_cache=window,
                                     extra_indices=meta.window_candidates, derotate=derotate, rope_table=table)
         return self.output(o)
@@ -245,10 +262,13 @@ class Attention(nn.Module):
         write_rows(cache.window, meta.window_slots, e)
         return window
 
-    def _select(self, x: torch.Tensor, cq: torch.Tensor, meta: AttentionMetadata, cache: LayerCache) -> torch.Tensor:
-        """CSA: writes the chunk's indexer keys, then the top-k CSA rows of each query."""
+    def _select(self, side: list[torch.Tensor], cq: torch.Tensor, meta: AttentionMetadata, cache: LayerCache
+                ) -> torch.Tensor:
+        """CSA: writes the chunk's indexer keys, then the top-k CSA rows of each query; ``side``
+        the indexer's projections of the layer's input (its compressor's ``W_kv`` and ``W_gate``,
+        then the head weights)."""
         indexer = self.compressor.indexer
-        keys = compress_tokens(indexer, x, cache.index_state, self.rotary, meta)
+        keys = compress_tokens(indexer, side[0], side[1], cache.index_state, self.rotary, meta)
         fmt = cache.key_format
         if fmt is not None:
             keys = ops.hadamard128(keys)
@@ -256,5 +276,5 @@ class Attention(nn.Module):
         qi = self.rotary(indexer.queries(cq), meta.positions)
         if fmt is not None:  # the queries take the keys' rotation and FP4 (or FP8) round trip
             qi = ops.index_key_round_trip(ops.hadamard128(qi.reshape(-1, INDEX_DIM)), fmt).view_as(qi)
-        return ops.indexer_topk(qi, indexer.head_weights(x).float(), cache.keys, meta.tables["csa"], meta.token_seq,
+        return ops.indexer_topk(qi, indexer.weigh(side[2]).float(), cache.keys, meta.tables["csa"], meta.token_seq,
                                 meta.visible[indexer.ratio], indexer.topk, physical=True, tie_break=indexer.tie_break)

@@ -66,8 +66,12 @@ class Indexer(Compressor):
 
     def head_weights(self, x: torch.Tensor) -> torch.Tensor:
         """``w_t = W_w x_t * 128^-0.5 * heads^-0.5``, float32 (float64 stays float64)."""
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        return self.scorer.weights_proj(x).to(dtype) * (INDEX_DIM**-0.5 * self.heads**-0.5)
+        return self.weigh(self.scorer.weights_proj(x))
+
+    def weigh(self, raw: torch.Tensor) -> torch.Tensor:
+        """:meth:`head_weights` from ``W_w x`` already computed."""
+        dtype = torch.promote_types(raw.dtype, torch.float32)
+        return raw.to(dtype) * (INDEX_DIM**-0.5 * self.heads**-0.5)
 
 
 class CSACompressor(Compressor):
@@ -81,14 +85,14 @@ class HCACompressor(Compressor):
         super().__init__(cfg, cfg.compress_rates[1], cfg.head_dim)
 
 
-def compress_tokens(comp: Compressor, x: torch.Tensor, state: torch.Tensor, rotary: RotaryEmbedding,
-                    meta: AttentionMetadata) -> torch.Tensor:
-    """Feeds each sequence's tokens (rows ``meta.cu_tokens[b] ..`` of ``x``, from position
-    ``meta.starts[b]``) to its decode state ``state[meta.state_slots[b]]`` (``[2, coff r, coff D]``:
-    kv then scores), all sequences in one :func:`dsv4rs.ops.compress_batch`; row ``t`` of the
-    result is the entry token ``t`` completes (zeros where it completes none), rotated by
-    ``rotary``'s frequencies and table."""
-    kv, score = comp.project(x)
-    return ops.compress_batch(kv.float(), score.float(), comp.position_bias.float(), comp.kv_norm.weight.float(),
+def compress_tokens(comp: Compressor, kv: torch.Tensor, score: torch.Tensor, state: torch.Tensor,
+                    rotary: RotaryEmbedding, meta: AttentionMetadata) -> torch.Tensor:
+    """Feeds each sequence's tokens (rows ``meta.cu_tokens[b] ..`` of the projections ``kv`` and
+    ``score`` of the layer's input, :meth:`Compressor.project`, from position ``meta.starts[b]``)
+    to its decode state ``state[meta.state_slots[b]]`` (``[2, coff r, coff D]``: kv then scores),
+    all sequences in one :func:`dsv4rs.ops.compress_batch`; row ``t`` of the result is the entry
+    token ``t`` completes (zeros where it completes none), rotated by ``rotary``'s frequencies and
+    table."""
+    return ops.compress_batch(kv.float().contiguous(), score.float().contiguous(), comp.position_bias.float(), comp.kv_norm.weight.float(),
                               rotary.inv_freq, state, meta.state_slots, meta.starts, meta.cu_tokens, comp.ratio,
                               comp.eps, rope_table=rotary.table)

@@ -11,6 +11,7 @@ from torch import nn
 from dsv4rs import ops
 from dsv4rs.model.config import V4Config
 from dsv4rs.model.layers.norm import linear
+from dsv4rs.model.layers.packed import project
 from dsv4rs.model.layers.quant import FP4_BLOCK, retile_
 
 
@@ -24,10 +25,14 @@ class MLP(nn.Module):
         self.up_proj = linear(cfg.hidden_size, inner)
         self.down_proj = linear(inner, cfg.hidden_size)
 
+    def input_groups(self) -> list[tuple[nn.Module, ...]]:
+        """``W_gate`` with ``W_up``: one GEMM where packed (:mod:`.packed`)."""
+        return [(self.gate_proj, self.up_proj)]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The clamps, SiLU and product in one op (:func:`dsv4rs.ops.swiglu`, float32 math); a
         float64 model in torch ops."""
-        gate, up = self.gate_proj(x), self.up_proj(x)
+        gate, up = project(x, (self.gate_proj, self.up_proj))
         if gate.dtype == torch.float64:
             h = F.silu(gate.clamp(max=self.limit)) * up.clamp(min=-self.limit, max=self.limit)
         else:
