@@ -711,6 +711,34 @@ def test_gpu_dependent_launches_change_no_logit(tmp_path, monkeypatch) -> None:
     with pytest.raises(ValueError, match="DSV4RS_PDL"):
         eng.step([seq], [ids[0]])
 
+@pytest.mark.gpu
+def test_gpu_shared_expert_on_a_side_stream_changes_no_logit(tmp_path, monkeypatch) -> None:
+    """The shared expert on a second stream beside the routed experts (``moe.SIDE_STREAM``) gives
+    the logits of one stream, bit for bit: a prefill and decode steps of a batch of two, eager and
+    replayed from CUDA graphs (which capture the fork and join), shipped weights in tiles."""
+    from dsv4rs.model.layers import moe
+
+    export_deepseek(init_random(DeepseekV4(GPU_CFG), seed=12), tmp_path, progress=False)
+    model = load_checkpoint(tmp_path, device="cuda", dtype=torch.bfloat16, progress=False)
+    gen = torch.Generator().manual_seed(12)
+    ids = torch.randint(0, GPU_CFG.vocab_size, (2, 40), generator=gen).cuda()
+    nxt = torch.randint(0, GPU_CFG.vocab_size, (6, 2, 1), generator=gen).cuda()
+
+    def run(side: bool, graphs: bool) -> list[torch.Tensor]:
+        monkeypatch.setattr(moe, "SIDE_STREAM", side)
+        eng = Engine(model, max_sequences=2, max_len=64, cuda_graphs=graphs)
+        seqs = [eng.add_sequence()[0] for _ in range(2)]
+        out = [eng.step(seqs, [ids[0], ids[1, :33]])]
+        out += [eng.step(seqs, list(t)) for t in nxt]
+        torch.cuda.synchronize()
+        return [o.clone() for o in out]
+
+    for graphs in (False, True):
+        two, one = run(True, graphs), run(False, graphs)
+        assert all(torch.equal(a, b) for a, b in zip(two, one)), graphs
+        assert all(bool(torch.isfinite(a).all()) for a in two)
+
+
 def test_engine_weight_tiles_must_be_a_bool(quantized: DeepseekV4) -> None:
     with pytest.raises(ValueError, match="^weight_tiles: "):
         Engine(quantized, max_sequences=1, max_len=16, weight_tiles="yes")
