@@ -712,11 +712,12 @@ def test_gpu_dependent_launches_change_no_logit(tmp_path, monkeypatch) -> None:
         eng.step([seq], [ids[0]])
 
 @pytest.mark.gpu
-def test_gpu_shared_expert_on_a_side_stream_changes_no_logit(tmp_path, monkeypatch) -> None:
-    """The shared expert on a second stream beside the routed experts (``moe.SIDE_STREAM``) gives
-    the logits of one stream, bit for bit: a prefill and decode steps of a batch of two, eager and
-    replayed from CUDA graphs (which capture the fork and join), shipped weights in tiles."""
-    from dsv4rs.model.layers import moe
+def test_gpu_side_streams_change_no_logit(tmp_path, monkeypatch) -> None:
+    """The layers' side chains on a second stream (the shared expert beside the routed experts;
+    the entry's path and the compressors beside the query's; ``streams.ENABLED``) give the logits
+    of one stream, bit for bit: a prefill and decode steps of a batch of two, eager and replayed
+    from CUDA graphs (which capture the forks and joins), shipped weights in tiles."""
+    from dsv4rs.model.layers import streams
 
     export_deepseek(init_random(DeepseekV4(GPU_CFG), seed=12), tmp_path, progress=False)
     model = load_checkpoint(tmp_path, device="cuda", dtype=torch.bfloat16, progress=False)
@@ -725,7 +726,7 @@ def test_gpu_shared_expert_on_a_side_stream_changes_no_logit(tmp_path, monkeypat
     nxt = torch.randint(0, GPU_CFG.vocab_size, (6, 2, 1), generator=gen).cuda()
 
     def run(side: bool, graphs: bool) -> list[torch.Tensor]:
-        monkeypatch.setattr(moe, "SIDE_STREAM", side)
+        monkeypatch.setattr(streams, "ENABLED", side)
         eng = Engine(model, max_sequences=2, max_len=64, cuda_graphs=graphs)
         seqs = [eng.add_sequence()[0] for _ in range(2)]
         out = [eng.step(seqs, [ids[0], ids[1, :33]])]

@@ -29,6 +29,7 @@ from dsv4rs import ops
 from dsv4rs.model.config import CSA, HCA, INDEX_DIM, SWA, V4Config
 from dsv4rs.model.layers.compressor import Compressor, CSACompressor, HCACompressor, compress_tokens
 from dsv4rs.model.layers.norm import RMSNorm, linear, rms_norm
+from dsv4rs.model.layers import streams
 from dsv4rs.model.layers.packed import project
 from dsv4rs.model.layers.quant import QuantLinear, compute_dtype, split_blocker
 from dsv4rs.model.layers.rotary import RotaryEmbedding
@@ -220,11 +221,14 @@ class Attention(nn.Module):
         """``(cQ [T, q_lora_rank], q [T, H, 512], e [T, 512])`` before RoPE; ``q`` per-head
         RMS-normalized without weight."""
         qa, kv = project(x, (self.q_a_proj, self.kv_proj))
+        cq, q = self._query(qa, x.dtype)
+        return cq, q, self.kv_norm(kv)
+
+    def _query(self, qa: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cQ, q)`` of :meth:`projections` from ``W_qa x``."""
         cq = self.q_a_norm(qa)
         q = self.q_b_proj(cq).unflatten(-1, (self.heads, self.head_dim))
-        q = rms_norm(q, None, self.eps, x.dtype)
-        e = self.kv_norm(kv)
-        return cq, q, e
+        return cq, rms_norm(q, None, self.eps, dtype)
 
     def output(self, o: torch.Tensor) -> torch.Tensor:
         """Grouped output projection of the de-rotated attention output ``o [T, H, 512]``."""
@@ -233,19 +237,29 @@ class Attention(nn.Module):
         return y if self.reduce is None else self.reduce(y)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, cache: LayerCache) -> torch.Tensor:
-        """The layer's output ``[T, d]`` for the normalized input ``x [T, d]``."""
-        cq, q, e = self.projections(x)
-        q, e = self.rotary(q, meta.positions), self.rotary(e, meta.positions)
-        window = self._window(e, meta, cache)
-        sinks, derotate, table = self.sinks.float(), (meta.positions, self.rotary.inv_freq), self.rotary.table
+        """The layer's output ``[T, d]`` for the normalized input ``x [T, d]``. On a GPU the
+        entry's path (its norm, RoPE and window write; the compressors and their writes) runs on
+        a second stream beside the query's (:mod:`.streams`)."""
+        qa, kv = project(x, (self.q_a_proj, self.kv_proj))
         comp = self.compressor
+        stream = streams.fork(x)  # `x` and `kv` stay referenced until the join
+        with streams.on(stream):
+            side = project(x, self.input_groups()[1]) if comp is not None else []
+            e = self.rotary(self.kv_norm(kv), meta.positions)
+            window = self._window(e, meta, cache)
+            if comp is not None:
+                entries = compress_tokens(comp, side[0], side[1], cache.state, self.rotary, meta)
+                write_rows(cache.main, meta.slots["csa" if self.layer_type == CSA else "hca"], entries)
+            if self.layer_type == CSA:
+                self._index_keys(side[2:4], meta, cache)
+        cq, q = self._query(qa, x.dtype)
+        q = self.rotary(q, meta.positions)
+        streams.join(stream)
+        sinks, derotate, table = self.sinks.float(), (meta.positions, self.rotary.inv_freq), self.rotary.table
         if comp is None:
             o, _ = ops.sparse_attention(q, window, meta.window_candidates, sinks, derotate=derotate, rope_table=table)
             return self.output(o)
-        side = project(x, self.input_groups()[1])
-        entries = compress_tokens(comp, side[0], side[1], cache.state, self.rotary, meta)
-        write_rows(cache.main, meta.slots["csa" if self.layer_type == CSA else "hca"], entries)
-        rows = self._select(side[2:], cq, meta, cache) if self.layer_type == CSA else meta.hca_candidates
+        rows = self._select(side[4], cq, meta, cache) if self.layer_type == CSA else meta.hca_candidates
         o, _ = ops.sparse_attention(q, cache.main, rows, sinks, extra_cache=window,
                                     extra_indices=meta.window_candidates, derotate=derotate, rope_table=table)
         return self.output(o)
@@ -262,19 +276,23 @@ class Attention(nn.Module):
         write_rows(cache.window, meta.window_slots, e)
         return window
 
-    def _select(self, side: list[torch.Tensor], cq: torch.Tensor, meta: AttentionMetadata, cache: LayerCache
-                ) -> torch.Tensor:
-        """CSA: writes the chunk's indexer keys, then the top-k CSA rows of each query; ``side``
-        the indexer's projections of the layer's input (its compressor's ``W_kv`` and ``W_gate``,
-        then the head weights)."""
+    def _index_keys(self, side: list[torch.Tensor], meta: AttentionMetadata, cache: LayerCache) -> None:
+        """CSA: writes the chunk's indexer keys; ``side`` the indexer compressor's projections of
+        the layer's input (``W_kv``, ``W_gate``)."""
         indexer = self.compressor.indexer
         keys = compress_tokens(indexer, side[0], side[1], cache.index_state, self.rotary, meta)
         fmt = cache.key_format
         if fmt is not None:
             keys = ops.hadamard128(keys)
         write_rows(cache.keys, meta.slots["csa"], keys, fmt)
+
+    def _select(self, head: torch.Tensor, cq: torch.Tensor, meta: AttentionMetadata, cache: LayerCache) -> torch.Tensor:
+        """CSA: the top-k CSA rows of each query (after :meth:`_index_keys`); ``head`` the
+        indexer's head-weight projection of the layer's input."""
+        indexer = self.compressor.indexer
+        fmt = cache.key_format
         qi = self.rotary(indexer.queries(cq), meta.positions)
         if fmt is not None:  # the queries take the keys' rotation and FP4 (or FP8) round trip
             qi = ops.index_key_round_trip(ops.hadamard128(qi.reshape(-1, INDEX_DIM)), fmt).view_as(qi)
-        return ops.indexer_topk(qi, indexer.weigh(side[2]).float(), cache.keys, meta.tables["csa"], meta.token_seq,
+        return ops.indexer_topk(qi, indexer.weigh(head).float(), cache.keys, meta.tables["csa"], meta.token_seq,
                                 meta.visible[indexer.ratio], indexer.topk, physical=True, tie_break=indexer.tie_break)

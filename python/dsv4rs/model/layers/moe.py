@@ -11,6 +11,7 @@ from torch import nn
 from dsv4rs import ops
 from dsv4rs.model.config import V4Config
 from dsv4rs.model.layers.norm import linear
+from dsv4rs.model.layers import streams
 from dsv4rs.model.layers.packed import project
 from dsv4rs.model.layers.quant import FP4_BLOCK, retile_
 
@@ -291,35 +292,15 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The routed experts plus the shared expert. On a GPU (one process) the shared expert
-        runs on a second stream beside the router and the routed experts (:data:`SIDE_STREAM`):
+        runs on a second stream beside the router and the routed experts (:mod:`.streams`):
         neither reads what the other writes, and at decode neither fills the GPU alone."""
-        if not (SIDE_STREAM and x.is_cuda and self.experts.exchange is None):
-            idx, w = self.gate(x, ids)
-            return self.experts(x, idx, w) + self.shared_experts(x)
-        main, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
+        side = streams.fork(x) if self.experts.exchange is None else None
+        with streams.on(side):
             shared = self.shared_experts(x)
         idx, w = self.gate(x, ids)
         routed = self.experts(x, idx, w)
-        main.wait_stream(side)
-        # Every use of the side stream starts by waiting for the main one, so the memory of
-        # `shared` and of `x` is reused by neither stream before both are past this layer.
+        streams.join(side)
         return routed + shared
-
-
-SIDE_STREAM = True
-"""Whether :meth:`MoE.forward` runs the shared expert on a second CUDA stream (the same values
-either way; CUDA graphs capture the fork and the join)."""
-
-_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    stream = _SIDE_STREAMS.get(device)
-    if stream is None:
-        stream = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
-    return stream
 
 
 def _rows_in_state_dict(module: Experts, state: dict, prefix: str, local_metadata: dict) -> None:

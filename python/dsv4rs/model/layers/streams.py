@@ -1,0 +1,51 @@
+"""A second CUDA stream for the work a layer can run beside its main path.
+
+A decode step at small batch runs one small kernel after another, none filling the GPU. Where a
+layer has two chains that read nothing the other writes (the shared expert beside the router and
+the routed experts; the entry's norm, RoPE and cache writes, and the compressors, beside the
+query's projections), :func:`fork` starts a side stream after everything queued so far, the side
+chain is queued on it (:func:`on`), and :func:`join` makes the main stream wait for it before
+anything reads its results. CUDA graphs capture the fork and the join. On the CPU, or with
+:data:`ENABLED` off, the chains run one after the other, as written: the same values either way.
+
+Memory: the caching allocator hands a freed block only to later work of the stream that
+allocated it. What the side chain reads from the main stream (its inputs) must stay referenced
+until the join, and every side chain starts by waiting for the main stream, so neither stream
+reuses memory the other may still be reading.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+__all__ = ["ENABLED", "fork", "join", "on"]
+
+ENABLED = True
+"""Whether layers run their side chains on a second stream on a GPU."""
+
+_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def fork(x: torch.Tensor) -> torch.cuda.Stream | None:
+    """The side stream of ``x``'s GPU, made to wait for everything queued on the current stream;
+    ``None`` on the CPU or when :data:`ENABLED` is off."""
+    if not (ENABLED and x.is_cuda):
+        return None
+    stream = _STREAMS.get(x.device)
+    if stream is None:
+        stream = _STREAMS[x.device] = torch.cuda.Stream(x.device)
+    stream.wait_stream(torch.cuda.current_stream(x.device))
+    return stream
+
+
+def on(stream: torch.cuda.Stream | None) -> contextlib.AbstractContextManager:
+    """Queues the block on ``stream`` (in place when ``None``)."""
+    return contextlib.nullcontext() if stream is None else torch.cuda.stream(stream)
+
+
+def join(stream: torch.cuda.Stream | None) -> None:
+    """Makes the current stream wait for everything queued on ``stream`` so far."""
+    if stream is not None:
+        torch.cuda.current_stream(stream.device).wait_stream(stream)
