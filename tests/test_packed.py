@@ -91,6 +91,33 @@ def test_a_group_not_back_to_back_runs_one_linear_each(gen: torch.Generator) -> 
     assert pack_(mods) and packed(mods) is not None and packed([mods[1], mods[0], mods[2]]) is None
 
 
+def test_a_module_with_hooks_or_its_own_forward_runs_alone(gen: torch.Generator) -> None:
+    """Forward hooks (the module's or every module's) and a forward set on the module see their
+    calls: the group runs one module each while they are there, packed again after."""
+    mods = linears(gen, 64, [16, 32])
+    x = torch.randn(2, 64, generator=gen)
+    assert pack_(mods)
+    calls = []
+
+    def hook(m: nn.Module, args: tuple) -> tuple:
+        calls.append(m)
+        return (args[0] * 2,)
+
+    for register in (mods[1].register_forward_pre_hook, nn.modules.module.register_module_forward_pre_hook):
+        handle = register(hook)
+        assert packed(mods) is None
+        got = project(x, mods)
+        torch.testing.assert_close(got[1], (2 * x) @ mods[1].weight.detach().T)
+        assert mods[1] in calls
+        handle.remove()
+        calls.clear()
+        assert packed(mods) is not None
+    mods[0].forward = lambda t: torch.zeros(t.shape[0], 16)
+    assert packed(mods) is None and torch.equal(project(x, mods)[0], torch.zeros(2, 16))
+    del mods[0].forward
+    assert packed(mods) is not None
+
+
 def test_groups_that_one_linear_cannot_run_are_left_alone(gen: torch.Generator) -> None:
     lin = linears(gen, 128, [128])[0]
     fp8 = fp8_linears(gen, 128, [128])[0]

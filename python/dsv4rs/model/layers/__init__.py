@@ -11,4 +11,6 @@ around them:
 - :mod:`.moe`: routing and the clamped SwiGLU experts (docs/model.md section 7), dense or kept
   in MXFP4 as shipped.
 - :mod:`.quant`: linear layers over FP8 or MXFP4 weights as shipped (docs/model.md section 9).
+- :mod:`.packed`: linears over one input packed into one storage and run as one GEMM.
+- :mod:`.streams`: the second CUDA stream a layer's independent chains run on.
 """

@@ -8,7 +8,8 @@ more than its bytes. A module names its groups in ``input_groups()``. :func:`pac
 storage, rows one after the other; each module keeps its own parameter (now a view of that
 storage), so names, state dicts, loading and every other use stay as they were. :func:`project`
 then runs the group as one linear and splits its output by columns. A group whose weights do not
-lie back to back (never packed, or a parameter replaced since) runs one linear each: the same
+lie back to back (never packed, or a parameter replaced since), or with a module that has forward
+hooks or a forward of its own (so that they see their calls), runs one module each: the same
 values up to the order of the sums, one launch each.
 """
 
@@ -19,6 +20,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 from dsv4rs import ops
 from dsv4rs.model.layers.quant import QuantLinear
@@ -66,10 +68,21 @@ def _span(parts: Sequence[torch.Tensor]) -> torch.Tensor | None:
     return first.as_strided((rows, *first.shape[1:]), first.stride())
 
 
+def _hooked(m: nn.Module) -> bool:
+    """Whether calling ``m`` does more than its class's forward (hooks, or a forward set on it)."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__)
+
+
+def _global_hooks() -> bool:
+    """Whether forward hooks are registered for every module (``register_module_forward_hook``)."""
+    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
+
+
 def packed(mods: Sequence[nn.Module]) -> tuple[torch.Tensor, ...] | None:
     """The group's weights (and FP8 scales) as one tensor each, views of their one storage, when
-    :func:`pack_` left them so and they still are; else ``None``."""
-    if not _packable(mods):
+    :func:`pack_` left them so and they still are, and no module has forward hooks (its own or
+    global ones) or a forward of its own; else ``None``."""
+    if not _packable(mods) or _global_hooks() or any(_hooked(m) for m in mods):
         return None
     spans = []
     for parts in zip(*(_tensors(m) for m in mods)):
