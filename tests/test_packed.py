@@ -105,7 +105,8 @@ def test_a_module_with_hooks_or_its_own_forward_runs_alone(gen: torch.Generator)
 
     for register in (mods[1].register_forward_pre_hook, nn.modules.module.register_module_forward_pre_hook):
         handle = register(hook)
-        assert packed(mods) is None
+        ptrs = [m.weight.data_ptr() for m in mods]
+        assert packed(mods) is None and pack_(mods) and [m.weight.data_ptr() for m in mods] == ptrs  # not copied again
         got = project(x, mods)
         torch.testing.assert_close(got[1], (2 * x) @ mods[1].weight.detach().T)
         assert mods[1] in calls

@@ -4,10 +4,10 @@ An attention layer projects its input ``x`` through several linears: ``W_qa`` an
 DeepSeek ships them), and in a compressed layer the compressor's ``W_kv`` and ``W_gate``, plus the
 indexer's compressor and head weights in a CSA layer (bfloat16); the shared expert's ``W_gate``
 and ``W_up`` take one input too. At decode each is a GEMV of a few megabytes whose launch costs
-more than its bytes. A module names its groups in ``input_groups()``. :func:`pack_` moves a group's weights into one
-storage, rows one after the other; each module keeps its own parameter (now a view of that
-storage), so names, state dicts, loading and every other use stay as they were. :func:`project`
-then runs the group as one linear and splits its output by columns. A group whose weights do not
+more than its bytes. A module names its groups in ``input_groups()``. :func:`pack_` moves a
+group's weights into one storage, rows one after the other; each module keeps its own parameter
+(now a view of that storage), so names, state dicts, loading and every other use stay as they
+were. :func:`project` then runs the group as one linear and splits its output by columns. A group whose weights do not
 lie back to back (never packed, or a parameter replaced since), or with a module that has forward
 hooks or a forward of its own (so that they see their calls), runs one module each: the same
 values up to the order of the sums, one launch each.
@@ -82,7 +82,13 @@ def packed(mods: Sequence[nn.Module]) -> tuple[torch.Tensor, ...] | None:
     """The group's weights (and FP8 scales) as one tensor each, views of their one storage, when
     :func:`pack_` left them so and they still are, and no module has forward hooks (its own or
     global ones) or a forward of its own; else ``None``."""
-    if not _packable(mods) or _global_hooks() or any(_hooked(m) for m in mods):
+    if _global_hooks() or any(_hooked(m) for m in mods):
+        return None
+    return _spans(mods)
+
+
+def _spans(mods: Sequence[nn.Module]) -> tuple[torch.Tensor, ...] | None:
+    if not _packable(mods):
         return None
     spans = []
     for parts in zip(*(_tensors(m) for m in mods)):
@@ -100,7 +106,7 @@ def pack_(mods: Sequence[nn.Module]) -> bool:
     group is packed (``False``: the modules are not of one kind, see :func:`project`)."""
     if not _packable(mods):
         return False
-    if packed(mods) is not None:
+    if _spans(mods) is not None:
         return True
     with torch.no_grad():
         for parts in zip(*(_tensors(m) for m in mods)):
