@@ -32,40 +32,46 @@ _SCALE_ROWS = 128
 multiple, so that the scales stack as the rows do."""
 
 
-def _tensors(m: nn.Module) -> tuple[torch.Tensor, ...]:
-    return (m.weight, m.scale) if isinstance(m, QuantLinear) else (m.weight,)
-
-
-def _packable(mods: Sequence[nn.Module]) -> bool:
-    """Whether one linear computes the group: plain bias-free ``nn.Linear``s of one dtype, or FP8
-    :class:`QuantLinear`s of one activation rounding, layout and dtype (every part but the last
-    a multiple of 128 rows); one input width, one device."""
+def _slots(mods: Sequence[nn.Module]) -> list[list[torch.Tensor]] | None:
+    """The group's tensors by slot (the weights; for FP8 the scales too) when one linear computes
+    the group: plain bias-free ``nn.Linear``s of one dtype, or FP8 :class:`QuantLinear`s of one
+    activation rounding, layout and dtype (every part but the last a multiple of 128 rows); one
+    input width. Else ``None``. (One device: :func:`pack_` checks it; a packed group lies in one
+    storage.)"""
     if len(mods) < 2:
-        return False
+        return None
+    weights = [m.weight for m in mods]
+    width = weights[0].shape[1]
+    if any(w.shape[1] != width for w in weights):
+        return None
     first = mods[0]
     if all(type(m) is nn.Linear for m in mods):
-        same = all(m.bias is None and m.weight.dtype == first.weight.dtype for m in mods)
-    elif all(isinstance(m, QuantLinear) for m in mods):
-        same = all(m.fmt == "fp8" and m.groups == 1 and (m.act, m.layout, m.dtype) == (first.act, first.layout, first.dtype)
-                   for m in mods) and all(m.out_features % _SCALE_ROWS == 0 for m in mods[:-1])
-    else:
-        return False
-    return same and all(m.weight.shape[1] == first.weight.shape[1] and m.weight.device == first.weight.device
-                        for m in mods)
+        dtype = weights[0].dtype
+        return [weights] if all(m.bias is None and w.dtype == dtype for m, w in zip(mods, weights)) else None
+    if all(isinstance(m, QuantLinear) for m in mods):
+        kind = (first.act, first.layout, first.dtype)
+        if all(m.fmt == "fp8" and m.groups == 1 and (m.act, m.layout, m.dtype) == kind for m in mods) and all(
+                w.shape[0] % _SCALE_ROWS == 0 for w in weights[:-1]):
+            return [weights, [m.scale for m in mods]]
+    return None
 
 
 def _span(parts: Sequence[torch.Tensor]) -> torch.Tensor | None:
-    """The ``[sum rows, ...]`` view of ``parts`` when they lie back to back in one storage, in
-    order, each contiguous; else ``None``."""
+    """The ``[sum rows, ...]`` view of ``parts`` when they lie back to back in the first one's
+    storage, in order, each contiguous; else ``None``. Addresses suffice: each part starts where
+    the one before it ends, and the first part's storage holds them all, so each part's memory is
+    that storage's (live allocations never overlap)."""
     first = parts[0]
-    storage, offset, rows = first.untyped_storage().data_ptr(), first.storage_offset(), 0
+    start, size, tail = first.data_ptr(), first.element_size(), first.shape[1:]
+    end = start
     for p in parts:
-        if (not p.is_contiguous() or p.dtype != first.dtype or p.shape[1:] != first.shape[1:]
-                or p.untyped_storage().data_ptr() != storage or p.storage_offset() != offset):
+        if p.data_ptr() != end or p.dtype != first.dtype or p.shape[1:] != tail or not p.is_contiguous():
             return None
-        offset += p.numel()
-        rows += p.shape[0]
-    return first.as_strided((rows, *first.shape[1:]), first.stride())
+        end += p.numel() * size
+    storage = first.untyped_storage()
+    if storage.data_ptr() + storage.nbytes() < end:
+        return None
+    return first.as_strided((sum(p.shape[0] for p in parts), *tail), first.stride())
 
 
 def _hooked(m: nn.Module) -> bool:
@@ -88,10 +94,11 @@ def packed(mods: Sequence[nn.Module]) -> tuple[torch.Tensor, ...] | None:
 
 
 def _spans(mods: Sequence[nn.Module]) -> tuple[torch.Tensor, ...] | None:
-    if not _packable(mods):
+    slots = _slots(mods)
+    if slots is None:
         return None
     spans = []
-    for parts in zip(*(_tensors(m) for m in mods)):
+    for parts in slots:
         span = _span(parts)
         if span is None:
             return None
@@ -104,12 +111,13 @@ def pack_(mods: Sequence[nn.Module]) -> bool:
     modules' order, each module's tensor becoming a view of it (the same values, the same
     tensor objects). Takes the group's bytes once more while it copies. Returns whether the
     group is packed (``False``: the modules are not of one kind, see :func:`project`)."""
-    if not _packable(mods):
+    slots = _slots(mods)
+    if slots is None or len({m.weight.device for m in mods}) != 1:
         return False
     if _spans(mods) is not None:
         return True
     with torch.no_grad():
-        for parts in zip(*(_tensors(m) for m in mods)):
+        for parts in slots:
             whole = torch.cat([p.detach() for p in parts])
             start = 0
             for p in parts:
