@@ -183,7 +183,8 @@ def test_engine_packs_every_group_and_decodes_as_the_unpacked_model(
     eng = Engine(model, max_sequences=2, max_len=300, cuda_graphs=False)
     found = groups(model)
     assert found and all(packed(g) is not None for g in found)
-    sizes = {(type(m).__name__, len(g)) for m in model.modules() if hasattr(m, "input_groups") for g in m.input_groups()}
+    sizes = {(type(m).__name__, len(g)) for m in model.modules() if hasattr(m, "input_groups")
+             for g in m.input_groups()}
     assert sizes == {("Attention", 2), ("Attention", 5), ("MLP", 2)}  # W_qa + W_kv, CSA's five, W_gate + W_up
     assert any(isinstance(g[0], QuantLinear) for g in found) == shipped
     ref = Engine(plain, max_sequences=2, max_len=300, cuda_graphs=False)

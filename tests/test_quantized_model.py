@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -679,6 +680,27 @@ def test_gpu_engine_with_weights_in_tiles_gives_the_rows_logits(tmp_path) -> Non
 
 
 
+def shipped_gpu_decode(path, seed: int) -> tuple[DeepseekV4, torch.Tensor, Callable[[bool], list[torch.Tensor]]]:
+    """A checkpoint of ``GPU_CFG`` in DeepSeek's layout loaded on the GPU (bfloat16), token ids
+    ``[2, 40]``, and ``decode(graphs)``: the logits of a fresh engine's prefill of two sequences
+    (40 and 33 tokens) and 6 decode steps, eager or replayed from CUDA graphs."""
+    export_deepseek(init_random(DeepseekV4(GPU_CFG), seed=seed), path, progress=False)
+    model = load_checkpoint(path, device="cuda", dtype=torch.bfloat16, progress=False)
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, GPU_CFG.vocab_size, (2, 40), generator=gen).cuda()
+    nxt = torch.randint(0, GPU_CFG.vocab_size, (6, 2, 1), generator=gen).cuda()
+
+    def decode(graphs: bool) -> list[torch.Tensor]:
+        eng = Engine(model, max_sequences=2, max_len=64, cuda_graphs=graphs)
+        seqs = [eng.add_sequence()[0] for _ in range(2)]
+        out = [eng.step(seqs, [ids[0], ids[1, :33]])]
+        out += [eng.step(seqs, list(t)) for t in nxt]
+        torch.cuda.synchronize()
+        return [o.clone() for o in out]
+
+    return model, ids, decode
+
+
 @pytest.mark.gpu
 def test_gpu_dependent_launches_change_no_logit(tmp_path, monkeypatch) -> None:
     """Kernels launched as programmatic dependents (each may start while the one before it
@@ -686,20 +708,11 @@ def test_gpu_dependent_launches_change_no_logit(tmp_path, monkeypatch) -> None:
     weights) give the logits of kernels launched one after the other, bit for bit: a prefill and
     decode steps of a batch of two, eager and replayed from CUDA graphs, with the shipped FP8 and
     MXFP4 weights held in tiles."""
-    export_deepseek(init_random(DeepseekV4(GPU_CFG), seed=11), tmp_path, progress=False)
-    model = load_checkpoint(tmp_path, device="cuda", dtype=torch.bfloat16, progress=False)
-    gen = torch.Generator().manual_seed(11)
-    ids = torch.randint(0, GPU_CFG.vocab_size, (2, 40), generator=gen).cuda()
-    nxt = torch.randint(0, GPU_CFG.vocab_size, (6, 2, 1), generator=gen).cuda()
+    model, ids, decode = shipped_gpu_decode(tmp_path, seed=11)
 
     def run(pdl: str, graphs: bool) -> list[torch.Tensor]:
         monkeypatch.setenv("DSV4RS_PDL", pdl)
-        eng = Engine(model, max_sequences=2, max_len=64, cuda_graphs=graphs)
-        seqs = [eng.add_sequence()[0] for _ in range(2)]
-        out = [eng.step(seqs, [ids[0], ids[1, :33]])]
-        out += [eng.step(seqs, list(t)) for t in nxt]
-        torch.cuda.synchronize()
-        return [o.clone() for o in out]
+        return decode(graphs)
 
     for graphs in (False, True):
         on, off = run("on", graphs), run("off", graphs)
@@ -711,6 +724,7 @@ def test_gpu_dependent_launches_change_no_logit(tmp_path, monkeypatch) -> None:
     with pytest.raises(ValueError, match="DSV4RS_PDL"):
         eng.step([seq], [ids[0]])
 
+
 @pytest.mark.gpu
 def test_gpu_side_streams_change_no_logit(tmp_path, monkeypatch) -> None:
     """The layers' side chains on a second stream (the shared expert beside the routed experts;
@@ -719,20 +733,11 @@ def test_gpu_side_streams_change_no_logit(tmp_path, monkeypatch) -> None:
     from CUDA graphs (which capture the forks and joins), shipped weights in tiles."""
     from dsv4rs.model.layers import streams
 
-    export_deepseek(init_random(DeepseekV4(GPU_CFG), seed=12), tmp_path, progress=False)
-    model = load_checkpoint(tmp_path, device="cuda", dtype=torch.bfloat16, progress=False)
-    gen = torch.Generator().manual_seed(12)
-    ids = torch.randint(0, GPU_CFG.vocab_size, (2, 40), generator=gen).cuda()
-    nxt = torch.randint(0, GPU_CFG.vocab_size, (6, 2, 1), generator=gen).cuda()
+    _, _, decode = shipped_gpu_decode(tmp_path, seed=12)
 
     def run(side: bool, graphs: bool) -> list[torch.Tensor]:
         monkeypatch.setattr(streams, "ENABLED", side)
-        eng = Engine(model, max_sequences=2, max_len=64, cuda_graphs=graphs)
-        seqs = [eng.add_sequence()[0] for _ in range(2)]
-        out = [eng.step(seqs, [ids[0], ids[1, :33]])]
-        out += [eng.step(seqs, list(t)) for t in nxt]
-        torch.cuda.synchronize()
-        return [o.clone() for o in out]
+        return decode(graphs)
 
     for graphs in (False, True):
         two, one = run(True, graphs), run(False, graphs)

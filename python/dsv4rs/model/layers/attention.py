@@ -220,7 +220,7 @@ class Attention(nn.Module):
     def projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(cQ [T, q_lora_rank], q [T, H, 512], e [T, 512])`` before RoPE; ``q`` per-head
         RMS-normalized without weight."""
-        qa, kv = project(x, (self.q_a_proj, self.kv_proj))
+        qa, kv = project(x, self.input_groups()[0])
         cq, q = self._query(qa, x.dtype)
         return cq, q, self.kv_norm(kv)
 
@@ -240,11 +240,12 @@ class Attention(nn.Module):
         """The layer's output ``[T, d]`` for the normalized input ``x [T, d]``. On a GPU the
         entry's path (its norm, RoPE and window write; the compressors and their writes) runs on
         a second stream beside the query's (:mod:`.streams`)."""
-        qa, kv = project(x, (self.q_a_proj, self.kv_proj))
+        groups = self.input_groups()
+        qa, kv = project(x, groups[0])
         comp = self.compressor
         stream = streams.fork(x)  # `x` and `kv` stay referenced until the join
         with streams.on(stream):
-            side = project(x, self.input_groups()[1]) if comp is not None else []
+            side = project(x, groups[1]) if comp is not None else []
             e = self.rotary(self.kv_norm(kv), meta.positions)
             window = self._window(e, meta, cache)
             if comp is not None:

@@ -33,7 +33,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The clamps, SiLU and product in one op (:func:`dsv4rs.ops.swiglu`, float32 math); a
         float64 model in torch ops."""
-        gate, up = project(x, (self.gate_proj, self.up_proj))
+        gate, up = project(x, self.input_groups()[0])
         if gate.dtype == torch.float64:
             h = F.silu(gate.clamp(max=self.limit)) * up.clamp(min=-self.limit, max=self.limit)
         else:

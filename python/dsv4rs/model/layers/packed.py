@@ -90,13 +90,12 @@ def packed(mods: Sequence[nn.Module]) -> tuple[torch.Tensor, ...] | None:
     global ones) or a forward of its own; else ``None``."""
     if _global_hooks() or any(_hooked(m) for m in mods):
         return None
-    return _spans(mods)
-
-
-def _spans(mods: Sequence[nn.Module]) -> tuple[torch.Tensor, ...] | None:
     slots = _slots(mods)
-    if slots is None:
-        return None
+    return None if slots is None else _spans(slots)
+
+
+def _spans(slots: list[list[torch.Tensor]]) -> tuple[torch.Tensor, ...] | None:
+    """Each slot's :func:`_span`, or ``None`` if one is not back to back."""
     spans = []
     for parts in slots:
         span = _span(parts)
@@ -114,7 +113,7 @@ def pack_(mods: Sequence[nn.Module]) -> bool:
     slots = _slots(mods)
     if slots is None or len({m.weight.device for m in mods}) != 1:
         return False
-    if _spans(mods) is not None:
+    if _spans(slots) is not None:
         return True
     with torch.no_grad():
         for parts in slots:
