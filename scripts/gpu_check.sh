@@ -46,7 +46,7 @@ gpu_tests() {
 
 sanitize() {
     local ops=(tests/test_gpu_formats.py tests/test_gpu_ops.py tests/test_ops_runtime.py tests/test_compress_batch.py
-               tests/test_quant_ops.py tests/test_route.py tests/test_swiglu.py)
+               tests/test_quant_ops.py tests/test_route.py tests/test_swiglu.py tests/test_step_rows.py)
     echo "== compute-sanitizer memcheck (API errors and memory accesses)"
     compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 20 \
         python3 -m pytest -q -x -m gpu -p no:cacheprovider --rootdir=. -c pyproject.toml "${ops[@]}" \

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import torch
 
-from dsv4rs import ops
+from dsv4rs import ops, reference
 from dsv4rs.bench.harness import Bench, Case, Row
 
 
@@ -64,6 +64,25 @@ def formats(b: Bench) -> Iterator[Case]:
             return Row(f"rope T={t} x 64 heads", ms, t * 64 * 512 * 8, t * 64 * 64 * 3.0, eager)
 
         yield Case("formats", f"rope T={t}", rope)
+    for batch, ctx in b.pick([(1, 4096), (64, 4096), (64, 131072)], [(1, 4096), (64, 131072)], [(1, 4096), (8, 16384)]):
+
+        def step_rows(batch: int = batch, ctx: int = ctx) -> Row:
+            """A decode step's candidate rows (window 128 in a ring, HCA ratio 128) for ``batch``
+            sequences at ``ctx`` tokens: ``ops.step_rows`` beside the torch form it replaced."""
+            window, ratio, width, pages = 128, 128, ctx // 128 + 1, -(-ctx // 128 // 64) + 1
+            gen = torch.Generator().manual_seed(batch)
+            pos = torch.randint(ctx // 2, ctx, (batch,), generator=gen).to(b.device)
+            seq, origins = torch.arange(batch, device=b.device), torch.zeros(batch, dtype=torch.int64, device=b.device)
+            wt = torch.randint(0, 1 << 20, (batch, 2), generator=gen, dtype=torch.int32).to(b.device)
+            ht = torch.randint(0, 1 << 20, (batch, pages), generator=gen, dtype=torch.int32).to(b.device)
+            args = (pos, seq, origins, wt, window, ht, ratio, width)
+            ms = b.median_ms(lambda i: ops.step_rows(*args), 1)
+            eager = b.median_ms(lambda i: reference.step_rows(*args), 1)
+            moved = batch * (window + width) * 8 + (wt.numel() + ht.numel()) * 4 + batch * 24
+            name = f"step_rows b={batch} ctx={ctx // 1024}K"
+            return Row(name, ms, moved, 0.0, eager, note=f"  {name}: beside: the torch form (25 tensor ops)")
+
+        yield Case("formats", f"step_rows b={batch} ctx={ctx // 1024}K", step_rows)
 
 
 def _inputs(t: int, make) -> list:

@@ -20,6 +20,7 @@ their outputs (and workspace).
   DeepSeek's rows or in ``weight_tiles``'s 64-row tiles, which the GPU reads faster).
 - :mod:`.route`: ``moe_route`` (the experts and weights of each token from the router's logits).
   :mod:`.swiglu`: ``swiglu`` (the shared expert's clamped SwiGLU).
+- :mod:`.step_rows`: ``step_rows`` (a decode step's window and HCA candidate rows).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ from dsv4rs.ops.quant import moe_experts, quant_linear, weight_rows, weight_tile
 from dsv4rs.ops.rope import ROPE_TABLES, RopeTable, rope
 from dsv4rs.ops.route import moe_route
 from dsv4rs.ops.sample import sample_gumbel
+from dsv4rs.ops.step_rows import step_rows
 from dsv4rs.ops.swiglu import swiglu
 
 __all__ = [
@@ -70,7 +72,7 @@ __all__ = [
     "attention_kernel", "compress", "compress_batch", "compressor_state", "copy_rows", "hadamard128",
     "index_key_read", "index_key_round_trip", "index_key_write", "indexer_scores", "indexer_topk", "kv_read",
     "kv_write", "mhc_collapse", "mhc_combine", "mhc_pre", "mhc_weights", "moe_experts", "moe_route", "new_index_key_cache",
-    "new_kv_cache", "quant_linear", "quantize_entries", "quantize_index_keys", "rms_norm", "rope", "sample_gumbel", "sparse_attention", "swiglu",
+    "new_kv_cache", "quant_linear", "quantize_entries", "quantize_index_keys", "rms_norm", "rope", "sample_gumbel", "sparse_attention", "step_rows", "swiglu",
     "weight_rows", "weight_tiles",
     "warm_up",
 ]

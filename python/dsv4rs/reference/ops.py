@@ -67,6 +67,7 @@ __all__ = [
     "moe_experts",
     "moe_route",
     "swiglu",
+    "step_rows",
 ]
 
 F64 = torch.float64
@@ -993,3 +994,45 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float = math.inf) -> tor
         raise ValueError(f"limit: expected a number > 0, got {limit!r}")
     g, u = g.clamp(max=limit), u.clamp(-limit, limit)
     return g / (1 + torch.exp(-g)) * u
+
+
+def step_rows(positions: torch.Tensor, token_seq: torch.Tensor, origins: torch.Tensor,
+              window_table: torch.Tensor | None = None, window: int = 0, hca_table: torch.Tensor | None = None,
+              hca_ratio: int = 1, hca_width: int = 0) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The twin of ``dsv4rs.ops.step_rows`` in torch's int64 tensor ops (the form the runtime's
+    planner ran before the op): a decode step's window rows in the ring and HCA rows, ``-1`` where
+    a token sees none or its batch row is outside ``[0, B)``. Runs on the inputs' device."""
+    pos, seq, orig = _index("positions", positions), _index("token_seq", token_seq), _index("origins", origins)
+    _check_shape("positions", pos, "T")
+    _check_shape("token_seq", seq, pos.shape[0])
+    _check_shape("origins", orig, "B")
+    batch, page = orig.shape[0], PAGE_ROWS
+    known = (seq >= 0) & (seq < batch)
+    b = seq.clamp(0, max(batch - 1, 0))
+    rows = hca = None
+    if window_table is not None:
+        window = _int("window", window, 1)
+        table = _index("window_table", window_table)
+        _check_shape("window_table", table, batch, "P")
+        if table.shape[1] * page < window:
+            raise ValueError(f"window_table: {table.shape[1]} pages hold fewer than the window's {window} rows")
+        p = pos[:, None] - window + 1 + torch.arange(window, device=pos.device)
+        if batch:
+            valid = known[:, None] & (p >= orig[b][:, None])
+            r = p.clamp(min=0) % window
+            rows = torch.where(valid, table[b[:, None], r // page] * page + r % page, -1)
+        else:
+            rows = torch.full_like(p, -1)
+    if hca_table is not None:
+        ratio, width = _int("hca_ratio", hca_ratio, 1), _int("hca_width", hca_width, 0)
+        table = _index("hca_table", hca_table)
+        _check_shape("hca_table", table, batch, "P")
+        if table.shape[1] < 1:
+            raise ValueError("hca_table: expected at least one page a sequence, got 0")
+        k = torch.arange(width, device=pos.device)
+        if batch:
+            found = table[b[:, None], (k // page).clamp(max=table.shape[1] - 1)] * page + k % page
+            hca = torch.where(known[:, None] & (k < ((pos + 1) // ratio)[:, None]), found, -1)
+        else:
+            hca = torch.full((pos.shape[0], width), -1, dtype=torch.int64, device=pos.device)
+    return rows, hca

@@ -148,28 +148,18 @@ class StepPlanner:
 
 def metadata(cfg: V4Config, x: StepInputs, hca_width: int, staging: tuple[Staging, torch.Tensor] | None = None
              ) -> AttentionMetadata:
-    """The layers' metadata from a step's integers on the device, by tensor ops alone (no host
-    synchronization: it runs eagerly and inside a CUDA graph alike). ``hca_width`` is the width
+    """The layers' metadata from a step's integers on the device: the candidate rows in one
+    :func:`dsv4rs.ops.step_rows`, the visible counts in tensor ops (no host synchronization: it
+    runs eagerly and inside a CUDA graph alike). ``hca_width`` is the width
     of the HCA candidate lists (at least the most entries a query of the step sees). Without
     ``staging``, every chunk is one token and the window is read from the ring after its write."""
-    w, page = cfg.sliding_window, ops.PAGE_ROWS
     pos, tok_seq = x.positions, x.token_seq
     ratios = {t: r for t, r in ((CSA, cfg.compress_rates[0]), (HCA, cfg.compress_rates[1])) if t in cfg.layer_types}
     visible = {r: (pos + 1) // r for r in ratios.values()}
-    if staging is None:
-        p = pos[:, None] - w + 1 + torch.arange(w, device=pos.device)
-        valid = p >= x.origins[tok_seq][:, None]
-        r = p.clamp(min=0) % w
-        rows = x.window_table.long()[tok_seq[:, None], r // page] * page + r % page
-        stage, candidates = None, torch.where(valid, rows, -1)
-    else:
-        stage, candidates = staging
-    hca = None
-    if HCA in ratios:
-        k = torch.arange(hca_width, device=pos.device)
-        table = x.hca_table.long()
-        rows = table[tok_seq[:, None], (k // page).clamp(max=table.shape[1] - 1)] * page + k % page
-        hca = torch.where(k < visible[ratios[HCA]][:, None], rows, -1)
+    # The window's rows in the ring (without staging) and the HCA rows: one op.
+    rows, hca = ops.step_rows(pos, tok_seq, x.origins, x.window_table if staging is None else None, cfg.sliding_window,
+                              x.hca_table if HCA in ratios else None, ratios.get(HCA, 1), hca_width)
+    stage, candidates = (None, rows) if staging is None else staging
     return AttentionMetadata(
         positions=pos, token_seq=tok_seq, starts=x.starts, cu_tokens=x.cu_tokens, state_slots=x.state_slots,
         window_slots=x.window_slots, window_candidates=candidates, staging=stage,

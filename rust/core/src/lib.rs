@@ -12,6 +12,7 @@
 //!   MoE over MXFP4 experts (argument checks, a CPU twin, the GPU dispatch).
 //! - [`route`]: MoE routing from the router's logits (a CPU twin, the GPU dispatch).
 //! - [`sample`]: Gumbel-max sampling of one token per row (a CPU twin, the GPU dispatch).
+//! - [`step_rows`]: a decode step's window and HCA candidate rows (a CPU twin, the GPU dispatch).
 //! - [`swiglu`]: the clamped SwiGLU of the shared expert (a CPU twin, the GPU dispatch).
 //! - [`tensor`]: borrowed views of caller-owned tensors and the argument checks of every op.
 //! - [`error`]: the one error type every public function returns.
@@ -32,6 +33,7 @@ pub mod rope;
 pub mod rows;
 pub mod route;
 pub mod sample;
+pub mod step_rows;
 pub mod swiglu;
 pub mod simd;
 pub mod tensor;

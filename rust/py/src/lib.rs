@@ -32,7 +32,7 @@ mod _core {
         attention_workspace_bytes, compress, compress_batch, indexer_scores, indexer_topk, indexer_workspace_bytes,
         mhc_collapse, mhc_combine, mhc_pre, mhc_pre_workspace_len, mhc_weights, moe_experts, moe_pass_tokens, moe_route,
         moe_workspace_bytes, quant_linear, quant_linear_workspace_bytes, rms_norm, rope, sample_gumbel, sparse_attention,
-        swiglu,
+        step_rows, swiglu,
     };
 
     // The cache formats, as dsv4rs-core defines them (python/dsv4rs/ops.py re-exports them).

@@ -8,7 +8,8 @@ use dsv4rs_core::tensor::TensorRef;
 use dsv4rs_core::qgemm::{self, Act};
 use dsv4rs_core::rope::RopeTable;
 use dsv4rs_core::{
-    attention as attention_op, compress as compress_op, indexer as indexer_op, mhc, norm, rope as rope_op, route, sample, swiglu as swiglu_op,
+    attention as attention_op, compress as compress_op, indexer as indexer_op, mhc, norm, rope as rope_op, route, sample,
+    step_rows as step_rows_op, swiglu as swiglu_op,
 };
 use pyo3::prelude::*;
 
@@ -59,6 +60,38 @@ pub fn swiglu(py: Python<'_>, gate: Spec, up: Spec, out: Spec, limit: f32, strea
     let (g, u, o) = (tref("gate", gate)?, tref("up", up)?, tref("out", out)?);
     // SAFETY: as rope; `out` is a fresh tensor.
     run(py, || unsafe { swiglu_op::swiglu(&g, &u, &o, limit, stream) })
+}
+
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+pub fn step_rows(
+    py: Python<'_>,
+    positions: Spec,
+    token_seq: Spec,
+    origins: Spec,
+    window_table: Option<Spec>,
+    window_rows: Option<Spec>,
+    hca_table: Option<Spec>,
+    hca_rows: Option<Spec>,
+    hca_ratio: i64,
+    stream: usize,
+) -> PyResult<()> {
+    let (p, s, o) = (tref("positions", positions)?, tref("token_seq", token_seq)?, tref("origins", origins)?);
+    let (wt, wo) = (opt("window_table", window_table)?, opt("window_rows", window_rows)?);
+    let (ht, ho) = (opt("hca_table", hca_table)?, opt("hca_rows", hca_rows)?);
+    let window = match (&wt, &wo) {
+        (Some(t), Some(o)) => Some((t, o)),
+        (None, None) => None,
+        _ => return Err(to_py(dsv4rs_core::Error::value("window_table", "comes with window_rows, or neither"))),
+    };
+    let hca = match (&ht, &ho) {
+        (Some(t), Some(o)) => Some((t, o, hca_ratio)),
+        (None, None) => None,
+        _ => return Err(to_py(dsv4rs_core::Error::value("hca_table", "comes with hca_rows, or neither"))),
+    };
+    let step = step_rows_op::Step { positions: &p, token_seq: &s, origins: &o };
+    // SAFETY: as rope; the row outputs are fresh tensors.
+    run(py, || unsafe { step_rows_op::step_rows(&step, window, hca, stream) })
 }
 
 #[pyfunction]

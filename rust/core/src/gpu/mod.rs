@@ -13,6 +13,7 @@ pub mod quant;
 pub mod rope;
 pub mod route;
 pub mod sample;
+pub mod step_rows;
 pub mod swiglu;
 
 use std::ffi::{c_void, CStr, CString};
@@ -116,6 +117,7 @@ declare_kernels! {
     Rope = "dsv4_rope" in "rope",
     MoeRoute = "dsv4_moe_route" in "route",
     SampleGumbel = "dsv4_sample_gumbel" in "sample",
+    StepRows = "dsv4_step_rows" in "step_rows",
     Swiglu = "dsv4_swiglu" in "swiglu",
 }
 
