@@ -470,8 +470,11 @@ __device__ __forceinline__ void qgemv_wg(const GemmParams& p) {
   constexpr int S = L::STAGES, G = L::GROUP, ROWS = L::ROWS;
   constexpr int ROW_CHUNKS = L::ROW / 16;
   constexpr int W_COPIES = 16 * ROW_CHUNKS / 32;  // a lane's 16-byte weight copies a step
-  constexpr int A_CHUNKS = ROWS * KC / 16;        // the step's activation chunks (one per thread at most)
-  static_assert(A_CHUNKS <= 128, "one activation chunk a thread");
+  constexpr int A_CHUNKS = ROWS * KC / 16;        // the step's activation chunks
+  constexpr int A_COPIES = (A_CHUNKS + 127) / 128;  // a thread's (one up to 16 rows)
+  static_assert(A_CHUNKS < 128 || A_CHUNKS % 128 == 0, "whole activation chunks a thread");
+  constexpr int NB = NT < 4 ? NT : 4;  // n8 tiles a wgmma (n8, n16 or n32); NT / NB wgmma batches a step
+  static_assert(NT % NB == 0, "whole wgmma batches");
   extern __shared__ __align__(1024) uint8_t smem[];  // (1024: the declaration qgemm_wgmma shares)
 
   // The MoE's work items are its plan's (written by the kernel before): wait first. A dense
@@ -499,8 +502,9 @@ __device__ __forceinline__ void qgemv_wg(const GemmParams& p) {
   auto weight_of = [&](int r) { return f8_weight_row(p, col0, r); };
   auto act_of = [&](int r) { return f8_act_row(p, g, row0, rows, r); };
 
-  // This thread's copies: its warp's weight chunks, at most one activation chunk, a weight scale
-  // word (lanes below 16: the warp's slot `lane`) and an activation scale (threads below ROWS).
+  // This thread's copies: its warp's weight chunks, up to A_COPIES activation chunks (chunk
+  // tid + 128 u: chunk (tid + 128 u) / ROWS of row (tid + 128 u) % ROWS), a weight scale word
+  // (lanes below 16: the warp's slot `lane`) and an activation scale (threads below ROWS).
   const uint8_t* w_src[W_COPIES];
   int w_dst[W_COPIES];
 #pragma unroll
@@ -518,11 +522,17 @@ __device__ __forceinline__ void qgemv_wg(const GemmParams& p) {
         for (int s = 0; s < min(S - G, nsteps); ++s) prefetch_l2(w_src[u] + (long long)(c_begin + s) * w_step<FP4>(p));
     grid_begin();
   }
-  const uint8_t* a_src = nullptr;
-  const int a_dst = (tid / ROWS) * (ROWS * 16) + 16 * (tid % ROWS);  // chunk tid / ROWS of row tid % ROWS
-  if (!FUSE && tid < A_CHUNKS) {
-    const long long off = act_of(tid % ROWS);
-    if (off >= 0) a_src = (const uint8_t*)p.a + off + 16 * (tid / ROWS);
+  const uint8_t* a_src[A_COPIES];
+  int a_dst[A_COPIES];
+#pragma unroll
+  for (int u = 0; u < A_COPIES; ++u) {
+    const int idx = tid + 128 * u;
+    a_dst[u] = (idx / ROWS) * (ROWS * 16) + 16 * (idx % ROWS);
+    a_src[u] = nullptr;
+    if (!FUSE && idx < A_CHUNKS) {
+      const long long off = act_of(idx % ROWS);
+      if (off >= 0) a_src[u] = (const uint8_t*)p.a + off + 16 * (idx / ROWS);
+    }
   }
   const uint8_t* ws_src = lane < 16 ? f8_scale_src<FP4>(p, g, weight_of(lane)) : nullptr;
   const float* as_src = nullptr;
@@ -537,7 +547,9 @@ __device__ __forceinline__ void qgemv_wg(const GemmParams& p) {
 #pragma unroll
     for (int u = 0; u < W_COPIES; ++u)
       if (!w_src[u]) *(uint4*)(st + w_dst[u]) = make_uint4(0, 0, 0, 0);
-    if (!FUSE && tid < A_CHUNKS && !a_src) *(uint4*)(st + a_dst) = make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int u = 0; u < A_COPIES; ++u)
+      if (!FUSE && tid + 128 * u < A_CHUNKS && !a_src[u]) *(uint4*)(st + a_dst[u]) = make_uint4(0, 0, 0, 0);
     if (lane < 16 && !ws_src) *(uint32_t*)(st + ws_off + 4 * (16 * warp + lane)) = 0;
     if (!FUSE && tid < ROWS && !as_src) *(float*)(st + as_off + 4 * tid) = 0.f;
   }
@@ -548,7 +560,9 @@ __device__ __forceinline__ void qgemv_wg(const GemmParams& p) {
 #pragma unroll
     for (int u = 0; u < W_COPIES; ++u)
       if (w_src[u]) cp_async16(st + w_dst[u], w_src[u] + c * w_step<FP4>(p));
-    if (a_src) cp_async16(st + a_dst, a_src + (long long)c * KC);
+#pragma unroll
+    for (int u = 0; u < A_COPIES; ++u)
+      if (a_src[u]) cp_async16(st + a_dst[u], a_src[u] + (long long)c * KC);
     if (ws_src) cp_async4(st + ws_off + 4 * (16 * warp + lane), ws_src + 4 * c);
     if (as_src) cp_async4(st + as_off + 4 * tid, as_src + c);
   };
@@ -608,67 +622,78 @@ __device__ __forceinline__ void qgemv_wg(const GemmParams& p) {
 #pragma unroll
         for (int m = 0; m < 4; ++m) ldmatrix_x4(a[m], st + w_off + f8_w_at<false>(ld_slot, 2 * m + ld_chunk));
       }
-      float d[4][4 * NT];
-      const Desc desc = smem_desc(FUSE ? fq + i * ROWS * KC : st, ROWS * 16, 128);
-      wgmma_fence();
+      // The step's sums a weight row and activation column, in NT / NB batches of four wgmma
+      // (NB n8 tiles, one a 32-wide slice, each from a zero accumulator), each batch waited for,
+      // its slices scaled and added in float32 and its sums added into acc before the next.
+      float ws[2][4];  // MXFP4: rows fr's and fr + 8's scales of the four blocks (after the first wait)
 #pragma unroll
-      for (int b = 0; b < 4; ++b) {
-        if constexpr (NT == 1) wgmma_m64n8k32_e4m3_rs(d[b], a[b], desc + b * 2 * ROWS);
-        else wgmma_m64n16k32_e4m3_rs(d[b], a[b], desc + b * 2 * ROWS);
-      }
-      wgmma_commit();
-      wgmma_wait_all();
+      for (int h = 0; h < NT / NB; ++h) {
+        float d[4][4 * NB];
+        // Batch h reads activation rows 8 NB h .. 8 NB (h + 1) - 1: 16 bytes a row further each.
+        const Desc desc = smem_desc(FUSE ? fq + i * ROWS * KC : st, ROWS * 16, 128) + 8 * NB * h;
+        wgmma_fence();
 #pragma unroll
-      for (int b = 0; b < 4; ++b) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) wgmma_pin(a[b][e]);
-#pragma unroll
-        for (int e = 0; e < 4 * NT; ++e) wgmma_pin(d[b][e]);
-      }
-
-      float step[NT][4];
-      if (FP4) {
-        // Row fr's and row fr + 8's scale codes of the four blocks, as float32 (times 2^6 in the
-        // fast pass).
-        const uint32_t c0 = *(const uint32_t*)(sws + 4 * (16 * warp + fr)), c1 = *(const uint32_t*)(sws + 4 * (16 * warp + fr + 8));
-        float ws[2][4];
-        f8_fp4_scales<EXACT>(c0, c1, ws, code_max);
-#pragma unroll
-        for (int t = 0; t < NT; ++t)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) step[t][e] = 0.f;
-#pragma unroll
-        for (int b = 0; b < 4; ++b)
-#pragma unroll
-          for (int t = 0; t < NT; ++t) {
-            step[t][0] += d[b][4 * t + 0] * ws[0][b];
-            step[t][1] += d[b][4 * t + 1] * ws[0][b];
-            step[t][2] += d[b][4 * t + 2] * ws[1][b];
-            step[t][3] += d[b][4 * t + 3] * ws[1][b];
-          }
-        if (EXACT) {
-#pragma unroll
-          for (int t = 0; t < NT; ++t)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) step[t][e] *= 64.f;
+        for (int b = 0; b < 4; ++b) {
+          if constexpr (NB == 1) wgmma_m64n8k32_e4m3_rs(d[b], a[b], desc + b * 2 * ROWS);
+          else if constexpr (NB == 2) wgmma_m64n16k32_e4m3_rs(d[b], a[b], desc + b * 2 * ROWS);
+          else wgmma_m64n32k32_e4m3_rs(d[b], a[b], desc + b * 2 * ROWS);
         }
-      } else {
+        wgmma_commit();
+        wgmma_wait_all();
 #pragma unroll
-        for (int t = 0; t < NT; ++t)
+        for (int b = 0; b < 4; ++b) {
 #pragma unroll
-          for (int e = 0; e < 4; ++e) step[t][e] = ((0.f + d[0][4 * t + e]) + d[1][4 * t + e]) + d[2][4 * t + e] + d[3][4 * t + e];
-        const float w0 = ((const float*)sws)[16 * warp + fr], w1 = ((const float*)sws)[16 * warp + fr + 8];
+          for (int e = 0; e < 4; ++e) wgmma_pin(a[b][e]);
 #pragma unroll
-        for (int t = 0; t < NT; ++t) step[t][0] *= w0, step[t][1] *= w0, step[t][2] *= w1, step[t][3] *= w1;
-      }
-      // The activation scales of the fragment's columns 2q, 2q + 1.
+          for (int e = 0; e < 4 * NB; ++e) wgmma_pin(d[b][e]);
+        }
+        float step[NB][4];
+        if (FP4) {
+          if (h == 0) {
+            // As float32 (times 2^6 in the fast pass).
+            const uint32_t c0 = *(const uint32_t*)(sws + 4 * (16 * warp + fr));
+            const uint32_t c1 = *(const uint32_t*)(sws + 4 * (16 * warp + fr + 8));
+            f8_fp4_scales<EXACT>(c0, c1, ws, code_max);
+          }
 #pragma unroll
-      for (int t = 0; t < NT; ++t) {
-        const float s0 = sas[8 * t + 2 * q], s1 = sas[8 * t + 2 * q + 1];
-        acc[t][0] += step[t][0] * s0;
-        acc[t][1] += step[t][1] * s1;
-        acc[t][2] += step[t][2] * s0;
-        acc[t][3] += step[t][3] * s1;
+          for (int t = 0; t < NB; ++t)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) step[t][e] = 0.f;
+#pragma unroll
+          for (int b = 0; b < 4; ++b)
+#pragma unroll
+            for (int t = 0; t < NB; ++t) {
+              step[t][0] += d[b][4 * t + 0] * ws[0][b];
+              step[t][1] += d[b][4 * t + 1] * ws[0][b];
+              step[t][2] += d[b][4 * t + 2] * ws[1][b];
+              step[t][3] += d[b][4 * t + 3] * ws[1][b];
+            }
+          if (EXACT) {
+#pragma unroll
+            for (int t = 0; t < NB; ++t)
+#pragma unroll
+              for (int e = 0; e < 4; ++e) step[t][e] *= 64.f;
+          }
+        } else {
+          const float w0 = ((const float*)sws)[16 * warp + fr], w1 = ((const float*)sws)[16 * warp + fr + 8];
+#pragma unroll
+          for (int t = 0; t < NB; ++t) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+              step[t][e] = ((0.f + d[0][4 * t + e]) + d[1][4 * t + e]) + d[2][4 * t + e] + d[3][4 * t + e];
+            step[t][0] *= w0, step[t][1] *= w0, step[t][2] *= w1, step[t][3] *= w1;
+          }
+        }
+        // The activation scales of the fragment's columns 2q, 2q + 1.
+#pragma unroll
+        for (int t = 0; t < NB; ++t) {
+          const int c = 8 * (NB * h + t) + 2 * q;
+          const float s0 = sas[c], s1 = sas[c + 1];
+          acc[NB * h + t][0] += step[t][0] * s0;
+          acc[NB * h + t][1] += step[t][1] * s1;
+          acc[NB * h + t][2] += step[t][2] * s0;
+          acc[NB * h + t][3] += step[t][3] * s1;
+        }
       }
     }
     cp_async_wait<0>();
@@ -739,6 +764,8 @@ extern "C" __global__ void __launch_bounds__(128, 6) dsv4_qgemv_wg_fp4_n8(const 
 extern "C" __global__ void __launch_bounds__(128, 4) dsv4_qgemv_wg_fp4_n16(const GemmParams p) { qgemv_wg<true, 2, false>(p); }
 extern "C" __global__ void __launch_bounds__(128, 4) dsv4_qgemv_wg_fp8_n8(const GemmParams p) { qgemv_wg<false, 1, false>(p); }
 extern "C" __global__ void __launch_bounds__(128, 4) dsv4_qgemv_wg_fp8_n16(const GemmParams p) { qgemv_wg<false, 2, false>(p); }
+extern "C" __global__ void __launch_bounds__(128, 3) dsv4_qgemv_wg_fp8_n32(const GemmParams p) { qgemv_wg<false, 4, false>(p); }
+extern "C" __global__ void __launch_bounds__(128, 3) dsv4_qgemv_wg_fp8_n64(const GemmParams p) { qgemv_wg<false, 8, false>(p); }
 // The fused kernels (a dense linear in one launch, K splits as a cluster: see WgLayout). Five
 // blocks an SM, as the three-kernel form's GEMM holds (86 registers): at 102 registers (four
 // blocks an SM) grids of 512-640 blocks, o_a's and o_b's at one row, needed a second wave.

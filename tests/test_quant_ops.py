@@ -562,6 +562,7 @@ def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> f
     monkeypatch.setenv("DSV4RS_QGEMM_TILED", "mma" if portable else "auto")
     monkeypatch.setenv("DSV4RS_QGEMM_DECODE", "mma" if request.param == "mma-decode" else "auto")
     monkeypatch.setenv("DSV4RS_QGEMM_FUSED", "auto")
+    monkeypatch.setenv("DSV4RS_QGEMM_WIDE", "auto")
     return slice_bound()
 
 
@@ -598,8 +599,9 @@ def linear_call(gen: torch.Generator, fp4: bool, m: int, k: int = 256) -> tuple:
 def test_gpu_qgemm_kernel_switch_takes_effect(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch, fp4: bool) -> None:
     """The decode form that runs is the one asked for (seen by the profiler): the FP8 one by default
     on GPUs with FP8 tensor cores (sm_89+; on ``wgmma`` on compute capability 9.0 for K of at least
-    2048, there as the one fused kernel unless ``DSV4RS_QGEMM_FUSED=off``; on ``mma.sync``
-    elsewhere, for a shorter K or with ``DSV4RS_QGEMM_DECODE=mma``), the bf16 one with
+    2048, there as the one fused kernel unless ``DSV4RS_QGEMM_FUSED=off``, and for 17 to 64 rows of
+    FP8 weights in one wide row tile unless ``DSV4RS_QGEMM_WIDE=off``; on ``mma.sync`` elsewhere,
+    for a shorter K or with ``DSV4RS_QGEMM_DECODE=mma``), the bf16 one with
     ``DSV4RS_QGEMM_KERNEL=bf16``; forcing ``wgmma`` off Hopper, or an unknown name, is an error
     naming the variable."""
     call, launched = linear_call(gen, fp4, 2, k=2048)
@@ -607,6 +609,7 @@ def test_gpu_qgemm_kernel_switch_takes_effect(gen: torch.Generator, monkeypatch:
     fmt = "fp4" if fp4 else "fp8"
     monkeypatch.setenv("DSV4RS_QGEMM_DECODE", "auto")
     monkeypatch.setenv("DSV4RS_QGEMM_FUSED", "auto")
+    monkeypatch.setenv("DSV4RS_QGEMM_WIDE", "auto")
     monkeypatch.setenv("DSV4RS_QGEMM_KERNEL", "bf16")
     names = launched()
     assert f"dsv4_qgemv_{fmt}_n8" in names and not any("_f8" in n or "_wg_" in n for n in names), names
@@ -620,16 +623,34 @@ def test_gpu_qgemm_kernel_switch_takes_effect(gen: torch.Generator, monkeypatch:
     monkeypatch.setenv("DSV4RS_QGEMM_FUSED", "off")
     names = launched()
     assert ({f"dsv4_qgemv_wg_{fmt}_n8", "dsv4_act_quant_f8", "dsv4_splitk_reduce"} <= names) == hopper, names
-    # 40 rows (three row tiles): three kernels by default, one with DSV4RS_QGEMM_FUSED=on.
+    # 40 rows: on Hopper FP8 weights take one 64-row tile (never fused); with
+    # DSV4RS_QGEMM_WIDE=off, and MXFP4 weights, three 16-row tiles: three kernels by default, one
+    # with DSV4RS_QGEMM_FUSED=on.
     wide = linear_call(gen, fp4, 40, k=2048)[1]
     monkeypatch.setenv("DSV4RS_QGEMM_FUSED", "auto")
-    assert ("dsv4_act_quant_f8" in wide()) == fp8_cores
+    names = wide()
+    assert ("dsv4_act_quant_f8" in names) == fp8_cores
+    assert ("dsv4_qgemv_wg_fp8_n64" in names) == (hopper and not fp4), names
     monkeypatch.setenv("DSV4RS_QGEMM_FUSED", "on")
+    assert ("dsv4_qgemv_wg_fp8_n64" in wide()) == (hopper and not fp4)
+    monkeypatch.setenv("DSV4RS_QGEMM_WIDE", "off")
     assert (wide() == {f"dsv4_qgemv_wg_fused_{fmt}_n16"}) == hopper
+    assert (linear_call(gen, fp4, 24, k=2048)[1]() == {f"dsv4_qgemv_wg_fused_{fmt}_n16"}) == hopper
+    monkeypatch.setenv("DSV4RS_QGEMM_WIDE", "auto")
+    monkeypatch.setenv("DSV4RS_QGEMM_FUSED", "auto")
+    assert ("dsv4_qgemv_wg_fp8_n32" in linear_call(gen, fp4, 24, k=2048)[1]()) == (hopper and not fp4)
+    # K below 2048 takes the wide tiles only with DSV4RS_QGEMM_WIDE=on.
+    short_wide = linear_call(gen, fp4, 40, k=1024)[1]
+    assert not any("_wg_" in n for n in short_wide())
+    monkeypatch.setenv("DSV4RS_QGEMM_WIDE", "on")
+    assert ("dsv4_qgemv_wg_fp8_n64" in short_wide()) == (hopper and not fp4)
     if hopper:
-        monkeypatch.setenv("DSV4RS_QGEMM_FUSED", "always")
-        with pytest.raises(ValueError, match="DSV4RS_QGEMM_FUSED"):
-            call()
+        for var, fn in (("DSV4RS_QGEMM_FUSED", call), ("DSV4RS_QGEMM_WIDE", wide)):
+            monkeypatch.setenv(var, "always")
+            with pytest.raises(ValueError, match=var):
+                fn()
+            monkeypatch.setenv(var, "auto")
+    monkeypatch.setenv("DSV4RS_QGEMM_WIDE", "auto")
     monkeypatch.setenv("DSV4RS_QGEMM_FUSED", "auto")
     short_k = linear_call(gen, fp4, 2, k=1024)[1]()
     assert (f"dsv4_qgemv_f8_{fmt}_n8" in short_k) == fp8_cores and not any("_wg_" in n for n in short_k), short_k
@@ -766,6 +787,77 @@ def test_gpu_quant_linear_fused_equals_its_three_kernels(gen: torch.Generator, m
         three = ops.quant_linear(inputs, weight, scale, groups=groups)
         assert torch.equal(one.view(bits), three.view(bits))
     assert not torch.isfinite(one[0]).any() and torch.isfinite(one[1:]).all()
+
+
+# Dense calls of 17 to 64 rows that Hopper runs in one wide row tile: (m, rows, k, groups, dtype).
+WIDE_CASES = [
+    (64, 4096, 8192, 1, torch.bfloat16),  # V4-Flash's o_b at batch 64: 7 K splits
+    (33, 1024, 4096, 8, torch.bfloat16),  # o_a (8 groups), the 64-row tile partial
+    (17, 8200, 1024, 1, torch.float32),  # a 32-row tile, K below 2048, the last weight column partial
+    (32, 512, 4096, 1, torch.bfloat16),  # kv at batch 32
+    (48, 200, 2048, 1, torch.bfloat16),  # a partial weight column in every split
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", WIDE_CASES, ids=lambda c: f"m{c[0]}-{c[1]}x{c[2]}-g{c[3]}-{str(c[4])[6:]}")
+def test_gpu_quant_linear_wide_tiles_match_reference(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch,
+                                                     case: tuple) -> None:
+    """On compute capability 9.0, 17 to 64 rows of a call on FP8 weights run in one row tile of 32
+    or 64 (``dsv4_qgemv_wg_fp8_n32`` / ``_n64``: each weight read once; forced here with
+    ``DSV4RS_QGEMM_WIDE=on``, which also takes K below 2048): the result lies within the
+    reference's bound, and within twice it of the 16-row tiles' (``DSV4RS_QGEMM_WIDE=off``); a
+    row with an infinity is non-finite and leaves the other rows finite."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wide tiles run on compute capability 9.0")
+    m, rows, k, groups, dtype = case
+    w_cpu, s_cpu = fp8_weight(gen, rows, k)
+    x = activations(gen, m, *((groups,) if groups > 1 else ()), k, dtype=dtype)
+    xs, weight, scale = cuda(x, w_cpu, s_cpu)
+    for env in ("DSV4RS_QGEMM_KERNEL", "DSV4RS_QGEMM_DECODE", "DSV4RS_QGEMM_TILED", "DSV4RS_QGEMM_FUSED"):
+        monkeypatch.setenv(env, "auto")
+    monkeypatch.setenv("DSV4RS_QGEMM_WIDE", "on")
+    names = launched_kernels(lambda: ops.quant_linear(xs, weight, scale, groups=groups))
+    assert f"dsv4_qgemv_wg_fp8_n{32 if m <= 32 else 64}" in names, names
+    got = ops.quant_linear(xs, weight, scale, groups=groups)
+    want, tol = linear_bound(x, w_cpu, s_cpu, groups, "fp8", SLICE)
+    assert_within(got, want, tol, "wide tiles vs reference")
+    monkeypatch.setenv("DSV4RS_QGEMM_WIDE", "off")
+    narrow = ops.quant_linear(xs, weight, scale, groups=groups)
+    assert_within(got, narrow.double().cpu(), 2 * tol, "wide vs narrow tiles")
+    monkeypatch.setenv("DSV4RS_QGEMM_WIDE", "on")
+    x_odd = xs.clone()
+    x_odd[m // 2, ..., 7] = float("inf")
+    odd = ops.quant_linear(x_odd, weight, scale, groups=groups)
+    rest = torch.ones(m, dtype=torch.bool)
+    rest[m // 2] = False
+    assert not torch.isfinite(odd[m // 2]).any() and torch.equal(odd[rest], got[rest])
+
+
+@pytest.mark.gpu
+def test_gpu_quant_linear_wide_tiles_equal_narrow_ones_bit_for_bit(gen: torch.Generator,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where both take the same K splits (here none: 32,768 weight rows, 512 grid columns), the
+    wide tiles give the 16-row tiles' bits: each output the same four FP8 slice sums, scaled and
+    added in the same order."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wide tiles run on compute capability 9.0")
+    rows, k = 32768, 2048
+    weight = (torch.randn(rows, k, device="cuda") * 32).clamp(-448, 448).to(torch.float8_e4m3fn)
+    scale = torch.rand(rows // 128, k // 128, device="cuda") * 2**-6 + 2**-8
+    for env in ("DSV4RS_QGEMM_KERNEL", "DSV4RS_QGEMM_DECODE", "DSV4RS_QGEMM_TILED", "DSV4RS_QGEMM_FUSED"):
+        monkeypatch.setenv(env, "auto")
+    for m in (20, 40, 64):
+        x = activations(gen, m, k, dtype=torch.bfloat16).cuda()
+        monkeypatch.setenv("DSV4RS_QGEMM_WIDE", "on")
+        names = launched_kernels(lambda: ops.quant_linear(x, weight, scale))
+        assert "dsv4_splitk_reduce" not in names and any("_wg_fp8_n" in n for n in names), names
+        wide = ops.quant_linear(x, weight, scale)
+        monkeypatch.setenv("DSV4RS_QGEMM_WIDE", "off")
+        names = launched_kernels(lambda: ops.quant_linear(x, weight, scale))
+        assert "dsv4_splitk_reduce" not in names and "dsv4_qgemv_wg_fp8_n16" in names, names
+        narrow = ops.quant_linear(x, weight, scale)
+        assert torch.equal(wide.view(torch.int16), narrow.view(torch.int16)), m
 
 
 @pytest.mark.gpu

@@ -96,6 +96,8 @@ declare_kernels! {
     QgemvF8Fp4N16 = "dsv4_qgemv_f8_fp4_n16" in "qgemm",
     QgemvWgFp8N8 = "dsv4_qgemv_wg_fp8_n8" in "qgemm_sm90a",
     QgemvWgFp8N16 = "dsv4_qgemv_wg_fp8_n16" in "qgemm_sm90a",
+    QgemvWgFp8N32 = "dsv4_qgemv_wg_fp8_n32" in "qgemm_sm90a",
+    QgemvWgFp8N64 = "dsv4_qgemv_wg_fp8_n64" in "qgemm_sm90a",
     QgemvWgFp4N8 = "dsv4_qgemv_wg_fp4_n8" in "qgemm_sm90a",
     QgemvWgFp4N16 = "dsv4_qgemv_wg_fp4_n16" in "qgemm_sm90a",
     QgemvWgFusedFp8N8 = "dsv4_qgemv_wg_fused_fp8_n8" in "qgemm_sm90a",

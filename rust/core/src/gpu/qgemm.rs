@@ -135,6 +135,8 @@ fn gemm_kernel(fp4: bool, form: Form, bm: usize) -> Kernel {
         (true, Form::GemvF8, 8) => Kernel::QgemvF8Fp4N8,
         (true, Form::GemvF8, _) => Kernel::QgemvF8Fp4N16,
         (false, Form::GemvWg, 8) => Kernel::QgemvWgFp8N8,
+        (false, Form::GemvWg, 32) => Kernel::QgemvWgFp8N32,
+        (false, Form::GemvWg, 64) => Kernel::QgemvWgFp8N64,
         (false, Form::GemvWg, _) => Kernel::QgemvWgFp8N16,
         (true, Form::GemvWg, 8) => Kernel::QgemvWgFp4N8,
         (true, Form::GemvWg, _) => Kernel::QgemvWgFp4N16,
@@ -369,12 +371,35 @@ fn decode_form(dev: i32, act_fp8: bool, k: usize) -> Result<Form> {
 /// or more was as fast or faster on `wgmma`.
 const WG_DECODE_MIN_K: usize = 2048;
 
-/// [`decode_form`] for a dense linear.
-fn linear_decode_form(dev: i32, act_fp8: bool, k: usize) -> Result<Form> {
-    Ok(match decode_form(dev, act_fp8, k)? {
-        Form::GemvWg if k < WG_DECODE_MIN_K => Form::GemvF8,
-        form => form,
+/// [`decode_form`] for a dense linear of `m` rows: for K below [`WG_DECODE_MIN_K`] the Hopper
+/// decode form only in its wide tiles (see [`use_wg_wide`]).
+fn linear_decode_form(dev: i32, act_fp8: bool, k: usize, m: usize) -> Result<(Form, bool)> {
+    let form = decode_form(dev, act_fp8, k)?;
+    let wide = form == Form::GemvWg && (17..=WG_WIDE_MAX_ROWS).contains(&m) && use_wg_wide(dev, k >= WG_DECODE_MIN_K)?;
+    Ok(match form {
+        Form::GemvWg if k < WG_DECODE_MIN_K && !wide => (Form::GemvF8, false),
+        form => (form, wide),
     })
+}
+
+/// Most rows a dense call takes the Hopper decode form's wide tiles for (32 or 64 activation rows
+/// a block: `dsv4_qgemv_wg_fp8_n32` / `_n64`, FP8 weights), which read each weight once where
+/// 16-row tiles read it once a tile.
+const WG_WIDE_MAX_ROWS: usize = 64;
+
+/// Whether a dense FP8 call of 17 to [`WG_WIDE_MAX_ROWS`] rows on the Hopper decode form runs its
+/// wide tiles: by default where it `pays` (K of at least [`WG_DECODE_MIN_K`]) on every GPU that
+/// runs the form. `DSV4RS_QGEMM_WIDE=auto|on|off` forces the choice (for tests and benchmarks:
+/// `on` for every K; `off` keeps 16-row tiles or the tiled form).
+fn use_wg_wide(dev: i32, pays: bool) -> Result<bool> {
+    let auto = matches!(std::env::var("DSV4RS_QGEMM_WIDE").ok().as_deref(), None | Some("") | Some("auto"));
+    static CAPABLE: DeviceFlags = DeviceFlags::new(Vec::new());
+    let capable = || {
+        per_device(&CAPABLE, dev, || {
+            Ok([Kernel::QgemvWgFp8N32, Kernel::QgemvWgFp8N64].into_iter().all(|kernel| super::has_kernel(dev, kernel)))
+        })
+    };
+    Ok(forced_or_auto(dev, "DSV4RS_QGEMM_WIDE", "on", "off", true, capable)? && (pays || !auto))
 }
 
 fn check_k(w: &Weights) -> Result<usize> {
@@ -436,9 +461,10 @@ const F8_DECODE_MAX_ROWS: usize = 64;
 const F8_DECODE_MIN_K: usize = 2048;
 
 /// A dense call's shape: form, row tile, split-K count and K steps per split. Up to 16 rows
-/// (decode) take the decode form with 8- or 16-row tiles (on FP8 `mma.sync` with `f8`), and with
-/// `f8` and a long K up to 64 rows take it too, in tiles of 16 (each tile reads the weights
-/// again, mostly from L2); more rows take the tiled form with 64. K is split so that the grid
+/// (decode) take the decode form with 8- or 16-row tiles (on FP8 `mma.sync` with `f8`); 17 to 64
+/// rows take the Hopper decode form's wide tiles of 32 or 64 rows where they run (FP8 weights,
+/// [`use_wg_wide`]), else, with `f8` and a long K, the decode form in tiles of 16 (each tile
+/// reads the weights again, mostly from L2); more rows take the tiled form with 64. K is split so that the grid
 /// covers the GPU four times when it would not (a decode linear has few weight rows and must keep
 /// many loads in flight), the decode form keeping at least a step per warp, the Hopper one in at
 /// most [`MAX_CLUSTER`] splits. `fused`: the Hopper decode form's fused kernel runs the call
@@ -452,23 +478,27 @@ struct LinearShape {
     fused: bool,
 }
 
-fn linear_shape(dev: i32, m: usize, groups: usize, n: usize, k: usize, fp4: bool, decode: Form) -> Result<LinearShape> {
+fn linear_shape(dev: i32, m: usize, groups: usize, n: usize, k: usize, fp4: bool, act_fp8: bool) -> Result<LinearShape> {
     let sms = attribute(dev, cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
+    let (decode, wide) = linear_decode_form(dev, act_fp8, k, m)?;
     let tiled = || Ok(if use_wgmma(dev, k.is_multiple_of(KC))? { Form::Wgmma } else { Form::Gemm });
-    plan_linear(m, groups, n, k, fp4, decode, sms, tiled, |pays| use_wg_fused(dev, pays))
+    plan_linear(m, groups, n, k, fp4, decode, wide && !fp4, sms, tiled, |pays| use_wg_fused(dev, pays))
 }
 
-/// [`linear_shape`]'s rule for a GPU of `sms` SMs: `tiled` is the tiled form the GPU runs (asked
-/// only for calls that take one), `fused(pays)` whether the fused kernel runs a call that fits
-/// it (see [`use_wg_fused`]).
+/// [`linear_shape`]'s rule for a GPU of `sms` SMs: `wide` whether 17 to [`WG_WIDE_MAX_ROWS`]
+/// rows take the Hopper decode form's wide tiles (`decode` is then that form), `tiled` the tiled
+/// form the GPU runs (asked only for calls that take one), `fused(pays)` whether the fused kernel
+/// runs a call that fits it (see [`use_wg_fused`]).
 #[allow(clippy::too_many_arguments)]
 fn plan_linear(
-    m: usize, groups: usize, n: usize, k: usize, fp4: bool, decode: Form, sms: usize,
+    m: usize, groups: usize, n: usize, k: usize, fp4: bool, decode: Form, wide: bool, sms: usize,
     tiled: impl FnOnce() -> Result<Form>, fused: impl FnOnce(bool) -> Result<bool>,
 ) -> Result<LinearShape> {
     let (form, bm) = match m {
         0..=8 => (decode, 8),
         9..=16 => (decode, 16),
+        17..=32 if wide => (decode, 32),
+        33..=WG_WIDE_MAX_ROWS if wide => (decode, 64),
         17..=F8_DECODE_MAX_ROWS if decode.f8() && k >= F8_DECODE_MIN_K => (decode, 16),
         _ => match tiled()? {
             Form::Wgmma => (Form::Wgmma, WG_BT),
@@ -481,7 +511,8 @@ fn plan_linear(
     // 4 K steps a slice to fill its pipeline.
     let (cover, most) = match form {
         Form::Gemv | Form::GemvF8 => (4 * sms, steps.div_ceil(THREADS as usize / 32)),
-        Form::GemvWg => (4 * sms, steps.min(MAX_CLUSTER)),
+        // The wide tiles' kernels hold three blocks an SM (registers).
+        Form::GemvWg => (if bm > 16 { 3 } else { 4 } * sms, steps.min(MAX_CLUSTER)),
         Form::Gemm => (4 * sms, steps),
         Form::Wgmma => (sms, steps / 4),
     };
@@ -489,6 +520,7 @@ fn plan_linear(
     let per = steps.div_ceil(want);
     let splits = steps.div_ceil(per);
     let fused = form == Form::GemvWg
+        && bm <= 16
         && bm * per * KC <= WG_FUSED_CODES
         && fused(m <= 16 && blocks * splits <= WG_FUSED_MAX_BLOCKS_PER_SM * sms)?;
     Ok(LinearShape { form, bm, splits, per, fused })
@@ -530,7 +562,7 @@ pub fn linear_workspace_bytes(
     if m == 0 {
         return Ok(0);
     }
-    let shape = linear_shape(dev, m, groups, n, k, fp4, linear_decode_form(dev, act_fp8, k)?)?;
+    let shape = linear_shape(dev, m, groups, n, k, fp4, act_fp8)?;
     if shape.fused {
         return Ok(0);
     }
@@ -657,7 +689,7 @@ pub unsafe fn linear(
     }
     let x_bf16 = x.dtype == DType::BF16;
     let LinearShape { form, bm, splits, per, fused } =
-        linear_shape(dev, m, groups, n, k, w.fp4, linear_decode_form(dev, act_fp8, k)?)?;
+        linear_shape(dev, m, groups, n, k, w.fp4, act_fp8)?;
     let lay = match fused {
         true => LinearLayout { a: None, partial: None, total: 0 },
         false => linear_layout(m, groups, n, k, quantizes_x(x_bf16, act_fp8, w.fp4, form), splits),
@@ -942,7 +974,12 @@ mod tests {
     /// The rule for an H200 with the Hopper tiled form, the fused kernel taken where it pays
     /// (`auto`) or wherever it fits (`on`).
     fn plan(m: usize, groups: usize, n: usize, k: usize, fp4: bool, decode: Form, on: bool) -> LinearShape {
-        plan_linear(m, groups, n, k, fp4, decode, H200_SMS, || Ok(Form::Wgmma), |pays| Ok(pays || on)).unwrap()
+        plan_linear(m, groups, n, k, fp4, decode, false, H200_SMS, || Ok(Form::Wgmma), |pays| Ok(pays || on)).unwrap()
+    }
+
+    /// The rule with the wide tiles allowed (FP8 weights on the Hopper decode form).
+    fn plan_wide(m: usize, groups: usize, n: usize, k: usize) -> LinearShape {
+        plan_linear(m, groups, n, k, false, Form::GemvWg, true, H200_SMS, || Ok(Form::Wgmma), Ok).unwrap()
     }
 
     fn summary(s: &LinearShape) -> (Form, usize, usize, usize, bool) {
@@ -984,6 +1021,40 @@ mod tests {
         // Codes past WG_FUSED_CODES (16 rows x 16 steps of 128) never fuse, even forced.
         let wide = plan(16, 1, 40_000, 2048, false, Form::GemvWg, true);
         assert_eq!((wide.bm * wide.per * KC > WG_FUSED_CODES, wide.fused), (true, false));
+    }
+
+    #[test]
+    fn wide_tiles_take_17_to_64_rows_in_one_row_tile_and_never_fuse() {
+        // V4-Flash's o_b at 64 rows (4096 columns, K 8192): one 64-row tile, 64 grid columns, K in
+        // 7 splits of 10 steps (448 blocks, about three an SM).
+        assert_eq!(summary(&plan_wide(64, 1, 4096, 8192)), (Form::GemvWg, 64, 7, 10, false));
+        // Never the fused kernels (16-row tiles at most), even where the codes would fit.
+        assert!(!plan_linear(40, 1, 64, 2048, false, Form::GemvWg, true, H200_SMS, || Ok(Form::Wgmma), |_| Ok(true))
+            .unwrap()
+            .fused);
+        assert_eq!(summary(&plan_wide(33, 1, 4096, 8192)).1, 64);
+        // 17-32 rows: 32-row tiles; q_b's K (1024) in one split.
+        assert_eq!(summary(&plan_wide(32, 1, 32768, 1024)), (Form::GemvWg, 32, 1, 8, false));
+        assert_eq!(summary(&plan_wide(17, 8, 1024, 4096)).1, 32);
+        // Up to 16 rows the narrow tiles, past 64 the tiled form, as without them.
+        assert_eq!(summary(&plan_wide(16, 1, 4096, 8192)).1, 16);
+        assert_eq!(summary(&plan_wide(65, 1, 4096, 8192)).0, Form::Wgmma);
+        // The grid stays within the three blocks an SM the kernels hold, less a split's rounding.
+        for (m, n, k) in [(64, 1024, 4096), (40, 4096, 2048), (64, 512, 4096), (24, 32768, 1024)] {
+            let s = plan_wide(m, 1, n, k);
+            let blocks = n.div_ceil(64) * s.splits;
+            assert!(s.splits == 1 || blocks <= 3 * H200_SMS + n.div_ceil(64), "{m} {n} {k}: {blocks} blocks");
+        }
+    }
+
+    #[test]
+    fn hopper_wide_stages_fit_three_blocks_an_sm() {
+        let fits = super::super::h200_blocks_fit;
+        for (rows, bytes) in [(32, 50_688), (64, 67_584)] {
+            let b = gemm_shared_bytes(false, Form::GemvWg, rows, 4096);
+            assert_eq!(b, bytes, "{rows} rows");
+            assert!(fits(b, 3), "{rows} rows: {b} B");
+        }
     }
 
     #[test]
