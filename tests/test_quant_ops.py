@@ -600,7 +600,7 @@ def test_gpu_qgemm_kernel_switch_takes_effect(gen: torch.Generator, monkeypatch:
     """The decode form that runs is the one asked for (seen by the profiler): the FP8 one by default
     on GPUs with FP8 tensor cores (sm_89+; on ``wgmma`` on compute capability 9.0 for K of at least
     2048, there as the one fused kernel unless ``DSV4RS_QGEMM_FUSED=off``, and for 17 to 64 rows of
-    FP8 weights in one wide row tile unless ``DSV4RS_QGEMM_WIDE=off``; on ``mma.sync`` elsewhere,
+    FP8 weights and K of 8192 in one wide row tile unless ``DSV4RS_QGEMM_WIDE=off``; on ``mma.sync`` elsewhere,
     for a shorter K or with ``DSV4RS_QGEMM_DECODE=mma``), the bf16 one with
     ``DSV4RS_QGEMM_KERNEL=bf16``; forcing ``wgmma`` off Hopper, or an unknown name, is an error
     naming the variable."""
@@ -623,27 +623,28 @@ def test_gpu_qgemm_kernel_switch_takes_effect(gen: torch.Generator, monkeypatch:
     monkeypatch.setenv("DSV4RS_QGEMM_FUSED", "off")
     names = launched()
     assert ({f"dsv4_qgemv_wg_{fmt}_n8", "dsv4_act_quant_f8", "dsv4_splitk_reduce"} <= names) == hopper, names
-    # 40 rows: on Hopper FP8 weights take one 64-row tile (never fused); with
-    # DSV4RS_QGEMM_WIDE=off, and MXFP4 weights, three 16-row tiles: three kernels by default, one
-    # with DSV4RS_QGEMM_FUSED=on.
+    # 40 rows: three 16-row tiles: three kernels by default, one with DSV4RS_QGEMM_FUSED=on.
     wide = linear_call(gen, fp4, 40, k=2048)[1]
     monkeypatch.setenv("DSV4RS_QGEMM_FUSED", "auto")
-    names = wide()
-    assert ("dsv4_act_quant_f8" in names) == fp8_cores
-    assert ("dsv4_qgemv_wg_fp8_n64" in names) == (hopper and not fp4), names
+    assert ("dsv4_act_quant_f8" in wide()) == fp8_cores
     monkeypatch.setenv("DSV4RS_QGEMM_FUSED", "on")
-    assert ("dsv4_qgemv_wg_fp8_n64" in wide()) == (hopper and not fp4)
-    monkeypatch.setenv("DSV4RS_QGEMM_WIDE", "off")
     assert (wide() == {f"dsv4_qgemv_wg_fused_{fmt}_n16"}) == hopper
-    assert (linear_call(gen, fp4, 24, k=2048)[1]() == {f"dsv4_qgemv_wg_fused_{fmt}_n16"}) == hopper
+    # With K of 8192, on Hopper FP8 weights take one 64-row tile (never fused), or 32 rows one
+    # 32-row tile, unless DSV4RS_QGEMM_WIDE=off; MXFP4 weights keep 16-row tiles.
+    long_k = linear_call(gen, fp4, 40, k=8192)[1]
+    names = long_k()
+    assert ("dsv4_qgemv_wg_fp8_n64" in names) == (hopper and not fp4), names
+    assert ("dsv4_qgemv_wg_fp8_n32" in linear_call(gen, fp4, 24, k=8192)[1]()) == (hopper and not fp4)
+    monkeypatch.setenv("DSV4RS_QGEMM_WIDE", "off")
+    assert not any("_n64" in n or "_n32" in n for n in long_k())
+    # A shorter K takes the wide tiles only with DSV4RS_QGEMM_WIDE=on.
     monkeypatch.setenv("DSV4RS_QGEMM_WIDE", "auto")
     monkeypatch.setenv("DSV4RS_QGEMM_FUSED", "auto")
-    assert ("dsv4_qgemv_wg_fp8_n32" in linear_call(gen, fp4, 24, k=2048)[1]()) == (hopper and not fp4)
-    # K below 2048 takes the wide tiles only with DSV4RS_QGEMM_WIDE=on.
-    short_wide = linear_call(gen, fp4, 40, k=1024)[1]
-    assert not any("_wg_" in n for n in short_wide())
+    short_k = linear_call(gen, fp4, 40, k=1024)[1]
+    assert not any("_n64" in n or "_n32" in n for n in wide() | short_k())
     monkeypatch.setenv("DSV4RS_QGEMM_WIDE", "on")
-    assert ("dsv4_qgemv_wg_fp8_n64" in short_wide()) == (hopper and not fp4)
+    assert ("dsv4_qgemv_wg_fp8_n64" in wide()) == (hopper and not fp4)
+    assert ("dsv4_qgemv_wg_fp8_n64" in short_k()) == (hopper and not fp4)
     if hopper:
         for var, fn in (("DSV4RS_QGEMM_FUSED", call), ("DSV4RS_QGEMM_WIDE", wide)):
             monkeypatch.setenv(var, "always")
@@ -805,7 +806,7 @@ def test_gpu_quant_linear_wide_tiles_match_reference(gen: torch.Generator, monke
                                                      case: tuple) -> None:
     """On compute capability 9.0, 17 to 64 rows of a call on FP8 weights run in one row tile of 32
     or 64 (``dsv4_qgemv_wg_fp8_n32`` / ``_n64``: each weight read once; forced here with
-    ``DSV4RS_QGEMM_WIDE=on``, which also takes K below 2048): the result lies within the
+    ``DSV4RS_QGEMM_WIDE=on``, which also takes K below 8192): the result lies within the
     reference's bound, and within twice it of the 16-row tiles' (``DSV4RS_QGEMM_WIDE=off``); a
     row with an infinity is non-finite and leaves the other rows finite."""
     if torch.cuda.get_device_capability() != (9, 0):

@@ -29,7 +29,7 @@ tensor cores, the slice sums of the last point):
   On compute capability 9.0 a small such linear (up to 16 rows, a small grid) runs as one kernel
   that quantizes the activations itself and sums its K splits within a thread-block cluster,
   with the same values, bit for bit, as the separate kernels (``DSV4RS_QGEMM_FUSED=on|off``
-  forces the choice); one of 17 to 64 rows on FP8 weights (``K`` of 2048 or more) runs in one
+  forces the choice); one of 17 to 64 rows on FP8 weights (``K`` of 8192 or more) runs in one
   tile of 32 or 64 rows with the same arithmetic (``DSV4RS_QGEMM_WIDE=on|off``).
 - With more rows per weight (prefill) the GPU runs a tiled GEMM, on ``wgmma`` on compute
   capability 9.0 where ``K`` is a multiple of 128 and on ``mma.sync`` elsewhere; both sum the exact

@@ -375,7 +375,7 @@ const WG_DECODE_MIN_K: usize = 2048;
 /// decode form only in its wide tiles (see [`use_wg_wide`]).
 fn linear_decode_form(dev: i32, act_fp8: bool, k: usize, m: usize) -> Result<(Form, bool)> {
     let form = decode_form(dev, act_fp8, k)?;
-    let wide = form == Form::GemvWg && (17..=WG_WIDE_MAX_ROWS).contains(&m) && use_wg_wide(dev, k >= WG_DECODE_MIN_K)?;
+    let wide = form == Form::GemvWg && (17..=WG_WIDE_MAX_ROWS).contains(&m) && use_wg_wide(dev, k >= WG_WIDE_MIN_K)?;
     Ok(match form {
         Form::GemvWg if k < WG_DECODE_MIN_K && !wide => (Form::GemvF8, false),
         form => (form, wide),
@@ -387,8 +387,18 @@ fn linear_decode_form(dev: i32, act_fp8: bool, k: usize, m: usize) -> Result<(Fo
 /// 16-row tiles read it once a tile.
 const WG_WIDE_MAX_ROWS: usize = 64;
 
+/// K from which a dense call of 17 to [`WG_WIDE_MAX_ROWS`] rows takes the wide tiles by default.
+/// Measured on the H200 at 64 rows (V4-Flash's linears, `DSV4RS_QGEMM_WIDE=off|on python
+/// benches/gpu_bench.py --quick --only linear`, two runs each, ms, 16-row tiles against wide):
+/// o_b (K 8192) 0.046 against 0.039; but q_a 0.010 / 0.013, kv 0.008 / 0.011, o_a 0.042 /
+/// 0.047 and the shared expert's gate 0.017 / 0.019 (K 4096), its down 0.017 / 0.017 (K 2048),
+/// q_b (K 1024, the tiled form) 0.041 / 0.045. Where the weights are small, or K short, the
+/// 16-row tiles' four times as many blocks (the weights read again from L2) keep more loads in
+/// flight than one wide tile, whose block does four times the work a step at three blocks an SM.
+const WG_WIDE_MIN_K: usize = 8192;
+
 /// Whether a dense FP8 call of 17 to [`WG_WIDE_MAX_ROWS`] rows on the Hopper decode form runs its
-/// wide tiles: by default where it `pays` (K of at least [`WG_DECODE_MIN_K`]) on every GPU that
+/// wide tiles: by default where it `pays` (K of at least [`WG_WIDE_MIN_K`]) on every GPU that
 /// runs the form. `DSV4RS_QGEMM_WIDE=auto|on|off` forces the choice (for tests and benchmarks:
 /// `on` for every K; `off` keeps 16-row tiles or the tiled form).
 fn use_wg_wide(dev: i32, pays: bool) -> Result<bool> {
