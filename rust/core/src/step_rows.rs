@@ -131,7 +131,7 @@ pub unsafe fn step_rows(
         return Err(Error::value(positions.name, format!("{tokens} tokens of {per} rows are more than one launch takes")));
     }
     match same_device(&all)? {
-        Device::Cuda(dev) => gpu::step_rows::step_rows(dev, stream, step, window, hca),
+        Device::Cuda(dev) => gpu::step_rows::step_rows(dev, stream, (positions, token_seq, origins), window, hca),
         Device::Cpu => {
             let (pos, seq, orig) = (positions.host::<i64>(&[DType::I64])?, token_seq.host::<i64>(&[DType::I64])?,
                                     origins.host::<i64>(&[DType::I64])?);
