@@ -371,11 +371,17 @@ fn decode_form(dev: i32, act_fp8: bool, k: usize) -> Result<Form> {
 /// or more was as fast or faster on `wgmma`.
 const WG_DECODE_MIN_K: usize = 2048;
 
-/// [`decode_form`] for a dense linear of `m` rows: for K below [`WG_DECODE_MIN_K`] the Hopper
-/// decode form only in its wide tiles (see [`use_wg_wide`]).
-fn linear_decode_form(dev: i32, act_fp8: bool, k: usize, m: usize) -> Result<(Form, bool)> {
+/// [`decode_form`] for a dense linear of `m` rows, and whether it takes the wide tiles (FP8
+/// weights only; see [`use_wg_wide`]): for K below [`WG_DECODE_MIN_K`] the Hopper decode form
+/// only in its wide tiles.
+fn linear_decode_form(dev: i32, act_fp8: bool, k: usize, m: usize, fp4: bool) -> Result<(Form, bool)> {
     let form = decode_form(dev, act_fp8, k)?;
-    let wide = form == Form::GemvWg && (17..=WG_WIDE_MAX_ROWS).contains(&m) && use_wg_wide(dev, k >= WG_WIDE_MIN_K)?;
+    // (`use_wg_wide` is asked for MXFP4 weights too, so that a bad DSV4RS_QGEMM_WIDE is refused
+    // whatever the weights.)
+    let wide = form == Form::GemvWg
+        && (17..=WG_WIDE_MAX_ROWS).contains(&m)
+        && use_wg_wide(dev, k >= WG_WIDE_MIN_K)?
+        && !fp4;
     Ok(match form {
         Form::GemvWg if k < WG_DECODE_MIN_K && !wide => (Form::GemvF8, false),
         form => (form, wide),
@@ -402,14 +408,17 @@ const WG_WIDE_MIN_K: usize = 8192;
 /// runs the form. `DSV4RS_QGEMM_WIDE=auto|on|off` forces the choice (for tests and benchmarks:
 /// `on` for every K; `off` keeps 16-row tiles or the tiled form).
 fn use_wg_wide(dev: i32, pays: bool) -> Result<bool> {
-    let auto = matches!(std::env::var("DSV4RS_QGEMM_WIDE").ok().as_deref(), None | Some("") | Some("auto"));
     static CAPABLE: DeviceFlags = DeviceFlags::new(Vec::new());
-    let capable = || {
-        per_device(&CAPABLE, dev, || {
-            Ok([Kernel::QgemvWgFp8N32, Kernel::QgemvWgFp8N64].into_iter().all(|kernel| super::has_kernel(dev, kernel)))
-        })
-    };
-    Ok(forced_or_auto(dev, "DSV4RS_QGEMM_WIDE", "on", "off", true, capable)? && (pays || !auto))
+    pays_or_forced(dev, "DSV4RS_QGEMM_WIDE", &CAPABLE, &[Kernel::QgemvWgFp8N32, Kernel::QgemvWgFp8N64], pays)
+}
+
+/// A Hopper decode kernel choice that `var=auto|on|off` may force: by default where the call
+/// `pays` on every GPU that holds all of `kernels` (probed once a device into `capable`); `on`
+/// wherever it runs, whether it pays or not; `off` never.
+fn pays_or_forced(dev: i32, var: &str, capable: &DeviceFlags, kernels: &[Kernel], pays: bool) -> Result<bool> {
+    let auto = matches!(std::env::var(var).ok().as_deref(), None | Some("") | Some("auto"));
+    let has = || per_device(capable, dev, || Ok(kernels.iter().all(|kernel| super::has_kernel(dev, *kernel))));
+    Ok(forced_or_auto(dev, var, "on", "off", true, has)? && (pays || !auto))
 }
 
 fn check_k(w: &Weights) -> Result<usize> {
@@ -474,10 +483,10 @@ const F8_DECODE_MIN_K: usize = 2048;
 /// (decode) take the decode form with 8- or 16-row tiles (on FP8 `mma.sync` with `f8`); 17 to 64
 /// rows take the Hopper decode form's wide tiles of 32 or 64 rows where they run (FP8 weights,
 /// [`use_wg_wide`]), else, with `f8` and a long K, the decode form in tiles of 16 (each tile
-/// reads the weights again, mostly from L2); more rows take the tiled form with 64. K is split so that the grid
-/// covers the GPU four times when it would not (a decode linear has few weight rows and must keep
-/// many loads in flight), the decode form keeping at least a step per warp, the Hopper one in at
-/// most [`MAX_CLUSTER`] splits. `fused`: the Hopper decode form's fused kernel runs the call
+/// reads the weights again, mostly from L2); more rows take the tiled form with 64. K is split
+/// so that the grid covers the GPU four times when it would not (a decode linear has few weight
+/// rows and must keep many loads in flight), the decode form keeping at least a step per warp,
+/// the Hopper one in at most [`MAX_CLUSTER`] splits. `fused`: the Hopper decode form's fused kernel runs the call
 /// (its row tile's activation codes of a split fit [`WG_FUSED_CODES`]): the activations
 /// quantized by each block, the splits added within their cluster, one launch.
 struct LinearShape {
@@ -490,9 +499,9 @@ struct LinearShape {
 
 fn linear_shape(dev: i32, m: usize, groups: usize, n: usize, k: usize, fp4: bool, act_fp8: bool) -> Result<LinearShape> {
     let sms = attribute(dev, cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
-    let (decode, wide) = linear_decode_form(dev, act_fp8, k, m)?;
+    let (decode, wide) = linear_decode_form(dev, act_fp8, k, m, fp4)?;
     let tiled = || Ok(if use_wgmma(dev, k.is_multiple_of(KC))? { Form::Wgmma } else { Form::Gemm });
-    plan_linear(m, groups, n, k, fp4, decode, wide && !fp4, sms, tiled, |pays| use_wg_fused(dev, pays))
+    plan_linear(m, groups, n, k, fp4, decode, wide, sms, tiled, |pays| use_wg_fused(dev, pays))
 }
 
 /// [`linear_shape`]'s rule for a GPU of `sms` SMs: `wide` whether 17 to [`WG_WIDE_MAX_ROWS`]
@@ -551,16 +560,10 @@ const WG_FUSED_MAX_BLOCKS_PER_SM: usize = 2;
 /// choice (for tests and benchmarks: `on` wherever the codes fit; `off` runs the activation
 /// quantization, the GEMM and the split-K sum as three kernels).
 fn use_wg_fused(dev: i32, pays: bool) -> Result<bool> {
-    let auto = matches!(std::env::var("DSV4RS_QGEMM_FUSED").ok().as_deref(), None | Some("") | Some("auto"));
     static CAPABLE: DeviceFlags = DeviceFlags::new(Vec::new());
-    let capable = || {
-        per_device(&CAPABLE, dev, || {
-            Ok([Kernel::QgemvWgFusedFp8N8, Kernel::QgemvWgFusedFp8N16, Kernel::QgemvWgFusedFp4N8, Kernel::QgemvWgFusedFp4N16]
-                .into_iter()
-                .all(|kernel| super::has_kernel(dev, kernel)))
-        })
-    };
-    Ok(forced_or_auto(dev, "DSV4RS_QGEMM_FUSED", "on", "off", true, capable)? && (pays || !auto))
+    let kernels =
+        [Kernel::QgemvWgFusedFp8N8, Kernel::QgemvWgFusedFp8N16, Kernel::QgemvWgFusedFp4N8, Kernel::QgemvWgFusedFp4N16];
+    pays_or_forced(dev, "DSV4RS_QGEMM_FUSED", &CAPABLE, &kernels, pays)
 }
 
 /// Bytes of device workspace [`linear`] needs: the quantized activations (unless `x` is bf16,
