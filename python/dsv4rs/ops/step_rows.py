@@ -65,16 +65,14 @@ def step_rows(positions: torch.Tensor, token_seq: torch.Tensor, origins: torch.T
     positions, token_seq, origins = (as_tensor(n, t) for n, t in
                                      (("positions", positions), ("token_seq", token_seq), ("origins", origins)))
     ndim("positions", positions, 1)
-    if window_table is not None:
-        window_table = as_tensor("window_table", window_table)
-        window = positive("window", window)
-    hca_width_ = 0
-    if hca_table is not None:
+    window_table = None if window_table is None else as_tensor("window_table", window_table)
+    window = 0 if window_table is None else positive("window", window)
+    if hca_table is None:
+        hca_ratio, hca_width = 1, 0
+    else:
         hca_table = as_tensor("hca_table", hca_table)
         hca_ratio = positive("hca_ratio", hca_ratio)
         if isinstance(hca_width, bool) or not isinstance(hca_width, int) or hca_width < 0:
             raise ValueError(f"hca_width: expected an int >= 0, got {hca_width!r}")
-        hca_width_ = hca_width
-    rows, hca = _step_rows(positions, token_seq, origins, window_table, window if window_table is not None else 0,
-                           hca_table, hca_ratio if hca_table is not None else 1, hca_width_)
-    return (rows if window_table is not None else None), (hca if hca_table is not None else None)
+    rows, hca = _step_rows(positions, token_seq, origins, window_table, window, hca_table, hca_ratio, hca_width)
+    return (None if window_table is None else rows), (None if hca_table is None else hca)

@@ -94,5 +94,5 @@ def compress_tokens(comp: Compressor, kv: torch.Tensor, score: torch.Tensor, sta
     token ``t`` completes (zeros where it completes none), rotated by ``rotary``'s frequencies and
     table."""
     return ops.compress_batch(kv.float().contiguous(), score.float().contiguous(), comp.position_bias.float(),
-                              comp.kv_norm.weight.float(), rotary.inv_freq, state, meta.state_slots, meta.starts, meta.cu_tokens, comp.ratio,
-                              comp.eps, rope_table=rotary.table)
+                              comp.kv_norm.weight.float(), rotary.inv_freq, state, meta.state_slots, meta.starts,
+                              meta.cu_tokens, comp.ratio, comp.eps, rope_table=rotary.table)
