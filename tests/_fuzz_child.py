@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import random
 import resource
@@ -242,6 +243,34 @@ def op_cases(g: Gen):
         down=torch.randint(0, 256, (e, d, inter // 2), generator=g.g, dtype=torch.uint8),
         down_scale=torch.randint(118, 122, (e, d, inter // 32), generator=g.g, dtype=torch.uint8),
         limit=1.0, act=g.r.choice(["fp8", "bf16"]))
+    yield "quant_linear", ops.quant_linear, dict(
+        x=g.randn(t, 128), weight=ops.weight_tiles((g.randn(64, 128) * 64).clamp(-448, 448).to(torch.float8_e4m3fn)),
+        scale=torch.rand(1, 1, generator=g.g) + 0.5, layout="tiles", act=g.r.choice(["fp8", "bf16"]))
+    yield "indexer_scores", ops.indexer_scores, dict(
+        q=g.randn(t, 4, 128), weights=g.randn(t, 4), key_cache=keycache,
+        block_table=torch.tensor([[0, 1]], dtype=torch.int32), seq_ids=torch.zeros(t, dtype=torch.int64),
+        visible=torch.full((t,), g.r.randint(0, 128), dtype=torch.int64), width=g.r.choice([None, 128, 200]))
+    experts = g.r.randint(2, 9)
+    yield "moe_route", ops.moe_route, dict(
+        logits=g.randn(t, experts), k=g.r.randint(1, 2), scale=g.r.choice([1.0, 2.5]), bias=g.randn(experts),
+        norm=g.chance(0.5))
+    yield "moe_route", ops.moe_route, dict(
+        logits=g.randn(t, experts), k=2, scale=1.0, table=torch.randint(0, experts, (11, 2), generator=g.g),
+        ids=torch.randint(0, 11, (t,), generator=g.g), norm=g.chance(0.5))
+    yield "swiglu", ops.swiglu, dict(gate=g.randn(t, 48), up=g.randn(t, 48), limit=g.r.choice([7.0, math.inf]))
+    b = g.r.randint(1, 3)
+    yield "step_rows", ops.step_rows, dict(
+        positions=torch.randint(0, 300, (t,), generator=g.g), token_seq=torch.randint(0, b, (t,), generator=g.g),
+        origins=torch.zeros(b, dtype=torch.int64), window_table=torch.randint(0, 4, (b, 2), generator=g.g,
+                                                                              dtype=torch.int32),
+        window=g.r.choice([8, 128]), hca_table=torch.randint(0, 4, (b, 1), generator=g.g, dtype=torch.int32),
+        hca_ratio=g.r.choice([4, 128]), hca_width=g.r.choice([0, 3, 64]))
+    yield "sample_gumbel", ops.sample_gumbel, dict(
+        logits=g.randn(b, 33), temperature=torch.rand(b, generator=g.g),
+        seeds=torch.randint(0, 1 << 40, (b,), generator=g.g), steps=torch.randint(0, 100, (b,), generator=g.g))
+    fp4 = torch.randint(0, 256, (64, 64), generator=g.g, dtype=torch.uint8)
+    yield "weight_tiles", ops.weight_tiles, dict(weight=fp4)
+    yield "weight_rows", ops.weight_rows, dict(weight=fp4)
     yield "attention_kernel", ops.attention_kernel, dict(device="cuda")
     yield "warm_up", ops.warm_up, dict(device="cuda")
 
@@ -282,6 +311,7 @@ def op_case(g: Gen):
         elif (name == "kv_write" and isinstance(kw.get("cache"), torch.Tensor) and kw["cache"].dtype == torch.uint8
               and kw["cache"].is_contiguous() and kw["cache"].numel() >= 8 * 2048):
             rows = min(kw["entries"].shape[0] if isinstance(kw["entries"], torch.Tensor) and kw["entries"].dim() else 1, 8)
+            rows = max(rows, 1)  # no bytes, no alias
             kw["entries"] = kw["cache"].view(-1)[: rows * 2048].view(torch.float32).view(rows, 512)
             g.tags.add("alias")
     if name == "sparse_attention" and g.chance(0.15):

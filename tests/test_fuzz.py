@@ -121,6 +121,17 @@ def _run_batch(workdir: Path, batch: int, deadline: float) -> tuple[list[str], d
     return failures, counts
 
 
+def test_every_public_op_is_fuzzed() -> None:
+    """Each function of ``dsv4rs.ops.__all__`` has a baseline case in the child's generator, so a
+    new op cannot skip the fuzz test."""
+    import _fuzz_child
+    from dsv4rs import ops
+
+    public = {n for n in ops.__all__ if callable(getattr(ops, n))} - {"RopeTable", "IndexKeyFormat", "Quant"}  # types
+    fuzzed = {name for name, _, _ in _fuzz_child.op_cases(_fuzz_child.Gen("coverage"))}
+    assert public - fuzzed == set()
+
+
 def test_fuzz_malformed_calls(tmp_path) -> None:
     deadline = time.monotonic() + BUDGET_S
     failures, total = [], {}

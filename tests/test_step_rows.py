@@ -37,7 +37,7 @@ def run(step: dict[str, torch.Tensor], device: str, window: int, ratio: int, wid
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("tokens,batch,window,ratio,width,hca_pages", [
-    (1, 1, 128, 128, 32, 1), (7, 3, 128, 128, 64, 2), (64, 64, 128, 128, 160, 3), (33, 5, 4, 4, 300, 2),
+    (1, 1, 128, 128, 32, 1), (7, 3, 128, 128, 64, 2), (64, 64, 128, 128, 160, 3), (33, 5, 4, 4, 300, 5),
     (5, 2, 65, 3, 1, 1), (200, 17, 128, 128, 0, 1), (3, 1, 1, 1, 70, 4),
 ])
 def test_step_rows_equal_the_torch_form(gen: torch.Generator, device: str, tokens: int, batch: int, window: int,
@@ -53,15 +53,15 @@ def test_step_rows_equal_the_torch_form(gen: torch.Generator, device: str, token
 @pytest.mark.parametrize("device", DEVICES)
 def test_step_rows_edges(gen: torch.Generator, device: str) -> None:
     """Origins past the position (nothing visible), positions 0 and -1, a padding row as the
-    graphs write it (position 0, origin 1), tokens outside the batch, HCA lists wider than the
-    table (its last page repeats)."""
-    window, ratio, width = 128, 128, 200
+    graphs write it (position 0, origin 1), tokens outside the batch, HCA lists as wide as the
+    table."""
+    window, ratio, width = 128, 128, 256
     step = {
         "positions": torch.tensor([0, 5, 127, 128, 4095, 100, 300, -1, 9000, 9000]),
         "token_seq": torch.tensor([0, 1, 2, 2, 2, 3, 0, 1, 4, -1]),
         "origins": torch.tensor([0, 0, 1, 10_000]),
         "window_table": torch.randint(0, 50, (4, 2), generator=gen, dtype=torch.int32),
-        "hca_table": torch.randint(0, 50, (4, 2), generator=gen, dtype=torch.int32),
+        "hca_table": torch.randint(0, 50, (4, 4), generator=gen, dtype=torch.int32),
     }
     (rows, hca), (want_rows, want_hca) = run(step, device, window, ratio, width)
     assert torch.equal(rows.cpu(), want_rows) and torch.equal(hca.cpu(), want_hca)
@@ -101,6 +101,9 @@ def test_step_rows_refuses_bad_arguments() -> None:
         ("hca_table", dict(hca_table=torch.zeros(3, 1, dtype=torch.int32))),
         ("hca_ratio", dict(hca_ratio=0)),
         ("hca_width", dict(hca_width=-1)),
+        ("hca_width", dict(hca_width=129)),  # past the table's 2 pages
+        ("hca_width", dict(hca_width=2**40)),  # refused before its output is allocated
+        ("window_table", dict(window=2**40)),
     ]
     for name, bad in cases:
         args = dict(positions=pos, token_seq=seq, origins=orig, window_table=table, window=128,

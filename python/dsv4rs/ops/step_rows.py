@@ -10,6 +10,8 @@ from dsv4rs import _core
 from dsv4rs._tensor import as_tensor, spec, stream
 from dsv4rs.ops._checks import ndim, positive
 
+PAGE = _core.PAGE_ROWS
+
 
 @torch.library.custom_op("dsv4rs::step_rows", mutates_args=())
 def _step_rows(positions: torch.Tensor, token_seq: torch.Tensor, origins: torch.Tensor,
@@ -44,7 +46,7 @@ def step_rows(positions: torch.Tensor, token_seq: torch.Tensor, origins: torch.T
       ``q < origins[b]``, else ring row ``r = max(q, 0) % window`` at
       ``window_table[b, r // 64] * 64 + r % 64``;
     - HCA ``k`` in ``[0, hca_width)``: ``-1`` where ``k >= (p + 1) // hca_ratio`` (the entries
-      the token sees), else ``hca_table[b, min(k // 64, pages - 1)] * 64 + k % 64``.
+      the token sees), else ``hca_table[b, k // 64] * 64 + k % 64``.
 
     A token whose ``b`` is outside ``[0, B)`` gets ``-1`` throughout (no synchronization to raise
     on a GPU); int64 sums wrap as torch's do.
@@ -56,7 +58,7 @@ def step_rows(positions: torch.Tensor, token_seq: torch.Tensor, origins: torch.T
         window: ``>= 1`` rows. Leave both out for no window rows.
         hca_table: ``int32 [B, P' >= 1]`` HCA page tables; with
         hca_ratio: ``>= 1`` tokens an entry, and
-        hca_width: ``>= 0`` candidates a token. Leave the table out for no HCA rows.
+        hca_width: ``0 <= hca_width <= 64 P'`` candidates a token. Leave the table out for no HCA rows.
 
     Returns:
         ``(window_rows int64 [T, window] or None, hca_rows int64 [T, hca_width] or None)`` on the
@@ -65,14 +67,27 @@ def step_rows(positions: torch.Tensor, token_seq: torch.Tensor, origins: torch.T
     positions, token_seq, origins = (as_tensor(n, t) for n, t in
                                      (("positions", positions), ("token_seq", token_seq), ("origins", origins)))
     ndim("positions", positions, 1)
+    # The outputs' widths are checked against their tables before the outputs are allocated.
     window_table = None if window_table is None else as_tensor("window_table", window_table)
-    window = 0 if window_table is None else positive("window", window)
+    if window_table is None:
+        window = 0
+    else:
+        ndim("window_table", window_table, 2)
+        window = positive("window", window)
+        if PAGE * window_table.shape[1] < window:
+            raise ValueError(f"window_table: {window_table.shape[1]} pages a sequence hold fewer than the "
+                             f"window's {window} rows")
     if hca_table is None:
         hca_ratio, hca_width = 1, 0
     else:
         hca_table = as_tensor("hca_table", hca_table)
+        ndim("hca_table", hca_table, 2)
+        if hca_table.shape[1] == 0:
+            raise ValueError("hca_table: expected at least one page a sequence, got 0")
         hca_ratio = positive("hca_ratio", hca_ratio)
-        if isinstance(hca_width, bool) or not isinstance(hca_width, int) or hca_width < 0:
-            raise ValueError(f"hca_width: expected an int >= 0, got {hca_width!r}")
+        most = PAGE * hca_table.shape[1]
+        if isinstance(hca_width, bool) or not isinstance(hca_width, int) or not 0 <= hca_width <= most:
+            raise ValueError(f"hca_width: expected an int in [0, {most}] (the rows of hca_table's "
+                             f"{hca_table.shape[1]} pages), got {hca_width!r}")
     rows, hca = _step_rows(positions, token_seq, origins, window_table, window, hca_table, hca_ratio, hca_width)
     return (None if window_table is None else rows), (None if hca_table is None else hca)

@@ -1029,9 +1029,11 @@ def step_rows(positions: torch.Tensor, token_seq: torch.Tensor, origins: torch.T
         _check_shape("hca_table", table, batch, "P")
         if table.shape[1] < 1:
             raise ValueError("hca_table: expected at least one page a sequence, got 0")
+        if width > table.shape[1] * page:
+            raise ValueError(f"hca_width: expected at most the table's {table.shape[1] * page} rows, got {width}")
         k = torch.arange(width, device=pos.device)
         if batch:
-            found = table[b[:, None], (k // page).clamp(max=table.shape[1] - 1)] * page + k % page
+            found = table[b[:, None], k // page] * page + k % page
             hca = torch.where(known[:, None] & (k < ((pos + 1) // ratio)[:, None]), found, -1)
         else:
             hca = torch.full((pos.shape[0], width), -1, dtype=torch.int64, device=pos.device)

@@ -8,6 +8,7 @@
 //!                       else r = max(q, 0) mod W at window_table[b, r / 64] * 64 + r mod 64
 //! hca     k in [0, K):  -1 where k >= floor((p + 1) / ratio),
 //!                       else hca_table[b, min(k / 64, pages - 1)] * 64 + k mod 64
+//!                       (K <= 64 pages is checked, so the min only guards)
 //! ```
 //!
 //! A token whose `b` lies outside `[0, B)` gets -1 throughout (torch's indexing would raise, which
@@ -121,6 +122,12 @@ pub unsafe fn step_rows(
         }
         out.expect_dtype(&[DType::I64])?;
         out.expect_shape(&[Some(tokens), None])?;
+        if out.dim(1) as u128 > table.dim(1) as u128 * PAGE as u128 {
+            return Err(Error::value(
+                "hca_width",
+                format!("expected at most the rows of the table's {} pages, got {}", table.dim(1), out.dim(1)),
+            ));
+        }
         if ratio < 1 {
             return Err(Error::value("hca_ratio", format!("must be >= 1, got {ratio}")));
         }
@@ -176,7 +183,8 @@ mod tests {
 
     #[test]
     fn hca_rows_are_the_visible_entries() {
-        // Ratio 2 at position 5: three entries visible; pages past the table's last repeat it.
+        // Ratio 2 at position 5: three entries visible. Past the table the row clamps to its last
+        // page, a guard only: the op refuses lists wider than the table.
         let mut out = [0i64; 4];
         hca_row(5, Some(1), &[3, 3, 9, 9], 2, 2, &mut out);
         assert_eq!(out, [9 * 64, 9 * 64 + 1, 9 * 64 + 2, -1]);
