@@ -70,6 +70,45 @@ def test_malformed_calls_name_the_argument(call, name: str, error: type) -> None
         call(KVCacheManager(c, PAGES), c)
 
 
+def _i64(n: int) -> torch.Tensor:
+    return torch.zeros(n, dtype=torch.int64)
+
+
+@pytest.mark.parametrize(("call", "name", "error"), [
+    # Ints past int64 are named by the op, not by the op schema's conversion.
+    (lambda: ops.step_rows(_i64(2), _i64(2), _i64(1), hca_table=torch.zeros(1, 1, dtype=torch.int32),
+                           hca_ratio=2**64 + 1, hca_width=4), "hca_ratio", ValueError),
+    (lambda: ops.compressor_state(2**63, 64), "ratio", ValueError),
+    (lambda: ops.compress(torch.zeros(1, 1024), torch.zeros(1, 1024), torch.zeros(4, 1024), torch.ones(512),
+                          torch.ones(32), *ops.compressor_state(4, 512), 2**63, 4), "start_pos", ValueError),
+    # Flags are bools, not truthy values.
+    (lambda: ops.rope(torch.zeros(2, 64), _i64(2), torch.ones(32), inverse="yes"), "inverse", TypeError),
+    (lambda: ops.indexer_topk(torch.zeros(1, 4, 128), torch.zeros(1, 4), ops.new_index_key_cache(1),
+                              torch.zeros(1, 1, dtype=torch.int32), _i64(1), torch.ones(1, dtype=torch.int64), 4,
+                              physical=1), "physical", TypeError),
+    (lambda: ops.indexer_topk(torch.zeros(1, 4, 128), torch.zeros(1, 4), ops.new_index_key_cache(1),
+                              torch.zeros(1, 1, dtype=torch.int32), _i64(1), torch.ones(1, dtype=torch.int64), 4,
+                              return_scores="no"), "return_scores", TypeError),
+    # Empty weights have no tiles.
+    (lambda: ops.weight_tiles(torch.zeros(0, 64, dtype=torch.uint8)), "weight", ValueError),
+    (lambda: ops.weight_rows(torch.zeros(2, 64, 0).to(torch.float8_e4m3fn)), "weight", ValueError),
+    (lambda: ops.quant_linear(torch.zeros(3, 64), torch.zeros(0, 64).to(torch.float8_e4m3fn), torch.ones(0, 1)),
+     "weight", ValueError),
+    # Score rows are at most the keys the table maps, or 4,096 where that is more.
+    (lambda: ops.indexer_scores(torch.zeros(1, 4, 128), torch.zeros(1, 4), ops.new_index_key_cache(1),
+                                torch.zeros(1, 1, dtype=torch.int32), _i64(1), torch.ones(1, dtype=torch.int64),
+                                width=2**31), "width", ValueError),
+    # An HCA list is at most as wide as its table: refused before the output is allocated.
+    (lambda: ops.step_rows(_i64(2), _i64(2), _i64(1), hca_table=torch.zeros(1, 1, dtype=torch.int32), hca_ratio=4,
+                           hca_width=2**40), "hca_width", ValueError),
+    (lambda: ops.step_rows(_i64(2), _i64(2), _i64(1), torch.zeros(1, 1, dtype=torch.int32), 2**40), "window_table",
+     ValueError),
+])
+def test_malformed_op_scalars_name_the_argument(call, name: str, error: type) -> None:
+    with pytest.raises(error, match=f"^{name}: "):
+        call()
+
+
 @pytest.mark.parametrize("ids", [[], [0], [3, 1, 2], [-1], [5, 7], [2**63 - 1], [2**63], [-(2**63) - 1], [1, True],
                                  [1, 2.0], [True]])
 def test_id_lists_take_the_same_checks_as_tensors(ids: list) -> None:

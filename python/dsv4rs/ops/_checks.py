@@ -10,14 +10,27 @@ def ndim(name: str, t: torch.Tensor, n: int) -> None:
         raise ValueError(f"{name}: expected a {n}-d tensor, got shape {list(t.shape)}")
 
 
+INT64_MAX = 2**63 - 1
+"""The largest int an op's schema carries (torch.library ints are int64)."""
+
+
 def positive(name: str, v: int, high: int | None = None) -> int:
-    """``v`` if it is an int in ``[1, high]``; else TypeError/ValueError naming ``name``."""
+    """``v`` if it is an int in ``[1, high]`` (``high`` defaults to :data:`INT64_MAX`); else
+    TypeError/ValueError naming ``name``."""
     if isinstance(v, bool) or not isinstance(v, int):
         raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
     if v < 1:
         raise ValueError(f"{name}: must be >= 1, got {v}")
-    if high is not None and v > high:
+    high = INT64_MAX if high is None else high
+    if v > high:
         raise ValueError(f"{name}: must be <= {high:,}, got {v:,}")
+    return v
+
+
+def flag(name: str, v: bool) -> bool:
+    """``v`` if it is a bool; else TypeError naming ``name``."""
+    if not isinstance(v, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(v).__name__}")
     return v
 
 

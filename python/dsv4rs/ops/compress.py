@@ -8,7 +8,7 @@ import torch
 
 from dsv4rs import _core
 from dsv4rs._tensor import as_tensor, disjoint, spec, stream
-from dsv4rs.ops._checks import choice, ndim, positive
+from dsv4rs.ops._checks import INT64_MAX, choice, ndim, positive
 from dsv4rs.ops.rope import ROPE_TABLES, RopeTable
 
 Quant = Literal["none", "fp8", "fp4"]
@@ -91,8 +91,8 @@ def compress(
         vote); other non-finite inputs raise before the state changes.
     """
     ratio = positive("ratio", ratio)
-    if isinstance(start_pos, bool) or not isinstance(start_pos, int) or start_pos < 0:
-        raise ValueError(f"start_pos: expected an int >= 0, got {start_pos!r}")
+    if isinstance(start_pos, bool) or not isinstance(start_pos, int) or not 0 <= start_pos <= INT64_MAX:
+        raise ValueError(f"start_pos: expected an int in [0, 2^63), got {start_pos!r}")
     if quant not in ("none", "fp8", "fp4"):
         raise ValueError(f'quant: expected "none", "fp8" or "fp4", got {quant!r}')
     args = [as_tensor(n, t) for n, t in (("kv", kv), ("score", score), ("ape", ape), ("norm_weight", norm_weight),

@@ -9,7 +9,7 @@ import torch
 
 from dsv4rs import _core
 from dsv4rs._tensor import as_tensor, spec, stream
-from dsv4rs.ops._checks import choice, ndim, positive
+from dsv4rs.ops._checks import choice, flag, ndim, positive
 from dsv4rs.ops.formats import PAGE_ROWS
 
 TieBreak = Literal["lower", "torch"]
@@ -74,8 +74,10 @@ def indexer_scores(
     with ``torch.topk``, as transformers and DeepSeek's reference do). Memory ``O(T * width)``.
 
     Arguments as :func:`indexer_topk`, and ``width``: the row width, an int ``>= 1``, default
-    ``block_table.shape[1] * 64`` (every key the block table maps). Every visible key must fit:
-    ``visible[t] <= width`` (on the CPU a larger value raises ValueError naming ``visible``; a
+    ``block_table.shape[1] * 64`` (every key the block table maps), at most that or 4,096 (the
+    most keys a selection takes, ``_core.MAX_TOPK``), whichever is larger: columns past the
+    mapped keys are ``-inf`` padding, there for a top-k wider than the table. Every visible key
+    must fit: ``visible[t] <= width`` (on the CPU a larger value raises ValueError naming ``visible``; a
     GPU does not check, and leaves keys past ``width`` unscored).
 
     Returns:
@@ -88,7 +90,8 @@ def indexer_scores(
     ndim("q", q, 3)
     block_table = as_tensor("block_table", block_table)
     ndim("block_table", block_table, 2)
-    width = block_table.shape[1] * PAGE_ROWS if width is None else positive("width", width)
+    mapped = block_table.shape[1] * PAGE_ROWS
+    width = mapped if width is None else positive("width", width, max(mapped, _core.MAX_TOPK))
     return _indexer_scores(
         q, as_tensor("weights", weights), as_tensor("key_cache", key_cache), block_table,
         as_tensor("seq_ids", seq_ids), as_tensor("visible", visible), width,
@@ -156,6 +159,7 @@ def indexer_topk(
         with ``return_scores``, also ``float32 [T, k]`` (``-inf`` padding).
     """
     k = positive("k", k, _core.MAX_TOPK)
+    return_scores, physical = flag("return_scores", return_scores), flag("physical", physical)
     tie_break = choice("tie_break", tie_break, TIE_BREAKS)
     q = as_tensor("q", q)
     ndim("q", q, 3)

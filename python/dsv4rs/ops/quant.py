@@ -73,8 +73,8 @@ def _quant_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, gr
         workspace = torch.empty(size, dtype=torch.uint8, device=x.device)
     _core.quant_linear(spec("x", flat), spec("weight", weight.view(torch.uint8)), spec("scale", scale),
                        weight.dtype == torch.uint8, groups, act, tiles,
-                       None if workspace is None else spec("workspace", workspace), spec("out", out.view(-1, rows)),
-                       stream(x))
+                       None if workspace is None else spec("workspace", workspace),
+                       spec("out", out.view(flat.shape[0], rows)), stream(x))
     return out
 
 
@@ -258,6 +258,8 @@ def _tile_step(name: str, w: torch.Tensor) -> int:
                         f"[E, N, K]), got {getattr(w, 'dtype', type(w).__name__)} {tuple(getattr(w, 'shape', ()))}")
     step = 64 if w.dtype == torch.uint8 else 128
     rows, width = w.shape[-2], w.shape[-1]
+    if w.numel() == 0:
+        raise ValueError(f"{name}: expected a weight with rows, K and (stacked) experts, got shape {list(w.shape)}")
     if rows % _TILE_ROWS or width % step:
         k = 2 * width if step == 64 else width
         raise ValueError(f"{name}: tiles need rows a multiple of {_TILE_ROWS} and K a multiple of 128, got "

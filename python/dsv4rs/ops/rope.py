@@ -8,7 +8,7 @@ import torch
 
 from dsv4rs import _core
 from dsv4rs._tensor import as_tensor, spec, stream
-from dsv4rs.ops._checks import choice
+from dsv4rs.ops._checks import choice, flag
 
 RopeTable = Literal["official", "exact"]
 ROPE_TABLES: tuple[str, ...] = ("official", "exact")
@@ -55,5 +55,5 @@ def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, inver
         propagate on the GPU.
     """
     table = choice("table", table, ROPE_TABLES)
-    return _rope(as_tensor("x", x), as_tensor("positions", positions), as_tensor("inv_freq", inv_freq), inverse,
-                 table)
+    return _rope(as_tensor("x", x), as_tensor("positions", positions), as_tensor("inv_freq", inv_freq),
+                 flag("inverse", inverse), table)

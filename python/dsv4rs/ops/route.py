@@ -10,7 +10,7 @@ import torch
 
 from dsv4rs import _core
 from dsv4rs._tensor import as_tensor, spec, stream
-from dsv4rs.ops._checks import ndim, positive
+from dsv4rs.ops._checks import flag, ndim, positive
 
 
 @torch.library.custom_op("dsv4rs::moe_route", mutates_args=())
@@ -66,8 +66,7 @@ def moe_route(logits: torch.Tensor, k: int, scale: float = 1.0, bias: torch.Tens
         raise ValueError(f"k: at most the experts ({logits.shape[1]}), got {k}")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale: expected a finite number, got {scale!r}")
-    if not isinstance(norm, bool):
-        raise TypeError(f"norm: expected a bool, got {type(norm).__name__}")
+    norm = flag("norm", norm)
     bias = None if bias is None else as_tensor("bias", bias)
     table = None if table is None else as_tensor("table", table)
     ids = None if ids is None else as_tensor("ids", ids)
