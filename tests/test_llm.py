@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -129,6 +130,30 @@ def test_context_overflow_is_a_clear_error(llm) -> None:
     with pytest.raises(ValueError, match="prompt: token id"):
         llm.generate([[5, 10**6]])
     assert llm.engine.manager.sequence_ids() == [] and not llm.has_unfinished()
+
+
+@pytest.mark.parametrize(("prompt", "error"), [
+    ([1.7, 2], TypeError), ([True, 2], TypeError), ([None], TypeError), (["a"], TypeError), (torch.tensor([1.5]), TypeError),
+    (torch.tensor([[1, 2]]), TypeError), (torch.tensor([True]), TypeError), (None, TypeError), (b"hi", TypeError),
+    ([-1], ValueError), (torch.tensor([10**6]), ValueError),
+])
+def test_prompt_ids_are_ints_or_raise_naming_the_prompt(llm, prompt, error: type) -> None:
+    """Token ids are ints (or a 1-d integer tensor): floats and bools are refused, not truncated,
+    and nothing is queued."""
+    for call in (lambda: llm.add_request(prompt, SamplingParams(max_tokens=1)),
+                 lambda: llm.generate([PROMPTS[0], prompt], SamplingParams(max_tokens=1))):
+        with pytest.raises(error, match="^prompt: "):
+            call()
+    with pytest.raises(TypeError, match="^prompts: "):
+        llm.generate(None)
+    assert llm.engine.manager.sequence_ids() == [] and not llm.has_unfinished()
+
+
+def test_prompt_ids_as_a_tensor_or_array_equal_the_list(llm) -> None:
+    ids = llm.encode(PROMPTS[1])
+    want = llm.generate(ids, SamplingParams(max_tokens=3, temperature=0))[0].token_ids
+    assert llm.generate(torch.tensor(ids), SamplingParams(max_tokens=3, temperature=0))[0].token_ids == want
+    assert llm.encode(np.array(ids)) == ids == llm.encode(tuple(np.int64(t) for t in ids))
 
 
 @pytest.mark.parametrize(("field", "value"), [

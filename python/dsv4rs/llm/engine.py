@@ -10,6 +10,7 @@ The object is not thread-safe: one thread drives it (``dsv4rs serve`` gives it o
 from __future__ import annotations
 
 import json
+import operator
 import os
 import random
 import time
@@ -102,8 +103,10 @@ class LLM:
     # -- prompts ---------------------------------------------------------------------------------
 
     def encode(self, prompt: Prompt) -> list[int]:
-        """Token ids of a text prompt (with the tokenizer's special tokens), or ids checked."""
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        """Token ids of a text prompt (with the tokenizer's special tokens), or ids checked: a
+        sequence of ints or a 1-d integer tensor (bools, floats and other types raise TypeError
+        naming ``prompt`` rather than being truncated to ints)."""
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else _token_ids(prompt)
         if not ids:
             raise ValueError("prompt: empty")
         bad = [t for t in ids if not 0 <= t < self.engine.cfg.vocab_size]
@@ -220,7 +223,14 @@ class LLM:
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Completion]:
         """Runs every prompt (text or token ids) to completion, batched; results in order."""
-        single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
+        if isinstance(prompts, torch.Tensor):
+            single = prompts.dim() == 1
+        elif isinstance(prompts, str):
+            single = True
+        elif isinstance(prompts, Sequence):
+            single = len(prompts) > 0 and isinstance(prompts[0], int) and not isinstance(prompts[0], bool)
+        else:
+            raise TypeError(f"prompts: expected text, token ids or a sequence of them, got {type(prompts).__name__}")
         return self._run([prompts] if single else list(prompts), params, self.encode)
 
     def chat(self, conversations: Messages | Sequence[Messages],
@@ -270,6 +280,27 @@ class LLM:
         self.abort(rid)
         self._states.pop(rid, None)
         self.scheduler.requests.pop(rid, None)
+
+
+def _token_ids(prompt: object) -> list[int]:
+    """A prompt given as token ids as a list of ints, unchecked in range: TypeError naming
+    ``prompt`` for anything but a sequence of ints or a 1-d integer tensor/array."""
+    if isinstance(prompt, torch.Tensor) or hasattr(prompt, "__array_interface__"):
+        t = torch.as_tensor(prompt)
+        if t.dim() != 1 or t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+            raise TypeError(f"prompt: expected a 1-d integer tensor of token ids, got {t.dtype} {list(t.shape)}")
+        return t.tolist()
+    if isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, Sequence):
+        raise TypeError(f"prompt: expected text or a sequence of token ids, got {type(prompt).__name__}")
+    ids = []
+    for v in prompt:
+        if isinstance(v, bool):
+            raise TypeError("prompt: token ids must be ints, got bool")
+        try:
+            ids.append(operator.index(v))
+        except TypeError:
+            raise TypeError(f"prompt: token ids must be ints, got {type(v).__name__}") from None
+    return ids
 
 
 def _eos_ids(path: str) -> set[int]:
