@@ -436,6 +436,15 @@ def test_engine_rejects_bad_input(tiny: DeepseekV4) -> None:
         eng.step([seq], [list(range(17))])
     with pytest.raises(ValueError, match="appears twice"):
         eng.step([seq, seq], [[1], [2]])
+    # Token ids are ints: floats and bools are refused, not truncated; a 2-d tensor, not flattened.
+    for bad in ([1.5], [True], torch.tensor([1.0]), torch.tensor([[1, 2]]), 3, "ab", [None]):
+        with pytest.raises(TypeError, match=r"^chunks\[0\]: "):
+            eng.step([seq], [bad])
+        with pytest.raises(TypeError, match="^prompt: "):
+            eng.add_sequence(bad)
+    with pytest.raises(ValueError, match=r"^chunks\[0\]: token ids must lie in \[0, 2\^63\)"):
+        eng.step([seq], [[2**63]])
+    assert eng.manager.length(seq) == 0 and eng.manager.sequence_ids() == [seq]
     with pytest.raises(ValueError, match="call step first"):
         eng.draft([1])
     assert eng.manager.length(seq) == 0  # nothing was appended by the failed calls

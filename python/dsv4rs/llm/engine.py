@@ -10,7 +10,6 @@ The object is not thread-safe: one thread drives it (``dsv4rs serve`` gives it o
 from __future__ import annotations
 
 import json
-import operator
 import os
 import random
 import time
@@ -27,7 +26,7 @@ from dsv4rs.llm.speculative import SpeculativeScheduler
 from dsv4rs.llm.text import Detokenizer, StopStrings
 from dsv4rs.llm.tokenizer import Tokenizer
 from dsv4rs.ops._checks import choice
-from dsv4rs.runtime.engine import Engine
+from dsv4rs.runtime.engine import Engine, token_ids
 from dsv4rs.runtime.scheduler import Scheduler
 
 Prompt = str | Sequence[int]
@@ -106,7 +105,7 @@ class LLM:
         """Token ids of a text prompt (with the tokenizer's special tokens), or ids checked: a
         sequence of ints or a 1-d integer tensor (bools, floats and other types raise TypeError
         naming ``prompt`` rather than being truncated to ints)."""
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else _token_ids(prompt)
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else token_ids("prompt", prompt).tolist()
         if not ids:
             raise ValueError("prompt: empty")
         bad = [t for t in ids if not 0 <= t < self.engine.cfg.vocab_size]
@@ -280,27 +279,6 @@ class LLM:
         self.abort(rid)
         self._states.pop(rid, None)
         self.scheduler.requests.pop(rid, None)
-
-
-def _token_ids(prompt: object) -> list[int]:
-    """A prompt given as token ids as a list of ints, unchecked in range: TypeError naming
-    ``prompt`` for anything but a sequence of ints or a 1-d integer tensor/array."""
-    if isinstance(prompt, torch.Tensor) or hasattr(prompt, "__array_interface__"):
-        t = torch.as_tensor(prompt)
-        if t.dim() != 1 or t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
-            raise TypeError(f"prompt: expected a 1-d integer tensor of token ids, got {t.dtype} {list(t.shape)}")
-        return t.tolist()
-    if isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, Sequence):
-        raise TypeError(f"prompt: expected text or a sequence of token ids, got {type(prompt).__name__}")
-    ids = []
-    for v in prompt:
-        if isinstance(v, bool):
-            raise TypeError("prompt: token ids must be ints, got bool")
-        try:
-            ids.append(operator.index(v))
-        except TypeError:
-            raise TypeError(f"prompt: token ids must be ints, got {type(v).__name__}") from None
-    return ids
 
 
 def _eos_ids(path: str) -> set[int]:

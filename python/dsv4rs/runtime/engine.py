@@ -18,6 +18,7 @@ while the device runs step ``i``.
 
 from __future__ import annotations
 
+import operator
 import os
 from collections import deque
 from collections.abc import Sequence
@@ -197,7 +198,7 @@ class Engine:
         self._fresh.discard(seq_id)
 
     def _check_ids(self, name: str, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
-        t = torch.as_tensor(ids if len(ids) else [], dtype=torch.int64).flatten()
+        t = token_ids(name, ids)
         if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.cfg.vocab_size):
             raise ValueError(f"{name}: token ids must lie in [0, {self.cfg.vocab_size}), got "
                              f"{int(t.min())}..{int(t.max())}")
@@ -298,14 +299,14 @@ class Engine:
             self._idle(self.model.model.layers)
             self._idled = True
             return [] if all_logits or last is not None else torch.empty(0, self.cfg.vocab_size, device=self.device)
-        if last is not None and (len(last) != len(chunks) or any(
-                not 0 <= n <= len(c) for n, c in zip(last, chunks))):
-            raise ValueError("last: expected one count per chunk, each between 0 and the chunk's length")
-        if len(set(seq_ids)) != len(seq_ids):
-            raise ValueError("seq_ids: a sequence appears twice in one step")
         # Sampled tokens are in the vocabulary by construction: only host chunks are checked.
         ids = None if sampled is not None else [self._check_ids(f"chunks[{i}]", c) for i, c in enumerate(chunks)]
         lengths = [1] * len(seq_ids) if ids is None else [t.numel() for t in ids]
+        if last is not None and (len(last) != len(chunks) or any(
+                not 0 <= n <= length for n, length in zip(last, lengths))):
+            raise ValueError("last: expected one count per chunk, each between 0 and the chunk's length")
+        if len(set(seq_ids)) != len(seq_ids):
+            raise ValueError("seq_ids: a sequence appears twice in one step")
         if 0 in lengths:
             raise ValueError("chunks: every chunk needs at least one token")
         for s, n in zip(seq_ids, lengths):
@@ -492,6 +493,34 @@ class SampledTokens:
         pin = self._ids.device.type == "cuda"
         index = torch.tensor(rows, dtype=torch.int64, pin_memory=pin).to(self._ids.device, non_blocking=True)
         return self._ids.index_select(0, index)
+
+
+def token_ids(name: str, ids: object) -> torch.Tensor:
+    """Token ids given as a sequence of ints or a 1-d integer tensor or array, as an int64 tensor
+    (on the tensor's device; not checked against a vocabulary). Anything else is a TypeError
+    naming ``name``: floats and bools are refused rather than truncated, a 2-d tensor rather than
+    flattened."""
+    if isinstance(ids, torch.Tensor) or hasattr(ids, "__array_interface__"):
+        t = torch.as_tensor(ids)
+        if t.dim() != 1 or t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+            raise TypeError(f"{name}: expected a 1-d integer tensor of token ids, got {t.dtype} {list(t.shape)}")
+        return t.to(torch.int64)
+    if isinstance(ids, (str, bytes, bytearray)) or not isinstance(ids, Sequence):
+        raise TypeError(f"{name}: expected a sequence of token ids, got {type(ids).__name__}")
+    if not (type(ids) is list and all(type(v) is int for v in ids)):  # else: plain ints, the common case
+        out = []
+        for v in ids:
+            try:
+                if isinstance(v, bool):
+                    raise TypeError
+                out.append(operator.index(v))
+            except TypeError:
+                raise TypeError(f"{name}: token ids must be ints, got {type(v).__name__}") from None
+        ids = out
+    try:
+        return torch.tensor(ids, dtype=torch.int64)
+    except (OverflowError, RuntimeError, ValueError):
+        raise ValueError(f"{name}: token ids must lie in [0, 2^63)") from None
 
 
 def _available_ram() -> int:
