@@ -9,8 +9,7 @@ import torch
 from dsv4rs import _core
 from dsv4rs._tensor import as_tensor, spec, stream
 from dsv4rs.ops._checks import ndim, positive
-
-PAGE = _core.PAGE_ROWS
+from dsv4rs.ops.formats import PAGE_ROWS
 
 
 @torch.library.custom_op("dsv4rs::step_rows", mutates_args=())
@@ -74,7 +73,7 @@ def step_rows(positions: torch.Tensor, token_seq: torch.Tensor, origins: torch.T
     else:
         ndim("window_table", window_table, 2)
         window = positive("window", window)
-        if PAGE * window_table.shape[1] < window:
+        if PAGE_ROWS * window_table.shape[1] < window:
             raise ValueError(f"window_table: {window_table.shape[1]} pages a sequence hold fewer than the "
                              f"window's {window} rows")
     if hca_table is None:
@@ -85,7 +84,7 @@ def step_rows(positions: torch.Tensor, token_seq: torch.Tensor, origins: torch.T
         if hca_table.shape[1] == 0:
             raise ValueError("hca_table: expected at least one page a sequence, got 0")
         hca_ratio = positive("hca_ratio", hca_ratio)
-        most = PAGE * hca_table.shape[1]
+        most = PAGE_ROWS * hca_table.shape[1]
         if isinstance(hca_width, bool) or not isinstance(hca_width, int) or not 0 <= hca_width <= most:
             raise ValueError(f"hca_width: expected an int in [0, {most}] (the rows of hca_table's "
                              f"{hca_table.shape[1]} pages), got {hca_width!r}")
