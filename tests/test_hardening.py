@@ -48,6 +48,17 @@ def test_sizes_are_checked_before_anything_is_allocated(call, name: str) -> None
     (lambda m, c: m.add_sequence([1.5]), "prompt", TypeError),
     (lambda m, c: m.add_sequence("abc"), "prompt", TypeError),
     (lambda m, c: m.lookup_prefix([True]), "prompt", TypeError),
+    # Ids are ints or a 1-d integer tensor on the CPU: bools, floats and 2-d tensors are refused,
+    # not truncated or flattened (the rules of the engine's token ids).
+    (lambda m, c: m.add_sequence([1, True]), "prompt", TypeError),
+    (lambda m, c: m.add_sequence(torch.ones(2, 2, dtype=torch.int64)), "prompt", TypeError),
+    (lambda m, c: m.add_sequence(torch.tensor(3)), "prompt", TypeError),
+    (lambda m, c: m.add_sequence(torch.tensor([True, False])), "prompt", TypeError),
+    (lambda m, c: m.add_sequence(torch.zeros(2, dtype=torch.int64, device="meta")), "prompt", TypeError),
+    (lambda m, c: m.add_sequence(None), "prompt", TypeError),
+    (lambda m, c: m.append([m.add_sequence()[0]], [torch.tensor([1.0])]), r"tokens\[0\]", TypeError),
+    (lambda m, c: m.append([m.add_sequence()[0]], [[1, None]]), r"tokens\[0\]", TypeError),
+    (lambda m, c: m.page_tables(torch.zeros(1, 1, dtype=torch.int64), "csa"), "seq_ids", TypeError),
     (lambda m, c: m.append([-1], [[1]]), "seq_ids", ValueError),
     (lambda m, c: m.append([0], [[1], [2]]), "tokens", ValueError),
     (lambda m, c: m.append([m.add_sequence()[0]], [[-5]]), r"tokens\[0\]", ValueError),
@@ -123,6 +134,29 @@ def test_id_lists_take_the_same_checks_as_tensors(ids: list) -> None:
             return type(e), str(e)
 
     assert outcome(ids) == outcome(tuple(ids))
+    if all(type(v) is int and -(2**63) <= v < 2**63 for v in ids):  # what an int64 tensor can hold
+        assert outcome(ids) == outcome(torch.tensor(ids, dtype=torch.int64))
+
+
+def test_ids_as_a_tensor_or_array_equal_the_list() -> None:
+    """The allocator takes a 1-d integer tensor (any integer dtype) or array as the list of its
+    values: the same sequence, pages and prefix hits."""
+    import numpy as np
+
+    c = CacheConfig.v4_flash()
+    m = KVCacheManager(c, PAGES)
+    prompt = list(range(3, 3 + 600))
+    first, _ = m.add_sequence()
+    m.append([first], [prompt])
+    want = m.lookup_prefix(prompt)
+    assert want.cached_tokens > 0
+    for form in (tuple(prompt), torch.tensor(prompt, dtype=torch.int32), np.array(prompt, dtype=np.int64)):
+        assert m.lookup_prefix(form) == want
+        seq, hit = m.add_sequence(form)
+        assert hit == want
+        m.append([seq], [form[hit.recompute_from:]])
+        assert m.length(seq) == len(prompt)
+        m.release(seq)
 
 
 # -- the ops: devices, aliasing, partial arguments, corrupted bytes, no GPU -----------------------

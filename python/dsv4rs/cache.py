@@ -87,28 +87,44 @@ def _int(name: str, value: Any, low: int = 0, high: int = (1 << 63) - 1) -> int:
     return v
 
 
-def _ids(name: str, x: Iterable[int] | torch.Tensor, high: int = 1 << 63) -> list[int]:
-    """Ids (a sequence or an integer tensor) as the list of ints the extension takes, each in
-    ``[0, high)``; TypeError or ValueError naming ``name``."""
-    if isinstance(x, (str, bytes)):
+def int_ids(name: str, x: object, *, cpu: bool = True) -> list[int] | torch.Tensor:
+    """Ids given as an iterable of ints, or a 1-d integer tensor or array: the list of ints, or the
+    tensor (on the CPU unless ``cpu=False``), not range-checked. Anything else is a TypeError naming
+    ``name``: bools and floats are refused rather than truncated, a 2-d tensor rather than
+    flattened. The allocator's ids and the engine's token ids both take these rules."""
+    if isinstance(x, torch.Tensor) or hasattr(x, "__array_interface__"):
+        try:
+            t = torch.as_tensor(x)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"{name}: expected a 1-d integer tensor of ids ({e})") from None
+        if t.dim() != 1 or t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+            raise TypeError(f"{name}: expected a 1-d integer tensor of ids, got {t.dtype} {list(t.shape)}")
+        if cpu and t.device.type != "cpu":
+            raise TypeError(f"{name}: expected ids on the CPU, got a tensor on {t.device}")
+        return t
+    if isinstance(x, (str, bytes, bytearray)) or not isinstance(x, Iterable):
         raise TypeError(f"{name}: expected a sequence of ints, got {type(x).__name__}")
-    if type(x) is list and all(type(v) is int for v in x) and (not x or -(1 << 63) <= min(x) and max(x) < 1 << 63):
-        # Plain ints that fit an int64 (a decode step's ids): checked here, without building a
-        # tensor, with the same outcome as the general path below.
-        if x and (min(x) < 0 or max(x) >= high):
-            raise ValueError(f"{name}: ids must lie in [0, {high}), got {min(x)}..{max(x)}")
-        return list(x)
-    try:
-        t = x if isinstance(x, torch.Tensor) else torch.as_tensor(list(x) if not isinstance(x, list) else x)
-    except (TypeError, ValueError, RuntimeError, OverflowError) as e:
-        raise TypeError(f"{name}: expected a sequence of ints ({e})") from None
-    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex() or t.device.type != "cpu" and t.numel():
-        if t.numel():
-            raise TypeError(f"{name}: expected integer ids on the CPU, got {t.dtype} on {t.device}")
-    t = t.flatten()
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= high):
-        raise ValueError(f"{name}: ids must lie in [0, {high}), got {int(t.min())}..{int(t.max())}")
-    return t.tolist()
+    if type(x) is list and all(type(v) is int for v in x):
+        return x  # plain ints (a decode step's ids): no per-item conversion
+    vals = []
+    for v in x:
+        if isinstance(v, bool):
+            raise TypeError(f"{name}: ids must be ints, got bool")
+        try:
+            vals.append(operator.index(v))
+        except TypeError:
+            raise TypeError(f"{name}: ids must be ints, got {type(v).__name__}") from None
+    return vals
+
+
+def _ids(name: str, x: Iterable[int] | torch.Tensor, high: int = 1 << 63) -> list[int]:
+    """:func:`int_ids` on the CPU as a new list of ints, each in ``[0, high)`` (else a ValueError
+    naming ``name``): what the extension takes."""
+    v = int_ids(name, x)
+    vals = v.tolist() if isinstance(v, torch.Tensor) else list(v)
+    if vals and (min(vals) < 0 or max(vals) >= high):
+        raise ValueError(f"{name}: ids must lie in [0, {high}), got {min(vals)}..{max(vals)}")
+    return vals
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,7 +18,6 @@ while the device runs step ``i``.
 
 from __future__ import annotations
 
-import operator
 import os
 from collections import deque
 from collections.abc import Sequence
@@ -27,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from dsv4rs import ops
-from dsv4rs.cache import CacheConfig, KVCacheManager, PrefixHit
+from dsv4rs.cache import CacheConfig, KVCacheManager, PrefixHit, int_ids
 from dsv4rs.model.layers.attention import AttentionMetadata
 from dsv4rs.model.layers.moe import Experts
 from dsv4rs.model.layers.packed import pack_projections_
@@ -498,27 +497,14 @@ class SampledTokens:
 def token_ids(name: str, ids: object) -> torch.Tensor:
     """Token ids given as a sequence of ints or a 1-d integer tensor or array, as an int64 tensor
     (on the tensor's device; not checked against a vocabulary). Anything else is a TypeError
-    naming ``name``: floats and bools are refused rather than truncated, a 2-d tensor rather than
-    flattened."""
-    if isinstance(ids, torch.Tensor) or hasattr(ids, "__array_interface__"):
-        t = torch.as_tensor(ids)
-        if t.dim() != 1 or t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
-            raise TypeError(f"{name}: expected a 1-d integer tensor of token ids, got {t.dtype} {list(t.shape)}")
-        return t.to(torch.int64)
-    if isinstance(ids, (str, bytes, bytearray)) or not isinstance(ids, Sequence):
+    naming ``name`` (the rules of :func:`dsv4rs.cache.int_ids`); ids past int64 are a ValueError."""
+    if not isinstance(ids, (torch.Tensor, Sequence)) and not hasattr(ids, "__array_interface__"):
         raise TypeError(f"{name}: expected a sequence of token ids, got {type(ids).__name__}")
-    if not (type(ids) is list and all(type(v) is int for v in ids)):  # else: plain ints, the common case
-        out = []
-        for v in ids:
-            try:
-                if isinstance(v, bool):
-                    raise TypeError
-                out.append(operator.index(v))
-            except TypeError:
-                raise TypeError(f"{name}: token ids must be ints, got {type(v).__name__}") from None
-        ids = out
+    v = int_ids(name, ids, cpu=False)
+    if isinstance(v, torch.Tensor):
+        return v.to(torch.int64)
     try:
-        return torch.tensor(ids, dtype=torch.int64)
+        return torch.tensor(v, dtype=torch.int64)
     except (OverflowError, RuntimeError, ValueError):
         raise ValueError(f"{name}: token ids must lie in [0, 2^63)") from None
 
