@@ -1,5 +1,6 @@
 """The child process of tests/test_fuzz.py: makes seeded malformed calls of the public ops
-(dsv4rs.ops), the cache manager (dsv4rs.cache) and the checkpoint loader, and reports each.
+(dsv4rs.ops), the drop-in entry points (dsv4rs.compat), the cache manager (dsv4rs.cache) and the
+checkpoint loader, and reports each.
 
     python tests/_fuzz_child.py SEED BATCH START COUNT WORKDIR [--only CASE_INDEX] [--include-known]
                                 [--seconds S]
@@ -24,6 +25,7 @@ import json
 import math
 import os
 import random
+import re
 import resource
 import shutil
 import sys
@@ -275,11 +277,8 @@ def op_cases(g: Gen):
     yield "warm_up", ops.warm_up, dict(device="cuda")
 
 
-def op_case(g: Gen):
-    cases = list(op_cases(g))
-    name, fn, kw = cases[g.r.randrange(len(cases))]
-    if name == "sparse_attention" and kw["extra_cache"] is not None:
-        kw["extra_indices"] = torch.randint(-1, 100, kw["indices"].shape, generator=g.g)
+def mutate(g: Gen, kw: dict) -> None:
+    """One or two arguments of ``kw`` replaced by malformed values, in place."""
     for _ in range(g.r.choice([1, 1, 1, 2])):
         key = g.r.choice(list(kw))
         v = kw[key]
@@ -301,6 +300,14 @@ def op_case(g: Gen):
             g.tags.add("float")
         elif v is None:
             kw[key] = g.bad_tensor(g.randn(3))
+
+
+def op_case(g: Gen):
+    cases = list(op_cases(g))
+    name, fn, kw = cases[g.r.randrange(len(cases))]
+    if name == "sparse_attention" and kw["extra_cache"] is not None:
+        kw["extra_indices"] = torch.randint(-1, 100, kw["indices"].shape, generator=g.g)
+    mutate(g, kw)
     if g.chance(0.15):  # aliasing: an in-place op's destination shared with an input
         if name == "copy_rows":
             kw["src"] = kw["dst"]
@@ -324,6 +331,93 @@ def op_case(g: Gen):
     if any(t.is_meta for t in tensors) and not all(t.is_meta for t in tensors):
         g.tags.add("meta-mixed")
     return f"ops.{name}({describe(kw)})", lambda: fn(**kw), name
+
+
+# -- the drop-in entry points (dsv4rs.compat) -------------------------------------------------------
+
+
+def compat_cases(g: Gen):
+    """Baseline valid arguments of every entry point of :mod:`dsv4rs.compat`, in FlashMLA's and
+    DeepGEMM's layouts: ``(name, function, kwargs)``."""
+    from dsv4rs.compat import deep_gemm, flash_mla
+
+    b, s_q, h, topk = g.r.randint(1, 2), g.r.randint(1, 2), g.r.choice([1, 2, 16]), g.r.randint(1, 8)
+    pages = 2
+    cache = _kv_cache(g).view(pages, PAGE, 1, -1)  # FlashMLA's V4 layout: [blocks, page, 1, 584]
+    lengths = torch.randint(0, topk + 2, (b,), generator=g.g, dtype=torch.int32)
+    yield "get_mla_metadata", flash_mla.get_mla_metadata, dict(cache_seqlens=lengths, num_q_tokens_per_head_k=s_q * h)
+    extra = g.chance(0.3)
+    yield "flash_mla_with_kvcache", flash_mla.flash_mla_with_kvcache, dict(
+        q=g.randn(b, s_q, h, 512).bfloat16(), k_cache=cache, block_table=None, cache_seqlens=None, head_dim_v=512,
+        tile_scheduler_metadata=flash_mla.get_mla_metadata()[0], num_splits=None,
+        softmax_scale=g.r.choice([None, 0.04]), causal=False, is_fp8_kvcache=True,
+        indices=torch.randint(-1, pages * PAGE, (b, s_q, topk), generator=g.g, dtype=torch.int32),
+        attn_sink=g.randn(h) if g.chance(0.5) else None, extra_k_cache=cache if extra else None,
+        extra_indices_in_kvcache=torch.randint(-1, pages * PAGE, (b, s_q, 3), generator=g.g, dtype=torch.int32)
+        if extra else None, topk_length=lengths if g.chance(0.5) else None,
+        extra_topk_length=torch.randint(0, 4, (b,), generator=g.g, dtype=torch.int32) if extra else None)
+    s_kv = g.r.randint(1, 100)
+    yield "flash_mla_sparse_fwd", flash_mla.flash_mla_sparse_fwd, dict(
+        q=g.randn(s_q, h, 512).bfloat16(), kv=g.randn(s_kv, 1, 512).bfloat16(),
+        indices=torch.randint(-1, s_kv, (s_q, 1, topk), generator=g.g, dtype=torch.int32), sm_scale=0.04, d_v=512,
+        attn_sink=g.randn(h) if g.chance(0.5) else None,
+        topk_length=torch.randint(0, topk + 1, (s_q,), generator=g.g, dtype=torch.int32) if g.chance(0.5) else None)
+    next_n, heads = g.r.randint(1, 2), g.r.choice([1, 4])
+    fmt = g.r.choice(["fp8", "fp4"])
+    keys = ops.quantize_index_keys(g.randn(pages * PAGE, 128), fmt).view(pages, PAGE, 1, -1)
+    fp8_keys = ops.quantize_index_keys(g.randn(pages * PAGE, 128), "fp8").view(pages, PAGE, 1, -1)
+    ctx = (torch.randint(0, pages * PAGE + 1, (b, next_n), generator=g.g, dtype=torch.int32) if g.chance(0.5)
+           else torch.randint(next_n, pages * PAGE + 1, (b,), generator=g.g, dtype=torch.int32))
+    table = torch.randint(0, pages, (b, pages), generator=g.g, dtype=torch.int32)
+    q8 = g.randn(b, next_n, heads, 128).to(torch.float8_e4m3fn)
+    weights = g.randn(b * next_n, heads)
+    yield "get_paged_mqa_logits_metadata", deep_gemm.get_paged_mqa_logits_metadata, dict(
+        context_lens=ctx, block_kv=PAGE, num_sms=g.r.choice([1, 132]))
+    yield "fp8_paged_mqa_logits", deep_gemm.fp8_paged_mqa_logits, dict(
+        q=q8, kv_cache=fp8_keys, weights=weights, context_lens=ctx, block_table=table,
+        schedule_meta=torch.zeros(133, 2, dtype=torch.int32), max_context_len=pages * PAGE,
+        clean_logits=g.chance(0.5), indices=None)
+    yield "paged_indexer_topk", deep_gemm.paged_indexer_topk, dict(
+        q=q8 if fmt == "fp8" and g.chance(0.5) else q8.float(), kv_cache=keys, weights=weights, context_lens=ctx,
+        block_table=table, topk=g.r.randint(1, 16), return_scores=g.chance(0.5), physical=g.chance(0.5))
+
+
+class UnnamedError(Exception):
+    """A drop-in entry point's error whose message does not start with an argument's name."""
+
+
+class HandleError(Exception):
+    """A FlashMLA scheduling handle that a refused call left set up (a later, valid call of other
+    shapes would then be refused)."""
+
+
+def compat_case(g: Gen):
+    cases = list(compat_cases(g))
+    name, fn, kw = cases[g.r.randrange(len(cases))]
+    if name == "flash_mla_with_kvcache" and g.chance(0.1):  # a handle set up by calls of other shapes
+        used = kw["tile_scheduler_metadata"]
+        used.have_initialized = True
+        used.config = type(used).Config(b=99, s_q=1, h_q=1, page_block_size=PAGE, h_k=1, causal=False,
+                                        is_fp8_kvcache=True, topk=1, extra_page_block_size=None, extra_topk=None)
+        g.tags.add("handle-used")
+    else:
+        mutate(g, kw)
+    g.tags.add(f"op:{name}")
+    meta = kw.get("tile_scheduler_metadata")
+    fresh = getattr(meta, "have_initialized", None) is False
+
+    def call():
+        try:
+            return fn(**kw)
+        except Exception as e:
+            if fresh and meta.have_initialized:
+                raise HandleError(f"{name} was refused but set up tile_scheduler_metadata") from None
+            first = re.match(r"\w*", str(e)).group(0)
+            if isinstance(e, (ValueError, RuntimeError)) and first not in kw:
+                raise UnnamedError(f"{type(e).__name__}: {e}") from None
+            raise
+
+    return f"compat.{name}({describe(kw)})", call, name
 
 
 def check_result(result: object, tags: set[str]) -> str | None:
@@ -576,10 +670,12 @@ def make_case(seed: int, batch: int, i: int, base: str, work: str):
     (say, a second one to an argument the first made a list) draws the case again."""
     for attempt in range(20):
         g = Gen(f"{seed}-{batch}-{i}-{attempt}")
-        kind = g.r.choices(["op", "cache", "loader"], weights=[6, 3, 1])[0]
+        kind = g.r.choices(["op", "cache", "loader", "compat"], weights=[6, 3, 1, 2])[0]
         try:
             if kind == "op":
                 desc, call, _ = op_case(g)
+            elif kind == "compat":
+                desc, call, _ = compat_case(g)
             elif kind == "cache":
                 desc, call, _ = cache_case(g)
             else:
@@ -601,6 +697,10 @@ def classify(e: BaseException, tags: set[str]) -> str | None:
     msg = str(e)
     if isinstance(e, WrapError):
         return "cache-arithmetic-wrap"
+    if isinstance(e, HandleError):
+        return "compat-handle-set-on-error"
+    if isinstance(e, UnnamedError):
+        return "compat-error-names-no-argument"
     if "internal error" in msg:
         return "panic"
     if isinstance(e, MemoryError) and not isinstance(e, dsv4rs.OutOfPagesError):

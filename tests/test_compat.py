@@ -20,6 +20,7 @@ import functools
 import inspect
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -292,6 +293,13 @@ def test_flash_mla_decode_rejects_bad_inputs(gen) -> None:
         ({"q": torch.randn(2, 1, 8, 300).bfloat16()}, "head_size_k"),
         ({"q": q[:0]}, "batch"),
         ({"q": q[0]}, "q"),
+        # Optional tensors that are not tensors, or of the wrong rank: named, not an AttributeError.
+        ({"attn_sink": np.zeros(8, dtype=np.float32)}, "attn_sink"),
+        ({"topk_length": [4, 4]}, "topk_length"),
+        ({"extra_k_cache": cache, "extra_indices_in_kvcache": object()}, "extra_indices_in_kvcache"),
+        ({"extra_k_cache": "cache", "extra_indices_in_kvcache": ids}, "extra_k_cache"),
+        ({"extra_k_cache": cache[0], "extra_indices_in_kvcache": ids}, "extra_k_cache"),
+        ({"indices": torch.tensor(3, dtype=torch.int32)}, "indices"),
     ]
     for kw, name in runtime:
         with pytest.raises(CompatRuntimeError, match=name) as info:
@@ -300,10 +308,66 @@ def test_flash_mla_decode_rejects_bad_inputs(gen) -> None:
     # Where FlashMLA accepts but dsv4rs does not implement: ValueError naming the argument.
     for kw, name in [({"q": torch.randn(2, 1, 8, 576).bfloat16()}, "q: head dim 576"),
                      ({"indices": None}, "indices"),
+                     ({"softmax_scale": math.nan}, "softmax_scale"), ({"softmax_scale": "0.1"}, "softmax_scale"),
+                     ({"softmax_scale": 10**400}, "softmax_scale"),
                      ({"k_cache": cache.view(torch.uint8).as_strided((2, 64, 1, 584), (1000, 584, 584, 1))}, "overlap")]:
         with pytest.raises(ValueError, match=name) as info:
             run(**kw)
         assert not isinstance(info.value, RuntimeError)
+
+
+def test_flash_mla_refused_call_leaves_the_handle_fresh(gen) -> None:
+    """The scheduling handle records the shapes of the first call that runs: a call refused for
+    bad input does not set it up, so the corrected call (of any shapes) runs with it."""
+    cache, _ = flashmla_cache(gen, 128, 64, 0, "cpu")
+    q = torch.randn(2, 1, 8, 512, generator=gen).bfloat16()
+    ids = torch.zeros(2, 1, 4, dtype=torch.int32)
+    meta, _ = flash_mla.get_mla_metadata()
+    corrupt = cache.clone()
+    corrupt.view(torch.uint8)[0, 0, 0, :8] = 0x7F  # FP8 NaN codes in row 0, which ids name
+    for bad in ({"q": q.float()}, {"indices": ids.long()}, {"softmax_scale": math.inf},
+                {"attn_sink": torch.zeros(7)}, {"k_cache": corrupt}):
+        args = {"q": q, "k_cache": cache, "indices": ids} | bad
+        with pytest.raises(ValueError):
+            flash_mla.flash_mla_with_kvcache(args.pop("q"), args.pop("k_cache"), None, None, 512, meta,
+                                             is_fp8_kvcache=True, **args)
+        assert not meta.have_initialized and meta.config is None
+    ids5 = torch.zeros(2, 1, 5, dtype=torch.int32)
+    out, _ = flash_mla.flash_mla_with_kvcache(q, cache, None, None, 512, meta, is_fp8_kvcache=True, indices=ids5)
+    assert out.shape == (2, 1, 8, 512) and meta.config.topk == 5
+
+
+@pytest.mark.parametrize("page,pad", [(64, 0), (61, 8)])
+def test_flash_mla_value_errors_name_flash_mlas_arguments(gen, page, pad) -> None:
+    """On the CPU the attention refuses non-finite inputs; the error names FlashMLA's argument
+    and the engine cache's row (``page * page_block_size + offset``), whether the cache is read
+    in place (64-row pages) or its rows are gathered first (any other page)."""
+    cache, _ = flashmla_cache(gen, 3 * page, page, pad, "cpu")
+    stride = page * 584 + pad
+    q = torch.randn(2, 1, 4, 512, generator=gen).bfloat16()
+    row = page + 7  # page 1, offset 7
+    ids = torch.tensor([[[0, 1, 2]], [[3, row, 5]]], dtype=torch.int32)
+
+    def run(**kw):
+        args = {"q": q, "k_cache": cache, "indices": ids} | kw
+        return flash_mla.flash_mla_with_kvcache(args.pop("q"), args.pop("k_cache"), None, None, 512,
+                                                flash_mla.get_mla_metadata()[0], is_fp8_kvcache=True, **args)
+
+    run()
+    bad = cache.clone()  # (a clone is packed: pages page * 584 bytes apart)
+    raw = torch.empty(0, dtype=torch.uint8).set_(bad.untyped_storage())
+    raw[1 * page * 584 + 7 * 576 + 3] = 0x7F  # an FP8 NaN code in the row's data part
+    with pytest.raises(ValueError, match=rf"^k_cache: row {row} holds a non-finite value"):
+        run(k_cache=bad)
+    with pytest.raises(ValueError, match=rf"^extra_k_cache: row {row} holds a non-finite value"):
+        run(extra_k_cache=bad, extra_indices_in_kvcache=ids)
+    assert stride == bad.stride(0) + pad
+    nan_q = q.clone()
+    nan_q[1, 0, 2, 9] = math.nan
+    with pytest.raises(ValueError, match=rf"^q: .*flat index {4 * 512 + 2 * 512 + 9}\b"):
+        run(q=nan_q)
+    with pytest.raises(ValueError, match="^attn_sink: NaN at index 1"):
+        run(attn_sink=torch.tensor([0.0, math.nan, INF, -INF]))
 
 
 # (heads, s_kv, topk): FlashMLA's shapes (64/128 heads, its irregular s_kv) and ones it refuses.
@@ -357,13 +421,25 @@ def test_flash_mla_sparse_fwd_rejects_bad_inputs(gen) -> None:
                      ({"d_v": 448}, "d_v"), ({"attn_sink": torch.zeros(7)}, "attn_sink"),
                      ({"topk_length": torch.zeros(2, dtype=torch.int32)}, "topk_length"),
                      ({"indices": torch.zeros(3, 4, dtype=torch.int32)}, "indices"),
-                     ({"q": torch.randn(3, 8, 100).bfloat16()}, "d_qk")]:
+                     ({"q": torch.randn(3, 8, 100).bfloat16()}, "d_qk"),
+                     ({"attn_sink": np.zeros(8, dtype=np.float32)}, "attn_sink"),
+                     ({"topk_length": [1, 2, 3]}, "topk_length")]:
         args = {"q": q, "kv": kv, "indices": ids, "sm_scale": 0.1} | kw
         with pytest.raises(CompatRuntimeError, match=name):
             flash_mla.flash_mla_sparse_fwd(**args)
     for kw, name in [({"q": torch.randn(3, 8, 576).bfloat16(), "kv": torch.randn(64, 1, 576).bfloat16()}, "q: d_qk 576"),
                      ({"kv": kv.expand(-1, 2, -1), "indices": torch.zeros(3, 2, 4, dtype=torch.int32)}, "kv: .* one KV head"),
-                     ({"sm_scale": float("nan")}, "sm_scale")]:
+                     ({"sm_scale": float("nan")}, "sm_scale"), ({"sm_scale": 10**400}, "sm_scale"),
+                     ({"sm_scale": None}, "sm_scale")]:
+        args = {"q": q, "kv": kv, "indices": ids, "sm_scale": 0.1} | kw
+        with pytest.raises(ValueError, match=name):
+            flash_mla.flash_mla_sparse_fwd(**args)
+    # Non-finite values (refused on the CPU) are named by FlashMLA's arguments and kv's row.
+    bad_kv = kv.clone()
+    bad_kv[11, 0, 3] = math.inf
+    for kw, name in [({"kv": bad_kv, "indices": torch.full((3, 1, 4), 11, dtype=torch.int32)},
+                      "^kv: row 11 holds a non-finite value"),
+                     ({"attn_sink": torch.tensor([0.0] * 7 + [math.nan])}, "^attn_sink: NaN at index 7")]:
         args = {"q": q, "kv": kv, "indices": ids, "sm_scale": 0.1} | kw
         with pytest.raises(ValueError, match=name):
             flash_mla.flash_mla_sparse_fwd(**args)
@@ -503,6 +579,19 @@ def test_deep_gemm_rejects_bad_inputs(gen) -> None:
         run(q=torch.zeros(2, 1, 8, 64).to(torch.float8_e4m3fn), kv_cache=torch.zeros(4, 64, 1, 68, dtype=torch.uint8))
     with pytest.raises(ValueError, match="max_context_len"):
         run(max_context_len=-1)
+    with pytest.raises(ValueError, match="max_context_len"):  # past the int32 context lengths
+        run(max_context_len=2**64 + 1)
+    with pytest.raises(ValueError, match="num_sms"):  # not a GPU's SM count: no huge handle allocated
+        deep_gemm.get_paged_mqa_logits_metadata(ctx, 64, 2**31)
+    with pytest.raises(ValueError, match="block_kv"):
+        deep_gemm.get_paged_mqa_logits_metadata(ctx, 2**40, 4)
+    # A corrupt key (an FP8 NaN code) the call reads is refused on the CPU, as ops.indexer_topk
+    # refuses it, rather than turned into NaN logits.
+    bad = cache.clone()
+    page, row = int(table[0, 0]), 5
+    bad[page, row, 0, 7] = 0x7F
+    with pytest.raises(ValueError, match=f"kv_cache: row {page * 64 + row} holds a non-finite value"):
+        run(kv_cache=bad)
     with pytest.raises(CompatRuntimeError, match="context_lens"):
         deep_gemm.get_paged_mqa_logits_metadata(ctx.long(), 64, 4)
     with pytest.raises(ValueError, match="num_sms"):
@@ -512,6 +601,28 @@ def test_deep_gemm_rejects_bad_inputs(gen) -> None:
                                                 indices=torch.zeros(2, dtype=torch.int32))
     with pytest.raises(ValueError, match="topk"):
         deep_gemm.paged_indexer_topk(q, cache, w, ctx, table, 0)
+
+
+@pytest.mark.parametrize("block_kv,pad", [(64, 0), (17, 12)])
+def test_deep_gemm_value_errors_name_deep_gemms_arguments(gen, block_kv, pad) -> None:
+    """A corrupt key is refused on the CPU by both entry points, naming ``kv_cache`` and the
+    engine cache's row (``block * block_kv + offset``), whether read in place or gathered."""
+    q, cache, w, ctx, table, _ = logits_case(gen, 2, 1, 4, block_kv, pad, True, "cpu", max_len=100)
+    page, offset = int(table[1, 0]), 3  # key 3 of batch 1, which its queries see
+    ctx[1] = ctx[1].clamp(min=offset + 1)
+    bad = cache.clone()
+    raw = torch.empty(0, dtype=torch.uint8).set_(bad.untyped_storage())
+    raw[page * block_kv * 132 + offset * 128 + 5] = 0x7F  # an FP8 NaN code in the key's bytes
+    row = page * block_kv + offset
+    meta = deep_gemm.get_paged_mqa_logits_metadata(ctx, block_kv, 4)
+    with pytest.raises(ValueError, match=rf"^kv_cache: row {row} holds a non-finite value"):
+        deep_gemm.fp8_paged_mqa_logits(q, bad, w, ctx, table, meta, 128)
+    with pytest.raises(ValueError, match=rf"^kv_cache: row {row} holds a non-finite value"):
+        deep_gemm.paged_indexer_topk(q, bad, w, ctx, table, 8)
+    nan_w = w.clone()
+    nan_w[1, 2] = math.nan
+    with pytest.raises(ValueError, match="^weights: "):
+        deep_gemm.paged_indexer_topk(q, cache, nan_w, ctx, table, 8)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """A seeded fuzz test of the API's error handling: malformed calls of every public op
-(dsv4rs.ops), the cache manager and cache geometry (dsv4rs.cache) and the checkpoint loader (wrong
+(dsv4rs.ops), of FlashMLA's and DeepGEMM's entry points (dsv4rs.compat: their errors must also
+start with an argument's name, and a refused call must not set up FlashMLA's scheduling handle),
+the cache manager and cache geometry (dsv4rs.cache) and the checkpoint loader (wrong
 dtypes, shapes, devices including meta tensors, negative and huge ints, NaN, non-contiguous and
 stride-0 tensors, aliasing, corrupted checkpoints) must each succeed or raise one of the
 exceptions the API documents (``TypeError``, ``ValueError``, ``IndexError``, ``RuntimeError``,
@@ -130,6 +132,17 @@ def test_every_public_op_is_fuzzed() -> None:
     public = {n for n in ops.__all__ if callable(getattr(ops, n))} - {"RopeTable", "IndexKeyFormat", "Quant"}  # types
     fuzzed = {name for name, _, _ in _fuzz_child.op_cases(_fuzz_child.Gen("coverage"))}
     assert public - fuzzed == set()
+
+
+def test_every_compat_entry_point_is_fuzzed() -> None:
+    """Likewise each function of the drop-in modules (``dsv4rs.compat.flash_mla`` and
+    ``deep_gemm``), in their engines' layouts."""
+    import _fuzz_child
+    from dsv4rs.compat import deep_gemm, flash_mla
+
+    public = {n for m in (flash_mla, deep_gemm) for n in m.__all__ if not isinstance(getattr(m, n), type)}
+    fuzzed = {name for name, _, _ in _fuzz_child.compat_cases(_fuzz_child.Gen("coverage"))}
+    assert public == fuzzed
 
 
 def test_fuzz_malformed_calls(tmp_path) -> None:

@@ -12,6 +12,10 @@ gathering the rows a call needs into a fresh dsv4rs cache (:meth:`PagedCache.gat
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import operator
+import re
 
 import torch
 
@@ -51,6 +55,11 @@ def tensor(name: str, t: object) -> torch.Tensor:
     return t
 
 
+def optional_tensor(name: str, t: object) -> torch.Tensor | None:
+    """``None``, or :func:`tensor`'s check."""
+    return None if t is None else tensor(name, t)
+
+
 def check_ndim(name: str, t: torch.Tensor | None, n: int) -> None:
     if t is not None:
         torch_check(t.dim() == n, f"{name}: expected a {n}-d tensor, got shape {list(t.shape)}")
@@ -82,13 +91,35 @@ def check_contiguous(name: str, t: torch.Tensor | None) -> None:
         raise CompatRuntimeError(f"{name}: must be contiguous, got strides {list(t.stride())}")
 
 
-def integer(name: str, v: object, low: int) -> int:
-    """``v`` as an int of at least ``low``; anything else raises ValueError naming ``name``."""
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise ValueError(f"{name}: expected an int, got {type(v).__name__}")
+INT32_MAX = (1 << 31) - 1
+
+
+def integer(name: str, v: object, low: int, high: int = INT32_MAX) -> int:
+    """``v`` as an int in ``[low, high]`` (the engines take these as C ints); anything else raises
+    ValueError naming ``name``."""
+    try:
+        if isinstance(v, bool) or isinstance(v, torch.Tensor) and v.dim() != 0:
+            raise TypeError
+        v = operator.index(v)  # an int, or a NumPy or 0-d torch integer
+    except TypeError:
+        raise ValueError(f"{name}: expected an int, got {type(v).__name__}") from None
     if v < low:
         raise ValueError(f"{name}: must be >= {low}, got {v}")
+    if v > high:
+        raise ValueError(f"{name}: must be <= {high}, got {v}")
     return v
+
+
+def finite_float(name: str, v: object) -> float:
+    """``v`` as a finite float (a real number such as an int, a float or a NumPy scalar; not a
+    bool); else ValueError naming ``name``."""
+    try:
+        f = float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else math.nan
+    except OverflowError:  # an int past float's range
+        f = math.inf
+    if not math.isfinite(f):
+        raise ValueError(f"{name}: expected a finite float, got {v!r:.60}")
+    return f
 
 
 def finite_sink(sink: torch.Tensor | None, heads: int, device: torch.device) -> torch.Tensor:
@@ -97,7 +128,29 @@ def finite_sink(sink: torch.Tensor | None, heads: int, device: torch.device) -> 
     result exactly (``exp(sink - m)`` is 0 or infinite either way); ``None`` means no sink."""
     if sink is None:
         return torch.full((heads,), -F32_MAX, dtype=torch.float32, device=device)
+    if sink.device.type == "cpu" and sink.isnan().any():  # (values are not checked on a GPU)
+        raise ValueError(f"attn_sink: NaN at index {int(sink.isnan().nonzero()[0, 0])} (a sink is a number or +-inf)")
     return sink.clamp(min=-F32_MAX, max=F32_MAX)
+
+
+def renamed(e: ValueError, names: dict[str, str], origins: dict[str, torch.Tensor] | None = None,
+            offsets: dict[str, int] | None = None) -> ValueError:
+    """An op's ValueError ``e`` (``"<argument>: <what>"``) in the caller's names: the op's
+    argument ``a`` becomes ``names[a]``; where the message names a row of a cache the call
+    gathered, the row becomes the engine cache's row (``origins[a][row]``); a flat index into a
+    chunk of the caller's tensor is moved by the chunk's start (``offsets[a]``). Other errors
+    are returned as they are."""
+    head, sep, rest = str(e).partition(": ")
+    if not sep or head not in names:
+        return e
+    origin = (origins or {}).get(head)
+    row = re.match(r"row (\d+) (.*)", rest, re.S)
+    flat = re.match(r"(.* at flat index )(\d+)(.*)", rest, re.S)
+    if row and origin is not None and int(row.group(1)) < origin.numel():
+        rest = f"row {int(origin[int(row.group(1))])} {row.group(2)}"
+    elif flat and (offsets or {}).get(head):
+        rest = f"{flat.group(1)}{int(flat.group(2)) + offsets[head]}{flat.group(3)}"
+    return ValueError(f"{names[head]}: {rest}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -60,6 +60,7 @@ from dsv4rs.compat._common import (
     check_dtype,
     check_ndim,
     integer,
+    renamed,
     tensor,
     torch_check,
 )
@@ -74,6 +75,10 @@ _KEY_FORMATS: dict[int, tuple[RowFormat, str]] = {
 }
 
 
+MAX_SMS = 1 << 16
+"""Largest ``num_sms`` taken (a GPU's SM count; the handle has ``num_sms + 1`` rows)."""
+
+
 def get_paged_mqa_logits_metadata(
     context_lens: torch.Tensor, block_kv: int, num_sms: int, indices: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
@@ -85,7 +90,7 @@ def get_paged_mqa_logits_metadata(
     Args:
         context_lens: ``int32 [batch, next_n]`` or ``int32 [batch]``, contiguous.
         block_kv: rows per page of the key cache (any ``>= 1``).
-        num_sms: rows of the handle minus one (DeepGEMM: the GPU's SM count).
+        num_sms: rows of the handle minus one (DeepGEMM: the GPU's SM count; at most :data:`MAX_SMS`).
         indices: optional ``int32 [batch]`` (DeepGEMM's varlen form, ``next_n == 1``).
     """
     context_lens = tensor("context_lens", context_lens)
@@ -94,7 +99,7 @@ def get_paged_mqa_logits_metadata(
     check_dtype("context_lens", context_lens, torch.int32)
     check_contiguous("context_lens", context_lens)
     integer("block_kv", block_kv, 1)
-    integer("num_sms", num_sms, 1)
+    integer("num_sms", num_sms, 1, MAX_SMS)
     if indices is not None:
         _check_varlen(tensor("indices", indices), context_lens)
     return torch.zeros((num_sms + 1, 2), dtype=torch.int32, device=context_lens.device)
@@ -174,6 +179,10 @@ def fp8_paged_mqa_logits(
         pos = torch.arange(c0, c1, device=q.device)
         rows = _key_rows(block_table, pos, cache, last)  # [B, C], -1 where not needed
         keys = _read_keys(cache, native, rows, kind)  # [B, C, 128] float32
+        if keys.device.type == "cpu":  # as ops.indexer_topk, refuse corrupt keys (values unchecked on a GPU)
+            bad = ~torch.isfinite(keys).all(dim=-1)
+            if bad.any():
+                raise ValueError(f"kv_cache: row {int(rows[bad][0])} holds a non-finite value")
         scores = torch.bmm(qf, keys.transpose(1, 2)).relu_().view(batch, next_n, heads, c1 - c0)
         tile = (scores * w).sum(dim=2).view(batch * next_n, c1 - c0)
         logits[:, c0:c1] = tile.masked_fill_(pos[None, :] >= visible[:, None], -math.inf)
@@ -309,6 +318,7 @@ def paged_indexer_topk(
     qr = qr.to(torch.bfloat16) if qr.dtype == torch.float8_e4m3fn else qr.contiguous()
     seq_ids = torch.arange(batch, dtype=torch.int32, device=q.device).repeat_interleave(next_n)
     native = cache.native()
+    origin = None  # the engine cache's row of each row of a gathered key cache
     if native is not None:
         table, key_cache = block_table.contiguous(), native
     else:
@@ -317,10 +327,15 @@ def paged_indexer_topk(
         width = max(ops.PAGE_ROWS, -(-capacity // ops.PAGE_ROWS) * ops.PAGE_ROWS)
         pos = torch.arange(width, device=q.device)
         rows = _key_rows(block_table, pos, cache, torch.full((batch,), capacity, device=q.device))
-        key_cache = cache.gather(rows.reshape(-1).clamp(min=0))
+        origin = rows.reshape(-1).clamp(min=0)
+        key_cache = cache.gather(origin)
         pages = width // ops.PAGE_ROWS
         table = torch.arange(batch * pages, dtype=torch.int32, device=q.device).view(batch, pages)
-    found = ops.indexer_topk(qr, weights, key_cache, table, seq_ids, visible, topk, return_scores=True)
+    try:
+        found = ops.indexer_topk(qr, weights, key_cache, table, seq_ids, visible, topk, return_scores=True)
+    except ValueError as e:  # (the CPU's value checks) in DeepGEMM's argument names and rows
+        raise renamed(e, {"q": "q", "weights": "weights", "key_cache": "kv_cache", "k": "topk"},
+                      {"key_cache": origin} if origin is not None else None) from None
     idx, scores = found
     if physical:
         logical = idx.long()

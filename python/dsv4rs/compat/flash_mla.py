@@ -70,8 +70,11 @@ from dsv4rs.compat._common import (
     check_last_dim_contiguous,
     check_ndim,
     check_shape,
+    finite_float,
     finite_sink,
+    optional_tensor,
     py_assert,
+    renamed,
     tensor,
     torch_check,
     valid_ids,
@@ -170,18 +173,23 @@ def flash_mla_with_kvcache(
               "tile_scheduler_metadata must be a FlashMLASchedMeta (from dsv4rs.compat.flash_mla.get_mla_metadata)")
     py_assert(num_splits is None, "num_splits must be None")
     q, k_cache = tensor("q", q), tensor("k_cache", k_cache)
+    indices, attn_sink = optional_tensor("indices", indices), optional_tensor("attn_sink", attn_sink)
+    extra_k_cache = optional_tensor("extra_k_cache", extra_k_cache)
+    extra_indices_in_kvcache = optional_tensor("extra_indices_in_kvcache", extra_indices_in_kvcache)
+    topk_length = optional_tensor("topk_length", topk_length)
+    extra_topk_length = optional_tensor("extra_topk_length", extra_topk_length)
     check_ndim("q", q, 4)
     check_ndim("k_cache", k_cache, 4)
+    check_ndim("indices", indices, 3)
+    check_ndim("extra_k_cache", extra_k_cache, 4)
+    check_ndim("extra_indices_in_kvcache", extra_indices_in_kvcache, 3)
     topk = indices.shape[-1] if indices is not None else None
     extra_page_block_size = extra_k_cache.shape[1] if extra_k_cache is not None else None
     extra_topk = extra_indices_in_kvcache.shape[-1] if extra_indices_in_kvcache is not None else None
-    if softmax_scale is None:
-        softmax_scale = q.shape[-1] ** -0.5
     config = FlashMLASchedMeta.Config(q.shape[0], q.shape[1], q.shape[2], k_cache.shape[1], k_cache.shape[2],
                                       causal, is_fp8_kvcache, topk, extra_page_block_size, extra_topk)
     if not sched_meta.have_initialized:
         py_assert(indices is None or not causal, "causal must be False when indices is given (sparse attention)")
-        sched_meta.have_initialized, sched_meta.config = True, config
     else:
         py_assert(sched_meta.config is not None, "tile_scheduler_metadata has no config")
         for field in dataclasses.fields(config):
@@ -195,9 +203,9 @@ def flash_mla_with_kvcache(
                          "decoding over a block table is not part of dsv4rs")
     py_assert(not causal, "causal must be False when sparse attention is enabled")
     py_assert(is_fp8_kvcache, "is_fp8_kvcache must be True when sparse attention is enabled")
-    indices = tensor("indices", indices)
     _check_decode(q, k_cache, indices, topk_length, attn_sink, extra_k_cache, extra_indices_in_kvcache,
                   extra_topk_length, head_dim_v)
+    scale = HEAD_DIM ** -0.5 if softmax_scale is None else finite_float("softmax_scale", softmax_scale)
 
     b, s_q, h_q, _ = q.shape
     t = b * s_q
@@ -209,8 +217,10 @@ def flash_mla_with_kvcache(
     sink = finite_sink(attn_sink, h_q, q.device)
     out = torch.empty((b, s_q, h_q, HEAD_DIM), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, s_q, h_q), dtype=torch.float32, device=q.device)
-    _attend(q.reshape(t, h_q, HEAD_DIM), lists, sink, float(softmax_scale), out.view(t, h_q, HEAD_DIM), lse.view(t, h_q))
+    _attend(q.reshape(t, h_q, HEAD_DIM), lists, sink, scale, out.view(t, h_q, HEAD_DIM), lse.view(t, h_q))
     lse.masked_fill_(lse == -math.inf, math.inf)
+    # Set up by the first call that runs (a refused call leaves a fresh handle fresh).
+    sched_meta.have_initialized, sched_meta.config = True, config
     return out, lse.transpose(1, 2)
 
 
@@ -304,10 +314,13 @@ def _attend(q: torch.Tensor, lists: list[_List], sink: torch.Tensor, scale: floa
     width = sum(lst.ids.shape[1] for lst, g in zip(lists, gathered) if g)
     t_all = q.shape[0]
     step = t_all if not width else max(1, GATHER_BUDGET_BYTES // (width * MAIN_ENTRY.row_bytes))
+    names = {"q": "q", "sink": "attn_sink", "cache": lists[0].name}
+    if len(lists) > 1:
+        names["extra_cache"] = lists[1].name
     for t0 in range(0, t_all, step):
         t1 = min(t_all, t0 + step)
-        args = []
-        for lst, view in zip(lists, native):
+        args, origins = [], {}
+        for lst, view, op_name in zip(lists, native, ("cache", "extra_cache")):
             ids = lst.ids[t0:t1]
             lengths = None if lst.lengths is None else lst.lengths[t0:t1]
             if view is not None:
@@ -316,12 +329,16 @@ def _attend(q: torch.Tensor, lists: list[_List], sink: torch.Tensor, scale: floa
                 args.append((view, ids.contiguous(), lengths))
                 continue
             ok = valid_ids(ids, lst.cache.rows, lengths)
-            cache = lst.cache.gather(torch.where(ok, ids, 0).reshape(-1).long())
+            origins[op_name] = torch.where(ok, ids, 0).reshape(-1).long()  # engine row of each gathered row
+            cache = lst.cache.gather(origins[op_name])
             local = torch.arange(ids.numel(), dtype=torch.int32, device=ids.device).view(ids.shape)
             args.append((cache, torch.where(ok, local, -1), lengths))
         (cache, ids, lengths), extra = args[0], (args[1] if len(args) > 1 else (None, None, None))
-        o, l = ops.sparse_attention(q[t0:t1].contiguous(), cache, ids, sink, scale=scale, lengths=lengths,
-                                    extra_cache=extra[0], extra_indices=extra[1], extra_lengths=extra[2])
+        try:
+            o, l = ops.sparse_attention(q[t0:t1].contiguous(), cache, ids, sink, scale=scale, lengths=lengths,
+                                        extra_cache=extra[0], extra_indices=extra[1], extra_lengths=extra[2])
+        except ValueError as e:  # (the CPU's value checks) in FlashMLA's argument names
+            raise renamed(e, names, origins, {"q": t0 * q[0].numel()}) from None
         out[t0:t1].copy_(o)
         lse[t0:t1].copy_(l)
 
@@ -354,6 +371,7 @@ def flash_mla_sparse_fwd(
         the sink (``+inf`` when there is none, and then the output is 0).
     """
     q, kv, indices = tensor("q", q), tensor("kv", kv), tensor("indices", indices)
+    attn_sink, topk_length = optional_tensor("attn_sink", attn_sink), optional_tensor("topk_length", topk_length)
     check_ndim("q", q, 3)
     check_ndim("kv", kv, 3)
     check_ndim("indices", indices, 3)
@@ -383,8 +401,7 @@ def flash_mla_sparse_fwd(
                          "implement; dsv4rs is DeepSeek-V4's (K = V, 512 dims)")
     if h_kv != 1:
         raise ValueError(f"kv: dsv4rs's sparse attention has one KV head (MQA), got h_kv = {h_kv}")
-    if not isinstance(sm_scale, (int, float)) or isinstance(sm_scale, bool) or not math.isfinite(sm_scale):
-        raise ValueError(f"sm_scale: expected a finite float, got {sm_scale!r}")
+    sm_scale = finite_float("sm_scale", sm_scale)
 
     dev = q.device
     if s_q == 0 or topk == 0 or h_q == 0:  # no candidates anywhere
@@ -404,10 +421,13 @@ def flash_mla_sparse_fwd(
     ok = valid_ids(ids, s_kv, lengths)
     ids = torch.where(ok, ids, -1)
     qc = q.contiguous()
-    out, lse = ops.sparse_attention(qc, cache, ids, finite_sink(attn_sink, h_q, dev), scale=float(sm_scale))
+    try:
+        out, lse = ops.sparse_attention(qc, cache, ids, finite_sink(attn_sink, h_q, dev), scale=sm_scale)
+    except ValueError as e:  # the cache's rows are kv's rows
+        raise renamed(e, {"q": "q", "sink": "attn_sink", "cache": "kv"}) from None
     lse.masked_fill_(lse == -math.inf, math.inf)
     max_logits = torch.full((s_q, h_q), -math.inf, dtype=torch.float32, device=dev)
-    _max_logits(qc, rows, ids, ok, float(sm_scale), max_logits)
+    _max_logits(qc, rows, ids, ok, sm_scale, max_logits)
     return out.to(torch.bfloat16), max_logits, lse
 
 
