@@ -7,10 +7,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -444,6 +446,20 @@ def test_engine_rejects_bad_input(tiny: DeepseekV4) -> None:
             eng.add_sequence(bad)
     with pytest.raises(ValueError, match=r"^chunks\[0\]: token ids must lie in \[0, 2\^63\)"):
         eng.step([seq], [[2**63]])
+    # The batch's other arguments are checked before anything runs: ``last`` holds ints (a bool
+    # passed the range check, appended the chunk and then failed in the LM head), ``seq_ids``
+    # ints, ``chunks`` a sequence.
+    for kw, error, name in [({"last": [True]}, TypeError, "last"), ({"last": 3}, TypeError, "last"),
+                            ({"last": [1.0]}, TypeError, "last"), ({"last": [4]}, ValueError, "last"),
+                            ({"seq_ids": seq}, TypeError, "seq_ids"), ({"seq_ids": [float(seq)]}, TypeError, "seq_ids"),
+                            ({"seq_ids": [seq == 0]}, TypeError, "seq_ids"), ({"chunks": 7}, TypeError, "chunks")]:
+        args = {"seq_ids": [seq], "chunks": [[1, 2, 3]]} | kw
+        with pytest.raises(error, match=f"^{name}: "):
+            eng.step(**args)
+    for kw, name in [({"seq_ids": seq}, "seq_ids"), ({"temperature": np.float32(math.nan)}, "temperature")]:
+        args = {"seq_ids": [seq], "logits": torch.zeros(1, tiny.config.vocab_size)} | kw
+        with pytest.raises((TypeError, ValueError), match=f"^{name}: "):
+            eng.sample(**args)
     assert eng.manager.length(seq) == 0 and eng.manager.sequence_ids() == [seq]
     with pytest.raises(ValueError, match="call step first"):
         eng.draft([1])
@@ -452,6 +468,12 @@ def test_engine_rejects_bad_input(tiny: DeepseekV4) -> None:
     assert eng.manager.length(seq) == 3
     with pytest.raises(ValueError, match="max_sequences"):
         Engine(tiny, max_sequences=0)
+    # NumPy scalars are numbers; a tensor of sequence ids is a batch.
+    eng.sample([seq], torch.zeros(1, tiny.config.vocab_size), temperature=np.float32(0.5), seed=np.int64(3))
+    assert eng.step(torch.tensor([seq]), [[1, 2, 3]], last=[2])[0].shape == (2, tiny.config.vocab_size)
+    eng.release(seq)  # a sequence of the last step released: no draft for that step
+    with pytest.raises(ValueError, match=f"^draft: sequence {seq} of the last step was released"):
+        eng.draft([1])
 
 
 # -- checkpoints --------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ while the device runs step ``i``.
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections import deque
 from collections.abc import Sequence
@@ -196,6 +197,16 @@ class Engine:
         self._mtp_pos.pop(seq_id, None)
         self._fresh.discard(seq_id)
 
+    @staticmethod
+    def _seq_ids(seq_ids: object) -> list[int]:
+        """A batch's sequence ids as a list of ints (a sequence of ints or a 1-d integer tensor on
+        the CPU; bools and floats refused): TypeError naming ``seq_ids``."""
+        if isinstance(seq_ids, SampledTokens) or not isinstance(seq_ids, (Sequence, torch.Tensor)) and not hasattr(
+                seq_ids, "__array_interface__"):
+            raise TypeError(f"seq_ids: expected a sequence of sequence ids, got {type(seq_ids).__name__}")
+        v = int_ids("seq_ids", seq_ids)
+        return v.tolist() if isinstance(v, torch.Tensor) else list(v)
+
     def _check_ids(self, name: str, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         t = token_ids(name, ids)
         if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.cfg.vocab_size):
@@ -235,6 +246,7 @@ class Engine:
         Feed the result to :meth:`step` as its ``chunks``; read the ids with
         :meth:`SampledTokens.tolist`.
         """
+        seq_ids = self._seq_ids(seq_ids)
         b = len(seq_ids)
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape != (b, self.cfg.vocab_size):
             shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
@@ -252,8 +264,9 @@ class Engine:
             vals = list(v) if isinstance(v, Sequence) else [v] * b
             if len(vals) != b:
                 raise ValueError(f"{name}: expected one value or {b} (one per sequence), got {len(vals)}")
-            for x in vals:
-                if isinstance(x, bool) or not isinstance(x, (int, float) if kind is float else int) or not ok(x):
+            for x in vals:  # (NumPy scalars are numbers too)
+                number = isinstance(x, numbers.Real if kind is float else numbers.Integral)
+                if isinstance(x, bool) or not number or not ok(x):
                     raise ValueError(f"{name}: expected {what}, got {x!r}")
             return [kind(x) for x in vals]
 
@@ -286,10 +299,14 @@ class Engine:
         ``chunks`` may also be :class:`SampledTokens` of this engine (from :meth:`sample`) that
         hold a token for each of ``seq_ids``: a decode step fed on the device, which does not
         wait for the tokens to reach the host."""
+        seq_ids = self._seq_ids(seq_ids)
         sampled = chunks if isinstance(chunks, SampledTokens) else None
         if sampled is not None:
             rows = sampled._rows(self, seq_ids)
             chunks = [[0]] * len(seq_ids)  # one token each, its id on the device
+        elif isinstance(chunks, (str, bytes)) or not isinstance(chunks, Sequence):
+            raise TypeError(f"chunks: expected a sequence of token-id chunks or SampledTokens, got "
+                            f"{type(chunks).__name__}")
         if len(seq_ids) != len(chunks):
             raise ValueError(f"seq_ids, chunks: {len(seq_ids)} sequences but {len(chunks)} chunks")
         if not len(seq_ids):
@@ -301,9 +318,11 @@ class Engine:
         # Sampled tokens are in the vocabulary by construction: only host chunks are checked.
         ids = None if sampled is not None else [self._check_ids(f"chunks[{i}]", c) for i, c in enumerate(chunks)]
         lengths = [1] * len(seq_ids) if ids is None else [t.numel() for t in ids]
-        if last is not None and (len(last) != len(chunks) or any(
-                not 0 <= n <= length for n, length in zip(last, lengths))):
-            raise ValueError("last: expected one count per chunk, each between 0 and the chunk's length")
+        if last is not None:
+            last = int_ids("last", last)  # ints, not bools: checked before anything runs
+            if len(last) != len(chunks) or any(not 0 <= n <= length for n, length in zip(last, lengths)):
+                raise ValueError("last: expected one count per chunk, each between 0 and the chunk's length")
+            last = [int(n) for n in last]
         if len(set(seq_ids)) != len(seq_ids):
             raise ValueError("seq_ids: a sequence appears twice in one step")
         if 0 in lengths:
@@ -418,6 +437,8 @@ class Engine:
                 raise ValueError(f"next_ids: expected {len(last.lens)} ids (one per sequence of the last step), got "
                                  f"{nxt.numel()}")
         for s, start in zip(last.seq_ids, last.starts):
+            if s not in self._origin:
+                raise ValueError(f"draft: sequence {s} of the last step was released")
             if self._mtp_pos.get(s) != start:
                 raise ValueError(f"draft: the MTP window of sequence {s} missed tokens "
                                  f"({self._mtp_pos.get(s)} fed, the last step began at {start})")
