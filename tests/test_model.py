@@ -468,6 +468,17 @@ def test_engine_rejects_bad_input(tiny: DeepseekV4) -> None:
     assert eng.manager.length(seq) == 3
     with pytest.raises(ValueError, match="max_sequences"):
         Engine(tiny, max_sequences=0)
+    # The constructor's other arguments, each named; sizes past what a pool holds name the two
+    # that set them, before anything is allocated.
+    for kw, name in [({"quant": "yes"}, "quant"), ({"cuda_graphs": 1}, "cuda_graphs"),
+                     ({"graph_buckets": [-1]}, "graph_buckets"), ({"graph_buckets": "ab"}, "graph_buckets"),
+                     ({"graph_buckets": [2.0]}, "graph_buckets"), ({"memory_fraction": "x"}, "memory_fraction"),
+                     ({"memory_fraction": True}, "memory_fraction"),
+                     ({"max_sequences": 10**9, "max_len": 256}, "max_sequences, max_len"),
+                     ({"max_sequences": 2, "max_len": 10**12}, "max_sequences, max_len"),
+                     ({"max_sequences": 2**62, "max_len": 2**62}, "max_sequences, max_len")]:
+        with pytest.raises(ValueError, match=f"^{name}: "):
+            Engine(tiny, **({"max_sequences": 1, "max_len": 16} | kw))
     # NumPy scalars are numbers; a tensor of sequence ids is a batch.
     eng.sample([seq], torch.zeros(1, tiny.config.vocab_size), temperature=np.float32(0.5), seed=np.int64(3))
     assert eng.step(torch.tensor([seq]), [[1, 2, 3]], last=[2])[0].shape == (2, tiny.config.vocab_size)

@@ -60,6 +60,9 @@ FamilyName = Literal["window", "csa", "hca", "state"]
 FAMILIES: tuple[FamilyName, ...] = ("window", "csa", "hca", "state")
 """The cache families, in the order the extension uses."""
 
+MAX_PAGES: int = _core.MAX_PAGES
+"""Pages one pool of a :class:`KVCacheManager` holds at most (2^26)."""
+
 
 def _tensor(buf: bytearray, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     """Wraps a ``bytearray`` from the extension as a tensor, sharing its memory; a ``-1`` in

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from dsv4rs import ops
-from dsv4rs.cache import CacheConfig, KVCacheManager, PrefixHit, int_ids
+from dsv4rs.cache import MAX_PAGES, CacheConfig, KVCacheManager, PrefixHit, int_ids
 from dsv4rs.model.layers.attention import AttentionMetadata
 from dsv4rs.model.layers.moe import Experts
 from dsv4rs.model.layers.packed import pack_projections_
@@ -97,6 +97,15 @@ class Engine:
         for name, v in (("max_sequences", max_sequences), ("max_len", max_len)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name}: expected an int >= 1 or None, got {v!r}")
+        for name, v in (("quant", quant), ("cuda_graphs", cuda_graphs)):
+            if not isinstance(v, bool) and not (name == "cuda_graphs" and v is None):
+                raise ValueError(f"{name}: expected a bool{' or None' if name == 'cuda_graphs' else ''}, got {v!r}")
+        if memory_fraction is not None and (isinstance(memory_fraction, bool) or not isinstance(
+                memory_fraction, numbers.Real) or not 0 < memory_fraction <= 1):
+            raise ValueError(f"memory_fraction: expected a number in (0, 1], got {memory_fraction!r}")
+        if isinstance(graph_buckets, (str, bytes)) or not isinstance(graph_buckets, Sequence) or any(
+                isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in graph_buckets):
+            raise ValueError(f"graph_buckets: expected a sequence of batch sizes >= 1, got {graph_buckets!r:.80}")
         if index_format not in ("fp4", "fp8"):
             raise ValueError(f'index_format: expected "fp4" or "fp8", got {index_format!r}')
         self.model, self.cfg, self.quant, self.index_format = model, model.config, quant, index_format
@@ -120,6 +129,10 @@ class Engine:
             max_sequences, max_len = plan.max_sequences, plan.max_len
         per_seq = pages_per_sequence(cfg, max_len)
         pages = {f: 1 + max_sequences * n for f, n in per_seq.items()}
+        for f, n in pages.items():
+            if n > MAX_PAGES:
+                raise ValueError(f"max_sequences, max_len: {max_sequences:,} sequences of {max_len:,} tokens need "
+                                 f"{n:,} pages of the {f} pool, more than the {MAX_PAGES:,} a pool holds")
         self.manager = KVCacheManager(self.cache_config, pages)
         self.cache = KVCache(cfg, pages, self.device, index_format if quant else None, self.row_dtype)
         self.planner = StepPlanner(cfg, self.manager)
@@ -138,8 +151,6 @@ class Engine:
     def _free_bytes(self, fraction: float | None) -> int:
         """The memory the cache may take when the engine sizes it: ``fraction`` (default 0.9 on a
         GPU, 0.1 on the CPU) of the device's free memory (the weights are already resident)."""
-        if fraction is not None and not 0 < fraction <= 1:
-            raise ValueError(f"memory_fraction: expected a number in (0, 1], got {fraction!r}")
         if self.device.type == "cuda":
             free = torch.cuda.mem_get_info(self.device)[0]
             return int(free * (0.9 if fraction is None else fraction))
