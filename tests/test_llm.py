@@ -132,6 +132,18 @@ def test_context_overflow_is_a_clear_error(llm) -> None:
     assert llm.engine.manager.sequence_ids() == [] and not llm.has_unfinished()
 
 
+@pytest.mark.parametrize(("kw", "name"), [
+    ({"token_budget": "x"}, "token_budget"), ({"token_budget": 0}, "token_budget"), ({"token_budget": True}, "token_budget"),
+    ({"speculative": "yes"}, "speculative"), ({"progress": "x"}, "progress"), ({"quantized": "no"}, "quantized"),
+    ({"activations": None}, "activations"), ({"quant": 1}, "quant"), ({"max_len": -1}, "max_len"),
+])
+def test_llm_options_are_checked_naming_them(tiny_checkpoint: str, kw: dict, name: str) -> None:
+    from dsv4rs import LLM
+
+    with pytest.raises(ValueError, match=f"^{name}: "):
+        LLM(tiny_checkpoint, device="cpu", **({"max_sequences": 2, "max_len": 64} | kw))
+
+
 @pytest.mark.parametrize(("prompt", "error"), [
     ([1.7, 2], TypeError), ([True, 2], TypeError), ([None], TypeError), (["a"], TypeError), (torch.tensor([1.5]), TypeError),
     (torch.tensor([[1, 2]]), TypeError), (torch.tensor([True]), TypeError), (None, TypeError), (b"hi", TypeError),

@@ -597,9 +597,10 @@ def fp8_expert(t: dict, twin: DeepseekV4) -> None:
         t[f"{key}.weight"], t[f"{key}.scale"] = codes, scale
 
 
-def test_quantized_must_be_a_bool(exported) -> None:
-    with pytest.raises(ValueError, match=r"^quantized: expected True or False, got 'yes'"):
-        load_checkpoint(exported[0], progress=False, quantized="yes")
+@pytest.mark.parametrize("flag", ["quantized", "progress", "strict"])
+def test_loader_flags_must_be_bools(exported, flag: str) -> None:
+    with pytest.raises(ValueError, match=rf"^{flag}: expected True or False, got 'yes'"):
+        load_checkpoint(exported[0], **({"progress": False} | {flag: "yes"}))
 
 
 # -- the shipped layout without a checkpoint (benchmarks) ----------------------------------------------

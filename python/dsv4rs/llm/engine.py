@@ -79,6 +79,10 @@ class LLM:
         # Checked before the (long) load; the model checks them again where they are set.
         choice("activations", activations, ACT_MODES)
         choice("rope_table", rope_table, ops.ROPE_TABLES)
+        if speculative is not None and not isinstance(speculative, bool):
+            raise ValueError(f"speculative: expected True, False or None, got {speculative!r}")
+        if isinstance(token_budget, bool) or not isinstance(token_budget, int) or token_budget < 1:
+            raise ValueError(f"token_budget: expected an int >= 1, got {token_budget!r}")
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = Tokenizer(path)
         model = load_checkpoint(path, device=dev, progress=progress, quantized=quantized,

@@ -735,8 +735,9 @@ def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "
     """
     path = os.fspath(path)
     dev = _check_target(device, dtype)
-    if not isinstance(quantized, bool):
-        raise ValueError(f"quantized: expected True or False, got {quantized!r}")
+    for name, v in (("quantized", quantized), ("progress", progress), ("strict", strict)):
+        if not isinstance(v, bool):
+            raise ValueError(f"{name}: expected True or False, got {v!r}")
     try:
         cfg = V4Config.from_pretrained(path)
     except FileNotFoundError:

@@ -96,8 +96,11 @@ class Scheduler:
 
     def __init__(self, engine: Engine, token_budget: int = 512, keep_logits: bool = False,
                  overlap: bool = True) -> None:
-        if token_budget < 1:
-            raise ValueError(f"token_budget: must be >= 1, got {token_budget}")
+        if isinstance(token_budget, bool) or not isinstance(token_budget, int) or token_budget < 1:
+            raise ValueError(f"token_budget: expected an int >= 1, got {token_budget!r}")
+        for name, v in (("keep_logits", keep_logits), ("overlap", overlap)):
+            if not isinstance(v, bool):
+                raise ValueError(f"{name}: expected True or False, got {v!r}")
         self.engine, self.budget, self.keep_logits, self.overlap = engine, token_budget, keep_logits, overlap
         self.requests: dict[int, Request] = {}
         self.waiting: list[int] = []
