@@ -168,10 +168,41 @@ def test_prompt_ids_as_a_tensor_or_array_equal_the_list(llm) -> None:
     assert llm.encode(np.array(ids)) == ids == llm.encode(tuple(np.int64(t) for t in ids))
 
 
+def test_llm_calls_name_their_arguments(llm) -> None:
+    """Malformed calls raise naming the argument, and leave nothing queued."""
+    msg = [{"role": "user", "content": "hi"}]
+    for call, error, name in [
+        (lambda: llm.add_request("hi", {"max_tokens": 3}), TypeError, "params"),
+        (lambda: llm.generate(["hi"], 5), TypeError, "params"),
+        (lambda: llm.generate(["hi", "yo"], [SamplingParams(), 3]), TypeError, "params"),
+        (lambda: llm.abort("x"), TypeError, "rid"), (lambda: llm.abort(None), TypeError, "rid"),
+        (lambda: llm.completion(999), ValueError, "rid"), (lambda: llm.completion(1.5), ValueError, "rid"),
+        (lambda: llm.chat(None), TypeError, "conversations"), (lambda: llm.chat("hi"), TypeError, "conversations"),
+        (lambda: llm.chat([{"role": "user", "content": 5}]), ValueError, "chat_template"),
+        (lambda: llm.chat([[{"role": "user", "content": "hi"}], "hi"]), ValueError, "messages"),
+        (lambda: llm.encode_chat(msg, add_generation_prompt="yes"), ValueError, "add_generation_prompt"),
+        (lambda: list(llm.stream("hi", chat="x")), ValueError, "chat"),
+        (lambda: llm.max_tokens(-1, SamplingParams()), ValueError, "prompt_tokens"),
+        (lambda: llm.max_tokens(3, None), TypeError, "params"),
+    ]:
+        with pytest.raises(error, match=f"^{name}: "):
+            call()
+    assert not llm.has_unfinished() and llm.engine.manager.sequence_ids() == []
+    llm.abort(12345)  # an id of no running request is ignored
+    rid = llm.add_request("hi", SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match=f"^rid: request {rid} is not finished"):
+        llm.completion(rid)
+    llm.abort(rid)
+    while llm.has_unfinished():
+        llm.step()
+    assert llm.completion(rid).finish_reason == "abort"
+
+
 @pytest.mark.parametrize(("field", "value"), [
     ("temperature", -1), ("top_p", 0.0), ("top_k", -2), ("min_p", 1.5), ("repetition_penalty", 0),
     ("presence_penalty", 3), ("max_tokens", 0), ("stop", ("",)), ("seed", -1), ("logprobs", 21),
-    ("temperature", float("nan")), ("stop_token_ids", (-1,)),
+    ("temperature", float("nan")), ("stop_token_ids", (-1,)), ("stop", 5), ("stop_token_ids", 5),
+    ("stop_token_ids", "ab"),
 ])
 def test_sampling_params_errors_name_the_field(field: str, value) -> None:
     with pytest.raises(ValueError, match=f"^{field}: "):

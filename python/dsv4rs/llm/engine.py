@@ -119,12 +119,18 @@ class LLM:
 
     def encode_chat(self, messages: Messages, add_generation_prompt: bool = True, **template_kwargs: Any) -> list[int]:
         """A conversation through the checkpoint's chat template, as token ids."""
+        if not isinstance(add_generation_prompt, bool):
+            raise ValueError(f"add_generation_prompt: expected True or False, got {add_generation_prompt!r}")
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
                                                   tokenize=True, **template_kwargs)
 
     def max_tokens(self, prompt_tokens: int, params: SamplingParams) -> int:
         """The tokens a prompt of ``prompt_tokens`` may generate under ``params`` (``max_tokens``,
         or up to the end of the context); ``ValueError`` when they do not fit the context."""
+        if isinstance(prompt_tokens, bool) or not isinstance(prompt_tokens, int) or prompt_tokens < 1:
+            raise ValueError(f"prompt_tokens: expected an int >= 1, got {prompt_tokens!r}")
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params: expected SamplingParams, got {type(params).__name__}")
         room = self.max_len - prompt_tokens
         if room < 1:
             raise ValueError(f"prompt: {prompt_tokens} tokens leave no room in the context of {self.max_len} tokens")
@@ -138,7 +144,9 @@ class LLM:
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None) -> int:
         """Queues a prompt (text or token ids); returns its request id. A prompt that does not fit
         the context with its ``max_tokens`` raises ``ValueError`` and queues nothing."""
-        params = params or SamplingParams()
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params: expected SamplingParams or None, got {type(params).__name__}")
         ids = self.encode(prompt)
         max_tokens = self.max_tokens(len(ids), params)
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
@@ -155,7 +163,10 @@ class LLM:
 
     def abort(self, rid: int) -> None:
         """Ends a request now; its sequence's pages go back to the cache. Its last delta (finish
-        reason ``"abort"``) comes with the next :meth:`step`."""
+        reason ``"abort"``) comes with the next :meth:`step`. An id of no running request (unknown,
+        finished or aborted already) is ignored, as vLLM's ``abort_request`` does."""
+        if isinstance(rid, bool) or not isinstance(rid, int):
+            raise TypeError(f"rid: expected a request id (an int), got {type(rid).__name__}")
         if rid in self._states and self._states[rid].out.finish_reason is None:
             self.scheduler.abort(rid)
 
@@ -176,9 +187,11 @@ class LLM:
 
     def completion(self, rid: int) -> Completion:
         """A finished request's result (and forgets it)."""
-        st = self._states[rid]
+        st = self._states.get(rid) if isinstance(rid, int) and not isinstance(rid, bool) else None
+        if st is None:
+            raise ValueError(f"rid: no request {rid!r} (never added, or its completion was taken)")
         if st.out.finish_reason is None:
-            raise ValueError(f"request {rid}: not finished")
+            raise ValueError(f"rid: request {rid} is not finished")
         del self._states[rid]
         return st.out
 
@@ -241,6 +254,9 @@ class LLM:
              ) -> list[Completion]:
         """Runs conversations (lists of ``{"role", "content"}`` messages) through the chat
         template, with the generation prompt; results in order."""
+        if isinstance(conversations, (str, bytes, Mapping)) or not isinstance(conversations, Sequence):
+            raise TypeError(f"conversations: expected a conversation (a list of messages) or a list of them, got "
+                            f"{type(conversations).__name__}")
         single = len(conversations) > 0 and isinstance(conversations[0], Mapping)
         convs = [conversations] if single else list(conversations)
         return self._run(convs, params, lambda m: self.encode_chat(m, **template_kwargs))
@@ -265,6 +281,8 @@ class LLM:
                **template_kwargs: Any) -> Iterator[Delta]:
         """Yields the request's deltas as they come (the last one has ``finish_reason``); the
         request is aborted if the iteration stops early. Other requests advance meanwhile."""
+        if not isinstance(chat, bool):
+            raise ValueError(f"chat: expected True or False, got {chat!r}")
         ids = self.encode_chat(prompt, **template_kwargs) if chat else self.encode(prompt)
         rid = self.add_request(ids, params)
         try:

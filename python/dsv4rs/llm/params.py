@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 
@@ -44,6 +45,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
+        for name, v in (("stop", self.stop), ("stop_token_ids", self.stop_token_ids)):
+            if v is not None and not isinstance(v, str) and not isinstance(v, Iterable):
+                raise ValueError(f"{name}: expected {'a string or ' if name == 'stop' else ''}a sequence, got {v!r}")
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         object.__setattr__(self, "stop", stop)
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))

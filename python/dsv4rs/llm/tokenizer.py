@@ -109,6 +109,9 @@ class Tokenizer:
         switch)."""
         if self.chat_template is None:
             raise ChatTemplateError("chat_template: the checkpoint's tokenizer_config.json has none")
+        if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
+            raise ChatTemplateError(f"messages: expected a sequence of {{'role', 'content'}} mappings, got "
+                                    f"{type(messages).__name__}")
         for i, m in enumerate(messages):
             if not isinstance(m, Mapping) or not isinstance(m.get("role"), str):
                 raise ChatTemplateError(f"messages[{i}]: expected a mapping with a string 'role'")
@@ -122,6 +125,8 @@ class Tokenizer:
                                          add_generation_prompt=add_generation_prompt, **context)
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"chat_template: {e}") from None
+        except Exception as e:  # noqa: BLE001  (the template is the checkpoint's code: e.g. str + int on a message)
+            raise ChatTemplateError(f"chat_template: {type(e).__name__}: {e} (rendering the messages)") from None
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
 
