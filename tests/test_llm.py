@@ -198,6 +198,20 @@ def test_llm_calls_name_their_arguments(llm) -> None:
     assert llm.completion(rid).finish_reason == "abort"
 
 
+def test_tokenizer_checks_its_arguments(llm) -> None:
+    tok = llm.tokenizer
+    ids = tok.encode("hi", add_special_tokens=False)
+    assert tok.decode(ids) == tok.decode(tuple(ids)) == tok.decode(torch.tensor(ids)) == "hi"
+    for call, error, name in [(lambda: tok.encode(None), TypeError, "text"), (lambda: tok.encode(5), TypeError, "text"),
+                              (lambda: tok.encode("hi", add_special_tokens="x"), ValueError, "add_special_tokens"),
+                              (lambda: tok.decode([-1]), ValueError, "ids"), (lambda: tok.decode([2**70]), ValueError, "ids"),
+                              (lambda: tok.decode([1.5]), TypeError, "ids"), (lambda: tok.decode(None), TypeError, "ids"),
+                              (lambda: tok.decode("ab"), TypeError, "ids"),
+                              (lambda: tok.decode(ids, skip_special_tokens=None), ValueError, "skip_special_tokens")]:
+        with pytest.raises(error, match=f"^{name}: "):
+            call()
+
+
 @pytest.mark.parametrize(("field", "value"), [
     ("temperature", -1), ("top_p", 0.0), ("top_k", -2), ("min_p", 1.5), ("repetition_penalty", 0),
     ("presence_penalty", 3), ("max_tokens", 0), ("stop", ("",)), ("seed", -1), ("logprobs", 21),

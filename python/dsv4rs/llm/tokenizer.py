@@ -89,6 +89,10 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``; with ``add_special_tokens`` the tokenizer's post-processor runs
         and BOS/EOS are added where the config asks and the post-processor did not."""
+        if not isinstance(text, str):
+            raise TypeError(f"text: expected a str, got {type(text).__name__}")
+        if not isinstance(add_special_tokens, bool):
+            raise ValueError(f"add_special_tokens: expected True or False, got {add_special_tokens!r}")
         ids = list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
         if add_special_tokens:
             bos, eos = self.bos_token_id, self.eos_token_id
@@ -99,7 +103,17 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        """The text of token ids (ints or a 1-d integer tensor; ids past the vocabulary decode to
+        nothing, as the tokenizers library does)."""
+        from dsv4rs.cache import int_ids
+
+        vals = int_ids("ids", ids)
+        vals = vals.tolist() if not isinstance(vals, list) else vals
+        if vals and (min(vals) < 0 or max(vals) >= 1 << 32):
+            raise ValueError(f"ids: token ids must lie in [0, 2^32), got {min(vals)}..{max(vals)}")
+        if not isinstance(skip_special_tokens, bool):
+            raise ValueError(f"skip_special_tokens: expected True or False, got {skip_special_tokens!r}")
+        return self._tok.decode(vals, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
                             tokenize: bool = False, tools: Sequence[Mapping[str, Any]] | None = None,
