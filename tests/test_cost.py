@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from dsv4rs import cli
+from dsv4rs import cli, cost
 from dsv4rs.cache import CacheConfig
 from dsv4rs.cost import FLOP_COMPONENTS, BaselineModel, V4Model, compare, models
 from dsv4rs.model.config import CSA, HCA, SWA
@@ -107,4 +107,15 @@ def test_cli_bad_context_names_the_argument(capsys) -> None:
     with pytest.raises(SystemExit) as e:
         cli.main(["cost", "--context", "0"])
     assert e.value.code == 2
-    assert "context: expected a positive number of tokens, got 0" in capsys.readouterr().err
+    assert "context: expected a positive number of tokens (below 2^63), got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("call", "error", "name"), [
+    (lambda: cost.compare([10**30]), ValueError, "context"),  # was the binding's OverflowError
+    (lambda: cost.compare([1.5]), ValueError, "context"),
+    (lambda: cost.plot(None), TypeError, "path"),
+])
+def test_bad_arguments_name_themselves(call, error: type, name: str) -> None:
+    with pytest.raises(error, match=f"^{name}: "):
+        call()
+    assert cost.compare([2**63 - 1])[0]["context"] == 2**63 - 1  # the largest context is exact

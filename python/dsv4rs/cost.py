@@ -52,8 +52,8 @@ FAMILIES = ("window", "csa_main", "csa_index", "hca", "state")
 
 
 def _check_context(context: int) -> int:
-    if isinstance(context, bool) or not isinstance(context, int) or context < 1:
-        raise ValueError(f"context: expected a positive number of tokens, got {context!r}")
+    if isinstance(context, bool) or not isinstance(context, int) or not 1 <= context < 1 << 63:
+        raise ValueError(f"context: expected a positive number of tokens (below 2^63), got {context!r}")
     return context
 
 
@@ -377,6 +377,9 @@ def plot(path: str, main_format: str = "fp8", index_format: str = "fp4") -> None
     extension names (``.png``, ``.svg``, ``.pdf``, ...; PNG without one; needs matplotlib:
     :data:`PLOT_INSTALL`). The image is rendered in memory and then written, so a failed write (a full disk) raises
     ``OSError``; an unknown extension raises ``ValueError`` naming ``path``."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a file path, got {type(path).__name__}")
+    path = os.fspath(path)
     ext = os.path.splitext(path)[1].lstrip(".").lower() or "png"
     try:
         import matplotlib
