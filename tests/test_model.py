@@ -275,6 +275,15 @@ def test_config_errors_name_the_key(change: dict, names: str) -> None:
         V4Config.from_dict(d)
 
 
+@pytest.mark.parametrize(("kw", "error", "name"), [
+    ({"seed": "x"}, ValueError, "seed"), ({"seed": 2**70}, ValueError, "seed"), ({"seed": -1}, ValueError, "seed"),
+    ({"seed": True}, ValueError, "seed"), ({"std": math.nan}, ValueError, "std"), ({"model": None}, TypeError, "model"),
+])
+def test_init_random_names_its_arguments(kw: dict, error: type, name: str) -> None:
+    with pytest.raises(error, match=f"^{name}: "):
+        init_random(**({"model": DeepseekV4(V4Config.tiny()), "seed": 0} | kw))
+
+
 # -- parity with transformers -------------------------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ batch through the paged KV cache: the runtime (:mod:`dsv4rs.runtime`) plans the 
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from itertools import chain
@@ -247,7 +248,14 @@ def empty_model(cfg: V4Config, device: torch.device | str, dtype: torch.dtype = 
 
 def init_random(model: DeepseekV4, seed: int, std: float = 0.02) -> DeepseekV4:
     """Seeded random weights (as transformers initializes them, with the norms at 1, but random
-    sinks, positional biases, mHC parameters and hash tables so every path is exercised)."""
+    sinks, positional biases, mHC parameters and hash tables so every path is exercised).
+    ``seed``: an int in ``[0, 2^64)``; ``std``: a finite number >= 0."""
+    if not isinstance(model, DeepseekV4):
+        raise TypeError(f"model: expected a DeepseekV4, got {type(model).__name__}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 64:
+        raise ValueError(f"seed: expected an int in [0, 2^64), got {seed!r}")
+    if isinstance(std, bool) or not isinstance(std, (int, float)) or not 0 <= std < math.inf:
+        raise ValueError(f"std: expected a finite number >= 0, got {std!r}")
     g = torch.Generator().manual_seed(seed)
     cfg = model.config
     with torch.no_grad():
