@@ -302,8 +302,12 @@ def test_parallel_config_checks_its_arguments() -> None:
                          (dict(world=2, rank=2, expert_ranges=(range(4), range(4, 8))), "rank"),
                          (dict(world=2, rank=0, expert_ranges=(range(4),)), "expert_ranges"),
                          (dict(world=2, rank=0, expert_ranges=(range(4), range(5, 8))), "expert_ranges"),
-                         (dict(world=2, rank=0, expert_ranges=(range(0, 4, 2), range(4, 8))), "expert_ranges")]:
-        with pytest.raises(ValueError, match=name):
+                         (dict(world=2, rank=0, expert_ranges=(range(0, 4, 2), range(4, 8))), "expert_ranges"),
+                         (dict(world=1, rank=0, expert_ranges=None), "expert_ranges"),
+                         (dict(world=1, rank=0, expert_ranges=range(8)), "expert_ranges"),
+                         (dict(world=1, rank=0, expert_ranges=(range(8),), timeout="x"), "timeout"),
+                         (dict(world=1, rank=0, expert_ranges=(range(8),), timeout=0), "timeout")]:
+        with pytest.raises(ValueError, match=f"^{name}: "):
             ParallelConfig(**kwargs)
 
 

@@ -104,6 +104,10 @@ class ParallelConfig:
             raise ValueError(f"world: expected an int >= 1, got {self.world!r}")
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or not 0 <= self.rank < self.world:
             raise ValueError(f"rank: expected an int in [0, {self.world}), got {self.rank!r}")
+        if not isinstance(self.timeout, (int, float)) or isinstance(self.timeout, bool) or not self.timeout > 0:
+            raise ValueError(f"timeout: expected a number of seconds > 0, got {self.timeout!r}")
+        if isinstance(self.expert_ranges, range) or not isinstance(self.expert_ranges, Sequence):
+            raise ValueError(f"expert_ranges: expected one range per rank, got {self.expert_ranges!r}")
         ranges = tuple(self.expert_ranges)
         if len(ranges) != self.world:
             raise ValueError(f"expert_ranges: expected one range per rank ({self.world}), got {len(ranges)}")
