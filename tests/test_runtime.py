@@ -283,6 +283,23 @@ def test_scheduler_stops_and_frees_pages(gen: torch.Generator) -> None:
         s.add([1] * 690, 20)
     with pytest.raises(ValueError, match="max_new_tokens"):
         s.add([1], 0)
+    # Sampling settings are checked when a request is added, not where a step samples (there an
+    # error would fail every running request); a top_k past the vocabulary keeps every token.
+    for kw, error, name in [({"top_k": -1}, ValueError, "top_k"), ({"temperature": math.nan}, ValueError, "temperature"),
+                            ({"seed": 2**63}, ValueError, "seed"), ({"repetition_penalty": 0.0}, ValueError,
+                                                                     "repetition_penalty"),
+                            ({"presence_penalty": math.inf}, ValueError, "presence_penalty"),
+                            ({"logprobs": -1}, ValueError, "logprobs"), ({"colour": 1}, TypeError, "sampling")]:
+        with pytest.raises(error, match=f"^{name}: "):
+            s.add([1, 2], 2, **kw)
+    assert not s.waiting
+    huge = s.add(s.requests[first].prompt, 8, top_k=2**64)
+    s.run()
+    assert s.requests[huge].output == out  # greedy either way; the huge top_k is 0, not overflowed
+    prompt = s.requests[first].prompt
+    sampled = [s.add(prompt, 4, temperature=1.0, seed=5, top_k=k) for k in (0, 2**64)]
+    s.run()
+    assert s.requests[sampled[0]].output == s.requests[sampled[1]].output
 
 
 def test_out_of_pages_names_the_sequence_and_changes_nothing(gen: torch.Generator) -> None:

@@ -145,6 +145,56 @@ def test_bad_requests_are_refused_clearly(server: Server, body: dict, status: in
     server.idle()
 
 
+# Values the random requests put in their fields: out-of-range, huge, tiny, wrongly typed.
+WILD = [0, -1, 1, 2**31, 2**63, 2**64, 10**30, -(10**30), 1e308, -1e308, 1e-300, 0.5, True, False, None, "x", "", [],
+        {}, [1], ["a"], {"a": 1}]
+SAMPLING = {"max_tokens": 3, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "presence_penalty": 0.0,
+            "frequency_penalty": 0.0, "repetition_penalty": 1.0, "stop": None, "stop_token_ids": None, "ignore_eos": True,
+            "seed": 1, "n": 1, "stream": False, "stream_options": None, "logprobs": None, "model": None}
+
+
+def test_no_request_takes_the_server_down(server: Server) -> None:
+    """Seeded random requests, each with one to three fields set to a wild value (a top_k of
+    2^64 once failed the engine thread in its sampling step, and with it every request after):
+    each is answered (200, or a 4xx naming what is wrong; never a 500), and the server stays
+    healthy."""
+    import random
+
+    r = random.Random(7)
+    # First the requests that found defects (a 500, or the engine thread failed), then random ones.
+    found = [(False, {"top_k": 2**64}), (False, {"top_k": 10**30, "temperature": 1e308}),
+             (True, {"chat_template_kwargs": {"tokenize": True}}), (True, {"chat_template_kwargs": {"messages": 5}}),
+             (True, {"chat_template_kwargs": {"add_generation_prompt": None}}),
+             (True, {"messages": [{"role": "user", "content": 5}]})]
+    with httpx.Client(timeout=120) as http:
+        for i in range(120):
+            chat = found[i][0] if i < len(found) else r.random() < 0.5
+            body = {k: v for k, v in SAMPLING.items() if v is not None}
+            if chat:
+                body["messages"] = [{"role": "user", "content": "hi there"}]
+                fields = [*SAMPLING, "messages", "max_completion_tokens", "top_logprobs", "chat_template_kwargs"]
+            else:
+                body["prompt"] = r.choice(["hello", [1, 2, 3], ["hello"]])
+                fields = [*SAMPLING, "prompt", "echo"]
+            for _ in range(r.randint(1, 3)) if i >= len(found) else ():
+                key, value = r.choice(fields), r.choice(WILD)
+                if key == "chat_template_kwargs" and r.random() < 0.6:
+                    value = {r.choice(["tokenize", "messages", "add_generation_prompt", "tools", "x"]): r.choice(WILD)}
+                elif key == "messages" and r.random() < 0.5:
+                    value = [{"role": r.choice([*WILD, "user"]), "content": r.choice([*WILD, "x"])}]
+                body[key] = value
+            if i < len(found):
+                body.update(found[i][1])
+            url = server.url + ("/v1/chat/completions" if chat else "/v1/completions")
+            resp = http.post(url, content=json.dumps(body), headers={"content-type": "application/json"})
+            what = f"request {i}: {json.dumps(body)[:300]} -> {resp.status_code} {resp.text[:200]}"
+            assert resp.status_code in (200, 400, 404, 422), what
+            if resp.status_code != 200:
+                assert resp.json()["error"]["message"], what
+            assert http.get(server.url + "/health").status_code == 200, what
+    server.idle()
+
+
 def _open_stream(server: Server, stack: contextlib.ExitStack, max_tokens: int = 200):
     """A long streaming completion, its first event read; returns the line iterator."""
     http = stack.enter_context(httpx.Client(timeout=120))

@@ -121,6 +121,9 @@ class LLM:
         """A conversation through the checkpoint's chat template, as token ids."""
         if not isinstance(add_generation_prompt, bool):
             raise ValueError(f"add_generation_prompt: expected True or False, got {add_generation_prompt!r}")
+        if "tokenize" in template_kwargs:
+            raise ValueError("tokenize: encode_chat always returns token ids (the tokenizer's "
+                             "apply_chat_template renders text)")
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
                                                   tokenize=True, **template_kwargs)
 

@@ -271,6 +271,26 @@ class Engine:
             if s not in self._origin:
                 raise ValueError(f"seq_ids: unknown sequence {s}")
 
+        temps, ks, ps, mins, seeds = self.sampling_settings(b, temperature, top_k, top_p, min_p, seed)
+        steps = [self.manager.length(s) for s in seq_ids]
+        pin = self.device.type == "cuda"
+        ints = torch.tensor([ks, seeds, steps], dtype=torch.int64, pin_memory=pin).to(self.device, non_blocking=True)
+        floats = torch.tensor([temps, ps, mins], dtype=torch.float32, pin_memory=pin).to(self.device, non_blocking=True)
+        x = logits.float().contiguous()
+        if all(k == 0 for k in ks) and all(p == 1 for p in ps) and all(m == 0 for m in mins):
+            ids = ops.sample_gumbel(x, floats[0], ints[1], ints[2])  # no filter: one kernel, no sort
+        else:
+            ids = sample(x, floats[0], ints[0], floats[1], ints[1], ints[2], floats[2] if any(mins) else None)
+        return SampledTokens(self, seq_ids, ids)
+
+    def sampling_settings(self, b: int, temperature: float | Sequence[float] = 1.0, top_k: int | Sequence[int] = 0,
+                          top_p: float | Sequence[float] = 1.0, min_p: float | Sequence[float] = 0.0,
+                          seed: int | Sequence[int] = 0) -> tuple[list[float], list[int], list[float], list[float],
+                                                                  list[int]]:
+        """:meth:`sample`'s settings for ``b`` rows (each a number or one per row), checked
+        (``ValueError`` naming the setting) and as lists: ``(temperature, top_k, top_p, min_p,
+        seed)``. A ``top_k`` of the vocabulary's size or more keeps every token: it becomes ``0``,
+        so any int is taken."""
         def rows(name: str, v: object, kind: type, ok, what: str) -> list:
             vals = list(v) if isinstance(v, Sequence) else [v] * b
             if len(vals) != b:
@@ -286,16 +306,8 @@ class Engine:
         ps = rows("top_p", top_p, float, lambda x: 0 < x <= 1, "a number in (0, 1]")
         mins = rows("min_p", min_p, float, lambda x: 0 <= x <= 1, "a number in [0, 1]")
         seeds = rows("seed", seed, int, lambda x: 0 <= x < 1 << 63, "an int in [0, 2^63)")
-        steps = [self.manager.length(s) for s in seq_ids]
-        pin = self.device.type == "cuda"
-        ints = torch.tensor([ks, seeds, steps], dtype=torch.int64, pin_memory=pin).to(self.device, non_blocking=True)
-        floats = torch.tensor([temps, ps, mins], dtype=torch.float32, pin_memory=pin).to(self.device, non_blocking=True)
-        x = logits.float().contiguous()
-        if all(k == 0 for k in ks) and all(p == 1 for p in ps) and all(m == 0 for m in mins):
-            ids = ops.sample_gumbel(x, floats[0], ints[1], ints[2])  # no filter: one kernel, no sort
-        else:
-            ids = sample(x, floats[0], ints[0], floats[1], ints[1], ints[2], floats[2] if any(mins) else None)
-        return SampledTokens(self, seq_ids, ids)
+        vocab = self.cfg.vocab_size
+        return temps, [0 if k >= vocab else k for k in ks], ps, mins, seeds
 
     # -- the forward pass ------------------------------------------------------------------------
 

@@ -19,7 +19,10 @@ helpers here.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -120,6 +123,7 @@ class Scheduler:
             raise ValueError(f"prompt: {len(prompt)} tokens + max_new_tokens {max_new_tokens} exceed the engine's "
                              f"max_len = {self.engine.max_len}")
         self.engine._check_ids("prompt", prompt)
+        sampling = self._checked_sampling(sampling)
         rid = next(self._ids)
         self.requests[rid] = Request(list(prompt), max_new_tokens, **sampling)
         self.waiting.append(rid)
@@ -268,6 +272,28 @@ class Scheduler:
             r = self.requests[rid]
             if r.fed < len(r.prompt):
                 r.fed = min(len(r.prompt), r.fed + len(chunk))
+
+    def _checked_sampling(self, sampling: dict) -> dict:
+        """A request's sampling settings, checked here rather than where a step samples (an error
+        there would fail every running request): the engine's rules for the sampler's settings
+        (a ``top_k`` past the vocabulary is ``0``), finite penalties, ``repetition_penalty > 0``."""
+        unknown = set(sampling) - {f.name for f in dataclasses.fields(Request)}
+        if unknown:
+            raise TypeError(f"sampling: unknown settings {sorted(unknown)}")
+        d = Request([0], 1)
+        keys = ("temperature", "top_k", "top_p", "min_p", "seed")
+        vals = self.engine.sampling_settings(1, *(sampling.get(k, getattr(d, k)) for k in keys))
+        out = dict(sampling) | {k: v[0] for k, v in zip(keys, vals)}
+        for name in ("repetition_penalty", "presence_penalty", "frequency_penalty"):
+            v = sampling.get(name, getattr(d, name))
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or (
+                    name == "repetition_penalty" and v <= 0):
+                raise ValueError(f"{name}: expected a finite number{' > 0' if name == 'repetition_penalty' else ''}, "
+                                 f"got {v!r}")
+        lp = sampling.get("logprobs")
+        if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= self.engine.cfg.vocab_size):
+            raise ValueError(f"logprobs: expected None or an int in [0, vocab_size], got {lp!r}")
+        return out
 
     @staticmethod
     def position(r: Request) -> int:

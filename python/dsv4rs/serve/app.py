@@ -98,6 +98,10 @@ def create_app(llm, model_name: str | None = None, max_pending: int = 64, shutdo
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
         kwargs = body.chat_template_kwargs or {}
+        taken = sorted({"messages", "add_generation_prompt", "tokenize"} & set(kwargs))
+        if taken:
+            raise APIError(400, f"chat_template_kwargs: {', '.join(taken)} may not be set here (the request's own "
+                           "fields set them)", param="chat_template_kwargs")
         h = admit(body, lambda: llm.encode_chat([m.as_dict() for m in body.messages], body.add_generation_prompt,
                                                 **kwargs),
                   body.max_completion_tokens or body.max_tokens, body.logprobs_n())
