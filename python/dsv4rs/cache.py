@@ -147,6 +147,7 @@ class Footprint:
 
     @property
     def total(self) -> int:
+        """Bytes of every part."""
         return self.window + self.compressed + self.state
 
 
@@ -193,10 +194,12 @@ class CacheConfig:
 
     @property
     def csa_layers(self) -> int:
+        """Layers with compress ratio 4 (CSA)."""
         return int(self._layout.layers("csa"))
 
     @property
     def hca_layers(self) -> int:
+        """Layers with compress ratio 128 (HCA)."""
         return int(self._layout.layers("hca"))
 
     @property
@@ -300,6 +303,7 @@ class KVCacheManager:
 
     @property
     def config(self) -> CacheConfig:
+        """The cache geometry this manager allocates for."""
         return self._config
 
     def num_pages(self) -> dict[str, int]:

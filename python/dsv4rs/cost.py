@@ -82,10 +82,12 @@ class Cost:
 
     @property
     def total_flops(self) -> int:
+        """FLOPs of one decode token, every component summed."""
         return sum(self.flops.values())
 
     @property
     def total_kv_bytes(self) -> int:
+        """Bytes a sequence of this context holds in its cache, every part summed."""
         return sum(self.kv_bytes.values())
 
     @property
@@ -99,6 +101,7 @@ class Cost:
         return self.compressed_bytes / self.context
 
     def as_dict(self) -> dict[str, Any]:
+        """The fields and the totals as plain values (a row of :func:`compare` adds the ratios)."""
         return {
             "model": self.model,
             "context": self.context,
@@ -230,6 +233,7 @@ class V4Model:
         return dict(zip(FAMILIES, self._layout.footprint(_check_context(context))))
 
     def cost(self, context: int) -> Cost:
+        """FLOPs of a decode token and cache bytes at ``context`` tokens."""
         kv = self.kv_bytes(context)
         return Cost(self.name, context, self.flops(context), kv, kv["csa_main"] + kv["csa_index"] + kv["hca"])
 
@@ -324,6 +328,7 @@ class BaselineModel:
         }
 
     def cost(self, context: int) -> Cost:
+        """FLOPs of a decode token and cache bytes at ``context`` tokens."""
         kv = self.kv_bytes(context)
         return Cost(self.name, context, self.flops(context), kv, sum(kv.values()))
 

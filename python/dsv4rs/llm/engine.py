@@ -174,6 +174,7 @@ class LLM:
             self.scheduler.abort(rid)
 
     def has_unfinished(self) -> bool:
+        """Whether any request added is still running (queued, prefilling or decoding)."""
         return any(s.out.finish_reason is None for s in self._states.values())
 
     def step(self) -> list[Delta]:

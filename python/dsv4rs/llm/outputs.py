@@ -32,6 +32,7 @@ class Delta:
 
     @property
     def finished(self) -> bool:
+        """Whether this is the request's last delta (it has a ``finish_reason``)."""
         return self.finish_reason is not None
 
 

@@ -73,17 +73,21 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
+        """Tokens in the vocabulary, added tokens included."""
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     def token_id(self, token: str | None) -> int | None:
+        """The id of a token's text (``None`` for ``None`` or a text that is no token)."""
         return None if token is None else self._tok.token_to_id(token)
 
     @property
     def bos_token_id(self) -> int | None:
+        """The beginning-of-sequence token's id, if the tokenizer config names one."""
         return self.token_id(self.special_tokens.get("bos_token"))
 
     @property
     def eos_token_id(self) -> int | None:
+        """The end-of-sequence token's id, if the tokenizer config names one."""
         return self.token_id(self.special_tokens.get("eos_token"))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:

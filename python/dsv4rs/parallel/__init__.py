@@ -136,6 +136,7 @@ class ParallelConfig:
 
     @property
     def num_experts(self) -> int:
+        """Routed experts over all ranks."""
         return self.expert_ranges[-1].stop
 
 

@@ -202,6 +202,8 @@ class Engine:
         return child
 
     def release(self, seq_id: int) -> None:
+        """Ends a sequence: its pages go back to the pools (those a fork or the prefix cache still
+        shares stay), and what the engine kept of it is dropped."""
         self.manager.release(seq_id)
         self._origin.pop(seq_id, None)
         self._pending.pop(seq_id, None)

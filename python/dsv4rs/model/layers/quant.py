@@ -93,10 +93,12 @@ class QuantLinear(nn.Module):
 
     @property
     def in_features(self) -> int:
+        """Input width."""
         return self.weight.shape[1] * (1 if self.fmt == "fp8" else 2)
 
     @property
     def out_features(self) -> int:
+        """Output width."""
         return self.weight.shape[0]
 
     @property
