@@ -491,6 +491,9 @@ def test_engine_rejects_bad_input(tiny: DeepseekV4) -> None:
     # NumPy scalars are numbers; a tensor of sequence ids is a batch.
     eng.sample([seq], torch.zeros(1, tiny.config.vocab_size), temperature=np.float32(0.5), seed=np.int64(3))
     assert eng.step(torch.tensor([seq]), [[1, 2, 3]], last=[2])[0].shape == (2, tiny.config.vocab_size)
+    assert eng.step([seq], torch.tensor([[4, 5]])).shape == (1, tiny.config.vocab_size)  # a 2-d tensor: its rows
+    with pytest.raises(TypeError, match=r"^chunks\[0\]: "):
+        eng.step([seq], torch.tensor([[4.0]]))
     eng.release(seq)  # a sequence of the last step released: no draft for that step
     with pytest.raises(ValueError, match=f"^draft: sequence {seq} of the last step was released"):
         eng.draft([1])

@@ -314,12 +314,15 @@ class Engine:
     # -- the forward pass ------------------------------------------------------------------------
 
     @torch.no_grad()
-    def step(self, seq_ids: Sequence[int], chunks: Sequence[Sequence[int] | torch.Tensor] | SampledTokens,
-             all_logits: bool = False, last: Sequence[int] | None = None) -> torch.Tensor | list[torch.Tensor]:
+    def step(self, seq_ids: Sequence[int],
+             chunks: Sequence[Sequence[int] | torch.Tensor] | torch.Tensor | SampledTokens, all_logits: bool = False,
+             last: Sequence[int] | None = None) -> torch.Tensor | list[torch.Tensor]:
         """Feeds ``chunks[i]`` to sequence ``seq_ids[i]`` and returns float32 logits: of the last
         token of each chunk ``[B, vocab]``, or with ``all_logits`` one ``[len, vocab]`` per chunk,
         or with ``last`` one ``[last[i], vocab]`` per chunk, of its last ``last[i]`` tokens (``0``:
         none; the LM head runs on those rows only, e.g. a speculative step's verified tokens).
+        A chunk is a sequence of ints or a 1-d integer tensor; ``chunks`` may be a 2-d integer
+        tensor, its rows the chunks.
 
         ``chunks`` may also be :class:`SampledTokens` of this engine (from :meth:`sample`) that
         hold a token for each of ``seq_ids``: a decode step fed on the device, which does not
@@ -329,9 +332,12 @@ class Engine:
         if sampled is not None:
             rows = sampled._rows(self, seq_ids)
             chunks = [[0]] * len(seq_ids)  # one token each, its id on the device
+        elif (isinstance(chunks, torch.Tensor) or hasattr(chunks, "__array_interface__")) and len(
+                getattr(chunks, "shape", ())) == 2:
+            chunks = list(chunks)  # a 2-d tensor or array: its rows, chunks of one length
         elif isinstance(chunks, (str, bytes)) or not isinstance(chunks, Sequence):
-            raise TypeError(f"chunks: expected a sequence of token-id chunks or SampledTokens, got "
-                            f"{type(chunks).__name__}")
+            raise TypeError(f"chunks: expected a sequence of token-id chunks, a 2-d tensor of them or "
+                            f"SampledTokens, got {type(chunks).__name__}")
         if len(seq_ids) != len(chunks):
             raise ValueError(f"seq_ids, chunks: {len(seq_ids)} sequences but {len(chunks)} chunks")
         if not len(seq_ids):

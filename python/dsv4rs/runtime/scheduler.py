@@ -291,7 +291,8 @@ class Scheduler:
                 raise ValueError(f"{name}: expected a finite number{' > 0' if name == 'repetition_penalty' else ''}, "
                                  f"got {v!r}")
         lp = sampling.get("logprobs")
-        if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= self.engine.cfg.vocab_size):
+        vocab = self.engine.cfg.vocab_size
+        if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= vocab):
             raise ValueError(f"logprobs: expected None or an int in [0, vocab_size], got {lp!r}")
         return out
 
