@@ -84,6 +84,59 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(llm, spec) -> None:
         assert other.token_ids != alone.token_ids
 
 
+@pytest.mark.parametrize("speculative", [False, True])
+def test_random_joins_and_aborts_leave_each_request_as_alone(tiny_checkpoint: str, speculative: bool) -> None:
+    """Seeded random runs of add_request (random prompts and settings: greedy and sampled,
+    top-k, top-p, a penalty, logprobs), abort and step, with a token budget of 16 so prompts
+    are cut into chunks beside running decodes: every request that was not aborted gives the
+    tokens and text it gives run alone afterwards, and its log-probabilities within float32
+    rounding (prefix hits, forks and chunking included); the cache is empty at the end."""
+    import random
+
+    from dsv4rs import LLM
+
+    m = LLM(tiny_checkpoint, max_sequences=6, max_len=MAX_LEN, speculative=speculative, token_budget=16)
+    r = random.Random(11 + speculative)
+    prompts = [*PROMPTS, "a b c d e f g h i j k l m n o p " * 3]
+
+    def params() -> SamplingParams:
+        kw = {"max_tokens": r.randint(1, 12), "seed": r.randrange(1 << 30), "ignore_eos": r.random() < 0.7,
+              "temperature": r.choice([0.0, 0.8, 1.0])}
+        for key, p, values in (("top_k", 0.3, [1, 5, 50]), ("top_p", 0.3, [0.5, 0.9]),
+                               ("repetition_penalty", 0.2, [1.3]), ("logprobs", 0.2, [2])):
+            if r.random() < p:
+                kw[key] = r.choice(values)
+        return SamplingParams(**kw)
+
+    requests: dict[int, tuple[str, SamplingParams]] = {}
+    for _ in range(150):
+        op = r.random()
+        if op < 0.3:
+            p, sp = r.choice(prompts), params()
+            requests[m.add_request(p, sp)] = (p, sp)
+        elif op < 0.38 and requests:
+            m.abort(r.choice(list(requests)))
+        else:
+            m.step()
+    while m.has_unfinished():
+        m.step()
+    assert m.engine.manager.sequence_ids() == []
+    kept = 0
+    for rid, (p, sp) in requests.items():
+        got = m.completion(rid)
+        if got.finish_reason == "abort":
+            continue
+        alone = m.generate(p, sp)[0]
+        assert (got.token_ids, got.text, got.finish_reason) == (alone.token_ids, alone.text, alone.finish_reason), rid
+        if sp.logprobs is not None:  # the same alternatives, values within float32 rounding
+            for a, b in zip(got.logprobs, alone.logprobs, strict=True):
+                assert a.token_id == b.token_id and [i for i, _ in a.top] == [i for i, _ in b.top], rid
+                assert abs(a.logprob - b.logprob) <= 1e-5 and all(
+                    abs(x - y) <= 1e-5 for (_, x), (_, y) in zip(a.top, b.top)), rid
+        kept += 1
+    assert kept >= 20
+
+
 def test_stop_strings_cut_exactly(llm, spec) -> None:
     """With the same seed the text runs as before up to the stop string and ends right before it;
     the tokens end with the one completing it."""
