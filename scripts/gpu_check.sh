@@ -49,12 +49,12 @@ sanitize() {
                tests/test_quant_ops.py tests/test_route.py tests/test_swiglu.py tests/test_step_rows.py)
     echo "== compute-sanitizer memcheck (API errors and memory accesses)"
     compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 20 \
-        python3 -m pytest -q -x -m gpu -p no:cacheprovider --rootdir=. -c pyproject.toml "${ops[@]}" \
-        -k "not graph and not kernel_switch and not takes_the_block"
+        python3 -m pytest -q -x -m "gpu and not profiler" -p no:cacheprovider --rootdir=. -c pyproject.toml "${ops[@]}" \
+        -k "not graph"
     echo "== compute-sanitizer racecheck (shared-memory hazards), one small case per kernel family"
     compute-sanitizer --tool racecheck --error-exitcode 1 --print-limit 20 \
-        python3 -m pytest -q -x -m gpu -p no:cacheprovider --rootdir=. -c pyproject.toml "${ops[@]}" \
-        -k "(indexer or attention or compress or mhc or copy_rows or rope or round_trip or quant_linear or moe or route or swiglu) and not graph and not kernel_switch and not takes_the_block"
+        python3 -m pytest -q -x -m "gpu and not profiler" -p no:cacheprovider --rootdir=. -c pyproject.toml "${ops[@]}" \
+        -k "(indexer or attention or compress or mhc or copy_rows or rope or round_trip or quant_linear or moe or route or swiglu) and not graph"
 }
 
 # Installs the wheel in folder $1 into its own site folder and prints that folder.

@@ -356,6 +356,7 @@ def test_indexer_one_query_at_1m_context_cuts_below_the_peaks_floor(gen: torch.G
         assert idx[0].tolist() == list(range(k))
 
 
+@pytest.mark.profiler
 def test_indexer_kernel_switch_takes_effect(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each forced score kernel is the one that runs for the selection and the dense scores (seen
     by the profiler), the default is wgmma on compute capability 9.0 and mma.sync elsewhere, and
@@ -502,6 +503,7 @@ def launched_kernels(fn) -> set[str]:
     return {e.key for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA}
 
 
+@pytest.mark.profiler
 def test_attention_kernel_switch_takes_effect(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each forced kernel is the one that runs (seen by the profiler), the default is the first
     runnable one, and all agree closely (the wgmma and mma.sync kernels add in the same order and
@@ -532,6 +534,7 @@ def test_attention_kernel_switch_takes_effect(gen: torch.Generator, monkeypatch:
 
 @pytest.mark.parametrize("t,heads,k,block", [(1, 64, 512, "portable16"), (1, 128, 1024, "portable16"), (2, 16, 512, "portable16"),
                                               (64, 64, 512, "portable"), (8, 128, 1024, "portable"), (300, 40, 64, "portable")])
+@pytest.mark.profiler
 def test_portable_attention_takes_the_block_its_grid_needs(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch, t: int,
                                                          heads: int, k: int, block: str) -> None:
     """The portable kernel takes its 16-head block for small grids (few queries, or at most 16

@@ -594,6 +594,7 @@ def linear_call(gen: torch.Generator, fp4: bool, m: int, k: int = 256) -> tuple:
     return call, lambda: launched_kernels(call)
 
 
+@pytest.mark.profiler
 @pytest.mark.gpu
 @pytest.mark.parametrize("fp4", [False, True], ids=["fp8", "fp4"])
 def test_gpu_qgemm_kernel_switch_takes_effect(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch, fp4: bool) -> None:
@@ -674,6 +675,7 @@ def test_gpu_qgemm_kernel_switch_takes_effect(gen: torch.Generator, monkeypatch:
         call()
 
 
+@pytest.mark.profiler
 @pytest.mark.gpu
 @pytest.mark.parametrize("fp4", [False, True], ids=["fp8", "fp4"])
 def test_gpu_qgemm_tiled_kernel_switch_takes_effect(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch, fp4: bool) -> None:
@@ -800,6 +802,7 @@ WIDE_CASES = [
 ]
 
 
+@pytest.mark.profiler
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", WIDE_CASES, ids=lambda c: f"m{c[0]}-{c[1]}x{c[2]}-g{c[3]}-{str(c[4])[6:]}")
 def test_gpu_quant_linear_wide_tiles_match_reference(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch,
@@ -835,6 +838,7 @@ def test_gpu_quant_linear_wide_tiles_match_reference(gen: torch.Generator, monke
     assert not torch.isfinite(odd[m // 2]).any() and torch.equal(odd[rest], got[rest])
 
 
+@pytest.mark.profiler
 @pytest.mark.gpu
 def test_gpu_quant_linear_wide_tiles_equal_narrow_ones_bit_for_bit(gen: torch.Generator,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
