@@ -97,9 +97,10 @@ class Engine:
         for name, v in (("max_sequences", max_sequences), ("max_len", max_len)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name}: expected an int >= 1 or None, got {v!r}")
-        for name, v in (("quant", quant), ("cuda_graphs", cuda_graphs)):
-            if not isinstance(v, bool) and not (name == "cuda_graphs" and v is None):
-                raise ValueError(f"{name}: expected a bool{' or None' if name == 'cuda_graphs' else ''}, got {v!r}")
+        if not isinstance(quant, bool):
+            raise ValueError(f"quant: expected a bool, got {quant!r}")
+        if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs: expected a bool or None, got {cuda_graphs!r}")
         if memory_fraction is not None and (isinstance(memory_fraction, bool) or not isinstance(
                 memory_fraction, numbers.Real) or not 0 < memory_fraction <= 1):
             raise ValueError(f"memory_fraction: expected a number in (0, 1], got {memory_fraction!r}")
@@ -214,8 +215,7 @@ class Engine:
     def _seq_ids(seq_ids: object) -> list[int]:
         """A batch's sequence ids as a list of ints (a sequence of ints or a 1-d integer tensor on
         the CPU; bools and floats refused): TypeError naming ``seq_ids``."""
-        if isinstance(seq_ids, SampledTokens) or not isinstance(seq_ids, (Sequence, torch.Tensor)) and not hasattr(
-                seq_ids, "__array_interface__"):
+        if not isinstance(seq_ids, (Sequence, torch.Tensor)) and not hasattr(seq_ids, "__array_interface__"):
             raise TypeError(f"seq_ids: expected a sequence of sequence ids, got {type(seq_ids).__name__}")
         v = int_ids("seq_ids", seq_ids)
         return v.tolist() if isinstance(v, torch.Tensor) else list(v)

@@ -86,6 +86,11 @@ class Request:
         return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
+_REQUEST_FIELDS = frozenset(f.name for f in dataclasses.fields(Request))
+_REQUEST_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Request) if f.default is not dataclasses.MISSING}
+"""A request's settings left out of :meth:`Scheduler.add` take these values."""
+
+
 class Scheduler:
     """Schedules requests on an :class:`Engine`.
 
@@ -277,15 +282,15 @@ class Scheduler:
         """A request's sampling settings, checked here rather than where a step samples (an error
         there would fail every running request): the engine's rules for the sampler's settings
         (a ``top_k`` past the vocabulary is ``0``), finite penalties, ``repetition_penalty > 0``."""
-        unknown = set(sampling) - {f.name for f in dataclasses.fields(Request)}
+        unknown = set(sampling) - _REQUEST_FIELDS
         if unknown:
             raise TypeError(f"sampling: unknown settings {sorted(unknown)}")
-        d = Request([0], 1)
+        settings = _REQUEST_DEFAULTS | sampling
         keys = ("temperature", "top_k", "top_p", "min_p", "seed")
-        vals = self.engine.sampling_settings(1, *(sampling.get(k, getattr(d, k)) for k in keys))
+        vals = self.engine.sampling_settings(1, *(settings[k] for k in keys))
         out = dict(sampling) | {k: v[0] for k, v in zip(keys, vals)}
         for name in ("repetition_penalty", "presence_penalty", "frequency_penalty"):
-            v = sampling.get(name, getattr(d, name))
+            v = settings[name]
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or (
                     name == "repetition_penalty" and v <= 0):
                 raise ValueError(f"{name}: expected a finite number{' > 0' if name == 'repetition_penalty' else ''}, "
