@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dsv4rs import ops, reference
+from profiled import launched_kernels
 
 pytestmark = pytest.mark.gpu
 
@@ -492,15 +493,6 @@ def test_sparse_attention_derotates_with_the_table(gen: torch.Generator, table: 
     assert rel_err(out, want) < 1e-6
     other = reference.apply_rope(rows, pos, inv_freq, inverse=True, table="exact" if table == "official" else "official")
     assert rel_err(out[-1, :, 448:], other[-1, :, 448:]) > 1e-3
-
-
-def launched_kernels(fn) -> set[str]:
-    """Names of the CUDA kernels `fn` launches (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return {e.key for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA}
 
 
 @pytest.mark.profiler

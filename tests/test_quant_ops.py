@@ -37,6 +37,7 @@ import torch
 
 from dsv4rs import _core, ops
 from dsv4rs import reference as ref
+from profiled import launched_kernels
 
 U = 2.0**-24
 """float32's unit roundoff."""
@@ -570,16 +571,6 @@ def slice_bound() -> float:
     """``SLICE`` where the decode form may run on FP8 ``mma`` (the GPU's own choice), else 0."""
     fp8_cores = torch.cuda.get_device_capability() >= (8, 9)
     return SLICE if fp8_cores and os.environ.get("DSV4RS_QGEMM_KERNEL", "auto") in ("auto", "fp8") else 0.0
-
-
-def launched_kernels(fn) -> set[str]:
-    """Names of the CUDA kernels one call of ``fn`` launches (seen by torch's profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return {e.key for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA}
 
 
 def linear_call(gen: torch.Generator, fp4: bool, m: int, k: int = 256) -> tuple:

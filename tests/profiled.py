@@ -1,0 +1,16 @@
+"""What the GPU ran, seen by torch's profiler (tests that use it carry the ``profiler`` marker:
+CUPTI cannot attach under compute-sanitizer)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def launched_kernels(fn) -> set[str]:
+    """Names of the CUDA kernels one call of ``fn`` launches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.key for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA}
