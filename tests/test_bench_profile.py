@@ -1,4 +1,5 @@
-"""``python -m dsv4rs.bench.profile step``: one decode step's kernels, on the CPU (the demo model)."""
+"""``python -m dsv4rs.bench.profile step``: one decode (or prefill) step's kernels, on the CPU (the
+demo model)."""
 
 import pytest
 
@@ -19,8 +20,21 @@ def test_step_table_lists_the_steps_operators_with_a_total() -> None:
     assert float(total.split()[1]) >= sum(float(line.split()[-3]) for line in body)
 
 
+def test_prefill_table_lists_a_prefill_steps_operators(capsys: pytest.CaptureFixture) -> None:
+    lines = step_table("demo", layers=2, batch=2, device="cpu", steps=2, top=8, prefill=96)
+    assert lines[0].startswith("demo x 2 layers, bf16 weights, prefill of 96 tokens x 2: self CPU time")
+    body = lines[2:-2]
+    shares = [float(line.split()[-1].rstrip("%")) for line in body + [lines[-2]]]
+    assert len(body) == 8 and 99.0 <= sum(shares) <= 101.0
+    ops = {line.split()[0] for line in body}
+    assert any(op.startswith("dsv4rs::") for op in ops) and "aten::mm" in ops  # the projections' matmuls
+    assert main(["step", "--device", "cpu", "--layers", "1", "--prefill", "32", "--steps", "1", "--top", "3"]) == 0
+    assert "prefill of 32 tokens x 1" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("kwargs,name", [({"device": "tpu"}, "device"), ({"batch": 0}, "batch"),
-                                         ({"steps": 0}, "steps"), ({"weights": "fp4"}, "weights")])
+                                         ({"steps": 0}, "steps"), ({"weights": "fp4"}, "weights"),
+                                         ({"prefill": -1}, "prefill")])
 def test_step_table_refuses_bad_arguments(kwargs: dict, name: str) -> None:
     with pytest.raises(ValueError, match=f"^{name}:"):
         step_table(**kwargs)

@@ -6,7 +6,9 @@
   [--weights bf16|shipped] [--device cpu|cuda]``: one decode step of the model suite's model
   (``dsv4rs bench --only model``), kernel by kernel: on a GPU the replayed CUDA graph of the step
   (each kernel's launches a step and its GPU time), on the CPU the eager step's operators (calls a
-  step and self time). The count of launches is what bounds a small batch (docs/runtime.md)."""
+  step and self time). The count of launches is what bounds a small batch (docs/runtime.md).
+  ``--prefill T``: a prefill of ``T`` tokens a sequence instead (``--batch`` fresh sequences a
+  step, eager on a GPU as the engine runs prefill), with its share of each kernel."""
 
 from __future__ import annotations
 
@@ -49,9 +51,11 @@ def report(name: str, fn) -> None:
 
 
 def step_table(preset: str = "demo", layers: int = 4, batch: int = 1, context: int = 1024, weights: str = "bf16",
-               device: str = "cpu", steps: int = 5, top: int = 25) -> list[str]:
+               device: str = "cpu", steps: int = 5, top: int = 25, prefill: int = 0) -> list[str]:
     """Lines of a table of one decode step's kernels (GPU: the replayed graph's; CPU: the eager
-    step's operators, self time), the most time first, ``top`` of them and a total line."""
+    step's operators, self time), the most time first, ``top`` of them and a total line. With
+    ``prefill`` > 0, of a step that prefills ``prefill`` tokens in each of ``batch`` fresh
+    sequences (eager on a GPU too; ``context`` is then unused)."""
     from dsv4rs.bench.model import _build, _config, _fill_cache
     from dsv4rs.runtime import Engine
 
@@ -62,22 +66,37 @@ def step_table(preset: str = "demo", layers: int = 4, batch: int = 1, context: i
     for name, v in (("layers", layers), ("batch", batch), ("context", context), ("steps", steps), ("top", top)):
         if v < 1:
             raise ValueError(f"{name}: at least 1, got {v}")
+    if prefill < 0:
+        raise ValueError(f"prefill: at least 0 (0: a decode step), got {prefill}")
     if weights not in ("bf16", "shipped"):
         raise ValueError(f"weights: bf16 or shipped, got {weights!r}")
     gpu = device == "cuda"
     cfg = _config(preset, layers)
     model = _build(cfg, device, shipped=weights == "shipped")
-    eng = Engine(model, max_sequences=batch, max_len=context + steps + 4, quant=True, cuda_graphs=gpu)
-    _fill_cache(eng)
-    seqs = [eng.add_sequence()[0] for _ in range(batch)]
-    eng.manager.append(seqs, [[0] * context for _ in seqs])
-    tokens = [[t] for t in torch.randint(0, cfg.vocab_size, (batch,)).tolist()]
-    eng.step(seqs, tokens)  # captures the bucket's graph (GPU), warms up
-    if gpu:
-        graph = eng.graphs.graphs[eng.graphs.bucket(batch)][0]
-        run, activity = graph.replay, ProfilerActivity.CUDA
+    if prefill:
+        eng = Engine(model, max_sequences=batch, max_len=prefill + 4, quant=True, cuda_graphs=False)
+        ids = torch.randint(0, cfg.vocab_size, (prefill,)).tolist()
+
+        def run() -> None:
+            seqs = [eng.add_sequence()[0] for _ in range(batch)]
+            eng.step(seqs, [ids] * batch)
+            for s in seqs:
+                eng.release(s)
+
+        run()  # warms up
+        activity = ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU
     else:
-        run, activity = (lambda: eng.step(seqs, tokens)), ProfilerActivity.CPU
+        eng = Engine(model, max_sequences=batch, max_len=context + steps + 4, quant=True, cuda_graphs=gpu)
+        _fill_cache(eng)
+        seqs = [eng.add_sequence()[0] for _ in range(batch)]
+        eng.manager.append(seqs, [[0] * context for _ in seqs])
+        tokens = [[t] for t in torch.randint(0, cfg.vocab_size, (batch,)).tolist()]
+        eng.step(seqs, tokens)  # captures the bucket's graph (GPU), warms up
+        if gpu:
+            graph = eng.graphs.graphs[eng.graphs.bucket(batch)][0]
+            run, activity = graph.replay, ProfilerActivity.CUDA
+        else:
+            run, activity = (lambda: eng.step(seqs, tokens)), ProfilerActivity.CPU
     run()
     if gpu:
         torch.cuda.synchronize()
@@ -95,10 +114,10 @@ def step_table(preset: str = "demo", layers: int = 4, batch: int = 1, context: i
             rows.append((e.key, e.count / steps, us / steps))
     rows.sort(key=lambda r: -r[2])
     total_us, total_n = sum(r[2] for r in rows), sum(r[1] for r in rows)
-    what = "GPU time of the replayed step" if gpu else "self CPU time of the eager step"
+    what = ("GPU time of the eager step" if prefill else "GPU time of the replayed step") if gpu else "self CPU time of the eager step"
     width = min(72, max([len("kernel")] + [len(r[0]) for r in rows[:top]]))
-    lines = [f"{preset} x {layers} layers, {weights} weights, batch {batch}, context {context}: {what}, "
-             f"the mean of {steps} steps",
+    shape = f"prefill of {prefill} tokens x {batch}" if prefill else f"batch {batch}, context {context}"
+    lines = [f"{preset} x {layers} layers, {weights} weights, {shape}: {what}, the mean of {steps} steps",
              f"{'kernel':<{width}}  {'a step':>7}  {'us a step':>10}  {'share':>6}"]
     for name, n, us in rows[:top]:
         lines.append(f"{name[:width]:<{width}}  {n:7.1f}  {us:10.1f}  {us / max(total_us, 1e-9):6.1%}")
@@ -116,7 +135,7 @@ def step_main(argv: list[str]) -> int:
     from dsv4rs.model.config import PRESETS
 
     parser = argparse.ArgumentParser(prog="python -m dsv4rs.bench.profile step",
-                                     description="One decode step of the model suite's model, kernel by kernel.")
+                                     description="One decode (or prefill) step of the model suite's model, kernel by kernel.")
     parser.add_argument("--preset", choices=list(PRESETS), help="the model's width (default v4-flash on a GPU, demo on the CPU)")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batch", type=int, default=1)
@@ -125,12 +144,15 @@ def step_main(argv: list[str]) -> int:
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: a CUDA GPU if there is one")
     parser.add_argument("--steps", type=int, default=5, help="steps profiled (the table is their mean)")
     parser.add_argument("--top", type=int, default=25, help="rows printed (the rest summed in one)")
+    parser.add_argument("--prefill", type=int, default=0, metavar="TOKENS",
+                        help="profile a prefill of TOKENS tokens a sequence instead of a decode step")
     args = parser.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device == "cuda"
     try:
         lines = step_table(args.preset or ("v4-flash" if gpu else "demo"), args.layers, args.batch,
-                           args.context or (4096 if gpu else 1024), args.weights, device, args.steps, args.top)
+                           args.context or (4096 if gpu else 1024), args.weights, device, args.steps, args.top,
+                           args.prefill)
     except ValueError as e:
         parser.error(str(e))
     print("\n".join(lines))
