@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dsv4rs import ops
+from fp8_cases import blocks, rne_codes
 
 MAIN_PAGE = ops.PAGE_ROWS * ops.MAIN_ENTRY_BYTES
 
@@ -43,6 +44,32 @@ def test_entry_layout_rows_then_scales(gen: torch.Generator) -> None:
     assert (amax <= 448 * torch.exp2(e.double())).all() and (amax > 448 * torch.exp2(e.double() - 1)).all()
     assert scales[7] == 0
     assert (page1[(row + 1) * 576 : 64 * 576] == 0).all(), "unused rows stay zero"
+
+
+def entry_rows(cache: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(data [n, 576], scales [n, 8])``: the bytes of rows ``0 .. n - 1`` of a KV cache."""
+    pages = cache[: (n + 63) // 64]
+    data = pages[:, : 64 * 576].reshape(-1, 576)[:n]
+    scales = pages[:, 64 * 576 :].reshape(-1, 8)[:n]
+    return data, scales
+
+
+def test_fp8_codes_round_to_nearest_even_at_every_boundary(gen: torch.Generator) -> None:
+    """Each e4m3 code's value, each midpoint between neighbours and their float32 neighbours
+    (tests/fp8_cases.py), at block scales 2^0, 2^-13 and 2^9: the entry's codes are torch's own
+    e4m3 rounding (ties to even), its scale bytes ``e + 127``; the same for FP8 indexer keys. (The
+    GPU's bytes are held to these in test_gpu_formats.py.)"""
+    x, e = blocks(64, per_row=7)
+    entries = torch.cat([x, torch.randn(x.shape[0], 64, generator=gen)], dim=1)
+    data, scales = entry_rows(ops.quantize_entries(entries), x.shape[0])
+    assert torch.equal(data[:, :448], rne_codes(x, e))
+    assert torch.equal(scales[:, :7].long(), (e + 127)[:, None].expand(-1, 7))
+    keys, ke = blocks(128)
+    cache = ops.quantize_index_keys(keys, "fp8")
+    codes = cache[: (keys.shape[0] + 63) // 64, : 64 * 128].reshape(-1, 128)[: keys.shape[0]]
+    assert torch.equal(codes, rne_codes(keys, ke))
+    assert torch.equal(ops.index_key_read(cache, torch.arange(keys.shape[0]), "fp8"),
+                       codes.view(torch.float8_e4m3fn).float() * torch.pow(2.0, ke.float())[:, None])
 
 
 def test_bf16_input_equals_float32_of_same_values(gen: torch.Generator) -> None:
