@@ -83,7 +83,6 @@ def step_table(preset: str = "demo", layers: int = 4, batch: int = 1, context: i
             for s in seqs:
                 eng.release(s)
 
-        run()  # warms up
         activity = ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU
     else:
         eng = Engine(model, max_sequences=batch, max_len=context + steps + 4, quant=True, cuda_graphs=gpu)
@@ -97,7 +96,7 @@ def step_table(preset: str = "demo", layers: int = 4, batch: int = 1, context: i
             run, activity = graph.replay, ProfilerActivity.CUDA
         else:
             run, activity = (lambda: eng.step(seqs, tokens)), ProfilerActivity.CPU
-    run()
+    run()  # warms up (a prefill's first call; a decode step's replay after its capture)
     if gpu:
         torch.cuda.synchronize()
     with profile(activities=[activity]) as prof:
