@@ -48,6 +48,41 @@ def test_grouped_experts_equal_the_per_expert_loop(gen: torch.Generator, case: s
     assert float(err) < 2e-2, float(err)
 
 
+def _quantized_experts(gen: torch.Generator) -> Experts:
+    ex = Experts(V4Config.tiny(n_routed_experts=8, hidden_size=64, moe_intermediate_size=32), quantized=True)
+    for name in ("gate_up", "down"):
+        getattr(ex, name).copy_(torch.randint(0, 256, getattr(ex, name).shape, dtype=torch.uint8, generator=gen))
+    for name in ("gate_up_scale", "down_scale"):
+        getattr(ex, name).copy_(torch.randint(118, 124, getattr(ex, name).shape, dtype=torch.uint8, generator=gen))
+    return ex
+
+
+@pytest.mark.parametrize("form", ["float32", "bfloat16", "mxfp4"])
+@torch.no_grad()
+def test_every_experts_form_skips_pairs_of_id_minus_one(gen: torch.Generator, form: str) -> None:
+    """An id of -1 is no expert in every form of the routed experts (the per-expert loop, the
+    grouped GEMMs, the fused MXFP4 op), as an exchange's empty slots and another rank's pairs
+    need: the pair adds nothing, a token whose pairs are all -1 gets exactly zero, and the other
+    pairs sum as they would with that pair's weight zero (a pair of -1 sorted into an expert's
+    rows would move them by O(1))."""
+    ex = _quantized_experts(gen) if form == "mxfp4" else _experts(gen)
+    if form == "bfloat16":
+        ex = ex.to(torch.bfloat16)
+    t, k = 23, 3
+    x = torch.randn(t, 64, generator=gen).to(torch.bfloat16 if form == "bfloat16" else torch.float32)
+    idx = torch.randint(0, 8, (t, k), generator=gen)
+    drop = torch.rand(t, k, generator=gen) < 0.4
+    drop[0] = True  # a token with no expert at all
+    drop[1] = False
+    w = torch.rand(t, k, generator=gen)
+    got = ex(x, torch.where(drop, -1, idx), w)
+    assert torch.equal(got[0], torch.zeros_like(got[0]))
+    want = ex(x, idx, torch.where(drop, 0.0, w))
+    tol = 1e-2 if form == "bfloat16" else 1e-6
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()))
+    assert float((ex(x, idx, w) - want).abs().max()) > 10 * tol * float(want.abs().max())  # the drops matter
+
+
 def test_bf16_model_prefill_runs_the_grouped_path(gen: torch.Generator) -> None:
     from dsv4rs.runtime import Engine
 
@@ -639,7 +674,10 @@ def test_gpu_gathered_float32_experts_equal_the_loop(gen: torch.Generator) -> No
     x = torch.randn(9, 64, generator=gen).cuda()
     idx = torch.randint(0, 8, (9, 2), generator=gen).cuda()
     idx[0, 1] = idx[0, 0]
+    idx[1, 0] = idx[2, :] = -1  # no expert: adds nothing
     w = torch.rand(9, 2, generator=gen).cuda()
     assert ex.gathers(idx.numel()) and ex.capturable(9, 2)
-    torch.testing.assert_close(ex(x, idx, w), ex._per_expert(x, idx, w), atol=1e-5, rtol=1e-5)
+    got = ex(x, idx, w)
+    torch.testing.assert_close(got, ex._per_expert(x, idx, w), atol=1e-5, rtol=1e-5)
+    assert torch.equal(got[2], torch.zeros_like(got[2]))
     assert not ex.gathers(10**9)

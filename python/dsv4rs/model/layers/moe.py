@@ -143,8 +143,8 @@ class Experts(nn.Module):
         return self._run(x, idx, weights)
 
     def local(self, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """``expert_{ids[n]}(rows[n])`` for held experts (``ids`` counted from :attr:`first`),
-        no routing weight: the pairs an exchange brings to this rank."""
+        """``expert_{ids[n]}(rows[n])`` for held experts (``ids`` counted from :attr:`first`; -1:
+        no expert, a zero row), no routing weight: the pairs an exchange brings to this rank."""
         if rows.shape[0] == 0:
             return rows.new_zeros(rows.shape)
         ones = torch.ones(rows.shape[0], 1, dtype=torch.float32, device=rows.device)
@@ -157,22 +157,15 @@ class Experts(nn.Module):
     def held_sum(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """``sum_k weights[t, k] expert_{idx[t, k]}(x_t)`` in float32 ``[T, d]`` over the pairs whose
         experts this module holds (``idx``: global ids); the other pairs add nothing (tensor
-        parallelism: every rank has every token). MXFP4 experts take every pair in one call of
-        the fused op, the others as id -1 (no expert), so nothing waits for the host; other
-        experts run the pairs they hold, picked on the host."""
+        parallelism: every rank has every token). Every pair goes to one call, the other ranks'
+        pairs as id -1 (no expert), so nothing waits for the host."""
         tokens, k = idx.shape
         if self.held == 0:
             return torch.zeros(tokens, x.shape[-1], dtype=torch.float32, device=x.device)
-        ours = self.holds(idx)
-        if self.quantized:
-            return self._run(x.float(), torch.where(ours, idx - self.first, -1), weights)
-        flat = idx.flatten()
-        mine = torch.nonzero(ours.flatten()).flatten()
-        ran = self.local(x[mine // k], flat[mine] - self.first)
-        out = torch.zeros(tokens, x.shape[-1], dtype=torch.float32, device=x.device)
-        return out.index_add_(0, mine // k, ran.float() * weights.flatten()[mine, None].float())
+        return self._run(x.float(), torch.where(self.holds(idx), idx - self.first, -1), weights)
 
     def _run(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Every form: ``idx`` counted from :attr:`first`, -1 a pair that adds nothing."""
         if self.quantized:
             return ops.moe_experts(x, idx, weights.float(), self.gate_up, self.gate_up_scale, self.down,
                                    self.down_scale, self.limit, self.act, layout=self.layout)
@@ -203,34 +196,42 @@ class Experts(nn.Module):
     def _grouped(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The (token, choice) pairs sorted by expert, two grouped GEMMs over the experts' row
         ranges, then each token's choices summed in float32 in their routing order
-        (deterministic: no atomics)."""
+        (deterministic: no atomics). Pairs of id -1 sort last, past every expert's range, and
+        add nothing (the GEMMs leave those rows unwritten: they are masked, not multiplied)."""
         tokens, k = idx.shape
         experts = self.gate_up_proj.shape[0]
         flat = idx.flatten()
-        order = torch.argsort(flat, stable=True)
+        valid = flat >= 0
+        order = torch.argsort(torch.where(valid, flat, experts), stable=True)
         counts = torch.zeros(experts, dtype=torch.int32, device=x.device).scatter_add_(
-            0, flat, torch.ones_like(flat, dtype=torch.int32))
+            0, flat.clamp(min=0), valid.to(torch.int32))
         ends = counts.cumsum(0, dtype=torch.int32)
         rows = x.to(torch.bfloat16)[order // k]
         h = self._swiglu(F.grouped_mm(rows, self.gate_up_proj.transpose(-2, -1), offs=ends))
         y = F.grouped_mm(h, self.down_proj.transpose(-2, -1), offs=ends)
+        y = torch.where(valid[order, None], y, 0)
         unsorted = torch.empty_like(y).index_copy_(0, order, y).view(tokens, k, -1)
         return (unsorted.float() * weights[..., None].float()).sum(1).to(x.dtype)
 
     def _gathered(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Each (token, choice) pair's expert weights gathered, one batched matmul per
-        projection, the choices summed in routing order."""
+        projection, the choices summed in routing order (a pair of id -1 gathers expert 0 and is
+        masked)."""
         flat = idx.flatten()
+        valid = flat >= 0
+        flat = flat.clamp(min=0)
         rows = x.repeat_interleave(idx.shape[1], dim=0)[:, :, None]
         h = self._swiglu(torch.bmm(self.gate_up_proj[flat].to(x.dtype), rows)[..., 0])
-        y = torch.bmm(self.down_proj[flat].to(x.dtype), h[:, :, None])[..., 0].view(*idx.shape, -1)
+        y = torch.bmm(self.down_proj[flat].to(x.dtype), h[:, :, None])[..., 0]
+        y = torch.where(valid[:, None], y, 0).view(*idx.shape, -1)
         return (y * weights[..., None].to(x.dtype)).sum(1)
 
     def _per_expert(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)
-        flat = idx.flatten()
+        experts = self.gate_up_proj.shape[0]
+        flat = torch.where(idx.flatten() >= 0, idx.flatten(), experts)  # -1: past the last expert, skipped
         order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
+        counts = torch.bincount(flat, minlength=experts + 1).tolist()[:experts]
         tokens = order // idx.shape[1]
         start = 0
         for expert, n in enumerate(counts):
