@@ -94,6 +94,13 @@ def worker(rank: int, world: int, store: str, out: str, mode: str, timeout: floa
         if mode == "stall" and rank == 1:
             time.sleep(3 * timeout)
             os._exit(0)
+        exchange = engine.model.model.layers[0].mlp.experts.exchange
+        forms = result["forms"] = {"fixed": 0, "variable": 0}
+        for form in forms if not tp else ():  # which form of the exchange each call took
+            def counted(*a, _run=getattr(exchange, f"_{form}"), _form=form):
+                forms[_form] += 1
+                return _run(*a)
+            setattr(exchange, f"_{form}", counted)
         t0 = time.monotonic()
         result["logits"] = run_schedule(engine, mine)
         result["received"] = list(engine.model.model.layers[0].mlp.experts.exchange.received)

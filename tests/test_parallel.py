@@ -63,7 +63,9 @@ def single() -> dict:
 
 @pytest.mark.parametrize(("world", "mode"), [(2, "ok"), (4, "ok"), (2, "lopsided"), (2, "tp"), (4, "tp")])
 def test_parallel_logits_equal_one_process(tmp_path, single: dict, world: int, mode: str) -> None:
-    """``ok``: data-parallel attention (sequences spread unevenly) and experts by all-to-all;
+    """``ok``: data-parallel attention (sequences spread unevenly) and experts by all-to-all
+    (the variable form while any rank feeds a prompt, and the MTP drafts; the fixed form in the
+    steps where every rank decodes or idles);
     ``lopsided``: the same with rank 0 holding all 8 experts and rank 1 none, so rank 1's
     exchanges receive nothing and every one of its pairs runs on rank 0; ``tp``: every rank runs
     every sequence on its share of the heads and output groups, experts by all-reduce."""
@@ -92,6 +94,9 @@ def test_parallel_logits_equal_one_process(tmp_path, single: dict, world: int, m
     layers = len(pw.model().model.layers)
     for res in results:
         assert len(res["received"]) == pw.STEPS * (layers + 1)  # every layer's exchange and the MTP block's
+        if mode != "tp":  # the steps after the prompts (every rank decoding, or idle) take the fixed form
+            decode_steps = pw.STEPS - 2
+            assert res["forms"] == {"fixed": decode_steps * layers, "variable": 2 * layers + pw.STEPS}, res["forms"]
     if mode == "lopsided":
         assert set(results[1]["received"]) == {0} and min(results[0]["received"]) > 0
 
@@ -217,6 +222,128 @@ def test_tensor_parallel_mxfp4_experts_take_every_pair_in_one_call(tmp_path, mon
     torch.testing.assert_close(parts[0] + parts[1], want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.fixture
+def solo_group(tmp_path) -> Iterator[None]:
+    """A process group of this process alone (gloo), for an exchange with itself."""
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/solo", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+HOST_READS = {"_local_scalar_dense", "nonzero", "masked_select", "bincount", "unique", "_unique2", "unique_dim",
+              "unique_consecutive", "repeat_interleave"}
+"""aten ops that read a tensor's values on the host (on a GPU: wait for it), the scalar read and
+the ops whose output's shape depends on the values."""
+
+
+class NoHostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Fails on any :data:`HOST_READS` op (and ``Tensor.tolist``, which reads without
+    dispatching) outside the calls it is told to let through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.let, self.seen = 0, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name.split("::")[-1]
+        if name in HOST_READS and not self.let:
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+    def through(self, fn):
+        def call(*a, **k):
+            self.let += 1
+            try:
+                return fn(*a, **k)
+            finally:
+                self.let -= 1
+        return call
+
+
+@pytest.mark.parametrize("form", ["float32", "bfloat16"])
+@torch.no_grad()
+def test_tensor_parallel_held_sums_add_up_in_every_form(gen, form: str) -> None:
+    """Under "tp" unquantized experts take every pair in one call too, the other ranks' pairs as
+    id -1: the ranks' partial sums add up to the whole layer's, a rank holding no expert adds
+    zeros, and bfloat16 experts (the grouped GEMMs) read nothing on the host."""
+    import copy
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_runtime import _experts
+
+    whole = _experts(gen)
+    if form == "bfloat16":
+        whole = whole.to(torch.bfloat16)
+    parts = []
+    for held in (range(0, 3), range(3, 8), range(8, 8)):
+        part = copy.deepcopy(whole)
+        part.keep(held)
+        parts.append(part)
+    x = torch.randn(6, 64, generator=gen)
+    idx = torch.randint(0, 8, (6, 3), generator=gen)
+    idx[2] = torch.tensor([3, 4, 7])  # a token none of whose pairs the first rank holds
+    w = torch.rand(6, 3, generator=gen)
+    want = whole.held_sum(x, idx, w)
+    mode = NoHostReads()
+    with mode if form == "bfloat16" else contextlib.nullcontext():
+        sums = [p.held_sum(x, idx, w) for p in parts]
+    assert mode.seen == []
+    assert all(p.dtype == torch.float32 for p in sums) and torch.equal(sums[2], torch.zeros_like(want))
+    assert torch.equal(sums[0][2], torch.zeros(64))
+    torch.testing.assert_close(sums[0] + sums[1], want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("form", ["float32", "bfloat16", "mxfp4"])
+@torch.no_grad()
+def test_fixed_exchange_sums_as_the_variable_one_and_reads_nothing_on_the_host(solo_group, gen, monkeypatch,
+                                                                               form: str) -> None:
+    """The exchange's fixed form (a step every rank agreed to keep within ``tokens`` tokens: a
+    slot per possible pair per rank) gives the variable form's sums and one process's, with
+    slack slots left empty and pairs of id -1 (no expert), and nothing in it reads the host: no
+    scalar read, no op whose output's shape depends on values (the experts' own call aside,
+    whose forms say what they read), no ``tolist``. A step of more tokens than agreed is refused."""
+    from dsv4rs.parallel import ExpertExchange
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_runtime import _experts, _quantized_experts
+
+    ex = _quantized_experts(gen) if form == "mxfp4" else _experts(gen)
+    if form == "bfloat16":
+        ex = ex.to(torch.bfloat16)
+    x = torch.randn(11, 64, generator=gen).to(torch.bfloat16 if form == "bfloat16" else torch.float32)
+    idx = torch.randint(0, 8, (11, 3), generator=gen)
+    idx[3, 1] = -1
+    w = torch.rand(11, 3, generator=gen)
+    one = ex(x, idx, w)
+    exchange = ExpertExchange(ParallelConfig(1, 0, (range(8),)), torch.device("cpu"))
+    ex.exchange = exchange
+    variable = ex(x, idx, w)
+    mode = NoHostReads()
+    monkeypatch.setattr(ex, "local", mode.through(ex.local))
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: (mode.let or mode.seen.append("tolist"), tolist(t))[1])
+    with mode:  # the check itself: the variable form reads the counts on the host
+        ex(x, idx, w)
+    assert "tolist" in mode.seen
+    mode.seen.clear()
+    exchange.tokens = 16
+    with mode:
+        fixed = ex(x, idx, w)
+    monkeypatch.undo()
+    assert mode.seen == []
+    assert torch.equal(fixed, variable)
+    torch.testing.assert_close(fixed, one, rtol=1e-6, atol=1e-6 * float(one.abs().max()))
+    assert exchange.received == [32, 32, 32]  # 33 pairs, one of them no expert's
+    exchange.tokens = 10
+    with pytest.raises(RuntimeError, match="11 tokens in a step every rank agreed to keep within 10"):
+        ex(x, idx, w)
+
+
 def test_world_demo_checks_itself() -> None:
     import subprocess
 
@@ -260,14 +387,14 @@ def test_a_dead_rank_ends_the_others_step(tmp_path) -> None:
     results = run_ranks(tmp_path, 2, "die", timeout=60.0)
     assert results[1] is None  # it died before writing anything
     err = results[0]["error"]
-    assert err.startswith("ParallelError: rank 0: the MoE exchange"), results[0].get("trace")
+    assert err.startswith("ParallelError: rank 0: the step's agreement"), results[0].get("trace")
     assert results[0]["elapsed"] < 60.0
 
 
 def test_a_stalled_rank_ends_the_others_step_within_the_timeout(tmp_path) -> None:
     results = run_ranks(tmp_path, 2, "stall", timeout=4.0)
     err = results[0]["error"]
-    assert err.startswith("ParallelError: rank 0: the MoE exchange") and "timeout (4 s)" in err, results[0].get("trace")
+    assert err.startswith("ParallelError: rank 0: the step's agreement") and "timeout (4 s)" in err, results[0].get("trace")
     assert 3.0 < results[0]["elapsed"] < 30.0
 
 

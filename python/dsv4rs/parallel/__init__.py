@@ -7,10 +7,14 @@
 - **Expert-parallel MoE.** Rank ``r`` holds the routed experts ``ParallelConfig.expert_ranges[r]``
   (contiguous, by default an even split). In every MoE layer each rank sends each (token,
   choice) pair's row to the rank that holds its expert, the owners run the experts, and the
-  results come back (``all_to_all_single``: the pair counts, then with variable splits each pair's
-  row with its expert id in one message, and the results); the router and the shared
-  expert run where the token lives. A token's result is its choices' outputs times their routing
-  weights, summed in routing order.
+  results come back; the router and the shared expert run where the token lives. A token's
+  result is its choices' outputs times their routing weights, summed in routing order. The ranks
+  agree on each step first, on the host (one all-reduce of two integers over a gloo group): when
+  every rank runs a decode step of at most :data:`FIXED_MAX_TOKENS` tokens, the exchanges take a
+  fixed form (``all_to_all_single`` of ``T k`` slots per pair of ranks, ``T`` the most tokens any
+  rank runs: each pair's row with its expert id, empty slots with id -1, then the results) that
+  reads nothing on the host; otherwise a variable one (the pair counts first, read on the host,
+  then exactly the pairs and the results). See :class:`ExpertExchange`.
 
 - **Tensor-parallel attention** (``mode="tp"``, for small batches where latency matters). Every
   rank runs the same sequences: the attention heads and output groups are split over the ranks
@@ -38,7 +42,9 @@ rank's share of every attention layer (rows of ``q_b_proj`` and ``o_a_proj``, th
 columns of ``o_b_proj``; :meth:`Attention.head_share`). Or build a full model and keep a rank's
 share with :func:`shard`, which keeps the same parts. MTP drafts run in lockstep too: every rank
 calls :meth:`Engine.draft` after the same steps (``draft([])`` after an empty one). What is not
-here yet: CUDA-graph capture of a parallel step (the exchange's split sizes are read on the host).
+here yet: CUDA-graph capture of a parallel step. A data-parallel decode step in the fixed form,
+and a tensor-parallel one with MXFP4 or bfloat16 experts, read nothing on the host in their
+layers, which capture needs; the engine still runs them eagerly.
 """
 
 from __future__ import annotations
@@ -295,7 +301,7 @@ class ReplicatedExperts:
     the pairs this rank ran, per call (the last :data:`RECEIVED_KEPT` calls).
 
     The pairs' counts stay on the device until ``received`` is read, and with MXFP4 experts
-    nothing in the call waits for the host (:meth:`Experts.held_sum`)."""
+    nothing in the call waits for the host (:meth:`Experts.held_sum`), nor with bfloat16 ones."""
 
     def __init__(self, pc: ParallelConfig, reduce: AllReduce) -> None:
         self.pc, self.reduce, self.timer = pc, reduce, reduce.timer
@@ -311,18 +317,78 @@ class ReplicatedExperts:
         return self.reduce(experts.held_sum(x, idx, weights), "the MoE's all-reduce").to(x.dtype)
 
 
+FIXED_MAX_TOKENS = 256
+"""Most tokens per rank a step may exchange in the fixed form (:class:`ExpertExchange`): a
+decode step of up to this many sequences on every rank (the largest CUDA-graph bucket)."""
+
+
+def control_group(pc: ParallelConfig) -> Any:
+    """A gloo group over ``pc``'s ranks for the host's agreement on each step (:func:`agree`):
+    ``pc.group`` itself if it is gloo's, else a new one (a collective call: every rank of the
+    default group makes it, in the same order)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        raise ValueError("pc: the process group is not initialized (dsv4rs.parallel.init)")
+    if "gloo" in str(dist.get_backend(pc.group)):
+        return pc.group
+    ranks = None if pc.group is None else dist.get_process_group_ranks(pc.group)
+    return dist.new_group(ranks=ranks, backend="gloo")
+
+
 class ExpertExchange:
     """The MoE layers' all-to-all: a rank's (token, choice) pairs to their experts' owners and
     the results back. ``received`` counts the pairs this rank's experts ran, per call (the last
-    :data:`RECEIVED_KEPT` calls; a rank whose experts no pair chose runs none and still takes part)."""
+    :data:`RECEIVED_KEPT` calls; a rank whose experts no pair chose runs none and still takes part).
+
+    Two forms, the same sums:
+
+    - **Variable** (``tokens`` is ``None``): three exchanges, the pair counts, then exactly the
+      pairs (each row with its expert id in one message) and the results. The counts are read on
+      the host, to size the next two.
+    - **Fixed** (``tokens = T``, set by the engine for a step in which every rank runs at most
+      ``T`` tokens: :func:`agree`): two exchanges of ``T k`` slots per pair of ranks, a slot
+      holding a pair's row and expert id or an empty slot's id -1, then the results of every
+      slot. Nothing is read on the host, so the step could be captured in a CUDA graph; the
+      wire carries ``world`` times the slots a rank can fill (``world T k`` rows each way).
+
+    A pair of expert id -1 (a hash layer's table entry outside the experts) goes nowhere and adds
+    nothing."""
 
     def __init__(self, pc: ParallelConfig, device: torch.device) -> None:
         self.pc, self.timer = pc, CommTimer()
+        self._control: Any = None  # the gloo group of agree(), made at the first step
         owner = torch.empty(pc.num_experts, dtype=torch.int64)
         for r, held in enumerate(pc.expert_ranges):
             owner[held.start : held.stop] = r
         self.owner = owner.to(device)
-        self.received: deque[int] = deque(maxlen=RECEIVED_KEPT)
+        self.tokens: int | None = None
+        self._received: deque[int | torch.Tensor] = deque(maxlen=RECEIVED_KEPT)
+
+    @property
+    def received(self) -> list[int]:
+        """Pairs this rank's experts ran, per call, oldest first (reading them waits for the device)."""
+        return [int(n) for n in self._received]
+
+    def agree(self, tokens: int, decode: bool) -> int | None:
+        """This step on every rank, agreed on the host before it runs: one all-reduce of two
+        integers over a gloo group (:func:`control_group`, made at the first call, on every rank
+        alike since every rank steps). Returns the most tokens any rank runs when every rank runs a
+        decode step (one token a sequence, or none) of at most :data:`FIXED_MAX_TOKENS` tokens and
+        some rank runs any, the ``tokens`` for the fixed form; otherwise ``None``. ``tokens``:
+        this rank's; ``decode``: whether its step is a decode step (an empty one is)."""
+        import torch.distributed as dist
+
+        if self._control is None:
+            self._control = control_group(self.pc)
+        t = torch.tensor([0 if decode else 1, tokens], dtype=torch.int64)
+        try:
+            with self.timer:
+                dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._control)
+        except (RuntimeError, ValueError) as e:
+            raise _failed(self.pc, "the step's agreement", e) from None
+        prefill, most = t.tolist()
+        return None if prefill or not 0 < most <= FIXED_MAX_TOKENS else most
 
     def _all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int] | None,
                     in_splits: list[int] | None, what: str) -> None:
@@ -334,29 +400,73 @@ class ExpertExchange:
         except (RuntimeError, ValueError) as e:  # DistBackendError and gloo's errors are RuntimeErrors
             raise _failed(self.pc, f"the MoE exchange ({what})", e) from None
 
-    def __call__(self, experts: Experts, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """``sum_k weights[t, k] expert_{idx[t, k]}(x_t)`` with the experts spread over the ranks.
-        Three exchanges: the pair counts, the pairs (each row with its expert id in one message),
-        the results."""
-        tokens, k = idx.shape
-        d = x.shape[-1]
+    def _sorted(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(flat ids, order, destination of each sorted pair, pairs per destination)``: the pairs
+        sorted by owning rank (stable: routing order within a rank), pairs of id -1 last with
+        destination ``world`` (``counts`` has ``world + 1`` entries; no host read)."""
+        world = self.pc.world
         flat = idx.flatten()
-        dest = self.owner[flat]
+        valid = flat >= 0
+        dest = torch.where(valid, self.owner[flat.clamp(min=0)], world)
         order = torch.argsort(dest, stable=True)
-        send = torch.bincount(dest, minlength=self.pc.world)
+        counts = torch.zeros(world + 1, dtype=torch.int64, device=idx.device).scatter_add_(
+            0, dest, torch.ones_like(dest))
+        return flat, order, dest[order], counts
+
+    def __call__(self, experts: Experts, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``sum_k weights[t, k] expert_{idx[t, k]}(x_t)`` with the experts spread over the ranks,
+        each token's choices summed in routing order in float32."""
+        tokens, k = idx.shape
+        if self.tokens is None:
+            y = self._variable(experts, x, idx)
+        elif tokens > self.tokens:
+            raise RuntimeError(f"the MoE exchange: {tokens} tokens in a step every rank agreed to keep within "
+                               f"{self.tokens}")
+        else:
+            y = self._fixed(experts, x, idx, self.tokens * k)
+        return (y.view(tokens, k, x.shape[-1]).float() * weights[..., None].float()).sum(1).to(x.dtype)
+
+    def _local(self, experts: Experts, got: torch.Tensor, dtype: torch.dtype, d: int) -> torch.Tensor:
+        """The received pairs (packed rows) through this rank's experts, in ``dtype``."""
+        rows, ids = unpack_rows(got, dtype, d)
+        mine = ids >= 0
+        self._received.append(mine.sum() if self.tokens is not None else len(ids))
+        return experts.local(rows, torch.where(mine, ids - experts.first, -1)).to(dtype).contiguous()
+
+    def _variable(self, experts: Experts, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Each pair's expert output ``[T k, d]`` in routing order: the counts read on the host."""
+        world, d = self.pc.world, x.shape[-1]
+        flat, order, _, counts = self._sorted(idx)
+        send = counts[:world]
         recv = torch.empty_like(send)
         self._all_to_all(recv, send, None, None, "pair counts")
         send_n, recv_n = send.tolist(), recv.tolist()
-        pairs = pack_rows(x, order // k, flat[order])
+        sent = order[: sum(send_n)]
+        pairs = pack_rows(x, sent // idx.shape[1], flat[sent])
         got = pairs.new_empty(sum(recv_n), pairs.shape[1])
         self._all_to_all(got, pairs, recv_n, send_n, "token rows and expert ids")
-        in_rows, in_ids = unpack_rows(got, x.dtype, d)
-        self.received.append(len(in_ids))
-        ran = experts.local(in_rows, in_ids - experts.first)
-        back = x.new_empty(tokens * k, d)
-        self._all_to_all(back, ran.to(x.dtype).contiguous(), send_n, recv_n, "expert outputs")
-        y = torch.empty_like(back).index_copy_(0, order, back).view(tokens, k, d)
-        return (y.float() * weights[..., None].float()).sum(1).to(x.dtype)
+        ran = self._local(experts, got, x.dtype, d)
+        back = x.new_zeros(flat.shape[0], d)  # pairs of id -1 keep their zero rows
+        self._all_to_all(back[: sent.shape[0]], ran, send_n, recv_n, "expert outputs")
+        return torch.empty_like(back).index_copy_(0, order, back)
+
+    def _fixed(self, experts: Experts, x: torch.Tensor, idx: torch.Tensor, slots: int) -> torch.Tensor:
+        """Each pair's expert output ``[T k, d]`` in routing order through ``slots`` slots per pair
+        of ranks: the pairs for rank ``r`` fill its slots from the first, in routing order."""
+        world, d = self.pc.world, x.shape[-1]
+        flat, order, dest, counts = self._sorted(idx)
+        first = counts.cumsum(0) - counts
+        slot = dest * slots + torch.arange(order.shape[0], device=idx.device) - first[dest]  # id -1: past the end
+        width = x.shape[1] * x.element_size() + ID_BYTES
+        send = torch.zeros((world + 1) * slots, width, dtype=torch.uint8, device=x.device)
+        send[:, width - ID_BYTES :] = 255  # empty slots: id -1
+        send.index_copy_(0, slot, pack_rows(x, order // idx.shape[1], flat[order]))
+        got = torch.empty(world * slots, width, dtype=torch.uint8, device=x.device)
+        self._all_to_all(got, send[: world * slots], None, None, "token rows and expert ids")
+        ran = self._local(experts, got, x.dtype, d)
+        back = x.new_zeros((world + 1) * slots, d)  # the last block: the zero rows of pairs of id -1
+        self._all_to_all(back[: world * slots], ran, None, None, "expert outputs")
+        return torch.empty(order.shape[0], d, dtype=x.dtype, device=x.device).index_copy_(0, order, back[slot])
 
 
 ID_BYTES = 8

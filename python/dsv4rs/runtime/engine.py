@@ -18,10 +18,11 @@ while the device runs step ``i``.
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import os
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +34,7 @@ from dsv4rs.model.layers.moe import Experts
 from dsv4rs.model.layers.packed import pack_projections_
 from dsv4rs.model.layers.quant import QuantLinear
 from dsv4rs.model.model import DeepseekV4
-from dsv4rs.parallel import ParallelConfig, attach
+from dsv4rs.parallel import ExpertExchange, ParallelConfig, attach
 from dsv4rs.runtime.graphs import BUCKETS, DecodeGraphs
 from dsv4rs.runtime.kv_cache import KVCache
 from dsv4rs.runtime.memory import pages_per_sequence, plan_memory
@@ -64,9 +65,12 @@ class Engine:
         parallel: this rank's :class:`dsv4rs.parallel.ParallelConfig` when several processes
             share the model (data-parallel attention, expert-parallel MoE): ``model`` holds
             ``parallel.experts`` only, the cache holds this rank's sequences, and every rank
-            calls :meth:`step` in lockstep (an empty batch when it has nothing to run). Decode
-            steps are not captured in CUDA graphs then, and every rank calls :meth:`draft` after
-            the same steps (``draft([])`` after an empty one).
+            calls :meth:`step` in lockstep (an empty batch when it has nothing to run). Under
+            data-parallel attention the ranks agree on each step first (one small all-reduce on
+            the host): when every rank runs a decode step, the MoE exchanges take their fixed
+            form, which reads nothing on the host (:class:`dsv4rs.parallel.ExpertExchange`).
+            Decode steps are not captured in CUDA graphs yet, and every rank calls
+            :meth:`draft` after the same steps (``draft([])`` after an empty one).
         weight_tiles: on a GPU, hold the model's quantized weights (MXFP4 experts, FP8 and MXFP4
             linears) in :func:`dsv4rs.ops.weight_tiles`'s layout, which the GPU reads in whole
             kilobytes: the same values and results, in place (the model's state dict keeps
@@ -83,13 +87,16 @@ class Engine:
                  quant: bool = False, index_format: str = "fp4", cuda_graphs: bool | None = None,
                  graph_buckets: Sequence[int] = BUCKETS, memory_fraction: float | None = None,
                  parallel: ParallelConfig | None = None, weight_tiles: bool = True) -> None:
+        self._exchange: ExpertExchange | None = None
         if parallel is not None:
             if not isinstance(parallel, ParallelConfig):
                 raise ValueError(f"parallel: expected a dsv4rs.parallel.ParallelConfig, got {type(parallel).__name__}")
             if cuda_graphs:
-                raise ValueError("cuda_graphs: a parallel step reads the exchange's sizes on the host and is not captured")
+                raise ValueError("cuda_graphs: a parallel engine's steps are not captured in CUDA graphs yet")
             cuda_graphs = False
             attach(model, parallel)
+            ex = model.model.layers[0].mlp.experts.exchange
+            self._exchange = ex if isinstance(ex, ExpertExchange) else None  # "dp": the steps agree
         elif model.experts != range(model.config.n_routed_experts):
             raise ValueError(f"model: holds experts {model.experts} of {model.config.n_routed_experts}; "
                              "pass this rank's parallel=ParallelConfig")
@@ -343,7 +350,8 @@ class Engine:
         if not len(seq_ids):
             if self.parallel is None:
                 raise ValueError("seq_ids: an empty step (only ranks of a parallel engine step with nothing)")
-            self._idle(self.model.model.layers)
+            with self._agreed(0, True):
+                self._idle(self.model.model.layers)
             self._idled = True
             return [] if all_logits or last is not None else torch.empty(0, self.cfg.vocab_size, device=self.device)
         # Sampled tokens are in the vocabulary by construction: only host chunks are checked.
@@ -382,6 +390,42 @@ class Engine:
                 self._fresh.discard(s)
         lens = inputs.lens.tolist()
         decode = max(lens) == 1
+        with self._agreed(len(lens), decode):
+            logits, x, meta, ids_dev = self._forward(inputs, decode, fed)
+        n = len(lens)
+        self._last = _Last(list(seq_ids), inputs.starts.tolist(), lens, ids_dev, meta, x) if len(self.model.mtp) else None
+        if logits is not None:  # a replayed graph's output is overwritten by the next replay: copy it
+            logits = logits[:n].clone()
+            if last is not None:
+                return [logits[i : i + k] for i, k in enumerate(last)]
+            return logits if not all_logits else list(logits.split(1))
+        if last is not None:
+            ends = inputs.cu_tokens[1:].tolist()
+            rows = torch.tensor([r for e, k in zip(ends, last) for r in range(e - k, e)], dtype=torch.int64)
+            return list(self.model.head(x[self._to_device(rows)]).float().split(list(last)))
+        if not all_logits:
+            return self.model.head(x[self._to_device(inputs.cu_tokens[1:] - 1)]).float()
+        return list(self.model.head(x).float().split(lens))
+
+    @contextlib.contextmanager
+    def _agreed(self, tokens: int, decode: bool) -> Iterator[None]:
+        """A data-parallel engine's step, agreed with the other ranks' (:meth:`ExpertExchange.agree`):
+        the exchanges take the fixed form while it runs when every rank decodes."""
+        ex = self._exchange
+        if ex is None:
+            yield
+            return
+        ex.tokens = ex.agree(tokens, decode)
+        try:
+            yield
+        finally:
+            ex.tokens = None
+
+    def _forward(self, inputs: StepInputs, decode: bool, fed: torch.Tensor | None
+                 ) -> tuple[torch.Tensor | None, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        """The step's layers: ``(logits of a decode step or None, last hidden states, metadata,
+        token ids on the device)``."""
+        lens = inputs.lens.tolist()
         if decode and self.graphs is not None and len(lens) <= self.graphs.max_batch:
             logits, x, meta = self.graphs.run(inputs, ids=fed)
             ids_dev = self.graphs.views[self.graphs.bucket(len(lens))].ids[: x.shape[0]]
@@ -399,20 +443,7 @@ class Engine:
             meta = metadata(self.cfg, dev, self._hca_width(end), staging)
             x = self.model(dev.ids, meta, self.cache.layers[: self.cfg.num_hidden_layers])
             logits, ids_dev = None, dev.ids
-        n = len(lens)
-        self._last = _Last(list(seq_ids), inputs.starts.tolist(), lens, ids_dev, meta, x) if len(self.model.mtp) else None
-        if logits is not None:  # a replayed graph's output is overwritten by the next replay: copy it
-            logits = logits[:n].clone()
-            if last is not None:
-                return [logits[i : i + k] for i, k in enumerate(last)]
-            return logits if not all_logits else list(logits.split(1))
-        if last is not None:
-            ends = inputs.cu_tokens[1:].tolist()
-            rows = torch.tensor([r for e, k in zip(ends, last) for r in range(e - k, e)], dtype=torch.int64)
-            return list(self.model.head(x[self._to_device(rows)]).float().split(list(last)))
-        if not all_logits:
-            return self.model.head(x[self._to_device(inputs.cu_tokens[1:] - 1)]).float()
-        return list(self.model.head(x).float().split(lens))
+        return logits, x, meta, ids_dev
 
     def _idle(self, layers: Sequence[torch.nn.Module]) -> None:
         """An empty step (or draft) of a parallel engine: the layers' MoE exchanges with no
