@@ -89,6 +89,19 @@ def worker(rank: int, world: int, store: str, out: str, mode: str, timeout: floa
             parallel.shard(m, pc)
         engine = Engine(m, max_sequences=8, max_len=512, parallel=pc)
         mine = sorted(PROMPT_LENS) if tp else [s for s, r in OWNERS[world].items() if r == rank]
+        if mode == "buckets":  # ranks that would replay different graph buckets
+            exchange = m.model.layers[0].mlp.experts.exchange
+            result["same"] = exchange.agree(1, True, (1, 2, 4))
+            try:
+                exchange.agree(1, True, (1, 2, 4) if rank == 0 else (1, 2))
+            except ValueError as e:
+                result["differ"] = str(e)
+            result["decode"] = exchange.agree(3 * rank, True)
+            result["prefill"] = exchange.agree(2, rank == 0)
+            result["none"] = exchange.agree(0, True)
+            result["many"] = exchange.agree(300 if rank else 1, True)
+            dist.destroy_process_group()
+            raise SystemExit(0)
         if mode == "die" and rank == 1:
             os._exit(3)
         if mode == "stall" and rank == 1:
@@ -108,6 +121,8 @@ def worker(rank: int, world: int, store: str, out: str, mode: str, timeout: floa
         result["held"] = (pc.experts.start, pc.experts.stop, (layer.mlp.experts.held,))
         result["heads"] = (layer.self_attn.heads, tuple(layer.self_attn.q_b_proj.weight.shape))
         dist.destroy_process_group()
+    except SystemExit:
+        pass
     except BaseException as e:  # noqa: BLE001 - the test reads what happened
         result["error"] = f"{type(e).__name__}: {e}"
         result["trace"] = traceback.format_exc()

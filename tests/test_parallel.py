@@ -383,6 +383,20 @@ def test_world_bench_reports_every_rank_beside_one_process(weights: str) -> None
     assert out.returncode == 2 and "--only model" in out.stderr
 
 
+def test_ranks_agree_on_each_step(tmp_path) -> None:
+    """The agreement before each step: the most tokens any rank decodes (the fixed form's),
+    ``None`` when some rank feeds a prompt, when no rank runs a token or when a rank runs more
+    than the fixed form's most; ranks whose graph buckets differ all get the same ValueError."""
+    from dsv4rs.parallel import FIXED_MAX_TOKENS
+
+    results = run_ranks(tmp_path, 2, "buckets")
+    for res in results:
+        assert res is not None and "error" not in res, res and res.get("trace")
+        assert res["same"] == 1 and res["decode"] == 3 and res["prefill"] is None and res["none"] is None
+        assert res["many"] is None and 300 > FIXED_MAX_TOKENS
+        assert res["differ"].startswith("cuda_graphs: the ranks replay different graph buckets")
+
+
 def test_a_dead_rank_ends_the_others_step(tmp_path) -> None:
     results = run_ranks(tmp_path, 2, "die", timeout=60.0)
     assert results[1] is None  # it died before writing anything

@@ -9,7 +9,7 @@
   choice) pair's row to the rank that holds its expert, the owners run the experts, and the
   results come back; the router and the shared expert run where the token lives. A token's
   result is its choices' outputs times their routing weights, summed in routing order. The ranks
-  agree on each step first, on the host (one all-reduce of two integers over a gloo group): when
+  agree on each step first, on the host (one all-reduce of a few integers over a gloo group): when
   every rank runs a decode step of at most :data:`FIXED_MAX_TOKENS` tokens, the exchanges take a
   fixed form (``all_to_all_single`` of ``T k`` slots per pair of ranks, ``T`` the most tokens any
   rank runs: each pair's row with its expert id, empty slots with id -1, then the results) that
@@ -52,6 +52,7 @@ from __future__ import annotations
 import datetime
 import os
 import time
+import zlib
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -370,24 +371,30 @@ class ExpertExchange:
         """Pairs this rank's experts ran, per call, oldest first (reading them waits for the device)."""
         return [int(n) for n in self._received]
 
-    def agree(self, tokens: int, decode: bool) -> int | None:
-        """This step on every rank, agreed on the host before it runs: one all-reduce of two
+    def agree(self, tokens: int, decode: bool, buckets: Sequence[int] = ()) -> int | None:
+        """This step on every rank, agreed on the host before it runs: one all-reduce of four
         integers over a gloo group (:func:`control_group`, made at the first call, on every rank
         alike since every rank steps). Returns the most tokens any rank runs when every rank runs a
         decode step (one token a sequence, or none) of at most :data:`FIXED_MAX_TOKENS` tokens and
         some rank runs any, the ``tokens`` for the fixed form; otherwise ``None``. ``tokens``:
-        this rank's; ``decode``: whether its step is a decode step (an empty one is)."""
+        this rank's; ``decode``: whether its step is a decode step (an empty one is);
+        ``buckets``: the CUDA-graph buckets this rank replays (none: ``()``), which must be every
+        rank's (ValueError on every rank otherwise: the ranks would replay different exchanges)."""
         import torch.distributed as dist
 
         if self._control is None:
             self._control = control_group(self.pc)
-        t = torch.tensor([0 if decode else 1, tokens], dtype=torch.int64)
+        sig = zlib.crc32(repr(tuple(buckets)).encode())
+        t = torch.tensor([0 if decode else 1, tokens, sig, -sig], dtype=torch.int64)
         try:
             with self.timer:
                 dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._control)
         except (RuntimeError, ValueError) as e:
             raise _failed(self.pc, "the step's agreement", e) from None
-        prefill, most = t.tolist()
+        prefill, most, high, low = t.tolist()
+        if high != -low:
+            raise ValueError("cuda_graphs: the ranks replay different graph buckets (every rank needs the same "
+                             "cuda_graphs, graph_buckets and max_sequences)")
         return None if prefill or not 0 < most <= FIXED_MAX_TOKENS else most
 
     def _all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int] | None,
