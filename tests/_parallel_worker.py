@@ -75,6 +75,17 @@ def worker(rank: int, world: int, store: str, out: str, mode: str, timeout: floa
         dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{store}", rank=rank,
                                 world_size=world, timeout=datetime.timedelta(seconds=timeout))
         m = model().to(f"cuda:{rank}") if cuda else model()
+        if mode == "subgroup":  # a group of ranks 0 and 1 whose backend reads as NCCL's: its gloo twin made first
+            sub = dist.new_group([0, 1])
+            backend = dist.get_backend
+            dist.get_backend = lambda g=None: "nccl" if g is sub else backend(g)
+            twin = parallel.control_group(sub)
+            result["twin"] = rank == 2 or (twin is not sub and parallel.control_group(sub) is twin)  # kept
+            if rank < 2:
+                pc = parallel.ParallelConfig.even(m.config, 2, rank, group=sub)
+                result["agreed"] = parallel.ExpertExchange(pc, torch.device("cpu")).agree(rank + 1, True)
+            dist.destroy_process_group()
+            raise SystemExit(0)
         tp = mode == "tp" or mode.startswith("tpload:")
         pc = parallel.ParallelConfig.even(m.config, world, rank, timeout=timeout, mode="tp" if tp else "dp")
         if mode == "lopsided":  # rank 0 holds every expert, the others none

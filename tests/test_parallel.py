@@ -397,6 +397,17 @@ def test_ranks_agree_on_each_step(tmp_path) -> None:
         assert res["differ"].startswith("cuda_graphs: the ranks replay different graph buckets")
 
 
+def test_a_smaller_groups_agreement_takes_the_twin_made_first(tmp_path) -> None:
+    """A group smaller than the world whose backend is not gloo (as NCCL's): every process makes
+    its gloo twin first (control_group, a collective of the whole world), and the members' steps
+    then agree over it without the others (a second making would wait for them forever)."""
+    results = run_ranks(tmp_path, 3, "subgroup", timeout=20.0)
+    for res in results:
+        assert res is not None and "error" not in res, res and res.get("trace")
+        assert res["twin"] is True
+    assert results[0]["agreed"] == results[1]["agreed"] == 2 and "agreed" not in results[2]
+
+
 def test_a_dead_rank_ends_the_others_step(tmp_path) -> None:
     results = run_ranks(tmp_path, 2, "die", timeout=60.0)
     assert results[1] is None  # it died before writing anything

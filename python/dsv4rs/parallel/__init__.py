@@ -91,7 +91,10 @@ class ParallelConfig:
         rank: this process's rank.
         expert_ranges: the routed experts each rank holds, contiguous and covering
             ``[0, n_routed_experts)`` in rank order (a rank may hold none).
-        group: the ``torch.distributed`` process group (``None``: the default group).
+        group: the ``torch.distributed`` process group (``None``: the default group). Under
+            ``"dp"`` over NCCL the steps agree over a gloo group of the same ranks, which every
+            process of the default group takes part in making: with a smaller group, call
+            :func:`control_group` ``(group)`` on every process before the first step.
         timeout: the group's collective timeout in seconds (for error messages).
         mode: ``"dp"`` (data-parallel attention, experts by all-to-all) or ``"tp"``
             (tensor-parallel attention, experts by all-reduce).
@@ -323,18 +326,31 @@ FIXED_MAX_TOKENS = 256
 decode step of up to this many sequences on every rank (the largest CUDA-graph bucket)."""
 
 
-def control_group(pc: ParallelConfig) -> Any:
-    """A gloo group over ``pc``'s ranks for the host's agreement on each step (:func:`agree`):
-    ``pc.group`` itself if it is gloo's, else a new one (a collective call: every rank of the
-    default group makes it, in the same order)."""
+_CONTROL: list[tuple[Any, Any]] = []
+"""``(group, its gloo twin)`` made by :func:`control_group` for groups other than the default one."""
+
+
+def control_group(group: Any = None) -> Any:
+    """A gloo group over the ranks of ``group`` (``None``: the default group) for the host's
+    agreement on each step (:meth:`ExpertExchange.agree`): ``group`` itself if it is gloo's, else
+    a new one. Making one is a collective call: every process of the default group makes it, in
+    the same order. With the default group, the ranks' first step does; with a smaller group
+    over NCCL, call this on every process (members or not) before the first step: the twin is
+    kept, and the steps take it."""
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        raise ValueError("pc: the process group is not initialized (dsv4rs.parallel.init)")
-    if "gloo" in str(dist.get_backend(pc.group)):
-        return pc.group
-    ranks = None if pc.group is None else dist.get_process_group_ranks(pc.group)
-    return dist.new_group(ranks=ranks, backend="gloo")
+        raise ValueError("group: the process group is not initialized (dsv4rs.parallel.init)")
+    if "gloo" in str(dist.get_backend(group)):
+        return group
+    if group is None:
+        return dist.new_group(backend="gloo")
+    for known, twin in _CONTROL:
+        if known is group:
+            return twin
+    twin = dist.new_group(ranks=dist.get_process_group_ranks(group), backend="gloo")
+    _CONTROL.append((group, twin))
+    return twin
 
 
 class ExpertExchange:
@@ -383,7 +399,7 @@ class ExpertExchange:
         import torch.distributed as dist
 
         if self._control is None:
-            self._control = control_group(self.pc)
+            self._control = control_group(self.pc.group)
         sig = zlib.crc32(repr(tuple(buckets)).encode())
         t = torch.tensor([0 if decode else 1, tokens, sig, -sig], dtype=torch.int64)
         try:
