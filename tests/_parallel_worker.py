@@ -58,6 +58,36 @@ def run_schedule(engine, mine: list[int]) -> dict[tuple, torch.Tensor]:
     return out
 
 
+LLM_PROMPTS = ["Hello, world! How are you", "The quick brown fox", "Café 東京 🙂"]
+"""The prompts of the parallel LLM test: two on rank 0 and one on rank 1 under "dp"."""
+
+
+def llm_requests():
+    """``(prompts, params)``: greedy and seeded sampling (whatever rank runs a prompt, its seed
+    gives the same draws)."""
+    from dsv4rs.llm import SamplingParams
+
+    greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    seeded = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True)
+    return LLM_PROMPTS, [greedy, seeded, greedy]
+
+
+def llm_run(rank: int, world: int, mode: str, result: dict) -> None:
+    """``mode`` ``llm:{dp|tp}:{0|1}:CHECKPOINT``: an LLM over the ranks (MTP speculation when
+    the flag is 1) generates :func:`llm_requests`; the completions go to ``result``."""
+    from dsv4rs import LLM, parallel
+
+    _, how, spec, ckpt = mode.split(":", 3)
+    cfg = __import__("dsv4rs.model", fromlist=["V4Config"]).V4Config.from_pretrained(ckpt)
+    pc = parallel.ParallelConfig.even(cfg, world, rank, mode=how, timeout=60.0)
+    llm = LLM(ckpt, parallel=pc, max_sequences=4, max_len=256, speculative=spec == "1")
+    prompts, params = llm_requests()
+    outs = llm.generate(prompts, params)
+    result["outs"] = [(o.token_ids, o.text, o.finish_reason) for o in outs]
+    result["steps"], result["drafts"] = llm.engine.steps, llm.engine.drafts
+    result["held"] = llm.engine.model.model.layers[0].mlp.experts.held
+
+
 def worker(rank: int, world: int, store: str, out: str, mode: str, timeout: float) -> None:
     torch.set_num_threads(1)
     result: dict = {"rank": rank}
@@ -74,6 +104,10 @@ def worker(rank: int, world: int, store: str, out: str, mode: str, timeout: floa
             mode = mode.removeprefix("cuda:")
         dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{store}", rank=rank,
                                 world_size=world, timeout=datetime.timedelta(seconds=timeout))
+        if mode.startswith("llm:"):
+            llm_run(rank, world, mode, result)
+            dist.destroy_process_group()
+            raise SystemExit(0)
         m = model().to(f"cuda:{rank}") if cuda else model()
         if mode == "subgroup":  # a group of ranks 0 and 1 whose backend reads as NCCL's: its gloo twin made first
             sub = dist.new_group([0, 1])

@@ -344,6 +344,60 @@ def test_fixed_exchange_sums_as_the_variable_one_and_reads_nothing_on_the_host(s
         ex(x, idx, w)
 
 
+@pytest.fixture(scope="module")
+def tp_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The text tests' tiny checkpoint (a BPE tokenizer, FP8 linears, MXFP4 experts, MTP) with
+    8 heads in 4 output groups of rank 128, so that its FP8 parts split on their blocks under "tp"."""
+    from checkpoints import write_checkpoint
+
+    path = str(tmp_path_factory.mktemp("tiny-v4-tp"))
+    write_checkpoint(path, num_attention_heads=8, o_groups=4, o_lora_rank=128)
+    return path
+
+
+@pytest.mark.parametrize(("how", "spec"), [("dp", False), ("dp", True), ("tp", False), ("tp", True)])
+def test_parallel_llm_generates_one_processs_text(tmp_path, tp_checkpoint: str, how: str, spec: bool) -> None:
+    """``LLM(..., parallel=pc)`` on 2 gloo processes, each loading its share of a quantized
+    checkpoint: ``generate`` returns every prompt's completion on every process (under "dp"
+    prompt ``i`` ran on rank ``i % 2``, the rank with fewer prompts stepping empty batches
+    meanwhile; under "tp" both ran all), the tokens and text of one process's LLM, greedy and
+    seeded sampling alike, with and without MTP speculation (every step drafted on both ranks)."""
+    from dsv4rs import LLM
+
+    with one_thread():
+        one = LLM(tp_checkpoint, max_sequences=4, max_len=256, speculative=spec)
+        prompts, params = pw.llm_requests()
+        want = [(o.token_ids, o.text, o.finish_reason) for o in one.generate(prompts, params)]
+    results = run_ranks(tmp_path, 2, f"llm:{how}:{int(spec)}:{tp_checkpoint}")
+    for res in results:
+        assert res is not None and "error" not in res, res and res.get("trace")
+        assert res["outs"] == want
+        assert res["held"] == 4  # its half of the 8 experts
+        assert res["steps"] == results[0]["steps"] > 0  # lockstep
+        assert res["drafts"] == (res["steps"] if spec else 0)
+
+
+def test_parallel_llm_checks_its_arguments(solo_group, tp_checkpoint: str) -> None:
+    """A parallel LLM of one process (its own gloo group): ``parallel`` must be a
+    ParallelConfig; generate gives the plain LLM's tokens; stream, which one process drives
+    alone, is refused naming itself; has_unfinished asks every process."""
+    from dsv4rs import LLM
+    from dsv4rs.model import V4Config
+
+    with pytest.raises(ValueError, match="^parallel: expected a dsv4rs.parallel.ParallelConfig"):
+        LLM(tp_checkpoint, parallel="dp", max_sequences=2, max_len=128)
+    pc = ParallelConfig.even(V4Config.from_pretrained(tp_checkpoint), 1, 0)
+    prompts, params = pw.llm_requests()
+    with one_thread():
+        llm = LLM(tp_checkpoint, parallel=pc, max_sequences=4, max_len=256, speculative=False)
+        got = [o.token_ids for o in llm.generate(prompts, params)]
+        want = [o.token_ids for o in LLM(tp_checkpoint, max_sequences=4, max_len=256,
+                                          speculative=False).generate(prompts, params)]
+    assert got == want and not llm.has_unfinished()
+    with pytest.raises(ValueError, match="^stream: a parallel LLM's processes step together"):
+        next(llm.stream("Hello"))
+
+
 def test_world_demo_checks_itself() -> None:
     import subprocess
 

@@ -1,7 +1,8 @@
 """Text in, text out: :class:`LLM` loads a checkpoint (weights, tokenizer, chat template), runs
 requests through the runtime's continuous-batching scheduler (:mod:`dsv4rs.runtime.scheduler`),
 with MTP speculative decoding when the model has its MTP block (:mod:`.speculative`), and turns
-tokens into text as they come (:mod:`.text`).
+tokens into text as they come (:mod:`.text`). With ``parallel=`` it runs over several processes
+(:mod:`dsv4rs.parallel`), every process making the same calls.
 
 The object is not thread-safe: one thread drives it (``dsv4rs serve`` gives it one engine thread,
 :mod:`dsv4rs.serve.worker`).
@@ -26,6 +27,7 @@ from dsv4rs.llm.speculative import SpeculativeScheduler
 from dsv4rs.llm.text import Detokenizer, StopStrings
 from dsv4rs.llm.tokenizer import Tokenizer
 from dsv4rs.ops._checks import choice
+from dsv4rs.parallel import ParallelConfig, host_max
 from dsv4rs.runtime.engine import Engine, token_ids
 from dsv4rs.runtime.scheduler import Scheduler
 
@@ -63,6 +65,14 @@ class LLM:
         speculative: MTP speculative decoding (default: when the checkpoint has an MTP block);
             it keeps a fork per running request, so at most ``max_sequences // 2`` run at once.
         token_budget: tokens fed per step (decodes first, then prefill chunks).
+        parallel: this process's :class:`dsv4rs.parallel.ParallelConfig` when several processes
+            share the model (under torchrun: :func:`dsv4rs.parallel.init`). Each loads its share
+            (its routed experts; under ``"tp"`` its attention heads too), every process makes
+            the same calls in the same order, and :meth:`generate` and :meth:`chat` return every
+            prompt's completion on every process: under ``"dp"`` each process runs a share of
+            the prompts (prompt ``i`` on rank ``i % world``) and the completions are gathered,
+            under ``"tp"`` every process runs them all. See :meth:`step` for driving requests
+            yourself; :meth:`stream` is one process's only.
         engine_options: :class:`dsv4rs.runtime.Engine`'s (``max_sequences``, ``max_len``,
             ``quant``, ``cuda_graphs``, ``memory_fraction``, ...).
     """
@@ -70,7 +80,8 @@ class LLM:
     def __init__(self, checkpoint: str | os.PathLike[str], device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, speculative: bool | None = None, token_budget: int = 512,
                  progress: bool = False, quantized: bool = True, activations: str = "fp8",
-                 rope_table: str = "official", **engine_options: Any) -> None:
+                 rope_table: str = "official", parallel: ParallelConfig | None = None,
+                 **engine_options: Any) -> None:
         from dsv4rs.model.loader import load_checkpoint
 
         from dsv4rs.model.layers.quant import ACT_MODES
@@ -83,16 +94,27 @@ class LLM:
             raise ValueError(f"speculative: expected True, False or None, got {speculative!r}")
         if isinstance(token_budget, bool) or not isinstance(token_budget, int) or token_budget < 1:
             raise ValueError(f"token_budget: expected an int >= 1, got {token_budget!r}")
+        if parallel is not None and not isinstance(parallel, ParallelConfig):
+            raise ValueError(f"parallel: expected a dsv4rs.parallel.ParallelConfig, got {type(parallel).__name__}")
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = Tokenizer(path)
+        share = {} if parallel is None else {
+            "experts": parallel.experts, "tp": (parallel.rank, parallel.world) if parallel.mode == "tp" else None}
         model = load_checkpoint(path, device=dev, progress=progress, quantized=quantized,
-                                dtype=dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32))
+                                dtype=dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32), **share)
         model.set_activation_quant(activations).set_rope_table(rope_table)
         if self.tokenizer.vocab_size > model.config.vocab_size:
             raise ValueError(f"tokenizer: {self.tokenizer.vocab_size} tokens, more than the model's vocab_size "
                              f"{model.config.vocab_size}")
-        self.engine = Engine(model, **engine_options)
+        self.parallel = parallel
+        self.engine = Engine(model, parallel=parallel, **engine_options)
         self.speculative = bool(len(model.mtp)) if speculative is None else speculative
+        # Seeds drawn for requests without one: the same stream on every rank under "tp" (the
+        # ranks sample the same tokens), rank 0's seed plus the rank under "dp".
+        self._random: random.Random | Any = random
+        if parallel is not None:
+            base = host_max(parallel, [random.getrandbits(62) if parallel.rank == 0 else 0], "the seeds' agreement")[0]
+            self._random = random.Random(base + (parallel.rank if parallel.mode == "dp" else 0))
         self.scheduler = (SpeculativeScheduler if self.speculative else Scheduler)(self.engine, token_budget)
         self.eos_ids = frozenset(_eos_ids(path) | ({self.tokenizer.eos_token_id} - {None}))
         self.model_name = os.path.basename(os.path.normpath(path))
@@ -153,7 +175,7 @@ class LLM:
         ids = self.encode(prompt)
         max_tokens = self.max_tokens(len(ids), params)
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
-        seed = random.getrandbits(63) if params.seed is None else params.seed
+        seed = self._random.getrandbits(63) if params.seed is None else params.seed
         rid = self.scheduler.add(
             ids, max_tokens, stop_ids=stop_ids, temperature=float(params.temperature), top_k=params.top_k,
             top_p=float(params.top_p), min_p=float(params.min_p), repetition_penalty=float(params.repetition_penalty),
@@ -174,13 +196,31 @@ class LLM:
             self.scheduler.abort(rid)
 
     def has_unfinished(self) -> bool:
-        """Whether any request added is still running (queued, prefilling or decoding)."""
-        return any(s.out.finish_reason is None for s in self._states.values())
+        """Whether any request added is still running (queued, prefilling or decoding). In a
+        parallel LLM: on any process (every process asks at the same point)."""
+        mine = any(s.out.finish_reason is None for s in self._states.values())
+        return mine if self.parallel is None else self._anywhere(mine)
+
+    def _anywhere(self, mine: bool) -> bool:
+        """Whether ``mine`` holds on any process of a parallel LLM."""
+        return host_max(self.parallel, [int(mine)], "the requests' agreement")[0] > 0
 
     def step(self) -> list[Delta]:
-        """One engine step: the deltas of the requests that advanced or finished."""
+        """One engine step: the deltas of the requests that advanced or finished. In a parallel
+        LLM every process calls it the same number of times (while :meth:`has_unfinished`), each
+        for its own requests: a process with nothing to run steps an empty batch, and with MTP
+        speculation every process drafts after every step."""
+        steps, drafts = self.engine.steps, self.engine.drafts
         if self.scheduler.waiting or self.scheduler.running:
             self.scheduler.step()
+        if self.parallel is not None:
+            if self.engine.steps == steps:  # nothing of ours ran: the others' MoE layers still exchange with us
+                self.engine.step([], [])
+            if self.speculative and self.engine.drafts == drafts:
+                self.engine.draft([])
+            if self.engine.steps != steps + 1 or self.speculative and self.engine.drafts != drafts + 1:
+                raise RuntimeError(f"LLM.step: ran {self.engine.steps - steps} steps and {self.engine.drafts - drafts} "
+                                   "drafts; a parallel LLM's processes run one of each (drafts with speculation)")
         deltas = []
         for rid, st in list(self._states.items()):
             if st.out.finish_reason is None:
@@ -269,17 +309,36 @@ class LLM:
         plist = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"params: {len(plist)} for {len(prompts)} prompts")
+        ids = [encode(p) for p in prompts]  # every prompt checked on every process
+        pc = self.parallel
+        mine = range(len(ids)) if pc is None or pc.mode == "tp" else range(pc.rank, len(ids), pc.world)
+        for n, sp in zip(map(len, ids), plist):  # every prompt checked before anything is queued, on every process
+            self.max_tokens(n, SamplingParams() if sp is None else sp)
         rids: list[int] = []
         try:
-            for p, sp in zip(prompts, plist):
-                rids.append(self.add_request(encode(p), sp))
-            while any(self._states[r].out.finish_reason is None for r in rids):
+            for i in mine:
+                rids.append(self.add_request(ids[i], plist[i]))
+            while self._busy(rids):
                 self.step()
         except BaseException:
             for r in rids:
                 self._forget(r)
             raise
-        return [self.completion(r) for r in rids]
+        done = [self.completion(r) for r in rids]
+        if pc is None or pc.mode == "tp":
+            return done
+        import torch.distributed as dist
+
+        from dsv4rs.parallel import control_group
+
+        parts: list = [None] * pc.world
+        dist.all_gather_object(parts, done, group=control_group(pc.group))
+        return [parts[i % pc.world][i // pc.world] for i in range(len(ids))]
+
+    def _busy(self, rids: list[int]) -> bool:
+        """Whether any of ``rids`` is unfinished (in a parallel LLM: any process's)."""
+        mine = any(self._states[r].out.finish_reason is None for r in rids)
+        return mine if self.parallel is None else self._anywhere(mine)
 
     def stream(self, prompt: Prompt | Messages, params: SamplingParams | None = None, chat: bool = False,
                **template_kwargs: Any) -> Iterator[Delta]:
@@ -287,6 +346,9 @@ class LLM:
         request is aborted if the iteration stops early. Other requests advance meanwhile."""
         if not isinstance(chat, bool):
             raise ValueError(f"chat: expected True or False, got {chat!r}")
+        if self.parallel is not None:
+            raise ValueError("stream: a parallel LLM's processes step together; use generate, chat, or add_request "
+                             "with step while has_unfinished")
         ids = self.encode_chat(prompt, **template_kwargs) if chat else self.encode(prompt)
         rid = self.add_request(ids, params)
         try:

@@ -173,7 +173,8 @@ class SpeculativeScheduler(Scheduler):
         released."""
         needs = [i for i, (rid, _, _, kind) in enumerate(batch) if kind != "prefill"
                  and not self.requests[rid].done and (kind != "verify" or accepted[i])]
-        live = needs or any(k == "prefill" for *_, k in batch)
+        # A parallel engine's ranks draft after every step alike (their MoE layers exchange).
+        live = needs or any(k == "prefill" for *_, k in batch) or self.engine.parallel is not None
         mtp = self.engine.draft(next_ids) if live else None
         for i, (rid, seq, _, kind) in enumerate(batch):
             r = self.requests[rid]

@@ -327,7 +327,8 @@ decode step of up to this many sequences on every rank (the largest CUDA-graph b
 
 
 _CONTROL: list[tuple[Any, Any]] = []
-"""``(group, its gloo twin)`` made by :func:`control_group` for groups other than the default one."""
+"""``(group, its gloo twin)`` made by :func:`control_group` (the default group as
+``torch.distributed.group.WORLD``)."""
 
 
 def control_group(group: Any = None) -> Any:
@@ -343,14 +344,27 @@ def control_group(group: Any = None) -> Any:
         raise ValueError("group: the process group is not initialized (dsv4rs.parallel.init)")
     if "gloo" in str(dist.get_backend(group)):
         return group
-    if group is None:
-        return dist.new_group(backend="gloo")
+    key = dist.group.WORLD if group is None else group
     for known, twin in _CONTROL:
-        if known is group:
+        if known is key:
             return twin
-    twin = dist.new_group(ranks=dist.get_process_group_ranks(group), backend="gloo")
-    _CONTROL.append((group, twin))
+    twin = dist.new_group(ranks=None if group is None else dist.get_process_group_ranks(group), backend="gloo")
+    _CONTROL.append((key, twin))
     return twin
+
+
+def host_max(pc: ParallelConfig, values: Sequence[int], what: str) -> list[int]:
+    """The element-wise maximum of ``values`` (ints) over the ranks, on the host (one all-reduce
+    over :func:`control_group`; every rank calls it at the same point). ``what`` names it in
+    the :class:`ParallelError` of a rank that does not."""
+    import torch.distributed as dist
+
+    t = torch.tensor(list(values), dtype=torch.int64)
+    try:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=control_group(pc.group))
+    except (RuntimeError, ValueError) as e:
+        raise _failed(pc, what, e) from None
+    return t.tolist()
 
 
 class ExpertExchange:

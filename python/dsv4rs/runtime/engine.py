@@ -152,6 +152,10 @@ class Engine:
         self._mtp_pos: dict[int, int] = {}
         self._last: _Last | None = None
         self._idled = False  # the last step was an empty one (a parallel engine's idle rank)
+        self.steps = 0
+        """Steps run (empty ones too): what keeps a parallel engine's ranks in lockstep."""
+        self.drafts = 0
+        """MTP drafts run (empty ones too)."""
         # Per sequence, in order: the sampled tokens fed but not yet resolved in the allocator
         # (the SampledTokens and the row of this sequence's token in it).
         self._pending: dict[int, deque[tuple[SampledTokens, int]]] = {}
@@ -350,6 +354,7 @@ class Engine:
         if not len(seq_ids):
             if self.parallel is None:
                 raise ValueError("seq_ids: an empty step (only ranks of a parallel engine step with nothing)")
+            self.steps += 1
             with self._agreed(0, True):
                 self._idle(self.model.model.layers)
             self._idled = True
@@ -390,6 +395,7 @@ class Engine:
                 self._fresh.discard(s)
         lens = inputs.lens.tolist()
         decode = max(lens) == 1
+        self.steps += 1
         with self._agreed(len(lens), decode):
             logits, x, meta, ids_dev = self._forward(inputs, decode, fed)
         n = len(lens)
@@ -486,6 +492,7 @@ class Engine:
             raise ValueError("draft: the model has no MTP block")
         if self.parallel is not None and self._idled and not len(next_ids):
             self._idled = False
+            self.drafts += 1
             self._idle([self.model.mtp[0]])
             return torch.empty(0, self.cfg.vocab_size, device=self.device)
         if self._last is None:
@@ -505,6 +512,7 @@ class Engine:
                 raise ValueError(f"draft: the MTP window of sequence {s} missed tokens "
                                  f"({self._mtp_pos.get(s)} fed, the last step began at {start})")
         self._last = None
+        self.drafts += 1
         ends = self._to_device(torch.tensor(last.lens).cumsum(0) - 1)
         shifted = last.ids.clone()
         shifted[:-1] = last.ids[1:]
