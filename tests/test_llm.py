@@ -357,6 +357,25 @@ def test_generate_command(tiny_checkpoint: str) -> None:
     assert bad.returncode == 2 and "exceed the context of 128 tokens" in bad.stderr
 
 
+def test_generate_command_over_processes(tiny_checkpoint: str) -> None:
+    """``dsv4rs generate --world 2`` spawns two CPU processes (gloo), each holding half the
+    experts: rank 0 prints the text one process prints (greedy), then the timings."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    texts = []
+    for world in ("1", "2"):
+        out = subprocess.run([sys.executable, "-m", "dsv4rs.cli", "generate", tiny_checkpoint, "--prompt", "Hello",
+                              "--max-tokens", "12", "--max-len", "128", "--device", "cpu", "--no-speculative",
+                              "--world", world], capture_output=True, text=True, timeout=300, env=env)
+        assert out.returncode == 0, out.stdout + out.stderr
+        lines = out.stdout.splitlines()
+        report = next(i for i, line in enumerate(lines) if line.startswith("-- "))
+        texts.append("\n".join(lines[:report]))
+        assert "tokens/s" in out.stdout and "B/token" in out.stdout
+        if world == "2":
+            assert "-- over 2 processes (dp; rank 0's share: experts 0..3)" in out.stdout
+    assert texts[0] == texts[1] and texts[0].strip()
+
+
 def test_llm_runs_the_checkpoint_as_stored_or_dequantized(tiny_checkpoint: str) -> None:
     """The tiny checkpoint is in DeepSeek's layout (FP8 linears, MXFP4 experts): LLM keeps them as
     stored by default, dequantizes them with quantized=False, and sets the activation rounding."""

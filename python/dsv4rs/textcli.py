@@ -8,38 +8,102 @@ import sys
 import time
 
 
-def _llm(args: argparse.Namespace, max_sequences: int | None):
+def _llm(args: argparse.Namespace, max_sequences: int | None, parallel=None, device=None):
     import torch
 
     from dsv4rs.llm import LLM
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, None: None}[args.dtype]
-    return LLM(args.checkpoint, device=args.device, dtype=dtype, speculative=args.speculative,
+    return LLM(args.checkpoint, device=device or args.device, dtype=dtype, speculative=args.speculative,
                quantized=args.quantized, activations=args.activations, rope_table=args.rope_table,
-               max_len=args.max_len,
-               max_sequences=max_sequences, quant=args.quant, progress=True)
+               max_len=args.max_len, parallel=parallel,
+               max_sequences=max_sequences, quant=args.quant, progress=parallel is None or parallel.rank == 0)
 
 
-def generate(args: argparse.Namespace) -> int:
+def _params(args: argparse.Namespace):
     from dsv4rs.llm import SamplingParams
 
-    params = SamplingParams(
+    return SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         min_p=args.min_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty, stop=tuple(args.stop), seed=args.seed)
-    llm = _llm(args, args.max_sequences or 2)
+
+
+def _prompt(llm, args: argparse.Namespace) -> list[int]:
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
-        prompt = llm.encode_chat(messages + [{"role": "user", "content": args.prompt}])
-    else:
-        prompt = llm.encode(args.prompt)
+        return llm.encode_chat(messages + [{"role": "user", "content": args.prompt}])
+    return llm.encode(args.prompt)
+
+
+WORLD_TIMEOUT = 3600.0
+"""Seconds the processes of ``generate --world`` may take (a collective's timeout too)."""
+
+
+def generate(args: argparse.Namespace) -> int:
+    params = _params(args)
+    if args.world > 1:
+        import os
+
+        import torch
+
+        from dsv4rs.parallel.launch import launch
+
+        gpu = args.device == "cuda" or (args.device is None and torch.cuda.is_available())
+        if gpu and "RANK" not in os.environ and torch.cuda.device_count() < args.world:
+            raise ValueError(f"--world: {args.world} processes on one GPU each, torch sees {torch.cuda.device_count()}")
+        args.device = "cuda" if gpu else "cpu"
+        return launch(_generate_rank, args.world, args, WORLD_TIMEOUT, "GPUs, NCCL" if gpu else "CPU, gloo")
+    llm = _llm(args, args.max_sequences or 2)
+    prompt = _prompt(llm, args)
     llm.max_tokens(len(prompt), params)
     t0 = time.perf_counter()
     for d in llm.stream(prompt, params):
         sys.stdout.write(d.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
-    c = d.completion
+    _report(llm, prompt, d.completion, t0)
+    return 0
+
+
+def _generate_rank(rank: int, world: int, init_method: str, args: argparse.Namespace) -> int:
+    """One process of ``generate --world``: its share of the model, the prompt generated over
+    every process (:class:`dsv4rs.llm.LLM` with ``parallel=``); rank 0 prints."""
+    import datetime
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from dsv4rs import parallel
+    from dsv4rs.model import V4Config
+
+    device = None
+    if args.device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+        device = f"cuda:{torch.cuda.current_device()}"
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    dist.init_process_group("nccl" if args.device == "cuda" else "gloo", init_method=init_method, rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=WORLD_TIMEOUT))
+    try:
+        pc = parallel.ParallelConfig.even(V4Config.from_pretrained(args.checkpoint), world, rank,
+                                          timeout=WORLD_TIMEOUT, mode=args.parallel)
+        llm = _llm(args, args.max_sequences or 2, parallel=pc, device=device)
+        prompt = _prompt(llm, args)
+        t0 = time.perf_counter()
+        c = llm.generate([prompt], _params(args))[0]
+        if rank == 0:
+            print(c.text)
+            print(f"-- over {world} processes ({args.parallel}; rank 0's share: experts "
+                  f"{pc.experts.start}..{pc.experts.stop - 1})")
+            _report(llm, prompt, c, t0)
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+def _report(llm, prompt: list[int], c, t0: float) -> None:
     tokens, first = len(c.token_ids), c.time_to_first_token or 0.0
     decode = c.elapsed - first
     rate = f"{(tokens - 1) / decode:,.1f}" if tokens > 1 and decode > 0 else "n/a"
@@ -51,7 +115,6 @@ def generate(args: argparse.Namespace) -> int:
     print(f"-- decode: {rate} tokens/s after the first; time to first token: {1000 * first:,.0f} ms "
           f"(prompt: {len(prompt)} tokens)")
     print(f"-- acceptance rate: {acc}; KV cache: {cache / total:,.0f} B/token ({cache:,} B for {total} tokens)")
-    return 0
 
 
 def serve(args: argparse.Namespace) -> int:
