@@ -200,16 +200,15 @@ class Experts(nn.Module):
         add nothing (the GEMMs leave those rows unwritten: they are masked, not multiplied)."""
         tokens, k = idx.shape
         experts = self.gate_up_proj.shape[0]
-        flat = idx.flatten()
-        valid = flat >= 0
-        order = torch.argsort(torch.where(valid, flat, experts), stable=True)
-        counts = torch.zeros(experts, dtype=torch.int32, device=x.device).scatter_add_(
-            0, flat.clamp(min=0), valid.to(torch.int32))
-        ends = counts.cumsum(0, dtype=torch.int32)
+        key = idx.flatten().remainder(experts + 1)  # -1 becomes ``experts``: past every expert's rows
+        order = torch.argsort(key, stable=True)
+        counts = torch.zeros(experts + 1, dtype=torch.int32, device=x.device).scatter_add_(
+            0, key, torch.ones_like(key, dtype=torch.int32))
+        ends = counts[:experts].cumsum(0, dtype=torch.int32)
         rows = x.to(torch.bfloat16)[order // k]
         h = self._swiglu(F.grouped_mm(rows, self.gate_up_proj.transpose(-2, -1), offs=ends))
         y = F.grouped_mm(h, self.down_proj.transpose(-2, -1), offs=ends)
-        y = torch.where(valid[order, None], y, 0)
+        y = torch.where(key[order, None] < experts, y, 0)
         unsorted = torch.empty_like(y).index_copy_(0, order, y).view(tokens, k, -1)
         return (unsorted.float() * weights[..., None].float()).sum(1).to(x.dtype)
 
