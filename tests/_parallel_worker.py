@@ -88,6 +88,46 @@ def llm_run(rank: int, world: int, mode: str, result: dict) -> None:
     result["held"] = llm.engine.model.model.layers[0].mlp.experts.held
 
 
+def serve_run(rank: int, world: int, mode: str, result: dict, timeout: float) -> None:
+    """``mode`` ``serve:{dp|tp}:CHECKPOINT``: rank 0 drives a :class:`dsv4rs.serve.parallel.Leader`
+    as the server's engine thread would (idle past the group's timeout first, then the
+    :func:`llm_requests` and a long one aborted after its first step); the others follow."""
+    from dsv4rs import LLM, parallel
+    from dsv4rs.llm import SamplingParams
+    from dsv4rs.serve.parallel import Leader, follow
+
+    _, how, ckpt = mode.split(":", 2)
+    cfg = __import__("dsv4rs.model", fromlist=["V4Config"]).V4Config.from_pretrained(ckpt)
+    pc = parallel.ParallelConfig.even(cfg, world, rank, mode=how, timeout=timeout)
+    llm = LLM(ckpt, parallel=pc, max_sequences=4, max_len=256, speculative=False)
+    if rank:
+        result["added"] = follow(llm).added
+        result["left"] = llm.engine.manager.sequence_ids()
+        return
+    leader = Leader(llm)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 2.5 * timeout:  # idle: the heartbeats keep the followers waiting
+        assert not leader.has_unfinished()
+        time.sleep(0.05)
+    prompts, params = llm_requests()
+    keys = [leader.add_request(llm.encode(p), sp) for p, sp in zip(prompts, params)]
+    long = leader.add_request(llm.encode("Hello"), SamplingParams(max_tokens=200, ignore_eos=True))
+    deltas: dict[int, list] = {}
+    steps = 0
+    while leader.has_unfinished():
+        for d in leader.step():
+            deltas.setdefault(d.request_id, []).append(d)
+        steps += 1
+        if steps == 1:
+            leader.abort(long)
+    result["outs"] = [(leader.completion(k).token_ids, "".join(d.text for d in deltas[k]), deltas[k][-1].finish_reason)
+                      for k in keys]
+    result["aborted"] = deltas[long][-1].finish_reason
+    result["left"] = llm.engine.manager.sequence_ids()
+    result["added"] = leader.ranks.added
+    leader.close()
+
+
 def worker(rank: int, world: int, store: str, out: str, mode: str, timeout: float) -> None:
     torch.set_num_threads(1)
     result: dict = {"rank": rank}
@@ -104,8 +144,9 @@ def worker(rank: int, world: int, store: str, out: str, mode: str, timeout: floa
             mode = mode.removeprefix("cuda:")
         dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{store}", rank=rank,
                                 world_size=world, timeout=datetime.timedelta(seconds=timeout))
-        if mode.startswith("llm:"):
-            llm_run(rank, world, mode, result)
+        if mode.startswith(("llm:", "serve:")):
+            (llm_run(rank, world, mode, result) if mode.startswith("llm:") else
+             serve_run(rank, world, mode, result, timeout))
             dist.destroy_process_group()
             raise SystemExit(0)
         m = model().to(f"cuda:{rank}") if cuda else model()

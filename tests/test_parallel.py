@@ -377,6 +377,28 @@ def test_parallel_llm_generates_one_processs_text(tmp_path, tp_checkpoint: str, 
         assert res["drafts"] == (res["steps"] if spec else 0)
 
 
+@pytest.mark.parametrize("how", ["dp", "tp"])
+def test_served_requests_over_processes_give_one_processs_text(tmp_path, tp_checkpoint: str, how: str) -> None:
+    """``dsv4rs serve --world 2``'s engine (serve/parallel.py) on 2 gloo processes: rank 0's
+    Leader, driven as the server's engine thread drives an LLM, gives each request a rank (dp) or
+    every rank (tp); the follower does what each plan says. Idle for 2.5 times the group's
+    timeout first (the heartbeats keep the follower's wait alive), then the text and tokens of
+    one process's LLM, streamed deltas adding up to the completion, a request aborted after one
+    step, and no sequence left on either rank."""
+    from dsv4rs import LLM
+
+    with one_thread():
+        one = LLM(tp_checkpoint, max_sequences=4, max_len=256, speculative=False)
+        prompts, params = pw.llm_requests()
+        want = [(o.token_ids, o.text, o.finish_reason) for o in one.generate(prompts, params)]
+    results = run_ranks(tmp_path, 2, f"serve:{how}:{tp_checkpoint}", timeout=2.0)
+    for res in results:
+        assert res is not None and "error" not in res, res and res.get("trace")
+        assert res["left"] == []
+        assert res["added"] == (4 if how == "tp" else 2)  # dp: the 4 requests spread over the ranks
+    assert results[0]["outs"] == want and results[0]["aborted"] == "abort"
+
+
 def test_parallel_llm_checks_its_arguments(solo_group, tp_checkpoint: str) -> None:
     """A parallel LLM of one process (its own gloo group): ``parallel`` must be a
     ParallelConfig; generate gives the plain LLM's tokens; stream, which one process drives

@@ -260,3 +260,55 @@ def test_graceful_shutdown_finishes_running_requests(tiny_checkpoint: str) -> No
         httpx.get(s.url + "/health")
     assert not s.worker._thread.is_alive() and llm.engine.manager.sequence_ids() == []
     llm.engine.manager.check()
+
+
+def test_serve_command_over_processes(tiny_checkpoint: str) -> None:
+    """``dsv4rs serve --world 2``: two CPU processes (gloo), rank 0 serving over HTTP
+    (serve/parallel.py's Leader), rank 1 following; completions and chat give one process's greedy
+    text, and Ctrl-C (SIGINT to the process group)
+    shuts every process down cleanly (exit status 0)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from dsv4rs import LLM
+    from dsv4rs.llm import SamplingParams
+
+    greedy = SamplingParams(max_tokens=8, temperature=0)
+    one = LLM(tiny_checkpoint, max_sequences=4, max_len=MAX_LEN, speculative=False)
+    want = [c.text for c in one.generate(["Hello", "The quick brown fox"], greedy)]
+    want_chat = one.chat([{"role": "user", "content": "Hi"}], greedy)[0].text
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "dsv4rs.cli", "serve", tiny_checkpoint, "--world", "2", "--device",
+                             "cpu", "--port", str(port), "--max-len", str(MAX_LEN), "--max-sequences", "4",
+                             "--no-speculative"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            time.sleep(0.2)
+        c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+        name = c.models.list().data[0].id
+        with ThreadPoolExecutor(2) as pool:  # two requests at once
+            got = list(pool.map(lambda p: c.completions.create(model=name, prompt=p, max_tokens=8, temperature=0),
+                                ["Hello", "The quick brown fox"]))
+        assert [r.choices[0].text for r in got] == want
+        chat = c.chat.completions.create(model=name, messages=[{"role": "user", "content": "Hi"}], max_tokens=8,
+                                         temperature=0)
+        assert chat.choices[0].message.content == want_chat
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            out, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+            pytest.fail("the processes did not stop on SIGINT:\n" + out)
+    assert proc.returncode == 0, out

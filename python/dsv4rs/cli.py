@@ -298,12 +298,14 @@ def _text_arguments(gen: argparse.ArgumentParser, srv: argparse.ArgumentParser) 
     gen.add_argument("--presence-penalty", type=_finite_float, default=0.0)
     gen.add_argument("--frequency-penalty", type=_finite_float, default=0.0)
     gen.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
-    gen.add_argument("--world", type=_bounded_int(1, DEMO_MAX_WORLD), default=1,
-                     help=f"run over this many processes, 1 to {DEMO_MAX_WORLD} (default 1): spawned here (gloo on "
-                     "the CPU, NCCL on one GPU each), or the ones torchrun started; rank 0 prints")
-    gen.add_argument("--parallel", choices=["dp", "tp"], default="dp",
-                     help="with --world: data-parallel (dp, default) or tensor-parallel (tp) attention; experts split "
-                     "over the processes either way")
+    for p in (gen, srv):
+        p.add_argument("--world", type=_bounded_int(1, DEMO_MAX_WORLD), default=1,
+                       help=f"run over this many processes, 1 to {DEMO_MAX_WORLD} (default 1): spawned here (gloo on "
+                       "the CPU, NCCL on one GPU each), or the ones torchrun started; rank 0 "
+                       f"{'prints' if p is gen else 'serves'}")
+        p.add_argument("--parallel", choices=["dp", "tp"], default="dp",
+                       help="with --world: data-parallel (dp, default) or tensor-parallel (tp) attention; experts "
+                       "split over the processes either way")
     gen.add_argument("--seed", type=_bounded_int(0, (1 << 63) - 1), help="seed of the samples (default: random)")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     srv.add_argument("--port", type=_bounded_int(0, 65535), default=8000, help="default 8000")

@@ -40,35 +40,24 @@ WORLD_TIMEOUT = 3600.0
 """Seconds the processes of ``generate --world`` may take (a collective's timeout too)."""
 
 
-def generate(args: argparse.Namespace) -> int:
-    params = _params(args)
-    if args.world > 1:
-        import os
+def _launch(main, args: argparse.Namespace) -> int:
+    """``main`` on ``args.world`` processes (:func:`dsv4rs.parallel.launch.launch`), one GPU each
+    when the device is CUDA."""
+    import os
 
-        import torch
+    import torch
 
-        from dsv4rs.parallel.launch import launch
+    from dsv4rs.parallel.launch import launch
 
-        gpu = args.device == "cuda" or (args.device is None and torch.cuda.is_available())
-        if gpu and "RANK" not in os.environ and torch.cuda.device_count() < args.world:
-            raise ValueError(f"--world: {args.world} processes on one GPU each, torch sees {torch.cuda.device_count()}")
-        args.device = "cuda" if gpu else "cpu"
-        return launch(_generate_rank, args.world, args, WORLD_TIMEOUT, "GPUs, NCCL" if gpu else "CPU, gloo")
-    llm = _llm(args, args.max_sequences or 2)
-    prompt = _prompt(llm, args)
-    llm.max_tokens(len(prompt), params)
-    t0 = time.perf_counter()
-    for d in llm.stream(prompt, params):
-        sys.stdout.write(d.text)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-    _report(llm, prompt, d.completion, t0)
-    return 0
+    gpu = args.device == "cuda" or (args.device is None and torch.cuda.is_available())
+    if gpu and "RANK" not in os.environ and torch.cuda.device_count() < args.world:
+        raise ValueError(f"--world: {args.world} processes on one GPU each, torch sees {torch.cuda.device_count()}")
+    args.device = "cuda" if gpu else "cpu"
+    return launch(main, args.world, args, WORLD_TIMEOUT, "GPUs, NCCL" if gpu else "CPU, gloo")
 
 
-def _generate_rank(rank: int, world: int, init_method: str, args: argparse.Namespace) -> int:
-    """One process of ``generate --world``: its share of the model, the prompt generated over
-    every process (:class:`dsv4rs.llm.LLM` with ``parallel=``); rank 0 prints."""
+def _rank_llm(rank: int, world: int, init_method: str, args: argparse.Namespace, max_sequences: int | None):
+    """This process's share of a parallel LLM (the process group joined first)."""
     import datetime
     import os
 
@@ -86,20 +75,45 @@ def _generate_rank(rank: int, world: int, init_method: str, args: argparse.Names
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group("nccl" if args.device == "cuda" else "gloo", init_method=init_method, rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=WORLD_TIMEOUT))
+    pc = parallel.ParallelConfig.even(V4Config.from_pretrained(args.checkpoint), world, rank, timeout=WORLD_TIMEOUT,
+                                      mode=args.parallel)
+    return _llm(args, max_sequences, parallel=pc, device=device)
+
+
+def generate(args: argparse.Namespace) -> int:
+    params = _params(args)
+    if args.world > 1:
+        return _launch(_generate_rank, args)
+    llm = _llm(args, args.max_sequences or 2)
+    prompt = _prompt(llm, args)
+    llm.max_tokens(len(prompt), params)
+    t0 = time.perf_counter()
+    for d in llm.stream(prompt, params):
+        sys.stdout.write(d.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    _report(llm, prompt, d.completion, t0)
+    return 0
+
+
+def _generate_rank(rank: int, world: int, init_method: str, args: argparse.Namespace) -> int:
+    """One process of ``generate --world``: its share of the model, the prompt generated over
+    every process (:class:`dsv4rs.llm.LLM` with ``parallel=``); rank 0 prints."""
+    import torch.distributed as dist
+
     try:
-        pc = parallel.ParallelConfig.even(V4Config.from_pretrained(args.checkpoint), world, rank,
-                                          timeout=WORLD_TIMEOUT, mode=args.parallel)
-        llm = _llm(args, args.max_sequences or 2, parallel=pc, device=device)
+        llm = _rank_llm(rank, world, init_method, args, args.max_sequences or 2)
         prompt = _prompt(llm, args)
         t0 = time.perf_counter()
         c = llm.generate([prompt], _params(args))[0]
         if rank == 0:
+            held = llm.parallel.experts
             print(c.text)
-            print(f"-- over {world} processes ({args.parallel}; rank 0's share: experts "
-                  f"{pc.experts.start}..{pc.experts.stop - 1})")
+            print(f"-- over {world} processes ({args.parallel}; rank 0's share: experts {held.start}..{held.stop - 1})")
             _report(llm, prompt, c, t0)
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 
@@ -120,7 +134,42 @@ def _report(llm, prompt: list[int], c, t0: float) -> None:
 def serve(args: argparse.Namespace) -> int:
     from dsv4rs.serve import serve as run
 
+    if args.world > 1:
+        import os
+        import signal
+
+        if "RANK" not in os.environ:  # rank 0's server takes Ctrl-C; the launcher and the followers ignore it
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return _launch(_serve_rank, args)
     llm = _llm(args, args.max_sequences)
     run(llm, host=args.host, port=args.port, shutdown_grace=args.shutdown_grace, model_name=args.model_name,
         max_pending=args.max_pending)
+    return 0
+
+
+def _serve_rank(rank: int, world: int, init_method: str, args: argparse.Namespace) -> int:
+    """One process of ``serve --world``: rank 0 serves (:class:`dsv4rs.serve.parallel.Leader` in
+    the LLM's place), the others follow it until it stops."""
+    import signal
+
+    import torch.distributed as dist
+
+    from dsv4rs.serve import serve as run
+    from dsv4rs.serve.parallel import Leader, follow
+
+    try:
+        llm = _rank_llm(rank, world, init_method, args, args.max_sequences)
+        if rank:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 stops them
+            follow(llm)
+            return 0
+        leader = Leader(llm)
+        try:
+            run(leader, host=args.host, port=args.port, shutdown_grace=args.shutdown_grace,
+                model_name=args.model_name, max_pending=args.max_pending)
+        finally:
+            leader.close()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0

@@ -4,6 +4,7 @@ uvicorn).
 - :mod:`.app`: :func:`create_app`, the routes and their errors.
 - :mod:`.protocol`: the request bodies (pydantic); :mod:`.format`: the response objects.
 - :mod:`.worker`: the engine thread, the bounded request queue, cancellation and shutdown.
+- :mod:`.parallel`: serving over several processes (rank 0 serves, the others follow it).
 """
 
 from __future__ import annotations
