@@ -402,7 +402,9 @@ def test_served_requests_over_processes_give_one_processs_text(tmp_path, tp_chec
 def test_parallel_llm_checks_its_arguments(solo_group, tp_checkpoint: str) -> None:
     """A parallel LLM of one process (its own gloo group): ``parallel`` must be a
     ParallelConfig; generate gives the plain LLM's tokens; stream, which one process drives
-    alone, is refused naming itself; has_unfinished asks every process."""
+    alone, is refused naming itself; has_unfinished asks every process. The server's Leader
+    refuses an LLM that is not rank 0 of a parallel one, checks a request as LLM.add_request does
+    (nothing queued), runs requests to the same tokens, and gives a completion once."""
     from dsv4rs import LLM
     from dsv4rs.model import V4Config
 
@@ -418,6 +420,25 @@ def test_parallel_llm_checks_its_arguments(solo_group, tp_checkpoint: str) -> No
     assert got == want and not llm.has_unfinished()
     with pytest.raises(ValueError, match="^stream: a parallel LLM's processes step together"):
         next(llm.stream("Hello"))
+    from dsv4rs.llm import SamplingParams
+    from dsv4rs.serve.parallel import Leader
+
+    with pytest.raises(ValueError, match="^llm: a Leader needs rank 0 of a parallel LLM"):
+        Leader(LLM(tp_checkpoint, max_sequences=2, max_len=128, speculative=False))
+    leader = Leader(llm)  # a server's engine over one process
+    with pytest.raises(ValueError, match="exceed the context of 256 tokens"):
+        leader.add_request(llm.encode(prompts[0]), SamplingParams(max_tokens=1000))
+    with pytest.raises(TypeError, match="^params: expected SamplingParams"):
+        leader.add_request(llm.encode(prompts[0]), {"max_tokens": 3})
+    assert not leader.has_unfinished()
+    keys = [leader.add_request(llm.encode(p), sp) for p, sp in zip(prompts, params)]
+    with one_thread():
+        while leader.has_unfinished():
+            leader.step()
+    assert [leader.completion(k).token_ids for k in keys] == want
+    with pytest.raises(ValueError, match="^rid: no finished request 0"):
+        leader.completion(keys[0])
+    leader.close()
 
 
 def test_world_demo_checks_itself() -> None:

@@ -104,6 +104,8 @@ class Leader:
         self._closed = False
 
     def __getattr__(self, name: str) -> Any:  # encode, tokenizer, max_len, model_name, engine, ...
+        if name == "llm":  # not set yet (a copy or an unpickling): no recursion
+            raise AttributeError(name)
         return getattr(self.llm, name)
 
     def add_request(self, prompt: Sequence[int], params: SamplingParams | None = None) -> int:
