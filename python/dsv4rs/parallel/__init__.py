@@ -378,7 +378,7 @@ class ExpertExchange:
       pairs (each row with its expert id in one message) and the results. The counts are read on
       the host, to size the next two.
     - **Fixed** (``tokens = T``, set by the engine for a step in which every rank runs at most
-      ``T`` tokens: :func:`agree`): two exchanges of ``T k`` slots per pair of ranks, a slot
+      ``T`` tokens: :meth:`agree`): two exchanges of ``T k`` slots per pair of ranks, a slot
       holding a pair's row and expert id or an empty slot's id -1, then the results of every
       slot. Nothing is read on the host, so the step could be captured in a CUDA graph; the
       wire carries ``world`` times the slots a rank can fill (``world T k`` rows each way).
