@@ -158,7 +158,7 @@ def worker(rank: int, world: int, store: str, out: str, mode: str, timeout: floa
             result["twin"] = rank == 2 or (twin is not sub and parallel.control_group(sub) is twin)  # kept
             if rank < 2:
                 pc = parallel.ParallelConfig.even(m.config, 2, rank, group=sub)
-                result["agreed"] = parallel.ExpertExchange(pc, torch.device("cpu")).agree(rank + 1, True)
+                result["agreed"] = parallel.ExpertExchange(pc, torch.device("cpu")).agree(rank + 1, True).tokens
             dist.destroy_process_group()
             raise SystemExit(0)
         tp = mode == "tp" or mode.startswith("tpload:")
@@ -177,15 +177,16 @@ def worker(rank: int, world: int, store: str, out: str, mode: str, timeout: floa
         mine = sorted(PROMPT_LENS) if tp else [s for s, r in OWNERS[world].items() if r == rank]
         if mode == "buckets":  # ranks that would replay different graph buckets
             exchange = m.model.layers[0].mlp.experts.exchange
-            result["same"] = exchange.agree(1, True, (1, 2, 4))
+            result["same"] = exchange.agree(1, True, (1, 2, 4)).tokens
             try:
                 exchange.agree(1, True, (1, 2, 4) if rank == 0 else (1, 2))
             except ValueError as e:
                 result["differ"] = str(e)
             result["decode"] = exchange.agree(3 * rank, True)
-            result["prefill"] = exchange.agree(2, rank == 0)
+            result["prefill"] = exchange.agree(2 + 5 * rank, rank == 0)
             result["none"] = exchange.agree(0, True)
             result["many"] = exchange.agree(300 if rank else 1, True)
+            result["at_most"] = exchange.agree(256 if rank else 1, False)
             dist.destroy_process_group()
             raise SystemExit(0)
         if mode == "die" and rank == 1:

@@ -64,8 +64,8 @@ def single() -> dict:
 @pytest.mark.parametrize(("world", "mode"), [(2, "ok"), (4, "ok"), (2, "lopsided"), (2, "tp"), (4, "tp")])
 def test_parallel_logits_equal_one_process(tmp_path, single: dict, world: int, mode: str) -> None:
     """``ok``: data-parallel attention (sequences spread unevenly) and experts by all-to-all
-    (the variable form while any rank feeds a prompt, and the MTP drafts; the fixed form in the
-    steps where every rank decodes or idles);
+    (the variable form in the step where a rank feeds more than 256 tokens and its MTP draft; the
+    fixed form in the others, a 50-token chunk beside decodes included);
     ``lopsided``: the same with rank 0 holding all 8 experts and rank 1 none, so rank 1's
     exchanges receive nothing and every one of its pairs runs on rank 0; ``tp``: every rank runs
     every sequence on its share of the heads and output groups, experts by all-reduce."""
@@ -94,9 +94,8 @@ def test_parallel_logits_equal_one_process(tmp_path, single: dict, world: int, m
     layers = len(pw.model().model.layers)
     for res in results:
         assert len(res["received"]) == pw.STEPS * (layers + 1)  # every layer's exchange and the MTP block's
-        if mode != "tp":  # the steps after the prompts (every rank decoding, or idle) take the fixed form
-            decode_steps = pw.STEPS - 2
-            assert res["forms"] == {"fixed": decode_steps * layers, "variable": 2 * layers + pw.STEPS}, res["forms"]
+        if mode != "tp":  # step 0 (a 300-token prompt) and its draft take the variable form, the rest the fixed
+            assert res["forms"] == {"fixed": (pw.STEPS - 1) * (layers + 1), "variable": layers + 1}, res["forms"]
     if mode == "lopsided":
         assert set(results[1]["received"]) == {0} and min(results[0]["received"]) > 0
 
@@ -481,16 +480,19 @@ def test_world_bench_reports_every_rank_beside_one_process(weights: str) -> None
 
 
 def test_ranks_agree_on_each_step(tmp_path) -> None:
-    """The agreement before each step: the most tokens any rank decodes (the fixed form's),
-    ``None`` when some rank feeds a prompt, when no rank runs a token or when a rank runs more
-    than the fixed form's most; ranks whose graph buckets differ all get the same ValueError."""
-    from dsv4rs.parallel import FIXED_MAX_TOKENS
+    """The agreement before each step: the most tokens any rank runs (the fixed form's, decode
+    steps and prompt chunks alike, up to 256), whether every rank decodes, ``None`` tokens when
+    no rank runs one or a rank runs more than 256; ranks whose graph buckets differ all get the
+    same ValueError."""
+    from dsv4rs.parallel import FIXED_MAX_TOKENS, Agreed
 
     results = run_ranks(tmp_path, 2, "buckets")
     for res in results:
         assert res is not None and "error" not in res, res and res.get("trace")
-        assert res["same"] == 1 and res["decode"] == 3 and res["prefill"] is None and res["none"] is None
-        assert res["many"] is None and 300 > FIXED_MAX_TOKENS
+        assert res["same"] == 1
+        assert res["decode"] == Agreed(3, True, 3) and res["prefill"] == Agreed(7, False, 7)
+        assert res["none"] == Agreed(None, True, 0) and res["many"] == Agreed(None, True, 300)
+        assert res["at_most"] == Agreed(256, False, 256) and FIXED_MAX_TOKENS == 256
         assert res["differ"].startswith("cuda_graphs: the ranks replay different graph buckets")
 
 

@@ -10,11 +10,12 @@
   results come back; the router and the shared expert run where the token lives. A token's
   result is its choices' outputs times their routing weights, summed in routing order. The ranks
   agree on each step first, on the host (one all-reduce of a few integers over a gloo group): when
-  every rank runs a decode step of at most :data:`FIXED_MAX_TOKENS` tokens, the exchanges take a
-  fixed form (``all_to_all_single`` of ``T k`` slots per pair of ranks, ``T`` the most tokens any
-  rank runs: each pair's row with its expert id, empty slots with id -1, then the results) that
-  reads nothing on the host; otherwise a variable one (the pair counts first, read on the host,
-  then exactly the pairs and the results). See :class:`ExpertExchange`.
+  every rank runs at most :data:`FIXED_MAX_TOKENS` tokens (decode steps, MTP verification steps,
+  short prefill chunks), the exchanges of the step and of the MTP draft after it take a fixed form
+  (``all_to_all_single`` of ``T k`` slots per pair of ranks, ``T`` the most tokens any rank runs:
+  each pair's row with its expert id, empty slots with id -1, then the results) that reads
+  nothing on the host; otherwise a variable one (the pair counts first, read on the host, then
+  exactly the pairs and the results). See :class:`ExpertExchange`.
 
 - **Tensor-parallel attention** (``mode="tp"``, for small batches where latency matters). Every
   rank runs the same sequences: the attention heads and output groups are split over the ranks
@@ -322,8 +323,9 @@ class ReplicatedExperts:
 
 
 FIXED_MAX_TOKENS = 256
-"""Most tokens per rank a step may exchange in the fixed form (:class:`ExpertExchange`): a
-decode step of up to this many sequences on every rank (the largest CUDA-graph bucket)."""
+"""Most tokens per rank a step may exchange in the fixed form (:class:`ExpertExchange`): decode
+steps of up to this many sequences (the largest CUDA-graph bucket), MTP verification steps and
+prefill chunks of up to this many tokens."""
 
 
 _CONTROL: list[tuple[Any, Any]] = []
@@ -367,6 +369,22 @@ def host_max(pc: ParallelConfig, values: Sequence[int], what: str) -> list[int]:
     return t.tolist()
 
 
+@dataclass(frozen=True)
+class Agreed:
+    """What the ranks agreed on for a step (:meth:`ExpertExchange.agree`).
+
+    Attributes:
+        tokens: the fixed form's tokens per rank (the most any rank runs) when every rank runs
+            at most :data:`FIXED_MAX_TOKENS` and some rank runs any; ``None``: the variable form.
+        decode: whether every rank runs a decode step (one token a sequence, or none).
+        most: the most tokens any rank runs.
+    """
+
+    tokens: int | None
+    decode: bool
+    most: int
+
+
 class ExpertExchange:
     """The MoE layers' all-to-all: a rank's (token, choice) pairs to their experts' owners and
     the results back. ``received`` counts the pairs this rank's experts ran, per call (the last
@@ -377,8 +395,8 @@ class ExpertExchange:
     - **Variable** (``tokens`` is ``None``): three exchanges, the pair counts, then exactly the
       pairs (each row with its expert id in one message) and the results. The counts are read on
       the host, to size the next two.
-    - **Fixed** (``tokens = T``, set by the engine for a step in which every rank runs at most
-      ``T`` tokens: :meth:`agree`): two exchanges of ``T k`` slots per pair of ranks, a slot
+    - **Fixed** (``tokens = T``, set by the engine for a step, and the MTP draft after it, in
+      which every rank runs at most ``T`` tokens: :meth:`agree`): two exchanges of ``T k`` slots per pair of ranks, a slot
       holding a pair's row and expert id or an empty slot's id -1, then the results of every
       slot. Nothing is read on the host, so the step could be captured in a CUDA graph; the
       wire carries ``world`` times the slots a rank can fill (``world T k`` rows each way).
@@ -401,15 +419,13 @@ class ExpertExchange:
         """Pairs this rank's experts ran, per call, oldest first (reading them waits for the device)."""
         return [int(n) for n in self._received]
 
-    def agree(self, tokens: int, decode: bool, buckets: Sequence[int] = ()) -> int | None:
+    def agree(self, tokens: int, decode: bool, buckets: Sequence[int] = ()) -> Agreed:
         """This step on every rank, agreed on the host before it runs: one all-reduce of four
         integers over a gloo group (:func:`control_group`, made at the first call, on every rank
-        alike since every rank steps). Returns the most tokens any rank runs when every rank runs a
-        decode step (one token a sequence, or none) of at most :data:`FIXED_MAX_TOKENS` tokens and
-        some rank runs any, the ``tokens`` for the fixed form; otherwise ``None``. ``tokens``:
-        this rank's; ``decode``: whether its step is a decode step (an empty one is);
-        ``buckets``: the CUDA-graph buckets this rank replays (none: ``()``), which must be every
-        rank's (ValueError on every rank otherwise: the ranks would replay different exchanges)."""
+        alike since every rank steps). ``tokens``: this rank's (0 for an empty step); ``decode``:
+        whether its step is a decode step (one token a sequence; an empty one is); ``buckets``:
+        the CUDA-graph buckets this rank replays (none: ``()``), which must be every rank's
+        (ValueError on every rank otherwise: the ranks would replay different exchanges)."""
         import torch.distributed as dist
 
         if self._control is None:
@@ -425,7 +441,7 @@ class ExpertExchange:
         if high != -low:
             raise ValueError("cuda_graphs: the ranks replay different graph buckets (every rank needs the same "
                              "cuda_graphs, graph_buckets and max_sequences)")
-        return None if prefill or not 0 < most <= FIXED_MAX_TOKENS else most
+        return Agreed(most if 0 < most <= FIXED_MAX_TOKENS else None, not prefill, most)
 
     def _all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int] | None,
                     in_splits: list[int] | None, what: str) -> None:

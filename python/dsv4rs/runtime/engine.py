@@ -67,8 +67,9 @@ class Engine:
             ``parallel.experts`` only, the cache holds this rank's sequences, and every rank
             calls :meth:`step` in lockstep (an empty batch when it has nothing to run). Under
             data-parallel attention the ranks agree on each step first (one small all-reduce on
-            the host): when every rank runs a decode step, the MoE exchanges take their fixed
-            form, which reads nothing on the host (:class:`dsv4rs.parallel.ExpertExchange`).
+            the host): when every rank runs at most 256 tokens, the MoE exchanges of the step
+            and of its MTP draft take their fixed form, which reads nothing on the host
+            (:class:`dsv4rs.parallel.ExpertExchange`).
             Decode steps are not captured in CUDA graphs yet, and every rank calls
             :meth:`draft` after the same steps (``draft([])`` after an empty one).
         weight_tiles: on a GPU, hold the model's quantized weights (MXFP4 experts, FP8 and MXFP4
@@ -88,6 +89,7 @@ class Engine:
                  graph_buckets: Sequence[int] = BUCKETS, memory_fraction: float | None = None,
                  parallel: ParallelConfig | None = None, weight_tiles: bool = True) -> None:
         self._exchange: ExpertExchange | None = None
+        self._draft_tokens: int | None = None  # the fixed form's tokens of the last step, for its draft
         if parallel is not None:
             if not isinstance(parallel, ParallelConfig):
                 raise ValueError(f"parallel: expected a dsv4rs.parallel.ParallelConfig, got {type(parallel).__name__}")
@@ -396,7 +398,7 @@ class Engine:
         lens = inputs.lens.tolist()
         decode = max(lens) == 1
         self.steps += 1
-        with self._agreed(len(lens), decode):
+        with self._agreed(sum(lens), decode):
             logits, x, meta, ids_dev = self._forward(inputs, decode, fed)
         n = len(lens)
         self._last = _Last(list(seq_ids), inputs.starts.tolist(), lens, ids_dev, meta, x) if len(self.model.mtp) else None
@@ -416,12 +418,27 @@ class Engine:
     @contextlib.contextmanager
     def _agreed(self, tokens: int, decode: bool) -> Iterator[None]:
         """A data-parallel engine's step, agreed with the other ranks' (:meth:`ExpertExchange.agree`):
-        the exchanges take the fixed form while it runs when every rank decodes."""
+        the exchanges of the step (and of the MTP draft after it) take the fixed form when every
+        rank runs few enough tokens."""
         ex = self._exchange
         if ex is None:
             yield
             return
-        ex.tokens = ex.agree(tokens, decode)
+        ex.tokens = self._draft_tokens = ex.agree(tokens, decode).tokens
+        try:
+            yield
+        finally:
+            ex.tokens = None
+
+    @contextlib.contextmanager
+    def _drafting(self) -> Iterator[None]:
+        """A data-parallel engine's MTP draft: the exchange's form of the step it follows (the
+        same tokens on every rank), without agreeing again."""
+        ex = self._exchange
+        if ex is None:
+            yield
+            return
+        ex.tokens, self._draft_tokens = self._draft_tokens, None
         try:
             yield
         finally:
@@ -493,7 +510,8 @@ class Engine:
         if self.parallel is not None and self._idled and not len(next_ids):
             self._idled = False
             self.drafts += 1
-            self._idle([self.model.mtp[0]])
+            with self._drafting():
+                self._idle([self.model.mtp[0]])
             return torch.empty(0, self.cfg.vocab_size, device=self.device)
         if self._last is None:
             raise ValueError("draft: call step first")
@@ -517,7 +535,8 @@ class Engine:
         shifted = last.ids.clone()
         shifted[:-1] = last.ids[1:]
         shifted[ends] = self._to_device(nxt)
-        h = self.model.draft(last.streams, shifted, last.meta, self.cache.layers[self.cfg.num_hidden_layers])
+        with self._drafting():
+            h = self.model.draft(last.streams, shifted, last.meta, self.cache.layers[self.cfg.num_hidden_layers])
         for s, start, n in zip(last.seq_ids, last.starts, last.lens):
             self._mtp_pos[s] = start + n
         mtp = self.model.mtp[0]
