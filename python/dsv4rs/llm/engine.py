@@ -329,10 +329,11 @@ class LLM:
             return done
         import torch.distributed as dist
 
-        from dsv4rs.parallel import control_group
+        from dsv4rs.parallel import collective, control_group
 
         parts: list = [None] * pc.world
-        dist.all_gather_object(parts, done, group=control_group(pc.group))
+        collective(pc, "the completions' gathering",
+                   lambda: dist.all_gather_object(parts, done, group=control_group(pc.group)))
         return [parts[i % pc.world][i // pc.world] for i in range(len(ids))]
 
     def _busy(self, rids: list[int]) -> bool:

@@ -55,7 +55,7 @@ import os
 import time
 import zlib
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -250,6 +250,15 @@ def _failed(pc: ParallelConfig, what: str, e: BaseException) -> ParallelError:
                          f"timeout ({pc.timeout:g} s) [{first}]")
 
 
+def collective(pc: ParallelConfig, what: str, call: Callable[[], Any]) -> Any:
+    """``call()`` (a ``torch.distributed`` collective); its failure raises :class:`ParallelError`
+    naming this rank and ``what`` (DistBackendError and gloo's errors are RuntimeErrors)."""
+    try:
+        return call()
+    except (RuntimeError, ValueError) as e:
+        raise _failed(pc, what, e) from None
+
+
 class CommTimer:
     """Seconds spent in this process's collectives, when ``enabled`` (a benchmark's switch: on a
     GPU each collective is then bracketed by device synchronizations)."""
@@ -292,11 +301,8 @@ class AllReduce:
         import torch.distributed as dist
 
         wide = t.float() if t.dtype != torch.float32 and t.dtype != torch.float64 else t.contiguous()
-        try:
-            with self.timer:
-                dist.all_reduce(wide, group=self.pc.group)
-        except (RuntimeError, ValueError) as e:
-            raise _failed(self.pc, what, e) from None
+        with self.timer:
+            collective(self.pc, what, lambda: dist.all_reduce(wide, group=self.pc.group))
         return wide.to(t.dtype)
 
 
@@ -362,10 +368,7 @@ def host_max(pc: ParallelConfig, values: Sequence[int], what: str) -> list[int]:
     import torch.distributed as dist
 
     t = torch.tensor(list(values), dtype=torch.int64)
-    try:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=control_group(pc.group))
-    except (RuntimeError, ValueError) as e:
-        raise _failed(pc, what, e) from None
+    collective(pc, what, lambda: dist.all_reduce(t, op=dist.ReduceOp.MAX, group=control_group(pc.group)))
     return t.tolist()
 
 
@@ -396,9 +399,9 @@ class ExpertExchange:
       pairs (each row with its expert id in one message) and the results. The counts are read on
       the host, to size the next two.
     - **Fixed** (``tokens = T``, set by the engine for a step, and the MTP draft after it, in
-      which every rank runs at most ``T`` tokens: :meth:`agree`): two exchanges of ``T k`` slots per pair of ranks, a slot
-      holding a pair's row and expert id or an empty slot's id -1, then the results of every
-      slot. Nothing is read on the host, so the step could be captured in a CUDA graph; the
+      which every rank runs at most ``T`` tokens: :meth:`agree`): two exchanges of ``T k`` slots
+      per pair of ranks, a slot holding a pair's row and expert id or an empty slot's id -1, then
+      the results of every slot. Nothing is read on the host, so the step could be captured in a CUDA graph; the
       wire carries ``world`` times the slots a rank can fill (``world T k`` rows each way).
 
     A pair of expert id -1 (a hash layer's table entry outside the experts) goes nowhere and adds
@@ -406,7 +409,6 @@ class ExpertExchange:
 
     def __init__(self, pc: ParallelConfig, device: torch.device) -> None:
         self.pc, self.timer = pc, CommTimer()
-        self._control: Any = None  # the gloo group of agree(), made at the first step
         owner = torch.empty(pc.num_experts, dtype=torch.int64)
         for r, held in enumerate(pc.expert_ranges):
             owner[held.start : held.stop] = r
@@ -421,23 +423,16 @@ class ExpertExchange:
 
     def agree(self, tokens: int, decode: bool, buckets: Sequence[int] = ()) -> Agreed:
         """This step on every rank, agreed on the host before it runs: one all-reduce of four
-        integers over a gloo group (:func:`control_group`, made at the first call, on every rank
-        alike since every rank steps). ``tokens``: this rank's (0 for an empty step); ``decode``:
-        whether its step is a decode step (one token a sequence; an empty one is); ``buckets``:
+        integers over a gloo group (:func:`host_max`; :func:`control_group` makes it at the first
+        call, on every rank alike since every rank steps). ``tokens``: this rank's (0 for an
+        empty step); ``decode``: whether its step is a decode step (one token a sequence; an empty
+        one is); ``buckets``:
         the CUDA-graph buckets this rank replays (none: ``()``), which must be every rank's
         (ValueError on every rank otherwise: the ranks would replay different exchanges)."""
-        import torch.distributed as dist
-
-        if self._control is None:
-            self._control = control_group(self.pc.group)
         sig = zlib.crc32(repr(tuple(buckets)).encode())
-        t = torch.tensor([0 if decode else 1, tokens, sig, -sig], dtype=torch.int64)
-        try:
-            with self.timer:
-                dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._control)
-        except (RuntimeError, ValueError) as e:
-            raise _failed(self.pc, "the step's agreement", e) from None
-        prefill, most, high, low = t.tolist()
+        with self.timer:
+            prefill, most, high, low = host_max(self.pc, [0 if decode else 1, tokens, sig, -sig],
+                                                "the step's agreement")
         if high != -low:
             raise ValueError("cuda_graphs: the ranks replay different graph buckets (every rank needs the same "
                              "cuda_graphs, graph_buckets and max_sequences)")
@@ -447,11 +442,9 @@ class ExpertExchange:
                     in_splits: list[int] | None, what: str) -> None:
         import torch.distributed as dist
 
-        try:
-            with self.timer:
-                dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.pc.group)
-        except (RuntimeError, ValueError) as e:  # DistBackendError and gloo's errors are RuntimeErrors
-            raise _failed(self.pc, f"the MoE exchange ({what})", e) from None
+        with self.timer:
+            collective(self.pc, f"the MoE exchange ({what})",
+                       lambda: dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.pc.group))
 
     def _sorted(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(flat ids, order, destination of each sorted pair, pairs per destination)``: the pairs

@@ -28,6 +28,7 @@ from typing import Any
 
 from dsv4rs.llm.outputs import Completion, Delta
 from dsv4rs.llm.params import SamplingParams
+from dsv4rs.parallel import collective
 
 HEARTBEAT = 1.0
 """Seconds between rank 0's idle plans while no request runs."""
@@ -145,8 +146,8 @@ class Leader:
         self._send(plan)
         mine = self.ranks.apply(plan)
         parts: list = [None] * self.llm.parallel.world
-        self._collective("the ranks' deltas", lambda: dist.gather_object(mine, parts, dst=self._root,
-                                                                          group=self._group))
+        collective(self.llm.parallel, "the ranks' deltas",
+                   lambda: dist.gather_object(mine, parts, dst=self._root, group=self._group))
         deltas = mine if self.llm.parallel.mode == "tp" else [d for part in parts for d in part]
         for d in deltas:
             if d.finished:
@@ -171,16 +172,9 @@ class Leader:
     def _send(self, plan: Plan) -> None:
         import torch.distributed as dist
 
-        self._collective("the plan", lambda: dist.broadcast_object_list([plan], src=self._root, group=self._group))
+        collective(self.llm.parallel, "the plan",
+                   lambda: dist.broadcast_object_list([plan], src=self._root, group=self._group))
         self._sent = time.monotonic()
-
-    def _collective(self, what: str, call) -> None:
-        from dsv4rs.parallel import _failed
-
-        try:
-            call()
-        except (RuntimeError, ValueError) as e:
-            raise _failed(self.llm.parallel, what, e) from None
 
 
 def follow(llm) -> Ranks:
@@ -188,22 +182,14 @@ def follow(llm) -> Ranks:
     returns what it did."""
     import torch.distributed as dist
 
-    from dsv4rs.parallel import _failed
-
     group, root = _comm(llm)
     ranks = Ranks(llm)
     while True:
         got: list = [None]
-        try:
-            dist.broadcast_object_list(got, src=root, group=group)
-        except (RuntimeError, ValueError) as e:
-            raise _failed(llm.parallel, "the plan", e) from None
+        collective(llm.parallel, "the plan", lambda: dist.broadcast_object_list(got, src=root, group=group))
         plan = got[0]
         if plan.command == "stop":
             return ranks
         if plan.command == "step":
             mine = ranks.apply(plan)
-            try:
-                dist.gather_object(mine, None, dst=root, group=group)
-            except (RuntimeError, ValueError) as e:
-                raise _failed(llm.parallel, "the ranks' deltas", e) from None
+            collective(llm.parallel, "the ranks' deltas", lambda: dist.gather_object(mine, None, dst=root, group=group))
