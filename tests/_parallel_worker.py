@@ -76,9 +76,10 @@ def llm_run(rank: int, world: int, mode: str, result: dict) -> None:
     """``mode`` ``llm:{dp|tp}:{0|1}:CHECKPOINT``: an LLM over the ranks (MTP speculation when
     the flag is 1) generates :func:`llm_requests`; the completions go to ``result``."""
     from dsv4rs import LLM, parallel
+    from dsv4rs.model import V4Config
 
     _, how, spec, ckpt = mode.split(":", 3)
-    cfg = __import__("dsv4rs.model", fromlist=["V4Config"]).V4Config.from_pretrained(ckpt)
+    cfg = V4Config.from_pretrained(ckpt)
     pc = parallel.ParallelConfig.even(cfg, world, rank, mode=how, timeout=60.0)
     llm = LLM(ckpt, parallel=pc, max_sequences=4, max_len=256, speculative=spec == "1")
     prompts, params = llm_requests()
@@ -94,10 +95,11 @@ def serve_run(rank: int, world: int, mode: str, result: dict, timeout: float) ->
     :func:`llm_requests` and a long one aborted after its first step); the others follow."""
     from dsv4rs import LLM, parallel
     from dsv4rs.llm import SamplingParams
+    from dsv4rs.model import V4Config
     from dsv4rs.serve.parallel import Leader, follow
 
     _, how, ckpt = mode.split(":", 2)
-    cfg = __import__("dsv4rs.model", fromlist=["V4Config"]).V4Config.from_pretrained(ckpt)
+    cfg = V4Config.from_pretrained(ckpt)
     pc = parallel.ParallelConfig.even(cfg, world, rank, mode=how, timeout=timeout)
     llm = LLM(ckpt, parallel=pc, max_sequences=4, max_len=256, speculative=False)
     if rank:
