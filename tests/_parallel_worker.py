@@ -74,7 +74,8 @@ def llm_requests():
 
 def llm_run(rank: int, world: int, mode: str, result: dict) -> None:
     """``mode`` ``llm:{dp|tp}:{0|1}:CHECKPOINT``: an LLM over the ranks (MTP speculation when
-    the flag is 1) generates :func:`llm_requests`; the completions go to ``result``."""
+    the flag is 1) generates :func:`llm_requests`, then streams the first prompt with the second
+    params, and the second prompt stopped after its first delta; the results go to ``result``."""
     from dsv4rs import LLM, parallel
     from dsv4rs.model import V4Config
 
@@ -86,6 +87,12 @@ def llm_run(rank: int, world: int, mode: str, result: dict) -> None:
     outs = llm.generate(prompts, params)
     result["outs"] = [(o.token_ids, o.text, o.finish_reason) for o in outs]
     result["steps"], result["drafts"] = llm.engine.steps, llm.engine.drafts
+    deltas = list(llm.stream(prompts[0], params[1]))  # rank 0 runs it under "dp"
+    result["stream"] = ("".join(d.text for d in deltas), deltas[-1].completion.token_ids, deltas[-1].finish_reason)
+    for d in llm.stream(prompts[1], params[0]):  # stopped after its first delta on every rank
+        result["first"] = d.token_ids
+        break
+    result["unfinished"], result["left"] = llm.has_unfinished(), llm.engine.manager.sequence_ids()
     result["held"] = llm.engine.model.model.layers[0].mlp.experts.held
 
 

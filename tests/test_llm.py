@@ -359,7 +359,7 @@ def test_generate_command(tiny_checkpoint: str) -> None:
 
 def test_generate_command_over_processes(tiny_checkpoint: str) -> None:
     """``dsv4rs generate --world 2`` spawns two CPU processes (gloo), each holding half the
-    experts: rank 0 prints the text one process prints (greedy), then the timings."""
+    experts: rank 0 streams the text one process prints (greedy), then the timings."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     texts = []
     for world in ("1", "2"):

@@ -360,17 +360,25 @@ def test_parallel_llm_generates_one_processs_text(tmp_path, tp_checkpoint: str, 
     checkpoint: ``generate`` returns every prompt's completion on every process (under "dp"
     prompt ``i`` ran on rank ``i % 2``, the rank with fewer prompts stepping empty batches
     meanwhile; under "tp" both ran all), the tokens and text of one process's LLM, greedy and
-    seeded sampling alike, with and without MTP speculation (every step drafted on both ranks)."""
+    seeded sampling alike, with and without MTP speculation (every step drafted on both ranks);
+    ``stream`` gives both processes the deltas of one process's stream, and one stopped after its
+    first delta on both leaves no request and no sequence."""
     from dsv4rs import LLM
 
     with one_thread():
         one = LLM(tp_checkpoint, max_sequences=4, max_len=256, speculative=spec)
         prompts, params = pw.llm_requests()
         want = [(o.token_ids, o.text, o.finish_reason) for o in one.generate(prompts, params)]
+        c = one.generate(prompts[0], params[1])[0]
+        it = one.stream(prompts[1], params[0])
+        first = next(it).token_ids
+        it.close()
     results = run_ranks(tmp_path, 2, f"llm:{how}:{int(spec)}:{tp_checkpoint}")
     for res in results:
         assert res is not None and "error" not in res, res and res.get("trace")
         assert res["outs"] == want
+        assert res["stream"] == (c.text, c.token_ids, c.finish_reason)  # rank 0's deltas on both
+        assert res["first"] == first and len(first) and not res["unfinished"] and res["left"] == []
         assert res["held"] == 4  # its half of the 8 experts
         assert res["steps"] == results[0]["steps"] > 0  # lockstep
         assert res["drafts"] == (res["steps"] if spec else 0)
@@ -400,11 +408,12 @@ def test_served_requests_over_processes_give_one_processs_text(tmp_path, tp_chec
 
 def test_parallel_llm_checks_its_arguments(solo_group, tp_checkpoint: str) -> None:
     """A parallel LLM of one process (its own gloo group): ``parallel`` must be a
-    ParallelConfig; generate gives the plain LLM's tokens; stream, which one process drives
-    alone, is refused naming itself; has_unfinished asks every process. The server's Leader
-    refuses an LLM that is not rank 0 of a parallel one, checks a request as LLM.add_request does
-    (nothing queued), runs requests to the same tokens, and gives a completion once."""
+    ParallelConfig; generate and stream give the plain LLM's tokens and text; has_unfinished asks
+    every process. The server's Leader refuses an LLM that is not rank 0 of a parallel one, checks
+    a request as LLM.add_request does (nothing queued), runs requests to the same tokens, and
+    gives a completion once."""
     from dsv4rs import LLM
+    from dsv4rs.llm import SamplingParams
     from dsv4rs.model import V4Config
 
     with pytest.raises(ValueError, match="^parallel: expected a dsv4rs.parallel.ParallelConfig"):
@@ -416,10 +425,11 @@ def test_parallel_llm_checks_its_arguments(solo_group, tp_checkpoint: str) -> No
         got = [o.token_ids for o in llm.generate(prompts, params)]
         want = [o.token_ids for o in LLM(tp_checkpoint, max_sequences=4, max_len=256,
                                           speculative=False).generate(prompts, params)]
-    assert got == want and not llm.has_unfinished()
-    with pytest.raises(ValueError, match="^stream: a parallel LLM's processes step together"):
-        next(llm.stream("Hello"))
-    from dsv4rs.llm import SamplingParams
+        streamed = "".join(d.text for d in llm.stream(prompts[1], params[1]))
+        alone = LLM(tp_checkpoint, max_sequences=4, max_len=256, speculative=False).generate(prompts[1], params[1])
+    assert got == want and streamed == alone[0].text and not llm.has_unfinished()
+    with pytest.raises(ValueError, match="exceed the context of 256 tokens"):
+        next(llm.stream(prompts[0], SamplingParams(max_tokens=1000)))
     from dsv4rs.serve.parallel import Leader
 
     with pytest.raises(ValueError, match="^llm: a Leader needs rank 0 of a parallel LLM"):

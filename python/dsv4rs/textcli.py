@@ -98,19 +98,24 @@ def generate(args: argparse.Namespace) -> int:
 
 def _generate_rank(rank: int, world: int, init_method: str, args: argparse.Namespace) -> int:
     """One process of ``generate --world``: its share of the model, the prompt generated over
-    every process (:class:`dsv4rs.llm.LLM` with ``parallel=``); rank 0 prints."""
+    every process (:class:`dsv4rs.llm.LLM` with ``parallel=``); rank 0 streams the text."""
     import torch.distributed as dist
 
     try:
         llm = _rank_llm(rank, world, init_method, args, args.max_sequences or 2)
         prompt = _prompt(llm, args)
+        params = _params(args)
+        llm.max_tokens(len(prompt), params)
         t0 = time.perf_counter()
-        c = llm.generate([prompt], _params(args))[0]
+        for d in llm.stream(prompt, params):  # every rank gets rank 0's deltas
+            if rank == 0:
+                sys.stdout.write(d.text)
+                sys.stdout.flush()
         if rank == 0:
             held = llm.parallel.experts
-            print(c.text)
+            sys.stdout.write("\n")
             print(f"-- over {world} processes ({args.parallel}; rank 0's share: experts {held.start}..{held.stop - 1})")
-            _report(llm, prompt, c, t0)
+            _report(llm, prompt, d.completion, t0)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

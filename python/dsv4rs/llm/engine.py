@@ -71,8 +71,8 @@ class LLM:
             the same calls in the same order, and :meth:`generate` and :meth:`chat` return every
             prompt's completion on every process: under ``"dp"`` each process runs a share of
             the prompts (prompt ``i`` on rank ``i % world``) and the completions are gathered,
-            under ``"tp"`` every process runs them all. See :meth:`step` for driving requests
-            yourself; :meth:`stream` is one process's only.
+            under ``"tp"`` every process runs them all; :meth:`stream` gives every process rank
+            0's deltas. See :meth:`step` for driving requests yourself.
         engine_options: :class:`dsv4rs.runtime.Engine`'s (``max_sequences``, ``max_len``,
             ``quant``, ``cuda_graphs``, ``memory_fraction``, ...).
     """
@@ -344,24 +344,45 @@ class LLM:
     def stream(self, prompt: Prompt | Messages, params: SamplingParams | None = None, chat: bool = False,
                **template_kwargs: Any) -> Iterator[Delta]:
         """Yields the request's deltas as they come (the last one has ``finish_reason``); the
-        request is aborted if the iteration stops early. Other requests advance meanwhile."""
+        request is aborted if the iteration stops early. Other requests advance meanwhile.
+
+        In a parallel LLM every process streams the same prompt and params and gets the same
+        deltas: rank 0 runs the request (under ``"tp"`` every rank does, on its heads) and its
+        deltas go to every process after each step (one small gather over the processes), so
+        they all stop at the same step. Every process takes the stream to its end, or stops it
+        after the same delta."""
         if not isinstance(chat, bool):
             raise ValueError(f"chat: expected True or False, got {chat!r}")
-        if self.parallel is not None:
-            raise ValueError("stream: a parallel LLM's processes step together; use generate, chat, or add_request "
-                             "with step while has_unfinished")
         ids = self.encode_chat(prompt, **template_kwargs) if chat else self.encode(prompt)
-        rid = self.add_request(ids, params)
+        pc = self.parallel
+        if pc is not None:  # checked on every process, the ones that do not queue it too
+            self.max_tokens(len(ids), SamplingParams() if params is None else params)
+        rid = self.add_request(ids, params) if pc is None or pc.mode == "tp" or pc.rank == 0 else None
         try:
             while True:
-                for d in self.step():
-                    if d.request_id == rid:
-                        yield d
-                        if d.finished:
-                            return
+                deltas = [d for d in self.step() if d.request_id == rid]
+                if pc is not None:
+                    deltas = self._rank0s(deltas)
+                for d in deltas:
+                    yield d
+                    if d.finished:
+                        return
         finally:
-            if rid in self._states:
+            if rid is not None and rid in self._states:
                 self._forget(rid)
+
+    def _rank0s(self, deltas: list[Delta]) -> list[Delta]:
+        """Rank 0's ``deltas``, on every process of a parallel LLM."""
+        import torch.distributed as dist
+
+        from dsv4rs.parallel import collective, control_group
+
+        pc = self.parallel
+        parts: list = [None] * pc.world
+        collective(pc, "the stream's deltas",
+                   lambda: dist.all_gather_object(parts, deltas if pc.rank == 0 else None,
+                                                  group=control_group(pc.group)))
+        return parts[0]
 
     def _forget(self, rid: int) -> None:
         """Aborts a request and drops what is kept of it."""
