@@ -327,13 +327,7 @@ class LLM:
         done = [self.completion(r) for r in rids]
         if pc is None or pc.mode == "tp":
             return done
-        import torch.distributed as dist
-
-        from dsv4rs.parallel import collective, control_group
-
-        parts: list = [None] * pc.world
-        collective(pc, "the completions' gathering",
-                   lambda: dist.all_gather_object(parts, done, group=control_group(pc.group)))
+        parts = self._gathered(done, "the completions' gathering")
         return [parts[i % pc.world][i // pc.world] for i in range(len(ids))]
 
     def _busy(self, rids: list[int]) -> bool:
@@ -361,8 +355,8 @@ class LLM:
         try:
             while True:
                 deltas = [d for d in self.step() if d.request_id == rid]
-                if pc is not None:
-                    deltas = self._rank0s(deltas)
+                if pc is not None:  # rank 0's, on every process
+                    deltas = self._gathered(deltas if pc.rank == 0 else None, "the stream's deltas")[0]
                 for d in deltas:
                     yield d
                     if d.finished:
@@ -371,18 +365,16 @@ class LLM:
             if rid is not None and rid in self._states:
                 self._forget(rid)
 
-    def _rank0s(self, deltas: list[Delta]) -> list[Delta]:
-        """Rank 0's ``deltas``, on every process of a parallel LLM."""
+    def _gathered(self, mine: Any, what: str) -> list:
+        """Every process's ``mine`` (picklable), in rank order, on every process of a parallel LLM."""
         import torch.distributed as dist
 
         from dsv4rs.parallel import collective, control_group
 
         pc = self.parallel
         parts: list = [None] * pc.world
-        collective(pc, "the stream's deltas",
-                   lambda: dist.all_gather_object(parts, deltas if pc.rank == 0 else None,
-                                                  group=control_group(pc.group)))
-        return parts[0]
+        collective(pc, what, lambda: dist.all_gather_object(parts, mine, group=control_group(pc.group)))
+        return parts
 
     def _forget(self, rid: int) -> None:
         """Aborts a request and drops what is kept of it."""
