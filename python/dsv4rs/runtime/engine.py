@@ -89,7 +89,7 @@ class Engine:
                  graph_buckets: Sequence[int] = BUCKETS, memory_fraction: float | None = None,
                  parallel: ParallelConfig | None = None, weight_tiles: bool = True) -> None:
         self._exchange: ExpertExchange | None = None
-        self._draft_tokens: int | None = None  # the fixed form's tokens of the last step, for its draft
+        self._agreed_tokens: int | None = None  # the fixed form's tokens of the last agreed step (None: variable)
         if parallel is not None:
             if not isinstance(parallel, ParallelConfig):
                 raise ValueError(f"parallel: expected a dsv4rs.parallel.ParallelConfig, got {type(parallel).__name__}")
@@ -357,7 +357,8 @@ class Engine:
             if self.parallel is None:
                 raise ValueError("seq_ids: an empty step (only ranks of a parallel engine step with nothing)")
             self.steps += 1
-            with self._agreed(0, True):
+            self._agree(0, True)
+            with self._exchanging():
                 self._idle(self.model.model.layers)
             self._idled = True
             return [] if all_logits or last is not None else torch.empty(0, self.cfg.vocab_size, device=self.device)
@@ -398,7 +399,8 @@ class Engine:
         lens = inputs.lens.tolist()
         decode = max(lens) == 1
         self.steps += 1
-        with self._agreed(sum(lens), decode):
+        self._agree(sum(lens), decode)
+        with self._exchanging():
             logits, x, meta, ids_dev = self._forward(inputs, decode, fed)
         n = len(lens)
         self._last = _Last(list(seq_ids), inputs.starts.tolist(), lens, ids_dev, meta, x) if len(self.model.mtp) else None
@@ -415,30 +417,23 @@ class Engine:
             return self.model.head(x[self._to_device(inputs.cu_tokens[1:] - 1)]).float()
         return list(self.model.head(x).float().split(lens))
 
-    @contextlib.contextmanager
-    def _agreed(self, tokens: int, decode: bool) -> Iterator[None]:
+    def _agree(self, tokens: int, decode: bool) -> None:
         """A data-parallel engine's step, agreed with the other ranks' (:meth:`ExpertExchange.agree`):
         the exchanges of the step (and of the MTP draft after it) take the fixed form when every
-        rank runs few enough tokens."""
-        ex = self._exchange
-        if ex is None:
-            yield
-            return
-        ex.tokens = self._draft_tokens = ex.agree(tokens, decode).tokens
-        try:
-            yield
-        finally:
-            ex.tokens = None
+        rank runs few enough tokens (kept in ``_agreed_tokens`` for :meth:`_exchanging`)."""
+        if self._exchange is not None:
+            self._agreed_tokens = self._exchange.agree(tokens, decode).tokens
 
     @contextlib.contextmanager
-    def _drafting(self) -> Iterator[None]:
-        """A data-parallel engine's MTP draft: the exchange's form of the step it follows (the
-        same tokens on every rank), without agreeing again."""
+    def _exchanging(self) -> Iterator[None]:
+        """The MoE layers run inside take the exchange's form that the last :meth:`_agree` set:
+        a step right after it, then the MTP draft after that step (the same tokens on every rank,
+        without agreeing again)."""
         ex = self._exchange
         if ex is None:
             yield
             return
-        ex.tokens, self._draft_tokens = self._draft_tokens, None
+        ex.tokens = self._agreed_tokens
         try:
             yield
         finally:
@@ -510,7 +505,7 @@ class Engine:
         if self.parallel is not None and self._idled and not len(next_ids):
             self._idled = False
             self.drafts += 1
-            with self._drafting():
+            with self._exchanging():
                 self._idle([self.model.mtp[0]])
             return torch.empty(0, self.cfg.vocab_size, device=self.device)
         if self._last is None:
@@ -535,7 +530,7 @@ class Engine:
         shifted = last.ids.clone()
         shifted[:-1] = last.ids[1:]
         shifted[ends] = self._to_device(nxt)
-        with self._drafting():
+        with self._exchanging():
             h = self.model.draft(last.streams, shifted, last.meta, self.cache.layers[self.cfg.num_hidden_layers])
         for s, start, n in zip(last.seq_ids, last.starts, last.lens):
             self._mtp_pos[s] = start + n
