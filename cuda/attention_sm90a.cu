@@ -75,7 +75,6 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1) dsv4_sparse_attentio
   uint16_t* ks = qs + HEADS * ENTRY_DIM;                    // [BUFFERS][64 chunks][TILE rows][8] bf16 tiles
   float* sp = (float*)(ks + BUFFERS * TILE * ENTRY_DIM);    // [2 groups][64 heads][SP_ROW] partial scores
   uint8_t* stages = (uint8_t*)(sp + 2 * HEADS * SP_ROW);    // [STAGES][TILE][stage row]
-  __shared__ float valid_s[BUFFERS][TILE];
   __shared__ int row_fmt[STAGES * TILE];
 
   const int tid = threadIdx.x;
@@ -105,7 +104,7 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1) dsv4_sparse_attentio
       cp_async_wait<STAGES - 2>();
       bar_sync(BAR_STAGED, PRODUCER_THREADS);  // tile i staged by every producer thread
       if (i >= BUFFERS) bar_sync(BAR_EMPTY + b, WS_THREADS);
-      pipe.decode(i, ks + b * TILE * ENTRY_DIM, valid_s[b]);
+      pipe.decode(i, ks + b * TILE * ENTRY_DIM, nullptr);
       bar_arrive(BAR_FULL + b, WS_THREADS);
     }
     cp_async_wait<0>();
@@ -136,6 +135,13 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1) dsv4_sparse_attentio
   float* mine = sp + (g * HEADS + 16 * wq) * SP_ROW;  // this warp's rows of its group's partial scores
   for (int i = 0; i < tiles; ++i) {
     const int b = i % BUFFERS;
+    // Which candidates of the tile are rows: each consumer warp finds out itself, lane l loading
+    // candidate l's id here (the producers read it a tile or two before: a cache hit) and a
+    // ballot after the scores gathering the 32 answers. Nothing of it passes through shared
+    // memory: the producers' per-tile mask did, and its reuse two tiles on was ordered only
+    // through the consumers' bar.arrive, which racecheck at times reported as a race.
+    int which;
+    const long long id = tile_candidate(p, t, span, i, TILE, lane, which);
     bar_sync(BAR_FULL + b, WS_THREADS);
     float s[4][4];
     wgmma_fence();
@@ -158,10 +164,10 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1) dsv4_sparse_attentio
       *(float2*)(mine + (r + 8) * SP_ROW + 8 * n + c2) = make_float2(s[n][2], s[n][3]);
     }
     bar_sync(BAR_SCORES, 256);
-    const float* valid = valid_s[b];
+    const uint32_t rows = __ballot_sync(0xffffffffu, masked_row(id, which ? p.b : p.a) >= 0);
 #pragma unroll
     for (int n = 0; n < 4; ++n) {
-      const float2 m = *(const float2*)(valid + 8 * n + c2);
+      const float2 m = make_float2((rows >> (8 * n + c2)) & 1 ? 0.f : -INFINITY, (rows >> (8 * n + c2 + 1)) & 1 ? 0.f : -INFINITY);
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int row = 16 * wq + r + 8 * h, col = 8 * n + c2;

@@ -611,6 +611,24 @@ def test_sparse_attention_edge_cases(gen: torch.Generator, kernel: str) -> None:
     assert torch.isfinite(out_d).all()
 
 
+@pytest.mark.parametrize("t,k", [(1, 8192), (8, 2048)])
+def test_sparse_attention_masks_rows_in_blocks_of_many_tiles(gen: torch.Generator, t: int, k: int, kernel: str) -> None:
+    """Masked candidates (-1, ids past either cache, positions past a query's length) in splits
+    of four 32-candidate tiles, so that the kernels' tile buffers are reused within a block: the
+    CPU op, given -1 for every id the GPU masks, is the reference."""
+    q, cache, idx, lengths, wcache, widx, sink = attention_case(gen, t, 64, 3008, k, "fp8", 128)
+    idx[:, ::7] = 3008 + torch.arange(idx[:, ::7].numel()).view(t, -1)  # past the cache
+    idx[:, 5::11] = -1
+    widx[:, ::5] = 192 + torch.arange(widx[:, ::5].numel()).view(t, -1)  # past the window's cache
+    lengths[0] = k - 45  # ends inside a tile
+    out_d, lse_d = ops.sparse_attention(q.cuda(), cache.cuda(), idx.cuda(), sink.cuda(), lengths=lengths.cuda(),
+                                        extra_cache=wcache.cuda(), extra_indices=widx.cuda())
+    out_c, lse_c = ops.sparse_attention(q, cache, idx.masked_fill(idx >= 3008, -1), sink, lengths=lengths,
+                                        extra_cache=wcache, extra_indices=widx.masked_fill(widx >= 192, -1))
+    assert rel_err(out_d, out_c) < 5e-3
+    torch.testing.assert_close(lse_d.cpu(), lse_c, rtol=1e-3, atol=1e-3)
+
+
 # ---------------------------------------------------------------------------------- CUDA graphs
 
 

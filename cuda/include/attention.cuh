@@ -160,6 +160,15 @@ __device__ __forceinline__ Span split_span(const Params& p, long long t, int spl
   return {na, nb, begin, min(begin + p.split_len, na + nb)};
 }
 
+// Candidate `lane` of tile `tile` (of `tile_size`) of a split: its stored id (-1 past the split)
+// and which cache it indexes.
+__device__ __forceinline__ long long tile_candidate(const Params& p, long long t, const Span& span, int tile,
+                                                    int tile_size, int lane, int& which) {
+  const int pos = span.begin + tile * tile_size + lane;
+  which = 0;
+  return pos < span.end ? candidate_id(p, t, span.na, span.nb, pos, which) : -1;
+}
+
 // Dims 8 c .. 8 c + 8 of query t's head h as 8 bf16 at the 16-byte aligned shared `dst`, zeros
 // for a head past the last (exact for bf16 queries). bf16 queries are copied by cp.async (the
 // caller commits the group), float32 ones read 16 bytes at a time; a query not 16-byte aligned
@@ -271,7 +280,8 @@ struct RowPipeline {
 
   // Starts staging tile i + S - 1 into the slot tile i - 1 used (decoded before the barrier that
   // precedes this call), then decodes the staged tile i (staged by every thread: after
-  // cp_async_wait and a barrier) into `ks`.
+  // cp_async_wait and a barrier) into `ks`, and its -inf score bias into `valid` unless that is
+  // null (the wgmma kernel's consumers take the mask themselves, from `tile_candidate`).
   __device__ void decode(int i, uint16_t* ks, float* valid) {
     const int fmt_row = row_fmt[(i % S) * T + lrow];
     if (i + S - 1 < tiles()) {  // first, so the copies have the decode's time to land
@@ -286,7 +296,7 @@ struct RowPipeline {
       decode_row<PARTS>(src, fmt_row, lpart, ks + 8 * lrow, 8 * T);
       fence_async_shared();
     }
-    if (lpart == 0) valid[lrow] = fmt_row < 0 ? -INFINITY : 0.f;
+    if (valid && lpart == 0) valid[lrow] = fmt_row < 0 ? -INFINITY : 0.f;
   }
 
   __device__ void next(int i, uint16_t* ks, float* valid) {
