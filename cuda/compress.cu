@@ -302,9 +302,7 @@ __device__ __forceinline__ void finish_values(const Params& p, long long i, floa
       float m = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
       m = group_amax(m, 16);  // every lane takes part in the shuffles
       if (c < NOPE_DIM) {
-        const int e = ue8m0_exponent(m, FP8_MAX);
-        const float s = exp2i(e);
-        for (int k = 0; k < 4; ++k) v[k] = fp8_decode(fp8_encode(v[k], e)) * s;
+        fp8_round_trip4(v, ue8m0_exponent(m, FP8_MAX));
       } else {
         for (int k = 0; k < 4; ++k) v[k] = bf16_to_f32(bf16_from_f32(v[k]));
       }

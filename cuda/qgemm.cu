@@ -763,9 +763,9 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_act_quant(const void* __r
 #pragma unroll
     for (int i = 0; i < 4; ++i) m = fmaxf(m, fabsf(v[i]));
     m = group_amax(m, 32);
-    const int e = ue8m0_exponent(m, FP8_MAX);
+    fp8_round_trip4(v, ue8m0_exponent(m, FP8_MAX));
 #pragma unroll
-    for (int i = 0; i < 4; ++i) o[i] = bf16_from_f32(fp8_decode(fp8_encode(v[i], e)) * exp2i(e));
+    for (int i = 0; i < 4; ++i) o[i] = bf16_from_f32(v[i]);
   } else {
 #pragma unroll
     for (int i = 0; i < 4; ++i) o[i] = bf16_from_f32(v[i]);
@@ -807,8 +807,9 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_act_quant_f8(const void* 
   for (int i = 0; i < 4; ++i) v[i] = load_value(src, i, x_bf16), m = fmaxf(m, fabsf(v[i]));
   m = group_amax(m, 32);
   const int e = ue8m0_exponent(m, FP8_MAX);
+  const uint32_t c = fp8_encode4(v, e);
 #pragma unroll
-  for (int i = 0; i < 4; ++i) stage[warp][f8_act_pos(4 * lane + i, layout)] = fp8_encode(v[i], e);
+  for (int i = 0; i < 4; ++i) stage[warp][f8_act_pos(4 * lane + i, layout)] = (uint8_t)(c >> (8 * i));
   __syncwarp();
   *(uint32_t*)(codes + row * k + col) = *(const uint32_t*)&stage[warp][4 * lane];
   if (lane == 0) scales[row * (k / KC) + blockIdx.y] = exp2i(e);

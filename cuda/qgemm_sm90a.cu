@@ -359,14 +359,6 @@ struct WgLayout {
   static_assert(STAGES - GROUP >= 3, "three steps in flight at the least");
 };
 
-// Two non-negative finite floats as e4m3 codes, rounded to nearest even and saturated at 448
-// (lo in the low byte): for such values fp8_encode's magnitude code, in one instruction.
-__device__ __forceinline__ uint32_t e4m3x2(float lo, float hi) {
-  uint16_t r;
-  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %2, %1;\n" : "=h"(r) : "f"(lo), "f"(hi));
-  return r;
-}
-
 // The fused kernels' activations: A(x) of activation rows row0 .. row0 + rows of group g over K
 // steps c_begin .. c_begin + nsteps (rows past the tile: zero codes and scales) into shared memory
 // as qgemv_wg reads them: step j's codes at q + j ROWS KC, 16-byte chunk c of row r at c ROWS 16 +

@@ -46,10 +46,7 @@ extern "C" __global__ void __launch_bounds__(64) dsv4_kv_write(
     m = group_amax(m, 16);  // every lane takes part (the RoPE lanes among themselves)
     if (h == 0 || t < 48) {
       const int e = ue8m0_exponent(m, FP8_MAX);
-      uint32_t q = 0;
-#pragma unroll
-      for (int k = 0; k < 4; ++k) q |= (uint32_t)fp8_encode(v[h][k], e) << (8 * k);
-      *(uint32_t*)(data + 256 * h + 4 * t) = q;
+      *(uint32_t*)(data + 256 * h + 4 * t) = fp8_encode4(v[h], e);
       if (t % 16 == 0) scales[4 * h + t / 16] = (uint8_t)(e + 127);
     } else {
       const uint2 r = make_uint2((uint32_t)bf16_from_f32(v[h][0]) | ((uint32_t)bf16_from_f32(v[h][1]) << 16),
@@ -115,8 +112,7 @@ __device__ __forceinline__ uint32_t encode_key_lane(const float (&v)[4], IndexFo
     for (int k = 0; k < 4; ++k) codes |= (uint32_t)fp4_encode(v[k], e) << (4 * k);
   } else {
     e = ue8m0_exponent(group_amax(m, 32), FP8_MAX);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) codes |= (uint32_t)fp8_encode(v[k], e) << (8 * k);
+    codes = fp8_encode4(v, e);
   }
   return codes;
 }

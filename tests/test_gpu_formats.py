@@ -8,6 +8,7 @@ import torch
 
 from dsv4rs import _core, ops
 from conftest import gpu_available
+from fp8_cases import blocks
 
 gpu = pytest.mark.gpu
 
@@ -35,6 +36,24 @@ def test_kv_write_bytes_match_cpu(gen: torch.Generator, n: int, dtype: torch.dty
     assert torch.equal(dev.cpu(), cpu)
     rows = torch.randint(-1, n, (3 * n,), generator=gen)
     assert torch.equal(ops.kv_read(dev, rows.cuda()).cpu(), ops.kv_read(cpu, rows))
+
+
+@gpu
+def test_fp8_bytes_match_cpu_at_every_rounding_boundary(gen: torch.Generator) -> None:
+    """Every e4m3 rounding decision (each code, each tie between neighbours and the float32 values
+    either side of it, both signs, tests/fp8_cases.py) at three block scales: the device's entry
+    and FP8 key bytes are the CPU's, which test_formats.py holds to round-to-nearest-even. The
+    RoPE dims take bf16 ties, float32 subnormals and values near bf16's largest."""
+    x, _ = blocks(64, per_row=7)
+    special = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 1e-40, -1e-40, 2**-149, 3.3e38, -3.3e38])
+    rope = torch.randn(x.shape[0], 64, generator=gen)
+    rope[:, : special.numel()] = special
+    entries = torch.cat([x, rope], dim=1)
+    for e in (entries, entries.bfloat16()):
+        assert torch.equal(ops.quantize_entries(e.cuda()).cpu(), ops.quantize_entries(e))
+    keys, _ = blocks(128)
+    for k in (keys, keys.bfloat16()):
+        assert torch.equal(ops.quantize_index_keys(k.cuda(), "fp8").cpu(), ops.quantize_index_keys(k, "fp8"))
 
 
 @gpu

@@ -3,6 +3,7 @@
 // round-to-nearest-even on the FP8 e4m3 / FP4 e2m1 grid, saturating.
 #pragma once
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <stdint.h>
 
 #include "formats.cuh"
@@ -80,6 +81,71 @@ __device__ __forceinline__ uint8_t fp8_encode(float x, int e) {
 __device__ __forceinline__ float fp8_decode(uint8_t b) {
   float v = minifloat_value(b & 0x7Fu, 3, 7);
   return (b & 0x80u) ? -v : v;
+}
+
+// FP8 by the hardware's conversions (sm_89 on): the same codes and values as fp8_encode and
+// fp8_decode, a pair of values an instruction instead of a dozen instructions a value.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+#define DSV4_HW_E4M3 1
+// Two non-negative floats, NaN excluded, as e4m3 codes (lo in the low byte), rounded to nearest
+// even and saturated at 448: for such values fp8_encode's magnitude code.
+__device__ __forceinline__ uint32_t e4m3x2(float lo, float hi) {
+  uint16_t r;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %2, %1;\n" : "=h"(r) : "f"(lo), "f"(hi));
+  return r;
+}
+
+// The values of two e4m3 magnitude codes (lo in the low byte; not 0x7F, which fp8_decode reads as
+// 480 and the hardware as NaN), exact: e4m3 to float16 to float32.
+__device__ __forceinline__ float2 e4m3x2_value(uint32_t codes) {
+  uint32_t h;
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(h) : "h"((uint16_t)codes));
+  return __half22float2(*(const __half2*)&h);
+}
+#endif
+
+// Four values' fp8_encode(v[k], e) codes, code k in byte k. With the hardware conversion the
+// magnitude is that of the same clamped value (fminf takes a NaN to 448, as fp8_encode does) and
+// the sign bit is the value's; a block holding an infinity (e = 128) takes fp8_encode itself.
+__device__ __forceinline__ uint32_t fp8_encode4(const float (&v)[4], int e) {
+#ifdef DSV4_HW_E4M3
+  if (e < 128) {
+    const float mult = exp2i(-e);
+    float a[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) a[k] = fminf(fabsf(v[k]) * mult, FP8_MAX);
+    uint32_t c = e4m3x2(a[0], a[1]) | e4m3x2(a[2], a[3]) << 16;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) c |= (__float_as_uint(v[k]) >> 31) << (8 * k + 7);
+    return c;
+  }
+#endif
+  uint32_t c = 0;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) c |= (uint32_t)fp8_encode(v[k], e) << (8 * k);
+  return c;
+}
+
+// v[k] = fp8_decode(fp8_encode(v[k], e)) * exp2i(e) for four values: what they read back after
+// an FP8 write with scale 2^e. With the hardware conversions, the magnitude's code and its value
+// (never the code 0x7F: the encoding saturates at 448), then the value's own sign.
+__device__ __forceinline__ void fp8_round_trip4(float (&v)[4], int e) {
+  const float s = exp2i(e);
+#ifdef DSV4_HW_E4M3
+  if (e < 128) {
+    const float mult = exp2i(-e);
+    float a[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) a[k] = fminf(fabsf(v[k]) * mult, FP8_MAX);
+    const float2 lo = e4m3x2_value(e4m3x2(a[0], a[1])), hi = e4m3x2_value(e4m3x2(a[2], a[3]));
+    const float r[4] = {lo.x, lo.y, hi.x, hi.y};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) v[k] = copysignf(r[k], v[k]) * s;
+    return;
+  }
+#endif
+#pragma unroll
+  for (int k = 0; k < 4; ++k) v[k] = fp8_decode(fp8_encode(v[k], e)) * s;
 }
 
 __device__ __forceinline__ uint8_t fp4_encode(float x, int e) {
