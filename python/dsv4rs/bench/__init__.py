@@ -4,8 +4,9 @@ roofline fractions. The one home of the project's benchmark code.
 On the available device (a CUDA GPU if there is one, else the CPU) it first measures the
 ceilings in the same run (a large copy, counting bytes read plus written; a large matmul: bf16
 on a GPU, float32 on the CPU), then times every case (GPU: CUDA events around the replay of a
-CUDA graph of the call, so that the time is the GPU's and not the Python launch cost, for the
-dsv4rs op and torch eager alike, falling back to timing the call itself where a capture fails;
+CUDA graph of the call, queued behind a short wait on the device, so that the time is the GPU's
+and not the Python or driver launch cost, for the dsv4rs op and torch eager alike, falling back
+to timing the call itself where a capture fails;
 CPU: wall clock; the median of many runs after warm-up, inputs rotated so caches do not hold
 them) and prints one table: time, GB/s, TFLOP/s, the fraction of the roofline floor (the larger
 of bytes over bandwidth and FLOPs over the matmul rate), and torch eager's time for the same
