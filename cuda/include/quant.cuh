@@ -102,19 +102,25 @@ __device__ __forceinline__ float2 e4m3x2_value(uint32_t codes) {
   asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(h) : "h"((uint16_t)codes));
   return __half22float2(*(const __half2*)&h);
 }
+
+// fp8_encode's magnitude codes of four values (code k in byte k; e < 128): the hardware's
+// conversion of |v| 2^-e clamped at 448 (fminf takes a NaN to 448, as fp8_encode does).
+__device__ __forceinline__ uint32_t e4m3x4_magnitudes(const float (&v)[4], int e) {
+  const float mult = exp2i(-e);
+  float a[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) a[k] = fminf(fabsf(v[k]) * mult, FP8_MAX);
+  return e4m3x2(a[0], a[1]) | e4m3x2(a[2], a[3]) << 16;
+}
 #endif
 
 // Four values' fp8_encode(v[k], e) codes, code k in byte k. With the hardware conversion the
-// magnitude is that of the same clamped value (fminf takes a NaN to 448, as fp8_encode does) and
-// the sign bit is the value's; a block holding an infinity (e = 128) takes fp8_encode itself.
+// magnitudes' codes, then the values' sign bits; a block holding an infinity (e = 128) takes
+// fp8_encode itself.
 __device__ __forceinline__ uint32_t fp8_encode4(const float (&v)[4], int e) {
 #ifdef DSV4_HW_E4M3
   if (e < 128) {
-    const float mult = exp2i(-e);
-    float a[4];
-#pragma unroll
-    for (int k = 0; k < 4; ++k) a[k] = fminf(fabsf(v[k]) * mult, FP8_MAX);
-    uint32_t c = e4m3x2(a[0], a[1]) | e4m3x2(a[2], a[3]) << 16;
+    uint32_t c = e4m3x4_magnitudes(v, e);
 #pragma unroll
     for (int k = 0; k < 4; ++k) c |= (__float_as_uint(v[k]) >> 31) << (8 * k + 7);
     return c;
@@ -133,11 +139,8 @@ __device__ __forceinline__ void fp8_round_trip4(float (&v)[4], int e) {
   const float s = exp2i(e);
 #ifdef DSV4_HW_E4M3
   if (e < 128) {
-    const float mult = exp2i(-e);
-    float a[4];
-#pragma unroll
-    for (int k = 0; k < 4; ++k) a[k] = fminf(fabsf(v[k]) * mult, FP8_MAX);
-    const float2 lo = e4m3x2_value(e4m3x2(a[0], a[1])), hi = e4m3x2_value(e4m3x2(a[2], a[3]));
+    const uint32_t c = e4m3x4_magnitudes(v, e);
+    const float2 lo = e4m3x2_value(c & 0xFFFFu), hi = e4m3x2_value(c >> 16);
     const float r[4] = {lo.x, lo.y, hi.x, hi.y};
 #pragma unroll
     for (int k = 0; k < 4; ++k) v[k] = copysignf(r[k], v[k]) * s;
