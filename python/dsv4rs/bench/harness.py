@@ -92,8 +92,8 @@ class Bench:
 
     def per_call_ms(self, fn: Callable[[int], object], calls: int, iters: int | None = None) -> float:
         """Median time of one call of ``fn(j)`` when ``fn(0) .. fn(calls - 1)`` run back to back
-        (on a GPU in one CUDA graph, as a captured decode step runs its kernels): the replay's
-        own launch is paid once for all of them. Give each call its own inputs (weight copies
+        (on a GPU in one CUDA graph, as a captured decode step runs its kernels): the gaps
+        between the calls' kernels are in the time. Give each call its own inputs (weight copies
         that together exceed the L2 cache) so that no call reads what an earlier one left there."""
         return self.median_ms(lambda i: [fn(j) for j in range(calls)], 1, iters) / calls
 
