@@ -364,9 +364,9 @@ struct WgLayout {
 // as qgemv_wg reads them: step j's codes at q + j ROWS KC, 16-byte chunk c of row r at c ROWS 16 +
 // 16 r (each 128-block in f8_act_pos order for F8_WG_FP8 / F8_WG_FP4), its scales at
 // qs[j ROWS + r]. The values are dsv4_act_quant_f8's, bit for bit: the same amax and exponent,
-// each code as fp8_encode's (its magnitude by the hardware conversion of the same clamped value,
-// then the sign; a block holding an infinity takes fp8_encode itself). A thread takes a 16-byte chunk of x (8 bfloat16 or 4 float32 values) at a
-// time, a 128-block spanning CG = 128 / V consecutive lanes, four chunks' loads in flight.
+// the codes by fp8_encode4, as that kernel takes them. A thread takes a 16-byte chunk of x (8
+// bfloat16 or 4 float32 values) at a time, a 128-block spanning CG = 128 / V consecutive lanes,
+// four chunks' loads in flight.
 template <int ROWS, bool FP4>
 __device__ __forceinline__ void quantize_tile(const GemmParams& p, int g, long long row0, int rows, int c_begin, int nsteps,
                                               uint8_t* q, float* qs) {
@@ -409,19 +409,10 @@ __device__ __forceinline__ void quantize_tile(const GemmParams& p, int g, long l
       const int j = base + 128 * u + threadIdx.x, grp = j / CG, within = j % CG, r = grp / nsteps, s = grp % nsteps;
       const int e = ue8m0_exponent(m[u], FP8_MAX);
       uint32_t c[2];  // codes of values 0..7 of the chunk (0..3 for float32), a byte each
-      if (e < 128) {
-        const float mult = exp2i(-e);
-        float a[8];
 #pragma unroll
-        for (int i = 0; i < 8; ++i) a[i] = fminf(fabsf(v[u][i]) * mult, FP8_MAX);
-        c[0] = e4m3x2(a[0], a[1]) | e4m3x2(a[2], a[3]) << 16;
-        c[1] = e4m3x2(a[4], a[5]) | e4m3x2(a[6], a[7]) << 16;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) c[i / 4] |= (__float_as_uint(v[u][i]) >> 31) << (8 * (i % 4) + 7);
-      } else {
-        c[0] = c[1] = 0;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) c[i / 4] |= (uint32_t)fp8_encode(v[u][i], e) << (8 * (i % 4));
+      for (int h = 0; h < 2; ++h) {
+        const float q[4] = {v[u][4 * h], v[u][4 * h + 1], v[u][4 * h + 2], v[u][4 * h + 3]};
+        c[h] = fp8_encode4(q, e);
       }
       uint8_t* qrow = q + s * ROWS * KC + 16 * r;
       auto at = [&](int pos) { return qrow + (pos / 16) * ROWS * 16 + pos % 16; };
