@@ -469,6 +469,8 @@ def test_world_demo_checks_itself() -> None:
 def test_world_bench_reports_every_rank_beside_one_process(weights: str) -> None:
     import subprocess
 
+    from dsv4rs.bench.model import _config
+
     out = subprocess.run([sys.executable, "-m", "dsv4rs.cli", "bench", "--only", "model", "--world", "2", "--device",
                           "cpu", "--batch", "1,2", "--context", "256", "--layers", "2", "--weights", weights],
                          capture_output=True, text=True, timeout=600)
@@ -478,10 +480,17 @@ def test_world_bench_reports_every_rank_beside_one_process(weights: str) -> None
     assert any(line.startswith("decode over 2 ranks") and held in line for line in lines), out.stdout
     rows = [line.split() for line in lines if line.strip().startswith("b=")]
     assert [(r[0], r[2]) for r in rows] == [("b=1", "0"), ("b=1", "1"), ("b=2", "0"), ("b=2", "1")], out.stdout
-    for r in rows:  # case (2 words), rank, ms/step, ms/layer, comm, tok/s/rank, 1 process ms, ratio, graph ms, ratio
-        ms, per_layer, comm = float(r[3]), float(r[4]), float(r[5].rstrip("%"))
-        assert ms > 0 and abs(per_layer - ms / 2) < 1e-2 and 0 < comm < 100 and float(r[7]) > 0
-        assert r[9:] == ["-", "-"]  # no CUDA graphs on the CPU
+    cfg = _config("demo", 2)
+    d, k = cfg.hidden_size, cfg.num_experts_per_tok
+    for r in rows:  # case (2 words), rank, ms/step, ms/layer, comm, KiB sent, tok/s/rank, 1 process ms, ratio,
+        # graph ms, ratio
+        ms, per_layer, comm, kib = float(r[3]), float(r[4]), float(r[5].rstrip("%")), float(r[6])
+        assert ms > 0 and abs(per_layer - ms / 2) < 1e-2 and 0 < comm < 100 and float(r[8]) > 0
+        # a fixed-form exchange a layer: to each of 2 ranks k slots a token, a bf16 row and an int64 id out, a
+        # bf16 result back
+        batch = int(r[0][2:])
+        assert kib == pytest.approx(2 * 2 * batch * k * (2 * d + 8 + 2 * d) / 1024, abs=0.05), r
+        assert r[10:] == ["-", "-"]  # no CUDA graphs on the CPU
     prefill = [line for line in lines if line.startswith("prefill T=256 rank ")]
     assert len(prefill) == 2 and all("tokens/s per rank (one process: " in line for line in prefill), out.stdout
     out = subprocess.run([sys.executable, "-m", "dsv4rs.cli", "bench", "--world", "2"], capture_output=True,

@@ -260,11 +260,17 @@ def collective(pc: ParallelConfig, what: str, call: Callable[[], Any]) -> Any:
 
 
 class CommTimer:
-    """Seconds spent in this process's collectives, when ``enabled`` (a benchmark's switch: on a
-    GPU each collective is then bracketed by device synchronizations)."""
+    """Seconds spent in this process's collectives, and the bytes it put into them (``sent``: an
+    all-to-all's input, an all-reduce's tensor), when ``enabled`` (a benchmark's switch: on a GPU
+    each collective is then bracketed by device synchronizations)."""
 
     def __init__(self) -> None:
-        self.enabled, self.seconds = False, 0.0
+        self.enabled, self.seconds, self.sent = False, 0.0, 0
+
+    def count(self, t: torch.Tensor) -> None:
+        """Adds ``t``'s bytes to :attr:`sent` (when enabled)."""
+        if self.enabled:
+            self.sent += t.numel() * t.element_size()
 
     def __enter__(self) -> CommTimer:
         if self.enabled:
@@ -301,6 +307,7 @@ class AllReduce:
         import torch.distributed as dist
 
         wide = t.float() if t.dtype != torch.float32 and t.dtype != torch.float64 else t.contiguous()
+        self.timer.count(wide)
         with self.timer:
             collective(self.pc, what, lambda: dist.all_reduce(wide, group=self.pc.group))
         return wide.to(t.dtype)
@@ -442,6 +449,7 @@ class ExpertExchange:
                     in_splits: list[int] | None, what: str) -> None:
         import torch.distributed as dist
 
+        self.timer.count(inp)
         with self.timer:
             collective(self.pc, f"the MoE exchange ({what})",
                        lambda: dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.pc.group))

@@ -35,9 +35,9 @@ def _cases(args: argparse.Namespace, gpu: bool) -> tuple[str, int, list[int], li
     return preset, args.layers or 4, batches, contexts, 8 if gpu else 3
 
 
-def _time_decode(engine, cfg, batch: int, context: int, steps: int, comm) -> tuple[float, float]:
-    """Milliseconds per decode step and the share of it in collectives (``comm``: a CommTimer or
-    None); the sequences are released after."""
+def _time_decode(engine, cfg, batch: int, context: int, steps: int, comm) -> tuple[float, float, float]:
+    """Milliseconds per decode step, the share of it in collectives and the KiB the rank put into
+    them a step (``comm``: a CommTimer or None); the sequences are released after."""
     import torch.distributed as dist
 
     seqs = [engine.add_sequence()[0] for _ in range(batch)]
@@ -49,19 +49,19 @@ def _time_decode(engine, cfg, batch: int, context: int, steps: int, comm) -> tup
     if engine.parallel is not None:
         dist.barrier(group=engine.parallel.group)
     if comm is not None:
-        comm.seconds, comm.enabled = 0.0, True
+        comm.seconds, comm.sent, comm.enabled = 0.0, 0, True
     t0 = time.perf_counter()
     for _ in range(steps):
         engine.step(seqs, tokens)
     sync()
     ms = 1e3 * (time.perf_counter() - t0) / steps
-    share = 0.0
+    share = kib = 0.0
     if comm is not None:
         comm.enabled = False
-        share = 1e3 * comm.seconds / steps / ms
+        share, kib = 1e3 * comm.seconds / steps / ms, comm.sent / steps / 1024
     for s in seqs:
         engine.release(s)
-    return ms, share
+    return ms, share, kib
 
 
 def rank_main(rank: int, world: int, init_method: str, args: argparse.Namespace) -> int:
@@ -127,17 +127,18 @@ def rank_main(rank: int, world: int, init_method: str, args: argparse.Namespace)
     print(f"decode over {world} ranks ({how}, experts split {[len(r) for r in pc.expert_ranges]}) on {where}: "
           f"{preset}, {layers} layers, {weights}, FP8 cache, eager steps (a parallel step is not graph-captured); "
           f"batch = sequences per rank ({'the same on every rank' if pc.mode == 'tp' else 'each rank its own'})")
-    print(f"{'case':>22} {'rank':>4} {'ms/step':>9} {'ms/layer':>9} {'comm':>6} {'tok/s/rank':>11} "
+    print(f"{'case':>22} {'rank':>4} {'ms/step':>9} {'ms/layer':>9} {'comm':>6} {'KiB sent':>9} {'tok/s/rank':>11} "
           f"{'1 process ms':>13} {'ratio':>6} {'1 proc graph ms':>16} {'ratio':>6}")
     share_of = world if pc.mode == "tp" else 1  # under tp the ranks produce the same tokens together
     for i, (batch, context, *_) in enumerate(gathered[0][0]):
         ref, fast = single[(batch, context)], graphed.get((batch, context))
         for r in range(world):
-            _, _, ms, share = gathered[r][0][i]
+            _, _, ms, share, kib = gathered[r][0][i]
             vs_graph = f"{fast:16.3f} {fast / ms / share_of:5.2f}x" if fast is not None else f"{'-':>16} {'-':>6}"
-            print(f"{f'b={batch} ctx={context}':>22} {r:>4} {ms:9.3f} {ms / layers:9.3f} {100 * share:5.1f}% "
+            print(f"{f'b={batch} ctx={context}':>22} {r:>4} {ms:9.3f} {ms / layers:9.3f} {100 * share:5.1f}% {kib:9.1f} "
                   f"{batch / ms * 1e3 / share_of:11,.1f} {ref:13.3f} {ref / ms / share_of:5.2f}x {vs_graph}")
-    print("comm: the share of the step in all-to-all and all-reduce; tok/s/rank: the batch's tokens per second"
+    print("comm: the share of the step in all-to-all and all-reduce; KiB sent: the bytes the rank put into them "
+          "a step; tok/s/rank: the batch's tokens per second"
           f"{' over the ranks (they produce the same tokens together)' if pc.mode == 'tp' else ''}; ratio: "
           "tokens/s per rank over one process's at the same batch (eager; then replayed from its CUDA graph, "
           "on a GPU)")
