@@ -156,11 +156,11 @@ def test_ranks_running_quantized_weights(tmp_path, kind: str) -> None:
     """A checkpoint in DeepSeek's layout kept quantized (FP8 linears, MXFP4 experts; an
     ``o_lora_rank`` of 128 so that the tensor-parallel parts start and end on the FP8 blocks):
     each rank loads its experts (``tpload``: and its heads) as stored, and the exchange runs the
-    fused MoE op on the pairs it brings (``Experts.local``; under "tp" the replicated experts'
+    fused MoE op on the rows it brings (``Experts.held_sum``; under "tp" the replicated experts'
     all-reduce).
 
     ``load``: the logits of one process running the same quantized model (each pair's expert
-    output is computed from the same rounded activations, and summed in the same order).
+    output is computed from the same rounded activations; the ranks' sums are added in float32).
     ``tpload``: the output projection's partial sums meet in another order (the all-reduce),
     a float32 difference that now and then moves an activation across an FP8 rounding midpoint,
     where it rounds to the other neighbour (an equally correct rounding); the change then travels
@@ -297,12 +297,46 @@ def test_tensor_parallel_held_sums_add_up_in_every_form(gen, form: str) -> None:
     torch.testing.assert_close(sums[0] + sums[1], want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
 
 
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                        reason="needs a CUDA GPU")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("form", ["bfloat16", "mxfp4"])
+@torch.no_grad()
+def test_held_sums_of_bfloat16_tokens_add_up_to_one_call(gen, form: str, device: str) -> None:
+    """What an exchange's owners (and tensor-parallel ranks) compute for bfloat16 tokens: the
+    rows through ``held_sum`` (float32 rows, float32 sums) on two ranks' shares of the experts
+    add up to the whole module's own bfloat16 call within that call's one rounding to bfloat16
+    (float32 rows of bfloat16 values take the same activation codes and expert outputs; a
+    different code would move a sum by far more)."""
+    import copy
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_runtime import _experts, _quantized_experts
+
+    whole = (_quantized_experts(gen) if form == "mxfp4" else _experts(gen).to(torch.bfloat16)).to(device)
+    parts = [copy.deepcopy(whole), copy.deepcopy(whole)]
+    parts[0].keep(range(0, 3))
+    parts[1].keep(range(3, 8))
+    x = torch.randn(37, 64, generator=gen).bfloat16().to(device)
+    idx = torch.randint(0, 8, (37, 6), generator=gen).to(device)
+    idx[5, 2] = -1
+    w = torch.rand(37, 6, generator=gen).to(device)
+    one = whole(x, idx, w)
+    total = parts[0].held_sum(x, idx, w) + parts[1].held_sum(x, idx, w)
+    assert one.dtype == torch.bfloat16 and total.dtype == torch.float32
+    err = (one.float() - total).abs()
+    bound = total.abs() * 2.0**-8 + 1e-6 * float(total.abs().max())  # a bfloat16 rounding, float32 reordering
+    assert bool((err <= bound).all()), float((err / bound).max())
+
+
 @pytest.mark.parametrize("form", ["float32", "bfloat16", "mxfp4"])
 @torch.no_grad()
 def test_fixed_exchange_sums_as_the_variable_one_and_reads_nothing_on_the_host(solo_group, gen, monkeypatch,
                                                                                form: str) -> None:
     """The exchange's fixed form (a step every rank agreed to keep within ``tokens`` tokens: a
-    slot per possible pair per rank) gives the variable form's sums and one process's, with
+    slot per token per rank) gives the variable form's sums and one process's, with
     slack slots left empty and pairs of id -1 (no expert), and nothing in it reads the host: no
     scalar read, no op whose output's shape depends on values (the experts' own call aside,
     whose forms say what they read), no ``tolist``. A step of more tokens than agreed is refused."""
@@ -323,7 +357,7 @@ def test_fixed_exchange_sums_as_the_variable_one_and_reads_nothing_on_the_host(s
     ex.exchange = exchange
     variable = ex(x, idx, w)
     mode = NoHostReads()
-    monkeypatch.setattr(ex, "local", mode.through(ex.local))
+    monkeypatch.setattr(ex, "held_sum", mode.through(ex.held_sum))
     tolist = torch.Tensor.tolist
     monkeypatch.setattr(torch.Tensor, "tolist", lambda t: (mode.let or mode.seen.append("tolist"), tolist(t))[1])
     with mode:  # the check itself: the variable form reads the counts on the host
@@ -486,10 +520,10 @@ def test_world_bench_reports_every_rank_beside_one_process(weights: str) -> None
         # graph ms, ratio
         ms, per_layer, comm, kib = float(r[3]), float(r[4]), float(r[5].rstrip("%")), float(r[6])
         assert ms > 0 and abs(per_layer - ms / 2) < 1e-2 and 0 < comm < 100 and float(r[8]) > 0
-        # a fixed-form exchange a layer: to each of 2 ranks k slots a token, a bf16 row and an int64 id out, a
-        # bf16 result back
+        # a fixed-form exchange a layer: to each of 2 ranks a slot a token, a bf16 row and k ids and weights out,
+        # a float32 sum back
         batch = int(r[0][2:])
-        assert kib == pytest.approx(2 * 2 * batch * k * (2 * d + 8 + 2 * d) / 1024, abs=0.05), r
+        assert kib == pytest.approx(2 * 2 * batch * (2 * d + 8 * k + 4 * d) / 1024, abs=0.05), r
         assert r[10:] == ["-", "-"]  # no CUDA graphs on the CPU
     prefill = [line for line in lines if line.startswith("prefill T=256 rank ")]
     assert len(prefill) == 2 and all("tokens/s per rank (one process: " in line for line in prefill), out.stdout
@@ -541,26 +575,30 @@ def test_a_stalled_rank_ends_the_others_step_within_the_timeout(tmp_path) -> Non
     assert 3.0 < results[0]["elapsed"] < 30.0
 
 
-@pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 64), (torch.float32, 7), (torch.float16, 3), (torch.float64, 5)])
-def test_a_pair_row_and_its_expert_id_travel_as_one_row_bit_for_bit(dtype: torch.dtype, d: int) -> None:
-    """The exchange sends each pair's row with its expert id appended (one message where there were
-    two): unpacking gives the rows' bits and the ids back, for any row width and dtype, none too."""
+@pytest.mark.parametrize("dtype,d,k", [(torch.bfloat16, 64, 6), (torch.float32, 7, 1), (torch.float16, 3, 2),
+                                       (torch.float64, 5, 3)])
+def test_a_token_row_its_ids_and_weights_travel_as_one_row_bit_for_bit(dtype: torch.dtype, d: int, k: int) -> None:
+    """The exchange sends each token's row with its ``k`` expert ids (int32) and routing weights
+    (float32) appended, one message: unpacking gives the rows' bits, the ids (-1 included) and the
+    weights back, for any row width, dtype and ``k``, no rows too; a row of another width is refused."""
     from dsv4rs.parallel import pack_rows, unpack_rows
 
     g = torch.Generator().manual_seed(d)
-    x = torch.randn(9, d, generator=g).to(dtype)
+    x = torch.randn(5, d, generator=g).to(dtype)
     x[0, 0] = float("nan")
-    rows = torch.tensor([3, 0, 0, 8, 5])
-    ids = torch.tensor([255, 2**40 + 7, 0, 383, 1])
-    if d == 3:
-        ids = ids.clamp(max=2**31 - 1).int()  # int32 ids go as int64
-    packed = pack_rows(x, rows, ids)
-    assert packed.dtype == torch.uint8 and packed.shape == (5, d * x.element_size() + 8)
-    got_rows, got_ids = unpack_rows(packed, dtype, d)
-    assert got_rows.dtype == dtype and torch.equal(got_rows.view(torch.uint8), x[rows].view(torch.uint8))
-    assert got_ids.dtype == torch.int64 and got_ids.tolist() == ids.long().tolist()
-    none = unpack_rows(pack_rows(x, rows[:0], ids[:0]), dtype, d)
-    assert none[0].shape == (0, d) and none[1].shape == (0,)
+    idx = torch.randint(-1, 384, (5, k), generator=g)
+    idx[1, 0] = -1
+    w = torch.randn(5, k, generator=g, dtype=torch.float64)  # weights travel as float32
+    packed = pack_rows(x, idx, w)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, d * x.element_size() + 8 * k)
+    rows, ids, weights = unpack_rows(packed, dtype, d, k)
+    assert rows.dtype == dtype and torch.equal(rows.view(torch.uint8), x.view(torch.uint8))
+    assert ids.dtype == torch.int64 and torch.equal(ids, idx)
+    assert weights.dtype == torch.float32 and torch.equal(weights, w.float())
+    none = unpack_rows(pack_rows(x[:0], idx[:0], w[:0]), dtype, d, k)
+    assert [t.shape for t in none] == [(0, d), (0, k), (0, k)]
+    with pytest.raises(ValueError, match="packed: rows of"):
+        unpack_rows(packed, dtype, d, k + 1)
 
 
 def test_parallel_config_checks_its_arguments() -> None:

@@ -5,17 +5,17 @@
   sequences, its own :class:`dsv4rs.cache.KVCacheManager` and cache pools, and a full copy of
   every weight but the routed experts. Attention, compressors and indexer run locally.
 - **Expert-parallel MoE.** Rank ``r`` holds the routed experts ``ParallelConfig.expert_ranges[r]``
-  (contiguous, by default an even split). In every MoE layer each rank sends each (token,
-  choice) pair's row to the rank that holds its expert, the owners run the experts, and the
-  results come back; the router and the shared expert run where the token lives. A token's
-  result is its choices' outputs times their routing weights, summed in routing order. The ranks
-  agree on each step first, on the host (one all-reduce of a few integers over a gloo group): when
+  (contiguous, by default an even split). In every MoE layer each rank sends each token's row,
+  once, to every rank that holds one of its experts, with its expert ids and routing weights; an
+  owner runs the choices it holds and sends back their weighted sum (float32), and the token adds
+  the ranks' sums; the router and the shared expert run where the token lives. The ranks agree
+  on each step first, on the host (one all-reduce of a few integers over a gloo group): when
   every rank runs at most :data:`FIXED_MAX_TOKENS` tokens (decode steps, MTP verification steps,
   short prefill chunks), the exchanges of the step and of the MTP draft after it take a fixed form
-  (``all_to_all_single`` of ``T k`` slots per pair of ranks, ``T`` the most tokens any rank runs:
-  each pair's row with its expert id, empty slots with id -1, then the results) that reads
-  nothing on the host; otherwise a variable one (the pair counts first, read on the host, then
-  exactly the pairs and the results). See :class:`ExpertExchange`.
+  (``all_to_all_single`` of ``T`` slots per pair of ranks, ``T`` the most tokens any rank runs:
+  slot ``t`` token ``t``'s row, ids and weights, past a rank's tokens ids -1, then the sums) that
+  reads nothing on the host; otherwise a variable one (the row counts first, read on the host,
+  then exactly the rows and the sums). See :class:`ExpertExchange`.
 
 - **Tensor-parallel attention** (``mode="tp"``, for small batches where latency matters). Every
   rank runs the same sequences: the attention heads and output groups are split over the ranks
@@ -396,20 +396,25 @@ class Agreed:
 
 
 class ExpertExchange:
-    """The MoE layers' all-to-all: a rank's (token, choice) pairs to their experts' owners and
-    the results back. ``received`` counts the pairs this rank's experts ran, per call (the last
-    :data:`RECEIVED_KEPT` calls; a rank whose experts no pair chose runs none and still takes part).
+    """The MoE layers' all-to-all. A token's row goes once to each rank that holds any of its
+    experts, with all ``k`` of its expert ids and routing weights; the owner runs the choices it
+    holds (:meth:`Experts.held_sum`, one call) and sends back their weighted sum in float32, and
+    the token adds the ranks' sums in rank order. ``received`` counts the pairs this rank's
+    experts ran, per call (the last :data:`RECEIVED_KEPT` calls; a rank whose experts no pair
+    chose runs none and still takes part).
 
     Two forms, the same sums:
 
-    - **Variable** (``tokens`` is ``None``): three exchanges, the pair counts, then exactly the
-      pairs (each row with its expert id in one message) and the results. The counts are read on
-      the host, to size the next two.
+    - **Variable** (``tokens`` is ``None``): three exchanges, the rows' counts, then exactly the
+      rows (each token to the ranks holding its choices) and the sums. The counts are read on the
+      host, to size the next two.
     - **Fixed** (``tokens = T``, set by the engine for a step, and the MTP draft after it, in
-      which every rank runs at most ``T`` tokens: :meth:`agree`): two exchanges of ``T k`` slots
-      per pair of ranks, a slot holding a pair's row and expert id or an empty slot's id -1, then
-      the results of every slot. Nothing is read on the host, so the step could be captured in a CUDA graph; the
-      wire carries ``world`` times the slots a rank can fill (``world T k`` rows each way).
+      which every rank runs at most ``T`` tokens: :meth:`agree`): two exchanges of ``T`` slots per
+      pair of ranks, slot ``t`` of every rank's block holding token ``t`` (past a rank's tokens,
+      a row of no expert), then the sums of every slot; the receiver runs only the choices it
+      holds. Nothing is read on the host, so the step could be captured in a CUDA graph. The
+      wire carries ``world T`` rows each way: a row and ``k`` ids and weights out, a float32 sum
+      back (a pair a row would be ``world T k`` rows each way).
 
     A pair of expert id -1 (a hash layer's table entry outside the experts) goes nowhere and adds
     nothing."""
@@ -454,94 +459,83 @@ class ExpertExchange:
             collective(self.pc, f"the MoE exchange ({what})",
                        lambda: dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.pc.group))
 
-    def _sorted(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(flat ids, order, destination of each sorted pair, pairs per destination)``: the pairs
-        sorted by owning rank (stable: routing order within a rank), pairs of id -1 last with
-        destination ``world`` (``counts`` has ``world + 1`` entries; no host read)."""
-        world = self.pc.world
-        flat = idx.flatten()
-        valid = flat >= 0
-        dest = torch.where(valid, self.owner[flat.clamp(min=0)], world)
-        order = torch.argsort(dest, stable=True)
-        counts = torch.zeros(world + 1, dtype=torch.int64, device=idx.device).scatter_add_(
-            0, dest, torch.ones_like(dest))
-        return flat, order, dest[order], counts
-
     def __call__(self, experts: Experts, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """``sum_k weights[t, k] expert_{idx[t, k]}(x_t)`` with the experts spread over the ranks,
-        each token's choices summed in routing order in float32."""
-        tokens, k = idx.shape
-        if self.tokens is None:
-            y = self._variable(experts, x, idx)
-        elif tokens > self.tokens:
+        """``sum_k weights[t, k] expert_{idx[t, k]}(x_t)`` with the experts spread over the ranks:
+        each rank's choices of a token summed in float32 by the rank that holds them, the ranks'
+        sums added in rank order."""
+        tokens = idx.shape[0]
+        if self.tokens is not None and tokens > self.tokens:
             raise RuntimeError(f"the MoE exchange: {tokens} tokens in a step every rank agreed to keep within "
                                f"{self.tokens}")
-        else:
-            y = self._fixed(experts, x, idx, self.tokens * k)
-        return (y.view(tokens, k, x.shape[-1]).float() * weights[..., None].float()).sum(1).to(x.dtype)
+        form = self._variable if self.tokens is None else self._fixed
+        sums = form(experts, x, idx, pack_rows(x, idx, weights))
+        return sums.sum(0).to(x.dtype)
 
-    def _local(self, experts: Experts, got: torch.Tensor, dtype: torch.dtype, d: int) -> torch.Tensor:
-        """The received pairs (packed rows) through this rank's experts, in ``dtype``."""
-        rows, ids = unpack_rows(got, dtype, d)
-        mine = ids >= 0
-        self._received.append(mine.sum() if self.tokens is not None else len(ids))
-        return experts.local(rows, torch.where(mine, ids - experts.first, -1)).to(dtype).contiguous()
+    def _held(self, experts: Experts, got: torch.Tensor, dtype: torch.dtype, d: int, k: int) -> torch.Tensor:
+        """The received rows through the choices this rank holds: their weighted sums, float32."""
+        rows, ids, weights = unpack_rows(got, dtype, d, k)
+        self._received.append(experts.holds(ids).sum())
+        if rows.shape[0] == 0:
+            return torch.zeros(0, d, dtype=torch.float32, device=got.device)
+        return experts.held_sum(rows, ids, weights).contiguous()
 
-    def _variable(self, experts: Experts, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """Each pair's expert output ``[T k, d]`` in routing order: the counts read on the host."""
-        world, d = self.pc.world, x.shape[-1]
-        flat, order, _, counts = self._sorted(idx)
-        send = counts[:world]
+    def _variable(self, experts: Experts, x: torch.Tensor, idx: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+        """The ranks' sums ``float32 [world, T, d]`` (zero where a rank holds none of a token's
+        choices): the rows' counts read on the host."""
+        world, (tokens, k), d = self.pc.world, idx.shape, x.shape[1]
+        dest = self.owner[idx.clamp(min=0)]
+        goes = ((dest[..., None] == torch.arange(world, device=idx.device)) & (idx >= 0)[..., None]).any(1).T
+        send = goes.sum(1)
         recv = torch.empty_like(send)
-        self._all_to_all(recv, send, None, None, "pair counts")
+        self._all_to_all(recv, send, None, None, "row counts")
         send_n, recv_n = send.tolist(), recv.tolist()
-        sent = order[: sum(send_n)]
-        pairs = pack_rows(x, sent // idx.shape[1], flat[sent])
-        got = pairs.new_empty(sum(recv_n), pairs.shape[1])
-        self._all_to_all(got, pairs, recv_n, send_n, "token rows and expert ids")
-        ran = self._local(experts, got, x.dtype, d)
-        back = x.new_zeros(flat.shape[0], d)  # pairs of id -1 keep their zero rows
-        self._all_to_all(back[: sent.shape[0]], ran, send_n, recv_n, "expert outputs")
-        return torch.empty_like(back).index_copy_(0, order, back)
+        rank, token = goes.nonzero().T  # rank r's rows in rank, then token, order
+        got = packed.new_empty(sum(recv_n), packed.shape[1])
+        self._all_to_all(got, packed[token], recv_n, send_n, "token rows, expert ids and weights")
+        ran = self._held(experts, got, x.dtype, d, k)
+        back = ran.new_empty(token.shape[0], d)
+        self._all_to_all(back, ran, send_n, recv_n, "expert sums")
+        return ran.new_zeros(world * tokens, d).index_copy_(0, rank * tokens + token, back).view(world, tokens, d)
 
-    def _fixed(self, experts: Experts, x: torch.Tensor, idx: torch.Tensor, slots: int) -> torch.Tensor:
-        """Each pair's expert output ``[T k, d]`` in routing order through ``slots`` slots per pair
-        of ranks: the pairs for rank ``r`` fill its slots from the first, in routing order."""
-        world, d = self.pc.world, x.shape[-1]
-        flat, order, dest, counts = self._sorted(idx)
-        first = counts.cumsum(0) - counts
-        slot = dest * slots + torch.arange(order.shape[0], device=idx.device) - first[dest]  # id -1: past the end
-        width = x.shape[1] * x.element_size() + ID_BYTES
-        send = torch.zeros((world + 1) * slots, width, dtype=torch.uint8, device=x.device)
-        send[:, width - ID_BYTES :] = 255  # empty slots: id -1
-        send.index_copy_(0, slot, pack_rows(x, order // idx.shape[1], flat[order]))
-        got = torch.empty(world * slots, width, dtype=torch.uint8, device=x.device)
-        self._all_to_all(got, send[: world * slots], None, None, "token rows and expert ids")
-        ran = self._local(experts, got, x.dtype, d)
-        back = x.new_zeros((world + 1) * slots, d)  # the last block: the zero rows of pairs of id -1
-        self._all_to_all(back[: world * slots], ran, None, None, "expert outputs")
-        return torch.empty(order.shape[0], d, dtype=x.dtype, device=x.device).index_copy_(0, order, back[slot])
+    def _fixed(self, experts: Experts, x: torch.Tensor, idx: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+        """The ranks' sums ``float32 [world, T, d]`` through :attr:`tokens` slots per pair of ranks:
+        the same rows to every rank, slot ``t`` token ``t``."""
+        world, slots, (tokens, k), d = self.pc.world, self.tokens, idx.shape, x.shape[1]
+        send = packed.new_zeros(world, slots, packed.shape[1])
+        width = d * x.element_size()
+        send[:, tokens:, width : width + 4 * k] = 255  # past the tokens: ids -1, no expert
+        send[:, :tokens] = packed
+        got = torch.empty_like(send).view(world * slots, -1)
+        self._all_to_all(got, send.view(world * slots, -1), None, None, "token rows, expert ids and weights")
+        ran = self._held(experts, got, x.dtype, d, k)
+        back = torch.empty_like(ran)
+        self._all_to_all(back, ran, None, None, "expert sums")
+        return back.view(world, slots, d)[:, :tokens]
 
 
-ID_BYTES = 8
-"""Bytes of an expert id (int64) at the end of a packed row (:func:`pack_rows`)."""
-
-
-def pack_rows(x: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """``uint8 [n, d * itemsize + 8]``: row ``rows[i]`` of ``x`` ``[T, d]``, its bytes as they are,
-    then ``ids[i]`` (int64), so that one exchange carries both (:func:`unpack_rows` undoes it)."""
-    width = x.shape[1] * x.element_size()
-    out = torch.empty(rows.shape[0], width + ID_BYTES, dtype=torch.uint8, device=x.device)
-    out[:, :width] = x.contiguous().view(torch.uint8)[rows]
-    out[:, width:] = ids.to(torch.int64).contiguous().view(torch.uint8).view(-1, ID_BYTES)
+def pack_rows(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``uint8 [T, d * itemsize + 8 k]``: row ``t`` of ``x`` ``[T, d]``, its bytes as they are, then
+    its ``k`` expert ids ``idx[t]`` (int32) and routing weights ``weights[t]`` (float32), so that
+    one exchange carries all three (:func:`unpack_rows` undoes it)."""
+    (tokens, k), width = idx.shape, x.shape[1] * x.element_size()
+    out = torch.empty(tokens, width + 8 * k, dtype=torch.uint8, device=x.device)
+    out[:, :width] = x.contiguous().view(torch.uint8)
+    out[:, width : width + 4 * k] = idx.to(torch.int32).contiguous().view(torch.uint8)
+    out[:, width + 4 * k :] = weights.to(torch.float32).contiguous().view(torch.uint8)
     return out
 
 
-def unpack_rows(packed: torch.Tensor, dtype: torch.dtype, d: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows (``dtype [n, d]``) and ids (``int64 [n]``) of :func:`pack_rows`' output, bit for bit."""
-    n, width = packed.shape[0], packed.shape[1] - ID_BYTES
+def unpack_rows(packed: torch.Tensor, dtype: torch.dtype, d: int, k: int) -> tuple[torch.Tensor, ...]:
+    """The rows (``dtype [n, d]``), expert ids (``int64 [n, k]``) and weights (``float32 [n, k]``)
+    of :func:`pack_rows`' output, bit for bit."""
+    n, width = packed.shape[0], d * dtype.itemsize
+    if packed.shape[1] != width + 8 * k:
+        raise ValueError(f"packed: rows of {packed.shape[1]} bytes, not the {width + 8 * k} of {d} {dtype} "
+                         f"values and {k} ids and weights")
     rows = torch.empty(n, d, dtype=dtype, device=packed.device)
-    ids = torch.empty(n, dtype=torch.int64, device=packed.device)
+    ids = torch.empty(n, k, dtype=torch.int32, device=packed.device)
+    weights = torch.empty(n, k, dtype=torch.float32, device=packed.device)
     rows.view(torch.uint8).copy_(packed[:, :width])
-    ids.view(torch.uint8).view(n, ID_BYTES).copy_(packed[:, width:])
-    return rows, ids
+    ids.view(torch.uint8).copy_(packed[:, width : width + 4 * k])
+    weights.view(torch.uint8).copy_(packed[:, width + 4 * k :])
+    return rows, ids.long(), weights

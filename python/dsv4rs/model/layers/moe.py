@@ -142,14 +142,6 @@ class Experts(nn.Module):
                                f"of {self.total}; attach the other ranks with dsv4rs.parallel.attach")
         return self._run(x, idx, weights)
 
-    def local(self, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """``expert_{ids[n]}(rows[n])`` for held experts (``ids`` counted from :attr:`first`; -1:
-        no expert, a zero row), no routing weight: the pairs an exchange brings to this rank."""
-        if rows.shape[0] == 0:
-            return rows.new_zeros(rows.shape)
-        ones = torch.ones(rows.shape[0], 1, dtype=torch.float32, device=rows.device)
-        return self._run(rows, ids[:, None], ones)
-
     def holds(self, idx: torch.Tensor) -> torch.Tensor:
         """Whether each global expert id of ``idx`` is one this module holds (a bool tensor)."""
         return (idx >= self.first) & (idx < self.first + self.held)
@@ -157,8 +149,9 @@ class Experts(nn.Module):
     def held_sum(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """``sum_k weights[t, k] expert_{idx[t, k]}(x_t)`` in float32 ``[T, d]`` over the pairs whose
         experts this module holds (``idx``: global ids); the other pairs add nothing (tensor
-        parallelism: every rank has every token). Every pair goes to one call, the other ranks'
-        pairs as id -1 (no expert), so nothing waits for the host."""
+        parallelism: every rank has every token; expert parallelism: the rows an exchange brings,
+        each with all its choices). Every pair goes to one call, the other ranks' pairs as id -1
+        (no expert), so nothing waits for the host."""
         tokens, k = idx.shape
         if self.held == 0:
             return torch.zeros(tokens, x.shape[-1], dtype=torch.float32, device=x.device)
