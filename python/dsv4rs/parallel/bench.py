@@ -135,8 +135,8 @@ def rank_main(rank: int, world: int, init_method: str, args: argparse.Namespace)
         for r in range(world):
             _, _, ms, share, kib = gathered[r][0][i]
             vs_graph = f"{fast:16.3f} {fast / ms / share_of:5.2f}x" if fast is not None else f"{'-':>16} {'-':>6}"
-            print(f"{f'b={batch} ctx={context}':>22} {r:>4} {ms:9.3f} {ms / layers:9.3f} {100 * share:5.1f}% {kib:9.1f} "
-                  f"{batch / ms * 1e3 / share_of:11,.1f} {ref:13.3f} {ref / ms / share_of:5.2f}x {vs_graph}")
+            print(f"{f'b={batch} ctx={context}':>22} {r:>4} {ms:9.3f} {ms / layers:9.3f} {100 * share:5.1f}% "
+                  f"{kib:9.1f} {batch / ms * 1e3 / share_of:11,.1f} {ref:13.3f} {ref / ms / share_of:5.2f}x {vs_graph}")
     print("comm: the share of the step in all-to-all and all-reduce; KiB sent: the bytes the rank put into them "
           "a step; tok/s/rank: the batch's tokens per second"
           f"{' over the ranks (they produce the same tokens together)' if pc.mode == 'tp' else ''}; ratio: "
