@@ -2,6 +2,7 @@
 demo model)."""
 
 import pytest
+import torch
 
 from dsv4rs.bench.profile import main, step_table
 
@@ -43,3 +44,16 @@ def test_step_table_refuses_bad_arguments(kwargs: dict, name: str) -> None:
 def test_profile_cli_refuses_unknown_modes() -> None:
     with pytest.raises(SystemExit, match="usage"):
         main(["steps"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_step_table_ends_with_the_steps_span() -> None:
+    """On a GPU the table of the replayed step's kernels ends with the step's span (first kernel's
+    start to last kernel's end), beside the kernels' summed time, which overlapping launches make
+    the larger; both are positive."""
+    lines = step_table("demo", layers=2, batch=2, context=256, device="cuda", steps=3, top=6)
+    assert lines[0].startswith("demo x 2 layers, bf16 weights, batch 2, context 256: GPU time of the replayed step")
+    total, span = lines[-2], lines[-1]
+    assert total.startswith("total") and span.startswith("span ")
+    assert float(span.split()[1]) > 0 and f"sum to {float(total.split()[-1]):.1f}" in span

@@ -53,7 +53,8 @@ def report(name: str, fn) -> None:
 def step_table(preset: str = "demo", layers: int = 4, batch: int = 1, context: int = 1024, weights: str = "bf16",
                device: str = "cpu", steps: int = 5, top: int = 25, prefill: int = 0) -> list[str]:
     """Lines of a table of one decode step's kernels (GPU: the replayed graph's; CPU: the eager
-    step's operators, self time), the most time first, ``top`` of them and a total line. With
+    step's operators, self time), the most time first, ``top`` of them and a total line (on a
+    GPU then the step's span, which the kernels' overlapping times exceed: :func:`_span_line`). With
     ``prefill`` > 0, of a step that prefills ``prefill`` tokens in each of ``batch`` fresh
     sequences (eager on a GPU too; ``context`` is then unused)."""
     from dsv4rs.bench.model import _build, _config, _fill_cache
@@ -125,7 +126,22 @@ def step_table(preset: str = "demo", layers: int = 4, batch: int = 1, context: i
         lines.append(f"{f'({len(rest)} more)':<{width}}  {sum(r[1] for r in rest):7.1f}  {sum(r[2] for r in rest):10.1f}  "
                      f"{sum(r[2] for r in rest) / max(total_us, 1e-9):6.1%}")
     lines.append(f"{'total':<{width}}  {total_n:7.1f}  {total_us:10.1f}")
+    if gpu:
+        lines.append(_span_line(prof, steps, total_us))
     return lines
+
+
+def _span_line(prof: profile, steps: int, total_us: float) -> str:
+    """The step's GPU span (its kernels' first start to their last end, over the steps' mean)
+    beside the kernels' summed time: with programmatic dependent launch (docs/runtime.md) a
+    kernel starts under the one before it and its time includes that wait, so the sum exceeds
+    the span; ``DSV4RS_PDL=off`` gives kernel times that do not overlap."""
+    ranges = [e.time_range for e in prof.events()
+              if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start]
+    span = (max(r.end for r in ranges) - min(r.start for r in ranges)) / steps if ranges else 0.0
+    return (f"span {span:.1f} us a step, first kernel's start to last kernel's end (the kernels' times sum to "
+            f"{total_us:.1f}: under programmatic dependent launch a kernel's time includes its wait for the one "
+            "before it; DSV4RS_PDL=off times them apart)")
 
 
 def step_main(argv: list[str]) -> int:
