@@ -414,7 +414,7 @@ class ExpertExchange:
       a row of no expert), then the sums of every slot; the receiver runs only the choices it
       holds. Nothing is read on the host, so the step could be captured in a CUDA graph. The
       wire carries ``world T`` rows each way: a row and ``k`` ids and weights out, a float32 sum
-      back (a pair a row would be ``world T k`` rows each way).
+      back (a row for each (token, choice) pair would be ``world T k``).
 
     A pair of expert id -1 (a hash layer's table entry outside the experts) goes nowhere and adds
     nothing."""
