@@ -269,7 +269,8 @@ class NoHostReads(torch.utils._python_dispatch.TorchDispatchMode):
 def test_tensor_parallel_held_sums_add_up_in_every_form(gen, form: str) -> None:
     """Under "tp" unquantized experts take every pair in one call too, the other ranks' pairs as
     id -1: the ranks' partial sums add up to the whole layer's, a rank holding no expert adds
-    zeros, and bfloat16 experts (the grouped GEMMs) read nothing on the host."""
+    zeros, a step of no tokens (an idle rank's) gives no rows, and bfloat16 experts (the grouped
+    GEMMs) read nothing on the host."""
     import copy
 
     sys.path.insert(0, os.path.dirname(__file__))
@@ -295,6 +296,9 @@ def test_tensor_parallel_held_sums_add_up_in_every_form(gen, form: str) -> None:
     assert all(p.dtype == torch.float32 for p in sums) and torch.equal(sums[2], torch.zeros_like(want))
     assert torch.equal(sums[0][2], torch.zeros(64))
     torch.testing.assert_close(sums[0] + sums[1], want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    for p in parts:  # an idle rank's step (Engine._idle): no tokens, zero rows of sums, in every form
+        none = p.held_sum(x[:0].to(next(whole.parameters()).dtype), idx[:0], w[:0])
+        assert none.shape == (0, 64) and none.dtype == torch.float32
 
 
 CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),

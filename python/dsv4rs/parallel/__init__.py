@@ -475,8 +475,6 @@ class ExpertExchange:
         """The received rows through the choices this rank holds: their weighted sums, float32."""
         rows, ids, weights = unpack_rows(got, dtype, d, k)
         self._received.append(experts.holds(ids).sum())
-        if rows.shape[0] == 0:
-            return torch.zeros(0, d, dtype=torch.float32, device=got.device)
         return experts.held_sum(rows, ids, weights).contiguous()
 
     def _variable(self, experts: Experts, x: torch.Tensor, idx: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:

@@ -151,9 +151,10 @@ class Experts(nn.Module):
         experts this module holds (``idx``: global ids); the other pairs add nothing (tensor
         parallelism: every rank has every token; expert parallelism: the rows an exchange brings,
         each with all its choices). Every pair goes to one call, the other ranks' pairs as id -1
-        (no expert), so nothing waits for the host."""
+        (no expert), so nothing waits for the host. No tokens (an idle rank's step) or no experts
+        held: zeros."""
         tokens, k = idx.shape
-        if self.held == 0:
+        if self.held == 0 or tokens == 0:
             return torch.zeros(tokens, x.shape[-1], dtype=torch.float32, device=x.device)
         return self._run(x.float(), torch.where(self.holds(idx), idx - self.first, -1), weights)
 
