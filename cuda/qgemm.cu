@@ -789,12 +789,17 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_act_quant(const void* __r
 }
 
 // Rows of x [rows, k] (float32 or bfloat16; k % 128 == 0) as FP8 e4m3 codes per 1x128 block with a
-// UE8M0 scale, for the FP8 decode forms: codes [rows, k] bytes, each 128-wide block stored in the
-// order f8_act_pos gives for `layout`, and the scales 2^e as float32 [rows, k / 128].
-// The same values as dsv4_act_quant's act_fp8. A warp per (row, 128-block), grid (rows / 4, k / 128).
+// UE8M0 scale, for the FP8 forms: codes [rows, k] bytes, each 128-wide block stored in the order
+// f8_act_pos gives for `layout`, and the scales 2^e as float32, [rows, k / 128] (scale_rows 0: the
+// decode forms) or transposed for the Hopper tiled form's TMA loads (scale_rows > 0, at least rows,
+// a multiple of 4): row r's scale of block c of its group g = r % groups at
+// ((g k / 128 + c) scale_rows + r / groups), so that a step's scales of consecutive rows lie
+// together. The same values as dsv4_act_quant's act_fp8. A warp per (row, 128-block), grid
+// (rows / 4, k / 128).
 extern "C" __global__ void __launch_bounds__(128) dsv4_act_quant_f8(const void* __restrict__ x, int x_bf16, long long rows,
                                                                     int k, int layout, uint8_t* __restrict__ codes,
-                                                                    float* __restrict__ scales) {
+                                                                    float* __restrict__ scales, long long scale_rows,
+                                                                    int groups) {
   dsv4::grid_begin();
   __shared__ __align__(16) uint8_t stage[4][KC];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -812,7 +817,11 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_act_quant_f8(const void* 
   for (int i = 0; i < 4; ++i) stage[warp][f8_act_pos(4 * lane + i, layout)] = (uint8_t)(c >> (8 * i));
   __syncwarp();
   *(uint32_t*)(codes + row * k + col) = *(const uint32_t*)&stage[warp][4 * lane];
-  if (lane == 0) scales[row * (k / KC) + blockIdx.y] = exp2i(e);
+  if (lane == 0) {
+    const long long at = scale_rows ? ((row % groups) * (k / KC) + blockIdx.y) * scale_rows + row / groups
+                                    : row * (k / KC) + blockIdx.y;
+    scales[at] = exp2i(e);
+  }
 }
 
 // The MoE plan: pairs (token, choice) of idx [pairs] sorted by expert. offsets [experts + 1];

@@ -25,6 +25,13 @@ Where the two sides round differently, and the bounds the comparisons use:
   first truncated at the slice's largest exponent), so those tests add ``SLICE`` times the same
   magnitudes to the bound, and run again with ``DSV4RS_QGEMM_KERNEL=bf16`` under the float32
   bound alone.
+- On compute capability 9.0 the tiled form of ``act="fp8"`` over FP8 weights (many rows per
+  weight) runs on the FP8 tensor cores too: each 128-wide K step's exact products are summed by
+  four such instructions into one partial (33 operands each past the first, each truncated below
+  the largest operand's 13th fraction bit), which is then scaled and added in float32, as
+  DeepSeek's FP8 GEMMs promote theirs. That partial lies within ``STEP = gamma_131(2^-13)`` times
+  its products' magnitudes of the exact sum, so the tests of FP8 weights there add ``STEP``
+  times the magnitudes (MXFP4 weights keep ``SLICE``: their tiled form sums in float32).
 """
 
 from __future__ import annotations
@@ -47,6 +54,11 @@ BF16_U = 2.0**-8
 
 SLICE = 31 * 2.0**-13 / (1 - 31 * 2.0**-13)
 """Bound on one 32-product slice summed by an FP8 tensor core, relative to the sum of their magnitudes."""
+
+
+STEP = 131 * 2.0**-13 / (1 - 131 * 2.0**-13)
+"""Bound on one 128-product K step summed by four chained FP8 tensor-core instructions (the Hopper
+tiled form), relative to the sum of their magnitudes."""
 
 
 def gamma(n: int) -> float:
@@ -116,10 +128,18 @@ def linear_bound(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, gro
         mag = a @ w.T
     else:
         mag = torch.einsum("...gk,gnk->...gn", a, w.view(groups, rows // groups, k)).flatten(-2)
+    if slice_ == STEP and (weight.dtype == torch.uint8 or not takes_tiled_form(a.numel() // (groups * k), k)):
+        slice_ = SLICE  # MXFP4 weights have no FP8 tiled form, and a decode form runs this call
     tol = (gamma(k) + slice_) * mag
     if x.dtype == torch.bfloat16:
         tol = tol * (1 + BF16_U) + BF16_U * want.abs()
     return want, tol
+
+
+def takes_tiled_form(m: int, k: int) -> bool:
+    """Whether a dense call of ``m`` rows per weight takes a tiled form (rust/core/src/gpu/qgemm.rs
+    ``plan_linear``: the decode forms take up to 16 rows, and up to 64 for K of 2048 or more)."""
+    return m > 64 or (m > 16 and k < 2048)
 
 
 def act_spread(h: torch.Tensor, dh: torch.Tensor, act: str) -> torch.Tensor:
@@ -152,6 +172,8 @@ def moe_bound(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, gate_up
               slice_: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The float64 reference and the bound on ``|op - reference|`` of ``moe_experts`` (module docstring)."""
     want = ref.moe_experts(x, idx, weights, gate_up, gate_up_scale, down, down_scale, limit, act)
+    if slice_ == STEP:
+        slice_ = SLICE  # MXFP4 experts: no FP8 tiled form (module docstring)
     a = ref.quantize_activations(x, act)
     wgu, wd = ref.dequantize_weight(gate_up, gate_up_scale), ref.dequantize_weight(down, down_scale)
     inter, dim = wgu.shape[1] // 2, wgu.shape[2]
@@ -551,15 +573,18 @@ def cuda(*ts: torch.Tensor) -> list[torch.Tensor]:
     return [t.cuda() for t in ts]
 
 
-@pytest.fixture(params=["auto", "mma-decode", "portable"])
+@pytest.fixture(params=["auto", "mma-decode", "bf16-cores", "portable"])
 def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> float:
     """Runs a test with the GPU's own choice of forms (the decode form on FP8 tensor cores where the
-    GPU has them, on ``wgmma`` on Hopper; the tiled form on ``wgmma`` on Hopper), with the FP8
-    decode form on ``mma.sync`` (what sm_89 and sm_120 GPUs run; elsewhere the GPU's own choice),
-    and with the portable ones forced (the bf16 decode form, the ``mma.sync`` tiled form); the
-    relative slice bound the comparisons then add."""
+    GPU has them, on ``wgmma`` on Hopper; the tiled form on ``wgmma`` and FP8 tensor cores on
+    Hopper), with the FP8 decode form on ``mma.sync`` (what sm_89 and sm_120 GPUs run; elsewhere
+    the GPU's own choice), on bf16 tensor cores only (``DSV4RS_QGEMM_KERNEL=bf16``: the bf16
+    decode form, the tiled form on bf16 ``wgmma`` on Hopper), and with the portable ones forced
+    (the bf16 decode form, the ``mma.sync`` tiled form); the relative slice bound the comparisons
+    then add."""
     portable = request.param == "portable"
-    monkeypatch.setenv("DSV4RS_QGEMM_KERNEL", "bf16" if portable else "auto")
+    bf16 = portable or request.param == "bf16-cores"
+    monkeypatch.setenv("DSV4RS_QGEMM_KERNEL", "bf16" if bf16 else "auto")
     monkeypatch.setenv("DSV4RS_QGEMM_TILED", "mma" if portable else "auto")
     monkeypatch.setenv("DSV4RS_QGEMM_DECODE", "mma" if request.param == "mma-decode" else "auto")
     monkeypatch.setenv("DSV4RS_QGEMM_FUSED", "auto")
@@ -568,9 +593,14 @@ def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> f
 
 
 def slice_bound() -> float:
-    """``SLICE`` where the decode form may run on FP8 ``mma`` (the GPU's own choice), else 0."""
+    """``STEP`` where the tiled form over FP8 weights may run on FP8 ``wgmma`` (compute capability
+    9.0, the GPU's own choice; the bounds take ``SLICE`` for MXFP4 weights), ``SLICE`` where only
+    the decode form may run on FP8 ``mma``, else 0."""
     fp8_cores = torch.cuda.get_device_capability() >= (8, 9)
-    return SLICE if fp8_cores and os.environ.get("DSV4RS_QGEMM_KERNEL", "auto") in ("auto", "fp8") else 0.0
+    if not (fp8_cores and os.environ.get("DSV4RS_QGEMM_KERNEL", "auto") in ("auto", "fp8")):
+        return 0.0
+    hopper_tiled = torch.cuda.get_device_capability() == (9, 0) and os.environ.get("DSV4RS_QGEMM_TILED") != "mma"
+    return STEP if hopper_tiled else SLICE
 
 
 def linear_call(gen: torch.Generator, fp4: bool, m: int, k: int = 256) -> tuple:
@@ -671,21 +701,29 @@ def test_gpu_qgemm_kernel_switch_takes_effect(gen: torch.Generator, monkeypatch:
 @pytest.mark.parametrize("fp4", [False, True], ids=["fp8", "fp4"])
 def test_gpu_qgemm_tiled_kernel_switch_takes_effect(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch, fp4: bool) -> None:
     """The tiled form that runs (seen by the profiler) is the ``wgmma`` one by default on compute
-    capability 9.0 and the ``mma.sync`` one with ``DSV4RS_QGEMM_TILED=mma``; forcing ``wgmma``
-    elsewhere, or an unknown name, is an error naming the variable."""
+    capability 9.0, for FP8 weights on FP8 tensor cores (``_wgf8``) unless
+    ``DSV4RS_QGEMM_KERNEL=bf16`` keeps bf16 ones (``_wgmma``, which MXFP4 weights always take),
+    and the ``mma.sync`` one with ``DSV4RS_QGEMM_TILED=mma``; forcing ``wgmma`` elsewhere, or an
+    unknown name, is an error naming the variable."""
     call, launched = linear_call(gen, fp4, 200)
 
     fmt = "fp4" if fp4 else "fp8"
+    monkeypatch.setenv("DSV4RS_QGEMM_KERNEL", "auto")
     monkeypatch.setenv("DSV4RS_QGEMM_TILED", "mma")
     names = launched()
-    assert f"dsv4_qgemm_{fmt}_m64" in names and not any("wgmma" in n for n in names), names
+    assert f"dsv4_qgemm_{fmt}_m64" in names and not any("wg" in n for n in names), names
     hopper = torch.cuda.get_device_capability() == (9, 0)
     monkeypatch.setenv("DSV4RS_QGEMM_TILED", "auto")
     names = launched()
-    assert (f"dsv4_qgemm_{fmt}_wgmma" in names) == hopper and (f"dsv4_qgemm_{fmt}_m64" in names) != hopper, names
+    hopper_form = f"dsv4_qgemm_{fmt}_wgmma" if fp4 else "dsv4_qgemm_fp8_wgf8"
+    assert (hopper_form in names) == hopper and (f"dsv4_qgemm_{fmt}_m64" in names) != hopper, names
+    monkeypatch.setenv("DSV4RS_QGEMM_KERNEL", "bf16")
+    names = launched()
+    assert (f"dsv4_qgemm_{fmt}_wgmma" in names) == hopper and not any("wgf8" in n for n in names), names
+    monkeypatch.setenv("DSV4RS_QGEMM_KERNEL", "auto")
     monkeypatch.setenv("DSV4RS_QGEMM_TILED", "wgmma")
     if hopper:
-        assert f"dsv4_qgemm_{fmt}_wgmma" in launched()
+        assert hopper_form in launched()
     else:
         with pytest.raises(ValueError, match="DSV4RS_QGEMM_TILED"):
             call()
@@ -858,13 +896,41 @@ def test_gpu_quant_linear_wide_tiles_equal_narrow_ones_bit_for_bit(gen: torch.Ge
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fp4", [False, True], ids=["fp8", "fp4"])
-@pytest.mark.parametrize("m", [1, 9, 40])
+@pytest.mark.parametrize("m,rows,k,groups", [(300, 256, 512, 1), (130, 200, 1024, 1), (150, 2 * 128, 384, 2)])
+def test_gpu_quant_linear_is_exact_on_small_integers(gen: torch.Generator, fp4: bool, m: int, rows: int, k: int,
+                                                     groups: int, kernel: float) -> None:
+    """Integer activations in [-3, 3] (exact FP8 codes under any block scale they get) times small
+    weights (FP8 codes of -4 .. 4 with power-of-two block scales; MXFP4 values 0, 1, 2, 3, 4, 6 of
+    either sign at scales 1/2 and 1 mixed within each 128-wide step) have sums that every form adds
+    exactly, FP8 tensor cores included (below 2^12 in a step, multiples of 1/2 in float32): the
+    result equals the float64 reference bit for bit. Any misplaced K value, row, scale or step would
+    change some integer (many rows a weight: the tiled forms; grouped ``wo_a`` too)."""
+    x = torch.randint(-3, 4, (m, groups, k) if groups > 1 else (m, k), generator=gen).float()
+    if fp4:
+        mags = torch.tensor([0, 2, 4, 5, 6, 7], dtype=torch.uint8)  # e2m1 codes of 0, 1, 2, 3, 4, 6
+        nib = mags[torch.randint(0, 6, (rows, k), generator=gen)] | (torch.randint(0, 2, (rows, k), generator=gen,
+                                                                              dtype=torch.uint8) << 3)
+        weight = nib[:, 0::2] | (nib[:, 1::2] << 4)
+        scale = torch.randint(126, 128, (rows, k // 32), dtype=torch.uint8, generator=gen)
+    else:
+        weight = torch.randint(-4, 5, (rows, k), generator=gen).float().to(torch.float8_e4m3fn)
+        scale = torch.exp2(torch.randint(-1, 2, (-(-rows // 128), k // 128), generator=gen).float())
+    got = ops.quant_linear(*cuda(x, weight, scale), groups=groups)
+    want = ref.quant_linear(x, weight, scale, groups, "fp8")
+    assert want.abs().max() < 2.0**20 and torch.equal(2 * want, (2 * want).round())
+    assert torch.equal(got.double().cpu(), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp4", [False, True], ids=["fp8", "fp4"])
+@pytest.mark.parametrize("m", [1, 9, 40, 200])
 def test_gpu_quant_linear_slices_of_unequal_products_stay_within_bound(gen: torch.Generator, fp4: bool, m: int,
                                                                        kernel: float) -> None:
     """Each 32-wide K run (a tensor-core slice) holds one activation of about 400 and 31 of about 0.01:
     the small products lie some 2^15 below the large one, past an FP8 accumulator's bits, and the
     result still lies within the stated bound (and within float32's with the bf16 form). K is 2048,
-    so that Hopper's FP8 decode form is the native ``wgmma`` one."""
+    so that Hopper's FP8 decode form is the native ``wgmma`` one (1 to 40 rows), and 200 rows take
+    its tiled form on FP8 tensor cores."""
     rows, k = 48, 2048
     weight, scale = fp4_weight(gen, rows, k) if fp4 else fp8_weight(gen, rows, k)
     x = torch.randn(m, k, generator=gen) * 0.01

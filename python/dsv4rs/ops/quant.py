@@ -2,7 +2,7 @@
 MoE over MXFP4 experts.
 
 Numerics, the same on the CPU and the GPU up to the order of float32 sums (and, on GPUs with FP8
-tensor cores, the slice sums of the last point):
+tensor cores, the slice and step sums of the last two points):
 
 - ``A(v)``, what the products see of an activation vector ``v`` of length ``K``: with
   ``act="fp8"`` (DeepSeek's W8A8), ``v`` is cut into blocks of 128 values along ``K`` (the last
@@ -34,6 +34,11 @@ tensor cores, the slice sums of the last point):
 - With more rows per weight (prefill) the GPU runs a tiled GEMM, on ``wgmma`` on compute
   capability 9.0 where ``K`` is a multiple of 128 and on ``mma.sync`` elsewhere; both sum the exact
   products in float32 (only the order differs). ``DSV4RS_QGEMM_TILED=mma`` forces the portable one.
+  Except: on compute capability 9.0 with ``act="fp8"`` and FP8 weights the tiled GEMM runs on the
+  FP8 tensor cores, as DeepSeek's FP8 GEMMs do: each 128-wide step of ``K`` is summed by four FP8
+  instructions into one partial sum (within ``131 * 2^-13 / (1 - 131 * 2^-13)``, about 2^-6, of
+  the sum of its 128 products' magnitudes from the exact one), then scaled and summed in float32.
+  ``DSV4RS_QGEMM_KERNEL=bf16`` keeps the bf16 tiled GEMM there (MXFP4 weights always take it).
 
 Out of range: on the CPU, scales that put the weights past float32's range (a UE8M0 code above
 252, 255 being NaN; a float32 scale ``s`` with ``448 s`` not finite) raise ValueError naming the

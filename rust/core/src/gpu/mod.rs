@@ -86,6 +86,7 @@ declare_kernels! {
     QgemmFp4M64 = "dsv4_qgemm_fp4_m64" in "qgemm",
     QgemmFp8Wgmma = "dsv4_qgemm_fp8_wgmma" in "qgemm_sm90a",
     QgemmFp4Wgmma = "dsv4_qgemm_fp4_wgmma" in "qgemm_sm90a",
+    QgemmFp8Wgf8 = "dsv4_qgemm_fp8_wgf8" in "qgemm_sm90a",
     QgemvFp8N8 = "dsv4_qgemv_fp8_n8" in "qgemm",
     QgemvFp8N16 = "dsv4_qgemv_fp8_n16" in "qgemm",
     QgemvFp4N8 = "dsv4_qgemv_fp4_n8" in "qgemm",
@@ -374,13 +375,40 @@ fn has_kernel(index: i32, kernel: Kernel) -> bool {
 #[derive(Clone, Copy)]
 pub struct TmaDesc(sys::CUtensorMap);
 
+/// The element type of a tensor map ([`tma_2d`]).
+#[derive(Clone, Copy)]
+pub enum TmaType {
+    Bf16,
+    U8,
+    F32,
+}
+
 /// The tensor map of a row-major bf16 matrix of `rows` rows of `cols` elements, `row_bytes` apart
 /// (a multiple of 16), at device address `addr` (16-byte aligned), loaded in boxes of `box_cols`
 /// x `box_rows` elements with the 128-byte swizzle (`box_cols` 64 at most) and zeros past the
 /// matrix.
 pub fn tma_bf16_2d(addr: u64, cols: u64, rows: u64, row_bytes: u64, box_cols: u32, box_rows: u32) -> Result<TmaDesc> {
+    tma_2d(TmaType::Bf16, true, addr, cols, rows, row_bytes, box_cols, box_rows)
+}
+
+/// [`tma_bf16_2d`] for elements of type `ty`, with the 128-byte swizzle (a box row of at most 128
+/// bytes) or none (`swizzle` false; a box row a multiple of 16 bytes).
+#[allow(clippy::too_many_arguments)]
+pub fn tma_2d(
+    ty: TmaType, swizzle: bool, addr: u64, cols: u64, rows: u64, row_bytes: u64, box_cols: u32, box_rows: u32,
+) -> Result<TmaDesc> {
     use sys::*;
     init()?;
+    let dtype = match ty {
+        TmaType::Bf16 => CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+        TmaType::U8 => CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8,
+        TmaType::F32 => CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT32,
+    };
+    let swizzle = if swizzle {
+        CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B
+    } else {
+        CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_NONE
+    };
     let mut map = std::mem::MaybeUninit::<CUtensorMap>::zeroed();
     let (dims, strides, boxes, steps) = ([cols, rows], [row_bytes], [box_cols, box_rows], [1u32, 1]);
     // SAFETY: the arrays hold rank (2) entries (strides: rank - 1); `map` is written on success.
@@ -388,7 +416,7 @@ pub fn tma_bf16_2d(addr: u64, cols: u64, rows: u64, row_bytes: u64, box_cols: u3
         unsafe {
             cuTensorMapEncodeTiled(
                 map.as_mut_ptr(),
-                CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                dtype,
                 2,
                 addr as *mut c_void,
                 dims.as_ptr(),
@@ -396,7 +424,7 @@ pub fn tma_bf16_2d(addr: u64, cols: u64, rows: u64, row_bytes: u64, box_cols: u3
                 boxes.as_ptr(),
                 steps.as_ptr(),
                 CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-                CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+                swizzle,
                 CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                 CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
             )

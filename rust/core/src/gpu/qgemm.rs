@@ -6,7 +6,7 @@
 
 use std::ffi::c_void;
 
-use super::{attribute, launch, launch_after, launch_in_clusters, tma_bf16_2d, Kernel, Launch, MAX_CLUSTER};
+use super::{attribute, launch, launch_after, launch_in_clusters, tma_2d, tma_bf16_2d, Kernel, Launch, TmaType, MAX_CLUSTER};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, TensorRef};
 
@@ -106,7 +106,8 @@ const _: () = assert!(
 /// weight rows a block, see [`use_wg_decode`] and [`WG_DECODE_MIN_K`]), else a tiled form:
 /// `mma.sync` (`Gemm`, 64 rows a block, 64 weight rows; every GPU) or, on Hopper, `wgmma`
 /// (`Wgmma`, cuda/qgemm_sm90a.cu: 128 rows a block, 64 weight rows a warpgroup; see
-/// [`use_wgmma`] and [`wg_warpgroups`]).
+/// [`use_wgmma`] and [`wg_warpgroups`]; for FP8 weights and activations on FP8 tensor cores
+/// `WgmmaF8`, 128 weight rows a block, see [`use_wgf8`]).
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Form {
     Gemv,
@@ -114,12 +115,13 @@ enum Form {
     GemvWg,
     Gemm,
     Wgmma,
+    WgmmaF8,
 }
 
 impl Form {
     /// Whether the form reads FP8 activation codes with their scales apart (`dsv4_act_quant_f8`).
     fn f8(self) -> bool {
-        matches!(self, Form::GemvF8 | Form::GemvWg)
+        matches!(self, Form::GemvF8 | Form::GemvWg | Form::WgmmaF8)
     }
 }
 
@@ -144,6 +146,8 @@ fn gemm_kernel(fp4: bool, form: Form, bm: usize) -> Kernel {
         (true, Form::Gemm, _) => Kernel::QgemmFp4M64,
         (false, Form::Wgmma, _) => Kernel::QgemmFp8Wgmma,
         (true, Form::Wgmma, _) => Kernel::QgemmFp4Wgmma,
+        // FP8 weights only: `tiled_form` never takes it for MXFP4 ones.
+        (_, Form::WgmmaF8, _) => Kernel::QgemmFp8Wgf8,
     }
 }
 
@@ -159,15 +163,20 @@ fn fused_kernel(fp4: bool, bm: usize) -> Kernel {
 }
 
 /// Weight rows a block covers (a grid column): 16 in the portable decode forms, 64 in the Hopper
-/// one and the portable tiled one, 192 (MXFP4) or 128 (FP8) in the Hopper tiled one.
+/// one and the portable tiled one, 192 (MXFP4) or 128 (FP8) in the Hopper tiled one, 128 in its
+/// FP8 tensor-core form (FP8 weights).
 fn block_rows(form: Form, fp4: bool) -> usize {
     match form {
         Form::Gemv | Form::GemvF8 => 16,
         Form::GemvWg => WG_DECODE_ROWS,
         Form::Gemm => BN,
         Form::Wgmma => 64 * wg_warpgroups(fp4),
+        Form::WgmmaF8 => 64 * WGF8_WARPGROUPS,
     }
 }
+
+/// Warpgroups a block of the Hopper tiled form on FP8 tensor cores (cuda/qgemm_sm90a.cu `wgf8`).
+const WGF8_WARPGROUPS: usize = 2;
 
 /// Warpgroups a block of the Hopper tiled form: 3 for MXFP4 weights, 2 for FP8 (cuda/qgemm_sm90a.cu
 /// `Shape`); 128 threads and 64 weight rows each.
@@ -219,9 +228,11 @@ const F8_MMA_FP8: i32 = 0;
 const F8_MMA_FP4: i32 = 1;
 const F8_WG_FP8: i32 = 2;
 const F8_WG_FP4: i32 = 3;
+const F8_WGT: i32 = 4;
 
 fn f8_layout(form: Form, fp4: bool) -> i32 {
     match (form, fp4) {
+        (Form::WgmmaF8, _) => F8_WGT,
         (Form::GemvWg, false) => F8_WG_FP8,
         (Form::GemvWg, true) => F8_WG_FP4,
         (_, false) => F8_MMA_FP8,
@@ -253,6 +264,13 @@ fn gemm_shared_bytes(fp4: bool, form: Form, bm: usize, k: usize) -> usize {
             let threads = 128 * wg_warpgroups(fp4);
             let stage = WG_BT * KC * 2 + if fp4 { 2 * threads * 16 } else { 2 * 2 * threads * 16 } + 2 * threads * 4;
             WG_STAGES * stage + 1024
+        }
+        Form::WgmmaF8 => {
+            // cuda/qgemm_sm90a.cu `wgf8`: the activation codes and 132 float scales, each lane's raw
+            // FP8 weight bytes (32 a row) and block scales, 1 KB aligned; 1 KB of slack.
+            let threads = 128 * WGF8_WARPGROUPS;
+            let stage = WG_BT * KC + (WG_BT + 4) * 4 + 2 * 2 * threads * 16 + 2 * threads * 4;
+            WG_STAGES * stage.next_multiple_of(1024) + 1024
         }
     }
 }
@@ -292,6 +310,33 @@ fn use_wgmma(dev: i32, k_ok: bool) -> Result<bool> {
         })
     };
     forced_or_auto(dev, "DSV4RS_QGEMM_TILED", "wgmma", "mma", k_ok, capable)
+}
+
+/// Whether a call of FP8 weights (`fp8_weights`) that takes the Hopper tiled form runs it on FP8
+/// tensor cores: FP8 activations where [`use_f8`] allows them (`decode_f8`: so
+/// `DSV4RS_QGEMM_KERNEL=bf16` keeps the bf16 form), the kernel loaded and room for its shared
+/// memory. MXFP4 weights keep the bf16 form: on their FP8 tensor-core form (each 32-block widened
+/// to e4m3 at its step's largest exponent, two warpgroups a block) the MoE's prefill measured 1.2x
+/// slower on the H100 (4.77 / 16.2 ms against 3.88 / 13.6 ms at 4,096 / 16,384 tokens of V4-Flash).
+fn use_wgf8(dev: i32, decode_f8: bool, fp8_weights: bool) -> Result<bool> {
+    static CAPABLE: DeviceFlags = DeviceFlags::new(Vec::new());
+    if !decode_f8 || !fp8_weights {
+        return Ok(false);
+    }
+    per_device(&CAPABLE, dev, || {
+        Ok(super::shared_memory_limit(dev)? >= gemm_shared_bytes(false, Form::WgmmaF8, WG_BT, KC)
+            && super::has_kernel(dev, Kernel::QgemmFp8Wgf8))
+    })
+}
+
+/// The tiled form a call runs: the Hopper one where [`use_wgmma`] allows (on FP8 tensor cores
+/// where [`use_wgf8`] does), else the portable one.
+fn tiled_form(dev: i32, k_ok: bool, decode: Form, fp4: bool) -> Result<Form> {
+    Ok(match use_wgmma(dev, k_ok)? {
+        true if use_wgf8(dev, decode.f8(), !fp4)? => Form::WgmmaF8,
+        true => Form::Wgmma,
+        false => Form::Gemm,
+    })
 }
 
 /// A kernel choice an environment variable may force: unset, empty or `auto` takes the special
@@ -500,7 +545,7 @@ struct LinearShape {
 fn linear_shape(dev: i32, m: usize, groups: usize, n: usize, k: usize, fp4: bool, act_fp8: bool) -> Result<LinearShape> {
     let sms = attribute(dev, cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
     let (decode, wide) = linear_decode_form(dev, act_fp8, k, m, fp4)?;
-    let tiled = || Ok(if use_wgmma(dev, k.is_multiple_of(KC))? { Form::Wgmma } else { Form::Gemm });
+    let tiled = || tiled_form(dev, k.is_multiple_of(KC), decode, fp4);
     plan_linear(m, groups, n, k, fp4, decode, wide, sms, tiled, |pays| use_wg_fused(dev, pays))
 }
 
@@ -520,7 +565,7 @@ fn plan_linear(
         33..=WG_WIDE_MAX_ROWS if wide => (decode, 64),
         17..=F8_DECODE_MAX_ROWS if decode.f8() && k >= F8_DECODE_MIN_K => (decode, 16),
         _ => match tiled()? {
-            Form::Wgmma => (Form::Wgmma, WG_BT),
+            form @ (Form::Wgmma | Form::WgmmaF8) => (form, WG_BT),
             _ => (Form::Gemm, 64),
         },
     };
@@ -533,7 +578,7 @@ fn plan_linear(
         // The wide tiles' kernels hold three blocks an SM (registers).
         Form::GemvWg => (if bm > 16 { 3 } else { 4 } * sms, steps.min(MAX_CLUSTER)),
         Form::Gemm => (4 * sms, steps),
-        Form::Wgmma => (sms, steps / 4),
+        Form::Wgmma | Form::WgmmaF8 => (sms, steps / 4),
     };
     let want = cover.div_ceil(blocks.max(1)).clamp(1, MAX_SPLITS.min(most).max(1));
     let per = steps.div_ceil(want);
@@ -619,19 +664,45 @@ unsafe fn act_quant_gather(
     launch(dev, Kernel::ActQuant, &cfg, &mut crate::kernel_args!(x, x_bf16, rows64, k32, act, layout, out, map, div, count))
 }
 
-/// Quantizes `rows` rows of `k` values (k % 128 == 0) for an FP8 decode form into the region at
-/// `out` (`2 rows k` bytes, as [`act_quant`]'s): FP8 codes `[rows, k]` in the order of
-/// cuda/qgemm.cu `f8_act_pos` for `layout` ([`f8_layout`]), then float32 scales `[rows, k / 128]`.
+/// Quantizes `rows` rows of `k` values (k % 128 == 0) for an FP8 form into the region at `out`
+/// (`2 rows k` bytes, as [`act_quant`]'s): FP8 codes `[rows, k]` in the order of cuda/qgemm.cu
+/// `f8_act_pos` for `layout` ([`f8_layout`]), then float32 scales: `[rows, k / 128]` for the
+/// decode forms, or for the Hopper tiled form ([`F8Scales::Steps`]) a step's scales of
+/// consecutive rows together, the rows padded to a multiple of 4 (its TMA loads; [`f8_scale_rows`]).
 /// Returns the scales' address.
 #[allow(clippy::too_many_arguments)]
 unsafe fn act_quant_f8(
-    dev: i32, stream: usize, x: u64, x_bf16: bool, rows: usize, k: usize, layout: i32, out: u64,
+    dev: i32, stream: usize, x: u64, x_bf16: bool, rows: usize, k: usize, layout: i32, out: u64, scales_by: F8Scales,
 ) -> Result<u64> {
     let scales = out + (rows * k) as u64;
     let (x_bf16, rows64, k32) = (x_bf16 as i32, rows as i64, k as i32);
+    let (scale_rows, groups) = match scales_by {
+        F8Scales::Rows => (0i64, 1i32),
+        F8Scales::Steps { groups } => (f8_scale_rows(rows / groups) as i64, groups as i32),
+    };
     let cfg = Launch { grid: (rows.div_ceil(4) as u32, (k / KC) as u32, 1), block: (128, 1, 1), shared_bytes: 0, stream };
-    launch(dev, Kernel::ActQuantF8, &cfg, &mut crate::kernel_args!(x, x_bf16, rows64, k32, layout, out, scales))?;
+    launch(
+        dev,
+        Kernel::ActQuantF8,
+        &cfg,
+        &mut crate::kernel_args!(x, x_bf16, rows64, k32, layout, out, scales, scale_rows, groups),
+    )?;
     Ok(scales)
+}
+
+/// How [`act_quant_f8`] lays out the activations' scales: `[rows, k / 128]` (the decode forms), or
+/// by step for the Hopper tiled form's TMA loads: `rows` being `m` rows of `groups` groups each,
+/// row `r`'s scale of block `c` of group `g` at `(g k / 128 + c) f8_scale_rows(m) + r`.
+#[derive(Clone, Copy)]
+enum F8Scales {
+    Rows,
+    Steps { groups: usize },
+}
+
+/// Rows of the by-step scale layout ([`F8Scales::Steps`]): `m` padded to a multiple of 4 (a TMA
+/// tensor's rows lie a multiple of 16 bytes apart).
+fn f8_scale_rows(m: usize) -> usize {
+    m.next_multiple_of(4)
 }
 
 /// Whether [`linear`] reads a quantized copy of `x` rather than `x` itself: always for FP8
@@ -655,7 +726,11 @@ unsafe fn gemm(
     let cols = if p.swiglu != 0 { p.n as usize / 2 } else { p.n as usize };
     let per_block = if p.swiglu != 0 { block_rows(form, fp4) / 2 } else { block_rows(form, fp4) };
     let grid = (cols.div_ceil(per_block) as u32, tiles_y as u32, splits as u32);
-    let threads = if form == Form::Wgmma { 128 * wg_warpgroups(fp4) as u32 } else { THREADS };
+    let threads = match form {
+        Form::Wgmma => 128 * wg_warpgroups(fp4) as u32,
+        Form::WgmmaF8 => 128 * WGF8_WARPGROUPS as u32,
+        _ => THREADS,
+    };
     if fused {
         let shared_bytes = fused_shared_bytes(fp4, bm, p.k_steps_per_split as usize) as u32;
         let cfg = Launch { grid, block: (threads, 1, 1), shared_bytes, stream };
@@ -666,6 +741,19 @@ unsafe fn gemm(
         let stride = p.a_row_stride as u64;
         let mut map = tma_bf16_2d(p.a, stride, a_rows as u64, 2 * stride, KC as u32 / 2, WG_BT as u32)?;
         return launch(dev, gemm_kernel(fp4, form, bm), &cfg, &mut [p as *mut GemmParams as *mut c_void, &mut map as *mut _ as *mut c_void]);
+    }
+    if form == Form::WgmmaF8 {
+        // The codes (bytes, a step a 128 x 128 box, swizzled as wgmma reads them) and their
+        // scales by step (`F8Scales::Steps`: a step's 132 rows from the tile's first rounded down
+        // to a multiple of 4, one box).
+        let stride = p.a_row_stride as u64;
+        let scale_rows = f8_scale_rows(a_rows) as u64;
+        let mut map = tma_2d(TmaType::U8, true, p.a, stride, a_rows as u64, stride, KC as u32, WG_BT as u32)?;
+        let mut scales =
+            tma_2d(TmaType::F32, false, p.a_scale, scale_rows, stride / KC as u64, 4 * scale_rows, WG_BT as u32 + 4, 1)?;
+        let mut args =
+            [p as *mut GemmParams as *mut c_void, &mut map as *mut _ as *mut c_void, &mut scales as *mut _ as *mut c_void];
+        return launch(dev, gemm_kernel(fp4, form, bm), &cfg, &mut args);
     }
     // The MoE's GEMMs on these forms (work items from the plan) start after the kernel before
     // them: at V4-Flash's shapes and one token the MoE took 50 us a layer with them started early
@@ -719,7 +807,8 @@ pub unsafe fn linear(
     let (a, a_scale) = match lay.a {
         Some(off) if form.f8() => {
             let layout = f8_layout(form, w.fp4);
-            (at(off), act_quant_f8(dev, stream, x.ptr as u64, x_bf16, m * groups, k, layout, at(off))?)
+            let by = if form == Form::WgmmaF8 { F8Scales::Steps { groups } } else { F8Scales::Rows };
+            (at(off), act_quant_f8(dev, stream, x.ptr as u64, x_bf16, m * groups, k, layout, at(off), by)?)
         }
         Some(off) => {
             act_quant(dev, stream, x.ptr as u64, x_bf16, m * groups, k, act_fp8, act_layout(form, w.fp4), at(off))?;
@@ -899,7 +988,7 @@ pub unsafe fn moe(
         // (whose tiles load rows by TMA) one row per sorted slot, gathered here.
         let sorted = form == Form::Wgmma;
         let a_scale = if f8 {
-            act_quant_f8(dev, stream, x_at, x_bf16, t, dim, f8_layout(form, true), a)?
+            act_quant_f8(dev, stream, x_at, x_bf16, t, dim, f8_layout(form, true), a, F8Scales::Rows)?
         } else if sorted {
             let rows_valid = offsets + (experts * 4) as u64; // offsets[experts]: the valid slots
             act_quant_gather(dev, stream, x_at, x_bf16, pairs, dim, act_fp8, layout, a, Some((order, k as i32, rows_valid)))?;
@@ -943,7 +1032,7 @@ pub unsafe fn moe(
         gemm(dev, stream, true, form, bm, max_tiles, 1, pairs, false, &mut p)?;
         let mut h_scale = 0;
         if f8 {
-            h_scale = act_quant_f8(dev, stream, at(lay.hy), false, pairs, inter, f8_layout(form, true), at(lay.hq))?;
+            h_scale = act_quant_f8(dev, stream, at(lay.hy), false, pairs, inter, f8_layout(form, true), at(lay.hq), F8Scales::Rows)?;
         } else if act_fp8 {
             act_quant(dev, stream, at(lay.hy), false, pairs, inter, true, layout, at(lay.hq))?;
         }
