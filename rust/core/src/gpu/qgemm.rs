@@ -1089,6 +1089,21 @@ mod tests {
     }
 
     #[test]
+    fn prefill_on_fp8_tensor_cores_takes_the_bf16_forms_row_tiles_and_splits() {
+        // o_b at 4,096 rows: 32 columns of 128 weight rows x 32 row tiles, one K slice; q_a at 256
+        // rows: 8 x 2 = 16 blocks, so K (32 steps) splits 8 ways to cover the 132 SMs.
+        for (m, n, k, splits) in [(4096, 4096, 8192, 1), (256, 1024, 4096, 8)] {
+            let f8 = plan_linear(m, 1, n, k, false, Form::GemvWg, false, H200_SMS, || Ok(Form::WgmmaF8), |_| Ok(false));
+            let bf16 = plan(m, 1, n, k, false, Form::GemvWg, false);
+            assert_eq!(summary(&f8.unwrap()), (Form::WgmmaF8, WG_BT, splits, k / KC / splits, false));
+            assert_eq!(summary(&bf16), (Form::Wgmma, WG_BT, splits, k / KC / splits, false));
+        }
+        assert_eq!(block_rows(Form::WgmmaF8, false), block_rows(Form::Wgmma, false));
+        // Its stages fit the H100's and H200's 227 KB of shared memory a block.
+        assert!(gemm_shared_bytes(false, Form::WgmmaF8, WG_BT, KC) <= 227 * 1024);
+    }
+
+    #[test]
     fn hopper_decode_stages_fit_the_blocks_an_sm_of_their_launch_bounds() {
         // cuda/qgemm_sm90a.cu: dsv4_qgemv_wg_fp4_n8 (the MoE's decode kernel) runs 6 blocks an SM,
         // the other unfused decode kernels 4.
