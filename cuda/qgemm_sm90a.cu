@@ -81,41 +81,13 @@ __device__ __forceinline__ void sts32(uint32_t a, uint32_t v) {
   asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(a), "r"(v) : "memory");
 }
 
-// The tiled forms' epilogue. acc[j][e]: weight slot 16 warp + fr + 8 (e / 2) of the block's BN,
-// activation row 8 j + 2 q + e % 2 of the tile: with SwiGLU h (bf16 in the down GEMM's order, or
-// float32), else the outputs (or a split's partial sums).
+// The tiled forms' epilogue: each warp's 16 weight rows as the decode forms store theirs, h in
+// the bf16 down GEMM's order (ACT_WGMMA_FP4).
 template <int BN>
 __device__ __forceinline__ void tiled_store(const GemmParams& p, const float (&acc)[16][4], int g, long long row0, int rows,
-                                            int warp, int fr, int q) {
-#pragma unroll
-  for (int j = 0; j < 16; ++j) {
-#pragma unroll
-    for (int e2 = 0; e2 < 2; ++e2) {
-      const int r = 8 * j + 2 * q + e2;
-      if (r >= rows) continue;
-      const long long row = row0 + r;
-      if (p.swiglu) {
-        const int col = blockIdx.x * (BN / 2) + 8 * warp + fr;
-        if (col >= p.n / 2) continue;
-        const float gate = fminf(acc[j][e2], p.limit);
-        const float up = fminf(fmaxf(acc[j][2 + e2], -p.limit), p.limit);
-        const float hv = silu(gate) * up;
-        const long long o = row * p.out_row_stride + g * p.out_group_stride;
-        if (p.out_bf16) ((uint16_t*)p.out)[o + act_pos(col, ACT_WGMMA_FP4)] = bf16_from_f32(hv);  // A of the down GEMM
-        else ((float*)p.out)[o + col] = hv;
-      } else {
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int n = blockIdx.x * BN + 16 * warp + fr + 8 * half;
-          if (n >= p.n) continue;
-          const float v = acc[j][2 * half + e2];
-          const long long o = blockIdx.z * p.out_split_stride + row * p.out_row_stride + g * p.out_group_stride + n;
-          if (p.out_bf16) ((uint16_t*)p.out)[o] = bf16_from_f32(v);
-          else ((float*)p.out)[o] = v;
-        }
-      }
-    }
-  }
+                                            int warp) {
+  const int col0 = p.swiglu ? blockIdx.x * (BN / 2) + 8 * warp : blockIdx.x * BN + 16 * warp;
+  gemv_store<16, ACT_WGMMA_FP4>(p, acc, g, row0, rows, col0);
 }
 
 template <bool FP4>
@@ -304,7 +276,7 @@ __device__ __forceinline__ void qgemm_wgmma(const GemmParams& p, const TmaDesc* 
   }
   cp_async_wait<0>();
 
-  tiled_store<BN>(p, acc, g, row0, rows, warp, fr, q);
+  tiled_store<BN>(p, acc, g, row0, rows, warp);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -502,7 +474,7 @@ __device__ __forceinline__ void qgemm_wgf8(const GemmParams& p, const TmaDesc* a
     if (c + 1 < c_end) step(c + 1, Tag<1>{});
   }
   cp_async_wait<0>();
-  tiled_store<BN>(p, acc, g, row0, rows, warp, fr, q);
+  tiled_store<BN>(p, acc, g, row0, rows, warp);
 }
 
 // ---------------------------------------------------------------------------------------------

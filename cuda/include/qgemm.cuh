@@ -303,11 +303,12 @@ __device__ __forceinline__ void f8_fp4_scales(uint32_t c0, uint32_t c1, float (&
   }
 }
 
-// The decode forms' epilogue for one warp's 16 weight rows: stores its outputs (or, with SwiGLU,
-// h). Fragment (t, e) holds weight slot fr + 8 (e / 2), activation row 8 t + 2 q + e % 2 of the
+// The epilogue for one warp's 16 weight rows (the decode forms; the Hopper tiled forms, NT 16):
+// stores its outputs (or, with SwiGLU, h: bf16 in H_LAYOUT, the down GEMM's order, or float32).
+// Fragment (t, e) holds weight slot fr + 8 (e / 2), activation row 8 t + 2 q + e % 2 of the
 // tile. `col0` is the warp's first weight row (with SwiGLU: its first h column, gate rows in
 // slots 0-7, the matching up rows in 8-15).
-template <int NT>
+template <int NT, int H_LAYOUT = ACT_INTERLEAVED>
 __device__ __forceinline__ void gemv_store(const GemmParams& p, const float (&acc)[NT][4], int g, long long row0, int rows,
                                            int col0) {
   const int lane = threadIdx.x % 32, q = lane % 4, fr = lane / 4;
@@ -325,7 +326,7 @@ __device__ __forceinline__ void gemv_store(const GemmParams& p, const float (&ac
         const float up = fminf(fmaxf(acc[t][2 + e2], -p.limit), p.limit);
         const float h = silu(gate) * up;
         const long long o = row * p.out_row_stride + g * p.out_group_stride;
-        if (p.out_bf16) ((uint16_t*)p.out)[o + interleaved_col(col)] = bf16_from_f32(h);
+        if (p.out_bf16) ((uint16_t*)p.out)[o + act_pos(col, H_LAYOUT)] = bf16_from_f32(h);
         else ((float*)p.out)[o + col] = h;
       } else {
 #pragma unroll
