@@ -9,18 +9,31 @@
 
 using namespace dsv4;
 
-// One 64-thread block per entry. Thread t reads values [4t, 4t + 4) and [256 + 4t, 256 + 4t + 4)
+namespace {
+
+// The row kernels below (a row of 32 or 64 threads) run several rows a block: blocks of one or
+// two warps are started more slowly than such short rows finish (`rows_launch` in
+// rust/core/src/gpu/quant.rs sizes the blocks, 256 threads at most, and gives the measurements).
+// The block's row for this thread (rows of `threads` threads) and, in `t`, its thread within it.
+__device__ __forceinline__ long long block_row(int threads, int& t) {
+  t = threadIdx.x % threads;
+  return (long long)blockIdx.x * (blockDim.x / threads) + threadIdx.x / threads;
+}
+
+}  // namespace
+
+// 64 threads an entry (block_row). Thread t reads values [4t, 4t + 4) and [256 + 4t, 256 + 4t + 4)
 // of the entry (vec4: one 16-byte float32 or 8-byte bfloat16 load each, so each of the block's
 // two loads sweeps half the row contiguously), which puts a 64-value FP8 block on 16 consecutive
 // threads: in the first half thread t holds block t / 16 (0-3), in the second threads t < 48
 // hold block 4 + t / 16 (4-6) and threads t >= 48 the 64 BF16 RoPE values. The block's amax is a
 // 16-lane maximum, its codes 4 bytes a thread, its scale byte the first thread's.
-extern "C" __global__ void __launch_bounds__(64) dsv4_kv_write(
+extern "C" __global__ void __launch_bounds__(256) dsv4_kv_write(
     const void* __restrict__ x, int x_bf16, long long n, const long long* __restrict__ slots,
     uint8_t* __restrict__ cache, long long num_rows, int vec4) {
   dsv4::grid_begin();
-  const long long i = blockIdx.x;
-  const int t = threadIdx.x;
+  int t;
+  const long long i = block_row(64, t);
   if (i >= n) return;
   const long long slot = slots[i];
   if (slot < 0 || slot >= num_rows) return;
@@ -57,14 +70,14 @@ extern "C" __global__ void __launch_bounds__(64) dsv4_kv_write(
   }
 }
 
-// dsv4_kv_read: thread t owns values [8t, 8t + 8): t < 56 the seven FP8 blocks (8 threads each),
-// t >= 56 the BF16 RoPE part.
-extern "C" __global__ void __launch_bounds__(64) dsv4_kv_read(
+// dsv4_kv_read: 64 threads a row (block_row); thread t owns values [8t, 8t + 8): t < 56 the seven
+// FP8 blocks (8 threads each), t >= 56 the BF16 RoPE part.
+extern "C" __global__ void __launch_bounds__(256) dsv4_kv_read(
     const uint8_t* __restrict__ cache, long long num_rows, const long long* __restrict__ rows,
     long long m, float* __restrict__ out) {
   dsv4::grid_begin();
-  long long i = blockIdx.x;
-  int t = threadIdx.x;
+  int t;
+  const long long i = block_row(64, t);
   if (i >= m) return;
   long long row = rows[i];
   float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
@@ -146,13 +159,13 @@ __device__ __forceinline__ void warp_copy(uint8_t* dst, const uint8_t* src, int 
 
 }  // namespace
 
-// One warp per key; lane l owns values [4l, 4l + 4). KEYS_FP4: 68 B, KEYS_FP8: 132 B.
-extern "C" __global__ void __launch_bounds__(32) dsv4_index_key_write(
+// A warp per key (block_row); lane l owns values [4l, 4l + 4). KEYS_FP4: 68 B, KEYS_FP8: 132 B.
+extern "C" __global__ void __launch_bounds__(256) dsv4_index_key_write(
     const void* __restrict__ x, int x_bf16, long long n, const long long* __restrict__ slots,
     uint8_t* __restrict__ cache, long long num_rows, IndexFormat fmt) {
   dsv4::grid_begin();
-  long long i = blockIdx.x;
-  int l = threadIdx.x;
+  int l;
+  const long long i = block_row(32, l);
   if (i >= n) return;
   long long slot = slots[i];
   if (slot < 0 || slot >= num_rows) return;
@@ -169,12 +182,12 @@ extern "C" __global__ void __launch_bounds__(32) dsv4_index_key_write(
   }
 }
 
-extern "C" __global__ void __launch_bounds__(32) dsv4_index_key_read(
+extern "C" __global__ void __launch_bounds__(256) dsv4_index_key_read(
     const uint8_t* __restrict__ cache, long long num_rows, const long long* __restrict__ rows,
     long long m, float* __restrict__ out, IndexFormat fmt) {
   dsv4::grid_begin();
-  long long i = blockIdx.x;
-  int l = threadIdx.x;
+  int l;
+  const long long i = block_row(32, l);
   if (i >= m) return;
   long long row = rows[i];
   float v[4] = {0.f, 0.f, 0.f, 0.f};
@@ -192,11 +205,11 @@ extern "C" __global__ void __launch_bounds__(32) dsv4_index_key_read(
 
 // dsv4_index_key_write then dsv4_index_key_read of the same keys, without a cache: the same
 // codes, decoded at the scale the cache would hold.
-extern "C" __global__ void __launch_bounds__(32) dsv4_index_key_round_trip(
+extern "C" __global__ void __launch_bounds__(256) dsv4_index_key_round_trip(
     const void* __restrict__ x, int x_bf16, long long n, float* __restrict__ out, IndexFormat fmt) {
   dsv4::grid_begin();
-  long long i = blockIdx.x;
-  int l = threadIdx.x;
+  int l;
+  const long long i = block_row(32, l);
   if (i >= n) return;
   float v[4];
   load_key_lane(x, x_bf16, i, l, v);
@@ -224,13 +237,13 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_copy_rows(
   if (scale_bytes > 0) warp_copy(dst + f.scale_offset(d), src + f.scale_offset(s), scale_bytes, lane);
 }
 
-// One warp per 128-vector. Same butterflies as rust/core/src/quant.rs::hadamard128, so the
+// A warp per 128-vector (block_row). Same butterflies as rust/core/src/quant.rs::hadamard128, so the
 // results are bit-identical: stages h = 1, 2 inside a lane, h = 4..64 across lanes.
-extern "C" __global__ void __launch_bounds__(32) dsv4_hadamard128(
+extern "C" __global__ void __launch_bounds__(256) dsv4_hadamard128(
     const void* __restrict__ x, int x_bf16, long long n, float* __restrict__ out) {
   dsv4::grid_begin();
-  long long i = blockIdx.x;
-  int l = threadIdx.x;
+  int l;
+  const long long i = block_row(32, l);
   if (i >= n) return;
   float v[4];
   load_key_lane(x, x_bf16, i, l, v);

@@ -19,12 +19,13 @@ def rand(gen: torch.Generator, *shape: int) -> torch.Tensor:
 
 
 @gpu
-@pytest.mark.parametrize("n", [1, 64, 1000])
+@pytest.mark.parametrize("n", [1, 3, 64, 1001])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "misaligned"])
 def test_kv_write_bytes_match_cpu(gen: torch.Generator, n: int, dtype: torch.dtype, offset: int) -> None:
     """The device's entries are the CPU's, byte for byte; ``misaligned``: the rows start one value
-    past a 16-byte boundary (the kernel then reads a value at a time)."""
+    past a 16-byte boundary (the kernel then reads a value at a time). Odd counts leave the last
+    block of the row kernels (two entries a block) half empty."""
     x = rand(gen, n, 512).to(dtype)
     x[0, :7] = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 448.0, 1.0625, -1.1875])
     cpu = ops.quantize_entries(x)

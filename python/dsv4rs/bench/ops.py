@@ -49,7 +49,16 @@ def formats(b: Bench) -> Iterator[Case]:
             eager = b.median_ms(lambda i: keys[i] @ hadamard, 4)
             return Row(f"hadamard128 n={n}", ms, n * 128 * 8, n * 128 * 7.0, eager)
 
+        def index_key_write(n: int = n, fmt: str = "fp4") -> Row:
+            """The indexer's keys (128 values, FP4: 68 bytes a row) to shuffled slots."""
+            xs = [b.randn(n, 128) for _ in range(4)]
+            slots = torch.randperm(n, device=b.device)
+            cache = ops.new_index_key_cache(n // 64, fmt, b.device)
+            ms = b.median_ms(lambda i: ops.index_key_write(cache, slots, xs[i], fmt), 4)
+            return Row(f"index_key_write {fmt} n={n}", ms, n * (128 * 4 + 8 + 68), 0.0, None)
+
         yield Case("formats", f"kv_write n={n}", kv_write)
+        yield Case("formats", f"index_key_write n={n}", index_key_write)
         yield Case("formats", f"kv_read n={n}", kv_read)
         yield Case("formats", f"hadamard128 n={n}", hadamard128)
     inv_freq = torch.rand(32, device=b.device)
