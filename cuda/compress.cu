@@ -12,6 +12,9 @@
 // For long calls of the overlapping form the finish kernel's warps pool their entries themselves
 // (the pool kernel is not launched) and the state blocks take a launch of their own after them,
 // or the same launch where no entry reads the old state (a call from the sequence's start).
+// For long calls of the non-overlapping form (r = 128) dsv4_compress_entry pools an entry a block
+// (a thread a channel) and finishes it there, with the state blocks in the same launch where they
+// may run beside the entries.
 //
 // dsv4_compress_batch_{pool,finish}: the same for B sequences in one launch each (tokens
 // concatenated, states in a pool of slots): a block per (token, channel group), then a warp per
@@ -515,6 +518,37 @@ extern "C" __global__ void __launch_bounds__(THREADS, 4) dsv4_compress_finish(co
   } else {
     finish_entry(p, first + e, dst, xs[warp], vec4);
   }
+}
+
+// The non-overlapping form (r = 128) in one launch for long calls: grid (state_blocks + entries),
+// ENTRY_THREADS threads. Block state_blocks + e pools entry e of the call, a thread a channel
+// (pool_channel, as dsv4_compress_pool), into shared memory; then its first warp finishes it
+// (finish_values: RMSNorm, RoPE, the quant round trip) to `out`, so the pooled entry never goes
+// through memory and no finish launch follows. Blocks b < state_blocks advance the state, part b
+// of state_blocks (advance_state), a thread a column; the launcher gives it state blocks only
+// where no entry reads the old state (a call from a block start), else the finish kernel's state
+// blocks follow in a launch of their own. Two blocks an SM (64 registers): at three (40
+// registers) the loop spilled and the call took 10 % longer.
+constexpr int ENTRY_THREADS = MAX_DIM;
+
+extern "C" __global__ void __launch_bounds__(ENTRY_THREADS, 2) dsv4_compress_entry(const Params p, int state_blocks,
+                                                                                   int vec4) {
+  dsv4::grid_begin();
+  const int c = threadIdx.x;
+  if ((int)blockIdx.x < state_blocks) {
+    if (c < p.dim) advance_state(p, c, blockIdx.x, state_blocks);
+    return;
+  }
+  __shared__ __align__(16) float xs[MAX_DIM];
+  const long long e = blockIdx.x - state_blocks, i = p.start / p.ratio + e;
+  if (c < p.dim) xs[c] = pool_channel(p, i, c);
+  __syncthreads();
+  if (c >= 32) return;
+  float4 val[U];
+#pragma unroll
+  for (int u = 0; u < U; ++u) val[u] = load_channels(xs, 128 * u + 4 * c, p.dim, vec4);
+  __syncwarp();  // finish_values writes xs next
+  finish_values(p, i, val, p.out + e * p.dim, xs, vec4);
 }
 
 // Grid (T, channel groups of 128): row t's channel c is the pooled entry token t completes, or

@@ -79,6 +79,33 @@ def test_compress_long_calls_pool_in_the_finish_kernel(gen: torch.Generator, dim
     assert rel_err(dev, cpu) < {"none": 1e-6, "fp8": 3e-2, "fp4": 2e-1}[quant]
 
 
+@pytest.mark.parametrize("dim,quant", [(512, "fp8"), (256, "none")])
+def test_compress_long_calls_of_ratio_128_pool_and_finish_a_block_an_entry(gen: torch.Generator, dim: int,
+                                                                          quant: str) -> None:
+    """Calls of 256 entries or more without overlap (ratio 128) pool and finish an entry a block in
+    one kernel (dsv4_compress_entry), with the state blocks in the same launch from a block start
+    and in a launch after it from mid-block: the same entries and states bit for bit as shorter
+    calls (the pool and finish kernels), and the CPU's."""
+    long_chunks = [32768 + 3 * 128, 100, 32868]  # 259 entries from 0; 100 tokens; 257 from mid-block
+    short_chunks = [4000] * 16 + [2120]
+    inputs = compressor_inputs(gen, 128, dim, sum(long_chunks))
+    dev, kv_d, sc_d = run_compress("cuda", long_chunks, 128, dim, quant, inputs)
+    short, kv_s, sc_s = run_compress("cuda", short_chunks, 128, dim, quant, inputs)
+    assert torch.equal(dev, short) and torch.equal(kv_d, kv_s) and torch.equal(sc_d, sc_s)
+    cpu, kv_c, sc_c = run_compress("cpu", long_chunks, 128, dim, quant, inputs)
+    assert torch.equal(kv_d, kv_c) and torch.equal(sc_d, sc_c)
+    assert rel_err(dev, cpu) < {"none": 1e-6, "fp8": 3e-2}[quant]
+
+
+@pytest.mark.profiler
+def test_compress_takes_the_entry_kernel_only_for_long_calls_of_ratio_128(gen: torch.Generator) -> None:
+    for ratio, tokens, entry in ((128, 256 * 128, True), (128, 255 * 128, False), (4, 4 * 4096, False)):
+        kv, score, ape, norm, inv_freq = (t.cuda() for t in compressor_inputs(gen, ratio, 512, tokens))
+        state = ops.compressor_state(ratio, 512, "cuda")
+        names = launched_kernels(lambda: ops.compress(kv, score, ape, norm, inv_freq, *state, 0, ratio, quant="fp8"))
+        assert ("dsv4_compress_entry" in names) == entry, (ratio, tokens, names)
+
+
 @pytest.mark.parametrize("ratio", [4, 128])
 @pytest.mark.parametrize("table", ops.ROPE_TABLES)
 def test_compress_far_along_matches_cpu_and_reference(gen: torch.Generator, ratio: int, table: str) -> None:

@@ -69,6 +69,7 @@ declare_kernels! {
     SparseAttentionWgmma = "dsv4_sparse_attention_wgmma" in "attention_sm90a",
     CompressPool = "dsv4_compress_pool" in "compress",
     CompressFinish = "dsv4_compress_finish" in "compress",
+    CompressEntry = "dsv4_compress_entry" in "compress",
     CompressBatchPool = "dsv4_compress_batch_pool" in "compress",
     CompressBatchFinish = "dsv4_compress_batch_finish" in "compress",
     IndexerScore = "dsv4_indexer_score" in "indexer",
