@@ -10,23 +10,56 @@
 
 using namespace dsv4;
 
-// One thread per output value: `n` values, `dim` a row, `per_token` a token.
+// VALUES values a thread, the block's values contiguous (value u of a thread is the block's
+// u * blockDim + thread), each loaded before any is computed. A thread a value made 2 KB blocks
+// (float32) that the GPU started no faster than one every 1.2 ns, which bound the kernel (on an
+// H100, 64 heads x 512 dims of 4,096 tokens took 0.637 ms, 56 % of the copy rate). A value's
+// column and token come from the thread's first value's (one 64-bit division each) by 32-bit
+// steps: 64-bit divisions per value cost more instructions than the rest of its work. `n`
+// values, `dim` a row, `per_token` a token.
+constexpr int VALUES = 8;
+
 extern "C" __global__ void __launch_bounds__(256) dsv4_rope(
     const void* __restrict__ x, int x_bf16, const void* __restrict__ positions, int positions64,
     const void* __restrict__ inv_freq, int rope_mode, int pairs, long long n, int dim, long long per_token,
     int inverse, float* __restrict__ out) {
   dsv4::grid_begin();
-  const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  const int k = (int)(i % dim) - (dim - 2 * pairs);  // position in the rotated part
-  if (k < 0) {
-    out[i] = load_value(x, i, x_bf16);
-    return;
+  const int step = blockDim.x, first_rotated = dim - 2 * pairs;
+  const long long base = blockIdx.x * (long long)step * VALUES + threadIdx.x;
+  if (base >= n) return;
+  const int col0 = (int)(base % dim);
+  float v[VALUES], other[VALUES];
+  int col = col0;
+#pragma unroll
+  for (int u = 0; u < VALUES; ++u) {
+    const long long i = base + (long long)u * step;
+    const int k = col - first_rotated;  // position in the rotated part
+    v[u] = i < n ? load_value(x, i, x_bf16) : 0.f;
+    other[u] = i < n && k >= 0 ? load_value(x, k % 2 == 0 ? i + 1 : i - 1, x_bf16) : 0.f;
+    col = (int)(((unsigned)col + (unsigned)step) % (unsigned)dim);
   }
-  const long long x0_at = i - k % 2;
-  const double x0 = load_value(x, x0_at, x_bf16), x1 = load_value(x, x0_at + 1, x_bf16);
-  double s, c;
-  rope_sincos(load_id(positions, i / per_token, positions64), inv_freq, k / 2, rope_mode, inverse, s, c);
-  const double y = k % 2 == 0 ? __dsub_rn(__dmul_rn(x0, c), __dmul_rn(x1, s)) : __dadd_rn(__dmul_rn(x0, s), __dmul_rn(x1, c));
-  out[i] = (float)y;
+  col = col0;
+  long long token = base / per_token, in_token = base % per_token;
+#pragma unroll
+  for (int u = 0; u < VALUES; ++u) {
+    const long long i = base + (long long)u * step;
+    if (i >= n) break;
+    const int k = col - first_rotated;
+    if (k < 0) {
+      out[i] = v[u];
+    } else {
+      const double x0 = k % 2 == 0 ? v[u] : other[u], x1 = k % 2 == 0 ? other[u] : v[u];
+      double s, c;
+      rope_sincos(load_id(positions, token, positions64), inv_freq, k / 2, rope_mode, inverse, s, c);
+      const double y = k % 2 == 0 ? __dsub_rn(__dmul_rn(x0, c), __dmul_rn(x1, s))
+                                  : __dadd_rn(__dmul_rn(x0, s), __dmul_rn(x1, c));
+      out[i] = (float)y;
+    }
+    col = (int)(((unsigned)col + (unsigned)step) % (unsigned)dim);
+    in_token += step;
+    if (in_token >= per_token) {
+      token += in_token / per_token;
+      in_token %= per_token;
+    }
+  }
 }

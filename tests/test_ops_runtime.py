@@ -67,7 +67,8 @@ def assert_rope_gpu(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tenso
 
 @gpu
 @pytest.mark.parametrize("shape,pairs", [((7, 64), 32), ((5, 3, 512), 32), ((4, 2, 3, 130), 32), ((9, 2, 65), 32),
-                                         ((3, 8), 4), ((6, 4, 10), 1), ((2, 1, 16), 0), ((300, 128), 64)])
+                                         ((3, 8), 4), ((6, 4, 10), 1), ((2, 1, 16), 0), ((300, 128), 64),
+                                         ((1000, 3, 130), 32)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("inverse", [False, True])
 @pytest.mark.parametrize("table", ops.ROPE_TABLES)

@@ -7,6 +7,8 @@ use crate::kernel_args;
 use crate::tensor::{DType, TensorRef};
 
 const THREADS: u32 = 256;
+/// Values a thread (`VALUES` in cuda/rope.cu).
+const VALUES: usize = 8;
 
 /// # Safety
 /// Tensors satisfy `TensorRef`'s contract on device `dev` (x float32/bfloat16 `[T, ..., D]`,
@@ -27,7 +29,7 @@ pub unsafe fn rope(
     if n == 0 {
         return Ok(());
     }
-    let blocks = n.div_ceil(THREADS as usize);
+    let blocks = n.div_ceil(THREADS as usize * VALUES);
     if blocks > i32::MAX as usize || dim > i32::MAX as usize {
         return Err(Error::value(x.name, format!("{n} values are more than one launch takes")));
     }
