@@ -10,8 +10,9 @@ use crate::tensor::TensorRef;
 /// The launch of a row kernel over `n` rows of `threads` threads each, several rows a block:
 /// two of 64 threads (128 threads a block) or eight of 32 (256). A row a block, the kernels were
 /// bound by how fast blocks are started: on an H100 each of `kv_write`, `kv_read`,
-/// `index_key_write` and `hadamard128` took 82 us for 65,536 rows, whatever its bytes. Measured
-/// there at 65,536 / 262,144 rows, % of the copy rate: `kv_write` 93 / 92 % at 128 threads (92 /
+/// `index_key_write` and `hadamard128` took 82 us for 65,536 rows, whatever its bytes. A sweep of
+/// block sizes there (medians of three), at 65,536 / 262,144 rows, % of the copy rate (docs/kernels/
+/// formats.md has the bench's figures): `kv_write` 93 / 92 % at 128 threads (92 /
 /// 91 % at 256; 70 / 72 % a row a block), `index_key_write` (FP4) 65 / 74 % at 256 threads (55 /
 /// 62 % at 128, 62 / 70 % at 512; 16 % at 65,536 a row a block).
 fn rows_launch(n: usize, threads: u32, stream: usize) -> Launch {
