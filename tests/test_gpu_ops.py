@@ -45,6 +45,25 @@ def run_compress(device: str, chunks: list[int], ratio: int, dim: int, quant: st
     return torch.cat(out).cpu(), kv_state.cpu(), score_state.cpu()
 
 
+# Entries of the device against the CPU's: exp/rsqrt rounding, and a quantized entry may land one
+# FP8/FP4 step apart near a rounding boundary.
+ENTRY_TOL = {"none": 1e-6, "fp8": 3e-2, "fp4": 2e-1}
+
+
+def assert_long_calls_match(gen: torch.Generator, ratio: int, dim: int, quant: str, long_chunks: list[int],
+                            short_chunks: list[int]) -> None:
+    """The calls of ``long_chunks`` give the entries and states of ``short_chunks`` bit for bit (the
+    same tokens, other kernels), and the CPU's."""
+    inputs = compressor_inputs(gen, ratio, dim, sum(long_chunks))
+    assert sum(short_chunks) == sum(long_chunks)
+    dev, kv_d, sc_d = run_compress("cuda", long_chunks, ratio, dim, quant, inputs)
+    short, kv_s, sc_s = run_compress("cuda", short_chunks, ratio, dim, quant, inputs)
+    assert torch.equal(dev, short) and torch.equal(kv_d, kv_s) and torch.equal(sc_d, sc_s)
+    cpu, kv_c, sc_c = run_compress("cpu", long_chunks, ratio, dim, quant, inputs)
+    assert torch.equal(kv_d, kv_c) and torch.equal(sc_d, sc_c)
+    assert rel_err(dev, cpu) < ENTRY_TOL[quant]
+
+
 @pytest.mark.parametrize("ratio,dim,quant", [(4, 512, "fp8"), (4, 128, "fp4"), (128, 512, "fp8"), (4, 512, "none"), (128, 256, "none")])
 @pytest.mark.parametrize("chunks", [[517], [3, 1, 1, 250, 7, 256], [1] * 9 + [130]])
 def test_compress_matches_cpu(gen: torch.Generator, ratio: int, dim: int, quant: str, chunks: list[int]) -> None:
@@ -52,12 +71,10 @@ def test_compress_matches_cpu(gen: torch.Generator, ratio: int, dim: int, quant:
     cpu, kv_c, sc_c = run_compress("cpu", chunks, ratio, dim, quant, inputs)
     dev, kv_d, sc_d = run_compress("cuda", chunks, ratio, dim, quant, inputs)
     assert dev.shape == cpu.shape == (sum(chunks) // ratio, dim)
-    # The state holds copies and sums of the inputs: identical. Entries differ by exp/rsqrt
-    # rounding, and a quantized entry may land one FP8/FP4 step apart near a rounding boundary.
+    # The state holds copies and sums of the inputs: identical. Entries within ENTRY_TOL.
     assert torch.equal(kv_d, kv_c) and torch.equal(sc_d, sc_c)
-    tol = {"none": 1e-6, "fp8": 3e-2, "fp4": 2e-1}[quant]
     if cpu.numel():
-        assert rel_err(dev, cpu) < tol
+        assert rel_err(dev, cpu) < ENTRY_TOL[quant]
     ref = reference.compressor_prefill(*(t.double() for t in inputs[:4]), ratio, inputs[4].double(), quant="none",
                                        table="official")
     if quant == "none" and cpu.numel():
@@ -69,14 +86,7 @@ def test_compress_long_calls_pool_in_the_finish_kernel(gen: torch.Generator, dim
     """Calls of 4,096 entries or more (ratio 4) pool each entry in the finish kernel, a warp an
     entry, instead of in the pool kernel: the same entries and states bit for bit as shorter calls
     (which take the pool kernel), from a fresh state and from one mid-block, and the CPU's."""
-    long_chunks, short_chunks = [16386, 5, 16387], [4000, 3999, 4000, 4000, 387, 5, 8000, 8387]
-    inputs = compressor_inputs(gen, 4, dim, sum(long_chunks))
-    dev, kv_d, sc_d = run_compress("cuda", long_chunks, 4, dim, quant, inputs)
-    short, kv_s, sc_s = run_compress("cuda", short_chunks, 4, dim, quant, inputs)
-    assert torch.equal(dev, short) and torch.equal(kv_d, kv_s) and torch.equal(sc_d, sc_s)
-    cpu, kv_c, sc_c = run_compress("cpu", long_chunks, 4, dim, quant, inputs)
-    assert torch.equal(kv_d, kv_c) and torch.equal(sc_d, sc_c)
-    assert rel_err(dev, cpu) < {"none": 1e-6, "fp8": 3e-2, "fp4": 2e-1}[quant]
+    assert_long_calls_match(gen, 4, dim, quant, [16386, 5, 16387], [4000, 3999, 4000, 4000, 387, 5, 8000, 8387])
 
 
 @pytest.mark.parametrize("dim,quant", [(512, "fp8"), (256, "none")])
@@ -87,14 +97,7 @@ def test_compress_long_calls_of_ratio_128_pool_and_finish_a_block_an_entry(gen: 
     and in a launch after it from mid-block: the same entries and states bit for bit as shorter
     calls (the pool and finish kernels), and the CPU's."""
     long_chunks = [32768 + 3 * 128, 100, 32868]  # 259 entries from 0; 100 tokens; 257 from mid-block
-    short_chunks = [4000] * 16 + [2120]
-    inputs = compressor_inputs(gen, 128, dim, sum(long_chunks))
-    dev, kv_d, sc_d = run_compress("cuda", long_chunks, 128, dim, quant, inputs)
-    short, kv_s, sc_s = run_compress("cuda", short_chunks, 128, dim, quant, inputs)
-    assert torch.equal(dev, short) and torch.equal(kv_d, kv_s) and torch.equal(sc_d, sc_s)
-    cpu, kv_c, sc_c = run_compress("cpu", long_chunks, 128, dim, quant, inputs)
-    assert torch.equal(kv_d, kv_c) and torch.equal(sc_d, sc_c)
-    assert rel_err(dev, cpu) < {"none": 1e-6, "fp8": 3e-2}[quant]
+    assert_long_calls_match(gen, 128, dim, quant, long_chunks, [4000] * 16 + [2120])
 
 
 @pytest.mark.profiler
