@@ -74,6 +74,11 @@ __device__ __forceinline__ uint32_t lds32(uint32_t a) {
   asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(a));
   return v;
 }
+__device__ __forceinline__ float2 lds_f2(uint32_t a) {
+  float2 v;
+  asm volatile("ld.shared.v2.f32 {%0,%1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(a));
+  return v;
+}
 __device__ __forceinline__ void sts128(uint32_t a, uint4 v) {
   asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};\n" ::"r"(a), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
 }
@@ -281,199 +286,168 @@ __device__ __forceinline__ void qgemm_wgmma(const GemmParams& p, const TmaDesc* 
 
 // ---------------------------------------------------------------------------------------------
 // The Hopper tiled form on FP8 tensor cores (dsv4_qgemm_fp8_wgf8: FP8 weights, act = "fp8",
-// K % 128 == 0, many activation rows per weight): qgemm_wgmma's block, pipeline and epilogue with
-// `wgmma m64n128k32` e4m3 in place of bf16's m64n128k16, so half the tensor-core instructions a K
-// step and no decoding: a lane's A registers of k32 slice s are its weight bytes as stored, K
-// values 32 q + 8 s + 4 h + j of rows fr and fr + 8 (h = 0: a0 / a1, h = 1: a2 / a3), which
-// wgmma pairs with the slice's K index 16 h + 4 q + j; dsv4_act_quant_f8 stores the activation
-// codes in that order (f8_act_pos, F8_WGT). Two warpgroups a block (128 weight rows).
+// K % 128 == 0, many activation rows per weight; one group, or groups of a multiple of 64 rows):
+// Y^T = W A^T for 128 weight rows (64 a warpgroup: the wgmma M) x 128 activation rows (the N),
+// `wgmma m64n128k32` e4m3 with both operands in shared memory, where TMA puts them. A stage holds
+// a K step's 128 weight rows (one box of DeepSeek's rows, or two 64-row tiles), the 128
+// activation rows' codes in natural K order, and their float scales (a box over the scales
+// stored by step: dsv4_act_quant_f8's `scale_rows`), the first two swizzled as wgmma reads them.
+// Dense calls only (a row tile starts at a multiple of 128). The epilogue is the other tiled
+// forms' (tiled_store).
 //
-// A stage holds the step's activation codes (a 128 x 128-byte TMA box, swizzled as wgmma reads
-// it), their float scales (a second TMA box over the scales stored by step: dsv4_act_quant_f8's
-// `scale_rows`), and each lane's own raw weight bytes and block scales (cp.async).
+// No block barrier in the loop. Thread 0 issues a stage's three loads on its `full` mbarrier,
+// F8_STAGES - LAG steps ahead, once every warp has arrived on the `empty` barrier of the step
+// that last held the slot. A warp takes two steps at a time: for each, wait for `full` and issue
+// its four wgmma into a partial accumulator of its own; then wait for the first step's (the
+// second's keep the tensor cores busy meanwhile), read its activation scales, arrive on its
+// slot's `empty` barrier and add its partial into the result; then the same for the second.
+// (Overlapping every step with the next across loop iterations makes ptxas serialize the wgmma:
+// the in-flight accumulators are copied at the loop's back edge.)
 //
 // Numerics (DeepSeek's FP8 GEMMs' own: FP8 products summed by the tensor core for 128 values,
 // then promoted to float32): each 128-wide K step's four wgmma sum its exact products into a
 // zeroed partial, which is scaled by the activation row's scale (a power of two: exact) and then
 // by the weight block's float multiplier added in float32 (acc = fma(part * a_scale, w_scale,
-// acc)). docs/kernels/qgemm.md states the partial's bound.
+// acc)). A warpgroup's first row (groups flattened) is a multiple of 64, so its 64 rows share
+// one 128-row scale block. docs/kernels/qgemm.md states the partial's bound.
 //
-// Tried and not kept: MXFP4 weights on the same form (each row's four 32-blocks of a step as
+// Tried and not kept: MXFP4 weights on FP8 tensor cores (each row's four 32-blocks of a step as
 // e4m3 codes at their largest exponent, by a `prmt` byte table): every test passed, but the MoE
 // prefill was 1.2x slower than qgemm_wgmma<true> (docs/kernels/qgemm.md).
 namespace wgf8 {
 constexpr int THREADS = 256;
-constexpr int BN = 128;         // weight rows a block: 64 a warpgroup
-constexpr int CODES = BT * KC;  // the step's activation codes: 128 rows x 128 bytes
-// Their float scales: a box of 132 rows from the tile's first row rounded down to a multiple of 4
-// (a TMA box starts on a 16-byte boundary of its row), the tile's at (row0 % 4) onwards.
-constexpr int SCALE_ROWS = BT + 4;
-constexpr int SCALES = SCALE_ROWS * 4;
-constexpr int W = CODES + SCALES;              // [row j][chunk u][thread] 16 bytes
-constexpr int S = W + 2 * 2 * THREADS * 16;    // [row j][thread] the row's block scale
-constexpr int BYTES = (S + 2 * THREADS * 4 + 1023) / 1024 * 1024;
+constexpr int BN = 128;           // weight rows a block: 64 a warpgroup
+constexpr int F8_STAGES = 6;
+// A stage is refilled once every warp is done with the step LAG before the one being read: at
+// least 2, since a warp finishes a pair's first step only after issuing the second's wgmma.
+constexpr int LAG = 2;
+static_assert(LAG >= 2 && LAG < F8_STAGES, "thread 0 must not wait for its own warp's step");
+constexpr int WEIGHTS = BN * KC;  // a step's weight rows: 128 x 128 bytes
+constexpr int CODES = BT * KC;    // its activation codes: 128 rows x 128 bytes
+// Their float scales: a box of the tile's 128 rows (a dense row tile starts at a multiple of 128,
+// so the box starts on a 16-byte boundary of its row, as TMA needs).
+constexpr int SCALES = BT * 4;
+constexpr int BYTES = (WEIGHTS + CODES + SCALES + 1023) / 1024 * 1024;
 }  // namespace wgf8
 
-__device__ __forceinline__ void qgemm_wgf8(const GemmParams& p, const TmaDesc* a_map, const TmaDesc* s_map) {
+__device__ __forceinline__ void qgemm_wgf8(const GemmParams& p, const TmaDesc* w_map, const TmaDesc* a_map,
+                                           const TmaDesc* s_map) {
   using namespace wgf8;
   extern __shared__ __align__(1024) uint8_t smem[];
-  __shared__ __align__(8) uint64_t full[STAGES];   // a stage's activation codes and scales have landed
-  __shared__ __align__(8) uint64_t empty[STAGES];  // every warp is done with a stage's activations
+  __shared__ __align__(8) uint64_t full[F8_STAGES];   // a stage's weights, activation codes and scales have landed
+  __shared__ __align__(8) uint64_t empty[F8_STAGES];  // every warp is done with a stage
 
   int g, rows;
   long long row0;
   if (!work_item(p, BT, g, row0, rows)) return;
   const uint32_t base = ((uint32_t)__cvta_generic_to_shared(smem) + 1023u) & ~1023u;
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int q = lane % 4, fr = lane / 4;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, wg = warp / 4, q = lane % 4;
   const int k_steps = p.k / KC;
   const int c_begin = blockIdx.z * p.k_steps_per_split;
   const int c_end = min(k_steps, c_begin + p.k_steps_per_split);
-  const long long k = p.k;
 
-  const uint8_t* wsrc[2];
-  const float* ssrc[2];  // the row's 128-row block's scales
-#pragma unroll
-  for (int j = 0; j < 2; ++j) {
-    const int n = weight_row(p, 16 * warp + 8 * j + fr, BN);
-    const long long ng = (long long)g * p.n + n;
-    wsrc[j] = n < 0 ? nullptr : p.w + w_row<false>(p, ng, k) + 32 * q;
-    ssrc[j] = n < 0 ? nullptr : (const float*)p.w_scale + (ng / 128) * k_steps;
-  }
+  // The block's first weight row, groups flattened, and this warpgroup's scales (those of its
+  // first row's 128-row block; a warpgroup past its group's rows stores nothing and takes the
+  // first warpgroup's).
+  const int n0 = blockIdx.x * BN;
+  const long long r0 = (long long)g * p.n + n0;
+  const int n_wg = n0 + 64 * wg < p.n ? n0 + 64 * wg : n0;
+  const float* w_scale = (const float*)p.w_scale + (((long long)g * p.n + n_wg) / 128) * k_steps;
   const uint32_t full0 = (uint32_t)__cvta_generic_to_shared(&full[0]);
   const uint32_t empty0 = (uint32_t)__cvta_generic_to_shared(&empty[0]);
-  // TMA coordinates: the codes' byte column g * a_group_stride + 128 c of row row0; the scales'
-  // row row0 (rounded down to a multiple of 4) of step row g * a_group_stride / 128 + c.
+  // TMA coordinates: the weights' byte column 128 c of row r0 (or step c of tile r0 / 64); the
+  // codes' byte column g * a_group_stride + 128 c of row row0; the scales' column row0 of step
+  // row g * a_group_stride / 128 + c.
   const int a_x0 = (int)(g * p.a_group_stride), a_y = (int)row0, s_y0 = (int)(g * p.a_group_stride / KC);
   if (tid == 0) {
 #pragma unroll
-    for (int st = 0; st < STAGES; ++st) {
+    for (int st = 0; st < F8_STAGES; ++st) {
       mbar_init(full0 + 8 * st, 1);
       mbar_init(empty0 + 8 * st, THREADS / 32);
     }
     mbar_init_fence();
   }
-  const uint32_t w_at = W + tid * 16, s_at = S + tid * 4;
-  // Weight rows past the weights: zero codes and scales.
-  for (int st = 0; st < STAGES; ++st) {
-    const uint32_t sb = base + st * BYTES;
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      if (wsrc[j]) continue;
-#pragma unroll
-      for (int u = 0; u < 2; ++u) sts128(sb + w_at + (2 * j + u) * THREADS * 16, make_uint4(0, 0, 0, 0));
-      sts32(sb + s_at + j * THREADS * 4, 0u);
-    }
-  }
-
-  auto issue_act = [&](int c, int slot) {
-    const uint32_t sb = base + slot * BYTES, bar = full0 + 8 * slot;
-    mbar_arrive_expect_tx(bar, CODES + SCALES);
-    tma_load_2d(sb, a_map, a_x0 + c * KC, a_y, bar);
-    tma_load_2d(sb + CODES, s_map, a_y & ~3, s_y0 + c, bar);
-  };
   auto issue = [&](int c, int slot) {
-    const uint32_t sb = base + slot * BYTES;
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      if (!wsrc[j]) continue;
-#pragma unroll
-      for (int u = 0; u < 2; ++u) cp_async16(sb + w_at + (2 * j + u) * THREADS * 16, wsrc[j] + c * w_step<false>(p) + 16 * u);
-      cp_async4(sb + s_at + j * THREADS * 4, ssrc[j] + c);
-    }
-  };
-  // This lane's A registers of the four k32 slices and its rows' scales for the step in `slot`.
-  auto load_a = [&](int slot, uint32_t(&a)[4][4], float(&ws)[2]) {
-    const uint32_t sb = base + slot * BYTES;
-    uint32_t r[2][8];  // row j: slice s's words 2 s (h = 0) and 2 s + 1 (h = 1)
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const uint4 c0 = lds128(sb + w_at + 2 * j * THREADS * 16), c1 = lds128(sb + w_at + (2 * j + 1) * THREADS * 16);
-      r[j][0] = c0.x, r[j][1] = c0.y, r[j][2] = c0.z, r[j][3] = c0.w;
-      r[j][4] = c1.x, r[j][5] = c1.y, r[j][6] = c1.z, r[j][7] = c1.w;
-      ws[j] = __uint_as_float(lds32(sb + s_at + j * THREADS * 4));
-    }
-#pragma unroll
-    for (int s = 0; s < 4; ++s) {
-      a[s][0] = r[0][2 * s];
-      a[s][1] = r[1][2 * s];
-      a[s][2] = r[0][2 * s + 1];
-      a[s][3] = r[1][2 * s + 1];
-    }
+    const uint32_t sb = base + slot * BYTES, bar = full0 + 8 * slot;
+    mbar_arrive_expect_tx(bar, WEIGHTS + CODES + SCALES);
+    if (p.w_tiles)
+      tma_load_4d(sb, w_map, 0, 0, c, (int)(r0 / 64), bar);
+    else
+      tma_load_2d(sb, w_map, c * KC, (int)r0, bar);
+    tma_load_2d(sb + WEIGHTS, a_map, a_x0 + c * KC, a_y, bar);
+    tma_load_2d(sb + WEIGHTS + CODES, s_map, a_y, s_y0 + c, bar);
   };
 
-  float acc[16][4], part[16][4];
+  float acc[16][4], part[2][16][4];
 #pragma unroll
-  for (int j = 0; j < 16; ++j)
+  for (int t = 0; t < 16; ++t)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
-  uint32_t ra[2][4][4];
-  float ws[2][2];
+    for (int e = 0; e < 4; ++e) acc[t][e] = 0.f;
+  float ws[2] = {0.f, 0.f};  // the warpgroup's weight scale of the step in part[B]
 
   __syncthreads();  // the barriers are initialized
-#pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
-    if (c_begin + s < c_end) {
-      if (tid == 0 && s < STAGES - ACT_LAG) issue_act(c_begin + s, s);
-      issue(c_begin + s, s);
-    }
-    cp_async_commit();
-  }
-  if (c_begin < c_end) {
-    cp_async_wait<STAGES - 2>();
-    load_a(0, ra[0], ws[0]);
-  }
+  if (tid == 0)
+    for (int s = 0; s < F8_STAGES - LAG && c_begin + s < c_end; ++s) issue(c_begin + s, s);
 
-  auto step = [&](int c, auto buf) {
+  // Step c's four wgmma into part[B] (its scale into ws[B]).
+  auto mma = [&](int c, auto buf) {
     constexpr int B = decltype(buf)::value;
-    const int slot = (c - c_begin) % STAGES;
-    mbar_wait(full0 + 8 * slot, ((c - c_begin) / STAGES) & 1);
-    if (tid == 0 && c + STAGES - ACT_LAG < c_end) {
-      const int i = c - c_begin - ACT_LAG, refill = (slot + STAGES - ACT_LAG) % STAGES;
-      if (i >= 0) mbar_wait(empty0 + 8 * refill, (i / STAGES) & 1);
-      issue_act(c + STAGES - ACT_LAG, refill);
+    const int slot = (c - c_begin) % F8_STAGES;
+    ws[B] = __ldg(w_scale + c);
+    mbar_wait(full0 + 8 * slot, ((c - c_begin) / F8_STAGES) & 1);
+    if (tid == 0 && c + F8_STAGES - LAG < c_end) {
+      const int i = c - c_begin - LAG, refill = (slot + F8_STAGES - LAG) % F8_STAGES;
+      if (i >= 0) mbar_wait(empty0 + 8 * refill, (i / F8_STAGES) & 1);
+      issue(c + F8_STAGES - LAG, refill);
     }
-    const uint32_t act = base + slot * BYTES;
-    const Desc desc0 = swizzled_desc(act);
-    wgmma_fence();
-    wgmma_m64n128k32_e4m3_rs<false>(part, ra[B][0], desc0);
-#pragma unroll
-    for (int s = 1; s < 4; ++s) wgmma_m64n128k32_e4m3_rs<true>(part, ra[B][s], desc0 + (s * 32) / 16);
-    wgmma_commit();
-    if (c + 1 < c_end) {
-      cp_async_wait<STAGES - 3>();
-      load_a((slot + 1) % STAGES, ra[B ^ 1], ws[B ^ 1]);
-    }
-    if (c + STAGES - 1 < c_end) issue(c + STAGES - 1, (slot + STAGES - 1) % STAGES);
-    cp_async_commit();
-    wgmma_wait_all();
-#pragma unroll
-    for (int s = 0; s < 4; ++s)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) wgmma_pin(ra[B][s][e]);  // read by the tensor cores until now
+    const uint32_t sb = base + slot * BYTES;
+    const Desc da = swizzled_desc(sb + wg * 64 * KC), db = swizzled_desc(sb + WEIGHTS);
 #pragma unroll
     for (int t = 0; t < 16; ++t)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) wgmma_pin(part[t][e]);  // written by them until now
+      for (int e = 0; e < 4; ++e) wgmma_pin(part[B][t][e]);
+    wgmma_fence();
+    wgmma_m64n128k32_e4m3_ss<false>(part[B], da, db);
+#pragma unroll
+    for (int s = 1; s < 4; ++s) wgmma_m64n128k32_e4m3_ss<true>(part[B], da + 2 * s, db + 2 * s);
+    wgmma_commit();
+  };
+  // Step c's partial (part[B], done) into the result; the warp is then done with its stage.
+  auto promote = [&](int c, auto buf) {
+    constexpr int B = decltype(buf)::value;
+    const int slot = (c - c_begin) % F8_STAGES;
+#pragma unroll
+    for (int t = 0; t < 16; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) wgmma_pin(part[B][t][e]);  // written by the tensor cores until now
     // The activation rows' scales of this thread's columns 8 t + 2 q + {0, 1}.
     float2 cs[16];
-    const uint32_t cs_at = act + CODES + (a_y & 3) * 4 + 8 * q;
+    const uint32_t cs_at = base + slot * BYTES + WEIGHTS + CODES + 8 * q;
 #pragma unroll
-    for (int t = 0; t < 16; ++t) cs[t] = make_float2(__uint_as_float(lds32(cs_at + 32 * t)), __uint_as_float(lds32(cs_at + 32 * t + 4)));
-    if (lane == 0) mbar_arrive(empty0 + 8 * slot);  // this warp is done with step c's activations
+    for (int t = 0; t < 16; ++t) cs[t] = lds_f2(cs_at + 32 * t);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(empty0 + 8 * slot);  // this warp is done with step c's stage
 #pragma unroll
     for (int t = 0; t < 16; ++t) {
-      acc[t][0] = fmaf(part[t][0] * cs[t].x, ws[B][0], acc[t][0]);
-      acc[t][1] = fmaf(part[t][1] * cs[t].y, ws[B][0], acc[t][1]);
-      acc[t][2] = fmaf(part[t][2] * cs[t].x, ws[B][1], acc[t][2]);
-      acc[t][3] = fmaf(part[t][3] * cs[t].y, ws[B][1], acc[t][3]);
+      acc[t][0] = fmaf(part[B][t][0] * cs[t].x, ws[B], acc[t][0]);
+      acc[t][1] = fmaf(part[B][t][1] * cs[t].y, ws[B], acc[t][1]);
+      acc[t][2] = fmaf(part[B][t][2] * cs[t].x, ws[B], acc[t][2]);
+      acc[t][3] = fmaf(part[B][t][3] * cs[t].y, ws[B], acc[t][3]);
     }
   };
   for (int c = c_begin; c < c_end; c += 2) {
-    step(c, Tag<0>{});
-    if (c + 1 < c_end) step(c + 1, Tag<1>{});
+    mma(c, Tag<0>{});
+    if (c + 1 < c_end) {
+      mma(c + 1, Tag<1>{});
+      wgmma_wait<1>();
+      promote(c, Tag<0>{});
+      wgmma_wait<0>();
+      promote(c + 1, Tag<1>{});
+    } else {
+      wgmma_wait<0>();
+      promote(c, Tag<0>{});
+    }
   }
-  cp_async_wait<0>();
   tiled_store<BN>(p, acc, g, row0, rows, warp);
 }
 
@@ -918,11 +892,13 @@ extern "C" __global__ void __launch_bounds__(Shape<true>::THREADS, 1) dsv4_qgemm
   dsv4::grid_begin();
   qgemm_wgmma<true>(p, &a_map);
 }
-// The tiled form on FP8 tensor cores (FP8 weights): the activation codes' and their scales' tensor maps.
+// The tiled form on FP8 tensor cores (FP8 weights): the weights', the activation codes' and their
+// scales' tensor maps.
 extern "C" __global__ void __launch_bounds__(wgf8::THREADS, 1)
-    dsv4_qgemm_fp8_wgf8(const GemmParams p, const __grid_constant__ TmaDesc a_map, const __grid_constant__ TmaDesc s_map) {
+    dsv4_qgemm_fp8_wgf8(const GemmParams p, const __grid_constant__ TmaDesc w_map,
+                        const __grid_constant__ TmaDesc a_map, const __grid_constant__ TmaDesc s_map) {
   dsv4::grid_begin();
-  qgemm_wgf8(p, &a_map, &s_map);
+  qgemm_wgf8(p, &w_map, &a_map, &s_map);
 }
 
 // The Hopper FP8 decode form: MXFP4 or FP8 weights, 8 or 16 activation rows a block. The MoE's

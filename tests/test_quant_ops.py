@@ -130,6 +130,8 @@ def linear_bound(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, gro
         mag = torch.einsum("...gk,gnk->...gn", a, w.view(groups, rows // groups, k)).flatten(-2)
     if slice_ == STEP and (weight.dtype == torch.uint8 or not takes_tiled_form(a.numel() // (groups * k), k)):
         slice_ = SLICE  # MXFP4 weights have no FP8 tiled form, and a decode form runs this call
+    elif slice_ == STEP and not fp8_tiled_rows(rows, groups):
+        slice_ = 0.0  # the tiled form on bf16 tensor cores runs this call: float32 sums
     tol = (gamma(k) + slice_) * mag
     if x.dtype == torch.bfloat16:
         tol = tol * (1 + BF16_U) + BF16_U * want.abs()
@@ -140,6 +142,13 @@ def takes_tiled_form(m: int, k: int) -> bool:
     """Whether a dense call of ``m`` rows per weight takes a tiled form (rust/core/src/gpu/qgemm.rs
     ``plan_linear``: the decode forms take up to 16 rows, and up to 64 for K of 2048 or more)."""
     return m > 64 or (m > 16 and k < 2048)
+
+
+def fp8_tiled_rows(rows: int, groups: int) -> bool:
+    """Whether FP8 weights of ``rows`` rows in ``groups`` groups may take the Hopper tiled form on
+    FP8 tensor cores (rust/core/src/gpu/qgemm.rs ``tiled_form``: one group, or groups of a multiple
+    of 64 rows); other tiled calls run it on bf16 tensor cores."""
+    return groups == 1 or (rows // groups) % 64 == 0
 
 
 def act_spread(h: torch.Tensor, dh: torch.Tensor, act: str) -> torch.Tensor:
@@ -732,6 +741,25 @@ def test_gpu_qgemm_tiled_kernel_switch_takes_effect(gen: torch.Generator, monkey
         call()
 
 
+@pytest.mark.profiler
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="the tiled form on FP8 tensor cores runs on compute capability 9.0")
+@pytest.mark.parametrize("rows,groups,form", [(256, 1, "wgf8"), (200, 1, "wgf8"), (2 * 192, 2, "wgf8"),
+                                              (2 * 130, 2, "wgmma")])
+def test_gpu_fp8_tiled_form_takes_groups_of_64_rows(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch, rows: int,
+                                                    groups: int, form: str) -> None:
+    """The tiled form on FP8 tensor cores takes one group of any rows, or groups of a multiple of
+    64 rows (it loads each warpgroup's 64 rows as one box under one 128-row scale block); other
+    groups keep the tiled form on bf16 tensor cores (rust/core/src/gpu/qgemm.rs ``tiled_form``)."""
+    monkeypatch.setenv("DSV4RS_QGEMM_KERNEL", "auto")
+    monkeypatch.setenv("DSV4RS_QGEMM_TILED", "auto")
+    weight, scale = fp8_weight(gen, rows, 256)
+    x, weight, scale = cuda(activations(gen, 200, groups, 256).squeeze(1), weight, scale)
+    names = launched_kernels(lambda: ops.quant_linear(x, weight, scale, groups))
+    assert f"dsv4_qgemm_fp8_{form}" in names and not any("m64" in n for n in names), names
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: f"{'fp4' if c[0] else 'fp8'}-{c[2]}x{c[3]}-g{c[4]}")
 @pytest.mark.parametrize("act", ["fp8", "bf16"])
@@ -896,7 +924,8 @@ def test_gpu_quant_linear_wide_tiles_equal_narrow_ones_bit_for_bit(gen: torch.Ge
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fp4", [False, True], ids=["fp8", "fp4"])
-@pytest.mark.parametrize("m,rows,k,groups", [(300, 256, 512, 1), (130, 200, 1024, 1), (150, 2 * 128, 384, 2)])
+@pytest.mark.parametrize("m,rows,k,groups", [(300, 256, 512, 1), (130, 200, 1024, 1), (150, 2 * 128, 384, 2),
+                                             (200, 2 * 192, 640, 2)])
 def test_gpu_quant_linear_is_exact_on_small_integers(gen: torch.Generator, fp4: bool, m: int, rows: int, k: int,
                                                      groups: int, kernel: float) -> None:
     """Integer activations in [-3, 3] (exact FP8 codes under any block scale they get) times small
@@ -904,7 +933,8 @@ def test_gpu_quant_linear_is_exact_on_small_integers(gen: torch.Generator, fp4: 
     either sign at scales 1/2 and 1 mixed within each 128-wide step) have sums that every form adds
     exactly, FP8 tensor cores included (below 2^12 in a step, multiples of 1/2 in float32): the
     result equals the float64 reference bit for bit. Any misplaced K value, row, scale or step would
-    change some integer (many rows a weight: the tiled forms; grouped ``wo_a`` too)."""
+    change some integer (many rows a weight: the tiled forms; grouped ``wo_a`` too, and groups of
+    192 rows, whose last 128-row block of each group holds 64 rows of the next group or none)."""
     x = torch.randint(-3, 4, (m, groups, k) if groups > 1 else (m, k), generator=gen).float()
     if fp4:
         mags = torch.tensor([0, 2, 4, 5, 6, 7], dtype=torch.uint8)  # e2m1 codes of 0, 1, 2, 3, 4, 6
@@ -1001,12 +1031,13 @@ def test_gpu_moe_experts_tiled_forms(gen: torch.Generator, t: int, e: int, inter
 @pytest.mark.parametrize("fp4", [False, True], ids=["fp8", "fp4"])
 @pytest.mark.parametrize("m,rows,k,groups", [(1, 1024, 4096, 1), (8, 512, 4096, 1), (1, 1024, 1024, 1),
                                              (64, 256, 2048, 1), (300, 192, 512, 1), (1, 8 * 128, 4096, 8),
-                                             (16, 8 * 128, 4096, 8)])
+                                             (16, 8 * 128, 4096, 8), (200, 2 * 192, 640, 2)])
 def test_gpu_quant_linear_in_tiles_equals_rows_bit_for_bit(gen: torch.Generator, fp4: bool, m: int, rows: int, k: int,
                                                             groups: int, kernel: float) -> None:
     """A weight in ``weight_tiles``'s layout gives the rows' result, bit for bit, on every form the
     call takes (decode forms, the fused Hopper kernel and its split K, the tiled forms; grouped
-    ``wo_a``): only where the kernels read a weight byte moves."""
+    ``wo_a``, and groups of three tiles, so that a block of two tiles crosses a group or the end):
+    only where the kernels read a weight byte moves."""
     weight, scale = fp4_weight(gen, rows, k) if fp4 else fp8_weight(gen, rows, k)
     x = torch.randn(m, groups, k, generator=gen) if groups > 1 else torch.randn(m, k, generator=gen)
     x, weight, scale = cuda(x.bfloat16(), weight, scale)

@@ -212,15 +212,12 @@ __device__ __forceinline__ int act_pos(int col, int layout) {
 //   32 q + 4 m + j.
 // - F8_WG_FP8 / F8_WG_FP4 (cuda/qgemm_sm90a.cu qgemv_wg on wgmma, whose B operand is read from
 //   shared memory in K order): at the K index the lane's A registers give it. FP8 weights: p
-//   itself. MXFP4 weights: slice b's K index 16 h + 4 q + j holds p = 32 b + 8 q + 2 j + h.
-// - F8_WGT (cuda/qgemm_sm90a.cu qgemm_wgf8, the Hopper tiled form on FP8 tensor cores, FP8
-//   weights): lane q's A registers of k32 slice s hold its K values 32 q + 8 s + 4 h + j
-//   (h = 0: a0 / a1, h = 1: a2 / a3), which wgmma pairs with slice s's K index 16 h + 4 q + j;
-//   so p = 32 q + 8 s + 4 h + j goes to 32 s + 16 h + 4 q + j.
-enum F8ActLayout : int { F8_MMA_FP8 = 0, F8_MMA_FP4 = 1, F8_WG_FP8 = 2, F8_WG_FP4 = 3, F8_WGT = 4 };
+//   itself (also what qgemm_wgf8, the Hopper tiled form on FP8 tensor cores, reads: its weights
+//   and activations both come from shared memory in K order). MXFP4 weights: slice b's K index
+//   16 h + 4 q + j holds p = 32 b + 8 q + 2 j + h.
+enum F8ActLayout : int { F8_MMA_FP8 = 0, F8_MMA_FP4 = 1, F8_WG_FP8 = 2, F8_WG_FP4 = 3 };
 __device__ __forceinline__ int f8_act_pos(int p, int layout) {
   switch (layout) {
-    case F8_WGT: return 32 * ((p >> 3) & 3) + 16 * ((p >> 2) & 1) + 4 * (p >> 5) + (p & 3);
     case F8_MMA_FP4: return 32 * ((p >> 3) & 3) + 8 * (p >> 5) + 4 * (p & 1) + ((p >> 1) & 3);
     case F8_WG_FP8: return p;
     case F8_WG_FP4: return 32 * (p >> 5) + 16 * (p & 1) + 4 * ((p >> 3) & 3) + ((p >> 1) & 3);

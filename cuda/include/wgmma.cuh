@@ -1,6 +1,7 @@
 // Hopper warpgroup MMA primitives shared by the sm_90a kernels (cuda/*_sm90a.cu): the wgmma
 // fences, shared-memory matrix descriptors, the m64n{64,128}k16 bf16 and m64n{8,16,32,128}k32 e4m3 forms
-// with A from registers, TMA loads with their mbarriers, and the thread-block cluster's barrier.
+// with A from registers (m64n128k32 e4m3 also from shared memory), TMA loads with their mbarriers,
+// and the thread-block cluster's barrier.
 #pragma once
 #include <stdint.h>
 
@@ -9,6 +10,11 @@ namespace dsv4 {
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// Waits until at most N of this warp's committed wgmma groups are still running.
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
 
 // A shared-memory matrix descriptor as two 32-bit halves: the start address (bits 0-13) and LBO
 // (16-29) in `lo`, SBO and the layout (swizzle) mode in `hi`, addresses and offsets in 16-byte
@@ -120,6 +126,19 @@ __device__ __forceinline__ void wgmma_m64n128k32_e4m3_rs(float (&d)[16][4], cons
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.lo), "r"(b.hi), "n"(ACC ? 1 : 0));
 }
 
+// d (64 x 128 float32) = A B (+ d when ACC), A 64 x 32 e4m3 and B 32 x 128 e4m3 both in shared
+// memory, K-major (the Hopper tiled form on FP8 tensor cores, its weights and activations by TMA).
+template <bool ACC>
+__device__ __forceinline__ void wgmma_m64n128k32_e4m3_ss(float (&d)[16][4], Desc a, Desc b) {
+  asm volatile(
+      "{\n.reg .b64 da, db;\nmov.b64 da, {%64, %65};\nmov.b64 db, {%66, %67};\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {"
+      DSV4_WGMMA_D64
+      "}, da, db, %68, 1, 1;\n}\n"
+      : DSV4_WGMMA_D16X4(d)
+      : "r"(a.lo), "r"(a.hi), "r"(b.lo), "r"(b.hi), "n"(ACC ? 1 : 0));
+}
+
 // Keeps a register's value where it is until this point: after a wgmma wait, so that the compiler
 // neither reads an accumulator before the wgmma has written it nor reuses an A register the
 // wgmma may still be reading.
@@ -161,6 +180,16 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const TmaDesc* map, in
   asm volatile(
       "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
       "l"(map), "r"(x), "r"(y), "r"(bar)
+      : "memory");
+}
+
+// A 4-D box of the tensor map at element coordinates (x, y, z, w), as tma_load_2d.
+__device__ __forceinline__ void tma_load_4d(uint32_t dst, const TmaDesc* map, int x, int y, int z, int w,
+                                            uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
+      "[%6];\n" ::"r"(dst),
+      "l"(map), "r"(x), "r"(y), "r"(z), "r"(w), "r"(bar)
       : "memory");
 }
 

@@ -398,7 +398,19 @@ pub fn tma_bf16_2d(addr: u64, cols: u64, rows: u64, row_bytes: u64, box_cols: u3
 pub fn tma_2d(
     ty: TmaType, swizzle: bool, addr: u64, cols: u64, rows: u64, row_bytes: u64, box_cols: u32, box_rows: u32,
 ) -> Result<TmaDesc> {
+    tma_map(ty, swizzle, addr, &[cols, rows], &[row_bytes], &[box_cols, box_rows])
+}
+
+/// The tensor map of a tensor of `dims.len()` (1 to 5) dimensions, the first contiguous: `dims`
+/// elements each, `strides` bytes between consecutive indices of the others (multiples of 16),
+/// loaded in boxes of `boxes` elements (swizzle as [`tma_2d`]), zeros past the tensor.
+pub fn tma_map(ty: TmaType, swizzle: bool, addr: u64, dims: &[u64], strides: &[u64], boxes: &[u32]) -> Result<TmaDesc> {
     use sys::*;
+    let rank = dims.len();
+    if !(1..=5).contains(&rank) || strides.len() + 1 != rank || boxes.len() != rank {
+        let (s, b) = (strides.len(), boxes.len());
+        return Err(Error::value("tensor map", format!("{rank} dimensions, {s} strides, {b} box sizes")));
+    }
     init()?;
     let dtype = match ty {
         TmaType::Bf16 => CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
@@ -411,14 +423,15 @@ pub fn tma_2d(
         CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_NONE
     };
     let mut map = std::mem::MaybeUninit::<CUtensorMap>::zeroed();
-    let (dims, strides, boxes, steps) = ([cols, rows], [row_bytes], [box_cols, box_rows], [1u32, 1]);
-    // SAFETY: the arrays hold rank (2) entries (strides: rank - 1); `map` is written on success.
+    let steps = [1u32; 5];
+    // SAFETY: `dims`, `boxes` and `steps` hold at least `rank` entries and `strides` rank - 1
+    // (checked above); `map` is written on success.
     check(
         unsafe {
             cuTensorMapEncodeTiled(
                 map.as_mut_ptr(),
                 dtype,
-                2,
+                rank as u32,
                 addr as *mut c_void,
                 dims.as_ptr(),
                 strides.as_ptr(),

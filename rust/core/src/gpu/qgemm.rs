@@ -6,7 +6,10 @@
 
 use std::ffi::c_void;
 
-use super::{attribute, launch, launch_after, launch_in_clusters, tma_2d, tma_bf16_2d, Kernel, Launch, TmaType, MAX_CLUSTER};
+use super::{
+    attribute, launch, launch_after, launch_in_clusters, tma_2d, tma_bf16_2d, tma_map, Kernel, Launch, TmaType,
+    MAX_CLUSTER,
+};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, TensorRef};
 
@@ -175,8 +178,10 @@ fn block_rows(form: Form, fp4: bool) -> usize {
     }
 }
 
-/// Warpgroups a block of the Hopper tiled form on FP8 tensor cores (cuda/qgemm_sm90a.cu `wgf8`).
+/// Warpgroups a block of the Hopper tiled form on FP8 tensor cores and its pipeline stages
+/// (cuda/qgemm_sm90a.cu `wgf8`).
 const WGF8_WARPGROUPS: usize = 2;
+const WGF8_STAGES: usize = 6;
 
 /// Warpgroups a block of the Hopper tiled form: 3 for MXFP4 weights, 2 for FP8 (cuda/qgemm_sm90a.cu
 /// `Shape`); 128 threads and 64 weight rows each.
@@ -228,12 +233,12 @@ const F8_MMA_FP8: i32 = 0;
 const F8_MMA_FP4: i32 = 1;
 const F8_WG_FP8: i32 = 2;
 const F8_WG_FP4: i32 = 3;
-const F8_WGT: i32 = 4;
 
 fn f8_layout(form: Form, fp4: bool) -> i32 {
     match (form, fp4) {
-        (Form::WgmmaF8, _) => F8_WGT,
-        (Form::GemvWg, false) => F8_WG_FP8,
+        // Both of the form's operands come from shared memory in K order, as the Hopper decode
+        // form's activations for FP8 weights.
+        (Form::WgmmaF8, _) | (Form::GemvWg, false) => F8_WG_FP8,
         (Form::GemvWg, true) => F8_WG_FP4,
         (_, false) => F8_MMA_FP8,
         (_, true) => F8_MMA_FP4,
@@ -266,11 +271,10 @@ fn gemm_shared_bytes(fp4: bool, form: Form, bm: usize, k: usize) -> usize {
             WG_STAGES * stage + 1024
         }
         Form::WgmmaF8 => {
-            // cuda/qgemm_sm90a.cu `wgf8`: the activation codes and 132 float scales, each lane's raw
-            // FP8 weight bytes (32 a row) and block scales, 1 KB aligned; 1 KB of slack.
-            let threads = 128 * WGF8_WARPGROUPS;
-            let stage = WG_BT * KC + (WG_BT + 4) * 4 + 2 * 2 * threads * 16 + 2 * threads * 4;
-            WG_STAGES * stage.next_multiple_of(1024) + 1024
+            // cuda/qgemm_sm90a.cu `wgf8`: a step's weight rows, activation codes and their float
+            // scales, 1 KB aligned; 1 KB of slack.
+            let stage = 64 * WGF8_WARPGROUPS * KC + WG_BT * KC + WG_BT * 4;
+            WGF8_STAGES * stage.next_multiple_of(1024) + 1024
         }
     }
 }
@@ -315,9 +319,12 @@ fn use_wgmma(dev: i32, k_ok: bool) -> Result<bool> {
 /// Whether a call of FP8 weights (`fp8_weights`) that takes the Hopper tiled form runs it on FP8
 /// tensor cores: FP8 activations where [`use_f8`] allows them (`decode_f8`: so
 /// `DSV4RS_QGEMM_KERNEL=bf16` keeps the bf16 form), the kernel loaded and room for its shared
-/// memory. MXFP4 weights keep the bf16 form: on their FP8 tensor-core form (each 32-block widened
-/// to e4m3 at its step's largest exponent, two warpgroups a block) the MoE's prefill measured 1.2x
-/// slower on the H100 (4.77 / 16.2 ms against 3.88 / 13.6 ms at 4,096 / 16,384 tokens of V4-Flash).
+/// memory. The caller passes `fp8_weights` false for groups whose rows are not a multiple of 64
+/// (one group excepted): the kernel loads each warpgroup's 64 rows as a TMA box (one 64-row tile
+/// in the tiles layout) under one 128-row scale block. MXFP4 weights keep the bf16 form: on
+/// their FP8 tensor-core form (each 32-block widened to e4m3 at its step's largest exponent, two
+/// warpgroups a block) the MoE's prefill measured 1.2x slower on the H100 (4.77 / 16.2 ms against
+/// 3.88 / 13.6 ms at 4,096 / 16,384 tokens of V4-Flash).
 fn use_wgf8(dev: i32, decode_f8: bool, fp8_weights: bool) -> Result<bool> {
     static CAPABLE: DeviceFlags = DeviceFlags::new(Vec::new());
     if !decode_f8 || !fp8_weights {
@@ -329,11 +336,12 @@ fn use_wgf8(dev: i32, decode_f8: bool, fp8_weights: bool) -> Result<bool> {
     })
 }
 
-/// The tiled form a call runs: the Hopper one where [`use_wgmma`] allows (on FP8 tensor cores
-/// where [`use_wgf8`] does), else the portable one.
-fn tiled_form(dev: i32, k_ok: bool, decode: Form, fp4: bool) -> Result<Form> {
+/// The tiled form a call of `groups` groups of `n` weight rows runs: the Hopper one where
+/// [`use_wgmma`] allows (on FP8 tensor cores where [`use_wgf8`] does), else the portable one.
+fn tiled_form(dev: i32, k_ok: bool, decode: Form, fp4: bool, groups: usize, n: usize) -> Result<Form> {
+    let rows_ok = groups == 1 || n.is_multiple_of(64);
     Ok(match use_wgmma(dev, k_ok)? {
-        true if use_wgf8(dev, decode.f8(), !fp4)? => Form::WgmmaF8,
+        true if use_wgf8(dev, decode.f8(), !fp4 && rows_ok)? => Form::WgmmaF8,
         true => Form::Wgmma,
         false => Form::Gemm,
     })
@@ -545,7 +553,7 @@ struct LinearShape {
 fn linear_shape(dev: i32, m: usize, groups: usize, n: usize, k: usize, fp4: bool, act_fp8: bool) -> Result<LinearShape> {
     let sms = attribute(dev, cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
     let (decode, wide) = linear_decode_form(dev, act_fp8, k, m, fp4)?;
-    let tiled = || tiled_form(dev, k.is_multiple_of(KC), decode, fp4);
+    let tiled = || tiled_form(dev, k.is_multiple_of(KC), decode, fp4, groups, n);
     plan_linear(m, groups, n, k, fp4, decode, wide, sms, tiled, |pays| use_wg_fused(dev, pays))
 }
 
@@ -715,12 +723,13 @@ fn quantizes_x(x_bf16: bool, act_fp8: bool, fp4: bool, form: Form) -> bool {
 /// Launches the GEMM over `p`: grid columns of [`block_rows`] weight rows (of SwiGLU pairs
 /// with `p.swiglu`, half as many intermediate columns), `tiles_y` row tiles, `splits` K slices.
 /// The Hopper form also gets the tensor map of its activations, `a_rows` rows of
-/// `p.a_row_stride` elements at `p.a` (rows read directly: `p.a_rows` unused). `fused`: the
+/// `p.a_row_stride` elements at `p.a` (rows read directly: `p.a_rows` unused), and on FP8 tensor
+/// cores (dense calls only) that of its `w_rows` weight rows (groups flattened). `fused`: the
 /// Hopper decode form's fused kernel, its splits a cluster.
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm(
     dev: i32, stream: usize, fp4: bool, form: Form, bm: usize, tiles_y: usize, splits: usize, a_rows: usize,
-    fused: bool, p: &mut GemmParams,
+    w_rows: usize, fused: bool, p: &mut GemmParams,
 ) -> Result<()> {
     let k = p.k as usize;
     let cols = if p.swiglu != 0 { p.n as usize / 2 } else { p.n as usize };
@@ -743,16 +752,34 @@ unsafe fn gemm(
         return launch(dev, gemm_kernel(fp4, form, bm), &cfg, &mut [p as *mut GemmParams as *mut c_void, &mut map as *mut _ as *mut c_void]);
     }
     if form == Form::WgmmaF8 {
-        // The codes (bytes, a step a 128 x 128 box, swizzled as wgmma reads them) and their
-        // scales by step (`F8Scales::Steps`: a step's 132 rows from the tile's first rounded down
-        // to a multiple of 4, one box).
+        // The weights: a step's 128 rows, one box of DeepSeek's rows or (tiles: 128-byte rows of
+        // a 64-row tile, its steps, the tiles) two tiles' boxes in one; the activation codes, a
+        // step a 128 x 128 box; all swizzled as wgmma reads them. The codes' scales by step
+        // (`F8Scales::Steps`: a step's 128 rows from the tile's first, one box).
+        let (k64, rows) = (k as u64, w_rows as u64);
+        let rows_box = 64 * WGF8_WARPGROUPS as u32;
+        let mut weights = match p.w_tiles != 0 {
+            true => tma_map(
+                TmaType::U8,
+                true,
+                p.w,
+                &[KC as u64, 64, k64 / KC as u64, rows / 64],
+                &[KC as u64, 64 * KC as u64, 64 * k64],
+                &[KC as u32, 64, 1, rows_box / 64],
+            )?,
+            false => tma_2d(TmaType::U8, true, p.w, k64, rows, k64, KC as u32, rows_box)?,
+        };
         let stride = p.a_row_stride as u64;
         let scale_rows = f8_scale_rows(a_rows) as u64;
         let mut map = tma_2d(TmaType::U8, true, p.a, stride, a_rows as u64, stride, KC as u32, WG_BT as u32)?;
         let mut scales =
-            tma_2d(TmaType::F32, false, p.a_scale, scale_rows, stride / KC as u64, 4 * scale_rows, WG_BT as u32 + 4, 1)?;
-        let mut args =
-            [p as *mut GemmParams as *mut c_void, &mut map as *mut _ as *mut c_void, &mut scales as *mut _ as *mut c_void];
+            tma_2d(TmaType::F32, false, p.a_scale, scale_rows, stride / KC as u64, 4 * scale_rows, WG_BT as u32, 1)?;
+        let mut args = [
+            p as *mut GemmParams as *mut c_void,
+            &mut weights as *mut _ as *mut c_void,
+            &mut map as *mut _ as *mut c_void,
+            &mut scales as *mut _ as *mut c_void,
+        ];
         return launch(dev, gemm_kernel(fp4, form, bm), &cfg, &mut args);
     }
     // The MoE's GEMMs on these forms (work items from the plan) start after the kernel before
@@ -845,7 +872,7 @@ pub unsafe fn linear(
         x_bf16: x_bf16 as i32,
         w_tiles: w.tiles as i32,
     };
-    gemm(dev, stream, w.fp4, form, bm, groups * m_tiles, splits, m, fused, &mut p)?;
+    gemm(dev, stream, w.fp4, form, bm, groups * m_tiles, splits, m, w.data.dim(0), fused, &mut p)?;
     if splits > 1 && !fused {
         let total = (m * groups * n) as i64;
         let (s, ob) = (splits as i32, out_bf16 as i32);
@@ -1029,7 +1056,7 @@ pub unsafe fn moe(
         if sorted {
             p.a_div = 1;
         }
-        gemm(dev, stream, true, form, bm, max_tiles, 1, pairs, false, &mut p)?;
+        gemm(dev, stream, true, form, bm, max_tiles, 1, pairs, 0, false, &mut p)?;
         let mut h_scale = 0;
         if f8 {
             h_scale = act_quant_f8(dev, stream, at(lay.hy), false, pairs, inter, f8_layout(form, true), at(lay.hq), F8Scales::Rows)?;
@@ -1055,7 +1082,7 @@ pub unsafe fn moe(
             w_tiles: down.tiles as i32,
             ..p
         };
-        gemm(dev, stream, true, form, bm, max_tiles, 1, pairs, false, &mut p)?;
+        gemm(dev, stream, true, form, bm, max_tiles, 1, pairs, 0, false, &mut p)?;
         // Combine each token's choices in order.
         let (y, w_at) = (at(lay.hy), weights.ptr as u64 + (t0 * k * 4) as u64);
         let o = out.ptr as u64 + (t0 * dim * out.dtype.size()) as u64;
