@@ -287,22 +287,24 @@ __device__ __forceinline__ void qgemm_wgmma(const GemmParams& p, const TmaDesc* 
 // ---------------------------------------------------------------------------------------------
 // The Hopper tiled form on FP8 tensor cores (dsv4_qgemm_fp8_wgf8: FP8 weights, act = "fp8",
 // K % 128 == 0, many activation rows per weight; one group, or groups of a multiple of 64 rows):
-// Y^T = W A^T for 128 weight rows (64 a warpgroup: the wgmma M) x 128 activation rows (the N),
-// `wgmma m64n128k32` e4m3 with both operands in shared memory, where TMA puts them. A stage holds
-// a K step's 128 weight rows (one box of DeepSeek's rows, or two 64-row tiles), the 128
-// activation rows' codes in natural K order, and their float scales (a box over the scales
+// Y^T = W A^T for 192 weight rows (three warpgroups of 64: the wgmma M) x 128 activation rows
+// (the N), `wgmma m64n128k32` e4m3 with both operands in shared memory, where TMA puts them. A
+// stage holds a K step's 192 weight rows (one box of DeepSeek's rows, or three 64-row tiles), the
+// 128 activation rows' codes in natural K order, and their float scales (a box over the scales
 // stored by step: dsv4_act_quant_f8's `scale_rows`), the first two swizzled as wgmma reads them.
 // Dense calls only (a row tile starts at a multiple of 128). The epilogue is the other tiled
 // forms' (tiled_store).
 //
 // No block barrier in the loop. Thread 0 issues a stage's three loads on its `full` mbarrier,
 // F8_STAGES - LAG steps ahead, once every warp has arrived on the `empty` barrier of the step
-// that last held the slot. A warp takes two steps at a time: for each, wait for `full` and issue
-// its four wgmma into a partial accumulator of its own; then wait for the first step's (the
-// second's keep the tensor cores busy meanwhile), read its activation scales, arrive on its
-// slot's `empty` barrier and add its partial into the result; then the same for the second.
-// (Overlapping every step with the next across loop iterations makes ptxas serialize the wgmma:
-// the in-flight accumulators are copied at the loop's back edge.)
+// that last held the slot. A warp's step: wait for `full`, issue the step's four wgmma into a
+// zeroed partial, wait for them, read the activation scales, arrive on `empty` and add the
+// partial into the result. While one warpgroup adds its partial, the others' wgmma keep the
+// tensor cores busy. (Two warpgroups of 128 weight rows a block, each warp issuing a second
+// step's wgmma before adding the first's partial, measured 7 % slower on o_b at 4,096 rows; a
+// second partial does not fit three warpgroups' registers. Overlapping every step with the next
+// across loop iterations makes ptxas serialize the wgmma: the in-flight accumulators are copied
+// at the loop's back edge.)
 //
 // Numerics (DeepSeek's FP8 GEMMs' own: FP8 products summed by the tensor core for 128 values,
 // then promoted to float32): each 128-wide K step's four wgmma sum its exact products into a
@@ -315,14 +317,14 @@ __device__ __forceinline__ void qgemm_wgmma(const GemmParams& p, const TmaDesc* 
 // e4m3 codes at their largest exponent, by a `prmt` byte table): every test passed, but the MoE
 // prefill was 1.2x slower than qgemm_wgmma<true> (docs/kernels/qgemm.md).
 namespace wgf8 {
-constexpr int THREADS = 256;
-constexpr int BN = 128;           // weight rows a block: 64 a warpgroup
-constexpr int F8_STAGES = 6;
-// A stage is refilled once every warp is done with the step LAG before the one being read: at
-// least 2, since a warp finishes a pair's first step only after issuing the second's wgmma.
+constexpr int THREADS = 384;
+constexpr int BN = 192;           // weight rows a block: 64 a warpgroup
+constexpr int F8_STAGES = 5;
+// A stage is refilled once every warp is done with the step LAG before the one being read (a
+// lag of 2 keeps thread 0 off the slowest warp's heels, as ACT_LAG above).
 constexpr int LAG = 2;
-static_assert(LAG >= 2 && LAG < F8_STAGES, "thread 0 must not wait for its own warp's step");
-constexpr int WEIGHTS = BN * KC;  // a step's weight rows: 128 x 128 bytes
+static_assert(LAG >= 1 && LAG < F8_STAGES, "the stages need a slot in flight");
+constexpr int WEIGHTS = BN * KC;  // a step's weight rows: 192 x 128 bytes
 constexpr int CODES = BT * KC;    // its activation codes: 128 rows x 128 bytes
 // Their float scales: a box of the tile's 128 rows (a dense row tile starts at a multiple of 128,
 // so the box starts on a 16-byte boundary of its row, as TMA needs).
@@ -378,22 +380,21 @@ __device__ __forceinline__ void qgemm_wgf8(const GemmParams& p, const TmaDesc* w
     tma_load_2d(sb + WEIGHTS + CODES, s_map, a_y, s_y0 + c, bar);
   };
 
-  float acc[16][4], part[2][16][4];
+  float acc[16][4], part[16][4];
 #pragma unroll
   for (int t = 0; t < 16; ++t)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[t][e] = 0.f;
-  float ws[2] = {0.f, 0.f};  // the warpgroup's weight scale of the step in part[B]
+  float ws = 0.f;  // the warpgroup's weight scale of the step in `part`
 
   __syncthreads();  // the barriers are initialized
   if (tid == 0)
     for (int s = 0; s < F8_STAGES - LAG && c_begin + s < c_end; ++s) issue(c_begin + s, s);
 
-  // Step c's four wgmma into part[B] (its scale into ws[B]).
-  auto mma = [&](int c, auto buf) {
-    constexpr int B = decltype(buf)::value;
+  // Step c's four wgmma into `part` (its weight scale into `ws`).
+  auto mma = [&](int c) {
     const int slot = (c - c_begin) % F8_STAGES;
-    ws[B] = __ldg(w_scale + c);
+    ws = __ldg(w_scale + c);
     mbar_wait(full0 + 8 * slot, ((c - c_begin) / F8_STAGES) & 1);
     if (tid == 0 && c + F8_STAGES - LAG < c_end) {
       const int i = c - c_begin - LAG, refill = (slot + F8_STAGES - LAG) % F8_STAGES;
@@ -405,21 +406,20 @@ __device__ __forceinline__ void qgemm_wgf8(const GemmParams& p, const TmaDesc* w
 #pragma unroll
     for (int t = 0; t < 16; ++t)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) wgmma_pin(part[B][t][e]);
+      for (int e = 0; e < 4; ++e) wgmma_pin(part[t][e]);
     wgmma_fence();
-    wgmma_m64n128k32_e4m3_ss<false>(part[B], da, db);
+    wgmma_m64n128k32_e4m3_ss<false>(part, da, db);
 #pragma unroll
-    for (int s = 1; s < 4; ++s) wgmma_m64n128k32_e4m3_ss<true>(part[B], da + 2 * s, db + 2 * s);
+    for (int s = 1; s < 4; ++s) wgmma_m64n128k32_e4m3_ss<true>(part, da + 2 * s, db + 2 * s);
     wgmma_commit();
   };
-  // Step c's partial (part[B], done) into the result; the warp is then done with its stage.
-  auto promote = [&](int c, auto buf) {
-    constexpr int B = decltype(buf)::value;
+  // Step c's partial (done) into the result; the warp is then done with its stage.
+  auto promote = [&](int c) {
     const int slot = (c - c_begin) % F8_STAGES;
 #pragma unroll
     for (int t = 0; t < 16; ++t)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) wgmma_pin(part[B][t][e]);  // written by the tensor cores until now
+      for (int e = 0; e < 4; ++e) wgmma_pin(part[t][e]);  // written by the tensor cores until now
     // The activation rows' scales of this thread's columns 8 t + 2 q + {0, 1}.
     float2 cs[16];
     const uint32_t cs_at = base + slot * BYTES + WEIGHTS + CODES + 8 * q;
@@ -429,24 +429,16 @@ __device__ __forceinline__ void qgemm_wgf8(const GemmParams& p, const TmaDesc* w
     if (lane == 0) mbar_arrive(empty0 + 8 * slot);  // this warp is done with step c's stage
 #pragma unroll
     for (int t = 0; t < 16; ++t) {
-      acc[t][0] = fmaf(part[B][t][0] * cs[t].x, ws[B], acc[t][0]);
-      acc[t][1] = fmaf(part[B][t][1] * cs[t].y, ws[B], acc[t][1]);
-      acc[t][2] = fmaf(part[B][t][2] * cs[t].x, ws[B], acc[t][2]);
-      acc[t][3] = fmaf(part[B][t][3] * cs[t].y, ws[B], acc[t][3]);
+      acc[t][0] = fmaf(part[t][0] * cs[t].x, ws, acc[t][0]);
+      acc[t][1] = fmaf(part[t][1] * cs[t].y, ws, acc[t][1]);
+      acc[t][2] = fmaf(part[t][2] * cs[t].x, ws, acc[t][2]);
+      acc[t][3] = fmaf(part[t][3] * cs[t].y, ws, acc[t][3]);
     }
   };
-  for (int c = c_begin; c < c_end; c += 2) {
-    mma(c, Tag<0>{});
-    if (c + 1 < c_end) {
-      mma(c + 1, Tag<1>{});
-      wgmma_wait<1>();
-      promote(c, Tag<0>{});
-      wgmma_wait<0>();
-      promote(c + 1, Tag<1>{});
-    } else {
-      wgmma_wait<0>();
-      promote(c, Tag<0>{});
-    }
+  for (int c = c_begin; c < c_end; ++c) {
+    mma(c);
+    wgmma_wait<0>();
+    promote(c);
   }
   tiled_store<BN>(p, acc, g, row0, rows, warp);
 }

@@ -110,7 +110,7 @@ const _: () = assert!(
 /// `mma.sync` (`Gemm`, 64 rows a block, 64 weight rows; every GPU) or, on Hopper, `wgmma`
 /// (`Wgmma`, cuda/qgemm_sm90a.cu: 128 rows a block, 64 weight rows a warpgroup; see
 /// [`use_wgmma`] and [`wg_warpgroups`]; for FP8 weights and activations on FP8 tensor cores
-/// `WgmmaF8`, 128 weight rows a block, see [`use_wgf8`]).
+/// `WgmmaF8`, 192 weight rows a block, see [`use_wgf8`]).
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Form {
     Gemv,
@@ -166,7 +166,7 @@ fn fused_kernel(fp4: bool, bm: usize) -> Kernel {
 }
 
 /// Weight rows a block covers (a grid column): 16 in the portable decode forms, 64 in the Hopper
-/// one and the portable tiled one, 192 (MXFP4) or 128 (FP8) in the Hopper tiled one, 128 in its
+/// one and the portable tiled one, 192 (MXFP4) or 128 (FP8) in the Hopper tiled one, 192 in its
 /// FP8 tensor-core form (FP8 weights).
 fn block_rows(form: Form, fp4: bool) -> usize {
     match form {
@@ -180,8 +180,8 @@ fn block_rows(form: Form, fp4: bool) -> usize {
 
 /// Warpgroups a block of the Hopper tiled form on FP8 tensor cores and its pipeline stages
 /// (cuda/qgemm_sm90a.cu `wgf8`).
-const WGF8_WARPGROUPS: usize = 2;
-const WGF8_STAGES: usize = 6;
+const WGF8_WARPGROUPS: usize = 3;
+const WGF8_STAGES: usize = 5;
 
 /// Warpgroups a block of the Hopper tiled form: 3 for MXFP4 weights, 2 for FP8 (cuda/qgemm_sm90a.cu
 /// `Shape`); 128 threads and 64 weight rows each.
@@ -1117,15 +1117,16 @@ mod tests {
 
     #[test]
     fn prefill_on_fp8_tensor_cores_takes_the_bf16_forms_row_tiles_and_splits() {
-        // o_b at 4,096 rows: 32 columns of 128 weight rows x 32 row tiles, one K slice; q_a at 256
-        // rows: 8 x 2 = 16 blocks, so K (32 steps) splits 8 ways to cover the 132 SMs.
+        // o_b at 4,096 rows: 22 columns of 192 weight rows (32 of 128 in the bf16 form) x 32 row
+        // tiles, one K slice; q_a at 256 rows: 6 x 2 = 12 blocks (8 x 2 = 16), so K (32 steps)
+        // splits 8 ways (the most, 4 steps a slice) to cover the 132 SMs.
         for (m, n, k, splits) in [(4096, 4096, 8192, 1), (256, 1024, 4096, 8)] {
             let f8 = plan_linear(m, 1, n, k, false, Form::GemvWg, false, H200_SMS, || Ok(Form::WgmmaF8), |_| Ok(false));
             let bf16 = plan(m, 1, n, k, false, Form::GemvWg, false);
             assert_eq!(summary(&f8.unwrap()), (Form::WgmmaF8, WG_BT, splits, k / KC / splits, false));
             assert_eq!(summary(&bf16), (Form::Wgmma, WG_BT, splits, k / KC / splits, false));
         }
-        assert_eq!(block_rows(Form::WgmmaF8, false), block_rows(Form::Wgmma, false));
+        assert_eq!((block_rows(Form::WgmmaF8, false), block_rows(Form::Wgmma, false)), (192, 128));
         // Its stages fit the H100's and H200's 227 KB of shared memory a block.
         assert!(gemm_shared_bytes(false, Form::WgmmaF8, WG_BT, KC) <= 227 * 1024);
     }
