@@ -752,10 +752,11 @@ unsafe fn gemm(
         return launch(dev, gemm_kernel(fp4, form, bm), &cfg, &mut [p as *mut GemmParams as *mut c_void, &mut map as *mut _ as *mut c_void]);
     }
     if form == Form::WgmmaF8 {
-        // The weights: a step's 128 rows, one box of DeepSeek's rows or (tiles: 128-byte rows of
-        // a 64-row tile, its steps, the tiles) two tiles' boxes in one; the activation codes, a
-        // step a 128 x 128 box; all swizzled as wgmma reads them. The codes' scales by step
-        // (`F8Scales::Steps`: a step's 128 rows from the tile's first, one box).
+        // The weights: a step's 64 rows a warpgroup, one box of DeepSeek's rows or (tiles: the
+        // 128-byte rows of a 64-row tile, its steps, the tiles) a tile a warpgroup in one box;
+        // the activation codes, a step a 128 x 128 box; all swizzled as wgmma reads them. The
+        // codes' scales by step (`F8Scales::Steps`: a step's 128 rows from the tile's first, one
+        // box).
         let (k64, rows) = (k as u64, w_rows as u64);
         let rows_box = 64 * WGF8_WARPGROUPS as u32;
         let mut weights = match p.w_tiles != 0 {
