@@ -933,8 +933,9 @@ def test_gpu_quant_linear_is_exact_on_small_integers(gen: torch.Generator, fp4: 
     either sign at scales 1/2 and 1 mixed within each 128-wide step) have sums that every form adds
     exactly, FP8 tensor cores included (below 2^12 in a step, multiples of 1/2 in float32): the
     result equals the float64 reference bit for bit. Any misplaced K value, row, scale or step would
-    change some integer (many rows a weight: the tiled forms; grouped ``wo_a`` too, and groups of
-    192 rows, whose last 128-row block of each group holds 64 rows of the next group or none)."""
+    change some integer (many rows a weight: the tiled forms; grouped ``wo_a`` too, groups of 128
+    rows, whose 192-row blocks of the FP8 tensor-core form hold rows of the next group or past the
+    end, and groups of 192, a block each)."""
     x = torch.randint(-3, 4, (m, groups, k) if groups > 1 else (m, k), generator=gen).float()
     if fp4:
         mags = torch.tensor([0, 2, 4, 5, 6, 7], dtype=torch.uint8)  # e2m1 codes of 0, 1, 2, 3, 4, 6
@@ -1031,13 +1032,14 @@ def test_gpu_moe_experts_tiled_forms(gen: torch.Generator, t: int, e: int, inter
 @pytest.mark.parametrize("fp4", [False, True], ids=["fp8", "fp4"])
 @pytest.mark.parametrize("m,rows,k,groups", [(1, 1024, 4096, 1), (8, 512, 4096, 1), (1, 1024, 1024, 1),
                                              (64, 256, 2048, 1), (300, 192, 512, 1), (1, 8 * 128, 4096, 8),
-                                             (16, 8 * 128, 4096, 8), (200, 2 * 192, 640, 2)])
+                                             (16, 8 * 128, 4096, 8), (200, 2 * 192, 640, 2), (200, 2 * 128, 512, 2)])
 def test_gpu_quant_linear_in_tiles_equals_rows_bit_for_bit(gen: torch.Generator, fp4: bool, m: int, rows: int, k: int,
                                                             groups: int, kernel: float) -> None:
     """A weight in ``weight_tiles``'s layout gives the rows' result, bit for bit, on every form the
     call takes (decode forms, the fused Hopper kernel and its split K, the tiled forms; grouped
-    ``wo_a``, and groups of three tiles, so that a block of two tiles crosses a group or the end):
-    only where the kernels read a weight byte moves."""
+    ``wo_a``; groups of two tiles, so that a block of three tiles of the FP8 tensor-core form
+    reaches into the next group or past the end, and of three): only where the kernels read a
+    weight byte moves."""
     weight, scale = fp4_weight(gen, rows, k) if fp4 else fp8_weight(gen, rows, k)
     x = torch.randn(m, groups, k, generator=gen) if groups > 1 else torch.randn(m, k, generator=gen)
     x, weight, scale = cuda(x.bfloat16(), weight, scale)
