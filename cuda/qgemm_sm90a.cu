@@ -437,7 +437,7 @@ __device__ __forceinline__ void qgemm_wgf8(const GemmParams& p, const TmaDesc* w
   };
   for (int c = c_begin; c < c_end; ++c) {
     mma(c);
-    wgmma_wait<0>();
+    wgmma_wait_all();
     promote(c);
   }
   tiled_store<BN>(p, acc, g, row0, rows, warp);
