@@ -316,18 +316,17 @@ fn use_wgmma(dev: i32, k_ok: bool) -> Result<bool> {
     forced_or_auto(dev, "DSV4RS_QGEMM_TILED", "wgmma", "mma", k_ok, capable)
 }
 
-/// Whether a call of FP8 weights (`fp8_weights`) that takes the Hopper tiled form runs it on FP8
-/// tensor cores: FP8 activations where [`use_f8`] allows them (`decode_f8`: so
-/// `DSV4RS_QGEMM_KERNEL=bf16` keeps the bf16 form), the kernel loaded and room for its shared
-/// memory. The caller passes `fp8_weights` false for groups whose rows are not a multiple of 64
-/// (one group excepted): the kernel loads each warpgroup's 64 rows as a TMA box (one 64-row tile
-/// in the tiles layout) under one 128-row scale block. MXFP4 weights keep the bf16 form: on
-/// their FP8 tensor-core form (each 32-block widened to e4m3 at its step's largest exponent, two
-/// warpgroups a block) the MoE's prefill measured 1.2x slower on the H100 (4.77 / 16.2 ms against
-/// 3.88 / 13.6 ms at 4,096 / 16,384 tokens of V4-Flash).
-fn use_wgf8(dev: i32, decode_f8: bool, fp8_weights: bool) -> Result<bool> {
+/// Whether a call of FP8 weights (`fp8_weights`) in `groups` groups of `n` rows that takes the
+/// Hopper tiled form runs it on FP8 tensor cores: FP8 activations where [`use_f8`] allows them
+/// (`decode_f8`: so `DSV4RS_QGEMM_KERNEL=bf16` keeps the bf16 form), one group or groups of a
+/// multiple of 64 rows (the kernel loads each warpgroup's 64 rows as a TMA box, one 64-row tile
+/// in the tiles layout, under one 128-row scale block), the kernel loaded and room for its shared
+/// memory. MXFP4 weights keep the bf16 form: on their FP8 tensor-core form (each 32-block widened
+/// to e4m3 at its step's largest exponent, two warpgroups a block) the MoE's prefill measured 1.2x
+/// slower on the H100 (4.77 / 16.2 ms against 3.88 / 13.6 ms at 4,096 / 16,384 tokens of V4-Flash).
+fn use_wgf8(dev: i32, decode_f8: bool, fp8_weights: bool, groups: usize, n: usize) -> Result<bool> {
     static CAPABLE: DeviceFlags = DeviceFlags::new(Vec::new());
-    if !decode_f8 || !fp8_weights {
+    if !decode_f8 || !fp8_weights || !(groups == 1 || n.is_multiple_of(64)) {
         return Ok(false);
     }
     per_device(&CAPABLE, dev, || {
@@ -339,9 +338,8 @@ fn use_wgf8(dev: i32, decode_f8: bool, fp8_weights: bool) -> Result<bool> {
 /// The tiled form a call of `groups` groups of `n` weight rows runs: the Hopper one where
 /// [`use_wgmma`] allows (on FP8 tensor cores where [`use_wgf8`] does), else the portable one.
 fn tiled_form(dev: i32, k_ok: bool, decode: Form, fp4: bool, groups: usize, n: usize) -> Result<Form> {
-    let rows_ok = groups == 1 || n.is_multiple_of(64);
     Ok(match use_wgmma(dev, k_ok)? {
-        true if use_wgf8(dev, decode.f8(), !fp4 && rows_ok)? => Form::WgmmaF8,
+        true if use_wgf8(dev, decode.f8(), !fp4, groups, n)? => Form::WgmmaF8,
         true => Form::Wgmma,
         false => Form::Gemm,
     })
