@@ -295,10 +295,12 @@ __device__ __forceinline__ void qgemm_wgmma(const GemmParams& p, const TmaDesc* 
 // Dense calls only (a row tile starts at a multiple of 128). The epilogue is the other tiled
 // forms' (tiled_store).
 //
-// No block barrier in the loop. Thread 0 issues a stage's three loads on its `full` mbarrier,
-// F8_STAGES - LAG steps ahead, once every warp has arrived on the `empty` barrier of the step
-// that last held the slot. A warp's step: wait for `full`, issue the step's four wgmma into a
-// zeroed partial, wait for them, read the activation scales, arrive on `empty` and add the
+// No block barrier in the loop. A fourth warpgroup issues a stage's three loads on its `full`
+// mbarrier (one thread), F8_STAGES steps ahead, once every consumer warp has arrived on the
+// `empty` barrier of the step that last held the slot. (Until it had its own warpgroup this was
+// thread 0's work between its own steps, two steps behind: o_b at 4,096 rows took 0.52-0.57 ms
+// then, 0.47-0.48 since, on an H100.) A warp's step: wait for `full`, issue the step's four wgmma
+// into a zeroed partial, wait for them, read the activation scales, arrive on `empty` and add the
 // partial into the result. While one warpgroup adds its partial, the others' wgmma keep the
 // tensor cores busy. (Two warpgroups of 128 weight rows a block, each warp issuing a second
 // step's wgmma before adding the first's partial, measured 7 % slower on o_b at 4,096 rows; a
@@ -317,13 +319,15 @@ __device__ __forceinline__ void qgemm_wgmma(const GemmParams& p, const TmaDesc* 
 // e4m3 codes at their largest exponent, by a `prmt` byte table): every test passed, but the MoE
 // prefill was 1.2x slower than qgemm_wgmma<true> (docs/kernels/qgemm.md).
 namespace wgf8 {
-constexpr int THREADS = 384;
+constexpr int CONSUMERS = 384;    // three warpgroups of 64 weight rows
+// and a warpgroup whose one thread issues the TMA loads. A warp more would cap every thread at 128
+// registers (a quarter of the SM's warps share a quarter of its registers), so the loading
+// warpgroup gives its registers up (setmaxnreg) to the consumers' 160.
+constexpr int THREADS = CONSUMERS + 128;
+constexpr int LOADER_REGS = 24, CONSUMER_REGS = 160;
+static_assert(LOADER_REGS + 3 * CONSUMER_REGS <= 512, "a quarter of the SM's 64K registers: a warp of each warpgroup");
 constexpr int BN = 192;           // weight rows a block: 64 a warpgroup
 constexpr int F8_STAGES = 5;
-// A stage is refilled once every warp is done with the step LAG before the one being read (a
-// lag of 2 keeps thread 0 off the slowest warp's heels, as ACT_LAG above).
-constexpr int LAG = 2;
-static_assert(LAG >= 1 && LAG < F8_STAGES, "the stages need a slot in flight");
 constexpr int WEIGHTS = BN * KC;  // a step's weight rows: 192 x 128 bytes
 constexpr int CODES = BT * KC;    // its activation codes: 128 rows x 128 bytes
 // Their float scales: a box of the tile's 128 rows (a dense row tile starts at a multiple of 128,
@@ -365,7 +369,7 @@ __device__ __forceinline__ void qgemm_wgf8(const GemmParams& p, const TmaDesc* w
 #pragma unroll
     for (int st = 0; st < F8_STAGES; ++st) {
       mbar_init(full0 + 8 * st, 1);
-      mbar_init(empty0 + 8 * st, THREADS / 32);
+      mbar_init(empty0 + 8 * st, CONSUMERS / 32);
     }
     mbar_init_fence();
   }
@@ -388,19 +392,25 @@ __device__ __forceinline__ void qgemm_wgf8(const GemmParams& p, const TmaDesc* w
   float ws = 0.f;  // the warpgroup's weight scale of the step in `part`
 
   __syncthreads();  // the barriers are initialized
-  if (tid == 0)
-    for (int s = 0; s < F8_STAGES - LAG && c_begin + s < c_end; ++s) issue(c_begin + s, s);
+  if (warp >= CONSUMERS / 32) {
+    // The loading warpgroup: step c into its slot once every consumer warp is done with step
+    // c - F8_STAGES there (its `empty` barrier), so that the consumers never wait on each other.
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(LOADER_REGS));
+    if (tid == CONSUMERS)
+      for (int c = c_begin; c < c_end; ++c) {
+        const int i = c - c_begin, slot = i % F8_STAGES;
+        if (i >= F8_STAGES) mbar_wait(empty0 + 8 * slot, (i / F8_STAGES - 1) & 1);
+        issue(c, slot);
+      }
+    return;
+  }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(CONSUMER_REGS));
 
   // Step c's four wgmma into `part` (its weight scale into `ws`).
   auto mma = [&](int c) {
     const int slot = (c - c_begin) % F8_STAGES;
     ws = __ldg(w_scale + c);
     mbar_wait(full0 + 8 * slot, ((c - c_begin) / F8_STAGES) & 1);
-    if (tid == 0 && c + F8_STAGES - LAG < c_end) {
-      const int i = c - c_begin - LAG, refill = (slot + F8_STAGES - LAG) % F8_STAGES;
-      if (i >= 0) mbar_wait(empty0 + 8 * refill, (i / F8_STAGES) & 1);
-      issue(c + F8_STAGES - LAG, refill);
-    }
     const uint32_t sb = base + slot * BYTES;
     const Desc da = swizzled_desc(sb + wg * 64 * KC), db = swizzled_desc(sb + WEIGHTS);
 #pragma unroll

@@ -735,7 +735,8 @@ unsafe fn gemm(
     let grid = (cols.div_ceil(per_block) as u32, tiles_y as u32, splits as u32);
     let threads = match form {
         Form::Wgmma => 128 * wg_warpgroups(fp4) as u32,
-        Form::WgmmaF8 => 128 * WGF8_WARPGROUPS as u32,
+        // Three warpgroups and the one that issues their TMA loads (cuda/qgemm_sm90a.cu `wgf8`).
+        Form::WgmmaF8 => 128 * (WGF8_WARPGROUPS as u32 + 1),
         _ => THREADS,
     };
     if fused {
