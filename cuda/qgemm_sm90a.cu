@@ -316,8 +316,10 @@ __device__ __forceinline__ void qgemm_wgmma(const GemmParams& p, const TmaDesc* 
 // one 128-row scale block. docs/kernels/qgemm.md states the partial's bound.
 //
 // Tried and not kept: MXFP4 weights on FP8 tensor cores (each row's four 32-blocks of a step as
-// e4m3 codes at their largest exponent, by a `prmt` byte table): every test passed, but the MoE
-// prefill was 1.2x slower than qgemm_wgmma<true> (docs/kernels/qgemm.md).
+// e4m3 codes at their largest exponent, by a `prmt` byte table), three times: widened in
+// registers, widened into shared memory by each warpgroup on this form, and by a fourth
+// warpgroup. Every test passed each time, but the MoE prefill was 1.2x, 1.15-1.2x and 2.3x slower
+// than qgemm_wgmma<true> (docs/kernels/qgemm.md).
 namespace wgf8 {
 constexpr int CONSUMERS = 384;    // three warpgroups of 64 weight rows
 // and a warpgroup whose one thread issues the TMA loads. A warp more would cap every thread at 128
