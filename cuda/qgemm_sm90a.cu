@@ -19,10 +19,9 @@
 // or a MoE tile of the sorted activations) on the stage's mbarrier, and each lane's own raw
 // weight bytes and scales (cp.async), which the lane alone reads back. No block barrier in the
 // loop: each stage also has an `empty` mbarrier on which every warp arrives once its wgmma of the
-// stage's step are done, and the thread that issues the TMA loads waits on it before refilling
-// the slot (ACT_LAG steps behind). Each step: wait for the stage's `full` barrier; (thread 0)
-// refill the slot of step c - ACT_LAG; the 8 wgmma of step c issued asynchronously from one
-// register buffer; the lane waits for its copies of step c + 1 and decodes them into the other
+// stage's step are done, and a warpgroup of its own (one thread) waits on it before refilling the
+// slot, STAGES steps ahead. Each step: wait for the stage's `full` barrier; the 8 wgmma of step c
+// issued asynchronously from one register buffer; the lane waits for its copies of step c + 1 and decodes them into the other
 // buffer while the tensor cores run; its copies of step c + STAGES - 1 issued; then it waits for
 // the wgmma and its warp arrives on the stage's `empty` barrier. FP8 weights:
 // each step's wgmma sum into a zeroed partial accumulator which the lane's two block scales (rows
@@ -36,22 +35,25 @@ using namespace dsv4;
 
 namespace {
 
-// Warpgroups a block: three for MXFP4 weights (167 registers a thread fit 384 threads an SM; a
-// scheduler then holds three warps), two for FP8 (its partial sums need 226).
+// Warpgroups a block: three for MXFP4 weights (160 registers a thread; a scheduler then holds
+// three warps), two for FP8 (its partial sums need 226).
 template <bool FP4>
 struct Shape {
   static constexpr int WARPGROUPS = FP4 ? 3 : 2;
-  static constexpr int THREADS = 128 * WARPGROUPS;
+  static constexpr int THREADS = 128 * WARPGROUPS;  // the warpgroups that compute
+  // and one whose one thread issues the activation tiles' TMA loads; setmaxnreg moves its
+  // registers to the others (a warp of each warpgroup shares a quarter of the SM's registers).
+  static constexpr int LAUNCH = THREADS + 128;
+  static constexpr int LOADER_REGS = 24, REGS = FP4 ? 160 : 240;
+  static_assert(LOADER_REGS + WARPGROUPS * REGS <= 512, "a quarter of the SM's 64K registers");
   static constexpr int BN = 64 * WARPGROUPS;  // weight rows a block: 64 a warpgroup (the wgmma M), 16 a warp
 };
 constexpr int BT = 128;       // activation rows a block (the wgmma N)
 constexpr int STAGES = 4;
-// The activation tile of step c + STAGES - ACT_LAG goes to the slot of step c - ACT_LAG once every
-// warp's wgmma are done with that step (its `empty` barrier). A lag of 2 rather than 1 keeps the
-// issuing thread off the slowest warp's heels (measured: the same at 16K MoE tokens, 5 % faster at
-// 4K). The weights, each thread's own, are refilled STAGES - 1 steps ahead.
-constexpr int ACT_LAG = 2;
-static_assert(ACT_LAG >= 1 && ACT_LAG < STAGES, "the activation tiles need a slot in flight");
+// The activation tile of step c + STAGES goes to the slot of step c once every warp's wgmma are
+// done with that step (its `empty` barrier). (Until the loads had a warpgroup of their own, thread
+// 0 issued them between its own steps, two steps behind.) The weights, each thread's own, are
+// refilled STAGES - 1 steps ahead.
 constexpr int ATOM_ROW = 128;             // bytes of a swizzled row: 64 bf16 K values
 constexpr int ACT_TILE = 2 * BT * ATOM_ROW;  // a step's activations: two atoms of 64 K values
 
@@ -146,7 +148,7 @@ __device__ __forceinline__ void qgemm_wgmma(const GemmParams& p, const TmaDesc* 
 
   // What no copy ever fills, set once in every stage: weight rows past the weights are zeros,
   // their scale codes 127 (2^0), their FP8 scales 0.
-  for (int st = 0; st < STAGES; ++st) {
+  for (int st = 0; st < STAGES && tid < THREADS; ++st) {
     const uint32_t sb = base + st * S::BYTES;
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
@@ -219,12 +221,22 @@ __device__ __forceinline__ void qgemm_wgmma(const GemmParams& p, const TmaDesc* 
   uint32_t ra[2][8][4];
 
   __syncthreads();  // the barriers are initialized
+  if (tid >= THREADS) {
+    // The loading warpgroup: step c's activation tile into its slot once every warp is done with
+    // step c - STAGES there (its `empty` barrier).
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Shape<FP4>::LOADER_REGS));
+    if (tid == THREADS)
+      for (int c = c_begin; c < c_end; ++c) {
+        const int i = c - c_begin, slot = i % STAGES;
+        if (i >= STAGES) mbar_wait(empty0 + 8 * slot, (i / STAGES - 1) & 1);
+        issue_act(c, slot);
+      }
+    return;
+  }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Shape<FP4>::REGS));
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
-    if (c_begin + s < c_end) {
-      if (tid == 0 && s < STAGES - ACT_LAG) issue_act(c_begin + s, s);
-      issue(c_begin + s, s);
-    }
+    if (c_begin + s < c_end) issue(c_begin + s, s);
     cp_async_commit();
   }
   if (c_begin < c_end) {
@@ -237,11 +249,6 @@ __device__ __forceinline__ void qgemm_wgmma(const GemmParams& p, const TmaDesc* 
     constexpr int B = decltype(buf)::value;
     const int slot = (c - c_begin) % STAGES;
     mbar_wait(full0 + 8 * slot, ((c - c_begin) / STAGES) & 1);  // step c's activations have landed
-    if (tid == 0 && c + STAGES - ACT_LAG < c_end) {
-      const int i = c - c_begin - ACT_LAG, refill = (slot + STAGES - ACT_LAG) % STAGES;
-      if (i >= 0) mbar_wait(empty0 + 8 * refill, (i / STAGES) & 1);  // step c - ACT_LAG's wgmma are done in every warp
-      issue_act(c + STAGES - ACT_LAG, refill);
-    }
     const uint32_t act = base + slot * S::BYTES;
     const Desc desc0 = swizzled_desc(act);
     wgmma_fence();
@@ -888,11 +895,11 @@ __device__ __forceinline__ void qgemv_wg(const GemmParams& p) {
 
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(Shape<false>::THREADS, 1) dsv4_qgemm_fp8_wgmma(const GemmParams p, const __grid_constant__ TmaDesc a_map) {
+extern "C" __global__ void __launch_bounds__(Shape<false>::LAUNCH, 1) dsv4_qgemm_fp8_wgmma(const GemmParams p, const __grid_constant__ TmaDesc a_map) {
   dsv4::grid_begin();
   qgemm_wgmma<false>(p, &a_map);
 }
-extern "C" __global__ void __launch_bounds__(Shape<true>::THREADS, 1) dsv4_qgemm_fp4_wgmma(const GemmParams p, const __grid_constant__ TmaDesc a_map) {
+extern "C" __global__ void __launch_bounds__(Shape<true>::LAUNCH, 1) dsv4_qgemm_fp4_wgmma(const GemmParams p, const __grid_constant__ TmaDesc a_map) {
   dsv4::grid_begin();
   qgemm_wgmma<true>(p, &a_map);
 }

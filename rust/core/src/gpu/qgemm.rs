@@ -734,7 +734,8 @@ unsafe fn gemm(
     let per_block = if p.swiglu != 0 { block_rows(form, fp4) / 2 } else { block_rows(form, fp4) };
     let grid = (cols.div_ceil(per_block) as u32, tiles_y as u32, splits as u32);
     let threads = match form {
-        Form::Wgmma => 128 * wg_warpgroups(fp4) as u32,
+        // The warpgroups that compute and the one that issues their activation tiles' TMA loads.
+        Form::Wgmma => 128 * (wg_warpgroups(fp4) as u32 + 1),
         // Three warpgroups and the one that issues their TMA loads (cuda/qgemm_sm90a.cu `wgf8`).
         Form::WgmmaF8 => 128 * (WGF8_WARPGROUPS as u32 + 1),
         _ => THREADS,
