@@ -21,9 +21,10 @@
 // loop: each stage also has an `empty` mbarrier on which every warp arrives once its wgmma of the
 // stage's step are done, and a warpgroup of its own (one thread) waits on it before refilling the
 // slot, STAGES steps ahead. Each step: wait for the stage's `full` barrier; the 8 wgmma of step c
-// issued asynchronously from one register buffer; the lane waits for its copies of step c + 1 and decodes them into the other
-// buffer while the tensor cores run; its copies of step c + STAGES - 1 issued; then it waits for
-// the wgmma and its warp arrives on the stage's `empty` barrier. FP8 weights:
+// issued asynchronously from one register buffer; the lane waits for its copies of step c + 1
+// and decodes them into the other buffer while the tensor cores run; its copies of step
+// c + STAGES - 1 issued; then it waits for the wgmma and its warp arrives on the stage's `empty`
+// barrier. FP8 weights:
 // each step's wgmma sum into a zeroed partial accumulator which the lane's two block scales (rows
 // fr and fr + 8) then add into the result.
 #include "grid.cuh"
