@@ -225,13 +225,7 @@ __device__ __forceinline__ void qgemm_wgmma(const GemmParams& p, const TmaDesc* 
   if (tid >= THREADS) {
     // The loading warpgroup: step c's activation tile into its slot once every warp is done with
     // step c - STAGES there (its `empty` barrier).
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Shape<FP4>::LOADER_REGS));
-    if (tid == THREADS)
-      for (int c = c_begin; c < c_end; ++c) {
-        const int i = c - c_begin, slot = i % STAGES;
-        if (i >= STAGES) mbar_wait(empty0 + 8 * slot, (i / STAGES - 1) & 1);
-        issue_act(c, slot);
-      }
+    run_loader<STAGES, Shape<FP4>::LOADER_REGS>(tid, THREADS, c_begin, c_end, empty0, issue_act);
     return;
   }
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Shape<FP4>::REGS));
@@ -405,13 +399,7 @@ __device__ __forceinline__ void qgemm_wgf8(const GemmParams& p, const TmaDesc* w
   if (warp >= CONSUMERS / 32) {
     // The loading warpgroup: step c into its slot once every consumer warp is done with step
     // c - F8_STAGES there (its `empty` barrier), so that the consumers never wait on each other.
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(LOADER_REGS));
-    if (tid == CONSUMERS)
-      for (int c = c_begin; c < c_end; ++c) {
-        const int i = c - c_begin, slot = i % F8_STAGES;
-        if (i >= F8_STAGES) mbar_wait(empty0 + 8 * slot, (i / F8_STAGES - 1) & 1);
-        issue(c, slot);
-      }
+    run_loader<F8_STAGES, LOADER_REGS>(tid, CONSUMERS, c_begin, c_end, empty0, issue);
     return;
   }
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(CONSUMER_REGS));

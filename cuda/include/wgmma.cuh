@@ -1,7 +1,7 @@
 // Hopper warpgroup MMA primitives shared by the sm_90a kernels (cuda/*_sm90a.cu): the wgmma
 // fences, shared-memory matrix descriptors, the m64n{64,128}k16 bf16 and m64n{8,16,32,128}k32 e4m3 forms
 // with A from registers (m64n128k32 e4m3 also from shared memory), TMA loads with their mbarriers,
-// and the thread-block cluster's barrier.
+// a loading warpgroup's loop, and the thread-block cluster's barrier.
 #pragma once
 #include <stdint.h>
 
@@ -186,6 +186,23 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const TmaDesc* map, in
       "[%6];\n" ::"r"(dst),
       "l"(map), "r"(x), "r"(y), "r"(z), "r"(w), "r"(bar)
       : "memory");
+}
+
+// The work of a block's loading warpgroup (its threads from `loader` on, all calling this): it
+// gives its registers up to the warpgroups that compute (setmaxnreg: LOADER_REGS a thread here;
+// a warp of each warpgroup shares a quarter of the SM's registers, and those warpgroups take them
+// with setmaxnreg.inc), and its first thread loads step c into stage slot (c - c_begin) % STAGES,
+// once every computing warp has arrived on that slot's `empty` barrier for step c - STAGES, by
+// `issue(c, slot)`.
+template <int STAGES, int LOADER_REGS, typename Issue>
+__device__ __forceinline__ void run_loader(int tid, int loader, int c_begin, int c_end, uint32_t empty0, Issue& issue) {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(LOADER_REGS));
+  if (tid == loader)
+    for (int c = c_begin; c < c_end; ++c) {
+      const int i = c - c_begin, slot = i % STAGES;
+      if (i >= STAGES) mbar_wait(empty0 + 8 * slot, (i / STAGES - 1) & 1);
+      issue(c, slot);
+    }
 }
 
 // Thread-block clusters (another block's shared memory: __cluster_map_shared_rank). Every thread
