@@ -355,7 +355,7 @@ extern "C" __global__ void __launch_bounds__(PRE_THREADS) dsv4_mhc_mix(const voi
 
 // Grid (T, ceil(d / (PRE_THREADS V))), V = 4 with vec4 else 1, PRE_THREADS threads: post [T, n],
 // comb [T, n, n], y [T, d] in x's dtype. vec4: d % 4 == 0 and x, y aligned to four values.
-extern "C" __global__ void __launch_bounds__(PRE_THREADS) dsv4_mhc_pre(const float* partial, int splits,
+extern "C" __global__ void __launch_bounds__(PRE_THREADS, 1) dsv4_mhc_pre(const float* partial, int splits,
                                                                        const float* scale, const float* base, int iters,
                                                                        float eps, float norm_eps, const void* x,
                                                                        int x_bf16, int n, int dim, int vec4,
