@@ -32,15 +32,16 @@ __device__ __forceinline__ float rcp_approx(float x) {
 // as the CPU does. So a row pass costs a lane one reciprocal and N products, a column pass N
 // reciprocals and N products, where a thread a token would spend N^2 of each.
 //
-// `m` is the token's mix ((2 + N) N values), `pre`, `post` and `comb` its outputs; `live` says
-// whether this lane owns a row (i < N of a real token). Every lane of the warp calls it.
+// `m` is the token's mix ((2 + N) N values), `pre`, `post` and `comb` its outputs (`post` and
+// `comb` null: not stored); `live` says whether this lane owns a row (i < N of a real token).
+// Every lane of the warp calls it.
 template <int N, int P>
 __device__ __forceinline__ void mhc_token(const float* m, bool live, int i, const float* scale, const float* base,
                                           int iters, float eps, float* pre, float* post, float* comb) {
   const float s0 = scale[0], s1 = scale[1], s2 = scale[2];
   if (live) {
     pre[i] = 1.f / (1.f + expf(-(m[i] * s0 + base[i]))) + eps;
-    post[i] = 2.f * (1.f / (1.f + expf(-(m[N + i] * s1 + base[N + i]))));
+    if (post) post[i] = 2.f * (1.f / (1.f + expf(-(m[N + i] * s1 + base[N + i]))));
   }
   float c[N];
   {
@@ -80,7 +81,7 @@ __device__ __forceinline__ void mhc_token(const float* m, bool live, int i, cons
 #pragma unroll
     for (int k = 0; k < N; ++k) c[k] *= col[k];
   }
-  if (live) {
+  if (live && comb) {
 #pragma unroll
     for (int k = 0; k < N; ++k) comb[i * N + k] = c[k];
   }
@@ -227,15 +228,21 @@ namespace {
 
 constexpr int PRE_THREADS = 256;
 constexpr int MIX_CHUNK = 4 * PRE_THREADS;  // values of K a block of the first kernel covers
+constexpr int MIX_GROUPS = 4;               // blocks that share a chunk's M dot products
 
-// Block (s, t): the M dot products of fn with x[t] over values [s MIX_CHUNK, (s + 1) MIX_CHUNK)
-// and their sum of squares, in partial[t, s, 0 .. M] (M + 1 floats): each thread 4 values, then
-// the warps' shuffles, then the 8 warps' sums in warp order.
+// Block (s, t, z): dot products o = z G, ..., z G + G - 1 (G = ceil(M / MIX_GROUPS), those below
+// M) of fn with x[t] over values [s MIX_CHUNK, (s + 1) MIX_CHUNK), and for z = 0 their sum of
+// squares, in partial[t, s, 0 .. M] (M + 1 floats): each thread 4 values, then the warps'
+// shuffles, then the 8 warps' sums in warp order. The groups split the projection's bytes (1.5
+// MB a token at V4-Flash width) over more SMs; each sum is the same whatever block computes it.
 template <int N, bool VEC>
 __device__ __forceinline__ void mix_partials(const void* x, int x_bf16, const float* fn, long long width, float* partial) {
   constexpr int M = (2 + N) * N;
-  __shared__ float warp_sums[PRE_THREADS / 32][M + 1];
+  constexpr int G = (M + MIX_GROUPS - 1) / MIX_GROUPS;
+  __shared__ float warp_sums[PRE_THREADS / 32][G + 1];
   const long long t = blockIdx.y;
+  const int o0 = blockIdx.z * G;
+  if (o0 >= M) return;  // the whole block
   const long long k0 = blockIdx.x * (long long)MIX_CHUNK + threadIdx.x * 4;
   float v[4] = {0.f, 0.f, 0.f, 0.f};
   if (VEC) {
@@ -244,12 +251,13 @@ __device__ __forceinline__ void mix_partials(const void* x, int x_bf16, const fl
 #pragma unroll
     for (int e = 0; e < 4; ++e) v[e] = k0 + e < width ? load_value(x, t * width + k0 + e, x_bf16) : 0.f;
   }
-  float acc[M + 1];
-  acc[M] = 0.f;
+  float acc[G + 1];
+  acc[G] = 0.f;
 #pragma unroll
-  for (int e = 0; e < 4; ++e) acc[M] = fmaf(v[e], v[e], acc[M]);
+  for (int e = 0; e < 4; ++e) acc[G] = fmaf(v[e], v[e], acc[G]);
 #pragma unroll
-  for (int o = 0; o < M; ++o) {
+  for (int g = 0; g < G; ++g) {
+    const int o = min(o0 + g, M - 1);  // past M: a repeat, never stored
     float w[4] = {0.f, 0.f, 0.f, 0.f};
     if (VEC) {
       if (k0 < width) load_n<4>(fn, o * width + k0, 0, w);
@@ -257,39 +265,51 @@ __device__ __forceinline__ void mix_partials(const void* x, int x_bf16, const fl
 #pragma unroll
       for (int e = 0; e < 4; ++e) w[e] = k0 + e < width ? fn[o * width + k0 + e] : 0.f;
     }
-    acc[o] = v[0] * w[0];
+    acc[g] = v[0] * w[0];
 #pragma unroll
-    for (int e = 1; e < 4; ++e) acc[o] = fmaf(v[e], w[e], acc[o]);
+    for (int e = 1; e < 4; ++e) acc[g] = fmaf(v[e], w[e], acc[g]);
   }
 #pragma unroll
-  for (int o = 0; o <= M; ++o) {
+  for (int g = 0; g <= G; ++g) {
 #pragma unroll
-    for (int off = 16; off > 0; off /= 2) acc[o] += __shfl_xor_sync(0xffffffffu, acc[o], off);
+    for (int off = 16; off > 0; off /= 2) acc[g] += __shfl_xor_sync(0xffffffffu, acc[g], off);
   }
   if (threadIdx.x % 32 == 0) {
 #pragma unroll
-    for (int o = 0; o <= M; ++o) warp_sums[threadIdx.x / 32][o] = acc[o];
+    for (int g = 0; g <= G; ++g) warp_sums[threadIdx.x / 32][g] = acc[g];
   }
   __syncthreads();
-  if (threadIdx.x <= M) {
+  const int g = threadIdx.x;
+  const int o = g < G ? o0 + g : M;  // g == G: the sum of squares
+  if (g <= G && o < M + (g == G && blockIdx.z == 0)) {
     float sum = 0.f;
 #pragma unroll
-    for (int w = 0; w < PRE_THREADS / 32; ++w) sum += warp_sums[w][threadIdx.x];
-    partial[(t * gridDim.x + blockIdx.x) * (M + 1) + threadIdx.x] = sum;
+    for (int w = 0; w < PRE_THREADS / 32; ++w) sum += warp_sums[w][g];
+    partial[(t * gridDim.x + blockIdx.x) * (M + 1) + o] = sum;
   }
 }
 
-// Block t: the S splits' partial sums added in split order, the mix scaled by the norm, the
-// weights by the first warp (pre to shared memory, post and comb out), then the collapse.
+// Block (t, c): token t's S partial sums added in split order, the mix scaled by the norm, the
+// weights by the first warp (pre to shared memory; post and comb out from block c = 0 only), then
+// the collapse of y's values [c PRE_THREADS V, (c + 1) PRE_THREADS V), V = 4 with vec4 else 1:
+// a value a thread (four with vec4). Every block of a token computes the same weights, bit for
+// bit; a thread loads its streams' values first, so their latency hides under the weights'.
 template <int N, bool VEC>
 __device__ __forceinline__ void pre_token(const float* partial, int splits, const float* scale, const float* base,
                                           int iters, float eps, float norm_eps, const void* x, int x_bf16, int dim,
                                           float* post, float* comb, void* y) {
   constexpr int M = (2 + N) * N;
   constexpr int P = group_lanes(N);
+  constexpr int V = VEC ? 4 : 1;
   __shared__ float mix[M + 1];
   __shared__ float pre[N];
   const long long t = blockIdx.x;
+  const int i = (blockIdx.y * PRE_THREADS + threadIdx.x) * V;  // dim % V == 0 (vec4)
+  float v[N][V];
+  if (i < dim) {
+#pragma unroll
+    for (int j = 0; j < N; ++j) load_n<V>(x, (t * N + j) * dim + i, x_bf16, v[j]);
+  }
   if (threadIdx.x <= M) {
     float sum = 0.f;
     for (int s = 0; s < splits; ++s) sum += partial[(t * splits + s) * (M + 1) + threadIdx.x];
@@ -301,19 +321,18 @@ __device__ __forceinline__ void pre_token(const float* partial, int splits, cons
   if (threadIdx.x < M) mix[threadIdx.x] *= r;
   __syncthreads();
   if (threadIdx.x < 32) {
-    const int i = threadIdx.x;
-    mhc_token<N, P>(mix, i < N, i, scale, base, iters, eps, pre, post + t * N, comb + t * N * N);
+    const int lane = threadIdx.x;
+    const bool first = blockIdx.y == 0;
+    mhc_token<N, P>(mix, lane < N, lane, scale, base, iters, eps, pre, first ? post + t * N : nullptr,
+                    first ? comb + t * N * N : nullptr);
   }
   __syncthreads();
-  constexpr int V = VEC ? 4 : 1;
-  for (int i = threadIdx.x * V; i < dim; i += PRE_THREADS * V) {
+  if (i < dim) {
     float acc[V];
 #pragma unroll
     for (int j = 0; j < N; ++j) {
-      float v[V];
-      load_n<V>(x, (t * N + j) * dim + i, x_bf16, v);
 #pragma unroll
-      for (int k = 0; k < V; ++k) acc[k] = j == 0 ? __fmul_rn(pre[j], v[k]) : __fadd_rn(acc[k], __fmul_rn(pre[j], v[k]));
+      for (int k = 0; k < V; ++k) acc[k] = j == 0 ? __fmul_rn(pre[j], v[j][k]) : __fadd_rn(acc[k], __fmul_rn(pre[j], v[j][k]));
     }
     store_n<V>(y, t * dim + i, x_bf16, acc);
   }
@@ -322,8 +341,8 @@ __device__ __forceinline__ void pre_token(const float* partial, int splits, cons
 }  // namespace
 
 
-// Grid (ceil(n d / MIX_CHUNK), T), PRE_THREADS threads; partial [T, gridDim.x, (2 + n) n + 1].
-// vec4: n d % 4 == 0 and x, fn aligned to four values.
+// Grid (ceil(n d / MIX_CHUNK), T, MIX_GROUPS), PRE_THREADS threads; partial [T, gridDim.x,
+// (2 + n) n + 1]. vec4: n d % 4 == 0 and x, fn aligned to four values.
 extern "C" __global__ void __launch_bounds__(PRE_THREADS) dsv4_mhc_mix(const void* x, int x_bf16, const float* fn,
                                                                        int n, int dim, int vec4, float* partial) {
   dsv4::grid_begin();
@@ -334,9 +353,9 @@ extern "C" __global__ void __launch_bounds__(PRE_THREADS) dsv4_mhc_mix(const voi
 #undef DSV4_MIX
 }
 
-// Grid T, PRE_THREADS threads: post [T, n], comb [T, n, n], y [T, d] in x's dtype. vec4: d % 4 ==
-// 0 and x, y aligned to four values.
-extern "C" __global__ void __launch_bounds__(PRE_THREADS) dsv4_mhc_pre(const float* partial, int splits,
+// Grid (T, ceil(d / (PRE_THREADS V))), V = 4 with vec4 else 1, PRE_THREADS threads: post [T, n],
+// comb [T, n, n], y [T, d] in x's dtype. vec4: d % 4 == 0 and x, y aligned to four values.
+extern "C" __global__ void __launch_bounds__(PRE_THREADS, 1) dsv4_mhc_pre(const float* partial, int splits,
                                                                        const float* scale, const float* base, int iters,
                                                                        float eps, float norm_eps, const void* x,
                                                                        int x_bf16, int n, int dim, int vec4,

@@ -799,7 +799,7 @@ def test_norm_and_mhc_ops_replay_in_a_graph(gen: torch.Generator) -> None:
 
 
 @pytest.mark.parametrize("t,n,d", [(1, 4, 4096), (16, 4, 4096), (3, 4, 300), (2, 1, 5), (5, 8, 130), (0, 4, 64),
-                                   (2, 3, 1023)])
+                                   (2, 3, 1023), (2, 2, 4100), (1, 2, 4097)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_mhc_pre_matches_reference(gen: torch.Generator, t: int, n: int, d: int, dtype: torch.dtype) -> None:
     x = (torch.randn(t, n, d, generator=gen) * 2).to(dtype)

@@ -71,6 +71,10 @@ pub unsafe fn mhc_combine(
 /// `MIX_CHUNK`): the workspace holds `ceil(n d / MIX_CHUNK)` partial sums a token.
 pub const MIX_CHUNK: usize = 1024;
 
+/// Blocks that share a chunk's dot products in the first `mhc_pre` kernel (cuda/mhc.cu
+/// `MIX_GROUPS`).
+const MIX_GROUPS: u32 = 4;
+
 /// Floats of `mhc_pre`'s workspace for `tokens` tokens of `n` streams of `d`.
 pub fn pre_workspace_len(tokens: usize, n: usize, d: usize) -> usize {
     tokens * (n * d).div_ceil(MIX_CHUNK) * ((2 + n) * n + 1)
@@ -79,7 +83,7 @@ pub fn pre_workspace_len(tokens: usize, n: usize, d: usize) -> usize {
 /// # Safety
 /// As [`mhc_collapse`] (x `[T, n, d]`, proj `[(2 + n) n, n d]`, scale `[3]`, base `[(2 + n) n]`,
 /// workspace at least [`pre_workspace_len`] floats, post `[T, n]`, comb `[T, n, n]`,
-/// y `[T, d]`; T and the splits below 2^16).
+/// y `[T, d]`; T and the splits below 2^16; d below 2^24).
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn mhc_pre(
     dev: i32, stream: usize, x: &TensorRef, proj: &TensorRef, scale: &TensorRef, base: &TensorRef, workspace: &TensorRef,
@@ -93,11 +97,13 @@ pub unsafe fn mhc_pre(
     let (xp, xb, fp, wp) = (x.ptr as u64, is_bf16(x), proj.ptr as u64, workspace.ptr as u64);
     let (nn, dd) = (n as i32, d as i32);
     let mix_vec = four_wide(n * d, &[x, proj]) as i32;
-    let cfg = Launch { grid: (splits as u32, tokens as u32, 1), block: (THREADS, 1, 1), shared_bytes: 0, stream };
+    let cfg = Launch { grid: (splits as u32, tokens as u32, MIX_GROUPS), block: (THREADS, 1, 1), shared_bytes: 0, stream };
     launch(dev, Kernel::MhcMix, &cfg, &mut kernel_args!(xp, xb, fp, nn, dd, mix_vec, wp))?;
     let (sp, bp, pp, cp, yp) = (scale.ptr as u64, base.ptr as u64, post.ptr as u64, comb.ptr as u64, y.ptr as u64);
     let (s, it) = (splits as i32, iters.min(i32::MAX as usize) as i32);
-    let pre_vec = four_wide(d, &[x, y]) as i32;
-    let cfg = Launch { grid: (tokens as u32, 1, 1), block: (THREADS, 1, 1), shared_bytes: 0, stream };
+    let pre_vec = four_wide(d, &[x, y]);
+    let slices = d.div_ceil(THREADS as usize * if pre_vec { 4 } else { 1 }); // the collapse's blocks a token
+    let pre_vec = pre_vec as i32;
+    let cfg = Launch { grid: (tokens as u32, slices as u32, 1), block: (THREADS, 1, 1), shared_bytes: 0, stream };
     launch(dev, Kernel::MhcPre, &cfg, &mut kernel_args!(wp, s, sp, bp, it, eps, norm_eps, xp, xb, nn, dd, pre_vec, pp, cp, yp))
 }
