@@ -269,8 +269,10 @@ pub unsafe fn mhc_pre(
             if ws.numel() < need {
                 return Err(Error::value(ws.name, format!("needs {need} float32 values, got {}", ws.numel())));
             }
-            // Grid dims: (splits, t) for the mix, (t, ceil(d / 256)) for the rest.
-            if k.div_ceil(MIX_CHUNK) > u16::MAX as usize || t > u16::MAX as usize || d.div_ceil(256) > u16::MAX as usize {
+            // Grid dims: (splits, t) for the mix, (t, slices of y) for the rest (the most slices:
+            // a value a thread).
+            let slices = gpu::mhc::pre_slices(d, false);
+            if k.div_ceil(MIX_CHUNK) > u16::MAX as usize || t > u16::MAX as usize || slices > u16::MAX as usize {
                 return Err(Error::value(x.name, format!("{t} tokens of {k} values are more than one launch takes")));
             }
             gpu::mhc::mhc_pre(dev, stream, x, proj, scale, base, ws, post, comb, y, n, d, cfg.iters, cfg.eps, norm_eps)

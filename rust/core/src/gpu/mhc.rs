@@ -75,6 +75,12 @@ pub const MIX_CHUNK: usize = 1024;
 /// `MIX_GROUPS`).
 const MIX_GROUPS: u32 = 4;
 
+/// Blocks a token of the second `mhc_pre` kernel (slices of y): `ceil(d / (256 V))`, V = 4 with
+/// `vec4` (four values a thread) else 1.
+pub fn pre_slices(d: usize, vec4: bool) -> usize {
+    d.div_ceil(THREADS as usize * if vec4 { 4 } else { 1 })
+}
+
 /// Floats of `mhc_pre`'s workspace for `tokens` tokens of `n` streams of `d`.
 pub fn pre_workspace_len(tokens: usize, n: usize, d: usize) -> usize {
     tokens * (n * d).div_ceil(MIX_CHUNK) * ((2 + n) * n + 1)
@@ -102,7 +108,7 @@ pub unsafe fn mhc_pre(
     let (sp, bp, pp, cp, yp) = (scale.ptr as u64, base.ptr as u64, post.ptr as u64, comb.ptr as u64, y.ptr as u64);
     let (s, it) = (splits as i32, iters.min(i32::MAX as usize) as i32);
     let pre_vec = four_wide(d, &[x, y]);
-    let slices = d.div_ceil(THREADS as usize * if pre_vec { 4 } else { 1 }); // the collapse's blocks a token
+    let slices = pre_slices(d, pre_vec);
     let pre_vec = pre_vec as i32;
     let cfg = Launch { grid: (tokens as u32, slices as u32, 1), block: (THREADS, 1, 1), shared_bytes: 0, stream };
     launch(dev, Kernel::MhcPre, &cfg, &mut kernel_args!(wp, s, sp, bp, it, eps, norm_eps, xp, xb, nn, dd, pre_vec, pp, cp, yp))
