@@ -290,7 +290,6 @@ def test_defect_class(cls: str, reproduced: str) -> None:
 def test_crash_class(cls: str, tmp_path: Path) -> None:
     """Each reproducer of a call that once killed or hung the process raises instead. (The hang
     ran 2^62 Sinkhorn iterations: any timeout catches it. 30 s rather than 60 keeps a
-    regression's run short; 10 s, which includes importing torch, ran out on a loaded 2-core
-    machine.)"""
+    regression's run short; 10 s, which includes importing torch, ran out on a busy machine.)"""
     out = run_snippet(CRASHERS[cls], tmp_path, timeout=30 if cls == "mhc-iters-hang" else 60)
     assert out.startswith(f"{cls} RAISED") and "DIED" not in out and "HUNG" not in out, out
