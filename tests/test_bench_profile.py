@@ -33,6 +33,28 @@ def test_prefill_table_lists_a_prefill_steps_operators(capsys: pytest.CaptureFix
     assert "prefill of 32 tokens x 1" in capsys.readouterr().out
 
 
+def _timeline_rows(lines: list[str]) -> tuple[int, list[list[str]]]:
+    at = next(i for i, line in enumerate(lines) if line.startswith("timeline of the last step: "))
+    count = int(lines[at].split()[5])
+    assert lines[at + 1].split()[:5] == ["#", "start", "us", "us", "gap"]
+    rows = [line.split(maxsplit=5) for line in lines[at + 2:]]
+    return count, rows
+
+
+def test_timeline_lists_the_last_steps_operators_in_start_order(capsys: pytest.CaptureFixture) -> None:
+    lines = step_table("demo", layers=2, batch=2, context=256, device="cpu", steps=2, top=4, timeline=True)
+    assert lines[-1] != "timeline: no events"
+    count, rows = _timeline_rows(lines)
+    assert count == len(rows) > 50
+    assert [int(r[0]) for r in rows] == list(range(count))
+    starts = [float(r[1]) for r in rows]
+    assert starts[0] == 0.0 and starts == sorted(starts)
+    assert all(float(r[2]) >= 0 for r in rows) and sum(float(r[2]) for r in rows) > 0
+    assert any(r[5].startswith("dsv4rs::") for r in rows)
+    assert main(["step", "--device", "cpu", "--layers", "1", "--steps", "1", "--top", "2", "--timeline"]) == 0
+    assert "timeline of the last step" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("kwargs,name", [({"device": "tpu"}, "device"), ({"batch": 0}, "batch"),
                                          ({"steps": 0}, "steps"), ({"weights": "fp4"}, "weights"),
                                          ({"prefill": -1}, "prefill")])
@@ -57,3 +79,17 @@ def test_gpu_step_table_ends_with_the_steps_span() -> None:
     total, span = lines[-2], lines[-1]
     assert total.startswith("total") and span.startswith("span ")
     assert float(span.split()[1]) > 0 and f"sum to {float(total.split()[-1]):.1f}" in span
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_timeline_lists_one_replayed_steps_kernels() -> None:
+    """On a GPU the timeline holds one replay's kernels (the table's launches a step), in start
+    order, each on a stream, the side stream's among them."""
+    lines = step_table("demo", layers=2, batch=2, context=256, device="cuda", steps=3, top=100, timeline=True)
+    count, rows = _timeline_rows(lines)
+    table = lines[2:lines.index(next(line for line in lines if line.startswith("total")))]
+    assert count == len(rows) == round(sum(float(line.split()[-3]) for line in table))
+    starts = [float(r[1]) for r in rows]
+    assert starts[0] == 0.0 and starts == sorted(starts)
+    assert len({r[4] for r in rows}) >= 2  # the layers' side chains run on a second stream

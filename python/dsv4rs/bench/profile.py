@@ -51,12 +51,13 @@ def report(name: str, fn) -> None:
 
 
 def step_table(preset: str = "demo", layers: int = 4, batch: int = 1, context: int = 1024, weights: str = "bf16",
-               device: str = "cpu", steps: int = 5, top: int = 25, prefill: int = 0) -> list[str]:
+               device: str = "cpu", steps: int = 5, top: int = 25, prefill: int = 0, timeline: bool = False) -> list[str]:
     """Lines of a table of one decode step's kernels (GPU: the replayed graph's; CPU: the eager
     step's operators, self time), the most time first, ``top`` of them and a total line (on a
     GPU then the step's span, which the kernels' overlapping times exceed: :func:`_span_line`). With
     ``prefill`` > 0, of a step that prefills ``prefill`` tokens in each of ``batch`` fresh
-    sequences (eager on a GPU too; ``context`` is then unused)."""
+    sequences (eager on a GPU too; ``context`` is then unused). With ``timeline``, then the last
+    step's kernels (CPU: its top-level operators) in the order they started (:func:`_timeline`)."""
     from dsv4rs.bench.model import _build, _config, _fill_cache
     from dsv4rs.runtime import Engine
 
@@ -128,6 +129,36 @@ def step_table(preset: str = "demo", layers: int = 4, batch: int = 1, context: i
     lines.append(f"{'total':<{width}}  {total_n:7.1f}  {total_us:10.1f}")
     if gpu:
         lines.append(_span_line(prof, steps, total_us))
+    if timeline:
+        lines += _timeline(prof, gpu, steps)
+    return lines
+
+
+def _timeline(prof: profile, gpu: bool, steps: int) -> list[str]:
+    """The last of ``steps`` profiled steps, kernel by kernel in the order they started (on the
+    CPU, the top-level operators): the start from the step's first, the duration, the gap since
+    the previous one on the same stream ended (on the CPU, since the previous operator) and the
+    stream. The gaps are what launches and waits cost between dependent kernels; under
+    programmatic dependent launch a kernel starts before the one before it ends (a negative gap)
+    and its time includes that wait."""
+    cuda = torch.autograd.DeviceType.CUDA
+    events = [e for e in prof.events() if (e.device_type == cuda) == gpu and e.time_range.end > e.time_range.start
+              and (gpu or e.cpu_parent is None)]
+    events.sort(key=lambda e: e.time_range.start)
+    per_step = len(events) // steps
+    last = events[len(events) - per_step:] if per_step else []
+    if not last:
+        return ["timeline: no events"]
+    t0 = last[0].time_range.start
+    lines = [f"timeline of the last step: {len(last)} {'kernels' if gpu else 'operators'}, in the order they started",
+             f"{'#':>4}  {'start us':>9}  {'us':>7}  {'gap us':>7}  {'stream':>6}  {'kernel' if gpu else 'operator'}"]
+    ended: dict[int, float] = {}
+    for i, e in enumerate(last):
+        stream = e.device_resource_id if gpu else 0
+        start, end = e.time_range.start, e.time_range.end
+        gap = start - ended[stream] if stream in ended else 0.0
+        ended[stream] = max(end, ended.get(stream, end))
+        lines.append(f"{i:4d}  {start - t0:9.1f}  {end - start:7.1f}  {gap:7.1f}  {stream:6d}  {e.name[:90]}")
     return lines
 
 
@@ -161,13 +192,15 @@ def step_main(argv: list[str]) -> int:
     parser.add_argument("--top", type=int, default=25, help="rows printed (the rest summed in one)")
     parser.add_argument("--prefill", type=int, default=0, metavar="TOKENS",
                         help="profile a prefill of TOKENS tokens a sequence instead of a decode step")
+    parser.add_argument("--timeline", action="store_true",
+                        help="after the table, the last step's kernels in the order they started, with gaps and streams")
     args = parser.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device == "cuda"
     try:
         lines = step_table(args.preset or ("v4-flash" if gpu else "demo"), args.layers, args.batch,
                            args.context or (4096 if gpu else 1024), args.weights, device, args.steps, args.top,
-                           args.prefill)
+                           args.prefill, args.timeline)
     except ValueError as e:
         parser.error(str(e))
     print("\n".join(lines))
