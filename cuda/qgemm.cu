@@ -824,81 +824,6 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_act_quant_f8(const void* 
   }
 }
 
-// The plan of at most SMALL_PLAN pairs (a decode step of a few tokens): each thread counts what
-// it writes straight from the pairs, with one barrier and no scans. The same offsets, tiles and
-// tile count as the general path; within an expert the slots follow the pairs' order (the general
-// path's atomics give them in any order; every slot is computed alone, so the results are the same).
-constexpr int SMALL_PLAN = 32;
-
-__device__ void moe_plan_small(const void* __restrict__ idx, int idx64, int pairs, int experts, int bm,
-                               int* __restrict__ offsets, int* __restrict__ order, int* __restrict__ slot_of,
-                               int* __restrict__ tiles, int* __restrict__ tile_count) {
-  __shared__ int pe[SMALL_PLAN];  // each pair's expert, -1 outside [0, experts)
-  const int tid = threadIdx.x;
-  if (tid < pairs) {
-    const long long e = load_id(idx, tid, idx64);
-    pe[tid] = e >= 0 && e < experts ? (int)e : -1;
-  }
-  __syncthreads();
-  for (int e = tid; e <= experts; e += THREADS_PLAN) {
-    int below = 0;
-    for (int q = 0; q < pairs; ++q) below += pe[q] >= 0 && pe[q] < e;
-    offsets[e] = below;
-  }
-  // Pair p: its slot; the first pair of an expert also writes the expert's tiles, which come after
-  // the tiles of the experts below it.
-  if (tid < pairs) {
-    const int e = pe[tid];
-    if (e < 0) {
-      slot_of[tid] = -1;
-    } else {
-      int below = 0, before = 0, count = 0, tile_at = 0;
-      bool first = true;
-      for (int q = 0; q < pairs; ++q) {
-        const int f = pe[q];
-        below += f >= 0 && f < e;
-        before += q < tid && f == e;
-        count += f == e;
-        first = first && !(q < tid && f == e);
-        if (f >= 0 && f < e) {  // the first pair of expert f adds f's tiles
-          bool f_first = true;
-          for (int r = 0; r < q; ++r) f_first = f_first && pe[r] != f;
-          if (f_first) {
-            int n = 0;
-            for (int r = 0; r < pairs; ++r) n += pe[r] == f;
-            tile_at += (n + bm - 1) / bm;
-          }
-        }
-      }
-      const int slot = below + before;
-      slot_of[tid] = slot;
-      order[slot] = tid;
-      if (first) {
-        for (int u = 0; u * bm < count; ++u) {
-          int* tile = tiles + 3 * (tile_at + u);
-          tile[0] = e;
-          tile[1] = below + u * bm;
-          tile[2] = min(bm, count - u * bm);
-        }
-      }
-    }
-  }
-  if (tid == 0) {  // every expert's tiles
-    int total = 0;
-    for (int q = 0; q < pairs; ++q) {
-      const int f = pe[q];
-      bool f_first = f >= 0;
-      for (int r = 0; r < q && f_first; ++r) f_first = pe[r] != f;
-      if (f_first) {
-        int n = 0;
-        for (int r = 0; r < pairs; ++r) n += pe[r] == f;
-        total += (n + bm - 1) / bm;
-      }
-    }
-    *tile_count = total;
-  }
-}
-
 // The MoE plan: pairs (token, choice) of idx [pairs] sorted by expert. offsets [experts + 1];
 // order[slot] = pair; slot_of[pair] = slot (-1 for ids outside [0, experts), which contribute
 // nothing); tiles [*, 3] = (expert, first slot, rows) per bm rows of each expert; tile_count.
@@ -907,10 +832,6 @@ extern "C" __global__ void __launch_bounds__(THREADS_PLAN) dsv4_moe_plan(
     const void* __restrict__ idx, int idx64, long long pairs, int experts, int bm, int* __restrict__ offsets,
     int* __restrict__ order, int* __restrict__ slot_of, int* __restrict__ tiles, int* __restrict__ tile_count) {
   dsv4::grid_begin();
-  if (pairs <= SMALL_PLAN) {
-    moe_plan_small(idx, idx64, (int)pairs, experts, bm, offsets, order, slot_of, tiles, tile_count);
-    return;
-  }
   extern __shared__ int plan_smem[];
   __shared__ int warp_sums[32];
   int* counts = plan_smem;
