@@ -4,6 +4,7 @@
 // angle's sine and cosine are the table's of `rope_mode` (cuda/include/rope.cuh); the rotation is
 // computed in double, as rust/core/src/rope.rs does, with the products and the sum rounded
 // separately (no fused multiply-add, as on the CPU).
+#include "floats.cuh"
 #include "grid.cuh"
 #include "quant.cuh"
 #include "rope.cuh"
@@ -62,4 +63,68 @@ extern "C" __global__ void __launch_bounds__(256) dsv4_rope(
       in_token %= per_token;
     }
   }
+}
+
+// RMSNorm then RoPE of rows of at most ROW_MAX values, a multiple of 4 (the query's heads, the
+// entry): out = rope(round(rms_norm(x) w)), bit for bit the two kernels one after the other
+// (dsv4_rms_norm's arithmetic for such a row: a warp a row, four values a load, chunk c of lane l
+// at 4 l + 128 c, the sum of squares in that order then a butterfly; the norm rounded to bfloat16
+// when `round_bf16`; then dsv4_rope's rotation of each pair, in double). A warp a row, four rows a
+// block; the rows of a token are `per_token` consecutive rows. Each lane rotates the pairs
+// j = lane, lane + 32, ... from the warp's row in shared memory.
+constexpr int NORM_ROPE_ROW_MAX = 512;  // rust/core/src/gpu/rope.rs NORM_ROPE_ROW_MAX
+
+extern "C" __global__ void __launch_bounds__(128) dsv4_rms_norm_rope(
+    const void* __restrict__ x, int x_bf16, const void* __restrict__ w, int w_kind, long long rows, int dim,
+    float eps, int round_bf16, const void* __restrict__ positions, int positions64,
+    const void* __restrict__ inv_freq, int rope_mode, int pairs, long long per_token, float* __restrict__ out) {
+  dsv4::grid_begin();
+  constexpr int V = 4, CHUNKS = NORM_ROPE_ROW_MAX / (32 * V);
+  __shared__ __align__(16) float row[4][NORM_ROPE_ROW_MAX];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const long long r = (long long)blockIdx.x * 4 + warp;
+  if (r >= rows) return;  // the whole warp
+  const long long at = r * dim;
+  float v[CHUNKS][V];
+  float ss = 0.f;
+#pragma unroll
+  for (int c = 0; c < CHUNKS; ++c) {
+    const int i = lane * V + c * 32 * V;
+    if (i < dim) load_n<V>(x, at + i, x_bf16, v[c]);
+  }
+#pragma unroll
+  for (int c = 0; c < CHUNKS; ++c) {
+    if (lane * V + c * 32 * V < dim) {
+#pragma unroll
+      for (int k = 0; k < V; ++k) ss = fmaf(v[c][k], v[c][k], ss);
+    }
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+  const float scale = rsqrtf(ss / (float)dim + eps);
+#pragma unroll
+  for (int c = 0; c < CHUNKS; ++c) {
+    const int i = lane * V + c * 32 * V;
+    if (i >= dim) continue;
+    float g[V];
+    if (w_kind != 0) load_n<V>(w, i, w_kind == 2, g);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      float u = w_kind != 0 ? (v[c][k] * scale) * g[k] : v[c][k] * scale;
+      if (round_bf16) u = __uint_as_float((uint32_t)bf16_from_f32(u) << 16);
+      row[warp][i + k] = u;
+    }
+  }
+  __syncwarp();
+  const long long pos = load_id(positions, r / per_token, positions64);
+  const int first = dim - 2 * pairs;
+  for (int j = lane; j < pairs; j += 32) {
+    double s, c;
+    rope_sincos(pos, inv_freq, j, rope_mode, false, s, c);
+    const double x0 = row[warp][first + 2 * j], x1 = row[warp][first + 2 * j + 1];
+    row[warp][first + 2 * j] = (float)__dsub_rn(__dmul_rn(x0, c), __dmul_rn(x1, s));
+    row[warp][first + 2 * j + 1] = (float)__dadd_rn(__dmul_rn(x0, s), __dmul_rn(x1, c));
+  }
+  __syncwarp();
+  for (int i = lane * V; i < dim; i += 32 * V) *(float4*)(out + at + i) = *(const float4*)&row[warp][i];
 }

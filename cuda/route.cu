@@ -4,10 +4,14 @@
 // hash layer; weights a[idx_j], normalized by their sum + 1e-20 when asked, times the scale. The
 // same float32 operations in the same order as the CPU twin.
 //
-// A warp per token, four a block. The warp writes its token's affinities and selection scores to
-// its part of shared memory, then picks the k experts in k rounds: each lane takes the best of
-// its experts (lane, lane + 32, ...) not yet taken, and a butterfly of shuffles gives every lane
-// the round's winner, whose lane marks it taken. Lane 0 then forms the weights in choice order.
+// A warp per token, four a block. On a hash layer the lanes below k first read the token's table
+// entries, so that those loads overlap the affinities. The warp writes its token's affinities
+// and, with a bias, each selection score's order key (below) to its part of shared memory. Then
+// k rounds: each lane holds the best of its experts (lane, lane + 32, ...) not yet taken; the
+// warp's largest key (`redux.sync` max) and the lowest expert holding it (min) are the round's
+// choice, and only the lane that owned it looks for its next best. Lane 0 then forms the weights
+// in choice order.
+#include <climits>
 #include <cstdint>
 
 #include "grid.cuh"
@@ -17,11 +21,12 @@ namespace {
 constexpr int WARPS = 4;
 constexpr int MAX_K = 16;  // rust/core/src/route.rs MAX_K
 
-// Whether score a of expert ia comes before score b of expert ib (torch's topk order).
-__device__ __forceinline__ bool before(float a, int ia, float b, int ib) {
-  const bool na = a != a, nb = b != b;
-  if (na || nb) return na && (!nb || ia < ib);
-  return a > b || (a == b && ia < ib);
+// An unsigned key whose order is torch's topk order of the scores: a NaN above everything, then
+// larger values first; -0 and +0 one key (they tie, as `==` has them); 0 is no score's key.
+__device__ __forceinline__ uint32_t order_key(float x) {
+  if (x != x) return 0xFFFFFFFFu;
+  const uint32_t u = __float_as_uint(x == 0.f ? 0.f : x);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
 __device__ __forceinline__ float softplus(float x) { return x > 20.f ? x : log1pf(expf(x)); }
@@ -40,36 +45,46 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) dsv4_moe_route(
   const long long t = (long long)blockIdx.x * WARPS + warp;
   if (t >= tokens) return;  // the whole warp
   float* a = route_smem + warp * 2 * experts;
-  float* s = a + experts;
+  uint32_t* key = (uint32_t*)(a + experts);
+  int hashed = -1;
+  if (!bias && lane < k) {
+    const long long id = ids64 ? ((const long long*)ids)[t] : ((const int*)ids)[t];
+    long long e = -1;
+    if (id >= 0 && id < vocab) e = table64 ? ((const long long*)table)[id * k + lane] : ((const int*)table)[id * k + lane];
+    hashed = e >= 0 && e < experts ? (int)e : -1;
+  }
+#pragma unroll 4
   for (int e = lane; e < experts; e += 32) {
     const long long at = t * experts + e;
     const float l = logits_bf16 ? __uint_as_float((uint32_t)((const uint16_t*)logits)[at] << 16) : ((const float*)logits)[at];
     const float ae = sqrtf(softplus(l));
     a[e] = ae;
-    if (bias) s[e] = ae + bias[e];
+    if (bias) key[e] = order_key(ae + bias[e]);
   }
   __syncwarp();
   if (bias) {
     uint32_t taken = 0;  // bit i: expert lane + 32 i
-    for (int j = 0; j < k; ++j) {
-      float best = 0.f;
-      int at = -1;
-      for (int i = 0, e = lane; e < experts; ++i, e += 32)
-        if (!((taken >> i) & 1) && (at < 0 || before(s[e], e, best, at))) best = s[e], at = e;
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) {
-        const float ob = __shfl_xor_sync(0xffffffffu, best, o);
-        const int oa = __shfl_xor_sync(0xffffffffu, at, o);
-        if (oa >= 0 && (at < 0 || before(ob, oa, best, at))) best = ob, at = oa;
+    uint32_t best = 0;   // the lane's best key not taken (0: none)
+    int best_e = INT_MAX;
+    auto rescan = [&]() {
+      best = 0, best_e = INT_MAX;
+      for (int i = 0, e = lane; e < experts; ++i, e += 32) {
+        const uint32_t ke = key[e];
+        if (!((taken >> i) & 1) && ke > best) best = ke, best_e = e;  // `>`: the lower expert of a tie
       }
-      if (at % 32 == lane) taken |= 1u << (at / 32);
+    };
+    rescan();
+    for (int j = 0; j < k; ++j) {
+      const uint32_t top = __reduce_max_sync(0xffffffffu, best);
+      const int at = (int)__reduce_min_sync(0xffffffffu, best == top ? (uint32_t)best_e : 0xFFFFFFFFu);
       if (lane == 0) chosen[warp][j] = at;
+      if (at % 32 == lane) {
+        taken |= 1u << (at / 32);
+        rescan();
+      }
     }
   } else if (lane < k) {
-    const long long id = ids64 ? ((const long long*)ids)[t] : ((const int*)ids)[t];
-    long long e = -1;
-    if (id >= 0 && id < vocab) e = table64 ? ((const long long*)table)[id * k + lane] : ((const int*)table)[id * k + lane];
-    chosen[warp][lane] = e >= 0 && e < experts ? (int)e : -1;
+    chosen[warp][lane] = hashed;
   }
   __syncwarp();
   if (lane == 0) {

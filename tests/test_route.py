@@ -3,6 +3,8 @@ float64 twin, the torch form it replaces, ties, hash layers, bad input; CPU and 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -97,6 +99,24 @@ def test_gpu_equals_cpu_and_replays_in_a_graph(gen: torch.Generator) -> None:
     graph.replay()
     want_i, want_w = ops.moe_route(gl, 6, 2.5, bias=gb)
     assert torch.equal(out_i, want_i) and torch.equal(out_w, want_w)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("experts,k", [(256, 6), (1000, 16), (33, 16), (16, 3), (1024, 8)])
+def test_gpu_selection_equals_the_cpus_on_ties_infinities_and_nan(gen: torch.Generator, experts: int, k: int) -> None:
+    """Scores that tie exactly (equal logits, so every affinity is one value on each device, and
+    biases drawn from a few values), -0 and +0, both infinities and NaN: the GPU's k rounds choose
+    the CPU twin's experts in its order (NaN first, larger first, ties to the lower expert)."""
+    tokens = 37
+    logits = torch.full((tokens, experts), 0.25)
+    logits[::5] = -200.0  # softplus underflows to 0: every score is the bias itself
+    bias = torch.tensor([0.0, -0.0, 0.5, 0.5, -1.0, math.inf, -math.inf, 2.0])[
+        torch.randint(0, 8, (experts,), generator=gen)]
+    for b in (bias, torch.where(torch.rand(experts, generator=gen) < 0.02, math.nan, bias)):
+        ci, cw = ops.moe_route(logits, k, 1.5, bias=b)
+        gi, gw = ops.moe_route(logits.cuda(), k, 1.5, bias=b.cuda())
+        assert torch.equal(gi.cpu(), ci)
+        torch.testing.assert_close(gw.cpu(), cw, rtol=4e-7, atol=0, equal_nan=True)
 
 
 @pytest.mark.gpu

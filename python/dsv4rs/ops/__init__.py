@@ -9,7 +9,8 @@ their outputs (and workspace).
 - :mod:`.formats`: the cache formats and their rows: ``kv_write``/``kv_read``,
   ``index_key_write``/``index_key_read``, ``index_key_round_trip``, ``copy_rows``,
   ``hadamard128``, new caches.
-- :mod:`.rope`: ``rope``, ``ROPE_TABLES`` (how every op that rotates computes its angles).
+- :mod:`.rope`: ``rope``, ``ROPE_TABLES`` (how every op that rotates computes its angles),
+  ``rms_norm_rope`` (a norm then RoPE, one kernel).
   :mod:`.norm`: ``rms_norm`` (the casts around it included). :mod:`.mhc`: ``mhc_weights``,
   ``mhc_collapse``, ``mhc_combine``, ``mhc_pre``. :mod:`.sample`: ``sample_gumbel`` (one token per row).
 - :mod:`.compress`: ``compress``, ``compress_batch``, ``compressor_state``.
@@ -59,7 +60,7 @@ from dsv4rs.ops.indexer import TIE_BREAKS, indexer_scores, indexer_topk
 from dsv4rs.ops.mhc import mhc_collapse, mhc_combine, mhc_pre, mhc_weights
 from dsv4rs.ops.norm import rms_norm
 from dsv4rs.ops.quant import moe_experts, quant_linear, weight_rows, weight_tiles
-from dsv4rs.ops.rope import ROPE_TABLES, RopeTable, rope
+from dsv4rs.ops.rope import NORM_ROPE_ROW_MAX, ROPE_TABLES, RopeTable, rms_norm_rope, rope
 from dsv4rs.ops.route import moe_route
 from dsv4rs.ops.sample import sample_gumbel
 from dsv4rs.ops.step_rows import step_rows
@@ -67,12 +68,12 @@ from dsv4rs.ops.swiglu import swiglu
 
 __all__ = [
     "ENTRY_DIM", "ENTRY_SCALE", "FP4_BLOCK", "FP8_BLOCK", "INDEX_DIM", "INDEX_KEY_BYTES", "MAIN_DATA_BYTES",
-    "MAIN_ENTRY_BYTES", "NOPE_DIM", "PAGE_ROWS", "ROPE_DIM", "ROPE_TABLES", "TIE_BREAKS", "IndexKeyFormat", "Quant",
+    "MAIN_ENTRY_BYTES", "NORM_ROPE_ROW_MAX", "NOPE_DIM", "PAGE_ROWS", "ROPE_DIM", "ROPE_TABLES", "TIE_BREAKS", "IndexKeyFormat", "Quant",
     "RopeTable",
     "attention_kernel", "compress", "compress_batch", "compressor_state", "copy_rows", "hadamard128",
     "index_key_read", "index_key_round_trip", "index_key_write", "indexer_scores", "indexer_topk", "kv_read",
     "kv_write", "mhc_collapse", "mhc_combine", "mhc_pre", "mhc_weights", "moe_experts", "moe_route", "new_index_key_cache",
-    "new_kv_cache", "quant_linear", "quantize_entries", "quantize_index_keys", "rms_norm", "rope", "sample_gumbel", "sparse_attention", "step_rows", "swiglu",
+    "new_kv_cache", "quant_linear", "quantize_entries", "quantize_index_keys", "rms_norm", "rms_norm_rope", "rope", "sample_gumbel", "sparse_attention", "step_rows", "swiglu",
     "weight_rows", "weight_tiles",
     "warm_up",
 ]

@@ -57,3 +57,65 @@ def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, inver
     table = choice("table", table, ROPE_TABLES)
     return _rope(as_tensor("x", x), as_tensor("positions", positions), as_tensor("inv_freq", inv_freq),
                  flag("inverse", inverse), table)
+
+
+@torch.library.custom_op("dsv4rs::rms_norm_rope", mutates_args=())
+def _rms_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, round_bf16: bool, positions: torch.Tensor,
+                   inv_freq: torch.Tensor, table: str) -> torch.Tensor:
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    _core.rms_norm_rope(spec("x", x), None if weight is None else spec("weight", weight), eps, round_bf16,
+                        spec("positions", positions), spec("inv_freq", inv_freq), spec("out", out), table, stream(x))
+    return out
+
+
+@_rms_norm_rope.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor | None, eps: float, round_bf16: bool, positions: torch.Tensor,
+      inv_freq: torch.Tensor, table: str) -> torch.Tensor:
+    return x.new_empty(x.shape, dtype=torch.float32)
+
+
+NORM_ROPE_ROW_MAX = 512
+"""The longest rows :func:`rms_norm_rope` runs as one kernel on a GPU (a multiple of 4, aligned to
+four values); longer or odd rows take the two ops, with the same values."""
+
+
+def _one_kernel(t: torch.Tensor | None) -> bool:
+    return t is None or t.data_ptr() % (4 * t.element_size()) == 0
+
+
+def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, positions: torch.Tensor,
+                  inv_freq: torch.Tensor, norm_dtype: torch.dtype | None = None, table: RopeTable = "official"
+                  ) -> torch.Tensor:
+    """``rope(rms_norm(x, weight, eps, norm_dtype), positions, inv_freq, table=table)``, the same
+    values (the query's per-head norm and the entry's ``kv_norm``, each then rotated). On a GPU
+    one kernel where the rows have at most :data:`NORM_ROPE_ROW_MAX` values, a multiple of 4, and
+    ``x`` and ``weight`` start aligned to four values; else the two ops. On the CPU one pass.
+
+    Args:
+        x: ``float32``/``bfloat16 [T, ..., D]``.
+        weight: ``float32``/``bfloat16 [D]`` or ``None``.
+        eps: finite and > 0.
+        positions, inv_freq, table: as :func:`rope`.
+        norm_dtype: the dtype the norm rounds to before the rotation, ``torch.float32`` or
+            ``torch.bfloat16`` (default: the dtype of ``x``).
+
+    Returns:
+        ``float32``, the shape of ``x``.
+    """
+    x = as_tensor("x", x)
+    if norm_dtype is None:
+        norm_dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
+    elif norm_dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"norm_dtype: expected torch.float32 or torch.bfloat16, got {norm_dtype}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps: expected a float, got {type(eps).__name__}")
+    table = choice("table", table, ROPE_TABLES)
+    weight = None if weight is None else as_tensor("weight", weight)
+    positions, inv_freq = as_tensor("positions", positions), as_tensor("inv_freq", inv_freq)
+    x = x.contiguous()
+    if x.is_cuda and not (x.dim() >= 2 and 0 < x.shape[-1] <= NORM_ROPE_ROW_MAX and x.shape[-1] % 4 == 0
+                          and _one_kernel(x) and _one_kernel(weight)):
+        from dsv4rs.ops.norm import rms_norm
+
+        return rope(rms_norm(x, weight, eps, norm_dtype), positions, inv_freq, table=table)
+    return _rms_norm_rope(x, weight, float(eps), norm_dtype == torch.bfloat16, positions, inv_freq, table)

@@ -111,6 +111,84 @@ pub unsafe fn rope(
     Ok(())
 }
 
+/// `out = rope(round(rms_norm(x, weight, eps)))`: each row of the last dim of `x` (float32/bfloat16
+/// `[T, ..., D]`) RMS-normalized (as [`crate::norm::rms_norm`]: `weight` float32/bfloat16 `[D]` or
+/// none), rounded to bfloat16 when `round_bf16` (the dtype the model's norm returns), then rotated
+/// as [`rope`] does at `positions` (int32/int64 `[T]`), into `out` (float32, the shape of `x`).
+/// The two ops one after the other give the same values: on a GPU one kernel where a row has at
+/// most [`gpu::rope::NORM_ROPE_ROW_MAX`] values, a multiple of 4, and `x` and `weight` start
+/// four values aligned (the norm's own arithmetic for such rows; else ValueError naming `x`, and
+/// the caller runs the two ops); on the CPU the norm's then the rotation's.
+///
+/// # Safety
+/// As [`rope`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn rms_norm_rope(
+    x: &TensorRef,
+    weight: Option<&TensorRef>,
+    eps: f32,
+    round_bf16: bool,
+    positions: &TensorRef,
+    inv_freq: &TensorRef,
+    out: &TensorRef,
+    table: RopeTable,
+    stream: usize,
+) -> Result<()> {
+    if x.shape.len() < 2 || x.shape[x.shape.len() - 1] == 0 {
+        return Err(Error::value(x.name, format!("expected shape [T, ..., D] with D >= 1, got {:?}", x.shape)));
+    }
+    x.expect_dtype(&[DType::F32, DType::BF16])?;
+    let (t, dim) = (x.dim(0), x.shape[x.shape.len() - 1]);
+    positions.expect_shape(&[Some(t)])?;
+    out.expect_dtype(&[DType::F32])?;
+    let want: Vec<Option<usize>> = x.shape.iter().map(|s| Some(*s)).collect();
+    out.expect_shape(&want)?;
+    if let Some(w) = weight {
+        w.expect_dtype(&[DType::F32, DType::BF16])?;
+        w.expect_shape(&[Some(dim)])?;
+    }
+    if !(eps.is_finite() && eps > 0.0) {
+        return Err(Error::value("eps", format!("must be finite and > 0, got {eps}")));
+    }
+    let mut all = vec![x, positions, inv_freq, out];
+    all.extend(weight);
+    if let Device::Cuda(dev) = same_device(&all)? {
+        positions.expect_dtype(&[DType::I32, DType::I64])?;
+        check_inv_freq(inv_freq, dim)?;
+        return gpu::rope::rms_norm_rope(dev, stream, x, weight, eps, round_bf16, positions, inv_freq, out, table);
+    }
+    let freqs = inv_freq_values(inv_freq, dim)?;
+    let pos = Ids::new(positions)?;
+    let src = Floats::new(x)?;
+    let w: Option<Vec<f32>> = match weight {
+        Some(w) => {
+            let f = Floats::new(w)?;
+            let mut v = vec![0f32; dim];
+            f.read(0, &mut v);
+            Some(v)
+        }
+        None => None,
+    };
+    let dst = out.host_mut::<f32>(&[DType::F32])?;
+    let per_token = x.numel() / t.max(1);
+    if per_token == 0 {
+        return Ok(());
+    }
+    dst.par_chunks_mut(per_token).enumerate().for_each(|(i, o)| {
+        let rot = Rotation::at(pos.get(i), &freqs, false, table);
+        let mut v = vec![0f32; dim];
+        for (r, row) in o.chunks_exact_mut(dim).enumerate() {
+            src.read(i * per_token + r * dim, &mut v);
+            crate::norm::row(&v, w.as_deref(), eps, row);
+            if round_bf16 {
+                row.iter_mut().for_each(|u| *u = crate::quant::bf16_to_f32(crate::rows::bf16_bits(*u)));
+            }
+            rot.apply(row);
+        }
+    });
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -31,7 +31,7 @@ mod _core {
     use super::ops::{
         attention_workspace_bytes, compress, compress_batch, indexer_scores, indexer_topk, indexer_workspace_bytes,
         mhc_collapse, mhc_combine, mhc_pre, mhc_pre_workspace_len, mhc_weights, moe_experts, moe_pass_tokens, moe_route,
-        moe_workspace_bytes, quant_linear, quant_linear_workspace_bytes, rms_norm, rope, sample_gumbel, sparse_attention,
+        moe_workspace_bytes, quant_linear, quant_linear_workspace_bytes, rms_norm, rms_norm_rope, rope, sample_gumbel, sparse_attention,
         step_rows, swiglu,
     };
 

@@ -179,6 +179,27 @@ pub fn rms_norm(py: Python<'_>, x: Spec, weight: Option<Spec>, out: Spec, eps: f
 
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
+pub fn rms_norm_rope(
+    py: Python<'_>,
+    x: Spec,
+    weight: Option<Spec>,
+    eps: f32,
+    round_bf16: bool,
+    positions: Spec,
+    inv_freq: Spec,
+    out: Spec,
+    table: &str,
+    stream: usize,
+) -> PyResult<()> {
+    let table = RopeTable::parse("table", table).map_err(to_py)?;
+    let (x, w, p) = (tref("x", x)?, opt("weight", weight)?, tref("positions", positions)?);
+    let (f, o) = (tref("inv_freq", inv_freq)?, tref("out", out)?);
+    // SAFETY: as rope; `out` is a fresh tensor.
+    run(py, || unsafe { rope_op::rms_norm_rope(&x, w.as_ref(), eps, round_bf16, &p, &f, &o, table, stream) })
+}
+
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
 pub fn compress(
     py: Python<'_>,
     kv: Spec,

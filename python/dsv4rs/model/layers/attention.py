@@ -246,15 +246,16 @@ class Attention(nn.Module):
         stream = streams.fork(x)  # `x` and `kv` stay referenced until the join
         with streams.on(stream):
             side = project(x, groups[1]) if comp is not None else []
-            e = self.rotary(self.kv_norm(kv), meta.positions)
+            e = self.rotary.normed(kv, self.kv_norm.weight, self.kv_norm.eps, kv.dtype, meta.positions)
             window = self._window(e, meta, cache)
             if comp is not None:
                 entries = compress_tokens(comp, side[0], side[1], cache.state, self.rotary, meta)
                 write_rows(cache.main, meta.slots["csa" if self.layer_type == CSA else "hca"], entries)
             if self.layer_type == CSA:
                 self._index_keys(side[2:4], meta, cache)
-        cq, q = self._query(qa, x.dtype)
-        q = self.rotary(q, meta.positions)
+        cq = self.q_a_norm(qa)
+        q = self.q_b_proj(cq).unflatten(-1, (self.heads, self.head_dim))
+        q = self.rotary.normed(q, None, self.eps, x.dtype, meta.positions)  # `_query`'s norm, then RoPE
         streams.join(stream)
         sinks, derotate, table = self.sinks.float(), (meta.positions, self.rotary.inv_freq), self.rotary.table
         if comp is None:

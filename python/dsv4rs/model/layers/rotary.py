@@ -10,6 +10,7 @@ from torch import nn
 
 from dsv4rs import ops
 from dsv4rs.model.config import ROPE_DIM, V4Config, yarn_ramp_bounds
+from dsv4rs.model.layers.norm import rms_norm
 
 
 def inv_freq(cfg: V4Config, compressed: bool) -> torch.Tensor:
@@ -47,3 +48,12 @@ class RotaryEmbedding(nn.Module):
         """``x [T, ..., D]`` rotated at ``positions [T]``, float32, with this layer's table
         (docs/model.md section 2 measures how the tables differ)."""
         return ops.rope(x, positions, self.inv_freq, table=self.table)
+
+    def normed(self, x: torch.Tensor, weight: torch.Tensor | None, eps: float, dtype: torch.dtype,
+               positions: torch.Tensor) -> torch.Tensor:
+        """``self(rms_norm(x, weight, eps, dtype), positions)`` (:func:`.norm.rms_norm`): on a GPU
+        one kernel where :func:`dsv4rs.ops.rms_norm_rope` takes the rows, the same values."""
+        kernel = (torch.float32, torch.bfloat16)
+        if x.is_cuda and x.dtype in kernel and dtype in kernel and (weight is None or weight.dtype in kernel):
+            return ops.rms_norm_rope(x, weight, eps, positions, self.inv_freq, norm_dtype=dtype, table=self.table)
+        return self(rms_norm(x, weight, eps, dtype), positions)
