@@ -204,6 +204,9 @@ def op_cases(g: Gen):
                                                iters=g.r.randint(1, 5), eps=1e-6)
     yield "rms_norm", ops.rms_norm, dict(x=g.randn(t, 2, 64), weight=g.randn(64), eps=1e-6,
                                          out_dtype=g.r.choice([torch.float32, torch.bfloat16]))
+    yield "rms_norm_rope", ops.rms_norm_rope, dict(x=g.randn(t, 2, 64), weight=g.randn(64), eps=1e-6,
+                                                   positions=torch.arange(t), inv_freq=torch.rand(16, generator=g.g),
+                                                   norm_dtype=g.r.choice([torch.float32, torch.bfloat16]))
     streams = g.randn(t, 4, 64)
     yield "mhc_collapse", ops.mhc_collapse, dict(x=streams, pre=g.randn(t, 4))
     yield "mhc_pre", ops.mhc_pre, dict(x=streams, proj=g.randn(24, 256), scale=g.randn(3), base=g.randn(24),
