@@ -21,6 +21,29 @@ pub fn row(x: &[f32], weight: Option<&[f32]>, eps: f32, out: &mut [f32]) {
     }
 }
 
+/// Checks a norm's weight (float32/bfloat16 `[dim]` or none) and `eps` (finite, > 0).
+pub(crate) fn check_weight_eps(weight: Option<&TensorRef>, dim: usize, eps: f32) -> Result<()> {
+    if let Some(w) = weight {
+        w.expect_dtype(&[DType::F32, DType::BF16])?;
+        w.expect_shape(&[Some(dim)])?;
+    }
+    if !(eps.is_finite() && eps > 0.0) {
+        return Err(Error::value("eps", format!("must be finite and > 0, got {eps}")));
+    }
+    Ok(())
+}
+
+/// A CPU norm weight's `dim` values as float32 (none for no weight).
+///
+/// # Safety
+/// `weight` satisfies [`TensorRef`]'s contract.
+pub(crate) unsafe fn weight_values(weight: Option<&TensorRef>, dim: usize) -> Result<Option<Vec<f32>>> {
+    let Some(w) = weight else { return Ok(None) };
+    let mut v = vec![0f32; dim];
+    Floats::new(w)?.read(0, &mut v);
+    Ok(Some(v))
+}
+
 /// `out = rms_norm(x) * weight` over the last dim of `x` (float32/bfloat16 `[..., D]`, `D >= 1`);
 /// `weight` float32/bfloat16 `[D]` or none; `out` float32/bfloat16 shaped as `x`; `eps` finite and
 /// positive. On a GPU the call runs on `stream` and non-finite values propagate; on the CPU they
@@ -41,13 +64,7 @@ pub unsafe fn rms_norm(x: &TensorRef, weight: Option<&TensorRef>, out: &TensorRe
     }
     let want: Vec<Option<usize>> = x.shape.iter().map(|s| Some(*s)).collect();
     out.expect_shape(&want)?;
-    if let Some(w) = weight {
-        w.expect_dtype(&[DType::F32, DType::BF16])?;
-        w.expect_shape(&[Some(dim)])?;
-    }
-    if !(eps.is_finite() && eps > 0.0) {
-        return Err(Error::value("eps", format!("must be finite and > 0, got {eps}")));
-    }
+    check_weight_eps(weight, dim, eps)?;
     let mut all = vec![x, out];
     all.extend(weight);
     let rows = x.numel() / dim;
@@ -55,15 +72,7 @@ pub unsafe fn rms_norm(x: &TensorRef, weight: Option<&TensorRef>, out: &TensorRe
         Device::Cuda(dev) => gpu::norm::rms_norm(dev, stream, x, weight, out, rows, dim, eps),
         Device::Cpu => {
             let src = Floats::new(x)?;
-            let w: Option<Vec<f32>> = match weight {
-                Some(w) => {
-                    let f = Floats::new(w)?;
-                    let mut v = vec![0f32; dim];
-                    f.read(0, &mut v);
-                    Some(v)
-                }
-                None => None,
-            };
+            let w = weight_values(weight, dim)?;
             fill_rows(out, dim, |r, o| {
                 let mut v = vec![0f32; dim];
                 src.read(r * dim, &mut v);

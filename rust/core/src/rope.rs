@@ -143,13 +143,7 @@ pub unsafe fn rms_norm_rope(
     out.expect_dtype(&[DType::F32])?;
     let want: Vec<Option<usize>> = x.shape.iter().map(|s| Some(*s)).collect();
     out.expect_shape(&want)?;
-    if let Some(w) = weight {
-        w.expect_dtype(&[DType::F32, DType::BF16])?;
-        w.expect_shape(&[Some(dim)])?;
-    }
-    if !(eps.is_finite() && eps > 0.0) {
-        return Err(Error::value("eps", format!("must be finite and > 0, got {eps}")));
-    }
+    crate::norm::check_weight_eps(weight, dim, eps)?;
     let mut all = vec![x, positions, inv_freq, out];
     all.extend(weight);
     if let Device::Cuda(dev) = same_device(&all)? {
@@ -160,15 +154,7 @@ pub unsafe fn rms_norm_rope(
     let freqs = inv_freq_values(inv_freq, dim)?;
     let pos = Ids::new(positions)?;
     let src = Floats::new(x)?;
-    let w: Option<Vec<f32>> = match weight {
-        Some(w) => {
-            let f = Floats::new(w)?;
-            let mut v = vec![0f32; dim];
-            f.read(0, &mut v);
-            Some(v)
-        }
-        None => None,
-    };
+    let w = crate::norm::weight_values(weight, dim)?;
     let dst = out.host_mut::<f32>(&[DType::F32])?;
     let per_token = x.numel() / t.max(1);
     if per_token == 0 {
