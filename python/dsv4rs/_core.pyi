@@ -21,6 +21,7 @@ MAX_TOPK: int
 MAX_SINKHORN_ITERS: int
 MAX_ROUTE_EXPERTS: int
 MAX_ROUTE_K: int
+NORM_ROPE_ROW_MAX: int
 MAX_PAGES: int
 
 class CudaError(RuntimeError): ...

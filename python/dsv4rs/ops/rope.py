@@ -74,7 +74,7 @@ def _(x: torch.Tensor, weight: torch.Tensor | None, eps: float, round_bf16: bool
     return x.new_empty(x.shape, dtype=torch.float32)
 
 
-NORM_ROPE_ROW_MAX = 512
+NORM_ROPE_ROW_MAX: int = _core.NORM_ROPE_ROW_MAX
 """The longest rows :func:`rms_norm_rope` runs as one kernel on a GPU (a multiple of 4, aligned to
 four values); longer or odd rows take the two ops, with the same values."""
 

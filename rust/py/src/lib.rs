@@ -63,6 +63,8 @@ mod _core {
     const MAX_ROUTE_EXPERTS: usize = dsv4rs_core::route::MAX_EXPERTS;
     #[pymodule_export]
     const MAX_ROUTE_K: usize = dsv4rs_core::route::MAX_K;
+    #[pymodule_export]
+    const NORM_ROPE_ROW_MAX: usize = dsv4rs_core::gpu::rope::NORM_ROPE_ROW_MAX;
     // Pages one pool of the cache manager holds at most.
     #[pymodule_export]
     const MAX_PAGES: usize = dsv4rs_core::cache::manager::MAX_PAGES;
