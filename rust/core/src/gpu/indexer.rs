@@ -44,7 +44,8 @@ pub struct Split {
 /// queries get many short splits, whose candidates the merge stages reduce.
 pub fn split(queries: usize, max_keys: usize, k: usize) -> Split {
     let per_query = (TARGET_BLOCKS / queries.max(1)).max(1);
-    let keys = max_keys.div_ceil(per_query).next_multiple_of(PAGE_ROWS).clamp(MIN_SPLIT_KEYS, MAX_SPLIT_KEYS);
+    let min = std::env::var("DSV4RS_INDEXER_MIN_SPLIT").ok().and_then(|v| v.parse().ok()).unwrap_or(MIN_SPLIT_KEYS);
+    let keys = max_keys.div_ceil(per_query).next_multiple_of(PAGE_ROWS).clamp(min, MAX_SPLIT_KEYS);
     Split { keys, count: max_keys.div_ceil(keys).max(1), kcap: k.min(keys) }
 }
 
