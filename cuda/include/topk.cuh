@@ -125,24 +125,60 @@ __device__ uint64_t top_threshold(Load load, int n, int k, SelectScratch& s, int
   return s.prefix;
 }
 
+// One compare-exchange step of a bitonic sort (phase `size`, distance `stride` < 32) on element
+// i's key `a`, whose partner i ^ stride sits in lane ^ stride of the same warp: the pair's lower
+// index keeps the larger key in a descending run ((i & size) == 0), the smaller in an ascending one.
+__device__ __forceinline__ uint64_t bitonic_lane_step(uint64_t a, int i, int size, int stride) {
+  const uint64_t b = __shfl_xor_sync(0xffffffffu, (unsigned long long)a, stride);
+  const bool take_max = ((i & size) == 0) == ((i & stride) == 0);
+  return take_max == (a > b) ? a : b;
+}
+
+// The steps of stride < 32 of phases `from` .. `to` (powers of two), in registers: each thread
+// loads its elements (i = threadIdx.x + r blockDim.x), exchanges with its lanes by shuffles and
+// stores them back. capacity is a multiple of 32, so a warp's lanes are all in or all out.
+__device__ __forceinline__ void bitonic_lane_steps(uint64_t* keys, int capacity, int from, int to) {
+  for (int base = 0; base < capacity; base += blockDim.x) {
+    const int i = base + threadIdx.x;
+    if (base + (int)(threadIdx.x & ~31u) >= capacity) break;  // the warp's lanes are past capacity
+    uint64_t a = keys[i];
+    for (int size = from; size <= to; size <<= 1)
+      for (int stride = min(size >> 1, 16); stride > 0; stride >>= 1) a = bitonic_lane_step(a, i, size, stride);
+    keys[i] = a;
+  }
+}
+
 // Sorts keys[0..n) in shared memory in descending order (n <= capacity, a power of two; slots
-// n..capacity must hold 0, which sorts last). Bitonic sort; all threads must call it.
+// n..capacity must hold 0, which sorts last). Bitonic sort; all threads must call it, blockDim.x
+// a multiple of 32. The steps of stride 32 and more go through shared memory, a barrier each;
+// those below 32 run in registers, one pass (and one barrier) for the phases' runs of them, so a
+// sort of 512 keys takes 15 barriers rather than 45.
 __device__ void sort_descending(uint64_t* keys, int capacity) {
-  for (int size = 2; size <= capacity; size <<= 1) {
-    for (int stride = size >> 1; stride > 0; stride >>= 1) {
-      for (int i = threadIdx.x; i < capacity; i += blockDim.x) {
-        int j = i ^ stride;
-        if (j > i) {
-          bool desc = (i & size) == 0;
-          uint64_t a = keys[i], b = keys[j];
-          if ((a < b) == desc) {
-            keys[i] = b;
-            keys[j] = a;
-          }
+  auto shared_step = [&](int size, int stride) {
+    for (int i = threadIdx.x; i < capacity; i += blockDim.x) {
+      int j = i ^ stride;
+      if (j > i) {
+        bool desc = (i & size) == 0;
+        uint64_t a = keys[i], b = keys[j];
+        if ((a < b) == desc) {
+          keys[i] = b;
+          keys[j] = a;
         }
       }
-      __syncthreads();
     }
+    __syncthreads();
+  };
+  if (capacity < 64) {
+    for (int size = 2; size <= capacity; size <<= 1)
+      for (int stride = size >> 1; stride > 0; stride >>= 1) shared_step(size, stride);
+    return;
+  }
+  bitonic_lane_steps(keys, capacity, 2, 32);
+  __syncthreads();
+  for (int size = 64; size <= capacity; size <<= 1) {
+    for (int stride = size >> 1; stride >= 32; stride >>= 1) shared_step(size, stride);
+    bitonic_lane_steps(keys, capacity, size, size);
+    __syncthreads();
   }
 }
 

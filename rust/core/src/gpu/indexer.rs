@@ -18,8 +18,11 @@ pub const MAX_K: usize = crate::topk::MAX_TOPK;
 pub const MAX_HEADS: usize = 64;
 /// Blocks to aim for: enough to fill every multiprocessor of a large GPU several times.
 const TARGET_BLOCKS: usize = 4 * 132;
-/// Fewest keys a split takes (4 pages), so a block's page pipeline has pages to overlap.
-const MIN_SPLIT_KEYS: usize = 4 * PAGE_ROWS;
+/// Fewest keys a split takes: one page. Where the grid is small (one query, a short context) a
+/// block's pages are a latency chain (about 2.5 us a page), so more blocks of fewer pages finish
+/// sooner: measured against 4 pages at least, one query of 1,024 keys scored in 10.6 against
+/// 13.5 us (docs/kernels/indexer.md).
+const MIN_SPLIT_KEYS: usize = PAGE_ROWS;
 /// Most keys a split takes: its candidate pool lives in shared memory (and its 64 pages' block-table entries:
 /// `MAX_SPLIT_PAGES` in cuda/include/indexer_score.cuh).
 const MAX_SPLIT_KEYS: usize = 4096;
@@ -40,7 +43,7 @@ pub struct Split {
 
 /// Splits a key axis of at most `max_keys` keys for `queries` queries: at most
 /// [`TARGET_BLOCKS`] blocks in all (one wave at four blocks a multiprocessor; a few blocks past it
-/// would cost a second wave) unless the queries alone are more, each split 256 to 4096 keys. Few
+/// would cost a second wave) unless the queries alone are more, each split 64 to 4096 keys. Few
 /// queries get many short splits, whose candidates the merge stages reduce.
 pub fn split(queries: usize, max_keys: usize, k: usize) -> Split {
     let per_query = (TARGET_BLOCKS / queries.max(1)).max(1);
@@ -316,8 +319,10 @@ mod tests {
             assert_eq!(s.keys % PAGE_ROWS, 0);
             assert!(s.keys * s.count >= n);
             assert!(s.kcap <= k && s.kcap <= s.keys);
-            assert!((MIN_SPLIT_KEYS..=MAX_SPLIT_KEYS).contains(&s.keys), "the shared-memory pool holds 256 to 4096 keys");
+            assert!((MIN_SPLIT_KEYS..=MAX_SPLIT_KEYS).contains(&s.keys), "the shared-memory pool holds 64 to 4096 keys");
         }
+        // One query at 4K context (1,024 keys, the model's CSA layer): 16 splits of one page.
+        assert_eq!(split(1, 1024, 512), Split { keys: 64, count: 16, kcap: 64 });
         // One query at 1M context: 512 splits of 512 keys, enough blocks for every multiprocessor.
         assert_eq!(split(1, 262_144, 512), Split { keys: 512, count: 512, kcap: 512 });
     }
@@ -352,12 +357,17 @@ mod tests {
         // 1M context, one query: 512 splits' 4,096 peaks, read where the 23 groups gather 11,776 keys.
         let s = split(1, 262_144, 512);
         assert_eq!(floor_peaks(s, &merge_stages(s, 512)[0], 512), 4096);
-        // 128K context, one query: 1,024 peaks for k = 512, but not for k = 1024 (the floor would
-        // be the smallest peak).
+        // 128K context, one query: 512 splits of one page, 4,096 peaks, a floor for k = 512 and
+        // k = 1024.
         let s = split(1, 32_768, 512);
-        assert_eq!(floor_peaks(s, &merge_stages(s, 512)[0], 512), 1024);
+        assert_eq!((s.keys, s.count), (64, 512));
+        assert_eq!(floor_peaks(s, &merge_stages(s, 512)[0], 512), 4096);
         let s = split(1, 32_768, 1024);
-        assert_eq!(floor_peaks(s, &merge_stages(s, 1024)[0], 1024), 0);
+        assert_eq!(floor_peaks(s, &merge_stages(s, 1024)[0], 1024), 4096);
+        // 16K context, one query: 64 splits' 512 peaks, no more than k = 512 (the floor would be
+        // the smallest peak).
+        let s = split(1, 4096, 512);
+        assert_eq!(floor_peaks(s, &merge_stages(s, 512)[0], 512), 0);
         // 1M context, 32 queries: 64 splits' 512 peaks a query, no more than k = 512.
         let s = split(32, 262_144, 512);
         assert_eq!(floor_peaks(s, &merge_stages(s, 512)[0], 512), 0);
