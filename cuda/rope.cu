@@ -18,13 +18,15 @@ using namespace dsv4;
 // column and token come from the thread's first value's (one 64-bit division each) by 32-bit
 // steps: 64-bit divisions per value cost more instructions than the rest of its work. `n`
 // values, `dim` a row, `per_token` a token.
-constexpr int VALUES = 8;
-
-extern "C" __global__ void __launch_bounds__(256) dsv4_rope(
+//
+// `dsv4_rope_one` (one value a thread) takes the calls whose grid of 8-value threads would leave
+// most multiprocessors idle: there a thread's chain of 8 double-precision angles is the time
+// (a decode step's 64 indexer heads: 8,192 values, 4 blocks).
+template <int VALUES>
+__device__ __forceinline__ void rope_values(
     const void* __restrict__ x, int x_bf16, const void* __restrict__ positions, int positions64,
     const void* __restrict__ inv_freq, int rope_mode, int pairs, long long n, int dim, long long per_token,
     int inverse, float* __restrict__ out) {
-  dsv4::grid_begin();
   const int step = blockDim.x, first_rotated = dim - 2 * pairs;
   const long long base = blockIdx.x * (long long)step * VALUES + threadIdx.x;
   if (base >= n) return;
@@ -63,6 +65,22 @@ extern "C" __global__ void __launch_bounds__(256) dsv4_rope(
       in_token %= per_token;
     }
   }
+}
+
+#define DSV4_ROPE_PARAMS                                                                                  \
+  const void *__restrict__ x, int x_bf16, const void *__restrict__ positions, int positions64,          \
+      const void *__restrict__ inv_freq, int rope_mode, int pairs, long long n, int dim, long long per_token, \
+      int inverse, float *__restrict__ out
+#define DSV4_ROPE_ARGS x, x_bf16, positions, positions64, inv_freq, rope_mode, pairs, n, dim, per_token, inverse, out
+
+extern "C" __global__ void __launch_bounds__(256) dsv4_rope(DSV4_ROPE_PARAMS) {
+  dsv4::grid_begin();
+  rope_values<8>(DSV4_ROPE_ARGS);
+}
+
+extern "C" __global__ void __launch_bounds__(256) dsv4_rope_one(DSV4_ROPE_PARAMS) {
+  dsv4::grid_begin();
+  rope_values<1>(DSV4_ROPE_ARGS);
 }
 
 // RMSNorm then RoPE of rows of at most ROW_MAX values, a multiple of 4 (the query's heads, the

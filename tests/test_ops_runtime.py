@@ -89,6 +89,22 @@ def test_rope_gpu_index_and_frequency_dtypes(gen: torch.Generator, pos_dtype: to
 
 
 @gpu
+@pytest.mark.profiler
+@pytest.mark.parametrize("shape,kernel", [((1, 64, 128), "dsv4_rope_one"), ((1048, 2, 128), "dsv4_rope_one"),
+                                          ((1049, 2, 128), "dsv4_rope"), ((2048, 16, 64), "dsv4_rope")])
+def test_rope_gpu_takes_a_value_a_thread_where_eight_would_leave_the_gpu_idle(
+        gen: torch.Generator, shape: tuple[int, ...], kernel: str) -> None:
+    # A call that fills fewer than 132 blocks of 256 threads x 8 values (at most 268,288 values)
+    # takes one value a thread: the first shape is a decode step's 64 indexer heads.
+    from profiled import launched_kernels
+
+    x, positions, freqs = rope_inputs(gen, shape, 32, torch.int64, torch.float64)
+    xg, pg, fg = x.cuda(), positions.cuda(), freqs.cuda()
+    assert launched_kernels(lambda: ops.rope(xg, pg, fg)) == {kernel}
+    assert_rope_gpu(x, positions, freqs, False, "exact")
+
+
+@gpu
 def test_rope_gpu_edge_cases(gen: torch.Generator) -> None:
     # No tokens, no values per token, position 0 (identity), and a round trip.
     for shape in [(0, 64), (4, 0, 64), (3, 2, 0)]:

@@ -119,6 +119,7 @@ declare_kernels! {
     CopyRows = "dsv4_copy_rows" in "quant",
     Hadamard128 = "dsv4_hadamard128" in "quant",
     Rope = "dsv4_rope" in "rope",
+    RopeOne = "dsv4_rope_one" in "rope",
     RmsNormRope = "dsv4_rms_norm_rope" in "rope",
     MoeRoute = "dsv4_moe_route" in "route",
     SampleGumbel = "dsv4_sample_gumbel" in "sample",

@@ -7,8 +7,12 @@ use crate::kernel_args;
 use crate::tensor::{DType, TensorRef};
 
 const THREADS: u32 = 256;
-/// Values a thread (`VALUES` in cuda/rope.cu).
+/// Values a thread of `dsv4_rope` (cuda/rope.cu).
 const VALUES: usize = 8;
+/// Fewest blocks of `dsv4_rope` a call takes; a smaller one takes `dsv4_rope_one`, a value a
+/// thread: there each thread's chain of 8 double-precision angles is the time (a decode step's
+/// 64 indexer heads, 8,192 values, are 4 blocks of `dsv4_rope`).
+const MIN_BLOCKS: usize = 132;
 
 /// # Safety
 /// Tensors satisfy `TensorRef`'s contract on device `dev` (x float32/bfloat16 `[T, ..., D]`,
@@ -29,7 +33,8 @@ pub unsafe fn rope(
     if n == 0 {
         return Ok(());
     }
-    let blocks = n.div_ceil(THREADS as usize * VALUES);
+    let (kernel, values) = if n.div_ceil(THREADS as usize * VALUES) < MIN_BLOCKS { (Kernel::RopeOne, 1) } else { (Kernel::Rope, VALUES) };
+    let blocks = n.div_ceil(THREADS as usize * values);
     if blocks > i32::MAX as usize || dim > i32::MAX as usize {
         return Err(Error::value(x.name, format!("{n} values are more than one launch takes")));
     }
@@ -37,7 +42,7 @@ pub unsafe fn rope(
     let (fp, mode, pairs) = (inv_freq.ptr as u64, table.kernel_mode(inv_freq), inv_freq.numel() as i32);
     let (nn, d, per_token, inv, op) = (n as i64, dim as i32, (n / t) as i64, inverse as i32, out.ptr as u64);
     let cfg = Launch { grid: (blocks as u32, 1, 1), block: (THREADS, 1, 1), shared_bytes: 0, stream };
-    launch(dev, Kernel::Rope, &cfg, &mut kernel_args!(xp, xb, pp, p64, fp, mode, pairs, nn, d, per_token, inv, op))
+    launch(dev, kernel, &cfg, &mut kernel_args!(xp, xb, pp, p64, fp, mode, pairs, nn, d, per_token, inv, op))
 }
 
 /// Most values a row of [`rms_norm_rope`] holds (cuda/rope.cu `NORM_ROPE_ROW_MAX`).
