@@ -11,6 +11,13 @@
 
 using namespace dsv4;
 
+// The first (`first`) or the second element of the pair (x0, x1) rotated by the angle of sine s
+// and cosine c, in double with the products and the sum rounded separately (no fused
+// multiply-add), as the CPU op.
+__device__ __forceinline__ double rotated(double x0, double x1, double s, double c, bool first) {
+  return first ? __dsub_rn(__dmul_rn(x0, c), __dmul_rn(x1, s)) : __dadd_rn(__dmul_rn(x0, s), __dmul_rn(x1, c));
+}
+
 // VALUES values a thread, the block's values contiguous (value u of a thread is the block's
 // u * blockDim + thread), each loaded before any is computed. A thread a value made 2 KB blocks
 // (float32) that the GPU started no faster than one every 1.2 ns, which bound the kernel (on an
@@ -54,9 +61,7 @@ __device__ __forceinline__ void rope_values(
       const double x0 = k % 2 == 0 ? v[u] : other[u], x1 = k % 2 == 0 ? other[u] : v[u];
       double s, c;
       rope_sincos(load_id(positions, token, positions64), inv_freq, k / 2, rope_mode, inverse, s, c);
-      const double y = k % 2 == 0 ? __dsub_rn(__dmul_rn(x0, c), __dmul_rn(x1, s))
-                                  : __dadd_rn(__dmul_rn(x0, s), __dmul_rn(x1, c));
-      out[i] = (float)y;
+      out[i] = (float)rotated(x0, x1, s, c, k % 2 == 0);
     }
     col = (int)(((unsigned)col + (unsigned)step) % (unsigned)dim);
     in_token += step;
@@ -140,8 +145,8 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_rms_norm_rope(
     double s, c;
     rope_sincos(pos, inv_freq, j, rope_mode, false, s, c);
     const double x0 = row[warp][first + 2 * j], x1 = row[warp][first + 2 * j + 1];
-    row[warp][first + 2 * j] = (float)__dsub_rn(__dmul_rn(x0, c), __dmul_rn(x1, s));
-    row[warp][first + 2 * j + 1] = (float)__dadd_rn(__dmul_rn(x0, s), __dmul_rn(x1, c));
+    row[warp][first + 2 * j] = (float)rotated(x0, x1, s, c, true);
+    row[warp][first + 2 * j + 1] = (float)rotated(x0, x1, s, c, false);
   }
   __syncwarp();
   for (int i = lane * V; i < dim; i += 32 * V) *(float4*)(out + at + i) = *(const float4*)&row[warp][i];
