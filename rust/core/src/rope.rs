@@ -95,6 +95,25 @@ pub unsafe fn rope(
         check_inv_freq(inv_freq, dim)?;
         return gpu::rope::rope(dev, stream, x, positions, inv_freq, out, inverse, table);
     }
+    rotate_on_cpu(x, positions, inv_freq, out, inverse, table, |src, first, o| src.read(first, o))
+}
+
+/// The CPU form of [`rope`] and [`rms_norm_rope`]: a token at a time, in parallel, `fill(src,
+/// first, o)` writes the token's values of `out` from `x` (read through `src` from flat index
+/// `first`), then each of its rows of `D` is rotated at the token's position.
+///
+/// # Safety
+/// As [`rope`], the tensors on the CPU and checked.
+unsafe fn rotate_on_cpu(
+    x: &TensorRef,
+    positions: &TensorRef,
+    inv_freq: &TensorRef,
+    out: &TensorRef,
+    inverse: bool,
+    table: RopeTable,
+    fill: impl Fn(&Floats, usize, &mut [f32]) + Sync,
+) -> Result<()> {
+    let (t, dim) = (x.dim(0), x.shape[x.shape.len() - 1]);
     let freqs = inv_freq_values(inv_freq, dim)?;
     let pos = Ids::new(positions)?;
     let src = Floats::new(x)?;
@@ -105,7 +124,7 @@ pub unsafe fn rope(
     }
     dst.par_chunks_mut(per_token).enumerate().for_each(|(i, o)| {
         let rot = Rotation::at(pos.get(i), &freqs, inverse, table);
-        src.read(i * per_token, o);
+        fill(&src, i * per_token, o);
         o.chunks_exact_mut(dim).for_each(|row| rot.apply(row));
     });
     Ok(())
@@ -151,28 +170,17 @@ pub unsafe fn rms_norm_rope(
         check_inv_freq(inv_freq, dim)?;
         return gpu::rope::rms_norm_rope(dev, stream, x, weight, eps, round_bf16, positions, inv_freq, out, table);
     }
-    let freqs = inv_freq_values(inv_freq, dim)?;
-    let pos = Ids::new(positions)?;
-    let src = Floats::new(x)?;
     let w = crate::norm::weight_values(weight, dim)?;
-    let dst = out.host_mut::<f32>(&[DType::F32])?;
-    let per_token = x.numel() / t.max(1);
-    if per_token == 0 {
-        return Ok(());
-    }
-    dst.par_chunks_mut(per_token).enumerate().for_each(|(i, o)| {
-        let rot = Rotation::at(pos.get(i), &freqs, false, table);
+    rotate_on_cpu(x, positions, inv_freq, out, false, table, |src, first, o| {
         let mut v = vec![0f32; dim];
         for (r, row) in o.chunks_exact_mut(dim).enumerate() {
-            src.read(i * per_token + r * dim, &mut v);
+            src.read(first + r * dim, &mut v);
             crate::norm::row(&v, w.as_deref(), eps, row);
             if round_bf16 {
                 row.iter_mut().for_each(|u| *u = crate::quant::bf16_to_f32(crate::rows::bf16_bits(*u)));
             }
-            rot.apply(row);
         }
-    });
-    Ok(())
+    })
 }
 
 #[cfg(test)]
