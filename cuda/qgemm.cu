@@ -788,6 +788,32 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_act_quant(const void* __r
   }
 }
 
+// dsv4_act_quant_f8's work of one warp: block `blk` of row `row` (its 128 codes through `stage`,
+// the warp's 128 bytes of shared memory, and its scale).
+__device__ __forceinline__ void quant_f8_block(const void* __restrict__ x, int x_bf16, long long row, int blk, int k,
+                                               int layout, uint8_t* __restrict__ codes, float* __restrict__ scales,
+                                               long long scale_rows, int groups, uint8_t* stage) {
+  const int lane = threadIdx.x % 32;
+  const long long col = (long long)blk * KC + 4 * lane;
+  const char* src = (const char*)x + (row * k + col) * (x_bf16 ? 2 : 4);
+  float v[4], m = 0.f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) v[i] = load_value(src, i, x_bf16), m = fmaxf(m, fabsf(v[i]));
+  m = group_amax(m, 32);
+  const int e = ue8m0_exponent(m, FP8_MAX);
+  const uint32_t c = fp8_encode4(v, e);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) stage[f8_act_pos(4 * lane + i, layout)] = (uint8_t)(c >> (8 * i));
+  __syncwarp();
+  *(uint32_t*)(codes + row * k + col) = *(const uint32_t*)&stage[4 * lane];
+  __syncwarp();  // the stage is free again for the warp's next block
+  if (lane == 0) {
+    const long long at = scale_rows ? ((row % groups) * (k / KC) + blk) * scale_rows + row / groups
+                                    : row * (k / KC) + blk;
+    scales[at] = exp2i(e);
+  }
+}
+
 // Rows of x [rows, k] (float32 or bfloat16; k % 128 == 0) as FP8 e4m3 codes per 1x128 block with a
 // UE8M0 scale, for the FP8 forms: codes [rows, k] bytes, each 128-wide block stored in the order
 // f8_act_pos gives for `layout`, and the scales 2^e as float32, [rows, k / 128] (scale_rows 0: the
@@ -802,38 +828,32 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_act_quant_f8(const void* 
                                                                     int groups) {
   dsv4::grid_begin();
   __shared__ __align__(16) uint8_t stage[4][KC];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
   const long long row = (long long)blockIdx.x * 4 + warp;
   if (row >= rows) return;  // whole warps leave together
-  const long long col = (long long)blockIdx.y * KC + 4 * lane;
-  const char* src = (const char*)x + (row * k + col) * (x_bf16 ? 2 : 4);
-  float v[4], m = 0.f;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) v[i] = load_value(src, i, x_bf16), m = fmaxf(m, fabsf(v[i]));
-  m = group_amax(m, 32);
-  const int e = ue8m0_exponent(m, FP8_MAX);
-  const uint32_t c = fp8_encode4(v, e);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) stage[warp][f8_act_pos(4 * lane + i, layout)] = (uint8_t)(c >> (8 * i));
-  __syncwarp();
-  *(uint32_t*)(codes + row * k + col) = *(const uint32_t*)&stage[warp][4 * lane];
-  if (lane == 0) {
-    const long long at = scale_rows ? ((row % groups) * (k / KC) + blockIdx.y) * scale_rows + row / groups
-                                    : row * (k / KC) + blockIdx.y;
-    scales[at] = exp2i(e);
-  }
+  quant_f8_block(x, x_bf16, row, blockIdx.y, k, layout, codes, scales, scale_rows, groups, stage[warp]);
 }
 
 // The MoE plan: pairs (token, choice) of idx [pairs] sorted by expert. offsets [experts + 1];
 // order[slot] = pair; slot_of[pair] = slot (-1 for ids outside [0, experts), which contribute
 // nothing); tiles [*, 3] = (expert, first slot, rows) per bm rows of each expert; tile_count.
-// One block; dynamic shared memory 3 * experts ints.
+// One block; dynamic shared memory 3 * experts ints. With `x` (few tokens) the block also does
+// dsv4_act_quant_f8's work on x [q_rows, k] (rows layout of the scales), one launch fewer:
+// its warps take the (row, 128-block) pairs in turn, their loads issued before the plan's.
 extern "C" __global__ void __launch_bounds__(THREADS_PLAN) dsv4_moe_plan(
     const void* __restrict__ idx, int idx64, long long pairs, int experts, int bm, int* __restrict__ offsets,
-    int* __restrict__ order, int* __restrict__ slot_of, int* __restrict__ tiles, int* __restrict__ tile_count) {
+    int* __restrict__ order, int* __restrict__ slot_of, int* __restrict__ tiles, int* __restrict__ tile_count,
+    const void* __restrict__ x, int x_bf16, int q_rows, int k, int layout, uint8_t* __restrict__ codes,
+    float* __restrict__ scales) {
   dsv4::grid_begin();
   extern __shared__ int plan_smem[];
   __shared__ int warp_sums[32];
+  if (x) {
+    __shared__ __align__(16) uint8_t stage[THREADS_PLAN / 32][KC];
+    const int warp = threadIdx.x / 32, blocks = k / KC;
+    for (int item = warp; item < q_rows * blocks; item += THREADS_PLAN / 32)
+      quant_f8_block(x, x_bf16, item / blocks, item % blocks, k, layout, codes, scales, 0, 1, stage[warp]);
+  }
   int* counts = plan_smem;
   int* cursor = plan_smem + experts;
   int* tile_first = plan_smem + 2 * experts;

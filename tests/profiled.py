@@ -14,3 +14,13 @@ def launched_kernels(fn) -> set[str]:
         fn()
         torch.cuda.synchronize()
     return {e.key for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA}
+
+
+def kernel_launches(fn) -> dict[str, int]:
+    """How many times one call of ``fn`` launches each CUDA kernel, by name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.key: e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA}

@@ -44,7 +44,7 @@ import torch
 
 from dsv4rs import _core, ops
 from dsv4rs import reference as ref
-from profiled import launched_kernels
+from profiled import kernel_launches, launched_kernels
 
 U = 2.0**-24
 """float32's unit roundoff."""
@@ -1062,6 +1062,71 @@ def test_gpu_moe_experts_in_tiles_equal_rows_bit_for_bit(gen: torch.Generator, t
     want = ops.moe_experts(x, idx, weights, gu, gus, dn, dns, 1.0, act=act)
     got = ops.moe_experts(x, idx, weights, ops.weight_tiles(gu), gus, ops.weight_tiles(dn), dns, 1.0, act=act, layout="tiles")
     assert torch.equal(got, want)
+
+
+@pytest.mark.profiler
+@pytest.mark.gpu
+@pytest.mark.parametrize("t,d,dtype", [(1, 4096, torch.bfloat16), (3, 512, torch.float32), (8, 4096, torch.bfloat16),
+                                       (9, 4096, torch.bfloat16)])
+def test_gpu_moe_plan_quantizes_few_tokens_bit_for_bit(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch, t: int,
+                                                       d: int, dtype: torch.dtype) -> None:
+    """On the FP8 decode forms, up to 256 blocks of 128 activations (8 tokens at V4-Flash's width)
+    are quantized by the MoE plan's block itself, one launch fewer, and give what the separate
+    ``dsv4_act_quant_f8`` gives (``DSV4RS_MOE_PLAN_QUANT=off``) bit for bit, an infinity, zeros and
+    -0 among the inputs; 9 tokens keep the separate kernel. Where the plan could quantize, another
+    value of the variable is an error naming it."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("the FP8 decode forms run on compute capability 8.9 and later")
+    for env in ("DSV4RS_QGEMM_KERNEL", "DSV4RS_QGEMM_DECODE", "DSV4RS_QGEMM_TILED"):
+        monkeypatch.setenv(env, "auto")
+    x, idx, weights, gu, gus, dn, dns = cuda(*expert_args(gen, t, 6, 16, 256, d, dtype, idle_last=True))
+    x[0, 7] = float("inf")
+    x[-1, 128:256] = 0.0
+    x[-1, 300] = -0.0
+
+    def call() -> torch.Tensor:
+        return ops.moe_experts(x, idx, weights, gu, gus, dn, dns, 1.0)
+
+    monkeypatch.setenv("DSV4RS_MOE_PLAN_QUANT", "auto")
+    fused, launches = call(), kernel_launches(call)
+    # The quantization of h between the two GEMMs stays a kernel of its own.
+    assert launches.get("dsv4_act_quant_f8") == (1 if t * d // 128 <= 256 else 2), launches
+    monkeypatch.setenv("DSV4RS_MOE_PLAN_QUANT", "off")
+    assert kernel_launches(call).get("dsv4_act_quant_f8") == 2
+    apart = call()
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    assert torch.equal(fused.view(bits), apart.view(bits))
+    assert torch.isfinite(fused[1:]).all()
+    if t * d // 128 <= 256:  # (asked only where the plan could quantize)
+        monkeypatch.setenv("DSV4RS_MOE_PLAN_QUANT", "always")
+        with pytest.raises(ValueError, match="DSV4RS_MOE_PLAN_QUANT"):
+            call()
+
+
+@pytest.mark.gpu
+def test_gpu_moe_decode_spread_over_the_sms_changes_no_bit(gen: torch.Generator,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """On compute capability 9.0 a MoE decode GEMM whose grid is under the GPU's blocks at full
+    occupancy asks for enough shared memory that its blocks spread evenly over the SMs
+    (``DSV4RS_MOE_SPREAD``, on by default): only where the blocks run changes, so the result is
+    the same bits with it ``off``; another value is an error naming the variable."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Hopper decode form runs on compute capability 9.0")
+    for env in ("DSV4RS_QGEMM_KERNEL", "DSV4RS_QGEMM_DECODE", "DSV4RS_QGEMM_TILED", "DSV4RS_MOE_PLAN_QUANT"):
+        monkeypatch.setenv(env, "auto")
+    x, idx, weights, gu, gus, dn, dns = cuda(*expert_args(gen, 1, 6, 16, 2048, 4096, torch.bfloat16, idle_last=True))
+
+    def call() -> torch.Tensor:
+        return ops.moe_experts(x, idx, weights, gu, gus, dn, dns, 1.0)
+
+    results = []
+    for value in ("auto", "off", "on"):
+        monkeypatch.setenv("DSV4RS_MOE_SPREAD", value)
+        results.append(call())
+    assert all(torch.equal(r.view(torch.int16), results[0].view(torch.int16)) for r in results[1:])
+    monkeypatch.setenv("DSV4RS_MOE_SPREAD", "even")
+    with pytest.raises(ValueError, match="DSV4RS_MOE_SPREAD"):
+        call()
 
 
 def test_moe_passes_bound_the_workspace() -> None:

@@ -787,9 +787,54 @@ unsafe fn gemm(
     // them: at V4-Flash's shapes and one token the MoE took 50 us a layer with them started early
     // as programmatic dependents, 45 us launched so (docs/kernels/qgemm.md).
     if p.tiles != 0 {
+        let mut cfg = cfg;
+        if form == Form::GemvWg {
+            cfg.shared_bytes = spread_shared_bytes(dev, &cfg)?;
+        }
         return launch_after(dev, gemm_kernel(fp4, form, bm), &cfg, &mut [p as *mut GemmParams as *mut c_void]);
     }
     launch(dev, gemm_kernel(fp4, form, bm), &cfg, &mut [p as *mut GemmParams as *mut c_void])
+}
+
+/// Dynamic shared memory for a launch of the Hopper decode form whose grid is under the GPU's
+/// blocks at full occupancy: enough that an SM holds at most `ceil(blocks / SMs)` of them, so
+/// that the blocks spread evenly however many SMs the kernels before them still hold (an SM
+/// left with twice its share sets the kernel's time); `cfg`'s own where that is more, or where
+/// `DSV4RS_MOE_SPREAD=off`.
+fn spread_shared_bytes(dev: i32, cfg: &Launch) -> Result<u32> {
+    use cudarc::driver::sys::CUdevice_attribute::*;
+    if !switched_on("DSV4RS_MOE_SPREAD")? {
+        return Ok(cfg.shared_bytes);
+    }
+    let sms = attribute(dev, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
+    let per_sm = attribute(dev, CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)? as usize;
+    let per_block = attribute(dev, CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as usize;
+    let blocks = cfg.grid.0 as usize * cfg.grid.1 as usize * cfg.grid.2 as usize;
+    let share = blocks.div_ceil(sms.max(1)).max(1);
+    // An SM reserves 1 KB a block beside its dynamic shared memory.
+    let bytes = (per_sm / share).saturating_sub(1024) / 128 * 128;
+    Ok(bytes.min(per_block).max(cfg.shared_bytes as usize) as u32)
+}
+
+/// Most 128-value blocks of the tokens' activations (tokens x d / 128) that the MoE plan's block
+/// quantizes itself, saving `dsv4_act_quant_f8`'s launch: a block of 32 warps takes up to 8
+/// each (8 tokens at V4-Flash's width).
+const PLAN_QUANT_MAX_BLOCKS: usize = 256;
+
+/// Whether the MoE plan's block quantizes few tokens' activations itself (by default);
+/// `DSV4RS_MOE_PLAN_QUANT=off` launches `dsv4_act_quant_f8` apart (the same codes and scales).
+fn plan_quantizes() -> Result<bool> {
+    switched_on("DSV4RS_MOE_PLAN_QUANT")
+}
+
+/// A switch that is on by default: `var` unset, empty, `auto` or `on`; `off` turns it off; any
+/// other value is an error naming `var`.
+fn switched_on(var: &str) -> Result<bool> {
+    match std::env::var(var).ok().as_deref() {
+        None | Some("") | Some("auto") | Some("on") => Ok(true),
+        Some("off") => Ok(false),
+        Some(other) => Err(Error::value(var, format!("must be auto, on or off (got {other:?})"))),
+    }
 }
 
 /// `out = A(x) W^T` per group (see `crate::qgemm::linear`): x `[M, K]` or `[M, g, K]`, out
@@ -1010,12 +1055,28 @@ pub unsafe fn moe(
         let (pairs64, e32, bm32) = (pairs as i64, experts as i32, bm as i32);
         let (offsets, order, slot_of, tiles, count) =
             (at(lay.offsets), at(lay.order), at(lay.slot_of), at(lay.tiles), at(lay.tile_count));
+        // A few tokens' FP8 codes are the plan's block's work too ([`PLAN_QUANT_MAX_BLOCKS`]).
+        let plan_quant = f8 && t * dim.div_ceil(KC) <= PLAN_QUANT_MAX_BLOCKS && plan_quantizes()?;
+        let (qx, qbf16, qrows, qk, qlayout, qscales) = match plan_quant {
+            true => (x_at, x_bf16 as i32, t as i32, dim as i32, f8_layout(form, true), a + (t * dim) as u64),
+            false => (0u64, 0i32, 0i32, 0i32, 0i32, 0u64),
+        };
         let cfg = Launch { grid: (1, 1, 1), block: (1024, 1, 1), shared_bytes: (3 * experts * 4) as u32, stream };
-        launch(dev, Kernel::MoePlan, &cfg, &mut crate::kernel_args!(idx_at, idx64, pairs64, e32, bm32, offsets, order, slot_of, tiles, count))?;
+        launch(
+            dev,
+            Kernel::MoePlan,
+            &cfg,
+            &mut crate::kernel_args!(
+                idx_at, idx64, pairs64, e32, bm32, offsets, order, slot_of, tiles, count, qx, qbf16, qrows, qk, qlayout, a,
+                qscales
+            ),
+        )?;
         // The activations: one row per token, read through the plan's order; for the Hopper form
         // (whose tiles load rows by TMA) one row per sorted slot, gathered here.
         let sorted = form == Form::Wgmma;
-        let a_scale = if f8 {
+        let a_scale = if plan_quant {
+            qscales
+        } else if f8 {
             act_quant_f8(dev, stream, x_at, x_bf16, t, dim, f8_layout(form, true), a, F8Scales::Rows)?
         } else if sorted {
             let rows_valid = offsets + (experts * 4) as u64; // offsets[experts]: the valid slots
