@@ -32,9 +32,8 @@ tensor cores, the slice and step sums of the last two points):
   forces the choice); one of 17 to 64 rows on FP8 weights (``K`` of 8192 or more) runs in one
   tile of 32 or 64 rows with the same arithmetic (``DSV4RS_QGEMM_WIDE=on|off``). At decode the
   MoE plan's kernel quantizes a few tokens' activations itself (up to 256 blocks of 128 values;
-  ``DSV4RS_MOE_PLAN_QUANT=on|off``),
-  and on compute capability 9.0 the MoE GEMMs of a small grid spread their blocks evenly over the
-  SMs (``DSV4RS_MOE_SPREAD=on|off``); neither changes a bit.
+  ``DSV4RS_MOE_PLAN_QUANT=on|off``), and on compute capability 9.0 the MoE GEMMs of a small grid
+  spread their blocks evenly over the SMs (``DSV4RS_MOE_SPREAD=on|off``); neither changes a bit.
 - With more rows per weight (prefill) the GPU runs a tiled GEMM, on ``wgmma`` on compute
   capability 9.0 where ``K`` is a multiple of 128 and on ``mma.sync`` elsewhere; both sum the exact
   products in float32 (only the order differs). ``DSV4RS_QGEMM_TILED=mma`` forces the portable one.
