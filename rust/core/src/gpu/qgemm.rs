@@ -680,7 +680,7 @@ unsafe fn act_quant_gather(
 unsafe fn act_quant_f8(
     dev: i32, stream: usize, x: u64, x_bf16: bool, rows: usize, k: usize, layout: i32, out: u64, scales_by: F8Scales,
 ) -> Result<u64> {
-    let scales = out + (rows * k) as u64;
+    let scales = f8_scales_at(out, rows, k);
     let (x_bf16, rows64, k32) = (x_bf16 as i32, rows as i64, k as i32);
     let (scale_rows, groups) = match scales_by {
         F8Scales::Rows => (0i64, 1i32),
@@ -694,6 +694,11 @@ unsafe fn act_quant_f8(
         &mut crate::kernel_args!(x, x_bf16, rows64, k32, layout, out, scales, scale_rows, groups),
     )?;
     Ok(scales)
+}
+
+/// Where [`act_quant_f8`]'s scales start: right after the `rows x k` codes at `out`.
+fn f8_scales_at(out: u64, rows: usize, k: usize) -> u64 {
+    out + (rows * k) as u64
 }
 
 /// How [`act_quant_f8`] lays out the activations' scales: `[rows, k / 128]` (the decode forms), or
@@ -803,7 +808,7 @@ unsafe fn gemm(
 /// `DSV4RS_MOE_SPREAD=off`.
 fn spread_shared_bytes(dev: i32, cfg: &Launch) -> Result<u32> {
     use cudarc::driver::sys::CUdevice_attribute::*;
-    if !switched_on("DSV4RS_MOE_SPREAD")? {
+    if !switched_on(dev, "DSV4RS_MOE_SPREAD")? {
         return Ok(cfg.shared_bytes);
     }
     let sms = attribute(dev, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
@@ -823,18 +828,14 @@ const PLAN_QUANT_MAX_BLOCKS: usize = 256;
 
 /// Whether the MoE plan's block quantizes few tokens' activations itself (by default);
 /// `DSV4RS_MOE_PLAN_QUANT=off` launches `dsv4_act_quant_f8` apart (the same codes and scales).
-fn plan_quantizes() -> Result<bool> {
-    switched_on("DSV4RS_MOE_PLAN_QUANT")
+fn plan_quantizes(dev: i32) -> Result<bool> {
+    switched_on(dev, "DSV4RS_MOE_PLAN_QUANT")
 }
 
-/// A switch that is on by default: `var` unset, empty, `auto` or `on`; `off` turns it off; any
-/// other value is an error naming `var`.
-fn switched_on(var: &str) -> Result<bool> {
-    match std::env::var(var).ok().as_deref() {
-        None | Some("") | Some("auto") | Some("on") => Ok(true),
-        Some("off") => Ok(false),
-        Some(other) => Err(Error::value(var, format!("must be auto, on or off (got {other:?})"))),
-    }
+/// A switch that is on by default ([`forced_or_auto`] with nothing to probe): `var` unset,
+/// empty, `auto` or `on`; `off` turns it off; any other value is an error naming `var`.
+fn switched_on(dev: i32, var: &str) -> Result<bool> {
+    forced_or_auto(dev, var, "on", "off", true, || Ok(true))
 }
 
 /// `out = A(x) W^T` per group (see `crate::qgemm::linear`): x `[M, K]` or `[M, g, K]`, out
@@ -1056,9 +1057,9 @@ pub unsafe fn moe(
         let (offsets, order, slot_of, tiles, count) =
             (at(lay.offsets), at(lay.order), at(lay.slot_of), at(lay.tiles), at(lay.tile_count));
         // A few tokens' FP8 codes are the plan's block's work too ([`PLAN_QUANT_MAX_BLOCKS`]).
-        let plan_quant = f8 && t * dim.div_ceil(KC) <= PLAN_QUANT_MAX_BLOCKS && plan_quantizes()?;
+        let plan_quant = f8 && t * dim.div_ceil(KC) <= PLAN_QUANT_MAX_BLOCKS && plan_quantizes(dev)?;
         let (qx, qbf16, qrows, qk, qlayout, qscales) = match plan_quant {
-            true => (x_at, x_bf16 as i32, t as i32, dim as i32, f8_layout(form, true), a + (t * dim) as u64),
+            true => (x_at, x_bf16 as i32, t as i32, dim as i32, f8_layout(form, true), f8_scales_at(a, t, dim)),
             false => (0u64, 0i32, 0i32, 0i32, 0i32, 0u64),
         };
         let cfg = Launch { grid: (1, 1, 1), block: (1024, 1, 1), shared_bytes: (3 * experts * 4) as u32, stream };
