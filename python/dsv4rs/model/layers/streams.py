@@ -1,4 +1,4 @@
-"""A second CUDA stream for the work a layer can run beside its main path.
+"""Side CUDA streams for the work a layer can run beside its main path.
 
 A decode step at small batch runs one small kernel after another, none filling the GPU. Where a
 layer has two chains that read nothing the other writes (the shared expert beside the router and
@@ -25,17 +25,22 @@ __all__ = ["ENABLED", "fork", "join", "on"]
 ENABLED = True
 """Whether layers run their side chains on a second stream on a GPU."""
 
-_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+_STREAMS: dict[tuple[torch.device, int, bool], torch.cuda.Stream] = {}
 
 
-def fork(x: torch.Tensor) -> torch.cuda.Stream | None:
-    """The side stream of ``x``'s GPU, made to wait for everything queued on the current stream;
-    ``None`` on the CPU or when :data:`ENABLED` is off."""
+def fork(x: torch.Tensor, lane: int = 0, urgent: bool = False) -> torch.cuda.Stream | None:
+    """Side stream ``lane`` of ``x``'s GPU (0, or 1 for a third chain beside the other two), made
+    to wait for everything queued on the current stream; ``None`` on the CPU or when
+    :data:`ENABLED` is off. An ``urgent`` chain runs on a stream of the GPU's highest priority
+    (its own streams, one a lane): where both streams have blocks waiting, the GPU starts the
+    urgent chain's first, so its small kernels do not wait behind the remaining blocks of a
+    large kernel on the other stream. CUDA graphs keep the priority (torch instantiates them so)."""
     if not (ENABLED and x.is_cuda):
         return None
-    stream = _STREAMS.get(x.device)
+    key = (x.device, lane, urgent)
+    stream = _STREAMS.get(key)
     if stream is None:
-        stream = _STREAMS[x.device] = torch.cuda.Stream(x.device)
+        stream = _STREAMS[key] = torch.cuda.Stream(x.device, priority=-1 if urgent else 0)
     stream.wait_stream(torch.cuda.current_stream(x.device))
     return stream
 
