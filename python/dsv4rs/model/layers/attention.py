@@ -238,33 +238,56 @@ class Attention(nn.Module):
         return y if self.reduce is None else self.reduce(y)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, cache: LayerCache) -> torch.Tensor:
-        """The layer's output ``[T, d]`` for the normalized input ``x [T, d]``. On a GPU the
-        entry's path (its norm, RoPE and window write; the compressors and their writes) runs on
-        a second stream beside the query's (:mod:`.streams`)."""
+        """The layer's output ``[T, d]`` for the normalized input ``x [T, d]``.
+
+        On a GPU the chains that read nothing of each other run on side streams beside the
+        query's projection (:mod:`.streams`), all of them urgent (in CSA and HCA layers they are
+        the longer path, and their small kernels would otherwise wait behind the query
+        projection's blocks): the entry's norm, RoPE and window write, then (CSA, HCA) the main
+        compressor and its write; the side projections, then (CSA) the indexer's compressor,
+        its keys' write, the head weights and the top-k; (CSA) the indexer's queries from cQ."""
         groups = self.input_groups()
         qa, kv = project(x, groups[0])
         comp = self.compressor
-        stream = streams.fork(x)  # `x` and `kv` stay referenced until the join
-        with streams.on(stream):
-            side = project(x, groups[1]) if comp is not None else []
+        # Every tensor a side chain reads stays referenced until the joins at the end.
+        entry = streams.fork(x, lane=2, urgent=True)
+        with streams.on(entry):
             e = self.rotary.normed(kv, self.kv_norm.weight, self.kv_norm.eps, kv.dtype, meta.positions)
             window = self._window(e, meta, cache)
-            if comp is not None:
+        rows = meta.hca_candidates
+        if comp is not None:
+            side_stream = streams.fork(x, urgent=True)
+            with streams.on(side_stream):
+                # One token: the compressors take float32, and one cast of the packed output
+                # gives each part contiguous (four casts otherwise).
+                side = project(x, groups[1], torch.float32 if x.shape[0] == 1 else None)
+            with streams.on(entry):
+                streams.join(side_stream)
                 entries = compress_tokens(comp, side[0], side[1], cache.state, self.rotary, meta)
                 write_rows(cache.main, meta.slots["csa" if self.layer_type == CSA else "hca"], entries)
             if self.layer_type == CSA:
-                self._index_keys(side[2:4], meta, cache)
+                with streams.on(side_stream):
+                    self._index_keys(side[2:4], meta, cache)
+                    head = self.compressor.indexer.weigh(side[4]).float()
         cq = self.q_a_norm(qa)
+        if self.layer_type == CSA:
+            queries_stream = streams.fork(cq, lane=1, urgent=True)
+            with streams.on(queries_stream):
+                queries = self._index_queries(cq, meta, cache)
+            with streams.on(side_stream):
+                streams.join(queries_stream)
+                rows = self._select(head, queries, meta, cache)
         q = self.q_b_proj(cq).unflatten(-1, (self.heads, self.head_dim))
         q = self.rotary.normed(q, None, self.eps, x.dtype, meta.positions)  # `_query`'s norm, then RoPE
-        streams.join(stream)
+        streams.join(entry)
+        if comp is not None:
+            streams.join(side_stream)
         sinks, derotate, table = self.sinks.float(), (meta.positions, self.rotary.inv_freq), self.rotary.table
         out_dtype = self._out_dtype()
         if comp is None:
             o, _ = ops.sparse_attention(q, window, meta.window_candidates, sinks, derotate=derotate, rope_table=table,
                                         out_dtype=out_dtype)
             return self.output(o)
-        rows = self._select(side[4], cq, meta, cache) if self.layer_type == CSA else meta.hca_candidates
         o, _ = ops.sparse_attention(q, cache.main, rows, sinks, extra_cache=window,
                                     extra_indices=meta.window_candidates, derotate=derotate, rope_table=table,
                                     out_dtype=out_dtype)
@@ -297,13 +320,19 @@ class Attention(nn.Module):
             keys = ops.hadamard128(keys)
         write_rows(cache.keys, meta.slots["csa"], keys, fmt)
 
-    def _select(self, head: torch.Tensor, cq: torch.Tensor, meta: AttentionMetadata, cache: LayerCache) -> torch.Tensor:
-        """CSA: the top-k CSA rows of each query (after :meth:`_index_keys`); ``head`` the
-        indexer's head-weight projection of the layer's input."""
-        indexer = self.compressor.indexer
+    def _index_queries(self, cq: torch.Tensor, meta: AttentionMetadata, cache: LayerCache) -> torch.Tensor:
+        """CSA: the indexer's queries from ``cQ``, rotated, and in the keys' format where the
+        cache holds them so (the keys' Hadamard rotation and FP4 or FP8 round trip)."""
+        qi = self.rotary(self.compressor.indexer.queries(cq), meta.positions)
         fmt = cache.key_format
-        qi = self.rotary(indexer.queries(cq), meta.positions)
-        if fmt is not None:  # the queries take the keys' rotation and FP4 (or FP8) round trip
+        if fmt is not None:
             qi = ops.index_key_round_trip(ops.hadamard128(qi.reshape(-1, INDEX_DIM)), fmt).view_as(qi)
-        return ops.indexer_topk(qi, indexer.weigh(head).float(), cache.keys, meta.tables["csa"], meta.token_seq,
+        return qi
+
+    def _select(self, weights: torch.Tensor, qi: torch.Tensor, meta: AttentionMetadata, cache: LayerCache) -> torch.Tensor:
+        """CSA: the top-k CSA rows of each query (after :meth:`_index_keys`) for the indexer's
+        queries ``qi`` (:meth:`_index_queries`) and head weights ``weights`` (float32,
+        :meth:`Indexer.weigh` of the layer's input's projection)."""
+        indexer = self.compressor.indexer
+        return ops.indexer_topk(qi, weights, cache.keys, meta.tables["csa"], meta.token_seq,
                                 meta.visible[indexer.ratio], indexer.topk, physical=True, tie_break=indexer.tie_break)
