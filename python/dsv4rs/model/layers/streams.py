@@ -4,14 +4,17 @@ A decode step at small batch runs one small kernel after another, none filling t
 layer has two chains that read nothing the other writes (the shared expert beside the router and
 the routed experts; the entry's norm, RoPE and cache writes, and the compressors, beside the
 query's projections), :func:`fork` starts a side stream after everything queued so far, the side
-chain is queued on it (:func:`on`), and :func:`join` makes the main stream wait for it before
-anything reads its results. CUDA graphs capture the fork and the join. On the CPU, or with
-:data:`ENABLED` off, the chains run one after the other, as written: the same values either way.
+chain is queued on it (:func:`on`), and :func:`join` makes the current stream wait for it before
+anything reads its results. A layer may run several side chains at once (lanes), one may wait for
+another (:func:`join` inside :func:`on`), and chains on the critical path are marked urgent (a
+stream of the GPU's highest priority). CUDA graphs capture the forks and the joins. On the CPU,
+or with :data:`ENABLED` off, the chains run one after the other, as written: the same values
+either way.
 
 Memory: the caching allocator hands a freed block only to later work of the stream that
-allocated it. What the side chain reads from the main stream (its inputs) must stay referenced
-until the join, and every side chain starts by waiting for the main stream, so neither stream
-reuses memory the other may still be reading.
+allocated it. What a side chain reads from another stream (its inputs) must stay referenced
+until the joins, and every side chain starts by waiting for the main stream (directly, or through
+the chain it forked from), so no stream reuses memory another may still be reading.
 """
 
 from __future__ import annotations
