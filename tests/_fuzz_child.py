@@ -262,6 +262,8 @@ def op_cases(g: Gen):
     yield "moe_route", ops.moe_route, dict(
         logits=g.randn(t, experts), k=2, scale=1.0, table=torch.randint(0, experts, (11, 2), generator=g.g),
         ids=torch.randint(0, 11, (t,), generator=g.g), norm=g.chance(0.5))
+    yield "linear_rows", ops.linear_rows, dict(x=g.randn(min(t, ops.MAX_LINEAR_ROWS), 64), weight=g.randn(24, 64),
+                                               out_dtype=g.r.choice([None, torch.float32, torch.bfloat16]))
     yield "swiglu", ops.swiglu, dict(gate=g.randn(t, 48), up=g.randn(t, 48), limit=g.r.choice([7.0, math.inf]))
     b = g.r.randint(1, 3)
     yield "step_rows", ops.step_rows, dict(

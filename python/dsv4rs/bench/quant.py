@@ -289,3 +289,27 @@ def linear(b: Bench) -> Iterator[Case]:
 
             if b.gpu and m <= DECODE_ROWS:
                 yield Case("linear", f"{name} M={m} tiles", run_tiles)
+
+    # The bfloat16 projections of a decode step's few rows: the router's logits and the packed
+    # side projections (CSA: compressor W_kv, W_gate, indexer W_kv, W_gate, head weights; HCA:
+    # the compressor's two), by ops.linear_rows beside torch's F.linear (cuBLAS).
+    dense = ([("router", 256, 4096), ("csa side", 2624, 4096), ("hca side", 1024, 4096)] if b.gpu
+             else [("router", 64, 256)])
+    for name, r, kdim in dense:
+        for m in [1, 8] if b.gpu else [1]:
+
+            def run_rows(name: str = name, r: int = r, kdim: int = kdim, m: int = m) -> Row:
+                dtype = torch.bfloat16 if b.gpu else torch.float32
+                w = (torch.randn(r, kdim, generator=gen) / kdim ** 0.5).to(dtype).to(b.device)
+                xs = [b.randn(m, kdim, dtype=dtype) for _ in range(2)]
+                n = copies(r * kdim * w.element_size()) if b.gpu else 2
+                wc = [w.clone() for _ in range(n)]
+                ms = b.per_call_ms(lambda j: ops.linear_rows(xs[j % 2], wc[j]), n)
+                eager = b.per_call_ms(lambda j: F.linear(xs[j % 2], wc[j]), n)
+                wc.clear()
+                moved = r * kdim * w.element_size() + m * kdim * w.element_size() + m * r * w.element_size()
+                label = f"bf16 linear_rows {name} M={m}"
+                return Row(label, ms, moved, 2.0 * m * r * kdim, eager,
+                           note=f"  {label}: beside: F.linear; {n} calls back to back in one graph, each on its own weight copy")
+
+            yield Case("linear", f"{name} rows M={m}", run_rows)

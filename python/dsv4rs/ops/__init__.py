@@ -22,6 +22,7 @@ their outputs (and workspace).
 - :mod:`.route`: ``moe_route`` (the experts and weights of each token from the router's logits).
   :mod:`.swiglu`: ``swiglu`` (the shared expert's clamped SwiGLU).
 - :mod:`.step_rows`: ``step_rows`` (a decode step's window and HCA candidate rows).
+- :mod:`.linear`: ``linear_rows`` (``x W^T`` for a decode step's few rows: the router's logits).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from dsv4rs.ops.formats import (
     quantize_index_keys,
 )
 from dsv4rs.ops.indexer import TIE_BREAKS, indexer_scores, indexer_topk
+from dsv4rs.ops.linear import MAX_LINEAR_ROWS, linear_rows
 from dsv4rs.ops.mhc import mhc_collapse, mhc_combine, mhc_pre, mhc_weights
 from dsv4rs.ops.norm import rms_norm
 from dsv4rs.ops.quant import moe_experts, quant_linear, weight_rows, weight_tiles
@@ -68,11 +70,11 @@ from dsv4rs.ops.swiglu import swiglu
 
 __all__ = [
     "ENTRY_DIM", "ENTRY_SCALE", "FP4_BLOCK", "FP8_BLOCK", "INDEX_DIM", "INDEX_KEY_BYTES", "MAIN_DATA_BYTES",
-    "MAIN_ENTRY_BYTES", "NORM_ROPE_ROW_MAX", "NOPE_DIM", "PAGE_ROWS", "ROPE_DIM", "ROPE_TABLES", "TIE_BREAKS", "IndexKeyFormat", "Quant",
+    "MAIN_ENTRY_BYTES", "MAX_LINEAR_ROWS", "NORM_ROPE_ROW_MAX", "NOPE_DIM", "PAGE_ROWS", "ROPE_DIM", "ROPE_TABLES", "TIE_BREAKS", "IndexKeyFormat", "Quant",
     "RopeTable",
     "attention_kernel", "compress", "compress_batch", "compressor_state", "copy_rows", "hadamard128",
     "index_key_read", "index_key_round_trip", "index_key_write", "indexer_scores", "indexer_topk", "kv_read",
-    "kv_write", "mhc_collapse", "mhc_combine", "mhc_pre", "mhc_weights", "moe_experts", "moe_route", "new_index_key_cache",
+    "kv_write", "linear_rows", "mhc_collapse", "mhc_combine", "mhc_pre", "mhc_weights", "moe_experts", "moe_route", "new_index_key_cache",
     "new_kv_cache", "quant_linear", "quantize_entries", "quantize_index_keys", "rms_norm", "rms_norm_rope", "rope", "sample_gumbel", "sparse_attention", "step_rows", "swiglu",
     "weight_rows", "weight_tiles",
     "warm_up",

@@ -22,6 +22,7 @@ pub mod cache;
 pub mod compress;
 pub mod error;
 pub mod formats;
+pub mod gemv;
 pub mod gpu;
 pub mod indexer;
 pub mod kv;

@@ -8,7 +8,7 @@ use dsv4rs_core::tensor::TensorRef;
 use dsv4rs_core::qgemm::{self, Act};
 use dsv4rs_core::rope::RopeTable;
 use dsv4rs_core::{
-    attention as attention_op, compress as compress_op, indexer as indexer_op, mhc, norm, rope as rope_op, route, sample,
+    attention as attention_op, compress as compress_op, gemv, indexer as indexer_op, mhc, norm, rope as rope_op, route, sample,
     step_rows as step_rows_op, swiglu as swiglu_op,
 };
 use pyo3::prelude::*;
@@ -196,6 +196,13 @@ pub fn rms_norm_rope(
     let (f, o) = (tref("inv_freq", inv_freq)?, tref("out", out)?);
     // SAFETY: as rope; `out` is a fresh tensor.
     run(py, || unsafe { rope_op::rms_norm_rope(&x, w.as_ref(), eps, round_bf16, &p, &f, &o, table, stream) })
+}
+
+#[pyfunction]
+pub fn linear_rows(py: Python<'_>, x: Spec, weight: Spec, out: Spec, stream: usize) -> PyResult<()> {
+    let (x, w, o) = (tref("x", x)?, tref("weight", weight)?, tref("out", out)?);
+    // SAFETY: as rope; `out` is a fresh tensor.
+    run(py, || unsafe { gemv::linear_rows(&x, &w, &o, stream) })
 }
 
 #[pyfunction]

@@ -4,6 +4,8 @@ always-on shared expert."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -12,7 +14,7 @@ from dsv4rs import ops
 from dsv4rs.model.config import V4Config
 from dsv4rs.model.layers.norm import linear
 from dsv4rs.model.layers import streams
-from dsv4rs.model.layers.packed import project
+from dsv4rs.model.layers.packed import dense, project
 from dsv4rs.model.layers.quant import FP4_BLOCK, retile_
 
 
@@ -258,12 +260,20 @@ class Router(nn.Module):
         """``(idx int64 [T, k], w [T, k])``: the logits in the activations' dtype, the rest in one
         op (:func:`dsv4rs.ops.moe_route`, float32 weights); a float64 model routes in float64 with
         torch ops."""
-        logits = F.linear(x, self.weight.to(x.dtype))
+        logits = self._logits(x)
         if logits.dtype == torch.float64:
             return self._in_torch(logits, ids)
         if self.hashed:
             return ops.moe_route(logits, self.k, self.scale, table=self.tid2eid, ids=ids, norm=self.norm)
         return ops.moe_route(logits, self.k, self.scale, bias=self.e_score_correction_bias, norm=self.norm)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``x W_g^T`` in the activations' dtype: for a decode step's few rows on a GPU
+        :func:`dsv4rs.ops.linear_rows` (one kernel, float32 sums in its fixed order), else
+        ``F.linear``."""
+        if os.environ.get("DSV4RS_ROUTER_GEMV", "auto") == "off":
+            return F.linear(x, self.weight.to(x.dtype))
+        return dense(x, self.weight.to(x.dtype))
 
     def _in_torch(self, logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scores = F.softplus(logits).sqrt()

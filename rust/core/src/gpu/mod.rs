@@ -5,6 +5,7 @@
 
 pub mod attention;
 pub mod compress;
+pub mod gemv;
 pub mod indexer;
 pub mod mhc;
 pub mod norm;
@@ -83,6 +84,7 @@ declare_kernels! {
     MhcMix = "dsv4_mhc_mix" in "mhc",
     MhcPre = "dsv4_mhc_pre" in "mhc",
     RmsNorm = "dsv4_rms_norm" in "norm",
+    GemvRows = "dsv4_gemv_rows" in "gemv",
     QgemmFp8M64 = "dsv4_qgemm_fp8_m64" in "qgemm",
     QgemmFp4M64 = "dsv4_qgemm_fp4_m64" in "qgemm",
     QgemmFp8Wgmma = "dsv4_qgemm_fp8_wgmma" in "qgemm_sm90a",
