@@ -33,7 +33,7 @@ def test_matches_the_float64_product(gen: torch.Generator, device: str, rows: in
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_gpu_gives_the_cpus_bits_in_one_kernel(gen: torch.Generator, dtype) -> None:
+def test_gpu_gives_the_cpus_bits(gen: torch.Generator, dtype) -> None:
     # warps a weight row (rust/core/src/gemv.rs split): 8 (256 x 4,096), 4 (33 x 2,048), 2 (k
     # 1,024; 1,032: 129 chunks; 600 rows), 1 (k 1,000 and 64; 2,624 rows)
     for rows, n, k in ((1, 256, 4096), (8, 256, 4096), (3, 33, 2048), (2, 9, 1024), (5, 13, 1032), (2, 600, 2048),
@@ -42,10 +42,17 @@ def test_gpu_gives_the_cpus_bits_in_one_kernel(gen: torch.Generator, dtype) -> N
         cpu = ops.linear_rows(x, w)
         gx, gw = x.cuda(), w.cuda()
         assert torch.equal(ops.linear_rows(gx, gw).cpu(), cpu)
-        assert launched_kernels(lambda: ops.linear_rows(gx, gw)) == {"dsv4_gemv_rows"}
         # torch's GEMV within float32 reordering
         torch.testing.assert_close(ops.linear_rows(gx, gw, torch.float32), F.linear(gx.float(), gw.float()),
                                    rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.profiler
+def test_gpu_runs_one_kernel(gen: torch.Generator) -> None:
+    for rows, n, k in ((1, 256, 4096), (8, 2624, 4096)):
+        gx, gw = torch.randn(rows, k, generator=gen).cuda().bfloat16(), torch.randn(n, k, generator=gen).cuda().bfloat16()
+        assert launched_kernels(lambda: ops.linear_rows(gx, gw)) == {"dsv4_gemv_rows"}
 
 
 @pytest.mark.gpu
