@@ -289,6 +289,6 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_attention_combine(const P
     derotate_pair(acc[0], acc[1], pos, p, (d - NOPE_DIM) / 2);
     derotate_pair(acc[2], acc[3], pos, p, (d - NOPE_DIM) / 2 + 1);
   }
-  store_out4(p, t * p.heads + h, d, acc);
+  *(float4*)(p.out + (t * p.heads + h) * ENTRY_DIM + d) = make_float4(acc[0], acc[1], acc[2], acc[3]);
   if (tid == 0) p.lse[t * p.heads + h] = m == -INFINITY ? -INFINITY : (m + log2f(sum)) / LOG2E;
 }

@@ -121,36 +121,15 @@ struct Params {
   int rope_mode;               // bits of rope.cuh
   int splits;
   int split_len;
-  void* out;       // [T, H, 512], float32 or (out_bf16) bfloat16
+  float* out;      // [T, H, 512]
   float* lse;      // [T, H]
   float* part_o;   // [T, splits, H, 512]
   float* part_ml;  // [T, splits, H, 2]
-  int out_bf16;    // the output rounded to bfloat16 as it is stored
 };
 static_assert(sizeof(Cache) == 24 && sizeof(List) == 32, "Cache and List must match rust/core/src/gpu/attention.rs");
-static_assert(sizeof(Params) == 224, "Params must match rust/core/src/gpu/attention.rs");
-static_assert(offsetof(Params, sink) == 128 && offsetof(Params, part_ml) == 208 && offsetof(Params, out_bf16) == 216,
+static_assert(sizeof(Params) == 216, "Params must match rust/core/src/gpu/attention.rs");
+static_assert(offsetof(Params, sink) == 128 && offsetof(Params, part_ml) == 208,
               "Params must match rust/core/src/gpu/attention.rs");
-
-// Stores output values d, d + 1 of row `row` (float32, or rounded to bfloat16).
-__device__ __forceinline__ void store_out2(const Params& p, long long row, int d, float x0, float x1) {
-  if (p.out_bf16) {
-    *(uint32_t*)((uint16_t*)p.out + row * ENTRY_DIM + d) = (uint32_t)bf16_from_f32(x0) | ((uint32_t)bf16_from_f32(x1) << 16);
-  } else {
-    *(float2*)((float*)p.out + row * ENTRY_DIM + d) = make_float2(x0, x1);
-  }
-}
-
-// Stores output values d .. d + 3 of row `row` (d a multiple of 4).
-__device__ __forceinline__ void store_out4(const Params& p, long long row, int d, const float (&x)[4]) {
-  if (p.out_bf16) {
-    *(uint2*)((uint16_t*)p.out + row * ENTRY_DIM + d) =
-        make_uint2((uint32_t)bf16_from_f32(x[0]) | ((uint32_t)bf16_from_f32(x[1]) << 16),
-                   (uint32_t)bf16_from_f32(x[2]) | ((uint32_t)bf16_from_f32(x[3]) << 16));
-  } else {
-    *(float4*)((float*)p.out + row * ENTRY_DIM + d) = make_float4(x[0], x[1], x[2], x[3]);
-  }
-}
 
 __device__ __forceinline__ int list_count(const List& l, long long t) {
   if (!l.ids) return 0;
@@ -350,14 +329,14 @@ __device__ __forceinline__ void finish_rows(const Params& p, float (&o)[N][4], f
       // out = O / (l + 2^(sink - m)) with O and l relative to the row max m (0 when no candidate).
       const float m = row_max[j];
       const float f = m == -INFINITY ? 0.f : 1.f / (row_sum[j] + exp2f(p.sink[h] * LOG2E - m));
-      const long long row = t * p.heads + h;
+      float* dst = p.out + (t * p.heads + h) * ENTRY_DIM;
       const long long pos = p.positions ? load_id(p.positions, t, p.positions64) : 0;
 #pragma unroll
       for (int n = 0; n < N; ++n) {
         float x0 = o[n][2 * j] * f, x1 = o[n][2 * j + 1] * f;
         const int d = d0 + 8 * n + c2;
         if (p.positions && d >= NOPE_DIM) derotate_pair(x0, x1, pos, p, (d - NOPE_DIM) / 2);
-        store_out2(p, row, d, x0, x1);
+        *(float2*)(dst + d) = make_float2(x0, x1);
       }
       if (first && lane % 4 == 0)
         p.lse[t * p.heads + h] = m == -INFINITY ? -INFINITY : (m + log2f(row_sum[j])) / LOG2E;

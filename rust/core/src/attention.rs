@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::gpu;
 pub use crate::gpu::attention::Candidates;
 use crate::gpu::attention::AttentionArgs;
-use crate::quant::{self, ENTRY_DIM, MAIN_ENTRY, ROPE_DIM};
+use crate::quant::{ENTRY_DIM, MAIN_ENTRY, ROPE_DIM};
 use crate::rope::{inv_freq_values, RopeTable, Rotation};
 use crate::rows::{cache_kind, check_rows, CacheKind, Floats, Ids, PagedRows};
 use crate::simd::{multiversion, F32x16, LANES};
@@ -239,10 +239,9 @@ unsafe fn source<'a>(cache: &'a TensorRef, ids: &'a TensorRef, lengths: Option<&
 
 /// Attention of `q` (float32/bfloat16 `[T, H, 512]`) over candidate rows `indices` (int32/int64
 /// `[T, K]`, -1 masked, the first `lengths[t]` counting when given) of `cache`, plus those of
-/// `extra`, in one softmax with the sink `sink` (float32 `[H]`). Writes `out` (float32 or
-/// bfloat16 `[T, H, 512]`: bfloat16 is the float32 output rounded to nearest even as it is
-/// stored) and `lse` (float32 `[T, H]`, the log-sum-exp of the candidates' logits without the
-/// sink, -inf when a query has none; its output is then 0).
+/// `extra`, in one softmax with the sink `sink` (float32 `[H]`). Writes `out` (float32
+/// `[T, H, 512]`) and `lse` (float32 `[T, H]`, the log-sum-exp of the candidates' logits without
+/// the sink, -inf when a query has none; its output is then 0).
 ///
 /// # Safety
 /// Every tensor satisfies [`TensorRef`]'s contract; the outputs alias nothing else.
@@ -284,7 +283,7 @@ pub unsafe fn sparse_attention(
         return sparse_attention_gpu(dev, stream, q, a, extra, sink, scale, derotate, workspace, out, lse);
     }
     out.expect_device(Device::Cpu)?;
-    let out_dtype = out.expect_dtype(&[DType::F32, DType::BF16])?;
+    out.expect_dtype(&[DType::F32])?;
     out.expect_shape(&[Some(t), Some(heads), Some(D)])?;
     lse.expect_device(Device::Cpu)?;
     lse.expect_dtype(&[DType::F32])?;
@@ -311,14 +310,7 @@ pub unsafe fn sparse_attention(
     let ctx = Ctx { q: Floats::new(q)?, heads, scale, sources };
 
     let threads = rayon::current_num_threads();
-    // A bfloat16 output is computed in float32 and rounded once, as the GPU stores it.
-    let mut staged = Vec::new();
-    let dst: &mut [f32] = if out_dtype == DType::F32 {
-        out.host_mut::<f32>(&[DType::F32])?
-    } else {
-        staged.resize(t * heads * D, 0f32);
-        &mut staged
-    };
+    let dst = out.host_mut::<f32>(&[DType::F32])?;
     let lse_v = lse.host_mut::<f32>(&[DType::F32])?;
     dst.par_chunks_mut(heads * D).zip(lse_v.par_chunks_mut(heads)).enumerate().try_for_each_init(
         Scratch::default,
@@ -345,12 +337,7 @@ pub unsafe fn sparse_attention(
             finish(&st, &sink_v, r.as_ref(), o, l);
             Ok(())
         },
-    )?;
-    if out_dtype == DType::BF16 {
-        let bits = out.host_mut::<u16>(&[DType::BF16])?;
-        bits.par_iter_mut().zip(staged.par_iter()).for_each(|(b, &x)| *b = quant::bf16_from_f32(x));
-    }
-    Ok(())
+    )
 }
 
 /// The GPU form of [`sparse_attention`] (cuda/attention.cu), after the checks they share.
@@ -374,7 +361,7 @@ unsafe fn sparse_attention_gpu(
     let (t, heads) = (q.dim(0), q.dim(1));
     q.expect_dtype(&[DType::F32, DType::BF16])?;
     sink.expect_dtype(&[DType::F32])?;
-    out.expect_dtype(&[DType::F32, DType::BF16])?;
+    out.expect_dtype(&[DType::F32])?;
     out.expect_shape(&[Some(t), Some(heads), Some(D)])?;
     lse.expect_dtype(&[DType::F32])?;
     lse.expect_shape(&[Some(t), Some(heads)])?;

@@ -149,15 +149,10 @@ struct Params {
     lse: u64,
     part_o: u64,
     part_ml: u64,
-    out_bf16: i32,
 }
 const _: () = assert!(std::mem::size_of::<Cache>() == 24 && std::mem::size_of::<List>() == 32);
-const _: () = assert!(std::mem::size_of::<Params>() == 224);
-const _: () = assert!(
-    std::mem::offset_of!(Params, sink) == 128
-        && std::mem::offset_of!(Params, part_ml) == 208
-        && std::mem::offset_of!(Params, out_bf16) == 216
-);
+const _: () = assert!(std::mem::size_of::<Params>() == 216);
+const _: () = assert!(std::mem::offset_of!(Params, sink) == 128 && std::mem::offset_of!(Params, part_ml) == 208);
 
 /// The attention kernel `sparse_attention` launches on GPU `dev`: "wgmma", "mma" or "portable"
 /// (after `DSV4RS_ATTENTION_KERNEL`).
@@ -231,8 +226,8 @@ fn list(c: &Candidates) -> List {
 
 /// # Safety
 /// Every tensor satisfies `TensorRef`'s contract on device `dev` with the shapes `crate::attention`
-/// checks (bf16 rows caches `[P, 64, 512]`, FP8 caches `[P, 37376]`, q and out bf16/f32, sink
-/// and inv_freq float32); `stream` belongs to that device.
+/// checks (bf16 rows caches `[P, 64, 512]`, FP8 caches `[P, 37376]`, q bf16/f32, sink and
+/// inv_freq float32); `stream` belongs to that device.
 pub unsafe fn sparse_attention(dev: i32, stream: usize, a: &AttentionArgs) -> Result<()> {
     let (t, heads) = (a.q.dim(0), a.q.dim(1));
     let width = a.a.indices.dim(1) + a.b.as_ref().map_or(0, |b| b.indices.dim(1));
@@ -266,7 +261,6 @@ pub unsafe fn sparse_attention(dev: i32, stream: usize, a: &AttentionArgs) -> Re
         lse: a.lse.ptr as u64,
         part_o,
         part_ml: part_o + (t * splits * heads * 512 * 4) as u64,
-        out_bf16: (a.out.dtype == DType::BF16) as i32,
     };
     let pp = &mut p as *mut Params as *mut c_void;
     let variant = choose(dev)?;
