@@ -11,8 +11,7 @@ cache (:class:`LayerCache`). A layer then:
    entries they complete; CSA also writes indexer keys and selects its top-k rows with
    :func:`dsv4rs.ops.indexer_topk`; HCA attends every visible row;
 4. attends with :func:`dsv4rs.ops.sparse_attention` (sink, window as the second list, fused
-   de-rotation; the output in bfloat16 where the projection computes in it) and applies the
-   grouped output projection.
+   de-rotation) and applies the grouped output projection.
 
 On a GPU, steps 1-3 run as chains on side streams beside the query's projection
 (:meth:`Attention.forward`).
