@@ -14,7 +14,7 @@ from dsv4rs import ops
 from dsv4rs.model.config import V4Config
 from dsv4rs.model.layers.norm import linear
 from dsv4rs.model.layers import streams
-from dsv4rs.model.layers.packed import dense, project
+from dsv4rs.model.layers.packed import project
 from dsv4rs.model.layers.quant import FP4_BLOCK, retile_
 
 
@@ -268,12 +268,16 @@ class Router(nn.Module):
         return ops.moe_route(logits, self.k, self.scale, bias=self.e_score_correction_bias, norm=self.norm)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        """``x W_g^T`` in the activations' dtype: for a decode step's few rows on a GPU
-        :func:`dsv4rs.ops.linear_rows` (one kernel, float32 sums in its fixed order), else
-        ``F.linear``."""
-        if os.environ.get("DSV4RS_ROUTER_GEMV", "auto") == "off":
-            return F.linear(x, self.weight.to(x.dtype))
-        return dense(x, self.weight.to(x.dtype))
+        """``x W_g^T`` in the activations' dtype: for a decode step's few rows on a GPU (float32
+        or bfloat16) :func:`dsv4rs.ops.linear_rows` (one kernel, float32 sums in its fixed order,
+        where cuBLAS runs a split-K GEMV and a reduce), else ``F.linear``;
+        ``DSV4RS_ROUTER_GEMV=off`` keeps ``F.linear``."""
+        w = self.weight.to(x.dtype)
+        if (os.environ.get("DSV4RS_ROUTER_GEMV", "auto") != "off" and x.is_cuda and x.dim() == 2
+                and 0 < x.shape[0] <= ops.MAX_LINEAR_ROWS and x.dtype in (torch.float32, torch.bfloat16) and x.shape[1] % 8 == 0 and x.is_contiguous()
+                and w.is_contiguous() and x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0):
+            return ops.linear_rows(x, w)
+        return F.linear(x, w)
 
     def _in_torch(self, logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scores = F.softplus(logits).sqrt()

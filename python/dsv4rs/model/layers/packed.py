@@ -125,17 +125,6 @@ def pack_(mods: Sequence[nn.Module]) -> bool:
     return True
 
 
-def dense(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``F.linear(x, w)``; for a decode step's few rows on a GPU (float32 or bfloat16, one dtype)
-    :func:`dsv4rs.ops.linear_rows`, one kernel with float32 sums in its fixed order, where cuBLAS
-    runs a split-K GEMV and a reduce."""
-    if (x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= ops.MAX_LINEAR_ROWS and x.dtype == w.dtype
-            and x.dtype in (torch.float32, torch.bfloat16) and x.shape[1] % 8 == 0 and x.is_contiguous()
-            and w.is_contiguous() and x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0):
-        return ops.linear_rows(x, w)
-    return F.linear(x, w)
-
-
 def project(x: torch.Tensor, mods: Sequence[nn.Module], dtype: torch.dtype | None = None) -> list[torch.Tensor]:
     """``[m(x) for m in mods]``: one linear over the packed weights split by columns (views of
     its output) where the group is packed, else each module in turn. With ``dtype`` the outputs
