@@ -96,3 +96,24 @@ def test_bad_input_raises_naming_the_argument() -> None:
     for call, err, name in cases:
         with pytest.raises(err, match=f"^{name}: "):
             call()
+
+
+def test_router_switch_takes_on_or_off_and_refuses_anything_else(gen: torch.Generator,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from dsv4rs.model.config import V4Config
+    from dsv4rs.model.layers.moe import Router
+
+    router = Router(V4Config.tiny(), hashed=False)
+    with torch.no_grad():
+        router.weight.normal_(generator=gen)
+    x = torch.randn(2, router.weight.shape[1], generator=gen)
+    ids = torch.zeros(2, dtype=torch.int64)
+    want = router(x, ids)
+    for value in ("on", "off", ""):
+        monkeypatch.setenv("DSV4RS_ROUTER_GEMV", value)
+        got = router(x, ids)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    for value in ("auto", "0", "OFF"):
+        monkeypatch.setenv("DSV4RS_ROUTER_GEMV", value)
+        with pytest.raises(ValueError, match="DSV4RS_ROUTER_GEMV"):
+            router(x, ids)

@@ -241,6 +241,18 @@ class Experts(nn.Module):
         return out
 
 
+def _router_gemv() -> bool:
+    """Whether the router's logits may run on :func:`dsv4rs.ops.linear_rows`:
+    ``DSV4RS_ROUTER_GEMV`` is ``on`` (or unset) or ``off``; any other value is an error, not a
+    silent default."""
+    value = os.environ.get("DSV4RS_ROUTER_GEMV", "")
+    if value in ("", "on"):
+        return True
+    if value == "off":
+        return False
+    raise ValueError(f"DSV4RS_ROUTER_GEMV must be on or off, got {value!r}")
+
+
 class Router(nn.Module):
     """Expert choice and weights: affinity ``sqrt(softplus(x W_g^T))``; hash layers take the
     experts from ``tid2eid[token]``, the others the top-k of affinity plus
@@ -271,9 +283,9 @@ class Router(nn.Module):
         """``x W_g^T`` in the activations' dtype: for a decode step's few rows on a GPU (float32
         or bfloat16) :func:`dsv4rs.ops.linear_rows` (one kernel, float32 sums in its fixed order,
         where cuBLAS runs a split-K GEMV and a reduce), else ``F.linear``;
-        ``DSV4RS_ROUTER_GEMV=off`` keeps ``F.linear``."""
+        ``DSV4RS_ROUTER_GEMV=off`` keeps ``F.linear`` (``on``, or unset, the default)."""
         w = self.weight.to(x.dtype)
-        if (os.environ.get("DSV4RS_ROUTER_GEMV", "auto") != "off" and x.is_cuda and x.dim() == 2
+        if (_router_gemv() and x.is_cuda and x.dim() == 2
                 and 0 < x.shape[0] <= ops.MAX_LINEAR_ROWS and x.dtype in (torch.float32, torch.bfloat16) and x.shape[1] % 8 == 0 and x.is_contiguous()
                 and w.is_contiguous() and x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0):
             return ops.linear_rows(x, w)
