@@ -537,6 +537,7 @@ def test_attention_kernel_switch_takes_effect(gen: torch.Generator, monkeypatch:
              "portable": "dsv4_sparse_attention_portable16"}
     every = set(names.values()) | {"dsv4_sparse_attention_portable"}
     run = lambda: ops.sparse_attention(q, cache, idx, sink, **args)  # noqa: E731
+    monkeypatch.delenv("DSV4RS_ATTENTION_KERNEL", raising=False)  # the default, whatever the caller forced
     default_launched = launched_kernels(run)
     outs = {}
     for kernel in runnable_kernels():
