@@ -259,7 +259,8 @@ extern "C" __global__ void __launch_bounds__(P_THREADS, 1) dsv4_sparse_attention
   portable_attention<HEAD_TILES, P_THREADS / 32>(p, smem);
 }
 
-// Folds split partials: grid (heads, queries), 128 threads, 4 dims each.
+// Folds split partials: grid (heads, queries), 128 threads, 4 dims each; the output float32, or
+// bfloat16 rounded to nearest even (out_bf16).
 extern "C" __global__ void __launch_bounds__(128) dsv4_attention_combine(const Params p) {
   dsv4::grid_begin();
   const int h = blockIdx.x, tid = threadIdx.x;
@@ -289,6 +290,12 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_attention_combine(const P
     derotate_pair(acc[0], acc[1], pos, p, (d - NOPE_DIM) / 2);
     derotate_pair(acc[2], acc[3], pos, p, (d - NOPE_DIM) / 2 + 1);
   }
-  *(float4*)(p.out + (t * p.heads + h) * ENTRY_DIM + d) = make_float4(acc[0], acc[1], acc[2], acc[3]);
+  const long long at = (t * p.heads + h) * ENTRY_DIM + d;
+  if (p.out_bf16) {
+    *(uint2*)((uint16_t*)p.out + at) = make_uint2((uint32_t)bf16_from_f32(acc[0]) | ((uint32_t)bf16_from_f32(acc[1]) << 16),
+                                                  (uint32_t)bf16_from_f32(acc[2]) | ((uint32_t)bf16_from_f32(acc[3]) << 16));
+  } else {
+    *(float4*)(p.out + at) = make_float4(acc[0], acc[1], acc[2], acc[3]);
+  }
   if (tid == 0) p.lse[t * p.heads + h] = m == -INFINITY ? -INFINITY : (m + log2f(sum)) / LOG2E;
 }

@@ -623,6 +623,24 @@ def test_sparse_attention_query_layouts(gen: torch.Generator, kernel: str) -> No
     assert torch.equal(bf, ref) and torch.equal(odd, ref)
 
 
+@pytest.mark.parametrize("t,k", [(1, 640), (1, 8192), (200, 96)])
+def test_sparse_attention_bfloat16_output_is_the_float32_output_rounded(gen: torch.Generator, t: int, k: int,
+                                                                        kernel: str) -> None:
+    """out_dtype=torch.bfloat16 gives the bits of the float32 output's ``.to(torch.bfloat16)``,
+    de-rotation included, with each kernel: where one query's candidates go in several splits
+    the combine stores it (t = 1), where the grid has one split the op casts (t = 200); the
+    log-sum-exp is unchanged."""
+    q, cache, idx, lengths, wcache, widx, sink = (x.cuda() for x in attention_case(gen, t, 64, 3000, k, "fp8", 128))
+    inv_freq = reference.rope_inv_freq(64, 10000.0).float().cuda()
+    pos = torch.randint(0, 10**6, (t,), generator=gen).cuda()
+    args = dict(lengths=lengths, extra_cache=wcache, extra_indices=widx, derotate=(pos, inv_freq))
+    out, lse = ops.sparse_attention(q, cache, idx, sink, **args)
+    out16, lse16 = ops.sparse_attention(q, cache, idx, sink, out_dtype=torch.bfloat16, **args)
+    assert out16.dtype == torch.bfloat16
+    assert torch.equal(out16.view(torch.int16), out.bfloat16().view(torch.int16))
+    assert torch.equal(lse16, lse)
+
+
 def test_sparse_attention_edge_cases(gen: torch.Generator, kernel: str) -> None:
     rows = torch.randn(64, 512, generator=gen)
     cache = ops.quantize_entries(rows)

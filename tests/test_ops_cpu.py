@@ -631,6 +631,28 @@ def test_attention_parallel_splits_agree(gen: torch.Generator) -> None:
     close(alone, reference_attention(q, sink, [(rows, idx, None)])[0])
 
 
+def test_attention_bfloat16_output_is_the_float32_output_rounded(gen: torch.Generator) -> None:
+    """out_dtype=torch.bfloat16 stores the float32 output rounded to nearest even: the bits of
+    ``out.to(torch.bfloat16)``, for one query split among threads and for many, with two lists,
+    lengths and the de-rotation; other dtypes are refused, naming the argument."""
+    compressed, _ = entry_cache(gen, 500, "fp8")
+    window, _ = entry_cache(gen, 200, "bfloat16")
+    for t in (1, 6):
+        q = randn(gen, t, 16, 512).bfloat16()
+        idx, widx = random_indices(gen, t, 900, 500), random_indices(gen, t, 128, 200)
+        lengths = torch.randint(0, 901, (t,), generator=gen).int()
+        args = dict(lengths=lengths, extra_cache=window, extra_indices=widx,
+                    derotate=(torch.randint(0, 1 << 20, (t,), generator=gen), INV_FREQ))
+        sink = randn(gen, 16)
+        out, lse = ops.sparse_attention(q, compressed, idx, sink, **args)
+        out16, lse16 = ops.sparse_attention(q, compressed, idx, sink, out_dtype=torch.bfloat16, **args)
+        assert out.dtype == torch.float32 and out16.dtype == torch.bfloat16
+        assert torch.equal(out16.view(torch.int16), out.bfloat16().view(torch.int16))
+        assert torch.equal(lse16, lse)
+    with pytest.raises(ValueError, match="out_dtype"):
+        ops.sparse_attention(q, compressed, idx, sink, out_dtype=torch.float16)
+
+
 def test_attention_rejects_bad_inputs(gen: torch.Generator) -> None:
     cache, _ = entry_cache(gen, 64, "fp8")
     q, sink = randn(gen, 2, 4, 512), randn(gen, 4)
@@ -693,6 +715,9 @@ def test_opcheck(gen: torch.Generator) -> None:
     torch.library.opcheck(torch.ops.dsv4rs.sparse_attention.default,
                           (randn(gen, 2, 4, 512), kv, idx, randn(gen, 4), 0.05, torch.tensor([3, 10], dtype=torch.int32),
                            kv, idx, None, pos[:2], INV_FREQ, "exact"))
+    torch.library.opcheck(torch.ops.dsv4rs.sparse_attention.default,
+                          (randn(gen, 2, 4, 512), kv, idx, randn(gen, 4), 0.05, None, None, None, None, None, None,
+                           "official", True))
 
 
 # ---------------------------------------------------------------------------------- mHC weights

@@ -121,14 +121,15 @@ struct Params {
   int rope_mode;               // bits of rope.cuh
   int splits;
   int split_len;
-  float* out;      // [T, H, 512]
+  float* out;      // [T, H, 512]; bfloat16 where out_bf16 (the combine's stores only)
   float* lse;      // [T, H]
   float* part_o;   // [T, splits, H, 512]
   float* part_ml;  // [T, splits, H, 2]
+  int out_bf16;    // the combine rounds the output to bfloat16 as it stores it (splits > 1)
 };
 static_assert(sizeof(Cache) == 24 && sizeof(List) == 32, "Cache and List must match rust/core/src/gpu/attention.rs");
-static_assert(sizeof(Params) == 216, "Params must match rust/core/src/gpu/attention.rs");
-static_assert(offsetof(Params, sink) == 128 && offsetof(Params, part_ml) == 208,
+static_assert(sizeof(Params) == 224, "Params must match rust/core/src/gpu/attention.rs");
+static_assert(offsetof(Params, sink) == 128 && offsetof(Params, part_ml) == 208 && offsetof(Params, out_bf16) == 216,
               "Params must match rust/core/src/gpu/attention.rs");
 
 __device__ __forceinline__ int list_count(const List& l, long long t) {

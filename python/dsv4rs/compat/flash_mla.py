@@ -336,7 +336,8 @@ def _attend(q: torch.Tensor, lists: list[_List], sink: torch.Tensor, scale: floa
         (cache, ids, lengths), extra = args[0], (args[1] if len(args) > 1 else (None, None, None))
         try:
             o, l = ops.sparse_attention(q[t0:t1].contiguous(), cache, ids, sink, scale=scale, lengths=lengths,
-                                        extra_cache=extra[0], extra_indices=extra[1], extra_lengths=extra[2])
+                                        extra_cache=extra[0], extra_indices=extra[1], extra_lengths=extra[2],
+                                        out_dtype=torch.bfloat16 if out.dtype == torch.bfloat16 else torch.float32)
         except ValueError as e:  # (the CPU's value checks) in FlashMLA's argument names
             raise renamed(e, names, origins, {"q": t0 * q[0].numel()}) from None
         out[t0:t1].copy_(o)
@@ -422,13 +423,14 @@ def flash_mla_sparse_fwd(
     ids = torch.where(ok, ids, -1)
     qc = q.contiguous()
     try:
-        out, lse = ops.sparse_attention(qc, cache, ids, finite_sink(attn_sink, h_q, dev), scale=sm_scale)
+        out, lse = ops.sparse_attention(qc, cache, ids, finite_sink(attn_sink, h_q, dev), scale=sm_scale,
+                                        out_dtype=torch.bfloat16)
     except ValueError as e:  # the cache's rows are kv's rows
         raise renamed(e, {"q": "q", "sink": "attn_sink", "cache": "kv"}) from None
     lse.masked_fill_(lse == -math.inf, math.inf)
     max_logits = torch.full((s_q, h_q), -math.inf, dtype=torch.float32, device=dev)
     _max_logits(qc, rows, ids, ok, sm_scale, max_logits)
-    return out.to(torch.bfloat16), max_logits, lse
+    return out, max_logits, lse
 
 
 def _max_logits(q: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, ok: torch.Tensor, scale: float,

@@ -28,16 +28,19 @@ def _sparse_attention(
     q: torch.Tensor, cache: torch.Tensor, indices: torch.Tensor, sink: torch.Tensor, scale: float,
     lengths: torch.Tensor | None, extra_cache: torch.Tensor | None, extra_indices: torch.Tensor | None,
     extra_lengths: torch.Tensor | None, derotate_positions: torch.Tensor | None,
-    derotate_inv_freq: torch.Tensor | None, rope_table: str,
+    derotate_inv_freq: torch.Tensor | None, rope_table: str, out_bf16: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
     opt = lambda name, t: None if t is None else spec(name, t)  # noqa: E731
-    workspace = None
+    workspace, size = None, 0
     if q.device.type == "cuda" and q.dim() == 3 and indices.dim() == 2:
         width = indices.shape[1] + (extra_indices.shape[1] if extra_indices is not None and extra_indices.dim() == 2 else 0)
         size = _core.attention_workspace_bytes(q.shape[0], q.shape[1], width)
         workspace = torch.empty(max(size, 16), dtype=torch.uint8, device=q.device)
+    # A bfloat16 output is stored by the split combine (a call whose candidates are split, which
+    # is what a workspace means); otherwise the float32 output is cast, the same bits.
+    direct = out_bf16 and size > 0
+    out = torch.empty(q.shape, dtype=torch.bfloat16 if direct else torch.float32, device=q.device)
     _core.sparse_attention(
         spec("q", q), spec("cache", cache), spec("indices", indices), opt("lengths", lengths),
         opt("extra_cache", extra_cache), opt("extra_indices", extra_indices), opt("extra_lengths", extra_lengths),
@@ -45,7 +48,7 @@ def _sparse_attention(
         opt("derotate inv_freq", derotate_inv_freq), rope_table, spec("out", out), spec("lse", lse), opt("workspace", workspace),
         stream(q),
     )
-    return out, lse
+    return (out.to(torch.bfloat16) if out_bf16 and not direct else out), lse
 
 
 @_sparse_attention.register_fake
@@ -53,9 +56,10 @@ def _(
     q: torch.Tensor, cache: torch.Tensor, indices: torch.Tensor, sink: torch.Tensor, scale: float,
     lengths: torch.Tensor | None, extra_cache: torch.Tensor | None, extra_indices: torch.Tensor | None,
     extra_lengths: torch.Tensor | None, derotate_positions: torch.Tensor | None,
-    derotate_inv_freq: torch.Tensor | None, rope_table: str,
+    derotate_inv_freq: torch.Tensor | None, rope_table: str, out_bf16: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return q.new_empty(q.shape, dtype=torch.float32), q.new_empty(q.shape[:2], dtype=torch.float32)
+    out = q.new_empty(q.shape, dtype=torch.bfloat16 if out_bf16 else torch.float32)
+    return out, q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
 def sparse_attention(
@@ -63,6 +67,7 @@ def sparse_attention(
     lengths: torch.Tensor | None = None, extra_cache: torch.Tensor | None = None,
     extra_indices: torch.Tensor | None = None, extra_lengths: torch.Tensor | None = None,
     derotate: tuple[torch.Tensor, torch.Tensor] | None = None, rope_table: RopeTable = "official",
+    out_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention with a sink over per-query candidate rows (docs/model.md section 2), K = V = the row.
 
@@ -84,14 +89,20 @@ def sparse_attention(
         derotate: ``(positions int64 [T], inv_freq)``: inverse RoPE of each head's output at
             the query position (the last ``2 * len(inv_freq)`` dims).
         rope_table: how that rotation's angles are computed (:data:`dsv4rs.ops.rope.ROPE_TABLES`).
+        out_dtype: ``torch.float32`` or ``torch.bfloat16``: the output as computed (float32), or
+            rounded to nearest even, the same bits as ``out.to(torch.bfloat16)``. On a GPU a call
+            whose candidates go in several splits (few queries) has the split combine store it so,
+            without the float32 tensor and the cast; other calls cast.
 
     Returns:
-        ``(out float32 [T, H, 512], lse float32 [T, H])``: ``lse`` is the log-sum-exp of the
+        ``(out [T, H, 512] of out_dtype, lse float32 [T, H])``: ``lse`` is the log-sum-exp of the
         candidates' logits without the sink; a query without candidates gets ``-inf`` and a zero
         output.
     """
     q = as_tensor("q", q)
     ndim("q", q, 3)
+    if out_dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"out_dtype: expected torch.float32 or torch.bfloat16, got {out_dtype!r}")
     if (extra_cache is None) != (extra_indices is None):
         raise ValueError("extra_cache, extra_indices: give both or neither")
     if extra_lengths is not None and extra_indices is None:
@@ -106,5 +117,5 @@ def sparse_attention(
         q, as_tensor("cache", cache), as_tensor("indices", indices), as_tensor("sink", sink),
         ENTRY_SCALE if scale is None else float(scale), opt("lengths", lengths), opt("extra_cache", extra_cache),
         opt("extra_indices", extra_indices), opt("extra_lengths", extra_lengths), opt("positions", positions),
-        opt("inv_freq", inv_freq), rope_table,
+        opt("inv_freq", inv_freq), rope_table, out_dtype == torch.bfloat16,
     )

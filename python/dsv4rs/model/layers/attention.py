@@ -234,7 +234,8 @@ class Attention(nn.Module):
         return cq, rms_norm(q, None, self.eps, dtype)
 
     def output(self, o: torch.Tensor) -> torch.Tensor:
-        """Grouped output projection of the de-rotated attention output ``o [T, H, 512]``."""
+        """Grouped output projection of the de-rotated attention output ``o [T, H, 512]`` (float32,
+        or already in the projection's dtype: :meth:`_out_dtype`)."""
         grouped = o.reshape(o.shape[0], self.groups, -1).to(compute_dtype(self.o_b_proj))
         y = self.o_b_proj(self.o_a_proj(grouped))
         return y if self.reduce is None else self.reduce(y)
@@ -285,12 +286,20 @@ class Attention(nn.Module):
         if comp is not None:
             streams.join(side_stream)
         sinks, derotate, table = self.sinks.float(), (meta.positions, self.rotary.inv_freq), self.rotary.table
+        out_dtype = self._out_dtype()
         if comp is None:
-            o, _ = ops.sparse_attention(q, window, meta.window_candidates, sinks, derotate=derotate, rope_table=table)
+            o, _ = ops.sparse_attention(q, window, meta.window_candidates, sinks, derotate=derotate, rope_table=table,
+                                        out_dtype=out_dtype)
             return self.output(o)
         o, _ = ops.sparse_attention(q, cache.main, rows, sinks, extra_cache=window,
-                                    extra_indices=meta.window_candidates, derotate=derotate, rope_table=table)
+                                    extra_indices=meta.window_candidates, derotate=derotate, rope_table=table,
+                                    out_dtype=out_dtype)
         return self.output(o)
+
+    def _out_dtype(self) -> torch.dtype:
+        """The attention output's dtype: bfloat16 where the output projection computes in it (the
+        bits :meth:`output`'s cast would give), else float32."""
+        return torch.bfloat16 if compute_dtype(self.o_b_proj) == torch.bfloat16 else torch.float32
 
     def _window(self, e: torch.Tensor, meta: AttentionMetadata, cache: LayerCache) -> torch.Tensor:
         """Writes the tokens' entries into the ring; returns the cache the window candidates

@@ -149,10 +149,15 @@ struct Params {
     lse: u64,
     part_o: u64,
     part_ml: u64,
+    out_bf16: i32,
 }
 const _: () = assert!(std::mem::size_of::<Cache>() == 24 && std::mem::size_of::<List>() == 32);
-const _: () = assert!(std::mem::size_of::<Params>() == 216);
-const _: () = assert!(std::mem::offset_of!(Params, sink) == 128 && std::mem::offset_of!(Params, part_ml) == 208);
+const _: () = assert!(std::mem::size_of::<Params>() == 224);
+const _: () = assert!(
+    std::mem::offset_of!(Params, sink) == 128
+        && std::mem::offset_of!(Params, part_ml) == 208
+        && std::mem::offset_of!(Params, out_bf16) == 216
+);
 
 /// The attention kernel `sparse_attention` launches on GPU `dev`: "wgmma", "mma" or "portable"
 /// (after `DSV4RS_ATTENTION_KERNEL`).
@@ -226,12 +231,18 @@ fn list(c: &Candidates) -> List {
 
 /// # Safety
 /// Every tensor satisfies `TensorRef`'s contract on device `dev` with the shapes `crate::attention`
-/// checks (bf16 rows caches `[P, 64, 512]`, FP8 caches `[P, 37376]`, q bf16/f32, sink and
-/// inv_freq float32); `stream` belongs to that device.
+/// checks (bf16 rows caches `[P, 64, 512]`, FP8 caches `[P, 37376]`, q bf16/f32, out f32 or
+/// (splits > 1) bf16, sink and inv_freq float32); `stream` belongs to that device.
 pub unsafe fn sparse_attention(dev: i32, stream: usize, a: &AttentionArgs) -> Result<()> {
     let (t, heads) = (a.q.dim(0), a.q.dim(1));
     let width = a.a.indices.dim(1) + a.b.as_ref().map_or(0, |b| b.indices.dim(1));
     let (splits, split_len) = split(t, heads, width);
+    let out_bf16 = a.out.dtype == DType::BF16;
+    if out_bf16 && splits == 1 {
+        // Only the split combine stores bfloat16 (the attention kernels' own epilogue stays
+        // float32); the caller casts a single-split call's output (ops/attention.py).
+        return Err(Error::dtype(a.out.name, "a bfloat16 output needs a call whose candidates go in several splits"));
+    }
     let need = workspace_bytes(t, heads, width);
     if a.workspace.numel() * a.workspace.dtype.size() < need || !a.workspace.ptr.is_multiple_of(16) {
         return Err(Error::value(a.workspace.name, format!("needs at least {need} bytes, 16-byte aligned")));
@@ -261,6 +272,7 @@ pub unsafe fn sparse_attention(dev: i32, stream: usize, a: &AttentionArgs) -> Re
         lse: a.lse.ptr as u64,
         part_o,
         part_ml: part_o + (t * splits * heads * 512 * 4) as u64,
+        out_bf16: out_bf16 as i32,
     };
     let pp = &mut p as *mut Params as *mut c_void;
     let variant = choose(dev)?;
