@@ -156,6 +156,16 @@ def live_slots(x: Batch) -> list[int]:
     return [s for s in x.slots.tolist() if s >= 0]
 
 
+def as_bf16(x: Batch) -> tuple[Batch, Batch]:
+    """The batch with its projections rounded to bfloat16, and its float32 twin holding the
+    same values."""
+    kv, score = x.kv.bfloat16(), x.score.bfloat16()
+    twin = Batch(kv.float(), score.float(), *[getattr(x, f) for f in ("ape", "norm", "inv_freq", "state", "slots",
+                                                                      "starts", "cu")], x.ratio, x.quant)
+    return Batch(kv, score, *[getattr(x, f) for f in ("ape", "norm", "inv_freq", "state", "slots", "starts", "cu")],
+                 x.ratio, x.quant), twin
+
+
 # ----------------------------------------------------------------------------------------- CPU
 
 
@@ -301,6 +311,23 @@ def test_matches_float64_reference(gen: torch.Generator, table: str) -> None:
             torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("ratio,dim,quant", CONFIGS)
+@pytest.mark.parametrize("kind", ["mixed", "decode"])
+def test_bfloat16_inputs_give_their_float32_bits(gen: torch.Generator, ratio: int, dim: int, quant: str,
+                                                 kind: str) -> None:
+    """bfloat16 projections are widened exactly: the entries and states of their float32 copies,
+    bit for bit, batched and one call a sequence; kv and score must share a dtype."""
+    x, twin = as_bf16(random_batch(gen, f"{ratio}-{dim}-{quant}-{kind}-bf16", kind, ratio, dim, quant))
+    out, state = run_batch(x)
+    want, want_state = run_batch(twin)
+    assert torch.equal(out, want) and torch.equal(state, want_state)
+    loop, loop_state = run_loop(x)
+    assert torch.equal(loop, want) and torch.equal(loop_state, want_state)
+    with pytest.raises(TypeError, match="score"):
+        ops.compress_batch(x.kv, twin.score, x.ape, x.norm, x.inv_freq, x.state.clone(), x.slots, x.starts, x.cu,
+                           x.ratio, quant=x.quant)
+
+
 def test_rejects_bad_inputs(gen: torch.Generator) -> None:
     x = make_batch(gen, 4, 64, "none", [5, 3, 0], [2, 8, 0], [True, True, True])
     x.inv_freq = INV_FREQ
@@ -440,6 +467,40 @@ def test_gpu_long_batches_pool_in_the_finish_kernel(gen: torch.Generator, dim: i
     assert torch.equal(dev.cpu().abs().sum(1) > 0, rows) and (dev.cpu()[~rows] == 0).all()
     rel = ((dev.cpu()[rows].double() - cpu[rows].double()).norm() / cpu[rows].double().norm()).item()
     assert rel < {"none": 1e-6, "fp8": 3e-2, "fp4": 2e-1}[quant]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ratio,dim,quant", CONFIGS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_gpu_bfloat16_inputs_give_their_float32_bits(gen: torch.Generator, ratio: int, dim: int, quant: str,
+                                                     kind: str) -> None:
+    """The bfloat16 kernels (cuda/compress_bf16.cu) give the float32 kernels' bits for the same
+    values: batched, and one call a sequence (the single-sequence kernels)."""
+    x, twin = as_bf16(random_batch(gen, f"{ratio}-{dim}-{quant}-{kind}-gpu-bf16", kind, ratio, dim, quant))
+    x, twin = x.to("cuda"), twin.to("cuda")
+    out, state = run_batch(x)
+    want, want_state = run_batch(twin)
+    assert torch.equal(out, want) and torch.equal(state, want_state)
+    loop, loop_state = run_loop(x)
+    want, want_state = run_loop(twin)
+    assert torch.equal(loop, want) and torch.equal(loop_state, want_state)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ratio,dim,quant", [(4, 512, "fp8"), (4, 128, "fp4"), (128, 512, "fp8")])
+def test_gpu_bfloat16_inputs_of_long_calls(gen: torch.Generator, ratio: int, dim: int, quant: str) -> None:
+    """Long calls take the other kernels (ratio 4: pooling in the finish kernel; ratio 128: an
+    entry a block): bfloat16 inputs give their float32 copies' bits there too, batched and
+    one call a sequence."""
+    lens, starts, live = [40000, 3, 6700, 1], [0, 7, 1030, 3], [True, True, True, True]
+    x, twin = as_bf16(make_batch(gen, ratio, dim, quant, lens, starts, live))
+    x, twin = x.to("cuda"), twin.to("cuda")
+    out, state = run_batch(x)
+    want, want_state = run_batch(twin)
+    assert torch.equal(out, want) and torch.equal(state, want_state)
+    loop, loop_state = run_loop(x)
+    want, want_state = run_loop(twin)
+    assert torch.equal(loop, want) and torch.equal(loop_state, want_state)
 
 
 @pytest.mark.gpu

@@ -67,7 +67,8 @@ def compress(
     (one token a call): any split of a sequence into calls gives the same entries, bit for bit.
 
     Args:
-        kv, score: ``float32 [S, coff * D]``, the projections ``W_kv x`` and ``W_gate x``
+        kv, score: ``float32 [S, coff * D]`` (or both ``bfloat16``: widened exactly as they are
+            read, the same entries as their float32 copies), the projections ``W_kv x`` and ``W_gate x``
             (``coff`` = 2 for ratio 4, whose entries overlap, else 1).
         ape: ``float32 [ratio, coff * D]`` positional bias of the logits.
         norm_weight: ``float32 [D]`` RMSNorm weight.
@@ -146,7 +147,8 @@ def compress_batch(
     completes it.
 
     Args:
-        kv, score: ``float32 [T, coff * D]``, the tokens of the ``B`` sequences concatenated.
+        kv, score: ``float32 [T, coff * D]`` (or both ``bfloat16``, as :func:`compress` takes
+            them), the tokens of the ``B`` sequences concatenated.
         ape, norm_weight, inv_freq: as :func:`compress`.
         state: ``float32 [S, 2, coff * ratio, coff * D]``, a pool of decode states: slot ``s``
             holds ``(kv_state, score_state)`` of :func:`compressor_state` as ``state[s, 0]``,

@@ -8,6 +8,8 @@
 //! `score + ape`). The arithmetic per candidate is the same wherever it comes from, so any split
 //! of a sequence into calls gives bit-identical entries.
 
+use std::borrow::Cow;
+
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
@@ -145,6 +147,27 @@ unsafe fn floats<'a>(t: &'a TensorRef, shape: &[Option<usize>]) -> Result<&'a [f
     t.host::<f32>(&[DType::F32])
 }
 
+/// The projections `kv` and `score` on the host as float32, checked for shape: float32 borrowed,
+/// bfloat16 widened (exactly) into a copy.
+///
+/// # Safety
+/// As [`floats`].
+unsafe fn inputs<'a>(t: &'a TensorRef, shape: &[Option<usize>]) -> Result<Cow<'a, [f32]>> {
+    t.expect_device(Device::Cpu)?;
+    t.expect_shape(shape)?;
+    Ok(match t.expect_dtype(&[DType::F32, DType::BF16])? {
+        DType::BF16 => Cow::Owned(t.host::<u16>(&[DType::BF16])?.iter().map(|&b| quant::bf16_to_f32(b)).collect()),
+        _ => Cow::Borrowed(t.host::<f32>(&[DType::F32])?),
+    })
+}
+
+/// `kv` and `score`: both float32 or both bfloat16.
+fn check_input_dtypes(kv: &TensorRef, score: &TensorRef) -> Result<()> {
+    let dtype = kv.expect_dtype(&[DType::F32, DType::BF16])?;
+    score.expect_dtype(&[dtype])?;
+    Ok(())
+}
+
 /// The frequencies a GPU call takes: float32 or float64 `[R]`, `2 R <= D` (their values are not
 /// read on the host).
 fn check_inv_freq_gpu(inv_freq: &TensorRef, d: usize) -> Result<()> {
@@ -174,8 +197,11 @@ unsafe fn compress_gpu(dev: i32, stream: usize, t: [&TensorRef; 8], cfg: Config)
         (score_state, &[Some(coff * r), Some(coff * d)]),
         (out, &[Some(n_out), Some(d)]),
     ];
-    for (t, shape) in expected {
-        t.expect_dtype(&[DType::F32])?;
+    check_input_dtypes(kv, score)?;
+    for (i, (t, shape)) in expected.into_iter().enumerate() {
+        if i >= 2 {
+            t.expect_dtype(&[DType::F32])?;
+        }
         t.expect_shape(shape)?;
     }
     check_inv_freq_gpu(inv_freq, d)?;
@@ -433,7 +459,8 @@ impl<'a> Compressor<'a> {
     }
 }
 
-/// Compresses `kv`, `score` (float32 `[S, coff D]`, tokens at `cfg.start ..`) into `out`
+/// Compresses `kv`, `score` (both float32 or both bfloat16 `[S, coff D]`, tokens at
+/// `cfg.start ..`; bfloat16 values are widened exactly, so they give the float32 bits) into `out`
 /// (float32 `[E, D]`, the entries these tokens complete) and advances `kv_state`, `score_state`
 /// (float32 `[coff r, coff D]`) in place. `ape`: `[r, coff D]`; `norm_weight`: `[D]`;
 /// `inv_freq`: `[R]`, `2 R <= D`. `coff` is 2 for ratio 4 and 1 otherwise. Scores may hold
@@ -465,9 +492,11 @@ pub unsafe fn compress(
     if let Device::Cuda(dev) = same_device(&[kv, score, ape, norm_weight, inv_freq, kv_state, score_state, out])? {
         return compress_gpu(dev, stream, [kv, score, ape, norm_weight, inv_freq, kv_state, score_state, out], cfg);
     }
-    let kv_v = floats(kv, &[None, Some(coff * d)])?;
+    check_input_dtypes(kv, score)?;
+    let kv_c = inputs(kv, &[None, Some(coff * d)])?;
     let s = kv.dim(0);
-    let score_v = floats(score, &[Some(s), Some(coff * d)])?;
+    let score_c = inputs(score, &[Some(s), Some(coff * d)])?;
+    let (kv_v, score_v): (&[f32], &[f32]) = (&kv_c, &score_c);
     let kv_st = floats(kv_state, &[Some(coff * r), Some(coff * d)])?;
     let score_st = floats(score_state, &[Some(coff * r), Some(coff * d)])?;
     let n_out = entries_completed(cfg.start, s, r);
@@ -565,7 +594,8 @@ unsafe fn batch_rows(
 }
 
 /// Compresses the tokens of `B` sequences in one call: sequence `b` holds rows
-/// `cu_tokens[b] .. cu_tokens[b + 1]` of `kv`, `score` (float32 `[T, coff D]`), its first token
+/// `cu_tokens[b] .. cu_tokens[b + 1]` of `kv`, `score` (float32 or bfloat16 `[T, coff D]`, one
+/// dtype), its first token
 /// sits at position `starts[b]`, and its decode state is slot `state_slots[b]` of `state`
 /// (float32 `[S, 2, coff r, coff D]`: kv, then scores, as [`compress`] takes them), advanced in
 /// place. `out` (float32 `[T, D]`) gets at row `t` the entry token `t` completes, as
@@ -623,7 +653,8 @@ pub unsafe fn compress_batch(
     for (x, shape) in expected {
         x.expect_shape(shape)?;
     }
-    for x in [kv, score, ape, norm_weight, state, out] {
+    check_input_dtypes(kv, score)?;
+    for x in [ape, norm_weight, state, out] {
         x.expect_dtype(&[DType::F32])?;
     }
     for ids in [state_slots, starts, cu_tokens] {
@@ -637,8 +668,9 @@ pub unsafe fn compress_batch(
         return gpu::compress::compress_batch(dev, stream, &args);
     }
     let rows = batch_rows(state_slots, starts, cu_tokens, t, state.dim(0))?;
-    let kv_v = floats(kv, &[Some(t), Some(width)])?;
-    let score_v = floats(score, &[Some(t), Some(width)])?;
+    let kv_c = inputs(kv, &[Some(t), Some(width)])?;
+    let score_c = inputs(score, &[Some(t), Some(width)])?;
+    let (kv_v, score_v): (&[f32], &[f32]) = (&kv_c, &score_c);
     let shared = Shared::new(norm_weight, ape, inv_freq, cfg.rope, r, coff, d)?;
     let comp = shared.compressor(r, coff, d, cfg.eps, cfg.quant, kv.name, score.name);
 

@@ -247,8 +247,9 @@ class Attention(nn.Module):
         query's projection (:mod:`.streams`), all of them urgent (in CSA and HCA layers they are
         the longer path, and their small kernels would otherwise wait behind the query
         projection's blocks): the entry's norm, RoPE and window write, then (CSA, HCA) the main
-        compressor and its write; the side projections, then (CSA) the indexer's compressor,
-        its keys' write, the head weights and the top-k; (CSA) the indexer's queries from cQ."""
+        compressor and its write and (CSA) the indexer's head weights; the side projections,
+        then (CSA) the indexer's compressor, its keys' write and the top-k; (CSA) the indexer's
+        queries from cQ. The compressors read the projections in bfloat16 as they are."""
         groups = self.input_groups()
         qa, kv = project(x, groups[0])
         comp = self.compressor
@@ -261,17 +262,16 @@ class Attention(nn.Module):
         if comp is not None:
             side_stream = streams.fork(x, urgent=True)
             with streams.on(side_stream):
-                # One token: the compressors take float32, and one cast of the packed output
-                # gives each part contiguous (four casts otherwise).
-                side = project(x, groups[1], torch.float32 if x.shape[0] == 1 else None)
+                side = project(x, groups[1])
             with streams.on(entry):
                 streams.join(side_stream)
                 entries = compress_tokens(comp, side[0], side[1], cache.state, self.rotary, meta)
                 write_rows(cache.main, meta.slots["csa" if self.layer_type == CSA else "hca"], entries)
+                if self.layer_type == CSA:  # off the indexer's chain, which has none to spare
+                    head = self.compressor.indexer.weigh(side[4]).float()
             if self.layer_type == CSA:
                 with streams.on(side_stream):
                     self._index_keys(side[2:4], meta, cache)
-                    head = self.compressor.indexer.weigh(side[4]).float()
         cq = self.q_a_norm(qa)
         if self.layer_type == CSA:
             queries_stream = streams.fork(cq, lane=1, urgent=True)
@@ -279,6 +279,7 @@ class Attention(nn.Module):
                 queries = self._index_queries(cq, meta, cache)
             with streams.on(side_stream):
                 streams.join(queries_stream)
+                streams.join(entry)  # the head weights
                 rows = self._select(head, queries, meta, cache)
         q = self.q_b_proj(cq).unflatten(-1, (self.heads, self.head_dim))
         q = self.rotary.normed(q, None, self.eps, x.dtype, meta.positions)  # `_query`'s norm, then RoPE

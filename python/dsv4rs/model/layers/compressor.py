@@ -85,6 +85,12 @@ class HCACompressor(Compressor):
         super().__init__(cfg, cfg.compress_rates[1], cfg.head_dim)
 
 
+def _input(t: torch.Tensor) -> torch.Tensor:
+    """A projection as :func:`dsv4rs.ops.compress_batch` takes it: float32 or bfloat16 (read
+    exactly either way), contiguous."""
+    return (t if t.dtype in (torch.float32, torch.bfloat16) else t.float()).contiguous()
+
+
 def compress_tokens(comp: Compressor, kv: torch.Tensor, score: torch.Tensor, state: torch.Tensor,
                     rotary: RotaryEmbedding, meta: AttentionMetadata) -> torch.Tensor:
     """Feeds each sequence's tokens (rows ``meta.cu_tokens[b] ..`` of the projections ``kv`` and
@@ -93,6 +99,6 @@ def compress_tokens(comp: Compressor, kv: torch.Tensor, score: torch.Tensor, sta
     all sequences in one :func:`dsv4rs.ops.compress_batch`; row ``t`` of the result is the entry
     token ``t`` completes (zeros where it completes none), rotated by ``rotary``'s frequencies and
     table."""
-    return ops.compress_batch(kv.float().contiguous(), score.float().contiguous(), comp.position_bias.float(),
+    return ops.compress_batch(_input(kv), _input(score), comp.position_bias.float(),
                               comp.kv_norm.weight.float(), rotary.inv_freq, state, meta.state_slots, meta.starts,
                               meta.cu_tokens, comp.ratio, comp.eps, rope_table=rotary.table)

@@ -125,21 +125,17 @@ def pack_(mods: Sequence[nn.Module]) -> bool:
     return True
 
 
-def project(x: torch.Tensor, mods: Sequence[nn.Module], dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+def project(x: torch.Tensor, mods: Sequence[nn.Module]) -> list[torch.Tensor]:
     """``[m(x) for m in mods]``: one linear over the packed weights split by columns (views of
-    its output) where the group is packed, else each module in turn. With ``dtype`` the outputs
-    are cast to it, a packed group's in one cast before the split (the same values as casting
-    each part)."""
+    its output) where the group is packed, else each module in turn."""
     spans = packed(mods)
     if spans is None:
-        return [m(x) if dtype is None else m(x).to(dtype) for m in mods]
+        return [m(x) for m in mods]
     first = mods[0]
     if isinstance(first, QuantLinear):
         y = ops.quant_linear(x, spans[0].view(torch.float8_e4m3fn), spans[1], 1, first.act, layout=first.layout)
     else:
         y = F.linear(x, spans[0])
-    if dtype is not None:
-        y = y.to(dtype)
     return list(y.split([m.weight.shape[0] for m in mods], dim=-1))
 
 

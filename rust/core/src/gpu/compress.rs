@@ -18,6 +18,39 @@ const STATE_CHUNK: usize = 8;
 fn state_parts(ratio: usize, overlap: bool, tokens: usize) -> u32 {
     if overlap { 1 } else { ratio.min(tokens).div_ceil(STATE_CHUNK).clamp(1, 65_535) as u32 }
 }
+/// The kernels for the projections' dtype: float32 (cuda/compress.cu) or bfloat16
+/// (cuda/compress_bf16.cu, the same code with each input widened as it is loaded).
+#[derive(Clone, Copy)]
+struct Kernels {
+    pool: Kernel,
+    finish: Kernel,
+    entry: Kernel,
+    batch_pool: Kernel,
+    batch_finish: Kernel,
+}
+
+impl Kernels {
+    fn of(kv: &TensorRef) -> Self {
+        if kv.dtype == DType::BF16 {
+            Kernels {
+                pool: Kernel::CompressPoolBf16,
+                finish: Kernel::CompressFinishBf16,
+                entry: Kernel::CompressEntryBf16,
+                batch_pool: Kernel::CompressBatchPoolBf16,
+                batch_finish: Kernel::CompressBatchFinishBf16,
+            }
+        } else {
+            Kernels {
+                pool: Kernel::CompressPool,
+                finish: Kernel::CompressFinish,
+                entry: Kernel::CompressEntry,
+                batch_pool: Kernel::CompressBatchPool,
+                batch_finish: Kernel::CompressBatchFinish,
+            }
+        }
+    }
+}
+
 /// Widest entry the pooling kernel holds in shared memory.
 pub const MAX_DIM: usize = 512;
 
@@ -102,8 +135,8 @@ pub struct CompressArgs<'a> {
 
 /// # Safety
 /// Every tensor satisfies `TensorRef`'s contract on device `dev` with the shapes `crate::compress`
-/// checks (float32 kv/score/ape/norm/state, inv_freq float32 or float64); `stream` belongs to
-/// that device.
+/// checks (kv and score both float32 or both bfloat16; float32 ape/norm/state; inv_freq float32
+/// or float64); `stream` belongs to that device.
 pub unsafe fn compress(dev: i32, stream: usize, a: &CompressArgs) -> Result<()> {
     let c = &a.common;
     let (d, tokens, entries, overlap) = (c.norm_weight.dim(0), c.kv.dim(0), c.out.dim(0), c.ratio == 4);
@@ -125,11 +158,11 @@ pub unsafe fn compress(dev: i32, stream: usize, a: &CompressArgs) -> Result<()> 
     let fused = overlap && entries >= FUSED_MIN_ENTRIES;
     let vec4 = four_wide(d, &[c.kv, c.score, c.ape, c.norm_weight, c.out, a.kv_state, a.score_state]);
     let state = States { blocks: state_blocks, free: state_free(c.ratio, overlap, a.start) };
+    let k = Kernels::of(c.kv);
     if !overlap && entries >= ENTRY_MIN_ENTRIES {
-        return entry_launches(dev, stream, c.out, (entries, state_blocks, parts), state.free, vec4, pp);
+        return entry_launches(dev, stream, k, c.out, (entries, state_blocks, parts), state.free, vec4, pp);
     }
-    finish_launches(dev, stream, Kernel::CompressFinish, Kernel::CompressPool, (entries, d), state, fused, vec4, c.out,
-                    &mut [pp, pa])
+    finish_launches(dev, stream, k.finish, k.pool, (entries, d), state, fused, vec4, c.out, &mut [pp, pa])
 }
 
 /// The non-overlapping form's long calls: `dsv4_compress_entry` over the entries (a block each,
@@ -139,9 +172,10 @@ pub unsafe fn compress(dev: i32, stream: usize, a: &CompressArgs) -> Result<()> 
 ///
 /// # Safety
 /// As [`compress`]'s; `pp` points at the call's `Params`.
+#[allow(clippy::too_many_arguments)]
 unsafe fn entry_launches(
-    dev: i32, stream: usize, name: &TensorRef, counts: (usize, usize, usize), state_free: bool, vec4: bool,
-    pp: *mut c_void,
+    dev: i32, stream: usize, k: Kernels, name: &TensorRef, counts: (usize, usize, usize), state_free: bool,
+    vec4: bool, pp: *mut c_void,
 ) -> Result<()> {
     let (entries, state_blocks, parts) = counts;
     let together = if state_free && state_blocks > 0 { parts } else { 0 };
@@ -149,7 +183,7 @@ unsafe fn entry_launches(
     let (fp, vp) = (&mut first as *mut i32 as *mut c_void, &mut v4 as *mut i32 as *mut c_void);
     let grid = (grid_x(name, together + entries)?, 1, 1);
     let cfg = Launch { grid, block: (ENTRY_THREADS, 1, 1), shared_bytes: 0, stream };
-    launch(dev, Kernel::CompressEntry, &cfg, &mut [pp, fp, vp])?;
+    launch(dev, k.entry, &cfg, &mut [pp, fp, vp])?;
     if together > 0 || state_blocks == 0 {
         return Ok(());
     }
@@ -158,7 +192,7 @@ unsafe fn entry_launches(
     let cfg = Launch { grid: (grid_x(name, state_blocks)?, 1, 1), block: (THREADS, 1, 1), shared_bytes: 0, stream };
     let (np, pap, poolp) = (&mut none as *mut i32 as *mut c_void, &mut pa as *mut i32 as *mut c_void,
                             &mut pool as *mut i32 as *mut c_void);
-    launch(dev, Kernel::CompressFinish, &cfg, &mut [pp, np, pap, poolp, vp])
+    launch(dev, k.finish, &cfg, &mut [pp, np, pap, poolp, vp])
 }
 
 /// Whether no entry of a call starting at `start` reads the old state: without overlap when the
@@ -324,8 +358,9 @@ pub unsafe fn compress_batch(dev: i32, stream: usize, a: &BatchArgs) -> Result<(
     let fused = overlap && total / 4 >= FUSED_MIN_ENTRIES;
     let vec4 = four_wide(d, &[c.kv, c.score, c.ape, c.norm_weight, c.out, a.state]);
     let state = States { blocks: state_blocks, free: false };
-    finish_launches(dev, stream, Kernel::CompressBatchFinish, Kernel::CompressBatchPool, (total, d), state, fused, vec4,
-                    a.state_slots, &mut [pp, &mut co as *mut i32 as *mut c_void, &mut pa as *mut i32 as *mut c_void])
+    let k = Kernels::of(c.kv);
+    finish_launches(dev, stream, k.batch_finish, k.batch_pool, (total, d), state, fused, vec4, a.state_slots,
+                    &mut [pp, &mut co as *mut i32 as *mut c_void, &mut pa as *mut i32 as *mut c_void])
 }
 
 #[cfg(test)]
