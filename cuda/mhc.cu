@@ -147,9 +147,12 @@ __device__ __forceinline__ void collapse_values(const void* x, int x_bf16, const
   store_n<V>(y, t * dim + i, x_bf16, acc);
 }
 
-template <int N, int V>
-__device__ __forceinline__ void combine_values(const void* x, int x_bf16, const void* f, int f_bf16, const float* post,
-                                               const float* comb, void* y, long long tokens, int dim) {
+// ADD: f is the sum of two outputs, f + f2, rounded to f's dtype as a separate add would round
+// it (f2 in f's dtype).
+template <int N, int V, bool ADD>
+__device__ __forceinline__ void combine_values(const void* x, int x_bf16, const void* f, int f_bf16, const void* f2,
+                                               const float* post, const float* comb, void* y, long long tokens,
+                                               int dim) {
   const long long chunks = dim / V;
   const long long g = blockIdx.x * (long long)blockDim.x + threadIdx.x;
   if (g >= tokens * chunks) return;
@@ -159,6 +162,15 @@ __device__ __forceinline__ void combine_values(const void* x, int x_bf16, const 
 #pragma unroll
   for (int j = 0; j < N; ++j) load_n<V>(x, (t * N + j) * dim + i, x_bf16, xs[j]);
   load_n<V>(f, t * dim + i, f_bf16, fv);
+  if constexpr (ADD) {
+    float gv[V];
+    load_n<V>(f2, t * dim + i, f_bf16, gv);
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      const float s = __fadd_rn(fv[e], gv[e]);
+      fv[e] = f_bf16 ? bf16_to_f32(bf16_from_f32(s)) : s;
+    }
+  }
   const float* c = comb + t * N * N;
 #pragma unroll
   for (int k = 0; k < N; ++k) {
@@ -211,11 +223,25 @@ extern "C" __global__ void __launch_bounds__(256) dsv4_mhc_combine(const void* x
                                                                    const float* post, const float* comb, void* y,
                                                                    long long tokens, int n, int dim, int vec4) {
   dsv4::grid_begin();
-#define DSV4_COMBINE(N)                                                                  \
-  vec4 ? combine_values<N, 4>(x, x_bf16, f, f_bf16, post, comb, y, tokens, dim)          \
-       : combine_values<N, 1>(x, x_bf16, f, f_bf16, post, comb, y, tokens, dim)
+#define DSV4_COMBINE(N)                                                                           \
+  vec4 ? combine_values<N, 4, false>(x, x_bf16, f, f_bf16, nullptr, post, comb, y, tokens, dim)   \
+       : combine_values<N, 1, false>(x, x_bf16, f, f_bf16, nullptr, post, comb, y, tokens, dim)
   DSV4_MHC_STREAMS(DSV4_COMBINE)
 #undef DSV4_COMBINE
+}
+
+// dsv4_mhc_combine of the sum of two sublayer outputs, f + f2 (both in f's dtype), rounded to that
+// dtype first, as adding them apart would: the MoE's routed and shared experts, one launch fewer.
+extern "C" __global__ void __launch_bounds__(256) dsv4_mhc_combine_add(const void* x, int x_bf16, const void* f,
+                                                                       int f_bf16, const void* f2, const float* post,
+                                                                       const float* comb, void* y, long long tokens,
+                                                                       int n, int dim, int vec4) {
+  dsv4::grid_begin();
+#define DSV4_COMBINE_ADD(N)                                                                 \
+  vec4 ? combine_values<N, 4, true>(x, x_bf16, f, f_bf16, f2, post, comb, y, tokens, dim)   \
+       : combine_values<N, 1, true>(x, x_bf16, f, f_bf16, f2, post, comb, y, tokens, dim)
+  DSV4_MHC_STREAMS(DSV4_COMBINE_ADD)
+#undef DSV4_COMBINE_ADD
 }
 
 // The mHC input of a sublayer in two kernels (decode: a few tokens): from the streams x [T, n, d]

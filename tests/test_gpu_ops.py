@@ -791,6 +791,24 @@ def test_mhc_collapse_and_combine_match_reference(gen: torch.Generator, t: int, 
     torch.testing.assert_close(f32.cpu().double(), reference.mhc_combine(x, f.float(), post, comb), **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_mhc_combine_of_two_outputs_is_combine_of_their_sum(gen: torch.Generator, dtype: torch.dtype) -> None:
+    """f2 on the GPU (dsv4_mhc_combine_add): the bits of combining torch's f + f2, aligned (four
+    values a thread) and not; and the CPU's to the combine's own tolerance (the GPU's combine is
+    not the CPU's bit for bit: test_mhc_collapse_and_combine_match_reference)."""
+    tol = dict(TOL[dtype], atol=1e-5 if dtype == torch.float32 else 2**-8)
+    for t, n, d in ((1, 4, 4096), (33, 4, 4096), (2, 3, 130), (3, 1, 7)):
+        x = (torch.randn(t, n, d, generator=gen) * 2).to(dtype)
+        post, comb = torch.rand(t, n, generator=gen) * 2, torch.softmax(torch.randn(t, n, n, generator=gen), -1)
+        f, f2 = torch.randn(t, d, generator=gen).to(dtype), torch.randn(t, d, generator=gen).to(dtype)
+        cpu = ops.mhc_combine(x, f, post, comb, f2)
+        for fs, f2s in ((f.cuda(), f2.cuda()), (unaligned(f.cuda()), unaligned(f2.cuda()))):
+            got = ops.mhc_combine(x.cuda(), fs, post.cuda(), comb.cuda(), f2s)
+            assert torch.equal(got, ops.mhc_combine(x.cuda(), fs + f2s, post.cuda(), comb.cuda()))
+            torch.testing.assert_close(got.cpu(), cpu, **tol)
+            torch.testing.assert_close(got.cpu().double(), reference.mhc_combine(x, f + f2, post, comb), **tol)
+
+
 def captured(run):
     """``run`` warmed up on a side stream, then captured in a CUDA graph: (the graph, its output)."""
     stream = torch.cuda.Stream()

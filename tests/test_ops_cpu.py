@@ -813,6 +813,21 @@ def test_mhc_collapse_and_combine_match_reference(gen: torch.Generator, t: int, 
         close(y, ref.mhc_combine(x, f, post, comb), **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_mhc_combine_of_two_outputs_is_combine_of_their_sum(gen: torch.Generator, dtype: torch.dtype) -> None:
+    """f2: the sublayer's output is f + f2 as torch adds them (rounded to their dtype): the same
+    bits as combining that sum; the two must share a dtype and shape."""
+    for t, n, d in ((3, 4, 64), (1, 4, 4096), (0, 4, 8), (2, 3, 33)):
+        x = (randn(gen, t, n, d) * 2).to(dtype)
+        post, comb = torch.rand(t, n, generator=gen) * 2, torch.softmax(randn(gen, t, n, n), -1)
+        f, f2 = randn(gen, t, d).to(dtype), randn(gen, t, d).to(dtype)
+        assert torch.equal(ops.mhc_combine(x, f, post, comb, f2), ops.mhc_combine(x, f + f2, post, comb))
+    with pytest.raises(TypeError, match="f2: expected dtype"):
+        ops.mhc_combine(x, f, post, comb, f2.double())
+    with pytest.raises(ValueError, match="f2: expected shape"):
+        ops.mhc_combine(x, f, post, comb, f2[:, :-1].contiguous())
+
+
 def test_mhc_collapse_is_torchs_sum_in_float32(gen: torch.Generator) -> None:
     x, pre = randn(gen, 5, 4, 96), torch.rand(5, 4, generator=gen)
     assert torch.equal(ops.mhc_collapse(x, pre), (pre.unsqueeze(-1) * x).sum(-2))

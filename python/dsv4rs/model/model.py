@@ -46,7 +46,8 @@ class DecoderLayer(nn.Module):
         post, comb, y = self.attn_hc(x)
         x = combine(x, self.self_attn(self.input_layernorm(y), meta, cache), post, comb)
         post, comb, y = self.ffn_hc(x)
-        return combine(x, self.mlp(self.post_attention_layernorm(y), ids), post, comb)
+        routed, shared = self.mlp.parts(self.post_attention_layernorm(y), ids)
+        return combine(x, routed, post, comb, add=shared)
 
 
 class MTP(DecoderLayer):

@@ -87,24 +87,31 @@ def mhc_collapse(x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.custom_op("dsv4rs::mhc_combine", mutates_args=())
-def _mhc_combine(x: torch.Tensor, f: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+def _mhc_combine(x: torch.Tensor, f: torch.Tensor, post: torch.Tensor, comb: torch.Tensor,
+                 f2: torch.Tensor | None = None) -> torch.Tensor:
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    _core.mhc_combine(spec("x", x), spec("f", f), spec("post", post), spec("comb", comb), spec("y", y), stream(x))
+    _core.mhc_combine(spec("x", x), spec("f", f), None if f2 is None else spec("f2", f2), spec("post", post),
+                      spec("comb", comb), spec("y", y), stream(x))
     return y
 
 
 @_mhc_combine.register_fake
-def _(x: torch.Tensor, f: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+def _(x: torch.Tensor, f: torch.Tensor, post: torch.Tensor, comb: torch.Tensor,
+      f2: torch.Tensor | None = None) -> torch.Tensor:
     return x.new_empty(x.shape)
 
 
-def mhc_combine(x: torch.Tensor, f: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+def mhc_combine(x: torch.Tensor, f: torch.Tensor, post: torch.Tensor, comb: torch.Tensor,
+                f2: torch.Tensor | None = None) -> torch.Tensor:
     """The streams after a sublayer: ``y[t, k] = post[t, k] f[t] + sum_j comb[t, j, k] x[t, j]``.
 
     Args:
         x: ``float32``/``bfloat16 [T, n, d]``, the streams the sublayer read (``n`` in 1..8).
         f: ``float32``/``bfloat16 [T, d]``, the sublayer's output.
         post: ``float32 [T, n]`` and comb: ``float32 [T, n, n]``, from :func:`mhc_weights`.
+        f2: optional ``[T, d]`` in the dtype of ``f``: the sublayer's output is then ``f + f2``,
+            added in float32 and rounded to that dtype first (the bits of ``f + f2`` in torch);
+            on a GPU one kernel where the add took one of its own.
 
     Returns:
         ``[T, n, d]`` in the dtype of ``x``, computed in float32 with the weights as given and
@@ -113,7 +120,8 @@ def mhc_combine(x: torch.Tensor, f: torch.Tensor, post: torch.Tensor, comb: torc
     """
     x = as_tensor("x", x)
     ndim("x", x, 3)
-    return _mhc_combine(x, as_tensor("f", f), as_tensor("post", post), as_tensor("comb", comb))
+    args = (x, as_tensor("f", f), as_tensor("post", post), as_tensor("comb", comb))
+    return _mhc_combine(*args) if f2 is None else _mhc_combine(*args, as_tensor("f2", f2))
 
 
 @torch.library.custom_op("dsv4rs::mhc_pre", mutates_args=())

@@ -5,6 +5,7 @@
 
 use crate::error::{Error, Result};
 use crate::gpu;
+use crate::quant;
 use crate::rows::{fill_rows, Floats};
 use crate::tensor::{same_device, DType, Device, TensorRef};
 
@@ -185,31 +186,51 @@ pub unsafe fn mhc_collapse(x: &TensorRef, pre: &TensorRef, y: &TensorRef, stream
 /// `[T, d]`) and the weights `post` (float32 `[T, n]`) and `comb` (float32 `[T, n, n]`) from
 /// [`mhc_weights`], into `y` (`[T, n, d]`, the dtype of `x`): in float32 (the weights as they
 /// are; the `comb` terms added in stream order, on the GPU as fused multiply-adds), rounded once.
+/// With `f2` (`[T, d]`, the dtype of `f`) the sublayer's output is `f + f2`, added in float32 and
+/// rounded to that dtype first, as a separate add gives it (the MoE's routed and shared experts).
 ///
 /// # Safety
 /// As [`mhc_collapse`].
+#[allow(clippy::too_many_arguments)]
 pub unsafe fn mhc_combine(
-    x: &TensorRef, f: &TensorRef, post: &TensorRef, comb: &TensorRef, y: &TensorRef, stream: usize,
+    x: &TensorRef, f: &TensorRef, f2: Option<&TensorRef>, post: &TensorRef, comb: &TensorRef, y: &TensorRef,
+    stream: usize,
 ) -> Result<()> {
     let (t, n, d) = stream_shape(x)?;
-    f.expect_dtype(&[DType::F32, DType::BF16])?;
+    let f_dtype = f.expect_dtype(&[DType::F32, DType::BF16])?;
     f.expect_shape(&[Some(t), Some(d)])?;
+    if let Some(g) = f2 {
+        g.expect_dtype(&[f_dtype])?;
+        g.expect_shape(&[Some(t), Some(d)])?;
+    }
     post.expect_dtype(&[DType::F32])?;
     post.expect_shape(&[Some(t), Some(n)])?;
     comb.expect_dtype(&[DType::F32])?;
     comb.expect_shape(&[Some(t), Some(n), Some(n)])?;
     y.expect_dtype(&[x.dtype])?;
     y.expect_shape(&[Some(t), Some(n), Some(d)])?;
-    match same_device(&[x, f, post, comb, y])? {
-        Device::Cuda(dev) => gpu::mhc::mhc_combine(dev, stream, x, f, post, comb, y, n, d),
+    let mut all = vec![x, f, post, comb, y];
+    all.extend(f2);
+    match same_device(&all)? {
+        Device::Cuda(dev) => gpu::mhc::mhc_combine(dev, stream, x, f, f2, post, comb, y, n, d),
         Device::Cpu => {
             let (src, out) = (Floats::new(x)?, Floats::new(f)?);
+            let add = f2.map(|g| Floats::new(g)).transpose()?;
+            let bf16 = f_dtype == DType::BF16;
             let (po, co) = (finite_f32(post)?, finite_f32(comb)?);
             // A row of y is one stream k of one token: y.len() / d rows, token r / n.
             fill_rows(y, d, |r, o| {
                 let (tok, k) = (r / n, r % n);
                 let mut v = vec![0f32; d];
                 out.read(tok * d, &mut v);
+                if let Some(add) = &add {
+                    let mut w = vec![0f32; d];
+                    add.read(tok * d, &mut w);
+                    for (v, w) in v.iter_mut().zip(&w) {
+                        let s = *v + w;
+                        *v = if bf16 { quant::bf16_to_f32(quant::bf16_from_f32(s)) } else { s };
+                    }
+                }
                 let p = po[tok * n + k];
                 o.iter_mut().zip(&v).for_each(|(o, v)| *o = p * v);
                 for j in 0..n {

@@ -139,10 +139,13 @@ pub fn mhc_collapse(py: Python<'_>, x: Spec, pre: Spec, y: Spec, stream: usize) 
 
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-pub fn mhc_combine(py: Python<'_>, x: Spec, f: Spec, post: Spec, comb: Spec, y: Spec, stream: usize) -> PyResult<()> {
+pub fn mhc_combine(
+    py: Python<'_>, x: Spec, f: Spec, f2: Option<Spec>, post: Spec, comb: Spec, y: Spec, stream: usize,
+) -> PyResult<()> {
     let (x, f, po, co, y) = (tref("x", x)?, tref("f", f)?, tref("post", post)?, tref("comb", comb)?, tref("y", y)?);
+    let f2 = f2.map(|s| tref("f2", s)).transpose()?;
     // SAFETY: as rope; `y` is a fresh tensor.
-    run(py, || unsafe { mhc::mhc_combine(&x, &f, &po, &co, &y, stream) })
+    run(py, || unsafe { mhc::mhc_combine(&x, &f, f2.as_ref(), &po, &co, &y, stream) })
 }
 
 #[pyfunction]

@@ -59,12 +59,18 @@ def collapse(x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
     return (pre.unsqueeze(-1) * x).sum(-2).to(x.dtype)
 
 
-def combine(x: torch.Tensor, out: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
-    """``X'_k = post_k F + sum_j comb[j, k] X_j``, in the dtype of the streams. On a GPU one
-    kernel (:func:`dsv4rs.ops.mhc_combine`) in float32, rounded once; the torch form computes in
-    the streams' dtype (the weights, both terms and their sum rounded to it)."""
-    if _kernel(x, post, comb) and out.dtype in (torch.float32, torch.bfloat16):
-        return ops.mhc_combine(x.contiguous(), out.contiguous(), post.contiguous(), comb.contiguous())
+def combine(x: torch.Tensor, out: torch.Tensor, post: torch.Tensor, comb: torch.Tensor,
+            add: torch.Tensor | None = None) -> torch.Tensor:
+    """``X'_k = post_k F + sum_j comb[j, k] X_j``, in the dtype of the streams, with ``F`` the
+    sublayer's output ``out`` (plus ``add``, in ``out``'s dtype, as ``out + add`` rounds it). On a
+    GPU one kernel (:func:`dsv4rs.ops.mhc_combine`, the add included) in float32, rounded once;
+    the torch form computes in the streams' dtype (the weights, both terms and their sum rounded
+    to it)."""
+    if _kernel(x, post, comb) and out.dtype in (torch.float32, torch.bfloat16) and (add is None or add.dtype == out.dtype):
+        f2 = None if add is None else add.contiguous()
+        return ops.mhc_combine(x.contiguous(), out.contiguous(), post.contiguous(), comb.contiguous(), f2)
+    if add is not None:
+        out = out + add
     dtype = x.dtype
     return post.to(dtype).unsqueeze(-1) * out.to(dtype).unsqueeze(-2) + comb.to(dtype).transpose(-1, -2) @ x
 

@@ -314,13 +314,19 @@ class MoE(nn.Module):
         """The routed experts plus the shared expert. On a GPU (one process) the shared expert
         runs on a second stream beside the router and the routed experts (:mod:`.streams`):
         neither reads what the other writes, and at decode neither fills the GPU alone."""
+        routed, shared = self.parts(x, ids)
+        return routed + shared
+
+    def parts(self, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(routed, shared)``, the two outputs :meth:`forward` adds, for a caller that adds them
+        itself (the mHC combine's kernel takes both)."""
         side = streams.fork(x) if self.experts.exchange is None else None
         with streams.on(side):
             shared = self.shared_experts(x)
         idx, w = self.gate(x, ids)
         routed = self.experts(x, idx, w)
         streams.join(side)
-        return routed + shared
+        return routed, shared
 
 
 def _rows_in_state_dict(module: Experts, state: dict, prefix: str, local_metadata: dict) -> None:

@@ -50,21 +50,28 @@ pub unsafe fn mhc_collapse(dev: i32, stream: usize, x: &TensorRef, pre: &TensorR
 }
 
 /// # Safety
-/// As [`mhc_collapse`] (x `[T, n, d]`, f `[T, d]`, post `[T, n]`, comb `[T, n, n]`, y `[T, n, d]`).
+/// As [`mhc_collapse`] (x `[T, n, d]`, f and f2 `[T, d]`, post `[T, n]`, comb `[T, n, n]`, y
+/// `[T, n, d]`).
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn mhc_combine(
-    dev: i32, stream: usize, x: &TensorRef, f: &TensorRef, post: &TensorRef, comb: &TensorRef, y: &TensorRef, n: usize,
-    d: usize,
+    dev: i32, stream: usize, x: &TensorRef, f: &TensorRef, f2: Option<&TensorRef>, post: &TensorRef, comb: &TensorRef,
+    y: &TensorRef, n: usize, d: usize,
 ) -> Result<()> {
     let tokens = x.dim(0);
     if tokens == 0 {
         return Ok(());
     }
-    let vec4 = four_wide(d, &[x, f, y]);
+    let vec4 = four_wide(d, &[x, f, y]) && f2.is_none_or(|g| four_wide(d, &[g]));
     let cfg = threads_launch(tokens * d / if vec4 { 4 } else { 1 }, x.name, stream)?;
     let (xp, xb, fp, fb, pp, cp, yp) = (x.ptr as u64, is_bf16(x), f.ptr as u64, is_bf16(f), post.ptr as u64, comb.ptr as u64, y.ptr as u64);
     let (t, n, d, v) = (tokens as i64, n as i32, d as i32, vec4 as i32);
-    launch(dev, Kernel::MhcCombine, &cfg, &mut kernel_args!(xp, xb, fp, fb, pp, cp, yp, t, n, d, v))
+    match f2 {
+        None => launch(dev, Kernel::MhcCombine, &cfg, &mut kernel_args!(xp, xb, fp, fb, pp, cp, yp, t, n, d, v)),
+        Some(g) => {
+            let gp = g.ptr as u64;
+            launch(dev, Kernel::MhcCombineAdd, &cfg, &mut kernel_args!(xp, xb, fp, fb, gp, pp, cp, yp, t, n, d, v))
+        }
+    }
 }
 
 /// Values of a token's streams one block of the first `mhc_pre` kernel covers (cuda/mhc.cu

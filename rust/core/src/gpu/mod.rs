@@ -86,6 +86,7 @@ declare_kernels! {
     MhcWeights = "dsv4_mhc_weights" in "mhc",
     MhcCollapse = "dsv4_mhc_collapse" in "mhc",
     MhcCombine = "dsv4_mhc_combine" in "mhc",
+    MhcCombineAdd = "dsv4_mhc_combine_add" in "mhc",
     MhcMix = "dsv4_mhc_mix" in "mhc",
     MhcPre = "dsv4_mhc_pre" in "mhc",
     RmsNorm = "dsv4_rms_norm" in "norm",
