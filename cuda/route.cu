@@ -4,13 +4,16 @@
 // hash layer; weights a[idx_j], normalized by their sum + 1e-20 when asked, times the scale. The
 // same float32 operations in the same order as the CPU twin.
 //
-// A warp per token, four a block. On a hash layer the lanes below k first read the token's table
-// entries, so that those loads overlap the affinities. The warp writes its token's affinities
-// and, with a bias, each selection score's order key (below) to its part of shared memory. Then
-// k rounds: each lane holds the best of its experts (lane, lane + 32, ...) not yet taken; the
-// warp's largest key (`redux.sync` max) and the lowest expert holding it (min) are the round's
-// choice, and only the lane that owned it looks for its next best. Lane 0 then forms the weights
-// in choice order.
+// A warp per token, four a block; or, with `wide` (a decode step's few tokens), a block per
+// token whose four warps compute the affinities together and whose first warp then selects, so
+// that a token's serial chain is shorter where its block shares a multiprocessor with a GEMV's.
+// On a hash layer the lanes below k first read the token's table entries, so that those loads
+// overlap the affinities. The affinities and, with a bias, each selection score's order key
+// (below) go to the token's part of shared memory. Then k rounds: each lane holds the best of its
+// experts (lane, lane + 32, ...) not yet taken; the warp's largest key (`redux.sync` max) and the
+// lowest expert holding it (min) are the round's choice, and only the lane that owned it looks
+// for its next best. Lane 0 then forms the weights in choice order. Both forms compute the same
+// values in the same order.
 #include <climits>
 #include <cstdint>
 
@@ -37,31 +40,38 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) dsv4_moe_route(
     const void* __restrict__ logits, int logits_bf16, long long tokens, int experts, int k,
     const float* __restrict__ bias, const void* __restrict__ table, int table64, long long vocab,
     const void* __restrict__ ids, int ids64, float scale, int norm, long long* __restrict__ idx_out,
-    float* __restrict__ w_out) {
+    float* __restrict__ w_out, int wide) {
   dsv4::grid_begin();
   extern __shared__ float route_smem[];
   __shared__ int chosen[WARPS][MAX_K];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const long long t = (long long)blockIdx.x * WARPS + warp;
-  if (t >= tokens) return;  // the whole warp
-  float* a = route_smem + warp * 2 * experts;
+  const long long t = wide ? (long long)blockIdx.x : (long long)blockIdx.x * WARPS + warp;
+  if (t >= tokens) return;  // the whole warp (wide: the whole block)
+  float* a = route_smem + (wide ? 0 : warp * 2 * experts);
   uint32_t* key = (uint32_t*)(a + experts);
+  const bool selects = !wide || warp == 0;
   int hashed = -1;
-  if (!bias && lane < k) {
+  if (selects && !bias && lane < k) {
     const long long id = ids64 ? ((const long long*)ids)[t] : ((const int*)ids)[t];
     long long e = -1;
     if (id >= 0 && id < vocab) e = table64 ? ((const long long*)table)[id * k + lane] : ((const int*)table)[id * k + lane];
     hashed = e >= 0 && e < experts ? (int)e : -1;
   }
+  const int first = wide ? (int)threadIdx.x : lane, stride = wide ? WARPS * 32 : 32;
 #pragma unroll 4
-  for (int e = lane; e < experts; e += 32) {
+  for (int e = first; e < experts; e += stride) {
     const long long at = t * experts + e;
     const float l = logits_bf16 ? __uint_as_float((uint32_t)((const uint16_t*)logits)[at] << 16) : ((const float*)logits)[at];
     const float ae = sqrtf(softplus(l));
     a[e] = ae;
     if (bias) key[e] = order_key(ae + bias[e]);
   }
-  __syncwarp();
+  if (wide) {
+    __syncthreads();
+    if (!selects) return;
+  } else {
+    __syncwarp();
+  }
   if (bias) {
     uint32_t taken = 0;  // bit i: expert lane + 32 i
     uint32_t best = 0;   // the lane's best key not taken (0: none)

@@ -55,11 +55,12 @@ def test_ties_go_to_the_lower_expert_in_descending_order(device: str) -> None:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("tokens", [7, 300])  # on the GPU: a block a token, a warp a token
 def test_hash_layers_take_the_table_and_weigh_by_affinity(gen: torch.Generator, device: str,
-                                                          index_dtype: torch.dtype) -> None:
-    logits = torch.randn(7, 256, generator=gen) * 3
+                                                          index_dtype: torch.dtype, tokens: int) -> None:
+    logits = torch.randn(tokens, 256, generator=gen) * 3
     table = torch.randint(0, 256, (500, 6), generator=gen, dtype=torch.int64).to(index_dtype)
-    ids = torch.randint(0, 500, (7,), generator=gen, dtype=torch.int64).to(index_dtype)
+    ids = torch.randint(0, 500, (tokens,), generator=gen, dtype=torch.int64).to(index_dtype)
     idx, w = ops.moe_route(logits.to(device), 6, 1.5, table=table.to(device), ids=ids.to(device))
     ri, rw = reference.moe_route(logits, 6, 1.5, table=table, ids=ids)
     assert torch.equal(idx.cpu(), ri) and torch.equal(ri, table[ids.long()].long())
@@ -84,14 +85,18 @@ def test_the_torch_form_it_replaces_chooses_the_same_in_float32(gen: torch.Gener
 
 @pytest.mark.gpu
 def test_gpu_equals_cpu_and_replays_in_a_graph(gen: torch.Generator) -> None:
+    for tokens in (1, 128, 129, 600):  # the wide form up to 128 tokens, then a warp a token
+        logits = torch.randn(tokens, 256, generator=gen) * 4
+        bias = torch.randn(256, generator=gen) * 0.05
+        for norm in (True, False):
+            ci, cw = ops.moe_route(logits, 6, 2.5, bias=bias, norm=norm)
+            gi, gw = ops.moe_route(logits.cuda(), 6, 2.5, bias=bias.cuda(), norm=norm)
+            clear = _margin(logits, bias, 6) > 1e-6
+            assert torch.equal(gi.cpu()[clear], ci[clear])
+            torch.testing.assert_close(gw.cpu()[clear], cw[clear], rtol=4e-7, atol=0)
     logits = torch.randn(33, 256, generator=gen) * 4
     bias = torch.randn(256, generator=gen) * 0.05
-    ci, cw = ops.moe_route(logits, 6, 2.5, bias=bias)
     gl, gb = logits.cuda(), bias.cuda()
-    gi, gw = ops.moe_route(gl, 6, 2.5, bias=gb)
-    clear = _margin(logits, bias, 6) > 1e-6
-    assert torch.equal(gi.cpu()[clear], ci[clear])
-    torch.testing.assert_close(gw.cpu()[clear], cw[clear], rtol=4e-7, atol=0)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out_i, out_w = ops.moe_route(gl, 6, 2.5, bias=gb)
@@ -103,11 +108,13 @@ def test_gpu_equals_cpu_and_replays_in_a_graph(gen: torch.Generator) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("experts,k", [(256, 6), (1000, 16), (33, 16), (16, 3), (1024, 8)])
-def test_gpu_selection_equals_the_cpus_on_ties_infinities_and_nan(gen: torch.Generator, experts: int, k: int) -> None:
+@pytest.mark.parametrize("tokens", [37, 200])  # a block a token (decode calls), a warp a token
+def test_gpu_selection_equals_the_cpus_on_ties_infinities_and_nan(gen: torch.Generator, experts: int, k: int,
+                                                                   tokens: int) -> None:
     """Scores that tie exactly (equal logits, so every affinity is one value on each device, and
     biases drawn from a few values), -0 and +0, both infinities and NaN: the GPU's k rounds choose
-    the CPU twin's experts in its order (NaN first, larger first, ties to the lower expert)."""
-    tokens = 37
+    the CPU twin's experts in its order (NaN first, larger first, ties to the lower expert), in
+    both of the kernel's forms."""
     logits = torch.full((tokens, experts), 0.25)
     logits[::5] = -200.0  # softplus underflows to 0: every score is the bias itself
     bias = torch.tensor([0.0, -0.0, 0.5, 0.5, -1.0, math.inf, -math.inf, 2.0])[

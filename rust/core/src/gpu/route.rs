@@ -6,8 +6,12 @@ use crate::error::Result;
 use crate::kernel_args;
 use crate::tensor::{DType, TensorRef};
 
-/// Tokens a block (a warp each).
+/// Tokens a block (a warp each), or the warps of a token's block in the wide form.
 const WARPS: usize = 4;
+
+/// Calls of at most this many tokens (a decode step's) take the wide form: a block a token, its
+/// warps computing the affinities together (cuda/route.cu), the same values.
+pub const WIDE_MAX_TOKENS: usize = 128;
 
 /// # Safety
 /// Tensors satisfy `TensorRef`'s contract on device `dev` with the shapes `crate::route`
@@ -31,11 +35,14 @@ pub unsafe fn moe_route(
         None => (0, 0, 0, 0, 0),
     };
     let (normed, op, wp) = (norm as i32, idx.ptr as u64, w.ptr as u64);
+    let wide = tokens <= WIDE_MAX_TOKENS;
+    let (blocks, token_rows) = if wide { (tokens, 1) } else { (tokens.div_ceil(WARPS), WARPS) };
     let cfg = Launch {
-        grid: (tokens.div_ceil(WARPS) as u32, 1, 1),
+        grid: (blocks as u32, 1, 1),
         block: (32 * WARPS as u32, 1, 1),
-        shared_bytes: (WARPS * 2 * experts * 4) as u32,
+        shared_bytes: (token_rows * 2 * experts * 4) as u32,
         stream,
     };
-    launch(dev, Kernel::MoeRoute, &cfg, &mut kernel_args!(lp, lb, t, e, kk, bp, tp, t64, vocab, ip, i64_, scale, normed, op, wp))
+    let wide = wide as i32;
+    launch(dev, Kernel::MoeRoute, &cfg, &mut kernel_args!(lp, lb, t, e, kk, bp, tp, t64, vocab, ip, i64_, scale, normed, op, wp, wide))
 }
