@@ -469,6 +469,18 @@ def test_gpu_long_batches_pool_in_the_finish_kernel(gen: torch.Generator, dim: i
     assert rel < {"none": 1e-6, "fp8": 3e-2, "fp4": 2e-1}[quant]
 
 
+def assert_gpu_twin_bits(x: Batch, twin: Batch) -> None:
+    """On the GPU the bfloat16 batch ``x`` gives its float32 ``twin``'s entries and states bit for
+    bit, batched and one call a sequence."""
+    x, twin = x.to("cuda"), twin.to("cuda")
+    out, state = run_batch(x)
+    want, want_state = run_batch(twin)
+    assert torch.equal(out, want) and torch.equal(state, want_state)
+    loop, loop_state = run_loop(x)
+    want, want_state = run_loop(twin)
+    assert torch.equal(loop, want) and torch.equal(loop_state, want_state)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("ratio,dim,quant", CONFIGS)
 @pytest.mark.parametrize("kind", KINDS)
@@ -477,13 +489,7 @@ def test_gpu_bfloat16_inputs_give_their_float32_bits(gen: torch.Generator, ratio
     """The bfloat16 kernels (cuda/compress_bf16.cu) give the float32 kernels' bits for the same
     values: batched, and one call a sequence (the single-sequence kernels)."""
     x, twin = as_bf16(random_batch(gen, f"{ratio}-{dim}-{quant}-{kind}-gpu-bf16", kind, ratio, dim, quant))
-    x, twin = x.to("cuda"), twin.to("cuda")
-    out, state = run_batch(x)
-    want, want_state = run_batch(twin)
-    assert torch.equal(out, want) and torch.equal(state, want_state)
-    loop, loop_state = run_loop(x)
-    want, want_state = run_loop(twin)
-    assert torch.equal(loop, want) and torch.equal(loop_state, want_state)
+    assert_gpu_twin_bits(x, twin)
 
 
 @pytest.mark.gpu
@@ -494,13 +500,7 @@ def test_gpu_bfloat16_inputs_of_long_calls(gen: torch.Generator, ratio: int, dim
     one call a sequence."""
     lens, starts, live = [40000, 3, 6700, 1], [0, 7, 1030, 3], [True, True, True, True]
     x, twin = as_bf16(make_batch(gen, ratio, dim, quant, lens, starts, live))
-    x, twin = x.to("cuda"), twin.to("cuda")
-    out, state = run_batch(x)
-    want, want_state = run_batch(twin)
-    assert torch.equal(out, want) and torch.equal(state, want_state)
-    loop, loop_state = run_loop(x)
-    want, want_state = run_loop(twin)
-    assert torch.equal(loop, want) and torch.equal(loop_state, want_state)
+    assert_gpu_twin_bits(x, twin)
 
 
 @pytest.mark.gpu
