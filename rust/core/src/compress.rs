@@ -198,10 +198,10 @@ unsafe fn compress_gpu(dev: i32, stream: usize, t: [&TensorRef; 8], cfg: Config)
         (out, &[Some(n_out), Some(d)]),
     ];
     check_input_dtypes(kv, score)?;
-    for (i, (t, shape)) in expected.into_iter().enumerate() {
-        if i >= 2 {
-            t.expect_dtype(&[DType::F32])?;
-        }
+    for t in [ape, norm_weight, kv_state, score_state, out] {
+        t.expect_dtype(&[DType::F32])?;
+    }
+    for (t, shape) in expected {
         t.expect_shape(shape)?;
     }
     check_inv_freq_gpu(inv_freq, d)?;
