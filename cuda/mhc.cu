@@ -216,6 +216,23 @@ extern "C" __global__ void __launch_bounds__(256) dsv4_mhc_collapse(const void* 
 #undef DSV4_COLLAPSE
 }
 
+namespace {
+
+// The combine kernels' body: combine_values for the run-time stream count n and vec4, with f2
+// added to f first where ADD.
+template <bool ADD>
+__device__ __forceinline__ void combine_streams(const void* x, int x_bf16, const void* f, int f_bf16, const void* f2,
+                                                const float* post, const float* comb, void* y, long long tokens, int n,
+                                                int dim, int vec4) {
+#define DSV4_COMBINE(N)                                                                 \
+  vec4 ? combine_values<N, 4, ADD>(x, x_bf16, f, f_bf16, f2, post, comb, y, tokens, dim) \
+       : combine_values<N, 1, ADD>(x, x_bf16, f, f_bf16, f2, post, comb, y, tokens, dim)
+  DSV4_MHC_STREAMS(DSV4_COMBINE)
+#undef DSV4_COMBINE
+}
+
+}  // namespace
+
 // y [T, n, d]: y[t, k] = post[t, k] f[t] + sum_j comb[t, j, k] X[t, j] (x [T, n, d], f [T, d] the
 // sublayer's output, y in x's dtype), in float32 with the weights unrounded, rounded once. n in
 // 1..8; vec4 as above (f included).
@@ -223,11 +240,7 @@ extern "C" __global__ void __launch_bounds__(256) dsv4_mhc_combine(const void* x
                                                                    const float* post, const float* comb, void* y,
                                                                    long long tokens, int n, int dim, int vec4) {
   dsv4::grid_begin();
-#define DSV4_COMBINE(N)                                                                           \
-  vec4 ? combine_values<N, 4, false>(x, x_bf16, f, f_bf16, nullptr, post, comb, y, tokens, dim)   \
-       : combine_values<N, 1, false>(x, x_bf16, f, f_bf16, nullptr, post, comb, y, tokens, dim)
-  DSV4_MHC_STREAMS(DSV4_COMBINE)
-#undef DSV4_COMBINE
+  combine_streams<false>(x, x_bf16, f, f_bf16, nullptr, post, comb, y, tokens, n, dim, vec4);
 }
 
 // dsv4_mhc_combine of the sum of two sublayer outputs, f + f2 (both in f's dtype), rounded to that
@@ -237,11 +250,7 @@ extern "C" __global__ void __launch_bounds__(256) dsv4_mhc_combine_add(const voi
                                                                        const float* comb, void* y, long long tokens,
                                                                        int n, int dim, int vec4) {
   dsv4::grid_begin();
-#define DSV4_COMBINE_ADD(N)                                                                 \
-  vec4 ? combine_values<N, 4, true>(x, x_bf16, f, f_bf16, f2, post, comb, y, tokens, dim)   \
-       : combine_values<N, 1, true>(x, x_bf16, f, f_bf16, f2, post, comb, y, tokens, dim)
-  DSV4_MHC_STREAMS(DSV4_COMBINE_ADD)
-#undef DSV4_COMBINE_ADD
+  combine_streams<true>(x, x_bf16, f, f_bf16, f2, post, comb, y, tokens, n, dim, vec4);
 }
 
 // The mHC input of a sublayer in two kernels (decode: a few tokens): from the streams x [T, n, d]
