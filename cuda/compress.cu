@@ -29,4 +29,31 @@
 // device code is cuda/include/compress.cuh).
 #include "compress.cuh"
 
-DSV4_COMPRESS_KERNELS(, false)
+extern "C" __global__ void __launch_bounds__(THREADS, 10) dsv4_compress_pool(const Params p) {
+  dsv4::grid_begin();
+  compress_pool<false>(p);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS, 4) dsv4_compress_finish(const Params p, int finish_blocks,
+                                                                              int parts, int pool, int vec4) {
+  dsv4::grid_begin();
+  compress_finish<false>(p, finish_blocks, parts, pool, vec4);
+}
+
+extern "C" __global__ void __launch_bounds__(ENTRY_THREADS, 2) dsv4_compress_entry(const Params p, int state_blocks,
+                                                                                   int vec4) {
+  dsv4::grid_begin();
+  compress_entry<false>(p, state_blocks, vec4);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS, 9) dsv4_compress_batch_pool(const BatchParams bp) {
+  dsv4::grid_begin();
+  compress_batch_pool<false>(bp);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS, 4) dsv4_compress_batch_finish(const BatchParams bp,
+                                                                                    int finish_blocks, int columns,
+                                                                                    int parts, int pool, int vec4) {
+  dsv4::grid_begin();
+  compress_batch_finish<false>(bp, finish_blocks, columns, parts, pool, vec4);
+}

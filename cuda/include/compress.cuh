@@ -615,31 +615,3 @@ __device__ __forceinline__ void compress_batch_finish(const BatchParams& bp, int
   }
 }
 
-// The five compressor kernels for one input type (BF: bfloat16 projections, else float32), named
-// dsv4_compress_*SUFFIX: cuda/compress.cu expands it with no suffix and false,
-// cuda/compress_bf16.cu with _bf16 and true, so both modules' kernels share their launch bounds.
-#define DSV4_COMPRESS_KERNELS(SUFFIX, BF)                                                                 \
-  extern "C" __global__ void __launch_bounds__(THREADS, 10) dsv4_compress_pool##SUFFIX(const Params p) { \
-    dsv4::grid_begin();                                                                               \
-    compress_pool<BF>(p);                                                                             \
-  }                                                                                                   \
-  extern "C" __global__ void __launch_bounds__(THREADS, 4)                                            \
-      dsv4_compress_finish##SUFFIX(const Params p, int finish_blocks, int parts, int pool, int vec4) { \
-    dsv4::grid_begin();                                                                               \
-    compress_finish<BF>(p, finish_blocks, parts, pool, vec4);                                         \
-  }                                                                                                   \
-  extern "C" __global__ void __launch_bounds__(ENTRY_THREADS, 2)                                      \
-      dsv4_compress_entry##SUFFIX(const Params p, int state_blocks, int vec4) {                        \
-    dsv4::grid_begin();                                                                               \
-    compress_entry<BF>(p, state_blocks, vec4);                                                        \
-  }                                                                                                   \
-  extern "C" __global__ void __launch_bounds__(THREADS, 9)                                            \
-      dsv4_compress_batch_pool##SUFFIX(const BatchParams bp) {                                        \
-    dsv4::grid_begin();                                                                               \
-    compress_batch_pool<BF>(bp);                                                                      \
-  }                                                                                                   \
-  extern "C" __global__ void __launch_bounds__(THREADS, 4) dsv4_compress_batch_finish##SUFFIX(         \
-      const BatchParams bp, int finish_blocks, int columns, int parts, int pool, int vec4) {           \
-    dsv4::grid_begin();                                                                               \
-    compress_batch_finish<BF>(bp, finish_blocks, columns, parts, pool, vec4);                         \
-  }
