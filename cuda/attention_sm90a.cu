@@ -66,10 +66,9 @@ __device__ __forceinline__ void wgmma_m64n32k16(float (&s)[4][4], Desc a, Desc b
                : "r"(a.lo), "r"(a.hi), "r"(b.lo), "r"(b.hi), "n"(ACC ? 1 : 0));
 }
 
-}  // namespace
-
-extern "C" __global__ void __launch_bounds__(WS_THREADS, 1) dsv4_sparse_attention_wgmma(const Params p) {
-  dsv4::grid_begin();
+// The kernel's body; OUT_BF16: a single split stores its output rounded to bfloat16 (finish_rows).
+template <bool OUT_BF16>
+__device__ __forceinline__ void attention_wgmma(const Params& p) {
   extern __shared__ __align__(128) uint8_t smem[];
   uint16_t* qs = (uint16_t*)smem;                           // [64 chunks][64 heads][8] bf16 queries
   uint16_t* ks = qs + HEADS * ENTRY_DIM;                    // [BUFFERS][64 chunks][TILE rows][8] bf16 tiles
@@ -197,5 +196,18 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1) dsv4_sparse_attentio
     wgmma_wait_all();
     if (i + BUFFERS < tiles) bar_arrive(BAR_EMPTY + b, WS_THREADS);  // the producer waits for it
   }
-  finish_rows(p, o, row_max, row_sum, t, split, hb + 16 * wq, g * GROUP_DIMS, g == 0);
+  finish_rows<GROUP_DIMS / 8, OUT_BF16>(p, o, row_max, row_sum, t, split, hb + 16 * wq, g * GROUP_DIMS, g == 0);
+}
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(WS_THREADS, 1) dsv4_sparse_attention_wgmma(const Params p) {
+  dsv4::grid_begin();
+  attention_wgmma<false>(p);
+}
+
+// The same for a single-split call whose output is bfloat16 (p.out_bf16; rust/core/src/gpu/attention.rs).
+extern "C" __global__ void __launch_bounds__(WS_THREADS, 1) dsv4_sparse_attention_wgmma_bf16(const Params p) {
+  dsv4::grid_begin();
+  attention_wgmma<true>(p);
 }

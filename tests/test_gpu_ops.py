@@ -628,8 +628,9 @@ def test_sparse_attention_bfloat16_output_is_the_float32_output_rounded(gen: tor
                                                                         kernel: str) -> None:
     """out_dtype=torch.bfloat16 gives the bits of the float32 output's ``.to(torch.bfloat16)``,
     de-rotation included, with each kernel: where one query's candidates go in several splits
-    the combine stores it (t = 1), where the grid has one split the op casts (t = 200); the
-    log-sum-exp is unchanged."""
+    the combine stores it (t = 1), where the grid has one split (t = 200) the wgmma kernel's
+    bfloat16 build stores it and the other kernels' output is cast; the log-sum-exp is
+    unchanged."""
     q, cache, idx, lengths, wcache, widx, sink = (x.cuda() for x in attention_case(gen, t, 64, 3000, k, "fp8", 128))
     inv_freq = reference.rope_inv_freq(64, 10000.0).float().cuda()
     pos = torch.randint(0, 10**6, (t,), generator=gen).cuda()

@@ -121,7 +121,7 @@ struct Params {
   int rope_mode;               // bits of rope.cuh
   int splits;
   int split_len;
-  float* out;      // [T, H, 512]; bfloat16 where out_bf16 (the combine's stores only)
+  float* out;      // [T, H, 512]; bfloat16 where out_bf16 (stored by the combine, or by a kernel built to)
   float* lse;      // [T, H]
   float* part_o;   // [T, splits, H, 512]
   float* part_ml;  // [T, splits, H, 2]
@@ -310,9 +310,10 @@ struct RowPipeline {
 
 // The end of a block: a warp's accumulators `o` (16 heads h0.. x dims [d0, d0 + 8 N)) and the
 // running row max and sum (log2 units, spread over the 4 lanes of a row) become the output (one
-// split: normalized with the sink, de-rotated) or the split's partials. `first` marks the warp
-// that writes the per-head statistics.
-template <int N>
+// split: normalized with the sink, de-rotated, stored as float32, or with OUT_BF16 rounded to
+// bfloat16: a kernel of its own, so the float32 one keeps its code) or the split's partials.
+// `first` marks the warp that writes the per-head statistics.
+template <int N, bool OUT_BF16 = false>
 __device__ __forceinline__ void finish_rows(const Params& p, float (&o)[N][4], float (&row_max)[2],
                                             float (&row_sum)[2], long long t, int split, int h0, int d0,
                                             bool first) {
@@ -330,14 +331,18 @@ __device__ __forceinline__ void finish_rows(const Params& p, float (&o)[N][4], f
       // out = O / (l + 2^(sink - m)) with O and l relative to the row max m (0 when no candidate).
       const float m = row_max[j];
       const float f = m == -INFINITY ? 0.f : 1.f / (row_sum[j] + exp2f(p.sink[h] * LOG2E - m));
-      float* dst = p.out + (t * p.heads + h) * ENTRY_DIM;
+      const long long at = (t * p.heads + h) * ENTRY_DIM;
       const long long pos = p.positions ? load_id(p.positions, t, p.positions64) : 0;
 #pragma unroll
       for (int n = 0; n < N; ++n) {
         float x0 = o[n][2 * j] * f, x1 = o[n][2 * j + 1] * f;
         const int d = d0 + 8 * n + c2;
         if (p.positions && d >= NOPE_DIM) derotate_pair(x0, x1, pos, p, (d - NOPE_DIM) / 2);
-        *(float2*)(dst + d) = make_float2(x0, x1);
+        if constexpr (OUT_BF16) {
+          *(uint32_t*)((uint16_t*)p.out + at + d) = (uint32_t)bf16_from_f32(x0) | ((uint32_t)bf16_from_f32(x1) << 16);
+        } else {
+          *(float2*)(p.out + at + d) = make_float2(x0, x1);
+        }
       }
       if (first && lane % 4 == 0)
         p.lse[t * p.heads + h] = m == -INFINITY ? -INFINITY : (m + log2f(row_sum[j])) / LOG2E;

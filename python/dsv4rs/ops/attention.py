@@ -32,14 +32,15 @@ def _sparse_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
     opt = lambda name, t: None if t is None else spec(name, t)  # noqa: E731
-    workspace, size = None, 0
+    workspace, direct = None, False
     if q.device.type == "cuda" and q.dim() == 3 and indices.dim() == 2:
         width = indices.shape[1] + (extra_indices.shape[1] if extra_indices is not None and extra_indices.dim() == 2 else 0)
         size = _core.attention_workspace_bytes(q.shape[0], q.shape[1], width)
         workspace = torch.empty(max(size, 16), dtype=torch.uint8, device=q.device)
-    # A bfloat16 output is stored by the split combine (a call whose candidates are split, which
-    # is what a workspace means); otherwise the float32 output is cast, the same bits.
-    direct = out_bf16 and size > 0
+        # A bfloat16 output is stored rounded by the split combine (candidates in several
+        # splits) or by the wgmma kernel's bfloat16 build; other calls cast the float32 output,
+        # the same bits.
+        direct = out_bf16 and _core.attention_stores_bf16(cuda_index(q.device), q.shape[0], q.shape[1], width)
     out = torch.empty(q.shape, dtype=torch.bfloat16 if direct else torch.float32, device=q.device)
     _core.sparse_attention(
         spec("q", q), spec("cache", cache), spec("indices", indices), opt("lengths", lengths),
@@ -92,7 +93,8 @@ def sparse_attention(
         out_dtype: ``torch.float32`` or ``torch.bfloat16``: the output as computed (float32), or
             rounded to nearest even, the same bits as ``out.to(torch.bfloat16)``. On a GPU a call
             whose candidates go in several splits (few queries) has the split combine store it so,
-            without the float32 tensor and the cast; other calls cast.
+            and on the wgmma kernel (Hopper) every call stores it so, without the float32 tensor
+            and the cast; other calls cast.
 
     Returns:
         ``(out [T, H, 512] of out_dtype, lse float32 [T, H])``: ``lse`` is the log-sum-exp of the

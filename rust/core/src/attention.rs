@@ -240,8 +240,8 @@ unsafe fn source<'a>(cache: &'a TensorRef, ids: &'a TensorRef, lengths: Option<&
 /// Attention of `q` (float32/bfloat16 `[T, H, 512]`) over candidate rows `indices` (int32/int64
 /// `[T, K]`, -1 masked, the first `lengths[t]` counting when given) of `cache`, plus those of
 /// `extra`, in one softmax with the sink `sink` (float32 `[H]`). Writes `out` (float32
-/// `[T, H, 512]`; on a GPU also bfloat16, rounded to nearest even by the split combine, for a
-/// call whose candidates go in several splits) and `lse` (float32 `[T, H]`, the log-sum-exp of
+/// `[T, H, 512]`; on a GPU also bfloat16, rounded to nearest even, where
+/// `gpu::attention::stores_bf16` says the call stores it) and `lse` (float32 `[T, H]`, the log-sum-exp of
 /// the candidates' logits without the sink, -inf when a query has none; its output is then 0).
 ///
 /// # Safety
@@ -362,7 +362,7 @@ unsafe fn sparse_attention_gpu(
     let (t, heads) = (q.dim(0), q.dim(1));
     q.expect_dtype(&[DType::F32, DType::BF16])?;
     sink.expect_dtype(&[DType::F32])?;
-    out.expect_dtype(&[DType::F32, DType::BF16])?; // bfloat16: stored by the split combine
+    out.expect_dtype(&[DType::F32, DType::BF16])?;
     out.expect_shape(&[Some(t), Some(heads), Some(D)])?;
     lse.expect_dtype(&[DType::F32])?;
     lse.expect_shape(&[Some(t), Some(heads)])?;

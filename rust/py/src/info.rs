@@ -46,3 +46,10 @@ pub fn warm_up(py: Python<'_>, device: i32) -> PyResult<()> {
 pub fn attention_kernel(py: Python<'_>, device: i32) -> PyResult<&'static str> {
     run(py, || gpu::attention::kernel_name(device))
 }
+
+/// Whether a GPU `sparse_attention` call of `queries` queries over `max_candidates` candidates
+/// stores a bfloat16 output itself (else its caller casts the float32 one).
+#[pyfunction]
+pub fn attention_stores_bf16(py: Python<'_>, device: i32, queries: usize, heads: usize, max_candidates: usize) -> PyResult<bool> {
+    run(py, || gpu::attention::stores_bf16(device, queries, heads, max_candidates))
+}

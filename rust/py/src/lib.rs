@@ -24,7 +24,7 @@ mod _core {
     #[pymodule_export]
     use super::errors::{CacheStateError, CudaError, OutOfPagesError};
     #[pymodule_export]
-    use super::info::{attention_kernel, build_info, cuda_devices, warm_up};
+    use super::info::{attention_kernel, attention_stores_bf16, build_info, cuda_devices, warm_up};
     #[pymodule_export]
     use super::kv::{copy_rows, hadamard128, index_key_read, index_key_round_trip, index_key_write, kv_read, kv_write};
     #[pymodule_export]

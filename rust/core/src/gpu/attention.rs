@@ -169,6 +169,16 @@ pub fn kernel_name(dev: i32) -> Result<&'static str> {
     })
 }
 
+/// Whether a call of `t` queries over `width` candidates stores a bfloat16 output itself: where
+/// its candidates go in several splits (the combine rounds as it stores), or on the wgmma kernel,
+/// whose bfloat16 build (`dsv4_sparse_attention_wgmma_bf16`) stores a single split's rounded in
+/// its epilogue. Elsewhere the caller casts the float32 output (python ops/attention.py), so the
+/// float32 kernels keep their code.
+pub fn stores_bf16(dev: i32, t: usize, heads: usize, width: usize) -> Result<bool> {
+    Ok(split(t, heads, width).0 > 1
+        || (choose(dev)? == Variant::Wgmma && super::has_kernel(dev, Kernel::SparseAttentionWgmmaBf16)))
+}
+
 /// Candidate-axis split: number of splits and candidates per split (a multiple of the tile).
 pub fn split(queries: usize, heads: usize, max_candidates: usize) -> (usize, usize) {
     let blocks = queries.max(1) * heads.div_ceil(HEADS_PER_BLOCK);
@@ -232,16 +242,17 @@ fn list(c: &Candidates) -> List {
 /// # Safety
 /// Every tensor satisfies `TensorRef`'s contract on device `dev` with the shapes `crate::attention`
 /// checks (bf16 rows caches `[P, 64, 512]`, FP8 caches `[P, 37376]`, q bf16/f32, out f32 or
-/// (splits > 1) bf16, sink and inv_freq float32); `stream` belongs to that device.
+/// bf16 (see [`stores_bf16`]), sink and inv_freq float32); `stream` belongs to that device.
 pub unsafe fn sparse_attention(dev: i32, stream: usize, a: &AttentionArgs) -> Result<()> {
     let (t, heads) = (a.q.dim(0), a.q.dim(1));
     let width = a.a.indices.dim(1) + a.b.as_ref().map_or(0, |b| b.indices.dim(1));
     let (splits, split_len) = split(t, heads, width);
     let out_bf16 = a.out.dtype == DType::BF16;
-    if out_bf16 && splits == 1 {
-        // Only the split combine stores bfloat16 (the attention kernels' own epilogue stays
-        // float32); the caller casts a single-split call's output (ops/attention.py).
-        return Err(Error::dtype(a.out.name, "a bfloat16 output needs a call whose candidates go in several splits"));
+    if out_bf16 && !stores_bf16(dev, t, heads, width)? {
+        return Err(Error::dtype(
+            a.out.name,
+            "a bfloat16 output needs a call whose candidates go in several splits, or the wgmma kernel",
+        ));
     }
     let need = workspace_bytes(t, heads, width);
     if a.workspace.numel() * a.workspace.dtype.size() < need || !a.workspace.ptr.is_multiple_of(16) {
@@ -282,6 +293,8 @@ pub unsafe fn sparse_attention(dev: i32, stream: usize, a: &AttentionArgs) -> Re
         } else {
             variant.launch_shape()
         };
+    // A single split's bfloat16 output: the wgmma kernel built to store it (stores_bf16).
+    let kernel = if out_bf16 && splits == 1 { Kernel::SparseAttentionWgmmaBf16 } else { kernel };
     let main = Launch {
         grid: (splits as u32, heads.div_ceil(per_block) as u32, t as u32),
         block: (threads, 1, 1),
