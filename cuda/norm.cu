@@ -19,22 +19,22 @@ constexpr int CACHED = 8;
 // lanes < 256). V values a load (4 when the row's length and the pointers allow it). Every load
 // of a thread is issued before the first is used, so a row costs about one memory latency.
 template <int V>
-__device__ __forceinline__ void rms_row(const void* x, int x_bf16, const void* w, int w_kind, void* y, int y_bf16,
-                                        long long rows, int dim, int lanes, float eps) {
+__device__ __forceinline__ void rms_row(const void* x, int x_bf16, long long x_stride, const void* w, int w_kind, void* y,
+                                        int y_bf16, long long rows, int dim, int lanes, float eps) {
   __shared__ float partial[MAX_LANES / 32];
   const int per_block = blockDim.x / lanes;
   const long long r = blockIdx.x * (long long)per_block + threadIdx.x / lanes;
   const int lane = threadIdx.x % lanes;
   const int stride = lanes * V;
   const bool live = r < rows;
-  const long long at = (live ? r : 0) * (long long)dim;
+  const long long at = (live ? r : 0) * (long long)dim, x_at = (live ? r : 0) * x_stride;
   float v[CACHED][V];
   float ss = 0.f;
   if (live) {
 #pragma unroll
     for (int c = 0; c < CACHED; ++c) {
       const int i = lane * V + c * stride;
-      if (i < dim) load_n<V>(x, at + i, x_bf16, v[c]);
+      if (i < dim) load_n<V>(x, x_at + i, x_bf16, v[c]);
     }
 #pragma unroll
     for (int c = 0; c < CACHED; ++c) {
@@ -46,7 +46,7 @@ __device__ __forceinline__ void rms_row(const void* x, int x_bf16, const void* w
 #pragma unroll 4
     for (int i = lane * V + CACHED * stride; i < dim; i += stride) {
       float u[V];
-      load_n<V>(x, at + i, x_bf16, u);
+      load_n<V>(x, x_at + i, x_bf16, u);
 #pragma unroll
       for (int k = 0; k < V; ++k) ss = fmaf(u[k], u[k], ss);
     }
@@ -81,23 +81,25 @@ __device__ __forceinline__ void rms_row(const void* x, int x_bf16, const void* w
   }
   for (int i = lane * V + CACHED * stride; i < dim; i += stride) {
     float u[V];
-    load_n<V>(x, at + i, x_bf16, u);
+    load_n<V>(x, x_at + i, x_bf16, u);
     emit(i, u);
   }
 }
 
 }  // namespace
 
-// w_kind: 0 no weight, 1 float32, 2 bfloat16. lanes: a power of two, 32 to MAX_LANES; a block of
-// max(lanes, 256) threads holds blockDim.x / lanes rows. vec4: dim % 4 == 0 and every pointer
-// aligned to four values.
-extern "C" __global__ void __launch_bounds__(MAX_LANES) dsv4_rms_norm(const void* x, int x_bf16, const void* w,
-                                                                      int w_kind, void* y, int y_bf16, long long rows,
-                                                                      int dim, int lanes, int vec4, float eps) {
+// x_stride: values from one row of x to the next (dim where x is contiguous; y's rows are
+// adjacent). w_kind: 0 no weight, 1 float32, 2 bfloat16. lanes: a power of two, 32 to MAX_LANES;
+// a block of max(lanes, 256) threads holds blockDim.x / lanes rows. vec4: dim % 4 == 0, x_stride
+// % 4 == 0 and every pointer aligned to four values.
+extern "C" __global__ void __launch_bounds__(MAX_LANES) dsv4_rms_norm(const void* x, int x_bf16, long long x_stride,
+                                                                      const void* w, int w_kind, void* y, int y_bf16,
+                                                                      long long rows, int dim, int lanes, int vec4,
+                                                                      float eps) {
   dsv4::grid_begin();
   if (vec4) {
-    rms_row<4>(x, x_bf16, w, w_kind, y, y_bf16, rows, dim, lanes, eps);
+    rms_row<4>(x, x_bf16, x_stride, w, w_kind, y, y_bf16, rows, dim, lanes, eps);
   } else {
-    rms_row<1>(x, x_bf16, w, w_kind, y, y_bf16, rows, dim, lanes, eps);
+    rms_row<1>(x, x_bf16, x_stride, w, w_kind, y, y_bf16, rows, dim, lanes, eps);
   }
 }

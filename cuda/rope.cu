@@ -98,7 +98,8 @@ extern "C" __global__ void __launch_bounds__(256) dsv4_rope_one(DSV4_ROPE_PARAMS
 constexpr int NORM_ROPE_ROW_MAX = 512;  // rust/core/src/gpu/rope.rs NORM_ROPE_ROW_MAX
 
 extern "C" __global__ void __launch_bounds__(128) dsv4_rms_norm_rope(
-    const void* __restrict__ x, int x_bf16, const void* __restrict__ w, int w_kind, long long rows, int dim,
+    const void* __restrict__ x, int x_bf16, long long x_stride, const void* __restrict__ w, int w_kind, long long rows,
+    int dim,
     float eps, int round_bf16, const void* __restrict__ positions, int positions64,
     const void* __restrict__ inv_freq, int rope_mode, int pairs, long long per_token, float* __restrict__ out) {
   dsv4::grid_begin();
@@ -107,13 +108,13 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_rms_norm_rope(
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const long long r = (long long)blockIdx.x * 4 + warp;
   if (r >= rows) return;  // the whole warp
-  const long long at = r * dim;
+  const long long at = r * dim, x_at = r * x_stride;
   float v[CHUNKS][V];
   float ss = 0.f;
 #pragma unroll
   for (int c = 0; c < CHUNKS; ++c) {
     const int i = lane * V + c * 32 * V;
-    if (i < dim) load_n<V>(x, at + i, x_bf16, v[c]);
+    if (i < dim) load_n<V>(x, x_at + i, x_bf16, v[c]);
   }
 #pragma unroll
   for (int c = 0; c < CHUNKS; ++c) {

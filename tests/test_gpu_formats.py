@@ -112,7 +112,7 @@ def test_runs_on_the_callers_stream_and_in_cuda_graphs(gen: torch.Generator) -> 
 
 @pytest.mark.skipif(gpu_available(), reason="checks the error a machine without a GPU gives")
 def test_gpu_call_without_gpu_raises_cuda_error() -> None:
-    spec = lambda shape, dtype: (1 << 20, shape, dtype, 0, True)  # noqa: E731 - never dereferenced
+    spec = lambda shape, dtype: (1 << 20, shape, dtype, 0, shape[-1])  # noqa: E731 - never dereferenced
     with pytest.raises(_core.CudaError, match="no CUDA device|no CUDA kernels"):
         _core.kv_write(spec((1, 37376), "uint8"), spec((1,), "int64"), spec((1, 512), "float32"), 0)
 

@@ -761,6 +761,27 @@ def test_rms_norm_matches_reference(gen: torch.Generator, shape: tuple[int, int]
     torch.testing.assert_close(got.cpu().double(), ops.rms_norm(x, w, 1e-6, out_dtype).double(), **one_ulp)
 
 
+@pytest.mark.parametrize("shape,cols", [((64, 1536), (0, 1024)), ((64, 1536), (1024, 1536)), ((5, 20), (1, 8)),
+                                        ((300, 104), (4, 100)), ((3, 8192), (4096, 8192)), ((2, 40008), (3, 40003)),
+                                        ((2, 3, 1100), (76, 588)), ((1, 48), (8, 40))])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rms_norm_reads_a_column_range_in_place(gen: torch.Generator, shape: tuple[int, ...], cols: tuple[int, int],
+                                                dtype: torch.dtype) -> None:
+    """A column range of a matrix (the packed q_a/kv projection's q_a) gives the bits its
+    contiguous copy gives, in the one kernel: aligned and not, rows longer than a thread's
+    registers hold, leading dimensions flattened."""
+    y = (torch.randn(*shape, generator=gen) * 3).to(dtype).cuda()
+    x = y[..., cols[0]:cols[1]]
+    w = (torch.rand(x.shape[-1], generator=gen) * 2).cuda()
+    for weight, out_dtype in ((w, dtype), (None, torch.float32)):
+        got = ops.rms_norm(x, weight, 1e-6, out_dtype)
+        assert got.is_contiguous() and torch.equal(got, ops.rms_norm(x.contiguous(), weight, 1e-6, out_dtype))
+        assert launched_kernels(lambda: ops.rms_norm(x, weight, 1e-6, out_dtype)) == {"dsv4_rms_norm"}
+    transposed = y.flatten(0, -2)[:, cols[0]:cols[1]].t().contiguous().t()  # columns adjacent: copied first
+    torch.testing.assert_close(ops.rms_norm(transposed, w, 1e-6), ops.rms_norm(transposed.contiguous(), w, 1e-6),
+                               rtol=0, atol=0)
+
+
 def test_rms_norm_non_finite_propagates() -> None:
     x = torch.ones(3, 4096, device="cuda")
     x[1, 7] = float("nan")

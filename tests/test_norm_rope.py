@@ -51,6 +51,27 @@ def test_equals_the_two_ops_and_the_float64_twin(gen: torch.Generator, device: s
         torch.testing.assert_close(got.cpu().double(), ref, rtol=tol, atol=atol)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("total,cols,fused", [(1536, (1024, 1536), True), (1540, (1028, 1540), True),
+                                              (1538, (1026, 1538), False), (70, (3, 67), False)])
+def test_a_column_range_is_read_in_place(gen: torch.Generator, device: str, total: int, cols: tuple[int, int],
+                                         fused: bool) -> None:
+    """The entry's rows as the packed q_a/kv projection leaves them (a column range): the values
+    of the contiguous copy; on a GPU one kernel without a copy where the stride and the start are
+    four-value aligned, else the two ops."""
+    y = (torch.randn(9, total, generator=gen) * 3).bfloat16()
+    w = torch.rand(cols[1] - cols[0], generator=gen) + 0.5
+    positions = torch.randint(0, 1 << 20, (9,), generator=gen)
+    inv_freq = ref_ops.official_inv_freq(64, 10000.0)
+    y, w, positions, inv_freq = y.to(device), w.to(device), positions.to(device), inv_freq.to(device)
+    x = y[:, cols[0]:cols[1]]
+    got = ops.rms_norm_rope(x, w, 1e-6, positions, inv_freq)
+    assert torch.equal(got, ops.rms_norm_rope(x.contiguous(), w, 1e-6, positions, inv_freq))
+    if device == "cuda":
+        names = launched_kernels(lambda: ops.rms_norm_rope(x, w, 1e-6, positions, inv_freq))
+        assert names == ({"dsv4_rms_norm_rope"} if fused else {"dsv4_rms_norm", "dsv4_rope_one"}), names
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape,fused", [((4, 64, 512), True), ((3, 512), True), ((2, 8, 4), True),
                                           ((2, 2, 516), False), ((2, 2, 6), False)])

@@ -758,6 +758,30 @@ def test_rms_norm_matches_reference(gen: torch.Generator, shape: tuple[int, ...]
     close(got, ref.rms_norm(x, w, 1e-6), **TOL[want_dtype])
 
 
+def test_row_stride_names_rows_one_stride_apart() -> None:
+    """What the GPU forms of rms_norm, rms_norm_rope and swiglu read in place: rows of adjacent
+    values one stride apart (-1: copied first)."""
+    from dsv4rs._tensor import row_stride
+
+    y = torch.zeros(6, 10)
+    y3 = torch.zeros(2, 3, 8)
+    cases = [(y, 10), (y[:, 2:7], 10), (y[1:4, :5], 10), (y[::2, :4], 20), (y3[..., :4], 8), (y3[:, 1:, :4], -1),
+             (y3[:, :1, 2:], 24), (y.t(), -1), (y[:, :4].unsqueeze(0).expand(3, 6, 4), -1),
+             (torch.zeros(1, 10)[:, 3:5], 2), (torch.zeros(()), 1), (torch.zeros(3, 0), 0),
+             (y[:, 2:7].unsqueeze(1), 10), (y[:, ::2], -1)]
+    for t, want in cases:
+        assert row_stride(t) == want, (t.shape, t.stride())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_column_ranges_on_the_cpu(gen: torch.Generator, dtype: torch.dtype) -> None:
+    """The ops that read a GPU matrix's column range in place take one on the CPU too (copied)."""
+    y = (randn(gen, 7, 40) * 3).to(dtype)
+    x, u = y[:, 4:20], y[:, 20:36]
+    assert torch.equal(ops.rms_norm(x, None, 1e-6), ops.rms_norm(x.contiguous(), None, 1e-6))
+    assert torch.equal(ops.swiglu(x, u, 7.0), ops.swiglu(x.contiguous(), u.contiguous(), 7.0))
+
+
 def test_rms_norm_zero_rows_and_eps(gen: torch.Generator) -> None:
     x = torch.zeros(2, 64)
     x[1] = 1e-4

@@ -3,7 +3,7 @@
 
 from typing import Any
 
-Spec = tuple[int, tuple[int, ...], str, int, bool]
+Spec = tuple[int, tuple[int, ...], str, int, int]  # (data_ptr, shape, dtype, device, row stride)
 
 __version__: str
 

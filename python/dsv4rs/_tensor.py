@@ -1,4 +1,4 @@
-"""Hands torch tensors to the Rust extension as ``(data_ptr, shape, dtype, device, contiguous)``
+"""Hands torch tensors to the Rust extension as ``(data_ptr, shape, dtype, device, row_stride)``
 tuples, and reads the caller's CUDA stream. Private to the package."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-Spec = tuple[int, tuple[int, ...], str, int, bool]
+Spec = tuple[int, tuple[int, ...], str, int, int]
 
 
 def as_tensor(name: str, x: Any) -> torch.Tensor:
@@ -50,10 +50,38 @@ def disjoint(written: tuple[str, torch.Tensor], *others: tuple[str, torch.Tensor
             raise ValueError(f"{name}, {other}: must not share memory ({name} is written in place)")
 
 
+def row_stride(t: torch.Tensor) -> int:
+    """The elements from one row of ``t``'s last dimension to the next when its rows are all one
+    stride apart, each row's values adjacent (a contiguous tensor: the last dimension's size; a
+    0-d tensor: 1), else -1. A column range of a contiguous matrix, ``y[:, a:b]``, has the matrix's
+    row length; the Rust side takes such rows only where an op reads them at a stride."""
+    if t.is_contiguous():
+        return t.shape[-1] if t.dim() else 1
+    if t.dim() < 2 or (t.shape[-1] > 1 and t.stride(-1) != 1):
+        return -1
+    stride, rows = 0, 1  # rows: how many rows the leading dimensions to the right hold
+    for n, st in zip(reversed(t.shape[:-1]), reversed(t.stride()[:-1])):
+        if n == 1:
+            continue
+        if rows == 1:
+            stride = st
+        elif st != stride * rows:
+            return -1
+        rows *= n
+    return stride if stride >= t.shape[-1] else -1
+
+
+def rows_of(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as an op that reads rows at a stride on the GPU takes it: itself where it is on a GPU
+    and :func:`row_stride` is not -1 (a column range of a matrix is read in place), else
+    ``t.contiguous()``."""
+    return t if t.is_cuda and row_stride(t) >= 0 else t.contiguous()
+
+
 def spec(name: str, t: torch.Tensor) -> Spec:
     """The tuple form of ``t``. The tensor must stay alive for the duration of the call."""
     device = -1 if t.device.type == "cpu" else _cuda_index(name, t)
-    return (t.data_ptr(), tuple(t.shape), str(t.dtype).removeprefix("torch."), device, t.is_contiguous())
+    return (t.data_ptr(), tuple(t.shape), str(t.dtype).removeprefix("torch."), device, row_stride(t))
 
 
 def _cuda_index(name: str, t: torch.Tensor) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from dsv4rs import _core
-from dsv4rs._tensor import as_tensor, spec, stream
+from dsv4rs._tensor import as_tensor, rows_of, spec, stream
 
 _FLOATS = (torch.float32, torch.bfloat16)
 
@@ -27,7 +27,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
     """RMSNorm over the last dim: ``(x * rsqrt(mean(x^2) + eps)) * weight``.
 
     Args:
-        x: ``float32``/``bfloat16 [..., D]``, ``D >= 1``.
+        x: ``float32``/``bfloat16 [..., D]``, ``D >= 1``. On a GPU its rows may be one stride
+            apart (a column range of a matrix, as the packed projections' outputs): they are read
+            in place; any other layout is copied first.
         weight: ``float32``/``bfloat16 [D]``, or ``None`` (no weight: the per-head query norm and
             the mHC input norm).
         eps: finite and > 0 (``rms_norm_eps``).
@@ -46,4 +48,4 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
         raise TypeError(f"out_dtype: expected torch.float32 or torch.bfloat16, got {out_dtype}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"eps: expected a float, got {type(eps).__name__}")
-    return _rms_norm(x, None if weight is None else as_tensor("weight", weight), float(eps), out_dtype)
+    return _rms_norm(rows_of(x), None if weight is None else as_tensor("weight", weight), float(eps), out_dtype)

@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 
 from dsv4rs import _core
-from dsv4rs._tensor import as_tensor, spec, stream
+from dsv4rs._tensor import as_tensor, row_stride, rows_of, spec, stream
 from dsv4rs.ops._checks import choice, flag
 
 RopeTable = Literal["official", "exact"]
@@ -80,7 +80,7 @@ four values); longer or odd rows take the two ops, with the same values."""
 
 
 def _one_kernel(t: torch.Tensor | None) -> bool:
-    return t is None or t.data_ptr() % (4 * t.element_size()) == 0
+    return t is None or (t.data_ptr() % (4 * t.element_size()) == 0 and row_stride(t) % 4 == 0)
 
 
 def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, positions: torch.Tensor,
@@ -89,7 +89,9 @@ def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, posi
     """``rope(rms_norm(x, weight, eps, norm_dtype), positions, inv_freq, table=table)``, the same
     values (the query's per-head norm and the entry's ``kv_norm``, each then rotated). On a GPU
     one kernel where the rows have at most :data:`NORM_ROPE_ROW_MAX` values, a multiple of 4, and
-    ``x`` and ``weight`` start aligned to four values; else the two ops. On the CPU one pass.
+    ``x`` and ``weight`` start aligned to four values; else the two ops. On the CPU one pass. On a
+    GPU ``x`` may be a column range of a matrix (rows one stride apart, as the packed
+    projections' outputs): it is read in place.
 
     Args:
         x: ``float32``/``bfloat16 [T, ..., D]``.
@@ -112,7 +114,7 @@ def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, posi
     table = choice("table", table, ROPE_TABLES)
     weight = None if weight is None else as_tensor("weight", weight)
     positions, inv_freq = as_tensor("positions", positions), as_tensor("inv_freq", inv_freq)
-    x = x.contiguous()
+    x = rows_of(x)
     if x.is_cuda and not (x.dim() >= 2 and 0 < x.shape[-1] <= NORM_ROPE_ROW_MAX and x.shape[-1] % 4 == 0
                           and _one_kernel(x) and _one_kernel(weight)):
         from dsv4rs.ops.norm import rms_norm

@@ -8,19 +8,19 @@ import math
 import torch
 
 from dsv4rs import _core
-from dsv4rs._tensor import as_tensor, spec, stream
+from dsv4rs._tensor import as_tensor, rows_of, spec, stream
 
 
 @torch.library.custom_op("dsv4rs::swiglu", mutates_args=())
 def _swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
-    out = torch.empty_like(gate)
+    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     _core.swiglu(spec("gate", gate), spec("up", up), spec("out", out), limit, stream(gate))
     return out
 
 
 @_swiglu.register_fake
 def _(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
-    return torch.empty_like(gate)
+    return gate.new_empty(gate.shape)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float = math.inf) -> torch.Tensor:
@@ -29,7 +29,9 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float = math.inf) -> tor
     bfloat16 model rounds the SiLU and the product each).
 
     Args:
-        gate, up: ``float32``/``bfloat16``, one shape, on one device.
+        gate, up: ``float32``/``bfloat16``, one shape, on one device. On a GPU their rows may be
+            one stride apart (the two column halves of the packed gate-up projection's output):
+            they are read in place; any other layout is copied first.
         limit: ``> 0``; ``math.inf`` clamps nothing.
 
     Returns:
@@ -40,4 +42,4 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float = math.inf) -> tor
     gate, up = as_tensor("gate", gate), as_tensor("up", up)
     if isinstance(limit, bool) or not isinstance(limit, (int, float)) or math.isnan(limit) or limit <= 0:
         raise ValueError(f"limit: expected a number > 0, got {limit!r}")
-    return _swiglu(gate.contiguous(), up.contiguous(), float(limit))
+    return _swiglu(rows_of(gate), rows_of(up), float(limit))

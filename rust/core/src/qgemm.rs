@@ -635,7 +635,7 @@ mod tests {
 
     fn tref<T>(name: &'static str, v: &[T], shape: &[usize], dtype: DType) -> TensorRef {
         assert_eq!(v.len(), shape.iter().product::<usize>());
-        TensorRef { name, ptr: v.as_ptr() as usize, shape: shape.to_vec(), dtype, device: Device::Cpu }
+        TensorRef::dense(name, v.as_ptr() as usize, shape.to_vec(), dtype, Device::Cpu)
     }
 
     /// Deterministic values in about [-2, 2).

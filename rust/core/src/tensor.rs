@@ -68,11 +68,15 @@ impl std::fmt::Display for Device {
     }
 }
 
-/// A contiguous tensor owned by the caller. `name` is the argument name used in errors.
+/// A tensor owned by the caller. `name` is the argument name used in errors.
 ///
-/// SAFETY contract (upheld by the binding that builds it): `ptr` addresses `numel() *
-/// dtype.size()` bytes of live memory on `device`, laid out row-major and contiguous, that stay
-/// valid and are not resized for as long as the `TensorRef` is used.
+/// SAFETY contract (upheld by the binding that builds it): `ptr` addresses live memory on
+/// `device` that stays valid and is not resized for as long as the `TensorRef` is used, laid out
+/// row-major as rows of the last dimension, each row's values adjacent, row `r` starting
+/// `r * row_stride` elements after `ptr`. `row_stride` is the last dimension's size (1 for a 0-d
+/// tensor) for a contiguous tensor ([`TensorRef::dense`]), and larger only where the binding was
+/// told that the op reads rows at a stride (the GPU forms of `rms_norm`, `rms_norm_rope` and
+/// `swiglu`); every other op takes dense tensors alone.
 #[derive(Debug, Clone)]
 pub struct TensorRef {
     pub name: &'static str,
@@ -80,9 +84,29 @@ pub struct TensorRef {
     pub shape: Vec<usize>,
     pub dtype: DType,
     pub device: Device,
+    pub row_stride: usize,
 }
 
 impl TensorRef {
+    /// A contiguous tensor's reference.
+    pub fn dense(name: &'static str, ptr: usize, shape: Vec<usize>, dtype: DType, device: Device) -> TensorRef {
+        let row_stride = shape.last().copied().unwrap_or(1);
+        TensorRef { name, ptr, shape, dtype, device, row_stride }
+    }
+
+    /// Whether the rows are adjacent (the tensor is contiguous).
+    pub fn is_dense(&self) -> bool {
+        self.row_stride == self.shape.last().copied().unwrap_or(1)
+    }
+
+    /// An error naming the tensor unless it is contiguous (`why`: the form that needs it).
+    pub fn expect_dense(&self, why: &str) -> Result<()> {
+        if self.is_dense() {
+            return Ok(());
+        }
+        Err(Error::value(self.name, format!("must be contiguous {why} (call .contiguous())")))
+    }
+
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
@@ -132,6 +156,7 @@ impl TensorRef {
     }
 
     fn check_pointer(&self, align: usize) -> Result<()> {
+        self.expect_dense("on the CPU")?;
         if self.ptr == 0 && self.numel() > 0 {
             return Err(Error::value(self.name, "null data pointer"));
         }
@@ -206,4 +231,24 @@ pub fn same_device(tensors: &[&TensorRef]) -> Result<Device> {
         }
     }
     Ok(first)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_at_a_stride_are_never_read_as_a_host_slice() {
+        let v = [0f32; 12];
+        let mut t = TensorRef::dense("x", v.as_ptr() as usize, vec![3, 2], DType::F32, Device::Cpu);
+        assert!(t.is_dense() && t.row_stride == 2);
+        // SAFETY: `v` holds 12 values, more than 3 rows of 2 reach at a stride of up to 5.
+        assert_eq!(unsafe { t.host::<f32>(&[DType::F32]) }.unwrap().len(), 6);
+        t.row_stride = 4;
+        assert!(!t.is_dense());
+        // SAFETY: as above.
+        let err = unsafe { t.host::<f32>(&[DType::F32]) }.unwrap_err().to_string();
+        assert!(err.contains("x") && err.contains("contiguous"), "{err}");
+        assert!(TensorRef::dense("s", 0, vec![], DType::F32, Device::Cpu).is_dense());
+    }
 }

@@ -101,7 +101,7 @@ fn rope_constant(name: &str) -> i32 {
 #[test]
 fn rope_mode_bits_are_the_kernels() {
     let (freq64, official) = (rope_constant("ROPE_FREQ64"), rope_constant("ROPE_OFFICIAL"));
-    let freqs = |dtype| TensorRef { name: "inv_freq", ptr: 0, shape: vec![32], dtype, device: Device::Cpu };
+    let freqs = |dtype| TensorRef::dense("inv_freq", 0, vec![32], dtype, Device::Cpu);
     for (table, dtype, want) in [
         (RopeTable::Exact, DType::F32, 0),
         (RopeTable::Exact, DType::F64, freq64),

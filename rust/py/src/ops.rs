@@ -14,7 +14,7 @@ use dsv4rs_core::{
 use pyo3::prelude::*;
 
 use crate::errors::{run, to_py};
-use crate::tensor::{tref, Spec};
+use crate::tensor::{tref, tref_rows, Spec};
 
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
@@ -57,7 +57,7 @@ pub fn moe_route(
 
 #[pyfunction]
 pub fn swiglu(py: Python<'_>, gate: Spec, up: Spec, out: Spec, limit: f32, stream: usize) -> PyResult<()> {
-    let (g, u, o) = (tref("gate", gate)?, tref("up", up)?, tref("out", out)?);
+    let (g, u, o) = (tref_rows("gate", gate)?, tref_rows("up", up)?, tref("out", out)?);
     // SAFETY: as rope; `out` is a fresh tensor.
     run(py, || unsafe { swiglu_op::swiglu(&g, &u, &o, limit, stream) })
 }
@@ -175,7 +175,7 @@ pub fn mhc_pre(
 #[pyfunction]
 #[pyo3(signature = (x, weight, out, eps, stream))]
 pub fn rms_norm(py: Python<'_>, x: Spec, weight: Option<Spec>, out: Spec, eps: f32, stream: usize) -> PyResult<()> {
-    let (x, w, o) = (tref("x", x)?, opt("weight", weight)?, tref("out", out)?);
+    let (x, w, o) = (tref_rows("x", x)?, opt("weight", weight)?, tref("out", out)?);
     // SAFETY: as rope; `out` is a fresh tensor.
     run(py, || unsafe { norm::rms_norm(&x, w.as_ref(), &o, eps, stream) })
 }
@@ -195,7 +195,7 @@ pub fn rms_norm_rope(
     stream: usize,
 ) -> PyResult<()> {
     let table = RopeTable::parse("table", table).map_err(to_py)?;
-    let (x, w, p) = (tref("x", x)?, opt("weight", weight)?, tref("positions", positions)?);
+    let (x, w, p) = (tref_rows("x", x)?, opt("weight", weight)?, tref("positions", positions)?);
     let (f, o) = (tref("inv_freq", inv_freq)?, tref("out", out)?);
     // SAFETY: as rope; `out` is a fresh tensor.
     run(py, || unsafe { rope_op::rms_norm_rope(&x, w.as_ref(), eps, round_bf16, &p, &f, &o, table, stream) })

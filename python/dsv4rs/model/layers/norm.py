@@ -18,7 +18,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, out_dtype
     and out and the norm are one kernel (the same float32 math, its own order of the sum of
     squares)."""
     if x.is_cuda and x.dtype in _KERNEL_DTYPES and (weight is None or weight.dtype in _KERNEL_DTYPES):
-        return ops.rms_norm(x.contiguous(), weight, eps, out_dtype or torch.float32)
+        return ops.rms_norm(x, weight, eps, out_dtype or torch.float32)
     dtype = torch.promote_types(x.dtype, torch.float32)
     y = x.to(dtype)
     y = y * torch.rsqrt(y.square().mean(-1, keepdim=True) + eps)

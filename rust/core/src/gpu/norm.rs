@@ -19,9 +19,9 @@ pub fn lanes(dim: usize) -> usize {
 }
 
 /// # Safety
-/// Tensors satisfy `TensorRef`'s contract on device `dev` (x float32/bfloat16 `[rows * dim]`,
-/// weight float32/bfloat16 `[dim]`, out float32/bfloat16 shaped as x); `stream` belongs to that
-/// device.
+/// Tensors satisfy `TensorRef`'s contract on device `dev` (x float32/bfloat16, `rows` rows of
+/// `dim` values `x.row_stride` apart; weight float32/bfloat16 `[dim]`; out float32/bfloat16 shaped
+/// as x, contiguous); `stream` belongs to that device.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn rms_norm(
     dev: i32, stream: usize, x: &TensorRef, weight: Option<&TensorRef>, out: &TensorRef, rows: usize, dim: usize,
@@ -43,9 +43,10 @@ pub unsafe fn rms_norm(
         Some(w) => (w.ptr as u64, 1 + is_bf16(w)),
         None => (0u64, 0),
     };
-    let (xp, xb, yp, yb, r, d, l) = (x.ptr as u64, is_bf16(x), out.ptr as u64, is_bf16(out), rows as i64, dim as i32, lanes as i32);
+    let (xp, xb, xs, yp, yb) = (x.ptr as u64, is_bf16(x), x.row_stride as i64, out.ptr as u64, is_bf16(out));
+    let (r, d, l) = (rows as i64, dim as i32, lanes as i32);
     let cfg = Launch { grid: (blocks as u32, 1, 1), block: (threads as u32, 1, 1), shared_bytes: 0, stream };
-    launch(dev, Kernel::RmsNorm, &cfg, &mut kernel_args!(xp, xb, wp, wk, yp, yb, r, d, l, vec4, eps))
+    launch(dev, Kernel::RmsNorm, &cfg, &mut kernel_args!(xp, xb, xs, wp, wk, yp, yb, r, d, l, vec4, eps))
 }
 
 #[cfg(test)]

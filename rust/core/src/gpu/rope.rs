@@ -49,9 +49,10 @@ pub unsafe fn rope(
 pub const NORM_ROPE_ROW_MAX: usize = 512;
 
 /// # Safety
-/// Tensors satisfy `TensorRef`'s contract on device `dev` (x float32/bfloat16 `[T, ..., D]`,
-/// weight float32/bfloat16 `[D]`, positions int32/int64 `[T]`, inv_freq float32/float64 `[R]`
-/// with `2 R <= D`, out float32 shaped as x); `stream` belongs to that device.
+/// Tensors satisfy `TensorRef`'s contract on device `dev` (x float32/bfloat16 `[T, ..., D]`, its
+/// rows `x.row_stride` apart; weight float32/bfloat16 `[D]`, positions int32/int64 `[T]`,
+/// inv_freq float32/float64 `[R]` with `2 R <= D`, out float32 shaped as x, contiguous); `stream`
+/// belongs to that device.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn rms_norm_rope(
     dev: i32,
@@ -85,10 +86,10 @@ pub unsafe fn rms_norm_rope(
         Some(w) => (w.ptr as u64, 1 + is_bf16(w)),
         None => (0u64, 0),
     };
-    let (xp, xb, r, d, rb) = (x.ptr as u64, is_bf16(x), rows as i64, dim as i32, round_bf16 as i32);
+    let (xp, xb, xs, r, d, rb) = (x.ptr as u64, is_bf16(x), x.row_stride as i64, rows as i64, dim as i32, round_bf16 as i32);
     let (pp, p64) = (positions.ptr as u64, (positions.dtype == DType::I64) as i32);
     let (fp, mode, pairs) = (inv_freq.ptr as u64, table.kernel_mode(inv_freq), inv_freq.numel() as i32);
     let (per_token, op) = ((rows / t) as i64, out.ptr as u64);
     let cfg = Launch { grid: (blocks as u32, 1, 1), block: (128, 1, 1), shared_bytes: 0, stream };
-    launch(dev, Kernel::RmsNormRope, &cfg, &mut kernel_args!(xp, xb, wp, wk, r, d, eps, rb, pp, p64, fp, mode, pairs, per_token, op))
+    launch(dev, Kernel::RmsNormRope, &cfg, &mut kernel_args!(xp, xb, xs, wp, wk, r, d, eps, rb, pp, p64, fp, mode, pairs, per_token, op))
 }
