@@ -99,8 +99,7 @@ constexpr int NORM_ROPE_ROW_MAX = 512;  // rust/core/src/gpu/rope.rs NORM_ROPE_R
 
 extern "C" __global__ void __launch_bounds__(128) dsv4_rms_norm_rope(
     const void* __restrict__ x, int x_bf16, long long x_stride, const void* __restrict__ w, int w_kind, long long rows,
-    int dim,
-    float eps, int round_bf16, const void* __restrict__ positions, int positions64,
+    int dim, float eps, int round_bf16, const void* __restrict__ positions, int positions64,
     const void* __restrict__ inv_freq, int rope_mode, int pairs, long long per_token, float* __restrict__ out) {
   dsv4::grid_begin();
   constexpr int V = 4, CHUNKS = NORM_ROPE_ROW_MAX / (32 * V);

@@ -150,10 +150,13 @@ pub(crate) fn h200_blocks_fit(bytes: usize, blocks: usize) -> bool {
 }
 
 /// Whether rows of `d` values of these tensors can be read four at a time (cuda/include/floats.cuh):
-/// `d` a multiple of 4 and every pointer aligned to four values.
+/// `d` a multiple of 4, every pointer aligned to four values, and so every row start: a tensor
+/// whose rows are not adjacent ([`TensorRef::is_dense`]) needs its row stride a multiple of 4.
 pub(crate) fn four_wide(d: usize, tensors: &[&TensorRef]) -> bool {
     d.is_multiple_of(4)
-        && tensors.iter().all(|t| t.ptr.is_multiple_of(4 * t.dtype.size()) && (t.is_dense() || t.row_stride.is_multiple_of(4)))
+        && tensors
+            .iter()
+            .all(|t| t.ptr.is_multiple_of(4 * t.dtype.size()) && (t.is_dense() || t.row_stride.is_multiple_of(4)))
 }
 
 fn check(res: sys::CUresult, call: &str) -> Result<()> {

@@ -23,7 +23,7 @@ pub unsafe fn swiglu(
     } else {
         (gate.shape.last().copied().unwrap_or(1), gate.row_stride, up.row_stride)
     };
-    let vec4 = four_wide(width, &[gate, up, out]) && gs.is_multiple_of(4) && us.is_multiple_of(4);
+    let vec4 = four_wide(width, &[gate, up, out]); // the row strides too, where the rows are not adjacent
     let per = if vec4 { 4 } else { 1 };
     let blocks = n.div_ceil(per * THREADS);
     if blocks > i32::MAX as usize {
