@@ -14,6 +14,7 @@
 
 #include "floats.cuh"
 #include "grid.cuh"
+#include "mma.cuh"
 
 using namespace dsv4;
 
@@ -403,3 +404,198 @@ extern "C" __global__ void __launch_bounds__(PRE_THREADS, 1) dsv4_mhc_pre(const 
 #undef DSV4_PRE
 }
 #undef DSV4_MHC_STREAMS
+
+// The mix alone for many tokens (ops.mhc_mix: a prefill, a large batch): from x [T, K] (float32 or
+// bfloat16) and proj [m, K] (float32, m <= 80), mu[t] = rsqrt(mean(x[t]^2) + norm_eps) (proj x[t])
+// in two kernels: partial sums over chunks of K, then per token their sum in chunk order times
+// the norm (dsv4_mhc_pre's formula). Where dsv4_mhc_mix reads the whole projection for every
+// token, a block here holds one chunk of it in shared memory for 128 or 256 tokens.
+
+namespace {
+
+constexpr int ROWS_THREADS = 128;
+constexpr int ROW_BYTES = 64;              // a token's bytes a staged step
+constexpr int ROW_PITCH = ROW_BYTES + 16;  // padded: the 16-byte reads of 8 consecutive rows hit distinct banks
+
+// MB: the projection rows a thread's sums cover (m rounded up to 8, 24, 48 or 80; rows past m are
+// zeros). Up to 24 a thread takes two tokens, which halves the shared reads a product.
+template <int MB>
+struct MixRows {
+  static constexpr int TOK = MB <= 24 ? 2 : 1;
+  static constexpr int TOKENS = ROWS_THREADS * TOK;  // tokens a block
+};
+
+// Block (s, r): values [s chunk, (s + 1) chunk) of tokens [r TOKENS, (r + 1) TOKENS). The chunk
+// of the projection goes to shared memory K-major (a value's MB rows as float4s, read by every
+// lane at once), the tokens' values through two staging buffers, ROW_BYTES of each token a step
+// (cp.async where VEC: K ESZ a multiple of 16 and x 16-byte aligned; zeros past T and past the
+// chunk). Thread i sums tokens i (and i + 128): each product and square by fmaf, in K order, from
+// zero; partial[t, s, 0 .. m - 1] the dot products, partial[t, s, m] the sum of squares.
+template <int MB, bool BF16, bool VEC>
+__device__ __forceinline__ void mix_rows(const void* x, const float* fn, long long tokens, long long width, int m,
+                                         int chunk, float* partial) {
+  constexpr int TOK = MixRows<MB>::TOK, TOKENS = MixRows<MB>::TOKENS;
+  constexpr int ESZ = BF16 ? 2 : 4;
+  constexpr int STEP = ROW_BYTES / ESZ;  // values of a token a step
+  constexpr int PIECE = 16 / ESZ;        // values a 16-byte piece
+  constexpr int PIECES = ROW_BYTES / 16;
+  extern __shared__ __align__(16) unsigned char smem[];
+  float* phi = reinterpret_cast<float*>(smem);                       // [chunk][MB]
+  unsigned char* stage = smem + (size_t)chunk * MB * sizeof(float);  // [2][TOKENS][ROW_PITCH]
+  const long long k0 = blockIdx.x * (long long)chunk;
+  const long long t0 = blockIdx.y * (long long)TOKENS;
+  const int kc = (int)min((long long)chunk, width - k0);  // the last chunk may be short
+  const int steps = (kc + STEP - 1) / STEP;
+  const unsigned char* xb = static_cast<const unsigned char*>(x);
+
+  auto stage_step = [&](int i) {
+    unsigned char* buf = stage + (i & 1) * TOKENS * ROW_PITCH;
+    for (int c = threadIdx.x; c < TOKENS * PIECES; c += ROWS_THREADS) {
+      const int j = c / PIECES, k = i * STEP + c % PIECES * PIECE;
+      unsigned char* dst = buf + j * ROW_PITCH + c % PIECES * 16;
+      const long long t = t0 + j;
+      if constexpr (VEC) {
+        if (t < tokens && k < kc) {
+          cp_async16(dst, xb + (t * width + k0 + k) * ESZ);
+        } else {
+          *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+        }
+      } else {
+#pragma unroll
+        for (int e = 0; e < PIECE; ++e) {
+          const bool in = t < tokens && k + e < kc;
+          if constexpr (BF16) {
+            reinterpret_cast<uint16_t*>(dst)[e] = in ? static_cast<const uint16_t*>(x)[t * width + k0 + k + e] : 0;
+          } else {
+            reinterpret_cast<float*>(dst)[e] = in ? static_cast<const float*>(x)[t * width + k0 + k + e] : 0.f;
+          }
+        }
+      }
+    }
+    cp_async_commit();
+  };
+
+  grid_begin();
+  stage_step(0);
+  for (int k = threadIdx.x; k < chunk; k += ROWS_THREADS) {
+    float w[MB];
+#pragma unroll
+    for (int o = 0; o < MB; ++o) w[o] = o < m && k < kc ? __ldg(fn + o * width + k0 + k) : 0.f;
+#pragma unroll
+    for (int o = 0; o < MB; o += 4) {
+      *reinterpret_cast<float4*>(phi + k * MB + o) = make_float4(w[o], w[o + 1], w[o + 2], w[o + 3]);
+    }
+  }
+
+  float acc[TOK][MB + 1];
+#pragma unroll
+  for (int u = 0; u < TOK; ++u) {
+#pragma unroll
+    for (int o = 0; o <= MB; ++o) acc[u][o] = 0.f;
+  }
+  for (int i = 0; i < steps; ++i) {
+    if (i + 1 < steps) {
+      stage_step(i + 1);
+    } else {
+      cp_async_commit();
+    }
+    cp_async_wait<1>();
+    __syncthreads();  // step i's values (and, the first time, the projection) are in
+    const unsigned char* buf = stage + (i & 1) * TOKENS * ROW_PITCH;
+#pragma unroll
+    for (int q = 0; q < PIECES; ++q) {
+      float v[TOK][PIECE];
+#pragma unroll
+      for (int u = 0; u < TOK; ++u) {
+        const uint4 r = *reinterpret_cast<const uint4*>(buf + (threadIdx.x + u * ROWS_THREADS) * ROW_PITCH + q * 16);
+        const uint32_t words[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          if constexpr (BF16) {
+            v[u][2 * e] = __uint_as_float(words[e] << 16);
+            v[u][2 * e + 1] = __uint_as_float(words[e] & 0xFFFF0000u);
+          } else {
+            v[u][e] = __uint_as_float(words[e]);
+          }
+        }
+      }
+#pragma unroll
+      for (int e = 0; e < PIECE; ++e) {
+        const float* w = phi + (i * STEP + q * PIECE + e) * MB;
+#pragma unroll
+        for (int o = 0; o < MB; o += 4) {
+          const float4 w4 = *reinterpret_cast<const float4*>(w + o);
+#pragma unroll
+          for (int u = 0; u < TOK; ++u) {
+            acc[u][o] = fmaf(v[u][e], w4.x, acc[u][o]);
+            acc[u][o + 1] = fmaf(v[u][e], w4.y, acc[u][o + 1]);
+            acc[u][o + 2] = fmaf(v[u][e], w4.z, acc[u][o + 2]);
+            acc[u][o + 3] = fmaf(v[u][e], w4.w, acc[u][o + 3]);
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < TOK; ++u) acc[u][MB] = fmaf(v[u][e], v[u][e], acc[u][MB]);
+      }
+    }
+    __syncthreads();  // every thread is done with buffer i & 1 before step i + 2 refills it
+  }
+#pragma unroll
+  for (int u = 0; u < TOK; ++u) {
+    const long long t = t0 + threadIdx.x + u * ROWS_THREADS;
+    if (t >= tokens) continue;
+    float* p = partial + (t * gridDim.x + blockIdx.x) * (m + 1);
+#pragma unroll
+    for (int o = 0; o < MB; ++o) {
+      if (o < m) p[o] = acc[u][o];
+    }
+    p[m] = acc[u][MB];
+  }
+}
+
+}  // namespace
+
+// Grid (ceil(K / chunk), ceil(T / TOKENS)), ROWS_THREADS threads, chunk * MB * 4 + 2 * TOKENS *
+// ROW_PITCH bytes of dynamic shared memory (MB, TOKENS: MixRows of m's bucket); chunk a multiple
+// of 64; partial [T, ceil(K / chunk), m + 1]. vec: K * (bf16 ? 2 : 4) a multiple of 16 and x
+// 16-byte aligned.
+extern "C" __global__ void __launch_bounds__(ROWS_THREADS) dsv4_mhc_mix_rows(const void* x, int x_bf16, const float* fn,
+                                                                            long long tokens, long long width, int m,
+                                                                            int chunk, int vec, float* partial) {
+#define DSV4_MIX_ROWS(MB)                                                                          \
+  if (x_bf16) {                                                                                    \
+    vec ? mix_rows<MB, true, true>(x, fn, tokens, width, m, chunk, partial)                        \
+        : mix_rows<MB, true, false>(x, fn, tokens, width, m, chunk, partial);                      \
+  } else {                                                                                         \
+    vec ? mix_rows<MB, false, true>(x, fn, tokens, width, m, chunk, partial)                       \
+        : mix_rows<MB, false, false>(x, fn, tokens, width, m, chunk, partial);                     \
+  }
+  if (m <= 8) {
+    DSV4_MIX_ROWS(8)
+  } else if (m <= 24) {
+    DSV4_MIX_ROWS(24)
+  } else if (m <= 48) {
+    DSV4_MIX_ROWS(48)
+  } else if (m <= 80) {
+    DSV4_MIX_ROWS(80)
+  }
+#undef DSV4_MIX_ROWS
+}
+
+// A warp a token (256 threads a block): mix[t, o] = rsqrt(ss / K + norm_eps) sum_s partial[t, s, o],
+// ss = sum_s partial[t, s, m], each sum over the chunks in order (every lane adds ss alike).
+extern "C" __global__ void __launch_bounds__(256) dsv4_mhc_mix_finish(const float* partial, int splits,
+                                                                     long long tokens, int m, long long width,
+                                                                     float norm_eps, float* mix) {
+  dsv4::grid_begin();
+  const long long t = (blockIdx.x * (long long)blockDim.x + threadIdx.x) / 32;
+  if (t >= tokens) return;
+  const float* p = partial + t * splits * (long long)(m + 1);
+  float ss = 0.f;
+  for (int s = 0; s < splits; ++s) ss += p[s * (long long)(m + 1) + m];
+  const float r = rsqrtf(ss / (float)width + norm_eps);
+  for (int o = threadIdx.x % 32; o < m; o += 32) {
+    float sum = 0.f;
+    for (int s = 0; s < splits; ++s) sum += p[s * (long long)(m + 1) + o];
+    mix[t * m + o] = sum * r;
+  }
+}

@@ -211,6 +211,7 @@ def op_cases(g: Gen):
     yield "mhc_collapse", ops.mhc_collapse, dict(x=streams, pre=g.randn(t, 4))
     yield "mhc_pre", ops.mhc_pre, dict(x=streams, proj=g.randn(24, 256), scale=g.randn(3), base=g.randn(24),
                                        iters=g.r.randint(1, 5), eps=1e-6, norm_eps=1e-6)
+    yield "mhc_mix", ops.mhc_mix, dict(x=streams, proj=g.randn(g.r.choice([4, 24, 80]), 256), norm_eps=1e-6)
     yield "mhc_combine", ops.mhc_combine, dict(x=streams, f=g.randn(t, 64), post=g.randn(t, 4), comb=g.randn(t, 4, 4))
     yield "compressor_state", ops.compressor_state, dict(ratio=ratio, dim=d)
     yield "compress", ops.compress, dict(kv=g.randn(s, coff * d), score=g.randn(s, coff * d),

@@ -881,6 +881,41 @@ def test_mhc_pre_matches_reference(gen: torch.Generator, t: int, n: int, d: int,
         torch.testing.assert_close(y.cpu().double(), want_y, **tol)
 
 
+@pytest.mark.parametrize("t,n,d,m", [(1, 4, 4096, 24), (17, 4, 4096, 24), (17, 4, 4096, 4), (300, 2, 130, 8),
+                                     (257, 8, 64, 80), (50, 6, 96, 48), (1000, 1, 5, 3), (40, 3, 1023, 15),
+                                     (2048, 4, 4096, 24), (4100, 4, 1024, 24), (0, 4, 64, 24)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_mhc_mix_matches_reference(gen: torch.Generator, t: int, n: int, d: int, m: int, dtype: torch.dtype) -> None:
+    """Every row bucket (8, 24, 48, 80 rows), one and two tokens a thread, chunks of 128 to 512
+    values and short last chunks, 16-byte copies and value-by-value ones (K of 5, 260 and 3,069
+    bfloat16 values; an unaligned view), partial token tiles."""
+    x = (torch.randn(t, n, d, generator=gen) * 2).to(dtype)
+    proj = torch.randn(m, n * d, generator=gen) * 0.02
+    want = reference.mhc_mix(x, proj, 1e-6)
+    for xs in (x.cuda(), unaligned(x.cuda())):
+        mix = ops.mhc_mix(xs, proj.cuda(), 1e-6)
+        assert mix.dtype == torch.float32 and mix.shape == (t, m)
+        torch.testing.assert_close(mix.cpu().double(), want, rtol=2e-5, atol=2e-5)
+
+
+def test_mhc_mix_replays_in_a_graph_and_feeds_the_weights(gen: torch.Generator) -> None:
+    x = torch.randn(300, 4, 4096, generator=gen).bfloat16().cuda()
+    proj = (torch.randn(24, 16384, generator=gen) * 0.02).cuda()
+    scale, base = torch.rand(3, device="cuda") + 0.5, torch.randn(24, device="cuda")
+    eager = ops.mhc_mix(x, proj)
+    graph, out = captured(lambda: ops.mhc_mix(x, proj))
+    x.mul_(-0.5)
+    graph.replay()
+    torch.cuda.synchronize()
+    again = ops.mhc_mix(x, proj)
+    assert torch.equal(out, again) and not torch.equal(out, eager)
+    # mhc_pre's mix for the same tokens: another order of float32 sums, the same weights within it.
+    post, comb, _ = ops.mhc_pre(x[:16], proj, scale, base)
+    _, want_post, want_comb = ops.mhc_weights(again[:16], scale, base)
+    torch.testing.assert_close(post, want_post, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(comb, want_comb, rtol=1e-5, atol=1e-6)
+
+
 def test_mhc_pre_replays_in_a_graph(gen: torch.Generator) -> None:
     x = torch.randn(2, 4, 4096, generator=gen).bfloat16().cuda()
     proj = (torch.randn(24, 16384, generator=gen) * 0.02).cuda()

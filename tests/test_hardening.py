@@ -178,6 +178,7 @@ META_CALLS = {
     "mhc_combine": lambda: ops.mhc_combine(torch.zeros(2, 4, 8), _meta(torch.zeros(2, 8)), torch.ones(2, 4),
                                            torch.ones(2, 4, 4)),
     "rms_norm": lambda: ops.rms_norm(_meta(torch.zeros(2, 8))),
+    "mhc_mix": lambda: ops.mhc_mix(torch.zeros(2, 4, 8), _meta(torch.zeros(24, 32))),
     "mhc_pre": lambda: ops.mhc_pre(torch.zeros(2, 4, 8), _meta(torch.zeros(24, 32)), torch.ones(3), torch.zeros(24)),
     "copy_rows": lambda: ops.copy_rows(_meta(ops.new_kv_cache(1)), torch.zeros(1, dtype=torch.int64),
                                        ops.new_kv_cache(1), torch.zeros(1, dtype=torch.int64)),

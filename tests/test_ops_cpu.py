@@ -901,6 +901,37 @@ def test_mhc_pre_rejects_bad_input(gen: torch.Generator) -> None:
         ops.mhc_pre(x, torch.full_like(proj, float("nan")), scale, base)
 
 
+@pytest.mark.parametrize("t,n,d,m", [(1, 4, 256, 24), (3, 4, 300, 4), (0, 4, 64, 24), (2, 1, 5, 3), (5, 8, 130, 80),
+                                     (2, 3, 1024, 1)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_mhc_mix_matches_reference(gen: torch.Generator, t: int, n: int, d: int, m: int, dtype: torch.dtype) -> None:
+    x, proj = (randn(gen, t, n, d) * 2).to(dtype), randn(gen, m, n * d) * 0.02
+    mix = ops.mhc_mix(x, proj, norm_eps=1e-5)
+    assert mix.dtype == torch.float32 and mix.shape == (t, m)
+    close(mix, ref.mhc_mix(x, proj, 1e-5), rtol=1e-5, atol=1e-6)
+    close(ref.mhc_mix(x, proj, 1e-5), ref.rms_norm(x.flatten(-2), None, 1e-5) @ proj.double().T, rtol=1e-12, atol=0)
+
+
+def test_mhc_mix_rejects_bad_input(gen: torch.Generator) -> None:
+    x, proj = randn(gen, 2, 4, 8), randn(gen, 24, 32)
+    with pytest.raises(ValueError, match="proj: expected shape"):
+        ops.mhc_mix(x, proj[:, :31].contiguous())
+    with pytest.raises(ValueError, match="proj: expected 1..=80 rows"):
+        ops.mhc_mix(x, torch.ones(81, 32))
+    with pytest.raises(ValueError, match="proj: expected 1..=80 rows"):
+        ops.mhc_mix(x, torch.ones(0, 32))
+    with pytest.raises(TypeError, match="proj: expected dtype"):
+        ops.mhc_mix(x, proj.bfloat16())
+    with pytest.raises(TypeError, match="x: expected dtype"):
+        ops.mhc_mix(x.half(), proj)
+    with pytest.raises(ValueError, match="norm_eps"):
+        ops.mhc_mix(x, proj, norm_eps=float("nan"))
+    with pytest.raises(ValueError, match="x: expected 1..=8 streams"):
+        ops.mhc_mix(torch.ones(2, 9, 8), torch.ones(4, 72))
+    with pytest.raises(ValueError, match="proj: contains a non-finite"):
+        ops.mhc_mix(x, torch.full_like(proj, float("inf")))
+
+
 def test_mhc_collapse_and_combine_reject_bad_input() -> None:
     x, pre, f, comb = torch.ones(2, 4, 8), torch.ones(2, 4), torch.ones(2, 8), torch.ones(2, 4, 4)
     with pytest.raises(ValueError, match="x: expected a 3-d tensor"):

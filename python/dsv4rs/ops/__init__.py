@@ -12,7 +12,7 @@ their outputs (and workspace).
 - :mod:`.rope`: ``rope``, ``ROPE_TABLES`` (how every op that rotates computes its angles),
   ``rms_norm_rope`` (a norm then RoPE, one kernel).
   :mod:`.norm`: ``rms_norm`` (the casts around it included). :mod:`.mhc`: ``mhc_weights``,
-  ``mhc_collapse``, ``mhc_combine``, ``mhc_pre``. :mod:`.sample`: ``sample_gumbel`` (one token per row).
+  ``mhc_collapse``, ``mhc_combine``, ``mhc_mix``, ``mhc_pre``. :mod:`.sample`: ``sample_gumbel`` (one token per row).
 - :mod:`.compress`: ``compress``, ``compress_batch``, ``compressor_state``.
 - :mod:`.indexer`: ``indexer_topk``, ``indexer_scores``.
 - :mod:`.attention`: ``sparse_attention``, ``attention_kernel``.
@@ -59,7 +59,7 @@ from dsv4rs.ops.formats import (
 )
 from dsv4rs.ops.indexer import TIE_BREAKS, indexer_scores, indexer_topk
 from dsv4rs.ops.linear import MAX_LINEAR_ROWS, linear_rows
-from dsv4rs.ops.mhc import mhc_collapse, mhc_combine, mhc_pre, mhc_weights
+from dsv4rs.ops.mhc import mhc_collapse, mhc_combine, mhc_mix, mhc_pre, mhc_weights
 from dsv4rs.ops.norm import rms_norm
 from dsv4rs.ops.quant import moe_experts, quant_linear, weight_rows, weight_tiles
 from dsv4rs.ops.rope import NORM_ROPE_ROW_MAX, ROPE_TABLES, RopeTable, rms_norm_rope, rope
@@ -74,7 +74,7 @@ __all__ = [
     "RopeTable",
     "attention_kernel", "compress", "compress_batch", "compressor_state", "copy_rows", "hadamard128",
     "index_key_read", "index_key_round_trip", "index_key_write", "indexer_scores", "indexer_topk", "kv_read",
-    "kv_write", "linear_rows", "mhc_collapse", "mhc_combine", "mhc_pre", "mhc_weights", "moe_experts", "moe_route", "new_index_key_cache",
+    "kv_write", "linear_rows", "mhc_collapse", "mhc_combine", "mhc_mix", "mhc_pre", "mhc_weights", "moe_experts", "moe_route", "new_index_key_cache",
     "new_kv_cache", "quant_linear", "quantize_entries", "quantize_index_keys", "rms_norm", "rms_norm_rope", "rope", "sample_gumbel", "sparse_attention", "step_rows", "swiglu",
     "weight_rows", "weight_tiles",
     "warm_up",

@@ -173,3 +173,45 @@ def mhc_pre(x: torch.Tensor, proj: torch.Tensor, scale: torch.Tensor, base: torc
     ndim("x", x, 3)
     return _mhc_pre(x, as_tensor("proj", proj), as_tensor("scale", scale), as_tensor("base", base), iters,
                     float(eps), float(norm_eps))
+
+
+@torch.library.custom_op("dsv4rs::mhc_mix", mutates_args=())
+def _mhc_mix(x: torch.Tensor, proj: torch.Tensor, norm_eps: float) -> torch.Tensor:
+    t, n, d = x.shape
+    mix = torch.empty((t, proj.shape[0]), dtype=torch.float32, device=x.device)
+    workspace = None
+    if x.is_cuda:
+        workspace = torch.empty(_core.mhc_mix_workspace_len(t, proj.shape[0], n * d), dtype=torch.float32,
+                                device=x.device)
+    _core.mhc_mix(spec("x", x), spec("proj", proj), None if workspace is None else spec("workspace", workspace),
+                  spec("mix", mix), norm_eps, stream(x))
+    return mix
+
+
+@_mhc_mix.register_fake
+def _(x: torch.Tensor, proj: torch.Tensor, norm_eps: float) -> torch.Tensor:
+    return x.new_empty((x.shape[0], proj.shape[0]), dtype=torch.float32)
+
+
+def mhc_mix(x: torch.Tensor, proj: torch.Tensor, norm_eps: float = 1e-6) -> torch.Tensor:
+    """The projected, RMS-scaled streams (docs/model.md section 6):
+    ``mix = rsqrt(mean(x^2) + norm_eps) (proj vec x)`` for each token, what :func:`mhc_weights`
+    takes (and, with ``hc_head_fn``, what the final collapse's weights come from).
+
+    Args:
+        x: ``float32``/``bfloat16 [T, n, d]``, the streams (``n`` in 1..8).
+        proj: ``float32 [m, n d]``, ``m`` in 1..80 (``hc_fn``: ``(2 + n) n`` rows; ``hc_head_fn``:
+            ``n``).
+        norm_eps: the RMS norm's (``rms_norm_eps``), > 0.
+
+    Returns:
+        ``float32 [T, m]``. On a GPU two kernels, where the norm and the projection in torch take
+        three and write the normed streams in float32 (about 380 MB for a 4,096-token prefill at
+        V4-Flash width): a block holds a chunk of the projection in shared memory for 128 or 256
+        tokens, summing in float32 over the chunk, then the chunks in order; on the CPU the sums
+        are float64. For a few tokens, :func:`mhc_pre` computes the mix inside the whole sublayer
+        input. Non-finite values raise on the CPU and propagate on the GPU.
+    """
+    x = as_tensor("x", x)
+    ndim("x", x, 3)
+    return _mhc_mix(x, as_tensor("proj", proj), float(norm_eps))

@@ -1,9 +1,17 @@
-"""The twins of :func:`dsv4rs.ops.mhc_weights`, :func:`~dsv4rs.ops.mhc_collapse` and
-:func:`~dsv4rs.ops.mhc_combine` in float64 (docs/model.md section 6)."""
+"""The twins of :func:`dsv4rs.ops.mhc_mix`, :func:`~dsv4rs.ops.mhc_weights`,
+:func:`~dsv4rs.ops.mhc_collapse` and :func:`~dsv4rs.ops.mhc_combine` in float64 (docs/model.md
+section 6)."""
 
 from __future__ import annotations
 
 import torch
+
+
+def mhc_mix(x: torch.Tensor, proj: torch.Tensor, norm_eps: float = 1e-6) -> torch.Tensor:
+    """The twin of :func:`dsv4rs.ops.mhc_mix`: ``rsqrt(mean(x^2) + norm_eps) (proj vec x)`` over
+    each token's streams ``x [T, n, d]``, ``[T, m]``."""
+    v = x.double().flatten(-2)
+    return v * torch.rsqrt(v.square().mean(-1, keepdim=True) + norm_eps) @ proj.double().T
 
 
 def sinkhorn(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:

@@ -9,7 +9,7 @@ use crate::quant;
 use crate::rows::{fill_rows, Floats};
 use crate::tensor::{same_device, DType, Device, TensorRef};
 
-pub use gpu::mhc::{pre_workspace_len, MIX_CHUNK};
+pub use gpu::mhc::{mix_workspace_len, pre_workspace_len, MIX_CHUNK, MIX_MAX_ROWS};
 
 /// Most streams a call takes (`hc_mult`; V4 uses 4).
 pub const MAX_STREAMS: usize = 8;
@@ -302,26 +302,79 @@ pub unsafe fn mhc_pre(
             let src = Floats::new(x)?;
             let (f, sc, b) = (finite_f32(proj)?, finite_f32(scale)?, finite_f32(base)?);
             let (po, co) = (post.host_mut::<f32>(&[DType::F32])?, comb.host_mut::<f32>(&[DType::F32])?);
-            use rayon::prelude::*;
-            // The mix of each token (in parallel), then its weights.
-            let mixes: Vec<Vec<f32>> = (0..t)
-                .into_par_iter()
-                .map(|tok| {
-                    let mut v = vec![0f32; k];
-                    src.read(tok * k, &mut v);
-                    let ss = v.iter().map(|a| *a as f64 * *a as f64).sum::<f64>() as f32;
-                    let r = 1.0 / (ss / k as f32 + norm_eps).sqrt();
-                    f.chunks_exact(k)
-                        .map(|row| r * row.iter().zip(&v).map(|(w, a)| *w as f64 * *a as f64).sum::<f64>() as f32)
-                        .collect()
-                })
-                .collect();
+            // The mix of each token, then its weights.
+            let mixes = cpu_mixes(&src, f, t, k, norm_eps);
             let mut pre = vec![0f32; t * n];
-            for (tok, mix) in mixes.iter().enumerate() {
+            for (tok, mix) in mixes.chunks_exact(width).enumerate() {
                 token(mix, sc, b, n, cfg, &mut pre[tok * n..(tok + 1) * n], &mut po[tok * n..(tok + 1) * n],
                       &mut co[tok * n * n..(tok + 1) * n * n]);
             }
             collapse_rows(&src, &pre, n, d, y)
+        }
+    }
+}
+
+/// The mix `r (proj x)` of each of the `t` tokens of `src` (`k` values each; `proj` `[m, k]`),
+/// `[t, m]`: sums in float64, tokens in parallel.
+fn cpu_mixes(src: &Floats, proj: &[f32], t: usize, k: usize, norm_eps: f32) -> Vec<f32> {
+    use rayon::prelude::*;
+    let m = proj.len() / k;
+    let mut out = vec![0f32; t * m];
+    out.par_chunks_mut(m.max(1)).enumerate().for_each(|(tok, mix)| {
+        let mut v = vec![0f32; k];
+        src.read(tok * k, &mut v);
+        let ss = v.iter().map(|a| *a as f64 * *a as f64).sum::<f64>() as f32;
+        let r = 1.0 / (ss / k as f32 + norm_eps).sqrt();
+        for (o, row) in mix.iter_mut().zip(proj.chunks_exact(k)) {
+            *o = r * row.iter().zip(&v).map(|(w, a)| *w as f64 * *a as f64).sum::<f64>() as f32;
+        }
+    });
+    out
+}
+
+/// The mix alone, for any number of rows: `mix [T, m] = rsqrt(mean(x^2) + norm_eps) (proj x)`
+/// (over each token's `n d` values) from the streams `x` (float32/bfloat16 `[T, n, d]`) and
+/// `proj` (float32 `[m, n d]`, `m` in 1..=[`MIX_MAX_ROWS`]: a sublayer's `hc_fn` or the head's).
+/// On a GPU two kernels, with `workspace` (float32, [`mix_workspace_len`] values) for the partial
+/// sums, which are float32 there (over chunks of K, then the chunks in order) and float64 on the
+/// CPU, where the workspace may be absent.
+///
+/// # Safety
+/// As [`mhc_collapse`]; `workspace` aliases nothing.
+pub unsafe fn mhc_mix(
+    x: &TensorRef, proj: &TensorRef, workspace: Option<&TensorRef>, mix: &TensorRef, norm_eps: f32, stream: usize,
+) -> Result<()> {
+    let (t, n, d) = stream_shape(x)?;
+    let k = n * d;
+    proj.expect_dtype(&[DType::F32])?;
+    mix.expect_dtype(&[DType::F32])?;
+    proj.expect_shape(&[None, Some(k)])?;
+    let m = proj.dim(0);
+    if m == 0 || m > MIX_MAX_ROWS {
+        return Err(Error::value(proj.name, format!("expected 1..={MIX_MAX_ROWS} rows (dim 0), got {m}")));
+    }
+    mix.expect_shape(&[Some(t), Some(m)])?;
+    if !(norm_eps.is_finite() && norm_eps > 0.0) {
+        return Err(Error::value("norm_eps", format!("must be finite and > 0, got {norm_eps}")));
+    }
+    let mut all = vec![x, proj, mix];
+    all.extend(workspace);
+    match same_device(&all)? {
+        Device::Cuda(dev) => {
+            let ws = workspace.ok_or_else(|| Error::value("workspace", "a GPU call needs the partial sums' space"))?;
+            ws.expect_dtype(&[DType::F32])?;
+            let need = mix_workspace_len(t, m, k);
+            if ws.numel() < need {
+                return Err(Error::value(ws.name, format!("needs {need} float32 values, got {}", ws.numel())));
+            }
+            gpu::mhc::mhc_mix(dev, stream, x, proj, ws, mix, m, k, norm_eps)
+        }
+        Device::Cpu => {
+            let src = Floats::new(x)?;
+            let f = finite_f32(proj)?;
+            let out = mix.host_mut::<f32>(&[DType::F32])?;
+            out.copy_from_slice(&cpu_mixes(&src, f, t, k, norm_eps));
+            Ok(())
         }
     }
 }

@@ -30,7 +30,7 @@ mod _core {
     #[pymodule_export]
     use super::ops::{
         attention_workspace_bytes, compress, compress_batch, indexer_scores, indexer_topk, indexer_workspace_bytes,
-        linear_rows, mhc_collapse, mhc_combine, mhc_pre, mhc_pre_workspace_len, mhc_weights, moe_experts, moe_pass_tokens, moe_route,
+        linear_rows, mhc_collapse, mhc_combine, mhc_mix, mhc_mix_workspace_len, mhc_pre, mhc_pre_workspace_len, mhc_weights, moe_experts, moe_pass_tokens, moe_route,
         moe_workspace_bytes, quant_linear, quant_linear_workspace_bytes, rms_norm, rms_norm_rope, rope, sample_gumbel, sparse_attention,
         step_rows, swiglu,
     };

@@ -173,6 +173,15 @@ pub fn mhc_pre(
 }
 
 #[pyfunction]
+pub fn mhc_mix(
+    py: Python<'_>, x: Spec, proj: Spec, workspace: Option<Spec>, mix: Spec, norm_eps: f32, stream: usize,
+) -> PyResult<()> {
+    let (x, f, w, o) = (tref("x", x)?, tref("proj", proj)?, opt("workspace", workspace)?, tref("mix", mix)?);
+    // SAFETY: as rope; the output and the workspace are fresh tensors.
+    run(py, || unsafe { mhc::mhc_mix(&x, &f, w.as_ref(), &o, norm_eps, stream) })
+}
+
+#[pyfunction]
 #[pyo3(signature = (x, weight, out, eps, stream))]
 pub fn rms_norm(py: Python<'_>, x: Spec, weight: Option<Spec>, out: Spec, eps: f32, stream: usize) -> PyResult<()> {
     let (x, w, o) = (tref_rows("x", x)?, opt("weight", weight)?, tref("out", out)?);
@@ -438,6 +447,13 @@ pub fn moe_pass_tokens(k: usize, experts: usize) -> usize {
 #[pyfunction]
 pub fn mhc_pre_workspace_len(tokens: usize, n: usize, d: usize) -> usize {
     dsv4rs_core::mhc::pre_workspace_len(tokens, n, d)
+}
+
+/// Float32 values of workspace a GPU `mhc_mix` call needs for `tokens` tokens, `m` projection rows
+/// and `k` values a token.
+#[pyfunction]
+pub fn mhc_mix_workspace_len(tokens: usize, m: usize, k: usize) -> usize {
+    dsv4rs_core::mhc::mix_workspace_len(tokens, m, k)
 }
 
 /// Workspace bytes a GPU `moe_experts` call needs for `tokens` tokens of `k` choices each.

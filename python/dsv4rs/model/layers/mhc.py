@@ -14,7 +14,8 @@ from dsv4rs.model.layers.norm import rms_norm
 
 PRE_MAX_TOKENS = 16
 """Most tokens a call that :func:`dsv4rs.ops.mhc_pre` takes on a GPU: each token reads the whole
-projection (1.5 MB at V4-Flash width), where cuBLAS's GEMM reads it once for all."""
+projection (1.5 MB at V4-Flash width), where :func:`dsv4rs.ops.mhc_mix`'s blocks each share a
+chunk of it among 128 or 256 tokens."""
 
 
 class HyperConnection(nn.Module):
@@ -31,8 +32,7 @@ class HyperConnection(nn.Module):
 
     def mix(self, x: torch.Tensor) -> torch.Tensor:
         """``mu = r * (Phi vec X)``: ``[T, (2 + hc) hc]``, float32 (float64 stays float64)."""
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        return F.linear(rms_norm(x.flatten(-2), None, self.norm_eps), self.fn.to(dtype))
+        return _mix(x, self.fn, self.norm_eps)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(post [T, hc], comb [T, hc, hc], collapsed [T, d])``, the weights in float32. On a
@@ -43,6 +43,15 @@ class HyperConnection(nn.Module):
         pre, post, comb = ops.mhc_weights(self.mix(x).float(), self.scale.float(), self.base.float(), self.iters,
                                           self.eps)
         return post, comb, collapse(x, pre)
+
+
+def _mix(x: torch.Tensor, proj: torch.Tensor, norm_eps: float) -> torch.Tensor:
+    """``rsqrt(mean(vec X^2) + norm_eps) (proj vec X)``: on a GPU :func:`dsv4rs.ops.mhc_mix` (two
+    kernels; the torch form writes the normed streams in float32 first), else in torch."""
+    if _kernel(x, proj):
+        return ops.mhc_mix(x.contiguous(), proj, norm_eps)
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    return F.linear(rms_norm(x.flatten(-2), None, norm_eps), proj.to(dtype))
 
 
 def _kernel(x: torch.Tensor, *weights: torch.Tensor) -> bool:
@@ -88,6 +97,6 @@ class HyperHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = torch.promote_types(x.dtype, torch.float32)
-        mix = F.linear(rms_norm(x.flatten(-2), None, self.norm_eps), self.hc_fn.to(dtype))
+        mix = _mix(x, self.hc_fn, self.norm_eps)
         pre = torch.sigmoid(mix * self.hc_scale.to(dtype) + self.hc_base.to(dtype)) + self.eps
         return collapse(x, pre)

@@ -120,3 +120,95 @@ pub unsafe fn mhc_pre(
     let cfg = Launch { grid: (tokens as u32, slices as u32, 1), block: (THREADS, 1, 1), shared_bytes: 0, stream };
     launch(dev, Kernel::MhcPre, &cfg, &mut kernel_args!(wp, s, sp, bp, it, eps, norm_eps, xp, xb, nn, dd, pre_vec, pp, cp, yp))
 }
+
+/// Most projection rows `mhc_mix` takes (`(2 + n) n` for 8 streams).
+pub const MIX_MAX_ROWS: usize = 80;
+
+/// The rows a thread's sums cover in `dsv4_mhc_mix_rows` (cuda/mhc.cu `MixRows`): `m` rounded up to
+/// 8, 24, 48 or 80.
+fn mix_bucket(m: usize) -> usize {
+    [8, 24, 48].into_iter().find(|&b| m <= b).unwrap_or(MIX_MAX_ROWS)
+}
+
+/// Tokens a block of `dsv4_mhc_mix_rows` covers (two a thread up to 24 rows, else one).
+fn mix_block_tokens(m: usize) -> usize {
+    128 * if mix_bucket(m) <= 24 { 2 } else { 1 }
+}
+
+/// Blocks a `dsv4_mhc_mix_rows` grid should have at the least (two a multiprocessor on the
+/// largest GPUs), where its chunks can be made short enough.
+const MIX_ROWS_BLOCKS: usize = 264;
+
+/// Values of K a block of `dsv4_mhc_mix_rows` covers for `tokens` tokens, `m` rows and `k` values
+/// a token: the longest of 512, 256 and 128 that leaves the grid [`MIX_ROWS_BLOCKS`] blocks (else
+/// 128), within 48 KiB of the projection in shared memory, and no longer than `k` needs.
+pub fn mix_chunk(tokens: usize, m: usize, k: usize) -> usize {
+    let b = mix_bucket(m);
+    let tiles = tokens.div_ceil(mix_block_tokens(m));
+    let fits = |c: usize| c * b * 4 <= 48 * 1024;
+    let chunk = [512, 256, 128]
+        .into_iter()
+        .find(|&c| fits(c) && tiles * k.div_ceil(c) >= MIX_ROWS_BLOCKS)
+        .unwrap_or(128);
+    chunk.min(k.next_multiple_of(64).max(64))
+}
+
+/// Floats of `mhc_mix`'s workspace: the partial sums of `tokens` tokens, `m` rows, `k` values.
+pub fn mix_workspace_len(tokens: usize, m: usize, k: usize) -> usize {
+    tokens * k.div_ceil(mix_chunk(tokens, m, k)) * (m + 1)
+}
+
+/// # Safety
+/// As [`mhc_collapse`] (x `[T, n, d]` with `k = n d`, proj `[m, k]`, m in 1..=[`MIX_MAX_ROWS`],
+/// workspace at least [`mix_workspace_len`] floats, mix `[T, m]`; T below 2^23).
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn mhc_mix(
+    dev: i32, stream: usize, x: &TensorRef, proj: &TensorRef, workspace: &TensorRef, mix: &TensorRef, m: usize,
+    k: usize, norm_eps: f32,
+) -> Result<()> {
+    let tokens = x.dim(0);
+    if tokens == 0 {
+        return Ok(());
+    }
+    let chunk = mix_chunk(tokens, m, k);
+    let splits = k.div_ceil(chunk);
+    let tiles = tokens.div_ceil(mix_block_tokens(m));
+    if tiles > u16::MAX as usize || splits > i32::MAX as usize {
+        return Err(Error::value(x.name, format!("{tokens} tokens of {k} values are more than one launch takes")));
+    }
+    let esize = x.dtype.size();
+    let vec = (k * esize).is_multiple_of(16) && x.ptr.is_multiple_of(16);
+    let shared = chunk * mix_bucket(m) * 4 + 2 * mix_block_tokens(m) * 80;
+    let (xp, xb, fp, wp, op) = (x.ptr as u64, is_bf16(x), proj.ptr as u64, workspace.ptr as u64, mix.ptr as u64);
+    let (t, width, mm, c, v) = (tokens as i64, k as i64, m as i32, chunk as i32, vec as i32);
+    let grid = (splits as u32, tiles as u32, 1);
+    let cfg = Launch { grid, block: (128, 1, 1), shared_bytes: shared as u32, stream };
+    launch(dev, Kernel::MhcMixRows, &cfg, &mut kernel_args!(xp, xb, fp, t, width, mm, c, v, wp))?;
+    let cfg = threads_launch(tokens * 32, x.name, stream)?;
+    let s = splits as i32;
+    launch(dev, Kernel::MhcMixFinish, &cfg, &mut kernel_args!(wp, s, t, mm, width, norm_eps, op))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mix_chunks_fill_the_grid_within_the_shared_memory() {
+        // V4-Flash's sublayers (24 rows of 16,384): a prefill keeps 512-value chunks, 17 tokens
+        // take 128 so that 128 blocks run; the head's 4 rows share the 8-row bucket.
+        assert_eq!(mix_chunk(4096, 24, 16384), 512);
+        assert_eq!(mix_chunk(2048, 24, 16384), 256);
+        assert_eq!(mix_chunk(17, 24, 16384), 128);
+        assert_eq!(mix_chunk(4096, 4, 16384), 512);
+        // 80 rows: 128 values (40 KiB) at the most; short rows: one chunk of the row rounded to 64.
+        assert_eq!(mix_chunk(100_000, 80, 16384), 128);
+        assert_eq!(mix_chunk(1000, 3, 5), 64);
+        assert_eq!(mix_workspace_len(1000, 3, 5), 1000 * 4);
+        assert_eq!(mix_workspace_len(17, 24, 16384), 17 * 128 * 25);
+        for m in 1..=MIX_MAX_ROWS {
+            let b = mix_bucket(m);
+            assert!(b >= m && mix_chunk(1 << 20, m, 1 << 20) * b * 4 <= 48 * 1024);
+        }
+    }
+}

@@ -90,6 +90,8 @@ declare_kernels! {
     MhcCombineAdd = "dsv4_mhc_combine_add" in "mhc",
     MhcMix = "dsv4_mhc_mix" in "mhc",
     MhcPre = "dsv4_mhc_pre" in "mhc",
+    MhcMixRows = "dsv4_mhc_mix_rows" in "mhc",
+    MhcMixFinish = "dsv4_mhc_mix_finish" in "mhc",
     RmsNorm = "dsv4_rms_norm" in "norm",
     GemvRows = "dsv4_gemv_rows" in "gemv",
     QgemmFp8M64 = "dsv4_qgemm_fp8_m64" in "qgemm",
