@@ -14,8 +14,12 @@ from dsv4rs.model.layers.norm import rms_norm
 
 PRE_MAX_TOKENS = 16
 """Most tokens a call that :func:`dsv4rs.ops.mhc_pre` takes on a GPU: each token reads the whole
-projection (1.5 MB at V4-Flash width), where :func:`dsv4rs.ops.mhc_mix`'s blocks each share a
-chunk of it among 128 or 256 tokens."""
+projection (1.5 MB at V4-Flash width), where cuBLAS's GEMM (or, from :data:`MIX_MIN_TOKENS` on,
+:func:`dsv4rs.ops.mhc_mix`) reads it once for many tokens."""
+
+MIX_MIN_TOKENS = 512
+"""Fewest tokens a call that :func:`dsv4rs.ops.mhc_mix` takes on a GPU (a prefill). Below, the norm
+and cuBLAS's float32 GEMM were the faster on an H100 (docs/kernels/mhc.md: 17 and 64 tokens)."""
 
 
 class HyperConnection(nn.Module):
@@ -46,9 +50,10 @@ class HyperConnection(nn.Module):
 
 
 def _mix(x: torch.Tensor, proj: torch.Tensor, norm_eps: float) -> torch.Tensor:
-    """``rsqrt(mean(vec X^2) + norm_eps) (proj vec X)``: on a GPU :func:`dsv4rs.ops.mhc_mix` (two
-    kernels; the torch form writes the normed streams in float32 first), else in torch."""
-    if _kernel(x, proj):
+    """``rsqrt(mean(vec X^2) + norm_eps) (proj vec X)``: on a GPU for at least
+    :data:`MIX_MIN_TOKENS` tokens :func:`dsv4rs.ops.mhc_mix` (two kernels; the torch form writes
+    the normed streams in float32 first), else in torch."""
+    if x.shape[0] >= MIX_MIN_TOKENS and _kernel(x, proj):
         return ops.mhc_mix(x.contiguous(), proj, norm_eps)
     dtype = torch.promote_types(x.dtype, torch.float32)
     return F.linear(rms_norm(x.flatten(-2), None, norm_eps), proj.to(dtype))
