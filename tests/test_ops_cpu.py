@@ -930,6 +930,8 @@ def test_mhc_mix_rejects_bad_input(gen: torch.Generator) -> None:
         ops.mhc_mix(torch.ones(2, 9, 8), torch.ones(4, 72))
     with pytest.raises(ValueError, match="proj: contains a non-finite"):
         ops.mhc_mix(x, torch.full_like(proj, float("inf")))
+    with pytest.raises(ValueError, match="proj"):
+        ops.mhc_mix(x, torch.tensor(1.0))
 
 
 def test_mhc_collapse_and_combine_reject_bad_input() -> None:

@@ -214,6 +214,7 @@ def mhc_mix(x: torch.Tensor, proj: torch.Tensor, norm_eps: float = 1e-6) -> torc
         computes the mix inside the whole sublayer input. Non-finite values raise on the CPU and
         propagate on the GPU.
     """
-    x = as_tensor("x", x)
+    x, proj = as_tensor("x", x), as_tensor("proj", proj)
     ndim("x", x, 3)
-    return _mhc_mix(x, as_tensor("proj", proj), float(norm_eps))
+    ndim("proj", proj, 2)
+    return _mhc_mix(x, proj, float(norm_eps))

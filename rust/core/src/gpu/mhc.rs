@@ -153,8 +153,12 @@ pub fn mix_chunk(tokens: usize, m: usize, k: usize) -> usize {
     chunk.min(k.next_multiple_of(64).max(64))
 }
 
-/// Floats of `mhc_mix`'s workspace: the partial sums of `tokens` tokens, `m` rows, `k` values.
+/// Floats of `mhc_mix`'s workspace: the partial sums of `tokens` tokens, `m` rows, `k` values (0
+/// for a row count the call refuses, so that nothing is allocated for it).
 pub fn mix_workspace_len(tokens: usize, m: usize, k: usize) -> usize {
+    if m == 0 || m > MIX_MAX_ROWS || k == 0 {
+        return 0;
+    }
     tokens * k.div_ceil(mix_chunk(tokens, m, k)) * (m + 1)
 }
 
@@ -206,6 +210,7 @@ mod tests {
         assert_eq!(mix_chunk(1000, 3, 5), 64);
         assert_eq!(mix_workspace_len(1000, 3, 5), 1000 * 4);
         assert_eq!(mix_workspace_len(17, 24, 16384), 17 * 128 * 25);
+        assert_eq!(mix_workspace_len(4096, 81, 16384), 0); // refused: nothing to allocate
         for m in 1..=MIX_MAX_ROWS {
             let b = mix_bucket(m);
             assert!(b >= m && mix_chunk(1 << 20, m, 1 << 20) * b * 4 <= 48 * 1024);
