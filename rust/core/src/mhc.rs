@@ -143,6 +143,25 @@ unsafe fn finite_f32(t: &TensorRef) -> Result<&[f32]> {
     Ok(v)
 }
 
+/// Checks the RMS norm's epsilon of `mhc_pre` and `mhc_mix`: finite and above 0.
+fn check_norm_eps(norm_eps: f32) -> Result<()> {
+    if !(norm_eps.is_finite() && norm_eps > 0.0) {
+        return Err(Error::value("norm_eps", format!("must be finite and > 0, got {norm_eps}")));
+    }
+    Ok(())
+}
+
+/// The partial sums' workspace of a GPU `mhc_pre` or `mhc_mix` call: present, float32, at least
+/// `need` values.
+fn gpu_workspace(workspace: Option<&TensorRef>, need: usize) -> Result<&TensorRef> {
+    let ws = workspace.ok_or_else(|| Error::value("workspace", "a GPU call needs the partial sums' workspace"))?;
+    ws.expect_dtype(&[DType::F32])?;
+    if ws.numel() < need {
+        return Err(Error::value(ws.name, format!("needs {need} float32 values, got {}", ws.numel())));
+    }
+    Ok(ws)
+}
+
 /// The CPU collapse into `y [T, d]` of the streams `src` (`[T, n, d]`) with `pre [T, n]`.
 ///
 /// # Safety
@@ -277,19 +296,12 @@ pub unsafe fn mhc_pre(
     if !(cfg.eps.is_finite() && cfg.eps >= 0.0) {
         return Err(Error::value("eps", format!("must be finite and >= 0, got {}", cfg.eps)));
     }
-    if !(norm_eps.is_finite() && norm_eps > 0.0) {
-        return Err(Error::value("norm_eps", format!("must be finite and > 0, got {norm_eps}")));
-    }
+    check_norm_eps(norm_eps)?;
     let mut all = vec![x, proj, scale, base, post, comb, y];
     all.extend(workspace);
     match same_device(&all)? {
         Device::Cuda(dev) => {
-            let ws = workspace.ok_or_else(|| Error::value("workspace", "a GPU call needs the partial sums' workspace"))?;
-            ws.expect_dtype(&[DType::F32])?;
-            let need = pre_workspace_len(t, n, d);
-            if ws.numel() < need {
-                return Err(Error::value(ws.name, format!("needs {need} float32 values, got {}", ws.numel())));
-            }
+            let ws = gpu_workspace(workspace, pre_workspace_len(t, n, d))?;
             // Grid dims: (splits, t) for the mix, (t, slices of y) for the rest (the most slices:
             // a value a thread).
             let slices = gpu::mhc::pre_slices(d, false);
@@ -354,19 +366,12 @@ pub unsafe fn mhc_mix(
         return Err(Error::value(proj.name, format!("expected 1..={MIX_MAX_ROWS} rows (dim 0), got {m}")));
     }
     mix.expect_shape(&[Some(t), Some(m)])?;
-    if !(norm_eps.is_finite() && norm_eps > 0.0) {
-        return Err(Error::value("norm_eps", format!("must be finite and > 0, got {norm_eps}")));
-    }
+    check_norm_eps(norm_eps)?;
     let mut all = vec![x, proj, mix];
     all.extend(workspace);
     match same_device(&all)? {
         Device::Cuda(dev) => {
-            let ws = workspace.ok_or_else(|| Error::value("workspace", "a GPU call needs the partial sums' space"))?;
-            ws.expect_dtype(&[DType::F32])?;
-            let need = mix_workspace_len(t, m, k);
-            if ws.numel() < need {
-                return Err(Error::value(ws.name, format!("needs {need} float32 values, got {}", ws.numel())));
-            }
+            let ws = gpu_workspace(workspace, mix_workspace_len(t, m, k))?;
             gpu::mhc::mhc_mix(dev, stream, x, proj, ws, mix, m, k, norm_eps)
         }
         Device::Cpu => {
