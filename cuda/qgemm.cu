@@ -834,6 +834,135 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_act_quant_f8(const void* 
   quant_f8_block(x, x_bf16, row, blockIdx.y, k, layout, codes, scales, scale_rows, groups, stage[warp]);
 }
 
+// The wide forms of dsv4_act_quant and dsv4_act_quant_f8, for calls of many rows (a prefill's;
+// rust/core/src/gpu/qgemm.rs quant_wide): the same values, read nearer the copy rate. A half warp
+// takes a 128-block, 8 values a lane from one 16-byte load (x 16-byte aligned, as the launchers
+// check), and a warp makes WIDE_PASSES passes of two consecutive blocks of its row with every load
+// of the passes issued before the first is used (1-2 KB in flight a warp). Each block's values
+// are staged in shared memory in the reader's order and stored 8 or 16 bytes a lane. At a decode
+// step's few rows the narrow forms above are faster (the passes lengthen a call's chain).
+namespace {
+
+constexpr int WIDE_PASSES = 2;
+
+// Values at .. at + 7 of x (float32 or bfloat16; 16-byte aligned, and `at` a multiple of 8) as two
+// fours: one 16-byte load (bfloat16) or two (float32).
+__device__ __forceinline__ void load8(const void* __restrict__ x, long long at, int x_bf16, float (&v)[2][4]) {
+  if (x_bf16) {
+    const uint4 r = *(const uint4*)((const uint16_t*)x + at);
+    const uint32_t w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      v[i / 2][2 * (i % 2)] = __uint_as_float(w[i] << 16);
+      v[i / 2][2 * (i % 2) + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
+    }
+  } else {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float4 f = *(const float4*)((const float*)x + at + 4 * h);
+      v[h][0] = f.x, v[h][1] = f.y, v[h][2] = f.z, v[h][3] = f.w;
+    }
+  }
+}
+
+}  // namespace
+
+// dsv4_act_quant's values and arguments. A warp per (row, 2 WIDE_PASSES consecutive 128-blocks),
+// grid (ceil(rows / 4), ceil(k / (256 WIDE_PASSES))); k % 32 == 0, so a lane's 8 values lie all in
+// the row or all past it.
+extern "C" __global__ void __launch_bounds__(128) dsv4_act_quant_wide(const void* __restrict__ x, int x_bf16,
+                                                                      long long rows, int k, int act_fp8, int layout,
+                                                                      uint16_t* __restrict__ out,
+                                                                      const int* __restrict__ rows_map, int rows_div,
+                                                                      const int* __restrict__ rows_count) {
+  dsv4::grid_begin();
+  __shared__ __align__(16) uint16_t stage[4][2][KC];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, half = lane / 16, hl = lane % 16;
+  const long long row = (long long)blockIdx.x * 4 + warp;
+  if (row >= rows) return;  // whole warps leave together
+  const long long col0 = ((long long)blockIdx.y * 2 * WIDE_PASSES + half) * KC + 8 * hl;  // pass 0's first value
+  if (rows_count && row >= *rows_count) {
+#pragma unroll
+    for (int s = 0; s < WIDE_PASSES; ++s)
+      if (col0 + 2 * s * KC < k) *(uint4*)(out + row * k + col0 + 2 * s * KC) = make_uint4(0, 0, 0, 0);
+    return;
+  }
+  const long long src_row = rows_map ? rows_map[row] / rows_div : row;
+  float v[WIDE_PASSES][2][4];  // pass s: the lane's values col0 + 2 s KC .. + 7, by fours
+#pragma unroll
+  for (int s = 0; s < WIDE_PASSES; ++s) {
+    const long long col = col0 + 2 * s * KC;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[s][i / 4][i % 4] = 0.f;
+    if (col < k) load8(x, src_row * k + col, x_bf16, v[s]);
+  }
+#pragma unroll
+  for (int s = 0; s < WIDE_PASSES; ++s) {
+    const long long col = col0 + 2 * s * KC;
+    if (act_fp8) {
+      float m = 0.f;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) m = fmaxf(m, fabsf(v[s][i / 4][i % 4]));
+      m = group_amax(m, 16);  // every lane takes part in the shuffles
+      const int e = ue8m0_exponent(m, FP8_MAX);
+      fp8_round_trip4(v[s][0], e);
+      fp8_round_trip4(v[s][1], e);
+    }
+    uint16_t* st = stage[warp][half];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) st[act_pos(8 * hl + i, layout)] = bf16_from_f32(v[s][i / 4][i % 4]);
+    __syncwarp();
+    if (col < k) *(uint4*)(out + row * k + col) = *(const uint4*)&st[8 * hl];
+    __syncwarp();  // the stage is free again for the next pass
+  }
+}
+
+// dsv4_act_quant_f8's values and arguments. A warp per (row, 2 WIDE_PASSES consecutive
+// 128-blocks), grid (ceil(rows / 4), ceil(k / (256 WIDE_PASSES))).
+extern "C" __global__ void __launch_bounds__(128) dsv4_act_quant_f8_wide(const void* __restrict__ x, int x_bf16,
+                                                                         long long rows, int k, int layout,
+                                                                         uint8_t* __restrict__ codes,
+                                                                         float* __restrict__ scales,
+                                                                         long long scale_rows, int groups) {
+  dsv4::grid_begin();
+  __shared__ __align__(16) uint8_t stage[4][2][KC];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, half = lane / 16, hl = lane % 16;
+  const long long row = (long long)blockIdx.x * 4 + warp;
+  if (row >= rows) return;  // whole warps leave together
+  const int nblk = k / KC;
+  const int blk0 = blockIdx.y * 2 * WIDE_PASSES + half;  // this half warp's block of pass 0
+  float v[WIDE_PASSES][2][4];  // pass s: the lane's values 8 hl .. 8 hl + 7 of its block, by fours
+#pragma unroll
+  for (int s = 0; s < WIDE_PASSES; ++s) {
+    const int blk = blk0 + 2 * s;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[s][i / 4][i % 4] = 0.f;
+    if (blk < nblk) load8(x, row * k + (long long)blk * KC + 8 * hl, x_bf16, v[s]);
+  }
+#pragma unroll
+  for (int s = 0; s < WIDE_PASSES; ++s) {
+    const int blk = blk0 + 2 * s;
+    float m = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) m = fmaxf(m, fabsf(v[s][i / 4][i % 4]));
+    m = group_amax(m, 16);  // every lane takes part in the shuffles
+    const int e = ue8m0_exponent(m, FP8_MAX);
+    const uint32_t c[2] = {fp8_encode4(v[s][0], e), fp8_encode4(v[s][1], e)};
+    uint8_t* st = stage[warp][half];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) st[f8_act_pos(8 * hl + i, layout)] = (uint8_t)(c[i / 4] >> (8 * (i % 4)));
+    __syncwarp();
+    if (blk < nblk) {
+      *(uint2*)(codes + row * k + (long long)blk * KC + 8 * hl) = *(const uint2*)&st[8 * hl];
+      if (hl == 0) {
+        const long long at = scale_rows ? ((row % groups) * nblk + blk) * scale_rows + row / groups : row * nblk + blk;
+        scales[at] = exp2i(e);
+      }
+    }
+    __syncwarp();  // the stage is free again for the next pass
+  }
+}
+
 // The MoE plan: pairs (token, choice) of idx [pairs] sorted by expert. offsets [experts + 1];
 // order[slot] = pair; slot_of[pair] = slot (-1 for ids outside [0, experts), which contribute
 // nothing); tiles [*, 3] = (expert, first slot, rows) per bm rows of each expert; tile_count.

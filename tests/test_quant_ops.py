@@ -1015,6 +1015,53 @@ def test_gpu_moe_experts_many_tokens_per_expert(gen: torch.Generator, t: int, k:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fp4", [False, True], ids=["fp8", "fp4"])
+@pytest.mark.parametrize("m,rows,k,groups", [(1, 1024, 4096, 1), (300, 256, 4096, 1), (257, 256, 640, 1),
+                                             (2 * 150, 2 * 128, 512, 2)])
+@pytest.mark.parametrize("act", ["fp8", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_gpu_wide_activation_quantization_gives_the_same_bits(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch,
+                                                              fp4: bool, m: int, rows: int, k: int, groups: int,
+                                                              act: str, dtype: torch.dtype, kernel: float) -> None:
+    """The wide quantization kernels (a half warp a 128-block, two passes a warp; a prefill's
+    many rows) and the narrow ones (a warp a block; a decode step's) give every form the same
+    activations: the outputs equal bit for bit, decode and tiled forms, grouped ``wo_a``, K of 5
+    blocks (a warp's second pass past the row), a zero block, -0, tiny and huge values."""
+    weight, scale = fp4_weight(gen, rows, k) if fp4 else fp8_weight(gen, rows, k)
+    x = activations(gen, m, groups * k) if groups > 1 else activations(gen, m, k)
+    x[0, :128] = 0.0
+    x[-1, 128:131] = torch.tensor([-0.0, 1e-30, 3e30])
+    x, weight, scale = cuda(x.to(dtype), weight, scale)
+    x = x.view(m, groups, k) if groups > 1 else x
+    outs = []
+    for mode in ("narrow", "wide"):
+        monkeypatch.setenv("DSV4RS_ACT_QUANT", mode)
+        outs.append(ops.quant_linear(x, weight, scale, groups, act=act))
+    assert torch.equal(outs[0], outs[1])
+    monkeypatch.setenv("DSV4RS_ACT_QUANT", "sideways")
+    with pytest.raises(ValueError, match="DSV4RS_ACT_QUANT"):
+        ops.quant_linear(x, weight, scale, groups, act=act)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t,e,inter,d", [(3, 8, 256, 512), (300, 16, 384, 256), (700, 4, 128, 640)])
+@pytest.mark.parametrize("act", ["fp8", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_gpu_moe_wide_activation_quantization_gives_the_same_bits(gen: torch.Generator,
+                                                                  monkeypatch: pytest.MonkeyPatch, t: int, e: int,
+                                                                  inter: int, d: int, act: str, dtype: torch.dtype,
+                                                                  kernel: float) -> None:
+    """As above for the MoE: its tokens gathered in the plan's order (rows past the count zeroed)
+    and its intermediate activations, quantized wide or narrow, give the same output bits."""
+    args = cuda(*expert_args(gen, t, 6, e, inter, d, dtype, idle_last=True))
+    outs = []
+    for mode in ("narrow", "wide"):
+        monkeypatch.setenv("DSV4RS_ACT_QUANT", mode)
+        outs.append(ops.moe_experts(*args, 1.0, act=act))
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("t,e,inter,d", [(40, 8, 256, 256), (300, 16, 384, 256), (700, 4, 128, 512)])
 @pytest.mark.parametrize("act", ["fp8", "bf16"])
 def test_gpu_moe_experts_tiled_forms(gen: torch.Generator, t: int, e: int, inter: int, d: int, act: str,

@@ -119,6 +119,8 @@ declare_kernels! {
     QgemvWgFusedFp4N16 = "dsv4_qgemv_wg_fused_fp4_n16" in "qgemm_sm90a",
     ActQuant = "dsv4_act_quant" in "qgemm",
     ActQuantF8 = "dsv4_act_quant_f8" in "qgemm",
+    ActQuantWide = "dsv4_act_quant_wide" in "qgemm",
+    ActQuantF8Wide = "dsv4_act_quant_f8_wide" in "qgemm",
     MoePlan = "dsv4_moe_plan" in "qgemm",
     MoeCombine = "dsv4_moe_combine" in "qgemm",
     SplitkReduce = "dsv4_splitk_reduce" in "qgemm",

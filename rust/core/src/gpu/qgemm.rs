@@ -666,8 +666,12 @@ unsafe fn act_quant_gather(
 ) -> Result<()> {
     let (x_bf16, rows64, k32, act) = (x_bf16 as i32, rows as i64, k as i32, act_fp8 as i32);
     let (map, div, count) = gather.unwrap_or((0, 1, 0));
-    let cfg = Launch { grid: (rows.div_ceil(4) as u32, k.div_ceil(KC) as u32, 1), block: (128, 1, 1), shared_bytes: 0, stream };
-    launch(dev, Kernel::ActQuant, &cfg, &mut crate::kernel_args!(x, x_bf16, rows64, k32, act, layout, out, map, div, count))
+    let (kernel, cols) = match quant_wide(rows)? {
+        true => (Kernel::ActQuantWide, k.div_ceil(2 * KC * WIDE_PASSES)),
+        false => (Kernel::ActQuant, k.div_ceil(KC)),
+    };
+    let cfg = Launch { grid: (rows.div_ceil(4) as u32, cols as u32, 1), block: (128, 1, 1), shared_bytes: 0, stream };
+    launch(dev, kernel, &cfg, &mut crate::kernel_args!(x, x_bf16, rows64, k32, act, layout, out, map, div, count))
 }
 
 /// Quantizes `rows` rows of `k` values (k % 128 == 0) for an FP8 form into the region at `out`
@@ -686,14 +690,41 @@ unsafe fn act_quant_f8(
         F8Scales::Rows => (0i64, 1i32),
         F8Scales::Steps { groups } => (f8_scale_rows(rows / groups) as i64, groups as i32),
     };
-    let cfg = Launch { grid: (rows.div_ceil(4) as u32, (k / KC) as u32, 1), block: (128, 1, 1), shared_bytes: 0, stream };
+    let (kernel, cols) = match quant_wide(rows)? {
+        true => (Kernel::ActQuantF8Wide, (k / KC).div_ceil(2 * WIDE_PASSES)),
+        false => (Kernel::ActQuantF8, k / KC),
+    };
+    let cfg = Launch { grid: (rows.div_ceil(4) as u32, cols as u32, 1), block: (128, 1, 1), shared_bytes: 0, stream };
     launch(
         dev,
-        Kernel::ActQuantF8,
+        kernel,
         &cfg,
         &mut crate::kernel_args!(x, x_bf16, rows64, k32, layout, out, scales, scale_rows, groups),
     )?;
     Ok(scales)
+}
+
+/// Passes of a warp of the wide quantization kernels (cuda/qgemm.cu `WIDE_PASSES`), two 128-blocks
+/// each.
+const WIDE_PASSES: usize = 2;
+
+/// Rows from which a call quantizes its activations with the wide kernels (`dsv4_act_quant_wide`,
+/// `dsv4_act_quant_f8_wide`: a half warp a 128-block, two passes a warp, the same values), nearer
+/// the copy rate for a prefill's many rows; fewer rows (a decode step's) keep the warp a block,
+/// whose chain is shorter. Measured on an H100 at V4-Flash width (docs/kernels/qgemm.md): the wide
+/// form took a prefill's FP8 quantization from 2.83 to 1.23 ms a step, and at batch 1 lengthened
+/// the step (0.192 -> 0.200 ms a layer with two passes a warp, 0.190 -> 0.196 with one).
+const WIDE_QUANT_ROWS: usize = 256;
+
+/// Whether a call of `rows` rows takes the wide kernels: `DSV4RS_ACT_QUANT=auto` (or unset: from
+/// [`WIDE_QUANT_ROWS`] rows), `wide` or `narrow` (every call; the tests compare the two).
+fn quant_wide(rows: usize) -> Result<bool> {
+    match std::env::var("DSV4RS_ACT_QUANT").ok().as_deref() {
+        None | Some("") | Some("auto") => Ok(rows >= WIDE_QUANT_ROWS),
+        Some("wide") => Ok(true),
+        Some("narrow") => Ok(false),
+        Some(other) => Err(Error::value("DSV4RS_ACT_QUANT", format!("must be auto, wide or narrow (got {other:?})"))),
+    }
 }
 
 /// Where [`act_quant_f8`]'s scales start: right after the `rows x k` codes at `out`.
