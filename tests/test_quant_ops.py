@@ -1038,9 +1038,6 @@ def test_gpu_wide_activation_quantization_gives_the_same_bits(gen: torch.Generat
         monkeypatch.setenv("DSV4RS_ACT_QUANT", mode)
         outs.append(ops.quant_linear(x, weight, scale, groups, act=act))
     assert torch.equal(outs[0], outs[1])
-    monkeypatch.setenv("DSV4RS_ACT_QUANT", "sideways")
-    with pytest.raises(ValueError, match="DSV4RS_ACT_QUANT"):
-        ops.quant_linear(x, weight, scale, groups, act=act)
 
 
 @pytest.mark.gpu
@@ -1059,6 +1056,34 @@ def test_gpu_moe_wide_activation_quantization_gives_the_same_bits(gen: torch.Gen
         monkeypatch.setenv("DSV4RS_ACT_QUANT", mode)
         outs.append(ops.moe_experts(*args, 1.0, act=act))
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.profiler
+def test_gpu_activation_quantization_variable_picks_the_kernels(gen: torch.Generator,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """``DSV4RS_ACT_QUANT``: ``auto`` quantizes with the wide kernels from 256 rows on, ``wide``
+    and ``narrow`` on every call that quantizes in a kernel of its own (a decode call whose GEMM
+    quantizes its own activations, or one whose bfloat16 activations need no rounding, reads
+    nothing); any other value raises there, naming the variable."""
+    weight, scale = cuda(*fp8_weight(gen, 256, 4096))
+    experts = cuda(*expert_args(gen, 300, 6, 8, 256, 512, torch.float32, idle_last=False))
+
+    def quantizers(call) -> set[str]:
+        return {n for n in launched_kernels(call) if n.startswith("dsv4_act_quant")}
+
+    for m, mode, wide in ((300, "auto", True), (200, "auto", False), (300, "narrow", False), (200, "wide", True)):
+        x = activations(gen, m, 4096).cuda()
+        monkeypatch.setenv("DSV4RS_ACT_QUANT", mode)
+        quant = quantizers(lambda: ops.quant_linear(x, weight, scale))
+        assert quant and all(n.endswith("_wide") == wide for n in quant), (m, mode, quant)
+    for mode, wide in (("auto", True), ("narrow", False)):
+        monkeypatch.setenv("DSV4RS_ACT_QUANT", mode)
+        quant = quantizers(lambda: ops.moe_experts(*experts, 1.0))
+        assert quant and all(n.endswith("_wide") == wide for n in quant), (mode, quant)
+    monkeypatch.setenv("DSV4RS_ACT_QUANT", "sideways")
+    with pytest.raises(ValueError, match="DSV4RS_ACT_QUANT"):
+        ops.quant_linear(activations(gen, 300, 4096).cuda(), weight, scale)
 
 
 @pytest.mark.gpu
