@@ -552,7 +552,149 @@ __device__ __forceinline__ void mix_rows(const void* x, const float* fn, long lo
   }
 }
 
+constexpr int MMA_TOKENS = 128;  // a block of the tensor-core form: 4 warps of two 16-token tiles
+
+// mix_rows's partial sums on the tensor cores, for bfloat16 streams, m <= 24 and 16-byte copies.
+// The projection's chunk goes to shared memory as three bfloat16 parts, p1 = bf16(v), p2 =
+// bf16(v - p1), p3 = bf16(v - p1 - p2) (v - p1 and v - p1 - p2 are exact in float32, so p1 + p2 +
+// p3 is v to within float32's rounding), rows of `chunk` values 16 bytes apart from a multiple of
+// 32 (so ldmatrix's eight rows hit distinct banks). A warp takes 32 tokens as two m16 tiles and
+// all 3 MB projection rows as n8 tiles: `mma.sync m16n8k16` bf16, products exact, float32 sums;
+// a token's three part sums are added per output, (d1 + d2) + d3. The sums of squares come from
+// the same A fragments in float32, a lane's values in K order, then the four lanes of a row.
+template <int MB>
+__device__ __forceinline__ void mix_mma(const void* x, const float* fn, long long tokens, long long width, int m,
+                                        int chunk, float* partial) {
+  constexpr int NT = 3 * MB / 8;       // n8 tiles: the three parts' rows
+  constexpr int STEP = ROW_BYTES / 2;  // values of a token a staged step: two k16 slices
+  constexpr int PIECES = ROW_BYTES / 16;
+  const int pitch = chunk * 2 + 16;
+  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* phi = smem;                                    // [3 MB][pitch]: part-major rows
+  unsigned char* stage = smem + (size_t)3 * MB * pitch;         // [2][MMA_TOKENS][ROW_PITCH]
+  const long long k0 = blockIdx.x * (long long)chunk;
+  const long long t0 = blockIdx.y * (long long)MMA_TOKENS;
+  const int kc = (int)min((long long)chunk, width - k0);
+  const int steps = (kc + STEP - 1) / STEP;
+  const unsigned char* xb = static_cast<const unsigned char*>(x);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+
+  auto stage_step = [&](int i) {
+    unsigned char* buf = stage + (i & 1) * MMA_TOKENS * ROW_PITCH;
+    for (int c = threadIdx.x; c < MMA_TOKENS * PIECES; c += ROWS_THREADS) {
+      const int j = c / PIECES, k = i * STEP + c % PIECES * 8;
+      unsigned char* dst = buf + j * ROW_PITCH + c % PIECES * 16;
+      const long long t = t0 + j;
+      if (t < tokens && k < kc) {
+        cp_async16(dst, xb + (t * width + k0 + k) * 2);
+      } else {
+        *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+      }
+    }
+    cp_async_commit();
+  };
+
+  grid_begin();
+  stage_step(0);
+  for (int k = threadIdx.x; k < chunk; k += ROWS_THREADS) {
+    float w[MB];
+#pragma unroll
+    for (int o = 0; o < MB; ++o) w[o] = o < m && k < kc ? __ldg(fn + o * width + k0 + k) : 0.f;
+#pragma unroll
+    for (int o = 0; o < MB; ++o) {
+      const uint16_t p1 = bf16_from_f32(w[o]);
+      const float r1 = w[o] - bf16_to_f32(p1);
+      const uint16_t p2 = bf16_from_f32(r1);
+      const uint16_t p3 = bf16_from_f32(r1 - bf16_to_f32(p2));
+      *reinterpret_cast<uint16_t*>(phi + o * pitch + 2 * k) = p1;
+      *reinterpret_cast<uint16_t*>(phi + (MB + o) * pitch + 2 * k) = p2;
+      *reinterpret_cast<uint16_t*>(phi + (2 * MB + o) * pitch + 2 * k) = p3;
+    }
+  }
+
+  float acc[2][NT][4];
+  float ss[2][2] = {{0.f, 0.f}, {0.f, 0.f}};  // [m tile][row g, row g + 8]
+#pragma unroll
+  for (int u = 0; u < 2; ++u) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j) acc[u][j][0] = acc[u][j][1] = acc[u][j][2] = acc[u][j][3] = 0.f;
+  }
+  for (int i = 0; i < steps; ++i) {
+    if (i + 1 < steps) {
+      stage_step(i + 1);
+    } else {
+      cp_async_commit();
+    }
+    cp_async_wait<1>();
+    __syncthreads();
+    const unsigned char* buf = stage + (i & 1) * MMA_TOKENS * ROW_PITCH;
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+      uint32_t a[2][4];
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        ldmatrix_x4(a[u], buf + (warp * 32 + u * 16 + lane % 16) * ROW_PITCH + s * 32 + lane / 16 * 16);
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const float lo = __uint_as_float(a[u][r] << 16), hi = __uint_as_float(a[u][r] & 0xFFFF0000u);
+          ss[u][r & 1] = fmaf(hi, hi, fmaf(lo, lo, ss[u][r & 1]));
+        }
+      }
+      const int kb = (i * STEP + s * 16) * 2 + (lane / 8 % 2) * 16;  // this lane's row address, bytes
+#pragma unroll
+      for (int j = 0; j < NT; j += 2) {
+        const int tile = j + 1 < NT ? j + lane / 16 : j;  // an odd last tile: both halves read it
+        uint32_t b[4];
+        ldmatrix_x4(b, phi + (tile * 8 + lane % 8) * pitch + kb);
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          mma_bf16(acc[u][j], a[u][0], a[u][1], a[u][2], a[u][3], b[0], b[1]);
+          if (j + 1 < NT) mma_bf16(acc[u][j + 1], a[u][0], a[u][1], a[u][2], a[u][3], b[2], b[3]);
+        }
+      }
+    }
+    __syncthreads();
+  }
+  const int g = lane / 4, q = lane % 4;
+#pragma unroll
+  for (int u = 0; u < 2; ++u) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float sq = ss[u][h];
+      sq += __shfl_xor_sync(0xffffffffu, sq, 1);
+      sq += __shfl_xor_sync(0xffffffffu, sq, 2);
+      const long long t = t0 + warp * 32 + u * 16 + g + 8 * h;
+      if (t >= tokens) continue;
+      float* p = partial + (t * gridDim.x + blockIdx.x) * (m + 1);
+#pragma unroll
+      for (int j = 0; j < MB / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int o = j * 8 + 2 * q + e;
+          const float d = (acc[u][j][2 * h + e] + acc[u][j + MB / 8][2 * h + e]) + acc[u][j + 2 * MB / 8][2 * h + e];
+          if (o < m) p[o] = d;
+        }
+      }
+      if (q == 0) p[m] = sq;
+    }
+  }
+}
+
 }  // namespace
+
+// Grid (ceil(K / chunk), ceil(T / MMA_TOKENS)), ROWS_THREADS threads, 3 MB (2 chunk + 16) + 2
+// MMA_TOKENS ROW_PITCH bytes of dynamic shared memory (MB: 8 for m <= 8, else 24; m <= 24); x
+// bfloat16, 16-byte aligned, K a multiple of 8; chunk a multiple of 64; partial as
+// dsv4_mhc_mix_rows's.
+extern "C" __global__ void __launch_bounds__(ROWS_THREADS, 2) dsv4_mhc_mix_mma(const void* x, const float* fn,
+                                                                           long long tokens, long long width, int m,
+                                                                           int chunk, float* partial) {
+  if (m <= 8) {
+    mix_mma<8>(x, fn, tokens, width, m, chunk, partial);
+  } else if (m <= 24) {
+    mix_mma<24>(x, fn, tokens, width, m, chunk, partial);
+  }
+}
 
 // Grid (ceil(K / chunk), ceil(T / TOKENS)), ROWS_THREADS threads, chunk * MB * 4 + 2 * TOKENS *
 // ROW_PITCH bytes of dynamic shared memory (MB, TOKENS: MixRows of m's bucket); chunk a multiple

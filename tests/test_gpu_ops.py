@@ -885,10 +885,14 @@ def test_mhc_pre_matches_reference(gen: torch.Generator, t: int, n: int, d: int,
                                      (257, 8, 64, 80), (50, 6, 96, 48), (1000, 1, 5, 3), (40, 3, 1023, 15),
                                      (2048, 4, 4096, 24), (4100, 4, 1024, 24), (0, 4, 64, 24)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_mhc_mix_matches_reference(gen: torch.Generator, t: int, n: int, d: int, m: int, dtype: torch.dtype) -> None:
-    """Every row bucket (8, 24, 48, 80 rows), one and two tokens a thread, chunks of 128 to 512
+@pytest.mark.parametrize("form", ["auto", "rows"])
+def test_mhc_mix_matches_reference(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch, t: int, n: int, d: int,
+                                   m: int, dtype: torch.dtype, form: str) -> None:
+    """Both forms (``auto``: the tensor cores for aligned bfloat16 streams of at most 24 rows),
+    every row bucket (8, 24, 48, 80 rows), one and two tokens a thread, chunks of 128 to 512
     values and short last chunks, 16-byte copies and value-by-value ones (K of 5, 260 and 3,069
     bfloat16 values; an unaligned view), partial token tiles."""
+    monkeypatch.setenv("DSV4RS_MHC_MIX", form)
     x = (torch.randn(t, n, d, generator=gen) * 2).to(dtype)
     proj = torch.randn(m, n * d, generator=gen) * 0.02
     want = reference.mhc_mix(x, proj, 1e-6)
@@ -896,6 +900,28 @@ def test_mhc_mix_matches_reference(gen: torch.Generator, t: int, n: int, d: int,
         mix = ops.mhc_mix(xs, proj.cuda(), 1e-6)
         assert mix.dtype == torch.float32 and mix.shape == (t, m)
         torch.testing.assert_close(mix.cpu().double(), want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.profiler
+def test_mhc_mix_form_follows_the_variable(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``DSV4RS_MHC_MIX``: the tensor cores by default where they apply (aligned bfloat16, at most
+    24 rows), the fused multiply-adds with ``rows`` and wherever they do not; both give the
+    reference's mix; any other value raises, naming the variable."""
+    x = torch.randn(300, 4, 256, generator=gen).bfloat16().cuda()
+    proj = (torch.randn(24, 1024, generator=gen) * 0.02).cuda()
+    rows48 = proj[:1].repeat(48, 1)
+    cases = [("auto", x, proj, "dsv4_mhc_mix_mma"), ("mma", x, proj, "dsv4_mhc_mix_mma"),
+             ("rows", x, proj, "dsv4_mhc_mix_rows"), ("auto", x.float(), proj, "dsv4_mhc_mix_rows"),
+             ("auto", unaligned(x), proj, "dsv4_mhc_mix_rows"), ("auto", x, rows48, "dsv4_mhc_mix_rows")]
+    for form, xs, p, kernel in cases:
+        monkeypatch.setenv("DSV4RS_MHC_MIX", form)
+        names = launched_kernels(lambda: ops.mhc_mix(xs, p))
+        assert kernel in names and "dsv4_mhc_mix_finish" in names, (form, names)
+        torch.testing.assert_close(ops.mhc_mix(xs, p).cpu().double(), reference.mhc_mix(xs.cpu(), p.cpu(), 1e-6),
+                                   rtol=2e-5, atol=2e-5)
+    monkeypatch.setenv("DSV4RS_MHC_MIX", "sideways")
+    with pytest.raises(ValueError, match="DSV4RS_MHC_MIX"):
+        ops.mhc_mix(x, proj)
 
 
 def test_mhc_mix_replays_in_a_graph_and_feeds_the_weights(gen: torch.Generator) -> None:

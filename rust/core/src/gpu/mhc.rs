@@ -130,36 +130,76 @@ fn mix_bucket(m: usize) -> usize {
     [8, 24, 48].into_iter().find(|&b| m <= b).unwrap_or(MIX_MAX_ROWS)
 }
 
-/// Tokens a block of `dsv4_mhc_mix_rows` covers (two a thread up to 24 rows, else one).
-fn mix_block_tokens(m: usize) -> usize {
-    128 * if mix_bucket(m) <= 24 { 2 } else { 1 }
-}
-
-/// Blocks a `dsv4_mhc_mix_rows` grid should have at the least (two a multiprocessor on the
-/// largest GPUs), where its chunks can be made short enough.
+/// Blocks a mix grid should have at the least (two a multiprocessor on the largest GPUs), where its
+/// chunks can be made short enough.
 const MIX_ROWS_BLOCKS: usize = 264;
 
-/// Values of K a block of `dsv4_mhc_mix_rows` covers for `tokens` tokens, `m` rows and `k` values
-/// a token: the longest of 512, 256 and 128 that leaves the grid [`MIX_ROWS_BLOCKS`] blocks (else
-/// 128), within 48 KiB of the projection in shared memory, and no longer than `k` needs.
-pub fn mix_chunk(tokens: usize, m: usize, k: usize) -> usize {
-    let b = mix_bucket(m);
-    let tiles = tokens.div_ceil(mix_block_tokens(m));
-    let fits = |c: usize| c * b * 4 <= 48 * 1024;
+/// How `mhc_mix` sums: `dsv4_mhc_mix_mma` (the tensor cores) or `dsv4_mhc_mix_rows` (fused
+/// multiply-adds).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum MixForm {
+    Rows,
+    Mma,
+}
+
+impl MixForm {
+    /// Tokens a block covers.
+    fn block_tokens(self, m: usize) -> usize {
+        match self {
+            MixForm::Rows => 128 * if mix_bucket(m) <= 24 { 2 } else { 1 },
+            MixForm::Mma => 128,
+        }
+    }
+
+    /// Shared memory of a block for chunks of `chunk` values: the projection's chunk (float32 rows
+    /// K-major, or three bfloat16 parts a row, 16 bytes apart) and two staged steps of the tokens.
+    fn shared_bytes(self, m: usize, chunk: usize) -> usize {
+        let projection = match self {
+            MixForm::Rows => chunk * mix_bucket(m) * 4,
+            MixForm::Mma => 3 * mix_bucket(m) * (2 * chunk + 16),
+        };
+        projection + 2 * self.block_tokens(m) * 80
+    }
+}
+
+/// The form a call takes: the tensor cores for bfloat16 streams that 16-byte copies can stage
+/// (`vec`) and at most 24 rows, unless `DSV4RS_MHC_MIX=rows` (`mma` or `auto`, the default:
+/// where they apply).
+fn mix_form(m: usize, bf16: bool, vec: bool) -> Result<MixForm> {
+    let fits = bf16 && vec && m <= 24;
+    match std::env::var("DSV4RS_MHC_MIX").ok().as_deref() {
+        None | Some("") | Some("auto") | Some("mma") => Ok(if fits { MixForm::Mma } else { MixForm::Rows }),
+        Some("rows") => Ok(MixForm::Rows),
+        Some(other) => Err(Error::value("DSV4RS_MHC_MIX", format!("must be auto, mma or rows (got {other:?})"))),
+    }
+}
+
+/// Values of K a block of `form` covers for `tokens` tokens, `m` rows and `k` values a token: the
+/// longest of 512, 256 and 128 that leaves the grid [`MIX_ROWS_BLOCKS`] blocks (else 128), whose
+/// shared memory stays within 96 KiB (every GPU from sm_80 on), and no longer than `k` needs.
+fn form_chunk(form: MixForm, tokens: usize, m: usize, k: usize) -> usize {
+    let tiles = tokens.div_ceil(form.block_tokens(m));
     let chunk = [512, 256, 128]
         .into_iter()
-        .find(|&c| fits(c) && tiles * k.div_ceil(c) >= MIX_ROWS_BLOCKS)
+        .find(|&c| form.shared_bytes(m, c) <= 96 * 1024 && tiles * k.div_ceil(c) >= MIX_ROWS_BLOCKS)
         .unwrap_or(128);
     chunk.min(k.next_multiple_of(64).max(64))
 }
 
-/// Floats of `mhc_mix`'s workspace: the partial sums of `tokens` tokens, `m` rows, `k` values (0
-/// for a row count the call refuses, so that nothing is allocated for it).
+/// Values of K a block of `dsv4_mhc_mix_rows` covers (see `form_chunk`).
+pub fn mix_chunk(tokens: usize, m: usize, k: usize) -> usize {
+    form_chunk(MixForm::Rows, tokens, m, k)
+}
+
+/// Floats of `mhc_mix`'s workspace: the partial sums of `tokens` tokens, `m` rows, `k` values, for
+/// either form (the shorter chunk's count); 0 for a row count the call refuses, so that nothing is
+/// allocated for it.
 pub fn mix_workspace_len(tokens: usize, m: usize, k: usize) -> usize {
     if m == 0 || m > MIX_MAX_ROWS || k == 0 {
         return 0;
     }
-    tokens * k.div_ceil(mix_chunk(tokens, m, k)) * (m + 1)
+    let chunk = form_chunk(MixForm::Rows, tokens, m, k).min(form_chunk(MixForm::Mma, tokens, m, k));
+    tokens * k.div_ceil(chunk) * (m + 1)
 }
 
 /// # Safety
@@ -174,20 +214,22 @@ pub unsafe fn mhc_mix(
     if tokens == 0 {
         return Ok(());
     }
-    let chunk = mix_chunk(tokens, m, k);
+    let vec = (k * x.dtype.size()).is_multiple_of(16) && x.ptr.is_multiple_of(16);
+    let form = mix_form(m, is_bf16(x) == 1, vec)?;
+    let chunk = form_chunk(form, tokens, m, k);
     let splits = k.div_ceil(chunk);
-    let tiles = tokens.div_ceil(mix_block_tokens(m));
+    let tiles = tokens.div_ceil(form.block_tokens(m));
     if tiles > u16::MAX as usize || splits > i32::MAX as usize {
         return Err(Error::value(x.name, format!("{tokens} tokens of {k} values are more than one launch takes")));
     }
-    let esize = x.dtype.size();
-    let vec = (k * esize).is_multiple_of(16) && x.ptr.is_multiple_of(16);
-    let shared = chunk * mix_bucket(m) * 4 + 2 * mix_block_tokens(m) * 80;
     let (xp, xb, fp, wp, op) = (x.ptr as u64, is_bf16(x), proj.ptr as u64, workspace.ptr as u64, mix.ptr as u64);
     let (t, width, mm, c, v) = (tokens as i64, k as i64, m as i32, chunk as i32, vec as i32);
     let grid = (splits as u32, tiles as u32, 1);
-    let cfg = Launch { grid, block: (128, 1, 1), shared_bytes: shared as u32, stream };
-    launch(dev, Kernel::MhcMixRows, &cfg, &mut kernel_args!(xp, xb, fp, t, width, mm, c, v, wp))?;
+    let cfg = Launch { grid, block: (128, 1, 1), shared_bytes: form.shared_bytes(m, chunk) as u32, stream };
+    match form {
+        MixForm::Rows => launch(dev, Kernel::MhcMixRows, &cfg, &mut kernel_args!(xp, xb, fp, t, width, mm, c, v, wp))?,
+        MixForm::Mma => launch(dev, Kernel::MhcMixMma, &cfg, &mut kernel_args!(xp, fp, t, width, mm, c, wp))?,
+    }
     let cfg = threads_launch(tokens * 32, x.name, stream)?;
     let s = splits as i32;
     launch(dev, Kernel::MhcMixFinish, &cfg, &mut kernel_args!(wp, s, t, mm, width, norm_eps, op))
@@ -211,9 +253,13 @@ mod tests {
         assert_eq!(mix_workspace_len(1000, 3, 5), 1000 * 4);
         assert_eq!(mix_workspace_len(17, 24, 16384), 17 * 128 * 25);
         assert_eq!(mix_workspace_len(4096, 81, 16384), 0); // refused: nothing to allocate
+        // The tensor-core form: 128 tokens a block, three bfloat16 parts of the projection.
+        assert_eq!(form_chunk(MixForm::Mma, 4096, 24, 16384), 512);
+        assert_eq!(form_chunk(MixForm::Mma, 512, 24, 16384), 128);
+        assert!(MixForm::Mma.shared_bytes(24, 512) <= 96 * 1024);
         for m in 1..=MIX_MAX_ROWS {
             let b = mix_bucket(m);
-            assert!(b >= m && mix_chunk(1 << 20, m, 1 << 20) * b * 4 <= 48 * 1024);
+            assert!(b >= m && MixForm::Rows.shared_bytes(m, mix_chunk(1 << 20, m, 1 << 20)) <= 96 * 1024);
         }
     }
 }

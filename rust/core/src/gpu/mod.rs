@@ -91,6 +91,7 @@ declare_kernels! {
     MhcMix = "dsv4_mhc_mix" in "mhc",
     MhcPre = "dsv4_mhc_pre" in "mhc",
     MhcMixRows = "dsv4_mhc_mix_rows" in "mhc",
+    MhcMixMma = "dsv4_mhc_mix_mma" in "mhc",
     MhcMixFinish = "dsv4_mhc_mix_finish" in "mhc",
     RmsNorm = "dsv4_rms_norm" in "norm",
     GemvRows = "dsv4_gemv_rows" in "gemv",
