@@ -436,6 +436,24 @@ def test_engine_sizes_its_cache_from_free_memory() -> None:
         Engine(model, max_len=1024, memory_fraction=2.0)
 
 
+def test_step_integers_pack_into_one_buffer() -> None:
+    """:func:`~dsv4rs.runtime.planner.packed` and ``unpacked`` (a step's integers in one transfer on
+    a GPU) give back every tensor: int64 and int32, empty, 2-D, a non-contiguous view, 16-byte
+    aligned offsets."""
+    from dsv4rs.runtime.planner import packed, to_device, unpacked
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = [torch.randint(-9, 9, (5,), generator=gen), torch.empty(0, dtype=torch.int64),
+               torch.randint(0, 99, (3, 7), dtype=torch.int32, generator=gen), torch.arange(12).view(3, 4).t(),
+               torch.full((1,), -1, dtype=torch.int64)]
+    buf, spans = packed(tensors)
+    assert buf.dtype == torch.uint8 and all(off % 16 == 0 for off, _ in spans)
+    assert [n for _, n in spans] == [t.numel() * t.element_size() for t in tensors]
+    for got, want in zip(unpacked(buf.clone(), tensors, spans), tensors):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(to_device(tensors, torch.device("cpu")), tensors))
+
+
 def test_decode_plans_equal_the_general_computation() -> None:
     """The planner's decode shortcut (one token a sequence, computed from Python ints) gives the
     integers of its general form, across compressed-entry boundaries and after a fork."""

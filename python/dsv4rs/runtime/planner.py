@@ -57,7 +57,9 @@ class StepInputs:
     hca_table: torch.Tensor
 
     def to(self, device: torch.device) -> StepInputs:
-        return StepInputs(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
+        """The step's integers on ``device`` (:func:`to_device`: one transfer on a GPU)."""
+        names = [f.name for f in fields(self)]
+        return StepInputs(**dict(zip(names, to_device([getattr(self, n) for n in names], device))))
 
     @property
     def lens(self) -> torch.Tensor:
@@ -141,9 +143,40 @@ class StepPlanner:
             cand[q] = torch.where(valid[q], base + cand_pos[q] - first, -1)
             base += a - first + n
         cache = scratch(base)
-        dev = cache.device
-        return Staging(cache, torch.cat(prior_src).to(dev), torch.cat(prior_dst).to(dev),
-                       torch.cat(new_dst).to(dev)), cand.to(dev)
+        src, dst, new, cand = to_device([torch.cat(prior_src), torch.cat(prior_dst), torch.cat(new_dst), cand],
+                                        cache.device)
+        return Staging(cache, src, dst, new), cand
+
+
+def to_device(tensors: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Host tensors on ``device``. On a GPU one pinned buffer holds them all (each at a 16-byte
+    aligned offset) and crosses in one asynchronous copy, and the results are views of its device
+    copy: a step's dozen small index tensors take one transfer instead of one pageable copy each
+    (which also waits on the host). Elsewhere each tensor's own ``to``."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return [t.to(device) for t in tensors]
+    host, spans = packed(tensors, pin=True)
+    return unpacked(host.to(device, non_blocking=True), tensors, spans)
+
+
+def packed(tensors: Sequence[torch.Tensor], pin: bool = False) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """The bytes of ``tensors`` in one uint8 buffer (pinned if ``pin``), each at a 16-byte aligned
+    offset, and the ``(offset, bytes)`` of each."""
+    spans, at = [], 0
+    for t in tensors:
+        n = t.numel() * t.element_size()
+        spans.append((at, n))
+        at += -(-n // 16) * 16
+    buf = torch.empty(max(at, 16), dtype=torch.uint8, pin_memory=pin)
+    for t, (off, n) in zip(tensors, spans):
+        buf[off : off + n].view(t.dtype).view(t.shape).copy_(t)
+    return buf, spans
+
+
+def unpacked(buf: torch.Tensor, like: Sequence[torch.Tensor], spans: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+    """Views of ``buf`` (what :func:`packed` filled, or a copy of it) shaped as ``like``."""
+    return [buf[off : off + n].view(t.dtype).view(t.shape) for t, (off, n) in zip(like, spans)]
 
 
 def metadata(cfg: V4Config, x: StepInputs, hca_width: int, staging: tuple[Staging, torch.Tensor] | None = None
