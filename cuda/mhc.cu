@@ -425,6 +425,41 @@ struct MixRows {
   static constexpr int TOKENS = ROWS_THREADS * TOK;  // tokens a block
 };
 
+// Step i's values of tokens [t0, t0 + TOKENS) into buf (a token ROW_PITCH apart, ROW_BYTES of
+// it: values [i STEP, (i + 1) STEP) of the chunk from k0, kc long), as one cp.async group: 16-byte
+// copies where VEC (K ESZ a multiple of 16 and x 16-byte aligned), else value by value; zeros past
+// T and past the chunk.
+template <int TOKENS, bool BF16, bool VEC>
+__device__ __forceinline__ void stage_values(unsigned char* buf, const void* x, long long t0, long long tokens,
+                                             long long width, long long k0, int kc, int i) {
+  constexpr int ESZ = BF16 ? 2 : 4;
+  constexpr int STEP = ROW_BYTES / ESZ, PIECE = 16 / ESZ, PIECES = ROW_BYTES / 16;
+  const unsigned char* xb = static_cast<const unsigned char*>(x);
+  for (int c = threadIdx.x; c < TOKENS * PIECES; c += ROWS_THREADS) {
+    const int j = c / PIECES, k = i * STEP + c % PIECES * PIECE;
+    unsigned char* dst = buf + j * ROW_PITCH + c % PIECES * 16;
+    const long long t = t0 + j;
+    if constexpr (VEC) {
+      if (t < tokens && k < kc) {
+        cp_async16(dst, xb + (t * width + k0 + k) * ESZ);
+      } else {
+        *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+      }
+    } else {
+#pragma unroll
+      for (int e = 0; e < PIECE; ++e) {
+        const bool in = t < tokens && k + e < kc;
+        if constexpr (BF16) {
+          reinterpret_cast<uint16_t*>(dst)[e] = in ? static_cast<const uint16_t*>(x)[t * width + k0 + k + e] : 0;
+        } else {
+          reinterpret_cast<float*>(dst)[e] = in ? static_cast<const float*>(x)[t * width + k0 + k + e] : 0.f;
+        }
+      }
+    }
+  }
+  cp_async_commit();
+}
+
 // Block (s, r): values [s chunk, (s + 1) chunk) of tokens [r TOKENS, (r + 1) TOKENS). The chunk
 // of the projection goes to shared memory K-major (a value's MB rows as float4s, read by every
 // lane at once), the tokens' values through two staging buffers, ROW_BYTES of each token a step
@@ -446,33 +481,9 @@ __device__ __forceinline__ void mix_rows(const void* x, const float* fn, long lo
   const long long t0 = blockIdx.y * (long long)TOKENS;
   const int kc = (int)min((long long)chunk, width - k0);  // the last chunk may be short
   const int steps = (kc + STEP - 1) / STEP;
-  const unsigned char* xb = static_cast<const unsigned char*>(x);
 
   auto stage_step = [&](int i) {
-    unsigned char* buf = stage + (i & 1) * TOKENS * ROW_PITCH;
-    for (int c = threadIdx.x; c < TOKENS * PIECES; c += ROWS_THREADS) {
-      const int j = c / PIECES, k = i * STEP + c % PIECES * PIECE;
-      unsigned char* dst = buf + j * ROW_PITCH + c % PIECES * 16;
-      const long long t = t0 + j;
-      if constexpr (VEC) {
-        if (t < tokens && k < kc) {
-          cp_async16(dst, xb + (t * width + k0 + k) * ESZ);
-        } else {
-          *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
-        }
-      } else {
-#pragma unroll
-        for (int e = 0; e < PIECE; ++e) {
-          const bool in = t < tokens && k + e < kc;
-          if constexpr (BF16) {
-            reinterpret_cast<uint16_t*>(dst)[e] = in ? static_cast<const uint16_t*>(x)[t * width + k0 + k + e] : 0;
-          } else {
-            reinterpret_cast<float*>(dst)[e] = in ? static_cast<const float*>(x)[t * width + k0 + k + e] : 0.f;
-          }
-        }
-      }
-    }
-    cp_async_commit();
+    stage_values<TOKENS, BF16, VEC>(stage + (i & 1) * TOKENS * ROW_PITCH, x, t0, tokens, width, k0, kc, i);
   };
 
   grid_begin();
@@ -567,7 +578,6 @@ __device__ __forceinline__ void mix_mma(const void* x, const float* fn, long lon
                                         int chunk, float* partial) {
   constexpr int NT = 3 * MB / 8;       // n8 tiles: the three parts' rows
   constexpr int STEP = ROW_BYTES / 2;  // values of a token a staged step: two k16 slices
-  constexpr int PIECES = ROW_BYTES / 16;
   const int pitch = chunk * 2 + 16;
   extern __shared__ __align__(16) unsigned char smem[];
   unsigned char* phi = smem;                                    // [3 MB][pitch]: part-major rows
@@ -576,22 +586,10 @@ __device__ __forceinline__ void mix_mma(const void* x, const float* fn, long lon
   const long long t0 = blockIdx.y * (long long)MMA_TOKENS;
   const int kc = (int)min((long long)chunk, width - k0);
   const int steps = (kc + STEP - 1) / STEP;
-  const unsigned char* xb = static_cast<const unsigned char*>(x);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
   auto stage_step = [&](int i) {
-    unsigned char* buf = stage + (i & 1) * MMA_TOKENS * ROW_PITCH;
-    for (int c = threadIdx.x; c < MMA_TOKENS * PIECES; c += ROWS_THREADS) {
-      const int j = c / PIECES, k = i * STEP + c % PIECES * 8;
-      unsigned char* dst = buf + j * ROW_PITCH + c % PIECES * 16;
-      const long long t = t0 + j;
-      if (t < tokens && k < kc) {
-        cp_async16(dst, xb + (t * width + k0 + k) * 2);
-      } else {
-        *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
-      }
-    }
-    cp_async_commit();
+    stage_values<MMA_TOKENS, true, true>(stage + (i & 1) * MMA_TOKENS * ROW_PITCH, x, t0, tokens, width, k0, kc, i);
   };
 
   grid_begin();
