@@ -35,11 +35,12 @@ def test_bench_runs_on_the_cpu_and_prints_the_roofline_table(capsys, monkeypatch
 
     # One small case per suite keeps this a smoke test of the harness, not a benchmark.
     monkeypatch.setattr(harness.Bench, "pick", lambda self, gpu, quick, cpu: cpu[:1])
-    assert cli.main(["bench", "--device", "cpu", "--quick", "--only", "formats", "indexer", "cache"]) == 0
+    assert cli.main(["bench", "--device", "cpu", "--quick", "--only", "formats", "indexer", "cache", "mhc"]) == 0
     out = capsys.readouterr().out
     assert "ceilings on cpu" in out and "roofline" in out
     assert "kv_write n=4096" in out and "indexer flash ctx=32K b=1" in out and "rope T=64" in out
     assert "append decode, 1000 seqs in one call" in out and "M forks/s" in out
+    assert "mhc_mix T=64 4x4096" in out and "mhc_pre T=1 4x4096" in out
 
 
 def test_bench_per_call_runs_every_call_in_order_each_run() -> None:

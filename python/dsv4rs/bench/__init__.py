@@ -14,7 +14,7 @@ computation. Sizes are V4-Flash/Pro shapes on a GPU and scaled down on the CPU.
 
 - :mod:`.harness`: ceilings, timer, table.
 - :mod:`.ops`: the suites ``formats`` (KV-entry formats, Hadamard, RoPE), ``norm`` (RMSNorm),
-  ``mhc`` (the mHC collapse and combine), ``compress``, ``indexer``, ``attention``.
+  ``mhc`` (the mHC collapse, combine, fused input and mix), ``compress``, ``indexer``, ``attention``.
 - :mod:`.quant`: the suites ``moe`` (the fused MoE over MXFP4 experts) and ``linear`` (FP8
   block-scaled linears), beside torch with bf16 weights and torch's own FP8 kernels.
 - :mod:`.cache`: the suite ``cache`` (allocator bookkeeping on the host).

@@ -127,8 +127,9 @@ def norm(b: Bench) -> Iterator[Case]:
 
 
 def mhc(b: Bench) -> Iterator[Case]:
-    """The mHC collapse and combine of 4 bfloat16 streams of 4096 (V4-Flash) around a sublayer, and
-    the fused input of a sublayer (``mhc_pre``) at decode sizes."""
+    """The mHC collapse and combine of 4 bfloat16 streams of 4096 (V4-Flash) around a sublayer, the
+    fused input of a sublayer (``mhc_pre``) at decode sizes, and the mix of many tokens
+    (``mhc_mix``)."""
     n, d = 4, 4096
     for t in b.pick([1, 64, 4096], [1, 4096], [1, 64]):
 
@@ -172,6 +173,25 @@ def mhc(b: Bench) -> Iterator[Case]:
         yield Case("mhc", f"mhc_combine T={t}", combine)
         if t <= 64:
             yield Case("mhc", f"mhc_pre T={t}", pre)
+    for t in b.pick([64, 512, 4096], [512, 4096], [64]):
+
+        def mix(t: int = t) -> Row:
+            """The normed projection of a sublayer's input (``mhc_mix``) beside the form the model
+            takes below :data:`~dsv4rs.model.layers.mhc.MIX_MIN_TOKENS` tokens: the norm into
+            float32, then cuBLAS's float32 GEMM."""
+            m = (2 + n) * n
+            proj = torch.randn(m, n * d, device=b.device) * 0.02
+            xs = _inputs(t, lambda: b.randn(t, n, d).bfloat16())
+            ms = _per_call_ms(b, xs, lambda x: ops.mhc_mix(x, proj))
+
+            def unfused(x: torch.Tensor) -> torch.Tensor:
+                return torch.nn.functional.linear(ops.rms_norm(x.flatten(-2), None, 1e-6, torch.float32), proj)
+
+            eager = _per_call_ms(b, xs, unfused)
+            return Row(f"mhc_mix T={t} {n}x{d} (eager: norm + float32 GEMM)", ms,
+                       t * n * d * 2 + m * n * d * 4 + t * m * 4, t * m * n * d * 2.0, eager)
+
+        yield Case("mhc", f"mhc_mix T={t}", mix)
 
 
 def eager_rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
