@@ -460,6 +460,28 @@ __device__ __forceinline__ void stage_values(unsigned char* buf, const void* x, 
   cp_async_commit();
 }
 
+// Column k of the projection's chunk: its m rows, zeros past m and past the chunk's kc values.
+template <int MB>
+__device__ __forceinline__ void projection_column(float (&w)[MB], const float* fn, long long width, long long k0,
+                                                  int kc, int m, int k) {
+#pragma unroll
+  for (int o = 0; o < MB; ++o) w[o] = o < m && k < kc ? __ldg(fn + o * width + k0 + k) : 0.f;
+}
+
+// The head of step i of the two staging buffers: step i + 1's copies go out (after the last step
+// an empty group, so that the wait counts alike), then step i's values (and, the first time, the
+// projection) are in for every thread.
+template <class Stage>
+__device__ __forceinline__ void await_step(int i, int steps, const Stage& stage_step) {
+  if (i + 1 < steps) {
+    stage_step(i + 1);
+  } else {
+    cp_async_commit();
+  }
+  cp_async_wait<1>();
+  __syncthreads();
+}
+
 // Block (s, r): values [s chunk, (s + 1) chunk) of tokens [r TOKENS, (r + 1) TOKENS). The chunk
 // of the projection goes to shared memory K-major (a value's MB rows as float4s, read by every
 // lane at once), the tokens' values through two staging buffers, ROW_BYTES of each token a step
@@ -490,8 +512,7 @@ __device__ __forceinline__ void mix_rows(const void* x, const float* fn, long lo
   stage_step(0);
   for (int k = threadIdx.x; k < chunk; k += ROWS_THREADS) {
     float w[MB];
-#pragma unroll
-    for (int o = 0; o < MB; ++o) w[o] = o < m && k < kc ? __ldg(fn + o * width + k0 + k) : 0.f;
+    projection_column(w, fn, width, k0, kc, m, k);
 #pragma unroll
     for (int o = 0; o < MB; o += 4) {
       *reinterpret_cast<float4*>(phi + k * MB + o) = make_float4(w[o], w[o + 1], w[o + 2], w[o + 3]);
@@ -505,13 +526,7 @@ __device__ __forceinline__ void mix_rows(const void* x, const float* fn, long lo
     for (int o = 0; o <= MB; ++o) acc[u][o] = 0.f;
   }
   for (int i = 0; i < steps; ++i) {
-    if (i + 1 < steps) {
-      stage_step(i + 1);
-    } else {
-      cp_async_commit();
-    }
-    cp_async_wait<1>();
-    __syncthreads();  // step i's values (and, the first time, the projection) are in
+    await_step(i, steps, stage_step);
     const unsigned char* buf = stage + (i & 1) * TOKENS * ROW_PITCH;
 #pragma unroll
     for (int q = 0; q < PIECES; ++q) {
@@ -596,8 +611,7 @@ __device__ __forceinline__ void mix_mma(const void* x, const float* fn, long lon
   stage_step(0);
   for (int k = threadIdx.x; k < chunk; k += ROWS_THREADS) {
     float w[MB];
-#pragma unroll
-    for (int o = 0; o < MB; ++o) w[o] = o < m && k < kc ? __ldg(fn + o * width + k0 + k) : 0.f;
+    projection_column(w, fn, width, k0, kc, m, k);
 #pragma unroll
     for (int o = 0; o < MB; ++o) {
       const uint16_t p1 = bf16_from_f32(w[o]);
@@ -618,13 +632,7 @@ __device__ __forceinline__ void mix_mma(const void* x, const float* fn, long lon
     for (int j = 0; j < NT; ++j) acc[u][j][0] = acc[u][j][1] = acc[u][j][2] = acc[u][j][3] = 0.f;
   }
   for (int i = 0; i < steps; ++i) {
-    if (i + 1 < steps) {
-      stage_step(i + 1);
-    } else {
-      cp_async_commit();
-    }
-    cp_async_wait<1>();
-    __syncthreads();
+    await_step(i, steps, stage_step);
     const unsigned char* buf = stage + (i & 1) * MMA_TOKENS * ROW_PITCH;
 #pragma unroll
     for (int s = 0; s < 2; ++s) {
