@@ -27,19 +27,6 @@ __device__ __forceinline__ uint4 load16(const void* base, long long byte) {
   return *(const uint4*)((const char*)base + byte);
 }
 
-// Values i .. i + 7 of a row (float32: two loads of four).
-__device__ __forceinline__ void load8(const void* base, long long i, int is_bf16, float (&v)[8]) {
-  if (is_bf16) {
-    const uint4 r = load16(base, 2 * i);
-    const uint32_t w[4] = {r.x, r.y, r.z, r.w};
-#pragma unroll
-    for (int k = 0; k < 4; ++k) v[2 * k] = __uint_as_float(w[k] << 16), v[2 * k + 1] = __uint_as_float(w[k] & 0xFFFF0000u);
-  } else {
-    const float4 a = *(const float4*)((const float*)base + i), b = *(const float4*)((const float*)base + i + 4);
-    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
-  }
-}
-
 // The 8 values of a chunk held as loaded (bfloat16: one 16-byte load; float32: two).
 template <bool W_BF16>
 struct Chunk {

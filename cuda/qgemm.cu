@@ -33,6 +33,7 @@
 // dsv4_splitk_reduce: the split-K partial sums added in split order.
 #include <cstddef>
 
+#include "floats.cuh"
 #include "grid.cuh"
 #include "mma.cuh"
 #include "qgemm.cuh"
@@ -845,26 +846,6 @@ namespace {
 
 constexpr int WIDE_PASSES = 2;
 
-// Values at .. at + 7 of x (float32 or bfloat16; 16-byte aligned, and `at` a multiple of 8) as two
-// fours: one 16-byte load (bfloat16) or two (float32).
-__device__ __forceinline__ void load8(const void* __restrict__ x, long long at, int x_bf16, float (&v)[2][4]) {
-  if (x_bf16) {
-    const uint4 r = *(const uint4*)((const uint16_t*)x + at);
-    const uint32_t w[4] = {r.x, r.y, r.z, r.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      v[i / 2][2 * (i % 2)] = __uint_as_float(w[i] << 16);
-      v[i / 2][2 * (i % 2) + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
-    }
-  } else {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const float4 f = *(const float4*)((const float*)x + at + 4 * h);
-      v[h][0] = f.x, v[h][1] = f.y, v[h][2] = f.z, v[h][3] = f.w;
-    }
-  }
-}
-
 }  // namespace
 
 // dsv4_act_quant's values and arguments. A warp per (row, 2 WIDE_PASSES consecutive 128-blocks),
@@ -892,9 +873,10 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_act_quant_wide(const void
 #pragma unroll
   for (int s = 0; s < WIDE_PASSES; ++s) {
     const long long col = col0 + 2 * s * KC;
+    float f[8] = {};
+    if (col < k) load8(x, src_row * k + col, x_bf16, f);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) v[s][i / 4][i % 4] = 0.f;
-    if (col < k) load8(x, src_row * k + col, x_bf16, v[s]);
+    for (int i = 0; i < 8; ++i) v[s][i / 4][i % 4] = f[i];
   }
 #pragma unroll
   for (int s = 0; s < WIDE_PASSES; ++s) {
@@ -935,9 +917,10 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_act_quant_f8_wide(const v
 #pragma unroll
   for (int s = 0; s < WIDE_PASSES; ++s) {
     const int blk = blk0 + 2 * s;
+    float f[8] = {};
+    if (blk < nblk) load8(x, row * k + (long long)blk * KC + 8 * hl, x_bf16, f);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) v[s][i / 4][i % 4] = 0.f;
-    if (blk < nblk) load8(x, row * k + (long long)blk * KC + 8 * hl, x_bf16, v[s]);
+    for (int i = 0; i < 8; ++i) v[s][i / 4][i % 4] = f[i];
   }
 #pragma unroll
   for (int s = 0; s < WIDE_PASSES; ++s) {

@@ -1,5 +1,6 @@
-// Loads and stores of float32 or bfloat16 rows, one value or four at a time (the four-wide forms
-// need 16-byte (float32) or 8-byte (bfloat16) alignment; the launchers check it).
+// Loads and stores of float32 or bfloat16 rows, one value, four or eight at a time (the four-wide
+// forms need 16-byte (float32) or 8-byte (bfloat16) alignment, the eight-wide load 16-byte; the
+// launchers check it).
 #pragma once
 #include <stdint.h>
 
@@ -13,6 +14,23 @@ __device__ __forceinline__ float4 load4(const void* base, long long i, int is_bf
   const uint2 r = *(const uint2*)((const uint16_t*)base + i);
   return make_float4(__uint_as_float(r.x << 16), __uint_as_float(r.x & 0xFFFF0000u), __uint_as_float(r.y << 16),
                      __uint_as_float(r.y & 0xFFFF0000u));
+}
+
+// Values i .. i + 7 of a float32 or bfloat16 row (16-byte aligned): one 16-byte load (bfloat16)
+// or two (float32).
+__device__ __forceinline__ void load8(const void* base, long long i, int is_bf16, float (&v)[8]) {
+  if (is_bf16) {
+    const uint4 r = *(const uint4*)((const char*)base + 2 * i);
+    const uint32_t w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      v[2 * k] = __uint_as_float(w[k] << 16);
+      v[2 * k + 1] = __uint_as_float(w[k] & 0xFFFF0000u);
+    }
+  } else {
+    const float4 a = *(const float4*)((const float*)base + i), b = *(const float4*)((const float*)base + i + 4);
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+  }
 }
 
 __device__ __forceinline__ void store_value(void* base, long long i, int is_bf16, float v) {
