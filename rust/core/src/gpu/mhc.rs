@@ -186,11 +186,6 @@ fn form_chunk(form: MixForm, tokens: usize, m: usize, k: usize) -> usize {
     chunk.min(k.next_multiple_of(64).max(64))
 }
 
-/// Values of K a block of `dsv4_mhc_mix_rows` covers (see `form_chunk`).
-pub fn mix_chunk(tokens: usize, m: usize, k: usize) -> usize {
-    form_chunk(MixForm::Rows, tokens, m, k)
-}
-
 /// Floats of `mhc_mix`'s workspace: the partial sums of `tokens` tokens, `m` rows, `k` values, for
 /// either form (the shorter chunk's count); 0 for a row count the call refuses, so that nothing is
 /// allocated for it.
@@ -243,13 +238,13 @@ mod tests {
     fn mix_chunks_fill_the_grid_within_the_shared_memory() {
         // V4-Flash's sublayers (24 rows of 16,384): a prefill keeps 512-value chunks, 17 tokens
         // take 128 so that 128 blocks run; the head's 4 rows share the 8-row bucket.
-        assert_eq!(mix_chunk(4096, 24, 16384), 512);
-        assert_eq!(mix_chunk(2048, 24, 16384), 256);
-        assert_eq!(mix_chunk(17, 24, 16384), 128);
-        assert_eq!(mix_chunk(4096, 4, 16384), 512);
+        assert_eq!(form_chunk(MixForm::Rows, 4096, 24, 16384), 512);
+        assert_eq!(form_chunk(MixForm::Rows, 2048, 24, 16384), 256);
+        assert_eq!(form_chunk(MixForm::Rows, 17, 24, 16384), 128);
+        assert_eq!(form_chunk(MixForm::Rows, 4096, 4, 16384), 512);
         // 80 rows: 128 values (40 KiB) at the most; short rows: one chunk of the row rounded to 64.
-        assert_eq!(mix_chunk(100_000, 80, 16384), 128);
-        assert_eq!(mix_chunk(1000, 3, 5), 64);
+        assert_eq!(form_chunk(MixForm::Rows, 100_000, 80, 16384), 128);
+        assert_eq!(form_chunk(MixForm::Rows, 1000, 3, 5), 64);
         assert_eq!(mix_workspace_len(1000, 3, 5), 1000 * 4);
         assert_eq!(mix_workspace_len(17, 24, 16384), 17 * 128 * 25);
         assert_eq!(mix_workspace_len(4096, 81, 16384), 0); // refused: nothing to allocate
@@ -259,7 +254,8 @@ mod tests {
         assert!(MixForm::Mma.shared_bytes(24, 512) <= 96 * 1024);
         for m in 1..=MIX_MAX_ROWS {
             let b = mix_bucket(m);
-            assert!(b >= m && MixForm::Rows.shared_bytes(m, mix_chunk(1 << 20, m, 1 << 20)) <= 96 * 1024);
+            let chunk = form_chunk(MixForm::Rows, 1 << 20, m, 1 << 20);
+            assert!(b >= m && MixForm::Rows.shared_bytes(m, chunk) <= 96 * 1024);
         }
     }
 }
