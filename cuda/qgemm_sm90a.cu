@@ -91,11 +91,11 @@ __device__ __forceinline__ void sts32(uint32_t a, uint32_t v) {
 
 // The tiled forms' epilogue: each warp's 16 weight rows as the decode forms store theirs, h in
 // the bf16 down GEMM's order (ACT_WGMMA_FP4).
-template <int BN>
+template <int BN, bool ODD_H = false>
 __device__ __forceinline__ void tiled_store(const GemmParams& p, const float (&acc)[16][4], int g, long long row0, int rows,
                                             int warp) {
   const int col0 = p.swiglu ? blockIdx.x * (BN / 2) + 8 * warp : blockIdx.x * BN + 16 * warp;
-  gemv_store<16, ACT_WGMMA_FP4>(p, acc, g, row0, rows, col0);
+  gemv_store<16, ACT_WGMMA_FP4, ODD_H>(p, acc, g, row0, rows, col0);
 }
 
 template <bool FP4>
@@ -283,6 +283,12 @@ __device__ __forceinline__ void qgemm_wgmma(const GemmParams& p, const TmaDesc* 
   }
   cp_async_wait<0>();
 
+  if constexpr (FP4) {
+    if (p.out_bf16 == OUT_H_BF16_ODD) {  // the MoE's gate-up GEMM, its h quantized next
+      tiled_store<BN, true>(p, acc, g, row0, rows, warp);
+      return;
+    }
+  }
   tiled_store<BN>(p, acc, g, row0, rows, warp);
 }
 

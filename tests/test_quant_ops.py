@@ -1058,6 +1058,64 @@ def test_gpu_moe_wide_activation_quantization_gives_the_same_bits(gen: torch.Gen
     assert torch.equal(outs[0], outs[1])
 
 
+def bf16_round_odd(x: torch.Tensor) -> torch.Tensor:
+    """float32 ``x`` rounded to bfloat16 by round-to-odd (truncated, the last kept bit set when any
+    dropped bit was), as float32: cuda/include/quant.cuh ``bf16_round_odd`` for finite values."""
+    bits = x.view(torch.int32)
+    sticky = (bits & 0xFFFF) != 0
+    return ((bits & ~0xFFFF) | (sticky.to(torch.int32) << 16)).view(torch.float32)
+
+
+def test_fp8_quantization_of_h_rounded_to_odd_equals_float32(gen: torch.Generator) -> None:
+    """The arithmetic the MoE's Hopper tiled form relies on when its gate-up GEMM stores h as
+    bfloat16 rounded to odd: quantizing those values to FP8 per 1x128 block gives exactly what the
+    float32 h gives (the same scales, every value), while plain bfloat16 rounding (nearest even)
+    does not (a value that lands on an FP8 midpoint is rounded twice)."""
+    for decades in (0.0, 2.0, 6.0):
+        h = activations(gen, 256, 2048, decades=decades)
+        h[0, :128] = h[0, :128].clamp(-1e-6, 1e-6)  # a block under the 1e-4 amax floor
+        h[1, 5] = 448.0 * 2.0**-3  # an amax on a scale boundary
+        want = ref.quantize_activations(h)
+        assert torch.equal(ref.quantize_activations(bf16_round_odd(h)), want)
+        if decades == 2.0:
+            assert not torch.equal(ref.quantize_activations(h.bfloat16().float()), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t,e,inter,d", [(300, 16, 384, 256), (700, 4, 128, 512), (600, 8, 2048, 1024)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_gpu_moe_h_rounded_to_odd_gives_the_float32_bits(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch,
+                                                         t: int, e: int, inter: int, d: int,
+                                                         dtype: torch.dtype) -> None:
+    """On the Hopper tiled form (compute capability 9.0, FP8 activations) the gate-up GEMM stores h
+    as bfloat16 rounded to odd for its FP8 quantization (``DSV4RS_MOE_H_ODD``, on by default): the
+    output is the float32 h's, bit for bit, with an infinity, zeros and -0 among the tokens and
+    limits that clamp; another value of the variable is an error naming it."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Hopper tiled form runs on compute capability 9.0")
+    for env in ("DSV4RS_QGEMM_KERNEL", "DSV4RS_QGEMM_TILED", "DSV4RS_ACT_QUANT"):
+        monkeypatch.setenv(env, "auto")
+    x, idx, weights, gu, gus, dn, dns = cuda(*expert_args(gen, t, 6, e, inter, d, dtype, idle_last=True))
+    x[0, 7] = float("inf")
+    x[-1, :128] = 0.0
+    x[-1, 200] = -0.0
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    for limit in (1.0, 0.05):
+        def call() -> torch.Tensor:
+            return ops.moe_experts(x, idx, weights, gu, gus, dn, dns, limit)
+
+        monkeypatch.setenv("DSV4RS_MOE_H_ODD", "auto")
+        assert "dsv4_qgemm_fp4_wgmma" in launched_kernels(call)
+        odd = call()
+        monkeypatch.setenv("DSV4RS_MOE_H_ODD", "off")
+        f32 = call()
+        assert torch.equal(odd.view(bits), f32.view(bits))
+        assert torch.isfinite(odd[1:]).all()
+    monkeypatch.setenv("DSV4RS_MOE_H_ODD", "even")
+    with pytest.raises(ValueError, match="DSV4RS_MOE_H_ODD"):
+        ops.moe_experts(x, idx, weights, gu, gus, dn, dns, 1.0)
+
+
 @pytest.mark.gpu
 @pytest.mark.profiler
 def test_gpu_activation_quantization_variable_picks_the_kernels(gen: torch.Generator,

@@ -32,7 +32,7 @@ struct GemmParams {
   int m_tiles;               // dense: row tiles per group
   int swiglu;
   float limit;
-  int out_bf16;
+  int out_bf16;              // 0 float32, 1 bfloat16; OUT_H_BF16_ODD: h as bf16_round_odd (below)
   int k_steps_per_split;
   const float* a_scale;      // FP8 decode form: the activations' float scale per (row, 128 block)
   const void* x;             // the Hopper decode form's fused kernels: the unquantized activations,
@@ -300,12 +300,17 @@ __device__ __forceinline__ void f8_fp4_scales(uint32_t c0, uint32_t c1, float (&
   }
 }
 
+// `out_bf16` of a SwiGLU GEMM whose h an FP8 quantization reads next (the Hopper tiled form over
+// MXFP4 weights): h rounded to odd in bfloat16, rows in natural order, which that quantization
+// reads as the float32 h's codes and scales bit for bit at half the bytes.
+constexpr int OUT_H_BF16_ODD = 2;
+
 // The epilogue for one warp's 16 weight rows (the decode forms; the Hopper tiled forms, NT 16):
-// stores its outputs (or, with SwiGLU, h: bf16 in H_LAYOUT, the down GEMM's order, or float32).
-// Fragment (t, e) holds weight slot fr + 8 (e / 2), activation row 8 t + 2 q + e % 2 of the
-// tile. `col0` is the warp's first weight row (with SwiGLU: its first h column, gate rows in
-// slots 0-7, the matching up rows in 8-15).
-template <int NT, int H_LAYOUT = ACT_INTERLEAVED>
+// stores its outputs (or, with SwiGLU, h: bf16 in H_LAYOUT, the down GEMM's order, or float32;
+// with ODD_H, bf16_round_odd in natural order). Fragment (t, e) holds weight slot fr + 8 (e / 2),
+// activation row 8 t + 2 q + e % 2 of the tile. `col0` is the warp's first weight row (with
+// SwiGLU: its first h column, gate rows in slots 0-7, the matching up rows in 8-15).
+template <int NT, int H_LAYOUT = ACT_INTERLEAVED, bool ODD_H = false>
 __device__ __forceinline__ void gemv_store(const GemmParams& p, const float (&acc)[NT][4], int g, long long row0, int rows,
                                            int col0) {
   const int lane = threadIdx.x % 32, q = lane % 4, fr = lane / 4;
@@ -323,7 +328,8 @@ __device__ __forceinline__ void gemv_store(const GemmParams& p, const float (&ac
         const float up = fminf(fmaxf(acc[t][2 + e2], -p.limit), p.limit);
         const float h = silu(gate) * up;
         const long long o = row * p.out_row_stride + g * p.out_group_stride;
-        if (p.out_bf16) ((uint16_t*)p.out)[o + act_pos(col, H_LAYOUT)] = bf16_from_f32(h);
+        if constexpr (ODD_H) ((uint16_t*)p.out)[o + col] = bf16_round_odd(h);
+        else if (p.out_bf16) ((uint16_t*)p.out)[o + act_pos(col, H_LAYOUT)] = bf16_from_f32(h);
         else ((float*)p.out)[o + col] = h;
       } else {
 #pragma unroll

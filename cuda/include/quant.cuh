@@ -169,6 +169,18 @@ __device__ __forceinline__ uint16_t bf16_from_f32(float x) {
   return (uint16_t)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
 }
 
+// x rounded to bfloat16 by round-to-odd: truncated, the last kept bit set when any dropped bit
+// was (NaN as bf16_from_f32's 0x7FC0, its sign kept). A value so rounded and then rounded to
+// nearest even at 6 or fewer significant bits gets what x would get directly (the dropped bits
+// are kept as a sticky bit two places below any such precision), and it lies on the same side of
+// every bfloat16 value with a zero last bit (448 2^j among them), so FP8 e4m3 quantization per
+// block reads it as the same codes and scale as x (the MoE stores h so: docs/kernels/qgemm.md).
+__device__ __forceinline__ uint16_t bf16_round_odd(float x) {
+  const uint32_t b = __float_as_uint(x);
+  if ((b & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)(((b >> 16) & 0x8000u) | 0x7FC0u);
+  return (uint16_t)((b >> 16) | ((b & 0xFFFFu) != 0u));
+}
+
 __device__ __forceinline__ float bf16_to_f32(uint16_t b) { return __uint_as_float((uint32_t)b << 16); }
 
 // Tile decoders: FP8 e4m3 / FP4 e2m1 codes times 2^se as packed bf16, exact. Moving an e4m3

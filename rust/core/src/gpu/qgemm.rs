@@ -863,6 +863,15 @@ fn plan_quantizes(dev: i32) -> Result<bool> {
     switched_on(dev, "DSV4RS_MOE_PLAN_QUANT")
 }
 
+/// cuda/include/qgemm.cuh `OUT_H_BF16_ODD`: the Hopper tiled form's gate-up GEMM stores h rounded
+/// to odd in bfloat16 for its FP8 quantization, which then reads the float32 h's codes and
+/// scales bit for bit from half the bytes (by default; `DSV4RS_MOE_H_ODD=off` stores float32).
+const OUT_H_BF16_ODD: i32 = 2;
+
+fn h_round_odd(dev: i32) -> Result<bool> {
+    switched_on(dev, "DSV4RS_MOE_H_ODD")
+}
+
 /// A switch that is on by default ([`forced_or_auto`] with nothing to probe): `var` unset,
 /// empty, `auto` or `on`; `off` turns it off; any other value is an error naming `var`.
 fn switched_on(dev: i32, var: &str) -> Result<bool> {
@@ -1119,7 +1128,9 @@ pub unsafe fn moe(
             0
         };
         // Gate and up projections with SwiGLU: h [pairs, I] in sorted order (float32 to be
-        // quantized next, or directly the bf16 rounding).
+        // quantized next, or bfloat16 rounded to odd for the Hopper tiled form's quantization, or
+        // directly the bf16 rounding).
+        let odd_h = sorted && act_fp8 && h_round_odd(dev)?;
         let mut p = GemmParams {
             a,
             a_row_stride: dim as i64,
@@ -1140,7 +1151,7 @@ pub unsafe fn moe(
             m_tiles: 0,
             swiglu: 1,
             limit,
-            out_bf16: (!act_fp8) as i32,
+            out_bf16: if odd_h { OUT_H_BF16_ODD } else { (!act_fp8) as i32 },
             k_steps_per_split: dim.div_ceil(KC) as i32,
             a_scale,
             x: 0,
@@ -1155,7 +1166,7 @@ pub unsafe fn moe(
         if f8 {
             h_scale = act_quant_f8(dev, stream, at(lay.hy), false, pairs, inter, f8_layout(form, true), at(lay.hq), F8Scales::Rows)?;
         } else if act_fp8 {
-            act_quant(dev, stream, at(lay.hy), false, pairs, inter, true, layout, at(lay.hq))?;
+            act_quant(dev, stream, at(lay.hy), odd_h, pairs, inter, true, layout, at(lay.hq))?;
         }
         // Down projection: y [pairs, d] float32 in sorted order (over h's dead float32 copy).
         let mut p = GemmParams {
