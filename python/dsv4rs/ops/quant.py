@@ -33,7 +33,9 @@ tensor cores, the slice and step sums of the last two points):
   tile of 32 or 64 rows with the same arithmetic (``DSV4RS_QGEMM_WIDE=on|off``). At decode the
   MoE plan's kernel quantizes a few tokens' activations itself (up to 256 blocks of 128 values;
   ``DSV4RS_MOE_PLAN_QUANT=on|off``), and on compute capability 9.0 the MoE GEMMs of a small grid
-  spread their blocks evenly over the SMs (``DSV4RS_MOE_SPREAD=on|off``); neither changes a bit.
+  spread their blocks evenly over the SMs (``DSV4RS_MOE_SPREAD=on|off``); at prefill there the
+  MoE's gate-up GEMM stores ``h`` for its FP8 quantization in bfloat16 rounded to odd, half the
+  bytes of float32 (``DSV4RS_MOE_H_ODD=on|off``); none of these changes a bit.
 - With more rows per weight (prefill) the GPU runs a tiled GEMM, on ``wgmma`` on compute
   capability 9.0 where ``K`` is a multiple of 128 and on ``mma.sync`` elsewhere; both sum the exact
   products in float32 (only the order differs). ``DSV4RS_QGEMM_TILED=mma`` forces the portable one.
