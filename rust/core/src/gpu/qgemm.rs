@@ -1168,7 +1168,7 @@ pub unsafe fn moe(
         } else if act_fp8 {
             act_quant(dev, stream, at(lay.hy), odd_h, pairs, inter, true, layout, at(lay.hq))?;
         }
-        // Down projection: y [pairs, d] float32 in sorted order (over h's dead float32 copy).
+        // Down projection: y [pairs, d] float32 in sorted order (over h's dead copy).
         let mut p = GemmParams {
             a: at(lay.hq),
             a_row_stride: inter as i64,
