@@ -1082,6 +1082,7 @@ def test_fp8_quantization_of_h_rounded_to_odd_equals_float32(gen: torch.Generato
 
 
 @pytest.mark.gpu
+@pytest.mark.profiler
 @pytest.mark.parametrize("t,e,inter,d", [(300, 16, 384, 256), (700, 4, 128, 512), (600, 8, 2048, 1024)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_gpu_moe_h_rounded_to_odd_gives_the_float32_bits(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch,
@@ -1196,6 +1197,7 @@ def test_gpu_moe_experts_in_tiles_equal_rows_bit_for_bit(gen: torch.Generator, t
 
 @pytest.mark.profiler
 @pytest.mark.gpu
+@pytest.mark.profiler
 @pytest.mark.parametrize("t,d,dtype", [(1, 4096, torch.bfloat16), (3, 512, torch.float32), (8, 4096, torch.bfloat16),
                                        (9, 4096, torch.bfloat16)])
 def test_gpu_moe_plan_quantizes_few_tokens_bit_for_bit(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch, t: int,
