@@ -3,7 +3,11 @@ CUPTI cannot attach under compute-sanitizer)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
+
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.profiler])]
+"""The devices of a test that asks the profiler which kernels ran on the GPU."""
 
 
 def launched_kernels(fn) -> set[str]:

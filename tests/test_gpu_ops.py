@@ -761,6 +761,7 @@ def test_rms_norm_matches_reference(gen: torch.Generator, shape: tuple[int, int]
     torch.testing.assert_close(got.cpu().double(), ops.rms_norm(x, w, 1e-6, out_dtype).double(), **one_ulp)
 
 
+@pytest.mark.profiler
 @pytest.mark.parametrize("shape,cols", [((64, 1536), (0, 1024)), ((64, 1536), (1024, 1536)), ((5, 20), (1, 8)),
                                         ((300, 104), (4, 100)), ((3, 8192), (4096, 8192)), ((2, 40008), (3, 40003)),
                                         ((2, 3, 1100), (76, 588)), ((1, 48), (8, 40))])

@@ -11,7 +11,7 @@ import torch
 
 from dsv4rs import ops, reference
 from dsv4rs.reference import ops as ref_ops
-from profiled import launched_kernels
+from profiled import DEVICES as PROFILED_DEVICES, launched_kernels
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -51,7 +51,7 @@ def test_equals_the_two_ops_and_the_float64_twin(gen: torch.Generator, device: s
         torch.testing.assert_close(got.cpu().double(), ref, rtol=tol, atol=atol)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", PROFILED_DEVICES)
 @pytest.mark.parametrize("total,cols,fused", [(1536, (1024, 1536), True), (1540, (1028, 1540), True),
                                               (1538, (1026, 1538), False), (70, (3, 67), False)])
 def test_a_column_range_is_read_in_place(gen: torch.Generator, device: str, total: int, cols: tuple[int, int],
@@ -73,6 +73,7 @@ def test_a_column_range_is_read_in_place(gen: torch.Generator, device: str, tota
 
 
 @pytest.mark.gpu
+@pytest.mark.profiler
 @pytest.mark.parametrize("shape,fused", [((4, 64, 512), True), ((3, 512), True), ((2, 8, 4), True),
                                           ((2, 2, 516), False), ((2, 2, 6), False)])
 def test_gpu_is_one_kernel_where_the_rows_allow_it(gen: torch.Generator, shape: tuple, fused: bool) -> None:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv4rs import ops, reference
-from profiled import launched_kernels
+from profiled import DEVICES as PROFILED_DEVICES, launched_kernels
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -49,7 +49,7 @@ def test_gpu_keeps_nan_and_equals_the_cpu(gen: torch.Generator) -> None:
     assert bool(out[:2].isnan().all()) and bool(out[2:].isfinite().all())
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", PROFILED_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows,width,start,pad", [(5, 2048, 0, 0), (4, 8, 4, 4), (3, 6, 0, 3), (33, 100, 1, 3),
                                                   (1, 12, 2, 0), (0, 8, 0, 0)])
