@@ -1018,8 +1018,9 @@ extern "C" __global__ void __launch_bounds__(THREADS_PLAN) dsv4_moe_plan(
 }
 
 // out[t, c] = sum_j w[t, j] y[slot_of[t k + j], c] (float32, in choice order; missing slots add
-// nothing), stored as float32 or bf16. Grid (T, dim / 512): a thread per 4 columns (dim % 4 == 0).
-extern "C" __global__ void __launch_bounds__(128) dsv4_moe_combine(const float* __restrict__ y,
+// nothing), y read as float32 or (y_bf16) bfloat16, out stored as float32 or bf16. Grid (T, dim /
+// 512): a thread per 4 columns (dim % 4 == 0).
+extern "C" __global__ void __launch_bounds__(128) dsv4_moe_combine(const void* __restrict__ y, int y_bf16,
                                                                    const int* __restrict__ slot_of,
                                                                    const float* __restrict__ w, int k, int dim,
                                                                    void* __restrict__ out, int out_bf16) {
@@ -1032,7 +1033,15 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_moe_combine(const float* 
     const int slot = slot_of[t * k + j];
     if (slot < 0) continue;
     const float wj = w[t * k + j];
-    const float4 v = *(const float4*)(y + (long long)slot * dim + c);
+    const long long at = (long long)slot * dim + c;
+    float4 v;
+    if (y_bf16) {
+      const uint2 b = *(const uint2*)((const uint16_t*)y + at);
+      v = make_float4(__uint_as_float(b.x << 16), __uint_as_float(b.x & 0xFFFF0000u), __uint_as_float(b.y << 16),
+                      __uint_as_float(b.y & 0xFFFF0000u));
+    } else {
+      v = *(const float4*)((const float*)y + at);
+    }
     s.x += wj * v.x, s.y += wj * v.y, s.z += wj * v.z, s.w += wj * v.w;
   }
   if (out_bf16) {

@@ -15,7 +15,8 @@ Where the two sides round differently, and the bounds the comparisons use:
   rounding boundary, or take the neighbouring block scale where the block's amax sits near a power
   of two. ``moe_bound`` propagates the bound on ``g`` and ``u`` to a bound ``dh`` on ``h`` and allows,
   per element, exactly the spread of ``A`` over ``[h - dh, h + dh]`` (zero for almost every element),
-  then the float32 sums of the down projection and of the combine.
+  then the float32 sums of the down projection (where ``x`` is bfloat16, ``y`` is rounded to
+  bfloat16 on both sides, each by up to half a bfloat16 step) and of the combine.
 - On GPUs of compute capability 8.9 and later the decode form of ``act="fp8"`` sums each 32-wide
   K slice of exact products with one FP8 ``mma`` instruction; where it is native (sm_89, sm_120)
   the FP8 accumulator keeps fewer bits than float32 (about 13 fraction bits, truncating:
@@ -188,7 +189,7 @@ def moe_bound(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, gate_up
     inter, dim = wgu.shape[1] // 2, wgu.shape[2]
     ids = idx.long()
     y_tol = torch.zeros(*ids.shape, dim, dtype=torch.float64)
-    y_mag = torch.zeros_like(y_tol)
+    y_mag, y_mid = torch.zeros_like(y_tol), torch.zeros_like(y_tol)
     for e in ids.unique().tolist():
         t, j = (ids == e).nonzero(as_tuple=True)
         gu = a[t] @ wgu[e].T
@@ -205,6 +206,15 @@ def moe_bound(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, gate_up
         mag = (ref.quantize_activations(h, act).abs() + spread) @ wd[e].abs().T
         y_mag[t, j] = mag
         y_tol[t, j] = spread @ wd[e].abs().T + (gamma(inter) + slice_) * mag
+        y_mid[t, j] = ref.quantize_activations(h, act) @ wd[e].T
+    if x.dtype == torch.bfloat16:
+        # y rounded to bfloat16 on both sides, each rounding by at most half a step at |y| + y_tol:
+        # the two lie within y_tol plus one step. (Allowing only the roundings of y -+ y_tol
+        # would take y_tol as exact, which the tensor cores' sums, truncated rather than rounded,
+        # need not keep: that failed on one value in 358,400.)
+        step = torch.exp2(torch.floor(torch.log2(y_mid.abs() + y_tol)) - 7)
+        y_tol = y_tol + step
+        y_mag = y_mid.abs() + y_tol
     w = weights.double().abs()[..., None]
     tol = (w * y_tol).sum(1) + gamma(ids.shape[1]) * (w * y_mag).sum(1)
     if x.dtype == torch.bfloat16:
@@ -363,6 +373,35 @@ def test_moe_experts_clamps_and_weighs_as_stated(gen: torch.Generator) -> None:
     want = torch.zeros(2, d)
     want[0, 5], want[1, 5] = 0.75 * h0, 2.0 * h1
     torch.testing.assert_close(out, want, rtol=2e-7, atol=0)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_moe_experts_round_y_to_bfloat16_where_x_is(device: str, dtype: torch.dtype) -> None:
+    """Exact case: two experts with the same h (one gate and one up row picking single inputs),
+    whose down rows give ``y_5 = h (1 + 2^-9)`` (two scale blocks: 1 on ``h_0``, 2^-9 on ``h_32``,
+    the same value) and ``y_5 = -h``. A token on both, weights 1: ``out_5 = h 2^-9`` with ``y`` in
+    float32, but 0 once each ``y`` is rounded to bfloat16 (``h (1 + 2^-9)`` rounds to ``h``), which
+    the op does where ``x`` is bfloat16, on every device."""
+    e, inter, d = 2, 64, 32
+    gate_up = torch.zeros(e, 2 * inter, d // 2, dtype=torch.uint8)
+    gate_up[:, 0, 0] = gate_up[:, 32, 0] = 0x02  # g_0 = g_32 = x_0 (code 2 = 1.0, low nibble: even index)
+    gate_up[:, inter, 0] = gate_up[:, inter + 32, 0] = 0x20  # u_0 = u_32 = x_1
+    down = torch.zeros(e, d, inter // 2, dtype=torch.uint8)
+    down[0, 5, 0], down[0, 5, 16] = 0x02, 0x02  # y_5 = h_0 + h_32 2^-9 (its second block's scale)
+    down[1, 5, 0] = 0x0A  # y_5 = -h_0 (code 10 = -1.0)
+    down_scale = torch.full((e, d, 2), 127, dtype=torch.uint8)
+    down_scale[0, 5, 1] = 127 - 9
+    x = torch.zeros(1, d, dtype=dtype)
+    x[0, :2] = torch.tensor([1.5, 0.75])
+    idx, weights = torch.tensor([[0, 1]]), torch.ones(1, 2)
+    args = [x, idx, weights, gate_up, torch.full((e, 2 * inter, 1), 127, dtype=torch.uint8), down, down_scale]
+    out = ops.moe_experts(*[a.to(device) for a in args], math.inf, act="bf16").cpu()
+    h = torch.tensor(1.5 / (1 + math.exp(-1.5)) * 0.75).bfloat16().item()
+    want = torch.zeros(1, d, dtype=dtype)
+    want[0, 5] = 0.0 if dtype == torch.bfloat16 else h * 2.0**-9
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, want, rtol=2e-6, atol=0)
 
 
 @pytest.mark.parametrize("idx_dtype", [torch.int64, torch.int32])

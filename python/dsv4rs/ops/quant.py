@@ -192,7 +192,8 @@ def moe_experts(
     ``j``, with ``e = idx[t, j]``:
     ``g = A(x_t) W_gate[e]^T``, ``u = A(x_t) W_up[e]^T`` (float32 sums, ``[I]``),
     ``h = silu(min(g, limit)) * clamp(u, -limit, limit)`` in float32 (``silu(v) = v / (1 + e^-v)``),
-    ``y = A(h) W_down[e]^T`` (float32 sums, ``[d]``), and
+    ``y = A(h) W_down[e]^T`` (float32 sums, ``[d]``; rounded to bfloat16 where ``x`` is bfloat16),
+    and
     ``out[t] = sum over j = 0 .. k-1, in that order, of weights[t, j] * y`` in float32, cast to the
     dtype of ``x``. ``A`` and the weight values: this module's docstring.
 

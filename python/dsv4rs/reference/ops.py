@@ -910,6 +910,7 @@ def moe_experts(
     ``y = A(h) W_down[e]^T``, and ``out[t] = sum_j weights[t, j] y`` (``float64 [T, d]``).
 
     ``A`` is :func:`quantize_activations` (``h`` rounded to float32 first, as the kernels hold it);
+    where ``x`` is bfloat16, ``y`` is rounded to bfloat16 (through float32), as the op holds it;
     the weights are :func:`dequantize_weight`'s; everything else is exact float64. ``idx``
     (``[T, k]``, any integer dtype) must lie in ``[0, E)``; ``limit > 0`` (``math.inf``: no clamp).
     """
@@ -938,6 +939,8 @@ def moe_experts(
         gu = a[t] @ wgu[e].T
         g, u = gu[:, :inter].clamp(max=limit), gu[:, inter:].clamp(-limit, limit)
         y[t, j] = quantize_activations(g / (1 + torch.exp(-g)) * u, act) @ wd[e].T
+    if xt.dtype == torch.bfloat16:
+        y = y.float().bfloat16().double()
     return (w[..., None] * y).sum(1)
 
 

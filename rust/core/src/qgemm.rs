@@ -399,8 +399,9 @@ pub unsafe fn linear(
 ///   `gate_up_scale uint8 [E, 2I, d/32]`, `down uint8 [E, d, I/2]` with
 ///   `down_scale uint8 [E, d, I/32]`; `d` and `I` positive multiples of 32.
 /// - per pair `(t, j)`, `e = idx[t, j]`: `g = A(x_t) . W_gate[e]`, `u = A(x_t) . W_up[e]`,
-///   `h = silu(min(g, limit)) * clamp(u, -limit, limit)` (float32), `y = A(h) . W_down[e]`;
-///   `out[t] = sum over j = 0..k-1 of weights[t, j] y` in float32, then cast.
+///   `h = silu(min(g, limit)) * clamp(u, -limit, limit)` (float32), `y = A(h) . W_down[e]` (float32
+///   sums, rounded to bfloat16 where `x` is); `out[t] = sum over j = 0..k-1 of weights[t, j] y` in
+///   float32, then cast.
 /// - `limit > 0` (`+inf`: no clamp). An id of -1 is no expert: the pair adds nothing. On the CPU
 ///   any other id outside `[0, E)` is an error naming `idx`; on the GPU such a pair contributes
 ///   zero too (checking would synchronize the host). The GPU needs
@@ -503,9 +504,12 @@ pub unsafe fn moe(
                 }
                 quantize_act(row, act);
             });
-            // down, per expert e: [d, n_e] at d * start[e].
+            // down, per expert e: [d, n_e] at d * start[e], in the dtype of x (as the GPU stores y).
             let mut y = vec![0f32; dim * pairs];
             plan.run(&mut y, dim, inter, &dn, |e, q| &h[(plan.start[e] + q) * inter..][..inter]);
+            if xt == DType::BF16 {
+                y.par_iter_mut().for_each(|v| *v = quant::bf16_to_f32(quant::bf16_from_f32(*v)));
+            }
             write_out(out, dim, |t, c| {
                 let mut acc = 0f32;
                 for (j, wt) in w[t * k..][..k].iter().enumerate() {

@@ -1168,7 +1168,7 @@ pub unsafe fn moe(
         } else if act_fp8 {
             act_quant(dev, stream, at(lay.hy), odd_h, pairs, inter, true, layout, at(lay.hq))?;
         }
-        // Down projection: y [pairs, d] float32 in sorted order (over h's dead copy).
+        // Down projection: y [pairs, d] in sorted order, in the output's dtype (over h's dead copy).
         let mut p = GemmParams {
             a: at(lay.hq),
             a_row_stride: inter as i64,
@@ -1181,7 +1181,7 @@ pub unsafe fn moe(
             n: dim as i32,
             k: inter as i32,
             swiglu: 0,
-            out_bf16: 0,
+            out_bf16: out_bf16 as i32,
             k_steps_per_split: inter.div_ceil(KC) as i32,
             a_scale: h_scale,
             w_tiles: down.tiles as i32,
@@ -1193,7 +1193,7 @@ pub unsafe fn moe(
         let o = out.ptr as u64 + (t0 * dim * out.dtype.size()) as u64;
         let (k32, d32, ob) = (k as i32, dim as i32, out_bf16 as i32);
         let cfg = Launch { grid: (t as u32, dim.div_ceil(512) as u32, 1), block: (128, 1, 1), shared_bytes: 0, stream };
-        launch(dev, Kernel::MoeCombine, &cfg, &mut crate::kernel_args!(y, slot_of, w_at, k32, d32, o, ob))?;
+        launch(dev, Kernel::MoeCombine, &cfg, &mut crate::kernel_args!(y, ob, slot_of, w_at, k32, d32, o, ob))?;
         t0 += t;
     }
     Ok(())
