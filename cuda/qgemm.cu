@@ -1037,8 +1037,7 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_moe_combine(const void* _
     float4 v;
     if (y_bf16) {
       const uint2 b = *(const uint2*)((const uint16_t*)y + at);
-      v = make_float4(__uint_as_float(b.x << 16), __uint_as_float(b.x & 0xFFFF0000u), __uint_as_float(b.y << 16),
-                      __uint_as_float(b.y & 0xFFFF0000u));
+      v = make_float4(bf16_to_f32(b.x), bf16_to_f32(b.x >> 16), bf16_to_f32(b.y), bf16_to_f32(b.y >> 16));
     } else {
       v = *(const float4*)((const float*)y + at);
     }
