@@ -247,7 +247,7 @@ pub unsafe fn mhc_combine(
                     add.read(tok * d, &mut w);
                     for (v, w) in v.iter_mut().zip(&w) {
                         let s = *v + w;
-                        *v = if bf16 { quant::bf16_to_f32(quant::bf16_from_f32(s)) } else { s };
+                        *v = if bf16 { quant::bf16_round(s) } else { s };
                     }
                 }
                 let p = po[tok * n + k];

@@ -78,7 +78,7 @@ pub fn quantize_act(v: &mut [f32], act: Act) {
         Act::Bf16 => {
             for x in v.iter_mut() {
                 if x.is_finite() {
-                    *x = quant::bf16_to_f32(quant::bf16_from_f32(*x));
+                    *x = quant::bf16_round(*x);
                 }
             }
         }
@@ -508,7 +508,7 @@ pub unsafe fn moe(
             let mut y = vec![0f32; dim * pairs];
             plan.run(&mut y, dim, inter, &dn, |e, q| &h[(plan.start[e] + q) * inter..][..inter]);
             if xt == DType::BF16 {
-                y.par_iter_mut().for_each(|v| *v = quant::bf16_to_f32(quant::bf16_from_f32(*v)));
+                y.par_iter_mut().for_each(|v| *v = quant::bf16_round(*v));
             }
             write_out(out, dim, |t, c| {
                 let mut acc = 0f32;
@@ -700,15 +700,11 @@ mod tests {
             for x in b {
                 out.push(match act {
                     Act::Fp8 => fp8_decode(fp8_encode(*x, e)) as f64 * 2f64.powi(e),
-                    Act::Bf16 => half_round(*x) as f64,
+                    Act::Bf16 => quant::bf16_round(*x) as f64,
                 });
             }
         }
         out
-    }
-
-    fn half_round(x: f32) -> f32 {
-        quant::bf16_to_f32(quant::bf16_from_f32(x))
     }
 
     #[allow(clippy::too_many_arguments)]

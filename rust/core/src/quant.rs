@@ -80,6 +80,11 @@ pub fn bf16_to_f32(b: u16) -> f32 {
     f32::from_bits((b as u32) << 16)
 }
 
+/// `x` rounded to the nearest bfloat16 (even on ties), as float32 (finite inputs).
+pub fn bf16_round(x: f32) -> f32 {
+    bf16_to_f32(bf16_from_f32(x))
+}
+
 /// Exponent `e` of the UE8M0 scale: the smallest integer with `max(amax, floor) <= qmax * 2^e`,
 /// the floor [`AMAX_FLOOR`] for FP8 and [`FP4_AMAX_FLOOR`] for FP4 (`qmax` tells them apart).
 pub fn ue8m0_exponent(amax: f32, qmax: f32) -> i32 {
