@@ -618,11 +618,15 @@ __device__ __forceinline__ void qgemv_wg(const GemmParams& p) {
   static_assert(NT % NB == 0, "whole wgmma batches");
   extern __shared__ __align__(1024) uint8_t smem[];  // (1024: the declaration qgemm_wgmma shares)
 
-  // The MoE's work items are its plan's (written by the kernel before): wait first. A dense
-  // call's come from the block's index alone, and its weights are constants of the step, so its
-  // blocks ask the L2 for their first steps' weight bytes before they wait (cuda/include/grid.cuh).
-  const bool dense = p.tiles == nullptr;
-  if (!dense) grid_begin();
+  // The MoE's work items are its plan's (written by a kernel before): wait first, unless the plan
+  // is known complete (p.weights_first: the down GEMM, launched as a programmatic dependent of h's
+  // quantization, which started after the gate-up GEMM, which started after the plan completed);
+  // then the block issues its first steps' weight copies before it waits, and its activations'
+  // after. A dense call's work items come from the block's index alone, and its weights are
+  // constants of the step, so its blocks ask the L2 for their first steps' weight bytes before
+  // they wait (cuda/include/grid.cuh).
+  const bool dense = p.tiles == nullptr, weights_first = !dense && p.weights_first;
+  if (!dense && !weights_first) grid_begin();
   int g, rows;
   long long row0;
   if (!work_item(p, ROWS, g, row0, rows)) return;
@@ -696,16 +700,25 @@ __device__ __forceinline__ void qgemv_wg(const GemmParams& p) {
   }
 
   const uint32_t smem_at = (uint32_t)__cvta_generic_to_shared(smem);
-  auto issue = [&](int c, int s) {
+  // Step c's copies into stage s: the weights and their scale words, then the activations and
+  // theirs.
+  auto issue_weights = [&](int c, int s) {
     const uint32_t st = smem_at + s * L::STAGE;
 #pragma unroll
     for (int u = 0; u < W_COPIES; ++u)
       if (w_src[u]) cp_async16(st + w_dst[u], w_src[u] + c * w_step<FP4>(p));
+    if (ws_src) cp_async4(st + ws_off + 4 * (16 * warp + lane), ws_src + 4 * c);
+  };
+  auto issue_acts = [&](int c, int s) {
+    const uint32_t st = smem_at + s * L::STAGE;
 #pragma unroll
     for (int u = 0; u < A_COPIES; ++u)
       if (a_src[u]) cp_async16(st + a_dst[u], a_src[u] + (long long)c * KC);
-    if (ws_src) cp_async4(st + ws_off + 4 * (16 * warp + lane), ws_src + 4 * c);
     if (as_src) cp_async4(st + as_off + 4 * tid, as_src + c);
+  };
+  auto issue = [&](int c, int s) {
+    issue_weights(c, s);
+    issue_acts(c, s);
   };
 
   float acc[NT][4];
@@ -719,10 +732,24 @@ __device__ __forceinline__ void qgemv_wg(const GemmParams& p) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[t][e] = 0.f;
     uint32_t code_max = 0;  // bytewise maximum of the scale codes met (fast pass)
+    if (weights_first && !EXACT) {
+      // The first steps' weights before the wait, in the first step's commit group (which the
+      // first step then waits for whole), each step's activations after it.
 #pragma unroll
-    for (int s = 0; s < S - G; ++s) {
-      if (s < nsteps) issue(c_begin + s, s);
-      cp_async_commit();
+      for (int s = 0; s < S - G; ++s)
+        if (s < nsteps) issue_weights(c_begin + s, s);
+      grid_begin();
+#pragma unroll
+      for (int s = 0; s < S - G; ++s) {
+        if (s < nsteps) issue_acts(c_begin + s, s);
+        cp_async_commit();
+      }
+    } else {
+#pragma unroll
+      for (int s = 0; s < S - G; ++s) {
+        if (s < nsteps) issue(c_begin + s, s);
+        cp_async_commit();
+      }
     }
     // (Made visible to wgmma by the first step's fence and barrier; the exact pass reuses them.)
     if (FUSE && !EXACT) quantize_tile<ROWS, FP4>(p, g, row0, rows, c_begin, nsteps, fq, fqs);

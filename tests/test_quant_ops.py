@@ -1300,6 +1300,38 @@ def test_gpu_moe_decode_spread_over_the_sms_changes_no_bit(gen: torch.Generator,
         call()
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("t,e,inter,d", [(1, 16, 2048, 4096), (5, 16, 256, 512), (16, 16, 256, 512)])
+@pytest.mark.parametrize("layout", ["rows", "tiles"])
+def test_gpu_moe_down_started_early_changes_no_bit(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch, t: int,
+                                                   e: int, inter: int, d: int, layout: str) -> None:
+    """On compute capability 9.0 the MoE's down GEMM on the Hopper decode form starts as a
+    programmatic dependent and issues its first weight copies before it waits
+    (``DSV4RS_MOE_DOWN_EARLY``, on by default): only when its copies go out changes, so the result
+    is the same bits with it ``off`` (8- and 16-row tiles, an idle expert, a pair of no expert),
+    also called twice in a row; another value is an error naming the variable."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Hopper decode form runs on compute capability 9.0")
+    for env in ("DSV4RS_QGEMM_KERNEL", "DSV4RS_QGEMM_DECODE", "DSV4RS_QGEMM_TILED", "DSV4RS_MOE_PLAN_QUANT",
+                "DSV4RS_MOE_SPREAD"):
+        monkeypatch.setenv(env, "auto")
+    x, idx, weights, gu, gus, dn, dns = cuda(*expert_args(gen, t, 6, e, inter, d, torch.bfloat16, idle_last=True))
+    idx[0, 1] = -1
+    if layout == "tiles":
+        gu, dn = ops.weight_tiles(gu), ops.weight_tiles(dn)
+
+    def call() -> torch.Tensor:
+        return ops.moe_experts(x, idx, weights, gu, gus, dn, dns, 1.0, layout=layout).view(torch.int16)
+
+    monkeypatch.setenv("DSV4RS_MOE_DOWN_EARLY", "off")
+    want = call()
+    monkeypatch.setenv("DSV4RS_MOE_DOWN_EARLY", "auto")
+    assert torch.equal(call(), want) and torch.equal(call(), want)
+    monkeypatch.setenv("DSV4RS_MOE_DOWN_EARLY", "soon")
+    with pytest.raises(ValueError, match="DSV4RS_MOE_DOWN_EARLY"):
+        call()
+
+
 def test_moe_passes_bound_the_workspace() -> None:
     """A GPU MoE pass holds enough tokens for experts to average 384 rows, between 4,096 and
     16,384 tokens; longer calls reuse one pass's workspace."""

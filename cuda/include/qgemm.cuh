@@ -38,8 +38,10 @@ struct GemmParams {
   const void* x;             // the Hopper decode form's fused kernels: the unquantized activations,
   int x_bf16;                // bfloat16 (1) or float32 (0), strides a_row_stride / a_group_stride
   int w_tiles;               // the weights in 64-row tiles (w_row); 0: DeepSeek's rows
+  int weights_first;         // the Hopper decode form's MoE GEMM after the first: see qgemv_wg
+  int pad_;
 };
-static_assert(sizeof(GemmParams) == 160, "GemmParams must match rust/core/src/gpu/qgemm.rs");
+static_assert(sizeof(GemmParams) == 168, "GemmParams must match rust/core/src/gpu/qgemm.rs");
 static_assert(offsetof(GemmParams, m) == 72 && offsetof(GemmParams, a_div) == 104 && offsetof(GemmParams, limit) == 124 &&
                   offsetof(GemmParams, a_scale) == 136 && offsetof(GemmParams, x_bf16) == 152,
               "GemmParams must match rust/core/src/gpu/qgemm.rs");

@@ -92,8 +92,10 @@ struct GemmParams {
     x: u64,
     x_bf16: i32,
     w_tiles: i32,
+    weights_first: i32,
+    pad_: i32,
 }
-const _: () = assert!(std::mem::size_of::<GemmParams>() == 160);
+const _: () = assert!(std::mem::size_of::<GemmParams>() == 168);
 const _: () = assert!(
     std::mem::offset_of!(GemmParams, m) == 72
         && std::mem::offset_of!(GemmParams, a_div) == 104
@@ -821,13 +823,19 @@ unsafe fn gemm(
     }
     // The MoE's GEMMs on these forms (work items from the plan) start after the kernel before
     // them: at V4-Flash's shapes and one token the MoE took 50 us a layer with them started early
-    // as programmatic dependents, 45 us launched so (docs/kernels/qgemm.md).
+    // as programmatic dependents, waiting first, 45 us launched so (docs/kernels/qgemm.md). The
+    // down GEMM on the Hopper decode form with `weights_first` is the exception: it starts early
+    // and issues its first weight copies before it waits.
     if p.tiles != 0 {
         let mut cfg = cfg;
         if form == Form::GemvWg {
             cfg.shared_bytes = spread_shared_bytes(dev, &cfg)?;
         }
-        return launch_after(dev, gemm_kernel(fp4, form, bm), &cfg, &mut [p as *mut GemmParams as *mut c_void]);
+        let args = &mut [p as *mut GemmParams as *mut c_void];
+        return match p.weights_first != 0 {
+            true => launch(dev, gemm_kernel(fp4, form, bm), &cfg, args),
+            false => launch_after(dev, gemm_kernel(fp4, form, bm), &cfg, args),
+        };
     }
     launch(dev, gemm_kernel(fp4, form, bm), &cfg, &mut [p as *mut GemmParams as *mut c_void])
 }
@@ -850,6 +858,13 @@ fn spread_shared_bytes(dev: i32, cfg: &Launch) -> Result<u32> {
     // An SM reserves 1 KB a block beside its dynamic shared memory.
     let bytes = (per_sm / share).saturating_sub(1024) / 128 * 128;
     Ok(bytes.min(per_block).max(cfg.shared_bytes as usize) as u32)
+}
+
+/// Whether the MoE's down GEMM on the Hopper decode form starts as a programmatic dependent of h's
+/// quantization and issues its first weight copies before it waits (by default);
+/// `DSV4RS_MOE_DOWN_EARLY=off` launches it after that kernel has completed (the same bits).
+fn moe_down_early(dev: i32) -> Result<bool> {
+    switched_on(dev, "DSV4RS_MOE_DOWN_EARLY")
 }
 
 /// Most 128-value blocks of the tokens' activations (tokens x d / 128) that the MoE plan's block
@@ -958,6 +973,8 @@ pub unsafe fn linear(
         x: x.ptr as u64,
         x_bf16: x_bf16 as i32,
         w_tiles: w.tiles as i32,
+        weights_first: 0,
+        pad_: 0,
     };
     gemm(dev, stream, w.fp4, form, bm, groups * m_tiles, splits, m, w.data.dim(0), fused, &mut p)?;
     if splits > 1 && !fused {
@@ -1157,6 +1174,8 @@ pub unsafe fn moe(
             x: 0,
             x_bf16: 0,
             w_tiles: gate_up.tiles as i32,
+            weights_first: 0,
+            pad_: 0,
         };
         if sorted {
             p.a_div = 1;
@@ -1185,6 +1204,9 @@ pub unsafe fn moe(
             k_steps_per_split: inter.div_ceil(KC) as i32,
             a_scale: h_scale,
             w_tiles: down.tiles as i32,
+            // The plan whose tiles this GEMM reads completed before the gate-up GEMM started (`gemm`
+            // launches that one after the kernel before it), so this one may start early.
+            weights_first: (form == Form::GemvWg && moe_down_early(dev)?) as i32,
             ..p
         };
         gemm(dev, stream, true, form, bm, max_tiles, 1, pairs, 0, false, &mut p)?;
