@@ -1234,7 +1234,6 @@ def test_gpu_moe_experts_in_tiles_equal_rows_bit_for_bit(gen: torch.Generator, t
     assert torch.equal(got, want)
 
 
-@pytest.mark.profiler
 @pytest.mark.gpu
 @pytest.mark.profiler
 @pytest.mark.parametrize("t,d,dtype", [(1, 4096, torch.bfloat16), (3, 512, torch.float32), (8, 4096, torch.bfloat16),
