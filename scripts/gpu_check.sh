@@ -46,7 +46,8 @@ gpu_tests() {
 
 sanitize() {
     local ops=(tests/test_gpu_formats.py tests/test_gpu_ops.py tests/test_ops_runtime.py tests/test_compress_batch.py
-               tests/test_quant_ops.py tests/test_route.py tests/test_swiglu.py tests/test_step_rows.py)
+               tests/test_quant_ops.py tests/test_route.py tests/test_swiglu.py tests/test_step_rows.py
+               tests/test_norm_rope.py tests/test_linear_rows.py tests/test_sampling.py)
     echo "== compute-sanitizer memcheck (API errors and memory accesses)"
     compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 20 \
         python3 -m pytest -q -x -m "gpu and not profiler" -p no:cacheprovider --rootdir=. -c pyproject.toml "${ops[@]}" \
@@ -54,7 +55,7 @@ sanitize() {
     echo "== compute-sanitizer racecheck (shared-memory hazards), one small case per kernel family"
     compute-sanitizer --tool racecheck --error-exitcode 1 --print-limit 20 \
         python3 -m pytest -q -x -m "gpu and not profiler" -p no:cacheprovider --rootdir=. -c pyproject.toml "${ops[@]}" \
-        -k "(indexer or attention or compress or mhc or copy_rows or rope or round_trip or quant_linear or moe or route or swiglu) and not graph"
+        -k "(indexer or attention or compress or mhc or copy_rows or rope or round_trip or quant_linear or moe or route or swiglu or linear_rows or sample) and not graph"
 }
 
 # Installs the wheel in folder $1 into its own site folder and prints that folder.
