@@ -732,6 +732,7 @@ __device__ __forceinline__ void qgemv_wg(const GemmParams& p) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[t][e] = 0.f;
     uint32_t code_max = 0;  // bytewise maximum of the scale codes met (fast pass)
+    // (Two loops: one with `early ? issue_acts : issue` spills the 8-row MXFP4 kernel at 80 registers.)
     if (weights_first && !EXACT) {
       // The first steps' weights before the wait, in the first step's commit group (which the
       // first step then waits for whole), each step's activations after it.
