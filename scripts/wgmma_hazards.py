@@ -31,7 +31,7 @@ REG = re.compile(r"\bR(\d+)\b")
 
 
 def parse(sass: str) -> dict[str, list[tuple[int, str]]]:
-    """Each function's instructions, (address, text without the predicate's trailing spaces)."""
+    """Each function's instructions as (address, instruction text)."""
     funcs, name = {}, None
     for line in sass.splitlines():
         m = re.search(r"Function : (\S+)", line)
@@ -85,8 +85,9 @@ def written(op: str, operands: str) -> set[int]:
         width = 4 if op.endswith(".4") else (2 if op.endswith(".2") else 1)
     elif ".128" in op:
         width = 4
-    elif ".64" in op or ".WIDE" in op or base in ("DADD", "DMUL", "DFMA", "F2F") and ".F64" in op:
-        width = 2
+    elif ".64" in op or ".WIDE" in op or base in ("DADD", "DMUL", "DFMA", "DMNMX") or (
+            base in ("F2F", "I2F") and op.split(".")[1:2] == ["F64"]):
+        width = 2  # a 64-bit value: two registers
     return set(range(r, r + width))
 
 

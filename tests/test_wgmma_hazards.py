@@ -37,6 +37,8 @@ def test_an_accumulator_written_before_the_wait() -> None:
     assert len(found(RS, "IMAD R27, R2, 0x10, R3", WAIT, "EXIT")) == 1
     assert len(found(RS, "IMAD.WIDE R22, R2, 0x10, R3", WAIT, "EXIT")) == 0  # R22, R23
     assert len(found(RS, "IMAD.WIDE R23, R2, 0x10, R3", WAIT, "EXIT")) == 1  # R23, R24
+    assert len(found(RS, "DADD R22, R2, R4", WAIT, "EXIT")) == 0  # a double: R22, R23
+    assert len(found(RS, "F2F.F64.F32 R23, R2", WAIT, "EXIT")) == 1  # R23, R24
 
 
 def test_across_the_loop_back_edge() -> None:
