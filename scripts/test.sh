@@ -13,6 +13,16 @@ ensure_venv "$TEST_VENV" "${TEST_REQS[@]}"
 # installs. No dependencies: dsv4rs is the wheel above, and no engine is installed.
 "$TEST_VENV/bin/python" -m pip install -q --force-reinstall --no-deps integrations/dsv4rs_plugin
 
+echo "== wgmma hazards (scripts/wgmma_hazards.py on this build's Hopper kernels)"
+sm90a=$(ls -t "$CARGO_TARGET_DIR"/release/build/dsv4rs-core-*/out/qgemm_sm90a.fatbin 2>/dev/null | head -n 1 || true)
+cuobjdump=$(ls "$TEST_VENV"/lib/python3*/site-packages/triton/backends/nvidia/bin/cuobjdump 2>/dev/null \
+    | head -n 1 || true)
+if [ -n "$sm90a" ] && [ -n "$cuobjdump" ]; then
+    "$TEST_VENV/bin/python" scripts/wgmma_hazards.py --cuobjdump "$cuobjdump" "$(dirname "$sm90a")"/*_sm90a.fatbin
+else
+    echo "not run: no sm_90a kernels in this build, or no cuobjdump (triton's) in the test environment"
+fi
+
 echo "== cargo test (rust/core)"
 cargo test --release -p dsv4rs-core
 

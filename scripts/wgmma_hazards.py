@@ -12,7 +12,7 @@ writes one of that `wgmma`'s registers. It reads the destination register of ord
 only (a heuristic: an instruction whose destination it cannot parse is not checked).
 
     python scripts/wgmma_hazards.py                  # builds cuda/*_sm90a.cu (DSV4RS_NVCC or nvcc), checks them
-    python scripts/wgmma_hazards.py a.cubin b.cubin  # checks these
+    python scripts/wgmma_hazards.py a.cubin b.fatbin # checks these (scripts/test.sh: the build's sm_90a fatbins)
     options: --cuobjdump PATH (default: $CUOBJDUMP, then cuobjdump on PATH)
 
 Exits 1 when it finds a hazard, 0 when none; prints each kernel that holds a `wgmma` and its count.
