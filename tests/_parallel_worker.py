@@ -21,6 +21,51 @@ OWNERS = {1: {0: 0, 1: 0, 2: 0, 3: 0}, 2: {0: 0, 1: 0, 2: 0, 3: 1}, 4: {0: 0, 1:
 """World size -> sequence -> rank: uneven (and with 4 ranks, rank 2 runs none of them)."""
 
 
+class EagerGraphs:
+    """:class:`dsv4rs.runtime.graphs.DecodeGraphs` as a CPU engine can hold it (made by
+    :func:`eager_graphs`): a capture runs the step twice (the warm-up, then the "capture"), a
+    replay runs it again on the bucket's buffer and writes its outputs over the captured ones, as
+    a replayed graph overwrites its outputs. What the engine decides about graphs (buckets,
+    padding, an idle rank's replay, the exchanges' form) then runs over gloo."""
+
+    def __init__(self, step, view, out) -> None:
+        self.step, self.view, self.out = step, view, out
+
+    def replay(self) -> None:
+        _overwrite(self.out, self.step(self.view))
+
+
+def _overwrite(old, new) -> None:
+    import dataclasses
+
+    if isinstance(old, torch.Tensor):
+        old.copy_(new)
+    elif isinstance(old, (tuple, list)):
+        for a, b in zip(old, new, strict=True):
+            _overwrite(a, b)
+    elif isinstance(old, dict):
+        for key in old:
+            _overwrite(old[key], new[key])
+    elif dataclasses.is_dataclass(old):
+        for f in dataclasses.fields(old):
+            _overwrite(getattr(old, f.name), getattr(new, f.name))
+
+
+def eager_graphs(engine, buckets=(1, 2, 4, 8)):
+    """Decode "graphs" of ``engine`` (a CPU one) that replay eagerly (:class:`EagerGraphs`)."""
+    from dsv4rs.runtime.graphs import DecodeGraphs
+
+    class Graphs(DecodeGraphs):
+        def _capture(self, view):
+            self.step(view)
+            out = self.step(view)
+            return EagerGraphs(self.step, view, out), out
+
+    tp = engine.parallel is not None and engine.parallel.mode == "tp"
+    return Graphs(engine._graph_step, buckets, engine.table_widths, engine.device,
+                  before_capture=engine._same_bucket if tp else None)
+
+
 def model():
     from dsv4rs.model import DeepseekV4, V4Config, init_random
 
@@ -151,6 +196,8 @@ def worker(rank: int, world: int, store: str, out: str, mode: str, timeout: floa
         if cuda:
             torch.cuda.set_device(rank)
             mode = mode.removeprefix("cuda:")
+        replaying = mode.startswith("graphs:")  # "graphs:ok" ...: decode steps "replayed" on the CPU
+        mode = mode.removeprefix("graphs:")
         dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{store}", rank=rank,
                                 world_size=world, timeout=datetime.timedelta(seconds=timeout))
         if mode.startswith(("llm:", "serve:")):
@@ -182,8 +229,12 @@ def worker(rank: int, world: int, store: str, out: str, mode: str, timeout: floa
                                                 tp=(rank, world) if tp else None), pc)
         else:
             parallel.shard(m, pc)
-        engine = Engine(m, max_sequences=8, max_len=512, parallel=pc)
+        engine = Engine(m, max_sequences=8, max_len=512, parallel=pc, cuda_graphs=True if cuda else None)
+        if replaying:
+            engine.graphs = eager_graphs(engine)
         mine = sorted(PROMPT_LENS) if tp else [s for s, r in OWNERS[world].items() if r == rank]
+        if mode == "idle":  # rank 0 runs every sequence, the others step empty batches
+            mine = sorted(PROMPT_LENS) if rank == 0 else []
         if mode == "buckets":  # ranks that would replay different graph buckets
             exchange = m.model.layers[0].mlp.experts.exchange
             result["same"] = exchange.agree(1, True, (1, 2, 4)).tokens
@@ -213,6 +264,7 @@ def worker(rank: int, world: int, store: str, out: str, mode: str, timeout: floa
         t0 = time.monotonic()
         result["logits"] = run_schedule(engine, mine)
         result["received"] = list(engine.model.model.layers[0].mlp.experts.exchange.received)
+        result["graphs"] = None if engine.graphs is None else sorted(engine.graphs.graphs)  # the buckets captured
         layer = engine.model.model.layers[0]
         result["held"] = (pc.experts.start, pc.experts.stop, (layer.mlp.experts.held,))
         result["heads"] = (layer.self_attn.heads, tuple(layer.self_attn.q_b_proj.weight.shape))

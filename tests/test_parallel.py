@@ -100,27 +100,78 @@ def test_parallel_logits_equal_one_process(tmp_path, single: dict, world: int, m
         assert set(results[1]["received"]) == {0} and min(results[0]["received"]) > 0
 
 
+@pytest.mark.parametrize(("world", "mode", "bucket"), [(2, "ok", 4), (2, "idle", 4), (2, "tp", 4), (4, "ok", 2)])
+def test_parallel_graph_replays_equal_one_process(tmp_path, single: dict, world: int, mode: str, bucket: int) -> None:
+    """What a parallel engine does with CUDA graphs, on CPU processes: decode steps "replayed"
+    from graphs that run eagerly (tests/_parallel_worker.py ``EagerGraphs``: the same buffers,
+    padding and outputs overwritten in place). Under "dp" every rank replays the bucket of the
+    largest batch (a rank with fewer sequences pads to it, "idle"'s rank 1 and world 4's rank 2
+    replay padding rows alone) and the exchanges take their fixed form of one slot a row of it;
+    under "tp" the ranks agree on each bucket before its capture. The logits and MTP drafts equal
+    one process's as the eager parallel steps' do."""
+    results = run_ranks(tmp_path, world, f"graphs:{mode}")
+    seen = {}
+    for res in results:
+        assert res is not None and "error" not in res, res and res.get("trace")
+        assert res["graphs"] == [bucket]  # every rank, each the largest batch's bucket, whatever its own
+        seen.update(res["logits"])
+    if mode == "idle":
+        assert not results[1]["logits"]
+    assert seen.keys() == single.keys()
+    for key, want in single.items():
+        torch.testing.assert_close(seen[key], want, rtol=0, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+    if mode != "tp":  # step 0 (prompts) takes the variable form, step 1 (a chunk beside decodes) the fixed one
+        # eagerly; the decode steps replay: the layers' exchanges ran twice at the capture (warm-up and capture)
+        # and once a replay, each step's MTP draft (eager) once
+        layers, replays = len(pw.model().model.layers), pw.STEPS - 2
+        fixed = (layers + 1) + 2 * layers + replays * (layers + 1)
+        assert results[0]["forms"] == {"variable": layers + 1, "fixed": fixed}, results[0]["forms"]
+
+
+def test_parallel_engines_step_eagerly_unless_asked(solo_group) -> None:
+    """A parallel engine replays CUDA graphs only with ``cuda_graphs=True``, which on the CPU is
+    refused as one process's is."""
+    pc = ParallelConfig(1, 0, (range(8),))
+    assert Engine(pw.model(), max_sequences=2, max_len=64, parallel=pc).graphs is None
+    with pytest.raises(ValueError, match="^cuda_graphs: a decode step can be captured on a CUDA device"):
+        Engine(pw.model(), max_sequences=2, max_len=64, parallel=pc, cuda_graphs=True)
+    with pytest.raises(ValueError, match="^cuda_graphs: expected a bool or None, got 'yes'"):
+        Engine(pw.model(), max_sequences=2, max_len=64, parallel=pc, cuda_graphs="yes")
+
+
+def _gpus(world: int) -> pytest.MarkDecorator:
+    return pytest.mark.skipif(torch.cuda.device_count() < world,
+                              reason=f"needs {world} CUDA GPUs (one a rank, over NCCL)")
+
+
 @pytest.mark.gpu
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (one a rank, over NCCL)")
-@pytest.mark.parametrize("mode", ["ok", "tp"])
-def test_nccl_ranks_give_one_gpus_logits(tmp_path, mode: str) -> None:
-    """The schedule of test_parallel_logits_equal_one_process on 2 GPUs over NCCL, data-parallel
-    attention + expert-parallel MoE ("ok") and tensor-parallel attention ("tp"), against one GPU
-    running every sequence. Tolerance 4e-3 absolute and relative, a bfloat16 step: the GPU kernels
-    sum in an order that may depend on the batch (each rank batches its own sequences, and under
-    "tp" the output projection's partial sums meet in the all-reduce)."""
+@pytest.mark.parametrize(("world", "mode"), [pytest.param(w, m, marks=_gpus(w)) for w, m in
+                                             [(1, "ok"), (1, "tp"), (2, "ok"), (2, "tp"), (2, "idle")]])
+def test_nccl_ranks_give_one_gpus_logits(tmp_path, world: int, mode: str) -> None:
+    """The schedule of test_parallel_logits_equal_one_process on GPUs over NCCL, data-parallel
+    attention + expert-parallel MoE ("ok"; "idle": rank 0 runs every sequence, rank 1 none) and
+    tensor-parallel attention ("tp"), against one GPU running every sequence eagerly. The ranks'
+    decode steps replay CUDA graphs with the collectives captured in them (under "dp" every rank
+    replays the bucket of the largest batch, an idle rank on padding rows alone); one rank over
+    NCCL runs the same capture as two. Tolerance 4e-3 absolute and relative, a bfloat16 step: the
+    GPU kernels sum in an order that may depend on the batch (each rank batches its own sequences,
+    padded to a bucket, and under "tp" the output projection's partial sums meet in the
+    all-reduce)."""
     torch.manual_seed(0)
     one = pw.run_schedule(Engine(pw.model().to("cuda:0"), max_sequences=8, max_len=512, cuda_graphs=False),
                           sorted(pw.PROMPT_LENS))
-    results = run_ranks(tmp_path, 2, f"cuda:{mode}")
+    results = run_ranks(tmp_path, world, f"cuda:{mode}")
     seen = {}
     for res in results:
         assert res is not None and "error" not in res, res and res.get("trace")
         seen.update(res["logits"])
+        assert res["graphs"], "no decode step replayed a graph"  # every rank, the idle one too
+    if mode == "idle":
+        assert not results[1]["logits"] and results[1]["graphs"] == results[0]["graphs"]
     assert seen.keys() == one.keys()
     for key, want in one.items():
         torch.testing.assert_close(seen[key], want, rtol=4e-3, atol=4e-3, msg=lambda m, k=key: f"{k}: {m}")
-    if mode == "tp":
+    if mode == "tp" and world == 2:
         for key, v in results[1]["logits"].items():  # NCCL's all-reduce gives every rank the same sums
             assert torch.equal(v, results[0]["logits"][key]), key
 
@@ -525,15 +576,16 @@ def test_world_bench_reports_every_rank_beside_one_process(weights: str) -> None
     assert [(r[0], r[2]) for r in rows] == [("b=1", "0"), ("b=1", "1"), ("b=2", "0"), ("b=2", "1")], out.stdout
     cfg = _config("demo", 2)
     d, k = cfg.hidden_size, cfg.num_experts_per_tok
-    for r in rows:  # case (2 words), rank, ms/step, ms/layer, comm, KiB sent, tok/s/rank, 1 process ms, ratio,
-        # graph ms, ratio
-        ms, per_layer, comm, kib = float(r[3]), float(r[4]), float(r[5].rstrip("%")), float(r[6])
-        assert ms > 0 and abs(per_layer - ms / 2) < 1e-2 and 0 < comm < 100 and float(r[8]) > 0
+    for r in rows:  # case (2 words), rank, eager ms, comm, KiB sent, graph ms, ms/layer, tok/s/rank,
+        # 1 process eager ms, ratio, 1 process graph ms, ratio
+        ms, comm, kib, per_layer = float(r[3]), float(r[4].rstrip("%")), float(r[5]), float(r[7])
+        assert r[6] == "-"  # no CUDA graphs on the CPU: the eager step is the rank's
+        assert ms > 0 and abs(per_layer - ms / 2) < 1e-2 and 0 < comm < 100 and float(r[8]) > 0 and float(r[9]) > 0
         # a fixed-form exchange a layer: to each of 2 ranks a slot a token, a bf16 row and k ids and weights out,
         # a float32 sum back
         batch = int(r[0][2:])
         assert kib == pytest.approx(2 * 2 * batch * (2 * d + 8 * k + 4 * d) / 1024, abs=0.05), r
-        assert r[10:] == ["-", "-"]  # no CUDA graphs on the CPU
+        assert r[11:] == ["-", "-"]
     prefill = [line for line in lines if line.startswith("prefill T=256 rank ")]
     assert len(prefill) == 2 and all("tokens/s per rank (one process: " in line for line in prefill), out.stdout
     out = subprocess.run([sys.executable, "-m", "dsv4rs.cli", "bench", "--world", "2"], capture_output=True,

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         warm.step([warm.add_sequence()[0]], [prompts[0][:200]])
         if engine.graphs is not None:  # the decode step's CUDA graphs, captured once up front
             tc = time.perf_counter()
-            engine.graphs.capture_all()
+            engine.capture_graphs()
             print(f"CUDA graphs of the decode step captured in {time.perf_counter() - tc:.2f} s "
                   "(once; not in the times below)")
         sync()

@@ -42,10 +42,19 @@ Under ``"tp"`` pass ``tp=(pc.rank, pc.world)`` to the loader as well: it then re
 rank's share of every attention layer (rows of ``q_b_proj`` and ``o_a_proj``, the sinks' entries,
 columns of ``o_b_proj``; :meth:`Attention.head_share`). Or build a full model and keep a rank's
 share with :func:`shard`, which keeps the same parts. MTP drafts run in lockstep too: every rank
-calls :meth:`Engine.draft` after the same steps (``draft([])`` after an empty one). What is not
-here yet: CUDA-graph capture of a parallel step. A data-parallel decode step in the fixed form,
-and a tensor-parallel one with MXFP4 or bfloat16 experts, read nothing on the host in their
-layers, which capture needs; the engine still runs them eagerly.
+calls :meth:`Engine.draft` after the same steps (``draft([])`` after an empty one).
+
+**CUDA graphs.** On GPUs a parallel engine replays its decode steps from CUDA graphs as one
+process does (:mod:`dsv4rs.runtime.graphs`), the collectives captured with the layers (NCCL
+records them in the graph). Under ``"dp"`` a step replays when every rank decodes and the largest
+batch fits a bucket: every rank replays that bucket, a rank with fewer sequences padding to it
+(one with none on padding rows alone), so the exchanges' fixed form has one slot a row of the
+bucket on every rank; the agreement before each step checks that the ranks hold the same buckets.
+Under ``"tp"`` the ranks run the same batches, so the same buckets; before a bucket's capture
+they check it on the host. A capture runs the step once first, collectives included, so the
+ranks capture together: on the step that first needs a bucket, or all at once by
+:meth:`Engine.capture_graphs` on every rank. Other steps (prefill, mixed, larger batches) run
+eagerly. The ``received`` counts and the :class:`CommTimer` see eager calls only.
 """
 
 from __future__ import annotations
@@ -266,20 +275,22 @@ class CommTimer:
 
     def __init__(self) -> None:
         self.enabled, self.seconds, self.sent = False, 0.0, 0
+        self._timing = False
 
     def count(self, t: torch.Tensor) -> None:
         """Adds ``t``'s bytes to :attr:`sent` (when enabled)."""
-        if self.enabled:
+        if self.enabled and not capturing():
             self.sent += t.numel() * t.element_size()
 
     def __enter__(self) -> CommTimer:
-        if self.enabled:
+        self._timing = self.enabled and not capturing()  # a graph's capture runs nothing to time
+        if self._timing:
             _sync()
             self._t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.enabled:
+        if self._timing:
             _sync()
             self.seconds += time.perf_counter() - self._t0
 
@@ -287,6 +298,12 @@ class CommTimer:
 def _sync() -> None:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
+
+
+def capturing() -> bool:
+    """Whether this thread's current CUDA stream is capturing a graph (then a call records work
+    for later replays: nothing to count or time now)."""
+    return torch.cuda.is_available() and torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
 def timer(model: DeepseekV4) -> CommTimer:
@@ -316,7 +333,8 @@ class AllReduce:
 class ReplicatedExperts:
     """The MoE under tensor parallelism: every rank holds every token, runs the pairs whose
     experts it holds, and an all-reduce sums the partial results (float32). ``received`` counts
-    the pairs this rank ran, per call (the last :data:`RECEIVED_KEPT` calls).
+    the pairs this rank ran, per call run eagerly (the last :data:`RECEIVED_KEPT` calls; a call
+    captured in a CUDA graph, and so its replays, adds none).
 
     The pairs' counts stay on the device until ``received`` is read, and with MXFP4 experts
     nothing in the call waits for the host (:meth:`Experts.held_sum`), nor with bfloat16 ones."""
@@ -331,7 +349,8 @@ class ReplicatedExperts:
         return [int(n) for n in self._received]
 
     def __call__(self, experts: Experts, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        self._received.append(experts.holds(idx).sum())
+        if not capturing():
+            self._received.append(experts.holds(idx).sum())
         return self.reduce(experts.held_sum(x, idx, weights), "the MoE's all-reduce").to(x.dtype)
 
 
@@ -400,7 +419,8 @@ class ExpertExchange:
     experts, with all ``k`` of its expert ids and routing weights; the owner runs the choices it
     holds (:meth:`Experts.held_sum`, one call) and sends back their weighted sum in float32, and
     the token adds the ranks' sums in rank order. ``received`` counts the pairs this rank's
-    experts ran, per call (the last :data:`RECEIVED_KEPT` calls; a rank whose experts no pair
+    experts ran, per call run eagerly (the last :data:`RECEIVED_KEPT` calls; none for a call
+    captured in a CUDA graph, and so its replays; a rank whose experts no pair
     chose runs none and still takes part).
 
     Two forms, the same sums:
@@ -474,7 +494,8 @@ class ExpertExchange:
     def _held(self, experts: Experts, got: torch.Tensor, dtype: torch.dtype, d: int, k: int) -> torch.Tensor:
         """The received rows through the choices this rank holds: their weighted sums, float32."""
         rows, ids, weights = unpack_rows(got, dtype, d, k)
-        self._received.append(experts.holds(ids).sum())
+        if not capturing():
+            self._received.append(experts.holds(ids).sum())
         return experts.held_sum(rows, ids, weights).contiguous()
 
     def _variable(self, experts: Experts, x: torch.Tensor, idx: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:

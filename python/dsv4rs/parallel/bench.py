@@ -5,12 +5,12 @@ Each rank builds the preset's first ``--layers`` layers with random weights (its
 ``--weights shipped``: FP8 linears and MXFP4 experts as DeepSeek ships them), fills its cache
 with random valid rows and times decode steps of ``batch`` sequences of ``context`` tokens (per
 rank under ``dp``; the same sequences on every rank under ``tp``), then the prefill of one
-prompt a rank. It reports per rank the step and per-layer time, the share of the step spent in
-the collectives (all-to-all, all-reduce; timed with device synchronizations around them on a
-GPU), tokens/s per rank, and beside them the same step in one process holding every expert (the
-per-rank batch): eager, as the parallel steps run, and on a GPU also replayed from its CUDA graph,
-as one process serves. CPU processes talk over gloo; GPUs (``--device cuda``, one per rank) over
-NCCL.
+prompt a rank. It reports per rank the eager step, the share of it spent in the collectives
+(all-to-all, all-reduce; timed with device synchronizations around them on a GPU) and, on a GPU,
+the step replayed from its CUDA graph (the collectives captured with it) with its per-layer time,
+tokens/s per rank, and beside them the same step in one process holding every expert (the
+per-rank batch), eager and replayed. CPU processes talk over gloo; GPUs (``--device cuda``, one
+per rank) over NCCL.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def rank_main(rank: int, world: int, init_method: str, args: argparse.Namespace)
     else:
         model = parallel.attach(_build(cfg, device, experts=pc.experts, shipped=shipped), pc)
     longest = max(contexts) + 2 * steps + 4
-    engine = Engine(model, max_sequences=max(batches), max_len=longest, quant=True, parallel=pc)
+    engine = Engine(model, max_sequences=max(batches), max_len=longest, quant=True, parallel=pc, cuda_graphs=gpu)
     _fill_cache(engine)
     comm = parallel.timer(model)
     rows = []
@@ -96,7 +96,11 @@ def rank_main(rank: int, world: int, init_method: str, args: argparse.Namespace)
         for batch in batches:
             if rank == 0:
                 print(f"  decode b={batch} ctx={context}: {world} ranks ...", file=sys.stderr, flush=True)
-            rows.append((batch, context, *_time_decode(engine, cfg, batch, context, steps, comm)))
+            graphs, engine.graphs = engine.graphs, None  # eager (every rank alike), the collectives timed
+            eager = _time_decode(engine, cfg, batch, context, steps, comm)
+            engine.graphs = graphs
+            replayed = _time_decode(engine, cfg, batch, context, steps, None)[0] if graphs is not None else None
+            rows.append((batch, context, *eager, replayed))
     prompt = prefill_tokens(contexts, gpu)
     if rank == 0:
         print(f"  prefill T={prompt}: {world} ranks ...", file=sys.stderr, flush=True)
@@ -125,23 +129,27 @@ def rank_main(rank: int, world: int, init_method: str, args: argparse.Namespace)
     how = "tensor-parallel attention" if pc.mode == "tp" else "data-parallel attention"
     weights = "FP8/MXFP4 weights as shipped" if shipped else "bf16 weights"
     print(f"decode over {world} ranks ({how}, experts split {[len(r) for r in pc.expert_ranges]}) on {where}: "
-          f"{preset}, {layers} layers, {weights}, FP8 cache, eager steps (a parallel step is not graph-captured); "
+          f"{preset}, {layers} layers, {weights}, FP8 cache; "
           f"batch = sequences per rank ({'the same on every rank' if pc.mode == 'tp' else 'each rank its own'})")
-    print(f"{'case':>22} {'rank':>4} {'ms/step':>9} {'ms/layer':>9} {'comm':>6} {'KiB sent':>9} {'tok/s/rank':>11} "
-          f"{'1 process ms':>13} {'ratio':>6} {'1 proc graph ms':>16} {'ratio':>6}")
+    print(f"{'case':>22} {'rank':>4} {'eager ms':>9} {'comm':>6} {'KiB sent':>9} {'graph ms':>9} {'ms/layer':>9} "
+          f"{'tok/s/rank':>11} {'1 proc eager':>13} {'ratio':>6} {'1 proc graph':>13} {'ratio':>6}")
     share_of = world if pc.mode == "tp" else 1  # under tp the ranks produce the same tokens together
+    dash = f"{'-':>9}"
     for i, (batch, context, *_) in enumerate(gathered[0][0]):
         ref, fast = single[(batch, context)], graphed.get((batch, context))
         for r in range(world):
-            _, _, ms, share, kib = gathered[r][0][i]
-            vs_graph = f"{fast:16.3f} {fast / ms / share_of:5.2f}x" if fast is not None else f"{'-':>16} {'-':>6}"
-            print(f"{f'b={batch} ctx={context}':>22} {r:>4} {ms:9.3f} {ms / layers:9.3f} {100 * share:5.1f}% "
-                  f"{kib:9.1f} {batch / ms * 1e3 / share_of:11,.1f} {ref:13.3f} {ref / ms / share_of:5.2f}x {vs_graph}")
-    print("comm: the share of the step in all-to-all and all-reduce; KiB sent: the bytes the rank put into them "
-          "a step; tok/s/rank: the batch's tokens per second"
-          f"{' over the ranks (they produce the same tokens together)' if pc.mode == 'tp' else ''}; ratio: "
-          "tokens/s per rank over one process's at the same batch (eager; then replayed from its CUDA graph, "
-          "on a GPU)")
+            _, _, eager, share, kib, replayed = gathered[r][0][i]
+            ms = replayed if replayed is not None else eager  # the rank's step as it serves
+            vs_graph = (f"{fast:13.3f} {fast / replayed / share_of:5.2f}x" if fast is not None and replayed is not None
+                        else f"{'-':>13} {'-':>6}")
+            print(f"{f'b={batch} ctx={context}':>22} {r:>4} {eager:9.3f} {100 * share:5.1f}% {kib:9.1f} "
+                  f"{dash if replayed is None else f'{replayed:9.3f}'} {ms / layers:9.3f} "
+                  f"{batch / ms * 1e3 / share_of:11,.1f} {ref:13.3f} {ref / eager / share_of:5.2f}x {vs_graph}")
+    print("eager ms: the step run eagerly, its collectives timed between device synchronizations (comm: their "
+          "share of it; KiB sent: the bytes the rank put into them a step); graph ms: the step replayed from its "
+          "CUDA graph (GPU), which ms/layer and tok/s/rank take where there is one; tok/s/rank: the batch's tokens "
+          f"per second{' over the ranks (they produce the same tokens together)' if pc.mode == 'tp' else ''}; "
+          "ratio: tokens/s per rank over one process's at the same batch, eager to eager and graph to graph")
     for r in range(world):
         ms = gathered[r][1]
         print(f"prefill T={prompt} rank {r}: {ms:.1f} ms, {prompt / ms * 1e3 / share_of:,.0f} tokens/s per rank "

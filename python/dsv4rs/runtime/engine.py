@@ -34,7 +34,7 @@ from dsv4rs.model.layers.moe import Experts
 from dsv4rs.model.layers.packed import pack_projections_
 from dsv4rs.model.layers.quant import QuantLinear
 from dsv4rs.model.model import DeepseekV4
-from dsv4rs.parallel import ExpertExchange, ParallelConfig, attach
+from dsv4rs.parallel import FIXED_MAX_TOKENS, ExpertExchange, ParallelConfig, attach, host_max
 from dsv4rs.runtime.graphs import BUCKETS, DecodeGraphs
 from dsv4rs.runtime.kv_cache import KVCache
 from dsv4rs.runtime.memory import pages_per_sequence, plan_memory
@@ -70,8 +70,13 @@ class Engine:
             the host): when every rank runs at most 256 tokens, the MoE exchanges of the step
             and of its MTP draft take their fixed form, which reads nothing on the host
             (:class:`dsv4rs.parallel.ExpertExchange`).
-            Decode steps are not captured in CUDA graphs yet, and every rank calls
-            :meth:`draft` after the same steps (``draft([])`` after an empty one).
+            With ``cuda_graphs=True`` (a parallel engine's default is eager steps: the NCCL
+            capture is new) decode steps replay CUDA graphs, the collectives captured with
+            them, when every rank decodes: under data-parallel attention all ranks replay the
+            bucket of the largest batch (a rank with fewer sequences, or none, pads to it), its
+            exchanges in their fixed form of one slot a row. Every rank calls :meth:`draft`
+            after the same steps (``draft([])`` after an empty one), and
+            :meth:`capture_graphs` at the same point.
         weight_tiles: on a GPU, hold the model's quantized weights (MXFP4 experts, FP8 and MXFP4
             linears) in :func:`dsv4rs.ops.weight_tiles`'s layout, which the GPU reads in whole
             kilobytes: the same values and results, in place (the model's state dict keeps
@@ -90,13 +95,13 @@ class Engine:
                  parallel: ParallelConfig | None = None, weight_tiles: bool = True) -> None:
         self._exchange: ExpertExchange | None = None
         self._agreed_tokens: int | None = None  # the fixed form's tokens of the last agreed step (None: variable)
+        self._graph_bucket: int | None = None  # the bucket every rank replays in the last agreed step
         if parallel is not None:
             if not isinstance(parallel, ParallelConfig):
                 raise ValueError(f"parallel: expected a dsv4rs.parallel.ParallelConfig, got {type(parallel).__name__}")
-            if cuda_graphs:
-                raise ValueError("cuda_graphs: a parallel engine's steps are not captured in CUDA graphs yet")
-            cuda_graphs = False
             attach(model, parallel)
+            if cuda_graphs is None:
+                cuda_graphs = False  # eager unless asked
             ex = model.model.layers[0].mlp.experts.exchange
             self._exchange = ex if isinstance(ex, ExpertExchange) else None  # "dp": the steps agree
         elif model.experts != range(model.config.n_routed_experts):
@@ -176,7 +181,11 @@ class Engine:
         float32 ones small enough to gather; see :class:`dsv4rs.model.layers.moe.Experts`)."""
         k = self.cfg.num_experts_per_tok
         experts = [layer.mlp.experts for layer in self.model.model.layers]
-        buckets = [b for b in buckets if all(e.capturable(b, k) for e in experts)]
+        # Under data-parallel attention a rank's experts run the rows of every rank's bucket.
+        rows = self.parallel.world if self._exchange is not None else 1
+        buckets = [b for b in buckets if all(e.capturable(b * rows, k) for e in experts)]
+        if self._exchange is not None:  # the exchange's fixed form, whose shapes the graph holds
+            buckets = [b for b in buckets if b <= FIXED_MAX_TOKENS]
         capturable = self.device.type == "cuda" and bool(buckets)
         if enable and not capturable:
             raise ValueError("cuda_graphs: a decode step can be captured on a CUDA device with quantized (MXFP4) or "
@@ -185,7 +194,25 @@ class Engine:
         if enable is False or not capturable:
             return None
         ops.warm_up(self.device)
-        return DecodeGraphs(self._decode, buckets, self.table_widths, self.device)
+        tensor_parallel = self.parallel is not None and self._exchange is None
+        return DecodeGraphs(self._graph_step, buckets, self.table_widths, self.device,
+                            before_capture=self._same_bucket if tensor_parallel else None)
+
+    def _same_bucket(self, bucket: int) -> None:
+        """Before a tensor-parallel engine captures ``bucket``: every rank captures the same one
+        (their steps run the same batches; a rank that did not would wait in a collective of
+        another size). One all-reduce on the host; ValueError on every rank if they differ."""
+        high, low = host_max(self.parallel, [bucket, -bucket], "the CUDA graph bucket's agreement")
+        if high != -low:
+            raise ValueError(f"cuda_graphs: the ranks capture different graph buckets ({-low} to {high} sequences): "
+                             "every rank of a tensor-parallel engine steps the same sequences")
+
+    def capture_graphs(self) -> None:
+        """Captures every bucket's decode graph now (else each is captured on its first use). A
+        parallel engine's ranks call it at the same point: a capture runs the step once first,
+        collectives included."""
+        if self.graphs is not None:
+            self.graphs.capture_all()
 
     def _hca_width(self, end: int) -> int:
         """Width of the HCA candidate lists of a step whose longest sequence ends at ``end``."""
@@ -359,7 +386,11 @@ class Engine:
             self.steps += 1
             self._agree(0, True)
             with self._exchanging():
-                self._idle(self.model.model.layers)
+                if self._graph_bucket is not None:  # the other ranks replay this bucket: so does this one
+                    self.graphs.run(None, bucket=self._graph_bucket)
+                    self._last = None
+                else:
+                    self._idle(self.model.model.layers)
             self._idled = True
             return [] if all_logits or last is not None else torch.empty(0, self.cfg.vocab_size, device=self.device)
         # Sampled tokens are in the vocabulary by construction: only host chunks are checked.
@@ -420,9 +451,18 @@ class Engine:
     def _agree(self, tokens: int, decode: bool) -> None:
         """A data-parallel engine's step, agreed with the other ranks' (:meth:`ExpertExchange.agree`):
         the exchanges of the step (and of the MTP draft after it) take the fixed form when every
-        rank runs few enough tokens (kept in ``_agreed_tokens`` for :meth:`_exchanging`)."""
-        if self._exchange is not None:
-            self._agreed_tokens = self._exchange.agree(tokens, decode).tokens
+        rank runs few enough tokens (kept in ``_agreed_tokens`` for :meth:`_exchanging`). When
+        every rank decodes and the largest batch fits a graph, every rank replays that batch's
+        bucket (``_graph_bucket``; the ranks' buckets are the same, which the agreement checks),
+        and the fixed form's tokens are the bucket's rows, as captured."""
+        self._graph_bucket = None
+        if self._exchange is None:
+            return
+        graphs = self.graphs
+        agreed = self._exchange.agree(tokens, decode, graphs.buckets if graphs is not None else ())
+        self._agreed_tokens = agreed.tokens
+        if graphs is not None and agreed.decode and agreed.tokens is not None and agreed.most <= graphs.max_batch:
+            self._graph_bucket = self._agreed_tokens = graphs.bucket(agreed.most)
 
     @contextlib.contextmanager
     def _exchanging(self) -> Iterator[None]:
@@ -444,9 +484,12 @@ class Engine:
         """The step's layers: ``(logits of a decode step or None, last hidden states, metadata,
         token ids on the device)``."""
         lens = inputs.lens.tolist()
-        if decode and self.graphs is not None and len(lens) <= self.graphs.max_batch:
-            logits, x, meta = self.graphs.run(inputs, ids=fed)
-            ids_dev = self.graphs.views[self.graphs.bucket(len(lens))].ids[: x.shape[0]]
+        bucket = self._graph_bucket
+        if self._exchange is None and decode and self.graphs is not None and len(lens) <= self.graphs.max_batch:
+            bucket = self.graphs.bucket(len(lens))
+        if bucket is not None:
+            logits, x, meta = self.graphs.run(inputs, ids=fed, bucket=bucket)
+            ids_dev = self.graphs.views[bucket].ids[: x.shape[0]]
         elif decode:  # the captured step's own shapes (full table widths), eagerly
             dev = tables_at_least(inputs, self.table_widths).to(self.device)
             if fed is not None:
@@ -479,6 +522,18 @@ class Engine:
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         """A host tensor on the engine's device, without waiting for the device."""
         return t.to(self.device, non_blocking=True)
+
+    def _graph_step(self, x: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """The step a graph captures: :meth:`_decode`, with a data-parallel engine's MoE exchanges
+        in their fixed form of one slot a row of the bucket (every rank replays the same one)."""
+        ex = self._exchange
+        if ex is None:
+            return self._decode(x)
+        before, ex.tokens = ex.tokens, x.ids.shape[0]
+        try:
+            return self._decode(x)
+        finally:
+            ex.tokens = before
 
     def _decode(self, x: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """The decode step the graphs capture: metadata, every layer, the LM head (one token a

@@ -88,18 +88,22 @@ class DecodeGraphs:
         buckets: batch sizes to capture (a batch runs in the smallest bucket that holds it).
         table_widths: page-table widths per family (the most pages a sequence can hold).
         device: the CUDA device.
+        before_capture: called with a bucket before it is captured (a parallel engine's ranks
+            check there that they all capture the same one).
     """
 
     def __init__(self, step: Callable[[StepInputs], tuple[torch.Tensor, torch.Tensor, object]],
-                 buckets: Sequence[int], table_widths: Mapping[str, int], device: torch.device) -> None:
+                 buckets: Sequence[int], table_widths: Mapping[str, int], device: torch.device,
+                 before_capture: Callable[[int], None] | None = None) -> None:
         if not buckets or any(b < 1 for b in buckets):
             raise ValueError(f"buckets: expected batch sizes >= 1, got {list(buckets)}")
         self.step, self.buckets, self.device = step, sorted(set(buckets)), device
+        self.before_capture = before_capture
         self.widths = {f: max(w, 1) for f, w in table_widths.items()}
         self.layouts = {b: _Layout(b, self.widths) for b in self.buckets}
         self.buffers = {b: torch.zeros(lay.nbytes, dtype=torch.uint8, device=device) for b, lay in self.layouts.items()}
         self.views = {b: lay.views(self.buffers[b]) for b, lay in self.layouts.items()}
-        self.pool = torch.cuda.graph_pool_handle()
+        self.pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor, object]]] = {}
 
     @property
@@ -109,13 +113,20 @@ class DecodeGraphs:
     def bucket(self, batch: int) -> int:
         return next(b for b in self.buckets if b >= batch)
 
-    def run(self, inputs: StepInputs, ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, object]:
-        """Replays the step for host ``inputs`` of at most :attr:`max_batch` sequences; returns
-        the bucket's logits, streams and metadata (rows past the batch are padding). ``ids``:
-        the batch's token ids on the device, in place of ``inputs.ids`` (copied after the load,
-        in stream order, so nothing waits for them)."""
-        n = inputs.starts.shape[0]
-        bucket = self.bucket(n)
+    def run(self, inputs: StepInputs | None, ids: torch.Tensor | None = None,
+            bucket: int | None = None) -> tuple[torch.Tensor, torch.Tensor, object]:
+        """Replays the step for host ``inputs`` of at most :attr:`max_batch` sequences (``None``:
+        none, padding rows only); returns the bucket's logits, streams and metadata (rows past the
+        batch are padding). ``ids``: the batch's token ids on the device, in place of
+        ``inputs.ids`` (copied after the load, in stream order, so nothing waits for them).
+        ``bucket``: the bucket to replay (one of :attr:`buckets` that holds the batch; default the
+        smallest)."""
+        n = 0 if inputs is None else inputs.starts.shape[0]
+        if bucket is None:
+            bucket = self.bucket(n)
+        elif bucket not in self.layouts or bucket < n:
+            raise ValueError(f"bucket: {bucket} is not a captured batch size holding {n} sequences "
+                             f"(buckets {self.buckets})")
         self._ensure(bucket)
         self._load(inputs, bucket)
         if ids is not None:
@@ -131,6 +142,8 @@ class DecodeGraphs:
 
     def _ensure(self, bucket: int) -> None:
         if bucket not in self.graphs:
+            if self.before_capture is not None:
+                self.before_capture(bucket)
             self._load(None, bucket)  # padding rows only: the capture's warm-up writes nothing live
             self.graphs[bucket] = self._capture(self.views[bucket])
 
@@ -138,7 +151,7 @@ class DecodeGraphs:
         """Copies ``inputs`` (host, one-token sequences; ``None``: none) into the bucket's device
         buffer, padded to ``bucket`` rows: one pinned host buffer, one asynchronous copy."""
         lay = self.layouts[bucket]
-        host = torch.empty(lay.nbytes, dtype=torch.uint8, pin_memory=True)
+        host = torch.empty(lay.nbytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
         fill(lay.views(host), inputs, bucket)
         self.buffers[bucket].copy_(host, non_blocking=True)
 
