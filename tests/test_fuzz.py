@@ -232,6 +232,27 @@ outcome("allocation:indexer_topk", lambda: ops.indexer_topk(
     torch.randn(2, 4, 128), torch.randn(2, 4), keys, torch.tensor([[0]], dtype=torch.int32),
     torch.zeros(2, dtype=torch.int64), torch.full((2,), 64), 2**32 + 5))
 """,
+    "compat-error-names-no-argument": """
+from dsv4rs.compat import deep_gemm, flash_mla
+def named(arg, fn):  # a ValueError naming ``arg`` passes as RAISED; any other outcome is WRONG
+    try:
+        fn()
+    except ValueError as e:
+        if not str(e).startswith(arg + ": "):
+            raise AssertionError(f"not named {arg}: {e}") from None
+        raise
+two = torch.ones(2)
+for arg in ("return_scores", "physical"):  # flags without a truth value
+    outcome("compat-error-names-no-argument", lambda: named(arg, lambda: deep_gemm.paged_indexer_topk(
+        None, None, None, None, None, 4, **{arg: two})))
+outcome("compat-error-names-no-argument", lambda: named("clean_logits", lambda: deep_gemm.fp8_paged_mqa_logits(
+    None, None, None, None, None, None, 4, clean_logits=two)))
+for arg in ("causal", "is_fp8_kvcache"):
+    outcome("compat-error-names-no-argument", lambda: named(arg, lambda: flash_mla.flash_mla_with_kvcache(
+        None, None, None, None, 512, flash_mla.get_mla_metadata()[0], **{arg: torch.ones(1, device="meta")})))
+outcome("compat-error-names-no-argument", lambda: named("block_kv", lambda: deep_gemm.get_paged_mqa_logits_metadata(
+    torch.ones(2, 2, dtype=torch.int32), torch.tensor(64, device="meta"), 1)))  # an int that cannot be read
+""",
 }
 """One reproducer of each known defect class that raises or returns (run together, one process)."""
 

@@ -98,7 +98,7 @@ def integer(name: str, v: object, low: int, high: int = INT32_MAX) -> int:
     """``v`` as an int in ``[low, high]`` (the engines take these as C ints); anything else raises
     ValueError naming ``name``."""
     try:
-        if isinstance(v, bool) or isinstance(v, torch.Tensor) and v.dim() != 0:
+        if isinstance(v, bool) or isinstance(v, torch.Tensor) and (v.dim() != 0 or v.is_meta):
             raise TypeError
         v = operator.index(v)  # an int, or a NumPy or 0-d torch integer
     except TypeError:
@@ -108,6 +108,17 @@ def integer(name: str, v: object, low: int, high: int = INT32_MAX) -> int:
     if v > high:
         raise ValueError(f"{name}: must be <= {high}, got {v}")
     return v
+
+
+def flag(name: str, v: object) -> bool:
+    """``v`` as a bool, as the engines read their flags (anything Python reads as one: a bool,
+    an int, a NumPy bool, a one-value tensor); what has no truth value (a tensor of several
+    values or on the meta device, an array) raises ValueError naming ``name``."""
+    try:
+        return bool(v)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{name}: expected a bool, got {type(v).__name__}"
+                         f"{f' of shape {list(v.shape)}' if hasattr(v, 'shape') else ''}") from None
 
 
 def finite_float(name: str, v: object) -> float:

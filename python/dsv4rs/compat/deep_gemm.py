@@ -59,6 +59,7 @@ from dsv4rs.compat._common import (
     check_device,
     check_dtype,
     check_ndim,
+    flag,
     integer,
     renamed,
     tensor,
@@ -148,6 +149,7 @@ def fp8_paged_mqa_logits(
         relu(q[b, j, h] . k_s)`` (row ``r = b * next_n + j``) for the keys query ``(b, j)`` sees,
         ``-inf`` for the others.
     """
+    flag("clean_logits", clean_logits)
     q, kv_cache, weights = tensor("q", q), tensor("kv_cache", kv_cache), tensor("weights", weights)
     context_lens, block_table = tensor("context_lens", context_lens), tensor("block_table", block_table)
     schedule_meta = tensor("schedule_meta", schedule_meta)
@@ -302,6 +304,7 @@ def paged_indexer_topk(
         descending, ties to the lower position, ``-1`` past the visible count; with
         ``return_scores``, also ``float32 [batch * next_n, topk]`` (``-inf`` padding).
     """
+    return_scores, physical = flag("return_scores", return_scores), flag("physical", physical)
     q, kv_cache, weights = tensor("q", q), tensor("kv_cache", kv_cache), tensor("weights", weights)
     context_lens, block_table = tensor("context_lens", context_lens), tensor("block_table", block_table)
     check_ndim("q", q, 4)

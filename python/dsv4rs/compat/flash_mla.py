@@ -72,6 +72,7 @@ from dsv4rs.compat._common import (
     check_shape,
     finite_float,
     finite_sink,
+    flag,
     optional_tensor,
     py_assert,
     renamed,
@@ -168,6 +169,7 @@ def flash_mla_with_kvcache(
         is the natural-log log-sum-exp of the scaled logits without the sink, ``+inf`` (and
         the output 0) for a query without valid candidates.
     """
+    causal, is_fp8_kvcache = flag("causal", causal), flag("is_fp8_kvcache", is_fp8_kvcache)
     sched_meta = tile_scheduler_metadata
     py_assert(isinstance(sched_meta, FlashMLASchedMeta),
               "tile_scheduler_metadata must be a FlashMLASchedMeta (from dsv4rs.compat.flash_mla.get_mla_metadata)")
