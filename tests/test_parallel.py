@@ -576,16 +576,16 @@ def test_world_bench_reports_every_rank_beside_one_process(weights: str) -> None
     assert [(r[0], r[2]) for r in rows] == [("b=1", "0"), ("b=1", "1"), ("b=2", "0"), ("b=2", "1")], out.stdout
     cfg = _config("demo", 2)
     d, k = cfg.hidden_size, cfg.num_experts_per_tok
-    for r in rows:  # case (2 words), rank, eager ms, comm, KiB sent, graph ms, ms/layer, tok/s/rank,
+    for r in rows:  # case (2 words), rank, eager ms, comm, KiB sent, graph ms, nccl, ms/layer, tok/s/rank,
         # 1 process eager ms, ratio, 1 process graph ms, ratio
-        ms, comm, kib, per_layer = float(r[3]), float(r[4].rstrip("%")), float(r[5]), float(r[7])
-        assert r[6] == "-"  # no CUDA graphs on the CPU: the eager step is the rank's
-        assert ms > 0 and abs(per_layer - ms / 2) < 1e-2 and 0 < comm < 100 and float(r[8]) > 0 and float(r[9]) > 0
+        ms, comm, kib, per_layer = float(r[3]), float(r[4].rstrip("%")), float(r[5]), float(r[8])
+        assert r[6:8] == ["-", "-"]  # no CUDA graphs on the CPU: the eager step is the rank's
+        assert ms > 0 and abs(per_layer - ms / 2) < 1e-2 and 0 < comm < 100 and float(r[9]) > 0 and float(r[10]) > 0
         # a fixed-form exchange a layer: to each of 2 ranks a slot a token, a bf16 row and k ids and weights out,
         # a float32 sum back
         batch = int(r[0][2:])
         assert kib == pytest.approx(2 * 2 * batch * (2 * d + 8 * k + 4 * d) / 1024, abs=0.05), r
-        assert r[11:] == ["-", "-"]
+        assert r[12:] == ["-", "-"]
     prefill = [line for line in lines if line.startswith("prefill T=256 rank ")]
     assert len(prefill) == 2 and all("tokens/s per rank (one process: " in line for line in prefill), out.stdout
     out = subprocess.run([sys.executable, "-m", "dsv4rs.cli", "bench", "--world", "2"], capture_output=True,

@@ -35,9 +35,13 @@ def _cases(args: argparse.Namespace, gpu: bool) -> tuple[str, int, list[int], li
     return preset, args.layers or 4, batches, contexts, 8 if gpu else 3
 
 
-def _time_decode(engine, cfg, batch: int, context: int, steps: int, comm) -> tuple[float, float, float]:
+def _time_decode(engine, cfg, batch: int, context: int, steps: int, comm,
+                 kernels: bool = False) -> tuple[float, float, float]:
     """Milliseconds per decode step, the share of it in collectives and the KiB the rank put into
-    them a step (``comm``: a CommTimer or None); the sequences are released after."""
+    them a step (``comm``: a CommTimer or None); with ``kernels`` (a GPU's replayed steps, whose
+    collectives no timer can bracket) the share is that of NCCL's kernels in the steps' kernel
+    time, from torch's profiler over as many steps again (a kernel's time includes its wait for
+    the other ranks). The sequences are released after."""
     import torch.distributed as dist
 
     seqs = [engine.add_sequence()[0] for _ in range(batch)]
@@ -59,9 +63,24 @@ def _time_decode(engine, cfg, batch: int, context: int, steps: int, comm) -> tup
     if comm is not None:
         comm.enabled = False
         share, kib = 1e3 * comm.seconds / steps / ms, comm.sent / steps / 1024
+    if kernels:
+        share = _nccl_share(lambda: engine.step(seqs, tokens), steps) / ms
     for s in seqs:
         engine.release(s)
     return ms, share, kib
+
+
+def _nccl_share(step, steps: int) -> float:
+    """Milliseconds a call of ``step`` spends in NCCL's kernels: torch's profiler over ``steps``
+    calls (every rank makes them together)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    us = sum(e.device_time_total for e in prof.key_averages() if "nccl" in e.key.lower())
+    return us / 1e3 / steps
 
 
 def rank_main(rank: int, world: int, init_method: str, args: argparse.Namespace) -> int:
@@ -99,7 +118,7 @@ def rank_main(rank: int, world: int, init_method: str, args: argparse.Namespace)
             graphs, engine.graphs = engine.graphs, None  # eager (every rank alike), the collectives timed
             eager = _time_decode(engine, cfg, batch, context, steps, comm)
             engine.graphs = graphs
-            replayed = _time_decode(engine, cfg, batch, context, steps, None)[0] if graphs is not None else None
+            replayed = _time_decode(engine, cfg, batch, context, steps, None, True)[:2] if graphs is not None else None
             rows.append((batch, context, *eager, replayed))
     prompt = prefill_tokens(contexts, gpu)
     if rank == 0:
@@ -131,24 +150,25 @@ def rank_main(rank: int, world: int, init_method: str, args: argparse.Namespace)
     print(f"decode over {world} ranks ({how}, experts split {[len(r) for r in pc.expert_ranges]}) on {where}: "
           f"{preset}, {layers} layers, {weights}, FP8 cache; "
           f"batch = sequences per rank ({'the same on every rank' if pc.mode == 'tp' else 'each rank its own'})")
-    print(f"{'case':>22} {'rank':>4} {'eager ms':>9} {'comm':>6} {'KiB sent':>9} {'graph ms':>9} {'ms/layer':>9} "
-          f"{'tok/s/rank':>11} {'1 proc eager':>13} {'ratio':>6} {'1 proc graph':>13} {'ratio':>6}")
+    print(f"{'case':>22} {'rank':>4} {'eager ms':>9} {'comm':>6} {'KiB sent':>9} {'graph ms':>9} {'nccl':>6} "
+          f"{'ms/layer':>9} {'tok/s/rank':>11} {'1 proc eager':>13} {'ratio':>6} {'1 proc graph':>13} {'ratio':>6}")
     share_of = world if pc.mode == "tp" else 1  # under tp the ranks produce the same tokens together
-    dash = f"{'-':>9}"
     for i, (batch, context, *_) in enumerate(gathered[0][0]):
         ref, fast = single[(batch, context)], graphed.get((batch, context))
         for r in range(world):
             _, _, eager, share, kib, replayed = gathered[r][0][i]
-            ms = replayed if replayed is not None else eager  # the rank's step as it serves
-            vs_graph = (f"{fast:13.3f} {fast / replayed / share_of:5.2f}x" if fast is not None and replayed is not None
+            ms = replayed[0] if replayed is not None else eager  # the rank's step as it serves
+            graph = f"{replayed[0]:9.3f} {100 * replayed[1]:5.1f}%" if replayed is not None else f"{'-':>9} {'-':>6}"
+            vs_graph = (f"{fast:13.3f} {fast / ms / share_of:5.2f}x" if fast is not None and replayed is not None
                         else f"{'-':>13} {'-':>6}")
-            print(f"{f'b={batch} ctx={context}':>22} {r:>4} {eager:9.3f} {100 * share:5.1f}% {kib:9.1f} "
-                  f"{dash if replayed is None else f'{replayed:9.3f}'} {ms / layers:9.3f} "
-                  f"{batch / ms * 1e3 / share_of:11,.1f} {ref:13.3f} {ref / eager / share_of:5.2f}x {vs_graph}")
+            print(f"{f'b={batch} ctx={context}':>22} {r:>4} {eager:9.3f} {100 * share:5.1f}% {kib:9.1f} {graph} "
+                  f"{ms / layers:9.3f} {batch / ms * 1e3 / share_of:11,.1f} {ref:13.3f} {ref / eager / share_of:5.2f}x "
+                  f"{vs_graph}")
     print("eager ms: the step run eagerly, its collectives timed between device synchronizations (comm: their "
           "share of it; KiB sent: the bytes the rank put into them a step); graph ms: the step replayed from its "
-          "CUDA graph (GPU), which ms/layer and tok/s/rank take where there is one; tok/s/rank: the batch's tokens "
-          f"per second{' over the ranks (they produce the same tokens together)' if pc.mode == 'tp' else ''}; "
+          "CUDA graph (GPU; nccl: the share of NCCL's kernels in it, by the profiler), which ms/layer and "
+          "tok/s/rank take where there is one; tok/s/rank: the batch's tokens per second"
+          f"{' over the ranks (they produce the same tokens together)' if pc.mode == 'tp' else ''}; "
           "ratio: tokens/s per rank over one process's at the same batch, eager to eager and graph to graph")
     for r in range(world):
         ms = gathered[r][1]
