@@ -128,6 +128,21 @@ def test_parallel_graph_replays_equal_one_process(tmp_path, single: dict, world:
         assert results[0]["forms"] == {"variable": layers + 1, "fixed": fixed}, results[0]["forms"]
 
 
+@pytest.mark.parametrize("mode", ["ok", "idle"])
+def test_padding_rows_of_a_replayed_bucket_run_no_expert(tmp_path, mode: str) -> None:
+    """The rows a data-parallel rank pads its batch with to the agreed bucket (and an idle rank's
+    rows, all padding) route to no expert, in the replayed step and in the MTP draft after it:
+    the pairs the ranks' experts ran over the whole schedule are the eager steps' pairs, which
+    have no padding."""
+    (tmp_path / "eager").mkdir()
+    (tmp_path / "graphs").mkdir()
+    eager, replayed = run_ranks(tmp_path / "eager", 2, mode), run_ranks(tmp_path / "graphs", 2, f"graphs:{mode}")
+    for res in eager + replayed:
+        assert res is not None and "error" not in res, res and res.get("trace")
+    assert replayed[0]["graphs"] == [4]  # rank 1 pads (3 rows of 4 under "ok", all 4 under "idle")
+    assert sum(sum(r["received"]) for r in replayed) == sum(sum(r["received"]) for r in eager) > 0
+
+
 def test_parallel_engines_step_eagerly_unless_asked(solo_group) -> None:
     """A parallel engine replays CUDA graphs only with ``cuda_graphs=True``, which on the CPU is
     refused as one process's is."""

@@ -59,12 +59,13 @@ eagerly. The ``received`` counts and the :class:`CommTimer` see eager calls only
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -446,6 +447,9 @@ class ExpertExchange:
             owner[held.start : held.stop] = r
         self.owner = owner.to(device)
         self.tokens: int | None = None
+        self.live: torch.Tensor | None = None
+        """Which rows of the calls are tokens (bool ``[T]`` on the device; ``None``: all): the
+        others, a replayed graph's padding rows, route to no expert."""
         self._received: deque[int | torch.Tensor] = deque(maxlen=RECEIVED_KEPT)
 
     @property
@@ -479,6 +483,19 @@ class ExpertExchange:
             collective(self.pc, f"the MoE exchange ({what})",
                        lambda: dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.pc.group))
 
+    @contextlib.contextmanager
+    def rows(self, tokens: int | None, live: torch.Tensor | None) -> Iterator[None]:
+        """The calls inside take the fixed form of ``tokens`` slots (``None``: the form set
+        before) and route only the ``live`` rows (:attr:`live`)."""
+        before = self.tokens, self.live
+        if tokens is not None:
+            self.tokens = tokens
+        self.live = live
+        try:
+            yield
+        finally:
+            self.tokens, self.live = before
+
     def __call__(self, experts: Experts, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """``sum_k weights[t, k] expert_{idx[t, k]}(x_t)`` with the experts spread over the ranks:
         each rank's choices of a token summed in float32 by the rank that holds them, the ranks'
@@ -487,6 +504,10 @@ class ExpertExchange:
         if self.tokens is not None and tokens > self.tokens:
             raise RuntimeError(f"the MoE exchange: {tokens} tokens in a step every rank agreed to keep within "
                                f"{self.tokens}")
+        if self.live is not None:
+            if self.live.shape != (tokens,):
+                raise RuntimeError(f"the MoE exchange: {tokens} tokens, but live rows for {tuple(self.live.shape)}")
+            idx = torch.where(self.live[:, None], idx, -1)
         form = self._variable if self.tokens is None else self._fixed
         sums = form(experts, x, idx, pack_rows(x, idx, weights))
         return sums.sum(0).to(x.dtype)

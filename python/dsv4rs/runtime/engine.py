@@ -525,15 +525,13 @@ class Engine:
 
     def _graph_step(self, x: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """The step a graph captures: :meth:`_decode`, with a data-parallel engine's MoE exchanges
-        in their fixed form of one slot a row of the bucket (every rank replays the same one)."""
+        in their fixed form of one slot a row of the bucket (every rank replays the same one),
+        the padding rows (a window origin past the token, :mod:`.graphs`) routed to no expert."""
         ex = self._exchange
         if ex is None:
             return self._decode(x)
-        before, ex.tokens = ex.tokens, x.ids.shape[0]
-        try:
+        with ex.rows(x.ids.shape[0], x.origins <= x.starts):
             return self._decode(x)
-        finally:
-            ex.tokens = before
 
     def _decode(self, x: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """The decode step the graphs capture: metadata, every layer, the LM head (one token a
@@ -585,7 +583,11 @@ class Engine:
         shifted = last.ids.clone()
         shifted[:-1] = last.ids[1:]
         shifted[ends] = self._to_device(nxt)
-        with self._exchanging():
+        # After a replayed step the rows past the batch's tokens are the graph's padding: no expert runs them.
+        rows, tokens = last.streams.shape[0], sum(last.lens)
+        padded = self._exchange is not None and rows > tokens
+        live = torch.arange(rows, device=self.device) < tokens if padded else None
+        with self._exchanging(), (self._exchange.rows(None, live) if padded else contextlib.nullcontext()):
             h = self.model.draft(last.streams, shifted, last.meta, self.cache.layers[self.cfg.num_hidden_layers])
         for s, start, n in zip(last.seq_ids, last.starts, last.lens):
             self._mtp_pos[s] = start + n
