@@ -44,12 +44,14 @@ columns of ``o_b_proj``; :meth:`Attention.head_share`). Or build a full model an
 share with :func:`shard`, which keeps the same parts. MTP drafts run in lockstep too: every rank
 calls :meth:`Engine.draft` after the same steps (``draft([])`` after an empty one).
 
-**CUDA graphs.** On GPUs a parallel engine replays its decode steps from CUDA graphs as one
-process does (:mod:`dsv4rs.runtime.graphs`), the collectives captured with the layers (NCCL
-records them in the graph). Under ``"dp"`` a step replays when every rank decodes and the largest
-batch fits a bucket: every rank replays that bucket, a rank with fewer sequences padding to it
-(one with none on padding rows alone), so the exchanges' fixed form has one slot a row of the
-bucket on every rank; the agreement before each step checks that the ranks hold the same buckets.
+**CUDA graphs.** With ``Engine(..., cuda_graphs=True)`` (a parallel engine steps eagerly by
+default: the NCCL capture is new) a parallel engine on GPUs replays its decode steps from CUDA
+graphs as one process does (:mod:`dsv4rs.runtime.graphs`), the collectives captured with the
+layers (NCCL records them in the graph). Under ``"dp"`` a step replays when every rank decodes
+and the largest batch fits a bucket: every rank replays that bucket, a rank with fewer sequences
+padding to it (one with none on padding rows alone, which route to no expert), so the exchanges'
+fixed form has one slot a row of the bucket on every rank; the agreement before each step checks
+that the ranks hold the same buckets.
 Under ``"tp"`` the ranks run the same batches, so the same buckets; before a bucket's capture
 they check it on the host. A capture runs the step once first, collectives included, so the
 ranks capture together: on the step that first needs a bucket, or all at once by
