@@ -486,13 +486,11 @@ class ExpertExchange:
                        lambda: dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.pc.group))
 
     @contextlib.contextmanager
-    def rows(self, tokens: int | None, live: torch.Tensor | None) -> Iterator[None]:
-        """The calls inside take the fixed form of ``tokens`` slots (``None``: the form set
-        before) and route only the ``live`` rows (:attr:`live`)."""
+    def rows(self, tokens: int | None, live: torch.Tensor | None = None) -> Iterator[None]:
+        """The calls inside take the fixed form of ``tokens`` slots (``None``: the variable form)
+        and route only the ``live`` rows (:attr:`live`); the form before is restored after."""
         before = self.tokens, self.live
-        if tokens is not None:
-            self.tokens = tokens
-        self.live = live
+        self.tokens, self.live = tokens, live
         try:
             yield
         finally:

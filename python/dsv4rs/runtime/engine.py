@@ -465,19 +465,15 @@ class Engine:
             self._graph_bucket = self._agreed_tokens = graphs.bucket(agreed.most)
 
     @contextlib.contextmanager
-    def _exchanging(self) -> Iterator[None]:
+    def _exchanging(self, live: torch.Tensor | None = None) -> Iterator[None]:
         """The MoE layers run inside take the exchange's form that the last :meth:`_agree` set:
         a step right after it, then the MTP draft after that step (the same tokens on every rank,
-        without agreeing again)."""
-        ex = self._exchange
-        if ex is None:
+        without agreeing again); ``live``: the rows that are tokens (:attr:`ExpertExchange.live`)."""
+        if self._exchange is None:
             yield
             return
-        ex.tokens = self._agreed_tokens
-        try:
+        with self._exchange.rows(self._agreed_tokens, live):
             yield
-        finally:
-            ex.tokens = None
 
     def _forward(self, inputs: StepInputs, decode: bool, fed: torch.Tensor | None
                  ) -> tuple[torch.Tensor | None, torch.Tensor, AttentionMetadata, torch.Tensor]:
@@ -585,9 +581,8 @@ class Engine:
         shifted[ends] = self._to_device(nxt)
         # After a replayed step the rows past the batch's tokens are the graph's padding: no expert runs them.
         rows, tokens = last.streams.shape[0], sum(last.lens)
-        padded = self._exchange is not None and rows > tokens
-        live = torch.arange(rows, device=self.device) < tokens if padded else None
-        with self._exchanging(), (self._exchange.rows(None, live) if padded else contextlib.nullcontext()):
+        live = torch.arange(rows, device=self.device) < tokens if self._exchange is not None and rows > tokens else None
+        with self._exchanging(live):
             h = self.model.draft(last.streams, shifted, last.meta, self.cache.layers[self.cfg.num_hidden_layers])
         for s, start, n in zip(last.seq_ids, last.starts, last.lens):
             self._mtp_pos[s] = start + n
