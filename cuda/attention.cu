@@ -266,36 +266,13 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_attention_combine(const P
   const int h = blockIdx.x, tid = threadIdx.x;
   const long long t = blockIdx.y;
   const float* ml = p.part_ml + (t * p.splits * p.heads + h) * 2;
-  float m = -INFINITY;
-  for (int s = 0; s < p.splits; ++s) m = fmaxf(m, ml[s * p.heads * 2]);
-  float sum = 0.f;
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  Folded f;
+  for (int s = 0; s < p.splits; ++s) f.m = fmaxf(f.m, ml[s * p.heads * 2]);
   for (int s = 0; s < p.splits; ++s) {
-    float ms = ml[s * p.heads * 2];
+    const float ms = ml[s * p.heads * 2];
     if (ms == -INFINITY) continue;
-    float w = exp2f(ms - m);
-    sum += ml[s * p.heads * 2 + 1] * w;
-    float4 v = *(const float4*)(p.part_o + ((t * p.splits + s) * p.heads + h) * ENTRY_DIM + 4 * tid);
-    acc[0] += v.x * w;
-    acc[1] += v.y * w;
-    acc[2] += v.z * w;
-    acc[3] += v.w * w;
+    fold_split(f, ms, ml[s * p.heads * 2 + 1],
+               *(const float4*)(p.part_o + ((t * p.splits + s) * p.heads + h) * ENTRY_DIM + 4 * tid));
   }
-  const float f = m == -INFINITY ? 0.f : 1.f / (sum + exp2f(p.sink[h] * LOG2E - m));
-#pragma unroll
-  for (int i = 0; i < 4; ++i) acc[i] *= f;
-  const int d = 4 * tid;
-  if (p.positions && d >= NOPE_DIM) {
-    const long long pos = load_id(p.positions, t, p.positions64);
-    derotate_pair(acc[0], acc[1], pos, p, (d - NOPE_DIM) / 2);
-    derotate_pair(acc[2], acc[3], pos, p, (d - NOPE_DIM) / 2 + 1);
-  }
-  const long long at = (t * p.heads + h) * ENTRY_DIM + d;
-  if (p.out_bf16) {
-    *(uint2*)((uint16_t*)p.out + at) = make_uint2((uint32_t)bf16_from_f32(acc[0]) | ((uint32_t)bf16_from_f32(acc[1]) << 16),
-                                                  (uint32_t)bf16_from_f32(acc[2]) | ((uint32_t)bf16_from_f32(acc[3]) << 16));
-  } else {
-    *(float4*)(p.out + at) = make_float4(acc[0], acc[1], acc[2], acc[3]);
-  }
-  if (tid == 0) p.lse[t * p.heads + h] = m == -INFINITY ? -INFINITY : (m + log2f(sum)) / LOG2E;
+  store_folded(p, f, t, h, 4 * tid, tid == 0, p.sink[h], derotation(p, t, 4 * tid));
 }

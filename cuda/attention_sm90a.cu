@@ -32,11 +32,27 @@ constexpr int SP_ROW = TILE + 8;    // padded row of partial scores: conflict-fr
 constexpr int CHUNK = 8;            // bf16 elements in a 16-byte core-matrix row
 constexpr int PRODUCER_THREADS = 256;  // two producer warpgroups
 constexpr int WS_THREADS = PRODUCER_THREADS + 256;  // and two consumers
+constexpr int MAX_CLUSTER = 8;      // most splits of a cluster kernel (rust/core/src/gpu/mod.rs MAX_CLUSTER)
 // Named barriers (0 is __syncthreads): FULL + b (tile buffer b decoded), EMPTY + b (both
 // consumers done with it), STAGED (the producers' raw tile landed for all of them), SCORES (both
 // consumers' partial scores written), READ + g (consumer 1 - g has read consumer g's partials).
 constexpr int BAR_FULL = 1, BAR_EMPTY = BAR_FULL + BUFFERS, BAR_STAGED = BAR_EMPTY + BUFFERS;
 constexpr int BAR_SCORES = BAR_STAGED + 1, BAR_READ = BAR_SCORES + 1;
+// The cluster kernel's: BAR_DONE (both consumers are past their last tile).
+constexpr int BAR_DONE = BAR_READ + 2;
+// A split's partials in its block's shared memory (the cluster kernel): o as [64 heads][O_ROW]
+// float32, rows padded so that a warp's stores of 8 heads fall in distinct banks, then (row max,
+// row sum) a head. They take the place of the queries, the tile buffers and the partial scores.
+constexpr int O_ROW = ENTRY_DIM + 8;
+constexpr int PARTIALS_BYTES = (HEADS * O_ROW + 2 * HEADS) * 4;
+static_assert(PARTIALS_BYTES <= (HEADS + BUFFERS * TILE) * ENTRY_DIM * 2 + 2 * HEADS * SP_ROW * 4,
+              "a split's partials fit where the queries, tiles and partial scores were");
+
+// How a block ends: one split's output as float32 or bfloat16, or a split's partials (grid
+// (splits, head blocks, queries): finish_rows, and dsv4_attention_combine after the kernel); or
+// CLUSTER: grid (head blocks, queries, splits), a query's splits one thread-block cluster that
+// folds its partials on chip (fold_in_cluster).
+enum Epilogue { STORE_F32, STORE_BF16, CLUSTER };
 
 __device__ __forceinline__ void bar_sync(int id, int count) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
@@ -66,8 +82,57 @@ __device__ __forceinline__ void wgmma_m64n32k16(float (&s)[4][4], Desc a, Desc b
                : "r"(a.lo), "r"(a.hi), "r"(b.lo), "r"(b.hi), "n"(ACC ? 1 : 0));
 }
 
-// The kernel's body; OUT_BF16: a single split stores its output rounded to bfloat16 (finish_rows).
-template <bool OUT_BF16>
+// The end of a cluster kernel's block, by every thread: a cluster barrier (every block's partials
+// are in its shared memory), then block `rank` of the C splits folds heads rank, rank + C, ... of
+// its query, reading every block's partials through distributed shared memory in split order, as
+// dsv4_attention_combine reads them from global memory (the same bits for the same splits); a
+// second barrier keeps each block's shared memory until the others have read it. Each consumer
+// thread folds 4 dims of a head, the two halves of the consumers every other head, FOLD_HEADS
+// heads at once (their loads in flight together). `folds`: a consumer thread.
+constexpr int FOLD_HEADS = 2;
+__device__ __forceinline__ void fold_in_cluster(const Params& p, uint8_t* smem, long long t, int hb, bool folds) {
+  cluster_sync();
+  if (folds) {
+    const int C = gridDim.z, rank = blockIdx.z, ct = threadIdx.x - PRODUCER_THREADS, d = 4 * (ct % 128);
+    const auto live = [&](int h) { return h < HEADS && hb + h < p.heads; };
+    const Derotation rot = derotation(p, t, d);  // the same for every head: out of the loop
+    for (int h0 = rank + C * (ct / 128); live(h0); h0 += 2 * C * FOLD_HEADS) {
+      float ms[FOLD_HEADS][MAX_CLUSTER], ls[FOLD_HEADS][MAX_CLUSTER], sink[FOLD_HEADS];
+      float4 v[FOLD_HEADS][MAX_CLUSTER];
+#pragma unroll
+      for (int k = 0; k < FOLD_HEADS; ++k) {
+        const int h = h0 + 2 * C * k;
+        if (!live(h)) break;
+        sink[k] = p.sink[hb + h];
+#pragma unroll
+        for (int s = 0; s < MAX_CLUSTER; ++s) {
+          if (s >= C) break;
+          const float* src = (const float*)__cluster_map_shared_rank((float*)smem, s);
+          ms[k][s] = src[HEADS * O_ROW + 2 * h];
+          ls[k][s] = src[HEADS * O_ROW + 2 * h + 1];
+          v[k][s] = *(const float4*)(src + h * O_ROW + d);
+        }
+      }
+#pragma unroll
+      for (int k = 0; k < FOLD_HEADS; ++k) {
+        const int h = h0 + 2 * C * k;
+        if (!live(h)) break;
+        Folded f;
+#pragma unroll
+        for (int s = 0; s < MAX_CLUSTER; ++s)
+          if (s < C) f.m = fmaxf(f.m, ms[k][s]);
+#pragma unroll
+        for (int s = 0; s < MAX_CLUSTER; ++s)
+          if (s < C && ms[k][s] != -INFINITY) fold_split(f, ms[k][s], ls[k][s], v[k][s]);
+        store_folded(p, f, t, hb + h, d, d == 0, sink[k], rot);
+      }
+    }
+  }
+  cluster_sync();
+}
+
+// The kernel's body; E: how a block ends (Epilogue).
+template <Epilogue E>
 __device__ __forceinline__ void attention_wgmma(const Params& p) {
   extern __shared__ __align__(128) uint8_t smem[];
   uint16_t* qs = (uint16_t*)smem;                           // [64 chunks][64 heads][8] bf16 queries
@@ -77,9 +142,9 @@ __device__ __forceinline__ void attention_wgmma(const Params& p) {
   __shared__ int row_fmt[STAGES * TILE];
 
   const int tid = threadIdx.x;
-  const long long t = blockIdx.z;
-  const int hb = blockIdx.y * HEADS;
-  const int split = blockIdx.x;
+  const long long t = E == CLUSTER ? blockIdx.y : blockIdx.z;
+  const int hb = (E == CLUSTER ? blockIdx.x : blockIdx.y) * HEADS;
+  const int split = E == CLUSTER ? blockIdx.z : blockIdx.x;
   const Span span = split_span(p, t, split);
   const int tiles = span.tiles(TILE);
 
@@ -107,6 +172,7 @@ __device__ __forceinline__ void attention_wgmma(const Params& p) {
       bar_arrive(BAR_FULL + b, WS_THREADS);
     }
     cp_async_wait<0>();
+    if constexpr (E == CLUSTER) fold_in_cluster(p, smem, t, hb, false);
     return;
   }
 
@@ -196,18 +262,47 @@ __device__ __forceinline__ void attention_wgmma(const Params& p) {
     wgmma_wait_all();
     if (i + BUFFERS < tiles) bar_arrive(BAR_EMPTY + b, WS_THREADS);  // the producer waits for it
   }
-  finish_rows<GROUP_DIMS / 8, OUT_BF16>(p, o, row_max, row_sum, t, split, hb + 16 * wq, g * GROUP_DIMS, g == 0);
+  if constexpr (E == CLUSTER) {
+    // This split's partials into shared memory once both consumers are past their last tile.
+    bar_sync(BAR_DONE, 256);
+    float* po = (float*)smem;
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      row_sum[j] += __shfl_xor_sync(0xffffffffu, row_sum[j], 1);
+      row_sum[j] += __shfl_xor_sync(0xffffffffu, row_sum[j], 2);
+      const int h = 16 * wq + r + 8 * j;
+#pragma unroll
+      for (int n = 0; n < GROUP_DIMS / 8; ++n)
+        *(float2*)(po + h * O_ROW + g * GROUP_DIMS + 8 * n + c2) = make_float2(o[n][2 * j], o[n][2 * j + 1]);
+      if (g == 0 && lane % 4 == 0) {
+        po[HEADS * O_ROW + 2 * h] = row_max[j];
+        po[HEADS * O_ROW + 2 * h + 1] = row_sum[j];
+      }
+    }
+    fold_in_cluster(p, smem, t, hb, true);
+  } else {
+    finish_rows<GROUP_DIMS / 8, E == STORE_BF16>(p, o, row_max, row_sum, t, split, hb + 16 * wq, g * GROUP_DIMS,
+                                                 g == 0);
+  }
 }
 
 }  // namespace
 
 extern "C" __global__ void __launch_bounds__(WS_THREADS, 1) dsv4_sparse_attention_wgmma(const Params p) {
   dsv4::grid_begin();
-  attention_wgmma<false>(p);
+  attention_wgmma<STORE_F32>(p);
 }
 
 // The same for a single-split call whose output is bfloat16 (p.out_bf16; rust/core/src/gpu/attention.rs).
 extern "C" __global__ void __launch_bounds__(WS_THREADS, 1) dsv4_sparse_attention_wgmma_bf16(const Params p) {
   dsv4::grid_begin();
-  attention_wgmma<true>(p);
+  attention_wgmma<STORE_BF16>(p);
+}
+
+// A query's splits as one thread-block cluster (grid (head blocks, queries, splits), the cluster
+// along z, at most MAX_CLUSTER splits) that folds its partials on chip: no partials in global
+// memory and no combine kernel after it. The output float32, or bfloat16 where p.out_bf16.
+extern "C" __global__ void __launch_bounds__(WS_THREADS, 1) dsv4_sparse_attention_wgmma_cluster(const Params p) {
+  dsv4::grid_begin();
+  attention_wgmma<CLUSTER>(p);
 }

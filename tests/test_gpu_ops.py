@@ -535,7 +535,7 @@ def test_attention_kernel_switch_takes_effect(gen: torch.Generator, monkeypatch:
     # The portable kernel's 16-head block runs here (4 queries: a small grid).
     names = {"wgmma": "dsv4_sparse_attention_wgmma", "mma": "dsv4_sparse_attention",
              "portable": "dsv4_sparse_attention_portable16"}
-    every = set(names.values()) | {"dsv4_sparse_attention_portable"}
+    every = set(names.values()) | {"dsv4_sparse_attention_portable", "dsv4_sparse_attention_wgmma_cluster"}
     run = lambda: ops.sparse_attention(q, cache, idx, sink, **args)  # noqa: E731
     monkeypatch.delenv("DSV4RS_ATTENTION_KERNEL", raising=False)  # the default, whatever the caller forced
     default_launched = launched_kernels(run)
@@ -640,6 +640,74 @@ def test_sparse_attention_bfloat16_output_is_the_float32_output_rounded(gen: tor
     assert out16.dtype == torch.bfloat16
     assert torch.equal(out16.view(torch.int16), out.bfloat16().view(torch.int16))
     assert torch.equal(lse16, lse)
+
+
+def wgmma_only() -> None:
+    if "wgmma" not in runnable_kernels():
+        pytest.skip("this GPU does not run the wgmma attention kernel")
+
+
+@pytest.mark.parametrize("t,heads,k", [(1, 64, 32), (1, 64, 0), (32, 64, 512), (64, 64, 512), (1, 128, 128),
+                                       (2, 70, 200), (3, 16, 1)])
+@pytest.mark.profiler
+def test_attention_clusters_give_the_combines_bits(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch, t: int,
+                                                    heads: int, k: int) -> None:
+    """Where a call has 2 to 8 splits, the wgmma kernel can run each query's splits as one cluster
+    that folds the partials in shared memory (no combine kernel; DSV4RS_ATTENTION_CLUSTER=on takes
+    it for grids of any size), and the output and log-sum-exp are the bits of the same splits
+    folded by dsv4_attention_combine (=off), float32 and bfloat16, with the de-rotation; heads
+    past the last (70, 16) and queries whose candidates end early (random lengths: empty splits)
+    included."""
+    wgmma_only()
+    monkeypatch.setenv("DSV4RS_ATTENTION_KERNEL", "wgmma")
+    q, cache, idx, lengths, wcache, widx, sink = attention_case(gen, t, heads, 3000, max(k, 1), "fp8", 128)
+    inv_freq = reference.rope_inv_freq(64, 10000.0).float()
+    pos = torch.randint(0, 10**6, (t,), generator=gen)
+    args = dict(lengths=lengths, extra_cache=wcache, extra_indices=widx, derotate=(pos, inv_freq))
+    if k == 0:
+        args["lengths"] = torch.zeros_like(lengths)  # the window alone
+    out_c, _ = ops.sparse_attention(q, cache, idx, sink, **args)
+    cuda = {n: (tuple(x.cuda() for x in v) if isinstance(v, tuple) else v.cuda()) for n, v in args.items()}
+    got = {}
+    for mode, kernel in [("on", "dsv4_sparse_attention_wgmma_cluster"), ("off", "dsv4_attention_combine")]:
+        monkeypatch.setenv("DSV4RS_ATTENTION_CLUSTER", mode)
+        for dtype in (torch.float32, torch.bfloat16):
+            def run(dtype: torch.dtype = dtype):
+                return ops.sparse_attention(q.cuda(), cache.cuda(), idx.cuda(), sink.cuda(), out_dtype=dtype, **cuda)
+            launched = launched_kernels(run)
+            other = ({"dsv4_sparse_attention_wgmma_cluster", "dsv4_attention_combine"} - {kernel}).pop()
+            assert kernel in launched and other not in launched, launched
+            got[mode, dtype] = run()
+    for dtype in (torch.float32, torch.bfloat16):
+        (out, lse), (want, want_lse) = got["on", dtype], got["off", dtype]
+        assert torch.equal(bits(out), bits(want)) and torch.equal(bits(lse), bits(want_lse)), dtype
+    assert rel_err(got["on", torch.float32][0], out_c) < 5e-3
+
+
+@pytest.mark.parametrize("t,heads,k,cluster", [(64, 64, 512, True), (64, 64, 1, True), (32, 128, 1024, True),
+                                               (1, 64, 1, False), (1, 64, 512, False), (32, 64, 512, False)])
+@pytest.mark.profiler
+def test_attention_clusters_by_default_where_two_splits_fill_the_gpu(gen: torch.Generator,
+                                                                      monkeypatch: pytest.MonkeyPatch, t: int,
+                                                                      heads: int, k: int, cluster: bool) -> None:
+    """By default the wgmma kernel takes its cluster form for two splits in a grid of more than 66
+    blocks (V4-Flash's layers at batch 64, V4-Pro's CSA at batch 32) and the combine elsewhere."""
+    wgmma_only()
+    monkeypatch.setenv("DSV4RS_ATTENTION_KERNEL", "wgmma")
+    monkeypatch.delenv("DSV4RS_ATTENTION_CLUSTER", raising=False)
+    q, cache, idx, lengths, wcache, widx, sink = (x.cuda() for x in attention_case(gen, t, heads, 3000, k, "fp8", 128))
+    launched = launched_kernels(lambda: ops.sparse_attention(q, cache, idx, sink, lengths=lengths, extra_cache=wcache,
+                                                             extra_indices=widx))
+    assert ("dsv4_sparse_attention_wgmma_cluster" in launched) == cluster, launched
+    assert ("dsv4_attention_combine" in launched) == (not cluster), launched  # every case here has splits
+
+
+def test_an_unknown_attention_cluster_setting_is_an_error(gen: torch.Generator,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    q, cache, idx, _, _, _, sink = (x.cuda() for x in attention_case(gen, 1, 8, 100, 16, "fp8", 1))
+    monkeypatch.setenv("DSV4RS_ATTENTION_CLUSTER", "sometimes")
+    with pytest.raises(ValueError, match="DSV4RS_ATTENTION_CLUSTER"):
+        ops.sparse_attention(q, cache, idx, sink)
 
 
 def test_sparse_attention_edge_cases(gen: torch.Generator, kernel: str) -> None:

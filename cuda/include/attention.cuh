@@ -197,13 +197,18 @@ __device__ __forceinline__ void load_query_chunk(const Params& p, long long t, i
 // A stored id as a row of cache c, or -1 when masked (negative or past the cache).
 __device__ __forceinline__ long long masked_row(long long id, const Cache& c) { return id < 0 || id >= c.rows ? -1 : id; }
 
+// A pair (x0, x1) rotated by the angle of cosine c and sine s.
+__device__ __forceinline__ void rotate_pair(float& x0, float& x1, float c, float s) {
+  float y0 = x0 * c - x1 * s, y1 = x0 * s + x1 * c;
+  x0 = y0;
+  x1 = y1;
+}
+
 // Inverse RoPE at `pos` on dims 448:512 of a 512-d output row held as (dim, value) pairs.
 __device__ __forceinline__ void derotate_pair(float& x0, float& x1, long long pos, const Params& p, int j) {
   double s, c;
   rope_sincos(pos, p.inv_freq, j, p.rope_mode, true, s, c);
-  float y0 = x0 * (float)c - x1 * (float)s, y1 = x0 * (float)s + x1 * (float)c;
-  x0 = y0;
-  x1 = y1;
+  rotate_pair(x0, x1, (float)c, (float)s);
 }
 
 // How a tile of T decoded bf16 rows lies in shared memory, and which rows and chunks a thread
@@ -357,6 +362,70 @@ __device__ __forceinline__ void finish_rows(const Params& p, float (&o)[N][4], f
       }
     }
   }
+}
+
+// Split partials folded into one head's output, 4 dims a thread (dsv4_attention_combine, and the
+// wgmma kernel's clusters): m is the largest of the splits' row maxima; `fold_split` adds, in
+// split order, each split with a candidate (m_s > -inf) weighted by 2^(m_s - m); `store_folded`
+// divides by the sum and the sink's term, de-rotates (`derotation`), stores the output (bfloat16 where
+// p.out_bf16) and, where `first`, the head's log-sum-exp. One code for both, so the same splits
+// give the same bits.
+struct Folded {
+  float m = -INFINITY, sum = 0.f;
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+};
+
+__device__ __forceinline__ void fold_split(Folded& f, float ms, float ls, float4 v) {
+  const float w = exp2f(ms - f.m);
+  f.sum += ls * w;
+  f.acc[0] += v.x * w;
+  f.acc[1] += v.y * w;
+  f.acc[2] += v.z * w;
+  f.acc[3] += v.w * w;
+}
+
+// The inverse RoPE of dims d .. d + 4 of query t's output (the same for every head): the cosine
+// and sine of its two pairs, or none (`on` false) where the call does not de-rotate or d < 448.
+struct Derotation {
+  bool on = false;
+  float c[2], s[2];
+};
+
+__device__ __forceinline__ Derotation derotation(const Params& p, long long t, int d) {
+  Derotation r;
+  r.on = p.positions && d >= NOPE_DIM;
+  if (r.on) {
+    const long long pos = load_id(p.positions, t, p.positions64);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      double s, c;
+      rope_sincos(pos, p.inv_freq, (d - NOPE_DIM) / 2 + i, p.rope_mode, true, s, c);
+      r.c[i] = (float)c;
+      r.s[i] = (float)s;
+    }
+  }
+  return r;
+}
+
+// `sink`: the head's sink logit; `rot`: derotation(p, t, d).
+__device__ __forceinline__ void store_folded(const Params& p, Folded& f, long long t, int h, int d, bool first,
+                                             float sink, const Derotation& rot) {
+  const float s = f.m == -INFINITY ? 0.f : 1.f / (f.sum + exp2f(sink * LOG2E - f.m));
+#pragma unroll
+  for (int i = 0; i < 4; ++i) f.acc[i] *= s;
+  if (rot.on) {
+    rotate_pair(f.acc[0], f.acc[1], rot.c[0], rot.s[0]);
+    rotate_pair(f.acc[2], f.acc[3], rot.c[1], rot.s[1]);
+  }
+  const long long at = (t * p.heads + h) * ENTRY_DIM + d;
+  if (p.out_bf16) {
+    *(uint2*)((uint16_t*)p.out + at) =
+        make_uint2((uint32_t)bf16_from_f32(f.acc[0]) | ((uint32_t)bf16_from_f32(f.acc[1]) << 16),
+                   (uint32_t)bf16_from_f32(f.acc[2]) | ((uint32_t)bf16_from_f32(f.acc[3]) << 16));
+  } else {
+    *(float4*)(p.out + at) = make_float4(f.acc[0], f.acc[1], f.acc[2], f.acc[3]);
+  }
+  if (first) p.lse[t * p.heads + h] = f.m == -INFINITY ? -INFINITY : (f.m + log2f(f.sum)) / LOG2E;
 }
 
 // One online-softmax step over a tile's scores s (NT n-tiles of 8 candidates, log2 units): the

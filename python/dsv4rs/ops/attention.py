@@ -19,7 +19,10 @@ def attention_kernel(device: torch.device | str | int = "cuda") -> str:
     capability 9.0), ``"mma"`` (the 64-head mma.sync kernel, where 220 KiB of shared memory per
     block fit) or ``"portable"`` (every sm_80+ GPU). The environment variable
     ``DSV4RS_ATTENTION_KERNEL`` (``auto``, ``wgmma``, ``mma`` or ``portable``) forces one; forcing
-    one the GPU cannot run raises ValueError."""
+    one the GPU cannot run raises ValueError. The wgmma kernel runs a call of two splits that fills
+    the GPU as thread-block clusters that fold the splits on chip (the same bits);
+    ``DSV4RS_ATTENTION_CLUSTER`` (``auto``, ``on``: wherever a call has 2 to 8 splits, ``off``)
+    chooses."""
     return _core.attention_kernel(cuda_index(device))
 
 

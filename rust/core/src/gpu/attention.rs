@@ -4,7 +4,7 @@
 
 use std::ffi::c_void;
 
-use super::{launch, Kernel, Launch};
+use super::{launch, launch_in_clusters, Kernel, Launch, MAX_CLUSTER};
 use crate::error::{Error, Result};
 use crate::formats::{MainFormat, RopeTable};
 use crate::quant::{MAIN_ENTRY, PAGE_ROWS};
@@ -179,6 +179,47 @@ pub fn stores_bf16(dev: i32, t: usize, heads: usize, width: usize) -> Result<boo
         || (choose(dev)? == Variant::Wgmma && super::has_kernel(dev, Kernel::SparseAttentionWgmmaBf16)))
 }
 
+/// When the wgmma kernel runs a query's splits as one thread-block cluster that folds their
+/// partials on chip (`dsv4_sparse_attention_wgmma_cluster`) instead of writing them for the
+/// combine kernel. `DSV4RS_ATTENTION_CLUSTER` chooses (for tests and benchmarks): `auto` (the
+/// default: [`cluster_split`]), `off` (never), `on` (wherever a call has 2 to [`MAX_CLUSTER`]
+/// splits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Clusters {
+    Auto,
+    Off,
+    On,
+}
+
+fn clusters() -> Result<Clusters> {
+    match std::env::var("DSV4RS_ATTENTION_CLUSTER").ok().as_deref() {
+        None | Some("") | Some("auto") => Ok(Clusters::Auto),
+        Some("off") => Ok(Clusters::Off),
+        Some("on") => Ok(Clusters::On),
+        Some(other) => {
+            Err(Error::value("DSV4RS_ATTENTION_CLUSTER", format!("must be auto, on or off (got {other:?})")))
+        }
+    }
+}
+
+/// Whether a call's splits ([`split`]'s) run as clusters: by default only two splits in a grid
+/// of more than half [`TARGET_BLOCKS`] blocks, where the partials' round trip through memory
+/// costs more than the fold on two SMs (one H100, V4-Flash's CSA at batch 64: 39.8 us against
+/// 44.4). The fold runs on the cluster's SMs alone (about 9.5 us for 32 heads a block), so at
+/// small grids the combine's 64 blocks a query are faster (batch 1: 21.6 us against 13.8), and
+/// clusters of 4 or 8 in a full grid wait for SMs free together in one GPC (CSA at batch 32:
+/// 48.4 us against 30.8).
+fn clustered(queries: usize, heads: usize, width: usize, mode: Clusters) -> bool {
+    let splits = split(queries, heads, width).0;
+    let blocks = queries * heads.div_ceil(HEADS_PER_BLOCK) * splits;
+    (2..=MAX_CLUSTER).contains(&splits)
+        && match mode {
+            Clusters::Off => false,
+            Clusters::On => true,
+            Clusters::Auto => splits == 2 && blocks > TARGET_BLOCKS / 2,
+        }
+}
+
 /// Candidate-axis split: number of splits and candidates per split (a multiple of the tile).
 pub fn split(queries: usize, heads: usize, max_candidates: usize) -> (usize, usize) {
     let blocks = queries.max(1) * heads.div_ceil(HEADS_PER_BLOCK);
@@ -285,8 +326,24 @@ pub unsafe fn sparse_attention(dev: i32, stream: usize, a: &AttentionArgs) -> Re
         part_ml: part_o + (t * splits * heads * 512 * 4) as u64,
         out_bf16: out_bf16 as i32,
     };
-    let pp = &mut p as *mut Params as *mut c_void;
     let variant = choose(dev)?;
+    let mode = clusters()?;
+    if variant == Variant::Wgmma
+        && clustered(t, heads, width, mode)
+        && super::has_kernel(dev, Kernel::SparseAttentionWgmmaCluster)
+    {
+        // No partials in the workspace: the cluster folds them in shared memory.
+        let pp = &mut p as *mut Params as *mut c_void;
+        let (_, per_block, threads, shared_bytes) = variant.launch_shape();
+        let cfg = Launch {
+            grid: (heads.div_ceil(per_block) as u32, t as u32, splits as u32),
+            block: (threads, 1, 1),
+            shared_bytes,
+            stream,
+        };
+        return launch_in_clusters(dev, Kernel::SparseAttentionWgmmaCluster, &cfg, splits as u32, &mut [pp]);
+    }
+    let pp = &mut p as *mut Params as *mut c_void;
     let (kernel, per_block, threads, shared_bytes) =
         if variant == Variant::Portable && portable16(heads, splits * t * heads.div_ceil(HEADS_PER_BLOCK)) {
             (Kernel::SparseAttentionPortable16, PORTABLE16_HEADS, THREADS, PORTABLE16_SHARED_BYTES)
@@ -345,5 +402,18 @@ mod tests {
         assert_eq!(split(1, 64, 8320), (52, 160)); // one long list: capped at 64 splits, rounded to tiles
         assert_eq!(split(1, 64, 640).0, 10); // a short one: two tiles a split
         assert_eq!(split(32, 64, 640).0, 4); // a batch: one wave of blocks
+    }
+
+    #[test]
+    fn clusters_take_two_splits_of_a_full_grid() {
+        let auto = |t, h, n| clustered(t, h, n, Clusters::Auto);
+        // V4-Flash's layers at batch 64 (two splits, 128 blocks), V4-Pro's CSA at batch 32.
+        assert!(auto(64, 64, 640) && auto(64, 64, 128) && auto(32, 128, 1152));
+        // Small grids (batch 1: SWA's two splits, CSA's ten), more splits (CSA at batch 32: four)
+        // and single splits keep the combine, unless forced where 2 to 8 splits are.
+        assert!(!auto(1, 64, 128) && !auto(1, 64, 640) && !auto(32, 64, 640) && !auto(128, 64, 640));
+        assert!(clustered(1, 64, 128, Clusters::On) && clustered(32, 64, 640, Clusters::On));
+        assert!(!clustered(1, 64, 640, Clusters::On) && !clustered(128, 64, 640, Clusters::On));
+        assert!(!clustered(64, 64, 640, Clusters::Off));
     }
 }

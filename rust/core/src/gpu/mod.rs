@@ -69,6 +69,7 @@ declare_kernels! {
     AttentionCombine = "dsv4_attention_combine" in "attention",
     SparseAttentionWgmma = "dsv4_sparse_attention_wgmma" in "attention_sm90a",
     SparseAttentionWgmmaBf16 = "dsv4_sparse_attention_wgmma_bf16" in "attention_sm90a",
+    SparseAttentionWgmmaCluster = "dsv4_sparse_attention_wgmma_cluster" in "attention_sm90a",
     CompressPool = "dsv4_compress_pool" in "compress",
     CompressFinish = "dsv4_compress_finish" in "compress",
     CompressEntry = "dsv4_compress_entry" in "compress",
