@@ -182,7 +182,7 @@ pub fn stores_bf16(dev: i32, t: usize, heads: usize, width: usize) -> Result<boo
 /// When the wgmma kernel runs a query's splits as one thread-block cluster that folds their
 /// partials on chip (`dsv4_sparse_attention_wgmma_cluster`) instead of writing them for the
 /// combine kernel. `DSV4RS_ATTENTION_CLUSTER` chooses (for tests and benchmarks): `auto` (the
-/// default: [`cluster_split`]), `off` (never), `on` (wherever a call has 2 to [`MAX_CLUSTER`]
+/// default: [`clustered`]), `off` (never), `on` (wherever a call has 2 to [`MAX_CLUSTER`]
 /// splits).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Clusters {
@@ -204,11 +204,11 @@ fn clusters() -> Result<Clusters> {
 
 /// Whether a call's splits ([`split`]'s) run as clusters: by default only two splits in a grid
 /// of more than half [`TARGET_BLOCKS`] blocks, where the partials' round trip through memory
-/// costs more than the fold on two SMs (one H100, V4-Flash's CSA at batch 64: 39.8 us against
-/// 44.4). The fold runs on the cluster's SMs alone (about 9.5 us for 32 heads a block), so at
-/// small grids the combine's 64 blocks a query are faster (batch 1: 21.6 us against 13.8), and
-/// clusters of 4 or 8 in a full grid wait for SMs free together in one GPC (CSA at batch 32:
-/// 48.4 us against 30.8).
+/// costs more than the fold on two SMs (one H100, V4-Flash's CSA at batch 64: 40.8 us against
+/// 45.4). The fold runs on the cluster's SMs alone (about 9.5 us for 32 heads a block), so at
+/// small grids the combine's 64 blocks a query are faster (SWA at batch 1: 21.9 us against
+/// 14.0), and clusters of 4 or 8 in a full grid wait for SMs free together in one GPC (CSA at
+/// batch 32: 48.6 us against 31.1). docs/kernels/attention.md has the table.
 fn clustered(queries: usize, heads: usize, width: usize, mode: Clusters) -> bool {
     let splits = split(queries, heads, width).0;
     let blocks = queries * heads.div_ceil(HEADS_PER_BLOCK) * splits;
