@@ -19,7 +19,7 @@ BUILD_REQS=(maturin==1.16.0 nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidi
     nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85)
 TEST_REQS=(torch==2.11.0 numpy==2.4.6 pytest==9.2.0 hypothesis==6.170.17
     pytest-timeout==2.4.0 safetensors==0.8.0 tqdm==4.70.1 matplotlib==3.11.2 transformers==5.24.0
-    tokenizers==0.23.3 jinja2==3.1.6 fastapi==0.163.2 uvicorn==0.54.0 httpx==0.28.1 openai==3.51.0)
+    tokenizers==0.23.3 jinja2==3.1.6 fastapi==0.163.2 uvicorn==0.54.0 httpx==0.28.1 openai==3.51.0 accelerate==1.16.0)
 
 # ensure_venv DIR REQ...: creates DIR and installs REQ in one pip call unless already done.
 ensure_venv() {

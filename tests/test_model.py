@@ -524,6 +524,30 @@ def test_deepseek_format_loads_as_its_dequantized_twin(tiny: DeepseekV4, gen: to
     torch.testing.assert_close(prefill(loaded, ids), prefill(twin, ids), atol=0, rtol=0)
 
 
+def test_transformers_reads_the_deepseek_format_as_the_loader_does(tiny: DeepseekV4, gen: torch.Generator,
+                                                                  tmp_path) -> None:
+    """transformers' own reader of DeepSeek's files (its FP8 quantizer with ``dequantize=True``:
+    ``.scale`` companions, 128x128 FP8 blocks, MXFP4 experts as ``int8`` with UE8M0 scales per 32)
+    decodes the export to the loader's weights bit for bit, experts included, so both read the FP4
+    nibbles in the same order; and its logits equal the engine's."""
+    transformers = _transformers()
+    pytest.importorskip("accelerate", reason="transformers' FP8 quantizer imports it")
+    export_deepseek(tiny, tmp_path, shard_bytes=1 << 19, progress=False)
+    loaded = load_checkpoint(tmp_path, progress=False, quantized=False)
+    hf = transformers.DeepseekV4ForCausalLM.from_pretrained(
+        tmp_path, quantization_config=transformers.FineGrainedFP8Config(dequantize=True), dtype=torch.float32,
+        attn_implementation="eager").eval()
+    ours, theirs = loaded.state_dict(), hf.state_dict()
+    assert set(theirs) == {k for k in ours if not k.startswith("mtp.")}  # transformers drops the MTP block
+    for name, t in theirs.items():
+        assert t.dtype == ours[name].dtype and torch.equal(t, ours[name]), name
+    assert any(".experts." in k for k in theirs) and any(".wq_b." in k or ".q_b_proj." in k for k in theirs)
+    ids = ids_for(tiny.config, 300, gen)
+    with torch.no_grad():
+        want = hf(input_ids=ids[None]).logits[0]
+    torch.testing.assert_close(prefill(loaded, ids), want, atol=TOL, rtol=0)
+
+
 def test_fp4_and_fp8_decoding() -> None:
     """The decoders against hand-made codes: FP4 low nibble first, UE8M0 2^(code - 127)."""
     from dsv4rs.model.loader import dequantize_fp4, dequantize_fp8
