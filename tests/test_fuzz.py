@@ -252,6 +252,13 @@ for arg in ("causal", "is_fp8_kvcache"):
         None, None, None, None, 512, flash_mla.get_mla_metadata()[0], **{arg: torch.ones(1, device="meta")})))
 outcome("compat-error-names-no-argument", lambda: named("block_kv", lambda: deep_gemm.get_paged_mqa_logits_metadata(
     torch.ones(2, 2, dtype=torch.int32), torch.tensor(64, device="meta"), 1)))  # an int that cannot be read
+# ints given as tensors of several values (compared with 512, they made a tensor without a truth value)
+q, ids = torch.randn(1, 1, 1, 512).bfloat16(), torch.zeros(1, 1, 1, dtype=torch.int32)
+outcome("compat-error-names-no-argument", lambda: named("d_v", lambda: flash_mla.flash_mla_sparse_fwd(
+    q[0], torch.randn(4, 1, 512).bfloat16(), ids, 0.04, d_v=torch.ones(3, 1))))
+pages = ops.quantize_entries(torch.randn(ops.PAGE_ROWS, 512)).view(1, ops.PAGE_ROWS, 1, -1)
+outcome("compat-error-names-no-argument", lambda: named("head_dim_v", lambda: flash_mla.flash_mla_with_kvcache(
+    q, pages, None, None, torch.full((2,), 512), flash_mla.get_mla_metadata()[0], is_fp8_kvcache=True, indices=ids)))
 """,
 }
 """One reproducer of each known defect class that raises or returns (run together, one process)."""

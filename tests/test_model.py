@@ -266,13 +266,29 @@ def test_rope_table_reaches_every_op(tiny: DeepseekV4, gen: torch.Generator, mon
     ({"vocab_size": None}, "vocab_size"),
     ({"rms_norm_eps": float("nan")}, "rms_norm_eps"),
     ({"rope_parameters": {"rope_type": "yarn", "factor": 16}}, "rope_parameters"),
+    ({"rope_theta": 10**400}, "rope_theta"),  # an int past a float's range
+    ({"swiglu_limit": -(2**1100)}, "swiglu_limit"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 10**400, "original_max_position_embeddings": 64}},
+     "rope_parameters: factor"),
 ])
 def test_config_errors_name_the_key(change: dict, names: str) -> None:
     d = V4Config.tiny().to_hf_dict() | {"model_type": "deepseek_v4"}
     d.update(change)
     d = {k: v for k, v in d.items() if v is not None}
-    with pytest.raises(ValueError, match=names):
+    with pytest.raises(ValueError, match=f"^config {names}"):
         V4Config.from_dict(d)
+
+
+def test_config_holds_numbers_as_floats(gen: torch.Generator) -> None:
+    """Ints where the config takes a number (a JSON ``10000``, or one past int64) are held as
+    floats, and a model built from them runs."""
+    d = V4Config.tiny().to_hf_dict() | {"rope_theta": 2**64 + 1, "swiglu_limit": 7, "hc_eps": 1}
+    d["rope_parameters"] = d["rope_parameters"] | {"factor": 2**64 + 1}
+    cfg = V4Config.from_dict(d)
+    assert (cfg.rope_theta, cfg.swiglu_limit, cfg.hc_eps, cfg.yarn.factor) == (2.0**64, 7.0, 1.0, 2.0**64)
+    assert all(type(getattr(cfg, f.name)) is float for f in dataclasses.fields(cfg) if f.type == "float")
+    logits = prefill(init_random(DeepseekV4(cfg), seed=1), ids_for(cfg, 40, gen))
+    assert logits.isfinite().all()
 
 
 @pytest.mark.parametrize(("kw", "error", "name"), [

@@ -73,6 +73,7 @@ from dsv4rs.compat._common import (
     finite_float,
     finite_sink,
     flag,
+    integer,
     optional_tensor,
     py_assert,
     renamed,
@@ -239,7 +240,8 @@ def _check_decode(q, k_cache, indices, topk_length, attn_sink, extra_k_cache, ex
     torch_check(h_q > 0, "q: num_heads_q must be > 0")
     torch_check(h_kv == 1, "k_cache: only MQA (num_heads_k == 1) is supported for sparse decoding")
     torch_check(d_qk in (HEAD_DIM, V32_HEAD_DIM), f"q: only head_size_k 576 or 512 is supported, got {d_qk}")
-    torch_check(head_dim_v == HEAD_DIM, f"head_dim_v: only 512 is supported, got {head_dim_v}")
+    torch_check(integer("head_dim_v", head_dim_v, 0) == HEAD_DIM,
+                f"head_dim_v: only 512 is supported, got {head_dim_v}")
     torch_check(topk > 0, "indices: topk (the last dim) must be > 0")
     if extra_k_cache is not None:
         torch_check(extra_indices is not None, "extra_indices_in_kvcache must be given with extra_k_cache")
@@ -384,7 +386,7 @@ def flash_mla_sparse_fwd(
     s_kv, h_kv, _ = kv.shape
     topk = indices.shape[2]
     torch_check(d_qk in (HEAD_DIM, V32_HEAD_DIM), f"q: invalid d_qk {d_qk} (576 or 512)")
-    torch_check(d_v == HEAD_DIM, f"d_v: invalid {d_v} (only 512)")
+    torch_check(integer("d_v", d_v, 0) == HEAD_DIM, f"d_v: invalid {d_v} (only 512)")
     for name, t in (("kv", kv), ("indices", indices), ("attn_sink", attn_sink), ("topk_length", topk_length)):
         check_device(name, t, q.device)
     check_dtype("q", q, torch.bfloat16)

@@ -15,6 +15,7 @@ import math
 import os
 import stat
 import struct
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -147,6 +148,10 @@ class V4Config:
                 need(isinstance(v, bool), f.name, f"expected true or false, got {v!r}")
             elif f.type == "float":
                 need(isinstance(v, (int, float)) and not isinstance(v, bool), f.name, f"expected a number, got {v!r}")
+                if isinstance(v, int):  # held as a float, as torch and the kernels take it
+                    need(abs(v) <= sys.float_info.max, f.name,
+                         f"an int of {v.bit_length()} bits is past a float's range")
+                    object.__setattr__(self, f.name, float(v))
         for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "q_lora_rank",
                     "o_groups", "o_lora_rank", "moe_intermediate_size", "n_routed_experts", "num_experts_per_tok",
                     "sliding_window", "index_n_heads", "index_topk", "hc_mult", "hc_sinkhorn_iters",
@@ -533,9 +538,9 @@ def _yarn(d: Mapping[str, Any]) -> YaRN | None:
     values = {k: rp.get(k) for k in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow")}
     for key, v in values.items():
         required = key in ("factor", "original_max_position_embeddings")
-        number = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        number = isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) <= sys.float_info.max
         if (v is not None or required) and not number:
-            raise ValueError(f"config rope_parameters: {key} must be a finite number, got {v!r}")
+            raise ValueError(f"config rope_parameters: {key} must be a finite number, got {v!r:.60}")
     orig = values["original_max_position_embeddings"]
     if orig != int(orig):
         raise ValueError(f"config rope_parameters: original_max_position_embeddings must be an int, got {orig!r}")
