@@ -534,6 +534,19 @@ def test_fp8_paged_mqa_logits_on_a_dsv4rs_key_cache(gen, device) -> None:
     torch.testing.assert_close(logits.cpu().double(), want, rtol=1e-5, atol=1e-4)
 
 
+def test_indexer_sums_that_overflow_are_refused_in_deep_gemms_names(gen) -> None:
+    """Finite keys whose float32 dot products overflow: on the CPU both entry points refuse
+    them, naming DeepGEMM's arguments, rather than return inf or NaN logits."""
+    cache = ops.quantize_index_keys(torch.randn(128, 128, generator=gen) * 1e37, "fp8").view(2, 64, 1, 132)
+    q = (torch.randn(1, 1, 4, 128, generator=gen) * 10).to(torch.float8_e4m3fn)
+    w, table = torch.tensor([[1.0, -1.0, 1.0, -1.0]]), torch.tensor([[0, 1]], dtype=torch.int32)
+    ctx = torch.tensor([128], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"^q, kv_cache, weights: the float32 sums overflow"):
+        deep_gemm.fp8_paged_mqa_logits(q, cache, w, ctx, table, torch.zeros(2, 2, dtype=torch.int32), 128)
+    with pytest.raises(ValueError, match=r"^q, weights, kv_cache: the float32 sums overflow"):
+        deep_gemm.paged_indexer_topk(q, cache, w, ctx, table, 8)
+
+
 @pytest.mark.parametrize("batch,next_n,heads,block_kv,pad,ctx_2d", LOGITS_CASES)
 @pytest.mark.parametrize("topk", [64, 100])
 def test_paged_indexer_topk_selects_the_logits_top_k(gen, device, batch, next_n, heads, block_kv, pad, ctx_2d, topk):

@@ -260,6 +260,18 @@ pages = ops.quantize_entries(torch.randn(ops.PAGE_ROWS, 512)).view(1, ops.PAGE_R
 outcome("compat-error-names-no-argument", lambda: named("head_dim_v", lambda: flash_mla.flash_mla_with_kvcache(
     q, pages, None, None, torch.full((2,), 512), flash_mla.get_mla_metadata()[0], is_fp8_kvcache=True, indices=ids)))
 """,
+    "indexer-overflow": """
+from dsv4rs.compat import deep_gemm
+keys = ops.quantize_index_keys(torch.randn(128, 128) * 1e37, "fp8")  # finite keys whose dot products overflow
+q, w = torch.randn(1, 4, 128) * 10, torch.tensor([[1.0, -1.0, 1.0, -1.0]])
+table = torch.tensor([[0, 1]], dtype=torch.int32)
+args = (q, w, keys, table, torch.zeros(1, dtype=torch.int64), torch.full((1,), 128))
+outcome("indexer-overflow", lambda: ops.indexer_scores(*args))
+outcome("indexer-overflow", lambda: ops.indexer_topk(*args, 4))
+outcome("indexer-overflow", lambda: deep_gemm.fp8_paged_mqa_logits(
+    q.view(1, 1, 4, 128).to(torch.float8_e4m3fn), keys.view(2, ops.PAGE_ROWS, 1, -1), w,
+    torch.tensor([128], dtype=torch.int32), table, torch.zeros(133, 2, dtype=torch.int32), 128))
+""",
 }
 """One reproducer of each known defect class that raises or returns (run together, one process)."""
 

@@ -149,9 +149,13 @@ def renamed(e: ValueError, names: dict[str, str], origins: dict[str, torch.Tenso
     """An op's ValueError ``e`` (``"<argument>: <what>"``) in the caller's names: the op's
     argument ``a`` becomes ``names[a]``; where the message names a row of a cache the call
     gathered, the row becomes the engine cache's row (``origins[a][row]``); a flat index into a
-    chunk of the caller's tensor is moved by the chunk's start (``offsets[a]``). Other errors
-    are returned as they are."""
+    chunk of the caller's tensor is moved by the chunk's start (``offsets[a]``); a message naming
+    several arguments (``"q, weights, key_cache: ..."``) has each renamed. Other errors are
+    returned as they are."""
     head, sep, rest = str(e).partition(": ")
+    several = head.split(", ")
+    if sep and len(several) > 1 and all(a in names for a in several):
+        return ValueError(f"{', '.join(names[a] for a in several)}: {rest}")
     if not sep or head not in names:
         return e
     origin = (origins or {}).get(head)

@@ -147,7 +147,9 @@ def fp8_paged_mqa_logits(
     Returns:
         ``float32 [batch * next_n, max_context_len]``: ``sum_h weights[r, h] *
         relu(q[b, j, h] . k_s)`` (row ``r = b * next_n + j``) for the keys query ``(b, j)`` sees,
-        ``-inf`` for the others.
+        ``-inf`` for the others. On the CPU a logit the float32 sums overflow raises ValueError
+        naming ``q, kv_cache, weights``, as :func:`dsv4rs.ops.indexer_scores` does (a GPU does
+        not look).
     """
     flag("clean_logits", clean_logits)
     q, kv_cache, weights = tensor("q", q), tensor("kv_cache", kv_cache), tensor("weights", weights)
@@ -187,7 +189,11 @@ def fp8_paged_mqa_logits(
                 raise ValueError(f"kv_cache: row {int(rows[bad][0])} holds a non-finite value")
         scores = torch.bmm(qf, keys.transpose(1, 2)).relu_().view(batch, next_n, heads, c1 - c0)
         tile = (scores * w).sum(dim=2).view(batch * next_n, c1 - c0)
-        logits[:, c0:c1] = tile.masked_fill_(pos[None, :] >= visible[:, None], -math.inf)
+        seen = pos[None, :] < visible[:, None]
+        if tile.device.type == "cpu" and (seen & ~tile.isfinite()).any():  # as ops.indexer_scores
+            raise ValueError("q, kv_cache, weights: the float32 sums overflow (a logit is not finite): values or "
+                             "scales too large")
+        logits[:, c0:c1] = tile.masked_fill_(~seen, -math.inf)
     return logits
 
 

@@ -78,7 +78,8 @@ def indexer_scores(
     most keys a selection takes, ``_core.MAX_TOPK``), whichever is larger: columns past the
     mapped keys are ``-inf`` padding, there for a top-k wider than the table. Every visible key
     must fit: ``visible[t] <= width`` (on the CPU a larger value raises ValueError naming ``visible``; a
-    GPU does not check, and leaves keys past ``width`` unscored).
+    GPU does not check, and leaves keys past ``width`` unscored). Scores that overflow float32
+    raise on the CPU as in :func:`indexer_topk`.
 
     Returns:
         ``float32 [T, width]``: row ``t`` holds the score of each key ``s < visible[t]`` of
@@ -131,6 +132,11 @@ def indexer_topk(
     or ``mma``) forces one, forcing one the GPU cannot run raising ``ValueError``. Their scores
     agree to float32 summation order, and :func:`indexer_scores` takes the same kernel as this
     op (docs/kernels/indexer.md).
+
+    Out of range: on the CPU, a score that is not finite (finite queries, weights and keys whose
+    float32 sums overflowed) raises ValueError naming ``q, weights, key_cache``; a GPU does not
+    look (that would synchronize the host) and ranks such scores as they come. A key that is
+    not finite raises ValueError naming ``key_cache`` on the CPU.
 
     Args:
         q: ``float32``/``bfloat16 [T, H, 128]`` indexer queries (any ``H >= 1``).

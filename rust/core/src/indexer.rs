@@ -10,6 +10,9 @@
 //! When there are fewer blocks than threads, a block's key range is split among several jobs
 //! (whose selections are merged); each key's score is computed the same way in any job, so the
 //! result does not depend on the split.
+//!
+//! On the CPU a score that is not finite (finite inputs whose float32 sums overflowed) is an
+//! error naming the inputs; the GPU does not look (it would synchronize the host).
 
 use rayon::prelude::*;
 
@@ -65,6 +68,8 @@ struct Ctx<'a> {
     seq: Ids<'a>,
     visible: Ids<'a>,
     heads: usize,
+    /// The arguments that set a score's size, named in the error of one that overflows.
+    sized_by: String,
 }
 
 impl<'a> Ctx<'a> {
@@ -85,6 +90,7 @@ impl<'a> Ctx<'a> {
             seq: Ids::new(seq_ids)?,
             visible: Ids::new(visible)?,
             heads: q.dim(1),
+            sized_by: format!("{}, {}, {}", q.name, weights.name, key_cache.name),
         };
         ctx.seq.expect_range(seq_ids.name, 0, seqs as i64, &format!("block_table has {seqs} sequences"))?;
         let most = (max_pages * PAGE_ROWS) as i64;
@@ -168,6 +174,11 @@ fn score_job(
                 continue;
             }
             score_keys(&s.qt[i * INDEX_DIM * hp..][..INDEX_DIM * hp], hp, &s.w[i * hp..][..hp], &s.keys, m, &mut s.scores);
+            if let Some(j) = s.scores[..m].iter().position(|x| !x.is_finite()) {
+                let (query, key) = (t0 + i, n0 + j);
+                let msg = format!("the float32 sums overflow (query {query}, key {key}): values or scales too large");
+                return Err(Error::value(&ctx.sized_by, msg));
+            }
             each(i, n0, &s.scores[..m]);
         }
     }
