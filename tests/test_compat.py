@@ -541,7 +541,7 @@ def test_indexer_sums_that_overflow_are_refused_in_deep_gemms_names(gen) -> None
     q = (torch.randn(1, 1, 4, 128, generator=gen) * 10).to(torch.float8_e4m3fn)
     w, table = torch.tensor([[1.0, -1.0, 1.0, -1.0]]), torch.tensor([[0, 1]], dtype=torch.int32)
     ctx = torch.tensor([128], dtype=torch.int32)
-    with pytest.raises(ValueError, match=r"^q, kv_cache, weights: the float32 sums overflow"):
+    with pytest.raises(ValueError, match=r"^q, weights, kv_cache: the float32 sums overflow"):
         deep_gemm.fp8_paged_mqa_logits(q, cache, w, ctx, table, torch.zeros(2, 2, dtype=torch.int32), 128)
     with pytest.raises(ValueError, match=r"^q, weights, kv_cache: the float32 sums overflow"):
         deep_gemm.paged_indexer_topk(q, cache, w, ctx, table, 8)

@@ -148,7 +148,7 @@ def fp8_paged_mqa_logits(
         ``float32 [batch * next_n, max_context_len]``: ``sum_h weights[r, h] *
         relu(q[b, j, h] . k_s)`` (row ``r = b * next_n + j``) for the keys query ``(b, j)`` sees,
         ``-inf`` for the others. On the CPU a logit the float32 sums overflow raises ValueError
-        naming ``q, kv_cache, weights``, as :func:`dsv4rs.ops.indexer_scores` does (a GPU does
+        naming ``q, weights, kv_cache``, as :func:`dsv4rs.ops.indexer_scores` does (a GPU does
         not look).
     """
     flag("clean_logits", clean_logits)
@@ -191,7 +191,7 @@ def fp8_paged_mqa_logits(
         tile = (scores * w).sum(dim=2).view(batch * next_n, c1 - c0)
         seen = pos[None, :] < visible[:, None]
         if tile.device.type == "cpu" and (seen & ~tile.isfinite()).any():  # as ops.indexer_scores
-            raise ValueError("q, kv_cache, weights: the float32 sums overflow (a logit is not finite): values or "
+            raise ValueError("q, weights, kv_cache: the float32 sums overflow (a logit is not finite): values or "
                              "scales too large")
         logits[:, c0:c1] = tile.masked_fill_(~seen, -math.inf)
     return logits
