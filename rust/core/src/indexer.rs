@@ -69,7 +69,7 @@ struct Ctx<'a> {
     visible: Ids<'a>,
     heads: usize,
     /// The arguments that set a score's size, named in the error of one that overflows.
-    sized_by: String,
+    sized_by: [&'static str; 3],
 }
 
 impl<'a> Ctx<'a> {
@@ -90,7 +90,7 @@ impl<'a> Ctx<'a> {
             seq: Ids::new(seq_ids)?,
             visible: Ids::new(visible)?,
             heads: q.dim(1),
-            sized_by: format!("{}, {}, {}", q.name, weights.name, key_cache.name),
+            sized_by: [q.name, weights.name, key_cache.name],
         };
         ctx.seq.expect_range(seq_ids.name, 0, seqs as i64, &format!("block_table has {seqs} sequences"))?;
         let most = (max_pages * PAGE_ROWS) as i64;
@@ -177,7 +177,7 @@ fn score_job(
             if let Some(j) = s.scores[..m].iter().position(|x| !x.is_finite()) {
                 let (query, key) = (t0 + i, n0 + j);
                 let msg = format!("the float32 sums overflow (query {query}, key {key}): values or scales too large");
-                return Err(Error::value(&ctx.sized_by, msg));
+                return Err(Error::value(&ctx.sized_by.join(", "), msg));
             }
             each(i, n0, &s.scores[..m]);
         }
